@@ -1,0 +1,85 @@
+"""The bootstrap file: what a device needs to enroll (addresses, CA certificate, one-time token).
+
+Contract module: `autoglm device register --bootstrap-out` writes it, `autoglm-edge enroll` reads it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge_agent.errors import ConfigError, LocalStateError
+from edge_agent.settings import read_yaml_mapping
+
+KIND = "autoglm-bootstrap"
+
+
+class Bootstrap(BaseModel):
+    """Everything `autoglm-edge enroll` needs to reach the control plane and prove who it is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(default=KIND, pattern=f"^{KIND}$")
+    version: int = Field(default=1, ge=1, le=1)
+    device_id: str = Field(min_length=1)
+    device_name: str = Field(min_length=1)
+    api_address: str = Field(min_length=3)
+    device_address: str = Field(min_length=3)
+    tls_server_name: str = ""
+    ca_certificate: str
+    token: str = Field(min_length=8)
+    expires_at: dt.datetime
+
+    @field_validator("ca_certificate")
+    @classmethod
+    def _pem(cls, value: str) -> str:
+        try:
+            x509.load_pem_x509_certificate(value.encode())
+        except ValueError:
+            raise ValueError("is not a PEM certificate") from None
+        return value
+
+    @field_validator("api_address", "device_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("must be HOST:PORT")
+        return value
+
+
+def read_bootstrap(path: Path) -> Bootstrap:
+    """Parses a bootstrap file; every problem names the file and the key."""
+    data = read_yaml_mapping(path)
+    try:
+        return Bootstrap.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "missing":
+                problems.append(f"missing key '{key}'")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"key '{key}': {err['msg']}")
+        raise ConfigError(f"{path}: not a valid bootstrap file: " + "; ".join(problems)) from None
+
+
+def write_bootstrap(path: Path, bootstrap: Bootstrap) -> None:
+    """Writes the file with mode 0600 (it holds a secret), replacing it atomically."""
+    text = yaml.safe_dump(bootstrap.model_dump(mode="json"), sort_keys=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LocalStateError(f"cannot write the bootstrap file {path}: {exc.strerror}") from None

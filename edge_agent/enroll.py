@@ -1,0 +1,82 @@
+"""`autoglm-edge enroll`: bootstrap file in, device identity on disk out."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edge_agent import __version__, hostfacts
+from edge_agent.bootstrap import Bootstrap
+from edge_agent.errors import FailedPrecondition, IntegrityError, from_rpc_error
+from edge_agent.identity import (
+    IdentityInfo,
+    build_csr,
+    check_issued_certificate,
+    ensure_writable,
+    new_device_key,
+    save_identity,
+)
+from protos.autoglm.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+ENROLL_TIMEOUT_S = 30.0
+
+
+def channel_options(tls_server_name: str) -> list[tuple[str, Any]]:
+    return [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+
+
+def enroll(bootstrap: Bootstrap, state_dir: Path, now: dt.datetime | None = None) -> IdentityInfo:
+    """Generates the device key here, has the control plane sign a CSR, stores the identity."""
+    now = now or dt.datetime.now(dt.UTC)
+    if bootstrap.expires_at.astimezone(dt.UTC) <= now:
+        raise FailedPrecondition(
+            f"the bootstrap's enrollment token expired at {bootstrap.expires_at.isoformat()}; "
+            "ask an operator for a new one"
+        )
+    ensure_writable(state_dir)
+    key = new_device_key()
+    request = enrollment_pb2.EnrollRequest(
+        token=bootstrap.token,
+        csr_pem=build_csr(key, bootstrap.device_id),
+        agent_version=__version__,
+        host=hostfacts.collect(state_dir),
+    )
+    ca_pem = bootstrap.ca_certificate.encode()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    with grpc.secure_channel(
+        bootstrap.api_address, creds, options=channel_options(bootstrap.tls_server_name)
+    ) as channel:
+        try:
+            response = enrollment_pb2_grpc.EnrollmentServiceStub(channel).Enroll(
+                request, timeout=ENROLL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, bootstrap.api_address) from None
+    if response.device_id != bootstrap.device_id:
+        raise IntegrityError(
+            f"the control plane enrolled device '{response.device_id}', the bootstrap names "
+            f"'{bootstrap.device_id}'"
+        )
+    check_issued_certificate(key, response.certificate_chain_pem, ca_pem)
+    if not response.signing_public_key_pem:
+        raise IntegrityError("the control plane sent no bundle-signing key to pin")
+    info = IdentityInfo(
+        device_id=response.device_id,
+        device_name=response.device_name,
+        api_address=bootstrap.api_address,
+        device_address=response.endpoints.device_address or bootstrap.device_address,
+        tls_server_name=bootstrap.tls_server_name,
+        enrolled_at=now,
+    )
+    save_identity(
+        state_dir,
+        key,
+        bytes(response.certificate_chain_pem),
+        ca_pem,
+        bytes(response.signing_public_key_pem),
+        info,
+    )
+    return info

@@ -1,0 +1,152 @@
+"""One error hierarchy for the whole system: each class knows its gRPC status and CLI exit code.
+
+This is a contract module: the control plane imports it too, so both sides map errors once
+(the server interceptor to gRPC status codes, the CLIs to exit codes) and a client turns a
+gRPC status back into the same class with `from_rpc_error`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AutoglmError(Exception):
+    """Base of every error the system reports to a person or a peer."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    exit_code: int = 1
+    label: str = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(AutoglmError):
+    """A request, argument or file is malformed."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    exit_code = 2
+    label = "invalid input"
+
+
+class ConfigError(InvalidInput):
+    """A configuration file or environment override is wrong."""
+
+    label = "config error"
+
+
+class NotFound(AutoglmError):
+    """The named thing does not exist."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    exit_code = 3
+    label = "not found"
+
+
+class AlreadyExists(AutoglmError):
+    """A thing with that name or key exists already."""
+
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    exit_code = 4
+    label = "already exists"
+
+
+class Unauthenticated(AutoglmError):
+    """The caller has no valid credential (token, certificate)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    exit_code = 5
+    label = "not authenticated"
+
+
+class PermissionDenied(AutoglmError):
+    """The caller is known but may not do this (revoked device, another device's resource)."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    exit_code = 6
+    label = "permission denied"
+
+
+class FailedPrecondition(AutoglmError):
+    """The system is not in a state that allows this (already enrolled, not initialised)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    exit_code = 7
+    label = "failed precondition"
+
+
+class Unavailable(AutoglmError):
+    """A peer cannot be reached (control plane down, TLS handshake refused)."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    exit_code = 8
+    label = "unavailable"
+
+
+class LocalStateError(AutoglmError):
+    """Local files cannot be read or written (state directory, keys)."""
+
+    exit_code = 9
+    label = "local state error"
+
+
+class IntegrityError(AutoglmError):
+    """A signature, digest or certificate does not verify."""
+
+    grpc_code = grpc.StatusCode.DATA_LOSS
+    exit_code = 10
+    label = "integrity error"
+
+
+class NotImplementedYet(AutoglmError):
+    """The contract has the call, this control plane does not serve it yet."""
+
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    exit_code = 11
+    label = "not implemented"
+
+
+_BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
+    cls.grpc_code: cls
+    for cls in (
+        InvalidInput,
+        NotFound,
+        AlreadyExists,
+        Unauthenticated,
+        PermissionDenied,
+        FailedPrecondition,
+        Unavailable,
+        IntegrityError,
+        NotImplementedYet,
+    )
+}
+_BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
+
+
+def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
+    """Turns a failed call into the matching error, naming the peer it came from."""
+    # Sync calls raise grpc.Call instances; grpc.aio raises AioRpcError: both have code/details.
+    code_of, details_of = getattr(error, "code", None), getattr(error, "details", None)
+    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
+    details = (details_of() if callable(details_of) else None) or str(error)
+    cls = _BY_CODE.get(code, AutoglmError)
+    if cls is Unavailable:
+        details = f"cannot reach {peer}: {_explain_unavailable(details)}"
+    return cls(details)
+
+
+def _explain_unavailable(details: str) -> str:
+    """Says in words what gRPC's transport messages usually mean."""
+    lowered = details.lower()
+    if "certificate verify failed" in lowered or "ssl_error" in lowered or "handshake" in lowered:
+        return (
+            "the TLS handshake failed (the server certificate is not signed by the CA you "
+            f"trust, or the name does not match): {details}"
+        )
+    if "connection refused" in lowered or "failed to connect" in lowered:
+        return f"nothing is listening there: {details}"
+    return details

@@ -1,0 +1,41 @@
+"""Backoff policies as objects: injected where something retries, never sprinkled sleeps."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff: initial, initial*multiplier, ... capped at maximum."""
+
+    initial_s: float = 1.0
+    maximum_s: float = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # each delay is scaled by a factor in [1 - jitter, 1 + jitter]
+    rng: random.Random = field(default_factory=random.Random)
+    _attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.maximum_s < self.initial_s:
+            raise ValueError("backoff needs 0 < initial_s <= maximum_s")
+        if self.multiplier < 1 or not 0 <= self.jitter < 1:
+            raise ValueError("backoff needs multiplier >= 1 and 0 <= jitter < 1")
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call moves one step up the curve."""
+        base = min(self.maximum_s, self.initial_s * self.multiplier**self._attempt)
+        self._attempt += 1
+        return base * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def reset(self) -> None:
+        """Back to the first step, after a success."""
+        self._attempt = 0
+
+    def exhaust(self) -> None:
+        """Jumps to the longest delay, for failures that retrying soon cannot fix."""
+        while self.initial_s * self.multiplier**self._attempt < self.maximum_s:
+            self._attempt += 1
+            if self.multiplier == 1:
+                break

@@ -1,0 +1,170 @@
+"""The agent's session with the control plane: one mutual-TLS stream, heartbeats, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from edge_agent import __version__
+from edge_agent.enroll import channel_options
+from edge_agent.errors import (
+    AutoglmError,
+    InvalidInput,
+    PermissionDenied,
+    Unauthenticated,
+    from_rpc_error,
+)
+from edge_agent.identity import DeviceIdentity
+from edge_agent.retry import Backoff
+from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+LATENCY_SAMPLES = 4096
+
+
+@dataclass
+class SessionStats:
+    """Counters a person (or a benchmark) reads to see how the link is doing."""
+
+    sessions_opened: int = 0
+    heartbeats_sent: int = 0
+    heartbeats_acked: int = 0
+    refused: bool = False  # the control plane refused this device (revoked, stale certificate)
+    last_error: str = ""
+    ack_latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+
+class CloudSession:
+    """Keeps a session open: hello, heartbeats at the interval the control plane asks for,
+    reconnects with jittered exponential backoff. Never raises out of `run`."""
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        status: Callable[[], agent_pb2.AgentStatus],
+        host: Callable[[], common_pb2.HostFacts],
+        backoff: Backoff,
+        heartbeat_interval_s: float = 0.0,
+        device_address: str = "",
+        tls_server_name: str = "",
+        on_control: Callable[[agent_pb2.ControlMessage], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.status = status
+        self.host = host
+        self.backoff = backoff
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.address = device_address or identity.info.device_address
+        self.tls_server_name = tls_server_name or identity.info.tls_server_name
+        self.on_control = on_control
+        self.stats = SessionStats()
+        self.connected = False
+        self._sent_at: dict[int, float] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Runs sessions until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+            except AutoglmError as exc:
+                self.stats.last_error = str(exc)
+                if isinstance(exc, PermissionDenied | Unauthenticated):
+                    self.stats.refused = True
+                    self.backoff.exhaust()
+                    log.error("the control plane refused this device: %s", exc)
+                else:
+                    log.warning("session to %s ended: %s", self.address, exc)
+            if stop.is_set():
+                break
+            delay = self.backoff.next_delay()
+            log.info("reconnecting in %.1fs", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.identity.ca_pem,
+            private_key=self.identity.key_pem,
+            certificate_chain=self.identity.chain_pem,
+        )
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        options = channel_options(self.tls_server_name)
+        async with aio.secure_channel(self.address, self._credentials(), options=options) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Session()
+            reader: asyncio.Task[None] | None = None
+            try:
+                hello = agent_pb2.Hello(agent_version=__version__, status=self.status(), host=self.host())
+                await call.write(agent_pb2.AgentMessage(hello=hello))
+                first = await call.read()
+                if first is aio.EOF or first.WhichOneof("body") != "accepted":
+                    raise InvalidInput("the control plane did not accept the session")
+                accepted = first.accepted
+                self.connected = True
+                self.stats.sessions_opened += 1
+                self.backoff.reset()
+                interval = self.heartbeat_interval_s or accepted.heartbeat_interval_seconds or 10.0
+                log.info("session open as %s; heartbeat every %.1fs", accepted.device_name, interval)
+                reader = asyncio.create_task(self._read(call))
+                await self._heartbeats(call, interval, stop, reader)
+                if reader.done():
+                    reader.result()  # the server ended the stream: raise its status
+                else:
+                    await call.done_writing()
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, self.address) from None
+            finally:
+                self.connected = False
+                self._sent_at.clear()
+                if reader is not None and not reader.done():
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                        await reader
+
+    async def _heartbeats(
+        self,
+        call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+        interval: float,
+        stop: asyncio.Event,
+        reader: asyncio.Task[None],
+    ) -> None:
+        seq = 0
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {stopping, reader}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return
+                seq += 1
+                self._sent_at[seq] = time.monotonic()
+                beat = agent_pb2.Heartbeat(seq=seq, status=self.status())
+                beat.sent_at.GetCurrentTime()
+                await call.write(agent_pb2.AgentMessage(heartbeat=beat))
+                self.stats.heartbeats_sent += 1
+        finally:
+            stopping.cancel()
+
+    async def _read(
+        self, call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage]
+    ) -> None:
+        while True:
+            message = await call.read()
+            if message is aio.EOF:
+                return
+            if message.WhichOneof("body") == "heartbeat_ack":
+                sent = self._sent_at.pop(message.heartbeat_ack.seq, None)
+                if sent is not None:
+                    self.stats.heartbeats_acked += 1
+                    self.stats.ack_latencies_s.append(time.monotonic() - sent)
+            elif self.on_control is not None:
+                self.on_control(message)

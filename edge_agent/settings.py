@@ -1,0 +1,103 @@
+"""Loads typed settings once: a YAML file, environment overrides, then explicit overrides.
+
+Contract module shared by the agent and the control plane. Unknown or mistyped keys are
+errors that name the key and where it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import yaml
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from edge_agent.errors import ConfigError
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """A settings source over an already-parsed mapping (the YAML file)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = dict(data)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Reads a YAML file whose top level must be a mapping; errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def load_settings(
+    cls: type[SettingsT],
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SettingsT:
+    """Builds `cls` from `path` (YAML), then the environment, then `overrides` (highest)."""
+    file_data = read_yaml_mapping(path) if path is not None else {}
+    explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    def sources(
+        _cls: type[BaseSettings],
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _MappingSource(settings_cls, file_data))
+
+    loaded_cls = type(cls.__name__, (cls,), {"settings_customise_sources": classmethod(sources)})
+    try:
+        return cast(SettingsT, loaded_cls(**explicit))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, file_data, cls)) from None
+
+
+def _describe(
+    exc: ValidationError, path: Path | None, file_data: Mapping[str, Any], cls: type[BaseSettings]
+) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        top = str(err["loc"][0]) if err["loc"] else ""
+        if path is not None and top in file_data:
+            origin = str(path)
+        elif prefix:
+            origin = f"environment ({prefix}{top.upper()}) or command line"
+        else:
+            origin = "command line"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{origin}: unknown key '{key}'")
+        else:
+            problems.append(f"{origin}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(problems)
