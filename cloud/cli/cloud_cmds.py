@@ -1,0 +1,127 @@
+"""`autoglm cloud init` and `autoglm cloud serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from cloud.cli.context import CliContext, default_context_path, save_context
+from cloud.config import load_cloud_config
+from cloud.service.server import ControlPlane
+from cloud.state_dir import CA_CERT, init_state_dir, load_secrets
+from cloud.store import open_store
+from edge_agent.errors import ConfigError, LocalStateError
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cloud = sub.add_parser("cloud", help="run and set up the control plane")
+    cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
+
+    init = cloud_sub.add_parser("init", help="create CA, keys, store and a first operator token")
+    init.add_argument("--state-dir", required=True, type=Path)
+    init.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
+        help="name or address agents and operators dial (repeat for several); goes into the server certificate",
+    )
+    init.add_argument("--database-url", default="", help="PostgreSQL URL; default: SQLite in the state dir")
+    init.add_argument("--api-listen", help="HOST:PORT for enrollment and operator calls (default 0.0.0.0:7443)")
+    init.add_argument("--device-listen", help="HOST:PORT for device calls (default 0.0.0.0:7444)")
+    init.add_argument(
+        "--login",
+        action="store_true",
+        help="also save the connection and token as this user's CLI context (like `autoglm login`)",
+    )
+    init.set_defaults(handler=cmd_init)
+
+    serve = cloud_sub.add_parser("serve", help="serve the gRPC API (TLS) and device port (mutual TLS)")
+    serve.add_argument("--state-dir", required=True, type=Path)
+    serve.add_argument("--api-listen")
+    serve.add_argument("--device-listen")
+    serve.add_argument("--database-url")
+    serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON once serving")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default from config: INFO)")
+    serve.set_defaults(handler=cmd_serve)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    result = init_state_dir(
+        args.state_dir,
+        hosts=args.host,
+        database_url=args.database_url,
+        api_listen=args.api_listen,
+        device_listen=args.device_listen,
+    )
+    config = result.config
+    api_port = config.api_listen.rpartition(":")[2]
+    server = f"{config.public_host}:{api_port}"
+    ca_path = config.state_dir / CA_CERT
+    print(f"Initialised the control plane in {config.state_dir}")
+    print(f"  store:   {'PostgreSQL' if config.database_url else 'SQLite'}")
+    print(f"  hosts:   {', '.join(config.hosts)}")
+    print(f"  CA:      {ca_path}")
+    print("")
+    print("Operator token for 'admin' (shown once, store it safely):")
+    print(f"  {result.operator_token}")
+    if args.login:
+        if api_port == "0":
+            raise ConfigError("--login needs a fixed --api-listen port, not 0")
+        context = CliContext(server=server, ca_cert=str(ca_path), token=result.operator_token)
+        path = default_context_path(os.environ)
+        save_context(path, context)
+        print(f"\nSaved the CLI context to {path}")
+    else:
+        print("\nNext: autoglm cloud serve --state-dir", config.state_dir)
+        print(f"      autoglm login --server {server} --ca-cert {ca_path} --token <token>")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {
+        "api_listen": args.api_listen,
+        "device_listen": args.device_listen,
+        "database_url": args.database_url,
+        "log_level": args.log_level,
+    }
+    config = load_cloud_config(args.state_dir.absolute(), {k: v for k, v in overrides.items() if v})
+    level = getattr(logging, config.log_level.upper(), None)
+    if not isinstance(level, int):
+        raise ConfigError(f"log level '{config.log_level}' is not DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secrets = load_secrets(config.state_dir)
+    store = open_store(config.resolved_database_url)
+    try:
+        asyncio.run(_serve(ControlPlane(config, secrets, store), args.ports_file))
+    finally:
+        store.close()
+    return 0
+
+
+async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
+    await plane.start()
+    ports = {"api_port": plane.api_port, "device_port": plane.device_port}
+    if ports_file is not None:
+        tmp = ports_file.with_name(ports_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(ports))
+            tmp.replace(ports_file)
+        except OSError as exc:
+            await plane.stop(0)
+            raise LocalStateError(f"cannot write {ports_file}: {exc.strerror}") from None
+    print(f"serving api={plane.endpoints().api_address} device={plane.endpoints().device_address}",
+          file=sys.stderr, flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    logging.getLogger(__name__).info("shutting down")
+    await plane.stop()

@@ -1,0 +1,88 @@
+"""Resolves how the CLI reaches the control plane: flags, then environment, then a context file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cloud.client import Connection
+from edge_agent.errors import ConfigError, LocalStateError
+from edge_agent.settings import read_yaml_mapping
+
+
+class CliContext(BaseModel):
+    """The saved connection settings (`autoglm login` writes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str = ""
+    ca_cert: str = ""  # path of the CA certificate file
+    token: str = ""
+    tls_server_name: str = ""
+
+
+def default_context_path(env: Mapping[str, str]) -> Path:
+    if env.get("AUTOGLM_CONTEXT"):
+        return Path(env["AUTOGLM_CONTEXT"])
+    base = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")) / ".config")
+    return base.expanduser() / "autoglm" / "context.yaml"
+
+
+def load_context(path: Path) -> CliContext:
+    if not path.exists():
+        return CliContext()
+    try:
+        return CliContext.model_validate(read_yaml_mapping(path))
+    except ValidationError as exc:
+        keys = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+        raise ConfigError(f"{path}: bad CLI context (keys: {keys}); rewrite it with `autoglm login`") from None
+
+
+def save_context(path: Path, context: CliContext) -> None:
+    """Writes the context with mode 0600: it holds the operator token."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(context.model_dump(), f, sort_keys=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LocalStateError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def resolve_connection(
+    flags: Mapping[str, str | None], env: Mapping[str, str], timeout_s: float
+) -> Connection:
+    """Flags win over AUTOGLM_* environment variables, which win over the context file."""
+    path = Path(flags["context"]) if flags.get("context") else default_context_path(env)
+    saved = load_context(path)
+
+    def pick(flag: str, env_name: str, saved_value: str) -> str:
+        return flags.get(flag) or env.get(env_name) or saved_value
+
+    server = pick("server", "AUTOGLM_SERVER", saved.server)
+    ca_path = pick("ca_cert", "AUTOGLM_CA_CERT", saved.ca_cert)
+    token = pick("token", "AUTOGLM_TOKEN", saved.token)
+    if not server or not ca_path or not token:
+        missing = [n for n, v in (("server", server), ("CA certificate", ca_path), ("token", token)) if not v]
+        raise ConfigError(
+            f"no {' / '.join(missing)} to reach the control plane: run `autoglm login --server HOST:PORT "
+            "--ca-cert FILE --token TOKEN`, or pass --server/--ca-cert/--token, or set "
+            "AUTOGLM_SERVER/AUTOGLM_CA_CERT/AUTOGLM_TOKEN"
+        )
+    try:
+        ca_pem = Path(ca_path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA certificate {ca_path}: {exc.strerror}") from None
+    return Connection(
+        server=server,
+        ca_pem=ca_pem,
+        token=token,
+        tls_server_name=pick("tls_server_name", "AUTOGLM_TLS_SERVER_NAME", saved.tls_server_name),
+        timeout_s=timeout_s,
+    )

@@ -1,0 +1,163 @@
+"""`autoglm device register|list|show|label|revoke`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+from cloud.cli.output import ago, parse_duration, parse_labels, print_json, print_table
+from cloud.client import OperatorClient
+from cloud.clock import utc_now
+from cloud.domain import DeviceState
+from cloud.service.serde import device_from_proto, message_to_dict
+from edge_agent.bootstrap import Bootstrap, write_bootstrap
+from edge_agent.errors import InvalidInput
+from protos.autoglm.v1 import operator_pb2
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    device = sub.add_parser("device", help="register, list, label and revoke edge devices")
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+
+    register = dsub.add_parser("register", help="create a device and its one-time enrollment token")
+    register.add_argument("name")
+    register.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    register.add_argument("--profile", default="", help="device profile, e.g. jetson-orin-nx-jp6")
+    register.add_argument("--token-ttl", default="", help="token lifetime, e.g. 30m, 24h (default: server's)")
+    register.add_argument("--bootstrap-out", type=Path, help="write a bootstrap file for `autoglm-edge enroll`")
+    register.add_argument("--json", action="store_true")
+    register.set_defaults(handler=cmd_register, needs_client=True)
+
+    listing = dsub.add_parser("list", help="devices with online state, labels, profile and versions")
+    listing.add_argument("--selector", default="", metavar="K=V,...")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_list, needs_client=True)
+
+    show = dsub.add_parser("show", help="one device in full")
+    show.add_argument("device", help="id or name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show, needs_client=True)
+
+    label = dsub.add_parser("label", help="set or remove labels")
+    label.add_argument("device")
+    label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    label.add_argument("--remove", action="append", default=[], metavar="KEY")
+    label.set_defaults(handler=cmd_label, needs_client=True)
+
+    revoke = dsub.add_parser("revoke", help="revoke a device: its next call fails, its session ends")
+    revoke.add_argument("device")
+    revoke.add_argument("--reason", default="")
+    revoke.set_defaults(handler=cmd_revoke, needs_client=True)
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    try:
+        return parse_labels(items)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
+    try:
+        ttl = int(parse_duration(args.token_ttl)) if args.token_ttl else 0
+    except ValueError as exc:
+        raise InvalidInput(f"--token-ttl: {exc}") from None
+    response = client.register_device(
+        operator_pb2.RegisterDeviceRequest(
+            name=args.name, labels=_labels(args.label), profile=args.profile, token_ttl_seconds=ttl
+        )
+    )
+    bootstrap = Bootstrap(
+        device_id=response.device.id,
+        device_name=response.device.name,
+        api_address=response.endpoints.api_address,
+        device_address=response.endpoints.device_address,
+        tls_server_name=response.endpoints.tls_server_name,
+        ca_certificate=response.ca_certificate_pem.decode(),
+        token=response.enrollment_token,
+        expires_at=response.token_expires_at.ToDatetime(tzinfo=dt.UTC),
+    )
+    if args.bootstrap_out:
+        write_bootstrap(args.bootstrap_out, bootstrap)
+    if args.json:
+        data = {"device": message_to_dict(response.device), "expires_at": bootstrap.expires_at.isoformat()}
+        if args.bootstrap_out:
+            data["bootstrap_file"] = str(args.bootstrap_out)
+        else:
+            data["enrollment_token"] = response.enrollment_token
+        print_json(data)
+        return 0
+    print(f"Registered device {response.device.name} (id {response.device.id})")
+    print(f"  enrollment token expires {bootstrap.expires_at.isoformat()}")
+    if args.bootstrap_out:
+        print(f"  bootstrap file: {args.bootstrap_out} (mode 0600; copy it to the device)")
+        print(f"  on the device:  autoglm-edge enroll --bootstrap {args.bootstrap_out.name} --state-dir /var/lib/autoglm")
+    else:
+        print(f"  enrollment token (shown once): {response.enrollment_token}")
+        print("  tip: --bootstrap-out FILE writes everything the device needs into one file")
+    return 0
+
+
+def _rows(devices: list[operator_pb2.Device]) -> list[list[str]]:
+    now = utc_now()
+    rows = []
+    for msg in devices:
+        d = device_from_proto(msg)
+        state = "revoked" if d.state is DeviceState.REVOKED else ("online" if msg.online else "offline")
+        if d.state is DeviceState.PENDING:
+            state = "pending"
+        rows.append([
+            d.name,
+            state,
+            ago(d.last_seen, now),
+            ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-",
+            d.profile or "-",
+            d.agent_version or "-",
+            msg.status.model_version or "-",
+        ])
+    return rows
+
+
+def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
+    devices = client.list_devices(args.selector)
+    if args.json:
+        print_json([message_to_dict(d) | {"online": d.online} for d in devices])
+        return 0
+    if not devices:
+        print("no devices" + (f" match '{args.selector}'" if args.selector else " registered yet"))
+        return 0
+    print_table(["NAME", "STATE", "LAST SEEN", "LABELS", "PROFILE", "AGENT", "MODEL"], _rows(devices))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
+    msg = client.get_device(args.device)
+    if args.json:
+        print_json(message_to_dict(msg) | {"online": msg.online})
+        return 0
+    row = _rows([msg])[0]
+    print(f"name:        {msg.name}\nid:          {msg.id}\nstate:       {row[1]}")
+    print(f"last seen:   {row[2]}\nlabels:      {row[3]}\nprofile:     {row[4]}")
+    print(f"agent:       {row[5]}\nmodel:       {row[6]}")
+    if msg.status.inference_backend:
+        print(f"backend:     {msg.status.inference_backend}")
+    if msg.host.hostname:
+        print(f"host:        {msg.host.hostname} ({msg.host.os} {msg.host.arch}, {msg.host.cpu_count} CPUs)")
+    if msg.status.uptime_seconds:
+        print(f"uptime:      {msg.status.uptime_seconds:.0f}s")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, client: OperatorClient) -> int:
+    if not args.labels and not args.remove:
+        raise InvalidInput("give labels to set (KEY=VALUE) or --remove KEY")
+    msg = client.label_device(args.device, _labels(args.labels), args.remove)
+    print(f"{msg.name}: " + (",".join(f"{k}={v}" for k, v in sorted(msg.labels.items())) or "(no labels)"))
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace, client: OperatorClient) -> int:
+    msg = client.revoke_device(args.device, args.reason)
+    print(f"revoked {msg.name} ({msg.id}); its certificate is refused from now on")
+    return 0

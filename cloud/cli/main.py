@@ -1,0 +1,87 @@
+"""Entry point of `autoglm`: parses arguments, runs one command, maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cloud import __version__
+from cloud.cli import cloud_cmds, device_cmds
+from cloud.cli.context import CliContext, default_context_path, resolve_connection, save_context
+from cloud.client import OperatorClient
+from edge_agent.errors import AutoglmError, ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoglm",
+        description="Open-AutoGLM Edge operator CLI: devices, models, rollouts and alerts.",
+    )
+    parser.add_argument("--version", action="version", version=f"autoglm {__version__}")
+    conn = parser.add_argument_group("connection (else AUTOGLM_* variables, else the saved context)")
+    conn.add_argument("--server", help="control-plane API address HOST:PORT")
+    conn.add_argument("--ca-cert", help="CA certificate file of the control plane")
+    conn.add_argument("--token", help="operator token")
+    conn.add_argument("--tls-server-name", help="name to check in the server certificate")
+    conn.add_argument("--context", help="CLI context file (default ~/.config/autoglm/context.yaml)")
+    conn.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    login = sub.add_parser("login", help="save how to reach the control plane, for later commands")
+    login.add_argument("--server", dest="login_server", required=True, metavar="HOST:PORT")
+    login.add_argument("--ca-cert", dest="login_ca_cert", required=True, type=Path)
+    login.add_argument("--token", dest="login_token", required=True)
+    login.add_argument("--tls-server-name", dest="login_tls_server_name", default="")
+    login.set_defaults(handler=cmd_login)
+
+    cloud_cmds.add_parsers(sub)
+    device_cmds.add_parsers(sub)
+    return parser
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    if not args.login_ca_cert.is_file():
+        raise ConfigError(f"--ca-cert {args.login_ca_cert}: no such file")
+    path = Path(args.context) if args.context else default_context_path(os.environ)
+    context = CliContext(
+        server=args.login_server,
+        ca_cert=str(args.login_ca_cert.absolute()),
+        token=args.login_token,
+        tls_server_name=args.login_tls_server_name,
+    )
+    connection = resolve_connection({"context": str(path)} | context.model_dump(), {}, args.timeout)
+    with OperatorClient(connection) as client:
+        count = len(client.list_devices())  # proves address, CA and token before saving
+    save_context(path, context)
+    print(f"logged in to {args.login_server} ({count} devices); saved {path}")
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "needs_client", False):
+            flags = {
+                "server": args.server,
+                "ca_cert": args.ca_cert,
+                "token": args.token,
+                "tls_server_name": args.tls_server_name,
+                "context": args.context,
+            }
+            connection = resolve_connection(flags, os.environ, args.timeout)
+            with OperatorClient(connection) as client:
+                return int(args.handler(args, client))
+        return int(args.handler(args))
+    except AutoglmError as exc:
+        print(f"autoglm: {exc.label}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,58 @@
+"""Printing for the CLI: aligned tables, JSON, relative times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out.write(line.format(*headers).rstrip() + "\n")
+    for row in rows:
+        out.write(line.format(*row).rstrip() + "\n")
+
+
+def print_json(data: Any, out: TextIO = sys.stdout) -> None:
+    out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def ago(when: dt.datetime | None, now: dt.datetime) -> str:
+    """'12s ago', '3m ago', 'never'."""
+    if when is None:
+        return "never"
+    seconds = max(0, int((now - when).total_seconds()))
+    for size, unit in ((86_400, "d"), (3_600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '24h', '7d' as seconds; ValueError with the reason otherwise."""
+    units = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+    text = text.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a duration like 90s, 15m, 24h or 7d") from None
+    if value <= 0:
+        raise ValueError(f"duration '{text}' must be positive")
+    return value * units[unit]
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label '{item}' is not of the form key=value")
+        labels[key] = value
+    return labels

@@ -1,0 +1,69 @@
+"""Typed control-plane configuration: `<state-dir>/cloud.yaml`, AUTOGLM_CLOUD_* overrides, flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edge_agent.errors import ConfigError
+from edge_agent.settings import load_settings
+
+CONFIG_FILE = "cloud.yaml"
+
+
+class CloudConfig(BaseSettings):
+    """Everything `autoglm cloud serve` needs; written by `autoglm cloud init`."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOGLM_CLOUD_", extra="forbid")
+
+    state_dir: Path
+    database_url: str = ""  # empty: SQLite in the state directory
+    api_listen: str = "0.0.0.0:7443"  # TLS: enrollment and operator calls
+    device_listen: str = "0.0.0.0:7444"  # mutual TLS: device calls
+    hosts: list[str] = Field(default_factory=lambda: ["localhost"])  # names in the server cert
+    advertise_host: str = ""  # host agents and operators dial; empty: hosts[0]
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    offline_after_s: float = Field(default=30.0, gt=0)
+    presence_flush_interval_s: float = Field(default=1.0, gt=0)
+    auth_recheck_interval_s: float = Field(default=5.0, gt=0)
+    enrollment_token_ttl_s: int = Field(default=86_400, gt=0)
+    device_cert_validity_days: int = Field(default=365, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("api_listen", "device_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT with a port from 0 to 65535")
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value or any(not h.strip() for h in value):
+            raise ValueError("needs at least one non-empty host name or IP address")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'autoglm.db'}"
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.hosts[0]
+
+
+def load_cloud_config(state_dir: Path, overrides: dict[str, Any] | None = None) -> CloudConfig:
+    """Loads `<state_dir>/cloud.yaml` with environment and flag overrides on top."""
+    path = state_dir / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(
+            f"{state_dir}: not an initialised control-plane state directory "
+            f"(no {CONFIG_FILE}); run `autoglm cloud init --state-dir {state_dir}` first"
+        )
+    values = {"state_dir": state_dir, **(overrides or {})}
+    return load_settings(CloudConfig, path, values)

@@ -1,0 +1,125 @@
+"""Device lifecycle: register, enroll, authenticate, label, revoke."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cloud.clock import Clock, utc_now
+from cloud.domain import DeviceRecord, DeviceState, validate_labels
+from cloud.pki import CertificateAuthority, IssuedCertificate
+from cloud.store import Store
+from cloud.tokens import ENROLLMENT_PREFIX, hash_token, new_token
+from edge_agent.errors import InvalidInput, PermissionDenied, Unauthenticated
+
+NAME_MAX = 128
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered device and its one-time enrollment token (shown once)."""
+
+    device: DeviceRecord
+    token: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    device: DeviceRecord
+    certificate: IssuedCertificate
+
+
+class DeviceRegistry:
+    """The device lifecycle over a store and the CA."""
+
+    def __init__(
+        self,
+        store: Store,
+        ca: CertificateAuthority,
+        token_ttl: dt.timedelta,
+        cert_validity_days: int,
+        known_profiles: frozenset[str] | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.store = store
+        self.ca = ca
+        self.token_ttl = token_ttl
+        self.cert_validity_days = cert_validity_days
+        self.known_profiles = known_profiles
+        self.clock = clock
+
+    def register(
+        self,
+        name: str,
+        labels: Mapping[str, str],
+        profile: str,
+        token_ttl: dt.timedelta | None = None,
+    ) -> Registration:
+        """Creates a pending device and its enrollment token."""
+        name = name.strip()
+        if not name or len(name) > NAME_MAX or any(c.isspace() or c in "/," for c in name):
+            raise InvalidInput(
+                f"device name '{name}' must be 1-{NAME_MAX} characters without spaces, '/' or ','"
+            )
+        if self.known_profiles is not None and profile and profile not in self.known_profiles:
+            raise InvalidInput(
+                f"unknown device profile '{profile}'; known: {', '.join(sorted(self.known_profiles))}"
+            )
+        now = self.clock()
+        device = self.store.create_device(name, validate_labels(labels), profile, now)
+        return self._issue_token(device, now, token_ttl)
+
+    def new_enrollment_token(self, id_or_name: str, token_ttl: dt.timedelta | None = None) -> Registration:
+        """A fresh token for a device that has not enrolled yet (or must re-enroll)."""
+        device = self.store.get_device(id_or_name)
+        return self._issue_token(device, self.clock(), token_ttl)
+
+    def _issue_token(
+        self, device: DeviceRecord, now: dt.datetime, token_ttl: dt.timedelta | None
+    ) -> Registration:
+        token = new_token(ENROLLMENT_PREFIX)
+        expires_at = now + (token_ttl or self.token_ttl)
+        self.store.add_enrollment_token(device.id, hash_token(token), now, expires_at)
+        return Registration(device=device, token=token, expires_at=expires_at)
+
+    def enroll(self, token: str, csr_pem: bytes) -> Enrollment:
+        """Exchanges a one-time token and a CSR for a device certificate."""
+        if not token.startswith(ENROLLMENT_PREFIX):
+            raise Unauthenticated("that is not an enrollment token")
+
+        def issue(device: DeviceRecord) -> IssuedCertificate:
+            return self.ca.sign_device_csr(csr_pem, device.id, self.cert_validity_days)
+
+        def activate(cert: IssuedCertificate) -> tuple[str, str]:
+            return cert.serial, cert.fingerprint
+
+        device, cert = self.store.enroll(hash_token(token), self.clock(), issue, activate)
+        return Enrollment(device=device, certificate=cert)
+
+    def authenticate(self, device_id: str, cert_fingerprint: str) -> DeviceRecord:
+        """The device a verified client certificate belongs to, if it may still act."""
+        device = self.store.get_device(device_id)
+        if device.id != device_id:  # a name that happens to equal another device's id
+            raise Unauthenticated("certificate does not name a device")
+        if device.state is DeviceState.REVOKED:
+            raise PermissionDenied(f"device '{device.name}' is revoked")
+        if device.state is not DeviceState.ACTIVE or device.cert_fingerprint != cert_fingerprint:
+            raise PermissionDenied(
+                f"device '{device.name}' presented a certificate that is no longer current; "
+                "re-enroll the device"
+            )
+        return device
+
+    def get(self, id_or_name: str) -> DeviceRecord:
+        return self.store.get_device(id_or_name)
+
+    def list(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
+        return self.store.list_devices(selector)
+
+    def label(self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]) -> DeviceRecord:
+        return self.store.update_labels(id_or_name, validate_labels(set_labels), remove)
+
+    def revoke(self, id_or_name: str, reason: str) -> DeviceRecord:
+        return self.store.revoke_device(id_or_name, reason, self.clock())

@@ -1,0 +1,1 @@
+"""The control plane's gRPC transport: thin servicers over the domain modules."""

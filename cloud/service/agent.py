@@ -1,0 +1,105 @@
+"""AgentService: the device session stream (hello, heartbeats) over mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from cloud.devices import DeviceRegistry
+from cloud.presence import PresenceTracker
+from cloud.service.peer import device_identity
+from cloud.service.serde import message_to_dict
+from cloud.service.sessions import LiveSession, SessionHub
+from edge_agent.errors import AutoglmError, InvalidInput
+from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+_CLIENT_DONE = object()
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        presence: PresenceTracker,
+        hub: SessionHub,
+        heartbeat_interval_s: float,
+    ) -> None:
+        self.registry = registry
+        self.presence = presence
+        self.hub = hub
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    async def Session(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.ControlMessage]:
+        device_id, fingerprint = device_identity(context)
+        device = await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("body") != "hello":
+            raise InvalidInput("a session must start with a hello message")
+        hello = first.hello
+        self.presence.seen(
+            device.id,
+            agent_version=hello.agent_version,
+            status=message_to_dict(hello.status),
+            host=message_to_dict(hello.host),
+        )
+        live = self.hub.open(device.id)
+        log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
+        reader = asyncio.create_task(self._read(live, request_iterator))
+        try:
+            yield agent_pb2.ControlMessage(
+                accepted=agent_pb2.SessionAccepted(
+                    device_id=device.id,
+                    device_name=device.name,
+                    heartbeat_interval_seconds=self.heartbeat_interval_s,
+                )
+            )
+            while True:
+                item = await live.outbound.get()
+                if item is _CLIENT_DONE:
+                    return
+                if isinstance(item, AutoglmError):
+                    raise item
+                assert isinstance(item, agent_pb2.ControlMessage)
+                yield item
+        finally:
+            reader.cancel()
+            self.hub.remove(live)
+            if not self.hub.is_open(device.id):
+                self.presence.closed(device.id)
+            log.info("session closed: %s (%s)", device.name, device.id)
+
+    async def _read(
+        self, live: LiveSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> None:
+        """Handles what the agent sends after its hello; answers go through `live`."""
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("body")
+                if kind == "heartbeat":
+                    self.presence.seen(live.device_id, status=message_to_dict(message.heartbeat.status))
+                    live.send(
+                        agent_pb2.ControlMessage(
+                            heartbeat_ack=agent_pb2.HeartbeatAck(seq=message.heartbeat.seq)
+                        )
+                    )
+                elif kind == "hello":
+                    live.end(InvalidInput("hello may only be sent once per session"))
+                    return
+                else:
+                    log.warning("device %s sent %s, which this control plane does not handle yet",
+                                live.device_id, kind)
+            live.send(_CLIENT_DONE)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream ends; the caller maps the error
+            log.debug("session reader of %s ended: %s", live.device_id, exc)
+            live.send(_CLIENT_DONE)

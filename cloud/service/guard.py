@@ -1,0 +1,128 @@
+"""The one server interceptor: operator authentication and error mapping for every call."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from cloud.store import Store
+from cloud.tokens import hash_token
+from edge_agent.errors import AutoglmError, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+OPERATOR_SERVICE = "/autoglm.v1.OperatorService/"
+TOKEN_CACHE_S = 5.0
+
+
+class OperatorTokens:
+    """Checks bearer tokens against the store, caching good ones for a few seconds."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[str, float] = {}
+
+    async def check(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> None:
+        header = next((v for k, v in metadata or () if k == "authorization"), None)
+        if header is None:
+            raise Unauthenticated(
+                "operator calls need a token: pass --token, set AUTOGLM_TOKEN or run `autoglm login`"
+            )
+        text = header.decode() if isinstance(header, bytes) else header
+        scheme, _, token = text.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("the authorization header must be 'Bearer <operator token>'")
+        digest = hash_token(token.strip())
+        now = time.monotonic()
+        if self._cache.get(digest, 0.0) > now:
+            return
+        await asyncio.to_thread(self.store.operator_by_token_hash, digest)
+        self._cache[digest] = now + TOKEN_CACHE_S
+
+
+class CallGuard(aio.ServerInterceptor):
+    """Authenticates operator calls and maps domain errors to gRPC status codes, once."""
+
+    def __init__(self, tokens: OperatorTokens) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        needs_token = method.startswith(OPERATOR_SERVICE)
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        return _wrap(handler, method, self.tokens if needs_token else None, metadata)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    tokens: OperatorTokens | None,
+    metadata: Any,
+) -> grpc.RpcMethodHandler:
+    streaming_response = handler.response_streaming
+
+    if handler.unary_unary:
+        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    elif handler.unary_stream:
+        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    elif handler.stream_unary:
+        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    else:
+        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+
+    async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            if tokens is not None:
+                await tokens.check(metadata)
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
+            await _abort(context, method, exc)
+
+    async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            if tokens is not None:
+                await tokens.check(metadata)
+            result = behavior(request, context)
+            async for item in result:
+                yield item
+        except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
+            await _abort(context, method, exc)
+
+    return factory(  # type: ignore[no-any-return]
+        streaming if streaming_response else unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> None:
+    if isinstance(exc, aio.AbortError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+        raise exc
+    if isinstance(exc, AutoglmError):
+        await context.abort(exc.grpc_code, str(exc))
+    if isinstance(exc, NotImplementedError):
+        name = method.rsplit("/", 1)[-1]
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"this control plane does not serve {name} yet"
+        )
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (incident %s)", method, incident, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (incident {incident}, see the control-plane log)"
+    )

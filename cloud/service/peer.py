@@ -1,0 +1,40 @@
+"""Who is calling: the device named by a verified client certificate."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from grpc import aio
+
+from cloud.pki import DEVICE_URI_PREFIX
+from edge_agent.errors import Unauthenticated
+
+
+@functools.lru_cache(maxsize=65_536)
+def _identity_from_pem(pem: bytes) -> tuple[str, str]:
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise Unauthenticated("the client certificate names no device") from None
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(DEVICE_URI_PREFIX)]
+    if len(uris) != 1:
+        raise Unauthenticated("the client certificate names no device")
+    fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return uris[0][len(DEVICE_URI_PREFIX) :], fingerprint
+
+
+def device_identity(context: aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+    """(device id, certificate fingerprint) of the caller. gRPC verified the chain already:
+    the device port requires a client certificate signed by the control plane's CA."""
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert")
+    if not pems:
+        raise Unauthenticated(
+            "device calls need mutual TLS with the device's certificate, on the device port"
+        )
+    return _identity_from_pem(bytes(pems[0]))

@@ -1,0 +1,87 @@
+"""Conversions between protobuf messages and the control plane's domain types (one place)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cloud.domain import DeviceRecord, DeviceState
+from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
+
+_DEVICE_STATE = {
+    DeviceState.PENDING: operator_pb2.Device.STATE_PENDING,
+    DeviceState.ACTIVE: operator_pb2.Device.STATE_ACTIVE,
+    DeviceState.REVOKED: operator_pb2.Device.STATE_REVOKED,
+}
+DEVICE_STATE_FROM_PROTO = {v: k for k, v in _DEVICE_STATE.items()}
+
+
+def timestamp(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(dt.UTC))
+    return ts
+
+
+def from_timestamp(ts: Timestamp, present: bool) -> dt.datetime | None:
+    return ts.ToDatetime(tzinfo=dt.UTC) if present else None
+
+
+def message_to_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as a JSON-able dict (how the store keeps reported status)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def status_from_dict(data: dict[str, Any]) -> agent_pb2.AgentStatus:
+    return json_format.ParseDict(data, agent_pb2.AgentStatus(), ignore_unknown_fields=True)
+
+
+def host_from_dict(data: dict[str, Any]) -> common_pb2.HostFacts:
+    return json_format.ParseDict(data, common_pb2.HostFacts(), ignore_unknown_fields=True)
+
+
+def device_to_proto(device: DeviceRecord, online: bool) -> operator_pb2.Device:
+    msg = operator_pb2.Device(
+        id=device.id,
+        name=device.name,
+        labels=device.labels,
+        profile=device.profile,
+        state=_DEVICE_STATE[device.state],
+        online=online,
+        agent_version=device.agent_version,
+        status=status_from_dict(device.status),
+        host=host_from_dict(device.host),
+    )
+    for field, value in (
+        ("last_seen", device.last_seen),
+        ("created_at", device.created_at),
+        ("enrolled_at", device.enrolled_at),
+        ("revoked_at", device.revoked_at),
+    ):
+        ts = timestamp(value)
+        if ts is not None:
+            getattr(msg, field).CopyFrom(ts)
+    return msg
+
+
+def device_from_proto(msg: operator_pb2.Device) -> DeviceRecord:
+    """The inverse of `device_to_proto` (minus what the proto does not carry)."""
+    return DeviceRecord(
+        id=msg.id,
+        name=msg.name,
+        labels=dict(msg.labels),
+        profile=msg.profile,
+        state=DEVICE_STATE_FROM_PROTO[msg.state],
+        created_at=from_timestamp(msg.created_at, msg.HasField("created_at")) or dt.datetime.min,
+        enrolled_at=from_timestamp(msg.enrolled_at, msg.HasField("enrolled_at")),
+        revoked_at=from_timestamp(msg.revoked_at, msg.HasField("revoked_at")),
+        last_seen=from_timestamp(msg.last_seen, msg.HasField("last_seen")),
+        session_open=msg.online,
+        agent_version=msg.agent_version,
+        status=message_to_dict(msg.status),
+        host=message_to_dict(msg.host),
+    )

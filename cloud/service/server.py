@@ -1,0 +1,177 @@
+"""Builds and runs the control plane's gRPC server: API port (TLS) and device port (mTLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from cloud.clock import utc_now
+from cloud.config import CloudConfig
+from cloud.devices import DeviceRegistry
+from cloud.presence import PresenceTracker
+from cloud.service.agent import AgentServicer
+from cloud.service.enrollment import EnrollmentServicer
+from cloud.service.guard import CallGuard, OperatorTokens
+from cloud.service.operator import OperatorServicer
+from cloud.service.sessions import SessionHub
+from cloud.state_dir import ControlPlaneSecrets
+from cloud.store import Store
+from edge_agent.errors import LocalStateError, PermissionDenied
+from protos.autoglm.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    operator_pb2,
+    operator_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    enrollment_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    operator_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
+)
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_concurrent_streams", 100_000),
+]
+
+
+class ControlPlane:
+    """One control-plane process: the gRPC server plus its background loops."""
+
+    def __init__(self, config: CloudConfig, secrets: ControlPlaneSecrets, store: Store) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.store = store
+        self.hub = SessionHub()
+        self.presence = PresenceTracker(store)
+        self.registry = DeviceRegistry(
+            store,
+            secrets.ca,
+            token_ttl=dt.timedelta(seconds=config.enrollment_token_ttl_s),
+            cert_validity_days=config.device_cert_validity_days,
+        )
+        self.api_port = 0
+        self.device_port = 0
+        self._server: aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health = HealthServicer()
+
+    def endpoints(self) -> common_pb2.Endpoints:
+        host = self.config.public_host
+        return common_pb2.Endpoints(
+            api_address=f"{host}:{self.api_port}",
+            device_address=f"{host}:{self.device_port}",
+            tls_server_name="" if host in self.config.hosts else self.config.hosts[0],
+        )
+
+    async def start(self) -> None:
+        server = aio.server(interceptors=[CallGuard(OperatorTokens(self.store))], options=SERVER_OPTIONS)
+        ca_pem = self.secrets.ca.cert_pem
+        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+            EnrollmentServicer(self.registry, ca_pem, self.secrets.signing_public_pem, self.endpoints),
+            server,
+        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.registry, self.presence, self.hub, self.config.heartbeat_interval_s),
+            server,
+        )
+        operator_pb2_grpc.add_OperatorServiceServicer_to_server(
+            OperatorServicer(
+                self.registry,
+                self.hub,
+                dt.timedelta(seconds=self.config.offline_after_s),
+                ca_pem,
+                self.endpoints,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        key_pair = [(self.secrets.server_key_pem, self.secrets.server_chain_pem)]
+        tls = grpc.ssl_server_credentials(key_pair, root_certificates=ca_pem, require_client_auth=False)
+        mtls = grpc.ssl_server_credentials(key_pair, root_certificates=ca_pem, require_client_auth=True)
+        try:
+            self.api_port = server.add_secure_port(self.config.api_listen, tls)
+            self.device_port = server.add_secure_port(self.config.device_listen, mtls)
+        except RuntimeError as exc:
+            raise LocalStateError(
+                f"cannot listen on {self.config.api_listen} / {self.config.device_listen}: {exc}"
+            ) from None
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.presence_flush_interval_s, self._flush)),
+            asyncio.create_task(self._every(self.config.auth_recheck_interval_s, self._revocations())),
+        ]
+        log.info("control plane serving: api port %d (TLS), device port %d (mutual TLS)",
+                 self.api_port, self.device_port)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def _flush(self) -> None:
+        await asyncio.to_thread(self.presence.flush)
+
+    def _revocations(self) -> Any:
+        """Ends sessions of devices revoked through any replica (this one ends its own at once)."""
+        since = utc_now()
+
+        async def check() -> None:
+            nonlocal since
+            now = utc_now()
+            for device_id in await asyncio.to_thread(self.store.revoked_since, since):
+                self.hub.end_device(device_id, PermissionDenied("this device was revoked"))
+            since = now - dt.timedelta(seconds=1)
+
+        return check
+
+    @staticmethod
+    async def _every(interval_s: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                result: Coroutine[Any, Any, None] = job()
+                await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+                log.exception("background job failed; retrying in %.1fs", interval_s)

@@ -1,0 +1,59 @@
+"""Open agent sessions in this process, so a revocation can close them at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from edge_agent.errors import AutoglmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class LiveSession:
+    """One open session stream: messages to send down, or the error that ends it."""
+
+    device_id: str
+    outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+
+    def send(self, message: object) -> None:
+        self.outbound.put_nowait(message)
+
+    def end(self, error: AutoglmError) -> None:
+        self.outbound.put_nowait(error)
+
+
+class SessionHub:
+    """Registry of live sessions by device id; only touched from the server's event loop."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[str, set[LiveSession]] = {}
+
+    def open(self, device_id: str) -> LiveSession:
+        live = LiveSession(device_id)
+        self._by_device.setdefault(device_id, set()).add(live)
+        return live
+
+    def remove(self, live: LiveSession) -> None:
+        sessions = self._by_device.get(live.device_id)
+        if sessions is not None:
+            sessions.discard(live)
+            if not sessions:
+                del self._by_device[live.device_id]
+
+    def end_device(self, device_id: str, error: AutoglmError) -> int:
+        """Ends every session of a device; returns how many were open."""
+        sessions = list(self._by_device.get(device_id, ()))
+        for live in sessions:
+            live.end(error)
+        if sessions:
+            log.info("ended %d session(s) of device %s: %s", len(sessions), device_id, error)
+        return len(sessions)
+
+    def is_open(self, device_id: str) -> bool:
+        return device_id in self._by_device
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._by_device.values())

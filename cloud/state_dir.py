@@ -1,0 +1,154 @@
+"""The control plane's state directory: created whole by `init`, read by `serve`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud.config import CONFIG_FILE, CloudConfig, load_cloud_config
+from cloud.pki import (
+    CertificateAuthority,
+    new_private_key,
+    new_signing_key,
+    private_key_pem,
+    public_key_pem,
+)
+from cloud.store import open_store
+from cloud.tokens import OPERATOR_PREFIX, hash_token, new_token
+from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
+from edge_agent.settings import load_settings
+
+CA_KEY, CA_CERT = "ca.key", "ca.crt"
+SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
+SIGNING_KEY, SIGNING_PUB = "signing.key", "signing.pub"
+SECRET_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class ControlPlaneSecrets:
+    """Keys and certificates the running control plane needs."""
+
+    ca: CertificateAuthority
+    server_key_pem: bytes
+    server_chain_pem: bytes
+    signing_key: ed25519.Ed25519PrivateKey
+
+    @property
+    def signing_public_pem(self) -> bytes:
+        return public_key_pem(self.signing_key)
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config: CloudConfig
+    operator_token: str
+
+
+def init_state_dir(
+    state_dir: Path,
+    hosts: list[str],
+    database_url: str = "",
+    api_listen: str | None = None,
+    device_listen: str | None = None,
+    operator_name: str = "admin",
+) -> InitResult:
+    """Creates CA, server certificate, signing key, config, schema and a first operator token.
+
+    Everything is written into a temporary sibling directory and renamed into place at the
+    end, so a failure leaves nothing half-written.
+    """
+    state_dir = state_dir.absolute()
+    overrides = {
+        "state_dir": state_dir,
+        "hosts": hosts,
+        "database_url": database_url,
+        "api_listen": api_listen,
+        "device_listen": device_listen,
+    }
+    config = load_settings(CloudConfig, None, overrides)  # validates before anything is written
+    if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
+        raise FailedPrecondition(
+            f"{state_dir} exists and is not empty; refusing to overwrite a control plane's keys"
+        )
+    try:
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{state_dir.name}.init-", dir=state_dir.parent))
+    except OSError as exc:
+        raise LocalStateError(f"cannot create {state_dir}: {exc.strerror}") from None
+    try:
+        _write_secrets(staging, config.hosts)
+        saved = {k: v for k, v in config.model_dump(mode="json").items() if k != "state_dir"}
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False), "utf-8")
+        url = database_url or f"sqlite:///{staging / 'autoglm.db'}"
+        token = new_token(OPERATOR_PREFIX)
+        store = open_store(url)
+        try:
+            store.add_operator(operator_name, hash_token(token), dt.datetime.now(dt.UTC))
+        finally:
+            store.close()
+        if state_dir.exists():
+            state_dir.rmdir()
+        staging.rename(state_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LocalStateError(f"cannot write {state_dir}: {exc}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return InitResult(config=load_cloud_config(state_dir), operator_token=token)
+
+
+def _write_secrets(directory: Path, hosts: list[str]) -> None:
+    ca = CertificateAuthority.create()
+    server_key = new_private_key()
+    server_cert = ca.issue_server_certificate(hosts, server_key)
+    signing = new_signing_key()
+    _write(directory / CA_KEY, private_key_pem(ca.key), secret=True)
+    _write(directory / CA_CERT, ca.cert_pem)
+    _write(directory / SERVER_KEY, private_key_pem(server_key), secret=True)
+    _write(
+        directory / SERVER_CERT,
+        server_cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem,
+    )
+    _write(directory / SIGNING_KEY, private_key_pem(signing), secret=True)
+    _write(directory / SIGNING_PUB, public_key_pem(signing))
+
+
+def _write(path: Path, data: bytes, secret: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE if secret else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_secrets(state_dir: Path) -> ControlPlaneSecrets:
+    """Reads the keys written by `init_state_dir`; errors name the missing or bad file."""
+
+    def read(name: str) -> bytes:
+        try:
+            return (state_dir / name).read_bytes()
+        except OSError as exc:
+            raise LocalStateError(f"{state_dir / name}: cannot read: {exc.strerror}") from None
+
+    try:
+        ca = CertificateAuthority.load(read(CA_KEY), read(CA_CERT))
+        signing = serialization.load_pem_private_key(read(SIGNING_KEY), password=None)
+    except ValueError as exc:
+        raise IntegrityError(f"{state_dir}: a key or certificate file is corrupt: {exc}") from None
+    if not isinstance(signing, ed25519.Ed25519PrivateKey):
+        raise IntegrityError(f"{state_dir / SIGNING_KEY}: not an Ed25519 key")
+    return ControlPlaneSecrets(
+        ca=ca,
+        server_key_pem=read(SERVER_KEY),
+        server_chain_pem=read(SERVER_CERT),
+        signing_key=signing,
+    )

@@ -1,0 +1,80 @@
+"""The store interface: every backend passes the same contract test class."""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+from cloud.domain import DeviceRecord, OperatorRecord, PresenceUpdate
+
+T = TypeVar("T")
+
+
+class Store(abc.ABC):
+    """Durable control-plane state. Methods raise errors from `edge_agent.errors`."""
+
+    # ---- devices ----
+    @abc.abstractmethod
+    def create_device(
+        self, name: str, labels: Mapping[str, str], profile: str, now: dt.datetime
+    ) -> DeviceRecord:
+        """Adds a pending device; AlreadyExists when the name is taken."""
+
+    @abc.abstractmethod
+    def get_device(self, id_or_name: str) -> DeviceRecord:
+        """The device with that id or name; NotFound otherwise."""
+
+    @abc.abstractmethod
+    def list_devices(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
+        """Devices whose labels match every key=value of `selector`, by name."""
+
+    @abc.abstractmethod
+    def update_labels(
+        self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> DeviceRecord: ...
+
+    @abc.abstractmethod
+    def revoke_device(self, id_or_name: str, reason: str, now: dt.datetime) -> DeviceRecord:
+        """Marks the device revoked (idempotent) and invalidates its open tokens."""
+
+    # ---- enrollment ----
+    @abc.abstractmethod
+    def add_enrollment_token(
+        self, device_id: str, token_hash: str, now: dt.datetime, expires_at: dt.datetime
+    ) -> None:
+        """Stores a token hash for a pending device; older unused tokens for it stop working."""
+
+    @abc.abstractmethod
+    def enroll(
+        self,
+        token_hash: str,
+        now: dt.datetime,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str]],
+    ) -> tuple[DeviceRecord, T]:
+        """Atomically: check the token (Unauthenticated if unknown, used or expired), call
+        `issue` for the device, mark the token used and the device active with the
+        (serial, fingerprint) that `activate` returns. Nothing changes when `issue` raises."""
+
+    # ---- presence ----
+    @abc.abstractmethod
+    def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
+        """Applies heartbeat summaries in one transaction; unknown devices are skipped."""
+
+    @abc.abstractmethod
+    def revoked_since(self, since: dt.datetime) -> list[str]:
+        """Ids of devices revoked at or after `since` (for sessions held by other replicas)."""
+
+    # ---- operators ----
+    @abc.abstractmethod
+    def add_operator(self, name: str, token_hash: str, now: dt.datetime) -> OperatorRecord: ...
+
+    @abc.abstractmethod
+    def operator_by_token_hash(self, token_hash: str) -> OperatorRecord:
+        """The operator holding that token; Unauthenticated when none (or revoked)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+

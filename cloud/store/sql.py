@@ -1,0 +1,304 @@
+"""The SQLAlchemy store: one implementation for SQLite (embedded default) and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.domain import (
+    DeviceRecord,
+    DeviceState,
+    OperatorRecord,
+    PresenceUpdate,
+    matches,
+)
+from cloud.store.base import Store
+from cloud.store.tables import DeviceRow, EnrollmentTokenRow, OperatorRow
+from edge_agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalise_url(url: str) -> str:
+    """Accepts plain `postgresql://` URLs and uses the psycopg 3 driver for them."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+
+def migrate(engine: Engine) -> None:
+    """Brings the schema to the newest migration."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class SqlStore(Store):
+    """`Store` over SQLAlchemy 2."""
+
+    def __init__(self, url: str, run_migrations: bool = True) -> None:
+        self.url = normalise_url(url)
+        self.engine = make_engine(self.url)
+        try:
+            if run_migrations:
+                migrate(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise Unavailable(f"cannot open the database {_redact(self.url)}: {exc.orig}") from None
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # ---- devices ----
+    def create_device(
+        self, name: str, labels: Mapping[str, str], profile: str, now: dt.datetime
+    ) -> DeviceRecord:
+        row = DeviceRow(
+            id=str(uuid.uuid4()),
+            name=name,
+            labels=dict(labels),
+            profile=profile,
+            state=DeviceState.PENDING.value,
+            created_at=now,
+            revoked_reason="",
+            cert_serial="",
+            cert_fingerprint="",
+            session_open=False,
+            agent_version="",
+            status={},
+            host={},
+        )
+        try:
+            with self._tx() as s:
+                s.add(row)
+        except SAIntegrityError:
+            raise AlreadyExists(f"a device named '{name}' exists already") from None
+        return _device(row)
+
+    def get_device(self, id_or_name: str) -> DeviceRecord:
+        with self._tx() as s:
+            return _device(self._device_row(s, id_or_name))
+
+    def list_devices(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
+        with self._tx() as s:
+            rows = s.scalars(select(DeviceRow).order_by(DeviceRow.name)).all()
+            return [_device(r) for r in rows if matches(r.labels, selector)]
+
+    def update_labels(
+        self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> DeviceRecord:
+        with self._tx() as s:
+            row = self._device_row(s, id_or_name, for_update=True)
+            labels = {k: v for k, v in row.labels.items() if k not in remove}
+            labels.update(set_labels)
+            row.labels = labels
+            return _device(row)
+
+    def revoke_device(self, id_or_name: str, reason: str, now: dt.datetime) -> DeviceRecord:
+        with self._tx() as s:
+            row = self._device_row(s, id_or_name, for_update=True)
+            if row.state != DeviceState.REVOKED.value:
+                row.state = DeviceState.REVOKED.value
+                row.revoked_at = now
+                row.revoked_reason = reason
+                row.session_open = False
+                s.execute(
+                    update(EnrollmentTokenRow)
+                    .where(EnrollmentTokenRow.device_id == row.id)
+                    .values(invalidated=True)
+                )
+            return _device(row)
+
+    def _device_row(self, s: Session, id_or_name: str, for_update: bool = False) -> DeviceRow:
+        query = select(DeviceRow).where(
+            (DeviceRow.id == id_or_name) | (DeviceRow.name == id_or_name)
+        )
+        if for_update:
+            query = query.with_for_update()
+        row = s.scalars(query).first()
+        if row is None:
+            raise NotFound(f"no device with id or name '{id_or_name}'")
+        return row
+
+    # ---- enrollment ----
+    def add_enrollment_token(
+        self, device_id: str, token_hash: str, now: dt.datetime, expires_at: dt.datetime
+    ) -> None:
+        with self._tx() as s:
+            row = self._device_row(s, device_id, for_update=True)
+            if row.state == DeviceState.REVOKED.value:
+                raise FailedPrecondition(f"device '{row.name}' is revoked; register a new device")
+            s.execute(
+                update(EnrollmentTokenRow)
+                .where(EnrollmentTokenRow.device_id == row.id, EnrollmentTokenRow.used_at.is_(None))
+                .values(invalidated=True)
+            )
+            s.add(
+                EnrollmentTokenRow(
+                    token_hash=token_hash,
+                    device_id=row.id,
+                    created_at=now,
+                    expires_at=expires_at,
+                    invalidated=False,
+                )
+            )
+
+    def enroll(
+        self,
+        token_hash: str,
+        now: dt.datetime,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str]],
+    ) -> tuple[DeviceRecord, T]:
+        with self._tx() as s:
+            token = s.get(EnrollmentTokenRow, token_hash)
+            if token is None:
+                raise Unauthenticated("unknown enrollment token")
+            if token.used_at is not None:
+                raise Unauthenticated("this enrollment token was used already")
+            if token.invalidated:
+                raise Unauthenticated("this enrollment token was replaced or its device revoked")
+            if token.expires_at <= now:
+                raise Unauthenticated(
+                    f"this enrollment token expired at {token.expires_at.isoformat()}"
+                )
+            row = self._device_row(s, token.device_id, for_update=True)
+            if row.state == DeviceState.REVOKED.value:
+                raise PermissionDenied(f"device '{row.name}' is revoked")
+            issued = issue(_device(row))
+            serial, fingerprint = activate(issued)
+            # The conditional update makes the token single-use even under concurrent calls.
+            claimed = s.execute(
+                update(EnrollmentTokenRow)
+                .where(
+                    EnrollmentTokenRow.token_hash == token_hash,
+                    EnrollmentTokenRow.used_at.is_(None),
+                    EnrollmentTokenRow.invalidated.is_(False),
+                )
+                .values(used_at=now)
+            ).rowcount  # type: ignore[attr-defined]
+            if claimed != 1:
+                raise Unauthenticated("this enrollment token was used already")
+            row.state = DeviceState.ACTIVE.value
+            row.enrolled_at = now
+            row.cert_serial = serial
+            row.cert_fingerprint = fingerprint
+            return _device(row), issued
+
+    # ---- presence ----
+    def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
+        if not updates:
+            return
+        with self._tx() as s:
+            for u in updates:
+                values: dict[str, Any] = {"last_seen": u.last_seen, "session_open": u.session_open}
+                if u.agent_version is not None:
+                    values["agent_version"] = u.agent_version
+                if u.status is not None:
+                    values["status"] = u.status
+                if u.host is not None:
+                    values["host"] = u.host
+                s.execute(
+                    update(DeviceRow)
+                    .where(DeviceRow.id == u.device_id, DeviceRow.state == DeviceState.ACTIVE.value)
+                    .values(**values)
+                )
+
+    def revoked_since(self, since: dt.datetime) -> list[str]:
+        with self._tx() as s:
+            return list(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at >= since)).all())
+
+    # ---- operators ----
+    def add_operator(self, name: str, token_hash: str, now: dt.datetime) -> OperatorRecord:
+        row = OperatorRow(id=str(uuid.uuid4()), name=name, token_hash=token_hash, created_at=now)
+        try:
+            with self._tx() as s:
+                s.add(row)
+        except SAIntegrityError:
+            raise AlreadyExists(f"an operator named '{name}' exists already") from None
+        return _operator(row)
+
+    def operator_by_token_hash(self, token_hash: str) -> OperatorRecord:
+        with self._tx() as s:
+            row = s.scalars(select(OperatorRow).where(OperatorRow.token_hash == token_hash)).first()
+            if row is None or row.revoked_at is not None:
+                raise Unauthenticated("the operator token is not valid")
+            return _operator(row)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _device(row: DeviceRow) -> DeviceRecord:
+    return DeviceRecord(
+        id=row.id,
+        name=row.name,
+        labels=dict(row.labels),
+        profile=row.profile,
+        state=DeviceState(row.state),
+        created_at=row.created_at,
+        enrolled_at=row.enrolled_at,
+        revoked_at=row.revoked_at,
+        revoked_reason=row.revoked_reason,
+        cert_serial=row.cert_serial,
+        cert_fingerprint=row.cert_fingerprint,
+        last_seen=row.last_seen,
+        session_open=row.session_open,
+        agent_version=row.agent_version,
+        status=dict(row.status or {}),
+        host=dict(row.host or {}),
+    )
+
+
+def _operator(row: OperatorRow) -> OperatorRecord:
+    return OperatorRecord(id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at)
+
+
+def _redact(url: str) -> str:
+    """Hides a password in a database URL before it goes into a message."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest and ":" in rest.split("@", 1)[0]:
+        user = rest.split("@", 1)[0].split(":", 1)[0]
+        rest = f"{user}:***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
