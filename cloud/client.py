@@ -54,17 +54,23 @@ class OperatorClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.connection.server) from None
 
-    def register_device(self, request: operator_pb2.RegisterDeviceRequest) -> operator_pb2.RegisterDeviceResponse:
+    def register_device(
+        self, request: operator_pb2.RegisterDeviceRequest
+    ) -> operator_pb2.RegisterDeviceResponse:
         return self._call(self._stub.RegisterDevice, request)
 
     def list_devices(self, selector: str = "") -> list[operator_pb2.Device]:
-        response = self._call(self._stub.ListDevices, operator_pb2.ListDevicesRequest(selector=selector))
+        response = self._call(
+            self._stub.ListDevices, operator_pb2.ListDevicesRequest(selector=selector)
+        )
         return list(response.devices)
 
     def get_device(self, device: str) -> operator_pb2.Device:
         return self._call(self._stub.GetDevice, operator_pb2.GetDeviceRequest(device=device))
 
-    def label_device(self, device: str, set_labels: dict[str, str], remove: list[str]) -> operator_pb2.Device:
+    def label_device(
+        self, device: str, set_labels: dict[str, str], remove: list[str]
+    ) -> operator_pb2.Device:
         request = operator_pb2.LabelDeviceRequest(device=device, set=set_labels, remove=remove)
         return self._call(self._stub.LabelDevice, request)
 

@@ -65,13 +65,16 @@ class DeviceRegistry:
             )
         if self.known_profiles is not None and profile and profile not in self.known_profiles:
             raise InvalidInput(
-                f"unknown device profile '{profile}'; known: {', '.join(sorted(self.known_profiles))}"
+                f"unknown device profile '{profile}'; "
+                f"known: {', '.join(sorted(self.known_profiles))}"
             )
         now = self.clock()
         device = self.store.create_device(name, validate_labels(labels), profile, now)
         return self._issue_token(device, now, token_ttl)
 
-    def new_enrollment_token(self, id_or_name: str, token_ttl: dt.timedelta | None = None) -> Registration:
+    def new_enrollment_token(
+        self, id_or_name: str, token_ttl: dt.timedelta | None = None
+    ) -> Registration:
         """A fresh token for a device that has not enrolled yet (or must re-enroll)."""
         device = self.store.get_device(id_or_name)
         return self._issue_token(device, self.clock(), token_ttl)
@@ -118,7 +121,9 @@ class DeviceRegistry:
     def list(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
         return self.store.list_devices(selector)
 
-    def label(self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]) -> DeviceRecord:
+    def label(
+        self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> DeviceRecord:
         return self.store.update_labels(id_or_name, validate_labels(set_labels), remove)
 
     def revoke(self, id_or_name: str, reason: str) -> DeviceRecord:

@@ -1,4 +1,4 @@
-"""The control plane's certificate authority: server certificates and device certificates from CSRs."""
+"""The control plane's certificate authority: server certificates, device certificates from CSRs."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ class CertificateAuthority:
         self.cert = cert
 
     @classmethod
-    def create(cls, common_name: str = "Open-AutoGLM Edge CA", years: int = 10) -> CertificateAuthority:
+    def create(
+        cls, common_name: str = "Open-AutoGLM Edge CA", years: int = 10
+    ) -> CertificateAuthority:
         key = new_private_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = _now()
@@ -102,7 +104,9 @@ class CertificateAuthority:
         )
         return builder.sign(self.key, hashes.SHA256())
 
-    def sign_device_csr(self, csr_pem: bytes, device_id: str, validity_days: int) -> IssuedCertificate:
+    def sign_device_csr(
+        self, csr_pem: bytes, device_id: str, validity_days: int
+    ) -> IssuedCertificate:
         """Issues a client certificate for `device_id`; the CSR must name exactly that device."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)

@@ -1,6 +1,7 @@
 """The bootstrap file: what a device needs to enroll (addresses, CA certificate, one-time token).
 
-Contract module: `autoglm device register --bootstrap-out` writes it, `autoglm-edge enroll` reads it.
+Contract module: `autoglm device register --bootstrap-out` writes it and
+`autoglm-edge enroll` reads it.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_enroll(args: argparse.Namespace) -> int:
     bootstrap = read_bootstrap(args.bootstrap)
     info = enroll(bootstrap, args.state_dir.absolute())
-    print(f"enrolled as {info.device_name} ({info.device_id}); identity in {args.state_dir}/identity")
+    print(
+        f"enrolled as {info.device_name} ({info.device_id}); identity in {args.state_dir}/identity"
+    )
     print(f"next: autoglm-edge run --state-dir {args.state_dir}")
     return 0
 

@@ -75,7 +75,9 @@ def check_issued_certificate(
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
         ca = x509.load_pem_x509_certificate(ca_pem)
     except (ValueError, IndexError) as exc:
-        raise IntegrityError(f"the control plane returned an unreadable certificate: {exc}") from None
+        raise IntegrityError(
+            f"the control plane returned an unreadable certificate: {exc}"
+        ) from None
     mine = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -102,7 +104,9 @@ def ensure_writable(state_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".probe-"):
             pass
     except OSError as exc:
-        raise LocalStateError(f"state directory {state_dir} is not writable: {exc.strerror}") from None
+        raise LocalStateError(
+            f"state directory {state_dir} is not writable: {exc.strerror}"
+        ) from None
     if identity_dir(state_dir).exists():
         raise FailedPrecondition(
             f"{state_dir} holds an enrolled identity already ({identity_dir(state_dir)}); "
@@ -123,7 +127,9 @@ def save_identity(
     staging = Path(tempfile.mkdtemp(prefix=".identity-", dir=state_dir))
     try:
         key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         _write(staging / KEY_FILE, key_pem, 0o600)
         _write(staging / CERT_FILE, chain_pem, 0o644)
@@ -136,7 +142,9 @@ def save_identity(
         _fsync_dir(state_dir)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise LocalStateError(f"cannot write the identity into {state_dir}: {exc.strerror}") from None
+        raise LocalStateError(
+            f"cannot write the identity into {state_dir}: {exc.strerror}"
+        ) from None
     return target
 
 

@@ -98,21 +98,29 @@ class CloudSession:
 
     async def _session(self, stop: asyncio.Event) -> None:
         options = channel_options(self.tls_server_name)
-        async with aio.secure_channel(self.address, self._credentials(), options=options) as channel:
+        async with aio.secure_channel(
+            self.address, self._credentials(), options=options
+        ) as channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Session()
             reader: asyncio.Task[None] | None = None
             try:
-                hello = agent_pb2.Hello(agent_version=__version__, status=self.status(), host=self.host())
+                hello = agent_pb2.Hello(
+                    agent_version=__version__, status=self.status(), host=self.host()
+                )
                 await call.write(agent_pb2.AgentMessage(hello=hello))
                 first = await call.read()
-                if first is aio.EOF or first.WhichOneof("body") != "accepted":
+                if not isinstance(first, agent_pb2.ControlMessage) or not first.HasField(
+                    "accepted"
+                ):
                     raise InvalidInput("the control plane did not accept the session")
                 accepted = first.accepted
                 self.connected = True
                 self.stats.sessions_opened += 1
                 self.backoff.reset()
                 interval = self.heartbeat_interval_s or accepted.heartbeat_interval_seconds or 10.0
-                log.info("session open as %s; heartbeat every %.1fs", accepted.device_name, interval)
+                log.info(
+                    "session open as %s; heartbeat every %.1fs", accepted.device_name, interval
+                )
                 reader = asyncio.create_task(self._read(call))
                 await self._heartbeats(call, interval, stop, reader)
                 if reader.done():
@@ -159,8 +167,8 @@ class CloudSession:
     ) -> None:
         while True:
             message = await call.read()
-            if message is aio.EOF:
-                return
+            if not isinstance(message, agent_pb2.ControlMessage):
+                return  # EOF: the control plane closed the stream cleanly
             if message.WhichOneof("body") == "heartbeat_ack":
                 sent = self._sent_at.pop(message.heartbeat_ack.seq, None)
                 if sent is not None:

@@ -22,9 +22,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 def _generate(out_root: Path) -> list[Path]:
     """Runs protoc with the repository root as include path, so imports read `protos.autoglm.v1`."""
-    from grpc_tools import protoc  # dev dependency, imported only here
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency, imported only here
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     sources = sorted(p.relative_to(ROOT).as_posix() for p in PROTO_DIR.glob("*.proto"))

@@ -30,10 +30,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="append",
         required=True,
         metavar="NAME_OR_IP",
-        help="name or address agents and operators dial (repeat for several); goes into the server certificate",
+        help="name or address that agents and operators dial (repeatable); in the server cert",
     )
-    init.add_argument("--database-url", default="", help="PostgreSQL URL; default: SQLite in the state dir")
-    init.add_argument("--api-listen", help="HOST:PORT for enrollment and operator calls (default 0.0.0.0:7443)")
+    init.add_argument(
+        "--database-url", default="", help="PostgreSQL URL; default: SQLite in the state dir"
+    )
+    init.add_argument(
+        "--api-listen", help="HOST:PORT for enrollment and operator calls (default 0.0.0.0:7443)"
+    )
     init.add_argument("--device-listen", help="HOST:PORT for device calls (default 0.0.0.0:7444)")
     init.add_argument(
         "--login",
@@ -42,12 +46,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     init.set_defaults(handler=cmd_init)
 
-    serve = cloud_sub.add_parser("serve", help="serve the gRPC API (TLS) and device port (mutual TLS)")
+    serve = cloud_sub.add_parser(
+        "serve", help="serve the gRPC API (TLS) and device port (mutual TLS)"
+    )
     serve.add_argument("--state-dir", required=True, type=Path)
     serve.add_argument("--api-listen")
     serve.add_argument("--device-listen")
     serve.add_argument("--database-url")
-    serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON once serving")
+    serve.add_argument(
+        "--ports-file", type=Path, help="write the bound ports here as JSON once serving"
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default from config: INFO)")
     serve.set_defaults(handler=cmd_serve)
 
@@ -79,8 +87,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         save_context(path, context)
         print(f"\nSaved the CLI context to {path}")
     else:
+        shown = server if api_port != "0" else f"{config.public_host}:<api port serve reports>"
         print("\nNext: autoglm cloud serve --state-dir", config.state_dir)
-        print(f"      autoglm login --server {server} --ca-cert {ca_path} --token <token>")
+        print(f"      autoglm login --server {shown} --ca-cert {ca_path} --token <token>")
     return 0
 
 
@@ -116,8 +125,11 @@ async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
         except OSError as exc:
             await plane.stop(0)
             raise LocalStateError(f"cannot write {ports_file}: {exc.strerror}") from None
-    print(f"serving api={plane.endpoints().api_address} device={plane.endpoints().device_address}",
-          file=sys.stderr, flush=True)
+    print(
+        f"serving api={plane.endpoints().api_address} device={plane.endpoints().device_address}",
+        file=sys.stderr,
+        flush=True,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -39,7 +39,9 @@ def load_context(path: Path) -> CliContext:
         return CliContext.model_validate(read_yaml_mapping(path))
     except ValidationError as exc:
         keys = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
-        raise ConfigError(f"{path}: bad CLI context (keys: {keys}); rewrite it with `autoglm login`") from None
+        raise ConfigError(
+            f"{path}: bad CLI context (keys: {keys}); rewrite it with `autoglm login`"
+        ) from None
 
 
 def save_context(path: Path, context: CliContext) -> None:
@@ -59,7 +61,8 @@ def resolve_connection(
     flags: Mapping[str, str | None], env: Mapping[str, str], timeout_s: float
 ) -> Connection:
     """Flags win over AUTOGLM_* environment variables, which win over the context file."""
-    path = Path(flags["context"]) if flags.get("context") else default_context_path(env)
+    context_flag = flags.get("context")
+    path = Path(context_flag) if context_flag else default_context_path(env)
     saved = load_context(path)
 
     def pick(flag: str, env_name: str, saved_value: str) -> str:
@@ -69,9 +72,14 @@ def resolve_connection(
     ca_path = pick("ca_cert", "AUTOGLM_CA_CERT", saved.ca_cert)
     token = pick("token", "AUTOGLM_TOKEN", saved.token)
     if not server or not ca_path or not token:
-        missing = [n for n, v in (("server", server), ("CA certificate", ca_path), ("token", token)) if not v]
+        missing = [
+            n
+            for n, v in (("server", server), ("CA certificate", ca_path), ("token", token))
+            if not v
+        ]
         raise ConfigError(
-            f"no {' / '.join(missing)} to reach the control plane: run `autoglm login --server HOST:PORT "
+            f"no {' / '.join(missing)} to reach the control plane: run "
+            "`autoglm login --server HOST:PORT "
             "--ca-cert FILE --token TOKEN`, or pass --server/--ca-cert/--token, or set "
             "AUTOGLM_SERVER/AUTOGLM_CA_CERT/AUTOGLM_TOKEN"
         )

@@ -24,12 +24,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     register.add_argument("name")
     register.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     register.add_argument("--profile", default="", help="device profile, e.g. jetson-orin-nx-jp6")
-    register.add_argument("--token-ttl", default="", help="token lifetime, e.g. 30m, 24h (default: server's)")
-    register.add_argument("--bootstrap-out", type=Path, help="write a bootstrap file for `autoglm-edge enroll`")
+    register.add_argument(
+        "--token-ttl", default="", help="token lifetime, e.g. 30m, 24h (default: server's)"
+    )
+    register.add_argument(
+        "--bootstrap-out", type=Path, help="write a bootstrap file for `autoglm-edge enroll`"
+    )
     register.add_argument("--json", action="store_true")
     register.set_defaults(handler=cmd_register, needs_client=True)
 
-    listing = dsub.add_parser("list", help="devices with online state, labels, profile and versions")
+    listing = dsub.add_parser(
+        "list", help="devices with online state, labels, profile and versions"
+    )
     listing.add_argument("--selector", default="", metavar="K=V,...")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list, needs_client=True)
@@ -45,7 +51,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     label.add_argument("--remove", action="append", default=[], metavar="KEY")
     label.set_defaults(handler=cmd_label, needs_client=True)
 
-    revoke = dsub.add_parser("revoke", help="revoke a device: its next call fails, its session ends")
+    revoke = dsub.add_parser(
+        "revoke", help="revoke a device: its next call fails, its session ends"
+    )
     revoke.add_argument("device")
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(handler=cmd_revoke, needs_client=True)
@@ -81,7 +89,10 @@ def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
     if args.bootstrap_out:
         write_bootstrap(args.bootstrap_out, bootstrap)
     if args.json:
-        data = {"device": message_to_dict(response.device), "expires_at": bootstrap.expires_at.isoformat()}
+        data = {
+            "device": message_to_dict(response.device),
+            "expires_at": bootstrap.expires_at.isoformat(),
+        }
         if args.bootstrap_out:
             data["bootstrap_file"] = str(args.bootstrap_out)
         else:
@@ -92,7 +103,10 @@ def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
     print(f"  enrollment token expires {bootstrap.expires_at.isoformat()}")
     if args.bootstrap_out:
         print(f"  bootstrap file: {args.bootstrap_out} (mode 0600; copy it to the device)")
-        print(f"  on the device:  autoglm-edge enroll --bootstrap {args.bootstrap_out.name} --state-dir /var/lib/autoglm")
+        print(
+            f"  on the device:  autoglm-edge enroll --bootstrap {args.bootstrap_out.name} "
+            "--state-dir /var/lib/autoglm"
+        )
     else:
         print(f"  enrollment token (shown once): {response.enrollment_token}")
         print("  tip: --bootstrap-out FILE writes everything the device needs into one file")
@@ -104,18 +118,22 @@ def _rows(devices: list[operator_pb2.Device]) -> list[list[str]]:
     rows = []
     for msg in devices:
         d = device_from_proto(msg)
-        state = "revoked" if d.state is DeviceState.REVOKED else ("online" if msg.online else "offline")
+        state = (
+            "revoked" if d.state is DeviceState.REVOKED else ("online" if msg.online else "offline")
+        )
         if d.state is DeviceState.PENDING:
             state = "pending"
-        rows.append([
-            d.name,
-            state,
-            ago(d.last_seen, now),
-            ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-",
-            d.profile or "-",
-            d.agent_version or "-",
-            msg.status.model_version or "-",
-        ])
+        rows.append(
+            [
+                d.name,
+                state,
+                ago(d.last_seen, now),
+                ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-",
+                d.profile or "-",
+                d.agent_version or "-",
+                msg.status.model_version or "-",
+            ]
+        )
     return rows
 
 
@@ -127,7 +145,9 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
     if not devices:
         print("no devices" + (f" match '{args.selector}'" if args.selector else " registered yet"))
         return 0
-    print_table(["NAME", "STATE", "LAST SEEN", "LABELS", "PROFILE", "AGENT", "MODEL"], _rows(devices))
+    print_table(
+        ["NAME", "STATE", "LAST SEEN", "LABELS", "PROFILE", "AGENT", "MODEL"], _rows(devices)
+    )
     return 0
 
 
@@ -143,7 +163,10 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
     if msg.status.inference_backend:
         print(f"backend:     {msg.status.inference_backend}")
     if msg.host.hostname:
-        print(f"host:        {msg.host.hostname} ({msg.host.os} {msg.host.arch}, {msg.host.cpu_count} CPUs)")
+        print(
+            f"host:        {msg.host.hostname} ({msg.host.os} {msg.host.arch}, "
+            f"{msg.host.cpu_count} CPUs)"
+        )
     if msg.status.uptime_seconds:
         print(f"uptime:      {msg.status.uptime_seconds:.0f}s")
     return 0
@@ -153,7 +176,10 @@ def cmd_label(args: argparse.Namespace, client: OperatorClient) -> int:
     if not args.labels and not args.remove:
         raise InvalidInput("give labels to set (KEY=VALUE) or --remove KEY")
     msg = client.label_device(args.device, _labels(args.labels), args.remove)
-    print(f"{msg.name}: " + (",".join(f"{k}={v}" for k, v in sorted(msg.labels.items())) or "(no labels)"))
+    print(
+        f"{msg.name}: "
+        + (",".join(f"{k}={v}" for k, v in sorted(msg.labels.items())) or "(no labels)")
+    )
     return 0
 
 

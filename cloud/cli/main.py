@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open-AutoGLM Edge operator CLI: devices, models, rollouts and alerts.",
     )
     parser.add_argument("--version", action="version", version=f"autoglm {__version__}")
-    conn = parser.add_argument_group("connection (else AUTOGLM_* variables, else the saved context)")
+    conn = parser.add_argument_group(
+        "connection (else AUTOGLM_* variables, else the saved context)"
+    )
     conn.add_argument("--server", help="control-plane API address HOST:PORT")
     conn.add_argument("--ca-cert", help="CA certificate file of the control plane")
     conn.add_argument("--token", help="operator token")

@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -19,7 +22,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: Text
         out.write(line.format(*row).rstrip() + "\n")
 
 
-def print_json(data: Any, out: TextIO = sys.stdout) -> None:
+def print_json(data: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 

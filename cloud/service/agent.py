@@ -12,7 +12,6 @@ from grpc import aio
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
 from cloud.service.peer import device_identity
-from cloud.service.serde import message_to_dict
 from cloud.service.sessions import LiveSession, SessionHub
 from edge_agent.errors import AutoglmError, InvalidInput
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
@@ -34,7 +33,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.hub = hub
         self.heartbeat_interval_s = heartbeat_interval_s
 
-    async def Session(  # noqa: N802 - gRPC method name
+    async def Session(
         self,
         request_iterator: AsyncIterator[agent_pb2.AgentMessage],
         context: aio.ServicerContext[Any, Any],
@@ -48,8 +47,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.presence.seen(
             device.id,
             agent_version=hello.agent_version,
-            status=message_to_dict(hello.status),
-            host=message_to_dict(hello.host),
+            status=hello.status,
+            host=hello.host,
         )
         live = self.hub.open(device.id)
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
@@ -85,7 +84,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
                 if kind == "heartbeat":
-                    self.presence.seen(live.device_id, status=message_to_dict(message.heartbeat.status))
+                    self.presence.seen(live.device_id, status=message.heartbeat.status)
                     live.send(
                         agent_pb2.ControlMessage(
                             heartbeat_ack=agent_pb2.HeartbeatAck(seq=message.heartbeat.seq)
@@ -95,8 +94,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     live.end(InvalidInput("hello may only be sent once per session"))
                     return
                 else:
-                    log.warning("device %s sent %s, which this control plane does not handle yet",
-                                live.device_id, kind)
+                    log.warning(
+                        "device %s sent %s, which this control plane does not handle yet",
+                        live.device_id,
+                        kind,
+                    )
             live.send(_CLIENT_DONE)
         except asyncio.CancelledError:
             raise

@@ -28,7 +28,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self.signing_public_pem = signing_public_pem
         self.endpoints = endpoints
 
-    async def Enroll(  # noqa: N802 - gRPC method name
+    async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: aio.ServicerContext[Any, Any]
     ) -> enrollment_pb2.EnrollResponse:
         enrollment = await asyncio.to_thread(self.registry.enroll, request.token, request.csr_pem)

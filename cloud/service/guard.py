@@ -34,7 +34,8 @@ class OperatorTokens:
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             raise Unauthenticated(
-                "operator calls need a token: pass --token, set AUTOGLM_TOKEN or run `autoglm login`"
+                "operator calls need a token: pass --token, set AUTOGLM_TOKEN "
+                "or run `autoglm login`"
             )
         text = header.decode() if isinstance(header, bytes) else header
         scheme, _, token = text.partition(" ")
@@ -56,26 +57,23 @@ class CallGuard(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         needs_token = method.startswith(OPERATOR_SERVICE)
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        metadata = handler_call_details.invocation_metadata
         return _wrap(handler, method, self.tokens if needs_token else None, metadata)
 
 
-def _wrap(
-    handler: grpc.RpcMethodHandler,
-    method: str,
-    tokens: OperatorTokens | None,
-    metadata: Any,
-) -> grpc.RpcMethodHandler:
+def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: Any) -> Any:
+    """The same handler kind, its behaviour wrapped in authentication and error mapping."""
     streaming_response = handler.response_streaming
-
+    behavior: Any
+    factory: Any
     if handler.unary_unary:
         behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     elif handler.unary_stream:
@@ -104,7 +102,7 @@ def _wrap(
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
             await _abort(context, method, exc)
 
-    return factory(  # type: ignore[no-any-return]
+    return factory(
         streaming if streaming_response else unary,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
@@ -112,7 +110,12 @@ def _wrap(
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> None:
-    if isinstance(exc, aio.AbortError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+    # Not errors of the call: an abort already under way, a cancelled task, a closed stream
+    # (GeneratorExit when the client went away), or the process stopping.
+    if isinstance(
+        exc,
+        aio.AbortError | asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit,
+    ):
         raise exc
     if isinstance(exc, AutoglmError):
         await context.abort(exc.grpc_code, str(exc))

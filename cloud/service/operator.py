@@ -1,4 +1,4 @@
-"""OperatorService: device calls now; models, rollouts and alerts answer UNIMPLEMENTED until served."""
+"""OperatorService: device calls; models, rollouts and alerts answer UNIMPLEMENTED until served."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     def _device(self, device: DeviceRecord) -> operator_pb2.Device:
         return device_to_proto(device, online=device.is_online(self.clock(), self.offline_after))
 
-    async def RegisterDevice(  # noqa: N802 - gRPC method name
+    async def RegisterDevice(
         self, request: operator_pb2.RegisterDeviceRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.RegisterDeviceResponse:
         if request.token_ttl_seconds > MAX_TOKEN_TTL_S:
@@ -60,18 +60,18 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             ca_certificate_pem=self.ca_pem,
         )
 
-    async def ListDevices(  # noqa: N802
+    async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.ListDevicesResponse:
         devices = await asyncio.to_thread(self.registry.list, parse_selector(request.selector))
         return operator_pb2.ListDevicesResponse(devices=[self._device(d) for d in devices])
 
-    async def GetDevice(  # noqa: N802
+    async def GetDevice(
         self, request: operator_pb2.GetDeviceRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Device:
         return self._device(await asyncio.to_thread(self.registry.get, request.device))
 
-    async def LabelDevice(  # noqa: N802
+    async def LabelDevice(
         self, request: operator_pb2.LabelDeviceRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Device:
         device = await asyncio.to_thread(
@@ -79,7 +79,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         )
         return self._device(device)
 
-    async def RevokeDevice(  # noqa: N802
+    async def RevokeDevice(
         self, request: operator_pb2.RevokeDeviceRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Device:
         device = await asyncio.to_thread(self.registry.revoke, request.device, request.reason)

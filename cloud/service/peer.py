@@ -21,7 +21,11 @@ def _identity_from_pem(pem: bytes) -> tuple[str, str]:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise Unauthenticated("the client certificate names no device") from None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(DEVICE_URI_PREFIX)]
+    uris = [
+        u
+        for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(DEVICE_URI_PREFIX)
+    ]
     if len(uris) != 1:
         raise Unauthenticated("the client certificate names no device")
     fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -32,7 +36,7 @@ def device_identity(context: aio.ServicerContext[Any, Any]) -> tuple[str, str]:
     """(device id, certificate fingerprint) of the caller. gRPC verified the chain already:
     the device port requires a client certificate signed by the control plane's CA."""
     auth = context.auth_context()
-    pems = auth.get("x509_pem_cert")
+    pems = list(auth.get("x509_pem_cert") or ())
     if not pems:
         raise Unauthenticated(
             "device calls need mutual TLS with the device's certificate, on the device port"

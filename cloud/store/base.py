@@ -77,4 +77,3 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
-

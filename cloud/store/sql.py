@@ -292,7 +292,9 @@ def _device(row: DeviceRow) -> DeviceRecord:
 
 
 def _operator(row: OperatorRow) -> OperatorRecord:
-    return OperatorRecord(id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at)
+    return OperatorRecord(
+        id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at
+    )
 
 
 def _redact(url: str) -> str:
