@@ -1,0 +1,180 @@
+"""The operator's path through the real entry points, as separate processes:
+cloud init → cloud serve → device register → autoglm-edge enroll → autoglm-edge run →
+device list shows it online → device revoke → offline and refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agents import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")}
+    env["HOME"] = str(tmp_path / "home")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def autoglm(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(BIN / "autoglm"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, f"autoglm {' '.join(args)}: {result.stderr}"
+    return result
+
+
+def _devices(tmp_path: Path) -> dict[str, dict[str, object]]:
+    listing = json.loads(autoglm(tmp_path, "device", "list", "--json").stdout)
+    return {d["name"]: d for d in listing}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield ""
+    else:
+        request.applymarker(pytest.mark.postgres)
+        yield request.getfixturevalue("pg_url")
+
+
+def test_register_enroll_run_list_revoke(tmp_path: Path, database_url: str) -> None:
+    state = tmp_path / "cloud"
+    init_args = [
+        "cloud",
+        "init",
+        "--state-dir",
+        str(state),
+        "--host",
+        "localhost",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--device-listen",
+        "127.0.0.1:0",
+    ]
+    if database_url:
+        init_args += ["--database-url", database_url]
+    init = autoglm(tmp_path, *init_args)
+    token = next(
+        line.strip() for line in init.stdout.splitlines() if line.strip().startswith("agt_op_")
+    )
+
+    ports_file = tmp_path / "ports.json"
+    server_log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(BIN / "autoglm"),
+            "cloud",
+            "serve",
+            "--state-dir",
+            str(state),
+            "--ports-file",
+            str(ports_file),
+        ],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        env=_env(tmp_path),
+    )
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(ports_file.exists, timeout=20)
+        ports = json.loads(ports_file.read_text())
+        autoglm(
+            tmp_path,
+            "login",
+            "--server",
+            f"localhost:{ports['api_port']}",
+            "--ca-cert",
+            str(state / "ca.crt"),
+            "--token",
+            token,
+        )
+
+        bootstrap = tmp_path / "pump-7.bootstrap.yaml"
+        autoglm(
+            tmp_path,
+            "device",
+            "register",
+            "pump-7",
+            "--label",
+            "site=a",
+            "--label",
+            "line=2",
+            "--profile",
+            "jetson-orin-nx",
+            "--bootstrap-out",
+            str(bootstrap),
+        )
+        assert oct(bootstrap.stat().st_mode & 0o777) == "0o600"
+        assert _devices(tmp_path)["pump-7"]["state"] == "STATE_PENDING"
+
+        agent_state = tmp_path / "agent"
+        enroll = subprocess.run(
+            [
+                str(BIN / "autoglm-edge"),
+                "enroll",
+                "--bootstrap",
+                str(bootstrap),
+                "--state-dir",
+                str(agent_state),
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(tmp_path),
+            timeout=60,
+        )
+        assert enroll.returncode == 0, enroll.stderr
+
+        config = tmp_path / "agent.yaml"
+        config.write_text(f"state_dir: {agent_state}\nreconnect:\n  initial_s: 0.2\n  max_s: 2\n")
+        agent_log = (tmp_path / "agent.log").open("w")
+        started = time.monotonic()
+        agent = subprocess.Popen(
+            [str(BIN / "autoglm-edge"), "run", "--config", str(config)],
+            stdout=agent_log,
+            stderr=subprocess.STDOUT,
+            env=_env(tmp_path),
+        )
+        wait_for(lambda: _devices(tmp_path)["pump-7"]["online"] is True, timeout=15, interval=0.2)
+        assert time.monotonic() - started < 5 + 3  # 5 s from the agent's start, + process start-up
+        device = _devices(tmp_path)["pump-7"]
+        assert device["labels"] == {"site": "a", "line": "2"}
+        assert device["agent_version"]
+
+        table = autoglm(tmp_path, "device", "list").stdout
+        assert "pump-7" in table and "online" in table
+
+        autoglm(tmp_path, "device", "revoke", "pump-7", "--reason", "stolen")
+        device = _devices(tmp_path)["pump-7"]
+        assert device["state"] == "STATE_REVOKED" and device["online"] is False
+        wait_for(lambda: "refused this device" in (tmp_path / "agent.log").read_text(), timeout=10)
+        time.sleep(0.5)
+        assert agent.poll() is None, (
+            "the agent must keep running (and serving locally) when refused"
+        )
+    finally:
+        for proc in (agent, server):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()

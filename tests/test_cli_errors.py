@@ -1,0 +1,247 @@
+"""Bad input at the command line: a clear message, a non-zero exit code, nothing half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloud.cli.main import run as autoglm
+from edge_agent.cli import run as autoglm_edge
+from tests.conftest import register
+from tests.support.cloud import RunningPlane, init_plane
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("AUTOGLM_SERVER", "AUTOGLM_TOKEN", "AUTOGLM_CA_CERT", "AUTOGLM_CONTEXT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_init_refuses_a_non_empty_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "cloud"
+    init_plane(state)
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    code = autoglm(["cloud", "init", "--state-dir", str(state), "--host", "localhost"])
+    assert code == 7
+    assert "not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before
+
+
+def test_init_with_bad_listen_address_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = autoglm(
+        [
+            "cloud",
+            "init",
+            "--state-dir",
+            str(tmp_path / "c"),
+            "--host",
+            "h",
+            "--api-listen",
+            "nonsense",
+        ]
+    )
+    assert code == 2
+    assert "api_listen" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_with_unreachable_database_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = autoglm(
+        [
+            "cloud",
+            "init",
+            "--state-dir",
+            str(tmp_path / "c"),
+            "--host",
+            "h",
+            "--database-url",
+            "postgresql://nobody@127.0.0.1:1/none",
+        ]
+    )
+    assert code == 8
+    assert "cannot open the database" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_with_unknown_config_key_names_key_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "cloud"
+    init_plane(state)
+    with (state / "cloud.yaml").open("a") as f:
+        f.write("heartbeat_intervall_s: 3\n")
+    assert autoglm(["cloud", "serve", "--state-dir", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "heartbeat_intervall_s" in err and "cloud.yaml" in err
+
+
+def test_serve_without_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert autoglm(["cloud", "serve", "--state-dir", str(tmp_path)]) == 2
+    assert "autoglm cloud init" in capsys.readouterr().err
+
+
+def test_commands_without_a_connection_say_how_to_get_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert autoglm(["device", "list"]) == 2
+    assert "autoglm login" in capsys.readouterr().err
+
+
+def test_unreachable_control_plane(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "cloud"
+    init_plane(state)
+    code = autoglm(
+        [
+            "--server",
+            "127.0.0.1:1",
+            "--ca-cert",
+            str(state / "ca.crt"),
+            "--token",
+            "agt_op_x",
+            "--timeout",
+            "3",
+            "device",
+            "list",
+        ]
+    )
+    assert code == 8
+    assert "cannot reach 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        autoglm(["device", "frobnicate"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        autoglm_edge(["enroll"])
+    assert exit_info.value.code == 2
+
+
+def test_operator_commands_map_errors_to_exit_codes(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = ["--server", plane.api_address, "--ca-cert", str(plane.config.state_dir / "ca.crt")]
+    ok = [*conn, "--token", plane.token]
+    assert autoglm([*ok, "device", "register", "p1", "--label", "broken"]) == 2
+    assert "key=value" in capsys.readouterr().err
+    assert autoglm([*ok, "device", "register", "p1", "--token-ttl", "soon"]) == 2
+    assert "--token-ttl" in capsys.readouterr().err
+    assert autoglm([*ok, "device", "register", "p1"]) == 0
+    assert "shown once" in capsys.readouterr().out
+    assert autoglm([*ok, "device", "register", "p1"]) == 4
+    assert autoglm([*ok, "device", "show", "ghost"]) == 3
+    assert autoglm([*conn, "--token", "agt_op_bogus", "device", "list"]) == 5
+    assert "not authenticated" in capsys.readouterr().err
+    assert autoglm([*ok, "device", "label", "p1"]) == 2
+    assert autoglm([*ok, "device", "label", "p1", "line=4", "--remove", "nothing"]) == 0
+    assert "line=4" in capsys.readouterr().out
+    assert autoglm([*ok, "device", "show", "p1", "--json"]) == 0
+    assert '"name": "p1"' in capsys.readouterr().out
+
+
+def test_login_checks_before_saving(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ctx = tmp_path / "ctx.yaml"
+    ca = str(plane.config.state_dir / "ca.crt")
+    assert (
+        autoglm(
+            [
+                "--context",
+                str(ctx),
+                "login",
+                "--server",
+                plane.api_address,
+                "--ca-cert",
+                ca,
+                "--token",
+                "agt_op_wrong",
+            ]
+        )
+        == 5
+    )
+    assert not ctx.exists()
+    assert (
+        autoglm(
+            [
+                "--context",
+                str(ctx),
+                "login",
+                "--server",
+                plane.api_address,
+                "--ca-cert",
+                ca,
+                "--token",
+                plane.token,
+            ]
+        )
+        == 0
+    )
+    assert oct(ctx.stat().st_mode & 0o777) == "0o600"
+    assert autoglm(["--context", str(ctx), "device", "list"]) == 0
+    assert "no devices registered yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("not: [valid", "not valid YAML"),
+        ("- a list\n", "mapping"),
+        ("kind: autoglm-bootstrap\nversion: 1\n", "missing key 'device_id'"),
+        (
+            "device_id: x\ndevice_name: y\napi_address: h:1\ndevice_address: h:2\n"
+            "ca_certificate: nope\ntoken: agt_enr_12345678\nexpires_at: 2030-01-01T00:00:00Z\n",
+            "ca_certificate",
+        ),
+    ],
+)
+def test_malformed_bootstrap_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, expected: str
+) -> None:
+    path = tmp_path / "boot.yaml"
+    path.write_text(content)
+    assert (
+        autoglm_edge(["enroll", "--bootstrap", str(path), "--state-dir", str(tmp_path / "s")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert expected in err and str(path) in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_enroll_into_unwritable_state_dir(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.bootstrap import write_bootstrap
+
+    path = tmp_path / "boot.yaml"
+    write_bootstrap(path, register(plane, "pump-1"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert (
+        autoglm_edge(["enroll", "--bootstrap", str(path), "--state-dir", str(blocker / "s")]) == 9
+    )
+    assert "not writable" in capsys.readouterr().err
+    assert (
+        autoglm_edge(["enroll", "--bootstrap", str(path), "--state-dir", str(tmp_path / "s")]) == 0
+    )
+
+
+def test_run_with_garbage_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("state_dir: /x\nreconnect: {max_s: -1, bogus: 1}\n")
+    assert autoglm_edge(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "reconnect.bogus" in err and str(config) in err
+    assert autoglm_edge(["run", "--state-dir", str(tmp_path)]) == 7
+    assert "no enrolled identity" in capsys.readouterr().err

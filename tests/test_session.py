@@ -1,0 +1,196 @@
+"""Sessions and authorisation over real mutual TLS: heartbeats, presence, revocation, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from edge_agent.enroll import enroll
+from edge_agent.errors import NotImplementedYet, Unauthenticated
+from edge_agent.identity import identity_dir, load_identity
+from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
+from tests.conftest import register
+from tests.support.agents import enroll_identity, start_session, wait_for
+from tests.support.cloud import RunningPlane
+
+pytestmark = pytest.mark.integration
+
+
+def _device(plane: RunningPlane, name: str) -> operator_pb2.Device:
+    with plane.client() as client:
+        return client.get_device(name)
+
+
+def test_heartbeats_make_the_device_online_with_its_status(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    identity = enroll_identity(register(plane, "pump-1", site="a"), tmp_path / "a")
+    agent = start_session(identity, heartbeat_interval_s=0.1, model_version="7")
+    try:
+        took = wait_for(lambda: _device(plane, "pump-1").online, timeout=5)
+        wait_for(lambda: agent.session.stats.heartbeats_acked >= 3)
+        device = _device(plane, "pump-1")
+        assert device.status.model_version == "7"
+        assert device.host.hostname == "test-host"
+        assert device.agent_version
+        assert took < 5
+    finally:
+        agent.stop()
+    wait_for(lambda: not _device(plane, "pump-1").online, timeout=5)
+
+
+def test_revoke_while_connected_ends_the_session_and_refuses_reconnects(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    agent = start_session(identity, heartbeat_interval_s=5.0)  # no heartbeat will wake it
+    try:
+        wait_for(lambda: agent.session.connected)
+        with plane.client() as client:
+            client.revoke_device("pump-1", "stolen")
+        took = wait_for(lambda: agent.session.stats.refused, timeout=5)
+        assert took < 2, f"the open session took {took:.1f}s to end"
+        assert "revoked" in agent.session.stats.last_error
+        assert not agent.session.connected
+        device = _device(plane, "pump-1")
+        assert device.state == operator_pb2.Device.STATE_REVOKED and not device.online
+    finally:
+        agent.stop()
+
+
+def test_reenrolled_device_invalidates_its_old_certificate(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    first = register(plane, "pump-1")
+    old = enroll_identity(first, tmp_path / "old")
+    renewal = plane.plane.registry.new_enrollment_token("pump-1")
+    enroll(first.model_copy(update={"token": renewal.token}), tmp_path / "new")
+    agent = start_session(old)
+    try:
+        wait_for(lambda: agent.session.stats.refused)
+        assert "no longer current" in agent.session.stats.last_error
+    finally:
+        agent.stop()
+    good = start_session(load_identity(tmp_path / "new"))
+    try:
+        wait_for(lambda: good.session.connected)
+    finally:
+        good.stop()
+
+
+def test_device_calls_on_the_api_port_need_a_certificate(plane: RunningPlane) -> None:
+    creds = grpc.ssl_channel_credentials(root_certificates=plane.ca_pem)
+    with grpc.secure_channel(plane.api_address, creds) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        hello = agent_pb2.AgentMessage(hello=agent_pb2.Hello())
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Session(iter([hello]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "mutual TLS" in (err.value.details() or "")
+
+
+def test_device_port_refuses_a_client_without_certificate(plane: RunningPlane) -> None:
+    creds = grpc.ssl_channel_credentials(root_certificates=plane.ca_pem)
+    with grpc.secure_channel(plane.device_address, creds) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Session(iter([agent_pb2.AgentMessage(hello=agent_pb2.Hello())]), timeout=5))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_session_must_start_with_hello(plane: RunningPlane, tmp_path: Path) -> None:
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.chain_pem)
+    with grpc.secure_channel(plane.device_address, creds) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        beat = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Session(iter([beat]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_operator_calls_need_a_valid_token(plane: RunningPlane) -> None:
+    with (
+        plane.client(token="agt_op_not-a-real-token") as client,
+        pytest.raises(Unauthenticated, match="not valid"),
+    ):
+        client.list_devices()
+    creds = grpc.ssl_channel_credentials(root_certificates=plane.ca_pem)
+    with grpc.secure_channel(plane.api_address, creds) as channel:
+        stub = operator_pb2_grpc.OperatorServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListDevices(operator_pb2.ListDevicesRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListDevices(
+                operator_pb2.ListDevicesRequest(),
+                metadata=(("authorization", "Basic x"),),
+                timeout=10,
+            )
+        assert "Bearer" in (err.value.details() or "")
+
+
+def test_a_device_certificate_is_no_operator_credential(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.chain_pem)
+    with grpc.secure_channel(plane.device_address, creds) as channel:
+        stub = operator_pb2_grpc.OperatorServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RevokeDevice(operator_pb2.RevokeDeviceRequest(device="pump-1"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _device(plane, "pump-1").state == operator_pb2.Device.STATE_ACTIVE
+
+
+def test_calls_later_issues_serve_answer_unimplemented(plane: RunningPlane) -> None:
+    with plane.client() as client, pytest.raises(NotImplementedYet, match="ListModels"):
+        client._call(client._stub.ListModels, operator_pb2.ListModelsRequest())
+
+
+def test_operator_errors_are_clear(plane: RunningPlane) -> None:
+    from edge_agent.errors import AlreadyExists, InvalidInput, NotFound
+
+    register(plane, "pump-1")
+    with plane.client() as client:
+        with pytest.raises(AlreadyExists, match="pump-1"):
+            client.register_device(operator_pb2.RegisterDeviceRequest(name="pump-1"))
+        with pytest.raises(InvalidInput, match="device name"):
+            client.register_device(operator_pb2.RegisterDeviceRequest(name="has space"))
+        with pytest.raises(NotFound, match="ghost"):
+            client.revoke_device("ghost", "")
+        with pytest.raises(InvalidInput, match="selector"):
+            client.list_devices("nokeyvalue")
+        labelled = client.label_device("pump-1", {"line": "2"}, [])
+        assert dict(labelled.labels) == {"line": "2"}
+
+
+def test_health_and_reflection_are_served(plane: RunningPlane) -> None:
+    creds = grpc.ssl_channel_credentials(root_certificates=plane.ca_pem)
+    with grpc.secure_channel(plane.api_address, creds) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "autoglm.v1.OperatorService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(iter(refl.ServerReflectionInfo(iter([request]), timeout=10)))
+        names = {s.name for s in response.list_services_response.service}
+    assert {
+        "autoglm.v1.AgentService",
+        "autoglm.v1.OperatorService",
+        "autoglm.v1.EnrollmentService",
+    } <= names
+
+
+def test_corrupt_identity_is_a_clear_error(plane: RunningPlane, tmp_path: Path) -> None:
+    from edge_agent.errors import IntegrityError
+
+    enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    (identity_dir(tmp_path / "a") / "identity.yaml").write_text("device_id: [")
+    with pytest.raises(IntegrityError, match="corrupt"):
+        load_identity(tmp_path / "a")

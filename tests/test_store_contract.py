@@ -1,0 +1,211 @@
+"""One contract for every store backend: the same class runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud.domain import DeviceRecord, DeviceState, PresenceUpdate
+from cloud.store import Store, open_store
+from edge_agent.errors import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def _issue(device: DeviceRecord) -> str:
+    return f"cert-for-{device.id}"
+
+
+def _activate(cert: str) -> tuple[str, str]:
+    return "serial-1", "fp-" + cert[-6:]
+
+
+class StoreContract:
+    """Subclasses provide the `store` fixture; every backend must pass all of this."""
+
+    def test_create_and_get_by_id_or_name(self, store: Store) -> None:
+        created = store.create_device("pump-1", {"site": "a"}, "orin", NOW)
+        assert created.state is DeviceState.PENDING
+        assert store.get_device(created.id) == store.get_device("pump-1") == created
+        assert created.created_at == NOW
+
+    def test_duplicate_name_is_refused_and_nothing_lost(self, store: Store) -> None:
+        first = store.create_device("pump-1", {"site": "a"}, "orin", NOW)
+        with pytest.raises(AlreadyExists):
+            store.create_device("pump-1", {"site": "b"}, "orin", NOW)
+        assert store.get_device("pump-1") == first
+
+    def test_unknown_device(self, store: Store) -> None:
+        with pytest.raises(NotFound, match="nope"):
+            store.get_device("nope")
+
+    def test_list_filters_by_selector(self, store: Store) -> None:
+        store.create_device("b", {"site": "a", "line": "2"}, "", NOW)
+        store.create_device("a", {"site": "a", "line": "1"}, "", NOW)
+        store.create_device("c", {"site": "b"}, "", NOW)
+        assert [d.name for d in store.list_devices({})] == ["a", "b", "c"]
+        assert [d.name for d in store.list_devices({"site": "a"})] == ["a", "b"]
+        assert [d.name for d in store.list_devices({"site": "a", "line": "2"})] == ["b"]
+
+    def test_labels_set_and_remove(self, store: Store) -> None:
+        store.create_device("p", {"site": "a", "old": "x"}, "", NOW)
+        updated = store.update_labels("p", {"line": "3"}, ["old"])
+        assert updated.labels == {"site": "a", "line": "3"}
+        assert store.get_device("p").labels == {"site": "a", "line": "3"}
+
+    def test_enroll_consumes_token_once(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        enrolled, cert = store.enroll("h1", NOW, _issue, _activate)
+        assert enrolled.state is DeviceState.ACTIVE and cert == f"cert-for-{device.id}"
+        assert enrolled.cert_serial == "serial-1" and enrolled.enrolled_at == NOW
+        with pytest.raises(Unauthenticated, match="used already"):
+            store.enroll("h1", NOW, _issue, _activate)
+
+    def test_enroll_refuses_unknown_and_expired_tokens(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(minutes=5))
+        with pytest.raises(Unauthenticated, match="unknown"):
+            store.enroll("other", NOW, _issue, _activate)
+        with pytest.raises(Unauthenticated, match="expired"):
+            store.enroll("h1", NOW + dt.timedelta(minutes=6), _issue, _activate)
+        assert store.get_device("p").state is DeviceState.PENDING
+
+    def test_failed_issue_leaves_token_usable(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+
+        def refuse(_: DeviceRecord) -> str:
+            raise PermissionDenied("CSR names someone else")
+
+        with pytest.raises(PermissionDenied):
+            store.enroll("h1", NOW, refuse, _activate)
+        enrolled, _ = store.enroll("h1", NOW, _issue, _activate)
+        assert enrolled.state is DeviceState.ACTIVE
+
+    def test_new_token_replaces_the_old_one(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        store.add_enrollment_token(device.id, "h2", NOW, NOW + dt.timedelta(hours=1))
+        with pytest.raises(Unauthenticated, match="replaced"):
+            store.enroll("h1", NOW, _issue, _activate)
+        store.enroll("h2", NOW, _issue, _activate)
+
+    def test_concurrent_enrollments_with_one_token_admit_exactly_one(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        outcomes: list[str] = []
+        barrier = threading.Barrier(4)
+
+        def attempt() -> None:
+            barrier.wait()
+            try:
+                store.enroll("h1", NOW, _issue, _activate)
+                outcomes.append("ok")
+            except Unauthenticated:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=attempt) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcomes) == ["ok", "refused", "refused", "refused"]
+
+    def test_revoke_is_idempotent_and_blocks_tokens(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        revoked = store.revoke_device("p", "stolen", NOW)
+        assert revoked.state is DeviceState.REVOKED and revoked.revoked_reason == "stolen"
+        again = store.revoke_device("p", "twice", NOW + dt.timedelta(minutes=1))
+        assert again.revoked_at == NOW and again.revoked_reason == "stolen"
+        with pytest.raises(Unauthenticated):
+            store.enroll("h1", NOW, _issue, _activate)
+        with pytest.raises(FailedPrecondition, match="revoked"):
+            store.add_enrollment_token(device.id, "h2", NOW, NOW + dt.timedelta(hours=1))
+        assert store.revoked_since(NOW) == [device.id]
+        assert store.revoked_since(NOW + dt.timedelta(seconds=1)) == []
+
+    def test_presence_updates_active_devices_only(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        pending = store.create_device("q", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        store.enroll("h1", NOW, _issue, _activate)
+        later = NOW + dt.timedelta(seconds=30)
+        store.record_presence(
+            [
+                PresenceUpdate(
+                    device.id, later, True, "0.1.0", {"model_version": "3"}, {"arch": "x"}
+                ),
+                PresenceUpdate(pending.id, later, True),
+                PresenceUpdate("no-such-device", later, True),
+            ]
+        )
+        seen = store.get_device(device.id)
+        assert (seen.last_seen, seen.session_open, seen.agent_version) == (later, True, "0.1.0")
+        assert seen.status == {"model_version": "3"} and seen.host == {"arch": "x"}
+        assert seen.is_online(later + dt.timedelta(seconds=5), dt.timedelta(seconds=30))
+        assert not seen.is_online(later + dt.timedelta(minutes=5), dt.timedelta(seconds=30))
+        assert store.get_device(pending.id).last_seen is None
+        store.record_presence([PresenceUpdate(device.id, later, False)])
+        assert store.get_device(device.id).status == {"model_version": "3"}
+        assert not store.get_device(device.id).session_open
+
+    def test_operators(self, store: Store) -> None:
+        op = store.add_operator("admin", "hash-a", NOW)
+        assert store.operator_by_token_hash("hash-a") == op
+        with pytest.raises(Unauthenticated):
+            store.operator_by_token_hash("hash-b")
+        with pytest.raises(AlreadyExists):
+            store.add_operator("admin", "hash-c", NOW)
+
+    def test_naive_datetimes_are_refused(self, store: Store) -> None:
+        with pytest.raises(Exception, match="naive"):
+            store.create_device("p", {}, "", dt.datetime(2026, 1, 1))
+        with pytest.raises(NotFound):
+            store.get_device("p")
+
+
+@pytest.mark.integration
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        store = open_store(f"sqlite:///{tmp_path / 'autoglm.db'}")
+        yield store
+        store.close()
+
+    def test_reopening_keeps_data_and_migrations_are_idempotent(self, tmp_path: Path) -> None:
+        url = f"sqlite:///{tmp_path / 'again.db'}"
+        first = open_store(url)
+        first.create_device("p", {"k": "v"}, "", NOW)
+        first.close()
+        second = open_store(url)
+        assert second.get_device("p").labels == {"k": "v"}
+        second.close()
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+class TestPostgresStore(StoreContract):
+    @pytest.fixture
+    def store(self, pg_url: str) -> Iterator[Store]:
+        store = open_store(pg_url)
+        yield store
+        store.close()
+
+
+@pytest.mark.unit
+def test_unsupported_database_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="mysql"):
+        open_store("mysql://x")

@@ -1,0 +1,161 @@
+"""Unit tests of the small contract pieces: settings, backoff, selectors, errors, durations."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cloud.cli.output import parse_duration, parse_labels
+from cloud.config import CloudConfig
+from cloud.domain import matches, parse_selector, validate_labels
+from edge_agent.config import AgentConfig, load_agent_config
+from edge_agent.errors import (
+    ConfigError,
+    InvalidInput,
+    PermissionDenied,
+    Unavailable,
+    from_rpc_error,
+)
+from edge_agent.retry import Backoff
+from edge_agent.settings import load_settings
+
+pytestmark = pytest.mark.unit
+
+
+def test_unknown_config_key_names_key_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("state_dir: /tmp/x\nreconect:\n  max_s: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(path)
+    assert "reconect" in str(err.value) and str(path) in str(err.value)
+
+
+def test_mistyped_nested_key_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("state_dir: /tmp/x\nreconnect:\n  max_s: soon\n")
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(path)
+    assert "reconnect.max_s" in str(err.value) and "soon" in str(err.value)
+
+
+def test_garbage_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("state_dir: /tmp/x\ncloud: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line \d+"):
+        load_agent_config(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_agent_config(path)
+
+
+def test_environment_overrides_file_and_flags_override_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("state_dir: /from/file\nreconnect:\n  max_s: 5\n")
+    monkeypatch.setenv("AUTOGLM_EDGE_RECONNECT__MAX_S", "7")
+    monkeypatch.setenv("AUTOGLM_EDGE_STATE_DIR", "/from/env")
+    config = load_agent_config(path, {"state_dir": Path("/from/flag")})
+    assert isinstance(config, AgentConfig)
+    assert config.reconnect.max_s == 7
+    assert config.state_dir == Path("/from/flag")
+
+
+def test_cloud_config_rejects_bad_listen_address() -> None:
+    with pytest.raises(ConfigError, match="api_listen"):
+        load_settings(CloudConfig, None, {"state_dir": "/x", "api_listen": "nohostport"})
+
+
+@given(
+    initial=st.floats(0.01, 5),
+    ratio=st.floats(1, 100),
+    multiplier=st.floats(1, 4),
+    jitter=st.floats(0, 0.9),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_stays_within_jittered_bounds(
+    initial: float, ratio: float, multiplier: float, jitter: float, seed: int
+) -> None:
+    maximum = initial * ratio
+    backoff = Backoff(initial, maximum, multiplier, jitter, rng=random.Random(seed))
+    for attempt in range(30):
+        base = min(maximum, initial * multiplier**attempt)
+        delay = backoff.next_delay()
+        assert base * (1 - jitter) - 1e-9 <= delay <= base * (1 + jitter) + 1e-9
+    backoff.reset()
+    assert backoff.next_delay() <= initial * (1 + jitter) + 1e-9
+
+
+def test_backoff_exhaust_jumps_to_the_maximum() -> None:
+    backoff = Backoff(1, 60, 2, 0)
+    backoff.exhaust()
+    assert backoff.next_delay() == 60
+
+
+def test_backoff_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        Backoff(5, 1)
+
+
+labels_strategy = st.dictionaries(
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=10),
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789-_. ", max_size=10).map(str.strip),
+    max_size=5,
+)
+
+
+@given(labels=labels_strategy)
+def test_selector_round_trip(labels: dict[str, str]) -> None:
+    text = ",".join(f"{k}={v}" for k, v in labels.items())
+    assert parse_selector(text) == labels
+    assert matches(labels | {"extra": "x"}, parse_selector(text))
+
+
+def test_bad_selector_and_labels_are_clear() -> None:
+    with pytest.raises(InvalidInput, match="key=value"):
+        parse_selector("site")
+    with pytest.raises(InvalidInput, match="label key"):
+        validate_labels({"bad key": "x"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_labels(["novalue"])
+
+
+def test_durations() -> None:
+    assert parse_duration("90") == 90
+    assert parse_duration("15m") == 900
+    assert parse_duration("24h") == 86_400
+    for bad in ("", "-5m", "soon"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_rpc_errors_map_back_to_the_hierarchy() -> None:
+    denied = from_rpc_error(_FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "revoked"), "cp:1")
+    assert isinstance(denied, PermissionDenied) and denied.exit_code == 6
+    tls = from_rpc_error(
+        _FakeRpcError(
+            grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED"
+        ),
+        "cp:1",
+    )
+    assert isinstance(tls, Unavailable) and "TLS handshake" in str(tls) and "cp:1" in str(tls)
