@@ -1,0 +1,42 @@
+# One gate for people and CI. `make setup` once, then `make check`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: setup test check lint typecheck protos protos-check demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -c constraints.txt -e '.[all]'
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck:
+	$(BIN)/mypy
+
+protos:
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check:
+	$(BIN)/python scripts/gen_protos.py --check
+
+check: setup lint typecheck protos-check
+	$(BIN)/python -m pytest
+
+demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_foundation.sh
+
+bench: setup
+	$(BIN)/python tests/benchmarks/bench_heartbeats.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
