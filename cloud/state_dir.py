@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,12 +23,13 @@ from cloud.pki import (
 from cloud.store import open_store
 from cloud.tokens import OPERATOR_PREFIX, hash_token, new_token
 from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
+from edge_agent.files import write_new
 from edge_agent.settings import load_settings
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
 SIGNING_KEY, SIGNING_PUB = "signing.key", "signing.pub"
-SECRET_MODE = 0o600
+SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
 
 
 @dataclass(frozen=True)
@@ -111,23 +111,16 @@ def _write_secrets(directory: Path, hosts: list[str]) -> None:
     server_key = new_private_key()
     server_cert = ca.issue_server_certificate(hosts, server_key)
     signing = new_signing_key()
-    _write(directory / CA_KEY, private_key_pem(ca.key), secret=True)
-    _write(directory / CA_CERT, ca.cert_pem)
-    _write(directory / SERVER_KEY, private_key_pem(server_key), secret=True)
-    _write(
+    write_new(directory / CA_KEY, private_key_pem(ca.key), SECRET_MODE)
+    write_new(directory / CA_CERT, ca.cert_pem, PUBLIC_MODE)
+    write_new(directory / SERVER_KEY, private_key_pem(server_key), SECRET_MODE)
+    write_new(
         directory / SERVER_CERT,
         server_cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem,
+        PUBLIC_MODE,
     )
-    _write(directory / SIGNING_KEY, private_key_pem(signing), secret=True)
-    _write(directory / SIGNING_PUB, public_key_pem(signing))
-
-
-def _write(path: Path, data: bytes, secret: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE if secret else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(directory / SIGNING_KEY, private_key_pem(signing), SECRET_MODE)
+    write_new(directory / SIGNING_PUB, public_key_pem(signing), PUBLIC_MODE)
 
 
 def load_secrets(state_dir: Path) -> ControlPlaneSecrets:

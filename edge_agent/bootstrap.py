@@ -7,7 +7,6 @@ Contract module: `autoglm device register --bootstrap-out` writes it and
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 
 import yaml
@@ -15,6 +14,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.errors import ConfigError, LocalStateError
+from edge_agent.files import replace_atomically
 from edge_agent.settings import read_yaml_mapping
 
 KIND = "autoglm-bootstrap"
@@ -75,12 +75,7 @@ def read_bootstrap(path: Path) -> Bootstrap:
 def write_bootstrap(path: Path, bootstrap: Bootstrap) -> None:
     """Writes the file with mode 0600 (it holds a secret), replacing it atomically."""
     text = yaml.safe_dump(bootstrap.model_dump(mode="json"), sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        replace_atomically(path, text.encode("utf-8"), 0o600)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise LocalStateError(f"cannot write the bootstrap file {path}: {exc.strerror}") from None

@@ -13,7 +13,7 @@ from edge_agent import __version__
 from edge_agent.bootstrap import read_bootstrap
 from edge_agent.config import load_agent_config
 from edge_agent.enroll import enroll
-from edge_agent.errors import AutoglmError, ConfigError
+from edge_agent.errors import AutoglmError, ConfigError, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +64,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except AutoglmError as exc:
-        print(f"autoglm-edge: {exc.label}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report("autoglm-edge", exc)
     except KeyboardInterrupt:
         return 130
 

@@ -7,6 +7,8 @@ gRPC status back into the same class with `from_rpc_error`.
 
 from __future__ import annotations
 
+import sys
+
 import grpc
 
 
@@ -150,3 +152,9 @@ def _explain_unavailable(details: str) -> str:
     if "connection refused" in lowered or "failed to connect" in lowered:
         return f"nothing is listening there: {details}"
     return details
+
+
+def report(program: str, error: AutoglmError) -> int:
+    """Prints one readable line for a person and returns the command's exit code."""
+    print(f"{program}: {error.label}: {error}", file=sys.stderr)
+    return error.exit_code

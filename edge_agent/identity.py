@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
+from edge_agent.files import fsync_dir, write_new
 
 IDENTITY_DIR = "identity"
 KEY_FILE, CERT_FILE, CA_FILE, SIGNING_FILE, INFO_FILE = (
@@ -131,15 +132,15 @@ def save_identity(
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write(staging / KEY_FILE, key_pem, 0o600)
-        _write(staging / CERT_FILE, chain_pem, 0o644)
-        _write(staging / CA_FILE, ca_pem, 0o644)
-        _write(staging / SIGNING_FILE, signing_public_pem, 0o644)
+        write_new(staging / KEY_FILE, key_pem, 0o600)
+        write_new(staging / CERT_FILE, chain_pem, 0o644)
+        write_new(staging / CA_FILE, ca_pem, 0o644)
+        write_new(staging / SIGNING_FILE, signing_public_pem, 0o644)
         text = yaml.safe_dump(info.model_dump(mode="json"), sort_keys=False)
-        _write(staging / INFO_FILE, text.encode(), 0o644)
+        write_new(staging / INFO_FILE, text.encode(), 0o644)
         os.chmod(staging, 0o700)
         staging.rename(target)
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise LocalStateError(
@@ -173,19 +174,3 @@ def load_identity(state_dir: Path) -> DeviceIdentity:
         ca_pem=read(CA_FILE),
         signing_public_pem=read(SIGNING_FILE),
     )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

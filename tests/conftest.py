@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import uuid
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cloud.service.serde import bootstrap_from_registration
 from edge_agent.bootstrap import Bootstrap
 from protos.autoglm.v1 import operator_pb2
 from tests.support.cloud import RunningPlane, init_plane, start_plane
@@ -40,16 +40,7 @@ def register(plane: RunningPlane, name: str, **labels: str) -> Bootstrap:
         response = client.register_device(
             operator_pb2.RegisterDeviceRequest(name=name, labels=labels, profile="jetson-orin-nx")
         )
-    return Bootstrap(
-        device_id=response.device.id,
-        device_name=response.device.name,
-        api_address=response.endpoints.api_address,
-        device_address=response.endpoints.device_address,
-        tls_server_name=response.endpoints.tls_server_name,
-        ca_certificate=response.ca_certificate_pem.decode(),
-        token=response.enrollment_token,
-        expires_at=response.token_expires_at.ToDatetime(tzinfo=dt.UTC),
-    )
+    return bootstrap_from_registration(response)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cloud.client import Connection
 from edge_agent.errors import ConfigError, LocalStateError
+from edge_agent.files import replace_atomically
 from edge_agent.settings import read_yaml_mapping
 
 
@@ -46,13 +46,10 @@ def load_context(path: Path) -> CliContext:
 
 def save_context(path: Path, context: CliContext) -> None:
     """Writes the context with mode 0600: it holds the operator token."""
+    text = yaml.safe_dump(context.model_dump(), sort_keys=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(context.model_dump(), f, sort_keys=False)
-        os.replace(tmp, path)
+        replace_atomically(path, text.encode("utf-8"), 0o600)
     except OSError as exc:
         raise LocalStateError(f"cannot write {path}: {exc.strerror}") from None
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from pathlib import Path
 
 from cloud.cli.output import ago, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
 from cloud.domain import DeviceState
-from cloud.service.serde import device_from_proto, message_to_dict
-from edge_agent.bootstrap import Bootstrap, write_bootstrap
+from cloud.service.serde import bootstrap_from_registration, device_from_proto, message_to_dict
+from edge_agent.bootstrap import write_bootstrap
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
@@ -76,16 +75,7 @@ def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
             name=args.name, labels=_labels(args.label), profile=args.profile, token_ttl_seconds=ttl
         )
     )
-    bootstrap = Bootstrap(
-        device_id=response.device.id,
-        device_name=response.device.name,
-        api_address=response.endpoints.api_address,
-        device_address=response.endpoints.device_address,
-        tls_server_name=response.endpoints.tls_server_name,
-        ca_certificate=response.ca_certificate_pem.decode(),
-        token=response.enrollment_token,
-        expires_at=response.token_expires_at.ToDatetime(tzinfo=dt.UTC),
-    )
+    bootstrap = bootstrap_from_registration(response)
     if args.bootstrap_out:
         write_bootstrap(args.bootstrap_out, bootstrap)
     if args.json:

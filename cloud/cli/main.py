@@ -12,7 +12,7 @@ from cloud import __version__
 from cloud.cli import cloud_cmds, device_cmds
 from cloud.cli.context import CliContext, default_context_path, resolve_connection, save_context
 from cloud.client import OperatorClient
-from edge_agent.errors import AutoglmError, ConfigError
+from edge_agent.errors import AutoglmError, ConfigError, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +79,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 return int(args.handler(args, client))
         return int(args.handler(args))
     except AutoglmError as exc:
-        print(f"autoglm: {exc.label}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report("autoglm", exc)
     except KeyboardInterrupt:
         return 130
 

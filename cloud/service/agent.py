@@ -80,6 +80,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, live: LiveSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]
     ) -> None:
         """Handles what the agent sends after its hello; answers go through `live`."""
+        unhandled: set[str] = set()
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
@@ -93,7 +94,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "hello":
                     live.end(InvalidInput("hello may only be sent once per session"))
                     return
-                else:
+                elif kind not in unhandled:  # once per session: newer agents may send more
+                    unhandled.add(str(kind))
                     log.warning(
                         "device %s sent %s, which this control plane does not handle yet",
                         live.device_id,

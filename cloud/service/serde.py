@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud.domain import DeviceRecord, DeviceState
+from edge_agent.bootstrap import Bootstrap
 from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
 
 _DEVICE_STATE = {
@@ -84,4 +85,18 @@ def device_from_proto(msg: operator_pb2.Device) -> DeviceRecord:
         agent_version=msg.agent_version,
         status=message_to_dict(msg.status),
         host=message_to_dict(msg.host),
+    )
+
+
+def bootstrap_from_registration(response: operator_pb2.RegisterDeviceResponse) -> Bootstrap:
+    """What a freshly registered device needs to enroll, from the register call's answer."""
+    return Bootstrap(
+        device_id=response.device.id,
+        device_name=response.device.name,
+        api_address=response.endpoints.api_address,
+        device_address=response.endpoints.device_address,
+        tls_server_name=response.endpoints.tls_server_name,
+        ca_certificate=response.ca_certificate_pem.decode(),
+        token=response.enrollment_token,
+        expires_at=response.token_expires_at.ToDatetime(tzinfo=dt.UTC),
     )

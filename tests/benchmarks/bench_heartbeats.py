@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import datetime as dt
 import json
 import os
 import signal
@@ -32,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from cloud.client import Connection, OperatorClient  # noqa: E402
+from cloud.service.serde import bootstrap_from_registration  # noqa: E402
 from cloud.state_dir import init_state_dir  # noqa: E402
-from edge_agent.bootstrap import Bootstrap  # noqa: E402
 from edge_agent.enroll import enroll  # noqa: E402
 from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
@@ -110,15 +109,7 @@ def enroll_fleet(
     def one(i: int) -> DeviceIdentity:
         with OperatorClient(connection) as client:
             reg = client.register_device(operator_pb2.RegisterDeviceRequest(name=f"bench-{i:05d}"))
-        bootstrap = Bootstrap(
-            device_id=reg.device.id,
-            device_name=reg.device.name,
-            api_address=reg.endpoints.api_address,
-            device_address=reg.endpoints.device_address,
-            ca_certificate=reg.ca_certificate_pem.decode(),
-            token=reg.enrollment_token,
-            expires_at=reg.token_expires_at.ToDatetime(tzinfo=dt.UTC),
-        )
+        bootstrap = bootstrap_from_registration(reg)
         enroll(bootstrap, work / "agents" / f"{i:05d}")
         return load_identity(work / "agents" / f"{i:05d}")
 
