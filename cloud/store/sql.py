@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import Engine, bindparam, create_engine, event, select, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +36,7 @@ from edge_agent.errors import (
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
+_OPTIONAL_PRESENCE_FIELDS = ("agent_version", "status", "host")
 
 
 def normalise_url(url: str) -> str:
@@ -228,22 +229,35 @@ class SqlStore(Store):
 
     # ---- presence ----
     def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
-        if not updates:
+        # One executemany per combination of fields present (a heartbeat carries status only,
+        # a hello everything): a statement per device would cost more than all heartbeats.
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for u in updates:
+            params: dict[str, Any] = {
+                "b_id": u.device_id,
+                "b_last_seen": u.last_seen,
+                "b_session_open": u.session_open,
+            }
+            for name in _OPTIONAL_PRESENCE_FIELDS:
+                value = getattr(u, name)
+                if value is not None:
+                    params[f"b_{name}"] = value
+            groups.setdefault(tuple(sorted(params)), []).append(params)
+        if not groups:
             return
         with self._tx() as s:
-            for u in updates:
-                values: dict[str, Any] = {"last_seen": u.last_seen, "session_open": u.session_open}
-                if u.agent_version is not None:
-                    values["agent_version"] = u.agent_version
-                if u.status is not None:
-                    values["status"] = u.status
-                if u.host is not None:
-                    values["host"] = u.host
-                s.execute(
+            conn = s.connection()  # Core executemany, not the ORM's bulk-by-primary-key path
+            for keys, rows in groups.items():
+                values: dict[str, Any] = {k[2:]: bindparam(k) for k in keys if k != "b_id"}
+                statement = (
                     update(DeviceRow)
-                    .where(DeviceRow.id == u.device_id, DeviceRow.state == DeviceState.ACTIVE.value)
+                    .where(
+                        DeviceRow.id == bindparam("b_id"),
+                        DeviceRow.state == DeviceState.ACTIVE.value,
+                    )
                     .values(**values)
                 )
+                conn.execute(statement, rows)
 
     def revoked_since(self, since: dt.datetime) -> list[str]:
         with self._tx() as s:

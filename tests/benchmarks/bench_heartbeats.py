@@ -42,6 +42,12 @@ from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2  # noqa: E402
 PING = "/bench.Ping/Ping"
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -118,7 +124,7 @@ def enroll_fleet(
 
 
 async def run_sessions(
-    identities: list[DeviceIdentity], interval: float, seconds: float
+    identities: list[DeviceIdentity], interval: float, seconds: float, server_pid: int
 ) -> dict[str, float]:
     status = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
     host = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
@@ -145,9 +151,12 @@ async def run_sessions(
     for s in sessions:
         s.stats.ack_latencies_s.clear()
     acked_before = sum(s.stats.heartbeats_acked for s in sessions)
+    server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - t0
+    server_cpu = process_cpu_s(server_pid) - server_cpu
+    client_cpu = time.process_time() - client_cpu
     acked = sum(s.stats.heartbeats_acked for s in sessions) - acked_before
     latencies = [x for s in sessions for x in s.stats.ack_latencies_s]
     stop.set()
@@ -161,6 +170,8 @@ async def run_sessions(
         "p50_ms": percentile(latencies, 0.5) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "reconnects": sum(s.stats.sessions_opened for s in sessions) - len(sessions),
+        "server_cpu_share": server_cpu / elapsed,  # 1.0 = one core busy all the window
+        "client_cpu_share": client_cpu / elapsed,
     }
 
 
@@ -246,7 +257,7 @@ def main() -> int:
                 )
             enroll_s = time.monotonic() - t0
             window = max(args.seconds, 2 * interval)
-            res = asyncio.run(run_sessions(enrolled[:m], interval, window))
+            res = asyncio.run(run_sessions(enrolled[:m], interval, window, server.pid))
             res["enroll_s"] = enroll_s
             res["ratio_vs_ping"] = res["acked_per_s"] / base["per_s"]
             results.append(res)
@@ -254,7 +265,9 @@ def main() -> int:
                 f"M={m:5d}: connected {res['connected']}/{m} in {res['connect_s']:.1f}s; "
                 f"offered {res['offered_per_s']:.0f}/s, acked {res['acked_per_s']:.0f}/s "
                 f"({res['ratio_vs_ping']:.2f}x raw ping); p50 {res['p50_ms']:.1f} ms, "
-                f"p99 {res['p99_ms']:.1f} ms; reconnects {res['reconnects']}"
+                f"p99 {res['p99_ms']:.1f} ms; reconnects {res['reconnects']}; "
+                f"CPU cores busy: server {res['server_cpu_share']:.2f}, "
+                f"agents {res['client_cpu_share']:.2f}"
             )
     finally:
         server.send_signal(signal.SIGTERM)
