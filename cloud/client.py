@@ -59,6 +59,14 @@ class OperatorClient:
     ) -> operator_pb2.RegisterDeviceResponse:
         return self._call(self._stub.RegisterDevice, request)
 
+    def issue_enrollment_token(
+        self, device: str, token_ttl_seconds: int = 0
+    ) -> operator_pb2.RegisterDeviceResponse:
+        request = operator_pb2.IssueEnrollmentTokenRequest(
+            device=device, token_ttl_seconds=token_ttl_seconds
+        )
+        return self._call(self._stub.IssueEnrollmentToken, request)
+
     def list_devices(self, selector: str = "") -> list[operator_pb2.Device]:
         response = self._call(
             self._stub.ListDevices, operator_pb2.ListDevicesRequest(selector=selector)

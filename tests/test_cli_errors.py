@@ -148,6 +148,10 @@ def test_operator_commands_map_errors_to_exit_codes(
     assert "line=4" in capsys.readouterr().out
     assert autoglm([*ok, "device", "show", "p1", "--json"]) == 0
     assert '"name": "p1"' in capsys.readouterr().out
+    boot = tmp_path / "p1.yaml"
+    assert autoglm([*ok, "device", "token", "p1", "--bootstrap-out", str(boot)]) == 0
+    assert "New enrollment token for p1" in capsys.readouterr().out and boot.exists()
+    assert autoglm([*ok, "device", "token", "ghost"]) == 3
 
 
 def test_login_checks_before_saving(

@@ -166,3 +166,22 @@ def test_permission_denied_class_for_csr_mismatch() -> None:
     ca = CertificateAuthority.create()
     with pytest.raises(PermissionDenied):
         ca.sign_device_csr(build_csr(new_device_key(), "someone"), "me", 30)
+
+
+def test_a_new_token_replaces_an_expired_one(plane: RunningPlane, tmp_path: Path) -> None:
+    from cloud.service.serde import bootstrap_from_registration
+
+    with plane.client() as client:
+        first = client.register_device(
+            operator_pb2.RegisterDeviceRequest(name="pump-1", token_ttl_seconds=1)
+        )
+        import time
+
+        time.sleep(1.1)
+        with pytest.raises(FailedPrecondition, match="expired"):
+            enroll(bootstrap_from_registration(first), tmp_path / "a")
+        second = client.issue_enrollment_token("pump-1", token_ttl_seconds=600)
+    assert second.device.id == first.device.id
+    assert second.enrollment_token != first.enrollment_token
+    info = enroll(bootstrap_from_registration(second), tmp_path / "a")
+    assert info.device_id == first.device.id

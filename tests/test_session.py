@@ -67,8 +67,9 @@ def test_reenrolled_device_invalidates_its_old_certificate(
 ) -> None:
     first = register(plane, "pump-1")
     old = enroll_identity(first, tmp_path / "old")
-    renewal = plane.plane.registry.new_enrollment_token("pump-1")
-    enroll(first.model_copy(update={"token": renewal.token}), tmp_path / "new")
+    with plane.client() as client:
+        renewal = client.issue_enrollment_token("pump-1")
+    enroll(first.model_copy(update={"token": renewal.enrollment_token}), tmp_path / "new")
     agent = start_session(old)
     try:
         wait_for(lambda: agent.session.stats.refused)

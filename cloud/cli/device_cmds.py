@@ -1,4 +1,4 @@
-"""`autoglm device register|list|show|label|revoke`."""
+"""`autoglm device register|token|list|show|label|revoke`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     register.add_argument("--json", action="store_true")
     register.set_defaults(handler=cmd_register, needs_client=True)
+
+    token = dsub.add_parser(
+        "token",
+        help="a new one-time enrollment token (the first expired, or the device must re-enroll)",
+    )
+    token.add_argument("device", help="id or name")
+    token.add_argument("--token-ttl", default="", help="token lifetime, e.g. 30m, 24h")
+    token.add_argument("--bootstrap-out", type=Path, help="write a bootstrap file")
+    token.add_argument("--json", action="store_true")
+    token.set_defaults(handler=cmd_token, needs_client=True)
 
     listing = dsub.add_parser(
         "list", help="devices with online state, labels, profile and versions"
@@ -65,16 +75,34 @@ def _labels(items: list[str]) -> dict[str, str]:
         raise InvalidInput(str(exc)) from None
 
 
-def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
+def _ttl(text: str) -> int:
     try:
-        ttl = int(parse_duration(args.token_ttl)) if args.token_ttl else 0
+        return int(parse_duration(text)) if text else 0
     except ValueError as exc:
         raise InvalidInput(f"--token-ttl: {exc}") from None
+
+
+def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
     response = client.register_device(
         operator_pb2.RegisterDeviceRequest(
-            name=args.name, labels=_labels(args.label), profile=args.profile, token_ttl_seconds=ttl
+            name=args.name,
+            labels=_labels(args.label),
+            profile=args.profile,
+            token_ttl_seconds=_ttl(args.token_ttl),
         )
     )
+    return _hand_out_token(args, response, f"Registered device {response.device.name}")
+
+
+def cmd_token(args: argparse.Namespace, client: OperatorClient) -> int:
+    response = client.issue_enrollment_token(args.device, _ttl(args.token_ttl))
+    return _hand_out_token(args, response, f"New enrollment token for {response.device.name}")
+
+
+def _hand_out_token(
+    args: argparse.Namespace, response: operator_pb2.RegisterDeviceResponse, headline: str
+) -> int:
+    """Writes the bootstrap file or shows the token (once), as text or JSON."""
     bootstrap = bootstrap_from_registration(response)
     if args.bootstrap_out:
         write_bootstrap(args.bootstrap_out, bootstrap)
@@ -89,7 +117,7 @@ def cmd_register(args: argparse.Namespace, client: OperatorClient) -> int:
             data["enrollment_token"] = response.enrollment_token
         print_json(data)
         return 0
-    print(f"Registered device {response.device.name} (id {response.device.id})")
+    print(f"{headline} (id {response.device.id})")
     print(f"  enrollment token expires {bootstrap.expires_at.isoformat()}")
     if args.bootstrap_out:
         print(f"  bootstrap file: {args.bootstrap_out} (mode 0600; copy it to the device)")

@@ -11,7 +11,7 @@ from typing import Any
 from grpc import aio
 
 from cloud.clock import Clock, utc_now
-from cloud.devices import DeviceRegistry
+from cloud.devices import DeviceRegistry, Registration
 from cloud.domain import DeviceRecord, parse_selector
 from cloud.service.serde import device_to_proto, timestamp
 from cloud.service.sessions import SessionHub
@@ -45,13 +45,26 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def RegisterDevice(
         self, request: operator_pb2.RegisterDeviceRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.RegisterDeviceResponse:
-        if request.token_ttl_seconds > MAX_TOKEN_TTL_S:
-            raise InvalidInput(f"token_ttl_seconds may be at most {MAX_TOKEN_TTL_S} (30 days)")
-        ttl = dt.timedelta(seconds=request.token_ttl_seconds) if request.token_ttl_seconds else None
+        ttl = _token_ttl(request.token_ttl_seconds)
         registration = await asyncio.to_thread(
             self.registry.register, request.name, dict(request.labels), request.profile, ttl
         )
         log.info("device %s registered", registration.device.name)
+        return self._registration(registration)
+
+    async def IssueEnrollmentToken(
+        self,
+        request: operator_pb2.IssueEnrollmentTokenRequest,
+        context: aio.ServicerContext[Any, Any],
+    ) -> operator_pb2.RegisterDeviceResponse:
+        ttl = _token_ttl(request.token_ttl_seconds)
+        registration = await asyncio.to_thread(
+            self.registry.new_enrollment_token, request.device, ttl
+        )
+        log.info("new enrollment token for device %s", registration.device.name)
+        return self._registration(registration)
+
+    def _registration(self, registration: Registration) -> operator_pb2.RegisterDeviceResponse:
         return operator_pb2.RegisterDeviceResponse(
             device=self._device(registration.device),
             enrollment_token=registration.token,
@@ -86,3 +99,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         self.hub.end_device(device.id, PermissionDenied(f"device '{device.name}' was revoked"))
         log.info("device %s revoked: %s", device.name, request.reason or "(no reason)")
         return self._device(device)
+
+
+def _token_ttl(seconds: int) -> dt.timedelta | None:
+    if seconds > MAX_TOKEN_TTL_S:
+        raise InvalidInput(f"token_ttl_seconds may be at most {MAX_TOKEN_TTL_S} (30 days)")
+    return dt.timedelta(seconds=seconds) if seconds else None

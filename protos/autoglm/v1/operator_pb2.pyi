@@ -218,6 +218,30 @@ class RegisterDeviceResponse(_message.Message):
 Global___RegisterDeviceResponse: _TypeAlias = RegisterDeviceResponse  # noqa: Y015
 
 @_typing.final
+class IssueEnrollmentTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    TOKEN_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """id or name"""
+    token_ttl_seconds: _builtins.int
+    """0: server default"""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        token_ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "token_ttl_seconds", b"token_ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueEnrollmentTokenRequest: _TypeAlias = IssueEnrollmentTokenRequest  # noqa: Y015
+
+@_typing.final
 class ListDevicesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

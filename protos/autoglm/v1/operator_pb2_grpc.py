@@ -39,6 +39,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceResponse.FromString,
                 _registered_method=True)
+        self.IssueEnrollmentToken = channel.unary_unary(
+                '/autoglm.v1.OperatorService/IssueEnrollmentToken',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.IssueEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceResponse.FromString,
+                _registered_method=True)
         self.ListDevices = channel.unary_unary(
                 '/autoglm.v1.OperatorService/ListDevices',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
@@ -156,6 +161,14 @@ class OperatorServiceServicer:
 
     def RegisterDevice(self, request, context):
         """Devices
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueEnrollmentToken(self, request, context):
+        """A new one-time token for a registered device (the first expired, or it must re-enroll;
+        re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -304,6 +317,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceResponse.SerializeToString,
             ),
+            'IssueEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueEnrollmentToken,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.IssueEnrollmentTokenRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceResponse.SerializeToString,
+            ),
             'ListDevices': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDevices,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.FromString,
@@ -441,6 +459,33 @@ class OperatorService:
             target,
             '/autoglm.v1.OperatorService/RegisterDevice',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueEnrollmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/IssueEnrollmentToken',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.IssueEnrollmentTokenRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.RegisterDeviceResponse.FromString,
             options,
             channel_credentials,

@@ -35,6 +35,10 @@ class OperatorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> OperatorServiceAsyncStub: ...
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RegisterDeviceRequest, _operator_pb2.RegisterDeviceResponse]
     """Devices"""
+    IssueEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_operator_pb2.IssueEnrollmentTokenRequest, _operator_pb2.RegisterDeviceResponse]
+    """A new one-time token for a registered device (the first expired, or it must re-enroll;
+    re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
+    """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]
     GetDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]
     LabelDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]
@@ -66,6 +70,10 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RegisterDeviceRequest, _operator_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """Devices"""
+    IssueEnrollmentToken: _aio.UnaryUnaryMultiCallable[_operator_pb2.IssueEnrollmentTokenRequest, _operator_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
+    """A new one-time token for a registered device (the first expired, or it must re-enroll;
+    re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
+    """
     ListDevices: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     LabelDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
@@ -100,6 +108,16 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.RegisterDeviceResponse, _abc.Awaitable[_operator_pb2.RegisterDeviceResponse]]:
         """Devices"""
+
+    @_abc_1.abstractmethod
+    def IssueEnrollmentToken(
+        self,
+        request: _operator_pb2.IssueEnrollmentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.RegisterDeviceResponse, _abc.Awaitable[_operator_pb2.RegisterDeviceResponse]]:
+        """A new one-time token for a registered device (the first expired, or it must re-enroll;
+        re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
+        """
 
     @_abc_1.abstractmethod
     def ListDevices(
