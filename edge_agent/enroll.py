@@ -25,7 +25,12 @@ ENROLL_TIMEOUT_S = 30.0
 
 
 def channel_options(tls_server_name: str) -> list[tuple[str, Any]]:
-    return [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    # No BDP probing: a PING per burst on each session costs more than small messages gain
+    # (see the server's options in cloud/service/server.py).
+    options: list[tuple[str, Any]] = [("grpc.http2.bdp_probe", 0)]
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options
 
 
 def enroll(bootstrap: Bootstrap, state_dir: Path, now: dt.datetime | None = None) -> IdentityInfo:

@@ -52,6 +52,11 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 100_000),
+    # BDP probing sends an HTTP/2 PING per burst on every connection to tune windows for bulk
+    # transfers; for thousands of sessions of small messages it cost ~23% of the CPU per
+    # heartbeat (tests/benchmarks/bench_heartbeats.py). Bulk artifact downloads may want
+    # their own channel with it on.
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
