@@ -195,3 +195,34 @@ def test_corrupt_identity_is_a_clear_error(plane: RunningPlane, tmp_path: Path) 
     (identity_dir(tmp_path / "a") / "identity.yaml").write_text("device_id: [")
     with pytest.raises(IntegrityError, match="corrupt"):
         load_identity(tmp_path / "a")
+
+
+def test_agent_reconnects_after_a_control_plane_restart(tmp_path: Path) -> None:
+    from tests.support.cloud import init_plane, start_plane
+
+    state = tmp_path / "cloud"
+    token = init_plane(state).operator_token
+    first = start_plane(state, token, presence_flush_interval_s=0.2)
+    ports = (first.plane.api_port, first.plane.device_port)
+    agent = None
+    second = None
+    try:
+        agent = start_session(enroll_identity(register(first, "pump-1"), tmp_path / "a"))
+        wait_for(lambda: agent.session.connected)
+        first.stop()
+        wait_for(lambda: not agent.session.connected)
+        assert agent.session.stats.last_error  # it noticed, and is backing off
+        second = start_plane(
+            state,
+            token,
+            api_listen=f"127.0.0.1:{ports[0]}",
+            device_listen=f"127.0.0.1:{ports[1]}",
+            presence_flush_interval_s=0.2,
+        )
+        wait_for(lambda: agent.session.stats.sessions_opened == 2, timeout=15)
+        wait_for(lambda: _device(second, "pump-1").online, timeout=5)
+    finally:
+        if agent is not None:
+            agent.stop()
+        if second is not None:
+            second.stop()
