@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -86,12 +85,3 @@ class OperatorClient:
         return self._call(
             self._stub.RevokeDevice, operator_pb2.RevokeDeviceRequest(device=device, reason=reason)
         )
-
-
-@contextmanager
-def operator_client(connection: Connection) -> Iterator[OperatorClient]:
-    client = OperatorClient(connection)
-    try:
-        yield client
-    finally:
-        client.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 from cloud import __version__
 from cloud.cli import cloud_cmds, device_cmds
 from cloud.cli.context import CliContext, default_context_path, resolve_connection, save_context
-from cloud.client import OperatorClient
+from cloud.client import Connection, OperatorClient
 from edge_agent.errors import AutoglmError, ConfigError, report
 
 
@@ -54,7 +54,13 @@ def cmd_login(args: argparse.Namespace) -> int:
         token=args.login_token,
         tls_server_name=args.login_tls_server_name,
     )
-    connection = resolve_connection({"context": str(path)} | context.model_dump(), {}, args.timeout)
+    connection = Connection(
+        server=context.server,
+        ca_pem=args.login_ca_cert.read_bytes(),
+        token=context.token,
+        tls_server_name=context.tls_server_name,
+        timeout_s=args.timeout,
+    )
     with OperatorClient(connection) as client:
         count = len(client.list_devices())  # proves address, CA and token before saving
     save_context(path, context)

@@ -77,7 +77,8 @@ def device_from_proto(msg: operator_pb2.Device) -> DeviceRecord:
         labels=dict(msg.labels),
         profile=msg.profile,
         state=DEVICE_STATE_FROM_PROTO[msg.state],
-        created_at=from_timestamp(msg.created_at, msg.HasField("created_at")) or dt.datetime.min,
+        created_at=from_timestamp(msg.created_at, msg.HasField("created_at"))
+        or dt.datetime.min.replace(tzinfo=dt.UTC),
         enrolled_at=from_timestamp(msg.enrolled_at, msg.HasField("enrolled_at")),
         revoked_at=from_timestamp(msg.revoked_at, msg.HasField("revoked_at")),
         last_seen=from_timestamp(msg.last_seen, msg.HasField("last_seen")),

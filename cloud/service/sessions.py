@@ -54,6 +54,3 @@ class SessionHub:
 
     def is_open(self, device_id: str) -> bool:
         return device_id in self._by_device
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self._by_device.values())
