@@ -1,0 +1,260 @@
+"""`autoglm model train|evaluate|predict|quantize|export|build-engines|verify` (local work)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cloud.cli.output import print_json, print_table
+from edge_agent.calibration import DecisionParams
+from edge_agent.errors import InvalidInput
+
+KEY_HELP = "Ed25519 signing key (PEM); default $AUTOGLM_SIGNING_KEY"
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    model = sub.add_parser("model", help="train, evaluate, quantize, export and verify bundles")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+
+    train = msub.add_parser("train", help="train on CSV/Parquet history; writes a signed bundle")
+    train.add_argument("--data", type=Path, action="append", required=True, metavar="DIR|FILE")
+    train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
+    train.add_argument("--signing-key", type=Path, help=KEY_HELP)
+    train.add_argument("--name", default="sensor-graph")
+    train.add_argument("--model-version", default="", help="default: a UTC timestamp")
+    train.add_argument("--label-column", default="anomaly")
+    train.add_argument("--time-column", help="default: datetime/timestamp/time/date/ts")
+    train.add_argument("--sensors", default="", help="comma-separated sensor columns, in order")
+    train.add_argument("--units", default="", help="comma-separated units, same order")
+    train.add_argument("--schema", type=Path, help="YAML with `sensors: [{name, unit}]`")
+    train.add_argument("--ignore-column", action="append", default=[])
+    train.add_argument("--period", type=float, help="sampling period in seconds (default: inferred)")
+    train.add_argument("--window", type=int, default=120, help="steps per window (default 120)")
+    train.add_argument("--segments", type=int, default=4)
+    train.add_argument("--stride", type=int, default=2, help="training window stride")
+    train.add_argument("--hidden", type=int, default=32)
+    train.add_argument("--calibration-rows", type=int, default=400)
+    train.add_argument("--epochs", type=int, default=12)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _decision_flags(train)
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = msub.add_parser("evaluate", help="SKAB protocol: calibrate on rows [0,K), score K on")
+    _bundle_args(evaluate)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--calibration-rows", type=int, required=True, metavar="K")
+    evaluate.add_argument("--label-column", default="anomaly")
+    evaluate.add_argument("--variant", default="fp32")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    predict = msub.add_parser("predict", help="datetime,score,anomaly per row from row K on")
+    _bundle_args(predict)
+    predict.add_argument("--data", type=Path, required=True)
+    predict.add_argument("--calibration-rows", type=int, required=True, metavar="K")
+    predict.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    predict.add_argument("--variant", default="fp32")
+    predict.set_defaults(handler=cmd_predict)
+
+    quantize = msub.add_parser("quantize", help="add an INT8 or FP16 variant, gated on F1")
+    quantize.add_argument("bundle", type=Path)
+    quantize.add_argument("--precision", required=True, choices=["int8", "fp16"])
+    quantize.add_argument("--calibration-data", type=Path, required=True)
+    quantize.add_argument("--calibration-rows", type=int, default=400)
+    quantize.add_argument("--max-drop", type=float, default=0.01)
+    quantize.add_argument("--label-column", default="anomaly")
+    quantize.add_argument("--signing-key", type=Path, help=KEY_HELP)
+    quantize.set_defaults(handler=cmd_quantize)
+
+    export = msub.add_parser("export", help="re-export ONNX from the checkpoint, parity-checked")
+    export.add_argument("bundle", type=Path)
+    export.add_argument("--signing-key", type=Path, help=KEY_HELP)
+    export.add_argument("--tar", type=Path, help="also pack the bundle into this .tar")
+    export.set_defaults(handler=cmd_export)
+
+    engines = msub.add_parser("build-engines", help="TensorRT plans per device profile")
+    engines.add_argument("bundle", type=Path)
+    engines.add_argument("--profile", action="append", required=True)
+    engines.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    engines.add_argument("--signing-key", type=Path, help=KEY_HELP)
+    engines.set_defaults(handler=cmd_build_engines)
+
+    verify = msub.add_parser("verify", help="check a bundle's signature, digests and golden test")
+    _bundle_args(verify)
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=cmd_verify)
+
+
+def _bundle_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    parser.add_argument("--public-key", type=Path, help="default $AUTOGLM_SIGNING_PUB")
+    parser.add_argument("--signing-key", type=Path, help="verify with this key's public half")
+
+
+def _decision_flags(parser: argparse.ArgumentParser) -> None:
+    d = DecisionParams()
+    parser.add_argument("--prob-threshold", type=float, default=d.prob_threshold)
+    parser.add_argument("--residual-threshold", type=float, default=d.residual_threshold)
+    parser.add_argument("--smoothing", type=int, default=d.smoothing)
+    parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cloud.model.bundle_writer import load_signing_key
+    from cloud.model.pipeline import TrainOptions, train_bundle
+    from cloud.model.progress import ProgressBar
+    from cloud.model.schema_file import read_schema_file
+    from cloud.model.train import TrainParams
+
+    key = load_signing_key(args.signing_key)
+    sensors, units = _split(args.sensors), _split(args.units)
+    if args.schema is not None:
+        if sensors:
+            raise InvalidInput("give either --schema or --sensors, not both")
+        sensors, units = read_schema_file(args.schema)
+    if units and len(units) != len(sensors):
+        raise InvalidInput(f"--units names {len(units)} units for {len(sensors)} sensors")
+    for flag in ("window", "segments", "stride", "hidden", "epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InvalidInput(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.window % args.segments:
+        raise InvalidInput(f"--window {args.window} must be a multiple of --segments")
+    options = TrainOptions(
+        name=args.name,
+        version=args.model_version,
+        label_column=args.label_column,
+        time_column=args.time_column,
+        sensors=sensors,
+        units=units,
+        ignore_columns=tuple(args.ignore_column),
+        period_s=args.period,
+        window=args.window,
+        segments=args.segments,
+        stride=args.stride,
+        hidden=args.hidden,
+        calibration_rows=args.calibration_rows,
+        train=TrainParams(
+            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
+        ),
+        decision=DecisionParams(
+            prob_threshold=args.prob_threshold,
+            residual_threshold=args.residual_threshold,
+            smoothing=args.smoothing,
+            scale_floor=args.scale_floor,
+        ),
+    )
+    bar = None if args.no_progress else ProgressBar("training", sys.stderr)
+    manifest = train_bundle(args.data, args.out, options, key, progress=bar)
+    if bar is not None:
+        bar.close()
+    print(
+        f"wrote {args.out}: {manifest.name} {manifest.version}, "
+        f"{manifest.training['windows']} windows, {manifest.training['seconds']}s, "
+        f"ONNX parity {manifest.export['parity_max_abs_diff']:.1e}"
+    )
+    return 0
+
+
+def _verify_key(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from cloud.model.bundle_writer import load_verify_key
+
+    return load_verify_key(args.public_key, args.signing_key)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cloud.model.backtest import evaluate, load_model
+
+    with load_model(args.bundle, _verify_key(args), args.variant) as loaded:
+        results, total = evaluate(loaded, args.data, args.calibration_rows, args.label_column)
+    if args.json:
+        print_json(
+            {
+                "total": total.summary(),
+                "files": [{"file": r.path, "rows": r.rows, **r.counts.summary()} for r in results],
+            }
+        )
+        return 0
+    rows = [
+        [r.path, str(r.rows), f"{r.counts.f1:.3f}", f"{100 * r.counts.far:.1f}",
+         f"{100 * r.counts.mar:.1f}"]
+        for r in results
+    ]
+    rows.append(["TOTAL", str(sum(r.rows for r in results)), f"{total.f1:.3f}",
+                 f"{100 * total.far:.1f}", f"{100 * total.mar:.1f}"])
+    print_table(["FILE", "ROWS", "F1", "FAR%", "MAR%"], rows)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cloud.model.backtest import load_model, predict
+
+    with load_model(args.bundle, _verify_key(args), args.variant) as loaded:
+        written = predict(loaded, args.data, args.calibration_rows, args.out)
+    print(f"wrote {len(written)} files under {args.out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from cloud.model.bundle_writer import load_signing_key
+    from cloud.model.quantize import quantize_bundle
+
+    result = quantize_bundle(
+        args.bundle,
+        args.precision,
+        args.calibration_data,
+        args.calibration_rows,
+        args.max_drop,
+        load_signing_key(args.signing_key),
+        args.label_column,
+    )
+    counts = result.variant_counts
+    print(
+        f"added {args.precision}: F1 {result.f1_variant:.4f} (fp32 {result.f1_reference:.4f}, "
+        f"against {result.reference}), FAR {100 * counts.far:.1f}%, MAR {100 * counts.mar:.1f}%"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cloud.model.bundle_writer import load_signing_key, pack
+    from cloud.model.pipeline import reexport
+
+    manifest = reexport(args.bundle, load_signing_key(args.signing_key))
+    print(f"exported ONNX opset {manifest.opset}: parity {manifest.export['parity_max_abs_diff']:.1e}")
+    if args.tar is not None:
+        print(f"packed {pack(args.bundle, args.tar)}")
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from cloud.model.bundle_writer import load_signing_key
+    from cloud.model.engines import build_engines
+
+    manifest = build_engines(
+        args.bundle, args.profile, args.precision, load_signing_key(args.signing_key)
+    )
+    print(f"built engines for {', '.join(args.profile)}; status {manifest.engines['status']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cloud.model.backtest import open_bundle_dir
+    from edge_agent.selftest import run_self_test
+
+    with open_bundle_dir(args.bundle, _verify_key(args)) as (directory, manifest):
+        checks = run_self_test(directory, manifest)
+    if args.json:
+        print_json({"name": manifest.name, "version": manifest.version, "self_test": checks})
+        return 0
+    print(f"{manifest.name} {manifest.version}: signature and digests verify")
+    for variant, diff in checks.items():
+        print(f"  {variant}: golden max abs diff {diff}")
+    return 0

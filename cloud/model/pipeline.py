@@ -1,0 +1,238 @@
+"""`model train` and `model export`: sensor history -> trained network -> signed bundle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud import __version__
+from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
+from cloud.model.data import (
+    DEFAULT_LABEL_COLUMNS,
+    SensorTable,
+    find_time_column,
+    list_data_files,
+    read_header,
+    read_table,
+)
+from cloud.model.dataset import episodes_from_tables, training_scale, windows_from_episodes
+from cloud.model.export import OPSET, export_onnx, parity
+from cloud.model.net import INPUT_NAMES, OUTPUT_NAMES, NetConfig, SensorGraphNet
+from cloud.model.train import ProgressFn, TrainParams, build_net, train_net
+from edge_agent.bundle import (
+    BUILD_ON_DEVICE,
+    Decision,
+    Golden,
+    Manifest,
+    Normalisation,
+    Sampling,
+    Sensor,
+    TensorSpec,
+    Variant,
+    Windowing,
+    sha256_file,
+)
+from edge_agent.calibration import DecisionParams
+from edge_agent.errors import AlreadyExists, InvalidInput
+from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
+from edge_agent.windowing import SensorSchema, WindowSpec
+
+CHECKPOINT = "model.pt"
+FP32_ONNX = "model.fp32.onnx"
+GOLDEN = "golden.npz"
+GOLDEN_WINDOWS = 8
+MIN_AGENT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `model train` takes besides the data and the output path."""
+
+    name: str = "sensor-graph"
+    version: str = ""
+    label_column: str = "anomaly"
+    time_column: str | None = None
+    sensors: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()
+    ignore_columns: tuple[str, ...] = ()
+    period_s: float | None = None
+    max_staleness_s: float | None = None
+    window: int = 120
+    segments: int = 4
+    stride: int = 2
+    hidden: int = 32
+    calibration_rows: int = 400
+    train: TrainParams = field(default_factory=TrainParams)
+    decision: DecisionParams = field(default_factory=DecisionParams)
+
+
+def infer_schema(files: Sequence[Path], options: TrainOptions) -> tuple[SensorSchema, str | None]:
+    """Sensor names in order (given, else every non-time, non-label column of the first file)."""
+    names, _ = read_header(files[0])
+    time_name = find_time_column(files[0], names, options.time_column)
+    if options.sensors:
+        sensors = list(options.sensors)
+    else:
+        skip = {time_name, options.label_column, *DEFAULT_LABEL_COLUMNS, *options.ignore_columns}
+        sensors = [n for n in names if n not in skip]
+    units = options.units or tuple("" for _ in sensors)
+    return SensorSchema(tuple(sensors), tuple(units)), options.time_column
+
+
+def read_training_tables(
+    files: Sequence[Path], schema: SensorSchema, options: TrainOptions
+) -> list[SensorTable]:
+    tables = []
+    for path in files:
+        names, _ = read_header(path)
+        label = options.label_column if options.label_column in names else None
+        tables.append(read_table(path, schema.names, options.time_column, label))
+    return tables
+
+
+def infer_period(tables: Sequence[SensorTable]) -> float:
+    steps = np.concatenate([np.diff(t.times) for t in tables if t.rows > 1])
+    if steps.size == 0:
+        raise InvalidInput("cannot infer the sampling period: no file has two rows; pass --period")
+    return float(np.median(steps))
+
+
+def train_bundle(
+    data: Sequence[Path],
+    out: Path,
+    options: TrainOptions,
+    key: ed25519.Ed25519PrivateKey,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Train on every CSV/Parquet file under `data` and write a signed bundle to `out`."""
+    if out.exists():
+        raise AlreadyExists(f"{out}: exists; pick a new bundle directory")
+    files = [f for root in data for f in list_data_files(root)]
+    schema, _ = infer_schema(files, options)
+    tables = read_training_tables(files, schema, options)
+    period = options.period_s or infer_period(tables)
+    staleness = options.max_staleness_s if options.max_staleness_s is not None else 2 * period
+    spec = WindowSpec(options.window, options.stride, period, staleness)
+    episodes = episodes_from_tables(tables, spec, options.calibration_rows)
+    center, scale = training_scale(episodes)
+    windows = windows_from_episodes(
+        episodes, spec, options.calibration_rows, scale, options.decision.scale_floor
+    )
+    log(
+        f"{len(files)} files, {len(episodes)} episodes, {windows.size} windows "
+        f"({int((windows.label > 0.5).sum())} labelled faulty), {schema.size} sensors, "
+        f"period {period:g}s"
+    )
+    cfg = NetConfig(
+        sensors=schema.size, window=options.window, segments=options.segments, hidden=options.hidden
+    )
+    net = build_net(cfg, center, scale)
+    report = train_net(net, windows, options.train, progress)
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    torch.save({"config": cfg.to_dict(), "state": net.state_dict()}, staging / CHECKPOINT)
+    sample = np.random.default_rng(options.train.seed).choice(
+        windows.size, size=min(GOLDEN_WINDOWS, windows.size), replace=False
+    )
+    golden_x = (windows.z[sample] * scale + center).astype(np.float32)
+    golden_m = windows.mask[sample]
+    export_meta = export_variant(net, staging, golden_x, golden_m)
+    manifest = Manifest(
+        name=options.name,
+        version=options.version or dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        min_agent_version=MIN_AGENT_VERSION,
+        sensors=[Sensor(name=n, unit=u) for n, u in zip(schema.names, schema.units, strict=True)],
+        sampling=Sampling(period_s=period, max_staleness_s=staleness),
+        window=Windowing(length=options.window, stride=1),
+        calibration_rows=options.calibration_rows,
+        network=cfg.to_dict(),
+        normalisation=Normalisation(center=center.tolist(), scale=scale.tolist()),
+        decision=Decision(**asdict(options.decision)),
+        inputs=[TensorSpec(name=n, shape=["batch", cfg.window, cfg.sensors]) for n in INPUT_NAMES],
+        outputs=[
+            TensorSpec(name=OUTPUT_NAMES[0], shape=["batch"]),
+            TensorSpec(name=OUTPUT_NAMES[1], shape=["batch", cfg.sensors]),
+            TensorSpec(name=OUTPUT_NAMES[2], shape=["batch", cfg.sensors]),
+        ],
+        opset=OPSET,
+        variants=[export_meta[0]],
+        files={CHECKPOINT: sha256_file(staging / CHECKPOINT)},
+        golden=export_meta[1],
+        engines={"status": BUILD_ON_DEVICE},
+        training={
+            "files": len(files),
+            "episodes": len(episodes),
+            "windows": report.windows,
+            "labelled_fault_windows": report.labelled_faults,
+            "epochs": report.epochs,
+            "seconds": round(report.seconds, 1),
+            "device": report.device,
+            "seed": options.train.seed,
+            "losses": [round(x, 4) for x in report.losses],
+            "trainer_version": __version__,
+        },
+        export={"parity_max_abs_diff": export_meta[2], "opset": OPSET},
+    )
+    write_signed_manifest(staging, manifest, key)
+    staging.rename(out)
+    return manifest
+
+
+def export_variant(
+    net: SensorGraphNet, directory: Path, golden_x: np.ndarray, golden_m: np.ndarray
+) -> tuple[Variant, Golden, float]:
+    """Export fp32 ONNX, check parity, write the golden vectors from the ONNX outputs."""
+    onnx_path = directory / FP32_ONNX
+    export_onnx(net, onnx_path)
+    diff = parity(net, onnx_path, golden_x, golden_m)
+    if diff > 1e-3:
+        raise InvalidInput(f"ONNX parity failed: max abs difference {diff:.2e} > 1e-3")
+    prob, residual, contribution = OnnxRuntimeBackend(onnx_path).run(golden_x, golden_m)
+    with (directory / GOLDEN).open("wb") as fh:
+        np.savez(
+            fh, window=golden_x, mask=golden_m, fault_prob=prob, residual=residual,
+            contribution=contribution,
+        )
+    variant = Variant(
+        name="fp32", file=FP32_ONNX, format="onnx", precision="fp32",
+        sha256=sha256_file(onnx_path),
+    )
+    golden = Golden(file=GOLDEN, sha256=sha256_file(directory / GOLDEN), tolerance=1e-3)
+    return variant, golden, diff
+
+
+def load_checkpoint(directory: Path) -> SensorGraphNet:
+    saved = torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=True)
+    net = SensorGraphNet(NetConfig(**saved["config"]))
+    net.load_state_dict(saved["state"])
+    return net.eval()
+
+
+def reexport(directory: Path, key: ed25519.Ed25519PrivateKey) -> Manifest:
+    """`model export`: rebuild the fp32 ONNX from the checkpoint and re-check parity."""
+    manifest = read_own_bundle(directory, key)
+    net = load_checkpoint(directory)
+    with np.load(directory / GOLDEN) as golden:
+        x, m = golden["window"], golden["mask"]
+    variant, golden_meta, diff = export_variant(net, directory, x, m)
+    variants = [variant] + [v for v in manifest.variants if v.name != "fp32"]
+    updated = manifest.model_copy(
+        update={
+            "variants": variants,
+            "golden": golden_meta,
+            "export": {**manifest.export, "parity_max_abs_diff": diff, "opset": OPSET},
+        }
+    )
+    write_signed_manifest(directory, updated, key)
+    return updated

@@ -1,0 +1,203 @@
+"""Model bundles: the manifest format, and loading that refuses anything that does not verify.
+
+A bundle is a directory (or a `.tar` of one) holding `manifest.json`, `manifest.sig` (an
+Ed25519 signature over the exact bytes of `manifest.json`) and the files the manifest lists
+with their sha256. Loading checks the signature against a pinned public key first, then every
+digest; nothing in a bundle is used before both pass. This is a contract module: the cloud
+writes bundles with these types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+from typing import Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.errors import IntegrityError, InvalidInput, NotFound
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+FORMAT_VERSION = 1
+BUILD_ON_DEVICE = "build-on-device"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sensor(_Strict):
+    name: str
+    unit: str = ""
+
+
+class Sampling(_Strict):
+    period_s: float = Field(gt=0)
+    max_staleness_s: float = Field(ge=0)
+
+
+class Windowing(_Strict):
+    length: int = Field(ge=2)
+    stride: int = Field(ge=1)
+
+
+class TensorSpec(_Strict):
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+
+
+class Decision(_Strict):
+    prob_threshold: float
+    residual_threshold: float
+    residual_quantile: float
+    smoothing: int
+    scale_floor: float
+
+
+class Normalisation(_Strict):
+    """Baked into the network; kept here too for the calibration's affine map."""
+
+    center: list[float]
+    scale: list[float]
+
+
+class Variant(_Strict):
+    """One runnable form of the model."""
+
+    name: str
+    file: str
+    format: Literal["onnx", "tensorrt"]
+    precision: Literal["fp32", "fp16", "int8"]
+    target_profile: str = "any"
+    sha256: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Golden(_Strict):
+    """Inputs and expected outputs for the device self-test."""
+
+    file: str
+    sha256: str
+    tolerance: float
+
+
+class Manifest(_Strict):
+    """Everything an agent needs to run, calibrate and self-test the model."""
+
+    format: int = FORMAT_VERSION
+    name: str
+    version: str
+    created_at: str
+    min_agent_version: str
+    sensors: list[Sensor]
+    sampling: Sampling
+    window: Windowing
+    calibration_rows: int = Field(ge=2)
+    network: dict[str, float | int]
+    normalisation: Normalisation
+    decision: Decision
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    variants: list[Variant]
+    files: dict[str, str] = Field(default_factory=dict)
+    golden: Golden
+    engines: dict[str, str] = Field(default_factory=dict)
+    training: dict[str, object] = Field(default_factory=dict)
+    evaluation: dict[str, object] = Field(default_factory=dict)
+    export: dict[str, float | int | str] = Field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise NotFound(f"bundle {self.name}:{self.version} has no variant {name!r}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_public_key(pem: bytes, where: str) -> ed25519.Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}: not a PEM public key: {exc}") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise InvalidInput(f"{where}: not an Ed25519 public key")
+    return key
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    try:
+        return Manifest.model_validate(json.loads(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{where}: manifest is not JSON: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise IntegrityError(f"{where}: manifest field {field!r}: {first['msg']}") from None
+
+
+def verify_bundle(directory: Path, public_key: ed25519.Ed25519PublicKey) -> Manifest:
+    """Check the signature, then every listed file's digest; return the manifest."""
+    manifest_path = directory / MANIFEST
+    signature_path = directory / SIGNATURE
+    for needed in (manifest_path, signature_path):
+        if not needed.is_file():
+            raise IntegrityError(f"{directory}: not a bundle ({needed.name} missing)")
+    raw = manifest_path.read_bytes()
+    try:
+        public_key.verify(signature_path.read_bytes(), raw)
+    except InvalidSignature:
+        raise IntegrityError(
+            f"{manifest_path}: signature does not verify with the pinned key"
+        ) from None
+    manifest = parse_manifest(raw, str(manifest_path))
+    if manifest.format != FORMAT_VERSION:
+        raise IntegrityError(f"{manifest_path}: bundle format {manifest.format} not supported")
+    listed = dict(manifest.files)
+    for variant in manifest.variants:
+        listed[variant.file] = variant.sha256
+    listed[manifest.golden.file] = manifest.golden.sha256
+    for name, digest in sorted(listed.items()):
+        path = _inside(directory, name)
+        if not path.is_file():
+            raise IntegrityError(f"{directory}: {name} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise IntegrityError(
+                f"{path}: sha256 {actual[:16]}… does not match the manifest's {digest[:16]}…"
+            )
+    return manifest
+
+
+def unpack_tar(archive: Path, destination: Path) -> Path:
+    """Extract a bundle archive safely (no links, no paths outside) and return its directory."""
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(destination, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise IntegrityError(f"{archive}: not a readable bundle archive: {exc}") from None
+    candidates = [p.parent for p in destination.rglob(MANIFEST)]
+    if len(candidates) != 1:
+        raise IntegrityError(f"{archive}: expected one {MANIFEST}, found {len(candidates)}")
+    return candidates[0]
+
+
+def _inside(directory: Path, name: str) -> Path:
+    path = (directory / name).resolve()
+    if directory.resolve() not in path.parents:
+        raise IntegrityError(f"{directory}: manifest names a file outside the bundle: {name}")
+    return path

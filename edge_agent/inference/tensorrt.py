@@ -1,0 +1,91 @@
+"""TensorRT backend through Polygraphy, imported lazily: only Jetson/GPU images have it.
+
+Engines are built per device profile (`build_engine`), in the cloud where a matching GPU
+exists, else on the device at first load; either way from the verified ONNX variant.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import FailedPrecondition
+from edge_agent.inference.base import InferenceBackend, Outputs
+from edge_agent.windowing import FloatArray
+
+MISSING = (
+    "TensorRT is not available here ({reason}); engines need an NVIDIA GPU with TensorRT and "
+    "Polygraphy (JetPack on Jetson, or `pip install tensorrt polygraphy` on x86 with CUDA). "
+    "The bundle stays marked build-on-device; the ONNX Runtime backend runs it meanwhile."
+)
+
+
+def require_tensorrt() -> Any:
+    """Polygraphy's TensorRT backend, or FailedPrecondition saying how to get it."""
+    try:
+        import tensorrt  # noqa: F401 - Polygraphy's trt backend needs it at call time
+        from polygraphy.backend import trt as poly_trt
+    except ImportError as exc:
+        raise FailedPrecondition(MISSING.format(reason=f"import failed: {exc}")) from None
+    return poly_trt
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    window: int,
+    sensors: int,
+    precision: str,
+    max_batch: int = 256,
+    opt_batch: int = 32,
+) -> None:
+    """Build a serialized TensorRT plan for `onnx_path` with a dynamic batch profile."""
+    poly_trt = require_tensorrt()
+    profile = poly_trt.Profile()
+    for name in ("window", "mask"):
+        profile.add(
+            name,
+            min=(1, window, sensors),
+            opt=(opt_batch, window, sensors),
+            max=(max_batch, window, sensors),
+        )
+    # INT8 variants are QDQ graphs: TensorRT takes the scales from the Q/DQ nodes, so no
+    # calibrator is needed; the correlation block stays fp32 because it carries no QDQ.
+    config = poly_trt.CreateConfig(
+        fp16=precision in ("fp16", "int8"),
+        int8=precision == "int8",
+        profiles=[profile],
+    )
+    build = poly_trt.EngineFromNetwork(poly_trt.NetworkFromOnnxPath(str(onnx_path)), config=config)
+    poly_trt.SaveEngine(build, path=str(engine_path))()
+
+
+class TensorRtBackend(InferenceBackend):
+    """Runs a serialized TensorRT plan with Polygraphy's runner (it manages device buffers)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path) -> None:
+        poly_trt = require_tensorrt()
+        engine = poly_trt.engine_from_bytes(engine_path.read_bytes())
+        self._runner = poly_trt.TrtRunner(engine)
+        self._runner.activate()
+
+    def run(self, window: FloatArray, mask: FloatArray) -> Outputs:
+        feed = {
+            "window": np.ascontiguousarray(window, dtype=np.float32),
+            "mask": np.ascontiguousarray(mask, dtype=np.float32),
+        }
+        # The runner reuses its output buffers between calls, hence the copy.
+        out = copy.deepcopy(self._runner.infer(feed))
+        return (
+            np.asarray(out["fault_prob"], dtype=np.float32),
+            np.asarray(out["residual"], dtype=np.float32),
+            np.asarray(out["contribution"], dtype=np.float32),
+        )
+
+    def close(self) -> None:
+        self._runner.deactivate()

@@ -1,0 +1,39 @@
+"""The device self-test: every runnable variant must reproduce the bundle's golden outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.bundle import Manifest
+from edge_agent.errors import FailedPrecondition, IntegrityError
+from edge_agent.inference.base import open_backend
+
+
+def run_self_test(directory: Path, manifest: Manifest) -> dict[str, str]:
+    """Max abs difference per variant, or why it was skipped; IntegrityError on a mismatch."""
+    results: dict[str, str] = {}
+    with np.load(directory / manifest.golden.file) as golden:
+        window, mask = golden["window"], golden["mask"]
+        expected = (golden["fault_prob"], golden["residual"], golden["contribution"])
+    for variant in manifest.variants:
+        kind = "onnxruntime" if variant.format == "onnx" else "tensorrt"
+        tolerance = variant.metrics.get("golden_tolerance", manifest.golden.tolerance)
+        try:
+            backend = open_backend(kind, directory, manifest, variant.name)
+        except FailedPrecondition as exc:
+            results[variant.name] = f"skipped ({exc.message.split(';')[0]})"
+            continue
+        try:
+            actual = backend.run(window, mask)
+        finally:
+            backend.close()
+        diff = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
+        if not np.isfinite(diff) or diff > tolerance:
+            raise IntegrityError(
+                f"{directory}: variant {variant.name} fails the self-test: golden max abs "
+                f"difference {diff:.3g} > tolerance {tolerance:g}"
+            )
+        results[variant.name] = f"{diff:.2e} (tolerance {tolerance:g})"
+    return results
