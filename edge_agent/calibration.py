@@ -29,8 +29,8 @@ SCALE_EPS = 1e-6
 class DecisionParams:
     """How outputs become a fault score (stored in the bundle manifest)."""
 
-    prob_threshold: float = 0.9
-    residual_threshold: float = 5.0
+    prob_threshold: float = 0.8
+    residual_threshold: float = 8.0
     residual_quantile: float = 0.99
     smoothing: int = 10
     scale_floor: float = 0.1
@@ -105,7 +105,8 @@ def fault_score(
     """One score per window; >= 1 means fault. Either signal alone can raise it."""
     supervised = fault_prob / params.prob_threshold
     unsupervised = (residual / residual_scale).max(axis=1) / params.residual_threshold
-    return np.maximum(supervised, unsupervised).astype(np.float32)
+    score: FloatArray = np.maximum(supervised, unsupervised).astype(np.float32)
+    return score
 
 
 def smooth_causal(scores: FloatArray, width: int) -> FloatArray:
@@ -115,4 +116,5 @@ def smooth_causal(scores: FloatArray, width: int) -> FloatArray:
     sums = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
     idx = np.arange(scores.size)
     lo = np.maximum(0, idx + 1 - width)
-    return ((sums[idx + 1] - sums[lo]) / (idx + 1 - lo)).astype(np.float32)
+    smoothed: FloatArray = ((sums[idx + 1] - sums[lo]) / (idx + 1 - lo)).astype(np.float32)
+    return smoothed

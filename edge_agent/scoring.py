@@ -29,7 +29,9 @@ BATCH = 256
 class WindowModel(Protocol):
     """Anything that maps windows [B, T, N] and masks to the network's three outputs."""
 
-    def run(self, window: FloatArray, mask: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    def run(
+        self, window: FloatArray, mask: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
         """fault_prob [B], residual [B, N], contribution [B, N]."""
         ...
 
@@ -111,7 +113,9 @@ def run_windows(
     return np.concatenate(probs), np.concatenate(residuals), np.concatenate(contributions)
 
 
-def row_scores(slots: SlotScores, row_slot: IndexArray, first_row: int) -> tuple[FloatArray, np.ndarray]:
+def row_scores(
+    slots: SlotScores, row_slot: IndexArray, first_row: int
+) -> tuple[FloatArray, np.ndarray]:
     """Scores and flags for input rows from `first_row` on (each row: its grid slot)."""
     idx = row_slot[first_row:] - slots.first_slot
     if (idx < 0).any():

@@ -29,7 +29,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     train.add_argument("--units", default="", help="comma-separated units, same order")
     train.add_argument("--schema", type=Path, help="YAML with `sensors: [{name, unit}]`")
     train.add_argument("--ignore-column", action="append", default=[])
-    train.add_argument("--period", type=float, help="sampling period in seconds (default: inferred)")
+    train.add_argument(
+        "--period", type=float, help="sampling period in seconds (default: inferred)"
+    )
     train.add_argument("--window", type=int, default=120, help="steps per window (default 120)")
     train.add_argument("--segments", type=int, default=4)
     train.add_argument("--stride", type=int, default=2, help="training window stride")
@@ -43,7 +45,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=cmd_train)
 
-    evaluate = msub.add_parser("evaluate", help="SKAB protocol: calibrate on rows [0,K), score K on")
+    evaluate = msub.add_parser(
+        "evaluate", help="SKAB protocol: calibrate on rows [0,K), score K on"
+    )
     _bundle_args(evaluate)
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--calibration-rows", type=int, required=True, metavar="K")
@@ -183,12 +187,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         return 0
     rows = [
-        [r.path, str(r.rows), f"{r.counts.f1:.3f}", f"{100 * r.counts.far:.1f}",
-         f"{100 * r.counts.mar:.1f}"]
+        [
+            r.path,
+            str(r.rows),
+            f"{r.counts.f1:.3f}",
+            f"{100 * r.counts.far:.1f}",
+            f"{100 * r.counts.mar:.1f}",
+        ]
         for r in results
     ]
-    rows.append(["TOTAL", str(sum(r.rows for r in results)), f"{total.f1:.3f}",
-                 f"{100 * total.far:.1f}", f"{100 * total.mar:.1f}"])
+    rows.append(
+        [
+            "TOTAL",
+            str(sum(r.rows for r in results)),
+            f"{total.f1:.3f}",
+            f"{100 * total.far:.1f}",
+            f"{100 * total.mar:.1f}",
+        ]
+    )
     print_table(["FILE", "ROWS", "F1", "FAR%", "MAR%"], rows)
     return 0
 
@@ -228,7 +244,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cloud.model.pipeline import reexport
 
     manifest = reexport(args.bundle, load_signing_key(args.signing_key))
-    print(f"exported ONNX opset {manifest.opset}: parity {manifest.export['parity_max_abs_diff']:.1e}")
+    print(
+        f"exported ONNX opset {manifest.opset}: parity {manifest.export['parity_max_abs_diff']:.1e}"
+    )
     if args.tar is not None:
         print(f"packed {pack(args.bundle, args.tar)}")
     return 0
@@ -256,5 +274,5 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
     print(f"{manifest.name} {manifest.version}: signature and digests verify")
     for variant, diff in checks.items():
-        print(f"  {variant}: golden max abs diff {diff}")
+        print(f"  {variant}: golden difference {diff}")
     return 0

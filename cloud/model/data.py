@@ -12,8 +12,9 @@ import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,9 +145,7 @@ def _csv_cells(
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(names):
-                raise InvalidInput(
-                    f"{path}:{line}: {len(row)} fields, the header has {len(names)}"
-                )
+                raise InvalidInput(f"{path}:{line}: {len(row)} fields, the header has {len(names)}")
             for k, pos in enumerate(positions):
                 cells[k].append(row[pos].strip())
             lines.append(line)
@@ -157,7 +156,7 @@ def _parquet_columns(path: Path) -> list[str]:
     pq = _pyarrow_parquet()
     try:
         return list(pq.read_schema(path).names)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
+    except Exception as exc:
         raise InvalidInput(f"{path}: not a readable Parquet file: {exc}") from exc
 
 
@@ -165,14 +164,14 @@ def _parquet_cells(path: Path, wanted: list[str]) -> tuple[list[list[str]], list
     pq = _pyarrow_parquet()
     try:
         table = pq.read_table(path, columns=wanted)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
+    except Exception as exc:
         raise InvalidInput(f"{path}: not a readable Parquet file: {exc}") from exc
     cells = [["" if v is None else str(v) for v in table.column(w).to_pylist()] for w in wanted]
     # Parquet has no lines; report the row number (1-based, as a CSV with a header would).
     return cells, list(range(2, table.num_rows + 2))
 
 
-def _pyarrow_parquet():  # type: ignore[no-untyped-def]
+def _pyarrow_parquet() -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -194,7 +193,7 @@ def _parse_time(path: Path, line: int, text: str) -> float:
     except ValueError as exc:
         raise InvalidInput(f"{path}:{line}: cannot read timestamp {text!r}") from exc
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return stamp.timestamp()
 
 
@@ -222,6 +221,4 @@ def _check_order(path: Path, lines: list[int], times: TimeArray) -> None:
         )
     if (steps == 0).any():
         i = int(np.argmax(steps == 0)) + 1
-        raise InvalidInput(
-            f"{path}:{lines[i]}: duplicate timestamp (same as line {lines[i - 1]})"
-        )
+        raise InvalidInput(f"{path}:{lines[i]}: duplicate timestamp (same as line {lines[i - 1]})")

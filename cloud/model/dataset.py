@@ -15,7 +15,13 @@ import numpy as np
 from cloud.model.data import SensorTable
 from edge_agent.calibration import fit_input_normalisation
 from edge_agent.errors import InvalidInput
-from edge_agent.windowing import AlignedSeries, FloatArray, WindowSpec, align_to_grid, windows_ending_at
+from edge_agent.windowing import (
+    AlignedSeries,
+    FloatArray,
+    WindowSpec,
+    align_to_grid,
+    windows_ending_at,
+)
 
 
 @dataclass(frozen=True)

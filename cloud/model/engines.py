@@ -44,8 +44,12 @@ def build_engines(
         name = f"trt-{profile}-{precision}"
         variants = [v for v in variants if v.name != name] + [
             Variant(
-                name=name, file=str(plan), format="tensorrt", precision=source.precision,
-                target_profile=profile, sha256=sha256_file(directory / plan),
+                name=name,
+                file=str(plan),
+                format="tensorrt",
+                precision=source.precision,
+                target_profile=profile,
+                sha256=sha256_file(directory / plan),
             )
         ]
         engines[profile] = "built"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 import torch
 
 from cloud.model.net import INPUT_NAMES, OUTPUT_NAMES, SensorGraphNet
-from edge_agent.files import replace_atomically
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
 from edge_agent.windowing import FloatArray
 
@@ -23,7 +21,7 @@ def export_onnx(net: SensorGraphNet, path: Path) -> None:
     window = torch.zeros(2, cfg.window, cfg.sensors)
     mask = torch.ones(2, cfg.window, cfg.sensors)
     dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
-    buffer = io.BytesIO()
+    partial = path.with_name(path.name + ".partial")
     net.eval()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript
@@ -32,14 +30,14 @@ def export_onnx(net: SensorGraphNet, path: Path) -> None:
         torch.onnx.export(
             net,
             (window, mask),
-            buffer,
+            str(partial),
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             opset_version=OPSET,
             dynamic_axes=dynamic,
             dynamo=False,
         )
-    replace_atomically(path, buffer.getvalue(), 0o644)
+    partial.replace(path)
 
 
 def torch_outputs(

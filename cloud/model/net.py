@@ -12,9 +12,9 @@ from it) computes exactly what was trained:
 4. attention over sensors pools the node states into a window state.
 
 Outputs: `fault_prob` [B] (supervised head, trained where labels exist), `residual` [B, N]
-(mean squared error of a forecast of the last segment from the earlier ones, per sensor: the unsupervised signal,
-learned from normal data alone) and `contribution` [B, N] (attention weights times residual
-share: which sensors show it).
+(per sensor, the mean squared error of a forecast of the last segment from the earlier ones:
+the unsupervised signal, learned from normal data alone) and `contribution` [B, N] (mean of
+the attention weight and the residual share: which sensors show it).
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ class NetConfig:
 
 class SensorGraphNet(nn.Module):
     """Correlation + adaptive graph convolution, GRU over segments, attention over sensors."""
+
+    center: Tensor
+    scale: Tensor
+    eye: Tensor
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
@@ -114,7 +118,9 @@ class SensorGraphNet(nn.Module):
         for step in range(s - 1):
             state = self._gru_step(x[:, step], state)
         # Forecast the last segment from the earlier ones (residuals learned from normal data).
-        forecast = self.decode(torch.cat([state, state.mean(dim=1, keepdim=True).expand(b, n, h)], -1))
+        forecast = self.decode(
+            torch.cat([state, state.mean(dim=1, keepdim=True).expand(b, n, h)], -1)
+        )
         target = seg[:, -1].transpose(1, 2)
         last_mask = seg_mask[:, -1].transpose(1, 2)
         valid = last_mask.sum(dim=-1).clamp(min=1.0)

@@ -25,7 +25,7 @@ from cloud.model.data import (
 from cloud.model.dataset import episodes_from_tables, training_scale, windows_from_episodes
 from cloud.model.export import OPSET, export_onnx, parity
 from cloud.model.net import INPUT_NAMES, OUTPUT_NAMES, NetConfig, SensorGraphNet
-from cloud.model.train import ProgressFn, TrainParams, build_net, train_net
+from cloud.model.train import ProgressFn, TrainParams, build_net, seed_everything, train_net
 from edge_agent.bundle import (
     BUILD_ON_DEVICE,
     Decision,
@@ -134,6 +134,7 @@ def train_bundle(
     cfg = NetConfig(
         sensors=schema.size, window=options.window, segments=options.segments, hidden=options.hidden
     )
+    seed_everything(options.train.seed)  # before the weights are initialised
     net = build_net(cfg, center, scale)
     report = train_net(net, windows, options.train, progress)
     staging = out.with_name(out.name + ".partial")
@@ -201,11 +202,18 @@ def export_variant(
     prob, residual, contribution = OnnxRuntimeBackend(onnx_path).run(golden_x, golden_m)
     with (directory / GOLDEN).open("wb") as fh:
         np.savez(
-            fh, window=golden_x, mask=golden_m, fault_prob=prob, residual=residual,
+            fh,
+            window=golden_x,
+            mask=golden_m,
+            fault_prob=prob,
+            residual=residual,
             contribution=contribution,
         )
     variant = Variant(
-        name="fp32", file=FP32_ONNX, format="onnx", precision="fp32",
+        name="fp32",
+        file=FP32_ONNX,
+        format="onnx",
+        precision="fp32",
         sha256=sha256_file(onnx_path),
     )
     golden = Golden(file=GOLDEN, sha256=sha256_file(directory / GOLDEN), tolerance=1e-3)

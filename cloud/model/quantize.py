@@ -73,7 +73,14 @@ def quantize_bundle(
         else:
             _fp16(directory / FP32_ONNX, candidate)
         result = _gate(
-            directory, manifest, candidate, precision, files, calibration_rows, max_drop, label_column
+            directory,
+            manifest,
+            candidate,
+            precision,
+            files,
+            calibration_rows,
+            max_drop,
+            label_column,
         )
         if not result.accepted:
             raise FailedPrecondition(

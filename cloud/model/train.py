@@ -135,7 +135,11 @@ class TorchWindowModel:
     def __init__(self, net: SensorGraphNet) -> None:
         self.net = net.eval()
 
-    def run(self, window: FloatArray, mask: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    def run(
+        self, window: FloatArray, mask: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
         with torch.inference_mode():
-            prob, residual, contribution = self.net(torch.from_numpy(window), torch.from_numpy(mask))
+            prob, residual, contribution = self.net(
+                torch.from_numpy(window), torch.from_numpy(mask)
+            )
         return prob.numpy(), residual.numpy(), contribution.numpy()

@@ -21,7 +21,7 @@ class InferenceBackend(ABC):
     def run(self, window: FloatArray, mask: FloatArray) -> Outputs:
         """fault_prob [B], residual [B, N], contribution [B, N]."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most runtimes free on GC
         """Release the runtime's resources."""
 
 

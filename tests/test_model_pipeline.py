@@ -1,0 +1,203 @@
+"""Train -> export -> quantize -> verify -> predict on a small generated data set, for real."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+import cloud.model.quantize as quantize_module
+from cloud.model.backtest import evaluate, load_model, predict
+from cloud.model.bundle_writer import pack
+from cloud.model.export import export_onnx
+from cloud.model.net import NetConfig, SensorGraphNet
+from cloud.model.pipeline import CHECKPOINT, FP32_ONNX, TrainOptions, reexport, train_bundle
+from cloud.model.quantize import quantize_bundle
+from cloud.model.train import TrainParams
+from edge_agent.bundle import MANIFEST, unpack_tar, verify_bundle
+from edge_agent.calibration import DecisionParams
+from edge_agent.errors import FailedPrecondition, IntegrityError
+from edge_agent.selftest import run_self_test
+from tests.support.sensordata import write_dataset, write_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OPTIONS = TrainOptions(
+    name="pump-test",
+    version="1",
+    window=24,
+    segments=4,
+    stride=2,
+    hidden=16,
+    calibration_rows=120,
+    train=TrainParams(epochs=6, seed=3),
+    decision=DecisionParams(prob_threshold=0.5, residual_threshold=5.0, smoothing=3),
+)
+
+
+@pytest.fixture(scope="module")
+def key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, data: Path, key: ed25519.Ed25519PrivateKey
+) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "b"
+    train_bundle([data], out, OPTIONS, key, log=lambda _: None)
+    return out
+
+
+@pytest.fixture
+def bundle(trained: Path, tmp_path: Path) -> Iterator[Path]:
+    """A private copy of the trained bundle, free to change."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(trained, copy)
+    yield copy
+
+
+def test_training_converges_and_detects_faults(trained: Path, data: Path, key) -> None:
+    manifest = verify_bundle(trained, key.public_key())
+    losses = manifest.training["losses"]
+    assert isinstance(losses, list) and losses[-1] < 0.6 * losses[0]
+    assert manifest.export["parity_max_abs_diff"] < 1e-4
+    fresh = data.parent / "fresh"
+    for i in range(2):
+        write_experiment(fresh / f"{i}.csv", seed=50 + i)
+    with load_model(trained, key.public_key()) as loaded:
+        _, total = evaluate(loaded, fresh, calibration_rows=120)
+    assert total.f1 > 0.8, total.summary()
+    assert total.far < 0.15, total.summary()
+
+
+def test_training_is_reproducible_with_a_seed(
+    trained: Path, data: Path, key, tmp_path: Path
+) -> None:
+    again = tmp_path / "again"
+    train_bundle([data], again, OPTIONS, key, log=lambda _: None)
+    first = torch.load(trained / CHECKPOINT, weights_only=True)["state"]
+    second = torch.load(again / CHECKPOINT, weights_only=True)["state"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert (
+        verify_bundle(again, key.public_key()).training["losses"]
+        == verify_bundle(trained, key.public_key()).training["losses"]
+    )
+
+
+def test_reexport_keeps_parity_and_the_signature_valid(bundle: Path, key) -> None:
+    manifest = reexport(bundle, key)
+    assert manifest.export["parity_max_abs_diff"] < 1e-4
+    assert run_self_test(bundle, verify_bundle(bundle, key.public_key()))["fp32"]
+
+
+def test_int8_variant_passes_the_gate_and_the_self_test(bundle: Path, data: Path, key) -> None:
+    result = quantize_bundle(bundle, "int8", data / "faults", 120, max_drop=0.05, key=key)
+    assert result.accepted
+    manifest = verify_bundle(bundle, key.public_key())
+    assert {v.name for v in manifest.variants} == {"fp32", "int8"}
+    assert run_self_test(bundle, manifest)["int8"]
+
+
+def test_quantization_gate_refuses_a_degraded_variant(
+    bundle: Path, data: Path, key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant that lost what the network learned (here: untrained weights) is refused."""
+
+    def degraded(source: Path, target: Path, *_: object) -> None:
+        torch.manual_seed(99)
+        net = SensorGraphNet(NetConfig(sensors=4, window=24, segments=4, hidden=16))
+        export_onnx(net, target)
+
+    monkeypatch.setattr(quantize_module, "_int8", degraded)
+    before = (bundle / MANIFEST).read_bytes()
+    with pytest.raises(FailedPrecondition, match="int8 variant refused"):
+        quantize_bundle(bundle, "int8", data / "faults", 120, max_drop=0.01, key=key)
+    assert (bundle / MANIFEST).read_bytes() == before
+    assert not (bundle / "model.int8.onnx").exists()
+
+
+def test_a_tampered_model_file_is_refused(bundle: Path, key) -> None:
+    raw = bytearray((bundle / FP32_ONNX).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (bundle / FP32_ONNX).write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        verify_bundle(bundle, key.public_key())
+
+
+def test_a_tampered_manifest_is_refused(bundle: Path, key) -> None:
+    text = (
+        (bundle / MANIFEST).read_text().replace('"prob_threshold": 0.5', '"prob_threshold": 0.99')
+    )
+    (bundle / MANIFEST).write_text(text)
+    with pytest.raises(IntegrityError, match="signature does not verify"):
+        verify_bundle(bundle, key.public_key())
+
+
+def test_a_bundle_signed_by_another_key_is_refused(bundle: Path) -> None:
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(IntegrityError, match="signature does not verify"):
+        verify_bundle(bundle, other)
+
+
+def test_tar_round_trip_and_a_path_escaping_tar_is_refused(
+    bundle: Path, key, tmp_path: Path
+) -> None:
+    archive = pack(bundle, tmp_path / "b.tar")
+    unpacked = unpack_tar(archive, tmp_path / "x")
+    assert verify_bundle(unpacked, key.public_key()).name == "pump-test"
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        tar.add(bundle / MANIFEST, arcname="../../escape.json")
+    with pytest.raises(IntegrityError, match="not a readable bundle archive"):
+        unpack_tar(evil, tmp_path / "y")
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_predict_is_causal_and_never_reads_labels(trained: Path, key, tmp_path: Path) -> None:
+    src = tmp_path / "in" / "site.csv"
+    write_experiment(src, seed=77, rows=300, fault=(200, 260))
+    lines = src.read_text().splitlines()
+    with load_model(trained, key.public_key()) as loaded:
+        predict(loaded, src.parent, 120, tmp_path / "a")
+        # Garbage labels, and different readings from row 240 on.
+        changed = [lines[0]] + [
+            ";".join([*line.split(";")[:-1], "not-a-label"]) for line in lines[1:]
+        ]
+        for i in range(241, len(changed)):
+            cells = changed[i].split(";")
+            cells[1] = "99"
+            changed[i] = ";".join(cells)
+        src.write_text("\n".join(changed) + "\n")
+        predict(loaded, src.parent, 120, tmp_path / "b")
+    a = (tmp_path / "a" / "site.csv").read_text().splitlines()
+    b = (tmp_path / "b" / "site.csv").read_text().splitlines()
+    assert a[0] == "datetime,score,anomaly"
+    assert len(a) == len(b) == 1 + 300 - 120
+    first_changed = 1 + (240 - 120)
+    assert a[:first_changed] == b[:first_changed]
+    assert a[first_changed:] != b[first_changed:]
+
+
+def test_corrupt_golden_fails_the_self_test(bundle: Path, key) -> None:
+    manifest = verify_bundle(bundle, key.public_key())
+    with np.load(bundle / manifest.golden.file) as golden:
+        arrays = {k: golden[k] for k in golden.files}
+    arrays["fault_prob"] = arrays["fault_prob"] + 0.5
+    np.savez(bundle / "wrong.npz", **arrays)
+    shutil.copy(bundle / "wrong.npz", bundle / manifest.golden.file)
+    with pytest.raises(IntegrityError, match="does not match"):
+        verify_bundle(bundle, key.public_key())
+    with pytest.raises(IntegrityError, match="fails the self-test"):
+        run_self_test(bundle, manifest)
