@@ -1,0 +1,59 @@
+"""Honest valve1 figures: leave-files-out cross-validation through the real pipeline.
+
+    python scripts/skab_crossval.py [--data ../shared/datasets/skab] [--folds 4]
+
+Fold k trains a bundle (`train_bundle`, default options) on everything in the SKAB
+development set except every 4th valve1 file from k, then evaluates those files with the
+SKAB protocol (`--calibration-rows 400`). Prints per-fold and summed F1/FAR/MAR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud.model.backtest import evaluate, load_model
+from cloud.model.metrics import Counts
+from cloud.model.pipeline import TrainOptions, train_bundle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/skab"))
+    parser.add_argument("--folds", type=int, default=4)
+    args = parser.parse_args()
+    key = ed25519.Ed25519PrivateKey.generate()
+    valve1 = sorted((args.data / "valve1").glob("*.csv"), key=lambda p: int(p.stem))
+    others = [args.data / "anomaly-free.csv"] + sorted(
+        p for d in ("valve2", "other") for p in (args.data / d).glob("*.csv")
+    )
+    total = Counts()
+    with tempfile.TemporaryDirectory() as tmp:
+        for fold in range(args.folds):
+            held = valve1[fold :: args.folds]
+            train_dir, test_dir = Path(tmp) / f"train{fold}", Path(tmp) / f"test{fold}"
+            train_dir.mkdir()
+            test_dir.mkdir()
+            for path in others + [p for p in valve1 if p not in held]:
+                (train_dir / f"{path.parent.name}-{path.name}").symlink_to(path.resolve())
+            for path in held:
+                (test_dir / path.name).symlink_to(path.resolve())
+            bundle = Path(tmp) / f"bundle{fold}"
+            train_bundle([train_dir], bundle, TrainOptions(), key, log=lambda _: None)
+            with load_model(bundle, key.public_key()) as loaded:
+                _, counts = evaluate(loaded, test_dir, 400)
+            total = total + counts
+            names = ",".join(p.stem for p in held)
+            print(
+                f"fold {fold} (valve1 {names}): F1 {counts.f1:.3f} FAR {100 * counts.far:.1f}% "
+                f"MAR {100 * counts.mar:.1f}%",
+                flush=True,
+            )
+    print(f"TOTAL: F1 {total.f1:.3f} FAR {100 * total.far:.1f}% MAR {100 * total.mar:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
