@@ -27,9 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     key = ed25519.Ed25519PrivateKey.generate()
     valve1 = sorted((args.data / "valve1").glob("*.csv"), key=lambda p: int(p.stem))
-    others = [args.data / "anomaly-free.csv"] + sorted(
-        p for d in ("valve2", "other") for p in (args.data / d).glob("*.csv")
-    )
+    held_back_starts = sorted(p for d in ("valve2", "other") for p in (args.data / d).glob("*.csv"))
+    others = [args.data / "anomaly-free.csv", *held_back_starts]
     total = Counts()
     with tempfile.TemporaryDirectory() as tmp:
         for fold in range(args.folds):
