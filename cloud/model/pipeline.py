@@ -73,7 +73,7 @@ class TrainOptions:
     decision: DecisionParams = field(default_factory=DecisionParams)
 
 
-def infer_schema(files: Sequence[Path], options: TrainOptions) -> tuple[SensorSchema, str | None]:
+def infer_schema(files: Sequence[Path], options: TrainOptions) -> SensorSchema:
     """Sensor names in order (given, else every non-time, non-label column of the first file)."""
     names, _ = read_header(files[0])
     time_name = find_time_column(files[0], names, options.time_column)
@@ -83,7 +83,7 @@ def infer_schema(files: Sequence[Path], options: TrainOptions) -> tuple[SensorSc
         skip = {time_name, options.label_column, *DEFAULT_LABEL_COLUMNS, *options.ignore_columns}
         sensors = [n for n in names if n not in skip]
     units = options.units or tuple("" for _ in sensors)
-    return SensorSchema(tuple(sensors), tuple(units)), options.time_column
+    return SensorSchema(tuple(sensors), tuple(units))
 
 
 def read_training_tables(
@@ -116,7 +116,7 @@ def train_bundle(
     if out.exists():
         raise AlreadyExists(f"{out}: exists; pick a new bundle directory")
     files = [f for root in data for f in list_data_files(root)]
-    schema, _ = infer_schema(files, options)
+    schema = infer_schema(files, options)
     tables = read_training_tables(files, schema, options)
     period = options.period_s or infer_period(tables)
     staleness = options.max_staleness_s if options.max_staleness_s is not None else 2 * period

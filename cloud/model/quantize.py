@@ -111,14 +111,17 @@ def quantize_bundle(
 def _int8(
     source: Path, target: Path, manifest: Manifest, files: list[Path], calibration_rows: int
 ) -> None:
+    quantize_int8(source, target, list(_calibration_windows(manifest, files, calibration_rows)))
+
+
+def quantize_int8(source: Path, target: Path, batches: list[dict[str, np.ndarray]]) -> None:
+    """The INT8 recipe: static QDQ from `batches` of network inputs, sensitive parts in fp32."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
         QuantType,
         quantize_static,
     )
-
-    batches = list(_calibration_windows(manifest, files, calibration_rows))
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:

@@ -19,13 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from cloud.model.export import export_onnx
 from cloud.model.net import NetConfig, SensorGraphNet
-from cloud.model.quantize import KEEP_FP32_MODULES
+from cloud.model.quantize import quantize_int8
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
 
 WINDOW = 120
@@ -44,6 +42,7 @@ def timed(call: Callable[[], object], seconds: float) -> list[float]:
 
 
 def int8_model(fp32: Path, target: Path, sensors: int) -> None:
+    """The `model quantize` INT8 recipe, calibrated on random windows."""
     rng = np.random.default_rng(0)
     batches = [
         {
@@ -52,33 +51,7 @@ def int8_model(fp32: Path, target: Path, sensors: int) -> None:
         }
         for _ in range(4)
     ]
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._items = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._items, None)
-
-    graph = onnx.load(str(fp32)).graph
-    keep = [
-        n.name
-        for n in graph.node
-        if n.op_type in ("MatMul", "Gemm")
-        and (n.name.count("/") <= 1 or n.name.split("/")[1] in KEEP_FP32_MODULES)
-    ]
-    quantize_static(
-        str(fp32),
-        str(target),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_exclude=keep,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        extra_options={"ActivationSymmetric": False},
-    )
+    quantize_int8(fp32, target, batches)
 
 
 def main() -> None:
