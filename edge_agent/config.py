@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.retry import Backoff
@@ -42,6 +43,140 @@ class ReconnectPolicy(BaseModel):
         return Backoff(self.initial_s, self.max_s, self.multiplier, self.jitter)
 
 
+class MqttTls(BaseModel):
+    """TLS to the site broker; empty files mean the system's CA store / no client certificate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MqttLink(BaseModel):
+    """The site broker the sensors publish to and the agent publishes alerts on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    # Stable across restarts: the broker keeps the persistent session under this id.
+    # Empty: "autoglm-edge-<device name>".
+    client_id: str = ""
+    username: str = ""
+    password: str = ""
+    tls: MqttTls | None = None
+    keepalive_s: int = Field(default=30, ge=5)
+    # How long the broker keeps our subscriptions and queued QoS 1 messages while we are away.
+    session_expiry_s: int = Field(default=86_400, ge=0)
+    qos: Literal[0, 1] = 1
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+    # Alerts go to <alert_prefix>/alerts/<asset>; the retained state to
+    # <alert_prefix>/state/<asset>.
+    alert_prefix: str = "autoglm"
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class AssetConfig(BaseModel):
+    """One machine: the topics its sensors publish on, and how topic names map to sensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    # MQTT subscriptions (wildcards allowed). A single reading's sensor is the topic's last
+    # level; batches name their sensors or use the topic's last level too.
+    topics: list[str] = Field(min_length=1)
+    # Renames: name used on the wire -> sensor name in the model's schema.
+    sensors: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"asset name {value!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        return value
+
+
+class IngestLimits(BaseModel):
+    """What the decoder accepts; everything else is dropped and counted by reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_payload_bytes: int = Field(default=1 << 20, ge=64)
+    max_future_s: float = Field(default=300.0, ge=0)
+    max_past_s: float = Field(default=7 * 86_400.0, gt=0)
+    # A grid slot closes this long after the newest reading passed it; readings older than a
+    # closed slot are "late". 0: two sampling periods.
+    max_lateness_s: float = Field(default=0.0, ge=0)
+
+
+class ModelChoice(BaseModel):
+    """Which model the agent serves until a rollout installs one (issue 5 adds slots)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Path | None = None  # a bundle directory or .tar, verified with the pinned key
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    threads: int = Field(default=0, ge=0)  # ONNX Runtime intra-op threads; 0: its default
+
+
+class BatchingPolicy(BaseModel):
+    """Dynamic batching across assets: run when `max_batch` windows wait or the oldest waited
+    `max_wait_ms`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch: int = Field(default=64, ge=1, le=4096)
+    max_wait_ms: float = Field(default=20.0, ge=0)
+
+
+class DecisionPolicy(BaseModel):
+    """Alert hysteresis on the smoothed score (>= 1 means fault): raise when `k` of the last
+    `n` scores reach `raise_at`, clear when `k` of the last `n` are below `clear_at`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    raise_at: float = Field(default=1.0, gt=0)
+    clear_at: float = Field(default=0.8, gt=0)
+    k: int = Field(default=3, ge=1)
+    n: int = Field(default=5, ge=1)
+    top_sensors: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecisionPolicy:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        if self.clear_at > self.raise_at:
+            raise ValueError(
+                f"clear_at ({self.clear_at}) must not exceed raise_at ({self.raise_at})"
+            )
+        return self
+
+
+class OutboxPolicy(BaseModel):
+    """What is kept for the control plane while it cannot be reached, and how much."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(default=256 << 20, ge=1 << 16)
+    # Keep every n-th prediction per asset (1: all); windows at or above the decision's
+    # clear threshold are always kept. Alert events are always kept.
+    prediction_every: int = Field(default=10, ge=1)
+
+
+class SyncPolicy(BaseModel):
+    """Record batches to the control plane."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_records: int = Field(default=500, ge=1, le=10_000)
+    max_in_flight: int = Field(default=4, ge=1, le=64)
+
+
 class AgentConfig(BaseSettings):
     """The agent's settings; see docs in edge_agent/agent.example.yaml."""
 
@@ -52,7 +187,23 @@ class AgentConfig(BaseSettings):
     state_dir: Path
     cloud: CloudLink = Field(default_factory=CloudLink)
     reconnect: ReconnectPolicy = Field(default_factory=ReconnectPolicy)
+    mqtt: MqttLink = Field(default_factory=MqttLink)
+    assets: list[AssetConfig] = Field(default_factory=list)
+    ingest: IngestLimits = Field(default_factory=IngestLimits)
+    model: ModelChoice = Field(default_factory=ModelChoice)
+    batching: BatchingPolicy = Field(default_factory=BatchingPolicy)
+    decisions: DecisionPolicy = Field(default_factory=DecisionPolicy)
+    outbox: OutboxPolicy = Field(default_factory=OutboxPolicy)
+    sync: SyncPolicy = Field(default_factory=SyncPolicy)
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _unique_assets(self) -> AgentConfig:
+        names = [a.name for a in self.assets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"assets: duplicate names {duplicates}")
+        return self
 
 
 def load_agent_config(path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edge_agent.bundle import Manifest
 from edge_agent.calibration import (
     DecisionParams,
     SiteCalibration,
@@ -47,6 +48,19 @@ class ModelFrame:
     decision: DecisionParams
 
 
+def frame_of(manifest: Manifest) -> ModelFrame:
+    """The scoring frame a bundle's manifest describes."""
+    center = np.asarray(manifest.normalisation.center, dtype=np.float32)
+    scale = np.asarray(manifest.normalisation.scale, dtype=np.float32)
+    return ModelFrame(
+        window=manifest.window.length,
+        net_center=center,
+        net_scale=scale,
+        training_scale=scale,
+        decision=DecisionParams(**manifest.decision.model_dump()),
+    )
+
+
 @dataclass(frozen=True)
 class SlotScores:
     """Per grid slot from the first scored slot on: smoothed score, flag, contributions."""
@@ -58,16 +72,19 @@ class SlotScores:
     calibration: SiteCalibration
 
 
-def calibrate_and_score(
+def calibrate(
     model: WindowModel, frame: ModelFrame, series: AlignedSeries, calibration_slots: int
-) -> SlotScores:
-    """Calibrate on slots [0, calibration_slots), score every slot from there on."""
+) -> tuple[SiteCalibration, FloatArray, IndexArray, tuple[FloatArray, FloatArray, FloatArray]]:
+    """Fit the site calibration on slots [0, calibration_slots) of `series`.
+
+    Returns the calibration, the raw scores of the calibration windows (they seed the
+    smoothing), and the window ends and outputs it ran (so a caller scoring the same series
+    need not run them twice)."""
     if calibration_slots < 2:
         raise InvalidInput(f"calibration needs at least 2 rows, got {calibration_slots}")
-    if calibration_slots >= series.slots:
+    if calibration_slots > series.slots:
         raise InvalidInput(
-            f"calibration stretch ({calibration_slots} slots) leaves nothing to score "
-            f"({series.slots} slots)"
+            f"calibration needs {calibration_slots} slots, the series has {series.slots}"
         )
     center, scale = fit_input_normalisation(
         series.values[:calibration_slots],
@@ -77,13 +94,29 @@ def calibrate_and_score(
     )
     cal_first = min(frame.window - 1, calibration_slots - 1)
     ends = np.arange(cal_first, series.slots, dtype=np.int64)
-    prob, residual, contribution = run_windows(model, frame, series, ends, center, scale)
+    outputs = run_windows(model, frame, series, ends, center, scale)
     in_cal = ends < calibration_slots
-    residual_scale = fit_residual_scale(residual[in_cal], frame.decision.residual_quantile)
-    raw = fault_score(prob, residual, residual_scale, frame.decision)
-    smoothed = smooth_causal(raw, frame.decision.smoothing)
-    scored = ~in_cal
+    residual_scale = fit_residual_scale(outputs[1][in_cal], frame.decision.residual_quantile)
     calibration = SiteCalibration(center, scale, residual_scale, calibration_slots)
+    raw = fault_score(outputs[0][in_cal], outputs[1][in_cal], residual_scale, frame.decision)
+    return calibration, raw, ends, outputs
+
+
+def calibrate_and_score(
+    model: WindowModel, frame: ModelFrame, series: AlignedSeries, calibration_slots: int
+) -> SlotScores:
+    """Calibrate on slots [0, calibration_slots), score every slot from there on."""
+    if calibration_slots >= series.slots:
+        raise InvalidInput(
+            f"calibration stretch ({calibration_slots} slots) leaves nothing to score "
+            f"({series.slots} slots)"
+        )
+    calibration, _, ends, (prob, residual, contribution) = calibrate(
+        model, frame, series, calibration_slots
+    )
+    raw = fault_score(prob, residual, calibration.residual_scale, frame.decision)
+    smoothed = smooth_causal(raw, frame.decision.smoothing)
+    scored = ends >= calibration_slots
     return SlotScores(
         first_slot=calibration_slots,
         score=smoothed[scored],

@@ -19,10 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloud.model.data import list_data_files, read_header, read_table
 from cloud.model.metrics import Counts
 from edge_agent.bundle import Manifest, unpack_tar, verify_bundle
-from edge_agent.calibration import DecisionParams
 from edge_agent.errors import InvalidInput
 from edge_agent.inference.base import open_backend
-from edge_agent.scoring import ModelFrame, WindowModel, calibrate_and_score, row_scores
+from edge_agent.scoring import ModelFrame, WindowModel, calibrate_and_score, frame_of, row_scores
 from edge_agent.windowing import FloatArray, align_to_grid
 
 
@@ -47,18 +46,6 @@ def open_bundle_dir(bundle: Path, key: ed25519.Ed25519PublicKey) -> Iterator[tup
     if not bundle.is_dir():
         raise InvalidInput(f"{bundle}: no such bundle (directory or .tar)")
     yield bundle, verify_bundle(bundle, key)
-
-
-def frame_of(manifest: Manifest) -> ModelFrame:
-    center = np.asarray(manifest.normalisation.center, dtype=np.float32)
-    scale = np.asarray(manifest.normalisation.scale, dtype=np.float32)
-    return ModelFrame(
-        window=manifest.window.length,
-        net_center=center,
-        net_scale=scale,
-        training_scale=scale,
-        decision=DecisionParams(**manifest.decision.model_dump()),
-    )
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloud.model.backtest import LoadedModel, frame_of, score_file
+from cloud.model.backtest import LoadedModel, score_file
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
 from cloud.model.data import list_data_files, read_header, read_table
 from cloud.model.metrics import Counts
@@ -30,6 +30,7 @@ from edge_agent.bundle import Manifest, Variant, sha256_file
 from edge_agent.calibration import fit_input_normalisation, to_network_space
 from edge_agent.errors import FailedPrecondition, InvalidInput
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
+from edge_agent.scoring import frame_of
 from edge_agent.windowing import align_to_grid, windows_ending_at
 
 MAX_CALIBRATION_WINDOWS = 512

@@ -1,0 +1,1 @@
+"""From MQTT messages to aligned sensor rows: decoding, routing, streaming alignment."""

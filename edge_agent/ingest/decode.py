@@ -1,0 +1,330 @@
+"""Payload decoding: MQTT message -> readings of one asset, or a counted drop.
+
+Accepted payloads (JSON, UTF-8):
+
+- one reading, sensor from the topic's last level: ``{"ts": 1700000000.5, "value": 3.2}``
+  (``"sensor"`` in the object overrides the topic);
+- arrays for one sensor (topic's last level): ``{"ts": [t0, t1, ...], "values": [v0, v1, ...]}``;
+- arrays for several sensors at shared times: ``{"ts": [...], "values": {"flow": [...], ...}}``;
+- a list of readings: ``[{"sensor": "flow", "ts": t, "value": v}, ...]``.
+
+Timestamps are epoch seconds (numbers above 1e11 are taken as milliseconds) or ISO 8601 text
+(no zone means UTC). Everything else is dropped and counted by reason; nothing here raises on
+input. Decoding runs in the MQTT network thread, so it only decodes and hands rows on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from paho.mqtt.client import topic_matches_sub
+
+from edge_agent.config import AssetConfig, IngestLimits
+from edge_agent.windowing import TimeArray
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = (
+    "oversized",  # payload larger than ingest.max_payload_bytes
+    "not_json",  # not UTF-8 JSON
+    "bad_shape",  # JSON, but none of the accepted forms (or arrays of unequal length)
+    "bad_type",  # a value that is not a number
+    "non_finite",  # NaN or infinity
+    "bad_timestamp",  # a timestamp that is neither a number nor ISO 8601 text
+    "ts_future",  # further ahead of this device's clock than ingest.max_future_s
+    "ts_past",  # older than ingest.max_past_s
+    "unknown_topic",  # no asset subscribes to it (a broker-side wildcard overlap)
+    "unknown_sensor",  # the model has no such sensor for the asset
+    "no_model",  # nothing to window for yet: no model installed
+    "late",  # older than a grid slot that already closed
+    "duplicate",  # same sensor and timestamp again
+)
+MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
+_CACHE_LIMIT = 65_536
+_LOG_EVERY_S = 60.0
+_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a topic's readings go: asset index and the sensor its last level names (or -1)."""
+
+    asset: int
+    topic_sensor: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Readings of one sensor of one asset: `ts` and `values` are equal-length float arrays."""
+
+    asset: int
+    sensor: int
+    ts: TimeArray
+    values: TimeArray
+
+
+# A decoded message: a single reading (asset, sensor, ts, value) or chunks.
+Single = tuple[int, int, float, float]
+Decoded = Single | list[Chunk]
+
+
+class TopicRoutes:
+    """Maps topics to assets and sensor slots of the model schema; cached per topic."""
+
+    def __init__(self, assets: Sequence[AssetConfig], schema: Sequence[str] | None) -> None:
+        self.assets = list(assets)
+        self.schema = tuple(schema) if schema is not None else None
+        index = {name: i for i, name in enumerate(self.schema or ())}
+        self._sensor: list[dict[str, int]] = []
+        for asset in self.assets:
+            names = dict(index)
+            for wire, model_name in asset.sensors.items():
+                names[wire] = index.get(model_name, -1)
+            self._sensor.append(names)
+        self._cache: dict[str, Route | None] = {}
+
+    def sensor(self, asset: int, wire_name: str) -> int:
+        """The schema slot of a sensor name as it appears on the wire; -1 if unknown."""
+        return self._sensor[asset].get(wire_name, -1)
+
+    def route(self, topic: str) -> Route | None:
+        cached = self._cache.get(topic, False)
+        if cached is not False:
+            return cached  # type: ignore[return-value]
+        found: Route | None = None
+        for i, asset in enumerate(self.assets):
+            if any(topic_matches_sub(pattern, topic) for pattern in asset.topics):
+                found = Route(i, self.sensor(i, topic.rsplit("/", 1)[-1]))
+                break
+        if len(self._cache) < _CACHE_LIMIT:  # a flood of random topics must not grow memory
+            self._cache[topic] = found
+        return found
+
+
+class Decoder:
+    """Decodes payloads and counts every drop by reason (`drops`, read by the health report)."""
+
+    def __init__(
+        self, routes: TopicRoutes, limits: IngestLimits, clock: object = time.time
+    ) -> None:
+        self.routes = routes
+        self.limits = limits
+        self.clock = clock
+        self.drops: Counter[str] = Counter()
+        self.accepted = 0
+        self._last_logged: dict[str, float] = {}
+
+    def drop(self, reason: str, topic: str, payload: bytes | str, n: int = 1) -> None:
+        self.drops[reason] += n
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_logged[reason] = now
+            sample = payload[:120] if isinstance(payload, bytes | str) else b""
+            log.warning(
+                "dropped input (%s) on %r, e.g. %r; further drops of this kind are counted "
+                "in the health report",
+                reason,
+                topic,
+                sample,
+            )
+
+    def decode(self, topic: str, payload: bytes) -> Decoded | None:
+        """Readings of one message, or None when all of it was dropped (and counted)."""
+        if len(payload) > self.limits.max_payload_bytes:
+            self.drop("oversized", topic, payload[:120])
+            return None
+        route = self.routes.route(topic)
+        if route is None:
+            self.drop("unknown_topic", topic, payload)
+            return None
+        if self.routes.schema is None:
+            self.drop("no_model", topic, payload)
+            return None
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.drop("not_json", topic, payload)
+            return None
+        now = self.clock()  # type: ignore[operator]
+        if isinstance(doc, dict):
+            if "value" in doc:
+                return self._single(topic, payload, route, doc, now)
+            if "values" in doc:
+                return self._arrays(topic, payload, route, doc, now)
+        elif isinstance(doc, list):
+            return self._list(topic, payload, route, doc, now)
+        self.drop("bad_shape", topic, payload)
+        return None
+
+    # ---- forms ----
+    def _single(
+        self, topic: str, payload: bytes, route: Route, doc: dict[str, object], now: float
+    ) -> Single | None:
+        sensor = route.topic_sensor
+        if "sensor" in doc:
+            name = doc["sensor"]
+            if not isinstance(name, str):
+                self.drop("bad_shape", topic, payload)
+                return None
+            sensor = self.routes.sensor(route.asset, name)
+        reason, ts, value = self._reading(sensor, doc.get("ts"), doc["value"], now)
+        if reason:
+            self.drop(reason, topic, payload)
+            return None
+        self.accepted += 1
+        return (route.asset, sensor, ts, value)
+
+    def _arrays(
+        self, topic: str, payload: bytes, route: Route, doc: dict[str, object], now: float
+    ) -> list[Chunk] | None:
+        raw_ts, raw_values = doc.get("ts"), doc["values"]
+        if not isinstance(raw_ts, list) or not raw_ts:
+            self.drop("bad_shape", topic, payload)
+            return None
+        series: list[tuple[int, object]]
+        if isinstance(raw_values, list):
+            series = [(route.topic_sensor, raw_values)]
+        elif isinstance(raw_values, dict) and raw_values:
+            series = [
+                (self.routes.sensor(route.asset, str(name)), column)
+                for name, column in raw_values.items()
+            ]
+        else:
+            self.drop("bad_shape", topic, payload)
+            return None
+        ts = self._times(raw_ts)
+        if ts is None:
+            self.drop("bad_timestamp", topic, payload, len(raw_ts))
+            return None
+        time_ok = self._time_reasons(ts, now, topic, payload)
+        chunks: list[Chunk] = []
+        for sensor, column in series:
+            if not isinstance(column, list) or len(column) != len(raw_ts):
+                self.drop("bad_shape", topic, payload)
+                continue
+            if sensor < 0:
+                self.drop("unknown_sensor", topic, payload, len(column))
+                continue
+            values = self._numbers(column, topic, payload)
+            if values is None:
+                continue
+            keep = time_ok & np.isfinite(values)
+            bad_values = int((time_ok & ~np.isfinite(values)).sum())
+            if bad_values:
+                self.drop("non_finite", topic, payload, bad_values)
+            kept = int(keep.sum())
+            if kept:
+                self.accepted += kept
+                chunks.append(Chunk(route.asset, sensor, ts[keep], values[keep]))
+        return chunks or None
+
+    def _list(
+        self, topic: str, payload: bytes, route: Route, doc: list[object], now: float
+    ) -> list[Chunk] | None:
+        if not doc:
+            self.drop("bad_shape", topic, payload)
+            return None
+        by_sensor: dict[int, tuple[list[float], list[float]]] = {}
+        for item in doc:
+            if not isinstance(item, dict) or "value" not in item:
+                self.drop("bad_shape", topic, payload)
+                continue
+            name = item.get("sensor")
+            if name is None:
+                sensor = route.topic_sensor
+            elif isinstance(name, str):
+                sensor = self.routes.sensor(route.asset, name)
+            else:
+                self.drop("bad_shape", topic, payload)
+                continue
+            reason, ts, value = self._reading(sensor, item.get("ts"), item["value"], now)
+            if reason:
+                self.drop(reason, topic, payload)
+                continue
+            times, values = by_sensor.setdefault(sensor, ([], []))
+            times.append(ts)
+            values.append(value)
+        chunks = [
+            Chunk(route.asset, s, np.asarray(t, dtype=np.float64), np.asarray(v, dtype=np.float64))
+            for s, (t, v) in by_sensor.items()
+        ]
+        self.accepted += sum(c.ts.size for c in chunks)
+        return chunks or None
+
+    # ---- fields ----
+    def _reading(
+        self, sensor: int, raw_ts: object, raw_value: object, now: float
+    ) -> tuple[str, float, float]:
+        if sensor < 0:
+            return "unknown_sensor", 0.0, 0.0
+        if type(raw_value) not in _NUMBER:  # bool is not a reading
+            return "bad_type", 0.0, 0.0
+        value = float(raw_value)  # type: ignore[arg-type]
+        if not math.isfinite(value):
+            return "non_finite", 0.0, 0.0
+        ts = parse_timestamp(raw_ts)
+        if ts is None:
+            return "bad_timestamp", 0.0, 0.0
+        if ts > now + self.limits.max_future_s:
+            return "ts_future", 0.0, 0.0
+        if ts < now - self.limits.max_past_s:
+            return "ts_past", 0.0, 0.0
+        return "", ts, value
+
+    def _times(self, raw: list[object]) -> TimeArray | None:
+        if all(type(t) in _NUMBER for t in raw):
+            ts = np.asarray(raw, dtype=np.float64)
+            ms = ts > MS_THRESHOLD
+            if ms.any():
+                ts = np.where(ms, ts / 1000.0, ts)
+        else:
+            parsed = [parse_timestamp(t) for t in raw]
+            if any(t is None for t in parsed):
+                return None
+            ts = np.asarray(parsed, dtype=np.float64)
+        return ts if np.isfinite(ts).all() else None
+
+    def _time_reasons(self, ts: TimeArray, now: float, topic: str, payload: bytes) -> np.ndarray:
+        future = ts > now + self.limits.max_future_s
+        past = ts < now - self.limits.max_past_s
+        if future.any():
+            self.drop("ts_future", topic, payload, int(future.sum()))
+        if past.any():
+            self.drop("ts_past", topic, payload, int(past.sum()))
+        ok: np.ndarray = ~(future | past)
+        return ok
+
+    def _numbers(self, column: list[object], topic: str, payload: bytes) -> TimeArray | None:
+        """Floats of a column; a column with any non-number is dropped whole (counted per
+        value), since its positions can no longer be trusted to match the timestamps."""
+        kinds = set(map(type, column))
+        if not kinds <= {int, float}:
+            self.drop("bad_type", topic, payload, len(column))
+            return None
+        return np.asarray(column, dtype=np.float64)
+
+
+def parse_timestamp(raw: object) -> float | None:
+    """Epoch seconds from a number (ms above 1e11) or ISO 8601 text; None if neither."""
+    if type(raw) in _NUMBER:
+        ts = float(raw)  # type: ignore[arg-type]
+        if not math.isfinite(ts):
+            return None
+        return ts / 1000.0 if ts > MS_THRESHOLD else ts
+    if isinstance(raw, str) and 0 < len(raw) <= 40:
+        try:
+            parsed = dt.datetime.fromisoformat(raw)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        return parsed.timestamp()
+    return None

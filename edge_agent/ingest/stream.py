@@ -1,0 +1,159 @@
+"""Streaming alignment: readings in any order -> closed grid rows, the way `align_to_grid` does
+it offline.
+
+Slot g of the grid sits at time g * period (an absolute grid, the same on every restart). A
+slot's value per sensor is the latest reading at or before its time, valid (mask 1) when at
+most `max_staleness_s` old. A slot closes once the newest reading of the asset is
+`lateness_s` past it; a reading that would change a closed slot is late, and dropped.
+Out-of-order readings within the lateness are sorted in; a repeated (sensor, timestamp)
+keeps the first value.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.windowing import FloatArray, TimeArray
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class ClosedRows:
+    """Rows of consecutive slots `first_slot ...`; `gap` when slots were skipped before them."""
+
+    first_slot: int
+    values: FloatArray  # [K, N]
+    mask: FloatArray  # [K, N]
+    gap: bool
+
+
+class StreamAligner:
+    """One asset's pending readings and grid position. Not thread-safe: one thread feeds it."""
+
+    def __init__(
+        self,
+        sensors: int,
+        period_s: float,
+        max_staleness_s: float,
+        lateness_s: float,
+        max_gap_slots: int,
+    ) -> None:
+        self.n = sensors
+        self.period = period_s
+        self.staleness = max_staleness_s
+        self.lateness = lateness_s
+        self.max_gap_slots = max(1, max_gap_slots)
+        self._t: list[list[float]] = [[] for _ in range(sensors)]
+        self._v: list[list[float]] = [[] for _ in range(sensors)]
+        self._unsorted = [False] * sensors
+        self._last_t = [-math.inf] * sensors
+        self._last_v = [0.0] * sensors
+        self.next_slot: int | None = None  # first slot not closed yet
+        self.watermark = -math.inf
+        self.counts: Counter[str] = Counter()
+        self.readings = 0
+
+    def _closed_time(self) -> float:
+        return -math.inf if self.next_slot is None else (self.next_slot - 1) * self.period
+
+    def add(self, sensor: int, ts: float, value: float) -> None:
+        if ts <= self._closed_time() + EPS:
+            self.counts["duplicate" if ts == self._last_t[sensor] else "late"] += 1
+            return
+        times = self._t[sensor]
+        if times:
+            last = times[-1]
+            if ts == last:
+                self.counts["duplicate"] += 1
+                return
+            if ts < last:
+                self._unsorted[sensor] = True
+                self.counts["out_of_order"] += 1
+        times.append(ts)
+        self._v[sensor].append(value)
+        self.readings += 1
+        if ts > self.watermark:
+            self.watermark = ts
+
+    def add_many(self, sensor: int, ts: TimeArray, values: TimeArray) -> None:
+        late = ts <= self._closed_time() + EPS
+        if late.any():
+            self.counts["late"] += int(late.sum())
+            ts, values = ts[~late], values[~late]
+        if ts.size == 0:
+            return
+        times = self._t[sensor]
+        if (times and ts[0] <= times[-1]) or (ts.size > 1 and bool((np.diff(ts) <= 0).any())):
+            self._unsorted[sensor] = True  # sorted and de-duplicated when the slot closes
+        times.extend(ts.tolist())
+        self._v[sensor].extend(values.tolist())
+        self.readings += int(ts.size)
+        top = float(ts.max())
+        if top > self.watermark:
+            self.watermark = top
+
+    def close_ready(self) -> ClosedRows | None:
+        """Closes every slot the watermark has passed by the lateness; None if none."""
+        if self.watermark == -math.inf:
+            return None
+        last = math.floor((self.watermark - self.lateness) / self.period + EPS)
+        if self.next_slot is None:
+            for j in range(self.n):
+                if self._unsorted[j]:
+                    self._sort(j)
+            earliest = min((t[0] for t in self._t if t), default=self.watermark)
+            self.next_slot = math.ceil(earliest / self.period - EPS)
+        if last < self.next_slot:
+            return None
+        gap = False
+        if last - self.next_slot + 1 > self.max_gap_slots:
+            skip_to = last - self.max_gap_slots + 1
+            self.counts["gap_slots"] += skip_to - self.next_slot
+            self._consume_until((skip_to - 1) * self.period)
+            self.next_slot = skip_to
+            gap = True
+        for j in range(self.n):
+            if self._unsorted[j]:
+                self._sort(j)
+        count = last - self.next_slot + 1
+        values = np.empty((count, self.n), dtype=np.float32)
+        mask = np.empty((count, self.n), dtype=np.float32)
+        for k in range(count):
+            grid = (self.next_slot + k) * self.period
+            self._consume_until(grid)
+            for j in range(self.n):
+                values[k, j] = self._last_v[j]
+                mask[k, j] = 1.0 if grid - self._last_t[j] <= self.staleness + EPS else 0.0
+        rows = ClosedRows(self.next_slot, values, mask, gap)
+        self.next_slot = last + 1
+        return rows
+
+    def _consume_until(self, grid: float) -> None:
+        limit = grid + EPS
+        for j in range(self.n):
+            times = self._t[j]
+            if times and times[0] <= limit:
+                k = bisect_right(times, limit)
+                self._last_t[j] = times[k - 1]
+                self._last_v[j] = self._v[j][k - 1]
+                del times[:k]
+                del self._v[j][:k]
+
+    def _sort(self, j: int) -> None:
+        pairs = sorted(zip(self._t[j], self._v[j], strict=True), key=lambda p: p[0])
+        times: list[float] = []
+        values: list[float] = []
+        for t, v in pairs:  # stable sort: the first of equal timestamps was received first
+            if times and t == times[-1]:
+                self.counts["duplicate"] += 1
+                continue
+            times.append(t)
+            values.append(v)
+        self._t[j], self._v[j] = times, values
+        self._unsorted[j] = False
