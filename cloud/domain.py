@@ -100,3 +100,45 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
 
 def matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One scored window a device synced (stored once per device and sequence)."""
+
+    device_id: str
+    sequence: int
+    asset: str
+    window_start: dt.datetime
+    window_end: dt.datetime
+    score: float
+    anomalous: bool
+    model_version: str
+    contributions: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AlertEventRecord:
+    """An alert raised or cleared on a device (stored once per device and sequence)."""
+
+    device_id: str
+    sequence: int
+    alert_key: str
+    kind: str  # "raised" | "cleared"
+    asset: str
+    fault: str
+    score: float
+    top_sensors: list[tuple[str, float]]
+    window_start: dt.datetime
+    window_end: dt.datetime
+    raised_at: dt.datetime
+    model_version: str
+
+
+@dataclass(frozen=True)
+class StoredCount:
+    """What one batch of synced records did to the store."""
+
+    stored: int
+    duplicates: int
+    last_sequence: int

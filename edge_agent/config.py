@@ -122,6 +122,8 @@ class ModelChoice(BaseModel):
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     threads: int = Field(default=0, ge=0)  # ONNX Runtime intra-op threads; 0: its default
+    # This device's profile (e.g. jetson-orin-nx): picks the bundle's prebuilt TensorRT engine.
+    profile: str = ""
 
 
 class BatchingPolicy(BaseModel):

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,6 +24,7 @@ from edge_agent.errors import (
 )
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
+from edge_agent.sync import RecordSync
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class CloudSession:
         device_address: str = "",
         tls_server_name: str = "",
         on_control: Callable[[agent_pb2.ControlMessage], None] | None = None,
+        sync: RecordSync | None = None,
     ) -> None:
         self.identity = identity
         self.status = status
@@ -65,6 +67,7 @@ class CloudSession:
         self.address = device_address or identity.info.device_address
         self.tls_server_name = tls_server_name or identity.info.tls_server_name
         self.on_control = on_control
+        self.sync = sync
         self.stats = SessionStats()
         self.connected = False
         self._sent_at: dict[int, float] = {}
@@ -103,9 +106,19 @@ class CloudSession:
         ) as channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Session()
             reader: asyncio.Task[None] | None = None
+            sender: asyncio.Task[None] | None = None
+            lock = asyncio.Lock()  # one write at a time on the stream
+
+            async def send(message: agent_pb2.AgentMessage) -> None:
+                async with lock:
+                    await call.write(message)
+
             try:
                 hello = agent_pb2.Hello(
-                    agent_version=__version__, status=self.status(), host=self.host()
+                    agent_version=__version__,
+                    status=self.status(),
+                    host=self.host(),
+                    last_acked_sequence=self.sync.outbox.acked if self.sync else 0,
                 )
                 await call.write(agent_pb2.AgentMessage(hello=hello))
                 first = await call.read()
@@ -122,7 +135,10 @@ class CloudSession:
                     "session open as %s; heartbeat every %.1fs", accepted.device_name, interval
                 )
                 reader = asyncio.create_task(self._read(call))
-                await self._heartbeats(call, interval, stop, reader)
+                if self.sync is not None:
+                    await self.sync.on_accepted(accepted.last_stored_sequence)
+                    sender = asyncio.create_task(self.sync.run(send))
+                await self._heartbeats(send, interval, stop, reader, sender)
                 if reader.done():
                     reader.result()  # the server ended the stream: raise its status
                 else:
@@ -132,6 +148,10 @@ class CloudSession:
             finally:
                 self.connected = False
                 self._sent_at.clear()
+                if sender is not None and not sender.done():
+                    sender.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                        await sender
                 if reader is not None and not reader.done():
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
@@ -139,25 +159,29 @@ class CloudSession:
 
     async def _heartbeats(
         self,
-        call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+        send: Callable[[agent_pb2.AgentMessage], Awaitable[None]],
         interval: float,
         stop: asyncio.Event,
         reader: asyncio.Task[None],
+        sender: asyncio.Task[None] | None,
     ) -> None:
         seq = 0
         stopping = asyncio.create_task(stop.wait())
+        watched = {stopping, reader} | ({sender} if sender is not None else set())
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    {stopping, reader}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                    watched, timeout=interval, return_when=asyncio.FIRST_COMPLETED
                 )
+                if sender is not None and sender in done:
+                    sender.result()  # a failed write ends the session with its error
                 if done:
                     return
                 seq += 1
                 self._sent_at[seq] = time.monotonic()
                 beat = agent_pb2.Heartbeat(seq=seq, status=self.status())
                 beat.sent_at.GetCurrentTime()
-                await call.write(agent_pb2.AgentMessage(heartbeat=beat))
+                await send(agent_pb2.AgentMessage(heartbeat=beat))
                 self.stats.heartbeats_sent += 1
         finally:
             stopping.cancel()
@@ -174,5 +198,7 @@ class CloudSession:
                 if sent is not None:
                     self.stats.heartbeats_acked += 1
                     self.stats.ack_latencies_s.append(time.monotonic() - sent)
+            elif message.WhichOneof("body") == "batch_ack" and self.sync is not None:
+                self.sync.on_ack(message.batch_ack)
             elif self.on_control is not None:
                 self.on_control(message)

@@ -9,8 +9,10 @@ from typing import Any
 
 from grpc import aio
 
+from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
+from cloud.records import store_batch
 from cloud.service.peer import device_identity
 from cloud.service.sessions import LiveSession, SessionHub
 from edge_agent.errors import AutoglmError, InvalidInput
@@ -32,6 +34,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.presence = presence
         self.hub = hub
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.store = registry.store
 
     async def Session(
         self,
@@ -50,6 +53,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             status=hello.status,
             host=hello.host,
         )
+        last_stored = await asyncio.to_thread(self.store.last_record_sequence, device.id)
         live = self.hub.open(device.id)
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
         reader = asyncio.create_task(self._read(live, request_iterator))
@@ -59,6 +63,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     device_id=device.id,
                     device_name=device.name,
                     heartbeat_interval_seconds=self.heartbeat_interval_s,
+                    last_stored_sequence=last_stored,
                 )
             )
             while True:
@@ -91,6 +96,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                             heartbeat_ack=agent_pb2.HeartbeatAck(seq=message.heartbeat.seq)
                         )
                     )
+                elif kind == "records":
+                    ack = await asyncio.to_thread(
+                        store_batch, self.store, live.device_id, message.records, utc_now()
+                    )
+                    live.send(agent_pb2.ControlMessage(batch_ack=ack))
                 elif kind == "hello":
                     live.end(InvalidInput("hello may only be sent once per session"))
                     return
@@ -104,6 +114,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             live.send(_CLIENT_DONE)
         except asyncio.CancelledError:
             raise
+        except AutoglmError as exc:  # a bad batch, the store unavailable: the agent retries
+            log.warning("session of %s ended: %s", live.device_id, exc)
+            live.end(exc)
         except Exception as exc:  # noqa: BLE001 - the stream ends; the caller maps the error
             log.debug("session reader of %s ended: %s", live.device_id, exc)
             live.send(_CLIENT_DONE)

@@ -7,7 +7,14 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from cloud.domain import DeviceRecord, OperatorRecord, PresenceUpdate
+from cloud.domain import (
+    AlertEventRecord,
+    DeviceRecord,
+    OperatorRecord,
+    PredictionRecord,
+    PresenceUpdate,
+    StoredCount,
+)
 
 T = TypeVar("T")
 
@@ -66,6 +73,34 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def revoked_since(self, since: dt.datetime) -> list[str]:
         """Ids of devices revoked at or after `since` (for sessions held by other replicas)."""
+
+    # ---- synced records ----
+    @abc.abstractmethod
+    def store_records(
+        self,
+        device_id: str,
+        predictions: Sequence[PredictionRecord],
+        alerts: Sequence[AlertEventRecord],
+        now: dt.datetime,
+    ) -> StoredCount:
+        """Stores each (device, sequence) once, in one transaction: records stored before
+        are counted as duplicates and left as they were."""
+
+    @abc.abstractmethod
+    def last_record_sequence(self, device_id: str) -> int:
+        """The highest sequence stored for the device (0 when none)."""
+
+    @abc.abstractmethod
+    def list_predictions(
+        self, device_id: str, asset: str = "", since: dt.datetime | None = None, limit: int = 1000
+    ) -> list[PredictionRecord]:
+        """Newest last, by sequence."""
+
+    @abc.abstractmethod
+    def list_alert_events(
+        self, device_id: str = "", since: dt.datetime | None = None, limit: int = 1000
+    ) -> list[AlertEventRecord]:
+        """By device, then sequence."""
 
     # ---- operators ----
     @abc.abstractmethod

@@ -5,7 +5,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -74,3 +84,51 @@ class OperatorRow(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class PredictionRow(Base):
+    __tablename__ = "predictions"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    asset: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    score: Mapped[float] = mapped_column(Float)
+    anomalous: Mapped[bool] = mapped_column(Boolean)
+    model_version: Mapped[str] = mapped_column(String(64))
+    contributions: Mapped[dict[str, float]] = mapped_column(JSON)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class AlertEventRow(Base):
+    __tablename__ = "alert_events"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    alert_key: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    asset: Mapped[str] = mapped_column(String(64))
+    fault: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    top_sensors: Mapped[list[list[Any]]] = mapped_column(JSON)
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    raised_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    model_version: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class DeviceSyncRow(Base):
+    """Highest record sequence stored per device (what a reconnecting agent resumes after)."""
+
+    __tablename__ = "device_sync"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_sequence: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,189 @@
+"""The outbox: predictions and alert events waiting for the control plane, in SQLite (WAL).
+
+Every record gets the next sequence number when it is written; the control plane stores each
+(device, sequence) once and acknowledges "everything up to N", after which those rows go.
+The outbox is bounded in bytes: past the bound the oldest predictions are evicted (counted),
+alert events never are. Writes are committed with synchronous=FULL, so a record that was
+appended survives kill -9 and power loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.errors import LocalStateError
+
+log = logging.getLogger(__name__)
+
+PREDICTION = 1
+ALERT = 2
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_kind_seq ON records (kind, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_EVICT_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int
+    bytes: int
+    next_sequence: int
+    acked: int
+    evicted: int
+
+
+class Outbox:
+    """Thread-safe: the inference thread appends, the session's sync reads and acknowledges."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise LocalStateError(f"{path}: the outbox database cannot be opened: {exc}") from None
+        if check != "ok":
+            raise LocalStateError(f"{path}: the outbox database is damaged: {check}")
+        self._next = max(self._meta("next_seq", 1), self._max_seq() + 1)
+        self._acked = self._meta("acked", 0)
+        self._evicted = self._meta("evicted", 0)
+        self._depth, self._bytes = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
+        ).fetchone()
+
+    def _meta(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _max_seq(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
+
+    def append(self, records: Sequence[tuple[int, bytes]]) -> list[int]:
+        """Appends (kind, body) records in one transaction; returns their sequence numbers.
+
+        `body` must not contain the sequence; the caller's encoder adds it when sending."""
+        if not records:
+            return []
+        with self._lock:
+            first = self._next
+            rows = [(first + i, kind, body) for i, (kind, body) in enumerate(records)]
+            added = sum(len(body) for _, body in records)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
+                self._set_meta("next_seq", first + len(rows))
+                evicted, freed = self._evict_locked(self._bytes + added)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise LocalStateError(f"{self.path}: cannot write the outbox: {exc}") from None
+            self._next = first + len(rows)
+            self._depth += len(rows) - evicted
+            self._bytes += added - freed
+            self._evicted += evicted
+            self._changed.notify_all()
+            return [seq for seq, _, _ in rows]
+
+    def _evict_locked(self, total: int) -> tuple[int, int]:
+        """Deletes the oldest predictions until `total` bytes fit (inside the transaction)."""
+        evicted = freed = 0
+        while total - freed > self.max_bytes:
+            victims = self._db.execute(
+                "SELECT seq, LENGTH(body) FROM records WHERE kind = ? ORDER BY seq LIMIT ?",
+                (PREDICTION, _EVICT_CHUNK),
+            ).fetchall()
+            if not victims:
+                log.warning(
+                    "outbox %s holds %d bytes of alert events, over its %d-byte bound; alert "
+                    "events are never evicted",
+                    self.path,
+                    total - freed,
+                    self.max_bytes,
+                )
+                break
+            take = []
+            for seq, size in victims:
+                take.append((seq,))
+                freed += size
+                evicted += 1
+                if total - freed <= self.max_bytes:
+                    break
+            self._db.executemany("DELETE FROM records WHERE seq = ?", take)
+        if evicted:
+            self._set_meta("evicted", self._evicted + evicted)
+        return evicted, freed
+
+    def pending(self, after: int, limit: int) -> list[tuple[int, int, bytes]]:
+        """Up to `limit` (seq, kind, body) records with seq > after, oldest first."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT seq, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+
+    def wait_for_records(self, after: int, timeout: float) -> bool:
+        """Blocks until a record with seq > after exists (True) or `timeout` passes."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._next - 1 > after, timeout)
+
+    def ack(self, up_to: int) -> int:
+        """The control plane stored everything up to `up_to`: delete it. Returns rows deleted."""
+        with self._lock:
+            if up_to <= self._acked:
+                return 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                freed, deleted = self._db.execute(
+                    "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM records WHERE seq <= ?",
+                    (up_to,),
+                ).fetchone()
+                self._db.execute("DELETE FROM records WHERE seq <= ?", (up_to,))
+                self._set_meta("acked", up_to)
+                if up_to >= self._next:  # the control plane knows higher numbers: never reuse
+                    self._next = up_to + 1
+                    self._set_meta("next_seq", self._next)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
+            self._acked = up_to
+            self._depth -= deleted
+            self._bytes -= freed
+            return int(deleted)
+
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return OutboxStats(self._depth, self._bytes, self._next, self._acked, self._evicted)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

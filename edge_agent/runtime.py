@@ -1,0 +1,490 @@
+"""The agent's data path on site: MQTT -> decode -> align -> calibrate -> batched inference ->
+decisions -> local alerts and the outbox.
+
+Threads: paho's network thread decodes and enqueues; the pipeline thread aligns readings
+and cuts windows; the inference thread batches windows across assets, scores them and
+decides. Each piece of state belongs to one thread; they meet only in queues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from edge_agent.batching import InferenceWorker, WindowJob, percentile
+from edge_agent.calibration import SiteCalibration, fault_score, to_network_space
+from edge_agent.config import AgentConfig, AssetConfig
+from edge_agent.decisions import AlertEvent, AssetDecider, Verdict, sensor_evidence
+from edge_agent.errors import AutoglmError
+from edge_agent.files import replace_atomically
+from edge_agent.inference.base import InferenceBackend, Outputs
+from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
+from edge_agent.ingest.mqtt import MqttConnection
+from edge_agent.ingest.stream import ClosedRows, StreamAligner
+from edge_agent.outbox import ALERT, PREDICTION, Outbox
+from edge_agent.scoring import calibrate
+from edge_agent.serving import ServingModel
+from edge_agent.windowing import AlignedSeries
+from protos.autoglm.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+_DRAIN = 5000
+
+
+class CalibrationStore:
+    """Site calibrations per (model version, asset), so a restart does not recalibrate."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, version: str, asset: str) -> Path:
+        return self.directory / version / f"{asset}.json"
+
+    def load(
+        self, version: str, asset: str, sensors: tuple[str, ...]
+    ) -> tuple[SiteCalibration, list[float]] | None:
+        path = self._path(version, asset)
+        try:
+            doc = json.loads(path.read_text())
+            if tuple(doc["sensors"]) != sensors:
+                return None
+            cal = SiteCalibration(
+                np.asarray(doc["input_center"], dtype=np.float32),
+                np.asarray(doc["input_scale"], dtype=np.float32),
+                np.asarray(doc["residual_scale"], dtype=np.float32),
+                int(doc["rows"]),
+            )
+            return cal, [float(x) for x in doc["seed"]]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable calibration (%s); calibrating again", path, exc)
+            return None
+
+    def save(
+        self,
+        version: str,
+        asset: str,
+        sensors: tuple[str, ...],
+        cal: SiteCalibration,
+        seed: list[float],
+    ) -> None:
+        doc = {
+            "model_version": version,
+            "asset": asset,
+            "sensors": list(sensors),
+            "input_center": cal.input_center.tolist(),
+            "input_scale": cal.input_scale.tolist(),
+            "residual_scale": cal.residual_scale.tolist(),
+            "rows": cal.rows,
+            "seed": seed,
+        }
+        path = self._path(version, asset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, json.dumps(doc, indent=1).encode(), 0o644)
+
+
+class AssetRunner:
+    """One asset in the pipeline thread: aligned rows -> calibration rows or windows."""
+
+    def __init__(self, index: int, name: str, model: ServingModel, lateness_s: float) -> None:
+        spec = model.spec
+        self.index = index
+        self.name = name
+        self.model = model
+        n = model.schema.size
+        self.calibration_rows = model.manifest.calibration_rows
+        self.aligner = StreamAligner(
+            n,
+            spec.period_s,
+            spec.max_staleness_s,
+            lateness_s,
+            max_gap_slots=max(spec.length, self.calibration_rows),
+        )
+        self.length = spec.length
+        self.ring_v = np.zeros((spec.length, n), dtype=np.float32)
+        self.ring_m = np.zeros((spec.length, n), dtype=np.float32)
+        self.pos = 0
+        self.filled = 0
+        # Written by the inference thread when calibration ends; read here.
+        self.calibration: SiteCalibration | None = None
+        self.restart_calibration = False
+        self._calibrating = False
+        self._cal_v: list[np.ndarray] = []
+        self._cal_m: list[np.ndarray] = []
+        self._cal_first_slot = 0
+        self.windows_skipped = 0
+
+    def feed(
+        self,
+        rows: ClosedRows,
+        emit: Callable[[WindowJob], None],
+        start_calibration: Callable[[AssetRunner, AlignedSeries], None],
+    ) -> None:
+        spec = self.model.spec
+        if self.restart_calibration:
+            self.restart_calibration = False
+            self._calibrating = False
+            self._cal_v, self._cal_m = [], []
+        for k in range(rows.values.shape[0]):
+            slot = rows.first_slot + k
+            self.ring_v[self.pos] = rows.values[k]
+            self.ring_m[self.pos] = rows.mask[k]
+            self.pos = (self.pos + 1) % self.length
+            self.filled += 1
+            cal = self.calibration
+            if cal is None:
+                if not self._calibrating:
+                    if not self._cal_v:
+                        self._cal_first_slot = slot
+                    self._cal_v.append(rows.values[k])
+                    self._cal_m.append(rows.mask[k])
+                    if len(self._cal_v) == self.calibration_rows:
+                        self._calibrating = True
+                        series = AlignedSeries(
+                            start=self._cal_first_slot * spec.period_s,
+                            period_s=spec.period_s,
+                            values=np.stack(self._cal_v),
+                            mask=np.stack(self._cal_m),
+                            row_slot=np.arange(self.calibration_rows, dtype=np.int64),
+                        )
+                        self._cal_v, self._cal_m = [], []
+                        start_calibration(self, series)
+                else:
+                    self.windows_skipped += 1
+                continue
+            if self.filled < self.length or slot % spec.stride != 0:
+                continue
+            order = (self.pos + np.arange(self.length)) % self.length
+            frame = self.model.frame
+            x = to_network_space(
+                self.ring_v[order],
+                cal.input_center,
+                cal.input_scale,
+                frame.net_center,
+                frame.net_scale,
+            )
+            emit(
+                WindowJob(
+                    asset=self.index,
+                    window=x,
+                    mask=self.ring_m[order],
+                    window_start=(slot - self.length + 1) * spec.period_s,
+                    window_end=slot * spec.period_s,
+                )
+            )
+
+
+@dataclass
+class RuntimeCounters:
+    windows_scored: int = 0
+    alerts_raised: int = 0
+    alerts_cleared: int = 0
+    predictions_kept: int = 0
+    errors: int = 0
+
+
+class EdgeRuntime:
+    """Ingest, inference and decisions for the assets of one agent."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        model: ServingModel | None,
+        outbox: Outbox,
+        client_id: str,
+        on_verdict: Callable[[Verdict], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.outbox = outbox
+        self.on_verdict = on_verdict
+        self.assets: list[AssetConfig] = list(config.assets)
+        self.counters = RuntimeCounters()
+        schema = model.schema.names if model is not None else None
+        self.routes = TopicRoutes(self.assets, schema)
+        self.decoder = Decoder(self.routes, config.ingest)
+        self._queue: queue.SimpleQueue[Decoded] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
+        self.calibrations = CalibrationStore(config.state_dir / "calibration")
+        self.runners: list[AssetRunner] = []
+        self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
+        self._kept_every: Counter[int] = Counter()
+        self._health_mark = (time.monotonic(), [0] * len(self.assets))
+        self.worker: InferenceWorker | None = None
+        if model is not None:
+            lateness = config.ingest.max_lateness_s or 2 * model.spec.period_s
+            self.runners = [
+                AssetRunner(i, a.name, model, lateness) for i, a in enumerate(self.assets)
+            ]
+            for runner in self.runners:
+                stored = self.calibrations.load(model.version, runner.name, model.schema.names)
+                if stored is not None:
+                    self._set_calibration(runner, *stored)
+            self.worker = InferenceWorker(
+                model.backend,
+                self._on_results,
+                config.batching.max_batch,
+                config.batching.max_wait_ms / 1000.0,
+            )
+        self.mqtt = MqttConnection(
+            config.mqtt,
+            client_id,
+            [t for a in self.assets for t in a.topics],
+            self.decoder.decode,
+            self._queue.put,
+        )
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        if self.worker is not None:
+            self.worker.start()
+        self._pipeline.start()
+        self.mqtt.start()
+
+    def stop(self) -> None:
+        """Stops ingest, then finishes the windows already cut, then stops inference."""
+        self.mqtt.stop()
+        self._stop.set()
+        self._pipeline.join(10)
+        if self.worker is not None:
+            self.worker.stop()
+
+    # ---- pipeline thread ----
+    def _run_pipeline(self) -> None:
+        while True:
+            try:
+                item: Decoded | None = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            touched: set[int] = set()
+            drained = 0
+            while item is not None:
+                try:
+                    self._add(item, touched)
+                except Exception:
+                    self.counters.errors += 1
+                    log.exception("pipeline failed on a decoded message; dropped")
+                drained += 1
+                if drained >= _DRAIN:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            for index in touched:
+                runner = self.runners[index]
+                rows = runner.aligner.close_ready()
+                if rows is not None:
+                    runner.feed(rows, self._emit, self._start_calibration)
+
+    def _add(self, item: Decoded, touched: set[int]) -> None:
+        if isinstance(item, tuple):
+            asset, sensor, ts, value = item
+            self.runners[asset].aligner.add(sensor, ts, value)
+            touched.add(asset)
+            return
+        for chunk in item:
+            assert isinstance(chunk, Chunk)
+            self.runners[chunk.asset].aligner.add_many(chunk.sensor, chunk.ts, chunk.values)
+            touched.add(chunk.asset)
+
+    def _emit(self, job: WindowJob) -> None:
+        assert self.worker is not None
+        self.worker.submit(job)
+
+    def _start_calibration(self, runner: AssetRunner, series: AlignedSeries) -> None:
+        model = self.model
+        assert model is not None and self.worker is not None
+
+        def task(backend: InferenceBackend) -> None:
+            try:
+                cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
+            except AutoglmError as exc:
+                log.warning("calibration of %s failed (%s); collecting again", runner.name, exc)
+                runner.restart_calibration = True
+                runner._calibrating = False
+                return
+            keep = max(0, model.frame.decision.smoothing - 1)
+            seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
+            self.calibrations.save(model.version, runner.name, model.schema.names, cal, seed)
+            log.info("calibrated %s on %d rows", runner.name, series.slots)
+            self._set_calibration(runner, cal, seed)
+
+        self.worker.submit(task)
+
+    def _set_calibration(
+        self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]
+    ) -> None:
+        assert self.model is not None
+        self.deciders[runner.index] = AssetDecider(
+            runner.name,
+            self.model.schema.names,
+            self.config.decisions,
+            self.model.frame.decision.smoothing,
+            self.model.version,
+            seed,
+        )
+        runner.calibration = cal  # last: the pipeline thread starts cutting windows after it
+
+    # ---- inference thread ----
+    def _on_results(self, jobs: Sequence[WindowJob], outputs: Outputs) -> None:
+        model = self.model
+        assert model is not None
+        prob, residual, contribution = outputs
+        decision = model.frame.decision
+        policy = self.config.decisions
+        records: list[tuple[int, bytes]] = []
+        for i, job in enumerate(jobs):
+            decider = self.deciders[job.asset]
+            cal = self.runners[job.asset].calibration
+            if decider is None or cal is None:
+                continue
+            raw = float(
+                fault_score(prob[i : i + 1], residual[i : i + 1], cal.residual_scale, decision)[0]
+            )
+            evidence = sensor_evidence(
+                float(prob[i]),
+                residual[i],
+                cal.residual_scale,
+                contribution[i],
+                decision.prob_threshold,
+                decision.residual_threshold,
+            )
+            verdict = decider.step(raw, evidence, job.window_start, job.window_end)
+            self.counters.windows_scored += 1
+            if verdict.event is not None:
+                self._publish_event(verdict.event)
+                records.append((ALERT, alert_record(verdict.event)))
+            every = self.config.outbox.prediction_every
+            self._kept_every[job.asset] += 1
+            if (
+                verdict.score >= policy.clear_at
+                or verdict.alerting
+                or self._kept_every[job.asset] % every == 1 % every
+            ):
+                records.append((PREDICTION, prediction_record(verdict, model.version)))
+                self.counters.predictions_kept += 1
+            if self.on_verdict is not None:
+                self.on_verdict(verdict)
+        if records:
+            self.outbox.append(records)
+
+    def _publish_event(self, event: AlertEvent) -> None:
+        prefix = self.config.mqtt.alert_prefix
+        raised = event.kind == "raised"
+        if raised:
+            self.counters.alerts_raised += 1
+        else:
+            self.counters.alerts_cleared += 1
+        self.mqtt.publish(f"{prefix}/alerts/{event.asset}", orjson.dumps(event.to_json()), qos=1)
+        state = {
+            "asset": event.asset,
+            "state": "fault" if raised else "normal",
+            "since": event.window_end,
+            "alert_key": event.key,
+            "score": round(event.score, 4),
+            "top_sensors": [s for s, _ in event.top_sensors],
+            "model_version": event.model_version,
+        }
+        self.mqtt.publish(f"{prefix}/state/{event.asset}", orjson.dumps(state), qos=1, retain=True)
+        log.warning(
+            "%s on %s: score %.2f, top sensors %s",
+            "FAULT" if raised else "cleared",
+            event.asset,
+            event.score,
+            ", ".join(s for s, _ in event.top_sensors),
+        )
+
+    # ---- health ----
+    def health(self, disk_free: int) -> agent_pb2.AgentHealth:
+        now = time.monotonic()
+        then, counts = self._health_mark
+        current = [r.aligner.readings for r in self.runners]
+        elapsed = max(now - then, 1e-6)
+        rates = {
+            r.name: (c - p) / elapsed
+            for r, c, p in zip(self.runners, current, counts, strict=False)
+        }
+        self._health_mark = (now, current or [0] * len(self.assets))
+        drops: Counter[str] = Counter(self.decoder.drops)
+        for r in self.runners:
+            drops["late"] += r.aligner.counts["late"]
+            drops["duplicate"] += r.aligner.counts["duplicate"]
+        stats = self.outbox.stats()
+        latencies = self.worker.latencies_ms if self.worker is not None else []
+        errors = self.counters.errors + (self.worker.errors if self.worker is not None else 0)
+        if stats.evicted:
+            drops["outbox_evicted"] = stats.evicted
+        return agent_pb2.AgentHealth(
+            ingest_rate_per_s=rates,
+            dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},
+            inference_latency_p50_ms=percentile(latencies, 50),
+            inference_latency_p99_ms=percentile(latencies, 99),
+            outbox_depth=stats.depth,
+            outbox_bytes=stats.bytes,
+            disk_free_bytes=disk_free,
+            windows_scored=self.counters.windows_scored,
+            alerts_raised=self.counters.alerts_raised,
+            errors=errors,
+        )
+
+
+_REPORTED = frozenset((*DROP_REASONS, "outbox_evicted"))
+
+
+def _stamp(message: object, seconds: float) -> None:
+    message.FromNanoseconds(round(seconds * 1e9))  # type: ignore[attr-defined]
+
+
+def prediction_record(verdict: Verdict, model_version: str) -> bytes:
+    record = agent_pb2.Record(
+        prediction=agent_pb2.Prediction(
+            asset=verdict.asset,
+            score=verdict.score,
+            anomalous=verdict.alerting,
+            model_version=model_version,
+            contributions={k: round(v, 4) for k, v in verdict.contributions.items()},
+        )
+    )
+    _stamp(record.prediction.window_start, verdict.window_start)
+    _stamp(record.prediction.window_end, verdict.window_end)
+    return record.SerializeToString()
+
+
+def alert_record(event: AlertEvent) -> bytes:
+    kind = (
+        agent_pb2.AlertEvent.KIND_RAISED
+        if event.kind == "raised"
+        else agent_pb2.AlertEvent.KIND_CLEARED
+    )
+    record = agent_pb2.Record(
+        alert=agent_pb2.AlertEvent(
+            alert_key=event.key,
+            kind=kind,
+            asset=event.asset,
+            fault=event.fault,
+            score=event.score,
+            top_sensors=[
+                agent_pb2.SensorContribution(sensor=s, contribution=c) for s, c in event.top_sensors
+            ],
+            model_version=event.model_version,
+        )
+    )
+    _stamp(record.alert.window_start, event.window_start)
+    _stamp(record.alert.window_end, event.window_end)
+    _stamp(record.alert.raised_at, event.raised_at)
+    return record.SerializeToString()

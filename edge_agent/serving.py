@@ -1,0 +1,205 @@
+"""Opening a verified bundle for serving: pick the variant and backend for this hardware,
+build and cache a TensorRT engine where the bundle has none for this profile, self-test."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from edge_agent.bundle import Manifest, Variant, unpack_tar, verify_bundle
+from edge_agent.config import ModelChoice
+from edge_agent.errors import InvalidInput, NotFound
+from edge_agent.inference.base import InferenceBackend, open_backend
+from edge_agent.scoring import ModelFrame, frame_of
+from edge_agent.selftest import check_golden
+from edge_agent.windowing import SensorSchema, WindowSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What inference can use on this machine."""
+
+    tensorrt: bool
+    cuda: bool
+
+    @staticmethod
+    def detect() -> Hardware:
+        cuda = False
+        if importlib.util.find_spec("onnxruntime") is not None:
+            import onnxruntime as ort
+
+            cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        return Hardware(tensorrt=importlib.util.find_spec("tensorrt") is not None, cuda=cuda)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How to run a bundle: backend kind, the variant, and whether the engine is built here."""
+
+    backend: str  # "onnxruntime" | "tensorrt"
+    variant: Variant
+    build_engine: bool = False
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        if self.backend == "tensorrt":
+            return f"tensorrt-{self.precision}"
+        return f"onnxruntime-{self.variant.precision}"
+
+
+def choose(manifest: Manifest, choice: ModelChoice, hw: Hardware) -> Choice:
+    """The variant and backend for this device (pure: tested without a GPU)."""
+    onnx = {v.precision: v for v in manifest.variants if v.format == "onnx"}
+    if "fp32" not in onnx:
+        raise InvalidInput(f"bundle {manifest.name}:{manifest.version} has no fp32 ONNX variant")
+    want_trt = choice.backend == "tensorrt" or (choice.backend == "auto" and hw.tensorrt)
+    if choice.backend == "tensorrt" and not hw.tensorrt:
+        raise InvalidInput(
+            "model.backend is tensorrt but TensorRT is not installed on this device; use auto "
+            "or onnxruntime"
+        )
+    if want_trt:
+        precision = "fp16" if choice.precision == "auto" else choice.precision
+        for v in manifest.variants:
+            if (
+                v.format == "tensorrt"
+                and v.precision == precision
+                and choice.profile
+                and v.target_profile == choice.profile
+            ):
+                return Choice("tensorrt", v, precision=precision)
+        source = onnx.get(precision if precision == "int8" else "fp32", onnx["fp32"])
+        return Choice("tensorrt", source, build_engine=True, precision=precision)
+    if choice.precision == "auto":
+        precision = "fp16" if hw.cuda and "fp16" in onnx else "fp32"
+    else:
+        precision = choice.precision
+    if precision not in onnx:
+        log.warning(
+            "bundle %s:%s has no %s ONNX variant; serving fp32",
+            manifest.name,
+            manifest.version,
+            precision,
+        )
+        precision = "fp32"
+    return Choice("onnxruntime", onnx[precision])
+
+
+@dataclass
+class ServingModel:
+    """A verified, self-tested bundle ready to score windows."""
+
+    directory: Path
+    manifest: Manifest
+    backend: InferenceBackend
+    choice: Choice
+    frame: ModelFrame
+    schema: SensorSchema
+    spec: WindowSpec
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def unpacked(bundle: Path, models_dir: Path) -> Path:
+    """The bundle's directory: as given, or a `.tar` unpacked under `models_dir`."""
+    if bundle.is_dir():
+        return bundle
+    if not bundle.is_file():
+        raise NotFound(f"model.bundle {bundle}: no such bundle (directory or .tar)")
+    target = models_dir / bundle.name.removesuffix(".tar")
+    if not (target / "manifest.json").is_file():
+        staging = models_dir / f".{target.name}.{os.getpid()}.tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        directory = unpack_tar(bundle, staging)
+        directory.rename(target)
+    return target
+
+
+def open_serving(
+    bundle: Path,
+    key: ed25519.Ed25519PublicKey,
+    choice: ModelChoice,
+    models_dir: Path,
+    engine_cache: Path,
+    hw: Hardware | None = None,
+) -> ServingModel:
+    """Verify (signature, digests), choose, open and self-test; nothing runs before all pass."""
+    directory = unpacked(bundle, models_dir)
+    manifest = verify_bundle(directory, key)
+    picked = choose(manifest, choice, hw or Hardware.detect())
+    if picked.backend == "tensorrt":
+        engine = _engine_path(directory, manifest, picked, engine_cache)
+        from edge_agent.inference.tensorrt import TensorRtBackend
+
+        backend: InferenceBackend = TensorRtBackend(engine)
+    else:
+        backend = open_backend(
+            "onnxruntime", directory, manifest, picked.variant.name, threads=choice.threads
+        )
+    try:
+        result = check_golden(directory, manifest, picked.variant, backend)
+    except Exception:
+        backend.close()
+        raise
+    log.info(
+        "serving %s:%s with %s (variant %s); self-test %s",
+        manifest.name,
+        manifest.version,
+        picked.label,
+        picked.variant.name,
+        result,
+    )
+    schema = SensorSchema(
+        tuple(s.name for s in manifest.sensors), tuple(s.unit for s in manifest.sensors)
+    )
+    spec = WindowSpec(
+        manifest.window.length,
+        manifest.window.stride,
+        manifest.sampling.period_s,
+        manifest.sampling.max_staleness_s,
+    )
+    return ServingModel(directory, manifest, backend, picked, frame_of(manifest), schema, spec)
+
+
+def _engine_path(directory: Path, manifest: Manifest, picked: Choice, cache: Path) -> Path:
+    """The bundle's engine for this profile, or one built from ONNX here and cached by the
+    ONNX file's digest, precision and TensorRT version."""
+    if not picked.build_engine:
+        return directory / picked.variant.file
+    import tensorrt
+
+    from edge_agent.inference.tensorrt import build_engine
+
+    cache.mkdir(parents=True, exist_ok=True)
+    name = f"{picked.variant.sha256[:24]}-{picked.precision}-trt{tensorrt.__version__}.plan"
+    engine = cache / name
+    if not engine.is_file():
+        log.info(
+            "building a TensorRT %s engine for %s (cached as %s)",
+            picked.precision,
+            manifest.version,
+            engine,
+        )
+        staging = engine.with_suffix(f".{os.getpid()}.tmp")
+        build_engine(
+            directory / picked.variant.file,
+            staging,
+            manifest.window.length,
+            len(manifest.sensors),
+            picked.precision,
+        )
+        staging.replace(engine)
+    return engine

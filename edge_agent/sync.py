@@ -1,0 +1,79 @@
+"""Outbox -> control plane over the session: numbered record batches, acknowledged.
+
+At least once on the wire, exactly once in the store: after a reconnect, sending resumes
+after the highest sequence the control plane says it stored (SessionAccepted), so records in
+flight when the link dropped are sent again and the control plane counts them as duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from edge_agent.outbox import Outbox
+from protos.autoglm.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.5
+
+
+@dataclass
+class SyncStats:
+    batches_sent: int = 0
+    records_sent: int = 0
+    acked_up_to: int = 0
+    stored: int = 0
+    duplicates: int = 0
+
+
+class RecordSync:
+    """One per agent; `run` is started by the session for each open stream."""
+
+    def __init__(self, outbox: Outbox, batch_records: int, max_in_flight: int) -> None:
+        self.outbox = outbox
+        self.batch_records = batch_records
+        self.max_in_flight = max_in_flight
+        self.stats = SyncStats(acked_up_to=outbox.acked)
+        self._sent = outbox.acked
+        self._in_flight: list[int] = []
+        self._acked = asyncio.Event()
+
+    async def on_accepted(self, last_stored: int) -> None:
+        """A new session: everything up to `last_stored` is safe; resend from there."""
+        if last_stored > self.outbox.acked:
+            await asyncio.to_thread(self.outbox.ack, last_stored)
+        self._sent = self.outbox.acked
+        self._in_flight.clear()
+        self.stats.acked_up_to = self.outbox.acked
+
+    def on_ack(self, ack: agent_pb2.BatchAck) -> None:
+        self.outbox.ack(ack.up_to_sequence)
+        self.stats.acked_up_to = self.outbox.acked
+        self.stats.stored += ack.stored
+        self.stats.duplicates += ack.duplicates
+        self._in_flight = [s for s in self._in_flight if s > ack.up_to_sequence]
+        self._acked.set()
+
+    async def run(self, send: Callable[[agent_pb2.AgentMessage], Awaitable[None]]) -> None:
+        """Sends batches until cancelled (the session ends)."""
+        while True:
+            if len(self._in_flight) >= self.max_in_flight:
+                self._acked.clear()
+                await self._acked.wait()
+                continue
+            rows = await asyncio.to_thread(self.outbox.pending, self._sent, self.batch_records)
+            if not rows:
+                await asyncio.to_thread(self.outbox.wait_for_records, self._sent, _IDLE_WAIT_S)
+                continue
+            batch = agent_pb2.RecordBatch()
+            for seq, _kind, body in rows:
+                record = batch.records.add()
+                record.ParseFromString(body)
+                record.sequence = seq
+            await send(agent_pb2.AgentMessage(records=batch))
+            self._sent = rows[-1][0]
+            self._in_flight.append(self._sent)
+            self.stats.batches_sent += 1
+            self.stats.records_sent += len(rows)
