@@ -14,6 +14,7 @@ from edge_agent.bootstrap import read_bootstrap
 from edge_agent.config import load_agent_config
 from edge_agent.enroll import enroll
 from edge_agent.errors import AutoglmError, ConfigError, report
+from edge_agent.simulate import Fault
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,36 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--state-dir", type=Path, help="overrides state_dir of the config")
     run_p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     run_p.set_defaults(handler=cmd_run)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="publish a simulated pump stream (with faults) or replay a CSV to a broker",
+    )
+    sim.add_argument("--broker", default="localhost:1883", help="HOST:PORT of the site broker")
+    sim.add_argument("--username", default="")
+    sim.add_argument("--password", default="")
+    sim.add_argument(
+        "--prefix",
+        default="plant/pump-{i}",
+        help="topic prefix per asset; {i} is the asset number (default plant/pump-{i})",
+    )
+    sim.add_argument("--assets", type=int, default=1, help="how many assets (default 1)")
+    sim.add_argument("--csv", type=Path, help="replay this CSV instead of the simulated pump")
+    sim.add_argument("--time-column", default="datetime")
+    sim.add_argument("--duration", type=int, default=900, help="seconds of pump data (900)")
+    sim.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND@START+SECONDS",
+        help="inject a fault, e.g. cavitation@500+120 (kinds: cavitation, bearing, overheat); "
+        "repeat for more",
+    )
+    sim.add_argument("--speed", type=float, default=1.0, help="x real time; 0: flat out")
+    sim.add_argument("--batch", type=int, default=1, help="readings per message (1: single)")
+    sim.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(handler=cmd_simulate)
     return parser
 
 
@@ -71,3 +102,94 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run())
+
+
+def _broker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--broker {text!r}: give HOST:PORT, e.g. localhost:1883")
+    return host, int(port)
+
+
+def _fault(text: str) -> Fault:
+    kind, at, rest = text.partition("@")
+    start, plus, length = rest.partition("+")
+    try:
+        if not at or not plus:
+            raise ValueError
+        return Fault(kind, float(start), float(length))
+    except ValueError:
+        raise ConfigError(
+            f"--fault {text!r}: give KIND@START+SECONDS, e.g. cavitation@500+120"
+        ) from None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    from edge_agent.simulate import publish_stream, pump_stream, read_csv_stream
+
+    host, port = _broker(args.broker)
+    if args.assets < 1:
+        raise ConfigError("--assets must be at least 1")
+    faults = [_fault(f) for f in args.fault]
+    streams = []
+    for i in range(1, args.assets + 1):
+        if args.csv is not None:
+            stream = read_csv_stream(args.csv, args.time_column)
+        else:
+            stream = pump_stream(args.duration, faults, seed=args.seed + i)
+        streams.append((args.prefix.format(i=i), stream))
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
+    client.max_inflight_messages_set(1000)
+    if args.username:
+        client.username_pw_set(args.username, args.password or None)
+    try:
+        client.connect(host, port)
+    except OSError as exc:
+        raise ConfigError(f"--broker {args.broker}: cannot connect: {exc}") from None
+    client.loop_start()
+    last: list[mqtt.MQTTMessageInfo] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        info = client.publish(topic, payload, qos=args.qos)
+        last[:] = [info]
+
+    try:
+        for prefix, stream in streams:
+            print(
+                f"publishing {stream.values.shape[0]} rows x {len(stream.sensors)} sensors to "
+                f"{prefix}/... at {args.speed:g}x"
+                + (f"; faults: {', '.join(args.fault)}" if args.fault and not args.csv else "")
+            )
+        sent = 0
+        if len(streams) == 1:
+            prefix, stream = streams[0]
+            sent = publish_stream(publish, stream, prefix, args.speed, args.batch)
+        else:
+            import threading
+
+            counts = [0] * len(streams)
+
+            def one(k: int) -> None:
+                prefix, stream = streams[k]
+                counts[k] = publish_stream(publish, stream, prefix, args.speed, args.batch)
+
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(streams))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sent = sum(counts)
+        if last:
+            last[0].wait_for_publish(timeout=60)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    print(f"published {sent} messages")
+    return 0

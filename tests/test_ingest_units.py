@@ -1,0 +1,292 @@
+"""Decoder (fuzzed), streaming alignment (against the offline one), decisions, outbox."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.config import AssetConfig, DecisionPolicy, IngestLimits
+from edge_agent.decisions import CLEARED, RAISED, AssetDecider
+from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoder, TopicRoutes
+from edge_agent.ingest.stream import StreamAligner
+from edge_agent.outbox import ALERT, PREDICTION, Outbox
+from edge_agent.windowing import align_to_grid
+
+NOW = 1_700_000_000.0
+SENSORS = ("flow", "pressure", "current")
+
+
+def decoder() -> Decoder:
+    assets = [
+        AssetConfig(name="pump-1", topics=["plant/pump-1/+"], sensors={"p": "pressure"}),
+        AssetConfig(name="pump-2", topics=["plant/pump-2/#"]),
+    ]
+    return Decoder(TopicRoutes(assets, SENSORS), IngestLimits(), clock=lambda: NOW)
+
+
+def test_accepted_forms() -> None:
+    d = decoder()
+    assert d.decode("plant/pump-1/flow", b'{"ts": 1700000000.5, "value": 3}') == (
+        0,
+        0,
+        1_700_000_000.5,
+        3.0,
+    )
+    # A rename on the wire, milliseconds, and ISO text with a zone.
+    assert d.decode("plant/pump-1/p", b'{"ts": 1700000000500, "value": 1.5}') == (
+        0,
+        1,
+        1_700_000_000.5,
+        1.5,
+    )
+    single = d.decode(
+        "plant/pump-1/x", b'{"sensor": "current", "ts": "2023-11-14T22:13:20+00:00", "value": 2}'
+    )
+    assert single == (0, 2, 1_700_000_000.0, 2.0)
+    arrays = d.decode("plant/pump-2/a/flow", b'{"ts": [1700000000, 1700000001], "values": [1, 2]}')
+    assert (
+        isinstance(arrays, list) and arrays[0].sensor == 0 and arrays[0].values.tolist() == [1, 2]
+    )
+    multi = d.decode(
+        "plant/pump-2/batch",
+        orjson.dumps({"ts": [NOW, NOW + 1], "values": {"flow": [1, 2], "current": [5, 6]}}),
+    )
+    assert isinstance(multi, list) and sorted(c.sensor for c in multi) == [0, 2]
+    listed = d.decode(
+        "plant/pump-2/batch",
+        orjson.dumps(
+            [
+                {"sensor": "flow", "ts": NOW, "value": 1},
+                {"sensor": "pressure", "ts": NOW, "value": 2},
+            ]
+        ),
+    )
+    assert isinstance(listed, list) and len(listed) == 2
+    assert not d.drops
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("plant/pump-1/flow", b"not json", "not_json"),
+        ("plant/pump-1/flow", b'{"ts": 1700000000, "value": "3"}', "bad_type"),
+        ("plant/pump-1/flow", b'{"ts": 1700000000, "value": true}', "bad_type"),
+        ("plant/pump-1/flow", b'{"ts": 1700000000, "value": 1e400}', "not_json"),
+        ("plant/pump-1/flow", b'{"ts": "yesterday", "value": 3}', "bad_timestamp"),
+        ("plant/pump-1/flow", b'{"ts": 1800000000, "value": 3}', "ts_future"),
+        ("plant/pump-1/flow", b'{"ts": 1000000000, "value": 3}', "ts_past"),
+        ("plant/pump-1/vibration", b'{"ts": 1700000000, "value": 3}', "unknown_sensor"),
+        ("plant/pump-9/flow", b'{"ts": 1700000000, "value": 3}', "unknown_topic"),
+        ("plant/pump-1/flow", b'{"ts": [1700000000], "values": [1, 2]}', "bad_shape"),
+        ("plant/pump-1/flow", b'{"hello": 1}', "bad_shape"),
+        ("plant/pump-1/flow", b"[]", "bad_shape"),
+        ("plant/pump-1/flow", b"x" * (2 << 20), "oversized"),
+    ],
+)
+def test_each_bad_input_is_dropped_and_counted(topic: str, payload: bytes, reason: str) -> None:
+    d = decoder()
+    assert d.decode(topic, payload) is None
+    assert d.drops == {reason: 1}
+
+
+def test_without_a_model_everything_is_counted_as_no_model() -> None:
+    d = Decoder(
+        TopicRoutes([AssetConfig(name="a", topics=["a/+"])], None), IngestLimits(), lambda: NOW
+    )
+    assert d.decode("a/flow", b'{"ts": 1700000000, "value": 1}') is None
+    assert d.drops == {"no_model": 1}
+
+
+def _json_values() -> st.SearchStrategy[object]:
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False),
+        st.text(max_size=12),
+        st.sampled_from([NOW, NOW * 1000, "2023-11-14T22:13:20Z"]),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=6),
+            st.dictionaries(
+                st.sampled_from(["ts", "value", "values", "sensor", "flow", "x"]), inner, max_size=5
+            ),
+        ),
+        max_leaves=20,
+    )
+
+
+_TOPICS = st.sampled_from(
+    ["plant/pump-1/flow", "plant/pump-1/p", "plant/pump-2/batch", "plant/pump-1/zz", "other/t"]
+)
+
+
+def _count(decoded: object) -> int:
+    if decoded is None:
+        return 0
+    if isinstance(decoded, tuple):
+        return 1
+    assert isinstance(decoded, list)
+    for chunk in decoded:
+        assert isinstance(chunk, Chunk)
+        assert chunk.ts.shape == chunk.values.shape and np.isfinite(chunk.values).all()
+    return sum(int(c.ts.size) for c in decoded)
+
+
+@settings(max_examples=6000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(topic=_TOPICS, doc=_json_values())
+def test_fuzzed_json_never_raises_and_every_message_is_accounted_for(
+    topic: str, doc: object
+) -> None:
+    d = decoder()
+    payload = orjson.dumps(doc)
+    accepted = _count(d.decode(topic, payload))
+    assert set(d.drops) <= set(DROP_REASONS)
+    assert accepted == d.accepted
+    assert accepted > 0 or sum(d.drops.values()) > 0, "a message vanished without a count"
+
+
+@settings(max_examples=5000, deadline=None)
+@given(topic=_TOPICS, payload=st.binary(max_size=200))
+def test_fuzzed_bytes_never_raise(topic: str, payload: bytes) -> None:
+    d = decoder()
+    accepted = _count(d.decode(topic, payload))
+    assert accepted > 0 or sum(d.drops.values()) == 1
+
+
+# ---- streaming alignment ----
+def test_streaming_alignment_matches_the_offline_one_under_shuffling() -> None:
+    """Readings arriving out of order (within the lateness), duplicated and missing give the
+    rows `align_to_grid` computes from the sorted history."""
+    rng = np.random.default_rng(4)
+    rows, n = 400, 3
+    times = 1_700_000_000.0 + np.arange(rows, dtype=np.float64)
+    values = rng.normal(size=(rows, n)).astype(np.float32)
+    values[rng.random((rows, n)) < 0.1] = np.nan  # missing readings
+    offline = align_to_grid(times, values, 1.0, 2.0)
+    aligner = StreamAligner(n, 1.0, 2.0, lateness_s=3.0, max_gap_slots=1000)
+    readings = [
+        (j, times[r], float(values[r, j]))
+        for r in range(rows)
+        for j in range(n)
+        if not math.isnan(values[r, j])
+    ]
+    # Local shuffles: each reading moves at most ~2 s, inside the lateness.
+    keys = np.array([t for _, t, _ in readings]) + rng.uniform(0, 2.0, len(readings))
+    order = np.argsort(keys, kind="stable")
+    got_v, got_m = [], []
+    for i in order:
+        j, t, v = readings[i]
+        aligner.add(j, t, v)
+        if rng.random() < 0.05:
+            aligner.add(j, t, v + 100.0)  # a duplicate with another value: the first one wins
+        closed = aligner.close_ready()
+        if closed is not None:
+            got_v.append(closed.values)
+            got_m.append(closed.mask)
+    aligner.watermark += 10  # flush
+    closed = aligner.close_ready()
+    assert closed is not None
+    got_v.append(closed.values)
+    got_m.append(closed.mask)
+    v = np.concatenate(got_v)[:rows]
+    m = np.concatenate(got_m)[:rows]
+    np.testing.assert_array_equal(m, offline.mask)
+    np.testing.assert_allclose(v * m, offline.values * offline.mask)
+    assert aligner.counts["duplicate"] > 0 and aligner.counts["out_of_order"] > 0
+    assert aligner.counts["late"] == 0
+
+
+def test_late_readings_are_dropped_and_gaps_skipped() -> None:
+    aligner = StreamAligner(1, 1.0, 2.0, lateness_s=1.0, max_gap_slots=50)
+    for t in range(100, 110):
+        aligner.add(0, float(t), 1.0)
+    rows = aligner.close_ready()
+    assert rows is not None and rows.first_slot == 100 and rows.values.shape[0] == 9
+    aligner.add(0, 101.0, 5.0)
+    assert aligner.counts["late"] == 1
+    aligner.add_many(0, np.array([50_000.0]), np.array([1.0]))
+    rows = aligner.close_ready()
+    assert rows is not None and rows.gap and rows.values.shape[0] == 50
+    assert aligner.counts["gap_slots"] > 40_000
+
+
+# ---- decisions ----
+def test_k_of_n_raises_once_and_clears_with_the_same_key() -> None:
+    policy = DecisionPolicy(raise_at=1.0, clear_at=0.8, k=3, n=5)
+    decider = AssetDecider("pump-1", SENSORS, policy, smoothing=1, model_version="7")
+    evidence = np.array([0.7, 0.2, 0.1], dtype=np.float32)
+    events = []
+    scores = [0.2, 1.5, 0.2, 1.5, 0.3, 1.2, 1.3, 1.4, 1.5, 0.5, 0.4, 0.3, 0.2]
+    for i, s in enumerate(scores):
+        verdict = decider.step(s, evidence, float(i), float(i) + 1)
+        if verdict.event is not None:
+            events.append((i, verdict.event))
+    assert [(i, e.kind) for i, e in events] == [(5, RAISED), (11, CLEARED)]
+    raised, cleared = events[0][1], events[1][1]
+    assert raised.key == cleared.key and raised.top_sensors[0][0] == "flow"
+
+
+# ---- outbox ----
+def test_outbox_bounds_evict_predictions_never_alerts(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1 << 16)
+    box.append([(ALERT, b"a" * 1000)])
+    for _ in range(20):
+        box.append([(PREDICTION, b"p" * 1000)] * 10)
+    stats = box.stats()
+    assert stats.bytes <= 1 << 16 and stats.evicted > 0
+    kinds = [k for _, k, _ in box.pending(0, 10_000)]
+    assert kinds[0] == ALERT
+    assert box.ack(5) >= 1 and box.stats().acked == 5
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite3", max_bytes=1 << 16)
+    assert again.stats().next_sequence == stats.next_sequence and again.acked == 5
+    again.close()
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from edge_agent.outbox import Outbox, PREDICTION
+box = Outbox(Path(sys.argv[1]), max_bytes=1 << 30)
+i = 0
+while True:
+    seqs = box.append([(PREDICTION, b"%d" % (i + k)) for k in range(50)])
+    i += 50
+    print(seqs[-1], flush=True)
+"""
+
+
+def test_outbox_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    confirmed = 0
+    deadline = time.monotonic() + 30
+    while confirmed < 2000 and time.monotonic() < deadline:
+        confirmed = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    box = Outbox(path, max_bytes=1 << 30)
+    rows = box.pending(0, 1_000_000)
+    seqs = [s for s, _, _ in rows]
+    # Everything the writer saw committed is there, in order, without holes; nothing half-written.
+    assert len(seqs) >= confirmed and seqs == list(range(1, len(seqs) + 1))
+    assert all(body == b"%d" % (s - 1) for s, _, body in rows)
+    assert box.append([(PREDICTION, b"next")]) == [len(seqs) + 1]
+    box.close()
