@@ -118,12 +118,16 @@ class AssetRunner:
         self.filled = 0
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
-        self.restart_calibration = False
+        self.restart_calibration = False  # set by a failed calibration
         self._calibrating = False
         self._cal_v: list[np.ndarray] = []
         self._cal_m: list[np.ndarray] = []
         self._cal_first_slot = 0
         self.windows_skipped = 0
+
+    def reset_calibration(self) -> None:
+        self._calibrating = False
+        self._cal_v, self._cal_m = [], []
 
     def feed(
         self,
@@ -132,10 +136,6 @@ class AssetRunner:
         start_calibration: Callable[[AssetRunner, AlignedSeries], None],
     ) -> None:
         spec = self.model.spec
-        if self.restart_calibration:
-            self.restart_calibration = False
-            self._calibrating = False
-            self._cal_v, self._cal_m = [], []
         for k in range(rows.values.shape[0]):
             slot = rows.first_slot + k
             self.ring_v[self.pos] = rows.values[k]
@@ -307,24 +307,31 @@ class EdgeRuntime:
         self.worker.submit(job)
 
     def _start_calibration(self, runner: AssetRunner, series: AlignedSeries) -> None:
+        """Calibrates on the inference thread (the only one that calls the backend) and waits
+        for it, so the rows after the calibration stretch are all scored."""
         model = self.model
         assert model is not None and self.worker is not None
+        done = threading.Event()
 
         def task(backend: InferenceBackend) -> None:
             try:
                 cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
+                keep = max(0, model.frame.decision.smoothing - 1)
+                seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
+                self.calibrations.save(model.version, runner.name, model.schema.names, cal, seed)
+                log.info("calibrated %s on %d rows", runner.name, series.slots)
+                self._set_calibration(runner, cal, seed)
             except AutoglmError as exc:
                 log.warning("calibration of %s failed (%s); collecting again", runner.name, exc)
                 runner.restart_calibration = True
-                runner._calibrating = False
-                return
-            keep = max(0, model.frame.decision.smoothing - 1)
-            seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
-            self.calibrations.save(model.version, runner.name, model.schema.names, cal, seed)
-            log.info("calibrated %s on %d rows", runner.name, series.slots)
-            self._set_calibration(runner, cal, seed)
+            finally:
+                done.set()
 
         self.worker.submit(task)
+        done.wait()
+        if runner.restart_calibration:
+            runner.restart_calibration = False
+            runner.reset_calibration()
 
     def _set_calibration(
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.agent import Agent
 from edge_agent.bootstrap import Bootstrap
+from edge_agent.config import AgentConfig
 from edge_agent.enroll import enroll
 from edge_agent.identity import DeviceIdentity, load_identity
 from edge_agent.retry import Backoff
@@ -66,3 +68,32 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: flo
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+@dataclass
+class AgentThread:
+    """A whole agent (edge_agent.agent.Agent) running in its own event loop thread."""
+
+    agent: Agent
+    stop_event: asyncio.Event
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the agent did not stop"
+
+
+def start_agent(config: AgentConfig) -> AgentThread:
+    agent = Agent(config)
+    loop = asyncio.new_event_loop()
+    stop_event = asyncio.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(agent.run(stop_event))
+
+    thread = threading.Thread(target=main, name="agent", daemon=True)
+    thread.start()
+    return AgentThread(agent, stop_event, loop, thread)
