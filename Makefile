@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: setup
 
 bench-inference: setup
 	$(BIN)/python tests/benchmarks/bench_inference.py
+
+bench-batching: setup
+	$(BIN)/python tests/benchmarks/bench_batching.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

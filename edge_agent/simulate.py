@@ -65,7 +65,7 @@ def pump_stream(
             raise InvalidInput(f"simulate: unknown fault {f.kind!r}; use one of {list(FAULTS)}")
     rng = np.random.default_rng(seed)
     rows = int(seconds / period_s)
-    t = np.arange(rows) * period_s
+    t: TimeArray = np.arange(rows, dtype=np.float64) * period_s
     load = 0.5 * np.sin(2 * np.pi * t / 90 + rng.uniform(0, 6)) + 0.05 * rng.standard_normal(rows)
     noise = rng.standard_normal((rows, 8))
     x = np.stack(
@@ -131,7 +131,7 @@ def read_csv_stream(path: Path, time_column: str = "datetime") -> Stream:
         except ValueError:
             raise InvalidInput(f"{path}:{lineno}: a sensor value is not a number") from None
     offsets: TimeArray = np.asarray(times, dtype=np.float64)
-    offsets = offsets - offsets[0]
+    offsets = (offsets - offsets[0]).astype(np.float64)
     if np.any(np.diff(offsets) < 0):
         raise InvalidInput(f"{path}: timestamps are not in ascending order")
     return Stream(tuple(header[i] for i in columns), offsets, np.asarray(rows, dtype=np.float32))
