@@ -126,8 +126,8 @@ def _fault(text: str) -> Fault:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+    from edge_agent.ingest.mqtt import new_client
     from edge_agent.simulate import publish_stream, pump_stream, read_csv_stream
 
     host, port = _broker(args.broker)
@@ -141,11 +141,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         else:
             stream = pump_stream(args.duration, faults, seed=args.seed + i)
         streams.append((args.prefix.format(i=i), stream))
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id="",
-        protocol=MQTTProtocolVersion.MQTTv5,
-    )
+    client = new_client()
     client.max_inflight_messages_set(1000)
     if args.username:
         client.username_pw_set(args.username, args.password or None)

@@ -118,16 +118,9 @@ class AssetRunner:
         self.filled = 0
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
-        self.restart_calibration = False  # set by a failed calibration
-        self._calibrating = False
         self._cal_v: list[np.ndarray] = []
         self._cal_m: list[np.ndarray] = []
         self._cal_first_slot = 0
-        self.windows_skipped = 0
-
-    def reset_calibration(self) -> None:
-        self._calibrating = False
-        self._cal_v, self._cal_m = [], []
 
     def feed(
         self,
@@ -144,24 +137,20 @@ class AssetRunner:
             self.filled += 1
             cal = self.calibration
             if cal is None:
-                if not self._calibrating:
-                    if not self._cal_v:
-                        self._cal_first_slot = slot
-                    self._cal_v.append(rows.values[k])
-                    self._cal_m.append(rows.mask[k])
-                    if len(self._cal_v) == self.calibration_rows:
-                        self._calibrating = True
-                        series = AlignedSeries(
-                            start=self._cal_first_slot * spec.period_s,
-                            period_s=spec.period_s,
-                            values=np.stack(self._cal_v),
-                            mask=np.stack(self._cal_m),
-                            row_slot=np.arange(self.calibration_rows, dtype=np.int64),
-                        )
-                        self._cal_v, self._cal_m = [], []
-                        start_calibration(self, series)
-                else:
-                    self.windows_skipped += 1
+                if not self._cal_v:
+                    self._cal_first_slot = slot
+                self._cal_v.append(rows.values[k])
+                self._cal_m.append(rows.mask[k])
+                if len(self._cal_v) == self.calibration_rows:
+                    series = AlignedSeries(
+                        start=self._cal_first_slot * spec.period_s,
+                        period_s=spec.period_s,
+                        values=np.stack(self._cal_v),
+                        mask=np.stack(self._cal_m),
+                        row_slot=np.arange(self.calibration_rows, dtype=np.int64),
+                    )
+                    self._cal_v, self._cal_m = [], []  # a failed calibration collects again
+                    start_calibration(self, series)
                 continue
             if self.filled < self.length or slot % spec.stride != 0:
                 continue
@@ -323,15 +312,11 @@ class EdgeRuntime:
                 self._set_calibration(runner, cal, seed)
             except AutoglmError as exc:
                 log.warning("calibration of %s failed (%s); collecting again", runner.name, exc)
-                runner.restart_calibration = True
             finally:
                 done.set()
 
         self.worker.submit(task)
         done.wait()
-        if runner.restart_calibration:
-            runner.restart_calibration = False
-            runner.reset_calibration()
 
     def _set_calibration(
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]

@@ -10,7 +10,6 @@ in the future. Single readings go to `<prefix>/<sensor>`, batches to `<prefix>/b
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 import orjson
 
 from edge_agent.errors import InvalidInput
+from edge_agent.ingest.decode import parse_timestamp
 from edge_agent.windowing import FloatArray, TimeArray
 
 PUMP_SENSORS = (
@@ -139,16 +139,13 @@ def read_csv_stream(path: Path, time_column: str = "datetime") -> Stream:
 
 def _parse_time(cell: str, path: Path, lineno: int) -> float:
     try:
-        return float(cell)
+        raw: object = float(cell)
     except ValueError:
-        pass
-    try:
-        stamp = dt.datetime.fromisoformat(cell)
-    except ValueError:
-        raise InvalidInput(f"{path}:{lineno}: unreadable timestamp {cell!r}") from None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.UTC)
-    return stamp.timestamp()
+        raw = cell
+    ts = parse_timestamp(raw)
+    if ts is None:
+        raise InvalidInput(f"{path}:{lineno}: unreadable timestamp {cell!r}")
+    return ts
 
 
 def messages(

@@ -15,12 +15,12 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.train import TrainParams
 from edge_agent.config import AgentConfig, load_agent_config
+from edge_agent.ingest.mqtt import new_client
 from edge_agent.simulate import (
     Fault,
     Stream,
@@ -67,9 +67,7 @@ def skab_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ed25519
 
 class Publisher:
     def __init__(self, broker: Broker) -> None:
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
-        )
+        self.client = new_client()
         self.client.max_inflight_messages_set(1000)
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
@@ -91,9 +89,7 @@ class AlertListener:
     def __init__(self, broker: Broker) -> None:
         self.events: list[dict[str, object]] = []
         self.states: dict[str, dict[str, object]] = {}
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
-        )
+        self.client = new_client()
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", broker.port)
         self.client.subscribe([("site/alerts/#", 1), ("site/state/#", 1)])

@@ -127,7 +127,7 @@ class Decoder:
         now = time.monotonic()
         if now - self._last_logged.get(reason, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._last_logged[reason] = now
-            sample = payload[:120] if isinstance(payload, bytes | str) else b""
+            sample = payload[:120]
             log.warning(
                 "dropped input (%s) on %r, e.g. %r; further drops of this kind are counted "
                 "in the health report",

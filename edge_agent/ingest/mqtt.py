@@ -25,6 +25,16 @@ from edge_agent.ingest.decode import Decoded
 log = logging.getLogger(__name__)
 
 
+def new_client(client_id: str = "", reconnect_on_failure: bool = True) -> mqtt.Client:
+    """A paho 2 client speaking MQTT 5 with the version-2 callback signatures."""
+    return mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        reconnect_on_failure=reconnect_on_failure,
+    )
+
+
 class MqttLinkStats:
     """Connection counters for the health report."""
 
@@ -53,12 +63,7 @@ class MqttConnection:
         self._deliver = deliver
         self.stats = MqttLinkStats()
         self.connected = threading.Event()
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-            reconnect_on_failure=True,
-        )
+        client = new_client(client_id)
         client.reconnect_delay_set(
             max(1, round(link.reconnect_min_s)), max(1, round(link.reconnect_max_s))
         )
