@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from edge_agent.errors import from_rpc_error
+from edge_agent.bundle import MANIFEST, SIGNATURE, bundle_paths, parse_manifest, sha256_file
+from edge_agent.errors import InvalidInput, from_rpc_error
 from protos.autoglm.v1 import operator_pb2, operator_pb2_grpc
 
 T = TypeVar("T")
+PUSH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,74 @@ class OperatorClient:
         return self._call(
             self._stub.RevokeDevice, operator_pb2.RevokeDeviceRequest(device=device, reason=reason)
         )
+
+    # ---- models ----
+    def push_bundle(
+        self, directory: Path, progress: Callable[[int, int], None] | None = None
+    ) -> operator_pb2.Model:
+        """Streams the bundle's manifest, signature and every file it lists (1 MiB chunks)."""
+        manifest = parse_manifest((directory / MANIFEST).read_bytes(), str(directory / MANIFEST))
+        names = [MANIFEST, SIGNATURE, *sorted(bundle_paths(manifest))]
+        sizes = {}
+        for name in names:
+            path = directory / name
+            if not path.is_file():
+                raise InvalidInput(f"{directory}: {name} is missing; not a complete bundle")
+            sizes[name] = path.stat().st_size
+        total = sum(sizes.values())
+
+        def chunks() -> Iterator[operator_pb2.PushBundleChunk]:
+            sent = 0
+            for name in names:
+                path = directory / name
+                yield operator_pb2.PushBundleChunk(
+                    file=operator_pb2.BundleFileHeader(
+                        path=name, size=sizes[name], digest="sha256:" + sha256_file(path)
+                    )
+                )
+                with path.open("rb") as fh:
+                    while block := fh.read(PUSH_CHUNK):
+                        yield operator_pb2.PushBundleChunk(data=block)
+                        sent += len(block)
+                        if progress is not None:
+                            progress(sent, total)
+
+        try:
+            return self._stub.PushBundle(
+                chunks(), metadata=self._metadata, timeout=max(self.connection.timeout_s, 600)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.connection.server) from None
+
+    def list_models(self, name: str = "") -> list[operator_pb2.Model]:
+        response = self._call(self._stub.ListModels, operator_pb2.ListModelsRequest(name=name))
+        return list(response.models)
+
+    def get_model(self, name: str, version: str) -> operator_pb2.Model:
+        return self._call(
+            self._stub.GetModel, operator_pb2.GetModelRequest(name=name, version=version)
+        )
+
+    # ---- rollouts ----
+    def create_rollout(self, request: operator_pb2.CreateRolloutRequest) -> operator_pb2.Rollout:
+        return self._call(self._stub.CreateRollout, request)
+
+    def get_rollout(self, rollout_id: str) -> operator_pb2.Rollout:
+        return self._call(self._stub.GetRollout, operator_pb2.GetRolloutRequest(id=rollout_id))
+
+    def list_rollouts(self, active_only: bool = False) -> list[operator_pb2.Rollout]:
+        response = self._call(
+            self._stub.ListRollouts, operator_pb2.ListRolloutsRequest(active_only=active_only)
+        )
+        return list(response.rollouts)
+
+    def rollout_action(
+        self, action: str, rollout_id: str, reason: str = ""
+    ) -> operator_pb2.Rollout:
+        """`action`: pause, resume or abort."""
+        method = {
+            "pause": self._stub.PauseRollout,
+            "resume": self._stub.ResumeRollout,
+            "abort": self._stub.AbortRollout,
+        }[action]
+        return self._call(method, operator_pb2.RolloutActionRequest(id=rollout_id, reason=reason))

@@ -31,6 +31,11 @@ class CloudConfig(BaseSettings):
     auth_recheck_interval_s: float = Field(default=5.0, gt=0)
     enrollment_token_ttl_s: int = Field(default=86_400, gt=0)
     device_cert_validity_days: int = Field(default=365, gt=0)
+    artifacts_dir: Path | None = None  # content-addressed bundle files; empty: STATE_DIR/artifacts
+    max_bundle_bytes: int = Field(default=4 << 30, gt=0)
+    rollout_interval_s: float = Field(default=2.0, gt=0)  # reconciliation loop period
+    install_timeout_s: float = Field(default=900.0, gt=0)  # no install report: target failed
+    shadow_grace_s: float = Field(default=600.0, ge=0)  # wait for shadow windows after the soak
     log_level: str = "INFO"
 
     @field_validator("api_listen", "device_listen")
@@ -51,6 +56,10 @@ class CloudConfig(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'autoglm.db'}"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return self.artifacts_dir or self.state_dir / "artifacts"
 
     @property
     def public_host(self) -> str:

@@ -142,3 +142,106 @@ class StoredCount:
     stored: int
     duplicates: int
     last_sequence: int
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A bundle pushed to the control plane; its files are in the artifact store."""
+
+    name: str
+    version: str
+    manifest_digest: str  # "sha256:<hex>" of manifest.json
+    signature_digest: str  # of manifest.sig
+    size_bytes: int
+    pushed_at: dt.datetime
+    manifest: dict[str, Any]  # the manifest, parsed
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """The model version the control plane wants on one device."""
+
+    device_id: str
+    model_name: str
+    model_version: str
+    manifest_digest: str
+    signature_digest: str
+    rollout_id: str
+    shadow: bool  # run beside the incumbent and report; do not serve
+    updated_at: dt.datetime
+
+
+class RolloutState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    ABORTED = "aborted"
+
+    @property
+    def active(self) -> bool:
+        return self in (RolloutState.RUNNING, RolloutState.PAUSED)
+
+
+class TargetState(enum.StrEnum):
+    """Where one device is in a rollout."""
+
+    WAITING = "waiting"  # its wave has not started
+    INSTALLING = "installing"  # desired state sent, no report yet
+    SHADOWING = "shadowing"  # installed beside the incumbent, soaking
+    UPDATED = "updated"  # serving the new version
+    FAILED = "failed"  # install, self-test or gate failure on this device
+    DEFERRED = "deferred"  # offline when its wave ran; installs when it returns
+    ROLLED_BACK = "rolled_back"  # sent back to its previous version by an abort
+
+
+@dataclass(frozen=True)
+class Wave:
+    index: int
+    size: str  # "1" (devices) or "10%"
+    target: int  # devices in this wave (not cumulative)
+    started_at: dt.datetime | None = None
+    installed_at: dt.datetime | None = None  # every online device of the wave reported
+    soak_until: dt.datetime | None = None
+    promoted_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_failure_fraction: float = 0.05
+    min_shadow_agreement: float = 0.9
+    max_alert_rate_difference: float = 0.1
+    max_latency_regression: float = 2.0
+    min_shadow_windows: int = 20
+    max_agent_errors: int = 10  # errors an agent may add during the soak
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: str
+    model_name: str
+    model_version: str
+    selector: str
+    state: RolloutState
+    waves: tuple[Wave, ...]
+    current_wave: int
+    soak_s: float
+    gates: Gates
+    reason: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RolloutTarget:
+    """One device of a rollout."""
+
+    rollout_id: str
+    device_id: str
+    wave: int
+    state: TargetState
+    detail: str = ""
+    previous_version: str = ""
+    previous_name: str = ""
+    errors_at_install: int = -1  # the agent's error counter when it reported the install
+    shadow: dict[str, Any] = field(default_factory=dict)  # latest ShadowReport, as a dict
+    updated_at: dt.datetime | None = None

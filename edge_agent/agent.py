@@ -1,21 +1,27 @@
-"""The running agent: site data path (ingest, inference, alerts, outbox) and cloud session."""
+"""The running agent: site data path (ingest, inference, alerts, outbox), cloud session, and
+model updates (A/B slots, shadow evaluation, swap, fall back)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from pathlib import Path
 
 from edge_agent import hostfacts
 from edge_agent.bundle import load_public_key
 from edge_agent.config import AgentConfig
+from edge_agent.errors import AutoglmError
 from edge_agent.identity import load_identity
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.serving import ServingModel, open_serving
 from edge_agent.session import CloudSession
+from edge_agent.slots import ModelSlots
 from edge_agent.sync import RecordSync
+from edge_agent.updates import OUTCOME, ModelUpdater, install_report
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -29,19 +35,13 @@ class Agent:
         self.config = config
         self.identity = load_identity(config.state_dir)
         self.started = time.monotonic()
-        self.model: ServingModel | None = None
-        if config.model.bundle is not None:
-            key = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
-            self.model = open_serving(
-                config.model.bundle,
-                key,
-                config.model,
-                config.state_dir / "models",
-                config.state_dir / "engines",
-            )
+        self.key = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
+        self.slots = ModelSlots(config.state_dir / "models")
+        self.pending_reports: list[agent_pb2.AgentMessage] = []
+        self.model = self._open_at_start()
         self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.outbox.max_bytes)
-        client_id = config.mqtt.client_id or f"autoglm-edge-{self.identity.info.device_name}"
-        self.runtime = EdgeRuntime(config, self.model, self.outbox, client_id)
+        self.client_id = config.mqtt.client_id or f"autoglm-edge-{self.identity.info.device_name}"
+        self.runtime = EdgeRuntime(config, self.model, self.outbox, self.client_id)
         self.sync = RecordSync(self.outbox, config.sync.batch_records, config.sync.max_in_flight)
         self.session = CloudSession(
             self.identity,
@@ -52,7 +52,11 @@ class Agent:
             device_address=config.cloud.device_address,
             tls_server_name=config.cloud.tls_server_name,
             sync=self.sync,
+            on_control=self._on_control,
         )
+        for message in self.pending_reports:
+            self.session.post(message)
+        self.updater = ModelUpdater(self)
 
     def status(self) -> agent_pb2.AgentStatus:
         model = self.model
@@ -60,9 +64,75 @@ class Agent:
             model_name=model.manifest.name if model else "",
             model_version=model.version if model else "",
             inference_backend=model.choice.label if model else "",
+            slot=self.slot(),
             uptime_seconds=time.monotonic() - self.started,
             health=self.runtime.health(hostfacts.disk_free_bytes(self.config.state_dir)),
         )
+
+    def slot(self) -> str:
+        active = self.slots.read().active
+        return active.slot if active is not None and self.model is not None else ""
+
+    def _open(self, directory: Path, partial: bool) -> ServingModel:
+        return open_serving(
+            directory,
+            self.key,
+            self.config.model,
+            self.config.state_dir / "models",
+            self.config.state_dir / "engines",
+            partial=partial,
+        )
+
+    def _open_at_start(self) -> ServingModel | None:
+        """The active slot's model; when it fails at start, the previous slot's (and a report
+        saying so); the configured bundle when no slot was ever installed."""
+        pointer = self.slots.read()
+        while pointer.active is not None:
+            active = pointer.active
+            try:
+                return self._open(self.slots.slot_dir(active.slot), partial=True)
+            except AutoglmError as exc:
+                back = self.slots.fall_back(str(exc))
+                log.error(
+                    "model %s in slot %s failed at start (%s); back to %s",
+                    active.version,
+                    active.slot,
+                    exc,
+                    f"{back.version} in slot {back.slot}" if back else "no model",
+                )
+                self.pending_reports.append(
+                    install_report(
+                        active.version,
+                        active.rollout_id,
+                        OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK,
+                        f"{exc}; serving {back.version if back else 'no model'}",
+                    )
+                )
+                pointer = self.slots.read()
+        if self.config.model.bundle is not None:
+            return self._open(self.config.model.bundle, partial=False)
+        return None
+
+    async def swap(self, model: ServingModel) -> None:
+        """Serves `model` from now on: the data path restarts on it (the broker keeps the
+        readings of the gap in the persistent session). When it cannot start, the data path
+        restarts on the model that served before, and the error is raised."""
+        old_model = self.model
+        await asyncio.to_thread(self.runtime.stop)
+        try:
+            runtime = EdgeRuntime(self.config, model, self.outbox, self.client_id)
+            runtime.start()
+        except Exception:
+            self.runtime = EdgeRuntime(self.config, old_model, self.outbox, self.client_id)
+            self.runtime.start()
+            raise
+        self.model, self.runtime = model, runtime
+        if old_model is not None and old_model is not model:
+            old_model.close()
+
+    def _on_control(self, message: agent_pb2.ControlMessage) -> None:
+        if message.WhichOneof("body") == "desired":
+            self.updater.want(message.desired)
 
     def host(self) -> common_pb2.HostFacts:
         return hostfacts.collect(self.config.state_dir)
@@ -79,9 +149,14 @@ class Agent:
             self.model.version if self.model else "none",
         )
         self.runtime.start()
+        updates = asyncio.create_task(self.updater.run(stop))
         try:
             await self.session.run(stop)
         finally:
+            updates.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await updates
+            self.updater.close()
             await asyncio.to_thread(self.runtime.stop)
             self.outbox.close()
             if self.model is not None:

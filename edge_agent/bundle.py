@@ -121,6 +121,15 @@ class Manifest(_Strict):
         raise NotFound(f"bundle {self.name}:{self.version} has no variant {name!r}")
 
 
+def bundle_paths(manifest: Manifest) -> dict[str, str]:
+    """Every file the manifest lists (besides itself and its signature): path -> sha256 hex."""
+    listed = dict(manifest.files)
+    for variant in manifest.variants:
+        listed[variant.file] = variant.sha256
+    listed[manifest.golden.file] = manifest.golden.sha256
+    return listed
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -150,8 +159,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise IntegrityError(f"{where}: manifest field {field!r}: {first['msg']}") from None
 
 
-def verify_bundle(directory: Path, public_key: ed25519.Ed25519PublicKey) -> Manifest:
-    """Check the signature, then every listed file's digest; return the manifest."""
+def read_signed_manifest(directory: Path, public_key: ed25519.Ed25519PublicKey) -> Manifest:
+    """The manifest, after its signature verified with the pinned key (files not checked)."""
     manifest_path = directory / MANIFEST
     signature_path = directory / SIGNATURE
     for needed in (manifest_path, signature_path):
@@ -167,13 +176,24 @@ def verify_bundle(directory: Path, public_key: ed25519.Ed25519PublicKey) -> Mani
     manifest = parse_manifest(raw, str(manifest_path))
     if manifest.format != FORMAT_VERSION:
         raise IntegrityError(f"{manifest_path}: bundle format {manifest.format} not supported")
-    listed = dict(manifest.files)
-    for variant in manifest.variants:
-        listed[variant.file] = variant.sha256
-    listed[manifest.golden.file] = manifest.golden.sha256
+    return manifest
+
+
+def verify_bundle(
+    directory: Path, public_key: ed25519.Ed25519PublicKey, partial: bool = False
+) -> Manifest:
+    """Check the signature, then every listed file's digest; return the manifest.
+
+    `partial`: a device downloads only the variant it runs, so variant files may be absent
+    (whoever opens a variant checks its file is there); every file present must match."""
+    manifest = read_signed_manifest(directory, public_key)
+    listed = bundle_paths(manifest)
+    optional = {v.file for v in manifest.variants} if partial else set()
     for name, digest in sorted(listed.items()):
         path = _inside(directory, name)
         if not path.is_file():
+            if name in optional:
+                continue
             raise IntegrityError(f"{directory}: {name} is listed in the manifest but missing")
         actual = sha256_file(path)
         if actual != digest:

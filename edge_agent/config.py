@@ -114,7 +114,7 @@ class IngestLimits(BaseModel):
 
 
 class ModelChoice(BaseModel):
-    """Which model the agent serves until a rollout installs one (issue 5 adds slots)."""
+    """How the agent runs models; `bundle` is served until a rollout installs one."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -179,6 +179,26 @@ class SyncPolicy(BaseModel):
     max_in_flight: int = Field(default=4, ge=1, le=64)
 
 
+class ShadowPolicy(BaseModel):
+    """Shadow evaluation of a rollout's candidate beside the serving model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval_s: float = Field(default=30.0, gt=0)  # how often to compare and report
+    # Recent aligned rows kept per asset to compare on (calibration rows + scored rows).
+    history_rows: int = Field(default=3000, ge=10)
+
+
+class UpdatePolicy(BaseModel):
+    """Downloads of new model versions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    download_attempts: int = Field(default=6, ge=1)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+
+
 class AgentConfig(BaseSettings):
     """The agent's settings; see docs in edge_agent/agent.example.yaml."""
 
@@ -197,6 +217,8 @@ class AgentConfig(BaseSettings):
     decisions: DecisionPolicy = Field(default_factory=DecisionPolicy)
     outbox: OutboxPolicy = Field(default_factory=OutboxPolicy)
     sync: SyncPolicy = Field(default_factory=SyncPolicy)
+    shadow: ShadowPolicy = Field(default_factory=ShadowPolicy)
+    updates: UpdatePolicy = Field(default_factory=UpdatePolicy)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

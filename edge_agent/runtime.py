@@ -34,6 +34,7 @@ from edge_agent.ingest.stream import ClosedRows, StreamAligner
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
+from edge_agent.shadow import RowHistory
 from edge_agent.windowing import AlignedSeries
 from protos.autoglm.v1 import agent_pb2
 
@@ -97,7 +98,9 @@ class CalibrationStore:
 class AssetRunner:
     """One asset in the pipeline thread: aligned rows -> calibration rows or windows."""
 
-    def __init__(self, index: int, name: str, model: ServingModel, lateness_s: float) -> None:
+    def __init__(
+        self, index: int, name: str, model: ServingModel, lateness_s: float, history_rows: int
+    ) -> None:
         spec = model.spec
         self.index = index
         self.name = name
@@ -121,6 +124,7 @@ class AssetRunner:
         self._cal_v: list[np.ndarray] = []
         self._cal_m: list[np.ndarray] = []
         self._cal_first_slot = 0
+        self.history = RowHistory(history_rows)  # for shadow evaluations of a candidate
 
     def feed(
         self,
@@ -135,6 +139,7 @@ class AssetRunner:
             self.ring_m[self.pos] = rows.mask[k]
             self.pos = (self.pos + 1) % self.length
             self.filled += 1
+            self.history.append(slot, rows.values[k], rows.mask[k])
             cal = self.calibration
             if cal is None:
                 if not self._cal_v:
@@ -215,7 +220,8 @@ class EdgeRuntime:
         if model is not None:
             lateness = config.ingest.max_lateness_s or 2 * model.spec.period_s
             self.runners = [
-                AssetRunner(i, a.name, model, lateness) for i, a in enumerate(self.assets)
+                AssetRunner(i, a.name, model, lateness, config.shadow.history_rows)
+                for i, a in enumerate(self.assets)
             ]
             for runner in self.runners:
                 stored = self.calibrations.load(model.version, runner.name, model.schema.names)
@@ -294,6 +300,24 @@ class EdgeRuntime:
     def _emit(self, job: WindowJob) -> None:
         assert self.worker is not None
         self.worker.submit(job)
+
+    def run_on_inference_thread(
+        self, task: Callable[[InferenceBackend], None], timeout_s: float = 120.0
+    ) -> None:
+        """Runs `task` with the serving backend on the inference thread and waits for it
+        (at most `timeout_s`: a stopped runtime runs nothing more)."""
+        if self.worker is None:
+            return
+        done = threading.Event()
+
+        def wrapped(backend: InferenceBackend) -> None:
+            try:
+                task(backend)
+            finally:
+                done.set()
+
+        self.worker.submit(wrapped)
+        done.wait(timeout_s)
 
     def _start_calibration(self, runner: AssetRunner, series: AlignedSeries) -> None:
         """Calibrates on the inference thread (the only one that calls the backend) and waits

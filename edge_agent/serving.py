@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent.bundle import Manifest, Variant, unpack_tar, verify_bundle
 from edge_agent.config import ModelChoice
-from edge_agent.errors import InvalidInput, NotFound
+from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 from edge_agent.inference.base import InferenceBackend, open_backend
 from edge_agent.scoring import ModelFrame, frame_of
 from edge_agent.selftest import check_golden
@@ -135,11 +135,16 @@ def open_serving(
     models_dir: Path,
     engine_cache: Path,
     hw: Hardware | None = None,
+    partial: bool = False,
 ) -> ServingModel:
-    """Verify (signature, digests), choose, open and self-test; nothing runs before all pass."""
+    """Verify (signature, digests), choose, open and self-test; nothing runs before all pass.
+
+    `partial`: an install slot, holding only the variant chosen for this device."""
     directory = unpacked(bundle, models_dir)
-    manifest = verify_bundle(directory, key)
+    manifest = verify_bundle(directory, key, partial=partial)
     picked = choose(manifest, choice, hw or Hardware.detect())
+    if not (directory / picked.variant.file).is_file():
+        raise IntegrityError(f"{directory}: variant file {picked.variant.file} is missing")
     if picked.backend == "tensorrt":
         engine = _engine_path(directory, manifest, picked, engine_cache)
         from edge_agent.inference.tensorrt import TensorRtBackend

@@ -71,6 +71,22 @@ class CloudSession:
         self.stats = SessionStats()
         self.connected = False
         self._sent_at: dict[int, float] = {}
+        # Reports (install, shadow) wait here until a session is open to carry them.
+        self._outgoing: deque[agent_pb2.AgentMessage] = deque(maxlen=256)
+        self._outgoing_ready = asyncio.Event()
+
+    def post(self, message: agent_pb2.AgentMessage) -> None:
+        """Queues a report; sent in order on this session or the next one."""
+        self._outgoing.append(message)
+        self._outgoing_ready.set()
+
+    async def _post_loop(self, send: Callable[[agent_pb2.AgentMessage], Awaitable[None]]) -> None:
+        while True:
+            self._outgoing_ready.clear()
+            while self._outgoing:
+                await send(self._outgoing[0])
+                self._outgoing.popleft()
+            await self._outgoing_ready.wait()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Runs sessions until `stop` is set."""
@@ -92,7 +108,7 @@ class CloudSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
-    def _credentials(self) -> grpc.ChannelCredentials:
+    def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=self.identity.ca_pem,
             private_key=self.identity.key_pem,
@@ -101,12 +117,11 @@ class CloudSession:
 
     async def _session(self, stop: asyncio.Event) -> None:
         options = channel_options(self.tls_server_name)
-        async with aio.secure_channel(
-            self.address, self._credentials(), options=options
-        ) as channel:
+        async with aio.secure_channel(self.address, self.credentials(), options=options) as channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Session()
             reader: asyncio.Task[None] | None = None
             sender: asyncio.Task[None] | None = None
+            poster: asyncio.Task[None] | None = None
             lock = asyncio.Lock()  # one write at a time on the stream
 
             async def send(message: agent_pb2.AgentMessage) -> None:
@@ -135,6 +150,7 @@ class CloudSession:
                     "session open as %s; heartbeat every %.1fs", accepted.device_name, interval
                 )
                 reader = asyncio.create_task(self._read(call))
+                poster = asyncio.create_task(self._post_loop(send))
                 if self.sync is not None:
                     await self.sync.on_accepted(accepted.last_stored_sequence)
                     sender = asyncio.create_task(self.sync.run(send))
@@ -148,6 +164,10 @@ class CloudSession:
             finally:
                 self.connected = False
                 self._sent_at.clear()
+                if poster is not None:
+                    poster.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                        await poster
                 if sender is not None and not sender.done():
                     sender.cancel()
                     with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):

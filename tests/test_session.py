@@ -149,8 +149,8 @@ def test_a_device_certificate_is_no_operator_credential(
 
 
 def test_calls_later_issues_serve_answer_unimplemented(plane: RunningPlane) -> None:
-    with plane.client() as client, pytest.raises(NotImplementedYet, match="ListModels"):
-        client._call(client._stub.ListModels, operator_pb2.ListModelsRequest())
+    with plane.client() as client, pytest.raises(NotImplementedYet, match="ListAlerts"):
+        client._call(client._stub.ListAlerts, operator_pb2.ListAlertsRequest())
 
 
 def test_operator_errors_are_clear(plane: RunningPlane) -> None:

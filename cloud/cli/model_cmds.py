@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cloud.cli import rollout_cmds
 from cloud.cli.output import print_json, print_table
 from edge_agent.calibration import DecisionParams
 from edge_agent.errors import InvalidInput
@@ -14,8 +15,11 @@ KEY_HELP = "Ed25519 signing key (PEM); default $AUTOGLM_SIGNING_KEY"
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    model = sub.add_parser("model", help="train, evaluate, quantize, export and verify bundles")
+    model = sub.add_parser(
+        "model", help="train, evaluate, quantize, export, verify, push and list bundles"
+    )
     msub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    rollout_cmds.add_model_parsers(msub)
 
     train = msub.add_parser("train", help="train on CSV/Parquet history; writes a signed bundle")
     train.add_argument("--data", type=Path, action="append", required=True, metavar="DIR|FILE")

@@ -1,4 +1,5 @@
-"""AgentService: the device session stream (hello, heartbeats) over mutual TLS."""
+"""AgentService over mutual TLS: the device session stream (hello, heartbeats, record
+batches, install and shadow reports) and artifact downloads."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ from typing import Any
 
 from grpc import aio
 
+from cloud.artifacts import ArtifactStore
 from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
 from cloud.records import store_batch
+from cloud.rollouts import RolloutController
 from cloud.service.peer import device_identity
+from cloud.service.serde import desired_to_proto
 from cloud.service.sessions import LiveSession, SessionHub
 from edge_agent.errors import AutoglmError, InvalidInput
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 _CLIENT_DONE = object()
+DOWNLOAD_CHUNK = 1 << 20
+MAX_DOWNLOAD_CHUNK = (4 << 20) - (64 << 10)  # a chunk and its header fit the 4 MiB default cap
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -29,12 +35,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         presence: PresenceTracker,
         hub: SessionHub,
         heartbeat_interval_s: float,
+        artifacts: ArtifactStore,
+        rollouts: RolloutController,
     ) -> None:
         self.registry = registry
         self.presence = presence
         self.hub = hub
         self.heartbeat_interval_s = heartbeat_interval_s
         self.store = registry.store
+        self.artifacts = artifacts
+        self.rollouts = rollouts
+
+    async def DownloadArtifact(
+        self,
+        request: agent_pb2.DownloadArtifactRequest,
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
+        device_id, fingerprint = device_identity(context)
+        await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+        total = self.artifacts.size(request.digest)
+        if request.offset > total:
+            raise InvalidInput(f"offset {request.offset} is past the end ({total} bytes)")
+        chunk = min(request.chunk_size or DOWNLOAD_CHUNK, MAX_DOWNLOAD_CHUNK)
+        offset = request.offset
+        for block in self.artifacts.read(request.digest, offset, chunk):
+            yield agent_pb2.ArtifactChunk(offset=offset, data=block, total_size=total)
+            offset += len(block)
 
     async def Session(
         self,
@@ -66,6 +92,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     last_stored_sequence=last_stored,
                 )
             )
+            desired = await asyncio.to_thread(self.store.get_desired, device.id)
+            if desired is not None:
+                yield agent_pb2.ControlMessage(desired=desired_to_proto(desired))
             while True:
                 item = await live.outbound.get()
                 if item is _CLIENT_DONE:
@@ -101,6 +130,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         store_batch, self.store, live.device_id, message.records, utc_now()
                     )
                     live.send(agent_pb2.ControlMessage(batch_ack=ack))
+                elif kind == "install":
+                    await asyncio.to_thread(
+                        self.rollouts.on_install, live.device_id, message.install
+                    )
+                elif kind == "shadow":
+                    await asyncio.to_thread(self.rollouts.on_shadow, live.device_id, message.shadow)
                 elif kind == "hello":
                     live.end(InvalidInput("hello may only be sent once per session"))
                     return

@@ -1,19 +1,21 @@
-"""OperatorService: device calls; models, rollouts and alerts answer UNIMPLEMENTED until served."""
+"""OperatorService: devices, models and rollouts; alerts answer UNIMPLEMENTED until served."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from grpc import aio
 
+from cloud.catalog import ModelCatalog, model_to_proto
 from cloud.clock import Clock, utc_now
 from cloud.devices import DeviceRegistry, Registration
-from cloud.domain import DeviceRecord, parse_selector
-from cloud.service.serde import device_to_proto, timestamp
+from cloud.domain import DesiredModel, DeviceRecord, Gates, parse_selector
+from cloud.rollouts import RolloutController
+from cloud.service.serde import device_to_proto, rollout_to_proto, timestamp
 from cloud.service.sessions import SessionHub
 from edge_agent.errors import InvalidInput, PermissionDenied
 from protos.autoglm.v1 import common_pb2, operator_pb2, operator_pb2_grpc
@@ -30,8 +32,14 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         offline_after: dt.timedelta,
         ca_pem: bytes,
         endpoints: Callable[[], common_pb2.Endpoints],
+        catalog: ModelCatalog,
+        rollouts: RolloutController,
+        push_desired: Callable[[Sequence[DesiredModel]], None],
         clock: Clock = utc_now,
     ) -> None:
+        self.catalog = catalog
+        self.rollouts = rollouts
+        self.push_desired = push_desired
         self.registry = registry
         self.hub = hub
         self.offline_after = offline_after
@@ -99,6 +107,106 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         self.hub.end_device(device.id, PermissionDenied(f"device '{device.name}' was revoked"))
         log.info("device %s revoked: %s", device.name, request.reason or "(no reason)")
         return self._device(device)
+
+    # ---- models ----
+    async def PushBundle(
+        self,
+        request_iterator: AsyncIterator[operator_pb2.PushBundleChunk],
+        context: aio.ServicerContext[Any, Any],
+    ) -> operator_pb2.Model:
+        record = await self.catalog.receive(request_iterator)
+        log.info("model %s:%s pushed (%d bytes)", record.name, record.version, record.size_bytes)
+        return await asyncio.to_thread(model_to_proto, record, self.catalog.artifacts)
+
+    async def ListModels(
+        self, request: operator_pb2.ListModelsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.ListModelsResponse:
+        records = await asyncio.to_thread(self.registry.store.list_models, request.name)
+        return operator_pb2.ListModelsResponse(
+            models=[model_to_proto(r, self.catalog.artifacts) for r in records]
+        )
+
+    async def GetModel(
+        self, request: operator_pb2.GetModelRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Model:
+        record = await asyncio.to_thread(
+            self.registry.store.get_model, request.name, request.version
+        )
+        return model_to_proto(record, self.catalog.artifacts)
+
+    # ---- rollouts ----
+    async def CreateRollout(
+        self, request: operator_pb2.CreateRolloutRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        gates = _gates(request)
+        rollout, desired = await asyncio.to_thread(
+            self.rollouts.create,
+            request.model_name,
+            request.model_version,
+            request.selector,
+            list(request.waves),
+            float(request.soak_seconds),
+            gates,
+        )
+        self.push_desired(desired)
+        return await self._rollout(rollout.id)
+
+    async def GetRollout(
+        self, request: operator_pb2.GetRolloutRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        return await self._rollout(request.id)
+
+    async def ListRollouts(
+        self, request: operator_pb2.ListRolloutsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.ListRolloutsResponse:
+        records = await asyncio.to_thread(self.registry.store.list_rollouts, request.active_only)
+        return operator_pb2.ListRolloutsResponse(
+            rollouts=[await self._rollout(r.id, with_devices=False) for r in records]
+        )
+
+    async def PauseRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        await asyncio.to_thread(self.rollouts.pause, request.id, request.reason)
+        return await self._rollout(request.id)
+
+    async def ResumeRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        _, desired = await asyncio.to_thread(self.rollouts.resume, request.id)
+        self.push_desired(desired)
+        return await self._rollout(request.id)
+
+    async def AbortRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        _, desired = await asyncio.to_thread(self.rollouts.abort, request.id, request.reason)
+        self.push_desired(desired)
+        return await self._rollout(request.id)
+
+    async def _rollout(self, rollout_id: str, with_devices: bool = True) -> operator_pb2.Rollout:
+        store = self.registry.store
+
+        def load() -> operator_pb2.Rollout:
+            rollout = store.get_rollout(rollout_id)
+            targets = store.rollout_targets(rollout_id)
+            names = {d.id: d.name for d in store.list_devices({})} if with_devices else {}
+            return rollout_to_proto(rollout, targets, names, with_devices)
+
+        return await asyncio.to_thread(load)
+
+
+def _gates(request: operator_pb2.CreateRolloutRequest) -> Gates:
+    """The request's gates; zero fields (not given) take the defaults."""
+    defaults = Gates()
+    g = request.gates
+    return Gates(
+        max_failure_fraction=g.max_failure_fraction or defaults.max_failure_fraction,
+        min_shadow_agreement=g.min_shadow_agreement or defaults.min_shadow_agreement,
+        max_alert_rate_difference=g.max_alert_rate_difference or defaults.max_alert_rate_difference,
+        max_latency_regression=g.max_latency_regression or defaults.max_latency_regression,
+        min_shadow_windows=g.min_shadow_windows or defaults.min_shadow_windows,
+    )
 
 
 def _token_ttl(seconds: int) -> dt.timedelta | None:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cloud.domain import DeviceRecord, DeviceState
+from cloud.domain import (
+    DesiredModel,
+    DeviceRecord,
+    DeviceState,
+    RolloutRecord,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+)
 from edge_agent.bootstrap import Bootstrap
 from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
 
@@ -101,3 +110,84 @@ def bootstrap_from_registration(response: operator_pb2.RegisterDeviceResponse) -
         token=response.enrollment_token,
         expires_at=response.token_expires_at.ToDatetime(tzinfo=dt.UTC),
     )
+
+
+def desired_to_proto(desired: DesiredModel) -> agent_pb2.DesiredState:
+    return agent_pb2.DesiredState(
+        model_name=desired.model_name,
+        model_version=desired.model_version,
+        manifest_digest=desired.manifest_digest,
+        signature_digest=desired.signature_digest,
+        rollout_id=desired.rollout_id,
+        shadow=desired.shadow,
+    )
+
+
+_ROLLOUT_STATE = {
+    RolloutState.RUNNING: operator_pb2.Rollout.STATE_RUNNING,
+    RolloutState.PAUSED: operator_pb2.Rollout.STATE_PAUSED,
+    RolloutState.SUCCEEDED: operator_pb2.Rollout.STATE_SUCCEEDED,
+    RolloutState.ABORTED: operator_pb2.Rollout.STATE_ABORTED,
+}
+
+
+def rollout_to_proto(
+    rollout: RolloutRecord,
+    targets: Sequence[RolloutTarget],
+    names: dict[str, str],
+    with_devices: bool = True,
+) -> operator_pb2.Rollout:
+    g = rollout.gates
+    msg = operator_pb2.Rollout(
+        id=rollout.id,
+        model_name=rollout.model_name,
+        model_version=rollout.model_version,
+        selector=rollout.selector,
+        state=_ROLLOUT_STATE[rollout.state],
+        current_wave=rollout.current_wave,
+        soak_seconds=round(rollout.soak_s),
+        reason=rollout.reason,
+        gates=operator_pb2.RolloutGates(
+            max_failure_fraction=g.max_failure_fraction,
+            min_shadow_agreement=g.min_shadow_agreement,
+            max_alert_rate_difference=g.max_alert_rate_difference,
+            max_latency_regression=g.max_latency_regression,
+            min_shadow_windows=g.min_shadow_windows,
+        ),
+    )
+    msg.created_at.FromDatetime(rollout.created_at)
+    msg.updated_at.FromDatetime(rollout.updated_at)
+    for wave in rollout.waves:
+        in_wave = [t for t in targets if t.wave == wave.index]
+        w = msg.waves.add(
+            index=wave.index,
+            size=wave.size,
+            target_devices=wave.target,
+            updated=sum(t.state is TargetState.UPDATED for t in in_wave),
+            failed=sum(t.state is TargetState.FAILED for t in in_wave),
+        )
+        for field, value in (("started_at", wave.started_at), ("soak_until", wave.soak_until)):
+            if value is not None:
+                getattr(w, field).FromDatetime(value)
+    if with_devices:
+        for t in targets:
+            shadow = t.shadow
+            incumbent = float(shadow.get("incumbent_latency_p99_ms", 0.0))
+            msg.devices.add(
+                device_id=t.device_id,
+                device_name=names.get(t.device_id, t.device_id),
+                wave=t.wave,
+                state=t.state.value,
+                detail=t.detail,
+                previous_version=t.previous_version,
+                shadow_agreement=float(shadow.get("agreement", 0.0)),
+                shadow_alert_rate_difference=abs(
+                    float(shadow.get("alert_rate_candidate", 0.0))
+                    - float(shadow.get("alert_rate_incumbent", 0.0))
+                ),
+                shadow_windows=int(shadow.get("windows", 0)),
+                latency_ratio=float(shadow.get("latency_p99_ms", 0.0)) / incumbent
+                if incumbent > 0
+                else 0.0,
+            )
+    return msg

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc import aio
@@ -14,18 +14,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from cloud.artifacts import LocalArtifactStore
+from cloud.catalog import ModelCatalog
 from cloud.clock import utc_now
 from cloud.config import CloudConfig
 from cloud.devices import DeviceRegistry
+from cloud.domain import DesiredModel
 from cloud.presence import PresenceTracker
+from cloud.rollouts import RolloutController, RolloutSettings
 from cloud.service.agent import AgentServicer
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
 from cloud.service.operator import OperatorServicer
-from cloud.service.serde import message_to_dict
+from cloud.service.serde import desired_to_proto, message_to_dict
 from cloud.service.sessions import SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
+from edge_agent.bundle import load_public_key
 from edge_agent.errors import LocalStateError, PermissionDenied
 from protos.autoglm.v1 import (
     agent_pb2,
@@ -75,6 +80,22 @@ class ControlPlane:
             token_ttl=dt.timedelta(seconds=config.enrollment_token_ttl_s),
             cert_validity_days=config.device_cert_validity_days,
         )
+        self.artifacts = LocalArtifactStore(config.resolved_artifacts_dir)
+        self.catalog = ModelCatalog(
+            store,
+            self.artifacts,
+            load_public_key(secrets.signing_public_pem, "control-plane signing key"),
+            config.max_bundle_bytes,
+        )
+        self.rollouts = RolloutController(
+            store,
+            RolloutSettings(
+                offline_after=dt.timedelta(seconds=config.offline_after_s),
+                install_timeout=dt.timedelta(seconds=config.install_timeout_s),
+                shadow_grace=dt.timedelta(seconds=config.shadow_grace_s),
+            ),
+        )
+        self.run_rollouts = True  # issue 7: only the elected leader runs the controller
         self.api_port = 0
         self.device_port = 0
         self._server: aio.Server | None = None
@@ -100,14 +121,20 @@ class ControlPlane:
             ),
             server,
         )
-        # The .pyi marks every contract method abstract; the methods later issues serve fall
-        # through to the generated base class, which the CallGuard answers with UNIMPLEMENTED.
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(  # type: ignore[abstract]
-                self.registry, self.presence, self.hub, self.config.heartbeat_interval_s
+            AgentServicer(
+                self.registry,
+                self.presence,
+                self.hub,
+                self.config.heartbeat_interval_s,
+                self.artifacts,
+                self.rollouts,
             ),
             server,
         )
+        # The .pyi marks every contract method abstract; the alert methods (a later issue)
+        # fall through to the generated base class, which the CallGuard answers with
+        # UNIMPLEMENTED.
         operator_pb2_grpc.add_OperatorServiceServicer_to_server(
             OperatorServicer(  # type: ignore[abstract]
                 self.registry,
@@ -115,6 +142,9 @@ class ControlPlane:
                 dt.timedelta(seconds=self.config.offline_after_s),
                 ca_pem,
                 self.endpoints,
+                self.catalog,
+                self.rollouts,
+                self.push_desired,
             ),
             server,
         )
@@ -150,6 +180,7 @@ class ControlPlane:
             asyncio.create_task(
                 self._every(self.config.auth_recheck_interval_s, self._revocations())
             ),
+            asyncio.create_task(self._every(self.config.rollout_interval_s, self._reconcile)),
         ]
         log.info(
             "control plane serving: api port %d (TLS), device port %d (mutual TLS)",
@@ -175,6 +206,16 @@ class ControlPlane:
 
     async def _flush(self) -> None:
         await asyncio.to_thread(self.presence.flush)
+
+    def push_desired(self, desired: Sequence[DesiredModel]) -> None:
+        """Sends changed desired states down the devices' open sessions (event loop only);
+        a device offline now gets its desired state in its next session's first messages."""
+        for d in desired:
+            self.hub.send_device(d.device_id, agent_pb2.ControlMessage(desired=desired_to_proto(d)))
+
+    async def _reconcile(self) -> None:
+        if self.run_rollouts:
+            self.push_desired(await asyncio.to_thread(self.rollouts.tick))
 
     def _revocations(self) -> Callable[[], Awaitable[None]]:
         """Ends sessions of devices revoked through any replica (this one ends its own at once)."""

@@ -52,5 +52,12 @@ class SessionHub:
             log.info("ended %d session(s) of device %s: %s", len(sessions), device_id, error)
         return len(sessions)
 
+    def send_device(self, device_id: str, message: object) -> int:
+        """Sends `message` down every open session of a device; returns how many."""
+        sessions = list(self._by_device.get(device_id, ()))
+        for live in sessions:
+            live.send(message)
+        return len(sessions)
+
     def is_open(self, device_id: str) -> bool:
         return device_id in self._by_device

@@ -9,10 +9,14 @@ from typing import TypeVar
 
 from cloud.domain import (
     AlertEventRecord,
+    DesiredModel,
     DeviceRecord,
+    ModelRecord,
     OperatorRecord,
     PredictionRecord,
     PresenceUpdate,
+    RolloutRecord,
+    RolloutTarget,
     StoredCount,
 )
 
@@ -101,6 +105,49 @@ class Store(abc.ABC):
         self, device_id: str = "", since: dt.datetime | None = None, limit: int = 1000
     ) -> list[AlertEventRecord]:
         """By device, then sequence."""
+
+    # ---- models ----
+    @abc.abstractmethod
+    def add_model(self, model: ModelRecord) -> ModelRecord:
+        """Adds a pushed model; pushing the same manifest again returns the stored record,
+        another manifest under a taken name:version is AlreadyExists."""
+
+    @abc.abstractmethod
+    def get_model(self, name: str, version: str) -> ModelRecord:
+        """NotFound when not pushed."""
+
+    @abc.abstractmethod
+    def list_models(self, name: str = "") -> list[ModelRecord]:
+        """By name, then push time."""
+
+    # ---- desired state ----
+    @abc.abstractmethod
+    def set_desired(self, desired: Sequence[DesiredModel]) -> None:
+        """Replaces the desired model of each device named, in one transaction."""
+
+    @abc.abstractmethod
+    def get_desired(self, device_id: str) -> DesiredModel | None: ...
+
+    # ---- rollouts ----
+    @abc.abstractmethod
+    def create_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget]) -> None:
+        """Atomically: FailedPrecondition when a target is in another active rollout."""
+
+    @abc.abstractmethod
+    def get_rollout(self, rollout_id: str) -> RolloutRecord:
+        """NotFound when unknown."""
+
+    @abc.abstractmethod
+    def list_rollouts(self, active_only: bool = False) -> list[RolloutRecord]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def save_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget] = ()) -> None:
+        """Updates the rollout and the given targets in one transaction."""
+
+    @abc.abstractmethod
+    def rollout_targets(self, rollout_id: str) -> list[RolloutTarget]:
+        """By wave, then device id."""
 
     # ---- operators ----
     @abc.abstractmethod

@@ -132,3 +132,60 @@ class DeviceSyncRow(Base):
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
     )
     last_sequence: Mapped[int] = mapped_column(BigInteger)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    manifest_digest: Mapped[str] = mapped_column(String(71))
+    signature_digest: Mapped[str] = mapped_column(String(71))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    pushed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class DesiredModelRow(Base):
+    __tablename__ = "desired_models"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    manifest_digest: Mapped[str] = mapped_column(String(71))
+    signature_digest: Mapped[str] = mapped_column(String(71))
+    rollout_id: Mapped[str] = mapped_column(String(36))
+    shadow: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    selector: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # waves, gates, soak, current wave
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class RolloutTargetRow(Base):
+    __tablename__ = "rollout_targets"
+
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    wave: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, index=True)  # its rollout is running/paused
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # detail, previous version, shadow report
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -581,6 +581,7 @@ class DesiredState(_message.Message):
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    SIGNATURE_DIGEST_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     manifest_digest: _builtins.str
@@ -588,6 +589,8 @@ class DesiredState(_message.Message):
     rollout_id: _builtins.str
     shadow: _builtins.bool
     """run beside the incumbent and report, do not serve"""
+    signature_digest: _builtins.str
+    """sha256 of manifest.sig"""
     def __init__(
         self,
         *,
@@ -596,10 +599,11 @@ class DesiredState(_message.Message):
         manifest_digest: _builtins.str = ...,
         rollout_id: _builtins.str = ...,
         shadow: _builtins.bool = ...,
+        signature_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model_name", b"model_name", "model_version", b"model_version", "rollout_id", b"rollout_id", "shadow", b"shadow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model_name", b"model_name", "model_version", b"model_version", "rollout_id", b"rollout_id", "shadow", b"shadow", "signature_digest", b"signature_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -669,6 +673,8 @@ class ShadowReport(_message.Message):
     ALERT_RATE_CANDIDATE_FIELD_NUMBER: _builtins.int
     ALERT_RATE_INCUMBENT_FIELD_NUMBER: _builtins.int
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    INCUMBENT_LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     candidate_version: _builtins.str
     incumbent_version: _builtins.str
@@ -678,6 +684,11 @@ class ShadowReport(_message.Message):
     alert_rate_candidate: _builtins.float
     alert_rate_incumbent: _builtins.float
     latency_p99_ms: _builtins.float
+    """candidate, per window, on the shadow windows"""
+    incumbent_latency_p99_ms: _builtins.float
+    """incumbent, same windows, same run"""
+    detail: _builtins.str
+    """why nothing was compared, when windows is 0"""
     def __init__(
         self,
         *,
@@ -689,10 +700,12 @@ class ShadowReport(_message.Message):
         alert_rate_candidate: _builtins.float = ...,
         alert_rate_incumbent: _builtins.float = ...,
         latency_p99_ms: _builtins.float = ...,
+        incumbent_latency_p99_ms: _builtins.float = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "incumbent_version", b"incumbent_version", "latency_p99_ms", b"latency_p99_ms", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_version", b"incumbent_version", "latency_p99_ms", b"latency_p99_ms", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

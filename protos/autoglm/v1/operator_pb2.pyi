@@ -543,9 +543,14 @@ class Model(_message.Message):
     VARIANTS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     SENSORS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     manifest_digest: _builtins.str
+    signature_digest: _builtins.str
+    size_bytes: _builtins.int
+    """all files of the bundle"""
     @_builtins.property
     def pushed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -564,10 +569,12 @@ class Model(_message.Message):
         variants: _abc.Iterable[Global___ModelVariant] | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         sensors: _abc.Iterable[_common_pb2.SensorSpec] | None = ...,
+        signature_digest: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pushed_at", b"pushed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "metrics", b"metrics", "name", b"name", "pushed_at", b"pushed_at", "sensors", b"sensors", "variants", b"variants", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "metrics", b"metrics", "name", b"name", "pushed_at", b"pushed_at", "sensors", b"sensors", "signature_digest", b"signature_digest", "size_bytes", b"size_bytes", "variants", b"variants", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -685,11 +692,14 @@ class RolloutGates(_message.Message):
     MIN_SHADOW_AGREEMENT_FIELD_NUMBER: _builtins.int
     MAX_ALERT_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
     MAX_LATENCY_REGRESSION_FIELD_NUMBER: _builtins.int
+    MIN_SHADOW_WINDOWS_FIELD_NUMBER: _builtins.int
     max_failure_fraction: _builtins.float
     min_shadow_agreement: _builtins.float
     max_alert_rate_difference: _builtins.float
     max_latency_regression: _builtins.float
     """p99 ratio candidate / incumbent"""
+    min_shadow_windows: _builtins.int
+    """per device before the behaviour gate judges"""
     def __init__(
         self,
         *,
@@ -697,10 +707,11 @@ class RolloutGates(_message.Message):
         min_shadow_agreement: _builtins.float = ...,
         max_alert_rate_difference: _builtins.float = ...,
         max_latency_regression: _builtins.float = ...,
+        min_shadow_windows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_alert_rate_difference", b"max_alert_rate_difference", "max_failure_fraction", b"max_failure_fraction", "max_latency_regression", b"max_latency_regression", "min_shadow_agreement", b"min_shadow_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_alert_rate_difference", b"max_alert_rate_difference", "max_failure_fraction", b"max_failure_fraction", "max_latency_regression", b"max_latency_regression", "min_shadow_agreement", b"min_shadow_agreement", "min_shadow_windows", b"min_shadow_windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,6 +751,8 @@ class Rollout(_message.Message):
     GATES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -755,6 +768,10 @@ class Rollout(_message.Message):
     def gates(self) -> Global___RolloutGates: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutDevice]: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -769,14 +786,65 @@ class Rollout(_message.Message):
         gates: Global___RolloutGates | None = ...,
         reason: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        devices: _abc.Iterable[Global___RolloutDevice] | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "gates", b"gates"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "gates", b"gates", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_wave", b"current_wave", "gates", b"gates", "id", b"id", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "selector", b"selector", "soak_seconds", b"soak_seconds", "state", b"state", "waves", b"waves"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_wave", b"current_wave", "devices", b"devices", "gates", b"gates", "id", b"id", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "selector", b"selector", "soak_seconds", b"soak_seconds", "state", b"state", "updated_at", b"updated_at", "waves", b"waves"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class RolloutDevice(_message.Message):
+    """One device of a rollout, as the controller sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    WAVE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_AGREEMENT_FIELD_NUMBER: _builtins.int
+    SHADOW_ALERT_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    SHADOW_WINDOWS_FIELD_NUMBER: _builtins.int
+    LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    device_name: _builtins.str
+    wave: _builtins.int
+    state: _builtins.str
+    """waiting, installing, shadowing, updated, failed, deferred, rolled_back"""
+    detail: _builtins.str
+    previous_version: _builtins.str
+    shadow_agreement: _builtins.float
+    shadow_alert_rate_difference: _builtins.float
+    shadow_windows: _builtins.int
+    latency_ratio: _builtins.float
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        device_name: _builtins.str = ...,
+        wave: _builtins.int = ...,
+        state: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        previous_version: _builtins.str = ...,
+        shadow_agreement: _builtins.float = ...,
+        shadow_alert_rate_difference: _builtins.float = ...,
+        shadow_windows: _builtins.int = ...,
+        latency_ratio: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "device_name", b"device_name", "latency_ratio", b"latency_ratio", "previous_version", b"previous_version", "shadow_agreement", b"shadow_agreement", "shadow_alert_rate_difference", b"shadow_alert_rate_difference", "shadow_windows", b"shadow_windows", "state", b"state", "wave", b"wave"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutDevice: _TypeAlias = RolloutDevice  # noqa: Y015
 
 @_typing.final
 class CreateRolloutRequest(_message.Message):

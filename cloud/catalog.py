@@ -1,0 +1,171 @@
+"""The model catalog: pushed bundles, checked and stored by digest.
+
+A push streams every file of a bundle (`PushBundleChunk`: a header, then its data) into the
+artifact store; the catalog then checks what agents will check (the manifest signature with
+the control plane's signing key, every listed file present with its digest) before the
+version becomes visible. Nothing half-pushed can be rolled out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud.artifacts import PREFIX, ArtifactStore, ArtifactWriter, parse_digest
+from cloud.clock import Clock, utc_now
+from cloud.domain import ModelRecord
+from cloud.store import Store
+from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, bundle_paths, parse_manifest
+from edge_agent.errors import IntegrityError, InvalidInput
+from protos.autoglm.v1 import common_pb2, operator_pb2
+
+MAX_BUNDLE_BYTES = 4 << 30
+
+
+def bundle_files(manifest: Manifest) -> dict[str, str]:
+    """Every file a manifest lists, path -> artifact digest."""
+    return {path: PREFIX + digest for path, digest in bundle_paths(manifest).items()}
+
+
+def _check_path(path: str) -> str:
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or ".." in pure.parts or "\\" in path:
+        raise InvalidInput(f"bundle file path {path!r} must be relative, inside the bundle")
+    return str(pure)
+
+
+class ModelCatalog:
+    """Receives pushes, answers model queries."""
+
+    def __init__(
+        self,
+        store: Store,
+        artifacts: ArtifactStore,
+        signing_key: ed25519.Ed25519PublicKey,
+        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.signing_key = signing_key
+        self.max_bundle_bytes = max_bundle_bytes
+        self.clock = clock
+
+    async def receive(self, chunks: AsyncIterator[operator_pb2.PushBundleChunk]) -> ModelRecord:
+        """Stores each file as it streams in; registers the bundle when all arrived."""
+        files: dict[str, tuple[str, int]] = {}
+        writer: ArtifactWriter | None = None
+        header: operator_pb2.BundleFileHeader | None = None
+        received = total = 0
+
+        async def finish() -> None:
+            assert header is not None and writer is not None
+            if received != header.size:
+                raise InvalidInput(
+                    f"bundle file {header.path}: {received} bytes arrived, header said "
+                    f"{header.size}"
+                )
+            await asyncio.to_thread(writer.commit)
+            files[header.path] = (header.digest, received)
+
+        try:
+            async for chunk in chunks:
+                if chunk.WhichOneof("body") == "file":
+                    if header is not None:
+                        await finish()
+                    header = chunk.file
+                    path = _check_path(header.path)
+                    if path in files:
+                        raise InvalidInput(f"bundle file {path} was sent twice")
+                    parse_digest(header.digest)
+                    total += header.size
+                    if total > self.max_bundle_bytes:
+                        raise InvalidInput(
+                            f"bundle is larger than the limit of {self.max_bundle_bytes} bytes"
+                        )
+                    writer = self.artifacts.open_writer(header.digest)
+                    received = 0
+                elif chunk.WhichOneof("body") == "data":
+                    if writer is None or header is None:
+                        raise InvalidInput("bundle data arrived before any file header")
+                    received += len(chunk.data)
+                    if received > header.size:
+                        raise InvalidInput(
+                            f"bundle file {header.path}: more bytes than its header's {header.size}"
+                        )
+                    writer.write(chunk.data)
+            if header is not None:
+                await finish()
+        finally:
+            if writer is not None:
+                writer.abort()
+        return await asyncio.to_thread(self.register, files)
+
+    def register(self, files: dict[str, tuple[str, int]]) -> ModelRecord:
+        """Checks a bundle whose files are in the artifact store, then records it."""
+        for needed in (MANIFEST, SIGNATURE):
+            if needed not in files:
+                raise InvalidInput(f"the pushed bundle has no {needed}")
+        manifest_digest, signature_digest = files[MANIFEST][0], files[SIGNATURE][0]
+        raw = b"".join(self.artifacts.read(manifest_digest))
+        try:
+            self.signing_key.verify(b"".join(self.artifacts.read(signature_digest)), raw)
+        except InvalidSignature:
+            raise IntegrityError(
+                "the bundle's manifest signature does not verify with this control plane's "
+                "signing key; sign it with STATE_DIR/signing.key (autoglm model train/export "
+                "--signing-key)"
+            ) from None
+        manifest = parse_manifest(raw, "pushed manifest.json")
+        for path, digest in sorted(bundle_files(manifest).items()):
+            if path not in files:
+                raise InvalidInput(f"the manifest lists {path}, which was not pushed")
+            if files[path][0] != digest:
+                raise IntegrityError(
+                    f"{path} was pushed as {files[path][0][:23]}…, the manifest says {digest[:23]}…"
+                )
+        record = ModelRecord(
+            name=manifest.name,
+            version=manifest.version,
+            manifest_digest=manifest_digest,
+            signature_digest=signature_digest,
+            size_bytes=sum(size for _, size in files.values()),
+            pushed_at=self.clock(),
+            manifest=json.loads(raw),
+        )
+        return self.store.add_model(record)
+
+
+def model_to_proto(record: ModelRecord, artifacts: ArtifactStore) -> operator_pb2.Model:
+    manifest = Manifest.model_validate(record.manifest)
+    model = operator_pb2.Model(
+        name=record.name,
+        version=record.version,
+        manifest_digest=record.manifest_digest,
+        signature_digest=record.signature_digest,
+        size_bytes=record.size_bytes,
+        sensors=[common_pb2.SensorSpec(name=s.name, unit=s.unit) for s in manifest.sensors],
+        metrics={
+            k: float(v)
+            for k, v in manifest.evaluation.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+    )
+    model.pushed_at.FromDatetime(record.pushed_at)
+    for v in manifest.variants:
+        model.variants.append(
+            operator_pb2.ModelVariant(
+                name=v.name,
+                format=v.format,
+                precision=v.precision,
+                target_profile="" if v.target_profile == "any" else v.target_profile,
+                digest=PREFIX + v.sha256,
+                size=artifacts.size(PREFIX + v.sha256) if artifacts.has(PREFIX + v.sha256) else 0,
+            )
+        )
+    return model

@@ -1,0 +1,517 @@
+"""Staged rollouts: a reconciliation loop over desired and reported model versions.
+
+A rollout freezes its targets (devices matching the selector at creation) into waves. Each
+tick looks at the running rollouts in the store and moves each one on:
+
+  start the wave: online targets get the new version as their desired state (in shadow when
+  there is a soak), offline ones are deferred -> wait for install reports -> soak -> judge
+  the gates on every target of the wave (install and self-test failures, the agent's error
+  count, inference latency against the incumbent, and the model-behaviour gate: agreement
+  and alert-rate difference of the shadow model against the incumbent on the same windows)
+  -> promote (serve the new version; deferred targets get it too and install when they come
+  back) -> next wave.
+
+Past `max_failure_fraction` of the targets started so far the rollout aborts by itself:
+every target that received the new version is sent back to its previous one. All state is
+in the store, so a restarted control plane carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Sequence
+
+from cloud.clock import Clock, utc_now
+from cloud.domain import (
+    DesiredModel,
+    DeviceRecord,
+    DeviceState,
+    Gates,
+    RolloutRecord,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+    Wave,
+    parse_selector,
+)
+from cloud.store import Store
+from edge_agent.errors import FailedPrecondition, InvalidInput
+from protos.autoglm.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WAVES = ("1", "10%", "50%", "100%")
+_OUTCOME = agent_pb2.InstallReport.Outcome
+
+
+def parse_waves(sizes: Sequence[str], devices: int) -> list[int]:
+    """Devices per wave (not cumulative) for `devices` targets; sizes are counts ("1") or
+    percentages ("10%") of all targets, cumulative and increasing, the last covering all."""
+    if not sizes:
+        raise InvalidInput("--waves needs at least one wave, e.g. 1,10%,50%,100%")
+    cumulative: list[int] = []
+    for text in sizes:
+        text = text.strip()
+        try:
+            if text.endswith("%"):
+                pct = float(text[:-1])
+                if not 0 < pct <= 100:
+                    raise ValueError
+                reach = math.ceil(devices * pct / 100.0 - 1e-9)
+            else:
+                reach = int(text)
+                if reach < 1:
+                    raise ValueError
+        except ValueError:
+            raise InvalidInput(
+                f"wave size {text!r} must be a device count >= 1 or a percentage in (0, 100]"
+            ) from None
+        if cumulative and reach < cumulative[-1]:
+            raise InvalidInput(f"wave sizes must not shrink: {text!r} after a larger wave")
+        cumulative.append(min(reach, devices))
+    last = sizes[-1].strip()
+    if not (last.endswith("%") and float(last[:-1]) == 100) and cumulative[-1] < devices:
+        raise InvalidInput(
+            f"the last wave ({last}) reaches {cumulative[-1]} of {devices} devices; end with 100%"
+        )
+    return [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    offline_after: dt.timedelta
+    install_timeout: dt.timedelta = dt.timedelta(minutes=15)
+    # After the soak, how long to wait for shadow windows before counting a target failed.
+    shadow_grace: dt.timedelta = dt.timedelta(minutes=10)
+
+
+class RolloutController:
+    """Creates and moves rollouts. Every method returns the desired states it changed, for
+    the caller to push to the devices' live sessions (devices offline get them on hello)."""
+
+    def __init__(self, store: Store, settings: RolloutSettings, clock: Clock = utc_now) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()  # ticks and reports read-modify-write the same targets
+
+    # ---- operator actions ----
+    def create(
+        self,
+        model_name: str,
+        model_version: str,
+        selector: str,
+        waves: Sequence[str],
+        soak_s: float,
+        gates: Gates,
+    ) -> tuple[RolloutRecord, list[DesiredModel]]:
+        model = self.store.get_model(model_name, model_version)
+        if soak_s < 0:
+            raise InvalidInput("--soak must not be negative")
+        _check_gates(gates)
+        now = self.clock()
+        devices = [
+            d
+            for d in self.store.list_devices(parse_selector(selector))
+            if d.state is DeviceState.ACTIVE
+        ]
+        if not devices:
+            raise FailedPrecondition(f"no enrolled device matches the selector {selector!r}")
+        counts = parse_waves(list(waves or DEFAULT_WAVES), len(devices))
+        # Canaries: online devices first, then by name, so the first wave can report soon.
+        devices.sort(key=lambda d: (not self._online(d, now), d.name))
+        rollout_id = str(uuid.uuid4())
+        targets: list[RolloutTarget] = []
+        position = 0
+        for index, count in enumerate(counts):
+            for device in devices[position : position + count]:
+                targets.append(
+                    RolloutTarget(
+                        rollout_id=rollout_id,
+                        device_id=device.id,
+                        wave=index,
+                        state=TargetState.WAITING,
+                        previous_name=str(device.status.get("model_name", "")),
+                        previous_version=str(device.status.get("model_version", "")),
+                        updated_at=now,
+                    )
+                )
+            position += count
+        rollout = RolloutRecord(
+            id=rollout_id,
+            model_name=model.name,
+            model_version=model.version,
+            selector=selector,
+            state=RolloutState.RUNNING,
+            waves=tuple(
+                Wave(index=i, size=s.strip(), target=c)
+                for i, (s, c) in enumerate(zip(waves or DEFAULT_WAVES, counts, strict=True))
+            ),
+            current_wave=0,
+            soak_s=soak_s,
+            gates=gates,
+            reason="",
+            created_at=now,
+            updated_at=now,
+        )
+        with self._lock:
+            self.store.create_rollout(rollout, targets)
+            log.info(
+                "rollout %s of %s:%s to %d device(s) in waves %s",
+                rollout_id,
+                model.name,
+                model.version,
+                len(targets),
+                counts,
+            )
+            return self._advance(rollout)
+
+    def pause(self, rollout_id: str, reason: str) -> RolloutRecord:
+        with self._lock:
+            rollout = self.store.get_rollout(rollout_id)
+            if rollout.state is not RolloutState.RUNNING:
+                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not running")
+            rollout = self._with(rollout, state=RolloutState.PAUSED, reason=reason or "paused")
+            self.store.save_rollout(rollout)
+            return rollout
+
+    def resume(self, rollout_id: str) -> tuple[RolloutRecord, list[DesiredModel]]:
+        with self._lock:
+            rollout = self.store.get_rollout(rollout_id)
+            if rollout.state is not RolloutState.PAUSED:
+                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not paused")
+            rollout = self._with(rollout, state=RolloutState.RUNNING, reason="")
+            self.store.save_rollout(rollout)
+            return self._advance(rollout)
+
+    def abort(self, rollout_id: str, reason: str) -> tuple[RolloutRecord, list[DesiredModel]]:
+        with self._lock:
+            rollout = self.store.get_rollout(rollout_id)
+            if not rollout.state.active:
+                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state} already")
+            return self._abort(rollout, reason or "aborted by an operator")
+
+    # ---- reconciliation ----
+    def tick(self) -> list[DesiredModel]:
+        """One pass over every running rollout."""
+        changed: list[DesiredModel] = []
+        for rollout in self.store.list_rollouts(active_only=True):
+            if rollout.state is not RolloutState.RUNNING:
+                continue
+            with self._lock:
+                try:
+                    changed.extend(self._advance(self.store.get_rollout(rollout.id))[1])
+                except Exception:
+                    log.exception("rollout %s: reconciliation failed; retrying", rollout.id)
+        return changed
+
+    def on_install(self, device_id: str, report: agent_pb2.InstallReport) -> None:
+        """Records what a device says about installing a rollout's version."""
+        with self._lock:
+            found = self._target(report.rollout_id, device_id)
+            if found is None:
+                return
+            rollout, target = found
+            if report.model_version != rollout.model_version:
+                return  # a report about a rollback or an older version
+            if report.outcome == _OUTCOME.OUTCOME_INSTALLED:
+                desired = self.store.get_desired(device_id)
+                shadow = desired is not None and desired.shadow
+                state = TargetState.SHADOWING if shadow else TargetState.UPDATED
+                if target.state is TargetState.ROLLED_BACK:
+                    return
+                device = self.store.get_device(device_id)
+                target = dataclasses.replace(
+                    target,
+                    state=state,
+                    detail=f"installed ({report.backend})",
+                    errors_at_install=_agent_errors(device),
+                    updated_at=self.clock(),
+                )
+            else:
+                name = _OUTCOME.Name(report.outcome).removeprefix("OUTCOME_").lower()
+                target = dataclasses.replace(
+                    target,
+                    state=TargetState.FAILED,
+                    detail=f"{name}: {report.detail}"[:500],
+                    updated_at=self.clock(),
+                )
+                log.warning(
+                    "rollout %s: device %s failed: %s", rollout.id, device_id, target.detail
+                )
+            self.store.save_rollout(rollout, [target])
+
+    def on_shadow(self, device_id: str, report: agent_pb2.ShadowReport) -> None:
+        with self._lock:
+            found = self._target(report.rollout_id, device_id)
+            if found is None:
+                return
+            rollout, target = found
+            if report.candidate_version != rollout.model_version:
+                return
+            shadow = {
+                "windows": int(report.windows),
+                "agreement": report.agreement,
+                "alert_rate_candidate": report.alert_rate_candidate,
+                "alert_rate_incumbent": report.alert_rate_incumbent,
+                "latency_p99_ms": report.latency_p99_ms,
+                "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
+                "detail": report.detail,
+            }
+            target = dataclasses.replace(target, shadow=shadow, updated_at=self.clock())
+            self.store.save_rollout(rollout, [target])
+
+    # ---- internals (called with the lock held) ----
+    def _target(
+        self, rollout_id: str, device_id: str
+    ) -> tuple[RolloutRecord, RolloutTarget] | None:
+        if not rollout_id:
+            return None
+        try:
+            rollout = self.store.get_rollout(rollout_id)
+        except Exception:  # noqa: BLE001 - an unknown rollout id from a device: ignore it
+            log.warning("device %s reported on unknown rollout %s", device_id, rollout_id)
+            return None
+        for target in self.store.rollout_targets(rollout_id):
+            if target.device_id == device_id:
+                return rollout, target
+        return None
+
+    def _online(self, device: DeviceRecord, now: dt.datetime) -> bool:
+        return device.is_online(now, self.settings.offline_after)
+
+    def _desired(self, rollout: RolloutRecord, device_id: str, shadow: bool) -> DesiredModel:
+        model = self.store.get_model(rollout.model_name, rollout.model_version)
+        return DesiredModel(
+            device_id=device_id,
+            model_name=model.name,
+            model_version=model.version,
+            manifest_digest=model.manifest_digest,
+            signature_digest=model.signature_digest,
+            rollout_id=rollout.id,
+            shadow=shadow,
+            updated_at=self.clock(),
+        )
+
+    def _advance(self, rollout: RolloutRecord) -> tuple[RolloutRecord, list[DesiredModel]]:
+        """Moves a running rollout as far as it can go now."""
+        changed: list[DesiredModel] = []
+        while rollout.state is RolloutState.RUNNING:
+            before = rollout
+            rollout, desired = self._step(rollout)
+            changed.extend(desired)
+            if rollout == before:
+                break
+        return rollout, changed
+
+    def _step(self, rollout: RolloutRecord) -> tuple[RolloutRecord, list[DesiredModel]]:
+        now = self.clock()
+        targets = self.store.rollout_targets(rollout.id)
+        devices = {d.id: d for d in self.store.list_devices({})}
+        wave = rollout.waves[rollout.current_wave]
+        in_wave = [t for t in targets if t.wave == wave.index]
+        shadow = rollout.soak_s > 0
+        if wave.started_at is None:
+            updated, desired = [], []
+            for t in in_wave:
+                device = devices.get(t.device_id)
+                if device is not None and self._online(device, now):
+                    desired.append(self._desired(rollout, t.device_id, shadow))
+                    updated.append(_moved(t, TargetState.INSTALLING, "desired state sent", now))
+                else:
+                    updated.append(_moved(t, TargetState.DEFERRED, "offline; installs later", now))
+            self.store.set_desired(desired)
+            rollout = self._with_wave(rollout, wave, started_at=now)
+            self.store.save_rollout(rollout, updated)
+            log.info(
+                "rollout %s: wave %d started (%d device(s))", rollout.id, wave.index, len(desired)
+            )
+            return rollout, desired
+
+        timed_out = [
+            _moved(t, TargetState.FAILED, "no install report in time", now)
+            for t in in_wave
+            if t.state is TargetState.INSTALLING
+            and t.updated_at is not None
+            and now - t.updated_at > self.settings.install_timeout
+        ]
+        if timed_out:
+            self.store.save_rollout(rollout, timed_out)
+            return self._with(rollout), []  # re-read on the next step
+        if (aborted := self._failure_gate(rollout, targets)) is not None:
+            return aborted
+        if any(t.state is TargetState.INSTALLING for t in in_wave):
+            return rollout, []
+        if wave.promoted_at is not None:  # the last wave, every swap reported
+            rollout = self._with(rollout, state=RolloutState.SUCCEEDED, reason="")
+            self.store.save_rollout(rollout)
+            log.info("rollout %s succeeded", rollout.id)
+            return rollout, []
+        if wave.installed_at is None:
+            soak = dt.timedelta(seconds=rollout.soak_s)
+            rollout = self._with_wave(rollout, wave, installed_at=now, soak_until=now + soak)
+            self.store.save_rollout(rollout)
+            return rollout, []
+        assert wave.soak_until is not None
+        if now < wave.soak_until:
+            return rollout, []
+        if shadow:
+            judged = self._judge(rollout, in_wave, devices, now, wave.soak_until)
+            if judged is None:
+                return rollout, []  # waiting for shadow windows
+            if judged:
+                self.store.save_rollout(rollout, judged)
+                if aborted := self._failure_gate(rollout, self.store.rollout_targets(rollout.id)):
+                    return aborted
+        # Promote: serve the new version on this wave's targets.
+        desired, updated = [], []
+        for t in self.store.rollout_targets(rollout.id):
+            if t.wave != wave.index:
+                continue
+            if t.state is TargetState.SHADOWING:
+                desired.append(self._desired(rollout, t.device_id, False))
+                updated.append(_moved(t, TargetState.INSTALLING, "promoted; swapping", now))
+            elif t.state is TargetState.DEFERRED:
+                desired.append(self._desired(rollout, t.device_id, False))
+        self.store.set_desired(desired)
+        last = rollout.current_wave == len(rollout.waves) - 1
+        rollout = self._with_wave(rollout, wave, promoted_at=now)
+        if not last:
+            rollout = self._with(rollout, current_wave=rollout.current_wave + 1)
+        self.store.save_rollout(rollout, updated)
+        log.info("rollout %s: wave %d promoted", rollout.id, wave.index)
+        return rollout, desired
+
+    def _judge(
+        self,
+        rollout: RolloutRecord,
+        in_wave: list[RolloutTarget],
+        devices: dict[str, DeviceRecord],
+        now: dt.datetime,
+        soak_until: dt.datetime,
+    ) -> list[RolloutTarget] | None:
+        """Gate verdicts for the wave's shadowing targets; None while data is missing."""
+        gates = rollout.gates
+        failed: list[RolloutTarget] = []
+        waiting = False
+        for t in in_wave:
+            if t.state is not TargetState.SHADOWING:
+                continue
+            report = t.shadow
+            windows = int(report.get("windows", 0))
+            if windows < max(gates.min_shadow_windows, 1):
+                if now - soak_until < self.settings.shadow_grace:
+                    waiting = True
+                    continue
+                failed.append(
+                    _moved(t, TargetState.FAILED, f"only {windows} shadow window(s) reported", now)
+                )
+                continue
+            agreement = float(report.get("agreement", 0.0))
+            difference = abs(
+                float(report.get("alert_rate_candidate", 0.0))
+                - float(report.get("alert_rate_incumbent", 0.0))
+            )
+            incumbent = float(report.get("incumbent_latency_p99_ms", 0.0))
+            ratio = float(report.get("latency_p99_ms", 0.0)) / incumbent if incumbent > 0 else 1.0
+            device = devices.get(t.device_id)
+            errors = _agent_errors(device) - t.errors_at_install if device is not None else 0
+            why = []
+            if agreement < gates.min_shadow_agreement:
+                why.append(f"agreement {agreement:.3f} < {gates.min_shadow_agreement:g}")
+            if difference > gates.max_alert_rate_difference:
+                why.append(
+                    f"alert-rate difference {difference:.3f} > {gates.max_alert_rate_difference:g}"
+                )
+            if ratio > gates.max_latency_regression:
+                why.append(f"latency p99 ratio {ratio:.2f} > {gates.max_latency_regression:g}")
+            if t.errors_at_install >= 0 and errors > gates.max_agent_errors:
+                why.append(f"{errors} agent errors during the soak > {gates.max_agent_errors}")
+            if why:
+                failed.append(_moved(t, TargetState.FAILED, "gate: " + "; ".join(why), now))
+        if waiting:
+            return None
+        return failed
+
+    def _failure_gate(
+        self, rollout: RolloutRecord, targets: list[RolloutTarget]
+    ) -> tuple[RolloutRecord, list[DesiredModel]] | None:
+        started = [t for t in targets if t.wave <= rollout.current_wave]
+        failed = [t for t in started if t.state is TargetState.FAILED]
+        if not failed or len(failed) / len(started) <= rollout.gates.max_failure_fraction:
+            return None
+        reason = (
+            f"{len(failed)} of {len(started)} device(s) failed (limit "
+            f"{rollout.gates.max_failure_fraction:.0%}); first: {failed[0].detail}"
+        )
+        return self._abort(rollout, reason)
+
+    def _abort(
+        self, rollout: RolloutRecord, reason: str
+    ) -> tuple[RolloutRecord, list[DesiredModel]]:
+        """Sends every target that got the new version back to its previous one."""
+        now = self.clock()
+        desired, updated = [], []
+        for t in self.store.rollout_targets(rollout.id):
+            if t.state is TargetState.WAITING:
+                continue
+            current = self.store.get_desired(t.device_id)
+            if current is None or current.rollout_id != rollout.id:
+                continue  # never sent, or another rollout owns the device now
+            previous = None
+            if t.previous_version:
+                try:
+                    previous = self.store.get_model(t.previous_name, t.previous_version)
+                except Exception:  # noqa: BLE001 - not pushed here: the agent has it locally
+                    previous = None
+            desired.append(
+                DesiredModel(
+                    device_id=t.device_id,
+                    model_name=t.previous_name,
+                    model_version=t.previous_version,
+                    manifest_digest=previous.manifest_digest if previous else "",
+                    signature_digest=previous.signature_digest if previous else "",
+                    rollout_id=rollout.id,
+                    shadow=False,
+                    updated_at=now,
+                )
+            )
+            updated.append(_moved(t, TargetState.ROLLED_BACK, t.detail or "rolled back", now))
+        self.store.set_desired(desired)
+        rollout = self._with(rollout, state=RolloutState.ABORTED, reason=reason)
+        self.store.save_rollout(rollout, updated)
+        log.warning("rollout %s aborted: %s", rollout.id, reason)
+        return rollout, desired
+
+    def _with(self, rollout: RolloutRecord, **changes: object) -> RolloutRecord:
+        return dataclasses.replace(rollout, updated_at=self.clock(), **changes)  # type: ignore[arg-type]
+
+    def _with_wave(self, rollout: RolloutRecord, wave: Wave, **changes: object) -> RolloutRecord:
+        waves = list(rollout.waves)
+        waves[wave.index] = dataclasses.replace(wave, **changes)  # type: ignore[arg-type]
+        return self._with(rollout, waves=tuple(waves))
+
+
+def _moved(t: RolloutTarget, state: TargetState, detail: str, now: dt.datetime) -> RolloutTarget:
+    return dataclasses.replace(t, state=state, detail=detail, updated_at=now)
+
+
+def _agent_errors(device: DeviceRecord) -> int:
+    try:
+        return int(device.status.get("health", {}).get("errors", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _check_gates(gates: Gates) -> None:
+    for name in ("max_failure_fraction", "min_shadow_agreement", "max_alert_rate_difference"):
+        value = getattr(gates, name)
+        if not 0 <= value <= 1:
+            raise InvalidInput(f"gate {name} must be between 0 and 1, got {value}")
+    if gates.max_latency_regression <= 0:
+        raise InvalidInput("gate max_latency_regression must be > 0 (a p99 ratio)")

@@ -1,0 +1,169 @@
+"""Shadow evaluation: a candidate model beside the serving one, on the same recent windows.
+
+Each asset keeps its most recent aligned rows (`RowHistory`, filled by the pipeline thread).
+An evaluation takes the latest contiguous stretch, calibrates both models on its start with
+the same routine the agent and `model evaluate` use, scores the rest, and compares: how
+often the two agree on "anomalous", each one's alert rate, and per-window latency measured
+in the same run. The serving model's backend is only called on its inference thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.batching import percentile
+from edge_agent.inference.base import InferenceBackend, Outputs
+from edge_agent.scoring import calibrate_and_score
+from edge_agent.serving import ServingModel
+from edge_agent.windowing import AlignedSeries, FloatArray
+from protos.autoglm.v1 import agent_pb2
+
+
+class RowHistory:
+    """The last `capacity` aligned rows of one asset, with their grid slots."""
+
+    def __init__(self, capacity: int) -> None:
+        self._rows: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def append(self, slot: int, values: np.ndarray, mask: np.ndarray) -> None:
+        with self._lock:
+            self._rows.append((slot, values, mask))
+
+    def series(self, period_s: float) -> AlignedSeries | None:
+        """The newest run of consecutive slots, or None when there is no row."""
+        with self._lock:
+            rows = list(self._rows)
+        if not rows:
+            return None
+        start = len(rows) - 1
+        while start > 0 and rows[start - 1][0] == rows[start][0] - 1:
+            start -= 1
+        rows = rows[start:]
+        return AlignedSeries(
+            start=rows[0][0] * period_s,
+            period_s=period_s,
+            values=np.stack([r[1] for r in rows]),
+            mask=np.stack([r[2] for r in rows]),
+            row_slot=np.arange(len(rows), dtype=np.int64),
+        )
+
+
+class _Timed:
+    """Wraps a backend; records milliseconds per window of every call."""
+
+    def __init__(self, backend: InferenceBackend) -> None:
+        self.backend = backend
+        self.ms_per_window: list[float] = []
+
+    def run(self, window: FloatArray, mask: FloatArray) -> Outputs:
+        started = time.perf_counter()
+        out = self.backend.run(window, mask)
+        self.ms_per_window.append((time.perf_counter() - started) * 1000.0 / len(window))
+        return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    windows: int
+    agreement: float
+    rate_candidate: float
+    rate_incumbent: float
+    latency_candidate_ms: float
+    latency_incumbent_ms: float
+
+
+def compatible(candidate: ServingModel, incumbent: ServingModel) -> str:
+    """Why the two cannot be compared on the same rows ("" when they can)."""
+    if candidate.schema.names != incumbent.schema.names:
+        return "the candidate's sensors differ from the serving model's"
+    if candidate.spec.period_s != incumbent.spec.period_s:
+        return "the candidate samples at another period than the serving model"
+    return ""
+
+
+def compare(
+    candidate: ServingModel,
+    incumbent: ServingModel,
+    series: AlignedSeries,
+    run_incumbent: Callable[[Callable[[InferenceBackend], None]], None],
+) -> Comparison | None:
+    """Both models on `series`; None when it is too short to calibrate and score."""
+    rows = max(candidate.manifest.calibration_rows, incumbent.manifest.calibration_rows)
+    if series.slots <= rows:
+        return None
+    timed_candidate = _Timed(candidate.backend)
+    ours = calibrate_and_score(timed_candidate, candidate.frame, series, rows)
+    theirs_box: list[object] = []
+    timed_incumbent: list[_Timed] = []
+
+    def on_inference_thread(backend: InferenceBackend) -> None:
+        timed = _Timed(backend)
+        timed_incumbent.append(timed)
+        theirs_box.append(calibrate_and_score(timed, incumbent.frame, series, rows))
+
+    run_incumbent(on_inference_thread)
+    if not theirs_box:
+        return None
+    theirs = theirs_box[0]
+    assert hasattr(theirs, "anomaly")
+    a = np.asarray(ours.anomaly, dtype=bool)
+    b = np.asarray(theirs.anomaly, dtype=bool)
+    n = min(a.size, b.size)
+    a, b = a[-n:], b[-n:]
+    return Comparison(
+        windows=n,
+        agreement=float((a == b).mean()) if n else 0.0,
+        rate_candidate=float(a.mean()) if n else 0.0,
+        rate_incumbent=float(b.mean()) if n else 0.0,
+        latency_candidate_ms=percentile(timed_candidate.ms_per_window, 99),
+        latency_incumbent_ms=percentile(timed_incumbent[0].ms_per_window, 99),
+    )
+
+
+def merge(parts: list[Comparison]) -> Comparison | None:
+    """Window-weighted over assets."""
+    total = sum(p.windows for p in parts)
+    if total == 0:
+        return None
+
+    def mean(f: Callable[[Comparison], float]) -> float:
+        return sum(f(p) * p.windows for p in parts) / total
+
+    return Comparison(
+        windows=total,
+        agreement=mean(lambda p: p.agreement),
+        rate_candidate=mean(lambda p: p.rate_candidate),
+        rate_incumbent=mean(lambda p: p.rate_incumbent),
+        latency_candidate_ms=max(p.latency_candidate_ms for p in parts),
+        latency_incumbent_ms=max(p.latency_incumbent_ms for p in parts),
+    )
+
+
+def report(
+    rollout_id: str, candidate: str, incumbent: str, result: Comparison | None, detail: str
+) -> agent_pb2.ShadowReport:
+    if result is None:
+        return agent_pb2.ShadowReport(
+            rollout_id=rollout_id,
+            candidate_version=candidate,
+            incumbent_version=incumbent,
+            detail=detail or "not enough recent rows to calibrate and score both models yet",
+        )
+    return agent_pb2.ShadowReport(
+        rollout_id=rollout_id,
+        candidate_version=candidate,
+        incumbent_version=incumbent,
+        windows=result.windows,
+        agreement=result.agreement,
+        alert_rate_candidate=result.rate_candidate,
+        alert_rate_incumbent=result.rate_incumbent,
+        latency_p99_ms=result.latency_candidate_ms,
+        incumbent_latency_p99_ms=result.latency_incumbent_ms,
+    )

@@ -1,0 +1,276 @@
+"""Applying the control plane's desired model on the device.
+
+For a version not here yet: download the manifest and its signature into the idle slot,
+verify the signature with the key pinned at enrollment, choose the variant for this device,
+download only the files that variant needs (resuming), check every digest, open and
+self-test it. Then, in shadow, compare it with the serving model on the same recent rows
+and report; or serve it: switch the slot pointer atomically and restart the data path on it.
+A version that is in the other slot already (a rollback) is served from there without a
+download. Every outcome is reported; the serving model keeps serving whatever fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from edge_agent import shadow as shadow_eval
+from edge_agent.bundle import MANIFEST, SIGNATURE, read_signed_manifest, verify_bundle
+from edge_agent.download import Downloader
+from edge_agent.enroll import channel_options
+from edge_agent.errors import AutoglmError, IntegrityError
+from edge_agent.retry import Backoff
+from edge_agent.serving import Hardware, ServingModel, choose
+from edge_agent.slots import SlotInfo
+from protos.autoglm.v1 import agent_pb2
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+
+log = logging.getLogger(__name__)
+OUTCOME = agent_pb2.InstallReport.Outcome
+
+
+def install_report(
+    version: str, rollout_id: str, outcome: int, detail: str = "", backend: str = ""
+) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(
+        install=agent_pb2.InstallReport(
+            model_version=version,
+            rollout_id=rollout_id,
+            outcome=outcome,  # type: ignore[arg-type]
+            detail=detail[:1000],
+            backend=backend,
+        )
+    )
+
+
+class InstallFailed(Exception):
+    def __init__(self, outcome: int, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+
+
+@dataclasses.dataclass
+class ShadowModel:
+    model: ServingModel
+    info: SlotInfo
+
+
+class ModelUpdater:
+    """Applies the latest desired state, one at a time; never raises out of `run`."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        cfg = agent.config
+        self.downloader = Downloader(
+            agent.session.address,
+            agent.session.credentials(),
+            channel_options(agent.session.tls_server_name),
+            Backoff(cfg.updates.retry_initial_s, cfg.updates.retry_max_s),
+            cfg.updates.download_attempts,
+        )
+        self.shadow: ShadowModel | None = None
+        self.applied: agent_pb2.DesiredState | None = None
+        self._wanted: agent_pb2.DesiredState | None = None
+        self._ready = asyncio.Event()
+
+    def want(self, desired: agent_pb2.DesiredState) -> None:
+        self._wanted = desired
+        self._ready.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        evaluations = asyncio.create_task(self._shadow_loop())
+        try:
+            while not stop.is_set():
+                await self._ready.wait()
+                self._ready.clear()
+                desired = self._wanted
+                if desired is None:
+                    continue
+                try:
+                    await self.apply(desired)
+                    self.applied = desired
+                except Exception:
+                    log.exception("applying the desired model %s failed", desired.model_version)
+        finally:
+            evaluations.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await evaluations
+
+    def close(self) -> None:
+        self._drop_shadow()
+
+    def _report(
+        self, d: agent_pb2.DesiredState, outcome: int, detail: str = "", backend: str = ""
+    ) -> None:
+        self.agent.session.post(
+            install_report(d.model_version, d.rollout_id, outcome, detail, backend)
+        )
+
+    def _drop_shadow(self) -> None:
+        if self.shadow is not None:
+            log.info("shadow model %s stopped", self.shadow.info.version)
+            self.shadow.model.close()
+            self.shadow = None
+
+    async def apply(self, d: agent_pb2.DesiredState) -> None:
+        agent = self.agent
+        serving = agent.model
+        if not d.model_version:
+            self._drop_shadow()
+            return
+        if serving is not None and serving.version == d.model_version:
+            self._drop_shadow()
+            self._report(d, OUTCOME.OUTCOME_INSTALLED, "serving", serving.choice.label)
+            return
+        failure = agent.slots.failure(d.manifest_digest) if d.manifest_digest else None
+        if failure is not None:
+            self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, f"failed before: {failure}")
+            return
+        if d.shadow and self.shadow is not None and self.shadow.info.version == d.model_version:
+            self._report(d, OUTCOME.OUTCOME_INSTALLED, "in shadow", self.shadow.model.choice.label)
+            return
+        try:
+            if d.shadow:
+                self._drop_shadow()
+                model, info = await self._install(d)
+                self.shadow = ShadowModel(model, info)
+                log.info("model %s runs in shadow beside %s", d.model_version, _version(serving))
+                self._report(d, OUTCOME.OUTCOME_INSTALLED, "in shadow", model.choice.label)
+                return
+            if self.shadow is not None and self.shadow.info.version == d.model_version:
+                model, info = self.shadow.model, self.shadow.info
+                self.shadow = None
+            elif (found := agent.slots.find(d.model_version, d.manifest_digest)) is not None:
+                self._drop_shadow()
+                info = found
+                directory = agent.slots.slot_dir(found.slot)
+                try:
+                    model = await asyncio.to_thread(agent._open, directory, True)
+                except AutoglmError as exc:
+                    raise InstallFailed(OUTCOME.OUTCOME_SELF_TEST_FAILED, str(exc)) from None
+            else:
+                self._drop_shadow()
+                model, info = await self._install(d)
+        except InstallFailed as exc:
+            log.error("install of %s failed: %s", d.model_version, exc)
+            self._report(d, exc.outcome, str(exc))
+            return
+        previous = agent.slots.read().active
+        agent.slots.activate(dataclasses.replace(info, rollout_id=d.rollout_id))
+        try:
+            await agent.swap(model)
+        except Exception as exc:  # noqa: BLE001 - back to what served before, and say so
+            agent.slots.fall_back(str(exc))
+            model.close()
+            log.error("model %s failed at start (%s); back to %s", info.version, exc, previous)
+            self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, str(exc))
+            return
+        log.info("now serving %s from slot %s", info.version, info.slot)
+        self._report(
+            d, OUTCOME.OUTCOME_INSTALLED, f"serving from slot {info.slot}", model.choice.label
+        )
+
+    async def _install(self, d: agent_pb2.DesiredState) -> tuple[ServingModel, SlotInfo]:
+        """Download, verify and self-test `d` in the idle slot (the serving one is untouched)."""
+        agent = self.agent
+        if not d.manifest_digest or not d.signature_digest:
+            raise InstallFailed(
+                OUTCOME.OUTCOME_DOWNLOAD_FAILED,
+                f"{d.model_version} is not on this device and the control plane gave no digests",
+            )
+        slot = agent.slots.idle()
+        directory = await asyncio.to_thread(agent.slots.prepare, slot, d.manifest_digest)
+        try:
+            await self.downloader.fetch(
+                [
+                    (d.manifest_digest, directory / MANIFEST),
+                    (d.signature_digest, directory / SIGNATURE),
+                ]
+            )
+            manifest = await asyncio.to_thread(read_signed_manifest, directory, agent.key)
+        except IntegrityError as exc:
+            raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+        except AutoglmError as exc:
+            raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
+        if (manifest.name, manifest.version) != (d.model_name, d.model_version):
+            raise InstallFailed(
+                OUTCOME.OUTCOME_VERIFY_FAILED,
+                f"the manifest is {manifest.name}:{manifest.version}, the control plane asked "
+                f"for {d.model_name}:{d.model_version}",
+            )
+        try:
+            picked = choose(manifest, agent.config.model, Hardware.detect())
+        except AutoglmError as exc:
+            raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+        needed = dict(manifest.files)
+        needed[manifest.golden.file] = manifest.golden.sha256
+        needed[picked.variant.file] = picked.variant.sha256
+        files = [("sha256:" + digest, directory / name) for name, digest in sorted(needed.items())]
+        try:
+            await self.downloader.fetch(files)
+            await asyncio.to_thread(verify_bundle, directory, agent.key, True)
+        except IntegrityError as exc:
+            raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+        except AutoglmError as exc:
+            raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
+        try:
+            model = await asyncio.to_thread(agent._open, directory, True)
+        except AutoglmError as exc:
+            raise InstallFailed(OUTCOME.OUTCOME_SELF_TEST_FAILED, str(exc)) from None
+        info = SlotInfo(slot, manifest.name, manifest.version, d.manifest_digest, d.rollout_id)
+        return model, info
+
+    # ---- shadow ----
+    async def _shadow_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.agent.config.shadow.interval_s)
+            current = self.shadow
+            if current is None or self.agent.model is None:
+                continue
+            try:
+                report = await asyncio.to_thread(self._evaluate, current)
+            except Exception:
+                log.exception("shadow evaluation of %s failed", current.info.version)
+                continue
+            if self.shadow is current:
+                self.agent.session.post(agent_pb2.AgentMessage(shadow=report))
+
+    def _evaluate(self, current: ShadowModel) -> agent_pb2.ShadowReport:
+        incumbent = self.agent.model
+        runtime = self.agent.runtime
+        assert incumbent is not None
+        why = shadow_eval.compatible(current.model, incumbent)
+        parts = []
+        if not why:
+            for runner in runtime.runners:
+                series = runner.history.series(incumbent.spec.period_s)
+                if series is None:
+                    continue
+                result = shadow_eval.compare(
+                    current.model, incumbent, series, runtime.run_on_inference_thread
+                )
+                if result is not None:
+                    parts.append(result)
+        merged = shadow_eval.merge(parts)
+        if merged is not None:
+            log.info(
+                "shadow %s vs %s: %d windows, agreement %.3f, alert rate %.3f vs %.3f",
+                current.info.version,
+                incumbent.version,
+                merged.windows,
+                merged.agreement,
+                merged.rate_candidate,
+                merged.rate_incumbent,
+            )
+        return shadow_eval.report(
+            current.info.rollout_id, current.info.version, incumbent.version, merged, why
+        )
+
+
+def _version(model: ServingModel | None) -> str:
+    return model.version if model is not None else "no model"
