@@ -46,6 +46,7 @@ from protos.autoglm.v1 import agent_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_WAVES = ("1", "10%", "50%", "100%")
+LATENCY_FLOOR_MS = 1.0  # per window; below this a p99 ratio is not judged
 _OUTCOME = agent_pb2.InstallReport.Outcome
 
 
@@ -223,8 +224,8 @@ class RolloutController:
                 desired = self.store.get_desired(device_id)
                 shadow = desired is not None and desired.shadow
                 state = TargetState.SHADOWING if shadow else TargetState.UPDATED
-                if target.state is TargetState.ROLLED_BACK:
-                    return
+                if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED):
+                    return  # a report resent after a reconnect, or after the gate judged
                 device = self.store.get_device(device_id)
                 target = dataclasses.replace(
                     target,
@@ -418,7 +419,10 @@ class RolloutController:
                 - float(report.get("alert_rate_incumbent", 0.0))
             )
             incumbent = float(report.get("incumbent_latency_p99_ms", 0.0))
-            ratio = float(report.get("latency_p99_ms", 0.0)) / incumbent if incumbent > 0 else 1.0
+            candidate = float(report.get("latency_p99_ms", 0.0))
+            ratio = candidate / incumbent if incumbent > 0 else 1.0
+            if candidate - incumbent < LATENCY_FLOOR_MS:
+                ratio = min(ratio, 1.0)  # sub-millisecond differences are scheduling noise
             device = devices.get(t.device_id)
             errors = _agent_errors(device) - t.errors_at_install if device is not None else 0
             why = []

@@ -442,12 +442,11 @@ class SqlStore(Store):
                 )
             s.add(RolloutRow(id=rollout.id, **_rollout_columns(rollout)))
             s.add_all(
-                RolloutTargetRow(rollout_id=t.rollout_id, device_id=t.device_id, active=True)
+                RolloutTargetRow(
+                    rollout_id=t.rollout_id, device_id=t.device_id, **_target_values(t, True)
+                )
                 for t in targets
             )
-            s.flush()
-            for t in targets:
-                _update_target(s, t, True)
 
     def get_rollout(self, rollout_id: str) -> RolloutRecord:
         with self._tx() as s:
@@ -687,17 +686,24 @@ def _update_target(s: Session, t: RolloutTarget, active: bool) -> None:
     row = s.get(RolloutTargetRow, (t.rollout_id, t.device_id), with_for_update=True)
     if row is None:
         raise NotFound(f"device {t.device_id} is not a target of rollout {t.rollout_id}")
-    row.wave = t.wave
-    row.state = t.state.value
-    row.active = active
-    row.doc = {
-        "detail": t.detail,
-        "previous_version": t.previous_version,
-        "previous_name": t.previous_name,
-        "errors_at_install": t.errors_at_install,
-        "shadow": t.shadow,
+    for key, value in _target_values(t, active).items():
+        setattr(row, key, value)
+
+
+def _target_values(t: RolloutTarget, active: bool) -> dict[str, Any]:
+    return {
+        "wave": t.wave,
+        "state": t.state.value,
+        "active": active,
+        "doc": {
+            "detail": t.detail,
+            "previous_version": t.previous_version,
+            "previous_name": t.previous_name,
+            "errors_at_install": t.errors_at_install,
+            "shadow": t.shadow,
+        },
+        "updated_at": t.updated_at or dt.datetime.now(dt.UTC),
     }
-    row.updated_at = t.updated_at or dt.datetime.now(dt.UTC)
 
 
 def _target(r: RolloutTargetRow) -> RolloutTarget:

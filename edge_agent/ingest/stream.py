@@ -111,16 +111,22 @@ class StreamAligner:
             self.next_slot = math.ceil(earliest / self.period - EPS)
         if last < self.next_slot:
             return None
+        for j in range(self.n):
+            if self._unsorted[j]:
+                self._sort(j)
+        # A gap is a stretch with no readings at all, not a long backlog: a burst of queued
+        # readings (a broker delivering after a reconnect) is aligned row by row.
         gap = False
-        if last - self.next_slot + 1 > self.max_gap_slots:
-            skip_to = last - self.max_gap_slots + 1
+        grid = self.next_slot * self.period + EPS
+        after = [t[k] for t in self._t if (k := bisect_right(t, grid)) < len(t)]
+        pending = min(after, default=self.watermark)  # first reading past the next slot
+        first_data = math.ceil(pending / self.period - EPS)
+        if first_data - self.next_slot > self.max_gap_slots:
+            skip_to = min(first_data, last + 1) - self.max_gap_slots
             self.counts["gap_slots"] += skip_to - self.next_slot
             self._consume_until((skip_to - 1) * self.period)
             self.next_slot = skip_to
             gap = True
-        for j in range(self.n):
-            if self._unsorted[j]:
-                self._sort(j)
         count = last - self.next_slot + 1
         values = np.empty((count, self.n), dtype=np.float32)
         mask = np.empty((count, self.n), dtype=np.float32)
