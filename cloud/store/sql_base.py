@@ -1,0 +1,102 @@
+"""The SQL store's shared part: engine, migrations, transactions, device lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.domain import (
+    DeviceRecord,
+    DeviceState,
+)
+from cloud.store.tables import (
+    DeviceRow,
+)
+from edge_agent.errors import (
+    NotFound,
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalise_url(url: str) -> str:
+    """Accepts plain `postgresql://` URLs and uses the psycopg 3 driver for them."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+
+def migrate(engine: Engine) -> None:
+    """Brings the schema to the newest migration."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class SqlBase:
+    """What the table groups share: the session factory and the device lookup."""
+
+    _sessions: sessionmaker[Session]
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def _device_row(self, s: Session, id_or_name: str, for_update: bool = False) -> DeviceRow:
+        query = select(DeviceRow).where(
+            (DeviceRow.id == id_or_name) | (DeviceRow.name == id_or_name)
+        )
+        if for_update:
+            query = query.with_for_update()
+        row = s.scalars(query).first()
+        if row is None:
+            raise NotFound(f"no device with id or name '{id_or_name}'")
+        return row
+
+
+def _device(row: DeviceRow) -> DeviceRecord:
+    return DeviceRecord(
+        id=row.id,
+        name=row.name,
+        labels=dict(row.labels),
+        profile=row.profile,
+        state=DeviceState(row.state),
+        created_at=row.created_at,
+        enrolled_at=row.enrolled_at,
+        revoked_at=row.revoked_at,
+        revoked_reason=row.revoked_reason,
+        cert_serial=row.cert_serial,
+        cert_fingerprint=row.cert_fingerprint,
+        last_seen=row.last_seen,
+        session_open=row.session_open,
+        agent_version=row.agent_version,
+        status=dict(row.status or {}),
+        host=dict(row.host or {}),
+    )

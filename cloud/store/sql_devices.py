@@ -1,0 +1,197 @@
+"""Devices, enrollment tokens and presence in SQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+
+from cloud.domain import (
+    DeviceRecord,
+    DeviceState,
+    PresenceUpdate,
+    matches,
+)
+from cloud.store.sql_base import SqlBase, _device
+from cloud.store.tables import (
+    DeviceRow,
+    EnrollmentTokenRow,
+)
+from edge_agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+T = TypeVar("T")
+_OPTIONAL_PRESENCE_FIELDS = ("agent_version", "status", "host")
+
+
+class DeviceTables(SqlBase):
+    """The device part of `Store`."""
+
+    # ---- devices ----
+    def create_device(
+        self, name: str, labels: Mapping[str, str], profile: str, now: dt.datetime
+    ) -> DeviceRecord:
+        row = DeviceRow(
+            id=str(uuid.uuid4()),
+            name=name,
+            labels=dict(labels),
+            profile=profile,
+            state=DeviceState.PENDING.value,
+            created_at=now,
+            revoked_reason="",
+            cert_serial="",
+            cert_fingerprint="",
+            session_open=False,
+            agent_version="",
+            status={},
+            host={},
+        )
+        try:
+            with self._tx() as s:
+                s.add(row)
+        except SAIntegrityError:
+            raise AlreadyExists(f"a device named '{name}' exists already") from None
+        return _device(row)
+
+    def get_device(self, id_or_name: str) -> DeviceRecord:
+        with self._tx() as s:
+            return _device(self._device_row(s, id_or_name))
+
+    def list_devices(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
+        with self._tx() as s:
+            rows = s.scalars(select(DeviceRow).order_by(DeviceRow.name)).all()
+            return [_device(r) for r in rows if matches(r.labels, selector)]
+
+    def update_labels(
+        self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> DeviceRecord:
+        with self._tx() as s:
+            row = self._device_row(s, id_or_name, for_update=True)
+            labels = {k: v for k, v in row.labels.items() if k not in remove}
+            labels.update(set_labels)
+            row.labels = labels
+            return _device(row)
+
+    def revoke_device(self, id_or_name: str, reason: str, now: dt.datetime) -> DeviceRecord:
+        with self._tx() as s:
+            row = self._device_row(s, id_or_name, for_update=True)
+            if row.state != DeviceState.REVOKED.value:
+                row.state = DeviceState.REVOKED.value
+                row.revoked_at = now
+                row.revoked_reason = reason
+                row.session_open = False
+                s.execute(
+                    update(EnrollmentTokenRow)
+                    .where(EnrollmentTokenRow.device_id == row.id)
+                    .values(invalidated=True)
+                )
+            return _device(row)
+
+    # ---- enrollment ----
+    def add_enrollment_token(
+        self, device_id: str, token_hash: str, now: dt.datetime, expires_at: dt.datetime
+    ) -> None:
+        with self._tx() as s:
+            row = self._device_row(s, device_id, for_update=True)
+            if row.state == DeviceState.REVOKED.value:
+                raise FailedPrecondition(f"device '{row.name}' is revoked; register a new device")
+            s.execute(
+                update(EnrollmentTokenRow)
+                .where(EnrollmentTokenRow.device_id == row.id, EnrollmentTokenRow.used_at.is_(None))
+                .values(invalidated=True)
+            )
+            s.add(
+                EnrollmentTokenRow(
+                    token_hash=token_hash,
+                    device_id=row.id,
+                    created_at=now,
+                    expires_at=expires_at,
+                    invalidated=False,
+                )
+            )
+
+    def enroll(
+        self,
+        token_hash: str,
+        now: dt.datetime,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str]],
+    ) -> tuple[DeviceRecord, T]:
+        with self._tx() as s:
+            token = s.get(EnrollmentTokenRow, token_hash)
+            if token is None:
+                raise Unauthenticated("unknown enrollment token")
+            if token.used_at is not None:
+                raise Unauthenticated("this enrollment token was used already")
+            if token.invalidated:
+                raise Unauthenticated("this enrollment token was replaced or its device revoked")
+            if token.expires_at <= now:
+                raise Unauthenticated(
+                    f"this enrollment token expired at {token.expires_at.isoformat()}"
+                )
+            row = self._device_row(s, token.device_id, for_update=True)
+            if row.state == DeviceState.REVOKED.value:
+                raise PermissionDenied(f"device '{row.name}' is revoked")
+            issued = issue(_device(row))
+            serial, fingerprint = activate(issued)
+            # The conditional update makes the token single-use even under concurrent calls.
+            claimed = s.execute(
+                update(EnrollmentTokenRow)
+                .where(
+                    EnrollmentTokenRow.token_hash == token_hash,
+                    EnrollmentTokenRow.used_at.is_(None),
+                    EnrollmentTokenRow.invalidated.is_(False),
+                )
+                .values(used_at=now)
+            ).rowcount  # type: ignore[attr-defined]
+            if claimed != 1:
+                raise Unauthenticated("this enrollment token was used already")
+            row.state = DeviceState.ACTIVE.value
+            row.enrolled_at = now
+            row.cert_serial = serial
+            row.cert_fingerprint = fingerprint
+            return _device(row), issued
+
+    # ---- presence ----
+    def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
+        # One executemany per combination of fields present (a heartbeat carries status only,
+        # a hello everything): a statement per device would cost more than all heartbeats.
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for u in updates:
+            params: dict[str, Any] = {
+                "b_id": u.device_id,
+                "b_last_seen": u.last_seen,
+                "b_session_open": u.session_open,
+            }
+            for name in _OPTIONAL_PRESENCE_FIELDS:
+                value = getattr(u, name)
+                if value is not None:
+                    params[f"b_{name}"] = value
+            groups.setdefault(tuple(sorted(params)), []).append(params)
+        if not groups:
+            return
+        with self._tx() as s:
+            conn = s.connection()  # Core executemany, not the ORM's bulk-by-primary-key path
+            for keys, rows in groups.items():
+                values: dict[str, Any] = {k[2:]: bindparam(k) for k in keys if k != "b_id"}
+                statement = (
+                    update(DeviceRow)
+                    .where(
+                        DeviceRow.id == bindparam("b_id"),
+                        DeviceRow.state == DeviceState.ACTIVE.value,
+                    )
+                    .values(**values)
+                )
+                conn.execute(statement, rows)
+
+    def revoked_since(self, since: dt.datetime) -> list[str]:
+        with self._tx() as s:
+            return list(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at >= since)).all())

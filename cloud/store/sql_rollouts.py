@@ -1,0 +1,292 @@
+"""Pushed models, desired models and rollouts in SQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cloud.domain import (
+    DesiredModel,
+    Gates,
+    ModelRecord,
+    RolloutRecord,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+    Wave,
+)
+from cloud.store.sql_base import SqlBase
+from cloud.store.tables import (
+    DesiredModelRow,
+    ModelRow,
+    RolloutRow,
+    RolloutTargetRow,
+)
+from edge_agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+)
+
+
+class RolloutTables(SqlBase):
+    """The model and rollout part of `Store`."""
+
+    def add_model(self, model: ModelRecord) -> ModelRecord:
+        with self._tx() as s:
+            row = s.get(ModelRow, (model.name, model.version))
+            if row is not None:
+                if row.manifest_digest == model.manifest_digest:
+                    return _model(row)
+                raise AlreadyExists(
+                    f"model {model.name}:{model.version} was pushed before with another "
+                    f"manifest ({row.manifest_digest[:19]}…); give the new bundle a new version"
+                )
+            s.add(
+                ModelRow(
+                    name=model.name,
+                    version=model.version,
+                    manifest_digest=model.manifest_digest,
+                    signature_digest=model.signature_digest,
+                    size_bytes=model.size_bytes,
+                    pushed_at=model.pushed_at,
+                    manifest=model.manifest,
+                )
+            )
+        return model
+
+    def get_model(self, name: str, version: str) -> ModelRecord:
+        with self._tx() as s:
+            row = s.get(ModelRow, (name, version))
+            if row is None:
+                raise NotFound(f"no model {name}:{version} was pushed")
+            return _model(row)
+
+    def list_models(self, name: str = "") -> list[ModelRecord]:
+        query = select(ModelRow).order_by(ModelRow.name, ModelRow.pushed_at)
+        if name:
+            query = query.where(ModelRow.name == name)
+        with self._tx() as s:
+            return [_model(r) for r in s.scalars(query).all()]
+
+    # ---- desired state ----
+    def set_desired(self, desired: Sequence[DesiredModel]) -> None:
+        with self._tx() as s:
+            for d in desired:
+                row = s.get(DesiredModelRow, d.device_id, with_for_update=True)
+                if row is None:
+                    row = DesiredModelRow(device_id=d.device_id)
+                    s.add(row)
+                row.model_name = d.model_name
+                row.model_version = d.model_version
+                row.manifest_digest = d.manifest_digest
+                row.signature_digest = d.signature_digest
+                row.rollout_id = d.rollout_id
+                row.shadow = d.shadow
+                row.updated_at = d.updated_at
+
+    def get_desired(self, device_id: str) -> DesiredModel | None:
+        with self._tx() as s:
+            row = s.get(DesiredModelRow, device_id)
+            if row is None:
+                return None
+            return DesiredModel(
+                device_id=row.device_id,
+                model_name=row.model_name,
+                model_version=row.model_version,
+                manifest_digest=row.manifest_digest,
+                signature_digest=row.signature_digest,
+                rollout_id=row.rollout_id,
+                shadow=row.shadow,
+                updated_at=row.updated_at,
+            )
+
+    # ---- rollouts ----
+    def create_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget]) -> None:
+        ids = [t.device_id for t in targets]
+        with self._tx() as s:
+            busy = s.execute(
+                select(RolloutTargetRow.device_id, RolloutTargetRow.rollout_id).where(
+                    RolloutTargetRow.active.is_(True), RolloutTargetRow.device_id.in_(ids)
+                )
+            ).first()
+            if busy is not None:
+                name = self._device_row(s, busy[0]).name
+                raise FailedPrecondition(
+                    f"device '{name}' is in active rollout {busy[1]}; abort it or wait for it "
+                    "to finish (one active rollout per device)"
+                )
+            s.add(RolloutRow(id=rollout.id, **_rollout_columns(rollout)))
+            s.add_all(
+                RolloutTargetRow(
+                    rollout_id=t.rollout_id, device_id=t.device_id, **_target_values(t, True)
+                )
+                for t in targets
+            )
+
+    def get_rollout(self, rollout_id: str) -> RolloutRecord:
+        with self._tx() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                raise NotFound(f"no rollout with id '{rollout_id}'")
+            return _rollout(row)
+
+    def list_rollouts(self, active_only: bool = False) -> list[RolloutRecord]:
+        query = select(RolloutRow).order_by(RolloutRow.created_at.desc())
+        if active_only:
+            query = query.where(
+                RolloutRow.state.in_([RolloutState.RUNNING.value, RolloutState.PAUSED.value])
+            )
+        with self._tx() as s:
+            return [_rollout(r) for r in s.scalars(query).all()]
+
+    def save_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget] = ()) -> None:
+        with self._tx() as s:
+            row = s.get(RolloutRow, rollout.id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no rollout with id '{rollout.id}'")
+            for key, value in _rollout_columns(rollout).items():
+                setattr(row, key, value)
+            active = rollout.state.active
+            for t in targets:
+                _update_target(s, t, active)
+            if not active:
+                s.execute(
+                    update(RolloutTargetRow)
+                    .where(RolloutTargetRow.rollout_id == rollout.id)
+                    .values(active=False)
+                )
+
+    def rollout_targets(self, rollout_id: str) -> list[RolloutTarget]:
+        query = (
+            select(RolloutTargetRow)
+            .where(RolloutTargetRow.rollout_id == rollout_id)
+            .order_by(RolloutTargetRow.wave, RolloutTargetRow.device_id)
+        )
+        with self._tx() as s:
+            return [_target(r) for r in s.scalars(query).all()]
+
+
+def _model(r: ModelRow) -> ModelRecord:
+    return ModelRecord(
+        name=r.name,
+        version=r.version,
+        manifest_digest=r.manifest_digest,
+        signature_digest=r.signature_digest,
+        size_bytes=r.size_bytes,
+        pushed_at=r.pushed_at,
+        manifest=dict(r.manifest),
+    )
+
+
+def _when(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _parse_when(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
+
+
+def _rollout_columns(r: RolloutRecord) -> dict[str, Any]:
+    waves = [
+        {
+            "index": w.index,
+            "size": w.size,
+            "target": w.target,
+            "started_at": _when(w.started_at),
+            "installed_at": _when(w.installed_at),
+            "soak_until": _when(w.soak_until),
+            "promoted_at": _when(w.promoted_at),
+        }
+        for w in r.waves
+    ]
+    return {
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "selector": r.selector,
+        "state": r.state.value,
+        "doc": {
+            "waves": waves,
+            "current_wave": r.current_wave,
+            "soak_s": r.soak_s,
+            "gates": dataclasses.asdict(r.gates),
+        },
+        "reason": r.reason,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+    }
+
+
+def _rollout(r: RolloutRow) -> RolloutRecord:
+    doc = r.doc
+    waves = tuple(
+        Wave(
+            index=int(w["index"]),
+            size=str(w["size"]),
+            target=int(w["target"]),
+            started_at=_parse_when(w["started_at"]),
+            installed_at=_parse_when(w["installed_at"]),
+            soak_until=_parse_when(w["soak_until"]),
+            promoted_at=_parse_when(w["promoted_at"]),
+        )
+        for w in doc["waves"]
+    )
+    return RolloutRecord(
+        id=r.id,
+        model_name=r.model_name,
+        model_version=r.model_version,
+        selector=r.selector,
+        state=RolloutState(r.state),
+        waves=waves,
+        current_wave=int(doc["current_wave"]),
+        soak_s=float(doc["soak_s"]),
+        gates=Gates(**doc["gates"]),
+        reason=r.reason,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def _update_target(s: Session, t: RolloutTarget, active: bool) -> None:
+    row = s.get(RolloutTargetRow, (t.rollout_id, t.device_id), with_for_update=True)
+    if row is None:
+        raise NotFound(f"device {t.device_id} is not a target of rollout {t.rollout_id}")
+    for key, value in _target_values(t, active).items():
+        setattr(row, key, value)
+
+
+def _target_values(t: RolloutTarget, active: bool) -> dict[str, Any]:
+    return {
+        "wave": t.wave,
+        "state": t.state.value,
+        "active": active,
+        "doc": {
+            "detail": t.detail,
+            "previous_version": t.previous_version,
+            "previous_name": t.previous_name,
+            "errors_at_install": t.errors_at_install,
+            "shadow": t.shadow,
+        },
+        "updated_at": t.updated_at or dt.datetime.now(dt.UTC),
+    }
+
+
+def _target(r: RolloutTargetRow) -> RolloutTarget:
+    doc = r.doc
+    return RolloutTarget(
+        rollout_id=r.rollout_id,
+        device_id=r.device_id,
+        wave=r.wave,
+        state=TargetState(r.state),
+        detail=str(doc.get("detail", "")),
+        previous_version=str(doc.get("previous_version", "")),
+        previous_name=str(doc.get("previous_name", "")),
+        errors_at_install=int(doc.get("errors_at_install", -1)),
+        shadow=dict(doc.get("shadow", {})),
+        updated_at=r.updated_at,
+    )
