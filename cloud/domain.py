@@ -245,3 +245,32 @@ class RolloutTarget:
     errors_at_install: int = -1  # the agent's error counter when it reported the install
     shadow: dict[str, Any] = field(default_factory=dict)  # latest ShadowReport, as a dict
     updated_at: dt.datetime | None = None
+
+    @property
+    def shadow_windows(self) -> int:
+        return int(self.shadow.get("windows", 0))
+
+    @property
+    def shadow_agreement(self) -> float:
+        return float(self.shadow.get("agreement", 0.0))
+
+    @property
+    def shadow_alert_rate_difference(self) -> float:
+        return abs(
+            float(self.shadow.get("alert_rate_candidate", 0.0))
+            - float(self.shadow.get("alert_rate_incumbent", 0.0))
+        )
+
+    @property
+    def shadow_latency_ms(self) -> tuple[float, float]:
+        """p99 per window: (candidate, incumbent), measured in the same run."""
+        return (
+            float(self.shadow.get("latency_p99_ms", 0.0)),
+            float(self.shadow.get("incumbent_latency_p99_ms", 0.0)),
+        )
+
+    @property
+    def latency_ratio(self) -> float:
+        """Candidate p99 over incumbent p99; 0 when not measured."""
+        candidate, incumbent = self.shadow_latency_ms
+        return candidate / incumbent if incumbent > 0 else 0.0

@@ -32,6 +32,7 @@ from cloud.domain import (
     DeviceRecord,
     DeviceState,
     Gates,
+    ModelRecord,
     RolloutRecord,
     RolloutState,
     RolloutTarget,
@@ -40,7 +41,7 @@ from cloud.domain import (
     parse_selector,
 )
 from cloud.store import Store
-from edge_agent.errors import FailedPrecondition, InvalidInput
+from edge_agent.errors import FailedPrecondition, InvalidInput, NotFound
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -278,23 +279,22 @@ class RolloutController:
         except Exception:  # noqa: BLE001 - an unknown rollout id from a device: ignore it
             log.warning("device %s reported on unknown rollout %s", device_id, rollout_id)
             return None
-        for target in self.store.rollout_targets(rollout_id):
-            if target.device_id == device_id:
-                return rollout, target
-        return None
+        target = self.store.rollout_target(rollout_id, device_id)
+        return (rollout, target) if target is not None else None
 
     def _online(self, device: DeviceRecord, now: dt.datetime) -> bool:
         return device.is_online(now, self.settings.offline_after)
 
-    def _desired(self, rollout: RolloutRecord, device_id: str, shadow: bool) -> DesiredModel:
-        model = self.store.get_model(rollout.model_name, rollout.model_version)
+    def _desired(
+        self, model: ModelRecord, rollout_id: str, device_id: str, shadow: bool
+    ) -> DesiredModel:
         return DesiredModel(
             device_id=device_id,
             model_name=model.name,
             model_version=model.version,
             manifest_digest=model.manifest_digest,
             signature_digest=model.signature_digest,
-            rollout_id=rollout.id,
+            rollout_id=rollout_id,
             shadow=shadow,
             updated_at=self.clock(),
         )
@@ -318,11 +318,12 @@ class RolloutController:
         in_wave = [t for t in targets if t.wave == wave.index]
         shadow = rollout.soak_s > 0
         if wave.started_at is None:
+            model = self.store.get_model(rollout.model_name, rollout.model_version)
             updated, desired = [], []
             for t in in_wave:
                 device = devices.get(t.device_id)
                 if device is not None and self._online(device, now):
-                    desired.append(self._desired(rollout, t.device_id, shadow))
+                    desired.append(self._desired(model, rollout.id, t.device_id, shadow))
                     updated.append(_moved(t, TargetState.INSTALLING, "desired state sent", now))
                 else:
                     updated.append(_moved(t, TargetState.DEFERRED, "offline; installs later", now))
@@ -370,15 +371,16 @@ class RolloutController:
                 if aborted := self._failure_gate(rollout, self.store.rollout_targets(rollout.id)):
                     return aborted
         # Promote: serve the new version on this wave's targets.
+        model = self.store.get_model(rollout.model_name, rollout.model_version)
         desired, updated = [], []
         for t in self.store.rollout_targets(rollout.id):
             if t.wave != wave.index:
                 continue
             if t.state is TargetState.SHADOWING:
-                desired.append(self._desired(rollout, t.device_id, False))
+                desired.append(self._desired(model, rollout.id, t.device_id, False))
                 updated.append(_moved(t, TargetState.INSTALLING, "promoted; swapping", now))
             elif t.state is TargetState.DEFERRED:
-                desired.append(self._desired(rollout, t.device_id, False))
+                desired.append(self._desired(model, rollout.id, t.device_id, False))
         self.store.set_desired(desired)
         last = rollout.current_wave == len(rollout.waves) - 1
         rollout = self._with_wave(rollout, wave, promoted_at=now)
@@ -403,8 +405,7 @@ class RolloutController:
         for t in in_wave:
             if t.state is not TargetState.SHADOWING:
                 continue
-            report = t.shadow
-            windows = int(report.get("windows", 0))
+            windows = t.shadow_windows
             if windows < max(gates.min_shadow_windows, 1):
                 if now - soak_until < self.settings.shadow_grace:
                     waiting = True
@@ -413,14 +414,10 @@ class RolloutController:
                     _moved(t, TargetState.FAILED, f"only {windows} shadow window(s) reported", now)
                 )
                 continue
-            agreement = float(report.get("agreement", 0.0))
-            difference = abs(
-                float(report.get("alert_rate_candidate", 0.0))
-                - float(report.get("alert_rate_incumbent", 0.0))
-            )
-            incumbent = float(report.get("incumbent_latency_p99_ms", 0.0))
-            candidate = float(report.get("latency_p99_ms", 0.0))
-            ratio = candidate / incumbent if incumbent > 0 else 1.0
+            agreement = t.shadow_agreement
+            difference = t.shadow_alert_rate_difference
+            candidate, incumbent = t.shadow_latency_ms
+            ratio = t.latency_ratio or 1.0
             if candidate - incumbent < LATENCY_FLOOR_MS:
                 ratio = min(ratio, 1.0)  # sub-millisecond differences are scheduling noise
             device = devices.get(t.device_id)
@@ -461,18 +458,20 @@ class RolloutController:
         """Sends every target that got the new version back to its previous one."""
         now = self.clock()
         desired, updated = [], []
+        models: dict[tuple[str, str], ModelRecord | None] = {}
         for t in self.store.rollout_targets(rollout.id):
             if t.state is TargetState.WAITING:
                 continue
             current = self.store.get_desired(t.device_id)
             if current is None or current.rollout_id != rollout.id:
                 continue  # never sent, or another rollout owns the device now
-            previous = None
-            if t.previous_version:
+            key = (t.previous_name, t.previous_version)
+            if t.previous_version and key not in models:
                 try:
-                    previous = self.store.get_model(t.previous_name, t.previous_version)
-                except Exception:  # noqa: BLE001 - not pushed here: the agent has it locally
-                    previous = None
+                    models[key] = self.store.get_model(*key)
+                except NotFound:  # not pushed here: the agent has it in a slot or its config
+                    models[key] = None
+            previous = models.get(key)
             desired.append(
                 DesiredModel(
                     device_id=t.device_id,

@@ -133,13 +133,13 @@ class AssetRunner:
         start_calibration: Callable[[AssetRunner, AlignedSeries], None],
     ) -> None:
         spec = self.model.spec
+        self.history.extend(rows.first_slot, rows.values, rows.mask)
         for k in range(rows.values.shape[0]):
             slot = rows.first_slot + k
             self.ring_v[self.pos] = rows.values[k]
             self.ring_m[self.pos] = rows.mask[k]
             self.pos = (self.pos + 1) % self.length
             self.filled += 1
-            self.history.append(slot, rows.values[k], rows.mask[k])
             cal = self.calibration
             if cal is None:
                 if not self._cal_v:

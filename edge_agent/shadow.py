@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_agent.batching import percentile
 from edge_agent.inference.base import InferenceBackend, Outputs
-from edge_agent.scoring import calibrate_and_score
+from edge_agent.scoring import SlotScores, calibrate_and_score
 from edge_agent.serving import ServingModel
 from edge_agent.windowing import AlignedSeries, FloatArray
 from protos.autoglm.v1 import agent_pb2
@@ -32,9 +32,10 @@ class RowHistory:
         self._rows: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=capacity)
         self._lock = threading.Lock()
 
-    def append(self, slot: int, values: np.ndarray, mask: np.ndarray) -> None:
+    def extend(self, first_slot: int, values: np.ndarray, mask: np.ndarray) -> None:
+        """Rows `first_slot`, `first_slot + 1`, ... (one lock per batch of closed rows)."""
         with self._lock:
-            self._rows.append((slot, values, mask))
+            self._rows.extend((first_slot + k, values[k], mask[k]) for k in range(values.shape[0]))
 
     def series(self, period_s: float) -> AlignedSeries | None:
         """The newest run of consecutive slots, or None when there is no row."""
@@ -100,7 +101,7 @@ def compare(
         return None
     timed_candidate = _Timed(candidate.backend)
     ours = calibrate_and_score(timed_candidate, candidate.frame, series, rows)
-    theirs_box: list[object] = []
+    theirs_box: list[SlotScores] = []
     timed_incumbent: list[_Timed] = []
 
     def on_inference_thread(backend: InferenceBackend) -> None:
@@ -112,7 +113,6 @@ def compare(
     if not theirs_box:
         return None
     theirs = theirs_box[0]
-    assert hasattr(theirs, "anomaly")
     a = np.asarray(ours.anomaly, dtype=bool)
     b = np.asarray(theirs.anomaly, dtype=bool)
     n = min(a.size, b.size)

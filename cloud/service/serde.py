@@ -171,8 +171,6 @@ def rollout_to_proto(
                 getattr(w, field).FromDatetime(value)
     if with_devices:
         for t in targets:
-            shadow = t.shadow
-            incumbent = float(shadow.get("incumbent_latency_p99_ms", 0.0))
             msg.devices.add(
                 device_id=t.device_id,
                 device_name=names.get(t.device_id, t.device_id),
@@ -180,14 +178,9 @@ def rollout_to_proto(
                 state=t.state.value,
                 detail=t.detail,
                 previous_version=t.previous_version,
-                shadow_agreement=float(shadow.get("agreement", 0.0)),
-                shadow_alert_rate_difference=abs(
-                    float(shadow.get("alert_rate_candidate", 0.0))
-                    - float(shadow.get("alert_rate_incumbent", 0.0))
-                ),
-                shadow_windows=int(shadow.get("windows", 0)),
-                latency_ratio=float(shadow.get("latency_p99_ms", 0.0)) / incumbent
-                if incumbent > 0
-                else 0.0,
+                shadow_agreement=t.shadow_agreement,
+                shadow_alert_rate_difference=t.shadow_alert_rate_difference,
+                shadow_windows=t.shadow_windows,
+                latency_ratio=t.latency_ratio,
             )
     return msg

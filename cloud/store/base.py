@@ -149,6 +149,10 @@ class Store(abc.ABC):
     def rollout_targets(self, rollout_id: str) -> list[RolloutTarget]:
         """By wave, then device id."""
 
+    @abc.abstractmethod
+    def rollout_target(self, rollout_id: str, device_id: str) -> RolloutTarget | None:
+        """One device of a rollout; None when it is not a target."""
+
     # ---- operators ----
     @abc.abstractmethod
     def add_operator(self, name: str, token_hash: str, now: dt.datetime) -> OperatorRecord: ...

@@ -171,6 +171,11 @@ class RolloutTables(SqlBase):
         with self._tx() as s:
             return [_target(r) for r in s.scalars(query).all()]
 
+    def rollout_target(self, rollout_id: str, device_id: str) -> RolloutTarget | None:
+        with self._tx() as s:
+            row = s.get(RolloutTargetRow, (rollout_id, device_id))
+            return _target(row) if row is not None else None
+
 
 def _model(r: ModelRow) -> ModelRecord:
     return ModelRecord(
