@@ -62,6 +62,10 @@ async def fetch_once(
     return received
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
 class Downloader:
     """Fetches artifacts on its own channel (bulk traffic stays off the session stream)."""
 
@@ -78,6 +82,7 @@ class Downloader:
         self.options = [*options, *DOWNLOAD_OPTIONS]
         self.backoff = backoff
         self.attempts = attempts
+        self.received_bytes = 0  # over the downloader's life, resumed attempts included
 
     async def fetch(self, files: list[tuple[str, Path]]) -> None:
         """Downloads (digest, destination) pairs that are not there yet, verifying each."""
@@ -97,7 +102,11 @@ class Downloader:
         self.backoff.reset()
         for attempt in range(1, self.attempts + 1):
             try:
-                await fetch_once(stub, digest, dest)
+                before = _size(part)
+                try:
+                    await fetch_once(stub, digest, dest)
+                finally:  # counted also when the stream breaks half way
+                    self.received_bytes += _size(part) - before
                 actual = await asyncio.to_thread(sha256_of, part)
                 if actual != digest:
                     part.unlink(missing_ok=True)

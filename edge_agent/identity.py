@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -53,6 +54,14 @@ class DeviceIdentity:
     chain_pem: bytes
     ca_pem: bytes
     signing_public_pem: bytes
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Mutual-TLS channel credentials: this device's key and chain, the fleet's CA."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=self.key_pem,
+            certificate_chain=self.chain_pem,
+        )
 
 
 def new_device_key() -> ec.EllipticCurvePrivateKey:

@@ -109,11 +109,7 @@ class CloudSession:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.identity.ca_pem,
-            private_key=self.identity.key_pem,
-            certificate_chain=self.identity.chain_pem,
-        )
+        return self.identity.credentials()
 
     async def _session(self, stop: asyncio.Event) -> None:
         options = channel_options(self.tls_server_name)

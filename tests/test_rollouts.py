@@ -40,7 +40,9 @@ OPTIONS = TrainOptions(
     hidden=16,
     calibration_rows=120,
     train=TrainParams(epochs=3, seed=5),
-    decision=DecisionParams(prob_threshold=0.5, residual_threshold=5.0, smoothing=3),
+    # Three epochs leave the classifier near 0.5 everywhere: the threshold sits above that,
+    # so the serving model is quiet on normal data and a jumpy candidate stands out.
+    decision=DecisionParams(prob_threshold=0.9, residual_threshold=5.0, smoothing=3),
 )
 RUNNING = operator_pb2.Rollout.STATE_RUNNING
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED
@@ -301,3 +303,52 @@ def test_abort_sends_updated_devices_back_and_a_restarted_plane_carries_on(
     wait_for(lambda: set(fleet.versions().values()) == {"2"}, timeout=60)
     wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))
     assert {d.state for d in status(fleet, second).devices} == {"rolled_back"}
+
+
+def test_a_candidate_that_disagrees_in_shadow_trips_the_behaviour_gate(fleet: Fleet) -> None:
+    key = fleet.plane.plane.secrets.signing_key
+    # The same network with thresholds that flag every window: it installs and passes its
+    # self-test (the golden outputs are the network's), only its behaviour differs.
+    jumpy = make_version(
+        (fleet.root / "v1", key),
+        fleet.root / "v3",
+        "3",
+        key,
+        decision__residual_threshold=1e-6,
+        decision__prob_threshold=1e-6,
+    )
+    with fleet.plane.client() as client:
+        client.push_bundle(jumpy)
+    rollout_id = rollout(
+        fleet, "3", "1,100%", soak=2, min_shadow_windows=20, min_shadow_agreement=0.9
+    )
+    done = wait_state(fleet, rollout_id, ABORTED)
+    canary = next(d for d in done.devices if d.wave == 0)
+    assert "agreement" in canary.detail, canary.detail
+    assert canary.shadow_windows >= 20 and canary.shadow_agreement < 0.5, canary
+    assert "failed" in done.reason
+    assert set(fleet.versions().values()) == {"1"}
+    wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))
+    # The second wave never got the version.
+    assert {d.state for d in done.devices if d.wave == 1} == {"waiting"}
+
+
+def test_a_tampered_artifact_is_refused_by_the_canary_and_the_rollout_stops(
+    fleet: Fleet,
+) -> None:
+    key = fleet.plane.plane.secrets.signing_key
+    v7 = make_version((fleet.root / "v1", key), fleet.root / "v7", "7", key)
+    with fleet.plane.client() as client:
+        pushed = client.push_bundle(v7)
+    # The network files change at rest in the artifact store after the push was accepted.
+    for variant in pushed.variants:
+        stored = fleet.plane.plane.artifacts.path(variant.digest)  # type: ignore[attr-defined]
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+    done = wait_state(fleet, rollout(fleet, "7", "1,100%", soak=0), ABORTED)
+    canary = next(d for d in done.devices if d.wave == 0)
+    assert "verify_failed" in canary.detail and "expected sha256:" in canary.detail, canary
+    assert set(fleet.versions().values()) == {"1"}
+    for agent in fleet.agents.values():  # nothing half-downloaded is left behind
+        assert not list((agent.agent.config.state_dir / "models").rglob("*.part"))

@@ -105,7 +105,7 @@ def test_device_port_refuses_a_client_without_certificate(plane: RunningPlane) -
 
 def test_session_must_start_with_hello(plane: RunningPlane, tmp_path: Path) -> None:
     identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.chain_pem)
+    creds = identity.credentials()
     with grpc.secure_channel(plane.device_address, creds) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         beat = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1))
@@ -139,7 +139,7 @@ def test_a_device_certificate_is_no_operator_credential(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
     identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.chain_pem)
+    creds = identity.credentials()
     with grpc.secure_channel(plane.device_address, creds) as channel:
         stub = operator_pb2_grpc.OperatorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:

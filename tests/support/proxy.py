@@ -1,0 +1,79 @@
+"""A TCP proxy on loopback that can cut its connections: a network that drops mid-transfer."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:<port> to `target`. `cut_after(n)` closes every open connection
+    once n more bytes have gone from the target to clients; later connections work again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._budget: int | None = None
+        self.cuts = 0
+        self.downstream_bytes = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_after(self, n: int) -> None:
+        with self._lock:
+            self._budget = n
+
+    def close(self) -> None:
+        self._listener.close()
+        self._cut(counted=False)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if downstream:
+                    with self._lock:
+                        if self._budget is not None and len(data) >= self._budget:
+                            data = data[: self._budget]
+                            self._budget = None
+                            cut = True
+                        else:
+                            if self._budget is not None:
+                                self._budget -= len(data)
+                            cut = False
+                        self.downstream_bytes += len(data)
+                    dst.sendall(data)
+                    if cut:
+                        self._cut()
+                        return
+                else:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _cut(self, counted: bool = True) -> None:
+        with self._lock:
+            sockets, self._open = self._open, []
+            self.cuts += counted
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
