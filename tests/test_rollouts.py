@@ -4,21 +4,14 @@ broker topics) over a real Mosquitto, a model trained in the test, ONNX Runtime.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
-from cloud.model.pipeline import TrainOptions, train_bundle
-from cloud.model.train import TrainParams
-from edge_agent.bundle import Manifest, sha256_file
-from edge_agent.calibration import DecisionParams
 from edge_agent.config import load_agent_config
 from edge_agent.ingest.mqtt import new_client
 from edge_agent.simulate import messages, read_csv_stream
@@ -26,24 +19,12 @@ from protos.autoglm.v1 import operator_pb2
 from tests.conftest import register
 from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
 from tests.support.broker import Broker, start_broker
+from tests.support.bundles import break_golden, make_version, train_small
 from tests.support.cloud import RunningPlane, init_plane, start_plane
-from tests.support.sensordata import write_dataset, write_experiment
+from tests.support.sensordata import write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-OPTIONS = TrainOptions(
-    name="pump",
-    version="1",
-    window=24,
-    segments=4,
-    stride=2,
-    hidden=16,
-    calibration_rows=120,
-    train=TrainParams(epochs=3, seed=5),
-    # Three epochs leave the classifier near 0.5 everywhere: the threshold sits above that,
-    # so the serving model is quiet on normal data and a jumpy candidate stands out.
-    decision=DecisionParams(prob_threshold=0.9, residual_threshold=5.0, smoothing=3),
-)
 RUNNING = operator_pb2.Rollout.STATE_RUNNING
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED
 ABORTED = operator_pb2.Rollout.STATE_ABORTED
@@ -51,48 +32,7 @@ ABORTED = operator_pb2.Rollout.STATE_ABORTED
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ed25519.Ed25519PrivateKey]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    root = tmp_path_factory.mktemp("rollout-model")
-    out = root / "bundle"
-    train_bundle([write_dataset(root / "data")], out, OPTIONS, key, log=lambda _: None)
-    return out, key
-
-
-def make_version(
-    trained: tuple[Path, ed25519.Ed25519PrivateKey],
-    dest: Path,
-    version: str,
-    key: ed25519.Ed25519PrivateKey,
-    **changes: object,
-) -> Path:
-    """A copy of the trained bundle as `version`, signed with the fleet's key."""
-    source, training_key = trained
-    shutil.copytree(source, dest)
-    manifest = read_own_bundle(dest, training_key)
-    doc = manifest.model_dump(mode="json") | {"version": version}
-    for dotted, value in changes.items():
-        target = doc
-        *path, last = dotted.split("__")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    write_signed_manifest(dest, Manifest.model_validate(doc), key)
-    return dest
-
-
-def break_golden(bundle: Path, key: ed25519.Ed25519PrivateKey) -> None:
-    """Golden outputs the model cannot reproduce, correctly listed and signed: only the
-    device self-test can catch it."""
-    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
-    path = bundle / manifest.golden.file
-    with np.load(path) as golden:
-        arrays = {k: golden[k] for k in golden.files}
-    arrays["fault_prob"] = arrays["fault_prob"] + 0.5
-    with path.open("wb") as fh:
-        np.savez(fh, **arrays)
-    doc = manifest.model_dump(mode="json")
-    doc["golden"]["sha256"] = sha256_file(path)
-    write_signed_manifest(bundle, Manifest.model_validate(doc), key)
+    return train_small(tmp_path_factory.mktemp("rollout-model"))
 
 
 @dataclass
