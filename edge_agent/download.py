@@ -1,8 +1,9 @@
 """Artifact downloads by digest over mutual TLS, resumed from where an interruption left off.
 
 A file arrives as `<name>.part`; every retry asks the control plane for the bytes from the
-part's current size on. The finished part is hashed and only renamed to its name when the
-sha256 matches the digest asked for; a mismatch deletes it (the next attempt starts over).
+part's current size on. The part is hashed as it is written and only renamed to its name,
+after an fsync, when the sha256 matches the digest asked for; a mismatch deletes it (the
+next attempt starts over).
 """
 
 from __future__ import annotations
@@ -23,47 +24,82 @@ from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
-# Bulk transfers want big flow-control windows; the session channel turns BDP probing off.
+# Bulk transfers want big flow-control windows; the session channel turns BDP probing off
+# (these replace the same keys in the options a Downloader is given).
 DOWNLOAD_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.http2.bdp_probe", 1),
 ]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+class PartFile:
+    """`<name>.part` opened for appending, hashed as it grows.
+
+    Writes and hashing run on one worker thread (both release the GIL), one block behind the
+    network: the next chunk is received while the last is written. Written data is flushed
+    to disk every `SYNC_EVERY` bytes, so the final fsync before the rename is short.
+    """
+
+    SYNC_EVERY = 16 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.hasher = hashlib.sha256()
+        self._fh = path.open("ab+")
+        self._fh.seek(0)
+        while block := self._fh.read(CHUNK):  # resuming: the bytes already here
+            self.hasher.update(block)
+        self.size = self._fh.tell()
+        self._unsynced = 0
+        self._pending: asyncio.Future[None] | None = None
+
+    def _write(self, block: bytes) -> None:
+        self._fh.write(block)
+        self.hasher.update(block)
+        self._unsynced += len(block)
+        if self._unsynced >= self.SYNC_EVERY:
+            self._fh.flush()
+            os.fdatasync(self._fh.fileno())
+            self._unsynced = 0
+
+    async def append(self, block: bytes) -> None:
+        """Queues `block`; returns once the block before it is written."""
+        await self.drain()
+        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write, block)
+        self.size += len(block)
+
+    async def drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def close(self) -> None:
+        """Waits for the last write, syncs and closes (also after an error)."""
+        try:
+            await self.drain()
+        finally:
+            await asyncio.to_thread(self._sync_and_close)
+
+    def _sync_and_close(self) -> None:
+        with self._fh:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
 
 
 async def fetch_once(
-    stub: agent_pb2_grpc.AgentServiceStub, digest: str, dest: Path, chunk_size: int = CHUNK
-) -> int:
-    """Appends the artifact's missing bytes to `dest.part`; returns the bytes received."""
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    received = 0
+    stub: agent_pb2_grpc.AgentServiceStub, digest: str, part: PartFile, chunk_size: int = CHUNK
+) -> None:
+    """Appends the artifact's missing bytes to `part`, asking for them from its size on."""
+    offset = part.size
     request = agent_pb2.DownloadArtifactRequest(digest=digest, offset=offset, chunk_size=chunk_size)
-    with part.open("ab") as fh:
-        try:
-            async for chunk in stub.DownloadArtifact(request):  # type: ignore[attr-defined]
-                if chunk.offset != offset:
-                    raise IntegrityError(
-                        f"{digest}: chunk at offset {chunk.offset}, expected {offset}"
-                    )
-                fh.write(chunk.data)
-                offset += len(chunk.data)
-                received += len(chunk.data)
-        finally:
-            fh.flush()
-            os.fsync(fh.fileno())
-    return received
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
+    async for chunk in stub.DownloadArtifact(request):  # type: ignore[attr-defined]
+        if chunk.offset != offset:
+            raise IntegrityError(f"{digest}: chunk at offset {chunk.offset}, expected {offset}")
+        await part.append(chunk.data)
+        offset += len(chunk.data)
 
 
 class Downloader:
@@ -79,7 +115,8 @@ class Downloader:
     ) -> None:
         self.address = address
         self.credentials = credentials
-        self.options = [*options, *DOWNLOAD_OPTIONS]
+        ours = {key for key, _ in DOWNLOAD_OPTIONS}
+        self.options = [o for o in options if o[0] not in ours] + DOWNLOAD_OPTIONS
         self.backoff = backoff
         self.attempts = attempts
         self.received_bytes = 0  # over the downloader's life, resumed attempts included
@@ -102,12 +139,14 @@ class Downloader:
         self.backoff.reset()
         for attempt in range(1, self.attempts + 1):
             try:
-                before = _size(part)
+                writer = await asyncio.to_thread(PartFile, part)
+                before = writer.size
                 try:
-                    await fetch_once(stub, digest, dest)
+                    await fetch_once(stub, digest, writer)
                 finally:  # counted also when the stream breaks half way
-                    self.received_bytes += _size(part) - before
-                actual = await asyncio.to_thread(sha256_of, part)
+                    await writer.close()
+                    self.received_bytes += writer.size - before
+                actual = writer.digest()
                 if actual != digest:
                     part.unlink(missing_ok=True)
                     raise IntegrityError(

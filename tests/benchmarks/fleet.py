@@ -1,0 +1,123 @@
+"""Shared by the benchmarks: a control plane in its own process, enrolled device identities,
+CPU accounting and percentiles."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from cloud.client import Connection, OperatorClient  # noqa: E402
+from cloud.service.serde import bootstrap_from_registration  # noqa: E402
+from cloud.state_dir import CONFIG_FILE, init_state_dir  # noqa: E402
+from edge_agent.enroll import enroll  # noqa: E402
+from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
+from protos.autoglm.v1 import operator_pb2  # noqa: E402
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def spawn(args: list[str], ports_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Starts a process that writes `ports_file` once it listens; waits for that."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not ports_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{args[0]} did not start; see {log}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@dataclass
+class PlaneProcess:
+    """`autoglm cloud serve` on a fresh state dir under `work`."""
+
+    work: Path
+    proc: subprocess.Popen[bytes]
+    token: str
+    api_port: int
+    device_port: int
+
+    @property
+    def state(self) -> Path:
+        return self.work / "cloud"
+
+    @property
+    def ca_pem(self) -> bytes:
+        return (self.state / "ca.crt").read_bytes()
+
+    def connection(self) -> Connection:
+        return Connection(f"localhost:{self.api_port}", self.ca_pem, self.token, timeout_s=60)
+
+    def client(self) -> OperatorClient:
+        return OperatorClient(self.connection())
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def start_plane_process(work: Path, config: dict[str, object] | None = None) -> PlaneProcess:
+    init = init_state_dir(
+        work / "cloud", ["localhost"], api_listen="127.0.0.1:0", device_listen="127.0.0.1:0"
+    )
+    if config:  # settings the benchmark needs (e.g. a faster rollout loop)
+        path = work / "cloud" / CONFIG_FILE
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **config}))
+    ports_file = work / "ports.json"
+    command = [str(Path(sys.executable).parent / "autoglm"), "cloud", "serve", "--log-level"]
+    proc = spawn(
+        [*command, "WARNING", "--state-dir", str(work / "cloud"), "--ports-file", str(ports_file)],
+        ports_file,
+        work / "serve.log",
+    )
+    ports = json.loads(ports_file.read_text())
+    return PlaneProcess(work, proc, init.operator_token, ports["api_port"], ports["device_port"])
+
+
+def enroll_fleet(
+    plane: PlaneProcess, first: int, count: int, labels: dict[str, str] | None = None
+) -> list[DeviceIdentity]:
+    """Registers and enrolls devices bench-<first>.. with the agent's real enrollment."""
+
+    def one(i: int) -> DeviceIdentity:
+        with plane.client() as client:
+            reg = client.register_device(
+                operator_pb2.RegisterDeviceRequest(name=f"bench-{i:05d}", labels=labels or {})
+            )
+        state = plane.work / "agents" / f"{i:05d}"
+        enroll(bootstrap_from_registration(reg), state)
+        return load_identity(state)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(first, first + count)))
