@@ -228,6 +228,13 @@ class RolloutController:
                 if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED):
                     return  # a report resent after a reconnect, or after the gate judged
                 device = self.store.get_device(device_id)
+                if report.serving_version and report.serving_version != rollout.model_version:
+                    # What it really served: the status read at creation may be stale.
+                    target = dataclasses.replace(
+                        target,
+                        previous_name=report.serving_name,
+                        previous_version=report.serving_version,
+                    )
                 target = dataclasses.replace(
                     target,
                     state=state,

@@ -15,10 +15,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from edge_agent import shadow as shadow_eval
-from edge_agent.bundle import MANIFEST, SIGNATURE, read_signed_manifest, verify_bundle
+from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, read_signed_manifest, verify_bundle
+from edge_agent.config import ModelChoice
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
 from edge_agent.errors import AutoglmError, IntegrityError
@@ -35,7 +39,12 @@ OUTCOME = agent_pb2.InstallReport.Outcome
 
 
 def install_report(
-    version: str, rollout_id: str, outcome: int, detail: str = "", backend: str = ""
+    version: str,
+    rollout_id: str,
+    outcome: int,
+    detail: str = "",
+    backend: str = "",
+    serving: ServingModel | None = None,
 ) -> agent_pb2.AgentMessage:
     return agent_pb2.AgentMessage(
         install=agent_pb2.InstallReport(
@@ -44,6 +53,8 @@ def install_report(
             outcome=outcome,  # type: ignore[arg-type]
             detail=detail[:1000],
             backend=backend,
+            serving_name=serving.manifest.name if serving else "",
+            serving_version=serving.version if serving else "",
         )
     )
 
@@ -58,6 +69,48 @@ class InstallFailed(Exception):
 class ShadowModel:
     model: ServingModel
     info: SlotInfo
+
+
+async def fetch_verified(
+    downloader: Downloader,
+    directory: Path,
+    d: agent_pb2.DesiredState,
+    key: ed25519.Ed25519PublicKey,
+    choice: ModelChoice,
+) -> Manifest:
+    """Into `directory`: the manifest and its signature (checked with the pinned key), then
+    the files of the variant this device serves, every digest checked. Raises InstallFailed."""
+    try:
+        await downloader.fetch(
+            [(d.manifest_digest, directory / MANIFEST), (d.signature_digest, directory / SIGNATURE)]
+        )
+        manifest = await asyncio.to_thread(read_signed_manifest, directory, key)
+    except IntegrityError as exc:
+        raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+    except AutoglmError as exc:
+        raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
+    if (manifest.name, manifest.version) != (d.model_name, d.model_version):
+        raise InstallFailed(
+            OUTCOME.OUTCOME_VERIFY_FAILED,
+            f"the manifest is {manifest.name}:{manifest.version}, the control plane asked "
+            f"for {d.model_name}:{d.model_version}",
+        )
+    try:
+        picked = choose(manifest, choice, Hardware.detect())
+    except AutoglmError as exc:
+        raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+    needed = dict(manifest.files)
+    needed[manifest.golden.file] = manifest.golden.sha256
+    needed[picked.variant.file] = picked.variant.sha256
+    files = [("sha256:" + digest, directory / name) for name, digest in sorted(needed.items())]
+    try:
+        await downloader.fetch(files)
+        await asyncio.to_thread(verify_bundle, directory, key, True)
+    except IntegrityError as exc:
+        raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+    except AutoglmError as exc:
+        raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
+    return manifest
 
 
 class ModelUpdater:
@@ -77,6 +130,7 @@ class ModelUpdater:
         self.applied: agent_pb2.DesiredState | None = None
         self._wanted: agent_pb2.DesiredState | None = None
         self._ready = asyncio.Event()
+        self._before: ServingModel | None = None  # serving when the current apply began
 
     def want(self, desired: agent_pb2.DesiredState) -> None:
         self._wanted = desired
@@ -107,8 +161,9 @@ class ModelUpdater:
     def _report(
         self, d: agent_pb2.DesiredState, outcome: int, detail: str = "", backend: str = ""
     ) -> None:
+        """Reports on `d`, naming the model served when it was applied (`self._before`)."""
         self.agent.session.post(
-            install_report(d.model_version, d.rollout_id, outcome, detail, backend)
+            install_report(d.model_version, d.rollout_id, outcome, detail, backend, self._before)
         )
 
     def _drop_shadow(self) -> None:
@@ -119,7 +174,7 @@ class ModelUpdater:
 
     async def apply(self, d: agent_pb2.DesiredState) -> None:
         agent = self.agent
-        serving = agent.model
+        serving = self._before = agent.model
         if not d.model_version:
             self._drop_shadow()
             return
@@ -185,39 +240,8 @@ class ModelUpdater:
             )
         slot = agent.slots.idle()
         directory = await asyncio.to_thread(agent.slots.prepare, slot, d.manifest_digest)
-        try:
-            await self.downloader.fetch(
-                [
-                    (d.manifest_digest, directory / MANIFEST),
-                    (d.signature_digest, directory / SIGNATURE),
-                ]
-            )
-            manifest = await asyncio.to_thread(read_signed_manifest, directory, agent.key)
-        except IntegrityError as exc:
-            raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
-        except AutoglmError as exc:
-            raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
-        if (manifest.name, manifest.version) != (d.model_name, d.model_version):
-            raise InstallFailed(
-                OUTCOME.OUTCOME_VERIFY_FAILED,
-                f"the manifest is {manifest.name}:{manifest.version}, the control plane asked "
-                f"for {d.model_name}:{d.model_version}",
-            )
-        try:
-            picked = choose(manifest, agent.config.model, Hardware.detect())
-        except AutoglmError as exc:
-            raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
-        needed = dict(manifest.files)
-        needed[manifest.golden.file] = manifest.golden.sha256
-        needed[picked.variant.file] = picked.variant.sha256
-        files = [("sha256:" + digest, directory / name) for name, digest in sorted(needed.items())]
-        try:
-            await self.downloader.fetch(files)
-            await asyncio.to_thread(verify_bundle, directory, agent.key, True)
-        except IntegrityError as exc:
-            raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
-        except AutoglmError as exc:
-            raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
+        choice = agent.config.model
+        manifest = await fetch_verified(self.downloader, directory, d, agent.key, choice)
         try:
             model = await asyncio.to_thread(agent._open, directory, True)
         except AutoglmError as exc:

@@ -242,7 +242,11 @@ def test_abort_sends_updated_devices_back_and_a_restarted_plane_carries_on(
     assert aborted.state == ABORTED
     wait_for(lambda: set(fleet.versions().values()) == {"2"}, timeout=60)
     wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))
-    assert {d.state for d in status(fleet, second).devices} == {"rolled_back"}
+    devices = status(fleet, second).devices
+    assert {d.state for d in devices} == {"rolled_back"}
+    # What each device served when it installed, as it reported it (edge-c's status in the
+    # store could still say v1 when the rollout was created, right after it caught up).
+    assert {d.previous_version for d in devices} == {"2"}
 
 
 def test_a_candidate_that_disagrees_in_shadow_trips_the_behaviour_gate(fleet: Fleet) -> None:

@@ -639,11 +639,18 @@ class InstallReport(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    SERVING_NAME_FIELD_NUMBER: _builtins.int
+    SERVING_VERSION_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     rollout_id: _builtins.str
     outcome: Global___InstallReport.Outcome.ValueType
     detail: _builtins.str
     backend: _builtins.str
+    serving_name: _builtins.str
+    """What the device served when it applied the desired state (before any swap): the
+    version an abort sends it back to.
+    """
+    serving_version: _builtins.str
     def __init__(
         self,
         *,
@@ -652,10 +659,12 @@ class InstallReport(_message.Message):
         outcome: Global___InstallReport.Outcome.ValueType = ...,
         detail: _builtins.str = ...,
         backend: _builtins.str = ...,
+        serving_name: _builtins.str = ...,
+        serving_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "detail", b"detail", "model_version", b"model_version", "outcome", b"outcome", "rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "detail", b"detail", "model_version", b"model_version", "outcome", b"outcome", "rollout_id", b"rollout_id", "serving_name", b"serving_name", "serving_version", b"serving_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
