@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.train import TrainParams
+from cloud.store.base import Store
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.ingest.mqtt import new_client
+from edge_agent.outbox import Outbox
 from edge_agent.simulate import (
     Fault,
     Stream,
@@ -105,6 +107,18 @@ class AlertListener:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def stored_sequences(store: Store, device_id: str) -> list[int]:
+    """Sequence numbers of every prediction and alert event the control plane stored."""
+    predictions = store.list_predictions(device_id, limit=1_000_000)
+    alerts = store.list_alert_events(device_id)
+    return sorted([p.sequence for p in predictions] + [a.sequence for a in alerts])
+
+
+def box_sequences(box: Outbox) -> list[int]:
+    """Every sequence number the agent's outbox has handed out so far."""
+    return list(range(1, box.stats().next_sequence))
 
 
 @pytest.fixture
@@ -194,9 +208,11 @@ def test_skab_replay_raises_and_clears_an_alert_on_site_and_in_the_cloud(
         device = plane.plane.store.get_device("edge-1")
         alerts = plane.plane.store.list_alert_events(device.id)
         assert [a.kind for a in alerts] == kinds
-        predictions = plane.plane.store.list_predictions(device.id, limit=100_000)
-        sequences = sorted([p.sequence for p in predictions] + [a.sequence for a in alerts])
-        assert sequences == list(range(1, box.stats().next_sequence))
+        # The last windows may still be scored (their records written) after the outbox first
+        # drained: wait for it to drain again, then compare exactly.
+        store = plane.plane.store
+        wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=30)
+        assert stored_sequences(store, device.id) == box_sequences(box)
         health = running.agent.status().health
         assert health.windows_scored >= rows - 400 - 10
         assert health.alerts_raised == len(raised_rows)
@@ -272,10 +288,10 @@ def test_nothing_is_lost_across_agent_broker_and_control_plane_restarts(
             wait_for(lambda: running.agent.session.connected, timeout=30)
             wait_for(lambda: box.stats().depth == 0, timeout=60)
             device = restarted.plane.store.get_device("edge-1")
-            predictions = restarted.plane.store.list_predictions(device.id, limit=1_000_000)
-            alerts = restarted.plane.store.list_alert_events(device.id)
-            sequences = sorted([p.sequence for p in predictions] + [a.sequence for a in alerts])
-            assert sequences == list(range(1, box.stats().next_sequence)), "gaps or extras"
+            store = restarted.plane.store
+            wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=30)
+            assert stored_sequences(store, device.id) == box_sequences(box), "gaps or extras"
+            alerts = store.list_alert_events(device.id)
             assert any(a.kind == "raised" for a in alerts), "the injected fault was not alerted"
         finally:
             running.stop()
