@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench-inference: setup
 
 bench-batching: setup
 	$(BIN)/python tests/benchmarks/bench_batching.py
+
+bench-downloads: setup
+	$(BIN)/python tests/benchmarks/bench_downloads.py
+
+bench-rollout: setup
+	$(BIN)/python tests/benchmarks/bench_rollout.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -57,6 +57,7 @@ def parse_waves(sizes: Sequence[str], devices: int) -> list[int]:
     if not sizes:
         raise InvalidInput("--waves needs at least one wave, e.g. 1,10%,50%,100%")
     cumulative: list[int] = []
+    last_pct = 0.0
     for text in sizes:
         text = text.strip()
         try:
@@ -64,6 +65,9 @@ def parse_waves(sizes: Sequence[str], devices: int) -> list[int]:
                 pct = float(text[:-1])
                 if not 0 < pct <= 100:
                     raise ValueError
+                if pct < last_pct:  # shrinks as written, whatever the fleet's size
+                    raise InvalidInput(f"wave sizes must not shrink: {text!r} after {last_pct:g}%")
+                last_pct = pct
                 reach = math.ceil(devices * pct / 100.0 - 1e-9)
             else:
                 reach = int(text)

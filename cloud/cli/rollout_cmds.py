@@ -81,14 +81,12 @@ def _name_version(text: str) -> tuple[str, str]:
 
 
 def cmd_push(args: argparse.Namespace, client: OperatorClient) -> int:
-    bar = ProgressBar("push", sys.stderr)
+    bar = ProgressBar("push", sys.stderr, unit="bytes")
     if args.bundle.is_file():
         with tempfile.TemporaryDirectory() as tmp:
-            model = client.push_bundle(
-                unpack_tar(args.bundle, Path(tmp)), lambda s, t: bar(s, t, 0.0)
-            )
+            model = client.push_bundle(unpack_tar(args.bundle, Path(tmp)), bar)
     elif args.bundle.is_dir():
-        model = client.push_bundle(args.bundle, lambda s, t: bar(s, t, 0.0))
+        model = client.push_bundle(args.bundle, bar)
     else:
         raise InvalidInput(f"{args.bundle}: no such bundle directory or .tar")
     bar.close()
@@ -151,7 +149,10 @@ def _fraction(text: str) -> float:
 
 def cmd_create(args: argparse.Namespace, client: OperatorClient) -> int:
     name, version = _name_version(args.model)
-    soak = 0.0 if args.soak.strip() == "0" else parse_duration(args.soak)
+    try:
+        soak = 0.0 if args.soak.strip() == "0" else parse_duration(args.soak)
+    except ValueError as exc:
+        raise InvalidInput(f"--soak: {exc}") from None
     request = operator_pb2.CreateRolloutRequest(
         model_name=name,
         model_version=version,
