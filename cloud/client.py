@@ -11,7 +11,7 @@ import grpc
 
 from edge_agent.bundle import MANIFEST, SIGNATURE, bundle_paths, parse_manifest, sha256_file
 from edge_agent.errors import InvalidInput, from_rpc_error
-from protos.autoglm.v1 import operator_pb2, operator_pb2_grpc
+from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
 T = TypeVar("T")
 PUSH_CHUNK = 1 << 20
@@ -159,3 +159,34 @@ class OperatorClient:
             "abort": self._stub.AbortRollout,
         }[action]
         return self._call(method, operator_pb2.RolloutActionRequest(id=rollout_id, reason=reason))
+
+    # ---- alerts and predictions ----
+    def list_alerts(self, request: operator_pb2.ListAlertsRequest) -> list[operator_pb2.Alert]:
+        return list(self._call(self._stub.ListAlerts, request).alerts)
+
+    def get_alert(self, alert_id: str) -> operator_pb2.Alert:
+        return self._call(self._stub.GetAlert, operator_pb2.GetAlertRequest(id=alert_id))
+
+    def alert_action(self, action: str, alert_id: str, note: str = "") -> operator_pb2.Alert:
+        """`action`: ack or resolve."""
+        if action == "ack":
+            return self._call(
+                self._stub.AckAlert, operator_pb2.AckAlertRequest(id=alert_id, note=note)
+            )
+        return self._call(
+            self._stub.ResolveAlert, operator_pb2.ResolveAlertRequest(id=alert_id, note=note)
+        )
+
+    def watch_alerts(
+        self, request: operator_pb2.WatchAlertsRequest
+    ) -> Iterator[operator_pb2.Alert]:
+        """Alerts as they change, until the caller stops iterating (no deadline)."""
+        try:
+            yield from self._stub.WatchAlerts(request, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.connection.server) from None
+
+    def query_predictions(
+        self, request: operator_pb2.QueryPredictionsRequest
+    ) -> list[agent_pb2.Prediction]:
+        return list(self._call(self._stub.QueryPredictions, request).predictions)

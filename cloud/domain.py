@@ -142,6 +142,7 @@ class StoredCount:
     stored: int
     duplicates: int
     last_sequence: int
+    alerts_changed: int = 0  # alerts opened, updated or resolved by its edge events
 
 
 @dataclass(frozen=True)
@@ -274,3 +275,53 @@ class RolloutTarget:
         """Candidate p99 over incumbent p99; 0 when not measured."""
         candidate, incumbent = self.shadow_latency_ms
         return candidate / incumbent if incumbent > 0 else 0.0
+
+
+class AlertState(enum.StrEnum):
+    FIRING = "firing"  # raised on the edge, nobody has acknowledged it
+    ACKNOWLEDGED = "acknowledged"  # someone is on it; the edge may still be raising
+    RESOLVED = "resolved"  # cleared by the edge or resolved by an operator
+
+
+@dataclass(frozen=True)
+class AlertNote:
+    at: dt.datetime
+    by: str  # operator name, or "edge"
+    text: str
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One fault episode of one asset: edge raise/clear events grouped by device, asset and
+    fault, with the operator's lifecycle on top. `revision` grows with every change (the
+    cursor of watch streams and webhook deliveries)."""
+
+    id: str
+    device_id: str
+    asset: str
+    fault: str
+    state: AlertState
+    peak_score: float
+    top_sensors: tuple[tuple[str, float], ...]
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    resolved_at: dt.datetime | None
+    resolved_by: str  # "edge", an operator's name, or "" while open
+    notes: tuple[AlertNote, ...]
+    model_version: str
+    raised_events: int  # edge raise events folded into this alert
+    revision: int
+
+
+@dataclass(frozen=True)
+class AlertFilter:
+    state: AlertState | None = None
+    device_id: str = ""
+    since: dt.datetime | None = None  # last seen at or after
+
+    def matches(self, alert: AlertRecord) -> bool:
+        return (
+            (self.state is None or alert.state is self.state)
+            and (not self.device_id or alert.device_id == self.device_id)
+            and (self.since is None or alert.last_seen >= self.since)
+        )

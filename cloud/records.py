@@ -73,10 +73,13 @@ def split_batch(
 
 def store_batch(
     store: Store, device_id: str, batch: agent_pb2.RecordBatch, now: dt.datetime
-) -> agent_pb2.BatchAck:
+) -> tuple[agent_pb2.BatchAck, int]:
+    """Stores a batch (alert events fold into alerts in the same transaction); the ack for
+    the device and how many alerts changed."""
     predictions, alerts = split_batch(device_id, batch)
     counted: StoredCount = store.store_records(device_id, predictions, alerts, now)
     up_to = max((r.sequence for r in batch.records), default=counted.last_sequence)
-    return agent_pb2.BatchAck(
+    ack = agent_pb2.BatchAck(
         up_to_sequence=up_to, stored=counted.stored, duplicates=counted.duplicates
     )
+    return ack, counted.alerts_changed

@@ -9,18 +9,52 @@ from pathlib import Path
 
 import pytest
 
-from cloud.domain import DeviceRecord, DeviceState, PresenceUpdate
+from cloud.domain import (
+    AlertEventRecord,
+    AlertFilter,
+    AlertState,
+    DeviceRecord,
+    DeviceState,
+    PresenceUpdate,
+)
 from cloud.store import Store, open_store
 from edge_agent.errors import (
     AlreadyExists,
     ConfigError,
     FailedPrecondition,
+    InvalidInput,
     NotFound,
     PermissionDenied,
     Unauthenticated,
 )
 
 NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def _event(
+    device_id: str,
+    sequence: int,
+    kind: str,
+    score: float = 1.5,
+    at: float = 0.0,
+    asset: str = "pump-1",
+    top: tuple[tuple[str, float], ...] = (("flow", 0.7),),
+) -> AlertEventRecord:
+    end = NOW + dt.timedelta(seconds=at)
+    return AlertEventRecord(
+        device_id=device_id,
+        sequence=sequence,
+        alert_key=f"{asset}:anomaly:{sequence}",
+        kind=kind,
+        asset=asset,
+        fault="anomaly",
+        score=score,
+        top_sensors=list(top),
+        window_start=end - dt.timedelta(seconds=24),
+        window_end=end,
+        raised_at=end,
+        model_version="1",
+    )
 
 
 def _issue(device: DeviceRecord) -> str:
@@ -169,6 +203,59 @@ class StoreContract:
             store.operator_by_token_hash("hash-b")
         with pytest.raises(AlreadyExists):
             store.add_operator("admin", "hash-c", NOW)
+
+    # ---- alerts ----
+    def test_edge_events_group_into_alerts_exactly_once(self, store: Store) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        raised = _event(d, 1, "raised", score=1.2, at=0)
+        again = _event(d, 3, "raised", score=2.5, at=30, top=(("vibration", 0.9),))
+        other = _event(d, 2, "raised", score=1.1, at=5, asset="pump-2")
+        counted = store.store_records(d, [], [raised, other], NOW)
+        assert counted.alerts_changed == 2
+        # A resent batch (the agent reconnected before its ack) changes nothing.
+        assert store.store_records(d, [], [raised, other], NOW).alerts_changed == 0
+        store.store_records(d, [], [again], NOW)
+        alerts = store.list_alerts(AlertFilter(device_id=d))
+        assert [a.asset for a in alerts] == ["pump-1", "pump-2"]  # most recently seen first
+        first = alerts[0]
+        assert first.state is AlertState.FIRING and first.raised_events == 2
+        assert first.peak_score == 2.5 and first.top_sensors == (("vibration", 0.9),)
+        assert first.first_seen == NOW and first.last_seen == NOW + dt.timedelta(seconds=30)
+        # The edge clears pump-1: resolved by the edge; a later raise opens a new alert.
+        store.store_records(d, [], [_event(d, 4, "cleared", at=60)], NOW)
+        resolved = store.get_alert(first.id)
+        assert resolved.state is AlertState.RESOLVED and resolved.resolved_by == "edge"
+        assert resolved.resolved_at == NOW + dt.timedelta(seconds=60)
+        store.store_records(d, [], [_event(d, 5, "raised", at=90)], NOW)
+        firing = store.list_alerts(AlertFilter(state=AlertState.FIRING, device_id=d))
+        assert sorted(a.asset for a in firing) == ["pump-1", "pump-2"]
+        assert first.id not in {a.id for a in firing}
+
+    def test_operator_lifecycle_and_revisions(self, store: Store) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        start = store.alert_revision()
+        store.store_records(d, [], [_event(d, 1, "raised", at=0)], NOW)
+        (alert,) = store.alerts_after(start)
+        acked = store.update_alert(alert.id, "ack", "on my way", "alice", NOW)
+        assert acked.state is AlertState.ACKNOWLEDGED and acked.revision > alert.revision
+        assert [(n.by, n.text) for n in acked.notes] == [("alice", "on my way")]
+        # Still raised on the edge: folds into the acknowledged alert, no new one.
+        store.store_records(d, [], [_event(d, 2, "raised", score=3.0, at=10)], NOW)
+        assert store.get_alert(alert.id).state is AlertState.ACKNOWLEDGED
+        done = store.update_alert(alert.id, "resolve", "bearing replaced", "bob", NOW)
+        assert done.state is AlertState.RESOLVED and done.resolved_by == "bob"
+        with pytest.raises(FailedPrecondition, match="resolved"):
+            store.update_alert(alert.id, "ack", "", "carol", NOW)
+        # The edge's clear after an operator resolved it changes nothing.
+        assert store.store_records(d, [], [_event(d, 3, "cleared", at=20)], NOW).alerts_changed == 0
+        changes = store.alerts_after(start)
+        assert [a.id for a in changes] == [alert.id] and changes[0].revision == done.revision
+        assert store.alert_revision() == done.revision
+        assert store.alerts_after(done.revision) == []
+        with pytest.raises(NotFound):
+            store.update_alert("nope", "ack", "", "alice", NOW)
+        with pytest.raises(InvalidInput, match="note"):
+            store.update_alert(alert.id, "ack", "x" * 5000, "alice", NOW)
 
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cloud.cli import alert_cmds
 from cloud.cli.output import ago, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
@@ -66,6 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     revoke.add_argument("device")
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(handler=cmd_revoke, needs_client=True)
+    alert_cmds.add_device_parsers(dsub)
 
 
 def _labels(items: list[str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from grpc import aio
 
+from cloud.alerts import AlertFeed
 from cloud.artifacts import ArtifactStore
 from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
@@ -37,7 +38,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         heartbeat_interval_s: float,
         artifacts: ArtifactStore,
         rollouts: RolloutController,
+        alerts: AlertFeed,
     ) -> None:
+        self.alerts = alerts
         self.registry = registry
         self.presence = presence
         self.hub = hub
@@ -129,7 +132,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     ack = await asyncio.to_thread(
                         store_batch, self.store, live.device_id, message.records, utc_now()
                     )
-                    live.send(agent_pb2.ControlMessage(batch_ack=ack))
+                    live.send(agent_pb2.ControlMessage(batch_ack=ack[0]))
+                    if ack[1]:
+                        self.alerts.notify()
                 elif kind == "install":
                     await asyncio.to_thread(
                         self.rollouts.on_install, live.device_id, message.install

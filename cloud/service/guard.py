@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -23,14 +24,22 @@ OPERATOR_SERVICE = "/autoglm.v1.OperatorService/"
 TOKEN_CACHE_S = 5.0
 
 
+# The operator making the current call (set by the guard; read by handlers that record who
+# did something, e.g. an alert acknowledgement).
+current_operator: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "current_operator", default=""
+)
+
+
 class OperatorTokens:
     """Checks bearer tokens against the store, caching good ones for a few seconds."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._cache: dict[str, float] = {}
+        self._cache: dict[str, tuple[float, str]] = {}
 
-    async def check(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> None:
+    async def check(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+        """The operator's name; Unauthenticated when the token is missing or unknown."""
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             raise Unauthenticated(
@@ -43,10 +52,12 @@ class OperatorTokens:
             raise Unauthenticated("the authorization header must be 'Bearer <operator token>'")
         digest = hash_token(token.strip())
         now = time.monotonic()
-        if self._cache.get(digest, 0.0) > now:
-            return
-        await asyncio.to_thread(self.store.operator_by_token_hash, digest)
-        self._cache[digest] = now + TOKEN_CACHE_S
+        expires, name = self._cache.get(digest, (0.0, ""))
+        if expires > now:
+            return name
+        operator = await asyncio.to_thread(self.store.operator_by_token_hash, digest)
+        self._cache[digest] = (now + TOKEN_CACHE_S, operator.name)
+        return operator.name
 
 
 class CallGuard(aio.ServerInterceptor):
@@ -86,7 +97,7 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
             if tokens is not None:
-                await tokens.check(metadata)
+                current_operator.set(await tokens.check(metadata))
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
@@ -95,7 +106,7 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
     async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
             if tokens is not None:
-                await tokens.check(metadata)
+                current_operator.set(await tokens.check(metadata))
             result = behavior(request, context)
             async for item in result:
                 yield item

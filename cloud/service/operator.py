@@ -1,4 +1,4 @@
-"""OperatorService: devices, models and rollouts; alerts answer UNIMPLEMENTED until served."""
+"""OperatorService: devices, models, rollouts, alerts and predictions."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Any
 
 from grpc import aio
 
+from cloud.alerts import AlertFeed
 from cloud.catalog import ModelCatalog, model_to_proto
 from cloud.clock import Clock, utc_now
 from cloud.devices import DeviceRegistry, Registration
 from cloud.domain import DesiredModel, DeviceRecord, Gates, parse_selector
 from cloud.rollouts import RolloutController
+from cloud.service.operator_alerts import AlertCalls
 from cloud.service.serde import device_to_proto, rollout_to_proto, timestamp
 from cloud.service.sessions import SessionHub
 from edge_agent.errors import InvalidInput, PermissionDenied
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_TTL_S = 30 * 86_400
 
 
-class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
+class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
     def __init__(
         self,
         registry: DeviceRegistry,
@@ -35,8 +37,10 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         catalog: ModelCatalog,
         rollouts: RolloutController,
         push_desired: Callable[[Sequence[DesiredModel]], None],
+        alerts: AlertFeed,
         clock: Clock = utc_now,
     ) -> None:
+        self.alerts = alerts
         self.catalog = catalog
         self.rollouts = rollouts
         self.push_desired = push_desired

@@ -10,9 +10,12 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud.domain import (
+    AlertRecord,
+    AlertState,
     DesiredModel,
     DeviceRecord,
     DeviceState,
+    PredictionRecord,
     RolloutRecord,
     RolloutState,
     RolloutTarget,
@@ -183,4 +186,53 @@ def rollout_to_proto(
                 shadow_windows=t.shadow_windows,
                 latency_ratio=t.latency_ratio,
             )
+    return msg
+
+
+ALERT_STATE = {
+    AlertState.FIRING: operator_pb2.Alert.STATE_FIRING,
+    AlertState.ACKNOWLEDGED: operator_pb2.Alert.STATE_ACKNOWLEDGED,
+    AlertState.RESOLVED: operator_pb2.Alert.STATE_RESOLVED,
+}
+ALERT_STATE_OF = {v: k for k, v in ALERT_STATE.items()}
+
+
+def alert_to_proto(alert: AlertRecord, device_name: str) -> operator_pb2.Alert:
+    msg = operator_pb2.Alert(
+        id=alert.id,
+        device_id=alert.device_id,
+        device_name=device_name,
+        asset=alert.asset,
+        fault=alert.fault,
+        state=ALERT_STATE[alert.state],
+        peak_score=alert.peak_score,
+        top_sensors=[
+            agent_pb2.SensorContribution(sensor=name, contribution=value)
+            for name, value in alert.top_sensors
+        ],
+        notes=[
+            f"{n.at.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ} {n.by}: {n.text}" for n in alert.notes
+        ],
+        model_version=alert.model_version,
+        resolved_by=alert.resolved_by,
+        revision=alert.revision,
+        raised_events=alert.raised_events,
+    )
+    msg.first_seen.FromDatetime(alert.first_seen)
+    msg.last_seen.FromDatetime(alert.last_seen)
+    if alert.resolved_at is not None:
+        msg.resolved_at.FromDatetime(alert.resolved_at)
+    return msg
+
+
+def prediction_to_proto(p: PredictionRecord) -> agent_pb2.Prediction:
+    msg = agent_pb2.Prediction(
+        asset=p.asset,
+        score=p.score,
+        anomalous=p.anomalous,
+        model_version=p.model_version,
+        contributions=p.contributions,
+    )
+    msg.window_start.FromDatetime(p.window_start)
+    msg.window_end.FromDatetime(p.window_end)
     return msg

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from cloud.alerts import AlertFeed
 from cloud.artifacts import LocalArtifactStore
 from cloud.catalog import ModelCatalog
 from cloud.clock import utc_now
@@ -95,6 +96,7 @@ class ControlPlane:
                 shadow_grace=dt.timedelta(seconds=config.shadow_grace_s),
             ),
         )
+        self.alerts = AlertFeed(store)
         self.run_rollouts = True  # issue 7: only the elected leader runs the controller
         self.api_port = 0
         self.device_port = 0
@@ -129,11 +131,12 @@ class ControlPlane:
                 self.config.heartbeat_interval_s,
                 self.artifacts,
                 self.rollouts,
+                self.alerts,
             ),
             server,
         )
-        # The .pyi marks every contract method abstract; the alert methods (a later issue)
-        # fall through to the generated base class, which the CallGuard answers with
+        # The .pyi marks every contract method abstract; the webhook methods (not served
+        # yet) fall through to the generated base class, which the CallGuard answers with
         # UNIMPLEMENTED.
         operator_pb2_grpc.add_OperatorServiceServicer_to_server(
             OperatorServicer(  # type: ignore[abstract]
@@ -145,6 +148,7 @@ class ControlPlane:
                 self.catalog,
                 self.rollouts,
                 self.push_desired,
+                self.alerts,
             ),
             server,
         )

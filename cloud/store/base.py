@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from cloud.domain import (
     AlertEventRecord,
+    AlertFilter,
+    AlertRecord,
     DesiredModel,
     DeviceRecord,
     ModelRecord,
@@ -105,6 +107,29 @@ class Store(abc.ABC):
         self, device_id: str = "", since: dt.datetime | None = None, limit: int = 1000
     ) -> list[AlertEventRecord]:
         """By device, then sequence."""
+
+    # ---- alerts (grouped from edge events by `store_records`) ----
+    @abc.abstractmethod
+    def list_alerts(self, where: AlertFilter, limit: int = 100) -> list[AlertRecord]:
+        """Matching alerts, most recently seen first."""
+
+    @abc.abstractmethod
+    def get_alert(self, alert_id: str) -> AlertRecord: ...
+
+    @abc.abstractmethod
+    def alerts_after(self, revision: int, limit: int = 500) -> list[AlertRecord]:
+        """Alerts whose latest change is after `revision`, in revision order."""
+
+    @abc.abstractmethod
+    def alert_revision(self) -> int:
+        """The latest alert revision (0 before any alert)."""
+
+    @abc.abstractmethod
+    def update_alert(
+        self, alert_id: str, action: str, note: str, by: str, now: dt.datetime
+    ) -> AlertRecord:
+        """`action` "ack" or "resolve" by operator `by`, with an optional note;
+        FailedPrecondition when the alert is resolved already."""
 
     # ---- models ----
     @abc.abstractmethod

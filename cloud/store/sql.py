@@ -14,6 +14,7 @@ from cloud.domain import (
     OperatorRecord,
 )
 from cloud.store.base import Store
+from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_devices import DeviceTables
 from cloud.store.sql_records import RecordTables
@@ -30,7 +31,7 @@ from edge_agent.errors import (
 __all__ = ["SqlStore", "make_engine", "migrate", "normalise_url"]
 
 
-class SqlStore(DeviceTables, RecordTables, RolloutTables, SqlBase, Store):
+class SqlStore(DeviceTables, RecordTables, RolloutTables, AlertTables, SqlBase, Store):
     """`Store` over SQLAlchemy 2: the table groups in sql_devices, sql_records and
     sql_rollouts share one engine and transaction helper."""
 

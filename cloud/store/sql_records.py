@@ -12,6 +12,7 @@ from cloud.domain import (
     PredictionRecord,
     StoredCount,
 )
+from cloud.store.sql_alerts import apply_alert_events
 from cloud.store.sql_base import SqlBase
 from cloud.store.tables import (
     AlertEventRow,
@@ -60,10 +61,11 @@ class RecordTables(SqlBase):
             new_alerts = [a for a in alerts if a.sequence not in existing]
             s.add_all(_prediction_row(p, now) for p in new_predictions)
             s.add_all(_alert_row(a, now) for a in new_alerts)
+            changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
             if sequences:
                 sync.last_sequence = max(sync.last_sequence, *sequences)
             stored = len(new_predictions) + len(new_alerts)
-            return StoredCount(stored, len(sequences) - stored, sync.last_sequence)
+            return StoredCount(stored, len(sequences) - stored, sync.last_sequence, len(changed))
 
     def last_record_sequence(self, device_id: str) -> int:
         with self._tx() as s:

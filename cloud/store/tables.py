@@ -189,3 +189,31 @@ class RolloutTargetRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, index=True)  # its rollout is running/paused
     doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # detail, previous version, shadow report
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class AlertRow(Base):
+    """Alerts grouped from edge events; `open_key` (device/asset/fault) is set while the
+    alert is open, so a group has at most one open alert (NULLs do not collide)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    asset: Mapped[str] = mapped_column(String(64))
+    fault: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    open_key: Mapped[str | None] = mapped_column(String(240), unique=True, nullable=True)
+    revision: Mapped[int] = mapped_column(BigInteger, unique=True)
+    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # peak, top sensors, notes, ...
+
+
+class AlertRevisionRow(Base):
+    """One row: the last alert revision handed out."""
+
+    __tablename__ = "alert_revision"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)

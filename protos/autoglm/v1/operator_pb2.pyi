@@ -998,6 +998,9 @@ class Alert(_message.Message):
     RESOLVED_AT_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    RAISED_EVENTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     device_id: _builtins.str
     device_name: _builtins.str
@@ -1006,6 +1009,12 @@ class Alert(_message.Message):
     state: Global___Alert.State.ValueType
     peak_score: _builtins.float
     model_version: _builtins.str
+    resolved_by: _builtins.str
+    """"edge" (the device cleared it) or an operator's name"""
+    revision: _builtins.int
+    """grows with every change of any alert"""
+    raised_events: _builtins.int
+    """edge raise events folded into this alert"""
     @_builtins.property
     def top_sensors(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.SensorContribution]: ...
     @_builtins.property
@@ -1015,7 +1024,9 @@ class Alert(_message.Message):
     @_builtins.property
     def resolved_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"<time> <who>: <text>", oldest first"""
+
     def __init__(
         self,
         *,
@@ -1032,10 +1043,13 @@ class Alert(_message.Message):
         resolved_at: _timestamp_pb2.Timestamp | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
         model_version: _builtins.str = ...,
+        resolved_by: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        raised_events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen", "resolved_at", b"resolved_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "device_id", b"device_id", "device_name", b"device_name", "fault", b"fault", "first_seen", b"first_seen", "id", b"id", "last_seen", b"last_seen", "model_version", b"model_version", "notes", b"notes", "peak_score", b"peak_score", "resolved_at", b"resolved_at", "state", b"state", "top_sensors", b"top_sensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "device_id", b"device_id", "device_name", b"device_name", "fault", b"fault", "first_seen", b"first_seen", "id", b"id", "last_seen", b"last_seen", "model_version", b"model_version", "notes", b"notes", "peak_score", b"peak_score", "raised_events", b"raised_events", "resolved_at", b"resolved_at", "resolved_by", b"resolved_by", "revision", b"revision", "state", b"state", "top_sensors", b"top_sensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
