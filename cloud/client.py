@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_agent.bundle import MANIFEST, SIGNATURE, bundle_paths, parse_manifest, sha256_file
-from edge_agent.errors import InvalidInput, from_rpc_error
+from edge_agent.errors import InvalidInput, Unavailable, from_rpc_error
 from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
 T = TypeVar("T")
@@ -178,13 +179,28 @@ class OperatorClient:
         )
 
     def watch_alerts(
-        self, request: operator_pb2.WatchAlertsRequest
+        self, request: operator_pb2.WatchAlertsRequest, resume: bool = True
     ) -> Iterator[operator_pb2.Alert]:
-        """Alerts as they change, until the caller stops iterating (no deadline)."""
-        try:
-            yield from self._stub.WatchAlerts(request, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.connection.server) from None
+        """Alerts as they change, until the caller stops iterating. With `resume`, a lost
+        stream (control plane restarting, network) is reopened after the last revision seen,
+        so nothing is missed or repeated; other errors are raised."""
+        wanted = operator_pb2.WatchAlertsRequest()
+        wanted.CopyFrom(request)  # the caller's request is not changed
+        delay = 0.5
+        while True:
+            try:
+                for alert in self._stub.WatchAlerts(wanted, metadata=self._metadata):
+                    wanted.after_revision = alert.revision
+                    delay = 0.5
+                    if alert.id:  # not the stream's marker
+                        yield alert
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, self.connection.server)
+                if not resume or not isinstance(error, Unavailable):
+                    raise error from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def query_predictions(
         self, request: operator_pb2.QueryPredictionsRequest

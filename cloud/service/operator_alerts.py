@@ -88,7 +88,12 @@ class AlertCalls:
     ) -> AsyncIterator[operator_pb2.Alert]:
         where = await asyncio.to_thread(self._filter, request.state, request.device, None, False)
         names = await asyncio.to_thread(self._names)
-        async for alert in self.alerts.follow(where):
+        if request.HasField("after_revision"):
+            after = request.after_revision
+        else:
+            after = await asyncio.to_thread(self.registry.store.alert_revision)
+        yield operator_pb2.Alert(revision=after)  # the marker: where this stream starts
+        async for alert in self.alerts.follow(where, after):
             if alert.device_id not in names:  # registered since the watch began
                 names = await asyncio.to_thread(self._names)
             yield alert_to_proto(alert, names.get(alert.device_id, alert.device_id))

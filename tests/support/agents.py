@@ -16,6 +16,7 @@ from edge_agent.enroll import enroll
 from edge_agent.identity import DeviceIdentity, load_identity
 from edge_agent.retry import Backoff
 from edge_agent.session import CloudSession
+from edge_agent.sync import RecordSync
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
 
@@ -39,7 +40,10 @@ class SessionThread:
 
 
 def start_session(
-    identity: DeviceIdentity, heartbeat_interval_s: float = 0.2, model_version: str = ""
+    identity: DeviceIdentity,
+    heartbeat_interval_s: float = 0.2,
+    model_version: str = "",
+    sync: RecordSync | None = None,
 ) -> SessionThread:
     loop = asyncio.new_event_loop()
     stop_event = asyncio.Event()
@@ -49,6 +53,7 @@ def start_session(
         host=lambda: common_pb2.HostFacts(hostname="test-host", arch="x86_64"),
         backoff=Backoff(0.1, 0.5),
         heartbeat_interval_s=heartbeat_interval_s,
+        sync=sync,
     )
 
     def main() -> None:

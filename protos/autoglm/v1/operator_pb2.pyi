@@ -1170,23 +1170,34 @@ Global___ResolveAlertRequest: _TypeAlias = ResolveAlertRequest  # noqa: Y015
 
 @_typing.final
 class WatchAlertsRequest(_message.Message):
+    """The stream's first message is a marker with only `revision` set: the revision it starts
+    after. A client that lost the stream resumes with `after_revision` = the last revision it
+    saw (marker included) and misses nothing, nor sees anything twice.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    AFTER_REVISION_FIELD_NUMBER: _builtins.int
     state: Global___Alert.State.ValueType
     device: _builtins.str
+    after_revision: _builtins.int
+    """unset: from now"""
     def __init__(
         self,
         *,
         state: Global___Alert.State.ValueType = ...,
         device: _builtins.str = ...,
+        after_revision: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "device", b"device", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_revision: _TypeAlias = _typing.Literal["after_revision"]  # noqa: Y015
+    _WhichOneofArgType__after_revision: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_revision) -> _WhichOneofReturnType__after_revision | None: ...
 
 Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
 
