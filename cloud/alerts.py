@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from cloud.domain import AlertFilter, AlertRecord
 from cloud.store import Store
@@ -19,11 +19,14 @@ class AlertFeed:
         self.store = store
         self.poll_s = poll_s
         self._waiters: set[asyncio.Event] = set()
+        self.listeners: list[Callable[[], None]] = []  # e.g. the webhook sender's wake
 
     def notify(self) -> None:
         """Something changed (call on the event loop)."""
         for event in self._waiters:
             event.set()
+        for listener in self.listeners:
+            listener()
 
     async def follow(
         self, where: AlertFilter, after: int | None = None

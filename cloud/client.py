@@ -206,3 +206,18 @@ class OperatorClient:
         self, request: operator_pb2.QueryPredictionsRequest
     ) -> list[agent_pb2.Prediction]:
         return list(self._call(self._stub.QueryPredictions, request).predictions)
+
+    # ---- webhooks ----
+    def add_webhook(self, url: str, secret: str, filter_text: str = "") -> operator_pb2.Webhook:
+        request = operator_pb2.AddWebhookRequest(url=url, secret=secret, filter=filter_text)
+        return self._call(self._stub.AddWebhook, request)
+
+    def list_webhooks(self) -> list[operator_pb2.Webhook]:
+        return list(
+            self._call(self._stub.ListWebhooks, operator_pb2.ListWebhooksRequest()).webhooks
+        )
+
+    def remove_webhook(self, webhook_id: str) -> operator_pb2.Webhook:
+        return self._call(
+            self._stub.RemoveWebhook, operator_pb2.RemoveWebhookRequest(id=webhook_id)
+        )

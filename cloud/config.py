@@ -36,6 +36,11 @@ class CloudConfig(BaseSettings):
     rollout_interval_s: float = Field(default=2.0, gt=0)  # reconciliation loop period
     install_timeout_s: float = Field(default=900.0, gt=0)  # no install report: target failed
     shadow_grace_s: float = Field(default=600.0, ge=0)  # wait for shadow windows after the soak
+    webhook_max_attempts: int = Field(default=8, ge=1)  # then the delivery is dead
+    webhook_retry_initial_s: float = Field(default=1.0, gt=0)  # doubles per attempt
+    webhook_retry_max_s: float = Field(default=300.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_poll_s: float = Field(default=1.0, gt=0)  # picks up other replicas' deliveries
     log_level: str = "INFO"
 
     @field_validator("api_listen", "device_listen")

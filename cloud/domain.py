@@ -312,6 +312,31 @@ class AlertRecord:
     raised_events: int  # edge raise events folded into this alert
     revision: int
 
+    def to_json(self, device_name: str) -> dict[str, Any]:
+        """The alert as webhook payloads and `--json` outputs carry it."""
+
+        def iso(value: dt.datetime | None) -> str | None:
+            return value.astimezone(dt.UTC).isoformat() if value is not None else None
+
+        return {
+            "id": self.id,
+            "device_id": self.device_id,
+            "device_name": device_name,
+            "asset": self.asset,
+            "fault": self.fault,
+            "state": self.state.value,
+            "peak_score": self.peak_score,
+            "top_sensors": [{"sensor": n, "contribution": v} for n, v in self.top_sensors],
+            "first_seen": iso(self.first_seen),
+            "last_seen": iso(self.last_seen),
+            "resolved_at": iso(self.resolved_at),
+            "resolved_by": self.resolved_by,
+            "notes": [{"at": iso(n.at), "by": n.by, "text": n.text} for n in self.notes],
+            "model_version": self.model_version,
+            "raised_events": self.raised_events,
+            "revision": self.revision,
+        }
+
 
 @dataclass(frozen=True)
 class AlertFilter:
@@ -325,3 +350,85 @@ class AlertFilter:
             and (not self.device_id or alert.device_id == self.device_id)
             and (self.since is None or alert.last_seen >= self.since)
         )
+
+
+@dataclass(frozen=True)
+class WebhookFilter:
+    """Which alert changes a webhook receives; `parse` reads "state=firing,device=edge-1,
+    asset=pump-1,fault=anomaly,min_score=1.5" (every key optional, values exact)."""
+
+    states: tuple[str, ...] = ()
+    device: str = ""  # device name
+    asset: str = ""
+    fault: str = ""
+    min_score: float = 0.0
+
+    KEYS = ("state", "device", "asset", "fault", "min_score")
+
+    @staticmethod
+    def parse(text: str) -> WebhookFilter:
+        fields: dict[str, Any] = {}
+        for item in (p.strip() for p in text.split(",") if p.strip()):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not value:
+                raise InvalidInput(f"webhook filter: {item!r} is not key=value")
+            if key not in WebhookFilter.KEYS:
+                raise InvalidInput(
+                    f"webhook filter: unknown key {key!r} (use {', '.join(WebhookFilter.KEYS)})"
+                )
+            if key == "state":
+                states = tuple(v.strip() for v in value.split("|"))
+                unknown = [v for v in states if v not in {s.value for s in AlertState}]
+                if unknown:
+                    raise InvalidInput(
+                        f"webhook filter: state {unknown[0]!r} is not firing, acknowledged "
+                        "or resolved (several: state=firing|resolved)"
+                    )
+                fields["states"] = states
+            elif key == "min_score":
+                try:
+                    fields["min_score"] = float(value)
+                except ValueError:
+                    raise InvalidInput(
+                        f"webhook filter: min_score {value!r} is not a number"
+                    ) from None
+            else:
+                fields[key] = value
+        return WebhookFilter(**fields)
+
+    def matches(self, alert: AlertRecord, device_name: str) -> bool:
+        return (
+            (not self.states or alert.state.value in self.states)
+            and (not self.device or self.device == device_name)
+            and (not self.asset or self.asset == alert.asset)
+            and (not self.fault or self.fault == alert.fault)
+            and alert.peak_score >= self.min_score
+        )
+
+
+@dataclass(frozen=True)
+class WebhookRecord:
+    id: str
+    url: str
+    secret: str
+    filter: str
+    created_at: dt.datetime
+    delivered: int = 0
+    pending: int = 0
+    dead: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One alert change to POST to one webhook (the transactional outbox's row)."""
+
+    id: int
+    webhook_id: str
+    url: str
+    secret: str
+    alert_id: str
+    revision: int
+    payload: dict[str, Any]
+    attempts: int

@@ -257,6 +257,39 @@ class StoreContract:
         with pytest.raises(InvalidInput, match="note"):
             store.update_alert(alert.id, "ack", "x" * 5000, "alice", NOW)
 
+    def test_webhook_outbox_claims_in_order_with_leases(self, store: Store) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        hook = store.add_webhook("http://h/x", "secret-secret-secret", "state=firing|resolved", NOW)
+        other = store.add_webhook("http://h/y", "secret-secret-secret", "asset=pump-9", NOW)
+        store.store_records(d, [], [_event(d, 1, "raised", at=0)], NOW)
+        store.store_records(d, [], [_event(d, 2, "cleared", at=30)], NOW)
+        lease = dt.timedelta(seconds=30)
+        (first,) = store.claim_deliveries(NOW, lease, 10)  # the resolve waits for the firing
+        assert first.webhook_id == hook.id and first.payload["event"] == "alert.firing"
+        assert first.attempts == 1 and first.secret == "secret-secret-secret"
+        assert store.claim_deliveries(NOW, lease, 10) == []  # leased
+        store.finish_delivery(first.id, "HTTP 503", NOW, NOW + dt.timedelta(seconds=5))
+        assert store.claim_deliveries(NOW, lease, 10) == []  # not due yet
+        (again,) = store.claim_deliveries(NOW + dt.timedelta(seconds=5), lease, 10)
+        assert again.id == first.id and again.attempts == 2
+        store.finish_delivery(first.id, "", NOW, None)
+        (second,) = store.claim_deliveries(NOW + dt.timedelta(seconds=6), lease, 10)
+        assert second.payload["event"] == "alert.resolved"
+        store.finish_delivery(second.id, "HTTP 500", NOW, None)  # out of attempts: dead
+        listed = {h.id: h for h in store.list_webhooks()}
+        assert (listed[hook.id].delivered, listed[hook.id].pending, listed[hook.id].dead) == (
+            1,
+            0,
+            1,
+        )
+        assert listed[hook.id].last_error == "HTTP 500" and listed[other.id].pending == 0
+        store.remove_webhook(hook.id)
+        assert [h.id for h in store.list_webhooks()] == [other.id]
+        with pytest.raises(NotFound):
+            store.remove_webhook(hook.id)
+        with pytest.raises(InvalidInput, match="unknown key"):
+            store.add_webhook("http://h/z", "secret-secret-secret", "colour=red", NOW)
+
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):
             store.create_device("p", {}, "", dt.datetime(2026, 1, 1))

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cloud import __version__
-from cloud.cli import alert_cmds, cloud_cmds, device_cmds, model_cmds, rollout_cmds
+from cloud.cli import (
+    alert_cmds,
+    cloud_cmds,
+    device_cmds,
+    model_cmds,
+    rollout_cmds,
+    webhook_cmds,
+)
 from cloud.cli.context import CliContext, default_context_path, resolve_connection, save_context
 from cloud.client import Connection, OperatorClient
 from edge_agent.errors import AutoglmError, ConfigError, report
@@ -44,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cmds.add_parsers(sub)
     rollout_cmds.add_parsers(sub)
     alert_cmds.add_parsers(sub)
+    webhook_cmds.add_parsers(sub)
     return parser
 
 

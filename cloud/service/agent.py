@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from cloud.alerts import AlertFeed
@@ -157,6 +158,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except AutoglmError as exc:  # a bad batch, the store unavailable: the agent retries
             log.warning("session of %s ended: %s", live.device_id, exc)
             live.end(exc)
-        except Exception as exc:  # noqa: BLE001 - the stream ends; the caller maps the error
+        except (grpc.RpcError, aio.AbortError, ConnectionError) as exc:  # the agent went away
             log.debug("session reader of %s ended: %s", live.device_id, exc)
+            live.send(_CLIENT_DONE)
+        except Exception:  # a bug: say so loudly, end this session only
+            log.exception("internal error in the session of %s; ending it", live.device_id)
             live.send(_CLIENT_DONE)

@@ -1,9 +1,10 @@
-"""The alert and prediction calls of OperatorService (a mixin of OperatorServicer)."""
+"""The alert, webhook and prediction calls of OperatorService (a mixin of OperatorServicer)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +15,19 @@ from cloud.clock import Clock
 from cloud.devices import DeviceRegistry
 from cloud.domain import AlertFilter, AlertRecord
 from cloud.service.guard import current_operator
-from cloud.service.serde import ALERT_STATE_OF, alert_to_proto, prediction_to_proto
+from cloud.service.serde import (
+    ALERT_STATE_OF,
+    alert_to_proto,
+    prediction_to_proto,
+    webhook_to_proto,
+)
+from cloud.webhooks import check_url
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
+log = logging.getLogger(__name__)
 MAX_LIST = 10_000
+MIN_SECRET = 16
 MAX_PREDICTIONS = 100_000
 
 
@@ -116,3 +125,32 @@ class AlertCalls:
             )
 
         return await asyncio.to_thread(run)
+
+    # ---- webhooks ----
+    async def AddWebhook(
+        self, request: operator_pb2.AddWebhookRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Webhook:
+        url = check_url(request.url)
+        if len(request.secret) < MIN_SECRET:
+            raise InvalidInput(
+                f"a webhook secret must have at least {MIN_SECRET} characters (it signs every "
+                "delivery; receivers check it)"
+            )
+        hook = await asyncio.to_thread(
+            self.registry.store.add_webhook, url, request.secret, request.filter, self.clock()
+        )
+        log.info("webhook %s added: %s (filter %r)", hook.id, hook.url, hook.filter)
+        return webhook_to_proto(hook)
+
+    async def ListWebhooks(
+        self, request: operator_pb2.ListWebhooksRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.ListWebhooksResponse:
+        hooks = await asyncio.to_thread(self.registry.store.list_webhooks)
+        return operator_pb2.ListWebhooksResponse(webhooks=[webhook_to_proto(h) for h in hooks])
+
+    async def RemoveWebhook(
+        self, request: operator_pb2.RemoveWebhookRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Webhook:
+        hook = await asyncio.to_thread(self.registry.store.remove_webhook, request.id)
+        log.info("webhook %s removed: %s", hook.id, hook.url)
+        return webhook_to_proto(hook)

@@ -20,6 +20,7 @@ from cloud.domain import (
     RolloutState,
     RolloutTarget,
     TargetState,
+    WebhookRecord,
 )
 from edge_agent.bootstrap import Bootstrap
 from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
@@ -235,4 +236,18 @@ def prediction_to_proto(p: PredictionRecord) -> agent_pb2.Prediction:
     )
     msg.window_start.FromDatetime(p.window_start)
     msg.window_end.FromDatetime(p.window_end)
+    return msg
+
+
+def webhook_to_proto(hook: WebhookRecord) -> operator_pb2.Webhook:
+    msg = operator_pb2.Webhook(
+        id=hook.id,
+        url=hook.url,
+        filter=hook.filter,
+        delivered=hook.delivered,
+        pending=hook.pending,
+        dead=hook.dead,
+        last_error=hook.last_error,
+    )
+    msg.created_at.FromDatetime(hook.created_at)
     return msg

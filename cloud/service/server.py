@@ -31,6 +31,7 @@ from cloud.service.serde import desired_to_proto, message_to_dict
 from cloud.service.sessions import SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
+from cloud.webhooks import SenderSettings, WebhookSender
 from edge_agent.bundle import load_public_key
 from edge_agent.errors import LocalStateError, PermissionDenied
 from protos.autoglm.v1 import (
@@ -97,6 +98,18 @@ class ControlPlane:
             ),
         )
         self.alerts = AlertFeed(store)
+        self.webhooks = WebhookSender(
+            store,
+            SenderSettings(
+                max_attempts=config.webhook_max_attempts,
+                retry_initial_s=config.webhook_retry_initial_s,
+                retry_max_s=config.webhook_retry_max_s,
+                timeout_s=config.webhook_timeout_s,
+                poll_s=config.webhook_poll_s,
+            ),
+        )
+        self.alerts.listeners.append(self.webhooks.wake)
+        self._stopping = asyncio.Event()
         self.run_rollouts = True  # issue 7: only the elected leader runs the controller
         self.api_port = 0
         self.device_port = 0
@@ -135,11 +148,8 @@ class ControlPlane:
             ),
             server,
         )
-        # The .pyi marks every contract method abstract; the webhook methods (not served
-        # yet) fall through to the generated base class, which the CallGuard answers with
-        # UNIMPLEMENTED.
         operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-            OperatorServicer(  # type: ignore[abstract]
+            OperatorServicer(
                 self.registry,
                 self.hub,
                 dt.timedelta(seconds=self.config.offline_after_s),
@@ -185,6 +195,7 @@ class ControlPlane:
                 self._every(self.config.auth_recheck_interval_s, self._revocations())
             ),
             asyncio.create_task(self._every(self.config.rollout_interval_s, self._reconcile)),
+            asyncio.create_task(self.webhooks.run(self._stopping)),
         ]
         log.info(
             "control plane serving: api port %d (TLS), device port %d (mutual TLS)",

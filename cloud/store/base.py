@@ -11,6 +11,7 @@ from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
     AlertRecord,
+    Delivery,
     DesiredModel,
     DeviceRecord,
     ModelRecord,
@@ -20,6 +21,7 @@ from cloud.domain import (
     RolloutRecord,
     RolloutTarget,
     StoredCount,
+    WebhookRecord,
 )
 
 T = TypeVar("T")
@@ -130,6 +132,30 @@ class Store(abc.ABC):
     ) -> AlertRecord:
         """`action` "ack" or "resolve" by operator `by`, with an optional note;
         FailedPrecondition when the alert is resolved already."""
+
+    # ---- webhooks (deliveries are queued with each alert change) ----
+    @abc.abstractmethod
+    def add_webhook(
+        self, url: str, secret: str, filter_text: str, now: dt.datetime
+    ) -> WebhookRecord: ...
+
+    @abc.abstractmethod
+    def list_webhooks(self) -> list[WebhookRecord]:
+        """Oldest first, with delivery counts."""
+
+    @abc.abstractmethod
+    def remove_webhook(self, webhook_id: str) -> WebhookRecord:
+        """Removes it and its queued deliveries; NotFound when unknown."""
+
+    @abc.abstractmethod
+    def claim_deliveries(
+        self, now: dt.datetime, lease: dt.timedelta, limit: int
+    ) -> list[Delivery]: ...
+
+    @abc.abstractmethod
+    def finish_delivery(
+        self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
+    ) -> None: ...
 
     # ---- models ----
     @abc.abstractmethod

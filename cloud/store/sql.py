@@ -19,6 +19,7 @@ from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_devices import DeviceTables
 from cloud.store.sql_records import RecordTables
 from cloud.store.sql_rollouts import RolloutTables
+from cloud.store.sql_webhooks import WebhookTables
 from cloud.store.tables import (
     OperatorRow,
 )
@@ -31,7 +32,9 @@ from edge_agent.errors import (
 __all__ = ["SqlStore", "make_engine", "migrate", "normalise_url"]
 
 
-class SqlStore(DeviceTables, RecordTables, RolloutTables, AlertTables, SqlBase, Store):
+class SqlStore(
+    DeviceTables, RecordTables, RolloutTables, AlertTables, WebhookTables, SqlBase, Store
+):
     """`Store` over SQLAlchemy 2: the table groups in sql_devices, sql_records and
     sql_rollouts share one engine and transaction helper."""
 

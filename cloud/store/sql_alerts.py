@@ -5,7 +5,8 @@ A raise opens an alert for its (device, asset, fault) group, or folds into the o
 arrive at most once (the record sync is idempotent per device and sequence) and are applied
 in the transaction that stores them, so a crash cannot apply an event twice or lose it.
 Every change takes the next revision from a one-row counter, locked in the transaction:
-watch streams and deliveries follow revisions, not clocks.
+watch streams and deliveries follow revisions, not clocks. Webhook deliveries are queued in
+the same transaction (`enqueue_deliveries`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from cloud.domain import AlertEventRecord, AlertFilter, AlertNote, AlertRecord, AlertState
 from cloud.store.sql_base import SqlBase
+from cloud.store.sql_webhooks import enqueue_deliveries
 from cloud.store.tables import AlertRevisionRow, AlertRow
 from edge_agent.errors import FailedPrecondition, InvalidInput, NotFound
 
@@ -93,7 +95,9 @@ def apply_alert_events(
         row.revision = revision
         s.flush()
         changed[row.id] = row
-    return [_alert(r) for r in changed.values()]
+    alerts = [_alert(r) for r in changed.values()]
+    enqueue_deliveries(s, alerts, now)
+    return alerts
 
 
 class AlertTables(SqlBase):
@@ -165,7 +169,9 @@ class AlertTables(SqlBase):
             row.doc = doc
             row.revision = revision
             s.flush()
-            return _alert(row)
+            alert = _alert(row)
+            enqueue_deliveries(s, [alert], now)
+            return alert
 
 
 def _alert(r: AlertRow) -> AlertRecord:

@@ -1209,9 +1209,19 @@ class Webhook(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    DEAD_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     url: _builtins.str
     filter: _builtins.str
+    delivered: _builtins.int
+    pending: _builtins.int
+    """queued or being retried"""
+    dead: _builtins.int
+    """gave up after the configured attempts"""
+    last_error: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1221,10 +1231,14 @@ class Webhook(_message.Message):
         url: _builtins.str = ...,
         filter: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        delivered: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        dead: _builtins.int = ...,
+        last_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "filter", b"filter", "id", b"id", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dead", b"dead", "delivered", b"delivered", "filter", b"filter", "id", b"id", "last_error", b"last_error", "pending", b"pending", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

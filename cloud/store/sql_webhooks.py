@@ -1,0 +1,177 @@
+"""Webhooks and the delivery outbox in SQL.
+
+Deliveries are written by `enqueue_deliveries` in the transaction that changes an alert, so
+a change is queued exactly when it is committed (a transactional outbox). A sender claims
+due deliveries with a lease (SKIP LOCKED where the database has it), so two control-plane
+replicas do not send the same one at once; it is marked delivered after a 2xx. A crash
+between the POST and the mark sends it again with the same delivery id, which receivers
+use to drop the repeat. Per webhook and alert, changes are sent in order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, aliased
+
+from cloud.domain import AlertRecord, Delivery, WebhookFilter, WebhookRecord
+from cloud.store.sql_base import SqlBase
+from cloud.store.tables import DeliveryRow, DeviceRow, WebhookRow
+from edge_agent.errors import NotFound
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+
+
+def enqueue_deliveries(s: Session, alerts: Sequence[AlertRecord], now: dt.datetime) -> int:
+    """Queues each changed alert for every webhook whose filter takes it (in `s`'s tx)."""
+    if not alerts:
+        return 0
+    hooks = list(s.scalars(select(WebhookRow)).all())
+    if not hooks:
+        return 0
+    ids = {a.device_id for a in alerts}
+    query = select(DeviceRow.id, DeviceRow.name).where(DeviceRow.id.in_(ids))
+    names = {device_id: name for device_id, name in s.execute(query).all()}
+    filters = {h.id: WebhookFilter.parse(h.filter) for h in hooks}
+    queued = 0
+    for alert in alerts:
+        name = names.get(alert.device_id, alert.device_id)
+        payload = {"event": f"alert.{alert.state.value}", "alert": alert.to_json(name)}
+        for hook in hooks:
+            if filters[hook.id].matches(alert, name):
+                s.add(
+                    DeliveryRow(
+                        webhook_id=hook.id,
+                        alert_id=alert.id,
+                        revision=alert.revision,
+                        payload=payload,
+                        state=PENDING,
+                        attempts=0,
+                        next_attempt_at=now,
+                        last_error="",
+                        created_at=now,
+                        delivered_at=None,
+                    )
+                )
+                queued += 1
+    return queued
+
+
+class WebhookTables(SqlBase):
+    """The webhooks part of `Store`."""
+
+    def add_webhook(
+        self, url: str, secret: str, filter_text: str, now: dt.datetime
+    ) -> WebhookRecord:
+        WebhookFilter.parse(filter_text)  # InvalidInput names the bad part
+        row = WebhookRow(
+            id=str(uuid.uuid4()), url=url, secret=secret, filter=filter_text, created_at=now
+        )
+        with self._tx() as s:
+            s.add(row)
+            s.flush()
+            return _webhook(row, {})
+
+    def list_webhooks(self) -> list[WebhookRecord]:
+        with self._tx() as s:
+            counts: dict[tuple[str, str], int] = {
+                (hook, state): n
+                for hook, state, n in s.execute(
+                    select(DeliveryRow.webhook_id, DeliveryRow.state, func.count()).group_by(
+                        DeliveryRow.webhook_id, DeliveryRow.state
+                    )
+                )
+            }
+            failing = (
+                select(DeliveryRow.webhook_id, DeliveryRow.last_error)
+                .where(DeliveryRow.last_error != "")
+                .order_by(DeliveryRow.id)
+            )
+            errors = {hook: error for hook, error in s.execute(failing).all()}
+            rows = s.scalars(select(WebhookRow).order_by(WebhookRow.created_at)).all()
+            return [_webhook(r, counts, errors.get(r.id, "")) for r in rows]
+
+    def remove_webhook(self, webhook_id: str) -> WebhookRecord:
+        with self._tx() as s:
+            row = s.get(WebhookRow, webhook_id)
+            if row is None:
+                raise NotFound(f"no webhook with id '{webhook_id}'")
+            removed = _webhook(row, {})
+            s.query(DeliveryRow).filter(DeliveryRow.webhook_id == webhook_id).delete()
+            s.delete(row)
+            return removed
+
+    def claim_deliveries(self, now: dt.datetime, lease: dt.timedelta, limit: int) -> list[Delivery]:
+        """Due deliveries, each the oldest pending one of its webhook and alert; leased
+        until `now + lease` (another sender skips them meanwhile) and counted as attempted."""
+        earlier = aliased(DeliveryRow)
+        older_pending = (
+            select(earlier.id)
+            .where(
+                earlier.webhook_id == DeliveryRow.webhook_id,
+                earlier.alert_id == DeliveryRow.alert_id,
+                earlier.state == PENDING,
+                earlier.id < DeliveryRow.id,
+            )
+            .exists()
+        )
+        query = (
+            select(DeliveryRow, WebhookRow)
+            .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+            .where(DeliveryRow.state == PENDING, DeliveryRow.next_attempt_at <= now, ~older_pending)
+            .order_by(DeliveryRow.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=DeliveryRow)
+        )
+        with self._tx() as s:
+            claimed = []
+            for row, hook in s.execute(query):
+                row.attempts += 1
+                row.next_attempt_at = now + lease
+                claimed.append(
+                    Delivery(
+                        id=row.id,
+                        webhook_id=hook.id,
+                        url=hook.url,
+                        secret=hook.secret,
+                        alert_id=row.alert_id,
+                        revision=row.revision,
+                        payload=dict(row.payload),
+                        attempts=row.attempts,
+                    )
+                )
+            return claimed
+
+    def finish_delivery(
+        self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
+    ) -> None:
+        """Delivered when `error` is empty; else retried at `retry_at`, or dead without one."""
+        with self._tx() as s:
+            row = s.get(DeliveryRow, delivery_id, with_for_update=True)
+            if row is None:
+                return  # its webhook was removed meanwhile
+            if not error:
+                row.state, row.delivered_at, row.last_error = DELIVERED, now, ""
+            elif retry_at is None:
+                row.state, row.last_error = DEAD, error[:500]
+            else:
+                row.next_attempt_at, row.last_error = retry_at, error[:500]
+
+
+def _webhook(
+    row: WebhookRow, counts: dict[tuple[str, str], int], last_error: str = ""
+) -> WebhookRecord:
+    return WebhookRecord(
+        id=row.id,
+        url=row.url,
+        secret=row.secret,
+        filter=row.filter,
+        created_at=row.created_at,
+        delivered=counts.get((row.id, DELIVERED), 0),
+        pending=counts.get((row.id, PENDING), 0),
+        dead=counts.get((row.id, DEAD), 0),
+        last_error=last_error,
+    )

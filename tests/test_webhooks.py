@@ -1,0 +1,175 @@
+"""Webhook deliveries to a real local HTTP receiver: signed, once, in order, retried while
+the receiver is down, across a control-plane restart; bad URLs, filters and secrets are
+clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.errors import InvalidInput
+from tests.support.agents import wait_for
+from tests.support.alerting import T0, Site, cleared, open_site, raised
+
+pytestmark = pytest.mark.integration
+SECRET = "s3cret-for-the-plant-hook"
+FAST_RETRIES = {
+    "webhook_retry_initial_s": 0.2,
+    "webhook_retry_max_s": 0.5,
+    "webhook_poll_s": 0.2,
+    "webhook_max_attempts": 30,
+}
+
+
+class Receiver:
+    """An HTTP endpoint on loopback that checks signatures and records what it accepted.
+    `status` is what it answers; `stop()` closes the port, `start()` opens it again."""
+
+    def __init__(self) -> None:
+        self.accepted: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self.requests = 0
+        self.status = 200
+        self.port = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests += 1
+                stamp = self.headers["X-Autoglm-Timestamp"]
+                mac = hmac.new(SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256)
+                if self.headers["X-Autoglm-Signature"] != "sha256=" + mac.hexdigest():
+                    receiver.bad_signatures += 1
+                    self.send_response(401)
+                elif receiver.status == 200:
+                    doc = json.loads(body)
+                    assert self.headers["X-Autoglm-Delivery"] == str(doc["delivery_id"])
+                    assert self.headers["X-Autoglm-Event"] == doc["event"]
+                    receiver.accepted.append(doc)
+                    self.send_response(200)
+                else:
+                    self.send_response(receiver.status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/autoglm"
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(d["event"], d["alert"]["asset"]) for d in self.accepted]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with open_site(tmp_path, **FAST_RETRIES) as s:
+        yield s
+
+
+def test_signed_deliveries_arrive_once_in_order_across_a_restart(
+    site: Site, receiver: Receiver
+) -> None:
+    with site.plane.client() as client:
+        hook = client.add_webhook(receiver.url, SECRET)
+    site.outbox.append([raised("pump-1", T0)])
+    wait_for(lambda: receiver.events() == [("alert.firing", "pump-1")], timeout=10)
+    doc = receiver.accepted[0]
+    assert doc["alert"]["device_name"] == "edge-1" and doc["alert"]["top_sensors"][0]["sensor"]
+    site.restart_plane()
+    site.outbox.append([raised("pump-1", T0 + 20, score=2.4), cleared("pump-1", T0 + 60)])
+    wait_for(lambda: receiver.events()[-1:] == [("alert.resolved", "pump-1")], timeout=15)
+    with site.plane.client() as client:
+        wait_for(lambda: client.list_webhooks()[0].pending == 0, timeout=10)
+        (listed,) = client.list_webhooks()
+    ids = [d["delivery_id"] for d in receiver.accepted]
+    assert len(ids) == len(set(ids)) == listed.delivered, (ids, listed)
+    revisions = [d["alert"]["revision"] for d in receiver.accepted]
+    assert revisions == sorted(revisions)  # in order per alert
+    assert receiver.bad_signatures == 0 and listed.id == hook.id and listed.dead == 0
+
+
+def test_a_receiver_that_is_down_gets_the_delivery_once_when_it_returns(
+    site: Site, receiver: Receiver
+) -> None:
+    with site.plane.client() as client:
+        client.add_webhook(receiver.url, SECRET, "state=firing")
+    receiver.status = 503  # up, but failing
+    site.outbox.append([raised("pump-1", T0)])
+    wait_for(lambda: receiver.requests >= 2, timeout=10)
+    receiver.stop()  # then gone: connection refused
+    with site.plane.client() as client:
+        wait_for(lambda: "cannot reach" in client.list_webhooks()[0].last_error, timeout=10)
+        assert client.list_webhooks()[0].pending == 1
+    receiver.status = 200
+    receiver.start()  # back on the same port
+    wait_for(lambda: len(receiver.accepted) == 1, timeout=10)
+    site.outbox.append([cleared("pump-1", T0 + 30)])  # filtered out: state=firing only
+    with site.plane.client() as client:
+        wait_for(lambda: client.list_webhooks()[0].delivered == 1, timeout=5)
+        (listed,) = client.list_webhooks()
+    assert listed.pending == 0 and listed.dead == 0
+    assert receiver.events() == [("alert.firing", "pump-1")]
+
+
+def test_deliveries_die_after_the_last_attempt(tmp_path: Path, receiver: Receiver) -> None:
+    with open_site(tmp_path, **{**FAST_RETRIES, "webhook_max_attempts": 3}) as site:
+        receiver.status = 500
+        with site.plane.client() as client:
+            client.add_webhook(receiver.url, SECRET)
+            site.outbox.append([raised("pump-1", T0)])
+            wait_for(lambda: client.list_webhooks()[0].dead == 1, timeout=10)
+            (listed,) = client.list_webhooks()
+        assert listed.last_error == "HTTP 500" and receiver.requests == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "filter_text", "message"),
+    [
+        ("ftp://example.com/x", SECRET, "", "scheme"),
+        ("http:///no-host", SECRET, "", "no host"),
+        ("http://example.com:99999/", SECRET, "", "bad port"),
+        ("http://example.com/", "short", "", "at least 16"),
+        ("http://example.com/", SECRET, "colour=red", "unknown key 'colour'"),
+        ("http://example.com/", SECRET, "state=burning", "'burning'"),
+        ("http://example.com/", SECRET, "min_score=high", "not a number"),
+        ("http://example.com/", SECRET, "asset", "not key=value"),
+    ],
+)
+def test_bad_webhooks_are_clear_errors(
+    site: Site, url: str, secret: str, filter_text: str, message: str
+) -> None:
+    with site.plane.client() as client, pytest.raises(InvalidInput, match=message):
+        client.add_webhook(url, secret, filter_text)
+    with site.plane.client() as client:
+        assert client.list_webhooks() == []
