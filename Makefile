@@ -33,7 +33,7 @@ check: setup lint typecheck protos-check
 	$(BIN)/python -m pytest
 
 demo: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_foundation.sh
+	$(BIN)/autoglm demo
 
 bench: setup
 	$(BIN)/python tests/benchmarks/bench_heartbeats.py

@@ -60,6 +60,9 @@ class MqttLink(BaseModel):
 
     host: str = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
+    # "5", or "3.1.1" for brokers that speak only that (the persistent session is then a
+    # clean_session=False session; the broker decides how long it keeps it).
+    protocol: Literal["5", "3.1.1"] = "5"
     # Stable across restarts: the broker keeps the persistent session under this id.
     # Empty: "autoglm-edge-<device name>".
     client_id: str = ""

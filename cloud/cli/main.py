@@ -12,6 +12,7 @@ from cloud import __version__
 from cloud.cli import (
     alert_cmds,
     cloud_cmds,
+    demo_cmds,
     device_cmds,
     model_cmds,
     rollout_cmds,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout_cmds.add_parsers(sub)
     alert_cmds.add_parsers(sub)
     webhook_cmds.add_parsers(sub)
+    demo_cmds.add_parsers(sub)
     return parser
 
 

@@ -122,7 +122,7 @@ def train_net(
             total += float(loss.detach()) * len(idx)
             step += 1
             if progress is not None:
-                progress(step, steps, float(loss))
+                progress(step, steps, float(loss.detach()))
         report.losses.append(total / len(order))
     report.seconds = time.monotonic() - started
     net.to("cpu").eval()

@@ -25,8 +25,19 @@ from edge_agent.ingest.decode import Decoded
 log = logging.getLogger(__name__)
 
 
-def new_client(client_id: str = "", reconnect_on_failure: bool = True) -> mqtt.Client:
-    """A paho 2 client speaking MQTT 5 with the version-2 callback signatures."""
+def new_client(
+    client_id: str = "", reconnect_on_failure: bool = True, protocol: str = "5"
+) -> mqtt.Client:
+    """A paho 2 client with the version-2 callback signatures, speaking MQTT 5 (or 3.1.1
+    with a persistent session when it has a client id)."""
+    if protocol == "3.1.1":
+        return mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=not client_id,
+            reconnect_on_failure=reconnect_on_failure,
+        )
     return mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -63,7 +74,7 @@ class MqttConnection:
         self._deliver = deliver
         self.stats = MqttLinkStats()
         self.connected = threading.Event()
-        client = new_client(client_id)
+        client = new_client(client_id, protocol=link.protocol)
         client.reconnect_delay_set(
             max(1, round(link.reconnect_min_s)), max(1, round(link.reconnect_max_s))
         )
@@ -85,15 +96,20 @@ class MqttConnection:
         self.client = client
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.link.session_expiry_s
-        self.client.connect_async(
-            self.link.host,
-            self.link.port,
-            keepalive=self.link.keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
+        if self.link.protocol == "3.1.1":
+            self.client.connect_async(
+                self.link.host, self.link.port, keepalive=self.link.keepalive_s
+            )
+        else:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.link.session_expiry_s
+            self.client.connect_async(
+                self.link.host,
+                self.link.port,
+                keepalive=self.link.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
         self.client.loop_start()
 
     def stop(self) -> None:
