@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-downloads: setup
 
 bench-rollout: setup
 	$(BIN)/python tests/benchmarks/bench_rollout.py
+
+bench-alerts: setup
+	$(BIN)/python tests/benchmarks/bench_alerts.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

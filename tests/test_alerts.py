@@ -110,12 +110,22 @@ def test_alerts_and_predictions_from_the_cli(site: Site, tmp_path: Path) -> None
         autoglm(tmp_path, "device", "predictions", "edge-1", "--asset", "pump-1", "--json").stdout
     )
     assert len(as_json) == 12
+    added = autoglm(
+        tmp_path, "webhook", "add", "http://127.0.0.1:9/hook", "--secret", "x" * 20, "--json"
+    )
+    hook_id = json.loads(added.stdout)["id"]
+    assert hook_id[:8] in autoglm(tmp_path, "webhook", "list").stdout
+    autoglm(tmp_path, "webhook", "remove", hook_id)
     for args, message in (
         (["alerts", "list", "--since", "soon"], "--since"),
         (["alerts", "list", "--state", "burning"], "invalid choice"),
         (["alerts", "show", "no-such-alert"], "no alert"),
         (["device", "predictions", "no-such-device"], "no device"),
         (["device", "predictions", "edge-1", "--limit", "0"], "--limit"),
+        (["webhook", "add", "http://127.0.0.1:9/x"], "needs --secret"),
+        (["webhook", "add", "gopher://x/", "--secret", "x" * 20], "scheme"),
+        (["webhook", "add", "http://h/", "--secret", "x" * 20, "--filter", "a=b"], "unknown key"),
+        (["webhook", "remove", "no-such-hook"], "no webhook"),
     ):
         result = autoglm(tmp_path, *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
