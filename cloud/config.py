@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +41,11 @@ class CloudConfig(BaseSettings):
     webhook_retry_max_s: float = Field(default=300.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_poll_s: float = Field(default=1.0, gt=0)  # picks up other replicas' deliveries
+    # Several replicas: only the leader runs the rollout controller. auto: a Kubernetes Lease
+    # inside a cluster, else a lease row in the store when it is PostgreSQL, else off.
+    leader_election: Literal["auto", "off", "database", "kubernetes"] = "auto"
+    leader_lease_s: float = Field(default=15.0, gt=0)
+    replica_id: str = ""  # empty: $POD_NAME, else host-pid
     log_level: str = "INFO"
 
     @field_validator("api_listen", "device_listen")

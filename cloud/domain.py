@@ -432,3 +432,14 @@ class Delivery:
     revision: int
     payload: dict[str, Any]
     attempts: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    holder: str  # replica id
+    expires_at: dt.datetime
+    acquired_at: dt.datetime
+
+    def held_by(self, holder: str, now: dt.datetime) -> bool:
+        return self.holder == holder and self.expires_at > now

@@ -290,6 +290,38 @@ class StoreContract:
         with pytest.raises(InvalidInput, match="unknown key"):
             store.add_webhook("http://h/z", "secret-secret-secret", "colour=red", NOW)
 
+    def test_leases_have_one_holder_until_they_expire(self, store: Store) -> None:
+        ttl = dt.timedelta(seconds=15)
+        assert store.try_lease("ctl", "a", NOW, ttl).held_by("a", NOW)
+        taken = store.try_lease("ctl", "b", NOW + dt.timedelta(seconds=5), ttl)
+        assert taken.holder == "a" and not taken.held_by("b", NOW)
+        renewed = store.try_lease("ctl", "a", NOW + dt.timedelta(seconds=10), ttl)
+        assert renewed.expires_at == NOW + dt.timedelta(seconds=25)
+        later = NOW + dt.timedelta(seconds=26)  # a stopped renewing: b takes over
+        assert store.try_lease("ctl", "b", later, ttl).held_by("b", later)
+        store.release_lease("ctl", "a", later)  # not a's any more: no effect
+        lease = store.get_lease("ctl")
+        assert lease is not None and lease.holder == "b"
+        store.release_lease("ctl", "b", later)
+        assert store.try_lease("ctl", "a", later, ttl).held_by("a", later)
+        assert store.get_lease("other") is None
+
+    def test_concurrent_lease_attempts_admit_one_holder(self, store: Store) -> None:
+        holders: list[str] = []
+        barrier = threading.Barrier(4)
+
+        def attempt(name: str) -> None:
+            barrier.wait()
+            if store.try_lease("race", name, NOW, dt.timedelta(seconds=15)).held_by(name, NOW):
+                holders.append(name)
+
+        threads = [threading.Thread(target=attempt, args=(f"r{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(holders) == 1, holders
+
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):
             store.create_device("p", {}, "", dt.datetime(2026, 1, 1))

@@ -21,6 +21,7 @@ from cloud.clock import utc_now
 from cloud.config import CloudConfig
 from cloud.devices import DeviceRegistry
 from cloud.domain import DesiredModel
+from cloud.leader import make_elector
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController, RolloutSettings
 from cloud.service.agent import AgentServicer
@@ -110,7 +111,9 @@ class ControlPlane:
         )
         self.alerts.listeners.append(self.webhooks.wake)
         self._stopping = asyncio.Event()
-        self.run_rollouts = True  # issue 7: only the elected leader runs the controller
+        self.elector = make_elector(
+            config.leader_election, store, config.replica_id, config.leader_lease_s
+        )
         self.api_port = 0
         self.device_port = 0
         self._server: aio.Server | None = None
@@ -196,6 +199,7 @@ class ControlPlane:
             ),
             asyncio.create_task(self._every(self.config.rollout_interval_s, self._reconcile)),
             asyncio.create_task(self.webhooks.run(self._stopping)),
+            asyncio.create_task(self.elector.run(self._stopping)),
         ]
         log.info(
             "control plane serving: api port %d (TLS), device port %d (mutual TLS)",
@@ -204,6 +208,7 @@ class ControlPlane:
         )
 
     async def stop(self, grace: float = 2.0) -> None:
+        self._stopping.set()  # the elector hands its lease back on the way out
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
@@ -229,7 +234,7 @@ class ControlPlane:
             self.hub.send_device(d.device_id, agent_pb2.ControlMessage(desired=desired_to_proto(d)))
 
     async def _reconcile(self) -> None:
-        if self.run_rollouts:
+        if self.elector.is_leader:
             self.push_desired(await asyncio.to_thread(self.rollouts.tick))
 
     def _revocations(self) -> Callable[[], Awaitable[None]]:

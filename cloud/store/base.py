@@ -14,6 +14,7 @@ from cloud.domain import (
     Delivery,
     DesiredModel,
     DeviceRecord,
+    Lease,
     ModelRecord,
     OperatorRecord,
     PredictionRecord,
@@ -29,6 +30,11 @@ T = TypeVar("T")
 
 class Store(abc.ABC):
     """Durable control-plane state. Methods raise errors from `edge_agent.errors`."""
+
+    @property
+    @abc.abstractmethod
+    def shared(self) -> bool:
+        """Whether several control-plane processes can use this store at once."""
 
     # ---- devices ----
     @abc.abstractmethod
@@ -156,6 +162,17 @@ class Store(abc.ABC):
     def finish_delivery(
         self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
     ) -> None: ...
+
+    # ---- leases (leader election without Kubernetes) ----
+    @abc.abstractmethod
+    def try_lease(self, name: str, holder: str, now: dt.datetime, duration: dt.timedelta) -> Lease:
+        """Takes or renews the lease when free, expired or `holder`'s; returns it as it is."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, holder: str, now: dt.datetime) -> None: ...
+
+    @abc.abstractmethod
+    def get_lease(self, name: str) -> Lease | None: ...
 
     # ---- models ----
     @abc.abstractmethod

@@ -17,6 +17,7 @@ from cloud.store.base import Store
 from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_devices import DeviceTables
+from cloud.store.sql_leases import LeaseTables
 from cloud.store.sql_records import RecordTables
 from cloud.store.sql_rollouts import RolloutTables
 from cloud.store.sql_webhooks import WebhookTables
@@ -33,10 +34,21 @@ __all__ = ["SqlStore", "make_engine", "migrate", "normalise_url"]
 
 
 class SqlStore(
-    DeviceTables, RecordTables, RolloutTables, AlertTables, WebhookTables, SqlBase, Store
+    DeviceTables,
+    RecordTables,
+    RolloutTables,
+    AlertTables,
+    WebhookTables,
+    LeaseTables,
+    SqlBase,
+    Store,
 ):
-    """`Store` over SQLAlchemy 2: the table groups in sql_devices, sql_records and
-    sql_rollouts share one engine and transaction helper."""
+    """`Store` over SQLAlchemy 2: the table groups (sql_devices, sql_records, sql_rollouts,
+    sql_alerts, sql_webhooks, sql_leases) share one engine and transaction helper."""
+
+    @property
+    def shared(self) -> bool:
+        return not self.url.startswith("sqlite")
 
     def __init__(self, url: str, run_migrations: bool = True) -> None:
         self.url = normalise_url(url)
