@@ -43,6 +43,9 @@ class CloudConfig(BaseSettings):
     webhook_poll_s: float = Field(default=1.0, gt=0)  # picks up other replicas' deliveries
     # Several replicas: only the leader runs the rollout controller. auto: a Kubernetes Lease
     # inside a cluster, else a lease row in the store when it is PostgreSQL, else off.
+    # Device profiles (firmware_images/profiles/*.yaml); `device register --profile` must name
+    # one. Empty: the checkout's firmware_images/profiles when present, else no check.
+    profiles_dir: Path | None = None
     leader_election: Literal["auto", "off", "database", "kubernetes"] = "auto"
     leader_lease_s: float = Field(default=15.0, gt=0)
     replica_id: str = ""  # empty: $POD_NAME, else host-pid

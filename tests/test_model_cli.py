@@ -185,7 +185,7 @@ def test_verify_refuses_a_bundle_from_another_key_and_build_engines_explains(
             "build-engines",
             str(bundle),
             "--profile",
-            "jetson-orin-nx-jp6",
+            "jetson-orin-nx",
             "--signing-key",
             str(private),
         ]

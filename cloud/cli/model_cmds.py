@@ -86,7 +86,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     engines = msub.add_parser("build-engines", help="TensorRT plans per device profile")
     engines.add_argument("bundle", type=Path)
-    engines.add_argument("--profile", action="append", required=True)
+    engines.add_argument(
+        "--profile",
+        action="append",
+        required=True,
+        help="device profile (repeat), or `all`: every profile in --profiles-dir",
+    )
+    engines.add_argument(
+        "--profiles-dir", type=Path, help="default: the checkout's firmware_images/profiles"
+    )
     engines.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     engines.add_argument("--signing-key", type=Path, help=KEY_HELP)
     engines.set_defaults(handler=cmd_build_engines)
@@ -260,11 +268,32 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     from cloud.model.bundle_writer import load_signing_key
     from cloud.model.engines import build_engines
 
+    profiles = engine_targets(args.profile, args.profiles_dir)
     manifest = build_engines(
-        args.bundle, args.profile, args.precision, load_signing_key(args.signing_key)
+        args.bundle, profiles, args.precision, load_signing_key(args.signing_key)
     )
-    print(f"built engines for {', '.join(args.profile)}; status {manifest.engines['status']}")
+    print(f"built engines for {', '.join(profiles)}; status {manifest.engines['status']}")
     return 0
+
+
+def engine_targets(names: list[str], directory: Path | None) -> list[str]:
+    """The profiles to build for: `all` expands to every known profile; a name that is not
+    a known profile is an error when profiles are known."""
+    from cloud.profiles import DEFAULT_DIR, load_profiles
+
+    folder = directory or DEFAULT_DIR
+    known = load_profiles(folder) if directory is not None or folder.is_dir() else {}
+    if "all" in names:
+        if not known:
+            raise InvalidInput("--profile all needs device profiles (--profiles-dir)")
+        return sorted(known)
+    unknown = [n for n in names if known and n not in known]
+    if unknown:
+        raise InvalidInput(
+            f"--profile {unknown[0]!r} is not a device profile in {folder} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    return names
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -23,6 +24,8 @@ from cloud.devices import DeviceRegistry
 from cloud.domain import DesiredModel
 from cloud.leader import make_elector
 from cloud.presence import PresenceTracker
+from cloud.profiles import DEFAULT_DIR as DEFAULT_PROFILES
+from cloud.profiles import load_profiles
 from cloud.rollouts import RolloutController, RolloutSettings
 from cloud.service.agent import AgentServicer
 from cloud.service.enrollment import EnrollmentServicer
@@ -82,6 +85,7 @@ class ControlPlane:
             secrets.ca,
             token_ttl=dt.timedelta(seconds=config.enrollment_token_ttl_s),
             cert_validity_days=config.device_cert_validity_days,
+            known_profiles=_known_profiles(config.profiles_dir),
         )
         self.artifacts = LocalArtifactStore(config.resolved_artifacts_dir)
         self.catalog = ModelCatalog(
@@ -260,3 +264,13 @@ class ControlPlane:
                 raise
             except Exception:
                 log.exception("background job failed; retrying in %.1fs", interval_s)
+
+
+def _known_profiles(directory: Path | None) -> frozenset[str] | None:
+    """Profile names from `directory`, or from the checkout's profiles when none is set;
+    None (any profile accepted) when neither exists."""
+    if directory is None:
+        if not DEFAULT_PROFILES.is_dir():
+            return None
+        directory = DEFAULT_PROFILES
+    return frozenset(load_profiles(directory))

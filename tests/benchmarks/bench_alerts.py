@@ -7,10 +7,12 @@ Latency: a real agent (in this process, ONNX Runtime, a model trained here on si
 data) reads single-reading MQTT messages from Mosquitto for `--assets` pumps replayed at
 `--speed`x with injected faults; the control plane runs in its own process. For each alert
 a `watch` client receives, the latency is from the publish of the reading that completed
-the raising window to the alert's arrival. That includes the agent's wait for a slot to
-close (`ingest.max_lateness_s`, default 2 sampling periods) in data time, i.e. divided by the
-replay speed: run with `--speed 1` for wall-clock figures. Baseline in the same run: a raw
-paho subscriber on the same broker, publish to receive, for the same readings.
+the raising window to the alert's arrival. That includes, in data time (divided by the
+replay speed; run with `--speed 1` for wall-clock figures), the wait for the next reading
+(a slot's value is the latest reading at or before it, so it can close only once a later
+reading arrived) and the agent's `ingest.max_lateness_s` (default 2 sampling periods).
+Baseline in the same run: a raw paho subscriber on the same broker, publish to receive, for
+the same readings.
 
 Throughput: `--devices` light devices (the agent's real outbox, RecordSync and
 CloudSession) each sync `--events` raise/clear alert events at once; alerts per second is
@@ -154,8 +156,10 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
     for received, alert in watch.firing:
         series = rows.get(alert.asset, [])
         raised = alert.first_seen.ToNanoseconds() / 1e9
-        k = bisect.bisect_left([ts for ts, _ in series], raised - 1e-6)
-        if k < len(series) and abs(series[k][0] - raised) <= 1.0:
+        # The newest row at or before the raising slot's time: the reading that completed
+        # the raising window (the slot's value is the latest reading at or before it).
+        k = bisect.bisect_right([ts for ts, _ in series], raised + 1e-6) - 1
+        if k >= 0 and raised - series[k][0] <= 1.0:
             latencies.append((received - series[k][1]) * 1000)
     faults = sum(len(s.faults) for s in streams)
     loop.call_soon_threadsafe(stop.set)
