@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.errors import ConfigError
@@ -23,6 +23,9 @@ class CloudConfig(BaseSettings):
     database_url: str = ""  # empty: SQLite in the state directory
     api_listen: str = "0.0.0.0:7443"  # TLS: enrollment and operator calls
     device_listen: str = "0.0.0.0:7444"  # mutual TLS: device calls
+    # Plain-text grpc.health.v1 only, for Kubernetes gRPC probes (they speak no TLS); empty:
+    # none. Nothing else is served on it.
+    health_listen: str = ""
     hosts: list[str] = Field(default_factory=lambda: ["localhost"])  # names in the server cert
     advertise_host: str = ""  # host agents and operators dial; empty: hosts[0]
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
@@ -51,9 +54,11 @@ class CloudConfig(BaseSettings):
     replica_id: str = ""  # empty: $POD_NAME, else host-pid
     log_level: str = "INFO"
 
-    @field_validator("api_listen", "device_listen")
+    @field_validator("api_listen", "device_listen", "health_listen")
     @classmethod
-    def _host_port(cls, value: str) -> str:
+    def _host_port(cls, value: str, info: ValidationInfo) -> str:
+        if value == "" and info.field_name == "health_listen":
+            return value  # no probe port
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT with a port from 0 to 65535")

@@ -234,3 +234,23 @@ def test_agent_reconnects_after_a_control_plane_restart(tmp_path: Path) -> None:
             agent.stop()
         if second is not None:
             second.stop()
+
+
+def test_the_probe_port_serves_health_in_plain_text_and_nothing_else(tmp_path: Path) -> None:
+    from tests.support.cloud import init_plane, start_plane
+
+    state = tmp_path / "cloud"
+    plane = start_plane(state, init_plane(state).operator_token, health_listen="127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{plane.plane.health_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="autoglm.v1.OperatorService"), timeout=10
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                operator_pb2_grpc.OperatorServiceStub(channel).ListDevices(
+                    operator_pb2.ListDevicesRequest(), timeout=10
+                )
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        plane.stop()

@@ -123,6 +123,8 @@ class ControlPlane:
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._health = HealthServicer()
+        self._probe_server: aio.Server | None = None
+        self.health_port = 0
 
     def endpoints(self) -> common_pb2.Endpoints:
         host = self.config.public_host
@@ -194,6 +196,17 @@ class ControlPlane:
             ) from None
         await server.start()
         self._server = server
+        if self.config.health_listen:
+            probe = aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, probe)
+            try:
+                self.health_port = probe.add_insecure_port(self.config.health_listen)
+            except RuntimeError as exc:
+                raise LocalStateError(
+                    f"cannot listen on {self.config.health_listen}: {exc}"
+                ) from None
+            await probe.start()
+            self._probe_server = probe
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
@@ -217,6 +230,8 @@ class ControlPlane:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             await self._server.stop(grace)
+        if self._probe_server is not None:
+            await self._probe_server.stop(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
