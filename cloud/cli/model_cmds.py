@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cloud.cli import rollout_cmds
+from cloud.cli import job_cmds, rollout_cmds
 from cloud.cli.output import print_json, print_table
 from edge_agent.calibration import DecisionParams
 from edge_agent.errors import InvalidInput
@@ -47,6 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _decision_flags(train)
     train.add_argument("--no-progress", action="store_true")
+    job_cmds.add_executor_flags(train)
     train.set_defaults(handler=cmd_train)
 
     evaluate = msub.add_parser(
@@ -97,6 +98,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     engines.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     engines.add_argument("--signing-key", type=Path, help=KEY_HELP)
+    job_cmds.add_executor_flags(engines)
     engines.set_defaults(handler=cmd_build_engines)
 
     verify = msub.add_parser("verify", help="check a bundle's signature, digests and golden test")
@@ -130,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cloud.model.schema_file import read_schema_file
     from cloud.model.train import TrainParams
 
+    if args.executor == "kubernetes":
+        return job_cmds.run_as_job(args, "train", str(args.out))
     key = load_signing_key(args.signing_key)
     sensors, units = _split(args.sensors), _split(args.units)
     if args.schema is not None:
@@ -269,6 +273,11 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     from cloud.model.engines import build_engines
 
     profiles = engine_targets(args.profile, args.profiles_dir)
+    if args.executor == "kubernetes":  # engines are built on the target device class's GPU
+        if len(profiles) != 1:
+            raise InvalidInput("--executor kubernetes builds one --profile per Job")
+        args.node_selector = [*args.node_selector, f"autoglm.io/device-profile={profiles[0]}"]
+        return job_cmds.run_as_job(args, "engines", str(args.bundle))
     manifest = build_engines(
         args.bundle, profiles, args.precision, load_signing_key(args.signing_key)
     )
