@@ -22,11 +22,20 @@ RESOLVED = operator_pb2.Alert.STATE_RESOLVED
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with open_site(tmp_path) as s:
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    """SQLite, or PostgreSQL with `indirect` "postgres"."""
+    database = (
+        request.getfixturevalue("pg_url") if getattr(request, "param", "") == "postgres" else ""
+    )
+    with open_site(tmp_path, database) as s:
         yield s
 
 
+@pytest.mark.parametrize(
+    "site",
+    [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)],
+    indirect=True,
+)
 def test_alerts_arrive_once_through_watch_and_list_across_restarts(site: Site) -> None:
     client = site.plane.client()
     watcher = Watcher(client).start()

@@ -82,11 +82,19 @@ def feed(broker: Broker, asset: str, seed: int, end_ago_s: float, rows: int = 90
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, trained: tuple[Path, ed25519.Ed25519PrivateKey]) -> Iterator[Fleet]:
+def fleet(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    trained: tuple[Path, ed25519.Ed25519PrivateKey],
+) -> Iterator[Fleet]:
+    """Three agents; the control plane on SQLite, or PostgreSQL with `indirect` "postgres"."""
     cloud_dir = tmp_path / "cloud"
+    database = (
+        request.getfixturevalue("pg_url") if getattr(request, "param", "") == "postgres" else ""
+    )
     plane = start_plane(
         cloud_dir,
-        init_plane(cloud_dir).operator_token,
+        init_plane(cloud_dir, database).operator_token,
         presence_flush_interval_s=0.2,
         rollout_interval_s=0.2,
         shadow_grace_s=30,
@@ -154,6 +162,11 @@ def wait_state(f: Fleet, rollout_id: str, state: int, timeout: float = 90) -> op
     return status(f, rollout_id)
 
 
+@pytest.mark.parametrize(
+    "fleet",
+    [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)],
+    indirect=True,
+)
 def test_a_rollout_across_waves_with_shadow_soak_succeeds(fleet: Fleet) -> None:
     key = fleet.plane.plane.secrets.signing_key
     v2 = make_version((fleet.root / "v1", key), fleet.root / "v2", "2", key)

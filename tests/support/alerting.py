@@ -125,10 +125,10 @@ class Site:
 
 
 @contextmanager
-def open_site(root: Path, **overrides: Any) -> Iterator[Site]:
+def open_site(root: Path, database_url: str = "", **overrides: Any) -> Iterator[Site]:
     """A control plane (with config `overrides`) and one connected device, edge-1."""
     cloud = root / "cloud"
-    plane = start_plane(cloud, init_plane(cloud).operator_token, **overrides)
+    plane = start_plane(cloud, init_plane(cloud, database_url).operator_token, **overrides)
     identity = enroll_identity(register(plane, "edge-1", site="a"), root / "edge")
     outbox = Outbox(root / "edge" / "outbox.sqlite3", 1 << 22)
     s = Site(plane, identity, outbox, root, overrides)
