@@ -170,6 +170,7 @@ class DesiredModel:
     rollout_id: str
     shadow: bool  # run beside the incumbent and report; do not serve
     updated_at: dt.datetime
+    revert_version: str = ""  # an aborted rollout's version (see DesiredState)
 
 
 class RolloutState(enum.StrEnum):

@@ -493,6 +493,9 @@ class RolloutController:
                     rollout_id=rollout.id,
                     shadow=False,
                     updated_at=now,
+                    # The device decides: only if it serves the aborted version does it go
+                    # back; the previous version above may be stale for one never updated.
+                    revert_version=rollout.model_version,
                 )
             )
             updated.append(_moved(t, TargetState.ROLLED_BACK, t.detail or "rolled back", now))

@@ -175,6 +175,14 @@ class ModelUpdater:
     async def apply(self, d: agent_pb2.DesiredState) -> None:
         agent = self.agent
         serving = self._before = agent.model
+        if d.revert_version:  # an aborted rollout: only a device serving it goes back
+            self._drop_shadow()
+            if serving is None or serving.version != d.revert_version:
+                log.info(
+                    "rollout of %s aborted; %s keeps serving", d.revert_version, _version(serving)
+                )
+                return
+            d = self._revert_target(d)
         if not d.model_version:
             self._drop_shadow()
             return
@@ -229,6 +237,23 @@ class ModelUpdater:
         self._report(
             d, OUTCOME.OUTCOME_INSTALLED, f"serving from slot {info.slot}", model.choice.label
         )
+
+    def _revert_target(self, d: agent_pb2.DesiredState) -> agent_pb2.DesiredState:
+        """What to go back to: the version asked for when a slot holds it (or it can be
+        downloaded), else whatever the previous slot holds."""
+        slots = self.agent.slots
+        if d.model_version and (
+            slots.find(d.model_version, d.manifest_digest) or d.signature_digest
+        ):
+            return d
+        previous = slots.read().previous
+        if previous is None:
+            return d  # nothing local to go back to: the normal path reports why
+        back = agent_pb2.DesiredState()
+        back.CopyFrom(d)
+        back.model_name, back.model_version = previous.name, previous.version
+        back.manifest_digest = previous.manifest_digest
+        return back
 
     async def _install(self, d: agent_pb2.DesiredState) -> tuple[ServingModel, SlotInfo]:
         """Download, verify and self-test `d` in the idle slot (the serving one is untouched)."""

@@ -124,6 +124,7 @@ def desired_to_proto(desired: DesiredModel) -> agent_pb2.DesiredState:
         signature_digest=desired.signature_digest,
         rollout_id=desired.rollout_id,
         shadow=desired.shadow,
+        revert_version=desired.revert_version,
     )
 
 

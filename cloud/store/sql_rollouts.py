@@ -89,6 +89,7 @@ class RolloutTables(SqlBase):
                 row.rollout_id = d.rollout_id
                 row.shadow = d.shadow
                 row.updated_at = d.updated_at
+                row.revert_version = d.revert_version
 
     def get_desired(self, device_id: str) -> DesiredModel | None:
         with self._tx() as s:
@@ -104,6 +105,7 @@ class RolloutTables(SqlBase):
                 rollout_id=row.rollout_id,
                 shadow=row.shadow,
                 updated_at=row.updated_at,
+                revert_version=row.revert_version or "",
             )
 
     # ---- rollouts ----

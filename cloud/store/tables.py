@@ -161,6 +161,7 @@ class DesiredModelRow(Base):
     rollout_id: Mapped[str] = mapped_column(String(36))
     shadow: Mapped[bool] = mapped_column(Boolean)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revert_version: Mapped[str] = mapped_column(String(64), default="")
 
 
 class RolloutRow(Base):

@@ -582,6 +582,7 @@ class DesiredState(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     SIGNATURE_DIGEST_FIELD_NUMBER: _builtins.int
+    REVERT_VERSION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     manifest_digest: _builtins.str
@@ -591,6 +592,11 @@ class DesiredState(_message.Message):
     """run beside the incumbent and report, do not serve"""
     signature_digest: _builtins.str
     """sha256 of manifest.sig"""
+    revert_version: _builtins.str
+    """Set when a rollout of this version was aborted: a device serving it goes back to the
+    model it served before (model_version when it has it, else its previous slot); a device
+    serving anything else keeps serving that and drops any shadow model.
+    """
     def __init__(
         self,
         *,
@@ -600,10 +606,11 @@ class DesiredState(_message.Message):
         rollout_id: _builtins.str = ...,
         shadow: _builtins.bool = ...,
         signature_digest: _builtins.str = ...,
+        revert_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model_name", b"model_name", "model_version", b"model_version", "rollout_id", b"rollout_id", "shadow", b"shadow", "signature_digest", b"signature_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model_name", b"model_name", "model_version", b"model_version", "revert_version", b"revert_version", "rollout_id", b"rollout_id", "shadow", b"shadow", "signature_digest", b"signature_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
