@@ -145,7 +145,7 @@ class KubernetesLease(Elector):
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            body = client.V1Lease(
+            created = client.V1Lease(
                 metadata=client.V1ObjectMeta(name=LEASE_NAME, namespace=self.namespace),
                 spec=client.V1LeaseSpec(
                     holder_identity=self.holder,
@@ -156,7 +156,7 @@ class KubernetesLease(Elector):
                 ),
             )
             try:
-                api.create_namespaced_lease(self.namespace, body)
+                api.create_namespaced_lease(self.namespace, created)
             except ApiException as conflict:
                 if conflict.status == 409:
                     return False  # another replica created it first
@@ -170,14 +170,17 @@ class KubernetesLease(Elector):
         )
         if spec.holder_identity != self.holder and not expired:
             return False
+        change: dict[str, Any] = {"renewTime": _micro(now), "leaseDurationSeconds": duration}
         if spec.holder_identity != self.holder:
-            spec.holder_identity = self.holder
-            spec.acquire_time = now
-            spec.lease_transitions = (spec.lease_transitions or 0) + 1
-        spec.renew_time = now
-        spec.lease_duration_seconds = duration
-        try:  # carries metadata.resourceVersion: a concurrent change makes this a 409
-            api.replace_namespaced_lease(LEASE_NAME, self.namespace, lease)
+            change |= {
+                "holderIdentity": self.holder,
+                "acquireTime": _micro(now),
+                "leaseTransitions": (spec.lease_transitions or 0) + 1,
+            }
+        # resourceVersion as a precondition: a concurrent change makes this a 409.
+        body = {"metadata": {"resourceVersion": lease.metadata.resource_version}, "spec": change}
+        try:
+            api.patch_namespaced_lease(LEASE_NAME, self.namespace, body)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -188,8 +191,15 @@ class KubernetesLease(Elector):
         api = self._client()
         lease = api.read_namespaced_lease(LEASE_NAME, self.namespace)
         if lease.spec.holder_identity == self.holder:
-            lease.spec.renew_time = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
-            api.replace_namespaced_lease(LEASE_NAME, self.namespace, lease)
+            expired = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+            api.patch_namespaced_lease(
+                LEASE_NAME, self.namespace, {"spec": {"renewTime": _micro(expired)}}
+            )
+
+
+def _micro(when: dt.datetime) -> str:
+    """A MicroTime as the API wants it."""
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def make_elector(mode: str, store: Store, replica_id: str, lease_s: float) -> Elector:

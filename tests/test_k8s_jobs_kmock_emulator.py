@@ -141,3 +141,23 @@ def test_bad_job_arguments_are_clear_errors(
     assert run(argv) != 0
     assert message in capsys.readouterr().err
     assert emulator.jobs("ml") == {}
+
+
+def test_leader_election_through_a_lease_on_the_emulator() -> None:
+    from kubernetes import client
+
+    from cloud.leader import LEASE_NAME, KubernetesLease
+
+    with kube_emulator(extra_resources=["coordination.k8s.io/v1/leases"]) as emulator:
+        api = client.CoordinationV1Api(client.ApiClient(client.Configuration(host=emulator.url)))
+        a = KubernetesLease("autoglm", "replica-a", 15, api=api)
+        b = KubernetesLease("autoglm", "replica-b", 15, api=api)
+        assert a._attempt() is True  # creates the Lease
+        assert b._attempt() is False  # held and fresh
+        assert a._attempt() is True  # renews
+        lease = api.read_namespaced_lease(LEASE_NAME, "autoglm")
+        assert lease.spec.holder_identity == "replica-a"
+        a._release()  # a graceful stop: the lease is left expired
+        assert b._attempt() is True
+        taken = api.read_namespaced_lease(LEASE_NAME, "autoglm")
+        assert taken.spec.holder_identity == "replica-b" and taken.spec.lease_transitions == 1

@@ -83,7 +83,7 @@ class KubeEmulator:
 
 
 @contextmanager
-def kube_emulator() -> Iterator[KubeEmulator]:
+def kube_emulator(extra_resources: tuple[str, ...] | list[str] = ()) -> Iterator[KubeEmulator]:
     box: dict[str, Any] = {}
     ready = threading.Event()
     stop: list[asyncio.Event] = []
@@ -95,6 +95,8 @@ def kube_emulator() -> Iterator[KubeEmulator]:
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
                 emulator.resources["batch/v1/jobs"] = {}
                 emulator.resources["v1/pods"] = {}
+                for extra in extra_resources:
+                    emulator.resources[extra] = {}
                 box["emulator"] = KubeEmulator(emulator, server, asyncio.get_running_loop())
                 ready.set()
                 await done.wait()
