@@ -188,6 +188,13 @@ def test_skab_replay_raises_and_clears_an_alert_on_site_and_in_the_cloud(
         wait_for(lambda: runtime.decoder.accepted == sent, timeout=60)
         box = running.agent.outbox
         wait_for(lambda: box.stats().depth == 0 and box.acked > 0, timeout=60)
+        # Every alert event the agent published on site has reached the listener (the
+        # outbox can drain before the broker delivers the last one).
+        counters = runtime.counters
+        wait_for(
+            lambda: len(listener.events) == counters.alerts_raised + counters.alerts_cleared,
+            timeout=30,
+        )
         events = listener.events
         rows_of = [
             int(np.searchsorted(stream.offsets, float(e["window_end"]) - anchor, "right")) - 1
@@ -206,11 +213,12 @@ def test_skab_replay_raises_and_clears_an_alert_on_site_and_in_the_cloud(
         assert first["top_sensors"]
         # Synced to the control plane: every record exactly once.
         device = plane.plane.store.get_device("edge-1")
-        alerts = plane.plane.store.list_alert_events(device.id)
+        store = plane.plane.store
+        wait_for(lambda: len(store.list_alert_events(device.id)) >= len(kinds), timeout=30)
+        alerts = store.list_alert_events(device.id)
         assert [a.kind for a in alerts] == kinds
         # The last windows may still be scored (their records written) after the outbox first
         # drained: wait for it to drain again, then compare exactly.
-        store = plane.plane.store
         wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=30)
         assert stored_sequences(store, device.id) == box_sequences(box)
         health = running.agent.status().health
