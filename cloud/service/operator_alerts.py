@@ -48,7 +48,10 @@ class AlertCalls:
         )
 
     def _protos(self, alerts: list[AlertRecord]) -> list[operator_pb2.Alert]:
-        names = self._names()
+        if len(alerts) == 1:  # one device lookup, not the whole fleet's names
+            names = {alerts[0].device_id: self.registry.get(alerts[0].device_id).name}
+        else:
+            names = self._names() if alerts else {}
         return [alert_to_proto(a, names.get(a.device_id, a.device_id)) for a in alerts]
 
     async def ListAlerts(
