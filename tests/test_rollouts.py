@@ -257,9 +257,12 @@ def test_abort_sends_updated_devices_back_and_a_restarted_plane_carries_on(
     wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))
     devices = status(fleet, second).devices
     assert {d.state for d in devices} == {"rolled_back"}
-    # What each device served when it installed, as it reported it (edge-c's status in the
-    # store could still say v1 when the rollout was created, right after it caught up).
-    assert {d.previous_version for d in devices} == {"2"}
+    # The canary's previous version is what it reported serving when it installed. (A target
+    # aborted before its install report keeps the status read at creation, which can be stale
+    # -- edge-c had just caught up -- so the device itself decides: only one serving the
+    # aborted version goes back, and every device above is on v2.)
+    canary = next(d for d in devices if d.wave == 0)
+    assert canary.previous_version == "2", canary
 
 
 def test_a_candidate_that_disagrees_in_shadow_trips_the_behaviour_gate(fleet: Fleet) -> None:
