@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,29 +28,20 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from cloud.client import Connection, OperatorClient  # noqa: E402
-from cloud.service.serde import bootstrap_from_registration  # noqa: E402
-from cloud.state_dir import init_state_dir  # noqa: E402
-from edge_agent.enroll import enroll  # noqa: E402
-from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
+from edge_agent.identity import DeviceIdentity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
 from edge_agent.session import CloudSession  # noqa: E402
-from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2  # noqa: E402
+from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
+from tests.benchmarks.fleet import (  # noqa: E402
+    enroll_fleet,
+    percentile,
+    process_cpu_s,
+    spawn,
+    start_plane_process,
+    stop,
+)
 
 PING = "/bench.Ping/Ping"
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # ---- the raw baseline: a bare aio server with one unary method, same TLS certificate ----
@@ -106,23 +95,6 @@ async def ping_baseline(
 
 
 # ---- the system under test ----
-def enroll_fleet(
-    work: Path, token: str, api_port: int, first: int, count: int
-) -> list[DeviceIdentity]:
-    ca_pem = (work / "cloud" / "ca.crt").read_bytes()
-    connection = Connection(f"localhost:{api_port}", ca_pem, token, timeout_s=60)
-
-    def one(i: int) -> DeviceIdentity:
-        with OperatorClient(connection) as client:
-            reg = client.register_device(operator_pb2.RegisterDeviceRequest(name=f"bench-{i:05d}"))
-        bootstrap = bootstrap_from_registration(reg)
-        enroll(bootstrap, work / "agents" / f"{i:05d}")
-        return load_identity(work / "agents" / f"{i:05d}")
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, range(first, first + count)))
-
-
 async def run_sessions(
     identities: list[DeviceIdentity], interval: float, seconds: float, server_pid: int
 ) -> dict[str, float]:
@@ -175,16 +147,6 @@ async def run_sessions(
     }
 
 
-def _spawn(args: list[str], ports_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not ports_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{args[0]} did not start; see {log}")
-        time.sleep(0.05)
-    return proc
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -204,60 +166,35 @@ def main() -> int:
 
     scenarios = [(int(m), float(i)) for m, i in (x.split("@") for x in args.scenarios.split(","))]
     work = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
-    init = init_state_dir(
-        work / "cloud", ["localhost"], api_listen="127.0.0.1:0", device_listen="127.0.0.1:0"
-    )
-    ca_pem = (work / "cloud" / "ca.crt").read_bytes()
-    bin_dir = Path(sys.executable).parent
     env_note = f"{os.cpu_count()} cores; client: this process (1 event loop); server: own process"
     print(f"heartbeat benchmark ({env_note})")
-
-    ping_ports = work / "ping.json"
-    ping = _spawn(
-        [sys.executable, __file__, "--ping-server", str(work / "cloud"), str(ping_ports)],
-        ping_ports,
-        work / "ping.log",
-    )
-    try:
-        port = json.loads(ping_ports.read_text())["port"]
-        base = asyncio.run(ping_baseline(port, ca_pem, args.ping_concurrency, args.seconds))
-    finally:
-        ping.send_signal(signal.SIGTERM)
-        ping.wait(10)
-    print(
-        f"raw unary gRPC ping (TLS, {args.ping_concurrency} concurrent): {base['per_s']:.0f}/s  "
-        f"p50 {base['p50_ms']:.2f} ms  p99 {base['p99_ms']:.2f} ms"
-    )
-
-    ports_file = work / "ports.json"
-    server = _spawn(
-        [
-            str(bin_dir / "autoglm"),
-            "cloud",
-            "serve",
-            "--state-dir",
-            str(work / "cloud"),
-            "--ports-file",
-            str(ports_file),
-            "--log-level",
-            "WARNING",
-        ],
-        ports_file,
-        work / "serve.log",
-    )
+    plane = start_plane_process(work)  # idle while the baseline runs
     results = []
     try:
-        api_port = json.loads(ports_file.read_text())["api_port"]
+        ping_ports = work / "ping.json"
+        ping = spawn(
+            [sys.executable, __file__, "--ping-server", str(plane.state), str(ping_ports)],
+            ping_ports,
+            work / "ping.log",
+        )
+        try:
+            port = json.loads(ping_ports.read_text())["port"]
+            ping_run = ping_baseline(port, plane.ca_pem, args.ping_concurrency, args.seconds)
+            base = asyncio.run(ping_run)
+        finally:
+            stop(ping)
+        print(
+            f"raw unary gRPC ping (TLS, {args.ping_concurrency} concurrent): "
+            f"{base['per_s']:.0f}/s  p50 {base['p50_ms']:.2f} ms  p99 {base['p99_ms']:.2f} ms"
+        )
         enrolled: list[DeviceIdentity] = []
         for m, interval in scenarios:
             t0 = time.monotonic()
             if m > len(enrolled):
-                enrolled += enroll_fleet(
-                    work, init.operator_token, api_port, len(enrolled), m - len(enrolled)
-                )
+                enrolled += enroll_fleet(plane, len(enrolled), m - len(enrolled))
             enroll_s = time.monotonic() - t0
             window = max(args.seconds, 2 * interval)
-            res = asyncio.run(run_sessions(enrolled[:m], interval, window, server.pid))
+            res = asyncio.run(run_sessions(enrolled[:m], interval, window, plane.proc.pid))
             res["enroll_s"] = enroll_s
             res["ratio_vs_ping"] = res["acked_per_s"] / base["per_s"]
             results.append(res)
@@ -270,8 +207,7 @@ def main() -> int:
                 f"agents {res['client_cpu_share']:.2f}"
             )
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        plane.stop()
     print(json.dumps({"baseline_ping": base, "heartbeats": results}, indent=1))
     return 0
 
