@@ -48,7 +48,7 @@ from edge_agent.config import load_agent_config
 from edge_agent.enroll import enroll
 from edge_agent.errors import AutoglmError, FailedPrecondition, InvalidInput
 from edge_agent.ingest.mqtt import new_client
-from edge_agent.simulate import messages
+from edge_agent.simulate import publish_streams
 from protos.autoglm.v1 import operator_pb2
 
 log = logging.getLogger(__name__)
@@ -297,35 +297,26 @@ class Demo:
         publisher.connect("127.0.0.1", broker.port)
         publisher.loop_start()
         faults: list[InjectedFault] = []
-        last = None
+        pending = {(i, f) for i, s in enumerate(streams) for f in s.faults}
+        last: list[Any] = []
+
+        def publish(topic: str, payload: bytes) -> None:
+            last[:] = [publisher.publish(topic, payload, qos=1)]
+
+        def sent(i: int, offset: float, ts: float) -> None:
+            """Records each fault's wall-clock start when its first reading goes out."""
+            for j, f in [p for p in pending if p[0] == i and offset >= p[1].start_s]:
+                start = ts - offset + f.start_s
+                faults.append(
+                    InjectedFault(f"pump-{i + 1}", f.kind, start, start + f.duration_s, time.time())
+                )
+                pending.discard((j, f))
+
         try:
-            started = time.time()
-            anchor = started - seconds / SPEED * (SPEED - 1)  # the last row ends "now"
-            queues = [
-                list(messages(s, f"plant/pump-{i + 1}", anchor, batch=10))
-                for i, s in enumerate(streams)
-            ]
-            pending = {(i, f): anchor + f.start_s for i, s in enumerate(streams) for f in s.faults}
-            cursors = [0] * len(queues)
-            while any(c < len(q) for c, q in zip(cursors, queues, strict=True)):
-                for i, queue in enumerate(queues):
-                    while cursors[i] < len(queue):
-                        offset, topic, payload = queue[cursors[i]]
-                        if started + offset / SPEED > time.time():
-                            break
-                        last = publisher.publish(topic, payload, qos=1)
-                        cursors[i] += 1
-                        for (j, f), ts in list(pending.items()):
-                            if j == i and anchor + offset >= ts:
-                                faults.append(
-                                    InjectedFault(
-                                        f"pump-{i + 1}", f.kind, ts, ts + f.duration_s, time.time()
-                                    )
-                                )
-                                del pending[(j, f)]
-                time.sleep(0.02)
-            if last is not None:
-                last.wait_for_publish(30)
+            prefixes = [f"plant/pump-{i + 1}" for i in range(len(streams))]
+            publish_streams(publish, list(zip(prefixes, streams, strict=True)), SPEED, 10, sent)
+            if last:
+                last[0].wait_for_publish(30)
             time.sleep(3.0)  # the last windows score and sync
         finally:
             publisher.disconnect()

@@ -128,7 +128,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import paho.mqtt.client as mqtt
 
     from edge_agent.ingest.mqtt import new_client
-    from edge_agent.simulate import publish_stream, pump_stream, read_csv_stream
+    from edge_agent.simulate import publish_streams, pump_stream, read_csv_stream
 
     host, port = _broker(args.broker)
     if args.assets < 1:
@@ -163,25 +163,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 f"{prefix}/... at {args.speed:g}x"
                 + (f"; faults: {', '.join(args.fault)}" if args.fault and not args.csv else "")
             )
-        sent = 0
-        if len(streams) == 1:
-            prefix, stream = streams[0]
-            sent = publish_stream(publish, stream, prefix, args.speed, args.batch)
-        else:
-            import threading
-
-            counts = [0] * len(streams)
-
-            def one(k: int) -> None:
-                prefix, stream = streams[k]
-                counts[k] = publish_stream(publish, stream, prefix, args.speed, args.batch)
-
-            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(streams))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            sent = sum(counts)
+        sent = publish_streams(publish, streams, args.speed, args.batch)
         if last:
             last[0].wait_for_publish(timeout=60)
     finally:

@@ -10,6 +10,7 @@ in the future. Single readings go to `<prefix>/<sensor>`, batches to `<prefix>/b
 from __future__ import annotations
 
 import csv
+import heapq
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -177,31 +178,46 @@ def messages(
         yield float(stream.offsets[stop - 1]), f"{prefix}/batch", payload
 
 
-def publish_stream(
+def publish_streams(
     publish: Callable[[str, bytes], None],
-    stream: Stream,
-    prefix: str,
+    streams: Sequence[tuple[str, Stream]],
     speed: float,
     batch: int = 1,
+    on_sent: Callable[[int, float, float], None] | None = None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Publishes at `speed` x real time (0: as fast as possible); returns messages sent."""
+    """Publishes (prefix, stream) pairs interleaved in time at `speed` x real time (0: as fast
+    as possible); returns messages sent. `on_sent(stream index, offset, timestamp)` follows
+    each message."""
     if speed < 0:
         raise InvalidInput(f"simulate: speed must be >= 0, got {speed}")
     started = clock()
-    duration = float(stream.offsets[-1]) if stream.offsets.size else 0.0
-    # Faster than real time, the last row is stamped with the time the replay ends, so no
-    # reading is ever stamped after it is published; slower, the first row is stamped now.
-    anchor = started - duration * (1.0 - 1.0 / speed) if speed >= 1 else started
-    if speed == 0:
-        anchor = started - duration
+
+    def anchor(stream: Stream) -> float:
+        duration = float(stream.offsets[-1]) if stream.offsets.size else 0.0
+        # Faster than real time, the last row is stamped with the time its replay ends, so no
+        # reading is ever stamped after it is published; slower, the first row is stamped now.
+        if speed == 0:
+            return started - duration
+        return started - duration * (1.0 - 1.0 / speed) if speed >= 1 else started
+
+    anchors = [anchor(stream) for _, stream in streams]
+
+    def tagged(i: int) -> Iterator[tuple[float, int, str, bytes]]:
+        prefix, stream = streams[i]
+        for offset, topic, payload in messages(stream, prefix, anchors[i], batch):
+            yield offset, i, topic, payload
+
+    queues = [tagged(i) for i in range(len(streams))]
     sent = 0
-    for offset, topic, payload in messages(stream, prefix, anchor, batch):
+    for offset, i, topic, payload in heapq.merge(*queues, key=lambda m: m[0]):
         if speed > 0:
             wait = started + offset / speed - clock()
             if wait > 0:
                 sleep(wait)
         publish(topic, payload)
         sent += 1
+        if on_sent is not None:
+            on_sent(i, offset, anchors[i] + offset)
     return sent

@@ -290,3 +290,38 @@ def test_outbox_survives_kill_9(tmp_path: Path) -> None:
     assert all(body == b"%d" % (s - 1) for s, _, body in rows)
     assert box.append([(PREDICTION, b"next")]) == [len(seqs) + 1]
     box.close()
+
+
+def test_publish_streams_interleaves_in_time_and_never_stamps_the_future() -> None:
+    from edge_agent.simulate import Fault, publish_streams, pump_stream
+
+    now = [1000.0]
+    long, short = pump_stream(60, []), pump_stream(20, [Fault("bearing", 5, 10)])
+    published: list[tuple[str, float]] = []
+    reported: list[tuple[int, float, float]] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        ts = orjson.loads(payload)["ts"]
+        published.append((topic, now[0]))
+        assert max(ts) <= now[0] + 1e-6, "a reading stamped after it was published"
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sent = publish_streams(
+        publish,
+        [("a", long), ("b", short)],
+        speed=10,
+        batch=5,
+        on_sent=lambda i, offset, ts: reported.append((i, offset, ts)),
+        clock=lambda: now[0],
+        sleep=sleep,
+    )
+    assert sent == len(published) == 12 + 4
+    assert [i for i, _, _ in reported].count(1) == 4  # each message names its own stream
+    offsets = [offset for _, offset, _ in reported]
+    assert offsets == sorted(offsets)  # interleaved by time, not one stream after the other
+    assert published[-1][1] == pytest.approx(1000.0 + 59 / 10)  # 10x real time
+    # Each stream ends "now": its last reading is stamped when it is published.
+    last_b = max(r for r in reported if r[0] == 1)
+    assert last_b[2] == pytest.approx(1000.0 + 19 / 10)

@@ -50,7 +50,7 @@ from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.retry import Backoff
 from edge_agent.runtime import alert_record
 from edge_agent.session import CloudSession
-from edge_agent.simulate import messages
+from edge_agent.simulate import publish_streams
 from edge_agent.sync import RecordSync
 from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
 from tests.benchmarks.fleet import PlaneProcess, enroll_fleet, percentile, start_plane_process
@@ -125,32 +125,24 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
     time.sleep(0.5)
 
     streams = [live_stream(i, args.seconds, seed=7) for i in range(len(assets))]
-    started = time.time()
-    anchor = started - args.seconds / args.speed * (args.speed - 1)
-    pairs = zip(streams, assets, strict=True)
-    queues = [list(messages(s, f"plant/{a}", anchor, batch=1)) for s, a in pairs]
     rows: dict[str, list[tuple[float, float]]] = {a: [] for a in assets}  # (data ts, published)
-    cursors = [0] * len(queues)
-    last = None
-    while any(c < len(q) for c, q in zip(cursors, queues, strict=True)):
-        for i, queue in enumerate(queues):
-            while cursors[i] < len(queue):
-                offset, topic, payload = queue[cursors[i]]
-                if started + offset / args.speed > time.time():
-                    break
-                now = time.time()
-                sent_at[payload] = now
-                last = pub.publish(topic, payload, qos=1)
-                cursors[i] += 1
-                ts = anchor + offset
-                series = rows[assets[i]]
-                if not series or series[-1][0] != ts:
-                    series.append((ts, now))
-                else:
-                    series[-1] = (ts, now)  # the row's last sensor
-        time.sleep(0.002)
-    if last is not None:
-        last.wait_for_publish(30)
+    last: list[Any] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        sent_at[payload] = time.time()
+        last[:] = [pub.publish(topic, payload, qos=1)]
+
+    def on_sent(i: int, offset: float, ts: float) -> None:
+        series = rows[assets[i]]
+        if series and series[-1][0] == ts:
+            series[-1] = (ts, time.time())  # the row's last sensor
+        else:
+            series.append((ts, time.time()))
+
+    pairs = [(f"plant/{a}", s) for a, s in zip(assets, streams, strict=True)]
+    publish_streams(publish, pairs, args.speed, 1, on_sent)
+    if last:
+        last[0].wait_for_publish(30)
     time.sleep(3)
     latencies = []
     for received, alert in watch.firing:
