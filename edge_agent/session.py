@@ -20,6 +20,7 @@ from edge_agent.errors import (
     InvalidInput,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
     from_rpc_error,
 )
 from edge_agent.identity import DeviceIdentity
@@ -101,6 +102,9 @@ class CloudSession:
                     log.error("the control plane refused this device: %s", exc)
                 else:
                     log.warning("session to %s ended: %s", self.address, exc)
+            except Exception as exc:  # a bug must not end the agent's sessions
+                self.stats.last_error = str(exc)
+                log.exception("session to %s failed unexpectedly; reconnecting", self.address)
             if stop.is_set():
                 break
             delay = self.backoff.next_delay()
@@ -122,7 +126,14 @@ class CloudSession:
 
             async def send(message: agent_pb2.AgentMessage) -> None:
                 async with lock:
-                    await call.write(message)
+                    try:
+                        await call.write(message)
+                    except asyncio.InvalidStateError:  # the stream ended under this write
+                        if reader is not None and reader.done() and not reader.cancelled():
+                            error = reader.exception()
+                            if isinstance(error, grpc.RpcError):
+                                raise from_rpc_error(error, self.address) from None
+                        raise Unavailable(f"{self.address}: the session stream ended") from None
 
             try:
                 hello = agent_pb2.Hello(
@@ -172,6 +183,8 @@ class CloudSession:
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
                         await reader
+                elif reader is not None and not reader.cancelled():
+                    reader.exception()  # retrieved: reported through the session's error
 
     async def _heartbeats(
         self,

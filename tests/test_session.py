@@ -254,3 +254,26 @@ def test_the_probe_port_serves_health_in_plain_text_and_nothing_else(tmp_path: P
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         plane.stop()
+
+
+def test_a_session_outlives_control_plane_restarts_mid_heartbeat(tmp_path: Path) -> None:
+    """Heartbeats every 10 ms make a write land on a stream the restart just ended (seen in
+    CI as `RPC already finished` killing the session thread); the session must reconnect."""
+    from tests.support.cloud import init_plane, start_plane
+
+    state = tmp_path / "cloud"
+    plane = start_plane(state, init_plane(state).operator_token)
+    port = plane.plane.device_port
+    identity = enroll_identity(register(plane, "pump-r"), tmp_path / "a")
+    agent = start_session(identity, heartbeat_interval_s=0.01)
+    try:
+        for _ in range(8):
+            wait_for(lambda: agent.session.connected, timeout=15)
+            plane.stop()
+            plane = start_plane(state, plane.token, device_listen=f"127.0.0.1:{port}")
+        wait_for(lambda: agent.session.connected, timeout=15)
+        assert agent.thread.is_alive()
+        assert agent.session.stats.sessions_opened >= 9
+    finally:
+        agent.stop()
+        plane.stop()
