@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cloud.clock import Clock, utc_now
 from cloud.domain import DeviceRecord, DeviceState, validate_labels
 from cloud.pki import CertificateAuthority, IssuedCertificate
+from cloud.selectors import Selector
 from cloud.store import Store
 from cloud.tokens import ENROLLMENT_PREFIX, hash_token, new_token
 from edge_agent.errors import InvalidInput, PermissionDenied, Unauthenticated
@@ -118,7 +119,7 @@ class DeviceRegistry:
     def get(self, id_or_name: str) -> DeviceRecord:
         return self.store.get_device(id_or_name)
 
-    def list(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
+    def list(self, selector: Selector | Mapping[str, str]) -> list[DeviceRecord]:
         return self.store.list_devices(selector)
 
     def label(

@@ -71,17 +71,6 @@ class PresenceUpdate:
     host: dict[str, Any] | None = None
 
 
-def parse_selector(text: str) -> dict[str, str]:
-    """Parses 'k=v,k2=v2' into a mapping; empty text selects everything."""
-    selector: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise InvalidInput(f"selector part '{part}' is not of the form key=value")
-        selector[key.strip()] = value.strip()
-    return selector
-
-
 LABEL_KEY_MAX = 63
 LABEL_VALUE_MAX = 255
 
@@ -96,10 +85,6 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
         if len(value) > LABEL_VALUE_MAX or any(c in ",=\n" for c in value):
             raise InvalidInput(f"label '{key}' has a value with ',', '=' or a newline, or too long")
     return dict(labels)
-
-
-def matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 @dataclass(frozen=True)

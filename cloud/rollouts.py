@@ -38,8 +38,8 @@ from cloud.domain import (
     RolloutTarget,
     TargetState,
     Wave,
-    parse_selector,
 )
+from cloud.selectors import parse_selector
 from cloud.store import Store
 from edge_agent.errors import FailedPrecondition, InvalidInput, NotFound
 from protos.autoglm.v1 import agent_pb2

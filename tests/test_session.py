@@ -173,7 +173,7 @@ def test_operator_errors_are_clear(plane: RunningPlane) -> None:
         with pytest.raises(NotFound, match="ghost"):
             client.revoke_device("ghost", "")
         with pytest.raises(InvalidInput, match="selector"):
-            client.list_devices("nokeyvalue")
+            client.list_devices("site=a=b")
         labelled = client.label_device("pump-1", {"line": "2"}, [])
         assert dict(labelled.labels) == {"line": "2"}
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from cloud.cli.output import parse_duration, parse_labels
 from cloud.config import CloudConfig
-from cloud.domain import matches, parse_selector, validate_labels
+from cloud.domain import validate_labels
+from cloud.selectors import matches, parse_selector
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.errors import (
     ConfigError,
@@ -116,13 +117,41 @@ labels_strategy = st.dictionaries(
 @given(labels=labels_strategy)
 def test_selector_round_trip(labels: dict[str, str]) -> None:
     text = ",".join(f"{k}={v}" for k, v in labels.items())
-    assert parse_selector(text) == labels
+    assert parse_selector(text).equalities() == labels
     assert matches(labels | {"extra": "x"}, parse_selector(text))
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ["a", "b", "c", "d"]),
+        ("site=a", ["a", "b"]),
+        ("site==a", ["a", "b"]),
+        ("site!=plant-a", ["a", "b", "c", "d"]),
+        ("site!=a", ["c", "d"]),
+        ("site in (a, b)", ["a", "b", "c"]),
+        ("site notin (a,b)", ["d"]),
+        ("line", ["b", "c"]),
+        ("!line", ["a", "d"]),
+        ("site=a,line", ["b"]),
+        ("site in (a,b),line!=2", ["a", "c"]),
+    ],
+)
+def test_selectors_follow_kubernetes(text: str, expected: list[str]) -> None:
+    devices = {
+        "a": {"site": "a"},
+        "b": {"site": "a", "line": "2"},
+        "c": {"site": "b", "line": "3"},
+        "d": {},
+    }
+    selector = parse_selector(text)
+    assert [n for n, labels in devices.items() if matches(labels, selector)] == expected
+
+
 def test_bad_selector_and_labels_are_clear() -> None:
-    with pytest.raises(InvalidInput, match="key=value"):
-        parse_selector("site")
+    for bad in ("site=a=b", "site in a", "site in ()", "tier in (a,b", "a)", "=x", "k~v"):
+        with pytest.raises(InvalidInput, match="selector"):
+            parse_selector(bad)
     with pytest.raises(InvalidInput, match="label key"):
         validate_labels({"bad key": "x"})
     with pytest.raises(ValueError, match="key=value"):

@@ -46,7 +46,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     listing = dsub.add_parser(
         "list", help="devices with online state, labels, profile and versions"
     )
-    listing.add_argument("--selector", default="", metavar="K=V,...")
+    listing.add_argument(
+        "--selector",
+        default="",
+        metavar="SELECTOR",
+        help="labels, Kubernetes style: k=v, k!=v, k in (a,b), k notin (a,b), k, !k",
+    )
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list, needs_client=True)
 

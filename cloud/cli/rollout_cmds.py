@@ -39,7 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
     create = rsub.add_parser("create", help="start a rollout")
     create.add_argument("model", metavar="NAME:VERSION")
-    create.add_argument("--selector", default="", help="device labels k=v,k2=v2 (default: all)")
+    create.add_argument(
+        "--selector",
+        default="",
+        help="device labels, Kubernetes style: k=v, k!=v, k in (a,b), k notin (a,b), k, !k "
+        "(default: all)",
+    )
     create.add_argument("--waves", default="1,10%,50%,100%", help="default 1,10%%,50%%,100%%")
     create.add_argument("--soak", default="10m", help="shadow soak per wave, e.g. 10m; 0: none")
     create.add_argument("--max-failures", default="5%", help="abort past this share of devices")

@@ -14,8 +14,9 @@ from cloud.alerts import AlertFeed
 from cloud.catalog import ModelCatalog, model_to_proto
 from cloud.clock import Clock, utc_now
 from cloud.devices import DeviceRegistry, Registration
-from cloud.domain import DesiredModel, DeviceRecord, Gates, parse_selector
+from cloud.domain import DesiredModel, DeviceRecord, Gates
 from cloud.rollouts import RolloutController
+from cloud.selectors import parse_selector
 from cloud.service.operator_alerts import AlertCalls
 from cloud.service.serde import device_to_proto, rollout_to_proto, timestamp
 from cloud.service.sessions import SessionHub

@@ -24,6 +24,7 @@ from cloud.domain import (
     StoredCount,
     WebhookRecord,
 )
+from cloud.selectors import Selector
 
 T = TypeVar("T")
 
@@ -48,8 +49,8 @@ class Store(abc.ABC):
         """The device with that id or name; NotFound otherwise."""
 
     @abc.abstractmethod
-    def list_devices(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
-        """Devices whose labels match every key=value of `selector`, by name."""
+    def list_devices(self, selector: Selector | Mapping[str, str]) -> list[DeviceRecord]:
+        """Devices whose labels satisfy `selector` (a mapping: every key=value), by name."""
 
     @abc.abstractmethod
     def update_labels(

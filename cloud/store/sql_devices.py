@@ -14,8 +14,8 @@ from cloud.domain import (
     DeviceRecord,
     DeviceState,
     PresenceUpdate,
-    matches,
 )
+from cloud.selectors import Selector, matches
 from cloud.store.sql_base import SqlBase, _device
 from cloud.store.tables import (
     DeviceRow,
@@ -65,7 +65,7 @@ class DeviceTables(SqlBase):
         with self._tx() as s:
             return _device(self._device_row(s, id_or_name))
 
-    def list_devices(self, selector: Mapping[str, str]) -> list[DeviceRecord]:
+    def list_devices(self, selector: Selector | Mapping[str, str]) -> list[DeviceRecord]:
         with self._tx() as s:
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.name)).all()
             return [_device(r) for r in rows if matches(r.labels, selector)]
