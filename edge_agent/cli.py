@@ -14,6 +14,7 @@ from edge_agent.bootstrap import read_bootstrap
 from edge_agent.config import load_agent_config
 from edge_agent.enroll import enroll
 from edge_agent.errors import AutoglmError, ConfigError, report
+from edge_agent.files import exclusive_lock
 from edge_agent.simulate import Fault
 
 
@@ -75,6 +76,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+LOCK_FILE = "agent.lock"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and args.state_dir is None:
         raise ConfigError("give --config agent.yaml or --state-dir DIR")
@@ -86,7 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edge_agent.agent import Agent, run_until_signalled
 
-    asyncio.run(run_until_signalled(Agent(config)))
+    # Two agents on one state directory would share an outbox, slots and an MQTT client id
+    # (and kick each other off the broker): the second one stops here, naming the first.
+    with exclusive_lock(config.state_dir / LOCK_FILE, "autoglm-edge run"):
+        asyncio.run(run_until_signalled(Agent(config)))
     return 0
 
 

@@ -1,9 +1,16 @@
-"""Durable file writes for keys, identities and secrets: explicit modes, fsync, atomic rename."""
+"""Durable file writes for keys, identities and secrets (explicit modes, fsync, atomic
+rename), and the lock that keeps one process per state directory."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+
+from edge_agent.errors import LocalStateError
 
 
 def write_new(path: Path, data: bytes, mode: int) -> None:
@@ -42,3 +49,26 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, holder: str) -> Iterator[None]:
+    """Holds an exclusive lock on `path` (created if missing) while the block runs; the file
+    names the process holding it. Another process asking for it gets a `LocalStateError`
+    naming that process, at once. The lock goes with the process, also on kill -9."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise LocalStateError(
+                f"{path.parent} is in use by {owner}; stop it first, or give this one its "
+                "own directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

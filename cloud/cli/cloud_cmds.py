@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from cloud.service.server import ControlPlane
 from cloud.state_dir import CA_CERT, init_state_dir, load_secrets
 from cloud.store import open_store
 from edge_agent.errors import ConfigError, LocalStateError
+from edge_agent.files import exclusive_lock
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,6 +95,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_LOCK = "serve.lock"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         "api_listen": args.api_listen,
@@ -106,11 +111,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"log level '{config.log_level}' is not DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secrets = load_secrets(config.state_dir)
-    store = open_store(config.resolved_database_url)
-    try:
-        asyncio.run(_serve(ControlPlane(config, secrets, store), args.ports_file))
-    finally:
-        store.close()
+    with contextlib.ExitStack() as held:
+        if config.resolved_database_url.startswith("sqlite"):
+            # One writer per SQLite state; replicas share a PostgreSQL database instead.
+            held.enter_context(exclusive_lock(config.state_dir / SERVE_LOCK, "autoglm cloud serve"))
+        store = open_store(config.resolved_database_url)
+        try:
+            asyncio.run(_serve(ControlPlane(config, secrets, store), args.ports_file))
+        finally:
+            store.close()
     return 0
 
 

@@ -68,6 +68,10 @@ SERVER_OPTIONS = [
     # heartbeat (tests/benchmarks/bench_heartbeats.py). Bulk artifact downloads may want
     # their own channel with it on.
     ("grpc.http2.bdp_probe", 0),
+    # gRPC sets SO_REUSEPORT by default: a second control plane on the same port then binds
+    # too, and the kernel splits connections between them (a device seen online and offline
+    # on alternate calls). Off: the second one fails to start, saying so.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -192,12 +196,13 @@ class ControlPlane:
             self.device_port = server.add_secure_port(self.config.device_listen, mtls)
         except RuntimeError as exc:
             raise LocalStateError(
-                f"cannot listen on {self.config.api_listen} / {self.config.device_listen}: {exc}"
+                f"cannot listen on {self.config.api_listen} / {self.config.device_listen}: "
+                f"{exc} (is another control plane, or another program, using the port?)"
             ) from None
         await server.start()
         self._server = server
         if self.config.health_listen:
-            probe = aio.server()
+            probe = aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, probe)
             try:
                 self.health_port = probe.add_insecure_port(self.config.health_listen)
