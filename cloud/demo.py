@@ -197,7 +197,7 @@ class Demo:
             hidden=16,
             calibration_rows=120,
             train=TrainParams(epochs=self.o.epochs, seed=self.o.seed),
-            decision=DecisionParams(prob_threshold=0.8, residual_threshold=6.0, smoothing=5),
+            decision=DecisionParams(),
         )
         self.say(f"training on {data} ...")
         bar = ProgressBar("train", self.progress)

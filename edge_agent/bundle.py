@@ -54,11 +54,24 @@ class TensorSpec(_Strict):
 
 
 class Decision(_Strict):
+    """`edge_agent.calibration.DecisionParams`; fields added later have their old meaning as
+    default, so bundles made before them load unchanged."""
+
     prob_threshold: float
     residual_threshold: float
     residual_quantile: float
     smoothing: int
     scale_floor: float
+    level_window: int = 0
+    level_threshold: float = 8.0
+    joint_threshold: float = 6.0
+    level_tolerance: tuple[float, ...] = ()
+    spread_threshold: float = 4.0
+    spread_tolerance: tuple[float, ...] = ()
+    supervised: bool = True
+    combine: str = "max"
+    alert_windows: int = 3
+    target_far: float = 0.05
 
 
 class Normalisation(_Strict):

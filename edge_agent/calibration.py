@@ -6,11 +6,27 @@ an initial stretch of the site's data, with no labels, and fits:
 - the input normalisation (per-sensor median and spread, the spread floored at a share of the
   training spread so a flat sensor does not turn noise into alarms), applied as an affine map
   into the network's own normalisation, so the network and its baked constants stay untouched;
-- the scale of each sensor's forecast residual on that stretch, so that a residual score of 1
-  means "as far off as the worst of normal operation here".
+- the scale of each sensor's forecast residual on that stretch;
+- the normal range of each sensor's recent level (the mean of the last `level_window` rows, in
+  site units) and the correlation between those levels, so a window can be judged by how far
+  its levels moved from normal operation here, one sensor at a time and jointly; and the
+  typical recent spread of each sensor.
 
-The decision combines the supervised fault probability and the residual score into one score
-where >= 1 means fault, and smooths it causally over the last few windows.
+Each window then yields up to four evidence scores, each divided by its threshold so that 1
+means "fault" (thresholds are fitted at training for a false-alarm budget on held-out normal
+data, `cloud/model/thresholds.py`):
+
+- `level`: the largest per-sensor level deviation (a drift, a step, a leak);
+- `spread`: the largest per-sensor change of the recent spread (standard deviation of the last
+  `level_window` rows) against its calibration median, as a log ratio: a stuck sensor, a
+  noisier one, an oscillation;
+- `joint`: the Mahalanobis distance of the level deviations under the site's correlation
+  (sensors that normally move together and no longer do);
+- `forecast`: the largest forecast residual of the network in site units (dynamics);
+- `supervised`: the fault head, only where the training data had labels; it can add
+  detections of a labelled kind, never carry the others.
+
+The window's raw score is the largest of them, smoothed causally over the last few windows.
 """
 
 from __future__ import annotations
@@ -23,6 +39,11 @@ from edge_agent.errors import InvalidInput
 from edge_agent.windowing import FloatArray
 
 SCALE_EPS = 1e-6
+LEVEL_SCALE_FLOOR = 0.25  # site units: a sensor flat during calibration still has a scale
+JOINT_SHRINKAGE = 0.5  # share of the identity in the level correlation (few effective rows)
+SPREAD_EPS = 0.05  # site units: a log ratio of spreads near zero stays finite
+EVIDENCE = ("level", "joint", "spread", "forecast", "supervised")
+COMBINE_RULES = ("max", "top2")
 
 
 @dataclass(frozen=True)
@@ -32,28 +53,93 @@ class DecisionParams:
     prob_threshold: float = 0.8
     residual_threshold: float = 8.0
     residual_quantile: float = 0.99
-    smoothing: int = 10
+    smoothing: int = 5
     scale_floor: float = 0.1
+    level_window: int = 30  # rows in a recent level; 0: no level evidence (older bundles)
+    level_threshold: float = 8.0
+    joint_threshold: float = 6.0
+    # Per sensor: how far its level drifts in normal operation, in its calibration spreads
+    # (fitted on held-out normal data; temperatures drift, flows hold). Empty: 1 for all.
+    level_tolerance: tuple[float, ...] = ()
+    spread_threshold: float = 4.0
+    spread_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
+    supervised: bool = True  # whether the fault head takes part (it was trained on labels)
+    combine: str = "max"  # how kinds of evidence make one score (`combine`)
+    # An alert needs this many windows at or above 1 (of a few more): longer than the runs
+    # normal operation produced on held-out data (fitted; the agent's k may be stricter).
+    alert_windows: int = 3
+    target_far: float = 0.05  # the false-alarm budget the thresholds were fitted for
 
     def __post_init__(self) -> None:
         if not 0 < self.prob_threshold <= 1:
             raise InvalidInput(f"decision: prob_threshold {self.prob_threshold} not in (0, 1]")
-        if self.residual_threshold <= 0:
-            raise InvalidInput(f"decision: residual_threshold {self.residual_threshold} <= 0")
+        for name in (
+            "residual_threshold",
+            "level_threshold",
+            "joint_threshold",
+            "spread_threshold",
+        ):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"decision: {name} {getattr(self, name)} <= 0")
         if not 0 < self.residual_quantile <= 1:
             raise InvalidInput(f"decision: residual_quantile {self.residual_quantile} invalid")
+        if self.alert_windows < 1:
+            raise InvalidInput(f"decision: alert_windows {self.alert_windows} < 1")
         if self.smoothing < 1:
             raise InvalidInput(f"decision: smoothing {self.smoothing} < 1")
+        if self.level_window < 0:
+            raise InvalidInput(f"decision: level_window {self.level_window} < 0")
+        for name in ("level_tolerance", "spread_tolerance"):
+            if any(not t > 0 for t in getattr(self, name)):
+                raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")
+        if self.combine not in COMBINE_RULES:
+            raise InvalidInput(f"decision: combine {self.combine!r} is not one of {COMBINE_RULES}")
+        if not 0 < self.target_far < 1:
+            raise InvalidInput(f"decision: target_far {self.target_far} not in (0, 1)")
 
 
 @dataclass(frozen=True)
 class SiteCalibration:
-    """What calibration fitted for one site; all arrays are [N]."""
+    """What calibration fitted for one site; arrays are [N] (`level_precision` [N, N])."""
 
     input_center: FloatArray
     input_scale: FloatArray
     residual_scale: FloatArray
     rows: int
+    level_center: FloatArray | None = None
+    level_scale: FloatArray | None = None
+    level_precision: FloatArray | None = None
+    spread_center: FloatArray | None = None
+
+
+@dataclass(frozen=True)
+class WindowOutputs:
+    """The network's outputs for a batch of windows, and their recent levels in site units."""
+
+    prob: FloatArray  # [B]
+    residual: FloatArray  # [B, N]
+    contribution: FloatArray  # [B, N]
+    level: FloatArray  # [B, N] (zeros when the decision uses no levels)
+    spread: FloatArray  # [B, N] recent standard deviation in site units (same)
+
+    def select(self, rows: np.ndarray) -> WindowOutputs:
+        return WindowOutputs(
+            self.prob[rows],
+            self.residual[rows],
+            self.contribution[rows],
+            self.level[rows],
+            self.spread[rows],
+        )
+
+    @staticmethod
+    def concat(parts: list[WindowOutputs]) -> WindowOutputs:
+        return WindowOutputs(
+            np.concatenate([p.prob for p in parts]),
+            np.concatenate([p.residual for p in parts]),
+            np.concatenate([p.contribution for p in parts]),
+            np.concatenate([p.level for p in parts]),
+            np.concatenate([p.spread for p in parts]),
+        )
 
 
 def fit_input_normalisation(
@@ -87,6 +173,64 @@ def to_network_space(
     return (z * net_scale + net_center).astype(np.float32)
 
 
+def recent_stats(
+    window: FloatArray, mask: FloatArray, net_center: FloatArray, net_scale: FloatArray, rows: int
+) -> tuple[FloatArray, FloatArray]:
+    """[B, N] twice: the mean and the standard deviation of the last `rows` valid readings of
+    each window, in site units (the windows are in network space, as the network receives
+    them). No valid reading: NaN; `rows` 0: zeros."""
+    shape = (window.shape[0], window.shape[2])
+    if rows <= 0:
+        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    tail = (window[:, -rows:] - net_center) / net_scale
+    valid = mask[:, -rows:]
+    count = valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = (tail * valid).sum(axis=1) / count
+        square = (tail * tail * valid).sum(axis=1) / count
+    spread = np.sqrt(np.clip(square - level * level, 0.0, None))
+    level = np.where(count > 0, level, np.nan)
+    spread = np.where(count > 1, spread, np.nan)
+    return level.astype(np.float32), spread.astype(np.float32)
+
+
+def fit_spread_normal(spread: FloatArray) -> FloatArray:
+    """The median recent spread of each sensor during calibration."""
+    center = np.nanmedian(spread, axis=0)
+    return np.where(np.isnan(center), 0.0, center).astype(np.float32)
+
+
+def spread_deviation(
+    spread: FloatArray, cal: SiteCalibration, tolerance: tuple[float, ...] = ()
+) -> FloatArray:
+    """[B, N]: |log| of each recent spread over its calibration median, divided by the
+    sensor's tolerance; no readings: 0."""
+    assert cal.spread_center is not None
+    ratio = np.log((spread + SPREAD_EPS) / (cal.spread_center + SPREAD_EPS))
+    if tolerance:
+        ratio = ratio / np.asarray(tolerance, dtype=np.float32)
+    dev: FloatArray = np.nan_to_num(np.abs(ratio)).astype(np.float32)
+    return dev
+
+
+def fit_level_normal(level: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Centre, spread and shrunk precision of the levels seen during calibration."""
+    if level.shape[0] < 2:
+        raise InvalidInput("calibration: fewer than 2 windows to fit the normal levels")
+    n = level.shape[1]
+    center = np.nanmedian(level, axis=0)
+    center = np.where(np.isnan(center), 0.0, center).astype(np.float32)
+    spread = np.nanstd(level, axis=0)
+    scale = np.maximum(np.where(np.isnan(spread), 0.0, spread), LEVEL_SCALE_FLOOR)
+    dev = np.nan_to_num((level - center) / scale)
+    corr = (dev.T @ dev) / max(1, dev.shape[0] - 1)
+    d = np.sqrt(np.clip(np.diag(corr), SCALE_EPS, None))
+    corr = corr / np.outer(d, d)
+    shrunk = JOINT_SHRINKAGE * np.eye(n) + (1 - JOINT_SHRINKAGE) * corr
+    precision = np.linalg.inv(shrunk)
+    return center, scale.astype(np.float32), precision.astype(np.float32)
+
+
 def fit_residual_scale(residual: FloatArray, quantile: float) -> FloatArray:
     """Per-sensor residual level that normal operation at this site stays under."""
     if residual.shape[0] == 0:
@@ -96,17 +240,98 @@ def fit_residual_scale(residual: FloatArray, quantile: float) -> FloatArray:
     return np.maximum(level, floor).astype(np.float32)
 
 
-def fault_score(
-    fault_prob: FloatArray,
-    residual: FloatArray,
-    residual_scale: FloatArray,
-    params: DecisionParams,
-) -> FloatArray:
-    """One score per window; >= 1 means fault. Either signal alone can raise it."""
-    supervised = fault_prob / params.prob_threshold
-    unsupervised = (residual / residual_scale).max(axis=1) / params.residual_threshold
-    score: FloatArray = np.maximum(supervised, unsupervised).astype(np.float32)
+def evidence_values(
+    out: WindowOutputs, cal: SiteCalibration, params: DecisionParams
+) -> dict[str, FloatArray]:
+    """Each kind of evidence per window, before its threshold: [B] each (per sensor: see
+    `sensor_evidence`)."""
+    values = {
+        "forecast": (out.residual / cal.residual_scale).max(axis=1),
+        "supervised": out.prob,
+    }
+    if cal.level_center is not None and cal.level_precision is not None:
+        dev = level_deviation(out.level, cal, params.level_tolerance)
+        values["level"], values["joint"] = level_evidence(dev, cal.level_precision)
+    if cal.spread_center is not None:
+        values["spread"] = spread_deviation(out.spread, cal, params.spread_tolerance).max(axis=1)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
+
+
+def level_evidence(dev: FloatArray, precision: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The largest per-sensor deviation and the Mahalanobis distance (per sensor) of all."""
+    joint = np.einsum("bi,ij,bj->b", dev, precision, dev) / max(1, dev.shape[1])
+    return np.abs(dev).max(axis=1), np.sqrt(np.clip(joint, 0.0, None))
+
+
+def thresholds_of(params: DecisionParams) -> dict[str, float]:
+    """The threshold of each kind of evidence the decision uses."""
+    used = {"forecast": params.residual_threshold}
+    if params.supervised:
+        used["supervised"] = params.prob_threshold
+    if params.level_window > 0:
+        used["level"] = params.level_threshold
+        used["joint"] = params.joint_threshold
+        used["spread"] = params.spread_threshold
+    return used
+
+
+def fault_score(out: WindowOutputs, cal: SiteCalibration, params: DecisionParams) -> FloatArray:
+    """One score per window; >= 1 means fault (see `combine`)."""
+    values = evidence_values(out, cal, params)
+    return combine(
+        [values[k] / t for k, t in thresholds_of(params).items() if k in values], params.combine
+    )
+
+
+def combine(normalised: list[FloatArray], rule: str) -> FloatArray:
+    """Evidence divided by its thresholds -> one score. `max`: any kind alone raises it;
+    `top2`: the mean of the two strongest, so a blip in one kind alone does not."""
+    if not normalised:
+        raise InvalidInput("decision: no kind of evidence to combine")
+    stacked = np.stack(normalised)
+    score: FloatArray
+    if rule == "top2" and stacked.shape[0] >= 2:
+        score = np.sort(stacked, axis=0)[-2:].mean(axis=0).astype(np.float32)
+    else:
+        score = stacked.max(axis=0).astype(np.float32)
     return score
+
+
+def sensor_evidence(
+    out: WindowOutputs, row: int, cal: SiteCalibration, params: DecisionParams
+) -> FloatArray:
+    """Per-sensor share of the evidence of window `row`, summing to 1, from the kind of
+    evidence that drives its score: level deviations, forecast residuals (both in site units
+    of normal), else the model's attention-based contribution."""
+    one = out.select(np.asarray([row]))
+    values = evidence_values(one, cal, params)
+    thresholds = thresholds_of(params)
+    ranked = sorted((float(values[k][0]) / t, k) for k, t in thresholds.items() if k in values)
+    driver = ranked[-1][1] if ranked else "supervised"
+    per_sensor: FloatArray
+    if driver in ("level", "joint"):
+        per_sensor = np.abs(level_deviation(one.level, cal, params.level_tolerance)[0])
+    elif driver == "spread":
+        per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
+    elif driver == "forecast":
+        per_sensor = one.residual[0] / cal.residual_scale
+    else:
+        per_sensor = one.contribution[0]
+    total = float(per_sensor.sum())
+    if total > 0 and np.isfinite(total):
+        return (per_sensor / total).astype(np.float32)
+    return np.full(per_sensor.shape, 1.0 / max(1, per_sensor.size), dtype=np.float32)
+
+
+def level_deviation(
+    level: FloatArray, cal: SiteCalibration, tolerance: tuple[float, ...] = ()
+) -> FloatArray:
+    """[B, N]: how far each level is from the site's normal, in calibration spreads divided by
+    the sensor's tolerance; a level without readings counts as normal."""
+    assert cal.level_center is not None and cal.level_scale is not None
+    scale = cal.level_scale * (np.asarray(tolerance, dtype=np.float32) if tolerance else 1.0)
+    dev: FloatArray = np.nan_to_num((level - cal.level_center) / scale).astype(np.float32)
+    return dev
 
 
 def smooth_causal(scores: FloatArray, width: int) -> FloatArray:

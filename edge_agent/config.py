@@ -161,6 +161,13 @@ class DecisionPolicy(BaseModel):
             )
         return self
 
+    def at_least(self, windows: int) -> DecisionPolicy:
+        """This policy with `k` raised to the model's debounce (`alert_windows`, fitted so
+        that normal operation's runs of high scores stay shorter): the stricter one wins."""
+        if windows <= self.k:
+            return self
+        return self.model_copy(update={"k": windows, "n": max(self.n, windows + 2)})
+
 
 class OutboxPolicy(BaseModel):
     """What is kept for the control plane while it cannot be reached, and how much."""

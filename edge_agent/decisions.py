@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from edge_agent.config import DecisionPolicy
 from edge_agent.windowing import FloatArray
 
@@ -58,26 +56,6 @@ class Verdict:
     window_start: float
     window_end: float
     event: AlertEvent | None
-
-
-def sensor_evidence(
-    prob: float,
-    residual: FloatArray,
-    residual_scale: FloatArray,
-    contribution: FloatArray,
-    prob_threshold: float,
-    residual_threshold: float,
-) -> FloatArray:
-    """Per-sensor share of the evidence, summing to 1: the forecast residuals (in site units of
-    normal) when they drive the score, else the model's attention-based contribution."""
-    z = residual / residual_scale
-    if z.max() / residual_threshold >= prob / prob_threshold and float(z.sum()) > 0:
-        shares: FloatArray = (z / z.sum()).astype(np.float32)
-        return shares
-    total = float(contribution.sum())
-    if total > 0:
-        return (contribution / total).astype(np.float32)
-    return np.full_like(contribution, 1.0 / max(1, contribution.size))
 
 
 class AssetDecider:

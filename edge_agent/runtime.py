@@ -17,14 +17,22 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
 from edge_agent.batching import InferenceWorker, WindowJob, percentile
-from edge_agent.calibration import SiteCalibration, fault_score, to_network_space
+from edge_agent.calibration import (
+    SiteCalibration,
+    WindowOutputs,
+    fault_score,
+    recent_stats,
+    sensor_evidence,
+    to_network_space,
+)
 from edge_agent.config import AgentConfig, AssetConfig
-from edge_agent.decisions import AlertEvent, AssetDecider, Verdict, sensor_evidence
+from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
 from edge_agent.errors import AutoglmError
 from edge_agent.files import replace_atomically
 from edge_agent.inference.base import InferenceBackend, Outputs
@@ -59,11 +67,16 @@ class CalibrationStore:
             doc = json.loads(path.read_text())
             if tuple(doc["sensors"]) != sensors:
                 return None
+            levels = [
+                None if doc.get(k) is None else np.asarray(doc[k], dtype=np.float32)
+                for k in ("level_center", "level_scale", "level_precision", "spread_center")
+            ]
             cal = SiteCalibration(
                 np.asarray(doc["input_center"], dtype=np.float32),
                 np.asarray(doc["input_scale"], dtype=np.float32),
                 np.asarray(doc["residual_scale"], dtype=np.float32),
                 int(doc["rows"]),
+                *levels,
             )
             return cal, [float(x) for x in doc["seed"]]
         except FileNotFoundError:
@@ -88,11 +101,19 @@ class CalibrationStore:
             "input_scale": cal.input_scale.tolist(),
             "residual_scale": cal.residual_scale.tolist(),
             "rows": cal.rows,
+            "level_center": _listed(cal.level_center),
+            "level_scale": _listed(cal.level_scale),
+            "level_precision": _listed(cal.level_precision),
+            "spread_center": _listed(cal.spread_center),
             "seed": seed,
         }
         path = self._path(version, asset)
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_atomically(path, json.dumps(doc, indent=1).encode(), 0o644)
+
+
+def _listed(array: np.ndarray | None) -> list[Any] | None:
+    return None if array is None else list(array.tolist())
 
 
 class AssetRunner:
@@ -349,7 +370,7 @@ class EdgeRuntime:
         self.deciders[runner.index] = AssetDecider(
             runner.name,
             self.model.schema.names,
-            self.config.decisions,
+            self.config.decisions.at_least(self.model.frame.decision.alert_windows),
             self.model.frame.decision.smoothing,
             self.model.version,
             seed,
@@ -360,26 +381,24 @@ class EdgeRuntime:
     def _on_results(self, jobs: Sequence[WindowJob], outputs: Outputs) -> None:
         model = self.model
         assert model is not None
-        prob, residual, contribution = outputs
-        decision = model.frame.decision
+        frame = model.frame
+        decision = frame.decision
         policy = self.config.decisions
+        windows = np.stack([job.window for job in jobs])
+        masks = np.stack([job.mask for job in jobs])
+        level, spread = recent_stats(
+            windows, masks, frame.net_center, frame.net_scale, decision.level_window
+        )
+        out = WindowOutputs(*outputs, level=level, spread=spread)
         records: list[tuple[int, bytes]] = []
         for i, job in enumerate(jobs):
             decider = self.deciders[job.asset]
             cal = self.runners[job.asset].calibration
             if decider is None or cal is None:
                 continue
-            raw = float(
-                fault_score(prob[i : i + 1], residual[i : i + 1], cal.residual_scale, decision)[0]
-            )
-            evidence = sensor_evidence(
-                float(prob[i]),
-                residual[i],
-                cal.residual_scale,
-                contribution[i],
-                decision.prob_threshold,
-                decision.residual_threshold,
-            )
+            one = out.select(np.asarray([i]))
+            raw = float(fault_score(one, cal, decision)[0])
+            evidence = sensor_evidence(out, i, cal, decision)
             verdict = decider.step(raw, evidence, job.window_start, job.window_end)
             self.counters.windows_scored += 1
             if verdict.event is not None:

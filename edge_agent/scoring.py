@@ -6,6 +6,7 @@ model, so both run one routine. Every score depends only on its row and earlier 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,9 +16,13 @@ from edge_agent.bundle import Manifest
 from edge_agent.calibration import (
     DecisionParams,
     SiteCalibration,
+    WindowOutputs,
     fault_score,
     fit_input_normalisation,
+    fit_level_normal,
     fit_residual_scale,
+    fit_spread_normal,
+    recent_stats,
     smooth_causal,
     to_network_space,
 )
@@ -51,6 +56,13 @@ class ModelFrame:
 def frame_of(manifest: Manifest) -> ModelFrame:
     """The scoring frame a bundle's manifest describes."""
     center = np.asarray(manifest.normalisation.center, dtype=np.float32)
+    for name in ("level_tolerance", "spread_tolerance"):
+        tolerance = getattr(manifest.decision, name)
+        if tolerance and len(tolerance) != len(manifest.sensors):
+            raise InvalidInput(
+                f"manifest: decision.{name} has {len(tolerance)} values for "
+                f"{len(manifest.sensors)} sensors"
+            )
     scale = np.asarray(manifest.normalisation.scale, dtype=np.float32)
     return ModelFrame(
         window=manifest.window.length,
@@ -74,7 +86,7 @@ class SlotScores:
 
 def calibrate(
     model: WindowModel, frame: ModelFrame, series: AlignedSeries, calibration_slots: int
-) -> tuple[SiteCalibration, FloatArray, IndexArray, tuple[FloatArray, FloatArray, FloatArray]]:
+) -> tuple[SiteCalibration, FloatArray, IndexArray, WindowOutputs]:
     """Fit the site calibration on slots [0, calibration_slots) of `series`.
 
     Returns the calibration, the raw scores of the calibration windows (they seed the
@@ -95,10 +107,19 @@ def calibrate(
     cal_first = min(frame.window - 1, calibration_slots - 1)
     ends = np.arange(cal_first, series.slots, dtype=np.int64)
     outputs = run_windows(model, frame, series, ends, center, scale)
-    in_cal = ends < calibration_slots
-    residual_scale = fit_residual_scale(outputs[1][in_cal], frame.decision.residual_quantile)
+    in_cal = outputs.select(ends < calibration_slots)
+    residual_scale = fit_residual_scale(in_cal.residual, frame.decision.residual_quantile)
     calibration = SiteCalibration(center, scale, residual_scale, calibration_slots)
-    raw = fault_score(outputs[0][in_cal], outputs[1][in_cal], residual_scale, frame.decision)
+    if frame.decision.level_window > 0:
+        level_center, level_scale, level_precision = fit_level_normal(in_cal.level)
+        calibration = dataclasses.replace(
+            calibration,
+            level_center=level_center,
+            level_scale=level_scale,
+            level_precision=level_precision,
+            spread_center=fit_spread_normal(in_cal.spread),
+        )
+    raw = fault_score(in_cal, calibration, frame.decision)
     return calibration, raw, ends, outputs
 
 
@@ -111,17 +132,15 @@ def calibrate_and_score(
             f"calibration stretch ({calibration_slots} slots) leaves nothing to score "
             f"({series.slots} slots)"
         )
-    calibration, _, ends, (prob, residual, contribution) = calibrate(
-        model, frame, series, calibration_slots
-    )
-    raw = fault_score(prob, residual, calibration.residual_scale, frame.decision)
+    calibration, _, ends, outputs = calibrate(model, frame, series, calibration_slots)
+    raw = fault_score(outputs, calibration, frame.decision)
     smoothed = smooth_causal(raw, frame.decision.smoothing)
     scored = ends >= calibration_slots
     return SlotScores(
         first_slot=calibration_slots,
         score=smoothed[scored],
         anomaly=smoothed[scored] >= 1.0,
-        contribution=contribution[scored],
+        contribution=outputs.contribution[scored],
         calibration=calibration,
     )
 
@@ -133,17 +152,25 @@ def run_windows(
     ends: IndexArray,
     center: FloatArray,
     scale: FloatArray,
-) -> tuple[FloatArray, FloatArray, FloatArray]:
+) -> WindowOutputs:
     """Run the model on the windows ending at `ends`, in batches."""
-    probs, residuals, contributions = [], [], []
+    parts = []
     for start in range(0, ends.size, BATCH):
         x, m = windows_ending_at(series, ends[start : start + BATCH], frame.window)
         x = to_network_space(x, center, scale, frame.net_center, frame.net_scale)
-        p, r, c = model.run(x, m)
-        probs.append(p)
-        residuals.append(r)
-        contributions.append(c)
-    return np.concatenate(probs), np.concatenate(residuals), np.concatenate(contributions)
+        parts.append(window_outputs(model, frame, x, m))
+    return WindowOutputs.concat(parts)
+
+
+def window_outputs(
+    model: WindowModel, frame: ModelFrame, x: FloatArray, m: FloatArray
+) -> WindowOutputs:
+    """The model's outputs and the recent levels for windows already in network space."""
+    p, r, c = model.run(x, m)
+    level, spread = recent_stats(
+        x, m, frame.net_center, frame.net_scale, frame.decision.level_window
+    )
+    return WindowOutputs(p, r, c, level, spread)
 
 
 def row_scores(

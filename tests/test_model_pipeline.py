@@ -37,7 +37,7 @@ OPTIONS = TrainOptions(
     hidden=16,
     calibration_rows=120,
     train=TrainParams(epochs=6, seed=3),
-    decision=DecisionParams(prob_threshold=0.5, residual_threshold=5.0, smoothing=3),
+    decision=DecisionParams(smoothing=3, level_window=8),
 )
 
 
@@ -71,7 +71,9 @@ def bundle(trained: Path, tmp_path: Path) -> Iterator[Path]:
 def test_training_converges_and_detects_faults(trained: Path, data: Path, key) -> None:
     manifest = verify_bundle(trained, key.public_key())
     losses = manifest.training["losses"]
-    assert isinstance(losses, list) and losses[-1] < 0.6 * losses[0]
+    # Site-normalised windows put each sensor's own noise at 1: the forecast loss falls to
+    # that floor, not towards 0 (6 epochs on 7 small files).
+    assert isinstance(losses, list) and losses[-1] < 0.9 * losses[0], losses
     assert manifest.export["parity_max_abs_diff"] < 1e-4
     fresh = data.parent / "fresh"
     for i in range(2):
@@ -122,7 +124,7 @@ def test_quantization_gate_refuses_a_degraded_variant(
 
     monkeypatch.setattr(quantize_module, "_int8", degraded)
     before = (bundle / MANIFEST).read_bytes()
-    with pytest.raises(FailedPrecondition, match="int8 variant refused"):
+    with pytest.raises(FailedPrecondition, match="int8 variant refused: it does not reproduce"):
         quantize_bundle(bundle, "int8", data / "faults", 120, max_drop=0.01, key=key)
     assert (bundle / MANIFEST).read_bytes() == before
     assert not (bundle / "model.int8.onnx").exists()
@@ -137,9 +139,7 @@ def test_a_tampered_model_file_is_refused(bundle: Path, key) -> None:
 
 
 def test_a_tampered_manifest_is_refused(bundle: Path, key) -> None:
-    text = (
-        (bundle / MANIFEST).read_text().replace('"prob_threshold": 0.5', '"prob_threshold": 0.99')
-    )
+    text = (bundle / MANIFEST).read_text().replace('"smoothing": 3', '"smoothing": 4')
     (bundle / MANIFEST).write_text(text)
     with pytest.raises(IntegrityError, match="signature does not verify"):
         verify_bundle(bundle, key.public_key())

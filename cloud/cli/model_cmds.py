@@ -115,10 +115,30 @@ def _bundle_args(parser: argparse.ArgumentParser) -> None:
 
 def _decision_flags(parser: argparse.ArgumentParser) -> None:
     d = DecisionParams()
-    parser.add_argument("--prob-threshold", type=float, default=d.prob_threshold)
-    parser.add_argument("--residual-threshold", type=float, default=d.residual_threshold)
+    parser.add_argument(
+        "--target-far",
+        type=float,
+        default=d.target_far,
+        help="false-alarm budget: the share of normal windows the thresholds may flag on "
+        f"held-out normal data (default {d.target_far})",
+    )
+    parser.add_argument(
+        "--level-window",
+        type=int,
+        default=d.level_window,
+        help=f"rows in a sensor's recent level; 0 turns level evidence off (default "
+        f"{d.level_window})",
+    )
+    parser.add_argument(
+        "--no-supervised",
+        action="store_true",
+        help="leave the fault head out of the decision even where labels exist",
+    )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: free cores, at most 2)"
+    )
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -162,23 +182,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         calibration_rows=args.calibration_rows,
         train=TrainParams(
-            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
         ),
         decision=DecisionParams(
-            prob_threshold=args.prob_threshold,
-            residual_threshold=args.residual_threshold,
             smoothing=args.smoothing,
             scale_floor=args.scale_floor,
+            level_window=args.level_window,
+            supervised=not args.no_supervised,
+            target_far=args.target_far,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)
     manifest = train_bundle(args.data, args.out, options, key, progress=bar)
     if bar is not None:
         bar.close()
+    t = manifest.training
     print(
-        f"wrote {args.out}: {manifest.name} {manifest.version}, "
-        f"{manifest.training['windows']} windows, {manifest.training['seconds']}s, "
-        f"ONNX parity {manifest.export['parity_max_abs_diff']:.1e}"
+        f"wrote {args.out}: {manifest.name} {manifest.version}, {t['windows']} windows, "
+        f"{t['wall_seconds']}s wall, {t['cpu_seconds']}s CPU on {t['torch_threads']} torch "
+        f"threads, ONNX parity {manifest.export['parity_max_abs_diff']:.1e}"
     )
     return 0
 

@@ -77,8 +77,14 @@ def episodes_from_tables(
     return episodes
 
 
-def training_scale(episodes: Sequence[Episode]) -> tuple[FloatArray, FloatArray]:
-    """Pooled centre and spread of all valid readings (the constants baked into the net)."""
+def training_scale(
+    episodes: Sequence[Episode], calibration_rows: int
+) -> tuple[FloatArray, FloatArray]:
+    """The constants baked into the net: pooled median of all valid readings, and the typical
+    spread *within* a site (the median over episodes of each calibration stretch's standard
+    deviation). Sites differ in level far more than they vary within themselves (SKAB: flow
+    at 32 or 125 l/min, 0.4 of noise), and this spread is what the calibration's floor is a
+    share of: a pooled spread would floor every sensor far above its own noise."""
     values = np.concatenate([e.series.values for e in episodes])
     mask = np.concatenate([e.series.mask for e in episodes])
     n = values.shape[1]
@@ -88,7 +94,14 @@ def training_scale(episodes: Sequence[Episode]) -> tuple[FloatArray, FloatArray]
         valid = values[mask[:, j] > 0, j]
         if valid.size:
             center[j] = float(np.median(valid))
-            scale[j] = max(float(valid.std()), 1e-6)
+        spreads = []
+        for e in episodes:
+            cal = min(calibration_rows, e.series.slots // 2)
+            part = e.series.values[:cal, j][e.series.mask[:cal, j] > 0]
+            if part.size > 1 and float(part.std()) > 0:
+                spreads.append(float(part.std()))
+        pooled = float(valid.std()) if valid.size else 0.0
+        scale[j] = max(float(np.median(spreads)) if spreads else pooled, 1e-6)
     return center, scale
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +24,25 @@ from cloud.model.data import (
     read_header,
     read_table,
 )
-from cloud.model.dataset import episodes_from_tables, training_scale, windows_from_episodes
+from cloud.model.dataset import (
+    WindowSet,
+    episodes_from_tables,
+    training_scale,
+    windows_from_episodes,
+)
 from cloud.model.export import OPSET, export_onnx, parity
 from cloud.model.net import INPUT_NAMES, OUTPUT_NAMES, NetConfig, SensorGraphNet
-from cloud.model.train import ProgressFn, TrainParams, build_net, seed_everything, train_net
+from cloud.model.thresholds import EpisodeEvidence, episode_evidence, fit_thresholds
+from cloud.model.train import (
+    ProgressFn,
+    TorchWindowModel,
+    TrainParams,
+    TrainReport,
+    build_net,
+    seed_everything,
+    set_torch_threads,
+    train_net,
+)
 from edge_agent.bundle import (
     BUILD_ON_DEVICE,
     Decision,
@@ -42,6 +59,7 @@ from edge_agent.bundle import (
 from edge_agent.calibration import DecisionParams
 from edge_agent.errors import AlreadyExists, InvalidInput
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
+from edge_agent.scoring import ModelFrame
 from edge_agent.windowing import SensorSchema, WindowSpec
 
 CHECKPOINT = "model.pt"
@@ -71,6 +89,9 @@ class TrainOptions:
     calibration_rows: int = 400
     train: TrainParams = field(default_factory=TrainParams)
     decision: DecisionParams = field(default_factory=DecisionParams)
+    # Files under these paths are read only up to `calibration_rows`, without labels: what a
+    # site of a fault kind nobody labelled offers (`scripts/evaluate_unseen.py`).
+    context_only: tuple[Path, ...] = ()
 
 
 def infer_schema(files: Sequence[Path], options: TrainOptions) -> SensorSchema:
@@ -93,8 +114,51 @@ def read_training_tables(
     for path in files:
         names, _ = read_header(path)
         label = options.label_column if options.label_column in names else None
-        tables.append(read_table(path, schema.names, options.time_column, label))
+        table = read_table(path, schema.names, options.time_column, label)
+        if _context_only(path, options.context_only):
+            table = dataclasses.replace(_rows(table, 0, options.calibration_rows), labels=None)
+        tables.append(table)
     return tables
+
+
+def _context_only(path: Path, roots: Sequence[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved == r.resolve() or r.resolve() in resolved.parents for r in roots)
+
+
+def split_folds(
+    tables: Sequence[SensorTable], seed: int, calibration_rows: int
+) -> tuple[list[SensorTable], list[SensorTable]]:
+    """Two halves of the data for cross-fitting. A long recording (over four calibration
+    stretches) gives its first half to one fold and its second to the other; files with
+    labelled faults and the others are dealt to the folds separately (seeded), so each fold
+    has some of each where there are two or more."""
+    folds: tuple[list[SensorTable], list[SensorTable]] = ([], [])
+    labelled, unlabelled = [], []
+    for table in tables:
+        if table.rows > 4 * calibration_rows:
+            cut = table.rows // 2
+            folds[0].append(_rows(table, 0, cut))
+            folds[1].append(_rows(table, cut, table.rows))
+        elif table.labels is not None and bool((table.labels > 0.5).any()):
+            labelled.append(table)
+        else:
+            unlabelled.append(table)
+    rng = np.random.default_rng(seed)
+    for group in (labelled, unlabelled):
+        for n, i in enumerate(rng.permutation(len(group))):
+            folds[n % 2].append(group[int(i)])
+    return folds
+
+
+def _rows(table: SensorTable, start: int, stop: int) -> SensorTable:
+    return dataclasses.replace(
+        table,
+        time_texts=table.time_texts[start:stop],
+        times=table.times[start:stop],
+        values=table.values[start:stop],
+        labels=None if table.labels is None else table.labels[start:stop],
+    )
 
 
 def infer_period(tables: Sequence[SensorTable]) -> float:
@@ -102,6 +166,66 @@ def infer_period(tables: Sequence[SensorTable]) -> float:
     if steps.size == 0:
         raise InvalidInput("cannot infer the sampling period: no file has two rows; pass --period")
     return float(np.median(steps))
+
+
+def drop_constant_sensors(
+    schema: SensorSchema, tables: Sequence[SensorTable]
+) -> tuple[SensorSchema, list[SensorTable], tuple[str, ...]]:
+    """Leaves out sensors whose valid readings never change in any file (they carry nothing
+    and their spread is zero); fails when fewer than two sensors remain."""
+    keep = []
+    for j in range(schema.size):
+        values = np.concatenate([t.values[:, j] for t in tables])
+        valid = values[np.isfinite(values)]
+        keep.append(valid.size > 1 and float(valid.max() - valid.min()) > 0.0)
+    dropped = tuple(n for n, k in zip(schema.names, keep, strict=True) if not k)
+    if not dropped:
+        return schema, list(tables), ()
+    if sum(keep) < 2:
+        raise InvalidInput(
+            f"training data: only {sum(keep)} sensor(s) ever change ({', '.join(dropped)} are "
+            "constant); a sensor graph needs at least 2"
+        )
+    idx = [j for j, k in enumerate(keep) if k]
+    kept = SensorSchema(tuple(schema.names[j] for j in idx), tuple(schema.units[j] for j in idx))
+    return (
+        kept,
+        [dataclasses.replace(t, values=t.values[:, idx], columns=kept.names) for t in tables],
+        dropped,
+    )
+
+
+Fitted = tuple[SensorGraphNet, TrainReport, WindowSet]
+
+
+def cross_fitted_evidence(
+    tables: Sequence[SensorTable],
+    options: TrainOptions,
+    spec: WindowSpec,
+    frame: ModelFrame,
+    fit_network: Callable[[Sequence[SensorTable], ProgressFn | None], Fitted],
+    log: Callable[[str], None],
+) -> list[EpisodeEvidence]:
+    """Evidence on every episode from a network that never saw it: a network trained on each
+    half of the data scores the other half (the thresholds then rest on all the data)."""
+    k = options.calibration_rows
+    evidence: list[EpisodeEvidence] = []
+    folds = split_folds(tables, options.train.seed, k)
+    for fit, held in ((folds[0], folds[1]), (folds[1], folds[0])):
+        try:
+            net, _, _ = fit_network(fit, None)
+            episodes = episodes_from_tables(held, spec, k)
+        except InvalidInput as exc:  # a fold too small to train or to score
+            log(f"cross-fitting skipped one fold ({exc})")
+            continue
+        model = TorchWindowModel(net)
+        evidence += [e for ep in episodes if (e := episode_evidence(model, frame, ep, k))]
+    if not evidence:
+        raise InvalidInput(
+            "training data: too little to fit thresholds on data a network never saw "
+            "(needs at least two files, or one recording over four calibration stretches)"
+        )
+    return evidence
 
 
 def train_bundle(
@@ -115,28 +239,59 @@ def train_bundle(
     """Train on every CSV/Parquet file under `data` and write a signed bundle to `out`."""
     if out.exists():
         raise AlreadyExists(f"{out}: exists; pick a new bundle directory")
+    wall, cpu = time.monotonic(), time.process_time()
+    threads = set_torch_threads(options.train.threads)
     files = [f for root in data for f in list_data_files(root)]
     schema = infer_schema(files, options)
     tables = read_training_tables(files, schema, options)
+    schema, tables, dropped = drop_constant_sensors(schema, tables)
+    for name in dropped:
+        log(f"sensor {name!r} never changes in the training data: left out of the model")
     period = options.period_s or infer_period(tables)
     staleness = options.max_staleness_s if options.max_staleness_s is not None else 2 * period
     spec = WindowSpec(options.window, options.stride, period, staleness)
     episodes = episodes_from_tables(tables, spec, options.calibration_rows)
-    center, scale = training_scale(episodes)
-    windows = windows_from_episodes(
-        episodes, spec, options.calibration_rows, scale, options.decision.scale_floor
-    )
-    log(
-        f"{len(files)} files, {len(episodes)} episodes, {windows.size} windows "
-        f"({int((windows.label > 0.5).sum())} labelled faulty), {schema.size} sensors, "
-        f"period {period:g}s"
-    )
+    center, scale = training_scale(episodes, options.calibration_rows)
     cfg = NetConfig(
         sensors=schema.size, window=options.window, segments=options.segments, hidden=options.hidden
     )
-    seed_everything(options.train.seed)  # before the weights are initialised
-    net = build_net(cfg, center, scale)
-    report = train_net(net, windows, options.train, progress)
+
+    def fit_network(part: Sequence[SensorTable], bar: ProgressFn | None) -> Fitted:
+        windows = windows_from_episodes(
+            episodes_from_tables(part, spec, options.calibration_rows),
+            spec,
+            options.calibration_rows,
+            scale,
+            options.decision.scale_floor,
+        )
+        seed_everything(options.train.seed)  # before the weights are initialised
+        net = build_net(cfg, center, scale)
+        return net, train_net(net, windows, options.train, bar), windows
+
+    log(
+        f"{len(files)} files, {len(episodes)} episodes, {schema.size} sensors, "
+        f"period {period:g}s, {threads} torch threads"
+    )
+    net, report, windows = fit_network(tables, progress)
+    log(
+        f"network: {report.windows} windows ({report.labelled_faults} labelled faulty), "
+        f"{report.seconds:.0f}s"
+    )
+    base = dataclasses.replace(
+        options.decision,
+        supervised=options.decision.supervised and report.labelled_faults > 0,
+        level_window=min(options.decision.level_window, options.window),
+    )
+    frame = ModelFrame(options.window, center, scale, scale, base)
+    evidence = cross_fitted_evidence(
+        tables, options, WindowSpec(options.window, 1, period, staleness), frame, fit_network, log
+    )
+    fitted = fit_thresholds(evidence, base)
+    log(
+        f"thresholds for a {base.target_far:.0%} false-alarm budget, fitted out of fold on "
+        f"{fitted.normal_windows} normal windows of {fitted.episodes} episodes: "
+        f"{fitted.far:.1%} flagged, {fitted.sites_under_budget:.0%} of episodes within it"
+    )
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -159,7 +314,7 @@ def train_bundle(
         calibration_rows=options.calibration_rows,
         network=cfg.to_dict(),
         normalisation=Normalisation(center=center.tolist(), scale=scale.tolist()),
-        decision=Decision(**asdict(options.decision)),
+        decision=Decision(**asdict(fitted.decision)),
         inputs=[TensorSpec(name=n, shape=["batch", cfg.window, cfg.sensors]) for n in INPUT_NAMES],
         outputs=[
             TensorSpec(name=OUTPUT_NAMES[0], shape=["batch"]),
@@ -178,7 +333,12 @@ def train_bundle(
             "labelled_fault_windows": report.labelled_faults,
             "epochs": report.epochs,
             "seconds": round(report.seconds, 1),
+            "wall_seconds": round(time.monotonic() - wall, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1),
+            "torch_threads": threads,
             "device": report.device,
+            "thresholds": fitted.summary(),
+            "dropped_constant_sensors": list(dropped),
             "seed": options.train.seed,
             "losses": [round(x, 4) for x in report.losses],
             "trainer_version": __version__,

@@ -28,9 +28,10 @@ from cloud.model.metrics import Counts
 from cloud.model.pipeline import FP32_ONNX, GOLDEN
 from edge_agent.bundle import Manifest, Variant, sha256_file
 from edge_agent.calibration import fit_input_normalisation, to_network_space
-from edge_agent.errors import FailedPrecondition, InvalidInput
+from edge_agent.errors import FailedPrecondition, IntegrityError, InvalidInput
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
 from edge_agent.scoring import frame_of
+from edge_agent.selftest import check_golden
 from edge_agent.windowing import align_to_grid, windows_ending_at
 
 MAX_CALIBRATION_WINDOWS = 512
@@ -46,6 +47,7 @@ class GateResult:
     reference: str
     variant_counts: Counts
     accepted: bool
+    fidelity: str = ""  # how far it is from the fp32 golden outputs, or why it fails them
 
     @property
     def drop(self) -> float:
@@ -84,11 +86,13 @@ def quantize_bundle(
             label_column,
         )
         if not result.accepted:
-            raise FailedPrecondition(
-                f"{precision} variant refused: F1 {result.f1_variant:.4f} vs fp32 "
-                f"{result.f1_reference:.4f} ({result.reference}), a drop of {result.drop:.4f} "
-                f"> --max-drop {max_drop}; the bundle is unchanged"
+            why = (
+                f"F1 {result.f1_variant:.4f} vs fp32 {result.f1_reference:.4f} "
+                f"({result.reference}), a drop of {result.drop:.4f} > --max-drop {max_drop}"
+                if result.drop > max_drop
+                else f"it does not reproduce the fp32 outputs ({result.fidelity})"
             )
+            raise FailedPrecondition(f"{precision} variant refused: {why}; the bundle is unchanged")
         candidate.replace(target)
     variant = Variant(
         name=precision,
@@ -217,6 +221,22 @@ def _gate(
         out = OnnxRuntimeBackend(candidate).run(golden["window"], golden["mask"])
         if not np.isfinite(out[0]).all():
             raise FailedPrecondition(f"{precision} variant gives non-finite outputs")
+    # The decision may hold its F1 on evidence that does not come from the network (levels,
+    # spreads); the variant must still compute what the network computes, as the device's
+    # self-test will demand.
+    probe = Variant(
+        name=precision,
+        file=candidate.name,
+        format="onnx",
+        precision=precision,  # type: ignore[arg-type]
+        sha256="",
+        metrics={"golden_tolerance": GOLDEN_TOLERANCE[precision]},
+    )
+    try:
+        fidelity = check_golden(directory, manifest, probe, OnnxRuntimeBackend(candidate))
+        faithful = True
+    except IntegrityError as exc:
+        fidelity, faithful = str(exc).rsplit(": ", 1)[-1], False
     drop = ref_counts.f1 - var_counts.f1
     return GateResult(
         precision=precision,
@@ -224,5 +244,6 @@ def _gate(
         f1_variant=var_counts.f1,
         reference="labels" if labelled else "fp32 flags",
         variant_counts=var_counts,
-        accepted=drop <= max_drop,
+        accepted=drop <= max_drop and faithful,
+        fidelity=fidelity,
     )

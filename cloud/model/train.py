@@ -7,6 +7,7 @@ count as normal operation).
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class TrainParams:
     noise: float = 0.05
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0: the cores this process may use, at most 2
 
 
 @dataclass
@@ -47,6 +49,21 @@ class TrainReport:
     seconds: float
     device: str
     losses: list[float] = field(default_factory=list)
+
+
+def set_torch_threads(requested: int = 0) -> int:
+    """Sets torch's thread count deliberately; returns it. More threads than free cores spin
+    in OpenMP barriers on a busy machine (a 36 s training took 15 CPU-minutes that way), so the
+    default is the cores this process may run on, capped at 2: the small network gains little
+    from more."""
+    if requested <= 0:
+        try:
+            available = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            available = os.cpu_count() or 1
+        requested = max(1, min(2, available))
+    torch.set_num_threads(requested)
+    return requested
 
 
 def seed_everything(seed: int) -> None:

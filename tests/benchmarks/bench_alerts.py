@@ -84,7 +84,8 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
     data = write_training_data(work / "train")
     options = TrainOptions(
         name="pump", version="1", window=32, hidden=16, calibration_rows=120,
-        train=TrainParams(epochs=6), decision=DecisionParams(0.8, 6.0, smoothing=5),
+        train=TrainParams(epochs=6),
+        decision=DecisionParams(),
     )  # fmt: skip
     train_bundle([data], work / "bundle", options, key, log=lambda _: None)
     identity = enroll_fleet(plane, 0, 1)[0]

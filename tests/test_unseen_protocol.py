@@ -1,0 +1,156 @@
+"""The unseen-fault protocol on a small scale: a model trained without any labels of a fault
+kind still catches it and injected faults, within its false-alarm budget; training is
+deterministic; thresholds come from held-out normal data only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud.model.backtest import load_model
+from cloud.model.faults import KINDS, Stretch, inject
+from cloud.model.pipeline import TrainOptions, train_bundle
+from cloud.model.protocol import normal_stretches, score_injected, unseen_kind
+from cloud.model.train import TrainParams
+from edge_agent.calibration import DecisionParams
+from tests.support.sensordata import SENSORS, write_dataset, write_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OPTIONS = TrainOptions(
+    name="pump-unseen",
+    version="1",
+    window=24,
+    segments=4,
+    stride=2,
+    hidden=16,
+    calibration_rows=120,
+    train=TrainParams(epochs=4, seed=11),
+    decision=DecisionParams(level_window=8, smoothing=3),
+)
+
+
+@pytest.fixture(scope="module")
+def key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_dataset(tmp_path_factory.mktemp("data"), experiments=4, normal=4)
+    for i in range(4):  # a fault kind with no labels in training: only its first K rows
+        write_experiment(root / "unseen" / f"{i}.csv", seed=40 + i, rows=420, fault=(240, 360))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(
+    tmp_path_factory: pytest.TempPathFactory, data: Path, key: ed25519.Ed25519PrivateKey
+) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "b"
+    options = dataclasses.replace(OPTIONS, context_only=(data / "unseen",))
+    train_bundle([data], out, options, key, log=lambda _: None)
+    return out
+
+
+def test_an_unseen_kind_is_caught_within_the_budget(
+    bundle: Path, data: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    thresholds = manifest["training"]["thresholds"]
+    assert thresholds["episodes"] >= 2 and thresholds["held_out_far"] <= 0.1, thresholds
+    files, total = unseen_kind(bundle, data / "unseen", key.public_key(), 120)
+    assert len(files) == 4
+    assert total.mar < 0.5, total.summary()
+    assert total.far < 0.25, total.summary()
+
+
+def test_injected_faults_are_detected_and_clean_stretches_stay_quiet(
+    bundle: Path, data: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    with load_model(bundle, key.public_key()) as loaded:
+        stretches = normal_stretches([data / "normal.csv"], list(SENSORS), 120, 240)
+        assert stretches
+        results = {
+            r.kind: r.counts
+            for r in score_injected(loaded, stretches, [1, 2], ("none", "step", "leak"))
+        }
+    assert results["none"].tp + results["none"].fn == 0  # nothing injected, nothing to find
+    assert results["none"].far < 0.15, results["none"].summary()
+    for kind in ("step", "leak"):
+        assert results[kind].mar < 0.6, (kind, results[kind].summary())
+
+
+def test_training_is_deterministic_with_a_seed(
+    tmp_path: Path, data: Path, bundle: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    again = tmp_path / "again"
+    options = dataclasses.replace(OPTIONS, context_only=(data / "unseen",))
+    train_bundle([data], again, options, key, log=lambda _: None)
+    first = json.loads((bundle / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    assert first["decision"] == second["decision"]
+    assert first["training"]["losses"] == second["training"]["losses"]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_injected_kind_changes_only_the_fault_rows(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(300, 4)).cumsum(axis=0).astype(np.float32)
+    base[:, 1] = base[:, 0] + 0.1 * rng.normal(size=300)  # a correlated pair
+    stretch = Stretch("s", base, 100)
+    faulty = inject(stretch, kind, SENSORS, np.random.default_rng(5))
+    assert faulty.labels.sum() >= 2 and not faulty.labels[:100].any()
+    changed = ~np.isclose(faulty.values, base).all(axis=1)
+    assert changed.any(), kind
+    assert not changed[~faulty.labels].any(), kind
+
+
+def test_thresholds_never_depend_on_fault_rows() -> None:
+    """Fitting sees only normal windows: changing what the fault rows hold changes nothing."""
+    from cloud.model.thresholds import EpisodeEvidence, fit_thresholds
+
+    rng = np.random.default_rng(0)
+    normal = np.ones(400, dtype=bool)
+    normal[100:200] = False
+    kinds = ("level", "joint", "spread", "forecast")
+    values = {k: rng.gamma(2.0, 1.0, 400).astype(np.float32) for k in kinds}
+    base = DecisionParams(level_window=8, supervised=False, smoothing=1)
+    first = fit_thresholds([EpisodeEvidence("e", values, normal)], base)
+    louder = {k: v.copy() for k, v in values.items()}
+    for v in louder.values():
+        v[100:200] *= 50
+    second = fit_thresholds([EpisodeEvidence("e", louder, normal)], base)
+    assert first.decision == second.decision
+    assert first.far <= base.target_far + 1e-9, first.summary()
+
+
+def test_other_machines_minute_data_and_a_constant_sensor(
+    tmp_path: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    """Two live sensors sampled once a minute plus one that never changes: the constant one is
+    left out with a note, the period is inferred, and the rest trains and scores as usual."""
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        rows = 400
+        t = np.arange(rows)
+        a = np.sin(2 * np.pi * t / 50 + i) + 0.1 * rng.standard_normal(rows)
+        b = 0.5 * a + 0.05 * rng.standard_normal(rows)
+        lines = ["timestamp,temp,pressure,setpoint"] + [
+            f"{1_700_000_000 + 60 * r},{a[r]:.4f},{b[r]:.4f},42" for r in range(rows)
+        ]
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"m{i}.csv").write_text("\n".join(lines) + "\n")
+    notes: list[str] = []
+    options = dataclasses.replace(OPTIONS, name="minute", train=TrainParams(epochs=2, seed=1))
+    manifest = train_bundle([tmp_path / "data"], tmp_path / "b", options, key, log=notes.append)
+    assert [s.name for s in manifest.sensors] == ["temp", "pressure"]
+    assert manifest.sampling.period_s == 60.0
+    assert manifest.training["dropped_constant_sensors"] == ["setpoint"]
+    assert any("setpoint" in n and "left out" in n for n in notes), notes
+    assert manifest.decision.level_tolerance and len(manifest.decision.level_tolerance) == 2
