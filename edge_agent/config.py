@@ -79,6 +79,12 @@ class MqttLink(BaseModel):
     # <alert_prefix>/state/<asset>.
     alert_prefix: str = "autoglm"
 
+    @field_validator("alert_prefix")
+    @classmethod
+    def _publishable(cls, value: str) -> str:
+        check_topic_name(value)
+        return value
+
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -101,6 +107,35 @@ class AssetConfig(BaseModel):
         if not _NAME.match(value):
             raise ValueError(f"asset name {value!r}: use 1-64 of A-Z a-z 0-9 _ . -")
         return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topic_filters(cls, value: list[str]) -> list[str]:
+        for topic in value:
+            check_topic_filter(topic)
+        return value
+
+
+def check_topic_filter(topic: str) -> None:
+    """MQTT's rules for a subscription (v5 section 4.7): a broker refuses anything else, and a
+    refused subscription used to end ingest with a traceback while the agent looked online."""
+    if not topic:
+        raise ValueError("topic filter is empty")
+    if "\x00" in topic or len(topic.encode()) > 65_535:
+        raise ValueError(f"topic filter {topic!r}: no NUL characters, at most 65535 bytes")
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"topic filter {topic!r}: '#' must be a whole level, the last one")
+        if "+" in level and level != "+":
+            raise ValueError(f"topic filter {topic!r}: '+' must be a whole level")
+
+
+def check_topic_name(topic: str) -> None:
+    """A topic to publish on: a filter without wildcards."""
+    check_topic_filter(topic)
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"topic {topic!r}: no wildcards ('+', '#') in a topic to publish on")
 
 
 class IngestLimits(BaseModel):

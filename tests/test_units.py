@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,6 +43,36 @@ def test_mistyped_nested_key_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_agent_config(path)
     assert "reconnect.max_s" in str(err.value) and "soon" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("topics", "prefix", "why"),
+    [
+        (["plant/#/pump"], "site", "'#' must be a whole level"),
+        (["plant/pump+"], "site", "'+' must be a whole level"),
+        ([""], "site", "empty"),
+        (["plant/+"], "site/+", "no wildcards"),
+        (["plant/+"], "", "empty"),
+    ],
+)
+def test_mqtt_topics_are_checked_when_the_config_loads(
+    tmp_path: Path, topics: list[str], prefix: str, why: str
+) -> None:
+    """A subscription the broker would refuse used to end ingest at run time with a
+    traceback while the agent still looked online."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path),
+                "mqtt": {"alert_prefix": prefix},
+                "assets": [{"name": "pump-1", "topics": topics}],
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(path)
+    assert why in str(err.value) and str(path) in str(err.value), err.value
 
 
 def test_garbage_yaml_names_the_line(tmp_path: Path) -> None:
