@@ -53,6 +53,7 @@ class Agent:
             tls_server_name=config.cloud.tls_server_name,
             sync=self.sync,
             on_control=self._on_control,
+            stop_when_refused=config.cloud.stop_when_refused,
         )
         for message in self.pending_reports:
             self.session.post(message)
@@ -162,6 +163,13 @@ class Agent:
             if self.model is not None:
                 self.model.close()
         log.info("agent stopped")
+        if self.session.refusal is not None:
+            raise type(self.session.refusal)(
+                f"the control plane refused this device ({self.session.refusal}); the agent "
+                "stopped. To run it again: register a revoked device anew (autoglm device "
+                "register), or re-enroll one with an outdated certificate (autoglm device "
+                "token NAME, then autoglm-edge enroll)"
+            )
 
 
 async def run_until_signalled(agent: Agent) -> None:

@@ -21,6 +21,9 @@ class CloudLink(BaseModel):
     device_address: str = ""
     tls_server_name: str = ""
     heartbeat_interval_s: float = Field(default=0.0, ge=0)  # 0: what the control plane asks for
+    # A revoked device (or one whose certificate is no longer current) stops, exit code 6 or
+    # 5, instead of retrying forever; false: it keeps alerting on site and keeps retrying.
+    stop_when_refused: bool = True
 
 
 class ReconnectPolicy(BaseModel):

@@ -59,6 +59,7 @@ class CloudSession:
         tls_server_name: str = "",
         on_control: Callable[[agent_pb2.ControlMessage], None] | None = None,
         sync: RecordSync | None = None,
+        stop_when_refused: bool = False,
     ) -> None:
         self.identity = identity
         self.status = status
@@ -69,6 +70,9 @@ class CloudSession:
         self.tls_server_name = tls_server_name or identity.info.tls_server_name
         self.on_control = on_control
         self.sync = sync
+        self.stop_when_refused = stop_when_refused
+        # Why the control plane refused this device, when that ended the sessions for good.
+        self.refusal: AutoglmError | None = None
         self.stats = SessionStats()
         self.connected = False
         self._sent_at: dict[int, float] = {}
@@ -100,6 +104,9 @@ class CloudSession:
                     self.stats.refused = True
                     self.backoff.exhaust()
                     log.error("the control plane refused this device: %s", exc)
+                    if self.stop_when_refused:
+                        self.refusal = exc
+                        return
                 else:
                     log.warning("session to %s ended: %s", self.address, exc)
             except Exception as exc:  # a bug must not end the agent's sessions

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -18,6 +23,12 @@ from tests.support.agents import enroll_identity, start_session, wait_for
 from tests.support.cloud import RunningPlane
 
 pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _device(plane: RunningPlane, name: str) -> operator_pb2.Device:
@@ -60,6 +71,40 @@ def test_revoke_while_connected_ends_the_session_and_refuses_reconnects(
         assert device.state == operator_pb2.Device.STATE_REVOKED and not device.online
     finally:
         agent.stop()
+
+
+@pytest.mark.slow
+def test_a_revoked_agent_process_stops_with_a_clear_exit_code(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    """`autoglm-edge run` for a revoked device ends (exit code 6, 'revoked', what to do)
+    instead of retrying forever."""
+    identity = enroll_identity(register(plane, "pump-9"), tmp_path / "state")
+    with plane.client() as client:
+        client.revoke_device("pump-9", "decommissioned")
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "mqtt": {"host": "127.0.0.1", "port": free_port()},
+                "assets": [{"name": "pump", "topics": ["plant/pump/+"]}],
+                "reconnect": {"initial_s": 0.1, "max_s": 0.5},
+            }
+        )
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "autoglm-edge"), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")},
+    )
+    assert result.returncode == 6, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "permission denied" in last and "revoked" in last and "register" in last, last
+    assert "Traceback" not in result.stderr
+    assert identity.info.device_name == "pump-9"
 
 
 def test_reenrolled_device_invalidates_its_old_certificate(
