@@ -17,7 +17,7 @@ from cloud.domain import (
     DeviceState,
     PresenceUpdate,
 )
-from cloud.store import Store, open_store
+from cloud.store import Store, open_store, sql_alerts
 from edge_agent.errors import (
     AlreadyExists,
     ConfigError,
@@ -256,6 +256,29 @@ class StoreContract:
             store.update_alert("nope", "ack", "", "alice", NOW)
         with pytest.raises(InvalidInput, match="note"):
             store.update_alert(alert.id, "ack", "x" * 5000, "alice", NOW)
+
+    def test_alerts_are_found_by_the_short_id_the_list_shows(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        events = [_event(d, i + 1, "raised", at=0, asset=f"pump-{i}") for i in range(40)]
+        store.store_records(d, [], events, NOW)
+        alerts = store.alerts_after(0)
+        alert = alerts[0]
+        assert store.get_alert(alert.id[:8]).id == alert.id
+        acked = store.update_alert(alert.id[:8], "ack", "", "alice", NOW)
+        assert acked.id == alert.id and acked.state is AlertState.ACKNOWLEDGED
+        with pytest.raises(NotFound):
+            store.get_alert("ffffffff-no-such")
+        with pytest.raises(NotFound):
+            store.get_alert("%")  # not an id, and not a pattern either
+        # 40 random ids share a first character somewhere: with one-character prefixes
+        # allowed, such a prefix is ambiguous and the error says so.
+        monkeypatch.setattr(sql_alerts, "MIN_ID_PREFIX", 1)
+        firsts = [a.id[0] for a in alerts]
+        shared = next(c for c in firsts if firsts.count(c) > 1)
+        with pytest.raises(InvalidInput, match="ambiguous"):
+            store.get_alert(shared)
 
     def test_webhook_outbox_claims_in_order_with_leases(self, store: Store) -> None:
         d = store.create_device("p", {}, "", NOW).id

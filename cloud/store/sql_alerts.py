@@ -12,6 +12,7 @@ the same transaction (`enqueue_deliveries`).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -117,7 +118,7 @@ class AlertTables(SqlBase):
 
     def get_alert(self, alert_id: str) -> AlertRecord:
         with self._tx() as s:
-            row = s.get(AlertRow, alert_id)
+            row = s.get(AlertRow, _full_alert_id(s, alert_id))
             if row is None:
                 raise NotFound(f"no alert with id '{alert_id}'")
             return _alert(row)
@@ -147,6 +148,7 @@ class AlertTables(SqlBase):
         if len(note) > MAX_NOTE:
             raise InvalidInput(f"a note holds at most {MAX_NOTE} characters, got {len(note)}")
         with self._tx() as s:
+            alert_id = _full_alert_id(s, alert_id)
             row = s.get(AlertRow, alert_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"no alert with id '{alert_id}'")
@@ -196,3 +198,23 @@ def _alert(r: AlertRow) -> AlertRecord:
         raised_events=int(doc.get("raised_events", 0)),
         revision=r.revision,
     )
+
+
+MIN_ID_PREFIX = 4
+_ID_PREFIX = re.compile(r"^[0-9a-f-]+$")
+
+
+def _full_alert_id(s: Session, alert_id: str) -> str:
+    """`alert_id` itself, or the one alert whose id starts with it (as `alerts list` shows
+    ids shortened); several: an error naming them."""
+    if s.get(AlertRow, alert_id) is not None or len(alert_id) < MIN_ID_PREFIX:
+        return alert_id
+    if not _ID_PREFIX.match(alert_id):
+        return alert_id
+    ids = s.scalars(
+        select(AlertRow.id).where(AlertRow.id.startswith(alert_id, autoescape=True)).limit(3)
+    ).all()
+    if len(ids) > 1:
+        shown = ", ".join(ids[:2]) + (", ..." if len(ids) > 2 else "")
+        raise InvalidInput(f"alert id '{alert_id}' is ambiguous ({shown}); give more of it")
+    return ids[0] if ids else alert_id
