@@ -123,7 +123,7 @@ def test_register_enroll_run_list_revoke(tmp_path: Path, database_url: str) -> N
             str(bootstrap),
         )
         assert oct(bootstrap.stat().st_mode & 0o777) == "0o600"
-        assert _devices(tmp_path)["pump-7"]["state"] == "STATE_PENDING"
+        assert _devices(tmp_path)["pump-7"]["state"] == "pending"
 
         agent_state = tmp_path / "agent"
         enroll = subprocess.run(
@@ -163,12 +163,11 @@ def test_register_enroll_run_list_revoke(tmp_path: Path, database_url: str) -> N
 
         autoglm(tmp_path, "device", "revoke", "pump-7", "--reason", "stolen")
         device = _devices(tmp_path)["pump-7"]
-        assert device["state"] == "STATE_REVOKED" and device["online"] is False
-        wait_for(lambda: "refused this device" in (tmp_path / "agent.log").read_text(), timeout=10)
-        time.sleep(0.5)
-        assert agent.poll() is None, (
-            "the agent must keep running (and serving locally) when refused"
-        )
+        assert device["state"] == "revoked" and device["online"] is False
+        # A revoked agent stops with the permission-denied exit code, saying why.
+        assert agent.wait(60) == 6
+        log = (tmp_path / "agent.log").read_text()
+        assert "refused this device" in log and "revoked" in log, log
     finally:
         for proc in (agent, server):
             if proc is not None and proc.poll() is None:

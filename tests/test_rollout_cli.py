@@ -68,7 +68,10 @@ def test_push_list_show_and_a_rollout_from_the_cli(
     assert [w["target_devices"] for w in rollout["waves"]] == [1, 1], rollout
     wait_for(
         lambda: (
-            "SUCCEEDED" in autoglm(tmp_path, "rollout", "status", rollout["id"], "--json").stdout
+            json.loads(autoglm(tmp_path, "rollout", "status", rollout["id"], "--json").stdout)[
+                "state"
+            ]
+            == "succeeded"
         ),
         timeout=30,
         interval=0.3,

@@ -219,3 +219,19 @@ def test_rpc_errors_map_back_to_the_hierarchy() -> None:
         "cp:1",
     )
     assert isinstance(tls, Unavailable) and "TLS handshake" in str(tls) and "cp:1" in str(tls)
+
+
+def test_json_output_uses_the_tables_words_and_real_numbers() -> None:
+    from cloud.cli.output import json_view
+    from protos.autoglm.v1 import operator_pb2
+
+    alert = operator_pb2.Alert(
+        id="a1", state=operator_pb2.Alert.STATE_FIRING, revision=2**40, raised_events=3
+    )
+    alert.top_sensors.add(sensor="flow", contribution=0.5)
+    alert.first_seen.FromSeconds(1_700_000_000)
+    view = json_view(alert)
+    assert view["state"] == "firing"
+    assert view["revision"] == 2**40 and view["raised_events"] == 3
+    assert view["top_sensors"] == [{"sensor": "flow", "contribution": 0.5}]
+    assert view["first_seen"] == "2023-11-14T22:13:20Z"

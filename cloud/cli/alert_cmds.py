@@ -8,9 +8,8 @@ import datetime as dt
 import json
 import sys
 
-from cloud.cli.output import ago, parse_duration, print_json, print_table
+from cloud.cli.output import ago, json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
-from cloud.service.serde import message_to_dict
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 
@@ -110,7 +109,7 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
         request.since.FromDatetime(since)
     alerts = client.list_alerts(request)
     if args.json:
-        print_json([message_to_dict(a) for a in alerts])
+        print_json([json_view(a) for a in alerts])
         return 0
     now = dt.datetime.now(dt.UTC)
     print_table(HEADERS, [_row(a, now) for a in alerts])
@@ -127,7 +126,7 @@ def cmd_watch(args: argparse.Namespace, client: OperatorClient) -> int:
     try:
         for alert in client.watch_alerts(request):
             if args.json:
-                sys.stdout.write(json.dumps(message_to_dict(alert), sort_keys=True) + "\n")
+                sys.stdout.write(json.dumps(json_view(alert), sort_keys=True) + "\n")
             else:
                 first = alert.first_seen.ToDatetime(tzinfo=dt.UTC)
                 sys.stdout.write(
@@ -155,7 +154,7 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         if end is None or p.window_end.ToDatetime() <= end.ToDatetime() + TIMELINE_BEFORE
     ]
     if args.json:
-        doc = message_to_dict(alert)
+        doc = json_view(alert)
         doc["timeline"] = [
             {"window_end": p.window_end.ToJsonString(), "score": p.score, "anomalous": p.anomalous}
             for p in timeline
@@ -188,7 +187,7 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_action(args: argparse.Namespace, client: OperatorClient) -> int:
     alert = client.alert_action(args.action, args.id, args.note)
     if args.json:
-        print_json(message_to_dict(alert))
+        print_json(json_view(alert))
     else:
         print(f"alert {alert.id}: {STATE_NAMES.get(alert.state, '?')}")
     return 0
@@ -202,7 +201,7 @@ def cmd_predictions(args: argparse.Namespace, client: OperatorClient) -> int:
         request.since.FromDatetime(since)
     predictions = client.query_predictions(request)
     if args.json:
-        print_json([message_to_dict(p) for p in predictions])
+        print_json([json_view(p) for p in predictions])
     elif args.csv:
         _write_csv(predictions)
     else:

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 from cloud.cli import alert_cmds
-from cloud.cli.output import ago, parse_duration, parse_labels, print_json, print_table
+from cloud.cli.output import ago, json_view, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
 from cloud.domain import DeviceState
-from cloud.service.serde import bootstrap_from_registration, device_from_proto, message_to_dict
+from cloud.service.serde import bootstrap_from_registration, device_from_proto
 from edge_agent.bootstrap import write_bootstrap
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
@@ -115,7 +115,7 @@ def _hand_out_token(
         write_bootstrap(args.bootstrap_out, bootstrap)
     if args.json:
         data = {
-            "device": message_to_dict(response.device),
+            "device": json_view(response.device),
             "expires_at": bootstrap.expires_at.isoformat(),
         }
         if args.bootstrap_out:
@@ -165,7 +165,7 @@ def _rows(devices: list[operator_pb2.Device]) -> list[list[str]]:
 def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
     devices = client.list_devices(args.selector)
     if args.json:
-        print_json([message_to_dict(d) | {"online": d.online} for d in devices])
+        print_json([json_view(d) | {"online": d.online} for d in devices])
         return 0
     if not devices:
         print("no devices" + (f" match '{args.selector}'" if args.selector else " registered yet"))
@@ -179,7 +179,7 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
     msg = client.get_device(args.device)
     if args.json:
-        print_json(message_to_dict(msg) | {"online": msg.online})
+        print_json(json_view(msg) | {"online": msg.online})
         return 0
     row = _rows([msg])[0]
     print(f"name:        {msg.name}\nid:          {msg.id}\nstate:       {row[1]}")

@@ -8,6 +8,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 
 def print_table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO | None = None
@@ -60,3 +64,47 @@ def parse_labels(items: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"label '{item}' is not of the form key=value")
         labels[key] = value
     return labels
+
+
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def json_view(message: Message) -> dict[str, Any]:
+    """A message as `--json` prints it: field names as in the .proto, enums as the words the
+    tables show (`STATE_FIRING` -> `firing`), 64-bit integers as numbers (protobuf's JSON
+    mapping makes them strings)."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _plain(message.DESCRIPTOR, data)
+
+
+def _plain(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key)
+        if field is None:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            inner = field.message_type.fields_by_name["value"]
+            data[key] = {k: _value(inner, v) for k, v in value.items()}
+        elif isinstance(value, list):
+            data[key] = [_value(field, v) for v in value]
+        else:
+            data[key] = _value(field, value)
+    return data
+
+
+def _value(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_ENUM and isinstance(value, str):
+        assert field.enum_type is not None
+        prefix = field.enum_type.values[0].name.split("_", 1)[0] + "_"
+        return value.removeprefix(prefix).lower()
+    if field.type in _INT64 and isinstance(value, str):
+        return int(value)
+    if field.type == FieldDescriptor.TYPE_MESSAGE and isinstance(value, dict):
+        return _plain(field.message_type, value)
+    return value

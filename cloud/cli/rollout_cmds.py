@@ -8,10 +8,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cloud.cli.output import parse_duration, print_json, print_table
+from cloud.cli.output import json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.model.progress import ProgressBar
-from cloud.service.serde import message_to_dict
 from edge_agent.bundle import unpack_tar
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
@@ -96,7 +95,7 @@ def cmd_push(args: argparse.Namespace, client: OperatorClient) -> int:
         raise InvalidInput(f"{args.bundle}: no such bundle directory or .tar")
     bar.close()
     if args.json:
-        print_json(message_to_dict(model))
+        print_json(json_view(model))
     else:
         print(f"pushed {model.name}:{model.version} ({model.size_bytes} bytes)")
     return 0
@@ -105,7 +104,7 @@ def cmd_push(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_models(args: argparse.Namespace, client: OperatorClient) -> int:
     models = client.list_models(args.name)
     if args.json:
-        print_json([message_to_dict(m) for m in models])
+        print_json([json_view(m) for m in models])
         return 0
     rows = [
         [
@@ -125,7 +124,7 @@ def cmd_models(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_model_show(args: argparse.Namespace, client: OperatorClient) -> int:
     m = client.get_model(*_name_version(args.model))
     if args.json:
-        print_json(message_to_dict(m))
+        print_json(json_view(m))
         return 0
     print(f"model:    {m.name}:{m.version}\nmanifest: {m.manifest_digest}")
     print(f"pushed:   {m.pushed_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC, {m.size_bytes} bytes")
@@ -175,7 +174,7 @@ def cmd_create(args: argparse.Namespace, client: OperatorClient) -> int:
     )
     rollout = client.create_rollout(request)
     if args.json:
-        print_json(message_to_dict(rollout))
+        print_json(json_view(rollout))
     else:
         print(f"rollout {rollout.id} started: {name}:{version} to {len(rollout.devices)} device(s)")
         print(f"watch it: autoglm rollout status {rollout.id} --watch")
@@ -231,7 +230,7 @@ def cmd_status(args: argparse.Namespace, client: OperatorClient) -> int:
     while True:
         rollout = client.get_rollout(args.id)
         if args.json:
-            print_json(message_to_dict(rollout))
+            print_json(json_view(rollout))
         else:
             if args.watch and sys.stdout.isatty():
                 sys.stdout.write("\033[2J\033[H")
@@ -244,7 +243,7 @@ def cmd_status(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
     rollouts = client.list_rollouts(args.active)
     if args.json:
-        print_json([message_to_dict(r) for r in rollouts])
+        print_json([json_view(r) for r in rollouts])
         return 0
     print_table(
         ["ID", "MODEL", "SELECTOR", "STATE", "WAVE", "CREATED"],

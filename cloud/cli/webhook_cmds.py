@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from cloud.cli.output import print_json, print_table
+from cloud.cli.output import json_view, print_json, print_table
 from cloud.client import OperatorClient
-from cloud.service.serde import message_to_dict
 from edge_agent.errors import InvalidInput
 
 FILTER_HELP = (
@@ -42,7 +41,7 @@ def cmd_add(args: argparse.Namespace, client: OperatorClient) -> int:
         raise InvalidInput("webhook add needs --secret (or AUTOGLM_WEBHOOK_SECRET)")
     hook = client.add_webhook(args.url, args.secret, args.filter)
     if args.json:
-        print_json(message_to_dict(hook))
+        print_json(json_view(hook))
     else:
         print(f"webhook {hook.id}: {hook.url} ({hook.filter or 'all alert changes'})")
     return 0
@@ -51,7 +50,7 @@ def cmd_add(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
     hooks = client.list_webhooks()
     if args.json:
-        print_json([message_to_dict(h) for h in hooks])
+        print_json([json_view(h) for h in hooks])
         return 0
     print_table(
         ["ID", "URL", "FILTER", "DELIVERED", "PENDING", "DEAD", "LAST ERROR"],
