@@ -40,8 +40,9 @@ class Agent:
         self.pending_reports: list[agent_pb2.AgentMessage] = []
         self.model = self._open_at_start()
         self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.outbox.max_bytes)
-        self.client_id = config.mqtt.client_id or f"autoglm-edge-{self.identity.info.device_name}"
-        self.runtime = EdgeRuntime(config, self.model, self.outbox, self.client_id)
+        self.device = self.identity.info.device_name
+        self.client_id = config.mqtt.client_id or f"autoglm-edge-{self.device}"
+        self.runtime = self._runtime(self.model)
         self.sync = RecordSync(self.outbox, config.sync.batch_records, config.sync.max_in_flight)
         self.session = CloudSession(
             self.identity,
@@ -73,6 +74,9 @@ class Agent:
     def slot(self) -> str:
         active = self.slots.read().active
         return active.slot if active is not None and self.model is not None else ""
+
+    def _runtime(self, model: ServingModel | None) -> EdgeRuntime:
+        return EdgeRuntime(self.config, model, self.outbox, self.client_id, device=self.device)
 
     def _open(self, directory: Path, partial: bool) -> ServingModel:
         return open_serving(
@@ -121,10 +125,10 @@ class Agent:
         old_model = self.model
         await asyncio.to_thread(self.runtime.stop)
         try:
-            runtime = EdgeRuntime(self.config, model, self.outbox, self.client_id)
+            runtime = self._runtime(model)
             runtime.start()
         except Exception:
-            self.runtime = EdgeRuntime(self.config, old_model, self.outbox, self.client_id)
+            self.runtime = self._runtime(old_model)
             self.runtime.start()
             raise
         self.model, self.runtime = model, runtime

@@ -78,8 +78,8 @@ class MqttLink(BaseModel):
     qos: Literal[0, 1] = 1
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
-    # Alerts go to <alert_prefix>/alerts/<asset>; the retained state to
-    # <alert_prefix>/state/<asset>.
+    # Alerts go to <alert_prefix>/alerts/<device>/<asset>; the retained state to
+    # <alert_prefix>/state/<device>/<asset>; both payloads name the device too.
     alert_prefix: str = "autoglm"
 
     @field_validator("alert_prefix")

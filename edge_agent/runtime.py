@@ -8,7 +8,6 @@ decides. Each piece of state belongs to one thread; they meet only in queues.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -16,8 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -31,10 +28,10 @@ from edge_agent.calibration import (
     sensor_evidence,
     to_network_space,
 )
+from edge_agent.calibration_store import CalibrationStore
 from edge_agent.config import AgentConfig, AssetConfig
 from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
 from edge_agent.errors import AutoglmError
-from edge_agent.files import replace_atomically
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.mqtt import MqttConnection
@@ -48,72 +45,6 @@ from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 _DRAIN = 5000
-
-
-class CalibrationStore:
-    """Site calibrations per (model version, asset), so a restart does not recalibrate."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def _path(self, version: str, asset: str) -> Path:
-        return self.directory / version / f"{asset}.json"
-
-    def load(
-        self, version: str, asset: str, sensors: tuple[str, ...]
-    ) -> tuple[SiteCalibration, list[float]] | None:
-        path = self._path(version, asset)
-        try:
-            doc = json.loads(path.read_text())
-            if tuple(doc["sensors"]) != sensors:
-                return None
-            levels = [
-                None if doc.get(k) is None else np.asarray(doc[k], dtype=np.float32)
-                for k in ("level_center", "level_scale", "level_precision", "spread_center")
-            ]
-            cal = SiteCalibration(
-                np.asarray(doc["input_center"], dtype=np.float32),
-                np.asarray(doc["input_scale"], dtype=np.float32),
-                np.asarray(doc["residual_scale"], dtype=np.float32),
-                int(doc["rows"]),
-                *levels,
-            )
-            return cal, [float(x) for x in doc["seed"]]
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: unreadable calibration (%s); calibrating again", path, exc)
-            return None
-
-    def save(
-        self,
-        version: str,
-        asset: str,
-        sensors: tuple[str, ...],
-        cal: SiteCalibration,
-        seed: list[float],
-    ) -> None:
-        doc = {
-            "model_version": version,
-            "asset": asset,
-            "sensors": list(sensors),
-            "input_center": cal.input_center.tolist(),
-            "input_scale": cal.input_scale.tolist(),
-            "residual_scale": cal.residual_scale.tolist(),
-            "rows": cal.rows,
-            "level_center": _listed(cal.level_center),
-            "level_scale": _listed(cal.level_scale),
-            "level_precision": _listed(cal.level_precision),
-            "spread_center": _listed(cal.spread_center),
-            "seed": seed,
-        }
-        path = self._path(version, asset)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(path, json.dumps(doc, indent=1).encode(), 0o644)
-
-
-def _listed(array: np.ndarray | None) -> list[Any] | None:
-    return None if array is None else list(array.tolist())
 
 
 class AssetRunner:
@@ -219,8 +150,11 @@ class EdgeRuntime:
         outbox: Outbox,
         client_id: str,
         on_verdict: Callable[[Verdict], None] | None = None,
+        device: str = "",
     ) -> None:
         self.config = config
+        # Site topics carry it: agents sharing a broker must not overwrite each other's state.
+        self.device = device or client_id
         self.model = model
         self.outbox = outbox
         self.on_verdict = on_verdict
@@ -425,8 +359,11 @@ class EdgeRuntime:
             self.counters.alerts_raised += 1
         else:
             self.counters.alerts_cleared += 1
-        self.mqtt.publish(f"{prefix}/alerts/{event.asset}", orjson.dumps(event.to_json()), qos=1)
+        doc = {"device": self.device} | event.to_json()
+        topic = f"{prefix}/alerts/{self.device}/{event.asset}"
+        self.mqtt.publish(topic, orjson.dumps(doc), qos=1)
         state = {
+            "device": self.device,
             "asset": event.asset,
             "state": "fault" if raised else "normal",
             "since": event.window_end,
@@ -435,7 +372,8 @@ class EdgeRuntime:
             "top_sensors": [s for s, _ in event.top_sensors],
             "model_version": event.model_version,
         }
-        self.mqtt.publish(f"{prefix}/state/{event.asset}", orjson.dumps(state), qos=1, retain=True)
+        topic = f"{prefix}/state/{self.device}/{event.asset}"
+        self.mqtt.publish(topic, orjson.dumps(state), qos=1, retain=True)
         log.warning(
             "%s on %s: score %.2f, top sensors %s",
             "FAULT" if raised else "cleared",

@@ -91,6 +91,7 @@ class AlertListener:
     def __init__(self, broker: Broker) -> None:
         self.events: list[dict[str, object]] = []
         self.states: dict[str, dict[str, object]] = {}
+        self.topics: set[str] = set()
         self.client = new_client()
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", broker.port)
@@ -99,6 +100,7 @@ class AlertListener:
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         doc = orjson.loads(msg.payload)
+        self.topics.add(msg.topic)
         if "/alerts/" in msg.topic:
             self.events.append(doc)
         else:
@@ -210,6 +212,9 @@ def test_skab_replay_raises_and_clears_an_alert_on_site_and_in_the_cloud(
         assert all(a["key"] == b["key"] for a, b in zip(events[::2], events[1::2], strict=True))
         first = events[0]
         assert listener.states["pump-1"]["state"] == "normal"
+        # Site topics and payloads name the device: agents can share a broker.
+        assert first["device"] == listener.states["pump-1"]["device"] == "edge-1"
+        assert "site/state/edge-1/pump-1" in listener.topics
         assert first["top_sensors"]
         # Synced to the control plane: every record exactly once.
         device = plane.plane.store.get_device("edge-1")

@@ -1,0 +1,81 @@
+"""Site calibrations kept on disk per (model version, asset), so a restart does not redo them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.calibration import SiteCalibration
+from edge_agent.files import replace_atomically
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationStore:
+    """Site calibrations per (model version, asset), so a restart does not recalibrate."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, version: str, asset: str) -> Path:
+        return self.directory / version / f"{asset}.json"
+
+    def load(
+        self, version: str, asset: str, sensors: tuple[str, ...]
+    ) -> tuple[SiteCalibration, list[float]] | None:
+        path = self._path(version, asset)
+        try:
+            doc = json.loads(path.read_text())
+            if tuple(doc["sensors"]) != sensors:
+                return None
+            levels = [
+                None if doc.get(k) is None else np.asarray(doc[k], dtype=np.float32)
+                for k in ("level_center", "level_scale", "level_precision", "spread_center")
+            ]
+            cal = SiteCalibration(
+                np.asarray(doc["input_center"], dtype=np.float32),
+                np.asarray(doc["input_scale"], dtype=np.float32),
+                np.asarray(doc["residual_scale"], dtype=np.float32),
+                int(doc["rows"]),
+                *levels,
+            )
+            return cal, [float(x) for x in doc["seed"]]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable calibration (%s); calibrating again", path, exc)
+            return None
+
+    def save(
+        self,
+        version: str,
+        asset: str,
+        sensors: tuple[str, ...],
+        cal: SiteCalibration,
+        seed: list[float],
+    ) -> None:
+        doc = {
+            "model_version": version,
+            "asset": asset,
+            "sensors": list(sensors),
+            "input_center": cal.input_center.tolist(),
+            "input_scale": cal.input_scale.tolist(),
+            "residual_scale": cal.residual_scale.tolist(),
+            "rows": cal.rows,
+            "level_center": _listed(cal.level_center),
+            "level_scale": _listed(cal.level_scale),
+            "level_precision": _listed(cal.level_precision),
+            "spread_center": _listed(cal.spread_center),
+            "seed": seed,
+        }
+        path = self._path(version, asset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, json.dumps(doc, indent=1).encode(), 0o644)
+
+
+def _listed(array: np.ndarray | None) -> list[Any] | None:
+    return None if array is None else list(array.tolist())
