@@ -95,7 +95,14 @@ class OperatorClient:
         self, directory: Path, progress: Callable[[int, int], None] | None = None
     ) -> operator_pb2.Model:
         """Streams the bundle's manifest, signature and every file it lists (1 MiB chunks)."""
-        manifest = parse_manifest((directory / MANIFEST).read_bytes(), str(directory / MANIFEST))
+        try:
+            raw = (directory / MANIFEST).read_bytes()
+        except OSError as exc:
+            raise InvalidInput(
+                f"{directory}: not a bundle ({MANIFEST}: {exc.strerror}); `autoglm model train` "
+                "writes one"
+            ) from None
+        manifest = parse_manifest(raw, str(directory / MANIFEST))
         names = [MANIFEST, SIGNATURE, *sorted(bundle_paths(manifest))]
         sizes = {}
         for name in names:

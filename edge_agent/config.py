@@ -166,6 +166,13 @@ class ModelChoice(BaseModel):
     # This device's profile (e.g. jetson-orin-nx): picks the bundle's prebuilt TensorRT engine.
     profile: str = ""
 
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: leave it out, or name a bundle directory or .tar")
+        return value
+
 
 class BatchingPolicy(BaseModel):
     """Dynamic batching across assets: run when `max_batch` windows wait or the oldest waited

@@ -85,6 +85,7 @@ def test_push_list_show_and_a_rollout_from_the_cli(
     ("args", "message"),
     [
         (["model", "push", "/nonexistent/bundle"], "no such bundle"),
+        (["model", "push", "/tmp"], "not a bundle (manifest.json"),
         (["model", "show", "pump"], "NAME:VERSION"),
         (["model", "show", "pump:9"], "not found"),
         (["rollout", "create", "pump:9", "--soak", "0"], "not found"),

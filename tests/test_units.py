@@ -75,6 +75,16 @@ def test_mqtt_topics_are_checked_when_the_config_loads(
     assert why in str(err.value) and str(path) in str(err.value), err.value
 
 
+def test_an_empty_model_bundle_is_named_not_taken_for_the_current_directory(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"state_dir: {tmp_path}\nmodel:\n  bundle: ''\n")
+    with pytest.raises(ConfigError, match=r"model\.bundle.*is empty") as err:
+        load_agent_config(path)
+    assert str(path) in str(err.value)
+
+
 def test_garbage_yaml_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
     path.write_text("state_dir: /tmp/x\ncloud: [unclosed\n")
