@@ -53,7 +53,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     create.add_argument("--min-shadow-windows", type=int, default=20)
     create.add_argument("--json", action="store_true")
     create.set_defaults(handler=cmd_create, needs_client=True)
-    status = rsub.add_parser("status", help="one rollout, with progress per wave and device")
+    status = rsub.add_parser(
+        "status",
+        help="one rollout, with progress per wave and device",
+        description="Shows one rollout. Exit status: 0, or 1 when the rollout was aborted "
+        "(so scripts can wait with --watch and branch on the outcome).",
+    )
     status.add_argument("id")
     status.add_argument("--watch", action="store_true", help="refresh until it ends")
     status.add_argument("--interval", type=float, default=2.0)

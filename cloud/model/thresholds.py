@@ -41,9 +41,9 @@ SITE_SHARE = 0.65  # of held-out sites kept under the false-alarm budget
 # "normal" however rare the value is on held-out data, and such a threshold alarmed on new
 # sites (the demo's pumps: 4 to 7 false alerts in 10 minutes).
 MIN_PROB = 0.5
-# An alert needs more windows in a row than the longest run of flagged normal windows on this
-# share of the held-out episodes.
-ALERT_SHARE = 0.9
+# An alert needs more windows in a row than the longest run of flagged normal windows on the
+# same share of held-out episodes, within bounds: a plant waits at most MAX_ALERT_WINDOWS.
+MAX_ALERT_WINDOWS = 30
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,9 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
     shares = np.asarray([share(e, hi) for e in evidence])
     far = float((shares * weights).sum() / weights.sum())
     runs = [longest_normal_run(e, hi) for e in evidence]
-    alert_windows = int(np.clip(np.quantile(runs, ALERT_SHARE) + 1, base.alert_windows, 60))
+    alert_windows = int(
+        np.clip(np.quantile(runs, SITE_SHARE) + 1, base.alert_windows, MAX_ALERT_WINDOWS)
+    )
     total = int(weights.sum())
     worst = float(shares.max())
     sites_under = float((shares <= budget + 1e-9).mean())
