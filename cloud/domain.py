@@ -163,6 +163,7 @@ class RolloutState(enum.StrEnum):
     PAUSED = "paused"
     SUCCEEDED = "succeeded"
     ABORTED = "aborted"
+    PARTIAL = "partial"  # every wave went through, some devices failed
 
     @property
     def active(self) -> bool:

@@ -361,9 +361,21 @@ class RolloutController:
         if any(t.state is TargetState.INSTALLING for t in in_wave):
             return rollout, []
         if wave.promoted_at is not None:  # the last wave, every swap reported
-            rollout = self._with(rollout, state=RolloutState.SUCCEEDED, reason="")
+            failed = [t for t in targets if t.state is TargetState.FAILED]
+            if failed:  # within --max-failures, but not a success either
+                names = ", ".join(
+                    f"{devices[t.device_id].name if t.device_id in devices else t.device_id}"
+                    f" ({t.detail})"
+                    for t in failed[:5]
+                )
+                more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+                reason = f"{len(failed)} of {len(targets)} device(s) failed: {names}{more}"
+                rollout = self._with(rollout, state=RolloutState.PARTIAL, reason=reason)
+                log.warning("rollout %s finished with failures: %s", rollout.id, reason)
+            else:
+                rollout = self._with(rollout, state=RolloutState.SUCCEEDED, reason="")
+                log.info("rollout %s succeeded", rollout.id)
             self.store.save_rollout(rollout)
-            log.info("rollout %s succeeded", rollout.id)
             return rollout, []
         if wave.installed_at is None:
             soak = dt.timedelta(seconds=rollout.soak_s)

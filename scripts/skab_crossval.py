@@ -1,6 +1,6 @@
 """Honest valve1 figures: leave-files-out cross-validation through the real pipeline.
 
-    python scripts/skab_crossval.py [--data ../shared/datasets/skab] [--folds 4]
+    python scripts/skab_crossval.py [--data ../shared/datasets/skab] [--folds 4] [--no-supervised]
 
 Fold k trains a bundle (`train_bundle`, default options) on everything in the SKAB
 development set except every 4th valve1 file from k, then evaluates those files with the
@@ -18,12 +18,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloud.model.backtest import evaluate, load_model
 from cloud.model.metrics import Counts
 from cloud.model.pipeline import TrainOptions, train_bundle
+from edge_agent.calibration import DecisionParams
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/skab"))
     parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument(
+        "--no-supervised", action="store_true", help="leave the fault head out of the decision"
+    )
     args = parser.parse_args()
     key = ed25519.Ed25519PrivateKey.generate()
     valve1 = sorted((args.data / "valve1").glob("*.csv"), key=lambda p: int(p.stem))
@@ -41,7 +45,8 @@ def main() -> None:
             for path in held:
                 (test_dir / path.name).symlink_to(path.resolve())
             bundle = Path(tmp) / f"bundle{fold}"
-            train_bundle([train_dir], bundle, TrainOptions(), key, log=lambda _: None)
+            options = TrainOptions(decision=DecisionParams(supervised=not args.no_supervised))
+            train_bundle([train_dir], bundle, options, key, log=lambda _: None)
             with load_model(bundle, key.public_key()) as loaded:
                 _, counts = evaluate(loaded, test_dir, 400)
             total = total + counts

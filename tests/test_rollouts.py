@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUNNING = operator_pb2.Rollout.STATE_RUNNING
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED
+PARTIAL = operator_pb2.Rollout.STATE_PARTIAL
 ABORTED = operator_pb2.Rollout.STATE_ABORTED
 
 
@@ -200,6 +201,13 @@ def test_a_self_test_failure_aborts_and_a_new_rollout_can_follow(fleet: Fleet) -
     done = wait_state(fleet, rollout_id, ABORTED)
     canary = next(d for d in done.devices if d.wave == 0)
     assert "self_test_failed" in canary.detail and "golden" in canary.detail, canary.detail
+    assert set(fleet.versions().values()) == {"1"}
+    # Failures allowed by the gate still never make a success: the rollout ends partial and
+    # names the devices that failed.
+    partial = wait_state(
+        fleet, rollout(fleet, "4", "100%", soak=0, max_failure_fraction=1.0), PARTIAL
+    )
+    assert "3 of 3 device(s) failed" in partial.reason and "edge-a" in partial.reason, partial
     assert set(fleet.versions().values()) == {"1"}
     # The devices are free again: a good version rolls out without a soak.
     v5 = make_version((fleet.root / "v1", key), fleet.root / "v5", "5", key)

@@ -56,8 +56,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     status = rsub.add_parser(
         "status",
         help="one rollout, with progress per wave and device",
-        description="Shows one rollout. Exit status: 0, or 1 when the rollout was aborted "
-        "(so scripts can wait with --watch and branch on the outcome).",
+        description="Shows one rollout. Exit status: 0, or 1 when the rollout was aborted or "
+        "ended partial (some devices failed) (so scripts can wait with --watch and branch on "
+        "the outcome).",
     )
     status.add_argument("id")
     status.add_argument("--watch", action="store_true", help="refresh until it ends")
@@ -240,8 +241,8 @@ def cmd_status(args: argparse.Namespace, client: OperatorClient) -> int:
             if args.watch and sys.stdout.isatty():
                 sys.stdout.write("\033[2J\033[H")
             _print_status(rollout)
-        if not args.watch or STATES[rollout.state] in ("succeeded", "aborted"):
-            return 0 if STATES[rollout.state] != "aborted" else 1
+        if not args.watch or STATES[rollout.state] in ("succeeded", "aborted", "partial"):
+            return 1 if STATES[rollout.state] in ("aborted", "partial") else 0
         time.sleep(args.interval)
 
 

@@ -133,6 +133,7 @@ _ROLLOUT_STATE = {
     RolloutState.PAUSED: operator_pb2.Rollout.STATE_PAUSED,
     RolloutState.SUCCEEDED: operator_pb2.Rollout.STATE_SUCCEEDED,
     RolloutState.ABORTED: operator_pb2.Rollout.STATE_ABORTED,
+    RolloutState.PARTIAL: operator_pb2.Rollout.STATE_PARTIAL,
 }
 
 

@@ -732,6 +732,10 @@ class Rollout(_message.Message):
         STATE_PAUSED: Rollout._State.ValueType  # 2
         STATE_SUCCEEDED: Rollout._State.ValueType  # 3
         STATE_ABORTED: Rollout._State.ValueType  # 4
+        STATE_PARTIAL: Rollout._State.ValueType  # 5
+        """Every wave went through, but some devices failed (within --max-failures): the
+        reason names them. Never reported as succeeded.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper): ...
     STATE_UNSPECIFIED: Rollout.State.ValueType  # 0
@@ -739,6 +743,10 @@ class Rollout(_message.Message):
     STATE_PAUSED: Rollout.State.ValueType  # 2
     STATE_SUCCEEDED: Rollout.State.ValueType  # 3
     STATE_ABORTED: Rollout.State.ValueType  # 4
+    STATE_PARTIAL: Rollout.State.ValueType  # 5
+    """Every wave went through, but some devices failed (within --max-failures): the
+    reason names them. Never reported as succeeded.
+    """
 
     ID_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
@@ -761,7 +769,7 @@ class Rollout(_message.Message):
     current_wave: _builtins.int
     soak_seconds: _builtins.int
     reason: _builtins.str
-    """why it paused or aborted"""
+    """why it paused or aborted, or which devices failed (partial)"""
     @_builtins.property
     def waves(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutWave]: ...
     @_builtins.property
