@@ -42,7 +42,6 @@ SCALE_EPS = 1e-6
 LEVEL_SCALE_FLOOR = 0.25  # site units: a sensor flat during calibration still has a scale
 JOINT_SHRINKAGE = 0.5  # share of the identity in the level correlation (few effective rows)
 SPREAD_EPS = 0.05  # site units: a log ratio of spreads near zero stays finite
-EVIDENCE = ("level", "joint", "spread", "forecast", "supervised")
 COMBINE_RULES = ("max", "top2")
 
 

@@ -166,16 +166,19 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
             return max(factor * quantiles[kind], MIN_PROB)
         return factor * quantiles[kind]
 
-    def share(e: EpisodeEvidence, factor: float, only: str | None = None) -> float:
+    def flagged(e: EpisodeEvidence, factor: float, only: str | None = None) -> np.ndarray:
+        """Which of the episode's windows the smoothed score flags."""
         used = kinds if only is None else [only]
         raw = combine([e.values[k] / threshold(k, factor) for k in used], base.combine)
-        return float((smooth_causal(raw, base.smoothing)[e.normal] >= 1.0).mean())
+        over: np.ndarray = smooth_causal(raw, base.smoothing) >= 1.0
+        return over
+
+    def share(e: EpisodeEvidence, factor: float, only: str | None = None) -> float:
+        return float(flagged(e, factor, only)[e.normal].mean())
 
     def longest_normal_run(e: EpisodeEvidence, factor: float) -> int:
-        raw = combine([e.values[k] / threshold(k, factor) for k in kinds], base.combine)
-        flagged = (smooth_causal(raw, base.smoothing) >= 1.0) & e.normal
         longest = current = 0
-        for hit in flagged:
+        for hit in flagged(e, factor) & e.normal:
             current = current + 1 if hit else 0
             longest = max(longest, current)
         return longest
