@@ -69,6 +69,7 @@ class AssetDecider:
         smoothing: int,
         model_version: str,
         seed: list[float] | None = None,
+        open_alert: AlertEvent | None = None,
     ) -> None:
         self.asset = asset
         self.sensors = sensors
@@ -76,8 +77,8 @@ class AssetDecider:
         self.model_version = model_version
         self._raw: deque[float] = deque(seed or (), maxlen=max(1, smoothing))
         self._recent: deque[float] = deque(maxlen=policy.n)
-        self.open: AlertEvent | None = None
-        self._peak = 0.0
+        self.open: AlertEvent | None = open_alert  # raised before a restart, not cleared yet
+        self._peak = open_alert.score if open_alert is not None else 0.0
 
     def step(
         self, raw: float, evidence: FloatArray, window_start: float, window_end: float

@@ -36,6 +36,7 @@ from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.mqtt import MqttConnection
 from edge_agent.ingest.stream import ClosedRows, StreamAligner
+from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
@@ -167,6 +168,7 @@ class EdgeRuntime:
         self._stop = threading.Event()
         self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
+        self.open_alerts = OpenAlerts(config.state_dir / "alerts")
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self._kept_every: Counter[int] = Counter()
@@ -308,6 +310,7 @@ class EdgeRuntime:
             self.model.frame.decision.smoothing,
             self.model.version,
             seed,
+            self.open_alerts.load(runner.name),
         )
         runner.calibration = cal  # last: the pipeline thread starts cutting windows after it
 
@@ -336,6 +339,7 @@ class EdgeRuntime:
             verdict = decider.step(raw, evidence, job.window_start, job.window_end)
             self.counters.windows_scored += 1
             if verdict.event is not None:
+                self.open_alerts.update(verdict.event)
                 self._publish_event(verdict.event)
                 records.append((ALERT, alert_record(verdict.event)))
             every = self.config.outbox.prediction_every

@@ -1,0 +1,57 @@
+"""Alerts raised on site and not cleared yet, kept on disk (one file per asset), so an agent
+that restarts mid-fault clears the same alert afterwards instead of leaving it firing in the
+cloud and `fault` in the site's retained state forever, or raising it a second time."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from edge_agent.decisions import RAISED, AlertEvent
+from edge_agent.files import replace_atomically
+
+log = logging.getLogger(__name__)
+
+
+class OpenAlerts:
+    """`STATE_DIR/alerts/<asset>.json` while an alert is open on that asset."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, asset: str) -> Path:
+        return self.directory / f"{asset}.json"
+
+    def load(self, asset: str) -> AlertEvent | None:
+        path = self._path(asset)
+        try:
+            doc = json.loads(path.read_text())
+            event = AlertEvent(
+                **{k: v for k, v in doc.items() if k != "top_sensors"},
+                top_sensors=tuple((str(s), float(c)) for s, c in doc["top_sensors"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("%s: unreadable open alert (%s); starting without it", path, exc)
+            return None
+        if event.kind != RAISED or event.asset != asset:
+            log.warning("%s: not an open alert of %s; ignored", path, asset)
+            return None
+        log.info("alert %s on %s is still open from before the restart", event.key, asset)
+        return event
+
+    def update(self, event: AlertEvent) -> None:
+        """Keeps a raised alert, forgets a cleared one. A failure is logged: the alert path
+        itself (site topic, outbox) must go on."""
+        path = self._path(event.asset)
+        try:
+            if event.kind == RAISED:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                replace_atomically(path, json.dumps(asdict(event)).encode(), 0o644)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot keep the open alert of %s in %s: %s", event.asset, path, exc)
