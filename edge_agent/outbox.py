@@ -100,7 +100,10 @@ class Outbox:
                 evicted, freed = self._evict_locked(self._bytes + added)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) may have ended the transaction already: a
+                # ROLLBACK then raised "no transaction is active" and hid the real cause.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise LocalStateError(f"{self.path}: cannot write the outbox: {exc}") from None
             self._next = first + len(rows)
             self._depth += len(rows) - evicted

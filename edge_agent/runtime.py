@@ -9,6 +9,7 @@ decides. Each piece of state belongs to one thread; they meet only in queues.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -31,7 +32,7 @@ from edge_agent.calibration import (
 from edge_agent.calibration_store import CalibrationStore
 from edge_agent.config import AgentConfig, AssetConfig
 from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
-from edge_agent.errors import AutoglmError
+from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.mqtt import MqttConnection
@@ -139,6 +140,7 @@ class RuntimeCounters:
     alerts_cleared: int = 0
     predictions_kept: int = 0
     errors: int = 0
+    outbox_write_failed: int = 0  # records that could not be kept (disk full)
 
 
 class EdgeRuntime:
@@ -169,6 +171,7 @@ class EdgeRuntime:
         self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
         self.open_alerts = OpenAlerts(config.state_dir / "alerts")
+        self._lost_logged_at = -math.inf
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self._kept_every: Counter[int] = Counter()
@@ -288,7 +291,17 @@ class EdgeRuntime:
                 cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
                 keep = max(0, model.frame.decision.smoothing - 1)
                 seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
-                self.calibrations.save(model.version, runner.name, model.schema.names, cal, seed)
+                try:
+                    self.calibrations.save(
+                        model.version, runner.name, model.schema.names, cal, seed
+                    )
+                except OSError as exc:  # disk full: alert on it anyway, calibrate again later
+                    log.error(
+                        "cannot keep the calibration of %s (%s); it serves from memory and is "
+                        "redone after a restart",
+                        runner.name,
+                        exc,
+                    )
                 log.info("calibrated %s on %d rows", runner.name, series.slots)
                 self._set_calibration(runner, cal, seed)
             except AutoglmError as exc:
@@ -354,7 +367,24 @@ class EdgeRuntime:
             if self.on_verdict is not None:
                 self.on_verdict(verdict)
         if records:
+            self._keep(records)
+
+    def _keep(self, records: list[tuple[int, bytes]]) -> None:
+        """Into the outbox; when it cannot be written (disk full), the records are counted
+        as lost (heartbeat: dropped_by_reason outbox_write_failed) and said once a minute,
+        and the data path goes on: site alerts are already published."""
+        try:
             self.outbox.append(records)
+        except LocalStateError as exc:
+            self.counters.outbox_write_failed += len(records)
+            now = time.monotonic()
+            if now - self._lost_logged_at >= 60.0:
+                self._lost_logged_at = now
+                log.error(
+                    "%s; %d record(s) lost so far (free disk space)",
+                    exc,
+                    self.counters.outbox_write_failed,
+                )
 
     def _publish_event(self, event: AlertEvent) -> None:
         prefix = self.config.mqtt.alert_prefix
@@ -406,6 +436,7 @@ class EdgeRuntime:
         errors = self.counters.errors + (self.worker.errors if self.worker is not None else 0)
         if stats.evicted:
             drops["outbox_evicted"] = stats.evicted
+        drops["outbox_write_failed"] = self.counters.outbox_write_failed
         return agent_pb2.AgentHealth(
             ingest_rate_per_s=rates,
             dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},
@@ -420,7 +451,7 @@ class EdgeRuntime:
         )
 
 
-_REPORTED = frozenset((*DROP_REASONS, "outbox_evicted"))
+_REPORTED = frozenset((*DROP_REASONS, "outbox_evicted", "outbox_write_failed"))
 
 
 def _stamp(message: object, seconds: float) -> None:

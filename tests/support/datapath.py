@@ -1,0 +1,79 @@
+"""One agent data path without the MQTT socket (aligner, runner, inference thread, decider,
+outbox) on a state directory, fed readings directly; and pump readings like the training
+data's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.batching import WindowJob
+from edge_agent.config import AgentConfig
+from edge_agent.decisions import AlertEvent, Verdict
+from edge_agent.outbox import Outbox
+from edge_agent.runtime import EdgeRuntime
+from edge_agent.serving import open_serving
+from tests.support.agents import wait_for
+from tests.support.sensordata import SENSORS
+
+START = 1_700_000_000.0
+
+
+def pump(rows: int, faulty: bool, seed: int) -> np.ndarray:
+    """Readings like the training data's; `faulty`: the flow drops, the vibration rises."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(rows)
+    load = np.sin(2 * np.pi * t / 40) + 0.1 * rng.standard_normal(rows)
+    x = np.stack(
+        [
+            10 + load + 0.1 * rng.standard_normal(rows),
+            3 + 0.5 * load + 0.05 * rng.standard_normal(rows),
+            1 + 0.2 * load + 0.02 * rng.standard_normal(rows),
+            0.2 + 0.01 * rng.standard_normal(rows),
+        ],
+        axis=1,
+    )
+    if faulty:
+        x[:, 0] -= 2.5
+        x[:, 3] += 0.15
+    return x
+
+
+class Site:
+    """One agent data path (everything but the MQTT socket) on a state directory."""
+
+    def __init__(self, config: AgentConfig, bundle: Path, key: object, tmp: Path) -> None:
+        self.model = open_serving(bundle, key, config.model, tmp / "m", tmp / "e")  # type: ignore[arg-type]
+        self.verdicts: list[Verdict] = []
+        self.jobs = 0
+        outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
+        self.runtime = EdgeRuntime(config, self.model, outbox, "t", self.verdicts.append)
+        self.outbox = outbox
+        assert self.runtime.worker is not None
+        self.runtime.worker.start()
+
+    def feed(self, values: np.ndarray, first_row: int) -> None:
+        runner = self.runtime.runners[0]
+
+        def emit(job: WindowJob) -> None:
+            self.jobs += 1
+            self.runtime._emit(job)
+
+        for i in range(values.shape[0]):
+            for j in range(len(SENSORS)):
+                runner.aligner.add(j, START + first_row + i, values[i, j])
+            closed = runner.aligner.close_ready()
+            if closed is not None:
+                runner.feed(closed, emit, self.runtime._start_calibration)
+        wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)
+
+    def events(self) -> list[AlertEvent]:
+        return [v.event for v in self.verdicts if v.event is not None]
+
+    def stop(self) -> None:
+        """As a kill would leave it: nothing is flushed or cleared on the way out."""
+        assert self.runtime.worker is not None
+        self.runtime.worker.stop()
+        self.outbox.close()
+        self.model.close()

@@ -1,0 +1,86 @@
+"""A full disk loses nothing silently: the outbox reports the real cause and stays whole, the
+data path goes on alerting on site, and the lost records are counted in the heartbeat.
+
+The full disk is a stand-in (`DiskFullConnection`, `calibration_save_fails`): SQLite's own
+"database or disk is full" at COMMIT and ENOSPC from the calibration write, injected where
+the real ones arise; mounting a small file system needs privileges CI may not have."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.calibration_store import CalibrationStore
+from edge_agent.config import load_agent_config
+from edge_agent.decisions import RAISED
+from edge_agent.errors import LocalStateError
+from edge_agent.outbox import ALERT, PREDICTION, Outbox
+from tests.support.bundles import train_small
+from tests.support.datapath import Site, pump
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class DiskFullConnection:
+    """Stand-in for a full disk: COMMIT fails as SQLite fails then, ending the transaction."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            self.real.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_the_outbox_reports_a_full_disk_and_stays_whole(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.sqlite3", 1 << 20)
+    assert box.append([(PREDICTION, b"a")]) == [1]
+    real = box._db
+    box._db = DiskFullConnection(real)  # type: ignore[assignment]
+    with pytest.raises(LocalStateError, match="disk is full"):
+        box.append([(ALERT, b"b"), (PREDICTION, b"c")])
+    box._db = real
+    assert box.stats().depth == 1 and box.stats().next_sequence == 2
+    assert box.append([(ALERT, b"d")]) == [2]  # space again: numbering goes on, no gap
+    box.close()
+
+
+def test_a_full_disk_still_alerts_on_site_and_counts_what_it_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    config = load_agent_config(
+        None,
+        {
+            "state_dir": tmp_path / "agent",
+            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
+            "model": {"bundle": bundle},
+            "outbox": {"prediction_every": 1},
+        },
+    )
+
+    def calibration_save_fails(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CalibrationStore, "save", calibration_save_fails)
+    site = Site(config, bundle, key.public_key(), tmp_path / "run")
+    site.outbox._db = DiskFullConnection(site.outbox._db)  # type: ignore[assignment]
+    try:
+        site.feed(pump(200, faulty=False, seed=1), 0)
+        site.feed(pump(150, faulty=True, seed=2), 200)
+        assert [e.kind for e in site.events()] == [RAISED], site.events()
+        lost = site.runtime.counters.outbox_write_failed
+        assert lost >= len(site.verdicts), (lost, len(site.verdicts))
+        health = site.runtime.health(disk_free=0)
+        assert health.dropped_by_reason["outbox_write_failed"] == lost
+    finally:
+        site.stop()
