@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 
@@ -126,6 +126,24 @@ class Manifest(_Strict):
     training: dict[str, object] = Field(default_factory=dict)
     evaluation: dict[str, object] = Field(default_factory=dict)
     export: dict[str, float | int | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _paths_stay_inside(self) -> Manifest:
+        """Every file is a plain relative path: checked when the manifest is read, before
+        anything is downloaded or written (a signed manifest naming `../x` or `/etc/x` must
+        not make an agent write there)."""
+        for name in bundle_paths(self):
+            parts = PurePosixPath(name).parts
+            if (
+                not name
+                or "\\" in name
+                or name.startswith(("/", "~"))
+                or any(p in ("..", ".") for p in parts)
+                or name in (MANIFEST, SIGNATURE)
+                or "\x00" in name
+            ):
+                raise ValueError(f"file {name!r} is not a plain relative path inside the bundle")
+        return self
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:

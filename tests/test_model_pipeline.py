@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from cloud.model.net import NetConfig, SensorGraphNet
 from cloud.model.pipeline import CHECKPOINT, FP32_ONNX, TrainOptions, reexport, train_bundle
 from cloud.model.quantize import quantize_bundle
 from cloud.model.train import TrainParams
-from edge_agent.bundle import MANIFEST, unpack_tar, verify_bundle
+from edge_agent.bundle import MANIFEST, read_signed_manifest, unpack_tar, verify_bundle
 from edge_agent.calibration import DecisionParams
 from edge_agent.errors import FailedPrecondition, IntegrityError
 from edge_agent.selftest import run_self_test
@@ -201,3 +202,20 @@ def test_corrupt_golden_fails_the_self_test(bundle: Path, key) -> None:
         verify_bundle(bundle, key.public_key())
     with pytest.raises(IntegrityError, match="fails the self-test"):
         run_self_test(bundle, manifest)
+
+
+@pytest.mark.parametrize("name", ["../escape.bin", "/etc/escape.bin", "a/../../x", "manifest.sig"])
+def test_a_signed_manifest_naming_a_path_outside_its_bundle_is_refused(
+    bundle: Path, key, tmp_path: Path, name: str
+) -> None:
+    """Refused when the manifest is read, so nothing is downloaded or written for it."""
+    manifest = verify_bundle(bundle, key.public_key())
+    doc = manifest.model_dump(mode="json")
+    doc["files"][name] = "0" * 64
+    raw = json.dumps(doc).encode()
+    (bundle / MANIFEST).write_bytes(raw)
+    (bundle / "manifest.sig").write_bytes(key.sign(raw))
+    with pytest.raises(IntegrityError, match="not a plain relative path"):
+        verify_bundle(bundle, key.public_key())
+    with pytest.raises(IntegrityError, match="not a plain relative path"):
+        read_signed_manifest(bundle, key.public_key())
