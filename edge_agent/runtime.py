@@ -47,6 +47,7 @@ from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 _DRAIN = 5000
+MIN_WINDOW_VALID = 0.5  # share of a window's readings that must be present to score it
 
 
 class AssetRunner:
@@ -73,6 +74,8 @@ class AssetRunner:
         self.ring_m = np.zeros((spec.length, n), dtype=np.float32)
         self.pos = 0
         self.filled = 0
+        self.valid_cells = 0.0  # readings present in the ring
+        self.sparse_windows = 0  # windows not scored: under MIN_WINDOW_VALID of readings
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
         self._cal_v: list[np.ndarray] = []
@@ -90,6 +93,7 @@ class AssetRunner:
         self.history.extend(rows.first_slot, rows.values, rows.mask)
         for k in range(rows.values.shape[0]):
             slot = rows.first_slot + k
+            self.valid_cells += float(rows.mask[k].sum() - self.ring_m[self.pos].sum())
             self.ring_v[self.pos] = rows.values[k]
             self.ring_m[self.pos] = rows.mask[k]
             self.pos = (self.pos + 1) % self.length
@@ -112,6 +116,11 @@ class AssetRunner:
                     start_calibration(self, series)
                 continue
             if self.filled < self.length or slot % spec.stride != 0:
+                continue
+            if self.valid_cells < MIN_WINDOW_VALID * self.ring_m.size:
+                # Mostly missing: sparse readings spread over a long time (one message with
+                # readings hours apart) would otherwise score a window for every slot between.
+                self.sparse_windows += 1
                 continue
             order = (self.pos + np.arange(self.length)) % self.length
             frame = self.model.frame
@@ -437,6 +446,7 @@ class EdgeRuntime:
         if stats.evicted:
             drops["outbox_evicted"] = stats.evicted
         drops["outbox_write_failed"] = self.counters.outbox_write_failed
+        drops["sparse_window"] = sum(r.sparse_windows for r in self.runners)
         return agent_pb2.AgentHealth(
             ingest_rate_per_s=rates,
             dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},
@@ -451,7 +461,7 @@ class EdgeRuntime:
         )
 
 
-_REPORTED = frozenset((*DROP_REASONS, "outbox_evicted", "outbox_write_failed"))
+_REPORTED = frozenset((*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window"))
 
 
 def _stamp(message: object, seconds: float) -> None:

@@ -53,7 +53,8 @@ class Site:
         assert self.runtime.worker is not None
         self.runtime.worker.start()
 
-    def feed(self, values: np.ndarray, first_row: int) -> None:
+    def feed(self, values: np.ndarray, first_row: int, step: float = 1.0) -> None:
+        """Readings at START + first_row + i * step seconds, as the pipeline thread adds them."""
         runner = self.runtime.runners[0]
 
         def emit(job: WindowJob) -> None:
@@ -62,7 +63,7 @@ class Site:
 
         for i in range(values.shape[0]):
             for j in range(len(SENSORS)):
-                runner.aligner.add(j, START + first_row + i, values[i, j])
+                runner.aligner.add(j, START + first_row + i * step, values[i, j])
             closed = runner.aligner.close_ready()
             if closed is not None:
                 runner.feed(closed, emit, self.runtime._start_calibration)
