@@ -55,6 +55,7 @@ class Agent:
             sync=self.sync,
             on_control=self._on_control,
             stop_when_refused=config.cloud.stop_when_refused,
+            dead_after_s=config.cloud.dead_after_s,
         )
         for message in self.pending_reports:
             self.session.post(message)

@@ -24,6 +24,9 @@ class CloudLink(BaseModel):
     # A revoked device (or one whose certificate is no longer current) stops, exit code 6 or
     # 5, instead of retrying forever; false: it keeps alerting on site and keeps retrying.
     stop_when_refused: bool = True
+    # Nothing heard from the control plane this long (a probe goes out at half of it) ends
+    # the session and reconnects: a partition that silently drops packets is noticed.
+    dead_after_s: float = Field(default=15.0, ge=2)
 
 
 class ReconnectPolicy(BaseModel):

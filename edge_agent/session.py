@@ -29,6 +29,7 @@ from edge_agent.sync import RecordSync
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
+DEAD_AFTER_S = 15.0
 LATENCY_SAMPLES = 4096
 
 
@@ -60,6 +61,7 @@ class CloudSession:
         on_control: Callable[[agent_pb2.ControlMessage], None] | None = None,
         sync: RecordSync | None = None,
         stop_when_refused: bool = False,
+        dead_after_s: float = DEAD_AFTER_S,
     ) -> None:
         self.identity = identity
         self.status = status
@@ -71,6 +73,11 @@ class CloudSession:
         self.on_control = on_control
         self.sync = sync
         self.stop_when_refused = stop_when_refused
+        # Nothing heard from the control plane this long ends the session: a partition that
+        # drops packets without a reset looked alive for 40 s and more. Half of it silent, a
+        # heartbeat goes out early as a probe.
+        self.dead_after_s = dead_after_s
+        self._last_heard = 0.0
         # Why the control plane refused this device, when that ended the sessions for good.
         self.refusal: AutoglmError | None = None
         self.stats = SessionStats()
@@ -149,13 +156,22 @@ class CloudSession:
                     host=self.host(),
                     last_acked_sequence=self.sync.outbox.acked if self.sync else 0,
                 )
-                await call.write(agent_pb2.AgentMessage(hello=hello))
-                first = await call.read()
+                try:  # a path that dies while the session opens must not hang it
+                    await asyncio.wait_for(
+                        call.write(agent_pb2.AgentMessage(hello=hello)), self.dead_after_s
+                    )
+                    first = await asyncio.wait_for(call.read(), self.dead_after_s)
+                except TimeoutError:
+                    raise Unavailable(
+                        f"{self.address}: no answer to the session's hello within "
+                        f"{self.dead_after_s:g}s"
+                    ) from None
                 if not isinstance(first, agent_pb2.ControlMessage) or not first.HasField(
                     "accepted"
                 ):
                     raise InvalidInput("the control plane did not accept the session")
                 accepted = first.accepted
+                self._last_heard = time.monotonic()
                 self.connected = True
                 self.stats.sessions_opened += 1
                 self.backoff.reset()
@@ -204,20 +220,43 @@ class CloudSession:
         seq = 0
         stopping = asyncio.create_task(stop.wait())
         watched = {stopping, reader} | ({sender} if sender is not None else set())
+        probe_after = self.dead_after_s / 2
+        tick = min(interval, probe_after / 2)
+        last_beat = time.monotonic()
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    watched, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                    watched, timeout=tick, return_when=asyncio.FIRST_COMPLETED
                 )
                 if sender is not None and sender in done:
                     sender.result()  # a failed write ends the session with its error
                 if done:
                     return
+                now = time.monotonic()
+                silent = now - self._last_heard
+                if silent > self.dead_after_s:
+                    raise Unavailable(
+                        f"{self.address}: nothing heard for {silent:.0f}s "
+                        f"(cloud.dead_after_s {self.dead_after_s:g}); the path is dead"
+                    )
+                due = now - last_beat >= interval
+                probe = silent >= probe_after and now - last_beat >= probe_after
+                if not (due or probe):
+                    continue
                 seq += 1
-                self._sent_at[seq] = time.monotonic()
+                last_beat = now
+                self._sent_at[seq] = now
                 beat = agent_pb2.Heartbeat(seq=seq, status=self.status())
                 beat.sent_at.GetCurrentTime()
-                await send(agent_pb2.AgentMessage(heartbeat=beat))
+                try:  # a write stuck on a dead path must not stall the watchdog
+                    await asyncio.wait_for(
+                        send(agent_pb2.AgentMessage(heartbeat=beat)), self.dead_after_s
+                    )
+                except TimeoutError:
+                    raise Unavailable(
+                        f"{self.address}: a heartbeat could not be written for "
+                        f"{self.dead_after_s:g}s; the path is dead"
+                    ) from None
                 self.stats.heartbeats_sent += 1
         finally:
             stopping.cancel()
@@ -229,6 +268,7 @@ class CloudSession:
             message = await call.read()
             if not isinstance(message, agent_pb2.ControlMessage):
                 return  # EOF: the control plane closed the stream cleanly
+            self._last_heard = time.monotonic()
             if message.WhichOneof("body") == "heartbeat_ack":
                 sent = self._sent_at.pop(message.heartbeat_ack.seq, None)
                 if sent is not None:

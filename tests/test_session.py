@@ -17,10 +17,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from edge_agent.enroll import enroll
 from edge_agent.errors import Unauthenticated
 from edge_agent.identity import identity_dir, load_identity
+from edge_agent.session import DEAD_AFTER_S
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.conftest import register
 from tests.support.agents import enroll_identity, start_session, wait_for
 from tests.support.cloud import RunningPlane
+from tests.support.proxy import BlackholeProxy
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +107,32 @@ def test_a_revoked_agent_process_stops_with_a_clear_exit_code(
     assert "permission denied" in last and "revoked" in last and "register" in last, last
     assert "Traceback" not in result.stderr
     assert identity.info.device_name == "pump-9"
+
+
+@pytest.mark.slow
+def test_a_partition_that_swallows_packets_is_noticed_and_the_session_comes_back(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    """No reset, no FIN, just silence: the session watchdog ends the dead session after
+    DEAD_AFTER_S (15 s) of silence, also with regular heartbeats far apart."""
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    port = int(plane.device_address.rsplit(":", 1)[1])
+    proxy = BlackholeProxy(("127.0.0.1", port))
+    agent = start_session(
+        identity, heartbeat_interval_s=300.0, device_address=f"127.0.0.1:{proxy.port}"
+    )
+    try:
+        wait_for(lambda: agent.session.connected, timeout=30)
+        proxy.blackhole()
+        took = wait_for(lambda: not agent.session.connected, timeout=120, interval=0.2)
+        limit = 3 * DEAD_AFTER_S  # generous on a busy machine
+        assert took < limit, f"the dead session was noticed after {took:.1f}s"
+        proxy.heal()
+        wait_for(lambda: agent.session.connected, timeout=60, interval=0.2)
+        assert agent.session.stats.sessions_opened >= 2
+    finally:
+        agent.stop()
+        proxy.close()
 
 
 def test_reenrolled_device_invalidates_its_old_certificate(

@@ -44,6 +44,7 @@ def start_session(
     heartbeat_interval_s: float = 0.2,
     model_version: str = "",
     sync: RecordSync | None = None,
+    device_address: str = "",
 ) -> SessionThread:
     loop = asyncio.new_event_loop()
     stop_event = asyncio.Event()
@@ -54,6 +55,8 @@ def start_session(
         backoff=Backoff(0.1, 0.5),
         heartbeat_interval_s=heartbeat_interval_s,
         sync=sync,
+        device_address=device_address,
+        tls_server_name="localhost" if device_address else "",
     )
 
     def main() -> None:

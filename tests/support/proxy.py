@@ -77,3 +77,30 @@ class CuttingProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+class BlackholeProxy(CuttingProxy):
+    """A CuttingProxy whose `blackhole()` makes the path swallow every byte both ways without
+    closing anything (a partition that drops packets); `heal()` lets bytes through again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.swallowing = threading.Event()
+        super().__init__(target)
+
+    def blackhole(self) -> None:
+        self.swallowing.set()
+
+    def heal(self) -> None:
+        self.swallowing.clear()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.swallowing.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
