@@ -234,13 +234,18 @@ class CloudSession:
                     return
                 now = time.monotonic()
                 silent = now - self._last_heard
-                if silent > self.dead_after_s:
+                # Dead: silent past the bound while a heartbeat has waited a while for its
+                # answer (a slow but living control plane is not a dead path).
+                waited = now - min(self._sent_at.values(), default=now)
+                if silent > self.dead_after_s and waited >= self.dead_after_s / 3:
                     raise Unavailable(
                         f"{self.address}: nothing heard for {silent:.0f}s "
                         f"(cloud.dead_after_s {self.dead_after_s:g}); the path is dead"
                     )
                 due = now - last_beat >= interval
-                probe = silent >= probe_after and now - last_beat >= probe_after
+                # Regular heartbeats rarer than half the bound: probe when it has been quiet.
+                probe = interval > probe_after and silent >= probe_after
+                probe = probe and now - last_beat >= probe_after
                 if not (due or probe):
                     continue
                 seq += 1
