@@ -4,7 +4,8 @@ A bundle is trained on many sites; a new site differs in levels and noise. Calib
 an initial stretch of the site's data, with no labels, and fits:
 
 - the input normalisation (per-sensor median and spread, the spread floored at a share of the
-  training spread so a flat sensor does not turn noise into alarms), applied as an affine map
+  typical within-site spread of the training data, so a flat sensor does not turn noise into
+  alarms), applied as an affine map
   into the network's own normalisation, so the network and its baked constants stay untouched;
 - the scale of each sensor's forecast residual on that stretch;
 - the normal range of each sensor's recent level (the mean of the last `level_window` rows, in
@@ -12,7 +13,7 @@ an initial stretch of the site's data, with no labels, and fits:
   its levels moved from normal operation here, one sensor at a time and jointly; and the
   typical recent spread of each sensor.
 
-Each window then yields up to four evidence scores, each divided by its threshold so that 1
+Each window then yields up to five evidence scores, each divided by its threshold so that 1
 means "fault" (thresholds are fitted at training for a false-alarm budget on held-out normal
 data, `cloud/model/thresholds.py`):
 
@@ -23,10 +24,12 @@ data, `cloud/model/thresholds.py`):
 - `joint`: the Mahalanobis distance of the level deviations under the site's correlation
   (sensors that normally move together and no longer do);
 - `forecast`: the largest forecast residual of the network in site units (dynamics);
-- `supervised`: the fault head, only where the training data had labels; it can add
-  detections of a labelled kind, never carry the others.
+- `supervised`: the fault head, only where the training data had labels (and never below
+  probability 0.5); it can add detections of a labelled kind, never carry the others.
 
-The window's raw score is the largest of them, smoothed causally over the last few windows.
+The window's raw score is the largest of them (`combine`), smoothed causally over the last
+few windows. Per-sensor tolerances (how far each sensor's level and spread wander in normal
+operation) divide the level and spread deviations first.
 """
 
 from __future__ import annotations
