@@ -245,3 +245,24 @@ def test_json_output_uses_the_tables_words_and_real_numbers() -> None:
     assert view["revision"] == 2**40 and view["raised_events"] == 3
     assert view["top_sensors"] == [{"sensor": "flow", "contribution": 0.5}]
     assert view["first_seen"] == "2023-11-14T22:13:20Z"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "incumbent", "fails"),
+    [
+        (1.6, 0.5, False),  # 3.2x, but 1.1 ms: scheduling noise on a busy device
+        (6.0, 2.0, False),  # 3x, 4 ms slower: still under the floor
+        (30.0, 10.0, True),  # 3x and 20 ms slower: a real regression
+        (15.0, 10.0, False),  # 5 ms slower, within the 2x ratio
+        (9.0, 0.0, False),  # nothing measured for the incumbent
+    ],
+)
+def test_the_latency_gate_has_an_absolute_floor(
+    candidate: float, incumbent: float, fails: bool
+) -> None:
+    from cloud.rollouts import latency_regression
+
+    why = latency_regression(candidate, incumbent, 2.0)
+    assert bool(why) is fails, why
+    if fails:
+        assert "ms" in why and "ratio" in why
