@@ -279,7 +279,11 @@ def thresholds_of(params: DecisionParams) -> dict[str, float]:
 
 def fault_score(out: WindowOutputs, cal: SiteCalibration, params: DecisionParams) -> FloatArray:
     """One score per window; >= 1 means fault (see `combine`)."""
-    values = evidence_values(out, cal, params)
+    return score_of(evidence_values(out, cal, params), params)
+
+
+def score_of(values: dict[str, FloatArray], params: DecisionParams) -> FloatArray:
+    """`fault_score` from evidence already computed (`evidence_values`)."""
     return combine(
         [values[k] / t for k, t in thresholds_of(params).items() if k in values], params.combine
     )
@@ -300,13 +304,17 @@ def combine(normalised: list[FloatArray], rule: str) -> FloatArray:
 
 
 def sensor_evidence(
-    out: WindowOutputs, row: int, cal: SiteCalibration, params: DecisionParams
+    one: WindowOutputs,
+    cal: SiteCalibration,
+    params: DecisionParams,
+    values: dict[str, FloatArray] | None = None,
 ) -> FloatArray:
-    """Per-sensor share of the evidence of window `row`, summing to 1, from the kind of
-    evidence that drives its score: level deviations, forecast residuals (both in site units
-    of normal), else the model's attention-based contribution."""
-    one = out.select(np.asarray([row]))
-    values = evidence_values(one, cal, params)
+    """Per-sensor share of the evidence of the one window in `one`, summing to 1, from the
+    kind of evidence that drives its score: level or spread deviations, forecast residuals
+    (in site units of normal), else the model's attention-based contribution. `values`: its
+    `evidence_values`, when already computed."""
+    if values is None:
+        values = evidence_values(one, cal, params)
     thresholds = thresholds_of(params)
     ranked = sorted((float(values[k][0]) / t, k) for k, t in thresholds.items() if k in values)
     driver = ranked[-1][1] if ranked else "supervised"

@@ -24,8 +24,9 @@ from edge_agent.batching import InferenceWorker, WindowJob, percentile
 from edge_agent.calibration import (
     SiteCalibration,
     WindowOutputs,
-    fault_score,
+    evidence_values,
     recent_stats,
+    score_of,
     sensor_evidence,
     to_network_space,
 )
@@ -356,8 +357,9 @@ class EdgeRuntime:
             if decider is None or cal is None:
                 continue
             one = out.select(np.asarray([i]))
-            raw = float(fault_score(one, cal, decision)[0])
-            evidence = sensor_evidence(out, i, cal, decision)
+            values = evidence_values(one, cal, decision)  # once, for the score and the sensors
+            raw = float(score_of(values, decision)[0])
+            evidence = sensor_evidence(one, cal, decision, values)
             verdict = decider.step(raw, evidence, job.window_start, job.window_end)
             self.counters.windows_scored += 1
             if verdict.event is not None:

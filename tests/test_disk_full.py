@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 
 from edge_agent.calibration_store import CalibrationStore
-from edge_agent.config import load_agent_config
 from edge_agent.decisions import RAISED
 from edge_agent.errors import LocalStateError
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from tests.support.bundles import train_small
-from tests.support.datapath import Site, pump
+from tests.support.datapath import Site, pump, site_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,15 +57,7 @@ def test_a_full_disk_still_alerts_on_site_and_counts_what_it_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle, key = train_small(tmp_path / "model")
-    config = load_agent_config(
-        None,
-        {
-            "state_dir": tmp_path / "agent",
-            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
-            "model": {"bundle": bundle},
-            "outbox": {"prediction_every": 1},
-        },
-    )
+    config = site_config(tmp_path, bundle, outbox={"prediction_every": 1})
 
     def calibration_save_fails(*_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import load_agent_config
 from edge_agent.decisions import CLEARED, RAISED
 from tests.support.bundles import train_small
-from tests.support.datapath import Site, pump
+from tests.support.datapath import Site, pump, site_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -19,14 +18,7 @@ def test_an_alert_open_at_restart_is_cleared_afterwards_and_not_raised_twice(
     tmp_path: Path,
 ) -> None:
     bundle, key = train_small(tmp_path / "model")
-    config = load_agent_config(
-        None,
-        {
-            "state_dir": tmp_path / "agent",
-            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
-            "model": {"bundle": bundle},
-        },
-    )
+    config = site_config(tmp_path, bundle)
     first = Site(config, bundle, key.public_key(), tmp_path / "1")
     first.feed(pump(200, faulty=False, seed=1), 0)
     first.feed(pump(150, faulty=True, seed=2), 200)

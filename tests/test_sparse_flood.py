@@ -7,23 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import load_agent_config
 from tests.support.bundles import train_small
-from tests.support.datapath import Site, pump
+from tests.support.datapath import Site, pump, site_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_sparse_readings_over_hours_score_no_masked_windows(tmp_path: Path) -> None:
     bundle, key = train_small(tmp_path / "model")
-    config = load_agent_config(
-        None,
-        {
-            "state_dir": tmp_path / "agent",
-            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
-            "model": {"bundle": bundle},
-        },
-    )
+    config = site_config(tmp_path, bundle)
     site = Site(config, bundle, key.public_key(), tmp_path / "run")
     try:
         site.feed(pump(200, faulty=False, seed=1), 0)

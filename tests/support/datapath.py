@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.batching import WindowJob
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.decisions import AlertEvent, Verdict
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import EdgeRuntime
@@ -38,6 +38,19 @@ def pump(rows: int, faulty: bool, seed: int) -> np.ndarray:
         x[:, 0] -= 2.5
         x[:, 3] += 0.15
     return x
+
+
+def site_config(tmp_path: Path, bundle: Path, **extra: object) -> AgentConfig:
+    """One asset, pump-1, serving `bundle` from `tmp_path/agent`."""
+    return load_agent_config(
+        None,
+        {
+            "state_dir": tmp_path / "agent",
+            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
+            "model": {"bundle": bundle},
+            **extra,
+        },
+    )
 
 
 class Site:
