@@ -32,6 +32,9 @@ class CloudConfig(BaseSettings):
     offline_after_s: float = Field(default=30.0, gt=0)
     presence_flush_interval_s: float = Field(default=1.0, gt=0)
     auth_recheck_interval_s: float = Field(default=5.0, gt=0)
+    # How often each replica reads the desired-state changes made through any replica (the
+    # bound on how late a device on another replica than the change gets its desired state).
+    desired_poll_interval_s: float = Field(default=1.0, gt=0)
     enrollment_token_ttl_s: int = Field(default=86_400, gt=0)
     device_cert_validity_days: int = Field(default=365, gt=0)
     artifacts_dir: Path | None = None  # content-addressed bundle files; empty: STATE_DIR/artifacts

@@ -156,6 +156,7 @@ class DesiredModel:
     shadow: bool  # run beside the incumbent and report; do not serve
     updated_at: dt.datetime
     revert_version: str = ""  # an aborted rollout's version (see DesiredState)
+    revision: int = 0  # set by the store: the change feed's position of this desired state
 
 
 class RolloutState(enum.StrEnum):
@@ -217,6 +218,7 @@ class RolloutRecord:
     reason: str
     created_at: dt.datetime
     updated_at: dt.datetime
+    revision: int = 0  # the stored revision this record was read at (compare-and-set)
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ class RolloutTarget:
     errors_at_install: int = -1  # the agent's error counter when it reported the install
     shadow: dict[str, Any] = field(default_factory=dict)  # latest ShadowReport, as a dict
     updated_at: dt.datetime | None = None
+    revision: int = 0  # the stored revision this record was read at (compare-and-set)
 
     @property
     def shadow_windows(self) -> int:

@@ -24,7 +24,8 @@ import logging
 import math
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from cloud.clock import Clock, utc_now
 from cloud.domain import (
@@ -41,7 +42,7 @@ from cloud.domain import (
 )
 from cloud.selectors import parse_selector
 from cloud.store import Store
-from edge_agent.errors import FailedPrecondition, InvalidInput, NotFound
+from edge_agent.errors import Conflict, FailedPrecondition, InvalidInput, NotFound
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ DEFAULT_WAVES = ("1", "10%", "50%", "100%")
 # second or more are scheduling noise (ratios of 2-3 between two equal models were seen).
 LATENCY_FLOOR_MS = 5.0
 _OUTCOME = agent_pb2.InstallReport.Outcome
+CONFLICT_RETRIES = 5  # an operator action or a report against concurrent writers
+_T = TypeVar("_T")
 
 
 def parse_waves(sizes: Sequence[str], devices: int) -> list[int]:
@@ -108,6 +111,7 @@ class RolloutController:
         self.settings = settings
         self.clock = clock
         self._lock = threading.Lock()  # ticks and reports read-modify-write the same targets
+        self.ticks = 0  # reconciliation passes so far
 
     # ---- operator actions ----
     def create(
@@ -181,33 +185,56 @@ class RolloutController:
             return self._advance(rollout)
 
     def pause(self, rollout_id: str, reason: str) -> RolloutRecord:
-        with self._lock:
+        def attempt() -> RolloutRecord:
             rollout = self.store.get_rollout(rollout_id)
             if rollout.state is not RolloutState.RUNNING:
                 raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not running")
             rollout = self._with(rollout, state=RolloutState.PAUSED, reason=reason or "paused")
-            self.store.save_rollout(rollout)
-            return rollout
+            return self.store.save_rollout(rollout)[0]
+
+        return self._retried(attempt)
 
     def resume(self, rollout_id: str) -> tuple[RolloutRecord, list[DesiredModel]]:
-        with self._lock:
+        def attempt() -> tuple[RolloutRecord, list[DesiredModel]]:
             rollout = self.store.get_rollout(rollout_id)
             if rollout.state is not RolloutState.PAUSED:
                 raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not paused")
             rollout = self._with(rollout, state=RolloutState.RUNNING, reason="")
-            self.store.save_rollout(rollout)
-            return self._advance(rollout)
+            return self.store.save_rollout(rollout)[0], []
+
+        rollout, _ = self._retried(attempt)
+        with self._lock:
+            try:
+                return self._advance(rollout)
+            except Conflict:  # the leader moved it first; it carries on from there
+                return self.store.get_rollout(rollout_id), []
 
     def abort(self, rollout_id: str, reason: str) -> tuple[RolloutRecord, list[DesiredModel]]:
-        with self._lock:
+        def attempt() -> tuple[RolloutRecord, list[DesiredModel]]:
             rollout = self.store.get_rollout(rollout_id)
             if not rollout.state.active:
                 raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state} already")
             return self._abort(rollout, reason or "aborted by an operator")
 
+        return self._retried(attempt)
+
+    def _retried(self, attempt: Callable[[], _T]) -> _T:
+        """An operator's action, read and written again when another writer (the leader's
+        tick on any replica, a device report) changed the rollout in between: the action
+        always applies to what is stored, and a stale decision is never written."""
+        for _ in range(CONFLICT_RETRIES - 1):
+            with self._lock:
+                try:
+                    return attempt()
+                except Conflict as exc:
+                    log.info("retrying after a concurrent change: %s", exc)
+        with self._lock:
+            return attempt()
+
     # ---- reconciliation ----
     def tick(self) -> list[DesiredModel]:
         """One pass over every running rollout."""
+        self.ticks += 1
         changed: list[DesiredModel] = []
         for rollout in self.store.list_rollouts(active_only=True):
             if rollout.state is not RolloutState.RUNNING:
@@ -215,72 +242,76 @@ class RolloutController:
             with self._lock:
                 try:
                     changed.extend(self._advance(self.store.get_rollout(rollout.id))[1])
+                except Conflict as exc:  # an operator or a report came first: next tick
+                    log.info("rollout %s: %s; deciding again on the next tick", rollout.id, exc)
                 except Exception:
                     log.exception("rollout %s: reconciliation failed; retrying", rollout.id)
         return changed
 
     def on_install(self, device_id: str, report: agent_pb2.InstallReport) -> None:
         """Records what a device says about installing a rollout's version."""
-        with self._lock:
-            found = self._target(report.rollout_id, device_id)
-            if found is None:
-                return
-            rollout, target = found
-            if report.model_version != rollout.model_version:
-                return  # a report about a rollback or an older version
-            if report.outcome == _OUTCOME.OUTCOME_INSTALLED:
-                desired = self.store.get_desired(device_id)
-                shadow = desired is not None and desired.shadow
-                state = TargetState.SHADOWING if shadow else TargetState.UPDATED
-                if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED):
-                    return  # a report resent after a reconnect, or after the gate judged
-                device = self.store.get_device(device_id)
-                if report.serving_version and report.serving_version != rollout.model_version:
-                    # What it really served: the status read at creation may be stale.
-                    target = dataclasses.replace(
-                        target,
-                        previous_name=report.serving_name,
-                        previous_version=report.serving_version,
-                    )
+        self._retried(lambda: self._on_install(device_id, report))
+
+    def _on_install(self, device_id: str, report: agent_pb2.InstallReport) -> None:
+        found = self._target(report.rollout_id, device_id)
+        if found is None:
+            return
+        rollout, target = found
+        if report.model_version != rollout.model_version:
+            return  # a report about a rollback or an older version
+        if report.outcome == _OUTCOME.OUTCOME_INSTALLED:
+            desired = self.store.get_desired(device_id)
+            shadow = desired is not None and desired.shadow
+            state = TargetState.SHADOWING if shadow else TargetState.UPDATED
+            if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED):
+                return  # a report resent after a reconnect, or after the gate judged
+            device = self.store.get_device(device_id)
+            if report.serving_version and report.serving_version != rollout.model_version:
+                # What it really served: the status read at creation may be stale.
                 target = dataclasses.replace(
                     target,
-                    state=state,
-                    detail=f"installed ({report.backend})",
-                    errors_at_install=_agent_errors(device),
-                    updated_at=self.clock(),
+                    previous_name=report.serving_name,
+                    previous_version=report.serving_version,
                 )
-            else:
-                name = _OUTCOME.Name(report.outcome).removeprefix("OUTCOME_").lower()
-                target = dataclasses.replace(
-                    target,
-                    state=TargetState.FAILED,
-                    detail=f"{name}: {report.detail}"[:500],
-                    updated_at=self.clock(),
-                )
-                log.warning(
-                    "rollout %s: device %s failed: %s", rollout.id, device_id, target.detail
-                )
-            self.store.save_rollout(rollout, [target])
+            target = dataclasses.replace(
+                target,
+                state=state,
+                detail=f"installed ({report.backend})",
+                errors_at_install=_agent_errors(device),
+                updated_at=self.clock(),
+            )
+        else:
+            name = _OUTCOME.Name(report.outcome).removeprefix("OUTCOME_").lower()
+            target = dataclasses.replace(
+                target,
+                state=TargetState.FAILED,
+                detail=f"{name}: {report.detail}"[:500],
+                updated_at=self.clock(),
+            )
+            log.warning("rollout %s: device %s failed: %s", rollout.id, device_id, target.detail)
+        self.store.save_target(target)
 
     def on_shadow(self, device_id: str, report: agent_pb2.ShadowReport) -> None:
-        with self._lock:
-            found = self._target(report.rollout_id, device_id)
-            if found is None:
-                return
-            rollout, target = found
-            if report.candidate_version != rollout.model_version:
-                return
-            shadow = {
-                "windows": int(report.windows),
-                "agreement": report.agreement,
-                "alert_rate_candidate": report.alert_rate_candidate,
-                "alert_rate_incumbent": report.alert_rate_incumbent,
-                "latency_p99_ms": report.latency_p99_ms,
-                "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
-                "detail": report.detail,
-            }
-            target = dataclasses.replace(target, shadow=shadow, updated_at=self.clock())
-            self.store.save_rollout(rollout, [target])
+        self._retried(lambda: self._on_shadow(device_id, report))
+
+    def _on_shadow(self, device_id: str, report: agent_pb2.ShadowReport) -> None:
+        found = self._target(report.rollout_id, device_id)
+        if found is None:
+            return
+        rollout, target = found
+        if report.candidate_version != rollout.model_version:
+            return
+        shadow = {
+            "windows": int(report.windows),
+            "agreement": report.agreement,
+            "alert_rate_candidate": report.alert_rate_candidate,
+            "alert_rate_incumbent": report.alert_rate_incumbent,
+            "latency_p99_ms": report.latency_p99_ms,
+            "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
+            "detail": report.detail,
+        }
+        target = dataclasses.replace(target, shadow=shadow, updated_at=self.clock())
+        self.store.save_target(target)
 
     # ---- internals (called with the lock held) ----
     def _target(
@@ -341,9 +372,8 @@ class RolloutController:
                     updated.append(_moved(t, TargetState.INSTALLING, "desired state sent", now))
                 else:
                     updated.append(_moved(t, TargetState.DEFERRED, "offline; installs later", now))
-            self.store.set_desired(desired)
             rollout = self._with_wave(rollout, wave, started_at=now)
-            self.store.save_rollout(rollout, updated)
+            rollout, desired = self.store.save_rollout(rollout, updated, desired)
             log.info(
                 "rollout %s: wave %d started (%d device(s))", rollout.id, wave.index, len(desired)
             )
@@ -357,8 +387,7 @@ class RolloutController:
             and now - t.updated_at > self.settings.install_timeout
         ]
         if timed_out:
-            self.store.save_rollout(rollout, timed_out)
-            return self._with(rollout), []  # re-read on the next step
+            return self.store.save_rollout(self._with(rollout), timed_out)  # targets re-read next
         if (aborted := self._failure_gate(rollout, targets)) is not None:
             return aborted
         if any(t.state is TargetState.INSTALLING for t in in_wave):
@@ -378,13 +407,11 @@ class RolloutController:
             else:
                 rollout = self._with(rollout, state=RolloutState.SUCCEEDED, reason="")
                 log.info("rollout %s succeeded", rollout.id)
-            self.store.save_rollout(rollout)
-            return rollout, []
+            return self.store.save_rollout(rollout)
         if wave.installed_at is None:
             soak = dt.timedelta(seconds=rollout.soak_s)
             rollout = self._with_wave(rollout, wave, installed_at=now, soak_until=now + soak)
-            self.store.save_rollout(rollout)
-            return rollout, []
+            return self.store.save_rollout(rollout)
         assert wave.soak_until is not None
         if now < wave.soak_until:
             return rollout, []
@@ -393,7 +420,7 @@ class RolloutController:
             if judged is None:
                 return rollout, []  # waiting for shadow windows
             if judged:
-                self.store.save_rollout(rollout, judged)
+                rollout, _ = self.store.save_rollout(self._with(rollout), judged)
                 if aborted := self._failure_gate(rollout, self.store.rollout_targets(rollout.id)):
                     return aborted
         # Promote: serve the new version on this wave's targets.
@@ -407,12 +434,11 @@ class RolloutController:
                 updated.append(_moved(t, TargetState.INSTALLING, "promoted; swapping", now))
             elif t.state is TargetState.DEFERRED:
                 desired.append(self._desired(model, rollout.id, t.device_id, False))
-        self.store.set_desired(desired)
         last = rollout.current_wave == len(rollout.waves) - 1
         rollout = self._with_wave(rollout, wave, promoted_at=now)
         if not last:
             rollout = self._with(rollout, current_wave=rollout.current_wave + 1)
-        self.store.save_rollout(rollout, updated)
+        rollout, desired = self.store.save_rollout(rollout, updated, desired)
         log.info("rollout %s: wave %d promoted", rollout.id, wave.index)
         return rollout, desired
 
@@ -511,9 +537,8 @@ class RolloutController:
                 )
             )
             updated.append(_moved(t, TargetState.ROLLED_BACK, t.detail or "rolled back", now))
-        self.store.set_desired(desired)
         rollout = self._with(rollout, state=RolloutState.ABORTED, reason=reason)
-        self.store.save_rollout(rollout, updated)
+        rollout, desired = self.store.save_rollout(rollout, updated, desired)
         log.warning("rollout %s aborted: %s", rollout.id, reason)
         return rollout, desired
 

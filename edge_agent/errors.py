@@ -112,6 +112,15 @@ class NotImplementedYet(AutoglmError):
     label = "not implemented"
 
 
+class Conflict(AutoglmError):
+    """Someone else changed the record between this writer's read and its write (a
+    compare-and-set lost); read it again and decide again."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+    exit_code = 12
+    label = "conflict"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
     cls.grpc_code: cls
     for cls in (
@@ -124,6 +133,7 @@ _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
         Unavailable,
         IntegrityError,
         NotImplementedYet,
+        Conflict,
     )
 }
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable

@@ -29,6 +29,7 @@ def plane(tmp_path: Path) -> Iterator[RunningPlane]:
         result.operator_token,
         presence_flush_interval_s=0.2,
         auth_recheck_interval_s=0.5,
+        desired_poll_interval_s=0.2,
     )
     yield running
     running.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +15,22 @@ from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
     AlertState,
+    DesiredModel,
     DeviceRecord,
     DeviceState,
+    Gates,
     PresenceUpdate,
+    RolloutRecord,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+    Wave,
 )
 from cloud.store import Store, open_store, sql_alerts
 from edge_agent.errors import (
     AlreadyExists,
     ConfigError,
+    Conflict,
     FailedPrecondition,
     InvalidInput,
     NotFound,
@@ -55,6 +65,44 @@ def _event(
         raised_at=end,
         model_version="1",
     )
+
+
+def _desired(device_id: str, version: str) -> DesiredModel:
+    return DesiredModel(
+        device_id=device_id,
+        model_name="pump",
+        model_version=version,
+        manifest_digest="sha256:" + "a" * 64,
+        signature_digest="sha256:" + "b" * 64,
+        rollout_id="r-1",
+        shadow=False,
+        updated_at=NOW,
+    )
+
+
+def _rollout(device_id: str) -> tuple[RolloutRecord, RolloutTarget]:
+    rollout = RolloutRecord(
+        id=str(uuid.uuid4()),
+        model_name="pump",
+        model_version="2",
+        selector="",
+        state=RolloutState.RUNNING,
+        waves=(Wave(index=0, size="100%", target=1),),
+        current_wave=0,
+        soak_s=0.0,
+        gates=Gates(),
+        reason="",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    target = RolloutTarget(
+        rollout_id=rollout.id,
+        device_id=device_id,
+        wave=0,
+        state=TargetState.WAITING,
+        updated_at=NOW,
+    )
+    return rollout, target
 
 
 def _issue(device: DeviceRecord) -> str:
@@ -344,6 +392,60 @@ class StoreContract:
         for t in threads:
             t.join(30)
         assert len(holders) == 1, holders
+
+    def test_desired_states_form_a_change_feed(self, store: Store) -> None:
+        a = store.create_device("pump-a", {}, "", NOW)
+        b = store.create_device("pump-b", {}, "", NOW)
+        start = store.desired_revision()
+        assert store.desired_after(start) == []
+        written = store.set_desired([_desired(a.id, "2"), _desired(b.id, "2")])
+        assert [d.revision for d in written] == [start + 1, start + 2]
+        assert store.get_desired(a.id) == written[0]
+        again = store.set_desired([_desired(a.id, "3")])  # replaces a's: one entry per device
+        assert again[0].revision == start + 3 == store.desired_revision()
+        feed = store.desired_after(start)
+        assert [(d.device_id, d.model_version, d.revision) for d in feed] == [
+            (b.id, "2", start + 2),
+            (a.id, "3", start + 3),
+        ]
+        assert store.desired_after(start + 2) == [again[0]]
+        assert store.desired_after(start, limit=1) == [feed[0]]
+
+    def test_rollouts_are_written_by_compare_and_set(self, store: Store) -> None:
+        device = store.create_device("pump-a", {}, "", NOW)
+        rollout, target = _rollout(device.id)
+        store.create_rollout(rollout, [target])
+        read_by_leader = store.get_rollout(rollout.id)
+        read_by_operator = store.get_rollout(rollout.id)
+        aborted, _ = store.save_rollout(
+            dataclasses.replace(read_by_operator, state=RolloutState.ABORTED, reason="stop")
+        )
+        assert aborted.revision == read_by_operator.revision + 1
+        # The leader decided on what it read before the abort: nothing of it is written,
+        # neither the rollout, nor its targets, nor the desired state it meant to send.
+        started = dataclasses.replace(target, state=TargetState.INSTALLING)
+        with pytest.raises(Conflict):
+            store.save_rollout(read_by_leader, [started], [_desired(device.id, "2")])
+        assert store.get_rollout(rollout.id).state is RolloutState.ABORTED
+        assert store.rollout_target(rollout.id, device.id) == dataclasses.replace(
+            target, revision=0
+        )
+        assert store.get_desired(device.id) is None
+
+    def test_targets_are_written_by_compare_and_set(self, store: Store) -> None:
+        device = store.create_device("pump-a", {}, "", NOW)
+        rollout, target = _rollout(device.id)
+        store.create_rollout(rollout, [target])
+        read = store.rollout_target(rollout.id, device.id)
+        assert read is not None
+        saved = store.save_target(dataclasses.replace(read, state=TargetState.UPDATED))
+        assert saved.revision == read.revision + 1
+        with pytest.raises(Conflict):
+            store.save_target(dataclasses.replace(read, state=TargetState.FAILED))
+        with pytest.raises(Conflict):  # the rollout's writer read the target before, too
+            store.save_rollout(rollout, [dataclasses.replace(read, state=TargetState.FAILED)])
+        stored = store.rollout_target(rollout.id, device.id)
+        assert stored is not None and stored.state is TargetState.UPDATED
 
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):

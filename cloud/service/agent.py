@@ -97,7 +97,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 )
             )
             desired = await asyncio.to_thread(self.store.get_desired, device.id)
-            if desired is not None:
+            if desired is not None and desired.revision >= live.desired_revision:
+                live.desired_revision = desired.revision
                 yield agent_pb2.ControlMessage(desired=desired_to_proto(desired))
             while True:
                 item = await live.outbound.get()

@@ -56,6 +56,7 @@ SERVICE_NAMES = (
     operator_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
 )
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+FEED_BATCH = 500  # desired-state changes read per query of the change feed
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -199,6 +200,8 @@ class ControlPlane:
                 f"cannot listen on {self.config.api_listen} / {self.config.device_listen}: "
                 f"{exc} (is another control plane, or another program, using the port?)"
             ) from None
+        # Before any session opens: a change after this is followed, one before is read at open.
+        feed_start = await asyncio.to_thread(self.store.desired_revision)
         await server.start()
         self._server = server
         if self.config.health_listen:
@@ -220,6 +223,9 @@ class ControlPlane:
                 self._every(self.config.auth_recheck_interval_s, self._revocations())
             ),
             asyncio.create_task(self._every(self.config.rollout_interval_s, self._reconcile)),
+            asyncio.create_task(
+                self._every(self.config.desired_poll_interval_s, self._desired_feed(feed_start))
+            ),
             asyncio.create_task(self.webhooks.run(self._stopping)),
             asyncio.create_task(self.elector.run(self._stopping)),
         ]
@@ -252,10 +258,32 @@ class ControlPlane:
         await asyncio.to_thread(self.presence.flush)
 
     def push_desired(self, desired: Sequence[DesiredModel]) -> None:
-        """Sends changed desired states down the devices' open sessions (event loop only);
-        a device offline now gets its desired state in its next session's first messages."""
+        """Sends changed desired states down the open sessions this replica holds (event loop
+        only): the fast path for changes made here. Changes made on any replica reach every
+        replica through the change feed (`_desired_feed`); a device offline now gets its
+        desired state in its next session's first messages."""
         for d in desired:
-            self.hub.send_device(d.device_id, agent_pb2.ControlMessage(desired=desired_to_proto(d)))
+            message = agent_pb2.ControlMessage(desired=desired_to_proto(d))
+            self.hub.send_desired(d.device_id, d.revision, message)
+
+    def _desired_feed(self, start: int) -> Callable[[], Awaitable[None]]:
+        """Follows the store's desired-state revisions and delivers each change to the
+        sessions this replica holds, whichever replica made it (the rollout leader, an
+        operator's abort through another replica)."""
+        cursor = start
+
+        async def follow() -> None:
+            nonlocal cursor
+            while True:
+                changes = await asyncio.to_thread(self.store.desired_after, cursor, FEED_BATCH)
+                if not changes:
+                    return
+                self.push_desired([d for d in changes if self.hub.is_open(d.device_id)])
+                cursor = changes[-1].revision
+                if len(changes) < FEED_BATCH:
+                    return
+
+        return follow
 
     async def _reconcile(self) -> None:
         if self.elector.is_leader:

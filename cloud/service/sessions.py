@@ -17,6 +17,7 @@ class LiveSession:
 
     device_id: str
     outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    desired_revision: int = 0  # of the newest desired state sent down this session
 
     def send(self, message: object) -> None:
         self.outbound.put_nowait(message)
@@ -58,6 +59,18 @@ class SessionHub:
         for live in sessions:
             live.send(message)
         return len(sessions)
+
+    def send_desired(self, device_id: str, revision: int, message: object) -> int:
+        """Sends a desired state down the device's sessions that have not had it (or a newer
+        one) yet: the local push and the change feed may both deliver the same revision."""
+        sent = 0
+        for live in list(self._by_device.get(device_id, ())):
+            if revision and live.desired_revision >= revision:
+                continue
+            live.desired_revision = max(live.desired_revision, revision)
+            live.send(message)
+            sent += 1
+        return sent
 
     def is_open(self, device_id: str) -> bool:
         return device_id in self._by_device

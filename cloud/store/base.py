@@ -97,9 +97,11 @@ class Store(abc.ABC):
         predictions: Sequence[PredictionRecord],
         alerts: Sequence[AlertEventRecord],
         now: dt.datetime,
+        through: int = 0,
     ) -> StoredCount:
         """Stores each (device, sequence) once, in one transaction: records stored before
-        are counted as duplicates and left as they were."""
+        are counted as duplicates and left as they were. The stored position moves to at
+        least `through` (past records of the batch that were rejected)."""
 
     @abc.abstractmethod
     def last_record_sequence(self, device_id: str) -> int:
@@ -191,11 +193,21 @@ class Store(abc.ABC):
 
     # ---- desired state ----
     @abc.abstractmethod
-    def set_desired(self, desired: Sequence[DesiredModel]) -> None:
-        """Replaces the desired model of each device named, in one transaction."""
+    def set_desired(self, desired: Sequence[DesiredModel]) -> list[DesiredModel]:
+        """Replaces the desired model of each device named, in one transaction; returns them
+        with the feed revisions they took."""
 
     @abc.abstractmethod
     def get_desired(self, device_id: str) -> DesiredModel | None: ...
+
+    @abc.abstractmethod
+    def desired_after(self, revision: int, limit: int = 500) -> list[DesiredModel]:
+        """Desired states changed after `revision`, oldest change first (the change feed
+        every replica follows to deliver them to the sessions it holds)."""
+
+    @abc.abstractmethod
+    def desired_revision(self) -> int:
+        """The newest desired-state revision (0 before any)."""
 
     # ---- rollouts ----
     @abc.abstractmethod
@@ -211,8 +223,20 @@ class Store(abc.ABC):
         """Newest first."""
 
     @abc.abstractmethod
-    def save_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget] = ()) -> None:
-        """Updates the rollout and the given targets in one transaction."""
+    def save_rollout(
+        self,
+        rollout: RolloutRecord,
+        targets: Sequence[RolloutTarget] = (),
+        desired: Sequence[DesiredModel] = (),
+    ) -> tuple[RolloutRecord, list[DesiredModel]]:
+        """Updates the rollout, the given targets and desired states in one transaction, by
+        compare-and-set: Conflict (nothing written) when the rollout or a target changed
+        since the revision it was read at. Returns the rollout at its new revision and the
+        desired states with their feed revisions."""
+
+    @abc.abstractmethod
+    def save_target(self, target: RolloutTarget) -> RolloutTarget:
+        """Compare-and-set of one target (a device's report); Conflict when it changed."""
 
     @abc.abstractmethod
     def rollout_targets(self, rollout_id: str) -> list[RolloutTarget]:

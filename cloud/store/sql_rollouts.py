@@ -23,12 +23,14 @@ from cloud.domain import (
 from cloud.store.sql_base import SqlBase
 from cloud.store.tables import (
     DesiredModelRow,
+    DesiredRevisionRow,
     ModelRow,
     RolloutRow,
     RolloutTargetRow,
 )
 from edge_agent.errors import (
     AlreadyExists,
+    Conflict,
     FailedPrecondition,
     NotFound,
 )
@@ -75,38 +77,29 @@ class RolloutTables(SqlBase):
             return [_model(r) for r in s.scalars(query).all()]
 
     # ---- desired state ----
-    def set_desired(self, desired: Sequence[DesiredModel]) -> None:
+    def set_desired(self, desired: Sequence[DesiredModel]) -> list[DesiredModel]:
         with self._tx() as s:
-            for d in desired:
-                row = s.get(DesiredModelRow, d.device_id, with_for_update=True)
-                if row is None:
-                    row = DesiredModelRow(device_id=d.device_id)
-                    s.add(row)
-                row.model_name = d.model_name
-                row.model_version = d.model_version
-                row.manifest_digest = d.manifest_digest
-                row.signature_digest = d.signature_digest
-                row.rollout_id = d.rollout_id
-                row.shadow = d.shadow
-                row.updated_at = d.updated_at
-                row.revert_version = d.revert_version
+            return _write_desired(s, desired)
 
     def get_desired(self, device_id: str) -> DesiredModel | None:
         with self._tx() as s:
             row = s.get(DesiredModelRow, device_id)
-            if row is None:
-                return None
-            return DesiredModel(
-                device_id=row.device_id,
-                model_name=row.model_name,
-                model_version=row.model_version,
-                manifest_digest=row.manifest_digest,
-                signature_digest=row.signature_digest,
-                rollout_id=row.rollout_id,
-                shadow=row.shadow,
-                updated_at=row.updated_at,
-                revert_version=row.revert_version or "",
-            )
+            return _desired(row) if row is not None else None
+
+    def desired_after(self, revision: int, limit: int = 500) -> list[DesiredModel]:
+        query = (
+            select(DesiredModelRow)
+            .where(DesiredModelRow.revision > revision)
+            .order_by(DesiredModelRow.revision)
+            .limit(limit)
+        )
+        with self._tx() as s:
+            return [_desired(r) for r in s.scalars(query).all()]
+
+    def desired_revision(self) -> int:
+        with self._tx() as s:
+            counter = s.get(DesiredRevisionRow, 1)
+            return counter.value if counter is not None else 0
 
     # ---- rollouts ----
     def create_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget]) -> None:
@@ -147,13 +140,24 @@ class RolloutTables(SqlBase):
         with self._tx() as s:
             return [_rollout(r) for r in s.scalars(query).all()]
 
-    def save_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget] = ()) -> None:
+    def save_rollout(
+        self,
+        rollout: RolloutRecord,
+        targets: Sequence[RolloutTarget] = (),
+        desired: Sequence[DesiredModel] = (),
+    ) -> tuple[RolloutRecord, list[DesiredModel]]:
         with self._tx() as s:
             row = s.get(RolloutRow, rollout.id, with_for_update=True)
             if row is None:
                 raise NotFound(f"no rollout with id '{rollout.id}'")
+            if row.revision != rollout.revision:
+                raise Conflict(
+                    f"rollout {rollout.id} changed since it was read (revision {row.revision}, "
+                    f"read at {rollout.revision}; now {row.state})"
+                )
             for key, value in _rollout_columns(rollout).items():
                 setattr(row, key, value)
+            row.revision = rollout.revision + 1
             active = rollout.state.active
             for t in targets:
                 _update_target(s, t, active)
@@ -163,6 +167,13 @@ class RolloutTables(SqlBase):
                     .where(RolloutTargetRow.rollout_id == rollout.id)
                     .values(active=False)
                 )
+            written = _write_desired(s, desired)
+            return dataclasses.replace(rollout, revision=row.revision), written
+
+    def save_target(self, target: RolloutTarget) -> RolloutTarget:
+        with self._tx() as s:
+            row = _update_target(s, target, None)
+            return dataclasses.replace(target, revision=row.revision)
 
     def rollout_targets(self, rollout_id: str) -> list[RolloutTarget]:
         query = (
@@ -256,15 +267,67 @@ def _rollout(r: RolloutRow) -> RolloutRecord:
         reason=r.reason,
         created_at=r.created_at,
         updated_at=r.updated_at,
+        revision=r.revision,
     )
 
 
-def _update_target(s: Session, t: RolloutTarget, active: bool) -> None:
+def _update_target(s: Session, t: RolloutTarget, active: bool | None) -> RolloutTargetRow:
+    """Compare-and-set of one target; `active` None keeps the row's."""
     row = s.get(RolloutTargetRow, (t.rollout_id, t.device_id), with_for_update=True)
     if row is None:
         raise NotFound(f"device {t.device_id} is not a target of rollout {t.rollout_id}")
-    for key, value in _target_values(t, active).items():
+    if row.revision != t.revision:
+        raise Conflict(
+            f"target {t.device_id} of rollout {t.rollout_id} changed since it was read "
+            f"(now {row.state}, revision {row.revision}; read at {t.revision})"
+        )
+    for key, value in _target_values(t, row.active if active is None else active).items():
         setattr(row, key, value)
+    row.revision = t.revision + 1
+    return row
+
+
+def _write_desired(s: Session, desired: Sequence[DesiredModel]) -> list[DesiredModel]:
+    """Replaces each device's desired state, each taking the next feed revision. The counter
+    row stays locked until commit, so revisions become visible in the order they are taken
+    and a reader following them never skips one."""
+    if not desired:
+        return []
+    counter = s.get(DesiredRevisionRow, 1, with_for_update=True)
+    assert counter is not None, "migration 0008 creates the counter row"
+    written = []
+    for d in desired:
+        counter.value += 1
+        row = s.get(DesiredModelRow, d.device_id, with_for_update=True)
+        if row is None:
+            row = DesiredModelRow(device_id=d.device_id)
+            s.add(row)
+        row.model_name = d.model_name
+        row.model_version = d.model_version
+        row.manifest_digest = d.manifest_digest
+        row.signature_digest = d.signature_digest
+        row.rollout_id = d.rollout_id
+        row.shadow = d.shadow
+        row.updated_at = d.updated_at
+        row.revert_version = d.revert_version
+        row.revision = counter.value
+        written.append(dataclasses.replace(d, revision=counter.value))
+    return written
+
+
+def _desired(row: DesiredModelRow) -> DesiredModel:
+    return DesiredModel(
+        device_id=row.device_id,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        manifest_digest=row.manifest_digest,
+        signature_digest=row.signature_digest,
+        rollout_id=row.rollout_id,
+        shadow=row.shadow,
+        updated_at=row.updated_at,
+        revert_version=row.revert_version or "",
+        revision=row.revision,
+    )
 
 
 def _target_values(t: RolloutTarget, active: bool) -> dict[str, Any]:
@@ -296,4 +359,5 @@ def _target(r: RolloutTargetRow) -> RolloutTarget:
         errors_at_install=int(doc.get("errors_at_install", -1)),
         shadow=dict(doc.get("shadow", {})),
         updated_at=r.updated_at,
+        revision=r.revision,
     )

@@ -162,6 +162,16 @@ class DesiredModelRow(Base):
     shadow: Mapped[bool] = mapped_column(Boolean)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revert_version: Mapped[str] = mapped_column(String(64), default="")
+    revision: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+
+
+class DesiredRevisionRow(Base):
+    """One row: the last desired-state revision handed out (the change feed's position)."""
+
+    __tablename__ = "desired_revision"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 class RolloutRow(Base):
@@ -176,6 +186,7 @@ class RolloutRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revision: Mapped[int] = mapped_column(BigInteger, default=0)  # compare-and-set
 
 
 class RolloutTargetRow(Base):
@@ -192,6 +203,7 @@ class RolloutTargetRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, index=True)  # its rollout is running/paused
     doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # detail, previous version, shadow report
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revision: Mapped[int] = mapped_column(BigInteger, default=0)  # compare-and-set
 
 
 class AlertRow(Base):
