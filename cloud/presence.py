@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from typing import Any
 from cloud.clock import Clock, utc_now
 from cloud.domain import PresenceUpdate
 from cloud.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
@@ -98,11 +101,29 @@ class PresenceTracker:
         try:
             self.store.record_presence(updates)
         except Exception:
-            with self._lock:
+            if len(updates) > 1 and self._one_by_one(updates):
+                return len(batch)
+            with self._lock:  # the store is unavailable: keep them for the next flush
                 for device_id, latest in batch.items():
                     self._pending.setdefault(device_id, latest)
             raise
         return len(batch)
+
+    def _one_by_one(self, updates: list[PresenceUpdate]) -> bool:
+        """After a grouped write failed: each update alone, so one bad row (a value the
+        database refuses) never stops presence for the fleet. False when none could be
+        written (the store is down); the bad ones are logged and dropped."""
+        failed: list[tuple[str, Exception]] = []
+        for update in updates:
+            try:
+                self.store.record_presence([update])
+            except Exception as exc:  # noqa: BLE001 - judged below, logged
+                failed.append((update.device_id, exc))
+        if len(failed) == len(updates):
+            return False
+        for device_id, error in failed:
+            log.error("presence of device %s dropped: the store refused it: %s", device_id, error)
+        return True
 
     @property
     def pending(self) -> int:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from dataclasses import dataclass, field
 
 from cloud.domain import AlertEventRecord, PredictionRecord, StoredCount
+from cloud.service.bounds import MAX_INT64, check_message
 from cloud.store import Store
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2
 
+log = logging.getLogger(__name__)
 _KINDS = {
     agent_pb2.AlertEvent.KIND_RAISED: "raised",
     agent_pb2.AlertEvent.KIND_CLEARED: "cleared",
@@ -19,67 +23,101 @@ def _time(stamp: object) -> dt.datetime:
     return stamp.ToDatetime(tzinfo=dt.UTC)  # type: ignore[attr-defined,no-any-return]
 
 
-def split_batch(
-    device_id: str, batch: agent_pb2.RecordBatch
-) -> tuple[list[PredictionRecord], list[AlertEventRecord]]:
-    """Domain records of a batch; InvalidInput names the first bad record."""
-    predictions: list[PredictionRecord] = []
-    alerts: list[AlertEventRecord] = []
-    for record in batch.records:
-        if record.sequence == 0:
-            raise InvalidInput("a synced record has no sequence number")
-        kind = record.WhichOneof("body")
-        if kind == "prediction":
-            p = record.prediction
-            predictions.append(
-                PredictionRecord(
-                    device_id=device_id,
-                    sequence=record.sequence,
-                    asset=p.asset,
-                    window_start=_time(p.window_start),
-                    window_end=_time(p.window_end),
-                    score=p.score,
-                    anomalous=p.anomalous,
-                    model_version=p.model_version,
-                    contributions=dict(p.contributions),
-                )
+def _record(
+    device_id: str, record: agent_pb2.Record, where: str
+) -> PredictionRecord | AlertEventRecord:
+    """The domain record of one synced record; InvalidInput says what is wrong with it."""
+    check_message(record, where)
+    if record.sequence == 0:
+        raise InvalidInput(f"{where}: a synced record has no sequence number")
+    kind = record.WhichOneof("body")
+    if kind == "prediction":
+        p = record.prediction
+        return PredictionRecord(
+            device_id=device_id,
+            sequence=record.sequence,
+            asset=p.asset,
+            window_start=_time(p.window_start),
+            window_end=_time(p.window_end),
+            score=p.score,
+            anomalous=p.anomalous,
+            model_version=p.model_version,
+            contributions=dict(p.contributions),
+        )
+    if kind == "alert":
+        a = record.alert
+        if a.kind not in _KINDS:
+            raise InvalidInput(f"{where}: alert event without a kind")
+        return AlertEventRecord(
+            device_id=device_id,
+            sequence=record.sequence,
+            alert_key=a.alert_key,
+            kind=_KINDS[a.kind],
+            asset=a.asset,
+            fault=a.fault or "anomaly",
+            score=a.score,
+            top_sensors=[(s.sensor, s.contribution) for s in a.top_sensors],
+            window_start=_time(a.window_start),
+            window_end=_time(a.window_end),
+            raised_at=_time(a.raised_at),
+            model_version=a.model_version,
+        )
+    raise InvalidInput(f"{where}: carries neither a prediction nor an alert")
+
+
+@dataclass
+class SplitBatch:
+    predictions: list[PredictionRecord] = field(default_factory=list)
+    alerts: list[AlertEventRecord] = field(default_factory=list)
+    rejected: list[agent_pb2.RejectedRecord] = field(default_factory=list)
+
+
+def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
+    """Domain records of a batch, and the records refused with the reason (a field out of
+    its bounds, a repeated sequence number): one bad record never holds up the others."""
+    split = SplitBatch()
+    seen: set[int] = set()
+    for i, record in enumerate(batch.records):
+        where = f"records[{i}] (sequence {record.sequence})"
+        try:
+            if record.sequence in seen:
+                raise InvalidInput(f"{where}: the sequence number repeats in the batch")
+            domain = _record(device_id, record, where)
+        except InvalidInput as exc:
+            split.rejected.append(
+                agent_pb2.RejectedRecord(sequence=record.sequence, reason=str(exc)[:500])
             )
-        elif kind == "alert":
-            a = record.alert
-            if a.kind not in _KINDS:
-                raise InvalidInput(f"record {record.sequence}: alert event without a kind")
-            alerts.append(
-                AlertEventRecord(
-                    device_id=device_id,
-                    sequence=record.sequence,
-                    alert_key=a.alert_key,
-                    kind=_KINDS[a.kind],
-                    asset=a.asset,
-                    fault=a.fault or "anomaly",
-                    score=a.score,
-                    top_sensors=[(s.sensor, s.contribution) for s in a.top_sensors],
-                    window_start=_time(a.window_start),
-                    window_end=_time(a.window_end),
-                    raised_at=_time(a.raised_at),
-                    model_version=a.model_version,
-                )
-            )
+            continue
+        seen.add(record.sequence)
+        if isinstance(domain, PredictionRecord):
+            split.predictions.append(domain)
         else:
-            raise InvalidInput(
-                f"record {record.sequence} carries neither a prediction nor an alert"
-            )
-    return predictions, alerts
+            split.alerts.append(domain)
+    return split
 
 
 def store_batch(
     store: Store, device_id: str, batch: agent_pb2.RecordBatch, now: dt.datetime
 ) -> tuple[agent_pb2.BatchAck, int]:
     """Stores a batch (alert events fold into alerts in the same transaction); the ack for
-    the device and how many alerts changed."""
-    predictions, alerts = split_batch(device_id, batch)
-    counted: StoredCount = store.store_records(device_id, predictions, alerts, now)
-    up_to = max((r.sequence for r in batch.records), default=counted.last_sequence)
+    the device and how many alerts changed. Rejected records are acknowledged with the rest
+    (the agent quarantines them), and the stored position moves past them."""
+    split = split_batch(device_id, batch)
+    up_to = max((r.sequence for r in batch.records if 0 < r.sequence <= MAX_INT64), default=0)
+    counted: StoredCount = store.store_records(
+        device_id, split.predictions, split.alerts, now, through=up_to
+    )
+    if split.rejected:
+        log.warning(
+            "device %s: %d record(s) rejected; first: %s",
+            device_id,
+            len(split.rejected),
+            split.rejected[0].reason,
+        )
     ack = agent_pb2.BatchAck(
-        up_to_sequence=up_to, stored=counted.stored, duplicates=counted.duplicates
+        up_to_sequence=up_to or counted.last_sequence,
+        stored=counted.stored,
+        duplicates=counted.duplicates,
+        rejected=split.rejected,
     )
     return ack, counted.alerts_changed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,14 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_kind_seq ON records (kind, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
 _EVICT_CHUNK = 256
 
 
@@ -41,6 +48,7 @@ class OutboxStats:
     next_sequence: int
     acked: int
     evicted: int
+    quarantined: int = 0  # records the control plane refused, ever (the newest are kept)
 
 
 class Outbox:
@@ -65,6 +73,7 @@ class Outbox:
         self._next = max(self._meta("next_seq", 1), self._max_seq() + 1)
         self._acked = self._meta("acked", 0)
         self._evicted = self._meta("evicted", 0)
+        self._quarantined = self._meta("quarantined", 0)
         self._depth, self._bytes = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
@@ -154,13 +163,30 @@ class Outbox:
         with self._changed:
             return self._changed.wait_for(lambda: self._next - 1 > after, timeout)
 
-    def ack(self, up_to: int) -> int:
-        """The control plane stored everything up to `up_to`: delete it. Returns rows deleted."""
+    def ack(self, up_to: int, rejected: Mapping[int, str] | None = None) -> int:
+        """The control plane stored everything up to `up_to`: delete it. Returns rows deleted.
+
+        `rejected` (sequence -> the control plane's reason) are records it refused: they move
+        to the quarantine table in the same transaction, to be looked at, never resent."""
         with self._lock:
             if up_to <= self._acked:
                 return 0
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                moved = 0
+                for seq, reason in sorted((rejected or {}).items()):
+                    moved += self._db.execute(
+                        "INSERT OR REPLACE INTO quarantine (seq, kind, body, reason) "
+                        "SELECT seq, kind, body, ? FROM records WHERE seq = ? AND seq > ?",
+                        (reason, seq, self._acked),
+                    ).rowcount
+                if moved:
+                    self._db.execute(
+                        "DELETE FROM quarantine WHERE seq NOT IN "
+                        "(SELECT seq FROM quarantine ORDER BY seq DESC LIMIT ?)",
+                        (QUARANTINE_KEEP,),
+                    )
+                    self._set_meta("quarantined", self._quarantined + moved)
                 freed, deleted = self._db.execute(
                     "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM records WHERE seq <= ?",
                     (up_to,),
@@ -175,6 +201,7 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
             self._acked = up_to
+            self._quarantined += moved
             self._depth -= deleted
             self._bytes -= freed
             return int(deleted)
@@ -185,7 +212,22 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._lock:
-            return OutboxStats(self._depth, self._bytes, self._next, self._acked, self._evicted)
+            return OutboxStats(
+                self._depth,
+                self._bytes,
+                self._next,
+                self._acked,
+                self._evicted,
+                self._quarantined,
+            )
+
+    def quarantined(self, limit: int = 100) -> list[tuple[int, int, bytes, str]]:
+        """The newest refused records: (seq, kind, body, reason)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT seq, kind, body, reason FROM quarantine ORDER BY seq DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
 
     def close(self) -> None:
         with self._lock:

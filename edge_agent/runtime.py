@@ -447,6 +447,7 @@ class EdgeRuntime:
         errors = self.counters.errors + (self.worker.errors if self.worker is not None else 0)
         if stats.evicted:
             drops["outbox_evicted"] = stats.evicted
+        drops["rejected_by_cloud"] = stats.quarantined
         drops["outbox_write_failed"] = self.counters.outbox_write_failed
         drops["sparse_window"] = sum(r.sparse_windows for r in self.runners)
         return agent_pb2.AgentHealth(
@@ -463,7 +464,9 @@ class EdgeRuntime:
         )
 
 
-_REPORTED = frozenset((*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window"))
+_REPORTED = frozenset(
+    (*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window", "rejected_by_cloud")
+)
 
 
 def _stamp(message: object, seconds: float) -> None:

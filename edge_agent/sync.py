@@ -49,7 +49,17 @@ class RecordSync:
         self.stats.acked_up_to = self.outbox.acked
 
     def on_ack(self, ack: agent_pb2.BatchAck) -> None:
-        self.outbox.ack(ack.up_to_sequence)
+        rejected = {r.sequence: r.reason for r in ack.rejected}
+        if rejected:
+            first = ack.rejected[0]
+            log.warning(
+                "the control plane refused %d record(s); kept in the outbox's quarantine "
+                "(first: %d: %s)",
+                len(rejected),
+                first.sequence,
+                first.reason,
+            )
+        self.outbox.ack(ack.up_to_sequence, rejected)
         self.stats.acked_up_to = self.outbox.acked
         self.stats.stored += ack.stored
         self.stats.duplicates += ack.duplicates

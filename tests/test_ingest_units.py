@@ -257,6 +257,21 @@ def test_outbox_bounds_evict_predictions_never_alerts(tmp_path: Path) -> None:
     again.close()
 
 
+def test_records_the_control_plane_refuses_go_to_quarantine_and_are_counted(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1 << 20)
+    box.append([(PREDICTION, b"good"), (ALERT, b"bad"), (PREDICTION, b"good")])
+    assert box.ack(3, {2: "records[1]: alert.asset: 65 characters > 64"}) == 3
+    assert box.pending(0, 10) == []  # acknowledged: never resent
+    assert box.quarantined() == [(2, ALERT, b"bad", "records[1]: alert.asset: 65 characters > 64")]
+    assert box.stats().quarantined == 1
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite3", max_bytes=1 << 20)  # kept across restarts
+    assert again.stats().quarantined == 1 and len(again.quarantined()) == 1
+    again.close()
+
+
 _WRITER = """
 import sys
 from pathlib import Path

@@ -66,12 +66,11 @@ class _RecordingStore(SqlStore):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.fail_next = False
+        self.failing = False
         self.batches: list[list[PresenceUpdate]] = []
 
     def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
-        if self.fail_next:
-            self.fail_next = False
+        if self.failing:
             raise RuntimeError("database went away")
         self.batches.append(list(updates))
         super().record_presence(updates)
@@ -94,10 +93,11 @@ def test_presence_coalesces_and_survives_a_failed_flush(tmp_path: Path) -> None:
     tracker.seen("b")
     assert tracker.pending == 2
     assert encoded == []  # nothing is encoded per heartbeat
-    store.fail_next = True
+    store.failing = True  # every write fails: the store is down, not one row bad
     with pytest.raises(RuntimeError):
         tracker.flush()
     assert tracker.pending == 2  # kept for the next flush
+    store.failing = False
     assert tracker.flush() == 2
     (batch,) = store.batches
     a = next(u for u in batch if u.device_id == "a")

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from cloud.service.bounds import check_message, check_request_message
 from cloud.store import Store
 from cloud.tokens import hash_token
 from edge_agent.errors import AutoglmError, Unauthenticated
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 OPERATOR_SERVICE = "/autoglm.v1.OperatorService/"
 TOKEN_CACHE_S = 5.0
+MAX_DETAILS = 1000  # characters of an error's details sent back
 
 
 # The operator making the current call (set by the guard; read by handlers that record who
@@ -94,11 +96,28 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
     else:
         behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
 
+    streaming_request = handler.request_streaming
+
+    def checked(request: Any) -> Any:
+        """The request, or the request stream, with every message checked against its bounds
+        as it arrives (a record batch's records are checked one by one by the servicer, which
+        answers with the ones it rejects)."""
+        if not streaming_request:
+            check_message(request)
+            return request
+
+        async def each() -> AsyncIterator[Any]:
+            async for message in request:
+                check_request_message(message)
+                yield message
+
+        return each()
+
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
             if tokens is not None:
                 current_operator.set(await tokens.check(metadata))
-            result = behavior(request, context)
+            result = behavior(checked(request), context)
             return await result if inspect.isawaitable(result) else result
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
             await _abort(context, method, exc)
@@ -107,7 +126,7 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
         try:
             if tokens is not None:
                 current_operator.set(await tokens.check(metadata))
-            result = behavior(request, context)
+            result = behavior(checked(request), context)
             async for item in result:
                 yield item
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
@@ -129,7 +148,7 @@ async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseE
     ):
         raise exc
     if isinstance(exc, AutoglmError):
-        await context.abort(exc.grpc_code, str(exc))
+        await context.abort(exc.grpc_code, _bounded(str(exc)))
     if isinstance(exc, NotImplementedError):
         name = method.rsplit("/", 1)[-1]
         await context.abort(
@@ -140,3 +159,11 @@ async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseE
     await context.abort(
         grpc.StatusCode.INTERNAL, f"internal error (incident {incident}, see the control-plane log)"
     )
+
+
+def _bounded(details: str) -> str:
+    """Error details stay small whatever input they quote (a client's metadata limit would
+    otherwise turn the real status into RESOURCE_EXHAUSTED)."""
+    if len(details) <= MAX_DETAILS:
+        return details
+    return details[: MAX_DETAILS - 20] + f"... ({len(details)} chars)"

@@ -35,6 +35,7 @@ class RecordTables(SqlBase):
         predictions: Sequence[PredictionRecord],
         alerts: Sequence[AlertEventRecord],
         now: dt.datetime,
+        through: int = 0,
     ) -> StoredCount:
         sequences = [p.sequence for p in predictions] + [a.sequence for a in alerts]
         if len(set(sequences)) != len(sequences):
@@ -62,8 +63,7 @@ class RecordTables(SqlBase):
             s.add_all(_prediction_row(p, now) for p in new_predictions)
             s.add_all(_alert_row(a, now) for a in new_alerts)
             changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
-            if sequences:
-                sync.last_sequence = max(sync.last_sequence, *sequences)
+            sync.last_sequence = max(sync.last_sequence, through, *sequences)
             stored = len(new_predictions) + len(new_alerts)
             return StoredCount(stored, len(sequences) - stored, sync.last_sequence, len(changed))
 

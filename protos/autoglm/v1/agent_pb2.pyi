@@ -550,25 +550,55 @@ class BatchAck(_message.Message):
     UP_TO_SEQUENCE_FIELD_NUMBER: _builtins.int
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     up_to_sequence: _builtins.int
     stored: _builtins.int
     """newly stored in this batch"""
     duplicates: _builtins.int
     """already stored before (resent after a reconnect)"""
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]:
+        """Records refused (a field out of its bounds): acknowledged like the others, so the agent
+        moves on; it keeps them in quarantine with the reason, counted in its health.
+        """
+
     def __init__(
         self,
         *,
         up_to_sequence: _builtins.int = ...,
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___RejectedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "stored", b"stored", "up_to_sequence", b"up_to_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "rejected", b"rejected", "stored", b"stored", "up_to_sequence", b"up_to_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchAck: _TypeAlias = BatchAck  # noqa: Y015
+
+@_typing.final
+class RejectedRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedRecord: _TypeAlias = RejectedRecord  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):
