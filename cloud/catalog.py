@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.artifacts import PREFIX, ArtifactStore, ArtifactWriter, parse_digest
 from cloud.clock import Clock, utc_now
-from cloud.domain import ModelRecord
+from cloud.domain import DeviceRecord, ModelRecord
 from cloud.store import Store
 from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, bundle_paths, parse_manifest
-from edge_agent.errors import IntegrityError, InvalidInput
+from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 from protos.autoglm.v1 import common_pb2, operator_pb2
 
 MAX_BUNDLE_BYTES = 4 << 30
@@ -30,6 +30,34 @@ MAX_BUNDLE_BYTES = 4 << 30
 def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file a manifest lists, path -> artifact digest."""
     return {path: PREFIX + digest for path, digest in bundle_paths(manifest).items()}
+
+
+def assigned_artifacts(store: Store, device: DeviceRecord) -> set[str]:
+    """Digests a device may download: every file of the model versions assigned to it (its
+    desired state -- a new version, a shadow candidate, or the version an abort sends it back
+    to -- and the version it reports serving)."""
+    wanted: set[tuple[str, str]] = set()
+    desired = store.get_desired(device.id)
+    if desired is not None:
+        wanted.add((desired.model_name, desired.model_version))
+    serving = (
+        str(device.status.get("model_name", "")),
+        str(device.status.get("model_version", "")),
+    )
+    if all(serving):
+        wanted.add(serving)
+    digests: set[str] = set()
+    for name, version in wanted:
+        try:
+            record = store.get_model(name, version)
+        except NotFound:  # not pushed here: the device has it from its own config
+            continue
+        digests.update((record.manifest_digest, record.signature_digest))
+        try:
+            digests.update(bundle_files(Manifest.model_validate(record.manifest)).values())
+        except ValueError:
+            continue
+    return digests
 
 
 def _check_path(path: str) -> str:

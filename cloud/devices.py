@@ -92,6 +92,7 @@ class DeviceRegistry:
         """Exchanges a one-time token and a CSR for a device certificate."""
         if not token.startswith(ENROLLMENT_PREFIX):
             raise Unauthenticated("that is not an enrollment token")
+        self.ca.check_device_csr(csr_pem)  # before the token is spent
 
         def issue(device: DeviceRecord) -> IssuedCertificate:
             return self.ca.sign_device_csr(csr_pem, device.id, self.cert_validity_days)

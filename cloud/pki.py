@@ -104,16 +104,16 @@ class CertificateAuthority:
         )
         return builder.sign(self.key, hashes.SHA256())
 
+    def check_device_csr(self, csr_pem: bytes) -> None:
+        """What can be judged of a CSR without the device: PEM, signature, key kind. Run
+        before the enrollment token is spent."""
+        checked_device_key(_load_csr(csr_pem))
+
     def sign_device_csr(
         self, csr_pem: bytes, device_id: str, validity_days: int
     ) -> IssuedCertificate:
         """Issues a client certificate for `device_id`; the CSR must name exactly that device."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise InvalidInput(f"the certificate signing request is not valid PEM: {exc}") from None
-        if not csr.is_signature_valid:
-            raise InvalidInput("the certificate signing request's signature does not verify")
+        csr = _load_csr(csr_pem)
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         subject = names[0].value if names else ""
         if subject != device_id:
@@ -121,9 +121,7 @@ class CertificateAuthority:
                 f"the certificate signing request names '{subject!s}', but the enrollment "
                 f"token is for device '{device_id}'"
             )
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-            raise InvalidInput("device keys must be EC (P-256) or Ed25519")
+        public_key = checked_device_key(csr)
         builder = self._leaf(device_id, public_key, dt.timedelta(days=validity_days))
         builder = builder.add_extension(
             x509.SubjectAlternativeName(
@@ -181,3 +179,30 @@ def public_key_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise InvalidInput(f"the certificate signing request is not valid PEM: {exc}") from None
+    if not csr.is_signature_valid:
+        raise InvalidInput("the certificate signing request's signature does not verify")
+    return csr
+
+
+def checked_device_key(
+    csr: x509.CertificateSigningRequest,
+) -> ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey:
+    """The CSR's key when it is one a device may hold: EC P-256 (what the agent makes, and
+    what every TLS stack on the path takes) or Ed25519. Any other curve would be signed and
+    then fail every handshake, with the one-time token spent."""
+    key = csr.public_key()
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    kind = (
+        f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+    )
+    raise InvalidInput(f"device keys must be EC P-256 or Ed25519, the request holds {kind}")

@@ -121,6 +121,14 @@ class Conflict(AutoglmError):
     label = "conflict"
 
 
+class RateLimited(AutoglmError):
+    """Too many attempts from one caller; wait and try again."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    exit_code = 13
+    label = "rate limited"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
     cls.grpc_code: cls
     for cls in (
@@ -134,6 +142,7 @@ _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
         IntegrityError,
         NotImplementedYet,
         Conflict,
+        RateLimited,
     )
 }
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable

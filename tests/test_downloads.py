@@ -4,17 +4,21 @@ refused when the bytes are not the ones asked for."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 from pathlib import Path
 
+import grpc
 import pytest
 
+from cloud.domain import DesiredModel, ModelRecord
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
-from edge_agent.errors import IntegrityError, NotFound
+from edge_agent.errors import IntegrityError, NotFound, PermissionDenied
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
+from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import register
 from tests.support.agents import enroll_identity
 from tests.support.cloud import RunningPlane
@@ -24,10 +28,23 @@ pytestmark = pytest.mark.integration
 SIZE = 6 * (1 << 20) + 12345  # not a whole number of chunks
 
 
-def stored(plane: RunningPlane, data: bytes) -> str:
+def stored(plane: RunningPlane, data: bytes, identity: DeviceIdentity) -> str:
+    """`data` in the artifact store, assigned to the device (a devices may download only the
+    files of model versions assigned to it)."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     plane.plane.artifacts.write(digest, [data[i : i + 65536] for i in range(0, len(data), 65536)])
+    assign(plane, digest, identity)
     return digest
+
+
+def assign(plane: RunningPlane, digest: str, identity: DeviceIdentity) -> None:
+    now = dt.datetime.now(dt.UTC)
+    store = plane.plane.store
+    version = digest[7:19]
+    store.add_model(ModelRecord("dl", version, digest, digest, 0, now, {}))
+    store.set_desired(
+        [DesiredModel(identity.info.device_id, "dl", version, digest, digest, "", False, now)]
+    )
 
 
 def downloader(identity: DeviceIdentity, address: str, attempts: int = 4) -> Downloader:
@@ -49,7 +66,7 @@ def test_a_download_cut_half_way_resumes_from_where_it_stopped(
     plane: RunningPlane, identity: DeviceIdentity, tmp_path: Path
 ) -> None:
     data = os.urandom(SIZE)
-    digest = stored(plane, data)
+    digest = stored(plane, data, identity)
     host, port = plane.device_address.rsplit(":", 1)
     proxy = CuttingProxy((host, int(port)))
     try:
@@ -73,7 +90,7 @@ def test_a_tampered_artifact_is_refused_and_its_bytes_deleted(
     plane: RunningPlane, identity: DeviceIdentity, tmp_path: Path
 ) -> None:
     data = os.urandom(1 << 20)
-    digest = stored(plane, data)
+    digest = stored(plane, data, identity)
     # Changed at rest in the store after it was accepted (a bad disk, or an attacker).
     path = plane.plane.artifacts.path(digest)  # type: ignore[attr-defined]
     tampered = bytearray(data)
@@ -93,6 +110,36 @@ def test_an_unknown_artifact_is_a_clear_error(
 ) -> None:
     dl = downloader(identity, plane.device_address)
     missing = "sha256:" + "0" * 64
+    assign(plane, missing, identity)  # assigned, but its bytes are not there
     with pytest.raises(NotFound, match="not in the store"):
         asyncio.run(dl.fetch([(missing, tmp_path / "x.onnx")]))
     assert not (tmp_path / "x.onnx.part").exists() or (tmp_path / "x.onnx.part").stat().st_size == 0
+
+
+def test_a_device_downloads_only_artifacts_of_versions_assigned_to_it(
+    plane: RunningPlane, identity: DeviceIdentity, tmp_path: Path
+) -> None:
+    other = enroll_identity(register(plane, "pump-other", site="a"), tmp_path / "other")
+    theirs = stored(plane, os.urandom(1 << 16), other)
+    dl = downloader(identity, plane.device_address, attempts=1)
+    with pytest.raises(PermissionDenied, match="not part of a model version assigned"):
+        asyncio.run(dl.fetch([(theirs, tmp_path / "theirs.onnx")]))
+    assert not (tmp_path / "theirs.onnx").exists()
+
+
+def test_tiny_chunks_are_refused(
+    plane: RunningPlane, identity: DeviceIdentity, tmp_path: Path
+) -> None:
+    digest = stored(plane, os.urandom(1 << 16), identity)
+    stub = agent_pb2_grpc.AgentServiceStub(
+        grpc.secure_channel(
+            plane.device_address,
+            identity.credentials(),
+            channel_options(identity.info.tls_server_name),
+        )
+    )
+    request = agent_pb2.DownloadArtifactRequest(digest=digest, chunk_size=1)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.DownloadArtifact(request, timeout=20))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunk_size: 1 bytes" in (refused.value.details() or "")

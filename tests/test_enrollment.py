@@ -10,13 +10,17 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloud.pki import CertificateAuthority
+from cloud.service.enrollment import MAX_FAILURES, AttemptLimiter, peer_host
+from cloud.tokens import ENROLLMENT_PREFIX
 from edge_agent.enroll import enroll
 from edge_agent.errors import (
     FailedPrecondition,
     LocalStateError,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
     Unavailable,
 )
@@ -185,3 +189,56 @@ def test_a_new_token_replaces_an_expired_one(plane: RunningPlane, tmp_path: Path
     assert second.enrollment_token != first.enrollment_token
     info = enroll(bootstrap_from_registration(second), tmp_path / "a")
     assert info.device_id == first.device.id
+
+
+def _enroll_call(plane: RunningPlane, token: str, csr_pem: bytes) -> grpc.RpcError | None:
+    creds = grpc.ssl_channel_credentials(root_certificates=plane.ca_pem)
+    with grpc.secure_channel(plane.api_address, creds) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+        try:
+            stub.Enroll(enrollment_pb2.EnrollRequest(token=token, csr_pem=csr_pem), timeout=10)
+        except grpc.RpcError as exc:
+            return exc
+    return None
+
+
+def test_a_key_on_another_curve_is_refused_before_the_token_is_spent(
+    plane: RunningPlane,
+) -> None:
+    bootstrap = register(plane, "pump-1")
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    refused = _enroll_call(plane, bootstrap.token, build_csr(p384, bootstrap.device_id))  # type: ignore[arg-type]
+    assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "EC P-256 or Ed25519" in (refused.details() or "") and "secp384r1" in (
+        refused.details() or ""
+    )
+    assert (
+        _enroll_call(plane, bootstrap.token, build_csr(new_device_key(), bootstrap.device_id))
+        is None
+    )
+
+
+def test_token_guesses_are_throttled_per_peer(plane: RunningPlane) -> None:
+    bootstrap = register(plane, "pump-1")
+    csr = build_csr(new_device_key(), bootstrap.device_id)
+    for i in range(MAX_FAILURES):
+        wrong = _enroll_call(plane, f"{ENROLLMENT_PREFIX}guess-{i}", csr)
+        assert wrong is not None and wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Past the limit even the right token waits for the window to end.
+    throttled = _enroll_call(plane, bootstrap.token, csr)
+    assert throttled is not None and throttled.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "failed enrollment attempts" in (throttled.details() or "")
+
+
+def test_the_attempt_window_ends() -> None:
+    now = [0.0]
+    limiter = AttemptLimiter(max_failures=2, window_s=60, clock=lambda: now[0])
+    limiter.failed("ipv4:10.0.0.7")
+    limiter.failed("ipv4:10.0.0.7")
+    with pytest.raises(RateLimited, match="try again in 60 s"):
+        limiter.check("ipv4:10.0.0.7")
+    limiter.check("ipv4:10.0.0.8")  # another peer is not held up
+    now[0] = 61.0
+    limiter.check("ipv4:10.0.0.7")
+    assert peer_host("ipv4:10.0.0.7:52344") == "ipv4:10.0.0.7"
+    assert peer_host("ipv6:[::1]:52344") == "ipv6:[::1]"

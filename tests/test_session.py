@@ -156,6 +156,26 @@ def test_reenrolled_device_invalidates_its_old_certificate(
         good.stop()
 
 
+def test_reenrolling_ends_the_session_the_old_certificate_holds_open(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    first = register(plane, "pump-1")
+    old = start_session(enroll_identity(first, tmp_path / "old"))
+    try:
+        wait_for(lambda: old.session.connected, timeout=30)
+        with plane.client() as client:
+            renewal = client.issue_enrollment_token("pump-1")
+        enroll(first.model_copy(update={"token": renewal.enrollment_token}), tmp_path / "new")
+        # Within auth_recheck_interval_s (0.5 s here) the open session ends, and the old
+        # certificate cannot open another.
+        wait_for(lambda: old.session.stats.refused, timeout=30)
+        assert "re-enrolled" in old.session.stats.last_error or "no longer current" in (
+            old.session.stats.last_error
+        ), old.session.stats.last_error
+    finally:
+        old.stop()
+
+
 def test_device_calls_on_the_api_port_need_a_certificate(plane: RunningPlane) -> None:
     creds = grpc.ssl_channel_credentials(root_certificates=plane.ca_pem)
     with grpc.secure_channel(plane.api_address, creds) as channel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from grpc import aio
 
 from cloud.alerts import AlertFeed
 from cloud.artifacts import ArtifactStore
+from cloud.catalog import assigned_artifacts
 from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
@@ -21,13 +23,14 @@ from cloud.rollouts import RolloutController
 from cloud.service.peer import device_identity
 from cloud.service.serde import desired_to_proto
 from cloud.service.sessions import LiveSession, SessionHub
-from edge_agent.errors import AutoglmError, InvalidInput
+from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 _CLIENT_DONE = object()
 DOWNLOAD_CHUNK = 1 << 20
 MAX_DOWNLOAD_CHUNK = (4 << 20) - (64 << 10)  # a chunk and its header fit the 4 MiB default cap
+MIN_DOWNLOAD_CHUNK = 16 << 10  # smaller chunks cost the server a message per few bytes
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -40,8 +43,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         artifacts: ArtifactStore,
         rollouts: RolloutController,
         alerts: AlertFeed,
+        auth_recheck_interval_s: float = 5.0,
     ) -> None:
         self.alerts = alerts
+        self.auth_recheck_interval_s = auth_recheck_interval_s
         self.registry = registry
         self.presence = presence
         self.hub = hub
@@ -56,13 +61,29 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
         device_id, fingerprint = device_identity(context)
-        await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+        device = await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+        assigned = await asyncio.to_thread(assigned_artifacts, self.store, device)
+        if request.digest not in assigned:
+            raise PermissionDenied(
+                f"artifact {request.digest[:23]}… is not part of a model version assigned to "
+                f"device '{device.name}'"
+            )
+        if request.chunk_size and not request.chunk_size >= MIN_DOWNLOAD_CHUNK:
+            raise InvalidInput(
+                f"chunk_size: {request.chunk_size} bytes; ask for 0 (the default, "
+                f"{DOWNLOAD_CHUNK}) or at least {MIN_DOWNLOAD_CHUNK}"
+            )
         total = self.artifacts.size(request.digest)
         if request.offset > total:
             raise InvalidInput(f"offset {request.offset} is past the end ({total} bytes)")
         chunk = min(request.chunk_size or DOWNLOAD_CHUNK, MAX_DOWNLOAD_CHUNK)
         offset = request.offset
+        checked = time.monotonic()
         for block in self.artifacts.read(request.digest, offset, chunk):
+            if time.monotonic() - checked > self.auth_recheck_interval_s:
+                # Revoked or re-enrolled since the download began: it stops here.
+                await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+                checked = time.monotonic()
             yield agent_pb2.ArtifactChunk(offset=offset, data=block, total_size=total)
             offset += len(block)
 
@@ -84,7 +105,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             host=hello.host,
         )
         last_stored = await asyncio.to_thread(self.store.last_record_sequence, device.id)
-        live = self.hub.open(device.id)
+        live = self.hub.open(device.id, fingerprint)
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
         reader = asyncio.create_task(self._read(live, request_iterator))
         try:

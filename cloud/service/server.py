@@ -18,7 +18,6 @@ from grpc_reflection.v1alpha import reflection
 from cloud.alerts import AlertFeed
 from cloud.artifacts import LocalArtifactStore
 from cloud.catalog import ModelCatalog
-from cloud.clock import utc_now
 from cloud.config import CloudConfig
 from cloud.devices import DeviceRegistry
 from cloud.domain import DesiredModel
@@ -159,6 +158,7 @@ class ControlPlane:
                 self.artifacts,
                 self.rollouts,
                 self.alerts,
+                self.config.auth_recheck_interval_s,
             ),
             server,
         )
@@ -220,7 +220,7 @@ class ControlPlane:
         self._tasks = [
             asyncio.create_task(self._every(self.config.presence_flush_interval_s, self._flush)),
             asyncio.create_task(
-                self._every(self.config.auth_recheck_interval_s, self._revocations())
+                self._every(self.config.auth_recheck_interval_s, self._recheck_sessions)
             ),
             asyncio.create_task(self._every(self.config.rollout_interval_s, self._reconcile)),
             asyncio.create_task(
@@ -289,18 +289,18 @@ class ControlPlane:
         if self.elector.is_leader:
             self.push_desired(await asyncio.to_thread(self.rollouts.tick))
 
-    def _revocations(self) -> Callable[[], Awaitable[None]]:
-        """Ends sessions of devices revoked through any replica (this one ends its own at once)."""
-        since = utc_now()
-
-        async def check() -> None:
-            nonlocal since
-            now = utc_now()
-            for device_id in await asyncio.to_thread(self.store.revoked_since, since):
-                self.hub.end_device(device_id, PermissionDenied("this device was revoked"))
-            since = now - dt.timedelta(seconds=1)
-
-        return check
+    async def _recheck_sessions(self) -> None:
+        """Ends the sessions held here of devices revoked, deleted or re-enrolled through any
+        replica (this replica ends its own revocations at once): each session's certificate
+        is compared with the device's current one in the store."""
+        ids = self.hub.device_ids()
+        if not ids:
+            return
+        current = await asyncio.to_thread(self.store.device_credentials, ids)
+        self.hub.end_stale(
+            current,
+            PermissionDenied("this device was revoked or re-enrolled; its certificate is stale"),
+        )
 
     @staticmethod
     async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:

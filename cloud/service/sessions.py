@@ -16,6 +16,7 @@ class LiveSession:
     """One open session stream: messages to send down, or the error that ends it."""
 
     device_id: str
+    fingerprint: str = ""  # of the certificate the session was opened with
     outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     desired_revision: int = 0  # of the newest desired state sent down this session
 
@@ -32,8 +33,8 @@ class SessionHub:
     def __init__(self) -> None:
         self._by_device: dict[str, set[LiveSession]] = {}
 
-    def open(self, device_id: str) -> LiveSession:
-        live = LiveSession(device_id)
+    def open(self, device_id: str, fingerprint: str = "") -> LiveSession:
+        live = LiveSession(device_id, fingerprint)
         self._by_device.setdefault(device_id, set()).add(live)
         return live
 
@@ -71,6 +72,24 @@ class SessionHub:
             live.send(message)
             sent += 1
         return sent
+
+    def device_ids(self) -> list[str]:
+        return list(self._by_device)
+
+    def end_stale(self, current: dict[str, tuple[bool, str]], error: AutoglmError) -> int:
+        """Ends the sessions whose device may no longer act (`current`: device id -> (still
+        active, current certificate fingerprint); absent: deleted) or whose certificate is
+        not the current one (re-enrolled). Returns how many ended."""
+        ended = 0
+        for device_id, sessions in list(self._by_device.items()):
+            active, fingerprint = current.get(device_id, (False, ""))
+            for live in list(sessions):
+                if not active or (live.fingerprint and live.fingerprint != fingerprint):
+                    live.end(error)
+                    ended += 1
+        if ended:
+            log.info("ended %d session(s) of revoked or re-enrolled devices", ended)
+        return ended
 
     def is_open(self, device_id: str) -> bool:
         return device_id in self._by_device

@@ -86,6 +86,11 @@ class Store(abc.ABC):
         """Applies heartbeat summaries in one transaction; unknown devices are skipped."""
 
     @abc.abstractmethod
+    def device_credentials(self, device_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
+        """For each device id found: (may act -- enrolled and not revoked, its current
+        certificate fingerprint). Replicas compare open sessions against it."""
+
+    @abc.abstractmethod
     def revoked_since(self, since: dt.datetime) -> list[str]:
         """Ids of devices revoked at or after `since` (for sessions held by other replicas)."""
 

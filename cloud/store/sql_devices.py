@@ -195,3 +195,14 @@ class DeviceTables(SqlBase):
     def revoked_since(self, since: dt.datetime) -> list[str]:
         with self._tx() as s:
             return list(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at >= since)).all())
+
+    def device_credentials(self, device_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
+        found: dict[str, tuple[bool, str]] = {}
+        with self._tx() as s:
+            for start in range(0, len(device_ids), 500):
+                query = select(DeviceRow.id, DeviceRow.state, DeviceRow.cert_fingerprint).where(
+                    DeviceRow.id.in_(device_ids[start : start + 500])
+                )
+                for device_id, state, fingerprint in s.execute(query).all():
+                    found[device_id] = (state == DeviceState.ACTIVE.value, fingerprint)
+        return found
