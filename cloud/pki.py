@@ -104,6 +104,14 @@ class CertificateAuthority:
         )
         return builder.sign(self.key, hashes.SHA256())
 
+    def key_material(self) -> bytes:
+        """The CA key's private bytes, to derive other keys every replica shares from."""
+        return self.key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
     def check_device_csr(self, csr_pem: bytes) -> None:
         """What can be judged of a CSR without the device: PEM, signature, key kind. Run
         before the enrollment token is spent."""

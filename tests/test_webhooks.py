@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import InvalidInput
+from cloud.webhooks import SecretBox, redacted
+from edge_agent.errors import IntegrityError, InvalidInput
 from tests.support.agents import wait_for
 from tests.support.alerting import T0, Site, cleared, open_site, raised
 
@@ -117,6 +118,9 @@ def test_signed_deliveries_arrive_once_in_order_across_a_restart(
     revisions = [d["alert"]["revision"] for d in receiver.accepted]
     assert revisions == sorted(revisions)  # in order per alert
     assert receiver.bad_signatures == 0 and listed.id == hook.id and listed.dead == 0
+    # The secret signs every delivery, but the database holds it only encrypted.
+    (stored,) = site.plane.plane.store.list_webhooks()
+    assert SECRET not in stored.secret and stored.secret.startswith(SecretBox.PREFIX)
 
 
 def test_a_receiver_that_is_down_gets_the_delivery_once_when_it_returns(
@@ -153,12 +157,28 @@ def test_deliveries_die_after_the_last_attempt(tmp_path: Path, receiver: Receive
         assert listed.last_error == "HTTP 500" and receiver.requests == 3
 
 
+def test_logs_and_errors_show_no_path_or_credentials_of_a_webhook_url() -> None:
+    assert redacted("https://hooks.example.com/services/T0/B0/XYZ?k=1") == (
+        "https://hooks.example.com/…"
+    )
+    assert redacted("http://u:p@example.com:8080/") == "http://example.com:8080"
+
+
+def test_secrets_stored_before_encryption_still_sign() -> None:
+    box = SecretBox(b"key material")
+    assert box.open("plain-old-secret-123") == "plain-old-secret-123"
+    assert box.open(box.seal("s" * 20)) == "s" * 20
+    with pytest.raises(IntegrityError, match="does not decrypt"):
+        SecretBox(b"another key").open(box.seal("s" * 20))
+
+
 @pytest.mark.parametrize(
     ("url", "secret", "filter_text", "message"),
     [
         ("ftp://example.com/x", SECRET, "", "scheme"),
         ("http:///no-host", SECRET, "", "no host"),
         ("http://example.com:99999/", SECRET, "", "bad port"),
+        ("https://ops:hunter2@example.com/", SECRET, "", "carries credentials"),
         ("http://example.com/", "short", "", "at least 16"),
         ("http://example.com/", SECRET, "colour=red", "unknown key 'colour'"),
         ("http://example.com/", SECRET, "state=burning", "'burning'"),

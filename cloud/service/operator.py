@@ -20,6 +20,7 @@ from cloud.selectors import parse_selector
 from cloud.service.operator_alerts import AlertCalls
 from cloud.service.serde import device_to_proto, rollout_to_proto, timestamp
 from cloud.service.sessions import SessionHub
+from cloud.webhooks import SecretBox
 from edge_agent.errors import InvalidInput, PermissionDenied
 from protos.autoglm.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
@@ -40,8 +41,10 @@ class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
         push_desired: Callable[[Sequence[DesiredModel]], None],
         alerts: AlertFeed,
         clock: Clock = utc_now,
+        secret_box: SecretBox | None = None,
     ) -> None:
         self.alerts = alerts
+        self.secret_box = secret_box
         self.catalog = catalog
         self.rollouts = rollouts
         self.push_desired = push_desired

@@ -21,7 +21,7 @@ from cloud.service.serde import (
     prediction_to_proto,
     webhook_to_proto,
 )
-from cloud.webhooks import check_url
+from cloud.webhooks import SecretBox, check_url, redacted
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
@@ -35,6 +35,7 @@ class AlertCalls:
     registry: DeviceRegistry
     alerts: AlertFeed
     clock: Clock
+    secret_box: SecretBox | None
 
     def _names(self) -> dict[str, str]:
         return {d.id: d.name for d in self.registry.list({})}
@@ -139,10 +140,11 @@ class AlertCalls:
                 f"a webhook secret must have at least {MIN_SECRET} characters (it signs every "
                 "delivery; receivers check it)"
             )
+        secret = self.secret_box.seal(request.secret) if self.secret_box else request.secret
         hook = await asyncio.to_thread(
-            self.registry.store.add_webhook, url, request.secret, request.filter, self.clock()
+            self.registry.store.add_webhook, url, secret, request.filter, self.clock()
         )
-        log.info("webhook %s added: %s (filter %r)", hook.id, hook.url, hook.filter)
+        log.info("webhook %s added: %s (filter %r)", hook.id, redacted(hook.url), hook.filter)
         return webhook_to_proto(hook)
 
     async def ListWebhooks(

@@ -34,7 +34,7 @@ from cloud.service.serde import desired_to_proto, message_to_dict
 from cloud.service.sessions import SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
-from cloud.webhooks import SenderSettings, WebhookSender
+from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
 from edge_agent.bundle import load_public_key
 from edge_agent.errors import LocalStateError, PermissionDenied
 from protos.autoglm.v1 import (
@@ -107,6 +107,7 @@ class ControlPlane:
             ),
         )
         self.alerts = AlertFeed(store)
+        self.secret_box = SecretBox(secrets.ca.key_material())
         self.webhooks = WebhookSender(
             store,
             SenderSettings(
@@ -116,6 +117,7 @@ class ControlPlane:
                 timeout_s=config.webhook_timeout_s,
                 poll_s=config.webhook_poll_s,
             ),
+            box=self.secret_box,
         )
         self.alerts.listeners.append(self.webhooks.wake)
         self._stopping = asyncio.Event()
@@ -173,6 +175,7 @@ class ControlPlane:
                 self.rollouts,
                 self.push_desired,
                 self.alerts,
+                secret_box=self.secret_box,
             ),
             server,
         )
