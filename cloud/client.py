@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edge_agent.bundle import MANIFEST, SIGNATURE, bundle_paths, parse_manifest, sha256_file
 from edge_agent.errors import InvalidInput, Unavailable, from_rpc_error
 from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
@@ -95,6 +94,14 @@ class OperatorClient:
         self, directory: Path, progress: Callable[[int, int], None] | None = None
     ) -> operator_pb2.Model:
         """Streams the bundle's manifest, signature and every file it lists (1 MiB chunks)."""
+        from edge_agent.bundle import (  # pydantic and cryptography: only when pushing
+            MANIFEST,
+            SIGNATURE,
+            bundle_paths,
+            parse_manifest,
+            sha256_file,
+        )
+
         try:
             raw = (directory / MANIFEST).read_bytes()
         except OSError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,44 @@ def test_run_with_garbage_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "reconnect.bogus" in err and str(config) in err
     assert autoglm_edge(["run", "--state-dir", str(tmp_path)]) == 7
     assert "no enrolled identity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server: [1, 2]\n", "keys: server"),
+        ("colour: red\n", "keys: colour"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("server: 'x\n", "not valid YAML"),
+    ],
+)
+def test_a_bad_cli_context_file_is_named_with_its_bad_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    context = tmp_path / "context.yaml"
+    context.write_text(text)
+    assert autoglm(["--context", str(context), "device", "list"]) == 2
+    err = capsys.readouterr().err
+    assert str(context) in err and message in err, err
+
+
+def test_operator_commands_load_no_server_store_or_model_code() -> None:
+    """`autoglm --help` and every operator command start without the control plane's server,
+    store, the model pipeline or torch (start-up time: README, Benchmarks)."""
+    heavy = (
+        "cloud.service.server",
+        "cloud.store",
+        "cloud.model.pipeline",
+        "cloud.model.train",
+        "torch",
+        "onnxruntime",
+        "sqlalchemy",
+    )
+    probe = (
+        "import sys, cloud.cli.main as m; m.build_parser(); "
+        f"print([n for n in sys.modules if n.startswith({heavy!r})])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]", out

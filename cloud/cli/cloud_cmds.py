@@ -11,14 +11,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloud.cli.context import CliContext, default_context_path, save_context
-from cloud.config import load_cloud_config
-from cloud.service.server import ControlPlane
-from cloud.state_dir import CA_CERT, init_state_dir, load_secrets
-from cloud.store import open_store
 from edge_agent.errors import ConfigError, LocalStateError
 from edge_agent.files import exclusive_lock
+
+if TYPE_CHECKING:
+    from cloud.service.server import ControlPlane
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +63,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from cloud.state_dir import CA_CERT, init_state_dir  # the CLI loads no server code for --help
+
     result = init_state_dir(
         args.state_dir,
         hosts=args.host,
@@ -99,6 +101,11 @@ SERVE_LOCK = "serve.lock"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from cloud.config import load_cloud_config
+    from cloud.service.server import ControlPlane
+    from cloud.state_dir import load_secrets
+    from cloud.store import open_store
+
     overrides = {
         "api_listen": args.api_listen,
         "device_listen": args.device_listen,

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cloud.client import Connection
 from edge_agent.errors import ConfigError, LocalStateError
 from edge_agent.files import replace_atomically
-from edge_agent.settings import read_yaml_mapping
 
 
-class CliContext(BaseModel):
-    """The saved connection settings (`autoglm login` writes them)."""
-
-    model_config = ConfigDict(extra="forbid")
+@dataclasses.dataclass(frozen=True)
+class CliContext:
+    """The saved connection settings (`autoglm login` writes them). A plain dataclass: every
+    CLI command reads it, and pydantic would cost each of them ~50 ms of start-up."""
 
     server: str = ""
     ca_cert: str = ""  # path of the CA certificate file
     token: str = ""
     tls_server_name: str = ""
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any], where: Path) -> CliContext:
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = [str(k) for k, v in doc.items() if k not in names or not isinstance(v, str)]
+        if bad:
+            raise ConfigError(
+                f"{where}: bad CLI context (keys: {', '.join(bad)}: unknown, or not text); "
+                "rewrite it with `autoglm login`"
+            )
+        return cls(**doc)
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
 
 
 def default_context_path(env: Mapping[str, str]) -> Path:
@@ -36,17 +50,21 @@ def load_context(path: Path) -> CliContext:
     if not path.exists():
         return CliContext()
     try:
-        return CliContext.model_validate(read_yaml_mapping(path))
-    except ValidationError as exc:
-        keys = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
-        raise ConfigError(
-            f"{path}: bad CLI context (keys: {keys}); rewrite it with `autoglm login`"
-        ) from None
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CLI context {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: the CLI context is not valid YAML: {exc}") from None
+    if doc is None:
+        return CliContext()
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the CLI context must be a mapping of keys to values")
+    return CliContext.from_mapping(doc, path)
 
 
 def save_context(path: Path, context: CliContext) -> None:
     """Writes the context with mode 0600: it holds the operator token."""
-    text = yaml.safe_dump(context.model_dump(), sort_keys=False)
+    text = yaml.safe_dump(context.as_dict(), sort_keys=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_atomically(path, text.encode("utf-8"), 0o600)

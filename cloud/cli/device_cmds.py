@@ -9,9 +9,6 @@ from cloud.cli import alert_cmds
 from cloud.cli.output import ago, json_view, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
-from cloud.domain import DeviceState
-from cloud.service.serde import bootstrap_from_registration, device_from_proto
-from edge_agent.bootstrap import write_bootstrap
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
@@ -110,6 +107,9 @@ def _hand_out_token(
     args: argparse.Namespace, response: operator_pb2.RegisterDeviceResponse, headline: str
 ) -> int:
     """Writes the bootstrap file or shows the token (once), as text or JSON."""
+    from cloud.service.serde import bootstrap_from_registration
+    from edge_agent.bootstrap import write_bootstrap
+
     bootstrap = bootstrap_from_registration(response)
     if args.bootstrap_out:
         write_bootstrap(args.bootstrap_out, bootstrap)
@@ -139,6 +139,9 @@ def _hand_out_token(
 
 
 def _rows(devices: list[operator_pb2.Device]) -> list[list[str]]:
+    from cloud.domain import DeviceState
+    from cloud.service.serde import device_from_proto
+
     now = utc_now()
     rows = []
     for msg in devices:

@@ -11,7 +11,6 @@ from pathlib import Path
 from cloud.cli.output import json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.model.progress import ProgressBar
-from edge_agent.bundle import unpack_tar
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
@@ -91,6 +90,8 @@ def _name_version(text: str) -> tuple[str, str]:
 
 
 def cmd_push(args: argparse.Namespace, client: OperatorClient) -> int:
+    from edge_agent.bundle import unpack_tar  # numpy and friends: not for --help
+
     bar = ProgressBar("push", sys.stderr, unit="bytes")
     if args.bundle.is_file():
         with tempfile.TemporaryDirectory() as tmp:
