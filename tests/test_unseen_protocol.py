@@ -130,6 +130,23 @@ def test_thresholds_never_depend_on_fault_rows() -> None:
     assert first.far <= base.target_far + 1e-9, first.summary()
 
 
+def test_the_spread_threshold_never_falls_below_its_floor() -> None:
+    """Spread that barely moves on normal data still needs a large log ratio to alarm (a
+    stuck sensor), so its normal wobble does not raise every other kind's threshold."""
+    from cloud.model.thresholds import MIN_SPREAD, EpisodeEvidence, fit_thresholds
+
+    rng = np.random.default_rng(1)
+    normal = np.ones(400, dtype=bool)
+    values = {k: rng.gamma(2.0, 1.0, 400).astype(np.float32) for k in ("level", "joint")}
+    values["forecast"] = rng.gamma(2.0, 1.0, 400).astype(np.float32)
+    values["spread"] = rng.gamma(2.0, 0.05, 400).astype(np.float32)
+    base = DecisionParams(level_window=8, supervised=False, smoothing=1)
+    fitted = fit_thresholds([EpisodeEvidence("e", values, normal)], base)
+    assert fitted.decision.spread_threshold == MIN_SPREAD
+    assert fitted.far <= base.target_far + 1e-9, fitted.summary()
+    assert fitted.far_by_kind["spread"] == 0.0
+
+
 def test_other_machines_minute_data_and_a_constant_sensor(
     tmp_path: Path, key: ed25519.Ed25519PrivateKey
 ) -> None:
