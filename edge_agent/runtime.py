@@ -68,7 +68,7 @@ class AssetRunner:
             spec.period_s,
             spec.max_staleness_s,
             lateness_s,
-            max_gap_slots=max(spec.length, self.calibration_rows),
+            max_gap_slots=spec.length,
         )
         self.length = spec.length
         self.ring_v = np.zeros((spec.length, n), dtype=np.float32)
@@ -77,6 +77,7 @@ class AssetRunner:
         self.filled = 0
         self.valid_cells = 0.0  # readings present in the ring
         self.sparse_windows = 0  # windows not scored: under MIN_WINDOW_VALID of readings
+        self.gaps = 0  # stream restarts after more than a window without readings
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
         self._cal_v: list[np.ndarray] = []
@@ -91,6 +92,11 @@ class AssetRunner:
         start_calibration: Callable[[AssetRunner, AlignedSeries], None],
     ) -> None:
         spec = self.model.spec
+        if rows.gap:  # no reading for longer than a window: windows restart after it
+            self.ring_m[:] = 0.0
+            self.filled = 0
+            self.valid_cells = 0.0
+            self.gaps += 1
         self.history.extend(rows.first_slot, rows.values, rows.mask)
         for k in range(rows.values.shape[0]):
             slot = rows.first_slot + k
@@ -252,8 +258,8 @@ class EdgeRuntime:
                     item = None
             for index in touched:
                 runner = self.runners[index]
-                rows = runner.aligner.close_ready()
-                if rows is not None:
+                now = time.time()
+                while (rows := runner.aligner.close_ready(now)) is not None:
                     runner.feed(rows, self._emit, self._start_calibration)
 
     def _add(self, item: Decoded, touched: set[int]) -> None:

@@ -218,10 +218,29 @@ def test_late_readings_are_dropped_and_gaps_skipped() -> None:
     assert rows is not None and rows.first_slot == 100 and rows.values.shape[0] == 9
     aligner.add(0, 101.0, 5.0)
     assert aligner.counts["late"] == 1
-    aligner.add_many(0, np.array([50_000.0]), np.array([1.0]))
+    aligner.add_many(0, np.array([50_000.0, 50_001.0, 50_002.0]), np.array([1.0] * 3))
     rows = aligner.close_ready()
-    assert rows is not None and rows.gap and rows.values.shape[0] == 50
+    # The stream restarts at the next reading: no empty rows for the gap.
+    assert rows is not None and rows.gap and rows.first_slot == 50_000
+    assert rows.values.shape[0] == 2 and rows.mask.all()
     assert aligner.counts["gap_slots"] > 40_000
+
+
+def test_one_reading_stamped_ahead_of_the_clock_does_not_make_the_rest_late() -> None:
+    aligner = StreamAligner(1, 1.0, 2.0, lateness_s=1.0, max_gap_slots=50)
+    now = 1000.0
+    for t in range(990, 1000):
+        aligner.add(0, float(t), 1.0)
+    aligner.add(0, now + 290.0, 9.0)  # one outlier, within ingest.max_future_s
+    rows = aligner.close_ready(now)
+    assert rows is not None and rows.first_slot + rows.values.shape[0] - 1 == 999
+    closed = []
+    for t in range(1000, 1010):  # the asset's next ten seconds arrive on time
+        aligner.add(0, float(t), 2.0)
+        if (rows := aligner.close_ready(t + 0.5)) is not None:
+            closed.extend(rows.values[:, 0].tolist())
+    assert aligner.counts["late"] == 0
+    assert closed == [2.0] * 9  # slots 1000..1008 from their own readings
 
 
 # ---- decisions ----

@@ -65,8 +65,7 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
         for i in range(rows):  # as the pipeline thread does for each decoded reading
             for j in range(len(SENSORS)):
                 runner.aligner.add(j, times[i], values[i, j])
-            closed = runner.aligner.close_ready()
-            if closed is not None:
+            while (closed := runner.aligner.close_ready()) is not None:
                 runner.feed(closed, emit, runtime._start_calibration)
         wait_for(lambda: len(verdicts) == len(emitted) > 0, timeout=120)
     finally:

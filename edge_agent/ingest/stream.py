@@ -4,13 +4,17 @@ it offline.
 Slot g of the grid sits at time g * period (an absolute grid, the same on every restart). A
 slot's value per sensor is the latest reading at or before its time, valid (mask 1) when at
 most `max_staleness_s` old. A slot closes once the newest reading of the asset is
-`lateness_s` past it; a reading that would change a closed slot is late, and dropped.
+`lateness_s` past it; a reading that would change a closed slot is late, and dropped. After
+more than `max_gap_slots` slots without any reading the stream skips to the next reading
+(`ClosedRows.gap`): a message of sparse readings costs one row per reading, not a window of
+empty rows each.
 Out-of-order readings within the lateness are sorted in; a repeated (sensor, timestamp)
 keeps the first value.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_right
 from collections import Counter
@@ -98,11 +102,18 @@ class StreamAligner:
         if top > self.watermark:
             self.watermark = top
 
-    def close_ready(self) -> ClosedRows | None:
-        """Closes every slot the watermark has passed by the lateness; None if none."""
+    def close_ready(self, now: float | None = None) -> ClosedRows | None:
+        """Closes the slots the watermark has passed by the lateness, up to the next gap;
+        None if none. Call until None.
+
+        `now` (this device's clock) caps the watermark: a reading stamped ahead of it waits
+        until its time instead of closing slots early, so one outlier cannot make the
+        asset's valid readings "late" (readings further ahead than `ingest.max_future_s` are
+        dropped before they get here)."""
         if self.watermark == -math.inf:
             return None
-        last = math.floor((self.watermark - self.lateness) / self.period + EPS)
+        horizon = self.watermark if now is None else min(self.watermark, now)
+        last = math.floor((horizon - self.lateness) / self.period + EPS)
         if self.next_slot is None:
             for j in range(self.n):
                 if self._unsorted[j]:
@@ -122,11 +133,25 @@ class StreamAligner:
         pending = min(after, default=self.watermark)  # first reading past the next slot
         first_data = math.ceil(pending / self.period - EPS)
         if first_data - self.next_slot > self.max_gap_slots:
-            skip_to = min(first_data, last + 1) - self.max_gap_slots
+            # Longer than a window without any reading: the stream restarts at the next
+            # reading (the caller restarts its windows), nothing is scored across the gap.
+            skip_to = min(first_data, last + 1)
             self.counts["gap_slots"] += skip_to - self.next_slot
             self._consume_until((skip_to - 1) * self.period)
             self.next_slot = skip_to
             gap = True
+        # A gap further on ends these rows at the last reading before it; the next call
+        # skips the gap (callers close until None).
+        ahead = sorted(  # the readings these rows consume, and the next one of each sensor
+            t
+            for times in self._t
+            for t in times[: bisect_right(times, last * self.period + EPS) + 1]
+        )
+        start = self.next_slot * self.period + EPS
+        for before, after_gap in itertools.pairwise(ahead):
+            if after_gap - before > self.max_gap_slots * self.period and before > start:
+                last = min(last, math.floor(before / self.period + EPS))
+                break
         count = last - self.next_slot + 1
         values = np.empty((count, self.n), dtype=np.float32)
         mask = np.empty((count, self.n), dtype=np.float32)

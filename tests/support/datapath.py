@@ -77,8 +77,7 @@ class Site:
         for i in range(values.shape[0]):
             for j in range(len(SENSORS)):
                 runner.aligner.add(j, START + first_row + i * step, values[i, j])
-            closed = runner.aligner.close_ready()
-            if closed is not None:
+            while (closed := runner.aligner.close_ready()) is not None:
                 runner.feed(closed, emit, self.runtime._start_calibration)
         wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)
 
