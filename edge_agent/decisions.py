@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from edge_agent.config import DecisionPolicy
 from edge_agent.windowing import FloatArray
 
@@ -79,6 +81,19 @@ class AssetDecider:
         self._recent: deque[float] = deque(maxlen=policy.n)
         self.open: AlertEvent | None = open_alert  # raised before a restart, not cleared yet
         self._peak = open_alert.score if open_alert is not None else 0.0
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return {
+            "decider_raw": np.array(self._raw, dtype=np.float64),
+            "decider_recent": np.array(self._recent, dtype=np.float64),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        if "decider_raw" in state:
+            self._raw.clear()
+            self._raw.extend(float(x) for x in state["decider_raw"])
+            self._recent.clear()
+            self._recent.extend(float(x) for x in state["decider_recent"])
 
     def step(
         self, raw: float, evidence: FloatArray, window_start: float, window_end: float

@@ -43,6 +43,7 @@ from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
 from edge_agent.shadow import RowHistory
+from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
 from protos.autoglm.v1 import agent_pb2
 
@@ -85,6 +86,47 @@ class AssetRunner:
         self._cal_first_slot = 0
         self.history = RowHistory(history_rows)  # for shadow evaluations of a candidate
 
+    def reset_stream(self, aligner: bool = True) -> None:
+        """Windows start again from the next rows (and the aligner from the next reading)."""
+        self.ring_m[:] = 0.0
+        self.filled = 0
+        self.valid_cells = 0.0
+        if aligner:
+            spec = self.model.spec
+            self.aligner = StreamAligner(
+                self.model.schema.size,
+                spec.period_s,
+                spec.max_staleness_s,
+                self.aligner.lateness,
+                self.aligner.max_gap_slots,
+            )
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The unscored part of the stream: open slots, the window ring, calibration rows."""
+        n = self.model.schema.size
+        return {
+            **self.aligner.snapshot(),
+            "ring_v": self.ring_v,
+            "ring_m": self.ring_m,
+            "ring": np.array([self.pos, self.filled, self.valid_cells], dtype=np.float64),
+            "cal_v": np.stack(self._cal_v) if self._cal_v else np.zeros((0, n), np.float32),
+            "cal_m": np.stack(self._cal_m) if self._cal_m else np.zeros((0, n), np.float32),
+            "cal_first_slot": np.array(self._cal_first_slot, dtype=np.int64),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        if state["ring_v"].shape != self.ring_v.shape:
+            raise ValueError(f"a ring of {state['ring_v'].shape}, not {self.ring_v.shape}")
+        self.aligner.restore(state)
+        self.ring_v[:] = state["ring_v"]
+        self.ring_m[:] = state["ring_m"]
+        pos, filled, valid = state["ring"].tolist()
+        self.pos, self.filled, self.valid_cells = int(pos), int(filled), float(valid)
+        if self.calibration is None:
+            self._cal_v = list(state["cal_v"])
+            self._cal_m = list(state["cal_m"])
+            self._cal_first_slot = int(state["cal_first_slot"])
+
     def feed(
         self,
         rows: ClosedRows,
@@ -93,9 +135,7 @@ class AssetRunner:
     ) -> None:
         spec = self.model.spec
         if rows.gap:  # no reading for longer than a window: windows restart after it
-            self.ring_m[:] = 0.0
-            self.filled = 0
-            self.valid_cells = 0.0
+            self.reset_stream(aligner=False)
             self.gaps += 1
         self.history.extend(rows.first_slot, rows.values, rows.mask)
         for k in range(rows.values.shape[0]):
@@ -187,6 +227,7 @@ class EdgeRuntime:
         self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
         self.open_alerts = OpenAlerts(config.state_dir / "alerts")
+        self.streams = StreamStates(config.state_dir / "stream")
         self._lost_logged_at = -math.inf
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
@@ -203,6 +244,8 @@ class EdgeRuntime:
                 stored = self.calibrations.load(model.version, runner.name, model.schema.names)
                 if stored is not None:
                     self._set_calibration(runner, *stored)
+            for runner in self.runners:
+                self._resume_stream(runner)
             self.worker = InferenceWorker(
                 model.backend,
                 self._on_results,
@@ -225,12 +268,48 @@ class EdgeRuntime:
         self.mqtt.start()
 
     def stop(self) -> None:
-        """Stops ingest, then finishes the windows already cut, then stops inference."""
+        """Stops ingest, then finishes the windows already cut, then stops inference, then
+        keeps what is not scored yet for the next start (`stream_state`)."""
         self.mqtt.stop()
         self._stop.set()
         self._pipeline.join(10)
         if self.worker is not None:
             self.worker.stop()
+        if not self._pipeline.is_alive():
+            self._keep_streams()
+
+    def _keep_streams(self) -> None:
+        model = self.model
+        if model is None:
+            return
+        for runner in self.runners:
+            state = runner.snapshot()
+            decider = self.deciders[runner.index]
+            if decider is not None:
+                state |= decider.snapshot()
+            self.streams.save(runner.name, model.version, model.schema.names, state)
+
+    def _resume_stream(self, runner: AssetRunner) -> None:
+        model = self.model
+        assert model is not None
+        state = self.streams.take(runner.name, model.version, model.schema.names)
+        if state is None:
+            return
+        try:
+            runner.restore(state)
+            decider = self.deciders[runner.index]
+            if decider is not None:
+                decider.restore(state)
+        except (ValueError, KeyError) as exc:
+            log.warning("stream state of %s not resumed (%s)", runner.name, exc)
+            runner.reset_stream()
+            return
+        log.info(
+            "resumed %s: %d rows of the window ring, %d open readings",
+            runner.name,
+            runner.filled,
+            runner.aligner.pending_readings,
+        )
 
     # ---- pipeline thread ----
     def _run_pipeline(self) -> None:

@@ -165,6 +165,40 @@ class StreamAligner:
         self.next_slot = last + 1
         return rows
 
+    @property
+    def pending_readings(self) -> int:
+        return sum(len(times) for times in self._t)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The open slots and grid position, for `restore` after a restart."""
+        for j in range(self.n):
+            if self._unsorted[j]:
+                self._sort(j)
+        return {
+            "pending_t": np.array([t for times in self._t for t in times], dtype=np.float64),
+            "pending_v": np.array([v for values in self._v for v in values], dtype=np.float64),
+            "pending_n": np.array([len(times) for times in self._t], dtype=np.int64),
+            "last_t": np.array(self._last_t, dtype=np.float64),
+            "last_v": np.array(self._last_v, dtype=np.float64),
+            "grid": np.array(
+                [-1 if self.next_slot is None else self.next_slot, self.watermark], dtype=np.float64
+            ),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        counts = state["pending_n"]
+        if counts.shape != (self.n,):
+            raise ValueError(f"stream state for {counts.shape[0]} sensors, not {self.n}")
+        edges = np.concatenate([[0], np.cumsum(counts)])
+        self._t = [state["pending_t"][a:b].tolist() for a, b in itertools.pairwise(edges)]
+        self._v = [state["pending_v"][a:b].tolist() for a, b in itertools.pairwise(edges)]
+        self._unsorted = [False] * self.n
+        self._last_t = state["last_t"].tolist()
+        self._last_v = state["last_v"].tolist()
+        next_slot, watermark = state["grid"].tolist()
+        self.next_slot = None if next_slot < 0 else int(next_slot)
+        self.watermark = float(watermark)
+
     def _consume_until(self, grid: float) -> None:
         limit = grid + EPS
         for j in range(self.n):

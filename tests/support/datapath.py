@@ -84,9 +84,12 @@ class Site:
     def events(self) -> list[AlertEvent]:
         return [v.event for v in self.verdicts if v.event is not None]
 
-    def stop(self) -> None:
-        """As a kill would leave it: nothing is flushed or cleared on the way out."""
+    def stop(self, graceful: bool = False) -> None:
+        """As a kill would leave it (nothing flushed or cleared on the way out), or as a
+        graceful stop: the unscored stream kept for the next start."""
         assert self.runtime.worker is not None
         self.runtime.worker.stop()
+        if graceful:
+            self.runtime._keep_streams()
         self.outbox.close()
         self.model.close()
