@@ -274,7 +274,8 @@ def test_a_bad_cli_context_file_is_named_with_its_bad_keys(
 
 def test_operator_commands_load_no_server_store_or_model_code() -> None:
     """`autoglm --help` and every operator command start without the control plane's server,
-    store, the model pipeline or torch (start-up time: README, Benchmarks)."""
+    store, the model pipeline, torch, numpy or pydantic (tests/benchmarks/bench_cli_startup.py
+    measures the time)."""
     heavy = (
         "cloud.service.server",
         "cloud.store",
@@ -283,6 +284,8 @@ def test_operator_commands_load_no_server_store_or_model_code() -> None:
         "torch",
         "onnxruntime",
         "sqlalchemy",
+        "numpy",
+        "pydantic",
     )
     probe = (
         "import sys, cloud.cli.main as m; m.build_parser(); "

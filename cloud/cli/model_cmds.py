@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cloud.cli import job_cmds, rollout_cmds
 from cloud.cli.output import print_json, print_table
-from edge_agent.calibration import DecisionParams
+from edge_agent.decision_params import DecisionParams
 from edge_agent.errors import InvalidInput
 
 KEY_HELP = "Ed25519 signing key (PEM); default $AUTOGLM_SIGNING_KEY"

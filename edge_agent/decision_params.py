@@ -1,0 +1,65 @@
+"""How model outputs become a fault score: the parameters a bundle's manifest stores.
+
+Apart from `calibration.py` (which applies them, with numpy) so that what only needs their
+defaults -- the operator CLI's help -- starts without numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_agent.errors import InvalidInput
+
+COMBINE_RULES = ("max", "top2")
+
+
+@dataclass(frozen=True)
+class DecisionParams:
+    """How outputs become a fault score (stored in the bundle manifest)."""
+
+    prob_threshold: float = 0.8
+    residual_threshold: float = 8.0
+    residual_quantile: float = 0.99
+    smoothing: int = 5
+    scale_floor: float = 0.1
+    level_window: int = 30  # rows in a recent level; 0: no level evidence (older bundles)
+    level_threshold: float = 8.0
+    joint_threshold: float = 6.0
+    # Per sensor: how far its level drifts in normal operation, in its calibration spreads
+    # (fitted on held-out normal data; temperatures drift, flows hold). Empty: 1 for all.
+    level_tolerance: tuple[float, ...] = ()
+    spread_threshold: float = 4.0
+    spread_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
+    supervised: bool = True  # whether the fault head takes part (it was trained on labels)
+    combine: str = "max"  # how kinds of evidence make one score (`combine`)
+    # An alert needs this many windows at or above 1 (of a few more): longer than the runs
+    # normal operation produced on held-out data (fitted; the agent's k may be stricter).
+    alert_windows: int = 3
+    target_far: float = 0.05  # the false-alarm budget the thresholds were fitted for
+
+    def __post_init__(self) -> None:
+        if not 0 < self.prob_threshold <= 1:
+            raise InvalidInput(f"decision: prob_threshold {self.prob_threshold} not in (0, 1]")
+        for name in (
+            "residual_threshold",
+            "level_threshold",
+            "joint_threshold",
+            "spread_threshold",
+        ):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"decision: {name} {getattr(self, name)} <= 0")
+        if not 0 < self.residual_quantile <= 1:
+            raise InvalidInput(f"decision: residual_quantile {self.residual_quantile} invalid")
+        if self.alert_windows < 1:
+            raise InvalidInput(f"decision: alert_windows {self.alert_windows} < 1")
+        if self.smoothing < 1:
+            raise InvalidInput(f"decision: smoothing {self.smoothing} < 1")
+        if self.level_window < 0:
+            raise InvalidInput(f"decision: level_window {self.level_window} < 0")
+        for name in ("level_tolerance", "spread_tolerance"):
+            if any(not t > 0 for t in getattr(self, name)):
+                raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")
+        if self.combine not in COMBINE_RULES:
+            raise InvalidInput(f"decision: combine {self.combine!r} is not one of {COMBINE_RULES}")
+        if not 0 < self.target_far < 1:
+            raise InvalidInput(f"decision: target_far {self.target_far} not in (0, 1)")
