@@ -166,7 +166,8 @@ def _explain_unavailable(details: str) -> str:
     if "certificate verify failed" in lowered or "ssl_error" in lowered or "handshake" in lowered:
         return (
             "the TLS handshake failed (the server certificate is not signed by the CA you "
-            f"trust, or the name does not match): {details}"
+            "trust, the name does not match, or a clock is outside the certificates' "
+            f"validity): {details}"
         )
     if "connection refused" in lowered or "failed to connect" in lowered:
         return f"nothing is listening there: {details}"

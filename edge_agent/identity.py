@@ -55,6 +55,26 @@ class DeviceIdentity:
     ca_pem: bytes
     signing_public_pem: bytes
 
+    def clock_problem(self, now: dt.datetime) -> str:
+        """Why TLS will refuse this device's certificates at `now`, or "" when the clock is
+        inside every certificate's validity (the device's own and the fleet CA's)."""
+        try:
+            certs = [
+                *x509.load_pem_x509_certificates(self.chain_pem),
+                *x509.load_pem_x509_certificates(self.ca_pem),
+            ]
+        except ValueError:
+            return ""
+        for cert in certs:
+            start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+            if not start <= now <= end:
+                return (
+                    f"this device's clock says {now:%Y-%m-%d %H:%M:%S}Z, outside the validity "
+                    f"of its certificates ({start:%Y-%m-%d %H:%M}Z .. {end:%Y-%m-%d %H:%M}Z): "
+                    "TLS refuses them; set the clock (NTP) and the session comes back"
+                )
+        return ""
+
     def credentials(self) -> grpc.ChannelCredentials:
         """Mutual-TLS channel credentials: this device's key and chain, the fleet's CA."""
         return grpc.ssl_channel_credentials(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections import deque
@@ -106,6 +107,10 @@ class CloudSession:
             try:
                 await self._session(stop)
             except AutoglmError as exc:
+                if isinstance(exc, Unavailable) and "TLS handshake" in str(exc):
+                    clock = self.identity.clock_problem(dt.datetime.now(dt.UTC))
+                    if clock:  # the likely cause, said first
+                        exc = Unavailable(f"{clock} ({exc})")
                 self.stats.last_error = str(exc)
                 if isinstance(exc, PermissionDenied | Unauthenticated):
                     self.stats.refused = True

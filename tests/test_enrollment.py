@@ -242,3 +242,15 @@ def test_the_attempt_window_ends() -> None:
     limiter.check("ipv4:10.0.0.7")
     assert peer_host("ipv4:10.0.0.7:52344") == "ipv4:10.0.0.7"
     assert peer_host("ipv6:[::1]:52344") == "ipv6:[::1]"
+
+
+def test_a_device_clock_outside_its_certificates_is_named_as_the_cause(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    enroll(register(plane, "pump-1"), tmp_path / "agent")
+    identity = load_identity(tmp_path / "agent")
+    now = dt.datetime.now(dt.UTC)
+    assert identity.clock_problem(now) == ""
+    behind = identity.clock_problem(now - dt.timedelta(hours=1))
+    assert "this device's clock says" in behind and "set the clock (NTP)" in behind, behind
+    assert "outside the validity" in identity.clock_problem(now + dt.timedelta(days=4000))
