@@ -79,6 +79,12 @@ class AssetRunner:
         self.valid_cells = 0.0  # readings present in the ring
         self.sparse_windows = 0  # windows not scored: under MIN_WINDOW_VALID of readings
         self.gaps = 0  # stream restarts after more than a window without readings
+        self.clock_logged = -math.inf
+        self.late_streak = 0  # drains in a row whose readings were all late
+        self.seen_readings = 0
+        self.seen_late = 0
+        self.clock_steps = 0  # stream restarts after the asset's clock stepped back
+        self.carried: Counter[str] = Counter()  # counts of aligners replaced by a restart
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
         self._cal_v: list[np.ndarray] = []
@@ -93,6 +99,8 @@ class AssetRunner:
         self.valid_cells = 0.0
         if aligner:
             spec = self.model.spec
+            self.carried.update(self.aligner.counts)  # health counts stay cumulative
+            self.seen_readings = self.seen_late = self.late_streak = 0
             self.aligner = StreamAligner(
                 self.model.schema.size,
                 spec.period_s,
@@ -337,7 +345,8 @@ class EdgeRuntime:
                     item = None
             for index in touched:
                 runner = self.runners[index]
-                now = time.time()
+                self._follow_clock(runner)
+                now = time.time() + max(0.0, self.decoder.clock_offset(index))
                 while (rows := runner.aligner.close_ready(now)) is not None:
                     runner.feed(rows, self._emit, self._start_calibration)
 
@@ -351,6 +360,39 @@ class EdgeRuntime:
             assert isinstance(chunk, Chunk)
             self.runners[chunk.asset].aligner.add_many(chunk.sensor, chunk.ts, chunk.values)
             touched.add(chunk.asset)
+
+    def _follow_clock(self, runner: AssetRunner) -> None:
+        """Readings that all land far behind the slots already closed (`late_far`), message
+        after message, mean the asset's clock stepped back: the stream restarts at the new time instead of
+        dropping everything as late until the clock catches up. A stream clock away from
+        this device's is said once per CLOCK_LOG_S (and in health, `clock_offset_s`)."""
+        aligner = runner.aligner
+        added, late = aligner.readings, aligner.counts["late_far"]
+        if added == runner.seen_readings and late > runner.seen_late:
+            runner.late_streak += 1
+        else:
+            runner.late_streak = 0
+        runner.seen_readings, runner.seen_late = added, late
+        if runner.late_streak >= LATE_STREAK:
+            log.warning(
+                "every reading of %s in its last %d messages fell behind the slots already "
+                "closed (its clock stepped back?); its stream restarts at the new time",
+                runner.name,
+                runner.late_streak,
+            )
+            runner.reset_stream()
+            runner.clock_steps += 1
+        offset = self.decoder.clock_offset(runner.index)
+        now = time.monotonic()
+        if abs(offset) >= CLOCK_LOG_FROM_S and now - runner.clock_logged >= CLOCK_LOG_S:
+            runner.clock_logged = now
+            log.warning(
+                "the readings of %s run %+.0f s from this device's clock (median of its last "
+                "messages); they are judged against their own clock: set the sensor's or "
+                "this device's clock (NTP)",
+                runner.name,
+                offset,
+            )
 
     def _emit(self, job: WindowJob) -> None:
         assert self.worker is not None
@@ -525,8 +567,8 @@ class EdgeRuntime:
         self._health_mark = (now, current or [0] * len(self.assets))
         drops: Counter[str] = Counter(self.decoder.drops)
         for r in self.runners:
-            drops["late"] += r.aligner.counts["late"]
-            drops["duplicate"] += r.aligner.counts["duplicate"]
+            drops["late"] += r.aligner.counts["late"] + r.carried["late"]
+            drops["duplicate"] += r.aligner.counts["duplicate"] + r.carried["duplicate"]
         stats = self.outbox.stats()
         latencies = self.worker.latencies_ms if self.worker is not None else []
         errors = self.counters.errors + (self.worker.errors if self.worker is not None else 0)
@@ -535,7 +577,13 @@ class EdgeRuntime:
         drops["rejected_by_cloud"] = stats.quarantined
         drops["outbox_write_failed"] = self.counters.outbox_write_failed
         drops["sparse_window"] = sum(r.sparse_windows for r in self.runners)
+        offsets = {
+            r.name: round(offset, 1)
+            for r in self.runners
+            if abs(offset := self.decoder.clock_offset(r.index)) >= CLOCK_REPORT_S
+        }
         return agent_pb2.AgentHealth(
+            clock_offset_s=offsets,
             ingest_rate_per_s=rates,
             dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},
             inference_latency_p50_ms=percentile(latencies, 50),
@@ -549,6 +597,10 @@ class EdgeRuntime:
         )
 
 
+CLOCK_REPORT_S = 1.0  # a stream clock this far from the device's is reported in health
+CLOCK_LOG_FROM_S = 60.0  # and logged (once per CLOCK_LOG_S) from this far
+CLOCK_LOG_S = 600.0
+LATE_STREAK = 8  # drains in a row with nothing but late readings: the clock stepped back
 _REPORTED = frozenset(
     (*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window", "rejected_by_cloud")
 )

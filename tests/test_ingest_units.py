@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from edge_agent.config import AssetConfig, DecisionPolicy, IngestLimits
 from edge_agent.decisions import CLEARED, RAISED, AssetDecider
-from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoder, TopicRoutes
+from edge_agent.ingest.decode import CLOCK_MIN_MESSAGES, DROP_REASONS, Chunk, Decoder, TopicRoutes
 from edge_agent.ingest.stream import StreamAligner
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.windowing import align_to_grid
@@ -241,6 +241,32 @@ def test_one_reading_stamped_ahead_of_the_clock_does_not_make_the_rest_late() ->
             closed.extend(rows.values[:, 0].tolist())
     assert aligner.counts["late"] == 0
     assert closed == [2.0] * 9  # slots 1000..1008 from their own readings
+
+
+def _reading(ts: float, value: float = 1.0) -> bytes:
+    return f'{{"ts": {ts}, "value": {value}}}'.encode()
+
+
+def test_a_stream_an_hour_ahead_is_followed_after_a_few_messages_and_reported() -> None:
+    d = decoder()
+    kept = [d.decode("plant/pump-1/flow", _reading(NOW + 3600 + i)) for i in range(40)]
+    dropped = sum(1 for k in kept if k is None)
+    assert dropped == CLOCK_MIN_MESSAGES, dropped  # judged by the device's clock until then
+    assert d.drops["ts_future"] == dropped
+    assert abs(d.clock_offset(0) - 3600) < 40
+    # One outlier cannot move it; the other asset keeps the device's clock.
+    d.decode("plant/pump-1/flow", _reading(NOW - 86_400))
+    assert abs(d.clock_offset(0) - 3600) < 40 and d.clock_offset(1) == 0.0
+
+
+def test_a_backlog_delivered_late_does_not_make_the_live_readings_future() -> None:
+    d = decoder()
+    for i in range(60):  # an hour-old backlog a broker delivers after an outage
+        assert d.decode("plant/pump-1/flow", _reading(NOW - 3600 + i)) is not None
+    assert d.clock_offset(0) < -3500
+    for i in range(5):  # then the live stream
+        assert d.decode("plant/pump-1/flow", _reading(NOW + i)) is not None
+    assert d.drops["ts_future"] == 0
 
 
 # ---- decisions ----

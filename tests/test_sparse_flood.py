@@ -1,5 +1,6 @@
 """Bounded work per message: readings spread thinly over hours (what one large message can
-carry) are not turned into a row and a window for every slot between them."""
+carry) are not turned into a row and a window for every slot between them; a clock that
+steps back restarts the stream instead of dropping its readings as late for an hour."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.runtime import LATE_STREAK
 from tests.support.bundles import train_small
 from tests.support.datapath import Site, pump, site_config
 
@@ -31,5 +33,26 @@ def test_sparse_readings_over_hours_score_no_masked_windows(tmp_path: Path) -> N
         assert runner.gaps >= 350, runner.gaps
         assert runner.aligner.counts["gap_slots"] > 20_000
         assert runner.sparse_windows == 0, runner.sparse_windows
+    finally:
+        site.stop()
+
+
+def test_a_sensor_clock_stepping_back_restarts_the_stream_instead_of_dropping_an_hour(
+    tmp_path: Path,
+) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    site = Site(site_config(tmp_path, bundle), bundle, key.public_key(), tmp_path / "run")
+    try:
+        site.feed(pump(300, faulty=False, seed=1), 0)
+        before = site.jobs
+        runner = site.runtime.runners[0]
+        # The pump's clock steps back an hour: every reading lands behind closed slots.
+        site.feed(pump(200, faulty=False, seed=2), 300 - 3600)
+        assert runner.clock_steps == 1
+        late_rows = runner.carried["late"] // 4  # 4 sensors
+        assert late_rows <= LATE_STREAK, late_rows  # a few messages, not an hour
+        assert site.jobs - before > 150, site.jobs - before  # scoring goes on
+        health = site.runtime.health(disk_free=0)
+        assert health.dropped_by_reason["late"] == runner.carried["late"]
     finally:
         site.stop()

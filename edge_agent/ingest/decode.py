@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +39,7 @@ DROP_REASONS = (
     "bad_type",  # a value that is not a number
     "non_finite",  # NaN or infinity
     "bad_timestamp",  # a timestamp that is neither a number nor ISO 8601 text
-    "ts_future",  # further ahead of this device's clock than ingest.max_future_s
+    "ts_future",  # further ahead of the asset's stream clock than ingest.max_future_s
     "ts_past",  # older than ingest.max_past_s
     "unknown_topic",  # no asset subscribes to it (a broker-side wildcard overlap)
     "unknown_sensor",  # the model has no such sensor for the asset
@@ -50,6 +50,8 @@ DROP_REASONS = (
 MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
 _CACHE_LIMIT = 65_536
 _LOG_EVERY_S = 60.0
+CLOCK_MESSAGES = 31  # messages in an asset's stream-clock median
+CLOCK_MIN_MESSAGES = 8  # before that many, readings are judged by the device's clock alone
 _NUMBER = (int, float)
 
 
@@ -109,6 +111,25 @@ class TopicRoutes:
         return found
 
 
+class StreamClock:
+    """How far one asset's timestamps run from this device's clock: the median offset of its
+    last messages, so one outlier cannot move it while a sustained offset (a sensor clock an
+    hour ahead, or stepped back) is followed after a few messages instead of dropping
+    everything. Readings are judged against the device's clock plus this offset."""
+
+    def __init__(self) -> None:
+        self._offsets: deque[float] = deque(maxlen=CLOCK_MESSAGES)
+
+    def observe(self, offset: float) -> None:
+        self._offsets.append(offset)
+
+    @property
+    def offset(self) -> float:
+        if len(self._offsets) < CLOCK_MIN_MESSAGES:
+            return 0.0
+        return float(np.median(self._offsets))
+
+
 class Decoder:
     """Decodes payloads and counts every drop by reason (`drops`, read by the health report)."""
 
@@ -121,6 +142,28 @@ class Decoder:
         self.drops: Counter[str] = Counter()
         self.accepted = 0
         self._last_logged: dict[str, float] = {}
+        self.clocks: dict[int, StreamClock] = {}  # by asset index
+
+    def clock_offset(self, asset: int) -> float:
+        """Seconds the asset's stream runs ahead of this device's clock (negative: behind)."""
+        clock = self.clocks.get(asset)
+        return clock.offset if clock is not None else 0.0
+
+    def _bounds(self, asset: int, now: float) -> tuple[float, float]:
+        """(latest, earliest) timestamps accepted now. The stream clock only ever widens them:
+        a stream running ahead is not all "future", a backlog delivered late (an offset
+        behind) does not make the live readings after it "future"."""
+        offset = self.clock_offset(asset)
+        return (
+            now + max(0.0, offset) + self.limits.max_future_s,
+            now + min(0.0, offset) - self.limits.max_past_s,
+        )
+
+    def _observe(self, asset: int, ts: float, now: float) -> None:
+        clock = self.clocks.get(asset)
+        if clock is None:
+            clock = self.clocks[asset] = StreamClock()
+        clock.observe(ts - now)
 
     def drop(self, reason: str, topic: str, payload: bytes | str, n: int = 1) -> None:
         self.drops[reason] += n
@@ -175,7 +218,10 @@ class Decoder:
                 self.drop("bad_shape", topic, payload)
                 return None
             sensor = self.routes.sensor(route.asset, name)
-        reason, ts, value = self._reading(sensor, doc.get("ts"), doc["value"], now)
+        judged = self._bounds(route.asset, now)
+        reason, ts, value = self._reading(sensor, doc.get("ts"), doc["value"], judged)
+        if ts == ts:  # parsed (NaN when not): its offset counts, kept or not
+            self._observe(route.asset, ts, now)
         if reason:
             self.drop(reason, topic, payload)
             return None
@@ -204,7 +250,9 @@ class Decoder:
         if ts is None:
             self.drop("bad_timestamp", topic, payload, len(raw_ts))
             return None
-        time_ok = self._time_reasons(ts, now, topic, payload)
+        judged = self._bounds(route.asset, now)
+        self._observe(route.asset, float(np.median(ts)), now)
+        time_ok = self._time_reasons(ts, judged, topic, payload)
         chunks: list[Chunk] = []
         for sensor, column in series:
             if not isinstance(column, list) or len(column) != len(raw_ts):
@@ -233,6 +281,8 @@ class Decoder:
             self.drop("bad_shape", topic, payload)
             return None
         by_sensor: dict[int, tuple[list[float], list[float]]] = {}
+        judged = self._bounds(route.asset, now)
+        parsed: list[float] = []
         for item in doc:
             if not isinstance(item, dict) or "value" not in item:
                 self.drop("bad_shape", topic, payload)
@@ -245,13 +295,17 @@ class Decoder:
             else:
                 self.drop("bad_shape", topic, payload)
                 continue
-            reason, ts, value = self._reading(sensor, item.get("ts"), item["value"], now)
+            reason, ts, value = self._reading(sensor, item.get("ts"), item["value"], judged)
+            if ts == ts:
+                parsed.append(ts)
             if reason:
                 self.drop(reason, topic, payload)
                 continue
             times, values = by_sensor.setdefault(sensor, ([], []))
             times.append(ts)
             values.append(value)
+        if parsed:
+            self._observe(route.asset, float(np.median(parsed)), now)
         chunks = [
             Chunk(route.asset, s, np.asarray(t, dtype=np.float64), np.asarray(v, dtype=np.float64))
             for s, (t, v) in by_sensor.items()
@@ -261,22 +315,24 @@ class Decoder:
 
     # ---- fields ----
     def _reading(
-        self, sensor: int, raw_ts: object, raw_value: object, now: float
+        self, sensor: int, raw_ts: object, raw_value: object, bounds: tuple[float, float]
     ) -> tuple[str, float, float]:
+        """(drop reason or "", timestamp, value); the timestamp is NaN unless it parsed."""
+        nan = math.nan
         if sensor < 0:
-            return "unknown_sensor", 0.0, 0.0
+            return "unknown_sensor", nan, 0.0
         if type(raw_value) not in _NUMBER:  # bool is not a reading
-            return "bad_type", 0.0, 0.0
+            return "bad_type", nan, 0.0
         value = float(raw_value)  # type: ignore[arg-type]
         if not math.isfinite(value):
-            return "non_finite", 0.0, 0.0
+            return "non_finite", nan, 0.0
         ts = parse_timestamp(raw_ts)
         if ts is None:
-            return "bad_timestamp", 0.0, 0.0
-        if ts > now + self.limits.max_future_s:
-            return "ts_future", 0.0, 0.0
-        if ts < now - self.limits.max_past_s:
-            return "ts_past", 0.0, 0.0
+            return "bad_timestamp", nan, 0.0
+        if ts > bounds[0]:
+            return "ts_future", ts, 0.0
+        if ts < bounds[1]:
+            return "ts_past", ts, 0.0
         return "", ts, value
 
     def _times(self, raw: list[object]) -> TimeArray | None:
@@ -292,9 +348,11 @@ class Decoder:
             ts = np.asarray(parsed, dtype=np.float64)
         return ts if np.isfinite(ts).all() else None
 
-    def _time_reasons(self, ts: TimeArray, now: float, topic: str, payload: bytes) -> np.ndarray:
-        future = ts > now + self.limits.max_future_s
-        past = ts < now - self.limits.max_past_s
+    def _time_reasons(
+        self, ts: TimeArray, bounds: tuple[float, float], topic: str, payload: bytes
+    ) -> np.ndarray:
+        future = ts > bounds[0]
+        past = ts < bounds[1]
         if future.any():
             self.drop("ts_future", topic, payload, int(future.sum()))
         if past.any():

@@ -53,6 +53,9 @@ class StreamAligner:
         self.staleness = max_staleness_s
         self.lateness = lateness_s
         self.max_gap_slots = max(1, max_gap_slots)
+        # Late by more than this (a window, at least 5 minutes): not a resent or slightly
+        # delayed reading, but a clock behind the stream's (`late_far`).
+        self.far_s = max(self.max_gap_slots * period_s, 300.0)
         self._t: list[list[float]] = [[] for _ in range(sensors)]
         self._v: list[list[float]] = [[] for _ in range(sensors)]
         self._unsorted = [False] * sensors
@@ -67,8 +70,11 @@ class StreamAligner:
         return -math.inf if self.next_slot is None else (self.next_slot - 1) * self.period
 
     def add(self, sensor: int, ts: float, value: float) -> None:
-        if ts <= self._closed_time() + EPS:
+        closed = self._closed_time()
+        if ts <= closed + EPS:
             self.counts["duplicate" if ts == self._last_t[sensor] else "late"] += 1
+            if ts < closed - self.far_s:
+                self.counts["late_far"] += 1
             return
         times = self._t[sensor]
         if times:
@@ -86,9 +92,11 @@ class StreamAligner:
             self.watermark = ts
 
     def add_many(self, sensor: int, ts: TimeArray, values: TimeArray) -> None:
-        late = ts <= self._closed_time() + EPS
+        closed = self._closed_time()
+        late = ts <= closed + EPS
         if late.any():
             self.counts["late"] += int(late.sum())
+            self.counts["late_far"] += int((ts < closed - self.far_s).sum())
             ts, values = ts[~late], values[~late]
         if ts.size == 0:
             return

@@ -77,6 +77,7 @@ class Site:
         for i in range(values.shape[0]):
             for j in range(len(SENSORS)):
                 runner.aligner.add(j, START + first_row + i * step, values[i, j])
+            self.runtime._follow_clock(runner)  # as the pipeline does after each drain
             while (closed := runner.aligner.close_ready()) is not None:
                 runner.feed(closed, emit, self.runtime._start_calibration)
         wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)

@@ -217,6 +217,26 @@ class AgentHealth(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ClockOffsetSEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INGEST_RATE_PER_S_FIELD_NUMBER: _builtins.int
     DROPPED_BY_REASON_FIELD_NUMBER: _builtins.int
     INFERENCE_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
@@ -227,6 +247,7 @@ class AgentHealth(_message.Message):
     WINDOWS_SCORED_FIELD_NUMBER: _builtins.int
     ALERTS_RAISED_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
     inference_latency_p50_ms: _builtins.float
     inference_latency_p99_ms: _builtins.float
     outbox_depth: _builtins.int
@@ -241,6 +262,12 @@ class AgentHealth(_message.Message):
 
     @_builtins.property
     def dropped_by_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def clock_offset_s(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """By asset, where its readings' clock runs a second or more from this device's (median of
+        its last messages): readings are judged against that stream clock, and this says so.
+        """
+
     def __init__(
         self,
         *,
@@ -254,10 +281,11 @@ class AgentHealth(_message.Message):
         windows_scored: _builtins.int = ...,
         alerts_raised: _builtins.int = ...,
         errors: _builtins.int = ...,
+        clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "disk_free_bytes", b"disk_free_bytes", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
