@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from edge_agent.asset_stream import AssetRunner
 from edge_agent.batching import InferenceWorker, WindowJob, percentile
 from edge_agent.calibration import (
     SiteCalibration,
@@ -28,7 +29,6 @@ from edge_agent.calibration import (
     recent_stats,
     score_of,
     sensor_evidence,
-    to_network_space,
 )
 from edge_agent.calibration_store import CalibrationStore
 from edge_agent.config import AgentConfig, AssetConfig
@@ -37,164 +37,17 @@ from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.mqtt import MqttConnection
-from edge_agent.ingest.stream import ClosedRows, StreamAligner
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
-from edge_agent.shadow import RowHistory
 from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
+from edge_agent.wire import alert_record, prediction_record
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 _DRAIN = 5000
-MIN_WINDOW_VALID = 0.5  # share of a window's readings that must be present to score it
-
-
-class AssetRunner:
-    """One asset in the pipeline thread: aligned rows -> calibration rows or windows."""
-
-    def __init__(
-        self, index: int, name: str, model: ServingModel, lateness_s: float, history_rows: int
-    ) -> None:
-        spec = model.spec
-        self.index = index
-        self.name = name
-        self.model = model
-        n = model.schema.size
-        self.calibration_rows = model.manifest.calibration_rows
-        self.aligner = StreamAligner(
-            n,
-            spec.period_s,
-            spec.max_staleness_s,
-            lateness_s,
-            max_gap_slots=spec.length,
-        )
-        self.length = spec.length
-        self.ring_v = np.zeros((spec.length, n), dtype=np.float32)
-        self.ring_m = np.zeros((spec.length, n), dtype=np.float32)
-        self.pos = 0
-        self.filled = 0
-        self.valid_cells = 0.0  # readings present in the ring
-        self.sparse_windows = 0  # windows not scored: under MIN_WINDOW_VALID of readings
-        self.gaps = 0  # stream restarts after more than a window without readings
-        self.clock_logged = -math.inf
-        self.late_streak = 0  # drains in a row whose readings were all late
-        self.seen_readings = 0
-        self.seen_late = 0
-        self.clock_steps = 0  # stream restarts after the asset's clock stepped back
-        self.carried: Counter[str] = Counter()  # counts of aligners replaced by a restart
-        # Written by the inference thread when calibration ends; read here.
-        self.calibration: SiteCalibration | None = None
-        self._cal_v: list[np.ndarray] = []
-        self._cal_m: list[np.ndarray] = []
-        self._cal_first_slot = 0
-        self.history = RowHistory(history_rows)  # for shadow evaluations of a candidate
-
-    def reset_stream(self, aligner: bool = True) -> None:
-        """Windows start again from the next rows (and the aligner from the next reading)."""
-        self.ring_m[:] = 0.0
-        self.filled = 0
-        self.valid_cells = 0.0
-        if aligner:
-            spec = self.model.spec
-            self.carried.update(self.aligner.counts)  # health counts stay cumulative
-            self.seen_readings = self.seen_late = self.late_streak = 0
-            self.aligner = StreamAligner(
-                self.model.schema.size,
-                spec.period_s,
-                spec.max_staleness_s,
-                self.aligner.lateness,
-                self.aligner.max_gap_slots,
-            )
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """The unscored part of the stream: open slots, the window ring, calibration rows."""
-        n = self.model.schema.size
-        return {
-            **self.aligner.snapshot(),
-            "ring_v": self.ring_v,
-            "ring_m": self.ring_m,
-            "ring": np.array([self.pos, self.filled, self.valid_cells], dtype=np.float64),
-            "cal_v": np.stack(self._cal_v) if self._cal_v else np.zeros((0, n), np.float32),
-            "cal_m": np.stack(self._cal_m) if self._cal_m else np.zeros((0, n), np.float32),
-            "cal_first_slot": np.array(self._cal_first_slot, dtype=np.int64),
-        }
-
-    def restore(self, state: dict[str, np.ndarray]) -> None:
-        if state["ring_v"].shape != self.ring_v.shape:
-            raise ValueError(f"a ring of {state['ring_v'].shape}, not {self.ring_v.shape}")
-        self.aligner.restore(state)
-        self.ring_v[:] = state["ring_v"]
-        self.ring_m[:] = state["ring_m"]
-        pos, filled, valid = state["ring"].tolist()
-        self.pos, self.filled, self.valid_cells = int(pos), int(filled), float(valid)
-        if self.calibration is None:
-            self._cal_v = list(state["cal_v"])
-            self._cal_m = list(state["cal_m"])
-            self._cal_first_slot = int(state["cal_first_slot"])
-
-    def feed(
-        self,
-        rows: ClosedRows,
-        emit: Callable[[WindowJob], None],
-        start_calibration: Callable[[AssetRunner, AlignedSeries], None],
-    ) -> None:
-        spec = self.model.spec
-        if rows.gap:  # no reading for longer than a window: windows restart after it
-            self.reset_stream(aligner=False)
-            self.gaps += 1
-        self.history.extend(rows.first_slot, rows.values, rows.mask)
-        for k in range(rows.values.shape[0]):
-            slot = rows.first_slot + k
-            self.valid_cells += float(rows.mask[k].sum() - self.ring_m[self.pos].sum())
-            self.ring_v[self.pos] = rows.values[k]
-            self.ring_m[self.pos] = rows.mask[k]
-            self.pos = (self.pos + 1) % self.length
-            self.filled += 1
-            cal = self.calibration
-            if cal is None:
-                if not self._cal_v:
-                    self._cal_first_slot = slot
-                self._cal_v.append(rows.values[k])
-                self._cal_m.append(rows.mask[k])
-                if len(self._cal_v) == self.calibration_rows:
-                    series = AlignedSeries(
-                        start=self._cal_first_slot * spec.period_s,
-                        period_s=spec.period_s,
-                        values=np.stack(self._cal_v),
-                        mask=np.stack(self._cal_m),
-                        row_slot=np.arange(self.calibration_rows, dtype=np.int64),
-                    )
-                    self._cal_v, self._cal_m = [], []  # a failed calibration collects again
-                    start_calibration(self, series)
-                continue
-            if self.filled < self.length or slot % spec.stride != 0:
-                continue
-            if self.valid_cells < MIN_WINDOW_VALID * self.ring_m.size:
-                # Mostly missing: sparse readings spread over a long time (one message with
-                # readings hours apart) would otherwise score a window for every slot between.
-                self.sparse_windows += 1
-                continue
-            order = (self.pos + np.arange(self.length)) % self.length
-            frame = self.model.frame
-            x = to_network_space(
-                self.ring_v[order],
-                cal.input_center,
-                cal.input_scale,
-                frame.net_center,
-                frame.net_scale,
-            )
-            emit(
-                WindowJob(
-                    asset=self.index,
-                    window=x,
-                    mask=self.ring_m[order],
-                    window_start=(slot - self.length + 1) * spec.period_s,
-                    window_end=slot * spec.period_s,
-                )
-            )
 
 
 @dataclass
@@ -362,37 +215,7 @@ class EdgeRuntime:
             touched.add(chunk.asset)
 
     def _follow_clock(self, runner: AssetRunner) -> None:
-        """Readings that all land far behind the slots already closed (`late_far`), message
-        after message, mean the asset's clock stepped back: the stream restarts at the new time instead of
-        dropping everything as late until the clock catches up. A stream clock away from
-        this device's is said once per CLOCK_LOG_S (and in health, `clock_offset_s`)."""
-        aligner = runner.aligner
-        added, late = aligner.readings, aligner.counts["late_far"]
-        if added == runner.seen_readings and late > runner.seen_late:
-            runner.late_streak += 1
-        else:
-            runner.late_streak = 0
-        runner.seen_readings, runner.seen_late = added, late
-        if runner.late_streak >= LATE_STREAK:
-            log.warning(
-                "every reading of %s in its last %d messages fell behind the slots already "
-                "closed (its clock stepped back?); its stream restarts at the new time",
-                runner.name,
-                runner.late_streak,
-            )
-            runner.reset_stream()
-            runner.clock_steps += 1
-        offset = self.decoder.clock_offset(runner.index)
-        now = time.monotonic()
-        if abs(offset) >= CLOCK_LOG_FROM_S and now - runner.clock_logged >= CLOCK_LOG_S:
-            runner.clock_logged = now
-            log.warning(
-                "the readings of %s run %+.0f s from this device's clock (median of its last "
-                "messages); they are judged against their own clock: set the sensor's or "
-                "this device's clock (NTP)",
-                runner.name,
-                offset,
-            )
+        runner.follow_clock(self.decoder.clock_offset(runner.index))
 
     def _emit(self, job: WindowJob) -> None:
         assert self.worker is not None
@@ -598,53 +421,6 @@ class EdgeRuntime:
 
 
 CLOCK_REPORT_S = 1.0  # a stream clock this far from the device's is reported in health
-CLOCK_LOG_FROM_S = 60.0  # and logged (once per CLOCK_LOG_S) from this far
-CLOCK_LOG_S = 600.0
-LATE_STREAK = 8  # drains in a row with nothing but late readings: the clock stepped back
 _REPORTED = frozenset(
     (*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window", "rejected_by_cloud")
 )
-
-
-def _stamp(message: object, seconds: float) -> None:
-    message.FromNanoseconds(round(seconds * 1e9))  # type: ignore[attr-defined]
-
-
-def prediction_record(verdict: Verdict, model_version: str) -> bytes:
-    record = agent_pb2.Record(
-        prediction=agent_pb2.Prediction(
-            asset=verdict.asset,
-            score=verdict.score,
-            anomalous=verdict.alerting,
-            model_version=model_version,
-            contributions={k: round(v, 4) for k, v in verdict.contributions.items()},
-        )
-    )
-    _stamp(record.prediction.window_start, verdict.window_start)
-    _stamp(record.prediction.window_end, verdict.window_end)
-    return record.SerializeToString()
-
-
-def alert_record(event: AlertEvent) -> bytes:
-    kind = (
-        agent_pb2.AlertEvent.KIND_RAISED
-        if event.kind == "raised"
-        else agent_pb2.AlertEvent.KIND_CLEARED
-    )
-    record = agent_pb2.Record(
-        alert=agent_pb2.AlertEvent(
-            alert_key=event.key,
-            kind=kind,
-            asset=event.asset,
-            fault=event.fault,
-            score=event.score,
-            top_sensors=[
-                agent_pb2.SensorContribution(sensor=s, contribution=c) for s, c in event.top_sensors
-            ],
-            model_version=event.model_version,
-        )
-    )
-    _stamp(record.alert.window_start, event.window_start)
-    _stamp(record.alert.window_end, event.window_end)
-    _stamp(record.alert.raised_at, event.raised_at)
-    return record.SerializeToString()

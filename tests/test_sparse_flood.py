@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.runtime import LATE_STREAK
+from edge_agent.asset_stream import LATE_STREAK
 from tests.support.bundles import train_small
 from tests.support.datapath import Site, pump, site_config
 

@@ -48,10 +48,10 @@ from edge_agent.identity import DeviceIdentity
 from edge_agent.ingest.mqtt import new_client
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.retry import Backoff
-from edge_agent.runtime import alert_record
 from edge_agent.session import CloudSession
 from edge_agent.simulate import publish_streams
 from edge_agent.sync import RecordSync
+from edge_agent.wire import alert_record
 from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
 from tests.benchmarks.fleet import PlaneProcess, enroll_fleet, percentile, start_plane_process
 

@@ -14,8 +14,8 @@ from cloud.client import OperatorClient
 from edge_agent.decisions import AlertEvent
 from edge_agent.identity import DeviceIdentity
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
-from edge_agent.runtime import alert_record
 from edge_agent.sync import RecordSync
+from edge_agent.wire import alert_record
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 from tests.conftest import register
 from tests.support.agents import SessionThread, enroll_identity, start_session, wait_for

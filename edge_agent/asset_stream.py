@@ -1,0 +1,207 @@
+"""One asset's stream in the pipeline thread: closed grid rows -> calibration rows or windows.
+
+It owns the asset's aligner, the ring a window is cut from, the rows collected towards a
+calibration, and what follows the asset's clock; `snapshot`/`restore` carry the unscored part
+across a graceful restart (`stream_state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from edge_agent.batching import WindowJob
+from edge_agent.calibration import SiteCalibration, to_network_space
+from edge_agent.ingest.stream import ClosedRows, StreamAligner
+from edge_agent.serving import ServingModel
+from edge_agent.shadow import RowHistory
+from edge_agent.windowing import AlignedSeries
+
+log = logging.getLogger(__name__)
+MIN_WINDOW_VALID = 0.5  # share of a window's readings that must be present to score it
+CLOCK_LOG_FROM_S = 60.0  # and logged (once per CLOCK_LOG_S) from this far
+CLOCK_LOG_S = 600.0
+LATE_STREAK = 8  # drains in a row with nothing but late readings: the clock stepped back
+
+
+class AssetRunner:
+    """One asset in the pipeline thread: aligned rows -> calibration rows or windows."""
+
+    def __init__(
+        self, index: int, name: str, model: ServingModel, lateness_s: float, history_rows: int
+    ) -> None:
+        spec = model.spec
+        self.index = index
+        self.name = name
+        self.model = model
+        n = model.schema.size
+        self.calibration_rows = model.manifest.calibration_rows
+        self.aligner = StreamAligner(
+            n,
+            spec.period_s,
+            spec.max_staleness_s,
+            lateness_s,
+            max_gap_slots=spec.length,
+        )
+        self.length = spec.length
+        self.ring_v = np.zeros((spec.length, n), dtype=np.float32)
+        self.ring_m = np.zeros((spec.length, n), dtype=np.float32)
+        self.pos = 0
+        self.filled = 0
+        self.valid_cells = 0.0  # readings present in the ring
+        self.sparse_windows = 0  # windows not scored: under MIN_WINDOW_VALID of readings
+        self.gaps = 0  # stream restarts after more than a window without readings
+        self.clock_logged = -math.inf
+        self.late_streak = 0  # drains in a row whose readings were all late
+        self.seen_readings = 0
+        self.seen_late = 0
+        self.clock_steps = 0  # stream restarts after the asset's clock stepped back
+        self.carried: Counter[str] = Counter()  # counts of aligners replaced by a restart
+        # Written by the inference thread when calibration ends; read here.
+        self.calibration: SiteCalibration | None = None
+        self._cal_v: list[np.ndarray] = []
+        self._cal_m: list[np.ndarray] = []
+        self._cal_first_slot = 0
+        self.history = RowHistory(history_rows)  # for shadow evaluations of a candidate
+
+    def reset_stream(self, aligner: bool = True) -> None:
+        """Windows start again from the next rows (and the aligner from the next reading)."""
+        self.ring_m[:] = 0.0
+        self.filled = 0
+        self.valid_cells = 0.0
+        if aligner:
+            spec = self.model.spec
+            self.carried.update(self.aligner.counts)  # health counts stay cumulative
+            self.seen_readings = self.seen_late = self.late_streak = 0
+            self.aligner = StreamAligner(
+                self.model.schema.size,
+                spec.period_s,
+                spec.max_staleness_s,
+                self.aligner.lateness,
+                self.aligner.max_gap_slots,
+            )
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The unscored part of the stream: open slots, the window ring, calibration rows."""
+        n = self.model.schema.size
+        return {
+            **self.aligner.snapshot(),
+            "ring_v": self.ring_v,
+            "ring_m": self.ring_m,
+            "ring": np.array([self.pos, self.filled, self.valid_cells], dtype=np.float64),
+            "cal_v": np.stack(self._cal_v) if self._cal_v else np.zeros((0, n), np.float32),
+            "cal_m": np.stack(self._cal_m) if self._cal_m else np.zeros((0, n), np.float32),
+            "cal_first_slot": np.array(self._cal_first_slot, dtype=np.int64),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        if state["ring_v"].shape != self.ring_v.shape:
+            raise ValueError(f"a ring of {state['ring_v'].shape}, not {self.ring_v.shape}")
+        self.aligner.restore(state)
+        self.ring_v[:] = state["ring_v"]
+        self.ring_m[:] = state["ring_m"]
+        pos, filled, valid = state["ring"].tolist()
+        self.pos, self.filled, self.valid_cells = int(pos), int(filled), float(valid)
+        if self.calibration is None:
+            self._cal_v = list(state["cal_v"])
+            self._cal_m = list(state["cal_m"])
+            self._cal_first_slot = int(state["cal_first_slot"])
+
+    def feed(
+        self,
+        rows: ClosedRows,
+        emit: Callable[[WindowJob], None],
+        start_calibration: Callable[[AssetRunner, AlignedSeries], None],
+    ) -> None:
+        spec = self.model.spec
+        if rows.gap:  # no reading for longer than a window: windows restart after it
+            self.reset_stream(aligner=False)
+            self.gaps += 1
+        self.history.extend(rows.first_slot, rows.values, rows.mask)
+        for k in range(rows.values.shape[0]):
+            slot = rows.first_slot + k
+            self.valid_cells += float(rows.mask[k].sum() - self.ring_m[self.pos].sum())
+            self.ring_v[self.pos] = rows.values[k]
+            self.ring_m[self.pos] = rows.mask[k]
+            self.pos = (self.pos + 1) % self.length
+            self.filled += 1
+            cal = self.calibration
+            if cal is None:
+                if not self._cal_v:
+                    self._cal_first_slot = slot
+                self._cal_v.append(rows.values[k])
+                self._cal_m.append(rows.mask[k])
+                if len(self._cal_v) == self.calibration_rows:
+                    series = AlignedSeries(
+                        start=self._cal_first_slot * spec.period_s,
+                        period_s=spec.period_s,
+                        values=np.stack(self._cal_v),
+                        mask=np.stack(self._cal_m),
+                        row_slot=np.arange(self.calibration_rows, dtype=np.int64),
+                    )
+                    self._cal_v, self._cal_m = [], []  # a failed calibration collects again
+                    start_calibration(self, series)
+                continue
+            if self.filled < self.length or slot % spec.stride != 0:
+                continue
+            if self.valid_cells < MIN_WINDOW_VALID * self.ring_m.size:
+                # Mostly missing: sparse readings spread over a long time (one message with
+                # readings hours apart) would otherwise score a window for every slot between.
+                self.sparse_windows += 1
+                continue
+            order = (self.pos + np.arange(self.length)) % self.length
+            frame = self.model.frame
+            x = to_network_space(
+                self.ring_v[order],
+                cal.input_center,
+                cal.input_scale,
+                frame.net_center,
+                frame.net_scale,
+            )
+            emit(
+                WindowJob(
+                    asset=self.index,
+                    window=x,
+                    mask=self.ring_m[order],
+                    window_start=(slot - self.length + 1) * spec.period_s,
+                    window_end=slot * spec.period_s,
+                )
+            )
+
+    def follow_clock(self, offset: float) -> None:
+        """Readings that all land far behind the slots already closed (`late_far`), message
+        after message, mean the asset's clock stepped back: the stream restarts at the new
+        time instead of dropping everything as late until the clock catches up. A stream
+        clock `offset` s away from this device's is said once per CLOCK_LOG_S (and in
+        health, `clock_offset_s`)."""
+        aligner = self.aligner
+        added, late = aligner.readings, aligner.counts["late_far"]
+        if added == self.seen_readings and late > self.seen_late:
+            self.late_streak += 1
+        else:
+            self.late_streak = 0
+        self.seen_readings, self.seen_late = added, late
+        if self.late_streak >= LATE_STREAK:
+            log.warning(
+                "every reading of %s in its last %d messages fell behind the slots already "
+                "closed (its clock stepped back?); its stream restarts at the new time",
+                self.name,
+                self.late_streak,
+            )
+            self.reset_stream()
+            self.clock_steps += 1
+        now = time.monotonic()
+        if abs(offset) >= CLOCK_LOG_FROM_S and now - self.clock_logged >= CLOCK_LOG_S:
+            self.clock_logged = now
+            log.warning(
+                "the readings of %s run %+.0f s from this device's clock (median of its last "
+                "messages); they are judged against their own clock: set the sensor's or "
+                "this device's clock (NTP)",
+                self.name,
+                offset,
+            )

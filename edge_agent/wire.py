@@ -1,0 +1,60 @@
+"""The agent's records on the wire: predictions and alert events as the outbox keeps them
+(serialized `Record` bodies, the sequence added when sent)."""
+
+from __future__ import annotations
+
+import math
+
+from edge_agent.decisions import AlertEvent, Verdict
+from protos.autoglm.v1 import agent_pb2
+
+
+def _stamp(message: object, seconds: float) -> None:
+    """Seconds and nanoseconds apart: `round(seconds * 1e9)` loses the microseconds of an
+    epoch time to float rounding (...56.25 arrived as ...56.249999)."""
+    whole = math.floor(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    message.seconds = whole  # type: ignore[attr-defined]
+    message.nanos = nanos  # type: ignore[attr-defined]
+
+
+def prediction_record(verdict: Verdict, model_version: str) -> bytes:
+    record = agent_pb2.Record(
+        prediction=agent_pb2.Prediction(
+            asset=verdict.asset,
+            score=verdict.score,
+            anomalous=verdict.alerting,
+            model_version=model_version,
+            contributions={k: round(v, 4) for k, v in verdict.contributions.items()},
+        )
+    )
+    _stamp(record.prediction.window_start, verdict.window_start)
+    _stamp(record.prediction.window_end, verdict.window_end)
+    return record.SerializeToString()
+
+
+def alert_record(event: AlertEvent) -> bytes:
+    kind = (
+        agent_pb2.AlertEvent.KIND_RAISED
+        if event.kind == "raised"
+        else agent_pb2.AlertEvent.KIND_CLEARED
+    )
+    record = agent_pb2.Record(
+        alert=agent_pb2.AlertEvent(
+            alert_key=event.key,
+            kind=kind,
+            asset=event.asset,
+            fault=event.fault,
+            score=event.score,
+            top_sensors=[
+                agent_pb2.SensorContribution(sensor=s, contribution=c) for s, c in event.top_sensors
+            ],
+            model_version=event.model_version,
+        )
+    )
+    _stamp(record.alert.window_start, event.window_start)
+    _stamp(record.alert.window_end, event.window_end)
+    _stamp(record.alert.raised_at, event.raised_at)
+    return record.SerializeToString()
