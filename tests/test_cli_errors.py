@@ -295,3 +295,23 @@ def test_operator_commands_load_no_server_store_or_model_code() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]", out
+
+
+def test_output_formats_apply_only_to_commands_that_print_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        autoglm(["-o", "yaml", "cloud", "init", "--state-dir", str(tmp_path / "c"), "--host", "x"])
+    assert exited.value.code == 2
+    assert "prints no records" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_shell_completion_knows_the_command_groups(
+    shell: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert autoglm(["completion", shell]) == 0
+    script = capsys.readouterr().out
+    for word in ("device", "rollout", "alerts", "webhook", "--output"):
+        assert word in script, word

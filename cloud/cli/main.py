@@ -19,6 +19,7 @@ from cloud.cli import (
     webhook_cmds,
 )
 from cloud.cli.context import CliContext, default_context_path, resolve_connection, save_context
+from cloud.cli.output import FORMATS, set_structured_format
 from cloud.client import Connection, OperatorClient
 from edge_agent.errors import AutoglmError, ConfigError, report
 
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--tls-server-name", help="name to check in the server certificate")
     conn.add_argument("--context", help="CLI context file (default ~/.config/autoglm/context.yaml)")
     conn.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        help="table (default), json or yaml, for every command that prints records "
+        "(--json on a command is the same as -o json)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     login = sub.add_parser("login", help="save how to reach the control plane, for later commands")
@@ -47,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--tls-server-name", dest="login_tls_server_name", default="")
     login.set_defaults(handler=cmd_login)
 
+    completion = sub.add_parser(
+        "completion",
+        help='print a shell completion script: eval "$(autoglm completion bash)"',
+    )
+    completion.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    completion.set_defaults(handler=cmd_completion)
+
     cloud_cmds.add_parsers(sub)
     device_cmds.add_parsers(sub)
     model_cmds.add_parsers(sub)
@@ -55,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_cmds.add_parsers(sub)
     demo_cmds.add_parsers(sub)
     return parser
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab  # only here: no start-up cost for other commands
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
 
 
 def cmd_login(args: argparse.Namespace) -> int:
@@ -84,6 +106,11 @@ def cmd_login(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output in ("json", "yaml"):
+        if not hasattr(args, "json"):
+            parser.error(f"-o {args.output}: this command prints no records; drop -o")
+        args.json = True
+    set_structured_format("yaml" if args.output == "yaml" else "json")
     try:
         if getattr(args, "needs_client", False):
             flags = {

@@ -26,8 +26,24 @@ def print_table(
         out.write(line.format(*row).rstrip() + "\n")
 
 
+FORMATS = ("table", "json", "yaml")
+_structured = "json"  # what print_json writes: json, or yaml under `-o yaml`
+
+
+def set_structured_format(name: str) -> None:
+    global _structured
+    _structured = name
+
+
 def print_json(data: Any, out: TextIO | None = None) -> None:
+    """The structured output of a command: JSON (`--json`, `-o json`) or YAML (`-o yaml`)."""
     out = out or sys.stdout
+    if _structured == "yaml":
+        import yaml  # only for -o yaml
+
+        plain = json.loads(json.dumps(data, default=str))
+        out.write(yaml.safe_dump(plain, sort_keys=True, allow_unicode=True))
+        return
     out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
