@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,6 +90,9 @@ class EdgeRuntime:
         self.open_alerts = OpenAlerts(config.state_dir / "alerts")
         self.streams = StreamStates(config.state_dir / "stream")
         self._lost_logged_at = -math.inf
+        # Alert events the outbox could not take (disk full), oldest first: written first
+        # when it can again. Bounded: past it the oldest are counted as lost.
+        self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self._kept_every: Counter[int] = Counter()
@@ -136,6 +139,14 @@ class EdgeRuntime:
         self._pipeline.join(10)
         if self.worker is not None:
             self.worker.stop()
+        if self._waiting_alerts:  # a last try: the disk may have space again
+            self._keep([])
+            if self._waiting_alerts:
+                log.error(
+                    "%d alert event(s) could not be written before stopping (disk full); "
+                    "they were published on site but will not reach the control plane",
+                    len(self._waiting_alerts),
+                )
         if not self._pipeline.is_alive():
             self._keep_streams()
 
@@ -331,13 +342,25 @@ class EdgeRuntime:
             self._keep(records)
 
     def _keep(self, records: list[tuple[int, bytes]]) -> None:
-        """Into the outbox; when it cannot be written (disk full), the records are counted
-        as lost (heartbeat: dropped_by_reason outbox_write_failed) and said once a minute,
-        and the data path goes on: site alerts are already published."""
+        """Into the outbox. When it cannot be written (disk full) the data path goes on (site
+        alerts are already published): alert events wait in a bounded queue in memory and
+        are written first once space returns; predictions are counted as lost (heartbeat:
+        dropped_by_reason outbox_write_failed), said once a minute."""
+        if self._waiting_alerts:
+            records = [*self._waiting_alerts, *records]
         try:
             self.outbox.append(records)
+            if self._waiting_alerts:
+                log.info("%d alert event(s) kept in memory are in the outbox now",
+                         len(self._waiting_alerts))  # fmt: skip
+                self._waiting_alerts.clear()
         except LocalStateError as exc:
-            self.counters.outbox_write_failed += len(records)
+            alerts = [r for r in records if r[0] == ALERT]
+            lost = len(records) - len(alerts)
+            self._waiting_alerts.clear()
+            self._waiting_alerts.extend(alerts)
+            overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
+            self.counters.outbox_write_failed += lost + overflow
             now = time.monotonic()
             if now - self._lost_logged_at >= 60.0:
                 self._lost_logged_at = now
@@ -421,6 +444,7 @@ class EdgeRuntime:
 
 
 CLOCK_REPORT_S = 1.0  # a stream clock this far from the device's is reported in health
+WAITING_ALERTS = 10_000  # alert events held in memory while the outbox cannot be written
 _REPORTED = frozenset(
     (*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window", "rejected_by_cloud")
 )
