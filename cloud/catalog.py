@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from cryptography.exceptions import InvalidSignature
@@ -22,7 +23,6 @@ from cloud.domain import DeviceRecord, ModelRecord
 from cloud.store import Store
 from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, bundle_paths, parse_manifest
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
-from protos.autoglm.v1 import common_pb2, operator_pb2
 
 MAX_BUNDLE_BYTES = 4 << 30
 
@@ -30,6 +30,15 @@ MAX_BUNDLE_BYTES = 4 << 30
 def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file a manifest lists, path -> artifact digest."""
     return {path: PREFIX + digest for path, digest in bundle_paths(manifest).items()}
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """The header of one file of a pushed bundle; its bytes follow."""
+
+    path: str
+    digest: str
+    size: int
 
 
 def assigned_artifacts(store: Store, device: DeviceRecord) -> set[str]:
@@ -84,11 +93,12 @@ class ModelCatalog:
         self.max_bundle_bytes = max_bundle_bytes
         self.clock = clock
 
-    async def receive(self, chunks: AsyncIterator[operator_pb2.PushBundleChunk]) -> ModelRecord:
-        """Stores each file as it streams in; registers the bundle when all arrived."""
+    async def receive(self, chunks: AsyncIterator[BundleFile | bytes]) -> ModelRecord:
+        """Stores each file as it streams in (a `BundleFile` header, then its bytes);
+        registers the bundle when all arrived."""
         files: dict[str, tuple[str, int]] = {}
         writer: ArtifactWriter | None = None
-        header: operator_pb2.BundleFileHeader | None = None
+        header: BundleFile | None = None
         received = total = 0
 
         async def finish() -> None:
@@ -103,10 +113,10 @@ class ModelCatalog:
 
         try:
             async for chunk in chunks:
-                if chunk.WhichOneof("body") == "file":
+                if isinstance(chunk, BundleFile):
                     if header is not None:
                         await finish()
-                    header = chunk.file
+                    header = chunk
                     path = _check_path(header.path)
                     if path in files:
                         raise InvalidInput(f"bundle file {path} was sent twice")
@@ -118,15 +128,15 @@ class ModelCatalog:
                         )
                     writer = self.artifacts.open_writer(header.digest)
                     received = 0
-                elif chunk.WhichOneof("body") == "data":
+                else:
                     if writer is None or header is None:
                         raise InvalidInput("bundle data arrived before any file header")
-                    received += len(chunk.data)
+                    received += len(chunk)
                     if received > header.size:
                         raise InvalidInput(
                             f"bundle file {header.path}: more bytes than its header's {header.size}"
                         )
-                    writer.write(chunk.data)
+                    writer.write(chunk)
             if header is not None:
                 await finish()
         finally:
@@ -167,33 +177,3 @@ class ModelCatalog:
             manifest=json.loads(raw),
         )
         return self.store.add_model(record)
-
-
-def model_to_proto(record: ModelRecord, artifacts: ArtifactStore) -> operator_pb2.Model:
-    manifest = Manifest.model_validate(record.manifest)
-    model = operator_pb2.Model(
-        name=record.name,
-        version=record.version,
-        manifest_digest=record.manifest_digest,
-        signature_digest=record.signature_digest,
-        size_bytes=record.size_bytes,
-        sensors=[common_pb2.SensorSpec(name=s.name, unit=s.unit) for s in manifest.sensors],
-        metrics={
-            k: float(v)
-            for k, v in manifest.evaluation.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        },
-    )
-    model.pushed_at.FromDatetime(record.pushed_at)
-    for v in manifest.variants:
-        model.variants.append(
-            operator_pb2.ModelVariant(
-                name=v.name,
-                format=v.format,
-                precision=v.precision,
-                target_profile="" if v.target_profile == "any" else v.target_profile,
-                digest=PREFIX + v.sha256,
-                size=artifacts.size(PREFIX + v.sha256) if artifacts.has(PREFIX + v.sha256) else 0,
-            )
-        )
-    return model

@@ -159,6 +159,45 @@ class DesiredModel:
     revision: int = 0  # set by the store: the change feed's position of this desired state
 
 
+class InstallOutcome(enum.StrEnum):
+    """What a device says about installing a version (the wire's InstallReport.Outcome)."""
+
+    INSTALLED = "installed"
+    DOWNLOAD_FAILED = "download_failed"
+    VERIFY_FAILED = "verify_failed"
+    SELF_TEST_FAILED = "self_test_failed"
+    START_FAILED_ROLLED_BACK = "start_failed_rolled_back"
+    UNKNOWN = "unknown"  # unspecified, or a kind this control plane does not know yet
+
+
+@dataclass(frozen=True)
+class InstallReport:
+    """A device's report on installing a rollout's version."""
+
+    rollout_id: str
+    model_version: str
+    outcome: InstallOutcome
+    detail: str = ""
+    backend: str = ""
+    serving_name: str = ""  # what the device served when it applied the desired state
+    serving_version: str = ""
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    """A device's comparison of a shadow candidate with its incumbent on the same windows."""
+
+    rollout_id: str
+    candidate_version: str
+    windows: int
+    agreement: float
+    alert_rate_candidate: float
+    alert_rate_incumbent: float
+    latency_p99_ms: float
+    incumbent_latency_p99_ms: float
+    detail: str = ""
+
+
 class RolloutState(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"

@@ -33,17 +33,19 @@ from cloud.domain import (
     DeviceRecord,
     DeviceState,
     Gates,
+    InstallOutcome,
+    InstallReport,
     ModelRecord,
     RolloutRecord,
     RolloutState,
     RolloutTarget,
+    ShadowReport,
     TargetState,
     Wave,
 )
 from cloud.selectors import parse_selector
 from cloud.store import Store
 from edge_agent.errors import Conflict, FailedPrecondition, InvalidInput, NotFound
-from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ DEFAULT_WAVES = ("1", "10%", "50%", "100%")
 # are timed on a shared, often busy device; a few milliseconds against a sampling period of a
 # second or more are scheduling noise (ratios of 2-3 between two equal models were seen).
 LATENCY_FLOOR_MS = 5.0
-_OUTCOME = agent_pb2.InstallReport.Outcome
 CONFLICT_RETRIES = 5  # an operator action or a report against concurrent writers
 _T = TypeVar("_T")
 
@@ -248,18 +249,18 @@ class RolloutController:
                     log.exception("rollout %s: reconciliation failed; retrying", rollout.id)
         return changed
 
-    def on_install(self, device_id: str, report: agent_pb2.InstallReport) -> None:
+    def on_install(self, device_id: str, report: InstallReport) -> None:
         """Records what a device says about installing a rollout's version."""
         self._retried(lambda: self._on_install(device_id, report))
 
-    def _on_install(self, device_id: str, report: agent_pb2.InstallReport) -> None:
+    def _on_install(self, device_id: str, report: InstallReport) -> None:
         found = self._target(report.rollout_id, device_id)
         if found is None:
             return
         rollout, target = found
         if report.model_version != rollout.model_version:
             return  # a report about a rollback or an older version
-        if report.outcome == _OUTCOME.OUTCOME_INSTALLED:
+        if report.outcome is InstallOutcome.INSTALLED:
             desired = self.store.get_desired(device_id)
             shadow = desired is not None and desired.shadow
             state = TargetState.SHADOWING if shadow else TargetState.UPDATED
@@ -281,7 +282,7 @@ class RolloutController:
                 updated_at=self.clock(),
             )
         else:
-            name = _OUTCOME.Name(report.outcome).removeprefix("OUTCOME_").lower()
+            name = report.outcome.value
             target = dataclasses.replace(
                 target,
                 state=TargetState.FAILED,
@@ -291,10 +292,10 @@ class RolloutController:
             log.warning("rollout %s: device %s failed: %s", rollout.id, device_id, target.detail)
         self.store.save_target(target)
 
-    def on_shadow(self, device_id: str, report: agent_pb2.ShadowReport) -> None:
+    def on_shadow(self, device_id: str, report: ShadowReport) -> None:
         self._retried(lambda: self._on_shadow(device_id, report))
 
-    def _on_shadow(self, device_id: str, report: agent_pb2.ShadowReport) -> None:
+    def _on_shadow(self, device_id: str, report: ShadowReport) -> None:
         found = self._target(report.rollout_id, device_id)
         if found is None:
             return
@@ -302,7 +303,7 @@ class RolloutController:
         if report.candidate_version != rollout.model_version:
             return
         shadow = {
-            "windows": int(report.windows),
+            "windows": report.windows,
             "agreement": report.agreement,
             "alert_rate_candidate": report.alert_rate_candidate,
             "alert_rate_incumbent": report.alert_rate_incumbent,

@@ -1,6 +1,6 @@
 """The agent's records as the control plane reads them: what the agent writes into its outbox
 (`edge_agent.wire`) arrives as the same prediction and alert event in the cloud's domain
-(`cloud.records.split_batch`), field by field."""
+(`cloud.service.records.split_batch`), field by field."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import datetime as dt
 
 import pytest
 
-from cloud.records import split_batch
+from cloud.service.records import split_batch
 from edge_agent.decisions import AlertEvent, Verdict
 from edge_agent.wire import alert_record, prediction_record
 from protos.autoglm.v1 import agent_pb2

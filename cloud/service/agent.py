@@ -18,10 +18,14 @@ from cloud.catalog import assigned_artifacts
 from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
-from cloud.records import store_batch
 from cloud.rollouts import RolloutController
 from cloud.service.peer import device_identity
-from cloud.service.serde import desired_to_proto
+from cloud.service.records import store_batch
+from cloud.service.serde import (
+    desired_to_proto,
+    install_report_from_proto,
+    shadow_report_from_proto,
+)
 from cloud.service.sessions import LiveSession, SessionHub
 from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
@@ -160,10 +164,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         self.alerts.notify()
                 elif kind == "install":
                     await asyncio.to_thread(
-                        self.rollouts.on_install, live.device_id, message.install
+                        self.rollouts.on_install,
+                        live.device_id,
+                        install_report_from_proto(message.install),
                     )
                 elif kind == "shadow":
-                    await asyncio.to_thread(self.rollouts.on_shadow, live.device_id, message.shadow)
+                    await asyncio.to_thread(
+                        self.rollouts.on_shadow,
+                        live.device_id,
+                        shadow_report_from_proto(message.shadow),
+                    )
                 elif kind == "hello":
                     live.end(InvalidInput("hello may only be sent once per session"))
                     return

@@ -11,14 +11,20 @@ from typing import Any
 from grpc import aio
 
 from cloud.alerts import AlertFeed
-from cloud.catalog import ModelCatalog, model_to_proto
+from cloud.catalog import ModelCatalog
 from cloud.clock import Clock, utc_now
 from cloud.devices import DeviceRegistry, Registration
 from cloud.domain import DesiredModel, DeviceRecord, Gates
 from cloud.rollouts import RolloutController
 from cloud.selectors import parse_selector
 from cloud.service.operator_alerts import AlertCalls
-from cloud.service.serde import device_to_proto, rollout_to_proto, timestamp
+from cloud.service.serde import (
+    bundle_chunks,
+    device_to_proto,
+    model_to_proto,
+    rollout_to_proto,
+    timestamp,
+)
 from cloud.service.sessions import SessionHub
 from cloud.webhooks import SecretBox
 from edge_agent.errors import InvalidInput, PermissionDenied
@@ -122,7 +128,7 @@ class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
         request_iterator: AsyncIterator[operator_pb2.PushBundleChunk],
         context: aio.ServicerContext[Any, Any],
     ) -> operator_pb2.Model:
-        record = await self.catalog.receive(request_iterator)
+        record = await self.catalog.receive(bundle_chunks(request_iterator))
         log.info("model %s:%s pushed (%d bytes)", record.name, record.version, record.size_bytes)
         return await asyncio.to_thread(model_to_proto, record, self.catalog.artifacts)
 

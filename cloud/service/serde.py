@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cloud.artifacts import PREFIX as ARTIFACT_PREFIX
+from cloud.artifacts import ArtifactStore
+from cloud.catalog import BundleFile
 from cloud.domain import (
     AlertRecord,
     AlertState,
     DesiredModel,
     DeviceRecord,
     DeviceState,
+    InstallOutcome,
+    InstallReport,
+    ModelRecord,
     PredictionRecord,
     RolloutRecord,
     RolloutState,
     RolloutTarget,
+    ShadowReport,
     TargetState,
     WebhookRecord,
 )
 from edge_agent.bootstrap import Bootstrap
+from edge_agent.bundle import Manifest
+from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2, common_pb2, operator_pb2
 
 _DEVICE_STATE = {
@@ -253,3 +262,117 @@ def webhook_to_proto(hook: WebhookRecord) -> operator_pb2.Webhook:
     )
     msg.created_at.FromDatetime(hook.created_at)
     return msg
+
+
+_OUTCOMES = {
+    agent_pb2.InstallReport.OUTCOME_INSTALLED: InstallOutcome.INSTALLED,
+    agent_pb2.InstallReport.OUTCOME_DOWNLOAD_FAILED: InstallOutcome.DOWNLOAD_FAILED,
+    agent_pb2.InstallReport.OUTCOME_VERIFY_FAILED: InstallOutcome.VERIFY_FAILED,
+    agent_pb2.InstallReport.OUTCOME_SELF_TEST_FAILED: InstallOutcome.SELF_TEST_FAILED,
+    agent_pb2.InstallReport.OUTCOME_START_FAILED_ROLLED_BACK: (
+        InstallOutcome.START_FAILED_ROLLED_BACK
+    ),
+}
+
+
+def install_report_from_proto(m: agent_pb2.InstallReport) -> InstallReport:
+    return InstallReport(
+        rollout_id=m.rollout_id,
+        model_version=m.model_version,
+        outcome=_OUTCOMES.get(m.outcome, InstallOutcome.UNKNOWN),
+        detail=m.detail,
+        backend=m.backend,
+        serving_name=m.serving_name,
+        serving_version=m.serving_version,
+    )
+
+
+def install_report_to_proto(r: InstallReport) -> agent_pb2.InstallReport:
+    outcome = next((k for k, v in _OUTCOMES.items() if v is r.outcome), 0)
+    return agent_pb2.InstallReport(
+        rollout_id=r.rollout_id,
+        model_version=r.model_version,
+        outcome=outcome,  # type: ignore[arg-type]
+        detail=r.detail,
+        backend=r.backend,
+        serving_name=r.serving_name,
+        serving_version=r.serving_version,
+    )
+
+
+def shadow_report_from_proto(m: agent_pb2.ShadowReport) -> ShadowReport:
+    return ShadowReport(
+        rollout_id=m.rollout_id,
+        candidate_version=m.candidate_version,
+        windows=int(m.windows),
+        agreement=m.agreement,
+        alert_rate_candidate=m.alert_rate_candidate,
+        alert_rate_incumbent=m.alert_rate_incumbent,
+        latency_p99_ms=m.latency_p99_ms,
+        incumbent_latency_p99_ms=m.incumbent_latency_p99_ms,
+        detail=m.detail,
+    )
+
+
+def shadow_report_to_proto(r: ShadowReport) -> agent_pb2.ShadowReport:
+    return agent_pb2.ShadowReport(
+        rollout_id=r.rollout_id,
+        candidate_version=r.candidate_version,
+        windows=r.windows,
+        agreement=r.agreement,
+        alert_rate_candidate=r.alert_rate_candidate,
+        alert_rate_incumbent=r.alert_rate_incumbent,
+        latency_p99_ms=r.latency_p99_ms,
+        incumbent_latency_p99_ms=r.incumbent_latency_p99_ms,
+        detail=r.detail,
+    )
+
+
+def model_to_proto(record: ModelRecord, artifacts: ArtifactStore) -> operator_pb2.Model:
+    manifest = Manifest.model_validate(record.manifest)
+    model = operator_pb2.Model(
+        name=record.name,
+        version=record.version,
+        manifest_digest=record.manifest_digest,
+        signature_digest=record.signature_digest,
+        size_bytes=record.size_bytes,
+        sensors=[common_pb2.SensorSpec(name=s.name, unit=s.unit) for s in manifest.sensors],
+        metrics={
+            k: float(v)
+            for k, v in manifest.evaluation.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+    )
+    model.pushed_at.FromDatetime(record.pushed_at)
+    for v in manifest.variants:
+        model.variants.append(
+            operator_pb2.ModelVariant(
+                name=v.name,
+                format=v.format,
+                precision=v.precision,
+                target_profile="" if v.target_profile == "any" else v.target_profile,
+                digest=ARTIFACT_PREFIX + v.sha256,
+                size=artifacts.size(ARTIFACT_PREFIX + v.sha256)
+                if artifacts.has(ARTIFACT_PREFIX + v.sha256)
+                else 0,
+            )
+        )
+    return model
+
+
+def _stored_size(artifacts: ArtifactStore, digest: str) -> int:
+    return artifacts.size(digest) if artifacts.has(digest) else 0
+
+
+async def bundle_chunks(
+    chunks: AsyncIterator[operator_pb2.PushBundleChunk],
+) -> AsyncIterator[BundleFile | bytes]:
+    """A push stream as the catalog takes it: a `BundleFile` per header, then its bytes."""
+    async for chunk in chunks:
+        body = chunk.WhichOneof("body")
+        if body == "file":
+            yield BundleFile(chunk.file.path, chunk.file.digest, chunk.file.size)
+        elif body == "data":
+            yield chunk.data
+        else:
+            raise InvalidInput("a push chunk carries neither a file header nor data")

@@ -1,4 +1,7 @@
-"""Records devices sync (predictions, alert events): wire messages -> domain records -> store."""
+"""Records devices sync (predictions, alert events): wire messages -> domain records -> store.
+
+The wire side of syncing: each record is checked against its bounds and turned into a domain
+record here; the store never sees a protobuf message."""
 
 from __future__ import annotations
 
