@@ -1,0 +1,299 @@
+"""The rollout state machine, phase by phase and gate by gate, in milliseconds: the real
+controller on a SQLite store, a fake clock, devices and reports made up in the test (no
+agents, no network). The end-to-end tests (tests/test_rollouts.py) run the same controller
+with real agents."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloud.domain import (
+    DesiredModel,
+    Gates,
+    InstallOutcome,
+    InstallReport,
+    ModelRecord,
+    PresenceUpdate,
+    RolloutState,
+    ShadowReport,
+)
+from cloud.rollouts import LATENCY_FLOOR_MS, RolloutController, RolloutSettings, parse_waves
+from cloud.store import Store, open_store
+from edge_agent.errors import FailedPrecondition, InvalidInput
+
+pytestmark = pytest.mark.unit
+T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+SETTINGS = RolloutSettings(
+    offline_after=dt.timedelta(seconds=30),
+    install_timeout=dt.timedelta(minutes=15),
+    shadow_grace=dt.timedelta(minutes=10),
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+@dataclasses.dataclass
+class Fleet:
+    store: Store
+    clock: Clock
+    controller: RolloutController
+    ids: dict[str, str]  # name -> device id
+
+    def online(self, *names: str) -> None:
+        self.store.record_presence(
+            [
+                PresenceUpdate(
+                    self.ids[n], self.clock(), True, status={"model_name": "pump",
+                                                              "model_version": "1"}
+                )
+                for n in names
+            ]
+        )  # fmt: skip
+
+    def installed(self, name: str, rollout_id: str, outcome: InstallOutcome, version: str = "2",
+                  detail: str = "") -> None:  # fmt: skip
+        report = InstallReport(rollout_id, version, outcome, detail, "onnxruntime", "pump", "1")
+        self.controller.on_install(self.ids[name], report)
+
+    def shadow(self, name: str, rollout_id: str, windows: int = 40, agreement: float = 1.0,
+               latency: tuple[float, float] = (3.0, 2.0)) -> None:  # fmt: skip
+        report = ShadowReport(rollout_id, "2", windows, agreement, 0.0, 0.0, *latency)
+        self.controller.on_shadow(self.ids[name], report)
+
+    def states(self, rollout_id: str) -> dict[str, str]:
+        by_id = {v: k for k, v in self.ids.items()}
+        return {by_id[t.device_id]: t.state.value for t in self.store.rollout_targets(rollout_id)}
+
+    def desired(self, name: str) -> DesiredModel | None:
+        return self.store.get_desired(self.ids[name])
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    store = open_store(f"sqlite:///{tmp_path / 'cloud.db'}")
+    clock = Clock()
+    ids = {}
+    for i in range(4):
+        device = store.create_device(f"edge-{i}", {"site": "a"}, "", T0)
+        store.add_enrollment_token(device.id, f"h{i}", T0, T0 + dt.timedelta(hours=1))
+        store.enroll(f"h{i}", T0, lambda d: d.id, lambda c: ("serial", f"fp-{c}"))
+        ids[device.name] = device.id
+    for version in ("1", "2"):
+        store.add_model(
+            ModelRecord("pump", version, f"sha256:{version * 64}", f"sha256:{'f' * 64}", 10, T0, {})
+        )
+    f = Fleet(store, clock, RolloutController(store, SETTINGS, clock), ids)
+    f.online(*ids)
+    yield f
+    store.close()
+
+
+def _create(f: Fleet, waves: tuple[str, ...], soak_s: float = 0.0, **gates: float) -> str:
+    rollout, _ = f.controller.create(
+        "pump",
+        "2",
+        "site=a",
+        waves,
+        soak_s,
+        Gates(**gates),  # type: ignore[arg-type]
+    )
+    return rollout.id
+
+
+def test_a_wave_sends_online_devices_the_version_and_defers_offline_ones(fleet: Fleet) -> None:
+    fleet.clock.advance(60)  # everyone's presence is now older than offline_after...
+    fleet.online("edge-0", "edge-1", "edge-2")  # ...but these three report again
+    rollout_id = _create(fleet, ("100%",))
+    assert fleet.states(rollout_id) == {
+        "edge-0": "installing",
+        "edge-1": "installing",
+        "edge-2": "installing",
+        "edge-3": "deferred",
+    }
+    desired = fleet.desired("edge-0")
+    assert desired is not None and desired.model_version == "2" and not desired.shadow
+    assert fleet.desired("edge-3") is None  # gets it when it comes back (at promotion)
+
+
+def test_waves_promote_one_after_another_and_the_rollout_succeeds(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    assert fleet.states(rollout_id)["edge-0"] == "installing"
+    assert set(list(fleet.states(rollout_id).values())[1:]) == {"waiting"}
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert {fleet.states(rollout_id)[n] for n in ("edge-1", "edge-2", "edge-3")} == {"installing"}
+    for name in ("edge-1", "edge-2", "edge-3"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.SUCCEEDED, rollout
+    assert set(fleet.states(rollout_id).values()) == {"updated"}
+
+
+def test_no_install_report_in_time_is_a_failure_and_past_the_limit_the_rollout_aborts(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    fleet.clock.advance(SETTINGS.install_timeout.total_seconds() - 1)
+    fleet.controller.tick()
+    assert fleet.states(rollout_id)["edge-0"] == "installing"
+    fleet.clock.advance(2)
+    fleet.controller.tick()
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.ABORTED
+    assert "no install report in time" in rollout.reason
+    desired = fleet.desired("edge-0")
+    assert desired is not None and desired.revert_version == "2"  # sent back
+
+
+def test_failures_within_the_limit_end_partial_never_succeeded(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), max_failure_fraction=0.5)
+    fleet.installed("edge-0", rollout_id, InstallOutcome.SELF_TEST_FAILED, detail="golden")
+    for name in ("edge-1", "edge-2", "edge-3"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.PARTIAL
+    assert "1 of 4 device(s) failed" in rollout.reason and "self_test_failed" in rollout.reason
+
+
+def test_the_soak_waits_then_the_shadow_gates_judge_each_device(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=600, max_failure_fraction=0.5)
+    desired = fleet.desired("edge-0")
+    assert desired is not None and desired.shadow  # a soak runs the candidate in shadow
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert set(fleet.states(rollout_id).values()) == {"shadowing"}
+    fleet.shadow("edge-0", rollout_id)
+    fleet.shadow("edge-1", rollout_id, agreement=0.5)  # behaves differently
+    fleet.shadow("edge-2", rollout_id, latency=(40.0, 10.0))  # 4x slower, 30 ms more
+    fleet.shadow("edge-3", rollout_id, latency=(4.0, 1.0))  # 4x, but within the 5 ms floor
+    fleet.clock.advance(599)
+    fleet.controller.tick()
+    assert set(fleet.states(rollout_id).values()) == {"shadowing"}  # still soaking
+    fleet.clock.advance(2)
+    fleet.controller.tick()
+    states = fleet.states(rollout_id)
+    assert states["edge-1"] == "failed" and states["edge-2"] == "failed", states
+    targets = {t.device_id: t for t in fleet.store.rollout_targets(rollout_id)}
+    assert "agreement 0.500" in targets[fleet.ids["edge-1"]].detail
+    assert "latency p99 40.0 ms" in targets[fleet.ids["edge-2"]].detail
+    assert states["edge-0"] == "installing" and states["edge-3"] == "installing"  # promoted
+    promoted = fleet.desired("edge-3")
+    assert promoted is not None and not promoted.shadow
+    assert LATENCY_FLOOR_MS > 4.0 - 1.0
+
+
+def test_a_device_without_shadow_windows_fails_only_after_the_grace(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=60, max_failure_fraction=1.0)
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+        if name != "edge-3":
+            fleet.shadow(name, rollout_id)
+    fleet.controller.tick()  # every install reported: the soak starts now
+    fleet.clock.advance(61)
+    fleet.controller.tick()
+    assert fleet.states(rollout_id)["edge-3"] == "shadowing"  # waiting for its windows
+    fleet.clock.advance(SETTINGS.shadow_grace.total_seconds())
+    fleet.controller.tick()
+    assert fleet.states(rollout_id)["edge-3"] == "failed"
+
+
+def test_pause_stops_the_waves_and_resume_carries_on(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    fleet.controller.pause(rollout_id, "night shift")
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert fleet.states(rollout_id)["edge-1"] == "waiting"
+    with pytest.raises(FailedPrecondition, match="not running"):
+        fleet.controller.pause(rollout_id, "again")
+    fleet.controller.resume(rollout_id)
+    assert fleet.states(rollout_id)["edge-1"] == "installing"
+
+
+def test_an_abort_sends_every_device_that_got_the_version_back_and_stays(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    stale = fleet.store.get_rollout(rollout_id)  # what a leader read before the abort
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    rollout, desired = fleet.controller.abort(rollout_id, "changed my mind")
+    assert rollout.state is RolloutState.ABORTED
+    assert [(d.device_id, d.model_version, d.revert_version) for d in desired] == [
+        (fleet.ids["edge-0"], "1", "2")
+    ]
+    assert fleet.states(rollout_id)["edge-0"] == "rolled_back"
+    # The stale leader's decision cannot be written, and ticks leave it aborted.
+    with pytest.raises(Exception, match="changed since it was read"):
+        fleet.store.save_rollout(stale)
+    for _ in range(3):
+        fleet.clock.advance(60)
+        assert fleet.controller.tick() == []
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.ABORTED
+    with pytest.raises(FailedPrecondition, match="aborted already"):
+        fleet.controller.abort(rollout_id, "twice")
+
+
+def test_reports_on_other_versions_change_nothing_and_an_unknown_outcome_fails(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("100%",))
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED, version="1")  # a rollback's
+    fleet.installed("edge-0", "not-a-rollout", InstallOutcome.INSTALLED)
+    fleet.installed("edge-0", rollout_id, InstallOutcome.UNKNOWN)  # a newer agent's outcome
+    states = fleet.states(rollout_id)
+    assert states["edge-0"] == "failed" and states["edge-1"] == "installing", states
+    target = fleet.store.rollout_target(rollout_id, fleet.ids["edge-0"])
+    assert target is not None and target.detail.startswith("unknown")
+
+
+def test_one_active_rollout_per_device(fleet: Fleet) -> None:
+    _create(fleet, ("100%",))
+    with pytest.raises(FailedPrecondition, match="one active rollout per device"):
+        _create(fleet, ("100%",))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    devices=st.integers(min_value=1, max_value=500),
+    sizes=st.lists(st.integers(min_value=1, max_value=100), min_size=1, max_size=5),
+)
+def test_waves_cover_every_device_once_and_never_shrink(devices: int, sizes: list[int]) -> None:
+    cumulative = sorted(sizes)
+    waves = [f"{p}%" for p in cumulative[:-1]] + ["100%"]
+    counts = parse_waves(waves, devices)
+    assert sum(counts) == devices and all(c >= 0 for c in counts)
+    reached = [sum(counts[: i + 1]) for i in range(len(counts))]
+    for pct, reach in zip(cumulative[:-1], reached, strict=False):
+        assert reach >= devices * pct / 100 - 1e-9  # a wave reaches at least its share
+
+
+@pytest.mark.parametrize(
+    ("waves", "message"),
+    [
+        (["50%", "10%", "100%"], "must not shrink"),
+        (["0", "100%"], "device count >= 1"),
+        (["1", "50%"], "end with 100%"),
+        ([], "at least one wave"),
+    ],
+)
+def test_bad_wave_lists_are_clear_errors(waves: list[str], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_waves(waves, 10)
