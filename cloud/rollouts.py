@@ -552,6 +552,50 @@ class RolloutController:
         return self._with(rollout, waves=tuple(waves))
 
 
+def waiting_for(
+    rollout: RolloutRecord,
+    targets: Sequence[RolloutTarget],
+    names: dict[str, str],
+    now: dt.datetime,
+    settings: RolloutSettings,
+) -> str:
+    """What a rollout is waiting for now, in words ("" when it waits for nothing): the
+    devices whose reports it needs, and when it stops waiting for them."""
+    if rollout.state is RolloutState.PAUSED:
+        return f"an operator's resume (paused: {rollout.reason or 'no reason given'})"
+    if rollout.state is not RolloutState.RUNNING:
+        return ""
+    wave = rollout.waves[rollout.current_wave]
+    in_wave = [t for t in targets if t.wave == wave.index]
+
+    def listed(ts: Sequence[RolloutTarget]) -> str:
+        shown = ", ".join(names.get(t.device_id, t.device_id) for t in ts[:5])
+        return shown + (f" and {len(ts) - 5} more" if len(ts) > 5 else "")
+
+    if wave.started_at is None:
+        return f"the next reconciliation to start wave {wave.index}"
+    installing = [t for t in in_wave if t.state is TargetState.INSTALLING]
+    if installing:
+        first = min((t.updated_at for t in installing if t.updated_at), default=now)
+        deadline = first + settings.install_timeout
+        return (
+            f"install reports from {listed(installing)} ({len(installing)} of {len(in_wave)} "
+            f"in wave {wave.index}; a device without one fails at {deadline:%H:%M:%S}Z)"
+        )
+    if wave.soak_until is not None and now < wave.soak_until:
+        return f"the soak of wave {wave.index} to end at {wave.soak_until:%H:%M:%S}Z"
+    if wave.soak_until is not None and rollout.soak_s > 0:
+        need = max(rollout.gates.min_shadow_windows, 1)
+        short = [t for t in in_wave if t.state is TargetState.SHADOWING and t.shadow_windows < need]
+        if short:
+            deadline = wave.soak_until + settings.shadow_grace
+            return (
+                f"shadow windows from {listed(short)} (each needs {need}; a device without "
+                f"them fails at {deadline:%H:%M:%S}Z)"
+            )
+    return f"the next reconciliation to judge and promote wave {wave.index}"
+
+
 def latency_regression(candidate_ms: float, incumbent_ms: float, max_ratio: float) -> str:
     """Why the candidate is too slow, or "" when it is not (or nothing was measured)."""
     if incumbent_ms <= 0 or candidate_ms - incumbent_ms < LATENCY_FLOOR_MS:

@@ -24,7 +24,13 @@ from cloud.domain import (
     RolloutState,
     ShadowReport,
 )
-from cloud.rollouts import LATENCY_FLOOR_MS, RolloutController, RolloutSettings, parse_waves
+from cloud.rollouts import (
+    LATENCY_FLOOR_MS,
+    RolloutController,
+    RolloutSettings,
+    parse_waves,
+    waiting_for,
+)
 from cloud.store import Store, open_store
 from edge_agent.errors import FailedPrecondition, InvalidInput
 
@@ -297,3 +303,37 @@ def test_waves_cover_every_device_once_and_never_shrink(devices: int, sizes: lis
 def test_bad_wave_lists_are_clear_errors(waves: list[str], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         parse_waves(waves, 10)
+
+
+def test_a_waiting_rollout_says_what_it_waits_for(fleet: Fleet) -> None:
+    names = {v: k for k, v in fleet.ids.items()}
+
+    def waits(rollout_id: str) -> str:
+        store = fleet.store
+        return waiting_for(
+            store.get_rollout(rollout_id),
+            store.rollout_targets(rollout_id),
+            names,
+            fleet.clock(),
+            SETTINGS,
+        )
+
+    rollout_id = _create(fleet, ("2", "100%"), soak_s=300, min_shadow_windows=20)
+    assert waits(rollout_id) == (
+        "install reports from edge-0, edge-1 (2 of 2 in wave 0; a device without one fails "
+        "at 12:15:00Z)"
+    )
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    assert waits(rollout_id).startswith("install reports from edge-1 (1 of 2")
+    fleet.installed("edge-1", rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert waits(rollout_id) == "the soak of wave 0 to end at 12:05:00Z"
+    fleet.shadow("edge-0", rollout_id, windows=25)
+    fleet.clock.advance(301)
+    assert waits(rollout_id) == (
+        "shadow windows from edge-1 (each needs 20; a device without them fails at 12:15:00Z)"
+    )
+    fleet.controller.pause(rollout_id, "night shift")
+    assert waits(rollout_id) == "an operator's resume (paused: night shift)"
+    fleet.controller.abort(rollout_id, "done")
+    assert waits(rollout_id) == ""

@@ -194,6 +194,8 @@ def _print_status(r: operator_pb2.Rollout) -> None:
         f"{r.selector or 'all devices'}   {STATES[r.state].upper()}"
         + (f" ({r.reason})" if r.reason else "")
     )
+    if r.waiting_for:
+        print(f"waiting for {r.waiting_for}")
     now = time.time()
     rows = []
     for w in r.waves:

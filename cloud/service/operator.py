@@ -15,7 +15,7 @@ from cloud.catalog import ModelCatalog
 from cloud.clock import Clock, utc_now
 from cloud.devices import DeviceRegistry, Registration
 from cloud.domain import DesiredModel, DeviceRecord, Gates
-from cloud.rollouts import RolloutController
+from cloud.rollouts import RolloutController, waiting_for
 from cloud.selectors import parse_selector
 from cloud.service.operator_alerts import AlertCalls
 from cloud.service.serde import (
@@ -205,7 +205,8 @@ class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
             rollout = store.get_rollout(rollout_id)
             targets = store.rollout_targets(rollout_id)
             names = {d.id: d.name for d in store.list_devices({})} if with_devices else {}
-            return rollout_to_proto(rollout, targets, names, with_devices)
+            waits = waiting_for(rollout, targets, names, self.clock(), self.rollouts.settings)
+            return rollout_to_proto(rollout, targets, names, with_devices, waits)
 
         return await asyncio.to_thread(load)
 

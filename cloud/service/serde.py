@@ -151,9 +151,11 @@ def rollout_to_proto(
     targets: Sequence[RolloutTarget],
     names: dict[str, str],
     with_devices: bool = True,
+    waiting_for: str = "",
 ) -> operator_pb2.Rollout:
     g = rollout.gates
     msg = operator_pb2.Rollout(
+        waiting_for=waiting_for,
         id=rollout.id,
         model_name=rollout.model_name,
         model_version=rollout.model_version,

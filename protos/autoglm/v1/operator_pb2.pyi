@@ -761,6 +761,7 @@ class Rollout(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -770,6 +771,10 @@ class Rollout(_message.Message):
     soak_seconds: _builtins.int
     reason: _builtins.str
     """why it paused or aborted, or which devices failed (partial)"""
+    waiting_for: _builtins.str
+    """What a running or paused rollout waits for now, in words: which devices' reports, and
+    when it stops waiting for them ("" when finished).
+    """
     @_builtins.property
     def waves(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutWave]: ...
     @_builtins.property
@@ -796,10 +801,11 @@ class Rollout(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         devices: _abc.Iterable[Global___RolloutDevice] | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        waiting_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "gates", b"gates", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_wave", b"current_wave", "devices", b"devices", "gates", b"gates", "id", b"id", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "selector", b"selector", "soak_seconds", b"soak_seconds", "state", b"state", "updated_at", b"updated_at", "waves", b"waves"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_wave", b"current_wave", "devices", b"devices", "gates", b"gates", "id", b"id", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "selector", b"selector", "soak_seconds", b"soak_seconds", "state", b"state", "updated_at", b"updated_at", "waiting_for", b"waiting_for", "waves", b"waves"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
