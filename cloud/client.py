@@ -89,6 +89,9 @@ class OperatorClient:
             self._stub.RevokeDevice, operator_pb2.RevokeDeviceRequest(device=device, reason=reason)
         )
 
+    def delete_device(self, device: str) -> operator_pb2.Device:
+        return self._call(self._stub.DeleteDevice, operator_pb2.DeleteDeviceRequest(device=device))
+
     # ---- models ----
     def push_bundle(
         self, directory: Path, progress: Callable[[int, int], None] | None = None
@@ -145,6 +148,11 @@ class OperatorClient:
     def list_models(self, name: str = "") -> list[operator_pb2.Model]:
         response = self._call(self._stub.ListModels, operator_pb2.ListModelsRequest(name=name))
         return list(response.models)
+
+    def delete_model(self, name: str, version: str) -> operator_pb2.Model:
+        return self._call(
+            self._stub.DeleteModel, operator_pb2.GetModelRequest(name=name, version=version)
+        )
 
     def get_model(self, name: str, version: str) -> operator_pb2.Model:
         return self._call(

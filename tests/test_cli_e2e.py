@@ -177,6 +177,10 @@ def test_register_enroll_run_list_revoke(tmp_path: Path, database_url: str) -> N
         assert agent.wait(60) == 6
         log = (tmp_path / "agent.log").read_text()
         assert "refused this device" in log and "revoked" in log, log
+        # Decommissioned: deleted with everything stored of it.
+        deleted = autoglm(tmp_path, "device", "delete", "pump-7").stdout
+        assert "deleted pump-7" in deleted, deleted
+        assert _devices(tmp_path) == {}
     finally:
         for proc in (agent, server):
             if proc is not None and proc.poll() is None:

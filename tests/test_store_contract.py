@@ -19,6 +19,7 @@ from cloud.domain import (
     DeviceRecord,
     DeviceState,
     Gates,
+    ModelRecord,
     PresenceUpdate,
     RolloutRecord,
     RolloutState,
@@ -446,6 +447,42 @@ class StoreContract:
             store.save_rollout(rollout, [dataclasses.replace(read, state=TargetState.FAILED)])
         stored = store.rollout_target(rollout.id, device.id)
         assert stored is not None and stored.state is TargetState.UPDATED
+
+    def test_a_device_is_deleted_only_once_revoked_and_takes_its_data_along(
+        self, store: Store
+    ) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        store.enroll("h1", NOW, _issue, _activate)
+        store.store_records(device.id, [], [_event(device.id, 1, "raised")], NOW)
+        store.set_desired([_desired(device.id, "2")])
+        with pytest.raises(FailedPrecondition, match="revoke it first"):
+            store.delete_device("p")
+        store.revoke_device("p", "decommissioned", NOW)
+        deleted = store.delete_device("p")
+        assert deleted.id == device.id
+        with pytest.raises(NotFound):
+            store.get_device(device.id)
+        assert store.list_alerts(AlertFilter()) == []
+        assert store.get_desired(device.id) is None
+        assert store.last_record_sequence(device.id) == 0
+        other = store.create_device("never-enrolled", {}, "", NOW)
+        assert store.delete_device(other.id).name == "never-enrolled"
+
+    def test_a_model_version_in_use_is_not_deleted(self, store: Store) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        for version in ("1", "2"):
+            store.add_model(
+                ModelRecord("pump", version, f"sha256:{version * 64}", "sha256:" + "b" * 64, 1,
+                            NOW, {})
+            )  # fmt: skip
+        store.set_desired([_desired(device.id, "2")])
+        with pytest.raises(FailedPrecondition, match="desired version of 1 device"):
+            store.delete_model("pump", "2")
+        assert store.delete_model("pump", "1").version == "1"
+        assert [m.version for m in store.list_models("pump")] == ["2"]
+        with pytest.raises(NotFound):
+            store.delete_model("pump", "1")
 
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):

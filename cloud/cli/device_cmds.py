@@ -1,4 +1,4 @@
-"""`autoglm device register|token|list|show|label|revoke`."""
+"""`autoglm device register|token|list|show|label|revoke|delete`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from protos.autoglm.v1 import operator_pb2
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    device = sub.add_parser("device", help="register, list, label and revoke edge devices")
+    device = sub.add_parser("device", help="register, list, label, revoke and delete edge devices")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
 
     register = dsub.add_parser("register", help="create a device and its one-time enrollment token")
@@ -69,6 +69,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     revoke.add_argument("device")
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(handler=cmd_revoke, needs_client=True)
+
+    delete = dsub.add_parser(
+        "delete",
+        help="remove a revoked (or never enrolled) device and everything stored of it",
+    )
+    delete.add_argument("device")
+    delete.set_defaults(handler=cmd_delete, needs_client=True)
     alert_cmds.add_device_parsers(dsub)
 
 
@@ -208,6 +215,12 @@ def cmd_label(args: argparse.Namespace, client: OperatorClient) -> int:
         f"{msg.name}: "
         + (",".join(f"{k}={v}" for k, v in sorted(msg.labels.items())) or "(no labels)")
     )
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, client: OperatorClient) -> int:
+    msg = client.delete_device(args.device)
+    print(f"deleted {msg.name} ({msg.id}) with its predictions, alerts and rollout history")
     return 0
 
 

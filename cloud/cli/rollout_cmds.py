@@ -30,6 +30,11 @@ def add_model_parsers(msub: argparse._SubParsersAction[argparse.ArgumentParser])
     show.add_argument("model", metavar="NAME:VERSION")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_model_show, needs_client=True)
+    delete = msub.add_parser(
+        "delete", help="remove a pushed version no device is assigned and no rollout uses"
+    )
+    delete.add_argument("model", metavar="NAME:VERSION")
+    delete.set_defaults(handler=cmd_model_delete, needs_client=True)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -125,6 +130,12 @@ def cmd_models(args: argparse.Namespace, client: OperatorClient) -> int:
         for m in models
     ]
     print_table(["NAME", "VERSION", "PUSHED", "VARIANTS", "PROFILES", "SIZE"], rows)
+    return 0
+
+
+def cmd_model_delete(args: argparse.Namespace, client: OperatorClient) -> int:
+    m = client.delete_model(*_name_version(args.model))
+    print(f"deleted model {m.name}:{m.version}")
     return 0
 
 

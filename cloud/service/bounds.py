@@ -72,6 +72,7 @@ STRING_LIMITS: dict[str, int] = {
     "autoglm.v1.GetDeviceRequest.device": _NAME,
     "autoglm.v1.LabelDeviceRequest.device": _NAME,
     "autoglm.v1.RevokeDeviceRequest.device": _NAME,
+    "autoglm.v1.DeleteDeviceRequest.device": _NAME,
     "autoglm.v1.QueryPredictionsRequest.device": _NAME,
     "autoglm.v1.QueryPredictionsRequest.asset": 64,
     "autoglm.v1.ListAlertsRequest.device": _NAME,

@@ -122,6 +122,14 @@ class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
         log.info("device %s revoked: %s", device.name, request.reason or "(no reason)")
         return self._device(device)
 
+    async def DeleteDevice(
+        self, request: operator_pb2.DeleteDeviceRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Device:
+        device = await asyncio.to_thread(self.registry.store.delete_device, request.device)
+        self.hub.end_device(device.id, PermissionDenied(f"device '{device.name}' was deleted"))
+        log.info("device %s (%s) deleted", device.name, device.id)
+        return self._device(device)
+
     # ---- models ----
     async def PushBundle(
         self,
@@ -146,6 +154,15 @@ class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
         record = await asyncio.to_thread(
             self.registry.store.get_model, request.name, request.version
         )
+        return model_to_proto(record, self.catalog.artifacts)
+
+    async def DeleteModel(
+        self, request: operator_pb2.GetModelRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Model:
+        record = await asyncio.to_thread(
+            self.registry.store.delete_model, request.name, request.version
+        )
+        log.info("model %s:%s deleted", record.name, record.version)
         return model_to_proto(record, self.catalog.artifacts)
 
     # ---- rollouts ----

@@ -86,6 +86,16 @@ class Store(abc.ABC):
         """Applies heartbeat summaries in one transaction; unknown devices are skipped."""
 
     @abc.abstractmethod
+    def delete_device(self, id_or_name: str) -> DeviceRecord:
+        """Removes a device that is revoked or never enrolled, with everything stored of it
+        (FailedPrecondition for an active one, or one in an active rollout)."""
+
+    @abc.abstractmethod
+    def delete_model(self, name: str, version: str) -> ModelRecord:
+        """Removes a pushed version (FailedPrecondition while a device's desired state or a
+        rollout names it; NotFound when unknown)."""
+
+    @abc.abstractmethod
     def device_credentials(self, device_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
         """For each device id found: (may act -- enrolled and not revoked, its current
         certificate fingerprint). Replicas compare open sessions against it."""

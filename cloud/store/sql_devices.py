@@ -20,6 +20,7 @@ from cloud.store.sql_base import SqlBase, _device
 from cloud.store.tables import (
     DeviceRow,
     EnrollmentTokenRow,
+    RolloutTargetRow,
 )
 from edge_agent.errors import (
     AlreadyExists,
@@ -195,6 +196,27 @@ class DeviceTables(SqlBase):
     def revoked_since(self, since: dt.datetime) -> list[str]:
         with self._tx() as s:
             return list(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at >= since)).all())
+
+    def delete_device(self, id_or_name: str) -> DeviceRecord:
+        with self._tx() as s:
+            row = self._device_row(s, id_or_name, for_update=True)
+            if row.state == DeviceState.ACTIVE.value:
+                raise FailedPrecondition(
+                    f"device '{row.name}' is active; revoke it first "
+                    f"(autoglm device revoke {row.name}), then delete it"
+                )
+            busy = s.scalars(
+                select(RolloutTargetRow.rollout_id).where(
+                    RolloutTargetRow.device_id == row.id, RolloutTargetRow.active.is_(True)
+                )
+            ).first()
+            if busy is not None:
+                raise FailedPrecondition(
+                    f"device '{row.name}' is in active rollout {busy}; abort it first"
+                )
+            device = _device(row)
+            s.delete(row)  # tokens, records, alerts, targets, desired state: ON DELETE CASCADE
+            return device
 
     def device_credentials(self, device_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
         found: dict[str, tuple[bool, str]] = {}

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cloud.domain import (
@@ -68,6 +68,36 @@ class RolloutTables(SqlBase):
             if row is None:
                 raise NotFound(f"no model {name}:{version} was pushed")
             return _model(row)
+
+    def delete_model(self, name: str, version: str) -> ModelRecord:
+        with self._tx() as s:
+            row = s.get(ModelRow, (name, version), with_for_update=True)
+            if row is None:
+                raise NotFound(f"no model {name}:{version} was pushed")
+            assigned = s.scalars(
+                select(func.count())
+                .select_from(DesiredModelRow)
+                .where(DesiredModelRow.model_name == name, DesiredModelRow.model_version == version)
+            ).one()
+            if assigned:
+                raise FailedPrecondition(
+                    f"model {name}:{version} is the desired version of {assigned} device(s); "
+                    "roll another version out to them first"
+                )
+            rollout = s.scalars(
+                select(RolloutRow.id).where(
+                    RolloutRow.model_name == name,
+                    RolloutRow.model_version == version,
+                    RolloutRow.state.in_([RolloutState.RUNNING.value, RolloutState.PAUSED.value]),
+                )
+            ).first()
+            if rollout is not None:
+                raise FailedPrecondition(
+                    f"model {name}:{version} is being rolled out ({rollout}); abort it first"
+                )
+            model = _model(row)
+            s.delete(row)
+            return model
 
     def list_models(self, name: str = "") -> list[ModelRecord]:
         query = select(ModelRow).order_by(ModelRow.name, ModelRow.pushed_at)

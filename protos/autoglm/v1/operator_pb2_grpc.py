@@ -64,6 +64,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Device.FromString,
                 _registered_method=True)
+        self.DeleteDevice = channel.unary_unary(
+                '/autoglm.v1.OperatorService/DeleteDevice',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.DeleteDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Device.FromString,
+                _registered_method=True)
         self.QueryPredictions = channel.unary_unary(
                 '/autoglm.v1.OperatorService/QueryPredictions',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.QueryPredictionsRequest.SerializeToString,
@@ -81,6 +86,11 @@ class OperatorServiceStub:
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/autoglm.v1.OperatorService/GetModel',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/autoglm.v1.OperatorService/DeleteModel',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
                 _registered_method=True)
@@ -198,6 +208,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDevice(self, request, context):
+        """Removes a revoked (or never enrolled) device and everything stored of it: predictions,
+        alert events and alerts, rollout targets, desired state. Refused for an active device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QueryPredictions(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -219,6 +237,14 @@ class OperatorServiceServicer:
 
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Removes a pushed version no device is assigned and no rollout uses; its files stay in
+        the artifact store (other versions may share them).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -342,6 +368,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeDeviceRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Device.SerializeToString,
             ),
+            'DeleteDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDevice,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.DeleteDeviceRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Device.SerializeToString,
+            ),
             'QueryPredictions': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryPredictions,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.QueryPredictionsRequest.FromString,
@@ -359,6 +390,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.SerializeToString,
             ),
@@ -606,6 +642,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def DeleteDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/DeleteDevice',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.DeleteDeviceRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def QueryPredictions(request,
             target,
             options=(),
@@ -701,6 +764,33 @@ class OperatorService:
             request,
             target,
             '/autoglm.v1.OperatorService/GetModel',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/DeleteModel',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
             options,

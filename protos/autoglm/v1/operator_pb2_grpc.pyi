@@ -43,11 +43,19 @@ class OperatorServiceStub:
     GetDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]
     LabelDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]
     RevokeDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.Device]
+    DeleteDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.DeleteDeviceRequest, _operator_pb2.Device]
+    """Removes a revoked (or never enrolled) device and everything stored of it: predictions,
+    alert events and alerts, rollout targets, desired state. Refused for an active device.
+    """
     QueryPredictions: _grpc.UnaryUnaryMultiCallable[_operator_pb2.QueryPredictionsRequest, _operator_pb2.QueryPredictionsResponse]
     PushBundle: _grpc.StreamUnaryMultiCallable[_operator_pb2.PushBundleChunk, _operator_pb2.Model]
     """Models"""
     ListModels: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListModelsRequest, _operator_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.Model]
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.Model]
+    """Removes a pushed version no device is assigned and no rollout uses; its files stay in
+    the artifact store (other versions may share them).
+    """
     CreateRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.Rollout]
     """Rollouts"""
     GetRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetRolloutRequest, _operator_pb2.Rollout]
@@ -78,11 +86,19 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     GetDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     LabelDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     RevokeDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
+    DeleteDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.DeleteDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
+    """Removes a revoked (or never enrolled) device and everything stored of it: predictions,
+    alert events and alerts, rollout targets, desired state. Refused for an active device.
+    """
     QueryPredictions: _aio.UnaryUnaryMultiCallable[_operator_pb2.QueryPredictionsRequest, _operator_pb2.QueryPredictionsResponse]  # type: ignore[assignment]
     PushBundle: _aio.StreamUnaryMultiCallable[_operator_pb2.PushBundleChunk, _operator_pb2.Model]  # type: ignore[assignment]
     """Models"""
     ListModels: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListModelsRequest, _operator_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.Model]  # type: ignore[assignment]
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.Model]  # type: ignore[assignment]
+    """Removes a pushed version no device is assigned and no rollout uses; its files stay in
+    the artifact store (other versions may share them).
+    """
     CreateRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     """Rollouts"""
     GetRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
@@ -148,6 +164,16 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_operator_pb2.Device, _abc.Awaitable[_operator_pb2.Device]]: ...
 
     @_abc_1.abstractmethod
+    def DeleteDevice(
+        self,
+        request: _operator_pb2.DeleteDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Device, _abc.Awaitable[_operator_pb2.Device]]:
+        """Removes a revoked (or never enrolled) device and everything stored of it: predictions,
+        alert events and alerts, rollout targets, desired state. Refused for an active device.
+        """
+
+    @_abc_1.abstractmethod
     def QueryPredictions(
         self,
         request: _operator_pb2.QueryPredictionsRequest,
@@ -175,6 +201,16 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Model, _abc.Awaitable[_operator_pb2.Model]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _operator_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Model, _abc.Awaitable[_operator_pb2.Model]]:
+        """Removes a pushed version no device is assigned and no rollout uses; its files stay in
+        the artifact store (other versions may share them).
+        """
 
     @_abc_1.abstractmethod
     def CreateRollout(
