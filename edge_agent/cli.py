@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--state-dir", type=Path, help="overrides state_dir of the config")
     run_p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     run_p.set_defaults(handler=cmd_run)
+
+    check = sub.add_parser(
+        "check",
+        help="check config, state dir, identity and clock, broker, control plane and model",
+    )
+    check.add_argument("--config", type=Path, help="agent.yaml")
+    check.add_argument("--state-dir", type=Path, help="overrides state_dir of the config")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=cmd_check)
 
     sim = sub.add_parser(
         "simulate",
@@ -95,6 +107,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     with exclusive_lock(config.state_dir / LOCK_FILE, "autoglm-edge run"):
         asyncio.run(run_until_signalled(Agent(config)))
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit status 0 when nothing failed (warnings are listed), 1 otherwise."""
+    from edge_agent.check import FAIL, WARN, run_checks
+
+    overrides = {"state_dir": args.state_dir} if args.state_dir else {}
+    checks = run_checks(args.config, overrides, args.timeout)
+    failed = sum(c.outcome == FAIL for c in checks)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{c.outcome:8s} {c.name:14s} {c.detail}")
+        warned = sum(c.outcome == WARN for c in checks)
+        print()
+        print(
+            f"{failed} check(s) failed" if failed else f"ready ({warned} warning(s))",
+        )
+    return 1 if failed else 0
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,93 @@
+"""`autoglm-edge check` against real parts: a control plane over mutual TLS, a Mosquitto
+broker, an enrolled identity; then each of them missing or wrong."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cli import run as autoglm_edge
+from tests.conftest import register
+from tests.support.agents import enroll_identity
+from tests.support.broker import start_broker
+from tests.support.cloud import RunningPlane
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {port}}}\n"
+        "assets: [{name: pump-1, topics: ['plant/pump-1/+']}]\n"
+    )
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _outcomes(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, dict]]:
+    code = autoglm_edge(["check", "--json", *argv])
+    checks = json.loads(capsys.readouterr().out)
+    return code, {c["name"]: c for c in checks}
+
+
+def test_a_ready_device_passes_every_check(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enroll_identity(register(plane, "pump-7", site="a"), tmp_path / "state")
+    broker = start_broker(tmp_path / "broker")
+    try:
+        code, checks = _outcomes(capsys, "--config", str(_config(tmp_path, broker.port)))
+    finally:
+        broker.stop()
+    assert {n: c["outcome"] for n, c in checks.items()} == {
+        "config": "ok",
+        "state dir": "ok",
+        "identity": "ok",
+        "broker": "ok",
+        "control plane": "ok",
+        "model": "warning",  # nothing to serve until a rollout installs one
+    }, checks
+    assert code == 0
+    assert "pump-7" in checks["identity"]["detail"]
+
+
+def test_what_is_missing_is_named_and_fails_the_check(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, _closed_port())  # no broker, no enrollment
+    code, checks = _outcomes(capsys, "--config", str(config), "--timeout", "2")
+    assert code == 1
+    assert checks["broker"]["outcome"] == "failed" and "mqtt.port" in checks["broker"]["detail"]
+    assert checks["identity"]["outcome"] == "failed"
+    assert "autoglm-edge enroll" in checks["identity"]["detail"]
+    assert checks["config"]["outcome"] == "ok" and checks["state dir"]["outcome"] == "ok"
+
+
+def test_a_bad_config_stops_at_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("mqtt: {port: 99999}\n")
+    code, checks = _outcomes(capsys, "--config", str(config))
+    assert code == 1 and list(checks) == ["config"]
+    assert "mqtt.port" in checks["config"]["detail"]
+
+
+def test_the_table_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = autoglm_edge(["check", "--config", str(_config(tmp_path, _closed_port())),
+                         "--timeout", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1
+    broker_line = next(line for line in out.splitlines() if "broker" in line)
+    assert broker_line.startswith("failed") and "mqtt.port" in broker_line, out
+    assert out.rstrip().endswith("check(s) failed"), out
