@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     run_p.set_defaults(handler=cmd_run)
 
+    status = sub.add_parser(
+        "status", help="what the state directory says: identity, models, alerts, outbox"
+    )
+    status.add_argument("--config", type=Path, help="agent.yaml (for its state_dir)")
+    status.add_argument("--state-dir", type=Path, help="overrides state_dir of the config")
+    status.set_defaults(handler=cmd_status)
+
     check = sub.add_parser(
         "check",
         help="check config, state dir, identity and clock, broker, control plane and model",
@@ -106,6 +113,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (and kick each other off the broker): the second one stops here, naming the first.
     with exclusive_lock(config.state_dir / LOCK_FILE, "autoglm-edge run"):
         asyncio.run(run_until_signalled(Agent(config)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """JSON of the state directory (the agent may be running: everything is read only)."""
+    from edge_agent.status import read_status
+
+    if args.config is None and args.state_dir is None:
+        raise ConfigError("give --config agent.yaml or --state-dir DIR")
+    overrides = {"state_dir": args.state_dir} if args.state_dir else {}
+    state_dir = load_agent_config(args.config, overrides).state_dir
+    if not state_dir.is_dir():
+        raise ConfigError(f"state_dir {state_dir}: no such directory")
+    print(json.dumps(read_status(state_dir), indent=2))
     return 0
 
 

@@ -1,5 +1,6 @@
 """`autoglm-edge check` against real parts: a control plane over mutual TLS, a Mosquitto
-broker, an enrolled identity; then each of them missing or wrong."""
+broker, an enrolled identity; then each of them missing or wrong. And `autoglm-edge status`
+reading a state directory."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import run as autoglm_edge
+from edge_agent.decisions import AlertEvent
+from edge_agent.open_alerts import OpenAlerts
+from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from tests.conftest import register
 from tests.support.agents import enroll_identity
 from tests.support.broker import start_broker
@@ -91,3 +95,23 @@ def test_the_table_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture
     broker_line = next(line for line in out.splitlines() if "broker" in line)
     assert broker_line.startswith("failed") and "mqtt.port" in broker_line, out
     assert out.rstrip().endswith("check(s) failed"), out
+
+
+def test_status_reads_the_state_directory_without_the_agent(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    enroll_identity(register(plane, "pump-7", site="a"), state)
+    box = Outbox(state / "outbox.sqlite3", 1 << 20)
+    box.append([(PREDICTION, b"p"), (ALERT, b"a"), (PREDICTION, b"q")])
+    box.ack(2, {2: "records[1]: alert.asset: 65 characters > 64"})
+    box.close()
+    event = AlertEvent("raised", "pump-1-1", "pump-1", 3.5, (("flow", 0.9),), 1.0, 25.0, 25.0, "1")
+    OpenAlerts(state / "alerts").update(event)
+    assert autoglm_edge(["status", "--state-dir", str(state)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["identity"]["device"] == "pump-7"
+    assert status["models"]["active"] is None  # serves the configured bundle
+    assert status["outbox"]["depth"] == 1 and status["outbox"]["quarantined"] == 1
+    assert "65 characters" in status["outbox"]["latest_refusals"][0]["reason"]
+    assert [a["key"] for a in status["open_alerts"]] == ["pump-1-1"]
