@@ -6,6 +6,7 @@ errors that name the key and where it came from.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -81,18 +82,33 @@ def load_settings(
     try:
         return cast(SettingsT, loaded_cls(**explicit))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, file_data, cls)) from None
+        raise ConfigError(_describe(exc, path, file_data, explicit, cls)) from None
 
 
 def _describe(
-    exc: ValidationError, path: Path | None, file_data: Mapping[str, Any], cls: type[BaseSettings]
+    exc: ValidationError,
+    path: Path | None,
+    file_data: Mapping[str, Any],
+    explicit: Mapping[str, Any],
+    cls: type[BaseSettings],
 ) -> str:
+    """One line per problem, naming the key and where its value came from: the command line
+    wins over the environment, which wins over the file (the order they are applied in)."""
     prefix = str(cls.model_config.get("env_prefix", ""))
+    delimiter = str(cls.model_config.get("env_nested_delimiter") or "__")
+    environ = {k.upper() for k in os.environ}
     problems = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"])
-        top = str(err["loc"][0]) if err["loc"] else ""
-        if path is not None and top in file_data:
+        parts = [str(part) for part in err["loc"]]
+        key = ".".join(parts)
+        top = parts[0] if parts else ""
+        names = [f"{prefix}{delimiter.join(parts[:n])}".upper() for n in range(len(parts), 0, -1)]
+        from_env = next((n for n in names if prefix and n in environ), None)
+        if top in explicit:
+            origin = "command line"
+        elif from_env is not None:
+            origin = f"environment ({from_env})"
+        elif path is not None and top in file_data:
             origin = str(path)
         elif prefix:
             origin = f"environment ({prefix}{top.upper()}) or command line"

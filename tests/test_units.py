@@ -45,6 +45,19 @@ def test_mistyped_nested_key_names_the_path(tmp_path: Path) -> None:
     assert "reconnect.max_s" in str(err.value) and "soon" in str(err.value)
 
 
+def test_a_bad_environment_override_is_blamed_on_the_variable_not_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("state_dir: /tmp/x\nmqtt:\n  port: 1883\n")
+    monkeypatch.setenv("AUTOGLM_EDGE_MQTT__PORT", "abc")
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(path)
+    message = str(err.value)
+    assert message.startswith("environment (AUTOGLM_EDGE_MQTT__PORT): key 'mqtt.port'"), message
+    assert str(path) not in message
+
+
 @pytest.mark.parametrize(
     ("topics", "prefix", "why"),
     [
