@@ -161,9 +161,29 @@ def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
 
 
 def _explain_unavailable(details: str) -> str:
-    """Says in words what gRPC's transport messages usually mean."""
+    """Says in words what gRPC's transport messages usually mean, the specific cause first."""
     lowered = details.lower()
-    if "certificate verify failed" in lowered or "ssl_error" in lowered or "handshake" in lowered:
+    if "hostname verification" in lowered:
+        return (
+            "the server's certificate does not name the address you connect to (it names "
+            "the hosts given to `autoglm cloud init --host`): connect by one of those names, "
+            f"or pass --tls-server-name: {details}"
+        )
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        return (
+            "the server's certificate is not signed by the CA you trust (use the control "
+            "plane's ca.crt), or a clock is outside the certificates' validity: "
+            f"{details}"
+        )
+    if "security handshaker" in lowered:
+        return f"TLS could not start: is the CA file a PEM certificate?: {details}"
+    if "socket closed" in lowered:
+        return (
+            "the server closed the connection during the TLS handshake: this is likely a port "
+            "that needs a client certificate (the device port; operators use the API port): "
+            f"{details}"
+        )
+    if "ssl_error" in lowered or "handshake" in lowered:
         return (
             "the TLS handshake failed (the server certificate is not signed by the CA you "
             "trust, the name does not match, or a clock is outside the certificates' "

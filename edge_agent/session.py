@@ -107,7 +107,7 @@ class CloudSession:
             try:
                 await self._session(stop)
             except AutoglmError as exc:
-                if isinstance(exc, Unavailable) and "TLS handshake" in str(exc):
+                if isinstance(exc, Unavailable) and ("TLS" in str(exc) or "certif" in str(exc)):
                     clock = self.identity.clock_problem(dt.datetime.now(dt.UTC))
                     if clock:  # the likely cause, said first
                         exc = Unavailable(f"{clock} ({exc})")

@@ -315,3 +315,28 @@ def test_shell_completion_knows_the_command_groups(
     script = capsys.readouterr().out
     for word in ("device", "rollout", "alerts", "webhook", "--output"):
         assert word in script, word
+
+
+def test_a_ca_file_that_is_not_a_certificate_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "ca.crt"
+    bad.write_text("hello")
+    code = autoglm(["--server", "localhost:1", "--ca-cert", str(bad), "--token", "t", "device",
+                    "list"])  # fmt: skip
+    assert code == 2
+    assert "is not a PEM certificate" in capsys.readouterr().err
+
+
+def test_the_device_port_and_a_wrong_name_are_named_as_such(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(plane.ca_pem)
+    base = ["--ca-cert", str(ca), "--token", plane.token, "--timeout", "10"]
+    assert autoglm(["--server", plane.device_address, *base, "device", "list"]) == 8
+    assert "needs a client certificate" in capsys.readouterr().err
+    # The certificate names localhost and 127.0.0.1, not the name checked here.
+    name = ["--tls-server-name", "pump-hall.example"]
+    assert autoglm(["--server", plane.api_address, *name, *base, "device", "list"]) == 8
+    assert "does not name the address" in capsys.readouterr().err

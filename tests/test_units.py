@@ -241,7 +241,23 @@ def test_rpc_errors_map_back_to_the_hierarchy() -> None:
         ),
         "cp:1",
     )
-    assert isinstance(tls, Unavailable) and "TLS handshake" in str(tls) and "cp:1" in str(tls)
+    assert isinstance(tls, Unavailable) and "not signed by the CA" in str(tls)
+    assert "cp:1" in str(tls)
+
+
+@pytest.mark.parametrize(
+    ("details", "cause"),
+    [
+        ("Custom verification check failed: Hostname Verification Check failed.", "does not name"),
+        ("ipv4:127.0.0.1:45581: Socket closed", "needs a client certificate"),
+        ("Failed to create security handshaker.", "PEM certificate"),
+        ("SSL_ERROR_SSL: error:1000007d: CERTIFICATE_VERIFY_FAILED", "not signed by the CA"),
+        ("failed to connect to all addresses; Connection refused", "nothing is listening"),
+    ],
+)
+def test_transport_failures_name_their_real_cause(details: str, cause: str) -> None:
+    error = from_rpc_error(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), "cp:1")
+    assert cause in str(error), str(error)
 
 
 def test_json_output_uses_the_tables_words_and_real_numbers() -> None:

@@ -102,6 +102,11 @@ def resolve_connection(
         ca_pem = Path(ca_path).expanduser().read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the CA certificate {ca_path}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
+        raise ConfigError(
+            f"the CA certificate {ca_path} is not a PEM certificate; use the control plane's "
+            "ca.crt (STATE_DIR/ca.crt)"
+        )
     return Connection(
         server=server,
         ca_pem=ca_pem,
