@@ -569,8 +569,8 @@ def waiting_for(
     in_wave = [t for t in targets if t.wave == wave.index]
 
     def listed(ts: Sequence[RolloutTarget]) -> str:
-        shown = ", ".join(names.get(t.device_id, t.device_id) for t in ts[:5])
-        return shown + (f" and {len(ts) - 5} more" if len(ts) > 5 else "")
+        named = sorted(names.get(t.device_id, t.device_id) for t in ts)
+        return ", ".join(named[:5]) + (f" and {len(ts) - 5} more" if len(ts) > 5 else "")
 
     if wave.started_at is None:
         return f"the next reconciliation to start wave {wave.index}"
