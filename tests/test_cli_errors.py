@@ -340,3 +340,36 @@ def test_the_device_port_and_a_wrong_name_are_named_as_such(
     name = ["--tls-server-name", "pump-hall.example"]
     assert autoglm(["--server", plane.api_address, *name, *base, "device", "list"]) == 8
     assert "does not name the address" in capsys.readouterr().err
+
+
+def test_several_contexts_one_current_and_a_choice_per_command(
+    plane: RunningPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(plane.ca_pem)
+    path = tmp_path / "contexts.yaml"
+    login = ["--context", str(path), "login", "--server", plane.api_address, "--ca-cert",
+             str(ca), "--token", plane.token]  # fmt: skip
+    assert autoglm([*login, "--name", "plant-a"]) == 0
+    assert autoglm([*login, "--name", "plant-b"]) == 0
+    capsys.readouterr()
+    assert autoglm(["--context", str(path), "context", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == ["plant-a", "*"], listed
+    assert autoglm(["--context", str(path), "context", "use", "plant-a"]) == 0
+    capsys.readouterr()
+    assert autoglm(["--context", str(path), "context", "list"]) == 0
+    assert "* plant-a" in capsys.readouterr().out
+    assert autoglm(["--context", str(path), "--context-name", "plant-b", "device", "list"]) == 0
+    capsys.readouterr()
+    assert autoglm(["--context", str(path), "--context-name", "plant-c", "device", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "no context named 'plant-c'" in err and "plant-a, plant-b" in err, err
+
+
+def test_a_context_file_of_one_flat_context_still_reads(tmp_path: Path) -> None:
+    from cloud.cli.context import load_context
+
+    path = tmp_path / "context.yaml"
+    path.write_text("server: cp:7443\nca_cert: /ca.crt\ntoken: t\n")
+    assert load_context(path).server == "cp:7443"

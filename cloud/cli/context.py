@@ -46,9 +46,21 @@ def default_context_path(env: Mapping[str, str]) -> Path:
     return base.expanduser() / "autoglm" / "context.yaml"
 
 
-def load_context(path: Path) -> CliContext:
+DEFAULT_NAME = "default"
+
+
+@dataclasses.dataclass
+class ContextFile:
+    """Named contexts (one per control plane) and the one commands use unless told."""
+
+    current: str = ""
+    contexts: dict[str, CliContext] = dataclasses.field(default_factory=dict)
+
+
+def load_contexts(path: Path) -> ContextFile:
+    """The context file; an older file holding one flat context reads as `default`."""
     if not path.exists():
-        return CliContext()
+        return ContextFile()
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -56,20 +68,61 @@ def load_context(path: Path) -> CliContext:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: the CLI context is not valid YAML: {exc}") from None
     if doc is None:
-        return CliContext()
+        return ContextFile()
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the CLI context must be a mapping of keys to values")
-    return CliContext.from_mapping(doc, path)
+    if "contexts" not in doc:
+        return ContextFile(DEFAULT_NAME, {DEFAULT_NAME: CliContext.from_mapping(doc, path)})
+    contexts = doc["contexts"]
+    current = doc.get("current", "")
+    if (
+        not isinstance(contexts, dict)
+        or not isinstance(current, str)
+        or set(doc)
+        - {
+            "current",
+            "contexts",
+        }
+    ):
+        raise ConfigError(f"{path}: expected 'current' and a mapping 'contexts'; rewrite it "
+                          "with `autoglm login`")  # fmt: skip
+    parsed = {}
+    for name, entry in contexts.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: context {name!r} must be a mapping")
+        parsed[str(name)] = CliContext.from_mapping(entry, path)
+    return ContextFile(current, parsed)
 
 
-def save_context(path: Path, context: CliContext) -> None:
-    """Writes the context with mode 0600: it holds the operator token."""
-    text = yaml.safe_dump(context.as_dict(), sort_keys=False)
+def load_context(path: Path, name: str = "") -> CliContext:
+    """The named context, else the current one; empty when there is none."""
+    file = load_contexts(path)
+    chosen = name or file.current
+    if not chosen:
+        return CliContext()
+    if chosen not in file.contexts:
+        known = ", ".join(sorted(file.contexts)) or "none"
+        raise ConfigError(f"{path}: no context named {chosen!r} (known: {known})")
+    return file.contexts[chosen]
+
+
+def save_contexts(path: Path, file: ContextFile) -> None:
+    """Writes the contexts with mode 0600: they hold operator tokens."""
+    doc = {"current": file.current, "contexts": {n: c.as_dict() for n, c in file.contexts.items()}}
+    text = yaml.safe_dump(doc, sort_keys=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_atomically(path, text.encode("utf-8"), 0o600)
     except OSError as exc:
         raise LocalStateError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def save_context(path: Path, context: CliContext, name: str = DEFAULT_NAME) -> None:
+    """Adds or replaces the named context and makes it the current one."""
+    file = load_contexts(path)
+    file.contexts[name] = context
+    file.current = name
+    save_contexts(path, file)
 
 
 def resolve_connection(
@@ -78,7 +131,7 @@ def resolve_connection(
     """Flags win over AUTOGLM_* environment variables, which win over the context file."""
     context_flag = flags.get("context")
     path = Path(context_flag) if context_flag else default_context_path(env)
-    saved = load_context(path)
+    saved = load_context(path, flags.get("context_name") or env.get("AUTOGLM_CONTEXT_NAME", ""))
 
     def pick(flag: str, env_name: str, saved_value: str) -> str:
         return flags.get(flag) or env.get(env_name) or saved_value

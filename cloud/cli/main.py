@@ -18,7 +18,14 @@ from cloud.cli import (
     rollout_cmds,
     webhook_cmds,
 )
-from cloud.cli.context import CliContext, default_context_path, resolve_connection, save_context
+from cloud.cli.context import (
+    CliContext,
+    default_context_path,
+    load_contexts,
+    resolve_connection,
+    save_context,
+    save_contexts,
+)
 from cloud.cli.output import FORMATS, set_structured_format
 from cloud.client import Connection, OperatorClient
 from edge_agent.errors import AutoglmError, ConfigError, report
@@ -38,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--token", help="operator token")
     conn.add_argument("--tls-server-name", help="name to check in the server certificate")
     conn.add_argument("--context", help="CLI context file (default ~/.config/autoglm/context.yaml)")
+    conn.add_argument(
+        "--context-name", help="which saved context (else AUTOGLM_CONTEXT_NAME, else the current)"
+    )
     conn.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     parser.add_argument(
         "-o",
@@ -53,7 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--ca-cert", dest="login_ca_cert", required=True, type=Path)
     login.add_argument("--token", dest="login_token", required=True)
     login.add_argument("--tls-server-name", dest="login_tls_server_name", default="")
+    login.add_argument(
+        "--name", dest="login_name", default="default", help="save it as this context"
+    )
     login.set_defaults(handler=cmd_login)
+
+    context = sub.add_parser("context", help="the saved contexts: one per control plane")
+    csub = context.add_subparsers(dest="context_command", required=True, metavar="COMMAND")
+    csub.add_parser("list", help="saved contexts; * marks the current one").set_defaults(
+        handler=cmd_context_list
+    )
+    use = csub.add_parser("use", help="make a saved context the current one")
+    use.add_argument("name")
+    use.set_defaults(handler=cmd_context_use)
 
     completion = sub.add_parser(
         "completion",
@@ -79,6 +101,31 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context_path(args: argparse.Namespace) -> Path:
+    return Path(args.context) if args.context else default_context_path(os.environ)
+
+
+def cmd_context_list(args: argparse.Namespace) -> int:
+    file = load_contexts(_context_path(args))
+    for name, saved in sorted(file.contexts.items()):
+        print(f"{'*' if name == file.current else ' '} {name:20s} {saved.server}")
+    if not file.contexts:
+        print("no saved context: run `autoglm login --server ... --name NAME`")
+    return 0
+
+
+def cmd_context_use(args: argparse.Namespace) -> int:
+    path = _context_path(args)
+    file = load_contexts(path)
+    if args.name not in file.contexts:
+        known = ", ".join(sorted(file.contexts)) or "none"
+        raise ConfigError(f"no context named {args.name!r} in {path} (known: {known})")
+    file.current = args.name
+    save_contexts(path, file)
+    print(f"using context {args.name!r} ({file.contexts[args.name].server})")
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     if not args.login_ca_cert.is_file():
         raise ConfigError(f"--ca-cert {args.login_ca_cert}: no such file")
@@ -98,8 +145,11 @@ def cmd_login(args: argparse.Namespace) -> int:
     )
     with OperatorClient(connection) as client:
         count = len(client.list_devices())  # proves address, CA and token before saving
-    save_context(path, context)
-    print(f"logged in to {args.login_server} ({count} devices); saved {path}")
+    save_context(path, context, args.login_name)
+    print(
+        f"logged in to {args.login_server} ({count} devices); saved as context "
+        f"{args.login_name!r} in {path}"
+    )
     return 0
 
 
@@ -119,6 +169,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 "token": args.token,
                 "tls_server_name": args.tls_server_name,
                 "context": args.context,
+                "context_name": args.context_name,
             }
             connection = resolve_connection(flags, os.environ, args.timeout)
             with OperatorClient(connection) as client:
