@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/python tests/benchmarks/bench_heartbeats.py
+
+bench-store: setup
+	$(BIN)/python tests/benchmarks/bench_store_records.py
 
 bench-cli: setup
 	$(BIN)/python tests/benchmarks/bench_cli_startup.py

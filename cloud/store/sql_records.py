@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from cloud.domain import (
     AlertEventRecord,
@@ -16,6 +20,7 @@ from cloud.store.sql_alerts import apply_alert_events
 from cloud.store.sql_base import SqlBase
 from cloud.store.tables import (
     AlertEventRow,
+    Base,
     DeviceRow,
     DeviceSyncRow,
     PredictionRow,
@@ -48,23 +53,17 @@ class RecordTables(SqlBase):
                 sync = DeviceSyncRow(device_id=device_id, last_sequence=0)
                 s.add(sync)
                 s.flush()
-            existing: set[int] = set()
-            if sequences:
-                for table in (PredictionRow, AlertEventRow):
-                    existing.update(
-                        s.scalars(
-                            select(table.sequence).where(
-                                table.device_id == device_id, table.sequence.in_(sequences)
-                            )
-                        ).all()
-                    )
-            new_predictions = [p for p in predictions if p.sequence not in existing]
-            new_alerts = [a for a in alerts if a.sequence not in existing]
-            s.add_all(_prediction_row(p, now) for p in new_predictions)
-            s.add_all(_alert_row(a, now) for a in new_alerts)
+            # One INSERT ... ON CONFLICT DO NOTHING per table, the rows built as plain values
+            # (no ORM objects): RETURNING says which sequences were new, so records resent
+            # after a reconnect count as duplicates and alert events fold exactly once.
+            stored_predictions = _insert_new(
+                s, PredictionRow, [_prediction_values(p, now) for p in predictions]
+            )
+            stored_alerts = _insert_new(s, AlertEventRow, [_alert_values(a, now) for a in alerts])
+            new_alerts = [a for a in alerts if a.sequence in stored_alerts]
             changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
             sync.last_sequence = max(sync.last_sequence, through, *sequences)
-            stored = len(new_predictions) + len(new_alerts)
+            stored = len(stored_predictions) + len(stored_alerts)
             return StoredCount(stored, len(sequences) - stored, sync.last_sequence, len(changed))
 
     def last_record_sequence(self, device_id: str) -> int:
@@ -98,19 +97,51 @@ class RecordTables(SqlBase):
             return [_alert(r) for r in s.scalars(query).all()]
 
 
-def _prediction_row(p: PredictionRecord, now: dt.datetime) -> PredictionRow:
-    return PredictionRow(
-        device_id=p.device_id,
-        sequence=p.sequence,
-        asset=p.asset,
-        window_start=p.window_start,
-        window_end=p.window_end,
-        score=p.score,
-        anomalous=p.anomalous,
-        model_version=p.model_version,
-        contributions=dict(p.contributions),
-        received_at=now,
+def _insert_new(s: Session, table: type[Base], rows: list[dict[str, Any]]) -> set[int]:
+    """Inserts the rows whose (device, sequence) is not stored yet; their sequences."""
+    if not rows:
+        return set()
+    dialect = s.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["device_id", "sequence"])
+        .returning(table.sequence)  # type: ignore[attr-defined]
     )
+    return set(s.scalars(statement, rows).all())
+
+
+def _prediction_values(p: PredictionRecord, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "device_id": p.device_id,
+        "sequence": p.sequence,
+        "asset": p.asset,
+        "window_start": p.window_start,
+        "window_end": p.window_end,
+        "score": p.score,
+        "anomalous": p.anomalous,
+        "model_version": p.model_version,
+        "contributions": dict(p.contributions),
+        "received_at": now,
+    }
+
+
+def _alert_values(a: AlertEventRecord, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "device_id": a.device_id,
+        "sequence": a.sequence,
+        "alert_key": a.alert_key,
+        "kind": a.kind,
+        "asset": a.asset,
+        "fault": a.fault,
+        "score": a.score,
+        "top_sensors": [[name, value] for name, value in a.top_sensors],
+        "window_start": a.window_start,
+        "window_end": a.window_end,
+        "raised_at": a.raised_at,
+        "model_version": a.model_version,
+        "received_at": now,
+    }
 
 
 def _prediction(r: PredictionRow) -> PredictionRecord:
@@ -124,24 +155,6 @@ def _prediction(r: PredictionRow) -> PredictionRecord:
         anomalous=r.anomalous,
         model_version=r.model_version,
         contributions=dict(r.contributions),
-    )
-
-
-def _alert_row(a: AlertEventRecord, now: dt.datetime) -> AlertEventRow:
-    return AlertEventRow(
-        device_id=a.device_id,
-        sequence=a.sequence,
-        alert_key=a.alert_key,
-        kind=a.kind,
-        asset=a.asset,
-        fault=a.fault,
-        score=a.score,
-        top_sensors=[[name, value] for name, value in a.top_sensors],
-        window_start=a.window_start,
-        window_end=a.window_end,
-        raised_at=a.raised_at,
-        model_version=a.model_version,
-        received_at=now,
     )
 
 
