@@ -42,19 +42,14 @@ class BundleFile:
 
 
 def assigned_artifacts(store: Store, device: DeviceRecord) -> set[str]:
-    """Digests a device may download: every file of the model versions assigned to it (its
-    desired state -- a new version, a shadow candidate, or the version an abort sends it back
-    to -- and the version it reports serving)."""
+    """Digests a device may download: every file of the model version the control plane
+    assigned to it (its desired state: a new version, a shadow candidate, or the version an
+    abort sends it back to). What a device says it serves grants nothing: any device could
+    claim any model."""
     wanted: set[tuple[str, str]] = set()
     desired = store.get_desired(device.id)
     if desired is not None:
         wanted.add((desired.model_name, desired.model_version))
-    serving = (
-        str(device.status.get("model_name", "")),
-        str(device.status.get("model_version", "")),
-    )
-    if all(serving):
-        wanted.add(serving)
     digests: set[str] = set()
     for name, version in wanted:
         try:

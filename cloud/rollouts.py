@@ -183,7 +183,10 @@ class RolloutController:
                 len(targets),
                 counts,
             )
-            return self._advance(rollout)
+            try:
+                return self._advance(rollout)
+            except Conflict:  # a leader on another replica moved it first: it carries on
+                return self.store.get_rollout(rollout_id), []
 
     def pause(self, rollout_id: str, reason: str) -> RolloutRecord:
         def attempt() -> RolloutRecord:
@@ -299,7 +302,7 @@ class RolloutController:
         found = self._target(report.rollout_id, device_id)
         if found is None:
             return
-        rollout, target = found
+        rollout, _ = found
         if report.candidate_version != rollout.model_version:
             return
         shadow = {
@@ -311,8 +314,7 @@ class RolloutController:
             "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
             "detail": report.detail,
         }
-        target = dataclasses.replace(target, shadow=shadow, updated_at=self.clock())
-        self.store.save_target(target)
+        self.store.record_shadow(rollout.id, device_id, shadow)
 
     # ---- internals (called with the lock held) ----
     def _target(

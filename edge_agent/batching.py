@@ -68,6 +68,10 @@ class InferenceWorker:
     def submit(self, job: WindowJob | Task) -> None:
         self._queue.put(job)
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Finishes what is queued, then stops."""
         self._queue.put(None)

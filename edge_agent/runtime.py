@@ -139,6 +139,9 @@ class EdgeRuntime:
         self._pipeline.join(10)
         if self.worker is not None:
             self.worker.stop()
+            if self.worker.running:  # stuck: its deciders and queue are still in use
+                log.error("inference did not stop in time; the stream is not kept")
+                return
         if self._waiting_alerts:  # a last try: the disk may have space again
             self._keep([])
             if self._waiting_alerts:

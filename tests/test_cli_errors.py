@@ -367,6 +367,16 @@ def test_several_contexts_one_current_and_a_choice_per_command(
     assert "no context named 'plant-c'" in err and "plant-a, plant-b" in err, err
 
 
+def test_login_repairs_a_context_file_it_cannot_read(tmp_path: Path) -> None:
+    from cloud.cli.context import CliContext, load_context, save_context
+
+    path = tmp_path / "context.yaml"
+    path.write_text("- not\n- a mapping\n")
+    save_context(path, CliContext(server="cp:7443", ca_cert="/ca.crt", token="t"), "plant-a")
+    assert load_context(path).server == "cp:7443"
+    assert (tmp_path / "context.yaml.bad").read_text().startswith("- not")
+
+
 def test_a_context_file_of_one_flat_context_still_reads(tmp_path: Path) -> None:
     from cloud.cli.context import load_context
 

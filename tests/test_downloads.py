@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud.domain import DesiredModel, ModelRecord
+from cloud.domain import DesiredModel, ModelRecord, PresenceUpdate
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
 from edge_agent.errors import IntegrityError, NotFound, PermissionDenied
@@ -121,6 +121,12 @@ def test_a_device_downloads_only_artifacts_of_versions_assigned_to_it(
 ) -> None:
     other = enroll_identity(register(plane, "pump-other", site="a"), tmp_path / "other")
     theirs = stored(plane, os.urandom(1 << 16), other)
+    # Saying it serves that model grants nothing: only what the control plane assigned does.
+    version = theirs[7:19]
+    plane.plane.store.record_presence(
+        [PresenceUpdate(identity.info.device_id, dt.datetime.now(dt.UTC), True,
+                        status={"model_name": "dl", "model_version": version})]
+    )  # fmt: skip
     dl = downloader(identity, plane.device_address, attempts=1)
     with pytest.raises(PermissionDenied, match="not part of a model version assigned"):
         asyncio.run(dl.fetch([(theirs, tmp_path / "theirs.onnx")]))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -14,8 +16,9 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cloud.service.sessions import SessionHub
 from edge_agent.enroll import enroll
-from edge_agent.errors import Unauthenticated
+from edge_agent.errors import PermissionDenied, Unauthenticated
 from edge_agent.identity import identity_dir, load_identity
 from edge_agent.session import DEAD_AFTER_S
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -370,3 +373,28 @@ def test_a_session_outlives_control_plane_restarts_mid_heartbeat(tmp_path: Path)
     finally:
         agent.stop()
         plane.stop()
+
+
+def test_a_session_opened_after_the_check_began_is_not_judged_by_it() -> None:
+    async def scenario() -> tuple[int, list[object]]:
+        hub = SessionHub()
+        old = hub.open("d1", "fp-old")
+        since = time.monotonic()
+        new = hub.open("d1", "fp-new")  # re-enrolled and reconnected during the store read
+        ended = hub.end_stale(["d1"], {"d1": (True, "fp-old")}, PermissionDenied("x"), since)
+        return ended, [old.outbound.qsize(), new.outbound.qsize()]
+
+    ended, queued = asyncio.run(scenario())
+    assert ended == 0 and queued == [0, 0]
+
+
+def test_a_deleted_or_revoked_device_loses_only_the_sessions_checked() -> None:
+    async def scenario() -> int:
+        hub = SessionHub()
+        hub.open("gone", "fp")
+        hub.open("fine", "fp")
+        since = time.monotonic() + 1  # both opened before the check
+        return hub.end_stale(["gone", "fine"], {"fine": (True, "fp")}, PermissionDenied("x"),
+                             since)  # fmt: skip
+
+    assert asyncio.run(scenario()) == 1

@@ -433,6 +433,18 @@ class StoreContract:
         )
         assert store.get_desired(device.id) is None
 
+    def test_shadow_reports_never_fail_the_leaders_compare_and_set(self, store: Store) -> None:
+        device = store.create_device("pump-a", {}, "", NOW)
+        rollout, target = _rollout(device.id)
+        store.create_rollout(rollout, [target])
+        read = store.rollout_target(rollout.id, device.id)
+        assert read is not None
+        store.record_shadow(rollout.id, device.id, {"windows": 40, "agreement": 0.99})
+        stored = store.rollout_target(rollout.id, device.id)
+        assert stored is not None and stored.shadow_windows == 40
+        assert stored.revision == read.revision and stored.state is read.state
+        store.save_rollout(rollout, [dataclasses.replace(read, state=TargetState.INSTALLING)])
+
     def test_targets_are_written_by_compare_and_set(self, store: Store) -> None:
         device = store.create_device("pump-a", {}, "", NOW)
         rollout, target = _rollout(device.id)

@@ -118,8 +118,13 @@ def save_contexts(path: Path, file: ContextFile) -> None:
 
 
 def save_context(path: Path, context: CliContext, name: str = DEFAULT_NAME) -> None:
-    """Adds or replaces the named context and makes it the current one."""
-    file = load_contexts(path)
+    """Adds or replaces the named context and makes it the current one. A context file that
+    cannot be read is moved aside (`.bad`) and started afresh: login is how it is repaired."""
+    try:
+        file = load_contexts(path)
+    except ConfigError:
+        path.replace(path.with_name(path.name + ".bad"))
+        file = ContextFile()
     file.contexts[name] = context
     file.current = name
     save_contexts(path, file)
@@ -131,10 +136,13 @@ def resolve_connection(
     """Flags win over AUTOGLM_* environment variables, which win over the context file."""
     context_flag = flags.get("context")
     path = Path(context_flag) if context_flag else default_context_path(env)
-    saved = load_context(path, flags.get("context_name") or env.get("AUTOGLM_CONTEXT_NAME", ""))
+    named = flags.get("context_name") or ""
+    saved = load_context(path, named or env.get("AUTOGLM_CONTEXT_NAME", ""))
 
     def pick(flag: str, env_name: str, saved_value: str) -> str:
-        return flags.get(flag) or env.get(env_name) or saved_value
+        # A context named on the command line is not mixed with AUTOGLM_* variables meant
+        # for another control plane (its token would go to the wrong server).
+        return flags.get(flag) or ("" if named else env.get(env_name, "")) or saved_value
 
     server = pick("server", "AUTOGLM_SERVER", saved.server)
     ca_path = pick("ca_cert", "AUTOGLM_CA_CERT", saved.ca_cert)

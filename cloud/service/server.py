@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -296,13 +297,16 @@ class ControlPlane:
         """Ends the sessions held here of devices revoked, deleted or re-enrolled through any
         replica (this replica ends its own revocations at once): each session's certificate
         is compared with the device's current one in the store."""
+        since = time.monotonic()
         ids = self.hub.device_ids()
         if not ids:
             return
         current = await asyncio.to_thread(self.store.device_credentials, ids)
         self.hub.end_stale(
+            ids,
             current,
             PermissionDenied("this device was revoked or re-enrolled; its certificate is stale"),
+            since,
         )
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from edge_agent.errors import AutoglmError
@@ -19,6 +20,7 @@ class LiveSession:
     fingerprint: str = ""  # of the certificate the session was opened with
     outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     desired_revision: int = 0  # of the newest desired state sent down this session
+    opened_at: float = field(default_factory=time.monotonic)
 
     def send(self, message: object) -> None:
         self.outbound.put_nowait(message)
@@ -76,14 +78,24 @@ class SessionHub:
     def device_ids(self) -> list[str]:
         return list(self._by_device)
 
-    def end_stale(self, current: dict[str, tuple[bool, str]], error: AutoglmError) -> int:
-        """Ends the sessions whose device may no longer act (`current`: device id -> (still
-        active, current certificate fingerprint); absent: deleted) or whose certificate is
-        not the current one (re-enrolled). Returns how many ended."""
+    def end_stale(
+        self,
+        checked: list[str],
+        current: dict[str, tuple[bool, str]],
+        error: AutoglmError,
+        since: float,
+    ) -> int:
+        """Ends the sessions of the `checked` devices that may no longer act (`current`:
+        device id -> (still active, current certificate fingerprint); a checked id absent
+        from it was deleted) or whose certificate is not the current one (re-enrolled).
+        Sessions opened at or after `since` (when the check began) are not judged: the
+        store was read before them. Returns how many ended."""
         ended = 0
-        for device_id, sessions in list(self._by_device.items()):
+        for device_id in checked:
             active, fingerprint = current.get(device_id, (False, ""))
-            for live in list(sessions):
+            for live in list(self._by_device.get(device_id, ())):
+                if live.opened_at >= since:
+                    continue
                 if not active or (live.fingerprint and live.fingerprint != fingerprint):
                     live.end(error)
                     ended += 1

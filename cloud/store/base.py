@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cloud.domain import (
     AlertEventRecord,
@@ -248,6 +248,11 @@ class Store(abc.ABC):
         compare-and-set: Conflict (nothing written) when the rollout or a target changed
         since the revision it was read at. Returns the rollout at its new revision and the
         desired states with their feed revisions."""
+
+    @abc.abstractmethod
+    def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:
+        """Replaces a target's latest shadow report only: no revision bump, so the frequent
+        reports of a large wave never make the leader's compare-and-set fail."""
 
     @abc.abstractmethod
     def save_target(self, target: RolloutTarget) -> RolloutTarget:

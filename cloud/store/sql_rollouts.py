@@ -200,6 +200,13 @@ class RolloutTables(SqlBase):
             written = _write_desired(s, desired)
             return dataclasses.replace(rollout, revision=row.revision), written
 
+    def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:
+        with self._tx() as s:
+            row = s.get(RolloutTargetRow, (rollout_id, device_id), with_for_update=True)
+            if row is None:
+                raise NotFound(f"device {device_id} is not a target of rollout {rollout_id}")
+            row.doc = {**row.doc, "shadow": dict(shadow)}
+
     def save_target(self, target: RolloutTarget) -> RolloutTarget:
         with self._tx() as s:
             row = _update_target(s, target, None)

@@ -14,6 +14,7 @@ keeps the first value.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from bisect import bisect_right
@@ -150,16 +151,19 @@ class StreamAligner:
             gap = True
         # A gap further on ends these rows at the last reading before it; the next call
         # skips the gap (callers close until None).
-        ahead = sorted(  # the readings these rows consume, and the next one of each sensor
-            t
-            for times in self._t
-            for t in times[: bisect_right(times, last * self.period + EPS) + 1]
-        )
+        # The readings in time order, merged lazily: the scan stops at the first gap or past
+        # the rows being closed, so a backlog costs what it closes, not what is pending.
         start = self.next_slot * self.period + EPS
-        for before, after_gap in itertools.pairwise(ahead):
-            if after_gap - before > self.max_gap_slots * self.period and before > start:
+        limit = last * self.period + EPS
+        gap_s = self.max_gap_slots * self.period
+        before = -math.inf
+        for t in heapq.merge(*self._t):
+            if before > start and t - before > gap_s:
                 last = min(last, math.floor(before / self.period + EPS))
                 break
+            if t > limit:
+                break
+            before = t
         count = last - self.next_slot + 1
         values = np.empty((count, self.n), dtype=np.float32)
         mask = np.empty((count, self.n), dtype=np.float32)
