@@ -24,13 +24,8 @@ from cloud.domain import (
     RolloutState,
     ShadowReport,
 )
-from cloud.rollouts import (
-    LATENCY_FLOOR_MS,
-    RolloutController,
-    RolloutSettings,
-    parse_waves,
-    waiting_for,
-)
+from cloud.rollout_rules import LATENCY_FLOOR_MS, RolloutSettings, parse_waves, waiting_for
+from cloud.rollouts import RolloutController
 from cloud.store import Store, open_store
 from edge_agent.errors import FailedPrecondition, InvalidInput
 

@@ -289,7 +289,7 @@ def test_json_output_uses_the_tables_words_and_real_numbers() -> None:
 def test_the_latency_gate_has_an_absolute_floor(
     candidate: float, incumbent: float, fails: bool
 ) -> None:
-    from cloud.rollouts import latency_regression
+    from cloud.rollout_rules import latency_regression
 
     why = latency_regression(candidate, incumbent, 2.0)
     assert bool(why) is fails, why

@@ -15,7 +15,8 @@ from cloud.catalog import ModelCatalog
 from cloud.clock import Clock, utc_now
 from cloud.devices import DeviceRegistry, Registration
 from cloud.domain import DesiredModel, DeviceRecord, Gates
-from cloud.rollouts import RolloutController, waiting_for
+from cloud.rollout_rules import waiting_for
+from cloud.rollouts import RolloutController
 from cloud.selectors import parse_selector
 from cloud.service.operator_alerts import AlertCalls
 from cloud.service.serde import (

@@ -26,7 +26,8 @@ from cloud.leader import make_elector
 from cloud.presence import PresenceTracker
 from cloud.profiles import DEFAULT_DIR as DEFAULT_PROFILES
 from cloud.profiles import load_profiles
-from cloud.rollouts import RolloutController, RolloutSettings
+from cloud.rollout_rules import RolloutSettings
+from cloud.rollouts import RolloutController
 from cloud.service.agent import AgentServicer
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
