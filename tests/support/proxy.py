@@ -36,7 +36,11 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the upstream is gone (the test stopped it): refuse this one
+                client.close()
+                continue
             with self._lock:
                 self._open += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
