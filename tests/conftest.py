@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.service.serde import bootstrap_from_registration
 from edge_agent.bootstrap import Bootstrap
@@ -54,3 +55,11 @@ def pg_url() -> Iterator[str]:
     yield f"{base}/{name}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ed25519PrivateKey]:
+    """The small signed model the rollout tests copy into versions (one per test module)."""
+    from tests.support.bundles import train_small  # torch: only for the modules that train
+
+    return train_small(tmp_path_factory.mktemp("model"))

@@ -18,28 +18,17 @@ from cloud.model.backtest import evaluate, load_model, predict
 from cloud.model.bundle_writer import pack
 from cloud.model.export import export_onnx
 from cloud.model.net import NetConfig, SensorGraphNet
-from cloud.model.pipeline import CHECKPOINT, FP32_ONNX, TrainOptions, reexport, train_bundle
+from cloud.model.pipeline import CHECKPOINT, FP32_ONNX, reexport, train_bundle
 from cloud.model.quantize import quantize_bundle
-from cloud.model.train import TrainParams
 from edge_agent.bundle import MANIFEST, read_signed_manifest, unpack_tar, verify_bundle
-from edge_agent.calibration import DecisionParams
 from edge_agent.errors import FailedPrecondition, IntegrityError
 from edge_agent.selftest import run_self_test
+from tests.support.bundles import small_options
 from tests.support.sensordata import write_dataset, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-OPTIONS = TrainOptions(
-    name="pump-test",
-    version="1",
-    window=24,
-    segments=4,
-    stride=2,
-    hidden=16,
-    calibration_rows=120,
-    train=TrainParams(epochs=6, seed=3),
-    decision=DecisionParams(smoothing=3, level_window=8),
-)
+OPTIONS = small_options("pump-test", epochs=6, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from protos.autoglm.v1 import operator_pb2
 from tests.conftest import register
 from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
 from tests.support.broker import start_broker
-from tests.support.bundles import make_version, train_small
+from tests.support.bundles import make_version
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]
@@ -24,11 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED
 ABORTED = operator_pb2.Rollout.STATE_ABORTED
 TICK_S = 0.2
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ed25519.Ed25519PrivateKey]:
-    return train_small(tmp_path_factory.mktemp("replica-model"))
 
 
 @dataclass

@@ -12,16 +12,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.conftest import register
 from tests.support.agents import enroll_identity, wait_for
-from tests.support.bundles import make_version, train_small
+from tests.support.bundles import make_version
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 from tests.test_cli_e2e import autoglm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ed25519.Ed25519PrivateKey]:
-    return train_small(tmp_path_factory.mktemp("cli-model"))
 
 
 @pytest.fixture

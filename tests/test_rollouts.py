@@ -19,7 +19,7 @@ from protos.autoglm.v1 import operator_pb2
 from tests.conftest import register
 from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
 from tests.support.broker import Broker, start_broker
-from tests.support.bundles import break_golden, make_version, train_small
+from tests.support.bundles import break_golden, make_version
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 from tests.support.sensordata import write_experiment
 
@@ -29,11 +29,6 @@ RUNNING = operator_pb2.Rollout.STATE_RUNNING
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED
 PARTIAL = operator_pb2.Rollout.STATE_PARTIAL
 ABORTED = operator_pb2.Rollout.STATE_ABORTED
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ed25519.Ed25519PrivateKey]:
-    return train_small(tmp_path_factory.mktemp("rollout-model"))
 
 
 @dataclass

@@ -14,25 +14,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.model.backtest import load_model
 from cloud.model.faults import KINDS, Stretch, inject
-from cloud.model.pipeline import TrainOptions, train_bundle
+from cloud.model.pipeline import train_bundle
 from cloud.model.protocol import normal_stretches, score_injected, unseen_kind
 from cloud.model.train import TrainParams
 from edge_agent.calibration import DecisionParams
+from tests.support.bundles import small_options
 from tests.support.sensordata import SENSORS, write_dataset, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-OPTIONS = TrainOptions(
-    name="pump-unseen",
-    version="1",
-    window=24,
-    segments=4,
-    stride=2,
-    hidden=16,
-    calibration_rows=120,
-    train=TrainParams(epochs=4, seed=11),
-    decision=DecisionParams(level_window=8, smoothing=3),
-)
+OPTIONS = small_options("pump-unseen", epochs=4, seed=11)
 
 
 @pytest.fixture(scope="module")

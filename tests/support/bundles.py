@@ -16,19 +16,25 @@ from edge_agent.bundle import Manifest, sha256_file
 from edge_agent.calibration import DecisionParams
 from tests.support.sensordata import write_dataset
 
-OPTIONS = TrainOptions(
-    name="pump",
-    version="1",
-    window=24,
-    segments=4,
-    stride=2,
-    hidden=16,
-    calibration_rows=120,
-    train=TrainParams(epochs=3, seed=5),
-    # Thresholds are fitted for the default false-alarm budget on held-out normal data, so
-    # the serving model is quiet on normal data and a jumpy candidate stands out.
-    decision=DecisionParams(smoothing=3, level_window=8),
-)
+
+def small_options(name: str, epochs: int, seed: int) -> TrainOptions:
+    """A small network that trains in seconds: what the tests that train share."""
+    return TrainOptions(
+        name=name,
+        version="1",
+        window=24,
+        segments=4,
+        stride=2,
+        hidden=16,
+        calibration_rows=120,
+        train=TrainParams(epochs=epochs, seed=seed),
+        # Thresholds are fitted for the default false-alarm budget on held-out normal data,
+        # so the serving model is quiet on normal data and a jumpy candidate stands out.
+        decision=DecisionParams(smoothing=3, level_window=8),
+    )
+
+
+OPTIONS = small_options("pump", epochs=3, seed=5)
 
 
 def train_small(root: Path) -> tuple[Path, ed25519.Ed25519PrivateKey]:
