@@ -155,6 +155,9 @@ class IngestLimits(BaseModel):
     # A grid slot closes this long after the newest reading passed it; readings older than a
     # closed slot are "late". 0: two sampling periods.
     max_lateness_s: float = Field(default=0.0, ge=0)
+    # ... or as soon as every sensor of the asset has a reading at or after it (real-time
+    # alerts); off: always wait the lateness, for sources that often deliver out of order.
+    close_complete_slots: bool = True
 
 
 class ModelChoice(BaseModel):

@@ -101,7 +101,14 @@ class EdgeRuntime:
         if model is not None:
             lateness = config.ingest.max_lateness_s or 2 * model.spec.period_s
             self.runners = [
-                AssetRunner(i, a.name, model, lateness, config.shadow.history_rows)
+                AssetRunner(
+                    i,
+                    a.name,
+                    model,
+                    lateness,
+                    config.shadow.history_rows,
+                    config.ingest.close_complete_slots,
+                )
                 for i, a in enumerate(self.assets)
             ]
             for runner in self.runners:

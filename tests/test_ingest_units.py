@@ -177,7 +177,9 @@ def test_streaming_alignment_matches_the_offline_one_under_shuffling() -> None:
     values = rng.normal(size=(rows, n)).astype(np.float32)
     values[rng.random((rows, n)) < 0.1] = np.nan  # missing readings
     offline = align_to_grid(times, values, 1.0, 2.0)
-    aligner = StreamAligner(n, 1.0, 2.0, lateness_s=3.0, max_gap_slots=1000)
+    # Slots closed only by the lateness: complete slots would close before a reading that
+    # arrives out of order is sorted in (see the next test).
+    aligner = StreamAligner(n, 1.0, 2.0, lateness_s=3.0, max_gap_slots=1000, close_complete=False)
     readings = [
         (j, times[r], float(values[r, j]))
         for r in range(rows)
@@ -210,12 +212,61 @@ def test_streaming_alignment_matches_the_offline_one_under_shuffling() -> None:
     assert aligner.counts["late"] == 0
 
 
+def test_a_slot_closes_once_every_sensor_has_a_reading_at_or_after_it() -> None:
+    """Real time: with each sensor's readings in order (sensors interleaved in any order, one
+    sensor up to 2 s behind the others), a slot closes as soon as its last sensor reports
+    it, not a lateness later, and the rows are still exactly the offline ones."""
+    rng = np.random.default_rng(5)
+    rows, n = 300, 3
+    times = 1_700_000_000.0 + np.arange(rows, dtype=np.float64)
+    values = rng.normal(size=(rows, n)).astype(np.float32)
+    offline = align_to_grid(times, values, 1.0, 2.0)
+    aligner = StreamAligner(n, 1.0, 2.0, lateness_s=30.0, max_gap_slots=1000)
+    delay = np.array([0.0, 0.3, 2.0])  # per sensor: arrival = ts + delay + jitter < 1 s
+    arrivals = [
+        (times[r] + delay[j] + rng.uniform(0, 0.5), j, r) for r in range(rows) for j in range(n)
+    ]
+    got_v, got_m, waited = [], [], []
+    for arrival, j, r in sorted(arrivals):
+        aligner.add(j, float(times[r]), float(values[r, j]))
+        while (closed := aligner.close_ready(now=arrival)) is not None:
+            got_v.append(closed.values)
+            got_m.append(closed.mask)
+            last = closed.first_slot + closed.values.shape[0] - 1
+            waited.append(arrival - last)  # from the slot's time to its closing
+    v, m = np.concatenate(got_v), np.concatenate(got_m)
+    assert v.shape[0] == rows  # all closed without a flush: the last slot is complete too
+    np.testing.assert_array_equal(m, offline.mask)
+    np.testing.assert_allclose(v, offline.values)
+    assert aligner.counts["late"] == 0
+    assert max(waited) < 3.0, f"a slot waited {max(waited):.2f} s (the slowest sensor: 2.5 s)"
+
+
+def test_a_sensor_seen_out_of_order_waits_for_the_lateness_again() -> None:
+    aligner = StreamAligner(2, 1.0, 2.0, lateness_s=5.0, max_gap_slots=1000)
+    for t in (100.0, 101.0):
+        aligner.add(0, t, 1.0)
+        aligner.add(1, t, 1.0)
+    rows = aligner.close_ready()
+    assert rows is not None and rows.first_slot + rows.values.shape[0] - 1 == 101
+    aligner.add(0, 103.0, 1.0)
+    aligner.add(1, 103.0, 1.0)
+    aligner.add(1, 102.0, 2.0)  # sensor 1 out of order: sorted in, and no longer trusted
+    assert aligner.close_ready() is None  # slot 102 waits for the lateness (until 107)
+    for t in (104.0, 105.0, 106.0, 107.0):
+        aligner.add(0, t, 1.0)
+        aligner.add(1, t, 1.0)
+    rows = aligner.close_ready()
+    assert rows is not None and rows.first_slot == 102 and rows.values.shape[0] == 1
+    assert rows.values[0, 1] == 2.0 and aligner.counts["late"] == 0
+
+
 def test_late_readings_are_dropped_and_gaps_skipped() -> None:
     aligner = StreamAligner(1, 1.0, 2.0, lateness_s=1.0, max_gap_slots=50)
     for t in range(100, 110):
         aligner.add(0, float(t), 1.0)
-    rows = aligner.close_ready()
-    assert rows is not None and rows.first_slot == 100 and rows.values.shape[0] == 9
+    rows = aligner.close_ready()  # up to slot 109: its one sensor has reported it
+    assert rows is not None and rows.first_slot == 100 and rows.values.shape[0] == 10
     aligner.add(0, 101.0, 5.0)
     assert aligner.counts["late"] == 1
     aligner.add_many(0, np.array([50_000.0, 50_001.0, 50_002.0]), np.array([1.0] * 3))

@@ -119,15 +119,23 @@ class StreamClock:
 
     def __init__(self) -> None:
         self._offsets: deque[float] = deque(maxlen=CLOCK_MESSAGES)
+        self._median: float | None = 0.0  # None: to compute again
 
     def observe(self, offset: float) -> None:
         self._offsets.append(offset)
+        self._median = None
 
     @property
     def offset(self) -> float:
         if len(self._offsets) < CLOCK_MIN_MESSAGES:
             return 0.0
-        return float(np.median(self._offsets))
+        if self._median is None:  # asked once per message and per drain: sorted, not numpy
+            ordered = sorted(self._offsets)
+            half = len(ordered) // 2
+            self._median = (
+                ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+            )
+        return self._median
 
 
 class Decoder:

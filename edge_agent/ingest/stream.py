@@ -4,7 +4,11 @@ it offline.
 Slot g of the grid sits at time g * period (an absolute grid, the same on every restart). A
 slot's value per sensor is the latest reading at or before its time, valid (mask 1) when at
 most `max_staleness_s` old. A slot closes once the newest reading of the asset is
-`lateness_s` past it; a reading that would change a closed slot is late, and dropped. After
+`lateness_s` past it, or sooner, as soon as every sensor has a reading at or after it (a
+slot is complete: its values cannot change unless a sensor's readings arrive out of order, and
+a sensor seen out of order is not trusted to close slots early again until
+`TRUST_AFTER_READINGS` of its readings came in order). A reading that would change a closed
+slot is late, and dropped. After
 more than `max_gap_slots` slots without any reading the stream skips to the next reading
 (`ClosedRows.gap`): a message of sparse readings costs one row per reading, not a window of
 empty rows each.
@@ -26,6 +30,8 @@ import numpy as np
 from edge_agent.windowing import FloatArray, TimeArray
 
 EPS = 1e-9
+VECTOR_ROWS = 16  # rows closed at once from which numpy per sensor beats a loop per row
+TRUST_AFTER_READINGS = 100  # in-order readings before a sensor seen out of order closes slots
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,10 @@ class StreamAligner:
         max_staleness_s: float,
         lateness_s: float,
         max_gap_slots: int,
+        close_complete: bool = True,
     ) -> None:
         self.n = sensors
+        self.close_complete = close_complete
         self.period = period_s
         self.staleness = max_staleness_s
         self.lateness = lateness_s
@@ -62,6 +70,8 @@ class StreamAligner:
         self._unsorted = [False] * sensors
         self._last_t = [-math.inf] * sensors
         self._last_v = [0.0] * sensors
+        self._newest = [-math.inf] * sensors  # each sensor's newest reading
+        self._distrust = [0] * sensors  # in-order readings until it closes slots early again
         self.next_slot: int | None = None  # first slot not closed yet
         self.watermark = -math.inf
         self.counts: Counter[str] = Counter()
@@ -71,6 +81,13 @@ class StreamAligner:
         return -math.inf if self.next_slot is None else (self.next_slot - 1) * self.period
 
     def add(self, sensor: int, ts: float, value: float) -> None:
+        newest = self._newest[sensor]
+        if ts > newest:
+            self._newest[sensor] = ts
+            if self._distrust[sensor]:
+                self._distrust[sensor] -= 1
+        elif ts < newest:
+            self._distrust[sensor] = TRUST_AFTER_READINGS
         closed = self._closed_time()
         if ts <= closed + EPS:
             self.counts["duplicate" if ts == self._last_t[sensor] else "late"] += 1
@@ -93,6 +110,13 @@ class StreamAligner:
             self.watermark = ts
 
     def add_many(self, sensor: int, ts: TimeArray, values: TimeArray) -> None:
+        if ts.size:
+            newest = self._newest[sensor]
+            if ts[0] < newest or (ts.size > 1 and bool((np.diff(ts) < 0).any())):
+                self._distrust[sensor] = TRUST_AFTER_READINGS
+            elif self._distrust[sensor]:
+                self._distrust[sensor] = max(0, self._distrust[sensor] - int(ts.size))
+            self._newest[sensor] = max(newest, float(ts.max()))
         closed = self._closed_time()
         late = ts <= closed + EPS
         if late.any():
@@ -123,6 +147,15 @@ class StreamAligner:
             return None
         horizon = self.watermark if now is None else min(self.watermark, now)
         last = math.floor((horizon - self.lateness) / self.period + EPS)
+        if self.close_complete:
+            complete = min(
+                t if not distrust else -math.inf
+                for t, distrust in zip(self._newest, self._distrust, strict=True)
+            )
+            if now is not None:
+                complete = min(complete, now)
+            if complete > -math.inf:
+                last = max(last, math.floor(complete / self.period + EPS))
         if self.next_slot is None:
             for j in range(self.n):
                 if self._unsorted[j]:
@@ -151,19 +184,48 @@ class StreamAligner:
             gap = True
         # A gap further on ends these rows at the last reading before it; the next call
         # skips the gap (callers close until None).
-        # The readings in time order, merged lazily: the scan stops at the first gap or past
-        # the rows being closed, so a backlog costs what it closes, not what is pending.
         start = self.next_slot * self.period + EPS
         limit = last * self.period + EPS
+        if last - self.next_slot + 1 >= VECTOR_ROWS:  # a backlog or a batch: numpy per sensor
+            last = self._before_gap(start, limit, last)
+            values, mask = self._rows_at_once(last)
+        else:
+            last = self._before_gap_lazily(start, limit, last)
+            values, mask = self._rows_one_by_one(last)
+        rows = ClosedRows(self.next_slot, values, mask, gap)
+        self.next_slot = last + 1
+        return rows
+
+    def _before_gap_lazily(self, start: float, limit: float, last: int) -> int:
+        """`last`, or the last slot before the first gap after `start`. The readings in time
+        order, merged lazily: the scan stops at the first gap or past the rows being closed,
+        so a backlog costs what it closes, not what is pending."""
         gap_s = self.max_gap_slots * self.period
         before = -math.inf
         for t in heapq.merge(*self._t):
             if before > start and t - before > gap_s:
-                last = min(last, math.floor(before / self.period + EPS))
-                break
+                return min(last, math.floor(before / self.period + EPS))
             if t > limit:
                 break
             before = t
+        return last
+
+    def _before_gap(self, start: float, limit: float, last: int) -> int:
+        """As `_before_gap_lazily`, in numpy: every sensor's readings up to `limit` and its
+        next one, sorted together; the first jump longer than a gap after `start`."""
+        heads = [np.asarray(t[: bisect_right(t, limit) + 1]) for t in self._t if t]
+        if not heads:
+            return last
+        merged = np.sort(np.concatenate(heads))
+        pairs = min(int(np.searchsorted(merged, limit, side="right")), merged.size - 1)
+        prev, nxt = merged[:pairs], merged[1 : pairs + 1]
+        jumps = np.flatnonzero((prev > start) & (nxt - prev > self.max_gap_slots * self.period))
+        if jumps.size:
+            return min(last, math.floor(float(prev[jumps[0]]) / self.period + EPS))
+        return last
+
+    def _rows_one_by_one(self, last: int) -> tuple[FloatArray, FloatArray]:
+        assert self.next_slot is not None
         count = last - self.next_slot + 1
         values = np.empty((count, self.n), dtype=np.float32)
         mask = np.empty((count, self.n), dtype=np.float32)
@@ -173,9 +235,33 @@ class StreamAligner:
             for j in range(self.n):
                 values[k, j] = self._last_v[j]
                 mask[k, j] = 1.0 if grid - self._last_t[j] <= self.staleness + EPS else 0.0
-        rows = ClosedRows(self.next_slot, values, mask, gap)
-        self.next_slot = last + 1
-        return rows
+        return values, mask
+
+    def _rows_at_once(self, last: int) -> tuple[FloatArray, FloatArray]:
+        """Slots `next_slot ... last`, one search per sensor (as `align_to_grid` does)."""
+        assert self.next_slot is not None
+        grid = np.arange(self.next_slot, last + 1, dtype=np.float64) * self.period
+        values = np.empty((grid.size, self.n), dtype=np.float32)
+        mask = np.empty((grid.size, self.n), dtype=np.float32)
+        for j in range(self.n):
+            times = self._t[j]
+            k = bisect_right(times, float(grid[-1]) + EPS)  # the readings these slots consume
+            t = np.asarray(times[:k], dtype=np.float64)
+            v = np.asarray(self._v[j][:k], dtype=np.float64)
+            latest = np.searchsorted(t, grid + EPS, side="right") - 1
+            has = latest >= 0
+            at = np.clip(latest, 0, None)
+            if k:
+                stamp = np.where(has, t[at], self._last_t[j])
+                values[:, j] = np.where(has, v[at], self._last_v[j])
+                self._last_t[j], self._last_v[j] = times[k - 1], self._v[j][k - 1]
+                del times[:k]
+                del self._v[j][:k]
+            else:
+                stamp = np.full(grid.size, self._last_t[j])
+                values[:, j] = self._last_v[j]
+            mask[:, j] = grid - stamp <= self.staleness + EPS
+        return values, mask
 
     @property
     def pending_readings(self) -> int:
@@ -195,6 +281,8 @@ class StreamAligner:
             "grid": np.array(
                 [-1 if self.next_slot is None else self.next_slot, self.watermark], dtype=np.float64
             ),
+            "newest": np.array(self._newest, dtype=np.float64),
+            "distrust": np.array(self._distrust, dtype=np.int64),
         }
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
@@ -210,6 +298,9 @@ class StreamAligner:
         next_slot, watermark = state["grid"].tolist()
         self.next_slot = None if next_slot < 0 else int(next_slot)
         self.watermark = float(watermark)
+        if "newest" in state:  # absent in a state kept before slots closed early
+            self._newest = state["newest"].tolist()
+            self._distrust = state["distrust"].tolist()
 
     def _consume_until(self, grid: float) -> None:
         limit = grid + EPS
