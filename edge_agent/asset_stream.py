@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from edge_agent.batching import WindowJob
 from edge_agent.calibration import SiteCalibration, to_network_space
@@ -33,7 +34,13 @@ class AssetRunner:
     """One asset in the pipeline thread: aligned rows -> calibration rows or windows."""
 
     def __init__(
-        self, index: int, name: str, model: ServingModel, lateness_s: float, history_rows: int
+        self,
+        index: int,
+        name: str,
+        model: ServingModel,
+        lateness_s: float,
+        history_rows: int,
+        close_complete: bool = True,
     ) -> None:
         spec = model.spec
         self.index = index
@@ -47,6 +54,7 @@ class AssetRunner:
             spec.max_staleness_s,
             lateness_s,
             max_gap_slots=spec.length,
+            close_complete=close_complete,
         )
         self.length = spec.length
         self.ring_v = np.zeros((spec.length, n), dtype=np.float32)
@@ -67,7 +75,7 @@ class AssetRunner:
         self._cal_v: list[np.ndarray] = []
         self._cal_m: list[np.ndarray] = []
         self._cal_first_slot = 0
-        self.history = RowHistory(history_rows)  # for shadow evaluations of a candidate
+        self.history = RowHistory(history_rows, n)  # for shadow evaluations of a candidate
 
     def reset_stream(self, aligner: bool = True) -> None:
         """Windows start again from the next rows (and the aligner from the next reading)."""
@@ -84,6 +92,7 @@ class AssetRunner:
                 spec.max_staleness_s,
                 self.aligner.lateness,
                 self.aligner.max_gap_slots,
+                self.aligner.close_complete,
             )
 
     def snapshot(self) -> dict[str, np.ndarray]:
@@ -118,60 +127,93 @@ class AssetRunner:
         emit: Callable[[WindowJob], None],
         start_calibration: Callable[[AssetRunner, AlignedSeries], None],
     ) -> None:
-        spec = self.model.spec
         if rows.gap:  # no reading for longer than a window: windows restart after it
             self.reset_stream(aligner=False)
             self.gaps += 1
         self.history.extend(rows.first_slot, rows.values, rows.mask)
-        for k in range(rows.values.shape[0]):
-            slot = rows.first_slot + k
-            self.valid_cells += float(rows.mask[k].sum() - self.ring_m[self.pos].sum())
-            self.ring_v[self.pos] = rows.values[k]
-            self.ring_m[self.pos] = rows.mask[k]
-            self.pos = (self.pos + 1) % self.length
-            self.filled += 1
-            cal = self.calibration
-            if cal is None:
-                if not self._cal_v:
-                    self._cal_first_slot = slot
-                self._cal_v.append(rows.values[k])
-                self._cal_m.append(rows.mask[k])
-                if len(self._cal_v) == self.calibration_rows:
-                    series = AlignedSeries(
-                        start=self._cal_first_slot * spec.period_s,
-                        period_s=spec.period_s,
-                        values=np.stack(self._cal_v),
-                        mask=np.stack(self._cal_m),
-                        row_slot=np.arange(self.calibration_rows, dtype=np.int64),
-                    )
-                    self._cal_v, self._cal_m = [], []  # a failed calibration collects again
-                    start_calibration(self, series)
-                continue
-            if self.filled < self.length or slot % spec.stride != 0:
-                continue
-            if self.valid_cells < MIN_WINDOW_VALID * self.ring_m.size:
-                # Mostly missing: sparse readings spread over a long time (one message with
-                # readings hours apart) would otherwise score a window for every slot between.
-                self.sparse_windows += 1
-                continue
-            order = (self.pos + np.arange(self.length)) % self.length
+        values, mask, first = rows.values, rows.mask, rows.first_slot
+        while self.calibration is None and values.shape[0]:  # one row at a time until then
+            self._collect(first, values[0], mask[0], start_calibration)
+            values, mask, first = values[1:], mask[1:], first + 1
+        if values.shape[0]:
+            self._cut(first, values, mask, emit)
+
+    def _collect(
+        self,
+        slot: int,
+        values: np.ndarray,
+        mask: np.ndarray,
+        start_calibration: Callable[[AssetRunner, AlignedSeries], None],
+    ) -> None:
+        """One row before the site is calibrated: into the ring and the calibration rows."""
+        self.valid_cells += float(mask.sum() - self.ring_m[self.pos].sum())
+        self.ring_v[self.pos] = values
+        self.ring_m[self.pos] = mask
+        self.pos = (self.pos + 1) % self.length
+        self.filled += 1
+        if not self._cal_v:
+            self._cal_first_slot = slot
+        self._cal_v.append(values)
+        self._cal_m.append(mask)
+        if len(self._cal_v) == self.calibration_rows:
+            spec = self.model.spec
+            series = AlignedSeries(
+                start=self._cal_first_slot * spec.period_s,
+                period_s=spec.period_s,
+                values=np.stack(self._cal_v),
+                mask=np.stack(self._cal_m),
+                row_slot=np.arange(self.calibration_rows, dtype=np.int64),
+            )
+            self._cal_v, self._cal_m = [], []  # a failed calibration collects again
+            start_calibration(self, series)
+
+    def _cut(
+        self, first: int, values: np.ndarray, mask: np.ndarray, emit: Callable[[WindowJob], None]
+    ) -> None:
+        """The windows ending at rows `first ...` (every `stride`-th slot once the ring is
+        full), all cut at once: the ring's last rows and the new ones in one array, each row
+        normalised once, a window a view of it."""
+        cal = self.calibration
+        assert cal is not None
+        spec = self.model.spec
+        length, count = self.length, values.shape[0]
+        order = (self.pos + np.arange(1, self.length)) % self.length  # the ring's last rows
+        hist_v = np.concatenate([self.ring_v[order], values])  # [length - 1 + count, N]
+        hist_m = np.concatenate([self.ring_m[order], mask])
+        # Window k covers hist rows k ... k + length - 1 and ends at slot first + k.
+        cells = np.concatenate([[0.0], np.cumsum(hist_m.sum(axis=1, dtype=np.float64))])
+        valid = cells[length:] - cells[:count]
+        slots = first + np.arange(count)
+        due = (self.filled + np.arange(1, count + 1) >= length) & (slots % spec.stride == 0)
+        # Mostly missing: sparse readings spread over a long time (one message with readings
+        # hours apart) would otherwise score a window for every slot between.
+        sparse = due & (valid < MIN_WINDOW_VALID * self.ring_m.size)
+        self.sparse_windows += int(sparse.sum())
+        cut = np.flatnonzero(due & ~sparse)
+        if cut.size:
+            lo, hi = int(cut[0]), int(cut[-1]) + length
             frame = self.model.frame
-            x = to_network_space(
-                self.ring_v[order],
-                cal.input_center,
-                cal.input_scale,
-                frame.net_center,
-                frame.net_scale,
+            net = to_network_space(
+                hist_v[lo:hi], cal.input_center, cal.input_scale, frame.net_center, frame.net_scale
             )
-            emit(
-                WindowJob(
-                    asset=self.index,
-                    window=x,
-                    mask=self.ring_m[order],
-                    window_start=(slot - self.length + 1) * spec.period_s,
-                    window_end=slot * spec.period_s,
+            windows = sliding_window_view(net, length, axis=0)  # [K, N, length] views
+            masks = sliding_window_view(hist_m[lo:hi], length, axis=0)
+            for k in cut.tolist():
+                slot = first + k
+                emit(
+                    WindowJob(
+                        asset=self.index,
+                        window=windows[k - lo].T,
+                        mask=masks[k - lo].T,
+                        window_start=(slot - length + 1) * spec.period_s,
+                        window_end=slot * spec.period_s,
+                    )
                 )
-            )
+        self.ring_v[:] = hist_v[-length:]  # in time order from position 0
+        self.ring_m[:] = hist_m[-length:]
+        self.pos = 0
+        self.filled += count
+        self.valid_cells = float(cells[-1] - cells[-length - 1])
 
     def follow_clock(self, offset: float) -> None:
         """Readings that all land far behind the slots already closed (`late_far`), message

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,33 +25,48 @@ from protos.autoglm.v1 import agent_pb2
 
 
 class RowHistory:
-    """The last `capacity` aligned rows of one asset, with their grid slots."""
+    """The last `capacity` aligned rows of one asset, with their grid slots: preallocated
+    arrays written as a ring (about the rows' own size in memory)."""
 
-    def __init__(self, capacity: int) -> None:
-        self._rows: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=capacity)
+    def __init__(self, capacity: int, sensors: int) -> None:
+        self.capacity = max(0, capacity)
+        self._v = np.zeros((self.capacity, sensors), dtype=np.float32)
+        self._m = np.zeros((self.capacity, sensors), dtype=np.float32)
+        self._slot = np.zeros(self.capacity, dtype=np.int64)
+        self._written = 0  # rows ever written; the next goes to _written % capacity
         self._lock = threading.Lock()
 
     def extend(self, first_slot: int, values: np.ndarray, mask: np.ndarray) -> None:
         """Rows `first_slot`, `first_slot + 1`, ... (one lock per batch of closed rows)."""
+        count = values.shape[0]
+        if self.capacity == 0 or count == 0:
+            return
+        if count > self.capacity:
+            first_slot += count - self.capacity
+            values, mask, count = values[-self.capacity :], mask[-self.capacity :], self.capacity
         with self._lock:
-            self._rows.extend((first_slot + k, values[k], mask[k]) for k in range(values.shape[0]))
+            at = (self._written + np.arange(count)) % self.capacity
+            self._v[at] = values
+            self._m[at] = mask
+            self._slot[at] = first_slot + np.arange(count)
+            self._written += count
 
     def series(self, period_s: float) -> AlignedSeries | None:
         """The newest run of consecutive slots, or None when there is no row."""
         with self._lock:
-            rows = list(self._rows)
-        if not rows:
+            kept = min(self._written, self.capacity)
+            order = (self._written - kept + np.arange(kept)) % max(self.capacity, 1)
+            slots, values, mask = self._slot[order], self._v[order], self._m[order]
+        if kept == 0:
             return None
-        start = len(rows) - 1
-        while start > 0 and rows[start - 1][0] == rows[start][0] - 1:
-            start -= 1
-        rows = rows[start:]
+        breaks = np.flatnonzero(np.diff(slots) != 1)
+        start = int(breaks[-1]) + 1 if breaks.size else 0
         return AlignedSeries(
-            start=rows[0][0] * period_s,
+            start=int(slots[start]) * period_s,
             period_s=period_s,
-            values=np.stack([r[1] for r in rows]),
-            mask=np.stack([r[2] for r in rows]),
-            row_slot=np.arange(len(rows), dtype=np.int64),
+            values=values[start:],
+            mask=mask[start:],
+            row_slot=np.arange(kept - start, dtype=np.int64),
         )
 
 

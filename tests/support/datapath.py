@@ -76,8 +76,29 @@ class Site:
 
         for i in range(values.shape[0]):
             for j in range(len(SENSORS)):
-                runner.aligner.add(j, START + first_row + i * step, values[i, j])
+                if not np.isnan(values[i, j]):  # NaN: no reading (the decoder drops them)
+                    runner.aligner.add(j, START + first_row + i * step, values[i, j])
             self.runtime._follow_clock(runner)  # as the pipeline does after each drain
+            while (closed := runner.aligner.close_ready()) is not None:
+                runner.feed(closed, emit, self.runtime._start_calibration)
+        wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)
+
+    def feed_block(self, values: np.ndarray, first_row: int, rows_per_message: int) -> None:
+        """The same readings as `feed`, `rows_per_message` rows of every sensor per message
+        (as a gateway batches them): `add_many` per sensor, then the drain."""
+        runner = self.runtime.runners[0]
+
+        def emit(job: WindowJob) -> None:
+            self.jobs += 1
+            self.runtime._emit(job)
+
+        for a in range(0, values.shape[0], rows_per_message):
+            block = values[a : a + rows_per_message]
+            ts = START + first_row + a + np.arange(block.shape[0], dtype=np.float64)
+            for j in range(len(SENSORS)):
+                present = ~np.isnan(block[:, j])
+                runner.aligner.add_many(j, ts[present], block[present, j].astype(np.float64))
+            self.runtime._follow_clock(runner)
             while (closed := runner.aligner.close_ready()) is not None:
                 runner.feed(closed, emit, self.runtime._start_calibration)
         wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)
