@@ -242,6 +242,23 @@ def test_a_slot_closes_once_every_sensor_has_a_reading_at_or_after_it() -> None:
     assert max(waited) < 3.0, f"a slot waited {max(waited):.2f} s (the slowest sensor: 2.5 s)"
 
 
+def test_a_slot_closes_with_the_last_reading_due_before_it() -> None:
+    """Readings at k + 0.4 s every second: slot k + 1 takes its value from the reading at
+    k + 0.4 and closes when that reading arrives (the next is not due before k + 1.3), not a
+    period later when the reading past it comes."""
+    aligner = StreamAligner(2, 1.0, 2.0, lateness_s=2.0, max_gap_slots=1000)
+    closed_at = {}
+    for k in range(100, 120):
+        for j in (0, 1):
+            aligner.add(j, k + 0.4, float(k))
+        now = k + 0.45  # arrival
+        while (rows := aligner.close_ready(now)) is not None:
+            for i in range(rows.values.shape[0]):
+                closed_at[rows.first_slot + i] = (now, rows.values[i, 0])
+    assert closed_at[110] == (109.45, 109.0), closed_at[110]
+    assert max(closed_at) == 120
+
+
 def test_a_sensor_seen_out_of_order_waits_for_the_lateness_again() -> None:
     aligner = StreamAligner(2, 1.0, 2.0, lateness_s=5.0, max_gap_slots=1000)
     for t in (100.0, 101.0):

@@ -4,11 +4,13 @@ it offline.
 Slot g of the grid sits at time g * period (an absolute grid, the same on every restart). A
 slot's value per sensor is the latest reading at or before its time, valid (mask 1) when at
 most `max_staleness_s` old. A slot closes once the newest reading of the asset is
-`lateness_s` past it, or sooner, as soon as every sensor has a reading at or after it (a
-slot is complete: its values cannot change unless a sensor's readings arrive out of order, and
-a sensor seen out of order is not trusted to close slots early again until
-`TRUST_AFTER_READINGS` of its readings came in order). A reading that would change a closed
-slot is late, and dropped. After
+`lateness_s` past it, or sooner, as soon as it is complete: every sensor has a reading past
+it, or is not due to send one before it (its newest reading plus `STEP_SHARE` of its shortest
+recent interval lies past the slot). A complete slot cannot change unless a sensor's readings
+arrive out of order or much faster than before; a sensor seen out of order does not close
+slots early again until `TRUST_AFTER_READINGS` of its readings came in order, nor does one
+stamped ahead of this device's clock. A reading that would change a closed slot is late, and
+dropped. After
 more than `max_gap_slots` slots without any reading the stream skips to the next reading
 (`ClosedRows.gap`): a message of sparse readings costs one row per reading, not a window of
 empty rows each.
@@ -22,7 +24,7 @@ import heapq
 import itertools
 import math
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,8 @@ from edge_agent.windowing import FloatArray, TimeArray
 EPS = 1e-9
 VECTOR_ROWS = 16  # rows closed at once from which numpy per sensor beats a loop per row
 TRUST_AFTER_READINGS = 100  # in-order readings before a sensor seen out of order closes slots
+STEP_SHARE = 0.9  # of a sensor's shortest recent interval: how soon its next reading can come
+STEPS = 8  # recent intervals kept per sensor
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class StreamAligner:
         self._last_v = [0.0] * sensors
         self._newest = [-math.inf] * sensors  # each sensor's newest reading
         self._distrust = [0] * sensors  # in-order readings until it closes slots early again
+        self._steps: list[deque[float]] = [deque(maxlen=STEPS) for _ in range(sensors)]
+        self._step = [0.0] * sensors  # shortest recent interval between a sensor's readings
         self.next_slot: int | None = None  # first slot not closed yet
         self.watermark = -math.inf
         self.counts: Counter[str] = Counter()
@@ -84,6 +90,8 @@ class StreamAligner:
         newest = self._newest[sensor]
         if ts > newest:
             self._newest[sensor] = ts
+            if newest > -math.inf:
+                self._stepped(sensor, [ts - newest])
             if self._distrust[sensor]:
                 self._distrust[sensor] -= 1
         elif ts < newest:
@@ -114,8 +122,12 @@ class StreamAligner:
             newest = self._newest[sensor]
             if ts[0] < newest or (ts.size > 1 and bool((np.diff(ts) < 0).any())):
                 self._distrust[sensor] = TRUST_AFTER_READINGS
-            elif self._distrust[sensor]:
+            else:
                 self._distrust[sensor] = max(0, self._distrust[sensor] - int(ts.size))
+                steps = np.diff(
+                    ts[-STEPS - 1 :] if newest == -math.inf else ts[-STEPS:], prepend=newest
+                )
+                self._stepped(sensor, steps[np.isfinite(steps)].tolist())
             self._newest[sensor] = max(newest, float(ts.max()))
         closed = self._closed_time()
         late = ts <= closed + EPS
@@ -149,11 +161,9 @@ class StreamAligner:
         last = math.floor((horizon - self.lateness) / self.period + EPS)
         if self.close_complete:
             complete = min(
-                t if not distrust else -math.inf
-                for t, distrust in zip(self._newest, self._distrust, strict=True)
+                t + STEP_SHARE * step if not distrust and (now is None or t <= now) else -math.inf
+                for t, step, distrust in zip(self._newest, self._step, self._distrust, strict=True)
             )
-            if now is not None:
-                complete = min(complete, now)
             if complete > -math.inf:
                 last = max(last, math.floor(complete / self.period + EPS))
         if self.next_slot is None:
@@ -262,6 +272,11 @@ class StreamAligner:
                 values[:, j] = self._last_v[j]
             mask[:, j] = grid - stamp <= self.staleness + EPS
         return values, mask
+
+    def _stepped(self, sensor: int, steps: list[float]) -> None:
+        kept = self._steps[sensor]
+        kept.extend(steps)
+        self._step[sensor] = min(kept) if kept else 0.0
 
     @property
     def pending_readings(self) -> int:
