@@ -26,6 +26,9 @@ class CloudConfig(BaseSettings):
     # Plain-text grpc.health.v1 only, for Kubernetes gRPC probes (they speak no TLS); empty:
     # none. Nothing else is served on it.
     health_listen: str = ""
+    # Plain-HTTP Prometheus /metrics (gRPC calls, sessions, records, the fleet's state read
+    # from the store at each scrape); empty: none.
+    metrics_listen: str = ""
     hosts: list[str] = Field(default_factory=lambda: ["localhost"])  # names in the server cert
     advertise_host: str = ""  # host agents and operators dial; empty: hosts[0]
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
@@ -57,11 +60,11 @@ class CloudConfig(BaseSettings):
     replica_id: str = ""  # empty: $POD_NAME, else host-pid
     log_level: str = "INFO"
 
-    @field_validator("api_listen", "device_listen", "health_listen")
+    @field_validator("api_listen", "device_listen", "health_listen", "metrics_listen")
     @classmethod
     def _host_port(cls, value: str, info: ValidationInfo) -> str:
-        if value == "" and info.field_name == "health_listen":
-            return value  # no probe port
+        if value == "" and info.field_name in ("health_listen", "metrics_listen"):
+            return value  # no probe or metrics port
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT with a port from 0 to 65535")

@@ -132,7 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
     await plane.start()
-    ports = {"api_port": plane.api_port, "device_port": plane.device_port}
+    ports = {
+        "api_port": plane.api_port,
+        "device_port": plane.device_port,
+        "health_port": plane.health_port,
+        "metrics_port": plane.metrics_port,
+    }
     if ports_file is not None:
         tmp = ports_file.with_name(ports_file.name + ".tmp")
         try:

@@ -19,6 +19,7 @@ from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
+from cloud.service.metrics import PlaneMetrics
 from cloud.service.peer import device_identity
 from cloud.service.records import store_batch
 from cloud.service.serde import (
@@ -48,7 +49,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         rollouts: RolloutController,
         alerts: AlertFeed,
         auth_recheck_interval_s: float = 5.0,
+        metrics: PlaneMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or PlaneMetrics()
         self.alerts = alerts
         self.auth_recheck_interval_s = auth_recheck_interval_s
         self.registry = registry
@@ -149,6 +152,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
                 if kind == "heartbeat":
+                    self.metrics.heartbeats.inc()
                     self.presence.seen(live.device_id, status=message.heartbeat.status)
                     live.send(
                         agent_pb2.ControlMessage(
@@ -160,6 +164,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         store_batch, self.store, live.device_id, message.records, utc_now()
                     )
                     live.send(agent_pb2.ControlMessage(batch_ack=ack[0]))
+                    counted = self.metrics.records
+                    counted.labels("stored").inc(ack[0].stored)
+                    counted.labels("duplicate").inc(ack[0].duplicates)
+                    counted.labels("rejected").inc(len(ack[0].rejected))
                     if ack[1]:
                         self.alerts.notify()
                 elif kind == "install":

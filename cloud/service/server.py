@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -31,6 +32,7 @@ from cloud.rollouts import RolloutController
 from cloud.service.agent import AgentServicer
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
+from cloud.service.metrics import CallMetrics, PlaneMetrics
 from cloud.service.operator import OperatorServicer
 from cloud.service.serde import desired_to_proto, message_to_dict
 from cloud.service.sessions import SessionHub
@@ -133,6 +135,15 @@ class ControlPlane:
         self._health = HealthServicer()
         self._probe_server: aio.Server | None = None
         self.health_port = 0
+        self.metrics = PlaneMetrics()
+        self.metrics.watch_fleet(
+            store,
+            lambda: len(self.hub.device_ids()),
+            lambda: self.elector.is_leader,
+            dt.timedelta(seconds=config.offline_after_s),
+        )
+        self._metrics_server: Any = None
+        self.metrics_port = 0
 
     def endpoints(self) -> common_pb2.Endpoints:
         host = self.config.public_host
@@ -144,7 +155,8 @@ class ControlPlane:
 
     async def start(self) -> None:
         server = aio.server(
-            interceptors=[CallGuard(OperatorTokens(self.store))], options=SERVER_OPTIONS
+            interceptors=[CallMetrics(self.metrics), CallGuard(OperatorTokens(self.store))],
+            options=SERVER_OPTIONS,
         )
         ca_pem = self.secrets.ca.cert_pem
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
@@ -163,6 +175,7 @@ class ControlPlane:
                 self.rollouts,
                 self.alerts,
                 self.config.auth_recheck_interval_s,
+                self.metrics,
             ),
             server,
         )
@@ -220,6 +233,8 @@ class ControlPlane:
                 ) from None
             await probe.start()
             self._probe_server = probe
+        if self.config.metrics_listen:
+            self._metrics_server, self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
@@ -248,6 +263,9 @@ class ControlPlane:
             await self._server.stop(grace)
         if self._probe_server is not None:
             await self._probe_server.stop(0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

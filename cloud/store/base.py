@@ -234,6 +234,10 @@ class Store(abc.ABC):
         """NotFound when unknown."""
 
     @abc.abstractmethod
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """Rows by state of devices, rollouts, alerts and webhook_deliveries (for metrics)."""
+
+    @abc.abstractmethod
     def list_rollouts(self, active_only: bool = False) -> list[RolloutRecord]:
         """Newest first."""
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
@@ -22,7 +23,11 @@ from cloud.store.sql_records import RecordTables
 from cloud.store.sql_rollouts import RolloutTables
 from cloud.store.sql_webhooks import WebhookTables
 from cloud.store.tables import (
+    AlertRow,
+    DeliveryRow,
+    DeviceRow,
     OperatorRow,
+    RolloutRow,
 )
 from edge_agent.errors import (
     AlreadyExists,
@@ -60,6 +65,24 @@ class SqlStore(
             self.engine.dispose()
             raise Unavailable(f"cannot open the database {_redact(self.url)}: {exc.orig}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        tables: dict[str, Any] = {
+            "devices": DeviceRow,
+            "rollouts": RolloutRow,
+            "alerts": AlertRow,
+            "webhook_deliveries": DeliveryRow,
+        }
+        with self._tx() as s:
+            return {
+                name: {
+                    str(state): int(n)
+                    for state, n in s.execute(
+                        select(table.state, func.count()).group_by(table.state)
+                    )
+                }
+                for name, table in tables.items()
+            }
 
     # ---- operators ----
     def add_operator(self, name: str, token_hash: str, now: dt.datetime) -> OperatorRecord:

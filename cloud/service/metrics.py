@@ -1,0 +1,247 @@
+"""The control plane's Prometheus metrics, served on their own plain-HTTP port
+(`metrics_listen`).
+
+Three sources: gRPC calls (`CallMetrics`, an interceptor: the `grpc_server_*` series other
+gRPC servers export, so existing dashboards apply), what the servicers count as it happens
+(heartbeats, records by result), and the fleet's state read from the store at each scrape
+(devices, rollouts, alerts and webhook deliveries by state, what each device last reported).
+Each control plane has its own registry: several can run in one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc import aio
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cloud.clock import utc_now
+from cloud.store.base import Store
+from edge_agent.errors import LocalStateError
+
+log = logging.getLogger(__name__)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PlaneMetrics:
+    """The registry and the metrics the control plane updates as calls happen."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("grpc_service", "grpc_method", "grpc_type")
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", labels, registry=self.registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            (*labels, "grpc_code"),
+            registry=self.registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from an RPC's start to its end on the server (a session stream: its life).",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.heartbeats = Counter(
+            "autoglm_heartbeats", "Heartbeats received from devices.", registry=self.registry
+        )
+        self.records = Counter(
+            "autoglm_records",
+            "Records synced by devices: stored, duplicate (stored before) or rejected.",
+            ("result",),
+            registry=self.registry,
+        )
+
+    def watch_fleet(
+        self,
+        store: Store,
+        sessions_open: Callable[[], int],
+        is_leader: Callable[[], bool],
+        offline_after: dt.timedelta,
+    ) -> None:
+        self.registry.register(FleetCollector(store, sessions_open, is_leader, offline_after))
+
+    def serve(self, listen: str) -> tuple[Any, int]:
+        """Serves /metrics on `listen` (host:port, port 0: any free one) in a thread; returns
+        the server (to `shutdown()`) and the port."""
+        host, _, port = listen.rpartition(":")
+        try:
+            server, _thread = start_http_server(int(port), host or "0.0.0.0", self.registry)
+        except OSError as exc:
+            raise LocalStateError(f"cannot serve metrics on {listen}: {exc}") from None
+        return server, int(server.server_port)
+
+
+class FleetCollector(Collector):
+    """The fleet's state, read from the store at each scrape (a scrape that cannot read it
+    says so in `autoglm_store_up` instead of failing)."""
+
+    def __init__(
+        self,
+        store: Store,
+        sessions_open: Callable[[], int],
+        is_leader: Callable[[], bool],
+        offline_after: dt.timedelta,
+    ) -> None:
+        self.store = store
+        self.sessions_open = sessions_open
+        self.is_leader = is_leader
+        self.offline_after = offline_after
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "autoglm_sessions_open",
+            "Device sessions open on this replica.",
+            value=self.sessions_open(),
+        )
+        yield GaugeMetricFamily(
+            "autoglm_leader", "1 on the replica that runs rollouts.", value=int(self.is_leader())
+        )
+        up = GaugeMetricFamily("autoglm_store_up", "1 when the last scrape could read the store.")
+        try:
+            families = list(self._from_store())
+        except Exception as exc:  # noqa: BLE001 - a scrape reports it, never fails on it
+            log.warning("metrics: cannot read the store (%s)", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _from_store(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.store.state_counts()
+        for table, help_text in (
+            ("devices", "Devices by state (pending: registered, not enrolled yet)."),
+            ("rollouts", "Rollouts by state."),
+            ("alerts", "Alerts by state."),
+            ("webhook_deliveries", "Webhook deliveries by state (pending, delivered, dead)."),
+        ):
+            family = GaugeMetricFamily(f"autoglm_{table}", help_text, labels=("state",))
+            for state, n in sorted(counts.get(table, {}).items()):
+                family.add_metric([state], n)
+            yield family
+        now = utc_now()
+        devices = self.store.list_devices({})
+        online = GaugeMetricFamily(
+            "autoglm_devices_online", "Active devices with a live session, heard from lately."
+        )
+        online.add_metric([], sum(d.is_online(now, self.offline_after) for d in devices))
+        yield online
+        seen = GaugeMetricFamily(
+            "autoglm_device_last_seen_timestamp_seconds",
+            "When each device was last heard from.",
+            labels=("device",),
+        )
+        depth = GaugeMetricFamily(
+            "autoglm_device_outbox_depth",
+            "Records waiting in each device's outbox, as it last reported.",
+            labels=("device",),
+        )
+        lag = GaugeMetricFamily(
+            "autoglm_device_sync_lag_seconds",
+            "Seconds since each device's last report, for devices that have reported.",
+            labels=("device",),
+        )
+        for d in devices:
+            if d.last_seen is None:
+                continue
+            seen.add_metric([d.name], d.last_seen.timestamp())
+            lag.add_metric([d.name], (now - d.last_seen).total_seconds())
+            health = d.status.get("health", {})
+            depth.add_metric([d.name], float(health.get("outbox_depth", 0)))
+        yield from (seen, depth, lag)
+
+
+class CallMetrics(aio.ServerInterceptor):
+    """Counts every call, its status code and its duration (outermost interceptor, so a call
+    the guard refuses is counted with the code it got)."""
+
+    def __init__(self, metrics: PlaneMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        kind = _call_type(handler)
+        labels = (service, method, kind)
+        metrics = self.metrics
+        factory: Any
+        if handler.unary_unary:
+            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        elif handler.unary_stream:
+            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        elif handler.stream_unary:
+            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        else:
+            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+
+        def done(context: Any, started: float, failed: bool) -> None:
+            code = _code(context, failed)
+            metrics.handled.labels(*labels, code).inc()
+            metrics.handling.labels(*labels).observe(time.perf_counter() - started)
+
+        async def unary(request: Any, context: Any) -> Any:
+            metrics.started.labels(*labels).inc()
+            started, failed = time.perf_counter(), True
+            try:
+                result = await behavior(request, context)
+                failed = False
+                return result
+            finally:
+                done(context, started, failed)
+
+        async def streaming(request: Any, context: Any) -> Any:
+            metrics.started.labels(*labels).inc()
+            started, failed = time.perf_counter(), True
+            try:
+                async for item in behavior(request, context):
+                    yield item
+                failed = False
+            finally:
+                done(context, started, failed)
+
+        return factory(
+            streaming if handler.response_streaming else unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _call_type(handler: Any) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    return "server_stream" if handler.response_streaming else "unary"
+
+
+def _code(context: Any, failed: bool) -> str:
+    """The call's status code name: what the handler (or the guard) set, else OK, or
+    UNKNOWN for a call that raised without setting one (CANCELLED when the client left)."""
+    code = None
+    with contextlib.suppress(Exception):  # older grpcio: no code() on the aio context
+        code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if failed:
+        cancelled = getattr(context, "cancelled", None)
+        return "CANCELLED" if callable(cancelled) and cancelled() else "UNKNOWN"
+    return "OK"
