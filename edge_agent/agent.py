@@ -13,8 +13,9 @@ from pathlib import Path
 from edge_agent import hostfacts
 from edge_agent.bundle import load_public_key
 from edge_agent.config import AgentConfig
-from edge_agent.errors import AutoglmError
+from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.identity import load_identity
+from edge_agent.metrics import AgentMetrics, MetricsServer, health_problems
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.serving import ServingModel, open_serving
@@ -42,6 +43,7 @@ class Agent:
         self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.outbox.max_bytes)
         self.device = self.identity.info.device_name
         self.client_id = config.mqtt.client_id or f"autoglm-edge-{self.device}"
+        self.metrics = AgentMetrics()
         self.runtime = self._runtime(self.model)
         self.sync = RecordSync(self.outbox, config.sync.batch_records, config.sync.max_in_flight)
         self.session = CloudSession(
@@ -60,6 +62,8 @@ class Agent:
         for message in self.pending_reports:
             self.session.post(message)
         self.updater = ModelUpdater(self)
+        self.metrics.watch(self)
+        self.metrics_server: MetricsServer | None = None
 
     def status(self) -> agent_pb2.AgentStatus:
         model = self.model
@@ -77,7 +81,14 @@ class Agent:
         return active.slot if active is not None and self.model is not None else ""
 
     def _runtime(self, model: ServingModel | None) -> EdgeRuntime:
-        return EdgeRuntime(self.config, model, self.outbox, self.client_id, device=self.device)
+        return EdgeRuntime(
+            self.config,
+            model,
+            self.outbox,
+            self.client_id,
+            device=self.device,
+            observe_batch=self.metrics.observe_batch,
+        )
 
     def _open(self, directory: Path, partial: bool) -> ServingModel:
         return open_serving(
@@ -136,6 +147,21 @@ class Agent:
         if old_model is not None and old_model is not model:
             old_model.close()
 
+    def _serve_metrics(self) -> None:
+        """Metrics and health on `metrics.listen`; a port in use is said, not fatal (the data
+        path matters more than its metrics)."""
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        try:
+            self.metrics_server = MetricsServer(
+                listen, self.metrics.registry, lambda: health_problems(self)
+            )
+        except LocalStateError as exc:
+            log.error("%s; the agent runs without metrics and health endpoints", exc)
+            return
+        self.metrics_server.start()
+
     def _on_control(self, message: agent_pb2.ControlMessage) -> None:
         if message.WhichOneof("body") == "desired":
             self.updater.want(message.desired)
@@ -155,10 +181,13 @@ class Agent:
             self.model.version if self.model else "none",
         )
         self.runtime.start()
+        self._serve_metrics()
         updates = asyncio.create_task(self.updater.run(stop))
         try:
             await self.session.run(stop)
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             updates.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await updates

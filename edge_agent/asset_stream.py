@@ -70,6 +70,7 @@ class AssetRunner:
         self.seen_late = 0
         self.clock_steps = 0  # stream restarts after the asset's clock stepped back
         self.carried: Counter[str] = Counter()  # counts of aligners replaced by a restart
+        self.carried_readings = 0  # and their readings
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
         self._cal_v: list[np.ndarray] = []
@@ -85,6 +86,7 @@ class AssetRunner:
         if aligner:
             spec = self.model.spec
             self.carried.update(self.aligner.counts)  # health counts stay cumulative
+            self.carried_readings += self.aligner.readings
             self.seen_readings = self.seen_late = self.late_streak = 0
             self.aligner = StreamAligner(
                 self.model.schema.size,

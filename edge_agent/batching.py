@@ -50,8 +50,10 @@ class InferenceWorker:
         on_results: ResultHandler,
         max_batch: int,
         max_wait_s: float,
+        observe: Callable[[list[float]], None] | None = None,
     ) -> None:
         self.backend = backend
+        self.observe = observe  # each batch's windows' seconds from cut to scored
         self.on_results = on_results
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -124,7 +126,10 @@ class InferenceWorker:
             mask = np.stack([job.mask for job in batch])
             outputs = self.backend.run(window, mask)
             done = time.monotonic()
-            self.latencies_ms.extend((done - job.enqueued) * 1000.0 for job in batch)
+            waits = [done - job.enqueued for job in batch]
+            self.latencies_ms.extend(w * 1000.0 for w in waits)
+            if self.observe is not None:
+                self.observe(waits)
             self.batches += 1
             self.windows += len(batch)
             self.on_results(batch, outputs)

@@ -260,6 +260,26 @@ class UpdatePolicy(BaseModel):
     retry_max_s: float = Field(default=30.0, gt=0)
 
 
+class MetricsPolicy(BaseModel):
+    """Prometheus /metrics and /healthz/{live,ready} over plain HTTP."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # HOST:PORT; empty: off. Localhost by default: expose it wider on purpose (0.0.0.0:9465
+    # for a scraper on the network; nothing on it needs a secret, but it says a lot).
+    listen: str = "127.0.0.1:9465"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT with a port from 0 to 65535, or empty (off)")
+        return value
+
+
 class AgentConfig(BaseSettings):
     """The agent's settings; see docs in edge_agent/agent.example.yaml."""
 
@@ -280,6 +300,7 @@ class AgentConfig(BaseSettings):
     sync: SyncPolicy = Field(default_factory=SyncPolicy)
     shadow: ShadowPolicy = Field(default_factory=ShadowPolicy)
     updates: UpdatePolicy = Field(default_factory=UpdatePolicy)
+    metrics: MetricsPolicy = Field(default_factory=MetricsPolicy)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

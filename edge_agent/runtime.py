@@ -71,6 +71,7 @@ class EdgeRuntime:
         client_id: str,
         on_verdict: Callable[[Verdict], None] | None = None,
         device: str = "",
+        observe_batch: Callable[[list[float]], None] | None = None,
     ) -> None:
         self.config = config
         # Site topics carry it: agents sharing a broker must not overwrite each other's state.
@@ -122,6 +123,7 @@ class EdgeRuntime:
                 self._on_results,
                 config.batching.max_batch,
                 config.batching.max_wait_ms / 1000.0,
+                observe_batch,
             )
         self.mqtt = MqttConnection(
             config.mqtt,
@@ -192,6 +194,17 @@ class EdgeRuntime:
             runner.filled,
             runner.aligner.pending_readings,
         )
+
+    def threads_alive(self) -> dict[str, bool]:
+        """The data path's threads (for the liveness probe)."""
+        mqtt_thread = getattr(self.mqtt.client, "_thread", None)
+        alive = {
+            "pipeline": self._pipeline.is_alive(),
+            "mqtt": mqtt_thread is not None and mqtt_thread.is_alive(),
+        }
+        if self.worker is not None:
+            alive["inference"] = self.worker.running
+        return alive
 
     # ---- pipeline thread ----
     def _run_pipeline(self) -> None:
