@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from edge_agent.batching import WindowJob
 from edge_agent.calibration import SiteCalibration, to_network_space
@@ -198,15 +197,14 @@ class AssetRunner:
             net = to_network_space(
                 hist_v[lo:hi], cal.input_center, cal.input_scale, frame.net_center, frame.net_scale
             )
-            windows = sliding_window_view(net, length, axis=0)  # [K, N, length] views
-            masks = sliding_window_view(hist_m[lo:hi], length, axis=0)
+            masks = hist_m[lo:hi]
             for k in cut.tolist():
                 slot = first + k
                 emit(
                     WindowJob(
                         asset=self.index,
-                        window=windows[k - lo].T,
-                        mask=masks[k - lo].T,
+                        window=net[k - lo : k - lo + length],  # views, no copies
+                        mask=masks[k - lo : k - lo + length],
                         window_start=(slot - length + 1) * spec.period_s,
                         window_end=slot * spec.period_s,
                     )

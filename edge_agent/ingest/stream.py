@@ -6,7 +6,7 @@ slot's value per sensor is the latest reading at or before its time, valid (mask
 most `max_staleness_s` old. A slot closes once the newest reading of the asset is
 `lateness_s` past it, or sooner, as soon as it is complete: every sensor has a reading past
 it, or is not due to send one before it (its newest reading plus `STEP_SHARE` of its shortest
-recent interval lies past the slot). A complete slot cannot change unless a sensor's readings
+recent interval, at most the staleness bound, lies past the slot). A complete slot cannot change unless a sensor's readings
 arrive out of order or much faster than before; a sensor seen out of order does not close
 slots early again until `TRUST_AFTER_READINGS` of its readings came in order, nor does one
 stamped ahead of this device's clock. A reading that would change a closed slot is late, and
@@ -160,8 +160,13 @@ class StreamAligner:
         horizon = self.watermark if now is None else min(self.watermark, now)
         last = math.floor((horizon - self.lateness) / self.period + EPS)
         if self.close_complete:
+            # Past a sensor's newest reading by at most its staleness (or a period): further on
+            # there is nothing to close early, and a long silence must stay a gap.
+            reach = max(self.period, self.staleness)
             complete = min(
-                t + STEP_SHARE * step if not distrust and (now is None or t <= now) else -math.inf
+                t + min(STEP_SHARE * step, reach)
+                if not distrust and (now is None or t <= now)
+                else -math.inf
                 for t, step, distrust in zip(self._newest, self._step, self._distrust, strict=True)
             )
             if complete > -math.inf:
