@@ -59,6 +59,7 @@ class CloudConfig(BaseSettings):
     leader_lease_s: float = Field(default=15.0, gt=0)
     replica_id: str = ""  # empty: $POD_NAME, else host-pid
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with ids
 
     @field_validator("api_listen", "device_listen", "health_listen", "metrics_listen")
     @classmethod

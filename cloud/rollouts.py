@@ -52,6 +52,7 @@ from cloud.rollout_rules import (
 from cloud.selectors import parse_selector
 from cloud.store import Store
 from edge_agent.errors import Conflict, FailedPrecondition, InvalidInput, NotFound
+from edge_agent.logs import ids
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,12 @@ class RolloutController:
                 try:
                     changed.extend(self._advance(self.store.get_rollout(rollout.id))[1])
                 except Conflict as exc:  # an operator or a report came first: next tick
-                    log.info("rollout %s: %s; deciding again on the next tick", rollout.id, exc)
+                    log.info(
+                        "rollout %s: %s; deciding again on the next tick",
+                        rollout.id,
+                        exc,
+                        extra=ids(rollout=rollout.id),
+                    )
                 except Exception:
                     log.exception("rollout %s: reconciliation failed; retrying", rollout.id)
         return changed
@@ -248,7 +254,13 @@ class RolloutController:
                 detail=f"{name}: {report.detail}"[:500],
                 updated_at=self.clock(),
             )
-            log.warning("rollout %s: device %s failed: %s", rollout.id, device_id, target.detail)
+            log.warning(
+                "rollout %s: device %s failed: %s",
+                rollout.id,
+                device_id,
+                target.detail,
+                extra=ids(rollout=rollout.id, device=device_id),
+            )
         self.store.save_target(target)
 
     def on_shadow(self, device_id: str, report: ShadowReport) -> None:
@@ -362,10 +374,15 @@ class RolloutController:
                 more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
                 reason = f"{len(failed)} of {len(targets)} device(s) failed: {names}{more}"
                 rollout = self._with(rollout, state=RolloutState.PARTIAL, reason=reason)
-                log.warning("rollout %s finished with failures: %s", rollout.id, reason)
+                log.warning(
+                    "rollout %s finished with failures: %s",
+                    rollout.id,
+                    reason,
+                    extra=ids(rollout=rollout.id),
+                )
             else:
                 rollout = self._with(rollout, state=RolloutState.SUCCEEDED, reason="")
-                log.info("rollout %s succeeded", rollout.id)
+                log.info("rollout %s succeeded", rollout.id, extra=ids(rollout=rollout.id))
             return self.store.save_rollout(rollout)
         if wave.installed_at is None:
             soak = dt.timedelta(seconds=rollout.soak_s)
@@ -398,7 +415,9 @@ class RolloutController:
         if not last:
             rollout = self._with(rollout, current_wave=rollout.current_wave + 1)
         rollout, desired = self.store.save_rollout(rollout, updated, desired)
-        log.info("rollout %s: wave %d promoted", rollout.id, wave.index)
+        log.info(
+            "rollout %s: wave %d promoted", rollout.id, wave.index, extra=ids(rollout=rollout.id)
+        )
         return rollout, desired
 
     def _judge(
@@ -498,7 +517,7 @@ class RolloutController:
             updated.append(_moved(t, TargetState.ROLLED_BACK, t.detail or "rolled back", now))
         rollout = self._with(rollout, state=RolloutState.ABORTED, reason=reason)
         rollout, desired = self.store.save_rollout(rollout, updated, desired)
-        log.warning("rollout %s aborted: %s", rollout.id, reason)
+        log.warning("rollout %s aborted: %s", rollout.id, reason, extra=ids(rollout=rollout.id))
         return rollout, desired
 
     def _with(self, rollout: RolloutRecord, **changes: object) -> RolloutRecord:

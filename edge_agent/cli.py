@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from edge_agent.config import load_agent_config
 from edge_agent.enroll import enroll
 from edge_agent.errors import AutoglmError, ConfigError, report
 from edge_agent.files import exclusive_lock
+from edge_agent.logs import setup_logging
 from edge_agent.simulate import Fault
 
 
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--config", type=Path, help="agent.yaml (see edge_agent/agent.example.yaml)")
     run_p.add_argument("--state-dir", type=Path, help="overrides state_dir of the config")
     run_p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    run_p.add_argument(
+        "--log-format", choices=("text", "json"), help="json: one object per line, with ids"
+    )
     run_p.set_defaults(handler=cmd_run)
 
     status = sub.add_parser(
@@ -98,15 +101,26 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 LOCK_FILE = "agent.lock"
 
 
+def _device_name(state_dir: Path) -> str:
+    """The enrolled device's name for every log line ("" before enrollment)."""
+    from edge_agent.identity import load_identity
+
+    try:
+        return load_identity(state_dir).info.device_name
+    except AutoglmError:
+        return ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and args.state_dir is None:
         raise ConfigError("give --config agent.yaml or --state-dir DIR")
-    overrides = {"state_dir": args.state_dir, "log_level": args.log_level}
+    overrides = {
+        "state_dir": args.state_dir,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
     config = load_agent_config(args.config, overrides)
-    level = getattr(logging, config.log_level.upper(), None)
-    if not isinstance(level, int):
-        raise ConfigError(f"log_level '{config.log_level}' is not DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log_level, config.log_format, device=_device_name(config.state_dir))
     from edge_agent.agent import Agent, run_until_signalled
 
     # Two agents on one state directory would share an outbox, slots and an MQTT client id

@@ -302,6 +302,7 @@ class AgentConfig(BaseSettings):
     updates: UpdatePolicy = Field(default_factory=UpdatePolicy)
     metrics: MetricsPolicy = Field(default_factory=MetricsPolicy)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with ids
 
     @model_validator(mode="after")
     def _unique_assets(self) -> AgentConfig:

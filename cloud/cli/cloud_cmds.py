@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from cloud.cli.context import CliContext, default_context_path, save_context
 from edge_agent.errors import ConfigError, LocalStateError
 from edge_agent.files import exclusive_lock
+from edge_agent.logs import setup_logging
 
 if TYPE_CHECKING:
     from cloud.service.server import ControlPlane
@@ -59,6 +60,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--ports-file", type=Path, help="write the bound ports here as JSON once serving"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default from config: INFO)")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), help="json: one object per line, with ids"
+    )
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -102,6 +106,7 @@ SERVE_LOCK = "serve.lock"
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.config import load_cloud_config
+    from cloud.leader import default_replica_id
     from cloud.service.server import ControlPlane
     from cloud.state_dir import load_secrets
     from cloud.store import open_store
@@ -111,12 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "device_listen": args.device_listen,
         "database_url": args.database_url,
         "log_level": args.log_level,
+        "log_format": args.log_format,
     }
     config = load_cloud_config(args.state_dir.absolute(), {k: v for k, v in overrides.items() if v})
-    level = getattr(logging, config.log_level.upper(), None)
-    if not isinstance(level, int):
-        raise ConfigError(f"log level '{config.log_level}' is not DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(
+        config.log_level, config.log_format, replica=config.replica_id or default_replica_id()
+    )
     secrets = load_secrets(config.state_dir)
     with contextlib.ExitStack() as held:
         if config.resolved_database_url.startswith("sqlite"):
