@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: setup
 
 bench-store: setup
 	$(BIN)/python tests/benchmarks/bench_store_records.py
+
+bench-ingest: setup
+	$(BIN)/python tests/benchmarks/bench_ingest.py
 
 bench-cli: setup
 	$(BIN)/python tests/benchmarks/bench_cli_startup.py

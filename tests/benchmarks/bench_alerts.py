@@ -97,7 +97,10 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
             "mqtt": {"host": "127.0.0.1", "port": broker.port},
             "assets": [{"name": a, "topics": [f"plant/{a}/+"]} for a in assets],
             "model": {"bundle": work / "bundle"},
-            "ingest": {"max_lateness_s": args.lateness},
+            "ingest": {
+                "max_lateness_s": args.lateness,
+                "close_complete_slots": not args.no_early_close,
+            },
             "cloud": {"heartbeat_interval_s": 1.0},
         },
     )
@@ -111,14 +114,25 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
         time.sleep(0.05)
     watch = Watch(plane)
 
-    # The raw baseline: a bare paho subscriber on the same broker and readings.
+    # The raw baseline: a bare paho subscriber on the same broker and readings. It also
+    # receives the site alerts the agent publishes (first `raised` per asset and window).
     raw: list[float] = []
     sent_at: dict[bytes, float] = {}
+    site: list[tuple[float, dict[str, Any]]] = []
+
+    def on_message(_c: Any, _u: Any, m: Any) -> None:
+        if m.topic.startswith("autoglm/alerts/"):
+            event = json.loads(m.payload)
+            if event["kind"] == "raised":
+                site.append((time.time(), event))
+            return
+        raw.append(time.time() - sent_at.get(m.payload, time.time()))
+
     sub = new_client()
-    sub.on_message = lambda c, u, m: raw.append(time.time() - sent_at.get(m.payload, time.time()))
+    sub.on_message = on_message
     sub.connect("127.0.0.1", broker.port)
     sub.loop_start()
-    sub.subscribe("plant/#", qos=1)
+    sub.subscribe([("plant/#", 1), ("autoglm/alerts/#", 1)])
     pub = new_client()
     pub.max_inflight_messages_set(1000)
     pub.connect("127.0.0.1", broker.port)
@@ -145,15 +159,27 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
     if last:
         last[0].wait_for_publish(30)
     time.sleep(3)
-    latencies = []
-    for received, alert in watch.firing:
-        series = rows.get(alert.asset, [])
-        raised = alert.first_seen.ToNanoseconds() / 1e9
+
+    def since_reading(asset: str, raised: float, received: float) -> float | None:
         # The newest row at or before the raising slot's time: the reading that completed
         # the raising window (the slot's value is the latest reading at or before it).
+        series = rows.get(asset, [])
         k = bisect.bisect_right([ts for ts, _ in series], raised + 1e-6) - 1
         if k >= 0 and raised - series[k][0] <= 1.0:
-            latencies.append((received - series[k][1]) * 1000)
+            return (received - series[k][1]) * 1000
+        return None
+
+    latencies = [
+        ms
+        for received, alert in watch.firing
+        if (ms := since_reading(alert.asset, alert.first_seen.ToNanoseconds() / 1e9, received))
+        is not None
+    ]
+    on_site = [
+        ms
+        for received, event in site
+        if (ms := since_reading(event["asset"], float(event["window_end"]), received)) is not None
+    ]
     faults = sum(len(s.faults) for s in streams)
     loop.call_soon_threadsafe(stop.set)
     runner.join(20)
@@ -167,6 +193,10 @@ def latency(plane: PlaneProcess, work: Path, args: argparse.Namespace) -> dict[s
         "matched": len(latencies),
         "p50_ms": percentile(latencies, 0.5) * 1.0,
         "p99_ms": percentile(latencies, 0.99),
+        "site_alerts": len(site),
+        "site_matched": len(on_site),
+        "site_p50_ms": percentile(on_site, 0.5),
+        "site_p99_ms": percentile(on_site, 0.99),
         "raw_mqtt_p50_ms": percentile(raw, 0.5) * 1000,
         "raw_mqtt_p99_ms": percentile(raw, 0.99) * 1000,
         "readings": len(raw),
@@ -275,6 +305,12 @@ def main() -> int:
         default=0.0,
         help="the agent's ingest.max_lateness_s (0: its default, 2 sampling periods)",
     )
+    parser.add_argument(
+        "--no-early-close",
+        action="store_true",
+        help="the agent's ingest.close_complete_slots off: every slot waits the lateness",
+    )
+    parser.add_argument("--latency-only", action="store_true", help="skip the throughput part")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--events", type=int, default=200, help="alert events per device")
     args = parser.parse_args()
@@ -282,7 +318,7 @@ def main() -> int:
     plane = start_plane_process(work)
     try:
         lat = latency(plane, work, args)
-        thr = throughput(plane, work, args)
+        thr = None if args.latency_only else throughput(plane, work, args)
     finally:
         plane.stop()
     print(
@@ -292,6 +328,14 @@ def main() -> int:
         f"run ({lat['readings']} readings): p50 {lat['raw_mqtt_p50_ms']:.1f} ms, "
         f"p99 {lat['raw_mqtt_p99_ms']:.1f} ms"
     )
+    print(
+        f"on site: {lat['site_matched']}/{lat['site_alerts']} alerts on the agent's MQTT alert "
+        f"topic; reading published -> site alert: p50 {lat['site_p50_ms']:.0f} ms, "
+        f"p99 {lat['site_p99_ms']:.0f} ms"
+    )
+    if thr is None:
+        print(json.dumps({"latency": lat}, indent=1))
+        return 0
     print(
         f"throughput: {thr['devices']} devices x {args.events} alert events: "
         f"{thr['alerts_per_s']:.0f} alert events/s stored, folded and seen resolved on the "
