@@ -5,13 +5,13 @@ Slot g of the grid sits at time g * period (an absolute grid, the same on every 
 slot's value per sensor is the latest reading at or before its time, valid (mask 1) when at
 most `max_staleness_s` old. A slot closes once the newest reading of the asset is
 `lateness_s` past it, or sooner, as soon as it is complete: every sensor has a reading past
-it, or is not due to send one before it (its newest reading plus `STEP_SHARE` of its shortest
-recent interval, at most the staleness bound, lies past the slot). A complete slot cannot change unless a sensor's readings
-arrive out of order or much faster than before; a sensor seen out of order does not close
-slots early again until `TRUST_AFTER_READINGS` of its readings came in order, nor does one
-stamped ahead of this device's clock. A reading that would change a closed slot is late, and
-dropped. After
-more than `max_gap_slots` slots without any reading the stream skips to the next reading
+it, or is not due to send one before it (its newest reading plus `STEP_SHARE` of its
+shortest recent interval, at most the staleness bound, lies past the slot). A complete slot
+cannot change unless a sensor's readings arrive out of order or much faster than before; a
+sensor seen out of order does not close slots early again until `TRUST_AFTER_READINGS` of
+its readings came in order, nor does one stamped ahead of this device's clock. A reading that
+would change a closed slot is late, and dropped. After more than `max_gap_slots` slots
+without any reading the stream skips to the next reading
 (`ClosedRows.gap`): a message of sparse readings costs one row per reading, not a window of
 empty rows each.
 Out-of-order readings within the lateness are sorted in; a repeated (sensor, timestamp)
