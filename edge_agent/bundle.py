@@ -70,6 +70,7 @@ class Decision(_Strict):
     spread_tolerance: tuple[float, ...] = ()
     supervised: bool = True
     combine: str = "max"
+    alone: float = 0.0
     alert_windows: int = 3
     target_far: float = 0.05
 

@@ -27,7 +27,9 @@ data, `cloud/model/thresholds.py`):
 - `supervised`: the fault head, only where the training data had labels (and never below
   probability 0.5); it can add detections of a labelled kind, never carry the others.
 
-The window's raw score is the largest of them (`combine`), smoothed causally over the last
+The window's raw score (`combine`) is the largest of them (`max`), or (`top2`) the mean of the
+two strongest or the strongest divided by `alone`, whichever is more: there one kind needs a
+margin over its threshold unless another kind backs it. It is smoothed causally over the last
 few windows. Per-sensor tolerances (how far each sensor's level and spread wander in normal
 operation) divide the level and spread deviations first.
 """
@@ -234,19 +236,26 @@ def fault_score(out: WindowOutputs, cal: SiteCalibration, params: DecisionParams
 def score_of(values: dict[str, FloatArray], params: DecisionParams) -> FloatArray:
     """`fault_score` from evidence already computed (`evidence_values`)."""
     return combine(
-        [values[k] / t for k, t in thresholds_of(params).items() if k in values], params.combine
+        [values[k] / t for k, t in thresholds_of(params).items() if k in values],
+        params.combine,
+        params.alone,
     )
 
 
-def combine(normalised: list[FloatArray], rule: str) -> FloatArray:
+def combine(normalised: list[FloatArray], rule: str, alone: float = 0.0) -> FloatArray:
     """Evidence divided by its thresholds -> one score. `max`: any kind alone raises it;
-    `top2`: the mean of the two strongest, so a blip in one kind alone does not."""
+    `top2`: the mean of the two strongest, so a blip in one kind alone does not, or the
+    strongest divided by `alone` where that is more (`alone` 0: never one kind alone)."""
     if not normalised:
         raise InvalidInput("decision: no kind of evidence to combine")
     stacked = np.stack(normalised)
     score: FloatArray
     if rule == "top2" and stacked.shape[0] >= 2:
-        score = np.sort(stacked, axis=0)[-2:].mean(axis=0).astype(np.float32)
+        ranked = np.sort(stacked, axis=0)
+        score = ranked[-2:].mean(axis=0)
+        if alone > 0:
+            score = np.maximum(score, ranked[-1] / alone)
+        score = score.astype(np.float32)
     else:
         score = stacked.max(axis=0).astype(np.float32)
     return score

@@ -32,6 +32,9 @@ class DecisionParams:
     spread_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "max"  # how kinds of evidence make one score (`combine`)
+    # `top2`: one kind alone raises the score only at this multiple of its threshold (two
+    # kinds together at 1); 0: never alone. Bundles made before it: 0.
+    alone: float = 0.0
     # An alert needs this many windows at or above 1 (of a few more): longer than the runs
     # normal operation produced on held-out data (fitted; the agent's k may be stricter).
     alert_windows: int = 3
@@ -61,5 +64,7 @@ class DecisionParams:
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")
         if self.combine not in COMBINE_RULES:
             raise InvalidInput(f"decision: combine {self.combine!r} is not one of {COMBINE_RULES}")
+        if self.alone != 0 and not self.alone >= 1:
+            raise InvalidInput(f"decision: alone {self.alone} is neither 0 nor >= 1")
         if not 0 < self.target_far < 1:
             raise InvalidInput(f"decision: target_far {self.target_far} not in (0, 1)")

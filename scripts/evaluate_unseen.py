@@ -1,8 +1,8 @@
 """The unseen-fault protocol: how the detector does on fault kinds it has no labels for.
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
-        [--seeds 100,101,102] [--json] [train flags: --epochs, --level-window, --target-far,
-        --no-supervised, --seed]
+        [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
+        --target-far, --smoothing, --combine, --alone, --no-supervised, --seed]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
    files under `--unseen` reduced to their first `--calibration-rows` rows and no labels, then
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--smoothing", type=int, default=DecisionParams().smoothing)
     parser.add_argument("--no-supervised", action="store_true")
     parser.add_argument("--combine", default=DecisionParams().combine)
+    parser.add_argument("--alone", type=float, default=DecisionParams().alone)
+    parser.add_argument("--segments", type=int, default=TrainOptions().segments)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="copy the trained bundle here")
     args = parser.parse_args()
@@ -64,6 +66,7 @@ def main() -> None:
         name="unseen-protocol",
         version="1",
         calibration_rows=args.calibration_rows,
+        segments=args.segments,
         train=TrainParams(epochs=args.epochs, seed=args.seed),
         decision=DecisionParams(
             level_window=args.level_window,
@@ -71,6 +74,7 @@ def main() -> None:
             smoothing=args.smoothing,
             supervised=not args.no_supervised,
             combine=args.combine,
+            alone=args.alone,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

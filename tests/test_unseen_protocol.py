@@ -162,3 +162,24 @@ def test_other_machines_minute_data_and_a_constant_sensor(
     assert manifest.training["dropped_constant_sensors"] == ["setpoint"]
     assert any("setpoint" in n and "left out" in n for n in notes), notes
     assert manifest.decision.level_tolerance and len(manifest.decision.level_tolerance) == 2
+
+
+def test_one_kind_alone_needs_a_margin_two_kinds_together_do_not() -> None:
+    """`top2` with `alone`: the mean of the two strongest kinds reaches 1 with both at their
+    thresholds; one kind alone only at `alone` times its threshold; `alone` 0: never alone.
+    A manifest written before `alone` keeps its old meaning (0)."""
+    from edge_agent.bundle import Decision
+    from edge_agent.calibration import combine
+
+    def score(values: list[float], rule: str, alone: float) -> float:
+        return float(combine([np.asarray([v], dtype=np.float32) for v in values], rule, alone)[0])
+
+    assert score([1.0, 1.0, 0.0], "top2", 1.15) == pytest.approx(1.0)
+    assert score([1.1, 0.0, 0.0], "top2", 1.15) < 1.0
+    assert score([1.2, 0.0, 0.0], "top2", 1.15) >= 1.0
+    assert score([1.9, 0.0, 0.0], "top2", 0.0) < 1.0  # never alone
+    assert score([1.1, 0.0, 0.0], "max", 1.15) >= 1.0  # `max` ignores it
+    assert score([1.1], "top2", 1.15) >= 1.0  # a single kind of evidence is all there is
+    assert Decision.model_fields["alone"].default == 0.0
+    with pytest.raises(Exception, match="alone"):
+        DecisionParams(alone=0.5)

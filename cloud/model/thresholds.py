@@ -179,7 +179,7 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
     def flagged(e: EpisodeEvidence, factor: float, only: str | None = None) -> np.ndarray:
         """Which of the episode's windows the smoothed score flags."""
         used = kinds if only is None else [only]
-        raw = combine([e.values[k] / threshold(k, factor) for k in used], base.combine)
+        raw = combine([e.values[k] / threshold(k, factor) for k in used], base.combine, base.alone)
         over: np.ndarray = smooth_causal(raw, base.smoothing) >= 1.0
         return over
 
