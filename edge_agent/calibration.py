@@ -27,10 +27,10 @@ data, `cloud/model/thresholds.py`):
 - `supervised`: the fault head, only where the training data had labels (and never below
   probability 0.5); it can add detections of a labelled kind, never carry the others.
 
-The window's raw score (`combine`) is the largest of them (`max`), or (`top2`) the mean of the
-two strongest or the strongest divided by `alone`, whichever is more: there one kind needs a
-margin over its threshold unless another kind backs it. It is smoothed causally over the last
-few windows. Per-sensor tolerances (how far each sensor's level and spread wander in normal
+The window's raw score (`combine`, default `top2`) is the mean of the two strongest of them or
+the strongest divided by `alone`, whichever is more: one kind needs a margin over its
+threshold unless another kind backs it (`max`: the largest). It is smoothed causally over the
+last few windows. Per-sensor tolerances (how far each sensor's level and spread wander in normal
 operation) divide the level and spread deviations first.
 """
 
