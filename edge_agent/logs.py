@@ -63,4 +63,6 @@ def setup_logging(level: str, fmt: str = "text", **static: str) -> None:
         handler.setFormatter(JsonFormatter({k: v for k, v in static.items() if v}))
     else:
         handler.setFormatter(logging.Formatter(_TEXT))
-    logging.basicConfig(level=number, handlers=[handler], force=True)
+    # Not forced: where the root logger has handlers already (an embedding program, pytest)
+    # they stay, as `basicConfig` always did here.
+    logging.basicConfig(level=number, handlers=[handler])
