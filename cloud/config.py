@@ -39,7 +39,10 @@ class CloudConfig(BaseSettings):
     # bound on how late a device on another replica than the change gets its desired state).
     desired_poll_interval_s: float = Field(default=1.0, gt=0)
     enrollment_token_ttl_s: int = Field(default=86_400, gt=0)
-    device_cert_validity_days: int = Field(default=365, gt=0)
+    device_cert_validity_days: float = Field(default=365, gt=0)
+    # After a device renews its certificate, the old one is accepted this long (sessions
+    # open with it, a renewal whose answer was lost).
+    device_cert_grace_s: float = Field(default=7 * 86_400.0, ge=0)
     artifacts_dir: Path | None = None  # content-addressed bundle files; empty: STATE_DIR/artifacts
     max_bundle_bytes: int = Field(default=4 << 30, gt=0)
     rollout_interval_s: float = Field(default=2.0, gt=0)  # reconciliation loop period

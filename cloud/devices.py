@@ -40,10 +40,12 @@ class DeviceRegistry:
         store: Store,
         ca: CertificateAuthority,
         token_ttl: dt.timedelta,
-        cert_validity_days: int,
+        cert_validity_days: float,
         known_profiles: frozenset[str] | None = None,
         clock: Clock = utc_now,
+        cert_grace: dt.timedelta = dt.timedelta(days=7),
     ) -> None:
+        self.cert_grace = cert_grace
         self.store = store
         self.ca = ca
         self.token_ttl = token_ttl
@@ -97,11 +99,21 @@ class DeviceRegistry:
         def issue(device: DeviceRecord) -> IssuedCertificate:
             return self.ca.sign_device_csr(csr_pem, device.id, self.cert_validity_days)
 
-        def activate(cert: IssuedCertificate) -> tuple[str, str]:
-            return cert.serial, cert.fingerprint
-
-        device, cert = self.store.enroll(hash_token(token), self.clock(), issue, activate)
+        device, cert = self.store.enroll(hash_token(token), self.clock(), issue, _activate)
         return Enrollment(device=device, certificate=cert)
+
+    def renew(self, device_id: str, presented: str, csr_pem: bytes) -> IssuedCertificate:
+        """A new certificate for an active device, for the key of `csr_pem`, over mutual TLS
+        with a certificate the device accepts now (`presented`, its fingerprint)."""
+        self.ca.check_device_csr(csr_pem)
+
+        def issue(device: DeviceRecord) -> IssuedCertificate:
+            return self.ca.sign_device_csr(csr_pem, device.id, self.cert_validity_days)
+
+        _, cert = self.store.renew_certificate(
+            device_id, presented, self.clock(), self.cert_grace, issue, _activate
+        )
+        return cert
 
     def authenticate(self, device_id: str, cert_fingerprint: str) -> DeviceRecord:
         """The device a verified client certificate belongs to, if it may still act."""
@@ -110,7 +122,9 @@ class DeviceRegistry:
             raise Unauthenticated("certificate does not name a device")
         if device.state is DeviceState.REVOKED:
             raise PermissionDenied(f"device '{device.name}' is revoked")
-        if device.state is not DeviceState.ACTIVE or device.cert_fingerprint != cert_fingerprint:
+        if device.state is not DeviceState.ACTIVE or not device.accepts(
+            cert_fingerprint, self.clock()
+        ):
             raise PermissionDenied(
                 f"device '{device.name}' presented a certificate that is no longer current; "
                 "re-enroll the device"
@@ -130,3 +144,7 @@ class DeviceRegistry:
 
     def revoke(self, id_or_name: str, reason: str) -> DeviceRecord:
         return self.store.revoke_device(id_or_name, reason, self.clock())
+
+
+def _activate(cert: IssuedCertificate) -> tuple[str, str, dt.datetime]:
+    return cert.serial, cert.fingerprint, cert.not_after

@@ -34,11 +34,27 @@ class DeviceRecord:
     revoked_reason: str = ""
     cert_serial: str = ""
     cert_fingerprint: str = ""
+    cert_not_after: dt.datetime | None = None
+    previous_fingerprint: str = ""  # renewed from; accepted until previous_valid_until
+    previous_valid_until: dt.datetime | None = None
     last_seen: dt.datetime | None = None
     session_open: bool = False
     agent_version: str = ""
     status: dict[str, Any] = field(default_factory=dict)  # last AgentStatus, as a dict
     host: dict[str, Any] = field(default_factory=dict)  # last HostFacts, as a dict
+
+    def accepts(self, fingerprint: str, now: dt.datetime) -> bool:
+        """Whether a client certificate with `fingerprint` may act for this device now: the
+        current one, or the one it renewed from during the renewal's grace period."""
+        if not fingerprint:
+            return False
+        if fingerprint == self.cert_fingerprint:
+            return True
+        return (
+            fingerprint == self.previous_fingerprint
+            and self.previous_valid_until is not None
+            and now < self.previous_valid_until
+        )
 
     def is_online(self, now: dt.datetime, offline_after: dt.timedelta) -> bool:
         return (

@@ -118,7 +118,7 @@ class CertificateAuthority:
         checked_device_key(_load_csr(csr_pem))
 
     def sign_device_csr(
-        self, csr_pem: bytes, device_id: str, validity_days: int
+        self, csr_pem: bytes, device_id: str, validity_days: float
     ) -> IssuedCertificate:
         """Issues a client certificate for `device_id`; the CSR must name exactly that device."""
         csr = _load_csr(csr_pem)

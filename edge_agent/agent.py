@@ -14,9 +14,10 @@ from edge_agent import hostfacts
 from edge_agent.bundle import load_public_key
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AutoglmError, LocalStateError
-from edge_agent.identity import load_identity
+from edge_agent.identity import DeviceIdentity, load_identity
 from edge_agent.metrics import AgentMetrics, MetricsServer, health_problems
 from edge_agent.outbox import Outbox
+from edge_agent.renewal import CertificateRenewer, finish_interrupted
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.serving import ServingModel, open_serving
 from edge_agent.session import CloudSession
@@ -34,6 +35,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        finish_interrupted(config.state_dir)  # a certificate swap a crash cut short
         self.identity = load_identity(config.state_dir)
         self.started = time.monotonic()
         self.key = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
@@ -63,6 +65,16 @@ class Agent:
             self.session.post(message)
         self.updater = ModelUpdater(self)
         self.metrics.watch(self)
+        self.renewer = CertificateRenewer(
+            config.state_dir,
+            lambda: self.session.identity,
+            self._renewed,
+            self.session.address,
+            self.session.tls_server_name,
+            config.cloud.renew_at,
+            config.reconnect.backoff(),
+            config.cloud.renew_check_s,
+        )
         self.metrics_server: MetricsServer | None = None
 
     def status(self) -> agent_pb2.AgentStatus:
@@ -162,6 +174,10 @@ class Agent:
             return
         self.metrics_server.start()
 
+    def _renewed(self, identity: DeviceIdentity) -> None:
+        self.identity = identity
+        self.session.use_identity(identity)
+
     def _on_control(self, message: agent_pb2.ControlMessage) -> None:
         if message.WhichOneof("body") == "desired":
             self.updater.want(message.desired)
@@ -183,9 +199,13 @@ class Agent:
         self.runtime.start()
         self._serve_metrics()
         updates = asyncio.create_task(self.updater.run(stop))
+        renewals = asyncio.create_task(self.renewer.run(stop))
         try:
             await self.session.run(stop)
         finally:
+            renewals.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewals
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             updates.cancel()

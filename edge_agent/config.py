@@ -27,6 +27,10 @@ class CloudLink(BaseModel):
     # Nothing heard from the control plane this long (a probe goes out at half of it) ends
     # the session and reconnects: a partition that silently drops packets is noticed.
     dead_after_s: float = Field(default=15.0, ge=2)
+    # The certificate is renewed this far through its life (then retried with the reconnect
+    # backoff while the control plane cannot be reached); checked every renew_check_s.
+    renew_at: float = Field(default=0.67, gt=0, lt=1)
+    renew_check_s: float = Field(default=3600.0, gt=0)
 
 
 class ReconnectPolicy(BaseModel):

@@ -87,6 +87,7 @@ class CloudSession:
         # Reports (install, shadow) wait here until a session is open to carry them.
         self._outgoing: deque[agent_pb2.AgentMessage] = deque(maxlen=256)
         self._outgoing_ready = asyncio.Event()
+        self._restart = asyncio.Event()  # end the open session and reconnect now
 
     def post(self, message: agent_pb2.AgentMessage) -> None:
         """Queues a report; sent in order on this session or the next one."""
@@ -126,6 +127,10 @@ class CloudSession:
                 log.exception("session to %s failed unexpectedly; reconnecting", self.address)
             if stop.is_set():
                 break
+            if self._restart.is_set():
+                self._restart.clear()
+                log.info("reconnecting with the renewed certificate")
+                continue
             delay = self.backoff.next_delay()
             log.info("reconnecting in %.1fs", delay)
             with contextlib.suppress(TimeoutError):
@@ -133,6 +138,12 @@ class CloudSession:
 
     def credentials(self) -> grpc.ChannelCredentials:
         return self.identity.credentials()
+
+    def use_identity(self, identity: DeviceIdentity) -> None:
+        """New credentials (a renewed certificate): the open session ends cleanly and the
+        next one opens at once with them (event loop only)."""
+        self.identity = identity
+        self._restart.set()
 
     async def _session(self, stop: asyncio.Event) -> None:
         options = channel_options(self.tls_server_name)
@@ -224,7 +235,8 @@ class CloudSession:
     ) -> None:
         seq = 0
         stopping = asyncio.create_task(stop.wait())
-        watched = {stopping, reader} | ({sender} if sender is not None else set())
+        restarting = asyncio.create_task(self._restart.wait())
+        watched = {stopping, restarting, reader} | ({sender} if sender is not None else set())
         probe_after = self.dead_after_s / 2
         tick = min(interval, probe_after / 2)
         last_beat = time.monotonic()
@@ -270,6 +282,7 @@ class CloudSession:
                 self.stats.heartbeats_sent += 1
         finally:
             stopping.cancel()
+            restarting.cancel()
 
     async def _read(
         self, call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage]

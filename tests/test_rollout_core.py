@@ -93,7 +93,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     for i in range(4):
         device = store.create_device(f"edge-{i}", {"site": "a"}, "", T0)
         store.add_enrollment_token(device.id, f"h{i}", T0, T0 + dt.timedelta(hours=1))
-        store.enroll(f"h{i}", T0, lambda d: d.id, lambda c: ("serial", f"fp-{c}"))
+        store.enroll(f"h{i}", T0, lambda d: d.id, lambda c: ("serial", f"fp-{c}", T0))
         ids[device.name] = device.id
     for version in ("1", "2"):
         store.add_model(

@@ -381,7 +381,9 @@ def test_a_session_opened_after_the_check_began_is_not_judged_by_it() -> None:
         old = hub.open("d1", "fp-old")
         since = time.monotonic()
         new = hub.open("d1", "fp-new")  # re-enrolled and reconnected during the store read
-        ended = hub.end_stale(["d1"], {"d1": (True, "fp-old")}, PermissionDenied("x"), since)
+        ended = hub.end_stale(
+            ["d1"], {"d1": (True, frozenset({"fp-old"}))}, PermissionDenied("x"), since
+        )
         return ended, [old.outbound.qsize(), new.outbound.qsize()]
 
     ended, queued = asyncio.run(scenario())
@@ -394,7 +396,23 @@ def test_a_deleted_or_revoked_device_loses_only_the_sessions_checked() -> None:
         hub.open("gone", "fp")
         hub.open("fine", "fp")
         since = time.monotonic() + 1  # both opened before the check
-        return hub.end_stale(["gone", "fine"], {"fine": (True, "fp")}, PermissionDenied("x"),
-                             since)  # fmt: skip
+        return hub.end_stale(
+            ["gone", "fine"], {"fine": (True, frozenset({"fp"}))}, PermissionDenied("x"), since
+        )
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_session_on_the_certificate_renewed_from_lasts_while_the_grace_does() -> None:
+    async def scenario() -> list[int]:
+        hub = SessionHub()
+        hub.open("d1", "fp-old")  # opened before the device renewed
+        since = time.monotonic() + 1
+        in_grace = {"d1": (True, frozenset({"fp-new", "fp-old"}))}
+        after = {"d1": (True, frozenset({"fp-new"}))}
+        return [
+            hub.end_stale(["d1"], in_grace, PermissionDenied("x"), since),
+            hub.end_stale(["d1"], after, PermissionDenied("x"), since),
+        ]
+
+    assert asyncio.run(scenario()) == [0, 1]

@@ -110,8 +110,11 @@ def _issue(device: DeviceRecord) -> str:
     return f"cert-for-{device.id}"
 
 
-def _activate(cert: str) -> tuple[str, str]:
-    return "serial-1", "fp-" + cert[-6:]
+NOT_AFTER = NOW + dt.timedelta(days=365)
+
+
+def _activate(cert: str) -> tuple[str, str, dt.datetime]:
+    return "serial-1", "fp-" + cert[-6:], NOT_AFTER
 
 
 class StoreContract:
@@ -155,6 +158,41 @@ class StoreContract:
         assert enrolled.cert_serial == "serial-1" and enrolled.enrolled_at == NOW
         with pytest.raises(Unauthenticated, match="used already"):
             store.enroll("h1", NOW, _issue, _activate)
+
+    def test_renewal_makes_the_new_certificate_current_and_the_old_one_a_grace(
+        self, store: Store
+    ) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+        enrolled, _ = store.enroll("h1", NOW, _issue, _activate)
+        assert enrolled.cert_not_after == NOT_AFTER
+        old = enrolled.cert_fingerprint
+        later = NOW + dt.timedelta(days=200)
+        grace = dt.timedelta(hours=1)
+
+        def activate(_: str) -> tuple[str, str, dt.datetime]:
+            return "serial-2", "fp-new", later + dt.timedelta(days=365)
+
+        renewed, cert = store.renew_certificate(device.id, old, later, grace, _issue, activate)
+        assert cert == f"cert-for-{device.id}"
+        assert (renewed.cert_fingerprint, renewed.previous_fingerprint) == ("fp-new", old)
+        assert renewed.cert_not_after == later + dt.timedelta(days=365)
+        assert renewed.accepts(old, later) and renewed.accepts("fp-new", later)
+        assert not renewed.accepts(old, later + grace)
+        credentials = store.device_credentials([device.id], later)
+        assert credentials == {device.id: (True, frozenset({"fp-new", old}))}
+        after = store.device_credentials([device.id], later + grace)
+        assert after == {device.id: (True, frozenset({"fp-new"}))}
+        # A retry from the old certificate (the answer was lost) renews again, in the grace.
+        again, _ = store.renew_certificate(device.id, old, later, grace, _issue, activate)
+        assert again.previous_fingerprint == old
+        with pytest.raises(PermissionDenied, match="no longer current"):
+            store.renew_certificate(device.id, old, later + grace, grace, _issue, activate)
+        with pytest.raises(PermissionDenied, match="no longer current"):
+            store.renew_certificate(device.id, "fp-stranger", later, grace, _issue, activate)
+        store.revoke_device(device.id, "stolen", later)
+        with pytest.raises(PermissionDenied, match="may not renew"):
+            store.renew_certificate(device.id, "fp-new", later, grace, _issue, activate)
 
     def test_enroll_refuses_unknown_and_expired_tokens(self, store: Store) -> None:
         device = store.create_device("p", {}, "", NOW)

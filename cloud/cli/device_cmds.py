@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from pathlib import Path
 
 from cloud.cli import alert_cmds
@@ -167,9 +168,21 @@ def _rows(devices: list[operator_pb2.Device]) -> list[list[str]]:
                 d.profile or "-",
                 d.agent_version or "-",
                 msg.status.model_version or "-",
+                _expiry(msg, now),
             ]
         )
     return rows
+
+
+def _expiry(msg: operator_pb2.Device, now: dt.datetime) -> str:
+    """When the device's certificate expires ("-" before enrollment); agents renew it."""
+    if not msg.HasField("cert_not_after"):
+        return "-"
+    left = msg.cert_not_after.ToDatetime(tzinfo=dt.UTC) - now
+    if left.total_seconds() <= 0:
+        return f"EXPIRED {ago(msg.cert_not_after.ToDatetime(tzinfo=dt.UTC), now)}"
+    days = left.total_seconds() / 86_400
+    return f"in {days:.0f}d" if days >= 1 else f"in {left.total_seconds() / 3600:.1f}h"
 
 
 def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
@@ -181,7 +194,8 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
         print("no devices" + (f" match '{args.selector}'" if args.selector else " registered yet"))
         return 0
     print_table(
-        ["NAME", "STATE", "LAST SEEN", "LABELS", "PROFILE", "AGENT", "MODEL"], _rows(devices)
+        ["NAME", "STATE", "LAST SEEN", "LABELS", "PROFILE", "AGENT", "MODEL", "CERT EXPIRES"],
+        _rows(devices),
     )
     return 0
 
@@ -194,7 +208,7 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
     row = _rows([msg])[0]
     print(f"name:        {msg.name}\nid:          {msg.id}\nstate:       {row[1]}")
     print(f"last seen:   {row[2]}\nlabels:      {row[3]}\nprofile:     {row[4]}")
-    print(f"agent:       {row[5]}\nmodel:       {row[6]}")
+    print(f"agent:       {row[5]}\nmodel:       {row[6]}\ncertificate: expires {row[7]}")
     if msg.status.inference_backend:
         print(f"backend:     {msg.status.inference_backend}")
     if msg.host.hostname:

@@ -19,6 +19,7 @@ from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
+from cloud.service.enrollment import AttemptLimiter
 from cloud.service.metrics import PlaneMetrics
 from cloud.service.peer import device_identity
 from cloud.service.records import store_batch
@@ -32,6 +33,7 @@ from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
+RENEWALS_PER_HOUR = 12
 _CLIENT_DONE = object()
 DOWNLOAD_CHUNK = 1 << 20
 MAX_DOWNLOAD_CHUNK = (4 << 20) - (64 << 10)  # a chunk and its header fit the 4 MiB default cap
@@ -52,6 +54,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         metrics: PlaneMetrics | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
+        # Renewals per device and hour: enough for retries after lost answers.
+        self.renewals = AttemptLimiter(
+            max_failures=RENEWALS_PER_HOUR, window_s=3600.0, what="certificate renewals"
+        )
         self.alerts = alerts
         self.auth_recheck_interval_s = auth_recheck_interval_s
         self.registry = registry
@@ -61,6 +67,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.store = registry.store
         self.artifacts = artifacts
         self.rollouts = rollouts
+
+    async def RenewCertificate(
+        self,
+        request: agent_pb2.RenewCertificateRequest,
+        context: aio.ServicerContext[Any, Any],
+    ) -> agent_pb2.RenewCertificateResponse:
+        device_id, fingerprint = device_identity(context)
+        self.renewals.check(device_id)  # a device renewing in a loop is refused, not served
+        self.renewals.failed(device_id)  # counts every renewal, not only failed ones
+        cert = await asyncio.to_thread(
+            self.registry.renew, device_id, fingerprint, bytes(request.csr_pem)
+        )
+        log.info(
+            "device %s renewed its certificate: serial %s, valid until %s",
+            device_id,
+            cert.serial,
+            f"{cert.not_after:%Y-%m-%d %H:%M}Z",
+        )
+        response = agent_pb2.RenewCertificateResponse(certificate_chain_pem=cert.chain_pem)
+        response.not_after.FromDatetime(cert.not_after)
+        return response
 
     async def DownloadArtifact(
         self,

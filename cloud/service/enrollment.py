@@ -36,7 +36,9 @@ class AttemptLimiter:
         window_s: float = WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
         max_peers: int = 100_000,
+        what: str = "failed enrollment attempts",
     ) -> None:
+        self.what = what
         self.max_failures = max_failures
         self.window_s = window_s
         self.clock = clock
@@ -47,9 +49,7 @@ class AttemptLimiter:
         start, count = self._failures.get(peer, (0.0, 0))
         left = start + self.window_s - self.clock()
         if count >= self.max_failures and left > 0:
-            raise RateLimited(
-                f"{count} failed enrollment attempts from {peer}; try again in {left:.0f} s"
-            )
+            raise RateLimited(f"{count} {self.what} from {peer}; try again in {left:.0f} s")
 
     def failed(self, peer: str) -> None:
         now = self.clock()

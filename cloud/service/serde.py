@@ -84,6 +84,7 @@ def device_to_proto(device: DeviceRecord, online: bool) -> operator_pb2.Device:
         ("created_at", device.created_at),
         ("enrolled_at", device.enrolled_at),
         ("revoked_at", device.revoked_at),
+        ("cert_not_after", device.cert_not_after),
     ):
         ts = timestamp(value)
         if ts is not None:

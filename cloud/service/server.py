@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from cloud.alerts import AlertFeed
 from cloud.artifacts import LocalArtifactStore
 from cloud.catalog import ModelCatalog
+from cloud.clock import utc_now
 from cloud.config import CloudConfig
 from cloud.devices import DeviceRegistry
 from cloud.domain import DesiredModel
@@ -94,6 +95,7 @@ class ControlPlane:
             token_ttl=dt.timedelta(seconds=config.enrollment_token_ttl_s),
             cert_validity_days=config.device_cert_validity_days,
             known_profiles=_known_profiles(config.profiles_dir),
+            cert_grace=dt.timedelta(seconds=config.device_cert_grace_s),
         )
         self.artifacts = LocalArtifactStore(config.resolved_artifacts_dir)
         self.catalog = ModelCatalog(
@@ -320,7 +322,7 @@ class ControlPlane:
         ids = self.hub.device_ids()
         if not ids:
             return
-        current = await asyncio.to_thread(self.store.device_credentials, ids)
+        current = await asyncio.to_thread(self.store.device_credentials, ids, utc_now())
         self.hub.end_stale(
             ids,
             current,

@@ -81,7 +81,7 @@ class SessionHub:
     def end_stale(
         self,
         checked: list[str],
-        current: dict[str, tuple[bool, str]],
+        current: dict[str, tuple[bool, frozenset[str]]],
         error: AutoglmError,
         since: float,
     ) -> int:
@@ -92,11 +92,11 @@ class SessionHub:
         store was read before them. Returns how many ended."""
         ended = 0
         for device_id in checked:
-            active, fingerprint = current.get(device_id, (False, ""))
+            active, accepted = current.get(device_id, (False, frozenset()))
             for live in list(self._by_device.get(device_id, ())):
                 if live.opened_at >= since:
                     continue
-                if not active or (live.fingerprint and live.fingerprint != fingerprint):
+                if not active or (live.fingerprint and live.fingerprint not in accepted):
                     live.end(error)
                     ended += 1
         if ended:

@@ -74,11 +74,27 @@ class Store(abc.ABC):
         token_hash: str,
         now: dt.datetime,
         issue: Callable[[DeviceRecord], T],
-        activate: Callable[[T], tuple[str, str]],
+        activate: Callable[[T], tuple[str, str, dt.datetime]],
     ) -> tuple[DeviceRecord, T]:
         """Atomically: check the token (Unauthenticated if unknown, used or expired), call
         `issue` for the device, mark the token used and the device active with the
-        (serial, fingerprint) that `activate` returns. Nothing changes when `issue` raises."""
+        (serial, fingerprint, not after) that `activate` returns. Nothing changes when
+        `issue` raises."""
+
+    @abc.abstractmethod
+    def renew_certificate(
+        self,
+        device_id: str,
+        presented: str,
+        now: dt.datetime,
+        grace: dt.timedelta,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str, dt.datetime]],
+    ) -> tuple[DeviceRecord, T]:
+        """Atomically: check that the active device accepts the `presented` certificate
+        (PermissionDenied if not), call `issue`, and make what `activate` returns current;
+        the certificate presented stays accepted for `grace` (a retry after a lost answer
+        renews again from it)."""
 
     # ---- presence ----
     @abc.abstractmethod
@@ -96,9 +112,12 @@ class Store(abc.ABC):
         rollout names it; NotFound when unknown)."""
 
     @abc.abstractmethod
-    def device_credentials(self, device_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
-        """For each device id found: (may act -- enrolled and not revoked, its current
-        certificate fingerprint). Replicas compare open sessions against it."""
+    def device_credentials(
+        self, device_ids: Sequence[str], now: dt.datetime
+    ) -> dict[str, tuple[bool, frozenset[str]]]:
+        """For each device id found: (may act -- enrolled and not revoked, the certificate
+        fingerprints it accepts now: the current one, and the one it renewed from while the
+        renewal's grace lasts). Replicas compare open sessions against it."""
 
     @abc.abstractmethod
     def revoked_since(self, since: dt.datetime) -> list[str]:

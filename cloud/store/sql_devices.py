@@ -124,7 +124,7 @@ class DeviceTables(SqlBase):
         token_hash: str,
         now: dt.datetime,
         issue: Callable[[DeviceRecord], T],
-        activate: Callable[[T], tuple[str, str]],
+        activate: Callable[[T], tuple[str, str, dt.datetime]],
     ) -> tuple[DeviceRecord, T]:
         with self._tx() as s:
             token = s.get(EnrollmentTokenRow, token_hash)
@@ -142,7 +142,7 @@ class DeviceTables(SqlBase):
             if row.state == DeviceState.REVOKED.value:
                 raise PermissionDenied(f"device '{row.name}' is revoked")
             issued = issue(_device(row))
-            serial, fingerprint = activate(issued)
+            serial, fingerprint, not_after = activate(issued)
             # The conditional update makes the token single-use even under concurrent calls.
             claimed = s.execute(
                 update(EnrollmentTokenRow)
@@ -159,6 +159,38 @@ class DeviceTables(SqlBase):
             row.enrolled_at = now
             row.cert_serial = serial
             row.cert_fingerprint = fingerprint
+            row.cert_not_after = not_after
+            row.previous_fingerprint = ""
+            row.previous_valid_until = None
+            return _device(row), issued
+
+    def renew_certificate(
+        self,
+        device_id: str,
+        presented: str,
+        now: dt.datetime,
+        grace: dt.timedelta,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str, dt.datetime]],
+    ) -> tuple[DeviceRecord, T]:
+        with self._tx() as s:
+            row = self._device_row(s, device_id, for_update=True)
+            device = _device(row)
+            if row.id != device_id or row.state != DeviceState.ACTIVE.value:
+                raise PermissionDenied(f"device '{row.name}' may not renew its certificate")
+            if not device.accepts(presented, now):
+                raise PermissionDenied(
+                    f"device '{row.name}' presented a certificate that is no longer current; "
+                    "re-enroll the device"
+                )
+            issued = issue(device)
+            serial, fingerprint, not_after = activate(issued)
+            if presented == row.cert_fingerprint:  # else: a retry with the one renewed from
+                row.previous_fingerprint = row.cert_fingerprint
+                row.previous_valid_until = now + grace
+            row.cert_serial = serial
+            row.cert_fingerprint = fingerprint
+            row.cert_not_after = not_after
             return _device(row), issued
 
     # ---- presence ----
@@ -218,13 +250,22 @@ class DeviceTables(SqlBase):
             s.delete(row)  # tokens, records, alerts, targets, desired state: ON DELETE CASCADE
             return device
 
-    def device_credentials(self, device_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
-        found: dict[str, tuple[bool, str]] = {}
+    def device_credentials(
+        self, device_ids: Sequence[str], now: dt.datetime
+    ) -> dict[str, tuple[bool, frozenset[str]]]:
+        found: dict[str, tuple[bool, frozenset[str]]] = {}
         with self._tx() as s:
             for start in range(0, len(device_ids), 500):
-                query = select(DeviceRow.id, DeviceRow.state, DeviceRow.cert_fingerprint).where(
-                    DeviceRow.id.in_(device_ids[start : start + 500])
-                )
-                for device_id, state, fingerprint in s.execute(query).all():
-                    found[device_id] = (state == DeviceState.ACTIVE.value, fingerprint)
+                query = select(
+                    DeviceRow.id,
+                    DeviceRow.state,
+                    DeviceRow.cert_fingerprint,
+                    DeviceRow.previous_fingerprint,
+                    DeviceRow.previous_valid_until,
+                ).where(DeviceRow.id.in_(device_ids[start : start + 500]))
+                for device_id, state, current, previous, until in s.execute(query).all():
+                    valid = {current}
+                    if previous and until is not None and now < until:
+                        valid.add(previous)
+                    found[device_id] = (state == DeviceState.ACTIVE.value, frozenset(valid))
         return found

@@ -60,6 +60,10 @@ class DeviceRow(Base):
     revoked_reason: Mapped[str] = mapped_column(Text, default="")
     cert_serial: Mapped[str] = mapped_column(String(64), default="")
     cert_fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    cert_not_after: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The certificate renewed from: accepted until previous_valid_until (a renewal's grace).
+    previous_fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    previous_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     session_open: Mapped[bool] = mapped_column(Boolean, default=False)
     agent_version: Mapped[str] = mapped_column(String(32), default="")

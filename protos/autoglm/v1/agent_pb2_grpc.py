@@ -45,6 +45,11 @@ class AgentServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/autoglm.v1.AgentService/RenewCertificate',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -66,6 +71,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A new certificate for a new key, before the current one expires. The certificate the
+        call was made with stays accepted for the control plane's grace period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_agent__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class AgentService:
             '/autoglm.v1.AgentService/DownloadArtifact',
             protos_dot_autoglm_dot_v1_dot_agent__pb2.DownloadArtifactRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_agent__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.AgentService/RenewCertificate',
+            protos_dot_autoglm_dot_v1_dot_agent__pb2.RenewCertificateRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_agent__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class AgentServiceStub:
     """
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_agent_pb2.DownloadArtifactRequest, _agent_pb2.ArtifactChunk]
     """Streams one content-addressed artifact from `offset` on (resume after an interruption)."""
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RenewCertificateRequest, _agent_pb2.RenewCertificateResponse]
+    """A new certificate for a new key, before the current one expires. The certificate the
+    call was made with stays accepted for the control plane's grace period.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -51,6 +55,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_agent_pb2.DownloadArtifactRequest, _agent_pb2.ArtifactChunk]  # type: ignore[assignment]
     """Streams one content-addressed artifact from `offset` on (resume after an interruption)."""
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_agent_pb2.RenewCertificateRequest, _agent_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """A new certificate for a new key, before the current one expires. The certificate the
+    call was made with stays accepted for the control plane's grace period.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every call is authenticated by the device's client certificate; the device acts only as itself."""
@@ -72,5 +80,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ArtifactChunk], _abc.AsyncIterator[_agent_pb2.ArtifactChunk]]:
         """Streams one content-addressed artifact from `offset` on (resume after an interruption)."""
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _agent_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.RenewCertificateResponse, _abc.Awaitable[_agent_pb2.RenewCertificateResponse]]:
+        """A new certificate for a new key, before the current one expires. The certificate the
+        call was made with stays accepted for the control plane's grace period.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -85,6 +85,7 @@ class Device(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     DESIRED_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CERT_NOT_AFTER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     profile: _builtins.str
@@ -106,6 +107,10 @@ class Device(_message.Message):
     def status(self) -> _agent_pb2.AgentStatus: ...
     @_builtins.property
     def host(self) -> _common_pb2.HostFacts: ...
+    @_builtins.property
+    def cert_not_after(self) -> _timestamp_pb2.Timestamp:
+        """when its certificate expires"""
+
     def __init__(
         self,
         *,
@@ -123,10 +128,11 @@ class Device(_message.Message):
         status: _agent_pb2.AgentStatus | None = ...,
         host: _common_pb2.HostFacts | None = ...,
         desired_model_version: _builtins.str = ...,
+        cert_not_after: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "enrolled_at", b"enrolled_at", "host", b"host", "last_seen", b"last_seen", "revoked_at", b"revoked_at", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "created_at", b"created_at", "enrolled_at", b"enrolled_at", "host", b"host", "last_seen", b"last_seen", "revoked_at", b"revoked_at", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "created_at", b"created_at", "desired_model_version", b"desired_model_version", "enrolled_at", b"enrolled_at", "host", b"host", "id", b"id", "labels", b"labels", "last_seen", b"last_seen", "name", b"name", "online", b"online", "profile", b"profile", "revoked_at", b"revoked_at", "state", b"state", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "cert_not_after", b"cert_not_after", "created_at", b"created_at", "desired_model_version", b"desired_model_version", "enrolled_at", b"enrolled_at", "host", b"host", "id", b"id", "labels", b"labels", "last_seen", b"last_seen", "name", b"name", "online", b"online", "profile", b"profile", "revoked_at", b"revoked_at", "state", b"state", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
