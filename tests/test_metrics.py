@@ -124,6 +124,8 @@ def test_prometheus_scrapes_both_sides_after_real_traffic(
         wait_for(lambda: scraped('autoglm_devices{state="active"}', 1), timeout=30)
         wait_for(lambda: scraped("autoglm_devices_online", 1), timeout=30)
         wait_for(lambda: scraped("autoglm_sessions_open", 1), timeout=30)
+        expiry = prometheus.value('autoglm_device_cert_expiry_timestamp_seconds{device="edge-1"}')
+        assert expiry is not None and expiry > time.time() + 300 * 86_400, expiry
         assert prometheus.value('autoglm_agent_calibrated{asset="pump-1"}') == 1
         assert prometheus.value("autoglm_agent_mqtt_connected") == 1
         models = prometheus.query("autoglm_agent_model_info")

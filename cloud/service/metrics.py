@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cloud.clock import utc_now
+from cloud.domain import DeviceState
 from cloud.store.base import Store
 from edge_agent.errors import LocalStateError
 
@@ -154,14 +155,21 @@ class FleetCollector(Collector):
             "Seconds since each device's last report, for devices that have reported.",
             labels=("device",),
         )
+        expiry = GaugeMetricFamily(
+            "autoglm_device_cert_expiry_timestamp_seconds",
+            "When each enrolled device's certificate expires (agents renew it before).",
+            labels=("device",),
+        )
         for d in devices:
+            if d.cert_not_after is not None and d.state is DeviceState.ACTIVE:
+                expiry.add_metric([d.name], d.cert_not_after.timestamp())
             if d.last_seen is None:
                 continue
             seen.add_metric([d.name], d.last_seen.timestamp())
             lag.add_metric([d.name], (now - d.last_seen).total_seconds())
             health = d.status.get("health", {})
             depth.add_metric([d.name], float(health.get("outbox_depth", 0)))
-        yield from (seen, depth, lag)
+        yield from (seen, depth, lag, expiry)
 
 
 class CallMetrics(aio.ServerInterceptor):
