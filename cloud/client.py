@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -238,6 +239,26 @@ class OperatorClient:
         return list(
             self._call(self._stub.ListWebhooks, operator_pb2.ListWebhooksRequest()).webhooks
         )
+
+    def add_operator(self, name: str, role: str) -> operator_pb2.AddOperatorResponse:
+        request = operator_pb2.AddOperatorRequest(name=name, role=role)
+        return self._call(self._stub.AddOperator, request)
+
+    def list_operators(self) -> list[operator_pb2.Operator]:
+        request = operator_pb2.ListOperatorsRequest()
+        return list(self._call(self._stub.ListOperators, request).operators)
+
+    def revoke_operator(self, name: str) -> operator_pb2.Operator:
+        request = operator_pb2.RevokeOperatorRequest(name=name)
+        return self._call(self._stub.RevokeOperator, request)
+
+    def list_audit(
+        self, since: dt.datetime | None = None, operator: str = "", limit: int = 100
+    ) -> list[operator_pb2.AuditEntry]:
+        request = operator_pb2.ListAuditRequest(operator=operator, limit=limit)
+        if since is not None:
+            request.since.FromDatetime(since)
+        return list(self._call(self._stub.ListAudit, request).entries)
 
     def remove_webhook(self, webhook_id: str) -> operator_pb2.Webhook:
         return self._call(

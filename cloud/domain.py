@@ -73,6 +73,21 @@ class OperatorRecord:
     name: str
     created_at: dt.datetime
     revoked_at: dt.datetime | None = None
+    role: str = "admin"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One mutating operator call, as the audit log keeps it."""
+
+    at: dt.datetime
+    operator: str
+    role: str
+    method: str
+    target: str
+    code: str  # a gRPC status code name
+    detail: str = ""
+    id: int = 0
 
 
 @dataclass(frozen=True)

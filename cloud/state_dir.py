@@ -91,7 +91,9 @@ def init_state_dir(
         token = new_token(OPERATOR_PREFIX)
         store = open_store(url)
         try:
-            store.add_operator(operator_name, hash_token(token), dt.datetime.now(dt.UTC))
+            store.add_operator(
+                operator_name, hash_token(token), dt.datetime.now(dt.UTC), role="admin"
+            )
         finally:
             store.close()
         if state_dir.exists():

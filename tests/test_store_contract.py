@@ -15,6 +15,7 @@ from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
     AlertState,
+    AuditEntry,
     DesiredModel,
     DeviceRecord,
     DeviceState,
@@ -290,6 +291,35 @@ class StoreContract:
             store.operator_by_token_hash("hash-b")
         with pytest.raises(AlreadyExists):
             store.add_operator("admin", "hash-c", NOW)
+
+    def test_operator_roles_revocation_and_the_audit_log(self, store: Store) -> None:
+        store.add_operator("admin", "hash-a", NOW, role="admin")
+        viewer = store.add_operator("vera", "hash-v", NOW, role="viewer")
+        assert store.operator_by_token_hash("hash-v").role == "viewer" == viewer.role
+        assert [(o.name, o.role) for o in store.list_operators()] == [
+            ("admin", "admin"),
+            ("vera", "viewer"),
+        ]
+        with pytest.raises(FailedPrecondition, match="last admin"):
+            store.revoke_operator("admin", NOW)
+        assert store.revoke_operator("vera", NOW).revoked_at == NOW
+        with pytest.raises(Unauthenticated):
+            store.operator_by_token_hash("hash-v")
+        with pytest.raises(NotFound):
+            store.revoke_operator("nobody", NOW)
+        for i, who in enumerate(("admin", "vera", "admin")):
+            store.add_audit(
+                AuditEntry(
+                    at=NOW + dt.timedelta(minutes=i), operator=who, role="admin",
+                    method=f"M{i}", target="x" * 2000, code="OK",
+                )
+            )  # fmt: skip
+        newest = store.list_audit(None, "", 10)
+        assert [e.method for e in newest] == ["M2", "M1", "M0"]
+        assert len(newest[0].target) == 512  # bounded to its column
+        assert [e.method for e in store.list_audit(None, "admin", 10)] == ["M2", "M0"]
+        since = NOW + dt.timedelta(minutes=1)
+        assert [e.method for e in store.list_audit(since, "", 1)] == ["M2"]
 
     # ---- alerts ----
     def test_edge_events_group_into_alerts_exactly_once(self, store: Store) -> None:

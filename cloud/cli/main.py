@@ -15,6 +15,7 @@ from cloud.cli import (
     demo_cmds,
     device_cmds,
     model_cmds,
+    operator_cmds,
     rollout_cmds,
     webhook_cmds,
 )
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout_cmds.add_parsers(sub)
     alert_cmds.add_parsers(sub)
     webhook_cmds.add_parsers(sub)
+    operator_cmds.add_parsers(sub)
     demo_cmds.add_parsers(sub)
     return parser
 

@@ -27,6 +27,10 @@ _NAME = 128  # device, model, operator and sensor names
 _VERSION = 64
 _ID = 36  # uuids; alert ids may be given as a short prefix
 STRING_LIMITS: dict[str, int] = {
+    "autoglm.v1.AddOperatorRequest.name": _NAME,
+    "autoglm.v1.AddOperatorRequest.role": 16,
+    "autoglm.v1.RevokeOperatorRequest.name": _NAME,
+    "autoglm.v1.ListAuditRequest.operator": _NAME,
     "autoglm.v1.Hello.agent_version": 32,
     "autoglm.v1.EnrollRequest.agent_version": 32,
     "autoglm.v1.AgentStatus.model_name": _NAME,

@@ -9,12 +9,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from cloud.clock import utc_now
+from cloud.domain import AuditEntry
 from cloud.service.bounds import check_message, check_request_message
+from cloud.service.roles import audited, authorize, target_of
 from cloud.store import Store
 from cloud.tokens import hash_token
 from edge_agent.errors import AutoglmError, Unauthenticated
@@ -38,10 +42,10 @@ class OperatorTokens:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._cache: dict[str, tuple[float, str]] = {}
+        self._cache: dict[str, tuple[float, Caller]] = {}
 
-    async def check(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
-        """The operator's name; Unauthenticated when the token is missing or unknown."""
+    async def check(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Caller:
+        """The operator; Unauthenticated when the token is missing or unknown."""
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             raise Unauthenticated(
@@ -54,12 +58,19 @@ class OperatorTokens:
             raise Unauthenticated("the authorization header must be 'Bearer <operator token>'")
         digest = hash_token(token.strip())
         now = time.monotonic()
-        expires, name = self._cache.get(digest, (0.0, ""))
+        expires, caller = self._cache.get(digest, (0.0, Caller("", "")))
         if expires > now:
-            return name
+            return caller
         operator = await asyncio.to_thread(self.store.operator_by_token_hash, digest)
-        self._cache[digest] = (now + TOKEN_CACHE_S, operator.name)
-        return operator.name
+        caller = Caller(operator.name, operator.role)
+        self._cache[digest] = (now + TOKEN_CACHE_S, caller)
+        return caller
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str
 
 
 class CallGuard(aio.ServerInterceptor):
@@ -113,30 +124,79 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
 
         return each()
 
+    name = method.rsplit("/", 1)[-1]
+
+    async def authorized() -> Caller | None:
+        if tokens is None:
+            return None
+        caller = await tokens.check(metadata)
+        current_operator.set(caller.name)
+        return caller
+
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        caller, outcome = None, ("OK", "")
         try:
-            if tokens is not None:
-                current_operator.set(await tokens.check(metadata))
+            caller = await authorized()
+            if caller is not None:
+                authorize(caller.role, name)
             result = behavior(checked(request), context)
             return await result if inspect.isawaitable(result) else result
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
+            outcome = _outcome(exc)
             await _abort(context, method, exc)
+        finally:
+            if caller is not None and tokens is not None and audited(name):
+                target = "" if streaming_request else target_of(request)
+                await _audit(tokens.store, caller, name, target, outcome)
 
     async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        caller, outcome = None, ("OK", "")
         try:
-            if tokens is not None:
-                current_operator.set(await tokens.check(metadata))
+            caller = await authorized()
+            if caller is not None:
+                authorize(caller.role, name)
             result = behavior(checked(request), context)
             async for item in result:
                 yield item
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
+            outcome = _outcome(exc)
             await _abort(context, method, exc)
+        finally:
+            if caller is not None and tokens is not None and audited(name):
+                target = "" if streaming_request else target_of(request)
+                await _audit(tokens.store, caller, name, target, outcome)
 
     return factory(
         streaming if streaming_response else unary,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _outcome(exc: BaseException) -> tuple[str, str]:
+    """(status code name, detail) an audited call ended with."""
+    if isinstance(exc, AutoglmError):
+        return exc.grpc_code.name, _bounded(str(exc))
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED", ""
+    if isinstance(exc, aio.AbortError):
+        return "ABORTED", ""
+    return "INTERNAL", type(exc).__name__
+
+
+async def _audit(
+    store: Store, caller: Caller, method: str, target: str, outcome: tuple[str, str]
+) -> None:
+    """Writes the call to the audit log; a store that cannot take it is logged, and the
+    call's own result stands."""
+    entry = AuditEntry(
+        at=utc_now(), operator=caller.name, role=caller.role, method=method,
+        target=target, code=outcome[0], detail=outcome[1],
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(store.add_audit, entry)
+    except Exception as exc:  # noqa: BLE001 - never fails the call it records
+        log.error("audit log: cannot record %s by %s (%s)", method, caller.name, exc)
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> None:

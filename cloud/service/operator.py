@@ -18,6 +18,7 @@ from cloud.domain import DesiredModel, DeviceRecord, Gates
 from cloud.rollout_rules import waiting_for
 from cloud.rollouts import RolloutController
 from cloud.selectors import parse_selector
+from cloud.service.operator_admin import AdminCalls
 from cloud.service.operator_alerts import AlertCalls
 from cloud.service.serde import (
     bundle_chunks,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_TTL_S = 30 * 86_400
 
 
-class OperatorServicer(AlertCalls, operator_pb2_grpc.OperatorServiceServicer):
+class OperatorServicer(AlertCalls, AdminCalls, operator_pb2_grpc.OperatorServiceServicer):
     def __init__(
         self,
         registry: DeviceRegistry,

@@ -11,6 +11,7 @@ from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
     AlertRecord,
+    AuditEntry,
     Delivery,
     DesiredModel,
     DeviceRecord,
@@ -291,7 +292,25 @@ class Store(abc.ABC):
 
     # ---- operators ----
     @abc.abstractmethod
-    def add_operator(self, name: str, token_hash: str, now: dt.datetime) -> OperatorRecord: ...
+    def add_operator(
+        self, name: str, token_hash: str, now: dt.datetime, role: str = "admin"
+    ) -> OperatorRecord:
+        """AlreadyExists when the name is taken."""
+
+    @abc.abstractmethod
+    def list_operators(self) -> list[OperatorRecord]:
+        """By name, revoked ones too."""
+
+    @abc.abstractmethod
+    def revoke_operator(self, name: str, now: dt.datetime) -> OperatorRecord:
+        """NotFound when there is none; FailedPrecondition for the last active admin."""
+
+    @abc.abstractmethod
+    def add_audit(self, entry: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    def list_audit(self, since: dt.datetime | None, operator: str, limit: int) -> list[AuditEntry]:
+        """Newest first."""
 
     @abc.abstractmethod
     def operator_by_token_hash(self, token_hash: str) -> OperatorRecord:

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from cloud.domain import (
+    AuditEntry,
     OperatorRecord,
 )
 from cloud.store.base import Store
@@ -24,6 +25,7 @@ from cloud.store.sql_rollouts import RolloutTables
 from cloud.store.sql_webhooks import WebhookTables
 from cloud.store.tables import (
     AlertRow,
+    AuditRow,
     DeliveryRow,
     DeviceRow,
     OperatorRow,
@@ -31,6 +33,8 @@ from cloud.store.tables import (
 )
 from edge_agent.errors import (
     AlreadyExists,
+    FailedPrecondition,
+    NotFound,
     Unauthenticated,
     Unavailable,
 )
@@ -85,14 +89,78 @@ class SqlStore(
             }
 
     # ---- operators ----
-    def add_operator(self, name: str, token_hash: str, now: dt.datetime) -> OperatorRecord:
-        row = OperatorRow(id=str(uuid.uuid4()), name=name, token_hash=token_hash, created_at=now)
+    def add_operator(
+        self, name: str, token_hash: str, now: dt.datetime, role: str = "admin"
+    ) -> OperatorRecord:
+        row = OperatorRow(
+            id=str(uuid.uuid4()), name=name, token_hash=token_hash, created_at=now, role=role
+        )
         try:
             with self._tx() as s:
                 s.add(row)
         except SAIntegrityError:
             raise AlreadyExists(f"an operator named '{name}' exists already") from None
         return _operator(row)
+
+    def list_operators(self) -> list[OperatorRecord]:
+        with self._tx() as s:
+            return [_operator(r) for r in s.scalars(select(OperatorRow).order_by(OperatorRow.name))]
+
+    def revoke_operator(self, name: str, now: dt.datetime) -> OperatorRecord:
+        with self._tx() as s:
+            row = s.scalars(
+                select(OperatorRow).where(OperatorRow.name == name).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"no operator named '{name}'")
+            if row.revoked_at is None and row.role == "admin":
+                admins = s.scalar(
+                    select(func.count())
+                    .select_from(OperatorRow)
+                    .where(OperatorRow.role == "admin", OperatorRow.revoked_at.is_(None))
+                )
+                if (admins or 0) <= 1:
+                    raise FailedPrecondition(
+                        f"'{name}' is the last admin: add another admin before revoking it"
+                    )
+            if row.revoked_at is None:
+                row.revoked_at = now
+            return _operator(row)
+
+    def add_audit(self, entry: AuditEntry) -> None:
+        with self._tx() as s:
+            s.add(
+                AuditRow(
+                    at=entry.at,
+                    operator=entry.operator[:128],
+                    role=entry.role[:16],
+                    method=entry.method[:64],
+                    target=entry.target[:512],
+                    code=entry.code[:32],
+                    detail=entry.detail[:1024],
+                )
+            )
+
+    def list_audit(self, since: dt.datetime | None, operator: str, limit: int) -> list[AuditEntry]:
+        query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(AuditRow.at >= since)
+        if operator:
+            query = query.where(AuditRow.operator == operator)
+        with self._tx() as s:
+            return [
+                AuditEntry(
+                    id=r.id,
+                    at=r.at,
+                    operator=r.operator,
+                    role=r.role,
+                    method=r.method,
+                    target=r.target,
+                    code=r.code,
+                    detail=r.detail,
+                )
+                for r in s.scalars(query)
+            ]
 
     def operator_by_token_hash(self, token_hash: str) -> OperatorRecord:
         with self._tx() as s:
@@ -107,7 +175,11 @@ class SqlStore(
 
 def _operator(row: OperatorRow) -> OperatorRecord:
     return OperatorRecord(
-        id=row.id, name=row.name, created_at=row.created_at, revoked_at=row.revoked_at
+        id=row.id,
+        name=row.name,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        role=row.role or "admin",
     )
 
 

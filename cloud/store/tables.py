@@ -90,6 +90,24 @@ class OperatorRow(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    role: Mapped[str] = mapped_column(String(16), default="admin")
+
+
+class AuditRow(Base):
+    """One mutating operator call: who, what, when, with which result."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    operator: Mapped[str] = mapped_column(String(128), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(512))
+    code: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(1024))
 
 
 class PredictionRow(Base):

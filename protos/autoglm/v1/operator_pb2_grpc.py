@@ -164,6 +164,26 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveWebhookRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.FromString,
                 _registered_method=True)
+        self.AddOperator = channel.unary_unary(
+                '/autoglm.v1.OperatorService/AddOperator',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorResponse.FromString,
+                _registered_method=True)
+        self.ListOperators = channel.unary_unary(
+                '/autoglm.v1.OperatorService/ListOperators',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListOperatorsRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListOperatorsResponse.FromString,
+                _registered_method=True)
+        self.RevokeOperator = channel.unary_unary(
+                '/autoglm.v1.OperatorService/RevokeOperator',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeOperatorRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Operator.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/autoglm.v1.OperatorService/ListAudit',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -335,6 +355,32 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddOperator(self, request, context):
+        """Operators (admin): roles viewer, operator, admin; tokens are shown once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperators(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Every mutating operator call, newest first (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -467,6 +513,26 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.RemoveWebhook,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveWebhookRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.SerializeToString,
+            ),
+            'AddOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddOperator,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorResponse.SerializeToString,
+            ),
+            'ListOperators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperators,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListOperatorsRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListOperatorsResponse.SerializeToString,
+            ),
+            'RevokeOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperator,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeOperatorRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Operator.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAuditRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1171,6 +1237,114 @@ class OperatorService:
             '/autoglm.v1.OperatorService/RemoveWebhook',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveWebhookRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/AddOperator',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListOperators',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListOperatorsRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListOperatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/RevokeOperator',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeOperatorRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Operator.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListAudit',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

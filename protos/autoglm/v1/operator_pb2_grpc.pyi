@@ -72,6 +72,12 @@ class OperatorServiceStub:
     AddWebhook: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AddWebhookRequest, _operator_pb2.Webhook]
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListWebhooksRequest, _operator_pb2.ListWebhooksResponse]
     RemoveWebhook: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RemoveWebhookRequest, _operator_pb2.Webhook]
+    AddOperator: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AddOperatorRequest, _operator_pb2.AddOperatorResponse]
+    """Operators (admin): roles viewer, operator, admin; tokens are shown once."""
+    ListOperators: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListOperatorsRequest, _operator_pb2.ListOperatorsResponse]
+    RevokeOperator: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeOperatorRequest, _operator_pb2.Operator]
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListAuditRequest, _operator_pb2.ListAuditResponse]
+    """Every mutating operator call, newest first (admin)."""
 
 @_typing.type_check_only
 class OperatorServiceAsyncStub(OperatorServiceStub):
@@ -115,6 +121,12 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     AddWebhook: _aio.UnaryUnaryMultiCallable[_operator_pb2.AddWebhookRequest, _operator_pb2.Webhook]  # type: ignore[assignment]
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListWebhooksRequest, _operator_pb2.ListWebhooksResponse]  # type: ignore[assignment]
     RemoveWebhook: _aio.UnaryUnaryMultiCallable[_operator_pb2.RemoveWebhookRequest, _operator_pb2.Webhook]  # type: ignore[assignment]
+    AddOperator: _aio.UnaryUnaryMultiCallable[_operator_pb2.AddOperatorRequest, _operator_pb2.AddOperatorResponse]  # type: ignore[assignment]
+    """Operators (admin): roles viewer, operator, admin; tokens are shown once."""
+    ListOperators: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListOperatorsRequest, _operator_pb2.ListOperatorsResponse]  # type: ignore[assignment]
+    RevokeOperator: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeOperatorRequest, _operator_pb2.Operator]  # type: ignore[assignment]
+    ListAudit: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListAuditRequest, _operator_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """Every mutating operator call, newest first (admin)."""
 
 class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -311,5 +323,35 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.RemoveWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Webhook, _abc.Awaitable[_operator_pb2.Webhook]]: ...
+
+    @_abc_1.abstractmethod
+    def AddOperator(
+        self,
+        request: _operator_pb2.AddOperatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.AddOperatorResponse, _abc.Awaitable[_operator_pb2.AddOperatorResponse]]:
+        """Operators (admin): roles viewer, operator, admin; tokens are shown once."""
+
+    @_abc_1.abstractmethod
+    def ListOperators(
+        self,
+        request: _operator_pb2.ListOperatorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListOperatorsResponse, _abc.Awaitable[_operator_pb2.ListOperatorsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeOperator(
+        self,
+        request: _operator_pb2.RevokeOperatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Operator, _abc.Awaitable[_operator_pb2.Operator]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _operator_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListAuditResponse, _abc.Awaitable[_operator_pb2.ListAuditResponse]]:
+        """Every mutating operator call, newest first (admin)."""
 
 def add_OperatorServiceServicer_to_server(servicer: OperatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
