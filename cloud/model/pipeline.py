@@ -83,9 +83,10 @@ class TrainOptions:
     period_s: float | None = None
     max_staleness_s: float | None = None
     window: int = 120
-    # 15-row segments: the forecast residual (of the last segment) lets go of a fault's rows,
-    # or of a lone outlier, in half the rows 30-row segments took.
-    segments: int = 8
+    # 4 (30-row segments at the default window). 8 lowered false alarms on injected faults
+    # (the forecast residual lets go of a fault's rows sooner) but its INT8 variant fails the
+    # golden check on the residual output (0.54 > 0.25): the documented quantize refused it.
+    segments: int = 4
     stride: int = 2
     hidden: int = 32
     calibration_rows: int = 400
