@@ -45,7 +45,7 @@ def _call(plane: RunningPlane, token: str, method: str) -> grpc.StatusCode:
             if descriptor.client_streaming:
                 channel.stream_unary(path, **kw)(iter([request]), metadata=metadata, timeout=10)
             elif descriptor.server_streaming:
-                for _ in channel.unary_stream(path, **kw)(request, metadata=metadata, timeout=1):
+                for _ in channel.unary_stream(path, **kw)(request, metadata=metadata, timeout=5):
                     break
             else:
                 channel.unary_unary(path, **kw)(request, metadata=metadata, timeout=10)

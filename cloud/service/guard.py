@@ -93,19 +93,22 @@ class CallGuard(aio.ServerInterceptor):
         return _wrap(handler, method, self.tokens if needs_token else None, metadata)
 
 
+def behavior_and_factory(handler: Any) -> tuple[Any, Any]:
+    """A method handler's behaviour and the grpc factory that makes a handler of its kind
+    (for interceptors that wrap the behaviour and keep the kind)."""
+    if handler.unary_unary:
+        return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    if handler.unary_stream:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    if handler.stream_unary:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+
+
 def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: Any) -> Any:
     """The same handler kind, its behaviour wrapped in authentication and error mapping."""
     streaming_response = handler.response_streaming
-    behavior: Any
-    factory: Any
-    if handler.unary_unary:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    elif handler.unary_stream:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    elif handler.stream_unary:
-        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    else:
-        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    behavior, factory = behavior_and_factory(handler)
 
     streaming_request = handler.request_streaming
 

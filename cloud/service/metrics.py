@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from cloud.clock import utc_now
 from cloud.domain import DeviceState
+from cloud.service.guard import behavior_and_factory
 from cloud.store.base import Store
 from edge_agent.errors import LocalStateError
 
@@ -191,15 +192,7 @@ class CallMetrics(aio.ServerInterceptor):
         kind = _call_type(handler)
         labels = (service, method, kind)
         metrics = self.metrics
-        factory: Any
-        if handler.unary_unary:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-        elif handler.unary_stream:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        elif handler.stream_unary:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        else:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        behavior, factory = behavior_and_factory(handler)
 
         def done(context: Any, started: float, failed: bool) -> None:
             code = _code(context, failed)
