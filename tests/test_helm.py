@@ -4,6 +4,7 @@ fail with a clear message. Rendering uses Helm's own Go SDK (helm-python-sdk), n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,22 @@ def test_values_mistakes_fail_with_a_clear_message(
 ) -> None:
     with pytest.raises(helm.HelmError, match=message):
         render(chart, values)
+
+
+def test_grafana_dashboards_render_as_labelled_configmaps() -> None:
+    values = yaml.safe_load((HELM / "autoglm-cloud/ci/single-no-persistence.yaml").read_text())
+    maps = [
+        d
+        for d in objects(render("autoglm-cloud", values))
+        if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]
+    ]
+    assert sorted(m["metadata"]["name"].rsplit("-", 1)[-1] for m in maps) == [
+        "alerts",
+        "fleet",
+        "rollouts",
+    ]
+    for m in maps:
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"
+        (text,) = m["data"].values()
+        dashboard = json.loads(text)
+        assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])

@@ -4,6 +4,7 @@ plane and an agent (real broker, model, session and sync), readings published ov
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +55,37 @@ def _get(url: str) -> tuple[int, dict[str, object]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+DASHBOARDS = Path(__file__).resolve().parents[1] / "helm/autoglm-cloud/dashboards"
+PROMQL_WORDS = {"sum", "by", "max", "min", "rate", "increase", "topk", "count", "time",
+                "histogram_quantile", "le", "without", "avg", "bool"}  # fmt: skip
+
+
+def _exported(url: str) -> set[str]:
+    """Series names a /metrics page can give: its families, with a histogram's parts."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    names = {"up"}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names.add(name)
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return names
+
+
+def _metric_names(board: Path) -> set[str]:
+    """The metric names in a dashboard's queries (label names and values left out)."""
+    names = set()
+    for panel in json.loads(board.read_text())["panels"]:
+        for target in panel["targets"]:
+            expr = re.sub(r"\{[^}]*\}", "", target["expr"])  # label matchers
+            expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+            expr = re.sub(r"by \([^)]*\)", "", expr)  # grouping labels
+            names |= {w for w in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)}
+    return names - PROMQL_WORDS
 
 
 def test_prometheus_scrapes_both_sides_after_real_traffic(
@@ -140,6 +172,17 @@ def test_prometheus_scrapes_both_sides_after_real_traffic(
         with plane.client(token="not-a-token") as client, pytest.raises(Exception):  # noqa: B017
             client.list_devices()
         wait_for(lambda: scraped('sum(grpc_server_handled_total{grpc_code="UNAUTHENTICATED"})', 1))
+
+        # Every query of the shipped Grafana dashboards names a metric one side exports.
+        exported = _exported(f"http://127.0.0.1:{plane.plane.metrics_port}/metrics")
+        exported |= _exported(f"{agent_url}/metrics")
+        unknown = {
+            f"{board.name}: {name}"
+            for board in sorted(DASHBOARDS.glob("*.json"))
+            for name in _metric_names(board)
+            if name not in exported
+        }
+        assert not unknown, sorted(unknown)
 
         # Not ready once the broker is gone, still live.
         broker.stop()
