@@ -23,6 +23,7 @@ from edge_agent.serving import ServingModel, open_serving
 from edge_agent.session import CloudSession
 from edge_agent.slots import ModelSlots
 from edge_agent.sync import RecordSync
+from edge_agent.systemd import Notifier
 from edge_agent.updates import OUTCOME, ModelUpdater, install_report
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
@@ -198,19 +199,23 @@ class Agent:
         )
         self.runtime.start()
         self._serve_metrics()
-        updates = asyncio.create_task(self.updater.run(stop))
-        renewals = asyncio.create_task(self.renewer.run(stop))
+        systemd = Notifier()
+        systemd.notify("READY=1")
+        background = [
+            asyncio.create_task(self.updater.run(stop)),
+            asyncio.create_task(self.renewer.run(stop)),
+            asyncio.create_task(systemd.watchdog(lambda: not health_problems(self)[0], stop)),
+        ]
         try:
             await self.session.run(stop)
         finally:
-            renewals.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewals
+            systemd.notify("STOPPING=1")
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if self.metrics_server is not None:
                 self.metrics_server.stop()
-            updates.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await updates
             self.updater.close()
             await asyncio.to_thread(self.runtime.stop)
             self.outbox.close()

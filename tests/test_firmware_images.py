@@ -38,6 +38,7 @@ def test_the_systemd_unit_runs_the_agent_with_its_config() -> None:
         "ExecStart=/opt/autoglm/bin/autoglm-edge run --config /etc/autoglm-edge/agent.yaml" in unit
     )
     assert "Restart=always" in unit and "User=autoglm" in unit
+    assert "Type=notify" in unit and "WatchdogSec=" in unit
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
