@@ -71,6 +71,11 @@ class InferenceWorker:
         self._queue.put(job)
 
     @property
+    def waiting(self) -> int:
+        """Jobs queued and not taken yet (windows, mostly)."""
+        return self._queue.qsize()
+
+    @property
     def running(self) -> bool:
         return self._thread.is_alive()
 

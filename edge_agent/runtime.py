@@ -63,6 +63,7 @@ class RuntimeCounters:
     predictions_kept: int = 0
     errors: int = 0
     outbox_write_failed: int = 0  # records that could not be kept (disk full)
+    behind_skipped: int = 0  # windows not scored while inference caught up with a backlog
 
 
 class EdgeRuntime:
@@ -102,6 +103,8 @@ class EdgeRuntime:
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self._kept_every: Counter[int] = Counter()
+        self._cut_count: Counter[int] = Counter()  # windows cut per asset while behind
+        self._behind_logged_at = -math.inf
         self._health_mark = (time.monotonic(), [0] * len(self.assets))
         self.worker: InferenceWorker | None = None
         if model is not None:
@@ -259,8 +262,32 @@ class EdgeRuntime:
         runner.follow_clock(self.decoder.clock_offset(runner.index))
 
     def _emit(self, job: WindowJob) -> None:
-        assert self.worker is not None
-        self.worker.submit(job)
+        """Queues a window for inference. Behind (a backlog replayed after an outage, a model
+        slower than the stream), it catches up instead of queueing without bound: with
+        `CATCH_UP_FROM` windows waiting, only every 2nd window of each asset is scored, every
+        4th at twice that, and so on (at most every 64th); the skipped ones are counted
+        (`behind_skipped` in health and /metrics) and said once a minute."""
+        worker = self.worker
+        assert worker is not None
+        limit = CATCH_UP_FROM * max(1, self.config.batching.max_batch)
+        behind = worker.waiting // limit
+        if behind:
+            every = 1 << min(6, behind)
+            self._cut_count[job.asset] += 1
+            if self._cut_count[job.asset] % every:
+                self.counters.behind_skipped += 1
+                now = time.monotonic()
+                if now - self._behind_logged_at >= 60.0:
+                    self._behind_logged_at = now
+                    log.warning(
+                        "inference is behind (%d windows waiting): scoring every %dth window "
+                        "of each asset until it catches up; %d skipped so far",
+                        worker.waiting,
+                        every,
+                        self.counters.behind_skipped,
+                    )
+                return
+        worker.submit(job)
 
     def run_on_inference_thread(
         self, task: Callable[[InferenceBackend], None], timeout_s: float = 120.0
@@ -454,6 +481,7 @@ class EdgeRuntime:
         drops["rejected_by_cloud"] = stats.quarantined
         drops["outbox_write_failed"] = self.counters.outbox_write_failed
         drops["sparse_window"] = sum(r.sparse_windows for r in self.runners)
+        drops["behind_skipped"] = self.counters.behind_skipped
         offsets = {
             r.name: round(offset, 1)
             for r in self.runners
@@ -475,7 +503,15 @@ class EdgeRuntime:
 
 
 CLOCK_REPORT_S = 1.0  # a stream clock this far from the device's is reported in health
+CATCH_UP_FROM = 8  # batches' worth of windows waiting: inference is behind
 WAITING_ALERTS = 10_000  # alert events held in memory while the outbox cannot be written
 _REPORTED = frozenset(
-    (*DROP_REASONS, "outbox_evicted", "outbox_write_failed", "sparse_window", "rejected_by_cloud")
+    (
+        *DROP_REASONS,
+        "outbox_evicted",
+        "outbox_write_failed",
+        "sparse_window",
+        "rejected_by_cloud",
+        "behind_skipped",
+    )
 )

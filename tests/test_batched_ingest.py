@@ -4,13 +4,17 @@ and masks, that the same readings sent one by one score."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.support.datapath import Site, pump, site_config
+from edge_agent.batching import WindowJob
+from edge_agent.runtime import CATCH_UP_FROM
+from tests.support.agents import wait_for
+from tests.support.datapath import START, Site, pump, site_config
 
 pytestmark = [pytest.mark.integration]
 
@@ -34,3 +38,44 @@ def test_batched_readings_score_what_single_readings_score(
         [v.score for v in block.verdicts], [v.score for v in one.verdicts], atol=1e-5
     )
     assert [e.kind for e in block.events()] == [e.kind for e in one.events()]
+
+
+def test_behind_inference_scores_every_kth_window_and_says_so(
+    tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey]
+) -> None:
+    """A backlog far bigger than inference keeps up with (here: inference held while 2,000
+    rows arrive) is thinned, not queued without bound, and the skipped windows are counted."""
+    bundle, key = trained
+    config = site_config(tmp_path, bundle)
+    site = Site(config, bundle, key.public_key(), tmp_path / "run")
+    try:
+        site.feed(pump(200, faulty=False, seed=1), 0)  # calibrated, scoring
+        runtime = site.runtime
+        assert runtime.worker is not None
+        held = threading.Event()
+        runtime.worker.submit(lambda _backend: held.wait(60))  # inference busy
+        scored_before, cut = len(site.verdicts), 0
+
+        def emit(job: WindowJob) -> None:
+            nonlocal cut
+            cut += 1
+            runtime._emit(job)
+
+        runner = runtime.runners[0]
+        rows = pump(2000, faulty=False, seed=2)
+        ts = START + 200 + np.arange(rows.shape[0], dtype=np.float64)
+        for j in range(rows.shape[1]):
+            runner.aligner.add_many(j, ts, rows[:, j].astype(np.float64))
+        while (closed := runner.aligner.close_ready()) is not None:
+            runner.feed(closed, emit, runtime._start_calibration)
+        skipped = runtime.counters.behind_skipped
+        held.set()
+        wait_for(lambda: len(site.verdicts) - scored_before == cut - skipped, timeout=60)
+        waiting_bound = CATCH_UP_FROM * config.batching.max_batch
+        assert skipped > 0 and cut - skipped < cut, (cut, skipped)
+        # Thinned from the moment the bound was reached: far fewer queued than cut.
+        assert cut - skipped <= waiting_bound + (cut - waiting_bound) // 2 + 1, (cut, skipped)
+        health = runtime.health(disk_free=0)
+        assert health.dropped_by_reason["behind_skipped"] == skipped
+    finally:
+        site.stop()
