@@ -453,3 +453,29 @@ def test_publish_streams_interleaves_in_time_and_never_stamps_the_future() -> No
     # Each stream ends "now": its last reading is stamped when it is published.
     last_b = max(r for r in reported if r[0] == 1)
     assert last_b[2] == pytest.approx(1000.0 + 19 / 10)
+
+
+@pytest.mark.parametrize("before", ["restart", "long_first_interval"])
+def test_a_silence_is_not_taken_for_a_sampling_interval(before: str) -> None:
+    """After a graceful restart (its state kept, the stream silent meanwhile) or a long wait
+    between a sensor's first readings, slots are not closed ahead of readings that come in
+    order: nothing is dropped as late."""
+    aligner = StreamAligner(2, 1.0, 5.0, lateness_s=2.0, max_gap_slots=1000)
+    if before == "restart":
+        for t in range(100, 120):
+            aligner.add(0, float(t), 1.0)
+            aligner.add(1, float(t), 1.0)
+            aligner.close_ready()
+        state = aligner.snapshot()
+        aligner = StreamAligner(2, 1.0, 5.0, lateness_s=2.0, max_gap_slots=1000)
+        aligner.restore(state)
+        start = 180  # a minute of readings lost while it was down
+    else:
+        for j in (0, 1):
+            aligner.add(j, 100.0, 1.0)
+        start = 130
+    for t in range(start, start + 20):
+        for j in (0, 1):
+            aligner.add(j, float(t), 2.0)
+            aligner.close_ready(now=t + 0.1)
+    assert aligner.counts["late"] == 0, aligner.counts

@@ -36,6 +36,7 @@ VECTOR_ROWS = 16  # rows closed at once from which numpy per sensor beats a loop
 TRUST_AFTER_READINGS = 100  # in-order readings before a sensor seen out of order closes slots
 STEP_SHARE = 0.9  # of a sensor's shortest recent interval: how soon its next reading can come
 STEPS = 8  # recent intervals kept per sensor
+MIN_STEPS = 3  # known before they are trusted to close a slot ahead of a sensor's reading
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,7 @@ class StreamAligner:
                 self._distrust[sensor] = TRUST_AFTER_READINGS
             else:
                 self._distrust[sensor] = max(0, self._distrust[sensor] - int(ts.size))
-                steps = np.diff(
-                    ts[-STEPS - 1 :] if newest == -math.inf else ts[-STEPS:], prepend=newest
-                )
+                steps = np.diff(np.concatenate([[newest], ts[-STEPS:]]))
                 self._stepped(sensor, steps[np.isfinite(steps)].tolist())
             self._newest[sensor] = max(newest, float(ts.max()))
         closed = self._closed_time()
@@ -279,9 +278,13 @@ class StreamAligner:
         return values, mask
 
     def _stepped(self, sensor: int, steps: list[float]) -> None:
+        """Keeps a sensor's recent sampling intervals. Longer than the staleness bound is a
+        silence (a restart, an outage), not an interval; with fewer than `MIN_STEPS` known,
+        the sensor closes no slot past its newest reading."""
         kept = self._steps[sensor]
-        kept.extend(steps)
-        self._step[sensor] = min(kept) if kept else 0.0
+        reach = max(self.period, self.staleness)
+        kept.extend(step for step in steps if step <= reach)
+        self._step[sensor] = min(kept) if len(kept) >= MIN_STEPS else 0.0
 
     @property
     def pending_readings(self) -> int:
