@@ -51,11 +51,11 @@ def check_url(url: str) -> str:
             "stored and logged in clear; the receiver checks X-Autoglm-Signature instead"
         )
     if not parts.hostname:
-        raise InvalidInput(f"webhook URL {url!r} has no host")
+        raise InvalidInput(f"webhook URL {redacted(url)!r} has no host")
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
-        raise InvalidInput(f"webhook URL {url!r} has a bad port") from None
+        raise InvalidInput(f"webhook URL {redacted(url)!r} has a bad port") from None
     return url.strip()
 
 

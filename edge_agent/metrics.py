@@ -72,7 +72,10 @@ class AgentCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         agent = self.agent
         runtime = agent.runtime
-        health = runtime.health(hostfacts.disk_free_bytes(agent.config.state_dir))
+        # Counters only: the heartbeat's ingest-rate mark is not the scrape's to move.
+        health = runtime.health(
+            hostfacts.disk_free_bytes(agent.config.state_dir), rates_since_last=False
+        )
         readings = CounterMetricFamily(
             "autoglm_agent_readings", "Readings accepted per asset.", labels=("asset",)
         )

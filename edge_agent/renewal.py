@@ -143,7 +143,10 @@ class CertificateRenewer:
         while not stop.is_set():
             wait = self.check_every_s
             now = self.clock()  # once per check (tests move it)
-            if now >= renewal_due(self.identity(), self.at_fraction):
+            due = renewal_due(self.identity(), self.at_fraction)
+            # Short-lived certificates: never sleep past the due time by a check interval.
+            wait = min(wait, max(1.0, (due - now).total_seconds()))
+            if now >= due:
                 try:
                     await self.renew()
                     self.backoff.reset()

@@ -459,16 +459,20 @@ class EdgeRuntime:
         )
 
     # ---- health ----
-    def health(self, disk_free: int) -> agent_pb2.AgentHealth:
-        now = time.monotonic()
-        then, counts = self._health_mark
-        current = [r.aligner.readings for r in self.runners]
-        elapsed = max(now - then, 1e-6)
-        rates = {
-            r.name: (c - p) / elapsed
-            for r, c, p in zip(self.runners, current, counts, strict=False)
-        }
-        self._health_mark = (now, current or [0] * len(self.assets))
+    def health(self, disk_free: int, rates_since_last: bool = True) -> agent_pb2.AgentHealth:
+        """The health report. `rates_since_last`: ingest rates since the previous such call
+        (the heartbeat's); False (a metrics scrape) leaves them out and the mark alone."""
+        rates: dict[str, float] = {}
+        if rates_since_last:
+            now = time.monotonic()
+            then, counts = self._health_mark
+            current = [r.aligner.readings for r in self.runners]
+            elapsed = max(now - then, 1e-6)
+            rates = {
+                r.name: (c - p) / elapsed
+                for r, c, p in zip(self.runners, current, counts, strict=False)
+            }
+            self._health_mark = (now, current or [0] * len(self.assets))
         drops: Counter[str] = Counter(self.decoder.drops)
         for r in self.runners:
             drops["late"] += r.aligner.counts["late"] + r.carried["late"]

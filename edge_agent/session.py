@@ -146,6 +146,7 @@ class CloudSession:
         self._restart.set()
 
     async def _session(self, stop: asyncio.Event) -> None:
+        self._restart.clear()  # this session opens with the credentials there are now
         options = channel_options(self.tls_server_name)
         async with aio.secure_channel(self.address, self.credentials(), options=options) as channel:
             call = agent_pb2_grpc.AgentServiceStub(channel).Session()

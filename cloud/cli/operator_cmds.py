@@ -78,7 +78,10 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
 
 def cmd_revoke(args: argparse.Namespace, client: OperatorClient) -> int:
     operator = client.revoke_operator(args.name)
-    print(f"operator {operator.name} revoked; its token is refused from now on")
+    print(
+        f"operator {operator.name} revoked; its token is refused within a few seconds (each "
+        "replica caches good tokens for 5 s)"
+    )
     return 0
 
 

@@ -85,7 +85,8 @@ def authorize(role: str, method: str) -> None:
     if rank < ROLES.index(needed):
         raise PermissionDenied(
             f"{method} needs the {needed} role; this operator is a {role or 'role-less'} "
-            "(an admin can change it: autoglm operator add NAME --role ...)"
+            "(an admin can add an operator with that role: autoglm operator add NAME --role "
+            f"{needed})"
         )
 
 

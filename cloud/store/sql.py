@@ -114,12 +114,13 @@ class SqlStore(
             if row is None:
                 raise NotFound(f"no operator named '{name}'")
             if row.revoked_at is None and row.role == "admin":
-                admins = s.scalar(
-                    select(func.count())
-                    .select_from(OperatorRow)
+                # Every active admin locked: two revocations at once cannot leave none.
+                admins = s.scalars(
+                    select(OperatorRow.id)
                     .where(OperatorRow.role == "admin", OperatorRow.revoked_at.is_(None))
-                )
-                if (admins or 0) <= 1:
+                    .with_for_update()
+                ).all()
+                if len(admins) <= 1:
                     raise FailedPrecondition(
                         f"'{name}' is the last admin: add another admin before revoking it"
                     )
