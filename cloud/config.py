@@ -40,8 +40,9 @@ class CloudConfig(BaseSettings):
     desired_poll_interval_s: float = Field(default=1.0, gt=0)
     enrollment_token_ttl_s: int = Field(default=86_400, gt=0)
     device_cert_validity_days: float = Field(default=365, gt=0)
-    # After a device renews its certificate, the old one is accepted this long (sessions
-    # open with it, a renewal whose answer was lost).
+    # After a device renews its certificate, the old one stays accepted (sessions open with
+    # it, a renewal whose answer was lost) until the device first uses the new one, at most
+    # until it expires; this long for devices enrolled before expiry was recorded.
     device_cert_grace_s: float = Field(default=7 * 86_400.0, ge=0)
     artifacts_dir: Path | None = None  # content-addressed bundle files; empty: STATE_DIR/artifacts
     max_bundle_bytes: int = Field(default=4 << 30, gt=0)

@@ -129,6 +129,9 @@ class DeviceRegistry:
                 f"device '{device.name}' presented a certificate that is no longer current; "
                 "re-enroll the device"
             )
+        if device.previous_fingerprint and cert_fingerprint == device.cert_fingerprint:
+            # Renewed, and now using the new certificate: the old one has had its use.
+            self.store.forget_previous_certificate(device.id, cert_fingerprint)
         return device
 
     def get(self, id_or_name: str) -> DeviceRecord:

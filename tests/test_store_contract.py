@@ -178,19 +178,27 @@ class StoreContract:
         assert cert == f"cert-for-{device.id}"
         assert (renewed.cert_fingerprint, renewed.previous_fingerprint) == ("fp-new", old)
         assert renewed.cert_not_after == later + dt.timedelta(days=365)
-        assert renewed.accepts(old, later) and renewed.accepts("fp-new", later)
-        assert not renewed.accepts(old, later + grace)
-        credentials = store.device_credentials([device.id], later)
+        # The one renewed from: accepted until it expires itself (an answer lost before a
+        # long time offline), or until the device first uses the new one.
+        assert renewed.previous_valid_until == NOT_AFTER
+        assert renewed.accepts(old, NOT_AFTER - dt.timedelta(seconds=1))
+        assert not renewed.accepts(old, NOT_AFTER) and renewed.accepts("fp-new", later)
+        credentials = store.device_credentials([device.id], later + grace)
         assert credentials == {device.id: (True, frozenset({"fp-new", old}))}
-        after = store.device_credentials([device.id], later + grace)
-        assert after == {device.id: (True, frozenset({"fp-new"}))}
-        # A retry from the old certificate (the answer was lost) renews again, in the grace.
+        # A retry from the old certificate (the answer was lost) renews again.
         again, _ = store.renew_certificate(device.id, old, later, grace, _issue, activate)
         assert again.previous_fingerprint == old
         with pytest.raises(PermissionDenied, match="no longer current"):
-            store.renew_certificate(device.id, old, later + grace, grace, _issue, activate)
+            store.renew_certificate(device.id, old, NOT_AFTER, grace, _issue, activate)
         with pytest.raises(PermissionDenied, match="no longer current"):
             store.renew_certificate(device.id, "fp-stranger", later, grace, _issue, activate)
+        store.forget_previous_certificate(device.id, "fp-other")  # not the current one: no-op
+        assert store.get_device(device.id).previous_fingerprint == old
+        store.forget_previous_certificate(device.id, "fp-new")
+        assert not store.get_device(device.id).accepts(old, later)
+        assert store.device_credentials([device.id], later) == {
+            device.id: (True, frozenset({"fp-new"}))
+        }
         store.revoke_device(device.id, "stolen", later)
         with pytest.raises(PermissionDenied, match="may not renew"):
             store.renew_certificate(device.id, "fp-new", later, grace, _issue, activate)

@@ -113,6 +113,11 @@ class Store(abc.ABC):
         rollout names it; NotFound when unknown)."""
 
     @abc.abstractmethod
+    def forget_previous_certificate(self, device_id: str, current: str) -> None:
+        """The device used its current certificate (`current`): the one it renewed from is
+        refused from now on."""
+
+    @abc.abstractmethod
     def device_credentials(
         self, device_ids: Sequence[str], now: dt.datetime
     ) -> dict[str, tuple[bool, frozenset[str]]]:

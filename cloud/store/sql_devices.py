@@ -25,6 +25,7 @@ from cloud.store.tables import (
 from edge_agent.errors import (
     AlreadyExists,
     FailedPrecondition,
+    NotFound,
     PermissionDenied,
     Unauthenticated,
 )
@@ -174,9 +175,13 @@ class DeviceTables(SqlBase):
         activate: Callable[[T], tuple[str, str, dt.datetime]],
     ) -> tuple[DeviceRecord, T]:
         with self._tx() as s:
-            row = self._device_row(s, device_id, for_update=True)
+            row = s.scalars(
+                select(DeviceRow).where(DeviceRow.id == device_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"no device with id '{device_id}'")
             device = _device(row)
-            if row.id != device_id or row.state != DeviceState.ACTIVE.value:
+            if row.state != DeviceState.ACTIVE.value:
                 raise PermissionDenied(f"device '{row.name}' may not renew its certificate")
             if not device.accepts(presented, now):
                 raise PermissionDenied(
@@ -186,12 +191,23 @@ class DeviceTables(SqlBase):
             issued = issue(device)
             serial, fingerprint, not_after = activate(issued)
             if presented == row.cert_fingerprint:  # else: a retry with the one renewed from
+                # Accepted until the device first uses the new one (`forget_previous`), at
+                # most until it expires itself: an answer lost before a long time offline
+                # still lets the device renew again.
                 row.previous_fingerprint = row.cert_fingerprint
-                row.previous_valid_until = now + grace
+                row.previous_valid_until = row.cert_not_after or now + grace
             row.cert_serial = serial
             row.cert_fingerprint = fingerprint
             row.cert_not_after = not_after
             return _device(row), issued
+
+    def forget_previous_certificate(self, device_id: str, current: str) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == device_id, DeviceRow.cert_fingerprint == current)
+                .values(previous_fingerprint="", previous_valid_until=None)
+            )
 
     # ---- presence ----
     def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
