@@ -14,6 +14,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
+from cloud.service.guard import RefusedBudget
 from cloud.service.roles import LEAST_ROLE, READS, ROLES
 from edge_agent.errors import FailedPrecondition, PermissionDenied
 from protos.autoglm.v1 import operator_pb2
@@ -153,3 +154,9 @@ def test_the_cli_manages_operators_and_reads_the_audit_log(
     assert "alice" in autoglm("operator", "list")
     log = autoglm("audit", "list", "--since", "1h")
     assert "AddOperator" in log and "admin" in log and "name=alice" in log
+
+
+def test_refused_calls_cannot_flood_the_audit_log() -> None:
+    budget = RefusedBudget(per_minute=3)
+    assert [budget.allows("viewer-1") for _ in range(5)] == [True, True, True, False, False]
+    assert budget.allows("someone-else")  # per operator

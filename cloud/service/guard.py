@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 OPERATOR_SERVICE = "/autoglm.v1.OperatorService/"
 TOKEN_CACHE_S = 5.0
 MAX_DETAILS = 1000  # characters of an error's details sent back
+REFUSED_AUDITS_PER_MINUTE = 60  # refused calls of one operator recorded per minute
 
 
 # The operator making the current call (set by the guard; read by handlers that record who
@@ -187,11 +188,40 @@ def _outcome(exc: BaseException) -> tuple[str, str]:
     return "INTERNAL", type(exc).__name__
 
 
+class RefusedBudget:
+    """Refused calls written to the audit log per operator and minute: a token looping on
+    calls its role does not allow cannot fill the table (what is left out is logged)."""
+
+    def __init__(self, per_minute: int = REFUSED_AUDITS_PER_MINUTE) -> None:
+        self.per_minute = per_minute
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allows(self, operator: str) -> bool:
+        now = time.monotonic()
+        start, count = self._windows.get(operator, (now, 0))
+        if now - start >= 60.0:
+            if count > self.per_minute:
+                log.warning(
+                    "audit log: %d refused calls by %s in a minute, %d not recorded",
+                    count, operator, count - self.per_minute,
+                )  # fmt: skip
+            start, count = now, 0
+        if len(self._windows) > 10_000:  # operators are few; stay bounded anyway
+            self._windows.clear()
+        self._windows[operator] = (start, count + 1)
+        return count < self.per_minute
+
+
+_refused = RefusedBudget()
+
+
 async def _audit(
     store: Store, caller: Caller, method: str, target: str, outcome: tuple[str, str]
 ) -> None:
     """Writes the call to the audit log; a store that cannot take it is logged, and the
     call's own result stands."""
+    if outcome[0] != "OK" and not _refused.allows(caller.name):
+        return
     entry = AuditEntry(
         at=utc_now(), operator=caller.name, role=caller.role, method=method,
         target=target, code=outcome[0], detail=outcome[1],
