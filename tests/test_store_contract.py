@@ -15,7 +15,6 @@ from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
     AlertState,
-    AuditEntry,
     DesiredModel,
     DeviceRecord,
     DeviceState,
@@ -160,49 +159,6 @@ class StoreContract:
         with pytest.raises(Unauthenticated, match="used already"):
             store.enroll("h1", NOW, _issue, _activate)
 
-    def test_renewal_makes_the_new_certificate_current_and_the_old_one_a_grace(
-        self, store: Store
-    ) -> None:
-        device = store.create_device("p", {}, "", NOW)
-        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
-        enrolled, _ = store.enroll("h1", NOW, _issue, _activate)
-        assert enrolled.cert_not_after == NOT_AFTER
-        old = enrolled.cert_fingerprint
-        later = NOW + dt.timedelta(days=200)
-        grace = dt.timedelta(hours=1)
-
-        def activate(_: str) -> tuple[str, str, dt.datetime]:
-            return "serial-2", "fp-new", later + dt.timedelta(days=365)
-
-        renewed, cert = store.renew_certificate(device.id, old, later, grace, _issue, activate)
-        assert cert == f"cert-for-{device.id}"
-        assert (renewed.cert_fingerprint, renewed.previous_fingerprint) == ("fp-new", old)
-        assert renewed.cert_not_after == later + dt.timedelta(days=365)
-        # The one renewed from: accepted until it expires itself (an answer lost before a
-        # long time offline), or until the device first uses the new one.
-        assert renewed.previous_valid_until == NOT_AFTER
-        assert renewed.accepts(old, NOT_AFTER - dt.timedelta(seconds=1))
-        assert not renewed.accepts(old, NOT_AFTER) and renewed.accepts("fp-new", later)
-        credentials = store.device_credentials([device.id], later + grace)
-        assert credentials == {device.id: (True, frozenset({"fp-new", old}))}
-        # A retry from the old certificate (the answer was lost) renews again.
-        again, _ = store.renew_certificate(device.id, old, later, grace, _issue, activate)
-        assert again.previous_fingerprint == old
-        with pytest.raises(PermissionDenied, match="no longer current"):
-            store.renew_certificate(device.id, old, NOT_AFTER, grace, _issue, activate)
-        with pytest.raises(PermissionDenied, match="no longer current"):
-            store.renew_certificate(device.id, "fp-stranger", later, grace, _issue, activate)
-        store.forget_previous_certificate(device.id, "fp-other")  # not the current one: no-op
-        assert store.get_device(device.id).previous_fingerprint == old
-        store.forget_previous_certificate(device.id, "fp-new")
-        assert not store.get_device(device.id).accepts(old, later)
-        assert store.device_credentials([device.id], later) == {
-            device.id: (True, frozenset({"fp-new"}))
-        }
-        store.revoke_device(device.id, "stolen", later)
-        with pytest.raises(PermissionDenied, match="may not renew"):
-            store.renew_certificate(device.id, "fp-new", later, grace, _issue, activate)
-
     def test_enroll_refuses_unknown_and_expired_tokens(self, store: Store) -> None:
         device = store.create_device("p", {}, "", NOW)
         store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(minutes=5))
@@ -299,35 +255,6 @@ class StoreContract:
             store.operator_by_token_hash("hash-b")
         with pytest.raises(AlreadyExists):
             store.add_operator("admin", "hash-c", NOW)
-
-    def test_operator_roles_revocation_and_the_audit_log(self, store: Store) -> None:
-        store.add_operator("admin", "hash-a", NOW, role="admin")
-        viewer = store.add_operator("vera", "hash-v", NOW, role="viewer")
-        assert store.operator_by_token_hash("hash-v").role == "viewer" == viewer.role
-        assert [(o.name, o.role) for o in store.list_operators()] == [
-            ("admin", "admin"),
-            ("vera", "viewer"),
-        ]
-        with pytest.raises(FailedPrecondition, match="last admin"):
-            store.revoke_operator("admin", NOW)
-        assert store.revoke_operator("vera", NOW).revoked_at == NOW
-        with pytest.raises(Unauthenticated):
-            store.operator_by_token_hash("hash-v")
-        with pytest.raises(NotFound):
-            store.revoke_operator("nobody", NOW)
-        for i, who in enumerate(("admin", "vera", "admin")):
-            store.add_audit(
-                AuditEntry(
-                    at=NOW + dt.timedelta(minutes=i), operator=who, role="admin",
-                    method=f"M{i}", target="x" * 2000, code="OK",
-                )
-            )  # fmt: skip
-        newest = store.list_audit(None, "", 10)
-        assert [e.method for e in newest] == ["M2", "M1", "M0"]
-        assert len(newest[0].target) == 512  # bounded to its column
-        assert [e.method for e in store.list_audit(None, "admin", 10)] == ["M2", "M0"]
-        since = NOW + dt.timedelta(minutes=1)
-        assert [e.method for e in store.list_audit(since, "", 1)] == ["M2"]
 
     # ---- alerts ----
     def test_edge_events_group_into_alerts_exactly_once(self, store: Store) -> None:
