@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -30,6 +32,7 @@ from cloud.store.base import Store
 from edge_agent.errors import LocalStateError
 
 log = logging.getLogger(__name__)
+FLEET_CACHE_S = 5.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -100,6 +103,11 @@ class FleetCollector(Collector):
         self.sessions_open = sessions_open
         self.is_leader = is_leader
         self.offline_after = offline_after
+        # Scrapes (several Prometheus servers, anyone who can reach the port) share one read
+        # of the store every few seconds: it lists the whole fleet.
+        self._lock = threading.Lock()
+        self._read_at = -math.inf
+        self._families: list[GaugeMetricFamily] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -111,16 +119,19 @@ class FleetCollector(Collector):
             "autoglm_leader", "1 on the replica that runs rollouts.", value=int(self.is_leader())
         )
         up = GaugeMetricFamily("autoglm_store_up", "1 when the last scrape could read the store.")
-        try:
-            families = list(self._from_store())
-        except Exception as exc:  # noqa: BLE001 - a scrape reports it, never fails on it
-            log.warning("metrics: cannot read the store (%s)", exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+        with self._lock:  # one store read at a time, reused for FLEET_CACHE_S
+            now = time.monotonic()
+            if now - self._read_at >= FLEET_CACHE_S:
+                try:
+                    self._families = list(self._from_store())
+                except Exception as exc:  # noqa: BLE001 - a scrape reports it, never fails
+                    log.warning("metrics: cannot read the store (%s)", exc)
+                    self._families = None
+                self._read_at = now
+            families = self._families
+        up.add_metric([], 0 if families is None else 1)
         yield up
-        yield from families
+        yield from families or ()
 
     def _from_store(self) -> Iterator[GaugeMetricFamily]:
         counts = self.store.state_counts()
