@@ -44,6 +44,8 @@ class CloudConfig(BaseSettings):
     # it, a renewal whose answer was lost) until the device first uses the new one, at most
     # until it expires; this long for devices enrolled before expiry was recorded.
     device_cert_grace_s: float = Field(default=7 * 86_400.0, ge=0)
+    # Audit log entries older than this are deleted (by the leader, hourly); 0 keeps all.
+    audit_retention_days: float = Field(default=400.0, ge=0)
     artifacts_dir: Path | None = None  # content-addressed bundle files; empty: STATE_DIR/artifacts
     max_bundle_bytes: int = Field(default=4 << 30, gt=0)
     rollout_interval_s: float = Field(default=2.0, gt=0)  # reconciliation loop period

@@ -88,6 +88,9 @@ class CredentialsContract:
         assert [e.method for e in store.list_audit(None, "admin", 10)] == ["M2", "M0"]
         since = NOW + dt.timedelta(minutes=1)
         assert [e.method for e in store.list_audit(since, "", 1)] == ["M2"]
+        # Retention: entries older than the bound go, the rest stay.
+        assert store.prune_audit(since) == 1
+        assert [e.method for e in store.list_audit(None, "", 10)] == ["M2", "M1"]
 
 
 @pytest.mark.integration

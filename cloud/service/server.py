@@ -61,6 +61,7 @@ SERVICE_NAMES = (
 )
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 FEED_BATCH = 500  # desired-state changes read per query of the change feed
+AUDIT_PRUNE_S = 3600.0  # how often the leader deletes audit entries past retention
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -248,6 +249,7 @@ class ControlPlane:
             asyncio.create_task(
                 self._every(self.config.desired_poll_interval_s, self._desired_feed(feed_start))
             ),
+            asyncio.create_task(self._every(AUDIT_PRUNE_S, self._prune_audit)),
             asyncio.create_task(self.webhooks.run(self._stopping)),
             asyncio.create_task(self.elector.run(self._stopping)),
         ]
@@ -309,6 +311,14 @@ class ControlPlane:
                     return
 
         return follow
+
+    async def _prune_audit(self) -> None:
+        days = self.config.audit_retention_days
+        if days and self.elector.is_leader:
+            before = utc_now() - dt.timedelta(days=days)
+            removed = await asyncio.to_thread(self.store.prune_audit, before)
+            if removed:
+                log.info("audit log: %d entries older than %g days deleted", removed, days)
 
     async def _reconcile(self) -> None:
         if self.elector.is_leader:

@@ -314,6 +314,10 @@ class Store(abc.ABC):
     def add_audit(self, entry: AuditEntry) -> None: ...
 
     @abc.abstractmethod
+    def prune_audit(self, before: dt.datetime) -> int:
+        """Deletes audit entries older than `before`; how many."""
+
+    @abc.abstractmethod
     def list_audit(self, since: dt.datetime | None, operator: str, limit: int) -> list[AuditEntry]:
         """Newest first."""
 

@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
@@ -141,6 +141,10 @@ class SqlStore(
                     detail=entry.detail[:1024],
                 )
             )
+
+    def prune_audit(self, before: dt.datetime) -> int:
+        with self._tx() as s:
+            return int(s.execute(delete(AuditRow).where(AuditRow.at < before)).rowcount)  # type: ignore[attr-defined]
 
     def list_audit(self, since: dt.datetime | None, operator: str, limit: int) -> list[AuditEntry]:
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
