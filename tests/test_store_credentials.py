@@ -60,6 +60,23 @@ class CredentialsContract:
         with pytest.raises(PermissionDenied, match="may not renew"):
             store.renew_certificate(device.id, "fp-new", later, grace, _issue, activate)
 
+    def test_an_expiry_is_learnt_once_for_devices_enrolled_before_it_was_recorded(
+        self, store: Store
+    ) -> None:
+        device = store.create_device("p", {}, "", NOW)
+        store.add_enrollment_token(device.id, "h1", NOW, NOW + dt.timedelta(hours=1))
+
+        def unknown_expiry(cert: str) -> tuple[str, str, dt.datetime | None]:
+            return "serial-1", "fp-" + cert[-6:], None
+
+        enrolled, _ = store.enroll("h1", NOW, _issue, unknown_expiry)  # type: ignore[arg-type]
+        assert enrolled.cert_not_after is None
+        store.record_cert_expiry(device.id, "fp-stranger", NOT_AFTER)  # not its certificate
+        assert store.get_device(device.id).cert_not_after is None
+        store.record_cert_expiry(device.id, enrolled.cert_fingerprint, NOT_AFTER)
+        store.record_cert_expiry(device.id, enrolled.cert_fingerprint, NOW)  # known: kept
+        assert store.get_device(device.id).cert_not_after == NOT_AFTER
+
     def test_operator_roles_revocation_and_the_audit_log(self, store: Store) -> None:
         store.add_operator("admin", "hash-a", NOW, role="admin")
         viewer = store.add_operator("vera", "hash-v", NOW, role="viewer")

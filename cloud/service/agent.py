@@ -21,7 +21,7 @@ from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
 from cloud.service.enrollment import AttemptLimiter
 from cloud.service.metrics import PlaneMetrics
-from cloud.service.peer import device_identity
+from cloud.service.peer import certificate_not_after, device_identity
 from cloud.service.records import store_batch
 from cloud.service.serde import (
     desired_to_proto,
@@ -128,6 +128,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.ControlMessage]:
         device_id, fingerprint = device_identity(context)
         device = await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+        if device.cert_not_after is None and (expiry := certificate_not_after(context)):
+            # Enrolled before expiry was recorded: learnt from the certificate it presents.
+            await asyncio.to_thread(self.store.record_cert_expiry, device.id, fingerprint, expiry)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("body") != "hello":
             raise InvalidInput("a session must start with a hello message")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 from typing import Any
@@ -30,6 +31,17 @@ def _identity_from_pem(pem: bytes) -> tuple[str, str]:
         raise Unauthenticated("the client certificate names no device")
     fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     return uris[0][len(DEVICE_URI_PREFIX) :], fingerprint
+
+
+@functools.lru_cache(maxsize=65_536)
+def _not_after_from_pem(pem: bytes) -> dt.datetime:
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+
+
+def certificate_not_after(context: aio.ServicerContext[Any, Any]) -> dt.datetime | None:
+    """When the caller's client certificate expires (None without one)."""
+    pems = list(context.auth_context().get("x509_pem_cert") or ())
+    return _not_after_from_pem(bytes(pems[0])) if pems else None
 
 
 def device_identity(context: aio.ServicerContext[Any, Any]) -> tuple[str, str]:

@@ -113,6 +113,11 @@ class Store(abc.ABC):
         rollout names it; NotFound when unknown)."""
 
     @abc.abstractmethod
+    def record_cert_expiry(self, device_id: str, fingerprint: str, not_after: dt.datetime) -> None:
+        """Sets the expiry of the device's current certificate (`fingerprint`) where none is
+        recorded (devices enrolled before it was)."""
+
+    @abc.abstractmethod
     def forget_previous_certificate(self, device_id: str, current: str) -> None:
         """The device used its current certificate (`current`): the one it renewed from is
         refused from now on."""

@@ -201,6 +201,18 @@ class DeviceTables(SqlBase):
             row.cert_not_after = not_after
             return _device(row), issued
 
+    def record_cert_expiry(self, device_id: str, fingerprint: str, not_after: dt.datetime) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(DeviceRow)
+                .where(
+                    DeviceRow.id == device_id,
+                    DeviceRow.cert_fingerprint == fingerprint,
+                    DeviceRow.cert_not_after.is_(None),
+                )
+                .values(cert_not_after=not_after)
+            )
+
     def forget_previous_certificate(self, device_id: str, current: str) -> None:
         with self._tx() as s:
             s.execute(
