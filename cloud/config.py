@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.errors import ConfigError
-from edge_agent.settings import load_settings
+from edge_agent.settings import check_listen, load_settings
 
 CONFIG_FILE = "cloud.yaml"
 
@@ -70,12 +70,8 @@ class CloudConfig(BaseSettings):
     @field_validator("api_listen", "device_listen", "health_listen", "metrics_listen")
     @classmethod
     def _host_port(cls, value: str, info: ValidationInfo) -> str:
-        if value == "" and info.field_name in ("health_listen", "metrics_listen"):
-            return value  # no probe or metrics port
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT with a port from 0 to 65535")
-        return value
+        # No probe or metrics port when empty; the API and device ports are required.
+        return check_listen(value, optional=info.field_name in ("health_listen", "metrics_listen"))
 
     @field_validator("hosts")
     @classmethod

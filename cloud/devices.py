@@ -61,11 +61,7 @@ class DeviceRegistry:
         token_ttl: dt.timedelta | None = None,
     ) -> Registration:
         """Creates a pending device and its enrollment token."""
-        name = name.strip()
-        if not name or len(name) > NAME_MAX or any(c.isspace() or c in "/," for c in name):
-            raise InvalidInput(
-                f"device name '{name}' must be 1-{NAME_MAX} characters without spaces, '/' or ','"
-            )
+        name = checked_name("device", name)
         if self.known_profiles is not None and profile and profile not in self.known_profiles:
             raise InvalidInput(
                 f"unknown device profile '{profile}'; "
@@ -151,3 +147,14 @@ class DeviceRegistry:
 
 def _activate(cert: IssuedCertificate) -> tuple[str, str, dt.datetime]:
     return cert.serial, cert.fingerprint, cert.not_after
+
+
+def checked_name(what: str, name: str) -> str:
+    """A device's or an operator's name, stripped: 1-NAME_MAX characters, no whitespace, '/'
+    or ',' (names appear in selectors, paths and lists); InvalidInput otherwise."""
+    name = name.strip()
+    if not name or len(name) > NAME_MAX or any(c.isspace() or c in "/," for c in name):
+        raise InvalidInput(
+            f"{what} name '{name}' must be 1-{NAME_MAX} characters without spaces, '/' or ','"
+        )
+    return name

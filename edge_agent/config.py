@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.retry import Backoff
-from edge_agent.settings import load_settings
+from edge_agent.settings import check_listen, load_settings
 
 
 class CloudLink(BaseModel):
@@ -276,12 +276,7 @@ class MetricsPolicy(BaseModel):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value == "":
-            return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT with a port from 0 to 65535, or empty (off)")
-        return value
+        return check_listen(value, optional=True)
 
 
 class AgentConfig(BaseSettings):

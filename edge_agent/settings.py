@@ -119,3 +119,16 @@ def _describe(
         else:
             problems.append(f"{origin}: key '{key}': {err['msg']} (got {err.get('input')!r})")
     return "; ".join(problems)
+
+
+def check_listen(value: str, optional: bool) -> str:
+    """A HOST:PORT to listen on (port 0: any free one); "" where `optional` (off)."""
+    if value == "" and optional:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(
+            "must be HOST:PORT with a port from 0 to 65535"
+            + (", or empty (off)" if optional else "")
+        )
+    return value

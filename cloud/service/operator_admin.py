@@ -11,16 +11,15 @@ from typing import Any
 from grpc import aio
 
 from cloud.clock import Clock
+from cloud.devices import checked_name
 from cloud.domain import AuditEntry, OperatorRecord
 from cloud.service.roles import check_role
 from cloud.service.serde import timestamp
 from cloud.store import Store
 from cloud.tokens import OPERATOR_PREFIX, hash_token, new_token
-from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
 log = logging.getLogger(__name__)
-NAME_MAX = 128
 MAX_AUDIT = 10_000
 
 
@@ -52,11 +51,7 @@ class AdminCalls:
     async def AddOperator(
         self, request: operator_pb2.AddOperatorRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.AddOperatorResponse:
-        name = request.name.strip()
-        if not name or len(name) > NAME_MAX or any(c.isspace() or c in "/," for c in name):
-            raise InvalidInput(
-                f"operator name '{name}' must be 1-{NAME_MAX} characters without spaces, '/' or ','"
-            )
+        name = checked_name("operator", request.name)
         role = check_role(request.role or "viewer")
         token = new_token(OPERATOR_PREFIX)
         record = await asyncio.to_thread(
