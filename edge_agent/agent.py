@@ -180,8 +180,11 @@ class Agent:
         self.session.use_identity(identity)
 
     def _on_control(self, message: agent_pb2.ControlMessage) -> None:
-        if message.WhichOneof("body") == "desired":
+        body = message.WhichOneof("body")
+        if body == "desired":
             self.updater.want(message.desired)
+        elif body == "maintenance":
+            self.runtime.maintenance.replace(message.maintenance)
 
     def host(self) -> common_pb2.HostFacts:
         return hostfacts.collect(self.config.state_dir)

@@ -53,5 +53,26 @@ class OpenAlerts:
                 replace_atomically(path, json.dumps(asdict(event)).encode(), 0o644)
             else:
                 path.unlink(missing_ok=True)
+                self._held_path(event.asset).unlink(missing_ok=True)
         except OSError as exc:
             log.error("cannot keep the open alert of %s in %s: %s", event.asset, path, exc)
+
+    # An open alert a maintenance period kept off the site: published when the period ends,
+    # after a restart too.
+    def _held_path(self, asset: str) -> Path:
+        return self.directory / f"{asset}.held"
+
+    def hold(self, asset: str) -> None:
+        try:
+            self._held_path(asset).touch()
+        except OSError as exc:
+            log.error("cannot mark the open alert of %s as held back: %s", asset, exc)
+
+    def release(self, asset: str) -> None:
+        try:
+            self._held_path(asset).unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot unmark the open alert of %s: %s", asset, exc)
+
+    def is_held(self, asset: str) -> bool:
+        return self._held_path(asset).exists()

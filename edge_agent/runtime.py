@@ -38,6 +38,7 @@ from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.mqtt import MqttConnection
 from edge_agent.logs import ids
+from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.scoring import calibrate
@@ -64,6 +65,7 @@ class RuntimeCounters:
     errors: int = 0
     outbox_write_failed: int = 0  # records that could not be kept (disk full)
     behind_skipped: int = 0  # windows not scored while inference caught up with a backlog
+    alerts_held_back: int = 0  # raises not published on site: a maintenance period covered them
 
 
 class EdgeRuntime:
@@ -95,6 +97,8 @@ class EdgeRuntime:
         self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
         self.open_alerts = OpenAlerts(config.state_dir / "alerts")
+        self.maintenance = SiteMaintenance(config.state_dir)
+        self._held: dict[str, AlertEvent] = {}  # by asset: raises a period kept off the site
         self.streams = StreamStates(config.state_dir / "stream")
         self._lost_logged_at = -math.inf
         # Alert events the outbox could not take (disk full), oldest first: written first
@@ -344,6 +348,9 @@ class EdgeRuntime:
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]
     ) -> None:
         assert self.model is not None
+        still_open = self.open_alerts.load(runner.name)
+        if still_open is not None and self.open_alerts.is_held(runner.name):
+            self._held[runner.name] = still_open  # not published yet: a period covered it
         self.deciders[runner.index] = AssetDecider(
             runner.name,
             self.model.schema.names,
@@ -351,7 +358,7 @@ class EdgeRuntime:
             self.model.frame.decision.smoothing,
             self.model.version,
             seed,
-            self.open_alerts.load(runner.name),
+            still_open,
         )
         runner.calibration = cal  # last: the pipeline thread starts cutting windows after it
 
@@ -380,9 +387,11 @@ class EdgeRuntime:
             evidence = sensor_evidence(one, cal, decision, values)
             verdict = decider.step(raw, evidence, job.window_start, job.window_end)
             self.counters.windows_scored += 1
+            if self._held:
+                self._release_held(verdict.asset, job.window_end)
             if verdict.event is not None:
                 self.open_alerts.update(verdict.event)
-                self._publish_event(verdict.event)
+                self._announce(verdict.event)
                 records.append((ALERT, alert_record(verdict.event)))
             every = self.config.outbox.prediction_every
             self._kept_every[job.asset] += 1
@@ -426,6 +435,30 @@ class EdgeRuntime:
                     exc,
                     self.counters.outbox_write_failed,
                 )
+
+    def _announce(self, event: AlertEvent) -> None:
+        """Publishes an alert event on site, unless a maintenance period covers the raise
+        (it is stored and synced all the same)."""
+        if event.kind == "raised":
+            period = self.maintenance.covering(event.asset, event.window_end)
+            if period is not None:
+                self.counters.alerts_held_back += 1
+                self._held[event.asset] = event
+                self.open_alerts.hold(event.asset)
+                log.info("fault on %s not published on site: maintenance %s (%s)",
+                         event.asset, period.id[:8], period.reason)  # fmt: skip
+                return
+        elif self._held.pop(event.asset, None) is not None:
+            return  # raised and cleared within maintenance: the site never saw it
+        self._publish_event(event)
+
+    def _release_held(self, asset: str, at: float) -> None:
+        """A fault still open when its maintenance period ended is published then."""
+        held = self._held.get(asset)
+        if held is not None and self.maintenance.covering(asset, at) is None:
+            del self._held[asset]
+            self.open_alerts.release(asset)
+            self._publish_event(held)
 
     def _publish_event(self, event: AlertEvent) -> None:
         prefix = self.config.mqtt.alert_prefix
