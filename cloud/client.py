@@ -191,15 +191,52 @@ class OperatorClient:
     def get_alert(self, alert_id: str) -> operator_pb2.Alert:
         return self._call(self._stub.GetAlert, operator_pb2.GetAlertRequest(id=alert_id))
 
-    def alert_action(self, action: str, alert_id: str, note: str = "") -> operator_pb2.Alert:
-        """`action`: ack or resolve."""
+    def alert_action(
+        self, action: str, alert_id: str, note: str = "", verdict: str = "", fault_type: str = ""
+    ) -> operator_pb2.Alert:
+        """`action`: ack or resolve; `verdict` "", true, false or unsure."""
         if action == "ack":
-            return self._call(
-                self._stub.AckAlert, operator_pb2.AckAlertRequest(id=alert_id, note=note)
+            ack = operator_pb2.AckAlertRequest(
+                id=alert_id, note=note, verdict=verdict, fault_type=fault_type
             )
-        return self._call(
-            self._stub.ResolveAlert, operator_pb2.ResolveAlertRequest(id=alert_id, note=note)
+            return self._call(self._stub.AckAlert, ack)
+        resolve = operator_pb2.ResolveAlertRequest(
+            id=alert_id, note=note, verdict=verdict, fault_type=fault_type
         )
+        return self._call(self._stub.ResolveAlert, resolve)
+
+    def shelve_alert(self, alert_id: str, duration_s: float, reason: str) -> operator_pb2.Alert:
+        request = operator_pb2.ShelveAlertRequest(
+            id=alert_id, duration_s=max(0, min(int(duration_s), 2**32 - 1)), reason=reason
+        )
+        return self._call(self._stub.ShelveAlert, request)
+
+    def unshelve_alert(self, alert_id: str) -> operator_pb2.Alert:
+        return self._call(self._stub.UnshelveAlert, operator_pb2.GetAlertRequest(id=alert_id))
+
+    # ---- maintenance windows ----
+    def add_maintenance(
+        self,
+        selector: str,
+        reason: str,
+        asset: str = "",
+        starts_at: dt.datetime | None = None,
+        ends_at: dt.datetime | None = None,
+    ) -> operator_pb2.MaintenanceWindow:
+        request = operator_pb2.AddMaintenanceRequest(selector=selector, asset=asset, reason=reason)
+        if starts_at is not None:
+            request.starts_at.FromDatetime(starts_at)
+        if ends_at is not None:
+            request.ends_at.FromDatetime(ends_at)
+        return self._call(self._stub.AddMaintenance, request)
+
+    def list_maintenance(self, include_ended: bool = False) -> list[operator_pb2.MaintenanceWindow]:
+        request = operator_pb2.ListMaintenanceRequest(include_ended=include_ended)
+        return list(self._call(self._stub.ListMaintenance, request).windows)
+
+    def remove_maintenance(self, window_id: str) -> operator_pb2.MaintenanceWindow:
+        request = operator_pb2.RemoveMaintenanceRequest(id=window_id)
+        return self._call(self._stub.RemoveMaintenance, request)
 
     def watch_alerts(
         self, request: operator_pb2.WatchAlertsRequest, resume: bool = True
@@ -231,9 +268,21 @@ class OperatorClient:
         return list(self._call(self._stub.QueryPredictions, request).predictions)
 
     # ---- webhooks ----
-    def add_webhook(self, url: str, secret: str, filter_text: str = "") -> operator_pb2.Webhook:
-        request = operator_pb2.AddWebhookRequest(url=url, secret=secret, filter=filter_text)
+    def add_webhook(
+        self, url: str, secret: str, filter_text: str = "", kind: str = ""
+    ) -> operator_pb2.Webhook:
+        request = operator_pb2.AddWebhookRequest(
+            url=url, secret=secret, filter=filter_text, kind=kind
+        )
         return self._call(self._stub.AddWebhook, request)
+
+    def rotate_webhook_secret(
+        self, webhook_id: str, secret: str, overlap_s: int = 0
+    ) -> operator_pb2.Webhook:
+        request = operator_pb2.RotateWebhookSecretRequest(
+            id=webhook_id, secret=secret, overlap_s=overlap_s
+        )
+        return self._call(self._stub.RotateWebhookSecret, request)
 
     def list_webhooks(self) -> list[operator_pb2.Webhook]:
         return list(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cloud.severity import SeverityRule
 from edge_agent.errors import ConfigError
 from edge_agent.settings import check_listen, load_settings
 
@@ -56,6 +57,11 @@ class CloudConfig(BaseSettings):
     webhook_retry_max_s: float = Field(default=300.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_poll_s: float = Field(default=1.0, gt=0)  # picks up other replicas' deliveries
+    # Alertmanager targets: an open alert is sent with endsAt this far ahead and sent again
+    # every third of it, so Alertmanager resolves it by itself if the control plane is gone.
+    alertmanager_hold_s: float = Field(default=900.0, ge=30)
+    alert_severity: list[SeverityRule] = Field(default_factory=list)  # first match wins
+    max_shelve_s: float = Field(default=7 * 86_400.0, gt=0)  # the longest an alert is shelved
     # Several replicas: only the leader runs the rollout controller. auto: a Kubernetes Lease
     # inside a cluster, else a lease row in the store when it is PostgreSQL, else off.
     # Device profiles (firmware_images/profiles/*.yaml); `device register --profile` must name

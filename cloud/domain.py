@@ -340,7 +340,18 @@ class RolloutTarget:
 class AlertState(enum.StrEnum):
     FIRING = "firing"  # raised on the edge, nobody has acknowledged it
     ACKNOWLEDGED = "acknowledged"  # someone is on it; the edge may still be raising
-    RESOLVED = "resolved"  # cleared by the edge or resolved by an operator
+    RESOLVED = "resolved"  # resolved by an operator, or cleared by the edge after an ack
+    # Cleared by the edge before anyone acknowledged it (ISA-18.2 "return to normal,
+    # unacknowledged"): still wants an acknowledgement, which closes it.
+    RETURNED = "returned"
+
+    @property
+    def active(self) -> bool:
+        """The condition still holds on the edge (as far as the cloud knows)."""
+        return self in (AlertState.FIRING, AlertState.ACKNOWLEDGED)
+
+
+VERDICTS = ("true", "false", "unsure")
 
 
 @dataclass(frozen=True)
@@ -371,6 +382,13 @@ class AlertRecord:
     model_version: str
     raised_events: int  # edge raise events folded into this alert
     revision: int
+    verdict: str = ""  # "" or one of VERDICTS: the operator's call
+    fault_type: str = ""  # what the operator found
+    acknowledged_by: str = ""
+    shelved_until: dt.datetime | None = None
+    shelved_by: str = ""
+    shelve_reason: str = ""
+    suppressed_by: str = ""  # "shelved", "maintenance <id>": its changes are not delivered
 
     def to_json(self, device_name: str) -> dict[str, Any]:
         """The alert as webhook payloads and `--json` outputs carry it."""
@@ -395,6 +413,12 @@ class AlertRecord:
             "model_version": self.model_version,
             "raised_events": self.raised_events,
             "revision": self.revision,
+            "verdict": self.verdict,
+            "fault_type": self.fault_type,
+            "acknowledged_by": self.acknowledged_by,
+            "shelved_until": iso(self.shelved_until),
+            "shelve_reason": self.shelve_reason,
+            "suppressed_by": self.suppressed_by,
         }
 
 
@@ -403,12 +427,14 @@ class AlertFilter:
     state: AlertState | None = None
     device_id: str = ""
     since: dt.datetime | None = None  # last seen at or after
+    verdict: str | None = None  # None: any; "": not given yet; else one of VERDICTS
 
     def matches(self, alert: AlertRecord) -> bool:
         return (
             (self.state is None or alert.state is self.state)
             and (not self.device_id or alert.device_id == self.device_id)
             and (self.since is None or alert.last_seen >= self.since)
+            and (self.verdict is None or alert.verdict == self.verdict)
         )
 
 
@@ -442,8 +468,8 @@ class WebhookFilter:
                 unknown = [v for v in states if v not in {s.value for s in AlertState}]
                 if unknown:
                     raise InvalidInput(
-                        f"webhook filter: state {unknown[0]!r} is not firing, acknowledged "
-                        "or resolved (several: state=firing|resolved)"
+                        f"webhook filter: state {unknown[0]!r} is not firing, acknowledged, "
+                        "returned or resolved (several: state=firing|resolved)"
                     )
                 fields["states"] = states
             elif key == "min_score":
@@ -478,6 +504,9 @@ class WebhookRecord:
     pending: int = 0
     dead: int = 0
     last_error: str = ""
+    kind: str = "standard"  # standard | pagerduty | alertmanager
+    previous_secret: str = ""  # signs beside `secret` until `previous_until` (rotation)
+    previous_until: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -492,6 +521,10 @@ class Delivery:
     revision: int
     payload: dict[str, Any]
     attempts: int
+    kind: str = "standard"
+    previous_secret: str = ""
+    previous_until: dt.datetime | None = None
+    created_at: dt.datetime | None = None  # queued (or queued again, for a repeat)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,11 @@
-"""Webhook deliveries: signed JSON POSTs with retries, from the store's delivery outbox.
+"""Alert deliveries from the store's delivery outbox: Standard Webhooks, PagerDuty and
+Alertmanager targets (their formats: `cloud.alert_targets`), over one HTTP client that keeps
+connections.
 
-Each request carries
-    Content-Type: application/json
-    X-Autoglm-Event: alert.firing | alert.acknowledged | alert.resolved
-    X-Autoglm-Delivery: <id>       (the same on every retry: receivers drop repeats by it)
-    X-Autoglm-Timestamp: <unix seconds>
-    X-Autoglm-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
-A 2xx answer delivers it; anything else (or no answer in `timeout_s`) is retried with
-exponential backoff until `max_attempts`, then the delivery is dead (`webhook list` shows
-the count and the last error).
+A 2xx answer delivers a change; no answer in `timeout_s`, a 5xx, 408 or 429 is retried with
+the project's jittered exponential backoff until `max_attempts`; any other 4xx (the receiver
+refuses it) and the last failed attempt make the delivery dead (`webhook list` shows the
+count and the last error).
 """
 
 from __future__ import annotations
@@ -18,23 +15,24 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
-import json
 import logging
+import math
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Callable
 
+import httpx
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cloud.alert_targets import Request, build
 from cloud.clock import Clock, utc_now
 from cloud.domain import Delivery
+from cloud.severity import SeverityRule
 from cloud.store import Store
 from edge_agent.errors import IntegrityError, InvalidInput
+from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -48,7 +46,7 @@ def check_url(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         raise InvalidInput(
             f"webhook URL {redacted(url)!r} carries credentials (user:password@): they would be "
-            "stored and logged in clear; the receiver checks X-Autoglm-Signature instead"
+            "stored and logged in clear; receivers check the webhook-signature header instead"
         )
     if not parts.hostname:
         raise InvalidInput(f"webhook URL {redacted(url)!r} has no host")
@@ -101,11 +99,6 @@ class SecretBox:
             ) from None
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
 @dataclasses.dataclass(frozen=True)
 class SenderSettings:
     max_attempts: int = 8
@@ -113,6 +106,9 @@ class SenderSettings:
     retry_max_s: float = 300.0
     timeout_s: float = 10.0
     poll_s: float = 1.0
+    alertmanager_hold_s: float = 900.0
+    severity_rules: tuple[SeverityRule, ...] = ()
+    sweep_s: float = 5.0  # shelvings and windows that ended; Alertmanager repeats
 
 
 class WebhookSender:
@@ -122,29 +118,67 @@ class WebhookSender:
         settings: SenderSettings,
         clock: Clock = utc_now,
         box: SecretBox | None = None,
+        wall_clock: Clock = utc_now,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        # Signatures and Alertmanager's endsAt follow the receivers' clocks, never a test's.
+        self.wall_clock = wall_clock
         self.box = box
+        self.backoff = Backoff(settings.retry_initial_s, max(settings.retry_max_s,
+                                                             settings.retry_initial_s))  # fmt: skip
         self._wake = asyncio.Event()
+        self._http: httpx.AsyncClient | None = None
+        self._swept = -math.inf
+        # Told each attempt's kind, outcome (delivered, retry, dead) and, when delivered, the
+        # seconds since it was queued (the control plane's metrics).
+        self.on_result: Callable[[str, str, float | None], None] | None = None
 
-    def wake(self) -> None:
-        """Alerts changed in this process: look for deliveries now (call on the loop)."""
+    def wake(self, sweep: bool = False) -> None:
+        """Alerts changed in this process: look for deliveries now (call on the loop); with
+        `sweep`, for alerts released from maintenance or shelving too."""
+        if sweep:
+            self._swept = -math.inf
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                sent = await self.send_due()
-            except Exception:
-                log.exception("webhook round failed")
-                sent = 0
-            if sent == BATCH:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+        # One client: connections to each receiver are kept and reused.
+        limits = httpx.Limits(max_connections=BATCH, max_keepalive_connections=BATCH)
+        async with httpx.AsyncClient(
+            timeout=self.settings.timeout_s, limits=limits, follow_redirects=False
+        ) as http:
+            self._http = http
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self.sweep()
+                    sent = await self.send_due()
+                except Exception:
+                    log.exception("webhook round failed")
+                    sent = 0
+                if sent == BATCH:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+        self._http = None
+
+    async def sweep(self, force: bool = False) -> None:
+        """Every `sweep_s`: delivers alerts whose shelving or maintenance window ended, and
+        repeats open alerts to Alertmanager targets before their endsAt passes."""
+        if not force and time.monotonic() - self._swept < self.settings.sweep_s:
+            return
+        self._swept = time.monotonic()
+        now = self.clock()
+        released = await asyncio.to_thread(self.store.release_suppressed, now)
+        repeat = dt.timedelta(seconds=self.settings.alertmanager_hold_s / 3)
+        rearmed = await asyncio.to_thread(
+            self.store.rearm_deliveries, "alertmanager", now - repeat, now
+        )
+        if released:
+            log.info("%d alert(s) released from shelving or maintenance", len(released))
+        if released or rearmed:
+            self.wake()
 
     async def send_due(self) -> int:
         """Claims and sends due deliveries, concurrently; how many were attempted."""
@@ -154,14 +188,16 @@ class WebhookSender:
         return len(due)
 
     async def _send(self, d: Delivery) -> None:
-        error = await asyncio.to_thread(self._post, d)
+        error, permanent = await self._post(d)
         now = self.clock()
         retry_at = None
-        if error and d.attempts < self.settings.max_attempts:
-            delay = min(
-                self.settings.retry_initial_s * 2 ** (d.attempts - 1), self.settings.retry_max_s
-            )
-            retry_at = now + dt.timedelta(seconds=delay)
+        if error and not permanent and d.attempts < self.settings.max_attempts:
+            retry_at = now + dt.timedelta(seconds=self.backoff.delay(d.attempts))
+        if self.on_result is not None:
+            outcome = "delivered" if not error else "retry" if retry_at else "dead"
+            queued = d.created_at
+            latency = (now - queued).total_seconds() if queued and not error else None
+            self.on_result(d.kind, outcome, latency)
         if error:
             what = f"retry at {retry_at:%H:%M:%S}" if retry_at else "giving up (dead)"
             log.warning(
@@ -170,33 +206,44 @@ class WebhookSender:
             )  # fmt: skip
         await asyncio.to_thread(self.store.finish_delivery, d.id, error, now, retry_at)
 
-    def _post(self, d: Delivery) -> str:
-        """POSTs one delivery; "" on a 2xx, else what went wrong."""
-        body = json.dumps({"delivery_id": d.id, **d.payload}, sort_keys=True).encode()
-        stamp = int(time.time())
+    def _secrets(self, d: Delivery, now: dt.datetime) -> list[str]:
+        stored = [d.secret]
+        if d.previous_secret and d.previous_until is not None and d.previous_until > now:
+            stored.append(d.previous_secret)
+        return [self.box.open(s) if self.box is not None else s for s in stored]
+
+    async def _post(self, d: Delivery) -> tuple[str, bool]:
+        """POSTs one delivery: ("", False) on a 2xx, else what went wrong and whether
+        retrying cannot help (a 4xx other than 408 and 429: the receiver refuses it)."""
+        now = self.wall_clock()
         try:
-            secret = self.box.open(d.secret) if self.box is not None else d.secret
+            request = build(
+                d,
+                self._secrets(d, self.clock()),
+                now,
+                self.settings.severity_rules,
+                self.settings.alertmanager_hold_s,
+            )
         except IntegrityError as exc:
-            return str(exc)
-        request = urllib.request.Request(
-            d.url,
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": "autoglm-edge-cloud",
-                "X-Autoglm-Event": str(d.payload.get("event", "")),
-                "X-Autoglm-Delivery": str(d.id),
-                "X-Autoglm-Timestamp": str(stamp),
-                "X-Autoglm-Signature": sign(secret, stamp, body),
-            },
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
-                status = int(response.status)
-        except urllib.error.HTTPError as exc:
-            return f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return f"cannot reach {redacted(d.url)}: {reason}"
-        return "" if 200 <= status < 300 else f"HTTP {status}"
+            return str(exc), False
+        except (KeyError, TypeError, ValueError) as exc:  # a payload this version cannot read
+            return f"cannot build the {d.kind} request: {exc!r}", True
+        http = self._http
+        if http is None:
+            async with httpx.AsyncClient(timeout=self.settings.timeout_s) as once:
+                return await _exchange(once, request, d)
+        return await _exchange(http, request, d)
+
+
+async def _exchange(http: httpx.AsyncClient, request: Request, d: Delivery) -> tuple[str, bool]:
+    headers = {"user-agent": "autoglm-edge-cloud", **request.headers}
+    try:
+        response = await http.post(request.url, content=request.body, headers=headers)
+    except httpx.HTTPError as exc:
+        return f"cannot reach {redacted(d.url)}: {exc!r}", False
+    status = response.status_code
+    if 200 <= status < 300:
+        return "", False
+    detail = response.text[:200].strip()
+    error = f"HTTP {status}" + (f": {detail}" if detail else "")
+    return error, 400 <= status < 500 and status not in (408, 429)

@@ -25,8 +25,14 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call moves one step up the curve."""
-        base = min(self.maximum_s, self.initial_s * self.multiplier**self._attempt)
         self._attempt += 1
+        return self.delay(self._attempt)
+
+    def delay(self, attempt: int) -> float:
+        """The delay after failed attempt number `attempt` (1, 2, ...), for retries whose
+        count is kept elsewhere (a database row) rather than in this object."""
+        steps = min(max(0, attempt - 1), 64)  # far past any cap; more would only overflow
+        base = min(self.maximum_s, self.initial_s * self.multiplier**steps)
         return base * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
 
     def reset(self) -> None:

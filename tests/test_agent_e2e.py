@@ -35,7 +35,8 @@ from tests.support.agents import AgentThread, enroll_identity, start_agent, wait
 from tests.support.broker import Broker, start_broker
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The module's fixture trains a SKAB model: minutes of CPU on a busy 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _skab_dir() -> Path:

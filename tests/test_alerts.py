@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 FIRING = operator_pb2.Alert.STATE_FIRING
 ACKED = operator_pb2.Alert.STATE_ACKNOWLEDGED
 RESOLVED = operator_pb2.Alert.STATE_RESOLVED
+RETURNED = operator_pb2.Alert.STATE_RETURNED
 
 
 @pytest.fixture
@@ -58,13 +59,14 @@ def test_alerts_arrive_once_through_watch_and_list_across_restarts(site: Site) -
     site.restart_plane()
     site.outbox.append([cleared("pump-1", T0 + 90)])
     wait_for(lambda: len(watcher.seen) == 4, timeout=20)
-    assert watcher.states()[3] == ("pump-1", RESOLVED)
+    # Nobody acknowledged it: returned to normal, unacknowledged (ISA-18.2).
+    assert watcher.states()[3] == ("pump-1", RETURNED)
     assert watcher.seen[3].resolved_by == "edge"
     assert not watcher.error
 
     # Every path agrees: two alerts, one per episode, nothing twice.
     listed = site.alerts()
-    assert sorted((a.asset, a.state) for a in listed) == [("pump-1", RESOLVED), ("pump-2", FIRING)]
+    assert sorted((a.asset, a.state) for a in listed) == [("pump-1", RETURNED), ("pump-2", FIRING)]
     assert len({a.revision for a in watcher.seen}) == len(watcher.seen)  # no change twice
     firing = site.alerts(state=FIRING)
     assert [a.asset for a in firing] == ["pump-2"]
@@ -107,11 +109,22 @@ def test_alerts_and_predictions_from_the_cli(site: Site, tmp_path: Path) -> None
     listed = json.loads(autoglm(tmp_path, "alerts", "list", "--state", "firing", "--json").stdout)
     assert [a["asset"] for a in listed] == ["pump-1"]
     table = autoglm(tmp_path, "alerts", "list").stdout
-    assert "edge-1" in table and "firing" in table and "flow" in table
+    assert "edge-1" in table and "firing" in table and "flow" in table and "minor" in table
     shown = autoglm(tmp_path, "alerts", "show", listed[0]["id"]).stdout
     assert "score timeline (12 windows" in shown and "top sensors: flow" in shown
     acked = autoglm(tmp_path, "alerts", "ack", listed[0]["id"], "--note", "on it").stdout
     assert "acknowledged" in acked
+    judged = autoglm(
+        tmp_path, "alerts", "resolve", listed[0]["id"][:8], "--verdict", "false"
+    ).stdout
+    assert "resolved, verdict false" in judged, judged
+    false_alarms = autoglm(tmp_path, "alerts", "list", "--verdict", "false", "--json").stdout
+    assert [a["verdict"] for a in json.loads(false_alarms)] == ["false"]
+    assert (
+        json.loads(autoglm(tmp_path, "alerts", "list", "--verdict", "none", "--json").stdout) == []
+    )
+    shown = autoglm(tmp_path, "alerts", "show", listed[0]["id"]).stdout
+    assert "verdict: false" in shown and "severity minor" in shown, shown
     csv_out = autoglm(tmp_path, "device", "predictions", "edge-1", "--csv").stdout.splitlines()
     assert csv_out[0].startswith("window_start,window_end,asset,score,anomalous")
     assert len(csv_out) == 13
@@ -119,22 +132,44 @@ def test_alerts_and_predictions_from_the_cli(site: Site, tmp_path: Path) -> None
         autoglm(tmp_path, "device", "predictions", "edge-1", "--asset", "pump-1", "--json").stdout
     )
     assert len(as_json) == 12
-    added = autoglm(
-        tmp_path, "webhook", "add", "http://127.0.0.1:9/hook", "--secret", "x" * 20, "--json"
+    added = json.loads(
+        autoglm(tmp_path, "webhook", "add", "http://127.0.0.1:9/hook", "--json").stdout
     )
-    hook_id = json.loads(added.stdout)["id"]
+    hook_id = added["id"]
+    assert added["secret"].startswith("whsec_") and added["kind"] == "standard"
     assert hook_id[:8] in autoglm(tmp_path, "webhook", "list").stdout
+    rotated = autoglm(tmp_path, "webhook", "rotate-secret", hook_id[:8], "--overlap", "1h").stdout
+    assert "the previous one too until" in rotated and "whsec_" in rotated
     autoglm(tmp_path, "webhook", "remove", hook_id)
+    window = autoglm(
+        tmp_path, "maintenance", "add", "--selector", "site=a", "--to", "2h", "--reason", "seals"
+    ).stdout
+    assert "maintenance " in window and " to " in window, window
+    assert "seals" in autoglm(tmp_path, "maintenance", "list").stdout
+    autoglm(tmp_path, "maintenance", "remove", window.split()[1].rstrip(":")[:8])
+    assert "seals" not in autoglm(tmp_path, "maintenance", "list").stdout
     for args, message in (
         (["alerts", "list", "--since", "soon"], "--since"),
         (["alerts", "list", "--state", "burning"], "invalid choice"),
         (["alerts", "show", "no-such-alert"], "no alert"),
         (["device", "predictions", "no-such-device"], "no device"),
         (["device", "predictions", "edge-1", "--limit", "0"], "--limit"),
-        (["webhook", "add", "http://127.0.0.1:9/x"], "needs --secret"),
-        (["webhook", "add", "gopher://x/", "--secret", "x" * 20], "scheme"),
-        (["webhook", "add", "http://h/", "--secret", "x" * 20, "--filter", "a=b"], "unknown key"),
+        (["webhook", "add", "http://127.0.0.1:9/x", "--secret", "x" * 20], "whsec_"),
+        (["webhook", "add", "--kind", "pagerduty", "--secret", "short"], "routing key"),
+        (["webhook", "add", "--kind", "alertmanager"], "needs the URL"),
+        (["webhook", "add", "gopher://x/"], "scheme"),
+        (["webhook", "add", "http://h/", "--filter", "a=b"], "unknown key"),
         (["webhook", "remove", "no-such-hook"], "no webhook"),
+        (["webhook", "rotate-secret", "no-such-hook"], "no webhook"),
+        (["alerts", "shelve", listed[0]["id"], "--for", "8h"], "--reason"),
+        (["alerts", "shelve", listed[0]["id"], "--for", "soon", "--reason", "x"], "--for"),
+        (["alerts", "shelve", listed[0]["id"], "--for", "30d", "--reason", "x"], "at most"),
+        (["alerts", "resolve", listed[0]["id"], "--verdict", "maybe"], "invalid choice"),
+        (["maintenance", "add", "--selector", "site=a"], "--reason"),
+        (["maintenance", "add", "--selector", "", "--reason", "x"], "--selector"),
+        (["maintenance", "add", "--selector", "site=a", "--to", "-1h", "--reason", "x"], "--to"),
+        (["maintenance", "add", "--selector", "a=(", "--reason", "x"], "selector"),
+        (["maintenance", "remove", "no-such-window"], "no maintenance window"),
     ):
         result = autoglm(tmp_path, *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)

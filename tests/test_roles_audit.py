@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from cloud.service.guard import RefusedBudget
 from cloud.service.roles import LEAST_ROLE, READS, ROLES
+from cloud.webhook_kinds import new_secret
 from edge_agent.errors import FailedPrecondition, PermissionDenied
 from protos.autoglm.v1 import operator_pb2
 from tests.support.agents import wait_for
@@ -105,7 +106,8 @@ def test_operators_are_added_listed_and_revoked_and_secrets_stay_out_of_the_audi
             assert bot.list_devices() == []
             with pytest.raises(PermissionDenied, match="needs the admin role"):
                 bot.list_operators()
-        admin.add_webhook("https://hooks.example/x?key=abc123", "s3cret-s3cret-s3cret")
+        secret = new_secret()
+        admin.add_webhook("https://hooks.example/x?key=abc123", secret)
         with pytest.raises(FailedPrecondition, match="last admin"):
             admin.revoke_operator("admin")
         revoked = admin.revoke_operator("ci-bot")
@@ -122,7 +124,7 @@ def test_operators_are_added_listed_and_revoked_and_secrets_stay_out_of_the_audi
         wait_for(refused, timeout=15)  # good tokens are cached for a few seconds
         entries = admin.list_audit(limit=100)
     webhook = next(e for e in entries if e.method == "AddWebhook")
-    assert "s3cret" not in webhook.target and "abc123" not in webhook.target, webhook.target
+    assert secret not in webhook.target and "abc123" not in webhook.target, webhook.target
     assert "<redacted>" in webhook.target
     revoke = [e for e in entries if e.method == "RevokeOperator"]
     assert [e.code for e in revoke] == ["OK", "FAILED_PRECONDITION"]  # newest first

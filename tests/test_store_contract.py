@@ -273,10 +273,11 @@ class StoreContract:
         assert first.state is AlertState.FIRING and first.raised_events == 2
         assert first.peak_score == 2.5 and first.top_sensors == (("vibration", 0.9),)
         assert first.first_seen == NOW and first.last_seen == NOW + dt.timedelta(seconds=30)
-        # The edge clears pump-1: resolved by the edge; a later raise opens a new alert.
+        # The edge clears pump-1 before anyone acknowledged it: returned to normal,
+        # unacknowledged (ISA-18.2); a later raise opens a new alert.
         store.store_records(d, [], [_event(d, 4, "cleared", at=60)], NOW)
         resolved = store.get_alert(first.id)
-        assert resolved.state is AlertState.RESOLVED and resolved.resolved_by == "edge"
+        assert resolved.state is AlertState.RETURNED and resolved.resolved_by == "edge"
         assert resolved.resolved_at == NOW + dt.timedelta(seconds=60)
         store.store_records(d, [], [_event(d, 5, "raised", at=90)], NOW)
         firing = store.list_alerts(AlertFilter(state=AlertState.FIRING, device_id=d))
@@ -334,7 +335,7 @@ class StoreContract:
 
     def test_webhook_outbox_claims_in_order_with_leases(self, store: Store) -> None:
         d = store.create_device("p", {}, "", NOW).id
-        hook = store.add_webhook("http://h/x", "secret-secret-secret", "state=firing|resolved", NOW)
+        hook = store.add_webhook("http://h/x", "secret-secret-secret", "state=firing|returned", NOW)
         other = store.add_webhook("http://h/y", "secret-secret-secret", "asset=pump-9", NOW)
         store.store_records(d, [], [_event(d, 1, "raised", at=0)], NOW)
         store.store_records(d, [], [_event(d, 2, "cleared", at=30)], NOW)
@@ -349,7 +350,7 @@ class StoreContract:
         assert again.id == first.id and again.attempts == 2
         store.finish_delivery(first.id, "", NOW, None)
         (second,) = store.claim_deliveries(NOW + dt.timedelta(seconds=6), lease, 10)
-        assert second.payload["event"] == "alert.resolved"
+        assert second.payload["event"] == "alert.returned"
         store.finish_delivery(second.id, "HTTP 500", NOW, None)  # out of attempts: dead
         listed = {h.id: h for h in store.list_webhooks()}
         assert (listed[hook.id].delivered, listed[hook.id].pending, listed[hook.id].dead) == (

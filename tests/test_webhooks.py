@@ -1,12 +1,10 @@
-"""Webhook deliveries to a real local HTTP receiver: signed, once, in order, retried while
-the receiver is down, across a control-plane restart; bad URLs, filters and secrets are
+"""Webhook deliveries to a real local HTTP receiver that verifies them with the
+`standardwebhooks` library: signed, once, in order, retried while the receiver is down,
+across a control-plane restart and a secret rotation; bad URLs, filters and secrets are
 clear errors."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from cloud.webhook_kinds import new_secret
 from cloud.webhooks import SecretBox, redacted
 from edge_agent.errors import IntegrityError, InvalidInput
 from tests.support.agents import wait_for
 from tests.support.alerting import T0, Site, cleared, open_site, raised
 
 pytestmark = pytest.mark.integration
-SECRET = "s3cret-for-the-plant-hook"
+SECRET = new_secret()
 FAST_RETRIES = {
     "webhook_retry_initial_s": 0.2,
     "webhook_retry_max_s": 0.5,
@@ -31,15 +31,19 @@ FAST_RETRIES = {
 
 
 class Receiver:
-    """An HTTP endpoint on loopback that checks signatures and records what it accepted.
+    """An HTTP endpoint on loopback that verifies deliveries as a Standard Webhooks
+    consumer does (the library, with the secret it was given) and records what it accepted.
     `status` is what it answers; `stop()` closes the port, `start()` opens it again."""
 
     def __init__(self) -> None:
         self.accepted: list[dict[str, Any]] = []
+        self.ids: list[str] = []
+        self.signatures: list[str] = []
         self.bad_signatures = 0
         self.requests = 0
         self.status = 200
         self.port = 0
+        self.secret = SECRET
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> Receiver:
@@ -49,18 +53,16 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.requests += 1
-                stamp = self.headers["X-Autoglm-Timestamp"]
-                mac = hmac.new(SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256)
-                if self.headers["X-Autoglm-Signature"] != "sha256=" + mac.hexdigest():
+                try:
+                    doc = Webhook(receiver.secret).verify(body, dict(self.headers.items()))
+                except WebhookVerificationError:
                     receiver.bad_signatures += 1
                     self.send_response(401)
-                elif receiver.status == 200:
-                    doc = json.loads(body)
-                    assert self.headers["X-Autoglm-Delivery"] == str(doc["delivery_id"])
-                    assert self.headers["X-Autoglm-Event"] == doc["event"]
-                    receiver.accepted.append(doc)
-                    self.send_response(200)
                 else:
+                    if receiver.status == 200:
+                        receiver.accepted.append(doc)
+                        receiver.ids.append(self.headers["webhook-id"])
+                        receiver.signatures.append(self.headers["webhook-signature"])
                     self.send_response(receiver.status)
                 self.end_headers()
 
@@ -82,7 +84,7 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hooks/autoglm"
 
     def events(self) -> list[tuple[str, str]]:
-        return [(d["event"], d["alert"]["asset"]) for d in self.accepted]
+        return [(d["type"], d["data"]["asset"]) for d in self.accepted]
 
 
 @pytest.fixture
@@ -105,22 +107,46 @@ def test_signed_deliveries_arrive_once_in_order_across_a_restart(
         hook = client.add_webhook(receiver.url, SECRET)
     site.outbox.append([raised("pump-1", T0)])
     wait_for(lambda: receiver.events() == [("alert.firing", "pump-1")], timeout=10)
-    doc = receiver.accepted[0]
-    assert doc["alert"]["device_name"] == "edge-1" and doc["alert"]["top_sensors"][0]["sensor"]
+    alert = receiver.accepted[0]["data"]
+    assert alert["device_name"] == "edge-1" and alert["top_sensors"][0]["sensor"]
+    assert alert["severity"] == "minor" and alert["device_labels"] == {"site": "a"}
     site.restart_plane()
     site.outbox.append([raised("pump-1", T0 + 20, score=2.4), cleared("pump-1", T0 + 60)])
-    wait_for(lambda: receiver.events()[-1:] == [("alert.resolved", "pump-1")], timeout=15)
+    # Cleared before anyone acknowledged it: returned to normal, unacknowledged.
+    wait_for(lambda: receiver.events()[-1:] == [("alert.returned", "pump-1")], timeout=15)
     with site.plane.client() as client:
         wait_for(lambda: client.list_webhooks()[0].pending == 0, timeout=10)
         (listed,) = client.list_webhooks()
-    ids = [d["delivery_id"] for d in receiver.accepted]
+    ids = receiver.ids
     assert len(ids) == len(set(ids)) == listed.delivered, (ids, listed)
-    revisions = [d["alert"]["revision"] for d in receiver.accepted]
+    revisions = [d["data"]["revision"] for d in receiver.accepted]
     assert revisions == sorted(revisions)  # in order per alert
     assert receiver.bad_signatures == 0 and listed.id == hook.id and listed.dead == 0
     # The secret signs every delivery, but the database holds it only encrypted.
     (stored,) = site.plane.plane.store.list_webhooks()
     assert SECRET not in stored.secret and stored.secret.startswith(SecretBox.PREFIX)
+    assert listed.kind == "standard"
+
+
+def test_a_secret_rotation_loses_no_delivery_on_either_side_of_the_switch(
+    site: Site, receiver: Receiver
+) -> None:
+    with site.plane.client() as client:
+        hook = client.add_webhook(receiver.url, SECRET)
+        site.outbox.append([raised("pump-1", T0)])
+        wait_for(lambda: len(receiver.accepted) == 1, timeout=10)
+        new = new_secret()
+        rotated = client.rotate_webhook_secret(hook.id[:8], new, overlap_s=3600)
+        assert rotated.HasField("previous_secret_until")
+        # The receiver still knows only the old secret: the overlap signs with both.
+        site.outbox.append([raised("pump-2", T0 + 5)])
+        wait_for(lambda: len(receiver.accepted) == 2, timeout=10)
+        receiver.secret = new  # the receiver switches to the new one
+        site.outbox.append([raised("pump-3", T0 + 10)])
+        wait_for(lambda: len(receiver.accepted) == 3, timeout=10)
+    assert receiver.bad_signatures == 0, receiver.signatures
+    assert [len(sig.split(" ")) for sig in receiver.signatures] == [1, 2, 2]
+    assert all(part.startswith("v1,") for sig in receiver.signatures for part in sig.split())
 
 
 def test_a_receiver_that_is_down_gets_the_delivery_once_when_it_returns(
@@ -179,7 +205,8 @@ def test_secrets_stored_before_encryption_still_sign() -> None:
         ("http:///no-host", SECRET, "", "no host"),
         ("http://example.com:99999/", SECRET, "", "bad port"),
         ("https://ops:hunter2@example.com/", SECRET, "", "carries credentials"),
-        ("http://example.com/", "short", "", "at least 16"),
+        ("http://example.com/", "short-and-plain", "", "is 'whsec_' and base64"),
+        ("http://example.com/", "whsec_c2hvcnQ=", "", "at least 24"),
         ("http://example.com/", SECRET, "colour=red", "unknown key 'colour'"),
         ("http://example.com/", SECRET, "state=burning", "'burning'"),
         ("http://example.com/", SECRET, "min_score=high", "not a number"),

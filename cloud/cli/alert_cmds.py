@@ -10,6 +10,7 @@ import sys
 
 from cloud.cli.output import ago, json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
+from cloud.domain import VERDICTS
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 
@@ -17,17 +18,23 @@ STATES = {
     "firing": operator_pb2.Alert.STATE_FIRING,
     "acknowledged": operator_pb2.Alert.STATE_ACKNOWLEDGED,
     "resolved": operator_pb2.Alert.STATE_RESOLVED,
+    "returned": operator_pb2.Alert.STATE_RETURNED,
 }
 STATE_NAMES = {v: k for k, v in STATES.items()}
 TIMELINE_BEFORE = dt.timedelta(minutes=5)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    alerts = sub.add_parser("alerts", help="equipment-fault alerts: list, watch, ack, resolve")
+    alerts = sub.add_parser(
+        "alerts", help="equipment-fault alerts: list, watch, ack, resolve, shelve"
+    )
     asub = alerts.add_subparsers(dest="alerts_command", required=True, metavar="COMMAND")
     listing = asub.add_parser("list", help="alerts, most recently seen first")
     _filters(listing)
     listing.add_argument("--since", default="", help="seen in the last 90s, 15m, 24h, 7d")
+    listing.add_argument(
+        "--verdict", choices=[*VERDICTS, "none"], help="only alerts with this verdict (none: yet)"
+    )
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list, needs_client=True)
@@ -39,12 +46,31 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show, needs_client=True)
-    for action, text in (("ack", "acknowledge: someone is on it"), ("resolve", "close it")):
+    for action, text in (
+        ("ack", "acknowledge: someone is on it (closes a returned alert)"),
+        ("resolve", "close it (on a closed alert: record a --verdict)"),
+    ):
         p = asub.add_parser(action, help=text)
         p.add_argument("id")
         p.add_argument("--note", default="")
+        p.add_argument(
+            "--verdict", choices=VERDICTS, default="", help="was the fault real? (model labels)"
+        )
+        p.add_argument("--fault-type", default="", help="what was found, e.g. bearing-wear")
         p.add_argument("--json", action="store_true")
         p.set_defaults(handler=cmd_action, action=action, needs_client=True)
+    shelve = asub.add_parser(
+        "shelve", help="keep an alert from being delivered for a while (it is still stored)"
+    )
+    shelve.add_argument("id")
+    shelve.add_argument("--for", dest="duration", required=True, help="e.g. 30m, 8h, 2d")
+    shelve.add_argument("--reason", required=True)
+    shelve.add_argument("--json", action="store_true")
+    shelve.set_defaults(handler=cmd_shelve, needs_client=True)
+    unshelve = asub.add_parser("unshelve", help="end a shelving now")
+    unshelve.add_argument("id")
+    unshelve.add_argument("--json", action="store_true")
+    unshelve.set_defaults(handler=cmd_shelve, duration="", needs_client=True)
 
 
 def add_device_parsers(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,20 +109,32 @@ def _sensors(alert: operator_pb2.Alert, n: int = 3) -> str:
     return ", ".join(f"{s.sensor} {s.contribution:.2f}" for s in alert.top_sensors[:n])
 
 
+def _state(alert: operator_pb2.Alert) -> str:
+    state = STATE_NAMES.get(alert.state, "?")
+    if alert.suppressed_by:
+        state += f" ({alert.suppressed_by.split(' ')[0]})"
+    return state
+
+
 def _row(alert: operator_pb2.Alert, now: dt.datetime) -> list[str]:
     return [
         alert.id[:8],
-        STATE_NAMES.get(alert.state, "?"),
+        _state(alert),
+        alert.severity,
         alert.device_name,
         alert.asset,
         alert.fault,
         f"{alert.peak_score:.2f}",
         ago(alert.first_seen.ToDatetime(tzinfo=dt.UTC), now),
+        alert.verdict or "-",
         _sensors(alert),
     ]
 
 
-HEADERS = ["ID", "STATE", "DEVICE", "ASSET", "FAULT", "PEAK", "SINCE", "TOP SENSORS"]
+HEADERS = [
+    "ID", "STATE", "SEVERITY", "DEVICE", "ASSET", "FAULT", "PEAK", "SINCE", "VERDICT",
+    "TOP SENSORS",
+]  # fmt: skip
 
 
 def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
@@ -104,6 +142,7 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
         state=STATES.get(args.state or "", 0),  # type: ignore[arg-type]
         device=args.device,
         limit=_limit(args.limit),
+        verdict=args.verdict or "",
     )
     if (since := _since(args.since)) is not None:
         request.since.FromDatetime(since)
@@ -130,7 +169,7 @@ def cmd_watch(args: argparse.Namespace, client: OperatorClient) -> int:
             else:
                 first = alert.first_seen.ToDatetime(tzinfo=dt.UTC)
                 sys.stdout.write(
-                    f"{dt.datetime.now(dt.UTC):%H:%M:%S} {STATE_NAMES.get(alert.state, '?'):<12} "
+                    f"{dt.datetime.now(dt.UTC):%H:%M:%S} {_state(alert):<12} {alert.severity:<8} "
                     f"{alert.device_name}/{alert.asset} {alert.fault} peak "
                     f"{alert.peak_score:.2f} since {first:%H:%M:%S} [{_sensors(alert)}] "
                     f"{alert.id}\n"
@@ -162,7 +201,7 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         print_json(doc)
         return 0
     now = dt.datetime.now(dt.UTC)
-    print(f"alert {alert.id}: {STATE_NAMES.get(alert.state, '?')}")
+    print(f"alert {alert.id}: {_state(alert)}, severity {alert.severity}")
     print(f"  device {alert.device_name}  asset {alert.asset}  fault {alert.fault}")
     print(f"  first seen {ago(alert.first_seen.ToDatetime(tzinfo=dt.UTC), now)}, last seen "
           f"{ago(alert.last_seen.ToDatetime(tzinfo=dt.UTC), now)}; peak score "
@@ -170,7 +209,19 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
           f"{alert.raised_events} raise event(s)")  # fmt: skip
     if alert.HasField("resolved_at"):
         resolved = alert.resolved_at.ToDatetime(tzinfo=dt.UTC)
-        print(f"  resolved by {alert.resolved_by} {ago(resolved, now)}")
+        what = "returned to normal" if alert.state == STATES["returned"] else "resolved by"
+        print(f"  {what} {alert.resolved_by} {ago(resolved, now)}")
+    if alert.acknowledged_by:
+        print(f"  acknowledged by {alert.acknowledged_by}")
+    if alert.HasField("shelved_until"):
+        until = alert.shelved_until.ToDatetime(tzinfo=dt.UTC)
+        print(f"  shelved by {alert.shelved_by} until {until:%Y-%m-%d %H:%M} UTC: "
+              f"{alert.shelve_reason}")  # fmt: skip
+    if alert.suppressed_by:
+        print(f"  not delivered now: {alert.suppressed_by}")
+    if alert.verdict:
+        found = f" ({alert.fault_type})" if alert.fault_type else ""
+        print(f"  verdict: {alert.verdict}{found}")
     print("  top sensors: " + (_sensors(alert, 10) or "-"))
     for note in alert.notes:
         print(f"  note: {note}")
@@ -185,11 +236,31 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_action(args: argparse.Namespace, client: OperatorClient) -> int:
-    alert = client.alert_action(args.action, args.id, args.note)
+    alert = client.alert_action(args.action, args.id, args.note, args.verdict, args.fault_type)
     if args.json:
         print_json(json_view(alert))
     else:
-        print(f"alert {alert.id}: {STATE_NAMES.get(alert.state, '?')}")
+        verdict = f", verdict {alert.verdict}" if alert.verdict else ""
+        print(f"alert {alert.id}: {_state(alert)}{verdict}")
+    return 0
+
+
+def cmd_shelve(args: argparse.Namespace, client: OperatorClient) -> int:
+    if args.duration:
+        try:
+            seconds = parse_duration(args.duration)
+        except ValueError as exc:
+            raise InvalidInput(f"--for: {exc}") from None
+        alert = client.shelve_alert(args.id, seconds, args.reason)
+    else:
+        alert = client.unshelve_alert(args.id)
+    if args.json:
+        print_json(json_view(alert))
+    elif alert.HasField("shelved_until"):
+        until = alert.shelved_until.ToDatetime(tzinfo=dt.UTC)
+        print(f"alert {alert.id}: shelved until {until:%Y-%m-%d %H:%M} UTC")
+    else:
+        print(f"alert {alert.id}: {_state(alert)}, delivered again")
     return 0
 
 

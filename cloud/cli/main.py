@@ -14,6 +14,7 @@ from cloud.cli import (
     cloud_cmds,
     demo_cmds,
     device_cmds,
+    maintenance_cmds,
     model_cmds,
     operator_cmds,
     rollout_cmds,
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout_cmds.add_parsers(sub)
     alert_cmds.add_parsers(sub)
     webhook_cmds.add_parsers(sub)
+    maintenance_cmds.add_parsers(sub)
     operator_cmds.add_parsers(sub)
     demo_cmds.add_parsers(sub)
     return parser

@@ -20,6 +20,7 @@ from cloud.devices import DeviceRegistry
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
 from cloud.service.enrollment import AttemptLimiter
+from cloud.service.maintenance_push import maintenance_message
 from cloud.service.metrics import PlaneMetrics
 from cloud.service.peer import certificate_not_after, device_identity
 from cloud.service.records import store_batch
@@ -158,6 +159,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if desired is not None and desired.revision >= live.desired_revision:
                 live.desired_revision = desired.revision
                 yield agent_pb2.ControlMessage(desired=desired_to_proto(desired))
+            # Always, if empty: it replaces what the agent kept (windows removed meanwhile).
+            windows = await asyncio.to_thread(self.store.list_maintenance, utc_now(), False)
+            maintenance = maintenance_message(windows, device.labels)
+            live.maintenance = maintenance.SerializeToString(deterministic=True)
+            yield maintenance
             while True:
                 item = await live.outbound.get()
                 if item is _CLIENT_DONE:

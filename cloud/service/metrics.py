@@ -67,6 +67,25 @@ class PlaneMetrics:
             ("result",),
             registry=self.registry,
         )
+        self.delivery_attempts = Counter(
+            "autoglm_webhook_attempts",
+            "Alert delivery attempts by target kind and outcome: delivered, retry, dead.",
+            ("kind", "outcome"),
+            registry=self.registry,
+        )
+        self.delivery_latency = Histogram(
+            "autoglm_webhook_delivery_seconds",
+            "Time from an alert change being queued to its delivery, by target kind.",
+            ("kind",),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+            registry=self.registry,
+        )
+
+    def delivery(self, kind: str, outcome: str, latency_s: float | None) -> None:
+        """One delivery attempt finished (the webhook sender's `on_result`)."""
+        self.delivery_attempts.labels(kind, outcome).inc()
+        if latency_s is not None:
+            self.delivery_latency.labels(kind).observe(max(0.0, latency_s))
 
     def watch_fleet(
         self,

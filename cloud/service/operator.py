@@ -20,6 +20,7 @@ from cloud.rollouts import RolloutController
 from cloud.selectors import parse_selector
 from cloud.service.operator_admin import AdminCalls
 from cloud.service.operator_alerts import AlertCalls
+from cloud.service.operator_delivery import DeliveryCalls
 from cloud.service.serde import (
     bundle_chunks,
     device_to_proto,
@@ -28,6 +29,7 @@ from cloud.service.serde import (
     timestamp,
 )
 from cloud.service.sessions import SessionHub
+from cloud.severity import SeverityRule
 from cloud.webhooks import SecretBox
 from edge_agent.errors import InvalidInput, PermissionDenied
 from protos.autoglm.v1 import common_pb2, operator_pb2, operator_pb2_grpc
@@ -36,7 +38,9 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_TTL_S = 30 * 86_400
 
 
-class OperatorServicer(AlertCalls, AdminCalls, operator_pb2_grpc.OperatorServiceServicer):
+class OperatorServicer(
+    AlertCalls, DeliveryCalls, AdminCalls, operator_pb2_grpc.OperatorServiceServicer
+):
     def __init__(
         self,
         registry: DeviceRegistry,
@@ -50,9 +54,15 @@ class OperatorServicer(AlertCalls, AdminCalls, operator_pb2_grpc.OperatorService
         alerts: AlertFeed,
         clock: Clock = utc_now,
         secret_box: SecretBox | None = None,
+        severity_rules: Sequence[SeverityRule] = (),
+        max_shelve_s: float = 7 * 86_400.0,
+        maintenance_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.alerts = alerts
         self.secret_box = secret_box
+        self.severity_rules = severity_rules
+        self.max_shelve_s = max_shelve_s
+        self.maintenance_changed = maintenance_changed
         self.catalog = catalog
         self.rollouts = rollouts
         self.push_desired = push_desired

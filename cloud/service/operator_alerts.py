@@ -1,11 +1,11 @@
-"""The alert, webhook and prediction calls of OperatorService (a mixin of OperatorServicer)."""
+"""The alert and prediction calls of OperatorService (a mixin of OperatorServicer)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from grpc import aio
@@ -13,21 +13,15 @@ from grpc import aio
 from cloud.alerts import AlertFeed
 from cloud.clock import Clock
 from cloud.devices import DeviceRegistry
-from cloud.domain import AlertFilter, AlertRecord
+from cloud.domain import VERDICTS, AlertFilter, AlertRecord, DeviceRecord
 from cloud.service.guard import current_operator
-from cloud.service.serde import (
-    ALERT_STATE_OF,
-    alert_to_proto,
-    prediction_to_proto,
-    webhook_to_proto,
-)
-from cloud.webhooks import SecretBox, check_url, redacted
+from cloud.service.serde import ALERT_STATE_OF, alert_to_proto, prediction_to_proto
+from cloud.severity import SeverityRule, severity
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
 
 log = logging.getLogger(__name__)
 MAX_LIST = 10_000
-MIN_SECRET = 16
 MAX_PREDICTIONS = 100_000
 
 
@@ -35,32 +29,48 @@ class AlertCalls:
     registry: DeviceRegistry
     alerts: AlertFeed
     clock: Clock
-    secret_box: SecretBox | None
+    severity_rules: Sequence[SeverityRule]
+    max_shelve_s: float
 
-    def _names(self) -> dict[str, str]:
-        return {d.id: d.name for d in self.registry.list({})}
+    def _devices(self) -> dict[str, DeviceRecord]:
+        return {d.id: d for d in self.registry.list({})}
 
-    def _filter(self, state: int, device: str, since: Any, has_since: bool) -> AlertFilter:
+    def _filter(
+        self, state: int, device: str, since: Any, has_since: bool, verdict: str = ""
+    ) -> AlertFilter:
         device_id = self.registry.get(device).id if device else ""
+        if verdict and verdict != "none" and verdict not in VERDICTS:
+            raise InvalidInput(f"--verdict {verdict!r} is not one of {', '.join(VERDICTS)}, none")
         return AlertFilter(
             state=ALERT_STATE_OF.get(state),  # type: ignore[call-overload]
             device_id=device_id,
             since=since.ToDatetime(tzinfo=dt.UTC) if has_since else None,
+            verdict=None if not verdict else "" if verdict == "none" else verdict,
         )
 
+    def _proto(self, alert: AlertRecord, device: DeviceRecord | None) -> operator_pb2.Alert:
+        labels = device.labels if device is not None else {}
+        level = severity(alert.peak_score, labels, alert.model_version, self.severity_rules)
+        name = device.name if device is not None else alert.device_id
+        return alert_to_proto(alert, name, level)
+
     def _protos(self, alerts: list[AlertRecord]) -> list[operator_pb2.Alert]:
-        if len(alerts) == 1:  # one device lookup, not the whole fleet's names
-            names = {alerts[0].device_id: self.registry.get(alerts[0].device_id).name}
+        if len(alerts) == 1:  # one device lookup, not the whole fleet's
+            devices = {alerts[0].device_id: self.registry.get(alerts[0].device_id)}
         else:
-            names = self._names() if alerts else {}
-        return [alert_to_proto(a, names.get(a.device_id, a.device_id)) for a in alerts]
+            devices = self._devices() if alerts else {}
+        return [self._proto(a, devices.get(a.device_id)) for a in alerts]
 
     async def ListAlerts(
         self, request: operator_pb2.ListAlertsRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.ListAlertsResponse:
         def run() -> list[operator_pb2.Alert]:
             where = self._filter(
-                request.state, request.device, request.since, request.HasField("since")
+                request.state,
+                request.device,
+                request.since,
+                request.HasField("since"),
+                request.verdict,
             )
             limit = min(request.limit or 100, MAX_LIST)
             return self._protos(self.registry.store.list_alerts(where, limit))
@@ -78,19 +88,53 @@ class AlertCalls:
     async def AckAlert(
         self, request: operator_pb2.AckAlertRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Alert:
-        return await self._update(request.id, "ack", request.note)
+        by = current_operator.get() or "operator"
+        return await self._change(
+            lambda: self.registry.store.update_alert(
+                request.id, "ack", request.note, by, self.clock(), request.verdict,
+                request.fault_type,
+            )
+        )  # fmt: skip
 
     async def ResolveAlert(
         self, request: operator_pb2.ResolveAlertRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Alert:
-        return await self._update(request.id, "resolve", request.note)
-
-    async def _update(self, alert_id: str, action: str, note: str) -> operator_pb2.Alert:
         by = current_operator.get() or "operator"
+        return await self._change(
+            lambda: self.registry.store.update_alert(
+                request.id, "resolve", request.note, by, self.clock(), request.verdict,
+                request.fault_type,
+            )
+        )  # fmt: skip
 
+    async def ShelveAlert(
+        self, request: operator_pb2.ShelveAlertRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Alert:
+        by = current_operator.get() or "operator"
+        if not 0 < request.duration_s <= self.max_shelve_s:
+            raise InvalidInput(
+                f"shelving lasts more than 0 s and at most {self.max_shelve_s:.0f} s "
+                f"(max_shelve_s), got {request.duration_s} s"
+            )
+
+        def shelve() -> AlertRecord:
+            now = self.clock()
+            until = now + dt.timedelta(seconds=request.duration_s)
+            return self.registry.store.shelve_alert(request.id, until, request.reason, by, now)
+
+        return await self._change(shelve)
+
+    async def UnshelveAlert(
+        self, request: operator_pb2.GetAlertRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Alert:
+        by = current_operator.get() or "operator"
+        return await self._change(
+            lambda: self.registry.store.unshelve_alert(request.id, by, self.clock())
+        )
+
+    async def _change(self, change: Callable[[], AlertRecord]) -> operator_pb2.Alert:
         def run() -> operator_pb2.Alert:
-            updated = self.registry.store.update_alert(alert_id, action, note, by, self.clock())
-            return self._protos([updated])[0]
+            return self._protos([change()])[0]
 
         alert = await asyncio.to_thread(run)
         self.alerts.notify()
@@ -100,16 +144,16 @@ class AlertCalls:
         self, request: operator_pb2.WatchAlertsRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[operator_pb2.Alert]:
         where = await asyncio.to_thread(self._filter, request.state, request.device, None, False)
-        names = await asyncio.to_thread(self._names)
+        devices = await asyncio.to_thread(self._devices)
         if request.HasField("after_revision"):
             after = request.after_revision
         else:
             after = await asyncio.to_thread(self.registry.store.alert_revision)
         yield operator_pb2.Alert(revision=after)  # the marker: where this stream starts
         async for alert in self.alerts.follow(where, after):
-            if alert.device_id not in names:  # registered since the watch began
-                names = await asyncio.to_thread(self._names)
-            yield alert_to_proto(alert, names.get(alert.device_id, alert.device_id))
+            if alert.device_id not in devices:  # registered since the watch began
+                devices = await asyncio.to_thread(self._devices)
+            yield self._proto(alert, devices.get(alert.device_id))
 
     async def QueryPredictions(
         self,
@@ -129,33 +173,3 @@ class AlertCalls:
             )
 
         return await asyncio.to_thread(run)
-
-    # ---- webhooks ----
-    async def AddWebhook(
-        self, request: operator_pb2.AddWebhookRequest, context: aio.ServicerContext[Any, Any]
-    ) -> operator_pb2.Webhook:
-        url = check_url(request.url)
-        if len(request.secret) < MIN_SECRET:
-            raise InvalidInput(
-                f"a webhook secret must have at least {MIN_SECRET} characters (it signs every "
-                "delivery; receivers check it)"
-            )
-        secret = self.secret_box.seal(request.secret) if self.secret_box else request.secret
-        hook = await asyncio.to_thread(
-            self.registry.store.add_webhook, url, secret, request.filter, self.clock()
-        )
-        log.info("webhook %s added: %s (filter %r)", hook.id, redacted(hook.url), hook.filter)
-        return webhook_to_proto(hook)
-
-    async def ListWebhooks(
-        self, request: operator_pb2.ListWebhooksRequest, context: aio.ServicerContext[Any, Any]
-    ) -> operator_pb2.ListWebhooksResponse:
-        hooks = await asyncio.to_thread(self.registry.store.list_webhooks)
-        return operator_pb2.ListWebhooksResponse(webhooks=[webhook_to_proto(h) for h in hooks])
-
-    async def RemoveWebhook(
-        self, request: operator_pb2.RemoveWebhookRequest, context: aio.ServicerContext[Any, Any]
-    ) -> operator_pb2.Webhook:
-        hook = await asyncio.to_thread(self.registry.store.remove_webhook, request.id)
-        log.info("webhook %s removed: %s", hook.id, hook.url)
-        return webhook_to_proto(hook)

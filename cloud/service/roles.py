@@ -33,6 +33,7 @@ READS = frozenset(
         "ListWebhooks",
         "ListOperators",
         "ListAudit",
+        "ListMaintenance",
     }
 )
 LEAST_ROLE: dict[str, str] = {
@@ -50,6 +51,10 @@ LEAST_ROLE: dict[str, str] = {
             "AbortRollout",
             "AckAlert",
             "ResolveAlert",
+            "ShelveAlert",
+            "UnshelveAlert",
+            "AddMaintenance",
+            "RemoveMaintenance",
         )
     },
     **{
@@ -61,6 +66,7 @@ LEAST_ROLE: dict[str, str] = {
             "AddWebhook",
             "ListWebhooks",
             "RemoveWebhook",
+            "RotateWebhookSecret",
             "AddOperator",
             "ListOperators",
             "RevokeOperator",

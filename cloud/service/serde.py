@@ -29,6 +29,7 @@ from cloud.domain import (
     TargetState,
     WebhookRecord,
 )
+from cloud.maintenance import MaintenanceWindow
 from edge_agent.bootstrap import Bootstrap
 from edge_agent.bundle import Manifest
 from edge_agent.errors import InvalidInput
@@ -208,11 +209,12 @@ ALERT_STATE = {
     AlertState.FIRING: operator_pb2.Alert.STATE_FIRING,
     AlertState.ACKNOWLEDGED: operator_pb2.Alert.STATE_ACKNOWLEDGED,
     AlertState.RESOLVED: operator_pb2.Alert.STATE_RESOLVED,
+    AlertState.RETURNED: operator_pb2.Alert.STATE_RETURNED,
 }
 ALERT_STATE_OF = {v: k for k, v in ALERT_STATE.items()}
 
 
-def alert_to_proto(alert: AlertRecord, device_name: str) -> operator_pb2.Alert:
+def alert_to_proto(alert: AlertRecord, device_name: str, severity: str = "") -> operator_pb2.Alert:
     msg = operator_pb2.Alert(
         id=alert.id,
         device_id=alert.device_id,
@@ -232,11 +234,20 @@ def alert_to_proto(alert: AlertRecord, device_name: str) -> operator_pb2.Alert:
         resolved_by=alert.resolved_by,
         revision=alert.revision,
         raised_events=alert.raised_events,
+        severity=severity,
+        verdict=alert.verdict,
+        fault_type=alert.fault_type,
+        shelved_by=alert.shelved_by,
+        shelve_reason=alert.shelve_reason,
+        suppressed_by=alert.suppressed_by,
+        acknowledged_by=alert.acknowledged_by,
     )
     msg.first_seen.FromDatetime(alert.first_seen)
     msg.last_seen.FromDatetime(alert.last_seen)
     if alert.resolved_at is not None:
         msg.resolved_at.FromDatetime(alert.resolved_at)
+    if alert.shelved_until is not None:
+        msg.shelved_until.FromDatetime(alert.shelved_until)
     return msg
 
 
@@ -262,8 +273,22 @@ def webhook_to_proto(hook: WebhookRecord) -> operator_pb2.Webhook:
         pending=hook.pending,
         dead=hook.dead,
         last_error=hook.last_error,
+        kind=hook.kind,
     )
     msg.created_at.FromDatetime(hook.created_at)
+    if hook.previous_secret and hook.previous_until is not None:
+        msg.previous_secret_until.FromDatetime(hook.previous_until)
+    return msg
+
+
+def maintenance_to_proto(w: MaintenanceWindow) -> operator_pb2.MaintenanceWindow:
+    msg = operator_pb2.MaintenanceWindow(
+        id=w.id, selector=w.selector, asset=w.asset, reason=w.reason, created_by=w.created_by
+    )
+    msg.starts_at.FromDatetime(w.starts_at)
+    if w.ends_at is not None:
+        msg.ends_at.FromDatetime(w.ends_at)
+    msg.created_at.FromDatetime(w.created_at)
     return msg
 
 

@@ -33,6 +33,7 @@ from cloud.rollouts import RolloutController
 from cloud.service.agent import AgentServicer
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
+from cloud.service.maintenance_push import MaintenancePush
 from cloud.service.metrics import CallMetrics, PlaneMetrics
 from cloud.service.operator import OperatorServicer
 from cloud.service.serde import desired_to_proto, message_to_dict
@@ -123,10 +124,13 @@ class ControlPlane:
                 retry_max_s=config.webhook_retry_max_s,
                 timeout_s=config.webhook_timeout_s,
                 poll_s=config.webhook_poll_s,
+                alertmanager_hold_s=config.alertmanager_hold_s,
+                severity_rules=tuple(config.alert_severity),
             ),
             box=self.secret_box,
         )
         self.alerts.listeners.append(self.webhooks.wake)
+        self.maintenance = MaintenancePush(store, self.hub)
         self._stopping = asyncio.Event()
         self.elector = make_elector(
             config.leader_election, store, config.replica_id, config.leader_lease_s
@@ -139,6 +143,7 @@ class ControlPlane:
         self._probe_server: aio.Server | None = None
         self.health_port = 0
         self.metrics = PlaneMetrics()
+        self.webhooks.on_result = self.metrics.delivery
         self.metrics.watch_fleet(
             store,
             lambda: len(self.hub.device_ids()),
@@ -194,6 +199,9 @@ class ControlPlane:
                 self.push_desired,
                 self.alerts,
                 secret_box=self.secret_box,
+                severity_rules=tuple(self.config.alert_severity),
+                max_shelve_s=self.config.max_shelve_s,
+                maintenance_changed=self.push_maintenance,
             ),
             server,
         )
@@ -251,6 +259,7 @@ class ControlPlane:
             ),
             asyncio.create_task(self._every(AUDIT_PRUNE_S, self._prune_audit)),
             asyncio.create_task(self.webhooks.run(self._stopping)),
+            asyncio.create_task(self.maintenance.run(self._stopping)),
             asyncio.create_task(self.elector.run(self._stopping)),
         ]
         log.info(
@@ -283,6 +292,12 @@ class ControlPlane:
 
     async def _flush(self) -> None:
         await asyncio.to_thread(self.presence.flush)
+
+    def push_maintenance(self) -> None:
+        """Windows changed through this replica: to the agents now, and alerts whose
+        window was removed delivered (event loop only)."""
+        self.maintenance.changed()
+        self.webhooks.wake(sweep=True)
 
     def push_desired(self, desired: Sequence[DesiredModel]) -> None:
         """Sends changed desired states down the open sessions this replica holds (event loop

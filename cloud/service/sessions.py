@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_agent.errors import AutoglmError
 
@@ -20,6 +21,7 @@ class LiveSession:
     fingerprint: str = ""  # of the certificate the session was opened with
     outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     desired_revision: int = 0  # of the newest desired state sent down this session
+    maintenance: bytes | None = None  # the maintenance periods last sent down it
     opened_at: float = field(default_factory=time.monotonic)
 
     def send(self, message: object) -> None:
@@ -73,6 +75,17 @@ class SessionHub:
             live.desired_revision = max(live.desired_revision, revision)
             live.send(message)
             sent += 1
+        return sent
+
+    def send_maintenance(self, device_id: str, message: Any) -> int:
+        """Sends the device's maintenance periods down its sessions that hold other ones."""
+        encoded = message.SerializeToString(deterministic=True)
+        sent = 0
+        for live in list(self._by_device.get(device_id, ())):
+            if live.maintenance != encoded:
+                live.maintenance = encoded
+                live.send(message)
+                sent += 1
         return sent
 
     def device_ids(self) -> list[str]:

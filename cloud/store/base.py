@@ -25,6 +25,7 @@ from cloud.domain import (
     StoredCount,
     WebhookRecord,
 )
+from cloud.maintenance import MaintenanceWindow
 from cloud.selectors import Selector
 
 T = TypeVar("T")
@@ -182,16 +183,66 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def update_alert(
-        self, alert_id: str, action: str, note: str, by: str, now: dt.datetime
+        self,
+        alert_id: str,
+        action: str,
+        note: str,
+        by: str,
+        now: dt.datetime,
+        verdict: str = "",
+        fault_type: str = "",
     ) -> AlertRecord:
-        """`action` "ack" or "resolve" by operator `by`, with an optional note;
-        FailedPrecondition when the alert is resolved already."""
+        """`action` "ack" or "resolve" by operator `by`, with an optional note and verdict;
+        a returned alert closes on either. FailedPrecondition when the alert is resolved
+        already, unless a verdict is given (recorded, the state stays)."""
+
+    @abc.abstractmethod
+    def shelve_alert(
+        self, alert_id: str, until: dt.datetime, reason: str, by: str, now: dt.datetime
+    ) -> AlertRecord: ...
+
+    @abc.abstractmethod
+    def unshelve_alert(self, alert_id: str, by: str, now: dt.datetime) -> AlertRecord: ...
+
+    @abc.abstractmethod
+    def release_suppressed(self, now: dt.datetime) -> list[AlertRecord]:
+        """Ends expired shelvings and delivers alerts whose shelving or window has ended."""
+
+    # ---- maintenance windows ----
+    @abc.abstractmethod
+    def add_maintenance(
+        self,
+        selector: str,
+        asset: str,
+        starts_at: dt.datetime,
+        ends_at: dt.datetime | None,
+        reason: str,
+        by: str,
+        now: dt.datetime,
+    ) -> MaintenanceWindow: ...
+
+    @abc.abstractmethod
+    def list_maintenance(self, now: dt.datetime, include_ended: bool) -> list[MaintenanceWindow]:
+        """Oldest first; without `include_ended`, those active now or later."""
+
+    @abc.abstractmethod
+    def remove_maintenance(self, window_id: str) -> MaintenanceWindow: ...
 
     # ---- webhooks (deliveries are queued with each alert change) ----
     @abc.abstractmethod
     def add_webhook(
-        self, url: str, secret: str, filter_text: str, now: dt.datetime
+        self, url: str, secret: str, filter_text: str, now: dt.datetime, kind: str = "standard"
     ) -> WebhookRecord: ...
+
+    @abc.abstractmethod
+    def rotate_webhook_secret(
+        self, webhook_id: str, secret: str, previous_until: dt.datetime
+    ) -> WebhookRecord: ...
+
+    @abc.abstractmethod
+    def rearm_deliveries(self, kind: str, sent_before: dt.datetime, now: dt.datetime) -> int:
+        """Queues again the last change of active alerts sent to `kind` webhooks before
+        `sent_before`; how many."""
 
     @abc.abstractmethod
     def list_webhooks(self) -> list[WebhookRecord]:

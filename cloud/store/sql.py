@@ -20,6 +20,7 @@ from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_devices import DeviceTables
 from cloud.store.sql_leases import LeaseTables
+from cloud.store.sql_maintenance import MaintenanceTables
 from cloud.store.sql_records import RecordTables
 from cloud.store.sql_rollouts import RolloutTables
 from cloud.store.sql_webhooks import WebhookTables
@@ -48,6 +49,7 @@ class SqlStore(
     RolloutTables,
     AlertTables,
     WebhookTables,
+    MaintenanceTables,
     LeaseTables,
     SqlBase,
     Store,

@@ -17,13 +17,22 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from cloud.domain import AlertEventRecord, AlertFilter, AlertNote, AlertRecord, AlertState
+from cloud.domain import (
+    VERDICTS,
+    AlertEventRecord,
+    AlertFilter,
+    AlertNote,
+    AlertRecord,
+    AlertState,
+)
+from cloud.maintenance import covering
 from cloud.store.sql_base import SqlBase
+from cloud.store.sql_maintenance import windows_in_force
 from cloud.store.sql_webhooks import enqueue_deliveries
-from cloud.store.tables import AlertRevisionRow, AlertRow
+from cloud.store.tables import AlertRevisionRow, AlertRow, DeviceRow
 from edge_agent.errors import FailedPrecondition, InvalidInput, NotFound
 
 MAX_NOTE = 2000
@@ -88,7 +97,9 @@ def apply_alert_events(
                 row.last_seen = max(row.last_seen, event.window_end)
         else:
             assert row is not None
-            row.state = AlertState.RESOLVED.value
+            # Cleared before anyone acknowledged it: returned to normal, unacknowledged.
+            acked = row.state == AlertState.ACKNOWLEDGED.value
+            row.state = (AlertState.RESOLVED if acked else AlertState.RETURNED).value
             row.open_key = None
             row.resolved_at = event.window_end
             row.last_seen = max(row.last_seen, event.window_end)
@@ -96,8 +107,45 @@ def apply_alert_events(
         row.revision = revision
         s.flush()
         changed[row.id] = row
-    alerts = [_alert(r) for r in changed.values()]
-    enqueue_deliveries(s, alerts, now)
+    return announce(s, list(changed.values()), now)
+
+
+def announce(s: Session, rows: Sequence[AlertRow], now: dt.datetime) -> list[AlertRecord]:
+    """Marks why each changed alert is held back, if it is (shelved, a maintenance window),
+    and queues deliveries of the others (in `s`'s transaction); the changed alerts.
+
+    A change of an active alert is delivered when nothing holds it back; the change that
+    closes an alert is delivered when its opening was (so no receiver keeps a stale alert,
+    and none hears of an alert that closed unseen)."""
+    if not rows:
+        return []
+    windows = windows_in_force(s, now)
+    labels: dict[str, dict[str, str]] = {}
+    if windows:
+        ids = {r.device_id for r in rows}
+        query = select(DeviceRow.id, DeviceRow.labels).where(DeviceRow.id.in_(ids))
+        labels = {device_id: dict(lb or {}) for device_id, lb in s.execute(query).all()}
+    deliver: list[AlertRecord] = []
+    alerts = []
+    for row in rows:
+        doc = dict(row.doc)
+        reason = ""
+        until = doc.get("shelved_until")
+        if until and dt.datetime.fromisoformat(until) > now:
+            reason = "shelved"
+        elif window := covering(windows, labels.get(row.device_id, {}), row.asset, now):
+            reason = window.label
+        doc["suppressed_by"] = reason
+        active = AlertState(row.state).active
+        announced = bool(doc.get("announced"))
+        if active and not reason:
+            doc["announced"] = True
+        row.doc = doc
+        alert = _alert(row)
+        alerts.append(alert)
+        if (active and not reason) or (not active and announced):
+            deliver.append(alert)
+    enqueue_deliveries(s, deliver, now)
     return alerts
 
 
@@ -112,6 +160,12 @@ class AlertTables(SqlBase):
             query = query.where(AlertRow.device_id == where.device_id)
         if where.since is not None:
             query = query.where(AlertRow.last_seen >= where.since)
+        if where.verdict is not None:
+            verdict = AlertRow.doc["verdict"].as_string()
+            if where.verdict:
+                query = query.where(verdict == where.verdict)
+            else:
+                query = query.where(or_(verdict.is_(None), verdict == ""))
         query = query.order_by(AlertRow.last_seen.desc(), AlertRow.revision.desc()).limit(limit)
         with self._tx() as s:
             return [_alert(r) for r in s.scalars(query).all()]
@@ -141,43 +195,154 @@ class AlertTables(SqlBase):
             return counter.value if counter is not None else 0
 
     def update_alert(
-        self, alert_id: str, action: str, note: str, by: str, now: dt.datetime
+        self,
+        alert_id: str,
+        action: str,
+        note: str,
+        by: str,
+        now: dt.datetime,
+        verdict: str = "",
+        fault_type: str = "",
     ) -> AlertRecord:
         if action not in ("ack", "resolve"):
             raise InvalidInput(f"unknown alert action {action!r}")
+        check_verdict(verdict, fault_type)
         if len(note) > MAX_NOTE:
             raise InvalidInput(f"a note holds at most {MAX_NOTE} characters, got {len(note)}")
         with self._tx() as s:
-            alert_id = _full_alert_id(s, alert_id)
-            row = s.get(AlertRow, alert_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"no alert with id '{alert_id}'")
-            if row.state == AlertState.RESOLVED.value:
+            row = self._locked(s, alert_id)
+            closed = row.state == AlertState.RESOLVED.value
+            if closed and not verdict:
                 raise FailedPrecondition(
-                    f"alert {alert_id} is resolved (by {row.doc.get('resolved_by') or '?'}); "
-                    "nothing to acknowledge or resolve"
+                    f"alert {row.id} is resolved (by {row.doc.get('resolved_by') or '?'}); "
+                    "nothing to acknowledge or resolve (a --verdict may still be given)"
                 )
-            revision = _next_revision(s)
             doc: dict[str, Any] = dict(row.doc)
             if note:
                 doc["notes"] = [*doc.get("notes", []), [now.isoformat(), by, note]]
-            if action == "ack":
+            if verdict:
+                doc.update(verdict=verdict, fault_type=fault_type, verdict_by=by)
+            if closed:
+                pass  # a late verdict: the state stays
+            elif action == "ack" and row.state != AlertState.RETURNED.value:
                 row.state = AlertState.ACKNOWLEDGED.value
-            else:
+                doc["acknowledged_by"] = by
+            else:  # resolve, or the acknowledgement that closes a returned alert
+                if action == "ack":
+                    doc["acknowledged_by"] = by
+                else:
+                    doc["resolved_by"] = by
+                    row.resolved_at = now
                 row.state = AlertState.RESOLVED.value
                 row.open_key = None
-                row.resolved_at = now
-                doc["resolved_by"] = by
-            row.doc = doc
-            row.revision = revision
-            s.flush()
-            alert = _alert(row)
-            enqueue_deliveries(s, [alert], now)
-            return alert
+            return self._changed(s, row, doc, now)
+
+    def shelve_alert(
+        self, alert_id: str, until: dt.datetime, reason: str, by: str, now: dt.datetime
+    ) -> AlertRecord:
+        """Holds back its deliveries until `until` (stored and kept current meanwhile)."""
+        if not reason.strip():
+            raise InvalidInput("shelving needs a --reason (shown to everyone who sees it)")
+        if len(reason) > MAX_NOTE:
+            raise InvalidInput(f"a reason holds at most {MAX_NOTE} characters, got {len(reason)}")
+        if until <= now:
+            raise InvalidInput("shelving needs a duration above zero (--for 8h)")
+        with self._tx() as s:
+            row = self._locked(s, alert_id)
+            if row.state == AlertState.RESOLVED.value:
+                raise FailedPrecondition(f"alert {row.id} is resolved; there is nothing to shelve")
+            doc = {
+                **row.doc,
+                "shelved_until": until.isoformat(),
+                "shelved_by": by,
+                "shelve_reason": reason,
+                "notes": [*row.doc.get("notes", []), [now.isoformat(), by, f"shelved: {reason}"]],
+            }
+            return self._changed(s, row, doc, now)
+
+    def unshelve_alert(self, alert_id: str, by: str, now: dt.datetime) -> AlertRecord:
+        with self._tx() as s:
+            row = self._locked(s, alert_id)
+            if not row.doc.get("shelved_until"):
+                raise FailedPrecondition(f"alert {row.id} is not shelved")
+            # A closed alert's unshelving is no news to a receiver.
+            quiet = not AlertState(row.state).active
+            return self._changed(s, row, _unshelved(row.doc, by, now), now, quiet)
+
+    def release_suppressed(self, now: dt.datetime) -> list[AlertRecord]:
+        """Alerts held back by a shelving or window that has ended: delivered again when still
+        active (ISA-18.2: an alarm that comes back from shelving is annunciated)."""
+        query = select(AlertRow).where(AlertRow.state != AlertState.RESOLVED.value)
+        with self._tx() as s:
+            held = {w.label for w in windows_in_force(s, now) if w.active(now)}
+            released, quiet = [], []
+            for row in s.scalars(query).all():
+                if not _released(row.doc, held, now):
+                    continue
+                s.refresh(row, with_for_update=True)  # changed meanwhile? look again, locked
+                if not _released(row.doc, held, now):
+                    continue
+                doc = dict(row.doc)
+                until = doc.get("shelved_until")
+                if until and dt.datetime.fromisoformat(until) <= now:
+                    doc = _unshelved(doc, "", now)
+                row.revision = _next_revision(s)
+                if AlertState(row.state).active:
+                    row.doc = doc
+                    released.append(row)
+                else:  # closed meanwhile: nothing to annunciate
+                    row.doc = {**doc, "suppressed_by": ""}
+                    quiet.append(_alert(row))
+                s.flush()
+            return [*announce(s, released, now), *quiet]
+
+    def _locked(self, s: Session, alert_id: str) -> AlertRow:
+        row = s.get(AlertRow, _full_alert_id(s, alert_id), with_for_update=True)
+        if row is None:
+            raise NotFound(f"no alert with id '{alert_id}'")
+        return row
+
+    def _changed(
+        self, s: Session, row: AlertRow, doc: dict[str, Any], now: dt.datetime, quiet: bool = False
+    ) -> AlertRecord:
+        row.revision = _next_revision(s)
+        row.doc = {**doc, "suppressed_by": ""} if quiet else doc
+        s.flush()
+        return _alert(row) if quiet else announce(s, [row], now)[0]
+
+
+FAULT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:/-]{0,63}$")
+
+
+def check_verdict(verdict: str, fault_type: str) -> None:
+    if verdict and verdict not in VERDICTS:
+        raise InvalidInput(f"--verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+    if fault_type and not verdict:
+        raise InvalidInput("--fault-type goes with a --verdict (true: the fault was real)")
+    if fault_type and not FAULT_TYPE.match(fault_type):
+        raise InvalidInput(
+            f"--fault-type {fault_type[:80]!r}: up to 64 letters, digits, spaces and _.:/-"
+        )
+
+
+def _released(doc: dict[str, Any], held: set[str], now: dt.datetime) -> bool:
+    """Whether what held this alert back (a shelving, a window) has ended."""
+    until = doc.get("shelved_until")
+    if until:
+        return dt.datetime.fromisoformat(until) <= now
+    reason = str(doc.get("suppressed_by", ""))
+    return bool(reason) and reason not in held
+
+
+def _unshelved(doc: dict[str, Any], by: str, now: dt.datetime) -> dict[str, Any]:
+    text = f"unshelved by {by}" if by else "shelving ended"
+    notes = [*doc.get("notes", []), [now.isoformat(), by or "control-plane", text]]
+    return {**doc, "shelved_until": None, "shelved_by": "", "shelve_reason": "", "notes": notes}
 
 
 def _alert(r: AlertRow) -> AlertRecord:
     doc = r.doc
+    shelved = doc.get("shelved_until")
     return AlertRecord(
         id=r.id,
         device_id=r.device_id,
@@ -197,6 +362,13 @@ def _alert(r: AlertRow) -> AlertRecord:
         model_version=str(doc.get("model_version", "")),
         raised_events=int(doc.get("raised_events", 0)),
         revision=r.revision,
+        verdict=str(doc.get("verdict", "")),
+        fault_type=str(doc.get("fault_type", "")),
+        acknowledged_by=str(doc.get("acknowledged_by", "")),
+        shelved_until=dt.datetime.fromisoformat(shelved) if shelved else None,
+        shelved_by=str(doc.get("shelved_by", "")),
+        shelve_reason=str(doc.get("shelve_reason", "")),
+        suppressed_by=str(doc.get("suppressed_by", "")),
     )
 
 

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from cloud.domain import AlertRecord, Delivery, WebhookFilter, WebhookRecord
+from cloud.domain import AlertRecord, AlertState, Delivery, WebhookFilter, WebhookRecord
 from cloud.store.sql_base import SqlBase
-from cloud.store.tables import DeliveryRow, DeviceRow, WebhookRow
+from cloud.store.tables import AlertRow, DeliveryRow, DeviceRow, WebhookRow
 from edge_agent.errors import NotFound
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -33,13 +33,20 @@ def enqueue_deliveries(s: Session, alerts: Sequence[AlertRecord], now: dt.dateti
     if not hooks:
         return 0
     ids = {a.device_id for a in alerts}
-    query = select(DeviceRow.id, DeviceRow.name).where(DeviceRow.id.in_(ids))
-    names = {device_id: name for device_id, name in s.execute(query).all()}
+    query = select(DeviceRow.id, DeviceRow.name, DeviceRow.labels).where(DeviceRow.id.in_(ids))
+    devices = {
+        device_id: (name, dict(labels or {})) for device_id, name, labels in s.execute(query)
+    }
     filters = {h.id: WebhookFilter.parse(h.filter) for h in hooks}
     queued = 0
     for alert in alerts:
-        name = names.get(alert.device_id, alert.device_id)
-        payload = {"event": f"alert.{alert.state.value}", "alert": alert.to_json(name)}
+        name, labels = devices.get(alert.device_id, (alert.device_id, {}))
+        # The device's labels ride along: severity rules and Alertmanager labels use them.
+        payload = {
+            "event": f"alert.{alert.state.value}",
+            "alert": alert.to_json(name),
+            "device_labels": labels,
+        }
         for hook in hooks:
             if filters[hook.id].matches(alert, name):
                 s.add(
@@ -64,11 +71,18 @@ class WebhookTables(SqlBase):
     """The webhooks part of `Store`."""
 
     def add_webhook(
-        self, url: str, secret: str, filter_text: str, now: dt.datetime
+        self, url: str, secret: str, filter_text: str, now: dt.datetime, kind: str = "standard"
     ) -> WebhookRecord:
         WebhookFilter.parse(filter_text)  # InvalidInput names the bad part
         row = WebhookRow(
-            id=str(uuid.uuid4()), url=url, secret=secret, filter=filter_text, created_at=now
+            id=str(uuid.uuid4()),
+            url=url,
+            secret=secret,
+            filter=filter_text,
+            created_at=now,
+            kind=kind,
+            previous_secret="",
+            previous_until=None,
         )
         with self._tx() as s:
             s.add(row)
@@ -103,6 +117,55 @@ class WebhookTables(SqlBase):
             s.query(DeliveryRow).filter(DeliveryRow.webhook_id == webhook_id).delete()
             s.delete(row)
             return removed
+
+    def rotate_webhook_secret(
+        self, webhook_id: str, secret: str, previous_until: dt.datetime
+    ) -> WebhookRecord:
+        """`secret` signs from now on; the current one signs beside it until `previous_until`."""
+        with self._tx() as s:
+            row = s.get(WebhookRow, webhook_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no webhook with id '{webhook_id}'")
+            row.previous_secret, row.previous_until = row.secret, previous_until
+            row.secret = secret
+            s.flush()
+            return _webhook(row, {})
+
+    def rearm_deliveries(self, kind: str, sent_before: dt.datetime, now: dt.datetime) -> int:
+        """Sends again the latest delivered change of every active, undelivered-since alert
+        to webhooks of `kind` (Alertmanager wants open alerts repeated, or resolves them);
+        alerts held back (shelved, in maintenance) are left to expire there."""
+        newer = aliased(DeliveryRow)
+        later = (
+            select(newer.id)
+            .where(
+                newer.webhook_id == DeliveryRow.webhook_id,
+                newer.alert_id == DeliveryRow.alert_id,
+                newer.id > DeliveryRow.id,
+            )
+            .exists()
+        )
+        query = (
+            select(DeliveryRow, AlertRow)
+            .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+            .join(AlertRow, AlertRow.id == DeliveryRow.alert_id)
+            .where(
+                WebhookRow.kind == kind,
+                DeliveryRow.state == DELIVERED,
+                DeliveryRow.delivered_at < sent_before,
+                AlertRow.state.in_([AlertState.FIRING.value, AlertState.ACKNOWLEDGED.value]),
+                ~later,
+            )
+        )
+        with self._tx() as s:
+            rearmed = 0
+            for row, alert in s.execute(query).all():
+                if alert.doc.get("suppressed_by"):
+                    continue
+                row.state, row.attempts, row.next_attempt_at = PENDING, 0, now
+                row.created_at = now
+                rearmed += 1
+            return rearmed
 
     def claim_deliveries(self, now: dt.datetime, lease: dt.timedelta, limit: int) -> list[Delivery]:
         """Due deliveries, each the oldest pending one of its webhook and alert; leased
@@ -141,6 +204,10 @@ class WebhookTables(SqlBase):
                         revision=row.revision,
                         payload=dict(row.payload),
                         attempts=row.attempts,
+                        kind=hook.kind,
+                        previous_secret=hook.previous_secret,
+                        previous_until=hook.previous_until,
+                        created_at=row.created_at,
                     )
                 )
             return claimed
@@ -174,4 +241,7 @@ def _webhook(
         pending=counts.get((row.id, PENDING), 0),
         dead=counts.get((row.id, DEAD), 0),
         last_error=last_error,
+        kind=row.kind,
+        previous_secret=row.previous_secret,
+        previous_until=row.previous_until,
     )

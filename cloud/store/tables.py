@@ -265,6 +265,24 @@ class WebhookRow(Base):
     secret: Mapped[str] = mapped_column(Text)
     filter: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(16), default="standard")
+    previous_secret: Mapped[str] = mapped_column(Text, default="")  # signs until previous_until
+    previous_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class MaintenanceRow(Base):
+    """A maintenance window (or, without an end, an out-of-service period)."""
+
+    __tablename__ = "maintenance_windows"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    selector: Mapped[str] = mapped_column(Text)
+    asset: Mapped[str] = mapped_column(String(64))  # "": every asset
+    starts_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    ends_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class DeliveryRow(Base):

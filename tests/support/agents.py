@@ -45,6 +45,7 @@ def start_session(
     model_version: str = "",
     sync: RecordSync | None = None,
     device_address: str = "",
+    on_control: Callable[[agent_pb2.ControlMessage], None] | None = None,
 ) -> SessionThread:
     loop = asyncio.new_event_loop()
     stop_event = asyncio.Event()
@@ -57,6 +58,7 @@ def start_session(
         sync=sync,
         device_address=device_address,
         tls_server_name="localhost" if device_address else "",
+        on_control=on_control,
     )
 
     def main() -> None:

@@ -72,6 +72,7 @@ class ControlMessage(_message.Message):
     BATCH_ACK_FIELD_NUMBER: _builtins.int
     DESIRED_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___SessionAccepted: ...
     @_builtins.property
@@ -82,6 +83,8 @@ class ControlMessage(_message.Message):
     def desired(self) -> Global___DesiredState: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
+    @_builtins.property
+    def maintenance(self) -> Global___Maintenance: ...
     def __init__(
         self,
         *,
@@ -90,16 +93,78 @@ class ControlMessage(_message.Message):
         batch_ack: Global___BatchAck | None = ...,
         desired: Global___DesiredState | None = ...,
         command: Global___Command | None = ...,
+        maintenance: Global___Maintenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class Maintenance(_message.Message):
+    """The maintenance windows that cover this device, complete (it replaces what the agent
+    holds): while one covers an asset, the agent keeps scoring, storing and syncing its alert
+    events but does not publish them on site. Kept on disk: honoured offline too.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIODS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaintenancePeriod]: ...
+    def __init__(
+        self,
+        *,
+        periods: _abc.Iterable[Global___MaintenancePeriod] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["periods", b"periods"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Maintenance: _TypeAlias = Maintenance  # noqa: Y015
+
+@_typing.final
+class MaintenancePeriod(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    ENDS_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    asset: _builtins.str
+    """"": every asset"""
+    reason: _builtins.str
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ends_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: until removed (out of service)"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        ends_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "ends_at", b"ends_at", "id", b"id", "reason", b"reason", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaintenancePeriod: _TypeAlias = MaintenancePeriod  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):

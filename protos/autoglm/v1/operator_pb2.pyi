@@ -1017,12 +1017,20 @@ class Alert(_message.Message):
         STATE_FIRING: Alert._State.ValueType  # 1
         STATE_ACKNOWLEDGED: Alert._State.ValueType  # 2
         STATE_RESOLVED: Alert._State.ValueType  # 3
+        STATE_RETURNED: Alert._State.ValueType  # 4
+        """Cleared on the edge before anyone acknowledged it (ISA-18.2 "return to normal,
+        unacknowledged"): an acknowledgement or a resolve closes it.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper): ...
     STATE_UNSPECIFIED: Alert.State.ValueType  # 0
     STATE_FIRING: Alert.State.ValueType  # 1
     STATE_ACKNOWLEDGED: Alert.State.ValueType  # 2
     STATE_RESOLVED: Alert.State.ValueType  # 3
+    STATE_RETURNED: Alert.State.ValueType  # 4
+    """Cleared on the edge before anyone acknowledged it (ISA-18.2 "return to normal,
+    unacknowledged"): an acknowledgement or a resolve closes it.
+    """
 
     ID_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
@@ -1040,6 +1048,14 @@ class Alert(_message.Message):
     RESOLVED_BY_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     RAISED_EVENTS_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    FAULT_TYPE_FIELD_NUMBER: _builtins.int
+    SHELVED_UNTIL_FIELD_NUMBER: _builtins.int
+    SHELVED_BY_FIELD_NUMBER: _builtins.int
+    SHELVE_REASON_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_BY_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     device_id: _builtins.str
     device_name: _builtins.str
@@ -1054,6 +1070,17 @@ class Alert(_message.Message):
     """grows with every change of any alert"""
     raised_events: _builtins.int
     """edge raise events folded into this alert"""
+    severity: _builtins.str
+    """critical | major | minor | warning (from the peak score's band)"""
+    verdict: _builtins.str
+    """"" | true | false | unsure: the operator's call on the alert"""
+    fault_type: _builtins.str
+    """what the operator found (with a true verdict)"""
+    shelved_by: _builtins.str
+    shelve_reason: _builtins.str
+    suppressed_by: _builtins.str
+    """Why its changes are not delivered now: "shelved", "maintenance <id>"; "" when they are."""
+    acknowledged_by: _builtins.str
     @_builtins.property
     def top_sensors(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.SensorContribution]: ...
     @_builtins.property
@@ -1065,6 +1092,10 @@ class Alert(_message.Message):
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"<time> <who>: <text>", oldest first"""
+
+    @_builtins.property
+    def shelved_until(self) -> _timestamp_pb2.Timestamp:
+        """set while shelved"""
 
     def __init__(
         self,
@@ -1085,10 +1116,18 @@ class Alert(_message.Message):
         resolved_by: _builtins.str = ...,
         revision: _builtins.int = ...,
         raised_events: _builtins.int = ...,
+        severity: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        fault_type: _builtins.str = ...,
+        shelved_until: _timestamp_pb2.Timestamp | None = ...,
+        shelved_by: _builtins.str = ...,
+        shelve_reason: _builtins.str = ...,
+        suppressed_by: _builtins.str = ...,
+        acknowledged_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen", "resolved_at", b"resolved_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen", "resolved_at", b"resolved_at", "shelved_until", b"shelved_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "device_id", b"device_id", "device_name", b"device_name", "fault", b"fault", "first_seen", b"first_seen", "id", b"id", "last_seen", b"last_seen", "model_version", b"model_version", "notes", b"notes", "peak_score", b"peak_score", "raised_events", b"raised_events", "resolved_at", b"resolved_at", "resolved_by", b"resolved_by", "revision", b"revision", "state", b"state", "top_sensors", b"top_sensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_by", b"acknowledged_by", "asset", b"asset", "device_id", b"device_id", "device_name", b"device_name", "fault", b"fault", "fault_type", b"fault_type", "first_seen", b"first_seen", "id", b"id", "last_seen", b"last_seen", "model_version", b"model_version", "notes", b"notes", "peak_score", b"peak_score", "raised_events", b"raised_events", "resolved_at", b"resolved_at", "resolved_by", b"resolved_by", "revision", b"revision", "severity", b"severity", "shelve_reason", b"shelve_reason", "shelved_by", b"shelved_by", "shelved_until", b"shelved_until", "state", b"state", "suppressed_by", b"suppressed_by", "top_sensors", b"top_sensors", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1102,10 +1141,13 @@ class ListAlertsRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
     state: Global___Alert.State.ValueType
     """unspecified: all"""
     device: _builtins.str
     limit: _builtins.int
+    verdict: _builtins.str
+    """"": any; true | false | unsure; "none": not given yet"""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1115,10 +1157,11 @@ class ListAlertsRequest(_message.Message):
         device: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         limit: _builtins.int = ...,
+        verdict: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "limit", b"limit", "since", b"since", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "limit", b"limit", "since", b"since", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1169,17 +1212,24 @@ class AckAlertRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    FAULT_TYPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     note: _builtins.str
+    verdict: _builtins.str
+    """"" (none yet) | true | false | unsure"""
+    fault_type: _builtins.str
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         note: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        fault_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "note", b"note"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_type", b"fault_type", "id", b"id", "note", b"note", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1191,21 +1241,54 @@ class ResolveAlertRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    FAULT_TYPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     note: _builtins.str
+    verdict: _builtins.str
+    fault_type: _builtins.str
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         note: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        fault_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "note", b"note"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_type", b"fault_type", "id", b"id", "note", b"note", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveAlertRequest: _TypeAlias = ResolveAlertRequest  # noqa: Y015
+
+@_typing.final
+class ShelveAlertRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    duration_s: _builtins.int
+    """at most the control plane's max_shelve_s"""
+    reason: _builtins.str
+    """required: why it may stay quiet"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        duration_s: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShelveAlertRequest: _TypeAlias = ShelveAlertRequest  # noqa: Y015
 
 @_typing.final
 class WatchAlertsRequest(_message.Message):
@@ -1244,6 +1327,8 @@ Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
 class Webhook(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    KIND_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SECRET_UNTIL_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
@@ -1252,6 +1337,10 @@ class Webhook(_message.Message):
     PENDING_FIELD_NUMBER: _builtins.int
     DEAD_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """standard: Standard Webhooks (webhook-id/-timestamp/-signature); pagerduty: Events API
+    v2 (the secret is the routing key); alertmanager: POST /api/v2/alerts.
+    """
     id: _builtins.str
     url: _builtins.str
     filter: _builtins.str
@@ -1262,10 +1351,16 @@ class Webhook(_message.Message):
     """gave up after the configured attempts"""
     last_error: _builtins.str
     @_builtins.property
+    def previous_secret_until(self) -> _timestamp_pb2.Timestamp:
+        """set while two secrets sign"""
+
+    @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
+        kind: _builtins.str = ...,
+        previous_secret_until: _timestamp_pb2.Timestamp | None = ...,
         id: _builtins.str = ...,
         url: _builtins.str = ...,
         filter: _builtins.str = ...,
@@ -1275,9 +1370,9 @@ class Webhook(_message.Message):
         dead: _builtins.int = ...,
         last_error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "previous_secret_until", b"previous_secret_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dead", b"dead", "delivered", b"delivered", "filter", b"filter", "id", b"id", "last_error", b"last_error", "pending", b"pending", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dead", b"dead", "delivered", b"delivered", "filter", b"filter", "id", b"id", "kind", b"kind", "last_error", b"last_error", "pending", b"pending", "previous_secret_until", b"previous_secret_until", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1290,23 +1385,196 @@ class AddWebhookRequest(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     secret: _builtins.str
+    """standard: whsec_<base64>; pagerduty: the routing key; alertmanager: "" """
     filter: _builtins.str
+    kind: _builtins.str
+    """"" is standard"""
     def __init__(
         self,
         *,
         url: _builtins.str = ...,
         secret: _builtins.str = ...,
         filter: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "secret", b"secret", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "kind", b"kind", "secret", b"secret", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AddWebhookRequest: _TypeAlias = AddWebhookRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    OVERLAP_S_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    secret: _builtins.str
+    overlap_s: _builtins.int
+    """the previous secret keeps signing this long (0: 24 h)"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        overlap_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "overlap_s", b"overlap_s", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class MaintenanceWindow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    ENDS_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    selector: _builtins.str
+    """device labels, as rollouts take them"""
+    asset: _builtins.str
+    """"": every asset of a matching device"""
+    reason: _builtins.str
+    created_by: _builtins.str
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ends_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: out of service until removed"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        ends_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "created_at", b"created_at", "created_by", b"created_by", "ends_at", b"ends_at", "id", b"id", "reason", b"reason", "selector", b"selector", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaintenanceWindow: _TypeAlias = MaintenanceWindow  # noqa: Y015
+
+@_typing.final
+class AddMaintenanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    ENDS_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    selector: _builtins.str
+    asset: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: now"""
+
+    @_builtins.property
+    def ends_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: out of service until removed"""
+
+    def __init__(
+        self,
+        *,
+        selector: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        ends_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "ends_at", b"ends_at", "reason", b"reason", "selector", b"selector", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddMaintenanceRequest: _TypeAlias = AddMaintenanceRequest  # noqa: Y015
+
+@_typing.final
+class ListMaintenanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
+    include_ended: _builtins.bool
+    def __init__(
+        self,
+        *,
+        include_ended: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_ended", b"include_ended"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMaintenanceRequest: _TypeAlias = ListMaintenanceRequest  # noqa: Y015
+
+@_typing.final
+class ListMaintenanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaintenanceWindow]: ...
+    def __init__(
+        self,
+        *,
+        windows: _abc.Iterable[Global___MaintenanceWindow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMaintenanceResponse: _TypeAlias = ListMaintenanceResponse  # noqa: Y015
+
+@_typing.final
+class RemoveMaintenanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveMaintenanceRequest: _TypeAlias = RemoveMaintenanceRequest  # noqa: Y015
 
 @_typing.final
 class ListWebhooksRequest(_message.Message):

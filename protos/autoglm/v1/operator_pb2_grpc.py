@@ -164,6 +164,36 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveWebhookRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.FromString,
                 _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/autoglm.v1.OperatorService/RotateWebhookSecret',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.FromString,
+                _registered_method=True)
+        self.ShelveAlert = channel.unary_unary(
+                '/autoglm.v1.OperatorService/ShelveAlert',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ShelveAlertRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Alert.FromString,
+                _registered_method=True)
+        self.UnshelveAlert = channel.unary_unary(
+                '/autoglm.v1.OperatorService/UnshelveAlert',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetAlertRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Alert.FromString,
+                _registered_method=True)
+        self.AddMaintenance = channel.unary_unary(
+                '/autoglm.v1.OperatorService/AddMaintenance',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddMaintenanceRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.MaintenanceWindow.FromString,
+                _registered_method=True)
+        self.ListMaintenance = channel.unary_unary(
+                '/autoglm.v1.OperatorService/ListMaintenance',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListMaintenanceRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListMaintenanceResponse.FromString,
+                _registered_method=True)
+        self.RemoveMaintenance = channel.unary_unary(
+                '/autoglm.v1.OperatorService/RemoveMaintenance',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveMaintenanceRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.MaintenanceWindow.FromString,
+                _registered_method=True)
         self.AddOperator = channel.unary_unary(
                 '/autoglm.v1.OperatorService/AddOperator',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddOperatorRequest.SerializeToString,
@@ -355,6 +385,47 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateWebhookSecret(self, request, context):
+        """A new signing secret; deliveries carry both signatures until the previous one expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShelveAlert(self, request, context):
+        """Shelving: the alert is stored and kept current, not delivered, until `until` (or an
+        unshelve); then, still open, it is delivered again (ISA-18.2 shelving).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnshelveAlert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMaintenance(self, request, context):
+        """Maintenance windows and out-of-service assets: alerts of matching devices and assets
+        are stored and synced, neither delivered nor published on site.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMaintenance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMaintenance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddOperator(self, request, context):
         """Operators (admin): roles viewer, operator, admin; tokens are shown once.
         """
@@ -513,6 +584,36 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.RemoveWebhook,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveWebhookRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.SerializeToString,
+            ),
+            'ShelveAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShelveAlert,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ShelveAlertRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Alert.SerializeToString,
+            ),
+            'UnshelveAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnshelveAlert,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetAlertRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Alert.SerializeToString,
+            ),
+            'AddMaintenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMaintenance,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.AddMaintenanceRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.MaintenanceWindow.SerializeToString,
+            ),
+            'ListMaintenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMaintenance,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListMaintenanceRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListMaintenanceResponse.SerializeToString,
+            ),
+            'RemoveMaintenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMaintenance,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveMaintenanceRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.MaintenanceWindow.SerializeToString,
             ),
             'AddOperator': grpc.unary_unary_rpc_method_handler(
                     servicer.AddOperator,
@@ -1237,6 +1338,168 @@ class OperatorService:
             '/autoglm.v1.OperatorService/RemoveWebhook',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveWebhookRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/RotateWebhookSecret',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RotateWebhookSecretRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Webhook.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShelveAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ShelveAlert',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ShelveAlertRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnshelveAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/UnshelveAlert',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.GetAlertRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMaintenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/AddMaintenance',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.AddMaintenanceRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.MaintenanceWindow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMaintenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListMaintenance',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListMaintenanceRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListMaintenanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMaintenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/RemoveMaintenance',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RemoveMaintenanceRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.MaintenanceWindow.FromString,
             options,
             channel_credentials,
             insecure,

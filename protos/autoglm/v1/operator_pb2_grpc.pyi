@@ -72,6 +72,19 @@ class OperatorServiceStub:
     AddWebhook: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AddWebhookRequest, _operator_pb2.Webhook]
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListWebhooksRequest, _operator_pb2.ListWebhooksResponse]
     RemoveWebhook: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RemoveWebhookRequest, _operator_pb2.Webhook]
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RotateWebhookSecretRequest, _operator_pb2.Webhook]
+    """A new signing secret; deliveries carry both signatures until the previous one expires."""
+    ShelveAlert: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ShelveAlertRequest, _operator_pb2.Alert]
+    """Shelving: the alert is stored and kept current, not delivered, until `until` (or an
+    unshelve); then, still open, it is delivered again (ISA-18.2 shelving).
+    """
+    UnshelveAlert: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetAlertRequest, _operator_pb2.Alert]
+    AddMaintenance: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AddMaintenanceRequest, _operator_pb2.MaintenanceWindow]
+    """Maintenance windows and out-of-service assets: alerts of matching devices and assets
+    are stored and synced, neither delivered nor published on site.
+    """
+    ListMaintenance: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListMaintenanceRequest, _operator_pb2.ListMaintenanceResponse]
+    RemoveMaintenance: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RemoveMaintenanceRequest, _operator_pb2.MaintenanceWindow]
     AddOperator: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AddOperatorRequest, _operator_pb2.AddOperatorResponse]
     """Operators (admin): roles viewer, operator, admin; tokens are shown once."""
     ListOperators: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListOperatorsRequest, _operator_pb2.ListOperatorsResponse]
@@ -121,6 +134,19 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     AddWebhook: _aio.UnaryUnaryMultiCallable[_operator_pb2.AddWebhookRequest, _operator_pb2.Webhook]  # type: ignore[assignment]
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListWebhooksRequest, _operator_pb2.ListWebhooksResponse]  # type: ignore[assignment]
     RemoveWebhook: _aio.UnaryUnaryMultiCallable[_operator_pb2.RemoveWebhookRequest, _operator_pb2.Webhook]  # type: ignore[assignment]
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_operator_pb2.RotateWebhookSecretRequest, _operator_pb2.Webhook]  # type: ignore[assignment]
+    """A new signing secret; deliveries carry both signatures until the previous one expires."""
+    ShelveAlert: _aio.UnaryUnaryMultiCallable[_operator_pb2.ShelveAlertRequest, _operator_pb2.Alert]  # type: ignore[assignment]
+    """Shelving: the alert is stored and kept current, not delivered, until `until` (or an
+    unshelve); then, still open, it is delivered again (ISA-18.2 shelving).
+    """
+    UnshelveAlert: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetAlertRequest, _operator_pb2.Alert]  # type: ignore[assignment]
+    AddMaintenance: _aio.UnaryUnaryMultiCallable[_operator_pb2.AddMaintenanceRequest, _operator_pb2.MaintenanceWindow]  # type: ignore[assignment]
+    """Maintenance windows and out-of-service assets: alerts of matching devices and assets
+    are stored and synced, neither delivered nor published on site.
+    """
+    ListMaintenance: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListMaintenanceRequest, _operator_pb2.ListMaintenanceResponse]  # type: ignore[assignment]
+    RemoveMaintenance: _aio.UnaryUnaryMultiCallable[_operator_pb2.RemoveMaintenanceRequest, _operator_pb2.MaintenanceWindow]  # type: ignore[assignment]
     AddOperator: _aio.UnaryUnaryMultiCallable[_operator_pb2.AddOperatorRequest, _operator_pb2.AddOperatorResponse]  # type: ignore[assignment]
     """Operators (admin): roles viewer, operator, admin; tokens are shown once."""
     ListOperators: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListOperatorsRequest, _operator_pb2.ListOperatorsResponse]  # type: ignore[assignment]
@@ -323,6 +349,55 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.RemoveWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Webhook, _abc.Awaitable[_operator_pb2.Webhook]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _operator_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Webhook, _abc.Awaitable[_operator_pb2.Webhook]]:
+        """A new signing secret; deliveries carry both signatures until the previous one expires."""
+
+    @_abc_1.abstractmethod
+    def ShelveAlert(
+        self,
+        request: _operator_pb2.ShelveAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Alert, _abc.Awaitable[_operator_pb2.Alert]]:
+        """Shelving: the alert is stored and kept current, not delivered, until `until` (or an
+        unshelve); then, still open, it is delivered again (ISA-18.2 shelving).
+        """
+
+    @_abc_1.abstractmethod
+    def UnshelveAlert(
+        self,
+        request: _operator_pb2.GetAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Alert, _abc.Awaitable[_operator_pb2.Alert]]: ...
+
+    @_abc_1.abstractmethod
+    def AddMaintenance(
+        self,
+        request: _operator_pb2.AddMaintenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.MaintenanceWindow, _abc.Awaitable[_operator_pb2.MaintenanceWindow]]:
+        """Maintenance windows and out-of-service assets: alerts of matching devices and assets
+        are stored and synced, neither delivered nor published on site.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMaintenance(
+        self,
+        request: _operator_pb2.ListMaintenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListMaintenanceResponse, _abc.Awaitable[_operator_pb2.ListMaintenanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveMaintenance(
+        self,
+        request: _operator_pb2.RemoveMaintenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.MaintenanceWindow, _abc.Awaitable[_operator_pb2.MaintenanceWindow]]: ...
 
     @_abc_1.abstractmethod
     def AddOperator(

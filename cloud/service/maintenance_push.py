@@ -1,0 +1,80 @@
+"""Maintenance periods down to the agents: each open session gets the windows that name its
+device (active now or later), whenever they change: at once for changes made through this
+replica, within `interval_s` for changes made through another or for relabelled devices."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+
+from cloud.clock import Clock, utc_now
+from cloud.maintenance import MaintenanceWindow
+from cloud.service.sessions import SessionHub
+from cloud.store import Store
+from protos.autoglm.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+
+def maintenance_message(
+    windows: Sequence[MaintenanceWindow], labels: Mapping[str, str]
+) -> agent_pb2.ControlMessage:
+    periods = []
+    for w in windows:
+        if not w.applies_to(labels):
+            continue
+        period = agent_pb2.MaintenancePeriod(id=w.id, asset=w.asset, reason=w.reason[:200])
+        period.starts_at.FromDatetime(w.starts_at)
+        if w.ends_at is not None:
+            period.ends_at.FromDatetime(w.ends_at)
+        periods.append(period)
+    return agent_pb2.ControlMessage(maintenance=agent_pb2.Maintenance(periods=periods))
+
+
+class MaintenancePush:
+    def __init__(
+        self, store: Store, hub: SessionHub, interval_s: float = 5.0, clock: Clock = utc_now
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.interval_s = interval_s
+        self.clock = clock
+        self._wake = asyncio.Event()
+
+    def changed(self) -> None:
+        """Windows changed in this process (call on the event loop)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("sending maintenance periods failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+
+    async def refresh(self) -> int:
+        """Sends each open session's periods where they changed; how many sessions got them."""
+        device_ids = self.hub.device_ids()
+        if not device_ids:
+            return 0
+        windows, labels = await asyncio.to_thread(self._read, device_ids)
+        sent = 0
+        for device_id in device_ids:
+            message = maintenance_message(windows, labels.get(device_id, {}))
+            sent += self.hub.send_maintenance(device_id, message)
+        return sent
+
+    def _read(
+        self, device_ids: list[str]
+    ) -> tuple[list[MaintenanceWindow], dict[str, dict[str, str]]]:
+        windows = self.store.list_maintenance(self.clock(), include_ended=False)
+        if not windows:
+            return [], {}
+        wanted = set(device_ids)
+        devices = self.store.list_devices({})
+        return windows, {d.id: dict(d.labels) for d in devices if d.id in wanted}
