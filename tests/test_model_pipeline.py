@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -100,6 +101,22 @@ def test_int8_variant_passes_the_gate_and_the_self_test(bundle: Path, data: Path
     manifest = verify_bundle(bundle, key.public_key())
     assert {v.name for v in manifest.variants} == {"fp32", "int8"}
     assert run_self_test(bundle, manifest)["int8"]
+
+
+def test_int8_recipe_quantizes_the_gru_and_keeps_the_forecast_path_fp32(
+    bundle: Path, data: Path, key, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Encoder, graph layer, decoder and fault head read fp32 inputs; the GRU reads INT8 ones."""
+    quantize_bundle(bundle, "int8", data / "faults", 120, max_drop=0.05, key=key)
+    assert capsys.readouterr().out == ""  # the calibrator's progress lines are not ours to print
+    graph = onnx.load(str(bundle / "model.int8.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    quantized = {
+        n.name.split("/")[1].rstrip("_0123456789")
+        for n in graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[0] in dequantized
+    }
+    assert quantized == {"gru_x", "gru_h", "attend"}
 
 
 def test_quantization_gate_refuses_a_degraded_variant(
