@@ -10,7 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-setup: $(BIN)/python
+# A Sparkplug B edge node and host from a third-party library for the tests
+# (tests/peers/): pysparkplug needs paho-mqtt 1, the project paho-mqtt 2.
+PEER_VENV := .venv-sparkplug
+$(PEER_VENV)/bin/python:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q pysparkplug==0.6.1 paho-mqtt==1.6.1 protobuf==7.36.2
+
+setup: $(BIN)/python $(PEER_VENV)/bin/python
 	$(BIN)/python -m pip install -q $(PIP_FLAGS) -c constraints.txt -e '.[all]'
 
 test: setup

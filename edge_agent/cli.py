@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch", type=int, default=1, help="readings per message (1: single)")
     sim.add_argument("--qos", type=int, choices=(0, 1), default=1)
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--protocol",
+        choices=("json", "sparkplug"),
+        default="json",
+        help="json: our payloads under --prefix; sparkplug: a Sparkplug B edge node whose "
+        "devices --device are the assets (DDATA of --batch rows)",
+    )
+    sim.add_argument("--group", default="plant", help="sparkplug: the group id")
+    sim.add_argument("--edge-node", default="gateway-1", help="sparkplug: the edge node id")
+    sim.add_argument(
+        "--device", default="pump-{i}", help="sparkplug: device id per asset; {i}: its number"
+    )
     sim.set_defaults(handler=cmd_simulate)
     return parser
 
@@ -219,6 +231,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     client.max_inflight_messages_set(1000)
     if args.username:
         client.username_pw_set(args.username, args.password or None)
+    node = None
+    if args.protocol == "sparkplug":
+        from edge_agent.simulate_sparkplug import SimulatedNode
+
+        devices = [args.device.format(i=i) for i in range(1, args.assets + 1)]
+        streams = [(d, s) for d, (_, s) in zip(devices, streams, strict=True)]
+        node = SimulatedNode(args.group, args.edge_node, [(d, s.sensors) for d, s in streams])
+        client.will_set(*node.death(), qos=1)
     try:
         client.connect(host, port)
     except OSError as exc:
@@ -232,12 +252,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     try:
         for prefix, stream in streams:
+            where = f"{prefix}/..." if node is None else node.topic("DDATA", prefix)
             print(
                 f"publishing {stream.values.shape[0]} rows x {len(stream.sensors)} sensors to "
-                f"{prefix}/... at {args.speed:g}x"
+                f"{where} at {args.speed:g}x"
                 + (f"; faults: {', '.join(args.fault)}" if args.fault and not args.csv else "")
             )
-        sent = publish_streams(publish, streams, args.speed, args.batch)
+        if node is None:
+            sent = publish_streams(publish, streams, args.speed, args.batch)
+        else:
+            from edge_agent.simulate_sparkplug import publish_node
+
+            sent = publish_node(publish, node, streams, args.speed, args.batch)
+            publish(*node.death())  # leaving: the node's death certificate
         if last:
             last[0].wait_for_publish(timeout=60)
     finally:

@@ -99,17 +99,57 @@ class MqttLink(BaseModel):
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+_SPARKPLUG_ID = re.compile(r"^[^/+#]{1,128}$")
+
+
+class SparkplugId(BaseModel):
+    """An edge node (and device) in the Sparkplug B topic namespace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: str
+    edge_node: str
+
+    @field_validator("group", "edge_node")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _SPARKPLUG_ID.match(value):
+            raise ValueError(f"{value!r}: 1-128 characters, none of / + #")
+        return value
+
+
+class SparkplugSource(SparkplugId):
+    """Where an asset's metrics come from: a device of an edge node, or the node itself."""
+
+    device: str = ""  # "": the node's own metrics (NBIRTH/NDATA)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return value and cls._id(value)
+
+
 class AssetConfig(BaseModel):
-    """One machine: the topics its sensors publish on, and how topic names map to sensors."""
+    """One machine: the topics its sensors publish on (JSON) or the Sparkplug B device it is,
+    and how names on the wire map to the model's sensors."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     # MQTT subscriptions (wildcards allowed). A single reading's sensor is the topic's last
     # level; batches name their sensors or use the topic's last level too.
-    topics: list[str] = Field(min_length=1)
-    # Renames: name used on the wire -> sensor name in the model's schema.
+    topics: list[str] = Field(default_factory=list)
+    # Sparkplug B: the device (or edge node) whose metrics are this asset's sensors.
+    sparkplug: SparkplugSource | None = None
+    # Renames: name used on the wire (a topic level, a field, a Sparkplug metric name) ->
+    # sensor name in the model's schema.
     sensors: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _a_source(self) -> AssetConfig:
+        if not self.topics and self.sparkplug is None:
+            raise ValueError(f"asset {self.name!r} needs topics or sparkplug (where its data is)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -300,6 +340,8 @@ class AgentConfig(BaseSettings):
     shadow: ShadowPolicy = Field(default_factory=ShadowPolicy)
     updates: UpdatePolicy = Field(default_factory=UpdatePolicy)
     metrics: MetricsPolicy = Field(default_factory=MetricsPolicy)
+    # Alerts back to SCADA as Sparkplug B: the agent's own edge node, one device per asset.
+    sparkplug_out: SparkplugId | None = None
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with ids
 

@@ -1,4 +1,5 @@
-"""Generates the Python stubs (and .pyi) for protos/autoglm/v1 from the .proto sources.
+"""Generates the Python stubs (and .pyi) for protos/autoglm/v1 and protos/sparkplug from the
+.proto sources.
 
 Run from anywhere: `python scripts/gen_protos.py` regenerates in place;
 `python scripts/gen_protos.py --check` regenerates into a temporary folder and exits 1
@@ -16,17 +17,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "protos" / "autoglm" / "v1"
+PROTO_DIRS = (ROOT / "protos" / "autoglm" / "v1", ROOT / "protos" / "sparkplug")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def _generate(out_root: Path) -> list[Path]:
-    """Runs protoc with the repository root as include path, so imports read `protos.autoglm.v1`."""
+    """Runs protoc with the repository root as include path, so imports read `protos.autoglm.v1`;
+    the generated files, relative to `out_root`."""
     import grpc_tools
     from grpc_tools import protoc  # dev dependency, imported only here
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    sources = sorted(p.relative_to(ROOT).as_posix() for p in PROTO_DIR.glob("*.proto"))
+    sources = sorted(p.relative_to(ROOT).as_posix() for d in PROTO_DIRS for p in d.glob("*.proto"))
     args = [
         "protoc",
         f"-I{ROOT}",
@@ -43,8 +45,21 @@ def _generate(out_root: Path) -> list[Path]:
     code = protoc.main(args)
     if code != 0:
         raise SystemExit(f"protoc failed with exit code {code}")
-    out_dir = out_root / "protos" / "autoglm" / "v1"
-    return sorted(p for p in out_dir.iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+    return sorted(
+        (out_root / d.relative_to(ROOT) / p.name).relative_to(out_root)
+        for d in PROTO_DIRS
+        for p in (out_root / d.relative_to(ROOT)).iterdir()
+        if p.name.endswith(GENERATED_SUFFIXES)
+    )
+
+
+def _committed() -> list[Path]:
+    return sorted(
+        p.relative_to(ROOT)
+        for d in PROTO_DIRS
+        for p in d.iterdir()
+        if p.name.endswith(GENERATED_SUFFIXES)
+    )
 
 
 def main() -> int:
@@ -52,14 +67,15 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail on drift, write nothing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        generated = _generate(Path(tmp))
-        committed = sorted(p for p in PROTO_DIR.iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+        out = Path(tmp)
+        generated = _generate(out)
+        committed = _committed()
         if args.check:
-            drift = {p.name for p in generated} ^ {p.name for p in committed}
+            drift = {str(p) for p in set(generated) ^ set(committed)}
             drift |= {
-                p.name
+                str(p)
                 for p in generated
-                if (PROTO_DIR / p.name).exists() and not filecmp.cmp(p, PROTO_DIR / p.name, False)
+                if (ROOT / p).exists() and not filecmp.cmp(out / p, ROOT / p, False)
             }
             if drift:
                 print(
@@ -72,10 +88,10 @@ def main() -> int:
             print(f"proto stubs up to date ({len(generated)} files)")
             return 0
         for stale in committed:
-            stale.unlink()
+            (ROOT / stale).unlink()
         for path in generated:
-            shutil.copy2(path, PROTO_DIR / path.name)
-        print(f"wrote {len(generated)} files to {PROTO_DIR.relative_to(ROOT)}")
+            shutil.copy2(out / path, ROOT / path)
+        print(f"wrote {len(generated)} files under protos/")
         return 0
 
 

@@ -67,11 +67,14 @@ class MqttConnection:
         subscriptions: Sequence[str],
         decode: Callable[[str, bytes], Decoded | None],
         deliver: Callable[[Decoded], None],
+        will: tuple[str, bytes] | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> None:
         self.link = link
         self.subscriptions = list(dict.fromkeys(subscriptions))
         self._decode = decode
         self._deliver = deliver
+        self._on_connected = on_connected  # after each (re)connect: births
         self.stats = MqttLinkStats()
         self.connected = threading.Event()
         client = new_client(client_id, protocol=link.protocol)
@@ -90,6 +93,8 @@ class MqttConnection:
                 )
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"mqtt.tls: cannot load the TLS files: {exc}") from None
+        if will is not None:  # published by the broker if this connection dies
+            client.will_set(will[0], will[1], qos=1, retain=False)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -144,6 +149,11 @@ class MqttConnection:
             topics: list[tuple[str, int]] = [(t, int(self.link.qos)) for t in self.subscriptions]
             client.subscribe(topics)
         self.connected.set()
+        if self._on_connected is not None:
+            try:
+                self._on_connected()
+            except Exception:
+                log.exception("publishing after connecting failed")
         log.info(
             "connected to %s:%d (%s session); %d subscription(s)",
             self.link.host,
