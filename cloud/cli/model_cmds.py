@@ -37,7 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--period", type=float, help="sampling period in seconds (default: inferred)"
     )
     train.add_argument("--window", type=int, default=120, help="steps per window (default 120)")
-    train.add_argument("--segments", type=int, default=4)
+    train.add_argument(
+        "--segments", type=int, default=8, help="forecast segments per window (default 8)"
+    )
     train.add_argument("--stride", type=int, default=2, help="training window stride")
     train.add_argument("--hidden", type=int, default=32)
     train.add_argument("--calibration-rows", type=int, default=400)

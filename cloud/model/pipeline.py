@@ -83,11 +83,12 @@ class TrainOptions:
     period_s: float | None = None
     max_staleness_s: float | None = None
     window: int = 120
-    # 4 (30-row segments at the default window). 8 lowered false alarms on injected faults
-    # (the forecast residual lets go of a fault's rows sooner) and its INT8 variant passes
-    # (golden 0.14 of 0.25 with the percentile recipe), but in sample on valve1 it scores
-    # F1 0.916 against 4's 0.936 (README, "Quality on SKAB").
-    segments: int = 4
+    # 8 (15-row segments at the default window): chosen on injection seeds 300-302 and
+    # training seeds 0 and 2, which no earlier choice used: injected false alarms 22-23 % vs
+    # 29 % (valve1 background) and 9-10 % vs 12 % (unlabelled), injected F1 +0.01-0.03,
+    # unseen valve1 F1 even (0.814 / 0.816 vs 0.818 / 0.816). In sample on valve1 it scores
+    # lower (F1 0.916 vs 4's 0.936), which no choice is made on (README, "Quality on SKAB").
+    segments: int = 8
     stride: int = 2
     hidden: int = 32
     calibration_rows: int = 400

@@ -2,15 +2,15 @@
 names, decoded into the same readings (chunks) as the JSON forms, judged by the same clock
 bounds and counted by the same drop reasons.
 
-Births define metrics and are not taken as readings (their values are snapshots stamped at
-birth time). Per edge node it keeps what its births said: the alias of every metric (data messages may
-carry aliases only) and datatypes, the birth's `bdSeq` (a death certificate with another one
-belongs to an older session and is ignored) and the last `seq` (0-255, one counter across
-the node's and its devices' messages). A sequence gap, an unknown alias or data from a node
-that has not been born since the agent connected makes it ask for a rebirth (NCMD
-`Node Control/Rebirth`, at most once per `REBIRTH_EVERY_S` per node). A death forgets the
-node's (or device's) births: its sensors get no readings until it is born again, so their
-slots are masked like any missing reading.
+Births define metrics and are not taken as readings (their values are snapshots stamped
+at birth time). Per edge node it keeps what its births said: the alias of every metric
+(data messages may carry aliases only) and datatypes, the birth's `bdSeq` (a death
+certificate with another one belongs to an older session and is ignored) and the last
+`seq` (0-255, one counter across the node's and its devices' messages). A sequence gap, an
+unknown alias or data from a node that has not been born since the agent connected makes
+it ask for a rebirth (NCMD `Node Control/Rebirth`, at most once per `REBIRTH_EVERY_S` per
+node). A death forgets the node's (or device's) births: its sensors get no readings until
+it is born again, so their slots are masked like any missing reading.
 
 Runs in the MQTT network thread; nothing here raises on input.
 """
