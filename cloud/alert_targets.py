@@ -10,7 +10,8 @@
   acknowledgement acknowledges, resolving (or the edge clearing it) resolves. The secret is
   the integration's routing key.
 - `alertmanager`: `POST /api/v2/alerts` with the alert's labels (device, asset, site and the
-  device's other labels, severity, model version) and annotations (score, top sensors);
+  device's other labels, severity and model version of its opening raise: labels are the
+  identity there) and annotations (score, top sensors, severity now);
   an open alert carries `endsAt` `hold_s` ahead and is sent again before then, a closed one
   its end.
 """
@@ -71,7 +72,15 @@ def build(
     if d.kind == "pagerduty":
         return _pagerduty(d, alert, labels, secrets_in_use[0])
     if d.kind == "alertmanager":
-        return _alertmanager(d, alert, labels, secrets_in_use[0], now, hold_s)
+        # Labels are an alert's identity in Alertmanager: their severity and model version
+        # are the opening raise's, so a rising peak updates the alert instead of forking it.
+        opening = severity(
+            float(alert.get("opening_score", alert.get("peak_score", 0.0))),
+            labels,
+            str(alert.get("opening_model_version", alert.get("model_version", ""))),
+            rules,
+        )
+        return _alertmanager(d, alert, labels, opening, secrets_in_use[0], now, hold_s)
     return _standard(d, alert, labels, secrets_in_use, now)
 
 
@@ -153,6 +162,7 @@ def _alertmanager(
     d: Delivery,
     alert: dict[str, Any],
     device_labels: dict[str, str],
+    opening_severity: str,
     token: str,
     now: dt.datetime,
     hold_s: float,
@@ -168,8 +178,8 @@ def _alertmanager(
         device=str(alert.get("device_name", "")),
         asset=str(alert.get("asset", "")),
         fault=str(alert.get("fault", "")),
-        severity=str(alert["severity"]),
-        model_version=str(alert.get("model_version", "")),
+        severity=opening_severity,
+        model_version=str(alert.get("opening_model_version", alert.get("model_version", ""))),
     )
     state = str(alert.get("state", ""))
     if state in ("firing", "acknowledged"):
@@ -181,6 +191,8 @@ def _alertmanager(
         "score": f"{float(alert.get('peak_score', 0.0)):.3f}",
         "top_sensors": _sensors(alert),
         "state": state,
+        "severity_now": str(alert["severity"]),  # from the peak so far
+        "model_version_now": str(alert.get("model_version", "")),
     }
     if alert.get("acknowledged_by"):
         annotations["acknowledged_by"] = str(alert["acknowledged_by"])

@@ -389,6 +389,8 @@ class AlertRecord:
     shelved_by: str = ""
     shelve_reason: str = ""
     suppressed_by: str = ""  # "shelved", "maintenance <id>": its changes are not delivered
+    opening_score: float = 0.0  # the first raise's score and model: Alertmanager's identity
+    opening_model_version: str = ""
 
     def to_json(self, device_name: str) -> dict[str, Any]:
         """The alert as webhook payloads and `--json` outputs carry it."""
@@ -419,6 +421,8 @@ class AlertRecord:
             "shelved_until": iso(self.shelved_until),
             "shelve_reason": self.shelve_reason,
             "suppressed_by": self.suppressed_by,
+            "opening_score": self.opening_score,
+            "opening_model_version": self.opening_model_version,
         }
 
 

@@ -73,7 +73,8 @@ def check_window(
             "a maintenance window needs --selector (device labels, e.g. site=a,line=2); "
             "use --selector 'site' for every device with a site label"
         )
-    parse_selector(selector)
+    if not parse_selector(selector).requirements:
+        raise InvalidInput(f"--selector {selector!r} names no label: it would cover every device")
     if asset and not _ASSET.match(asset):
         raise InvalidInput(f"--asset {asset!r} is not an asset name (letters, digits, _.:-)")
     if not reason.strip():

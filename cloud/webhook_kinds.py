@@ -42,6 +42,8 @@ def check_secret(kind: str, secret: str) -> str:
             "a pagerduty target needs --secret: the integration's routing key (32 letters "
             "and digits, from the service's Events API v2 integration)"
         )
-    elif kind == "alertmanager" and secret and len(secret) < 16:
-        raise InvalidInput("an alertmanager --secret is a bearer token of >= 16 characters")
+    elif kind == "alertmanager" and secret and not re.fullmatch(r"[\x21-\x7e]{16,4096}", secret):
+        raise InvalidInput(
+            "an alertmanager --secret is a bearer token: 16 or more visible ASCII characters"
+        )
     return secret

@@ -188,7 +188,10 @@ class WebhookSender:
         return len(due)
 
     async def _send(self, d: Delivery) -> None:
-        error, permanent = await self._post(d)
+        try:
+            error, permanent = await self._post(d)
+        except Exception as exc:  # noqa: BLE001 - any other failure ends it, never blocks
+            error, permanent = f"cannot send this delivery: {exc!r}"[:500], True
         now = self.clock()
         retry_at = None
         if error and not permanent and d.attempts < self.settings.max_attempts:

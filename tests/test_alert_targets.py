@@ -6,6 +6,7 @@ release them through the operator API."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,10 @@ from typing import Any
 
 import pytest
 
+from cloud.alert_targets import build
+from cloud.domain import Delivery
+from cloud.maintenance import check_window
+from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2
 from tests.support.agents import start_session, wait_for
 from tests.support.alerting import T0, Site, cleared, open_site, raised
@@ -229,3 +234,30 @@ def test_agents_get_the_windows_that_cover_them_at_session_open_and_on_change(
             assert list(got[1].periods) == []
         finally:
             session.stop()
+
+
+def test_alertmanager_labels_keep_the_opening_severity_as_the_peak_rises() -> None:
+    alert = {
+        "id": "a-1", "device_name": "edge-1", "asset": "pump-1", "fault": "anomaly",
+        "state": "firing", "peak_score": 3.5, "opening_score": 1.3, "model_version": "4",
+        "opening_model_version": "3", "first_seen": "2026-11-29T10:00:00+00:00",
+        "top_sensors": [{"sensor": "flow", "contribution": 0.9}],
+    }  # fmt: skip
+    payload = {"alert": alert, "device_labels": {"site": "a", "bad label": "x"}}
+    d = Delivery(1, "w", "http://am:9093", "", "a-1", 5, payload, 1, kind="alertmanager")
+    now = dt.datetime(2026, 11, 29, 10, 5, tzinfo=dt.UTC)
+    request = build(d, [""], now, (), hold_s=900)
+    (sent,) = json.loads(request.body)
+    assert request.url == "http://am:9093/api/v2/alerts"
+    assert sent["labels"]["severity"] == "minor" and sent["labels"]["model_version"] == "3"
+    assert sent["annotations"]["severity_now"] == "critical" and "bad label" not in sent["labels"]
+    assert sent["endsAt"] == (now + dt.timedelta(seconds=900)).isoformat()
+
+
+@pytest.mark.parametrize(
+    ("selector", "message"), [(",", "names no label"), (" , ", "names no label"), ("", "needs")]
+)
+def test_a_window_must_name_labels(selector: str, message: str) -> None:
+    now = dt.datetime(2026, 11, 29, tzinfo=dt.UTC)
+    with pytest.raises(InvalidInput, match=message):
+        check_window(selector, "", now, None, "reason", now)

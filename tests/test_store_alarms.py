@@ -191,3 +191,22 @@ class TestPostgresAlarms(AlarmContract):
         store = open_store(pg_url)
         yield store
         store.close()
+
+
+def test_alerts_opened_before_the_upgrade_deliver_their_close(tmp_path: Path) -> None:
+    from cloud.store.tables import AlertRow
+
+    store = open_store(f"sqlite:///{tmp_path / 'autoglm.db'}")
+    try:
+        d = store.create_device("p", {}, "", NOW).id
+        store.store_records(d, [], [_event(d, 1, "raised")], NOW)
+        (alert,) = store.list_alerts(AlertFilter())
+        with store._tx() as s:  # as 0010 left it: no "announced" flag
+            row = s.get(AlertRow, alert.id)
+            assert row is not None
+            row.doc = {k: v for k, v in row.doc.items() if k != "announced"}
+        store.add_webhook("http://example.com/h", "s", "", NOW)
+        store.store_records(d, [], [_event(d, 2, "cleared")], NOW)
+        assert _events(_send_all(store, NOW)) == [("pump-1", "alert.returned")]
+    finally:
+        store.close()

@@ -137,6 +137,11 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
         current_operator.set(caller.name)
         return caller
 
+    async def record(caller: Caller | None, request: Any, outcome: tuple[str, str]) -> None:
+        if caller is not None and tokens is not None and audited(name):
+            target = "" if streaming_request else target_of(request)
+            await _audit(tokens.store, caller, name, target, outcome)
+
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         caller, outcome = None, ("OK", "")
         try:
@@ -147,11 +152,12 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
             return await result if inspect.isawaitable(result) else result
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
             outcome = _outcome(exc)
+            # Recorded before the caller hears of it: its next call is recorded after.
+            await record(caller, request, outcome)
+            caller = None
             await _abort(context, method, exc)
         finally:
-            if caller is not None and tokens is not None and audited(name):
-                target = "" if streaming_request else target_of(request)
-                await _audit(tokens.store, caller, name, target, outcome)
+            await record(caller, request, outcome)
 
     async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         caller, outcome = None, ("OK", "")
@@ -164,11 +170,12 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
                 yield item
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
             outcome = _outcome(exc)
+            # Recorded before the caller hears of it: its next call is recorded after.
+            await record(caller, request, outcome)
+            caller = None
             await _abort(context, method, exc)
         finally:
-            if caller is not None and tokens is not None and audited(name):
-                target = "" if streaming_request else target_of(request)
-                await _audit(tokens.store, caller, name, target, outcome)
+            await record(caller, request, outcome)
 
     return factory(
         streaming if streaming_response else unary,

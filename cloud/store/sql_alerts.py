@@ -38,6 +38,14 @@ from edge_agent.errors import FailedPrecondition, InvalidInput, NotFound
 MAX_NOTE = 2000
 
 
+def _lock_alerts(s: Session) -> None:
+    """Every transaction that changes alerts takes the revision counter's lock first, before
+    it reads any alert: one lock order (no deadlock between an edge event and an operator's
+    ack), and what it reads next is what the last writer committed (no lost update)."""
+    counter = s.get(AlertRevisionRow, 1, with_for_update=True)
+    assert counter is not None, "migration 0004 creates the counter row"
+
+
 def _next_revision(s: Session) -> int:
     counter = s.get(AlertRevisionRow, 1, with_for_update=True)
     assert counter is not None, "migration 0004 creates the counter row"
@@ -53,6 +61,9 @@ def apply_alert_events(
     s: Session, events: Sequence[AlertEventRecord], now: dt.datetime
 ) -> list[AlertRecord]:
     """Folds newly stored edge events into alerts (in `s`'s transaction); the changed alerts."""
+    if not events:
+        return []
+    _lock_alerts(s)
     changed: dict[str, AlertRow] = {}
     for event in sorted(events, key=lambda e: e.sequence):
         key = _open_key(event.device_id, event.asset, event.fault)
@@ -81,6 +92,9 @@ def apply_alert_events(
                         "raised_events": 1,
                         "resolved_by": "",
                         "edge_keys": [event.alert_key],
+                        "announced": False,
+                        "opening_score": event.score,
+                        "opening_model_version": event.model_version,
                     },
                 )
                 s.add(row)
@@ -137,7 +151,8 @@ def announce(s: Session, rows: Sequence[AlertRow], now: dt.datetime) -> list[Ale
             reason = window.label
         doc["suppressed_by"] = reason
         active = AlertState(row.state).active
-        announced = bool(doc.get("announced"))
+        # Alerts from before this flag existed were all delivered when they opened.
+        announced = bool(doc.get("announced", True))
         if active and not reason:
             doc["announced"] = True
         row.doc = doc
@@ -274,11 +289,13 @@ class AlertTables(SqlBase):
         active (ISA-18.2: an alarm that comes back from shelving is annunciated)."""
         query = select(AlertRow).where(AlertRow.state != AlertState.RESOLVED.value)
         with self._tx() as s:
+            candidates = [r for r in s.scalars(query).all() if _released(r.doc, set(), now)]
+            if not candidates:  # nothing held back, or nothing whose hold could have ended
+                return []
+            _lock_alerts(s)
             held = {w.label for w in windows_in_force(s, now) if w.active(now)}
             released, quiet = [], []
-            for row in s.scalars(query).all():
-                if not _released(row.doc, held, now):
-                    continue
+            for row in candidates:
                 s.refresh(row, with_for_update=True)  # changed meanwhile? look again, locked
                 if not _released(row.doc, held, now):
                     continue
@@ -297,6 +314,7 @@ class AlertTables(SqlBase):
             return [*announce(s, released, now), *quiet]
 
     def _locked(self, s: Session, alert_id: str) -> AlertRow:
+        _lock_alerts(s)
         row = s.get(AlertRow, _full_alert_id(s, alert_id), with_for_update=True)
         if row is None:
             raise NotFound(f"no alert with id '{alert_id}'")
@@ -369,6 +387,8 @@ def _alert(r: AlertRow) -> AlertRecord:
         shelved_by=str(doc.get("shelved_by", "")),
         shelve_reason=str(doc.get("shelve_reason", "")),
         suppressed_by=str(doc.get("suppressed_by", "")),
+        opening_score=float(doc.get("opening_score", doc.get("peak_score", 0.0))),
+        opening_model_version=str(doc.get("opening_model_version", doc.get("model_version", ""))),
     )
 
 

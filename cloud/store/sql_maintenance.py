@@ -1,5 +1,6 @@
 """Maintenance windows in SQL. Windows that ended stay listed (`include_ended`) for the
-record; the leader's sweep releases the alerts they held back (`release_suppressed`)."""
+record; the webhook senders' sweep (every replica; the release is idempotent under the alert
+lock) releases the alerts they held back (`release_suppressed`)."""
 
 from __future__ import annotations
 
