@@ -129,6 +129,49 @@ class SparkplugSource(SparkplugId):
         return value and cls._id(value)
 
 
+class ModbusRegister(BaseModel):
+    """One sensor in a Modbus device's register map."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sensor: str  # as the model's schema (or `sensors`) names it
+    table: Literal["holding", "input"] = "holding"
+    address: int = Field(ge=0, le=65535)  # 0-based, as on the wire
+    type: Literal["int16", "uint16", "int32", "uint32", "float32"] = "uint16"
+    word_order: Literal["big", "little"] = "big"  # of 32-bit values: high word first or last
+    scale: float = 1.0  # value = raw * scale + offset
+    offset: float = 0.0
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModbusRegister:
+        if self.address + (2 if self.type.endswith("32") else 1) > 65536:
+            raise ValueError(
+                f"register {self.sensor!r}: {self.type} at {self.address} runs past 65535"
+            )
+        return self
+
+
+class ModbusSource(BaseModel):
+    """A Modbus TCP device polled for an asset's sensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+    device_id: int = Field(default=1, ge=0, le=255)  # the unit id
+    period_s: float = Field(default=1.0, ge=0.01)  # poll period; readings are stamped at the poll
+    timeout_s: float = Field(default=2.0, gt=0)
+    registers: list[ModbusRegister] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_sensors(self) -> ModbusSource:
+        names = [r.sensor for r in self.registers]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"modbus registers: sensors mapped twice: {repeated}")
+        return self
+
+
 class AssetConfig(BaseModel):
     """One machine: the topics its sensors publish on (JSON) or the Sparkplug B device it is,
     and how names on the wire map to the model's sensors."""
@@ -141,14 +184,18 @@ class AssetConfig(BaseModel):
     topics: list[str] = Field(default_factory=list)
     # Sparkplug B: the device (or edge node) whose metrics are this asset's sensors.
     sparkplug: SparkplugSource | None = None
+    # Modbus TCP: a device whose registers are polled for this asset's sensors.
+    modbus: ModbusSource | None = None
     # Renames: name used on the wire (a topic level, a field, a Sparkplug metric name) ->
     # sensor name in the model's schema.
     sensors: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _a_source(self) -> AssetConfig:
-        if not self.topics and self.sparkplug is None:
-            raise ValueError(f"asset {self.name!r} needs topics or sparkplug (where its data is)")
+        if not self.topics and self.sparkplug is None and self.modbus is None:
+            raise ValueError(
+                f"asset {self.name!r} needs topics, sparkplug or modbus (where its data is)"
+            )
         return self
 
     @field_validator("name")
@@ -351,6 +398,20 @@ class AgentConfig(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"assets: duplicate names {duplicates}")
+        sources = [
+            f"{a.sparkplug.group}/{a.sparkplug.edge_node}/{a.sparkplug.device}"
+            for a in self.assets
+            if a.sparkplug is not None
+        ]
+        twice = sorted({s for s in sources if sources.count(s) > 1})
+        if twice:
+            raise ValueError(f"assets: Sparkplug sources given to two assets: {twice}")
+        sparkplug_topics = [t for a in self.assets for t in a.topics if t.startswith("spBv1.0/")]
+        if sparkplug_topics:
+            raise ValueError(
+                f"assets: {sparkplug_topics[0]!r} is Sparkplug B's namespace: use "
+                "`sparkplug: {group, edge_node, device}` instead of topics"
+            )
         return self
 
 

@@ -36,15 +36,15 @@ from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
 from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
-from edge_agent.ingest.mqtt import MqttConnection
-from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS, SparkplugDecoder, topics_for
+from edge_agent.ingest.modbus import MODBUS_DROPS
+from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS
 from edge_agent.logs import ids
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
-from edge_agent.sparkplug_out import SparkplugAlerts
+from edge_agent.sources import Sources
 from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
 from edge_agent.wire import alert_record, prediction_record
@@ -139,56 +139,30 @@ class EdgeRuntime:
                 config.batching.max_wait_ms / 1000.0,
                 observe_batch,
             )
-        self.sparkplug_in: SparkplugDecoder | None = None
-        if any(a.sparkplug is not None for a in self.assets):
-            self.sparkplug_in = SparkplugDecoder(self.assets, self.routes, self.decoder)
-            self.sparkplug_in.publish = self._publish_sparkplug
-        self.sparkplug_out: SparkplugAlerts | None = None
-        subscriptions = [t for a in self.assets for t in a.topics] + topics_for(self.assets)
-        if config.sparkplug_out is not None:
-            self.sparkplug_out = SparkplugAlerts(
-                config.sparkplug_out.group,
-                config.sparkplug_out.edge_node,
-                [a.name for a in self.assets],
-                config.state_dir,
-                self._publish_sparkplug,
-            )
-            subscriptions.append(self.sparkplug_out.command_topic)
-        self.mqtt = MqttConnection(
-            config.mqtt,
+        published = [self.open_alerts.load(a.name) for a in self.assets]
+        self.sources = Sources(
+            config,
+            self.assets,
             client_id,
-            subscriptions,
-            self._decode,
+            self.routes,
+            self.decoder,
             self._queue.put,
-            will=self.sparkplug_out.will() if self.sparkplug_out else None,
-            on_connected=self.sparkplug_out.birth if self.sparkplug_out else None,
+            [e for e in published if e is not None and e.asset not in self._held],
         )
-
-    def _decode(self, topic: str, payload: bytes) -> Decoded | None:
-        """One MQTT message (network thread): a Sparkplug command to the agent's own node, a
-        Sparkplug B message of a source, or JSON."""
-        out = self.sparkplug_out
-        if out is not None and topic == out.command_topic:
-            out.on_command(payload)
-            return None
-        if self.sparkplug_in is not None and self.sparkplug_in.handles(topic):
-            return self.sparkplug_in.decode(topic, payload)
-        return self.decoder.decode(topic, payload)
-
-    def _publish_sparkplug(self, topic: str, payload: bytes) -> None:
-        self.mqtt.publish(topic, payload, qos=0)
+        self.mqtt = self.sources.mqtt
+        self.sparkplug_in, self.modbus = self.sources.sparkplug_in, self.sources.modbus
 
     # ---- lifecycle ----
     def start(self) -> None:
         if self.worker is not None:
             self.worker.start()
         self._pipeline.start()
-        self.mqtt.start()
+        self.sources.start()
 
     def stop(self) -> None:
         """Stops ingest, then finishes the windows already cut, then stops inference, then
         keeps what is not scored yet for the next start (`stream_state`)."""
-        self.mqtt.stop()
+        self.sources.stop()
         self._stop.set()
         self._pipeline.join(10)
         if self.worker is not None:
@@ -515,8 +489,7 @@ class EdgeRuntime:
         }
         topic = f"{prefix}/state/{self.device}/{event.asset}"
         self.mqtt.publish(topic, orjson.dumps(state), qos=1, retain=True)
-        if self.sparkplug_out is not None:
-            self.sparkplug_out.alert(event)
+        self.sources.alert(event)
         log.warning(
             "%s on %s: score %.2f, top sensors %s",
             "FAULT" if raised else "cleared",
@@ -581,6 +554,7 @@ _REPORTED = frozenset(
     (
         *DROP_REASONS,
         *SPARKPLUG_DROPS,
+        *MODBUS_DROPS,
         "outbox_evicted",
         "outbox_write_failed",
         "sparse_window",

@@ -17,10 +17,13 @@ one's.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 from edge_agent.decisions import RAISED, AlertEvent
 from edge_agent.files import replace_atomically
@@ -63,6 +66,8 @@ class SparkplugAlerts:
         self._seq = 0
         self._lock = threading.Lock()  # births (network thread) and alerts (pipeline thread)
         self._current: dict[str, AlertEvent] = {}  # the last event per asset, for rebirths
+        self.bad_commands = 0
+        self._warned_at = -math.inf
 
     def _topic(self, kind: str, device: str = "") -> str:
         base = f"{NAMESPACE}/{self.group}/{kind}/{self.edge_node}"
@@ -112,12 +117,23 @@ class SparkplugAlerts:
             self._fill(data, event, int(event.window_end * 1000))
             self.publish(self._topic("DDATA", event.asset), self._next(data))
 
+    def restore(self, open_alerts: Sequence[AlertEvent]) -> None:
+        """Alerts open (and published) when the agent started: births carry them."""
+        with self._lock:
+            for event in open_alerts:
+                self._current[event.asset] = event
+
     def on_command(self, payload: bytes) -> None:
         command = spb.Payload()
         try:
             command.ParseFromString(payload)
-        except ValueError:
-            log.warning("sparkplug: an unreadable command on %s; ignored", self.command_topic)
+        except (DecodeError, ValueError):
+            self.bad_commands += 1
+            now = time.monotonic()
+            if now - self._warned_at >= 60.0:
+                self._warned_at = now
+                log.warning("sparkplug: unreadable command(s) on %s ignored (%d so far)",
+                            self.command_topic, self.bad_commands)  # fmt: skip
             return
         if any(m.name == REBIRTH_METRIC and m.boolean_value for m in command.metrics):
             log.info("sparkplug: a host asked for a rebirth")

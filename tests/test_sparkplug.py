@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.config import IngestLimits, load_agent_config
 from edge_agent.decisions import RAISED, AlertEvent, Verdict
@@ -203,10 +207,10 @@ def test_strings_nulls_and_unknown_sensors_are_dropped_by_reason(
 
 def test_config_subscribes_to_the_nodes_and_refuses_bad_ids(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    assert topics_for(config.assets) == ["spBv1.0/plant/+/gw-1", "spBv1.0/plant/+/gw-1/+"]
+    assert topics_for(config.assets) == ["spBv1.0/plant/+/gw-1", "spBv1.0/plant/+/gw-1/pump-1"]
     with pytest.raises(Exception, match="edge_node"):
         _config(tmp_path, assets=[{"name": "p", "sparkplug": {**SOURCE, "edge_node": "a/b"}}])
-    with pytest.raises(Exception, match="topics or sparkplug"):
+    with pytest.raises(Exception, match="topics, sparkplug or modbus"):
         _config(tmp_path, assets=[{"name": "p"}])
 
 
@@ -268,6 +272,34 @@ class Peer:
         self.proc.wait(10)
 
 
+class Lines:
+    """The JSON lines a peer process prints, read by a thread (a wait never blocks forever)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def read() -> None:
+            for line in stdout:
+                self.queue.put(json.loads(line))
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def next(self, wanted: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        seen = []
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                doc = self.queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if wanted(doc):
+                return doc
+            seen.append(doc)
+        raise AssertionError(f"no such line within {timeout_s} s; saw {seen}")
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     b = start_broker(tmp_path / "broker")
@@ -294,15 +326,15 @@ def test_a_third_party_edge_node_drives_the_agent_to_an_alert_read_back_over_spa
     verdicts: list[Verdict] = []
     runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
     peer: Peer | None = None
+    stopped = False
     reader = subprocess.Popen(
         [str(PEER_PYTHON), str(ROOT / "tests" / "peers" / "sparkplug_host.py"),
          "--port", str(broker.port), "--group", "plant", "--node", "autoglm-1"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert (
-            reader.stdout is not None and json.loads(reader.stdout.readline())["event"] == "ready"
-        )
+        lines = Lines(reader)
+        lines.next(lambda doc: doc.get("event") == "ready", timeout_s=30)
         runtime.start()
         wait_for(lambda: runtime.mqtt.connected.is_set(), timeout=30)
         peer = Peer(broker)
@@ -322,22 +354,29 @@ def test_a_third_party_edge_node_drives_the_agent_to_an_alert_read_back_over_spa
         events = [v.event for v in verdicts if v.event is not None]
         assert events[0].kind == RAISED, events
         # The alert, read back by the library's own client as DDATA of our device.
-        line = json.loads(reader.stdout.readline())
+        line = lines.next(lambda doc: "metrics" in doc, timeout_s=30)
         assert line["topic"] == "spBv1.0/plant/DDATA/autoglm-1/pump-1", line
         assert line["metrics"]["autoglm/fault"] is True and line["metrics"]["autoglm/score"] > 1
         # A lost message: the agent asks for a rebirth and the node births again.
         assert peer.send({"gap": True})["event"] == "gap"
-        peer.send({"rows": rows[:2].tolist(), "ts": [time.time() - 2, time.time() - 1]})
-        assert peer.read()["event"] == "rebirth"
+        first = peer.send({"rows": rows[:2].tolist(), "ts": [time.time() - 2, time.time() - 1]})
+        # "sent" and the rebirth come from two threads of the node: in either order.
+        assert {first["event"], peer.read()["event"]} == {"sent", "rebirth"}
         assert spb_in.rebirths_requested >= 1 and runtime.decoder.drops["sequence_gap"] == 1
         # Killed: the broker publishes its will, the agent marks the node dead.
         peer.kill()
         wait_for(lambda: not spb_in.nodes[("plant", "gw-1")].born, timeout=30)
+        # The agent stops cleanly: to SCADA its node is dead, not stale (its NDEATH).
+        runtime.stop()
+        stopped = True
+        death = lines.next(lambda doc: doc.get("death", False), timeout_s=30)
+        assert death["topic"] == "spBv1.0/plant/NDEATH/autoglm-1", death
     finally:
         if peer is not None and peer.proc.poll() is None:
             peer.kill()
         reader.kill()
-        runtime.stop()
+        if not stopped:
+            runtime.stop()
         outbox.close()
         model.close()
 
@@ -356,3 +395,51 @@ def test_the_simulator_speaks_what_the_decoder_reads(
     assert sum(c.ts.size for c in chunks) == 6 * len(SENSORS)
     assert d.base.drops.total() == 0 and sent.messages == []  # no gap, no rebirth asked
     assert node.death()[0] == "spBv1.0/plant/NDEATH/gw-1"
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(["NBIRTH", "NDATA", "DBIRTH", "DDATA", "NDEATH", "DDEATH", "NCMD"]),
+    device=st.sampled_from(["", "pump-1", "pump-9", "a/b"]),
+    payload=st.one_of(
+        st.binary(max_size=200),
+        st.builds(
+            lambda seq, alias, name, value: _payload(
+                seq, {"alias": alias, "name": name, "double_value": value}
+            ),
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**64 - 1),
+            st.text(max_size=20),
+            st.floats(allow_nan=True, allow_infinity=True),
+        ),
+    ),
+)
+def test_no_message_makes_the_decoder_raise(
+    decoder: tuple[SparkplugDecoder, Sent], kind: str, device: str, payload: bytes
+) -> None:
+    d, _ = decoder
+    topic = f"spBv1.0/plant/{kind}/gw-1" + (f"/{device}" if device else "")
+    d.decode(topic, payload)  # counted or taken, never raised
+    assert set(d.nodes) <= {("plant", "gw-1")}
+    assert all(dev in ("", "pump-1") for node in d.nodes.values() for dev in node.aliases)
+
+
+def test_names_that_are_not_text_and_shared_aliases_are_counted(
+    decoder: tuple[SparkplugDecoder, Sent],
+) -> None:
+    d, _ = decoder
+    _birth(d)
+    raw = spb.Payload(seq=2).SerializeToString() + b"\x12\x03\x0a\x01\xff"  # name b"\xff"
+    assert d.decode("spBv1.0/plant/DDATA/gw-1/pump-1", raw) is None
+    assert d.base.drops["not_sparkplug"] == 1
+    twice = _payload(3, {"name": SENSORS[0], "alias": 7, "datatype": DOUBLE},
+                     {"name": SENSORS[1], "alias": 7, "datatype": DOUBLE})  # fmt: skip
+    d.decode("spBv1.0/plant/DBIRTH/gw-1/pump-1", twice)
+    assert d.base.drops["duplicate_alias"] == 1
+    assert d.nodes[("plant", "gw-1")].aliases["pump-1"][7][0] == SENSORS[0]
+    # Commands (ours too) are neither data nor state: no seq, no rebirth.
+    d.decode("spBv1.0/plant/NCMD/gw-1", _payload(200, {"name": REBIRTH_METRIC,
+             "boolean_value": True}))  # fmt: skip
+    assert d.nodes[("plant", "gw-1")].seq == 3

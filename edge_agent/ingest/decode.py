@@ -157,7 +157,7 @@ class Decoder:
         clock = self.clocks.get(asset)
         return clock.offset if clock is not None else 0.0
 
-    def _bounds(self, asset: int, now: float) -> tuple[float, float]:
+    def bounds(self, asset: int, now: float) -> tuple[float, float]:
         """(latest, earliest) timestamps accepted now. The stream clock only ever widens them:
         a stream running ahead is not all "future", a backlog delivered late (an offset
         behind) does not make the live readings after it "future"."""
@@ -167,7 +167,7 @@ class Decoder:
             now + min(0.0, offset) - self.limits.max_past_s,
         )
 
-    def _observe(self, asset: int, ts: float, now: float) -> None:
+    def observe(self, asset: int, ts: float, now: float) -> None:
         clock = self.clocks.get(asset)
         if clock is None:
             clock = self.clocks[asset] = StreamClock()
@@ -226,10 +226,10 @@ class Decoder:
                 self.drop("bad_shape", topic, payload)
                 return None
             sensor = self.routes.sensor(route.asset, name)
-        judged = self._bounds(route.asset, now)
+        judged = self.bounds(route.asset, now)
         reason, ts, value = self._reading(sensor, doc.get("ts"), doc["value"], judged)
         if ts == ts:  # parsed (NaN when not): its offset counts, kept or not
-            self._observe(route.asset, ts, now)
+            self.observe(route.asset, ts, now)
         if reason:
             self.drop(reason, topic, payload)
             return None
@@ -258,9 +258,9 @@ class Decoder:
         if ts is None:
             self.drop("bad_timestamp", topic, payload, len(raw_ts))
             return None
-        judged = self._bounds(route.asset, now)
-        self._observe(route.asset, float(np.median(ts)), now)
-        time_ok = self._time_reasons(ts, judged, topic, payload)
+        judged = self.bounds(route.asset, now)
+        self.observe(route.asset, float(np.median(ts)), now)
+        time_ok = self.time_reasons(ts, judged, topic, payload)
         chunks: list[Chunk] = []
         for sensor, column in series:
             if not isinstance(column, list) or len(column) != len(raw_ts):
@@ -289,7 +289,7 @@ class Decoder:
             self.drop("bad_shape", topic, payload)
             return None
         by_sensor: dict[int, tuple[list[float], list[float]]] = {}
-        judged = self._bounds(route.asset, now)
+        judged = self.bounds(route.asset, now)
         parsed: list[float] = []
         for item in doc:
             if not isinstance(item, dict) or "value" not in item:
@@ -313,7 +313,7 @@ class Decoder:
             times.append(ts)
             values.append(value)
         if parsed:
-            self._observe(route.asset, float(np.median(parsed)), now)
+            self.observe(route.asset, float(np.median(parsed)), now)
         chunks = [
             Chunk(route.asset, s, np.asarray(t, dtype=np.float64), np.asarray(v, dtype=np.float64))
             for s, (t, v) in by_sensor.items()
@@ -356,7 +356,7 @@ class Decoder:
             ts = np.asarray(parsed, dtype=np.float64)
         return ts if np.isfinite(ts).all() else None
 
-    def _time_reasons(
+    def time_reasons(
         self, ts: TimeArray, bounds: tuple[float, float], topic: str, payload: bytes
     ) -> np.ndarray:
         future = ts > bounds[0]

@@ -93,6 +93,7 @@ class MqttConnection:
                 )
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"mqtt.tls: cannot load the TLS files: {exc}") from None
+        self._will = will
         if will is not None:  # published by the broker if this connection dies
             client.will_set(will[0], will[1], qos=1, retain=False)
         client.on_connect = self._on_connect
@@ -118,7 +119,19 @@ class MqttConnection:
         self.client.loop_start()
 
     def stop(self) -> None:
-        self.client.disconnect()
+        """Disconnects; a will (a Sparkplug NDEATH) is still delivered: a clean stop is a
+        death to the hosts too (MQTT 5: reason "disconnect with will message"; 3.1.1: the
+        will published before disconnecting)."""
+        if self._will is None:
+            self.client.disconnect()
+        elif self.link.protocol == "3.1.1":
+            info = self.client.publish(self._will[0], self._will[1], qos=1)
+            if self.connected.is_set():
+                info.wait_for_publish(2.0)
+            self.client.disconnect()
+        else:
+            with_will = ReasonCode(PacketTypes.DISCONNECT, identifier=4)
+            self.client.disconnect(reasoncode=with_will)
         self.client.loop_stop()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:

@@ -42,6 +42,7 @@ SPARKPLUG_DROPS = (
     "unknown_alias",  # a metric alias its birth did not define
     "sequence_gap",  # seq not the one after the last (the message is kept; rebirth asked)
     "null_value",  # a metric sent as null
+    "duplicate_alias",  # a birth gave one alias to two metrics (the first keeps it)
 )
 
 # Sparkplug B datatypes (the specification's DataType enum).
@@ -57,8 +58,10 @@ def topics_for(assets: Sequence[AssetConfig]) -> list[str]:
     topics: list[str] = []
     for a in assets:
         if a.sparkplug is not None:
-            group, node = a.sparkplug.group, a.sparkplug.edge_node
-            topics += [f"{NAMESPACE}/{group}/+/{node}", f"{NAMESPACE}/{group}/+/{node}/+"]
+            group, node, device = a.sparkplug.group, a.sparkplug.edge_node, a.sparkplug.device
+            topics.append(f"{NAMESPACE}/{group}/+/{node}")  # births, deaths: always
+            if device:
+                topics.append(f"{NAMESPACE}/{group}/+/{node}/{device}")
     return list(dict.fromkeys(topics))
 
 
@@ -94,6 +97,8 @@ class SparkplugDecoder:
                 key = (a.sparkplug.group, a.sparkplug.edge_node, a.sparkplug.device)
                 self._assets[key] = i
         self._configured = {(g, n) for g, n, _ in self._assets}
+        # Devices learnt per node: only those an asset names (anyone may publish births).
+        self._devices = {(g, n, d) for g, n, d in self._assets if d}
         self.nodes: dict[tuple[str, str], NodeState] = {}
         self.rebirths_requested = 0
         self.births = 0
@@ -103,6 +108,13 @@ class SparkplugDecoder:
         return topic.startswith(NAMESPACE + "/")
 
     def decode(self, topic: str, payload: bytes) -> list[Chunk] | None:
+        try:
+            return self._decode(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - a message the checks below did not foresee
+            self.base.drop("not_sparkplug", topic, repr(exc).encode())
+            return None
+
+    def _decode(self, topic: str, payload: bytes) -> list[Chunk] | None:
         parts = topic.split("/")
         if len(parts) not in (4, 5) or parts[2] not in _KINDS:
             self.base.drop("unknown_topic", topic, payload)
@@ -112,6 +124,10 @@ class SparkplugDecoder:
         if (group, node) not in self._configured:
             self.base.drop("unknown_topic", topic, payload)
             return None
+        if device and (group, node, device) not in self._devices:
+            return None  # another device of the node: not subscribed to, nothing learnt
+        if kind in ("NCMD", "DCMD"):
+            return None  # commands to the node (ours among them): neither data nor state
         if len(payload) > self.base.limits.max_payload_bytes:
             self.base.drop("oversized", topic, payload[:120])
             return None
@@ -142,10 +158,9 @@ class SparkplugDecoder:
             self.base.drop("not_born", topic, payload, max(1, len(message.metrics)))
             self._ask_rebirth(state, group, node, f"data of device {device!r} before its birth")
             return None
-        if kind in ("NCMD", "DCMD") or kind.endswith("BIRTH"):
-            # Commands are not readings; nor are births: they define the metrics, and their
-            # values are snapshots (often a library's initial zeros) stamped at birth time,
-            # which would run ahead of a backlog of data that follows.
+        if kind.endswith("BIRTH"):
+            # Births define the metrics; their values are snapshots (often a library's
+            # initial zeros) stamped at birth time, which would run ahead of a backlog.
             return None
         asset = self._assets.get((group, node, device))
         if asset is None:
@@ -171,14 +186,19 @@ class SparkplugDecoder:
         self.births += 1
 
     def _learn(self, state: NodeState, device: str, message: spb.Payload) -> None:
+        """The metrics a birth defines (the first of two that share an alias wins)."""
         aliases = state.aliases.setdefault(device, {})
         types = state.types.setdefault(device, {})
         for m in message.metrics[:MAX_ALIASES]:
-            if not m.name:
+            name = _text(m.name)
+            if not name:
                 continue
-            types[m.name] = m.datatype
+            types[name] = m.datatype
             if m.HasField("alias"):
-                aliases[m.alias] = (m.name, m.datatype)
+                if aliases.get(m.alias, (name,))[0] != name:
+                    self.base.drop("duplicate_alias", "birth", name.encode()[:120])
+                    continue  # the first metric keeps the alias
+                aliases[m.alias] = (name, m.datatype)
 
     def _node_death(self, state: NodeState, message: spb.Payload, group: str, node: str) -> None:
         bd_seq = next((int(m.long_value) for m in message.metrics if m.name == "bdSeq"), None)
@@ -245,8 +265,12 @@ class SparkplugDecoder:
         types = state.types.get(device, {})
         by_sensor: dict[int, tuple[list[float], list[float]]] = {}
         for m in message.metrics:
-            if m.name:
-                name, datatype = m.name, m.datatype or types.get(m.name, 0)
+            text = _text(m.name)
+            if text is None:
+                self.base.drop("not_sparkplug", topic, payload)
+                continue
+            if text:
+                name, datatype = text, m.datatype or types.get(text, 0)
             elif m.HasField("alias") and m.alias in aliases:
                 name, known = aliases[m.alias]
                 datatype = m.datatype or known
@@ -276,13 +300,13 @@ class SparkplugDecoder:
             values.append(value)
         if not by_sensor:
             return None
-        bounds = self.base._bounds(asset, now)
+        bounds = self.base.bounds(asset, now)
         all_ts = [t for ts, _ in by_sensor.values() for t in ts]
-        self.base._observe(asset, float(np.median(all_ts)), now)
+        self.base.observe(asset, float(np.median(all_ts)), now)
         chunks = []
         for sensor, (times, values) in by_sensor.items():
             ts = np.asarray(times, dtype=np.float64)
-            keep = self.base._time_reasons(ts, bounds, topic, payload)
+            keep = self.base.time_reasons(ts, bounds, topic, payload)
             if keep.any():
                 chunk_values = np.asarray(values, dtype=np.float64)[keep]
                 chunks.append(Chunk(asset, sensor, ts[keep], chunk_values))
@@ -293,8 +317,15 @@ class SparkplugDecoder:
 _KINDS = {"NBIRTH", "NDEATH", "NDATA", "NCMD", "DBIRTH", "DDEATH", "DDATA", "DCMD"}
 
 
+def _text(value: object) -> str | None:
+    """A metric name as text; None when it is not (bytes: not valid UTF-8)."""
+    return value if isinstance(value, str) else None
+
+
 def metric_value(m: spb.Payload.Metric, datatype: int) -> float | None:
     """The metric's value as a number (booleans 0/1), or None for a non-numeric one."""
+    if datatype and datatype not in _NUMERIC:  # String, DateTime, DataSet, ...
+        return None
     which = m.WhichOneof("value")
     if which == "boolean_value":
         return 1.0 if m.boolean_value else 0.0

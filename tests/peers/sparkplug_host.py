@@ -1,6 +1,6 @@
 """A Sparkplug B host made with a library we did not write (pysparkplug): subscribes to an
-edge node's device messages and prints each DDATA as one JSON line, metrics by name (aliases
-resolved from the births, as the library does it). Runs in .venv-sparkplug."""
+edge node's messages and prints each DDATA as one JSON line, metrics by name (aliases
+resolved from the births, as the library does it), and its NDEATH. Runs in .venv-sparkplug."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def main() -> None:
     args = parser.parse_args()
 
     def on_message(_client: psp.Client, message: psp.Message) -> None:
+        if message.topic.message_type == psp.MessageType.NDEATH:
+            sys.stdout.write(json.dumps({"topic": str(message.topic), "death": True}) + "\n")
+            sys.stdout.flush()
+            return
         if message.topic.message_type != psp.MessageType.DDATA:
             return
         metrics = {m.name: m.value for m in message.payload.metrics}
@@ -28,11 +32,14 @@ def main() -> None:
         sys.stdout.flush()
 
     client = psp.Client()
-    topic = psp.Topic(
+    devices = psp.Topic(
         message_type=psp.SINGLE_LEVEL_WILDCARD, group_id=args.group, edge_node_id=args.node,
         device_id=psp.SINGLE_LEVEL_WILDCARD,
     )  # fmt: skip
-    client.subscribe(topic, psp.QoS.AT_LEAST_ONCE, on_message)
+    node = psp.Topic(message_type=psp.SINGLE_LEVEL_WILDCARD, group_id=args.group,
+                     edge_node_id=args.node)  # fmt: skip
+    client.subscribe(devices, psp.QoS.AT_LEAST_ONCE, on_message)
+    client.subscribe(node, psp.QoS.AT_LEAST_ONCE, on_message)
     client.connect("127.0.0.1", port=args.port, blocking=False)
     time.sleep(0.5)
     sys.stdout.write(json.dumps({"event": "ready"}) + "\n")

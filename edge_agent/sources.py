@@ -1,0 +1,84 @@
+"""The agent's links to the site besides its own JSON topics: Sparkplug B sources and the
+agent's own Sparkplug edge node (over the one MQTT connection), and polled Modbus devices.
+One MQTT message is a command to the agent's node, a Sparkplug message of a source, or JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from edge_agent.config import AgentConfig, AssetConfig
+from edge_agent.decisions import AlertEvent
+from edge_agent.ingest.decode import Decoded, Decoder, TopicRoutes
+from edge_agent.ingest.modbus import pollers
+from edge_agent.ingest.mqtt import MqttConnection
+from edge_agent.ingest.sparkplug import SparkplugDecoder, topics_for
+from edge_agent.sparkplug_out import SparkplugAlerts
+
+
+class Sources:
+    def __init__(
+        self,
+        config: AgentConfig,
+        assets: Sequence[AssetConfig],
+        client_id: str,
+        routes: TopicRoutes,
+        decoder: Decoder,
+        deliver: Callable[[Decoded], None],
+        published_alerts: Sequence[AlertEvent],
+    ) -> None:
+        self.decoder = decoder
+        self.sparkplug_in: SparkplugDecoder | None = None
+        if any(a.sparkplug is not None for a in assets):
+            self.sparkplug_in = SparkplugDecoder(assets, routes, decoder, self.publish_sparkplug)
+        self.sparkplug_out: SparkplugAlerts | None = None
+        subscriptions = [t for a in assets for t in a.topics] + topics_for(assets)
+        if config.sparkplug_out is not None:
+            self.sparkplug_out = SparkplugAlerts(
+                config.sparkplug_out.group,
+                config.sparkplug_out.edge_node,
+                [a.name for a in assets],
+                config.state_dir,
+                self.publish_sparkplug,
+            )
+            self.sparkplug_out.restore(published_alerts)  # open when the agent started
+            subscriptions.append(self.sparkplug_out.command_topic)
+        out = self.sparkplug_out
+        self.mqtt = MqttConnection(
+            config.mqtt,
+            client_id,
+            subscriptions,
+            self.decode,
+            deliver,
+            will=out.will() if out else None,
+            on_connected=out.birth if out else None,
+        )
+        self.modbus = pollers(assets, routes, decoder, deliver)
+
+    def decode(self, topic: str, payload: bytes) -> Decoded | None:
+        """One MQTT message (network thread)."""
+        out = self.sparkplug_out
+        if out is not None and topic == out.command_topic:
+            out.on_command(payload)
+            return None
+        if self.sparkplug_in is not None and self.sparkplug_in.handles(topic):
+            return self.sparkplug_in.decode(topic, payload)
+        return self.decoder.decode(topic, payload)
+
+    def publish_sparkplug(self, topic: str, payload: bytes) -> None:
+        self.mqtt.publish(topic, payload, qos=0)
+
+    def alert(self, event: AlertEvent) -> None:
+        """An alert event published on site: to SCADA too."""
+        if self.sparkplug_out is not None:
+            self.sparkplug_out.alert(event)
+
+    def start(self) -> None:
+        self.mqtt.start()
+        for poller in self.modbus:
+            poller.start()
+
+    def stop(self) -> None:
+        for poller in self.modbus:
+            poller.stop()
+        self.mqtt.stop()

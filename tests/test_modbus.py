@@ -1,0 +1,138 @@
+"""Modbus TCP in: register maps and their decoding, then a real agent data path polling
+pymodbus's own server (float32 and scaled int16 registers) to windows, a scored prediction
+and an alert on an injected fault, through a device restart (counted, resumed)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from edge_agent.config import ModbusRegister, load_agent_config
+from edge_agent.decisions import RAISED, Verdict
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
+from edge_agent.ingest.modbus import ModbusPoller, Slot, decode_register, pollers, spans
+from edge_agent.outbox import Outbox
+from edge_agent.runtime import EdgeRuntime
+from edge_agent.serving import open_serving
+from tests.support.agents import wait_for
+from tests.support.broker import Broker, start_broker
+from tests.support.bundles import train_small
+from tests.support.datapath import pump
+from tests.support.plc import Plc
+from tests.support.sensordata import SENSORS
+
+SCALED = {SENSORS[0]: 0.01}  # the first sensor as int16 hundredths, the rest float32
+
+
+def _registers() -> list[dict[str, Any]]:
+    return [
+        {"sensor": s, "address": 2 * j, "type": "int16", "scale": SCALED[s]}
+        if s in SCALED
+        else {"sensor": s, "address": 2 * j, "type": "float32"}
+        for j, s in enumerate(SENSORS)
+    ]
+
+
+def _config(tmp_path: Path, port: int, **extra: Any) -> Any:
+    source = {"host": "127.0.0.1", "port": port, "period_s": 3600, "registers": _registers()}
+    return load_agent_config(
+        None,
+        {"state_dir": tmp_path / "agent", "assets": [{"name": "pump-1", "modbus": source}],
+         **extra},
+    )  # fmt: skip
+
+
+def test_reads_are_grouped_and_values_decoded() -> None:
+    regs = [ModbusRegister(sensor=f"s{i}", address=a, type="float32") for i, a in
+            enumerate([0, 2, 10, 200, 300, 322])]  # fmt: skip
+    assert spans(regs) == [(0, 12), (200, 2), (300, 2), (322, 2)]
+    word = ModbusRegister(sensor="t", address=0, type="int16", scale=0.5, offset=10)
+    assert decode_register([0xFFFE], word) == 9.0  # -2 * 0.5 + 10
+    little = ModbusRegister(sensor="f", address=0, type="float32", word_order="little")
+    assert decode_register([0, 16464], little) == 3.25
+    assert decode_register([2, 0], ModbusRegister(sensor="u", address=0, type="uint32")) == 2**17
+    with pytest.raises(ValidationError, match="past 65535"):
+        ModbusRegister(sensor="x", address=65535, type="float32")
+
+
+def test_an_unreachable_device_is_counted_not_fatal(tmp_path: Path) -> None:
+    config = _config(tmp_path, port=1)  # nothing listens on port 1
+    routes = TopicRoutes(config.assets, SENSORS)
+    base = Decoder(routes, config.ingest)
+    got: list[list[Chunk]] = []
+    (poller,) = pollers(config.assets, routes, base, got.append)
+    assert isinstance(poller, ModbusPoller) and all(isinstance(s, Slot) for s in poller.slots)
+    assert poller.poll_once() is False and got == []
+    assert base.drops["modbus_unreachable"] == len(SENSORS)
+    with pytest.raises(ConfigError, match="mapped twice"):
+        _config(tmp_path, 1, assets=[{"name": "p", "modbus": {
+            "host": "h", "registers": [{"sensor": "a", "address": 0}] * 2}}])  # fmt: skip
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = start_broker(tmp_path / "broker")
+    yield b
+    b.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_pymodbus_device_drives_the_agent_to_an_alert_through_a_restart(
+    tmp_path: Path, broker: Broker
+) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    plc = Plc(SENSORS, SCALED).start()
+    config = _config(
+        tmp_path,
+        plc.port,
+        mqtt={"host": "127.0.0.1", "port": broker.port},
+        model={"bundle": bundle},
+        decisions={"clear_at": 0.95},
+    )
+    model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
+    outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
+    verdicts: list[Verdict] = []
+    runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
+    (poller,) = runtime.modbus
+    rows = np.vstack([pump(200, faulty=False, seed=1), pump(150, faulty=True, seed=2)])
+    plc.row = [float(v) for v in rows[0]]
+    anchor = time.time() - rows.shape[0] - 10
+    stamp = {"at": anchor}
+    poller.clock = lambda: stamp["at"]  # the poll's time: one row per second of data
+    try:
+        runtime.start()  # its thread polls once, then every hour: the test drives the polls
+        wait_for(lambda: poller.polls >= 1, timeout=30)
+        with poller._lock:  # the thread's first poll is done
+            pass
+        for i in range(rows.shape[0]):
+            plc.row = [float(v) for v in rows[i]]
+            stamp["at"] = anchor + i
+            assert wait_for(lambda: poller.poll_once(), timeout=30) >= 0
+            if i == 100:  # the device restarts: the polls in between are counted as failed
+                plc.stop()
+                assert poller.poll_once() is False
+                plc = Plc(SENSORS, SCALED)
+                plc.port = config.assets[0].modbus.port
+                plc.start()
+        accepted = runtime.decoder.accepted  # and the thread's own first poll, of row 0
+        assert accepted == (rows.shape[0] + 1) * len(SENSORS), accepted
+        assert runtime.decoder.drops["modbus_unreachable"] == len(SENSORS)
+        wait_for(lambda: any(v.event is not None for v in verdicts), timeout=120)
+        assert runtime.counters.windows_scored > 0
+        first = next(v.event for v in verdicts if v.event is not None)
+        assert first.kind == RAISED and first.window_end > anchor + 200, first
+        assert plc.reads > 0  # the restarted device served the rest
+    finally:
+        runtime.stop()
+        plc.stop()
+        outbox.close()
+        model.close()
