@@ -17,7 +17,7 @@ from edge_agent.enroll import enroll
 from edge_agent.errors import AutoglmError, ConfigError, report
 from edge_agent.files import exclusive_lock
 from edge_agent.logs import setup_logging
-from edge_agent.simulate import Fault
+from edge_agent.simulate import Fault, Stream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
         "--protocol",
-        choices=("json", "sparkplug"),
+        choices=("json", "sparkplug", "modbus", "opcua"),
         default="json",
         help="json: our payloads under --prefix; sparkplug: a Sparkplug B edge node whose "
-        "devices --device are the assets (DDATA of --batch rows)",
+        "devices --device are the assets (DDATA of --batch rows); modbus, opcua: serve the "
+        "streams on --listen as a PLC would (no broker)",
+    )
+    sim.add_argument(
+        "--listen", default="", help="modbus/opcua: HOST:PORT to serve on (5020 / 4840)"
     )
     sim.add_argument("--group", default="plant", help="sparkplug: the group id")
     sim.add_argument("--edge-node", default="gateway-1", help="sparkplug: the edge node id")
@@ -197,6 +201,22 @@ def _broker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _serve(args: argparse.Namespace, streams: list[Stream]) -> int:
+    from edge_agent.simulate_servers import serve_modbus, serve_opcua
+
+    default = "0.0.0.0:5020" if args.protocol == "modbus" else "0.0.0.0:4840"
+    text = args.listen or default
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen {text!r}: give HOST:PORT, e.g. {default}")
+    if args.speed <= 0:
+        raise ConfigError("--speed must be above 0 when serving: the rows are served in time")
+    serve = serve_modbus if args.protocol == "modbus" else serve_opcua
+    rows = serve(host, int(port), streams, args.speed)
+    print(f"served {rows} rows")
+    return 0
+
+
 def _fault(text: str) -> Fault:
     kind, at, rest = text.partition("@")
     start, plus, length = rest.partition("+")
@@ -227,6 +247,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         else:
             stream = pump_stream(args.duration, faults, seed=args.seed + i)
         streams.append((args.prefix.format(i=i), stream))
+    if args.protocol in ("modbus", "opcua"):
+        return _serve(args, [stream for _, stream in streams])
     client = new_client()
     client.max_inflight_messages_set(1000)
     if args.username:

@@ -172,6 +172,49 @@ class ModbusSource(BaseModel):
         return self
 
 
+_NODE_ID = re.compile(r"^(ns=\d{1,5};)?[sigb]=.{1,512}$", re.S)
+
+
+class OpcUaNode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sensor: str
+    node_id: str  # ns=2;s=Pump1.Flow, ns=3;i=1002, i=2258
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        if not _NODE_ID.match(value):
+            raise ValueError(f"{value!r} is not an OPC UA node id (ns=2;s=Pump1.Flow, i=2258)")
+        return value
+
+
+class OpcUaSource(BaseModel):
+    """An OPC UA server whose nodes are an asset's sensors (data-change subscription)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str = Field(pattern=r"^opc\.tcp://[^\s]+$")
+    security: Literal["None", "Basic256Sha256"] = "None"  # None: labs only
+    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    certificate: Path | None = None  # the agent's application certificate (DER or PEM)
+    private_key: Path | None = None
+    server_certificate: Path | None = None  # pinned; empty: the one the endpoint offers
+    application_uri: str = "urn:autoglm:edge-agent"  # as in the certificate's SAN
+    username: str = ""
+    password: str = ""
+    publishing_interval_ms: float = Field(default=500.0, ge=10)
+    queue_size: int = Field(default=100, ge=0, le=100_000)  # values kept between publishes
+    timeout_s: float = Field(default=4.0, gt=0)
+    nodes: list[OpcUaNode] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _secured(self) -> OpcUaSource:
+        if self.security != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"security {self.security} needs certificate and private_key")
+        return self
+
+
 class AssetConfig(BaseModel):
     """One machine: the topics its sensors publish on (JSON) or the Sparkplug B device it is,
     and how names on the wire map to the model's sensors."""
@@ -186,15 +229,17 @@ class AssetConfig(BaseModel):
     sparkplug: SparkplugSource | None = None
     # Modbus TCP: a device whose registers are polled for this asset's sensors.
     modbus: ModbusSource | None = None
+    # OPC UA: a server whose nodes are this asset's sensors.
+    opcua: OpcUaSource | None = None
     # Renames: name used on the wire (a topic level, a field, a Sparkplug metric name) ->
     # sensor name in the model's schema.
     sensors: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _a_source(self) -> AssetConfig:
-        if not self.topics and self.sparkplug is None and self.modbus is None:
+        if not self.topics and self.sparkplug is None and self.modbus is None and not self.opcua:
             raise ValueError(
-                f"asset {self.name!r} needs topics, sparkplug or modbus (where its data is)"
+                f"asset {self.name!r} needs topics, sparkplug, modbus or opcua (where its data is)"
             )
         return self
 

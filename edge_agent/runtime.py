@@ -37,6 +37,7 @@ from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.modbus import MODBUS_DROPS
+from edge_agent.ingest.opcua import OPCUA_DROPS
 from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS
 from edge_agent.logs import ids
 from edge_agent.maintenance import SiteMaintenance
@@ -555,6 +556,7 @@ _REPORTED = frozenset(
         *DROP_REASONS,
         *SPARKPLUG_DROPS,
         *MODBUS_DROPS,
+        *OPCUA_DROPS,
         "outbox_evicted",
         "outbox_write_failed",
         "sparse_window",

@@ -1,5 +1,6 @@
 """The agent's links to the site besides its own JSON topics: Sparkplug B sources and the
-agent's own Sparkplug edge node (over the one MQTT connection), and polled Modbus devices.
+agent's own Sparkplug edge node (over the one MQTT connection), polled Modbus devices and
+OPC UA subscriptions.
 One MQTT message is a command to the agent's node, a Sparkplug message of a source, or JSON.
 """
 
@@ -10,8 +11,10 @@ from collections.abc import Callable, Sequence
 from edge_agent.config import AgentConfig, AssetConfig
 from edge_agent.decisions import AlertEvent
 from edge_agent.ingest.decode import Decoded, Decoder, TopicRoutes
-from edge_agent.ingest.modbus import pollers
+from edge_agent.ingest.modbus import ModbusPoller, pollers
 from edge_agent.ingest.mqtt import MqttConnection
+from edge_agent.ingest.opcua import OpcUaSession
+from edge_agent.ingest.opcua import sessions as opcua_sessions
 from edge_agent.ingest.sparkplug import SparkplugDecoder, topics_for
 from edge_agent.sparkplug_out import SparkplugAlerts
 
@@ -54,6 +57,8 @@ class Sources:
             on_connected=out.birth if out else None,
         )
         self.modbus = pollers(assets, routes, decoder, deliver)
+        self.opcua = opcua_sessions(assets, routes, decoder, deliver)
+        self._links: list[ModbusPoller | OpcUaSession] = [*self.modbus, *self.opcua]
 
     def decode(self, topic: str, payload: bytes) -> Decoded | None:
         """One MQTT message (network thread)."""
@@ -75,10 +80,10 @@ class Sources:
 
     def start(self) -> None:
         self.mqtt.start()
-        for poller in self.modbus:
-            poller.start()
+        for link in self._links:
+            link.start()
 
     def stop(self) -> None:
-        for poller in self.modbus:
-            poller.stop()
+        for link in self._links:
+            link.stop()
         self.mqtt.stop()

@@ -136,3 +136,34 @@ def test_a_pymodbus_device_drives_the_agent_to_an_alert_through_a_restart(
         plc.stop()
         outbox.close()
         model.close()
+
+
+def test_the_simulator_serves_the_stream_as_a_plc(tmp_path: Path) -> None:
+    import threading
+
+    from cloud.local_broker import free_port
+    from edge_agent.simulate import pump_stream
+    from edge_agent.simulate_servers import serve_modbus
+
+    stream = pump_stream(3, [], seed=1)
+    port = free_port()
+    said: list[str] = []
+    threading.Thread(
+        target=serve_modbus, args=("127.0.0.1", port, [stream], 1.0, said.append), daemon=True
+    ).start()
+    registers = [
+        {"sensor": s, "address": 2 * j, "type": "float32"} for j, s in enumerate(stream.sensors)
+    ]
+    source = {"host": "127.0.0.1", "port": port, "registers": registers}
+    config = load_agent_config(
+        None, {"state_dir": tmp_path, "assets": [{"name": "pump-1", "modbus": source}]}
+    )
+    routes = TopicRoutes(config.assets, list(stream.sensors))
+    base = Decoder(routes, config.ingest)
+    got: list[list[Chunk]] = []
+    (poller,) = pollers(config.assets, routes, base, got.append)
+    wait_for(lambda: poller.poll_once(), timeout=30)
+    values = sorted((c.sensor, float(c.values[0])) for c in got[-1])
+    assert len(values) == len(stream.sensors) and said and "float32 @ 0" in said[0]
+    expected = [float(np.float32(v)) for v in stream.values[0]]
+    assert [v for _, v in values] == pytest.approx(expected, rel=1e-6), values

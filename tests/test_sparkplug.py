@@ -210,7 +210,7 @@ def test_config_subscribes_to_the_nodes_and_refuses_bad_ids(tmp_path: Path) -> N
     assert topics_for(config.assets) == ["spBv1.0/plant/+/gw-1", "spBv1.0/plant/+/gw-1/pump-1"]
     with pytest.raises(Exception, match="edge_node"):
         _config(tmp_path, assets=[{"name": "p", "sparkplug": {**SOURCE, "edge_node": "a/b"}}])
-    with pytest.raises(Exception, match="topics, sparkplug or modbus"):
+    with pytest.raises(Exception, match="topics, sparkplug, modbus or opcua"):
         _config(tmp_path, assets=[{"name": "p"}])
 
 

@@ -1,0 +1,161 @@
+"""OPC UA in: a real agent data path subscribed to asyncua's own server over Basic256Sha256
+SignAndEncrypt with certificates, values with source timestamps, to windows, a scored
+prediction and an alert on an injected fault, through a server restart (session opened
+again after the backoff); bad values and statuses are counted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.config import IngestLimits, load_agent_config
+from edge_agent.decisions import RAISED, Verdict
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.decode import Decoder, TopicRoutes
+from edge_agent.ingest.opcua import OpcUaSession, sessions
+from edge_agent.outbox import Outbox
+from edge_agent.runtime import EdgeRuntime
+from edge_agent.serving import open_serving
+from tests.support.agents import wait_for
+from tests.support.broker import Broker, start_broker
+from tests.support.bundles import train_small
+from tests.support.datapath import pump
+from tests.support.opcua_server import OpcServer, make_certificate
+from tests.support.sensordata import SENSORS
+
+APP_URI = "urn:autoglm:edge-agent"
+
+
+def _source(server: OpcServer, **extra: Any) -> dict[str, Any]:
+    nodes = [{"sensor": s, "node_id": server.node_id(s)} for s in SENSORS]
+    return {"endpoint": server.endpoint, "nodes": nodes, "publishing_interval_ms": 20,
+            "timeout_s": 4, **extra}  # fmt: skip
+
+
+def _config(tmp_path: Path, source: dict[str, Any], **extra: Any) -> Any:
+    return load_agent_config(
+        None,
+        {"state_dir": tmp_path / "agent", "assets": [{"name": "pump-1", "opcua": source}],
+         **extra},
+    )  # fmt: skip
+
+
+def test_config_refuses_bad_node_ids_and_security_without_certificates(tmp_path: Path) -> None:
+    server = OpcServer(SENSORS)
+    with pytest.raises(ConfigError, match="not an OPC UA node id"):
+        _config(tmp_path, {**_source(server), "nodes": [{"sensor": "flow", "node_id": "Flow"}]})
+    with pytest.raises(ConfigError, match="needs certificate and private_key"):
+        _config(tmp_path, _source(server, security="Basic256Sha256"))
+    with pytest.raises(ConfigError, match="endpoint"):
+        _config(tmp_path, {**_source(server), "endpoint": "http://x"})
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = start_broker(tmp_path / "broker")
+    yield b
+    b.stop()
+
+
+def test_an_unreachable_server_is_counted_and_tried_again(tmp_path: Path) -> None:
+    server = OpcServer(SENSORS, port=1)  # nothing listens on port 1
+    config = _config(tmp_path, _source(server, timeout_s=0.5))
+    routes = TopicRoutes(config.assets, SENSORS)
+    base = Decoder(routes, IngestLimits())
+    (session,) = sessions(config.assets, routes, base, lambda _: None)
+    assert isinstance(session, OpcUaSession)
+    session.start()
+    try:
+        wait_for(lambda: base.drops["opcua_unreachable"] >= 2, timeout=30)
+    finally:
+        session.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypted_sessions(
+    tmp_path: Path, broker: Broker
+) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    pki = tmp_path / "pki"
+    server_cert = make_certificate(pki, "server", "urn:autoglm:test-plant", server=True)
+    client_cert, client_key = make_certificate(pki, "agent", APP_URI, server=False)
+    rows = np.vstack([pump(200, faulty=False, seed=1), pump(150, faulty=True, seed=2)])
+    anchor = time.time() - rows.shape[0] - 10
+    # Notifications report changes (status or value): the values before the stream differ.
+    server = OpcServer(SENSORS, server_cert).start(np.zeros(len(SENSORS)), anchor - 1)
+    source = _source(
+        server, security="Basic256Sha256", mode="SignAndEncrypt", certificate=client_cert,
+        private_key=client_key, server_certificate=server_cert[0],
+    )  # fmt: skip
+    config = _config(
+        tmp_path,
+        source,
+        mqtt={"host": "127.0.0.1", "port": broker.port},
+        model={"bundle": bundle},
+        decisions={"clear_at": 0.95},
+    )
+    model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
+    outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
+    verdicts: list[Verdict] = []
+    runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
+    (session,) = runtime.sources.opcua
+    try:
+        runtime.start()
+        wait_for(lambda: session.subscribed.is_set(), timeout=60)
+        for i in range(rows.shape[0]):
+            if i == 100:  # the server restarts with the last values; the agent comes back
+                server.stop()
+                wait_for(lambda: not session.subscribed.is_set(), timeout=60)
+                server = OpcServer(SENSORS, server_cert, port=server.port)
+                server.start(rows[i - 1], anchor + i - 1)
+                wait_for(lambda: session.subscribed.is_set(), timeout=120)
+            seen = session.notifications
+            server.write(rows[i], anchor + i)
+            wait_for(lambda s=seen: session.notifications >= s + len(SENSORS), timeout=30)
+        assert session.sessions == 2 and runtime.decoder.drops["opcua_unreachable"] >= 0
+        wait_for(lambda: any(v.event is not None for v in verdicts), timeout=120)
+        assert runtime.counters.windows_scored > 0
+        first = next(v.event for v in verdicts if v.event is not None)
+        assert first.kind == RAISED and first.window_end > anchor + 200, first
+    finally:
+        runtime.stop()
+        server.stop()
+        outbox.close()
+        model.close()
+
+
+def test_the_simulator_serves_the_stream_as_an_opc_ua_server(tmp_path: Path) -> None:
+    import threading
+
+    from cloud.local_broker import free_port
+    from edge_agent.simulate import pump_stream
+    from edge_agent.simulate_servers import serve_opcua
+
+    stream = pump_stream(5, [], seed=1)
+    port = free_port()
+    said: list[str] = []
+    threading.Thread(
+        target=serve_opcua, args=("127.0.0.1", port, [stream], 1.0, said.append), daemon=True
+    ).start()
+    wait_for(lambda: bool(said), timeout=30)
+    nodes = [{"sensor": s, "node_id": f"ns=2;s=Pump1.{s}"} for s in stream.sensors]
+    source = {"endpoint": f"opc.tcp://127.0.0.1:{port}/", "nodes": nodes,
+              "publishing_interval_ms": 20}  # fmt: skip
+    config = _config(tmp_path, source)
+    routes = TopicRoutes(config.assets, list(stream.sensors))
+    base = Decoder(routes, IngestLimits())
+    got: list[Any] = []
+    (session,) = sessions(config.assets, routes, base, got.append)
+    session.start()
+    try:
+        wait_for(lambda: len(got) >= 2 * len(stream.sensors), timeout=30)
+    finally:
+        session.stop()
+    assert {g[1] for g in got} == set(range(len(stream.sensors))) and base.drops.total() == 0
