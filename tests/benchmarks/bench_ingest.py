@@ -3,8 +3,10 @@ subscriber that only counts, on the same broker, readings and publisher, in one 
 
     python tests/benchmarks/bench_ingest.py [--rounds 3] [--rows 8000] [--batch-rows 24]
 
-Modes: single readings at QoS 0 and QoS 1 (one message per sensor and second), and batched
-(`--batch-rows` rows of every sensor per message: 4 sensors x 24 rows = 96 readings). The
+Modes: single readings at QoS 0 and QoS 1 (one message per sensor and second), batched
+(`--batch-rows` rows of every sensor per message: 4 sensors x 24 rows = 96 readings), and
+sparkplug (the same rows as Sparkplug B DDATA of one device, metrics by alias with their
+timestamps; the raw subscriber counts them without decoding). The
 publisher runs in its own process and publishes as fast as the broker takes it; its own rate
 is printed, to show it is not what bounds the subscriber. The agent's runtime is real (a small
 model trained here, site calibration on the first rows) except that cut windows are counted
@@ -87,17 +89,18 @@ class Counting:
 
 
 def raw_round(port: int, mode: str, rows: int, batch: int, start: float) -> dict[str, float]:
-    per_message = batch * len(SENSORS) if mode == "batched" else 1
+    per_message = batch * len(SENSORS) if mode in ("batched", "sparkplug") else 1
     count = [0]
 
-    def on_message(_c: Any, _u: Any, _m: Any) -> None:
-        count[0] += per_message
+    def on_message(_c: Any, _u: Any, m: Any) -> None:
+        if mode != "sparkplug" or "/DDATA/" in m.topic:
+            count[0] += per_message
 
     sub = new_client()
     sub.on_message = on_message
     sub.connect("127.0.0.1", port)
     sub.loop_start()
-    sub.subscribe("plant/#", qos=1)
+    sub.subscribe("spBv1.0/#" if mode == "sparkplug" else "plant/#", qos=1)
     time.sleep(0.5)
     pub = Publisher(port, mode, rows, batch, start)
     expected = rows * len(SENSORS)
@@ -121,7 +124,14 @@ def agent_round(
         {
             "state_dir": state,
             "mqtt": {"host": "127.0.0.1", "port": port},
-            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
+            "assets": [
+                {
+                    "name": "pump-1",
+                    "sparkplug": {"group": "plant", "edge_node": "bench", "device": "pump-1"},
+                }
+                if mode == "sparkplug"
+                else {"name": "pump-1", "topics": ["plant/pump-1/+"]}
+            ],
             "model": {"bundle": bundle},
         },
     )
@@ -166,7 +176,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=8000, help="rows of every sensor per run")
     parser.add_argument("--batch-rows", type=int, default=24)
-    parser.add_argument("--modes", default="qos0,qos1,batched")
+    parser.add_argument("--modes", default="qos0,qos1,batched,sparkplug")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="autoglm-bench-ingest-"))
     broker = start_local_broker(work / "broker", "mosquitto")
@@ -175,7 +185,7 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             for mode in args.modes.split(","):
-                rows = args.rows * (6 if mode == "batched" else 1)
+                rows = args.rows * (6 if mode in ("batched", "sparkplug") else 1)
                 start = time.time() - rows - 600  # in the past, inside ingest.max_past_s
                 got = results.setdefault(mode, {"raw": [], "agent": []})
                 got["raw"].append(raw_round(broker.port, mode, rows, args.batch_rows, start))

@@ -1,7 +1,10 @@
 """The publisher process of `bench_ingest.py`: builds its payloads, connects, waits for a line on
 stdin, publishes them all as fast as the broker takes them, prints its messages per second.
 
-    python ingest_publisher.py ROOT PORT qos0|qos1|batched ROWS BATCH_ROWS START SENSORS
+    python ingest_publisher.py ROOT PORT qos0|qos1|batched|sparkplug ROWS BATCH_ROWS START SENSORS
+
+sparkplug: a Sparkplug B edge node `bench` with device `pump-1`: NBIRTH, DBIRTH, then DDATA of
+BATCH_ROWS rows of every sensor (by alias, with metric timestamps).
 """
 
 from __future__ import annotations
@@ -16,6 +19,20 @@ def payloads(
     mode: str, rows: int, batch: int, start: float, sensors: list[str]
 ) -> list[tuple[str, bytes]]:
     out = []
+    if mode == "sparkplug":
+        import numpy as np
+
+        from edge_agent.simulate_sparkplug import SimulatedNode
+
+        node = SimulatedNode("plant", "bench", [("pump-1", sensors)])
+        out += node.births()
+        for a in range(0, rows, batch):
+            ts = np.asarray([start + r for r in range(a, min(a + batch, rows))])
+            block = np.asarray(
+                [[j + (r % 40) / 40 for j in range(len(sensors))] for r in range(a, a + len(ts))]
+            )
+            out.append(node.data("pump-1", ts, block))
+        return out
     if mode == "batched":
         for a in range(0, rows, batch):
             ts = [start + r for r in range(a, min(a + batch, rows))]
