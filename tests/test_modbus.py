@@ -27,6 +27,7 @@ from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.plc import Plc
 from tests.support.sensordata import SENSORS
+from tests.support.sparkplug_peers import read_fault, start_host
 
 SCALED = {SENSORS[0]: 0.01}  # the first sensor as int16 hundredths, the rest float32
 
@@ -97,12 +98,14 @@ def test_a_pymodbus_device_drives_the_agent_to_an_alert_through_a_restart(
         mqtt={"host": "127.0.0.1", "port": broker.port},
         model={"bundle": bundle},
         decisions={"clear_at": 0.95},
+        sparkplug_out={"group": "plant", "edge_node": "autoglm-1"},
     )
     model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
     outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
     verdicts: list[Verdict] = []
     runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
     (poller,) = runtime.modbus
+    reader, lines = start_host(broker.port, "autoglm-1")  # a SCADA host reads the alert
     rows = np.vstack([pump(200, faulty=False, seed=1), pump(150, faulty=True, seed=2)])
     plc.row = [float(v) for v in rows[0]]
     anchor = time.time() - rows.shape[0] - 10
@@ -130,8 +133,10 @@ def test_a_pymodbus_device_drives_the_agent_to_an_alert_through_a_restart(
         assert runtime.counters.windows_scored > 0
         first = next(v.event for v in verdicts if v.event is not None)
         assert first.kind == RAISED and first.window_end > anchor + 200, first
+        assert read_fault(lines)["metrics"]["autoglm/score"] == first.score
         assert plc.reads > 0  # the restarted device served the rest
     finally:
+        reader.kill()
         runtime.stop()
         plc.stop()
         outbox.close()

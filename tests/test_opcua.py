@@ -27,6 +27,7 @@ from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.opcua_server import OpcServer, make_certificate
 from tests.support.sensordata import SENSORS
+from tests.support.sparkplug_peers import read_fault, start_host
 
 APP_URI = "urn:autoglm:edge-agent"
 
@@ -100,12 +101,14 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
         mqtt={"host": "127.0.0.1", "port": broker.port},
         model={"bundle": bundle},
         decisions={"clear_at": 0.95},
+        sparkplug_out={"group": "plant", "edge_node": "autoglm-1"},
     )
     model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
     outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
     verdicts: list[Verdict] = []
     runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
     (session,) = runtime.sources.opcua
+    reader, lines = start_host(broker.port, "autoglm-1")  # a SCADA host reads the alert
     try:
         runtime.start()
         wait_for(lambda: session.subscribed.is_set(), timeout=60)
@@ -124,7 +127,9 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
         assert runtime.counters.windows_scored > 0
         first = next(v.event for v in verdicts if v.event is not None)
         assert first.kind == RAISED and first.window_end > anchor + 200, first
+        assert read_fault(lines)["metrics"]["autoglm/score"] == first.score
     finally:
+        reader.kill()
         runtime.stop()
         server.stop()
         outbox.close()

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +47,8 @@ from tests.support.broker import Broker, start_broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.sensordata import SENSORS
+from tests.support.sparkplug_peers import PEER_PYTHON, ROOT, start_host
 
-ROOT = Path(__file__).resolve().parent.parent
-PEER_PYTHON = ROOT / ".venv-sparkplug" / "bin" / "python"
 NOW = 1_790_000_000.0
 SOURCE = {"group": "plant", "edge_node": "gw-1", "device": "pump-1"}
 
@@ -272,34 +269,6 @@ class Peer:
         self.proc.wait(10)
 
 
-class Lines:
-    """The JSON lines a peer process prints, read by a thread (a wait never blocks forever)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.queue: queue.Queue[dict[str, Any]] = queue.Queue()
-        assert proc.stdout is not None
-        stdout = proc.stdout
-
-        def read() -> None:
-            for line in stdout:
-                self.queue.put(json.loads(line))
-
-        threading.Thread(target=read, daemon=True).start()
-
-    def next(self, wanted: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        seen = []
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                doc = self.queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if wanted(doc):
-                return doc
-            seen.append(doc)
-        raise AssertionError(f"no such line within {timeout_s} s; saw {seen}")
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     b = start_broker(tmp_path / "broker")
@@ -327,14 +296,8 @@ def test_a_third_party_edge_node_drives_the_agent_to_an_alert_read_back_over_spa
     runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
     peer: Peer | None = None
     stopped = False
-    reader = subprocess.Popen(
-        [str(PEER_PYTHON), str(ROOT / "tests" / "peers" / "sparkplug_host.py"),
-         "--port", str(broker.port), "--group", "plant", "--node", "autoglm-1"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    reader, lines = start_host(broker.port, "autoglm-1")
     try:
-        lines = Lines(reader)
-        lines.next(lambda doc: doc.get("event") == "ready", timeout_s=30)
         runtime.start()
         wait_for(lambda: runtime.mqtt.connected.is_set(), timeout=30)
         peer = Peer(broker)
