@@ -14,19 +14,16 @@ import pytest
 from pydantic import ValidationError
 
 from edge_agent.config import ModbusRegister, load_agent_config
-from edge_agent.decisions import RAISED, Verdict
 from edge_agent.errors import ConfigError
 from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
 from edge_agent.ingest.modbus import ModbusPoller, Slot, decode_register, pollers, spans
-from edge_agent.outbox import Outbox
-from edge_agent.runtime import EdgeRuntime
-from edge_agent.serving import open_serving
 from tests.support.agents import wait_for
 from tests.support.broker import Broker, start_broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.plc import Plc
 from tests.support.sensordata import SENSORS
+from tests.support.site_agent import SiteAgent
 from tests.support.sparkplug_peers import read_fault, start_host
 
 SCALED = {SENSORS[0]: 0.01}  # the first sensor as int16 hundredths, the rest float32
@@ -100,10 +97,8 @@ def test_a_pymodbus_device_drives_the_agent_to_an_alert_through_a_restart(
         decisions={"clear_at": 0.95},
         sparkplug_out={"group": "plant", "edge_node": "autoglm-1"},
     )
-    model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
-    outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
-    verdicts: list[Verdict] = []
-    runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
+    agent = SiteAgent(tmp_path, config, bundle, key)
+    runtime = agent.runtime
     (poller,) = runtime.modbus
     reader, lines = start_host(broker.port, "autoglm-1")  # a SCADA host reads the alert
     rows = np.vstack([pump(200, faulty=False, seed=1), pump(150, faulty=True, seed=2)])
@@ -129,18 +124,13 @@ def test_a_pymodbus_device_drives_the_agent_to_an_alert_through_a_restart(
         accepted = runtime.decoder.accepted  # and the thread's own first poll, of row 0
         assert accepted == (rows.shape[0] + 1) * len(SENSORS), accepted
         assert runtime.decoder.drops["modbus_unreachable"] == len(SENSORS)
-        wait_for(lambda: any(v.event is not None for v in verdicts), timeout=120)
-        assert runtime.counters.windows_scored > 0
-        first = next(v.event for v in verdicts if v.event is not None)
-        assert first.kind == RAISED and first.window_end > anchor + 200, first
+        first = agent.first_alert(after=anchor + 200)
         assert read_fault(lines)["metrics"]["autoglm/score"] == first.score
         assert plc.reads > 0  # the restarted device served the rest
     finally:
         reader.kill()
-        runtime.stop()
+        agent.close()
         plc.stop()
-        outbox.close()
-        model.close()
 
 
 def test_the_simulator_serves_the_stream_as_a_plc(tmp_path: Path) -> None:

@@ -14,19 +14,16 @@ import numpy as np
 import pytest
 
 from edge_agent.config import IngestLimits, load_agent_config
-from edge_agent.decisions import RAISED, Verdict
 from edge_agent.errors import ConfigError
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.ingest.opcua import OpcUaSession, sessions
-from edge_agent.outbox import Outbox
-from edge_agent.runtime import EdgeRuntime
-from edge_agent.serving import open_serving
 from tests.support.agents import wait_for
 from tests.support.broker import Broker, start_broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.opcua_server import OpcServer, make_certificate
 from tests.support.sensordata import SENSORS
+from tests.support.site_agent import SiteAgent
 from tests.support.sparkplug_peers import read_fault, start_host
 
 APP_URI = "urn:autoglm:edge-agent"
@@ -103,10 +100,8 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
         decisions={"clear_at": 0.95},
         sparkplug_out={"group": "plant", "edge_node": "autoglm-1"},
     )
-    model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
-    outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
-    verdicts: list[Verdict] = []
-    runtime = EdgeRuntime(config, model, outbox, "agent-1", verdicts.append, device="edge-1")
+    agent = SiteAgent(tmp_path, config, bundle, key)
+    runtime = agent.runtime
     (session,) = runtime.sources.opcua
     reader, lines = start_host(broker.port, "autoglm-1")  # a SCADA host reads the alert
     try:
@@ -123,17 +118,12 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
             server.write(rows[i], anchor + i)
             wait_for(lambda s=seen: session.notifications >= s + len(SENSORS), timeout=30)
         assert session.sessions == 2 and runtime.decoder.drops["opcua_unreachable"] >= 0
-        wait_for(lambda: any(v.event is not None for v in verdicts), timeout=120)
-        assert runtime.counters.windows_scored > 0
-        first = next(v.event for v in verdicts if v.event is not None)
-        assert first.kind == RAISED and first.window_end > anchor + 200, first
+        first = agent.first_alert(after=anchor + 200)
         assert read_fault(lines)["metrics"]["autoglm/score"] == first.score
     finally:
         reader.kill()
-        runtime.stop()
+        agent.close()
         server.stop()
-        outbox.close()
-        model.close()
 
 
 def test_the_simulator_serves_the_stream_as_an_opc_ua_server(tmp_path: Path) -> None:

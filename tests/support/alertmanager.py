@@ -5,10 +5,7 @@ webhook; and `Receiver`, a loopback HTTP endpoint that records the webhook notif
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -17,16 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from cloud.local_broker import free_port
+from tests.support.service_process import ServiceProcess
 
 
-class Alertmanager:
+class Alertmanager(ServiceProcess):
     def __init__(self, directory: Path, receiver_url: str, group_wait_s: float = 0.5) -> None:
-        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-        if binary is None:
-            raise RuntimeError(
-                "prometheus-alertmanager is not installed (apt-get install prometheus-alertmanager)"
-            )
         directory.mkdir(parents=True, exist_ok=True)
         route = {
             "receiver": "hook",
@@ -38,38 +30,17 @@ class Alertmanager:
         hook = {"name": "hook", "webhook_configs": [{"url": receiver_url, "send_resolved": True}]}
         config = {"route": route, "receivers": [hook]}
         (directory / "alertmanager.yml").write_text(json.dumps(config))  # JSON is YAML
-        self.port = free_port()
-        self.log = (directory / "alertmanager.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                binary,
+        super().__init__(
+            ("prometheus-alertmanager", "alertmanager"),
+            "prometheus-alertmanager",
+            directory,
+            lambda port: [
                 f"--config.file={directory / 'alertmanager.yml'}",
                 f"--storage.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--web.listen-address=127.0.0.1:{port}",
                 "--cluster.listen-address=",  # no gossip: one instance, no other ports
             ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while not self._ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = (directory / "alertmanager.log").read_text()[-2000:]
-                raise RuntimeError(f"prometheus-alertmanager did not start:\n{tail}")
-            time.sleep(0.2)
-
-    @property
-    def url(self) -> str:
-        """The base a sender POSTs `/api/v2/alerts` to."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2):
-                return True
-        except OSError:
-            return False
 
     def alerts(
         self, active: bool = True, silenced: bool = True, inhibited: bool = True
@@ -106,15 +77,6 @@ class Alertmanager:
         with urllib.request.urlopen(request, timeout=10) as response:
             doc: dict[str, Any] = json.loads(response.read())
         return str(doc["silenceID"])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 class Receiver:
