@@ -36,6 +36,7 @@ from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
 BATCH = 32
+PRUNE_EVERY_S = 3600.0
 
 
 def check_url(url: str) -> str:
@@ -109,6 +110,7 @@ class SenderSettings:
     alertmanager_hold_s: float = 900.0
     severity_rules: tuple[SeverityRule, ...] = ()
     sweep_s: float = 5.0  # shelvings and windows that ended; Alertmanager repeats
+    delivery_retention_days: float = 30.0  # delivered changes of closed alerts, then pruned
 
 
 class WebhookSender:
@@ -131,6 +133,7 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         self._swept = -math.inf
+        self._pruned = -math.inf
         # Told each attempt's kind, outcome (delivered, retry, dead) and, when delivered, the
         # seconds since it was queued (the control plane's metrics).
         self.on_result: Callable[[str, str, float | None], None] | None = None
@@ -175,6 +178,12 @@ class WebhookSender:
         rearmed = await asyncio.to_thread(
             self.store.rearm_deliveries, "alertmanager", now - repeat, now
         )
+        if time.monotonic() - self._pruned >= PRUNE_EVERY_S:
+            self._pruned = time.monotonic()
+            keep = dt.timedelta(days=self.settings.delivery_retention_days)
+            pruned = await asyncio.to_thread(self.store.prune_deliveries, now - keep)
+            if pruned:
+                log.info("%d delivered change(s) of closed alerts pruned", pruned)
         if released:
             log.info("%d alert(s) released from shelving or maintenance", len(released))
         if released or rearmed:

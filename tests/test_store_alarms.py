@@ -174,6 +174,18 @@ class AlarmContract:
         (claimed,) = store.claim_deliveries(NOW, LEASE, 10)
         assert (claimed.secret, claimed.previous_secret) == ("new", "old")
 
+    def test_delivered_changes_of_closed_alerts_are_pruned(self, store: Store) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        store.add_webhook("http://example.com/h", "s", "", NOW)
+        two = [_event(d, 1, "raised"), _event(d, 2, "raised", asset="pump-2")]
+        store.store_records(d, [], two, NOW)
+        store.store_records(d, [], [_event(d, 3, "cleared")], NOW)  # pump-1 returned
+        assert len(_send_all(store, NOW)) == 3
+        later = NOW + dt.timedelta(days=31)
+        assert store.prune_deliveries(NOW) == 0  # none older than that
+        assert store.prune_deliveries(later) == 2  # pump-1's two; pump-2 is still open
+        assert store.list_webhooks()[0].delivered == 1  # the open alert's change is kept
+
 
 class TestSqliteAlarms(AlarmContract):
     @pytest.fixture

@@ -240,6 +240,10 @@ class Store(abc.ABC):
     ) -> WebhookRecord: ...
 
     @abc.abstractmethod
+    def prune_deliveries(self, before: dt.datetime) -> int:
+        """Deletes delivered and dead changes of closed alerts queued before `before`."""
+
+    @abc.abstractmethod
     def rearm_deliveries(self, kind: str, sent_before: dt.datetime, now: dt.datetime) -> int:
         """Queues again the last change of active alerts sent to `kind` webhooks before
         `sent_before`; how many."""

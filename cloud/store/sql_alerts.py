@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from cloud.domain import (
@@ -287,7 +287,11 @@ class AlertTables(SqlBase):
     def release_suppressed(self, now: dt.datetime) -> list[AlertRecord]:
         """Alerts held back by a shelving or window that has ended: delivered again when still
         active (ISA-18.2: an alarm that comes back from shelving is annunciated)."""
-        query = select(AlertRow).where(AlertRow.state != AlertState.RESOLVED.value)
+        held_back = or_(
+            func.coalesce(AlertRow.doc["suppressed_by"].as_string(), "") != "",
+            AlertRow.doc["shelved_until"].as_string().is_not(None),
+        )
+        query = select(AlertRow).where(AlertRow.state != AlertState.RESOLVED.value, held_back)
         with self._tx() as s:
             candidates = [r for r in s.scalars(query).all() if _released(r.doc, set(), now)]
             if not candidates:  # nothing held back, or nothing whose hold could have ended

@@ -14,7 +14,7 @@ import datetime as dt
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, aliased
 
 from cloud.domain import AlertRecord, AlertState, Delivery, WebhookFilter, WebhookRecord
@@ -166,6 +166,22 @@ class WebhookTables(SqlBase):
                 row.created_at = now
                 rearmed += 1
             return rearmed
+
+    def prune_deliveries(self, before: dt.datetime) -> int:
+        """Deletes delivered and dead changes queued before `before` of alerts that are closed
+        (nothing repeats them any more); how many."""
+        closed = select(AlertRow.id).where(
+            AlertRow.state.in_([AlertState.RESOLVED.value, AlertState.RETURNED.value])
+        )
+        with self._tx() as s:
+            result = s.execute(
+                delete(DeliveryRow).where(
+                    DeliveryRow.state.in_([DELIVERED, DEAD]),
+                    DeliveryRow.created_at < before,
+                    DeliveryRow.alert_id.in_(closed),
+                )
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     def claim_deliveries(self, now: dt.datetime, lease: dt.timedelta, limit: int) -> list[Delivery]:
         """Due deliveries, each the oldest pending one of its webhook and alert; leased

@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -289,7 +290,11 @@ class DeliveryRow(Base):
     """The webhook outbox: written in the transaction that changes the alert."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("webhook_id", "alert_id", "revision"),)
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "alert_id", "revision"),
+        # The sender's "oldest pending of its webhook and alert" and the repeats' "latest".
+        Index("ix_deliveries_webhook_alert", "webhook_id", "alert_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True

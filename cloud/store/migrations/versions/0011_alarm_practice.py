@@ -1,4 +1,5 @@
-"""Alarm practice: webhook kinds and secret rotation, maintenance windows.
+"""Alarm practice: webhook kinds and secret rotation, maintenance windows, an index for the
+delivery outbox's per-webhook-and-alert queries.
 
 Revision ID: 0011
 Revises: 0010
@@ -24,6 +25,7 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("previous_secret", sa.Text(), nullable=False, server_default=""))
         batch.add_column(sa.Column("previous_until", UTCDateTime(), nullable=True))
+    op.create_index("ix_deliveries_webhook_alert", "deliveries", ["webhook_id", "alert_id", "id"])
     op.create_table(
         "maintenance_windows",
         sa.Column("id", sa.String(36), primary_key=True),
@@ -39,6 +41,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("maintenance_windows")
+    op.drop_index("ix_deliveries_webhook_alert", table_name="deliveries")
     with op.batch_alter_table("webhooks") as batch:
         batch.drop_column("previous_until")
         batch.drop_column("previous_secret")
