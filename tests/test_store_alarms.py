@@ -186,6 +186,29 @@ class AlarmContract:
         assert store.prune_deliveries(later) == 2  # pump-1's two; pump-2 is still open
         assert store.list_webhooks()[0].delivered == 1  # the open alert's change is kept
 
+    def test_windows_are_judged_at_the_edge_time_and_follow_relabelling(self, store: Store) -> None:
+        a = store.create_device("a", {"site": "a"}, "", NOW).id
+        store.add_webhook("http://example.com/h", "s", "", NOW)
+        store.add_maintenance("site=a", "", NOW, NOW + dt.timedelta(hours=1), "seals", "op", NOW)
+        later = NOW + dt.timedelta(hours=2)  # the device was offline; its backlog syncs now
+        inside = [_event(a, 1, "raised", at=600), _event(a, 2, "cleared", at=900)]
+        store.store_records(a, [], inside, later)  # raised and cleared inside the window
+        still = [_event(a, 3, "raised", at=1200, asset="pump-2")]
+        store.store_records(a, [], still, later)  # raised inside, still active after it
+        assert _send_all(store, later) == []  # as the site saw them: held back
+        released = store.release_suppressed(later)  # the window is over: pump-2 is news
+        assert sorted((r.asset, r.state.active) for r in released) == [
+            ("pump-1", False), ("pump-2", True)
+        ]  # fmt: skip
+        assert _events(_send_all(store, later)) == [("pump-2", "alert.firing")]
+        # Out of service, then the device is relabelled out of the selector: released.
+        store.add_maintenance("site=a", "", later, None, "retired", "op", later)
+        store.store_records(a, [], [_event(a, 4, "raised", at=7300, asset="pump-3")], later)
+        assert store.release_suppressed(later) == []
+        store.update_labels(a, {"site": "b"}, [])
+        (moved,) = store.release_suppressed(later)
+        assert moved.asset == "pump-3"
+
 
 class TestSqliteAlarms(AlarmContract):
     @pytest.fixture

@@ -121,24 +121,31 @@ def apply_alert_events(
         row.revision = revision
         s.flush()
         changed[row.id] = row
-    return announce(s, list(changed.values()), now)
+    return announce(s, list(changed.values()), now, edge_time=True)
 
 
-def announce(s: Session, rows: Sequence[AlertRow], now: dt.datetime) -> list[AlertRecord]:
+def _labels(s: Session, rows: Sequence[AlertRow]) -> dict[str, dict[str, str]]:
+    ids = {r.device_id for r in rows}
+    query = select(DeviceRow.id, DeviceRow.labels).where(DeviceRow.id.in_(ids))
+    return {device_id: dict(lb or {}) for device_id, lb in s.execute(query).all()}
+
+
+def announce(
+    s: Session, rows: Sequence[AlertRow], now: dt.datetime, edge_time: bool = False
+) -> list[AlertRecord]:
     """Marks why each changed alert is held back, if it is (shelved, a maintenance window),
     and queues deliveries of the others (in `s`'s transaction); the changed alerts.
 
     A change of an active alert is delivered when nothing holds it back; the change that
     closes an alert is delivered when its opening was (so no receiver keeps a stale alert,
-    and none hears of an alert that closed unseen)."""
+    and none hears of an alert that closed unseen). With `edge_time`, windows are judged at
+    the edge's time of the change (its last window), as the agent judged them on site: a
+    backlog synced after a window is held back like the live stream was."""
     if not rows:
         return []
-    windows = windows_in_force(s, now)
-    labels: dict[str, dict[str, str]] = {}
-    if windows:
-        ids = {r.device_id for r in rows}
-        query = select(DeviceRow.id, DeviceRow.labels).where(DeviceRow.id.in_(ids))
-        labels = {device_id: dict(lb or {}) for device_id, lb in s.execute(query).all()}
+    at = {r.id: (min(r.last_seen, now) if edge_time else now) for r in rows}
+    windows = windows_in_force(s, min(at.values()))
+    labels = _labels(s, rows) if windows else {}
     deliver: list[AlertRecord] = []
     alerts = []
     for row in rows:
@@ -147,7 +154,7 @@ def announce(s: Session, rows: Sequence[AlertRow], now: dt.datetime) -> list[Ale
         until = doc.get("shelved_until")
         if until and dt.datetime.fromisoformat(until) > now:
             reason = "shelved"
-        elif window := covering(windows, labels.get(row.device_id, {}), row.asset, now):
+        elif window := covering(windows, labels.get(row.device_id, {}), row.asset, at[row.id]):
             reason = window.label
         doc["suppressed_by"] = reason
         active = AlertState(row.state).active
@@ -293,15 +300,17 @@ class AlertTables(SqlBase):
         )
         query = select(AlertRow).where(AlertRow.state != AlertState.RESOLVED.value, held_back)
         with self._tx() as s:
-            candidates = [r for r in s.scalars(query).all() if _released(r.doc, set(), now)]
-            if not candidates:  # nothing held back, or nothing whose hold could have ended
+            candidates = list(s.scalars(query).all())
+            if not candidates:
                 return []
             _lock_alerts(s)
-            held = {w.label for w in windows_in_force(s, now) if w.active(now)}
+            windows = [w for w in windows_in_force(s, now) if w.active(now)]
+            labels = _labels(s, candidates) if windows else {}
             released, quiet = [], []
             for row in candidates:
                 s.refresh(row, with_for_update=True)  # changed meanwhile? look again, locked
-                if not _released(row.doc, held, now):
+                covered = covering(windows, labels.get(row.device_id, {}), row.asset, now)
+                if not _released(row.doc, covered is not None, now):
                     continue
                 doc = dict(row.doc)
                 until = doc.get("shelved_until")
@@ -347,13 +356,13 @@ def check_verdict(verdict: str, fault_type: str) -> None:
         )
 
 
-def _released(doc: dict[str, Any], held: set[str], now: dt.datetime) -> bool:
-    """Whether what held this alert back (a shelving, a window) has ended."""
+def _released(doc: dict[str, Any], covered: bool, now: dt.datetime) -> bool:
+    """Whether what held this alert back has ended: its shelving, or (the device relabelled,
+    a window ended or removed) every window that covered it."""
     until = doc.get("shelved_until")
     if until:
         return dt.datetime.fromisoformat(until) <= now
-    reason = str(doc.get("suppressed_by", ""))
-    return bool(reason) and reason not in held
+    return bool(doc.get("suppressed_by", "")) and not covered
 
 
 def _unshelved(doc: dict[str, Any], by: str, now: dt.datetime) -> dict[str, Any]:
