@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from edge_agent import hostfacts
 from edge_agent.errors import LocalStateError
+from protos.autoglm.v1 import agent_pb2
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -92,6 +93,7 @@ class AgentCollector(Collector):
         for reason, n in sorted(health.dropped_by_reason.items()):
             dropped.add_metric([reason], n)
         yield from (readings, calibrated, dropped)
+        yield from _drift_families(health.drift)
         yield CounterMetricFamily(
             "autoglm_agent_windows_scored", "Windows scored.", value=health.windows_scored
         )
@@ -130,6 +132,23 @@ class AgentCollector(Collector):
             s = shadow.model
             models.add_metric(["shadow", s.manifest.name, s.version, s.choice.label], 1)
         yield models
+
+
+_DRIFT = (
+    ("input_shift", "Largest shift of a sensor's recent mean, in calibration deviations."),
+    ("spread_ratio", "Largest ratio of a sensor's recent to calibration spread (either way)."),
+    ("masked_fraction", "Share of recent inputs missing."),
+    ("score_median", "Median recent window score (1.0 is the alert threshold)."),
+    ("alerts_per_day", "Raises per day over the recent windows."),
+)
+
+
+def _drift_families(drift: Mapping[str, agent_pb2.AssetDrift]) -> Iterator[GaugeMetricFamily]:
+    for field, text in _DRIFT:
+        family = GaugeMetricFamily(f"autoglm_agent_drift_{field}", text, labels=("asset",))
+        for asset, report in sorted(drift.items()):
+            family.add_metric([asset], float(getattr(report, field)))
+        yield family
 
 
 def health_problems(agent: Agent) -> tuple[list[str], list[str]]:

@@ -33,6 +33,7 @@ from edge_agent.calibration import (
 from edge_agent.calibration_store import CalibrationStore
 from edge_agent.config import AgentConfig, AssetConfig
 from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
+from edge_agent.drift import ScoreTrail, asset_drift
 from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
@@ -109,6 +110,7 @@ class EdgeRuntime:
         self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
+        self.trails = [ScoreTrail() for _ in self.assets]
         self._kept_every: Counter[int] = Counter()
         self._cut_count: Counter[int] = Counter()  # windows cut per asset while behind
         self._behind_logged_at = -math.inf
@@ -395,6 +397,8 @@ class EdgeRuntime:
             evidence = sensor_evidence(one, cal, decision, values)
             verdict = decider.step(raw, evidence, job.window_start, job.window_end)
             self.counters.windows_scored += 1
+            raised = verdict.event is not None and verdict.event.kind == "raised"
+            self.trails[job.asset].add(verdict.score, job.window_end, raised)
             if self._held:
                 self._release_held(verdict.asset, job.window_end)
             if verdict.event is not None:
@@ -501,6 +505,21 @@ class EdgeRuntime:
         )
 
     # ---- health ----
+    def drift(self) -> dict[str, agent_pb2.AssetDrift]:
+        """Model health of each calibrated asset (`edge_agent/drift.py`)."""
+        if self.model is None:
+            return {}
+        names = self.model.schema.names
+        out = {}
+        for runner in self.runners:
+            if runner.calibration is None:
+                continue
+            values, mask = runner.history.recent()
+            out[runner.name] = asset_drift(
+                values, mask, runner.calibration, names, self.trails[runner.index]
+            )
+        return out
+
     def health(self, disk_free: int, rates_since_last: bool = True) -> agent_pb2.AgentHealth:
         """The health report. `rates_since_last`: ingest rates since the previous such call
         (the heartbeat's); False (a metrics scrape) leaves them out and the mark alone."""
@@ -534,6 +553,7 @@ class EdgeRuntime:
             if abs(offset := self.decoder.clock_offset(r.index)) >= CLOCK_REPORT_S
         }
         return agent_pb2.AgentHealth(
+            drift=self.drift(),
             clock_offset_s=offsets,
             ingest_rate_per_s=rates,
             dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},

@@ -51,6 +51,12 @@ class RowHistory:
             self._slot[at] = first_slot + np.arange(count)
             self._written += count
 
+    def recent(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the kept rows' values and mask, in no particular order."""
+        with self._lock:
+            kept = min(self._written, self.capacity)
+            return self._v[:kept].copy(), self._m[:kept].copy()
+
     def series(self, period_s: float) -> AlignedSeries | None:
         """The newest run of consecutive slots, or None when there is no row."""
         with self._lock:

@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 from cloud.cli import alert_cmds
+from cloud.cli.health_cmds import drift_line
 from cloud.cli.output import ago, json_view, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
@@ -218,6 +219,8 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         )
     if msg.status.uptime_seconds:
         print(f"uptime:      {msg.status.uptime_seconds:.0f}s")
+    for asset, drift in sorted(msg.status.health.drift.items()):
+        print(f"drift:       {drift_line(asset, drift)}")
     return 0
 
 

@@ -186,6 +186,17 @@ class FleetCollector(Collector):
             "Seconds since each device's last report, for devices that have reported.",
             labels=("device",),
         )
+        shift = GaugeMetricFamily(
+            "autoglm_device_drift_input_shift",
+            "Per device and asset: the largest shift of a sensor's recent mean from calibration, "
+            "in calibration deviations, as last reported.",
+            labels=("device", "asset"),
+        )
+        scores = GaugeMetricFamily(
+            "autoglm_device_drift_score_median",
+            "Per device and asset: the median recent window score (1.0 is the alert threshold).",
+            labels=("device", "asset"),
+        )
         expiry = GaugeMetricFamily(
             "autoglm_device_cert_expiry_timestamp_seconds",
             "When each enrolled device's certificate expires (agents renew it before).",
@@ -200,7 +211,10 @@ class FleetCollector(Collector):
             lag.add_metric([d.name], (now - d.last_seen).total_seconds())
             health = d.status.get("health", {})
             depth.add_metric([d.name], float(health.get("outbox_depth", 0)))
-        yield from (seen, depth, lag, expiry)
+            for asset, report in sorted(health.get("drift", {}).items()):
+                shift.add_metric([d.name, asset], float(report.get("input_shift", 0.0)))
+                scores.add_metric([d.name, asset], float(report.get("score_median", 0.0)))
+        yield from (seen, depth, lag, expiry, shift, scores)
 
 
 class CallMetrics(aio.ServerInterceptor):

@@ -81,7 +81,7 @@ class Site:
             self.runtime._follow_clock(runner)  # as the pipeline does after each drain
             while (closed := runner.aligner.close_ready()) is not None:
                 runner.feed(closed, emit, self.runtime._start_calibration)
-        wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)
+        self._wait_scored()
 
     def feed_block(self, values: np.ndarray, first_row: int, rows_per_message: int) -> None:
         """The same readings as `feed`, `rows_per_message` rows of every sensor per message
@@ -101,7 +101,13 @@ class Site:
             self.runtime._follow_clock(runner)
             while (closed := runner.aligner.close_ready()) is not None:
                 runner.feed(closed, emit, self.runtime._start_calibration)
-        wait_for(lambda: len(self.verdicts) == self.jobs, timeout=120)
+        self._wait_scored()
+
+    def _wait_scored(self) -> None:
+        """Until every window cut is scored, or skipped because inference fell behind (a
+        busy machine: the runtime then scores every 2nd window and counts the rest)."""
+        counters = self.runtime.counters
+        wait_for(lambda: len(self.verdicts) + counters.behind_skipped == self.jobs, timeout=120)
 
     def events(self) -> list[AlertEvent]:
         return [v.event for v in self.verdicts if v.event is not None]

@@ -302,6 +302,27 @@ class AgentHealth(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DriftEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AssetDrift: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AssetDrift | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INGEST_RATE_PER_S_FIELD_NUMBER: _builtins.int
     DROPPED_BY_REASON_FIELD_NUMBER: _builtins.int
     INFERENCE_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
@@ -313,6 +334,7 @@ class AgentHealth(_message.Message):
     ALERTS_RAISED_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     inference_latency_p50_ms: _builtins.float
     inference_latency_p99_ms: _builtins.float
     outbox_depth: _builtins.int
@@ -333,6 +355,10 @@ class AgentHealth(_message.Message):
         its last messages): readings are judged against that stream clock, and this says so.
         """
 
+    @_builtins.property
+    def drift(self) -> _containers.MessageMap[_builtins.str, Global___AssetDrift]:
+        """By asset: how far its recent inputs and scores are from the site's calibration."""
+
     def __init__(
         self,
         *,
@@ -347,14 +373,64 @@ class AgentHealth(_message.Message):
         alerts_raised: _builtins.int = ...,
         errors: _builtins.int = ...,
         clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        drift: _abc.Mapping[_builtins.str, Global___AssetDrift] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentHealth: _TypeAlias = AgentHealth  # noqa: Y015
+
+@_typing.final
+class AssetDrift(_message.Message):
+    """Model health of one asset over its last rows (at most the shadow history, 3000 rows) and
+    windows (at most 600), against what calibration fitted for the site.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_SHIFT_FIELD_NUMBER: _builtins.int
+    INPUT_SHIFT_SENSOR_FIELD_NUMBER: _builtins.int
+    SPREAD_RATIO_FIELD_NUMBER: _builtins.int
+    MASKED_FRACTION_FIELD_NUMBER: _builtins.int
+    SCORE_MEDIAN_FIELD_NUMBER: _builtins.int
+    ALERTS_PER_DAY_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    input_shift: _builtins.float
+    """Largest |recent mean - calibration center| / calibration scale over the sensors (a
+    sensor whose level moved by that many of its calibration deviations), and which one.
+    """
+    input_shift_sensor: _builtins.str
+    spread_ratio: _builtins.float
+    """Largest ratio of recent to calibration spread (either way: 2.0 is twice or half)."""
+    masked_fraction: _builtins.float
+    """share of recent inputs missing"""
+    score_median: _builtins.float
+    """median recent window score (1.0 = alert threshold)"""
+    alerts_per_day: _builtins.float
+    """raises over the recent windows' time span, per day"""
+    rows: _builtins.int
+    """rows behind the input figures"""
+    def __init__(
+        self,
+        *,
+        input_shift: _builtins.float = ...,
+        input_shift_sensor: _builtins.str = ...,
+        spread_ratio: _builtins.float = ...,
+        masked_fraction: _builtins.float = ...,
+        score_median: _builtins.float = ...,
+        alerts_per_day: _builtins.float = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_per_day", b"alerts_per_day", "input_shift", b"input_shift", "input_shift_sensor", b"input_shift_sensor", "masked_fraction", b"masked_fraction", "rows", b"rows", "score_median", b"score_median", "spread_ratio", b"spread_ratio"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssetDrift: _TypeAlias = AssetDrift  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):

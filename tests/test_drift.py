@@ -1,0 +1,92 @@
+"""Model health per asset: the drift figures move when a sensor's distribution shifts, and
+the fleet view ranks sites by them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloud.cli.health_cmds import drift_line, ranked
+from edge_agent.drift import ScoreTrail
+from protos.autoglm.v1 import agent_pb2, operator_pb2
+from tests.support.bundles import train_small
+from tests.support.datapath import Site, pump, site_config
+from tests.support.sensordata import SENSORS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_drift_moves_when_a_sensor_shifts(tmp_path: Path) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    site = Site(site_config(tmp_path, bundle), bundle, key.public_key(), tmp_path / "1")
+    site.feed(pump(400, faulty=False, seed=1), 0)
+    (calm,) = site.runtime.drift().values()
+    assert calm.input_shift < 1.5 and calm.masked_fraction < 0.05, calm
+    assert 0 < calm.score_median < 1 and calm.rows >= 400, calm
+    shifted = pump(600, faulty=False, seed=2)
+    runner = site.runtime.runners[0]
+    assert runner.calibration is not None
+    j = SENSORS.index("pressure")
+    shifted[:, j] += 4 * float(runner.calibration.input_scale[j])  # 4 deviations up
+    site.feed(shifted, 400)
+    (moved,) = site.runtime.drift().values()
+    site.stop()
+    # Over the last rows kept (400 calm, 600 shifted): 0.6 x 4 deviations.
+    assert moved.input_shift > 2.0 and moved.input_shift_sensor == "pressure", moved
+    assert moved.score_median > calm.score_median
+    health = site.runtime.health(0, rates_since_last=False)
+    assert health.drift["pump-1"].input_shift == moved.input_shift
+
+
+def test_the_score_trail_counts_raises_per_day() -> None:
+    trail = ScoreTrail()
+    for i in range(100):
+        trail.add(0.2 + (i % 10) / 100, 1000.0 + 60 * i, raised=i in (10, 50))
+    median, per_day = trail.summary()
+    assert median == pytest.approx(0.245)
+    assert per_day == pytest.approx(2 * 86_400 / (60 * 99))
+    assert ScoreTrail().summary() == (0.0, 0.0)
+
+
+def test_the_fleet_view_ranks_sites_by_drift() -> None:
+    def device(name: str, version: str, shifts: dict[str, float]) -> operator_pb2.Device:
+        d = operator_pb2.Device(name=name)
+        d.status.model_version = version
+        for asset, shift in shifts.items():
+            d.status.health.drift[asset].CopyFrom(agent_pb2.AssetDrift(input_shift=shift))
+        return d
+
+    fleet = [device("a", "3", {"p1": 0.4}), device("b", "3", {"p1": 5.0, "p2": 1.0}),
+             device("c", "2", {"p1": 9.0})]  # fmt: skip
+    order = [(d.name, asset) for d, asset, _ in ranked(fleet, "3")]
+    assert order == [("b", "p1"), ("b", "p2"), ("a", "p1")]
+    assert ranked(fleet, "")[0][0].name == "c"
+    assert "shift 5.0 sd" in drift_line("p1", fleet[1].status.health.drift["p1"])
+
+
+def test_the_control_plane_exports_each_sites_drift() -> None:
+    import datetime as dt
+
+    from prometheus_client import CollectorRegistry
+
+    from cloud.domain import DeviceRecord, DeviceState
+    from cloud.service.metrics import FleetCollector
+
+    now = dt.datetime.now(dt.UTC)
+    status = {"health": {"drift": {"pump-1": {"input_shift": 3.5, "score_median": 0.8}}}}
+    device = DeviceRecord("id-1", "edge-1", {}, "", DeviceState.ACTIVE, now, last_seen=now,
+                          status=status)  # fmt: skip
+
+    class Store:
+        def state_counts(self) -> dict[str, dict[str, int]]:
+            return {}
+
+        def list_devices(self, _selector: object) -> list[DeviceRecord]:
+            return [device]
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(Store(), lambda: 1, lambda: True, dt.timedelta(seconds=30)))  # type: ignore[arg-type]
+    labels = {"device": "edge-1", "asset": "pump-1"}
+    assert registry.get_sample_value("autoglm_device_drift_input_shift", labels) == 3.5
+    assert registry.get_sample_value("autoglm_device_drift_score_median", labels) == 0.8
