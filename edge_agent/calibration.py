@@ -23,7 +23,10 @@ data, `cloud/model/thresholds.py`):
   noisier one, an oscillation;
 - `joint`: the Mahalanobis distance of the level deviations under the site's correlation
   (sensors that normally move together and no longer do);
-- `forecast`: the largest forecast residual of the network in site units (dynamics);
+- `forecast`: the largest forecast residual of the network in site units (dynamics), among
+  the sensors whose recent level is not closer to the site's normal than the rows before it
+  (`forecast_away`): a sensor coming back to normal, as at the end of a fault, surprises the
+  forecast as much as one leaving it, but is no fault;
 - `supervised`: the fault head, only where the training data had labels (and never below
   probability 0.5); it can add detections of a labelled kind, never carry the others.
 
@@ -74,6 +77,7 @@ class WindowOutputs:
     contribution: FloatArray  # [B, N]
     level: FloatArray  # [B, N] (zeros when the decision uses no levels)
     spread: FloatArray  # [B, N] recent standard deviation in site units (same)
+    before: FloatArray | None = None  # [B, N] mean of the rows before the recent ones (same)
 
     def select(self, rows: np.ndarray) -> WindowOutputs:
         return WindowOutputs(
@@ -82,16 +86,19 @@ class WindowOutputs:
             self.contribution[rows],
             self.level[rows],
             self.spread[rows],
+            None if self.before is None else self.before[rows],
         )
 
     @staticmethod
     def concat(parts: list[WindowOutputs]) -> WindowOutputs:
+        befores = [p.before for p in parts]
         return WindowOutputs(
             np.concatenate([p.prob for p in parts]),
             np.concatenate([p.residual for p in parts]),
             np.concatenate([p.contribution for p in parts]),
             np.concatenate([p.level for p in parts]),
             np.concatenate([p.spread for p in parts]),
+            None if any(b is None for b in befores) else np.concatenate(befores),  # type: ignore[arg-type]
         )
 
 
@@ -147,6 +154,17 @@ def recent_stats(
     return level.astype(np.float32), spread.astype(np.float32)
 
 
+def earlier_level(
+    window: FloatArray, mask: FloatArray, net_center: FloatArray, net_scale: FloatArray, rows: int
+) -> FloatArray:
+    """[B, N]: the mean of the `2 * rows` valid readings before the last `rows` of each
+    window (as many as the window holds), in site units; none: NaN (`rows` 0: NaN)."""
+    if rows <= 0 or window.shape[1] <= rows:
+        return np.full((window.shape[0], window.shape[2]), np.nan, dtype=np.float32)
+    level, _ = recent_stats(window[:, :-rows], mask[:, :-rows], net_center, net_scale, 2 * rows)
+    return level
+
+
 def fit_spread_normal(spread: FloatArray) -> FloatArray:
     """The median recent spread of each sensor during calibration."""
     center = np.nanmedian(spread, axis=0)
@@ -199,7 +217,7 @@ def evidence_values(
     """Each kind of evidence per window, before its threshold: [B] each (per sensor: see
     `sensor_evidence`)."""
     values = {
-        "forecast": (out.residual / cal.residual_scale).max(axis=1),
+        "forecast": forecast_deviation(out, cal, params).max(axis=1),
         "supervised": out.prob,
     }
     if cal.level_center is not None and cal.level_precision is not None:
@@ -208,6 +226,18 @@ def evidence_values(
     if cal.spread_center is not None:
         values["spread"] = spread_deviation(out.spread, cal, params.spread_tolerance).max(axis=1)
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
+
+
+def forecast_deviation(
+    out: WindowOutputs, cal: SiteCalibration, params: DecisionParams
+) -> FloatArray:
+    """[B, N]: forecast residuals in the site's residual scale; with `forecast_away`, 0 for a
+    sensor whose recent level is closer to the site's normal than its level before."""
+    dev: FloatArray = out.residual / cal.residual_scale
+    if params.forecast_away and out.before is not None and cal.level_center is not None:
+        back = np.abs(out.level - cal.level_center) < np.abs(out.before - cal.level_center)
+        dev = np.where(back, 0.0, dev).astype(np.float32)  # NaN compares False: kept
+    return dev
 
 
 def level_evidence(dev: FloatArray, precision: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -282,7 +312,7 @@ def sensor_evidence(
     elif driver == "spread":
         per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
     elif driver == "forecast":
-        per_sensor = one.residual[0] / cal.residual_scale
+        per_sensor = forecast_deviation(one, cal, params)[0]
     else:
         per_sensor = one.contribution[0]
     total = float(per_sensor.sum())

@@ -26,7 +26,6 @@ from edge_agent.calibration import (
     SiteCalibration,
     WindowOutputs,
     evidence_values,
-    recent_stats,
     score_of,
     sensor_evidence,
 )
@@ -44,7 +43,7 @@ from edge_agent.logs import ids
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
-from edge_agent.scoring import calibrate
+from edge_agent.scoring import calibrate, window_statistics
 from edge_agent.serving import ServingModel
 from edge_agent.sources import Sources
 from edge_agent.stream_state import StreamStates
@@ -381,10 +380,8 @@ class EdgeRuntime:
         policy = self.config.decisions
         windows = np.stack([job.window for job in jobs])
         masks = np.stack([job.mask for job in jobs])
-        level, spread = recent_stats(
-            windows, masks, frame.net_center, frame.net_scale, decision.level_window
-        )
-        out = WindowOutputs(*outputs, level=level, spread=spread)
+        level, spread, before = window_statistics(frame, windows, masks)
+        out = WindowOutputs(*outputs, level=level, spread=spread, before=before)
         records: list[tuple[int, bytes]] = []
         for i, job in enumerate(jobs):
             decider = self.deciders[job.asset]

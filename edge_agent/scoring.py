@@ -17,6 +17,7 @@ from edge_agent.calibration import (
     DecisionParams,
     SiteCalibration,
     WindowOutputs,
+    earlier_level,
     fault_score,
     fit_input_normalisation,
     fit_level_normal,
@@ -167,10 +168,20 @@ def window_outputs(
 ) -> WindowOutputs:
     """The model's outputs and the recent levels for windows already in network space."""
     p, r, c = model.run(x, m)
-    level, spread = recent_stats(
-        x, m, frame.net_center, frame.net_scale, frame.decision.level_window
-    )
-    return WindowOutputs(p, r, c, level, spread)
+    return WindowOutputs(p, r, c, *window_statistics(frame, x, m))
+
+
+def window_statistics(
+    frame: ModelFrame, x: FloatArray, m: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+    """What the decision reads off windows in network space besides the network's outputs:
+    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
+    rows = frame.decision.level_window
+    level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
+    before = None
+    if frame.decision.forecast_away and rows > 0:
+        before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
+    return level, spread, before
 
 
 def row_scores(

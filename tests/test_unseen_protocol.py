@@ -183,3 +183,33 @@ def test_one_kind_alone_needs_a_margin_two_kinds_together_do_not() -> None:
     assert Decision.model_fields["alone"].default == 0.0
     with pytest.raises(Exception, match="alone"):
         DecisionParams(alone=0.5)
+
+
+def test_a_forecast_residual_counts_only_for_a_sensor_not_coming_back_to_normal() -> None:
+    """`forecast_away`: a sensor whose recent level is closer to the site's normal than its
+    level before (the end of a fault) gives no forecast evidence; one leaving normal, or one
+    without readings before, does. A manifest written before it keeps its old meaning."""
+    from edge_agent.bundle import Decision
+    from edge_agent.calibration import (
+        SiteCalibration,
+        WindowOutputs,
+        earlier_level,
+        forecast_deviation,
+    )
+
+    ones = np.ones(3, dtype=np.float32)
+    cal = SiteCalibration(ones * 0, ones, ones, 100, level_center=np.zeros(3, dtype=np.float32))
+    level = np.asarray([[0.5, 3.0, 0.5]], dtype=np.float32)
+    before = np.asarray([[3.0, 0.5, np.nan]], dtype=np.float32)
+    residual = np.full((1, 3), 2.0, dtype=np.float32)
+    out = WindowOutputs(ones[:1], residual, residual, level, level, before)
+    gated = forecast_deviation(out, cal, DecisionParams())
+    assert gated.tolist() == [[0.0, 2.0, 2.0]]
+    assert forecast_deviation(out, cal, DecisionParams(forecast_away=False)).tolist() == [[2.0] * 3]
+    window = np.zeros((1, 10, 3), dtype=np.float32)
+    window[0, :4] = 1.0  # the 6 rows before the last 3 are rows 1-6: three of them are 1
+    mask = np.ones_like(window)
+    mask[0, :, 2] = 0.0
+    earlier = earlier_level(window, mask, np.zeros(3, np.float32), np.ones(3, np.float32), 3)
+    assert earlier[0, 0] == pytest.approx(0.5) and np.isnan(earlier[0, 2])
+    assert Decision.model_fields["forecast_away"].default is False
