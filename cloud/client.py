@@ -277,11 +277,12 @@ class OperatorClient:
         return self._call(self._stub.AddWebhook, request)
 
     def rotate_webhook_secret(
-        self, webhook_id: str, secret: str, overlap_s: int = 0
+        self, webhook_id: str, secret: str, overlap_s: int | None = None
     ) -> operator_pb2.Webhook:
-        request = operator_pb2.RotateWebhookSecretRequest(
-            id=webhook_id, secret=secret, overlap_s=overlap_s
-        )
+        """`overlap_s`: how long the previous secret keeps signing (None: 24 h; 0: not)."""
+        request = operator_pb2.RotateWebhookSecretRequest(id=webhook_id, secret=secret)
+        if overlap_s is not None:
+            request.overlap_s = overlap_s
         return self._call(self._stub.RotateWebhookSecret, request)
 
     def list_webhooks(self) -> list[operator_pb2.Webhook]:

@@ -144,7 +144,12 @@ def test_a_secret_rotation_loses_no_delivery_on_either_side_of_the_switch(
         receiver.secret = new  # the receiver switches to the new one
         site.outbox.append([raised("pump-3", T0 + 10)])
         wait_for(lambda: len(receiver.accepted) == 3, timeout=30)
-    assert receiver.bad_signatures == 0, receiver.signatures
+        # A leaked secret: rotated with no overlap, the old one stops signing at once.
+        client.rotate_webhook_secret(hook.id, new_secret(), overlap_s=0)
+        # The receiver still has the secret just replaced: with an overlap it would verify.
+        site.outbox.append([raised("pump-4", T0 + 15)])
+        wait_for(lambda: receiver.bad_signatures >= 1, timeout=30)
+    assert len(receiver.accepted) == 3, receiver.signatures
     assert [len(sig.split(" ")) for sig in receiver.signatures] == [1, 2, 2]
     assert all(part.startswith("v1,") for sig in receiver.signatures for part in sig.split())
 

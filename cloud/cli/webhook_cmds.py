@@ -49,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rotate.add_argument("id")
     rotate.add_argument("--secret", default="", help="the new whsec_ secret (default: a new one)")
     rotate.add_argument(
-        "--overlap", default="24h", help="how long the old secret keeps signing (max 30d)"
+        "--overlap", default="24h", help="how long the old secret keeps signing (max 30d; 0: not)"
     )
     rotate.add_argument("--json", action="store_true")
     rotate.set_defaults(handler=cmd_rotate, needs_client=True)
@@ -76,7 +76,7 @@ def cmd_add(args: argparse.Namespace, client: OperatorClient) -> int:
 
 def cmd_rotate(args: argparse.Namespace, client: OperatorClient) -> int:
     try:
-        overlap = parse_duration(args.overlap)
+        overlap = 0.0 if args.overlap.strip() in ("0", "0s") else parse_duration(args.overlap)
     except ValueError as exc:
         raise InvalidInput(f"--overlap: {exc}") from None
     secret, made = args.secret or new_secret(), not args.secret
@@ -85,8 +85,13 @@ def cmd_rotate(args: argparse.Namespace, client: OperatorClient) -> int:
         print_json({**json_view(hook), **({"secret": secret} if made else {})})
         return 0
     until = hook.previous_secret_until.ToDatetime(tzinfo=dt.UTC)
-    print(f"webhook {hook.id}: the new secret signs now, the previous one too until "
-          f"{until:%Y-%m-%d %H:%M} UTC (give the receiver the new one before then)")  # fmt: skip
+    if overlap == 0:
+        print(f"webhook {hook.id}: the new secret signs now; the previous one no longer does")
+    else:
+        print(
+            f"webhook {hook.id}: the new secret signs now, the previous one too until "
+            f"{until:%Y-%m-%d %H:%M} UTC (give the receiver the new one before then)"
+        )
     if made:
         print(f"new secret (shown once): {secret}")
     return 0

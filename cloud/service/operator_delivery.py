@@ -58,7 +58,7 @@ class DeliveryCalls:
         request: operator_pb2.RotateWebhookSecretRequest,
         context: aio.ServicerContext[Any, Any],
     ) -> operator_pb2.Webhook:
-        overlap = request.overlap_s or DEFAULT_OVERLAP_S
+        overlap = request.overlap_s if request.HasField("overlap_s") else DEFAULT_OVERLAP_S
         if overlap > MAX_OVERLAP_S:
             raise InvalidInput(f"--overlap is at most 30 days, got {overlap} s")
 

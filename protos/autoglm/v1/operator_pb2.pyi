@@ -1418,19 +1418,21 @@ class RotateWebhookSecretRequest(_message.Message):
     id: _builtins.str
     secret: _builtins.str
     overlap_s: _builtins.int
-    """the previous secret keeps signing this long (0: 24 h)"""
+    """The previous secret keeps signing this long; unset: 24 h; 0: not at all (a leaked one)."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         secret: _builtins.str = ...,
-        overlap_s: _builtins.int = ...,
+        overlap_s: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_overlap_s", b"_overlap_s", "overlap_s", b"overlap_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "overlap_s", b"overlap_s", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_overlap_s", b"_overlap_s", "id", b"id", "overlap_s", b"overlap_s", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__overlap_s: _TypeAlias = _typing.Literal["overlap_s"]  # noqa: Y015
+    _WhichOneofArgType__overlap_s: _TypeAlias = _typing.Literal["_overlap_s", b"_overlap_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overlap_s) -> _WhichOneofReturnType__overlap_s | None: ...
 
 Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
 
