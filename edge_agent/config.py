@@ -215,6 +215,27 @@ class OpcUaSource(BaseModel):
         return self
 
 
+class OpcUaOut(BaseModel):
+    """The agent's OPC UA alert server for HMIs (`edge_agent/opcua_out.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = "0.0.0.0:4841"
+    certificate: Path | None = None  # with private_key: Basic256Sha256 SignAndEncrypt only
+    private_key: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return check_listen(value, optional=False)
+
+    @model_validator(mode="after")
+    def _pair(self) -> OpcUaOut:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (or neither: no security)")
+        return self
+
+
 class AssetConfig(BaseModel):
     """One machine: the topics its sensors publish on (JSON) or the Sparkplug B device it is,
     and how names on the wire map to the model's sensors."""
@@ -434,6 +455,8 @@ class AgentConfig(BaseSettings):
     metrics: MetricsPolicy = Field(default_factory=MetricsPolicy)
     # Alerts back to SCADA as Sparkplug B: the agent's own edge node, one device per asset.
     sparkplug_out: SparkplugId | None = None
+    # Alerts back to SCADA as OPC UA nodes on a small server of the agent's own.
+    opcua_out: OpcUaOut | None = None
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with ids
 

@@ -1,22 +1,27 @@
 """The agent's links to the site besides its own JSON topics: Sparkplug B sources and the
-agent's own Sparkplug edge node (over the one MQTT connection), polled Modbus devices and
-OPC UA subscriptions.
+agent's own Sparkplug edge node (over the one MQTT connection), polled Modbus devices, OPC UA
+subscriptions, and the agent's own OPC UA alert server.
 One MQTT message is a command to the agent's node, a Sparkplug message of a source, or JSON.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from edge_agent.config import AgentConfig, AssetConfig
 from edge_agent.decisions import AlertEvent
+from edge_agent.errors import LocalStateError
 from edge_agent.ingest.decode import Decoded, Decoder, TopicRoutes
 from edge_agent.ingest.modbus import ModbusPoller, pollers
 from edge_agent.ingest.mqtt import MqttConnection
 from edge_agent.ingest.opcua import OpcUaSession
 from edge_agent.ingest.opcua import sessions as opcua_sessions
 from edge_agent.ingest.sparkplug import SparkplugDecoder, topics_for
+from edge_agent.opcua_out import OpcUaAlerts
 from edge_agent.sparkplug_out import SparkplugAlerts
+
+log = logging.getLogger(__name__)
 
 
 class Sources:
@@ -56,6 +61,10 @@ class Sources:
             will=out.will() if out else None,
             on_connected=out.birth if out else None,
         )
+        self.opcua_out: OpcUaAlerts | None = None
+        if config.opcua_out is not None:
+            self.opcua_out = OpcUaAlerts(config.opcua_out, [a.name for a in assets])
+        self._published = list(published_alerts)
         self.modbus = pollers(assets, routes, decoder, deliver)
         self.opcua = opcua_sessions(assets, routes, decoder, deliver)
         self._links: list[ModbusPoller | OpcUaSession] = [*self.modbus, *self.opcua]
@@ -77,8 +86,16 @@ class Sources:
         """An alert event published on site: to SCADA too."""
         if self.sparkplug_out is not None:
             self.sparkplug_out.alert(event)
+        if self.opcua_out is not None:
+            self.opcua_out.alert(event)
 
     def start(self) -> None:
+        if self.opcua_out is not None:
+            try:
+                self.opcua_out.start(self._published)
+            except LocalStateError as exc:  # the data path matters more: said, not fatal
+                log.error("%s; the agent runs without its OPC UA alert server", exc)
+                self.opcua_out = None
         self.mqtt.start()
         for link in self._links:
             link.start()
@@ -87,3 +104,5 @@ class Sources:
         for link in self._links:
             link.stop()
         self.mqtt.stop()
+        if self.opcua_out is not None:
+            self.opcua_out.stop()

@@ -5,6 +5,7 @@ again after the backoff); bad values and statuses are counted."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cloud.local_broker import free_port
 from edge_agent.config import IngestLimits, load_agent_config
 from edge_agent.errors import ConfigError
 from edge_agent.ingest.decode import Decoder, TopicRoutes
@@ -41,6 +43,16 @@ def _config(tmp_path: Path, source: dict[str, Any], **extra: Any) -> Any:
         {"state_dir": tmp_path / "agent", "assets": [{"name": "pump-1", "opcua": source}],
          **extra},
     )  # fmt: skip
+
+
+async def _read_alert_nodes(url: str) -> tuple[object, object]:
+    from asyncua.client.client import Client
+
+    async with Client(url) as client:
+        ns = await client.get_namespace_index("urn:autoglm:alerts")
+        fault = await client.get_node(f"ns={ns};s=pump-1.Fault").read_value()
+        score = await client.get_node(f"ns={ns};s=pump-1.Score").read_value()
+    return fault, score
 
 
 def test_config_refuses_bad_node_ids_and_security_without_certificates(tmp_path: Path) -> None:
@@ -86,6 +98,7 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
     client_cert, client_key = make_certificate(pki, "agent", APP_URI, server=False)
     rows = np.vstack([pump(200, faulty=False, seed=1), pump(150, faulty=True, seed=2)])
     anchor = time.time() - rows.shape[0] - 10
+    hmi_port = free_port()
     # Notifications report changes (status or value): the values before the stream differ.
     server = OpcServer(SENSORS, server_cert).start(np.zeros(len(SENSORS)), anchor - 1)
     source = _source(
@@ -99,6 +112,7 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
         model={"bundle": bundle},
         decisions={"clear_at": 0.95},
         sparkplug_out={"group": "plant", "edge_node": "autoglm-1"},
+        opcua_out={"listen": f"127.0.0.1:{hmi_port}"},
     )
     agent = SiteAgent(tmp_path, config, bundle, key)
     runtime = agent.runtime
@@ -120,6 +134,9 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
         assert session.sessions == 2 and runtime.decoder.drops["opcua_unreachable"] >= 0
         first = agent.first_alert(after=anchor + 200)
         assert read_fault(lines)["metrics"]["autoglm/score"] == first.score
+        # And as OPC UA nodes an HMI reads, from the agent's own server (asyncua's client).
+        fault, score = asyncio.run(_read_alert_nodes(f"opc.tcp://127.0.0.1:{hmi_port}/autoglm/"))
+        assert fault is True and score == first.score
     finally:
         reader.kill()
         agent.close()
@@ -154,3 +171,26 @@ def test_the_simulator_serves_the_stream_as_an_opc_ua_server(tmp_path: Path) -> 
     finally:
         session.stop()
     assert {g[1] for g in got} == set(range(len(stream.sensors))) and base.drops.total() == 0
+
+
+def test_an_alert_server_that_cannot_listen_is_said_not_fatal(tmp_path: Path) -> None:
+    import socket
+
+    from edge_agent.decisions import AlertEvent
+    from edge_agent.opcua_out import OpcUaAlerts
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    config = load_agent_config(
+        None,
+        {"state_dir": tmp_path, "assets": [{"name": "pump-1", "topics": ["p/+"]}],
+         "opcua_out": {"listen": f"127.0.0.1:{taken.getsockname()[1]}"}},
+    )  # fmt: skip
+    assert config.opcua_out is not None
+    server = OpcUaAlerts(config.opcua_out, ["pump-1"])
+    with pytest.raises(Exception, match="opcua_out: cannot serve"):
+        server.start()
+    event = AlertEvent("raised", "k", "pump-1", 2.0, (("flow", 1.0),), 0.0, 1.0, 1.0, "1")
+    server.alert(event)  # ignored, never raises
+    taken.close()
