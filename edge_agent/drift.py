@@ -19,6 +19,8 @@ from protos.autoglm.v1 import agent_pb2
 
 SCORES = 600  # recent windows behind score_median and alerts_per_day
 MIN_VALID = 10  # readings of a sensor before its shift is judged
+MAX_SPREAD_RATIO = 100.0
+MIN_SPAN_S = 3600.0  # raises per day only over at least this much stream time
 
 
 class ScoreTrail:
@@ -43,7 +45,9 @@ class ScoreTrail:
             scores, ends, raises = list(self._scores), list(self._ends), list(self._raises)
         if not scores:
             return 0.0, 0.0
-        span = max(ends[-1] - ends[0], 1.0)
+        span = ends[-1] - ends[0]
+        if span < MIN_SPAN_S:  # one early raise over a few minutes is no daily rate
+            return float(np.median(scores)), 0.0
         recent = sum(1 for t in raises if t >= ends[0])
         return float(np.median(scores)), recent * 86_400.0 / span
 
@@ -71,8 +75,9 @@ def asset_drift(
     var = np.where(valid, (values - mean) ** 2, 0.0).sum(axis=0) / safe
     scale = np.maximum(calibration.input_scale.astype(np.float64), 1e-9)
     shift = np.where(judged, np.abs(mean - calibration.input_center) / scale, 0.0)
-    ratio = np.sqrt(var) / scale
-    spread = np.where(judged, np.maximum(ratio, 1.0 / np.maximum(ratio, 1e-9)), 1.0)
+    # A sensor flat in its recent rows (stuck, or a setpoint) reads as MAX_SPREAD_RATIO.
+    ratio = np.clip(np.sqrt(var) / scale, 1.0 / MAX_SPREAD_RATIO, MAX_SPREAD_RATIO)
+    spread = np.where(judged, np.maximum(ratio, 1.0 / ratio), 1.0)
     worst = int(np.argmax(shift))
     report.input_shift = float(shift[worst])
     report.input_shift_sensor = sensors[worst] if worst < len(sensors) else str(worst)

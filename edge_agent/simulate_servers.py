@@ -45,9 +45,10 @@ def serve_modbus(host: str, port: int, streams: Sequence[Stream], speed: float,
     def words(stream: Stream) -> list[int]:
         row = stream.values[_row_at(stream, (time.monotonic() - started) * speed)]
         out: list[int] = []
-        for value in row:
-            v = 0.0 if value != value else float(value)
-            out += ModbusTcpClient.convert_to_registers(v, ModbusTcpClient.DATATYPE.FLOAT32)
+        for value in row:  # a gap stays NaN: the poller counts it, never a real 0.0
+            out += ModbusTcpClient.convert_to_registers(
+                float(value), ModbusTcpClient.DATATYPE.FLOAT32
+            )
         return out
 
     def device(i: int, stream: Stream) -> SimDevice:

@@ -47,6 +47,10 @@ def test_the_score_trail_counts_raises_per_day() -> None:
     assert median == pytest.approx(0.245)
     assert per_day == pytest.approx(2 * 86_400 / (60 * 99))
     assert ScoreTrail().summary() == (0.0, 0.0)
+    early = ScoreTrail()
+    early.add(1.5, 0.0, raised=True)
+    early.add(0.3, 10.0, raised=False)
+    assert early.summary()[1] == 0.0  # 10 s of stream: no daily rate yet
 
 
 def test_the_fleet_view_ranks_sites_by_drift() -> None:

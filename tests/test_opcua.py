@@ -84,6 +84,12 @@ def test_an_unreachable_server_is_counted_and_tried_again(tmp_path: Path) -> Non
         wait_for(lambda: base.drops["opcua_unreachable"] >= 2, timeout=30)
     finally:
         session.stop()
+    assert not session._thread.is_alive()  # stopped while waiting out its backoff
+    (fresh,) = sessions(config.assets, routes, base, lambda _: None)
+    fresh.stop()  # never started: nothing to wait for
+    fresh.start()
+    fresh.stop()  # at once after starting (a model swap): the stop is not lost
+    assert not fresh._thread.is_alive()
 
 
 @pytest.mark.integration
@@ -131,7 +137,7 @@ def test_an_asyncua_server_drives_the_agent_to_an_alert_over_signed_and_encrypte
             seen = session.notifications
             server.write(rows[i], anchor + i)
             wait_for(lambda s=seen: session.notifications >= s + len(SENSORS), timeout=30)
-        assert session.sessions == 2 and runtime.decoder.drops["opcua_unreachable"] >= 0
+        assert session.sessions == 2  # opened again after the restart
         first = agent.first_alert(after=anchor + 200)
         assert read_fault(lines)["metrics"]["autoglm/score"] == first.score
         # And as OPC UA nodes an HMI reads, from the agent's own server (asyncua's client).
@@ -194,3 +200,16 @@ def test_an_alert_server_that_cannot_listen_is_said_not_fatal(tmp_path: Path) ->
     event = AlertEvent("raised", "k", "pump-1", 2.0, (("flow", 1.0),), 0.0, 1.0, 1.0, "1")
     server.alert(event)  # ignored, never raises
     taken.close()
+
+
+def test_node_ids_are_read_as_asyncua_writes_them_and_bad_ones_refused(tmp_path: Path) -> None:
+    server = OpcServer(SENSORS, port=1)
+    nodes = [{"sensor": SENSORS[0], "node_id": "ns=0;i=2258"},
+             {"sensor": SENSORS[1], "node_id": "ns=02;s=Pump1.x"}]  # fmt: skip
+    config = _config(tmp_path, {**_source(server), "nodes": nodes})
+    routes = TopicRoutes(config.assets, SENSORS)
+    (session,) = sessions(config.assets, routes, Decoder(routes, IngestLimits()), print)
+    assert sorted(session.targets) == ["i=2258", "ns=2;s=Pump1.x"]
+    bad = _config(tmp_path, {**_source(server), "nodes": [{"sensor": "flow", "node_id": "i=abc"}]})
+    with pytest.raises(ConfigError, match="'i=abc' does not parse"):
+        sessions(bad.assets, routes, Decoder(routes, IngestLimits()), print)

@@ -154,7 +154,12 @@ def announce(
         until = doc.get("shelved_until")
         if until and dt.datetime.fromisoformat(until) > now:
             reason = "shelved"
-        elif window := covering(windows, labels.get(row.device_id, {}), row.asset, at[row.id]):
+        elif window := (
+            covering(windows, labels.get(row.device_id, {}), row.asset, at[row.id])
+            # An active alert also while a window is in force now (a device clock hours off).
+            or (AlertState(row.state).active
+                and covering(windows, labels.get(row.device_id, {}), row.asset, now))
+        ):  # fmt: skip
             reason = window.label
         doc["suppressed_by"] = reason
         active = AlertState(row.state).active

@@ -22,11 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asyncua import ua
-from asyncua.client.client import Client
-from asyncua.crypto import security_policies
-
 from edge_agent.config import OpcUaSource
+from edge_agent.errors import ConfigError
 from edge_agent.ingest.decode import Decoded, Decoder, TopicRoutes
 from edge_agent.retry import Backoff
 
@@ -35,9 +32,9 @@ OPCUA_DROPS = (
     "opcua_unreachable",  # no session: counted once per failed attempt
     "opcua_bad_status",  # a notification whose status code is not Good
 )
-# asyncua logs every refused connection and lost session itself; the source counts them and
-# logs once a minute per reason.
-logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+# asyncua logs every refused connection and lost session at warning level; the source counts
+# them and logs once a minute per reason. Its errors (a handler that raised) still show.
+logging.getLogger("asyncua").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,9 @@ class OpcUaSession:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
-        self.targets = {t.node_id: t for t in targets}
+        self.targets: dict[str, list[Target]] = {}  # by node id as asyncua writes it
+        for t in targets:
+            self.targets.setdefault(t.node_id, []).append(t)
         self.base = base
         self.deliver = deliver
         self.clock = clock
@@ -67,8 +66,10 @@ class OpcUaSession:
         self.sessions = 0  # opened so far
         self.notifications = 0
         self.subscribed = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lost: asyncio.Event | None = None
         self._thread = threading.Thread(
             target=self._main, name=f"opcua {source.endpoint}", daemon=True
         )
@@ -77,40 +78,50 @@ class OpcUaSession:
         self._thread.start()
 
     def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(self.source.timeout_s + 10)
+        """Ends the session (also one still opening) and waits for its thread."""
+        self._stopping.set()
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed already
+                loop.call_soon_threadsafe(task.cancel)
+        if self._thread.is_alive():
+            self._thread.join(self.source.timeout_s + 10)
 
     def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._stop = asyncio.Event()
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         try:
-            self._loop.run_until_complete(self._run(self._stop))
+            self._task = loop.create_task(self._run())
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(self._task)
         finally:
-            self._loop.close()
+            loop.close()
 
-    async def _run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            lost = asyncio.Event()
+    async def _run(self) -> None:
+        from asyncua.client.client import Client
+
+        while not self._stopping.is_set():
+            lost = self._lost = asyncio.Event()
             client = Client(self.source.endpoint, timeout=self.source.timeout_s)
             try:
                 await self._open(client, lost)
                 self.backoff.reset()
-                waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for task in waiters:
-                    task.cancel()
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # noqa: BLE001 - any failure: counted, tried again
                 self.base.drop("opcua_unreachable", self.source.endpoint, repr(exc).encode())
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):  # it is gone either way
                     await asyncio.wait_for(client.disconnect(), self.source.timeout_s)
-            if not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.backoff.next_delay())
+            if not self._stopping.is_set():
+                await asyncio.sleep(self.backoff.next_delay())
 
-    async def _open(self, client: Client, lost: asyncio.Event) -> None:
+    async def _open(self, client: Any, lost: asyncio.Event) -> None:
+        from asyncua import ua
+        from asyncua.crypto import security_policies
+
         source = self.source
         if source.username:
             client.set_user(source.username)
@@ -141,7 +152,7 @@ class OpcUaSession:
         handles = await subscription.subscribe_data_change(
             nodes,
             queuesize=source.queue_size,
-            sampling_interval=0.0,  # type: ignore[call-overload]
+            sampling_interval=float(source.publishing_interval_ms),  # not a PLC's fastest
         )
         refused = [n for n, h in zip(self.targets, handles, strict=True)
                    if isinstance(h, ua.StatusCode)]  # fmt: skip
@@ -154,11 +165,14 @@ class OpcUaSession:
     # ---- asyncua's subscription handler (its event loop) ----
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
         self.notifications += 1
-        target = self.targets.get(node.nodeid.to_string())
+        try:
+            for target in self.targets.get(node.nodeid.to_string(), ()):
+                self._take(target, val, data.monitored_item.Value)
+        except Exception as exc:  # noqa: BLE001 - a value it could not read: counted
+            self.base.drop("bad_type", self.source.endpoint, repr(exc)[:120].encode())
+
+    def _take(self, target: Target, val: Any, value: Any) -> None:
         where = self.source.endpoint
-        if target is None:
-            return
-        value = data.monitored_item.Value
         if value.StatusCode is not None and not value.StatusCode.is_good():
             self.base.drop("opcua_bad_status", where, str(value.StatusCode).encode())
             return
@@ -177,15 +191,19 @@ class OpcUaSession:
         now = self.clock()
         ts = stamp.replace(tzinfo=dt.UTC).timestamp() if stamp is not None else now
         latest, earliest = self.base.bounds(target.asset, now)
-        self.base.observe(target.asset, ts, now)
         if ts > latest or ts < earliest:
             self.base.drop("ts_future" if ts > latest else "ts_past", where, b"")
             return
+        self.base.observe(target.asset, ts, now)
         self.base.accepted += 1
         self.deliver((target.asset, target.sensor, ts, reading))
 
     def status_change_notification(self, status: Any) -> None:
+        """The server ended the subscription (shutdown, timeout): the session is opened again."""
         log.warning("OPC UA subscription status on %s: %s", self.source.endpoint, status)
+        code = getattr(status, "Status", None)
+        if code is not None and not code.is_good() and self._lost is not None:
+            self._lost.set()
 
 
 def sessions(
@@ -194,12 +212,28 @@ def sessions(
     base: Decoder,
     deliver: Callable[[Decoded], None],
 ) -> list[OpcUaSession]:
-    """One session per server the assets name (assets may share a server)."""
+    """One session per server the assets name (assets may share a server, with the same
+    settings; a node may feed several assets)."""
     by_server: dict[str, tuple[OpcUaSource, list[Target]]] = {}
     for i, asset in enumerate(assets):
         source: OpcUaSource | None = getattr(asset, "opcua", None)
         if source is None:
             continue
-        _, targets = by_server.setdefault(source.endpoint, (source, []))
-        targets += [Target(i, routes.sensor(i, n.sensor), n.node_id) for n in source.nodes]
+        from asyncua import ua  # only agents with OPC UA sources load it
+
+        first, targets = by_server.setdefault(source.endpoint, (source, []))
+        if first.model_dump(exclude={"nodes"}) != source.model_dump(exclude={"nodes"}):
+            raise ConfigError(
+                f"assets: {source.endpoint} is given twice with different settings (security, "
+                "certificates, intervals): give it the same ones"
+            )
+        for n in source.nodes:
+            try:
+                node_id = ua.NodeId.from_string(n.node_id).to_string()
+            except Exception as exc:  # noqa: BLE001 - asyncua raises several kinds
+                raise ConfigError(
+                    f"asset {getattr(asset, 'name', i)!r}: OPC UA node id {n.node_id!r} does not "
+                    f"parse ({exc})"
+                ) from None
+            targets.append(Target(i, routes.sensor(i, n.sensor), node_id))
     return [OpcUaSession(src, targets, base, deliver) for src, targets in by_server.values()]
