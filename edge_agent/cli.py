@@ -17,6 +17,7 @@ from edge_agent.enroll import enroll
 from edge_agent.errors import AutoglmError, ConfigError, report
 from edge_agent.files import exclusive_lock
 from edge_agent.logs import setup_logging
+from edge_agent.settings import check_listen
 from edge_agent.simulate import Fault, Stream
 
 
@@ -206,9 +207,10 @@ def _serve(args: argparse.Namespace, streams: list[Stream]) -> int:
 
     default = "0.0.0.0:5020" if args.protocol == "modbus" else "0.0.0.0:4840"
     text = args.listen or default
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--listen {text!r}: give HOST:PORT, e.g. {default}")
+    try:
+        host, _, port = check_listen(text, optional=False).rpartition(":")
+    except ValueError as exc:
+        raise ConfigError(f"--listen {text!r}: {exc}, e.g. {default}") from None
     if args.speed <= 0:
         raise ConfigError("--speed must be above 0 when serving: the rows are served in time")
     serve = serve_modbus if args.protocol == "modbus" else serve_opcua

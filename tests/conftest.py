@@ -1,4 +1,5 @@
-"""Shared fixtures: a real control plane over TLS on port 0, enrolled agents, PostgreSQL."""
+"""Shared fixtures: a real control plane over TLS on port 0, enrolled agents, PostgreSQL, a
+real Mosquitto broker."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud.service.serde import bootstrap_from_registration
 from edge_agent.bootstrap import Bootstrap
 from protos.autoglm.v1 import operator_pb2
+from tests.support.broker import Broker, start_broker
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 
 PG_ADMIN_DSN = os.environ.get(
@@ -63,3 +65,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ed25519Priv
     from tests.support.bundles import train_small  # torch: only for the modules that train
 
     return train_small(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto broker of the test's own, on a free port."""
+    b = start_broker(tmp_path / "broker")
+    yield b
+    b.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from edge_agent.simulate import (
 )
 from tests.conftest import register
 from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
-from tests.support.broker import Broker, start_broker
+from tests.support.broker import Broker
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 
 # The module's fixture trains a SKAB model: minutes of CPU on a busy 2-core machine.
@@ -122,13 +121,6 @@ def stored_sequences(store: Store, device_id: str) -> list[int]:
 def box_sequences(box: Outbox) -> list[int]:
     """Every sequence number the agent's outbox has handed out so far."""
     return list(range(1, box.stats().next_sequence))
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = start_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 def agent_config(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,7 +31,7 @@ from edge_agent.renewal import NEXT, finish_interrupted, renewal_due
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import register
 from tests.support.agents import enroll_identity, start_agent, start_session, wait_for
-from tests.support.broker import Broker, start_broker
+from tests.support.broker import Broker
 from tests.support.cloud import init_plane, start_plane
 
 pytestmark = [pytest.mark.integration]
@@ -83,13 +82,6 @@ def test_a_swap_a_crash_interrupted_leaves_a_matching_pair(tmp_path: Path, crash
     assert (folder / KEY_FILE).read_bytes() == expected[0]
     assert (folder / CERT_FILE).read_bytes() == expected[1]
     assert sorted(p.name for p in folder.iterdir()) == sorted([KEY_FILE, CERT_FILE])
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = start_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 def test_renewal_swaps_credentials_without_a_restart_and_the_old_ones_expire(

@@ -19,7 +19,7 @@ from edge_agent.config import load_agent_config
 from edge_agent.ingest.mqtt import new_client
 from tests.conftest import register
 from tests.support.agents import enroll_identity, start_agent, wait_for
-from tests.support.broker import Broker, start_broker
+from tests.support.broker import Broker
 from tests.support.bundles import make_version
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 from tests.support.datapath import pump
@@ -40,13 +40,6 @@ def metered_plane(tmp_path: Path) -> Iterator[RunningPlane]:
     )
     yield running
     running.stop()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = start_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 def _get(url: str) -> tuple[int, dict[str, object]]:

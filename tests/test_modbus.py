@@ -5,7 +5,6 @@ and an alert on an injected fault, through a device restart (counted, resumed)."
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
 from edge_agent.ingest.modbus import ModbusPoller, Slot, decode_register, pollers, spans
 from tests.support.agents import wait_for
-from tests.support.broker import Broker, start_broker
+from tests.support.broker import Broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.plc import Plc
@@ -72,13 +71,6 @@ def test_an_unreachable_device_is_counted_not_fatal(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mapped twice"):
         _config(tmp_path, 1, assets=[{"name": "p", "modbus": {
             "host": "h", "registers": [{"sensor": "a", "address": 0}] * 2}}])  # fmt: skip
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = start_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 @pytest.mark.integration

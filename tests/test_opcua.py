@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.ingest.opcua import OpcUaSession, sessions
 from tests.support.agents import wait_for
-from tests.support.broker import Broker, start_broker
+from tests.support.broker import Broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.opcua_server import OpcServer, make_certificate
@@ -63,13 +62,6 @@ def test_config_refuses_bad_node_ids_and_security_without_certificates(tmp_path:
         _config(tmp_path, _source(server, security="Basic256Sha256"))
     with pytest.raises(ConfigError, match="endpoint"):
         _config(tmp_path, {**_source(server), "endpoint": "http://x"})
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = start_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 def test_an_unreachable_server_is_counted_and_tried_again(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from edge_agent.simulate_sparkplug import SimulatedNode, publish_node
 from edge_agent.sparkplug_out import SparkplugAlerts
 from protos.sparkplug import sparkplug_b_pb2 as spb
 from tests.support.agents import wait_for
-from tests.support.broker import Broker, start_broker
+from tests.support.broker import Broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
 from tests.support.sensordata import SENSORS
@@ -265,13 +264,6 @@ class Peer:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = start_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 @pytest.mark.integration
