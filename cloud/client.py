@@ -176,11 +176,12 @@ class OperatorClient:
     def rollout_action(
         self, action: str, rollout_id: str, reason: str = ""
     ) -> operator_pb2.Rollout:
-        """`action`: pause, resume or abort."""
+        """`action`: pause, resume, abort or undo."""
         method = {
             "pause": self._stub.PauseRollout,
             "resume": self._stub.ResumeRollout,
             "abort": self._stub.AbortRollout,
+            "undo": self._stub.UndoRollout,
         }[action]
         return self._call(method, operator_pb2.RolloutActionRequest(id=rollout_id, reason=reason))
 

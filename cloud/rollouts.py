@@ -179,6 +179,21 @@ class RolloutController:
 
         return self._retried(attempt)
 
+    def undo(self, rollout_id: str, reason: str) -> tuple[RolloutRecord, list[DesiredModel]]:
+        """Sends the devices the rollout updated back to their previous version: after it
+        succeeded or ended partial, and, like an abort, while it runs. A device a later
+        rollout took over keeps what it has; the rollout ends aborted, its reason saying so."""
+
+        def attempt() -> tuple[RolloutRecord, list[DesiredModel]]:
+            rollout = self.store.get_rollout(rollout_id)
+            if rollout.state is RolloutState.ABORTED:
+                raise FailedPrecondition(
+                    f"rollout {rollout_id} is aborted: its devices were sent back already"
+                )
+            return self._abort(rollout, "undone: " + (reason or "by an operator"))
+
+        return self._retried(attempt)
+
     def _retried(self, attempt: Callable[[], _T]) -> _T:
         """An operator's action, read and written again when another writer (the leader's
         tick on any replica, a device report) changed the rollout in between: the action

@@ -252,6 +252,46 @@ def test_an_abort_sends_every_device_that_got_the_version_back_and_stays(
         fleet.controller.abort(rollout_id, "twice")
 
 
+def test_undo_sends_a_succeeded_rollouts_devices_back_but_not_those_a_later_one_took(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("100%",))
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.SUCCEEDED
+    # A later rollout of version 3 takes edge-3 over.
+    fleet.store.add_model(
+        ModelRecord("pump", "3", f"sha256:{'3' * 64}", f"sha256:{'f' * 64}", 10, T0, {})
+    )
+    fleet.store.update_labels("edge-3", {"line": "9"}, [])
+    later, _ = fleet.controller.create("pump", "3", "line=9", ("100%",), 0.0, Gates())
+    assert fleet.desired("edge-3") is not None and fleet.desired("edge-3").rollout_id == later.id
+
+    rollout, desired = fleet.controller.undo(rollout_id, "pump-2 misses cavitation")
+    assert rollout.state is RolloutState.ABORTED
+    assert rollout.reason == "undone: pump-2 misses cavitation"
+    back = {d.device_id: (d.model_version, d.revert_version) for d in desired}
+    assert back == {fleet.ids[n]: ("1", "2") for n in ("edge-0", "edge-1", "edge-2")}, back
+    states = fleet.states(rollout_id)
+    assert states == {**{n: "rolled_back" for n in ("edge-0", "edge-1", "edge-2")},
+                      "edge-3": "updated"}, states  # fmt: skip
+    assert fleet.desired("edge-3").model_version == "3"  # type: ignore[union-attr]
+    with pytest.raises(FailedPrecondition, match="sent back already"):
+        fleet.controller.undo(rollout_id, "twice")
+
+
+def test_undo_of_a_running_rollout_is_an_abort(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    rollout, desired = fleet.controller.undo(rollout_id, "")
+    assert rollout.state is RolloutState.ABORTED and rollout.reason == "undone: by an operator"
+    assert [d.device_id for d in desired] == [fleet.ids["edge-0"]]
+    for _ in range(2):
+        fleet.clock.advance(60)
+        assert fleet.controller.tick() == []
+
+
 def test_reports_on_other_versions_change_nothing_and_an_unknown_outcome_fails(
     fleet: Fleet,
 ) -> None:

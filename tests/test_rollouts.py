@@ -208,8 +208,15 @@ def test_a_self_test_failure_aborts_and_a_new_rollout_can_follow(fleet: Fleet) -
     v5 = make_version((fleet.root / "v1", key), fleet.root / "v5", "5", key)
     with fleet.plane.client() as client:
         client.push_bundle(v5)
-    wait_state(fleet, rollout(fleet, "5", "1,50%,100%", soak=0), SUCCEEDED)
+    v5_rollout = rollout(fleet, "5", "1,50%,100%", soak=0)
+    wait_state(fleet, v5_rollout, SUCCEEDED)
     assert set(fleet.versions().values()) == {"5"}
+    # Undone after it succeeded: every device goes back to what it served before.
+    with fleet.plane.client() as client:
+        undone = client.rollout_action("undo", v5_rollout, "misses cavitation")
+    assert undone.state == ABORTED and undone.reason == "undone: misses cavitation", undone
+    wait_for(lambda: set(fleet.versions().values()) == {"1"}, timeout=60)
+    assert {d.state for d in status(fleet, v5_rollout).devices} == {"rolled_back"}
 
 
 def test_abort_sends_updated_devices_back_and_a_restarted_plane_carries_on(

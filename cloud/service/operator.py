@@ -227,6 +227,13 @@ class OperatorServicer(
         self.push_desired(desired)
         return await self._rollout(request.id)
 
+    async def UndoRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        _, desired = await asyncio.to_thread(self.rollouts.undo, request.id, request.reason)
+        self.push_desired(desired)
+        return await self._rollout(request.id)
+
     async def _rollout(self, rollout_id: str, with_devices: bool = True) -> operator_pb2.Rollout:
         store = self.registry.store
 

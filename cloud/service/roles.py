@@ -49,6 +49,7 @@ LEAST_ROLE: dict[str, str] = {
             "PauseRollout",
             "ResumeRollout",
             "AbortRollout",
+            "UndoRollout",
             "AckAlert",
             "ResolveAlert",
             "ShelveAlert",

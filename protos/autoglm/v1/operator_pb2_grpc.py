@@ -124,6 +124,11 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.UndoRollout = channel.unary_unary(
+                '/autoglm.v1.OperatorService/UndoRollout',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/autoglm.v1.OperatorService/ListAlerts',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListAlertsRequest.SerializeToString,
@@ -336,6 +341,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndoRollout(self, request, context):
+        """Sends the devices a rollout updated back to their previous version, also after it
+        succeeded or ended partial; devices a later rollout took over keep what they have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAlerts(self, request, context):
         """Alerts
         """
@@ -542,6 +555,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             ),
             'AbortRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortRollout,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'UndoRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollout,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
             ),
@@ -1120,6 +1138,33 @@ class OperatorService:
             request,
             target,
             '/autoglm.v1.OperatorService/AbortRollout',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/UndoRollout',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
             options,

@@ -63,6 +63,10 @@ class OperatorServiceStub:
     PauseRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
     ResumeRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
     AbortRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
+    UndoRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
+    """Sends the devices a rollout updated back to their previous version, also after it
+    succeeded or ended partial; devices a later rollout took over keep what they have.
+    """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListAlertsRequest, _operator_pb2.ListAlertsResponse]
     """Alerts"""
     GetAlert: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetAlertRequest, _operator_pb2.Alert]
@@ -125,6 +129,10 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     PauseRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     ResumeRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     AbortRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    UndoRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    """Sends the devices a rollout updated back to their previous version, also after it
+    succeeded or ended partial; devices a later rollout took over keep what they have.
+    """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListAlertsRequest, _operator_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Alerts"""
     GetAlert: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetAlertRequest, _operator_pb2.Alert]  # type: ignore[assignment]
@@ -292,6 +300,16 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.RolloutActionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def UndoRollout(
+        self,
+        request: _operator_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]:
+        """Sends the devices a rollout updated back to their previous version, also after it
+        succeeded or ended partial; devices a later rollout took over keep what they have.
+        """
 
     @_abc_1.abstractmethod
     def ListAlerts(
