@@ -227,6 +227,9 @@ class ShadowReport:
     latency_p99_ms: float
     incumbent_latency_p99_ms: float
     detail: str = ""
+    # The incumbent against itself recalibrated on other rows (0: not measured).
+    self_agreement: float = 0.0
+    self_rate_difference: float = 0.0
 
 
 class RolloutState(enum.StrEnum):
@@ -314,6 +317,15 @@ class RolloutTarget:
     @property
     def shadow_agreement(self) -> float:
         return float(self.shadow.get("agreement", 0.0))
+
+    @property
+    def shadow_self_agreement(self) -> float:
+        """The incumbent's agreement with itself recalibrated (0: not measured)."""
+        return float(self.shadow.get("self_agreement", 0.0))
+
+    @property
+    def shadow_self_rate_difference(self) -> float:
+        return float(self.shadow.get("self_rate_difference", 0.0))
 
     @property
     def shadow_alert_rate_difference(self) -> float:

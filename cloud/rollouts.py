@@ -45,6 +45,7 @@ from cloud.domain import (
 from cloud.rollout_rules import (
     DEFAULT_WAVES,
     RolloutSettings,
+    behaviour_gate,
     check_gates,
     latency_regression,
     parse_waves,
@@ -296,6 +297,8 @@ class RolloutController:
             "latency_p99_ms": report.latency_p99_ms,
             "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
             "detail": report.detail,
+            "self_agreement": report.self_agreement,
+            "self_rate_difference": report.self_rate_difference,
         }
         self.store.record_shadow(rollout.id, device_id, shadow)
 
@@ -464,13 +467,10 @@ class RolloutController:
             slower = latency_regression(*t.shadow_latency_ms, gates.max_latency_regression)
             device = devices.get(t.device_id)
             errors = _agent_errors(device) - t.errors_at_install if device is not None else 0
-            why = []
-            if agreement < gates.min_shadow_agreement:
-                why.append(f"agreement {agreement:.3f} < {gates.min_shadow_agreement:g}")
-            if difference > gates.max_alert_rate_difference:
-                why.append(
-                    f"alert-rate difference {difference:.3f} > {gates.max_alert_rate_difference:g}"
-                )
+            why = behaviour_gate(
+                gates, agreement, difference, t.shadow_self_agreement,
+                t.shadow_self_rate_difference,
+            )  # fmt: skip
             if slower:
                 why.append(slower)
             if t.errors_at_install >= 0 and errors > gates.max_agent_errors:

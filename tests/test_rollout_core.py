@@ -73,8 +73,9 @@ class Fleet:
         self.controller.on_install(self.ids[name], report)
 
     def shadow(self, name: str, rollout_id: str, windows: int = 40, agreement: float = 1.0,
-               latency: tuple[float, float] = (3.0, 2.0)) -> None:  # fmt: skip
-        report = ShadowReport(rollout_id, "2", windows, agreement, 0.0, 0.0, *latency)
+               latency: tuple[float, float] = (3.0, 2.0), rates: tuple[float, float] = (0, 0),
+               floor: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
+        report = ShadowReport(rollout_id, "2", windows, agreement, *rates, *latency, "", *floor)
         self.controller.on_shadow(self.ids[name], report)
 
     def states(self, rollout_id: str) -> dict[str, str]:
@@ -200,6 +201,32 @@ def test_the_soak_waits_then_the_shadow_gates_judge_each_device(fleet: Fleet) ->
     promoted = fleet.desired("edge-3")
     assert promoted is not None and not promoted.shadow
     assert LATENCY_FLOOR_MS > 4.0 - 1.0
+
+
+def test_the_behaviour_gate_judges_against_the_incumbents_own_noise_floor(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=60, max_failure_fraction=1.0)
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    # Two sound models on a noisy site (issue 23's 0.869 < 0.9): the incumbent agrees with
+    # itself recalibrated only 0.86, so 0.869 passes.
+    fleet.shadow("edge-0", rollout_id, agreement=0.869, floor=(0.86, 0.0))
+    # The same agreement where the incumbent is steady (0.98): the configured 0.9 holds.
+    fleet.shadow("edge-1", rollout_id, agreement=0.869, floor=(0.98, 0.0))
+    # No floor measured (an older agent): the configured gate as it is.
+    fleet.shadow("edge-2", rollout_id, agreement=0.869)
+    # The alert rate moves by 0.15 where the incumbent's own moves by 0.2: allowed.
+    fleet.shadow("edge-3", rollout_id, rates=(0.3, 0.15), floor=(0.95, 0.2))
+    fleet.clock.advance(61)
+    fleet.controller.tick()
+    states = fleet.states(rollout_id)
+    # Passed: promoted from shadow to serving (installing it as the served model).
+    assert states == {"edge-0": "installing", "edge-1": "failed", "edge-2": "failed",
+                      "edge-3": "installing"}, states  # fmt: skip
+    targets = {t.device_id: t for t in fleet.store.rollout_targets(rollout_id)}
+    detail = targets[fleet.ids["edge-1"]].detail
+    assert "agreement 0.869 < 0.9 (the incumbent with itself: 0.980)" in detail, detail
+    assert targets[fleet.ids["edge-0"]].shadow_self_agreement == pytest.approx(0.86)
 
 
 def test_a_device_without_shadow_windows_fails_only_after_the_grace(fleet: Fleet) -> None:

@@ -296,6 +296,9 @@ def test_a_candidate_that_disagrees_in_shadow_trips_the_behaviour_gate(fleet: Fl
     canary = next(d for d in done.devices if d.wave == 0)
     assert "agreement" in canary.detail, canary.detail
     assert canary.shadow_windows >= 20 and canary.shadow_agreement < 0.5, canary
+    # The device measured the noise floor (the incumbent with itself recalibrated), and it
+    # does not excuse a candidate this far off.
+    assert canary.shadow_self_agreement > 0.5, canary
     assert "failed" in done.reason
     assert set(fleet.versions().values()) == {"1"}
     wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))

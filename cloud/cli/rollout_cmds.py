@@ -232,7 +232,7 @@ def _print_status(r: operator_pb2.Rollout) -> None:
     if r.devices:
         print()
         print_table(
-            ["DEVICE", "WAVE", "STATE", "FROM", "AGREEMENT", "WINDOWS", "DETAIL"],
+            ["DEVICE", "WAVE", "STATE", "FROM", "AGREEMENT", "FLOOR", "WINDOWS", "DETAIL"],
             [
                 [
                     d.device_name,
@@ -240,6 +240,7 @@ def _print_status(r: operator_pb2.Rollout) -> None:
                     d.state,
                     d.previous_version or "-",
                     f"{d.shadow_agreement:.3f}" if d.shadow_windows else "-",
+                    f"{d.shadow_self_agreement:.3f}" if d.shadow_self_agreement else "-",
                     str(d.shadow_windows),
                     d.detail[:60],
                 ]

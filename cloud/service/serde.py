@@ -198,6 +198,7 @@ def rollout_to_proto(
                 detail=t.detail,
                 previous_version=t.previous_version,
                 shadow_agreement=t.shadow_agreement,
+                shadow_self_agreement=t.shadow_self_agreement,
                 shadow_alert_rate_difference=t.shadow_alert_rate_difference,
                 shadow_windows=t.shadow_windows,
                 latency_ratio=t.latency_ratio,
@@ -339,7 +340,14 @@ def shadow_report_from_proto(m: agent_pb2.ShadowReport) -> ShadowReport:
         latency_p99_ms=m.latency_p99_ms,
         incumbent_latency_p99_ms=m.incumbent_latency_p99_ms,
         detail=m.detail,
+        self_agreement=_unit(m.incumbent_self_agreement),
+        self_rate_difference=_unit(m.incumbent_self_rate_difference),
     )
+
+
+def _unit(value: float) -> float:
+    """A fraction from a device: NaN or out of [0, 1] is taken as not measured (0)."""
+    return value if 0.0 <= value <= 1.0 else 0.0
 
 
 def shadow_report_to_proto(r: ShadowReport) -> agent_pb2.ShadowReport:
@@ -353,6 +361,8 @@ def shadow_report_to_proto(r: ShadowReport) -> agent_pb2.ShadowReport:
         latency_p99_ms=r.latency_p99_ms,
         incumbent_latency_p99_ms=r.incumbent_latency_p99_ms,
         detail=r.detail,
+        incumbent_self_agreement=r.self_agreement,
+        incumbent_self_rate_difference=r.self_rate_difference,
     )
 
 

@@ -890,6 +890,8 @@ class ShadowReport(_message.Message):
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
     INCUMBENT_LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    INCUMBENT_SELF_AGREEMENT_FIELD_NUMBER: _builtins.int
+    INCUMBENT_SELF_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     candidate_version: _builtins.str
     incumbent_version: _builtins.str
@@ -904,6 +906,11 @@ class ShadowReport(_message.Message):
     """incumbent, same windows, same run"""
     detail: _builtins.str
     """why nothing was compared, when windows is 0"""
+    incumbent_self_agreement: _builtins.float
+    """The noise floor: the incumbent against itself calibrated half a calibration later, on
+    the windows both score (0: not measured, e.g. an older agent or too few rows).
+    """
+    incumbent_self_rate_difference: _builtins.float
     def __init__(
         self,
         *,
@@ -917,10 +924,12 @@ class ShadowReport(_message.Message):
         latency_p99_ms: _builtins.float = ...,
         incumbent_latency_p99_ms: _builtins.float = ...,
         detail: _builtins.str = ...,
+        incumbent_self_agreement: _builtins.float = ...,
+        incumbent_self_rate_difference: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_version", b"incumbent_version", "latency_p99_ms", b"latency_p99_ms", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_self_agreement", b"incumbent_self_agreement", "incumbent_self_rate_difference", b"incumbent_self_rate_difference", "incumbent_version", b"incumbent_version", "latency_p99_ms", b"latency_p99_ms", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

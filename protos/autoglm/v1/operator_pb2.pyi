@@ -852,6 +852,7 @@ class RolloutDevice(_message.Message):
     SHADOW_ALERT_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
     SHADOW_WINDOWS_FIELD_NUMBER: _builtins.int
     LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    SHADOW_SELF_AGREEMENT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_name: _builtins.str
     wave: _builtins.int
@@ -863,6 +864,10 @@ class RolloutDevice(_message.Message):
     shadow_alert_rate_difference: _builtins.float
     shadow_windows: _builtins.int
     latency_ratio: _builtins.float
+    shadow_self_agreement: _builtins.float
+    """The noise floor the agreement gate judged against: the incumbent with itself
+    recalibrated on the device's rows (0: not measured).
+    """
     def __init__(
         self,
         *,
@@ -876,10 +881,11 @@ class RolloutDevice(_message.Message):
         shadow_alert_rate_difference: _builtins.float = ...,
         shadow_windows: _builtins.int = ...,
         latency_ratio: _builtins.float = ...,
+        shadow_self_agreement: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "device_name", b"device_name", "latency_ratio", b"latency_ratio", "previous_version", b"previous_version", "shadow_agreement", b"shadow_agreement", "shadow_alert_rate_difference", b"shadow_alert_rate_difference", "shadow_windows", b"shadow_windows", "state", b"state", "wave", b"wave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "device_name", b"device_name", "latency_ratio", b"latency_ratio", "previous_version", b"previous_version", "shadow_agreement", b"shadow_agreement", "shadow_alert_rate_difference", b"shadow_alert_rate_difference", "shadow_self_agreement", b"shadow_self_agreement", "shadow_windows", b"shadow_windows", "state", b"state", "wave", b"wave"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
