@@ -225,6 +225,7 @@ class EdgeRuntime:
         }
         if self.worker is not None:
             alive["inference"] = self.worker.running
+        alive.update(self.sources.threads_alive())
         return alive
 
     # ---- pipeline thread ----
