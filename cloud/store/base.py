@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.domain import (
     AlertEventRecord,
@@ -28,6 +28,9 @@ from cloud.domain import (
 from cloud.maintenance import MaintenanceWindow
 from cloud.selectors import Selector
 
+if TYPE_CHECKING:
+    from cloud.store.notify import ChangeListener
+
 T = TypeVar("T")
 
 
@@ -38,6 +41,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def shared(self) -> bool:
         """Whether several control-plane processes can use this store at once."""
+
+    def change_listener(self, on_change: Callable[[str], None]) -> ChangeListener | None:
+        """A listener for other replicas' changes (`cloud.store.notify`), not yet started;
+        None where no other process can write (SQLite)."""
+        return None
 
     # ---- devices ----
     @abc.abstractmethod
