@@ -230,6 +230,12 @@ class ShadowReport:
     # The incumbent against itself recalibrated on other rows (0: not measured).
     self_agreement: float = 0.0
     self_rate_difference: float = 0.0
+    latency_p50_ms: float = 0.0
+    incumbent_latency_p50_ms: float = 0.0
+    latency_samples: int = 0  # timed batches of the side timed less often (0: not sent)
+
+
+LATENCY_TAIL_SAMPLES = 100  # timed batches a side needs before its p99 is judged
 
 
 class RolloutState(enum.StrEnum):
@@ -335,17 +341,29 @@ class RolloutTarget:
         )
 
     @property
-    def shadow_latency_ms(self) -> tuple[float, float]:
-        """p99 per window: (candidate, incumbent), measured in the same run."""
+    def shadow_latency_ms(self) -> tuple[float, float, str]:
+        """Per window, measured in the same run: (candidate, incumbent, statistic). The p99
+        where each side was timed often enough for a tail (`LATENCY_TAIL_SAMPLES`), else the
+        medians: on a few dozen batches a p99 is one hiccup of a busy machine. Reports from
+        agents that send no sample count are judged on their p99."""
+        s = self.shadow
+        samples = int(s.get("latency_samples", 0))
+        if 0 < samples < LATENCY_TAIL_SAMPLES and float(s.get("incumbent_latency_p50_ms", 0)):
+            return (
+                float(s.get("latency_p50_ms", 0.0)),
+                float(s.get("incumbent_latency_p50_ms", 0.0)),
+                "p50",
+            )
         return (
-            float(self.shadow.get("latency_p99_ms", 0.0)),
-            float(self.shadow.get("incumbent_latency_p99_ms", 0.0)),
+            float(s.get("latency_p99_ms", 0.0)),
+            float(s.get("incumbent_latency_p99_ms", 0.0)),
+            "p99",
         )
 
     @property
     def latency_ratio(self) -> float:
-        """Candidate p99 over incumbent p99; 0 when not measured."""
-        candidate, incumbent = self.shadow_latency_ms
+        """Candidate over incumbent latency, as the gate judges it; 0 when not measured."""
+        candidate, incumbent, _ = self.shadow_latency_ms
         return candidate / incumbent if incumbent > 0 else 0.0
 
 

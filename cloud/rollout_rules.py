@@ -107,7 +107,9 @@ def waiting_for(
     return f"the next reconciliation to judge and promote wave {wave.index}"
 
 
-def latency_regression(candidate_ms: float, incumbent_ms: float, max_ratio: float) -> str:
+def latency_regression(
+    candidate_ms: float, incumbent_ms: float, max_ratio: float, statistic: str = "p99"
+) -> str:
     """Why the candidate is too slow, or "" when it is not (or nothing was measured)."""
     if incumbent_ms <= 0 or candidate_ms - incumbent_ms < LATENCY_FLOOR_MS:
         return ""
@@ -115,7 +117,7 @@ def latency_regression(candidate_ms: float, incumbent_ms: float, max_ratio: floa
     if ratio <= max_ratio:
         return ""
     return (
-        f"latency p99 {candidate_ms:.1f} ms vs {incumbent_ms:.1f} ms, ratio {ratio:.2f} > "
+        f"latency {statistic} {candidate_ms:.1f} ms vs {incumbent_ms:.1f} ms, ratio {ratio:.2f} > "
         f"{max_ratio:g}"
     )
 

@@ -296,6 +296,9 @@ class RolloutController:
             "alert_rate_incumbent": report.alert_rate_incumbent,
             "latency_p99_ms": report.latency_p99_ms,
             "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
+            "latency_p50_ms": report.latency_p50_ms,
+            "incumbent_latency_p50_ms": report.incumbent_latency_p50_ms,
+            "latency_samples": report.latency_samples,
             "detail": report.detail,
             "self_agreement": report.self_agreement,
             "self_rate_difference": report.self_rate_difference,
@@ -464,7 +467,10 @@ class RolloutController:
                 continue
             agreement = t.shadow_agreement
             difference = t.shadow_alert_rate_difference
-            slower = latency_regression(*t.shadow_latency_ms, gates.max_latency_regression)
+            candidate_ms, incumbent_ms, statistic = t.shadow_latency_ms
+            slower = latency_regression(
+                candidate_ms, incumbent_ms, gates.max_latency_regression, statistic
+            )
             device = devices.get(t.device_id)
             errors = _agent_errors(device) - t.errors_at_install if device is not None else 0
             why = behaviour_gate(

@@ -110,6 +110,9 @@ class Comparison:
     self_agreement: float = 0.0
     self_rate_difference: float = 0.0
     self_windows: int = 0
+    latency_candidate_p50_ms: float = 0.0
+    latency_incumbent_p50_ms: float = 0.0
+    latency_samples: int = 0  # timed batches of the side timed less often
 
 
 def later(series: AlignedSeries, rows: int) -> AlignedSeries:
@@ -189,6 +192,11 @@ def compare(
         self_agreement=self_agreement,
         self_rate_difference=self_difference,
         self_windows=self_windows,
+        latency_candidate_p50_ms=percentile(timed_candidate.ms_per_window, 50),
+        latency_incumbent_p50_ms=percentile(timed_incumbent[0].ms_per_window, 50),
+        latency_samples=min(
+            len(timed_candidate.ms_per_window), len(timed_incumbent[0].ms_per_window)
+        ),
     )
 
 
@@ -208,6 +216,9 @@ def merge(parts: list[Comparison]) -> Comparison | None:
         rate_incumbent=mean(lambda p: p.rate_incumbent),
         latency_candidate_ms=max(p.latency_candidate_ms for p in parts),
         latency_incumbent_ms=max(p.latency_incumbent_ms for p in parts),
+        latency_candidate_p50_ms=max(p.latency_candidate_p50_ms for p in parts),
+        latency_incumbent_p50_ms=max(p.latency_incumbent_p50_ms for p in parts),
+        latency_samples=min(p.latency_samples for p in parts),
         **_merged_floor(parts),
     )
 
@@ -246,4 +257,7 @@ def report(
         incumbent_latency_p99_ms=result.latency_incumbent_ms,
         incumbent_self_agreement=result.self_agreement,
         incumbent_self_rate_difference=result.self_rate_difference,
+        latency_p50_ms=result.latency_candidate_p50_ms,
+        incumbent_latency_p50_ms=result.latency_incumbent_p50_ms,
+        latency_samples=result.latency_samples,
     )

@@ -299,6 +299,11 @@ def test_a_candidate_that_disagrees_in_shadow_trips_the_behaviour_gate(fleet: Fl
     # The device measured the noise floor (the incumbent with itself recalibrated), and it
     # does not excuse a candidate this far off.
     assert canary.shadow_self_agreement > 0.5, canary
+    # It timed both models batch by batch and said how often (the gate judges a tail only
+    # on enough batches).
+    stored = fleet.plane.plane.store.rollout_target(rollout_id, canary.device_id)
+    assert stored is not None and stored.shadow["latency_samples"] > 0, stored
+    assert 0 < stored.shadow["latency_p50_ms"] <= stored.shadow["latency_p99_ms"], stored
     assert "failed" in done.reason
     assert set(fleet.versions().values()) == {"1"}
     wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))

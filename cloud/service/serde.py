@@ -342,7 +342,15 @@ def shadow_report_from_proto(m: agent_pb2.ShadowReport) -> ShadowReport:
         detail=m.detail,
         self_agreement=_unit(m.incumbent_self_agreement),
         self_rate_difference=_unit(m.incumbent_self_rate_difference),
+        latency_p50_ms=_milliseconds(m.latency_p50_ms),
+        incumbent_latency_p50_ms=_milliseconds(m.incumbent_latency_p50_ms),
+        latency_samples=int(m.latency_samples),
     )
+
+
+def _milliseconds(value: float) -> float:
+    """A latency from a device: NaN, negative or infinite is taken as not measured (0)."""
+    return value if 0.0 <= value < float("inf") else 0.0
 
 
 def _unit(value: float) -> float:
@@ -363,6 +371,9 @@ def shadow_report_to_proto(r: ShadowReport) -> agent_pb2.ShadowReport:
         detail=r.detail,
         incumbent_self_agreement=r.self_agreement,
         incumbent_self_rate_difference=r.self_rate_difference,
+        latency_p50_ms=r.latency_p50_ms,
+        incumbent_latency_p50_ms=r.incumbent_latency_p50_ms,
+        latency_samples=r.latency_samples,
     )
 
 

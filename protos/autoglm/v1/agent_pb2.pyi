@@ -892,6 +892,9 @@ class ShadowReport(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     INCUMBENT_SELF_AGREEMENT_FIELD_NUMBER: _builtins.int
     INCUMBENT_SELF_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    INCUMBENT_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_SAMPLES_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     candidate_version: _builtins.str
     incumbent_version: _builtins.str
@@ -911,6 +914,12 @@ class ShadowReport(_message.Message):
     the windows both score (0: not measured, e.g. an older agent or too few rows).
     """
     incumbent_self_rate_difference: _builtins.float
+    latency_p50_ms: _builtins.float
+    """Medians per window beside the p99s, and how many timed batches the side timed less
+    often had: the gate judges p99 only on enough of them (0: not sent, p99 judged).
+    """
+    incumbent_latency_p50_ms: _builtins.float
+    latency_samples: _builtins.int
     def __init__(
         self,
         *,
@@ -926,10 +935,13 @@ class ShadowReport(_message.Message):
         detail: _builtins.str = ...,
         incumbent_self_agreement: _builtins.float = ...,
         incumbent_self_rate_difference: _builtins.float = ...,
+        latency_p50_ms: _builtins.float = ...,
+        incumbent_latency_p50_ms: _builtins.float = ...,
+        latency_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_self_agreement", b"incumbent_self_agreement", "incumbent_self_rate_difference", b"incumbent_self_rate_difference", "incumbent_version", b"incumbent_version", "latency_p99_ms", b"latency_p99_ms", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p50_ms", b"incumbent_latency_p50_ms", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_self_agreement", b"incumbent_self_agreement", "incumbent_self_rate_difference", b"incumbent_self_rate_difference", "incumbent_version", b"incumbent_version", "latency_p50_ms", b"latency_p50_ms", "latency_p99_ms", b"latency_p99_ms", "latency_samples", b"latency_samples", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
