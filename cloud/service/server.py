@@ -42,7 +42,6 @@ from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
 from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener
 from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
-from edge_agent.bundle import load_public_key
 from edge_agent.errors import LocalStateError, PermissionDenied
 from protos.autoglm.v1 import (
     agent_pb2,
@@ -104,7 +103,7 @@ class ControlPlane:
         self.catalog = ModelCatalog(
             store,
             self.artifacts,
-            load_public_key(secrets.signing_public_pem, "control-plane signing key"),
+            secrets.trusted_keys(),
             config.max_bundle_bytes,
         )
         self.rollouts = RolloutController(
@@ -188,6 +187,7 @@ class ControlPlane:
                 self.alerts,
                 self.config.auth_recheck_interval_s,
                 self.metrics,
+                signing_root=self.secrets.signing_root,
             ),
             server,
         )

@@ -73,6 +73,7 @@ class ControlMessage(_message.Message):
     DESIRED_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     MAINTENANCE_FIELD_NUMBER: _builtins.int
+    SIGNING_ROOT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___SessionAccepted: ...
     @_builtins.property
@@ -85,6 +86,8 @@ class ControlMessage(_message.Message):
     def command(self) -> Global___Command: ...
     @_builtins.property
     def maintenance(self) -> Global___Maintenance: ...
+    @_builtins.property
+    def signing_root(self) -> Global___SigningRoot: ...
     def __init__(
         self,
         *,
@@ -94,16 +97,41 @@ class ControlMessage(_message.Message):
         desired: Global___DesiredState | None = ...,
         command: Global___Command | None = ...,
         maintenance: Global___Maintenance | None = ...,
+        signing_root: Global___SigningRoot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "signing_root", b"signing_root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "signing_root", b"signing_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance", "signing_root"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class SigningRoot(_message.Message):
+    """The keys that may sign model bundles, after a signing-key rotation: a signed key list
+    (edge_agent/trust.py). Sent at session open, before the desired state, when the control
+    plane holds one; the agent takes it only when a key it trusts signed it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SigningRoot: _TypeAlias = SigningRoot  # noqa: Y015
 
 @_typing.final
 class Maintenance(_message.Message):
