@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import Counter, deque
@@ -36,6 +35,7 @@ from edge_agent.drift import ScoreTrail, asset_drift
 from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
+from edge_agent.ingest.fair_queue import FairQueue
 from edge_agent.ingest.modbus import MODBUS_DROPS
 from edge_agent.ingest.opcua import OPCUA_DROPS
 from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS
@@ -95,7 +95,12 @@ class EdgeRuntime:
         schema = model.schema.names if model is not None else None
         self.routes = TopicRoutes(self.assets, schema)
         self.decoder = Decoder(self.routes, config.ingest)
-        self._queue: queue.SimpleQueue[Decoded] = queue.SimpleQueue()
+        self._queue = FairQueue(
+            len(self.assets),
+            config.ingest.max_backlog_readings,
+            self._backlog_full,
+            config.ingest.backlog_block_s,
+        )
         self._stop = threading.Event()
         self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
@@ -229,29 +234,25 @@ class EdgeRuntime:
         return alive
 
     # ---- pipeline thread ----
+    def _backlog_full(self, asset: int, readings: int) -> None:
+        name = self.assets[asset].name
+        self.decoder.drop("backlog_full", name, f"{readings} readings", readings)
+
     def _run_pipeline(self) -> None:
         while True:
-            try:
-                item: Decoded | None = self._queue.get(timeout=0.1)
-            except queue.Empty:
+            items = self._queue.take(_DRAIN, timeout=0.1)  # one per asset in turn
+            if not items:
                 if self._stop.is_set():
                     return
                 continue
             touched: set[int] = set()
-            drained = 0
-            while item is not None:
+            for item in items:
                 try:
                     self._add(item, touched)
                 except Exception:
                     self.counters.errors += 1
                     log.exception("pipeline failed on a decoded message; dropped")
-                drained += 1
-                if drained >= _DRAIN:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    item = None
+            drained = len(items)
             for index in touched:
                 runner = self.runners[index]
                 self._follow_clock(runner)
