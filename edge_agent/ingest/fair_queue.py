@@ -51,27 +51,34 @@ class FairQueue:
         self.on_drop = on_drop  # (asset, readings) for each message dropped as over budget
         self._queues: list[deque[tuple[Decoded, int]]] = [deque() for _ in range(assets)]
         self._pending = [0] * assets  # readings waiting, by asset
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # a message arrived (the pipeline waits)
+        self._room = threading.Condition(lock)  # the pipeline took some (full sources wait)
         self._next = 0  # where the next round starts, so no asset is always first
 
     def put(self, item: Decoded) -> None:
+        if isinstance(item, tuple):  # the common case, kept cheap
+            self._put(item[0], item, 1)
+            return
         for asset, part in _by_asset(item):
-            n = _readings(part)
-            with self._cond:
-                # One message always fits an empty queue, however large: the decoder bounds it.
-                room = self._cond.wait_for(
-                    lambda a=asset, n=n: (
-                        not self._pending[a]  # type: ignore[misc]
-                        or self._pending[a] + n <= self.max_readings
-                    ),
+            self._put(asset, part, _readings(part))
+
+    def _put(self, asset: int, part: Decoded, n: int) -> None:
+        pending = self._pending
+        with self._cond:
+            # One message always fits an empty queue, however large: the decoder bounds it.
+            room = not pending[asset] or pending[asset] + n <= self.max_readings
+            if not room:
+                room = self._room.wait_for(
+                    lambda: not pending[asset] or pending[asset] + n <= self.max_readings,
                     self.block_s,
                 )
-                if room:
-                    self._queues[asset].append((part, n))
-                    self._pending[asset] += n
-                    self._cond.notify_all()
-            if not room:
-                self.on_drop(asset, n)
+            if room:
+                self._queues[asset].append((part, n))
+                pending[asset] += n
+                self._cond.notify()  # the pipeline, if it waits for a message
+        if not room:
+            self.on_drop(asset, n)
 
     def pending(self, asset: int) -> int:
         with self._cond:
@@ -102,5 +109,5 @@ class FairQueue:
                 if not progressed:
                     break
             if taken:
-                self._cond.notify_all()  # room for sources waiting on a full asset
+                self._room.notify_all()  # sources waiting on a full asset look again
             return taken
