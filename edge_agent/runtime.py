@@ -40,6 +40,7 @@ from edge_agent.ingest.modbus import MODBUS_DROPS
 from edge_agent.ingest.opcua import OPCUA_DROPS
 from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS
 from edge_agent.logs import ids
+from edge_agent.losses import LossLog
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
@@ -48,7 +49,7 @@ from edge_agent.serving import ServingModel
 from edge_agent.sources import Sources
 from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
-from edge_agent.wire import alert_record, prediction_record
+from edge_agent.wire import alert_record, lost_records, prediction_record
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class EdgeRuntime:
         # Alert events the outbox could not take (disk full), oldest first: written first
         # when it can again. Bounded: past it the oldest are counted as lost.
         self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
+        self.losses = LossLog()  # when records were lost, for the heartbeat
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self.trails = [ScoreTrail() for _ in self.assets]
@@ -427,6 +429,7 @@ class EdgeRuntime:
             records = [*self._waiting_alerts, *records]
         try:
             self.outbox.append(records)
+            self.losses.written()
             if self._waiting_alerts:
                 log.info("%d alert event(s) kept in memory are in the outbox now",
                          len(self._waiting_alerts))  # fmt: skip
@@ -438,6 +441,7 @@ class EdgeRuntime:
             self._waiting_alerts.extend(alerts)
             overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
             self.counters.outbox_write_failed += lost + overflow
+            self.losses.lost(lost + overflow, time.time())
             now = time.monotonic()
             if now - self._lost_logged_at >= 60.0:
                 self._lost_logged_at = now
@@ -564,6 +568,7 @@ class EdgeRuntime:
             windows_scored=self.counters.windows_scored,
             alerts_raised=self.counters.alerts_raised,
             errors=errors,
+            lost_records=lost_records(self.losses.recent()),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from edge_agent.decisions import AlertEvent, Verdict
+from edge_agent.losses import LostStretch
 from protos.autoglm.v1 import agent_pb2
 
 
@@ -58,3 +59,14 @@ def alert_record(event: AlertEvent) -> bytes:
     _stamp(record.alert.window_end, event.window_end)
     _stamp(record.alert.raised_at, event.raised_at)
     return record.SerializeToString()
+
+
+def lost_records(stretches: list[LostStretch]) -> list[agent_pb2.LostRecords]:
+    """The heartbeat's account of records the outbox could not keep."""
+    out = []
+    for s in stretches:
+        message = agent_pb2.LostRecords(records=s.records, ongoing=s.ongoing)
+        _stamp(message.first, s.first)
+        _stamp(message.last, s.last)
+        out.append(message)
+    return out

@@ -75,11 +75,17 @@ def test_a_full_disk_still_alerts_on_site_and_counts_what_it_lost(
         assert lost == site.runtime.counters.predictions_kept, lost
         health = site.runtime.health(disk_free=0)
         assert health.dropped_by_reason["outbox_write_failed"] == lost
+        # The heartbeat says when: one stretch, still going on.
+        (stretch,) = health.lost_records
+        assert stretch.records == lost and stretch.ongoing, stretch
+        assert stretch.first.seconds <= stretch.last.seconds
         assert site.outbox.stats().depth == 0
         # Space again: the waiting alert event is written first, then the new records.
         site.outbox._db = real
         site.feed(pump(30, faulty=True, seed=3), 350)
         kinds = [kind for _, kind, _ in site.outbox.pending(0, 10_000)]
         assert kinds[0] == ALERT and kinds.count(ALERT) == 1, kinds[:5]
+        (closed,) = site.runtime.health(disk_free=0).lost_records
+        assert closed.records == lost and not closed.ongoing, closed
     finally:
         site.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from cloud.cli import alert_cmds
 from cloud.cli.health_cmds import drift_line
@@ -221,7 +222,15 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         print(f"uptime:      {msg.status.uptime_seconds:.0f}s")
     for asset, drift in sorted(msg.status.health.drift.items()):
         print(f"drift:       {drift_line(asset, drift)}")
+    for gap in msg.status.health.lost_records:
+        until = "ongoing" if gap.ongoing else f"to {_when(gap.last)}"
+        print(f"lost:        {gap.records} record(s) (disk full) from {_when(gap.first)} {until}")
     return 0
+
+
+def _when(stamp: Any) -> str:
+    moment: dt.datetime = stamp.ToDatetime(dt.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_label(args: argparse.Namespace, client: OperatorClient) -> int:

@@ -363,6 +363,7 @@ class AgentHealth(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    LOST_RECORDS_FIELD_NUMBER: _builtins.int
     inference_latency_p50_ms: _builtins.float
     inference_latency_p99_ms: _builtins.float
     outbox_depth: _builtins.int
@@ -387,6 +388,12 @@ class AgentHealth(_message.Message):
     def drift(self) -> _containers.MessageMap[_builtins.str, Global___AssetDrift]:
         """By asset: how far its recent inputs and scores are from the site's calibration."""
 
+    @_builtins.property
+    def lost_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostRecords]:
+        """The latest stretches in which records could not be kept (disk full), oldest first
+        (at most 20): predictions in them never reach the cloud. The last may be ongoing.
+        """
+
     def __init__(
         self,
         *,
@@ -402,14 +409,50 @@ class AgentHealth(_message.Message):
         errors: _builtins.int = ...,
         clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         drift: _abc.Mapping[_builtins.str, Global___AssetDrift] | None = ...,
+        lost_records: _abc.Iterable[Global___LostRecords] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "lost_records", b"lost_records", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentHealth: _TypeAlias = AgentHealth  # noqa: Y015
+
+@_typing.final
+class LostRecords(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    ONGOING_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    ongoing: _builtins.bool
+    """still failing: the outbox has not been written since"""
+    @_builtins.property
+    def first(self) -> _timestamp_pb2.Timestamp:
+        """agent clock at the first record lost"""
+
+    @_builtins.property
+    def last(self) -> _timestamp_pb2.Timestamp:
+        """... at the latest one lost"""
+
+    def __init__(
+        self,
+        *,
+        first: _timestamp_pb2.Timestamp | None = ...,
+        last: _timestamp_pb2.Timestamp | None = ...,
+        records: _builtins.int = ...,
+        ongoing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ongoing", b"ongoing", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LostRecords: _TypeAlias = LostRecords  # noqa: Y015
 
 @_typing.final
 class AssetDrift(_message.Message):
