@@ -30,6 +30,7 @@ from edge_agent.calibration import (
     sensor_evidence,
 )
 from edge_agent.calibration_store import CalibrationStore
+from edge_agent.capture import CaptureSampler, captured
 from edge_agent.config import AgentConfig, AssetConfig
 from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
 from edge_agent.drift import ScoreTrail, asset_drift
@@ -42,13 +43,13 @@ from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS
 from edge_agent.logs import ids
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
-from edge_agent.outbox import ALERT, PREDICTION, Outbox
+from edge_agent.outbox import ALERT, CAPTURE, PREDICTION, Outbox
 from edge_agent.scoring import calibrate, window_statistics
 from edge_agent.serving import ServingModel
 from edge_agent.sources import Sources
 from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
-from edge_agent.wire import alert_record, prediction_record
+from edge_agent.wire import alert_record, capture_record, prediction_record
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class EdgeRuntime:
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self.trails = [ScoreTrail() for _ in self.assets]
+        self.capture = CaptureSampler(config.capture, config.state_dir / "capture.json")
         self._kept_every: Counter[int] = Counter()
         self._cut_count: Counter[int] = Counter()  # windows cut per asset while behind
         self._behind_logged_at = -math.inf
@@ -411,6 +413,11 @@ class EdgeRuntime:
             ):
                 records.append((PREDICTION, prediction_record(verdict, model.version)))
                 self.counters.predictions_kept += 1
+            reason = self.capture.reason_for(raised, verdict.alerting, verdict.score, job.window_end)
+            if reason and job.raw is not None:  # after its alert event: a verdict can find it
+                body = capture_record(captured(reason, job, verdict, cal, model))
+                if self.capture.admit(reason, len(body), verdict.score, job.window_end):
+                    records.append((CAPTURE, body))
             if self.on_verdict is not None:
                 self.on_verdict(verdict)
         if records:
@@ -544,6 +551,7 @@ class EdgeRuntime:
         drops["outbox_write_failed"] = self.counters.outbox_write_failed
         drops["sparse_window"] = sum(r.sparse_windows for r in self.runners)
         drops["behind_skipped"] = self.counters.behind_skipped
+        drops["capture_over_budget"] = self.capture.over_budget
         offsets = {
             r.name: round(offset, 1)
             for r in self.runners
@@ -579,5 +587,6 @@ _REPORTED = frozenset(
         "sparse_window",
         "rejected_by_cloud",
         "behind_skipped",
+        "capture_over_budget",
     )
 )
