@@ -1,11 +1,14 @@
 """Window capture for retraining: which scored windows leave the device, raw, and how many.
 
-Every window that raises an alert is captured (so an operator's later verdict labels a window
-the control plane already has), and a stratified sample of normal windows: by hour of day
-(UTC, six 4-hour bands) and score band (five bands of 0.2 below the alert threshold), each
-stratum at most `ceil(samples_per_day / 30)` windows a day, each normal window a candidate
-with `sample_probability`. Near misses (normal windows scoring close to the threshold) are
-rare but get the same quota as the common low scores: they are the hard negatives.
+Every window that raises an alert is captured (so an operator's later verdict labels windows
+the control plane already has), and while the alert stays open every `alert_spacing`-th
+window after it, up to `windows_per_alert` in all (one verdict labels them all: more than one
+example of each false alarm to learn from); and a stratified sample of normal windows: by
+hour of day (UTC, six 4-hour bands) and score band (five bands of 0.2 below the alert
+threshold), each stratum at most `ceil(samples_per_day / 30)` windows a day, each normal
+window a candidate with `sample_probability`. Near misses (normal windows scoring close to
+the threshold) are rare but get the same quota as the common low scores: they are the hard
+negatives.
 
 Everything counts against `max_bytes_per_day` (encoded record bytes, per UTC day of the
 windows' stream time); samples may use only `sample_share` of it, so they never crowd out
@@ -87,6 +90,7 @@ class CaptureSampler:
         self.over_budget = 0
         self.quota = math.ceil(policy.samples_per_day / (HOUR_BANDS * SCORE_BANDS))
         self.today = self._load()
+        self._episodes: dict[str, tuple[str, int]] = {}  # by asset: open alert, windows since
 
     def _load(self) -> CaptureDay:
         try:
@@ -110,14 +114,20 @@ class CaptureSampler:
             self.today = CaptureDay(day)
         return self.today
 
-    def reason_for(self, raised: bool, alerting: bool, score: float, window_end: float) -> str:
-        """ALERT for a window that raised an alert, SAMPLE for a normal window drawn for the
-        sample (its stratum's quota not reached), "" for the others."""
-        if not self.policy.enabled:
+    def reason_for(self, asset: str, open_key: str, score: float, window_end: float) -> str:
+        """ALERT for a window of an open alert (`open_key`) that is due: the raise, then every
+        `alert_spacing`-th while it stays open, up to `windows_per_alert`; SAMPLE for a normal
+        window drawn for the sample (its stratum's quota not reached); "" for the others."""
+        policy = self.policy
+        if not policy.enabled:
             return ""
-        if raised:
-            return ALERT
-        if alerting or self.quota == 0 or self.rng.random() >= self.policy.sample_probability:
+        if open_key:
+            key, seen = self._episodes.get(asset, ("", 0))
+            seen = seen + 1 if key == open_key else 0
+            self._episodes[asset] = (open_key, seen)
+            taken, off_beat = divmod(seen, policy.alert_spacing)
+            return ALERT if not off_beat and taken < policy.windows_per_alert else ""
+        if self.quota == 0 or self.rng.random() >= policy.sample_probability:
             return ""
         today = self._day(window_end)
         return SAMPLE if today.strata.get(stratum(score, window_end), 0) < self.quota else ""
@@ -156,7 +166,12 @@ def masked_values(values: FloatArray, mask: FloatArray) -> FloatArray:
 
 
 def captured(
-    reason: str, job: WindowJob, verdict: Verdict, cal: SiteCalibration, model: ServingModel
+    reason: str,
+    alert_key: str,
+    job: WindowJob,
+    verdict: Verdict,
+    cal: SiteCalibration,
+    model: ServingModel,
 ) -> CapturedWindow:
     """The capture of one scored window (its raw rows must be on the job)."""
     assert job.raw is not None
@@ -164,7 +179,7 @@ def captured(
         reason=reason,
         asset=verdict.asset,
         model_version=model.version,
-        alert_key=verdict.event.key if verdict.event is not None else "",
+        alert_key=alert_key if reason == ALERT else "",
         score=verdict.score,
         window_start=job.window_start,
         period_s=model.spec.period_s,

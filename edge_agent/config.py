@@ -397,6 +397,8 @@ class CapturePolicy(BaseModel):
 
     enabled: bool = True
     max_bytes_per_day: int = Field(default=16 << 20, ge=0)  # encoded records, alerts included
+    windows_per_alert: int = Field(default=8, ge=1)  # the raise's, then while it stays open
+    alert_spacing: int = Field(default=4, ge=1)  # windows between those
     sample_share: float = Field(default=0.5, ge=0.0, le=1.0)  # of it normal samples may use
     samples_per_day: int = Field(default=48, ge=0)  # normal windows, spread over the strata
     sample_probability: float = Field(default=0.02, ge=0.0, le=1.0)  # per normal window

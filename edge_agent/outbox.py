@@ -4,8 +4,8 @@ in SQLite (WAL).
 Every record gets the next sequence number when it is written; the control plane stores each
 (device, sequence) once and acknowledges "everything up to N", after which those rows go.
 The outbox is bounded in bytes: past the bound the oldest window captures are evicted first,
-then the oldest predictions (counted); alert events never are. Writes are committed with synchronous=FULL, so a record that was
-appended survives kill -9 and power loss.
+then the oldest predictions (counted); alert events never are. Writes are committed with
+synchronous=FULL, so a record that was appended survives kill -9 and power loss.
 """
 
 from __future__ import annotations

@@ -413,11 +413,12 @@ class EdgeRuntime:
             ):
                 records.append((PREDICTION, prediction_record(verdict, model.version)))
                 self.counters.predictions_kept += 1
-            reason = self.capture.reason_for(raised, verdict.alerting, verdict.score, job.window_end)
-            if reason and job.raw is not None:  # after its alert event: a verdict can find it
-                body = capture_record(captured(reason, job, verdict, cal, model))
+            key = decider.open.key if decider.open is not None else ""
+            reason = self.capture.reason_for(verdict.asset, key, verdict.score, job.window_end)
+            if reason and job.raw is not None:
+                body = capture_record(captured(reason, key, job, verdict, cal, model))
                 if self.capture.admit(reason, len(body), verdict.score, job.window_end):
-                    records.append((CAPTURE, body))
+                    records.append((CAPTURE, body))  # after its alert event: a verdict finds it
             if self.on_verdict is not None:
                 self.on_verdict(verdict)
         if records:

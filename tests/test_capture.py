@@ -76,7 +76,7 @@ def policy(**changes: object) -> CapturePolicy:
 
 def test_alert_windows_are_captured_until_the_days_budget_is_spent(tmp_path: Path) -> None:
     sampler = CaptureSampler(policy(), tmp_path / "capture.json")
-    assert sampler.reason_for(True, True, 3.0, T0) == ALERT
+    assert sampler.reason_for("pump-1", "pump-1-1", 3.0, T0) == ALERT
     taken = [sampler.admit(ALERT, 3000, 3.0, T0) for _ in range(4)]
     assert taken == [True, True, True, False]  # 9,000 of 10,000 bytes; the 4th is over
     assert sampler.captured == {ALERT: 3, SAMPLE: 0} and sampler.over_budget == 1
@@ -96,16 +96,27 @@ def test_each_stratum_gets_its_quota_a_day(tmp_path: Path) -> None:
         policy(max_bytes_per_day=10**9, samples_per_day=60), tmp_path / "capture.json"
     )
     assert sampler.quota == 2  # 60 samples over 6 hour bands x 5 score bands
-    low = [sampler.reason_for(False, False, 0.1, T0 + i) for i in range(5)]
+    low = [sampler.reason_for("pump-1", "", 0.1, T0 + i) for i in range(5)]
     for reason in low:
         if reason:
             sampler.admit(reason, 100, 0.1, T0)
     assert low[:2] == [SAMPLE, SAMPLE]
-    assert sampler.reason_for(False, False, 0.1, T0) == ""  # that stratum is full today
-    assert sampler.reason_for(False, False, 0.95, T0) == SAMPLE  # a near miss still goes
-    assert sampler.reason_for(False, False, 0.1, T0 + 6 * 3600) == SAMPLE  # later hours too
-    assert sampler.reason_for(False, True, 0.9, T0) == ""  # alerting: not a normal window
+    assert sampler.reason_for("pump-1", "", 0.1, T0) == ""  # that stratum is full today
+    assert sampler.reason_for("pump-1", "", 0.95, T0) == SAMPLE  # a near miss still goes
+    assert sampler.reason_for("pump-1", "", 0.1, T0 + 6 * 3600) == SAMPLE  # later hours too
     assert stratum(0.1, T0) != stratum(0.1, T0 + 6 * 3600) != stratum(0.95, T0 + 6 * 3600)
+
+
+def test_an_open_alert_gives_its_raise_and_then_spaced_windows(tmp_path: Path) -> None:
+    sampler = CaptureSampler(
+        policy(windows_per_alert=3, alert_spacing=2), tmp_path / "capture.json"
+    )
+    first = [sampler.reason_for("pump-1", "k1", 2.0, T0 + i) for i in range(8)]
+    assert first == [ALERT, "", ALERT, "", ALERT, "", "", ""]
+    other = [sampler.reason_for("pump-2", "k9", 2.0, T0 + i) for i in range(3)]
+    assert other == [ALERT, "", ALERT]  # assets apart
+    assert sampler.reason_for("pump-1", "k2", 2.0, T0 + 9) == ALERT  # the next alert
+    assert sampler.reason_for("pump-1", "", 0.2, T0 + 10) == SAMPLE  # cleared: normal again
 
 
 def test_sampling_probability_and_turning_it_off(tmp_path: Path) -> None:
@@ -114,10 +125,10 @@ def test_sampling_probability_and_turning_it_off(tmp_path: Path) -> None:
         tmp_path / "a.json",
         random.Random(1),
     )
-    drawn = sum(bool(rare.reason_for(False, False, 0.2, T0 + i)) for i in range(2000))
+    drawn = sum(bool(rare.reason_for("pump-1", "", 0.2, T0 + i)) for i in range(2000))
     assert 140 < drawn < 260, drawn
     off = CaptureSampler(policy(enabled=False), tmp_path / "b.json")
-    assert off.reason_for(True, True, 5.0, T0) == ""
+    assert off.reason_for("pump-1", "pump-1-1", 5.0, T0) == ""
 
 
 def test_the_days_counts_survive_a_restart(tmp_path: Path) -> None:

@@ -6,12 +6,16 @@ import argparse
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cloud.captures import VERDICT_FILTERS, CaptureLabel, CaptureRecord
 from cloud.cli.output import parse_duration
 from cloud.client import OperatorClient
+from cloud.domain import VERDICTS
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
+
+if TYPE_CHECKING:  # numpy: only when exporting
+    from cloud.captures import CaptureLabel, CaptureRecord
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,7 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     export.add_argument(
         "--verdict",
         default="",
-        choices=[v for v in VERDICT_FILTERS if v],
+        choices=[*VERDICTS, "none"],
         help="only alert windows with this verdict (none: not judged yet); default: every "
         "window, sampled normal ones included",
     )
@@ -40,6 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _windows(
     client: OperatorClient, request: operator_pb2.ListCapturesRequest
 ) -> Iterator[tuple[CaptureRecord, CaptureLabel, str]]:
+    from cloud.captures import CaptureLabel
     from cloud.service.records import capture_from_proto  # checks each window again
 
     for window in client.list_captures(request):

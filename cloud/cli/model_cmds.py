@@ -41,9 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="the model to fine-tune: a version pushed to the control plane (NAME defaults "
         "to --name), or a bundle directory",
     )
-    train.add_argument(
-        "--learning-rate", type=float, help="fine-tuning only (default 5e-4)"
-    )
+    train.add_argument("--learning-rate", type=float, help="fine-tuning only (default 2e-3)")
     train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
     train.add_argument("--signing-key", type=Path, help=KEY_HELP)
     train.add_argument("--name", default="sensor-graph")

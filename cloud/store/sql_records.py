@@ -64,9 +64,7 @@ class RecordTables(SqlBase):
                 s, PredictionRow, [_prediction_values(p, now) for p in predictions]
             )
             stored_alerts = _insert_new(s, AlertEventRow, [_alert_values(a, now) for a in alerts])
-            stored_captures = _insert_new(
-                s, CaptureRow, [capture_values(c, now) for c in captures]
-            )
+            stored_captures = _insert_new(s, CaptureRow, [capture_values(c, now) for c in captures])
             new_alerts = [a for a in alerts if a.sequence in stored_alerts]
             changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
             sync.last_sequence = max(sync.last_sequence, through, *sequences)
