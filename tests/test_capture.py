@@ -168,3 +168,17 @@ def test_a_sync_batch_stays_under_its_byte_bound() -> None:
     assert _fitting(rows) == 3
     assert _fitting([(1, CAPTURE, b"x" * (MAX_BATCH_BYTES + 1))]) == 1  # one always goes
     assert _fitting([(i, PREDICTION, b"x" * 100) for i in range(500)]) == 500
+
+
+def test_a_record_kind_this_control_plane_does_not_know_is_refused_alone() -> None:
+    """What an older control plane does with captures, and this one with a newer kind: the
+    record is refused (the agent quarantines it), the rest of the batch is stored."""
+    unknown = agent_pb2.Record(sequence=2)
+    unknown.MergeFromString(b"\x7a\x03abc")  # field 15, length-delimited: a future kind
+    batch = batch_of(capture_record(window()))
+    batch.records.append(unknown)
+    split = split_batch("device-1", batch)
+    assert len(split.captures) == 1
+    (rejected,) = split.rejected
+    assert rejected.sequence == 2
+    assert "carries no prediction, alert event or window capture" in rejected.reason
