@@ -6,12 +6,12 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import grpc
 
-from edge_agent.errors import InvalidInput, Unavailable, from_rpc_error
+from edge_agent.errors import IntegrityError, InvalidInput, Unavailable, from_rpc_error
 from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
 T = TypeVar("T")
@@ -143,6 +143,46 @@ class OperatorClient:
             return self._stub.PushBundle(
                 chunks(), metadata=self._metadata, timeout=max(self.connection.timeout_s, 600)
             )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.connection.server) from None
+
+    def pull_bundle(self, name: str, version: str, directory: Path) -> Path:
+        """Writes every file of a pushed bundle under `directory` (created; must not exist).
+        The caller verifies it (`read_own_bundle`): the control plane checked it at push."""
+        directory.mkdir(parents=True)
+        request = operator_pb2.GetModelRequest(name=name, version=version)
+        out = None
+        try:
+            for chunk in self._stub.PullBundle(
+                request, metadata=self._metadata, timeout=max(self.connection.timeout_s, 600)
+            ):
+                if chunk.WhichOneof("body") == "file":
+                    if out is not None:
+                        out.close()
+                    rel = PurePosixPath(chunk.file.path)
+                    if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+                        raise IntegrityError(f"the bundle names a file {chunk.file.path!r}")
+                    target = directory / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    out = target.open("wb")
+                elif out is not None:
+                    out.write(chunk.data)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.connection.server) from None
+        finally:
+            if out is not None:
+                out.close()
+        return directory
+
+    def list_captures(
+        self, request: operator_pb2.ListCapturesRequest
+    ) -> Iterator[operator_pb2.CapturedWindow]:
+        """Every captured window the request selects, page by page as the stream brings them."""
+        try:
+            for page in self._stub.ListCaptures(
+                request, metadata=self._metadata, timeout=max(self.connection.timeout_s, 600)
+            ):
+                yield from page.windows
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.connection.server) from None
 

@@ -20,6 +20,7 @@ from cloud.rollouts import RolloutController
 from cloud.selectors import parse_selector
 from cloud.service.operator_admin import AdminCalls
 from cloud.service.operator_alerts import AlertCalls
+from cloud.service.operator_captures import CaptureCalls
 from cloud.service.operator_delivery import DeliveryCalls
 from cloud.service.serde import (
     bundle_chunks,
@@ -39,7 +40,11 @@ MAX_TOKEN_TTL_S = 30 * 86_400
 
 
 class OperatorServicer(
-    AlertCalls, DeliveryCalls, AdminCalls, operator_pb2_grpc.OperatorServiceServicer
+    AlertCalls,
+    CaptureCalls,
+    DeliveryCalls,
+    AdminCalls,
+    operator_pb2_grpc.OperatorServiceServicer,
 ):
     def __init__(
         self,

@@ -1,6 +1,7 @@
 """Operator roles, what each may call, and what the audit log records of a call.
 
-- `viewer` reads: devices, predictions, models, rollouts, alerts.
+- `viewer` reads: devices, predictions, models (pulling a bundle too), rollouts, alerts,
+  captured windows (retraining data: raw sensor values, so not for the public).
 - `operator` also runs the fleet day to day: registers and labels devices, issues enrollment
   tokens, pushes models, runs rollouts, acknowledges and resolves alerts.
 - `admin` also revokes and deletes devices and models, manages webhooks and operators, and
@@ -34,6 +35,8 @@ READS = frozenset(
         "ListOperators",
         "ListAudit",
         "ListMaintenance",
+        "PullBundle",
+        "ListCaptures",
     }
 )
 LEAST_ROLE: dict[str, str] = {

@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud.artifacts import PREFIX as ARTIFACT_PREFIX
 from cloud.artifacts import ArtifactStore
+from cloud.captures import CaptureLabel, CaptureRecord
 from cloud.catalog import BundleFile
 from cloud.domain import (
     AlertRecord,
@@ -425,3 +426,42 @@ async def bundle_chunks(
             yield chunk.data
         else:
             raise InvalidInput("a push chunk carries neither a file header nor data")
+
+
+def capture_to_proto(
+    record: CaptureRecord, label: CaptureLabel, device_name: str
+) -> operator_pb2.CapturedWindow:
+    """A stored capture as the operator API lists it."""
+    capture = agent_pb2.WindowCapture(
+        reason=CAPTURE_REASONS[record.reason],
+        asset=record.asset,
+        model_version=record.model_version,
+        alert_key=record.alert_key,
+        score=record.score,
+        period_seconds=record.period_s,
+        length=record.length,
+        sensors=record.sensors,
+        values=record.values,
+        mask=record.mask,
+        input_center=record.input_center,
+        input_scale=record.input_scale,
+    )
+    capture.window_start.FromDatetime(record.window_start)
+    window = operator_pb2.CapturedWindow(
+        device_id=record.device_id,
+        device_name=device_name,
+        sequence=record.sequence,
+        capture=capture,
+        alert_id=label.alert_id,
+        verdict=label.verdict,
+        fault_type=label.fault_type,
+    )
+    if record.received_at is not None:
+        window.received_at.FromDatetime(record.received_at)
+    return window
+
+
+CAPTURE_REASONS = {
+    "alert": agent_pb2.WindowCapture.REASON_ALERT,
+    "sample": agent_pb2.WindowCapture.REASON_SAMPLE,
+}

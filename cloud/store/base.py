@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
@@ -152,10 +153,25 @@ class Store(abc.ABC):
         alerts: Sequence[AlertEventRecord],
         now: dt.datetime,
         through: int = 0,
+        captures: Sequence[CaptureRecord] = (),
     ) -> StoredCount:
         """Stores each (device, sequence) once, in one transaction: records stored before
         are counted as duplicates and left as they were. The stored position moves to at
         least `through` (past records of the batch that were rejected)."""
+
+    @abc.abstractmethod
+    def list_captures(
+        self, where: CaptureFilter, after: tuple[str, int] = ("", 0), limit: int = 200
+    ) -> list[CaptureRecord]:
+        """Captures whose window ends at or after `where.since`, of `where.device_ids`, by
+        (device id, sequence) after the cursor `after` (the verdict is not filtered here)."""
+
+    @abc.abstractmethod
+    def capture_labels(
+        self, device_id: str, alert_keys: Sequence[str], since: dt.datetime
+    ) -> dict[str, CaptureLabel]:
+        """For edge alert keys of the device: the alert each raise folded into (alerts last
+        seen at or after `since`) with its verdict; keys with no alert are left out."""
 
     @abc.abstractmethod
     def last_record_sequence(self, device_id: str) -> int:

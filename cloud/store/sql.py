@@ -20,6 +20,7 @@ from cloud.store.base import Store
 from cloud.store.notify import ChangeListener
 from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
+from cloud.store.sql_captures import CaptureTables
 from cloud.store.sql_devices import DeviceTables
 from cloud.store.sql_leases import LeaseTables
 from cloud.store.sql_maintenance import MaintenanceTables
@@ -48,6 +49,7 @@ __all__ = ["SqlStore", "make_engine", "migrate", "normalise_url"]
 class SqlStore(
     DeviceTables,
     RecordTables,
+    CaptureTables,
     RolloutTables,
     AlertTables,
     WebhookTables,

@@ -581,7 +581,10 @@ Global___HeartbeatAck: _TypeAlias = HeartbeatAck  # noqa: Y015
 
 @_typing.final
 class RecordBatch(_message.Message):
-    """Predictions and alert events, numbered by the agent's outbox; stored once per (device, sequence)."""
+    """Predictions, alert events and window captures, numbered by the agent's outbox; stored once
+    per (device, sequence). A control plane that does not know a record's kind refuses that
+    record alone (the agent quarantines it) and stores the rest.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -608,23 +611,27 @@ class Record(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     PREDICTION_FIELD_NUMBER: _builtins.int
     ALERT_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     @_builtins.property
     def prediction(self) -> Global___Prediction: ...
     @_builtins.property
     def alert(self) -> Global___AlertEvent: ...
+    @_builtins.property
+    def capture(self) -> Global___WindowCapture: ...
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         prediction: Global___Prediction | None = ...,
         alert: Global___AlertEvent | None = ...,
+        capture: Global___WindowCapture | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "prediction", b"prediction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "capture", b"capture", "prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "prediction", b"prediction", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "capture", b"capture", "prediction", b"prediction", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["prediction", "alert"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["prediction", "alert", "capture"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -758,6 +765,99 @@ class AlertEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AlertEvent: _TypeAlias = AlertEvent  # noqa: Y015
+
+@_typing.final
+class WindowCapture(_message.Message):
+    """One raw aligned window as the model saw it, kept for retraining: every raised alert's
+    window, and a stratified sample of normal ones within the agent's daily byte budget.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Reason:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WindowCapture._Reason.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        REASON_UNSPECIFIED: WindowCapture._Reason.ValueType  # 0
+        REASON_ALERT: WindowCapture._Reason.ValueType  # 1
+        """the window that raised `alert_key`"""
+        REASON_SAMPLE: WindowCapture._Reason.ValueType  # 2
+        """a normal window, sampled by hour of day and score band"""
+
+    class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
+    REASON_UNSPECIFIED: WindowCapture.Reason.ValueType  # 0
+    REASON_ALERT: WindowCapture.Reason.ValueType  # 1
+    """the window that raised `alert_key`"""
+    REASON_SAMPLE: WindowCapture.Reason.ValueType  # 2
+    """a normal window, sampled by hour of day and score band"""
+
+    REASON_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ALERT_KEY_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    SENSORS_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    INPUT_CENTER_FIELD_NUMBER: _builtins.int
+    INPUT_SCALE_FIELD_NUMBER: _builtins.int
+    reason: Global___WindowCapture.Reason.ValueType
+    asset: _builtins.str
+    model_version: _builtins.str
+    alert_key: _builtins.str
+    """the raise it belongs to ("" for a sample)"""
+    score: _builtins.float
+    """the window's score (1.0 = alert threshold)"""
+    period_seconds: _builtins.float
+    length: _builtins.int
+    """T rows"""
+    values: _builtins.bytes
+    """T*N float32 little-endian, row-major, site units; 0 where masked"""
+    mask: _builtins.bytes
+    """T*N bits (numpy packbits order), 1 = a reading"""
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """Row k of the window is at window_start + k * period_seconds (the model's aligned grid)."""
+
+    @_builtins.property
+    def sensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """N names: the model's sensor schema, in column order"""
+
+    @_builtins.property
+    def input_center(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The site calibration the window was scored under: network input = (x - center) / scale."""
+
+    @_builtins.property
+    def input_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        reason: Global___WindowCapture.Reason.ValueType = ...,
+        asset: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        alert_key: _builtins.str = ...,
+        score: _builtins.float = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        period_seconds: _builtins.float = ...,
+        length: _builtins.int = ...,
+        sensors: _abc.Iterable[_builtins.str] | None = ...,
+        values: _builtins.bytes = ...,
+        mask: _builtins.bytes = ...,
+        input_center: _abc.Iterable[_builtins.float] | None = ...,
+        input_scale: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_key", b"alert_key", "asset", b"asset", "input_center", b"input_center", "input_scale", b"input_scale", "length", b"length", "mask", b"mask", "model_version", b"model_version", "period_seconds", b"period_seconds", "reason", b"reason", "score", b"score", "sensors", b"sensors", "values", b"values", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowCapture: _TypeAlias = WindowCapture  # noqa: Y015
 
 @_typing.final
 class SensorContribution(_message.Message):

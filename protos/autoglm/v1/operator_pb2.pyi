@@ -1863,3 +1863,107 @@ class ListAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015
+
+@_typing.final
+class ListCapturesRequest(_message.Message):
+    """---- Captured windows ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    selector: _builtins.str
+    """devices by label ("site=a,line=2"); "": all"""
+    device: _builtins.str
+    """one device by name or id; "": all"""
+    verdict: _builtins.str
+    """"": any; true | false | unsure | none (no verdict yet)"""
+    page_size: _builtins.int
+    """0: 200; at most 1000"""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """windows ending at or after (required)"""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        selector: _builtins.str = ...,
+        device: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "page_size", b"page_size", "selector", b"selector", "since", b"since", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCapturesRequest: _TypeAlias = ListCapturesRequest  # noqa: Y015
+
+@_typing.final
+class CapturePage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapturedWindow]: ...
+    def __init__(
+        self,
+        *,
+        windows: _abc.Iterable[Global___CapturedWindow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturePage: _TypeAlias = CapturePage  # noqa: Y015
+
+@_typing.final
+class CapturedWindow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    FAULT_TYPE_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    device_name: _builtins.str
+    sequence: _builtins.int
+    alert_id: _builtins.str
+    """the cloud alert the window's raise folded into ("" for a sample)"""
+    verdict: _builtins.str
+    """that alert's verdict ("" none yet)"""
+    fault_type: _builtins.str
+    @_builtins.property
+    def capture(self) -> _agent_pb2.WindowCapture: ...
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        device_name: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        capture: _agent_pb2.WindowCapture | None = ...,
+        alert_id: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        fault_type: _builtins.str = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "capture", b"capture", "device_id", b"device_id", "device_name", b"device_name", "fault_type", b"fault_type", "received_at", b"received_at", "sequence", b"sequence", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturedWindow: _TypeAlias = CapturedWindow  # noqa: Y015

@@ -94,6 +94,16 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
                 _registered_method=True)
+        self.PullBundle = channel.unary_stream(
+                '/autoglm.v1.OperatorService/PullBundle',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.PushBundleChunk.FromString,
+                _registered_method=True)
+        self.ListCaptures = channel.unary_stream(
+                '/autoglm.v1.OperatorService/ListCaptures',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListCapturesRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CapturePage.FromString,
+                _registered_method=True)
         self.CreateRollout = channel.unary_unary(
                 '/autoglm.v1.OperatorService/CreateRollout',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateRolloutRequest.SerializeToString,
@@ -299,6 +309,22 @@ class OperatorServiceServicer:
     def DeleteModel(self, request, context):
         """Removes a pushed version no device is assigned and no rollout uses; its files stay in
         the artifact store (other versions may share them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullBundle(self, request, context):
+        """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+        manifest and its signature last: the base of a fine-tuning (`model train --base`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCaptures(self, request, context):
+        """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+        with the verdict operators gave the alert it belongs to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -527,6 +553,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.SerializeToString,
+            ),
+            'PullBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullBundle,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.PushBundleChunk.SerializeToString,
+            ),
+            'ListCaptures': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListCaptures,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListCapturesRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CapturePage.SerializeToString,
             ),
             'CreateRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRollout,
@@ -978,6 +1014,60 @@ class OperatorService:
             '/autoglm.v1.OperatorService/DeleteModel',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/PullBundle',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.PushBundleChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaptures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListCaptures',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListCapturesRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.CapturePage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,14 @@ class OperatorServiceStub:
     """Removes a pushed version no device is assigned and no rollout uses; its files stay in
     the artifact store (other versions may share them).
     """
+    PullBundle: _grpc.UnaryStreamMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.PushBundleChunk]
+    """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+    manifest and its signature last: the base of a fine-tuning (`model train --base`).
+    """
+    ListCaptures: _grpc.UnaryStreamMultiCallable[_operator_pb2.ListCapturesRequest, _operator_pb2.CapturePage]
+    """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+    with the verdict operators gave the alert it belongs to.
+    """
     CreateRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.Rollout]
     """Rollouts"""
     GetRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetRolloutRequest, _operator_pb2.Rollout]
@@ -121,6 +129,14 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     DeleteModel: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.Model]  # type: ignore[assignment]
     """Removes a pushed version no device is assigned and no rollout uses; its files stay in
     the artifact store (other versions may share them).
+    """
+    PullBundle: _aio.UnaryStreamMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.PushBundleChunk]  # type: ignore[assignment]
+    """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+    manifest and its signature last: the base of a fine-tuning (`model train --base`).
+    """
+    ListCaptures: _aio.UnaryStreamMultiCallable[_operator_pb2.ListCapturesRequest, _operator_pb2.CapturePage]  # type: ignore[assignment]
+    """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+    with the verdict operators gave the alert it belongs to.
     """
     CreateRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     """Rollouts"""
@@ -256,6 +272,26 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_operator_pb2.Model, _abc.Awaitable[_operator_pb2.Model]]:
         """Removes a pushed version no device is assigned and no rollout uses; its files stay in
         the artifact store (other versions may share them).
+        """
+
+    @_abc_1.abstractmethod
+    def PullBundle(
+        self,
+        request: _operator_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_operator_pb2.PushBundleChunk], _abc.AsyncIterator[_operator_pb2.PushBundleChunk]]:
+        """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+        manifest and its signature last: the base of a fine-tuning (`model train --base`).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCaptures(
+        self,
+        request: _operator_pb2.ListCapturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_operator_pb2.CapturePage], _abc.AsyncIterator[_operator_pb2.CapturePage]]:
+        """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+        with the verdict operators gave the alert it belongs to.
         """
 
     @_abc_1.abstractmethod
