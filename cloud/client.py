@@ -62,6 +62,19 @@ class OperatorClient:
     ) -> operator_pb2.RegisterDeviceResponse:
         return self._call(self._stub.RegisterDevice, request)
 
+    def create_enrollment_group(
+        self, request: operator_pb2.CreateEnrollmentGroupRequest
+    ) -> operator_pb2.CreateEnrollmentGroupResponse:
+        return self._call(self._stub.CreateEnrollmentGroup, request)
+
+    def list_enrollment_groups(self) -> list[operator_pb2.EnrollmentGroup]:
+        request = operator_pb2.ListEnrollmentGroupsRequest()
+        return list(self._call(self._stub.ListEnrollmentGroups, request).groups)
+
+    def revoke_enrollment_group(self, name: str) -> operator_pb2.EnrollmentGroup:
+        request = operator_pb2.RevokeEnrollmentGroupRequest(name=name)
+        return self._call(self._stub.RevokeEnrollmentGroup, request)
+
     def issue_enrollment_token(
         self, device: str, token_ttl_seconds: int = 0
     ) -> operator_pb2.RegisterDeviceResponse:

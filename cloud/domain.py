@@ -119,6 +119,26 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class EnrollmentGroup:
+    """A token that enrolls up to `max_uses` devices, each naming itself (factory images):
+    each becomes a device with these labels (`{name}` in a value: the device's name) and
+    profile, active at once."""
+
+    name: str
+    labels: Mapping[str, str]
+    profile: str
+    max_uses: int
+    uses: int
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+
+    def labels_for(self, device_name: str) -> dict[str, str]:
+        named = {k: v.replace("{name}", device_name) for k, v in self.labels.items()}
+        return validate_labels(named)
+
+
+@dataclass(frozen=True)
 class PredictionRecord:
     """One scored window a device synced (stored once per device and sequence)."""
 

@@ -1,4 +1,4 @@
-"""`autoglm device register|token|list|show|label|revoke|delete`."""
+"""`autoglm device register|token|group|list|show|label|revoke|delete`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from cloud.cli import alert_cmds
+from cloud.cli import alert_cmds, group_cmds
 from cloud.cli.health_cmds import drift_line
 from cloud.cli.output import ago, json_view, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
@@ -19,6 +19,7 @@ from protos.autoglm.v1 import operator_pb2
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device = sub.add_parser("device", help="register, list, label, revoke and delete edge devices")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    group_cmds.add_parsers(dsub)
 
     register = dsub.add_parser("register", help="create a device and its one-time enrollment token")
     register.add_argument("name")

@@ -22,6 +22,7 @@ from cloud.service.operator_admin import AdminCalls
 from cloud.service.operator_alerts import AlertCalls
 from cloud.service.operator_captures import CaptureCalls
 from cloud.service.operator_delivery import DeliveryCalls
+from cloud.service.operator_groups import GroupCalls
 from cloud.service.serde import (
     bundle_chunks,
     device_to_proto,
@@ -41,6 +42,7 @@ MAX_TOKEN_TTL_S = 30 * 86_400
 
 class OperatorServicer(
     AlertCalls,
+    GroupCalls,
     CaptureCalls,
     DeliveryCalls,
     AdminCalls,

@@ -37,10 +37,14 @@ READS = frozenset(
         "ListMaintenance",
         "PullBundle",
         "ListCaptures",
+        "ListEnrollmentGroups",
     }
 )
 LEAST_ROLE: dict[str, str] = {
-    **{m: "viewer" for m in READS - {"ListWebhooks", "ListOperators", "ListAudit"}},
+    **{
+        m: "viewer"
+        for m in READS - {"ListWebhooks", "ListOperators", "ListAudit", "ListEnrollmentGroups"}
+    },
     **{
         m: "operator"
         for m in (
@@ -66,6 +70,9 @@ LEAST_ROLE: dict[str, str] = {
         for m in (
             "RevokeDevice",
             "DeleteDevice",
+            "CreateEnrollmentGroup",
+            "ListEnrollmentGroups",
+            "RevokeEnrollmentGroup",
             "DeleteModel",
             "AddWebhook",
             "ListWebhooks",

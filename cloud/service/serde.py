@@ -128,6 +128,19 @@ def bootstrap_from_registration(response: operator_pb2.RegisterDeviceResponse) -
     )
 
 
+def bootstrap_from_group(response: operator_pb2.CreateEnrollmentGroupResponse) -> Bootstrap:
+    """What a factory image carries to enroll any device of the group."""
+    return Bootstrap(
+        group=response.group.name,
+        api_address=response.endpoints.api_address,
+        device_address=response.endpoints.device_address,
+        tls_server_name=response.endpoints.tls_server_name,
+        ca_certificate=response.ca_certificate_pem.decode(),
+        token=response.enrollment_token,
+        expires_at=response.group.expires_at.ToDatetime(tzinfo=dt.UTC),
+    )
+
+
 def desired_to_proto(desired: DesiredModel) -> agent_pb2.DesiredState:
     return agent_pb2.DesiredState(
         model_name=desired.model_name,

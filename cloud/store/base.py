@@ -16,6 +16,7 @@ from cloud.domain import (
     Delivery,
     DesiredModel,
     DeviceRecord,
+    EnrollmentGroup,
     Lease,
     ModelRecord,
     OperatorRecord,
@@ -71,6 +72,29 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def revoke_device(self, id_or_name: str, reason: str, now: dt.datetime) -> DeviceRecord:
         """Marks the device revoked (idempotent) and invalidates its open tokens."""
+
+    # ---- enrollment groups (one token, up to N self-named devices) ----
+    @abc.abstractmethod
+    def create_enrollment_group(
+        self, group: EnrollmentGroup, token_hash: str
+    ) -> EnrollmentGroup: ...
+
+    @abc.abstractmethod
+    def list_enrollment_groups(self) -> list[EnrollmentGroup]: ...
+
+    @abc.abstractmethod
+    def revoke_enrollment_group(self, name: str, now: dt.datetime) -> EnrollmentGroup: ...
+
+    @abc.abstractmethod
+    def enroll_in_group(
+        self,
+        token_hash: str,
+        device_name: str,
+        now: dt.datetime,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str, dt.datetime]],
+    ) -> tuple[DeviceRecord, T]:
+        """Creates `device_name`, active, in the token's group; counts the use."""
 
     # ---- enrollment ----
     @abc.abstractmethod

@@ -22,6 +22,7 @@ from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_captures import CaptureTables
 from cloud.store.sql_devices import DeviceTables
+from cloud.store.sql_groups import GroupTables
 from cloud.store.sql_leases import LeaseTables
 from cloud.store.sql_maintenance import MaintenanceTables
 from cloud.store.sql_records import RecordTables
@@ -55,6 +56,7 @@ class SqlStore(
     WebhookTables,
     MaintenanceTables,
     LeaseTables,
+    GroupTables,
     SqlBase,
     Store,
 ):

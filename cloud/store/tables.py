@@ -84,6 +84,22 @@ class EnrollmentTokenRow(Base):
     invalidated: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class EnrollmentGroupRow(Base):
+    """One token that enrolls up to `max_uses` devices naming themselves (factory images)."""
+
+    __tablename__ = "enrollment_groups"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)  # values may hold "{name}"
+    profile: Mapped[str] = mapped_column(String(64))
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class OperatorRow(Base):
     __tablename__ = "operators"
 

@@ -49,6 +49,21 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.CreateEnrollmentGroup = channel.unary_unary(
+                '/autoglm.v1.OperatorService/CreateEnrollmentGroup',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupResponse.FromString,
+                _registered_method=True)
+        self.ListEnrollmentGroups = channel.unary_unary(
+                '/autoglm.v1.OperatorService/ListEnrollmentGroups',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollmentGroup = channel.unary_unary(
+                '/autoglm.v1.OperatorService/RevokeEnrollmentGroup',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeEnrollmentGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.EnrollmentGroup.FromString,
+                _registered_method=True)
         self.GetDevice = channel.unary_unary(
                 '/autoglm.v1.OperatorService/GetDevice',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetDeviceRequest.SerializeToString,
@@ -251,6 +266,27 @@ class OperatorServiceServicer:
 
     def ListDevices(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateEnrollmentGroup(self, request, context):
+        """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+        `max_uses` devices, each under the name it gives, with the group's labels and profile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollmentGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollmentGroup(self, request, context):
+        """Its token enrolls no more devices; those it enrolled stay.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -508,6 +544,21 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'CreateEnrollmentGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollmentGroup,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupResponse.SerializeToString,
+            ),
+            'ListEnrollmentGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollmentGroups,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsResponse.SerializeToString,
+            ),
+            'RevokeEnrollmentGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollmentGroup,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeEnrollmentGroupRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.EnrollmentGroup.SerializeToString,
             ),
             'GetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDevice,
@@ -771,6 +822,87 @@ class OperatorService:
             '/autoglm.v1.OperatorService/ListDevices',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollmentGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/CreateEnrollmentGroup',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollmentGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListEnrollmentGroups',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollmentGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/RevokeEnrollmentGroup',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeEnrollmentGroupRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.EnrollmentGroup.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,13 @@ class OperatorServiceStub:
     re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
     """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]
+    CreateEnrollmentGroup: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateEnrollmentGroupRequest, _operator_pb2.CreateEnrollmentGroupResponse]
+    """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+    `max_uses` devices, each under the name it gives, with the group's labels and profile.
+    """
+    ListEnrollmentGroups: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListEnrollmentGroupsRequest, _operator_pb2.ListEnrollmentGroupsResponse]
+    RevokeEnrollmentGroup: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeEnrollmentGroupRequest, _operator_pb2.EnrollmentGroup]
+    """Its token enrolls no more devices; those it enrolled stay."""
     GetDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]
     LabelDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]
     RevokeDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.Device]
@@ -114,6 +121,13 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
     """
     ListDevices: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]  # type: ignore[assignment]
+    CreateEnrollmentGroup: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateEnrollmentGroupRequest, _operator_pb2.CreateEnrollmentGroupResponse]  # type: ignore[assignment]
+    """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+    `max_uses` devices, each under the name it gives, with the group's labels and profile.
+    """
+    ListEnrollmentGroups: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListEnrollmentGroupsRequest, _operator_pb2.ListEnrollmentGroupsResponse]  # type: ignore[assignment]
+    RevokeEnrollmentGroup: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeEnrollmentGroupRequest, _operator_pb2.EnrollmentGroup]  # type: ignore[assignment]
+    """Its token enrolls no more devices; those it enrolled stay."""
     GetDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     LabelDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     RevokeDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
@@ -203,6 +217,31 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.ListDevicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.ListDevicesResponse, _abc.Awaitable[_operator_pb2.ListDevicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateEnrollmentGroup(
+        self,
+        request: _operator_pb2.CreateEnrollmentGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.CreateEnrollmentGroupResponse, _abc.Awaitable[_operator_pb2.CreateEnrollmentGroupResponse]]:
+        """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+        `max_uses` devices, each under the name it gives, with the group's labels and profile.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEnrollmentGroups(
+        self,
+        request: _operator_pb2.ListEnrollmentGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListEnrollmentGroupsResponse, _abc.Awaitable[_operator_pb2.ListEnrollmentGroupsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeEnrollmentGroup(
+        self,
+        request: _operator_pb2.RevokeEnrollmentGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.EnrollmentGroup, _abc.Awaitable[_operator_pb2.EnrollmentGroup]]:
+        """Its token enrolls no more devices; those it enrolled stay."""
 
     @_abc_1.abstractmethod
     def GetDevice(
