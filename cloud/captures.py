@@ -66,6 +66,9 @@ class CaptureRecord:
         return np.where(mask > 0, values, np.nan).astype(np.float32), mask
 
 
+MAX_PERIOD_S = 86_400.0  # a grid period longer than a day is no sensor stream
+
+
 def check_capture(c: CaptureRecord, where: str) -> None:
     """InvalidInput naming what is wrong with a capture a device sent."""
     n = len(c.sensors)
@@ -85,8 +88,15 @@ def check_capture(c: CaptureRecord, where: str) -> None:
         )
     if len(set(c.sensors)) != n or not all(c.sensors):
         raise InvalidInput(f"{where}.sensors: names must be unique and not empty")
-    if not c.period_s > 0:
-        raise InvalidInput(f"{where}.period_seconds: {c.period_s} is not positive")
+    if not 0 < c.period_s <= MAX_PERIOD_S:
+        raise InvalidInput(
+            f"{where}.period_seconds: {c.period_s}; more than 0 and at most {MAX_PERIOD_S:g} "
+            "are taken"
+        )
+    try:
+        c.window_end  # noqa: B018 - the window must end on a calendar date
+    except OverflowError:
+        raise InvalidInput(f"{where}.window_start: its window ends past the year 9999") from None
     if len(c.values) != 4 * c.length * n:
         raise InvalidInput(
             f"{where}.values: {len(c.values)} bytes; a {c.length} x {n} window of float32 "

@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +83,16 @@ class CaptureSampler:
     """Decides which windows to capture and keeps the daily byte budget."""
 
     def __init__(
-        self, policy: CapturePolicy, state_path: Path, rng: random.Random | None = None
+        self,
+        policy: CapturePolicy,
+        state_path: Path,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
         self.path = state_path
         self.rng = rng or random.Random()
+        self.clock = clock
         self.captured = {ALERT: 0, SAMPLE: 0}
         self.over_budget = 0
         self.quota = math.ceil(policy.samples_per_day / (HOUR_BANDS * SCORE_BANDS))
@@ -108,9 +115,12 @@ class CaptureSampler:
                         self.path, exc)  # fmt: skip
             return CaptureDay()
 
-    def _day(self, window_end: float) -> CaptureDay:
-        day = int(window_end // 86_400)
-        if day != self.today.day:
+    def _day(self) -> CaptureDay:
+        """The budget's day: a UTC day of this device's clock, never of the windows' stamps
+        (stream times from either side of midnight, or a backlog replayed, would each start
+        a fresh budget), and only ever forward (a clock stepped back keeps the day's count)."""
+        day = int(self.clock() // 86_400)
+        if day > self.today.day:
             self.today = CaptureDay(day)
         return self.today
 
@@ -129,12 +139,12 @@ class CaptureSampler:
             return ALERT if not off_beat and taken < policy.windows_per_alert else ""
         if self.quota == 0 or self.rng.random() >= policy.sample_probability:
             return ""
-        today = self._day(window_end)
+        today = self._day()
         return SAMPLE if today.strata.get(stratum(score, window_end), 0) < self.quota else ""
 
     def admit(self, reason: str, size: int, score: float, window_end: float) -> bool:
         """Charges `size` encoded bytes to the day's budget; False (counted) when over it."""
-        today = self._day(window_end)
+        today = self._day()
         budget = self.policy.max_bytes_per_day
         over = today.bytes + size > budget
         if reason == SAMPLE:

@@ -74,17 +74,32 @@ def policy(**changes: object) -> CapturePolicy:
     return CapturePolicy.model_validate(base | changes)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_alert_windows_are_captured_until_the_days_budget_is_spent(tmp_path: Path) -> None:
-    sampler = CaptureSampler(policy(), tmp_path / "capture.json")
+    clock = Clock()
+    sampler = CaptureSampler(policy(), tmp_path / "capture.json", clock=clock)
     assert sampler.reason_for("pump-1", "pump-1-1", 3.0, T0) == ALERT
     taken = [sampler.admit(ALERT, 3000, 3.0, T0) for _ in range(4)]
     assert taken == [True, True, True, False]  # 9,000 of 10,000 bytes; the 4th is over
     assert sampler.captured == {ALERT: 3, SAMPLE: 0} and sampler.over_budget == 1
-    assert sampler.admit(ALERT, 3000, 3.0, T0 + DAY)  # a new UTC day, a new budget
+    # Windows stamped on other days (clock skew, a replayed backlog) are today's bytes.
+    assert not sampler.admit(ALERT, 3000, 3.0, T0 + DAY)
+    assert not sampler.admit(ALERT, 3000, 3.0, T0 - DAY)
+    clock.now -= DAY  # the device's clock steps back: still today's count
+    assert not sampler.admit(ALERT, 3000, 3.0, T0)
+    clock.now += 2 * DAY  # the next day of the device's clock: a new budget
+    assert sampler.admit(ALERT, 3000, 3.0, T0)
 
 
 def test_samples_use_only_their_share_and_never_crowd_out_alerts(tmp_path: Path) -> None:
-    sampler = CaptureSampler(policy(), tmp_path / "capture.json")
+    sampler = CaptureSampler(policy(), tmp_path / "capture.json", clock=Clock())
     scores = [0.1, 0.3, 0.5, 0.7, 0.9]  # one per score band: their own quotas
     admitted = [sampler.admit(SAMPLE, 1000, s, T0) for s in scores * 2]
     assert sum(admitted) == 5  # 5,000 bytes: the samples' half of the budget
@@ -93,7 +108,9 @@ def test_samples_use_only_their_share_and_never_crowd_out_alerts(tmp_path: Path)
 
 def test_each_stratum_gets_its_quota_a_day(tmp_path: Path) -> None:
     sampler = CaptureSampler(
-        policy(max_bytes_per_day=10**9, samples_per_day=60), tmp_path / "capture.json"
+        policy(max_bytes_per_day=10**9, samples_per_day=60),
+        tmp_path / "capture.json",
+        clock=Clock(),
     )
     assert sampler.quota == 2  # 60 samples over 6 hour bands x 5 score bands
     low = [sampler.reason_for("pump-1", "", 0.1, T0 + i) for i in range(5)]
@@ -109,7 +126,7 @@ def test_each_stratum_gets_its_quota_a_day(tmp_path: Path) -> None:
 
 def test_an_open_alert_gives_its_raise_and_then_spaced_windows(tmp_path: Path) -> None:
     sampler = CaptureSampler(
-        policy(windows_per_alert=3, alert_spacing=2), tmp_path / "capture.json"
+        policy(windows_per_alert=3, alert_spacing=2), tmp_path / "capture.json", clock=Clock()
     )
     first = [sampler.reason_for("pump-1", "k1", 2.0, T0 + i) for i in range(8)]
     assert first == [ALERT, "", ALERT, "", ALERT, "", "", ""]
@@ -124,21 +141,24 @@ def test_sampling_probability_and_turning_it_off(tmp_path: Path) -> None:
         policy(sample_probability=0.1, max_bytes_per_day=10**9, samples_per_day=10**6),
         tmp_path / "a.json",
         random.Random(1),
+        clock=Clock(),
     )
     drawn = sum(bool(rare.reason_for("pump-1", "", 0.2, T0 + i)) for i in range(2000))
     assert 140 < drawn < 260, drawn
-    off = CaptureSampler(policy(enabled=False), tmp_path / "b.json")
+    off = CaptureSampler(policy(enabled=False), tmp_path / "b.json", clock=Clock())
     assert off.reason_for("pump-1", "pump-1-1", 5.0, T0) == ""
 
 
 def test_the_days_counts_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "capture.json"
-    first = CaptureSampler(policy(), path)
+    first = CaptureSampler(policy(), path, clock=Clock())
     assert first.admit(ALERT, 6000, 2.0, T0)
-    again = CaptureSampler(policy(), path)
+    again = CaptureSampler(policy(), path, clock=Clock())
     assert not again.admit(ALERT, 6000, 2.0, T0)  # 12,000 > 10,000 today
     path.write_text("{not json")
-    assert CaptureSampler(policy(), path).admit(ALERT, 6000, 2.0, T0)  # damaged: starts over
+    assert CaptureSampler(policy(), path, clock=Clock()).admit(
+        ALERT, 6000, 2.0, T0
+    )  # damaged: starts over
 
 
 def test_eviction_takes_captures_first_then_predictions_never_alerts(tmp_path: Path) -> None:

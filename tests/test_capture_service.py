@@ -37,7 +37,7 @@ def plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningPla
 
 
 def hostile_batch() -> tuple[agent_pb2.RecordBatch, dict[int, str]]:
-    """Good captures 1 and 10, and between them one hostile capture per way to be wrong,
+    """Good captures 1 and 12, and between them one hostile capture per way to be wrong,
     with the words its refusal must say."""
     oversized = capture_proto(2, window(t=4096, n=17))
     nan = capture_proto(3)
@@ -56,8 +56,12 @@ def hostile_batch() -> tuple[agent_pb2.RecordBatch, dict[int, str]]:
     scale.capture.input_scale[0] = 0.0
     keyless = capture_proto(9)
     keyless.capture.alert_key = ""
+    slow = capture_proto(10)
+    slow.capture.period_seconds = 1e12  # its window would end past any calendar
+    late = capture_proto(11)
+    late.capture.window_start.seconds = 253_402_300_799 - 5  # 5 s before the year 10000
     records = [capture_proto(1), oversized, nan, short, mask, rows, center, scale, keyless]
-    batch = agent_pb2.RecordBatch(records=[*records, capture_proto(10)])
+    batch = agent_pb2.RecordBatch(records=[*records, slow, late, capture_proto(12)])
     expected = {
         2: f"values > {MAX_CELLS}",
         3: "row 1, sensor 's1' is nan (not a finite number",
@@ -67,6 +71,8 @@ def hostile_batch() -> tuple[agent_pb2.RecordBatch, dict[int, str]]:
         7: "capture.input_center: 3 values for 4 sensors",
         8: "capture.input_scale: every scale must be positive",
         9: "capture.alert_key: an alert window without its alert key",
+        10: "capture.period_seconds: 1000000000000.0; more than 0 and at most 86400",
+        11: "capture.window_start: its window ends past the year 9999",
     }
     return batch, expected
 
@@ -82,7 +88,7 @@ def test_hostile_captures_are_refused_by_name_and_stored_ones_stay(
     batch, expected = hostile_batch()
     stream.send(agent_pb2.AgentMessage(records=batch))
     ack = stream.next("batch_ack").batch_ack
-    assert (ack.up_to_sequence, ack.stored, ack.duplicates) == (10, 2, 0), ack
+    assert (ack.up_to_sequence, ack.stored, ack.duplicates) == (12, 2, 0), ack
     reasons = {r.sequence: r.reason for r in ack.rejected}
     assert sorted(reasons) == sorted(expected), reasons
     for sequence, words in expected.items():
@@ -97,7 +103,7 @@ def test_hostile_captures_are_refused_by_name_and_stored_ones_stay(
     from cloud.captures import CaptureFilter
 
     stored = store.list_captures(CaptureFilter(since))
-    assert [(c.device_id, c.sequence) for c in stored] == [(device_id, 1), (device_id, 10)]
+    assert [(c.device_id, c.sequence) for c in stored] == [(device_id, 1), (device_id, 12)]
     values, mask = stored[0].arrays()
     sent = window(seed=1)
     np.testing.assert_array_equal(mask, sent.mask)
