@@ -223,3 +223,23 @@ def test_pulling_a_model_that_was_never_pushed_is_not_found(
 ) -> None:
     with plane.client() as client, pytest.raises(NotFound, match="pump"):
         client.pull_bundle("pump", "9", tmp_path / "base")
+
+
+def test_pages_of_large_windows_are_split_by_bytes(
+    plane: RunningPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud.service import operator_captures
+
+    _seed(plane, tmp_path)
+    one = 0
+    with plane.client() as client:
+        one = next(iter(client.list_captures(_request(page_size=1)))).ByteSize()
+        # Room for about two windows a message: a page of five comes as three or more.
+        monkeypatch.setattr(operator_captures, "MAX_MESSAGE_BYTES", 2 * one + 10)
+        messages = list(
+            client._stub.ListCaptures(_request(page_size=1000), metadata=client._metadata)
+        )
+    sizes = [(len(m.windows), m.ByteSize()) for m in messages]
+    assert sum(n for n, _ in sizes) == 5 and len(sizes) >= 3, sizes
+    cap = 2 * one + 10
+    assert all(n == 1 or size <= cap + 16 for n, size in sizes), (cap, sizes)

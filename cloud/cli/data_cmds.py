@@ -33,8 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--verdict",
         default="",
         choices=[*VERDICTS, "none"],
-        help="only alert windows with this verdict (none: not judged yet); default: every "
-        "window, sampled normal ones included",
+        help="only alert windows with this verdict; none: windows nobody judged (sampled "
+        "normal ones too); default: every window",
     )
     export.add_argument("--page-size", type=int, default=200, help="windows per page (<= 1000)")
     export.add_argument("--out", type=Path, required=True, metavar="DIR")

@@ -28,6 +28,9 @@ from protos.autoglm.v1 import operator_pb2
 _DONE = object()
 
 
+MAX_MESSAGE_BYTES = 2 << 20  # a largest capture (256 KiB of values) always fits with room
+
+
 class CaptureCalls:
     registry: DeviceRegistry
     catalog: ModelCatalog
@@ -59,9 +62,18 @@ class CaptureCalls:
         pages = labelled_pages(self.registry.store, where, request.page_size or PAGE_SIZE)
         while (page := await asyncio.to_thread(next, pages, _DONE)) is not _DONE:
             assert isinstance(page, list)
-            yield operator_pb2.CapturePage(
-                windows=[capture_to_proto(c, lab, names.get(c.device_id, "")) for c, lab in page]
-            )
+            # Messages end at MAX_MESSAGE_BYTES whatever the page size: a page of large
+            # windows would pass gRPC's limits (4 MiB a client takes by default).
+            message, size = operator_pb2.CapturePage(), 0
+            for c, lab in page:
+                window = capture_to_proto(c, lab, names.get(c.device_id, ""))
+                if message.windows and size + window.ByteSize() > MAX_MESSAGE_BYTES:
+                    yield message
+                    message, size = operator_pb2.CapturePage(), 0
+                message.windows.append(window)
+                size += window.ByteSize()
+            if message.windows:
+                yield message
 
     async def PullBundle(
         self, request: operator_pb2.GetModelRequest, context: aio.ServicerContext[Any, Any]
