@@ -334,6 +334,29 @@ def test_undo_sends_a_succeeded_rollouts_devices_back_but_not_those_a_later_one_
         fleet.controller.undo(rollout_id, "twice")
 
 
+def test_undo_never_overwrites_a_device_a_later_rollout_took_meanwhile(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rollout_id = _create(fleet, ("100%",))
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    stale = {n: fleet.desired(n) for n in fleet.ids}  # what undo reads...
+    fleet.store.add_model(
+        ModelRecord("pump", "3", f"sha256:{'3' * 64}", f"sha256:{'f' * 64}", 10, T0, {})
+    )
+    fleet.store.update_labels("edge-3", {"line": "9"}, [])
+    later, _ = fleet.controller.create("pump", "3", "line=9", ("100%",), 0.0, Gates())
+    # ... before a later rollout took edge-3 and wrote its desired state.
+    by_id = {fleet.ids[n]: d for n, d in stale.items()}
+    monkeypatch.setattr(fleet.store, "get_desired", lambda device_id: by_id[device_id])
+    _, desired = fleet.controller.undo(rollout_id, "raced")
+    monkeypatch.undo()
+    assert fleet.ids["edge-3"] not in {d.device_id for d in desired}, desired
+    assert fleet.desired("edge-3").rollout_id == later.id  # type: ignore[union-attr]
+    assert fleet.states(rollout_id)["edge-3"] == "updated"  # not claimed as sent back
+
+
 def test_undo_of_a_running_rollout_is_an_abort(fleet: Fleet) -> None:
     rollout_id = _create(fleet, ("1", "100%"))
     fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)

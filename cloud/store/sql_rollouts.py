@@ -190,15 +190,19 @@ class RolloutTables(SqlBase):
                 setattr(row, key, value)
             row.revision = rollout.revision + 1
             active = rollout.state.active
+            written = _write_desired(s, desired)
+            # A device sent back (abort, undo) that another rollout took since it was read
+            # keeps what that rollout gave it, and its target here stays as it was.
+            taken = {d.device_id for d in desired} - {d.device_id for d in written}
             for t in targets:
-                _update_target(s, t, active)
+                if t.device_id not in taken:
+                    _update_target(s, t, active)
             if not active:
                 s.execute(
                     update(RolloutTargetRow)
                     .where(RolloutTargetRow.rollout_id == rollout.id)
                     .values(active=False)
                 )
-            written = _write_desired(s, desired)
             return dataclasses.replace(rollout, revision=row.revision), written
 
     def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:
@@ -335,8 +339,10 @@ def _write_desired(s: Session, desired: Sequence[DesiredModel]) -> list[DesiredM
     assert counter is not None, "migration 0008 creates the counter row"
     written = []
     for d in desired:
-        counter.value += 1
         row = s.get(DesiredModelRow, d.device_id, with_for_update=True)
+        if d.revert_version and row is not None and row.rollout_id != d.rollout_id:
+            continue  # a send-back, but another rollout owns the device now
+        counter.value += 1
         if row is None:
             row = DesiredModelRow(device_id=d.device_id)
             s.add(row)
