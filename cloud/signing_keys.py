@@ -19,8 +19,12 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cloud.artifacts import LocalArtifactStore
+from cloud.config import load_cloud_config
 from cloud.pki import new_signing_key, private_key_pem, public_key_pem
 from cloud.state_dir import (
     PUBLIC_MODE,
@@ -30,9 +34,10 @@ from cloud.state_dir import (
     SIGNING_ROOT,
     load_secrets,
 )
-from edge_agent.errors import FailedPrecondition
+from cloud.store import open_store
+from edge_agent.errors import FailedPrecondition, NotFound
 from edge_agent.files import fsync_dir, replace_atomically, write_new
-from edge_agent.trust import MAX_KEYS, key_id, parse_root, sign_root
+from edge_agent.trust import MAX_KEYS, TrustedKeys, key_id, parse_root, sign_root
 
 RETIRED = "retired-keys"
 
@@ -93,13 +98,76 @@ def rotate(state_dir: Path, valid_for: dt.timedelta, now: dt.datetime) -> RootSu
     return describe(state_dir)
 
 
-def retire(state_dir: Path, valid_for: dt.timedelta, now: dt.datetime) -> RootSummary:
-    """A root that trusts the current signing key alone."""
+def retire(
+    state_dir: Path, valid_for: dt.timedelta, now: dt.datetime, force: bool = False
+) -> RootSummary:
+    """A root that trusts the current signing key alone. Refused (unless `force`) while a
+    device serves, or is meant to serve, a version that only a retired key signed: it would
+    no longer verify there, and the device would start without a model. Signed by the
+    retired keys kept under `retired-keys/` too, so a device that never took the previous
+    root (offline, or an older agent since upgraded) can still take this one."""
     current = load_secrets(state_dir).signing_key
     version, keys = _trusted(state_dir)
     if len(keys) == 1:
         raise FailedPrecondition("only the current signing key is trusted; nothing to retire")
-    document = sign_root(version + 1, now + valid_for, [current.public_key()], [current])
+    if not force:
+        stranded = _in_use_by_retired(state_dir, TrustedKeys([current.public_key()]))
+        if stranded:
+            raise FailedPrecondition(
+                "still in use and signed only by a key to retire: "
+                + ", ".join(stranded[:10])
+                + " (roll out a version signed by the current key first, or --force)"
+            )
+    archived = [
+        k
+        for k in (_archived(state_dir, key_id(pub)) for pub in keys)
+        if k is not None and key_id(k.public_key()) != key_id(current.public_key())
+    ]
+    document = sign_root(version + 1, now + valid_for, [current.public_key()], [current, *archived])
     replace_atomically(state_dir / SIGNING_ROOT, document, PUBLIC_MODE)
     fsync_dir(state_dir)
     return describe(state_dir)
+
+
+def _archived(state_dir: Path, kid: str) -> ed25519.Ed25519PrivateKey | None:
+    path = state_dir / RETIRED / f"signing-{kid}.key"
+    if not path.is_file():
+        return None
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return key if isinstance(key, ed25519.Ed25519PrivateKey) else None
+
+
+def _in_use_by_retired(state_dir: Path, keep: TrustedKeys) -> list[str]:
+    """NAME:VERSION (and who) of what devices serve or are meant to serve whose bundle
+    `keep` does not verify."""
+    config = load_cloud_config(state_dir)
+    store = open_store(config.resolved_database_url)
+    artifacts = LocalArtifactStore(config.resolved_artifacts_dir)
+    try:
+        users: dict[tuple[str, str], str] = {}
+        for device in store.list_devices({}):
+            status = device.status or {}
+            name, version = str(status.get("model_name", "")), str(status.get("model_version", ""))
+            if version:
+                users.setdefault((name, version), f"serving on {device.name}")
+        revision = 0
+        while batch := store.desired_after(revision, 500):
+            for d in batch:
+                if d.model_version:
+                    users.setdefault((d.model_name, d.model_version), "desired")
+            revision = batch[-1].revision
+        stranded = []
+        for (name, version), who in sorted(users.items()):
+            try:
+                model = store.get_model(name, version)
+            except NotFound:
+                continue  # not pushed here: a bundle in an agent's config
+            manifest = b"".join(artifacts.read(model.manifest_digest))
+            signature = b"".join(artifacts.read(model.signature_digest))
+            try:
+                keep.verify(signature, manifest)
+            except InvalidSignature:
+                stranded.append(f"{name}:{version} ({who})")
+        return stranded
+    finally:
+        store.close()

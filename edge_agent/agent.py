@@ -88,6 +88,7 @@ class Agent:
             model_version=model.version if model else "",
             inference_backend=model.choice.label if model else "",
             slot=self.slot(),
+            signing_root_version=self.key.version,
             uptime_seconds=time.monotonic() - self.started,
             health=self.runtime.health(hostfacts.disk_free_bytes(self.config.state_dir)),
         )

@@ -163,7 +163,7 @@ def parse_root(document: bytes, where: str) -> SigningRoot:
         )
     except IntegrityError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error) as exc:
         raise IntegrityError(f"{where}: not a valid signing root: {exc!s:.200}") from None
     return SigningRoot(version, expires, keys, signatures, canonical(signed), document)
 

@@ -15,7 +15,7 @@ from cloud.signing_keys import retire, rotate
 from cloud.state_dir import load_secrets
 from edge_agent.bundle import verify_bundle
 from edge_agent.config import load_agent_config
-from edge_agent.errors import IntegrityError
+from edge_agent.errors import FailedPrecondition, IntegrityError
 from protos.autoglm.v1 import operator_pb2
 from tests.conftest import register
 from tests.support.agents import enroll_identity, start_agent, wait_for
@@ -34,6 +34,11 @@ def _restart(plane: RunningPlane, state: Path) -> RunningPlane:
     plane.stop()
     return start_plane(state, plane.token, device_listen=f"127.0.0.1:{port}",
                        rollout_interval_s=0.2, presence_flush_interval_s=0.2)  # fmt: skip
+
+
+def _serving(plane: RunningPlane) -> str:
+    with plane.client() as client:
+        return str(client.get_device("edge-1").status.model_version)
 
 
 def _roll(plane: RunningPlane, version: str) -> None:
@@ -78,6 +83,10 @@ def test_a_rotated_key_signs_the_next_rollout_and_a_retired_one_nothing(
         plane = _restart(plane, state)
         new_key = load_secrets(state).signing_key
         wait_for(lambda: trust.version == 2, timeout=60)
+        # Retiring the old key now would strand the device: it serves v1, signed by it.
+        wait_for(lambda: _serving(plane) == "1", timeout=30)
+        with pytest.raises(FailedPrecondition, match=r"pump:1 \(serving on edge-1\)"):
+            retire(state, YEAR, dt.datetime.now(dt.UTC))
         v2 = make_version((tmp_path / "v1", old_key), tmp_path / "v2", "2", new_key)
         with plane.client() as client:
             client.push_bundle(v2)  # the plane accepts the new key's signature
@@ -88,6 +97,8 @@ def test_a_rotated_key_signs_the_next_rollout_and_a_retired_one_nothing(
         retire(state, YEAR, dt.datetime.now(dt.UTC))
         plane = _restart(plane, state)
         wait_for(lambda: trust.version == 3, timeout=60)
+        with plane.client() as client:  # the fleet view: each device says what it holds
+            wait_for(lambda: client.get_device("edge-1").status.signing_root_version == 3)
         v3 = make_version((tmp_path / "v1", old_key), tmp_path / "v3", "3", old_key)
         with plane.client() as client, pytest.raises(Exception, match="signature"):
             client.push_bundle(v3)

@@ -95,6 +95,11 @@ def test_any_bytes_are_a_root_or_an_integrity_error(document: bytes) -> None:
         parse_root(document, "fuzz")
 
 
+def test_deeply_nested_json_is_an_integrity_error() -> None:
+    with pytest.raises(IntegrityError, match="not a valid signing root"):
+        parse_root(b"[" * 60_000, "nested")
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -106,6 +111,7 @@ def test_any_bytes_are_a_root_or_an_integrity_error(document: bytes) -> None:
         lambda d: d.update(signatures=[{"keyid": "x", "sig": "!!"}]),
         lambda d: d.update(signatures="no"),
         lambda d: d["signed"].update(expires="tomorrow"),
+        lambda d: d["signed"].update(version=[[1]]),
     ],
 )
 def test_malformed_roots_are_integrity_errors(mutate: object) -> None:
@@ -158,6 +164,10 @@ def test_rotate_then_retire_on_a_state_dir(tmp_path: Path) -> None:
     accept_root(secrets.signing_root, device, 1, NOW)
     retired = retire(state, YEAR, NOW)
     assert retired.version == 3 and retired.keys == (rotated.current,)
+    # A device that never took root 2 (it trusts the first key alone) can take root 3: the
+    # retired key kept under retired-keys/ signed it too.
+    taken = accept_root(load_secrets(state).signing_root, device, 1, NOW)
+    assert set(taken.keys) == {rotated.current}
     # A signing key the root does not list is refused at start, with the reason.
     (state / SIGNING_KEY).write_bytes((state / "retired-keys" /
                                        f"signing-{first.current}.key").read_bytes())  # fmt: skip

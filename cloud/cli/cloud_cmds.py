@@ -86,6 +86,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                 "--valid-for", default="365d", help="until devices refuse this root if they "
                 "have not taken it yet (default 365d)"
             )  # fmt: skip
+        if name == "retire":
+            p.add_argument(
+                "--force", action="store_true", help="even while devices use a version only a "
+                "retired key signed (they then start without it)"
+            )  # fmt: skip
         p.set_defaults(handler=cmd_signing_key, key_action=name)
 
 
@@ -201,8 +206,11 @@ def cmd_signing_key(args: argparse.Namespace) -> int:
             valid_for = dt.timedelta(seconds=parse_duration(args.valid_for))
         except ValueError as exc:
             raise ConfigError(f"--valid-for: {exc}") from None
-        action = rotate if args.key_action == "rotate" else retire
-        summary = action(args.state_dir, valid_for, dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        if args.key_action == "rotate":
+            summary = rotate(args.state_dir, valid_for, now)
+        else:
+            summary = retire(args.state_dir, valid_for, now, force=args.force)
     print_json(summary.to_json())
     if args.key_action != "show":
         print(

@@ -221,6 +221,10 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         )
     if msg.status.uptime_seconds:
         print(f"uptime:      {msg.status.uptime_seconds:.0f}s")
+    root = msg.status.signing_root_version
+    if msg.status.model_version or root:
+        held = f"root version {root}" if root else "unknown (too old an agent to follow rotations)"
+        print(f"signing:     {held}")
     for asset, drift in sorted(msg.status.health.drift.items()):
         print(f"drift:       {drift_line(asset, drift)}")
     for gap in msg.status.health.lost_records:

@@ -382,7 +382,7 @@ def cmd_finetune(args: argparse.Namespace, client: OperatorClient | None) -> int
     """`model train --from-export DIR --base VERSION`: `cloud/model/finetune.py`."""
     import tempfile
 
-    from cloud.model.bundle_writer import load_signing_key
+    from cloud.model.bundle_writer import load_signing_key, trusted_keys
     from cloud.model.finetune import FinetuneOptions, finetune_bundle
 
     if args.data:
@@ -409,7 +409,8 @@ def cmd_finetune(args: argparse.Namespace, client: OperatorClient | None) -> int
         if client is not None:
             name, _, version = args.base.rpartition(":")
             base = client.pull_bundle(name or args.name, version, Path(tmp) / "base")
-        manifest = finetune_bundle(args.from_export, base, args.out, options, key)
+        trusted = trusted_keys(args.signing_key, key)
+        manifest = finetune_bundle(args.from_export, base, args.out, options, key, trusted=trusted)
     t = manifest.training
     print(
         f"wrote {args.out}: {manifest.name} {manifest.version}, fine-tuned from "

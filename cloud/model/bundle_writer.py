@@ -13,9 +13,20 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, load_public_key, verify_bundle
 from edge_agent.errors import ConfigError, InvalidInput
 from edge_agent.files import replace_atomically
+from edge_agent.trust import Verifier, parse_root
 
 SIGNING_KEY_ENV = "AUTOGLM_SIGNING_KEY"
 PUBLIC_KEY_ENV = "AUTOGLM_SIGNING_PUB"
+
+
+def trusted_keys(path: Path | None, key: ed25519.Ed25519PrivateKey) -> Verifier:
+    """The keys a bundle from the control plane may be signed by: those of the signing root
+    beside the key file (`signing-root.json`, after a rotation), else the key itself."""
+    path = path or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
+    root = path.parent / "signing-root.json" if path is not None else None
+    if root is not None and root.is_file():
+        return parse_root(root.read_bytes(), str(root)).trusted()
+    return key.public_key()
 
 
 def load_signing_key(path: Path | None) -> ed25519.Ed25519PrivateKey:
@@ -63,11 +74,13 @@ def write_signed_manifest(
     replace_atomically(directory / SIGNATURE, key.sign(raw), 0o644)
 
 
-def read_own_bundle(directory: Path, key: ed25519.Ed25519PrivateKey) -> Manifest:
-    """Verify a bundle this key signed before changing it."""
+def read_own_bundle(
+    directory: Path, key: ed25519.Ed25519PrivateKey, trusted: Verifier | None = None
+) -> Manifest:
+    """Verify a bundle this key (or one of `trusted`) signed before changing it."""
     if not directory.is_dir():
         raise InvalidInput(f"{directory}: no such bundle directory")
-    return verify_bundle(directory, key.public_key())
+    return verify_bundle(directory, trusted or key.public_key())
 
 
 def pack(directory: Path, archive: Path) -> Path:

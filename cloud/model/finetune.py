@@ -37,6 +37,7 @@ from cloud.model.pipeline import (
 from cloud.model.train import TrainParams, set_torch_threads, train_net
 from edge_agent.bundle import BUILD_ON_DEVICE, Manifest, sha256_file
 from edge_agent.errors import AlreadyExists, InvalidInput
+from edge_agent.trust import Verifier
 from edge_agent.windowing import FloatArray
 
 
@@ -126,12 +127,14 @@ def finetune_bundle(
     options: FinetuneOptions,
     key: ed25519.Ed25519PrivateKey,
     log: Callable[[str], None] = print,
+    trusted: Verifier | None = None,
 ) -> Manifest:
-    """Fine-tune the base bundle on the export and write a signed bundle to `out`."""
+    """Fine-tune the base bundle on the export and write a signed bundle to `out`. The base
+    may be signed by any of `trusted` (a key rotated away from); the result by `key`."""
     if out.exists():
         raise AlreadyExists(f"{out}: exists; pick a new bundle directory")
     wall = time.monotonic()
-    base = read_own_bundle(base_dir, key)
+    base = read_own_bundle(base_dir, key, trusted)
     windows = read_export(export_dir)
     check_schema(base, windows, export_dir)
     data = site_normalised(windows)

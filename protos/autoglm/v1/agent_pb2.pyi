@@ -239,6 +239,7 @@ class AgentStatus(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     SLOT_FIELD_NUMBER: _builtins.int
+    SIGNING_ROOT_VERSION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     inference_backend: _builtins.str
@@ -246,6 +247,10 @@ class AgentStatus(_message.Message):
     uptime_seconds: _builtins.float
     slot: _builtins.str
     """"a" or "b": which install slot is serving"""
+    signing_root_version: _builtins.int
+    """The signing root the agent holds (1: the key pinned at enrollment alone; 0: an agent
+    from before signing roots, which cannot follow a key rotation).
+    """
     @_builtins.property
     def health(self) -> Global___AgentHealth: ...
     def __init__(
@@ -257,10 +262,11 @@ class AgentStatus(_message.Message):
         uptime_seconds: _builtins.float = ...,
         health: Global___AgentHealth | None = ...,
         slot: _builtins.str = ...,
+        signing_root_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "inference_backend", b"inference_backend", "model_name", b"model_name", "model_version", b"model_version", "slot", b"slot", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "inference_backend", b"inference_backend", "model_name", b"model_name", "model_version", b"model_version", "signing_root_version", b"signing_root_version", "slot", b"slot", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
