@@ -122,6 +122,9 @@ def latency_regression(
     )
 
 
+FLOOR_RELIEF = 0.1  # how far a device's noise floor may move a behaviour gate
+
+
 def behaviour_gate(
     gates: Gates,
     agreement: float,
@@ -133,16 +136,20 @@ def behaviour_gate(
     not), judged against the noise floor the device measured: the incumbent against itself
     recalibrated on other rows. Where the incumbent agrees with itself less than the gate
     asks, the gate asks only that much; where its alert rate moves more than allowed, that
-    much is allowed. A floor of 0 (not measured: an older agent, too few rows) leaves the
-    configured gates as they are."""
+    much is allowed; either by at most `FLOOR_RELIEF` (the figure comes from the device).
+    A floor of 0 (not measured: an older agent, too few rows) leaves the configured gates
+    as they are."""
     why = []
     need = gates.min_shadow_agreement
-    if 0 < self_agreement < need:
-        need = self_agreement
+    if 0 < self_agreement < need:  # lowered at most FLOOR_RELIEF: a device's word has limits
+        need = max(self_agreement, need - FLOOR_RELIEF)
     if agreement < need:
         floor = f" (the incumbent with itself: {self_agreement:.3f})" if self_agreement else ""
         why.append(f"agreement {agreement:.3f} < {need:.3g}{floor}")
-    allowed = max(gates.max_alert_rate_difference, self_rate_difference)
+    allowed = min(
+        max(gates.max_alert_rate_difference, self_rate_difference),
+        gates.max_alert_rate_difference + FLOOR_RELIEF,
+    )
     if rate_difference > allowed:
         why.append(f"alert-rate difference {rate_difference:.3f} > {allowed:.3g}")
     return why

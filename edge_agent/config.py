@@ -318,7 +318,7 @@ class IngestLimits(BaseModel):
     # Readings one asset may have waiting for the pipeline; past it its source waits (MQTT
     # QoS 1: the broker keeps the rest), at most backlog_block_s, then drops and counts
     # (`backlog_full`). Other assets are drained in turn meanwhile (edge_agent/ingest/fair_queue).
-    max_backlog_readings: int = Field(default=100_000, ge=100)
+    max_backlog_readings: int = Field(default=20_000, ge=100)
     backlog_block_s: float = Field(default=5.0, ge=0)
 
 

@@ -102,7 +102,9 @@ class Sources:
 
     def threads_alive(self) -> dict[str, bool]:
         """The Modbus and OPC UA threads, by name (the MQTT one is the runtime's)."""
-        return {link.thread.name: link.thread.is_alive() for link in self._links}
+        # Numbered: two Modbus units behind one gateway share a thread name.
+        links = enumerate(self._links)
+        return {f"{link.thread.name} #{i}": link.thread.is_alive() for i, link in links}
 
     def stop(self) -> None:
         for link in self._links:

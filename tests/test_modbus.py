@@ -91,7 +91,7 @@ def test_a_poller_thread_that_dies_is_reported_for_the_probes(
     sources.start()
     try:
         # /healthz/live and /healthz/ready name every dead thread (edge_agent/metrics.py).
-        wait_for(lambda: sources.threads_alive() == {"modbus 127.0.0.1:1": False}, timeout=30)
+        wait_for(lambda: sources.threads_alive() == {"modbus 127.0.0.1:1 #0": False}, timeout=30)
     finally:
         sources.stop()
 

@@ -215,8 +215,8 @@ def test_the_behaviour_gate_judges_against_the_incumbents_own_noise_floor(fleet:
     fleet.shadow("edge-0", rollout_id, agreement=0.869, floor=(0.86, 0.0))
     # The same agreement where the incumbent is steady (0.98): the configured 0.9 holds.
     fleet.shadow("edge-1", rollout_id, agreement=0.869, floor=(0.98, 0.0))
-    # No floor measured (an older agent): the configured gate as it is.
-    fleet.shadow("edge-2", rollout_id, agreement=0.869)
+    # A floor far down (0.3, as a device says) lowers the gate by at most 0.1: 0.75 fails.
+    fleet.shadow("edge-2", rollout_id, agreement=0.75, floor=(0.3, 0.0))
     # The alert rate moves by 0.15 where the incumbent's own moves by 0.2: allowed.
     fleet.shadow("edge-3", rollout_id, rates=(0.3, 0.15), floor=(0.95, 0.2))
     fleet.clock.advance(61)

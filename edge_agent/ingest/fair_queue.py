@@ -1,13 +1,16 @@
 """Decoded readings waiting for the pipeline thread: one FIFO per asset, drained round robin.
 
 An asset that floods the agent (a misconfigured PLC, a replayed backlog, a hostile
-publisher) waits behind its own backlog, never behind another asset's: each drain pass
-takes one message from every asset that has any, in turn. Each asset may hold at most
+publisher) waits behind its own backlog, not behind another asset's: each drain pass takes
+one message from every asset that has any, in turn. Each asset may hold at most
 `max_readings` readings waiting. Past that, the source delivering more for it waits (for
 MQTT QoS 1 the broker keeps the rest: back-pressure, nothing lost) for at most `block_s`;
 then the message is dropped and counted (`backlog_full`), so a pipeline that cannot keep up
-never grows the agent's memory without bound. Every source (MQTT's network thread, Modbus
-and OPC UA threads) puts; only the pipeline takes.
+never grows the agent's memory without bound. A source shared by several assets (the one
+MQTT connection) that waits on a full asset delays the others' next messages by the time
+the pipeline takes to work that asset's budget down -- bounded, and the reason the budget
+is a few seconds of work rather than hours of readings. Every source (MQTT's network
+thread, Modbus and OPC UA threads) puts; only the pipeline takes.
 """
 
 from __future__ import annotations
