@@ -1,0 +1,115 @@
+"""What every console view shares: the signed-in session and its API calls, the HTTP status
+of each project error, bounded form fields, HTML responses."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from aiohttp import web
+
+from cloud.console.api import OperatorCalls
+from cloud.console.markup import Markup
+from cloud.console.sessions import ConsoleSession
+from edge_agent.errors import (
+    AlreadyExists,
+    AutoglmError,
+    Conflict,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
+
+SESSION = "console_session"
+CALLS = "console_calls"
+MAX_FIELD = 500
+MAX_FORM_BYTES = 64 * 1024
+HEADERS = {
+    # Nothing inline runs: scripts and styles come from /static only, so markup that slipped
+    # through escaping still could not execute.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_STATUS: tuple[tuple[type[AutoglmError], int], ...] = (
+    (Unauthenticated, 401),
+    (PermissionDenied, 403),
+    (NotFound, 404),
+    (AlreadyExists, 409),
+    (Conflict, 409),
+    (FailedPrecondition, 409),
+    (RateLimited, 429),
+    (Unavailable, 503),
+    (InvalidInput, 400),
+)
+# What a finished action says on the page it returns to (?done=KEY): fixed words, so the
+# query string cannot put text on the page.
+DONE = {
+    "ack": "Acknowledged.",
+    "resolve": "Resolved.",
+    "shelve": "Shelved.",
+    "unshelve": "Unshelved: delivered again while open.",
+    "pause": "Rollout paused.",
+    "resume": "Rollout resumed.",
+    "abort": "Rollout aborted: updated devices return to their previous version.",
+}
+
+
+def session_of(request: web.Request) -> ConsoleSession:
+    return cast(ConsoleSession, request[SESSION])
+
+
+def calls_of(request: web.Request) -> OperatorCalls:
+    return cast(OperatorCalls, request[CALLS])
+
+
+def http_status(error: AutoglmError) -> int:
+    """The HTTP status for a project error (500 for one with no better match)."""
+    return next((status for kind, status in _STATUS if isinstance(error, kind)), 500)
+
+
+def error_text(error: AutoglmError) -> str:
+    """The error as a person reads it: its kind, then what the API said."""
+    kind = {401: "Not signed in", 403: "Permission denied", 404: "Not found"}.get(
+        http_status(error), "Refused"
+    )
+    if http_status(error) >= 500:
+        kind = "Failed"
+    return f"{kind}: {error}"
+
+
+def html(body: Markup, status: int = 200) -> web.Response:
+    return web.Response(text=str(body), status=status, content_type="text/html", charset="utf-8")
+
+
+def field(form: dict[str, str], name: str, limit: int = MAX_FIELD) -> str:
+    """A form field, stripped; InvalidInput when longer than `limit` characters."""
+    value = form.get(name, "").strip()
+    if len(value) > limit:
+        raise InvalidInput(f"{name}: at most {limit} characters")
+    return value
+
+
+async def form_of(request: web.Request) -> dict[str, str]:
+    """The posted form's text fields (files are ignored)."""
+    data = await request.post()
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def query(request: web.Request, name: str, limit: int = MAX_FIELD) -> str:
+    value = request.query.get(name, "").strip()
+    if len(value) > limit:
+        raise InvalidInput(f"{name}: at most {limit} characters")
+    return value
+
+
+def notice_of(request: web.Request) -> str:
+    return DONE.get(request.query.get("done", ""), "")
