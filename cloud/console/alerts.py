@@ -23,6 +23,7 @@ from cloud.console.context import (
     http_status,
     notice_of,
     query,
+    refused,
     session_of,
 )
 from cloud.console.markup import (
@@ -355,5 +356,7 @@ async def alert_action(request: web.Request) -> web.StreamResponse:
     except Unauthenticated:
         raise
     except AutoglmError as exc:
-        return await render_alert(request, alert_id, error_text(exc), http_status(exc))
+        return await refused(
+            lambda text, status: render_alert(request, alert_id, text, status), exc
+        )
     raise web.HTTPSeeOther(f"/alerts/{quote(alert_id)}?done={action}")

@@ -54,7 +54,7 @@ def _to_login(request: web.Request, expired: bool = False) -> web.StreamResponse
         return web.json_response({"error": "sign in first"}, status=401)
     target = request.path_qs if request.method in ("GET", "HEAD") else "/fleet"
     location = f"/login?next={quote(target)}" + ("&expired=1" if expired else "")
-    response = web.HTTPSeeOther(location)
+    response = web.Response(status=303, headers={"Location": location})
     if expired:
         response.del_cookie(COOKIE, path="/")
     return response
@@ -97,7 +97,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = http_status(exc)
         if _live(request):
             return web.json_response({"error": error_text(exc)}, status=status)
-        csrf = request[SESSION].csrf if SESSION in request else ""
+        session = request.get(SESSION)
+        csrf = session.csrf if session is not None else ""
         return html(
             page(
                 "Error",

@@ -3,12 +3,12 @@ of each project error, bounded form fields, HTML responses."""
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from cloud.console.api import OperatorCalls
-from cloud.console.markup import Markup
+from cloud.console.markup import Markup, page, tag
 from cloud.console.sessions import ConsoleSession
 from edge_agent.errors import (
     AlreadyExists,
@@ -23,8 +23,8 @@ from edge_agent.errors import (
     Unavailable,
 )
 
-SESSION = "console_session"
-CALLS = "console_calls"
+SESSION: web.RequestKey[ConsoleSession] = web.RequestKey("console_session", ConsoleSession)
+CALLS: web.RequestKey[OperatorCalls] = web.RequestKey("console_calls", OperatorCalls)
 MAX_FIELD = 500
 MAX_FORM_BYTES = 64 * 1024
 HEADERS = {
@@ -64,11 +64,11 @@ DONE = {
 
 
 def session_of(request: web.Request) -> ConsoleSession:
-    return cast(ConsoleSession, request[SESSION])
+    return request[SESSION]
 
 
 def calls_of(request: web.Request) -> OperatorCalls:
-    return cast(OperatorCalls, request[CALLS])
+    return request[CALLS]
 
 
 def http_status(error: AutoglmError) -> int:
@@ -109,6 +109,20 @@ def query(request: web.Request, name: str, limit: int = MAX_FIELD) -> str:
     if len(value) > limit:
         raise InvalidInput(f"{name}: at most {limit} characters")
     return value
+
+
+async def refused(
+    render: Callable[[str, int], Awaitable[web.Response]], error: AutoglmError
+) -> web.Response:
+    """An action the API refused: the page it came from with the API's words on top, or,
+    when that page cannot be shown either (its subject does not exist), an error page."""
+    try:
+        return await render(error_text(error), http_status(error))
+    except Unauthenticated:
+        raise
+    except AutoglmError:
+        body = tag("p", tag("a", "Back to the fleet", href="/fleet"))
+        return html(page("Refused", body, error=error_text(error)), http_status(error))
 
 
 def notice_of(request: web.Request) -> str:

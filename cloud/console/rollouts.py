@@ -10,12 +10,11 @@ from aiohttp import web
 
 from cloud.console.context import (
     calls_of,
-    error_text,
     field,
     form_of,
     html,
-    http_status,
     notice_of,
+    refused,
     session_of,
 )
 from cloud.console.markup import Markup, action_form, esc, join, page, table, tag, text_input, when
@@ -287,5 +286,7 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     except Unauthenticated:
         raise
     except AutoglmError as exc:
-        return await render_rollout(request, rollout_id, error_text(exc), http_status(exc))
+        return await refused(
+            lambda text, status: render_rollout(request, rollout_id, text, status), exc
+        )
     raise web.HTTPSeeOther(f"/rollouts/{quote(rollout_id)}?done={action}")
