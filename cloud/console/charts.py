@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cloud.console.markup import Markup, esc, join, tag
 
 PALETTE = ("#1f6feb", "#d9480f", "#2f9e44", "#9c36b5", "#e67700", "#0b7285")
-LEFT, RIGHT, TOP, BOTTOM = 48, 12, 14, 30
+LEFT, RIGHT, TOP, BOTTOM = 48, 40, 14, 30
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,10 @@ def line_chart(
                 tag("title", span.label),
                 x=f"{left:.1f}",
                 y=TOP,
-                width=f"{max(right - left, 2):.1f}",
+                width=f"{max(right - left, 3):.1f}",
                 height=plot_h,
-                fill="#ffe3e3",
+                fill="#ffc9c9",
+                fill_opacity=0.6,
                 class_="span",
             )
         )

@@ -36,7 +36,9 @@ HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer browsers send `Origin: null` on form
+    # posts, and the origin check could not tell the console's own forms from others.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 _STATUS: tuple[tuple[type[AutoglmError], int], ...] = (
