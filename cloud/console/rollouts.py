@@ -82,14 +82,10 @@ def final_marker(final: bool) -> Markup:
 def _rollouts_inner(rollouts: list[operator_pb2.Rollout]) -> Markup:
     now = dt.datetime.now(dt.UTC)
     headers = ["Rollout", "Model", "Selector", "State", "Wave", "Progress", "Created"]
-    return join(
-        [
-            table(headers, _summary_rows(rollouts, now), id="rollouts")
-            if rollouts
-            else tag("p", "No rollouts yet.", class_="empty"),
-            final_marker(not any(r.state in ACTIVE for r in rollouts)),
-        ]
-    )
+    # The list never stops refreshing: a new rollout may start at any time.
+    if not rollouts:
+        return tag("p", "No rollouts yet.", class_="empty")
+    return table(headers, _summary_rows(rollouts, now), id="rollouts")
 
 
 async def rollouts_page(request: web.Request) -> web.Response:
@@ -99,7 +95,7 @@ async def rollouts_page(request: web.Request) -> web.Response:
         _rollouts_inner(rollouts),
         id="rollouts-live",
         data_refresh="/live/rollouts",
-        data_interval=REFRESH_MS,
+        data_interval=2 * REFRESH_MS,
     )
     return html(page("Rollouts", body, session_of(request).csrf, "/rollouts"))
 
