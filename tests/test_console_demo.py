@@ -30,11 +30,13 @@ class Lines:
 
     def __init__(self, stream: object) -> None:
         self.seen: list[str] = []
+        self.everything: list[str] = []  # also the lines no one waited for
         self._queue: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream: object) -> None:
         for line in stream:  # type: ignore[attr-defined]
+            self.everything.append(line)
             self._queue.put(line)
 
     def wait(self, pattern: str, timeout: float = 600) -> re.Match[str]:
@@ -57,7 +59,7 @@ def test_the_demo_console_does_what_the_issue_asks(tmp_path: Path) -> None:
     env["HOME"] = str(tmp_path)
     env["PYTHONUNBUFFERED"] = "1"
     demo = subprocess.Popen(
-        [str(BIN / "autoglm"), "demo", "--console", "--json", "--duration", "20", "--agents",
+        [str(BIN / "autoglm"), "demo", "--console", "--json", "--duration", "30", "--agents",
          "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -129,6 +131,7 @@ def test_the_demo_console_does_what_the_issue_asks(tmp_path: Path) -> None:
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["faults_detected"] >= 1
     finally:
+        sys.stderr.write("".join(progress.everything) if "progress" in locals() else "")
         if demo.poll() is None:
             demo.kill()
             demo.wait(30)

@@ -186,3 +186,73 @@ def test_a_revoked_operator_is_signed_out_at_the_next_page(site: Site) -> None:
     )
     assert "expired=1" in seen[-1].headers["location"]  # "Your session ended; sign in again."
     assert "autoglm_console" not in client.cookies  # the dead session's cookie is dropped
+
+
+@pytest.mark.e2e
+def test_cloud_serve_serves_the_console_when_asked(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from tests.test_cli_e2e import BIN, _env, autoglm
+
+    state = tmp_path / "cloud"
+    init = autoglm(tmp_path, "cloud", "init", "--state-dir", str(state), "--host", "localhost",
+                   "--api-listen", "127.0.0.1:0", "--device-listen", "127.0.0.1:0")  # fmt: skip
+    token = next(w.strip() for w in init.stdout.splitlines() if w.strip().startswith("agt_op_"))
+    ports_file = tmp_path / "ports.json"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "autoglm"), "cloud", "serve", "--state-dir", str(state), "--ports-file",
+         str(ports_file), "--console-listen", "127.0.0.1:0"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(tmp_path),
+    )  # fmt: skip
+    try:
+        wait_for(ports_file.exists, timeout=30)
+        port = json.loads(ports_file.read_text())["console_port"]
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20)
+        assert client.get("/fleet").status_code == 303
+        assert client.post("/login", data={"token": token}).status_code == 303
+        assert "No rollouts yet." in client.get("/rollouts").text
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert f"console on http://127.0.0.1:{port}/" in (tmp_path / "serve.log").read_text()
+
+
+def test_the_watch_stream_pushes_each_alert_change_as_its_rendered_row(site: Site) -> None:
+    import json
+    import threading
+
+    alert = feed_alert(site)
+    client = signed_in(site.plane, site.plane.token)
+    events: list[tuple[str, str]] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        with client.stream("GET", "/live/alerts/watch") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert "script-src 'self'" in response.headers["content-security-policy"]
+            kind = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    events.append((kind, line[6:]))
+                    if kind == "ready":
+                        ready.set()
+                    elif kind == "alert":
+                        return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert ready.wait(20)
+    with site.plane.client() as admin:
+        admin.alert_action("ack", alert.id, note="<b>seen</b>", verdict="unsure")
+    reader.join(20)
+    kind, data = events[-1]
+    doc = json.loads(data)
+    assert kind == "alert" and doc["id"] == alert.id
+    assert f'data-alert-id="{alert.id}"' in doc["row"] and "acknowledged" in doc["row"]
+    assert "unsure" in doc["row"]

@@ -172,8 +172,8 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
             row = alert_row(item, dt.datetime.now(dt.UTC))
             doc = {"id": item.id, "row": str(row)}
             await response.write(f"event: alert\ndata: {json.dumps(doc)}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass  # the browser went away
+    except ConnectionResetError:
+        pass  # the browser went away (a cancellation, when it does, ends the stream too)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -71,16 +71,9 @@ def _same_origin(request: web.Request) -> bool:
     return urlsplit(source).netloc == request.host
 
 
-@web.middleware
-async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        exc.headers.update(HEADERS)
-        raise
-    if not response.prepared:
-        response.headers.update(HEADERS)
-    return response
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, streamed ones and errors included, just before it is sent."""
+    response.headers.update(HEADERS)
 
 
 @web.middleware
@@ -229,9 +222,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def make_app(api: OperatorApi, seal: SessionSeal) -> web.Application:
-    app = web.Application(
-        middlewares=[security_headers, errors, signed_in], client_max_size=MAX_FORM_BYTES
-    )
+    app = web.Application(middlewares=[errors, signed_in], client_max_size=MAX_FORM_BYTES)
+    app.on_response_prepare.append(security_headers)
     app[API] = api
     app[SEAL] = seal
     r = app.router
