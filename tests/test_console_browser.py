@@ -162,6 +162,9 @@ def test_an_operator_runs_the_fleet_from_the_browser(fleet: ConsoleFleet, tmp_pa
         page.screenshot(path=tmp_path / "rollout.png", full_page=True)
         page.goto(f"{fleet.url}/fleet?selector=role%3Dpump")
         expect(page.locator("#devices")).to_contain_text("pump:1")
+        page.locator("#devices a", has_text="edge-a").click()
+        expect(page.locator(".facts")).to_contain_text("pump:1")
+        expect(page.locator("#health")).to_be_visible()
 
         # The live alert list: an alert raised on the device appears without a reload.
         page.goto(f"{fleet.url}/alerts")

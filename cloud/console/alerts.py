@@ -140,8 +140,9 @@ async def alerts_live(request: web.Request) -> web.Response:
 
 
 async def alerts_watch(request: web.Request) -> web.StreamResponse:
-    """The watch stream as server-sent events: `ready`, then one `alert` per change, each
-    with its row rendered as on the list page."""
+    """The watch stream as server-sent events: `ready` once the API's stream has started
+    (no change after it is missed), then one `alert` per change, each with its row rendered
+    as on the list page."""
     calls = calls_of(request)
     queue: asyncio.Queue[operator_pb2.Alert | AutoglmError] = asyncio.Queue(maxsize=1000)
 
@@ -158,7 +159,6 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     try:
-        await response.write(b"event: ready\ndata: {}\n\n")
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
@@ -169,6 +169,9 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
                 doc = {"error": error_text(item), "status": http_status(item)}
                 await response.write(f"event: failed\ndata: {json.dumps(doc)}\n\n".encode())
                 break
+            if not item.id:  # the API's marker: watching from here on
+                await response.write(b"event: ready\ndata: {}\n\n")
+                continue
             row = alert_row(item, dt.datetime.now(dt.UTC))
             doc = {"id": item.id, "row": str(row)}
             await response.write(f"event: alert\ndata: {json.dumps(doc)}\n\n".encode())

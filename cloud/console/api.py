@@ -111,12 +111,12 @@ class OperatorCalls:
         await self._call(self._stub.UnshelveAlert, operator_pb2.GetAlertRequest(id=alert_id))
 
     async def watch_alerts(self) -> AsyncIterator[operator_pb2.Alert]:
-        """Alerts as they change, from now on, until the caller stops (or the stream ends)."""
+        """Alerts as they change, from now on, until the caller stops (or the stream ends).
+        The first is the stream's marker (no id): from then on no change is missed."""
         call = self._stub.WatchAlerts(operator_pb2.WatchAlertsRequest(), metadata=self._metadata)
         try:
             async for alert in call:
-                if alert.id:  # not the stream's marker
-                    yield alert
+                yield alert
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self._target) from None
         finally:

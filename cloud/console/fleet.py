@@ -187,6 +187,8 @@ async def device_page(request: web.Request) -> web.Response:
 
 
 def _health(h: agent_pb2.AgentHealth) -> Markup:
+    if h.ByteSize() == 0:
+        return tag("p", "No health report from this device yet.", class_="empty")
     figures = table(
         [
             "Latency p50",
