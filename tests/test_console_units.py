@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -108,3 +109,14 @@ def test_rollout_progress_counts_updated_devices() -> None:
         d.state = "updated"
     assert progress(rollout) == (3, 3, 100)
     assert progress(operator_pb2.Rollout()) == (0, 0, 0)
+
+
+def test_console_listen_is_checked_like_the_other_ports(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from cloud.config import CloudConfig
+
+    assert CloudConfig(state_dir=tmp_path).console_listen == ""  # off unless asked
+    assert CloudConfig(state_dir=tmp_path, console_listen="127.0.0.1:0").console_listen
+    with pytest.raises(ValidationError, match="HOST:PORT"):
+        CloudConfig(state_dir=tmp_path, console_listen="8080")
