@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.artifacts import PREFIX, ArtifactStore, ArtifactWriter, parse_digest
 from cloud.clock import Clock, utc_now
@@ -23,6 +22,7 @@ from cloud.domain import DeviceRecord, ModelRecord
 from cloud.store import Store
 from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, bundle_paths, parse_manifest
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
+from edge_agent.trust import Verifier
 
 MAX_BUNDLE_BYTES = 4 << 30
 
@@ -78,7 +78,7 @@ class ModelCatalog:
         self,
         store: Store,
         artifacts: ArtifactStore,
-        signing_key: ed25519.Ed25519PublicKey,
+        signing_key: Verifier,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
         clock: Clock = utc_now,
     ) -> None:

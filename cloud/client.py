@@ -6,12 +6,12 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import grpc
 
-from edge_agent.errors import InvalidInput, Unavailable, from_rpc_error
+from edge_agent.errors import IntegrityError, InvalidInput, Unavailable, from_rpc_error
 from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
 T = TypeVar("T")
@@ -61,6 +61,19 @@ class OperatorClient:
         self, request: operator_pb2.RegisterDeviceRequest
     ) -> operator_pb2.RegisterDeviceResponse:
         return self._call(self._stub.RegisterDevice, request)
+
+    def create_enrollment_group(
+        self, request: operator_pb2.CreateEnrollmentGroupRequest
+    ) -> operator_pb2.CreateEnrollmentGroupResponse:
+        return self._call(self._stub.CreateEnrollmentGroup, request)
+
+    def list_enrollment_groups(self) -> list[operator_pb2.EnrollmentGroup]:
+        request = operator_pb2.ListEnrollmentGroupsRequest()
+        return list(self._call(self._stub.ListEnrollmentGroups, request).groups)
+
+    def revoke_enrollment_group(self, name: str) -> operator_pb2.EnrollmentGroup:
+        request = operator_pb2.RevokeEnrollmentGroupRequest(name=name)
+        return self._call(self._stub.RevokeEnrollmentGroup, request)
 
     def issue_enrollment_token(
         self, device: str, token_ttl_seconds: int = 0
@@ -146,6 +159,46 @@ class OperatorClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.connection.server) from None
 
+    def pull_bundle(self, name: str, version: str, directory: Path) -> Path:
+        """Writes every file of a pushed bundle under `directory` (created; must not exist).
+        The caller verifies it (`read_own_bundle`): the control plane checked it at push."""
+        directory.mkdir(parents=True)
+        request = operator_pb2.GetModelRequest(name=name, version=version)
+        out = None
+        try:
+            for chunk in self._stub.PullBundle(
+                request, metadata=self._metadata, timeout=max(self.connection.timeout_s, 600)
+            ):
+                if chunk.WhichOneof("body") == "file":
+                    if out is not None:
+                        out.close()
+                    rel = PurePosixPath(chunk.file.path)
+                    if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+                        raise IntegrityError(f"the bundle names a file {chunk.file.path!r}")
+                    target = directory / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    out = target.open("wb")
+                elif out is not None:
+                    out.write(chunk.data)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.connection.server) from None
+        finally:
+            if out is not None:
+                out.close()
+        return directory
+
+    def list_captures(
+        self, request: operator_pb2.ListCapturesRequest
+    ) -> Iterator[operator_pb2.CapturedWindow]:
+        """Every captured window the request selects, page by page as the stream brings them."""
+        try:
+            for page in self._stub.ListCaptures(
+                request, metadata=self._metadata, timeout=max(self.connection.timeout_s, 600)
+            ):
+                yield from page.windows
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.connection.server) from None
+
     def list_models(self, name: str = "") -> list[operator_pb2.Model]:
         response = self._call(self._stub.ListModels, operator_pb2.ListModelsRequest(name=name))
         return list(response.models)
@@ -176,11 +229,12 @@ class OperatorClient:
     def rollout_action(
         self, action: str, rollout_id: str, reason: str = ""
     ) -> operator_pb2.Rollout:
-        """`action`: pause, resume or abort."""
+        """`action`: pause, resume, abort or undo."""
         method = {
             "pause": self._stub.PauseRollout,
             "resume": self._stub.ResumeRollout,
             "abort": self._stub.AbortRollout,
+            "undo": self._stub.UndoRollout,
         }[action]
         return self._call(method, operator_pb2.RolloutActionRequest(id=rollout_id, reason=reason))
 

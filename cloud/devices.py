@@ -7,14 +7,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cloud.clock import Clock, utc_now
-from cloud.domain import DeviceRecord, DeviceState, validate_labels
+from cloud.domain import DeviceRecord, DeviceState, EnrollmentGroup, validate_labels
 from cloud.pki import CertificateAuthority, IssuedCertificate
 from cloud.selectors import Selector
 from cloud.store import Store
-from cloud.tokens import ENROLLMENT_PREFIX, hash_token, new_token
+from cloud.tokens import ENROLLMENT_PREFIX, GROUP_PREFIX, hash_token, new_token
 from edge_agent.errors import InvalidInput, PermissionDenied, Unauthenticated
 
 NAME_MAX = 128
+GROUP_USES_MAX = 100_000
+GROUP_TTL_MAX = dt.timedelta(days=366)
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,39 @@ class DeviceRegistry:
     ) -> Registration:
         """Creates a pending device and its enrollment token."""
         name = checked_name("device", name)
+        self._check_profile(profile)
+        now = self.clock()
+        device = self.store.create_device(name, validate_labels(labels), profile, now)
+        return self._issue_token(device, now, token_ttl)
+
+    def _check_profile(self, profile: str) -> None:
         if self.known_profiles is not None and profile and profile not in self.known_profiles:
             raise InvalidInput(
                 f"unknown device profile '{profile}'; "
                 f"known: {', '.join(sorted(self.known_profiles))}"
             )
+
+    def create_group(
+        self,
+        name: str,
+        labels: Mapping[str, str],
+        profile: str,
+        max_uses: int,
+        ttl: dt.timedelta,
+    ) -> tuple[EnrollmentGroup, str]:
+        """An enrollment group and its token (shown once): for factory images, each device
+        enrolls under its own name with the group's labels (`{name}`: its name) and profile."""
+        name = checked_name("enrollment group", name)
+        self._check_profile(profile)
+        if not 1 <= max_uses <= GROUP_USES_MAX:
+            raise InvalidInput(f"uses must be 1-{GROUP_USES_MAX}, got {max_uses}")
+        if not dt.timedelta(0) < ttl <= GROUP_TTL_MAX:
+            raise InvalidInput(f"an enrollment group expires within {GROUP_TTL_MAX.days} days")
         now = self.clock()
-        device = self.store.create_device(name, validate_labels(labels), profile, now)
-        return self._issue_token(device, now, token_ttl)
+        group = EnrollmentGroup(name, validate_labels(labels), profile, max_uses, 0, now, now + ttl)
+        group.labels_for("x" * NAME_MAX)  # any device name yields valid labels
+        token = new_token(GROUP_PREFIX)
+        return self.store.create_enrollment_group(group, hash_token(token)), token
 
     def new_enrollment_token(
         self, id_or_name: str, token_ttl: dt.timedelta | None = None
@@ -86,16 +113,36 @@ class DeviceRegistry:
         self.store.add_enrollment_token(device.id, hash_token(token), now, expires_at)
         return Registration(device=device, token=token, expires_at=expires_at)
 
-    def enroll(self, token: str, csr_pem: bytes) -> Enrollment:
-        """Exchanges a one-time token and a CSR for a device certificate."""
-        if not token.startswith(ENROLLMENT_PREFIX):
+    def enroll(self, token: str, csr_pem: bytes, device_name: str = "") -> Enrollment:
+        """Exchanges an enrollment token and a CSR for a device certificate: a one-time
+        token for its registered device, or a group token for a new device `device_name`."""
+        group = token.startswith(GROUP_PREFIX)
+        if not group and not token.startswith(ENROLLMENT_PREFIX):
             raise Unauthenticated("that is not an enrollment token")
+        if group and not device_name.strip():
+            raise InvalidInput(
+                "a group enrollment token needs the device's own name "
+                "(autoglm-edge enroll --name NAME)"
+            )
         self.ca.check_device_csr(csr_pem)  # before the token is spent
 
         def issue(device: DeviceRecord) -> IssuedCertificate:
             return self.ca.sign_device_csr(csr_pem, device.id, self.cert_validity_days)
 
-        device, cert = self.store.enroll(hash_token(token), self.clock(), issue, _activate)
+        now = self.clock()
+        if group:
+            name = checked_name("device", device_name)
+
+            def issue_named(device: DeviceRecord) -> IssuedCertificate:
+                return self.ca.sign_device_csr(
+                    csr_pem, device.id, self.cert_validity_days, csr_names=name
+                )
+
+            device, cert = self.store.enroll_in_group(
+                hash_token(token), name, now, issue_named, _activate
+            )
+        else:
+            device, cert = self.store.enroll(hash_token(token), now, issue, _activate)
         return Enrollment(device=device, certificate=cert)
 
     def renew(self, device_id: str, presented: str, csr_pem: bytes) -> IssuedCertificate:

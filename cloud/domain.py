@@ -119,6 +119,26 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class EnrollmentGroup:
+    """A token that enrolls up to `max_uses` devices, each naming itself (factory images):
+    each becomes a device with these labels (`{name}` in a value: the device's name) and
+    profile, active at once."""
+
+    name: str
+    labels: Mapping[str, str]
+    profile: str
+    max_uses: int
+    uses: int
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+
+    def labels_for(self, device_name: str) -> dict[str, str]:
+        named = {k: v.replace("{name}", device_name) for k, v in self.labels.items()}
+        return validate_labels(named)
+
+
+@dataclass(frozen=True)
 class PredictionRecord:
     """One scored window a device synced (stored once per device and sequence)."""
 
@@ -227,6 +247,15 @@ class ShadowReport:
     latency_p99_ms: float
     incumbent_latency_p99_ms: float
     detail: str = ""
+    # The incumbent against itself recalibrated on other rows (0: not measured).
+    self_agreement: float = 0.0
+    self_rate_difference: float = 0.0
+    latency_p50_ms: float = 0.0
+    incumbent_latency_p50_ms: float = 0.0
+    latency_samples: int = 0  # timed batches of the side timed less often (0: not sent)
+
+
+LATENCY_TAIL_SAMPLES = 100  # timed batches a side needs before its p99 is judged
 
 
 class RolloutState(enum.StrEnum):
@@ -316,6 +345,15 @@ class RolloutTarget:
         return float(self.shadow.get("agreement", 0.0))
 
     @property
+    def shadow_self_agreement(self) -> float:
+        """The incumbent's agreement with itself recalibrated (0: not measured)."""
+        return float(self.shadow.get("self_agreement", 0.0))
+
+    @property
+    def shadow_self_rate_difference(self) -> float:
+        return float(self.shadow.get("self_rate_difference", 0.0))
+
+    @property
     def shadow_alert_rate_difference(self) -> float:
         return abs(
             float(self.shadow.get("alert_rate_candidate", 0.0))
@@ -323,17 +361,29 @@ class RolloutTarget:
         )
 
     @property
-    def shadow_latency_ms(self) -> tuple[float, float]:
-        """p99 per window: (candidate, incumbent), measured in the same run."""
+    def shadow_latency_ms(self) -> tuple[float, float, str]:
+        """Per window, measured in the same run: (candidate, incumbent, statistic). The p99
+        where each side was timed often enough for a tail (`LATENCY_TAIL_SAMPLES`), else the
+        medians: on a few dozen batches a p99 is one hiccup of a busy machine. Reports from
+        agents that send no sample count are judged on their p99."""
+        s = self.shadow
+        samples = int(s.get("latency_samples", 0))
+        if 0 < samples < LATENCY_TAIL_SAMPLES and float(s.get("incumbent_latency_p50_ms", 0)):
+            return (
+                float(s.get("latency_p50_ms", 0.0)),
+                float(s.get("incumbent_latency_p50_ms", 0.0)),
+                "p50",
+            )
         return (
-            float(self.shadow.get("latency_p99_ms", 0.0)),
-            float(self.shadow.get("incumbent_latency_p99_ms", 0.0)),
+            float(s.get("latency_p99_ms", 0.0)),
+            float(s.get("incumbent_latency_p99_ms", 0.0)),
+            "p99",
         )
 
     @property
     def latency_ratio(self) -> float:
-        """Candidate p99 over incumbent p99; 0 when not measured."""
-        candidate, incumbent = self.shadow_latency_ms
+        """Candidate over incumbent latency, as the gate judges it; 0 when not measured."""
+        candidate, incumbent, _ = self.shadow_latency_ms
         return candidate / incumbent if incumbent > 0 else 0.0
 
 

@@ -118,16 +118,18 @@ class CertificateAuthority:
         checked_device_key(_load_csr(csr_pem))
 
     def sign_device_csr(
-        self, csr_pem: bytes, device_id: str, validity_days: float
+        self, csr_pem: bytes, device_id: str, validity_days: float, csr_names: str = ""
     ) -> IssuedCertificate:
-        """Issues a client certificate for `device_id`; the CSR must name exactly that device."""
+        """Issues a client certificate for `device_id`; the CSR must name exactly that device
+        (its id, or `csr_names`: the name a device enrolling in a group gave itself)."""
         csr = _load_csr(csr_pem)
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         subject = names[0].value if names else ""
-        if subject != device_id:
+        expected = csr_names or device_id
+        if subject != expected:
             raise PermissionDenied(
-                f"the certificate signing request names '{subject!s}', but the enrollment "
-                f"token is for device '{device_id}'"
+                f"the certificate signing request names '{subject!s:.140}', but the enrollment "
+                f"is for device '{expected}'"
             )
         public_key = checked_device_key(csr)
         builder = self._leaf(device_id, public_key, dt.timedelta(days=validity_days))

@@ -107,7 +107,9 @@ def waiting_for(
     return f"the next reconciliation to judge and promote wave {wave.index}"
 
 
-def latency_regression(candidate_ms: float, incumbent_ms: float, max_ratio: float) -> str:
+def latency_regression(
+    candidate_ms: float, incumbent_ms: float, max_ratio: float, statistic: str = "p99"
+) -> str:
     """Why the candidate is too slow, or "" when it is not (or nothing was measured)."""
     if incumbent_ms <= 0 or candidate_ms - incumbent_ms < LATENCY_FLOOR_MS:
         return ""
@@ -115,9 +117,35 @@ def latency_regression(candidate_ms: float, incumbent_ms: float, max_ratio: floa
     if ratio <= max_ratio:
         return ""
     return (
-        f"latency p99 {candidate_ms:.1f} ms vs {incumbent_ms:.1f} ms, ratio {ratio:.2f} > "
+        f"latency {statistic} {candidate_ms:.1f} ms vs {incumbent_ms:.1f} ms, ratio {ratio:.2f} > "
         f"{max_ratio:g}"
     )
+
+
+def behaviour_gate(
+    gates: Gates,
+    agreement: float,
+    rate_difference: float,
+    self_agreement: float,
+    self_rate_difference: float,
+) -> list[str]:
+    """Why the candidate's decisions differ too much from the incumbent's ([] when they do
+    not), judged against the noise floor the device measured: the incumbent against itself
+    recalibrated on other rows. Where the incumbent agrees with itself less than the gate
+    asks, the gate asks only that much; where its alert rate moves more than allowed, that
+    much is allowed. A floor of 0 (not measured: an older agent, too few rows) leaves the
+    configured gates as they are."""
+    why = []
+    need = gates.min_shadow_agreement
+    if 0 < self_agreement < need:
+        need = self_agreement
+    if agreement < need:
+        floor = f" (the incumbent with itself: {self_agreement:.3f})" if self_agreement else ""
+        why.append(f"agreement {agreement:.3f} < {need:.3g}{floor}")
+    allowed = max(gates.max_alert_rate_difference, self_rate_difference)
+    if rate_difference > allowed:
+        why.append(f"alert-rate difference {rate_difference:.3f} > {allowed:.3g}")
+    return why
 
 
 def check_gates(gates: Gates) -> None:

@@ -45,6 +45,7 @@ from cloud.domain import (
 from cloud.rollout_rules import (
     DEFAULT_WAVES,
     RolloutSettings,
+    behaviour_gate,
     check_gates,
     latency_regression,
     parse_waves,
@@ -179,6 +180,21 @@ class RolloutController:
 
         return self._retried(attempt)
 
+    def undo(self, rollout_id: str, reason: str) -> tuple[RolloutRecord, list[DesiredModel]]:
+        """Sends the devices the rollout updated back to their previous version: after it
+        succeeded or ended partial, and, like an abort, while it runs. A device a later
+        rollout took over keeps what it has; the rollout ends aborted, its reason saying so."""
+
+        def attempt() -> tuple[RolloutRecord, list[DesiredModel]]:
+            rollout = self.store.get_rollout(rollout_id)
+            if rollout.state is RolloutState.ABORTED:
+                raise FailedPrecondition(
+                    f"rollout {rollout_id} is aborted: its devices were sent back already"
+                )
+            return self._abort(rollout, "undone: " + (reason or "by an operator"))
+
+        return self._retried(attempt)
+
     def _retried(self, attempt: Callable[[], _T]) -> _T:
         """An operator's action, read and written again when another writer (the leader's
         tick on any replica, a device report) changed the rollout in between: the action
@@ -280,7 +296,12 @@ class RolloutController:
             "alert_rate_incumbent": report.alert_rate_incumbent,
             "latency_p99_ms": report.latency_p99_ms,
             "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
+            "latency_p50_ms": report.latency_p50_ms,
+            "incumbent_latency_p50_ms": report.incumbent_latency_p50_ms,
+            "latency_samples": report.latency_samples,
             "detail": report.detail,
+            "self_agreement": report.self_agreement,
+            "self_rate_difference": report.self_rate_difference,
         }
         self.store.record_shadow(rollout.id, device_id, shadow)
 
@@ -446,16 +467,16 @@ class RolloutController:
                 continue
             agreement = t.shadow_agreement
             difference = t.shadow_alert_rate_difference
-            slower = latency_regression(*t.shadow_latency_ms, gates.max_latency_regression)
+            candidate_ms, incumbent_ms, statistic = t.shadow_latency_ms
+            slower = latency_regression(
+                candidate_ms, incumbent_ms, gates.max_latency_regression, statistic
+            )
             device = devices.get(t.device_id)
             errors = _agent_errors(device) - t.errors_at_install if device is not None else 0
-            why = []
-            if agreement < gates.min_shadow_agreement:
-                why.append(f"agreement {agreement:.3f} < {gates.min_shadow_agreement:g}")
-            if difference > gates.max_alert_rate_difference:
-                why.append(
-                    f"alert-rate difference {difference:.3f} > {gates.max_alert_rate_difference:g}"
-                )
+            why = behaviour_gate(
+                gates, agreement, difference, t.shadow_self_agreement,
+                t.shadow_self_rate_difference,
+            )  # fmt: skip
             if slower:
                 why.append(slower)
             if t.errors_at_install >= 0 and errors > gates.max_agent_errors:

@@ -25,10 +25,12 @@ from cloud.tokens import OPERATOR_PREFIX, hash_token, new_token
 from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
 from edge_agent.files import write_new
 from edge_agent.settings import load_settings
+from edge_agent.trust import TrustedKeys, key_id, parse_root
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
 SIGNING_KEY, SIGNING_PUB = "signing.key", "signing.pub"
+SIGNING_ROOT = "signing-root.json"  # after a key rotation (cloud/signing_keys.py)
 SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
 
 
@@ -40,10 +42,18 @@ class ControlPlaneSecrets:
     server_key_pem: bytes
     server_chain_pem: bytes
     signing_key: ed25519.Ed25519PrivateKey
+    # The signed list of bundle-signing keys since the first rotation; b"": only signing.key.
+    signing_root: bytes = b""
 
     @property
     def signing_public_pem(self) -> bytes:
         return public_key_pem(self.signing_key)
+
+    def trusted_keys(self) -> TrustedKeys:
+        """The keys whose bundles are accepted: the root's, else the signing key."""
+        if self.signing_root:
+            return parse_root(self.signing_root, SIGNING_ROOT).trusted()
+        return TrustedKeys([self.signing_key.public_key()])
 
 
 @dataclass(frozen=True)
@@ -141,9 +151,18 @@ def load_secrets(state_dir: Path) -> ControlPlaneSecrets:
         raise IntegrityError(f"{state_dir}: a key or certificate file is corrupt: {exc}") from None
     if not isinstance(signing, ed25519.Ed25519PrivateKey):
         raise IntegrityError(f"{state_dir / SIGNING_KEY}: not an Ed25519 key")
+    root = read(SIGNING_ROOT) if (state_dir / SIGNING_ROOT).exists() else b""
+    if root:
+        held = parse_root(root, str(state_dir / SIGNING_ROOT))
+        if key_id(signing.public_key()) not in held.keys:
+            raise IntegrityError(
+                f"{state_dir / SIGNING_KEY}: not one of the keys {state_dir / SIGNING_ROOT} "
+                "lists; devices would refuse what it signs"
+            )
     return ControlPlaneSecrets(
         ca=ca,
         server_key_pem=read(SERVER_KEY),
         server_chain_pem=read(SERVER_CERT),
         signing_key=signing,
+        signing_root=root,
     )

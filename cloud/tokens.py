@@ -6,6 +6,7 @@ import hashlib
 import secrets
 
 ENROLLMENT_PREFIX = "agt_enr_"
+GROUP_PREFIX = "agt_grp_"  # enrolls up to N devices that name themselves
 OPERATOR_PREFIX = "agt_op_"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 import time
@@ -24,6 +25,7 @@ from edge_agent.session import CloudSession
 from edge_agent.slots import ModelSlots
 from edge_agent.sync import RecordSync
 from edge_agent.systemd import Notifier
+from edge_agent.trust import DeviceTrust
 from edge_agent.updates import OUTCOME, ModelUpdater, install_report
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
@@ -39,7 +41,8 @@ class Agent:
         finish_interrupted(config.state_dir)  # a certificate swap a crash cut short
         self.identity = load_identity(config.state_dir)
         self.started = time.monotonic()
-        self.key = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
+        pinned = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
+        self.key = DeviceTrust(config.state_dir, pinned)  # the keys bundles may be signed by
         self.slots = ModelSlots(config.state_dir / "models")
         self.pending_reports: list[agent_pb2.AgentMessage] = []
         self.model = self._open_at_start()
@@ -185,6 +188,11 @@ class Agent:
             self.updater.want(message.desired)
         elif body == "maintenance":
             self.runtime.maintenance.replace(message.maintenance)
+        elif body == "signing_root":
+            try:
+                self.key.take(message.signing_root.document, dt.datetime.now(dt.UTC))
+            except AutoglmError as exc:  # the keys stay as they were
+                log.error("signing root refused: %s", exc)
 
     def host(self) -> common_pb2.HostFacts:
         return hostfacts.collect(self.config.state_dir)

@@ -207,6 +207,7 @@ class AssetRunner:
                         mask=masks[k - lo : k - lo + length],
                         window_start=(slot - length + 1) * spec.period_s,
                         window_end=slot * spec.period_s,
+                        raw=hist_v[k : k + length],
                     )
                 )
         self.ring_v[:] = hist_v[-length:]  # in time order from position 0

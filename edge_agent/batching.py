@@ -35,6 +35,7 @@ class WindowJob:
     window_start: float
     window_end: float
     enqueued: float = field(default_factory=time.monotonic)
+    raw: FloatArray | None = None  # [T, N] in site units, as aligned (window capture)
 
 
 Task = Callable[[InferenceBackend], None]

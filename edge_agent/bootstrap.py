@@ -11,7 +11,14 @@ from pathlib import Path
 
 import yaml
 from cryptography import x509
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge_agent.errors import ConfigError, LocalStateError
 from edge_agent.files import replace_atomically
@@ -27,14 +34,23 @@ class Bootstrap(BaseModel):
 
     kind: str = Field(default=KIND, pattern=f"^{KIND}$")
     version: int = Field(default=1, ge=1, le=1)
-    device_id: str = Field(min_length=1)
-    device_name: str = Field(min_length=1)
+    # A registered device's bootstrap names it; a group's (factory images) names the group,
+    # and each device enrolls under its own name (`autoglm-edge enroll --name`).
+    device_id: str = ""
+    device_name: str = ""
+    group: str = ""
     api_address: str = Field(min_length=3)
     device_address: str = Field(min_length=3)
     tls_server_name: str = ""
     ca_certificate: str
     token: str = Field(min_length=8)
     expires_at: dt.datetime
+
+    @model_validator(mode="after")
+    def _names_a_device_or_a_group(self) -> Bootstrap:
+        if not self.group and not (self.device_id and self.device_name):
+            raise ValueError("names neither a device (device_id, device_name) nor a group")
+        return self
 
     @field_validator("ca_certificate")
     @classmethod

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
+from edge_agent.trust import Verifier
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -192,8 +193,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise IntegrityError(f"{where}: manifest field {field!r}: {first['msg']}") from None
 
 
-def read_signed_manifest(directory: Path, public_key: ed25519.Ed25519PublicKey) -> Manifest:
-    """The manifest, after its signature verified with the pinned key (files not checked)."""
+def read_signed_manifest(directory: Path, public_key: Verifier) -> Manifest:
+    """The manifest, after its signature verified with a trusted key (files not checked)."""
     manifest_path = directory / MANIFEST
     signature_path = directory / SIGNATURE
     for needed in (manifest_path, signature_path):
@@ -204,7 +205,7 @@ def read_signed_manifest(directory: Path, public_key: ed25519.Ed25519PublicKey) 
         public_key.verify(signature_path.read_bytes(), raw)
     except InvalidSignature:
         raise IntegrityError(
-            f"{manifest_path}: signature does not verify with the pinned key"
+            f"{manifest_path}: signature does not verify with a trusted signing key"
         ) from None
     manifest = parse_manifest(raw, str(manifest_path))
     if manifest.format != FORMAT_VERSION:
@@ -212,9 +213,7 @@ def read_signed_manifest(directory: Path, public_key: ed25519.Ed25519PublicKey) 
     return manifest
 
 
-def verify_bundle(
-    directory: Path, public_key: ed25519.Ed25519PublicKey, partial: bool = False
-) -> Manifest:
+def verify_bundle(directory: Path, public_key: Verifier, partial: bool = False) -> Manifest:
     """Check the signature, then every listed file's digest; return the manifest.
 
     `partial`: a device downloads only the variant it runs, so variant files may be absent

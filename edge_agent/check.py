@@ -152,6 +152,7 @@ def _control_plane(config: AgentConfig, timeout_s: float) -> tuple[str, str]:
 def _model(config: AgentConfig) -> tuple[str, str]:
     from edge_agent.bundle import load_public_key, verify_bundle
     from edge_agent.identity import load_identity
+    from edge_agent.trust import DeviceTrust
 
     active = config.state_dir / "models" / "active.json"
     bundle = config.model.bundle
@@ -161,7 +162,8 @@ def _model(config: AgentConfig) -> tuple[str, str]:
         return WARN, (
             "no model: the agent ingests nothing until a rollout installs one (or set model.bundle)"
         )
-    key = load_public_key(load_identity(config.state_dir).signing_public_pem, "pinned key")
+    pinned = load_public_key(load_identity(config.state_dir).signing_public_pem, "pinned key")
+    key = DeviceTrust(config.state_dir, pinned)
     if bundle.is_file():
         return PASS, f"{bundle}: a bundle archive (verified when the agent unpacks it)"
     manifest = verify_bundle(bundle, key)

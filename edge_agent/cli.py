@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     enroll_p = sub.add_parser("enroll", help="enroll this device with a bootstrap file")
     enroll_p.add_argument("--bootstrap", required=True, type=Path)
     enroll_p.add_argument("--state-dir", required=True, type=Path)
+    enroll_p.add_argument(
+        "--name", default="", help="with a group's bootstrap: this device's name "
+        "(default: the host name)"
+    )  # fmt: skip
     enroll_p.set_defaults(handler=cmd_enroll)
 
     run_p = sub.add_parser("run", help="run the agent")
@@ -107,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     bootstrap = read_bootstrap(args.bootstrap)
-    info = enroll(bootstrap, args.state_dir.absolute())
+    info = enroll(bootstrap, args.state_dir.absolute(), name=args.name)
     print(
         f"enrolled as {info.device_name} ({info.device_id}); identity in {args.state_dir}/identity"
     )

@@ -315,6 +315,11 @@ class IngestLimits(BaseModel):
     # ... or as soon as every sensor of the asset has a reading at or after it (real-time
     # alerts); off: always wait the lateness, for sources that often deliver out of order.
     close_complete_slots: bool = True
+    # Readings one asset may have waiting for the pipeline; past it its source waits (MQTT
+    # QoS 1: the broker keeps the rest), at most backlog_block_s, then drops and counts
+    # (`backlog_full`). Other assets are drained in turn meanwhile (edge_agent/ingest/fair_queue).
+    max_backlog_readings: int = Field(default=100_000, ge=100)
+    backlog_block_s: float = Field(default=5.0, ge=0)
 
 
 class ModelChoice(BaseModel):
@@ -388,6 +393,22 @@ class OutboxPolicy(BaseModel):
     prediction_every: int = Field(default=10, ge=1)
 
 
+class CapturePolicy(BaseModel):
+    """Raw windows kept for retraining (`edge_agent/capture.py`): every raised alert's window
+    and a stratified sample of normal ones, within a daily byte budget. A site setting (its
+    disk and uplink), so it lives here rather than in the model bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_bytes_per_day: int = Field(default=16 << 20, ge=0)  # encoded records, alerts included
+    windows_per_alert: int = Field(default=8, ge=1)  # the raise's, then while it stays open
+    alert_spacing: int = Field(default=4, ge=1)  # windows between those
+    sample_share: float = Field(default=0.5, ge=0.0, le=1.0)  # of it normal samples may use
+    samples_per_day: int = Field(default=48, ge=0)  # normal windows, spread over the strata
+    sample_probability: float = Field(default=0.02, ge=0.0, le=1.0)  # per normal window
+
+
 class SyncPolicy(BaseModel):
     """Record batches to the control plane."""
 
@@ -449,6 +470,7 @@ class AgentConfig(BaseSettings):
     batching: BatchingPolicy = Field(default_factory=BatchingPolicy)
     decisions: DecisionPolicy = Field(default_factory=DecisionPolicy)
     outbox: OutboxPolicy = Field(default_factory=OutboxPolicy)
+    capture: CapturePolicy = Field(default_factory=CapturePolicy)
     sync: SyncPolicy = Field(default_factory=SyncPolicy)
     shadow: ShadowPolicy = Field(default_factory=ShadowPolicy)
     updates: UpdatePolicy = Field(default_factory=UpdatePolicy)

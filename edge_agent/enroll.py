@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,19 @@ def channel_options(tls_server_name: str) -> list[tuple[str, Any]]:
     return options
 
 
-def enroll(bootstrap: Bootstrap, state_dir: Path, now: dt.datetime | None = None) -> IdentityInfo:
-    """Generates the device key here, has the control plane sign a CSR, stores the identity."""
+def enroll(
+    bootstrap: Bootstrap, state_dir: Path, now: dt.datetime | None = None, name: str = ""
+) -> IdentityInfo:
+    """Generates the device key here, has the control plane sign a CSR, stores the identity.
+    With a group's bootstrap the device enrolls as `name` (default: this host's name)."""
     now = now or dt.datetime.now(dt.UTC)
+    if bootstrap.group:
+        name = (name or socket.gethostname()).strip()
+    elif name and name != bootstrap.device_name:
+        raise FailedPrecondition(
+            f"the bootstrap is for device '{bootstrap.device_name}', not '{name}' "
+            "(--name is for a group's bootstrap)"
+        )
     if bootstrap.expires_at.astimezone(dt.UTC) <= now:
         raise FailedPrecondition(
             f"the bootstrap's enrollment token expired at {bootstrap.expires_at.isoformat()}; "
@@ -45,9 +56,10 @@ def enroll(bootstrap: Bootstrap, state_dir: Path, now: dt.datetime | None = None
     key = new_device_key()
     request = enrollment_pb2.EnrollRequest(
         token=bootstrap.token,
-        csr_pem=build_csr(key, bootstrap.device_id),
+        csr_pem=build_csr(key, name if bootstrap.group else bootstrap.device_id),
         agent_version=__version__,
         host=hostfacts.collect(state_dir),
+        device_name=name if bootstrap.group else "",
     )
     ca_pem = bootstrap.ca_certificate.encode()
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
@@ -60,7 +72,12 @@ def enroll(bootstrap: Bootstrap, state_dir: Path, now: dt.datetime | None = None
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, bootstrap.api_address) from None
-    if response.device_id != bootstrap.device_id:
+    if bootstrap.group and response.device_name != name:
+        raise IntegrityError(
+            f"the control plane enrolled device '{response.device_name}', this one asked to "
+            f"be '{name}'"
+        )
+    if not bootstrap.group and response.device_id != bootstrap.device_id:
         raise IntegrityError(
             f"the control plane enrolled device '{response.device_id}', the bootstrap names "
             f"'{bootstrap.device_id}'"

@@ -1,10 +1,11 @@
-"""The outbox: predictions and alert events waiting for the control plane, in SQLite (WAL).
+"""The outbox: predictions, alert events and window captures waiting for the control plane,
+in SQLite (WAL).
 
 Every record gets the next sequence number when it is written; the control plane stores each
 (device, sequence) once and acknowledges "everything up to N", after which those rows go.
-The outbox is bounded in bytes: past the bound the oldest predictions are evicted (counted),
-alert events never are. Writes are committed with synchronous=FULL, so a record that was
-appended survives kill -9 and power loss.
+The outbox is bounded in bytes: past the bound the oldest window captures are evicted first,
+then the oldest predictions (counted); alert events never are. Writes are committed with
+synchronous=FULL, so a record that was appended survives kill -9 and power loss.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 PREDICTION = 1
 ALERT = 2
+CAPTURE = 3
+EVICTION_ORDER = (CAPTURE, PREDICTION)  # what goes first under disk pressure; alerts never
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY,
@@ -122,13 +125,18 @@ class Outbox:
             return [seq for seq, _, _ in rows]
 
     def _evict_locked(self, total: int) -> tuple[int, int]:
-        """Deletes the oldest predictions until `total` bytes fit (inside the transaction)."""
+        """Deletes the oldest captures, then the oldest predictions, until `total` bytes fit
+        (inside the transaction)."""
         evicted = freed = 0
         while total - freed > self.max_bytes:
-            victims = self._db.execute(
-                "SELECT seq, LENGTH(body) FROM records WHERE kind = ? ORDER BY seq LIMIT ?",
-                (PREDICTION, _EVICT_CHUNK),
-            ).fetchall()
+            victims = []
+            for kind in EVICTION_ORDER:
+                victims = self._db.execute(
+                    "SELECT seq, LENGTH(body) FROM records WHERE kind = ? ORDER BY seq LIMIT ?",
+                    (kind, _EVICT_CHUNK),
+                ).fetchall()
+                if victims:
+                    break
             if not victims:
                 log.warning(
                     "outbox %s holds %d bytes of alert events, over its %d-byte bound; alert "

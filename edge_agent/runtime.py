@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import Counter, deque
@@ -18,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 
 from edge_agent.asset_stream import AssetRunner
 from edge_agent.batching import InferenceWorker, WindowJob, percentile
@@ -30,25 +28,28 @@ from edge_agent.calibration import (
     sensor_evidence,
 )
 from edge_agent.calibration_store import CalibrationStore
+from edge_agent.capture import CaptureSampler, captured
 from edge_agent.config import AgentConfig, AssetConfig
-from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
+from edge_agent.decisions import AssetDecider, Verdict
 from edge_agent.drift import ScoreTrail, asset_drift
 from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.ingest.decode import DROP_REASONS, Chunk, Decoded, Decoder, TopicRoutes
+from edge_agent.ingest.fair_queue import FairQueue
 from edge_agent.ingest.modbus import MODBUS_DROPS
 from edge_agent.ingest.opcua import OPCUA_DROPS
 from edge_agent.ingest.sparkplug import SPARKPLUG_DROPS
-from edge_agent.logs import ids
+from edge_agent.losses import LossLog
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
-from edge_agent.outbox import ALERT, PREDICTION, Outbox
+from edge_agent.outbox import ALERT, CAPTURE, PREDICTION, Outbox
 from edge_agent.scoring import calibrate, window_statistics
 from edge_agent.serving import ServingModel
+from edge_agent.site_alerts import SiteAlerts
 from edge_agent.sources import Sources
 from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
-from edge_agent.wire import alert_record, prediction_record
+from edge_agent.wire import alert_record, capture_record, lost_records, prediction_record
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -95,21 +96,37 @@ class EdgeRuntime:
         schema = model.schema.names if model is not None else None
         self.routes = TopicRoutes(self.assets, schema)
         self.decoder = Decoder(self.routes, config.ingest)
-        self._queue: queue.SimpleQueue[Decoded] = queue.SimpleQueue()
+        self._queue = FairQueue(
+            len(self.assets),
+            config.ingest.max_backlog_readings,
+            self._backlog_full,
+            config.ingest.backlog_block_s,
+        )
         self._stop = threading.Event()
         self._pipeline = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
         self.open_alerts = OpenAlerts(config.state_dir / "alerts")
         self.maintenance = SiteMaintenance(config.state_dir)
-        self._held: dict[str, AlertEvent] = {}  # by asset: raises a period kept off the site
+        # On site: MQTT alert and state topics, SCADA; raises a maintenance period covers held.
+        self.site = SiteAlerts(
+            self.device,
+            config.mqtt.alert_prefix,
+            self.maintenance,
+            self.open_alerts,
+            self.counters,
+            lambda topic, payload, retain: self.mqtt.publish(topic, payload, qos=1, retain=retain),
+            lambda event: self.sources.alert(event),
+        )
         self.streams = StreamStates(config.state_dir / "stream")
         self._lost_logged_at = -math.inf
         # Alert events the outbox could not take (disk full), oldest first: written first
         # when it can again. Bounded: past it the oldest are counted as lost.
         self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
+        self.losses = LossLog()  # when records were lost, for the heartbeat
         self.runners: list[AssetRunner] = []
         self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
         self.trails = [ScoreTrail() for _ in self.assets]
+        self.capture = CaptureSampler(config.capture, config.state_dir / "capture.json")
         self._kept_every: Counter[int] = Counter()
         self._cut_count: Counter[int] = Counter()  # windows cut per asset while behind
         self._behind_logged_at = -math.inf
@@ -149,7 +166,7 @@ class EdgeRuntime:
             self.routes,
             self.decoder,
             self._queue.put,
-            [e for e in published if e is not None and e.asset not in self._held],
+            [e for e in published if e is not None and e.asset not in self.site.held],
         )
         self.mqtt = self.sources.mqtt
         self.sparkplug_in, self.modbus = self.sources.sparkplug_in, self.sources.modbus
@@ -225,32 +242,29 @@ class EdgeRuntime:
         }
         if self.worker is not None:
             alive["inference"] = self.worker.running
+        alive.update(self.sources.threads_alive())
         return alive
 
     # ---- pipeline thread ----
+    def _backlog_full(self, asset: int, readings: int) -> None:
+        name = self.assets[asset].name
+        self.decoder.drop("backlog_full", name, f"{readings} readings", readings)
+
     def _run_pipeline(self) -> None:
         while True:
-            try:
-                item: Decoded | None = self._queue.get(timeout=0.1)
-            except queue.Empty:
+            items = self._queue.take(_DRAIN, timeout=0.1)  # one per asset in turn
+            if not items:
                 if self._stop.is_set():
                     return
                 continue
             touched: set[int] = set()
-            drained = 0
-            while item is not None:
+            for item in items:
                 try:
                     self._add(item, touched)
                 except Exception:
                     self.counters.errors += 1
                     log.exception("pipeline failed on a decoded message; dropped")
-                drained += 1
-                if drained >= _DRAIN:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    item = None
+            drained = len(items)
             for index in touched:
                 runner = self.runners[index]
                 self._follow_clock(runner)
@@ -359,7 +373,7 @@ class EdgeRuntime:
         assert self.model is not None
         still_open = self.open_alerts.load(runner.name)
         if still_open is not None and self.open_alerts.is_held(runner.name):
-            self._held[runner.name] = still_open  # not published yet: a period covered it
+            self.site.held[runner.name] = still_open  # not published yet: a period covered it
         self.deciders[runner.index] = AssetDecider(
             runner.name,
             self.model.schema.names,
@@ -396,11 +410,11 @@ class EdgeRuntime:
             self.counters.windows_scored += 1
             raised = verdict.event is not None and verdict.event.kind == "raised"
             self.trails[job.asset].add(verdict.score, job.window_end, raised)
-            if self._held:
-                self._release_held(verdict.asset, job.window_end)
+            if self.site.held:
+                self.site.release_held(verdict.asset, job.window_end)
             if verdict.event is not None:
                 self.open_alerts.update(verdict.event)
-                self._announce(verdict.event)
+                self.site.announce(verdict.event)
                 records.append((ALERT, alert_record(verdict.event)))
             every = self.config.outbox.prediction_every
             self._kept_every[job.asset] += 1
@@ -411,6 +425,12 @@ class EdgeRuntime:
             ):
                 records.append((PREDICTION, prediction_record(verdict, model.version)))
                 self.counters.predictions_kept += 1
+            key = decider.open.key if decider.open is not None else ""
+            reason = self.capture.reason_for(verdict.asset, key, verdict.score, job.window_end)
+            if reason and job.raw is not None:
+                body = capture_record(captured(reason, key, job, verdict, cal, model))
+                if self.capture.admit(reason, len(body), verdict.score, job.window_end):
+                    records.append((CAPTURE, body))  # after its alert event: a verdict finds it
             if self.on_verdict is not None:
                 self.on_verdict(verdict)
         if records:
@@ -425,6 +445,7 @@ class EdgeRuntime:
             records = [*self._waiting_alerts, *records]
         try:
             self.outbox.append(records)
+            self.losses.written()
             if self._waiting_alerts:
                 log.info("%d alert event(s) kept in memory are in the outbox now",
                          len(self._waiting_alerts))  # fmt: skip
@@ -436,6 +457,7 @@ class EdgeRuntime:
             self._waiting_alerts.extend(alerts)
             overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
             self.counters.outbox_write_failed += lost + overflow
+            self.losses.lost(lost + overflow, time.time())
             now = time.monotonic()
             if now - self._lost_logged_at >= 60.0:
                 self._lost_logged_at = now
@@ -444,62 +466,6 @@ class EdgeRuntime:
                     exc,
                     self.counters.outbox_write_failed,
                 )
-
-    def _announce(self, event: AlertEvent) -> None:
-        """Publishes an alert event on site, unless a maintenance period covers the raise
-        (it is stored and synced all the same)."""
-        if event.kind == "raised":
-            period = self.maintenance.covering(event.asset, event.window_end)
-            if period is not None:
-                self.counters.alerts_held_back += 1
-                self._held[event.asset] = event
-                self.open_alerts.hold(event.asset)
-                log.info("fault on %s not published on site: maintenance %s (%s)",
-                         event.asset, period.id[:8], period.reason)  # fmt: skip
-                return
-        elif self._held.pop(event.asset, None) is not None:
-            return  # raised and cleared within maintenance: the site never saw it
-        self._publish_event(event)
-
-    def _release_held(self, asset: str, at: float) -> None:
-        """A fault still open when its maintenance period ended is published then."""
-        held = self._held.get(asset)
-        if held is not None and self.maintenance.covering(asset, at) is None:
-            del self._held[asset]
-            self.open_alerts.release(asset)
-            self._publish_event(held)
-
-    def _publish_event(self, event: AlertEvent) -> None:
-        prefix = self.config.mqtt.alert_prefix
-        raised = event.kind == "raised"
-        if raised:
-            self.counters.alerts_raised += 1
-        else:
-            self.counters.alerts_cleared += 1
-        doc = {"device": self.device} | event.to_json()
-        topic = f"{prefix}/alerts/{self.device}/{event.asset}"
-        self.mqtt.publish(topic, orjson.dumps(doc), qos=1)
-        state = {
-            "device": self.device,
-            "asset": event.asset,
-            "state": "fault" if raised else "normal",
-            "since": event.window_end,
-            "alert_key": event.key,
-            "score": round(event.score, 4),
-            "top_sensors": [s for s, _ in event.top_sensors],
-            "model_version": event.model_version,
-        }
-        topic = f"{prefix}/state/{self.device}/{event.asset}"
-        self.mqtt.publish(topic, orjson.dumps(state), qos=1, retain=True)
-        self.sources.alert(event)
-        log.warning(
-            "%s on %s: score %.2f, top sensors %s",
-            "FAULT" if raised else "cleared",
-            event.asset,
-            event.score,
-            ", ".join(s for s, _ in event.top_sensors),
-            extra=ids(asset=event.asset, alert=event.key, model_version=event.model_version),
-        )
 
     # ---- health ----
     def drift(self) -> dict[str, agent_pb2.AssetDrift]:
@@ -544,6 +510,7 @@ class EdgeRuntime:
         drops["outbox_write_failed"] = self.counters.outbox_write_failed
         drops["sparse_window"] = sum(r.sparse_windows for r in self.runners)
         drops["behind_skipped"] = self.counters.behind_skipped
+        drops["capture_over_budget"] = self.capture.over_budget
         offsets = {
             r.name: round(offset, 1)
             for r in self.runners
@@ -562,6 +529,7 @@ class EdgeRuntime:
             windows_scored=self.counters.windows_scored,
             alerts_raised=self.counters.alerts_raised,
             errors=errors,
+            lost_records=lost_records(self.losses.recent()),
         )
 
 
@@ -579,5 +547,6 @@ _REPORTED = frozenset(
         "sparse_window",
         "rejected_by_cloud",
         "behind_skipped",
+        "capture_over_budget",
     )
 )

@@ -9,14 +9,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from edge_agent.bundle import Manifest, Variant, unpack_tar, verify_bundle
 from edge_agent.config import ModelChoice
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 from edge_agent.inference.base import InferenceBackend, open_backend
 from edge_agent.scoring import ModelFrame, frame_of
 from edge_agent.selftest import check_golden
+from edge_agent.trust import Verifier
 from edge_agent.windowing import SensorSchema, WindowSpec
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ def unpacked(bundle: Path, models_dir: Path) -> Path:
 
 def open_serving(
     bundle: Path,
-    key: ed25519.Ed25519PublicKey,
+    key: Verifier,
     choice: ModelChoice,
     models_dir: Path,
     engine_cache: Path,

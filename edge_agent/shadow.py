@@ -5,6 +5,11 @@ An evaluation takes the latest contiguous stretch, calibrates both models on its
 the same routine the agent and `model evaluate` use, scores the rest, and compares: how
 often the two agree on "anomalous", each one's alert rate, and per-window latency measured
 in the same run. The serving model's backend is only called on its inference thread.
+
+The same evaluation measures the noise floor the gates judge against: the incumbent
+calibrated on a stretch half a calibration later, on the windows both runs score out of
+sample. Two sound models cannot be expected to agree better than one model agrees with
+itself recalibrated (a fixed 0.9 failed two good models at 0.869 on a noisy site).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +28,8 @@ from edge_agent.scoring import SlotScores, calibrate_and_score
 from edge_agent.serving import ServingModel
 from edge_agent.windowing import AlignedSeries, FloatArray
 from protos.autoglm.v1 import agent_pb2
+
+MIN_FLOOR_WINDOWS = 20  # fewer windows scored by both incumbent runs: no floor measured
 
 
 class RowHistory:
@@ -98,6 +106,33 @@ class Comparison:
     rate_incumbent: float
     latency_candidate_ms: float
     latency_incumbent_ms: float
+    # The incumbent against itself recalibrated half a calibration later (0: not measured).
+    self_agreement: float = 0.0
+    self_rate_difference: float = 0.0
+    self_windows: int = 0
+    latency_candidate_p50_ms: float = 0.0
+    latency_incumbent_p50_ms: float = 0.0
+    latency_samples: int = 0  # timed batches of the side timed less often
+
+
+def later(series: AlignedSeries, rows: int) -> AlignedSeries:
+    """`series` without its first `rows` slots."""
+    return AlignedSeries(
+        start=series.start + rows * series.period_s,
+        period_s=series.period_s,
+        values=series.values[rows:],
+        mask=series.mask[rows:],
+        row_slot=np.arange(series.slots - rows, dtype=np.int64),
+    )
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float]:
+    """Windows, agreement and alert-rate difference over the slots both score (the last)."""
+    n = min(a.size, b.size)
+    if n == 0:
+        return 0, 0.0, 0.0
+    a, b = a[-n:], b[-n:]
+    return n, float((a == b).mean()), abs(float(a.mean()) - float(b.mean()))
 
 
 def compatible(candidate: ServingModel, incumbent: ServingModel) -> str:
@@ -123,11 +158,16 @@ def compare(
     ours = calibrate_and_score(timed_candidate, candidate.frame, series, rows)
     theirs_box: list[SlotScores] = []
     timed_incumbent: list[_Timed] = []
+    shift = rows // 2
 
     def on_inference_thread(backend: InferenceBackend) -> None:
         timed = _Timed(backend)
         timed_incumbent.append(timed)
         theirs_box.append(calibrate_and_score(timed, incumbent.frame, series, rows))
+        if series.slots - shift - rows >= MIN_FLOOR_WINDOWS:  # untimed: latency unchanged
+            theirs_box.append(
+                calibrate_and_score(backend, incumbent.frame, later(series, shift), rows)
+            )
 
     run_incumbent(on_inference_thread)
     if not theirs_box:
@@ -137,6 +177,11 @@ def compare(
     b = np.asarray(theirs.anomaly, dtype=bool)
     n = min(a.size, b.size)
     a, b = a[-n:], b[-n:]
+    self_windows, self_agreement, self_difference = (
+        _agreement(b, np.asarray(theirs_box[1].anomaly, dtype=bool))
+        if len(theirs_box) > 1
+        else (0, 0.0, 0.0)
+    )
     return Comparison(
         windows=n,
         agreement=float((a == b).mean()) if n else 0.0,
@@ -144,6 +189,14 @@ def compare(
         rate_incumbent=float(b.mean()) if n else 0.0,
         latency_candidate_ms=percentile(timed_candidate.ms_per_window, 99),
         latency_incumbent_ms=percentile(timed_incumbent[0].ms_per_window, 99),
+        self_agreement=self_agreement,
+        self_rate_difference=self_difference,
+        self_windows=self_windows,
+        latency_candidate_p50_ms=percentile(timed_candidate.ms_per_window, 50),
+        latency_incumbent_p50_ms=percentile(timed_incumbent[0].ms_per_window, 50),
+        latency_samples=min(
+            len(timed_candidate.ms_per_window), len(timed_incumbent[0].ms_per_window)
+        ),
     )
 
 
@@ -163,7 +216,23 @@ def merge(parts: list[Comparison]) -> Comparison | None:
         rate_incumbent=mean(lambda p: p.rate_incumbent),
         latency_candidate_ms=max(p.latency_candidate_ms for p in parts),
         latency_incumbent_ms=max(p.latency_incumbent_ms for p in parts),
+        latency_candidate_p50_ms=max(p.latency_candidate_p50_ms for p in parts),
+        latency_incumbent_p50_ms=max(p.latency_incumbent_p50_ms for p in parts),
+        latency_samples=min(p.latency_samples for p in parts),
+        **_merged_floor(parts),
     )
+
+
+def _merged_floor(parts: list[Comparison]) -> dict[str, Any]:
+    """The noise floor weighted by the windows it was measured on, over assets."""
+    total = sum(p.self_windows for p in parts)
+    if total == 0:
+        return {}
+    return {
+        "self_agreement": sum(p.self_agreement * p.self_windows for p in parts) / total,
+        "self_rate_difference": sum(p.self_rate_difference * p.self_windows for p in parts) / total,
+        "self_windows": total,
+    }
 
 
 def report(
@@ -186,4 +255,9 @@ def report(
         alert_rate_incumbent=result.rate_incumbent,
         latency_p99_ms=result.latency_candidate_ms,
         incumbent_latency_p99_ms=result.latency_incumbent_ms,
+        incumbent_self_agreement=result.self_agreement,
+        incumbent_self_rate_difference=result.self_rate_difference,
+        latency_p50_ms=result.latency_candidate_p50_ms,
+        incumbent_latency_p50_ms=result.latency_incumbent_p50_ms,
+        latency_samples=result.latency_samples,
     )

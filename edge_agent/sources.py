@@ -100,6 +100,10 @@ class Sources:
         for link in self._links:
             link.start()
 
+    def threads_alive(self) -> dict[str, bool]:
+        """The Modbus and OPC UA threads, by name (the MQTT one is the runtime's)."""
+        return {link.thread.name: link.thread.is_alive() for link in self._links}
+
     def stop(self) -> None:
         for link in self._links:
             link.stop()

@@ -17,6 +17,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         "state_dir": str(state_dir),
         "identity": _part(lambda: _identity(state_dir)),
         "models": _part(lambda: _models(state_dir)),
+        "signing_keys": _part(lambda: _signing_keys(state_dir)),
         "open_alerts": _part(lambda: _open_alerts(state_dir)),
         "outbox": _part(lambda: _outbox(state_dir)),
         "calibrations": _part(lambda: _calibrations(state_dir)),
@@ -43,6 +44,21 @@ def _identity(state_dir: Path) -> dict[str, Any]:
         "device_id": identity.info.device_id,
         "control_plane": identity.info.device_address,
         "certificate_valid_until": leaf.not_valid_after_utc.isoformat(),
+    }
+
+
+def _signing_keys(state_dir: Path) -> dict[str, Any]:
+    """The root the device took (root version 1: the key pinned at enrollment alone)."""
+    from edge_agent.bundle import load_public_key
+    from edge_agent.identity import load_identity
+    from edge_agent.trust import DeviceTrust
+
+    pinned = load_public_key(load_identity(state_dir).signing_public_pem, "pinned key")
+    trust = DeviceTrust(state_dir, pinned)
+    return {
+        "root_version": trust.version,
+        "keys": sorted(trust.keys.keys),
+        "expires": trust.root.expires.isoformat() if trust.root else None,
     }
 
 

@@ -17,6 +17,9 @@ from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
+# Encoded records per batch, at most (one record always goes): window captures are kilobytes
+# each, and the control plane takes messages of up to 8 MiB.
+MAX_BATCH_BYTES = 2 << 20
 
 
 @dataclass
@@ -77,6 +80,7 @@ class RecordSync:
             if not rows:
                 await asyncio.to_thread(self.outbox.wait_for_records, self._sent, _IDLE_WAIT_S)
                 continue
+            rows = rows[: _fitting(rows)]
             batch = agent_pb2.RecordBatch()
             for seq, _kind, body in rows:
                 record = batch.records.add()
@@ -87,3 +91,13 @@ class RecordSync:
             self._in_flight.append(self._sent)
             self.stats.batches_sent += 1
             self.stats.records_sent += len(rows)
+
+
+def _fitting(rows: list[tuple[int, int, bytes]]) -> int:
+    """How many of `rows` (at least one) fit in MAX_BATCH_BYTES."""
+    size = 0
+    for i, (_seq, _kind, body) in enumerate(rows):
+        size += len(body)
+        if i and size > MAX_BATCH_BYTES:
+            return i
+    return len(rows)

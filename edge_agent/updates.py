@@ -18,8 +18,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from edge_agent import shadow as shadow_eval
 from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, read_signed_manifest, verify_bundle
 from edge_agent.config import ModelChoice
@@ -29,6 +27,7 @@ from edge_agent.errors import AutoglmError, IntegrityError
 from edge_agent.retry import Backoff
 from edge_agent.serving import Hardware, ServingModel, choose
 from edge_agent.slots import SlotInfo
+from edge_agent.trust import Verifier
 from protos.autoglm.v1 import agent_pb2
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ async def fetch_verified(
     downloader: Downloader,
     directory: Path,
     d: agent_pb2.DesiredState,
-    key: ed25519.Ed25519PublicKey,
+    key: Verifier,
     choice: ModelChoice,
 ) -> Manifest:
     """Into `directory`: the manifest and its signature (checked with the pinned key), then

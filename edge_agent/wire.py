@@ -1,11 +1,15 @@
-"""The agent's records on the wire: predictions and alert events as the outbox keeps them
-(serialized `Record` bodies, the sequence added when sent)."""
+"""The agent's records on the wire: predictions, alert events and window captures as the
+outbox keeps them (serialized `Record` bodies, the sequence added when sent)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from edge_agent.capture import ALERT, CapturedWindow, masked_values
 from edge_agent.decisions import AlertEvent, Verdict
+from edge_agent.losses import LostStretch
 from protos.autoglm.v1 import agent_pb2
 
 
@@ -57,4 +61,43 @@ def alert_record(event: AlertEvent) -> bytes:
     _stamp(record.alert.window_start, event.window_start)
     _stamp(record.alert.window_end, event.window_end)
     _stamp(record.alert.raised_at, event.raised_at)
+    return record.SerializeToString()
+
+
+def lost_records(stretches: list[LostStretch]) -> list[agent_pb2.LostRecords]:
+    """The heartbeat's account of records the outbox could not keep."""
+    out = []
+    for s in stretches:
+        message = agent_pb2.LostRecords(records=s.records, ongoing=s.ongoing)
+        _stamp(message.first, s.first)
+        _stamp(message.last, s.last)
+        out.append(message)
+    return out
+
+
+def capture_record(window: CapturedWindow) -> bytes:
+    """A window capture: values as little-endian float32, the mask as packed bits."""
+    reason = (
+        agent_pb2.WindowCapture.REASON_ALERT
+        if window.reason == ALERT
+        else agent_pb2.WindowCapture.REASON_SAMPLE
+    )
+    mask = np.asarray(window.mask) > 0
+    record = agent_pb2.Record(
+        capture=agent_pb2.WindowCapture(
+            reason=reason,
+            asset=window.asset,
+            model_version=window.model_version,
+            alert_key=window.alert_key,
+            score=window.score,
+            period_seconds=window.period_s,
+            length=int(mask.shape[0]),
+            sensors=window.sensors,
+            values=masked_values(window.values, window.mask).astype("<f4").tobytes(),
+            mask=np.packbits(mask.reshape(-1)).tobytes(),
+            input_center=[float(x) for x in window.input_center],
+            input_scale=[float(x) for x in window.input_scale],
+        )
+    )
+    _stamp(record.capture.window_start, window.window_start)
     return record.SerializeToString()

@@ -4,6 +4,7 @@ restarts."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import time
@@ -15,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cloud.captures import CaptureFilter
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.train import TrainParams
@@ -112,10 +114,17 @@ class AlertListener:
 
 
 def stored_sequences(store: Store, device_id: str) -> list[int]:
-    """Sequence numbers of every prediction and alert event the control plane stored."""
+    """Sequence numbers of every prediction, alert event and window capture the control
+    plane stored."""
     predictions = store.list_predictions(device_id, limit=1_000_000)
     alerts = store.list_alert_events(device_id)
-    return sorted([p.sequence for p in predictions] + [a.sequence for a in alerts])
+    since = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    captures = store.list_captures(CaptureFilter(since, (device_id,)), limit=1_000_000)
+    return sorted(
+        [p.sequence for p in predictions]
+        + [a.sequence for a in alerts]
+        + [c.sequence for c in captures]
+    )
 
 
 def box_sequences(box: Outbox) -> list[int]:

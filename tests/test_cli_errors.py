@@ -204,7 +204,7 @@ def test_login_checks_before_saving(
     [
         ("not: [valid", "not valid YAML"),
         ("- a list\n", "mapping"),
-        ("kind: autoglm-bootstrap\nversion: 1\n", "missing key 'device_id'"),
+        ("kind: autoglm-bootstrap\nversion: 1\n", "missing key 'api_address'"),
         (
             "device_id: x\ndevice_name: y\napi_address: h:1\ndevice_address: h:2\n"
             "ca_certificate: nope\ntoken: agt_enr_12345678\nexpires_at: 2030-01-01T00:00:00Z\n",

@@ -71,15 +71,23 @@ def test_a_full_disk_still_alerts_on_site_and_counts_what_it_lost(
         site.feed(pump(150, faulty=True, seed=2), 200)
         assert [e.kind for e in site.events()] == [RAISED], site.events()
         lost = site.runtime.counters.outbox_write_failed
-        # Every prediction is counted lost; the alert event waits in memory, not lost.
-        assert lost == site.runtime.counters.predictions_kept, lost
+        # Every prediction and window capture is counted lost; the alert event waits in
+        # memory, not lost.
+        captures = sum(site.runtime.capture.captured.values())
+        assert lost == site.runtime.counters.predictions_kept + captures, lost
         health = site.runtime.health(disk_free=0)
         assert health.dropped_by_reason["outbox_write_failed"] == lost
+        # The heartbeat says when: one stretch, still going on.
+        (stretch,) = health.lost_records
+        assert stretch.records == lost and stretch.ongoing, stretch
+        assert stretch.first.seconds <= stretch.last.seconds
         assert site.outbox.stats().depth == 0
         # Space again: the waiting alert event is written first, then the new records.
         site.outbox._db = real
         site.feed(pump(30, faulty=True, seed=3), 350)
         kinds = [kind for _, kind, _ in site.outbox.pending(0, 10_000)]
         assert kinds[0] == ALERT and kinds.count(ALERT) == 1, kinds[:5]
+        (closed,) = site.runtime.health(disk_free=0).lost_records
+        assert closed.records == lost and not closed.ongoing, closed
     finally:
         site.stop()

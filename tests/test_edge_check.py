@@ -112,6 +112,8 @@ def test_status_reads_the_state_directory_without_the_agent(
     status = json.loads(capsys.readouterr().out)
     assert status["identity"]["device"] == "pump-7"
     assert status["models"]["active"] is None  # serves the configured bundle
+    assert status["signing_keys"]["root_version"] == 1  # the pinned key alone
+    assert len(status["signing_keys"]["keys"]) == 1
     assert status["outbox"]["depth"] == 1 and status["outbox"]["quarantined"] == 1
     assert "65 characters" in status["outbox"]["latest_refusals"][0]["reason"]
     assert [a["key"] for a in status["open_alerts"]] == ["pump-1-1"]

@@ -73,6 +73,29 @@ def test_an_unreachable_device_is_counted_not_fatal(tmp_path: Path) -> None:
             "host": "h", "registers": [{"sensor": "a", "address": 0}] * 2}}])  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_poller_thread_that_dies_is_reported_for_the_probes(
+    tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.sources import Sources
+
+    config = _config(tmp_path, port=1, mqtt={"host": "127.0.0.1", "port": broker.port})
+    routes = TopicRoutes(config.assets, SENSORS)
+    sources = Sources(config, config.assets, "c-1", routes, Decoder(routes, config.ingest),
+                      lambda _: None, [])  # fmt: skip
+
+    def bug(self: ModbusPoller) -> bool:
+        raise RuntimeError("a bug in the poll")
+
+    monkeypatch.setattr(ModbusPoller, "poll_once", bug)
+    sources.start()
+    try:
+        # /healthz/live and /healthz/ready name every dead thread (edge_agent/metrics.py).
+        wait_for(lambda: sources.threads_alive() == {"modbus 127.0.0.1:1": False}, timeout=30)
+    finally:
+        sources.stop()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)

@@ -1,6 +1,6 @@
 """Two control-plane replicas on one PostgreSQL, with a real agent on each: desired state
-reaches a device whichever replica holds its session, and an operator's action through the
-replica that does not lead sticks."""
+reaches a device whichever replica holds its session (woken by change notifications, not a
+poll), and an operator's action through the replica that does not lead sticks."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def replicas(
         "leader_election": "database",
         "leader_lease_s": 2.0,
         "rollout_interval_s": TICK_S,
-        "desired_poll_interval_s": TICK_S,
+        # Polled too rarely to matter here: desired states made on one replica reach the
+        # other's devices through PostgreSQL's change notifications (cloud/store/notify.py).
+        "desired_poll_interval_s": 3600.0,
         "presence_flush_interval_s": TICK_S,
     }
     planes = [start_plane(cloud_dir, token, replica_id=name, **settings) for name in ("r-1", "r-2")]

@@ -73,8 +73,11 @@ class Fleet:
         self.controller.on_install(self.ids[name], report)
 
     def shadow(self, name: str, rollout_id: str, windows: int = 40, agreement: float = 1.0,
-               latency: tuple[float, float] = (3.0, 2.0)) -> None:  # fmt: skip
-        report = ShadowReport(rollout_id, "2", windows, agreement, 0.0, 0.0, *latency)
+               latency: tuple[float, float] = (3.0, 2.0), rates: tuple[float, float] = (0, 0),
+               floor: tuple[float, float] = (0.0, 0.0), p50: tuple[float, float] = (0, 0),
+               samples: int = 0) -> None:  # fmt: skip
+        report = ShadowReport(rollout_id, "2", windows, agreement, *rates, *latency, "", *floor,
+                              *p50, samples)  # fmt: skip
         self.controller.on_shadow(self.ids[name], report)
 
     def states(self, rollout_id: str) -> dict[str, str]:
@@ -202,6 +205,56 @@ def test_the_soak_waits_then_the_shadow_gates_judge_each_device(fleet: Fleet) ->
     assert LATENCY_FLOOR_MS > 4.0 - 1.0
 
 
+def test_the_behaviour_gate_judges_against_the_incumbents_own_noise_floor(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=60, max_failure_fraction=1.0)
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    # Two sound models on a noisy site (issue 23's 0.869 < 0.9): the incumbent agrees with
+    # itself recalibrated only 0.86, so 0.869 passes.
+    fleet.shadow("edge-0", rollout_id, agreement=0.869, floor=(0.86, 0.0))
+    # The same agreement where the incumbent is steady (0.98): the configured 0.9 holds.
+    fleet.shadow("edge-1", rollout_id, agreement=0.869, floor=(0.98, 0.0))
+    # No floor measured (an older agent): the configured gate as it is.
+    fleet.shadow("edge-2", rollout_id, agreement=0.869)
+    # The alert rate moves by 0.15 where the incumbent's own moves by 0.2: allowed.
+    fleet.shadow("edge-3", rollout_id, rates=(0.3, 0.15), floor=(0.95, 0.2))
+    fleet.clock.advance(61)
+    fleet.controller.tick()
+    states = fleet.states(rollout_id)
+    # Passed: promoted from shadow to serving (installing it as the served model).
+    assert states == {"edge-0": "installing", "edge-1": "failed", "edge-2": "failed",
+                      "edge-3": "installing"}, states  # fmt: skip
+    targets = {t.device_id: t for t in fleet.store.rollout_targets(rollout_id)}
+    detail = targets[fleet.ids["edge-1"]].detail
+    assert "agreement 0.869 < 0.9 (the incumbent with itself: 0.980)" in detail, detail
+    assert targets[fleet.ids["edge-0"]].shadow_self_agreement == pytest.approx(0.86)
+
+
+def test_latency_is_judged_on_its_tail_only_with_enough_samples(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=60, max_failure_fraction=1.0)
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    # 40 timed batches: one hiccup of a busy machine makes the p99 4x (issue 15's 3.79 and
+    # 5.93), the medians are even; judged on the medians, it passes.
+    fleet.shadow("edge-0", rollout_id, latency=(40.0, 10.0), p50=(9.0, 9.0), samples=40)
+    # The same medians 4x apart and 30 ms more: too slow whatever the tail says.
+    fleet.shadow("edge-1", rollout_id, latency=(40.0, 40.0), p50=(40.0, 10.0), samples=40)
+    # 400 batches: enough for a tail, and the tail is 4x.
+    fleet.shadow("edge-2", rollout_id, latency=(40.0, 10.0), p50=(9.0, 9.0), samples=400)
+    # An agent that sends no sample count: its p99 is judged as before.
+    fleet.shadow("edge-3", rollout_id, latency=(40.0, 10.0))
+    fleet.clock.advance(61)
+    fleet.controller.tick()
+    states = fleet.states(rollout_id)
+    assert states == {"edge-0": "installing", "edge-1": "failed", "edge-2": "failed",
+                      "edge-3": "failed"}, states  # fmt: skip
+    targets = {t.device_id: t for t in fleet.store.rollout_targets(rollout_id)}
+    assert "latency p50 40.0 ms vs 10.0 ms" in targets[fleet.ids["edge-1"]].detail
+    assert "latency p99 40.0 ms vs 10.0 ms" in targets[fleet.ids["edge-2"]].detail
+
+
 def test_a_device_without_shadow_windows_fails_only_after_the_grace(fleet: Fleet) -> None:
     rollout_id = _create(fleet, ("100%",), soak_s=60, max_failure_fraction=1.0)
     for name in fleet.ids:
@@ -250,6 +303,46 @@ def test_an_abort_sends_every_device_that_got_the_version_back_and_stays(
     assert fleet.store.get_rollout(rollout_id).state is RolloutState.ABORTED
     with pytest.raises(FailedPrecondition, match="aborted already"):
         fleet.controller.abort(rollout_id, "twice")
+
+
+def test_undo_sends_a_succeeded_rollouts_devices_back_but_not_those_a_later_one_took(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("100%",))
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.SUCCEEDED
+    # A later rollout of version 3 takes edge-3 over.
+    fleet.store.add_model(
+        ModelRecord("pump", "3", f"sha256:{'3' * 64}", f"sha256:{'f' * 64}", 10, T0, {})
+    )
+    fleet.store.update_labels("edge-3", {"line": "9"}, [])
+    later, _ = fleet.controller.create("pump", "3", "line=9", ("100%",), 0.0, Gates())
+    assert fleet.desired("edge-3") is not None and fleet.desired("edge-3").rollout_id == later.id
+
+    rollout, desired = fleet.controller.undo(rollout_id, "pump-2 misses cavitation")
+    assert rollout.state is RolloutState.ABORTED
+    assert rollout.reason == "undone: pump-2 misses cavitation"
+    back = {d.device_id: (d.model_version, d.revert_version) for d in desired}
+    assert back == {fleet.ids[n]: ("1", "2") for n in ("edge-0", "edge-1", "edge-2")}, back
+    states = fleet.states(rollout_id)
+    assert states == {**{n: "rolled_back" for n in ("edge-0", "edge-1", "edge-2")},
+                      "edge-3": "updated"}, states  # fmt: skip
+    assert fleet.desired("edge-3").model_version == "3"  # type: ignore[union-attr]
+    with pytest.raises(FailedPrecondition, match="sent back already"):
+        fleet.controller.undo(rollout_id, "twice")
+
+
+def test_undo_of_a_running_rollout_is_an_abort(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    rollout, desired = fleet.controller.undo(rollout_id, "")
+    assert rollout.state is RolloutState.ABORTED and rollout.reason == "undone: by an operator"
+    assert [d.device_id for d in desired] == [fleet.ids["edge-0"]]
+    for _ in range(2):
+        fleet.clock.advance(60)
+        assert fleet.controller.tick() == []
 
 
 def test_reports_on_other_versions_change_nothing_and_an_unknown_outcome_fails(

@@ -208,8 +208,15 @@ def test_a_self_test_failure_aborts_and_a_new_rollout_can_follow(fleet: Fleet) -
     v5 = make_version((fleet.root / "v1", key), fleet.root / "v5", "5", key)
     with fleet.plane.client() as client:
         client.push_bundle(v5)
-    wait_state(fleet, rollout(fleet, "5", "1,50%,100%", soak=0), SUCCEEDED)
+    v5_rollout = rollout(fleet, "5", "1,50%,100%", soak=0)
+    wait_state(fleet, v5_rollout, SUCCEEDED)
     assert set(fleet.versions().values()) == {"5"}
+    # Undone after it succeeded: every device goes back to what it served before.
+    with fleet.plane.client() as client:
+        undone = client.rollout_action("undo", v5_rollout, "misses cavitation")
+    assert undone.state == ABORTED and undone.reason == "undone: misses cavitation", undone
+    wait_for(lambda: set(fleet.versions().values()) == {"1"}, timeout=60)
+    assert {d.state for d in status(fleet, v5_rollout).devices} == {"rolled_back"}
 
 
 def test_abort_sends_updated_devices_back_and_a_restarted_plane_carries_on(
@@ -289,6 +296,14 @@ def test_a_candidate_that_disagrees_in_shadow_trips_the_behaviour_gate(fleet: Fl
     canary = next(d for d in done.devices if d.wave == 0)
     assert "agreement" in canary.detail, canary.detail
     assert canary.shadow_windows >= 20 and canary.shadow_agreement < 0.5, canary
+    # The device measured the noise floor (the incumbent with itself recalibrated), and it
+    # does not excuse a candidate this far off.
+    assert canary.shadow_self_agreement > 0.5, canary
+    # It timed both models batch by batch and said how often (the gate judges a tail only
+    # on enough batches).
+    stored = fleet.plane.plane.store.rollout_target(rollout_id, canary.device_id)
+    assert stored is not None and stored.shadow["latency_samples"] > 0, stored
+    assert 0 < stored.shadow["latency_p50_ms"] <= stored.shadow["latency_p99_ms"], stored
     assert "failed" in done.reason
     assert set(fleet.versions().values()) == {"1"}
     wait_for(lambda: all(a.agent.updater.shadow is None for a in fleet.agents.values()))

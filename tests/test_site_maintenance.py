@@ -73,8 +73,8 @@ def test_maintenance_holds_site_alerts_back_and_lifts_on_time(tmp_path: Path) ->
     at = START + 724
     for kind in ("raised", "cleared"):
         event = AlertEvent(kind, "k1", "pump-1", 1.5, (("flow", 1.0),), at - 24, at, at, "1")
-        again.runtime._announce(event)
-    assert published == [] and again.runtime._held == {}
+        again.runtime.site.announce(event)
+    assert published == [] and again.runtime.site.held == {}
     again.stop()
 
 

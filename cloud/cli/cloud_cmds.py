@@ -68,6 +68,29 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     serve.set_defaults(handler=cmd_serve)
 
+    keys = cloud_sub.add_parser(
+        "signing-key",
+        help="rotate the key that signs model bundles (no re-enrollment)",
+        description="rotate: a new key signs from now on, trusted beside the old ones through "
+        "a signing root that the old key signs; retire: only the current key stays trusted. "
+        "Restart the control plane afterwards (a rolling restart in Kubernetes): it hands the "
+        "root to every agent when its session opens.",
+    )
+    keys_sub = keys.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("show", "the trusted signing keys and the one that signs now"),
+        ("rotate", "make a new signing key, trusted beside the current ones"),
+        ("retire", "trust only the current signing key"),
+    ):
+        p = keys_sub.add_parser(name, help=text)
+        p.add_argument("--state-dir", required=True, type=Path)
+        if name != "show":
+            p.add_argument(
+                "--valid-for", default="365d", help="until devices refuse this root if they "
+                "have not taken it yet (default 365d)"
+            )  # fmt: skip
+        p.set_defaults(handler=cmd_signing_key, key_action=name)
+
 
 def cmd_init(args: argparse.Namespace) -> int:
     from cloud.state_dir import CA_CERT, init_state_dir  # the CLI loads no server code for --help
@@ -171,3 +194,28 @@ async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
     await stopping.wait()
     logging.getLogger(__name__).info("shutting down")
     await plane.stop()
+
+
+def cmd_signing_key(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from cloud.cli.output import parse_duration, print_json
+    from cloud.signing_keys import describe, retire, rotate
+
+    if args.key_action == "show":
+        summary = describe(args.state_dir)
+    else:
+        try:
+            valid_for = dt.timedelta(seconds=parse_duration(args.valid_for))
+        except ValueError as exc:
+            raise ConfigError(f"--valid-for: {exc}") from None
+        action = rotate if args.key_action == "rotate" else retire
+        summary = action(args.state_dir, valid_for, dt.datetime.now(dt.UTC))
+    print_json(summary.to_json())
+    if args.key_action != "show":
+        print(
+            "Restart the control plane (a rolling restart in Kubernetes) so that agents get "
+            "the new signing root.",
+            file=sys.stderr,
+        )
+    return 0

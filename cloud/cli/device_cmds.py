@@ -1,12 +1,13 @@
-"""`autoglm device register|token|list|show|label|revoke|delete`."""
+"""`autoglm device register|token|group|list|show|label|revoke|delete`."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
-from cloud.cli import alert_cmds
+from cloud.cli import alert_cmds, group_cmds
 from cloud.cli.health_cmds import drift_line
 from cloud.cli.output import ago, json_view, parse_duration, parse_labels, print_json, print_table
 from cloud.client import OperatorClient
@@ -18,6 +19,7 @@ from protos.autoglm.v1 import operator_pb2
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device = sub.add_parser("device", help="register, list, label, revoke and delete edge devices")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    group_cmds.add_parsers(dsub)
 
     register = dsub.add_parser("register", help="create a device and its one-time enrollment token")
     register.add_argument("name")
@@ -221,7 +223,15 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         print(f"uptime:      {msg.status.uptime_seconds:.0f}s")
     for asset, drift in sorted(msg.status.health.drift.items()):
         print(f"drift:       {drift_line(asset, drift)}")
+    for gap in msg.status.health.lost_records:
+        until = "ongoing" if gap.ongoing else f"to {_when(gap.last)}"
+        print(f"lost:        {gap.records} record(s) (disk full) from {_when(gap.first)} {until}")
     return 0
+
+
+def _when(stamp: Any) -> str:
+    moment: dt.datetime = stamp.ToDatetime(dt.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_label(args: argparse.Namespace, client: OperatorClient) -> int:

@@ -12,6 +12,7 @@ from cloud import __version__
 from cloud.cli import (
     alert_cmds,
     cloud_cmds,
+    data_cmds,
     demo_cmds,
     device_cmds,
     maintenance_cmds,
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     maintenance_cmds.add_parsers(sub)
     operator_cmds.add_parsers(sub)
     demo_cmds.add_parsers(sub)
+    data_cmds.add_parsers(sub)
     return parser
 
 
@@ -166,7 +168,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.json = True
     set_structured_format("yaml" if args.output == "yaml" else "json")
     try:
-        if getattr(args, "needs_client", False):
+        needs_client = getattr(args, "needs_client", False)
+        if callable(needs_client):  # some commands talk to the control plane only sometimes
+            needs_client = needs_client(args)
+        if needs_client:
             flags = {
                 "server": args.server,
                 "ca_cert": args.ca_cert,

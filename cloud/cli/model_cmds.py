@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cloud.cli import health_cmds, job_cmds, rollout_cmds
 from cloud.cli.output import print_json, print_table
+from cloud.client import OperatorClient
 from edge_agent.decision_params import DecisionParams
 from edge_agent.errors import InvalidInput
 
@@ -22,8 +23,25 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rollout_cmds.add_model_parsers(msub)
     health_cmds.add_model_parsers(msub)
 
-    train = msub.add_parser("train", help="train on CSV/Parquet history; writes a signed bundle")
-    train.add_argument("--data", type=Path, action="append", required=True, metavar="DIR|FILE")
+    train = msub.add_parser(
+        "train",
+        help="train on CSV/Parquet history, or fine-tune on captured windows; writes a signed "
+        "bundle",
+    )
+    train.add_argument("--data", type=Path, action="append", metavar="DIR|FILE")
+    train.add_argument(
+        "--from-export",
+        type=Path,
+        metavar="DIR",
+        help="fine-tune --base on an `autoglm data export` directory instead of --data",
+    )
+    train.add_argument(
+        "--base",
+        metavar="[NAME:]VERSION|BUNDLE_DIR",
+        help="the model to fine-tune: a version pushed to the control plane (NAME defaults "
+        "to --name), or a bundle directory",
+    )
+    train.add_argument("--learning-rate", type=float, help="fine-tuning only (default 2e-3)")
     train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
     train.add_argument("--signing-key", type=Path, help=KEY_HELP)
     train.add_argument("--name", default="sensor-graph")
@@ -51,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _decision_flags(train)
     train.add_argument("--no-progress", action="store_true")
     job_cmds.add_executor_flags(train)
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, needs_client=_pulls_base)
 
     evaluate = msub.add_parser(
         "evaluate", help="SKAB protocol: calibrate on rows [0,K), score K on"
@@ -148,7 +166,18 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _pulls_base(args: argparse.Namespace) -> bool:
+    """`--base VERSION` with `--from-export`: the base bundle comes from the control plane."""
+    return args.from_export is not None and bool(args.base) and not Path(args.base).is_dir()
+
+
+def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) -> int:
+    if args.from_export is not None:
+        return cmd_finetune(args, client)
+    if not args.data:
+        raise InvalidInput("give --data (history files) or --from-export (captured windows)")
+    if args.base:
+        raise InvalidInput("--base goes with --from-export (fine-tuning on captured windows)")
     from cloud.model.bundle_writer import load_signing_key
     from cloud.model.pipeline import TrainOptions, train_bundle
     from cloud.model.progress import ProgressBar
@@ -346,4 +375,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{manifest.name} {manifest.version}: signature and digests verify")
     for variant, diff in checks.items():
         print(f"  {variant}: golden difference {diff}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace, client: OperatorClient | None) -> int:
+    """`model train --from-export DIR --base VERSION`: `cloud/model/finetune.py`."""
+    import tempfile
+
+    from cloud.model.bundle_writer import load_signing_key
+    from cloud.model.finetune import FinetuneOptions, finetune_bundle
+
+    if args.data:
+        raise InvalidInput("give either --data or --from-export, not both")
+    if not args.base:
+        raise InvalidInput("--from-export needs --base: the model version to fine-tune")
+    if args.executor == "kubernetes":
+        raise InvalidInput("--from-export runs here (the export is a local directory)")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InvalidInput(f"--{flag.replace('_', '-')} must be >= 1")
+    key = load_signing_key(args.signing_key)
+    options = FinetuneOptions(
+        version=args.model_version,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate or FinetuneOptions.learning_rate,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+    )
+    with tempfile.TemporaryDirectory(prefix="autoglm-base-") as tmp:
+        base = Path(args.base)
+        if client is not None:
+            name, _, version = args.base.rpartition(":")
+            base = client.pull_bundle(name or args.name, version, Path(tmp) / "base")
+        manifest = finetune_bundle(args.from_export, base, args.out, options, key)
+    t = manifest.training
+    print(
+        f"wrote {args.out}: {manifest.name} {manifest.version}, fine-tuned from "
+        f"{t['fine_tuned_from']} on {t['windows']} windows ({t['labelled_fault_windows']} "
+        f"faults), {t['wall_seconds']}s wall on {t['torch_threads']} torch threads"
+    )
     return 0

@@ -73,13 +73,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     listing.add_argument("--active", action="store_true")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list, needs_client=True)
-    for action in ("pause", "resume", "abort"):
+    for action in ("pause", "resume", "abort", "undo"):
         p = rsub.add_parser(
             action,
             help={
                 "pause": "stop moving to the next step (devices keep what they have)",
                 "resume": "carry on after a pause",
                 "abort": "stop, and send updated devices back to their previous version",
+                "undo": "send the devices a rollout updated back to their previous version, "
+                "also after it succeeded (devices a later rollout took keep theirs)",
             }[action],
         )
         p.add_argument("id")
@@ -230,7 +232,7 @@ def _print_status(r: operator_pb2.Rollout) -> None:
     if r.devices:
         print()
         print_table(
-            ["DEVICE", "WAVE", "STATE", "FROM", "AGREEMENT", "WINDOWS", "DETAIL"],
+            ["DEVICE", "WAVE", "STATE", "FROM", "AGREEMENT", "FLOOR", "WINDOWS", "DETAIL"],
             [
                 [
                     d.device_name,
@@ -238,6 +240,7 @@ def _print_status(r: operator_pb2.Rollout) -> None:
                     d.state,
                     d.previous_version or "-",
                     f"{d.shadow_agreement:.3f}" if d.shadow_windows else "-",
+                    f"{d.shadow_self_agreement:.3f}" if d.shadow_self_agreement else "-",
                     str(d.shadow_windows),
                     d.detail[:60],
                 ]

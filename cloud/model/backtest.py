@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.model.data import list_data_files, read_header, read_table
 from cloud.model.metrics import Counts
@@ -22,6 +21,7 @@ from edge_agent.bundle import Manifest, unpack_tar, verify_bundle
 from edge_agent.errors import InvalidInput
 from edge_agent.inference.base import open_backend
 from edge_agent.scoring import ModelFrame, WindowModel, calibrate_and_score, frame_of, row_scores
+from edge_agent.trust import Verifier
 from edge_agent.windowing import FloatArray, align_to_grid
 
 
@@ -36,7 +36,7 @@ class LoadedModel:
 
 
 @contextmanager
-def open_bundle_dir(bundle: Path, key: ed25519.Ed25519PublicKey) -> Iterator[tuple[Path, Manifest]]:
+def open_bundle_dir(bundle: Path, key: Verifier) -> Iterator[tuple[Path, Manifest]]:
     """Verify a bundle directory or `.tar`; yields its directory and manifest."""
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="autoglm-bundle-") as tmp:
@@ -50,7 +50,7 @@ def open_bundle_dir(bundle: Path, key: ed25519.Ed25519PublicKey) -> Iterator[tup
 
 @contextmanager
 def load_model(
-    bundle: Path, key: ed25519.Ed25519PublicKey, variant: str = "fp32", threads: int = 0
+    bundle: Path, key: Verifier, variant: str = "fp32", threads: int = 0
 ) -> Iterator[LoadedModel]:
     with open_bundle_dir(bundle, key) as (directory, manifest):
         backend = open_backend("onnxruntime", directory, manifest, variant, threads=threads)

@@ -24,6 +24,7 @@ from cloud.model.faults import KINDS, Stretch, inject
 from cloud.model.metrics import Counts
 from cloud.model.pipeline import TrainOptions, train_bundle
 from edge_agent.scoring import calibrate_and_score, row_scores
+from edge_agent.trust import Verifier
 from edge_agent.windowing import align_to_grid
 
 
@@ -112,7 +113,7 @@ def train_without(
 def unseen_kind(
     bundle: Path,
     unseen: Path,
-    key: ed25519.Ed25519PublicKey,
+    key: Verifier,
     calibration_rows: int,
 ) -> tuple[list[tuple[str, Counts]], Counts]:
     """SKAB-protocol counts per file of the unseen kind, and their sum."""

@@ -53,8 +53,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         alerts: AlertFeed,
         auth_recheck_interval_s: float = 5.0,
         metrics: PlaneMetrics | None = None,
+        signing_root: bytes = b"",
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
+        self.signing_root = signing_root  # sent before desired state: it may need the new key
         # Renewals per device and hour: enough for retries after lost answers.
         self.renewals = AttemptLimiter(
             max_failures=RENEWALS_PER_HOUR, window_s=3600.0, what="certificate renewals"
@@ -155,6 +157,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     last_stored_sequence=last_stored,
                 )
             )
+            if self.signing_root:
+                yield agent_pb2.ControlMessage(
+                    signing_root=agent_pb2.SigningRoot(document=self.signing_root)
+                )
             desired = await asyncio.to_thread(self.store.get_desired, device.id)
             if desired is not None and desired.revision >= live.desired_revision:
                 live.desired_revision = desired.revision

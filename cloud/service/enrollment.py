@@ -83,7 +83,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self.attempts.check(peer)
         try:
             enrollment = await asyncio.to_thread(
-                self.registry.enroll, request.token, request.csr_pem
+                self.registry.enroll, request.token, request.csr_pem, request.device_name
             )
         except (Unauthenticated, PermissionDenied):
             self.attempts.failed(peer)  # a wrong, used or expired token: a guess, maybe

@@ -20,7 +20,9 @@ from cloud.rollouts import RolloutController
 from cloud.selectors import parse_selector
 from cloud.service.operator_admin import AdminCalls
 from cloud.service.operator_alerts import AlertCalls
+from cloud.service.operator_captures import CaptureCalls
 from cloud.service.operator_delivery import DeliveryCalls
+from cloud.service.operator_groups import GroupCalls
 from cloud.service.serde import (
     bundle_chunks,
     device_to_proto,
@@ -39,7 +41,12 @@ MAX_TOKEN_TTL_S = 30 * 86_400
 
 
 class OperatorServicer(
-    AlertCalls, DeliveryCalls, AdminCalls, operator_pb2_grpc.OperatorServiceServicer
+    AlertCalls,
+    GroupCalls,
+    CaptureCalls,
+    DeliveryCalls,
+    AdminCalls,
+    operator_pb2_grpc.OperatorServiceServicer,
 ):
     def __init__(
         self,
@@ -224,6 +231,13 @@ class OperatorServicer(
         self, request: operator_pb2.RolloutActionRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Rollout:
         _, desired = await asyncio.to_thread(self.rollouts.abort, request.id, request.reason)
+        self.push_desired(desired)
+        return await self._rollout(request.id)
+
+    async def UndoRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> operator_pb2.Rollout:
+        _, desired = await asyncio.to_thread(self.rollouts.undo, request.id, request.reason)
         self.push_desired(desired)
         return await self._rollout(request.id)
 

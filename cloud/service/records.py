@@ -1,4 +1,5 @@
-"""Records devices sync (predictions, alert events): wire messages -> domain records -> store.
+"""Records devices sync (predictions, alert events, window captures): wire messages -> domain
+records -> store.
 
 The wire side of syncing: each record is checked against its bounds and turned into a domain
 record here; the store never sees a protobuf message."""
@@ -9,6 +10,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
+from cloud.captures import CaptureRecord, check_capture
 from cloud.domain import AlertEventRecord, PredictionRecord, StoredCount
 from cloud.service.bounds import MAX_INT64, check_message
 from cloud.store import Store
@@ -20,15 +22,18 @@ _KINDS = {
     agent_pb2.AlertEvent.KIND_RAISED: "raised",
     agent_pb2.AlertEvent.KIND_CLEARED: "cleared",
 }
+_REASONS = {
+    agent_pb2.WindowCapture.REASON_ALERT: "alert",
+    agent_pb2.WindowCapture.REASON_SAMPLE: "sample",
+}
+DomainRecord = PredictionRecord | AlertEventRecord | CaptureRecord
 
 
 def _time(stamp: object) -> dt.datetime:
     return stamp.ToDatetime(tzinfo=dt.UTC)  # type: ignore[attr-defined,no-any-return]
 
 
-def _record(
-    device_id: str, record: agent_pb2.Record, where: str
-) -> PredictionRecord | AlertEventRecord:
+def _record(device_id: str, record: agent_pb2.Record, where: str) -> DomainRecord:
     """The domain record of one synced record; InvalidInput says what is wrong with it."""
     check_message(record, where)
     if record.sequence == 0:
@@ -65,13 +70,41 @@ def _record(
             raised_at=_time(a.raised_at),
             model_version=a.model_version,
         )
-    raise InvalidInput(f"{where}: carries neither a prediction nor an alert")
+    if kind == "capture":
+        return capture_from_proto(device_id, record.sequence, record.capture, f"{where}.capture")
+    raise InvalidInput(f"{where}: carries no prediction, alert event or window capture")
+
+
+def capture_from_proto(
+    device_id: str, sequence: int, c: agent_pb2.WindowCapture, where: str
+) -> CaptureRecord:
+    """The domain capture, checked (`cloud.captures.check_capture`)."""
+    capture = CaptureRecord(
+        device_id=device_id,
+        sequence=sequence,
+        reason=_REASONS.get(c.reason, ""),
+        asset=c.asset,
+        model_version=c.model_version,
+        alert_key=c.alert_key,
+        score=c.score,
+        window_start=_time(c.window_start),
+        period_s=c.period_seconds,
+        length=c.length,
+        sensors=tuple(c.sensors),
+        values=c.values,
+        mask=c.mask,
+        input_center=tuple(c.input_center),
+        input_scale=tuple(c.input_scale),
+    )
+    check_capture(capture, where)
+    return capture
 
 
 @dataclass
 class SplitBatch:
     predictions: list[PredictionRecord] = field(default_factory=list)
     alerts: list[AlertEventRecord] = field(default_factory=list)
+    captures: list[CaptureRecord] = field(default_factory=list)
     rejected: list[agent_pb2.RejectedRecord] = field(default_factory=list)
 
 
@@ -94,6 +127,8 @@ def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
         seen.add(record.sequence)
         if isinstance(domain, PredictionRecord):
             split.predictions.append(domain)
+        elif isinstance(domain, CaptureRecord):
+            split.captures.append(domain)
         else:
             split.alerts.append(domain)
     return split
@@ -108,7 +143,7 @@ def store_batch(
     split = split_batch(device_id, batch)
     up_to = max((r.sequence for r in batch.records if 0 < r.sequence <= MAX_INT64), default=0)
     counted: StoredCount = store.store_records(
-        device_id, split.predictions, split.alerts, now, through=up_to
+        device_id, split.predictions, split.alerts, now, through=up_to, captures=split.captures
     )
     if split.rejected:
         log.warning(

@@ -1,6 +1,7 @@
 """Operator roles, what each may call, and what the audit log records of a call.
 
-- `viewer` reads: devices, predictions, models, rollouts, alerts.
+- `viewer` reads: devices, predictions, models (pulling a bundle too), rollouts, alerts,
+  captured windows (retraining data: raw sensor values, so not for the public).
 - `operator` also runs the fleet day to day: registers and labels devices, issues enrollment
   tokens, pushes models, runs rollouts, acknowledges and resolves alerts.
 - `admin` also revokes and deletes devices and models, manages webhooks and operators, and
@@ -34,10 +35,16 @@ READS = frozenset(
         "ListOperators",
         "ListAudit",
         "ListMaintenance",
+        "PullBundle",
+        "ListCaptures",
+        "ListEnrollmentGroups",
     }
 )
 LEAST_ROLE: dict[str, str] = {
-    **{m: "viewer" for m in READS - {"ListWebhooks", "ListOperators", "ListAudit"}},
+    **{
+        m: "viewer"
+        for m in READS - {"ListWebhooks", "ListOperators", "ListAudit", "ListEnrollmentGroups"}
+    },
     **{
         m: "operator"
         for m in (
@@ -49,6 +56,7 @@ LEAST_ROLE: dict[str, str] = {
             "PauseRollout",
             "ResumeRollout",
             "AbortRollout",
+            "UndoRollout",
             "AckAlert",
             "ResolveAlert",
             "ShelveAlert",
@@ -62,6 +70,9 @@ LEAST_ROLE: dict[str, str] = {
         for m in (
             "RevokeDevice",
             "DeleteDevice",
+            "CreateEnrollmentGroup",
+            "ListEnrollmentGroups",
+            "RevokeEnrollmentGroup",
             "DeleteModel",
             "AddWebhook",
             "ListWebhooks",

@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud.artifacts import PREFIX as ARTIFACT_PREFIX
 from cloud.artifacts import ArtifactStore
+from cloud.captures import CaptureLabel, CaptureRecord
 from cloud.catalog import BundleFile
 from cloud.domain import (
     AlertRecord,
@@ -127,6 +128,19 @@ def bootstrap_from_registration(response: operator_pb2.RegisterDeviceResponse) -
     )
 
 
+def bootstrap_from_group(response: operator_pb2.CreateEnrollmentGroupResponse) -> Bootstrap:
+    """What a factory image carries to enroll any device of the group."""
+    return Bootstrap(
+        group=response.group.name,
+        api_address=response.endpoints.api_address,
+        device_address=response.endpoints.device_address,
+        tls_server_name=response.endpoints.tls_server_name,
+        ca_certificate=response.ca_certificate_pem.decode(),
+        token=response.enrollment_token,
+        expires_at=response.group.expires_at.ToDatetime(tzinfo=dt.UTC),
+    )
+
+
 def desired_to_proto(desired: DesiredModel) -> agent_pb2.DesiredState:
     return agent_pb2.DesiredState(
         model_name=desired.model_name,
@@ -198,6 +212,7 @@ def rollout_to_proto(
                 detail=t.detail,
                 previous_version=t.previous_version,
                 shadow_agreement=t.shadow_agreement,
+                shadow_self_agreement=t.shadow_self_agreement,
                 shadow_alert_rate_difference=t.shadow_alert_rate_difference,
                 shadow_windows=t.shadow_windows,
                 latency_ratio=t.latency_ratio,
@@ -339,7 +354,22 @@ def shadow_report_from_proto(m: agent_pb2.ShadowReport) -> ShadowReport:
         latency_p99_ms=m.latency_p99_ms,
         incumbent_latency_p99_ms=m.incumbent_latency_p99_ms,
         detail=m.detail,
+        self_agreement=_unit(m.incumbent_self_agreement),
+        self_rate_difference=_unit(m.incumbent_self_rate_difference),
+        latency_p50_ms=_milliseconds(m.latency_p50_ms),
+        incumbent_latency_p50_ms=_milliseconds(m.incumbent_latency_p50_ms),
+        latency_samples=int(m.latency_samples),
     )
+
+
+def _milliseconds(value: float) -> float:
+    """A latency from a device: NaN, negative or infinite is taken as not measured (0)."""
+    return value if 0.0 <= value < float("inf") else 0.0
+
+
+def _unit(value: float) -> float:
+    """A fraction from a device: NaN or out of [0, 1] is taken as not measured (0)."""
+    return value if 0.0 <= value <= 1.0 else 0.0
 
 
 def shadow_report_to_proto(r: ShadowReport) -> agent_pb2.ShadowReport:
@@ -353,6 +383,11 @@ def shadow_report_to_proto(r: ShadowReport) -> agent_pb2.ShadowReport:
         latency_p99_ms=r.latency_p99_ms,
         incumbent_latency_p99_ms=r.incumbent_latency_p99_ms,
         detail=r.detail,
+        incumbent_self_agreement=r.self_agreement,
+        incumbent_self_rate_difference=r.self_rate_difference,
+        latency_p50_ms=r.latency_p50_ms,
+        incumbent_latency_p50_ms=r.incumbent_latency_p50_ms,
+        latency_samples=r.latency_samples,
     )
 
 
@@ -404,3 +439,42 @@ async def bundle_chunks(
             yield chunk.data
         else:
             raise InvalidInput("a push chunk carries neither a file header nor data")
+
+
+def capture_to_proto(
+    record: CaptureRecord, label: CaptureLabel, device_name: str
+) -> operator_pb2.CapturedWindow:
+    """A stored capture as the operator API lists it."""
+    capture = agent_pb2.WindowCapture(
+        reason=CAPTURE_REASONS[record.reason],
+        asset=record.asset,
+        model_version=record.model_version,
+        alert_key=record.alert_key,
+        score=record.score,
+        period_seconds=record.period_s,
+        length=record.length,
+        sensors=record.sensors,
+        values=record.values,
+        mask=record.mask,
+        input_center=record.input_center,
+        input_scale=record.input_scale,
+    )
+    capture.window_start.FromDatetime(record.window_start)
+    window = operator_pb2.CapturedWindow(
+        device_id=record.device_id,
+        device_name=device_name,
+        sequence=record.sequence,
+        capture=capture,
+        alert_id=label.alert_id,
+        verdict=label.verdict,
+        fault_type=label.fault_type,
+    )
+    if record.received_at is not None:
+        window.received_at.FromDatetime(record.received_at)
+    return window
+
+
+CAPTURE_REASONS = {
+    "alert": agent_pb2.WindowCapture.REASON_ALERT,
+    "sample": agent_pb2.WindowCapture.REASON_SAMPLE,
+}

@@ -40,8 +40,8 @@ from cloud.service.serde import desired_to_proto, message_to_dict
 from cloud.service.sessions import SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
+from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener
 from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
-from edge_agent.bundle import load_public_key
 from edge_agent.errors import LocalStateError, PermissionDenied
 from protos.autoglm.v1 import (
     agent_pb2,
@@ -103,7 +103,7 @@ class ControlPlane:
         self.catalog = ModelCatalog(
             store,
             self.artifacts,
-            load_public_key(secrets.signing_public_pem, "control-plane signing key"),
+            secrets.trusted_keys(),
             config.max_bundle_bytes,
         )
         self.rollouts = RolloutController(
@@ -139,6 +139,9 @@ class ControlPlane:
         self.device_port = 0
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Woken by other replicas' changes (PostgreSQL NOTIFY) before their next poll.
+        self._wake = {DESIRED: asyncio.Event(), DEVICES: asyncio.Event()}
+        self._listener: ChangeListener | None = None
         self._health = HealthServicer()
         self._probe_server: aio.Server | None = None
         self.health_port = 0
@@ -186,6 +189,7 @@ class ControlPlane:
                 self.alerts,
                 self.config.auth_recheck_interval_s,
                 self.metrics,
+                signing_root=self.secrets.signing_root,
             ),
             server,
         )
@@ -255,17 +259,31 @@ class ControlPlane:
         self._tasks = [
             asyncio.create_task(self._every(self.config.presence_flush_interval_s, self._flush)),
             asyncio.create_task(
-                self._every(self.config.auth_recheck_interval_s, self._recheck_sessions)
+                self._every(
+                    self.config.auth_recheck_interval_s, self._recheck_sessions, self._wake[DEVICES]
+                )
             ),
             asyncio.create_task(self._every(self.config.rollout_interval_s, self._reconcile)),
             asyncio.create_task(
-                self._every(self.config.desired_poll_interval_s, self._desired_feed(feed_start))
+                self._every(
+                    self.config.desired_poll_interval_s,
+                    self._desired_feed(feed_start),
+                    self._wake[DESIRED],
+                )
             ),
             asyncio.create_task(self._every(AUDIT_PRUNE_S, self._prune_audit)),
             asyncio.create_task(self.webhooks.run(self._stopping)),
             asyncio.create_task(self.maintenance.run(self._stopping)),
             asyncio.create_task(self.elector.run(self._stopping)),
         ]
+        loop = asyncio.get_running_loop()
+
+        def heard(topic: str) -> None:  # the listener's thread
+            loop.call_soon_threadsafe(self._woken, topic)
+
+        self._listener = self.store.change_listener(heard)
+        if self._listener is not None:
+            self._listener.start()
         log.info(
             "control plane serving: api port %d (TLS), device port %d (mutual TLS)",
             self.api_port,
@@ -285,6 +303,8 @@ class ControlPlane:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -380,10 +400,24 @@ class ControlPlane:
             since,
         )
 
+    def _woken(self, topic: str) -> None:
+        """Another replica changed `topic` (event loop only)."""
+        for name, event in self._wake.items():
+            if topic in (name, ANY):
+                event.set()
+
     @staticmethod
-    async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
+    async def _every(
+        interval_s: float, job: Callable[[], Awaitable[None]], wake: asyncio.Event | None = None
+    ) -> None:
+        """`job` every `interval_s`, and at once when `wake` is set."""
         while True:
-            await asyncio.sleep(interval_s)
+            if wake is None:
+                await asyncio.sleep(interval_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval_s)
+                wake.clear()
             try:
                 await job()
             except asyncio.CancelledError:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
@@ -15,6 +16,7 @@ from cloud.domain import (
     Delivery,
     DesiredModel,
     DeviceRecord,
+    EnrollmentGroup,
     Lease,
     ModelRecord,
     OperatorRecord,
@@ -28,6 +30,9 @@ from cloud.domain import (
 from cloud.maintenance import MaintenanceWindow
 from cloud.selectors import Selector
 
+if TYPE_CHECKING:
+    from cloud.store.notify import ChangeListener
+
 T = TypeVar("T")
 
 
@@ -38,6 +43,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def shared(self) -> bool:
         """Whether several control-plane processes can use this store at once."""
+
+    def change_listener(self, on_change: Callable[[str], None]) -> ChangeListener | None:
+        """A listener for other replicas' changes (`cloud.store.notify`), not yet started;
+        None where no other process can write (SQLite)."""
+        return None
 
     # ---- devices ----
     @abc.abstractmethod
@@ -62,6 +72,29 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def revoke_device(self, id_or_name: str, reason: str, now: dt.datetime) -> DeviceRecord:
         """Marks the device revoked (idempotent) and invalidates its open tokens."""
+
+    # ---- enrollment groups (one token, up to N self-named devices) ----
+    @abc.abstractmethod
+    def create_enrollment_group(
+        self, group: EnrollmentGroup, token_hash: str
+    ) -> EnrollmentGroup: ...
+
+    @abc.abstractmethod
+    def list_enrollment_groups(self) -> list[EnrollmentGroup]: ...
+
+    @abc.abstractmethod
+    def revoke_enrollment_group(self, name: str, now: dt.datetime) -> EnrollmentGroup: ...
+
+    @abc.abstractmethod
+    def enroll_in_group(
+        self,
+        token_hash: str,
+        device_name: str,
+        now: dt.datetime,
+        issue: Callable[[DeviceRecord], T],
+        activate: Callable[[T], tuple[str, str, dt.datetime]],
+    ) -> tuple[DeviceRecord, T]:
+        """Creates `device_name`, active, in the token's group; counts the use."""
 
     # ---- enrollment ----
     @abc.abstractmethod
@@ -144,10 +177,25 @@ class Store(abc.ABC):
         alerts: Sequence[AlertEventRecord],
         now: dt.datetime,
         through: int = 0,
+        captures: Sequence[CaptureRecord] = (),
     ) -> StoredCount:
         """Stores each (device, sequence) once, in one transaction: records stored before
         are counted as duplicates and left as they were. The stored position moves to at
         least `through` (past records of the batch that were rejected)."""
+
+    @abc.abstractmethod
+    def list_captures(
+        self, where: CaptureFilter, after: tuple[str, int] = ("", 0), limit: int = 200
+    ) -> list[CaptureRecord]:
+        """Captures whose window ends at or after `where.since`, of `where.device_ids`, by
+        (device id, sequence) after the cursor `after` (the verdict is not filtered here)."""
+
+    @abc.abstractmethod
+    def capture_labels(
+        self, device_id: str, alert_keys: Sequence[str], since: dt.datetime
+    ) -> dict[str, CaptureLabel]:
+        """For edge alert keys of the device: the alert each raise folded into (alerts last
+        seen at or after `since`) with its verdict; keys with no alert are left out."""
 
     @abc.abstractmethod
     def last_record_sequence(self, device_id: str) -> int:

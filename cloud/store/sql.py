@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -16,9 +17,12 @@ from cloud.domain import (
     OperatorRecord,
 )
 from cloud.store.base import Store
+from cloud.store.notify import ChangeListener
 from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
+from cloud.store.sql_captures import CaptureTables
 from cloud.store.sql_devices import DeviceTables
+from cloud.store.sql_groups import GroupTables
 from cloud.store.sql_leases import LeaseTables
 from cloud.store.sql_maintenance import MaintenanceTables
 from cloud.store.sql_records import RecordTables
@@ -46,11 +50,13 @@ __all__ = ["SqlStore", "make_engine", "migrate", "normalise_url"]
 class SqlStore(
     DeviceTables,
     RecordTables,
+    CaptureTables,
     RolloutTables,
     AlertTables,
     WebhookTables,
     MaintenanceTables,
     LeaseTables,
+    GroupTables,
     SqlBase,
     Store,
 ):
@@ -60,6 +66,9 @@ class SqlStore(
     @property
     def shared(self) -> bool:
         return not self.url.startswith("sqlite")
+
+    def change_listener(self, on_change: Callable[[str], None]) -> ChangeListener | None:
+        return ChangeListener(self.url, on_change) if self.shared else None
 
     def __init__(self, url: str, run_migrations: bool = True) -> None:
         self.url = normalise_url(url)

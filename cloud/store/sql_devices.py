@@ -16,6 +16,7 @@ from cloud.domain import (
     PresenceUpdate,
 )
 from cloud.selectors import Selector, matches
+from cloud.store.notify import DEVICES, notify
 from cloud.store.sql_base import SqlBase, _device
 from cloud.store.tables import (
     DeviceRow,
@@ -95,6 +96,7 @@ class DeviceTables(SqlBase):
                     .where(EnrollmentTokenRow.device_id == row.id)
                     .values(invalidated=True)
                 )
+                notify(s, DEVICES)  # replicas holding its session end it at once
             return _device(row)
 
     # ---- enrollment ----
@@ -163,6 +165,7 @@ class DeviceTables(SqlBase):
             row.cert_not_after = not_after
             row.previous_fingerprint = ""
             row.previous_valid_until = None
+            notify(s, DEVICES)  # a re-enrolled device's old sessions end at once
             return _device(row), issued
 
     def renew_certificate(

@@ -1,4 +1,4 @@
-"""Predictions and alert events synced from devices, in SQL."""
+"""Predictions, alert events and window captures synced from devices, in SQL."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from cloud.captures import CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
     PredictionRecord,
@@ -21,6 +22,7 @@ from cloud.store.sql_base import SqlBase
 from cloud.store.tables import (
     AlertEventRow,
     Base,
+    CaptureRow,
     DeviceRow,
     DeviceSyncRow,
     PredictionRow,
@@ -41,8 +43,10 @@ class RecordTables(SqlBase):
         alerts: Sequence[AlertEventRecord],
         now: dt.datetime,
         through: int = 0,
+        captures: Sequence[CaptureRecord] = (),
     ) -> StoredCount:
         sequences = [p.sequence for p in predictions] + [a.sequence for a in alerts]
+        sequences += [c.sequence for c in captures]
         if len(set(sequences)) != len(sequences):
             raise InvalidInput("a record batch repeats a sequence number")
         with self._tx() as s:
@@ -60,10 +64,11 @@ class RecordTables(SqlBase):
                 s, PredictionRow, [_prediction_values(p, now) for p in predictions]
             )
             stored_alerts = _insert_new(s, AlertEventRow, [_alert_values(a, now) for a in alerts])
+            stored_captures = _insert_new(s, CaptureRow, [capture_values(c, now) for c in captures])
             new_alerts = [a for a in alerts if a.sequence in stored_alerts]
             changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
             sync.last_sequence = max(sync.last_sequence, through, *sequences)
-            stored = len(stored_predictions) + len(stored_alerts)
+            stored = len(stored_predictions) + len(stored_alerts) + len(stored_captures)
             return StoredCount(stored, len(sequences) - stored, sync.last_sequence, len(changed))
 
     def last_record_sequence(self, device_id: str) -> int:
@@ -147,6 +152,28 @@ def _alert_values(a: AlertEventRecord, now: dt.datetime) -> dict[str, Any]:
         "window_end": a.window_end,
         "raised_at": a.raised_at,
         "model_version": a.model_version,
+        "received_at": now,
+    }
+
+
+def capture_values(c: CaptureRecord, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "device_id": c.device_id,
+        "sequence": c.sequence,
+        "reason": c.reason,
+        "asset": c.asset,
+        "model_version": c.model_version,
+        "alert_key": c.alert_key,
+        "score": c.score,
+        "window_start": c.window_start,
+        "window_end": c.window_end,
+        "period_s": c.period_s,
+        "length": c.length,
+        "sensors": list(c.sensors),
+        "values": c.values,
+        "mask": c.mask,
+        "input_center": list(c.input_center),
+        "input_scale": list(c.input_scale),
         "received_at": now,
     }
 

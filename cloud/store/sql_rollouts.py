@@ -20,6 +20,7 @@ from cloud.domain import (
     TargetState,
     Wave,
 )
+from cloud.store.notify import DESIRED, notify
 from cloud.store.sql_base import SqlBase
 from cloud.store.tables import (
     DesiredModelRow,
@@ -349,6 +350,7 @@ def _write_desired(s: Session, desired: Sequence[DesiredModel]) -> list[DesiredM
         row.revert_version = d.revert_version
         row.revision = counter.value
         written.append(dataclasses.replace(d, revision=counter.value))
+    notify(s, DESIRED)  # every replica's feed reads it at once, not at its next poll
     return written
 
 

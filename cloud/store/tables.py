@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -83,6 +84,22 @@ class EnrollmentTokenRow(Base):
     invalidated: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class EnrollmentGroupRow(Base):
+    """One token that enrolls up to `max_uses` devices naming themselves (factory images)."""
+
+    __tablename__ = "enrollment_groups"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)  # values may hold "{name}"
+    profile: Mapped[str] = mapped_column(String(64))
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class OperatorRow(Base):
     __tablename__ = "operators"
 
@@ -146,6 +163,32 @@ class AlertEventRow(Base):
     raised_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     model_version: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class CaptureRow(Base):
+    """A captured window (`cloud.captures.CaptureRecord`)."""
+
+    __tablename__ = "window_captures"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(16))
+    asset: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    alert_key: Mapped[str] = mapped_column(String(128), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    period_s: Mapped[float] = mapped_column(Float)
+    length: Mapped[int] = mapped_column(Integer)
+    sensors: Mapped[list[str]] = mapped_column(JSON)
+    values: Mapped[bytes] = mapped_column(LargeBinary)
+    mask: Mapped[bytes] = mapped_column(LargeBinary)
+    input_center: Mapped[list[float]] = mapped_column(JSON)
+    input_scale: Mapped[list[float]] = mapped_column(JSON)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class DeviceSyncRow(Base):

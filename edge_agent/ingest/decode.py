@@ -46,6 +46,7 @@ DROP_REASONS = (
     "no_model",  # nothing to window for yet: no model installed
     "late",  # older than a grid slot that already closed
     "duplicate",  # same sensor and timestamp again
+    "backlog_full",  # the asset had ingest.max_backlog_readings waiting too long (a flood)
 )
 MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
 _CACHE_LIMIT = 65_536

@@ -111,6 +111,11 @@ class ModbusPoller:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def thread(self) -> threading.Thread:
+        """Its thread, for the liveness probe (a thread that died takes readiness with it)."""
+        return self._thread
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(self.source.timeout_s + 5)

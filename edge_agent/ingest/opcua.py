@@ -77,6 +77,11 @@ class OpcUaSession:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def thread(self) -> threading.Thread:
+        """Its thread, for the liveness probe (a thread that died takes readiness with it)."""
+        return self._thread
+
     def stop(self) -> None:
         """Ends the session (also one still opening) and waits for its thread."""
         self._stopping.set()

@@ -73,6 +73,7 @@ class ControlMessage(_message.Message):
     DESIRED_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     MAINTENANCE_FIELD_NUMBER: _builtins.int
+    SIGNING_ROOT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___SessionAccepted: ...
     @_builtins.property
@@ -85,6 +86,8 @@ class ControlMessage(_message.Message):
     def command(self) -> Global___Command: ...
     @_builtins.property
     def maintenance(self) -> Global___Maintenance: ...
+    @_builtins.property
+    def signing_root(self) -> Global___SigningRoot: ...
     def __init__(
         self,
         *,
@@ -94,16 +97,41 @@ class ControlMessage(_message.Message):
         desired: Global___DesiredState | None = ...,
         command: Global___Command | None = ...,
         maintenance: Global___Maintenance | None = ...,
+        signing_root: Global___SigningRoot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "signing_root", b"signing_root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "signing_root", b"signing_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance", "signing_root"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class SigningRoot(_message.Message):
+    """The keys that may sign model bundles, after a signing-key rotation: a signed key list
+    (edge_agent/trust.py). Sent at session open, before the desired state, when the control
+    plane holds one; the agent takes it only when a key it trusts signed it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SigningRoot: _TypeAlias = SigningRoot  # noqa: Y015
 
 @_typing.final
 class Maintenance(_message.Message):
@@ -335,6 +363,7 @@ class AgentHealth(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    LOST_RECORDS_FIELD_NUMBER: _builtins.int
     inference_latency_p50_ms: _builtins.float
     inference_latency_p99_ms: _builtins.float
     outbox_depth: _builtins.int
@@ -359,6 +388,12 @@ class AgentHealth(_message.Message):
     def drift(self) -> _containers.MessageMap[_builtins.str, Global___AssetDrift]:
         """By asset: how far its recent inputs and scores are from the site's calibration."""
 
+    @_builtins.property
+    def lost_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostRecords]:
+        """The latest stretches in which records could not be kept (disk full), oldest first
+        (at most 20): predictions in them never reach the cloud. The last may be ongoing.
+        """
+
     def __init__(
         self,
         *,
@@ -374,14 +409,50 @@ class AgentHealth(_message.Message):
         errors: _builtins.int = ...,
         clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         drift: _abc.Mapping[_builtins.str, Global___AssetDrift] | None = ...,
+        lost_records: _abc.Iterable[Global___LostRecords] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "lost_records", b"lost_records", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentHealth: _TypeAlias = AgentHealth  # noqa: Y015
+
+@_typing.final
+class LostRecords(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    ONGOING_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    ongoing: _builtins.bool
+    """still failing: the outbox has not been written since"""
+    @_builtins.property
+    def first(self) -> _timestamp_pb2.Timestamp:
+        """agent clock at the first record lost"""
+
+    @_builtins.property
+    def last(self) -> _timestamp_pb2.Timestamp:
+        """... at the latest one lost"""
+
+    def __init__(
+        self,
+        *,
+        first: _timestamp_pb2.Timestamp | None = ...,
+        last: _timestamp_pb2.Timestamp | None = ...,
+        records: _builtins.int = ...,
+        ongoing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ongoing", b"ongoing", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LostRecords: _TypeAlias = LostRecords  # noqa: Y015
 
 @_typing.final
 class AssetDrift(_message.Message):
@@ -510,7 +581,10 @@ Global___HeartbeatAck: _TypeAlias = HeartbeatAck  # noqa: Y015
 
 @_typing.final
 class RecordBatch(_message.Message):
-    """Predictions and alert events, numbered by the agent's outbox; stored once per (device, sequence)."""
+    """Predictions, alert events and window captures, numbered by the agent's outbox; stored once
+    per (device, sequence). A control plane that does not know a record's kind refuses that
+    record alone (the agent quarantines it) and stores the rest.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -537,23 +611,27 @@ class Record(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     PREDICTION_FIELD_NUMBER: _builtins.int
     ALERT_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     @_builtins.property
     def prediction(self) -> Global___Prediction: ...
     @_builtins.property
     def alert(self) -> Global___AlertEvent: ...
+    @_builtins.property
+    def capture(self) -> Global___WindowCapture: ...
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         prediction: Global___Prediction | None = ...,
         alert: Global___AlertEvent | None = ...,
+        capture: Global___WindowCapture | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "prediction", b"prediction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "capture", b"capture", "prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "prediction", b"prediction", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "body", b"body", "capture", b"capture", "prediction", b"prediction", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["prediction", "alert"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["prediction", "alert", "capture"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -687,6 +765,99 @@ class AlertEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AlertEvent: _TypeAlias = AlertEvent  # noqa: Y015
+
+@_typing.final
+class WindowCapture(_message.Message):
+    """One raw aligned window as the model saw it, kept for retraining: every raised alert's
+    window, and a stratified sample of normal ones within the agent's daily byte budget.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Reason:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WindowCapture._Reason.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        REASON_UNSPECIFIED: WindowCapture._Reason.ValueType  # 0
+        REASON_ALERT: WindowCapture._Reason.ValueType  # 1
+        """the window that raised `alert_key`"""
+        REASON_SAMPLE: WindowCapture._Reason.ValueType  # 2
+        """a normal window, sampled by hour of day and score band"""
+
+    class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
+    REASON_UNSPECIFIED: WindowCapture.Reason.ValueType  # 0
+    REASON_ALERT: WindowCapture.Reason.ValueType  # 1
+    """the window that raised `alert_key`"""
+    REASON_SAMPLE: WindowCapture.Reason.ValueType  # 2
+    """a normal window, sampled by hour of day and score band"""
+
+    REASON_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ALERT_KEY_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    SENSORS_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    INPUT_CENTER_FIELD_NUMBER: _builtins.int
+    INPUT_SCALE_FIELD_NUMBER: _builtins.int
+    reason: Global___WindowCapture.Reason.ValueType
+    asset: _builtins.str
+    model_version: _builtins.str
+    alert_key: _builtins.str
+    """the raise it belongs to ("" for a sample)"""
+    score: _builtins.float
+    """the window's score (1.0 = alert threshold)"""
+    period_seconds: _builtins.float
+    length: _builtins.int
+    """T rows"""
+    values: _builtins.bytes
+    """T*N float32 little-endian, row-major, site units; 0 where masked"""
+    mask: _builtins.bytes
+    """T*N bits (numpy packbits order), 1 = a reading"""
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """Row k of the window is at window_start + k * period_seconds (the model's aligned grid)."""
+
+    @_builtins.property
+    def sensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """N names: the model's sensor schema, in column order"""
+
+    @_builtins.property
+    def input_center(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The site calibration the window was scored under: network input = (x - center) / scale."""
+
+    @_builtins.property
+    def input_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        reason: Global___WindowCapture.Reason.ValueType = ...,
+        asset: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        alert_key: _builtins.str = ...,
+        score: _builtins.float = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        period_seconds: _builtins.float = ...,
+        length: _builtins.int = ...,
+        sensors: _abc.Iterable[_builtins.str] | None = ...,
+        values: _builtins.bytes = ...,
+        mask: _builtins.bytes = ...,
+        input_center: _abc.Iterable[_builtins.float] | None = ...,
+        input_scale: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_key", b"alert_key", "asset", b"asset", "input_center", b"input_center", "input_scale", b"input_scale", "length", b"length", "mask", b"mask", "model_version", b"model_version", "period_seconds", b"period_seconds", "reason", b"reason", "score", b"score", "sensors", b"sensors", "values", b"values", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowCapture: _TypeAlias = WindowCapture  # noqa: Y015
 
 @_typing.final
 class SensorContribution(_message.Message):
@@ -890,6 +1061,11 @@ class ShadowReport(_message.Message):
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
     INCUMBENT_LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    INCUMBENT_SELF_AGREEMENT_FIELD_NUMBER: _builtins.int
+    INCUMBENT_SELF_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    INCUMBENT_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_SAMPLES_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     candidate_version: _builtins.str
     incumbent_version: _builtins.str
@@ -904,6 +1080,17 @@ class ShadowReport(_message.Message):
     """incumbent, same windows, same run"""
     detail: _builtins.str
     """why nothing was compared, when windows is 0"""
+    incumbent_self_agreement: _builtins.float
+    """The noise floor: the incumbent against itself calibrated half a calibration later, on
+    the windows both score (0: not measured, e.g. an older agent or too few rows).
+    """
+    incumbent_self_rate_difference: _builtins.float
+    latency_p50_ms: _builtins.float
+    """Medians per window beside the p99s, and how many timed batches the side timed less
+    often had: the gate judges p99 only on enough of them (0: not sent, p99 judged).
+    """
+    incumbent_latency_p50_ms: _builtins.float
+    latency_samples: _builtins.int
     def __init__(
         self,
         *,
@@ -917,10 +1104,15 @@ class ShadowReport(_message.Message):
         latency_p99_ms: _builtins.float = ...,
         incumbent_latency_p99_ms: _builtins.float = ...,
         detail: _builtins.str = ...,
+        incumbent_self_agreement: _builtins.float = ...,
+        incumbent_self_rate_difference: _builtins.float = ...,
+        latency_p50_ms: _builtins.float = ...,
+        incumbent_latency_p50_ms: _builtins.float = ...,
+        latency_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_version", b"incumbent_version", "latency_p99_ms", b"latency_p99_ms", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "alert_rate_candidate", b"alert_rate_candidate", "alert_rate_incumbent", b"alert_rate_incumbent", "candidate_version", b"candidate_version", "detail", b"detail", "incumbent_latency_p50_ms", b"incumbent_latency_p50_ms", "incumbent_latency_p99_ms", b"incumbent_latency_p99_ms", "incumbent_self_agreement", b"incumbent_self_agreement", "incumbent_self_rate_difference", b"incumbent_self_rate_difference", "incumbent_version", b"incumbent_version", "latency_p50_ms", b"latency_p50_ms", "latency_p99_ms", b"latency_p99_ms", "latency_samples", b"latency_samples", "rollout_id", b"rollout_id", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from protos.autoglm.v1 import common_pb2 as protos_dot_autoglm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/autoglm/v1/enrollment.proto\x12\nautoglm.v1\x1a\x1eprotos/autoglm/v1/common.proto\"k\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12#\n\x04host\x18\x04 \x01(\x0b\x32\x15.autoglm.v1.HostFacts\"\xbd\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x03 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x04 \x01(\x0c\x12\x1e\n\x16signing_public_key_pem\x18\x05 \x01(\x0c\x12(\n\tendpoints\x18\x06 \x01(\x0b\x32\x15.autoglm.v1.Endpoints2T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.autoglm.v1.EnrollRequest\x1a\x1a.autoglm.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/autoglm/v1/enrollment.proto\x12\nautoglm.v1\x1a\x1eprotos/autoglm/v1/common.proto\"\x80\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12#\n\x04host\x18\x04 \x01(\x0b\x32\x15.autoglm.v1.HostFacts\x12\x13\n\x0b\x64\x65vice_name\x18\x05 \x01(\t\"\xbd\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x03 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x04 \x01(\x0c\x12\x1e\n\x16signing_public_key_pem\x18\x05 \x01(\x0c\x12(\n\tendpoints\x18\x06 \x01(\x0b\x32\x15.autoglm.v1.Endpoints2T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.autoglm.v1.EnrollRequest\x1a\x1a.autoglm.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.autoglm.v1.enrollment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLLREQUEST']._serialized_start=82
-  _globals['_ENROLLREQUEST']._serialized_end=189
-  _globals['_ENROLLRESPONSE']._serialized_start=192
-  _globals['_ENROLLRESPONSE']._serialized_end=381
-  _globals['_ENROLLMENTSERVICE']._serialized_start=383
-  _globals['_ENROLLMENTSERVICE']._serialized_end=467
+  _globals['_ENROLLREQUEST']._serialized_start=83
+  _globals['_ENROLLREQUEST']._serialized_end=211
+  _globals['_ENROLLRESPONSE']._serialized_start=214
+  _globals['_ENROLLRESPONSE']._serialized_end=403
+  _globals['_ENROLLMENTSERVICE']._serialized_start=405
+  _globals['_ENROLLMENTSERVICE']._serialized_end=489
 # @@protoc_insertion_point(module_scope)

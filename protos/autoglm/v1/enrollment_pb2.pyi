@@ -25,11 +25,14 @@ class EnrollRequest(_message.Message):
     CSR_PEM_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """the one-time enrollment token from `autoglm device register`"""
     csr_pem: _builtins.bytes
     """PKCS#10 request; its subject must name the device the token is for"""
     agent_version: _builtins.str
+    device_name: _builtins.str
+    """With a group token (`autoglm device group create`): the name this device enrolls as."""
     @_builtins.property
     def host(self) -> _common_pb2.HostFacts: ...
     def __init__(
@@ -39,10 +42,11 @@ class EnrollRequest(_message.Message):
         csr_pem: _builtins.bytes = ...,
         agent_version: _builtins.str = ...,
         host: _common_pb2.HostFacts | None = ...,
+        device_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "csr_pem", b"csr_pem", "host", b"host", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "csr_pem", b"csr_pem", "device_name", b"device_name", "host", b"host", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

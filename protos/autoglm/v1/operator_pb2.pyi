@@ -224,6 +224,212 @@ class RegisterDeviceResponse(_message.Message):
 Global___RegisterDeviceResponse: _TypeAlias = RegisterDeviceResponse  # noqa: Y015
 
 @_typing.final
+class EnrollmentGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    MAX_USES_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    profile: _builtins.str
+    max_uses: _builtins.int
+    uses: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """"{name}" in a value: each device's own name"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: in force"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        profile: _builtins.str = ...,
+        max_uses: _builtins.int = ...,
+        uses: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "labels", b"labels", "max_uses", b"max_uses", "name", b"name", "profile", b"profile", "revoked_at", b"revoked_at", "uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollmentGroup: _TypeAlias = EnrollmentGroup  # noqa: Y015
+
+@_typing.final
+class CreateEnrollmentGroupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    MAX_USES_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    profile: _builtins.str
+    max_uses: _builtins.int
+    ttl_seconds: _builtins.int
+    """0: 30 days"""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        profile: _builtins.str = ...,
+        max_uses: _builtins.int = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "max_uses", b"max_uses", "name", b"name", "profile", b"profile", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateEnrollmentGroupRequest: _TypeAlias = CreateEnrollmentGroupRequest  # noqa: Y015
+
+@_typing.final
+class CreateEnrollmentGroupResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    enrollment_token: _builtins.str
+    """shown once; only its hash is stored"""
+    ca_certificate_pem: _builtins.bytes
+    @_builtins.property
+    def group(self) -> Global___EnrollmentGroup: ...
+    @_builtins.property
+    def endpoints(self) -> _common_pb2.Endpoints: ...
+    def __init__(
+        self,
+        *,
+        group: Global___EnrollmentGroup | None = ...,
+        enrollment_token: _builtins.str = ...,
+        endpoints: _common_pb2.Endpoints | None = ...,
+        ca_certificate_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "group", b"group"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "endpoints", b"endpoints", "enrollment_token", b"enrollment_token", "group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateEnrollmentGroupResponse: _TypeAlias = CreateEnrollmentGroupResponse  # noqa: Y015
+
+@_typing.final
+class ListEnrollmentGroupsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEnrollmentGroupsRequest: _TypeAlias = ListEnrollmentGroupsRequest  # noqa: Y015
+
+@_typing.final
+class ListEnrollmentGroupsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrollmentGroup]: ...
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___EnrollmentGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEnrollmentGroupsResponse: _TypeAlias = ListEnrollmentGroupsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeEnrollmentGroupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeEnrollmentGroupRequest: _TypeAlias = RevokeEnrollmentGroupRequest  # noqa: Y015
+
+@_typing.final
 class IssueEnrollmentTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -861,6 +1067,7 @@ class RolloutDevice(_message.Message):
     SHADOW_ALERT_RATE_DIFFERENCE_FIELD_NUMBER: _builtins.int
     SHADOW_WINDOWS_FIELD_NUMBER: _builtins.int
     LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    SHADOW_SELF_AGREEMENT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_name: _builtins.str
     wave: _builtins.int
@@ -872,6 +1079,10 @@ class RolloutDevice(_message.Message):
     shadow_alert_rate_difference: _builtins.float
     shadow_windows: _builtins.int
     latency_ratio: _builtins.float
+    shadow_self_agreement: _builtins.float
+    """The noise floor the agreement gate judged against: the incumbent with itself
+    recalibrated on the device's rows (0: not measured).
+    """
     def __init__(
         self,
         *,
@@ -885,10 +1096,11 @@ class RolloutDevice(_message.Message):
         shadow_alert_rate_difference: _builtins.float = ...,
         shadow_windows: _builtins.int = ...,
         latency_ratio: _builtins.float = ...,
+        shadow_self_agreement: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "device_name", b"device_name", "latency_ratio", b"latency_ratio", "previous_version", b"previous_version", "shadow_agreement", b"shadow_agreement", "shadow_alert_rate_difference", b"shadow_alert_rate_difference", "shadow_windows", b"shadow_windows", "state", b"state", "wave", b"wave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "device_name", b"device_name", "latency_ratio", b"latency_ratio", "previous_version", b"previous_version", "shadow_agreement", b"shadow_agreement", "shadow_alert_rate_difference", b"shadow_alert_rate_difference", "shadow_self_agreement", b"shadow_self_agreement", "shadow_windows", b"shadow_windows", "state", b"state", "wave", b"wave"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1866,3 +2078,107 @@ class ListAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015
+
+@_typing.final
+class ListCapturesRequest(_message.Message):
+    """---- Captured windows ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    selector: _builtins.str
+    """devices by label ("site=a,line=2"); "": all"""
+    device: _builtins.str
+    """one device by name or id; "": all"""
+    verdict: _builtins.str
+    """"": any; true | false | unsure | none (no verdict yet)"""
+    page_size: _builtins.int
+    """0: 200; at most 1000"""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """windows ending at or after (required)"""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        selector: _builtins.str = ...,
+        device: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "page_size", b"page_size", "selector", b"selector", "since", b"since", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCapturesRequest: _TypeAlias = ListCapturesRequest  # noqa: Y015
+
+@_typing.final
+class CapturePage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapturedWindow]: ...
+    def __init__(
+        self,
+        *,
+        windows: _abc.Iterable[Global___CapturedWindow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturePage: _TypeAlias = CapturePage  # noqa: Y015
+
+@_typing.final
+class CapturedWindow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    FAULT_TYPE_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    device_name: _builtins.str
+    sequence: _builtins.int
+    alert_id: _builtins.str
+    """the cloud alert the window's raise folded into ("" for a sample)"""
+    verdict: _builtins.str
+    """that alert's verdict ("" none yet)"""
+    fault_type: _builtins.str
+    @_builtins.property
+    def capture(self) -> _agent_pb2.WindowCapture: ...
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        device_name: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        capture: _agent_pb2.WindowCapture | None = ...,
+        alert_id: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        fault_type: _builtins.str = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "capture", b"capture", "device_id", b"device_id", "device_name", b"device_name", "fault_type", b"fault_type", "received_at", b"received_at", "sequence", b"sequence", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturedWindow: _TypeAlias = CapturedWindow  # noqa: Y015

@@ -49,6 +49,21 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.CreateEnrollmentGroup = channel.unary_unary(
+                '/autoglm.v1.OperatorService/CreateEnrollmentGroup',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupResponse.FromString,
+                _registered_method=True)
+        self.ListEnrollmentGroups = channel.unary_unary(
+                '/autoglm.v1.OperatorService/ListEnrollmentGroups',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollmentGroup = channel.unary_unary(
+                '/autoglm.v1.OperatorService/RevokeEnrollmentGroup',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeEnrollmentGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.EnrollmentGroup.FromString,
+                _registered_method=True)
         self.GetDevice = channel.unary_unary(
                 '/autoglm.v1.OperatorService/GetDevice',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetDeviceRequest.SerializeToString,
@@ -94,6 +109,16 @@ class OperatorServiceStub:
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.FromString,
                 _registered_method=True)
+        self.PullBundle = channel.unary_stream(
+                '/autoglm.v1.OperatorService/PullBundle',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.PushBundleChunk.FromString,
+                _registered_method=True)
+        self.ListCaptures = channel.unary_stream(
+                '/autoglm.v1.OperatorService/ListCaptures',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListCapturesRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CapturePage.FromString,
+                _registered_method=True)
         self.CreateRollout = channel.unary_unary(
                 '/autoglm.v1.OperatorService/CreateRollout',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateRolloutRequest.SerializeToString,
@@ -121,6 +146,11 @@ class OperatorServiceStub:
                 _registered_method=True)
         self.AbortRollout = channel.unary_unary(
                 '/autoglm.v1.OperatorService/AbortRollout',
+                request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.UndoRollout = channel.unary_unary(
+                '/autoglm.v1.OperatorService/UndoRollout',
                 request_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
                 response_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
                 _registered_method=True)
@@ -240,6 +270,27 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEnrollmentGroup(self, request, context):
+        """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+        `max_uses` devices, each under the name it gives, with the group's labels and profile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollmentGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollmentGroup(self, request, context):
+        """Its token enrolls no more devices; those it enrolled stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetDevice(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -299,6 +350,22 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullBundle(self, request, context):
+        """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+        manifest and its signature last: the base of a fine-tuning (`model train --base`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCaptures(self, request, context):
+        """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+        with the verdict operators gave the alert it belongs to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateRollout(self, request, context):
         """Rollouts
         """
@@ -332,6 +399,14 @@ class OperatorServiceServicer:
 
     def AbortRollout(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoRollout(self, request, context):
+        """Sends the devices a rollout updated back to their previous version, also after it
+        succeeded or ended partial; devices a later rollout took over keep what they have.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -470,6 +545,21 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesResponse.SerializeToString,
             ),
+            'CreateEnrollmentGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollmentGroup,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupResponse.SerializeToString,
+            ),
+            'ListEnrollmentGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollmentGroups,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsResponse.SerializeToString,
+            ),
+            'RevokeEnrollmentGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollmentGroup,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeEnrollmentGroupRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.EnrollmentGroup.SerializeToString,
+            ),
             'GetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDevice,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetDeviceRequest.FromString,
@@ -515,6 +605,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Model.SerializeToString,
             ),
+            'PullBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullBundle,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.PushBundleChunk.SerializeToString,
+            ),
+            'ListCaptures': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListCaptures,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.ListCapturesRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CapturePage.SerializeToString,
+            ),
             'CreateRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRollout,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateRolloutRequest.FromString,
@@ -542,6 +642,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             ),
             'AbortRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortRollout,
+                    request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.FromString,
+                    response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'UndoRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollout,
                     request_deserializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.FromString,
                     response_serializer=protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
             ),
@@ -717,6 +822,87 @@ class OperatorService:
             '/autoglm.v1.OperatorService/ListDevices',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollmentGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/CreateEnrollmentGroup',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.CreateEnrollmentGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollmentGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListEnrollmentGroups',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListEnrollmentGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollmentGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/RevokeEnrollmentGroup',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RevokeEnrollmentGroupRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.EnrollmentGroup.FromString,
             options,
             channel_credentials,
             insecure,
@@ -971,6 +1157,60 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def PullBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/PullBundle',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.GetModelRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.PushBundleChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaptures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/ListCaptures',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.ListCapturesRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.CapturePage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateRollout(request,
             target,
             options=(),
@@ -1120,6 +1360,33 @@ class OperatorService:
             request,
             target,
             '/autoglm.v1.OperatorService/AbortRollout',
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
+            protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.v1.OperatorService/UndoRollout',
             protos_dot_autoglm_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
             protos_dot_autoglm_dot_v1_dot_operator__pb2.Rollout.FromString,
             options,

@@ -40,6 +40,13 @@ class OperatorServiceStub:
     re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
     """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]
+    CreateEnrollmentGroup: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateEnrollmentGroupRequest, _operator_pb2.CreateEnrollmentGroupResponse]
+    """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+    `max_uses` devices, each under the name it gives, with the group's labels and profile.
+    """
+    ListEnrollmentGroups: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListEnrollmentGroupsRequest, _operator_pb2.ListEnrollmentGroupsResponse]
+    RevokeEnrollmentGroup: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeEnrollmentGroupRequest, _operator_pb2.EnrollmentGroup]
+    """Its token enrolls no more devices; those it enrolled stay."""
     GetDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]
     LabelDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]
     RevokeDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.Device]
@@ -56,6 +63,14 @@ class OperatorServiceStub:
     """Removes a pushed version no device is assigned and no rollout uses; its files stay in
     the artifact store (other versions may share them).
     """
+    PullBundle: _grpc.UnaryStreamMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.PushBundleChunk]
+    """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+    manifest and its signature last: the base of a fine-tuning (`model train --base`).
+    """
+    ListCaptures: _grpc.UnaryStreamMultiCallable[_operator_pb2.ListCapturesRequest, _operator_pb2.CapturePage]
+    """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+    with the verdict operators gave the alert it belongs to.
+    """
     CreateRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.Rollout]
     """Rollouts"""
     GetRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetRolloutRequest, _operator_pb2.Rollout]
@@ -63,6 +78,10 @@ class OperatorServiceStub:
     PauseRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
     ResumeRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
     AbortRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
+    UndoRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
+    """Sends the devices a rollout updated back to their previous version, also after it
+    succeeded or ended partial; devices a later rollout took over keep what they have.
+    """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListAlertsRequest, _operator_pb2.ListAlertsResponse]
     """Alerts"""
     GetAlert: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetAlertRequest, _operator_pb2.Alert]
@@ -102,6 +121,13 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     re-enrolling makes its current certificate stale). Earlier unused tokens stop working.
     """
     ListDevices: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDevicesRequest, _operator_pb2.ListDevicesResponse]  # type: ignore[assignment]
+    CreateEnrollmentGroup: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateEnrollmentGroupRequest, _operator_pb2.CreateEnrollmentGroupResponse]  # type: ignore[assignment]
+    """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+    `max_uses` devices, each under the name it gives, with the group's labels and profile.
+    """
+    ListEnrollmentGroups: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListEnrollmentGroupsRequest, _operator_pb2.ListEnrollmentGroupsResponse]  # type: ignore[assignment]
+    RevokeEnrollmentGroup: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeEnrollmentGroupRequest, _operator_pb2.EnrollmentGroup]  # type: ignore[assignment]
+    """Its token enrolls no more devices; those it enrolled stay."""
     GetDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     LabelDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.LabelDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
     RevokeDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RevokeDeviceRequest, _operator_pb2.Device]  # type: ignore[assignment]
@@ -118,6 +144,14 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """Removes a pushed version no device is assigned and no rollout uses; its files stay in
     the artifact store (other versions may share them).
     """
+    PullBundle: _aio.UnaryStreamMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.PushBundleChunk]  # type: ignore[assignment]
+    """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+    manifest and its signature last: the base of a fine-tuning (`model train --base`).
+    """
+    ListCaptures: _aio.UnaryStreamMultiCallable[_operator_pb2.ListCapturesRequest, _operator_pb2.CapturePage]  # type: ignore[assignment]
+    """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+    with the verdict operators gave the alert it belongs to.
+    """
     CreateRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     """Rollouts"""
     GetRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
@@ -125,6 +159,10 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     PauseRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     ResumeRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     AbortRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    UndoRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    """Sends the devices a rollout updated back to their previous version, also after it
+    succeeded or ended partial; devices a later rollout took over keep what they have.
+    """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListAlertsRequest, _operator_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Alerts"""
     GetAlert: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetAlertRequest, _operator_pb2.Alert]  # type: ignore[assignment]
@@ -179,6 +217,31 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.ListDevicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.ListDevicesResponse, _abc.Awaitable[_operator_pb2.ListDevicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateEnrollmentGroup(
+        self,
+        request: _operator_pb2.CreateEnrollmentGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.CreateEnrollmentGroupResponse, _abc.Awaitable[_operator_pb2.CreateEnrollmentGroupResponse]]:
+        """Zero-touch enrollment for factory images: one token (shown once) enrolls up to
+        `max_uses` devices, each under the name it gives, with the group's labels and profile.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEnrollmentGroups(
+        self,
+        request: _operator_pb2.ListEnrollmentGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListEnrollmentGroupsResponse, _abc.Awaitable[_operator_pb2.ListEnrollmentGroupsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeEnrollmentGroup(
+        self,
+        request: _operator_pb2.RevokeEnrollmentGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.EnrollmentGroup, _abc.Awaitable[_operator_pb2.EnrollmentGroup]]:
+        """Its token enrolls no more devices; those it enrolled stay."""
 
     @_abc_1.abstractmethod
     def GetDevice(
@@ -251,6 +314,26 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def PullBundle(
+        self,
+        request: _operator_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_operator_pb2.PushBundleChunk], _abc.AsyncIterator[_operator_pb2.PushBundleChunk]]:
+        """Every file of a pushed bundle, as PushBundle takes them (a header, then its data), the
+        manifest and its signature last: the base of a fine-tuning (`model train --base`).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCaptures(
+        self,
+        request: _operator_pb2.ListCapturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_operator_pb2.CapturePage], _abc.AsyncIterator[_operator_pb2.CapturePage]]:
+        """Captured windows (retraining data), oldest first, in pages of at most `page_size`, each
+        with the verdict operators gave the alert it belongs to.
+        """
+
+    @_abc_1.abstractmethod
     def CreateRollout(
         self,
         request: _operator_pb2.CreateRolloutRequest,
@@ -292,6 +375,16 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.RolloutActionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def UndoRollout(
+        self,
+        request: _operator_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]:
+        """Sends the devices a rollout updated back to their previous version, also after it
+        succeeded or ended partial; devices a later rollout took over keep what they have.
+        """
 
     @_abc_1.abstractmethod
     def ListAlerts(

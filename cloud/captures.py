@@ -1,0 +1,174 @@
+"""Captured windows: raw aligned windows devices sync for retraining, and their labels.
+
+A capture of a raised alert's window carries the edge's alert key; the cloud alert that raise
+folded into holds the operator's verdict. The label of a window for training follows from it:
+verdict `true` -> 1 (a verified fault), `false` -> 0 (a false alarm: normal), a sampled normal
+window -> 0 (as the model judged it, like unlabelled training files), an alert nobody judged
+yet (or judged `unsure`) -> -1 (unknown: left out of fine-tuning).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cloud.domain import VERDICTS
+from edge_agent.errors import InvalidInput
+from edge_agent.windowing import FloatArray
+
+if TYPE_CHECKING:
+    from cloud.store.base import Store
+
+REASONS = ("alert", "sample")
+MAX_ROWS = 4096  # T of one window
+MAX_SENSORS = 256  # N
+MAX_CELLS = 65_536  # T * N: 256 KiB of float32 values
+PAGE_SIZE, MAX_PAGE_SIZE = 200, 1000
+VERDICT_FILTERS = ("", "none", *VERDICTS)  # "": any; "none": no verdict yet
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    """One captured window as stored: values float32 little-endian row-major [T * N], the
+    mask as packed bits (numpy `packbits` order), row k at window_start + k * period_s."""
+
+    device_id: str
+    sequence: int
+    reason: str
+    asset: str
+    model_version: str
+    alert_key: str
+    score: float
+    window_start: dt.datetime
+    period_s: float
+    length: int
+    sensors: tuple[str, ...]
+    values: bytes
+    mask: bytes
+    input_center: tuple[float, ...]
+    input_scale: tuple[float, ...]
+    received_at: dt.datetime | None = None
+
+    @property
+    def window_end(self) -> dt.datetime:
+        return self.window_start + dt.timedelta(seconds=(self.length - 1) * self.period_s)
+
+    def arrays(self) -> tuple[FloatArray, FloatArray]:
+        """Values [T, N] (NaN where no reading) and the mask [T, N] (1 = a reading)."""
+        t, n = self.length, len(self.sensors)
+        values = np.frombuffer(self.values, dtype="<f4").astype(np.float32).reshape(t, n)
+        bits = np.unpackbits(np.frombuffer(self.mask, dtype=np.uint8), count=t * n)
+        mask = bits.reshape(t, n).astype(np.float32)
+        return np.where(mask > 0, values, np.nan).astype(np.float32), mask
+
+
+MAX_PERIOD_S = 86_400.0  # a grid period longer than a day is no sensor stream
+
+
+def check_capture(c: CaptureRecord, where: str) -> None:
+    """InvalidInput naming what is wrong with a capture a device sent."""
+    n = len(c.sensors)
+    if c.reason not in REASONS:
+        raise InvalidInput(f"{where}: capture without a reason (alert or sample)")
+    if not c.asset:
+        raise InvalidInput(f"{where}.asset: empty")
+    if c.reason == "alert" and not c.alert_key:
+        raise InvalidInput(f"{where}.alert_key: an alert window without its alert key")
+    if not 1 <= c.length <= MAX_ROWS:
+        raise InvalidInput(f"{where}.length: {c.length} rows; 1 to {MAX_ROWS} are taken")
+    if not 1 <= n <= MAX_SENSORS:
+        raise InvalidInput(f"{where}.sensors: {n} sensors; 1 to {MAX_SENSORS} are taken")
+    if c.length * n > MAX_CELLS:
+        raise InvalidInput(
+            f"{where}: a window of {c.length} x {n} = {c.length * n} values > {MAX_CELLS}"
+        )
+    if len(set(c.sensors)) != n or not all(c.sensors):
+        raise InvalidInput(f"{where}.sensors: names must be unique and not empty")
+    if not 0 < c.period_s <= MAX_PERIOD_S:
+        raise InvalidInput(
+            f"{where}.period_seconds: {c.period_s}; more than 0 and at most {MAX_PERIOD_S:g} "
+            "are taken"
+        )
+    try:
+        c.window_end  # noqa: B018 - the window must end on a calendar date
+    except OverflowError:
+        raise InvalidInput(f"{where}.window_start: its window ends past the year 9999") from None
+    if len(c.values) != 4 * c.length * n:
+        raise InvalidInput(
+            f"{where}.values: {len(c.values)} bytes; a {c.length} x {n} window of float32 "
+            f"takes {4 * c.length * n}"
+        )
+    if len(c.mask) != (c.length * n + 7) // 8:
+        raise InvalidInput(
+            f"{where}.mask: {len(c.mask)} bytes; {c.length * n} bits take {(c.length * n + 7) // 8}"
+        )
+    values = np.frombuffer(c.values, dtype="<f4")
+    if not np.isfinite(values).all():
+        bad = int(np.argmax(~np.isfinite(values)))
+        raise InvalidInput(
+            f"{where}.values: row {bad // n}, sensor {c.sensors[bad % n]!r} is "
+            f"{values[bad]} (not a finite number; send 0 with the mask bit off)"
+        )
+    for name, vector in (("input_center", c.input_center), ("input_scale", c.input_scale)):
+        if len(vector) != n:
+            raise InvalidInput(f"{where}.{name}: {len(vector)} values for {n} sensors")
+    if min(c.input_scale) <= 0:
+        raise InvalidInput(f"{where}.input_scale: every scale must be positive")
+
+
+@dataclass(frozen=True)
+class CaptureFilter:
+    """Which captures a listing returns."""
+
+    since: dt.datetime  # windows ending at or after
+    device_ids: tuple[str, ...] | None = None  # None: every device
+    verdict: str = ""  # one of VERDICT_FILTERS
+
+
+@dataclass(frozen=True)
+class CaptureLabel:
+    """The cloud alert a capture's raise folded into, and the operator's call on it."""
+
+    alert_id: str = ""
+    verdict: str = ""
+    fault_type: str = ""
+
+    def matches(self, verdict_filter: str) -> bool:
+        if verdict_filter == "":
+            return True
+        if verdict_filter == "none":
+            return not self.verdict
+        return self.verdict == verdict_filter
+
+
+def training_label(reason: str, verdict: str) -> int:
+    """1 fault, 0 normal, -1 unknown (module docstring)."""
+    if reason == "sample":
+        return 0
+    return {"true": 1, "false": 0}.get(verdict, -1)
+
+
+def labelled_pages(
+    store: Store, where: CaptureFilter, page_size: int
+) -> Iterator[list[tuple[CaptureRecord, CaptureLabel]]]:
+    """Every matching capture with its label, in pages of at most `page_size` (read that
+    many at a time, so memory stays bounded however much is stored)."""
+    cursor = ("", 0)
+    while True:
+        batch = store.list_captures(where, cursor, page_size)
+        if not batch:
+            return
+        cursor = (batch[-1].device_id, batch[-1].sequence)
+        labels: dict[tuple[str, str], CaptureLabel] = {}
+        for device_id in sorted({c.device_id for c in batch}):
+            keys = [c.alert_key for c in batch if c.device_id == device_id and c.alert_key]
+            found = store.capture_labels(device_id, keys, where.since)
+            labels.update({(device_id, k): v for k, v in found.items()})
+        page = [(c, labels.get((c.device_id, c.alert_key), CaptureLabel())) for c in batch]
+        page = [(c, lab) for c, lab in page if lab.matches(where.verdict)]
+        if page:
+            yield page

@@ -1,0 +1,77 @@
+"""Captured windows in SQL: listing for export, and the verdicts that label them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from sqlalchemy import and_, or_, select
+
+from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
+from cloud.store.sql_base import SqlBase
+from cloud.store.tables import AlertRow, CaptureRow
+
+
+class CaptureTables(SqlBase):
+    """The captured-windows part of `Store` (stored by `RecordTables.store_records`)."""
+
+    def list_captures(
+        self, where: CaptureFilter, after: tuple[str, int] = ("", 0), limit: int = 200
+    ) -> list[CaptureRecord]:
+        device, sequence = after
+        query = select(CaptureRow).where(
+            CaptureRow.window_end >= where.since,
+            or_(
+                CaptureRow.device_id > device,
+                and_(CaptureRow.device_id == device, CaptureRow.sequence > sequence),
+            ),
+        )
+        if where.device_ids is not None:
+            if not where.device_ids:
+                return []
+            query = query.where(CaptureRow.device_id.in_(where.device_ids))
+        query = query.order_by(CaptureRow.device_id, CaptureRow.sequence).limit(limit)
+        with self._tx() as s:
+            return [_capture(r) for r in s.scalars(query).all()]
+
+    def capture_labels(
+        self, device_id: str, alert_keys: Sequence[str], since: dt.datetime
+    ) -> dict[str, CaptureLabel]:
+        wanted = set(alert_keys)
+        if not wanted:
+            return {}
+        query = select(AlertRow.id, AlertRow.doc).where(
+            AlertRow.device_id == device_id, AlertRow.last_seen >= since
+        )
+        found: dict[str, CaptureLabel] = {}
+        with self._tx() as s:
+            for alert_id, doc in s.execute(query).all():
+                # An alert keeps the edge keys of its last 20 raises (`apply_alert_events`).
+                for key in wanted.intersection(doc.get("edge_keys", [])):
+                    found[key] = CaptureLabel(
+                        alert_id,
+                        str(doc.get("verdict", "")),
+                        str(doc.get("fault_type", "")),
+                    )
+        return found
+
+
+def _capture(r: CaptureRow) -> CaptureRecord:
+    return CaptureRecord(
+        device_id=r.device_id,
+        sequence=r.sequence,
+        reason=r.reason,
+        asset=r.asset,
+        model_version=r.model_version,
+        alert_key=r.alert_key,
+        score=r.score,
+        window_start=r.window_start,
+        period_s=r.period_s,
+        length=r.length,
+        sensors=tuple(str(x) for x in r.sensors),
+        values=bytes(r.values),
+        mask=bytes(r.mask),
+        input_center=tuple(float(x) for x in r.input_center),
+        input_scale=tuple(float(x) for x in r.input_scale),
+        received_at=r.received_at,
+    )

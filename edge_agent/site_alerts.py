@@ -1,0 +1,98 @@
+"""Alert events on site: the agent's MQTT alert and retained state topics and the SCADA
+links (Sparkplug, OPC UA), with raises that a maintenance period covers held back (stored
+and synced all the same) and published when the period ends with the fault still open."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import orjson
+
+from edge_agent.decisions import AlertEvent
+from edge_agent.logs import ids
+from edge_agent.maintenance import SiteMaintenance
+from edge_agent.open_alerts import OpenAlerts
+
+log = logging.getLogger(__name__)
+
+
+class AlertCounters(Protocol):
+    alerts_raised: int
+    alerts_cleared: int
+    alerts_held_back: int
+
+
+class SiteAlerts:
+    def __init__(
+        self,
+        device: str,
+        prefix: str,
+        maintenance: SiteMaintenance,
+        open_alerts: OpenAlerts,
+        counters: AlertCounters,
+        publish: Callable[[str, bytes, bool], None],  # (topic, payload, retain), QoS 1
+        to_scada: Callable[[AlertEvent], None],
+    ) -> None:
+        self.device = device
+        self.prefix = prefix
+        self.maintenance = maintenance
+        self.open_alerts = open_alerts
+        self.counters = counters
+        self._publish = publish
+        self._to_scada = to_scada
+        self.held: dict[str, AlertEvent] = {}  # by asset: raises a period kept off the site
+
+    def announce(self, event: AlertEvent) -> None:
+        """Publishes an alert event on site, unless a maintenance period covers the raise."""
+        if event.kind == "raised":
+            period = self.maintenance.covering(event.asset, event.window_end)
+            if period is not None:
+                self.counters.alerts_held_back += 1
+                self.held[event.asset] = event
+                self.open_alerts.hold(event.asset)
+                log.info("fault on %s not published on site: maintenance %s (%s)",
+                         event.asset, period.id[:8], period.reason)  # fmt: skip
+                return
+        elif self.held.pop(event.asset, None) is not None:
+            return  # raised and cleared within maintenance: the site never saw it
+        self.publish(event)
+
+    def release_held(self, asset: str, at: float) -> None:
+        """A fault still open when its maintenance period ended is published then."""
+        held = self.held.get(asset)
+        if held is not None and self.maintenance.covering(asset, at) is None:
+            del self.held[asset]
+            self.open_alerts.release(asset)
+            self.publish(held)
+
+    def publish(self, event: AlertEvent) -> None:
+        raised = event.kind == "raised"
+        if raised:
+            self.counters.alerts_raised += 1
+        else:
+            self.counters.alerts_cleared += 1
+        doc = {"device": self.device} | event.to_json()
+        self._publish(f"{self.prefix}/alerts/{self.device}/{event.asset}", orjson.dumps(doc), False)
+        state = {
+            "device": self.device,
+            "asset": event.asset,
+            "state": "fault" if raised else "normal",
+            "since": event.window_end,
+            "alert_key": event.key,
+            "score": round(event.score, 4),
+            "top_sensors": [s for s, _ in event.top_sensors],
+            "model_version": event.model_version,
+        }
+        topic = f"{self.prefix}/state/{self.device}/{event.asset}"
+        self._publish(topic, orjson.dumps(state), True)
+        self._to_scada(event)
+        log.warning(
+            "%s on %s: score %.2f, top sensors %s",
+            "FAULT" if raised else "cleared",
+            event.asset,
+            event.score,
+            ", ".join(s for s, _ in event.top_sensors),
+            extra=ids(asset=event.asset, alert=event.key, model_version=event.model_version),
+        )

@@ -1,0 +1,335 @@
+"""The learning loop on real parts: a site whose pump has a recurring benign flow dip (a
+backflush the model flags) and one real fault, streamed over a real Mosquitto into a real
+agent that is restarted halfway, syncing to a real control plane. Every raised alert's
+window arrives in the cloud exactly once; an operator marks the dips false alarms and the
+fault true; `autoglm data export` writes Parquet with those labels; `autoglm model train
+--from-export --base` fine-tunes the pushed model (real torch, one thread), and the new model
+scores the exported false-alarm windows lower than the base model did."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pyarrow.parquet as pq
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud.captures import CaptureFilter, CaptureRecord
+from cloud.cli.main import run as autoglm
+from cloud.model.backtest import load_model
+from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
+from cloud.model.capture_data import DATA_FILE, SUMMARY_FILE, read_export
+from cloud.store.base import Store
+from edge_agent.calibration import fault_score, to_network_space
+from edge_agent.config import AgentConfig, load_agent_config
+from edge_agent.ingest.mqtt import new_client
+from edge_agent.outbox import Outbox
+from edge_agent.scoring import calibrate, window_outputs
+from edge_agent.simulate import Stream, messages
+from edge_agent.windowing import align_to_grid
+from protos.autoglm.v1 import operator_pb2
+from tests.conftest import register
+from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
+from tests.support.broker import Broker
+from tests.support.cloud import RunningPlane
+from tests.support.sensordata import SENSORS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
+ROWS = 900
+CALIBRATION = 120  # the small model's calibration rows
+DIPS = ((250, 290), (520, 560))  # the benign backflush: flow down by 1 for 40 s
+FAULT = (700, 780)  # flow down by 2.5, vibration up: what the model was trained on
+RESTART_AT = 400
+
+
+def site_stream(seed: int = 7) -> Stream:
+    """The pump's readings, one row a second."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(ROWS)
+    load = np.sin(2 * np.pi * t / 40) + 0.1 * rng.standard_normal(ROWS)
+    x = np.stack(
+        [
+            10 + load + 0.1 * rng.standard_normal(ROWS),
+            3 + 0.5 * load + 0.05 * rng.standard_normal(ROWS),
+            1 + 0.2 * load + 0.02 * rng.standard_normal(ROWS),
+            0.2 + 0.01 * rng.standard_normal(ROWS),
+        ],
+        axis=1,
+    )
+    for a, b in DIPS:
+        x[a:b, 0] -= 1.0
+    a, b = FAULT
+    x[a:b, 0] -= 2.5
+    x[a:b, 3] += 0.15
+    return Stream(SENSORS, t.astype(np.float64), x)
+
+
+class Publisher:
+    def __init__(self, broker: Broker) -> None:
+        self.client = new_client()
+        self.client.max_inflight_messages_set(1000)
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        self.last: mqtt.MQTTMessageInfo | None = None
+
+    def publish(self, stream: Stream, rows: slice, anchor: float) -> int:
+        """Publishes `rows` of the stream (10 rows a message); returns the readings sent."""
+        part = Stream(stream.sensors, stream.offsets[rows], stream.values[rows])
+        for _, topic, payload in messages(part, "plant/pump-1", anchor, batch=10):
+            self.last = self.client.publish(topic, payload, qos=1)
+        assert self.last is not None
+        self.last.wait_for_publish(30)
+        return int(part.values.size)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def publisher(broker: Broker) -> Iterator[Publisher]:
+    p = Publisher(broker)
+    yield p
+    p.close()
+
+
+def site_config(plane: RunningPlane, broker: Broker, tmp_path: Path, bundle: Path) -> AgentConfig:
+    state = tmp_path / "agent"
+    enroll_identity(register(plane, "edge-1", site="a"), state)
+    return load_agent_config(
+        None,
+        {
+            "state_dir": state,
+            "cloud": {"heartbeat_interval_s": 0.3},
+            "reconnect": {"initial_s": 0.2, "max_s": 1.0},
+            "mqtt": {"port": broker.port, "host": "127.0.0.1", "alert_prefix": "site"},
+            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
+            "model": {"bundle": bundle},
+            "capture": {"sample_probability": 0.05, "samples_per_day": 300},
+            "metrics": {"listen": ""},
+        },
+    )
+
+
+def fleet_bundle(
+    trained: tuple[Path, ed25519.Ed25519PrivateKey], plane: RunningPlane, dest: Path
+) -> Path:
+    """The small model, signed with the fleet's key (what the agent pinned at enrollment)."""
+    source, training_key = trained
+    shutil.copytree(source, dest)
+    write_signed_manifest(
+        dest, read_own_bundle(dest, training_key), plane.plane.secrets.signing_key
+    )
+    return dest
+
+
+def stored_sequences(store: Store, device_id: str) -> list[int]:
+    """Every record sequence of the device the control plane stored, captures included."""
+    predictions = store.list_predictions(device_id, limit=1_000_000)
+    alerts = store.list_alert_events(device_id, limit=1_000_000)
+    captures = store.list_captures(
+        CaptureFilter(dt.datetime(1970, 1, 1, tzinfo=dt.UTC), (device_id,)), limit=1_000_000
+    )
+    return sorted(
+        [p.sequence for p in predictions]
+        + [a.sequence for a in alerts]
+        + [c.sequence for c in captures]
+    )
+
+
+def box_sequences(box: Outbox) -> list[int]:
+    return list(range(1, box.stats().next_sequence))
+
+
+def stream_part(
+    running: AgentThread, publisher: Publisher, stream: Stream, rows: slice, anchor: float
+) -> None:
+    wait_for(lambda: running.agent.runtime.mqtt.connected.is_set(), timeout=10)
+    before = running.agent.runtime.decoder.accepted
+    sent = publisher.publish(stream, rows, anchor)
+    wait_for(lambda: running.agent.runtime.decoder.accepted - before == sent, timeout=60)
+
+
+def export_scores(
+    bundle: Path, key: ed25519.Ed25519PublicKey, export: Path, stream: Stream
+) -> np.ndarray:
+    """The scores a model gives the exported windows, calibrated on the site's first
+    CALIBRATION rows as an agent serving it would be (unsmoothed window scores)."""
+    windows = read_export(export)
+    with load_model(bundle, key, threads=1) as loaded:
+        series = align_to_grid(stream.offsets, stream.values, 1.0, 2.0)
+        cal, _, _, _ = calibrate(loaded.model, loaded.frame, series, CALIBRATION)
+        raw = np.nan_to_num(windows.values)
+        x = to_network_space(
+            raw, cal.input_center, cal.input_scale, loaded.frame.net_center, loaded.frame.net_scale
+        )
+        outputs = window_outputs(loaded.model, loaded.frame, x, windows.mask)
+        return fault_score(outputs, cal, loaded.frame.decision)
+
+
+def test_verdicts_on_captured_windows_fine_tune_a_model_with_fewer_false_alarms(
+    plane: RunningPlane,
+    broker: Broker,
+    publisher: Publisher,
+    tmp_path: Path,
+    trained: tuple[Path, ed25519.Ed25519PrivateKey],
+) -> None:
+    bundle = fleet_bundle(trained, plane, tmp_path / "bundle")
+    config = site_config(plane, broker, tmp_path, bundle)
+    stream = site_stream()
+    anchor = time.time() - ROWS - 60  # row i is stamped anchor + i: all in the past
+    running = start_agent(config)
+    try:
+        stream_part(running, publisher, stream, slice(0, RESTART_AT), anchor)
+        running.stop()  # an agent restart halfway: nothing lost, nothing twice
+        captured = dict(running.agent.runtime.capture.captured)
+        running = start_agent(config)
+        stream_part(running, publisher, stream, slice(RESTART_AT, ROWS), anchor)
+        running.stop()  # finishes the windows already cut: their records sync at the next start
+        for reason, count in running.agent.runtime.capture.captured.items():
+            captured[reason] += count
+        running = start_agent(config)
+        box = running.agent.outbox
+        store = plane.plane.store
+        device_id = store.get_device("edge-1").id
+        wait_for(lambda: stored_sequences(store, device_id) == box_sequences(box), timeout=60)
+    finally:
+        running.stop()
+
+    # 1. Every raise's window arrived exactly once (and a few more while it stayed open),
+    # with its key; samples of normal windows besides.
+    raises = {e.alert_key: e for e in store.list_alert_events(device_id) if e.kind == "raised"}
+    since = dt.datetime.fromtimestamp(anchor, dt.UTC)
+    captures = store.list_captures(CaptureFilter(since, (device_id,)), limit=10_000)
+    alert_windows = [c for c in captures if c.reason == "alert"]
+    by_key: dict[str, list[CaptureRecord]] = {}
+    for c in alert_windows:
+        by_key.setdefault(c.alert_key, []).append(c)
+    assert sorted(by_key) == sorted(raises)
+    per_alert = config.capture.windows_per_alert
+    assert all(1 <= len(v) <= per_alert for v in by_key.values()), by_key
+    assert all(v[0].window_end == raises[k].window_end for k, v in by_key.items())
+    assert (len(alert_windows), len(captures) - len(alert_windows)) == (
+        captured["alert"],
+        captured["sample"],
+    )
+    assert captured["sample"] > 0
+    row_of = {k: v[0].window_end.timestamp() - anchor for k, v in by_key.items()}
+    in_dip = [k for k, r in row_of.items() if any(a <= r <= b + 24 for a, b in DIPS)]
+    in_fault = [k for k, r in row_of.items() if FAULT[0] <= r <= FAULT[1] + 24]
+    assert len(in_dip) >= 2 and in_fault, row_of  # the base model flags both dips
+
+    # 2. The operator's verdicts: the dips were false alarms, the fault was real.
+    token, ca = plane.token, tmp_path / "ca.pem"
+    ca.write_bytes(plane.ca_pem)
+    connect = ["--server", plane.api_address, "--ca-cert", str(ca), "--token", token]
+    with plane.client() as client:
+        for alert in client.list_alerts(operator_pb2.ListAlertsRequest()):
+            first = alert.first_seen.ToDatetime(tzinfo=dt.UTC).timestamp() - anchor
+            if any(a <= first <= b + 24 for a, b in DIPS):
+                assert autoglm([*connect, "alerts", "ack", alert.id, "--verdict", "false"]) == 0
+            elif FAULT[0] <= first <= FAULT[1] + 24:
+                assert autoglm([*connect, "alerts", "ack", alert.id, "--verdict", "true"]) == 0
+        client.push_bundle(bundle)  # the base, as the fleet runs it: pump 1
+
+    # 3. Export: Parquet labelled by the verdicts.
+    everything, false_alarms = tmp_path / "export", tmp_path / "false-alarms"
+    assert autoglm([*connect, "data", "export", "--since", "1d", "--out", str(everything)]) == 0
+    assert (
+        autoglm(
+            [
+                *connect,
+                "data",
+                "export",
+                "--since",
+                "1d",
+                "--verdict",
+                "false",
+                "--out",
+                str(false_alarms),
+                "--page-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    table = pq.read_table(everything / DATA_FILE).to_pylist()
+    labels = {(r["alert_key"], r["label"]) for r in table if r["reason"] == "alert"}
+    assert {(k, 0) for k in in_dip} | {(k, 1) for k in in_fault} <= labels, labels
+    assert all(r["label"] == 0 for r in table if r["reason"] == "sample")
+    assert len(table) == len(captures)
+    fa_rows = pq.read_table(false_alarms / DATA_FILE).to_pylist()
+    assert sorted({r["alert_key"] for r in fa_rows}) == sorted(in_dip)
+    assert all(r["verdict"] == "false" and r["label"] == 0 for r in fa_rows)
+    summary = (everything / SUMMARY_FILE).read_text()
+    assert '"fault": ' in summary and "time_range" in summary
+
+    # 4. Fine-tune the pushed base on the export: real torch, one thread, a few epochs.
+    new = tmp_path / "pump-2"
+    key_file = tmp_path / "cloud" / "signing.key"
+    code = autoglm(
+        [
+            *connect,
+            "model",
+            "train",
+            "--from-export",
+            str(everything),
+            "--base",
+            "pump:1",
+            "--out",
+            str(new),
+            "--model-version",
+            "2",
+            "--epochs",
+            "40",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--signing-key",
+            str(key_file),
+        ]
+    )
+    assert code == 0
+    key = plane.plane.secrets.signing_key.public_key()
+    before = export_scores(bundle, key, false_alarms, stream)
+    after = export_scores(new, key, false_alarms, stream)
+    fault_rows = tmp_path / "faults"
+    assert (
+        autoglm(
+            [
+                *connect,
+                "data",
+                "export",
+                "--since",
+                "1d",
+                "--verdict",
+                "true",
+                "--out",
+                str(fault_rows),
+            ]
+        )
+        == 0
+    )
+    fault_before = export_scores(bundle, key, fault_rows, stream)
+    fault_after = export_scores(new, key, fault_rows, stream)
+    measured = (
+        f"false-alarm windows: base {np.round(before, 2).tolist()} -> fine-tuned "
+        f"{np.round(after, 2).tolist()}; fault windows: base {np.round(fault_before, 2).tolist()}"
+        f" -> {np.round(fault_after, 2).tolist()}"
+    )
+    print(measured)
+    assert after.mean() < before.mean(), measured
+    assert after.max() < before.max(), measured  # the windows that raised the false alarms
+    assert np.median(fault_after) >= 1.0, measured  # and the real fault is still caught
+    with plane.client() as client:  # ready to roll out
+        pushed = client.push_bundle(new)
+    assert (pushed.name, pushed.version) == ("pump", "2")
+    manifest = read_own_bundle(new, plane.plane.secrets.signing_key)
+    assert manifest.training["fine_tuned_from"] == "pump:1"
