@@ -1,8 +1,10 @@
 """The console in a real browser (Debian's Chromium driven by Playwright) against a real
 control plane, real agents over a real Mosquitto installing a model trained in the test, and
-a device's real sync path for predictions and alerts: sign in, see the fleet, watch a rollout
-reach 100 % without reloading, see an alert arrive on the live list, its charts drawn, and
-acknowledge it with a verdict that the CLI then shows; a viewer is refused every action."""
+a device's real sync path for predictions, alerts and captured windows: sign in, see the
+fleet, watch a rollout reach 100 % without reloading, see an alert arrive on the live list,
+its charts drawn (score timeline, top sensors' contributions, the raw window the device
+captured), and acknowledge it with a verdict that the CLI then shows; a viewer is refused
+every action."""
 
 from __future__ import annotations
 
@@ -180,7 +182,7 @@ def test_an_operator_runs_the_fleet_from_the_browser(fleet: ConsoleFleet, tmp_pa
         row.locator("a").first.click()
         page.wait_for_url(f"**/alerts/{alert.id}")
         charts = page.locator("svg.chart")
-        expect(charts).to_have_count(2)
+        expect(charts).to_have_count(3)
         score_line = page.locator("svg.chart polyline.series").first
         assert int(score_line.get_attribute("data-points") or 0) >= 40
         sensors = page.locator("svg.chart").nth(1).locator("polyline.series")
@@ -188,6 +190,14 @@ def test_an_operator_runs_the_fleet_from_the_browser(fleet: ConsoleFleet, tmp_pa
             "flow",
             "current",
         }
+        # The raw window the device captured when it raised, its top sensors in calibration
+        # deviations.
+        raw = charts.nth(2).locator("polyline.series")
+        assert [raw.nth(i).get_attribute("data-series") for i in range(raw.count())] == [
+            "flow",
+            "current",
+        ]
+        assert raw.first.get_attribute("data-points") == "24"
         assert page.evaluate(INK, charts.first.element_handle()) > 200
         shot = charts.first.screenshot(path=tmp_path / "alert-chart.png")
         assert len(shot) > 2000

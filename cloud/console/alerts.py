@@ -13,6 +13,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from cloud.cli.output import parse_duration
+from cloud.console.captures import alert_window, window_chart
 from cloud.console.charts import Series, Span, line_chart
 from cloud.console.context import (
     calls_of,
@@ -230,6 +231,7 @@ async def render_alert(
     if alert.HasField("resolved_at"):
         wanted.until.FromDatetime(alert.resolved_at.ToDatetime(tzinfo=dt.UTC) + AROUND)
     score_chart, sensor_chart = _timeline(alert, await calls.predictions(wanted))
+    captured = window_chart(alert, await alert_window(calls, alert))
     facts: list[tuple[str, Markup | str]] = [
         ("State", STATE_NAMES.get(alert.state, "unknown")),
         ("Severity", alert.severity or "-"),
@@ -288,6 +290,7 @@ async def render_alert(
             notes,
             score_chart,
             sensor_chart,
+            captured,
             _actions(alert, session_of(request).csrf),
         ]
     )

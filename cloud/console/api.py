@@ -110,6 +110,20 @@ class OperatorCalls:
     async def unshelve_alert(self, alert_id: str) -> None:
         await self._call(self._stub.UnshelveAlert, operator_pb2.GetAlertRequest(id=alert_id))
 
+    async def captures(
+        self, request: operator_pb2.ListCapturesRequest
+    ) -> AsyncIterator[operator_pb2.CapturedWindow]:
+        """Captured windows, oldest first, page by page; stopping early ends the stream."""
+        call = self._stub.ListCaptures(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        try:
+            async for page in call:
+                for window in page.windows:
+                    yield window
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self._target) from None
+        finally:
+            call.cancel()
+
     async def watch_alerts(self) -> AsyncIterator[operator_pb2.Alert]:
         """Alerts as they change, from now on, until the caller stops (or the stream ends).
         The first is the stream's marker (no id): from then on no change is missed."""

@@ -12,14 +12,18 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import numpy as np
 
-from edge_agent.outbox import PREDICTION
+from edge_agent.capture import ALERT, CapturedWindow
+from edge_agent.outbox import CAPTURE, PREDICTION
+from edge_agent.wire import capture_record
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 from tests.support.agents import wait_for
 from tests.support.alerting import Site, raised
 from tests.support.cloud import RunningPlane
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "pump-1:console"  # the edge's alert key of the raise feed_alert writes
 
 
 def console_url(plane: RunningPlane) -> str:
@@ -56,6 +60,29 @@ def scored(asset: str, at: float, score: float) -> tuple[int, bytes]:
     return PREDICTION, record.SerializeToString()
 
 
+def captured(end: float, rows: int = 24) -> tuple[int, bytes]:
+    """The raw window the device captured with the raise (flow climbing away from normal)."""
+    sensors = ("flow", "current", "vibration", "temperature")
+    values = np.full((rows, len(sensors)), 10.0, dtype=np.float32)
+    values[:, 0] += np.linspace(0, 6, rows, dtype=np.float32)
+    values[:, 1] += np.linspace(0, 2, rows, dtype=np.float32)
+    window = CapturedWindow(
+        reason=ALERT,
+        asset="pump-1",
+        model_version="3",
+        alert_key=KEY,
+        score=1.6,
+        window_start=end - (rows - 1),
+        period_s=1.0,
+        sensors=sensors,
+        values=values,
+        mask=np.ones_like(values),
+        input_center=np.full(len(sensors), 10.0, dtype=np.float32),
+        input_scale=np.full(len(sensors), 0.5, dtype=np.float32),
+    )
+    return CAPTURE, capture_record(window)
+
+
 def feed_alert(site: Site, windows: int = 40) -> operator_pb2.Alert:
     """`windows` predictions of pump-1 ending now, rising past the threshold, and the raise
     event; returns the alert once the control plane has it."""
@@ -65,7 +92,7 @@ def feed_alert(site: Site, windows: int = 40) -> operator_pb2.Alert:
         scored("pump-1", start + 2 * i, 0.2 + 1.4 * max(0, i - windows + 12) / 12)
         for i in range(windows)
     ]
-    site.outbox.append([*records, raised("pump-1", now - 6, score=1.6)])
+    site.outbox.append([*records, raised("pump-1", now - 6, score=1.6, key=KEY), captured(now - 6)])
     wait_for(lambda: len(site.alerts()) == 1, timeout=20)
     wait_for(lambda: _predictions(site) >= windows, timeout=20)
     return site.alerts()[0]
