@@ -30,6 +30,9 @@ class CloudConfig(BaseSettings):
     # Plain-HTTP Prometheus /metrics (gRPC calls, sessions, records, the fleet's state read
     # from the store at each scrape); empty: none.
     metrics_listen: str = ""
+    # The web console (plain HTTP: for localhost, or behind a proxy that terminates TLS): it
+    # calls the operator API with each signed-in operator's own token; empty: none.
+    console_listen: str = ""
     hosts: list[str] = Field(default_factory=lambda: ["localhost"])  # names in the server cert
     advertise_host: str = ""  # host agents and operators dial; empty: hosts[0]
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
@@ -73,11 +76,13 @@ class CloudConfig(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with ids
 
-    @field_validator("api_listen", "device_listen", "health_listen", "metrics_listen")
+    @field_validator(
+        "api_listen", "device_listen", "health_listen", "metrics_listen", "console_listen"
+    )
     @classmethod
     def _host_port(cls, value: str, info: ValidationInfo) -> str:
-        # No probe or metrics port when empty; the API and device ports are required.
-        return check_listen(value, optional=info.field_name in ("health_listen", "metrics_listen"))
+        # No probe, metrics or console port when empty; the API and device ports are required.
+        return check_listen(value, optional=info.field_name not in ("api_listen", "device_listen"))
 
     @field_validator("hosts")
     @classmethod

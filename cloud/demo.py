@@ -65,6 +65,8 @@ class DemoOptions:
     epochs: int = 6
     keep: bool = False  # keep the temporary state directory
     seed: int = 0
+    console: bool = False  # serve the web console (on console_port; 0: any free port)
+    console_port: int = 0
 
 
 @dataclass
@@ -113,6 +115,8 @@ class Demo:
             raise InvalidInput(f"--duration must be at least {MIN_DURATION_S} seconds")
         if not 1 <= options.agents <= 3:
             raise InvalidInput("--agents must be 1, 2 or 3")
+        if not 0 <= options.console_port <= 65535:
+            raise InvalidInput("--console-port must be from 0 to 65535")
         if options.data is not None and not options.data.exists():
             raise InvalidInput(f"--data {options.data}: no such file or directory")
         self.o = options
@@ -122,12 +126,15 @@ class Demo:
         self.cleanups: list[Callable[[], None]] = []
         self.alerts: list[SeenAlert] = []
         self.alert_docs: list[dict[str, Any]] = []
+        self.console_url = ""
 
     def say(self, text: str) -> None:
         self.progress.write(f"[{dt.datetime.now():%H:%M:%S}] {text}\n")
         self.progress.flush()
 
-    def run(self) -> DemoSummary:
+    def run(self, hold: Callable[[DemoSummary], None] | None = None) -> DemoSummary:
+        """Runs the scenario; with the console on, `hold` gets the summary while everything
+        still runs (it returns when the person is done with the console)."""
         started = time.monotonic()
         try:
             client, plane_state = self._control_plane()
@@ -139,23 +146,25 @@ class Demo:
                 names = self._agents(client, broker)
                 self._rollout(client, len(names))
                 faults = self._stream(client, broker, names)
+            result: Score = score(faults, self.alerts)
+            summary = DemoSummary(
+                **asdict(result),
+                agents=len(names),
+                broker=broker.kind,
+                model=f"{model.name}:{model.version}",
+                variants=variants,
+                streamed_data_seconds=int(self.o.duration_s * SPEED),
+                replay_speed=SPEED,
+                seconds=round(time.monotonic() - started, 1),
+                state_dir=str(self.work) if self.o.keep else "",
+                alerts=self.alert_docs,
+            )
+            if hold is not None and self.console_url:
+                hold(summary)
         finally:
             for cleanup in reversed(self.cleanups):
                 with contextlib.suppress(Exception):
                     cleanup()
-        result: Score = score(faults, self.alerts)
-        summary = DemoSummary(
-            **asdict(result),
-            agents=len(names),
-            broker=broker.kind,
-            model=f"{model.name}:{model.version}",
-            variants=variants,
-            streamed_data_seconds=int(self.o.duration_s * SPEED),
-            replay_speed=SPEED,
-            seconds=round(time.monotonic() - started, 1),
-            state_dir=str(self.work) if self.o.keep else "",
-            alerts=self.alert_docs,
-        )
         if not self.o.keep:
             shutil.rmtree(self.work, ignore_errors=True)
         return summary
@@ -166,7 +175,9 @@ class Demo:
         init = init_state_dir(
             state, ["localhost"], api_listen="127.0.0.1:0", device_listen="127.0.0.1:0"
         )
-        overrides = {"rollout_interval_s": 0.5, "presence_flush_interval_s": 0.5}
+        overrides: dict[str, Any] = {"rollout_interval_s": 0.5, "presence_flush_interval_s": 0.5}
+        if self.o.console:
+            overrides["console_listen"] = f"127.0.0.1:{self.o.console_port}"
         config = init.config.model_copy(update=overrides)
         plane = ControlPlane(config, load_secrets(state), open_store(config.resolved_database_url))
         runner = _LoopThread("control-plane")
@@ -179,7 +190,25 @@ class Demo:
         )
         ca = (state / "ca.crt").read_bytes()
         connection = Connection(f"localhost:{plane.api_port}", ca, init.operator_token)
-        return OperatorClient(connection), state
+        client = OperatorClient(connection)
+        if self.o.console:
+            self._announce_console(client, plane, state, init.operator_token)
+        return client, state
+
+    def _announce_console(
+        self, client: OperatorClient, plane: ControlPlane, state: Path, token: str
+    ) -> None:
+        """Says where the console is and how to sign in: the demo's admin token, and a viewer
+        token to see what a read-only operator gets."""
+        viewer = client.add_operator("demo-viewer", "viewer").token
+        self.console_url = f"http://127.0.0.1:{plane.console_port}/"
+        self.say(f"console: {self.console_url} (sign in with a token below)")
+        self.say(f"  admin token:  {token}")
+        self.say(f"  viewer token: {viewer} (sees everything, every action refused)")
+        self.say(
+            f"  the CLI beside it: autoglm --server localhost:{plane.api_port} --ca-cert "
+            f"{state / 'ca.crt'} --token {token} alerts list"
+        )
 
     def _broker(self) -> LocalBroker:
         broker = start_local_broker(self.work / "broker", self.o.broker)

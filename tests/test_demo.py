@@ -61,6 +61,7 @@ def test_bad_demo_arguments_are_clear_errors(tmp_path: Path) -> None:
         (["--duration", "5"], "at least 20 seconds"),
         (["--agents", "9"], "1, 2 or 3"),
         (["--data", str(tmp_path / "nope")], "no such file"),
+        (["--console", "--console-port", "70000"], "--console-port"),
     ):
         result = subprocess.run(
             [str(BIN / "autoglm"), "demo", *args], capture_output=True, text=True, timeout=60

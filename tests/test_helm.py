@@ -137,3 +137,30 @@ def test_grafana_dashboards_render_as_labelled_configmaps() -> None:
         (text,) = m["data"].values()
         dashboard = json.loads(text)
         assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
+
+
+def test_the_console_is_off_by_default_and_wired_when_enabled() -> None:
+    values = yaml.safe_load((HELM / "autoglm-cloud/ci/inline-secrets.yaml").read_text())
+    for enabled in (False, True):
+        docs = {
+            (d["kind"], d["metadata"]["name"]): d
+            for d in objects(render("autoglm-cloud", values | {"console": {"enabled": enabled}}))
+        }
+        config = yaml.safe_load(docs[("ConfigMap", "autoglm-autoglm-cloud")]["data"]["cloud.yaml"])
+        container = docs[("Deployment", "autoglm-autoglm-cloud")]["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        service_ports = docs[("Service", "autoglm-autoglm-cloud")]["spec"]["ports"]
+        policy = docs[("NetworkPolicy", "autoglm-autoglm-cloud")]["spec"]["ingress"]
+        policy_ports = [p["port"] for rule in policy for p in rule["ports"]]
+        if enabled:
+            assert config["console_listen"] == "0.0.0.0:8080"
+            assert {"name": "console", "containerPort": 8080, "protocol": "TCP"} in container[
+                "ports"
+            ]
+            assert any(p["name"] == "console" and p["port"] == 8080 for p in service_ports)
+            assert 8080 in policy_ports
+        else:
+            assert "console_listen" not in config
+            assert all(p["name"] != "console" for p in container["ports"] + service_ports)
+            assert 8080 not in policy_ports

@@ -1,6 +1,6 @@
 """The cloud's domain stays apart from the wire: only the service layer (`cloud/service/`),
-and the client side (`cloud/client.py`, the CLI, the demo, which drive the API) speak
-protobuf or gRPC. Domain modules take and return domain types; serde lives in
+and the client side (`cloud/client.py`, the CLI, the demo, the web console, which drive the
+API) speak protobuf or gRPC. Domain modules take and return domain types; serde lives in
 `cloud/service/serde.py` and `cloud/service/records.py`."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from protos.autoglm.v1 import agent_pb2
 
 pytestmark = pytest.mark.unit
 CLOUD = Path(__file__).resolve().parents[1] / "cloud"
-WIRE_SIDE = ("service/", "client.py", "cli/", "demo.py")
+WIRE_SIDE = ("service/", "client.py", "cli/", "demo.py", "console/")
 
 
 def _imports(path: Path) -> set[str]:

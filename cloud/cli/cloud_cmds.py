@@ -55,6 +55,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     serve.add_argument("--state-dir", required=True, type=Path)
     serve.add_argument("--api-listen")
     serve.add_argument("--device-listen")
+    serve.add_argument(
+        "--console-listen", help="HOST:PORT for the web console (plain HTTP; default: none)"
+    )
     serve.add_argument("--database-url")
     serve.add_argument(
         "--ports-file", type=Path, help="write the bound ports here as JSON once serving"
@@ -142,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         "api_listen": args.api_listen,
         "device_listen": args.device_listen,
+        "console_listen": args.console_listen,
         "database_url": args.database_url,
         "log_level": args.log_level,
         "log_format": args.log_format,
@@ -170,6 +174,7 @@ async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
         "device_port": plane.device_port,
         "health_port": plane.health_port,
         "metrics_port": plane.metrics_port,
+        "console_port": plane.console_port,
     }
     if ports_file is not None:
         tmp = ports_file.with_name(ports_file.name + ".tmp")
@@ -184,6 +189,9 @@ async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if plane.console_port:
+        host = plane.config.console_listen.rpartition(":")[0]
+        print(f"console on http://{host}:{plane.console_port}/", file=sys.stderr, flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 
@@ -28,11 +29,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    demo.add_argument(
+        "--console",
+        action="store_true",
+        help="serve the web console on 127.0.0.1 and keep everything running after the "
+        "scenario until Ctrl-C",
+    )
+    demo.add_argument(
+        "--console-port", type=int, default=0, help="the console's port (default: any free one)"
+    )
     demo.set_defaults(handler=cmd_demo, needs_client=False)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cloud.demo import Demo, DemoOptions, print_summary
+    from cloud.demo import Demo, DemoOptions, DemoSummary, print_summary
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The demo prints alerts as the watch stream delivers them; the agents' own fault log
@@ -48,11 +58,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker=args.broker,
         epochs=args.epochs,
         keep=args.keep,
+        console=args.console,
+        console_port=args.console_port,
     )
-    summary = Demo(options, sys.stdout, sys.stderr).run()
-    if args.json:
-        doc = {k: v for k, v in summary.to_json().items() if k != "alerts"}
-        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
-    else:
-        print_summary(summary, sys.stdout)
+    demo = Demo(options, sys.stdout, sys.stderr)
+
+    def report(summary: DemoSummary) -> None:
+        if args.json:
+            doc = {k: v for k, v in summary.to_json().items() if k != "alerts"}
+            sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+        else:
+            print_summary(summary, sys.stdout)
+        sys.stdout.flush()
+
+    def hold(summary: DemoSummary) -> None:
+        report(summary)
+        demo.say(f"console still serving on {demo.console_url}; press Ctrl-C to stop")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            demo.say("stopping")
+
+    summary = demo.run(hold if args.console else None)
+    if not args.console:
+        report(summary)
     return 0 if summary.faults_detected > 0 else 1

@@ -166,8 +166,13 @@ class AlertCalls:
         def run() -> operator_pb2.QueryPredictionsResponse:
             device = self.registry.get(request.device)
             since = request.since.ToDatetime(tzinfo=dt.UTC) if request.HasField("since") else None
+            until = request.until.ToDatetime(tzinfo=dt.UTC) if request.HasField("until") else None
+            if since is not None and until is not None and until < since:
+                raise InvalidInput("QueryPredictions: until is before since")
             limit = min(request.limit or 1000, MAX_PREDICTIONS)
-            rows = self.registry.store.list_predictions(device.id, request.asset, since, limit)
+            rows = self.registry.store.list_predictions(
+                device.id, request.asset, since, limit, until
+            )
             return operator_pb2.QueryPredictionsResponse(
                 predictions=[prediction_to_proto(p) for p in rows]
             )

@@ -155,6 +155,8 @@ class ControlPlane:
         )
         self._metrics_server: Any = None
         self.metrics_port = 0
+        self._console: Any = None  # cloud.console.app.ConsoleServer, when configured
+        self.console_port = 0
 
     def endpoints(self) -> common_pb2.Endpoints:
         host = self.config.public_host
@@ -250,6 +252,8 @@ class ControlPlane:
             self._probe_server = probe
         if self.config.metrics_listen:
             self._metrics_server, self.metrics_port = self.metrics.serve(self.config.metrics_listen)
+        if self.config.console_listen:
+            await self._start_console()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
@@ -294,6 +298,8 @@ class ControlPlane:
             await self._server.stop(grace)
         if self._probe_server is not None:
             await self._probe_server.stop(0)
+        if self._console is not None:
+            await self._console.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -305,6 +311,25 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._flush()
+
+    async def _start_console(self) -> None:
+        """The web console, a client of this replica's own API port (aiohttp is loaded only
+        here: a control plane without a console does not need it)."""
+        from cloud.console.api import OperatorApi
+        from cloud.console.app import ConsoleServer
+        from cloud.console.sessions import SessionSeal
+
+        host = self.config.api_listen.rpartition(":")[0].strip("[]")
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        target = f"[{host}]:{self.api_port}" if ":" in host else f"{host}:{self.api_port}"
+        api = OperatorApi(target, self.secrets.ca.cert_pem, self.config.hosts[0])
+        console = ConsoleServer(
+            self.config.console_listen, api, SessionSeal(self.secrets.ca.key_material())
+        )
+        await console.start()
+        self._console = console
+        self.console_port = console.port
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -203,9 +203,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_predictions(
-        self, device_id: str, asset: str = "", since: dt.datetime | None = None, limit: int = 1000
+        self,
+        device_id: str,
+        asset: str = "",
+        since: dt.datetime | None = None,
+        limit: int = 1000,
+        until: dt.datetime | None = None,
     ) -> list[PredictionRecord]:
-        """Newest last, by sequence."""
+        """The newest `limit` whose window ends in [since, until], newest last, by sequence."""
 
     @abc.abstractmethod
     def list_alert_events(

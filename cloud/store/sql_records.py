@@ -77,13 +77,20 @@ class RecordTables(SqlBase):
             return sync.last_sequence if sync is not None else 0
 
     def list_predictions(
-        self, device_id: str, asset: str = "", since: dt.datetime | None = None, limit: int = 1000
+        self,
+        device_id: str,
+        asset: str = "",
+        since: dt.datetime | None = None,
+        limit: int = 1000,
+        until: dt.datetime | None = None,
     ) -> list[PredictionRecord]:
         query = select(PredictionRow).where(PredictionRow.device_id == device_id)
         if asset:
             query = query.where(PredictionRow.asset == asset)
         if since is not None:
             query = query.where(PredictionRow.window_end >= since)
+        if until is not None:
+            query = query.where(PredictionRow.window_end <= until)
         query = query.order_by(PredictionRow.sequence.desc()).limit(limit)
         with self._tx() as s:
             rows = list(s.scalars(query).all())

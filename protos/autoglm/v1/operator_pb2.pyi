@@ -609,11 +609,19 @@ class QueryPredictionsRequest(_message.Message):
     ASSET_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     asset: _builtins.str
     limit: _builtins.int
+    """the newest this many (0: 1000; at most 100000), oldest first"""
     @_builtins.property
-    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """windows ending at or after it"""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """windows ending at or before it; unset: now"""
+
     def __init__(
         self,
         *,
@@ -621,10 +629,11 @@ class QueryPredictionsRequest(_message.Message):
         asset: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         limit: _builtins.int = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "device", b"device", "limit", b"limit", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "device", b"device", "limit", b"limit", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
