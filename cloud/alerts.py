@@ -9,13 +9,13 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from cloud.domain import AlertFilter, AlertRecord
-from cloud.store import Store
+from cloud.store.base import AlertStore
 
 BATCH = 500
 
 
 class AlertFeed:
-    def __init__(self, store: Store, poll_s: float = 1.0) -> None:
+    def __init__(self, store: AlertStore, poll_s: float = 1.0) -> None:
         self.store = store
         self.poll_s = poll_s
         self._waiters: set[asyncio.Event] = set()

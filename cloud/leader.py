@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud.clock import Clock, utc_now
-from cloud.store import Store
+from cloud.store.base import LeaseStore, Store
 from edge_agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class AlwaysLeader(Elector):
 
 class DatabaseLease(Elector):
     def __init__(
-        self, store: Store, holder: str, duration_s: float, clock: Clock = utc_now
+        self, store: LeaseStore, holder: str, duration_s: float, clock: Clock = utc_now
     ) -> None:
         super().__init__(holder, duration_s)
         self.store = store

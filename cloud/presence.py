@@ -11,7 +11,7 @@ from typing import Any
 
 from cloud.clock import Clock, utc_now
 from cloud.domain import PresenceUpdate
-from cloud.store import Store
+from cloud.store.base import DeviceStore
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class PresenceTracker:
 
     def __init__(
         self,
-        store: Store,
+        store: DeviceStore,
         clock: Clock = utc_now,
         encode: Callable[[Any], dict[str, Any]] = _as_dict,
     ) -> None:

@@ -19,7 +19,7 @@ from cloud.clock import utc_now
 from cloud.domain import AuditEntry
 from cloud.service.bounds import check_message, check_request_message
 from cloud.service.roles import audited, authorize, target_of
-from cloud.store import Store
+from cloud.store.base import OperatorStore
 from cloud.tokens import hash_token
 from edge_agent.errors import AutoglmError, Unauthenticated
 
@@ -41,7 +41,7 @@ current_operator: contextvars.ContextVar[str] = contextvars.ContextVar(
 class OperatorTokens:
     """Checks bearer tokens against the store, caching good ones for a few seconds."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: OperatorStore) -> None:
         self.store = store
         self._cache: dict[str, tuple[float, Caller]] = {}
 
@@ -223,7 +223,7 @@ _refused = RefusedBudget()
 
 
 async def _audit(
-    store: Store, caller: Caller, method: str, target: str, outcome: tuple[str, str]
+    store: OperatorStore, caller: Caller, method: str, target: str, outcome: tuple[str, str]
 ) -> None:
     """Writes the call to the audit log; a store that cannot take it is logged, and the
     call's own result stands."""

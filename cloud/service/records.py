@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from cloud.captures import CaptureRecord, check_capture
 from cloud.domain import AlertEventRecord, PredictionRecord, StoredCount
 from cloud.service.bounds import MAX_INT64, check_message
-from cloud.store import Store
+from cloud.store.base import RecordStore
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2
 
@@ -135,7 +135,7 @@ def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
 
 
 def store_batch(
-    store: Store, device_id: str, batch: agent_pb2.RecordBatch, now: dt.datetime
+    store: RecordStore, device_id: str, batch: agent_pb2.RecordBatch, now: dt.datetime
 ) -> tuple[agent_pb2.BatchAck, int]:
     """Stores a batch (alert events fold into alerts in the same transaction); the ack for
     the device and how many alerts changed. Rejected records are acknowledged with the rest

@@ -36,20 +36,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class Store(abc.ABC):
-    """Durable control-plane state. Methods raise errors from `edge_agent.errors`."""
+class DeviceStore(abc.ABC):
+    """Devices: registration, labels, enrollment (tokens and groups), certificates, presence."""
 
-    @property
-    @abc.abstractmethod
-    def shared(self) -> bool:
-        """Whether several control-plane processes can use this store at once."""
-
-    def change_listener(self, on_change: Callable[[str], None]) -> ChangeListener | None:
-        """A listener for other replicas' changes (`cloud.store.notify`), not yet started;
-        None where no other process can write (SQLite)."""
-        return None
-
-    # ---- devices ----
     @abc.abstractmethod
     def create_device(
         self, name: str, labels: Mapping[str, str], profile: str, now: dt.datetime
@@ -73,7 +62,6 @@ class Store(abc.ABC):
     def revoke_device(self, id_or_name: str, reason: str, now: dt.datetime) -> DeviceRecord:
         """Marks the device revoked (idempotent) and invalidates its open tokens."""
 
-    # ---- enrollment groups (one token, up to N self-named devices) ----
     @abc.abstractmethod
     def create_enrollment_group(
         self, group: EnrollmentGroup, token_hash: str
@@ -96,7 +84,6 @@ class Store(abc.ABC):
     ) -> tuple[DeviceRecord, T]:
         """Creates `device_name`, active, in the token's group; counts the use."""
 
-    # ---- enrollment ----
     @abc.abstractmethod
     def add_enrollment_token(
         self, device_id: str, token_hash: str, now: dt.datetime, expires_at: dt.datetime
@@ -131,7 +118,6 @@ class Store(abc.ABC):
         the certificate presented stays accepted for `grace` (a retry after a lost answer
         renews again from it)."""
 
-    # ---- presence ----
     @abc.abstractmethod
     def record_presence(self, updates: Sequence[PresenceUpdate]) -> None:
         """Applies heartbeat summaries in one transaction; unknown devices are skipped."""
@@ -140,11 +126,6 @@ class Store(abc.ABC):
     def delete_device(self, id_or_name: str) -> DeviceRecord:
         """Removes a device that is revoked or never enrolled, with everything stored of it
         (FailedPrecondition for an active one, or one in an active rollout)."""
-
-    @abc.abstractmethod
-    def delete_model(self, name: str, version: str) -> ModelRecord:
-        """Removes a pushed version (FailedPrecondition while a device's desired state or a
-        rollout names it; NotFound when unknown)."""
 
     @abc.abstractmethod
     def record_cert_expiry(self, device_id: str, fingerprint: str, not_after: dt.datetime) -> None:
@@ -168,7 +149,11 @@ class Store(abc.ABC):
     def revoked_since(self, since: dt.datetime) -> list[str]:
         """Ids of devices revoked at or after `since` (for sessions held by other replicas)."""
 
-    # ---- synced records ----
+
+class RecordStore(abc.ABC):
+    """What devices sync: predictions, alert events and window captures, each stored once
+    per device and sequence."""
+
     @abc.abstractmethod
     def store_records(
         self,
@@ -218,7 +203,11 @@ class Store(abc.ABC):
     ) -> list[AlertEventRecord]:
         """By device, then sequence."""
 
-    # ---- alerts (grouped from edge events by `store_records`) ----
+
+class AlertStore(abc.ABC):
+    """Alerts, folded from edge events by `store_records` (`cloud/alerts.py`), and what
+    operators do with them."""
+
     @abc.abstractmethod
     def list_alerts(self, where: AlertFilter, limit: int = 100) -> list[AlertRecord]:
         """Matching alerts, most recently seen first."""
@@ -261,7 +250,10 @@ class Store(abc.ABC):
     def release_suppressed(self, now: dt.datetime) -> list[AlertRecord]:
         """Ends expired shelvings and delivers alerts whose shelving or window has ended."""
 
-    # ---- maintenance windows ----
+
+class MaintenanceStore(abc.ABC):
+    """Maintenance windows and out-of-service assets."""
+
     @abc.abstractmethod
     def add_maintenance(
         self,
@@ -281,7 +273,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def remove_maintenance(self, window_id: str) -> MaintenanceWindow: ...
 
-    # ---- webhooks (deliveries are queued with each alert change) ----
+
+class WebhookOutbox(abc.ABC):
+    """Alert targets and the transactional outbox of their deliveries."""
+
     @abc.abstractmethod
     def add_webhook(
         self, url: str, secret: str, filter_text: str, now: dt.datetime, kind: str = "standard"
@@ -319,7 +314,10 @@ class Store(abc.ABC):
         self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
     ) -> None: ...
 
-    # ---- leases (leader election without Kubernetes) ----
+
+class LeaseStore(abc.ABC):
+    """Leases: leader election without Kubernetes."""
+
     @abc.abstractmethod
     def try_lease(self, name: str, holder: str, now: dt.datetime, duration: dt.timedelta) -> Lease:
         """Takes or renews the lease when free, expired or `holder`'s; returns it as it is."""
@@ -330,7 +328,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_lease(self, name: str) -> Lease | None: ...
 
-    # ---- models ----
+
+class ModelStore(abc.ABC):
+    """The model catalog: pushed versions."""
+
     @abc.abstractmethod
     def add_model(self, model: ModelRecord) -> ModelRecord:
         """Adds a pushed model; pushing the same manifest again returns the stored record,
@@ -344,7 +345,15 @@ class Store(abc.ABC):
     def list_models(self, name: str = "") -> list[ModelRecord]:
         """By name, then push time."""
 
-    # ---- desired state ----
+    @abc.abstractmethod
+    def delete_model(self, name: str, version: str) -> ModelRecord:
+        """Removes a pushed version (FailedPrecondition while a device's desired state or a
+        rollout names it; NotFound when unknown)."""
+
+
+class RolloutStore(abc.ABC):
+    """Rollouts, their targets, and the desired-state feed every replica follows."""
+
     @abc.abstractmethod
     def set_desired(self, desired: Sequence[DesiredModel]) -> list[DesiredModel]:
         """Replaces the desired model of each device named, in one transaction; returns them
@@ -362,7 +371,6 @@ class Store(abc.ABC):
     def desired_revision(self) -> int:
         """The newest desired-state revision (0 before any)."""
 
-    # ---- rollouts ----
     @abc.abstractmethod
     def create_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget]) -> None:
         """Atomically: FailedPrecondition when a target is in another active rollout."""
@@ -370,10 +378,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_rollout(self, rollout_id: str) -> RolloutRecord:
         """NotFound when unknown."""
-
-    @abc.abstractmethod
-    def state_counts(self) -> dict[str, dict[str, int]]:
-        """Rows by state of devices, rollouts, alerts and webhook_deliveries (for metrics)."""
 
     @abc.abstractmethod
     def list_rollouts(self, active_only: bool = False) -> list[RolloutRecord]:
@@ -408,7 +412,10 @@ class Store(abc.ABC):
     def rollout_target(self, rollout_id: str, device_id: str) -> RolloutTarget | None:
         """One device of a rollout; None when it is not a target."""
 
-    # ---- operators ----
+
+class OperatorStore(abc.ABC):
+    """Operators, their tokens and roles, and the audit log."""
+
     @abc.abstractmethod
     def add_operator(
         self, name: str, token_hash: str, now: dt.datetime, role: str = "admin"
@@ -437,6 +444,36 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def operator_by_token_hash(self, token_hash: str) -> OperatorRecord:
         """The operator holding that token; Unauthenticated when none (or revoked)."""
+
+
+class Store(
+    DeviceStore,
+    RecordStore,
+    AlertStore,
+    MaintenanceStore,
+    WebhookOutbox,
+    LeaseStore,
+    ModelStore,
+    RolloutStore,
+    OperatorStore,
+):
+    """Durable control-plane state, one interface per aggregate (above) that components
+    may depend on alone. Methods raise errors from `edge_agent.errors`; every backend passes
+    the same contract test."""
+
+    @property
+    @abc.abstractmethod
+    def shared(self) -> bool:
+        """Whether several control-plane processes can use this store at once."""
+
+    def change_listener(self, on_change: Callable[[str], None]) -> ChangeListener | None:
+        """A listener for other replicas' changes (`cloud.store.notify`), not yet started;
+        None where no other process can write (SQLite)."""
+        return None
+
+    @abc.abstractmethod
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """Rows by state of devices, rollouts, alerts and webhook_deliveries (for metrics)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
