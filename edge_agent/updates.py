@@ -23,7 +23,7 @@ from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, read_signed_manifes
 from edge_agent.config import ModelChoice
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
-from edge_agent.errors import AutoglmError, IntegrityError
+from edge_agent.errors import AutoglmError, IntegrityError, Unavailable
 from edge_agent.retry import Backoff
 from edge_agent.serving import Hardware, ServingModel, choose
 from edge_agent.slots import SlotInfo
@@ -64,6 +64,14 @@ class InstallFailed(Exception):
         self.outcome = outcome
 
 
+class InstallDeferred(Exception):
+    """The control plane could not be reached mid-download (a restart, a partition): not
+    the device's failure. The parts kept resume when it is back."""
+
+
+RETRY_DEFERRED_S = 30.0  # an install deferred is tried again after this (or at session open)
+
+
 @dataclasses.dataclass
 class ShadowModel:
     model: ServingModel
@@ -86,6 +94,8 @@ async def fetch_verified(
         manifest = await asyncio.to_thread(read_signed_manifest, directory, key)
     except IntegrityError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+    except Unavailable as exc:
+        raise InstallDeferred(str(exc)) from None
     except AutoglmError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
     if (manifest.name, manifest.version) != (d.model_name, d.model_version):
@@ -107,6 +117,8 @@ async def fetch_verified(
         await asyncio.to_thread(verify_bundle, directory, key, True)
     except IntegrityError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
+    except Unavailable as exc:
+        raise InstallDeferred(str(exc)) from None
     except AutoglmError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
     return manifest
@@ -134,6 +146,11 @@ class ModelUpdater:
     def want(self, desired: agent_pb2.DesiredState) -> None:
         self._wanted = desired
         self._ready.set()
+
+    def _retry(self, deferred: agent_pb2.DesiredState) -> None:
+        """Applies a deferred desired state again, unless a newer one came meanwhile."""
+        if self._wanted is deferred:
+            self._ready.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         evaluations = asyncio.create_task(self._shadow_loop())
@@ -221,6 +238,15 @@ class ModelUpdater:
         except InstallFailed as exc:
             log.error("install of %s failed: %s", d.model_version, exc)
             self._report(d, exc.outcome, str(exc))
+            return
+        except InstallDeferred as exc:
+            # Not reported as a failure: the control plane resends the desired state when
+            # the session is back, and the retry below covers a session that stayed up.
+            log.warning(
+                "install of %s waits for the control plane (%s); resumes within %.0fs",
+                d.model_version, exc, RETRY_DEFERRED_S,
+            )  # fmt: skip
+            asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
             return
         previous = agent.slots.read().active
         agent.slots.activate(dataclasses.replace(info, rollout_id=d.rollout_id))
