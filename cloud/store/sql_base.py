@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,27 @@ class SqlBase:
         if row is None:
             raise NotFound(f"no device with id or name '{id_or_name}'")
         return row
+
+
+def new_device_row(
+    name: str, labels: Mapping[str, str], profile: str, now: dt.datetime
+) -> DeviceRow:
+    """A device registered now, not enrolled yet."""
+    return DeviceRow(
+        id=str(uuid.uuid4()),
+        name=name,
+        labels=dict(labels),
+        profile=profile,
+        state=DeviceState.PENDING.value,
+        created_at=now,
+        revoked_reason="",
+        cert_serial="",
+        cert_fingerprint="",
+        session_open=False,
+        agent_version="",
+        status={},
+        host={},
+    )
 
 
 def _device(row: DeviceRow) -> DeviceRecord:

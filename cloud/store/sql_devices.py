@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -17,7 +16,7 @@ from cloud.domain import (
 )
 from cloud.selectors import Selector, matches
 from cloud.store.notify import DEVICES, notify
-from cloud.store.sql_base import SqlBase, _device
+from cloud.store.sql_base import SqlBase, _device, new_device_row
 from cloud.store.tables import (
     DeviceRow,
     EnrollmentTokenRow,
@@ -42,21 +41,7 @@ class DeviceTables(SqlBase):
     def create_device(
         self, name: str, labels: Mapping[str, str], profile: str, now: dt.datetime
     ) -> DeviceRecord:
-        row = DeviceRow(
-            id=str(uuid.uuid4()),
-            name=name,
-            labels=dict(labels),
-            profile=profile,
-            state=DeviceState.PENDING.value,
-            created_at=now,
-            revoked_reason="",
-            cert_serial="",
-            cert_fingerprint="",
-            session_open=False,
-            agent_version="",
-            status={},
-            host={},
-        )
+        row = new_device_row(name, labels, profile, now)
         try:
             with self._tx() as s:
                 s.add(row)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -12,7 +11,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 from cloud.domain import DeviceRecord, DeviceState, EnrollmentGroup
 from cloud.store.notify import DEVICES, notify
-from cloud.store.sql_base import SqlBase, _device
+from cloud.store.sql_base import SqlBase, _device, new_device_row
 from cloud.store.tables import DeviceRow, EnrollmentGroupRow
 from edge_agent.errors import AlreadyExists, NotFound, PermissionDenied, Unauthenticated
 
@@ -103,20 +102,8 @@ class GroupTables(SqlBase):
                         "another name, or delete the old device first"
                     )
                 group = _group(row)
-                device = DeviceRow(
-                    id=str(uuid.uuid4()),
-                    name=device_name,
-                    labels=group.labels_for(device_name),
-                    profile=group.profile,
-                    state=DeviceState.PENDING.value,
-                    created_at=now,
-                    revoked_reason="",
-                    cert_serial="",
-                    cert_fingerprint="",
-                    session_open=False,
-                    agent_version="",
-                    status={},
-                    host={},
+                device = new_device_row(
+                    device_name, group.labels_for(device_name), group.profile, now
                 )
                 issued = issue(_device(device))
                 serial, fingerprint, not_after = activate(issued)
