@@ -63,6 +63,20 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_bad_tokens_are_refused(site: 
         assert response.status_code == status, token
         assert "autoglm_console" not in response.headers.get("set-cookie", "")
     assert "not a live operator token" in client.post("/login", data={"token": "agt_op_x"}).text
+    # The login page's ?next= reaches the form decoded: tabs and newlines, which browsers
+    # and yarl drop ("/\t/evil" would become "//evil", another site).
+    for elsewhere in ("/\t/evil.example", "/\n/evil.example", "/\r/evil.example",
+                      "https://evil.example/x"):  # fmt: skip
+        response = client.post("/login", data={"token": site.plane.token, "next": elsewhere})
+        assert response.status_code == 303, elsewhere
+        assert response.headers["location"] == "/fleet", (elsewhere, response.headers)
+        client.cookies.clear()
+    bad_utf8 = client.post(
+        "/login",
+        content=b"token=\xff\xfe",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert bad_utf8.status_code == 400 and "Traceback" not in bad_utf8.text, bad_utf8.text[-300:]
     response = client.post("/login", data={"token": site.plane.token, "next": "//evil.example"})
     assert response.status_code == 303 and response.headers["location"] == "/fleet"
     cookie = response.headers["set-cookie"].lower()
@@ -144,6 +158,13 @@ def test_bad_input_and_unknown_ids_are_clear_errors(site: Site) -> None:
             ),
             400,
             "is not a duration",
+        ),
+        (
+            client.post(
+                f"/alerts/{alert.id}/shelve", data={"_csrf": csrf, "for": "nan", "reason": "x"}
+            ),
+            400,
+            "must be a positive number",
         ),
         (
             client.post(f"/alerts/{alert.id}/ack", data={"_csrf": csrf, "verdict": "maybe"}),

@@ -120,3 +120,19 @@ def test_console_listen_is_checked_like_the_other_ports(tmp_path: Path) -> None:
     assert CloudConfig(state_dir=tmp_path, console_listen="127.0.0.1:0").console_listen
     with pytest.raises(ValidationError, match="HOST:PORT"):
         CloudConfig(state_dir=tmp_path, console_listen="8080")
+
+
+def test_a_timeline_around_the_calendar_ends_does_not_overflow() -> None:
+    import datetime as dt
+
+    from cloud.console.alerts import AROUND, _moved
+
+    first = dt.datetime(1, 1, 1, 0, 0, 30, tzinfo=dt.UTC)
+    assert _moved(first, -AROUND) == first
+    last = dt.datetime(9999, 12, 31, 23, 59, 0, tzinfo=dt.UTC)
+    assert _moved(last, AROUND) == last
+    assert _moved(last, -AROUND) == last - AROUND
+    # A chart whose points all sit at the calendar's end draws (its padding is unlabelled).
+    end = last.timestamp()
+    chart = line_chart("score", [Series("s", [(end, 1.0), (end, 2.0)])], threshold=1.0)
+    assert "<svg" in chart

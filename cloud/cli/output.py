@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -67,8 +68,8 @@ def parse_duration(text: str) -> float:
         value = float(number)
     except ValueError:
         raise ValueError(f"'{text}' is not a duration like 90s, 15m, 24h or 7d") from None
-    if value <= 0:
-        raise ValueError(f"duration '{text}' must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"duration '{text}' must be a positive number")
     return value * units[unit]
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 from urllib.parse import quote
 
 from aiohttp import web
@@ -39,8 +40,10 @@ from cloud.console.markup import (
     when,
 )
 from cloud.domain import VERDICTS
-from edge_agent.errors import AutoglmError, InvalidInput, Unauthenticated
+from edge_agent.errors import AutoglmError, InvalidInput, Unauthenticated, Unavailable
 from protos.autoglm.v1 import agent_pb2, operator_pb2
+
+log = logging.getLogger(__name__)
 
 LIST_LIMIT = 200
 KEEPALIVE_S = 15.0
@@ -151,8 +154,12 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
         try:
             async for alert in calls.watch_alerts():
                 await queue.put(alert)
+            await queue.put(Unavailable("the alert stream ended; reload the page"))
         except AutoglmError as exc:
             await queue.put(exc)
+        except Exception:  # the page must not say "live" over a dead stream
+            log.exception("console: watching alerts failed")
+            await queue.put(Unavailable("watching alerts failed; reload the page"))
 
     task = asyncio.create_task(pump())
     response = web.StreamResponse(
@@ -183,6 +190,14 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     return response
+
+
+def _moved(at: dt.datetime, by: dt.timedelta) -> dt.datetime:
+    """`at + by`, held inside the calendar (a device may stamp year 1 or 9999)."""
+    try:
+        return at + by
+    except OverflowError:
+        return at
 
 
 def _timeline(
@@ -227,9 +242,9 @@ async def render_alert(
     wanted = operator_pb2.QueryPredictionsRequest(
         device=alert.device_id, asset=alert.asset, limit=TIMELINE_LIMIT
     )
-    wanted.since.FromDatetime(alert.first_seen.ToDatetime(tzinfo=dt.UTC) - AROUND)
+    wanted.since.FromDatetime(_moved(alert.first_seen.ToDatetime(tzinfo=dt.UTC), -AROUND))
     if alert.HasField("resolved_at"):
-        wanted.until.FromDatetime(alert.resolved_at.ToDatetime(tzinfo=dt.UTC) + AROUND)
+        wanted.until.FromDatetime(_moved(alert.resolved_at.ToDatetime(tzinfo=dt.UTC), AROUND))
     score_chart, sensor_chart = _timeline(alert, await calls.predictions(wanted))
     captured = window_chart(alert, await alert_window(calls, alert))
     facts: list[tuple[str, Markup | str]] = [

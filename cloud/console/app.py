@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
+from yarl import URL
 
 from cloud.console import alerts, fleet, rollouts
 from cloud.console.api import OperatorApi
@@ -42,9 +43,21 @@ def _live(request: web.Request) -> bool:
     return request.path.startswith("/live/")
 
 
+_PATH_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-.?=&%~:+,"
+)
+
+
 def _safe_next(target: str) -> str:
-    """Where to go after signing in: a path of this console only."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Where to go after signing in: a path of this console only. Any character outside a
+    plain path's is refused: browsers and yarl drop tabs and newlines, so "/\t/evil" would
+    become "//evil", another site."""
+    if (
+        not target.startswith("/")
+        or target.startswith("//")
+        or not set(target) <= _PATH_CHARS
+        or URL(target).host
+    ):
         return "/fleet"
     return target
 

@@ -154,7 +154,10 @@ def _x_axis(x0: float, x1: float, px: Callable[[float], float], height: int) -> 
     for i in range(5):
         value = x0 + (x1 - x0) * i / 4
         x = px(value)
-        label = dt.datetime.fromtimestamp(value, dt.UTC).strftime(fmt)
+        try:
+            label = dt.datetime.fromtimestamp(value, dt.UTC).strftime(fmt)
+        except (OverflowError, ValueError, OSError):  # padded past the calendar's ends
+            label = ""
         out.append(
             tag(
                 "line",

@@ -102,7 +102,10 @@ def field(form: dict[str, str], name: str, limit: int = MAX_FIELD) -> str:
 
 async def form_of(request: web.Request) -> dict[str, str]:
     """The posted form's text fields (files are ignored)."""
-    data = await request.post()
+    try:
+        data = await request.post()
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput("the form is not valid UTF-8 text") from None
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
