@@ -92,6 +92,8 @@ def test_a_rotated_key_signs_the_next_rollout_and_a_retired_one_nothing(
             client.push_bundle(v2)  # the plane accepts the new key's signature
         _roll(plane, "2")
         wait_for(lambda: agent.agent.model is not None and agent.agent.model.version == "2")
+        # Retire judges what the control plane has heard: wait for the heartbeat saying v2.
+        wait_for(lambda: _serving(plane) == "2", timeout=30)
 
         # Retire the old key: its bundles are refused by the plane and by the device.
         retire(state, YEAR, dt.datetime.now(dt.UTC))
