@@ -127,11 +127,17 @@ def test_pagerduty_sees_trigger_acknowledge_and_resolve_under_one_dedup_key(site
         assert (done.verdict, done.fault_type) == ("true", "impeller wear") and not pd.refused
         registry = site.plane.plane.metrics.registry
         labels = {"kind": "pagerduty", "outcome": "delivered"}
-        assert registry.get_sample_value("autoglm_webhook_attempts_total", labels) == 3
-        count = registry.get_sample_value(
-            "autoglm_webhook_delivery_seconds_count", {"kind": "pagerduty"}
-        )
-        assert count == 3
+
+        # Counted when the sender has the answer, a moment after the receiver had the event.
+        def counted() -> tuple[float | None, float | None]:
+            return (
+                registry.get_sample_value("autoglm_webhook_attempts_total", labels),
+                registry.get_sample_value(
+                    "autoglm_webhook_delivery_seconds_count", {"kind": "pagerduty"}
+                ),
+            )
+
+        wait_for(lambda: counted() == (3, 3), timeout=30)
     finally:
         pd.close()
 
@@ -148,7 +154,10 @@ def test_a_target_that_refuses_an_event_is_not_retried(site: Site) -> None:
         assert hook.last_error.startswith("HTTP 400") and "routing_key" in hook.last_error
         dead = {"kind": "pagerduty", "outcome": "dead"}
         registry = site.plane.plane.metrics.registry
-        assert registry.get_sample_value("autoglm_webhook_attempts_total", dead) == 1
+        wait_for(
+            lambda: registry.get_sample_value("autoglm_webhook_attempts_total", dead) == 1,
+            timeout=30,
+        )
     finally:
         pd.close()
 
