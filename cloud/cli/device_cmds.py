@@ -9,7 +9,15 @@ from typing import Any
 
 from cloud.cli import alert_cmds, group_cmds
 from cloud.cli.health_cmds import drift_line
-from cloud.cli.output import ago, json_view, parse_duration, parse_labels, print_json, print_table
+from cloud.cli.output import (
+    ago,
+    json_view,
+    parse_duration,
+    parse_labels,
+    print_json,
+    print_table,
+    print_token_json,
+)
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
 from edge_agent.errors import InvalidInput
@@ -129,11 +137,7 @@ def _hand_out_token(
             "device": json_view(response.device),
             "expires_at": bootstrap.expires_at.isoformat(),
         }
-        if args.bootstrap_out:
-            data["bootstrap_file"] = str(args.bootstrap_out)
-        else:
-            data["enrollment_token"] = response.enrollment_token
-        print_json(data)
+        print_token_json(args.bootstrap_out, data, response.enrollment_token)
         return 0
     print(f"{headline} (id {response.device.id})")
     print(f"  enrollment token expires {bootstrap.expires_at.isoformat()}")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cloud.cli.output import json_view, parse_duration, parse_labels, print_json, print_table
+from cloud.cli.output import (
+    json_view,
+    parse_duration,
+    parse_labels,
+    print_json,
+    print_table,
+    print_token_json,
+)
 from cloud.client import OperatorClient
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
@@ -58,12 +65,8 @@ def cmd_create(args: argparse.Namespace, client: OperatorClient) -> int:
     if args.bootstrap_out:
         write_bootstrap(args.bootstrap_out, bootstrap)
     if args.json:
-        data: dict[str, object] = {"group": json_view(response.group)}
-        if args.bootstrap_out:
-            data["bootstrap_file"] = str(args.bootstrap_out)
-        else:
-            data["enrollment_token"] = response.enrollment_token
-        print_json(data)
+        data = {"group": json_view(response.group)}
+        print_token_json(args.bootstrap_out, data, response.enrollment_token)
         return 0
     g = response.group
     print(f"Enrollment group {g.name}: up to {g.max_uses} device(s) until "

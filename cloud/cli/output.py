@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -125,3 +126,13 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE and isinstance(value, dict):
         return _plain(field.message_type, value)
     return value
+
+
+def print_token_json(bootstrap_out: Path | None, data: dict[str, Any], token: str) -> None:
+    """`data` with where an enrollment token went: the bootstrap file written, else the
+    token itself (shown once)."""
+    if bootstrap_out:
+        data["bootstrap_file"] = str(bootstrap_out)
+    else:
+        data["enrollment_token"] = token
+    print_json(data)

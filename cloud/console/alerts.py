@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from cloud.cli.alert_cmds import STATE_NAMES, STATES
 from cloud.cli.output import parse_duration
 from cloud.console.captures import alert_window, window_chart
 from cloud.console.charts import Series, Span, line_chart
@@ -50,13 +51,6 @@ KEEPALIVE_S = 15.0
 AROUND = dt.timedelta(minutes=10)  # predictions shown before and after an alert
 TIMELINE_LIMIT = 3000
 TOP_SENSORS = 5
-STATES = {
-    "firing": operator_pb2.Alert.STATE_FIRING,
-    "acknowledged": operator_pb2.Alert.STATE_ACKNOWLEDGED,
-    "resolved": operator_pb2.Alert.STATE_RESOLVED,
-    "returned": operator_pb2.Alert.STATE_RETURNED,
-}
-STATE_NAMES = {v: k for k, v in STATES.items()}
 ACTIONS = ("ack", "resolve", "shelve", "unshelve")
 VERDICT_CHOICES = [("", "no verdict yet"), *((v, f"verdict: {v}") for v in VERDICTS)]
 
