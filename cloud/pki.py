@@ -81,7 +81,20 @@ class CertificateAuthority:
         key = serialization.load_pem_private_key(key_pem, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise IntegrityError("the CA key is not an EC key")
-        return cls(key, x509.load_pem_x509_certificate(cert_pem))
+        # The issuing CA first; during a CA change ca.crt also holds the other trusted one.
+        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+            raise IntegrityError(
+                "the CA key does not belong to the CA certificate (an interrupted "
+                "`autoglm cloud ca activate`? run it again)"
+            )
+        return cls(key, cert)
+
+    @property
+    def fingerprint(self) -> str:
+        return certificate_fingerprint(self.cert)
 
     @property
     def cert_pem(self) -> bytes:

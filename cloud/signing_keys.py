@@ -67,25 +67,51 @@ def describe(state_dir: Path) -> RootSummary:
     return RootSummary(root.version, root.expires, tuple(sorted(root.keys)), current)
 
 
-def _trusted(state_dir: Path) -> tuple[int, list[ed25519.Ed25519PublicKey]]:
+@dataclass(frozen=True)
+class HeldRoot:
+    """What the state dir's signing root says now (version 1: the signing key alone)."""
+
+    version: int
+    keys: list[ed25519.Ed25519PublicKey]
+    cas: tuple[bytes, ...]  # the fleet CAs it lists; (): none (the CA alone)
+
+
+def held_root(state_dir: Path) -> HeldRoot:
     secrets = load_secrets(state_dir)
     if not secrets.signing_root:
-        return 1, [secrets.signing_key.public_key()]
+        return HeldRoot(1, [secrets.signing_key.public_key()], ())
     root = parse_root(secrets.signing_root, str(state_dir / SIGNING_ROOT))
-    return root.version, list(root.keys.values())
+    return HeldRoot(root.version, list(root.keys.values()), root.cas)
+
+
+def root_signers(
+    state_dir: Path, keys: list[ed25519.Ed25519PublicKey]
+) -> list[ed25519.Ed25519PrivateKey]:
+    """The current signing key and the archived private keys of `keys`: a root they all
+    sign is taken by a device that trusts any of them (one that missed earlier roots too)."""
+    current = load_secrets(state_dir).signing_key
+    archived = [
+        k
+        for k in (_archived(state_dir, key_id(pub)) for pub in keys)
+        if k is not None and key_id(k.public_key()) != key_id(current.public_key())
+    ]
+    return [current, *archived]
 
 
 def rotate(state_dir: Path, valid_for: dt.timedelta, now: dt.datetime) -> RootSummary:
     """A new signing key, trusted beside the current ones (see the module's docstring)."""
     current = load_secrets(state_dir).signing_key
-    version, keys = _trusted(state_dir)
+    held = held_root(state_dir)
+    version, keys = held.version, held.keys
     if len(keys) >= MAX_KEYS:
         raise FailedPrecondition(
             f"{len(keys)} signing keys are trusted already; retire the old ones first "
             "(autoglm cloud signing-key retire)"
         )
     new = new_signing_key()
-    document = sign_root(version + 1, now + valid_for, [*keys, new.public_key()], [current, new])
+    document = sign_root(
+        version + 1, now + valid_for, [*keys, new.public_key()], [current, new], held.cas
+    )
     retired = state_dir / RETIRED
     retired.mkdir(mode=0o700, exist_ok=True)
     archived = retired / f"signing-{key_id(current.public_key())}.key"
@@ -107,7 +133,8 @@ def retire(
     retired keys kept under `retired-keys/` too, so a device that never took the previous
     root (offline, or an older agent since upgraded) can still take this one."""
     current = load_secrets(state_dir).signing_key
-    version, keys = _trusted(state_dir)
+    held = held_root(state_dir)
+    version, keys = held.version, held.keys
     if len(keys) == 1:
         raise FailedPrecondition("only the current signing key is trusted; nothing to retire")
     if not force:
@@ -118,12 +145,8 @@ def retire(
                 + ", ".join(stranded[:10])
                 + " (roll out a version signed by the current key first, or --force)"
             )
-    archived = [
-        k
-        for k in (_archived(state_dir, key_id(pub)) for pub in keys)
-        if k is not None and key_id(k.public_key()) != key_id(current.public_key())
-    ]
-    document = sign_root(version + 1, now + valid_for, [current.public_key()], [current, *archived])
+    signers = root_signers(state_dir, keys)
+    document = sign_root(version + 1, now + valid_for, [current.public_key()], signers, held.cas)
     replace_atomically(state_dir / SIGNING_ROOT, document, PUBLIC_MODE)
     fsync_dir(state_dir)
     return describe(state_dir)

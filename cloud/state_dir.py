@@ -31,6 +31,10 @@ CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
 SIGNING_KEY, SIGNING_PUB = "signing.key", "signing.pub"
 SIGNING_ROOT = "signing-root.json"  # after a key rotation (cloud/signing_keys.py)
+# A CA change (cloud/ca_rollover.py): the CA introduced but not yet issuing, both CAs for
+# operators' tools, and the key material the secret box and console sessions keep using.
+CA_NEXT_KEY, CA_NEXT_CERT = "ca-next.key", "ca-next.crt"
+CA_BUNDLE, BOX_KEY = "ca-bundle.pem", "box.key"
 SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
 
 
@@ -44,6 +48,24 @@ class ControlPlaneSecrets:
     signing_key: ed25519.Ed25519PrivateKey
     # The signed list of bundle-signing keys since the first rotation; b"": only signing.key.
     signing_root: bytes = b""
+    # Secret-box / session-seal key material kept across a CA change; b"": the CA key's.
+    box_key: bytes = b""
+
+    @property
+    def trusted_ca_pem(self) -> bytes:
+        """The CAs whose certificates are accepted, and that devices and operators should
+        trust: those the signing root lists (old and new during a CA change), else the CA."""
+        if self.signing_root:
+            root = parse_root(self.signing_root, SIGNING_ROOT)
+            if root.cas:
+                return root.ca_bundle
+        return self.ca.cert_pem
+
+    @property
+    def key_material(self) -> bytes:
+        """What the secret box and console sessions derive their keys from: stable across a
+        CA change (the first CA's key, kept in box.key when the CA changed)."""
+        return self.box_key or self.ca.key_material()
 
     @property
     def signing_public_pem(self) -> bytes:
@@ -165,4 +187,5 @@ def load_secrets(state_dir: Path) -> ControlPlaneSecrets:
         server_chain_pem=read(SERVER_CERT),
         signing_key=signing,
         signing_root=root,
+        box_key=read(BOX_KEY) if (state_dir / BOX_KEY).exists() else b"",
     )

@@ -15,7 +15,12 @@ from edge_agent import hostfacts
 from edge_agent.bundle import load_public_key
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AutoglmError, LocalStateError
-from edge_agent.identity import DeviceIdentity, load_identity
+from edge_agent.identity import (
+    DeviceIdentity,
+    certificate_issuer,
+    load_identity,
+    replace_ca_bundle,
+)
 from edge_agent.metrics import AgentMetrics, MetricsServer, health_problems
 from edge_agent.outbox import Outbox
 from edge_agent.renewal import CertificateRenewer, finish_interrupted
@@ -43,6 +48,8 @@ class Agent:
         self.started = time.monotonic()
         pinned = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
         self.key = DeviceTrust(config.state_dir, pinned)  # the keys bundles may be signed by
+        self._follow_root_cas()  # a CA list taken just before a crash
+        self.issuer = certificate_issuer(self.identity)
         self.slots = ModelSlots(config.state_dir / "models")
         self.pending_reports: list[agent_pb2.AgentMessage] = []
         self.model = self._open_at_start()
@@ -89,6 +96,7 @@ class Agent:
             inference_backend=model.choice.label if model else "",
             slot=self.slot(),
             signing_root_version=self.key.version,
+            certificate_issuer=self.issuer,
             uptime_seconds=time.monotonic() - self.started,
             health=self.runtime.health(hostfacts.disk_free_bytes(self.config.state_dir)),
         )
@@ -181,7 +189,20 @@ class Agent:
 
     def _renewed(self, identity: DeviceIdentity) -> None:
         self.identity = identity
+        self.issuer = certificate_issuer(identity)
         self.session.use_identity(identity)
+
+    def _follow_root_cas(self) -> bool:
+        """Trusts the CAs the signing root lists, when it lists any (a CA change): they
+        replace `identity/ca.crt`. True when they changed."""
+        root = self.key.root
+        if root is None or not root.cas:
+            return False
+        if not replace_ca_bundle(self.config.state_dir, root.ca_bundle):
+            return False
+        self.identity = load_identity(self.config.state_dir)
+        log.info("the control plane's CAs changed: %d trusted", len(root.cas))
+        return True
 
     def _on_control(self, message: agent_pb2.ControlMessage) -> None:
         body = message.WhichOneof("body")
@@ -191,9 +212,15 @@ class Agent:
             self.runtime.maintenance.replace(message.maintenance)
         elif body == "signing_root":
             try:
-                self.key.take(message.signing_root.document, dt.datetime.now(dt.UTC))
-            except AutoglmError as exc:  # the keys stay as they were
+                now = dt.datetime.now(dt.UTC)
+                # New CAs in the root: the next session (and a renewal) trusts them.
+                if self.key.take(message.signing_root.document, now) and self._follow_root_cas():
+                    self.session.use_identity(self.identity, reconnect=False)
+            except AutoglmError as exc:  # the keys and CAs stay as they were
                 log.error("signing root refused: %s", exc)
+        elif body == "renew_certificate":
+            log.info("certificate renewal asked for: %s", message.renew_certificate.reason)
+            self.renewer.renew_soon()
 
     def host(self) -> common_pb2.HostFacts:
         return hostfacts.collect(self.config.state_dir)

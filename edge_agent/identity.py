@@ -4,6 +4,7 @@ the control plane's CA and the pinned bundle-signing key."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
-from edge_agent.files import fsync_dir, write_new
+from edge_agent.files import fsync_dir, replace_atomically, write_new
 
 IDENTITY_DIR = "identity"
 KEY_FILE, CERT_FILE, CA_FILE, SIGNING_FILE, INFO_FILE = (
@@ -97,13 +98,42 @@ def build_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def issuer_of(leaf: x509.Certificate, ca_pem: bytes) -> x509.Certificate | None:
+    """The CA of the bundle `ca_pem` that signed `leaf`, or None."""
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        return None
+    for ca in cas:
+        try:
+            leaf.verify_directly_issued_by(ca)
+            return ca
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return None
+
+
+def certificate_issuer(identity: DeviceIdentity) -> str:
+    """The sha256 fingerprint of the trusted CA that issued this device's certificate ("" when
+    none of them did): after a CA change, says whether the device renewed under the new CA."""
+    try:
+        leaf = x509.load_pem_x509_certificates(identity.chain_pem)[0]
+    except (ValueError, IndexError):
+        return ""
+    ca = issuer_of(leaf, identity.ca_pem)
+    if ca is None:
+        return ""
+    return hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 def check_issued_certificate(
     key: ec.EllipticCurvePrivateKey, chain_pem: bytes, ca_pem: bytes
 ) -> x509.Certificate:
-    """The returned certificate must carry our key and be signed by the CA we trust."""
+    """The returned certificate must carry our key and be signed by a CA we trust (`ca_pem`
+    may hold several: the old and the new one during a CA change)."""
     try:
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        x509.load_pem_x509_certificates(ca_pem)
     except (ValueError, IndexError) as exc:
         raise IntegrityError(
             f"the control plane returned an unreadable certificate: {exc}"
@@ -116,11 +146,23 @@ def check_issued_certificate(
     )
     if mine != theirs:
         raise IntegrityError("the issued certificate is not for this device's key")
-    try:
-        leaf.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise IntegrityError("the issued certificate is not signed by the bootstrap CA") from None
+    if issuer_of(leaf, ca_pem) is None:
+        raise IntegrityError("the issued certificate is not signed by a CA this device trusts")
     return leaf
+
+
+def replace_ca_bundle(state_dir: Path, bundle_pem: bytes) -> bool:
+    """Makes `bundle_pem` the CAs this device trusts for its control plane (from a signing
+    root that lists them); False when they are those already."""
+    path = identity_dir(state_dir) / CA_FILE
+    try:
+        if path.read_bytes() == bundle_pem:
+            return False
+        replace_atomically(path, bundle_pem, 0o644)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise LocalStateError(f"{path}: cannot write the trusted CAs: {exc.strerror}") from None
+    return True
 
 
 def identity_dir(state_dir: Path) -> Path:

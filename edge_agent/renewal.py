@@ -15,7 +15,6 @@ read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -138,6 +137,11 @@ class CertificateRenewer:
         self.clock = clock
         self.renewals = 0
         self.last_error = ""
+        self._asked = asyncio.Event()  # the control plane asked for a renewal (a CA change)
+
+    def renew_soon(self) -> None:
+        """Renew now, whatever the certificate's age (event loop only)."""
+        self._asked.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -146,16 +150,29 @@ class CertificateRenewer:
             due = renewal_due(self.identity(), self.at_fraction)
             # Short-lived certificates: never sleep past the due time by a check interval.
             wait = min(wait, max(1.0, (due - now).total_seconds()))
-            if now >= due:
+            if now >= due or self._asked.is_set():
                 try:
                     await self.renew()
+                    self._asked.clear()
                     self.backoff.reset()
                 except AutoglmError as exc:
                     self.last_error = str(exc)
                     wait = self.backoff.next_delay()
                     log.warning("certificate renewal failed (%s); again in %.0f s", exc, wait)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+                    await self._sleep(stop, wait, asked=False)  # a repeated ask waits too
+                    continue
+            await self._sleep(stop, wait, asked=True)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float, asked: bool) -> None:
+        """Until `stop`, `seconds` pass, or (with `asked`) a renewal is asked for."""
+        waits = [asyncio.ensure_future(stop.wait())]
+        if asked:
+            waits.append(asyncio.ensure_future(self._asked.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def renew(self) -> DeviceIdentity:
         current = self.identity()

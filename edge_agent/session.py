@@ -139,11 +139,13 @@ class CloudSession:
     def credentials(self) -> grpc.ChannelCredentials:
         return self.identity.credentials()
 
-    def use_identity(self, identity: DeviceIdentity) -> None:
+    def use_identity(self, identity: DeviceIdentity, reconnect: bool = True) -> None:
         """New credentials (a renewed certificate): the open session ends cleanly and the
-        next one opens at once with them (event loop only)."""
+        next one opens at once with them (event loop only). `reconnect=False` (new trusted
+        CAs only): the open session goes on, the next one uses them."""
         self.identity = identity
-        self._restart.set()
+        if reconnect:
+            self._restart.set()
 
     async def _session(self, stop: asyncio.Event) -> None:
         self._restart.clear()  # this session opens with the credentials there are now

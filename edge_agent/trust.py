@@ -15,6 +15,12 @@ signed by any of them verifies, one signed by a key it dropped no longer does.
 
 Expiry guards the taking of new roots only. A root that has expired on a device still
 verifies what it signed: an edge box offline for a year must still start its model.
+
+A root may also list the fleet's TLS certificate authorities (`"cas": [PEM, ...]`, during a
+CA change the old and the new one; `cloud/ca_rollover.py`): a device that takes it trusts
+exactly those for its control plane from then on (`identity/ca.crt`). Carrying them in the
+signed root means a leaked CA key alone cannot hand a device a CA: that takes a signing key.
+Roots without the field leave the device's CAs as they were.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 KIND = "autoglm-signing-root"
 MAX_ROOT_BYTES = 64 * 1024
 MAX_KEYS = 16
+MAX_CAS = 4
 
 
 class Verifier(Protocol):
@@ -87,6 +95,12 @@ class SigningRoot:
     signatures: tuple[tuple[str, bytes], ...]  # (key id, signature over `body`)
     body: bytes  # the canonical JSON of `signed`
     document: bytes  # as received, for keeping and passing on
+    cas: tuple[bytes, ...] = ()  # PEM CA certificates the fleet trusts; (): not said
+
+    @property
+    def ca_bundle(self) -> bytes:
+        """The listed CAs as one PEM bundle (b"" when the root lists none)."""
+        return b"".join(self.cas)
 
     def trusted(self) -> TrustedKeys:
         return TrustedKeys(self.keys.values())
@@ -115,14 +129,18 @@ def sign_root(
     expires: dt.datetime,
     keys: Iterable[ed25519.Ed25519PublicKey],
     signers: Iterable[ed25519.Ed25519PrivateKey],
+    cas: Sequence[bytes] = (),
 ) -> bytes:
-    """A root document listing `keys`, signed by each of `signers`."""
-    signed = {
+    """A root document listing `keys` (and the fleet's CA certificates `cas`, PEM, when
+    given), signed by each of `signers`."""
+    signed: dict[str, Any] = {
         "kind": KIND,
         "version": version,
         "expires": expires.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "keys": {key_id(k): base64.b64encode(raw_key(k)).decode() for k in keys},
     }
+    if cas:
+        signed["cas"] = [pem.decode("ascii") for pem in cas]
     body = canonical(signed)
     signatures = [
         {"keyid": key_id(s.public_key()), "sig": base64.b64encode(s.sign(body)).decode()}
@@ -161,11 +179,34 @@ def parse_root(document: bytes, where: str) -> SigningRoot:
         signatures = tuple(
             (str(e["keyid"]), base64.b64decode(e["sig"], validate=True)) for e in entries
         )
+        cas = _ca_certificates(signed.get("cas", []), where)
     except IntegrityError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error) as exc:
         raise IntegrityError(f"{where}: not a valid signing root: {exc!s:.200}") from None
-    return SigningRoot(version, expires, keys, signatures, canonical(signed), document)
+    return SigningRoot(version, expires, keys, signatures, canonical(signed), document, cas)
+
+
+def _ca_certificates(listed: object, where: str) -> tuple[bytes, ...]:
+    """The root's `cas`: each one PEM certificate of a certificate authority."""
+    if not isinstance(listed, list) or len(listed) > MAX_CAS:
+        raise IntegrityError(f"{where}: a signing root lists at most {MAX_CAS} CAs")
+    cas = []
+    for i, text in enumerate(listed):
+        if not isinstance(text, str):
+            raise IntegrityError(f"{where}: cas[{i}] is not a PEM string")
+        pem = text.encode("ascii")
+        try:
+            certs = x509.load_pem_x509_certificates(pem)
+            constraints = certs[0].extensions.get_extension_for_class(x509.BasicConstraints)
+        except (ValueError, x509.ExtensionNotFound) as exc:
+            raise IntegrityError(
+                f"{where}: cas[{i}] is not a CA certificate: {exc!s:.120}"
+            ) from None
+        if len(certs) != 1 or not constraints.value.ca:
+            raise IntegrityError(f"{where}: cas[{i}] is not one CA certificate")
+        cas.append(pem)
+    return tuple(cas)
 
 
 class StaleRoot(IntegrityError):

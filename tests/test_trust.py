@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cloud.pki import CertificateAuthority, new_private_key
 from cloud.signing_keys import describe, retire, rotate
 from cloud.state_dir import SIGNING_KEY, SIGNING_ROOT, load_secrets
 from edge_agent.errors import FailedPrecondition, IntegrityError
@@ -190,3 +192,24 @@ def test_the_signing_key_commands(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code != 0 and "nothing to retire" in capsys.readouterr().err
     bad = ["cloud", "signing-key", "rotate", "--state-dir", str(state), "--valid-for", "soon"]
     assert autoglm(bad) != 0 and "--valid-for" in capsys.readouterr().err
+
+
+def test_a_root_may_carry_the_fleet_cas_and_only_ca_certificates() -> None:
+    (key,) = _keys(1)
+    old, new = CertificateAuthority.create("old"), CertificateAuthority.create("new")
+    doc = sign_root(2, NOW + YEAR, [key.public_key()], [key], [old.cert_pem, new.cert_pem])
+    root = accept_root(doc, TrustedKeys([key.public_key()]), 1, NOW)
+    assert root.cas == (old.cert_pem, new.cert_pem)
+    assert root.ca_bundle == old.cert_pem + new.cert_pem
+    # Without CAs the document is as before (older agents verify the same bytes).
+    assert "cas" not in json.loads(sign_root(2, NOW + YEAR, [key.public_key()], [key]))["signed"]
+    leaf = old.issue_server_certificate(["localhost"], new_private_key())
+    not_a_ca = leaf.public_bytes(Encoding.PEM)
+    for cas, message in (
+        ([not_a_ca], "is not one CA certificate"),
+        ([b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"], "not a CA"),
+        ([old.cert_pem] * 5, "at most 4 CAs"),
+    ):
+        bad = sign_root(2, NOW + YEAR, [key.public_key()], [key], cas)
+        with pytest.raises(IntegrityError, match=message):
+            parse_root(bad, "root")

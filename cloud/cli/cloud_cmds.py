@@ -96,6 +96,35 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             )  # fmt: skip
         p.set_defaults(handler=cmd_signing_key, key_action=name)
 
+    ca = cloud_sub.add_parser(
+        "ca",
+        help="change the CA that issues device certificates (no re-enrollment)",
+        description="rotate: a new CA is trusted beside the current one (devices take it "
+        "with the signing root); activate: the new CA issues certificates and devices renew "
+        "under it; retire: only the current CA stays trusted and issues the server "
+        "certificate. Restart the control plane after each step.",
+    )
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("show", "the issuing CA, the trusted ones and a change under way"),
+        ("rotate", "introduce a new CA, trusted beside the current one"),
+        ("activate", "the introduced CA issues device certificates from now on"),
+        ("retire", "trust only the issuing CA"),
+    ):
+        p = ca_sub.add_parser(name, help=text)
+        p.add_argument("--state-dir", required=True, type=Path)
+        if name in ("rotate", "retire"):
+            p.add_argument(
+                "--valid-for", default="365d", help="until devices refuse the signing root "
+                "if they have not taken it yet (default 365d)"
+            )  # fmt: skip
+        if name == "retire":
+            p.add_argument(
+                "--force", action="store_true", help="even while devices have not reported a "
+                "certificate from the current CA (they are then refused)"
+            )  # fmt: skip
+        p.set_defaults(handler=cmd_ca, ca_action=name)
+
 
 def cmd_init(args: argparse.Namespace) -> int:
     from cloud.state_dir import CA_CERT, init_state_dir  # the CLI loads no server code for --help
@@ -224,6 +253,40 @@ def cmd_signing_key(args: argparse.Namespace) -> int:
         print(
             "Restart the control plane (a rolling restart in Kubernetes) so that agents get "
             "the new signing root.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from cloud import ca_rollover
+    from cloud.cli.output import parse_duration, print_json
+
+    now = dt.datetime.now(dt.UTC)
+    valid_for = dt.timedelta(0)
+    if args.ca_action in ("rotate", "retire"):
+        try:
+            valid_for = dt.timedelta(seconds=parse_duration(args.valid_for))
+        except ValueError as exc:
+            raise ConfigError(f"--valid-for: {exc}") from None
+    try:
+        if args.ca_action == "show":
+            summary = ca_rollover.describe(args.state_dir)
+        elif args.ca_action == "rotate":
+            summary = ca_rollover.rotate(args.state_dir, valid_for, now)
+        elif args.ca_action == "activate":
+            summary = ca_rollover.activate(args.state_dir)
+        else:
+            summary = ca_rollover.retire(args.state_dir, valid_for, now, force=args.force)
+    except OSError as exc:
+        raise LocalStateError(f"{exc.filename or args.state_dir}: {exc.strerror}") from None
+    print_json(summary.to_json())
+    if args.ca_action != "show":
+        print(
+            "Restart the control plane (a rolling restart in Kubernetes). Operators' tools: "
+            f"use {args.state_dir / 'ca-bundle.pem'} as --ca-cert.",
             file=sys.stderr,
         )
     return 0

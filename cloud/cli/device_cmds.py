@@ -215,7 +215,9 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
     row = _rows([msg])[0]
     print(f"name:        {msg.name}\nid:          {msg.id}\nstate:       {row[1]}")
     print(f"last seen:   {row[2]}\nlabels:      {row[3]}\nprofile:     {row[4]}")
-    print(f"agent:       {row[5]}\nmodel:       {row[6]}\ncertificate: expires {row[7]}")
+    issuer = msg.status.certificate_issuer
+    issued = f", issued by CA {issuer[:16]}" if issuer else ""
+    print(f"agent:       {row[5]}\nmodel:       {row[6]}\ncertificate: expires {row[7]}{issued}")
     if msg.status.inference_backend:
         print(f"backend:     {msg.status.inference_backend}")
     if msg.host.hostname:

@@ -17,12 +17,13 @@ from cloud.artifacts import ArtifactStore
 from cloud.catalog import assigned_artifacts
 from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
+from cloud.pki import CertificateAuthority
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
 from cloud.service.enrollment import AttemptLimiter
 from cloud.service.maintenance_push import maintenance_message
 from cloud.service.metrics import PlaneMetrics
-from cloud.service.peer import certificate_not_after, device_identity
+from cloud.service.peer import certificate_not_after, device_identity, issued_by
 from cloud.service.records import store_batch
 from cloud.service.serde import (
     desired_to_proto,
@@ -54,9 +55,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         auth_recheck_interval_s: float = 5.0,
         metrics: PlaneMetrics | None = None,
         signing_root: bytes = b"",
+        issuing_ca: CertificateAuthority | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
         self.signing_root = signing_root  # sent before desired state: it may need the new key
+        # After a CA change, devices whose certificate another CA issued renew at once.
+        self.issuing_ca_pem = issuing_ca.cert_pem if issuing_ca is not None else b""
         # Renewals per device and hour: enough for retries after lost answers.
         self.renewals = AttemptLimiter(
             max_failures=RENEWALS_PER_HOUR, window_s=3600.0, what="certificate renewals"
@@ -160,6 +164,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if self.signing_root:
                 yield agent_pb2.ControlMessage(
                     signing_root=agent_pb2.SigningRoot(document=self.signing_root)
+                )
+            if self.issuing_ca_pem and not issued_by(context, self.issuing_ca_pem):
+                yield agent_pb2.ControlMessage(
+                    renew_certificate=agent_pb2.CertificateRenewal(
+                        reason="the control plane's CA changed: the certificate is renewed "
+                        "under the new one"
+                    )
                 )
             desired = await asyncio.to_thread(self.store.get_desired, device.id)
             if desired is not None and desired.revision >= live.desired_revision:

@@ -8,6 +8,7 @@ import hashlib
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from grpc import aio
 
@@ -54,3 +55,21 @@ def device_identity(context: aio.ServicerContext[Any, Any]) -> tuple[str, str]:
             "device calls need mutual TLS with the device's certificate, on the device port"
         )
     return _identity_from_pem(bytes(pems[0]))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _issued_by(pem: bytes, ca_pem: bytes) -> bool:
+    try:
+        x509.load_pem_x509_certificate(pem).verify_directly_issued_by(
+            x509.load_pem_x509_certificate(ca_pem)
+        )
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def issued_by(context: aio.ServicerContext[Any, Any], ca_pem: bytes) -> bool:
+    """Whether the caller's client certificate was issued by the CA `ca_pem` (after a CA
+    change, the older certificates were not: their devices are asked to renew)."""
+    pems = list(context.auth_context().get("x509_pem_cert") or ())
+    return bool(pems) and _issued_by(bytes(pems[0]), ca_pem)

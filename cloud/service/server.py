@@ -115,7 +115,7 @@ class ControlPlane:
             ),
         )
         self.alerts = AlertFeed(store)
-        self.secret_box = SecretBox(secrets.ca.key_material())
+        self.secret_box = SecretBox(secrets.key_material)
         self.webhooks = WebhookSender(
             store,
             SenderSettings(
@@ -171,7 +171,7 @@ class ControlPlane:
             interceptors=[CallMetrics(self.metrics), CallGuard(OperatorTokens(self.store))],
             options=SERVER_OPTIONS,
         )
-        ca_pem = self.secrets.ca.cert_pem
+        ca_pem = self.secrets.trusted_ca_pem  # both CAs during a CA change
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
             EnrollmentServicer(
                 self.registry, ca_pem, self.secrets.signing_public_pem, self.endpoints
@@ -190,6 +190,7 @@ class ControlPlane:
                 self.config.auth_recheck_interval_s,
                 self.metrics,
                 signing_root=self.secrets.signing_root,
+                issuing_ca=self.secrets.ca,
             ),
             server,
         )
@@ -323,9 +324,9 @@ class ControlPlane:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         target = f"[{host}]:{self.api_port}" if ":" in host else f"{host}:{self.api_port}"
-        api = OperatorApi(target, self.secrets.ca.cert_pem, self.config.hosts[0])
+        api = OperatorApi(target, self.secrets.trusted_ca_pem, self.config.hosts[0])
         console = ConsoleServer(
-            self.config.console_listen, api, SessionSeal(self.secrets.ca.key_material())
+            self.config.console_listen, api, SessionSeal(self.secrets.key_material)
         )
         await console.start()
         self._console = console

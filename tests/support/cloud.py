@@ -36,7 +36,7 @@ class RunningPlane:
 
     @property
     def ca_pem(self) -> bytes:
-        return self.plane.secrets.ca.cert_pem
+        return self.plane.secrets.trusted_ca_pem  # both CAs during a CA change
 
     def connection(self, token: str | None = None) -> Connection:
         return Connection(

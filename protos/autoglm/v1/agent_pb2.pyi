@@ -74,6 +74,7 @@ class ControlMessage(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     MAINTENANCE_FIELD_NUMBER: _builtins.int
     SIGNING_ROOT_FIELD_NUMBER: _builtins.int
+    RENEW_CERTIFICATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___SessionAccepted: ...
     @_builtins.property
@@ -88,6 +89,8 @@ class ControlMessage(_message.Message):
     def maintenance(self) -> Global___Maintenance: ...
     @_builtins.property
     def signing_root(self) -> Global___SigningRoot: ...
+    @_builtins.property
+    def renew_certificate(self) -> Global___CertificateRenewal: ...
     def __init__(
         self,
         *,
@@ -98,16 +101,41 @@ class ControlMessage(_message.Message):
         command: Global___Command | None = ...,
         maintenance: Global___Maintenance | None = ...,
         signing_root: Global___SigningRoot | None = ...,
+        renew_certificate: Global___CertificateRenewal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "signing_root", b"signing_root"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "renew_certificate", b"renew_certificate", "signing_root", b"signing_root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "signing_root", b"signing_root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_ack", b"batch_ack", "body", b"body", "command", b"command", "desired", b"desired", "heartbeat_ack", b"heartbeat_ack", "maintenance", b"maintenance", "renew_certificate", b"renew_certificate", "signing_root", b"signing_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance", "signing_root"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "heartbeat_ack", "batch_ack", "desired", "command", "maintenance", "signing_root", "renew_certificate"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class CertificateRenewal(_message.Message):
+    """Renew the device certificate now, whatever its age: sent at session open when the
+    certificate was issued by a CA other than the one the control plane issues with now (a CA
+    change, cloud/ca_rollover.py).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertificateRenewal: _TypeAlias = CertificateRenewal  # noqa: Y015
 
 @_typing.final
 class SigningRoot(_message.Message):
@@ -240,6 +268,7 @@ class AgentStatus(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     SLOT_FIELD_NUMBER: _builtins.int
     SIGNING_ROOT_VERSION_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_ISSUER_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     inference_backend: _builtins.str
@@ -250,6 +279,10 @@ class AgentStatus(_message.Message):
     signing_root_version: _builtins.int
     """The signing root the agent holds (1: the key pinned at enrollment alone; 0: an agent
     from before signing roots, which cannot follow a key rotation).
+    """
+    certificate_issuer: _builtins.str
+    """sha256 of the trusted CA certificate that issued this device's certificate ("" when the
+    agent does not say): a CA is retired only once no device holds a certificate it issued.
     """
     @_builtins.property
     def health(self) -> Global___AgentHealth: ...
@@ -263,10 +296,11 @@ class AgentStatus(_message.Message):
         health: Global___AgentHealth | None = ...,
         slot: _builtins.str = ...,
         signing_root_version: _builtins.int = ...,
+        certificate_issuer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "inference_backend", b"inference_backend", "model_name", b"model_name", "model_version", b"model_version", "signing_root_version", b"signing_root_version", "slot", b"slot", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_issuer", b"certificate_issuer", "health", b"health", "inference_backend", b"inference_backend", "model_name", b"model_name", "model_version", b"model_version", "signing_root_version", b"signing_root_version", "slot", b"slot", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
