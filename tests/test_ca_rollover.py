@@ -16,6 +16,7 @@ from cryptography import x509
 
 from cloud.ca_rollover import activate, describe, retire, rotate
 from cloud.pki import certificate_fingerprint
+from cloud.signing_keys import devices_without_roots
 from cloud.signing_keys import rotate as rotate_key
 from cloud.state_dir import BOX_KEY, CA_BUNDLE, CA_CERT, CA_KEY, CA_NEXT_KEY, load_secrets
 from edge_agent.config import load_agent_config
@@ -80,6 +81,8 @@ def test_the_fleet_moves_to_a_new_ca_without_re_enrolling(tmp_path: Path, broker
     try:
         wait_for(lambda: _issuer(plane, "edge-1") == old, timeout=60)
 
+        # Before rotating: who has never said which root it holds (warned about by the CLI).
+        assert devices_without_roots(cloud) == ["edge-2"]
         # 1. rotate: both CAs trusted; the agent takes them with the root, no renewal yet.
         new = rotate(cloud, YEAR, _now()).introduced
         assert new and new != old

@@ -245,6 +245,7 @@ def cmd_signing_key(args: argparse.Namespace) -> int:
             raise ConfigError(f"--valid-for: {exc}") from None
         now = dt.datetime.now(dt.UTC)
         if args.key_action == "rotate":
+            _warn_old_agents(args.state_dir)
             summary = rotate(args.state_dir, valid_for, now)
         else:
             summary = retire(args.state_dir, valid_for, now, force=args.force)
@@ -275,6 +276,7 @@ def cmd_ca(args: argparse.Namespace) -> int:
         if args.ca_action == "show":
             summary = ca_rollover.describe(args.state_dir)
         elif args.ca_action == "rotate":
+            _warn_old_agents(args.state_dir)
             summary = ca_rollover.rotate(args.state_dir, valid_for, now)
         elif args.ca_action == "activate":
             summary = ca_rollover.activate(args.state_dir)
@@ -290,3 +292,16 @@ def cmd_ca(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _warn_old_agents(state_dir: Path) -> None:
+    from cloud.signing_keys import devices_without_roots
+
+    old = devices_without_roots(state_dir)
+    if old:
+        print(
+            f"warning: {len(old)} device(s) have not reported a signing root version and "
+            "cannot follow this rotation until their agent is upgraded (or until they are "
+            f"heard from): {', '.join(old[:20])}{' ...' if len(old) > 20 else ''}",
+            file=sys.stderr,
+        )
