@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cloud.console.app import LOGIN_FAILURES
 from protos.autoglm.v1 import operator_pb2
 from tests.support.agents import wait_for
 from tests.support.alerting import Site, open_site
@@ -89,6 +90,17 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_bad_tokens_are_refused(site: 
     # Signing out ends the session in the browser.
     client.post("/logout", data={"_csrf": csrf_of(fleet.text)})
     assert client.get("/fleet").status_code == 303
+
+
+def test_wrong_tokens_are_bounded_per_address(site: Site) -> None:
+    client = httpx.Client(base_url=console_url(site.plane), timeout=20)
+    for i in range(LOGIN_FAILURES):
+        response = client.post("/login", data={"token": f"agt_op_guess{i}"})
+        assert response.status_code == 401, (i, response.status_code)
+    # Past the bound even the right token waits: guessing stops, and the page says why.
+    response = client.post("/login", data={"token": site.plane.token})
+    assert response.status_code == 429, response.status_code
+    assert "failed sign-ins from 127.0.0.1" in response.text
 
 
 def test_changes_need_the_csrf_token_and_this_origin(site: Site) -> None:

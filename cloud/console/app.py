@@ -27,6 +27,7 @@ from cloud.console.context import (
 )
 from cloud.console.markup import join, page, tag
 from cloud.console.sessions import COOKIE, SESSION_TTL_S, SessionSeal, clean_token
+from cloud.service.enrollment import AttemptLimiter
 from edge_agent.errors import AutoglmError, LocalStateError, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ PUBLIC = ("/login", "/healthz")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SEAL: web.AppKey[SessionSeal] = web.AppKey("seal", SessionSeal)
 API: web.AppKey[OperatorApi] = web.AppKey("api", OperatorApi)
+ATTEMPTS: web.AppKey[AttemptLimiter] = web.AppKey("attempts", AttemptLimiter)
+LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 300.0  # wrong tokens per address, then a pause
 
 
 def _live(request: web.Request) -> bool:
@@ -199,9 +202,13 @@ async def login(request: web.Request) -> web.StreamResponse:
     token = clean_token(form.get("token", ""))
     if not token:
         return _login_page("Paste an operator token (agt_op_...).", target, 400)
+    peer = request.remote or "unknown"
+    attempts = request.app[ATTEMPTS]
     try:
+        attempts.check(peer)  # failed sign-ins per address are bounded
         await request.app[API].as_operator(token).check()
     except Unauthenticated:
+        attempts.failed(peer)
         return _login_page("That is not a live operator token.", target, 401)
     except AutoglmError as exc:
         return _login_page(error_text(exc), target, http_status(exc))
@@ -239,6 +246,9 @@ def make_app(api: OperatorApi, seal: SessionSeal) -> web.Application:
     app.on_response_prepare.append(security_headers)
     app[API] = api
     app[SEAL] = seal
+    app[ATTEMPTS] = AttemptLimiter(
+        max_failures=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, what="failed sign-ins"
+    )
     r = app.router
     r.add_get("/", home)
     r.add_get("/healthz", healthz)

@@ -1,8 +1,9 @@
 """Console sign-in sessions: the operator's token sealed in an HttpOnly cookie.
 
 The cookie holds the token and a CSRF secret, encrypted and authenticated (Fernet) with a
-key derived from the control plane's CA key, which every replica holds: a session works on
-any replica and across restarts, and nothing about it is stored. It expires after
+key derived from the control plane's key material (its first CA's key, kept across a CA change
+in `box.key`), which every replica holds: a session works on any replica and across restarts,
+and nothing about it is stored. It expires after
 `SESSION_TTL_S`; the token itself is checked by the operator API on every call, so a revoked
 operator is out at once."""
 

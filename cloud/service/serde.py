@@ -101,7 +101,8 @@ def device_from_proto(msg: operator_pb2.Device) -> DeviceRecord:
         name=msg.name,
         labels=dict(msg.labels),
         profile=msg.profile,
-        state=DEVICE_STATE_FROM_PROTO[msg.state],
+        # A state this client does not know (a newer control plane): shown as pending.
+        state=DEVICE_STATE_FROM_PROTO.get(msg.state, DeviceState.PENDING),
         created_at=from_timestamp(msg.created_at, msg.HasField("created_at"))
         or dt.datetime.min.replace(tzinfo=dt.UTC),
         enrolled_at=from_timestamp(msg.enrolled_at, msg.HasField("enrolled_at")),
