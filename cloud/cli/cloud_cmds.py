@@ -1,4 +1,4 @@
-"""`autoglm cloud init` and `autoglm cloud serve`."""
+"""`autoglm cloud init` and `autoglm cloud serve` (the key and CA commands: trust_cmds)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud.cli import trust_cmds
 from cloud.cli.context import CliContext, default_context_path, save_context
 from edge_agent.errors import ConfigError, LocalStateError
 from edge_agent.files import exclusive_lock
@@ -68,62 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     serve.set_defaults(handler=cmd_serve)
 
-    keys = cloud_sub.add_parser(
-        "signing-key",
-        help="rotate the key that signs model bundles (no re-enrollment)",
-        description="rotate: a new key signs from now on, trusted beside the old ones through "
-        "a signing root that the old key signs; retire: only the current key stays trusted. "
-        "Restart the control plane afterwards (a rolling restart in Kubernetes): it hands the "
-        "root to every agent when its session opens.",
-    )
-    keys_sub = keys.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
-    for name, text in (
-        ("show", "the trusted signing keys and the one that signs now"),
-        ("rotate", "make a new signing key, trusted beside the current ones"),
-        ("retire", "trust only the current signing key"),
-    ):
-        p = keys_sub.add_parser(name, help=text)
-        p.add_argument("--state-dir", required=True, type=Path)
-        if name != "show":
-            p.add_argument(
-                "--valid-for", default="365d", help="until devices refuse this root if they "
-                "have not taken it yet (default 365d)"
-            )  # fmt: skip
-        if name == "retire":
-            p.add_argument(
-                "--force", action="store_true", help="even while devices use a version only a "
-                "retired key signed (they then start without it)"
-            )  # fmt: skip
-        p.set_defaults(handler=cmd_signing_key, key_action=name)
-
-    ca = cloud_sub.add_parser(
-        "ca",
-        help="change the CA that issues device certificates (no re-enrollment)",
-        description="rotate: a new CA is trusted beside the current one (devices take it "
-        "with the signing root); activate: the new CA issues certificates and devices renew "
-        "under it; retire: only the current CA stays trusted and issues the server "
-        "certificate. Restart the control plane after each step.",
-    )
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
-    for name, text in (
-        ("show", "the issuing CA, the trusted ones and a change under way"),
-        ("rotate", "introduce a new CA, trusted beside the current one"),
-        ("activate", "the introduced CA issues device certificates from now on"),
-        ("retire", "trust only the issuing CA"),
-    ):
-        p = ca_sub.add_parser(name, help=text)
-        p.add_argument("--state-dir", required=True, type=Path)
-        if name in ("rotate", "retire"):
-            p.add_argument(
-                "--valid-for", default="365d", help="until devices refuse the signing root "
-                "if they have not taken it yet (default 365d)"
-            )  # fmt: skip
-        if name == "retire":
-            p.add_argument(
-                "--force", action="store_true", help="even while devices have not reported a "
-                "certificate from the current CA (they are then refused)"
-            )  # fmt: skip
-        p.set_defaults(handler=cmd_ca, ca_action=name)
+    trust_cmds.add_parsers(cloud_sub)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -228,80 +174,3 @@ async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
     await stopping.wait()
     logging.getLogger(__name__).info("shutting down")
     await plane.stop()
-
-
-def cmd_signing_key(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from cloud.cli.output import parse_duration, print_json
-    from cloud.signing_keys import describe, retire, rotate
-
-    if args.key_action == "show":
-        summary = describe(args.state_dir)
-    else:
-        try:
-            valid_for = dt.timedelta(seconds=parse_duration(args.valid_for))
-        except ValueError as exc:
-            raise ConfigError(f"--valid-for: {exc}") from None
-        now = dt.datetime.now(dt.UTC)
-        if args.key_action == "rotate":
-            _warn_old_agents(args.state_dir)
-            summary = rotate(args.state_dir, valid_for, now)
-        else:
-            summary = retire(args.state_dir, valid_for, now, force=args.force)
-    print_json(summary.to_json())
-    if args.key_action != "show":
-        print(
-            "Restart the control plane (a rolling restart in Kubernetes) so that agents get "
-            "the new signing root.",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def cmd_ca(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from cloud import ca_rollover
-    from cloud.cli.output import parse_duration, print_json
-
-    now = dt.datetime.now(dt.UTC)
-    valid_for = dt.timedelta(0)
-    if args.ca_action in ("rotate", "retire"):
-        try:
-            valid_for = dt.timedelta(seconds=parse_duration(args.valid_for))
-        except ValueError as exc:
-            raise ConfigError(f"--valid-for: {exc}") from None
-    try:
-        if args.ca_action == "show":
-            summary = ca_rollover.describe(args.state_dir)
-        elif args.ca_action == "rotate":
-            _warn_old_agents(args.state_dir)
-            summary = ca_rollover.rotate(args.state_dir, valid_for, now)
-        elif args.ca_action == "activate":
-            summary = ca_rollover.activate(args.state_dir)
-        else:
-            summary = ca_rollover.retire(args.state_dir, valid_for, now, force=args.force)
-    except OSError as exc:
-        raise LocalStateError(f"{exc.filename or args.state_dir}: {exc.strerror}") from None
-    print_json(summary.to_json())
-    if args.ca_action != "show":
-        print(
-            "Restart the control plane (a rolling restart in Kubernetes). Operators' tools: "
-            f"use {args.state_dir / 'ca-bundle.pem'} as --ca-cert.",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _warn_old_agents(state_dir: Path) -> None:
-    from cloud.signing_keys import devices_without_roots
-
-    old = devices_without_roots(state_dir)
-    if old:
-        print(
-            f"warning: {len(old)} device(s) have not reported a signing root version and "
-            "cannot follow this rotation until their agent is upgraded (or until they are "
-            f"heard from): {', '.join(old[:20])}{' ...' if len(old) > 20 else ''}",
-            file=sys.stderr,
-        )
