@@ -142,11 +142,11 @@ _POSTGRES_PREDICTIONS = (
     "INSERT INTO predictions (device_id, sequence, asset, window_start, window_end, score, "
     "anomalous, model_version, contributions, received_at) "
     "SELECT %s, u.sequence, u.asset, u.window_start, u.window_end, u.score, u.anomalous, "
-    "u.model_version, u.contributions::json, %s FROM unnest(%s::bigint[], %s::text[], "
-    "%s::timestamptz[], %s::timestamptz[], %s::float8[], %s::boolean[], %s::text[], "
-    "%s::text[]) AS u(sequence, asset, window_start, window_end, score, anomalous, "
+    "u.model_version, u.contributions::json, %s FROM unnest(%b::bigint[], %b::text[], "
+    "%b::timestamptz[], %b::timestamptz[], %b::float8[], %b::boolean[], %b::text[], "
+    "%b::text[]) AS u(sequence, asset, window_start, window_end, score, anomalous, "
     "model_version, contributions) ON CONFLICT (device_id, sequence) DO NOTHING"
-)
+)  # %b: the arrays go in binary (in text, psycopg escapes every element with a regex)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _SQLITE_NOW = "%Y-%m-%d %H:%M:%S.%f"
 
