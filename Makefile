@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest bench-sync clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-store: setup
 
 bench-ingest: setup
 	$(BIN)/python tests/benchmarks/bench_ingest.py
+
+# PostgreSQL too where one runs on this machine (BENCH_PG_DSN: an admin DSN; empty: SQLite only)
+BENCH_PG_DSN ?= postgresql://postgres@127.0.0.1:5432/postgres
+bench-sync: setup
+	$(BIN)/python tests/benchmarks/bench_sync.py $(if $(BENCH_PG_DSN),--postgres $(BENCH_PG_DSN),)
 
 bench-cli: setup
 	$(BIN)/python tests/benchmarks/bench_cli_startup.py

@@ -138,6 +138,13 @@ class EnrollmentGroup:
         return validate_labels(named)
 
 
+# A prediction as the sync path hands it to the store, checked, in plain values built
+# straight from the wire (no Python object per record): (device id, sequence, asset, window
+# start seconds since the epoch, its microseconds, window end seconds, its microseconds,
+# score, anomalous, model version, contributions as JSON text of an object).
+PredictionRow = tuple[str, int, str, int, int, int, int, float, bool, str, str]
+
+
 @dataclass(frozen=True)
 class PredictionRecord:
     """One scored window a device synced (stored once per device and sequence)."""

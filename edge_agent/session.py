@@ -26,12 +26,18 @@ from edge_agent.errors import (
 )
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
-from edge_agent.sync import RecordSync
-from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from edge_agent.sync import Outgoing, RecordSync
+from protos.autoglm.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
 DEAD_AFTER_S = 15.0
 LATENCY_SAMPLES = 4096
+SESSION_METHOD = "/autoglm.v1.AgentService/Session"
+
+
+def _serialize(message: Outgoing) -> bytes:
+    """The session's messages; record batches come already serialized (`edge_agent.sync`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 @dataclass
@@ -151,13 +157,17 @@ class CloudSession:
         self._restart.clear()  # this session opens with the credentials there are now
         options = channel_options(self.tls_server_name)
         async with aio.secure_channel(self.address, self.credentials(), options=options) as channel:
-            call = agent_pb2_grpc.AgentServiceStub(channel).Session()
+            call = channel.stream_stream(
+                SESSION_METHOD,
+                request_serializer=_serialize,
+                response_deserializer=agent_pb2.ControlMessage.FromString,
+            )()
             reader: asyncio.Task[None] | None = None
             sender: asyncio.Task[None] | None = None
             poster: asyncio.Task[None] | None = None
             lock = asyncio.Lock()  # one write at a time on the stream
 
-            async def send(message: agent_pb2.AgentMessage) -> None:
+            async def send(message: Outgoing) -> None:
                 async with lock:
                     try:
                         await call.write(message)
@@ -287,9 +297,7 @@ class CloudSession:
             stopping.cancel()
             restarting.cancel()
 
-    async def _read(
-        self, call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage]
-    ) -> None:
+    async def _read(self, call: aio.StreamStreamCall[Outgoing, agent_pb2.ControlMessage]) -> None:
         while True:
             message = await call.read()
             if not isinstance(message, agent_pb2.ControlMessage):

@@ -16,6 +16,8 @@ from edge_agent.outbox import Outbox
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
+# What the session writes on its stream: a message, or one already serialized.
+Outgoing = agent_pb2.AgentMessage | bytes
 _IDLE_WAIT_S = 0.5
 # Encoded records per batch, at most (one record always goes): window captures are kilobytes
 # each, and the control plane takes messages of up to 8 MiB.
@@ -69,7 +71,7 @@ class RecordSync:
         self._in_flight = [s for s in self._in_flight if s > ack.up_to_sequence]
         self._acked.set()
 
-    async def run(self, send: Callable[[agent_pb2.AgentMessage], Awaitable[None]]) -> None:
+    async def run(self, send: Callable[[Outgoing], Awaitable[None]]) -> None:
         """Sends batches until cancelled (the session ends)."""
         while True:
             if len(self._in_flight) >= self.max_in_flight:
@@ -81,16 +83,41 @@ class RecordSync:
                 await asyncio.to_thread(self.outbox.wait_for_records, self._sent, _IDLE_WAIT_S)
                 continue
             rows = rows[: _fitting(rows)]
-            batch = agent_pb2.RecordBatch()
-            for seq, _kind, body in rows:
-                record = batch.records.add()
-                record.ParseFromString(body)
-                record.sequence = seq
-            await send(agent_pb2.AgentMessage(records=batch))
+            await send(encode_batch(rows))
             self._sent = rows[-1][0]
             self._in_flight.append(self._sent)
             self.stats.batches_sent += 1
             self.stats.records_sent += len(rows)
+
+
+# The AgentMessage of a batch is written as bytes: each outbox body is a serialized Record
+# without its sequence, and protobuf fields may come in any order, so a record on the wire is
+# the body followed by its sequence field; no message is parsed or built per record.
+_RECORDS_FIELD = b"\x1a"  # AgentMessage.records, length-delimited
+_RECORD_FIELD = b"\x0a"  # RecordBatch.records, length-delimited
+_SEQUENCE_FIELD = b"\x08"  # Record.sequence, varint
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_batch(rows: list[tuple[int, int, bytes]]) -> bytes:
+    """The serialized AgentMessage carrying `rows` (seq, kind, body) as a RecordBatch."""
+    parts = []
+    for seq, _kind, body in rows:
+        record = body + _SEQUENCE_FIELD + _varint(seq)
+        parts.append(_RECORD_FIELD + _varint(len(record)) + record)
+    batch = b"".join(parts)
+    return _RECORDS_FIELD + _varint(len(batch)) + batch
 
 
 def _fitting(rows: list[tuple[int, int, bytes]]) -> int:

@@ -40,6 +40,7 @@ _CLIENT_DONE = object()
 DOWNLOAD_CHUNK = 1 << 20
 MAX_DOWNLOAD_CHUNK = (4 << 20) - (64 << 10)  # a chunk and its header fit the 4 MiB default cap
 MIN_DOWNLOAD_CHUNK = 16 << 10  # smaller chunks cost the server a message per few bytes
+STORE_AHEAD = 2  # record batches of a session read while the one before is stored
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -199,8 +200,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def _read(
         self, live: LiveSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]
     ) -> None:
-        """Handles what the agent sends after its hello; answers go through `live`."""
+        """Handles what the agent sends after its hello; answers go through `live`.
+
+        Record batches are stored by a task of their own, in order, while the next ones are
+        read (at most `STORE_AHEAD` waiting): reading and decoding a batch overlaps storing
+        the previous one."""
         unhandled: set[str] = set()
+        batches: asyncio.Queue[agent_pb2.RecordBatch | None] = asyncio.Queue(STORE_AHEAD)
+        storer = asyncio.create_task(self._store_batches(live, batches))
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("body")
@@ -213,16 +220,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         )
                     )
                 elif kind == "records":
-                    ack = await asyncio.to_thread(
-                        store_batch, self.store, live.device_id, message.records, utc_now()
-                    )
-                    live.send(agent_pb2.ControlMessage(batch_ack=ack[0]))
-                    counted = self.metrics.records
-                    counted.labels("stored").inc(ack[0].stored)
-                    counted.labels("duplicate").inc(ack[0].duplicates)
-                    counted.labels("rejected").inc(len(ack[0].rejected))
-                    if ack[1]:
-                        self.alerts.notify()
+                    if storer.done():  # storing failed: the session has been ended
+                        return
+                    await batches.put(message.records)
                 elif kind == "install":
                     await asyncio.to_thread(
                         self.rollouts.on_install,
@@ -245,7 +245,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         live.device_id,
                         kind,
                     )
-            live.send(_CLIENT_DONE)
+            await batches.put(None)
+            if await storer:
+                live.send(_CLIENT_DONE)
         except asyncio.CancelledError:
             raise
         except AutoglmError as exc:  # a bad batch, the store unavailable: the agent retries
@@ -257,3 +259,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except Exception:  # a bug: say so loudly, end this session only
             log.exception("internal error in the session of %s; ending it", live.device_id)
             live.send(_CLIENT_DONE)
+        finally:
+            storer.cancel()
+
+    async def _store_batches(
+        self, live: LiveSession, batches: asyncio.Queue[agent_pb2.RecordBatch | None]
+    ) -> bool:
+        """Stores a session's batches in order and acknowledges each; False when storing
+        failed (the session has been ended with the reason)."""
+        try:
+            while (batch := await batches.get()) is not None:
+                ack, alerts_changed = await asyncio.to_thread(
+                    store_batch, self.store, live.device_id, batch, utc_now()
+                )
+                live.send(agent_pb2.ControlMessage(batch_ack=ack))
+                counted = self.metrics.records
+                counted.labels("stored").inc(ack.stored)
+                counted.labels("duplicate").inc(ack.duplicates)
+                counted.labels("rejected").inc(len(ack.rejected))
+                if alerts_changed:
+                    self.alerts.notify()
+        except AutoglmError as exc:  # a bad batch, the store unavailable: the agent retries
+            log.warning("session of %s ended: %s", live.device_id, exc)
+            live.end(exc)
+            return False
+        except Exception:  # a bug: say so loudly, end this session only
+            log.exception("internal error in the session of %s; ending it", live.device_id)
+            live.send(_CLIENT_DONE)
+            return False
+        return True

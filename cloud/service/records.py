@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass, field
 
 from cloud.captures import CaptureRecord, check_capture
-from cloud.domain import AlertEventRecord, PredictionRecord, StoredCount
+from cloud.domain import AlertEventRecord, PredictionRecord, PredictionRow, StoredCount
 from cloud.service.bounds import MAX_INT64, check_message
+from cloud.service.record_rows import prediction_row
 from cloud.store.base import RecordStore
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2
@@ -106,17 +107,32 @@ class SplitBatch:
     alerts: list[AlertEventRecord] = field(default_factory=list)
     captures: list[CaptureRecord] = field(default_factory=list)
     rejected: list[agent_pb2.RejectedRecord] = field(default_factory=list)
+    prediction_rows: list[PredictionRow] = field(default_factory=list)
+    up_to: int = 0  # the highest sequence number of the batch that fits a store column
 
 
 def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
     """Domain records of a batch, and the records refused with the reason (a field out of
-    its bounds, a repeated sequence number): one bad record never holds up the others."""
+    its bounds, a repeated sequence number): one bad record never holds up the others.
+
+    Predictions within their bounds become store rows straight from the wire
+    (`prediction_row`); anything else, or a prediction a quick check does not pass, goes
+    the general way (`check_message`, a domain record), which also words the refusal."""
     split = SplitBatch()
     seen: set[int] = set()
+    rows = split.prediction_rows
     for i, record in enumerate(batch.records):
-        where = f"records[{i}] (sequence {record.sequence})"
+        sequence = record.sequence
+        if 0 < sequence <= MAX_INT64:
+            if sequence > split.up_to:
+                split.up_to = sequence
+            if sequence not in seen and (row := prediction_row(device_id, record)) is not None:
+                seen.add(sequence)
+                rows.append(row)
+                continue
+        where = f"records[{i}] (sequence {sequence})"
         try:
-            if record.sequence in seen:
+            if sequence in seen:
                 raise InvalidInput(f"{where}: the sequence number repeats in the batch")
             domain = _record(device_id, record, where)
         except InvalidInput as exc:
@@ -141,9 +157,15 @@ def store_batch(
     the device and how many alerts changed. Rejected records are acknowledged with the rest
     (the agent quarantines them), and the stored position moves past them."""
     split = split_batch(device_id, batch)
-    up_to = max((r.sequence for r in batch.records if 0 < r.sequence <= MAX_INT64), default=0)
+    up_to = split.up_to
     counted: StoredCount = store.store_records(
-        device_id, split.predictions, split.alerts, now, through=up_to, captures=split.captures
+        device_id,
+        split.predictions,
+        split.alerts,
+        now,
+        through=up_to,
+        captures=split.captures,
+        prediction_rows=split.prediction_rows,
     )
     if split.rejected:
         log.warning(

@@ -21,6 +21,7 @@ from cloud.domain import (
     ModelRecord,
     OperatorRecord,
     PredictionRecord,
+    PredictionRow,
     PresenceUpdate,
     RolloutRecord,
     RolloutTarget,
@@ -163,10 +164,12 @@ class RecordStore(abc.ABC):
         now: dt.datetime,
         through: int = 0,
         captures: Sequence[CaptureRecord] = (),
+        prediction_rows: Sequence[PredictionRow] = (),
     ) -> StoredCount:
         """Stores each (device, sequence) once, in one transaction: records stored before
         are counted as duplicates and left as they were. The stored position moves to at
-        least `through` (past records of the batch that were rejected)."""
+        least `through` (past records of the batch that were rejected). `prediction_rows`
+        are more predictions, as the sync path builds them (`cloud.domain.PredictionRow`)."""
 
     @abc.abstractmethod
     def list_captures(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from cloud.captures import CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
     PredictionRecord,
+    PredictionRow,
     StoredCount,
 )
 from cloud.store.sql_alerts import apply_alert_events
@@ -25,8 +27,8 @@ from cloud.store.tables import (
     CaptureRow,
     DeviceRow,
     DeviceSyncRow,
-    PredictionRow,
 )
+from cloud.store.tables import PredictionRow as PredictionTable
 from edge_agent.errors import (
     InvalidInput,
     NotFound,
@@ -44,8 +46,11 @@ class RecordTables(SqlBase):
         now: dt.datetime,
         through: int = 0,
         captures: Sequence[CaptureRecord] = (),
+        prediction_rows: Sequence[PredictionRow] = (),
     ) -> StoredCount:
-        sequences = [p.sequence for p in predictions] + [a.sequence for a in alerts]
+        rows = [prediction_row(p) for p in predictions]
+        rows += prediction_rows
+        sequences = [r[1] for r in rows] + [a.sequence for a in alerts]
         sequences += [c.sequence for c in captures]
         if len(set(sequences)) != len(sequences):
             raise InvalidInput("a record batch repeats a sequence number")
@@ -60,15 +65,13 @@ class RecordTables(SqlBase):
             # One INSERT ... ON CONFLICT DO NOTHING per table, the rows built as plain values
             # (no ORM objects): RETURNING says which sequences were new, so records resent
             # after a reconnect count as duplicates and alert events fold exactly once.
-            stored_predictions = _insert_new(
-                s, PredictionRow, [_prediction_values(p, now) for p in predictions]
-            )
+            stored_predictions = _insert_predictions(s, device_id, rows, now)
             stored_alerts = _insert_new(s, AlertEventRow, [_alert_values(a, now) for a in alerts])
             stored_captures = _insert_new(s, CaptureRow, [capture_values(c, now) for c in captures])
             new_alerts = [a for a in alerts if a.sequence in stored_alerts]
             changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
             sync.last_sequence = max(sync.last_sequence, through, *sequences)
-            stored = len(stored_predictions) + len(stored_alerts) + len(stored_captures)
+            stored = stored_predictions + len(stored_alerts) + len(stored_captures)
             return StoredCount(stored, len(sequences) - stored, sync.last_sequence, len(changed))
 
     def last_record_sequence(self, device_id: str) -> int:
@@ -84,14 +87,14 @@ class RecordTables(SqlBase):
         limit: int = 1000,
         until: dt.datetime | None = None,
     ) -> list[PredictionRecord]:
-        query = select(PredictionRow).where(PredictionRow.device_id == device_id)
+        query = select(PredictionTable).where(PredictionTable.device_id == device_id)
         if asset:
-            query = query.where(PredictionRow.asset == asset)
+            query = query.where(PredictionTable.asset == asset)
         if since is not None:
-            query = query.where(PredictionRow.window_end >= since)
+            query = query.where(PredictionTable.window_end >= since)
         if until is not None:
-            query = query.where(PredictionRow.window_end <= until)
-        query = query.order_by(PredictionRow.sequence.desc()).limit(limit)
+            query = query.where(PredictionTable.window_end <= until)
+        query = query.order_by(PredictionTable.sequence.desc()).limit(limit)
         with self._tx() as s:
             rows = list(s.scalars(query).all())
         return [_prediction(r) for r in reversed(rows)]
@@ -123,19 +126,75 @@ def _insert_new(s: Session, table: type[Base], rows: list[dict[str, Any]]) -> se
     return set(s.scalars(statement, rows).all())
 
 
-def _prediction_values(p: PredictionRecord, now: dt.datetime) -> dict[str, Any]:
-    return {
-        "device_id": p.device_id,
-        "sequence": p.sequence,
-        "asset": p.asset,
-        "window_start": p.window_start,
-        "window_end": p.window_end,
-        "score": p.score,
-        "anomalous": p.anomalous,
-        "model_version": p.model_version,
-        "contributions": dict(p.contributions),
-        "received_at": now,
-    }
+# Predictions are the bulk of what devices sync: stored with one statement per batch on the
+# driver's own connection (same transaction), from plain row tuples, with no per-row work in
+# SQLAlchemy. The stored forms are the ones the mapped columns read back: on SQLite
+# UTCDateTime is text 'YYYY-MM-DD HH:MM:SS.ffffff' (made by SQLite itself here) and JSON is
+# text; on PostgreSQL, timestamptz and json. ON CONFLICT DO NOTHING keeps the first copy of
+# a (device, sequence); the rows inserted are counted, the rest are duplicates.
+_SQLITE_TIME = "strftime('%Y-%m-%d %H:%M:%S', ?, 'unixepoch') || printf('.%06d', ?)"
+_SQLITE_PREDICTIONS = (
+    "INSERT INTO predictions (device_id, sequence, asset, window_start, window_end, score, "
+    f"anomalous, model_version, contributions, received_at) VALUES (?, ?, ?, {_SQLITE_TIME}, "
+    f"{_SQLITE_TIME}, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sequence) DO NOTHING"
+)
+_POSTGRES_PREDICTIONS = (
+    "INSERT INTO predictions (device_id, sequence, asset, window_start, window_end, score, "
+    "anomalous, model_version, contributions, received_at) "
+    "SELECT %s, u.sequence, u.asset, u.window_start, u.window_end, u.score, u.anomalous, "
+    "u.model_version, u.contributions::json, %s FROM unnest(%b::bigint[], %b::text[], "
+    "%b::timestamptz[], %b::timestamptz[], %b::float8[], %b::boolean[], %b::text[], "
+    "%b::text[]) AS u(sequence, asset, window_start, window_end, score, anomalous, "
+    "model_version, contributions) ON CONFLICT (device_id, sequence) DO NOTHING"
+)  # %b: the arrays go in binary (in text, psycopg escapes every element with a regex)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_SQLITE_NOW = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _insert_predictions(
+    s: Session, device_id: str, rows: Sequence[PredictionRow], now: dt.datetime
+) -> int:
+    """Inserts the rows whose (device, sequence) is not stored yet; how many were new."""
+    if not rows:
+        return 0
+    if any(r[0] != device_id for r in rows):
+        raise InvalidInput("a prediction of another device in the batch")
+    connection = s.connection()
+    if connection.dialect.name == "postgresql":
+        since = dt.timedelta
+        columns = (
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [_EPOCH + since(0, r[3], r[4]) for r in rows],
+            [_EPOCH + since(0, r[5], r[6]) for r in rows],
+            [r[7] for r in rows],
+            [r[8] for r in rows],
+            [r[9] for r in rows],
+            [r[10] for r in rows],
+        )
+        result = connection.exec_driver_sql(_POSTGRES_PREDICTIONS, (device_id, now, *columns))
+        return int(result.rowcount)
+    received = now.astimezone(dt.UTC).strftime(_SQLITE_NOW)
+    result = connection.exec_driver_sql(_SQLITE_PREDICTIONS, [(*r, received) for r in rows])
+    return int(result.rowcount)
+
+
+def prediction_row(p: PredictionRecord) -> PredictionRow:
+    """The row of a domain prediction (what the sync path builds straight from the wire)."""
+    start, end = p.window_start - _EPOCH, p.window_end - _EPOCH
+    return (
+        p.device_id,
+        p.sequence,
+        p.asset,
+        start.days * 86_400 + start.seconds,
+        start.microseconds,
+        end.days * 86_400 + end.seconds,
+        end.microseconds,
+        p.score,
+        p.anomalous,
+        p.model_version,
+        json.dumps(dict(p.contributions)),
+    )
 
 
 def _alert_values(a: AlertEventRecord, now: dt.datetime) -> dict[str, Any]:
@@ -178,7 +237,7 @@ def capture_values(c: CaptureRecord, now: dt.datetime) -> dict[str, Any]:
     }
 
 
-def _prediction(r: PredictionRow) -> PredictionRecord:
+def _prediction(r: PredictionTable) -> PredictionRecord:
     return PredictionRecord(
         device_id=r.device_id,
         sequence=r.sequence,

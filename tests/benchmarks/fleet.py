@@ -41,8 +41,14 @@ def percentile(values: list[float], q: float) -> float:
 
 def spawn(args: list[str], ports_file: Path, log: Path) -> subprocess.Popen[bytes]:
     """Starts a process that writes `ports_file` once it listens; waits for that."""
+    # This checkout's code, not whatever the environment's editable install points at (a
+    # shared virtualenv's `autoglm` imports the checkout it was installed from).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
+    }
     with log.open("w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 30
     while not ports_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -87,9 +93,15 @@ class PlaneProcess:
         stop(self.proc)
 
 
-def start_plane_process(work: Path, config: dict[str, object] | None = None) -> PlaneProcess:
+def start_plane_process(
+    work: Path, config: dict[str, object] | None = None, database_url: str = ""
+) -> PlaneProcess:
     init = init_state_dir(
-        work / "cloud", ["localhost"], api_listen="127.0.0.1:0", device_listen="127.0.0.1:0"
+        work / "cloud",
+        ["localhost"],
+        api_listen="127.0.0.1:0",
+        device_listen="127.0.0.1:0",
+        database_url=database_url,
     )
     if config:  # settings the benchmark needs (e.g. a faster rollout loop)
         path = work / "cloud" / CONFIG_FILE
