@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_agent.bundle import Manifest
 from edge_agent.calibration import (
+    FAST_RETURN_ROWS,
     DecisionParams,
     SiteCalibration,
     WindowOutputs,
@@ -173,15 +174,18 @@ def window_outputs(
 
 def window_statistics(
     frame: ModelFrame, x: FloatArray, m: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+) -> tuple[FloatArray, FloatArray, FloatArray | None, FloatArray | None]:
     """What the decision reads off windows in network space besides the network's outputs:
-    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
+    the recent level and spread of each sensor, its level before (`forecast_away`) and its
+    level over the last few rows (`fast_return`)."""
     rows = frame.decision.level_window
     level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
-    before = None
+    before = fast = None
     if frame.decision.forecast_away and rows > 0:
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
-    return level, spread, before
+    if frame.decision.fast_return and rows > FAST_RETURN_ROWS:
+        fast, _ = recent_stats(x, m, frame.net_center, frame.net_scale, FAST_RETURN_ROWS)
+    return level, spread, before, fast
 
 
 def row_scores(
