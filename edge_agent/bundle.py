@@ -70,7 +70,6 @@ class Decision(_Strict):
     spread_threshold: float = 4.0
     spread_tolerance: tuple[float, ...] = ()
     forecast_away: bool = False
-    fast_return: bool = False
     supervised: bool = True
     combine: str = "max"
     alone: float = 0.0

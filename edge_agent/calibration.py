@@ -52,7 +52,6 @@ SCALE_EPS = 1e-6
 LEVEL_SCALE_FLOOR = 0.25  # site units: a sensor flat during calibration still has a scale
 JOINT_SHRINKAGE = 0.5  # share of the identity in the level correlation (few effective rows)
 SPREAD_EPS = 0.05  # site units: a log ratio of spreads near zero stays finite
-FAST_RETURN_ROWS = 5  # rows in the short level of `fast_return`
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,6 @@ class WindowOutputs:
     level: FloatArray  # [B, N] (zeros when the decision uses no levels)
     spread: FloatArray  # [B, N] recent standard deviation in site units (same)
     before: FloatArray | None = None  # [B, N] mean of the rows before the recent ones (same)
-    fast: FloatArray | None = None  # [B, N] mean of the last FAST_RETURN_ROWS rows (same)
 
     def select(self, rows: np.ndarray) -> WindowOutputs:
         return WindowOutputs(
@@ -89,24 +87,18 @@ class WindowOutputs:
             self.level[rows],
             self.spread[rows],
             None if self.before is None else self.before[rows],
-            None if self.fast is None else self.fast[rows],
         )
 
     @staticmethod
     def concat(parts: list[WindowOutputs]) -> WindowOutputs:
-        def optional(arrays: list[FloatArray | None]) -> FloatArray | None:
-            if any(a is None for a in arrays):
-                return None
-            return np.concatenate(arrays)  # type: ignore[arg-type]
-
+        befores = [p.before for p in parts]
         return WindowOutputs(
             np.concatenate([p.prob for p in parts]),
             np.concatenate([p.residual for p in parts]),
             np.concatenate([p.contribution for p in parts]),
             np.concatenate([p.level for p in parts]),
             np.concatenate([p.spread for p in parts]),
-            optional([p.before for p in parts]),
-            optional([p.fast for p in parts]),
+            None if any(b is None for b in befores) else np.concatenate(befores),  # type: ignore[arg-type]
         )
 
 
@@ -232,46 +224,19 @@ def evidence_values(
         dev = level_deviation(out.level, cal, params.level_tolerance)
         values["level"], values["joint"] = level_evidence(dev, cal.level_precision)
     if cal.spread_center is not None:
-        values["spread"] = spread_evidence(out, cal, params, params.spread_tolerance).max(axis=1)
+        values["spread"] = spread_deviation(out.spread, cal, params.spread_tolerance).max(axis=1)
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
-
-
-def fast_returning(out: WindowOutputs, cal: SiteCalibration, params: DecisionParams) -> np.ndarray:
-    """[B, N] bool: with `fast_return`, the sensors whose mean over their last
-    FAST_RETURN_ROWS rows is closer to the site's normal than their recent level (a fault
-    ending); without it, or without those levels, none (a NaN compares False)."""
-    if not params.fast_return or out.fast is None or cal.level_center is None:
-        return np.zeros(out.residual.shape, dtype=bool)
-    back: np.ndarray = np.abs(out.fast - cal.level_center) < np.abs(out.level - cal.level_center)
-    return back
 
 
 def forecast_deviation(
     out: WindowOutputs, cal: SiteCalibration, params: DecisionParams
 ) -> FloatArray:
     """[B, N]: forecast residuals in the site's residual scale; with `forecast_away`, 0 for a
-    sensor whose recent level is closer to the site's normal than its level before; with
-    `fast_return`, 0 for one coming back to normal over its last few rows."""
+    sensor whose recent level is closer to the site's normal than its level before."""
     dev: FloatArray = out.residual / cal.residual_scale
-    back = fast_returning(out, cal, params)
     if params.forecast_away and out.before is not None and cal.level_center is not None:
-        back |= np.abs(out.level - cal.level_center) < np.abs(out.before - cal.level_center)
-    if back.any():  # NaN compares False: kept
-        dev = np.where(back, 0.0, dev).astype(np.float32)
-    return dev
-
-
-def spread_evidence(
-    out: WindowOutputs,
-    cal: SiteCalibration,
-    params: DecisionParams,
-    tolerance: tuple[float, ...] = (),
-) -> FloatArray:
-    """[B, N]: `spread_deviation`, with `fast_return` 0 for a sensor coming back to normal."""
-    dev = spread_deviation(out.spread, cal, tolerance)
-    back = fast_returning(out, cal, params)
-    if back.any():
-        dev = np.where(back, 0.0, dev).astype(np.float32)
+        back = np.abs(out.level - cal.level_center) < np.abs(out.before - cal.level_center)
+        dev = np.where(back, 0.0, dev).astype(np.float32)  # NaN compares False: kept
     return dev
 
 
@@ -345,7 +310,7 @@ def sensor_evidence(
     if driver in ("level", "joint"):
         per_sensor = np.abs(level_deviation(one.level, cal, params.level_tolerance)[0])
     elif driver == "spread":
-        per_sensor = spread_evidence(one, cal, params, params.spread_tolerance)[0]
+        per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
     elif driver == "forecast":
         per_sensor = forecast_deviation(one, cal, params)[0]
     else:

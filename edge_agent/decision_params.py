@@ -34,10 +34,6 @@ class DecisionParams:
     # Bundles made before it: False. Chosen with scripts/evaluate_unseen.py, injection seeds
     # 300-302 and training seeds 0 and 2 (figures in the commit that set it).
     forecast_away: bool = True
-    # Forecast and spread evidence count only for sensors whose last few rows are not closer
-    # to the site's normal than their recent level (`fast_returning`). Bundles made before it:
-    # False. Under test (EXP14.md): off by default.
-    fast_return: bool = False
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two

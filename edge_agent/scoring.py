@@ -14,7 +14,6 @@ import numpy as np
 
 from edge_agent.bundle import Manifest
 from edge_agent.calibration import (
-    FAST_RETURN_ROWS,
     DecisionParams,
     SiteCalibration,
     WindowOutputs,
@@ -174,18 +173,15 @@ def window_outputs(
 
 def window_statistics(
     frame: ModelFrame, x: FloatArray, m: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray | None, FloatArray | None]:
+) -> tuple[FloatArray, FloatArray, FloatArray | None]:
     """What the decision reads off windows in network space besides the network's outputs:
-    the recent level and spread of each sensor, its level before (`forecast_away`) and its
-    level over the last few rows (`fast_return`)."""
+    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
     rows = frame.decision.level_window
     level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
-    before = fast = None
+    before = None
     if frame.decision.forecast_away and rows > 0:
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
-    if frame.decision.fast_return and rows > FAST_RETURN_ROWS:
-        fast, _ = recent_stats(x, m, frame.net_center, frame.net_scale, FAST_RETURN_ROWS)
-    return level, spread, before, fast
+    return level, spread, before
 
 
 def row_scores(

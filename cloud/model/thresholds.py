@@ -28,7 +28,7 @@ from edge_agent.calibration import (
     level_deviation,
     level_evidence,
     smooth_causal,
-    spread_evidence,
+    spread_deviation,
     thresholds_of,
 )
 from edge_agent.errors import InvalidInput
@@ -104,7 +104,7 @@ def episode_evidence(
     if calibration.level_precision is None:
         return EpisodeEvidence(episode.name, values, normal)
     deviation = level_deviation(outputs.level, calibration)
-    spread = spread_evidence(outputs, calibration, frame.decision)
+    spread = spread_deviation(outputs.spread, calibration)
     return EpisodeEvidence(
         episode.name, values, normal, deviation, calibration.level_precision, spread
     )
