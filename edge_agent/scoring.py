@@ -23,6 +23,7 @@ from edge_agent.calibration import (
     fit_level_normal,
     fit_residual_scale,
     fit_spread_normal,
+    held_flags,
     recent_stats,
     smooth_causal,
     to_network_space,
@@ -140,7 +141,7 @@ def calibrate_and_score(
     return SlotScores(
         first_slot=calibration_slots,
         score=smoothed[scored],
-        anomaly=smoothed[scored] >= 1.0,
+        anomaly=held_flags(smoothed, frame.decision.hold)[scored],
         contribution=outputs.contribution[scored],
         calibration=calibration,
     )
