@@ -70,7 +70,6 @@ class Decision(_Strict):
     spread_threshold: float = 4.0
     spread_tolerance: tuple[float, ...] = ()
     forecast_away: bool = False
-    hold: float = 0.0
     supervised: bool = True
     combine: str = "max"
     alone: float = 0.0

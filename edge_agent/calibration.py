@@ -341,18 +341,3 @@ def smooth_causal(scores: FloatArray, width: int) -> FloatArray:
     lo = np.maximum(0, idx + 1 - width)
     smoothed: FloatArray = ((sums[idx + 1] - sums[lo]) / (idx + 1 - lo)).astype(np.float32)
     return smoothed
-
-
-def held_flags(smoothed: FloatArray, hold: float) -> np.ndarray:
-    """Flags of smoothed scores: >= 1, and with `hold` > 0 also every score >= `hold` that
-    follows a score >= 1 without a score under `hold` between them (causal)."""
-    over: np.ndarray = smoothed >= 1.0
-    if hold <= 0 or hold >= 1 or smoothed.size == 0:
-        return over
-    idx = np.arange(smoothed.size)
-    held = smoothed >= hold
-    starts = held & ~np.concatenate([[False], held[:-1]])
-    run_start = np.maximum.accumulate(np.where(starts, idx, 0))
-    last_over = np.maximum.accumulate(np.where(over, idx, -1))
-    flags: np.ndarray = held & (last_over >= run_start)
-    return flags

@@ -34,9 +34,6 @@ class DecisionParams:
     # Bundles made before it: False. Chosen with scripts/evaluate_unseen.py, injection seeds
     # 300-302 and training seeds 0 and 2 (figures in the commit that set it).
     forecast_away: bool = True
-    # A row flag, once raised (smoothed score >= 1), stays while the score stays >= `hold`
-    # (`held_flags`); 0: no hold (bundles made before it). Under test (EXP14.md).
-    hold: float = 0.0
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two
@@ -74,7 +71,5 @@ class DecisionParams:
             raise InvalidInput(f"decision: combine {self.combine!r} is not one of {COMBINE_RULES}")
         if self.alone != 0 and not self.alone >= 1:
             raise InvalidInput(f"decision: alone {self.alone} is neither 0 nor >= 1")
-        if not 0 <= self.hold <= 1:
-            raise InvalidInput(f"decision: hold {self.hold} not in [0, 1]")
         if not 0 < self.target_far < 1:
             raise InvalidInput(f"decision: target_far {self.target_far} not in (0, 1)")

@@ -23,7 +23,6 @@ from edge_agent.calibration import (
     fit_level_normal,
     fit_residual_scale,
     fit_spread_normal,
-    held_flags,
     recent_stats,
     smooth_causal,
     to_network_space,
@@ -141,7 +140,7 @@ def calibrate_and_score(
     return SlotScores(
         first_slot=calibration_slots,
         score=smoothed[scored],
-        anomaly=held_flags(smoothed, frame.decision.hold)[scored],
+        anomaly=smoothed[scored] >= 1.0,
         contribution=outputs.contribution[scored],
         calibration=calibration,
     )

@@ -2,8 +2,8 @@
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --no-supervised, --hold,
-        --seed, --threads]
+        --target-far, --smoothing, --combine, --alone, --no-supervised, --seed,
+        --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
    files under `--unseen` reduced to their first `--calibration-rows` rows and no labels, then
@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("--target-far", type=float, default=DecisionParams().target_far)
     parser.add_argument("--smoothing", type=int, default=DecisionParams().smoothing)
     parser.add_argument("--no-supervised", action="store_true")
-    parser.add_argument("--hold", type=float, default=DecisionParams().hold)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--combine", default=DecisionParams().combine)
     parser.add_argument("--alone", type=float, default=DecisionParams().alone)
@@ -78,7 +77,6 @@ def main() -> None:
             supervised=not args.no_supervised,
             combine=args.combine,
             alone=args.alone,
-            hold=args.hold,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

@@ -25,7 +25,6 @@ from edge_agent.calibration import (
     DecisionParams,
     combine,
     evidence_values,
-    held_flags,
     level_deviation,
     level_evidence,
     smooth_causal,
@@ -177,20 +176,19 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
             return max(factor * quantiles[kind], MIN_SPREAD)
         return factor * quantiles[kind]
 
-    def flagged(
-        e: EpisodeEvidence, factor: float, only: str | None = None, hold: float = base.hold
-    ) -> np.ndarray:
-        """Which of the episode's windows the smoothed score flags (held: `held_flags`)."""
+    def flagged(e: EpisodeEvidence, factor: float, only: str | None = None) -> np.ndarray:
+        """Which of the episode's windows the smoothed score flags."""
         used = kinds if only is None else [only]
         raw = combine([e.values[k] / threshold(k, factor) for k in used], base.combine, base.alone)
-        return held_flags(smooth_causal(raw, base.smoothing), hold)
+        over: np.ndarray = smooth_causal(raw, base.smoothing) >= 1.0
+        return over
 
     def share(e: EpisodeEvidence, factor: float, only: str | None = None) -> float:
         return float(flagged(e, factor, only)[e.normal].mean())
 
     def longest_normal_run(e: EpisodeEvidence, factor: float) -> int:
         longest = current = 0
-        for hit in flagged(e, factor, hold=0.0) & e.normal:  # what raises an alert
+        for hit in flagged(e, factor) & e.normal:
             current = current + 1 if hit else 0
             longest = max(longest, current)
         return longest
