@@ -1,11 +1,11 @@
-"""Prints the EXP14 figures from the JSON reports: exp14/table.py SEED..."""
+"""EXP14 figures: exp14/table.py @-base,@-c1 3 4 (report names, @ = the training seed)."""
 
 import json
 import sys
 
-for seed in sys.argv[1:]:
-    for arm in ("base", "c1"):
-        with open(f"exp14/{seed}-{arm}.json") as fh:
+for seed in sys.argv[2:]:
+    for arm in sys.argv[1].split(","):
+        with open(f"exp14/{arm.replace('@', seed)}.json") as fh:
             r = json.load(fh)
         u = r["unseen_kind"]["total"]
         cells = [f"valve1 F1 {u['f1']:.3f} FAR {u['far']:.1%} MAR {u['mar']:.1%}"]
