@@ -2,7 +2,8 @@
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --no-supervised, --seed]
+        --target-far, --smoothing, --combine, --alone, --no-supervised, --seed,
+        --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
    files under `--unseen` reduced to their first `--calibration-rows` rows and no labels, then
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--target-far", type=float, default=DecisionParams().target_far)
     parser.add_argument("--smoothing", type=int, default=DecisionParams().smoothing)
     parser.add_argument("--no-supervised", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--combine", default=DecisionParams().combine)
     parser.add_argument("--alone", type=float, default=DecisionParams().alone)
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
@@ -67,7 +69,7 @@ def main() -> None:
         version="1",
         calibration_rows=args.calibration_rows,
         segments=args.segments,
-        train=TrainParams(epochs=args.epochs, seed=args.seed),
+        train=TrainParams(epochs=args.epochs, seed=args.seed, threads=args.threads),
         decision=DecisionParams(
             level_window=args.level_window,
             target_far=args.target_far,
