@@ -1,11 +1,14 @@
-"""EXP14 figures: exp14/table.py @-base,@-c1 3 4 (report names, @ = the training seed)."""
+"""Issue-14 figures from pairs of reports (@ = the training seed).
+
+    python scripts/experiments/issue14/table.py @-base,@-c1 3 4
+"""
 
 import json
 import sys
 
 for seed in sys.argv[2:]:
     for arm in sys.argv[1].split(","):
-        with open(f"exp14/{arm.replace('@', seed)}.json") as fh:
+        with open(f"scripts/experiments/issue14/{arm.replace('@', seed)}.json") as fh:
             r = json.load(fh)
         u = r["unseen_kind"]["total"]
         cells = [f"valve1 F1 {u['f1']:.3f} FAR {u['far']:.1%} MAR {u['mar']:.1%}"]

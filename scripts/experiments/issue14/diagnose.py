@@ -1,4 +1,6 @@
-"""Where valve1's missed fault rows are: exp14/diagnose.py BUNDLE [BUNDLE...] (key: BUNDLE.pub).
+"""Where valve1's missed fault rows are (issue 14).
+
+    python scripts/experiments/issue14/diagnose.py BUNDLE [BUNDLE...]   (key: BUNDLE.pub)
 
 Per labelled fault segment: rows missed before the first flag (onset), between the first and
 the last flag (dips), after the last flag (tail); and, over the missed rows, the smoothed
