@@ -1,6 +1,6 @@
 """Issue-14 figures from pairs of reports (@ = the training seed).
 
-    python scripts/experiments/issue14/table.py @-base,@-c1 3 4
+python scripts/experiments/issue14/table.py @-base,@-c1 3 4
 """
 
 import json
