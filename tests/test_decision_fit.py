@@ -156,10 +156,29 @@ def test_residual_scales_follow_the_new_network_on_the_normal_windows() -> None:
     old = [batch(*normal, (FALSE_ALARM, QUIET, [3.0, 3.0, 3.0]))]
     half = [batch(*[(NORMAL, QUIET, [0.5, 1.0, 1.0])] * 12, (FALSE_ALARM, QUIET, [3.0] * 3))]
     rescaled, note = with_network_residuals(old, half, 0.99)
-    np.testing.assert_allclose(rescaled[0].calibration.residual_scale, [0.5, 0.5, 2.0])
-    assert "from 12 sampled normal windows: x0.50, x0.50, x2.00" in note
+    assert [b.group[0] for b in rescaled] == [FALSE_ALARM, NORMAL]  # split by group
+    for b in rescaled:
+        np.testing.assert_allclose(b.calibration.residual_scale, [0.5, 0.5, 2.0])
+    assert "from 12 sampled normal windows, by sensor: x0.50 (0.50-0.50), x0.50" in note
     alone = [batch((FALSE_ALARM, QUIET, QUIET))]
     assert with_network_residuals(alone, alone, 0.99)[0] == alone
+
+
+def test_uncertain_residual_scales_are_read_against_each_group() -> None:
+    """Sampled windows disagree on the new network's residuals (one caught a dip's start):
+    false alarms are judged under the lowest estimate, faults under the highest."""
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.5, 1.5, (12, N))
+    after = 0.4 * before
+    after[0, 0] = 5.0  # the dip's start: the new network still misses it
+    windows = [(FALSE_ALARM, QUIET, [3.0] * N), (FAULT, QUIET, [30.0] * N)]
+    old = [batch(*[(NORMAL, QUIET, list(r)) for r in before], *windows)]
+    new = [batch(*[(NORMAL, QUIET, list(r)) for r in after], *windows)]
+    rescaled, _ = with_network_residuals(old, new, 0.99)
+    scale = {b.group[0]: b.calibration.residual_scale for b in rescaled}
+    assert scale[FALSE_ALARM][0] <= scale[NORMAL][0] <= scale[FAULT][0]
+    assert scale[FALSE_ALARM][0] < scale[FAULT][0]
+    np.testing.assert_allclose(scale[FALSE_ALARM][1:], 0.4, rtol=1e-5)
 
 
 def test_the_residual_tolerance_divides_a_sensors_forecast_deviation() -> None:

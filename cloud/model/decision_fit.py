@@ -12,8 +12,10 @@ The fit recomputes the evidence of every judged window exactly as the agent does
 (`edge_agent.scoring.window_outputs`, `edge_agent.calibration.evidence_values`/`score_of`),
 with the fine-tuned network and the site calibration the window was captured under, its
 residual scales rescaled to the new network (`with_network_residuals`: an agent recalibrates
-when it installs the model). Then it raises tolerances, starting from the base's (none: 1.0
-each), one multiplicative step (`STEP`) at a time:
+when it installs the model; the cloud only estimates that from the sampled normal windows, so
+false alarms are judged under the least favourable estimate, and faults too). Then it raises
+tolerances, starting from the base's (none: 1.0 each), one multiplicative step (`STEP`) at a
+time:
 
 1. Take the false-alarm window (verdict false) scoring highest among those at or above
    `FALSE_ALARM_MARGIN`; done when there is none.
@@ -194,35 +196,67 @@ def with_network_residuals(
 ) -> tuple[list[JudgedBatch], str]:
     """`new` (the same windows as `old`, run by another network) with each calibration's
     residual scale as the agent will fit it for that network: the captured one times, per
-    sensor, the ratio of the two networks' `quantile` residuals on the sampled normal windows
-    of that calibration (all calibrations' where it has fewer than MIN_NORMAL_WINDOWS). The
-    calibration stretch itself never leaves the device; the normal windows stand in for it."""
-
-    def normal(batches: list[JudgedBatch]) -> FloatArray:
-        rows = [b.outputs.residual[np.asarray(b.group) == NORMAL] for b in batches]
-        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-
-    def ratio(before: FloatArray, after: FloatArray) -> FloatArray:
-        q_old = np.quantile(before, quantile, axis=0)
-        q_new = np.quantile(after, quantile, axis=0)
-        return np.where(q_old > 0, q_new / np.where(q_old > 0, q_old, 1.0), 1.0)
-
-    pooled_old, pooled_new = normal(old), normal(new)
+    sensor, how the new network's residuals compare with the old one's on the sampled normal
+    windows of that calibration (all calibrations' where it has fewer than
+    MIN_NORMAL_WINDOWS). The calibration stretch never leaves the device; the samples stand
+    in for it, and they are few (some catch the start of a benign dip), so the ratio is
+    estimated three ways (`_ratios`) and each group is judged under the one least in its
+    favour: false alarms under the lowest (their forecast evidence at its highest), faults
+    under the highest, sampled normal windows under the first. Each batch comes back split
+    by group."""
+    pooled_old, pooled_new = _normal(old), _normal(new)
     if pooled_old.shape[0] == 0:
         return new, "no sampled normal windows: residual scales kept as captured"
-    pooled = ratio(pooled_old, pooled_new)
+    pooled = _ratios(pooled_old, pooled_new, quantile)
     out = []
     for o, n in zip(old, new, strict=True):
-        own_old, own_new = normal([o]), normal([n])
-        r = ratio(own_old, own_new) if own_old.shape[0] >= MIN_NORMAL_WINDOWS else pooled
-        cal = dataclasses.replace(
-            n.calibration, residual_scale=(n.calibration.residual_scale * r).astype(np.float32)
+        own_old, own_new = _normal([o]), _normal([n])
+        ratios = (
+            _ratios(own_old, own_new, quantile)
+            if own_old.shape[0] >= MIN_NORMAL_WINDOWS
+            else pooled
         )
-        out.append(dataclasses.replace(n, calibration=cal))
+        group = np.asarray(n.group)
+        for name, ratio in (
+            (FALSE_ALARM, ratios.min(0)),
+            (FAULT, ratios.max(0)),
+            (NORMAL, ratios[0]),
+        ):
+            rows = np.flatnonzero(group == name)
+            if rows.size:
+                scale = (n.calibration.residual_scale * ratio).astype(np.float32)
+                cal = dataclasses.replace(n.calibration, residual_scale=scale)
+                out.append(JudgedBatch(cal, n.outputs.select(rows), (name,) * int(rows.size)))
+    low, high = pooled.min(0), pooled.max(0)
     return out, (
         f"residual scales for the new network from {pooled_old.shape[0]} sampled normal "
-        f"windows: x{', x'.join(f'{x:.2f}' for x in pooled)} by sensor"
+        "windows, by sensor: "
+        + ", ".join(
+            f"x{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(pooled[0], low, high, strict=True)
+        )
     )
+
+
+def _normal(batches: list[JudgedBatch]) -> FloatArray:
+    rows = [b.outputs.residual[np.asarray(b.group) == NORMAL] for b in batches]
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def _ratios(old: FloatArray, new: FloatArray, quantile: float) -> FloatArray:
+    """[3, N]: new over old residuals per sensor, as the ratio of their `quantile`s (what
+    calibration takes), of their 0.9 quantiles, and the median ratio window by window."""
+
+    def over(a: FloatArray, b: FloatArray) -> FloatArray:
+        ok = b > 0
+        return np.where(ok, a / np.where(ok, b, 1.0), 1.0)
+
+    return np.stack(
+        [
+            over(np.quantile(new, quantile, axis=0), np.quantile(old, quantile, axis=0)),
+            over(np.quantile(new, 0.9, axis=0), np.quantile(old, 0.9, axis=0)),
+            np.median(over(new, old), axis=0),
+        ]
+    ).astype(np.float32)
 
 
 def scores_by_group(batches: list[JudgedBatch], params: DecisionParams) -> dict[str, FloatArray]:
