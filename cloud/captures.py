@@ -10,6 +10,7 @@ yet (or judged `unsure`) -> -1 (unknown: left out of fine-tuning).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +30,39 @@ MAX_SENSORS = 256  # N
 MAX_CELLS = 65_536  # T * N: 256 KiB of float32 values
 PAGE_SIZE, MAX_PAGE_SIZE = 200, 1000
 VERDICT_FILTERS = ("", "none", *VERDICTS)  # "": any; "none": no verdict yet
+
+
+@dataclass(frozen=True)
+class CaptureCalibration:
+    """The rest of the site calibration a window was scored under (`input_center` and
+    `input_scale` are the capture's own): what the decision's evidence needs besides the
+    network (`edge_agent.calibration.SiteCalibration`). The level fields are empty where the
+    model's decision uses no levels; `level_precision` is N*N, row-major."""
+
+    residual_scale: tuple[float, ...]
+    level_center: tuple[float, ...] = ()
+    level_scale: tuple[float, ...] = ()
+    spread_center: tuple[float, ...] = ()
+    level_precision: tuple[float, ...] = ()
+
+    def as_doc(self) -> dict[str, list[float]]:
+        """A JSON-ready dict (the store's column, the export's struct)."""
+        return {name: list(getattr(self, name)) for name in CALIBRATION_FIELDS}
+
+    @staticmethod
+    def from_doc(doc: dict[str, list[float]]) -> CaptureCalibration:
+        return CaptureCalibration(
+            **{name: tuple(float(x) for x in doc.get(name) or ()) for name in CALIBRATION_FIELDS}
+        )
+
+
+CALIBRATION_FIELDS = (
+    "residual_scale",
+    "level_center",
+    "level_scale",
+    "spread_center",
+    "level_precision",
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +86,7 @@ class CaptureRecord:
     input_center: tuple[float, ...]
     input_scale: tuple[float, ...]
     received_at: dt.datetime | None = None
+    calibration: CaptureCalibration | None = None  # None: an agent from before it was sent
 
     @property
     def window_end(self) -> dt.datetime:
@@ -118,6 +153,29 @@ def check_capture(c: CaptureRecord, where: str) -> None:
             raise InvalidInput(f"{where}.{name}: {len(vector)} values for {n} sensors")
     if min(c.input_scale) <= 0:
         raise InvalidInput(f"{where}.input_scale: every scale must be positive")
+    if c.calibration is not None:
+        check_calibration(c.calibration, n, f"{where}.calibration")
+
+
+def check_calibration(cal: CaptureCalibration, n: int, where: str) -> None:
+    """InvalidInput unless every vector has N values (the level ones N or none, the
+    precision N*N with them) and every scale is positive."""
+    levels = bool(cal.level_center or cal.level_scale or cal.spread_center or cal.level_precision)
+    for name in CALIBRATION_FIELDS:
+        vector = getattr(cal, name)
+        want = n * n if name == "level_precision" else n
+        if name != "residual_scale" and not levels:
+            want = 0
+        if len(vector) != want:
+            raise InvalidInput(
+                f"{where}.{name}: {len(vector)} values; {n} sensors take {want}"
+                + ("" if name == "residual_scale" else " (or none of the level fields)")
+            )
+        if not all(math.isfinite(x) for x in vector):
+            raise InvalidInput(f"{where}.{name}: not every value is a finite number")
+    for name in ("residual_scale", "level_scale"):
+        if min(getattr(cal, name), default=1.0) <= 0:
+            raise InvalidInput(f"{where}.{name}: every scale must be positive")
 
 
 @dataclass(frozen=True)

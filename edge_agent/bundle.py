@@ -69,6 +69,7 @@ class Decision(_Strict):
     level_tolerance: tuple[float, ...] = ()
     spread_threshold: float = 4.0
     spread_tolerance: tuple[float, ...] = ()
+    residual_tolerance: tuple[float, ...] = ()
     forecast_away: bool = False
     supervised: bool = True
     combine: str = "max"

@@ -34,7 +34,7 @@ The window's raw score (`combine`, default `top2`) is the mean of the two strong
 the strongest divided by `alone`, whichever is more: one kind needs a margin over its
 threshold unless another kind backs it (`max`: the largest). It is smoothed causally over the
 last few windows. Per-sensor tolerances (how far each sensor's level and spread wander in normal
-operation) divide the level and spread deviations first.
+operation) divide the level and spread deviations first, and scale the forecast residuals.
 """
 
 from __future__ import annotations
@@ -231,9 +231,13 @@ def evidence_values(
 def forecast_deviation(
     out: WindowOutputs, cal: SiteCalibration, params: DecisionParams
 ) -> FloatArray:
-    """[B, N]: forecast residuals in the site's residual scale; with `forecast_away`, 0 for a
-    sensor whose recent level is closer to the site's normal than its level before."""
-    dev: FloatArray = out.residual / cal.residual_scale
+    """[B, N]: forecast residuals in the site's residual scale (times the sensor's
+    `residual_tolerance`); with `forecast_away`, 0 for a sensor whose recent level is closer
+    to the site's normal than its level before."""
+    scale = cal.residual_scale
+    if params.residual_tolerance:
+        scale = scale * np.asarray(params.residual_tolerance, dtype=np.float32)
+    dev: FloatArray = out.residual / scale
     if params.forecast_away and out.before is not None and cal.level_center is not None:
         back = np.abs(out.level - cal.level_center) < np.abs(out.before - cal.level_center)
         dev = np.where(back, 0.0, dev).astype(np.float32)  # NaN compares False: kept

@@ -60,6 +60,7 @@ class CapturedWindow:
     mask: FloatArray  # [T, N] 1 = a reading
     input_center: FloatArray  # [N] the site calibration it was scored under
     input_scale: FloatArray  # [N]
+    calibration: SiteCalibration | None = None  # all of it, so the cloud can recompute evidence
 
 
 @dataclass
@@ -198,4 +199,5 @@ def captured(
         mask=job.mask,
         input_center=cal.input_center,
         input_scale=cal.input_scale,
+        calibration=cal,
     )

@@ -30,6 +30,10 @@ class DecisionParams:
     level_tolerance: tuple[float, ...] = ()
     spread_threshold: float = 4.0
     spread_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
+    # Per sensor: multiplies its forecast residual scale (how surprising its normal
+    # operation is besides what calibration saw: a recurring benign dip). Empty: 1 for all.
+    # Only fine-tuning on operators' verdicts sets it (`cloud/model/decision_fit.py`).
+    residual_tolerance: tuple[float, ...] = ()
     # Forecast residuals count only for sensors not returning to normal (`forecast_deviation`).
     # Bundles made before it: False. Chosen with scripts/evaluate_unseen.py, injection seeds
     # 300-302 and training seeds 0 and 2 (figures in the commit that set it).
@@ -64,7 +68,7 @@ class DecisionParams:
             raise InvalidInput(f"decision: smoothing {self.smoothing} < 1")
         if self.level_window < 0:
             raise InvalidInput(f"decision: level_window {self.level_window} < 0")
-        for name in ("level_tolerance", "spread_tolerance"):
+        for name in ("level_tolerance", "spread_tolerance", "residual_tolerance"):
             if any(not t > 0 for t in getattr(self, name)):
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")
         if self.combine not in COMBINE_RULES:

@@ -57,7 +57,7 @@ class ModelFrame:
 def frame_of(manifest: Manifest) -> ModelFrame:
     """The scoring frame a bundle's manifest describes."""
     center = np.asarray(manifest.normalisation.center, dtype=np.float32)
-    for name in ("level_tolerance", "spread_tolerance"):
+    for name in ("level_tolerance", "spread_tolerance", "residual_tolerance"):
         tolerance = getattr(manifest.decision, name)
         if tolerance and len(tolerance) != len(manifest.sensors):
             raise InvalidInput(

@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 
+from edge_agent.calibration import SiteCalibration
 from edge_agent.capture import ALERT, CapturedWindow, masked_values
 from edge_agent.decisions import AlertEvent, Verdict
 from edge_agent.losses import LostStretch
+from edge_agent.windowing import FloatArray
 from protos.autoglm.v1 import agent_pb2
 
 
@@ -99,5 +101,22 @@ def capture_record(window: CapturedWindow) -> bytes:
             input_scale=[float(x) for x in window.input_scale],
         )
     )
+    if window.calibration is not None:
+        record.capture.calibration.CopyFrom(decision_calibration(window.calibration))
     _stamp(record.capture.window_start, window.window_start)
     return record.SerializeToString()
+
+
+def decision_calibration(cal: SiteCalibration) -> agent_pb2.DecisionCalibration:
+    """What the decision reads of a site calibration besides the input normalisation."""
+
+    def floats(vector: FloatArray | None) -> list[float]:
+        return [] if vector is None else [float(x) for x in np.asarray(vector).reshape(-1)]
+
+    return agent_pb2.DecisionCalibration(
+        residual_scale=floats(cal.residual_scale),
+        level_center=floats(cal.level_center),
+        level_scale=floats(cal.level_scale),
+        spread_center=floats(cal.spread_center),
+        level_precision=floats(cal.level_precision),
+    )

@@ -3,6 +3,7 @@ budget and strata, eviction order in the outbox, and sync batches bounded in byt
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 from pathlib import Path
@@ -56,12 +57,36 @@ def test_a_capture_crosses_to_the_cloud_unchanged(reason: str) -> None:
     np.testing.assert_array_equal(values[present], sent.values[present])
     assert np.isnan(values[~present]).all()  # missing stays missing, never the stale 123
     assert c.input_center == (0.0, 1.0, 2.0, 3.0) and c.input_scale == (0.25,) * 4
+    cal = sent.calibration
+    assert cal is not None and cal.level_precision is not None and c.calibration is not None
+    np.testing.assert_allclose(c.calibration.residual_scale, cal.residual_scale)
+    np.testing.assert_allclose(c.calibration.level_center, cal.level_center)
+    np.testing.assert_allclose(c.calibration.spread_center, cal.spread_center)
+    np.testing.assert_allclose(c.calibration.level_precision, cal.level_precision.reshape(-1))
+
+
+def test_a_capture_from_an_agent_without_the_calibration_still_crosses() -> None:
+    split = split_batch("device-1", batch_of(capture_record(window(calibrated=False))))
+    assert split.rejected == [] and split.captures[0].calibration is None
+
+
+def test_a_capture_with_a_misshapen_calibration_is_rejected_naming_it() -> None:
+    sent = window()
+    assert sent.calibration is not None
+    bad = dataclasses.replace(sent.calibration, level_precision=np.eye(3, dtype=np.float32))
+    split = split_batch(
+        "device-1", batch_of(capture_record(dataclasses.replace(sent, calibration=bad)))
+    )
+    assert split.captures == [] and len(split.rejected) == 1
+    assert "calibration.level_precision: 9 values; 4 sensors take 16" in str(split.rejected[0])
 
 
 def test_a_capture_costs_about_its_values() -> None:
-    """T=120, N=8 (the default window of an 8-sensor model): ~4 KB a window."""
+    """T=120, N=8 (the default window of an 8-sensor model): ~4 KB a window, and its site
+    calibration (4 N + N*N floats: 0.4 KB)."""
     size = len(capture_record(window(t=120, n=8)))
-    assert 120 * 8 * 4 < size < 120 * 8 * 4 + 400, size
+    calibration = (4 * 8 + 8 * 8) * 4
+    assert 120 * 8 * 4 + calibration < size < 120 * 8 * 4 + calibration + 400, size
 
 
 def policy(**changes: object) -> CapturePolicy:

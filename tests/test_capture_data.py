@@ -100,3 +100,32 @@ def test_fine_tuning_refuses_exports_the_base_cannot_take(
             finetune_bundle(export, bundle, tmp_path / f"out-{i}", options, key, log=print)
         assert words in str(caught.value), str(caught.value)
         assert not (tmp_path / f"out-{i}").exists()
+
+
+def test_the_site_calibration_travels_through_the_export(tmp_path: Path) -> None:
+    """Each window's whole site calibration comes back as the agent's `SiteCalibration`; a
+    window from an agent that did not send it comes back without one."""
+    new, old = stored(1, alert_key="k1"), stored(2, calibration=None)
+    out = tmp_path / "export"
+    write_export(rows((new, "false"), (old, "true")), out, {})
+    back = read_export(out)
+    sent = window(seed=1).calibration
+    assert sent is not None and sent.level_precision is not None
+    cal = back.calibration[0]
+    assert cal is not None and cal.level_precision is not None and back.calibration[1] is None
+    np.testing.assert_allclose(cal.level_precision, sent.level_precision)
+    for name in ("residual_scale", "level_center", "level_scale", "spread_center"):
+        np.testing.assert_allclose(getattr(cal, name), getattr(sent, name), err_msg=name)
+    np.testing.assert_allclose(cal.input_center, back.input_center[0])
+
+
+def test_an_export_from_before_the_calibration_column_still_reads(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "export"
+    write_export(rows((stored(1), "false"), (stored(2), "")), out, {})
+    table = pq.read_table(out / DATA_FILE)
+    pq.write_table(table.drop_columns(["calibration"]), out / DATA_FILE)
+    back = read_export(out)
+    assert back.size == 2 and back.calibration == (None, None)
+    assert back.label.tolist() == [0, -1]

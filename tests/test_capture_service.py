@@ -145,7 +145,7 @@ def _seed(plane: RunningPlane, tmp_path: Path) -> str:
         capture(device_id, 2, window(key="k1")),
         capture(device_id, 4, window(key="k2")),
         capture(device_id, 5, window(reason=SAMPLE, seed=5)),
-        capture(device_id, 6, window(reason=SAMPLE, seed=6)),
+        capture(device_id, 6, window(reason=SAMPLE, seed=6, calibrated=False)),  # an older agent
     ]
     now = dt.datetime.now(dt.UTC)
     store.store_records(device_id, [], events, now, captures=captures)  # type: ignore[arg-type]
@@ -182,6 +182,13 @@ def test_captures_are_listed_in_pages_with_their_verdicts(
         assert by_seq[("edge", 2)].alert_id == alerts["pump-1"].id
         assert by_seq[("edge", 4)].verdict == "" and by_seq[("edge", 4)].alert_id
         assert by_seq[("edge", 5)].alert_id == ""  # a sample belongs to no alert
+        # The whole site calibration is kept with the window; an older agent's has none.
+        sent = window(key="k1").calibration
+        assert sent is not None and sent.level_precision is not None
+        kept = by_seq[("edge", 2)].capture.calibration
+        np.testing.assert_allclose(kept.level_precision, sent.level_precision.reshape(-1))
+        np.testing.assert_allclose(kept.residual_scale, sent.residual_scale)
+        assert not by_seq[("edge", 6)].capture.HasField("calibration")
         falses = list(client.list_captures(_request(verdict="false")))
         assert [w.sequence for w in falses] == [2]
         pending = list(client.list_captures(_request(verdict="none", device="edge")))

@@ -415,6 +415,7 @@ def cmd_finetune(args: argparse.Namespace, client: OperatorClient | None) -> int
     print(
         f"wrote {args.out}: {manifest.name} {manifest.version}, fine-tuned from "
         f"{t['fine_tuned_from']} on {t['windows']} windows ({t['labelled_fault_windows']} "
-        f"faults), {t['wall_seconds']}s wall on {t['torch_threads']} torch threads"
+        f"faults), {t['wall_seconds']}s wall on {t['torch_threads']} torch threads; "
+        f"decision: {t['decision']['note']}"  # type: ignore[index]
     )
     return 0

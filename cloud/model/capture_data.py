@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from cloud.captures import CaptureLabel, CaptureRecord, training_label
+from cloud.captures import (
+    CALIBRATION_FIELDS,
+    CaptureCalibration,
+    CaptureLabel,
+    CaptureRecord,
+    check_calibration,
+    training_label,
+)
+from edge_agent.calibration import SiteCalibration
 from edge_agent.errors import AlreadyExists, InvalidInput
 from edge_agent.windowing import FloatArray
 
@@ -50,7 +58,12 @@ COLUMNS = {
     "mask": "list<uint8>: T*N, 1 = a reading",
     "input_center": "list<float32>: N, the site calibration (network input = (x-c)/s)",
     "input_scale": "list<float32>: N",
+    "calibration": "struct or null: the rest of that site calibration (residual_scale, "
+    "level_center, level_scale, spread_center: list<float32> N; level_precision: N*N "
+    "row-major; the level ones empty where the decision uses no levels); null for windows "
+    "from agents that did not send it",
 }
+OPTIONAL_COLUMNS = ("calibration",)  # exports written before it was added lack it
 
 
 @dataclass
@@ -126,6 +139,7 @@ def _schema(pa: Any) -> Any:
         "mask": pa.list_(pa.uint8()),
         "input_center": pa.list_(pa.float32()),
         "input_scale": pa.list_(pa.float32()),
+        "calibration": pa.struct([(name, pa.list_(pa.float32())) for name in CALIBRATION_FIELDS]),
     }
     return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
 
@@ -156,6 +170,7 @@ def _row(c: CaptureRecord, label: CaptureLabel, device_name: str, value: int) ->
         "mask": mask.reshape(-1).astype(np.uint8).tolist(),
         "input_center": list(c.input_center),
         "input_scale": list(c.input_scale),
+        "calibration": None if c.calibration is None else c.calibration.as_doc(),
     }
 
 
@@ -224,6 +239,9 @@ class ExportedWindows:
     input_scale: FloatArray  # [W, N]
     reason: tuple[str, ...]
     score: FloatArray  # [W] the device's score
+    # [W]: the whole site calibration each window was scored under; None where the export
+    # has none for it (captured by an agent from before it was sent, or an older export)
+    calibration: tuple[SiteCalibration | None, ...] = ()
 
     @property
     def size(self) -> int:
@@ -240,12 +258,14 @@ def read_export(directory: Path) -> ExportedWindows:
         table = pq.read_table(path)
     except Exception as exc:
         raise InvalidInput(f"{path}: not a readable Parquet file: {exc}") from exc
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in table.column_names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise InvalidInput(f"{path}: not an export of captured windows (no columns {missing})")
     if table.num_rows == 0:
         raise InvalidInput(f"{path}: no windows")
-    cols = {name: table.column(name).to_pylist() for name in COLUMNS}
+    present = [name for name in COLUMNS if name in table.column_names]
+    cols = {name: table.column(name).to_pylist() for name in present}
+    cols.setdefault("calibration", [None] * table.num_rows)
     sensors, length = tuple(cols["sensors"][0]), int(cols["length"][0])
     n = len(sensors)
     for i in range(table.num_rows):
@@ -258,13 +278,46 @@ def read_export(directory: Path) -> ExportedWindows:
         if len(cols["values"][i]) != length * n or len(cols["mask"][i]) != length * n:
             raise InvalidInput(f"{path}: row {i + 1}: values or mask are not {length} x {n}")
     shape = (table.num_rows, length, n)
+    center = np.asarray(cols["input_center"], dtype=np.float32)
+    scale = np.asarray(cols["input_scale"], dtype=np.float32)
+    calibration = []
+    for i, doc in enumerate(cols["calibration"]):
+        try:
+            calibration.append(site_calibration(center[i], scale[i], doc, n))
+        except InvalidInput as exc:
+            raise InvalidInput(f"{path}: row {i + 1}: {exc}") from None
     return ExportedWindows(
         sensors=sensors,
         values=np.asarray(cols["values"], dtype=np.float32).reshape(shape),
         mask=np.asarray(cols["mask"], dtype=np.float32).reshape(shape),
         label=np.asarray(cols["label"], dtype=np.int8),
-        input_center=np.asarray(cols["input_center"], dtype=np.float32),
-        input_scale=np.asarray(cols["input_scale"], dtype=np.float32),
+        input_center=center,
+        input_scale=scale,
         reason=tuple(cols["reason"]),
         score=np.asarray(cols["score"], dtype=np.float32),
+        calibration=tuple(calibration),
+    )
+
+
+def site_calibration(
+    center: FloatArray, scale: FloatArray, doc: dict[str, list[float]] | None, n: int
+) -> SiteCalibration | None:
+    """The site calibration of an exported window (None where it has none)."""
+    if doc is None:
+        return None
+    cal = CaptureCalibration.from_doc(doc)
+    check_calibration(cal, n, "calibration")
+
+    def vector(values: tuple[float, ...], shape: tuple[int, ...]) -> FloatArray | None:
+        return np.asarray(values, dtype=np.float32).reshape(shape) if values else None
+
+    return SiteCalibration(
+        input_center=center,
+        input_scale=scale,
+        residual_scale=np.asarray(cal.residual_scale, dtype=np.float32),
+        rows=0,  # not exported: nothing downstream of calibration reads it
+        level_center=vector(cal.level_center, (n,)),
+        level_scale=vector(cal.level_scale, (n,)),
+        level_precision=vector(cal.level_precision, (n, n)),
+        spread_center=vector(cal.spread_center, (n,)),
     )

@@ -4,10 +4,19 @@ The base bundle's network is trained further on the export's labelled windows, i
 the device fed them to it (each window normalised by the site calibration it was captured
 under): false alarms (verdict false) and sampled normal windows as normal (forecast loss, fault
 head towards 0), verified faults (verdict true) as labelled faults (fault head towards 1);
-windows nobody judged are left out. The decision thresholds stay the base's: the rollout's
-shadow gate then compares the new version with the incumbent on live windows before it
-serves. The result is a bundle like `model train` writes (fp32 ONNX, parity checked, golden
-vectors), ready for `model push`.
+windows nobody judged are left out.
+
+Then the decision is fitted to the verdicts (`cloud.model.decision_fit`): with the new
+network, every judged window (and sampled normal ones) is scored as the agent scores it, under
+the site calibration it was captured with (its residual scales rescaled to the new network),
+and per-sensor level, spread and forecast-residual tolerances are raised as little as needed
+for the false alarms to score under 0.8 while the verified faults keep scoring 1.25 or more;
+faults come first. Windows captured by agents that did not send
+their whole calibration train the network but are left out of that fit (and counted). The
+thresholds stay the base's; the rollout's shadow gate then compares the new version with the
+incumbent on live windows before it serves. The result is a bundle like `model train` writes
+(fp32 ONNX, parity checked, golden vectors), ready for `model push`; `training.decision`
+holds the tolerances chosen and each group's scores before and after.
 """
 
 from __future__ import annotations
@@ -27,6 +36,18 @@ from cloud import __version__
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
 from cloud.model.capture_data import ExportedWindows, read_export
 from cloud.model.dataset import WindowSet
+from cloud.model.decision_fit import (
+    FALSE_ALARM,
+    FAULT,
+    NORMAL,
+    GroupScores,
+    JudgedBatch,
+    ToleranceFit,
+    fit_tolerances,
+    judged_batches,
+    summary,
+    with_network_residuals,
+)
 from cloud.model.net import SensorGraphNet
 from cloud.model.pipeline import (
     CHECKPOINT,
@@ -34,11 +55,14 @@ from cloud.model.pipeline import (
     export_variant,
     load_checkpoint,
 )
-from cloud.model.train import TrainParams, set_torch_threads, train_net
+from cloud.model.train import TorchWindowModel, TrainParams, set_torch_threads, train_net
 from edge_agent.bundle import BUILD_ON_DEVICE, Manifest, sha256_file
 from edge_agent.errors import AlreadyExists, InvalidInput
+from edge_agent.scoring import ModelFrame, WindowModel, frame_of
 from edge_agent.trust import Verifier
 from edge_agent.windowing import FloatArray
+
+MAX_NORMAL_WINDOWS = 2000  # sampled normal windows scored before and after the decision fit
 
 
 @dataclass(frozen=True)
@@ -142,6 +166,10 @@ def finetune_bundle(
     net = load_checkpoint(base_dir)
     groups = {"false_alarm_or_normal": data.label < 0.5, "fault": data.label > 0.5}
     before = {k: group_outputs(net, data, rows) for k, rows in groups.items()}
+    frame = frame_of(base)
+    judged = decision_groups(windows)
+    base_batches = _batches(TorchWindowModel(net), frame, windows, judged)
+    base_scores = summary(base_batches, frame.decision)
     params = TrainParams(
         epochs=options.epochs,
         batch_size=options.batch_size,
@@ -158,6 +186,14 @@ def finetune_bundle(
             f"-> {after[name].fault_prob:.3f}, residual {before[name].residual:.3f} -> "
             f"{after[name].residual:.3f}"
         )
+    new_batches = _batches(TorchWindowModel(net), frame, windows, judged)
+    new_batches, rescaled = with_network_residuals(
+        base_batches, new_batches, frame.decision.residual_quantile
+    )
+    log(rescaled)
+    fit = fit_tolerances(new_batches, frame.decision)
+    uncalibrated = _uncalibrated(windows, judged, log)
+    _log_scores(base_scores, fit, log)
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -176,6 +212,13 @@ def finetune_bundle(
             "files": {CHECKPOINT: sha256_file(staging / CHECKPOINT)},
             "golden": golden,
             "engines": {"status": BUILD_ON_DEVICE},
+            "decision": base.decision.model_copy(
+                update={
+                    "level_tolerance": fit.decision.level_tolerance,
+                    "spread_tolerance": fit.decision.spread_tolerance,
+                    "residual_tolerance": fit.decision.residual_tolerance,
+                }
+            ),
             "evaluation": {},
             "export": {**base.export, "parity_max_abs_diff": diff},
             "training": {
@@ -195,6 +238,12 @@ def finetune_bundle(
                 "losses": [round(x, 4) for x in report.losses],
                 "before": {k: v.as_dict() for k, v in before.items()},
                 "after": {k: v.as_dict() for k, v in after.items()},
+                "decision": {
+                    "base_model": {k: v.as_dict() for k, v in base_scores.items()},
+                    **fit.as_dict(),
+                    "residual_scales": rescaled,
+                    "windows_without_calibration": uncalibrated,
+                },
                 "trainer_version": __version__,
             },
         }
@@ -202,6 +251,56 @@ def finetune_bundle(
     write_signed_manifest(staging, manifest, key)
     staging.rename(out)
     return manifest
+
+
+def decision_groups(windows: ExportedWindows) -> tuple[str, ...]:
+    """Each window's group for the decision fit: false alarms, verified faults, sampled
+    normal windows (at most MAX_NORMAL_WINDOWS, evenly spread), "" for the others."""
+    reason = np.asarray(windows.reason)
+    normal = np.flatnonzero((windows.label == 0) & (reason != "alert"))
+    kept = set(normal[np.linspace(0, normal.size - 1, MAX_NORMAL_WINDOWS).astype(int)].tolist()
+               if normal.size > MAX_NORMAL_WINDOWS else normal.tolist())  # fmt: skip
+    return tuple(
+        FAULT if label > 0 else FALSE_ALARM if label == 0 and r == "alert" else
+        NORMAL if i in kept else ""
+        for i, (label, r) in enumerate(zip(windows.label, reason, strict=True))
+    )  # fmt: skip
+
+
+def _batches(
+    model: WindowModel, frame: ModelFrame, windows: ExportedWindows, groups: tuple[str, ...]
+) -> list[JudgedBatch]:
+    calibration = windows.calibration or (None,) * windows.size
+    return judged_batches(model, frame, windows.values, windows.mask, calibration, groups)
+
+
+def _uncalibrated(
+    windows: ExportedWindows, groups: tuple[str, ...], log: Callable[[str], None]
+) -> int:
+    """How many judged windows carry no calibration for the decision fit (said, if any)."""
+    calibration = windows.calibration or (None,) * windows.size
+    count = sum(1 for g, c in zip(groups, calibration, strict=True) if g and c is None)
+    if count:
+        log(
+            f"{count} judged window(s) carry no site calibration (captured by agents that did "
+            "not send it): they trained the network, the decision fit leaves them out"
+        )
+    return count
+
+
+def _log_scores(
+    base: dict[str, GroupScores], fit: ToleranceFit, log: Callable[[str], None]
+) -> None:
+    for name in (FALSE_ALARM, FAULT, NORMAL):
+        b, t, f = base[name], fit.before[name], fit.after[name]
+        if b.windows:
+            log(
+                f"{name} windows ({b.windows}): score mean {b.mean:.2f} max {b.max:.2f} "
+                f"min {b.min:.2f}, {b.alerting} at or above 1 (base) -> mean {t.mean:.2f} max "
+                f"{t.max:.2f}, {t.alerting} (fine-tuned network) -> mean {f.mean:.2f} max "
+                f"{f.max:.2f} min {f.min:.2f}, {f.alerting} (fitted decision)"
+            )
+    log(f"decision: {fit.note}")
 
 
 def _golden(net: SensorGraphNet, data: WindowSet) -> tuple[FloatArray, FloatArray]:

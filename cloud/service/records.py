@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from cloud.captures import CaptureRecord, check_capture
+from cloud.captures import CALIBRATION_FIELDS, CaptureCalibration, CaptureRecord, check_capture
 from cloud.domain import AlertEventRecord, PredictionRecord, PredictionRow, StoredCount
 from cloud.service.bounds import MAX_INT64, check_message
 from cloud.service.record_rows import prediction_row
@@ -96,9 +96,18 @@ def capture_from_proto(
         mask=c.mask,
         input_center=tuple(c.input_center),
         input_scale=tuple(c.input_scale),
+        calibration=calibration_from_proto(c.calibration) if c.HasField("calibration") else None,
     )
     check_capture(capture, where)
     return capture
+
+
+def calibration_from_proto(c: agent_pb2.DecisionCalibration) -> CaptureCalibration:
+    return CaptureCalibration(**{name: tuple(getattr(c, name)) for name in CALIBRATION_FIELDS})
+
+
+def calibration_to_proto(c: CaptureCalibration) -> agent_pb2.DecisionCalibration:
+    return agent_pb2.DecisionCalibration(**{name: getattr(c, name) for name in CALIBRATION_FIELDS})
 
 
 @dataclass

@@ -31,6 +31,7 @@ from cloud.domain import (
     WebhookRecord,
 )
 from cloud.maintenance import MaintenanceWindow
+from cloud.service.records import calibration_to_proto
 from edge_agent.bootstrap import Bootstrap
 from edge_agent.bundle import Manifest
 from edge_agent.errors import InvalidInput
@@ -460,6 +461,8 @@ def capture_to_proto(
         input_center=record.input_center,
         input_scale=record.input_scale,
     )
+    if record.calibration is not None:
+        capture.calibration.CopyFrom(calibration_to_proto(record.calibration))
     capture.window_start.FromDatetime(record.window_start)
     window = operator_pb2.CapturedWindow(
         device_id=record.device_id,

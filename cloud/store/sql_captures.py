@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import and_, or_, select
 
-from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
+from cloud.captures import CaptureCalibration, CaptureFilter, CaptureLabel, CaptureRecord
 from cloud.store.sql_base import SqlBase
 from cloud.store.tables import AlertRow, CaptureRow
 
@@ -74,4 +74,5 @@ def _capture(r: CaptureRow) -> CaptureRecord:
         input_center=tuple(float(x) for x in r.input_center),
         input_scale=tuple(float(x) for x in r.input_scale),
         received_at=r.received_at,
+        calibration=None if r.calibration is None else CaptureCalibration.from_doc(r.calibration),
     )

@@ -234,6 +234,7 @@ def capture_values(c: CaptureRecord, now: dt.datetime) -> dict[str, Any]:
         "input_center": list(c.input_center),
         "input_scale": list(c.input_scale),
         "received_at": now,
+        "calibration": None if c.calibration is None else c.calibration.as_doc(),
     }
 
 

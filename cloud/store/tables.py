@@ -189,6 +189,8 @@ class CaptureRow(Base):
     input_center: Mapped[list[float]] = mapped_column(JSON)
     input_scale: Mapped[list[float]] = mapped_column(JSON)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # `CaptureCalibration.as_doc()`; NULL for captures from agents that did not send it.
+    calibration: Mapped[dict[str, list[float]] | None] = mapped_column(JSON, nullable=True)
 
 
 class DeviceSyncRow(Base):

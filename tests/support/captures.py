@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_agent.calibration import SiteCalibration
 from edge_agent.capture import ALERT, CapturedWindow
 from edge_agent.wire import capture_record
 from protos.autoglm.v1 import agent_pb2
@@ -11,10 +12,32 @@ from protos.autoglm.v1 import agent_pb2
 T0 = 1_790_000_000.25
 
 
+def site_calibration(n: int, seed: int = 0) -> SiteCalibration:
+    """A site calibration of N sensors as an agent fits one (levels included)."""
+    rng = np.random.default_rng(seed + 1000)
+    corr = np.eye(n) + 0.2 * (np.ones((n, n)) - np.eye(n))
+    return SiteCalibration(
+        input_center=np.arange(n, dtype=np.float32),
+        input_scale=np.full(n, 0.25, dtype=np.float32),
+        residual_scale=rng.uniform(0.5, 1.5, n).astype(np.float32),
+        rows=120,
+        level_center=np.arange(n, dtype=np.float32) + 0.1,
+        level_scale=rng.uniform(0.25, 1.0, n).astype(np.float32),
+        level_precision=np.linalg.inv(corr).astype(np.float32),
+        spread_center=rng.uniform(0.1, 0.5, n).astype(np.float32),
+    )
+
+
 def window(
-    t: int = 24, n: int = 4, reason: str = ALERT, seed: int = 0, key: str = "pump-1-1"
+    t: int = 24,
+    n: int = 4,
+    reason: str = ALERT,
+    seed: int = 0,
+    key: str = "pump-1-1",
+    calibrated: bool = True,
 ) -> CapturedWindow:
-    """A window with some readings missing (their stale ring values are 123, never sent)."""
+    """A window with some readings missing (their stale ring values are 123, never sent);
+    `calibrated` False: as an agent from before captures carried the whole calibration."""
     rng = np.random.default_rng(seed)
     values = rng.normal(10, 1, (t, n)).astype(np.float32)
     mask = (rng.random((t, n)) > 0.1).astype(np.float32)
@@ -32,6 +55,7 @@ def window(
         mask=mask,
         input_center=np.arange(n, dtype=np.float32),
         input_scale=np.full(n, 0.25, dtype=np.float32),
+        calibration=site_calibration(n, seed) if calibrated else None,
     )
 
 

@@ -846,6 +846,7 @@ class WindowCapture(_message.Message):
     MASK_FIELD_NUMBER: _builtins.int
     INPUT_CENTER_FIELD_NUMBER: _builtins.int
     INPUT_SCALE_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     reason: Global___WindowCapture.Reason.ValueType
     asset: _builtins.str
     model_version: _builtins.str
@@ -874,6 +875,12 @@ class WindowCapture(_message.Message):
 
     @_builtins.property
     def input_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def calibration(self) -> Global___DecisionCalibration:
+        """The rest of that site calibration, so the cloud can recompute the decision's evidence
+        exactly as the device did (absent from agents before it was added).
+        """
+
     def __init__(
         self,
         *,
@@ -890,14 +897,66 @@ class WindowCapture(_message.Message):
         mask: _builtins.bytes = ...,
         input_center: _abc.Iterable[_builtins.float] | None = ...,
         input_scale: _abc.Iterable[_builtins.float] | None = ...,
+        calibration: Global___DecisionCalibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_key", b"alert_key", "asset", b"asset", "input_center", b"input_center", "input_scale", b"input_scale", "length", b"length", "mask", b"mask", "model_version", b"model_version", "period_seconds", b"period_seconds", "reason", b"reason", "score", b"score", "sensors", b"sensors", "values", b"values", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_key", b"alert_key", "asset", b"asset", "calibration", b"calibration", "input_center", b"input_center", "input_scale", b"input_scale", "length", b"length", "mask", b"mask", "model_version", b"model_version", "period_seconds", b"period_seconds", "reason", b"reason", "score", b"score", "sensors", b"sensors", "values", b"values", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WindowCapture: _TypeAlias = WindowCapture  # noqa: Y015
+
+@_typing.final
+class DecisionCalibration(_message.Message):
+    """What the fault decision reads of a site calibration besides the input normalisation
+    (`edge_agent.calibration.SiteCalibration`). The level fields are empty where the model's
+    decision uses no levels (level_window 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESIDUAL_SCALE_FIELD_NUMBER: _builtins.int
+    LEVEL_CENTER_FIELD_NUMBER: _builtins.int
+    LEVEL_SCALE_FIELD_NUMBER: _builtins.int
+    SPREAD_CENTER_FIELD_NUMBER: _builtins.int
+    LEVEL_PRECISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def residual_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N"""
+
+    @_builtins.property
+    def level_center(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N"""
+
+    @_builtins.property
+    def level_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N"""
+
+    @_builtins.property
+    def spread_center(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N"""
+
+    @_builtins.property
+    def level_precision(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N*N, row-major"""
+
+    def __init__(
+        self,
+        *,
+        residual_scale: _abc.Iterable[_builtins.float] | None = ...,
+        level_center: _abc.Iterable[_builtins.float] | None = ...,
+        level_scale: _abc.Iterable[_builtins.float] | None = ...,
+        spread_center: _abc.Iterable[_builtins.float] | None = ...,
+        level_precision: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level_center", b"level_center", "level_precision", b"level_precision", "level_scale", b"level_scale", "residual_scale", b"residual_scale", "spread_center", b"spread_center"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionCalibration: _TypeAlias = DecisionCalibration  # noqa: Y015
 
 @_typing.final
 class SensorContribution(_message.Message):
