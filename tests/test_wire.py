@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -31,13 +32,17 @@ def test_a_prediction_crosses_to_the_cloud_unchanged() -> None:
         "pump-1", 1.25, 1.5, True, {"flow": 0.61234, "pressure": 0.2}, T - 24, T, None
     )
     split = split_batch("device-1", _batch(prediction_record(verdict, "7")))
-    assert split.rejected == [] and split.alerts == []
-    (p,) = split.predictions
-    assert (p.device_id, p.sequence, p.asset, p.model_version) == ("device-1", 1, "pump-1", "7")
-    assert p.score == pytest.approx(1.25) and p.anomalous is True
-    assert p.contributions == pytest.approx({"flow": 0.6123, "pressure": 0.2})
-    assert p.window_start == dt.datetime.fromtimestamp(T - 24, dt.UTC)
-    assert p.window_end == dt.datetime.fromtimestamp(T, dt.UTC)
+    assert split.rejected == [] and split.alerts == [] and split.predictions == []
+    # Predictions go to the store as plain rows (cloud/service/record_rows.py):
+    # (device, sequence, asset, start s, start us, end s, end us, score, anomalous, version,
+    # contributions as JSON).
+    (row,) = split.prediction_rows
+    assert row[:3] == ("device-1", 1, "pump-1") and row[9] == "7"
+    assert row[7] == pytest.approx(1.25) and row[8] is True
+    assert json.loads(row[10]) == pytest.approx({"flow": 0.6123, "pressure": 0.2})
+    start = row[3] + row[4] / 1e6
+    end = row[5] + row[6] / 1e6
+    assert (start, end) == (pytest.approx(T - 24), pytest.approx(T))
 
 
 @pytest.mark.parametrize("kind", ["raised", "cleared"])
