@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge_agent import __version__
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 from edge_agent.trust import Verifier
 
@@ -191,6 +192,11 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":  # written by a newer trainer
+            raise IntegrityError(
+                f"{where}: manifest field {field!r} is unknown to this agent ({__version__}): "
+                "the bundle was made for a newer agent; upgrade the agent to serve it"
+            ) from None
         raise IntegrityError(f"{where}: manifest field {field!r}: {first['msg']}") from None
 
 

@@ -225,3 +225,19 @@ def test_a_signed_manifest_naming_a_path_outside_its_bundle_is_refused(
         verify_bundle(bundle, key.public_key())
     with pytest.raises(IntegrityError, match="not a plain relative path"):
         read_signed_manifest(bundle, key.public_key())
+
+
+def test_decision_fields_at_their_default_are_not_written_and_unknown_ones_say_upgrade(
+    bundle: Path, key
+) -> None:
+    """An agent from before a decision field still loads bundles that do not use it; one that
+    meets a field it does not know says to upgrade, not just "extra inputs"."""
+    doc = json.loads((bundle / MANIFEST).read_bytes())
+    assert "residual_tolerance" not in doc["decision"]  # empty: the default
+    assert doc["decision"]["forecast_away"] is True  # not the default: written
+    doc["decision"]["from_the_future"] = 1.0
+    raw = json.dumps(doc).encode()
+    (bundle / MANIFEST).write_bytes(raw)
+    (bundle / "manifest.sig").write_bytes(key.sign(raw))
+    with pytest.raises(IntegrityError, match="made for a newer agent; upgrade the agent"):
+        read_signed_manifest(bundle, key.public_key())

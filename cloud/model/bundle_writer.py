@@ -69,7 +69,11 @@ def write_signed_manifest(
 ) -> None:
     """Write manifest.json and its signature (signature last: a crash leaves a refused bundle,
     never an accepted wrong one)."""
-    raw = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+    doc = manifest.model_dump(mode="json")
+    # Decision fields at their default are left out: they load as that default, so a bundle
+    # that does not use a field added later still loads on an agent from before it.
+    doc["decision"] = manifest.decision.model_dump(mode="json", exclude_defaults=True)
+    raw = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
     replace_atomically(directory / MANIFEST, raw, 0o644)
     replace_atomically(directory / SIGNATURE, key.sign(raw), 0o644)
 
