@@ -58,7 +58,7 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
 
     def emit(job: WindowJob) -> None:
         emitted.append(job)
-        runtime._emit(job)
+        runtime.pipeline.emit(job)
 
     try:
         runner = runtime.runners[0]
@@ -66,7 +66,7 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
             for j in range(len(SENSORS)):
                 runner.aligner.add(j, times[i], values[i, j])
             while (closed := runner.aligner.close_ready()) is not None:
-                runner.feed(closed, emit, runtime._start_calibration)
+                runner.feed(closed, emit, runtime.start_calibration)
         wait_for(lambda: len(verdicts) == len(emitted) > 0, timeout=120)
     finally:
         runtime.worker.stop()
