@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class RuntimeCounters:
-    """Each field has one writer: the pipeline thread (errors, behind_skipped) or the
-    inference thread (the rest); the heartbeat and /metrics only read them."""
+    """Each field has one writer: the pipeline thread (errors, behind_skipped) or the sink
+    thread (the rest); the heartbeat and /metrics only read them."""
 
     windows_scored: int = 0
     alerts_raised: int = 0
@@ -58,7 +58,7 @@ class IngestRates:
 
 def drift_of(runtime: EdgeRuntime) -> dict[str, agent_pb2.AssetDrift]:
     """Model health of each calibrated asset (`edge_agent/drift.py`)."""
-    if runtime.model is None:
+    if runtime.model is None or runtime.decisions is None:
         return {}
     names = runtime.model.schema.names
     out = {}
@@ -66,7 +66,7 @@ def drift_of(runtime: EdgeRuntime) -> dict[str, agent_pb2.AssetDrift]:
         if runner.calibration is None:
             continue
         values, mask = runner.history.recent()
-        trail = runtime.trails[runner.index]
+        trail = runtime.decisions.trails[runner.index]
         out[runner.name] = asset_drift(values, mask, runner.calibration, names, trail)
     return out
 
@@ -81,9 +81,10 @@ def health_of(
         drops["late"] += r.aligner.counts["late"] + r.carried["late"]
         drops["duplicate"] += r.aligner.counts["duplicate"] + r.carried["duplicate"]
     stats = runtime.outbox.stats()
-    worker = runtime.worker
+    worker, sink = runtime.worker, runtime.sink
     latencies = worker.latencies_ms if worker is not None else []
     errors = counters.errors + (worker.errors if worker is not None else 0)
+    errors += sink.errors if sink is not None else 0
     if stats.evicted:
         drops["outbox_evicted"] = stats.evicted
     drops["rejected_by_cloud"] = stats.quarantined

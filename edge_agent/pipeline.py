@@ -118,10 +118,11 @@ class Pipeline:
 
     def emit(self, job: WindowJob) -> None:
         """Queues a window for inference. Behind (a backlog replayed after an outage, a model
-        slower than the stream), it catches up instead of queueing without bound: with
-        `CATCH_UP_FROM` windows waiting, only every 2nd window of each asset is scored, every
-        4th at twice that, and so on (at most every 64th); the skipped ones are counted
-        (`behind_skipped` in health and /metrics) and said once a minute."""
+        slower than the stream, a sink slower than inference), it catches up instead of
+        queueing without bound: with `CATCH_UP_FROM` windows waiting, only every 2nd window of
+        each asset is scored, every 4th at twice that, and so on (at most every 64th); the
+        skipped ones are counted (`behind_skipped` in health and /metrics) and said once a
+        minute."""
         worker = self.worker
         assert worker is not None
         limit = CATCH_UP_FROM * max(1, self.max_batch)

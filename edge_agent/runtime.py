@@ -1,53 +1,44 @@
 """The agent's data path on site: MQTT -> decode -> align -> calibrate -> batched inference ->
 decisions -> local alerts and the outbox.
 
-Threads: paho's network thread decodes and enqueues; the pipeline thread aligns readings
-and cuts windows (`pipeline.py`); the inference thread batches windows across assets, scores
-them and decides. Each piece of state belongs to one thread; they meet only in queues. The
-health report is assembled in `health.py`.
+Threads, each with one job: paho's network thread (and the other sources') decodes and
+enqueues; the pipeline thread aligns readings and cuts windows (`pipeline.py`); the inference
+thread batches windows across assets and runs the model (`batching.py`); the sink thread
+decides, alerts on site and writes the outbox (`sink.py`). Each piece of state belongs to one
+thread; they meet only in queues. This module builds them, starts and stops them in order,
+and keeps the unscored stream across restarts.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
-
-import numpy as np
+from collections.abc import Callable
 
 from edge_agent.asset_stream import AssetRunner
-from edge_agent.batching import InferenceWorker, WindowJob
-from edge_agent.calibration import (
-    SiteCalibration,
-    WindowOutputs,
-    evidence_values,
-    score_of,
-    sensor_evidence,
-)
+from edge_agent.batching import InferenceWorker
+from edge_agent.calibration import SiteCalibration
 from edge_agent.calibration_store import CalibrationStore
-from edge_agent.capture import CaptureSampler, captured
+from edge_agent.capture import CaptureSampler
 from edge_agent.config import AgentConfig, AssetConfig
-from edge_agent.decisions import AssetDecider, Verdict
-from edge_agent.drift import ScoreTrail
-from edge_agent.errors import AutoglmError, LocalStateError
+from edge_agent.decisions import Verdict
+from edge_agent.errors import AutoglmError
 from edge_agent.health import IngestRates, RuntimeCounters, drift_of, health_of
-from edge_agent.inference.base import InferenceBackend, Outputs
+from edge_agent.inference.base import InferenceBackend
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.losses import LossLog
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
-from edge_agent.outbox import ALERT, CAPTURE, PREDICTION, Outbox
+from edge_agent.outbox import Outbox
 from edge_agent.pipeline import Pipeline
-from edge_agent.scoring import calibrate, window_statistics
+from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
+from edge_agent.sink import ResultSink
 from edge_agent.site_alerts import SiteAlerts
+from edge_agent.site_decisions import SiteDecisions
 from edge_agent.sources import Sources
 from edge_agent.stream_state import StreamStates
 from edge_agent.windowing import AlignedSeries
-from edge_agent.wire import alert_record, capture_record, prediction_record
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -71,9 +62,10 @@ class EdgeRuntime:
         self.device = device or client_id
         self.model = model
         self.outbox = outbox
-        self.on_verdict = on_verdict
         self.assets: list[AssetConfig] = list(config.assets)
         self.counters = RuntimeCounters()
+        self.losses = LossLog()  # when records were lost, for the heartbeat
+        self._rates = IngestRates(len(self.assets))
         schema = model.schema.names if model is not None else None
         self.routes = TopicRoutes(self.assets, schema)
         self.decoder = Decoder(self.routes, config.ingest)
@@ -91,44 +83,13 @@ class EdgeRuntime:
             lambda event: self.sources.alert(event),
         )
         self.streams = StreamStates(config.state_dir / "stream")
-        self._lost_logged_at = -math.inf
-        # Alert events the outbox could not take (disk full), oldest first: written first
-        # when it can again. Bounded: past it the oldest are counted as lost.
-        self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
-        self.losses = LossLog()  # when records were lost, for the heartbeat
-        self.runners: list[AssetRunner] = []
-        self.deciders: list[AssetDecider | None] = [None] * len(self.assets)
-        self.trails = [ScoreTrail() for _ in self.assets]
         self.capture = CaptureSampler(config.capture, config.state_dir / "capture.json")
-        self._kept_every: Counter[int] = Counter()
-        self._rates = IngestRates(len(self.assets))
+        self.runners: list[AssetRunner] = []
+        self.decisions: SiteDecisions | None = None
+        self.sink: ResultSink | None = None
         self.worker: InferenceWorker | None = None
         if model is not None:
-            lateness = config.ingest.max_lateness_s or 2 * model.spec.period_s
-            self.runners = [
-                AssetRunner(
-                    i,
-                    a.name,
-                    model,
-                    lateness,
-                    config.shadow.history_rows,
-                    config.ingest.close_complete_slots,
-                )
-                for i, a in enumerate(self.assets)
-            ]
-            for runner in self.runners:
-                stored = self.calibrations.load(model.version, runner.name, model.schema.names)
-                if stored is not None:
-                    self._set_calibration(runner, *stored)
-            for runner in self.runners:
-                self._resume_stream(runner)
-            self.worker = InferenceWorker(
-                model.backend,
-                self._on_results,
-                config.batching.max_batch,
-                config.batching.max_wait_ms / 1000.0,
-                observe_batch,
-            )
+            self._serve(model, on_verdict, observe_batch)
         self.pipeline = Pipeline(
             self.assets,
             config.ingest,
@@ -152,54 +113,112 @@ class EdgeRuntime:
         self.mqtt = self.sources.mqtt
         self.sparkplug_in, self.modbus = self.sources.sparkplug_in, self.sources.modbus
 
+    def _serve(
+        self,
+        model: ServingModel,
+        on_verdict: Callable[[Verdict], None] | None,
+        observe_batch: Callable[[list[float]], None] | None,
+    ) -> None:
+        """The assets' streams, the sink and the inference worker on `model`; stored
+        calibrations and streams resumed."""
+        config = self.config
+        lateness = config.ingest.max_lateness_s or 2 * model.spec.period_s
+        self.runners[:] = [
+            AssetRunner(
+                i,
+                a.name,
+                model,
+                lateness,
+                config.shadow.history_rows,
+                config.ingest.close_complete_slots,
+            )
+            for i, a in enumerate(self.assets)
+        ]
+        decisions = SiteDecisions(
+            config,
+            model,
+            self.runners,
+            self.site,
+            self.open_alerts,
+            self.capture,
+            self.counters,
+        )
+        self.decisions = decisions
+        sink = ResultSink(decisions.decide, self.outbox, self.counters, self.losses, on_verdict)
+        self.sink = sink
+        for runner in self.runners:
+            stored = self.calibrations.load(model.version, runner.name, model.schema.names)
+            if stored is not None:
+                decisions.install(runner, *stored)
+        for runner in self.runners:
+            self._resume_stream(runner)
+        self.worker = InferenceWorker(
+            model.backend,
+            sink.submit,
+            config.batching.max_batch,
+            config.batching.max_wait_ms / 1000.0,
+            observe_batch,
+        )
+
     # ---- lifecycle ----
     def start(self) -> None:
-        if self.worker is not None:
-            self.worker.start()
+        self.start_inference()
         self.pipeline.start()
         self.sources.start()
 
+    def start_inference(self) -> None:
+        """The sink and inference threads (`start` starts them; tests feeding the pipeline's
+        side themselves start only these)."""
+        if self.sink is not None:
+            self.sink.start()
+        if self.worker is not None:
+            self.worker.start()
+
     def stop(self) -> None:
         """Stops ingest, then finishes the windows already cut, then stops inference, then
-        keeps what is not scored yet for the next start (`stream_state`)."""
+        keeps every result inferred, then what is not scored yet for the next start
+        (`stream_state`)."""
         self.sources.stop()
         self.pipeline.stop()
-        if self.worker is not None:
-            self.worker.stop()
-            if self.worker.running:  # stuck: its deciders and queue are still in use
-                log.error("inference did not stop in time; the stream is not kept")
-                return
-        if self._waiting_alerts:  # a last try: the disk may have space again
-            self._keep([])
-            if self._waiting_alerts:
-                log.error(
-                    "%d alert event(s) could not be written before stopping (disk full); "
-                    "they were published on site but will not reach the control plane",
-                    len(self._waiting_alerts),
-                )
-        if not self.pipeline.running:
+        if self.stop_inference() and not self.pipeline.running:
             self._keep_streams()
 
+    def stop_inference(self) -> bool:
+        """Inference finishes the windows queued, the sink decides and keeps every result;
+        False when either is stuck (its deciders and queue are still in use)."""
+        if self.worker is None or self.sink is None:
+            return True
+        self.worker.stop()
+        # Also when inference is stuck: what it inferred is in the sink's queue.
+        self.sink.stop()
+        if self.worker.running:
+            log.error("inference did not stop in time; the stream is not kept")
+            return False
+        if self.sink.running:
+            log.error("the sink did not finish in time; the stream is not kept")
+            return False
+        return True
+
     def _keep_streams(self) -> None:
-        model = self.model
-        if model is None:
+        model, decisions = self.model, self.decisions
+        if model is None or decisions is None:
             return
         for runner in self.runners:
             state = runner.snapshot()
-            decider = self.deciders[runner.index]
+            decider = decisions.deciders[runner.index]
             if decider is not None:
                 state |= decider.snapshot()
             self.streams.save(runner.name, model.version, model.schema.names, state)
 
     def _resume_stream(self, runner: AssetRunner) -> None:
-        model = self.model
-        assert model is not None
+        model, decisions = self.model, self.decisions
+        assert model is not None and decisions is not None
         state = self.streams.take(runner.name, model.version, model.schema.names)
         if state is None:
             return
         try:
             runner.restore(state)
-            decider = self.deciders[runner.index]
+            decider = decisions.deciders[runner.index]
             if decider is not None:
                 decider.restore(state)
         except (ValueError, KeyError) as exc:
@@ -222,6 +241,8 @@ class EdgeRuntime:
         }
         if self.worker is not None:
             alive["inference"] = self.worker.running
+        if self.sink is not None:
+            alive["sink"] = self.sink.running
         alive.update(self.sources.threads_alive())
         return alive
 
@@ -245,137 +266,54 @@ class EdgeRuntime:
         done.wait(timeout_s)
 
     def start_calibration(self, runner: AssetRunner, series: AlignedSeries) -> None:
-        """Calibrates on the inference thread (the only one that calls the backend) and waits
-        for it, so the rows after the calibration stretch are all scored."""
-        model = self.model
-        assert model is not None and self.worker is not None
+        """Calibrates on the inference thread (the only one that calls the backend), installs
+        the asset's decider on the sink thread (after the results before it), and waits for
+        both, so the rows after the calibration stretch are all scored."""
+        model, worker, sink = self.model, self.worker, self.sink
+        assert model is not None and worker is not None and sink is not None
+        decisions = self.decisions
+        assert decisions is not None
         done = threading.Event()
 
+        def install(cal: SiteCalibration, seed: list[float]) -> None:
+            try:
+                decisions.install(runner, cal, seed)
+            finally:
+                done.set()
+
         def task(backend: InferenceBackend) -> None:
+            handed = False
             try:
                 cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
                 keep = max(0, model.frame.decision.smoothing - 1)
                 seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
-                try:
-                    self.calibrations.save(
-                        model.version, runner.name, model.schema.names, cal, seed
-                    )
-                except OSError as exc:  # disk full: alert on it anyway, calibrate again later
-                    log.error(
-                        "cannot keep the calibration of %s (%s); it serves from memory and is "
-                        "redone after a restart",
-                        runner.name,
-                        exc,
-                    )
+                self._save_calibration(runner, cal, seed)
                 log.info("calibrated %s on %d rows", runner.name, series.slots)
-                self._set_calibration(runner, cal, seed)
+                sink.call(lambda: install(cal, seed))
+                handed = True
             except AutoglmError as exc:
                 log.warning("calibration of %s failed (%s); collecting again", runner.name, exc)
             finally:
-                done.set()
+                if not handed:
+                    done.set()
 
-        self.worker.submit(task)
+        worker.submit(task)
         done.wait()
 
-    def _set_calibration(
+    def _save_calibration(
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]
     ) -> None:
-        assert self.model is not None
-        still_open = self.open_alerts.load(runner.name)
-        if still_open is not None and self.open_alerts.is_held(runner.name):
-            self.site.held[runner.name] = still_open  # not published yet: a period covered it
-        self.deciders[runner.index] = AssetDecider(
-            runner.name,
-            self.model.schema.names,
-            self.config.decisions.at_least(self.model.frame.decision.alert_windows),
-            self.model.frame.decision.smoothing,
-            self.model.version,
-            seed,
-            still_open,
-        )
-        runner.calibration = cal  # last: the pipeline thread starts cutting windows after it
-
-    # ---- inference thread ----
-    def _on_results(self, jobs: Sequence[WindowJob], outputs: Outputs) -> None:
         model = self.model
         assert model is not None
-        frame = model.frame
-        decision = frame.decision
-        policy = self.config.decisions
-        windows = np.stack([job.window for job in jobs])
-        masks = np.stack([job.mask for job in jobs])
-        level, spread, before = window_statistics(frame, windows, masks)
-        out = WindowOutputs(*outputs, level=level, spread=spread, before=before)
-        records: list[tuple[int, bytes]] = []
-        for i, job in enumerate(jobs):
-            decider = self.deciders[job.asset]
-            cal = self.runners[job.asset].calibration
-            if decider is None or cal is None:
-                continue
-            one = out.select(np.asarray([i]))
-            values = evidence_values(one, cal, decision)  # once, for the score and the sensors
-            raw = float(score_of(values, decision)[0])
-            evidence = sensor_evidence(one, cal, decision, values)
-            verdict = decider.step(raw, evidence, job.window_start, job.window_end)
-            self.counters.windows_scored += 1
-            raised = verdict.event is not None and verdict.event.kind == "raised"
-            self.trails[job.asset].add(verdict.score, job.window_end, raised)
-            if self.site.held:
-                self.site.release_held(verdict.asset, job.window_end)
-            if verdict.event is not None:
-                self.open_alerts.update(verdict.event)
-                self.site.announce(verdict.event)
-                records.append((ALERT, alert_record(verdict.event)))
-            every = self.config.outbox.prediction_every
-            self._kept_every[job.asset] += 1
-            if (
-                verdict.score >= policy.clear_at
-                or verdict.alerting
-                or self._kept_every[job.asset] % every == 1 % every
-            ):
-                records.append((PREDICTION, prediction_record(verdict, model.version)))
-                self.counters.predictions_kept += 1
-            key = decider.open.key if decider.open is not None else ""
-            reason = self.capture.reason_for(verdict.asset, key, verdict.score, job.window_end)
-            if reason and job.raw is not None:
-                body = capture_record(captured(reason, key, job, verdict, cal, model))
-                if self.capture.admit(reason, len(body), verdict.score, job.window_end):
-                    records.append((CAPTURE, body))  # after its alert event: a verdict finds it
-            if self.on_verdict is not None:
-                self.on_verdict(verdict)
-        if records:
-            self._keep(records)
-
-    def _keep(self, records: list[tuple[int, bytes]]) -> None:
-        """Into the outbox. When it cannot be written (disk full) the data path goes on (site
-        alerts are already published): alert events wait in a bounded queue in memory and
-        are written first once space returns; predictions are counted as lost (heartbeat:
-        dropped_by_reason outbox_write_failed), said once a minute."""
-        if self._waiting_alerts:
-            records = [*self._waiting_alerts, *records]
         try:
-            self.outbox.append(records)
-            self.losses.written()
-            if self._waiting_alerts:
-                log.info("%d alert event(s) kept in memory are in the outbox now",
-                         len(self._waiting_alerts))  # fmt: skip
-                self._waiting_alerts.clear()
-        except LocalStateError as exc:
-            alerts = [r for r in records if r[0] == ALERT]
-            lost = len(records) - len(alerts)
-            self._waiting_alerts.clear()
-            self._waiting_alerts.extend(alerts)
-            overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
-            self.counters.outbox_write_failed += lost + overflow
-            self.losses.lost(lost + overflow, time.time())
-            now = time.monotonic()
-            if now - self._lost_logged_at >= 60.0:
-                self._lost_logged_at = now
-                log.error(
-                    "%s; %d record(s) lost so far (free disk space)",
-                    exc,
-                    self.counters.outbox_write_failed,
-                )
+            self.calibrations.save(model.version, runner.name, model.schema.names, cal, seed)
+        except OSError as exc:  # disk full: alert on it anyway, calibrate again later
+            log.error(
+                "cannot keep the calibration of %s (%s); it serves from memory and is "
+                "redone after a restart",
+                runner.name,
+                exc,
+            )
 
     # ---- health ----
     def drift(self) -> dict[str, agent_pb2.AssetDrift]:
@@ -387,6 +325,3 @@ class EdgeRuntime:
         (the heartbeat's); False (a metrics scrape) leaves them out and the mark alone."""
         rates = self._rates.since_last(self.runners) if rates_since_last else {}
         return health_of(self, disk_free, rates)
-
-
-WAITING_ALERTS = 10_000  # alert events held in memory while the outbox cannot be written

@@ -53,7 +53,7 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
         config, model, Outbox(tmp_path / "outbox.db", 1 << 24), "t", verdicts.append
     )
     assert runtime.worker is not None and model.schema.names == SENSORS
-    runtime.worker.start()
+    runtime.start_inference()
     emitted = []
 
     def emit(job: WindowJob) -> None:
@@ -69,7 +69,7 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
                 runner.feed(closed, emit, runtime.start_calibration)
         wait_for(lambda: len(verdicts) == len(emitted) > 0, timeout=120)
     finally:
-        runtime.worker.stop()
+        runtime.stop_inference()
         model.close()
 
     frame = frame_of(model.manifest)

@@ -64,7 +64,7 @@ class Site:
         self.runtime = EdgeRuntime(config, self.model, outbox, "t", self.verdicts.append)
         self.outbox = outbox
         assert self.runtime.worker is not None
-        self.runtime.worker.start()
+        self.runtime.start_inference()
 
     def feed(self, values: np.ndarray, first_row: int, step: float = 1.0) -> None:
         """Readings at START + first_row + i * step seconds, as the pipeline thread adds them."""
@@ -116,7 +116,7 @@ class Site:
         """As a kill would leave it (nothing flushed or cleared on the way out), or as a
         graceful stop: the unscored stream kept for the next start."""
         assert self.runtime.worker is not None
-        self.runtime.worker.stop()
+        self.runtime.stop_inference()
         if graceful:
             self.runtime._keep_streams()
         self.outbox.close()
