@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest bench-sink clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-store: setup
 
 bench-ingest: setup
 	$(BIN)/python tests/benchmarks/bench_ingest.py
+
+bench-sink: setup
+	$(BIN)/python tests/benchmarks/bench_sink.py
 
 bench-cli: setup
 	$(BIN)/python tests/benchmarks/bench_cli_startup.py
