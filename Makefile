@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest bench-sync clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest bench-sync bench-sink clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-ingest: setup
 BENCH_PG_DSN ?= postgresql://postgres@127.0.0.1:5432/postgres
 bench-sync: setup
 	$(BIN)/python tests/benchmarks/bench_sync.py $(if $(BENCH_PG_DSN),--postgres $(BENCH_PG_DSN),)
+
+bench-sink: setup
+	$(BIN)/python tests/benchmarks/bench_sink.py
 
 bench-cli: setup
 	$(BIN)/python tests/benchmarks/bench_cli_startup.py

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.batching import WindowJob
-from edge_agent.runtime import CATCH_UP_FROM
+from edge_agent.pipeline import CATCH_UP_FROM
 from tests.support.agents import wait_for
 from tests.support.datapath import START, Site, pump, site_config
 
@@ -59,7 +59,7 @@ def test_behind_inference_scores_every_kth_window_and_says_so(
         def emit(job: WindowJob) -> None:
             nonlocal cut
             cut += 1
-            runtime._emit(job)
+            runtime.pipeline.emit(job)
 
         runner = runtime.runners[0]
         rows = pump(2000, faulty=False, seed=2)
@@ -67,7 +67,7 @@ def test_behind_inference_scores_every_kth_window_and_says_so(
         for j in range(rows.shape[1]):
             runner.aligner.add_many(j, ts, rows[:, j].astype(np.float64))
         while (closed := runner.aligner.close_ready()) is not None:
-            runner.feed(closed, emit, runtime._start_calibration)
+            runner.feed(closed, emit, runtime.start_calibration)
         skipped = runtime.counters.behind_skipped
         held.set()
         wait_for(lambda: len(site.verdicts) - scored_before == cut - skipped, timeout=60)

@@ -87,10 +87,10 @@ def test_the_agent_counts_backlog_drops_in_its_health(tmp_path: object) -> None:
     site = Site(config, bundle, key.public_key(), root / "run")  # no pipeline thread: held
     try:
         for i in range(50):
-            site.runtime._queue.put((0, 0, float(i), 1.0))
-        site.runtime._queue.put(_chunk(0, 96))  # 146 > 100 waiting: dropped and counted
+            site.runtime.pipeline.queue.put((0, 0, float(i), 1.0))
+        site.runtime.pipeline.queue.put(_chunk(0, 96))  # 146 > 100 waiting: dropped and counted
         health = site.runtime.health(disk_free=0)
         assert health.dropped_by_reason["backlog_full"] == 96, dict(health.dropped_by_reason)
-        assert site.runtime._queue.pending(0) == 50
+        assert site.runtime.pipeline.queue.pending(0) == 50
     finally:
         site.stop()

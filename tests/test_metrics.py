@@ -114,6 +114,8 @@ def test_prometheus_scrapes_both_sides_after_real_traffic(
         wait_for(lambda: agent.runtime.mqtt.connected.is_set(), timeout=30)
         status, doc = _get(f"{agent_url}/healthz/ready")
         assert status == 200 and doc["ok"], doc
+        alive = agent.runtime.threads_alive()  # what /healthz/live watches
+        assert {"pipeline", "inference", "sink", "mqtt"} <= {n for n, up in alive.items() if up}
         prometheus = Prometheus(
             tmp_path / "prometheus",
             {"plane": f"127.0.0.1:{plane.plane.metrics_port}", "agent": agent_url[7:]},

@@ -53,12 +53,12 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
         config, model, Outbox(tmp_path / "outbox.db", 1 << 24), "t", verdicts.append
     )
     assert runtime.worker is not None and model.schema.names == SENSORS
-    runtime.worker.start()
+    runtime.start_inference()
     emitted = []
 
     def emit(job: WindowJob) -> None:
         emitted.append(job)
-        runtime._emit(job)
+        runtime.pipeline.emit(job)
 
     try:
         runner = runtime.runners[0]
@@ -66,10 +66,10 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
             for j in range(len(SENSORS)):
                 runner.aligner.add(j, times[i], values[i, j])
             while (closed := runner.aligner.close_ready()) is not None:
-                runner.feed(closed, emit, runtime._start_calibration)
+                runner.feed(closed, emit, runtime.start_calibration)
         wait_for(lambda: len(verdicts) == len(emitted) > 0, timeout=120)
     finally:
-        runtime.worker.stop()
+        runtime.stop_inference()
         model.close()
 
     frame = frame_of(model.manifest)

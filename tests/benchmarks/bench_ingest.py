@@ -144,7 +144,7 @@ def agent_round(
         with lock:
             windows[0] += 1
 
-    runtime._emit = count  # type: ignore[method-assign]
+    runtime.pipeline.emit = count  # type: ignore[method-assign]
     runtime.start()
     while not runtime.mqtt.connected.is_set():
         time.sleep(0.01)
@@ -155,7 +155,7 @@ def agent_round(
     c0, w0 = cpu(), time.perf_counter()
     pub.go()
     wait_until(Counting(expected, lambda: runner.aligner.readings))
-    while not runtime._queue.empty():
+    while not runtime.pipeline.queue.empty():
         time.sleep(0.005)
     cpu_s, wall_s = cpu() - c0, time.perf_counter() - w0
     rate = pub.rate()

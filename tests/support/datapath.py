@@ -64,7 +64,7 @@ class Site:
         self.runtime = EdgeRuntime(config, self.model, outbox, "t", self.verdicts.append)
         self.outbox = outbox
         assert self.runtime.worker is not None
-        self.runtime.worker.start()
+        self.runtime.start_inference()
 
     def feed(self, values: np.ndarray, first_row: int, step: float = 1.0) -> None:
         """Readings at START + first_row + i * step seconds, as the pipeline thread adds them."""
@@ -72,15 +72,15 @@ class Site:
 
         def emit(job: WindowJob) -> None:
             self.jobs += 1
-            self.runtime._emit(job)
+            self.runtime.pipeline.emit(job)
 
         for i in range(values.shape[0]):
             for j in range(len(SENSORS)):
                 if not np.isnan(values[i, j]):  # NaN: no reading (the decoder drops them)
                     runner.aligner.add(j, START + first_row + i * step, values[i, j])
-            self.runtime._follow_clock(runner)  # as the pipeline does after each drain
+            self.runtime.pipeline.follow_clock(runner)  # as the pipeline does after each drain
             while (closed := runner.aligner.close_ready()) is not None:
-                runner.feed(closed, emit, self.runtime._start_calibration)
+                runner.feed(closed, emit, self.runtime.start_calibration)
         self._wait_scored()
 
     def feed_block(self, values: np.ndarray, first_row: int, rows_per_message: int) -> None:
@@ -90,7 +90,7 @@ class Site:
 
         def emit(job: WindowJob) -> None:
             self.jobs += 1
-            self.runtime._emit(job)
+            self.runtime.pipeline.emit(job)
 
         for a in range(0, values.shape[0], rows_per_message):
             block = values[a : a + rows_per_message]
@@ -98,9 +98,9 @@ class Site:
             for j in range(len(SENSORS)):
                 present = ~np.isnan(block[:, j])
                 runner.aligner.add_many(j, ts[present], block[present, j].astype(np.float64))
-            self.runtime._follow_clock(runner)
+            self.runtime.pipeline.follow_clock(runner)
             while (closed := runner.aligner.close_ready()) is not None:
-                runner.feed(closed, emit, self.runtime._start_calibration)
+                runner.feed(closed, emit, self.runtime.start_calibration)
         self._wait_scored()
 
     def _wait_scored(self) -> None:
@@ -116,7 +116,7 @@ class Site:
         """As a kill would leave it (nothing flushed or cleared on the way out), or as a
         graceful stop: the unscored stream kept for the next start."""
         assert self.runtime.worker is not None
-        self.runtime.worker.stop()
+        self.runtime.stop_inference()
         if graceful:
             self.runtime._keep_streams()
         self.outbox.close()

@@ -1,0 +1,146 @@
+"""The pipeline thread: decoded readings -> aligned grid rows -> windows for inference.
+
+It owns the assets' aligners and window rings. It meets paho's thread (and the other
+sources') in the fair queue of decoded readings, and the inference thread in the worker's
+queue; behind, it thins the windows it hands on instead of queueing them without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from edge_agent.asset_stream import AssetRunner
+from edge_agent.batching import InferenceWorker, WindowJob
+from edge_agent.config import AssetConfig, IngestLimits
+from edge_agent.health import RuntimeCounters
+from edge_agent.ingest.decode import Chunk, Decoded, Decoder
+from edge_agent.ingest.fair_queue import FairQueue
+from edge_agent.windowing import AlignedSeries
+
+log = logging.getLogger(__name__)
+_DRAIN = 5000
+# After a drain, the pipeline thread lets readings gather this long before the next one: one
+# wake-up per few milliseconds of messages instead of one per message (the thread switch cost
+# more than the message); a reading waits at most this much longer.
+_GATHER_S = 0.002
+CATCH_UP_FROM = 8  # batches' worth of windows waiting: inference is behind
+
+StartCalibration = Callable[[AssetRunner, AlignedSeries], None]
+
+
+class Pipeline:
+    """The pipeline thread of one runtime: readings in (`queue.put`), windows out."""
+
+    def __init__(
+        self,
+        assets: Sequence[AssetConfig],
+        ingest: IngestLimits,
+        decoder: Decoder,
+        runners: Sequence[AssetRunner],
+        worker: InferenceWorker | None,
+        max_batch: int,
+        counters: RuntimeCounters,
+        start_calibration: StartCalibration,
+    ) -> None:
+        self.assets = assets
+        self.decoder = decoder
+        self.runners = runners
+        self.worker = worker
+        self.max_batch = max_batch
+        self.counters = counters
+        self.start_calibration = start_calibration
+        self.queue = FairQueue(
+            len(assets), ingest.max_backlog_readings, self._backlog_full, ingest.backlog_block_s
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._cut_count: Counter[int] = Counter()  # windows cut per asset while behind
+        self._behind_logged_at = -math.inf
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Aligns what is queued, then stops (waits at most `timeout`)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _backlog_full(self, asset: int, readings: int) -> None:
+        name = self.assets[asset].name
+        self.decoder.drop("backlog_full", name, f"{readings} readings", readings)
+
+    def _run(self) -> None:
+        while True:
+            items = self.queue.take(_DRAIN, timeout=0.1)  # one per asset in turn
+            if not items:
+                if self._stop.is_set():
+                    return
+                continue
+            touched: set[int] = set()
+            for item in items:
+                try:
+                    self._add(item, touched)
+                except Exception:
+                    self.counters.errors += 1
+                    log.exception("pipeline failed on a decoded message; dropped")
+            for index in touched:
+                runner = self.runners[index]
+                self.follow_clock(runner)
+                now = time.time() + max(0.0, self.decoder.clock_offset(index))
+                while (rows := runner.aligner.close_ready(now)) is not None:
+                    runner.feed(rows, self.emit, self.start_calibration)
+            if len(items) < _DRAIN:
+                time.sleep(_GATHER_S)
+
+    def _add(self, item: Decoded, touched: set[int]) -> None:
+        if isinstance(item, tuple):
+            asset, sensor, ts, value = item
+            self.runners[asset].aligner.add(sensor, ts, value)
+            touched.add(asset)
+            return
+        for chunk in item:
+            assert isinstance(chunk, Chunk)
+            self.runners[chunk.asset].aligner.add_many(chunk.sensor, chunk.ts, chunk.values)
+            touched.add(chunk.asset)
+
+    def follow_clock(self, runner: AssetRunner) -> None:
+        """After each drain: the asset's stream clock, as the decoder estimates it."""
+        runner.follow_clock(self.decoder.clock_offset(runner.index))
+
+    def emit(self, job: WindowJob) -> None:
+        """Queues a window for inference. Behind (a backlog replayed after an outage, a model
+        slower than the stream, a sink slower than inference), it catches up instead of
+        queueing without bound: with `CATCH_UP_FROM` windows waiting, only every 2nd window of
+        each asset is scored, every 4th at twice that, and so on (at most every 64th); the
+        skipped ones are counted (`behind_skipped` in health and /metrics) and said once a
+        minute."""
+        worker = self.worker
+        assert worker is not None
+        limit = CATCH_UP_FROM * max(1, self.max_batch)
+        behind = worker.waiting // limit
+        if behind:
+            every = 1 << min(6, behind)
+            self._cut_count[job.asset] += 1
+            if self._cut_count[job.asset] % every:
+                self.counters.behind_skipped += 1
+                now = time.monotonic()
+                if now - self._behind_logged_at >= 60.0:
+                    self._behind_logged_at = now
+                    log.warning(
+                        "inference is behind (%d windows waiting): scoring every %dth window "
+                        "of each asset until it catches up; %d skipped so far",
+                        worker.waiting,
+                        every,
+                        self.counters.behind_skipped,
+                    )
+                return
+        worker.submit(job)

@@ -1,0 +1,185 @@
+"""The sink thread: inference results -> decisions, site alerts, window captures and the
+outbox, so that the inference thread only infers.
+
+The inference thread hands each batch's results over through a bounded queue and waits
+while it is full: a sink that falls behind slows inference down, and then the pipeline thins
+the windows it cuts (`pipeline.CATCH_UP_FROM`); nothing inferred is dropped. The sink takes
+every batch waiting, decides them in order (`site_decisions.py`) and writes all their records
+in one outbox transaction (group commit: one fsync for the lot instead of one per batch),
+then reports their verdicts. What the decisions hold belongs to this thread; a site
+calibration installs its decider here too (`call`), in order with the results around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from edge_agent.batching import WindowJob
+from edge_agent.decisions import Verdict
+from edge_agent.errors import LocalStateError
+from edge_agent.health import RuntimeCounters
+from edge_agent.inference.base import Outputs
+from edge_agent.losses import LossLog
+from edge_agent.outbox import ALERT, Outbox
+
+log = logging.getLogger(__name__)
+
+SINK_BACKLOG = 16  # batches of results waiting for the sink; past it inference waits
+WAITING_ALERTS = 10_000  # alert events held in memory while the outbox cannot be written
+_STOP = None
+
+Records = list[tuple[int, bytes]]
+Results = tuple[Sequence[WindowJob], Outputs]
+SinkTask = Callable[[], None]
+# One batch's results -> the records to keep; its verdicts appended to the list given.
+Decide = Callable[[Sequence[WindowJob], Outputs, list[Verdict]], Records]
+
+
+class ResultSink:
+    """One thread between inference and the outbox (and the site's alert topics)."""
+
+    def __init__(
+        self,
+        decide: Decide,
+        outbox: Outbox,
+        counters: RuntimeCounters,
+        losses: LossLog,
+        on_verdict: Callable[[Verdict], None] | None = None,
+        backlog: int = SINK_BACKLOG,
+    ) -> None:
+        self.decide = decide  # `SiteDecisions.decide`
+        self.outbox = outbox
+        self.counters = counters
+        self.losses = losses  # when records were lost, for the heartbeat
+        self.on_verdict = on_verdict
+        self.backlog = backlog
+        self.errors = 0
+        self._queue: queue.Queue[Results | SinkTask | None] = queue.Queue(maxsize=backlog)
+        self._thread = threading.Thread(target=self._run, name="sink", daemon=True)
+        # Alert events the outbox could not take (disk full), oldest first: written first
+        # when it can again. Bounded: past it the oldest are counted as lost.
+        self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
+        self._lost_logged_at = -math.inf
+
+    # ---- any thread ----
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, jobs: Sequence[WindowJob], outputs: Outputs) -> None:
+        """A batch's results (the inference worker's result handler). Waits while `backlog`
+        batches are waiting; raises instead when the sink thread is not running, so that the
+        worker counts and logs the batch rather than hanging on it."""
+        self._put((jobs, outputs))
+
+    def call(self, task: SinkTask) -> None:
+        """Runs `task` on the sink thread after the results already handed over."""
+        self._put(task)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Decides and keeps every result handed over so far, then stops."""
+        if self.running:
+            self._put(_STOP)
+            self._thread.join(timeout)
+
+    def _put(self, item: Results | SinkTask | None) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self.running:
+                    raise RuntimeError("the sink thread is not running") from None
+
+    # ---- sink thread ----
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            group = [self._queue.get()]
+            while len(group) < self.backlog:  # everything waiting: one transaction
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(item is _STOP for item in group)
+            try:
+                self._handle(group)
+            except Exception:
+                self.errors += 1
+                log.exception("the sink failed on %d waiting item(s)", len(group))
+        if self._waiting_alerts:  # a last try: the disk may have space again
+            self._keep([])
+            if self._waiting_alerts:
+                log.error(
+                    "%d alert event(s) could not be written before stopping (disk full); "
+                    "they were published on site but will not reach the control plane",
+                    len(self._waiting_alerts),
+                )
+
+    def _handle(self, group: list[Results | SinkTask | None]) -> None:
+        records: Records = []
+        verdicts: list[Verdict] = []
+        for item in group:
+            if item is _STOP:
+                continue
+            if callable(item):
+                self._task(item)
+                continue
+            assert isinstance(item, tuple)
+            try:
+                records.extend(self.decide(*item, verdicts))
+            except Exception:
+                self.errors += 1
+                log.exception("decisions on a batch of %d windows failed", len(item[0]))
+        if records:
+            self._keep(records)
+        if self.on_verdict is not None:  # once their records are kept
+            for verdict in verdicts:
+                self.on_verdict(verdict)
+
+    def _task(self, task: SinkTask) -> None:
+        try:
+            task()
+        except Exception:
+            self.errors += 1
+            log.exception("sink task failed")
+
+    def _keep(self, records: Records) -> None:
+        """Into the outbox, in one transaction. When it cannot be written (disk full) the data
+        path goes on (site alerts are already published): alert events wait in a bounded
+        queue in memory and are written first once space returns; predictions are counted as
+        lost (heartbeat: dropped_by_reason outbox_write_failed), said once a minute."""
+        if self._waiting_alerts:
+            records = [*self._waiting_alerts, *records]
+        try:
+            self.outbox.append(records)
+            self.losses.written()
+            if self._waiting_alerts:
+                log.info("%d alert event(s) kept in memory are in the outbox now",
+                         len(self._waiting_alerts))  # fmt: skip
+                self._waiting_alerts.clear()
+        except LocalStateError as exc:
+            alerts = [r for r in records if r[0] == ALERT]
+            lost = len(records) - len(alerts)
+            self._waiting_alerts.clear()
+            self._waiting_alerts.extend(alerts)
+            overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
+            self.counters.outbox_write_failed += lost + overflow
+            self.losses.lost(lost + overflow, time.time())
+            now = time.monotonic()
+            if now - self._lost_logged_at >= 60.0:
+                self._lost_logged_at = now
+                log.error(
+                    "%s; %d record(s) lost so far (free disk space)",
+                    exc,
+                    self.counters.outbox_write_failed,
+                )
