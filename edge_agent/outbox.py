@@ -206,7 +206,8 @@ class Outbox:
                     self._set_meta("next_seq", self._next)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) may have ended it
+                    self._db.execute("ROLLBACK")
                 raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
             self._acked = up_to
             self._quarantined += moved
