@@ -127,7 +127,8 @@ def test_the_demo_console_does_what_the_issue_asks(tmp_path: Path) -> None:
 
         progress.wait(r"console still serving")
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=120) == 0, "".join(progress.seen)
+        code = demo.wait(timeout=120)
+        assert code == 0, f"exit {code}: " + "".join(progress.everything)
         assert demo.stdout is not None
         out = demo.stdout.read()
         summary = json.loads(out.strip().splitlines()[-1])

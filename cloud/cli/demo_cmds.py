@@ -73,8 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def hold(summary: DemoSummary) -> None:
         report(summary)
-        demo.say(f"console still serving on {demo.console_url}; press Ctrl-C to stop")
-        try:
+        try:  # before saying so: a Ctrl-C right after the line must land in here
+            demo.say(f"console still serving on {demo.console_url}; press Ctrl-C to stop")
             threading.Event().wait()
         except KeyboardInterrupt:
             demo.say("stopping")
