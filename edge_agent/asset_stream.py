@@ -203,22 +203,24 @@ class AssetRunner:
         # Mostly missing: sparse readings spread over a long time (one message with readings
         # hours apart) would otherwise score a window for every slot between.
         floor = MIN_WINDOW_VALID * self.ring_m.size
-        stride, period, filled = spec.stride, spec.period_s, self.filled
+        stride, period, asset = spec.stride, spec.period_s, self.index
+        due = length - 1 - self.filled  # the first row whose window is full
         for k in range(count):
             valid += cells[k + length - 1]
             slot = first + k
-            if filled + k + 1 >= length and slot % stride == 0:
+            if k >= due and slot % stride == 0:
                 if valid < floor:
                     self.sparse_windows += 1
                 else:
+                    end = k + length
                     emit(
                         WindowJob(
-                            asset=self.index,
-                            window=net[k : k + length],  # views, no copies
-                            mask=hist_m[k : k + length],
-                            window_start=(slot - length + 1) * period,
-                            window_end=slot * period,
-                            raw=hist_v[k : k + length],
+                            asset,
+                            net[k:end],  # views, no copies
+                            hist_m[k:end],
+                            (slot - length + 1) * period,
+                            slot * period,
+                            raw=hist_v[k:end],
                         )
                     )
             valid -= cells[k]
