@@ -177,12 +177,14 @@ class StreamAligner:
             # Past a sensor's newest reading by at most its staleness (or a period): further on
             # there is nothing to close early, and a long silence must stay a gap.
             reach = max(self.period, self.staleness)
-            complete = min(
-                t + min(STEP_SHARE * step, reach)
-                if not distrust and (now is None or t <= now)
-                else -math.inf
-                for t, step, distrust in zip(self._newest, self._step, self._distrust, strict=True)
-            )
+            complete = math.inf  # called once per message: a loop, not min() over a generator
+            for t, step, distrust in zip(self._newest, self._step, self._distrust, strict=True):
+                if distrust or (now is not None and t > now):
+                    complete = -math.inf
+                    break
+                ahead = t + min(STEP_SHARE * step, reach)
+                if ahead < complete:
+                    complete = ahead
             if complete > -math.inf:
                 last = max(last, math.floor(complete / self.period + EPS))
         if self.next_slot is None:
@@ -242,10 +244,12 @@ class StreamAligner:
     def _before_gap(self, start: float, limit: float, last: int) -> int:
         """As `_before_gap_lazily`, in numpy: every sensor's readings up to `limit` and its
         next one, sorted together; the first jump longer than a gap after `start`."""
-        heads = [np.asarray(t[: bisect_right(t, limit) + 1]) for t in self._t if t]
+        heads: list[float] = []
+        for t in self._t:
+            heads += t[: bisect_right(t, limit) + 1]
         if not heads:
             return last
-        merged = np.sort(np.concatenate(heads))
+        merged = np.sort(np.array(heads, dtype=np.float64))
         pairs = min(int(np.searchsorted(merged, limit, side="right")), merged.size - 1)
         prev, nxt = merged[:pairs], merged[1 : pairs + 1]
         jumps = np.flatnonzero((prev > start) & (nxt - prev > self.max_gap_slots * self.period))
@@ -255,16 +259,19 @@ class StreamAligner:
 
     def _rows_one_by_one(self, last: int) -> tuple[FloatArray, FloatArray]:
         assert self.next_slot is not None
-        count = last - self.next_slot + 1
-        values = np.empty((count, self.n), dtype=np.float32)
-        mask = np.empty((count, self.n), dtype=np.float32)
-        for k in range(count):
-            grid = (self.next_slot + k) * self.period
+        values: list[float] = []
+        mask: list[bool] = []
+        bound = self.staleness + EPS
+        for slot in range(self.next_slot, last + 1):
+            grid = slot * self.period
             self._consume_until(grid)
-            for j in range(self.n):
-                values[k, j] = self._last_v[j]
-                mask[k, j] = 1.0 if grid - self._last_t[j] <= self.staleness + EPS else 0.0
-        return values, mask
+            values += self._last_v
+            mask += [grid - t <= bound for t in self._last_t]
+        shape = (last - self.next_slot + 1, self.n)
+        return (
+            np.array(values, dtype=np.float32).reshape(shape),
+            np.array(mask, dtype=np.float32).reshape(shape),
+        )
 
     def _rows_at_once(self, last: int) -> tuple[FloatArray, FloatArray]:
         """Slots `next_slot ... last`, one search per sensor (as `align_to_grid` does), in
