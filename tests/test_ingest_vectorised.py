@@ -6,6 +6,7 @@ and a values block validated at once against column by column."""
 from __future__ import annotations
 
 import math
+import statistics
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +18,15 @@ from edge_agent.batching import WindowJob
 from edge_agent.calibration import SiteCalibration, to_network_space
 from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.ingest import stream
-from edge_agent.ingest.decode import Chunk, Decoder, Route, TopicRoutes
+from edge_agent.ingest.decode import (
+    CLOCK_MESSAGES,
+    CLOCK_MIN_MESSAGES,
+    Chunk,
+    Decoder,
+    Route,
+    StreamClock,
+    TopicRoutes,
+)
 from edge_agent.ingest.stream import EPS, STEPS, TRUST_AFTER_READINGS, ClosedRows, StreamAligner
 from edge_agent.windowing import AlignedSeries, WindowSpec
 
@@ -283,3 +292,15 @@ def test_a_values_block_is_validated_as_it_was_column_by_column() -> None:
         assert block.drops == reference.drops
         assert block.clock_offset(0) == reference.clock_offset(0)
         assert list(block.clocks[0]._offsets) == list(reference.clocks[0]._offsets)
+
+
+def test_the_stream_clock_median_is_that_of_its_last_messages() -> None:
+    """Kept in order as offsets come and go, the median is the one sorted afresh."""
+    rng = np.random.default_rng(3)
+    clock = StreamClock()
+    seen: list[float] = []
+    for offset in rng.choice([-5.0, 0.0, 0.5, 3600.0, 7.25], 200).tolist():
+        clock.observe(offset)
+        seen = [*seen, offset][-CLOCK_MESSAGES:]
+        want = statistics.median(seen) if len(seen) >= CLOCK_MIN_MESSAGES else 0.0
+        assert clock.offset == want

@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import math
 import time
+from bisect import bisect_left, insort
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,24 +121,22 @@ class StreamClock:
     everything. Readings are judged against the device's clock plus this offset."""
 
     def __init__(self) -> None:
-        self._offsets: deque[float] = deque(maxlen=CLOCK_MESSAGES)
-        self._median: float | None = 0.0  # None: to compute again
+        self._offsets: deque[float] = deque()  # the last CLOCK_MESSAGES, oldest first
+        self._sorted: list[float] = []  # the same, in order: the median is read, not sorted
 
     def observe(self, offset: float) -> None:
+        if len(self._offsets) == CLOCK_MESSAGES:
+            del self._sorted[bisect_left(self._sorted, self._offsets.popleft())]
         self._offsets.append(offset)
-        self._median = None
+        insort(self._sorted, offset)
 
     @property
     def offset(self) -> float:
-        if len(self._offsets) < CLOCK_MIN_MESSAGES:
+        ordered = self._sorted
+        if len(ordered) < CLOCK_MIN_MESSAGES:
             return 0.0
-        if self._median is None:  # asked once per message and per drain: sorted, not numpy
-            ordered = sorted(self._offsets)
-            half = len(ordered) // 2
-            self._median = (
-                ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
-            )
-        return self._median
+        half = len(ordered) // 2
+        return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
 
 
 class Decoder:
