@@ -27,6 +27,7 @@ from edge_agent.ingest.decode import (
     StreamClock,
     TopicRoutes,
 )
+from edge_agent.ingest.fair_queue import FairQueue
 from edge_agent.ingest.stream import EPS, STEPS, TRUST_AFTER_READINGS, ClosedRows, StreamAligner
 from edge_agent.windowing import AlignedSeries, WindowSpec
 
@@ -304,3 +305,26 @@ def test_the_stream_clock_median_is_that_of_its_last_messages() -> None:
         seen = [*seen, offset][-CLOCK_MESSAGES:]
         want = statistics.median(seen) if len(seen) >= CLOCK_MIN_MESSAGES else 0.0
         assert clock.offset == want
+
+
+def test_the_fair_queue_takes_in_the_old_round_robin_order() -> None:
+    """Taking the rest of the last busy asset at once keeps the order of one message per
+    asset in turn."""
+    rng = np.random.default_rng(5)
+    queue = FairQueue(3, 10**9, lambda asset, n: None)
+    waiting: list[list[tuple[int, int, float, float]]] = [[], [], []]
+    first = 0
+    for step in range(300):
+        for _ in range(int(rng.integers(0, 12))):
+            asset = int(rng.choice(3, p=[0.7, 0.2, 0.1]))
+            item = (asset, 0, float(step), 0.0)
+            queue.put(item)
+            waiting[asset].append(item)
+        limit = int(rng.integers(1, 10))
+        want: list[object] = []
+        while len(want) < limit and any(waiting):
+            for i in range(3):
+                if waiting[(first + i) % 3] and len(want) < limit:
+                    want.append(waiting[(first + i) % 3].pop(0))
+        first = (first + 1) % 3
+        assert queue.take(limit, 0.0) == want
