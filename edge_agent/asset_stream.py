@@ -56,9 +56,13 @@ class AssetRunner:
             close_complete=close_complete,
         )
         self.length = spec.length
+        # The last `length` rows, oldest first. Never written in place: a window handed on is
+        # a view of the arrays these were cut from, so new rows make new arrays.
         self.ring_v = np.zeros((spec.length, n), dtype=np.float32)
         self.ring_m = np.zeros((spec.length, n), dtype=np.float32)
-        self.pos = 0
+        self.pos = 0  # where the oldest row is: always 0 (kept for the stream state's format)
+        self._ring_net: np.ndarray | None = None  # ring_v in network space, normalised once
+        self._net_for: SiteCalibration | None = None  # under this calibration
         self.filled = 0
         self.valid_cells = 0.0  # readings present in the ring
         self.sparse_windows = 0  # windows not scored: under MIN_WINDOW_VALID of readings
@@ -79,7 +83,7 @@ class AssetRunner:
 
     def reset_stream(self, aligner: bool = True) -> None:
         """Windows start again from the next rows (and the aligner from the next reading)."""
-        self.ring_m[:] = 0.0
+        self.ring_m = np.zeros_like(self.ring_m)  # not in place: windows may view it
         self.filled = 0
         self.valid_cells = 0.0
         if aligner:
@@ -113,10 +117,12 @@ class AssetRunner:
         if state["ring_v"].shape != self.ring_v.shape:
             raise ValueError(f"a ring of {state['ring_v'].shape}, not {self.ring_v.shape}")
         self.aligner.restore(state)
-        self.ring_v[:] = state["ring_v"]
-        self.ring_m[:] = state["ring_m"]
         pos, filled, valid = state["ring"].tolist()
-        self.pos, self.filled, self.valid_cells = int(pos), int(filled), float(valid)
+        order = (int(pos) + np.arange(self.length)) % self.length  # oldest first
+        self.ring_v = state["ring_v"][order].astype(np.float32)
+        self.ring_m = state["ring_m"][order].astype(np.float32)
+        self.pos, self._ring_net = 0, None
+        self.filled, self.valid_cells = int(filled), float(valid)
         if self.calibration is None:
             self._cal_v = list(state["cal_v"])
             self._cal_m = list(state["cal_m"])
@@ -147,10 +153,10 @@ class AssetRunner:
         start_calibration: Callable[[AssetRunner, AlignedSeries], None],
     ) -> None:
         """One row before the site is calibrated: into the ring and the calibration rows."""
-        self.valid_cells += float(mask.sum() - self.ring_m[self.pos].sum())
-        self.ring_v[self.pos] = values
-        self.ring_m[self.pos] = mask
-        self.pos = (self.pos + 1) % self.length
+        self.valid_cells += float(mask.sum() - self.ring_m[0].sum())
+        self.ring_v = np.concatenate([self.ring_v[1:], values[None]])
+        self.ring_m = np.concatenate([self.ring_m[1:], mask[None]])
+        self._ring_net = None
         self.filled += 1
         if not self._cal_v:
             self._cal_first_slot = slot
@@ -172,49 +178,56 @@ class AssetRunner:
         self, first: int, values: np.ndarray, mask: np.ndarray, emit: Callable[[WindowJob], None]
     ) -> None:
         """The windows ending at rows `first ...` (every `stride`-th slot once the ring is
-        full), all cut at once: the ring's last rows and the new ones in one array, each row
-        normalised once, a window a view of it."""
+        full): the ring's last rows and the new ones in one new array, each row normalised
+        once (the ring's rows when they came, or once after a new calibration), a window a
+        view of it."""
         cal = self.calibration
         assert cal is not None
-        spec = self.model.spec
+        spec, frame = self.model.spec, self.model.frame
         length, count = self.length, values.shape[0]
-        order = (self.pos + np.arange(1, self.length)) % self.length  # the ring's last rows
-        hist_v = np.concatenate([self.ring_v[order], values])  # [length - 1 + count, N]
-        hist_m = np.concatenate([self.ring_m[order], mask])
-        # Window k covers hist rows k ... k + length - 1 and ends at slot first + k.
-        cells = np.concatenate([[0.0], np.cumsum(hist_m.sum(axis=1, dtype=np.float64))])
-        valid = cells[length:] - cells[:count]
-        slots = first + np.arange(count)
-        due = (self.filled + np.arange(1, count + 1) >= length) & (slots % spec.stride == 0)
+        tail_net = self._ring_net
+        if tail_net is None or self._net_for is not cal:
+            tail_net = to_network_space(
+                self.ring_v, cal.input_center, cal.input_scale, frame.net_center, frame.net_scale
+            )
+        new_net = to_network_space(
+            values, cal.input_center, cal.input_scale, frame.net_center, frame.net_scale
+        )
+        hist_v = np.concatenate([self.ring_v[1:], values])  # [length - 1 + count, N]
+        hist_m = np.concatenate([self.ring_m[1:], mask])
+        net = np.concatenate([tail_net[1:], new_net])
+        # Window k covers hist rows k ... k + length - 1 and ends at slot first + k. Cell
+        # counts are whole numbers: summed in any order they are exact.
+        cells = hist_m.sum(axis=1, dtype=np.float64).tolist()
+        valid = sum(cells[: length - 1])
         # Mostly missing: sparse readings spread over a long time (one message with readings
         # hours apart) would otherwise score a window for every slot between.
-        sparse = due & (valid < MIN_WINDOW_VALID * self.ring_m.size)
-        self.sparse_windows += int(sparse.sum())
-        cut = np.flatnonzero(due & ~sparse)
-        if cut.size:
-            lo, hi = int(cut[0]), int(cut[-1]) + length
-            frame = self.model.frame
-            net = to_network_space(
-                hist_v[lo:hi], cal.input_center, cal.input_scale, frame.net_center, frame.net_scale
-            )
-            masks = hist_m[lo:hi]
-            for k in cut.tolist():
-                slot = first + k
-                emit(
-                    WindowJob(
-                        asset=self.index,
-                        window=net[k - lo : k - lo + length],  # views, no copies
-                        mask=masks[k - lo : k - lo + length],
-                        window_start=(slot - length + 1) * spec.period_s,
-                        window_end=slot * spec.period_s,
-                        raw=hist_v[k : k + length],
+        floor = MIN_WINDOW_VALID * self.ring_m.size
+        stride, period, asset = spec.stride, spec.period_s, self.index
+        due = length - 1 - self.filled  # the first row whose window is full
+        for k in range(count):
+            valid += cells[k + length - 1]
+            slot = first + k
+            if k >= due and slot % stride == 0:
+                if valid < floor:
+                    self.sparse_windows += 1
+                else:
+                    end = k + length
+                    emit(
+                        WindowJob(
+                            asset,
+                            net[k:end],  # views, no copies
+                            hist_m[k:end],
+                            (slot - length + 1) * period,
+                            slot * period,
+                            raw=hist_v[k:end],
+                        )
                     )
-                )
-        self.ring_v[:] = hist_v[-length:]  # in time order from position 0
-        self.ring_m[:] = hist_m[-length:]
-        self.pos = 0
+            valid -= cells[k]
+        self.ring_v, self.ring_m = hist_v[-length:], hist_m[-length:]
+        self._ring_net, self._net_for = net[-length:], cal
         self.filled += count
-        self.valid_cells = float(cells[-1] - cells[-length - 1])
+        self.valid_cells = float(sum(cells[-length:]))
 
     def follow_clock(self, offset: float) -> None:
         """Readings that all land far behind the slots already closed (`late_far`), message

@@ -58,6 +58,7 @@ class FairQueue:
         self._cond = threading.Condition(lock)  # a message arrived (the pipeline waits)
         self._room = threading.Condition(lock)  # the pipeline took some (full sources wait)
         self._next = 0  # where the next round starts, so no asset is always first
+        self._takers = 0  # pipelines waiting for a message: only then is there one to wake
 
     def put(self, item: Decoded) -> None:
         if isinstance(item, tuple):  # the common case, kept cheap
@@ -79,9 +80,17 @@ class FairQueue:
             if room:
                 self._queues[asset].append((part, n))
                 pending[asset] += n
-                self._cond.notify()  # the pipeline, if it waits for a message
+                if self._takers:
+                    self._cond.notify()  # the pipeline, waiting for a message
         if not room:
             self.on_drop(asset, n)
+
+    def _take_from(self, asset: int, most: int, taken: list[Decoded]) -> None:
+        queue = self._queues[asset]
+        for _ in range(min(most, len(queue))):
+            part, n = queue.popleft()
+            self._pending[asset] -= n
+            taken.append(part)
 
     def pending(self, asset: int) -> int:
         with self._cond:
@@ -96,18 +105,23 @@ class FairQueue:
         `timeout` seconds."""
         with self._cond:
             if not any(self._pending):
-                self._cond.wait(timeout)
+                self._takers += 1
+                try:
+                    self._cond.wait(timeout)
+                finally:
+                    self._takers -= 1
             taken: list[Decoded] = []
             count = len(self._queues)
             start, self._next = self._next, (self._next + 1) % max(count, 1)
             while len(taken) < limit:
+                busy = [i for i in range(count) if self._queues[(start + i) % count]]
+                if len(busy) == 1:  # one asset left: the rest of its turns at once
+                    self._take_from((start + busy[0]) % count, limit - len(taken), taken)
+                    break
                 progressed = False
-                for step in range(count):
-                    queue = self._queues[(start + step) % count]
-                    if queue and len(taken) < limit:
-                        part, n = queue.popleft()
-                        self._pending[(start + step) % count] -= n
-                        taken.append(part)
+                for step in busy:
+                    if len(taken) < limit:
+                        self._take_from((start + step) % count, 1, taken)
                         progressed = True
                 if not progressed:
                     break

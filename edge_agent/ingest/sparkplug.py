@@ -27,7 +27,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from edge_agent.config import AssetConfig
-from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
+from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes, median
 from protos.sparkplug import sparkplug_b_pb2 as spb
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class SparkplugDecoder:
             return None
         bounds = self.base.bounds(asset, now)
         all_ts = [t for ts, _ in by_sensor.values() for t in ts]
-        self.base.observe(asset, float(np.median(all_ts)), now)
+        self.base.observe(asset, median(all_ts), now)
         chunks = []
         for sensor, (times, values) in by_sensor.items():
             ts = np.asarray(times, dtype=np.float64)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import operator
 from bisect import bisect_right
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -119,30 +120,44 @@ class StreamAligner:
             self.watermark = ts
 
     def add_many(self, sensor: int, ts: TimeArray, values: TimeArray) -> None:
-        if ts.size:
-            newest = self._newest[sensor]
-            if ts[0] < newest or (ts.size > 1 and bool((np.diff(ts) < 0).any())):
-                self._distrust[sensor] = TRUST_AFTER_READINGS
-            else:
-                self._distrust[sensor] = max(0, self._distrust[sensor] - int(ts.size))
-                steps = np.diff(np.concatenate([[newest], ts[-STEPS:]]))
-                self._stepped(sensor, steps[np.isfinite(steps)].tolist())
-            self._newest[sensor] = max(newest, float(ts.max()))
-        closed = self._closed_time()
-        late = ts <= closed + EPS
-        if late.any():
-            self.counts["late"] += int(late.sum())
-            self.counts["late_far"] += int((ts < closed - self.far_s).sum())
-            ts, values = ts[~late], values[~late]
-        if ts.size == 0:
+        """A sensor's readings of one message. In plain floats: a message holds tens of
+        readings, where numpy costs more per call than a loop costs over all of them."""
+        times_in = ts.tolist()
+        if not times_in:
             return
+        newest = self._newest[sensor]
+        increasing = all(map(operator.lt, times_in, times_in[1:]))
+        if times_in[0] < newest or not (
+            increasing or all(map(operator.le, times_in, times_in[1:]))
+        ):
+            self._distrust[sensor] = TRUST_AFTER_READINGS
+            top = max(times_in)
+        else:
+            self._distrust[sensor] = max(0, self._distrust[sensor] - len(times_in))
+            recent = [newest, *times_in[-STEPS:]]
+            steps = [b - a for a, b in itertools.pairwise(recent)]
+            self._stepped(sensor, [d for d in steps if math.isfinite(d)])
+            top = times_in[-1]
+        self._newest[sensor] = max(newest, top)
+        values_in = values.tolist()
+        closed = self._closed_time()
+        bound = closed + EPS
+        if min(times_in) <= bound:
+            late = [t <= bound for t in times_in]
+            self.counts["late"] += sum(late)
+            self.counts["late_far"] += sum(t < closed - self.far_s for t in times_in)
+            values_in = [v for v, gone in zip(values_in, late, strict=True) if not gone]
+            times_in = [t for t, gone in zip(times_in, late, strict=True) if not gone]
+            if not times_in:
+                return
+            increasing = all(map(operator.lt, times_in, times_in[1:]))
         times = self._t[sensor]
-        if (times and ts[0] <= times[-1]) or (ts.size > 1 and bool((np.diff(ts) <= 0).any())):
+        if (times and times_in[0] <= times[-1]) or not increasing:
             self._unsorted[sensor] = True  # sorted and de-duplicated when the slot closes
-        times.extend(ts.tolist())
-        self._v[sensor].extend(values.tolist())
-        self.readings += int(ts.size)
-        top = float(ts.max())
+        times.extend(times_in)
+        self._v[sensor].extend(values_in)
+        self.readings += len(times_in)
+        top = max(times_in) if not increasing else times_in[-1]
         if top > self.watermark:
             self.watermark = top
 
@@ -162,12 +177,14 @@ class StreamAligner:
             # Past a sensor's newest reading by at most its staleness (or a period): further on
             # there is nothing to close early, and a long silence must stay a gap.
             reach = max(self.period, self.staleness)
-            complete = min(
-                t + min(STEP_SHARE * step, reach)
-                if not distrust and (now is None or t <= now)
-                else -math.inf
-                for t, step, distrust in zip(self._newest, self._step, self._distrust, strict=True)
-            )
+            complete = math.inf  # called once per message: a loop, not min() over a generator
+            for t, step, distrust in zip(self._newest, self._step, self._distrust, strict=True):
+                if distrust or (now is not None and t > now):
+                    complete = -math.inf
+                    break
+                ahead = t + min(STEP_SHARE * step, reach)
+                if ahead < complete:
+                    complete = ahead
             if complete > -math.inf:
                 last = max(last, math.floor(complete / self.period + EPS))
         if self.next_slot is None:
@@ -227,10 +244,12 @@ class StreamAligner:
     def _before_gap(self, start: float, limit: float, last: int) -> int:
         """As `_before_gap_lazily`, in numpy: every sensor's readings up to `limit` and its
         next one, sorted together; the first jump longer than a gap after `start`."""
-        heads = [np.asarray(t[: bisect_right(t, limit) + 1]) for t in self._t if t]
+        heads: list[float] = []
+        for t in self._t:
+            heads += t[: bisect_right(t, limit) + 1]
         if not heads:
             return last
-        merged = np.sort(np.concatenate(heads))
+        merged = np.sort(np.array(heads, dtype=np.float64))
         pairs = min(int(np.searchsorted(merged, limit, side="right")), merged.size - 1)
         prev, nxt = merged[:pairs], merged[1 : pairs + 1]
         jumps = np.flatnonzero((prev > start) & (nxt - prev > self.max_gap_slots * self.period))
@@ -240,42 +259,51 @@ class StreamAligner:
 
     def _rows_one_by_one(self, last: int) -> tuple[FloatArray, FloatArray]:
         assert self.next_slot is not None
-        count = last - self.next_slot + 1
-        values = np.empty((count, self.n), dtype=np.float32)
-        mask = np.empty((count, self.n), dtype=np.float32)
-        for k in range(count):
-            grid = (self.next_slot + k) * self.period
+        values: list[float] = []
+        mask: list[bool] = []
+        bound = self.staleness + EPS
+        for slot in range(self.next_slot, last + 1):
+            grid = slot * self.period
             self._consume_until(grid)
-            for j in range(self.n):
-                values[k, j] = self._last_v[j]
-                mask[k, j] = 1.0 if grid - self._last_t[j] <= self.staleness + EPS else 0.0
-        return values, mask
+            values += self._last_v
+            mask += [grid - t <= bound for t in self._last_t]
+        shape = (last - self.next_slot + 1, self.n)
+        return (
+            np.array(values, dtype=np.float32).reshape(shape),
+            np.array(mask, dtype=np.float32).reshape(shape),
+        )
 
     def _rows_at_once(self, last: int) -> tuple[FloatArray, FloatArray]:
-        """Slots `next_slot ... last`, one search per sensor (as `align_to_grid` does)."""
+        """Slots `next_slot ... last`, one search per sensor (as `align_to_grid` does), in
+        one array of every sensor's consumed readings, each led by its last reading before
+        them (older than every slot here), so every slot finds one."""
         assert self.next_slot is not None
         grid = np.arange(self.next_slot, last + 1, dtype=np.float64) * self.period
-        values = np.empty((grid.size, self.n), dtype=np.float32)
-        mask = np.empty((grid.size, self.n), dtype=np.float32)
+        top = float(grid[-1]) + EPS
+        flat_t: list[float] = []
+        flat_v: list[float] = []
+        starts = [0]
         for j in range(self.n):
-            times = self._t[j]
-            k = bisect_right(times, float(grid[-1]) + EPS)  # the readings these slots consume
-            t = np.asarray(times[:k], dtype=np.float64)
-            v = np.asarray(self._v[j][:k], dtype=np.float64)
-            latest = np.searchsorted(t, grid + EPS, side="right") - 1
-            has = latest >= 0
-            at = np.clip(latest, 0, None)
+            times, values = self._t[j], self._v[j]
+            k = bisect_right(times, top)  # the readings these slots consume
+            flat_t.append(self._last_t[j])
+            flat_t += times[:k]
+            flat_v.append(self._last_v[j])
+            flat_v += values[:k]
+            starts.append(len(flat_t))
             if k:
-                stamp = np.where(has, t[at], self._last_t[j])
-                values[:, j] = np.where(has, v[at], self._last_v[j])
-                self._last_t[j], self._last_v[j] = times[k - 1], self._v[j][k - 1]
+                self._last_t[j], self._last_v[j] = times[k - 1], values[k - 1]
                 del times[:k]
-                del self._v[j][:k]
-            else:
-                stamp = np.full(grid.size, self._last_t[j])
-                values[:, j] = self._last_v[j]
-            mask[:, j] = grid - stamp <= self.staleness + EPS
-        return values, mask
+                del values[:k]
+        t = np.array(flat_t, dtype=np.float64)
+        probe = grid + EPS
+        at = np.empty((grid.size, self.n), dtype=np.intp)
+        for j in range(self.n):
+            a, b = starts[j], starts[j + 1]
+            at[:, j] = np.searchsorted(t[a:b], probe, side="right") + (a - 1)
+        values_out = np.array(flat_v, dtype=np.float64)[at].astype(np.float32)
+        mask = (grid[:, None] - t[at] <= self.staleness + EPS).astype(np.float32)
+        return values_out, mask
 
     def _stepped(self, sensor: int, steps: list[float]) -> None:
         """Keeps a sensor's recent sampling intervals. Longer than the staleness bound is a
