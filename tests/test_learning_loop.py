@@ -8,7 +8,8 @@ decision's per-sensor tolerances to the verdicts, with the site calibration each
 captured under: the new model scores every exported false-alarm window under 1 and every
 fault window at or above 1, and on a replay of the site's stream through the agent's own
 scoring and alert logic (`calibrate`, `fault_score`, `AssetDecider`) the dips raise no alert
-while the fault still does. (The replay stands in for a shadow rollout to the agent.)"""
+while the fault still does. (tests/test_learning_rollout.py rolls such a model out to the
+agent through a shadow rollout and plays the site again.)"""
 
 from __future__ import annotations
 
