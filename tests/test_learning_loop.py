@@ -8,18 +8,17 @@ decision's per-sensor tolerances to the verdicts, with the site calibration each
 captured under: the new model scores every exported false-alarm window under 1 and every
 fault window at or above 1, and on a replay of the site's stream through the agent's own
 scoring and alert logic (`calibrate`, `fault_score`, `AssetDecider`) the dips raise no alert
-while the fault still does. (The replay stands in for a shadow rollout to the agent.)"""
+while the fault still does. (tests/test_learning_rollout.py rolls such a model out to the
+agent through a shadow rollout and plays the site again.)"""
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pyarrow.parquet as pq
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -27,74 +26,36 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloud.captures import CaptureFilter, CaptureRecord
 from cloud.cli.main import run as autoglm
 from cloud.model.backtest import load_model
-from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
+from cloud.model.bundle_writer import read_own_bundle
 from cloud.model.capture_data import DATA_FILE, SUMMARY_FILE, read_export
-from cloud.store.base import Store
 from edge_agent.calibration import fault_score, to_network_space
-from edge_agent.config import AgentConfig, DecisionPolicy, load_agent_config
+from edge_agent.config import DecisionPolicy
 from edge_agent.decisions import RAISED, AssetDecider
-from edge_agent.ingest.mqtt import new_client
-from edge_agent.outbox import Outbox
 from edge_agent.scoring import calibrate, window_outputs
-from edge_agent.simulate import Stream, messages
+from edge_agent.simulate import Stream
 from edge_agent.windowing import align_to_grid
-from protos.autoglm.v1 import operator_pb2
-from tests.conftest import register
-from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
+from tests.support.agents import start_agent, wait_for
 from tests.support.broker import Broker
 from tests.support.cloud import RunningPlane
+from tests.support.learning_site import (
+    CALIBRATION,
+    ROWS,
+    Publisher,
+    box_sequences,
+    cli_connection,
+    fine_tune,
+    fleet_bundle,
+    give_verdicts,
+    site_config,
+    site_stream,
+    stored_sequences,
+    stream_part,
+    where,
+)
 from tests.support.sensordata import SENSORS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
-ROWS = 900
-CALIBRATION = 120  # the small model's calibration rows
-DIPS = ((250, 290), (520, 560))  # the benign backflush: flow down by 1 for 40 s
-FAULT = (700, 780)  # flow down by 2.5, vibration up: what the model was trained on
 RESTART_AT = 400
-
-
-def site_stream(seed: int = 7) -> Stream:
-    """The pump's readings, one row a second."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(ROWS)
-    load = np.sin(2 * np.pi * t / 40) + 0.1 * rng.standard_normal(ROWS)
-    x = np.stack(
-        [
-            10 + load + 0.1 * rng.standard_normal(ROWS),
-            3 + 0.5 * load + 0.05 * rng.standard_normal(ROWS),
-            1 + 0.2 * load + 0.02 * rng.standard_normal(ROWS),
-            0.2 + 0.01 * rng.standard_normal(ROWS),
-        ],
-        axis=1,
-    )
-    for a, b in DIPS:
-        x[a:b, 0] -= 1.0
-    a, b = FAULT
-    x[a:b, 0] -= 2.5
-    x[a:b, 3] += 0.15
-    return Stream(SENSORS, t.astype(np.float64), x)
-
-
-class Publisher:
-    def __init__(self, broker: Broker) -> None:
-        self.client = new_client()
-        self.client.max_inflight_messages_set(1000)
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.loop_start()
-        self.last: mqtt.MQTTMessageInfo | None = None
-
-    def publish(self, stream: Stream, rows: slice, anchor: float) -> int:
-        """Publishes `rows` of the stream (10 rows a message); returns the readings sent."""
-        part = Stream(stream.sensors, stream.offsets[rows], stream.values[rows])
-        for _, topic, payload in messages(part, "plant/pump-1", anchor, batch=10):
-            self.last = self.client.publish(topic, payload, qos=1)
-        assert self.last is not None
-        self.last.wait_for_publish(30)
-        return int(part.values.size)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -102,63 +63,6 @@ def publisher(broker: Broker) -> Iterator[Publisher]:
     p = Publisher(broker)
     yield p
     p.close()
-
-
-def site_config(plane: RunningPlane, broker: Broker, tmp_path: Path, bundle: Path) -> AgentConfig:
-    state = tmp_path / "agent"
-    enroll_identity(register(plane, "edge-1", site="a"), state)
-    return load_agent_config(
-        None,
-        {
-            "state_dir": state,
-            "cloud": {"heartbeat_interval_s": 0.3},
-            "reconnect": {"initial_s": 0.2, "max_s": 1.0},
-            "mqtt": {"port": broker.port, "host": "127.0.0.1", "alert_prefix": "site"},
-            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
-            "model": {"bundle": bundle},
-            "capture": {"sample_probability": 0.05, "samples_per_day": 300},
-            "metrics": {"listen": ""},
-        },
-    )
-
-
-def fleet_bundle(
-    trained: tuple[Path, ed25519.Ed25519PrivateKey], plane: RunningPlane, dest: Path
-) -> Path:
-    """The small model, signed with the fleet's key (what the agent pinned at enrollment)."""
-    source, training_key = trained
-    shutil.copytree(source, dest)
-    write_signed_manifest(
-        dest, read_own_bundle(dest, training_key), plane.plane.secrets.signing_key
-    )
-    return dest
-
-
-def stored_sequences(store: Store, device_id: str) -> list[int]:
-    """Every record sequence of the device the control plane stored, captures included."""
-    predictions = store.list_predictions(device_id, limit=1_000_000)
-    alerts = store.list_alert_events(device_id, limit=1_000_000)
-    captures = store.list_captures(
-        CaptureFilter(dt.datetime(1970, 1, 1, tzinfo=dt.UTC), (device_id,)), limit=1_000_000
-    )
-    return sorted(
-        [p.sequence for p in predictions]
-        + [a.sequence for a in alerts]
-        + [c.sequence for c in captures]
-    )
-
-
-def box_sequences(box: Outbox) -> list[int]:
-    return list(range(1, box.stats().next_sequence))
-
-
-def stream_part(
-    running: AgentThread, publisher: Publisher, stream: Stream, rows: slice, anchor: float
-) -> None:
-    wait_for(lambda: running.agent.runtime.mqtt.connected.is_set(), timeout=10)
-    before = running.agent.runtime.decoder.accepted
-    sent = publisher.publish(stream, rows, anchor)
-    wait_for(lambda: running.agent.runtime.decoder.accepted - before == sent, timeout=60)
 
 
 def export_scores(
@@ -248,21 +152,14 @@ def test_verdicts_on_captured_windows_fine_tune_a_model_with_fewer_false_alarms(
     )
     assert captured["sample"] > 0
     row_of = {k: v[0].window_end.timestamp() - anchor for k, v in by_key.items()}
-    in_dip = [k for k, r in row_of.items() if any(a <= r <= b + 24 for a, b in DIPS)]
-    in_fault = [k for k, r in row_of.items() if FAULT[0] <= r <= FAULT[1] + 24]
+    in_dip = [k for k, r in row_of.items() if where(r) == "dip"]
+    in_fault = [k for k, r in row_of.items() if where(r) == "fault"]
     assert len(in_dip) >= 2 and in_fault, row_of  # the base model flags both dips
 
     # 2. The operator's verdicts: the dips were false alarms, the fault was real.
-    token, ca = plane.token, tmp_path / "ca.pem"
-    ca.write_bytes(plane.ca_pem)
-    connect = ["--server", plane.api_address, "--ca-cert", str(ca), "--token", token]
+    connect = cli_connection(plane, tmp_path)
+    give_verdicts(plane, connect, anchor)
     with plane.client() as client:
-        for alert in client.list_alerts(operator_pb2.ListAlertsRequest()):
-            first = alert.first_seen.ToDatetime(tzinfo=dt.UTC).timestamp() - anchor
-            if any(a <= first <= b + 24 for a, b in DIPS):
-                assert autoglm([*connect, "alerts", "ack", alert.id, "--verdict", "false"]) == 0
-            elif FAULT[0] <= first <= FAULT[1] + 24:
-                assert autoglm([*connect, "alerts", "ack", alert.id, "--verdict", "true"]) == 0
         client.push_bundle(bundle)  # the base, as the fleet runs it: pump 1
 
     # 3. Export: Parquet labelled by the verdicts.
@@ -299,31 +196,7 @@ def test_verdicts_on_captured_windows_fine_tune_a_model_with_fewer_false_alarms(
 
     # 4. Fine-tune the pushed base on the export: real torch, one thread, a few epochs.
     new = tmp_path / "pump-2"
-    key_file = tmp_path / "cloud" / "signing.key"
-    code = autoglm(
-        [
-            *connect,
-            "model",
-            "train",
-            "--from-export",
-            str(everything),
-            "--base",
-            "pump:1",
-            "--out",
-            str(new),
-            "--model-version",
-            "2",
-            "--epochs",
-            "40",
-            "--batch-size",
-            "32",
-            "--threads",
-            "1",
-            "--signing-key",
-            str(key_file),
-        ]
-    )
-    assert code == 0
+    fine_tune(connect, everything, new, tmp_path / "cloud" / "signing.key")
     key = plane.plane.secrets.signing_key.public_key()
     before = export_scores(bundle, key, false_alarms, stream)
     after = export_scores(new, key, false_alarms, stream)
@@ -363,15 +236,10 @@ def test_verdicts_on_captured_windows_fine_tune_a_model_with_fewer_false_alarms(
 
     # 5. Replayed through the agent's scoring and alert logic: the base raised at both dips
     # and the fault; the fine-tuned model only at the fault.
-    def where(rows: list[int]) -> list[str]:
-        def one(r: int) -> str:
-            if any(a <= r <= b + 24 for a, b in DIPS):
-                return "dip"
-            return "fault" if FAULT[0] <= r <= FAULT[1] + 24 else f"row {r}"
-
-        return [one(r) for r in rows]
-
-    replay = (where(replay_raises(bundle, key, stream)), where(replay_raises(new, key, stream)))
+    replay = (
+        [where(r) for r in replay_raises(bundle, key, stream)],
+        [where(r) for r in replay_raises(new, key, stream)],
+    )
     print(f"replayed alerts: base {replay[0]} -> fine-tuned {replay[1]}")
     assert replay[0].count("dip") >= 2 and "fault" in replay[0], replay
     assert replay[1] == ["fault"], replay
