@@ -72,6 +72,7 @@ class Decision(_Strict):
     forecast_away: bool = False
     cusum: bool = False
     cusum_k: float = 0.5
+    cusum_rows: int = 0
     cusum_threshold: float = 8.0
     cusum_tolerance: tuple[float, ...] = ()
     supervised: bool = True

@@ -39,6 +39,7 @@ class DecisionParams:
     # Bundles made before it: False.
     cusum: bool = False
     cusum_k: float = 0.5
+    cusum_rows: int = 0  # the window's last rows the sums run over; 0: all of them
     cusum_threshold: float = 8.0
     cusum_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
@@ -72,6 +73,8 @@ class DecisionParams:
             raise InvalidInput(f"decision: smoothing {self.smoothing} < 1")
         if self.level_window < 0:
             raise InvalidInput(f"decision: level_window {self.level_window} < 0")
+        if self.cusum_rows < 0:
+            raise InvalidInput(f"decision: cusum_rows {self.cusum_rows} < 0")
         if self.cusum_k < 0:
             raise InvalidInput(f"decision: cusum_k {self.cusum_k} < 0")
         for name in ("level_tolerance", "spread_tolerance", "cusum_tolerance"):

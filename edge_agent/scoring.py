@@ -186,7 +186,10 @@ def window_statistics(
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
     cusum = None
     if decision.cusum and rows > 0:
-        cusum = cusum_statistic(x, m, frame.net_center, frame.net_scale, decision.cusum_k)
+        tail = decision.cusum_rows or x.shape[1]
+        cusum = cusum_statistic(
+            x[:, -tail:], m[:, -tail:], frame.net_center, frame.net_scale, decision.cusum_k
+        )
     return level, spread, before, cusum
 
 

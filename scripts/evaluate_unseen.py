@@ -2,7 +2,7 @@
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --[no-]cusum, --cusum-k,
+        --target-far, --smoothing, --combine, --alone, --[no-]cusum, --cusum-k, --cusum-rows,
         --no-supervised, --seed,
         --threads]
 
@@ -63,6 +63,7 @@ def main() -> None:
         "--cusum", action=argparse.BooleanOptionalAction, default=DecisionParams().cusum
     )
     parser.add_argument("--cusum-k", type=float, default=DecisionParams().cusum_k)
+    parser.add_argument("--cusum-rows", type=int, default=DecisionParams().cusum_rows)
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="copy the trained bundle here")
@@ -84,6 +85,7 @@ def main() -> None:
             alone=args.alone,
             cusum=args.cusum,
             cusum_k=args.cusum_k,
+            cusum_rows=args.cusum_rows,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

@@ -1,6 +1,6 @@
 """EXP14c selection (training seeds 0 / 2, injection seeds 400-402 only): the CUSUM variants.
 
-    PYTHONPATH=. .venv/bin/python scripts/experiments/issue14/cusum_select.py SEED > out.json
+    PYTHONPATH=. .venv/bin/python scripts/experiments/issue14/cusum_select.py SEED [round2]
 
 One process per training seed runs `scripts/evaluate_unseen.py`'s steps for every variant. The
 networks do not depend on the decision, so each is trained once (later variants load its
@@ -36,13 +36,21 @@ from edge_agent.calibration import DecisionParams
 
 DATA = Path("/work/shared/datasets/skab")
 SEEDS = [400, 401, 402]
+# name: (cusum, k, rows, drop level); round 1 (cusum-sel-S.json): rows 0 (the whole window)
 VARIANTS = {
-    "base": (False, 0.5, False),
-    "add-k0.5": (True, 0.5, False),
-    "add-k1": (True, 1.0, False),
-    "replace-k0.5": (True, 0.5, True),
-    "replace-k1": (True, 1.0, True),
+    "base": (False, 0.5, 0, False),
+    "add-k0.5": (True, 0.5, 0, False),
+    "add-k1": (True, 1.0, 0, False),
+    "replace-k0.5": (True, 0.5, 0, True),
+    "replace-k1": (True, 1.0, 0, True),
 }
+if len(sys.argv) > 2 and sys.argv[2] == "round2":  # cusum-sel2-S.json: the last 30 rows only
+    VARIANTS = {
+        "add-k0.5-r30": (True, 0.5, 30, False),
+        "add-k1-r30": (True, 1.0, 30, False),
+        "add-k0.25-r30": (True, 0.25, 30, False),
+        "replace-k0.5-r30": (True, 0.5, 30, True),
+    }
 
 _trained: dict[tuple[object, ...], tuple[dict[str, object], object]] = {}
 _train_net = pipeline.train_net
@@ -107,14 +115,14 @@ def main() -> None:
     unseen = DATA / "valve1"
     key = ed25519.Ed25519PrivateKey.generate()
     report: dict[str, object] = {}
-    for name, (on, k, drop) in VARIANTS.items():
+    for name, (on, k, rows, drop) in VARIANTS.items():
         DROP_LEVEL[0] = drop
         options = TrainOptions(
             name="unseen-protocol",
             version="1",
             calibration_rows=400,
             train=TrainParams(seed=seed, threads=1),
-            decision=replace(DecisionParams(), cusum=on, cusum_k=k),
+            decision=replace(DecisionParams(), cusum=on, cusum_k=k, cusum_rows=rows),
         )
         with tempfile.TemporaryDirectory(prefix="cusum-sel-") as tmp:
             bundle = Path(tmp) / "bundle"
