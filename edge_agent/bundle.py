@@ -70,11 +70,6 @@ class Decision(_Strict):
     spread_threshold: float = 4.0
     spread_tolerance: tuple[float, ...] = ()
     forecast_away: bool = False
-    cusum: bool = False
-    cusum_k: float = 0.5
-    cusum_rows: int = 0
-    cusum_threshold: float = 8.0
-    cusum_tolerance: tuple[float, ...] = ()
     supervised: bool = True
     combine: str = "max"
     alone: float = 0.0

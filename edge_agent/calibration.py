@@ -78,7 +78,6 @@ class WindowOutputs:
     level: FloatArray  # [B, N] (zeros when the decision uses no levels)
     spread: FloatArray  # [B, N] recent standard deviation in site units (same)
     before: FloatArray | None = None  # [B, N] mean of the rows before the recent ones (same)
-    cusum: FloatArray | None = None  # [B, N] two-sided CUSUM at the last row (`cusum_statistic`)
 
     def select(self, rows: np.ndarray) -> WindowOutputs:
         return WindowOutputs(
@@ -88,25 +87,19 @@ class WindowOutputs:
             self.level[rows],
             self.spread[rows],
             None if self.before is None else self.before[rows],
-            None if self.cusum is None else self.cusum[rows],
         )
 
     @staticmethod
     def concat(parts: list[WindowOutputs]) -> WindowOutputs:
+        befores = [p.before for p in parts]
         return WindowOutputs(
             np.concatenate([p.prob for p in parts]),
             np.concatenate([p.residual for p in parts]),
             np.concatenate([p.contribution for p in parts]),
             np.concatenate([p.level for p in parts]),
             np.concatenate([p.spread for p in parts]),
-            _concat_optional([p.before for p in parts]),
-            _concat_optional([p.cusum for p in parts]),
+            None if any(b is None for b in befores) else np.concatenate(befores),  # type: ignore[arg-type]
         )
-
-
-def _concat_optional(parts: list[FloatArray | None]) -> FloatArray | None:
-    present = [p for p in parts if p is not None]
-    return None if len(present) < len(parts) else np.concatenate(present)
 
 
 def fit_input_normalisation(
@@ -172,30 +165,6 @@ def earlier_level(
     return level
 
 
-def cusum_statistic(
-    window: FloatArray, mask: FloatArray, net_center: FloatArray, net_scale: FloatArray, k: float
-) -> FloatArray:
-    """[B, N]: each sensor's two-sided CUSUM over the rows of each window, at its last row:
-    max(S+, S-) with S+_t = max(0, S+_{t-1} + z_t - k), S-_t = max(0, S-_{t-1} - z_t - k),
-    both 0 before the window's first row, z_t the reading in site units (the calibration's
-    median and per-row spread). A missing reading leaves both unchanged."""
-    z = (window - net_center) / net_scale
-    valid = mask > 0
-    up = np.zeros((window.shape[0], window.shape[2]), dtype=np.float64)
-    down = np.zeros_like(up)
-    for t in range(window.shape[1]):
-        zt, ok = z[:, t], valid[:, t]
-        up = np.where(ok, np.maximum(0.0, up + zt - k), up)
-        down = np.where(ok, np.maximum(0.0, down - zt - k), down)
-    return np.maximum(up, down).astype(np.float32)
-
-
-def cusum_deviation(cusum: FloatArray, tolerance: tuple[float, ...] = ()) -> FloatArray:
-    """[B, N]: the CUSUM of each sensor divided by its tolerance; no reading: 0."""
-    dev = cusum / np.asarray(tolerance, dtype=np.float32) if tolerance else cusum
-    return np.nan_to_num(dev).astype(np.float32)
-
-
 def fit_spread_normal(spread: FloatArray) -> FloatArray:
     """The median recent spread of each sensor during calibration."""
     center = np.nanmedian(spread, axis=0)
@@ -256,8 +225,6 @@ def evidence_values(
         values["level"], values["joint"] = level_evidence(dev, cal.level_precision)
     if cal.spread_center is not None:
         values["spread"] = spread_deviation(out.spread, cal, params.spread_tolerance).max(axis=1)
-    if params.cusum and out.cusum is not None:
-        values["cusum"] = cusum_deviation(out.cusum, params.cusum_tolerance).max(axis=1)
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
 
 
@@ -288,8 +255,6 @@ def thresholds_of(params: DecisionParams) -> dict[str, float]:
         used["level"] = params.level_threshold
         used["joint"] = params.joint_threshold
         used["spread"] = params.spread_threshold
-        if params.cusum:
-            used["cusum"] = params.cusum_threshold
     return used
 
 
@@ -346,8 +311,6 @@ def sensor_evidence(
         per_sensor = np.abs(level_deviation(one.level, cal, params.level_tolerance)[0])
     elif driver == "spread":
         per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
-    elif driver == "cusum" and one.cusum is not None:
-        per_sensor = cusum_deviation(one.cusum, params.cusum_tolerance)[0]
     elif driver == "forecast":
         per_sensor = forecast_deviation(one, cal, params)[0]
     else:

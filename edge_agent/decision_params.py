@@ -34,14 +34,6 @@ class DecisionParams:
     # Bundles made before it: False. Chosen with scripts/evaluate_unseen.py, injection seeds
     # 300-302 and training seeds 0 and 2 (figures in the commit that set it).
     forecast_away: bool = True
-    # CUSUM evidence (`cusum_statistic`): per sensor, the two-sided CUSUM of its rows over the
-    # window (site units, allowance `cusum_k`) at the last row, divided by its tolerance.
-    # Bundles made before it: False.
-    cusum: bool = False
-    cusum_k: float = 0.5
-    cusum_rows: int = 0  # the window's last rows the sums run over; 0: all of them
-    cusum_threshold: float = 8.0
-    cusum_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two
@@ -61,7 +53,6 @@ class DecisionParams:
             "level_threshold",
             "joint_threshold",
             "spread_threshold",
-            "cusum_threshold",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} <= 0")
@@ -73,11 +64,7 @@ class DecisionParams:
             raise InvalidInput(f"decision: smoothing {self.smoothing} < 1")
         if self.level_window < 0:
             raise InvalidInput(f"decision: level_window {self.level_window} < 0")
-        if self.cusum_rows < 0:
-            raise InvalidInput(f"decision: cusum_rows {self.cusum_rows} < 0")
-        if self.cusum_k < 0:
-            raise InvalidInput(f"decision: cusum_k {self.cusum_k} < 0")
-        for name in ("level_tolerance", "spread_tolerance", "cusum_tolerance"):
+        for name in ("level_tolerance", "spread_tolerance"):
             if any(not t > 0 for t in getattr(self, name)):
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")
         if self.combine not in COMBINE_RULES:

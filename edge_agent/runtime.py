@@ -394,8 +394,8 @@ class EdgeRuntime:
         policy = self.config.decisions
         windows = np.stack([job.window for job in jobs])
         masks = np.stack([job.mask for job in jobs])
-        level, spread, before, cusum = window_statistics(frame, windows, masks)
-        out = WindowOutputs(*outputs, level=level, spread=spread, before=before, cusum=cusum)
+        level, spread, before = window_statistics(frame, windows, masks)
+        out = WindowOutputs(*outputs, level=level, spread=spread, before=before)
         records: list[tuple[int, bytes]] = []
         for i, job in enumerate(jobs):
             decider = self.deciders[job.asset]

@@ -17,7 +17,6 @@ from edge_agent.calibration import (
     DecisionParams,
     SiteCalibration,
     WindowOutputs,
-    cusum_statistic,
     earlier_level,
     fault_score,
     fit_input_normalisation,
@@ -58,7 +57,7 @@ class ModelFrame:
 def frame_of(manifest: Manifest) -> ModelFrame:
     """The scoring frame a bundle's manifest describes."""
     center = np.asarray(manifest.normalisation.center, dtype=np.float32)
-    for name in ("level_tolerance", "spread_tolerance", "cusum_tolerance"):
+    for name in ("level_tolerance", "spread_tolerance"):
         tolerance = getattr(manifest.decision, name)
         if tolerance and len(tolerance) != len(manifest.sensors):
             raise InvalidInput(
@@ -174,23 +173,15 @@ def window_outputs(
 
 def window_statistics(
     frame: ModelFrame, x: FloatArray, m: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray | None, FloatArray | None]:
+) -> tuple[FloatArray, FloatArray, FloatArray | None]:
     """What the decision reads off windows in network space besides the network's outputs:
-    the recent level and spread of each sensor, its level before (`forecast_away`) and its
-    CUSUM (`cusum`)."""
-    decision = frame.decision
-    rows = decision.level_window
+    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
+    rows = frame.decision.level_window
     level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
     before = None
-    if decision.forecast_away and rows > 0:
+    if frame.decision.forecast_away and rows > 0:
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
-    cusum = None
-    if decision.cusum and rows > 0:
-        tail = decision.cusum_rows or x.shape[1]
-        cusum = cusum_statistic(
-            x[:, -tail:], m[:, -tail:], frame.net_center, frame.net_scale, decision.cusum_k
-        )
-    return level, spread, before, cusum
+    return level, spread, before
 
 
 def row_scores(

@@ -2,8 +2,7 @@
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --[no-]cusum, --cusum-k, --cusum-rows,
-        --no-supervised, --seed,
+        --target-far, --smoothing, --combine, --alone, --no-supervised, --seed,
         --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
@@ -59,11 +58,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--combine", default=DecisionParams().combine)
     parser.add_argument("--alone", type=float, default=DecisionParams().alone)
-    parser.add_argument(
-        "--cusum", action=argparse.BooleanOptionalAction, default=DecisionParams().cusum
-    )
-    parser.add_argument("--cusum-k", type=float, default=DecisionParams().cusum_k)
-    parser.add_argument("--cusum-rows", type=int, default=DecisionParams().cusum_rows)
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="copy the trained bundle here")
@@ -83,9 +77,6 @@ def main() -> None:
             supervised=not args.no_supervised,
             combine=args.combine,
             alone=args.alone,
-            cusum=args.cusum,
-            cusum_k=args.cusum_k,
-            cusum_rows=args.cusum_rows,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

@@ -24,7 +24,6 @@ from cloud.model.dataset import Episode
 from edge_agent.calibration import (
     DecisionParams,
     combine,
-    cusum_deviation,
     evidence_values,
     level_deviation,
     level_evidence,
@@ -65,7 +64,6 @@ class EpisodeEvidence:
     deviation: FloatArray | None = None  # [W, N] level deviations before tolerances
     precision: FloatArray | None = None  # [N, N] the episode's level precision
     spread: FloatArray | None = None  # [W, N] spread deviations before tolerances
-    cusum: FloatArray | None = None  # [W, N] CUSUM statistics before tolerances
 
 
 @dataclass(frozen=True)
@@ -107,11 +105,8 @@ def episode_evidence(
         return EpisodeEvidence(episode.name, values, normal)
     deviation = level_deviation(outputs.level, calibration)
     spread = spread_deviation(outputs.spread, calibration)
-    cusum = None
-    if frame.decision.cusum and outputs.cusum is not None:
-        cusum = cusum_deviation(outputs.cusum)
     return EpisodeEvidence(
-        episode.name, values, normal, deviation, calibration.level_precision, spread, cusum
+        episode.name, values, normal, deviation, calibration.level_precision, spread
     )
 
 
@@ -124,18 +119,16 @@ def _tolerance(parts: list[FloatArray], budget: float) -> FloatArray:
 
 def with_tolerance(
     evidence: Sequence[EpisodeEvidence], budget: float
-) -> tuple[list[EpisodeEvidence], dict[str, tuple[float, ...]]]:
-    """Per-sensor level, spread (and CUSUM) tolerances, and the evidence recomputed with them.
-    A sensor's tolerance is the median over episodes of the (1 - budget) quantile of its
+) -> tuple[list[EpisodeEvidence], tuple[float, ...], tuple[float, ...]]:
+    """Per-sensor level and spread tolerances, and the evidence recomputed with them. A
+    sensor's tolerance is the median over episodes of the (1 - budget) quantile of its
     deviation on their normal windows (at least 1): one recording that wanders does not blind
     every site."""
     levels = [e.deviation[e.normal] for e in evidence if e.deviation is not None]
     spreads = [e.spread[e.normal] for e in evidence if e.spread is not None]
-    cusums = [e.cusum[e.normal] for e in evidence if e.cusum is not None]
     if not levels or not spreads:
-        return list(evidence), {}
+        return list(evidence), (), ()
     level_tol, spread_tol = _tolerance(levels, budget), _tolerance(spreads, budget)
-    cusum_tol = _tolerance(cusums, budget) if cusums else None
     out = []
     for e in evidence:
         if e.deviation is None or e.precision is None or e.spread is None:
@@ -144,13 +137,8 @@ def with_tolerance(
         level, joint = level_evidence(e.deviation / level_tol, e.precision)
         spread = (e.spread / spread_tol).max(axis=1)
         changed = {"level": level, "joint": joint, "spread": spread}
-        if e.cusum is not None and cusum_tol is not None:
-            changed["cusum"] = (e.cusum / cusum_tol).max(axis=1)
         out.append(dataclasses.replace(e, values=e.values | changed))
-    tolerances = {"level_tolerance": _rounded(level_tol), "spread_tolerance": _rounded(spread_tol)}
-    if cusum_tol is not None:
-        tolerances["cusum_tolerance"] = _rounded(cusum_tol)
-    return out, tolerances
+    return out, _rounded(level_tol), _rounded(spread_tol)
 
 
 def _rounded(values: FloatArray) -> tuple[float, ...]:
@@ -168,8 +156,8 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
     evidence = [e for e in evidence if e.normal.any()]
     if not evidence:
         raise InvalidInput("thresholds: the held-out episodes have no normal window")
-    evidence, tolerances = with_tolerance(evidence, budget)
-    base = dataclasses.replace(base, **tolerances)  # type: ignore[arg-type]
+    evidence, level_tol, spread_tol = with_tolerance(evidence, budget)
+    base = dataclasses.replace(base, level_tolerance=level_tol, spread_tolerance=spread_tol)
     kinds = list(thresholds_of(base))
     quantiles = {
         k: max(
@@ -231,7 +219,6 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
         "joint": "joint_threshold",
         "spread": "spread_threshold",
         "forecast": "residual_threshold",
-        "cusum": "cusum_threshold",
     }
     for kind, field in names.items():
         if kind in fitted:

@@ -1,5 +1,6 @@
 #!/bin/bash
 # usage: scripts/experiments/issue14/crun.sh SEED base|cusum : EXP14c, reporting seeds 600-602
+# (needs commit 2026e3e: the --cusum flags were removed after the test)
 cd /work/wt-cusum14
 flags=--no-cusum; [ "$2" = cusum ] && flags="--cusum --cusum-k 0.25 --cusum-rows 30"
 rm -rf /tmp/cs/bundle-c-$1-$2 /tmp/cs/bundle-c-$1-$2.pub

@@ -6,7 +6,8 @@ One process per training seed runs `scripts/evaluate_unseen.py`'s steps for ever
 networks do not depend on the decision, so each is trained once (later variants load its
 weights) and each batch of windows is run through a network once (outputs cached by the
 network's answer to a fixed probe and the batch's bytes); only the decision side is redone.
-`replace` variants drop the level evidence (its threshold is still fitted, unused).
+`replace` variants drop the level evidence (its threshold is still fitted, unused). Needs
+commit 2026e3e (the cusum code was removed after the test).
 """
 
 from __future__ import annotations
