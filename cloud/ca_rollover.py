@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -94,6 +95,7 @@ def rotate(
     held = held_root(state_dir)
     nxt = _next(state_dir)
     if nxt is None:
+        (state_dir / CA_NEXT_KEY).unlink(missing_ok=True)  # a rotate cut short: start over
         if len(held.cas) > 1:
             raise FailedPrecondition(
                 "the signing root trusts more than one CA: retire the old one first "
@@ -107,6 +109,7 @@ def rotate(
         fsync_dir(state_dir)
     cas = [*(held.cas or (secrets.ca.cert_pem,))]
     if nxt.cert_pem in cas:
+        replace_atomically(state_dir / CA_BUNDLE, b"".join(cas), PUBLIC_MODE)  # (a crash)
         raise FailedPrecondition(
             "a CA change is under way already: `autoglm cloud ca activate` makes the new CA "
             "issue certificates"
@@ -119,11 +122,23 @@ def rotate(
     return describe(state_dir)
 
 
-def activate(state_dir: Path) -> CaSummary:
-    """Step 2: the CA introduced by `rotate` issues from now on."""
+def activate(state_dir: Path, force: bool = False) -> CaSummary:
+    """Step 2: the CA introduced by `rotate` issues from now on. Refused (unless `force`)
+    while a device runs an agent that cannot follow a CA change: it would take the root
+    without its CAs, and refuse the next certificate it renews (issued by the new CA)."""
     nxt = _next(state_dir)
     if nxt is None:
         raise FailedPrecondition("no CA was introduced: run `autoglm cloud ca rotate` first")
+    if not force:
+        too_old = agents_without_ca_change(state_dir)
+        if too_old:
+            raise FailedPrecondition(
+                "these devices run an agent that cannot follow a CA change (it reports no "
+                "certificate issuer): "
+                + ", ".join(too_old[:10])
+                + (" ..." if len(too_old) > 10 else "")
+                + " (upgrade their agents, or --force)"
+            )
     on_disk = x509.load_pem_x509_certificates((state_dir / CA_CERT).read_bytes())
     old = [c for c in on_disk if c != nxt.cert][:1]  # (none left: a rerun after the swap)
     new_ca_file = nxt.cert_pem + b"".join(_pem(c) for c in old)
@@ -143,7 +158,7 @@ def activate(state_dir: Path) -> CaSummary:
             raise IntegrityError(
                 f"{state_dir}: {CA_KEY} and {CA_CERT} do not match and no {BOX_KEY} is kept"
             )
-        write_new(state_dir / BOX_KEY, current.key_material(), SECRET_MODE)
+        replace_atomically(state_dir / BOX_KEY, current.key_material(), SECRET_MODE)
     retired = state_dir / RETIRED_CAS
     retired.mkdir(mode=0o700, exist_ok=True)
     if on_disk[0] != nxt.cert:
@@ -157,8 +172,8 @@ def activate(state_dir: Path) -> CaSummary:
     replace_atomically(state_dir / CA_KEY, key_pem(nxt.key), SECRET_MODE)
     replace_atomically(state_dir / CA_CERT, new_ca_file, PUBLIC_MODE)
     fsync_dir(state_dir)
+    (state_dir / CA_NEXT_CERT).unlink()  # first: without it, ca-next.key is a leftover
     (state_dir / CA_NEXT_KEY).unlink()
-    (state_dir / CA_NEXT_CERT).unlink()
     fsync_dir(state_dir)
     return describe(state_dir)
 
@@ -173,9 +188,11 @@ def retire(
         )
     secrets = load_secrets(state_dir)
     held = held_root(state_dir)
-    if len(held.cas) < 2:
+    server = x509.load_pem_x509_certificates(secrets.server_chain_pem)[0]
+    server_done = _issued(server, secrets.ca.cert)
+    if len(held.cas) < 2 and server_done:
         raise FailedPrecondition("only the current CA is trusted; nothing to retire")
-    if not force:
+    if len(held.cas) >= 2 and not force:
         behind = devices_not_on(state_dir, secrets.ca.fingerprint)
         if behind:
             raise FailedPrecondition(
@@ -185,15 +202,20 @@ def retire(
                 + (" ..." if len(behind) > 10 else "")
                 + " (let them connect and renew, revoke them, or --force)"
             )
-    server_key = new_private_key()
-    server_cert = secrets.ca.issue_server_certificate(
-        load_cloud_config(state_dir).hosts, server_key
-    )
-    chain = server_cert.public_bytes(serialization.Encoding.PEM) + secrets.ca.cert_pem
-    # The root first: until the restart, the old server certificate is still served.
-    _write_root(state_dir, held.version + 1, now + valid_for, held.keys, [secrets.ca.cert_pem])
-    replace_atomically(state_dir / SERVER_KEY, key_pem(server_key), SECRET_MODE)
-    replace_atomically(state_dir / SERVER_CERT, chain, PUBLIC_MODE)
+    # The server certificate first: every device that passed the check above trusts both
+    # CAs, so a plane restarted here serves it to devices that verify it. A root trusting the
+    # new CA alone next to the old CA's server certificate would lock them out instead.
+    if not server_done:
+        server_key = new_private_key()
+        server_cert = secrets.ca.issue_server_certificate(
+            load_cloud_config(state_dir).hosts, server_key
+        )
+        chain = _pem(server_cert) + secrets.ca.cert_pem
+        replace_atomically(state_dir / SERVER_KEY, key_pem(server_key), SECRET_MODE)
+        replace_atomically(state_dir / SERVER_CERT, chain, PUBLIC_MODE)
+        fsync_dir(state_dir)
+    if len(held.cas) >= 2:
+        _write_root(state_dir, held.version + 1, now + valid_for, held.keys, [secrets.ca.cert_pem])
     replace_atomically(state_dir / CA_BUNDLE, secrets.ca.cert_pem, PUBLIC_MODE)
     replace_atomically(state_dir / CA_CERT, secrets.ca.cert_pem, PUBLIC_MODE)
     fsync_dir(state_dir)
@@ -214,6 +236,30 @@ def devices_not_on(state_dir: Path, issuer: str) -> list[str]:
         )
     finally:
         store.close()
+
+
+def agents_without_ca_change(state_dir: Path) -> list[str]:
+    """Names of enrolled devices whose agent reported a status without a certificate issuer:
+    too old to follow a CA change. Devices never heard from are not judged here (`retire`
+    waits for them)."""
+    config = load_cloud_config(state_dir)
+    store = open_store(config.resolved_database_url)
+    try:
+        return sorted(
+            d.name
+            for d in store.list_devices({})
+            if d.state is DeviceState.ACTIVE and d.status and not d.status.get("certificate_issuer")
+        )
+    finally:
+        store.close()
+
+
+def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _write_root(

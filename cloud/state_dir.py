@@ -181,11 +181,19 @@ def load_secrets(state_dir: Path) -> ControlPlaneSecrets:
                 f"{state_dir / SIGNING_KEY}: not one of the keys {state_dir / SIGNING_ROOT} "
                 "lists; devices would refuse what it signs"
             )
+    box_key = read(BOX_KEY) if (state_dir / BOX_KEY).exists() else b""
+    if (state_dir / BOX_KEY).exists() and not box_key:
+        raise IntegrityError(f"{state_dir / BOX_KEY}: empty (webhook secrets need its key)")
+    if not box_key and read(CA_CERT).count(b"-----BEGIN CERTIFICATE-----") > 1:
+        raise IntegrityError(
+            f"{state_dir}: the CA changed (ca.crt holds two) but {BOX_KEY} is missing: webhook "
+            "secrets and console sessions need it (in Kubernetes: secrets.boxKey)"
+        )
     return ControlPlaneSecrets(
         ca=ca,
         server_key_pem=read(SERVER_KEY),
         server_chain_pem=read(SERVER_CERT),
         signing_key=signing,
         signing_root=root,
-        box_key=read(BOX_KEY) if (state_dir / BOX_KEY).exists() else b"",
+        box_key=box_key,
     )

@@ -48,7 +48,10 @@ class Agent:
         self.started = time.monotonic()
         pinned = load_public_key(self.identity.signing_public_pem, "identity/signing.pub")
         self.key = DeviceTrust(config.state_dir, pinned)  # the keys bundles may be signed by
-        self._follow_root_cas()  # a CA list taken just before a crash
+        try:
+            self._follow_root_cas()  # a CA list taken just before a crash
+        except AutoglmError as exc:  # the CAs held stay; the next root message retries
+            log.error("the CAs of the signing root could not be kept: %s", exc)
         self.issuer = certificate_issuer(self.identity)
         self.slots = ModelSlots(config.state_dir / "models")
         self.pending_reports: list[agent_pb2.AgentMessage] = []
@@ -212,12 +215,16 @@ class Agent:
             self.runtime.maintenance.replace(message.maintenance)
         elif body == "signing_root":
             try:
-                now = dt.datetime.now(dt.UTC)
-                # New CAs in the root: the next session (and a renewal) trusts them.
-                if self.key.take(message.signing_root.document, now) and self._follow_root_cas():
-                    self.session.use_identity(self.identity, reconnect=False)
+                self.key.take(message.signing_root.document, dt.datetime.now(dt.UTC))
             except AutoglmError as exc:  # the keys and CAs stay as they were
                 log.error("signing root refused: %s", exc)
+            try:
+                # The CAs of the root held (new, or one whose CAs could not be written
+                # before): the next session and a renewal trust them.
+                if self._follow_root_cas():
+                    self.session.use_identity(self.identity, reconnect=False)
+            except AutoglmError as exc:
+                log.error("the CAs of the signing root could not be kept: %s", exc)
         elif body == "renew_certificate":
             log.info("certificate renewal asked for: %s", message.renew_certificate.reason)
             self.renewer.renew_soon()

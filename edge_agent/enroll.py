@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from edge_agent import __version__, hostfacts
 from edge_agent.bootstrap import Bootstrap
@@ -82,6 +83,10 @@ def enroll(
             f"the control plane enrolled device '{response.device_id}', the bootstrap names "
             f"'{bootstrap.device_id}'"
         )
+    # The control plane's CAs as it serves them, over the channel the bootstrap's CA
+    # authenticated: during a CA change both, so a bootstrap made before the change still
+    # enrolls under the new CA (its token is spent by now).
+    ca_pem = served_cas(bytes(response.ca_certificate_pem)) or ca_pem
     check_issued_certificate(key, response.certificate_chain_pem, ca_pem)
     if not response.signing_public_key_pem:
         raise IntegrityError("the control plane sent no bundle-signing key to pin")
@@ -102,3 +107,18 @@ def enroll(
         info,
     )
     return info
+
+
+def served_cas(pem: bytes) -> bytes:
+    """`pem` when it holds 1 to 4 CA certificates, else b"" (keep the bootstrap's)."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return b""
+    for cert in certs:
+        try:
+            if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                return b""
+        except x509.ExtensionNotFound:
+            return b""
+    return pem if 1 <= len(certs) <= 4 else b""

@@ -22,7 +22,7 @@ from cloud.state_dir import BOX_KEY, CA_BUNDLE, CA_CERT, CA_KEY, CA_NEXT_KEY, lo
 from edge_agent.config import load_agent_config
 from edge_agent.errors import FailedPrecondition, IntegrityError
 from edge_agent.identity import identity_dir, load_identity
-from edge_agent.trust import parse_root
+from edge_agent.trust import parse_root, sign_root
 from tests.conftest import register
 from tests.support.agents import enroll_identity, start_agent, start_session, wait_for
 from tests.support.broker import Broker
@@ -37,14 +37,21 @@ def _now() -> dt.datetime:
 
 
 def _restart(plane: RunningPlane, state: Path) -> RunningPlane:
-    port = plane.plane.device_port
+    """On the same ports: agents and bootstrap files dial them again."""
+    api, device = plane.plane.api_port, plane.plane.device_port
     plane.stop()
-    return start_plane(state, plane.token, device_listen=f"127.0.0.1:{port}", **SETTINGS)
+    return start_plane(state, plane.token, api_listen=f"127.0.0.1:{api}",
+                       device_listen=f"127.0.0.1:{device}", **SETTINGS)  # fmt: skip
 
 
 def _issuer(plane: RunningPlane, name: str) -> str:
     with plane.client() as client:
         return str(client.get_device(name).status.certificate_issuer)
+
+
+def _status(plane: RunningPlane, name: str) -> str:
+    with plane.client() as client:
+        return str(client.get_device(name).status)
 
 
 def _config(state: Path, broker: Broker) -> dict[str, object]:
@@ -74,6 +81,7 @@ def test_the_fleet_moves_to_a_new_ca_without_re_enrolling(tmp_path: Path, broker
     one, two = tmp_path / "edge-1", tmp_path / "edge-2"
     enroll_identity(register(plane, "edge-1"), one)
     enroll_identity(register(plane, "edge-2"), two)  # stays off until the new CA issues
+    early_bootstrap = register(plane, "edge-4")  # used only after the new CA issues
     kept_old = tmp_path / "old-identity"
     shutil.copytree(identity_dir(one), kept_old / "identity")
     first = start_agent(load_agent_config(None, _config(one, broker)))
@@ -91,6 +99,20 @@ def test_the_fleet_moves_to_a_new_ca_without_re_enrolling(tmp_path: Path, broker
         wait_for(lambda: _cas(one) == [old, new], timeout=30)
         assert first.agent.renewer.renewals == 0
 
+        # An agent too old to follow a CA change (its status says no issuer) holds activate
+        # back: it would refuse the next certificate it renews. Revoked, it no longer does.
+        enroll_identity(register(plane, "edge-3"), tmp_path / "edge-3")
+        old_agent = start_session(load_identity(tmp_path / "edge-3"), model_version="1",
+                                  device_address=plane.device_address)  # fmt: skip
+        try:
+            wait_for(lambda: "model_version" in _status(plane, "edge-3"), timeout=60)
+        finally:
+            old_agent.stop()
+        with pytest.raises(FailedPrecondition, match=r"cannot follow a CA change .*: edge-3"):
+            activate(cloud)
+        with plane.client() as client:
+            client.revoke_device("edge-3", "agent too old for the CA change")
+
         # 2. activate: the new CA issues; the connected agent is asked to renew under it.
         activate(cloud)
         assert load_secrets(cloud).key_material == material  # webhook secrets stay readable
@@ -100,6 +122,13 @@ def test_the_fleet_moves_to_a_new_ca_without_re_enrolling(tmp_path: Path, broker
         # edge-2 has not been heard from: retiring now would lock it out.
         with pytest.raises(FailedPrecondition, match=r"edge-2 \(unknown\)"):
             retire(cloud, YEAR, _now())
+        # A bootstrap made before the change still enrolls under the new CA (it takes the
+        # CAs the control plane serves).
+        late = tmp_path / "edge-4"
+        enroll_identity(early_bootstrap, late)
+        assert _cas(late) == [old, new]
+        with plane.client() as client:  # (it never runs here: retire would wait for it)
+            client.revoke_device("edge-4", "enrolled only to show the old bootstrap works")
         # Offline through both steps, it still connects (the server certificate is the old
         # CA's until retire), takes the root and renews.
         second = start_agent(load_agent_config(None, _config(two, broker)))
@@ -179,3 +208,40 @@ def test_each_step_checks_the_one_before_and_a_crashed_activate_finishes(tmp_pat
     rotate_key(cloud, YEAR, _now())
     root = parse_root((cloud / "signing-root.json").read_bytes(), "root")
     assert root.version == 4 and root.ca_bundle == load_secrets(cloud).ca.cert_pem
+
+
+@pytest.mark.unit
+def test_retire_and_rotate_finish_after_a_crash_and_box_key_is_guarded(tmp_path: Path) -> None:
+    cloud = tmp_path / "cloud"
+    init_plane(cloud)
+    old = load_secrets(cloud).ca
+    # rotate cut short after the new key: run again, it starts over.
+    (cloud / CA_NEXT_KEY).write_bytes(b"half a key")
+    new = rotate(cloud, YEAR, _now()).introduced
+    activate(cloud)
+    # box.key is what webhook secrets are sealed with once the CA changed: empty or missing
+    # is refused at load, not silently replaced by the new CA's key.
+    kept = (cloud / BOX_KEY).read_bytes()
+    (cloud / BOX_KEY).write_bytes(b"")
+    with pytest.raises(IntegrityError, match="empty"):
+        load_secrets(cloud)
+    (cloud / BOX_KEY).unlink()
+    with pytest.raises(IntegrityError, match=r"box\.key is missing"):
+        load_secrets(cloud)
+    (cloud / BOX_KEY).write_bytes(kept)
+    # A retire that wrote the root (new CA alone) but not the server certificate, as an
+    # interrupted run of an earlier order would: retire again issues it instead of saying
+    # there is nothing to retire.
+    held = parse_root((cloud / "signing-root.json").read_bytes(), "root")
+    signing = load_secrets(cloud).signing_key
+    document = sign_root(held.version + 1, _now() + YEAR, [signing.public_key()], [signing],
+                         [load_secrets(cloud).ca.cert_pem])  # fmt: skip
+    (cloud / "signing-root.json").write_bytes(document)
+    server = x509.load_pem_x509_certificates(load_secrets(cloud).server_chain_pem)[0]
+    server.verify_directly_issued_by(old.cert)  # still the old CA's
+    after = retire(cloud, YEAR, _now())
+    assert after.trusted == (new,)
+    server = x509.load_pem_x509_certificates(load_secrets(cloud).server_chain_pem)[0]
+    server.verify_directly_issued_by(load_secrets(cloud).ca.cert)
+    with pytest.raises(FailedPrecondition, match="nothing to retire"):
+        retire(cloud, YEAR, _now())

@@ -29,7 +29,10 @@ def add_parsers(cloud_sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
             ("rotate", "make a new signing key, trusted beside the current ones"),
             ("retire", "trust only the current signing key"),
         ),
-        "even while devices use a version only a retired key signed (they then start without it)",
+        {
+            "retire": "even while devices use a version only a retired key signed (they then "
+            "start without it)"
+        },
         cmd_signing_key,
     )
     _commands(
@@ -46,8 +49,12 @@ def add_parsers(cloud_sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
             ("activate", "the introduced CA issues device certificates from now on"),
             ("retire", "trust only the issuing CA"),
         ),
-        "even while devices have not reported a certificate from the current CA (they are "
-        "then refused)",
+        {
+            "activate": "even while devices run an agent that cannot follow a CA change "
+            "(they refuse the next certificate they renew)",
+            "retire": "even while devices have not reported a certificate from the current CA "
+            "(they are then refused)",
+        },
         cmd_ca,
     )
 
@@ -58,7 +65,7 @@ def _commands(
     text: str,
     description: str,
     actions: tuple[tuple[str, str], ...],
-    force_help: str,
+    force_help: dict[str, str],
     handler: Callable[[argparse.Namespace], int],
 ) -> None:
     group = cloud_sub.add_parser(name, help=text, description=description)
@@ -71,8 +78,8 @@ def _commands(
                 "--valid-for", default="365d", help="until devices refuse the new signing "
                 "root if they have not taken it yet (default 365d)"
             )  # fmt: skip
-        if action == "retire":
-            p.add_argument("--force", action="store_true", help=force_help)
+        if action in force_help:
+            p.add_argument("--force", action="store_true", help=force_help[action])
         p.set_defaults(handler=handler, trust_action=action)
 
 
@@ -130,7 +137,7 @@ def cmd_ca(args: argparse.Namespace) -> int:
         if action == "rotate":
             return ca_rollover.rotate(args.state_dir, valid_for, now)
         if action == "activate":
-            return ca_rollover.activate(args.state_dir)
+            return ca_rollover.activate(args.state_dir, force=args.force)
         return ca_rollover.retire(args.state_dir, valid_for, now, force=args.force)
 
     bundle = args.state_dir / "ca-bundle.pem"
