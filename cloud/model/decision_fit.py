@@ -289,7 +289,7 @@ def fit_tolerances(batches: list[JudgedBatch], params: DecisionParams) -> Tolera
         f"{kind} of sensor {j} {base:g} -> {now:g}"
         for kind in TOLERANCE_KINDS
         for j, (base, now) in enumerate(
-            zip(search.base[kind], getattr(search.params(), f"{kind}_tolerance"), strict=True)
+            zip(search.base[kind], (round(x, 4) for x in search.tolerance[kind]), strict=True)
         )
         if now != base
     ]
@@ -339,10 +339,17 @@ class _Search:
             tolerance[kind][j] = tolerance[kind][j] * STEP
         return dataclasses.replace(
             self.decision,
-            level_tolerance=tuple(round(x, 4) for x in tolerance["level"]),
-            spread_tolerance=tuple(round(x, 4) for x in tolerance["spread"]),
-            residual_tolerance=tuple(round(x, 4) for x in tolerance["residual"]),
+            level_tolerance=self._kept("level", tolerance["level"]),
+            spread_tolerance=self._kept("spread", tolerance["spread"]),
+            residual_tolerance=self._kept("residual", tolerance["residual"]),
         )
+
+    def _kept(self, kind: str, values: list[float]) -> tuple[float, ...]:
+        """The tolerances as the decision keeps them: () where the base had none and none was
+        raised (a field at its default is not written, so older agents still load it)."""
+        if not getattr(self.decision, f"{kind}_tolerance") and all(v == 1.0 for v in values):
+            return ()
+        return tuple(round(x, 4) for x in values)
 
     def scores(self, params: DecisionParams) -> dict[str, FloatArray]:
         return scores_by_group(self.batches, params)
