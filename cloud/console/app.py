@@ -206,12 +206,19 @@ async def login(request: web.Request) -> web.StreamResponse:
     attempts = request.app[ATTEMPTS]
     try:
         attempts.check(peer)  # failed sign-ins per address are bounded
-        await request.app[API].as_operator(token).check()
-    except Unauthenticated:
-        attempts.failed(peer)
-        return _login_page("That is not a live operator token.", target, 401)
     except AutoglmError as exc:
         return _login_page(error_text(exc), target, http_status(exc))
+    # Counted before the answer, so concurrent guesses cannot all pass the check; taken back
+    # unless the token was refused.
+    attempts.failed(peer)
+    try:
+        await request.app[API].as_operator(token).check()
+    except Unauthenticated:
+        return _login_page("That is not a live operator token.", target, 401)
+    except AutoglmError as exc:
+        attempts.took_back(peer)
+        return _login_page(error_text(exc), target, http_status(exc))
+    attempts.took_back(peer)
     _, cookie = request.app[SEAL].new(token)
     response = web.HTTPSeeOther(target)
     secure = request.secure or request.headers.get("X-Forwarded-Proto", "") == "https"

@@ -51,6 +51,12 @@ class AttemptLimiter:
         if count >= self.max_failures and left > 0:
             raise RateLimited(f"{count} {self.what} from {peer}; try again in {left:.0f} s")
 
+    def took_back(self, peer: str) -> None:
+        """An attempt counted before its answer (`failed` first) turned out to succeed."""
+        start, count = self._failures.get(peer, (0.0, 0))
+        if count > 0:
+            self._failures[peer] = (start, count - 1)
+
     def failed(self, peer: str) -> None:
         now = self.clock()
         start, count = self._failures.get(peer, (now, 0))
