@@ -193,12 +193,14 @@ def test_updates_from_another_base_or_of_other_shapes_are_refused_by_name(
 def test_one_federated_round_matches_centralised_fine_tuning_within_tolerance(
     sites: Sites, tmp_path: Path
 ) -> None:
-    """Stated tolerance, from seeds 0 and 1 (README): both models quiet every exported
-    false alarm (under 1) and keep every exported fault window at or above 1; on the exported
-    false-alarm and sampled normal windows their scores differ by at most 0.1 on average
-    (measured 0.02-0.10 per group); on the fault windows, whose scores run from 3 to 80, by at
-    most 0.25 in mean |log| ratio (measured 0.06-0.15); and on every window after calibration
-    they agree on alerting (score >= 1) for at least 97 % (measured 98.5-99.0 %)."""
+    """Stated tolerance (README), set from training seeds 0 and 1: both models quiet every
+    exported false alarm (under 1) and keep every exported fault window at or above 1; on the
+    exported false-alarm and sampled normal windows their scores differ by at most 0.1 on
+    average (measured 0.025-0.039; centralised seed 0 against seed 1 on calm windows:
+    0.009-0.015); on the fault windows, whose scores run from 3 to 80, by at most 0.25 in mean
+    |log| ratio (measured 0.06-0.15); and on every window after calibration they agree on
+    alerting (score >= 1) for at least 97 % (measured 98.5-99.0 %; centralised against itself
+    with another seed: 98.8 %)."""
     central = tmp_path / "central"
     assert autoglm(
         ["model", "train", "--from-export", str(sites.union), "--base", str(sites.base),
