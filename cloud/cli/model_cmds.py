@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cloud.cli import health_cmds, job_cmds, rollout_cmds
+from cloud.cli import federated_cmds, health_cmds, job_cmds, rollout_cmds
 from cloud.cli.output import print_json, print_table
 from cloud.client import OperatorClient
 from edge_agent.decision_params import DecisionParams
@@ -22,6 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     msub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     rollout_cmds.add_model_parsers(msub)
     health_cmds.add_model_parsers(msub)
+    federated_cmds.add_model_parsers(msub)
 
     train = msub.add_parser(
         "train",

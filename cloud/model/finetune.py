@@ -55,8 +55,15 @@ from cloud.model.pipeline import (
     export_variant,
     load_checkpoint,
 )
-from cloud.model.train import TorchWindowModel, TrainParams, set_torch_threads, train_net
+from cloud.model.train import (
+    TorchWindowModel,
+    TrainParams,
+    TrainReport,
+    set_torch_threads,
+    train_net,
+)
 from edge_agent.bundle import BUILD_ON_DEVICE, Manifest, sha256_file
+from edge_agent.decision_params import DecisionParams
 from edge_agent.errors import AlreadyExists, InvalidInput
 from edge_agent.scoring import ModelFrame, WindowModel, frame_of
 from edge_agent.trust import Verifier
@@ -144,6 +151,49 @@ def check_schema(base: Manifest, windows: ExportedWindows, export_dir: Path) -> 
         )
 
 
+@dataclass(frozen=True)
+class Tuned:
+    """The base network trained further on one export, and its decision fitted to the
+    verdicts (what `finetune_bundle` writes; `cloud.model.federated` sends a delta of it)."""
+
+    net: SensorGraphNet
+    data: WindowSet  # the training windows, site-normalised (judged ones repeated)
+    report: TrainReport
+    threads: int
+    before: dict[str, GroupOutputs]
+    after: dict[str, GroupOutputs]
+    base_scores: dict[str, GroupScores]
+    fit: ToleranceFit
+    rescaled: str
+    uncalibrated: int
+    windows: ExportedWindows
+
+    def training(self, options: FinetuneOptions) -> dict[str, object]:
+        """What the manifest's `training` says of this fine-tune (no raw values)."""
+        w = self.windows
+        return {
+            "windows": int((w.label >= 0).sum()),
+            "training_windows": self.report.windows,  # judged ones repeated (site_normalised)
+            "labelled_fault_windows": int((w.label > 0).sum()),
+            "unlabelled_windows_left_out": int((w.label < 0).sum()),
+            "epochs": self.report.epochs,
+            "learning_rate": options.learning_rate,
+            "seconds": round(self.report.seconds, 1),
+            "torch_threads": self.threads,
+            "device": self.report.device,
+            "seed": options.seed,
+            "losses": [round(x, 4) for x in self.report.losses],
+            "before": {k: v.as_dict() for k, v in self.before.items()},
+            "after": {k: v.as_dict() for k, v in self.after.items()},
+            "decision": {
+                "base_model": {k: v.as_dict() for k, v in self.base_scores.items()},
+                **self.fit.as_dict(),
+                "residual_scales": self.rescaled,
+                "windows_without_calibration": self.uncalibrated,
+            },
+        }
+
+
 def finetune_bundle(
     export_dir: Path,
     base_dir: Path,
@@ -159,6 +209,29 @@ def finetune_bundle(
         raise AlreadyExists(f"{out}: exists; pick a new bundle directory")
     wall = time.monotonic()
     base = read_own_bundle(base_dir, key, trusted)
+    tuned = tune_on_export(export_dir, base_dir, base, options, log)
+    training = {
+        "fine_tuned_from": f"{base.name}:{base.version}",
+        "export": str(export_dir),
+        **tuned.training(options),
+        "wall_seconds": round(time.monotonic() - wall, 1),
+        "trainer_version": __version__,
+    }
+    return write_tuned_bundle(
+        tuned.net, base, out, _golden(tuned.net, tuned.data), tuned.fit.decision,
+        options.version, training, key,
+    )  # fmt: skip
+
+
+def tune_on_export(
+    export_dir: Path,
+    base_dir: Path,
+    base: Manifest,
+    options: FinetuneOptions,
+    log: Callable[[str], None] = print,
+) -> Tuned:
+    """Train the (verified) base bundle's network on the export's labelled windows, then fit
+    the decision's tolerances to the verdicts with the new network (module docstring)."""
     windows = read_export(export_dir)
     check_schema(base, windows, export_dir)
     data = site_normalised(windows)
@@ -194,6 +267,25 @@ def finetune_bundle(
     fit = fit_tolerances(new_batches, frame.decision)
     uncalibrated = _uncalibrated(windows, judged, log)
     _log_scores(base_scores, fit, log)
+    return Tuned(net, data, report, threads, before, after, base_scores, fit, rescaled,
+                 uncalibrated, windows)  # fmt: skip
+
+
+def write_tuned_bundle(
+    net: SensorGraphNet,
+    base: Manifest,
+    out: Path,
+    golden_inputs: tuple[FloatArray, FloatArray],
+    decision: DecisionParams,
+    version: str,
+    training: dict[str, object],
+    key: ed25519.Ed25519PrivateKey,
+) -> Manifest:
+    """Write `net` as a signed bundle like the base (fp32 ONNX, parity checked, golden
+    vectors from `golden_inputs`, in the network's input space) with the fitted tolerances
+    of `decision`; the base's quantized variants are dropped (they hold the old weights)."""
+    if out.exists():
+        raise AlreadyExists(f"{out}: exists; pick a new bundle directory")
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -202,50 +294,25 @@ def finetune_bundle(
         {"config": net.cfg.to_dict(), "state": net.state_dict()},
         staging / CHECKPOINT,
     )
-    golden_x, golden_m = _golden(net, data)
-    variant, golden, diff = export_variant(net, staging, golden_x, golden_m)
+    variant, golden, diff = export_variant(net, staging, *golden_inputs)
     manifest = base.model_copy(
         update={
-            "version": options.version or dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"),
+            "version": version or dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "variants": [variant],  # the base's quantized variants hold the old weights
+            "variants": [variant],
             "files": {CHECKPOINT: sha256_file(staging / CHECKPOINT)},
             "golden": golden,
             "engines": {"status": BUILD_ON_DEVICE},
             "decision": base.decision.model_copy(
                 update={
-                    "level_tolerance": fit.decision.level_tolerance,
-                    "spread_tolerance": fit.decision.spread_tolerance,
-                    "residual_tolerance": fit.decision.residual_tolerance,
+                    "level_tolerance": decision.level_tolerance,
+                    "spread_tolerance": decision.spread_tolerance,
+                    "residual_tolerance": decision.residual_tolerance,
                 }
             ),
             "evaluation": {},
             "export": {**base.export, "parity_max_abs_diff": diff},
-            "training": {
-                "fine_tuned_from": f"{base.name}:{base.version}",
-                "export": str(export_dir),
-                "windows": int((windows.label >= 0).sum()),
-                "training_windows": report.windows,  # judged ones repeated (site_normalised)
-                "labelled_fault_windows": int((windows.label > 0).sum()),
-                "unlabelled_windows_left_out": int((windows.label < 0).sum()),
-                "epochs": report.epochs,
-                "learning_rate": options.learning_rate,
-                "seconds": round(report.seconds, 1),
-                "wall_seconds": round(time.monotonic() - wall, 1),
-                "torch_threads": threads,
-                "device": report.device,
-                "seed": options.seed,
-                "losses": [round(x, 4) for x in report.losses],
-                "before": {k: v.as_dict() for k, v in before.items()},
-                "after": {k: v.as_dict() for k, v in after.items()},
-                "decision": {
-                    "base_model": {k: v.as_dict() for k, v in base_scores.items()},
-                    **fit.as_dict(),
-                    "residual_scales": rescaled,
-                    "windows_without_calibration": uncalibrated,
-                },
-                "trainer_version": __version__,
-            },
+            "training": training,
         }
     )
     write_signed_manifest(staging, manifest, key)
