@@ -33,10 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.config import load_cloud_config
-from cloud.domain import DeviceState
 from cloud.pki import CertificateAuthority, certificate_fingerprint, new_private_key
 from cloud.pki import private_key_pem as key_pem
-from cloud.signing_keys import held_root, root_signers
+from cloud.signing_keys import enrolled_devices, held_root, root_signers
 from cloud.state_dir import (
     BOX_KEY,
     CA_BUNDLE,
@@ -51,7 +50,6 @@ from cloud.state_dir import (
     SIGNING_ROOT,
     load_secrets,
 )
-from cloud.store import open_store
 from edge_agent.errors import FailedPrecondition, IntegrityError
 from edge_agent.files import fsync_dir, replace_atomically, write_new
 from edge_agent.trust import MAX_CAS, sign_root
@@ -130,15 +128,12 @@ def activate(state_dir: Path, force: bool = False) -> CaSummary:
     if nxt is None:
         raise FailedPrecondition("no CA was introduced: run `autoglm cloud ca rotate` first")
     if not force:
-        too_old = agents_without_ca_change(state_dir)
-        if too_old:
-            raise FailedPrecondition(
-                "these devices run an agent that cannot follow a CA change (it reports no "
-                "certificate issuer): "
-                + ", ".join(too_old[:10])
-                + (" ..." if len(too_old) > 10 else "")
-                + " (upgrade their agents, or --force)"
-            )
+        _refuse_for(
+            agents_without_ca_change(state_dir),
+            "these devices run an agent that cannot follow a CA change (it reports no "
+            "certificate issuer)",
+            "upgrade their agents, or --force",
+        )
     on_disk = x509.load_pem_x509_certificates((state_dir / CA_CERT).read_bytes())
     old = [c for c in on_disk if c != nxt.cert][:1]  # (none left: a rerun after the swap)
     new_ca_file = nxt.cert_pem + b"".join(_pem(c) for c in old)
@@ -193,15 +188,12 @@ def retire(
     if len(held.cas) < 2 and server_done:
         raise FailedPrecondition("only the current CA is trusted; nothing to retire")
     if len(held.cas) >= 2 and not force:
-        behind = devices_not_on(state_dir, secrets.ca.fingerprint)
-        if behind:
-            raise FailedPrecondition(
-                "these devices have not reported a certificate from the current CA and would "
-                "be refused: "
-                + ", ".join(behind[:10])
-                + (" ..." if len(behind) > 10 else "")
-                + " (let them connect and renew, revoke them, or --force)"
-            )
+        _refuse_for(
+            devices_not_on(state_dir, secrets.ca.fingerprint),
+            "these devices have not reported a certificate from the current CA and would be "
+            "refused",
+            "let them connect and renew, revoke them, or --force",
+        )
     # The server certificate first: every device that passed the check above trusts both
     # CAs, so a plane restarted here serves it to devices that verify it. A root trusting the
     # new CA alone next to the old CA's server certificate would lock them out instead.
@@ -225,33 +217,28 @@ def retire(
 def devices_not_on(state_dir: Path, issuer: str) -> list[str]:
     """Names of enrolled devices whose last reported certificate issuer is not `issuer`
     (or that never reported one: an agent too old to say, or never connected since)."""
-    config = load_cloud_config(state_dir)
-    store = open_store(config.resolved_database_url)
-    try:
-        return sorted(
-            f"{d.name} ({str((d.status or {}).get('certificate_issuer', ''))[:12] or 'unknown'})"
-            for d in store.list_devices({})
-            if d.state is DeviceState.ACTIVE
-            and (d.status or {}).get("certificate_issuer", "") != issuer
-        )
-    finally:
-        store.close()
+    return sorted(
+        f"{d.name} ({str((d.status or {}).get('certificate_issuer', ''))[:12] or 'unknown'})"
+        for d in enrolled_devices(state_dir)
+        if (d.status or {}).get("certificate_issuer", "") != issuer
+    )
 
 
 def agents_without_ca_change(state_dir: Path) -> list[str]:
     """Names of enrolled devices whose agent reported a status without a certificate issuer:
     too old to follow a CA change. Devices never heard from are not judged here (`retire`
     waits for them)."""
-    config = load_cloud_config(state_dir)
-    store = open_store(config.resolved_database_url)
-    try:
-        return sorted(
-            d.name
-            for d in store.list_devices({})
-            if d.state is DeviceState.ACTIVE and d.status and not d.status.get("certificate_issuer")
-        )
-    finally:
-        store.close()
+    return sorted(
+        d.name
+        for d in enrolled_devices(state_dir)
+        if d.status and not d.status.get("certificate_issuer")
+    )
+
+
+def _refuse_for(names: list[str], what: str, way_out: str) -> None:
+    if names:
+        more = " ..." if len(names) > 10 else ""
+        raise FailedPrecondition(f"{what}: {', '.join(names[:10])}{more} ({way_out})")
 
 
 def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:

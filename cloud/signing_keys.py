@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.config import load_cloud_config
-from cloud.domain import DeviceState
+from cloud.domain import DeviceRecord, DeviceState
 from cloud.pki import new_signing_key, private_key_pem, public_key_pem
 from cloud.state_dir import (
     PUBLIC_MODE,
@@ -197,17 +197,21 @@ def _in_use_by_retired(state_dir: Path, keep: TrustedKeys) -> list[str]:
         store.close()
 
 
-def devices_without_roots(state_dir: Path) -> list[str]:
-    """Names of enrolled devices whose agent has reported no signing root version: too old to
-    follow a rotation (or not heard from since an upgrade). Warned about before a rotation."""
+def enrolled_devices(state_dir: Path) -> list[DeviceRecord]:
+    """The active devices in the state dir's store, with what each last reported."""
     config = load_cloud_config(state_dir)
     store = open_store(config.resolved_database_url)
     try:
-        return sorted(
-            d.name
-            for d in store.list_devices({})
-            if d.state is DeviceState.ACTIVE
-            and not int((d.status or {}).get("signing_root_version", 0) or 0)
-        )
+        return [d for d in store.list_devices({}) if d.state is DeviceState.ACTIVE]
     finally:
         store.close()
+
+
+def devices_without_roots(state_dir: Path) -> list[str]:
+    """Names of enrolled devices whose agent has reported no signing root version: too old to
+    follow a rotation (or not heard from since an upgrade). Warned about before a rotation."""
+    return sorted(
+        d.name
+        for d in enrolled_devices(state_dir)
+        if not int((d.status or {}).get("signing_root_version", 0) or 0)
+    )
