@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,13 @@ from edge_agent.download import CHUNK, Downloader
 from edge_agent.enroll import channel_options
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
-from tests.benchmarks.fleet import enroll_fleet, spawn, start_plane_process, stop
+from tests.benchmarks.fleet import (
+    enroll_fleet,
+    serve_raw_until_sigterm,
+    spawn,
+    start_plane_process,
+    stop,
+)
 
 READ = "/bench.Blob/Read"
 
@@ -47,23 +52,10 @@ async def _blob_server(state: Path, ports_file: Path, blob: Path) -> None:
             while block := fh.read(CHUNK):
                 yield block
 
-    server = aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Blob", {"Read": grpc.unary_stream_rpc_method_handler(read)}
     )
-    server.add_generic_rpc_handlers((handler,))
-    creds = grpc.ssl_server_credentials(
-        [((state / "server.key").read_bytes(), (state / "server.crt").read_bytes())],
-        root_certificates=(state / "ca.crt").read_bytes(),
-        require_client_auth=True,
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    ports_file.write_text(json.dumps({"port": port}))
-    done = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
-    await done.wait()
-    await server.stop(0)
+    await serve_raw_until_sigterm(state, ports_file, handler)
 
 
 async def raw_stream(port: int, identity: DeviceIdentity, dest: Path | None = None) -> float:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
 from tests.benchmarks.fleet import (  # noqa: E402
     enroll_fleet,
     process_cpu_s,
+    serve_raw_until_sigterm,
     spawn,
     start_plane_process,
     stop,
@@ -85,23 +85,10 @@ async def _count(requests: AsyncIterator[bytes], context: object) -> bytes:
 
 
 async def _sink_server(state: Path, ports_file: Path) -> None:
-    server = aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Sink", {"Count": grpc.stream_unary_rpc_method_handler(_count)}
     )
-    server.add_generic_rpc_handlers((handler,))
-    creds = grpc.ssl_server_credentials(
-        [((state / "server.key").read_bytes(), (state / "server.crt").read_bytes())],
-        root_certificates=(state / "ca.crt").read_bytes(),
-        require_client_auth=True,
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    ports_file.write_text(json.dumps({"port": port}))
-    done = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
-    await done.wait()
-    await server.stop(0)
+    await serve_raw_until_sigterm(state, ports_file, handler)
 
 
 async def _raw_stream(port: int, identity: DeviceIdentity, messages: list[bytes]) -> int:

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -133,3 +134,27 @@ def enroll_fleet(
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         return list(pool.map(one, range(first, first + count)))
+
+
+async def serve_raw_until_sigterm(state: Path, ports_file: Path, handler: Any) -> None:
+    """A bare gRPC server (the raw baselines) with the control plane's certificate and mutual
+    TLS; its port goes to `ports_file`; it serves `handler` until SIGTERM."""
+    import asyncio
+
+    import grpc
+    from grpc import aio
+
+    server = aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    creds = grpc.ssl_server_credentials(
+        [((state / "server.key").read_bytes(), (state / "server.crt").read_bytes())],
+        root_certificates=(state / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    ports_file.write_text(json.dumps({"port": port}))
+    done = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
+    await done.wait()
+    await server.stop(0)
