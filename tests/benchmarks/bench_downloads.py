@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
+import datetime as dt
 import json
 import os
 import statistics
@@ -30,17 +30,24 @@ from grpc import aio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cloud.artifacts import LocalArtifactStore
+from cloud.domain import DesiredModel
+from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
+from cloud.state_dir import load_secrets
+from cloud.store import open_store
+from edge_agent.bundle import sha256_file
 from edge_agent.download import CHUNK, Downloader
 from edge_agent.enroll import channel_options
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
 from tests.benchmarks.fleet import (
+    PlaneProcess,
     enroll_fleet,
     serve_raw_until_sigterm,
     spawn,
     start_plane_process,
     stop,
 )
+from tests.support.bundles import make_version, train_small
 
 READ = "/bench.Blob/Read"
 
@@ -89,6 +96,41 @@ async def downloader(identity: DeviceIdentity, digest: str, dest: Path) -> float
     return time.perf_counter() - start
 
 
+def _assigned_blob(plane: PlaneProcess, work: Path, identity: DeviceIdentity, size: int) -> str:
+    """A `size`-byte file of a model version pushed to the control plane and assigned to the
+    device (it serves only those): a small trained bundle that lists the file too."""
+    signing = load_secrets(plane.state).signing_key
+    bundle = make_version(train_small(work / "model"), work / "bundle", "1", signing)
+    with (bundle / "blob.bin").open("wb") as fh:
+        for _ in range(0, size, CHUNK):
+            fh.write(os.urandom(CHUNK))
+    hexdigest = sha256_file(bundle / "blob.bin")
+    manifest = read_own_bundle(bundle, signing)
+    files = {**manifest.files, "blob.bin": hexdigest}
+    write_signed_manifest(bundle, manifest.model_copy(update={"files": files}), signing)
+    with plane.client() as client:
+        model = client.push_bundle(bundle)
+    store = open_store(f"sqlite:///{plane.state / 'autoglm.db'}")
+    try:
+        store.set_desired(
+            [
+                DesiredModel(
+                    identity.info.device_id,
+                    model.name,
+                    model.version,
+                    model.manifest_digest,
+                    model.signature_digest,
+                    "",
+                    False,
+                    dt.datetime.now(dt.UTC),
+                )
+            ]
+        )
+    finally:
+        store.close()
+    return "sha256:" + hexdigest
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -105,12 +147,8 @@ def main() -> int:
     try:
         identity = enroll_fleet(plane, 0, 1)[0]
         size = args.size_mib << 20
-        data = os.urandom(size)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        store = LocalArtifactStore(plane.state / "artifacts")
-        store.write(digest, (data[i : i + CHUNK] for i in range(0, size, CHUNK)))
-        blob = store.path(digest)
-        del data
+        digest = _assigned_blob(plane, work, identity, size)
+        blob = LocalArtifactStore(plane.state / "artifacts").path(digest)
         ports = work / "blob.json"
         command = [sys.executable, __file__, "--blob-server", str(plane.state), str(ports)]
         blob_server = spawn([*command, str(blob)], ports, work / "blob.log")
