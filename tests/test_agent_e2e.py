@@ -4,7 +4,6 @@ restarts."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import time
@@ -16,14 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloud.captures import CaptureFilter
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.train import TrainParams
-from cloud.store.base import Store
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.ingest.mqtt import new_client
-from edge_agent.outbox import Outbox
 from edge_agent.simulate import (
     Fault,
     Stream,
@@ -35,6 +31,7 @@ from tests.conftest import register
 from tests.support.agents import AgentThread, enroll_identity, start_agent, wait_for
 from tests.support.broker import Broker
 from tests.support.cloud import RunningPlane, init_plane, start_plane
+from tests.support.records import box_sequences, stored_sequences
 
 # The module's fixture trains a SKAB model: minutes of CPU on a busy 2-core machine.
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -111,25 +108,6 @@ class AlertListener:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def stored_sequences(store: Store, device_id: str) -> list[int]:
-    """Sequence numbers of every prediction, alert event and window capture the control
-    plane stored."""
-    predictions = store.list_predictions(device_id, limit=1_000_000)
-    alerts = store.list_alert_events(device_id)
-    since = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    captures = store.list_captures(CaptureFilter(since, (device_id,)), limit=1_000_000)
-    return sorted(
-        [p.sequence for p in predictions]
-        + [a.sequence for a in alerts]
-        + [c.sequence for c in captures]
-    )
-
-
-def box_sequences(box: Outbox) -> list[int]:
-    """Every sequence number the agent's outbox has handed out so far."""
-    return list(range(1, box.stats().next_sequence))
 
 
 def agent_config(
@@ -226,7 +204,7 @@ def test_skab_replay_raises_and_clears_an_alert_on_site_and_in_the_cloud(
         assert [a.kind for a in alerts] == kinds
         # The last windows may still be scored (their records written) after the outbox first
         # drained: wait for it to drain again, then compare exactly.
-        wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=30)
+        wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=120)
         assert stored_sequences(store, device.id) == box_sequences(box)
         health = running.agent.status().health
         assert health.windows_scored >= rows - 400 - 10
@@ -304,7 +282,7 @@ def test_nothing_is_lost_across_agent_broker_and_control_plane_restarts(
             wait_for(lambda: box.stats().depth == 0, timeout=60)
             device = restarted.plane.store.get_device("edge-1")
             store = restarted.plane.store
-            wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=30)
+            wait_for(lambda: stored_sequences(store, device.id) == box_sequences(box), timeout=120)
             assert stored_sequences(store, device.id) == box_sequences(box), "gaps or extras"
             alerts = store.list_alert_events(device.id)
             assert any(a.kind == "raised" for a in alerts), "the injected fault was not alerted"

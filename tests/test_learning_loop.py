@@ -41,17 +41,16 @@ from tests.support.learning_site import (
     CALIBRATION,
     ROWS,
     Publisher,
-    box_sequences,
     cli_connection,
     fine_tune,
     fleet_bundle,
     give_verdicts,
     site_config,
     site_stream,
-    stored_sequences,
     stream_part,
     where,
 )
+from tests.support.records import box_sequences, stored_sequences
 from tests.support.sensordata import SENSORS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]

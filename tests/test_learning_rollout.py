@@ -42,17 +42,16 @@ from tests.support.cloud import RunningPlane, init_plane, start_plane
 from tests.support.learning_site import (
     ROWS,
     Publisher,
-    box_sequences,
     cli_connection,
     fine_tune,
     fleet_bundle,
     give_verdicts,
     site_config,
     site_stream,
-    stored_sequences,
     stream_part,
     where,
 )
+from tests.support.records import box_sequences, stored_sequences
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED

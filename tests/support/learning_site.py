@@ -13,13 +13,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloud.captures import CaptureFilter
 from cloud.cli.main import run as autoglm
 from cloud.model.bundle_writer import read_own_bundle, write_signed_manifest
-from cloud.store.base import Store
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.ingest.mqtt import new_client
-from edge_agent.outbox import Outbox
 from edge_agent.simulate import Stream, messages
 from protos.autoglm.v1 import operator_pb2
 from tests.conftest import register
@@ -122,24 +119,6 @@ def fleet_bundle(
         dest, read_own_bundle(dest, training_key), plane.plane.secrets.signing_key
     )
     return dest
-
-
-def stored_sequences(store: Store, device_id: str) -> list[int]:
-    """Every record sequence of the device the control plane stored, captures included."""
-    predictions = store.list_predictions(device_id, limit=1_000_000)
-    alerts = store.list_alert_events(device_id, limit=1_000_000)
-    captures = store.list_captures(
-        CaptureFilter(dt.datetime(1970, 1, 1, tzinfo=dt.UTC), (device_id,)), limit=1_000_000
-    )
-    return sorted(
-        [p.sequence for p in predictions]
-        + [a.sequence for a in alerts]
-        + [c.sequence for c in captures]
-    )
-
-
-def box_sequences(box: Outbox) -> list[int]:
-    return list(range(1, box.stats().next_sequence))
 
 
 def stream_part(
