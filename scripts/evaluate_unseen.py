@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--smoothing", type=int, default=DecisionParams().smoothing)
     parser.add_argument("--no-supervised", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
+    parser.add_argument("--device", default=TrainParams().device, help="auto, cpu or cuda")
     parser.add_argument("--combine", default=DecisionParams().combine)
     parser.add_argument("--alone", type=float, default=DecisionParams().alone)
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
@@ -69,7 +70,9 @@ def main() -> None:
         version="1",
         calibration_rows=args.calibration_rows,
         segments=args.segments,
-        train=TrainParams(epochs=args.epochs, seed=args.seed, threads=args.threads),
+        train=TrainParams(
+            epochs=args.epochs, seed=args.seed, threads=args.threads, device=args.device
+        ),
         decision=DecisionParams(
             level_window=args.level_window,
             target_far=args.target_far,
@@ -87,6 +90,7 @@ def main() -> None:
         train_without([args.data], unseen, bundle, options, key)
         report["train_wall_s"] = round(time.monotonic() - started, 1)
         report["train_cpu_s"] = round(time.process_time() - cpu, 1)
+        report["train_device"] = args.device
         if args.keep is not None:
             shutil.copytree(bundle, args.keep)
             args.keep.with_suffix(".pub").write_bytes(
@@ -122,6 +126,10 @@ def main() -> None:
                 }
             report["injected"] = injected
             report["decision"] = loaded.manifest.decision.model_dump()
+            report["training"] = {
+                k: loaded.manifest.training.get(k)
+                for k in ("device", "seconds", "wall_seconds", "cpu_seconds", "torch_threads")
+            }
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
