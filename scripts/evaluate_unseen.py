@@ -98,7 +98,7 @@ def main() -> None:
             )
         files, total = unseen_kind(bundle, unseen, key.public_key(), args.calibration_rows)
         report["unseen_kind"] = {"kind": args.unseen, "total": total.summary()}
-        with load_model(bundle, key.public_key()) as loaded:
+        with load_model(bundle, key.public_key(), threads=args.threads) as loaded:
             sensors = [s.name for s in loaded.manifest.sensors]
             backgrounds = {
                 f"{args.unseen} before its fault (unseen rows)": normal_stretches(

@@ -7,7 +7,6 @@ count as normal operation).
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from torch import nn
 
 from cloud.model.dataset import WindowSet
 from cloud.model.net import NetConfig, SensorGraphNet
+from edge_agent.inference.threads import compute_threads
 from edge_agent.windowing import FloatArray
 
 ProgressFn = Callable[[int, int, float], None]
@@ -56,12 +56,7 @@ def set_torch_threads(requested: int = 0) -> int:
     in OpenMP barriers on a busy machine (a 36 s training took 15 CPU-minutes that way), so the
     default is the cores this process may run on, capped at 2: the small network gains little
     from more."""
-    if requested <= 0:
-        try:
-            available = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            available = os.cpu_count() or 1
-        requested = max(1, min(2, available))
+    requested = compute_threads(requested)
     torch.set_num_threads(requested)
     return requested
 

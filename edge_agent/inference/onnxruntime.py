@@ -8,6 +8,7 @@ import numpy as np
 
 from edge_agent.errors import IntegrityError, InvalidInput
 from edge_agent.inference.base import InferenceBackend, Outputs
+from edge_agent.inference.threads import compute_threads
 from edge_agent.windowing import FloatArray
 
 
@@ -25,9 +26,9 @@ class OnnxRuntimeBackend(InferenceBackend):
             ) from exc
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        # Never ONNX Runtime's default (every core, spinning): see `compute_threads`.
+        options.intra_op_num_threads = compute_threads(threads)
+        options.inter_op_num_threads = 1
         providers = [
             p
             for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
