@@ -1,8 +1,9 @@
 """How many threads a compute library gets when nobody said: chosen, never the library's own
 default. ONNX Runtime and torch default to every core and spin while waiting; several such
-processes on a shared machine spin against each other (a 36 s training took 15 CPU-minutes
-that way, and eight one-thread evaluations side by side on 16 cores did not finish in 8
-minutes while each runs in about 2 on its own)."""
+processes on a shared machine spin against each other. Seen here: a 36 s training took 15
+CPU-minutes with torch's default; eight evaluations side by side on a 16-core machine, torch
+on one thread each but ONNX Runtime on its default, all ran past 8 minutes, while one alone
+(on a lighter setting) took 2."""
 
 from __future__ import annotations
 
