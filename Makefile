@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest bench-sync bench-sink clean
+.PHONY: setup test check lint typecheck protos protos-check demo bench bench-inference bench-batching bench-downloads bench-rollout bench-alerts bench-cli bench-store bench-ingest bench-sync bench-sink bench-memory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ bench-sync: setup
 
 bench-sink: setup
 	$(BIN)/python tests/benchmarks/bench_sink.py
+
+bench-memory: setup
+	$(BIN)/python tests/benchmarks/bench_agent_memory.py
 
 bench-cli: setup
 	$(BIN)/python tests/benchmarks/bench_cli_startup.py

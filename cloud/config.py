@@ -38,6 +38,10 @@ class CloudConfig(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     offline_after_s: float = Field(default=30.0, gt=0)
     presence_flush_interval_s: float = Field(default=1.0, gt=0)
+    # Agent sessions being set up at once; more are refused (RESOURCE_EXHAUSTED) with a hint
+    # of when to come back, so a fleet reconnecting after a restart does not queue past its
+    # hello timeout (tests/benchmarks/bench_heartbeats.py --storm).
+    max_session_setups: int = Field(default=64, ge=1)
     auth_recheck_interval_s: float = Field(default=5.0, gt=0)
     # How often each replica reads the desired-state changes made through any replica (the
     # bound on how late a device on another replica than the change gets its desired state).

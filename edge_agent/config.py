@@ -34,14 +34,20 @@ class CloudLink(BaseModel):
 
 
 class ReconnectPolicy(BaseModel):
-    """Jittered exponential backoff between session attempts."""
+    """Jittered exponential backoff between session attempts.
+
+    Full jitter by default (each delay drawn from [initial_s, step]): a fleet that lost its control
+    plane at one moment comes back spread out, not in synchronised waves (measured by
+    `tests/benchmarks/bench_heartbeats.py --storm`). The ceiling is twice the old 60 s so
+    the mean delay at the cap stays 60 s."""
 
     model_config = ConfigDict(extra="forbid")
 
     initial_s: float = Field(default=1.0, gt=0)
-    max_s: float = Field(default=60.0, gt=0)
+    max_s: float = Field(default=120.0, gt=0)
     multiplier: float = Field(default=2.0, ge=1)
-    jitter: float = Field(default=0.2, ge=0, lt=1)
+    full_jitter: bool = True
+    jitter: float = Field(default=0.2, ge=0, lt=1)  # used when full_jitter is off
 
     @model_validator(mode="after")
     def _ordered(self) -> ReconnectPolicy:
@@ -50,7 +56,9 @@ class ReconnectPolicy(BaseModel):
         return self
 
     def backoff(self) -> Backoff:
-        return Backoff(self.initial_s, self.max_s, self.multiplier, self.jitter)
+        return Backoff(
+            self.initial_s, self.max_s, self.multiplier, self.jitter, full_jitter=self.full_jitter
+        )
 
 
 class MqttTls(BaseModel):

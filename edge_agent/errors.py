@@ -122,11 +122,20 @@ class Conflict(AutoglmError):
 
 
 class RateLimited(AutoglmError):
-    """Too many attempts from one caller; wait and try again."""
+    """Too many attempts from one caller, or a server too busy; wait and try again.
+
+    `retry_after_s` (0: not said) travels as the trailing metadata `RETRY_AFTER_KEY`."""
 
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     exit_code = 13
     label = "rate limited"
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+RETRY_AFTER_KEY = "autoglm-retry-after-ms"
 
 
 _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
@@ -157,7 +166,21 @@ def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
     cls = _BY_CODE.get(code, AutoglmError)
     if cls is Unavailable:
         details = f"cannot reach {peer}: {_explain_unavailable(details)}"
+    if cls is RateLimited:
+        return RateLimited(details, retry_after_s=_retry_after_s(error))
     return cls(details)
+
+
+def _retry_after_s(error: grpc.RpcError) -> float:
+    """The server's retry hint in the trailing metadata; 0 when absent or unreadable."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
 
 
 def _explain_unavailable(details: str) -> str:

@@ -8,12 +8,21 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backoff:
-    """Jittered exponential backoff: initial, initial*multiplier, ... capped at maximum."""
+    """Jittered exponential backoff: initial, initial*multiplier, ... capped at maximum.
+
+    `full_jitter`: each delay is drawn from [initial, step] instead of step * [1 - jitter,
+    1 + jitter]. Many clients failing at the same moment (a fleet when its control plane
+    restarts) then come back spread over the whole step rather than in waves a step apart.
+    The floor at `initial_s` (pure full jitter draws from 0) keeps the step from climbing
+    while the peer is down: draws near 0 gave agents five or six failures in a 3 s outage,
+    then waits of up to a minute (tests/benchmarks/bench_heartbeats.py --storm).
+    """
 
     initial_s: float = 1.0
     maximum_s: float = 60.0
     multiplier: float = 2.0
     jitter: float = 0.2  # each delay is scaled by a factor in [1 - jitter, 1 + jitter]
+    full_jitter: bool = False
     rng: random.Random = field(default_factory=random.Random)
     _attempt: int = 0
 
@@ -33,6 +42,8 @@ class Backoff:
         count is kept elsewhere (a database row) rather than in this object."""
         steps = min(max(0, attempt - 1), 64)  # far past any cap; more would only overflow
         base = min(self.maximum_s, self.initial_s * self.multiplier**steps)
+        if self.full_jitter:
+            return self.rng.uniform(self.initial_s, base)
         return base * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
 
     def reset(self) -> None:

@@ -20,6 +20,7 @@ from edge_agent.errors import (
     AutoglmError,
     InvalidInput,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
     Unavailable,
     from_rpc_error,
@@ -45,6 +46,8 @@ class SessionStats:
     """Counters a person (or a benchmark) reads to see how the link is doing."""
 
     sessions_opened: int = 0
+    attempts_failed: int = 0  # session attempts that ended before or after opening
+    busy_refusals: int = 0  # attempts the control plane refused as too busy (with a hint)
     heartbeats_sent: int = 0
     heartbeats_acked: int = 0
     refused: bool = False  # the control plane refused this device (revoked, stale certificate)
@@ -87,6 +90,7 @@ class CloudSession:
         self._last_heard = 0.0
         # Why the control plane refused this device, when that ended the sessions for good.
         self.refusal: AutoglmError | None = None
+        self.refusal_hint: RateLimited | None = None  # the last "too busy", with its hint
         self.stats = SessionStats()
         self.connected = False
         self._sent_at: dict[int, float] = {}
@@ -118,7 +122,11 @@ class CloudSession:
                     clock = self.identity.clock_problem(dt.datetime.now(dt.UTC))
                     if clock:  # the likely cause, said first
                         exc = Unavailable(f"{clock} ({exc})")
+                self.stats.attempts_failed += 1
                 self.stats.last_error = str(exc)
+                if isinstance(exc, RateLimited):
+                    self.stats.busy_refusals += 1
+                    self.refusal_hint = exc
                 if isinstance(exc, PermissionDenied | Unauthenticated):
                     self.stats.refused = True
                     self.backoff.exhaust()
@@ -126,9 +134,12 @@ class CloudSession:
                     if self.stop_when_refused:
                         self.refusal = exc
                         return
+                elif isinstance(exc, RateLimited):  # expected in a reconnect storm
+                    log.info("session to %s refused for now: %s", self.address, exc)
                 else:
                     log.warning("session to %s ended: %s", self.address, exc)
             except Exception as exc:  # a bug must not end the agent's sessions
+                self.stats.attempts_failed += 1
                 self.stats.last_error = str(exc)
                 log.exception("session to %s failed unexpectedly; reconnecting", self.address)
             if stop.is_set():
@@ -137,10 +148,20 @@ class CloudSession:
                 self._restart.clear()
                 log.info("reconnecting with the renewed certificate")
                 continue
-            delay = self.backoff.next_delay()
+            delay = self._retry_delay()
             log.info("reconnecting in %.1fs", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _retry_delay(self) -> float:
+        """The wait before the next attempt: the control plane's hint when it was too busy
+        to open the session (spread +-50 % so the refused agents do not return together),
+        the backoff otherwise."""
+        error = self.refusal_hint
+        self.refusal_hint = None
+        if error is not None and error.retry_after_s > 0:
+            return error.retry_after_s * self.backoff.rng.uniform(0.5, 1.5)
+        return self.backoff.next_delay()
 
     def credentials(self) -> grpc.ChannelCredentials:
         return self.identity.credentials()

@@ -17,9 +17,12 @@ from cloud.artifacts import ArtifactStore
 from cloud.catalog import assigned_artifacts
 from cloud.clock import utc_now
 from cloud.devices import DeviceRegistry
+from cloud.domain import DesiredModel, DeviceRecord
+from cloud.maintenance import MaintenanceWindow
 from cloud.pki import CertificateAuthority
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
+from cloud.service.admission import DEFAULT_SETUP_LIMIT, SessionAdmission
 from cloud.service.enrollment import AttemptLimiter
 from cloud.service.maintenance_push import maintenance_message
 from cloud.service.metrics import PlaneMetrics
@@ -57,8 +60,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         metrics: PlaneMetrics | None = None,
         signing_root: bytes = b"",
         issuing_ca: CertificateAuthority | None = None,
+        admission: SessionAdmission | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
+        self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
         self.signing_root = signing_root  # sent before desired state: it may need the new key
         # After a CA change, devices whose certificate another CA issued renew at once.
         self.issuing_ca_pem = issuing_ca.cert_pem if issuing_ca is not None else b""
@@ -135,22 +140,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ControlMessage]:
         device_id, fingerprint = device_identity(context)
-        device = await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
-        if device.cert_not_after is None and (expiry := certificate_not_after(context)):
-            # Enrolled before expiry was recorded: learnt from the certificate it presents.
-            await asyncio.to_thread(self.store.record_cert_expiry, device.id, fingerprint, expiry)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("body") != "hello":
             raise InvalidInput("a session must start with a hello message")
         hello = first.hello
-        self.presence.seen(
-            device.id,
-            agent_version=hello.agent_version,
-            status=hello.status,
-            host=hello.host,
-        )
-        last_stored = await asyncio.to_thread(self.store.last_record_sequence, device.id)
-        live = self.hub.open(device.id, fingerprint)
+        with self.admission.setup():  # RateLimited, with a retry hint, when too many open
+            device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
+            if device.cert_not_after is None and (expiry := certificate_not_after(context)):
+                # Enrolled before expiry was recorded: learnt from the certificate it presents.
+                await asyncio.to_thread(
+                    self.store.record_cert_expiry, device.id, fingerprint, expiry
+                )
+            self.presence.seen(
+                device.id,
+                agent_version=hello.agent_version,
+                status=hello.status,
+                host=hello.host,
+            )
+            # Open before the desired state is read: a change made meanwhile is pushed to it.
+            live = self.hub.open(device.id, fingerprint)
+            try:
+                desired, windows = await asyncio.to_thread(self._to_send, device.id)
+            except BaseException:
+                self.hub.remove(live)
+                if not self.hub.is_open(device.id):
+                    self.presence.closed(device.id)
+                raise
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
         reader = asyncio.create_task(self._read(live, request_iterator))
         try:
@@ -173,12 +188,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         "under the new one"
                     )
                 )
-            desired = await asyncio.to_thread(self.store.get_desired, device.id)
             if desired is not None and desired.revision >= live.desired_revision:
                 live.desired_revision = desired.revision
                 yield agent_pb2.ControlMessage(desired=desired_to_proto(desired))
             # Always, if empty: it replaces what the agent kept (windows removed meanwhile).
-            windows = await asyncio.to_thread(self.store.list_maintenance, utc_now(), False)
             maintenance = maintenance_message(windows, device.labels)
             live.maintenance = maintenance.SerializeToString(deterministic=True)
             yield maintenance
@@ -196,6 +209,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if not self.hub.is_open(device.id):
                 self.presence.closed(device.id)
             log.info("session closed: %s (%s)", device.name, device.id)
+
+    def _known(self, device_id: str, fingerprint: str) -> tuple[DeviceRecord, int]:
+        """The device, if it may act, and its last stored record (one trip to a thread)."""
+        device = self.registry.authenticate(device_id, fingerprint)
+        return device, self.store.last_record_sequence(device.id)
+
+    def _to_send(self, device_id: str) -> tuple[DesiredModel | None, list[MaintenanceWindow]]:
+        """What a new session gets first: its desired model and the maintenance periods."""
+        return self.store.get_desired(device_id), self.store.list_maintenance(utc_now(), False)
 
     async def _read(
         self, live: LiveSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]

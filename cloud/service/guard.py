@@ -21,7 +21,7 @@ from cloud.service.bounds import check_message, check_request_message
 from cloud.service.roles import audited, authorize, target_of
 from cloud.store.base import OperatorStore
 from cloud.tokens import hash_token
-from edge_agent.errors import AutoglmError, Unauthenticated
+from edge_agent.errors import RETRY_AFTER_KEY, AutoglmError, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,9 @@ async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseE
         aio.AbortError | asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit,
     ):
         raise exc
+    if isinstance(exc, RateLimited) and exc.retry_after_s > 0:
+        hint = ((RETRY_AFTER_KEY, str(round(exc.retry_after_s * 1000))),)
+        await context.abort(exc.grpc_code, _bounded(str(exc)), trailing_metadata=hint)
     if isinstance(exc, AutoglmError):
         await context.abort(exc.grpc_code, _bounded(str(exc)))
     if isinstance(exc, NotImplementedError):

@@ -30,6 +30,7 @@ from cloud.profiles import DEFAULT_DIR as DEFAULT_PROFILES
 from cloud.profiles import load_profiles
 from cloud.rollout_rules import RolloutSettings
 from cloud.rollouts import RolloutController
+from cloud.service.admission import SessionAdmission
 from cloud.service.agent import AgentServicer
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
@@ -131,6 +132,7 @@ class ControlPlane:
         )
         self.alerts.listeners.append(self.webhooks.wake)
         self.maintenance = MaintenancePush(store, self.hub)
+        self.admission = SessionAdmission(config.max_session_setups)
         self._stopping = asyncio.Event()
         self.elector = make_elector(
             config.leader_election, store, config.replica_id, config.leader_lease_s
@@ -191,6 +193,7 @@ class ControlPlane:
                 self.metrics,
                 signing_root=self.secrets.signing_root,
                 issuing_ca=self.secrets.ca,
+                admission=self.admission,
             ),
             server,
         )

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -28,11 +30,14 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from cloud.config import CloudConfig  # noqa: E402
+from edge_agent.config import ReconnectPolicy  # noqa: E402
 from edge_agent.identity import DeviceIdentity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
 from edge_agent.session import CloudSession  # noqa: E402
 from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
 from tests.benchmarks.fleet import (  # noqa: E402
+    PlaneProcess,
     enroll_fleet,
     percentile,
     process_cpu_s,
@@ -95,34 +100,56 @@ async def ping_baseline(
 
 
 # ---- the system under test ----
-async def run_sessions(
-    identities: list[DeviceIdentity], interval: float, seconds: float, server_pid: int
-) -> dict[str, float]:
-    status = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
-    host = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
-    sessions = [
+STATUS = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
+HOST = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
+
+
+# The restart storm's two rounds: this release's reconnect policy and session admission,
+# and the ones before it (+-20 % jitter, 60 s ceiling, every setup admitted).
+NEW_SETUPS: int = CloudConfig.model_fields["max_session_setups"].default
+POLICIES: dict[str, tuple[Callable[[], Backoff], int]] = {
+    "new": (lambda: ReconnectPolicy().backoff(), NEW_SETUPS),
+    "old": (lambda: Backoff(1.0, 60.0, 2.0, 0.2), 1_000_000),
+}
+
+
+def make_sessions(
+    identities: list[DeviceIdentity], interval: float, backoff: Callable[[], Backoff]
+) -> list[CloudSession]:
+    """The agents' sessions, dialling 127.0.0.1: `localhost` tries ::1 as well, and the
+    second socket per agent ran 10,000 agents out of file descriptors (limit 20,000)."""
+    return [
         CloudSession(
             ident,
-            status=lambda: status,
-            host=lambda: host,
-            backoff=Backoff(0.5, 5),
+            status=lambda: STATUS,
+            host=lambda: HOST,
+            backoff=backoff(),
             heartbeat_interval_s=interval,
+            device_address="127.0.0.1:" + ident.info.device_address.rsplit(":", 1)[1],
+            tls_server_name="localhost",
         )
         for ident in identities
     ]
-    stop = asyncio.Event()
+
+
+async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
     start = time.monotonic()
-    tasks = [asyncio.create_task(s.run(stop)) for s in sessions]
     while sum(s.connected for s in sessions) < len(sessions):
-        if time.monotonic() - start > 120:
+        if time.monotonic() - start > timeout_s:
             break
         await asyncio.sleep(0.05)
-    connect_s = time.monotonic() - start
-    connected = sum(s.connected for s in sessions)
-    await asyncio.sleep(min(interval * 1.5, 15))  # warm-up: every session has sent a beat
+    return time.monotonic() - start
+
+
+async def measure(
+    sessions: list[CloudSession], interval: float, seconds: float, server_pid: int
+) -> dict[str, float]:
+    """Heartbeat acks over `seconds` after a warm-up in which every session has sent one."""
+    await asyncio.sleep(min(interval * 1.5, 15))
     for s in sessions:
         s.stats.ack_latencies_s.clear()
     acked_before = sum(s.stats.heartbeats_acked for s in sessions)
+    opened_before = sum(s.stats.sessions_opened for s in sessions)
     server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
@@ -131,20 +158,117 @@ async def run_sessions(
     client_cpu = time.process_time() - client_cpu
     acked = sum(s.stats.heartbeats_acked for s in sessions) - acked_before
     latencies = [x for s in sessions for x in s.stats.ack_latencies_s]
+    return {
+        "offered_per_s": len(sessions) / interval,
+        "acked_per_s": acked / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "reconnects_in_window": sum(s.stats.sessions_opened for s in sessions) - opened_before,
+        "server_cpu_share": server_cpu / elapsed,  # 1.0 = one core busy all the window
+        "client_cpu_share": client_cpu / elapsed,
+    }
+
+
+async def run_sessions(
+    identities: list[DeviceIdentity], interval: float, seconds: float, server_pid: int
+) -> dict[str, float]:
+    sessions = make_sessions(identities, interval, lambda: Backoff(0.5, 5))
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in sessions]
+    connect_s = await wait_connected(sessions, 120)
+    connected = sum(s.connected for s in sessions)
+    res = await measure(sessions, interval, seconds, server_pid)
     stop.set()
     await asyncio.gather(*tasks)
     return {
         "agents": len(sessions),
         "connected": connected,
         "connect_s": connect_s,
-        "offered_per_s": len(sessions) / interval,
-        "acked_per_s": acked / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
+        **res,
         "reconnects": sum(s.stats.sessions_opened for s in sessions) - len(sessions),
-        "server_cpu_share": server_cpu / elapsed,  # 1.0 = one core busy all the window
-        "client_cpu_share": client_cpu / elapsed,
     }
+
+
+async def run_storm(
+    identities: list[DeviceIdentity],
+    interval: float,
+    seconds: float,
+    plane: PlaneProcess,
+    converge_timeout_s: float,
+    policy: str,
+) -> dict[str, float]:
+    """M agents with the agent's default reconnect policy connected; the control plane is
+    killed (SIGKILL) and started again on the same ports; how long until every agent has a
+    new session, what that cost, and the heartbeat acks once they all have."""
+    backoff, setups = POLICIES[policy]
+    # This round's admission bound, from the start (the plane restarts with it too).
+    await asyncio.to_thread(plane.crash_and_restart, {"max_session_setups": setups})
+    sessions = make_sessions(identities, interval, backoff)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in sessions]
+    first_connect_s = await wait_connected(sessions, converge_timeout_s)
+    await asyncio.sleep(min(interval, 5))  # steady state before the crash
+    opened = [s.stats.sessions_opened for s in sessions]
+    failed_before = sum(s.stats.attempts_failed for s in sessions)
+    busy_before = sum(s.stats.busy_refusals for s in sessions)
+    client_cpu = time.process_time()
+    t_kill = time.monotonic()
+    died_s, listening_s = await asyncio.to_thread(plane.crash_and_restart, {})
+    back_at: list[float] = [0.0] * len(sessions)
+    waiting = set(range(len(sessions)))
+    while waiting and time.monotonic() - t_kill < converge_timeout_s:
+        now = time.monotonic() - t_kill
+        for i in [i for i in waiting if sessions[i].stats.sessions_opened > opened[i]]:
+            back_at[i] = now
+            waiting.discard(i)
+        await asyncio.sleep(0.05)
+    converge_s = time.monotonic() - t_kill
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = process_cpu_s(plane.proc.pid)  # the new process: all of it went to the storm
+    server_rss = peak_rss_mib(plane.proc.pid)
+    done = sorted(t for i, t in enumerate(back_at) if i not in waiting)
+    errors: dict[str, int] = {}
+    for s in sessions:
+        if s.stats.last_error:
+            kind = s.stats.last_error.split(":")[0][:40]
+            errors[kind] = errors.get(kind, 0) + 1
+    res = await measure(sessions, interval, seconds, plane.proc.pid) if not waiting else {}
+    stop.set()
+    await asyncio.gather(*tasks)
+    return {
+        "policy": policy,  # type: ignore[dict-item]
+        "agents": len(sessions),
+        "first_connect_s": first_connect_s,
+        "exit_s": died_s,
+        "listening_after_s": listening_s,
+        "reconnected": len(done),
+        "all_back_after_s": converge_s if not waiting else float("nan"),
+        "back_p50_s": percentile(done, 0.5),
+        "back_p99_s": percentile(done, 0.99),
+        "failed_attempts": sum(s.stats.attempts_failed for s in sessions) - failed_before,
+        "busy_refusals": sum(s.stats.busy_refusals for s in sessions) - busy_before,
+        "storm_server_cpu_s": server_cpu,
+        "storm_agents_cpu_s": client_cpu,
+        "server_peak_rss_mib": server_rss,
+        **res,
+        "last_errors": errors,  # type: ignore[dict-item]
+        "back_per_second": _histogram(done),  # type: ignore[dict-item]
+    }
+
+
+def _histogram(times: list[float]) -> dict[int, int]:
+    """Sessions back per second after the kill."""
+    counts: dict[int, int] = {}
+    for t in times:
+        counts[int(t)] = counts.get(int(t), 0) + 1
+    return counts
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> int:
@@ -154,17 +278,29 @@ def main() -> int:
         default="100@0.1,1000@0.2,1000@10,5000@10",
         help="comma-separated AGENTS@INTERVAL_SECONDS",
     )
+    parser.add_argument(
+        "--storm",
+        default="1000@1",
+        help="comma-separated AGENTS@INTERVAL_SECONDS restart storms ('' for none)",
+    )
+    parser.add_argument("--converge-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--storm-rounds", type=int, default=2, help="rounds of each policy, alternated"
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="shortest measurement window")
     parser.add_argument("--ping-concurrency", type=int, default=100)
     parser.add_argument(
         "--ping-server", nargs=2, metavar=("STATE", "PORTS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    # Thousands of agents each saying "reconnecting" would drown the result lines.
+    logging.getLogger("edge_agent.session").setLevel(logging.ERROR)
     if args.ping_server:
         asyncio.run(_ping_server(Path(args.ping_server[0]), Path(args.ping_server[1])))
         return 0
 
-    scenarios = [(int(m), float(i)) for m, i in (x.split("@") for x in args.scenarios.split(","))]
+    scenarios = _pairs(args.scenarios)
+    storms = _pairs(args.storm)
     work = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
     env_note = f"{os.cpu_count()} cores; client: this process (1 event loop); server: own process"
     print(f"heartbeat benchmark ({env_note})")
@@ -188,6 +324,7 @@ def main() -> int:
             f"{base['per_s']:.0f}/s  p50 {base['p50_ms']:.2f} ms  p99 {base['p99_ms']:.2f} ms"
         )
         enrolled: list[DeviceIdentity] = []
+        storms_out: list[dict[str, float]] = []
         for m, interval in scenarios:
             t0 = time.monotonic()
             if m > len(enrolled):
@@ -206,10 +343,45 @@ def main() -> int:
                 f"CPU cores busy: server {res['server_cpu_share']:.2f}, "
                 f"agents {res['client_cpu_share']:.2f}"
             )
+        for m, interval in storms:
+            if m > len(enrolled):
+                enrolled += enroll_fleet(plane, len(enrolled), m - len(enrolled))
+            window = max(args.seconds, 2 * interval)
+            for policy in ["old", "new"] * args.storm_rounds:
+                storm = asyncio.run(
+                    run_storm(enrolled[:m], interval, window, plane, args.converge_timeout, policy)
+                )
+                storms_out.append(storm)
+                print(_storm_line(storm))
     finally:
         plane.stop()
-    print(json.dumps({"baseline_ping": base, "heartbeats": results}, indent=1))
+    print(
+        json.dumps({"baseline_ping": base, "heartbeats": results, "storms": storms_out}, indent=1)
+    )
     return 0
+
+
+def _pairs(text: str) -> list[tuple[int, float]]:
+    return [(int(m), float(i)) for m, i in (x.split("@") for x in text.split(",") if x)]
+
+
+def _storm_line(r: dict[str, object]) -> str:
+    line = (
+        f"storm M={r['agents']} ({r['policy']} policy): plane killed, listening again after "
+        f"{r['listening_after_s']:.1f}s; {r['reconnected']}/{r['agents']} back, all after "
+        f"{r['all_back_after_s']:.1f}s (p50 {r['back_p50_s']:.1f}s, p99 {r['back_p99_s']:.1f}s); "
+        f"failed attempts {r['failed_attempts']} (busy refusals {r['busy_refusals']}); "
+        f"plane CPU {r['storm_server_cpu_s']:.1f}s, "
+        f"agents CPU {r['storm_agents_cpu_s']:.1f}s, plane peak RSS "
+        f"{r['server_peak_rss_mib']:.0f} MiB; last errors {r['last_errors']}; "
+        f"back per second after the kill {r['back_per_second']}"
+    )
+    if "p99_ms" in r:
+        line += (
+            f"; then offered {r['offered_per_s']:.0f}/s, acked {r['acked_per_s']:.0f}/s, "
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+        )
+    return line
 
 
 if __name__ == "__main__":

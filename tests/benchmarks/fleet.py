@@ -93,6 +93,23 @@ class PlaneProcess:
     def stop(self) -> None:
         stop(self.proc)
 
+    def crash_and_restart(self, config: dict[str, object] | None = None) -> tuple[float, float]:
+        """SIGKILL, then `autoglm cloud serve` again on the same state dir and ports (the
+        agents' bootstraps name them). Returns (seconds to exit, seconds until it listens
+        again); `proc` is the new process afterwards. `config`: settings to change."""
+        t0 = time.monotonic()
+        self.proc.kill()
+        self.proc.wait()
+        died = time.monotonic() - t0
+        path = self.state / CONFIG_FILE
+        config = {**yaml.safe_load(path.read_text()), **(config or {})}
+        config["api_listen"] = f"127.0.0.1:{self.api_port}"
+        config["device_listen"] = f"127.0.0.1:{self.device_port}"
+        path.write_text(yaml.safe_dump(config))
+        (self.work / "ports.json").unlink()
+        self.proc = _serve(self.work, "serve-restarted.log")
+        return died, time.monotonic() - t0
+
 
 def start_plane_process(
     work: Path, config: dict[str, object] | None = None, database_url: str = ""
@@ -107,15 +124,19 @@ def start_plane_process(
     if config:  # settings the benchmark needs (e.g. a faster rollout loop)
         path = work / "cloud" / CONFIG_FILE
         path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **config}))
+    proc = _serve(work, "serve.log")
+    ports = json.loads((work / "ports.json").read_text())
+    return PlaneProcess(work, proc, init.operator_token, ports["api_port"], ports["device_port"])
+
+
+def _serve(work: Path, log_name: str) -> subprocess.Popen[bytes]:
     ports_file = work / "ports.json"
     command = [str(Path(sys.executable).parent / "autoglm"), "cloud", "serve", "--log-level"]
-    proc = spawn(
+    return spawn(
         [*command, "WARNING", "--state-dir", str(work / "cloud"), "--ports-file", str(ports_file)],
         ports_file,
-        work / "serve.log",
+        work / log_name,
     )
-    ports = json.loads(ports_file.read_text())
-    return PlaneProcess(work, proc, init.operator_token, ports["api_port"], ports["device_port"])
 
 
 def enroll_fleet(
