@@ -106,6 +106,11 @@ def calibrate(
         frame.decision.scale_floor,
     )
     cal_first = min(frame.window - 1, calibration_slots - 1)
+    if frame.decision.level_window > 0 and calibration_slots - cal_first < 2:
+        raise InvalidInput(
+            f"calibration on {calibration_slots} rows: the model's windows are "
+            f"{frame.window} rows long, so it needs at least {frame.window + 1} rows"
+        )
     ends = np.arange(cal_first, series.slots, dtype=np.int64)
     outputs = run_windows(model, frame, series, ends, center, scale)
     in_cal = outputs.select(ends < calibration_slots)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloud.model.backtest import load_model
+from cloud.model.backtest import evaluate, load_model
 from cloud.model.faults import KINDS, Stretch, inject
 from cloud.model.pipeline import train_bundle
 from cloud.model.protocol import normal_stretches, score_injected, unseen_kind
 from cloud.model.train import TrainParams
 from edge_agent.calibration import DecisionParams
+from edge_agent.errors import InvalidInput
 from tests.support.bundles import small_options
 from tests.support.sensordata import SENSORS, write_dataset, write_experiment
 
@@ -213,3 +214,56 @@ def test_a_forecast_residual_counts_only_for_a_sensor_not_coming_back_to_normal(
     earlier = earlier_level(window, mask, np.zeros(3, np.float32), np.ones(3, np.float32), 3)
     assert earlier[0, 0] == pytest.approx(0.5) and np.isnan(earlier[0, 2])
     assert Decision.model_fields["forecast_away"].default is False
+
+
+def _write_units(root: Path, units: int, seed: int) -> Path:
+    """Run-to-failure units counted in cycles (no clock): 14 sensors, 2 of them constant set
+    points, a slow quadratic degradation on 6 sensors over each unit's last 40 %, the last
+    20 % labelled faulty, units of 150 to 250 cycles (the length of turbofan-style units)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for u in range(units):
+        rows = 150 + 20 * u
+        t = np.arange(rows)
+        wear = np.clip((t - 0.6 * rows) / (0.4 * rows), 0, None) ** 2
+        columns = {"setpoint_a": np.full(rows, 100.0), "setpoint_b": np.full(rows, 0.84)}
+        for s in range(12):
+            sign = 1 if s % 2 else -1
+            columns[f"s{s}"] = 50 + s + rng.normal(0, 1, rows) + (6 * sign * wear if s < 6 else 0)
+        label = (t >= 0.8 * rows).astype(int)
+        lines = ["cycle," + ",".join(columns) + ",anomaly"] + [
+            f"{r + 1}," + ",".join(f"{v[r]:.3f}" for v in columns.values()) + f",{label[r]}"
+            for r in range(rows)
+        ]
+        (root / f"unit{u}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_run_to_failure_units_in_cycles_train_and_score_with_defaults(
+    tmp_path: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    """Another kind of machine: cycles instead of a clock, short units, constant set points.
+    With the default window left to the data, every unit calibrates on full windows (a
+    120-row window left most units without one: training refused), and the slow wear is
+    caught within the false-alarm bound."""
+    data = _write_units(tmp_path / "train", units=6, seed=1)
+    notes: list[str] = []
+    options = dataclasses.replace(
+        OPTIONS,
+        name="turbofan",
+        window=0,
+        segments=8,
+        calibration_rows=400,
+        train=TrainParams(epochs=4, seed=2),
+    )
+    manifest = train_bundle([data], tmp_path / "b", options, key, log=notes.append)
+    assert manifest.window.length == 64, notes
+    assert any("window 64" in n for n in notes), notes
+    assert manifest.sampling.period_s == 1.0
+    assert manifest.training["dropped_constant_sensors"] == ["setpoint_a", "setpoint_b"]
+    test_units = _write_units(tmp_path / "test", units=4, seed=9)
+    with load_model(tmp_path / "b", key.public_key()) as loaded:
+        _, total = evaluate(loaded, test_units, 100)
+        with pytest.raises(InvalidInput, match="at least 65 rows"):
+            evaluate(loaded, test_units, 60)
+    assert total.far <= 0.15 and total.mar <= 0.6, total.summary()

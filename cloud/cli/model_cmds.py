@@ -56,7 +56,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     train.add_argument(
         "--period", type=float, help="sampling period in seconds (default: inferred)"
     )
-    train.add_argument("--window", type=int, default=120, help="steps per window (default 120)")
+    train.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="steps per window (default: 120, or 64/32/16 where recordings are short)",
+    )
     train.add_argument(
         "--segments", type=int, default=8, help="forecast segments per window (default 8)"
     )
@@ -195,9 +200,11 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
         sensors, units = read_schema_file(args.schema)
     if units and len(units) != len(sensors):
         raise InvalidInput(f"--units names {len(units)} units for {len(sensors)} sensors")
-    for flag in ("window", "segments", "stride", "hidden", "epochs", "batch_size"):
+    for flag in ("segments", "stride", "hidden", "epochs", "batch_size"):
         if getattr(args, flag) < 1:
             raise InvalidInput(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.window < 0:
+        raise InvalidInput("--window must be >= 1 (or 0: chosen from the data)")
     if args.window % args.segments:
         raise InvalidInput(f"--window {args.window} must be a multiple of --segments")
     options = TrainOptions(

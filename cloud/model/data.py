@@ -21,7 +21,7 @@ import numpy as np
 from edge_agent.errors import InvalidInput
 from edge_agent.windowing import FloatArray, TimeArray
 
-TIME_COLUMN_NAMES = ("datetime", "timestamp", "time", "date", "ts")
+TIME_COLUMN_NAMES = ("datetime", "timestamp", "time", "date", "ts", "cycle", "cycles")
 DEFAULT_LABEL_COLUMNS = ("anomaly", "changepoint")
 SUFFIXES = (".csv", ".parquet")
 

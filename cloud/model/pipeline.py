@@ -82,7 +82,7 @@ class TrainOptions:
     ignore_columns: tuple[str, ...] = ()
     period_s: float | None = None
     max_staleness_s: float | None = None
-    window: int = 120
+    window: int = 120  # 0: the longest of WINDOW_CHOICES the recordings hold (`auto_window`)
     # 8 (15-row segments at the default window): chosen on injection seeds 300-302 and
     # training seeds 0 and 2, which no earlier choice used: injected false alarms 22-23 % vs
     # 29 % (valve1 background) and 9-10 % vs 12 % (unlabelled), injected F1 +0.01-0.03,
@@ -200,6 +200,33 @@ def drop_constant_sensors(
     )
 
 
+WINDOW_CHOICES = (120, 64, 32, 16)
+
+
+def auto_window(
+    tables: Sequence[SensorTable], options: TrainOptions, log: Callable[[str], None]
+) -> int:
+    """The longest window in WINDOW_CHOICES (a multiple of the segments) that fits the
+    calibration stretch of a typical recording: min(calibration rows, half its rows), the
+    stretch thresholds are fitted on (`episode_evidence`). 120 for long recordings; shorter
+    for run-to-failure units of a few hundred cycles, where a 120-row window would leave most
+    of them without a single full window to calibrate on."""
+    rows = float(np.median([t.rows for t in tables]))
+    fits = min(options.calibration_rows, rows // 2)
+    usable = [w for w in WINDOW_CHOICES if w % options.segments == 0]
+    if not usable:
+        raise InvalidInput(
+            f"--segments {options.segments} divides none of {WINDOW_CHOICES}; pass --window"
+        )
+    window = next((w for w in usable if w <= fits), usable[-1])
+    if window != usable[0]:
+        log(
+            f"window {window} rows: a typical recording has {rows:.0f} rows and calibrates on "
+            f"{fits:.0f} (pass --window to choose)"
+        )
+    return window
+
+
 Fitted = tuple[SensorGraphNet, TrainReport, WindowSet]
 
 
@@ -227,8 +254,10 @@ def cross_fitted_evidence(
         evidence += [e for ep in episodes if (e := episode_evidence(model, frame, ep, k))]
     if not evidence:
         raise InvalidInput(
-            "training data: too little to fit thresholds on data a network never saw "
-            "(needs at least two files, or one recording over four calibration stretches)"
+            "training data: too little to fit thresholds on data a network never saw (needs "
+            "at least two files, or one recording over four calibration stretches, each "
+            f"calibrating on min(--calibration-rows {k}, half its rows) >= --window "
+            f"{frame.window} rows)"
         )
     return evidence
 
@@ -252,6 +281,8 @@ def train_bundle(
     schema, tables, dropped = drop_constant_sensors(schema, tables)
     for name in dropped:
         log(f"sensor {name!r} never changes in the training data: left out of the model")
+    if not options.window:
+        options = dataclasses.replace(options, window=auto_window(tables, options, log))
     period = options.period_s or infer_period(tables)
     staleness = options.max_staleness_s if options.max_staleness_s is not None else 2 * period
     spec = WindowSpec(options.window, options.stride, period, staleness)
