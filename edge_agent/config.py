@@ -320,6 +320,9 @@ class IngestLimits(BaseModel):
     # (`backlog_full`). Other assets are drained in turn meanwhile (edge_agent/ingest/fair_queue).
     max_backlog_readings: int = Field(default=20_000, ge=100)
     backlog_block_s: float = Field(default=5.0, ge=0)
+    # The unscored stream (open slots, window ring) is written this often, so that a kill -9
+    # loses at most this long of it (edge_agent/stream_state); 0: only at a graceful stop.
+    checkpoint_s: float = Field(default=5.0, ge=0)
 
 
 class ModelChoice(BaseModel):

@@ -35,6 +35,7 @@ class RuntimeCounters:
     errors: int = 0
     outbox_write_failed: int = 0  # records that could not be kept (disk full)
     behind_skipped: int = 0  # windows not scored while inference caught up with a backlog
+    unclean_stop_unscored: int = 0  # windows never scored across a kill -9 (site_decisions)
     alerts_held_back: int = 0  # raises not published on site: a maintenance period covered them
 
 
@@ -85,12 +86,14 @@ def health_of(
     latencies = worker.latencies_ms if worker is not None else []
     errors = counters.errors + (worker.errors if worker is not None else 0)
     errors += sink.errors if sink is not None else 0
+    errors += runtime.decisions.errors if runtime.decisions is not None else 0
     if stats.evicted:
         drops["outbox_evicted"] = stats.evicted
     drops["rejected_by_cloud"] = stats.quarantined
     drops["outbox_write_failed"] = counters.outbox_write_failed
     drops["sparse_window"] = sum(r.sparse_windows for r in runtime.runners)
     drops["behind_skipped"] = counters.behind_skipped
+    drops["unclean_stop"] = counters.unclean_stop_unscored
     drops["capture_over_budget"] = runtime.capture.over_budget
     offsets = {
         r.name: round(offset, 1)
@@ -126,6 +129,7 @@ _REPORTED = frozenset(
         "sparse_window",
         "rejected_by_cloud",
         "behind_skipped",
+        "unclean_stop",
         "capture_over_budget",
     )
 )

@@ -430,8 +430,9 @@ class AgentHealth(_message.Message):
 
     @_builtins.property
     def lost_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostRecords]:
-        """The latest stretches in which records could not be kept (disk full), oldest first
-        (at most 20): predictions in them never reach the cloud. The last may be ongoing.
+        """The latest stretches in which records could not be kept (disk full) or windows were not
+        scored (an unclean stop), oldest first (at most 20): predictions in them never reach the
+        cloud. The last may be ongoing.
         """
 
     def __init__(
@@ -467,9 +468,14 @@ class LostRecords(_message.Message):
     LAST_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     ONGOING_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     records: _builtins.int
     ongoing: _builtins.bool
     """still failing: the outbox has not been written since"""
+    reason: _builtins.str
+    """"outbox_write_failed" (disk full; empty from older agents) or "unclean_stop" (windows
+    an agent killed never scored: first and last are their stream times).
+    """
     @_builtins.property
     def first(self) -> _timestamp_pb2.Timestamp:
         """agent clock at the first record lost"""
@@ -485,10 +491,11 @@ class LostRecords(_message.Message):
         last: _timestamp_pb2.Timestamp | None = ...,
         records: _builtins.int = ...,
         ongoing: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ongoing", b"ongoing", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ongoing", b"ongoing", "reason", b"reason", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
