@@ -366,6 +366,9 @@ class DecisionPolicy(BaseModel):
     k: int = Field(default=3, ge=1)
     n: int = Field(default=5, ge=1)
     top_sensors: int = Field(default=3, ge=1)
+    # A site calibration (on the inference thread) not done within this fails: said, counted
+    # (`calibration_timeout`), its rows collected again; the pipeline waits no longer for it.
+    calibration_timeout_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> DecisionPolicy:

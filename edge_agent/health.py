@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class RuntimeCounters:
-    """Each field has one writer: the pipeline thread (errors, behind_skipped) or the sink
-    thread (the rest); the heartbeat and /metrics only read them."""
+    """Each field has one writer: the pipeline thread (errors, behind_skipped,
+    calibration_timeouts) or the sink thread (the rest); the heartbeat and /metrics only read
+    them."""
 
     windows_scored: int = 0
     alerts_raised: int = 0
@@ -36,6 +37,7 @@ class RuntimeCounters:
     outbox_write_failed: int = 0  # records that could not be kept (disk full)
     behind_skipped: int = 0  # windows not scored while inference caught up with a backlog
     unclean_stop_unscored: int = 0  # windows never scored across a kill -9 (site_decisions)
+    calibration_timeouts: int = 0  # site calibrations given up (pipeline thread)
     alerts_held_back: int = 0  # raises not published on site: a maintenance period covered them
 
 
@@ -94,6 +96,7 @@ def health_of(
     drops["sparse_window"] = sum(r.sparse_windows for r in runtime.runners)
     drops["behind_skipped"] = counters.behind_skipped
     drops["unclean_stop"] = counters.unclean_stop_unscored
+    drops["calibration_timeout"] = counters.calibration_timeouts
     drops["capture_over_budget"] = runtime.capture.over_budget
     offsets = {
         r.name: round(offset, 1)
@@ -130,6 +133,7 @@ _REPORTED = frozenset(
         "rejected_by_cloud",
         "behind_skipped",
         "unclean_stop",
+        "calibration_timeout",
         "capture_over_budget",
     )
 )

@@ -325,15 +325,21 @@ class EdgeRuntime:
     def start_calibration(self, runner: AssetRunner, series: AlignedSeries) -> None:
         """Calibrates on the inference thread (the only one that calls the backend), installs
         the asset's decider on the sink thread (after the results before it), and waits for
-        both, so the rows after the calibration stretch are all scored."""
+        both, so the rows after the calibration stretch are all scored. Waits at most
+        `decisions.calibration_timeout_s`: past it the calibration fails (logged, counted),
+        a late result is discarded, and the asset collects its rows again."""
         model, worker, sink = self.model, self.worker, self.sink
         assert model is not None and worker is not None and sink is not None
         decisions = self.decisions
         assert decisions is not None
-        done = threading.Event()
+        bound = self.config.decisions.calibration_timeout_s
+        done, given_up = threading.Event(), threading.Event()
 
         def install(cal: SiteCalibration, seed: list[float]) -> None:
             try:
+                if given_up.is_set():
+                    log.warning("the late calibration of %s is discarded", runner.name)
+                    return
                 decisions.install(runner, cal, seed)
             finally:
                 done.set()
@@ -341,9 +347,14 @@ class EdgeRuntime:
         def task(backend: InferenceBackend) -> None:
             handed = False
             try:
+                if given_up.is_set():
+                    return
                 cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
                 keep = max(0, model.frame.decision.smoothing - 1)
                 seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
+                if given_up.is_set():
+                    log.warning("the late calibration of %s is discarded", runner.name)
+                    return
                 self._save_calibration(runner, cal, seed)
                 log.info("calibrated %s on %d rows", runner.name, series.slots)
                 sink.call(lambda: install(cal, seed))
@@ -354,8 +365,19 @@ class EdgeRuntime:
                 if not handed:
                     done.set()
 
+        started = time.monotonic()
         worker.submit(task)
-        done.wait()
+        if not done.wait(bound):
+            given_up.set()
+            self.counters.calibration_timeouts += 1
+            log.error(
+                "the calibration of %s did not finish within %.0f s (decisions."
+                "calibration_timeout_s; inference stuck or too slow?): it failed, its %d rows "
+                "are collected again; the other assets go on",
+                runner.name,
+                time.monotonic() - started,
+                series.slots,
+            )
 
     def _save_calibration(
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]
