@@ -106,6 +106,7 @@ def health_of(
     return agent_pb2.AgentHealth(
         drift=drift_of(runtime),
         clock_offset_s=offsets,
+        sensor_clock_offset_s=runtime.decoder.sensor_clocks.skews,
         ingest_rate_per_s=rates,
         dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},
         inference_latency_p50_ms=percentile(latencies, 50),
