@@ -328,6 +328,9 @@ class IngestLimits(BaseModel):
     # (`backlog_full`). Other assets are drained in turn meanwhile (edge_agent/ingest/fair_queue).
     max_backlog_readings: int = Field(default=20_000, ge=100)
     backlog_block_s: float = Field(default=5.0, ge=0)
+    # The unscored stream (open slots, window ring) is written this often, so that a kill -9
+    # loses at most this long of it (edge_agent/stream_state); 0: only at a graceful stop.
+    checkpoint_s: float = Field(default=5.0, ge=0)
 
 
 class ModelChoice(BaseModel):
@@ -371,6 +374,9 @@ class DecisionPolicy(BaseModel):
     k: int = Field(default=3, ge=1)
     n: int = Field(default=5, ge=1)
     top_sensors: int = Field(default=3, ge=1)
+    # A site calibration (on the inference thread) not done within this fails: said, counted
+    # (`calibration_timeout`), its rows collected again; the pipeline waits no longer for it.
+    calibration_timeout_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> DecisionPolicy:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class RuntimeCounters:
-    """Each field has one writer: the pipeline thread (errors, behind_skipped) or the sink
-    thread (the rest); the heartbeat and /metrics only read them."""
+    """Each field has one writer: the pipeline thread (errors, behind_skipped,
+    calibration_timeouts) or the sink thread (the rest); the heartbeat and /metrics only read
+    them."""
 
     windows_scored: int = 0
     alerts_raised: int = 0
@@ -35,6 +36,8 @@ class RuntimeCounters:
     errors: int = 0
     outbox_write_failed: int = 0  # records that could not be kept (disk full)
     behind_skipped: int = 0  # windows not scored while inference caught up with a backlog
+    unclean_stop_unscored: int = 0  # windows never scored across a kill -9 (site_decisions)
+    calibration_timeouts: int = 0  # site calibrations given up (pipeline thread)
     alerts_held_back: int = 0  # raises not published on site: a maintenance period covered them
 
 
@@ -85,12 +88,15 @@ def health_of(
     latencies = worker.latencies_ms if worker is not None else []
     errors = counters.errors + (worker.errors if worker is not None else 0)
     errors += sink.errors if sink is not None else 0
+    errors += runtime.decisions.errors if runtime.decisions is not None else 0
     if stats.evicted:
         drops["outbox_evicted"] = stats.evicted
     drops["rejected_by_cloud"] = stats.quarantined
     drops["outbox_write_failed"] = counters.outbox_write_failed
     drops["sparse_window"] = sum(r.sparse_windows for r in runtime.runners)
     drops["behind_skipped"] = counters.behind_skipped
+    drops["unclean_stop"] = counters.unclean_stop_unscored
+    drops["calibration_timeout"] = counters.calibration_timeouts
     drops["capture_over_budget"] = runtime.capture.over_budget
     offsets = {
         r.name: round(offset, 1)
@@ -100,6 +106,7 @@ def health_of(
     return agent_pb2.AgentHealth(
         drift=drift_of(runtime),
         clock_offset_s=offsets,
+        sensor_clock_offset_s=runtime.decoder.sensor_clocks.skews,
         ingest_rate_per_s=rates,
         dropped_by_reason={k: v for k, v in drops.items() if v and k in _REPORTED},
         inference_latency_p50_ms=percentile(latencies, 50),
@@ -126,6 +133,8 @@ _REPORTED = frozenset(
         "sparse_window",
         "rejected_by_cloud",
         "behind_skipped",
+        "unclean_stop",
+        "calibration_timeout",
         "capture_over_budget",
     )
 )

@@ -1,6 +1,7 @@
 """Where records were lost: the stretches of time in which the outbox could not be written
-(disk full), with how many records each lost, for the heartbeat ("lost N predictions
-between t1 and t2") and `autoglm device show`."""
+(disk full), and the windows an agent killed (kill -9, power loss) never scored, with how
+many records each lost, for the heartbeat ("lost N predictions between t1 and t2") and
+`autoglm device show`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 KEPT = 20  # closed stretches remembered
+DISK_FULL = "outbox_write_failed"
+UNCLEAN_STOP = "unclean_stop"  # windows not scored across a kill -9 (their stream times)
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,7 @@ class LostStretch:
     last: float
     records: int
     ongoing: bool
+    reason: str = DISK_FULL
 
 
 class LossLog:
@@ -33,6 +37,12 @@ class LossLog:
                 self._open = LostStretch(now, now, records, True)
             else:
                 self._open = replace(self._open, last=now, records=self._open.records + records)
+
+    def gap(self, first: float, last: float, records: int, reason: str) -> None:
+        """A closed stretch of `records` lost between `first` and `last`."""
+        if records > 0:
+            with self._lock:
+                self._closed.append(LostStretch(first, last, records, False, reason))
 
     def written(self) -> None:
         """A write went through: the stretch in progress, if any, ends."""

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     body BLOB NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS scored (asset TEXT PRIMARY KEY, window_end REAL NOT NULL);
 """
 QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
 _EVICT_CHUNK = 256
@@ -95,10 +96,14 @@ class Outbox:
     def _max_seq(self) -> int:
         return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
 
-    def append(self, records: Sequence[tuple[int, bytes]]) -> list[int]:
+    def append(
+        self, records: Sequence[tuple[int, bytes]], scored: Mapping[str, float] | None = None
+    ) -> list[int]:
         """Appends (kind, body) records in one transaction; returns their sequence numbers.
 
-        `body` must not contain the sequence; the caller's encoder adds it when sending."""
+        `body` must not contain the sequence; the caller's encoder adds it when sending.
+        `scored`: by asset, the end of the last window decided up to these records, kept in
+        the same transaction (`scored_through`)."""
         if not records:
             return []
         with self._lock:
@@ -109,6 +114,12 @@ class Outbox:
             try:
                 self._db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
                 self._set_meta("next_seq", first + len(rows))
+                if scored:
+                    self._db.executemany(
+                        "INSERT INTO scored (asset, window_end) VALUES (?, ?) ON CONFLICT "
+                        "(asset) DO UPDATE SET window_end = MAX(window_end, excluded.window_end)",
+                        list(scored.items()),
+                    )
                 evicted, freed = self._evict_locked(self._bytes + added)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -214,6 +225,13 @@ class Outbox:
             self._depth -= deleted
             self._bytes -= freed
             return int(deleted)
+
+    def scored_through(self) -> dict[str, float]:
+        """By asset, the end of the last window whose records (and those before) were kept:
+        after a kill -9, where scoring must resume without scoring a window twice."""
+        with self._lock:
+            rows = self._db.execute("SELECT asset, window_end FROM scored").fetchall()
+        return {str(asset): float(end) for asset, end in rows}
 
     @property
     def acked(self) -> int:

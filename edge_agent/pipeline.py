@@ -46,6 +46,7 @@ class Pipeline:
         max_batch: int,
         counters: RuntimeCounters,
         start_calibration: StartCalibration,
+        checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.assets = assets
         self.decoder = decoder
@@ -54,6 +55,7 @@ class Pipeline:
         self.max_batch = max_batch
         self.counters = counters
         self.start_calibration = start_calibration
+        self.checkpoint = checkpoint  # called between drains: keeps the stream now and then
         self.queue = FairQueue(
             len(assets), ingest.max_backlog_readings, self._backlog_full, ingest.backlog_block_s
         )
@@ -81,6 +83,12 @@ class Pipeline:
     def _run(self) -> None:
         while True:
             items = self.queue.take(_DRAIN, timeout=0.1)  # one per asset in turn
+            if self.checkpoint is not None:
+                try:
+                    self.checkpoint()
+                except Exception:
+                    self.counters.errors += 1
+                    log.exception("keeping the stream state failed")
             if not items:
                 if self._stop.is_set():
                     return

@@ -12,7 +12,9 @@ and keeps the unscored stream across restarts.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 
 from edge_agent.asset_stream import AssetRunner
@@ -83,6 +85,11 @@ class EdgeRuntime:
             lambda event: self.sources.alert(event),
         )
         self.streams = StreamStates(config.state_dir / "stream")
+        # The previous data path here never stopped cleanly (kill -9): count what it lost.
+        self.unclean = model is not None and self.streams.unclean()
+        self._checkpointed_at = time.monotonic()
+        self._checkpointed: dict[int, tuple[int, int]] = {}  # by asset: aligner, readings
+        self._checkpoint_failed_at = -math.inf
         self.capture = CaptureSampler(config.capture, config.state_dir / "capture.json")
         self.runners: list[AssetRunner] = []
         self.decisions: SiteDecisions | None = None
@@ -99,6 +106,7 @@ class EdgeRuntime:
             config.batching.max_batch,
             self.counters,
             self.start_calibration,
+            self.checkpoint_streams,
         )
         published = [self.open_alerts.load(a.name) for a in self.assets]
         self.sources = Sources(
@@ -142,9 +150,17 @@ class EdgeRuntime:
             self.open_alerts,
             self.capture,
             self.counters,
+            self.losses,
         )
         self.decisions = decisions
-        sink = ResultSink(decisions.decide, self.outbox, self.counters, self.losses, on_verdict)
+        sink = ResultSink(
+            decisions.decide,
+            self.outbox,
+            self.counters,
+            self.losses,
+            on_verdict,
+            scored=lambda: decisions.decided_through,
+        )
         self.sink = sink
         for runner in self.runners:
             stored = self.calibrations.load(model.version, runner.name, model.schema.names)
@@ -152,6 +168,15 @@ class EdgeRuntime:
                 decisions.install(runner, *stored)
         for runner in self.runners:
             self._resume_stream(runner)
+        if self.unclean:
+            kept = self.outbox.scored_through()
+            log.warning(
+                "the previous run did not stop cleanly (kill -9, power loss): each stream "
+                "resumes from its last checkpoint; windows it never scored are counted"
+            )
+            for runner in self.runners:
+                if runner.name in kept:
+                    decisions.resume(runner, kept[runner.name])
         self.worker = InferenceWorker(
             model.backend,
             sink.submit,
@@ -169,6 +194,8 @@ class EdgeRuntime:
     def start_inference(self) -> None:
         """The sink and inference threads (`start` starts them; tests feeding the pipeline's
         side themselves start only these)."""
+        if self.model is not None:
+            self.streams.running()  # removed once a stop keeps the stream
         if self.sink is not None:
             self.sink.start()
         if self.worker is not None:
@@ -203,12 +230,42 @@ class EdgeRuntime:
         model, decisions = self.model, self.decisions
         if model is None or decisions is None:
             return
+        kept = True
         for runner in self.runners:
             state = runner.snapshot()
             decider = decisions.deciders[runner.index]
             if decider is not None:
                 state |= decider.snapshot()
-            self.streams.save(runner.name, model.version, model.schema.names, state)
+            kept &= self.streams.save(runner.name, model.version, model.schema.names, state)
+        if kept:
+            self.streams.stopped()
+
+    def checkpoint_streams(self) -> None:
+        """On the pipeline thread, every `ingest.checkpoint_s`: each asset's stream that moved
+        since (open slots, window ring, calibration rows; not the deciders', which the sink
+        thread owns), so a kill -9 resumes from at most that long ago."""
+        every, model = self.config.ingest.checkpoint_s, self.model
+        now = time.monotonic()
+        if model is None or not every or now - self._checkpointed_at < every:
+            return
+        self._checkpointed_at = now
+        for runner in self.runners:
+            mark = (id(runner.aligner), runner.aligner.readings)
+            if self._checkpointed.get(runner.index) == mark:
+                continue
+            try:
+                state = runner.snapshot()
+                self.streams.write(runner.name, model.version, model.schema.names, state)
+            except OSError as exc:
+                if now - self._checkpoint_failed_at >= 60.0:
+                    self._checkpoint_failed_at = now
+                    log.error(
+                        "cannot keep the stream of %s (%s): a kill -9 would lose more of it",
+                        runner.name,
+                        exc,
+                    )
+                continue
+            self._checkpointed[runner.index] = mark
 
     def _resume_stream(self, runner: AssetRunner) -> None:
         model, decisions = self.model, self.decisions
@@ -268,15 +325,21 @@ class EdgeRuntime:
     def start_calibration(self, runner: AssetRunner, series: AlignedSeries) -> None:
         """Calibrates on the inference thread (the only one that calls the backend), installs
         the asset's decider on the sink thread (after the results before it), and waits for
-        both, so the rows after the calibration stretch are all scored."""
+        both, so the rows after the calibration stretch are all scored. Waits at most
+        `decisions.calibration_timeout_s`: past it the calibration fails (logged, counted),
+        a late result is discarded, and the asset collects its rows again."""
         model, worker, sink = self.model, self.worker, self.sink
         assert model is not None and worker is not None and sink is not None
         decisions = self.decisions
         assert decisions is not None
-        done = threading.Event()
+        bound = self.config.decisions.calibration_timeout_s
+        done, given_up = threading.Event(), threading.Event()
 
         def install(cal: SiteCalibration, seed: list[float]) -> None:
             try:
+                if given_up.is_set():
+                    log.warning("the late calibration of %s is discarded", runner.name)
+                    return
                 decisions.install(runner, cal, seed)
             finally:
                 done.set()
@@ -284,9 +347,14 @@ class EdgeRuntime:
         def task(backend: InferenceBackend) -> None:
             handed = False
             try:
+                if given_up.is_set():
+                    return
                 cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
                 keep = max(0, model.frame.decision.smoothing - 1)
                 seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
+                if given_up.is_set():
+                    log.warning("the late calibration of %s is discarded", runner.name)
+                    return
                 self._save_calibration(runner, cal, seed)
                 log.info("calibrated %s on %d rows", runner.name, series.slots)
                 sink.call(lambda: install(cal, seed))
@@ -297,8 +365,19 @@ class EdgeRuntime:
                 if not handed:
                     done.set()
 
+        started = time.monotonic()
         worker.submit(task)
-        done.wait()
+        if not done.wait(bound):
+            given_up.set()
+            self.counters.calibration_timeouts += 1
+            log.error(
+                "the calibration of %s did not finish within %.0f s (decisions."
+                "calibration_timeout_s; inference stuck or too slow?): it failed, its %d rows "
+                "are collected again; the other assets go on",
+                runner.name,
+                time.monotonic() - started,
+                series.slots,
+            )
 
     def _save_calibration(
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]

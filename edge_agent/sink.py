@@ -8,6 +8,9 @@ every batch waiting, decides them in order (`site_decisions.py`) and writes all 
 in one outbox transaction (group commit: one fsync for the lot instead of one per batch),
 then reports their verdicts. What the decisions hold belongs to this thread; a site
 calibration installs its decider here too (`call`), in order with the results around it.
+A failure part-way (a decision, the write itself) never drops alert events silently: those
+made before it are kept, or wait in memory for the next write; predictions that cannot be
+written are counted as lost.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from edge_agent.batching import WindowJob
 from edge_agent.decisions import Verdict
@@ -37,8 +40,8 @@ _STOP = None
 Records = list[tuple[int, bytes]]
 Results = tuple[Sequence[WindowJob], Outputs]
 SinkTask = Callable[[], None]
-# One batch's results -> the records to keep; its verdicts appended to the list given.
-Decide = Callable[[Sequence[WindowJob], Outputs, list[Verdict]], Records]
+# One batch's results -> its verdicts and the records to keep, appended to the lists given.
+Decide = Callable[[Sequence[WindowJob], Outputs, list[Verdict], Records], None]
 
 
 class ResultSink:
@@ -52,8 +55,11 @@ class ResultSink:
         losses: LossLog,
         on_verdict: Callable[[Verdict], None] | None = None,
         backlog: int = SINK_BACKLOG,
+        scored: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.decide = decide  # `SiteDecisions.decide`
+        # By asset, the end of the last window decided: kept with the records it led to.
+        self.scored = scored
         self.outbox = outbox
         self.counters = counters
         self.losses = losses  # when records were lost, for the heartbeat
@@ -135,12 +141,12 @@ class ResultSink:
                 self._task(item)
                 continue
             assert isinstance(item, tuple)
-            try:
-                records.extend(self.decide(*item, verdicts))
+            try:  # what it appended before failing (alert events first) is kept
+                self.decide(*item, verdicts, records)
             except Exception:
                 self.errors += 1
                 log.exception("decisions on a batch of %d windows failed", len(item[0]))
-        if records:
+        if records or self._waiting_alerts:
             self._keep(records)
         if self.on_verdict is not None:  # once their records are kept
             for verdict in verdicts:
@@ -154,32 +160,44 @@ class ResultSink:
             log.exception("sink task failed")
 
     def _keep(self, records: Records) -> None:
-        """Into the outbox, in one transaction. When it cannot be written (disk full) the data
-        path goes on (site alerts are already published): alert events wait in a bounded
-        queue in memory and are written first once space returns; predictions are counted as
-        lost (heartbeat: dropped_by_reason outbox_write_failed), said once a minute."""
-        if self._waiting_alerts:
+        """Into the outbox, in one transaction, alert events kept in memory first. When it
+        cannot be written (disk full, or any other failure of the write) the data path goes
+        on (site alerts are already published): alert events wait in a bounded queue in
+        memory and are written first at the next write; predictions are counted as lost
+        (heartbeat: dropped_by_reason outbox_write_failed and a lost stretch), said once a
+        minute."""
+        waiting = len(self._waiting_alerts)
+        if waiting:
             records = [*self._waiting_alerts, *records]
         try:
-            self.outbox.append(records)
-            self.losses.written()
-            if self._waiting_alerts:
-                log.info("%d alert event(s) kept in memory are in the outbox now",
-                         len(self._waiting_alerts))  # fmt: skip
-                self._waiting_alerts.clear()
+            self.outbox.append(records, self.scored() if self.scored is not None else None)
         except LocalStateError as exc:
-            alerts = [r for r in records if r[0] == ALERT]
-            lost = len(records) - len(alerts)
+            self._not_kept(records, str(exc))
+            return
+        except Exception as exc:  # not storage: a bug or a damaged record; still counted
+            self.errors += 1
+            log.exception("writing %d record(s) to the outbox failed", len(records))
+            self._not_kept(records, f"the outbox write failed ({exc!r})")
+            return
+        self.losses.written()
+        if waiting:
+            log.info("%d alert event(s) kept in memory are in the outbox now", waiting)
             self._waiting_alerts.clear()
-            self._waiting_alerts.extend(alerts)
-            overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
-            self.counters.outbox_write_failed += lost + overflow
-            self.losses.lost(lost + overflow, time.time())
-            now = time.monotonic()
-            if now - self._lost_logged_at >= 60.0:
-                self._lost_logged_at = now
-                log.error(
-                    "%s; %d record(s) lost so far (free disk space)",
-                    exc,
-                    self.counters.outbox_write_failed,
-                )
+
+    def _not_kept(self, records: Records, cause: str) -> None:
+        alerts = [r for r in records if r[0] == ALERT]
+        lost = len(records) - len(alerts)
+        self._waiting_alerts.clear()
+        self._waiting_alerts.extend(alerts)
+        overflow = len(alerts) - len(self._waiting_alerts)  # the oldest, past the bound
+        self.counters.outbox_write_failed += lost + overflow
+        self.losses.lost(lost + overflow, time.time())
+        now = time.monotonic()
+        if now - self._lost_logged_at >= 60.0:
+            self._lost_logged_at = now
+            log.error(
+                "%s; %d record(s) lost so far, %d alert event(s) wait in memory (free disk space)",
+                cause,
+                self.counters.outbox_write_failed,
+                len(self._waiting_alerts),
+            )

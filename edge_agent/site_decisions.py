@@ -2,11 +2,14 @@
 records to keep for the control plane (predictions, alert events, window captures).
 
 Runs on the sink thread (`sink.py`), which owns everything here: the deciders, the score
-trails drift is measured on, the capture sampler's budget and the site's held alerts.
+trails drift is measured on, the capture sampler's budget and the site's held alerts. After an
+unclean stop it also skips the windows the killed agent had already kept and counts those it
+never scored (`resume`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -27,6 +30,7 @@ from edge_agent.decisions import AssetDecider, Verdict
 from edge_agent.drift import ScoreTrail
 from edge_agent.health import RuntimeCounters
 from edge_agent.inference.base import Outputs
+from edge_agent.losses import UNCLEAN_STOP, LossLog
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, CAPTURE, PREDICTION
 from edge_agent.scoring import window_statistics
@@ -34,6 +38,7 @@ from edge_agent.serving import ServingModel
 from edge_agent.site_alerts import SiteAlerts
 from edge_agent.wire import alert_record, capture_record, prediction_record
 
+log = logging.getLogger(__name__)
 Records = list[tuple[int, bytes]]
 
 
@@ -49,6 +54,7 @@ class SiteDecisions:
         open_alerts: OpenAlerts,
         capture: CaptureSampler,
         counters: RuntimeCounters,
+        losses: LossLog,
     ) -> None:
         self.config = config
         self.model = model
@@ -60,6 +66,20 @@ class SiteDecisions:
         self.deciders: list[AssetDecider | None] = [None] * len(runners)
         self.trails = [ScoreTrail() for _ in runners]
         self._kept_every: Counter[int] = Counter()
+        self.losses = losses
+        self.errors = 0  # windows whose decision failed (logged)
+        # By asset name: the end of the last window decided, kept with the records (outbox).
+        self.decided_through: dict[str, float] = {}
+        # By asset index, after an unclean stop: the end of the last window the killed agent
+        # kept; windows up to it are not decided again, the first after it counts the gap.
+        self._resume_after: dict[int, float] = {}
+        self.rescored_skipped: Counter[int] = Counter()  # by asset index
+
+    def resume(self, runner: AssetRunner, kept_through: float) -> None:
+        """After an unclean stop: `runner`'s windows ending at or before `kept_through` were
+        decided and kept by the killed agent."""
+        self._resume_after[runner.index] = kept_through
+        self.decided_through[runner.name] = kept_through
 
     def install(self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]) -> None:
         """The asset's decider on `cal` (before the sink thread runs, or on it)."""
@@ -79,51 +99,94 @@ class SiteDecisions:
         runner.calibration = cal  # last: the pipeline thread starts cutting windows after it
 
     def decide(
-        self, jobs: Sequence[WindowJob], outputs: Outputs, verdicts: list[Verdict]
-    ) -> Records:
-        """One batch's verdicts (appended to `verdicts`), site alerts and records to keep."""
-        model = self.model
-        frame = model.frame
-        decision = frame.decision
-        policy = self.config.decisions
-        every = self.config.outbox.prediction_every
+        self, jobs: Sequence[WindowJob], outputs: Outputs, verdicts: list[Verdict], records: Records
+    ) -> None:
+        """One batch's verdicts (appended to `verdicts`), site alerts and records to keep
+        (appended to `records` as they come: a window whose decision fails is logged and
+        counted, and loses neither the records before it nor the windows after it)."""
+        frame = self.model.frame
         windows = np.stack([job.window for job in jobs])
         masks = np.stack([job.mask for job in jobs])
         level, spread, before = window_statistics(frame, windows, masks)
         out = WindowOutputs(*outputs, level=level, spread=spread, before=before)
-        records: Records = []
         for i, job in enumerate(jobs):
-            decider = self.deciders[job.asset]
-            cal = self.runners[job.asset].calibration
-            if decider is None or cal is None:
-                continue
-            one = out.select(np.asarray([i]))
-            values = evidence_values(one, cal, decision)  # once, for the score and the sensors
-            raw = float(score_of(values, decision)[0])
-            evidence = sensor_evidence(one, cal, decision, values)
-            verdict = decider.step(raw, evidence, job.window_start, job.window_end)
-            self.counters.windows_scored += 1
-            raised = verdict.event is not None and verdict.event.kind == "raised"
-            self.trails[job.asset].add(verdict.score, job.window_end, raised)
-            if self.site.held:
-                self.site.release_held(verdict.asset, job.window_end)
-            if verdict.event is not None:
-                self.open_alerts.update(verdict.event)
-                self.site.announce(verdict.event)
-                records.append((ALERT, alert_record(verdict.event)))
-            self._kept_every[job.asset] += 1
-            if (
-                verdict.score >= policy.clear_at
-                or verdict.alerting
-                or self._kept_every[job.asset] % every == 1 % every
-            ):
-                records.append((PREDICTION, prediction_record(verdict, model.version)))
-                self.counters.predictions_kept += 1
-            key = decider.open.key if decider.open is not None else ""
-            reason = self.capture.reason_for(verdict.asset, key, verdict.score, job.window_end)
-            if reason and job.raw is not None:
-                body = capture_record(captured(reason, key, job, verdict, cal, model))
-                if self.capture.admit(reason, len(body), verdict.score, job.window_end):
-                    records.append((CAPTURE, body))  # after its alert event: a verdict finds it
-            verdicts.append(verdict)
-        return records
+            try:
+                self._decide_one(job, out.select(np.asarray([i])), verdicts, records)
+            except Exception:
+                self.errors += 1
+                log.exception("the decision on a window of asset %d failed", job.asset)
+
+    def _decide_one(
+        self, job: WindowJob, one: WindowOutputs, verdicts: list[Verdict], records: Records
+    ) -> None:
+        model = self.model
+        decision = model.frame.decision
+        policy = self.config.decisions
+        every = self.config.outbox.prediction_every
+        decider = self.deciders[job.asset]
+        cal = self.runners[job.asset].calibration
+        if decider is None or cal is None:
+            return
+        if job.asset in self._resume_after and not self._resumed(job):
+            return
+        values = evidence_values(one, cal, decision)  # once, for the score and the sensors
+        raw = float(score_of(values, decision)[0])
+        evidence = sensor_evidence(one, cal, decision, values)
+        verdict = decider.step(raw, evidence, job.window_start, job.window_end)
+        self.counters.windows_scored += 1
+        self.decided_through[decider.asset] = job.window_end
+        if verdict.event is not None:  # first: whatever fails next, the event is kept
+            records.append((ALERT, alert_record(verdict.event)))
+        raised = verdict.event is not None and verdict.event.kind == "raised"
+        self.trails[job.asset].add(verdict.score, job.window_end, raised)
+        if self.site.held:
+            self.site.release_held(verdict.asset, job.window_end)
+        if verdict.event is not None:
+            self.open_alerts.update(verdict.event)
+            self.site.announce(verdict.event)
+        self._kept_every[job.asset] += 1
+        if (
+            verdict.score >= policy.clear_at
+            or verdict.alerting
+            or self._kept_every[job.asset] % every == 1 % every
+        ):
+            records.append((PREDICTION, prediction_record(verdict, model.version)))
+            self.counters.predictions_kept += 1
+        key = decider.open.key if decider.open is not None else ""
+        reason = self.capture.reason_for(verdict.asset, key, verdict.score, job.window_end)
+        if reason and job.raw is not None:
+            body = capture_record(captured(reason, key, job, verdict, cal, model))
+            if self.capture.admit(reason, len(body), verdict.score, job.window_end):
+                records.append((CAPTURE, body))  # after its alert event: a verdict finds it
+        verdicts.append(verdict)
+
+    def _resumed(self, job: WindowJob) -> bool:
+        """After an unclean stop: False for a window the killed agent already kept; for the
+        first after those, counts the windows between that it never scored (health
+        `unclean_stop`, a lost stretch for the heartbeat, a log line)."""
+        after = self._resume_after[job.asset]
+        spec = self.model.spec
+        step = spec.stride * spec.period_s
+        if job.window_end <= after + 1e-6 * step:
+            self.rescored_skipped[job.asset] += 1
+            return False
+        del self._resume_after[job.asset]
+        missing = max(0, round((job.window_end - after) / step) - 1)
+        name = self.runners[job.asset].name
+        self.counters.unclean_stop_unscored += missing
+        self.losses.gap(after + step, job.window_end - step, missing, UNCLEAN_STOP)
+        skipped = self.rescored_skipped[job.asset]
+        if not missing:
+            log.info("%s resumed after an unclean stop: no window lost (%d kept not scored "
+                     "again)", name, skipped)  # fmt: skip
+            return True
+        log.warning(
+            "the previous run stopped uncleanly (kill -9, power loss): %d window(s) of %s "
+            "ending %.0f to %.0f were never scored; %d it had kept were not scored again",
+            missing,
+            name,
+            after + step,
+            job.window_end - step,
+            skipped,
+        )
+        return True

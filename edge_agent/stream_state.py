@@ -1,13 +1,15 @@
-"""What a stopping agent has not scored yet, kept across a graceful restart.
+"""What a stopping agent has not scored yet, kept across a restart.
 
 At a stop the pipeline holds readings acknowledged to the broker but not aligned into a closed
 grid slot yet (the aligner's open slots), the last window's rows (the ring a window is cut
 from), rows collected towards a calibration, and each decider's recent scores. Without them a
 restart lost ~2 readings per sensor and ~one window length of unscored windows per asset.
-`runtime.stop` writes them here after the pipeline and inference have drained; the next start
-takes them back (and deletes the file, so a later kill -9 never resumes from a stale stop) when
-the model version and sensors are the same. After a kill -9 nothing is here: the stream starts
-afresh, as before.
+`runtime.stop` writes them here after the pipeline and inference have drained; the pipeline
+thread also writes its part (not the deciders') every `ingest.checkpoint_s`, so a kill -9
+resumes from at most that long ago. The next start takes them back (and deletes the file, so
+a later kill -9 never resumes from a stale stop) when the model version and sensors are the
+same. A `running` marker, written at start and removed once a stop kept everything, tells the
+next start that the previous one ended uncleanly (`unclean`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,18 @@ class StreamStates:
     def _path(self, asset: str) -> Path:
         return self.directory / f"{asset}.npz"
 
-    def save(self, asset: str, version: str, sensors: tuple[str, ...], state: Snapshot) -> None:
-        """Keeps `state`; a failure (disk full) is logged: the stop must go on."""
+    def save(self, asset: str, version: str, sensors: tuple[str, ...], state: Snapshot) -> bool:
+        """Keeps `state`; False after a failure (disk full), which is logged: the stop must go
+        on."""
+        try:
+            self.write(asset, version, sensors, state)
+        except OSError as exc:
+            log.error("cannot keep the stream state of %s (%s); it restarts afresh", asset, exc)
+            return False
+        return True
+
+    def write(self, asset: str, version: str, sensors: tuple[str, ...], state: Snapshot) -> None:
+        """Keeps `state` (atomically); raises OSError."""
         buffer = io.BytesIO()
         arrays: dict[str, Any] = {
             "model_version": np.array(version),
@@ -44,11 +56,28 @@ class StreamStates:
             **state,
         }
         np.savez(buffer, **arrays)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        replace_atomically(self._path(asset), buffer.getvalue(), 0o600)
+
+    @property
+    def _marker(self) -> Path:
+        return self.directory / "running"
+
+    def unclean(self) -> bool:
+        """Whether the previous data path on this state directory started and never stopped
+        cleanly (kill -9, power loss, a stop that could not keep its stream)."""
+        return self._marker.exists()
+
+    def running(self) -> None:
+        """Marks the data path as running until `stopped`; a failure is logged."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            replace_atomically(self._path(asset), buffer.getvalue(), 0o600)
+            replace_atomically(self._marker, b"", 0o600)
         except OSError as exc:
-            log.error("cannot keep the stream state of %s (%s); it restarts afresh", asset, exc)
+            log.error("cannot mark the stream as running (%s): a kill -9 goes uncounted", exc)
+
+    def stopped(self) -> None:
+        self._marker.unlink(missing_ok=True)
 
     def take(self, asset: str, version: str, sensors: tuple[str, ...]) -> Snapshot | None:
         """The state kept for `asset` under this model and sensors, removed from disk."""

@@ -70,7 +70,7 @@ def lost_records(stretches: list[LostStretch]) -> list[agent_pb2.LostRecords]:
     """The heartbeat's account of records the outbox could not keep."""
     out = []
     for s in stretches:
-        message = agent_pb2.LostRecords(records=s.records, ongoing=s.ongoing)
+        message = agent_pb2.LostRecords(records=s.records, ongoing=s.ongoing, reason=s.reason)
         _stamp(message.first, s.first)
         _stamp(message.last, s.last)
         out.append(message)

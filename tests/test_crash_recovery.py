@@ -4,11 +4,7 @@ a verified model, and the rollout still reaches the device."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from edge_agent.bundle import verify_bundle
 from protos.autoglm.v1 import operator_pb2
 from tests.conftest import register
+from tests.support.agent_process import AgentProcess
 from tests.support.agents import enroll_identity, wait_for
 from tests.support.broker import Broker, start_broker
 from tests.support.bundles import make_version, train_small
@@ -27,42 +24,6 @@ from tests.support.cloud import RunningPlane, init_plane, start_plane
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SUCCEEDED = operator_pb2.Rollout.STATE_SUCCEEDED
-
-
-class AgentProcess:
-    """`autoglm-edge run` in a child process; its log goes to a file per start."""
-
-    def __init__(self, config: Path, logs: Path) -> None:
-        self.config = config
-        self.logs = logs
-        self.starts = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.starts += 1
-        command = [sys.executable, "-c", "from edge_agent.cli import main; main()", "run"]
-        with (self.logs / f"agent-{self.starts}.log").open("wb") as log:  # the child keeps it
-            self.proc = subprocess.Popen(
-                [*command, "--config", str(self.config), "--log-level", "INFO"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def log(self) -> str:
-        return (self.logs / f"agent-{self.starts}.log").read_text(errors="replace")
 
 
 @pytest.fixture

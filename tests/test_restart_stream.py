@@ -5,6 +5,7 @@ stopped. A kill -9 keeps nothing of them, and a stale file never resumes."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,61 @@ def test_after_a_kill_nothing_stale_is_resumed(tmp_path: Path) -> None:
     third = Site(config, bundle, key.public_key(), tmp_path / "3")
     assert third.runtime.runners[0].filled == 0  # a fresh stream, not the first stop's
     third.stop()
+
+
+def _ends(site: Site) -> list[float]:
+    return [v.window_end for v in site.verdicts]
+
+
+@pytest.mark.parametrize("checkpoint_s", [0.01, 0.0])
+def test_after_a_kill_no_window_is_scored_twice_and_those_never_scored_are_counted(
+    tmp_path: Path, checkpoint_s: float
+) -> None:
+    """Killed 10 rows after the stream was last kept (those readings acknowledged and gone),
+    restarted on the readings after them: the restarted agent resumes from the checkpoint,
+    skips the windows the killed one had kept and counts exactly those nobody scored. With
+    no checkpoint (0) the stream starts afresh: more are lost, and still counted."""
+    bundle, key = train_small(tmp_path / "model")
+    rows = pump(500, faulty=False, seed=1)
+    whole = Site(site_config(tmp_path / "a", bundle), bundle, key.public_key(), tmp_path / "a")
+    whole.feed(rows, 0)
+    every_end = set(_ends(whole))
+    whole.stop()
+
+    config = site_config(tmp_path / "b", bundle, ingest={"checkpoint_s": checkpoint_s})
+    killed = Site(config, bundle, key.public_key(), tmp_path / "b1")
+    killed.feed(rows[:300], 0)
+    time.sleep(0.05)  # past checkpoint_s: the pipeline thread would keep the stream now
+    killed.runtime.checkpoint_streams()
+    killed.feed(rows[300:310], 300)
+    before = _ends(killed)
+    killed.stop()  # as a kill -9 leaves it
+
+    restarted = Site(config, bundle, key.public_key(), tmp_path / "b2")
+    assert restarted.runtime.unclean
+    resumed_rows = restarted.runtime.runners[0].filled
+    restarted.feed(rows[310:], 310)
+    after = _ends(restarted)
+    restarted.stop(graceful=True)
+
+    assert not set(before) & set(after), "a window scored twice"
+    assert len(set(after)) == len(after)
+    never = every_end - set(before) - set(after)
+    counted = restarted.runtime.counters.unclean_stop_unscored
+    assert counted == len(never), (counted, sorted(never))
+    health = restarted.runtime.health(disk_free=0)
+    assert health.dropped_by_reason.get("unclean_stop", 0) == len(never)
+    gaps = [g for g in health.lost_records if g.reason == "unclean_stop"]
+    if checkpoint_s:
+        assert resumed_rows > 0  # the checkpoint's ring: windows go on across the lost rows
+        assert len(never) == 0, sorted(never)
+        assert not gaps
+    else:
+        assert resumed_rows == 0
+        assert len(never) >= 8, sorted(never)  # up to a window (24 rows) after the restart
+        (gap,) = gaps
+        assert gap.records == len(never)
+        assert gap.first.ToSeconds() == int(min(never))
+        assert gap.last.ToSeconds() == int(max(never))
+    # A clean stop after it: the next start is not counted as unclean.
+    assert not (config.state_dir / "stream" / "running").exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,9 @@ from edge_agent.decisions import Verdict
 from edge_agent.health import RuntimeCounters
 from edge_agent.inference.base import Outputs
 from edge_agent.losses import LossLog
-from edge_agent.outbox import PREDICTION, Outbox
+from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from edge_agent.sink import Records, ResultSink
+from tests.support.agents import wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -31,13 +32,17 @@ class CountingOutbox(Outbox):
         super().__init__(path, 1 << 24)
         self.appends: list[int] = []  # records per append
 
-    def append(self, records: Sequence[tuple[int, bytes]]) -> list[int]:
+    def append(
+        self, records: Sequence[tuple[int, bytes]], scored: Mapping[str, float] | None = None
+    ) -> list[int]:
         self.appends.append(len(records))
-        return super().append(records)
+        return super().append(records, scored)
 
 
-def decide(jobs: Sequence[WindowJob], outputs: Outputs, verdicts: list[Verdict]) -> Records:
-    return [(PREDICTION, f"{job.asset}@{job.window_end:g}".encode()) for job in jobs]
+def decide(
+    jobs: Sequence[WindowJob], outputs: Outputs, verdicts: list[Verdict], records: Records
+) -> None:
+    records.extend((PREDICTION, f"{job.asset}@{job.window_end:g}".encode()) for job in jobs)
 
 
 def batch(first: int, windows: int) -> tuple[list[WindowJob], Outputs]:
@@ -137,3 +142,81 @@ def test_a_sink_that_is_not_running_fails_the_batch_instead_of_hanging(
     sink.submit(*batch(0, 1))  # waits in the queue
     with pytest.raises(RuntimeError, match="sink thread is not running"):
         sink.submit(*batch(1, 1))
+
+
+class FailingOnce(Outbox):
+    """The real outbox whose next append raises an injected non-storage error (a stand-in
+    for a bug or a damaged record part-way through a write)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, 1 << 24)
+        self.fail_next = False
+
+    def append(
+        self, records: Sequence[tuple[int, bytes]], scored: Mapping[str, float] | None = None
+    ) -> list[int]:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected failure of the write")
+        return super().append(records, scored)
+
+
+def alerting(
+    jobs: Sequence[WindowJob], outputs: Outputs, verdicts: list[Verdict], records: Records
+) -> None:
+    """Each window: an alert event, then a prediction; a window ending at 13 fails between
+    them (injected)."""
+    for job in jobs:
+        records.append((ALERT, f"alert {job.asset}@{job.window_end:g}".encode()))
+        if job.window_end == 13:
+            raise RuntimeError("injected failure of a decision")
+        records.append((PREDICTION, f"{job.asset}@{job.window_end:g}".encode()))
+
+
+def test_a_decision_failing_mid_batch_keeps_the_alert_events_made_before_it(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite3", 1 << 24)
+    sink = ResultSink(alerting, outbox, RuntimeCounters(), LossLog())
+    sink.start()
+    sink.submit(*batch(13, 1))
+    sink.submit(*batch(14, 1))
+    sink.stop()
+    assert bodies(outbox) == [b"alert 0@13", b"alert 0@14", b"0@14"]
+    assert sink.errors == 1
+
+
+def test_a_failed_write_keeps_alert_events_for_the_next_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    outbox = FailingOnce(tmp_path / "outbox.sqlite3")
+    counters, losses = RuntimeCounters(), LossLog()
+    sink = ResultSink(alerting, outbox, counters, losses)
+    sink.start()
+    outbox.fail_next = True
+    sink.submit(*batch(1, 2))  # two alert events and two predictions: the write fails
+    sink.call(lambda: None)  # handled after it
+    wait_for(lambda: counters.outbox_write_failed == 2, timeout=30)
+    assert bodies(outbox) == []
+    (stretch,) = losses.recent()
+    assert stretch.records == 2 and stretch.ongoing and stretch.reason == "outbox_write_failed"
+    sink.submit(*batch(2, 1))
+    sink.stop()
+    # The waiting alert events first, then the next batch; the lost predictions said so.
+    assert bodies(outbox) == [b"alert 0@1", b"alert 1@1", b"alert 0@2", b"0@2"]
+    assert counters.outbox_write_failed == 2 and sink.errors == 1
+    (stretch,) = losses.recent()
+    assert not stretch.ongoing
+
+
+def test_the_window_ends_decided_are_kept_with_their_records(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite3", 1 << 24)
+    marks = {"pump-1": 40.0}
+    sink = ResultSink(decide, outbox, RuntimeCounters(), LossLog(), scored=lambda: marks)
+    sink.start()
+    sink.submit(*batch(40, 1))
+    sink.stop()
+    assert outbox.scored_through() == {"pump-1": 40.0}
+    marks["pump-1"] = 30.0  # never backwards
+    outbox.append([(PREDICTION, b"x")], marks)
+    assert outbox.scored_through() == {"pump-1": 40.0}

@@ -235,7 +235,8 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         print(f"drift:       {drift_line(asset, drift)}")
     for gap in msg.status.health.lost_records:
         until = "ongoing" if gap.ongoing else f"to {_when(gap.last)}"
-        print(f"lost:        {gap.records} record(s) (disk full) from {_when(gap.first)} {until}")
+        cause = "killed: windows not scored" if gap.reason == "unclean_stop" else "disk full"
+        print(f"lost:        {gap.records} record(s) ({cause}) from {_when(gap.first)} {until}")
     return 0
 
 

@@ -19,8 +19,7 @@ import datetime as dt
 import logging
 import math
 import time
-from bisect import bisect_left, insort
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,9 @@ import orjson
 from paho.mqtt.client import topic_matches_sub
 
 from edge_agent.config import AssetConfig, IngestLimits
+from edge_agent.ingest.clocks import CLOCK_MESSAGES as CLOCK_MESSAGES  # re-exported
+from edge_agent.ingest.clocks import CLOCK_MIN_MESSAGES as CLOCK_MIN_MESSAGES
+from edge_agent.ingest.clocks import SensorClocks, StreamClock
 from edge_agent.windowing import TimeArray
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ DROP_REASONS = (
 MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
 _CACHE_LIMIT = 65_536
 _LOG_EVERY_S = 60.0
-CLOCK_MESSAGES = 31  # messages in an asset's stream-clock median
-CLOCK_MIN_MESSAGES = 8  # before that many, readings are judged by the device's clock alone
 _NUMBER = (int, float)
 _NUMBER_TYPES = frozenset(_NUMBER)
 
@@ -114,31 +114,6 @@ class TopicRoutes:
         return found
 
 
-class StreamClock:
-    """How far one asset's timestamps run from this device's clock: the median offset of its
-    last messages, so one outlier cannot move it while a sustained offset (a sensor clock an
-    hour ahead, or stepped back) is followed after a few messages instead of dropping
-    everything. Readings are judged against the device's clock plus this offset."""
-
-    def __init__(self) -> None:
-        self._offsets: deque[float] = deque()  # the last CLOCK_MESSAGES, oldest first
-        self._sorted: list[float] = []  # the same, in order: the median is read, not sorted
-
-    def observe(self, offset: float) -> None:
-        if len(self._offsets) == CLOCK_MESSAGES:
-            del self._sorted[bisect_left(self._sorted, self._offsets.popleft())]
-        self._offsets.append(offset)
-        insort(self._sorted, offset)
-
-    @property
-    def offset(self) -> float:
-        ordered = self._sorted
-        if len(ordered) < CLOCK_MIN_MESSAGES:
-            return 0.0
-        half = len(ordered) // 2
-        return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
-
-
 class Decoder:
     """Decodes payloads and counts every drop by reason (`drops`, read by the health report)."""
 
@@ -152,9 +127,14 @@ class Decoder:
         self.accepted = 0
         self._last_logged: dict[str, float] = {}
         self.clocks: dict[int, StreamClock] = {}  # by asset index
+        # ... and by sensor, where a message is one sensor's: the asset's is theirs agreed.
+        self.sensor_clocks = SensorClocks([a.name for a in routes.assets], routes.schema or ())
 
     def clock_offset(self, asset: int) -> float:
         """Seconds the asset's stream runs ahead of this device's clock (negative: behind)."""
+        agreed = self.sensor_clocks.offset(asset)
+        if agreed is not None:
+            return agreed
         clock = self.clocks.get(asset)
         return clock.offset if clock is not None else 0.0
 
@@ -168,11 +148,14 @@ class Decoder:
             now + min(0.0, offset) - self.limits.max_past_s,
         )
 
-    def observe(self, asset: int, ts: float, now: float) -> None:
+    def observe(self, asset: int, ts: float, now: float, sensor: int = -1) -> None:
+        """A message's time; `sensor`: the one sensor it carries readings of, if known."""
         clock = self.clocks.get(asset)
         if clock is None:
             clock = self.clocks[asset] = StreamClock()
         clock.observe(ts - now)
+        if sensor >= 0:
+            self.sensor_clocks.observe(asset, sensor, ts - now)
 
     def drop(self, reason: str, topic: str, payload: bytes | str, n: int = 1) -> None:
         self.drops[reason] += n
@@ -230,7 +213,7 @@ class Decoder:
         judged = self.bounds(route.asset, now)
         reason, ts, value = self._reading(sensor, doc.get("ts"), doc["value"], judged)
         if ts == ts:  # parsed (NaN when not): its offset counts, kept or not
-            self.observe(route.asset, ts, now)
+            self.observe(route.asset, ts, now, sensor)
         if reason:
             self.drop(reason, topic, payload)
             return None
@@ -260,7 +243,8 @@ class Decoder:
             self.drop("bad_timestamp", topic, payload, len(raw_ts))
             return None
         judged = self.bounds(route.asset, now)
-        self.observe(route.asset, median(ts.tolist()), now)
+        single = series[0][0] if len(series) == 1 else -1
+        self.observe(route.asset, median(ts.tolist()), now, single)
         time_ok = self.time_reasons(ts, judged, topic, payload)
         sensors: list[int] = []
         columns: list[list[object]] = []

@@ -106,8 +106,18 @@ class Site:
     def _wait_scored(self) -> None:
         """Until every window cut is scored, or skipped because inference fell behind (a
         busy machine: the runtime then scores every 2nd window and counts the rest)."""
-        counters = self.runtime.counters
-        wait_for(lambda: len(self.verdicts) + counters.behind_skipped == self.jobs, timeout=120)
+        counters, decisions = self.runtime.counters, self.runtime.decisions
+        assert decisions is not None
+        # ... or not decided again after a kill (the killed run had kept them).
+        wait_for(
+            lambda: (
+                len(self.verdicts)
+                + counters.behind_skipped
+                + sum(decisions.rescored_skipped.values())
+                == self.jobs
+            ),
+            timeout=120,
+        )
 
     def events(self) -> list[AlertEvent]:
         return [v.event for v in self.verdicts if v.event is not None]

@@ -391,6 +391,26 @@ class AgentHealth(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SensorClockOffsetSEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INGEST_RATE_PER_S_FIELD_NUMBER: _builtins.int
     DROPPED_BY_REASON_FIELD_NUMBER: _builtins.int
     INFERENCE_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
@@ -404,6 +424,7 @@ class AgentHealth(_message.Message):
     CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
     LOST_RECORDS_FIELD_NUMBER: _builtins.int
+    SENSOR_CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
     inference_latency_p50_ms: _builtins.float
     inference_latency_p99_ms: _builtins.float
     outbox_depth: _builtins.int
@@ -430,8 +451,15 @@ class AgentHealth(_message.Message):
 
     @_builtins.property
     def lost_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostRecords]:
-        """The latest stretches in which records could not be kept (disk full), oldest first
-        (at most 20): predictions in them never reach the cloud. The last may be ongoing.
+        """The latest stretches in which records could not be kept (disk full) or windows were not
+        scored (an unclean stop), oldest first (at most 20): predictions in them never reach the
+        cloud. The last may be ongoing.
+        """
+
+    @_builtins.property
+    def sensor_clock_offset_s(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """By "asset/sensor", where one sensor's clock runs 10 s or more from its asset's other
+        sensors' (median of its last messages): its readings are dropped as ts_future or late.
         """
 
     def __init__(
@@ -450,10 +478,11 @@ class AgentHealth(_message.Message):
         clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         drift: _abc.Mapping[_builtins.str, Global___AssetDrift] | None = ...,
         lost_records: _abc.Iterable[Global___LostRecords] | None = ...,
+        sensor_clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "lost_records", b"lost_records", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "windows_scored", b"windows_scored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "lost_records", b"lost_records", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "sensor_clock_offset_s", b"sensor_clock_offset_s", "windows_scored", b"windows_scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -467,9 +496,14 @@ class LostRecords(_message.Message):
     LAST_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     ONGOING_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     records: _builtins.int
     ongoing: _builtins.bool
     """still failing: the outbox has not been written since"""
+    reason: _builtins.str
+    """"outbox_write_failed" (disk full; empty from older agents) or "unclean_stop" (windows
+    an agent killed never scored: first and last are their stream times).
+    """
     @_builtins.property
     def first(self) -> _timestamp_pb2.Timestamp:
         """agent clock at the first record lost"""
@@ -485,10 +519,11 @@ class LostRecords(_message.Message):
         last: _timestamp_pb2.Timestamp | None = ...,
         records: _builtins.int = ...,
         ongoing: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ongoing", b"ongoing", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ongoing", b"ongoing", "reason", b"reason", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,104 @@
+"""One sensor of an asset with a skewed clock (an hour ahead or behind) while the others are
+right: it cannot move the asset's stream clock (also on two sensors, also when it sends most
+of the messages), its readings are counted where they are dropped, and it is reported by
+name and offset (health, log). A whole asset ahead is still followed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import AssetConfig, IngestLimits
+from edge_agent.ingest.clocks import CLOCK_MIN_MESSAGES, middle
+from edge_agent.ingest.decode import Decoder, TopicRoutes
+from edge_agent.outbox import Outbox
+from edge_agent.runtime import EdgeRuntime
+from edge_agent.serving import open_serving
+from tests.support.bundles import train_small
+from tests.support.datapath import site_config
+
+pytestmark = pytest.mark.unit
+NOW = 1_700_000_000.0
+SENSORS = ("flow", "pressure", "current", "vibration")
+
+
+def decoder() -> Decoder:
+    assets = [AssetConfig(name="pump-1", topics=["plant/pump-1/+"])]
+    return Decoder(TopicRoutes(assets, SENSORS), IngestLimits(), clock=lambda: NOW)
+
+
+def reading(d: Decoder, sensor: str, ts: float) -> bool:
+    """Whether the reading was kept."""
+    return d.decode(f"plant/pump-1/{sensor}", f'{{"ts": {ts}, "value": 1.0}}'.encode()) is not None
+
+
+@pytest.mark.parametrize(
+    ("sensors", "skewed_share"),
+    [(SENSORS, 1), (("flow", "vibration"), 1), (SENSORS, 5)],
+    ids=["one-of-four", "one-of-two", "the-chattiest-of-four"],
+)
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["ahead", "behind"])
+def test_a_sensor_with_a_skewed_clock_is_reported_and_cannot_move_its_asset(
+    sensors: tuple[str, ...], skewed_share: int, skew: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "edge_agent.ingest.clocks")
+    d = decoder()
+    right_kept = skewed_kept = 0
+    for i in range(60):
+        for sensor in sensors:
+            if sensor == "vibration":
+                for k in range(skewed_share):  # messages at once: it may send the most
+                    skewed_kept += reading(d, sensor, NOW + skew + i + k / skewed_share)
+            else:
+                right_kept += reading(d, sensor, NOW + i * 0.1)
+        assert abs(d.clock_offset(0)) < 10, (i, d.clock_offset(0))  # never moved
+    assert right_kept == 60 * (len(sensors) - 1)  # none of the right readings dropped
+    assert d.sensor_clocks.skews == {"pump-1/vibration": pytest.approx(skew, abs=60)}
+    assert "sensor vibration of pump-1 runs" in caplog.text, caplog.text
+    assert f"runs {skew:+.0f}"[:7] in caplog.text  # e.g. "runs +3597 s"
+    if skew > 0:  # judged by the asset's clock: too far ahead, dropped and counted
+        assert skewed_kept == 0 and d.drops["ts_future"] == 60 * skewed_share
+    # (behind: kept here, then `late` in the aligner, counted there)
+
+
+def test_a_whole_asset_ahead_is_still_followed_and_no_sensor_stands_out() -> None:
+    d = decoder()
+    for i in range(40):
+        for sensor in SENSORS:
+            reading(d, sensor, NOW + 3600 + i)
+    assert abs(d.clock_offset(0) - 3600) < 40
+    assert d.sensor_clocks.skews == {}
+    # Judged by the device's clock until the clocks had CLOCK_MIN_MESSAGES each.
+    assert d.drops["ts_future"] <= CLOCK_MIN_MESSAGES * len(SENSORS)
+
+
+def test_of_two_clocks_the_one_nearer_the_device_decides() -> None:
+    assert middle([0.0, 3600.0]) == 0.0
+    assert middle([-3600.0, 0.5]) == 0.5
+    assert middle([0.0, 1.0, 3600.0]) == 1.0
+
+
+def test_the_health_report_names_the_skewed_sensor(tmp_path: Path) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    config = site_config(tmp_path, bundle)
+    model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
+    outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
+    runtime = EdgeRuntime(config, model, outbox, "t")
+    clock = runtime.decoder.clock
+    try:
+        for _ in range(20):
+            for sensor in SENSORS:
+                ts = clock() + (3600.0 if sensor == "vibration" else 0.0)  # type: ignore[operator]
+                payload = f'{{"ts": {ts}, "value": 1.0}}'.encode()
+                runtime.decoder.decode(f"plant/pump-1/{sensor}", payload)
+        health = runtime.health(disk_free=0)
+        assert dict(health.sensor_clock_offset_s) == {
+            "pump-1/vibration": pytest.approx(3600, abs=60)
+        }
+        assert "pump-1" not in health.clock_offset_s  # the asset's clock is the device's
+        assert health.dropped_by_reason["ts_future"] == 20
+    finally:
+        outbox.close()
+        model.close()
