@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.model.data import list_data_files, read_table
+from cloud.model.data import find_time_column, list_data_files, read_table
 from edge_agent.errors import InvalidInput
 from edge_agent.windowing import WindowSpec, align_to_grid, strided_ends, windows_ending_at
 
@@ -141,3 +141,13 @@ def test_alignment_is_causal(steps: list[float], cut: int, period: float) -> Non
         keep = slice(0, max(0, limit))
     assert np.array_equal(a.values[keep], b.values[keep])
     assert np.array_equal(a.mask[keep], b.mask[keep])
+
+
+def test_a_cycle_count_is_the_time_only_where_no_clock_column_is(tmp_path: Path) -> None:
+    both = tmp_path / "both.csv"
+    both.write_text("cycle,timestamp,a\n1,1700000000,0.5\n2,1700000060,0.6\n")
+    assert find_time_column(both, ["cycle", "timestamp", "a"], None) == "timestamp"
+    only = read_table(write(tmp_path, "unit,cycle,a\n1,1,0.5\n1,2,0.6\n", "c.csv"), ["unit", "a"])
+    assert only.times[1] - only.times[0] == 1.0
+    with pytest.raises(InvalidInput, match=r"looked for datetime.*cycle"):
+        find_time_column(both, ["unit", "a"], None)

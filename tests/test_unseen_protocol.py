@@ -219,11 +219,11 @@ def test_a_forecast_residual_counts_only_for_a_sensor_not_coming_back_to_normal(
 def _write_units(root: Path, units: int, seed: int) -> Path:
     """Run-to-failure units counted in cycles (no clock): 14 sensors, 2 of them constant set
     points, a slow quadratic degradation on 6 sensors over each unit's last 40 %, the last
-    20 % labelled faulty, units of 150 to 250 cycles (the length of turbofan-style units)."""
+    20 % labelled faulty, units of 128 to 250 cycles (the length of turbofan-style units)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     for u in range(units):
-        rows = 150 + 20 * u
+        rows = 128 if u == 0 else 150 + 20 * u  # the first: calibrates on one window alone
         t = np.arange(rows)
         wear = np.clip((t - 0.6 * rows) / (0.4 * rows), 0, None) ** 2
         columns = {"setpoint_a": np.full(rows, 100.0), "setpoint_b": np.full(rows, 0.84)}

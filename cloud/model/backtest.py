@@ -75,7 +75,10 @@ def score_file(
         table.times, table.values, manifest.sampling.period_s, manifest.sampling.max_staleness_s
     )
     first_slot = int(series.row_slot[calibration_rows])
-    slots = calibrate_and_score(loaded.model, loaded.frame, series, first_slot)
+    try:
+        slots = calibrate_and_score(loaded.model, loaded.frame, series, first_slot)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path}: {exc}") from None
     scores, flags = row_scores(slots, series.row_slot, calibration_rows)
     return table.time_texts[calibration_rows:], scores, flags
 

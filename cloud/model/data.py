@@ -21,7 +21,8 @@ import numpy as np
 from edge_agent.errors import InvalidInput
 from edge_agent.windowing import FloatArray, TimeArray
 
-TIME_COLUMN_NAMES = ("datetime", "timestamp", "time", "date", "ts", "cycle", "cycles")
+TIME_COLUMN_NAMES = ("datetime", "timestamp", "time", "date", "ts")
+CYCLE_COLUMN_NAMES = ("cycle", "cycles")  # a count of cycles: only where no clock column is
 DEFAULT_LABEL_COLUMNS = ("anomaly", "changepoint")
 SUFFIXES = (".csv", ".parquet")
 
@@ -73,17 +74,19 @@ def read_header(path: Path) -> tuple[list[str], str]:
 
 
 def find_time_column(path: Path, names: Sequence[str], given: str | None) -> str:
-    """The time column: the one given, else the first with a conventional name."""
+    """The time column: the one given, else the first with a clock's conventional name,
+    else the first named as a cycle count."""
     if given is not None:
         if given not in names:
             raise InvalidInput(f"{path}:1: time column {given!r} not in {list(names)}")
         return given
-    for name in names:
-        if name.lower() in TIME_COLUMN_NAMES:
-            return name
+    for accepted in (TIME_COLUMN_NAMES, CYCLE_COLUMN_NAMES):
+        for name in names:
+            if name.lower() in accepted:
+                return name
     raise InvalidInput(
-        f"{path}:1: no time column (looked for {', '.join(TIME_COLUMN_NAMES)}); "
-        "name it with --time-column"
+        f"{path}:1: no time column (looked for "
+        f"{', '.join(TIME_COLUMN_NAMES + CYCLE_COLUMN_NAMES)}); name it with --time-column"
     )
 
 

@@ -56,9 +56,9 @@ def episodes_from_tables(
         series = align_to_grid(table.times, table.values, spec.period_s, spec.max_staleness_s)
         labels = _slot_labels(table, series)
         if series.slots <= calibration_rows + spec.length:
-            # Short: kept when it calibrates on full windows, as `episode_evidence` does (on
-            # min(calibration_rows, half its rows)), and has as many rows again to score.
-            if min(calibration_rows, series.slots // 2) >= spec.length:
+            # Short: kept when it calibrates on two full windows or more, as `episode_evidence`
+            # needs (on min(calibration_rows, half its rows)), and has as many rows to score.
+            if min(calibration_rows, series.slots // 2) > spec.length:
                 episodes.append(Episode(str(table.path), series, labels))
             continue
         if table.labels is not None or series.slots <= span:

@@ -218,7 +218,7 @@ def auto_window(
         raise InvalidInput(
             f"--segments {options.segments} divides none of {WINDOW_CHOICES}; pass --window"
         )
-    window = next((w for w in usable if w <= fits), usable[-1])
+    window = next((w for w in usable if w < fits), usable[-1])  # 2+ calibration windows
     if window != usable[0]:
         log(
             f"window {window} rows: a typical recording has {rows:.0f} rows and calibrates on "

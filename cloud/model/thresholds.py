@@ -95,7 +95,7 @@ def episode_evidence(
     """Calibrate on the episode's start (half of it when it is short) and score all of it."""
     series = episode.series
     cal = min(calibration_rows, series.slots // 2)
-    if cal < frame.window or series.slots - cal < 1:
+    if cal <= frame.window or series.slots - cal < 1:  # 2+ full calibration windows
         return None
     calibration, _, ends, outputs = calibrate(model, frame, series, cal)
     labels = episode.labels[ends]
