@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_agent.asset_stream import MIN_WINDOW_VALID, AssetRunner
-from edge_agent.batching import WindowJob
+from edge_agent.batching import WindowBatch, WindowJob
 from edge_agent.calibration import SiteCalibration, to_network_space
 from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.ingest import stream
@@ -69,6 +69,10 @@ def test_windows_cut_from_the_ring_are_those_of_the_whole_history(stride: int) -
     cals = [_calibration(1), _calibration(2)]
     frame = runner.model.frame
     got: list[WindowJob] = []
+
+    def emit(batch: WindowBatch) -> None:
+        got.extend(batch.jobs())
+
     expected: list[tuple[float, float, np.ndarray, np.ndarray, np.ndarray]] = []
     rows_v: list[np.ndarray] = []  # since the last gap
     rows_m: list[np.ndarray] = []
@@ -99,7 +103,7 @@ def test_windows_cut_from_the_ring_are_those_of_the_whole_history(stride: int) -
         count = int(rng.choice([1, 1, 2, 5, 17, 40]))
         values = rng.normal(size=(count, N)).astype(np.float32)
         mask = (rng.random((count, N)) < rng.choice([0.2, 0.9])).astype(np.float32)
-        runner.feed(ClosedRows(slot, values, mask, gap), got.append, calibrate)
+        runner.feed(ClosedRows(slot, values, mask, gap), emit, calibrate)
         for k in range(count):
             rows_v.append(values[k])
             rows_m.append(mask[k])
