@@ -107,6 +107,13 @@ class Pipeline:
             self.runners[asset].aligner.add(sensor, ts, value)
             touched.add(asset)
             return
+        head = item[0]
+        if len(item) > 1 and all(c.ts is head.ts and c.asset == head.asset for c in item):
+            # One message's sensors at shared times (the decoder's arrays form): at once.
+            aligner = self.runners[head.asset].aligner
+            aligner.add_block([c.sensor for c in item], head.ts, [c.values for c in item])
+            touched.add(head.asset)
+            return
         for chunk in item:
             assert isinstance(chunk, Chunk)
             self.runners[chunk.asset].aligner.add_many(chunk.sensor, chunk.ts, chunk.values)

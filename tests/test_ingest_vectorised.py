@@ -200,6 +200,33 @@ def _run(
     return heads, np.concatenate(values), np.concatenate(masks), dict(aligner.counts), state
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_block_of_sensors_at_shared_times_is_added_as_each_sensor_alone(seed: int) -> None:
+    """`add_block` (a message's sensors at shared times, checked once) leaves the aligner as
+    `add_many` per sensor does: rows, counts and state."""
+
+    def one_by_one(aligner: StreamAligner, sensor: int, ts: np.ndarray, v: np.ndarray) -> None:
+        for j in range(N):
+            aligner.add_many(j, ts, v + j)
+
+    def block(aligner: StreamAligner, sensor: int, ts: np.ndarray, v: np.ndarray) -> None:
+        aligner.add_block(list(range(N)), ts, [v + j for j in range(N)])
+
+    def aligner() -> StreamAligner:
+        return StreamAligner(N, 1.0, 2.0, 3.0, max_gap_slots=LENGTH)
+
+    assert _same(_run(aligner(), seed, block), _run(aligner(), seed, one_by_one))
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    heads_a, values_a, masks_a, counts_a, state_a = a
+    heads_b, values_b, masks_b, counts_b, state_b = b
+    np.testing.assert_array_equal(values_a, values_b)
+    np.testing.assert_array_equal(masks_a, masks_b)
+    assert (heads_a, counts_a, state_a) == (heads_b, counts_b, state_b)
+    return True
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_rows_and_counts_are_those_of_the_plain_path(
     seed: int, monkeypatch: pytest.MonkeyPatch
