@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from edge_agent.asset_stream import AssetRunner
-from edge_agent.batching import InferenceWorker, WindowJob
+from edge_agent.batching import InferenceWorker, WindowBatch
 from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.health import RuntimeCounters
 from edge_agent.ingest.decode import Chunk, Decoded, Decoder
@@ -115,6 +115,13 @@ class Pipeline:
             self.runners[asset].aligner.add(sensor, ts, value)
             touched.add(asset)
             return
+        head = item[0]
+        if len(item) > 1 and all(c.ts is head.ts and c.asset == head.asset for c in item):
+            # One message's sensors at shared times (the decoder's arrays form): at once.
+            aligner = self.runners[head.asset].aligner
+            aligner.add_block([c.sensor for c in item], head.ts, [c.values for c in item])
+            touched.add(head.asset)
+            return
         for chunk in item:
             assert isinstance(chunk, Chunk)
             self.runners[chunk.asset].aligner.add_many(chunk.sensor, chunk.ts, chunk.values)
@@ -124,31 +131,51 @@ class Pipeline:
         """After each drain: the asset's stream clock, as the decoder estimates it."""
         runner.follow_clock(self.decoder.clock_offset(runner.index))
 
-    def emit(self, job: WindowJob) -> None:
-        """Queues a window for inference. Behind (a backlog replayed after an outage, a model
+    def emit(self, batch: WindowBatch) -> None:
+        """Queues windows for inference. Behind (a backlog replayed after an outage, a model
         slower than the stream, a sink slower than inference), it catches up instead of
-        queueing without bound: with `CATCH_UP_FROM` windows waiting, only every 2nd window of
-        each asset is scored, every 4th at twice that, and so on (at most every 64th); the
-        skipped ones are counted (`behind_skipped` in health and /metrics) and said once a
-        minute."""
+        queueing without bound: with `CATCH_UP_FROM` batches' worth of windows waiting, only
+        every 2nd window of each asset is scored, every 4th at twice that, and so on (at most
+        every 64th); the skipped ones are counted (`behind_skipped` in health and /metrics)
+        and said once a minute."""
         worker = self.worker
         assert worker is not None
         limit = CATCH_UP_FROM * max(1, self.max_batch)
-        behind = worker.waiting // limit
-        if behind:
+        waiting = worker.waiting
+        if waiting + len(batch) > limit:
+            batch = self._thin(batch, waiting, limit)
+        if len(batch):
+            worker.submit(batch)
+
+    def _thin(self, batch: WindowBatch, waiting: int, limit: int) -> WindowBatch:
+        """The windows of `batch` kept while `waiting` (and those kept before them) are over
+        `limit`; window by window, as if each were queued on its own."""
+        count = self._cut_count
+        asset = batch.asset
+        kept: list[int] = []
+        for i in range(len(batch)):
+            behind = (waiting + len(kept)) // limit
+            if not behind:
+                kept.append(i)
+                continue
             every = 1 << min(6, behind)
-            self._cut_count[job.asset] += 1
-            if self._cut_count[job.asset] % every:
+            count[asset] += 1
+            if count[asset] % every:
                 self.counters.behind_skipped += 1
-                now = time.monotonic()
-                if now - self._behind_logged_at >= 60.0:
-                    self._behind_logged_at = now
-                    log.warning(
-                        "inference is behind (%d windows waiting): scoring every %dth window "
-                        "of each asset until it catches up; %d skipped so far",
-                        worker.waiting,
-                        every,
-                        self.counters.behind_skipped,
-                    )
-                return
-        worker.submit(job)
+            else:
+                kept.append(i)
+        skipped = len(batch) - len(kept)
+        if skipped:
+            now = time.monotonic()
+            if now - self._behind_logged_at >= 60.0:
+                self._behind_logged_at = now
+                log.warning(
+                    "inference is behind (%d windows waiting): scoring every %dth window "
+                    "of each asset until it catches up; %d skipped so far",
+                    waiting,
+                    1 << min(6, max(1, waiting // limit)),
+                    self.counters.behind_skipped,
+                )
+        if len(kept) == len(batch):
+            return batch
+        return batch.subset(kept)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.batching import WindowJob
+from edge_agent.batching import WindowBatch
 from edge_agent.pipeline import CATCH_UP_FROM
 from tests.support.agents import wait_for
 from tests.support.datapath import START, Site, pump, site_config
@@ -56,10 +56,10 @@ def test_behind_inference_scores_every_kth_window_and_says_so(
         runtime.worker.submit(lambda _backend: held.wait(60))  # inference busy
         scored_before, cut = len(site.verdicts), 0
 
-        def emit(job: WindowJob) -> None:
+        def emit(batch: WindowBatch) -> None:
             nonlocal cut
-            cut += 1
-            runtime.pipeline.emit(job)
+            cut += len(batch)
+            runtime.pipeline.emit(batch)
 
         runner = runtime.runners[0]
         rows = pump(2000, faulty=False, seed=2)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_agent.asset_stream import MIN_WINDOW_VALID, AssetRunner
-from edge_agent.batching import WindowJob
+from edge_agent.batching import WindowBatch, WindowJob
 from edge_agent.calibration import SiteCalibration, to_network_space
 from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.ingest import stream
@@ -69,6 +69,10 @@ def test_windows_cut_from_the_ring_are_those_of_the_whole_history(stride: int) -
     cals = [_calibration(1), _calibration(2)]
     frame = runner.model.frame
     got: list[WindowJob] = []
+
+    def emit(batch: WindowBatch) -> None:
+        got.extend(batch.jobs())
+
     expected: list[tuple[float, float, np.ndarray, np.ndarray, np.ndarray]] = []
     rows_v: list[np.ndarray] = []  # since the last gap
     rows_m: list[np.ndarray] = []
@@ -99,7 +103,7 @@ def test_windows_cut_from_the_ring_are_those_of_the_whole_history(stride: int) -
         count = int(rng.choice([1, 1, 2, 5, 17, 40]))
         values = rng.normal(size=(count, N)).astype(np.float32)
         mask = (rng.random((count, N)) < rng.choice([0.2, 0.9])).astype(np.float32)
-        runner.feed(ClosedRows(slot, values, mask, gap), got.append, calibrate)
+        runner.feed(ClosedRows(slot, values, mask, gap), emit, calibrate)
         for k in range(count):
             rows_v.append(values[k])
             rows_m.append(mask[k])
@@ -194,6 +198,33 @@ def _run(
             masks.append(rows.mask)
     state = {k: v.tolist() for k, v in aligner.snapshot().items()}
     return heads, np.concatenate(values), np.concatenate(masks), dict(aligner.counts), state
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_block_of_sensors_at_shared_times_is_added_as_each_sensor_alone(seed: int) -> None:
+    """`add_block` (a message's sensors at shared times, checked once) leaves the aligner as
+    `add_many` per sensor does: rows, counts and state."""
+
+    def one_by_one(aligner: StreamAligner, sensor: int, ts: np.ndarray, v: np.ndarray) -> None:
+        for j in range(N):
+            aligner.add_many(j, ts, v + j)
+
+    def block(aligner: StreamAligner, sensor: int, ts: np.ndarray, v: np.ndarray) -> None:
+        aligner.add_block(list(range(N)), ts, [v + j for j in range(N)])
+
+    def aligner() -> StreamAligner:
+        return StreamAligner(N, 1.0, 2.0, 3.0, max_gap_slots=LENGTH)
+
+    assert _same(_run(aligner(), seed, block), _run(aligner(), seed, one_by_one))
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    heads_a, values_a, masks_a, counts_a, state_a = a
+    heads_b, values_b, masks_b, counts_b, state_b = b
+    np.testing.assert_array_equal(values_a, values_b)
+    np.testing.assert_array_equal(masks_a, masks_b)
+    assert (heads_a, counts_a, state_a) == (heads_b, counts_b, state_b)
+    return True
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.batching import WindowJob
+from edge_agent.batching import WindowBatch
 from edge_agent.config import load_agent_config
 from edge_agent.decisions import Verdict
 from edge_agent.outbox import Outbox
@@ -56,9 +56,9 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
     runtime.start_inference()
     emitted = []
 
-    def emit(job: WindowJob) -> None:
-        emitted.append(job)
-        runtime.pipeline.emit(job)
+    def emit(batch: WindowBatch) -> None:
+        emitted.extend(batch.jobs())
+        runtime.pipeline.emit(batch)
 
     try:
         runner = runtime.runners[0]

@@ -50,6 +50,12 @@ class ClosedRows:
     gap: bool
 
 
+def _order(times: list[float]) -> tuple[bool, bool]:
+    """Whether `times` is increasing, and whether non-decreasing."""
+    increasing = all(map(operator.lt, times, times[1:]))
+    return increasing, increasing or all(map(operator.le, times, times[1:]))
+
+
 class StreamAligner:
     """One asset's pending readings and grid position. Not thread-safe: one thread feeds it."""
 
@@ -123,13 +129,29 @@ class StreamAligner:
         """A sensor's readings of one message. In plain floats: a message holds tens of
         readings, where numpy costs more per call than a loop costs over all of them."""
         times_in = ts.tolist()
-        if not times_in:
-            return
+        if times_in:
+            self._add_list(sensor, times_in, values.tolist(), _order(times_in))
+
+    def add_block(self, sensors: list[int], ts: TimeArray, columns: list[TimeArray]) -> None:
+        """Readings of several sensors at the same times (one column each): what `add_many`
+        does for each, the times converted and checked once."""
+        times_in = ts.tolist()
+        if times_in:
+            order = _order(times_in)
+            for sensor, column in zip(sensors, columns, strict=True):
+                self._add_list(sensor, times_in, column.tolist(), order)
+
+    def _add_list(
+        self,
+        sensor: int,
+        times_in: list[float],
+        values_in: list[float],
+        order: tuple[bool, bool],
+    ) -> None:
+        """`add_many` on lists; `order`: whether `times_in` is increasing, non-decreasing."""
         newest = self._newest[sensor]
-        increasing = all(map(operator.lt, times_in, times_in[1:]))
-        if times_in[0] < newest or not (
-            increasing or all(map(operator.le, times_in, times_in[1:]))
-        ):
+        increasing, ascending = order
+        if times_in[0] < newest or not ascending:
             self._distrust[sensor] = TRUST_AFTER_READINGS
             top = max(times_in)
         else:
@@ -139,7 +161,6 @@ class StreamAligner:
             self._stepped(sensor, [d for d in steps if math.isfinite(d)])
             top = times_in[-1]
         self._newest[sensor] = max(newest, top)
-        values_in = values.tolist()
         closed = self._closed_time()
         bound = closed + EPS
         if min(times_in) <= bound:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.train import TrainParams
-from edge_agent.batching import InferenceWorker, WindowJob
+from edge_agent.batching import InferenceWorker, WindowBatch
 from edge_agent.bundle import verify_bundle
 from edge_agent.inference.base import open_backend
 
@@ -61,7 +61,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(ROUNDS):
             for a in range(ASSETS):  # every asset's window falls due at once, as each stride does
-                worker.submit(WindowJob(a, windows[a], mask[a], 0.0, 0.0))
+                worker.submit(WindowBatch(a, windows[a : a + 1], mask[a : a + 1], None, [0], 1.0))
             for _ in range(ASSETS):
                 done.acquire()
         batched = ROUNDS * ASSETS / (time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cloud.local_broker import start_local_broker
-from edge_agent.batching import WindowJob
+from edge_agent.batching import WindowBatch
 from edge_agent.config import load_agent_config
 from edge_agent.ingest.mqtt import new_client
 from edge_agent.outbox import Outbox
@@ -140,9 +140,9 @@ def agent_round(
     windows = [0]
     lock = threading.Lock()
 
-    def count(job: WindowJob) -> None:  # cut and counted, not scored
+    def count(batch: WindowBatch) -> None:  # cut and counted, not scored
         with lock:
-            windows[0] += 1
+            windows[0] += len(batch)
 
     runtime.pipeline.emit = count  # type: ignore[method-assign]
     runtime.start()

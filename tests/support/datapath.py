@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.batching import WindowJob
+from edge_agent.batching import WindowBatch
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.decisions import AlertEvent, Verdict
 from edge_agent.outbox import Outbox
@@ -70,9 +70,9 @@ class Site:
         """Readings at START + first_row + i * step seconds, as the pipeline thread adds them."""
         runner = self.runtime.runners[0]
 
-        def emit(job: WindowJob) -> None:
-            self.jobs += 1
-            self.runtime.pipeline.emit(job)
+        def emit(batch: WindowBatch) -> None:
+            self.jobs += len(batch)
+            self.runtime.pipeline.emit(batch)
 
         for i in range(values.shape[0]):
             for j in range(len(SENSORS)):
@@ -88,9 +88,9 @@ class Site:
         (as a gateway batches them): `add_many` per sensor, then the drain."""
         runner = self.runtime.runners[0]
 
-        def emit(job: WindowJob) -> None:
-            self.jobs += 1
-            self.runtime.pipeline.emit(job)
+        def emit(batch: WindowBatch) -> None:
+            self.jobs += len(batch)
+            self.runtime.pipeline.emit(batch)
 
         for a in range(0, values.shape[0], rows_per_message):
             block = values[a : a + rows_per_message]
