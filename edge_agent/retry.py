@@ -42,9 +42,15 @@ class Backoff:
         count is kept elsewhere (a database row) rather than in this object."""
         steps = min(max(0, attempt - 1), 64)  # far past any cap; more would only overflow
         base = min(self.maximum_s, self.initial_s * self.multiplier**steps)
-        if self.full_jitter:
-            return self.rng.uniform(self.initial_s, base)
+        if self.full_jitter:  # the first draw too spans a step: the fleet does not return as one
+            top = min(self.maximum_s, max(base, self.initial_s * self.multiplier))
+            return self.rng.uniform(self.initial_s, top)
         return base * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def after_hint(self, hint_s: float) -> float:
+        """The wait a peer's retry hint asks for, spread +-50 % (those it refused together do
+        not return together), never past the ceiling whatever the hint says."""
+        return min(self.maximum_s, hint_s * self.rng.uniform(0.5, 1.5))
 
     def reset(self) -> None:
         """Back to the first step, after a success."""

@@ -160,7 +160,7 @@ class CloudSession:
         error = self.refusal_hint
         self.refusal_hint = None
         if error is not None and error.retry_after_s > 0:
-            return error.retry_after_s * self.backoff.rng.uniform(0.5, 1.5)
+            return self.backoff.after_hint(error.retry_after_s)
         return self.backoff.next_delay()
 
     def credentials(self) -> grpc.ChannelCredentials:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cloud.service import agent as agent_service
 from cloud.service.admission import MAX_HINT_S, MIN_HINT_S, SessionAdmission
 from edge_agent.config import ReconnectPolicy
 from edge_agent.errors import RETRY_AFTER_KEY, RateLimited, from_rpc_error
+from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import register
@@ -83,14 +86,15 @@ def test_full_jitter_draws_each_delay_from_the_initial_delay_to_the_step(
     maximum = initial * ratio
     backoff = Backoff(initial, maximum, multiplier, full_jitter=True, rng=random.Random(seed))
     for attempt in range(30):
-        step = min(maximum, initial * multiplier**attempt)
+        step = min(maximum, initial * multiplier ** max(attempt, 1))  # the first spans one
         assert initial <= backoff.next_delay() <= step + 1e-9
 
 
 @pytest.mark.unit
 def test_full_jitter_spreads_a_fleet_over_the_step() -> None:
-    """1,000 agents failing again at once: their retries cover [1 s, 2 s] about evenly,
-    where +-20 % jitter bunched them into [1.6, 2.4]."""
+    """1,000 agents losing the plane at once: their first retries cover [1 s, 2 s] about
+    evenly (they all came back at exactly 1 s before), where +-20 % jitter bunched them
+    around 1 s."""
     rng = random.Random(7)
     policy = ReconnectPolicy()
     assert policy.full_jitter and policy.max_s == 120
@@ -98,8 +102,7 @@ def test_full_jitter_spreads_a_fleet_over_the_step() -> None:
     for _ in range(1000):
         backoff = policy.backoff()
         backoff.rng = rng
-        assert backoff.next_delay() == 1.0  # the first: nothing to spread over
-        delays.append(backoff.next_delay())
+        delays.append(backoff.next_delay())  # the first retry, spread like the rest
     quarters = [sum(1 + q / 4 <= d < 1 + (q + 1) / 4 for d in delays) for q in range(4)]
     assert all(200 <= n <= 300 for n in quarters), quarters
 
@@ -159,3 +162,52 @@ def test_a_busy_plane_refuses_a_session_with_a_hint_the_agent_follows(
         assert plane.plane.admission.in_setup == 0
     finally:
         agent.stop()
+
+
+def _silent_session(plane: RunningPlane, identity: DeviceIdentity) -> grpc.RpcError:
+    """Opens a session and sends nothing; returns how the plane ended it."""
+    quiet = threading.Event()
+
+    def nothing() -> Iterator[agent_pb2.AgentMessage]:
+        quiet.wait(60)
+        yield from ()
+
+    try:
+        with grpc.secure_channel(plane.device_address, identity.credentials()) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Session(nothing(), timeout=30))
+    finally:
+        quiet.set()
+    return err.value
+
+
+@pytest.mark.integration
+def test_a_session_that_never_says_hello_is_dropped_and_a_revoked_peer_is_refused_first(
+    narrow_plane: RunningPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer holds nothing for long: a stream without a hello ends after the bound, and a
+    revoked device is refused before the plane reads anything from it."""
+    monkeypatch.setattr(agent_service, "HELLO_TIMEOUT_S", 0.5)
+    plane = narrow_plane
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    silent = _silent_session(plane, identity)
+    assert silent.code() == grpc.StatusCode.INVALID_ARGUMENT, silent
+    assert "no hello within" in str(silent.details())
+    assert plane.plane.admission.in_setup == 0
+
+    plane.plane.registry.revoke("pump-1", "stolen")
+    monkeypatch.setattr(agent_service, "HELLO_TIMEOUT_S", 25.0)  # refused long before that
+    refused = _silent_session(plane, identity)
+    assert refused.code() in (
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ), refused
+    assert plane.plane.admission.in_setup == 0
+
+
+@pytest.mark.unit
+def test_a_retry_hint_never_parks_an_agent_past_its_ceiling() -> None:
+    backoff = ReconnectPolicy().backoff()
+    assert backoff.after_hint(10**9) == backoff.maximum_s == 120
+    assert 5 <= backoff.after_hint(10) <= 15

@@ -46,6 +46,22 @@ MIN_DOWNLOAD_CHUNK = 16 << 10  # smaller chunks cost the server a message per fe
 STORE_AHEAD = 2  # record batches of a session read while the one before is stored
 
 
+HELLO_TIMEOUT_S = 30.0  # an agent sends its hello at once; a silent stream is dropped
+
+
+async def _hello(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> agent_pb2.Hello:
+    """The session's first message, which must be a hello, within HELLO_TIMEOUT_S."""
+    try:
+        first = await asyncio.wait_for(anext(aiter(request_iterator), None), HELLO_TIMEOUT_S)
+    except TimeoutError:
+        raise InvalidInput(
+            f"no hello within {HELLO_TIMEOUT_S:.0f} s of opening a session"
+        ) from None
+    if first is None or first.WhichOneof("body") != "hello":
+        raise InvalidInput("a session must start with a hello message")
+    return first.hello
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(
         self,
@@ -140,12 +156,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ControlMessage]:
         device_id, fingerprint = device_identity(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("body") != "hello":
-            raise InvalidInput("a session must start with a hello message")
-        hello = first.hello
         with self.admission.setup():  # RateLimited, with a retry hint, when too many open
+            # Who it is before reading anything from it: a revoked peer is refused at once.
             device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
+        hello = await _hello(request_iterator)
+        with self.admission.setup():
             if device.cert_not_after is None and (expiry := certificate_not_after(context)):
                 # Enrolled before expiry was recorded: learnt from the certificate it presents.
                 await asyncio.to_thread(
