@@ -159,7 +159,7 @@ class EdgeRuntime:
             self.counters,
             self.losses,
             on_verdict,
-            scored=lambda: decisions.decided_through,
+            scored=decisions.marks,
         )
         self.sink = sink
         for runner in self.runners:
