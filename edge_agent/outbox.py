@@ -121,17 +121,23 @@ class Outbox:
                 evicted, freed = self._evict_locked(self._bytes + added)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                # A failed COMMIT (disk full) may have ended the transaction already: a
-                # ROLLBACK then raised "no transaction is active" and hid the real cause.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._rollback()
                 raise LocalStateError(f"{self.path}: cannot write the outbox: {exc}") from None
+            except BaseException:
+                self._rollback()  # left open, every later write would fail until a restart
+                raise
             self._next = first + len(rows)
             self._depth += len(rows) - evicted
             self._bytes += added - freed
             self._evicted += evicted
             self._changed.notify_all()
             return [seq for seq, _, _ in rows]
+
+    def _rollback(self) -> None:
+        # A failed COMMIT (disk full) may have ended the transaction already: a ROLLBACK then
+        # raised "no transaction is active" and hid the real cause.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _keep_scored(self, scored: Mapping[str, float | None]) -> None:
         """The marks follow the stream, back too (its clock stepped back and it restarted at
@@ -227,9 +233,10 @@ class Outbox:
                     self._next = up_to + 1
                     self._set_meta("next_seq", self._next)
                 self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:  # a failed COMMIT (disk full) may have ended it
-                    self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                self._rollback()
+                if not isinstance(exc, sqlite3.Error):
+                    raise
                 raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
             self._acked = up_to
             self._quarantined += moved
