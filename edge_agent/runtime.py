@@ -270,7 +270,10 @@ class EdgeRuntime:
     def _resume_stream(self, runner: AssetRunner) -> None:
         model, decisions = self.model, self.decisions
         assert model is not None and decisions is not None
-        state = self.streams.take(runner.name, model.version, model.schema.names)
+        # Kept on disk until a checkpoint replaces it: a crash-loop faster than checkpoint_s
+        # must not lose it (without checkpoints it would be a stale stop's: removed).
+        keep = self.config.ingest.checkpoint_s > 0
+        state = self.streams.take(runner.name, model.version, model.schema.names, keep)
         if state is None:
             return
         try:
