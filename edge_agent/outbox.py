@@ -97,13 +97,15 @@ class Outbox:
         return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
 
     def append(
-        self, records: Sequence[tuple[int, bytes]], scored: Mapping[str, float] | None = None
+        self,
+        records: Sequence[tuple[int, bytes]],
+        scored: Mapping[str, float | None] | None = None,
     ) -> list[int]:
         """Appends (kind, body) records in one transaction; returns their sequence numbers.
 
         `body` must not contain the sequence; the caller's encoder adds it when sending.
         `scored`: by asset, the end of the last window decided up to these records, kept in
-        the same transaction (`scored_through`)."""
+        the same transaction (`scored_through`); None: none since its stream restarted."""
         if not records:
             return []
         with self._lock:
@@ -115,25 +117,40 @@ class Outbox:
                 self._db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
-                    self._db.executemany(
-                        "INSERT INTO scored (asset, window_end) VALUES (?, ?) ON CONFLICT "
-                        "(asset) DO UPDATE SET window_end = MAX(window_end, excluded.window_end)",
-                        list(scored.items()),
-                    )
+                    self._keep_scored(scored)
                 evicted, freed = self._evict_locked(self._bytes + added)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                # A failed COMMIT (disk full) may have ended the transaction already: a
-                # ROLLBACK then raised "no transaction is active" and hid the real cause.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._rollback()
                 raise LocalStateError(f"{self.path}: cannot write the outbox: {exc}") from None
+            except BaseException:
+                self._rollback()  # left open, every later write would fail until a restart
+                raise
             self._next = first + len(rows)
             self._depth += len(rows) - evicted
             self._bytes += added - freed
             self._evicted += evicted
             self._changed.notify_all()
             return [seq for seq, _, _ in rows]
+
+    def _rollback(self) -> None:
+        # A failed COMMIT (disk full) may have ended the transaction already: a ROLLBACK then
+        # raised "no transaction is active" and hid the real cause.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _keep_scored(self, scored: Mapping[str, float | None]) -> None:
+        """The marks follow the stream, back too (its clock stepped back and it restarted at
+        the new time): a mark kept at the highest end would skip everything up to it after a
+        kill -9."""
+        self._db.executemany(
+            "INSERT INTO scored (asset, window_end) VALUES (?, ?) "
+            "ON CONFLICT (asset) DO UPDATE SET window_end = excluded.window_end",
+            [(a, end) for a, end in scored.items() if end is not None],
+        )
+        self._db.executemany(
+            "DELETE FROM scored WHERE asset = ?", [(a,) for a, end in scored.items() if end is None]
+        )
 
     def _evict_locked(self, total: int) -> tuple[int, int]:
         """Deletes the oldest captures, then the oldest predictions, until `total` bytes fit
@@ -216,9 +233,10 @@ class Outbox:
                     self._next = up_to + 1
                     self._set_meta("next_seq", self._next)
                 self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:  # a failed COMMIT (disk full) may have ended it
-                    self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                self._rollback()
+                if not isinstance(exc, sqlite3.Error):
+                    raise
                 raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
             self._acked = up_to
             self._quarantined += moved

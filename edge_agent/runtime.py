@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from edge_agent.asset_stream import AssetRunner
 from edge_agent.batching import InferenceWorker
@@ -44,6 +45,17 @@ from edge_agent.windowing import AlignedSeries
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationOutcome:
+    """One site calibration's end, decided under `lock`: installed, or given up at the bound
+    (a late result then discarded), never both."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    installed: bool = False
+    given_up: bool = False
+    ended: bool = False
 
 
 class EdgeRuntime:
@@ -90,6 +102,10 @@ class EdgeRuntime:
         self._checkpointed_at = time.monotonic()
         self._checkpointed: dict[int, tuple[int, int]] = {}  # by asset: aligner, readings
         self._checkpoint_failed_at = -math.inf
+        # Calibrations given up on but still queued or running on the inference thread: a new
+        # one would only wait behind them (pipeline thread writes, the inference thread ends).
+        self._calibrations_given_up = 0
+        self._given_up_lock = threading.Lock()
         self.capture = CaptureSampler(config.capture, config.state_dir / "capture.json")
         self.runners: list[AssetRunner] = []
         self.decisions: SiteDecisions | None = None
@@ -159,7 +175,7 @@ class EdgeRuntime:
             self.counters,
             self.losses,
             on_verdict,
-            scored=lambda: decisions.decided_through,
+            scored=decisions.marks,
         )
         self.sink = sink
         for runner in self.runners:
@@ -270,7 +286,10 @@ class EdgeRuntime:
     def _resume_stream(self, runner: AssetRunner) -> None:
         model, decisions = self.model, self.decisions
         assert model is not None and decisions is not None
-        state = self.streams.take(runner.name, model.version, model.schema.names)
+        # Kept on disk until a checkpoint replaces it: a crash-loop faster than checkpoint_s
+        # must not lose it (without checkpoints it would be a stale stop's: removed).
+        keep = self.config.ingest.checkpoint_s > 0
+        state = self.streams.take(runner.name, model.version, model.schema.names, keep)
         if state is None:
             return
         try:
@@ -327,32 +346,47 @@ class EdgeRuntime:
         the asset's decider on the sink thread (after the results before it), and waits for
         both, so the rows after the calibration stretch are all scored. Waits at most
         `decisions.calibration_timeout_s`: past it the calibration fails (logged, counted),
-        a late result is discarded, and the asset collects its rows again."""
+        a late result is discarded, and the asset collects its rows again; while one given up
+        is still pending (inference stuck) none is started: it would wait behind it."""
         model, worker, sink = self.model, self.worker, self.sink
         assert model is not None and worker is not None and sink is not None
         decisions = self.decisions
         assert decisions is not None
+        with self._given_up_lock:
+            pending = self._calibrations_given_up
+        if pending:
+            log.warning(
+                "the calibration of %s is not started: %d given up is still pending on the "
+                "inference thread (stuck?); its rows are collected again",
+                runner.name,
+                pending,
+            )
+            return
         bound = self.config.decisions.calibration_timeout_s
-        done, given_up = threading.Event(), threading.Event()
+        done = threading.Event()
+        outcome = CalibrationOutcome()
 
         def install(cal: SiteCalibration, seed: list[float]) -> None:
             try:
-                if given_up.is_set():
-                    log.warning("the late calibration of %s is discarded", runner.name)
-                    return
-                decisions.install(runner, cal, seed)
+                with outcome.lock:  # installed or given up, never both
+                    if outcome.given_up:
+                        log.warning("the late calibration of %s is discarded", runner.name)
+                        return
+                    decisions.install(runner, cal, seed)
+                    outcome.installed = True
             finally:
                 done.set()
+                self._ended(outcome)
 
         def task(backend: InferenceBackend) -> None:
             handed = False
             try:
-                if given_up.is_set():
+                if outcome.given_up:
                     return
                 cal, raw, _, _ = calibrate(backend, model.frame, series, series.slots)
                 keep = max(0, model.frame.decision.smoothing - 1)
                 seed = [float(x) for x in raw[raw.size - keep :]] if keep else []
-                if given_up.is_set():
+                if outcome.given_up:
                     log.warning("the late calibration of %s is discarded", runner.name)
                     return
                 self._save_calibration(runner, cal, seed)
@@ -364,20 +398,37 @@ class EdgeRuntime:
             finally:
                 if not handed:
                     done.set()
+                    self._ended(outcome)
 
         started = time.monotonic()
         worker.submit(task)
-        if not done.wait(bound):
-            given_up.set()
-            self.counters.calibration_timeouts += 1
-            log.error(
-                "the calibration of %s did not finish within %.0f s (decisions."
-                "calibration_timeout_s; inference stuck or too slow?): it failed, its %d rows "
-                "are collected again; the other assets go on",
-                runner.name,
-                time.monotonic() - started,
-                series.slots,
-            )
+        if done.wait(bound):
+            return
+        with outcome.lock:
+            if outcome.installed or outcome.ended:
+                return  # finished as the bound passed: not a failure
+            outcome.given_up = True
+            with self._given_up_lock:
+                self._calibrations_given_up += 1
+        self.counters.calibration_timeouts += 1
+        log.error(
+            "the calibration of %s did not finish within %.0f s (decisions."
+            "calibration_timeout_s; inference stuck or too slow?): it failed, its %d rows "
+            "are collected again, and no calibration starts until it ends",
+            runner.name,
+            time.monotonic() - started,
+            series.slots,
+        )
+
+    def _ended(self, outcome: CalibrationOutcome) -> None:
+        """A calibration's task or install is over: one given up no longer holds others."""
+        with outcome.lock:
+            if outcome.ended:
+                return
+            outcome.ended = True
+            if outcome.given_up:
+                with self._given_up_lock:
+                    self._calibrations_given_up -= 1
 
     def _save_calibration(
         self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]

@@ -55,7 +55,7 @@ class ResultSink:
         losses: LossLog,
         on_verdict: Callable[[Verdict], None] | None = None,
         backlog: int = SINK_BACKLOG,
-        scored: Callable[[], Mapping[str, float]] | None = None,
+        scored: Callable[[], Mapping[str, float | None]] | None = None,
     ) -> None:
         self.decide = decide  # `SiteDecisions.decide`
         # By asset, the end of the last window decided: kept with the records it led to.

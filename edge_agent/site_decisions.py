@@ -68,8 +68,10 @@ class SiteDecisions:
         self._kept_every: Counter[int] = Counter()
         self.losses = losses
         self.errors = 0  # windows whose decision failed (logged)
-        # By asset name: the end of the last window decided, kept with the records (outbox).
+        # By asset name: the end of the last window decided, kept with the records (outbox),
+        # and by asset index its stream's clock steps then (a later step voids the mark).
         self.decided_through: dict[str, float] = {}
+        self._steps_at_mark: dict[int, int] = {}
         # By asset index, after an unclean stop: the end of the last window the killed agent
         # kept; windows up to it are not decided again, the first after it counts the gap.
         self._resume_after: dict[int, float] = {}
@@ -80,6 +82,18 @@ class SiteDecisions:
         decided and kept by the killed agent."""
         self._resume_after[runner.index] = kept_through
         self.decided_through[runner.name] = kept_through
+        self._steps_at_mark[runner.index] = runner.clock_steps
+
+    def marks(self) -> dict[str, float | None]:
+        """By asset, the end of the last window decided (kept with the records: after a kill
+        -9 the windows up to it are not decided again); None for an asset whose stream
+        restarted at a clock step since (its next windows are of the new time)."""
+        marks: dict[str, float | None] = dict(self.decided_through)
+        for runner in self.runners:
+            steps = self._steps_at_mark.get(runner.index)
+            if steps is not None and runner.clock_steps != steps:
+                marks[runner.name] = None
+        return marks
 
     def install(self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]) -> None:
         """The asset's decider on `cal` (before the sink thread runs, or on it)."""
@@ -135,6 +149,7 @@ class SiteDecisions:
         verdict = decider.step(raw, evidence, job.window_start, job.window_end)
         self.counters.windows_scored += 1
         self.decided_through[decider.asset] = job.window_end
+        self._steps_at_mark[job.asset] = self.runners[job.asset].clock_steps
         if verdict.event is not None:  # first: whatever fails next, the event is kept
             records.append((ALERT, alert_record(verdict.event)))
         raised = verdict.event is not None and verdict.event.kind == "raised"
@@ -167,12 +182,25 @@ class SiteDecisions:
         after = self._resume_after[job.asset]
         spec = self.model.spec
         step = spec.stride * spec.period_s
+        runner = self.runners[job.asset]
+        name = runner.name
+        if after - job.window_end > runner.aligner.far_s:
+            # Far ahead of where the stream resumed (its checkpoint): a mark of before its
+            # clock stepped back. Skipping up to it would decide nothing for that long.
+            del self._resume_after[job.asset]
+            log.warning(
+                "%s resumed after an unclean stop at %.0f, %.0f s before the last window kept "
+                "(its clock stepped back): every window is decided",
+                name,
+                job.window_end,
+                after - job.window_end,
+            )
+            return True
         if job.window_end <= after + 1e-6 * step:
             self.rescored_skipped[job.asset] += 1
             return False
         del self._resume_after[job.asset]
         missing = max(0, round((job.window_end - after) / step) - 1)
-        name = self.runners[job.asset].name
         self.counters.unclean_stop_unscored += missing
         self.losses.gap(after + step, job.window_end - step, missing, UNCLEAN_STOP)
         skipped = self.rescored_skipped[job.asset]

@@ -6,10 +6,12 @@ from), rows collected towards a calibration, and each decider's recent scores. W
 restart lost ~2 readings per sensor and ~one window length of unscored windows per asset.
 `runtime.stop` writes them here after the pipeline and inference have drained; the pipeline
 thread also writes its part (not the deciders') every `ingest.checkpoint_s`, so a kill -9
-resumes from at most that long ago. The next start takes them back (and deletes the file, so
-a later kill -9 never resumes from a stale stop) when the model version and sensors are the
-same. A `running` marker, written at start and removed once a stop kept everything, tells the
-next start that the previous one ended uncleanly (`unclean`).
+resumes from at most that long ago. The next start takes them back when the model version
+and sensors are the same, and leaves the file until the first checkpoint replaces it (an agent
+crash-looping faster than `checkpoint_s` resumes from it each time); without checkpoints it
+deletes it, so a later kill -9 never resumes from a stale stop. A `running` marker, written at
+start and removed once a stop kept everything, tells the next start that the previous one
+ended uncleanly (`unclean`). Each replace and removal is made durable (the directory fsynced).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.files import replace_atomically
+from edge_agent.files import fsync_dir, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class StreamStates:
         np.savez(buffer, **arrays)
         self.directory.mkdir(parents=True, exist_ok=True)
         replace_atomically(self._path(asset), buffer.getvalue(), 0o600)
+        fsync_dir(self.directory)
 
     @property
     def _marker(self) -> Path:
@@ -73,14 +76,26 @@ class StreamStates:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             replace_atomically(self._marker, b"", 0o600)
+            fsync_dir(self.directory)
         except OSError as exc:
             log.error("cannot mark the stream as running (%s): a kill -9 goes uncounted", exc)
 
     def stopped(self) -> None:
-        self._marker.unlink(missing_ok=True)
+        self._remove(self._marker)
 
-    def take(self, asset: str, version: str, sensors: tuple[str, ...]) -> Snapshot | None:
-        """The state kept for `asset` under this model and sensors, removed from disk."""
+    def _remove(self, path: Path) -> None:
+        """Removes `path` durably; a failure is logged (a stale file is resumed at worst)."""
+        try:
+            path.unlink(missing_ok=True)
+            fsync_dir(self.directory)
+        except OSError as exc:
+            log.error("cannot remove %s (%s)", path, exc)
+
+    def take(
+        self, asset: str, version: str, sensors: tuple[str, ...], keep: bool = False
+    ) -> Snapshot | None:
+        """The state kept for `asset` under this model and sensors; `keep`: left on disk for
+        the next checkpoint to replace (else removed). A state of no use is removed."""
         path = self._path(asset)
         try:
             with np.load(path, allow_pickle=False) as doc:
@@ -89,12 +104,14 @@ class StreamStates:
             return None
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s: unreadable stream state (%s); the stream starts afresh", path, exc)
-            path.unlink(missing_ok=True)
+            self._remove(path)
             return None
-        path.unlink(missing_ok=True)
         if str(state.pop("model_version")) != version or tuple(
             str(s) for s in state.pop("sensors")
         ) != tuple(sensors):
             log.info("%s: stream state of another model or sensors; not resumed", path)
+            self._remove(path)
             return None
+        if not keep:
+            self._remove(path)
         return state

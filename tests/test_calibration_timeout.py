@@ -1,15 +1,18 @@
 """A site calibration that does not finish within `decisions.calibration_timeout_s` fails
-loudly (log, health) and does not hold the pipeline: another asset's readings are aligned
-while the inference thread is still stuck; the late result is discarded and the asset
-calibrates again on new rows. The inference thread is stalled for real (a task queued on it
-that waits), not stubbed."""
+loudly (log, health) and holds the pipeline only up to that bound: another asset's readings
+are aligned while the inference thread is still stuck, and no calibration is queued behind
+the stuck one; the late result is discarded and the asset calibrates again on new rows. One
+installed just as the bound passes is installed, not counted failed. The inference thread
+is stalled for real (a task queued on it that waits), not stubbed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,6 +82,12 @@ def test_a_calibration_past_its_bound_fails_loudly_and_holds_no_other_asset(
         assert not release.is_set() and worker.running
         health = runtime.health(disk_free=0)
         assert health.dropped_by_reason["calibration_timeout"] == 1
+        # Its next 120 rows, inference still stuck: no calibration queued behind the stuck
+        # one (the pipeline would wait the bound again, and again).
+        caplog.set_level(logging.WARNING, "edge_agent.runtime")
+        feed(runtime, 0, rows[130:260], 130)
+        wait_for(lambda: "the calibration of pump-1 is not started" in caplog.text, timeout=60)
+        assert counters.calibration_timeouts == 1, counters.calibration_timeouts
         release.set()
         runtime.run_on_inference_thread(lambda _: None)  # the late calibration ran: discarded
         first = runtime.runners[0]
@@ -88,11 +97,57 @@ def test_a_calibration_past_its_bound_fails_loudly_and_holds_no_other_asset(
         assert done.wait(30)
         assert first.calibration is None
         # Its rows are collected again: 120 new ones calibrate it.
-        feed(runtime, 0, rows[130:], 130)
+        feed(runtime, 0, rows[260:], 260)
         wait_for(lambda: first.calibration is not None, timeout=120)
         assert counters.calibration_timeouts == 1
     finally:
         release.set()
+        runtime.pipeline.stop()
+        runtime.stop_inference()
+        outbox.close()
+        model.close()
+
+
+def test_a_calibration_installed_as_its_bound_passes_is_not_counted_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, key = train_small(tmp_path / "model")
+    bound = 3.0
+    config = load_agent_config(
+        None,
+        {
+            "state_dir": tmp_path / "agent",
+            "assets": [{"name": "pump-1", "topics": ["plant/pump-1/+"]}],
+            "model": {"bundle": bundle},
+            "decisions": {"calibration_timeout_s": bound},
+        },
+    )
+    model = open_serving(bundle, key.public_key(), config.model, tmp_path / "m", tmp_path / "e")
+    outbox = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
+    runtime = EdgeRuntime(config, model, outbox, "t")
+    decisions, counters = runtime.decisions, runtime.counters
+    assert decisions is not None
+    install = decisions.install
+
+    def slow_install(*args: Any) -> None:
+        # Inside the install as the bound passes: the pipeline thread's wait ends meanwhile.
+        # Before the fix it counted the calibration failed right then (and it was installed).
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: counters.calibration_timeouts > 0, timeout=bound + 2)
+        install(*args)
+
+    monkeypatch.setattr(decisions, "install", slow_install)
+    runtime.start_inference()
+    runtime.pipeline.start()
+    try:
+        rows = pump(150, faulty=False, seed=1)
+        feed(runtime, 0, rows[:140], 0)  # its 120 calibration rows and a few
+        runner = runtime.runners[0]
+        wait_for(lambda: runner.calibration is not None, timeout=120)
+        feed(runtime, 0, rows[140:], 140)  # aligned once the pipeline thread is past it
+        wait_for(lambda: runner.aligner.readings == rows.size, timeout=60)
+        assert counters.calibration_timeouts == 0, counters.calibration_timeouts
+    finally:
         runtime.pipeline.stop()
         runtime.stop_inference()
         outbox.close()

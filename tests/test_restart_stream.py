@@ -1,7 +1,8 @@
 """A graceful restart loses nothing of the stream: the readings in open slots, the window ring,
 the decider's recent scores and the rows of a calibration in progress come back, so the
 restarted agent scores exactly the windows, with exactly the scores, of one that never
-stopped. A kill -9 keeps nothing of them, and a stale file never resumes."""
+stopped. A kill -9 resumes from the last checkpoint (kept until the next replaces it), and a
+stale file never resumes."""
 
 from __future__ import annotations
 
@@ -46,20 +47,24 @@ def test_a_graceful_restart_scores_every_window_an_uninterrupted_run_scores(
     np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
-def test_after_a_kill_nothing_stale_is_resumed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpoint_s", [5.0, 0.0])
+def test_after_a_kill_nothing_stale_is_resumed(tmp_path: Path, checkpoint_s: float) -> None:
     bundle, key = train_small(tmp_path / "model")
-    config = site_config(tmp_path, bundle)
+    config = site_config(tmp_path, bundle, ingest={"checkpoint_s": checkpoint_s})
     first = Site(config, bundle, key.public_key(), tmp_path / "1")
     first.feed(pump(300, faulty=False, seed=1), 0)
     first.stop(graceful=True)
     kept = config.state_dir / "stream" / "pump-1.npz"
     assert kept.exists()
     second = Site(config, bundle, key.public_key(), tmp_path / "2")  # takes it back...
-    assert not kept.exists()  # ...and removes it: a kill -9 now leaves nothing behind
     assert second.runtime.runners[0].filled > 0
+    # ... and, with checkpoints, leaves it for the first to replace: killed before that (a
+    # crash loop), the next start resumes it again. Without, a kill leaves nothing stale.
+    assert kept.exists() == bool(checkpoint_s)
     second.stop()
     third = Site(config, bundle, key.public_key(), tmp_path / "3")
-    assert third.runtime.runners[0].filled == 0  # a fresh stream, not the first stop's
+    filled = third.runtime.runners[0].filled
+    assert (filled > 0) == bool(checkpoint_s), filled
     third.stop()
 
 

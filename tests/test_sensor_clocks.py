@@ -8,10 +8,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import orjson
 import pytest
 
 from edge_agent.config import AssetConfig, IngestLimits
-from edge_agent.ingest.clocks import CLOCK_MIN_MESSAGES, middle
+from edge_agent.ingest.clocks import (
+    CLOCK_MESSAGES,
+    CLOCK_MIN_MESSAGES,
+    SENSOR_CLOCK_AGE,
+    middle,
+)
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import EdgeRuntime
@@ -102,3 +108,42 @@ def test_the_health_report_names_the_skewed_sensor(tmp_path: Path) -> None:
     finally:
         outbox.close()
         model.close()
+
+
+def test_one_single_sensor_message_does_not_take_the_clock_from_a_multi_sensor_asset() -> None:
+    assets = [AssetConfig(name="pump-1", topics=["plant/pump-1", "plant/pump-1/+"])]
+    d = Decoder(TopicRoutes(assets, SENSORS), IngestLimits(), clock=lambda: NOW)
+
+    def message(ts: float, sensors: tuple[str, ...]) -> bool:
+        doc = {"ts": [ts], "values": {s: [1.0] for s in sensors}}
+        return d.decode("plant/pump-1", orjson.dumps(doc)) is not None
+
+    for i in range(40):  # the asset's clock an hour ahead: followed
+        message(NOW + 3600 + i, SENSORS)
+    assert abs(d.clock_offset(0) - 3600) < 60, d.clock_offset(0)
+    assert message(NOW + 3641, ("flow",))  # one message of one sensor
+    assert abs(d.clock_offset(0) - 3600) < 60, d.clock_offset(0)
+    kept = sum(message(NOW + 3642 + i, SENSORS) for i in range(40))
+    assert kept == 40, (kept, d.clock_offset(0), dict(d.drops))
+
+
+def test_a_lone_sensor_left_of_its_asset_is_followed_like_the_asset() -> None:
+    d = decoder()
+    for i in range(20):  # three sensors agree ...
+        for sensor in ("flow", "pressure", "current"):
+            reading(d, sensor, NOW + i * 0.1)
+    # ... two go silent, the survivor's clock steps an hour ahead: it is all the asset has.
+    kept = sum(reading(d, "flow", NOW + 3600 + i) for i in range(200))
+    assert kept >= 200 - 2 * CLOCK_MESSAGES, (kept, d.clock_offset(0), dict(d.drops))
+    assert abs(d.clock_offset(0) - 3600) < 200, d.clock_offset(0)
+    assert d.sensor_clocks.skews == {}
+
+
+def test_sensors_not_seen_for_a_while_are_forgotten() -> None:
+    d = decoder()
+    for i in range(20):
+        for sensor in SENSORS:
+            reading(d, sensor, NOW + i * 0.1)
+    for i in range(SENSOR_CLOCK_AGE + CLOCK_MIN_MESSAGES):  # (looked at every few)
+        reading(d, "flow", NOW + 2 + i * 0.1)
+    assert list(d.sensor_clocks._clocks[0]) == [0], d.sensor_clocks._clocks[0]

@@ -217,6 +217,10 @@ def test_the_window_ends_decided_are_kept_with_their_records(tmp_path: Path) -> 
     sink.submit(*batch(40, 1))
     sink.stop()
     assert outbox.scored_through() == {"pump-1": 40.0}
-    marks["pump-1"] = 30.0  # never backwards
-    outbox.append([(PREDICTION, b"x")], marks)
-    assert outbox.scored_through() == {"pump-1": 40.0}
+    # Back too: the asset's clock stepped back and its stream restarted at the new time.
+    back: dict[str, float | None] = {"pump-1": 30.0}
+    outbox.append([(PREDICTION, b"x")], back)
+    assert outbox.scored_through() == {"pump-1": 30.0}
+    back["pump-1"] = None  # restarted, nothing decided since: no mark
+    outbox.append([(PREDICTION, b"y")], back)
+    assert outbox.scored_through() == {}

@@ -132,7 +132,7 @@ class Decoder:
 
     def clock_offset(self, asset: int) -> float:
         """Seconds the asset's stream runs ahead of this device's clock (negative: behind)."""
-        agreed = self.sensor_clocks.offset(asset)
+        agreed = self.sensor_clocks.offset(asset)  # None: its sensors cannot decide
         if agreed is not None:
             return agreed
         clock = self.clocks.get(asset)
@@ -154,8 +154,7 @@ class Decoder:
         if clock is None:
             clock = self.clocks[asset] = StreamClock()
         clock.observe(ts - now)
-        if sensor >= 0:
-            self.sensor_clocks.observe(asset, sensor, ts - now)
+        self.sensor_clocks.observe(asset, sensor, ts - now)
 
     def drop(self, reason: str, topic: str, payload: bytes | str, n: int = 1) -> None:
         self.drops[reason] += n
