@@ -104,8 +104,8 @@ class AgentGroup:
             await asyncio.sleep(0.05)
         errors: dict[str, int] = {}
         for s in self.sessions:
-            if s.stats.last_error:
-                kind = s.stats.last_error.split(":")[0][:40]
+            if s.stats.last_error:  # the kind: the message up to its details, no address
+                kind = s.stats.last_error.replace(s.address, "<plane>").split(" (")[0][:70]
                 errors[kind] = errors.get(kind, 0) + 1
         return {
             "back_at": back_at,
