@@ -228,6 +228,8 @@ async def _storm(
         "agents": agents,
         "agent_processes": len(groups),
         "first_connect_s": max(c["connect_s"] for c in connected),
+        # Not all of them when the first connect ran out of `converge_timeout_s`.
+        "connected_before_kill": sum(c["connected"] for c in connected),
         "exit_s": died_s,
         "listening_after_s": listening_s,
         "reconnected": len(done),
@@ -407,7 +409,8 @@ def _pairs(text: str) -> list[tuple[int, float]]:
 
 def _storm_line(r: dict[str, object]) -> str:
     line = (
-        f"storm M={r['agents']} ({r['policy']} policy): plane killed, listening again after "
+        f"storm M={r['agents']} ({r['policy']} policy): {r['connected_before_kill']} connected "
+        f"after {r['first_connect_s']:.1f}s; plane killed, listening again after "
         f"{r['listening_after_s']:.1f}s; {r['reconnected']}/{r['agents']} back, all after "
         f"{r['all_back_after_s']:.1f}s (p50 {r['back_p50_s']:.1f}s, p99 {r['back_p99_s']:.1f}s); "
         f"failed attempts {r['failed_attempts']} (busy refusals {r['busy_refusals']}); "
