@@ -5,15 +5,17 @@ in the same run against a bare server process.
     python tests/benchmarks/bench_heartbeats.py [--scenarios 1000@0.2,1000@10,5000@10]
 
 The control plane runs as its own process (`autoglm cloud serve`); all agents run in this
-process on one event loop. A scenario M@I runs M agents that each send a heartbeat every
-I seconds (open loop: offered load = M / I); the window is at least two intervals. Prints
-one line per scenario and a JSON summary.
+process on one event loop (a restart storm's agents can be spread over worker processes
+with `--agent-processes N`, each its own event loop). A scenario M@I runs M agents that
+each send a heartbeat every I seconds (open loop: offered load = M / I); the window is at
+least two intervals. Prints one line per scenario and a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -21,7 +23,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -30,12 +31,9 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from cloud.config import CloudConfig  # noqa: E402
-from edge_agent.config import ReconnectPolicy  # noqa: E402
 from edge_agent.identity import DeviceIdentity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
 from edge_agent.session import CloudSession  # noqa: E402
-from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
 from tests.benchmarks.fleet import (  # noqa: E402
     PlaneProcess,
     enroll_fleet,
@@ -44,6 +42,15 @@ from tests.benchmarks.fleet import (  # noqa: E402
     spawn,
     start_plane_process,
     stop,
+)
+from tests.benchmarks.storm import (  # noqa: E402
+    POLICIES,
+    GroupHandle,
+    LocalGroup,
+    WorkerGroup,
+    make_sessions,
+    serve_worker,
+    wait_connected,
 )
 
 PING = "/bench.Ping/Ping"
@@ -100,47 +107,6 @@ async def ping_baseline(
 
 
 # ---- the system under test ----
-STATUS = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
-HOST = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
-
-
-# The restart storm's two rounds: this release's reconnect policy and session admission,
-# and the ones before it (+-20 % jitter, 60 s ceiling, every setup admitted).
-NEW_SETUPS: int = CloudConfig.model_fields["max_session_setups"].default
-POLICIES: dict[str, tuple[Callable[[], Backoff], int]] = {
-    "new": (lambda: ReconnectPolicy().backoff(), NEW_SETUPS),
-    "old": (lambda: Backoff(1.0, 60.0, 2.0, 0.2), 1_000_000),
-}
-
-
-def make_sessions(
-    identities: list[DeviceIdentity], interval: float, backoff: Callable[[], Backoff]
-) -> list[CloudSession]:
-    """The agents' sessions, dialling 127.0.0.1: `localhost` tries ::1 as well, and the
-    second socket per agent ran 10,000 agents out of file descriptors (limit 20,000)."""
-    return [
-        CloudSession(
-            ident,
-            status=lambda: STATUS,
-            host=lambda: HOST,
-            backoff=backoff(),
-            heartbeat_interval_s=interval,
-            device_address="127.0.0.1:" + ident.info.device_address.rsplit(":", 1)[1],
-            tls_server_name="localhost",
-        )
-        for ident in identities
-    ]
-
-
-async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
-    start = time.monotonic()
-    while sum(s.connected for s in sessions) < len(sessions):
-        if time.monotonic() - start > timeout_s:
-            break
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
-
-
 async def measure(
     sessions: list[CloudSession], interval: float, seconds: float, server_pid: int
 ) -> dict[str, float]:
@@ -196,63 +162,115 @@ async def run_storm(
     plane: PlaneProcess,
     converge_timeout_s: float,
     policy: str,
-) -> dict[str, float]:
+    processes: int = 0,
+) -> dict[str, object]:
     """M agents with the agent's default reconnect policy connected; the control plane is
     killed (SIGKILL) and started again on the same ports; how long until every agent has a
-    new session, what that cost, and the heartbeat acks once they all have."""
-    backoff, setups = POLICIES[policy]
+    new session, what that cost, and the heartbeat acks once they all have. `processes`:
+    0 runs the agents on this event loop, N > 0 splits them over N worker processes."""
     # This round's admission bound, from the start (the plane restarts with it too).
+    setups = POLICIES[policy][1]
     await asyncio.to_thread(plane.crash_and_restart, {"max_session_setups": setups})
-    sessions = make_sessions(identities, interval, backoff)
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(s.run(stop)) for s in sessions]
-    first_connect_s = await wait_connected(sessions, converge_timeout_s)
+    groups = await _start_groups(identities, interval, policy, plane.work, processes)
+    try:
+        return await _storm(groups, interval, seconds, plane, converge_timeout_s, policy)
+    finally:
+        await asyncio.gather(*(g.stop() for g in groups))
+
+
+async def _start_groups(
+    identities: list[DeviceIdentity], interval: float, policy: str, work: Path, processes: int
+) -> list[GroupHandle]:
+    if not processes:
+        return [LocalGroup(identities, interval, policy)]
+    # The identities are the first M enrolled (work/agents/<i>, i from 0): each worker
+    # loads its own slice from disk.
+    cuts = [len(identities) * k // processes for k in range(processes + 1)]
+    return list(
+        await asyncio.gather(
+            *(
+                WorkerGroup.start(work, a, b - a, interval, policy, work / f"storm-worker-{k}.log")
+                for k, (a, b) in enumerate(itertools.pairwise(cuts))
+            )
+        )
+    )
+
+
+async def _storm(
+    groups: list[GroupHandle],
+    interval: float,
+    seconds: float,
+    plane: PlaneProcess,
+    converge_timeout_s: float,
+    policy: str,
+) -> dict[str, object]:
+    connected = await asyncio.gather(*(g.connect(converge_timeout_s) for g in groups))
     await asyncio.sleep(min(interval, 5))  # steady state before the crash
-    opened = [s.stats.sessions_opened for s in sessions]
-    failed_before = sum(s.stats.attempts_failed for s in sessions)
-    busy_before = sum(s.stats.busy_refusals for s in sessions)
-    client_cpu = time.process_time()
+    deadline = time.monotonic() + converge_timeout_s
+    await asyncio.gather(*(g.mark(deadline) for g in groups))
     t_kill = time.monotonic()
     died_s, listening_s = await asyncio.to_thread(plane.crash_and_restart, {})
-    back_at: list[float] = [0.0] * len(sessions)
-    waiting = set(range(len(sessions)))
-    while waiting and time.monotonic() - t_kill < converge_timeout_s:
-        now = time.monotonic() - t_kill
-        for i in [i for i in waiting if sessions[i].stats.sessions_opened > opened[i]]:
-            back_at[i] = now
-            waiting.discard(i)
-        await asyncio.sleep(0.05)
-    converge_s = time.monotonic() - t_kill
-    client_cpu = time.process_time() - client_cpu
+    backs = await asyncio.gather(*(g.back() for g in groups))
+    converge_s = max(max(b["back_at"], default=t_kill) for b in backs) - t_kill
     server_cpu = process_cpu_s(plane.proc.pid)  # the new process: all of it went to the storm
     server_rss = peak_rss_mib(plane.proc.pid)
-    done = sorted(t for i, t in enumerate(back_at) if i not in waiting)
+    done = sorted(t - t_kill for b in backs for t in b["back_at"])
+    waiting = sum(b["waiting"] for b in backs)
     errors: dict[str, int] = {}
-    for s in sessions:
-        if s.stats.last_error:
-            kind = s.stats.last_error.split(":")[0][:40]
-            errors[kind] = errors.get(kind, 0) + 1
-    res = await measure(sessions, interval, seconds, plane.proc.pid) if not waiting else {}
-    stop.set()
-    await asyncio.gather(*tasks)
+    for b in backs:
+        for kind, n in b["last_errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    agents = len(done) + waiting
+    pid = plane.proc.pid
+    res = {} if waiting else await _measure_groups(groups, agents, interval, seconds, pid)
     return {
-        "policy": policy,  # type: ignore[dict-item]
-        "agents": len(sessions),
-        "first_connect_s": first_connect_s,
+        "policy": policy,
+        "agents": agents,
+        "agent_processes": len(groups),
+        "first_connect_s": max(c["connect_s"] for c in connected),
+        # Not all of them when the first connect ran out of `converge_timeout_s`.
+        "connected_before_kill": sum(c["connected"] for c in connected),
         "exit_s": died_s,
         "listening_after_s": listening_s,
         "reconnected": len(done),
         "all_back_after_s": converge_s if not waiting else float("nan"),
         "back_p50_s": percentile(done, 0.5),
         "back_p99_s": percentile(done, 0.99),
-        "failed_attempts": sum(s.stats.attempts_failed for s in sessions) - failed_before,
-        "busy_refusals": sum(s.stats.busy_refusals for s in sessions) - busy_before,
+        "failed_attempts": sum(b["failed_attempts"] for b in backs),
+        "busy_refusals": sum(b["busy_refusals"] for b in backs),
         "storm_server_cpu_s": server_cpu,
-        "storm_agents_cpu_s": client_cpu,
+        # One figure per agent process (this one's, when the agents run here).
+        "storm_agents_cpu_s": [b["cpu_s"] for b in backs],
         "server_peak_rss_mib": server_rss,
         **res,
-        "last_errors": errors,  # type: ignore[dict-item]
-        "back_per_second": _histogram(done),  # type: ignore[dict-item]
+        "last_errors": errors,
+        "back_per_second": _histogram(done),
+    }
+
+
+async def _measure_groups(
+    groups: list[GroupHandle], agents: int, interval: float, seconds: float, server_pid: int
+) -> dict[str, object]:
+    """Heartbeat acks over `seconds` after a warm-up in which every session has sent one;
+    every group and the plane's CPU over the same window."""
+    start = time.monotonic() + min(interval * 1.5, 15)
+    end = start + seconds
+    parts = asyncio.gather(*(g.measure(start, end) for g in groups))
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    server_cpu = process_cpu_s(server_pid)
+    await asyncio.sleep(max(0.0, end - time.monotonic()))
+    server_cpu = process_cpu_s(server_pid) - server_cpu
+    measured = await parts
+    latencies = [x for m in measured for x in m["latencies"]]
+    elapsed = end - start
+    return {
+        "offered_per_s": agents / interval,
+        "acked_per_s": sum(m["acked"] for m in measured) / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "reconnects_in_window": sum(m["reconnects_in_window"] for m in measured),
+        "server_cpu_share": server_cpu / elapsed,  # 1.0 = one core busy all the window
+        "client_cpu_share": [m["cpu_s"] / elapsed for m in measured],  # per agent process
     }
 
 
@@ -287,22 +305,38 @@ def main() -> int:
     parser.add_argument(
         "--storm-rounds", type=int, default=2, help="rounds of each policy, alternated"
     )
+    parser.add_argument(
+        "--agent-processes",
+        type=int,
+        default=0,
+        help="restart storms: spread the agents over N worker processes (0: this one)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="shortest measurement window")
     parser.add_argument("--ping-concurrency", type=int, default=100)
     parser.add_argument(
         "--ping-server", nargs=2, metavar=("STATE", "PORTS"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--storm-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     # Thousands of agents each saying "reconnecting" would drown the result lines.
     logging.getLogger("edge_agent.session").setLevel(logging.ERROR)
     if args.ping_server:
         asyncio.run(_ping_server(Path(args.ping_server[0]), Path(args.ping_server[1])))
         return 0
+    if args.storm_worker:
+        work, first, count, interval, policy = args.storm_worker
+        asyncio.run(serve_worker(Path(work), int(first), int(count), float(interval), policy))
+        return 0
 
     scenarios = _pairs(args.scenarios)
     storms = _pairs(args.storm)
     work = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
-    env_note = f"{os.cpu_count()} cores; client: this process (1 event loop); server: own process"
+    agents_at = (
+        f"{args.agent_processes} processes (1 event loop each) in storms, this one otherwise"
+        if args.agent_processes
+        else "this process (1 event loop)"
+    )
+    env_note = f"{os.cpu_count()} cores; agents: {agents_at}; server: own process"
     print(f"heartbeat benchmark ({env_note})")
     plane = start_plane_process(work)  # idle while the baseline runs
     results = []
@@ -324,7 +358,7 @@ def main() -> int:
             f"{base['per_s']:.0f}/s  p50 {base['p50_ms']:.2f} ms  p99 {base['p99_ms']:.2f} ms"
         )
         enrolled: list[DeviceIdentity] = []
-        storms_out: list[dict[str, float]] = []
+        storms_out: list[dict[str, object]] = []
         for m, interval in scenarios:
             t0 = time.monotonic()
             if m > len(enrolled):
@@ -349,7 +383,15 @@ def main() -> int:
             window = max(args.seconds, 2 * interval)
             for policy in ["old", "new"] * args.storm_rounds:
                 storm = asyncio.run(
-                    run_storm(enrolled[:m], interval, window, plane, args.converge_timeout, policy)
+                    run_storm(
+                        enrolled[:m],
+                        interval,
+                        window,
+                        plane,
+                        args.converge_timeout,
+                        policy,
+                        args.agent_processes,
+                    )
                 )
                 storms_out.append(storm)
                 print(_storm_line(storm))
@@ -367,21 +409,32 @@ def _pairs(text: str) -> list[tuple[int, float]]:
 
 def _storm_line(r: dict[str, object]) -> str:
     line = (
-        f"storm M={r['agents']} ({r['policy']} policy): plane killed, listening again after "
+        f"storm M={r['agents']} ({r['policy']} policy): {r['connected_before_kill']} connected "
+        f"after {r['first_connect_s']:.1f}s; plane killed, listening again after "
         f"{r['listening_after_s']:.1f}s; {r['reconnected']}/{r['agents']} back, all after "
         f"{r['all_back_after_s']:.1f}s (p50 {r['back_p50_s']:.1f}s, p99 {r['back_p99_s']:.1f}s); "
         f"failed attempts {r['failed_attempts']} (busy refusals {r['busy_refusals']}); "
         f"plane CPU {r['storm_server_cpu_s']:.1f}s, "
-        f"agents CPU {r['storm_agents_cpu_s']:.1f}s, plane peak RSS "
+        f"agents CPU {_seconds(r['storm_agents_cpu_s'])} (per agent process), "
+        f"plane peak RSS "
         f"{r['server_peak_rss_mib']:.0f} MiB; last errors {r['last_errors']}; "
         f"back per second after the kill {r['back_per_second']}"
     )
     if "p99_ms" in r:
         line += (
             f"; then offered {r['offered_per_s']:.0f}/s, acked {r['acked_per_s']:.0f}/s, "
-            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; CPU cores busy: plane "
+            f"{r['server_cpu_share']:.2f}, agent processes {_shares(r['client_cpu_share'])}"
         )
     return line
+
+
+def _seconds(values: object) -> str:
+    return "+".join(f"{v:.1f}s" for v in values)  # type: ignore[attr-defined]
+
+
+def _shares(values: object) -> str:
+    return "+".join(f"{v:.2f}" for v in values)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

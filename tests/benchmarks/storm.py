@@ -1,0 +1,251 @@
+"""The restart storm's agents: one `AgentGroup` of real `CloudSession`s on one event loop,
+driven in the benchmark's own process (`LocalGroup`) or in a worker process over a pipe
+(`WorkerGroup`, one JSON line per command and per reply). One process's file descriptors
+(limit 20,000 here, gRPC uses more than two per channel) do not hold 10,000 agents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from cloud.config import CloudConfig  # noqa: E402
+from edge_agent.config import ReconnectPolicy  # noqa: E402
+from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
+from edge_agent.retry import Backoff  # noqa: E402
+from edge_agent.session import CloudSession  # noqa: E402
+from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
+
+STATUS = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
+HOST = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
+
+# The storm's two policies: this release's reconnect policy and session admission, and the
+# ones before it (+-20 % jitter, 60 s ceiling, every setup admitted).
+NEW_SETUPS: int = CloudConfig.model_fields["max_session_setups"].default
+POLICIES: dict[str, tuple[Callable[[], Backoff], int]] = {
+    "new": (lambda: ReconnectPolicy().backoff(), NEW_SETUPS),
+    "old": (lambda: Backoff(1.0, 60.0, 2.0, 0.2), 1_000_000),
+}
+
+Report = dict[str, Any]
+
+
+def make_sessions(
+    identities: list[DeviceIdentity], interval: float, backoff: Callable[[], Backoff]
+) -> list[CloudSession]:
+    """The agents' sessions, dialling 127.0.0.1: `localhost` tries ::1 as well, and the
+    second socket per agent ran 10,000 agents out of file descriptors (limit 20,000)."""
+    return [
+        CloudSession(
+            ident,
+            status=lambda: STATUS,
+            host=lambda: HOST,
+            backoff=backoff(),
+            heartbeat_interval_s=interval,
+            device_address="127.0.0.1:" + ident.info.device_address.rsplit(":", 1)[1],
+            tls_server_name="localhost",
+        )
+        for ident in identities
+    ]
+
+
+async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
+    start = time.monotonic()
+    while sum(s.connected for s in sessions) < len(sessions):
+        if time.monotonic() - start > timeout_s:
+            break
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def _sleep_until(at: float) -> None:
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+
+
+class AgentGroup:
+    """Sessions on this event loop, through the storm's phases. Times are absolute
+    `time.monotonic()` (one clock for every process on the machine)."""
+
+    def __init__(self, sessions: list[CloudSession]) -> None:
+        self.sessions = sessions
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._back: asyncio.Task[Report] | None = None
+
+    async def connect(self, timeout_s: float) -> Report:
+        self._tasks = [asyncio.create_task(s.run(self._stop)) for s in self.sessions]
+        connect_s = await wait_connected(self.sessions, timeout_s)
+        return {"connect_s": connect_s, "connected": sum(s.connected for s in self.sessions)}
+
+    def mark(self, deadline: float) -> None:
+        """Counts from now (the plane is killed next): `back` reports when each session
+        opened a new one, watched until all have or `deadline`."""
+        opened = [s.stats.sessions_opened for s in self.sessions]
+        failed = sum(s.stats.attempts_failed for s in self.sessions)
+        busy = sum(s.stats.busy_refusals for s in self.sessions)
+        self._back = asyncio.create_task(self._watch(opened, failed, busy, deadline))
+
+    async def _watch(self, opened: list[int], failed: int, busy: int, deadline: float) -> Report:
+        cpu = time.process_time()
+        back_at: list[float] = []
+        waiting = set(range(len(self.sessions)))
+        while waiting and time.monotonic() < deadline:
+            now = time.monotonic()
+            for i in [i for i in waiting if self.sessions[i].stats.sessions_opened > opened[i]]:
+                back_at.append(now)
+                waiting.discard(i)
+            await asyncio.sleep(0.05)
+        errors: dict[str, int] = {}
+        for s in self.sessions:
+            if s.stats.last_error:  # the kind: the message up to its details, no address
+                kind = s.stats.last_error.replace(s.address, "<plane>").split(" (")[0][:70]
+                errors[kind] = errors.get(kind, 0) + 1
+        return {
+            "back_at": back_at,
+            "waiting": len(waiting),
+            "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions) - failed,
+            "busy_refusals": sum(s.stats.busy_refusals for s in self.sessions) - busy,
+            "last_errors": errors,
+            "cpu_s": time.process_time() - cpu,
+        }
+
+    async def back(self) -> Report:
+        assert self._back is not None, "mark first"
+        return await self._back
+
+    async def measure(self, start: float, end: float) -> Report:
+        """Heartbeat acks between `start` and `end`."""
+        await _sleep_until(start)
+        for s in self.sessions:
+            s.stats.ack_latencies_s.clear()
+        acked = sum(s.stats.heartbeats_acked for s in self.sessions)
+        opened = sum(s.stats.sessions_opened for s in self.sessions)
+        cpu = time.process_time()
+        await _sleep_until(end)
+        return {
+            "latencies": [x for s in self.sessions for x in s.stats.ack_latencies_s],
+            "acked": sum(s.stats.heartbeats_acked for s in self.sessions) - acked,
+            "reconnects_in_window": sum(s.stats.sessions_opened for s in self.sessions) - opened,
+            "cpu_s": time.process_time() - cpu,
+        }
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+class GroupHandle(Protocol):
+    """An `AgentGroup` wherever it runs."""
+
+    async def connect(self, timeout_s: float) -> Report: ...
+    async def mark(self, deadline: float) -> None: ...
+    async def back(self) -> Report: ...
+    async def measure(self, start: float, end: float) -> Report: ...
+    async def stop(self) -> None: ...
+
+
+class LocalGroup:
+    """The group on the benchmark's own event loop (the single-process storm)."""
+
+    def __init__(self, identities: list[DeviceIdentity], interval: float, policy: str) -> None:
+        self.group = AgentGroup(make_sessions(identities, interval, POLICIES[policy][0]))
+
+    async def connect(self, timeout_s: float) -> Report:
+        return await self.group.connect(timeout_s)
+
+    async def mark(self, deadline: float) -> None:
+        self.group.mark(deadline)
+
+    async def back(self) -> Report:
+        return await self.group.back()
+
+    async def measure(self, start: float, end: float) -> Report:
+        return await self.group.measure(start, end)
+
+    async def stop(self) -> None:
+        await self.group.stop()
+
+
+class WorkerGroup:
+    """The group in a worker process (`--storm-worker`), a command per JSON line on its
+    stdin, a reply per line on its stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(
+        cls, work: Path, first: int, count: int, interval: float, policy: str, log: Path
+    ) -> WorkerGroup:
+        with log.open("w") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *[sys.executable, str(Path(__file__).with_name("bench_heartbeats.py"))],
+                *["--storm-worker", str(work), str(first), str(count), str(interval), policy],
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                limit=1 << 28,  # a reply is one line: thousands of latencies
+            )
+        return cls(proc)
+
+    async def _call(self, command: str, **args: float) -> Report:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((json.dumps({"command": command, **args}) + "\n").encode())
+        await self.proc.stdin.drain()
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"storm worker {self.proc.pid} exited ({await self.proc.wait()})")
+        reply: Report = json.loads(line)
+        return reply
+
+    async def connect(self, timeout_s: float) -> Report:
+        return await self._call("connect", timeout_s=timeout_s)
+
+    async def mark(self, deadline: float) -> None:
+        await self._call("mark", deadline=deadline)
+
+    async def back(self) -> Report:
+        return await self._call("back")
+
+    async def measure(self, start: float, end: float) -> Report:
+        return await self._call("measure", start=start, end=end)
+
+    async def stop(self) -> None:
+        await self._call("stop")
+        await self.proc.wait()
+
+
+async def serve_worker(work: Path, first: int, count: int, interval: float, policy: str) -> None:
+    """The worker's side: agents bench-<first>.. enrolled under `work`, one command at a
+    time from stdin until `stop`."""
+    identities = [load_identity(work / "agents" / f"{i:05d}") for i in range(first, first + count)]
+    group = AgentGroup(make_sessions(identities, interval, POLICIES[policy][0]))
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            await group.stop()
+            return
+        msg = json.loads(line)
+        reply: Report = {}
+        if msg["command"] == "connect":
+            reply = await group.connect(msg["timeout_s"])
+        elif msg["command"] == "mark":
+            group.mark(msg["deadline"])
+        elif msg["command"] == "back":
+            reply = await group.back()
+        elif msg["command"] == "measure":
+            reply = await group.measure(msg["start"], msg["end"])
+        elif msg["command"] == "stop":
+            await group.stop()
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if msg["command"] == "stop":
+            return
