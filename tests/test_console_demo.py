@@ -87,8 +87,15 @@ def test_the_demo_console_does_what_the_issue_asks(tmp_path: Path) -> None:
             expect(percent).to_have_text("100 %", timeout=WAIT_MS)
             expect(page.locator("#rollouts .state.succeeded")).to_have_count(1)
             assert page.evaluate("window.sameDocument") is True
+            # The fleet page is rendered once: what the agent serves shows on a reload once
+            # its status (a heartbeat after the install) has been stored.
             page.goto(url + "fleet?selector=site%3Ddemo")
             expect(page.locator("#devices")).to_contain_text("pump-station-1")
+            for _ in range(WAIT_MS // 500):
+                if "pump:1" in page.locator("#devices").inner_text():
+                    break
+                page.wait_for_timeout(500)
+                page.reload()
             expect(page.locator("#devices")).to_contain_text("pump:1")
 
             # The injected fault's alert arrives on the live list.
