@@ -74,6 +74,7 @@ class Agent:
             on_control=self._on_control,
             stop_when_refused=config.cloud.stop_when_refused,
             dead_after_s=config.cloud.dead_after_s,
+            setup_timeout_s=config.cloud.setup_timeout_s,
         )
         for message in self.pending_reports:
             self.session.post(message)

@@ -27,6 +27,10 @@ class CloudLink(BaseModel):
     # Nothing heard from the control plane this long (a probe goes out at half of it) ends
     # the session and reconnects: a partition that silently drops packets is noticed.
     dead_after_s: float = Field(default=15.0, ge=2)
+    # Connecting, the TLS handshake and the control plane's answer to the hello together;
+    # longer than dead_after_s so that a fleet reconnecting at once is not abandoning the
+    # handshakes the control plane has queued (and queueing them again).
+    setup_timeout_s: float = Field(default=60.0, ge=2)
     # The certificate is renewed this far through its life (then retried with the reconnect
     # backoff while the control plane cannot be reached); checked every renew_check_s.
     renew_at: float = Field(default=0.67, gt=0, lt=1)

@@ -32,6 +32,7 @@ from protos.autoglm.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
 DEAD_AFTER_S = 15.0
+SETUP_TIMEOUT_S = 60.0
 LATENCY_SAMPLES = 4096
 SESSION_METHOD = "/autoglm.v1.AgentService/Session"
 
@@ -72,6 +73,7 @@ class CloudSession:
         sync: RecordSync | None = None,
         stop_when_refused: bool = False,
         dead_after_s: float = DEAD_AFTER_S,
+        setup_timeout_s: float = SETUP_TIMEOUT_S,
     ) -> None:
         self.identity = identity
         self.status = status
@@ -87,6 +89,12 @@ class CloudSession:
         # drops packets without a reset looked alive for 40 s and more. Half of it silent, a
         # heartbeat goes out early as a probe.
         self.dead_after_s = dead_after_s
+        # Connecting, the TLS handshake, the hello and the plane's answer together. Longer
+        # than `dead_after_s`: a fleet reconnecting at once queues handshakes at the control
+        # plane; an agent that gives up on a queued one throws its work away and queues
+        # again, and at 5,000 agents on one plane that fed on itself until none got in
+        # (tests/benchmarks/bench_heartbeats.py --storm).
+        self.setup_timeout_s = setup_timeout_s
         self._last_heard = 0.0
         # Why the control plane refused this device, when that ended the sessions for good.
         self.refusal: AutoglmError | None = None
@@ -207,14 +215,11 @@ class CloudSession:
                     last_acked_sequence=self.sync.outbox.acked if self.sync else 0,
                 )
                 try:  # a path that dies while the session opens must not hang it
-                    await asyncio.wait_for(
-                        call.write(agent_pb2.AgentMessage(hello=hello)), self.dead_after_s
-                    )
-                    first = await asyncio.wait_for(call.read(), self.dead_after_s)
+                    first = await asyncio.wait_for(self._hello(call, hello), self.setup_timeout_s)
                 except TimeoutError:
                     raise Unavailable(
                         f"{self.address}: no answer to the session's hello within "
-                        f"{self.dead_after_s:g}s"
+                        f"{self.setup_timeout_s:g}s"
                     ) from None
                 if not isinstance(first, agent_pb2.ControlMessage) or not first.HasField(
                     "accepted"
@@ -258,6 +263,13 @@ class CloudSession:
                         await reader
                 elif reader is not None and not reader.cancelled():
                     reader.exception()  # retrieved: reported through the session's error
+
+    @staticmethod
+    async def _hello(
+        call: aio.StreamStreamCall[Outgoing, agent_pb2.ControlMessage], hello: agent_pb2.Hello
+    ) -> object:
+        await call.write(agent_pb2.AgentMessage(hello=hello))
+        return await call.read()
 
     async def _heartbeats(
         self,

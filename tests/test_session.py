@@ -121,8 +121,12 @@ def test_a_partition_that_swallows_packets_is_noticed_and_the_session_comes_back
     identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
     port = int(plane.device_address.rsplit(":", 1)[1])
     proxy = BlackholeProxy(("127.0.0.1", port))
+    # An attempt made while the path swallowed its handshake waits out the setup timeout.
     agent = start_session(
-        identity, heartbeat_interval_s=300.0, device_address=f"127.0.0.1:{proxy.port}"
+        identity,
+        heartbeat_interval_s=300.0,
+        device_address=f"127.0.0.1:{proxy.port}",
+        setup_timeout_s=DEAD_AFTER_S,
     )
     try:
         wait_for(lambda: agent.session.connected, timeout=30)
@@ -131,8 +135,35 @@ def test_a_partition_that_swallows_packets_is_noticed_and_the_session_comes_back
         limit = 3 * DEAD_AFTER_S  # generous on a busy machine
         assert took < limit, f"the dead session was noticed after {took:.1f}s"
         proxy.heal()
-        wait_for(lambda: agent.session.connected, timeout=60, interval=0.2)
+        wait_for(lambda: agent.session.connected, timeout=120, interval=0.2)
         assert agent.session.stats.sessions_opened >= 2
+    finally:
+        agent.stop()
+        proxy.close()
+
+
+def test_a_session_setup_waits_its_own_timeout_not_the_dead_path_bound(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    """Connecting, the handshake and the hello have `setup_timeout_s` together, longer than
+    `dead_after_s`: in a reconnect storm an agent that gave up on a queued handshake after
+    the dead-path bound threw its work away and queued again (bench_heartbeats --storm)."""
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    port = int(plane.device_address.rsplit(":", 1)[1])
+    proxy = BlackholeProxy(("127.0.0.1", port))
+    proxy.blackhole()  # the handshake goes unanswered
+    t0 = time.monotonic()
+    agent = start_session(
+        identity, device_address=f"127.0.0.1:{proxy.port}", dead_after_s=2.0, setup_timeout_s=6.0
+    )
+    try:
+        wait_for(lambda: agent.session.stats.attempts_failed >= 1, timeout=120, interval=0.1)
+        took = time.monotonic() - t0
+        error = agent.session.stats.last_error
+        assert "no answer to the session's hello within 6s" in error, error
+        assert took >= 5.9, f"the attempt gave up after {took:.1f}s, before its setup timeout"
+        proxy.heal()
+        wait_for(lambda: agent.session.connected, timeout=120, interval=0.2)
     finally:
         agent.stop()
         proxy.close()

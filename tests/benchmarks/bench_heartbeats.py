@@ -306,6 +306,11 @@ def main() -> int:
         "--storm-rounds", type=int, default=2, help="rounds of each policy, alternated"
     )
     parser.add_argument(
+        "--policies",
+        default="old,new",
+        help="restart storms: the reconnect policies to alternate (old, new)",
+    )
+    parser.add_argument(
         "--agent-processes",
         type=int,
         default=0,
@@ -328,6 +333,9 @@ def main() -> int:
         asyncio.run(serve_worker(Path(work), int(first), int(count), float(interval), policy))
         return 0
 
+    policies = [p for p in args.policies.split(",") if p]
+    if not policies or set(policies) - set(POLICIES):
+        parser.error(f"--policies: a comma-separated list of {', '.join(POLICIES)}")
     scenarios = _pairs(args.scenarios)
     storms = _pairs(args.storm)
     work = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
@@ -381,7 +389,7 @@ def main() -> int:
             if m > len(enrolled):
                 enrolled += enroll_fleet(plane, len(enrolled), m - len(enrolled))
             window = max(args.seconds, 2 * interval)
-            for policy in ["old", "new"] * args.storm_rounds:
+            for policy in policies * args.storm_rounds:
                 storm = asyncio.run(
                     run_storm(
                         enrolled[:m],

@@ -17,28 +17,39 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from cloud.config import CloudConfig  # noqa: E402
-from edge_agent.config import ReconnectPolicy  # noqa: E402
+from edge_agent.config import CloudLink, ReconnectPolicy  # noqa: E402
 from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
-from edge_agent.session import CloudSession  # noqa: E402
+from edge_agent.session import DEAD_AFTER_S, SETUP_TIMEOUT_S, CloudSession  # noqa: E402
 from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
 
 STATUS = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
 HOST = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
 
-# The storm's two policies: this release's reconnect policy and session admission, and the
-# ones before it (+-20 % jitter, 60 s ceiling, every setup admitted).
+# The storm's two policies: this release's reconnect policy, session setup timeout and
+# session admission, and the ones before them (+-20 % jitter, 60 s ceiling, a session
+# setup given the dead-path bound of 15 s, every setup admitted).
 NEW_SETUPS: int = CloudConfig.model_fields["max_session_setups"].default
-POLICIES: dict[str, tuple[Callable[[], Backoff], int]] = {
-    "new": (lambda: ReconnectPolicy().backoff(), NEW_SETUPS),
-    "old": (lambda: Backoff(1.0, 60.0, 2.0, 0.2), 1_000_000),
+NEW_SETUP_TIMEOUT_S: float = CloudLink.model_fields["setup_timeout_s"].default
+POLICIES: dict[str, tuple[Callable[[], Backoff], int, float]] = {
+    "new": (lambda: ReconnectPolicy().backoff(), NEW_SETUPS, NEW_SETUP_TIMEOUT_S),
+    "old": (lambda: Backoff(1.0, 60.0, 2.0, 0.2), 1_000_000, DEAD_AFTER_S),
 }
 
 Report = dict[str, Any]
 
 
+def _policy(name: str) -> tuple[Callable[[], Backoff], float]:
+    """The agents' side of a policy: their backoff and session setup timeout."""
+    backoff, _, setup_timeout_s = POLICIES[name]
+    return backoff, setup_timeout_s
+
+
 def make_sessions(
-    identities: list[DeviceIdentity], interval: float, backoff: Callable[[], Backoff]
+    identities: list[DeviceIdentity],
+    interval: float,
+    backoff: Callable[[], Backoff],
+    setup_timeout_s: float = SETUP_TIMEOUT_S,
 ) -> list[CloudSession]:
     """The agents' sessions, dialling 127.0.0.1: `localhost` tries ::1 as well, and the
     second socket per agent ran 10,000 agents out of file descriptors (limit 20,000)."""
@@ -51,6 +62,7 @@ def make_sessions(
             heartbeat_interval_s=interval,
             device_address="127.0.0.1:" + ident.info.device_address.rsplit(":", 1)[1],
             tls_server_name="localhost",
+            setup_timeout_s=setup_timeout_s,
         )
         for ident in identities
     ]
@@ -155,7 +167,7 @@ class LocalGroup:
     """The group on the benchmark's own event loop (the single-process storm)."""
 
     def __init__(self, identities: list[DeviceIdentity], interval: float, policy: str) -> None:
-        self.group = AgentGroup(make_sessions(identities, interval, POLICIES[policy][0]))
+        self.group = AgentGroup(make_sessions(identities, interval, *_policy(policy)))
 
     async def connect(self, timeout_s: float) -> Report:
         return await self.group.connect(timeout_s)
@@ -226,7 +238,7 @@ async def serve_worker(work: Path, first: int, count: int, interval: float, poli
     """The worker's side: agents bench-<first>.. enrolled under `work`, one command at a
     time from stdin until `stop`."""
     identities = [load_identity(work / "agents" / f"{i:05d}") for i in range(first, first + count)]
-    group = AgentGroup(make_sessions(identities, interval, POLICIES[policy][0]))
+    group = AgentGroup(make_sessions(identities, interval, *_policy(policy)))
     loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)

@@ -15,7 +15,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.enroll import enroll
 from edge_agent.identity import DeviceIdentity, load_identity
 from edge_agent.retry import Backoff
-from edge_agent.session import CloudSession
+from edge_agent.session import DEAD_AFTER_S, SETUP_TIMEOUT_S, CloudSession
 from edge_agent.sync import RecordSync
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
@@ -46,6 +46,8 @@ def start_session(
     sync: RecordSync | None = None,
     device_address: str = "",
     on_control: Callable[[agent_pb2.ControlMessage], None] | None = None,
+    dead_after_s: float = DEAD_AFTER_S,
+    setup_timeout_s: float = SETUP_TIMEOUT_S,
 ) -> SessionThread:
     loop = asyncio.new_event_loop()
     stop_event = asyncio.Event()
@@ -59,6 +61,8 @@ def start_session(
         device_address=device_address,
         tls_server_name="localhost" if device_address else "",
         on_control=on_control,
+        dead_after_s=dead_after_s,
+        setup_timeout_s=setup_timeout_s,
     )
 
     def main() -> None:
