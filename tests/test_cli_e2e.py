@@ -4,6 +4,7 @@ device list shows it online → device revoke → offline and refused."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -16,7 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cloud.domain import DesiredModel
+from tests.conftest import register
 from tests.support.agents import wait_for
+from tests.support.cloud import RunningPlane
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -190,3 +194,36 @@ def test_register_enroll_run_list_revoke(tmp_path: Path, database_url: str) -> N
                 except subprocess.TimeoutExpired:
                     proc.kill()
     assert server.returncode == 0, (tmp_path / "serve.log").read_text()
+
+
+def test_device_list_and_show_name_the_model_the_plane_wants(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    ca = str(tmp_path / "cloud" / "ca.crt")
+    autoglm(
+        tmp_path, "login", "--server", plane.api_address, "--ca-cert", ca, "--token", plane.token
+    )
+    for name in ("pump-a", "pump-b"):
+        register(plane, name)
+    store = plane.plane.store
+    wanted = DesiredModel(
+        device_id=store.get_device("pump-a").id,
+        model_name="pump",
+        model_version="2",
+        manifest_digest="sha256:" + "a" * 64,
+        signature_digest="sha256:" + "b" * 64,
+        rollout_id="r-1",
+        shadow=False,
+        updated_at=dt.datetime.now(dt.UTC),
+    )
+    store.set_desired([wanted])  # as a rollout's wave writes it
+
+    header, *rows = autoglm(tmp_path, "device", "list").stdout.splitlines()
+    column = header.index("DESIRED")
+    assert {r.split()[0]: r[column:].split()[0] for r in rows} == {
+        "pump-a": "pump:2",
+        "pump-b": "-",
+    }
+    assert "desired:     pump:2" in autoglm(tmp_path, "device", "show", "pump-a").stdout
+    assert "desired:     -" in autoglm(tmp_path, "device", "show", "pump-b").stdout
+    assert _devices(tmp_path)["pump-a"]["desired_model_version"] == "pump:2"

@@ -5,6 +5,8 @@ clear errors, and device- or operator-written text is escaped."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import httpx
 import pytest
 
 from cloud.console.app import LOGIN_FAILURES
+from cloud.domain import DesiredModel
 from protos.autoglm.v1 import operator_pb2
+from tests.conftest import register
 from tests.support.agents import wait_for
 from tests.support.alerting import Site, open_site
 from tests.support.console import console_url, csrf_of, feed_alert, signed_in
@@ -90,6 +94,49 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_bad_tokens_are_refused(site: 
     # Signing out ends the session in the browser.
     client.post("/logout", data={"_csrf": csrf_of(fleet.text)})
     assert client.get("/fleet").status_code == 303
+
+
+def _fleet_row(page_html: str, name: str) -> list[str]:
+    """The cells of the fleet table's row of device `name`, as text."""
+    for row in re.findall(r"<tr>(.*?)</tr>", page_html, re.S):
+        cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
+        if cells and cells[0] == name:
+            return cells
+    raise AssertionError(f"no row for {name} on the fleet page")
+
+
+def test_devices_show_the_model_the_plane_wants_on_them(site: Site) -> None:
+    register(site.plane, "edge-2", site="b")  # never connects: nothing is pushed to it
+    store = site.plane.plane.store
+    edge_2 = store.get_device("edge-2")
+    # As a rollout's wave writes it.
+    store.set_desired(
+        [
+            DesiredModel(
+                device_id=edge_2.id,
+                model_name="pump",
+                model_version="2",
+                manifest_digest="sha256:" + "a" * 64,
+                signature_digest="sha256:" + "b" * 64,
+                rollout_id="r-1",
+                shadow=False,
+                updated_at=dt.datetime.now(dt.UTC),
+            )
+        ]
+    )
+    with site.plane.client() as client:
+        listed = {d.name: d.desired_model_version for d in client.list_devices()}
+        assert listed == {"edge-1": "", "edge-2": "pump:2"}
+        assert client.get_device("edge-2").desired_model_version == "pump:2"
+        assert client.label_device("edge-2", {"line": "4"}, []).desired_model_version == "pump:2"
+    console = signed_in(site.plane, site.plane.token)
+    fleet = console.get("/fleet").text
+    assert "<th>Desired</th>" in fleet
+    # Name, State, Labels, Profile, Serving, Desired, ...
+    assert _fleet_row(fleet, "edge-2")[5] == "pump:2", _fleet_row(fleet, "edge-2")
+    assert _fleet_row(fleet, "edge-1")[5] == "-", _fleet_row(fleet, "edge-1")
+    device = console.get(f"/devices/{edge_2.id}").text
+    assert "<dt>Desired</dt><dd>pump:2</dd>" in device, device
 
 
 def test_wrong_tokens_are_bounded_per_address(site: Site) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud.domain import DeviceRecord, DeviceState, PresenceUpdate
+from cloud.domain import DesiredModel, DeviceRecord, DeviceState, PresenceUpdate
 from cloud.presence import PresenceTracker
 from cloud.service.serde import device_from_proto, device_to_proto
 from cloud.store.sql import SqlStore
@@ -59,6 +59,22 @@ def test_device_round_trip(
     )
     back = device_from_proto(device_to_proto(device, online))
     assert back == device
+
+
+def test_a_device_names_its_desired_model_as_operators_write_versions() -> None:
+    now = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    device = DeviceRecord(
+        id="d-1", name="pump-1", labels={}, profile="", state=DeviceState.ACTIVE, created_at=now
+    )
+
+    def desired(name: str, version: str) -> str:
+        model = DesiredModel("d-1", name, version, "sha256:a", "sha256:b", "r-1", False, now)
+        return device_to_proto(device, False, model).desired_model_version
+
+    assert desired("pump", "2") == "pump:2"
+    assert desired("", "2") == "2"
+    assert desired("", "") == ""  # sent back to a device that had no version before
+    assert device_to_proto(device, False).desired_model_version == ""
 
 
 class _RecordingStore(SqlStore):

@@ -416,6 +416,16 @@ class StoreContract:
         assert store.desired_after(start + 2) == [again[0]]
         assert store.desired_after(start, limit=1) == [feed[0]]
 
+    def test_desired_states_are_read_in_bulk_for_a_listing(self, store: Store) -> None:
+        a, b, c = (store.create_device(f"pump-{n}", {}, "", NOW) for n in "abc")
+        assert store.desired_for([]) == {} == store.desired_for([a.id, b.id])
+        written = store.set_desired([_desired(a.id, "2"), _desired(b.id, "3")])
+        # Past one slice of ids (500), unknown ids among them, a device without one.
+        unknown = [str(uuid.uuid4()) for _ in range(600)]
+        found = store.desired_for([*unknown[:300], b.id, c.id, *unknown[300:], a.id])
+        assert found == {a.id: written[0], b.id: written[1]}
+        assert store.desired_for([c.id]) == {}
+
     def test_rollouts_are_written_by_compare_and_set(self, store: Store) -> None:
         device = store.create_device("pump-a", {}, "", NOW)
         rollout, target = _rollout(device.id)

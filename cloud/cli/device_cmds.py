@@ -175,6 +175,7 @@ def _rows(devices: list[operator_pb2.Device]) -> list[list[str]]:
                 d.profile or "-",
                 d.agent_version or "-",
                 msg.status.model_version or "-",
+                msg.desired_model_version or "-",
                 _expiry(msg, now),
             ]
         )
@@ -201,7 +202,17 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
         print("no devices" + (f" match '{args.selector}'" if args.selector else " registered yet"))
         return 0
     print_table(
-        ["NAME", "STATE", "LAST SEEN", "LABELS", "PROFILE", "AGENT", "MODEL", "CERT EXPIRES"],
+        [
+            "NAME",
+            "STATE",
+            "LAST SEEN",
+            "LABELS",
+            "PROFILE",
+            "AGENT",
+            "MODEL",
+            "DESIRED",
+            "CERT EXPIRES",
+        ],
         _rows(devices),
     )
     return 0
@@ -217,7 +228,8 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
     print(f"last seen:   {row[2]}\nlabels:      {row[3]}\nprofile:     {row[4]}")
     issuer = msg.status.certificate_issuer
     issued = f", issued by CA {issuer[:16]}" if issuer else ""
-    print(f"agent:       {row[5]}\nmodel:       {row[6]}\ncertificate: expires {row[7]}{issued}")
+    print(f"agent:       {row[5]}\nmodel:       {row[6]}\ndesired:     {row[7]}")
+    print(f"certificate: expires {row[8]}{issued}")
     if msg.status.inference_backend:
         print(f"backend:     {msg.status.inference_backend}")
     if msg.host.hostname:

@@ -81,7 +81,21 @@ class OperatorServicer(
         self.clock = clock
 
     def _device(self, device: DeviceRecord) -> operator_pb2.Device:
+        """A device without its desired model (one just registered, or deleted, has none)."""
         return device_to_proto(device, online=device.is_online(self.clock(), self.offline_after))
+
+    def _with_desired(self, devices: Sequence[DeviceRecord]) -> list[operator_pb2.Device]:
+        """Devices with the models the control plane wants on them, read in one go (blocks:
+        call it in a thread)."""
+        desired = self.registry.store.desired_for([d.id for d in devices])
+        now = self.clock()
+        return [
+            device_to_proto(d, d.is_online(now, self.offline_after), desired.get(d.id))
+            for d in devices
+        ]
+
+    def _one_with_desired(self, device: DeviceRecord) -> operator_pb2.Device:
+        return self._with_desired([device])[0]
 
     async def RegisterDevice(
         self, request: operator_pb2.RegisterDeviceRequest, context: aio.ServicerContext[Any, Any]
@@ -117,13 +131,20 @@ class OperatorServicer(
     async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.ListDevicesResponse:
-        devices = await asyncio.to_thread(self.registry.list, parse_selector(request.selector))
-        return operator_pb2.ListDevicesResponse(devices=[self._device(d) for d in devices])
+        selector = parse_selector(request.selector)
+
+        def load() -> list[operator_pb2.Device]:
+            return self._with_desired(self.registry.list(selector))
+
+        return operator_pb2.ListDevicesResponse(devices=await asyncio.to_thread(load))
 
     async def GetDevice(
         self, request: operator_pb2.GetDeviceRequest, context: aio.ServicerContext[Any, Any]
     ) -> operator_pb2.Device:
-        return self._device(await asyncio.to_thread(self.registry.get, request.device))
+        def load() -> operator_pb2.Device:
+            return self._one_with_desired(self.registry.get(request.device))
+
+        return await asyncio.to_thread(load)
 
     async def LabelDevice(
         self, request: operator_pb2.LabelDeviceRequest, context: aio.ServicerContext[Any, Any]
@@ -131,7 +152,7 @@ class OperatorServicer(
         device = await asyncio.to_thread(
             self.registry.label, request.device, dict(request.set), list(request.remove)
         )
-        return self._device(device)
+        return await asyncio.to_thread(self._one_with_desired, device)
 
     async def RevokeDevice(
         self, request: operator_pb2.RevokeDeviceRequest, context: aio.ServicerContext[Any, Any]
@@ -139,7 +160,7 @@ class OperatorServicer(
         device = await asyncio.to_thread(self.registry.revoke, request.device, request.reason)
         self.hub.end_device(device.id, PermissionDenied(f"device '{device.name}' was revoked"))
         log.info("device %s revoked: %s", device.name, request.reason or "(no reason)")
-        return self._device(device)
+        return await asyncio.to_thread(self._one_with_desired, device)
 
     async def DeleteDevice(
         self, request: operator_pb2.DeleteDeviceRequest, context: aio.ServicerContext[Any, Any]

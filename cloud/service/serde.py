@@ -70,7 +70,10 @@ def host_from_dict(data: dict[str, Any]) -> common_pb2.HostFacts:
     return json_format.ParseDict(data, common_pb2.HostFacts(), ignore_unknown_fields=True)
 
 
-def device_to_proto(device: DeviceRecord, online: bool) -> operator_pb2.Device:
+def device_to_proto(
+    device: DeviceRecord, online: bool, desired: DesiredModel | None = None
+) -> operator_pb2.Device:
+    """The API's device; `desired` is the model the control plane wants on it (None: none)."""
     msg = operator_pb2.Device(
         id=device.id,
         name=device.name,
@@ -81,6 +84,7 @@ def device_to_proto(device: DeviceRecord, online: bool) -> operator_pb2.Device:
         agent_version=device.agent_version,
         status=status_from_dict(device.status),
         host=host_from_dict(device.host),
+        desired_model_version=_model_ref(desired) if desired is not None else "",
     )
     for field, value in (
         ("last_seen", device.last_seen),
@@ -93,6 +97,16 @@ def device_to_proto(device: DeviceRecord, online: bool) -> operator_pb2.Device:
         if ts is not None:
             getattr(msg, field).CopyFrom(ts)
     return msg
+
+
+def _model_ref(desired: DesiredModel) -> str:
+    """The desired model as operators write a model version: `name:version` (the bare version
+    without a name; "" without a version: a send-back to a device that had none)."""
+    if not desired.model_version:
+        return ""
+    if not desired.model_name:
+        return desired.model_version
+    return f"{desired.model_name}:{desired.model_version}"
 
 
 def device_from_proto(msg: operator_pb2.Device) -> DeviceRecord:

@@ -366,6 +366,11 @@ class RolloutStore(abc.ABC):
     def get_desired(self, device_id: str) -> DesiredModel | None: ...
 
     @abc.abstractmethod
+    def desired_for(self, device_ids: Sequence[str]) -> dict[str, DesiredModel]:
+        """Device id -> desired model, for those of `device_ids` that have one (read in bulk,
+        for a device listing)."""
+
+    @abc.abstractmethod
     def desired_after(self, revision: int, limit: int = 500) -> list[DesiredModel]:
         """Desired states changed after `revision`, oldest change first (the change feed
         every replica follows to deliver them to the sessions it holds)."""

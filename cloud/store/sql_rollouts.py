@@ -117,6 +117,18 @@ class RolloutTables(SqlBase):
             row = s.get(DesiredModelRow, device_id)
             return _desired(row) if row is not None else None
 
+    def desired_for(self, device_ids: Sequence[str]) -> dict[str, DesiredModel]:
+        found: dict[str, DesiredModel] = {}
+        with self._tx() as s:
+            # In slices, as `device_credentials`: a large fleet's ids would pass the
+            # databases' bounds on bound parameters.
+            for start in range(0, len(device_ids), 500):
+                query = select(DesiredModelRow).where(
+                    DesiredModelRow.device_id.in_(device_ids[start : start + 500])
+                )
+                found.update((r.device_id, _desired(r)) for r in s.scalars(query).all())
+        return found
+
     def desired_after(self, revision: int, limit: int = 500) -> list[DesiredModel]:
         query = (
             select(DesiredModelRow)
