@@ -72,6 +72,9 @@ class Decision(_Strict):
     spread_tolerance: tuple[float, ...] = ()
     residual_tolerance: tuple[float, ...] = ()
     forecast_away: bool = False
+    subspace: bool = False
+    subspace_threshold: float = 8.0
+    subspace_tolerance: tuple[float, ...] = ()
     supervised: bool = True
     combine: str = "max"
     alone: float = 0.0

@@ -23,6 +23,10 @@ data, `cloud/model/thresholds.py`):
   noisier one, an oscillation;
 - `joint`: the Mahalanobis distance of the level deviations under the site's correlation
   (sensors that normally move together and no longer do);
+- `subspace` (`DecisionParams.subspace`): the largest per-sensor residual of the levels off
+  the few directions the site's levels move along together (a PCA of the calibration levels,
+  the SPE of classical MSPC): many sensors driven by a few operating-state factors, one of
+  them leaving the pattern;
 - `forecast`: the largest forecast residual of the network in site units (dynamics), among
   the sensors whose recent level is not closer to the site's normal than the rows before it
   (`forecast_away`): a sensor coming back to normal, as at the end of a fault, surprises the
@@ -52,6 +56,10 @@ SCALE_EPS = 1e-6
 LEVEL_SCALE_FLOOR = 0.25  # site units: a sensor flat during calibration still has a scale
 JOINT_SHRINKAGE = 0.5  # share of the identity in the level correlation (few effective rows)
 SPREAD_EPS = 0.05  # site units: a log ratio of spreads near zero stays finite
+# A principal direction of the calibration levels is kept when its variance exceeds this
+# multiple of the median one (the noise floor): EXP14f, after the 90 %-of-variance rule of
+# EXP14e dropped random-walk factors that barely moved during calibration.
+SUBSPACE_NOISE_MULTIPLE = 10.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,9 @@ class SiteCalibration:
     level_scale: FloatArray | None = None
     level_precision: FloatArray | None = None
     spread_center: FloatArray | None = None
+    subspace_center: FloatArray | None = None  # [N] (`fit_subspace`; None: the kind is off)
+    subspace_basis: FloatArray | None = None  # [N, k]
+    subspace_scale: FloatArray | None = None  # [N]
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,48 @@ def fit_level_normal(level: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
     return center, scale.astype(np.float32), precision.astype(np.float32)
 
 
+def fit_subspace(level: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray] | None:
+    """Centre [N], basis [N, k] and per-sensor residual scale [N] of the calibration levels
+    [W, N]. The eigenvalues of the centred levels' covariance (squared singular values over
+    W - 1; N of them, zeros past the rank) have their median as the noise floor; k is the
+    number above `SUBSPACE_NOISE_MULTIPLE` times it, at least 1 and at most N - 2. None (the
+    kind is off) for N <= 3 or levels that do not vary. The scale is the residuals' robust
+    spread (1.4826 MAD), floored like the level scale."""
+    windows, n = level.shape
+    if n <= 3 or windows < 2:
+        return None
+    center = np.nanmedian(level, axis=0)
+    center = np.where(np.isnan(center), 0.0, center)
+    dev = np.nan_to_num(level - center).astype(np.float64)
+    _, singular, vt = np.linalg.svd(dev, full_matrices=False)
+    eigen = np.zeros(n)
+    eigen[: singular.size] = singular**2 / (windows - 1)
+    if not eigen.sum() > 0:
+        return None
+    above = int(np.count_nonzero(eigen > SUBSPACE_NOISE_MULTIPLE * np.median(eigen)))
+    k = min(max(above, 1), n - 2)
+    basis = vt[:k].T
+    residual = dev - dev @ basis @ basis.T
+    mad = np.median(np.abs(residual - np.median(residual, axis=0)), axis=0)
+    scale = np.maximum(1.4826 * mad, LEVEL_SCALE_FLOOR)
+    return center.astype(np.float32), basis.astype(np.float32), scale.astype(np.float32)
+
+
+def subspace_deviation(
+    level: FloatArray, cal: SiteCalibration, tolerance: tuple[float, ...] = ()
+) -> FloatArray:
+    """[B, N]: each level's residual off the site's subspace, in residual scales divided by the
+    sensor's tolerance; a level without readings counts as at the centre."""
+    assert cal.subspace_center is not None and cal.subspace_basis is not None
+    assert cal.subspace_scale is not None
+    dev = np.nan_to_num(level - cal.subspace_center).astype(np.float32)
+    basis = cal.subspace_basis
+    residual = dev - (dev @ basis) @ basis.T
+    scale = cal.subspace_scale * (np.asarray(tolerance, dtype=np.float32) if tolerance else 1.0)
+    out: FloatArray = np.abs(residual / scale).astype(np.float32)
+    return out
+
+
 def fit_residual_scale(residual: FloatArray, quantile: float) -> FloatArray:
     """Per-sensor residual level that normal operation at this site stays under."""
     if residual.shape[0] == 0:
@@ -225,6 +278,9 @@ def evidence_values(
         values["level"], values["joint"] = level_evidence(dev, cal.level_precision)
     if cal.spread_center is not None:
         values["spread"] = spread_deviation(out.spread, cal, params.spread_tolerance).max(axis=1)
+    if params.subspace and cal.subspace_basis is not None:
+        dev = subspace_deviation(out.level, cal, params.subspace_tolerance)
+        values["subspace"] = dev.max(axis=1)
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
 
 
@@ -259,6 +315,8 @@ def thresholds_of(params: DecisionParams) -> dict[str, float]:
         used["level"] = params.level_threshold
         used["joint"] = params.joint_threshold
         used["spread"] = params.spread_threshold
+        if params.subspace:
+            used["subspace"] = params.subspace_threshold
     return used
 
 
@@ -315,6 +373,8 @@ def sensor_evidence(
         per_sensor = np.abs(level_deviation(one.level, cal, params.level_tolerance)[0])
     elif driver == "spread":
         per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
+    elif driver == "subspace":
+        per_sensor = subspace_deviation(one.level, cal, params.subspace_tolerance)[0]
     elif driver == "forecast":
         per_sensor = forecast_deviation(one, cal, params)[0]
     else:

@@ -14,6 +14,17 @@ from edge_agent.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
+# SiteCalibration's fields after `rows`, in order; each None where calibration did not fit it.
+OPTIONAL_FIELDS = (
+    "level_center",
+    "level_scale",
+    "level_precision",
+    "spread_center",
+    "subspace_center",
+    "subspace_basis",
+    "subspace_scale",
+)
+
 
 class CalibrationStore:
     """Site calibrations per (model version, asset), so a restart does not recalibrate."""
@@ -32,9 +43,9 @@ class CalibrationStore:
             doc = json.loads(path.read_text())
             if tuple(doc["sensors"]) != sensors:
                 return None
-            levels = [
+            levels = [  # absent (stored before the field): None, that evidence off
                 None if doc.get(k) is None else np.asarray(doc[k], dtype=np.float32)
-                for k in ("level_center", "level_scale", "level_precision", "spread_center")
+                for k in OPTIONAL_FIELDS
             ]
             cal = SiteCalibration(
                 np.asarray(doc["input_center"], dtype=np.float32),
@@ -66,10 +77,7 @@ class CalibrationStore:
             "input_scale": cal.input_scale.tolist(),
             "residual_scale": cal.residual_scale.tolist(),
             "rows": cal.rows,
-            "level_center": _listed(cal.level_center),
-            "level_scale": _listed(cal.level_scale),
-            "level_precision": _listed(cal.level_precision),
-            "spread_center": _listed(cal.spread_center),
+            **{k: _listed(getattr(cal, k)) for k in OPTIONAL_FIELDS},
             "seed": seed,
         }
         path = self._path(version, asset)

@@ -38,6 +38,11 @@ class DecisionParams:
     # Bundles made before it: False. Chosen with scripts/evaluate_unseen.py, injection seeds
     # 300-302 and training seeds 0 and 2 (figures in the commit that set it).
     forecast_away: bool = True
+    # Subspace evidence (`edge_agent.calibration.fit_subspace`): the levels' residual off the
+    # site's principal directions, per sensor. Bundles made before it: False.
+    subspace: bool = False
+    subspace_threshold: float = 8.0
+    subspace_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two
@@ -57,6 +62,7 @@ class DecisionParams:
             "level_threshold",
             "joint_threshold",
             "spread_threshold",
+            "subspace_threshold",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} <= 0")
@@ -68,7 +74,12 @@ class DecisionParams:
             raise InvalidInput(f"decision: smoothing {self.smoothing} < 1")
         if self.level_window < 0:
             raise InvalidInput(f"decision: level_window {self.level_window} < 0")
-        for name in ("level_tolerance", "spread_tolerance", "residual_tolerance"):
+        for name in (
+            "level_tolerance",
+            "spread_tolerance",
+            "residual_tolerance",
+            "subspace_tolerance",
+        ):
             if any(not t > 0 for t in getattr(self, name)):
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")
         if self.combine not in COMBINE_RULES:

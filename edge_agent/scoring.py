@@ -23,6 +23,7 @@ from edge_agent.calibration import (
     fit_level_normal,
     fit_residual_scale,
     fit_spread_normal,
+    fit_subspace,
     recent_stats,
     smooth_causal,
     to_network_space,
@@ -57,7 +58,12 @@ class ModelFrame:
 def frame_of(manifest: Manifest) -> ModelFrame:
     """The scoring frame a bundle's manifest describes."""
     center = np.asarray(manifest.normalisation.center, dtype=np.float32)
-    for name in ("level_tolerance", "spread_tolerance", "residual_tolerance"):
+    for name in (
+        "level_tolerance",
+        "spread_tolerance",
+        "residual_tolerance",
+        "subspace_tolerance",
+    ):
         tolerance = getattr(manifest.decision, name)
         if tolerance and len(tolerance) != len(manifest.sensors):
             raise InvalidInput(
@@ -125,6 +131,14 @@ def calibrate(
             level_precision=level_precision,
             spread_center=fit_spread_normal(in_cal.spread),
         )
+        subspace = fit_subspace(in_cal.level) if frame.decision.subspace else None
+        if subspace is not None:
+            calibration = dataclasses.replace(
+                calibration,
+                subspace_center=subspace[0],
+                subspace_basis=subspace[1],
+                subspace_scale=subspace[2],
+            )
     raw = fault_score(in_cal, calibration, frame.decision)
     return calibration, raw, ends, outputs
 

@@ -4,6 +4,8 @@ socket) and through the offline back-test give the same score and decision per w
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +20,24 @@ from edge_agent.scoring import calibrate_and_score, frame_of
 from edge_agent.serving import open_serving
 from edge_agent.windowing import align_to_grid
 from tests.support.agents import wait_for
-from tests.support.bundles import train_small
+from tests.support.bundles import OPTIONS, train_small
 from tests.support.sensordata import SENSORS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 START = 1_700_000_000.0
 
 
-def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -> None:
-    bundle, key = train_small(tmp_path / "model")
+@pytest.mark.parametrize("subspace", [False, True], ids=["defaults", "subspace"])
+def test_agent_and_predict_give_identical_scores_and_decisions(
+    tmp_path: Path, subspace: bool
+) -> None:
+    options = OPTIONS
+    if subspace:  # the subspace evidence on (the small model's sensors: 4)
+        decision = dataclasses.replace(OPTIONS.decision, subspace=True)
+        options = dataclasses.replace(OPTIONS, decision=decision)
+    bundle, key = train_small(tmp_path / "model", options)
+    written = json.loads((bundle / "manifest.json").read_text())["decision"]
+    assert written.get("subspace", False) is subspace
     rows = 400
     rng = np.random.default_rng(8)
     t = np.arange(rows)
@@ -87,6 +98,7 @@ def test_agent_and_predict_give_identical_scores_and_decisions(tmp_path: Path) -
         round(series.start + (offline.first_slot + i) * period, 3): (score, flag)
         for i, (score, flag) in enumerate(zip(offline.score, offline.anomaly, strict=True))
     }
+    assert (offline.calibration.subspace_basis is not None) is subspace
     assert len(verdicts) >= rows - k - 5, len(verdicts)
     matched = 0
     for verdict in verdicts:

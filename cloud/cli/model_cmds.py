@@ -161,6 +161,13 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave the fault head out of the decision even where labels exist",
     )
+    parser.add_argument(
+        "--subspace",
+        action=argparse.BooleanOptionalAction,
+        default=d.subspace,
+        help="evidence from the levels' residual off the site's principal directions "
+        f"(default {'on' if d.subspace else 'off'})",
+    )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
     parser.add_argument(
@@ -234,6 +241,7 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             level_window=args.level_window,
             supervised=not args.no_supervised,
             target_far=args.target_far,
+            subspace=args.subspace,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)

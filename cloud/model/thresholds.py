@@ -29,6 +29,7 @@ from edge_agent.calibration import (
     level_evidence,
     smooth_causal,
     spread_deviation,
+    subspace_deviation,
     thresholds_of,
 )
 from edge_agent.errors import InvalidInput
@@ -64,6 +65,7 @@ class EpisodeEvidence:
     deviation: FloatArray | None = None  # [W, N] level deviations before tolerances
     precision: FloatArray | None = None  # [N, N] the episode's level precision
     spread: FloatArray | None = None  # [W, N] spread deviations before tolerances
+    subspace: FloatArray | None = None  # [W, N] subspace deviations before tolerances
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,14 @@ def episode_evidence(
         return EpisodeEvidence(episode.name, values, normal)
     deviation = level_deviation(outputs.level, calibration)
     spread = spread_deviation(outputs.spread, calibration)
+    subspace = None
+    if frame.decision.subspace:
+        if calibration.subspace_basis is None:  # off at this site: no such evidence
+            values["subspace"] = np.zeros(ends.size, dtype=np.float32)
+        else:
+            subspace = subspace_deviation(outputs.level, calibration)
     return EpisodeEvidence(
-        episode.name, values, normal, deviation, calibration.level_precision, spread
+        episode.name, values, normal, deviation, calibration.level_precision, spread, subspace
     )
 
 
@@ -119,16 +127,18 @@ def _tolerance(parts: list[FloatArray], budget: float) -> FloatArray:
 
 def with_tolerance(
     evidence: Sequence[EpisodeEvidence], budget: float
-) -> tuple[list[EpisodeEvidence], tuple[float, ...], tuple[float, ...]]:
-    """Per-sensor level and spread tolerances, and the evidence recomputed with them. A
-    sensor's tolerance is the median over episodes of the (1 - budget) quantile of its
-    deviation on their normal windows (at least 1): one recording that wanders does not blind
-    every site."""
+) -> tuple[list[EpisodeEvidence], dict[str, tuple[float, ...]]]:
+    """Per-sensor level, spread (and subspace) tolerances, by their decision field names, and
+    the evidence recomputed with them. A sensor's tolerance is the median over episodes of the
+    (1 - budget) quantile of its deviation on their normal windows (at least 1): one recording
+    that wanders does not blind every site."""
     levels = [e.deviation[e.normal] for e in evidence if e.deviation is not None]
     spreads = [e.spread[e.normal] for e in evidence if e.spread is not None]
+    subspaces = [e.subspace[e.normal] for e in evidence if e.subspace is not None]
     if not levels or not spreads:
-        return list(evidence), (), ()
+        return list(evidence), {}
     level_tol, spread_tol = _tolerance(levels, budget), _tolerance(spreads, budget)
+    subspace_tol = _tolerance(subspaces, budget) if subspaces else None
     out = []
     for e in evidence:
         if e.deviation is None or e.precision is None or e.spread is None:
@@ -137,8 +147,13 @@ def with_tolerance(
         level, joint = level_evidence(e.deviation / level_tol, e.precision)
         spread = (e.spread / spread_tol).max(axis=1)
         changed = {"level": level, "joint": joint, "spread": spread}
+        if e.subspace is not None and subspace_tol is not None:
+            changed["subspace"] = (e.subspace / subspace_tol).max(axis=1)
         out.append(dataclasses.replace(e, values=e.values | changed))
-    return out, _rounded(level_tol), _rounded(spread_tol)
+    tolerances = {"level_tolerance": _rounded(level_tol), "spread_tolerance": _rounded(spread_tol)}
+    if subspace_tol is not None:
+        tolerances["subspace_tolerance"] = _rounded(subspace_tol)
+    return out, tolerances
 
 
 def _rounded(values: FloatArray) -> tuple[float, ...]:
@@ -156,8 +171,8 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
     evidence = [e for e in evidence if e.normal.any()]
     if not evidence:
         raise InvalidInput("thresholds: the held-out episodes have no normal window")
-    evidence, level_tol, spread_tol = with_tolerance(evidence, budget)
-    base = dataclasses.replace(base, level_tolerance=level_tol, spread_tolerance=spread_tol)
+    evidence, tolerances = with_tolerance(evidence, budget)
+    base = dataclasses.replace(base, **tolerances)  # type: ignore[arg-type]
     kinds = list(thresholds_of(base))
     quantiles = {
         k: max(
@@ -219,6 +234,7 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
         "joint": "joint_threshold",
         "spread": "spread_threshold",
         "forecast": "residual_threshold",
+        "subspace": "subspace_threshold",
     }
     for kind, field in names.items():
         if kind in fitted:

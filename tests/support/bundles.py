@@ -37,11 +37,13 @@ def small_options(name: str, epochs: int, seed: int) -> TrainOptions:
 OPTIONS = small_options("pump", epochs=3, seed=5)
 
 
-def train_small(root: Path) -> tuple[Path, ed25519.Ed25519PrivateKey]:
+def train_small(
+    root: Path, options: TrainOptions = OPTIONS
+) -> tuple[Path, ed25519.Ed25519PrivateKey]:
     """Trains the small model under `root`; returns its bundle and the key that signed it."""
     key = ed25519.Ed25519PrivateKey.generate()
     out = root / "bundle"
-    train_bundle([write_dataset(root / "data")], out, OPTIONS, key, log=lambda _: None)
+    train_bundle([write_dataset(root / "data")], out, options, key, log=lambda _: None)
     return out, key
 
 
