@@ -214,13 +214,9 @@ class CloudSession:
                     host=self.host(),
                     last_acked_sequence=self.sync.outbox.acked if self.sync else 0,
                 )
-                try:  # a path that dies while the session opens must not hang it
-                    first = await asyncio.wait_for(self._hello(call, hello), self.setup_timeout_s)
-                except TimeoutError:
-                    raise Unavailable(
-                        f"{self.address}: no answer to the session's hello within "
-                        f"{self.setup_timeout_s:g}s"
-                    ) from None
+                first = await self._open(call, hello, stop)
+                if first is None:
+                    return  # stopping while the session opened
                 if not isinstance(first, agent_pb2.ControlMessage) or not first.HasField(
                     "accepted"
                 ):
@@ -263,6 +259,37 @@ class CloudSession:
                         await reader
                 elif reader is not None and not reader.cancelled():
                     reader.exception()  # retrieved: reported through the session's error
+
+    async def _open(
+        self,
+        call: aio.StreamStreamCall[Outgoing, agent_pb2.ControlMessage],
+        hello: agent_pb2.Hello,
+        stop: asyncio.Event,
+    ) -> object | None:
+        """The control plane's answer to the hello within `setup_timeout_s` (a path that dies
+        while the session opens must not hang it); None when `stop` is set first, so that
+        an agent told to stop does not wait out the setup timeout."""
+        answer = asyncio.ensure_future(self._hello(call, hello))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {answer, stopping},
+                timeout=self.setup_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stopping.cancel()
+            if not answer.done():
+                answer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await answer  # its error, if any, is not the session's: it was given up
+        if answer in done:
+            return answer.result()  # an RpcError is mapped by the session
+        if stopping in done:
+            return None
+        raise Unavailable(
+            f"{self.address}: no answer to the session's hello within {self.setup_timeout_s:g}s"
+        )
 
     @staticmethod
     async def _hello(

@@ -67,13 +67,19 @@ def test_a_device_names_its_desired_model_as_operators_write_versions() -> None:
         id="d-1", name="pump-1", labels={}, profile="", state=DeviceState.ACTIVE, created_at=now
     )
 
-    def desired(name: str, version: str) -> str:
-        model = DesiredModel("d-1", name, version, "sha256:a", "sha256:b", "r-1", False, now)
+    def desired(name: str, version: str, shadow: bool = False, revert: str = "") -> str:
+        model = DesiredModel(
+            "d-1", name, version, "sha256:a", "sha256:b", "r-1", shadow, now, revert
+        )
         return device_to_proto(device, False, model).desired_model_version
 
     assert desired("pump", "2") == "pump:2"
     assert desired("", "2") == "2"
-    assert desired("", "") == ""  # sent back to a device that had no version before
+    assert desired("", "") == ""
+    assert desired("pump", "2", shadow=True) == "pump:2 (shadow)"
+    # An aborted rollout's send-back applies only to a device serving the aborted version.
+    assert desired("pump", "1", revert="2") == "pump:1 (if serving 2)"
+    assert desired("", "", revert="2") == "- (if serving 2)"  # back to no version
     assert device_to_proto(device, False).desired_model_version == ""
 
 

@@ -169,6 +169,29 @@ def test_a_session_setup_waits_its_own_timeout_not_the_dead_path_bound(
         proxy.close()
 
 
+def test_an_agent_told_to_stop_while_its_session_opens_stops_at_once(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    """Stopping does not wait out the setup timeout (systemd and Kubernetes give 30 s)."""
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    port = int(plane.device_address.rsplit(":", 1)[1])
+    proxy = BlackholeProxy(("127.0.0.1", port))
+    proxy.blackhole()  # the attempt hangs in its handshake
+    agent = start_session(identity, device_address=f"127.0.0.1:{proxy.port}", setup_timeout_s=600)
+    try:
+        wait_for(lambda: bool(proxy._open), timeout=60, interval=0.05)  # the attempt is on
+        t0 = time.monotonic()
+        agent.loop.call_soon_threadsafe(agent.stop_event.set)
+        agent.thread.join(120)
+        took = time.monotonic() - t0
+        assert not agent.thread.is_alive(), "the session did not stop within 120 s"
+        assert took < 60, f"stopping took {took:.1f}s (the setup timeout is 600 s)"
+        assert agent.session.stats.attempts_failed == 0, agent.session.stats.last_error
+    finally:
+        agent.stop()
+        proxy.close()
+
+
 def test_reenrolled_device_invalidates_its_old_certificate(
     plane: RunningPlane, tmp_path: Path
 ) -> None:

@@ -101,12 +101,20 @@ def device_to_proto(
 
 def _model_ref(desired: DesiredModel) -> str:
     """The desired model as operators write a model version: `name:version` (the bare version
-    without a name; "" without a version: a send-back to a device that had none)."""
+    without a name; "" without a version: a send-back to a device that had none), marked when
+    it is a shadow candidate (the device keeps serving its model) or an aborted rollout's
+    send-back (which applies only to a device serving the aborted version)."""
     if not desired.model_version:
-        return ""
-    if not desired.model_name:
-        return desired.model_version
-    return f"{desired.model_name}:{desired.model_version}"
+        ref = ""
+    elif not desired.model_name:
+        ref = desired.model_version
+    else:
+        ref = f"{desired.model_name}:{desired.model_version}"
+    if desired.shadow:
+        return f"{ref} (shadow)"
+    if desired.revert_version:
+        return f"{ref or '-'} (if serving {desired.revert_version})"
+    return ref
 
 
 def device_from_proto(msg: operator_pb2.Device) -> DeviceRecord:
