@@ -129,6 +129,9 @@ def test_devices_show_the_model_the_plane_wants_on_them(site: Site) -> None:
         assert listed == {"edge-1": "", "edge-2": "pump:2"}
         assert client.get_device("edge-2").desired_model_version == "pump:2"
         assert client.label_device("edge-2", {"line": "4"}, []).desired_model_version == "pump:2"
+        # A new enrollment token for an existing device (to re-enroll it) keeps its desired.
+        token = client.issue_enrollment_token("edge-2")
+        assert token.device.desired_model_version == "pump:2"
     console = signed_in(site.plane, site.plane.token)
     fleet = console.get("/fleet").text
     assert "<th>Desired</th>" in fleet

@@ -117,11 +117,15 @@ class OperatorServicer(
             self.registry.new_enrollment_token, request.device, ttl
         )
         log.info("new enrollment token for device %s", registration.device.name)
-        return self._registration(registration)
+        # An existing device (re-enrolled): it may have a desired model.
+        device = await asyncio.to_thread(self._one_with_desired, registration.device)
+        return self._registration(registration, device)
 
-    def _registration(self, registration: Registration) -> operator_pb2.RegisterDeviceResponse:
+    def _registration(
+        self, registration: Registration, device: operator_pb2.Device | None = None
+    ) -> operator_pb2.RegisterDeviceResponse:
         return operator_pb2.RegisterDeviceResponse(
-            device=self._device(registration.device),
+            device=device or self._device(registration.device),
             enrollment_token=registration.token,
             token_expires_at=timestamp(registration.expires_at),
             endpoints=self.endpoints(),
