@@ -37,13 +37,18 @@ class CaptureCalibration:
     """The rest of the site calibration a window was scored under (`input_center` and
     `input_scale` are the capture's own): what the decision's evidence needs besides the
     network (`edge_agent.calibration.SiteCalibration`). The level fields are empty where the
-    model's decision uses no levels; `level_precision` is N*N, row-major."""
+    model's decision uses no levels; `level_precision` is N*N, row-major. The subspace fields
+    are empty where the site has no subspace (or the agent predates them: the kind is off
+    for that window); `subspace_basis` is N*k, row-major."""
 
     residual_scale: tuple[float, ...]
     level_center: tuple[float, ...] = ()
     level_scale: tuple[float, ...] = ()
     spread_center: tuple[float, ...] = ()
     level_precision: tuple[float, ...] = ()
+    subspace_center: tuple[float, ...] = ()
+    subspace_basis: tuple[float, ...] = ()
+    subspace_scale: tuple[float, ...] = ()
 
     def as_doc(self) -> dict[str, list[float]]:
         """A JSON-ready dict (the store's column, the export's struct)."""
@@ -62,7 +67,12 @@ CALIBRATION_FIELDS = (
     "level_scale",
     "spread_center",
     "level_precision",
+    "subspace_center",
+    "subspace_basis",
+    "subspace_scale",
 )
+LEVEL_FIELDS = ("level_center", "level_scale", "spread_center", "level_precision")
+SUBSPACE_FIELDS = ("subspace_center", "subspace_basis", "subspace_scale")
 
 
 @dataclass(frozen=True)
@@ -159,21 +169,32 @@ def check_capture(c: CaptureRecord, where: str) -> None:
 
 def check_calibration(cal: CaptureCalibration, n: int, where: str) -> None:
     """InvalidInput unless every vector has N values (the level ones N or none, the
-    precision N*N with them) and every scale is positive."""
-    levels = bool(cal.level_center or cal.level_scale or cal.spread_center or cal.level_precision)
+    precision N*N with them; the subspace ones N or none, the basis N*k with them, 1 <= k
+    < N, and only with the level fields) and every scale is positive."""
+    levels = any(getattr(cal, name) for name in LEVEL_FIELDS)
+    subspace = any(getattr(cal, name) for name in SUBSPACE_FIELDS)
+    if subspace and not levels:
+        raise InvalidInput(f"{where}.subspace_center: a subspace without the level fields")
+    k = len(cal.subspace_basis) // n
+    if subspace and not (len(cal.subspace_basis) == n * k and 1 <= k < n):
+        raise InvalidInput(
+            f"{where}.subspace_basis: {len(cal.subspace_basis)} values; {n} sensors take "
+            f"{n} x k with 1 <= k < {n}"
+        )
     for name in CALIBRATION_FIELDS:
         vector = getattr(cal, name)
-        want = n * n if name == "level_precision" else n
-        if name != "residual_scale" and not levels:
+        want = {"level_precision": n * n, "subspace_basis": n * k}.get(name, n)
+        if (name in LEVEL_FIELDS and not levels) or (name in SUBSPACE_FIELDS and not subspace):
             want = 0
         if len(vector) != want:
+            group = "subspace" if name in SUBSPACE_FIELDS else "level"
             raise InvalidInput(
                 f"{where}.{name}: {len(vector)} values; {n} sensors take {want}"
-                + ("" if name == "residual_scale" else " (or none of the level fields)")
+                + ("" if name == "residual_scale" else f" (or none of the {group} fields)")
             )
         if not all(math.isfinite(x) for x in vector):
             raise InvalidInput(f"{where}.{name}: not every value is a finite number")
-    for name in ("residual_scale", "level_scale"):
+    for name in ("residual_scale", "level_scale", "subspace_scale"):
         if min(getattr(cal, name), default=1.0) <= 0:
             raise InvalidInput(f"{where}.{name}: every scale must be positive")
 

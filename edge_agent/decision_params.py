@@ -39,8 +39,10 @@ class DecisionParams:
     # 300-302 and training seeds 0 and 2 (figures in the commit that set it).
     forecast_away: bool = True
     # Subspace evidence (`edge_agent.calibration.fit_subspace`): the levels' residual off the
-    # site's principal directions, per sensor. Bundles made before it: False.
-    subspace: bool = False
+    # site's principal directions, per sensor. Bundles made before it: False. On by default
+    # since EXP14f (scripts/experiments/issue14/README.md), once captures carried the subspace
+    # and fine-tuning fitted its tolerance.
+    subspace: bool = True
     subspace_threshold: float = 8.0
     subspace_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)

@@ -119,4 +119,7 @@ def decision_calibration(cal: SiteCalibration) -> agent_pb2.DecisionCalibration:
         level_scale=floats(cal.level_scale),
         spread_center=floats(cal.spread_center),
         level_precision=floats(cal.level_precision),
+        subspace_center=floats(cal.subspace_center),
+        subspace_basis=floats(cal.subspace_basis),  # [N, k] row-major
+        subspace_scale=floats(cal.subspace_scale),
     )

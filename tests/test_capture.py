@@ -63,6 +63,10 @@ def test_a_capture_crosses_to_the_cloud_unchanged(reason: str) -> None:
     np.testing.assert_allclose(c.calibration.level_center, cal.level_center)
     np.testing.assert_allclose(c.calibration.spread_center, cal.spread_center)
     np.testing.assert_allclose(c.calibration.level_precision, cal.level_precision.reshape(-1))
+    assert cal.subspace_basis is not None and cal.subspace_basis.shape == (4, 2)
+    np.testing.assert_allclose(c.calibration.subspace_center, cal.subspace_center)
+    np.testing.assert_allclose(c.calibration.subspace_basis, cal.subspace_basis.reshape(-1))
+    np.testing.assert_allclose(c.calibration.subspace_scale, cal.subspace_scale)
 
 
 def test_a_capture_from_an_agent_without_the_calibration_still_crosses() -> None:
@@ -81,11 +85,61 @@ def test_a_capture_with_a_misshapen_calibration_is_rejected_naming_it() -> None:
     assert "calibration.level_precision: 9 values; 4 sensors take 16" in str(split.rejected[0])
 
 
+def test_a_capture_without_a_subspace_crosses_with_the_kind_off() -> None:
+    """A site without a subspace (too few sensors, or an agent from before it was sent):
+    the subspace fields stay empty."""
+    sent = window()
+    assert sent.calibration is not None
+    cal = dataclasses.replace(
+        sent.calibration, subspace_center=None, subspace_basis=None, subspace_scale=None
+    )
+    split = split_batch(
+        "device-1", batch_of(capture_record(dataclasses.replace(sent, calibration=cal)))
+    )
+    assert split.rejected == [] and split.captures[0].calibration is not None
+    got = split.captures[0].calibration
+    assert (got.subspace_center, got.subspace_basis, got.subspace_scale) == ((), (), ())
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"subspace_basis": np.ones((4, 4), np.float32)}, "subspace_basis: 16 values; 4 sensors"),
+        ({"subspace_basis": np.ones(6, np.float32)}, "subspace_basis: 6 values; 4 sensors"),
+        ({"subspace_scale": None}, "subspace_scale: 0 values; 4 sensors take 4"),
+        ({"subspace_center": np.ones(3, np.float32)}, "subspace_center: 3 values"),
+        ({"subspace_scale": np.zeros(4, np.float32)}, "subspace_scale: every scale"),
+        ({"subspace_center": np.ones(257, np.float32)}, "subspace_center: 257 entries > 256"),
+        (
+            {"subspace_basis": np.ones(256 * 256 + 1, np.float32)},
+            "subspace_basis: 65537 entries > 65536",
+        ),
+        ({"subspace_center": np.full(4, np.inf, np.float32)}, "subspace_center[0]: inf is not"),
+        (
+            {"level_center": None, "level_scale": None, "level_precision": None,
+             "spread_center": None},
+            "a subspace without the level fields",
+        ),
+    ],
+)  # fmt: skip
+def test_a_capture_with_a_misshapen_subspace_is_rejected_naming_it(
+    change: dict[str, object], words: str
+) -> None:
+    sent = window()
+    assert sent.calibration is not None
+    bad = dataclasses.replace(sent.calibration, **change)  # type: ignore[arg-type]
+    split = split_batch(
+        "device-1", batch_of(capture_record(dataclasses.replace(sent, calibration=bad)))
+    )
+    assert split.captures == [] and len(split.rejected) == 1
+    assert words in str(split.rejected[0]), str(split.rejected[0])
+
+
 def test_a_capture_costs_about_its_values() -> None:
     """T=120, N=8 (the default window of an 8-sensor model): ~4 KB a window, and its site
-    calibration (4 N + N*N floats: 0.4 KB)."""
+    calibration (4 N + N*N floats, and the subspace's 2 N + N*k with k = 2: 0.5 KB)."""
     size = len(capture_record(window(t=120, n=8)))
-    calibration = (4 * 8 + 8 * 8) * 4
+    calibration = (4 * 8 + 8 * 8 + 2 * 8 + 8 * 2) * 4
     assert 120 * 8 * 4 + calibration < size < 120 * 8 * 4 + calibration + 400, size
 
 

@@ -114,9 +114,31 @@ def test_the_site_calibration_travels_through_the_export(tmp_path: Path) -> None
     cal = back.calibration[0]
     assert cal is not None and cal.level_precision is not None and back.calibration[1] is None
     np.testing.assert_allclose(cal.level_precision, sent.level_precision)
-    for name in ("residual_scale", "level_center", "level_scale", "spread_center"):
+    for name in ("residual_scale", "level_center", "level_scale", "spread_center",
+                 "subspace_center", "subspace_basis", "subspace_scale"):  # fmt: skip
         np.testing.assert_allclose(getattr(cal, name), getattr(sent, name), err_msg=name)
+    assert cal.subspace_basis is not None and cal.subspace_basis.shape == (4, 2)
     np.testing.assert_allclose(cal.input_center, back.input_center[0])
+
+
+def test_an_export_from_before_the_subspace_fields_reads_with_the_kind_off(
+    tmp_path: Path,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "export"
+    write_export(rows((stored(1), "false")), out, {})
+    table = pq.read_table(out / DATA_FILE)
+    docs = table.column("calibration").to_pylist()
+    for doc in docs:
+        for name in ("subspace_center", "subspace_basis", "subspace_scale"):
+            del doc[name]
+    column = table.schema.get_field_index("calibration")
+    pq.write_table(table.set_column(column, "calibration", pa.array(docs)), out / DATA_FILE)
+    (cal,) = read_export(out).calibration
+    assert cal is not None and cal.level_center is not None
+    assert (cal.subspace_center, cal.subspace_basis, cal.subspace_scale) == (None, None, None)
 
 
 def test_an_export_from_before_the_calibration_column_still_reads(tmp_path: Path) -> None:

@@ -122,6 +122,49 @@ def test_a_false_alarm_the_forecast_carries_raises_that_sensors_residual_toleran
     assert scores_by_group(judged, fit.decision)[FAULT].min() >= FAULT_MARGIN
 
 
+def test_a_false_alarm_the_subspace_carries_raises_that_sensors_subspace_tolerance() -> None:
+    # Four sensors moving together along one direction (all four alike); the false alarm
+    # leaves it a little on sensors 0 and 1, the fault a lot on sensors 2 and 3. Levels are
+    # wide (scale 10), so only the subspace evidence carries either.
+    cal = SiteCalibration(
+        input_center=np.zeros(4, dtype=np.float32),
+        input_scale=np.ones(4, dtype=np.float32),
+        residual_scale=np.ones(4, dtype=np.float32),
+        rows=100,
+        level_center=np.zeros(4, dtype=np.float32),
+        level_scale=np.full(4, 10.0, dtype=np.float32),
+        level_precision=np.eye(4, dtype=np.float32),
+        spread_center=np.full(4, 0.5, dtype=np.float32),
+        subspace_center=np.zeros(4, dtype=np.float32),
+        subspace_basis=np.full((4, 1), 0.5, dtype=np.float32),
+        subspace_scale=np.full(4, 0.25, dtype=np.float32),
+    )
+    params = dataclasses.replace(PARAMS, subspace=True, subspace_threshold=1.0)
+    levels = [[1.0, -0.5, 0.0, 0.0], [0.0, 0.0, 3.0, -3.0]]
+    judged = [
+        JudgedBatch(
+            cal,
+            WindowOutputs(
+                prob=np.zeros(2, dtype=np.float32),
+                residual=np.zeros((2, 4), dtype=np.float32),
+                contribution=np.full((2, 4), 0.25, dtype=np.float32),
+                level=np.asarray(levels, dtype=np.float32),
+                spread=np.full((2, 4), 0.5, dtype=np.float32),
+            ),
+            (FALSE_ALARM, FAULT),
+        )
+    ]
+    assert scores_by_group(judged, params)[FALSE_ALARM].max() >= 1.0
+    fit = fit_tolerances(judged, params)
+    assert fit.false_alarms_left == 0, fit.note
+    sub = fit.decision.subspace_tolerance
+    assert sub[0] > 1.0 and sub[1] > 1.0 and sub[2:] == (1.0, 1.0), fit.decision
+    assert fit.decision.level_tolerance == () and fit.decision.residual_tolerance == ()
+    assert scores_by_group(judged, fit.decision)[FAULT].min() >= FAULT_MARGIN
+    assert "subspace of sensor 0 1 ->" in fit.note
+    assert fit.as_dict()["subspace_tolerance"] == list(sub)
+
+
 def test_when_both_cannot_hold_the_faults_stay_detected_and_the_rest_is_counted() -> None:
     # The fault moves sensor 0 hardly more than the benign dip: quieting the dip would
     # lose it, so the fit keeps the fault and reports the false alarm left.

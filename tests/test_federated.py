@@ -110,7 +110,7 @@ def test_a_site_update_holds_weight_deltas_and_numbers_only(sites: Sites, tmp_pa
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays.pop(META)))
     expected = {DELTA + k: tuple(v.shape) for k, v in state.items()}
-    expected |= {TOLERANCE + k: (n,) for k in ("level", "spread", "residual")}
+    expected |= {TOLERANCE + k: (n,) for k in ("level", "spread", "residual", "subspace")}
     assert {k: a.shape for k, a in arrays.items()} == expected
     assert all(a.dtype == np.float32 for a in arrays.values())
     # The only other thing in it: small JSON of names and numbers; no list as long as a
@@ -148,8 +148,10 @@ def test_federate_takes_the_window_weighted_mean_of_the_deltas_and_the_largest_t
         return np.asarray(x, np.float32)
 
     a = dataclasses.replace(real, delta=ones, training_windows=30, tolerance={
-        "level": vector(2, 2, 2, 2), "spread": vector(1, 1, 1, 1), "residual": vector(1, 3, 1, 1)
+        "level": vector(2, 2, 2, 2), "spread": vector(1, 1, 1, 1), "residual": vector(1, 3, 1, 1),
+        "subspace": vector(1, 1, 1, 1),
     })  # fmt: skip
+    # b as an update from before the subspace kind: no subspace tolerance (the base's taken)
     b = dataclasses.replace(real, delta={k: 5 * v for k, v in ones.items()}, training_windows=10,
                             tolerance={"level": vector(1, 1, 4, 1), "spread": vector(1, 1, 1, 1),
                                        "residual": vector(1, 1, 1, 1)})  # fmt: skip
@@ -165,6 +167,12 @@ def test_federate_takes_the_window_weighted_mean_of_the_deltas_and_the_largest_t
     assert manifest.decision.residual_tolerance == (1.0, 3.0, 1.0, 1.0)
     base_decision = read_own_bundle(sites.base, sites.key).decision
     assert manifest.decision.spread_tolerance == base_decision.spread_tolerance  # none raised
+    flat = (1.0,) * len(SENSORS)
+    np.testing.assert_allclose(  # a's ones, b's the base's: the larger of each
+        manifest.decision.subspace_tolerance or flat,
+        np.maximum(1.0, base_decision.subspace_tolerance or flat),
+        atol=1e-4,
+    )
     fed = manifest.training["federated"]
     assert isinstance(fed, dict)
     assert [u["weight"] for u in fed["updates"]] == [0.75, 0.25]

@@ -110,12 +110,13 @@ def test_a_level_in_the_subspace_has_no_residual_and_one_off_it_leads() -> None:
     assert dev[2].max() < 1e-4  # no readings: at the centre
     assert int(dev[1].argmax()) == 4 and dev[1, 4] > 2.0
     params = DecisionParams(subspace=True, subspace_threshold=1.0, level_threshold=1e3)
-    assert "subspace" in thresholds_of(params) and "subspace" not in thresholds_of(DecisionParams())
+    assert "subspace" in thresholds_of(params) and "subspace" in thresholds_of(DecisionParams())
+    assert "subspace" not in thresholds_of(DecisionParams(subspace=False))
     zeros = np.zeros((1, 6), dtype=np.float32)
     one = WindowOutputs(np.zeros(1, np.float32), zeros, zeros, rows[1:2], zeros + 1)
     values = evidence_values(one, cal, params)
     assert values["subspace"][0] == pytest.approx(dev[1].max(), rel=1e-5)
-    assert "subspace" not in evidence_values(one, cal, DecisionParams())
+    assert "subspace" not in evidence_values(one, cal, DecisionParams(subspace=False))
     share = sensor_evidence(one, cal, params, values)
     assert int(share.argmax()) == 4
 

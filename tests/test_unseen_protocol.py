@@ -112,7 +112,7 @@ def test_thresholds_never_depend_on_fault_rows() -> None:
     normal[100:200] = False
     kinds = ("level", "joint", "spread", "forecast")
     values = {k: rng.gamma(2.0, 1.0, 400).astype(np.float32) for k in kinds}
-    base = DecisionParams(level_window=8, supervised=False, smoothing=1)
+    base = DecisionParams(level_window=8, supervised=False, smoothing=1, subspace=False)
     first = fit_thresholds([EpisodeEvidence("e", values, normal)], base)
     louder = {k: v.copy() for k, v in values.items()}
     for v in louder.values():
@@ -132,7 +132,7 @@ def test_the_spread_threshold_never_falls_below_its_floor() -> None:
     values = {k: rng.gamma(2.0, 1.0, 400).astype(np.float32) for k in ("level", "joint")}
     values["forecast"] = rng.gamma(2.0, 1.0, 400).astype(np.float32)
     values["spread"] = rng.gamma(2.0, 0.05, 400).astype(np.float32)
-    base = DecisionParams(level_window=8, supervised=False, smoothing=1)
+    base = DecisionParams(level_window=8, supervised=False, smoothing=1, subspace=False)
     fitted = fit_thresholds([EpisodeEvidence("e", values, normal)], base)
     assert fitted.decision.spread_threshold == MIN_SPREAD
     assert fitted.far <= base.target_far + 1e-9, fitted.summary()

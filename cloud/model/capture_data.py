@@ -60,8 +60,9 @@ COLUMNS = {
     "input_scale": "list<float32>: N",
     "calibration": "struct or null: the rest of that site calibration (residual_scale, "
     "level_center, level_scale, spread_center: list<float32> N; level_precision: N*N "
-    "row-major; the level ones empty where the decision uses no levels); null for windows "
-    "from agents that did not send it",
+    "row-major; the level ones empty where the decision uses no levels; subspace_center, "
+    "subspace_scale: N, subspace_basis: N*k row-major, empty where the site has no subspace "
+    "or the agent did not send it); null for windows from agents that did not send it",
 }
 OPTIONAL_COLUMNS = ("calibration",)  # exports written before it was added lack it
 
@@ -320,4 +321,8 @@ def site_calibration(
         level_scale=vector(cal.level_scale, (n,)),
         level_precision=vector(cal.level_precision, (n, n)),
         spread_center=vector(cal.spread_center, (n,)),
+        # absent (an older agent or export): None, the subspace kind off for the window
+        subspace_center=vector(cal.subspace_center, (n,)),
+        subspace_basis=vector(cal.subspace_basis, (n, len(cal.subspace_basis) // n)),
+        subspace_scale=vector(cal.subspace_scale, (n,)),
     )

@@ -5,8 +5,9 @@ evidence compare a window's recent levels and spreads with the site calibration,
 network learned; and its forecast evidence is the residual over the scale calibration saw, so
 a benign but sudden dip of one sensor (a backflush) still surprises a better forecast as much
 as before. What the decision can learn is how far each sensor wanders in normal operation:
-its `level_tolerance`, `spread_tolerance` and `residual_tolerance` (`edge_agent.calibration`),
-which divide its deviations.
+its `level_tolerance`, `spread_tolerance`, `residual_tolerance` and (where the decision
+uses the subspace kind and the window's calibration carries a subspace) `subspace_tolerance`
+(`edge_agent.calibration`), which divide its deviations.
 
 The fit recomputes the evidence of every judged window exactly as the agent does
 (`edge_agent.scoring.window_outputs`, `edge_agent.calibration.evidence_values`/`score_of`),
@@ -19,21 +20,21 @@ time:
 
 1. Take the false-alarm window (verdict false) scoring highest among those at or above
    `FALSE_ALARM_MARGIN`; done when there is none.
-2. Its per-sensor level, spread and forecast deviations (each over its kind's threshold) name
-   the candidates, largest first; the first whose step lowers that window's score and keeps
-   every protected fault window at or above its floor is taken. A fault window (verdict true)
-   is protected when it scored at least 1 before the fit (one already under 1 was missed
-   before; it is reported, it does not block); its floor is `FAULT_MARGIN`, or its score
-   before the fit where that was lower. A step that would break a floor freezes that (kind,
-   sensor) for the rest of the fit.
+2. Its per-sensor level, spread, forecast and subspace deviations (each over its kind's
+   threshold) name the candidates, largest first; the first whose step lowers that window's
+   score and keeps every protected fault window at or above its floor is taken. A fault
+   window (verdict true) is protected when it scored at least 1 before the fit (one already
+   under 1 was missed before; it is reported, it does not block); its floor is
+   `FAULT_MARGIN`, or its score before the fit where that was lower. A step that would
+   break a floor freezes that (kind, sensor) for the rest of the fit.
 3. A false-alarm window no candidate step can lower is left: it stays a false alarm and is
    counted. So is one that the fault head alone keeps at or above the margin.
 
 Faults win over false alarms: the fit never trades a detected fault for a quieter site.
-Every step is deterministic (ties go to level before spread before forecast, then the lower
-sensor index), each tolerance ends at most one step above what its false alarms need, and
-none passes `MAX_TOLERANCE`. Sampled normal windows are scored before and after, for the
-report.
+Every step is deterministic (ties go to level before spread before forecast before
+subspace, then the lower sensor index), each tolerance ends at most one step above what its
+false alarms need, and none passes `MAX_TOLERANCE`. Sampled normal windows are scored before
+and after, for the report.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from edge_agent.calibration import (
     level_deviation,
     score_of,
     spread_deviation,
+    subspace_deviation,
     to_network_space,
 )
 from edge_agent.scoring import BATCH, ModelFrame, WindowModel, window_outputs
@@ -66,9 +68,9 @@ STEP = 1.1
 MAX_TOLERANCE = 100.0
 MAX_STEPS = 5000
 # Each divides that kind's per-sensor deviations (level: the joint evidence's too).
-TOLERANCE_KINDS = ("level", "spread", "residual")
+TOLERANCE_KINDS = ("level", "spread", "residual", "subspace")
 THRESHOLD_OF = {"level": "level_threshold", "spread": "spread_threshold",
-                "residual": "residual_threshold"}  # fmt: skip
+                "residual": "residual_threshold", "subspace": "subspace_threshold"}  # fmt: skip
 MIN_NORMAL_WINDOWS = 10  # sampled normal windows of one calibration to rescale its residuals
 
 
@@ -131,6 +133,7 @@ class ToleranceFit:
             "level_tolerance": list(self.decision.level_tolerance),
             "spread_tolerance": list(self.decision.spread_tolerance),
             "residual_tolerance": list(self.decision.residual_tolerance),
+            "subspace_tolerance": list(self.decision.subspace_tolerance),
             "false_alarm_margin": FALSE_ALARM_MARGIN,
             "fault_margin": FAULT_MARGIN,
             "before": {k: v.as_dict() for k, v in self.before.items()},
@@ -187,6 +190,9 @@ def _identity(cal: SiteCalibration) -> bytes:
         cal.level_scale,
         cal.level_precision,
         cal.spread_center,
+        cal.subspace_center,
+        cal.subspace_basis,
+        cal.subspace_scale,
     )
     return b"|".join(b"-" if a is None else np.asarray(a, np.float32).tobytes() for a in arrays)
 
@@ -342,6 +348,7 @@ class _Search:
             level_tolerance=self._kept("level", tolerance["level"]),
             spread_tolerance=self._kept("spread", tolerance["spread"]),
             residual_tolerance=self._kept("residual", tolerance["residual"]),
+            subspace_tolerance=self._kept("subspace", tolerance["subspace"]),
         )
 
     def _kept(self, kind: str, values: list[float]) -> tuple[float, ...]:
@@ -359,7 +366,7 @@ class _Search:
         parts = []
         for b in self.batches:
             values = evidence_values(b.outputs, b.calibration, self.decision)
-            for kind in ("level", "joint", "spread", "forecast"):
+            for kind in ("level", "joint", "spread", "forecast", "subspace"):
                 if kind in values:
                     values[kind] = np.zeros_like(values[kind])
             parts.append(score_of(values, self.decision)[np.asarray(b.group) == FALSE_ALARM])
@@ -383,6 +390,11 @@ class _Search:
             "level": np.abs(level_deviation(one.level, b.calibration, params.level_tolerance)[0]),
             "spread": spread_deviation(one.spread, b.calibration, params.spread_tolerance)[0],
             "residual": forecast_deviation(one, b.calibration, params)[0],
+            "subspace": (
+                subspace_deviation(one.level, b.calibration, params.subspace_tolerance)[0]
+                if params.subspace and b.calibration.subspace_basis is not None
+                else np.zeros(one.level.shape[1], dtype=np.float32)
+            ),
         }
         devs = {k: v / getattr(params, THRESHOLD_OF[k]) for k, v in devs.items()}
         ranked = [

@@ -212,6 +212,8 @@ def check_update(path: Path, update: SiteUpdate, base: Manifest, digest: str,
             )
     n = len(base.sensors)
     for kind in TOLERANCE_KINDS:
+        if kind == "subspace" and kind not in update.tolerance:
+            continue  # an update from before the kind: the base's (`federate`)
         tol = update.tolerance.get(kind)
         if tol is None or tol.shape != (n,) or not (np.isfinite(tol) & (tol > 0)).all():
             raise InvalidInput(f"{path}: no positive {kind} tolerance per sensor ({n} sensors)")
@@ -247,15 +249,19 @@ def federate(
     averaged = fedavg(state, [u.delta for u in updates], share)
     net.load_state_dict(averaged)
     net.eval()
-    tolerance = {
-        kind: np.max([u.tolerance[kind] for u in updates], axis=0) for kind in TOLERANCE_KINDS
-    }
     decision = frame_of(base).decision
+    # An update from before the subspace kind proposes the base's subspace tolerance.
+    kept = np.asarray(decision.subspace_tolerance or (1.0,) * len(base.sensors), np.float32)
+    tolerance = {
+        kind: np.max([u.tolerance.get(kind, kept) for u in updates], axis=0)
+        for kind in TOLERANCE_KINDS
+    }
     decision = dataclasses.replace(
         decision,
         level_tolerance=_tolerance(tolerance["level"], decision.level_tolerance),
         spread_tolerance=_tolerance(tolerance["spread"], decision.spread_tolerance),
         residual_tolerance=_tolerance(tolerance["residual"], decision.residual_tolerance),
+        subspace_tolerance=_tolerance(tolerance["subspace"], decision.subspace_tolerance),
     )
     with np.load(base_dir / GOLDEN) as golden:
         golden_inputs = (golden["window"], golden["mask"])

@@ -9,10 +9,10 @@ windows nobody judged are left out.
 Then the decision is fitted to the verdicts (`cloud.model.decision_fit`): with the new
 network, every judged window (and sampled normal ones) is scored as the agent scores it, under
 the site calibration it was captured with (its residual scales rescaled to the new network),
-and per-sensor level, spread and forecast-residual tolerances are raised as little as needed
-for the false alarms to score under 0.8 while the verified faults keep scoring 1.25 or more;
-faults come first. Windows captured by agents that did not send
-their whole calibration train the network but are left out of that fit (and counted). The
+and per-sensor level, spread, forecast-residual (and subspace) tolerances are raised as
+little as needed for the false alarms to score under 0.8 while the verified faults keep
+scoring 1.25 or more; faults come first. Windows captured by agents that did not send their
+whole calibration train the network but are left out of that fit (and counted). The
 thresholds stay the base's; the rollout's shadow gate then compares the new version with the
 incumbent on live windows before it serves. The result is a bundle like `model train` writes
 (fp32 ONNX, parity checked, golden vectors), ready for `model push`; `training.decision`
@@ -308,6 +308,7 @@ def write_tuned_bundle(
                     "level_tolerance": decision.level_tolerance,
                     "spread_tolerance": decision.spread_tolerance,
                     "residual_tolerance": decision.residual_tolerance,
+                    "subspace_tolerance": decision.subspace_tolerance,
                 }
             ),
             "evaluation": {},

@@ -118,6 +118,9 @@ REPEATED_LIMITS: dict[str, int] = {
     "autoglm.v1.DecisionCalibration.level_scale": 256,
     "autoglm.v1.DecisionCalibration.spread_center": 256,
     "autoglm.v1.DecisionCalibration.level_precision": 256 * 256,
+    "autoglm.v1.DecisionCalibration.subspace_center": 256,
+    "autoglm.v1.DecisionCalibration.subspace_basis": 256 * 256,  # N x k, k < N
+    "autoglm.v1.DecisionCalibration.subspace_scale": 256,
     "autoglm.v1.AgentHealth.ingest_rate_per_s": 256,
     "autoglm.v1.AgentHealth.dropped_by_reason": 64,
     "autoglm.v1.AgentHealth.clock_offset_s": 256,

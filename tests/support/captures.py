@@ -13,9 +13,11 @@ T0 = 1_790_000_000.25
 
 
 def site_calibration(n: int, seed: int = 0) -> SiteCalibration:
-    """A site calibration of N sensors as an agent fits one (levels included)."""
+    """A site calibration of N sensors as an agent fits one (levels included; a subspace of
+    k = 2 directions where N >= 4, as `fit_subspace` gives none below)."""
     rng = np.random.default_rng(seed + 1000)
     corr = np.eye(n) + 0.2 * (np.ones((n, n)) - np.eye(n))
+    basis = np.linalg.qr(rng.normal(size=(n, 2)))[0].astype(np.float32) if n >= 4 else None
     return SiteCalibration(
         input_center=np.arange(n, dtype=np.float32),
         input_scale=np.full(n, 0.25, dtype=np.float32),
@@ -25,6 +27,9 @@ def site_calibration(n: int, seed: int = 0) -> SiteCalibration:
         level_scale=rng.uniform(0.25, 1.0, n).astype(np.float32),
         level_precision=np.linalg.inv(corr).astype(np.float32),
         spread_center=rng.uniform(0.1, 0.5, n).astype(np.float32),
+        subspace_center=None if basis is None else np.arange(n, dtype=np.float32) + 0.2,
+        subspace_basis=basis,
+        subspace_scale=None if basis is None else rng.uniform(0.25, 1.0, n).astype(np.float32),
     )
 
 

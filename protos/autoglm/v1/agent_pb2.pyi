@@ -946,7 +946,8 @@ Global___WindowCapture: _TypeAlias = WindowCapture  # noqa: Y015
 class DecisionCalibration(_message.Message):
     """What the fault decision reads of a site calibration besides the input normalisation
     (`edge_agent.calibration.SiteCalibration`). The level fields are empty where the model's
-    decision uses no levels (level_window 0).
+    decision uses no levels (level_window 0); the subspace fields where the site has no
+    subspace (`fit_subspace`: too few sensors, or an agent from before they were sent).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -956,6 +957,9 @@ class DecisionCalibration(_message.Message):
     LEVEL_SCALE_FIELD_NUMBER: _builtins.int
     SPREAD_CENTER_FIELD_NUMBER: _builtins.int
     LEVEL_PRECISION_FIELD_NUMBER: _builtins.int
+    SUBSPACE_CENTER_FIELD_NUMBER: _builtins.int
+    SUBSPACE_BASIS_FIELD_NUMBER: _builtins.int
+    SUBSPACE_SCALE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def residual_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """N"""
@@ -976,6 +980,18 @@ class DecisionCalibration(_message.Message):
     def level_precision(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """N*N, row-major"""
 
+    @_builtins.property
+    def subspace_center(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N"""
+
+    @_builtins.property
+    def subspace_basis(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N*k, row-major (k principal directions, 1 <= k < N)"""
+
+    @_builtins.property
+    def subspace_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """N"""
+
     def __init__(
         self,
         *,
@@ -984,10 +1000,13 @@ class DecisionCalibration(_message.Message):
         level_scale: _abc.Iterable[_builtins.float] | None = ...,
         spread_center: _abc.Iterable[_builtins.float] | None = ...,
         level_precision: _abc.Iterable[_builtins.float] | None = ...,
+        subspace_center: _abc.Iterable[_builtins.float] | None = ...,
+        subspace_basis: _abc.Iterable[_builtins.float] | None = ...,
+        subspace_scale: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level_center", b"level_center", "level_precision", b"level_precision", "level_scale", b"level_scale", "residual_scale", b"residual_scale", "spread_center", b"spread_center"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level_center", b"level_center", "level_precision", b"level_precision", "level_scale", b"level_scale", "residual_scale", b"residual_scale", "spread_center", b"spread_center", "subspace_basis", b"subspace_basis", "subspace_center", b"subspace_center", "subspace_scale", b"subspace_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
