@@ -216,7 +216,8 @@ def fit_level_normal(level: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
 def fit_subspace(level: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray] | None:
     """Centre [N], basis [N, k] and per-sensor residual scale [N] of the calibration levels
     [W, N]. The eigenvalues of the centred levels' covariance (squared singular values over
-    W - 1; N of them, zeros past the rank) have their median as the noise floor; k is the
+    W - 1) have their median as the noise floor (over the first min(W - 1, N), those the
+    windows can make non-zero); k is the
     number above `SUBSPACE_NOISE_MULTIPLE` times it, at least 1 and at most N - 2. None (the
     kind is off) for N <= 3 or levels that do not vary. The scale is the residuals' robust
     spread (1.4826 MAD), floored like the level scale."""
@@ -231,7 +232,12 @@ def fit_subspace(level: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]
     eigen[: singular.size] = singular**2 / (windows - 1)
     if not eigen.sum() > 0:
         return None
-    above = int(np.count_nonzero(eigen > SUBSPACE_NOISE_MULTIPLE * np.median(eigen)))
+    # The floor from the eigenvalues the windows can have: with fewer windows than sensors
+    # the zeros past the rank would put the median at 0 and keep every direction (a residual
+    # of nothing, hypersensitive).
+    rank = min(windows - 1, n)
+    floor = np.median(eigen[:rank])
+    above = int(np.count_nonzero(eigen > SUBSPACE_NOISE_MULTIPLE * floor))
     k = min(max(above, 1), n - 2)
     basis = vt[:k].T
     residual = dev - dev @ basis @ basis.T

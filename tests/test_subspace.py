@@ -84,6 +84,14 @@ def test_pure_noise_keeps_one_component() -> None:
     assert fitted is not None and fitted[1].shape == (20, 1)  # none above: at least 1
 
 
+def test_fewer_windows_than_sensors_do_not_keep_every_direction() -> None:
+    # 6 windows of 12 noisy sensors: 5 non-zero eigenvalues, 7 zeros past the rank. A floor
+    # from all 12 is 0 and kept all 5 (nothing left as residual).
+    rng = np.random.default_rng(5)
+    fitted = fit_subspace(rng.normal(size=(6, 12)).astype(np.float32))
+    assert fitted is not None and fitted[1].shape[1] == 1, fitted[1].shape
+
+
 def test_four_sensors_is_the_fewest_the_kind_runs_on() -> None:
     # with N >= 4 the bound N - 2 never binds: N - 1 eigenvalues above 10 medians cannot be
     fitted = fit_subspace(_levels([100.0, 1.0, 0.1, 0.1]))
