@@ -54,6 +54,7 @@ class CalibrationStore:
                 int(doc["rows"]),
                 *levels,
             )
+            _check(cal, len(sensors))
             return cal, [float(x) for x in doc["seed"]]
         except FileNotFoundError:
             return None
@@ -87,3 +88,39 @@ class CalibrationStore:
 
 def _listed(array: np.ndarray | None) -> list[Any] | None:
     return None if array is None else list(array.tolist())
+
+
+def _check(cal: SiteCalibration, n: int) -> None:
+    """ValueError unless every array has the shape scoring expects for `n` sensors and finite
+    values: a damaged or hand-edited file would otherwise fail every window it scores."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_center": (n,),
+        "input_scale": (n,),
+        "residual_scale": (n,),
+        "level_center": (n,),
+        "level_scale": (n,),
+        "level_precision": (n, n),
+        "spread_center": (n,),
+        "subspace_center": (n,),
+        "subspace_scale": (n,),
+    }
+    for name, shape in shapes.items():
+        value = getattr(cal, name)
+        if value is None:
+            continue
+        if value.shape != shape or not np.isfinite(value).all():
+            raise ValueError(f"{name}: shape {value.shape}, expected {shape} of finite values")
+    for name in ("input_scale", "residual_scale", "level_scale", "subspace_scale"):
+        value = getattr(cal, name)
+        if value is not None and not (value > 0).all():
+            raise ValueError(f"{name}: scales must be positive")
+    subspace = (cal.subspace_center, cal.subspace_basis, cal.subspace_scale)
+    if any(x is None for x in subspace) and any(x is not None for x in subspace):
+        raise ValueError("subspace: centre, basis and scale go together")
+    basis = cal.subspace_basis
+    if basis is not None and (
+        basis.ndim != 2 or basis.shape[0] != n or not 1 <= basis.shape[1] < n
+    ):
+        raise ValueError(f"subspace_basis: shape {basis.shape}, expected ({n}, k), 1 <= k < {n}")
+    if basis is not None and not np.isfinite(basis).all():
+        raise ValueError("subspace_basis: values must be finite")

@@ -154,3 +154,31 @@ def test_manifests_without_the_field_keep_the_kind_off() -> None:
     assert Decision.model_fields["subspace"].default is False
     with pytest.raises(Exception, match="subspace_threshold"):
         DecisionParams(subspace_threshold=0.0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"subspace_basis": [1.0] * 6},  # 1-D
+        {"subspace_basis": [[1.0, 0.0]] * 5},  # 5 rows for 6 sensors
+        {"subspace_center": None},  # only part of the subspace
+        {"level_center": [0.0] * 5},
+        {"input_scale": [1.0] * 5 + [0.0]},  # a zero scale
+        {"residual_scale": [1.0] * 5 + [float("nan")]},
+        {"level_precision": [[1.0] * 6] * 5},
+    ],
+)
+def test_a_damaged_stored_calibration_is_refused_and_redone(
+    tmp_path: Path, damage: dict[str, object]
+) -> None:
+    """A calibration whose arrays do not fit the asset's sensors would fail every window it
+    scores; loading it says so and the agent calibrates again."""
+    cal = _calibration(_levels([50.0, 35.0, 10.0, 3.0, 1.0, 1.0]))
+    sensors = tuple(f"s{j}" for j in range(6))
+    store = CalibrationStore(tmp_path)
+    store.save("1", "pump", sensors, cal, [0.5])
+    path = tmp_path / "1" / "pump.json"
+    doc = json.loads(path.read_text())
+    doc.update(damage)
+    path.write_text(json.dumps(doc))
+    assert store.load("1", "pump", sensors) is None, damage
