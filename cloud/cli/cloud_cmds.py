@@ -143,7 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
+    from cloud.service.gc_policy import settle_after_start
+
     await plane.start()
+    settle_after_start()
     ports = {
         "api_port": plane.api_port,
         "device_port": plane.device_port,
