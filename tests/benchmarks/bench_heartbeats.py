@@ -5,10 +5,12 @@ in the same run against a bare server process.
     python tests/benchmarks/bench_heartbeats.py [--scenarios 1000@0.2,1000@10,5000@10]
 
 The control plane runs as its own process (`autoglm cloud serve`); all agents run in this
-process on one event loop (a restart storm's agents can be spread over worker processes
-with `--agent-processes N`, each its own event loop). A scenario M@I runs M agents that
-each send a heartbeat every I seconds (open loop: offered load = M / I); the window is at
-least two intervals. Prints one line per scenario and a JSON summary.
+process on one event loop, or spread over worker processes with `--agent-processes N`, each
+its own event loop. A scenario M@I runs M agents that each send a heartbeat every I seconds
+(open loop: offered load = M / I); the window is at least two intervals. Beside them,
+`--probe-agents` sessions in a process of their own measure what one agent that has its
+own loop sees; each process also reports how late its loop runs a 10 ms timer. Prints one
+line per scenario and a JSON summary.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -32,8 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from edge_agent.identity import DeviceIdentity  # noqa: E402
-from edge_agent.retry import Backoff  # noqa: E402
-from edge_agent.session import CloudSession  # noqa: E402
 from tests.benchmarks.fleet import (  # noqa: E402
     PlaneProcess,
     enroll_fleet,
@@ -48,9 +50,7 @@ from tests.benchmarks.storm import (  # noqa: E402
     GroupHandle,
     LocalGroup,
     WorkerGroup,
-    make_sessions,
     serve_worker,
-    wait_connected,
 )
 
 PING = "/bench.Ping/Ping"
@@ -107,51 +107,57 @@ async def ping_baseline(
 
 
 # ---- the system under test ----
-async def measure(
-    sessions: list[CloudSession], interval: float, seconds: float, server_pid: int
-) -> dict[str, float]:
-    """Heartbeat acks over `seconds` after a warm-up in which every session has sent one."""
-    await asyncio.sleep(min(interval * 1.5, 15))
-    for s in sessions:
-        s.stats.ack_latencies_s.clear()
-    acked_before = sum(s.stats.heartbeats_acked for s in sessions)
-    opened_before = sum(s.stats.sessions_opened for s in sessions)
-    server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
-    t0 = time.monotonic()
-    await asyncio.sleep(seconds)
-    elapsed = time.monotonic() - t0
-    server_cpu = process_cpu_s(server_pid) - server_cpu
-    client_cpu = time.process_time() - client_cpu
-    acked = sum(s.stats.heartbeats_acked for s in sessions) - acked_before
-    latencies = [x for s in sessions for x in s.stats.ack_latencies_s]
-    return {
-        "offered_per_s": len(sessions) / interval,
-        "acked_per_s": acked / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "reconnects_in_window": sum(s.stats.sessions_opened for s in sessions) - opened_before,
-        "server_cpu_share": server_cpu / elapsed,  # 1.0 = one core busy all the window
-        "client_cpu_share": client_cpu / elapsed,
-    }
+# Probe agents: a few sessions in a process of their own, a heartbeat a second each, measured
+# beside the fleet. The fleet's thousands of sessions share one event loop per process, so
+# their latencies include that loop's own backlog; a probe's loop is idle, so its latency is
+# what one agent on its own device (one session per process) sees of the control plane.
+PROBE_FIRST = 100_000  # the probes' identities: work/agents/100000..
+RAMP_PER_S = 200  # sessions started a second in the steady-state scenarios
+
+
+@dataclass
+class Probes:
+    work: Path
+    count: int
+    interval: float
+
+    async def start(self) -> GroupHandle | None:
+        if not self.count:
+            return None
+        log = self.work / "probe-worker.log"
+        group = await WorkerGroup.start(
+            self.work, PROBE_FIRST, self.count, self.interval, "new", log
+        )
+        await group.connect(120)
+        return group
 
 
 async def run_sessions(
-    identities: list[DeviceIdentity], interval: float, seconds: float, server_pid: int
-) -> dict[str, float]:
-    sessions = make_sessions(identities, interval, lambda: Backoff(0.5, 5))
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(s.run(stop)) for s in sessions]
-    connect_s = await wait_connected(sessions, 120)
-    connected = sum(s.connected for s in sessions)
-    res = await measure(sessions, interval, seconds, server_pid)
-    stop.set()
-    await asyncio.gather(*tasks)
+    identities: list[DeviceIdentity],
+    interval: float,
+    seconds: float,
+    plane: PlaneProcess,
+    processes: int,
+    probes: Probes,
+) -> dict[str, Any]:
+    """M agents with the agent's default reconnect policy, connected, then measured."""
+    groups = await _start_groups(identities, interval, "new", plane.work, processes)
+    probe = await probes.start()
+    try:
+        # Started at RAMP_PER_S sessions a second in all (a fleet coming up, not a storm:
+        # the restart storm is measured on its own), each group its share.
+        ramp = len(identities) / RAMP_PER_S
+        connected = await asyncio.gather(*(g.connect(120, ramp) for g in groups))
+        pid = plane.proc.pid
+        res = await _measure_groups(groups, len(identities), interval, seconds, pid, probe)
+    finally:
+        await asyncio.gather(*(g.stop() for g in [*groups, probe] if g is not None))
     return {
-        "agents": len(sessions),
-        "connected": connected,
-        "connect_s": connect_s,
+        "agents": len(identities),
+        "agent_processes": len(groups),
+        "connected": sum(c["connected"] for c in connected),
+        "connect_s": max(c["connect_s"] for c in connected),
         **res,
-        "reconnects": sum(s.stats.sessions_opened for s in sessions) - len(sessions),
     }
 
 
@@ -162,7 +168,8 @@ async def run_storm(
     plane: PlaneProcess,
     converge_timeout_s: float,
     policy: str,
-    processes: int = 0,
+    processes: int,
+    probes: Probes,
 ) -> dict[str, object]:
     """M agents with the agent's default reconnect policy connected; the control plane is
     killed (SIGKILL) and started again on the same ports; how long until every agent has a
@@ -172,10 +179,11 @@ async def run_storm(
     setups = POLICIES[policy][1]
     await asyncio.to_thread(plane.crash_and_restart, {"max_session_setups": setups})
     groups = await _start_groups(identities, interval, policy, plane.work, processes)
+    probe = await probes.start()  # they go through the storm too, and are measured after it
     try:
-        return await _storm(groups, interval, seconds, plane, converge_timeout_s, policy)
+        return await _storm(groups, interval, seconds, plane, converge_timeout_s, policy, probe)
     finally:
-        await asyncio.gather(*(g.stop() for g in groups))
+        await asyncio.gather(*(g.stop() for g in [*groups, probe] if g is not None))
 
 
 async def _start_groups(
@@ -203,6 +211,7 @@ async def _storm(
     plane: PlaneProcess,
     converge_timeout_s: float,
     policy: str,
+    probe: GroupHandle | None,
 ) -> dict[str, object]:
     connected = await asyncio.gather(*(g.connect(converge_timeout_s) for g in groups))
     await asyncio.sleep(min(interval, 5))  # steady state before the crash
@@ -222,7 +231,7 @@ async def _storm(
             errors[kind] = errors.get(kind, 0) + n
     agents = len(done) + waiting
     pid = plane.proc.pid
-    res = {} if waiting else await _measure_groups(groups, agents, interval, seconds, pid)
+    res = {} if waiting else await _measure_groups(groups, agents, interval, seconds, pid, probe)
     return {
         "policy": policy,
         "agents": agents,
@@ -249,29 +258,50 @@ async def _storm(
 
 
 async def _measure_groups(
-    groups: list[GroupHandle], agents: int, interval: float, seconds: float, server_pid: int
-) -> dict[str, object]:
+    groups: list[GroupHandle],
+    agents: int,
+    interval: float,
+    seconds: float,
+    server_pid: int,
+    probe: GroupHandle | None,
+) -> dict[str, Any]:
     """Heartbeat acks over `seconds` after a warm-up in which every session has sent one;
-    every group and the plane's CPU over the same window."""
+    every group, the probes and the plane's CPU over the same window."""
     start = time.monotonic() + min(interval * 1.5, 15)
     end = start + seconds
-    parts = asyncio.gather(*(g.measure(start, end) for g in groups))
+    parts = asyncio.gather(*(g.measure(start, end) for g in [*groups, *([probe] if probe else [])]))
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     server_cpu = process_cpu_s(server_pid)
     await asyncio.sleep(max(0.0, end - time.monotonic()))
     server_cpu = process_cpu_s(server_pid) - server_cpu
     measured = await parts
+    probed = measured.pop() if probe else None
     latencies = [x for m in measured for x in m["latencies"]]
     elapsed = end - start
-    return {
+    res: dict[str, Any] = {
         "offered_per_s": agents / interval,
+        # Sent: an agent also probes a path quiet for half its dead-path bound (7.5 s), so
+        # intervals past that send more often than offered.
+        "sent_per_s": sum(m["sent"] for m in measured) / elapsed,
         "acked_per_s": sum(m["acked"] for m in measured) / elapsed,
         "p50_ms": percentile(latencies, 0.5) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "reconnects_in_window": sum(m["reconnects_in_window"] for m in measured),
         "server_cpu_share": server_cpu / elapsed,  # 1.0 = one core busy all the window
         "client_cpu_share": [m["cpu_s"] / elapsed for m in measured],  # per agent process
+        # Per agent process: p50 and p99 of how late its event loop ran a 10 ms timer.
+        "agents_loop_lag_ms": [m["loop_lag_ms"] for m in measured],
     }
+    if probed is not None:
+        res |= {
+            "probe_connected": probed["connected"],
+            "probe_acked": probed["acked"],
+            "probe_p50_ms": percentile(probed["latencies"], 0.5) * 1000,
+            "probe_p99_ms": percentile(probed["latencies"], 0.99) * 1000,
+            "probe_max_ms": max(probed["latencies"], default=float("nan")) * 1000,
+            "probe_loop_lag_ms": probed["loop_lag_ms"],
+        }
+    return res
 
 
 def _histogram(times: list[float]) -> dict[int, int]:
@@ -314,9 +344,16 @@ def main() -> int:
         "--agent-processes",
         type=int,
         default=0,
-        help="restart storms: spread the agents over N worker processes (0: this one)",
+        help="spread the agents over N worker processes (0: this one)",
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="shortest measurement window")
+    parser.add_argument(
+        "--probe-agents",
+        type=int,
+        default=20,
+        help="agents in a process of their own, measured beside the fleet (0: none)",
+    )
+    parser.add_argument("--probe-interval", type=float, default=1.0)
     parser.add_argument("--ping-concurrency", type=int, default=100)
     parser.add_argument(
         "--ping-server", nargs=2, metavar=("STATE", "PORTS"), help=argparse.SUPPRESS
@@ -340,7 +377,7 @@ def main() -> int:
     storms = _pairs(args.storm)
     work = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
     agents_at = (
-        f"{args.agent_processes} processes (1 event loop each) in storms, this one otherwise"
+        f"{args.agent_processes} processes (1 event loop each)"
         if args.agent_processes
         else "this process (1 event loop)"
     )
@@ -366,6 +403,8 @@ def main() -> int:
             f"{base['per_s']:.0f}/s  p50 {base['p50_ms']:.2f} ms  p99 {base['p99_ms']:.2f} ms"
         )
         enrolled: list[DeviceIdentity] = []
+        probes = Probes(plane.work, args.probe_agents, args.probe_interval)
+        enroll_fleet(plane, PROBE_FIRST, args.probe_agents)
         storms_out: list[dict[str, object]] = []
         for m, interval in scenarios:
             t0 = time.monotonic()
@@ -373,17 +412,16 @@ def main() -> int:
                 enrolled += enroll_fleet(plane, len(enrolled), m - len(enrolled))
             enroll_s = time.monotonic() - t0
             window = max(args.seconds, 2 * interval)
-            res = asyncio.run(run_sessions(enrolled[:m], interval, window, plane.proc.pid))
+            res = asyncio.run(
+                run_sessions(enrolled[:m], interval, window, plane, args.agent_processes, probes)
+            )
             res["enroll_s"] = enroll_s
             res["ratio_vs_ping"] = res["acked_per_s"] / base["per_s"]
             results.append(res)
             print(
                 f"M={m:5d}: connected {res['connected']}/{m} in {res['connect_s']:.1f}s; "
-                f"offered {res['offered_per_s']:.0f}/s, acked {res['acked_per_s']:.0f}/s "
-                f"({res['ratio_vs_ping']:.2f}x raw ping); p50 {res['p50_ms']:.1f} ms, "
-                f"p99 {res['p99_ms']:.1f} ms; reconnects {res['reconnects']}; "
-                f"CPU cores busy: server {res['server_cpu_share']:.2f}, "
-                f"agents {res['client_cpu_share']:.2f}"
+                f"{_heartbeat_line(res)}; {res['ratio_vs_ping']:.2f}x raw ping acked; "
+                f"reconnects in the window {res['reconnects_in_window']}"
             )
         for m, interval in storms:
             if m > len(enrolled):
@@ -399,6 +437,7 @@ def main() -> int:
                         args.converge_timeout,
                         policy,
                         args.agent_processes,
+                        probes,
                     )
                 )
                 storms_out.append(storm)
@@ -429,12 +468,29 @@ def _storm_line(r: dict[str, object]) -> str:
         f"back per second after the kill {r['back_per_second']}"
     )
     if "p99_ms" in r:
+        line += f"; then {_heartbeat_line(r)}"
+    return line
+
+
+def _heartbeat_line(r: dict[str, object]) -> str:
+    line = (
+        f"offered {r['offered_per_s']:.0f}/s, sent {r['sent_per_s']:.0f}/s, "
+        f"acked {r['acked_per_s']:.0f}/s, "
+        f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; CPU cores busy: plane "
+        f"{r['server_cpu_share']:.2f}, agent processes {_shares(r['client_cpu_share'])}; "
+        f"agent loops late by (p50/p99) {_lags(r['agents_loop_lag_ms'])}"
+    )
+    if "probe_p99_ms" in r:
         line += (
-            f"; then offered {r['offered_per_s']:.0f}/s, acked {r['acked_per_s']:.0f}/s, "
-            f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; CPU cores busy: plane "
-            f"{r['server_cpu_share']:.2f}, agent processes {_shares(r['client_cpu_share'])}"
+            f"; probes ({r['probe_connected']} connected, {r['probe_acked']} acked): "
+            f"p50 {r['probe_p50_ms']:.1f} ms, p99 {r['probe_p99_ms']:.1f} ms, "
+            f"max {r['probe_max_ms']:.1f} ms, their loop late by {_lags([r['probe_loop_lag_ms']])}"
         )
     return line
+
+
+def _lags(values: object) -> str:
+    return "+".join(f"{a:.0f}/{b:.0f} ms" for a, b in values)  # type: ignore[attr-defined]
 
 
 def _seconds(values: object) -> str:

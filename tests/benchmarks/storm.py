@@ -22,6 +22,7 @@ from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
 from edge_agent.session import DEAD_AFTER_S, SETUP_TIMEOUT_S, CloudSession  # noqa: E402
 from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
+from tests.benchmarks.fleet import percentile  # noqa: E402
 
 STATUS = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
 HOST = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
@@ -81,6 +82,16 @@ async def _sleep_until(at: float) -> None:
     await asyncio.sleep(max(0.0, at - time.monotonic()))
 
 
+async def loop_lags(end: float, tick: float = 0.01) -> list[float]:
+    """How late this event loop wakes a `tick` sleep, until `end`: the delay every
+    callback on the loop (an ack being read, a heartbeat being written) waits as well."""
+    lags: list[float] = []
+    while (now := time.monotonic()) < end:
+        await asyncio.sleep(tick)
+        lags.append(time.monotonic() - now - tick)
+    return lags
+
+
 class AgentGroup:
     """Sessions on this event loop, through the storm's phases. Times are absolute
     `time.monotonic()` (one clock for every process on the machine)."""
@@ -91,8 +102,13 @@ class AgentGroup:
         self._tasks: list[asyncio.Task[None]] = []
         self._back: asyncio.Task[Report] | None = None
 
-    async def connect(self, timeout_s: float) -> Report:
-        self._tasks = [asyncio.create_task(s.run(self._stop)) for s in self.sessions]
+    async def connect(self, timeout_s: float, ramp_s: float = 0.0) -> Report:
+        """Starts the sessions, spread evenly over `ramp_s` (0: all at once), and waits up
+        to `timeout_s` after the last start for all of them to be connected."""
+        for s in self.sessions:
+            if ramp_s:
+                await asyncio.sleep(ramp_s / len(self.sessions))
+            self._tasks.append(asyncio.create_task(s.run(self._stop)))
         connect_s = await wait_connected(self.sessions, timeout_s)
         return {"connect_s": connect_s, "connected": sum(s.connected for s in self.sessions)}
 
@@ -137,15 +153,19 @@ class AgentGroup:
         await _sleep_until(start)
         for s in self.sessions:
             s.stats.ack_latencies_s.clear()
+        sent = sum(s.stats.heartbeats_sent for s in self.sessions)
         acked = sum(s.stats.heartbeats_acked for s in self.sessions)
         opened = sum(s.stats.sessions_opened for s in self.sessions)
         cpu = time.process_time()
-        await _sleep_until(end)
+        lags = await loop_lags(end)
         return {
             "latencies": [x for s in self.sessions for x in s.stats.ack_latencies_s],
+            "sent": sum(s.stats.heartbeats_sent for s in self.sessions) - sent,
             "acked": sum(s.stats.heartbeats_acked for s in self.sessions) - acked,
+            "connected": sum(s.connected for s in self.sessions),
             "reconnects_in_window": sum(s.stats.sessions_opened for s in self.sessions) - opened,
             "cpu_s": time.process_time() - cpu,
+            "loop_lag_ms": [percentile(lags, q) * 1000 for q in (0.5, 0.99)],
         }
 
     async def stop(self) -> None:
@@ -156,7 +176,7 @@ class AgentGroup:
 class GroupHandle(Protocol):
     """An `AgentGroup` wherever it runs."""
 
-    async def connect(self, timeout_s: float) -> Report: ...
+    async def connect(self, timeout_s: float, ramp_s: float = 0.0) -> Report: ...
     async def mark(self, deadline: float) -> None: ...
     async def back(self) -> Report: ...
     async def measure(self, start: float, end: float) -> Report: ...
@@ -169,8 +189,8 @@ class LocalGroup:
     def __init__(self, identities: list[DeviceIdentity], interval: float, policy: str) -> None:
         self.group = AgentGroup(make_sessions(identities, interval, *_policy(policy)))
 
-    async def connect(self, timeout_s: float) -> Report:
-        return await self.group.connect(timeout_s)
+    async def connect(self, timeout_s: float, ramp_s: float = 0.0) -> Report:
+        return await self.group.connect(timeout_s, ramp_s)
 
     async def mark(self, deadline: float) -> None:
         self.group.mark(deadline)
@@ -217,8 +237,8 @@ class WorkerGroup:
         reply: Report = json.loads(line)
         return reply
 
-    async def connect(self, timeout_s: float) -> Report:
-        return await self._call("connect", timeout_s=timeout_s)
+    async def connect(self, timeout_s: float, ramp_s: float = 0.0) -> Report:
+        return await self._call("connect", timeout_s=timeout_s, ramp_s=ramp_s)
 
     async def mark(self, deadline: float) -> None:
         await self._call("mark", deadline=deadline)
@@ -248,7 +268,7 @@ async def serve_worker(work: Path, first: int, count: int, interval: float, poli
         msg = json.loads(line)
         reply: Report = {}
         if msg["command"] == "connect":
-            reply = await group.connect(msg["timeout_s"])
+            reply = await group.connect(msg["timeout_s"], msg.get("ramp_s", 0.0))
         elif msg["command"] == "mark":
             group.mark(msg["deadline"])
         elif msg["command"] == "back":
