@@ -156,10 +156,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ControlMessage]:
         device_id, fingerprint = device_identity(context)
+        setup = self.metrics.session_setup
+        started = time.monotonic()
         with self.admission.setup():  # RateLimited, with a retry hint, when too many open
             # Who it is before reading anything from it: a revoked peer is refused at once.
             device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
+        setup.labels("lookup").observe(time.monotonic() - started)
+        started = time.monotonic()
         hello = await _hello(request_iterator)
+        setup.labels("hello").observe(time.monotonic() - started)
+        started = time.monotonic()
         with self.admission.setup():
             if device.cert_not_after is None and (expiry := certificate_not_after(context)):
                 # Enrolled before expiry was recorded: learnt from the certificate it presents.
@@ -181,6 +187,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 if not self.hub.is_open(device.id):
                     self.presence.closed(device.id)
                 raise
+        setup.labels("state").observe(time.monotonic() - started)
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
         reader = asyncio.create_task(self._read(live, request_iterator))
         try:

@@ -276,6 +276,7 @@ class ControlPlane:
                 )
             ),
             asyncio.create_task(self._every(AUDIT_PRUNE_S, self._prune_audit)),
+            asyncio.create_task(self.metrics.watch_loop(self._stopping)),
             asyncio.create_task(self.webhooks.run(self._stopping)),
             asyncio.create_task(self.maintenance.run(self._stopping)),
             asyncio.create_task(self.elector.run(self._stopping)),
