@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -77,6 +77,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         signing_root: bytes = b"",
         issuing_ca: CertificateAuthority | None = None,
         admission: SessionAdmission | None = None,
+        maintenance_windows: Callable[[], list[MaintenanceWindow]] | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
@@ -94,6 +95,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.hub = hub
         self.heartbeat_interval_s = heartbeat_interval_s
         self.store = registry.store
+        # The maintenance windows in force (any thread): the plane's shared recent read.
+        self.maintenance_windows = maintenance_windows or (
+            lambda: self.store.list_maintenance(utc_now(), False)
+        )
         self.artifacts = artifacts
         self.rollouts = rollouts
 
@@ -239,7 +244,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     def _to_send(self, device_id: str) -> tuple[DesiredModel | None, list[MaintenanceWindow]]:
         """What a new session gets first: its desired model and the maintenance periods."""
-        return self.store.get_desired(device_id), self.store.list_maintenance(utc_now(), False)
+        return self.store.get_desired(device_id), self.maintenance_windows()
 
     async def _read(
         self, live: LiveSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]

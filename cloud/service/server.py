@@ -194,6 +194,7 @@ class ControlPlane:
                 signing_root=self.secrets.signing_root,
                 issuing_ca=self.secrets.ca,
                 admission=self.admission,
+                maintenance_windows=self.maintenance.windows_in_force,
             ),
             server,
         )
