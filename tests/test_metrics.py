@@ -148,6 +148,11 @@ def test_prometheus_scrapes_both_sides_after_real_traffic(
         wait_for(lambda: scraped("autoglm_agent_inference_seconds_count", scored), timeout=30)
         wait_for(lambda: scraped('autoglm_records_total{result="stored"}', stored), timeout=30)
         wait_for(lambda: scraped("autoglm_heartbeats_total", 1), timeout=30)
+        # The agent's session went through every setup phase; the loop's lag is sampled.
+        for phase in ("lookup", "hello", "state"):
+            series = f'autoglm_session_setup_seconds_count{{phase="{phase}"}}'
+            wait_for(lambda series=series: scraped(series, 1), timeout=30)
+        wait_for(lambda: scraped("autoglm_event_loop_lag_seconds_count", 10), timeout=30)
         wait_for(lambda: scraped('autoglm_devices{state="active"}', 1), timeout=30)
         wait_for(lambda: scraped("autoglm_devices_online", 1), timeout=30)
         wait_for(lambda: scraped("autoglm_sessions_open", 1), timeout=30)

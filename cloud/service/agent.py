@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -77,6 +77,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         signing_root: bytes = b"",
         issuing_ca: CertificateAuthority | None = None,
         admission: SessionAdmission | None = None,
+        maintenance_windows: Callable[[], list[MaintenanceWindow]] | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
@@ -94,6 +95,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.hub = hub
         self.heartbeat_interval_s = heartbeat_interval_s
         self.store = registry.store
+        # The maintenance windows in force (any thread): the plane's shared recent read.
+        self.maintenance_windows = maintenance_windows or (
+            lambda: self.store.list_maintenance(utc_now(), False)
+        )
         self.artifacts = artifacts
         self.rollouts = rollouts
 
@@ -156,10 +161,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ControlMessage]:
         device_id, fingerprint = device_identity(context)
+        setup = self.metrics.session_setup
+        started = time.monotonic()
         with self.admission.setup():  # RateLimited, with a retry hint, when too many open
             # Who it is before reading anything from it: a revoked peer is refused at once.
             device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
+        setup.labels("lookup").observe(time.monotonic() - started)
+        started = time.monotonic()
         hello = await _hello(request_iterator)
+        setup.labels("hello").observe(time.monotonic() - started)
+        started = time.monotonic()
         with self.admission.setup():
             if device.cert_not_after is None and (expiry := certificate_not_after(context)):
                 # Enrolled before expiry was recorded: learnt from the certificate it presents.
@@ -181,6 +192,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 if not self.hub.is_open(device.id):
                     self.presence.closed(device.id)
                 raise
+        setup.labels("state").observe(time.monotonic() - started)
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
         reader = asyncio.create_task(self._read(live, request_iterator))
         try:
@@ -232,7 +244,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     def _to_send(self, device_id: str) -> tuple[DesiredModel | None, list[MaintenanceWindow]]:
         """What a new session gets first: its desired model and the maintenance periods."""
-        return self.store.get_desired(device_id), self.store.list_maintenance(utc_now(), False)
+        return self.store.get_desired(device_id), self.maintenance_windows()
 
     async def _read(
         self, live: LiveSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]

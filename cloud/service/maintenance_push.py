@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 
 from cloud.clock import Clock, utc_now
@@ -42,10 +43,34 @@ class MaintenancePush:
         self.interval_s = interval_s
         self.clock = clock
         self._wake = asyncio.Event()
+        # The windows in force as last read (monotonic time of the read, the windows) and
+        # a count of the changes made through this process, which make a read stale.
+        self._last_read: tuple[float, list[MaintenanceWindow]] | None = None
+        self._changes = 0
 
     def changed(self) -> None:
         """Windows changed in this process (call on the event loop)."""
+        self._changes += 1
+        self._last_read = None
         self._wake.set()
+
+    def windows_in_force(self) -> list[MaintenanceWindow]:
+        """The windows in force, as read at most `interval_s` ago and after the last change
+        made through this process (any thread). What a new session gets first: a fleet
+        opening its sessions at once costs one read a period, not one each. A change made
+        through another replica meanwhile reaches the session with the next refresh, within
+        `interval_s`, as it reaches the sessions already open."""
+        read = self._last_read
+        if read is not None and time.monotonic() - read[0] < self.interval_s:
+            return read[1]
+        return self._load()
+
+    def _load(self) -> list[MaintenanceWindow]:
+        changes, at = self._changes, time.monotonic()
+        windows = self.store.list_maintenance(self.clock(), include_ended=False)
+        if changes == self._changes:  # a change made while reading: the read may miss it
+            self._last_read = (at, windows)
+        return windows
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -72,7 +97,7 @@ class MaintenancePush:
     def _read(
         self, device_ids: list[str]
     ) -> tuple[list[MaintenanceWindow], dict[str, dict[str, str]]]:
-        windows = self.store.list_maintenance(self.clock(), include_ended=False)
+        windows = self._load()
         if not windows:
             return [], {}
         wanted = set(device_ids)

@@ -10,6 +10,7 @@ Each control plane has its own registry: several can run in one process (the tes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -33,6 +34,7 @@ from edge_agent.errors import LocalStateError
 
 log = logging.getLogger(__name__)
 FLEET_CACHE_S = 5.0
+LOOP_LAG_EVERY_S = 0.1
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -80,6 +82,30 @@ class PlaneMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
             registry=self.registry,
         )
+
+        self.session_setup = Histogram(
+            "autoglm_session_setup_seconds",
+            "Agent session setups, by phase: lookup (the device and its last stored record), "
+            "hello (waiting for the agent's hello), state (what the session gets first).",
+            ("phase",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "autoglm_event_loop_lag_seconds",
+            "How late the plane's event loop ran a timer (sampled every 0.1 s): the wait every "
+            "heartbeat ack and session step on this replica shares (long collections, "
+            "blocking work, a CPU too busy).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    async def watch_loop(self, stop: asyncio.Event, every_s: float = LOOP_LAG_EVERY_S) -> None:
+        """Samples the event loop's lag into `loop_lag` until `stop` is set."""
+        while not stop.is_set():
+            start = time.monotonic()
+            await asyncio.sleep(every_s)
+            self.loop_lag.observe(max(0.0, time.monotonic() - start - every_s))
 
     def delivery(self, kind: str, outcome: str, latency_s: float | None) -> None:
         """One delivery attempt finished (the webhook sender's `on_result`)."""

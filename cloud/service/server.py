@@ -194,6 +194,7 @@ class ControlPlane:
                 signing_root=self.secrets.signing_root,
                 issuing_ca=self.secrets.ca,
                 admission=self.admission,
+                maintenance_windows=self.maintenance.windows_in_force,
             ),
             server,
         )
@@ -276,6 +277,7 @@ class ControlPlane:
                 )
             ),
             asyncio.create_task(self._every(AUDIT_PRUNE_S, self._prune_audit)),
+            asyncio.create_task(self.metrics.watch_loop(self._stopping)),
             asyncio.create_task(self.webhooks.run(self._stopping)),
             asyncio.create_task(self.maintenance.run(self._stopping)),
             asyncio.create_task(self.elector.run(self._stopping)),

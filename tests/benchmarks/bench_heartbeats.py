@@ -39,6 +39,7 @@ from edge_agent.identity import DeviceIdentity  # noqa: E402
 from tests.benchmarks.fleet import (  # noqa: E402
     PlaneProcess,
     enroll_fleet,
+    histogram_quantiles,
     percentile,
     process_cpu_s,
     spawn,
@@ -148,8 +149,7 @@ async def run_sessions(
         # the restart storm is measured on its own), each group its share.
         ramp = len(identities) / RAMP_PER_S
         connected = await asyncio.gather(*(g.connect(120, ramp) for g in groups))
-        pid = plane.proc.pid
-        res = await _measure_groups(groups, len(identities), interval, seconds, pid, probe)
+        res = await _measure_groups(groups, len(identities), interval, seconds, plane, probe)
     finally:
         await asyncio.gather(*(g.stop() for g in [*groups, probe] if g is not None))
     return {
@@ -230,8 +230,7 @@ async def _storm(
         for kind, n in b["last_errors"].items():
             errors[kind] = errors.get(kind, 0) + n
     agents = len(done) + waiting
-    pid = plane.proc.pid
-    res = {} if waiting else await _measure_groups(groups, agents, interval, seconds, pid, probe)
+    res = {} if waiting else await _measure_groups(groups, agents, interval, seconds, plane, probe)
     return {
         "policy": policy,
         "agents": agents,
@@ -262,18 +261,21 @@ async def _measure_groups(
     agents: int,
     interval: float,
     seconds: float,
-    server_pid: int,
+    plane: PlaneProcess,
     probe: GroupHandle | None,
 ) -> dict[str, Any]:
     """Heartbeat acks over `seconds` after a warm-up in which every session has sent one;
-    every group, the probes and the plane's CPU over the same window."""
+    every group, the probes and the plane (CPU, its event loop's lag, its session setups
+    so far) over the same window."""
     start = time.monotonic() + min(interval * 1.5, 15)
     end = start + seconds
     parts = asyncio.gather(*(g.measure(start, end) for g in [*groups, *([probe] if probe else [])]))
     await asyncio.sleep(max(0.0, start - time.monotonic()))
-    server_cpu = process_cpu_s(server_pid)
+    server_cpu = process_cpu_s(plane.proc.pid)
+    before = await asyncio.to_thread(plane.histograms)
     await asyncio.sleep(max(0.0, end - time.monotonic()))
-    server_cpu = process_cpu_s(server_pid) - server_cpu
+    server_cpu = process_cpu_s(plane.proc.pid) - server_cpu
+    after = await asyncio.to_thread(plane.histograms)
     measured = await parts
     probed = measured.pop() if probe else None
     latencies = [x for m in measured for x in m["latencies"]]
@@ -291,6 +293,7 @@ async def _measure_groups(
         "client_cpu_share": [m["cpu_s"] / elapsed for m in measured],  # per agent process
         # Per agent process: p50 and p99 of how late its event loop ran a 10 ms timer.
         "agents_loop_lag_ms": [m["loop_lag_ms"] for m in measured],
+        **_plane_histograms(before, after),
     }
     if probed is not None:
         res |= {
@@ -302,6 +305,23 @@ async def _measure_groups(
             "probe_loop_lag_ms": probed["loop_lag_ms"],
         }
     return res
+
+
+def _plane_histograms(
+    before: dict[str, list[tuple[float, float]]], after: dict[str, list[tuple[float, float]]]
+) -> dict[str, dict[str, float]]:
+    """The plane's event-loop lag over the window, and its session setups by phase since it
+    started (all of them: the fleet's connect, or the storm)."""
+    qs = (0.5, 0.99)
+    out: dict[str, dict[str, float]] = {}
+    lag = "autoglm_event_loop_lag_seconds{}"
+    if lag in after:
+        out["plane_loop_lag_s"] = histogram_quantiles(before.get(lag, []), after[lag], qs)
+    for phase in ("lookup", "hello", "state"):
+        key = f"autoglm_session_setup_seconds{{phase={phase}}}"
+        if key in before:
+            out[f"setup_{phase}_s"] = histogram_quantiles([], before[key], qs)
+    return out
 
 
 def _histogram(times: list[float]) -> dict[int, int]:
@@ -480,6 +500,14 @@ def _heartbeat_line(r: dict[str, object]) -> str:
         f"{r['server_cpu_share']:.2f}, agent processes {_shares(r['client_cpu_share'])}; "
         f"agent loops late by (p50/p99) {_lags(r['agents_loop_lag_ms'])}"
     )
+    if "plane_loop_lag_s" in r:
+        lag = r["plane_loop_lag_s"]
+        line += f"; plane loop late by (p50/p99, bucket bounds) {lag['p50']:g}/{lag['p99']:g} s"
+    phases = [p for p in ("lookup", "hello", "state") if f"setup_{p}_s" in r]
+    if phases:
+        line += "; session setups (p50/p99, bucket bounds) " + ", ".join(
+            f"{p} {r[f'setup_{p}_s']['p50']:g}/{r[f'setup_{p}_s']['p99']:g} s" for p in phases
+        )
     if "probe_p99_ms" in r:
         line += (
             f"; probes ({r['probe_connected']} connected, {r['probe_acked']} acked): "

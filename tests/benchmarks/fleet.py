@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,45 @@ class PlaneProcess:
     def stop(self) -> None:
         stop(self.proc)
 
+    def histograms(self) -> dict[str, list[tuple[float, float]]]:
+        """The plane's Prometheus histograms now, by series name and labels: cumulative
+        (upper bound, count) buckets. Empty when the plane serves no metrics."""
+        port = json.loads((self.work / "ports.json").read_text()).get("metrics_port")
+        if not port:
+            return {}
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        found: dict[str, list[tuple[float, float]]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    labels = ",".join(
+                        f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le"
+                    )
+                    key = f"{family.name}{{{labels}}}"
+                    found.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
+        return found
+
+
+def histogram_quantiles(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], qs: tuple[float, ...]
+) -> dict[str, float]:
+    """Count and quantiles (the upper bound of the bucket that holds each) of what a
+    histogram observed between two scrapes; nan where it observed nothing."""
+    counts = dict(after)
+    for le, n in before:
+        counts[le] -= n
+    bounds = sorted(counts)
+    total = counts[bounds[-1]] if bounds else 0
+    out: dict[str, float] = {"count": total}
+    for q in qs:
+        out[f"p{q * 100:g}"] = next(
+            (le for le in bounds if total and counts[le] >= q * total), float("nan")
+        )
+    return out
+
     def crash_and_restart(self, config: dict[str, object] | None = None) -> tuple[float, float]:
         """SIGKILL, then `autoglm cloud serve` again on the same state dir and ports (the
         agents' bootstraps name them). Returns (seconds to exit, seconds until it listens
@@ -121,6 +161,8 @@ def start_plane_process(
         device_listen="127.0.0.1:0",
         database_url=database_url,
     )
+    # Its metrics on a port of their own: the benchmarks read its histograms.
+    config = {"metrics_listen": "127.0.0.1:0", **(config or {})}
     if config:  # settings the benchmark needs (e.g. a faster rollout loop)
         path = work / "cloud" / CONFIG_FILE
         path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **config}))
