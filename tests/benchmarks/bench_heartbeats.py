@@ -157,6 +157,8 @@ async def run_sessions(
         "agent_processes": len(groups),
         "connected": sum(c["connected"] for c in connected),
         "connect_s": max(c["connect_s"] for c in connected),
+        "connect_failed_attempts": sum(c["failed_attempts"] for c in connected),
+        "connect_last_errors": [c["last_errors"] for c in connected],
         **res,
     }
 
@@ -441,7 +443,9 @@ def main() -> int:
             print(
                 f"M={m:5d}: connected {res['connected']}/{m} in {res['connect_s']:.1f}s; "
                 f"{_heartbeat_line(res)}; {res['ratio_vs_ping']:.2f}x raw ping acked; "
-                f"reconnects in the window {res['reconnects_in_window']}"
+                f"reconnects in the window {res['reconnects_in_window']}; failed attempts while "
+                f"connecting {res['connect_failed_attempts']}, last errors of those not in "
+                f"{res['connect_last_errors']}"
             )
         for m, interval in storms:
             if m > len(enrolled):

@@ -110,7 +110,13 @@ class AgentGroup:
                 await asyncio.sleep(ramp_s / len(self.sessions))
             self._tasks.append(asyncio.create_task(s.run(self._stop)))
         connect_s = await wait_connected(self.sessions, timeout_s)
-        return {"connect_s": connect_s, "connected": sum(s.connected for s in self.sessions)}
+        connected = sum(s.connected for s in self.sessions)
+        return {
+            "connect_s": connect_s,
+            "connected": connected,
+            "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions),
+            "last_errors": self.last_errors() if connected < len(self.sessions) else {},
+        }
 
     def mark(self, deadline: float) -> None:
         """Counts from now (the plane is killed next): `back` reports when each session
@@ -130,19 +136,23 @@ class AgentGroup:
                 back_at.append(now)
                 waiting.discard(i)
             await asyncio.sleep(0.05)
-        errors: dict[str, int] = {}
-        for s in self.sessions:
-            if s.stats.last_error:  # the kind: the message up to its details, no address
-                kind = s.stats.last_error.replace(s.address, "<plane>").split(" (")[0][:70]
-                errors[kind] = errors.get(kind, 0) + 1
         return {
+            "last_errors": self.last_errors(),
             "back_at": back_at,
             "waiting": len(waiting),
             "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions) - failed,
             "busy_refusals": sum(s.stats.busy_refusals for s in self.sessions) - busy,
-            "last_errors": errors,
             "cpu_s": time.process_time() - cpu,
         }
+
+    def last_errors(self) -> dict[str, int]:
+        """The sessions' last errors by kind: the message up to its details, no address."""
+        errors: dict[str, int] = {}
+        for s in self.sessions:
+            if s.stats.last_error:
+                kind = s.stats.last_error.replace(s.address, "<plane>").split(" (")[0][:70]
+                errors[kind] = errors.get(kind, 0) + 1
+        return errors
 
     async def back(self) -> Report:
         assert self._back is not None, "mark first"
