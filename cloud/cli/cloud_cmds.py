@@ -143,10 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
-    from cloud.service.gc_policy import settle_after_start
+    from cloud.service.gc_policy import settle_before_serving
 
+    settle_before_serving()  # before any session: their objects are not frozen with the rest
     await plane.start()
-    settle_after_start()
     ports = {
         "api_port": plane.api_port,
         "device_port": plane.device_port,

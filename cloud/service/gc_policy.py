@@ -8,9 +8,10 @@ objects were promoted often enough to trigger full collections every few seconds
 every session's heartbeat ack waiting behind them. Two changes, as long-running CPython
 servers commonly make:
 
-- what exists once the plane has started (modules, classes, the store's metadata, protobuf
+- what exists before the plane serves (modules, classes, the store's metadata, protobuf
   descriptors) is moved out of the collector's reach with `gc.freeze()`: it lives as long as
-  the process, and scanning it on every full collection bought nothing;
+  the process, and scanning it on every full collection bought nothing. Frozen before the
+  ports open, so no session's objects are frozen with it (their cycles would never be freed);
 - the young generation holds `YOUNG_THRESHOLD` allocations before a collection, so the
   objects of one heartbeat or one record batch die young instead of being promoted.
 
@@ -24,9 +25,10 @@ import gc
 YOUNG_THRESHOLD = 50_000  # CPython's default is 700
 
 
-def settle_after_start() -> None:
-    """Called once the plane serves: collects the start-up garbage, freezes what is left
-    and raises the young generation's threshold (the older ones keep their defaults)."""
+def settle_before_serving() -> None:
+    """Called once the plane is built, before it serves: collects the start-up garbage,
+    freezes what is left and raises the young generation's threshold (the older ones keep
+    their defaults)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

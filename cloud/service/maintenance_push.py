@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -47,11 +48,13 @@ class MaintenancePush:
         # a count of the changes made through this process, which make a read stale.
         self._last_read: tuple[float, list[MaintenanceWindow]] | None = None
         self._changes = 0
+        self._lock = threading.Lock()  # the event loop's changes against the readers' threads
 
     def changed(self) -> None:
         """Windows changed in this process (call on the event loop)."""
-        self._changes += 1
-        self._last_read = None
+        with self._lock:
+            self._changes += 1
+            self._last_read = None
         self._wake.set()
 
     def windows_in_force(self) -> list[MaintenanceWindow]:
@@ -68,8 +71,9 @@ class MaintenancePush:
     def _load(self) -> list[MaintenanceWindow]:
         changes, at = self._changes, time.monotonic()
         windows = self.store.list_maintenance(self.clock(), include_ended=False)
-        if changes == self._changes:  # a change made while reading: the read may miss it
-            self._last_read = (at, windows)
+        with self._lock:
+            if changes == self._changes:  # a change made while reading: the read may miss it
+                self._last_read = (at, windows)
         return windows
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -85,12 +85,15 @@ class PlaneMetrics:
 
         self.session_setup = Histogram(
             "autoglm_session_setup_seconds",
-            "Agent session setups, by phase: lookup (the device and its last stored record), "
-            "hello (waiting for the agent's hello), state (what the session gets first).",
+            "Agent session setups that got through each phase: lookup (the device and its last "
+            "stored record), hello (waiting for the agent's hello), state (what the session "
+            "gets first).",
             ("phase",),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        for phase in ("lookup", "hello", "state"):  # shown at 0 before the first setup
+            self.session_setup.labels(phase)
         self.loop_lag = Histogram(
             "autoglm_event_loop_lag_seconds",
             "How late the plane's event loop ran a timer (sampled every 0.1 s): the wait every "

@@ -144,12 +144,15 @@ async def run_sessions(
     """M agents with the agent's default reconnect policy, connected, then measured."""
     groups = await _start_groups(identities, interval, "new", plane.work, processes)
     probe = await probes.start()
+    setups_before = await asyncio.to_thread(plane.histograms)  # this scenario's setups only
     try:
         # Started at RAMP_PER_S sessions a second in all (a fleet coming up, not a storm:
         # the restart storm is measured on its own), each group its share.
         ramp = len(identities) / RAMP_PER_S
         connected = await asyncio.gather(*(g.connect(120, ramp) for g in groups))
-        res = await _measure_groups(groups, len(identities), interval, seconds, plane, probe)
+        res = await _measure_groups(
+            groups, len(identities), interval, seconds, plane, probe, setups_before
+        )
     finally:
         await asyncio.gather(*(g.stop() for g in [*groups, probe] if g is not None))
     return {
@@ -218,10 +221,13 @@ async def _storm(
     connected = await asyncio.gather(*(g.connect(converge_timeout_s) for g in groups))
     await asyncio.sleep(min(interval, 5))  # steady state before the crash
     deadline = time.monotonic() + converge_timeout_s
-    await asyncio.gather(*(g.mark(deadline) for g in groups))
+    watched = [*groups, *([probe] if probe else [])]  # the probes are measured once back
+    await asyncio.gather(*(g.mark(deadline) for g in watched))
     t_kill = time.monotonic()
     died_s, listening_s = await asyncio.to_thread(plane.crash_and_restart, {})
-    backs = await asyncio.gather(*(g.back() for g in groups))
+    backs = await asyncio.gather(*(g.back() for g in watched))
+    if probe:
+        backs.pop()
     converge_s = max(max(b["back_at"], default=t_kill) for b in backs) - t_kill
     server_cpu = process_cpu_s(plane.proc.pid)  # the new process: all of it went to the storm
     server_rss = peak_rss_mib(plane.proc.pid)
@@ -265,10 +271,11 @@ async def _measure_groups(
     seconds: float,
     plane: PlaneProcess,
     probe: GroupHandle | None,
+    setups_before: dict[str, list[tuple[float, float]]] | None = None,
 ) -> dict[str, Any]:
     """Heartbeat acks over `seconds` after a warm-up in which every session has sent one;
-    every group, the probes and the plane (CPU, its event loop's lag, its session setups
-    so far) over the same window."""
+    every group, the probes and the plane (CPU, its event loop's lag) over the same window,
+    and the plane's session setups since `setups_before` (None: since it started)."""
     start = time.monotonic() + min(interval * 1.5, 15)
     end = start + seconds
     parts = asyncio.gather(*(g.measure(start, end) for g in [*groups, *([probe] if probe else [])]))
@@ -295,7 +302,7 @@ async def _measure_groups(
         "client_cpu_share": [m["cpu_s"] / elapsed for m in measured],  # per agent process
         # Per agent process: p50 and p99 of how late its event loop ran a 10 ms timer.
         "agents_loop_lag_ms": [m["loop_lag_ms"] for m in measured],
-        **_plane_histograms(before, after),
+        **_plane_histograms(before, after, setups_before or {}),
     }
     if probed is not None:
         res |= {
@@ -310,10 +317,12 @@ async def _measure_groups(
 
 
 def _plane_histograms(
-    before: dict[str, list[tuple[float, float]]], after: dict[str, list[tuple[float, float]]]
+    before: dict[str, list[tuple[float, float]]],
+    after: dict[str, list[tuple[float, float]]],
+    setups_before: dict[str, list[tuple[float, float]]],
 ) -> dict[str, dict[str, float]]:
-    """The plane's event-loop lag over the window, and its session setups by phase since it
-    started (all of them: the fleet's connect, or the storm)."""
+    """The plane's event-loop lag over the window, and its session setups by phase between
+    `setups_before` and the window's start (the scenario's connect, or the storm)."""
     qs = (0.5, 0.99)
     out: dict[str, dict[str, float]] = {}
     lag = "autoglm_event_loop_lag_seconds{}"
@@ -322,7 +331,9 @@ def _plane_histograms(
     for phase in ("lookup", "hello", "state"):
         key = f"autoglm_session_setup_seconds{{phase={phase}}}"
         if key in before:
-            out[f"setup_{phase}_s"] = histogram_quantiles([], before[key], qs)
+            out[f"setup_{phase}_s"] = histogram_quantiles(
+                setups_before.get(key, []), before[key], qs
+            )
     return out
 
 
@@ -496,7 +507,7 @@ def _storm_line(r: dict[str, object]) -> str:
     return line
 
 
-def _heartbeat_line(r: dict[str, object]) -> str:
+def _heartbeat_line(r: dict[str, Any]) -> str:
     line = (
         f"offered {r['offered_per_s']:.0f}/s, sent {r['sent_per_s']:.0f}/s, "
         f"acked {r['acked_per_s']:.0f}/s, "

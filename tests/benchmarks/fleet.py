@@ -115,6 +115,23 @@ class PlaneProcess:
                     found.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
         return found
 
+    def crash_and_restart(self, config: dict[str, object] | None = None) -> tuple[float, float]:
+        """SIGKILL, then `autoglm cloud serve` again on the same state dir and ports (the
+        agents' bootstraps name them). Returns (seconds to exit, seconds until it listens
+        again); `proc` is the new process afterwards. `config`: settings to change."""
+        t0 = time.monotonic()
+        self.proc.kill()
+        self.proc.wait()
+        died = time.monotonic() - t0
+        path = self.state / CONFIG_FILE
+        config = {**yaml.safe_load(path.read_text()), **(config or {})}
+        config["api_listen"] = f"127.0.0.1:{self.api_port}"
+        config["device_listen"] = f"127.0.0.1:{self.device_port}"
+        path.write_text(yaml.safe_dump(config))
+        (self.work / "ports.json").unlink()
+        self.proc = _serve(self.work, "serve-restarted.log")
+        return died, time.monotonic() - t0
+
 
 def histogram_quantiles(
     before: list[tuple[float, float]], after: list[tuple[float, float]], qs: tuple[float, ...]
@@ -132,23 +149,6 @@ def histogram_quantiles(
             (le for le in bounds if total and counts[le] >= q * total), float("nan")
         )
     return out
-
-    def crash_and_restart(self, config: dict[str, object] | None = None) -> tuple[float, float]:
-        """SIGKILL, then `autoglm cloud serve` again on the same state dir and ports (the
-        agents' bootstraps name them). Returns (seconds to exit, seconds until it listens
-        again); `proc` is the new process afterwards. `config`: settings to change."""
-        t0 = time.monotonic()
-        self.proc.kill()
-        self.proc.wait()
-        died = time.monotonic() - t0
-        path = self.state / CONFIG_FILE
-        config = {**yaml.safe_load(path.read_text()), **(config or {})}
-        config["api_listen"] = f"127.0.0.1:{self.api_port}"
-        config["device_listen"] = f"127.0.0.1:{self.device_port}"
-        path.write_text(yaml.safe_dump(config))
-        (self.work / "ports.json").unlink()
-        self.proc = _serve(self.work, "serve-restarted.log")
-        return died, time.monotonic() - t0
 
 
 def start_plane_process(

@@ -104,12 +104,15 @@ class AgentGroup:
 
     async def connect(self, timeout_s: float, ramp_s: float = 0.0) -> Report:
         """Starts the sessions, spread evenly over `ramp_s` (0: all at once), and waits up
-        to `timeout_s` after the last start for all of them to be connected."""
-        for s in self.sessions:
-            if ramp_s:
-                await asyncio.sleep(ramp_s / len(self.sessions))
+        to `timeout_s` after the last start for all of them to be connected; `connect_s`
+        counts from the first start."""
+        start, step = time.monotonic(), ramp_s / len(self.sessions)
+        for i, s in enumerate(self.sessions):
+            if ramp_s:  # on a schedule: a busy loop's late wake-ups do not add up
+                await _sleep_until(start + i * step)
             self._tasks.append(asyncio.create_task(s.run(self._stop)))
-        connect_s = await wait_connected(self.sessions, timeout_s)
+        await wait_connected(self.sessions, timeout_s)
+        connect_s = time.monotonic() - start  # the ramp included
         connected = sum(s.connected for s in self.sessions)
         return {
             "connect_s": connect_s,
