@@ -3,6 +3,7 @@ plane and an agent (real broker, model, session and sync), readings published ov
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
@@ -10,11 +11,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import generate_latest
 
+from cloud.service.metrics import FLEET_FAMILIES, FleetCollector, PlaneMetrics
+from cloud.store import open_store
 from edge_agent.config import load_agent_config
 from edge_agent.ingest.mqtt import new_client
 from tests.conftest import register
@@ -197,3 +202,25 @@ def test_prometheus_scrapes_both_sides_after_real_traffic(
         if prometheus is not None:
             prometheus.stop()
         running.stop()
+
+
+def test_the_fleet_collector_describes_every_family_it_collects(tmp_path: Path) -> None:
+    """What lets a scrape of other series skip the store read: a family collected but not
+    described would be left out of those scrapes, one described but not collected never
+    shows."""
+    store = open_store(f"sqlite:///{tmp_path / 'plane.db'}")
+    try:
+        fleet = FleetCollector(store, lambda: 0, lambda: True, dt.timedelta(seconds=60))
+        assert sorted(f.name for f in fleet.collect()) == sorted(FLEET_FAMILIES)
+        assert [f.name for f in fleet.describe()] == list(FLEET_FAMILIES)
+        metrics = PlaneMetrics()
+        metrics.watch_fleet(store, lambda: 0, lambda: True, dt.timedelta(seconds=60))
+        read = store.state_counts
+        reads: list[int] = []
+        patched: Any = store
+        patched.state_counts = lambda: reads.append(1) or read()
+        some = generate_latest(metrics.registry.restricted_registry(["autoglm_heartbeats_total"]))
+        assert b"autoglm_heartbeats_total 0.0" in some and reads == []  # no store read
+        assert b"autoglm_store_up 1.0" in generate_latest(metrics.registry) and reads == [1]
+    finally:
+        store.close()

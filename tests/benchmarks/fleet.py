@@ -95,15 +95,24 @@ class PlaneProcess:
         stop(self.proc)
 
     def histograms(self) -> dict[str, list[tuple[float, float]]]:
-        """The plane's Prometheus histograms now, by series name and labels: cumulative
-        (upper bound, count) buckets. Empty when the plane serves no metrics."""
+        """The plane's loop-lag and session-setup histograms now, by series name and labels:
+        cumulative (upper bound, count) buckets. Asks for those series only, so the plane does
+        not read the fleet from its store for the scrape. Empty when the plane serves no
+        metrics or does not answer within a minute (said on stderr)."""
         port = json.loads((self.work / "ports.json").read_text()).get("metrics_port")
         if not port:
             return {}
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
-            text = r.read().decode()
+        names = ("autoglm_event_loop_lag_seconds", "autoglm_session_setup_seconds")
+        query = "&".join(f"name[]={n}_bucket" for n in names)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics?{query}"
+            with urllib.request.urlopen(url, timeout=60) as r:
+                text = r.read().decode()
+        except OSError as exc:
+            print(f"the plane's metrics could not be read: {exc}", file=sys.stderr)
+            return {}
         found: dict[str, list[tuple[float, float]]] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
