@@ -27,6 +27,7 @@ from edge_agent.calibration import (
     recent_stats,
     smooth_causal,
     to_network_space,
+    window_trend,
 )
 from edge_agent.errors import InvalidInput
 from edge_agent.windowing import AlignedSeries, FloatArray, IndexArray, windows_ending_at
@@ -63,6 +64,7 @@ def frame_of(manifest: Manifest) -> ModelFrame:
         "spread_tolerance",
         "residual_tolerance",
         "subspace_tolerance",
+        "trend_tolerance",
     ):
         tolerance = getattr(manifest.decision, name)
         if tolerance and len(tolerance) != len(manifest.sensors):
@@ -192,15 +194,18 @@ def window_outputs(
 
 def window_statistics(
     frame: ModelFrame, x: FloatArray, m: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+) -> tuple[FloatArray, FloatArray, FloatArray | None, FloatArray | None]:
     """What the decision reads off windows in network space besides the network's outputs:
-    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
+    the recent level and spread of each sensor, its level before (`forecast_away`) and its
+    rise across the window (`trend`)."""
     rows = frame.decision.level_window
     level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
-    before = None
+    before = trend = None
     if frame.decision.forecast_away and rows > 0:
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
-    return level, spread, before
+    if frame.decision.trend and rows > 0:
+        trend = window_trend(x, m, frame.net_center, frame.net_scale)
+    return level, spread, before, trend
 
 
 def row_scores(
