@@ -75,9 +75,6 @@ class Decision(_Strict):
     subspace: bool = False
     subspace_threshold: float = 8.0
     subspace_tolerance: tuple[float, ...] = ()
-    trend: bool = False
-    trend_threshold: float = 8.0
-    trend_tolerance: tuple[float, ...] = ()
     supervised: bool = True
     combine: str = "max"
     alone: float = 0.0

@@ -27,10 +27,6 @@ data, `cloud/model/thresholds.py`):
   the few directions the site's levels move along together (a PCA of the calibration levels,
   the SPE of classical MSPC): many sensors driven by a few operating-state factors, one of
   them leaving the pattern;
-- `trend` (`DecisionParams.trend`): the largest per-sensor rise across the window (a
-  least-squares line through its rows, in site units), counted only where it leads away from
-  the site's normal level: a slow ramp or drift is seen along its length, not only once its
-  level has gone far;
 - `forecast`: the largest forecast residual of the network in site units (dynamics), among
   the sensors whose recent level is not closer to the site's normal than the rows before it
   (`forecast_away`): a sensor coming back to normal, as at the end of a fault, surprises the
@@ -93,7 +89,6 @@ class WindowOutputs:
     level: FloatArray  # [B, N] (zeros when the decision uses no levels)
     spread: FloatArray  # [B, N] recent standard deviation in site units (same)
     before: FloatArray | None = None  # [B, N] mean of the rows before the recent ones (same)
-    trend: FloatArray | None = None  # [B, N] rise across the window in site units (`window_trend`)
 
     def select(self, rows: np.ndarray) -> WindowOutputs:
         return WindowOutputs(
@@ -103,27 +98,19 @@ class WindowOutputs:
             self.level[rows],
             self.spread[rows],
             None if self.before is None else self.before[rows],
-            None if self.trend is None else self.trend[rows],
         )
 
     @staticmethod
     def concat(parts: list[WindowOutputs]) -> WindowOutputs:
+        befores = [p.before for p in parts]
         return WindowOutputs(
             np.concatenate([p.prob for p in parts]),
             np.concatenate([p.residual for p in parts]),
             np.concatenate([p.contribution for p in parts]),
             np.concatenate([p.level for p in parts]),
             np.concatenate([p.spread for p in parts]),
-            _concat_optional([p.before for p in parts]),
-            _concat_optional([p.trend for p in parts]),
+            None if any(b is None for b in befores) else np.concatenate(befores),  # type: ignore[arg-type]
         )
-
-
-def _concat_optional(parts: list[FloatArray | None]) -> FloatArray | None:
-    if any(p is None for p in parts):
-        return None
-    out: FloatArray = np.concatenate(parts)  # type: ignore[arg-type]
-    return out
 
 
 def fit_input_normalisation(
@@ -187,45 +174,6 @@ def earlier_level(
         return np.full((window.shape[0], window.shape[2]), np.nan, dtype=np.float32)
     level, _ = recent_stats(window[:, :-rows], mask[:, :-rows], net_center, net_scale, 2 * rows)
     return level
-
-
-def window_trend(
-    window: FloatArray, mask: FloatArray, net_center: FloatArray, net_scale: FloatArray
-) -> FloatArray:
-    """[B, N]: each sensor's rise across the window, in site units: the slope of the
-    least-squares line through its valid readings times the window's length minus one (the
-    windows are in network space). Fewer than 2 valid readings: NaN."""
-    rows = window.shape[1]
-    z = np.where(mask > 0, (window - net_center) / net_scale, 0.0).astype(np.float64)
-    w = (mask > 0).astype(np.float64)
-    t = np.arange(rows, dtype=np.float64)[None, :, None]
-    count = w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t_mean = (w * t).sum(axis=1) / count
-        z_mean = (w * z).sum(axis=1) / count
-        dt = t - t_mean[:, None, :]
-        slope = (w * dt * (z - z_mean[:, None, :])).sum(axis=1) / (w * dt * dt).sum(axis=1)
-    rise = np.where(count > 1, slope * (rows - 1), np.nan)
-    out: FloatArray = rise.astype(np.float32)
-    return out
-
-
-def trend_deviation(
-    out: WindowOutputs, cal: SiteCalibration, tolerance: tuple[float, ...] = ()
-) -> FloatArray:
-    """[B, N]: |rise| across the window divided by the sensor's tolerance, 0 where the rise
-    leads back towards the site's normal level (its recent level and the rise on opposite
-    sides of the calibration's level centre) or there is no rise."""
-    if out.trend is None:
-        return np.zeros_like(out.level)
-    rise = np.abs(np.nan_to_num(out.trend)).astype(np.float32)
-    if cal.level_center is not None:
-        offset = np.nan_to_num(out.level - cal.level_center)
-        away = np.sign(np.nan_to_num(out.trend)) == np.sign(offset)
-        rise = np.where(away, rise, 0.0).astype(np.float32)
-    scale = np.asarray(tolerance, dtype=np.float32) if tolerance else np.float32(1.0)
-    dev: FloatArray = (rise / scale).astype(np.float32)
-    return dev
 
 
 def fit_spread_normal(spread: FloatArray) -> FloatArray:
@@ -339,8 +287,6 @@ def evidence_values(
     if params.subspace and cal.subspace_basis is not None:
         dev = subspace_deviation(out.level, cal, params.subspace_tolerance)
         values["subspace"] = dev.max(axis=1)
-    if params.trend and out.trend is not None:
-        values["trend"] = trend_deviation(out, cal, params.trend_tolerance).max(axis=1)
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
 
 
@@ -377,8 +323,6 @@ def thresholds_of(params: DecisionParams) -> dict[str, float]:
         used["spread"] = params.spread_threshold
         if params.subspace:
             used["subspace"] = params.subspace_threshold
-        if params.trend:
-            used["trend"] = params.trend_threshold
     return used
 
 
@@ -437,8 +381,6 @@ def sensor_evidence(
         per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
     elif driver == "subspace":
         per_sensor = subspace_deviation(one.level, cal, params.subspace_tolerance)[0]
-    elif driver == "trend":
-        per_sensor = trend_deviation(one, cal, params.trend_tolerance)[0]
     elif driver == "forecast":
         per_sensor = forecast_deviation(one, cal, params)[0]
     else:

@@ -45,12 +45,6 @@ class DecisionParams:
     subspace: bool = True
     subspace_threshold: float = 8.0
     subspace_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
-    # Trend evidence (`edge_agent.calibration.window_trend`): each sensor's least-squares rise
-    # across the window, in site units, where it leads away from the site's normal level.
-    # Bundles made before it: False. EXP14g (scripts/experiments/issue14/README.md).
-    trend: bool = False
-    trend_threshold: float = 8.0
-    trend_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two
@@ -71,7 +65,6 @@ class DecisionParams:
             "joint_threshold",
             "spread_threshold",
             "subspace_threshold",
-            "trend_threshold",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} <= 0")
@@ -88,7 +81,6 @@ class DecisionParams:
             "spread_tolerance",
             "residual_tolerance",
             "subspace_tolerance",
-            "trend_tolerance",
         ):
             if any(not t > 0 for t in getattr(self, name)):
                 raise InvalidInput(f"decision: {name} {getattr(self, name)} has values <= 0")

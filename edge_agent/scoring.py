@@ -27,7 +27,6 @@ from edge_agent.calibration import (
     recent_stats,
     smooth_causal,
     to_network_space,
-    window_trend,
 )
 from edge_agent.errors import InvalidInput
 from edge_agent.windowing import AlignedSeries, FloatArray, IndexArray, windows_ending_at
@@ -64,7 +63,6 @@ def frame_of(manifest: Manifest) -> ModelFrame:
         "spread_tolerance",
         "residual_tolerance",
         "subspace_tolerance",
-        "trend_tolerance",
     ):
         tolerance = getattr(manifest.decision, name)
         if tolerance and len(tolerance) != len(manifest.sensors):
@@ -194,18 +192,15 @@ def window_outputs(
 
 def window_statistics(
     frame: ModelFrame, x: FloatArray, m: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray | None, FloatArray | None]:
+) -> tuple[FloatArray, FloatArray, FloatArray | None]:
     """What the decision reads off windows in network space besides the network's outputs:
-    the recent level and spread of each sensor, its level before (`forecast_away`) and its
-    rise across the window (`trend`)."""
+    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
     rows = frame.decision.level_window
     level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
-    before = trend = None
+    before = None
     if frame.decision.forecast_away and rows > 0:
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
-    if frame.decision.trend and rows > 0:
-        trend = window_trend(x, m, frame.net_center, frame.net_scale)
-    return level, spread, before, trend
+    return level, spread, before
 
 
 def row_scores(

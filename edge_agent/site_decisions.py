@@ -121,8 +121,8 @@ class SiteDecisions:
         frame = self.model.frame
         windows = np.stack([job.window for job in jobs])
         masks = np.stack([job.mask for job in jobs])
-        level, spread, before, trend = window_statistics(frame, windows, masks)
-        out = WindowOutputs(*outputs, level=level, spread=spread, before=before, trend=trend)
+        level, spread, before = window_statistics(frame, windows, masks)
+        out = WindowOutputs(*outputs, level=level, spread=spread, before=before)
         for i, job in enumerate(jobs):
             try:
                 self._decide_one(job, out.select(np.asarray([i])), verdicts, records)

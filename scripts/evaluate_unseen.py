@@ -2,8 +2,8 @@
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --[no-]subspace, --[no-]trend,
-        --no-supervised, --seed, --threads]
+        --target-far, --smoothing, --combine, --alone, --[no-]subspace, --no-supervised,
+        --seed, --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
    files under `--unseen` reduced to their first `--calibration-rows` rows and no labels, then
@@ -62,9 +62,6 @@ def main() -> None:
     parser.add_argument(
         "--subspace", action=argparse.BooleanOptionalAction, default=DecisionParams().subspace
     )
-    parser.add_argument(
-        "--trend", action=argparse.BooleanOptionalAction, default=DecisionParams().trend
-    )
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="copy the trained bundle here")
@@ -87,7 +84,6 @@ def main() -> None:
             combine=args.combine,
             alone=args.alone,
             subspace=args.subspace,
-            trend=args.trend,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

@@ -168,13 +168,6 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         help="evidence from the levels' residual off the site's principal directions "
         f"(default {'on' if d.subspace else 'off'})",
     )
-    parser.add_argument(
-        "--trend",
-        action=argparse.BooleanOptionalAction,
-        default=d.trend,
-        help="evidence from each sensor's rise across the window, away from its normal level "
-        f"(default {'on' if d.trend else 'off'})",
-    )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
     parser.add_argument(
@@ -249,7 +242,6 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             supervised=not args.no_supervised,
             target_far=args.target_far,
             subspace=args.subspace,
-            trend=args.trend,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)

@@ -31,7 +31,6 @@ from edge_agent.calibration import (
     spread_deviation,
     subspace_deviation,
     thresholds_of,
-    trend_deviation,
 )
 from edge_agent.errors import InvalidInput
 from edge_agent.scoring import ModelFrame, WindowModel, calibrate
@@ -67,7 +66,6 @@ class EpisodeEvidence:
     precision: FloatArray | None = None  # [N, N] the episode's level precision
     spread: FloatArray | None = None  # [W, N] spread deviations before tolerances
     subspace: FloatArray | None = None  # [W, N] subspace deviations before tolerances
-    trend: FloatArray | None = None  # [W, N] trend deviations before tolerances
 
 
 @dataclass(frozen=True)
@@ -115,16 +113,8 @@ def episode_evidence(
             values["subspace"] = np.zeros(ends.size, dtype=np.float32)
         else:
             subspace = subspace_deviation(outputs.level, calibration)
-    trend = trend_deviation(outputs, calibration) if frame.decision.trend else None
     return EpisodeEvidence(
-        episode.name,
-        values,
-        normal,
-        deviation,
-        calibration.level_precision,
-        spread,
-        subspace,
-        trend,
+        episode.name, values, normal, deviation, calibration.level_precision, spread, subspace
     )
 
 
@@ -138,7 +128,7 @@ def _tolerance(parts: list[FloatArray], budget: float) -> FloatArray:
 def with_tolerance(
     evidence: Sequence[EpisodeEvidence], budget: float
 ) -> tuple[list[EpisodeEvidence], dict[str, tuple[float, ...]]]:
-    """Per-sensor level, spread (subspace, trend) tolerances, by their decision field names, and
+    """Per-sensor level, spread (and subspace) tolerances, by their decision field names, and
     the evidence recomputed with them. A sensor's tolerance is the median over episodes of the
     (1 - budget) quantile of its deviation on their normal windows (at least 1): one recording
     that wanders does not blind every site."""
@@ -149,8 +139,6 @@ def with_tolerance(
         return list(evidence), {}
     level_tol, spread_tol = _tolerance(levels, budget), _tolerance(spreads, budget)
     subspace_tol = _tolerance(subspaces, budget) if subspaces else None
-    trends = [e.trend[e.normal] for e in evidence if e.trend is not None]
-    trend_tol = _tolerance(trends, budget) if trends else None
     out = []
     for e in evidence:
         if e.deviation is None or e.precision is None or e.spread is None:
@@ -161,14 +149,10 @@ def with_tolerance(
         changed = {"level": level, "joint": joint, "spread": spread}
         if e.subspace is not None and subspace_tol is not None:
             changed["subspace"] = (e.subspace / subspace_tol).max(axis=1)
-        if e.trend is not None and trend_tol is not None:
-            changed["trend"] = (e.trend / trend_tol).max(axis=1)
         out.append(dataclasses.replace(e, values=e.values | changed))
     tolerances = {"level_tolerance": _rounded(level_tol), "spread_tolerance": _rounded(spread_tol)}
     if subspace_tol is not None:
         tolerances["subspace_tolerance"] = _rounded(subspace_tol)
-    if trend_tol is not None:
-        tolerances["trend_tolerance"] = _rounded(trend_tol)
     return out, tolerances
 
 
@@ -251,7 +235,6 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
         "spread": "spread_threshold",
         "forecast": "residual_threshold",
         "subspace": "subspace_threshold",
-        "trend": "trend_threshold",
     }
     for kind, field in names.items():
         if kind in fitted:
