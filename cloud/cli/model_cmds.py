@@ -168,6 +168,13 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         help="evidence from the levels' residual off the site's principal directions "
         f"(default {'on' if d.subspace else 'off'})",
     )
+    parser.add_argument(
+        "--tolerance-quantile",
+        type=float,
+        default=d.tolerance_quantile,
+        help="fit each sensor's level, spread and subspace tolerance at this quantile of its "
+        f"normal deviations (0: 1 - the target FAR; default {d.tolerance_quantile:g})",
+    )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
     parser.add_argument(
@@ -242,6 +249,7 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             supervised=not args.no_supervised,
             target_far=args.target_far,
             subspace=args.subspace,
+            tolerance_quantile=args.tolerance_quantile,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)

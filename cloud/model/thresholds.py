@@ -118,27 +118,30 @@ def episode_evidence(
     )
 
 
-def _tolerance(parts: list[FloatArray], budget: float) -> FloatArray:
-    """Median over episodes of each sensor's (1 - budget) quantile, at least 1."""
-    quantiles = [np.quantile(np.abs(p), 1.0 - budget, axis=0) for p in parts]
+def _tolerance(parts: list[FloatArray], quantile: float) -> FloatArray:
+    """Median over episodes of each sensor's `quantile` of its deviations, at least 1."""
+    quantiles = [np.quantile(np.abs(p), quantile, axis=0) for p in parts]
     tolerance: FloatArray = np.maximum(1.0, np.median(np.stack(quantiles), axis=0))
     return tolerance
 
 
 def with_tolerance(
-    evidence: Sequence[EpisodeEvidence], budget: float
+    evidence: Sequence[EpisodeEvidence], budget: float, quantile: float = 0.0
 ) -> tuple[list[EpisodeEvidence], dict[str, tuple[float, ...]]]:
     """Per-sensor level, spread (and subspace) tolerances, by their decision field names, and
     the evidence recomputed with them. A sensor's tolerance is the median over episodes of the
     (1 - budget) quantile of its deviation on their normal windows (at least 1): one recording
-    that wanders does not blind every site."""
+    that wanders does not blind every site. `quantile` (`DecisionParams.tolerance_quantile`,
+    0: 1 - budget) fits them further out in the tail instead: how far each sensor wanders at
+    worst, so that sensors with heavy tails and quiet ones meet one common threshold alike."""
     levels = [e.deviation[e.normal] for e in evidence if e.deviation is not None]
     spreads = [e.spread[e.normal] for e in evidence if e.spread is not None]
     subspaces = [e.subspace[e.normal] for e in evidence if e.subspace is not None]
     if not levels or not spreads:
         return list(evidence), {}
-    level_tol, spread_tol = _tolerance(levels, budget), _tolerance(spreads, budget)
-    subspace_tol = _tolerance(subspaces, budget) if subspaces else None
+    q = quantile if quantile > 0 else 1.0 - budget
+    level_tol, spread_tol = _tolerance(levels, q), _tolerance(spreads, q)
+    subspace_tol = _tolerance(subspaces, q) if subspaces else None
     out = []
     for e in evidence:
         if e.deviation is None or e.precision is None or e.spread is None:
@@ -171,7 +174,7 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
     evidence = [e for e in evidence if e.normal.any()]
     if not evidence:
         raise InvalidInput("thresholds: the held-out episodes have no normal window")
-    evidence, tolerances = with_tolerance(evidence, budget)
+    evidence, tolerances = with_tolerance(evidence, budget, base.tolerance_quantile)
     base = dataclasses.replace(base, **tolerances)  # type: ignore[arg-type]
     kinds = list(thresholds_of(base))
     quantiles = {
