@@ -45,10 +45,10 @@ class DecisionParams:
     subspace: bool = True
     subspace_threshold: float = 8.0
     subspace_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
-    # The quantile of normal deviations the level, spread and subspace tolerances are fitted
-    # at (`cloud.model.thresholds.with_tolerance`); 0: 1 - target_far. Training only (the
-    # tolerances it fits are what the decision reads). EXP14g.
-    tolerance_quantile: float = 0.0
+    # Training only: fit the level tolerances as the quantile of each sensor's normal
+    # deviations pooled over the held-out episodes, not the median over episodes of each
+    # one's (`cloud.model.thresholds.with_tolerance`). Bundles made before it: False. EXP14g.
+    pooled_tolerance: bool = False
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two
@@ -92,9 +92,5 @@ class DecisionParams:
             raise InvalidInput(f"decision: combine {self.combine!r} is not one of {COMBINE_RULES}")
         if self.alone != 0 and not self.alone >= 1:
             raise InvalidInput(f"decision: alone {self.alone} is neither 0 nor >= 1")
-        if not 0 <= self.tolerance_quantile < 1:
-            raise InvalidInput(
-                f"decision: tolerance_quantile {self.tolerance_quantile} not in [0, 1)"
-            )
         if not 0 < self.target_far < 1:
             raise InvalidInput(f"decision: target_far {self.target_far} not in (0, 1)")

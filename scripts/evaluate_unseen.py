@@ -3,7 +3,7 @@
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
         --target-far, --smoothing, --combine, --alone, --[no-]subspace,
-        --tolerance-quantile, --no-supervised,
+        --[no-]pooled-tolerance, --no-supervised,
         --seed, --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
@@ -64,10 +64,9 @@ def main() -> None:
         "--subspace", action=argparse.BooleanOptionalAction, default=DecisionParams().subspace
     )
     parser.add_argument(
-        "--tolerance-quantile",
-        type=float,
-        default=DecisionParams().tolerance_quantile,
-        help="fit the per-sensor tolerances at this quantile (0: 1 - target FAR)",
+        "--pooled-tolerance",
+        action=argparse.BooleanOptionalAction,
+        default=DecisionParams().pooled_tolerance,
     )
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
     parser.add_argument("--json", action="store_true")
@@ -91,7 +90,7 @@ def main() -> None:
             combine=args.combine,
             alone=args.alone,
             subspace=args.subspace,
-            tolerance_quantile=args.tolerance_quantile,
+            pooled_tolerance=args.pooled_tolerance,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

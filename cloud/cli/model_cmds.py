@@ -169,11 +169,12 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         f"(default {'on' if d.subspace else 'off'})",
     )
     parser.add_argument(
-        "--tolerance-quantile",
-        type=float,
-        default=d.tolerance_quantile,
-        help="fit each sensor's level, spread and subspace tolerance at this quantile of its "
-        f"normal deviations (0: 1 - the target FAR; default {d.tolerance_quantile:g})",
+        "--pooled-tolerance",
+        action=argparse.BooleanOptionalAction,
+        default=d.pooled_tolerance,
+        help="fit each sensor's level tolerance over all held-out episodes "
+        "together rather than as the median of each episode's "
+        f"(default {'on' if d.pooled_tolerance else 'off'})",
     )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
@@ -249,7 +250,7 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             supervised=not args.no_supervised,
             target_far=args.target_far,
             subspace=args.subspace,
-            tolerance_quantile=args.tolerance_quantile,
+            pooled_tolerance=args.pooled_tolerance,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)

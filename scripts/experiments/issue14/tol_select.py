@@ -107,7 +107,9 @@ def patched_tolerance(parts, quantile):  # type: ignore[no-untyped-def]
     if LEVEL_ONLY[0] and calls[0] % 3 != 1:
         quantile = 0.95
     if POOL[0] and (POOL[1] is None or calls[0] % 3 in POOL[1]):
-        pooled = np.quantile(np.abs(np.concatenate(parts)), quantile, axis=0)
+        # the code without `tolerance_quantile` passes the budget (0.05), with it a quantile
+        q = 1.0 - quantile if quantile < 0.5 else quantile
+        pooled = np.quantile(np.abs(np.concatenate(parts)), q, axis=0)
         return np.maximum(1.0, pooled)
     return _tolerance(parts, quantile)
 
@@ -138,7 +140,11 @@ def main() -> None:
             version="1",
             calibration_rows=400,
             train=TrainParams(seed=seed, threads=1),
-            decision=replace(DecisionParams(), tolerance_quantile=abs(q)),
+            decision=(
+                DecisionParams()  # rounds 3-4: the patch pools at 1 - target_far = 0.95
+                if POOLED4
+                else replace(DecisionParams(), tolerance_quantile=abs(q))  # commit e73037f
+            ),
         )
         with tempfile.TemporaryDirectory(prefix="tol-sel-") as tmp:
             bundle = Path(tmp) / "bundle"

@@ -1,10 +1,12 @@
 """EXP14g selection (training seed 0, injection seeds 1,2 only): the trend kind, gated or not.
 
-    PYTHONPATH=. .venv/bin/python scripts/experiments/issue14/trend_select.py SEED > trend-sel-SEED.json
+    PYTHONPATH=. .venv/bin/python scripts/experiments/issue14/trend_select.py SEED \
+        > scripts/experiments/issue14/trend-sel-SEED.json
 
 Like `cusum_select.py`: the network is trained once (later variants load its weights) and
 each batch of windows is run through it once; only the decision side is redone per variant.
-Needs commit 6ba5d85 (the trend code was removed after it). `trend` counts a rise only where it leads away from the site's normal level (the candidate's
+Needs commit 6ba5d85 (the trend code was removed after it).
+`trend` counts a rise only where it leads away from the site's normal level (the candidate's
 design); `trend-both` counts it either way (the gate off: `level_center` withheld from
 `trend_deviation`). Choice, fixed before running: the variant with the larger mean of the
 injected overall F1 gains on the two backgrounds among those with unseen valve1 F1 >= base -
