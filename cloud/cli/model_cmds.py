@@ -168,14 +168,6 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         help="evidence from the levels' residual off the site's principal directions "
         f"(default {'on' if d.subspace else 'off'})",
     )
-    parser.add_argument(
-        "--pooled-tolerance",
-        action=argparse.BooleanOptionalAction,
-        default=d.pooled_tolerance,
-        help="fit each sensor's level tolerance over all held-out episodes "
-        "together rather than as the median of each episode's "
-        f"(default {'on' if d.pooled_tolerance else 'off'})",
-    )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
     parser.add_argument(
@@ -250,7 +242,6 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             supervised=not args.no_supervised,
             target_far=args.target_far,
             subspace=args.subspace,
-            pooled_tolerance=args.pooled_tolerance,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)

@@ -1,5 +1,6 @@
 #!/bin/sh
 # EXP14g: one SKAB cell. Usage: grun.sh SEED base|pooled (from the worktree root).
+# Needs commit aea0450 (the --pooled-tolerance code was removed after the test).
 set -eu
 seed=$1 arm=$2
 flag=--no-pooled-tolerance
