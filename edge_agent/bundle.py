@@ -75,7 +75,6 @@ class Decision(_Strict):
     subspace: bool = False
     subspace_threshold: float = 8.0
     subspace_tolerance: tuple[float, ...] = ()
-    level_away: bool = False
     supervised: bool = True
     combine: str = "max"
     alone: float = 0.0

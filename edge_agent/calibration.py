@@ -60,10 +60,6 @@ SPREAD_EPS = 0.05  # site units: a log ratio of spreads near zero stays finite
 # multiple of the median one (the noise floor): EXP14f, after the 90 %-of-variance rule of
 # EXP14e dropped random-walk factors that barely moved during calibration.
 SUBSPACE_NOISE_MULTIPLE = 10.0
-# `DecisionParams.level_away`: a sensor's level evidence is dropped while its recent level is
-# closer to the site's centre than this share of its level before (coming back, as in the
-# rows after a fault ends). EXP14h selection (training seed 0, injection seeds 1,2).
-LEVEL_BACK = 0.6
 
 
 @dataclass(frozen=True)
@@ -284,7 +280,7 @@ def evidence_values(
         "supervised": out.prob,
     }
     if cal.level_center is not None and cal.level_precision is not None:
-        dev = level_away(level_deviation(out.level, cal, params.level_tolerance), out, cal, params)
+        dev = level_deviation(out.level, cal, params.level_tolerance)
         values["level"], values["joint"] = level_evidence(dev, cal.level_precision)
     if cal.spread_center is not None:
         values["spread"] = spread_deviation(out.spread, cal, params.spread_tolerance).max(axis=1)
@@ -308,19 +304,6 @@ def forecast_deviation(
         back = np.abs(out.level - cal.level_center) < np.abs(out.before - cal.level_center)
         dev = np.where(back, 0.0, dev).astype(np.float32)  # NaN compares False: kept
     return dev
-
-
-def level_away(
-    dev: FloatArray, out: WindowOutputs, cal: SiteCalibration, params: DecisionParams
-) -> FloatArray:
-    """`dev` ([B, N] level deviations) with `level_away`: 0 for a sensor coming back to
-    normal, its recent level closer to the site's centre than LEVEL_BACK times its level
-    before; kept without a level before (NaN)."""
-    if not params.level_away or out.before is None or cal.level_center is None:
-        return dev
-    recent = np.abs(out.level - cal.level_center)
-    back = recent < LEVEL_BACK * np.abs(out.before - cal.level_center)  # NaN: False, kept
-    return np.where(back, 0.0, dev).astype(np.float32)
 
 
 def level_evidence(dev: FloatArray, precision: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -393,8 +376,7 @@ def sensor_evidence(
     driver = ranked[-1][1] if ranked else "supervised"
     per_sensor: FloatArray
     if driver in ("level", "joint"):
-        dev = level_deviation(one.level, cal, params.level_tolerance)
-        per_sensor = np.abs(level_away(dev, one, cal, params)[0])
+        per_sensor = np.abs(level_deviation(one.level, cal, params.level_tolerance)[0])
     elif driver == "spread":
         per_sensor = spread_deviation(one.spread, cal, params.spread_tolerance)[0]
     elif driver == "subspace":

@@ -45,12 +45,6 @@ class DecisionParams:
     subspace: bool = True
     subspace_threshold: float = 8.0
     subspace_tolerance: tuple[float, ...] = ()  # per sensor, like level_tolerance
-    # Level evidence (level, joint) only from sensors not coming back to normal
-    # (`edge_agent.calibration.level_back`), and at training the level tolerances fitted as
-    # the quantile of each sensor's normal deviations pooled over the held-out episodes, not
-    # the median over episodes of each one's (`cloud.model.thresholds.with_tolerance`).
-    # Bundles made before it: False. EXP14h (scripts/experiments/issue14/README.md).
-    level_away: bool = False
     supervised: bool = True  # whether the fault head takes part (it was trained on labels)
     combine: str = "top2"  # how kinds of evidence make one score (`combine`)
     # `top2`: one kind alone raises the score only at this multiple of its threshold (two

@@ -194,12 +194,11 @@ def window_statistics(
     frame: ModelFrame, x: FloatArray, m: FloatArray
 ) -> tuple[FloatArray, FloatArray, FloatArray | None]:
     """What the decision reads off windows in network space besides the network's outputs:
-    the recent level and spread of each sensor, and its level before (`forecast_away`,
-    `level_away`)."""
+    the recent level and spread of each sensor, and its level before (`forecast_away`)."""
     rows = frame.decision.level_window
     level, spread = recent_stats(x, m, frame.net_center, frame.net_scale, rows)
     before = None
-    if (frame.decision.forecast_away or frame.decision.level_away) and rows > 0:
+    if frame.decision.forecast_away and rows > 0:
         before = earlier_level(x, m, frame.net_center, frame.net_scale, rows)
     return level, spread, before
 

@@ -2,8 +2,7 @@
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
         [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --[no-]subspace,
-        --[no-]level-away, --no-supervised,
+        --target-far, --smoothing, --combine, --alone, --[no-]subspace, --no-supervised,
         --seed, --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
@@ -63,11 +62,6 @@ def main() -> None:
     parser.add_argument(
         "--subspace", action=argparse.BooleanOptionalAction, default=DecisionParams().subspace
     )
-    parser.add_argument(
-        "--level-away",
-        action=argparse.BooleanOptionalAction,
-        default=DecisionParams().level_away,
-    )
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="copy the trained bundle here")
@@ -90,7 +84,6 @@ def main() -> None:
             combine=args.combine,
             alone=args.alone,
             subspace=args.subspace,
-            level_away=args.level_away,
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()

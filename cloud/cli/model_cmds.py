@@ -168,14 +168,6 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         help="evidence from the levels' residual off the site's principal directions "
         f"(default {'on' if d.subspace else 'off'})",
     )
-    parser.add_argument(
-        "--level-away",
-        action=argparse.BooleanOptionalAction,
-        default=d.level_away,
-        help="level tolerances pooled over all held-out episodes, and level evidence only "
-        "from sensors not coming back to normal (EXP14h; "
-        f"default {'on' if d.level_away else 'off'})",
-    )
     parser.add_argument("--smoothing", type=int, default=d.smoothing)
     parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
     parser.add_argument(
@@ -250,7 +242,6 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             supervised=not args.no_supervised,
             target_far=args.target_far,
             subspace=args.subspace,
-            level_away=args.level_away,
         ),
     )
     bar = None if args.no_progress else ProgressBar("training", sys.stderr)

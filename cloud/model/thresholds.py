@@ -25,7 +25,6 @@ from edge_agent.calibration import (
     DecisionParams,
     combine,
     evidence_values,
-    level_away,
     level_deviation,
     level_evidence,
     smooth_causal,
@@ -54,9 +53,6 @@ MAX_ALERT_WINDOWS = 30
 # A stuck sensor (spread near 0) falls far below it (scripts/evaluate_unseen.py figures are in
 # the commit that set it).
 MIN_SPREAD = 1.25
-# The kinds whose tolerances `DecisionParams.level_away` fits pooled over episodes
-# (EXP14g-h, scripts/experiments/issue14/README.md).
-KINDS_POOLED = ("level",)
 
 
 @dataclass(frozen=True)
@@ -109,9 +105,7 @@ def episode_evidence(
     values = evidence_values(outputs, calibration, frame.decision)
     if calibration.level_precision is None:
         return EpisodeEvidence(episode.name, values, normal)
-    deviation = level_away(
-        level_deviation(outputs.level, calibration), outputs, calibration, frame.decision
-    )
+    deviation = level_deviation(outputs.level, calibration)
     spread = spread_deviation(outputs.spread, calibration)
     subspace = None
     if frame.decision.subspace:
@@ -131,35 +125,20 @@ def _tolerance(parts: list[FloatArray], budget: float) -> FloatArray:
     return tolerance
 
 
-def _pooled_tolerance(parts: list[FloatArray], budget: float) -> FloatArray:
-    """Each sensor's (1 - budget) quantile over all episodes' normal windows, at least 1."""
-    pooled = np.quantile(np.abs(np.concatenate(parts)), 1.0 - budget, axis=0)
-    tolerance: FloatArray = np.maximum(1.0, pooled)
-    return tolerance
-
-
 def with_tolerance(
-    evidence: Sequence[EpisodeEvidence], budget: float, pooled: bool = False
+    evidence: Sequence[EpisodeEvidence], budget: float
 ) -> tuple[list[EpisodeEvidence], dict[str, tuple[float, ...]]]:
     """Per-sensor level, spread (and subspace) tolerances, by their decision field names, and
     the evidence recomputed with them. A sensor's tolerance is the median over episodes of the
     (1 - budget) quantile of its deviation on their normal windows (at least 1): one recording
-    that wanders does not blind every site. `pooled` (`DecisionParams.level_away`): the
-    KINDS_POOLED tolerances are the quantile over all episodes' normal windows together
-    instead, so a sensor that wanders far in some recordings gets that room itself and the
-    one common threshold need not cover it for every other sensor."""
+    that wanders does not blind every site."""
     levels = [e.deviation[e.normal] for e in evidence if e.deviation is not None]
     spreads = [e.spread[e.normal] for e in evidence if e.spread is not None]
     subspaces = [e.subspace[e.normal] for e in evidence if e.subspace is not None]
     if not levels or not spreads:
         return list(evidence), {}
-
-    def fit(kind: str, parts: list[FloatArray]) -> FloatArray:
-        pool = pooled and kind in KINDS_POOLED
-        return _pooled_tolerance(parts, budget) if pool else _tolerance(parts, budget)
-
-    level_tol, spread_tol = fit("level", levels), fit("spread", spreads)
-    subspace_tol = fit("subspace", subspaces) if subspaces else None
+    level_tol, spread_tol = _tolerance(levels, budget), _tolerance(spreads, budget)
+    subspace_tol = _tolerance(subspaces, budget) if subspaces else None
     out = []
     for e in evidence:
         if e.deviation is None or e.precision is None or e.spread is None:
@@ -192,7 +171,7 @@ def fit_thresholds(evidence: Sequence[EpisodeEvidence], base: DecisionParams) ->
     evidence = [e for e in evidence if e.normal.any()]
     if not evidence:
         raise InvalidInput("thresholds: the held-out episodes have no normal window")
-    evidence, tolerances = with_tolerance(evidence, budget, base.level_away)
+    evidence, tolerances = with_tolerance(evidence, budget)
     base = dataclasses.replace(base, **tolerances)  # type: ignore[arg-type]
     kinds = list(thresholds_of(base))
     quantiles = {

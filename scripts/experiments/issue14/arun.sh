@@ -1,5 +1,6 @@
 #!/bin/sh
 # EXP14h: one SKAB cell. Usage: arun.sh SEED base|away (from the worktree root).
+# Needs commit 3fe08a5 (the --level-away code was removed after the test).
 set -eu
 seed=$1 arm=$2
 flag=--no-level-away

@@ -4,6 +4,8 @@ return-to-normal gate on the level evidence (`DecisionParams.level_away`).
     PYTHONPATH=. .venv/bin/python scripts/experiments/issue14/away_select.py 0 \
         > scripts/experiments/issue14/away-sel-0.json
 
+Needs commit 3fe08a5 (the `level_away` code was removed after the test).
+
 Like `tol_select.py` (one network, cached outputs; only the decision side is redone).
 Variants: `base` (off); `pooled` (level_away on with LEVEL_BACK 0: the gate never closes, so
 EXP14g's pooled level tolerances alone); `away-1.0`, `away-0.8`, `away-0.6`: the gate drops a
