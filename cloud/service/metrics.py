@@ -35,6 +35,7 @@ from edge_agent.errors import LocalStateError
 log = logging.getLogger(__name__)
 FLEET_CACHE_S = 5.0
 LOOP_LAG_EVERY_S = 0.1
+SETUP_PHASES = ("lookup", "hello", "state")  # of `autoglm_session_setup_seconds`
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -92,7 +93,7 @@ class PlaneMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        for phase in ("lookup", "hello", "state"):  # shown at 0 before the first setup
+        for phase in SETUP_PHASES:  # shown at 0 before the first setup
             self.session_setup.labels(phase)
         self.loop_lag = Histogram(
             "autoglm_event_loop_lag_seconds",

@@ -35,6 +35,7 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from cloud.service.metrics import SETUP_PHASES  # noqa: E402
 from edge_agent.identity import DeviceIdentity  # noqa: E402
 from tests.benchmarks.fleet import (  # noqa: E402
     PlaneProcess,
@@ -328,7 +329,7 @@ def _plane_histograms(
     lag = "autoglm_event_loop_lag_seconds{}"
     if lag in after:
         out["plane_loop_lag_s"] = histogram_quantiles(before.get(lag, []), after[lag], qs)
-    for phase in ("lookup", "hello", "state"):
+    for phase in SETUP_PHASES:
         key = f"autoglm_session_setup_seconds{{phase={phase}}}"
         if key in before:
             out[f"setup_{phase}_s"] = histogram_quantiles(
@@ -518,7 +519,7 @@ def _heartbeat_line(r: dict[str, Any]) -> str:
     if "plane_loop_lag_s" in r:
         lag = r["plane_loop_lag_s"]
         line += f"; plane loop late by (p50/p99, bucket bounds) {lag['p50']:g}/{lag['p99']:g} s"
-    phases = [p for p in ("lookup", "hello", "state") if f"setup_{p}_s" in r]
+    phases = [p for p in SETUP_PHASES if f"setup_{p}_s" in r]
     if phases:
         line += "; session setups (p50/p99, bucket bounds) " + ", ".join(
             f"{p} {r[f'setup_{p}_s']['p50']:g}/{r[f'setup_{p}_s']['p99']:g} s" for p in phases
