@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.train import TrainParams
-from edge_agent.batching import InferenceWorker, WindowBatch
+from edge_agent.batching import InferenceWorker, WindowBatch, WindowJob
 from edge_agent.bundle import verify_bundle
-from edge_agent.inference.base import open_backend
+from edge_agent.inference.base import Outputs, open_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 ASSETS = 64
@@ -54,9 +55,12 @@ def main() -> None:
         single = ROUNDS * ASSETS / (time.perf_counter() - t0)
 
         done = threading.Semaphore(0)
-        worker = InferenceWorker(
-            backend, lambda jobs, _out: [done.release() for _ in jobs], 64, 0.02
-        )
+
+        def finished(jobs: Sequence[WindowJob], _out: Outputs) -> None:
+            for _ in jobs:
+                done.release()
+
+        worker = InferenceWorker(backend, finished, 64, 0.02)
         worker.start()
         t0 = time.perf_counter()
         for _ in range(ROUNDS):

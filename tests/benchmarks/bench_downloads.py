@@ -70,7 +70,7 @@ async def raw_stream(port: int, identity: DeviceIdentity, dest: Path | None = No
     that file and fsynced (the least a durable download does)."""
     options = [("grpc.max_receive_message_length", 8 << 20)]
     async with aio.secure_channel(f"localhost:{port}", identity.credentials(), options) as ch:
-        read = ch.unary_stream(READ)
+        read: aio.UnaryStreamMultiCallable[bytes, bytes] = ch.unary_stream(READ)
         start = time.perf_counter()
         if dest is None:
             async for _ in read(b""):
@@ -146,7 +146,7 @@ def main() -> int:
     plane = start_plane_process(work)
     try:
         identity = enroll_fleet(plane, 0, 1)[0]
-        size = args.size_mib << 20
+        size: int = args.size_mib << 20
         digest = _assigned_blob(plane, work, identity, size)
         blob = LocalArtifactStore(plane.state / "artifacts").path(digest)
         ports = work / "blob.json"

@@ -87,7 +87,7 @@ async def ping_baseline(
     """Closed loop: `concurrency` callers on one channel, each pinging as fast as it can."""
     creds = grpc.ssl_channel_credentials(ca_pem)
     async with aio.secure_channel(f"localhost:{port}", creds) as channel:
-        ping = channel.unary_unary(PING)
+        ping: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PING)
         await ping(b"x" * 64)
         latencies: list[float] = []
         deadline = time.monotonic() + seconds

@@ -25,6 +25,7 @@ from cloud.model.export import export_onnx
 from cloud.model.net import NetConfig, SensorGraphNet
 from cloud.model.quantize import quantize_int8
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
+from edge_agent.windowing import FloatArray
 
 WINDOW = 120
 
@@ -32,7 +33,7 @@ WINDOW = 120
 def timed(call: Callable[[], object], seconds: float) -> list[float]:
     for _ in range(5):
         call()
-    samples = []
+    samples: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(samples) < 20:
         start = time.perf_counter()
@@ -86,7 +87,13 @@ def main() -> None:
 
                 runs = {"torch-eager": timed(eager, args.seconds)}
                 for name, backend in backends.items():
-                    runs[name] = timed(lambda be=backend, x=x, m=m: be.run(x, m), args.seconds)
+
+                    def infer(
+                        be: OnnxRuntimeBackend = backend, x: FloatArray = x, m: FloatArray = m
+                    ) -> object:
+                        return be.run(x, m)
+
+                    runs[name] = timed(infer, args.seconds)
                 base = float(np.median(runs["torch-eager"]))
                 for name, samples in runs.items():
                     p50, p99 = np.percentile(samples, [50, 99])

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -56,8 +57,9 @@ class LightAgent:
         self.identity = identity
         self.root = root
         self.version = version
-        self.key = serialization.load_pem_public_key(identity.signing_public_pem)
-        assert isinstance(self.key, ed25519.Ed25519PublicKey)
+        key = serialization.load_pem_public_key(identity.signing_public_pem)
+        assert isinstance(key, ed25519.Ed25519PublicKey)
+        self.key = key
         self.downloader = Downloader(
             identity.info.device_address,
             identity.credentials(),
@@ -81,6 +83,7 @@ class LightAgent:
             task.add_done_callback(self.tasks.discard)
 
     async def install(self, d: agent_pb2.DesiredState) -> None:
+        outcome: int
         if d.model_version == self.version:
             outcome, detail = OUTCOME.OUTCOME_INSTALLED, "serving"
         else:
@@ -95,7 +98,9 @@ class LightAgent:
         self.session.post(install_report(d.model_version, d.rollout_id, outcome, detail))
 
 
-async def run(plane: PlaneProcess, agents: list[LightAgent], args: argparse.Namespace) -> dict:
+async def run(
+    plane: PlaneProcess, agents: list[LightAgent], args: argparse.Namespace
+) -> dict[str, Any]:
     stop = asyncio.Event()
     sessions = [asyncio.create_task(a.session.run(stop)) for a in agents]
     started = time.monotonic()

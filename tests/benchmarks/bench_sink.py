@@ -15,7 +15,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,13 @@ class CountingOutbox(Outbox):
         super().__init__(path, 1 << 28)
         self.appends: list[int] = []
 
-    def append(self, records: Sequence[tuple[int, bytes]]) -> list[int]:
+    def append(
+        self,
+        records: Sequence[tuple[int, bytes]],
+        scored: Mapping[str, float | None] | None = None,
+    ) -> list[int]:
         self.appends.append(len(records))
-        return super().append(records)
+        return super().append(records, scored)
 
 
 def main() -> None:

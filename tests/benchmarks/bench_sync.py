@@ -97,7 +97,8 @@ async def _raw_stream(port: int, identity: DeviceIdentity, messages: list[bytes]
             yield m
 
     async with aio.secure_channel(f"localhost:{port}", identity.credentials()) as channel:
-        answer = await channel.stream_unary(COUNT)(requests())
+        count: aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(COUNT)
+        answer = await count(requests())
         return int(answer)
 
 

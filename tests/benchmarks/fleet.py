@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from cloud.client import Connection, OperatorClient  # noqa: E402
+from cloud.config import CONFIG_FILE  # noqa: E402
 from cloud.service.serde import bootstrap_from_registration  # noqa: E402
-from cloud.state_dir import CONFIG_FILE, init_state_dir  # noqa: E402
+from cloud.state_dir import init_state_dir  # noqa: E402
 from edge_agent.enroll import enroll  # noqa: E402
 from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from protos.autoglm.v1 import operator_pb2  # noqa: E402

@@ -35,12 +35,12 @@ def payloads(
         return out
     if mode == "batched":
         for a in range(0, rows, batch):
-            ts = [start + r for r in range(a, min(a + batch, rows))]
+            stamps = [start + r for r in range(a, min(a + batch, rows))]
             values = {
-                s: [float(j + (r % 40) / 40) for r in range(a, a + len(ts))]
+                s: [float(j + (r % 40) / 40) for r in range(a, a + len(stamps))]
                 for j, s in enumerate(sensors)
             }
-            out.append(("plant/pump-1/all", orjson.dumps({"ts": ts, "values": values})))
+            out.append(("plant/pump-1/all", orjson.dumps({"ts": stamps, "values": values})))
         return out
     for r in range(rows):
         for j, s in enumerate(sensors):
