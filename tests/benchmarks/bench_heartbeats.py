@@ -43,6 +43,8 @@ from tests.benchmarks.fleet import (  # noqa: E402
     histogram_quantiles,
     percentile,
     process_cpu_s,
+    run_queue,
+    run_queue_share,
     spawn,
     start_plane_process,
     stop,
@@ -114,7 +116,7 @@ async def ping_baseline(
 # their latencies include that loop's own backlog; a probe's loop is idle, so its latency is
 # what one agent on its own device (one session per process) sees of the control plane.
 PROBE_FIRST = 100_000  # the probes' identities: work/agents/100000..
-RAMP_PER_S = 200  # sessions started a second in the steady-state scenarios
+RAMP_PER_S = 200.0  # sessions started a second in the steady-state scenarios (default)
 
 
 @dataclass
@@ -141,15 +143,16 @@ async def run_sessions(
     plane: PlaneProcess,
     processes: int,
     probes: Probes,
+    ramp_per_s: float = RAMP_PER_S,
 ) -> dict[str, Any]:
     """M agents with the agent's default reconnect policy, connected, then measured."""
     groups = await _start_groups(identities, interval, "new", plane.work, processes)
     probe = await probes.start()
     setups_before = await asyncio.to_thread(plane.histograms)  # this scenario's setups only
     try:
-        # Started at RAMP_PER_S sessions a second in all (a fleet coming up, not a storm:
+        # Started at `ramp_per_s` sessions a second in all (a fleet coming up, not a storm:
         # the restart storm is measured on its own), each group its share.
-        ramp = len(identities) / RAMP_PER_S
+        ramp = len(identities) / ramp_per_s
         connected = await asyncio.gather(*(g.connect(120, ramp) for g in groups))
         res = await _measure_groups(
             groups, len(identities), interval, seconds, plane, probe, setups_before
@@ -282,9 +285,12 @@ async def _measure_groups(
     parts = asyncio.gather(*(g.measure(start, end) for g in [*groups, *([probe] if probe else [])]))
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     server_cpu = process_cpu_s(plane.proc.pid)
+    server_queue = run_queue(plane.proc.pid)
     before = await asyncio.to_thread(plane.histograms)
     await asyncio.sleep(max(0.0, end - time.monotonic()))
     server_cpu = process_cpu_s(plane.proc.pid) - server_cpu
+    server_queue_share = run_queue_share(server_queue, run_queue(plane.proc.pid), end - start)
+    load = os.getloadavg()[0]
     after = await asyncio.to_thread(plane.histograms)
     measured = await parts
     probed = measured.pop() if probe else None
@@ -303,6 +309,13 @@ async def _measure_groups(
         "client_cpu_share": [m["cpu_s"] / elapsed for m in measured],  # per agent process
         # Per agent process: p50 and p99 of how late its event loop ran a 10 ms timer.
         "agents_loop_lag_ms": [m["loop_lag_ms"] for m in measured],
+        # The event-loop threads' time runnable but waiting for a CPU (Linux schedstat): the
+        # machine's share of every latency. The plane's, then one per agent process.
+        "plane_main_thread": server_queue_share,
+        "agents_main_threads": [m["main_thread"] for m in measured],
+        "agents_open_fds": [m["open_fds"] for m in measured],
+        "agents_threads": [m["threads"] for m in measured],
+        "load_average_1m": load,
         **_plane_histograms(before, after, setups_before or {}),
     }
     if probed is not None:
@@ -313,6 +326,7 @@ async def _measure_groups(
             "probe_p99_ms": percentile(probed["latencies"], 0.99) * 1000,
             "probe_max_ms": max(probed["latencies"], default=float("nan")) * 1000,
             "probe_loop_lag_ms": probed["loop_lag_ms"],
+            "probe_main_thread": probed["main_thread"],
         }
     return res
 
@@ -388,6 +402,12 @@ def main() -> int:
         help="agents in a process of their own, measured beside the fleet (0: none)",
     )
     parser.add_argument("--probe-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--ramp-per-s",
+        type=float,
+        default=RAMP_PER_S,
+        help="steady-state scenarios: sessions started a second, all agent processes together",
+    )
     parser.add_argument("--ping-concurrency", type=int, default=100)
     parser.add_argument(
         "--ping-server", nargs=2, metavar=("STATE", "PORTS"), help=argparse.SUPPRESS
@@ -447,7 +467,15 @@ def main() -> int:
             enroll_s = time.monotonic() - t0
             window = max(args.seconds, 2 * interval)
             res = asyncio.run(
-                run_sessions(enrolled[:m], interval, window, plane, args.agent_processes, probes)
+                run_sessions(
+                    enrolled[:m],
+                    interval,
+                    window,
+                    plane,
+                    args.agent_processes,
+                    probes,
+                    args.ramp_per_s,
+                )
             )
             res["enroll_s"] = enroll_s
             res["ratio_vs_ping"] = res["acked_per_s"] / base["per_s"]
@@ -524,11 +552,25 @@ def _heartbeat_line(r: dict[str, Any]) -> str:
         line += "; session setups (p50/p99, bucket bounds) " + ", ".join(
             f"{p} {r[f'setup_{p}_s']['p50']:g}/{r[f'setup_{p}_s']['p99']:g} s" for p in phases
         )
+    if "plane_main_thread" in r:
+        threads = [r["plane_main_thread"], *r["agents_main_threads"]]
+        line += (
+            "; event-loop threads waiting for a CPU (plane+agents, share of the window / "
+            "mean per wake) "
+            + "+".join(f"{t['waited_share']:.2f}/{t['wait_per_slice_ms']:.1f} ms" for t in threads)
+            + f", load average {r['load_average_1m']:.1f}; agent processes' open files "
+            + "+".join(str(n) for n in r["agents_open_fds"])
+            + ", threads "
+            + "+".join(str(n) for n in r["agents_threads"])
+        )
     if "probe_p99_ms" in r:
         line += (
             f"; probes ({r['probe_connected']} connected, {r['probe_acked']} acked): "
             f"p50 {r['probe_p50_ms']:.1f} ms, p99 {r['probe_p99_ms']:.1f} ms, "
-            f"max {r['probe_max_ms']:.1f} ms, their loop late by {_lags([r['probe_loop_lag_ms']])}"
+            f"max {r['probe_max_ms']:.1f} ms, "
+            f"their loop late by {_lags([r['probe_loop_lag_ms']])}, "
+            f"waiting for a CPU {r['probe_main_thread']['waited_share']:.2f}/"
+            f"{r['probe_main_thread']['wait_per_slice_ms']:.1f} ms"
         )
     return line
 

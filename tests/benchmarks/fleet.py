@@ -35,6 +35,27 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue(pid: int, tid: int | None = None) -> tuple[float, float, int]:
+    """One thread's (the process's main thread by default) seconds on a CPU, seconds
+    runnable but waiting for one, and times it was scheduled (Linux /proc schedstat). The
+    wait is what a busy machine adds to every event that thread handles."""
+    fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9, int(fields[2])
+
+
+def run_queue_share(
+    before: tuple[float, float, int], after: tuple[float, float, int], seconds: float
+) -> dict[str, float]:
+    """Between two `run_queue` readings: the share of the window the thread ran and the share
+    it waited runnable, and its mean wait per time it was scheduled."""
+    slices = max(1, after[2] - before[2])
+    return {
+        "ran_share": (after[0] - before[0]) / seconds,
+        "waited_share": (after[1] - before[1]) / seconds,
+        "wait_per_slice_ms": (after[1] - before[1]) / slices * 1000,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

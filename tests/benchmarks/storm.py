@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
 from edge_agent.session import DEAD_AFTER_S, SETUP_TIMEOUT_S, CloudSession  # noqa: E402
 from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
-from tests.benchmarks.fleet import percentile  # noqa: E402
+from tests.benchmarks.fleet import percentile, run_queue, run_queue_share  # noqa: E402
 
 STATUS = agent_pb2.AgentStatus(model_version="1", inference_backend="onnxruntime-cpu")
 HOST = common_pb2.HostFacts(hostname="bench", arch="x86_64", cpu_count=2)
@@ -170,8 +171,12 @@ class AgentGroup:
         acked = sum(s.stats.heartbeats_acked for s in self.sessions)
         opened = sum(s.stats.sessions_opened for s in self.sessions)
         cpu = time.process_time()
+        queue = run_queue(os.getpid())
         lags = await loop_lags(end)
         return {
+            "main_thread": run_queue_share(queue, run_queue(os.getpid()), end - start),
+            "open_fds": len(os.listdir("/proc/self/fd")),
+            "threads": len(os.listdir("/proc/self/task")),
             "latencies": [x for s in self.sessions for x in s.stats.ack_latencies_s],
             "sent": sum(s.stats.heartbeats_sent for s in self.sessions) - sent,
             "acked": sum(s.stats.heartbeats_acked for s in self.sessions) - acked,
