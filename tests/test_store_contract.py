@@ -248,6 +248,43 @@ class StoreContract:
         assert store.get_device(device.id).status == {"model_version": "3"}
         assert not store.get_device(device.id).session_open
 
+    def test_device_summaries_is_what_the_records_say(self, store: Store) -> None:
+        """The fleet metrics' narrow read agrees with the whole records, device by device."""
+        device = store.create_device("p", {"site": "a"}, "", NOW)
+        store.create_device("o-pending", {}, "", NOW)
+        quiet = store.create_device("q", {}, "", NOW)
+        for d, token in ((device, "h1"), (quiet, "h2")):
+            store.add_enrollment_token(d.id, token, NOW, NOW + dt.timedelta(hours=1))
+            store.enroll(token, NOW, _issue, _activate)
+        later = NOW + dt.timedelta(seconds=30)
+        health = {"outbox_depth": 7, "drift": {"pump": {"input_shift": 1.5}}}
+        store.record_presence(
+            [
+                PresenceUpdate(device.id, later, True, "0.1.0", {"health": health}),
+                PresenceUpdate(quiet.id, later, False, "0.1.0", {"health": "not a mapping"}),
+            ]
+        )
+        store.revoke_device("q", "stolen", later)
+        presence = store.device_summaries()
+        assert presence[1].labels == {"site": "a"}
+        assert [p.name for p in presence] == ["o-pending", "p", "q"]
+        for p, record in zip(presence, store.list_devices({}), strict=True):
+            assert (p.id, p.name, p.labels, p.state, p.session_open, p.last_seen) == (
+                record.id,
+                record.name,
+                record.labels,
+                record.state,
+                record.session_open,
+                record.last_seen,
+            )
+            assert p.cert_not_after == record.cert_not_after
+            for at in (later, later + dt.timedelta(minutes=5)):
+                offline_after = dt.timedelta(seconds=60)
+                assert p.is_online(at, offline_after) == record.is_online(at, offline_after)
+        assert presence[1].health == health and presence[1].cert_not_after == NOT_AFTER
+        assert presence[0].health == {} and presence[2].health == {}  # none; not a mapping
+        assert presence[2].state is DeviceState.REVOKED
+
     def test_operators(self, store: Store) -> None:
         op = store.add_operator("admin", "hash-a", NOW)
         assert store.operator_by_token_hash("hash-a") == op

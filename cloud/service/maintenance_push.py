@@ -105,5 +105,5 @@ class MaintenancePush:
         if not windows:
             return [], {}
         wanted = set(device_ids)
-        devices = self.store.list_devices({})
-        return windows, {d.id: dict(d.labels) for d in devices if d.id in wanted}
+        devices = self.store.device_summaries()
+        return windows, {d.id: d.labels for d in devices if d.id in wanted}

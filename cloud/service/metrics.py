@@ -219,7 +219,7 @@ class FleetCollector(Collector):
                 family.add_metric([state], n)
             yield family
         now = utc_now()
-        devices = self.store.list_devices({})
+        devices = self.store.device_summaries()
         online = GaugeMetricFamily(
             "autoglm_devices_online", "Active devices with a live session, heard from lately."
         )
@@ -263,9 +263,8 @@ class FleetCollector(Collector):
                 continue
             seen.add_metric([d.name], d.last_seen.timestamp())
             lag.add_metric([d.name], (now - d.last_seen).total_seconds())
-            health = d.status.get("health", {})
-            depth.add_metric([d.name], float(health.get("outbox_depth", 0)))
-            for asset, report in sorted(health.get("drift", {}).items()):
+            depth.add_metric([d.name], float(d.health.get("outbox_depth", 0)))
+            for asset, report in sorted(d.health.get("drift", {}).items()):
                 shift.add_metric([d.name, asset], float(report.get("input_shift", 0.0)))
                 scores.add_metric([d.name, asset], float(report.get("score_median", 0.0)))
         yield from (seen, depth, lag, expiry, shift, scores)

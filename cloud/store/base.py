@@ -16,6 +16,7 @@ from cloud.domain import (
     Delivery,
     DesiredModel,
     DeviceRecord,
+    DeviceSummary,
     EnrollmentGroup,
     Lease,
     ModelRecord,
@@ -53,6 +54,11 @@ class DeviceStore(abc.ABC):
     @abc.abstractmethod
     def list_devices(self, selector: Selector | Mapping[str, str]) -> list[DeviceRecord]:
         """Devices whose labels satisfy `selector` (a mapping: every key=value), by name."""
+
+    @abc.abstractmethod
+    def device_summaries(self) -> list[DeviceSummary]:
+        """Every device's id, name, labels, state, presence, certificate expiry and health,
+        by name: what fleet-wide reads need, without building whole records."""
 
     @abc.abstractmethod
     def update_labels(

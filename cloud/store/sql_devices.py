@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from cloud.domain import (
     DeviceRecord,
     DeviceState,
+    DeviceSummary,
     PresenceUpdate,
 )
 from cloud.selectors import Selector, matches
@@ -57,6 +58,33 @@ class DeviceTables(SqlBase):
         with self._tx() as s:
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.name)).all()
             return [_device(r) for r in rows if matches(r.labels, selector)]
+
+    def device_summaries(self) -> list[DeviceSummary]:
+        query = select(
+            DeviceRow.id,
+            DeviceRow.name,
+            DeviceRow.labels,
+            DeviceRow.state,
+            DeviceRow.session_open,
+            DeviceRow.last_seen,
+            DeviceRow.cert_not_after,
+            DeviceRow.status,
+        ).order_by(DeviceRow.name)
+        with self._tx() as s:
+            rows = s.execute(query).all()
+        return [
+            DeviceSummary(
+                row.id,
+                row.name,
+                dict(row.labels or {}),
+                DeviceState(row.state),
+                bool(row.session_open),
+                row.last_seen,
+                row.cert_not_after,
+                health if isinstance(health := (row.status or {}).get("health"), dict) else {},
+            )
+            for row in rows
+        ]
 
     def update_labels(
         self, id_or_name: str, set_labels: Mapping[str, str], remove: Sequence[str]
