@@ -43,10 +43,12 @@ from tests.benchmarks.fleet import (  # noqa: E402
     histogram_quantiles,
     percentile,
     process_cpu_s,
+    profile_summary,
     run_queue,
     run_queue_share,
     spawn,
     start_plane_process,
+    start_profile,
     stop,
 )
 from tests.benchmarks.storm import (  # noqa: E402
@@ -144,6 +146,7 @@ async def run_sessions(
     processes: int,
     probes: Probes,
     ramp_per_s: float = RAMP_PER_S,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """M agents with the agent's default reconnect policy, connected, then measured."""
     groups = await _start_groups(identities, interval, "new", plane.work, processes)
@@ -155,7 +158,7 @@ async def run_sessions(
         ramp = len(identities) / ramp_per_s
         connected = await asyncio.gather(*(g.connect(120, ramp) for g in groups))
         res = await _measure_groups(
-            groups, len(identities), interval, seconds, plane, probe, setups_before
+            groups, len(identities), interval, seconds, plane, probe, setups_before, profile
         )
     finally:
         await asyncio.gather(*(g.stop() for g in [*groups, probe] if g is not None))
@@ -276,6 +279,7 @@ async def _measure_groups(
     plane: PlaneProcess,
     probe: GroupHandle | None,
     setups_before: dict[str, list[tuple[float, float]]] | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Heartbeat acks over `seconds` after a warm-up in which every session has sent one;
     every group, the probes and the plane (CPU, its event loop's lag) over the same window,
@@ -286,6 +290,8 @@ async def _measure_groups(
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     server_cpu = process_cpu_s(plane.proc.pid)
     server_queue = run_queue(plane.proc.pid)
+    profile_file = plane.work / f"plane-profile-{agents}.txt"
+    spy = start_profile(plane.proc.pid, seconds, profile_file) if profile else None
     before = await asyncio.to_thread(plane.histograms)
     await asyncio.sleep(max(0.0, end - time.monotonic()))
     server_cpu = process_cpu_s(plane.proc.pid) - server_cpu
@@ -293,6 +299,8 @@ async def _measure_groups(
     load = os.getloadavg()[0]
     after = await asyncio.to_thread(plane.histograms)
     measured = await parts
+    if spy is not None:
+        await asyncio.to_thread(spy.wait)
     probed = measured.pop() if probe else None
     latencies = [x for m in measured for x in m["latencies"]]
     elapsed = end - start
@@ -318,6 +326,8 @@ async def _measure_groups(
         "load_average_1m": load,
         **_plane_histograms(before, after, setups_before or {}),
     }
+    if spy is not None and profile_file.exists():
+        res["plane_profile"] = profile_summary(profile_file)
     if probed is not None:
         res |= {
             "probe_connected": probed["connected"],
@@ -403,6 +413,11 @@ def main() -> int:
     )
     parser.add_argument("--probe-interval", type=float, default=1.0)
     parser.add_argument(
+        "--profile-plane",
+        action="store_true",
+        help="steady-state scenarios: sample the plane with py-spy over the window",
+    )
+    parser.add_argument(
         "--ramp-per-s",
         type=float,
         default=RAMP_PER_S,
@@ -475,10 +490,13 @@ def main() -> int:
                     args.agent_processes,
                     probes,
                     args.ramp_per_s,
+                    args.profile_plane,
                 )
             )
             res["enroll_s"] = enroll_s
             res["ratio_vs_ping"] = res["acked_per_s"] / base["per_s"]
+            for part, shares in res.get("plane_profile", {}).items():
+                print(f"plane profile, {part}: " + "; ".join(f"{n} {v:.0%}" for n, v in shares))
             results.append(res)
             print(
                 f"M={m:5d}: connected {res['connected']}/{m} in {res['connect_s']:.1f}s; "

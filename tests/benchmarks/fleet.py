@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,48 @@ def run_queue_share(
         "waited_share": (after[1] - before[1]) / seconds,
         "wait_per_slice_ms": (after[1] - before[1]) / slices * 1000,
     }
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling `pid` for `seconds` into `out`: raw collapsed stacks of the threads
+    holding the GIL (what one Python process's work queues behind), without pausing it;
+    None where py-spy is not installed."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return None
+    args = [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
+    args += ["--format", "raw", "--output", str(out), "--nonblocking", "--threads", "--gil"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(path: Path, top: int = 10) -> dict[str, list[tuple[str, float]]]:
+    """The shares of a raw py-spy profile's samples: by thread, by innermost function
+    ("self"; grpc's Cython callbacks show as asyncio's `Handle._run`) and by this project's
+    functions anywhere on the stack ("ours"), the largest `top` each. Functions are named
+    without their line, so a function's lines add up."""
+    threads: dict[str, int] = {}
+    leaf: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        thread, *frames = stack.split(";")
+        names = [f.rsplit(":", 1)[0] + ")" if f.endswith(")") else f for f in frames]
+        total += n
+        threads[thread] = threads.get(thread, 0) + n
+        if names:
+            leaf[names[-1]] = leaf.get(names[-1], 0) + n
+        for name in {f for f in names if "(cloud/" in f or "(edge_agent/" in f}:
+            ours[name] = ours.get(name, 0) + n
+
+    def largest(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [(name, n / max(1, total)) for name, n in ranked]
+
+    return {"threads": largest(threads), "self": largest(leaf), "ours": largest(ours)}
 
 
 def percentile(values: list[float], q: float) -> float:
