@@ -69,28 +69,52 @@ def test_the_fleet_view_ranks_sites_by_drift() -> None:
     assert "shift 5.0 sd" in drift_line("p1", fleet[1].status.health.drift["p1"])
 
 
-def test_the_control_plane_exports_each_sites_drift() -> None:
+def test_the_control_plane_exports_each_sites_drift(tmp_path: Path) -> None:
+    """Through a real store: a site's drift, as its agent reported it, is on `/metrics`; a
+    device whose reported health has the wrong shape costs only its own series."""
     import datetime as dt
 
     from prometheus_client import CollectorRegistry
 
-    from cloud.domain import DeviceRecord, DeviceState
+    from cloud.domain import PresenceUpdate
     from cloud.service.metrics import FleetCollector
+    from cloud.store import open_store
 
     now = dt.datetime.now(dt.UTC)
-    status = {"health": {"drift": {"pump-1": {"input_shift": 3.5, "score_median": 0.8}}}}
-    device = DeviceRecord("id-1", "edge-1", {}, "", DeviceState.ACTIVE, now, last_seen=now,
-                          status=status)  # fmt: skip
-
-    class Store:
-        def state_counts(self) -> dict[str, dict[str, int]]:
-            return {}
-
-        def list_devices(self, _selector: object) -> list[DeviceRecord]:
-            return [device]
-
-    registry = CollectorRegistry()
-    registry.register(FleetCollector(Store(), lambda: 1, lambda: True, dt.timedelta(seconds=30)))  # type: ignore[arg-type]
-    labels = {"device": "edge-1", "asset": "pump-1"}
-    assert registry.get_sample_value("autoglm_device_drift_input_shift", labels) == 3.5
-    assert registry.get_sample_value("autoglm_device_drift_score_median", labels) == 0.8
+    store = open_store(f"sqlite:///{tmp_path / 'plane.db'}")
+    try:
+        health = {
+            "edge-1": {"drift": {"pump-1": {"input_shift": 3.5, "score_median": 0.8}}},
+            "edge-2": {"drift": {"pump-2": "not a mapping", "pump-3": {"input_shift": None}}},
+            "edge-3": {"drift": ["not", "a", "mapping"], "outbox_depth": "many"},
+        }
+        for name, reported in health.items():
+            device = store.create_device(name, {}, "", now)
+            store.add_enrollment_token(device.id, name, now, now + dt.timedelta(hours=1))
+            store.enroll(name, now, lambda d: "cert", lambda _c: ("1", "fp", now))
+            store.record_presence(
+                [PresenceUpdate(device.id, now, True, "0.1.0", {"health": reported})]
+            )
+        registry = CollectorRegistry()
+        registry.register(FleetCollector(store, lambda: 3, lambda: True, dt.timedelta(seconds=30)))
+        labels = {"device": "edge-1", "asset": "pump-1"}
+        assert registry.get_sample_value("autoglm_device_drift_input_shift", labels) == 3.5
+        assert registry.get_sample_value("autoglm_device_drift_score_median", labels) == 0.8
+        assert registry.get_sample_value("autoglm_store_up") == 1.0
+        assert registry.get_sample_value("autoglm_devices_online") == 3.0
+        for name in ("edge-2", "edge-3"):  # their good series stay; the malformed ones go
+            seen = registry.get_sample_value(
+                "autoglm_device_last_seen_timestamp_seconds", {"device": name}
+            )
+            assert seen == now.timestamp(), name
+        assert (
+            registry.get_sample_value(
+                "autoglm_device_drift_input_shift", {"device": "edge-2", "asset": "pump-3"}
+            )
+            is None
+        )
+        assert (
+            registry.get_sample_value("autoglm_device_outbox_depth", {"device": "edge-3"}) is None
+        )
+    finally:
+        store.close()

@@ -264,6 +264,7 @@ class StoreContract:
                 PresenceUpdate(quiet.id, later, False, "0.1.0", {"health": "not a mapping"}),
             ]
         )
+        assert store.get_device("q").status["health"] == "not a mapping"  # stored as sent
         store.revoke_device("q", "stolen", later)
         presence = store.device_summaries()
         assert presence[1].labels == {"site": "a"}

@@ -263,11 +263,29 @@ class FleetCollector(Collector):
                 continue
             seen.add_metric([d.name], d.last_seen.timestamp())
             lag.add_metric([d.name], (now - d.last_seen).total_seconds())
-            depth.add_metric([d.name], float(d.health.get("outbox_depth", 0)))
-            for asset, report in sorted(d.health.get("drift", {}).items()):
-                shift.add_metric([d.name, asset], float(report.get("input_shift", 0.0)))
-                scores.add_metric([d.name, asset], float(report.get("score_median", 0.0)))
+            # What an agent reported: a value of the wrong shape costs only its own series.
+            if (outbox := _number(d.health.get("outbox_depth", 0))) is not None:
+                depth.add_metric([d.name], outbox)
+            drift = d.health.get("drift")
+            for asset, report in sorted(drift.items() if isinstance(drift, dict) else ()):
+                if not isinstance(report, dict):
+                    continue
+                if (value := _number(report.get("input_shift", 0.0))) is not None:
+                    shift.add_metric([d.name, str(asset)], value)
+                if (value := _number(report.get("score_median", 0.0))) is not None:
+                    scores.add_metric([d.name, str(asset)], value)
         yield from (seen, depth, lag, expiry, shift, scores)
+
+
+def _number(value: object) -> float | None:
+    """A reported number (protobuf's JSON gives 64-bit integers as strings); None when it
+    is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 class CallMetrics(aio.ServerInterceptor):

@@ -44,6 +44,7 @@ from tests.benchmarks.fleet import (  # noqa: E402
     percentile,
     process_cpu_s,
     profile_summary,
+    py_spy,
     run_queue,
     run_queue_share,
     spawn,
@@ -146,7 +147,7 @@ async def run_sessions(
     processes: int,
     probes: Probes,
     ramp_per_s: float = RAMP_PER_S,
-    profile: bool = False,
+    profile: str = "",
 ) -> dict[str, Any]:
     """M agents with the agent's default reconnect policy, connected, then measured."""
     groups = await _start_groups(identities, interval, "new", plane.work, processes)
@@ -169,6 +170,7 @@ async def run_sessions(
         "connect_s": max(c["connect_s"] for c in connected),
         "connect_failed_attempts": sum(c["failed_attempts"] for c in connected),
         "connect_last_errors": [c["last_errors"] for c in connected],
+        "connect_attempt_errors": _merged([c["attempt_errors"] for c in connected]),
         **res,
     }
 
@@ -279,28 +281,34 @@ async def _measure_groups(
     plane: PlaneProcess,
     probe: GroupHandle | None,
     setups_before: dict[str, list[tuple[float, float]]] | None = None,
-    profile: bool = False,
+    profile: str = "",
 ) -> dict[str, Any]:
     """Heartbeat acks over `seconds` after a warm-up in which every session has sent one;
     every group, the probes and the plane (CPU, its event loop's lag) over the same window,
-    and the plane's session setups since `setups_before` (None: since it started)."""
+    and the plane's session setups since `setups_before` (None: since it started); with
+    `profile` (py-spy's path) the plane is sampled over the window."""
     start = time.monotonic() + min(interval * 1.5, 15)
     end = start + seconds
     parts = asyncio.gather(*(g.measure(start, end) for g in [*groups, *([probe] if probe else [])]))
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     server_cpu = process_cpu_s(plane.proc.pid)
     server_queue = run_queue(plane.proc.pid)
-    profile_file = plane.work / f"plane-profile-{agents}.txt"
-    spy = start_profile(plane.proc.pid, seconds, profile_file) if profile else None
-    before = await asyncio.to_thread(plane.histograms)
-    await asyncio.sleep(max(0.0, end - time.monotonic()))
-    server_cpu = process_cpu_s(plane.proc.pid) - server_cpu
-    server_queue_share = run_queue_share(server_queue, run_queue(plane.proc.pid), end - start)
-    load = os.getloadavg()[0]
-    after = await asyncio.to_thread(plane.histograms)
-    measured = await parts
-    if spy is not None:
-        await asyncio.to_thread(spy.wait)
+    profile_file = plane.work / f"plane-profile-{agents}-{interval:g}.txt"
+    spy = start_profile(profile, plane.proc.pid, seconds, profile_file) if profile else None
+    try:
+        before = await asyncio.to_thread(plane.histograms)
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        server_cpu = process_cpu_s(plane.proc.pid) - server_cpu
+        server_queue_share = run_queue_share(server_queue, run_queue(plane.proc.pid), seconds)
+        load = os.getloadavg()[0]
+        after = await asyncio.to_thread(plane.histograms)
+        measured = await parts
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, seconds + 60)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
     probed = measured.pop() if probe else None
     latencies = [x for m in measured for x in m["latencies"]]
     elapsed = end - start
@@ -326,8 +334,13 @@ async def _measure_groups(
         "load_average_1m": load,
         **_plane_histograms(before, after, setups_before or {}),
     }
-    if spy is not None and profile_file.exists():
-        res["plane_profile"] = profile_summary(profile_file)
+    if spy is not None:
+        # py-spy takes CPU beside what it measures: profiled runs are not compared with others.
+        res["profiled"] = True
+        if spy.returncode == 0 and profile_file.exists():
+            res["plane_profile"] = profile_summary(profile_file, seconds)
+        else:
+            print(f"py-spy exited with {spy.returncode}: see {profile_file}.log")
     if probed is not None:
         res |= {
             "probe_connected": probed["connected"],
@@ -429,6 +442,11 @@ def main() -> int:
     )
     parser.add_argument("--storm-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ramp_per_s <= 0:
+        parser.error(f"--ramp-per-s: {args.ramp_per_s:g}; give a positive rate")
+    spy = (py_spy() or "") if args.profile_plane else ""
+    if args.profile_plane and not spy:
+        parser.error("--profile-plane needs py-spy: .venv/bin/pip install py-spy")
     # Thousands of agents each saying "reconnecting" would drown the result lines.
     logging.getLogger("edge_agent.session").setLevel(logging.ERROR)
     if args.ping_server:
@@ -490,19 +508,28 @@ def main() -> int:
                     args.agent_processes,
                     probes,
                     args.ramp_per_s,
-                    args.profile_plane,
+                    spy,
                 )
             )
             res["enroll_s"] = enroll_s
             res["ratio_vs_ping"] = res["acked_per_s"] / base["per_s"]
-            for part, shares in res.get("plane_profile", {}).items():
-                print(f"plane profile, {part}: " + "; ".join(f"{n} {v:.0%}" for n, v in shares))
+            if "plane_profile" in res:
+                shares = res["plane_profile"]
+                print(
+                    f"plane profile: a thread held the GIL {shares['gil_busy']:.0%} of the window"
+                )
+                for part in ("threads", "self", "ours"):
+                    print(
+                        f"plane profile, {part} (share of GIL-held samples): "
+                        + "; ".join(f"{n} {v:.0%}" for n, v in shares[part])
+                    )
             results.append(res)
             print(
                 f"M={m:5d}: connected {res['connected']}/{m} in {res['connect_s']:.1f}s; "
                 f"{_heartbeat_line(res)}; {res['ratio_vs_ping']:.2f}x raw ping acked; "
                 f"reconnects in the window {res['reconnects_in_window']}; failed attempts while "
-                f"connecting {res['connect_failed_attempts']}, last errors of those not in "
+                f"connecting {res['connect_failed_attempts']} "
+                f"({res['connect_attempt_errors']}), last errors of those not in "
                 f"{res['connect_last_errors']}"
             )
         for m, interval in storms:
@@ -530,6 +557,14 @@ def main() -> int:
         json.dumps({"baseline_ping": base, "heartbeats": results, "storms": storms_out}, indent=1)
     )
     return 0
+
+
+def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for c in counts:
+        for kind, n in c.items():
+            merged[kind] = merged.get(kind, 0) + n
+    return dict(sorted(merged.items(), key=lambda kv: -kv[1]))
 
 
 def _pairs(text: str) -> list[tuple[int, float]]:

@@ -57,23 +57,31 @@ def run_queue_share(
     }
 
 
-def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+PROFILE_RATE_HZ = 100  # py-spy's default sampling rate
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (on PATH or beside this Python), if installed."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
+def start_profile(spy: str, pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling `pid` for `seconds` into `out`: raw collapsed stacks of the threads
     holding the GIL (what one Python process's work queues behind), without pausing it;
-    None where py-spy is not installed."""
-    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if spy is None:
-        return None
+    its own messages go to `out` with `.log` added."""
+    out.unlink(missing_ok=True)
     args = [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
-    args += ["--format", "raw", "--output", str(out), "--nonblocking", "--threads", "--gil"]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args += ["--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--output", str(out)]
+    args += ["--nonblocking", "--threads", "--gil", "--nolineno"]
+    with out.with_name(out.name + ".log").open("wb") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
 
-def profile_summary(path: Path, top: int = 10) -> dict[str, list[tuple[str, float]]]:
-    """The shares of a raw py-spy profile's samples: by thread, by innermost function
-    ("self"; grpc's Cython callbacks show as asyncio's `Handle._run`) and by this project's
-    functions anywhere on the stack ("ours"), the largest `top` each. Functions are named
-    without their line, so a function's lines add up."""
+def profile_summary(path: Path, seconds: float, top: int = 10) -> dict[str, Any]:
+    """A raw py-spy profile over `seconds`: the share of the time some thread held the GIL
+    (`gil_busy`), then shares of the samples by thread, by innermost function ("self";
+    grpc's Cython callbacks show as asyncio's `Handle._run`) and by this project's functions
+    anywhere on the stack ("ours"), the largest `top` each."""
     threads: dict[str, int] = {}
     leaf: dict[str, int] = {}
     ours: dict[str, int] = {}
@@ -84,19 +92,23 @@ def profile_summary(path: Path, top: int = 10) -> dict[str, list[tuple[str, floa
             continue
         n = int(count)
         thread, *frames = stack.split(";")
-        names = [f.rsplit(":", 1)[0] + ")" if f.endswith(")") else f for f in frames]
         total += n
         threads[thread] = threads.get(thread, 0) + n
-        if names:
-            leaf[names[-1]] = leaf.get(names[-1], 0) + n
-        for name in {f for f in names if "(cloud/" in f or "(edge_agent/" in f}:
+        if frames:
+            leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        for name in {f for f in frames if "(cloud/" in f or "(edge_agent/" in f}:
             ours[name] = ours.get(name, 0) + n
 
     def largest(counts: dict[str, int]) -> list[tuple[str, float]]:
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
         return [(name, n / max(1, total)) for name, n in ranked]
 
-    return {"threads": largest(threads), "self": largest(leaf), "ours": largest(ours)}
+    return {
+        "gil_busy": total / (PROFILE_RATE_HZ * seconds),
+        "threads": largest(threads),
+        "self": largest(leaf),
+        "ours": largest(ours),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

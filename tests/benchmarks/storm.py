@@ -21,7 +21,12 @@ from cloud.config import CloudConfig  # noqa: E402
 from edge_agent.config import CloudLink, ReconnectPolicy  # noqa: E402
 from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from edge_agent.retry import Backoff  # noqa: E402
-from edge_agent.session import DEAD_AFTER_S, SETUP_TIMEOUT_S, CloudSession  # noqa: E402
+from edge_agent.session import (  # noqa: E402
+    DEAD_AFTER_S,
+    SETUP_TIMEOUT_S,
+    CloudSession,
+    SessionStats,
+)
 from protos.autoglm.v1 import agent_pb2, common_pb2  # noqa: E402
 from tests.benchmarks.fleet import percentile, run_queue, run_queue_share  # noqa: E402
 
@@ -47,6 +52,32 @@ def _policy(name: str) -> tuple[Callable[[], Backoff], float]:
     return backoff, setup_timeout_s
 
 
+def error_kind(error: str, address: str) -> str:
+    """A session error by kind: its message up to the details, without the address."""
+    return error.replace(address, "<plane>").split(" (")[0][:70]
+
+
+class CountedStats(SessionStats):
+    """A session's counters that also count every failed attempt's error by kind (the
+    session keeps only the last one)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.error_kinds: dict[str, int] = {}
+        super().__init__()
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, error: str) -> None:
+        self._last_error = error
+        if error:
+            kind = error_kind(error, self.address)
+            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+
 def make_sessions(
     identities: list[DeviceIdentity],
     interval: float,
@@ -55,7 +86,7 @@ def make_sessions(
 ) -> list[CloudSession]:
     """The agents' sessions, dialling 127.0.0.1: `localhost` tries ::1 as well, and the
     second socket per agent ran 10,000 agents out of file descriptors (limit 20,000)."""
-    return [
+    sessions = [
         CloudSession(
             ident,
             status=lambda: STATUS,
@@ -68,6 +99,19 @@ def make_sessions(
         )
         for ident in identities
     ]
+    for session in sessions:
+        session.stats = CountedStats(session.address)
+    return sessions
+
+
+def attempt_errors(sessions: list[CloudSession]) -> dict[str, int]:
+    """Every failed attempt so far by the kind of its error, all sessions together."""
+    kinds: dict[str, int] = {}
+    for s in sessions:
+        if isinstance(s.stats, CountedStats):
+            for kind, n in s.stats.error_kinds.items():
+                kinds[kind] = kinds.get(kind, 0) + n
+    return kinds
 
 
 async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
@@ -119,6 +163,7 @@ class AgentGroup:
             "connect_s": connect_s,
             "connected": connected,
             "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions),
+            "attempt_errors": attempt_errors(self.sessions),
             "last_errors": self.last_errors() if connected < len(self.sessions) else {},
         }
 
@@ -154,7 +199,7 @@ class AgentGroup:
         errors: dict[str, int] = {}
         for s in self.sessions:
             if s.stats.last_error:
-                kind = s.stats.last_error.replace(s.address, "<plane>").split(" (")[0][:70]
+                kind = error_kind(s.stats.last_error, s.address)
                 errors[kind] = errors.get(kind, 0) + 1
         return errors
 
