@@ -313,6 +313,7 @@ async def _measure_groups(
     latencies = [x for m in measured for x in m["latencies"]]
     elapsed = end - start
     res: dict[str, Any] = {
+        "window_monotonic_s": [start, end],  # to line up with other logs of the machine
         "offered_per_s": agents / interval,
         # Sent: an agent also probes a path quiet for half its dead-path bound (7.5 s), so
         # intervals past that send more often than offered.
