@@ -4,6 +4,7 @@ through this plane, and at most one period old for changes made through another 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,11 @@ from typing import Any
 import pytest
 
 from cloud.maintenance import MaintenanceWindow
+from cloud.service import maintenance_push
 from cloud.service.maintenance_push import MaintenancePush
 from cloud.service.sessions import SessionHub
 from cloud.store import Store, open_store
+from protos.autoglm.v1 import agent_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +74,36 @@ def test_a_read_overtaken_by_a_change_through_this_plane_is_not_kept(store: Stor
     patched.list_maintenance = read_then_change
     assert push.windows_in_force() == []
     assert len(push.windows_in_force()) == 1 and reads == 2
+
+
+def test_a_refresh_sends_each_session_its_periods_and_lets_the_loop_run_between_slices(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each open session gets the periods that name its device, once (a second refresh sends
+    nothing); over a fleet the refresh gives the event loop turns, so other sessions' acks
+    do not wait for all of it."""
+    monkeypatch.setattr(maintenance_push, "FLEET_SLICE", 10)
+    hub = SessionHub()
+    push = MaintenancePush(store, hub, interval_s=3600, clock=lambda: NOW)
+    window = _add(store, "seal swap", 0)  # names site=a
+    sessions = {}
+    for i in range(35):
+        device = store.create_device(f"pump-{i}", {"site": "ab"[i % 2]}, "", NOW)
+        sessions[device.id] = (hub.open(device.id), "ab"[i % 2])
+
+    async def refresh() -> tuple[int, list[int], int]:
+        seen: list[int] = []  # how many sessions had their message at each turn of another task
+        refreshing = asyncio.create_task(push.refresh())
+        while not refreshing.done():
+            seen.append(sum(live.outbound.qsize() for live, _ in sessions.values()))
+            await asyncio.sleep(0)
+        return await refreshing, seen, await push.refresh()
+
+    sent, seen, again = asyncio.run(refresh())
+    assert sent == 35 and again == 0
+    assert any(0 < n < 35 for n in seen), seen  # the loop ran while the fleet was part done
+    for live, site in sessions.values():
+        message = live.outbound.get_nowait()
+        assert isinstance(message, agent_pb2.ControlMessage)
+        periods = [p.id for p in message.maintenance.periods]
+        assert periods == ([window] if site == "a" else []), (site, periods)

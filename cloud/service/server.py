@@ -38,7 +38,7 @@ from cloud.service.maintenance_push import MaintenancePush
 from cloud.service.metrics import CallMetrics, PlaneMetrics
 from cloud.service.operator import OperatorServicer
 from cloud.service.serde import desired_to_proto, message_to_dict
-from cloud.service.sessions import SessionHub
+from cloud.service.sessions import FLEET_SLICE, SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
 from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener
@@ -399,12 +399,11 @@ class ControlPlane:
         if not ids:
             return
         current = await asyncio.to_thread(self.store.device_credentials, ids, utc_now())
-        self.hub.end_stale(
-            ids,
-            current,
-            PermissionDenied("this device was revoked or re-enrolled; its certificate is stale"),
-            since,
-        )
+        stale = PermissionDenied("this device was revoked or re-enrolled; its certificate is stale")
+        for start in range(0, len(ids), FLEET_SLICE):  # the loop gets a turn between slices
+            if start:
+                await asyncio.sleep(0)
+            self.hub.end_stale(ids[start : start + FLEET_SLICE], current, stale, since)
 
     def _woken(self, topic: str) -> None:
         """Another replica changed `topic` (event loop only)."""

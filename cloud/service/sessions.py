@@ -11,6 +11,8 @@ from typing import Any
 from edge_agent.errors import AutoglmError
 
 log = logging.getLogger(__name__)
+# Jobs over every open session give the event loop a turn after this many devices.
+FLEET_SLICE = 1000
 
 
 @dataclass(eq=False)
@@ -77,9 +79,11 @@ class SessionHub:
             sent += 1
         return sent
 
-    def send_maintenance(self, device_id: str, message: Any) -> int:
-        """Sends the device's maintenance periods down its sessions that hold other ones."""
-        encoded = message.SerializeToString(deterministic=True)
+    def send_maintenance(self, device_id: str, message: Any, encoded: bytes | None = None) -> int:
+        """Sends the device's maintenance periods down its sessions that hold other ones
+        (`encoded`: the message serialized deterministically, where the caller has it)."""
+        if encoded is None:
+            encoded = message.SerializeToString(deterministic=True)
         sent = 0
         for live in list(self._by_device.get(device_id, ())):
             if live.maintenance != encoded:
