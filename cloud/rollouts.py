@@ -555,7 +555,9 @@ def _moved(t: RolloutTarget, state: TargetState, detail: str, now: dt.datetime) 
 
 
 def _agent_errors(device: DeviceRecord) -> int:
+    """The error count the device last reported; 0 where what it reported is not one."""
+    health = device.status.get("health")
     try:
-        return int(device.status.get("health", {}).get("errors", 0))
-    except (TypeError, ValueError):
+        return int(health.get("errors", 0)) if isinstance(health, dict) else 0
+    except (TypeError, ValueError, OverflowError):
         return 0

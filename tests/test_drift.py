@@ -84,9 +84,12 @@ def test_the_control_plane_exports_each_sites_drift(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'plane.db'}")
     try:
         health = {
-            "edge-1": {"drift": {"pump-1": {"input_shift": 3.5, "score_median": 0.8}}},
+            "edge-1": {
+                "drift": {"pump-1": {"input_shift": 3.5, "score_median": 0.8}},
+                "outbox_depth": "12",  # protobuf's JSON gives 64-bit integers as strings
+            },
             "edge-2": {"drift": {"pump-2": "not a mapping", "pump-3": {"input_shift": None}}},
-            "edge-3": {"drift": ["not", "a", "mapping"], "outbox_depth": "many"},
+            "edge-3": {"drift": ["not", "a", "mapping"], "outbox_depth": 10**400},
         }
         for name, reported in health.items():
             device = store.create_device(name, {}, "", now)
@@ -107,14 +110,11 @@ def test_the_control_plane_exports_each_sites_drift(tmp_path: Path) -> None:
                 "autoglm_device_last_seen_timestamp_seconds", {"device": name}
             )
             assert seen == now.timestamp(), name
-        assert (
-            registry.get_sample_value(
-                "autoglm_device_drift_input_shift", {"device": "edge-2", "asset": "pump-3"}
-            )
-            is None
-        )
-        assert (
-            registry.get_sample_value("autoglm_device_outbox_depth", {"device": "edge-3"}) is None
-        )
+        pump_3 = {"device": "edge-2", "asset": "pump-3"}
+        assert registry.get_sample_value("autoglm_device_drift_input_shift", pump_3) is None
+        assert registry.get_sample_value("autoglm_device_drift_score_median", pump_3) == 0.0
+        depth = "autoglm_device_outbox_depth"
+        assert registry.get_sample_value(depth, {"device": "edge-1"}) == 12.0
+        assert registry.get_sample_value(depth, {"device": "edge-3"}) is None
     finally:
         store.close()

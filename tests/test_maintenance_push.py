@@ -83,9 +83,15 @@ def test_a_refresh_sends_each_session_its_periods_and_lets_the_loop_run_between_
     nothing); over a fleet the refresh gives the event loop turns, so other sessions' acks
     do not wait for all of it."""
     monkeypatch.setattr(maintenance_push, "FLEET_SLICE", 10)
+    built = []
+    build = maintenance_push.maintenance_message
+    monkeypatch.setattr(
+        maintenance_push, "maintenance_message", lambda *a: built.append(1) or build(*a)
+    )
     hub = SessionHub()
     push = MaintenancePush(store, hub, interval_s=3600, clock=lambda: NOW)
     window = _add(store, "seal swap", 0)  # names site=a
+    everywhere = store.add_maintenance("site", "", NOW, None, "audit", "ops", NOW).id
     sessions = {}
     for i in range(35):
         device = store.create_device(f"pump-{i}", {"site": "ab"[i % 2]}, "", NOW)
@@ -101,9 +107,12 @@ def test_a_refresh_sends_each_session_its_periods_and_lets_the_loop_run_between_
 
     sent, seen, again = asyncio.run(refresh())
     assert sent == 35 and again == 0
+    # One message per distinct set of periods (site=a's, site=b's) a refresh, not per device.
+    assert len(built) == 4
     assert any(0 < n < 35 for n in seen), seen  # the loop ran while the fleet was part done
     for live, site in sessions.values():
         message = live.outbound.get_nowait()
         assert isinstance(message, agent_pb2.ControlMessage)
         periods = [p.id for p in message.maintenance.periods]
-        assert periods == ([window] if site == "a" else []), (site, periods)
+        expected = [window, everywhere] if site == "a" else [everywhere]
+        assert sorted(periods) == sorted(expected), (site, periods)

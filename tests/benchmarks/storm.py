@@ -73,8 +73,8 @@ class CountedStats(SessionStats):
     @last_error.setter
     def last_error(self, error: str) -> None:
         self._last_error = error
-        if error:
-            kind = error_kind(error, self.address)
+        kind = error_kind(error, self.address) if error else "(no message)"
+        if error or self.attempts_failed:  # the dataclass's first "" is not a failure
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
 
