@@ -28,9 +28,9 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from cloud.domain import Delivery
 from cloud.severity import PAGERDUTY, SeverityRule, severity
 from cloud.webhook_kinds import SECRET_PREFIX
+from cloud.webhook_records import Delivery
 
 PAGERDUTY_ACTION = {
     "firing": "trigger",

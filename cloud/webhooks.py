@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloud.alert_targets import Request, build
 from cloud.clock import Clock, utc_now
-from cloud.domain import Delivery
 from cloud.severity import SeverityRule
 from cloud.store import Store
+from cloud.webhook_records import Delivery
 from edge_agent.errors import IntegrityError, InvalidInput
 from edge_agent.retry import Backoff
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from cloud.alert_targets import build
-from cloud.domain import Delivery
 from cloud.maintenance import check_window
+from cloud.webhook_records import Delivery
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2
 from tests.support.agents import start_session, wait_for

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cloud.domain import AlertFilter, AlertState, Delivery
+from cloud.domain import AlertFilter, AlertState
 from cloud.store import Store, open_store
+from cloud.webhook_records import Delivery
 from edge_agent.errors import FailedPrecondition, InvalidInput
 from tests.test_store_contract import NOW, _event
 

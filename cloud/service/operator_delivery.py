@@ -13,11 +13,11 @@ from grpc import aio
 
 from cloud.clock import Clock
 from cloud.devices import DeviceRegistry
-from cloud.domain import WebhookRecord
 from cloud.maintenance import check_window
 from cloud.service.guard import current_operator
 from cloud.service.serde import maintenance_to_proto, webhook_to_proto
 from cloud.webhook_kinds import KINDS, PAGERDUTY_URL, check_secret
+from cloud.webhook_records import WebhookRecord
 from cloud.webhooks import SecretBox, check_url, redacted
 from edge_agent.errors import InvalidInput, NotFound
 from protos.autoglm.v1 import operator_pb2

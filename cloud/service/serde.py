@@ -28,10 +28,10 @@ from cloud.domain import (
     RolloutTarget,
     ShadowReport,
     TargetState,
-    WebhookRecord,
 )
 from cloud.maintenance import MaintenanceWindow
 from cloud.service.records import calibration_to_proto
+from cloud.webhook_records import WebhookRecord
 from edge_agent.bootstrap import Bootstrap
 from edge_agent.bundle import Manifest
 from edge_agent.errors import InvalidInput

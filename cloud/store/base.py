@@ -13,7 +13,6 @@ from cloud.domain import (
     AlertFilter,
     AlertRecord,
     AuditEntry,
-    Delivery,
     DesiredModel,
     DeviceRecord,
     DeviceSummary,
@@ -27,10 +26,10 @@ from cloud.domain import (
     RolloutRecord,
     RolloutTarget,
     StoredCount,
-    WebhookRecord,
 )
 from cloud.maintenance import MaintenanceWindow
 from cloud.selectors import Selector
+from cloud.webhook_records import Delivery, WebhookRecord
 
 if TYPE_CHECKING:
     from cloud.store.notify import ChangeListener

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, aliased
 
-from cloud.domain import AlertRecord, AlertState, Delivery, WebhookFilter, WebhookRecord
+from cloud.domain import AlertRecord, AlertState
 from cloud.store.sql_base import SqlBase
 from cloud.store.tables import AlertRow, DeliveryRow, DeviceRow, WebhookRow
+from cloud.webhook_records import Delivery, WebhookFilter, WebhookRecord
 from edge_agent.errors import NotFound
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
