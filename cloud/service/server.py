@@ -400,10 +400,13 @@ class ControlPlane:
             return
         current = await asyncio.to_thread(self.store.device_credentials, ids, utc_now())
         stale = PermissionDenied("this device was revoked or re-enrolled; its certificate is stale")
+        ended = 0
         for start in range(0, len(ids), FLEET_SLICE):  # the loop gets a turn between slices
             if start:
                 await asyncio.sleep(0)
-            self.hub.end_stale(ids[start : start + FLEET_SLICE], current, stale, since)
+            ended += self.hub.end_stale(ids[start : start + FLEET_SLICE], current, stale, since)
+        if ended:
+            log.info("ended %d session(s) of revoked or re-enrolled devices", ended)
 
     def _woken(self, topic: str) -> None:
         """Another replica changed `topic` (event loop only)."""

@@ -106,7 +106,8 @@ class SessionHub:
         device id -> (still active, current certificate fingerprint); a checked id absent
         from it was deleted) or whose certificate is not the current one (re-enrolled).
         Sessions opened at or after `since` (when the check began) are not judged: the
-        store was read before them. Returns how many ended."""
+        store was read before them. Returns how many ended (the caller logs them, once for
+        all its slices)."""
         ended = 0
         for device_id in checked:
             active, accepted = current.get(device_id, (False, frozenset()))
@@ -116,8 +117,6 @@ class SessionHub:
                 if not active or (live.fingerprint and live.fingerprint not in accepted):
                     live.end(error)
                     ended += 1
-        if ended:
-            log.info("ended %d session(s) of revoked or re-enrolled devices", ended)
         return ended
 
     def is_open(self, device_id: str) -> bool:
