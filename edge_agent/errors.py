@@ -200,6 +200,8 @@ def _explain_unavailable(details: str) -> str:
         )
     if "security handshaker" in lowered:
         return f"TLS could not start: is the CA file a PEM certificate?: {details}"
+    if "stream removed" in lowered:  # an open stream lost its connection, not a handshake
+        return f"the connection dropped during the call: {details}"
     if "socket closed" in lowered:
         return (
             "the server closed the connection during the TLS handshake: this is likely a port "

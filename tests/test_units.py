@@ -250,6 +250,7 @@ def test_rpc_errors_map_back_to_the_hierarchy() -> None:
     [
         ("Custom verification check failed: Hostname Verification Check failed.", "does not name"),
         ("ipv4:127.0.0.1:45581: Socket closed", "needs a client certificate"),
+        ("Stream removed (Socket closed)", "dropped during the call"),
         ("Failed to create security handshaker.", "PEM certificate"),
         ("SSL_ERROR_SSL: error:1000007d: CERTIFICATE_VERIFY_FAILED", "not signed by the CA"),
         ("failed to connect to all addresses; Connection refused", "nothing is listening"),

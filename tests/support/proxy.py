@@ -8,8 +8,10 @@ import threading
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:<port> to `target`. `cut_after(n)` closes every open connection
-    once n more bytes have gone from the target to clients; later connections work again."""
+    """Forwards 127.0.0.1:<port> to `target`. `hold_after(n)` stops forwarding once n more
+    bytes have gone from the target to clients (`held` is set), so a test can see what the
+    client made of them; `cut()` then closes every open connection. Later connections work
+    again."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -18,17 +20,25 @@ class CuttingProxy:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._budget: int | None = None
+        self.held = threading.Event()
+        self._released = threading.Event()
         self.cuts = 0
         self.downstream_bytes = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def cut_after(self, n: int) -> None:
+    def hold_after(self, n: int) -> None:
         with self._lock:
             self._budget = n
+
+    def cut(self) -> None:
+        """Closes every open connection now (and lets a held pump go)."""
+        self._cut()
+        self._released.set()
 
     def close(self) -> None:
         self._listener.close()
         self._cut(counted=False)
+        self._released.set()
 
     def _accept(self) -> None:
         while True:
@@ -61,8 +71,9 @@ class CuttingProxy:
                             cut = False
                         self.downstream_bytes += len(data)
                     dst.sendall(data)
-                    if cut:
-                        self._cut()
+                    if cut:  # until the test calls cut()
+                        self.held.set()
+                        self._released.wait()
                         return
                 else:
                     dst.sendall(data)
