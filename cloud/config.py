@@ -69,14 +69,17 @@ class CloudConfig(BaseSettings):
     alertmanager_hold_s: float = Field(default=900.0, ge=30)
     alert_severity: list[SeverityRule] = Field(default_factory=list)  # first match wins
     max_shelve_s: float = Field(default=7 * 86_400.0, gt=0)  # the longest an alert is shelved
-    # Several replicas: only the leader runs the rollout controller. auto: a Kubernetes Lease
-    # inside a cluster, else a lease row in the store when it is PostgreSQL, else off.
     # Device profiles (firmware_images/profiles/*.yaml); `device register --profile` must name
     # one. Empty: the checkout's firmware_images/profiles when present, else no check.
     profiles_dir: Path | None = None
+    # Several replicas: only the leader runs the rollout controller. auto: a Kubernetes Lease
+    # inside a cluster, else a lease row in the store when it is PostgreSQL, else off.
     leader_election: Literal["auto", "off", "database", "kubernetes"] = "auto"
     leader_lease_s: float = Field(default=15.0, gt=0)
     replica_id: str = ""  # empty: $POD_NAME, else host-pid
+    # Processes serving the same API and device ports on this host (cloud/service/workers.py),
+    # each a replica of its own (its id: replica_id + "-w<k>"); more than one needs PostgreSQL.
+    workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with ids
 

@@ -20,6 +20,7 @@ from edge_agent.files import exclusive_lock
 from edge_agent.logs import setup_logging
 
 if TYPE_CHECKING:
+    from cloud.config import CloudConfig
     from cloud.service.server import ControlPlane
 
 
@@ -67,6 +68,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     serve.add_argument(
         "--log-format", choices=("text", "json"), help="json: one object per line, with ids"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the API and device ports (default from config: 1; more than "
+        "one needs PostgreSQL)",
+    )
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     serve.set_defaults(handler=cmd_serve)
 
     trust_cmds.add_parsers(cloud_sub)
@@ -113,9 +121,7 @@ SERVE_LOCK = "serve.lock"
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.config import load_cloud_config
     from cloud.leader import default_replica_id
-    from cloud.service.server import ControlPlane
-    from cloud.state_dir import load_secrets
-    from cloud.store import open_store
+    from cloud.service.workers import check_workers, shifted
 
     overrides = {
         "api_listen": args.api_listen,
@@ -124,11 +130,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "database_url": args.database_url,
         "log_level": args.log_level,
         "log_format": args.log_format,
+        "workers": args.workers,
     }
-    config = load_cloud_config(args.state_dir.absolute(), {k: v for k, v in overrides.items() if v})
+    overrides = {k: v for k, v in overrides.items() if v is not None and v != ""}
+    config = load_cloud_config(args.state_dir.absolute(), overrides)
+    check_workers(config.workers, config.resolved_database_url)
+    index = args.worker
+    if index is None and config.workers > 1:
+        setup_logging(config.log_level, config.log_format, replica=config.replica_id or "workers")
+        return _supervise(args, config)
+    if index is not None:  # one of a supervisor's workers: its own probe and metrics ports
+        config = config.model_copy(
+            update={
+                "replica_id": f"{config.replica_id or default_replica_id()}-w{index}",
+                "health_listen": shifted(config.health_listen, index),
+                "metrics_listen": shifted(config.metrics_listen, index),
+                "console_listen": config.console_listen if index == 0 else "",
+            }
+        )
     setup_logging(
         config.log_level, config.log_format, replica=config.replica_id or default_replica_id()
     )
+    return _serve_one(config, args.ports_file, share_ports=index is not None)
+
+
+def _serve_one(config: CloudConfig, ports_file: Path | None, share_ports: bool) -> int:
+    from cloud.service.server import ControlPlane
+    from cloud.state_dir import load_secrets
+    from cloud.store import open_store
+
     secrets = load_secrets(config.state_dir)
     with contextlib.ExitStack() as held:
         if config.resolved_database_url.startswith("sqlite"):
@@ -136,13 +166,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
             held.enter_context(exclusive_lock(config.state_dir / SERVE_LOCK, "autoglm cloud serve"))
         store = open_store(config.resolved_database_url)
         try:
-            asyncio.run(_serve(ControlPlane(config, secrets, store), args.ports_file))
+            plane = ControlPlane(config, secrets, store, share_ports=share_ports)
+            asyncio.run(_serve(plane, ports_file, announce=not share_ports))
         finally:
             store.close()
     return 0
 
 
-async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
+def _supervise(args: argparse.Namespace, config: CloudConfig) -> int:
+    """Starts `config.workers` copies of this command, each with `--worker K`."""
+    from cloud.service.workers import WorkerPool
+
+    def command(index: int, api: str, device: str, ports_file: Path) -> list[str]:
+        argv = [sys.executable, "-m", "cloud.cli.main", "cloud", "serve"]
+        argv += ["--state-dir", str(config.state_dir), "--worker", str(index)]
+        argv += ["--api-listen", api, "--device-listen", device, "--ports-file", str(ports_file)]
+        for flag, value in (
+            ("--console-listen", args.console_listen),
+            ("--database-url", args.database_url),
+            ("--log-level", args.log_level),
+            ("--log-format", args.log_format),
+            ("--workers", args.workers),
+        ):
+            if value is not None:
+                argv += [flag, str(value)]
+        return argv
+
+    pool = WorkerPool(
+        config.workers, command, config.api_listen, config.device_listen, args.ports_file
+    )
+    return pool.run()
+
+
+async def _serve(plane: ControlPlane, ports_file: Path | None, announce: bool) -> None:
+    """Serves until SIGTERM or SIGINT; `announce`: says where on stderr (a worker's supervisor
+    says it for all of them)."""
     from cloud.service.gc_policy import settle_before_serving
 
     settle_before_serving()  # before any session: their objects are not frozen with the rest
@@ -162,11 +220,13 @@ async def _serve(plane: ControlPlane, ports_file: Path | None) -> None:
         except OSError as exc:
             await plane.stop(0)
             raise LocalStateError(f"cannot write {ports_file}: {exc.strerror}") from None
-    print(
-        f"serving api={plane.endpoints().api_address} device={plane.endpoints().device_address}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if announce:
+        print(
+            f"serving api={plane.endpoints().api_address} "
+            f"device={plane.endpoints().device_address}",
+            file=sys.stderr,
+            flush=True,
+        )
     if plane.console_port:
         host = plane.config.console_listen.rpartition(":")[0]
         print(f"console on http://{host}:{plane.console_port}/", file=sys.stderr, flush=True)

@@ -192,3 +192,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run())
+
+
+if __name__ == "__main__":  # how `cloud serve --workers N` starts its workers
+    main()

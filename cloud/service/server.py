@@ -86,8 +86,17 @@ SERVER_OPTIONS = [
 class ControlPlane:
     """One control-plane process: the gRPC server plus its background loops."""
 
-    def __init__(self, config: CloudConfig, secrets: ControlPlaneSecrets, store: Store) -> None:
+    def __init__(
+        self,
+        config: CloudConfig,
+        secrets: ControlPlaneSecrets,
+        store: Store,
+        share_ports: bool = False,
+    ) -> None:
         self.config = config
+        # One of `cloud serve --workers N`: the API and device ports are bound with
+        # SO_REUSEPORT, next to the other workers (cloud/service/workers.py).
+        self.share_ports = share_ports
         self.secrets = secrets
         self.store = store
         self.hub = SessionHub()
@@ -171,7 +180,10 @@ class ControlPlane:
     async def start(self) -> None:
         server = aio.server(
             interceptors=[CallMetrics(self.metrics), CallGuard(OperatorTokens(self.store))],
-            options=SERVER_OPTIONS,
+            options=[
+                *(o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"),
+                ("grpc.so_reuseport", int(self.share_ports)),
+            ],
         )
         ca_pem = self.secrets.trusted_ca_pem  # both CAs during a CA change
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
