@@ -239,8 +239,9 @@ async def _storm(
     if probe:
         backs.pop()
     converge_s = max(max(b["back_at"], default=t_kill) for b in backs) - t_kill
-    server_cpu = process_cpu_s(plane.proc.pid)  # the new process: all of it went to the storm
-    server_rss = peak_rss_mib(plane.proc.pid)
+    # The new processes: all of it went to the storm.
+    server_cpu = sum(map(process_cpu_s, plane.pids()))
+    server_rss = sum(map(peak_rss_mib, plane.pids()))
     done = sorted(t - t_kill for b in backs for t in b["back_at"])
     waiting = sum(b["waiting"] for b in backs)
     errors: dict[str, int] = {}
@@ -292,15 +293,19 @@ async def _measure_groups(
     end = start + seconds
     parts = asyncio.gather(*(g.measure(start, end) for g in [*groups, *([probe] if probe else [])]))
     await asyncio.sleep(max(0.0, start - time.monotonic()))
-    server_cpu = process_cpu_s(plane.proc.pid)
-    server_queue = run_queue(plane.proc.pid)
+    pids = plane.pids()
+    server_cpu = sum(map(process_cpu_s, pids))
+    server_queues = [run_queue(pid) for pid in pids]
     profile_file = plane.work / f"plane-profile-{agents}-{interval:g}.txt"
-    spy = start_profile(profile, plane.proc.pid, seconds, profile_file) if profile else None
+    spy = start_profile(profile, pids[0], seconds, profile_file) if profile else None
     try:
         before = await asyncio.to_thread(plane.histograms)
         await asyncio.sleep(max(0.0, end - time.monotonic()))
-        server_cpu = process_cpu_s(plane.proc.pid) - server_cpu
-        server_queue_share = run_queue_share(server_queue, run_queue(plane.proc.pid), seconds)
+        server_cpu = sum(map(process_cpu_s, pids)) - server_cpu
+        server_queue_shares = [
+            run_queue_share(queue, run_queue(pid), seconds)
+            for pid, queue in zip(pids, server_queues, strict=True)
+        ]
         load = os.getloadavg()[0]
         after = await asyncio.to_thread(plane.histograms)
         measured = await parts
@@ -328,8 +333,9 @@ async def _measure_groups(
         # Per agent process: p50 and p99 of how late its event loop ran a 10 ms timer.
         "agents_loop_lag_ms": [m["loop_lag_ms"] for m in measured],
         # The event-loop threads' time runnable but waiting for a CPU (Linux schedstat): the
-        # machine's share of every latency. The plane's, then one per agent process.
-        "plane_main_thread": server_queue_share,
+        # machine's share of every latency. The plane's (one per worker), then one per agent
+        # process.
+        "plane_main_threads": server_queue_shares,
         "agents_main_threads": [m["main_thread"] for m in measured],
         "agents_open_fds": [m["open_fds"] for m in measured],
         "agents_threads": [m["threads"] for m in measured],
@@ -438,6 +444,16 @@ def main() -> int:
         default=RAMP_PER_S,
         help="steady-state scenarios: sessions started a second, all agent processes together",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the plane's processes (`cloud serve --workers N`; more than one needs "
+        "--database-url)",
+    )
+    parser.add_argument(
+        "--database-url", default="", help="an empty PostgreSQL database (default: SQLite)"
+    )
     parser.add_argument("--ping-concurrency", type=int, default=100)
     parser.add_argument(
         "--ping-server", nargs=2, metavar=("STATE", "PORTS"), help=argparse.SUPPRESS
@@ -446,6 +462,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.ramp_per_s <= 0:
         parser.error(f"--ramp-per-s: {args.ramp_per_s:g}; give a positive rate")
+    if args.workers < 1 or (args.workers > 1 and not args.database_url):
+        parser.error(f"--workers {args.workers}: give 1, or more with --database-url")
     spy = (py_spy() or "") if args.profile_plane else ""
     if args.profile_plane and not spy:
         parser.error("--profile-plane needs py-spy: .venv/bin/pip install py-spy")
@@ -470,9 +488,12 @@ def main() -> int:
         if args.agent_processes
         else "this process (1 event loop)"
     )
-    env_note = f"{os.cpu_count()} cores; agents: {agents_at}; server: own process"
+    served = f"{args.workers} processes" if args.workers > 1 else "own process"
+    database = "PostgreSQL" if args.database_url else "SQLite"
+    env_note = f"{os.cpu_count()} cores; agents: {agents_at}; server: {served}, {database}"
     print(f"heartbeat benchmark ({env_note})")
-    plane = start_plane_process(work)  # idle while the baseline runs
+    settings = {"workers": args.workers} if args.workers > 1 else {}
+    plane = start_plane_process(work, settings, args.database_url)  # idle during the baseline
     results = []
     try:
         ping_ports = work / "ping.json"

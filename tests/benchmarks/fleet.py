@@ -4,6 +4,7 @@ CPU accounting and percentiles."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,15 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def running(pid: int) -> bool:
+    """Not ended (a zombie that nobody reaped yet has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def run_queue(pid: int, tid: int | None = None) -> tuple[float, float, int]:
@@ -139,7 +149,7 @@ def spawn(args: list[str], ports_file: Path, log: Path) -> subprocess.Popen[byte
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(30)
+        proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
 
@@ -171,43 +181,44 @@ class PlaneProcess:
     def stop(self) -> None:
         stop(self.proc)
 
+    def _ports(self) -> dict[str, Any]:
+        return dict(json.loads((self.work / "ports.json").read_text()))
+
+    def pids(self) -> list[int]:
+        """The processes that serve: the workers of `cloud serve --workers N`, else the one."""
+        return [int(w["pid"]) for w in self._ports().get("workers", [])] or [self.proc.pid]
+
     def histograms(self) -> dict[str, list[tuple[float, float]]]:
         """The plane's loop-lag and session-setup histograms now, by series name and labels:
-        cumulative (upper bound, count) buckets. Asks for those series only, so the plane does
-        not read the fleet from its store for the scrape. Empty when the plane serves no
-        metrics or does not answer within a minute (said on stderr)."""
-        port = json.loads((self.work / "ports.json").read_text()).get("metrics_port")
-        if not port:
-            return {}
-        from prometheus_client.parser import text_string_to_metric_families
-
-        names = ("autoglm_event_loop_lag_seconds", "autoglm_session_setup_seconds")
-        query = "&".join(f"name[]={n}_bucket" for n in names)
-        try:
-            url = f"http://127.0.0.1:{port}/metrics?{query}"
-            with urllib.request.urlopen(url, timeout=60) as r:
-                text = r.read().decode()
-        except OSError as exc:
-            print(f"the plane's metrics could not be read: {exc}", file=sys.stderr)
-            return {}
-        found: dict[str, list[tuple[float, float]]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    labels = ",".join(
-                        f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le"
-                    )
-                    key = f"{family.name}{{{labels}}}"
-                    found.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
-        return found
+        cumulative (upper bound, count) buckets, summed over its workers. Asks for those
+        series only, so the plane does not read the fleet from its store for the scrape.
+        Empty when the plane serves no metrics or does not answer within a minute (said on
+        stderr)."""
+        ports = self._ports()
+        workers = [int(w["metrics_port"]) for w in ports.get("workers", [])]
+        summed: dict[str, dict[float, float]] = {}
+        for port in workers or [int(ports.get("metrics_port") or 0)]:
+            if not port:
+                return {}
+            for key, buckets in _histograms(port).items():
+                for le, n in buckets:
+                    summed.setdefault(key, {})[le] = summed.get(key, {}).get(le, 0.0) + n
+        return {key: sorted(buckets.items()) for key, buckets in summed.items()}
 
     def crash_and_restart(self, config: dict[str, object] | None = None) -> tuple[float, float]:
-        """SIGKILL, then `autoglm cloud serve` again on the same state dir and ports (the
-        agents' bootstraps name them). Returns (seconds to exit, seconds until it listens
-        again); `proc` is the new process afterwards. `config`: settings to change."""
+        """SIGKILL (to every worker too), then `autoglm cloud serve` again on the same state
+        dir and ports (the agents' bootstraps name them). Returns (seconds to exit, seconds
+        until it listens again); `proc` is the new process afterwards. `config`: settings to
+        change."""
         t0 = time.monotonic()
+        workers = [pid for pid in self.pids() if pid != self.proc.pid]
         self.proc.kill()
         self.proc.wait()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while any(map(running, workers)):
+            time.sleep(0.01)
         died = time.monotonic() - t0
         path = self.state / CONFIG_FILE
         config = {**yaml.safe_load(path.read_text()), **(config or {})}
@@ -217,6 +228,29 @@ class PlaneProcess:
         (self.work / "ports.json").unlink()
         self.proc = _serve(self.work, "serve-restarted.log")
         return died, time.monotonic() - t0
+
+
+def _histograms(port: int) -> dict[str, list[tuple[float, float]]]:
+    """The loop-lag and session-setup histograms of the metrics served on `port`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = ("autoglm_event_loop_lag_seconds", "autoglm_session_setup_seconds")
+    query = "&".join(f"name[]={n}_bucket" for n in names)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics?{query}"
+        with urllib.request.urlopen(url, timeout=60) as r:
+            text = r.read().decode()
+    except OSError as exc:
+        print(f"the plane's metrics could not be read: {exc}", file=sys.stderr)
+        return {}
+    found: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+                key = f"{family.name}{{{labels}}}"
+                found.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
+    return found
 
 
 def histogram_quantiles(

@@ -64,10 +64,11 @@ def heartbeat_line(r: dict[str, Any]) -> str:
         line += "; session setups (p50/p99, bucket bounds) " + ", ".join(
             f"{p} {r[f'setup_{p}_s']['p50']:g}/{r[f'setup_{p}_s']['p99']:g} s" for p in phases
         )
-    if "plane_main_thread" in r:
-        threads = [r["plane_main_thread"], *r["agents_main_threads"]]
+    if "plane_main_threads" in r:
+        threads = [*r["plane_main_threads"], *r["agents_main_threads"]]
         line += (
-            "; event-loop threads waiting for a CPU (plane+agents, share of the window / "
+            f"; event-loop threads waiting for a CPU (plane {len(r['plane_main_threads'])}"
+            "+agents, share of the window / "
             "mean per wake) "
             + "+".join(f"{t['waited_share']:.2f}/{t['wait_per_slice_ms']:.1f} ms" for t in threads)
             + f", load average {r['load_average_1m']:.1f}; agent processes' open files "
