@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,50 @@ def test_serve_with_unknown_config_key_names_key_and_file(
     assert autoglm(["cloud", "serve", "--state-dir", str(state)]) == 2
     err = capsys.readouterr().err
     assert "heartbeat_intervall_s" in err and "cloud.yaml" in err
+
+
+def test_several_workers_on_sqlite_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "cloud"
+    init_plane(state)
+    assert autoglm(["cloud", "serve", "--state-dir", str(state), "--workers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "workers = 3 needs a PostgreSQL database_url" in err, err
+
+
+def test_workers_whose_moved_up_ports_collide_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Worker k serves health and metrics on the configured port + k: with 3 workers a
+    health port one below the metrics port lands on it. Refused before anything starts
+    (the database named is never reached)."""
+    state = tmp_path / "cloud"
+    init_plane(state)
+    with (state / "cloud.yaml").open("a") as f:
+        f.write('health_listen: "127.0.0.1:19464"\nmetrics_listen: "127.0.0.1:19465"\n')
+    argv = ["cloud", "serve", "--state-dir", str(state), "--workers", "3"]
+    assert autoglm([*argv, "--database-url", "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics_listen 127.0.0.1:19465 is port 19465, also health_listen of worker 1" in err
+    assert autoglm([*argv, "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
+
+
+def test_workers_refuse_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Workers bind with SO_REUSEPORT, so the supervisor checks first that nothing listens
+    there (the database named is never reached)."""
+    state = tmp_path / "cloud"
+    init_plane(state)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = autoglm(
+            ["cloud", "serve", "--state-dir", str(state), "--workers", "2",
+             "--database-url", "postgresql://nobody@127.0.0.1:1/none",
+             "--device-listen", f"127.0.0.1:{port}"]
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and f"cannot listen on 127.0.0.1:{port}" in err, err
 
 
 def test_serve_without_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

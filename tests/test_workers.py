@@ -8,9 +8,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,9 +22,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.cli.main import run as autoglm
 from cloud.client import Connection, OperatorClient
 from cloud.config import CONFIG_FILE
+from cloud.local_broker import free_port
 from cloud.service.serde import bootstrap_from_registration
 from cloud.service.workers import shifted
 from cloud.state_dir import load_secrets
@@ -59,6 +59,28 @@ class Pool:
         return OperatorClient(Connection(server=server, ca_pem=ca, token=self.token, timeout_s=20))
 
 
+def start_pool(state: Path, work: Path, *flags: str) -> Pool:
+    ports_file, log = work / "ports.json", work / f"serve-{time.monotonic_ns()}.log"
+    ports_file.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "autoglm"), "cloud", "serve", "--state-dir", str(state),
+             "--workers", "2", "--ports-file", str(ports_file), *flags],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    pool = Pool(proc, state, ports_file, "", log)
+    wait_for(lambda: ports_file.exists() or proc.poll() is not None, timeout=120)
+    assert ports_file.exists(), log.read_text()
+    return pool
+
+
+def stop(pool: Pool) -> int:
+    if pool.proc.poll() is None:
+        pool.proc.send_signal(signal.SIGTERM)
+    return pool.proc.wait(120)
+
+
 @pytest.fixture
 def pool(tmp_path: Path, pg_url: str) -> Iterator[Pool]:
     state = tmp_path / "cloud"
@@ -66,23 +88,26 @@ def pool(tmp_path: Path, pg_url: str) -> Iterator[Pool]:
     config = state / CONFIG_FILE
     settings = yaml.safe_load(config.read_text())
     config.write_text(yaml.safe_dump({**settings, "metrics_listen": "127.0.0.1:0"}))
-    ports_file, log = tmp_path / "ports.json", tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_")}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "autoglm"), "cloud", "serve", "--state-dir", str(state),
-             "--workers", "2", "--ports-file", str(ports_file)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    running = Pool(proc, state, ports_file, token, log)
+    running = start_pool(state, tmp_path)
+    running.token = token
     try:
-        wait_for(lambda: ports_file.exists() or proc.poll() is not None, timeout=120)
-        assert ports_file.exists(), log.read_text()
         yield running
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        stop(running)
+
+
+def health_checks(address: str, credentials: grpc.ChannelCredentials, server_name: str) -> None:
+    """CONNECTIONS health checks, each on a connection of its own."""
+    options = [
+        *channel_options(server_name),
+        ("grpc.use_local_subchannel_pool", 1),  # no connection shared between channels
+    ]
+    for _ in range(CONNECTIONS):
+        with grpc.secure_channel(address, credentials, options=options) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=20
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def started(metrics_port: int, service: str) -> float:
@@ -101,27 +126,44 @@ def test_workers_share_the_ports_and_each_serves_part_of_the_connections(
     assert [w["index"] for w in workers] == [0, 1]
     assert len({w["pid"] for w in workers}) == 2
     assert len({w["metrics_port"] for w in workers}) == 2
-    # Through the shared API port: each call on a connection of its own.
-    for _ in range(CONNECTIONS):
-        with pool.client() as client:
-            client.list_devices()
+    ports = pool.ports()
+
+    def served() -> list[float]:
+        return [started(w["metrics_port"], "grpc.health.v1.Health") for w in workers]
+
+    # Through the shared API port (TLS).
+    ca = load_secrets(pool.state).ca.cert_pem
+    tls = grpc.ssl_channel_credentials(root_certificates=ca)
+    health_checks(f"localhost:{ports['api_port']}", tls, "")
+    on_api = served()
+    assert sum(on_api) == CONNECTIONS and all(on_api), on_api
+    # Through the shared device port, with a device's certificate (mutual TLS).
     with pool.client() as client:
         registration = client.register_device(operator_pb2.RegisterDeviceRequest(name="pump-w"))
     enroll(bootstrap_from_registration(registration), tmp_path / "agent")
     identity = load_identity(tmp_path / "agent")
-    # Through the shared device port, with the device's certificate (mutual TLS).
-    address = f"localhost:{pool.ports()['device_port']}"
-    options = channel_options(identity.info.tls_server_name)
-    for _ in range(CONNECTIONS):
-        with grpc.secure_channel(address, identity.credentials(), options=options) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=20
-            )
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    operator = [started(w["metrics_port"], "autoglm.v1.OperatorService") for w in workers]
-    device = [started(w["metrics_port"], "grpc.health.v1.Health") for w in workers]
-    assert sum(operator) >= CONNECTIONS + 1 and all(operator), operator
-    assert sum(device) == CONNECTIONS and all(device), device
+    address = f"localhost:{ports['device_port']}"
+    health_checks(address, identity.credentials(), identity.info.tls_server_name)
+    on_device = [after - before for before, after in zip(on_api, served(), strict=True)]
+    assert sum(on_device) == CONNECTIONS and all(on_device), on_device
+
+
+def test_a_pool_on_fixed_ports_starts_again_on_them_after_serving(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Connections the last run closed wait out TIME_WAIT on the ports: not "in use"."""
+    state = tmp_path / "cloud"
+    init_plane(state, pg_url)
+    listen = ["--api-listen", f"127.0.0.1:{free_port()}",
+              "--device-listen", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    ca = load_secrets(state).ca.cert_pem
+    for _ in range(2):
+        pool = start_pool(state, tmp_path, *listen)
+        try:
+            api = f"localhost:{pool.ports()['api_port']}"
+            health_checks(api, grpc.ssl_channel_credentials(root_certificates=ca), "")
+        finally:
+            assert stop(pool) == 0, pool.log.read_text()
 
 
 def test_a_killed_worker_is_started_again_and_sigterm_stops_them_all(pool: Pool) -> None:
@@ -155,31 +197,6 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def test_several_workers_on_sqlite_are_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    state = tmp_path / "cloud"
-    init_plane(state)
-    assert autoglm(["cloud", "serve", "--state-dir", str(state), "--workers", "3"]) == 2
-    err = capsys.readouterr().err
-    assert "workers = 3 needs a PostgreSQL database_url" in err, err
-
-
-def test_workers_refuse_a_port_in_use(
-    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    state = tmp_path / "cloud"
-    init_plane(state, pg_url)
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        code = autoglm(
-            ["cloud", "serve", "--state-dir", str(state), "--workers", "2",
-             "--device-listen", f"127.0.0.1:{port}"]
-        )  # fmt: skip
-    err = capsys.readouterr().err
-    assert code != 0 and f"cannot listen on 127.0.0.1:{port}" in err, err
 
 
 def test_a_workers_probe_and_metrics_ports_are_moved_up_by_its_index() -> None:

@@ -74,7 +74,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="processes sharing the API and device ports (default from config: 1; more than "
         "one needs PostgreSQL)",
     )
-    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    # Set by `--workers N`'s supervisor for each worker it starts.
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)
 
     trust_cmds.add_parsers(cloud_sub)
@@ -121,7 +123,7 @@ SERVE_LOCK = "serve.lock"
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.config import load_cloud_config
     from cloud.leader import default_replica_id
-    from cloud.service.workers import check_workers, shifted
+    from cloud.service.workers import check_plan, follow_supervisor, shifted
 
     overrides = {
         "api_listen": args.api_listen,
@@ -134,8 +136,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     overrides = {k: v for k, v in overrides.items() if v is not None and v != ""}
     config = load_cloud_config(args.state_dir.absolute(), overrides)
-    check_workers(config.workers, config.resolved_database_url)
     index = args.worker
+    if index is not None and args.supervisor is not None:
+        follow_supervisor(args.supervisor)
+    check_plan(config)
     if index is None and config.workers > 1:
         setup_logging(config.log_level, config.log_format, replica=config.replica_id or "workers")
         return _supervise(args, config)
@@ -175,11 +179,14 @@ def _serve_one(config: CloudConfig, ports_file: Path | None, share_ports: bool) 
 
 def _supervise(args: argparse.Namespace, config: CloudConfig) -> int:
     """Starts `config.workers` copies of this command, each with `--worker K`."""
+    import cloud
     from cloud.service.workers import WorkerPool
 
     def command(index: int, api: str, device: str, ports_file: Path) -> list[str]:
-        argv = [sys.executable, "-m", "cloud.cli.main", "cloud", "serve"]
+        # -P: not the working directory's `cloud` package (PYTHONPATH below names this one).
+        argv = [sys.executable, "-P", "-m", "cloud.cli.main", "cloud", "serve"]
         argv += ["--state-dir", str(config.state_dir), "--worker", str(index)]
+        argv += ["--supervisor", str(os.getpid())]
         argv += ["--api-listen", api, "--device-listen", device, "--ports-file", str(ports_file)]
         for flag, value in (
             ("--console-listen", args.console_listen),
@@ -192,8 +199,15 @@ def _supervise(args: argparse.Namespace, config: CloudConfig) -> int:
                 argv += [flag, str(value)]
         return argv
 
+    root = str(Path(cloud.__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))
     pool = WorkerPool(
-        config.workers, command, config.api_listen, config.device_listen, args.ports_file
+        config.workers,
+        command,
+        config.api_listen,
+        config.device_listen,
+        args.ports_file,
+        env={**os.environ, "PYTHONPATH": path},
     )
     return pool.run()
 
