@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from cloud.clock import Clock, utc_now
@@ -31,6 +31,7 @@ from cloud.domain import (
     DesiredModel,
     DeviceRecord,
     DeviceState,
+    DeviceSummary,
     Gates,
     InstallOutcome,
     InstallReport,
@@ -259,7 +260,7 @@ class RolloutController:
                 target,
                 state=state,
                 detail=f"installed ({report.backend})",
-                errors_at_install=_agent_errors(device),
+                errors_at_install=_agent_errors(device.status.get("health")),
                 updated_at=self.clock(),
             )
         else:
@@ -319,8 +320,14 @@ class RolloutController:
         target = self.store.rollout_target(rollout_id, device_id)
         return (rollout, target) if target is not None else None
 
-    def _online(self, device: DeviceRecord, now: dt.datetime) -> bool:
+    def _online(self, device: DeviceRecord | DeviceSummary, now: dt.datetime) -> bool:
         return device.is_online(now, self.settings.offline_after)
+
+    def _devices(self, device_ids: Iterable[str]) -> dict[str, DeviceSummary]:
+        """The few columns a step needs of these devices only (a tick reads no device when
+        nothing waits on one: whole-fleet reads cost most of a CPU-second at 10,000)."""
+        wanted = set(device_ids)
+        return {d.id: d for d in self.store.device_summaries(wanted)} if wanted else {}
 
     def _desired(
         self, model: ModelRecord, rollout_id: str, device_id: str, shadow: bool
@@ -350,12 +357,12 @@ class RolloutController:
     def _step(self, rollout: RolloutRecord) -> tuple[RolloutRecord, list[DesiredModel]]:
         now = self.clock()
         targets = self.store.rollout_targets(rollout.id)
-        devices = {d.id: d for d in self.store.list_devices({})}
         wave = rollout.waves[rollout.current_wave]
         in_wave = [t for t in targets if t.wave == wave.index]
         shadow = rollout.soak_s > 0
         if wave.started_at is None:
             model = self.store.get_model(rollout.model_name, rollout.model_version)
+            devices = self._devices(t.device_id for t in in_wave)
             updated, desired = [], []
             for t in in_wave:
                 device = devices.get(t.device_id)
@@ -387,6 +394,7 @@ class RolloutController:
         if wave.promoted_at is not None:  # the last wave, every swap reported
             failed = [t for t in targets if t.state is TargetState.FAILED]
             if failed:  # within --max-failures, but not a success either
+                devices = self._devices(t.device_id for t in failed[:5])
                 names = ", ".join(
                     f"{devices[t.device_id].name if t.device_id in devices else t.device_id}"
                     f" ({t.detail})"
@@ -413,7 +421,7 @@ class RolloutController:
         if now < wave.soak_until:
             return rollout, []
         if shadow:
-            judged = self._judge(rollout, in_wave, devices, now, wave.soak_until)
+            judged = self._judge(rollout, in_wave, now, wave.soak_until)
             if judged is None:
                 return rollout, []  # waiting for shadow windows
             if judged:
@@ -445,17 +453,16 @@ class RolloutController:
         self,
         rollout: RolloutRecord,
         in_wave: list[RolloutTarget],
-        devices: dict[str, DeviceRecord],
         now: dt.datetime,
         soak_until: dt.datetime,
     ) -> list[RolloutTarget] | None:
         """Gate verdicts for the wave's shadowing targets; None while data is missing."""
         gates = rollout.gates
+        shadowing = [t for t in in_wave if t.state is TargetState.SHADOWING]
+        devices = self._devices(t.device_id for t in shadowing)
         failed: list[RolloutTarget] = []
         waiting = False
-        for t in in_wave:
-            if t.state is not TargetState.SHADOWING:
-                continue
+        for t in shadowing:
             windows = t.shadow_windows
             if windows < max(gates.min_shadow_windows, 1):
                 if now - soak_until < self.settings.shadow_grace:
@@ -472,7 +479,9 @@ class RolloutController:
                 candidate_ms, incumbent_ms, gates.max_latency_regression, statistic
             )
             device = devices.get(t.device_id)
-            errors = _agent_errors(device) - t.errors_at_install if device is not None else 0
+            errors = 0
+            if device is not None:
+                errors = _agent_errors(device.health) - t.errors_at_install
             why = behaviour_gate(
                 gates, agreement, difference, t.shadow_self_agreement,
                 t.shadow_self_rate_difference,
@@ -554,9 +563,8 @@ def _moved(t: RolloutTarget, state: TargetState, detail: str, now: dt.datetime) 
     return dataclasses.replace(t, state=state, detail=detail, updated_at=now)
 
 
-def _agent_errors(device: DeviceRecord) -> int:
-    """The error count the device last reported; 0 where what it reported is not one."""
-    health = device.status.get("health")
+def _agent_errors(health: object) -> int:
+    """The error count in the health a device last reported; 0 where it is not one."""
     try:
         return int(health.get("errors", 0)) if isinstance(health, dict) else 0
     except (TypeError, ValueError, OverflowError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from cloud.domain import (
     DesiredModel,
+    DeviceRecord,
+    DeviceSummary,
     Gates,
     InstallOutcome,
     InstallReport,
@@ -203,6 +205,41 @@ def test_the_soak_waits_then_the_shadow_gates_judge_each_device(fleet: Fleet) ->
     promoted = fleet.desired("edge-3")
     assert promoted is not None and not promoted.shadow
     assert LATENCY_FLOOR_MS > 4.0 - 1.0
+
+
+def test_a_tick_reads_only_the_devices_it_decides_on(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole-fleet device reads cost most of a CPU-second at 10,000 devices: a wave's start
+    reads its own devices, the shadow gates the shadowing ones, a soaking tick none."""
+    reads: list[tuple[str, frozenset[str] | None]] = []
+    summaries, listed = fleet.store.device_summaries, fleet.store.list_devices
+
+    def spy_summaries(ids: Collection[str] | None = None) -> list[DeviceSummary]:
+        reads.append(("summaries", None if ids is None else frozenset(ids)))
+        return summaries(ids)
+
+    def spy_list(selector: Mapping[str, str]) -> list[DeviceRecord]:
+        reads.append(("list", None))
+        return listed(selector)
+
+    monkeypatch.setattr(fleet.store, "device_summaries", spy_summaries)
+    monkeypatch.setattr(fleet.store, "list_devices", spy_list)
+    rollout_id = _create(fleet, ("25%", "100%"), soak_s=600)
+    first = [t.device_id for t in fleet.store.rollout_targets(rollout_id) if t.wave == 0]
+    assert reads == [("list", None), ("summaries", frozenset(first))]  # targets, then wave 0
+    by_id = {v: k for k, v in fleet.ids.items()}
+    fleet.installed(by_id[first[0]], rollout_id, InstallOutcome.INSTALLED)
+    fleet.shadow(by_id[first[0]], rollout_id)
+    reads.clear()
+    for _ in range(3):
+        fleet.clock.advance(100)
+        fleet.controller.tick()
+    assert reads == []  # soaking: nothing to decide about any device
+    fleet.clock.advance(400)
+    fleet.controller.tick()
+    assert reads[0] == ("summaries", frozenset(first)), reads  # the gates: the shadowing one
+    assert ("list", None) not in reads and ("summaries", None) not in reads, reads
 
 
 def test_the_behaviour_gate_judges_against_the_incumbents_own_noise_floor(fleet: Fleet) -> None:

@@ -286,6 +286,16 @@ class StoreContract:
         assert presence[0].health == {} and presence[2].health == {}  # none; not a mapping
         assert presence[2].state is DeviceState.REVOKED
 
+    def test_device_summaries_of_some_devices(self, store: Store) -> None:
+        """Those asked for that exist, by name; more ids than one statement takes are read in
+        chunks and still come back by name."""
+        made = [store.create_device(f"d-{i:04d}", {}, "", NOW) for i in range(1100)]
+        picked = [made[1050].id, made[3].id, "no-such-id", made[700].id]
+        assert [d.name for d in store.device_summaries(picked)] == ["d-0003", "d-0700", "d-1050"]
+        assert store.device_summaries([]) == []
+        wide = store.device_summaries([d.id for d in reversed(made)])
+        assert [d.name for d in wide] == [d.name for d in made]
+
     def test_operators(self, store: Store) -> None:
         op = store.add_operator("admin", "hash-a", NOW)
         assert store.operator_by_token_hash("hash-a") == op

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
@@ -55,9 +55,10 @@ class DeviceStore(abc.ABC):
         """Devices whose labels satisfy `selector` (a mapping: every key=value), by name."""
 
     @abc.abstractmethod
-    def device_summaries(self) -> list[DeviceSummary]:
-        """Every device's id, name, labels, state, presence, certificate expiry and health,
-        by name: what fleet-wide reads need, without building whole records."""
+    def device_summaries(self, ids: Collection[str] | None = None) -> list[DeviceSummary]:
+        """Every device's (or those of `ids` that exist) id, name, labels, state, presence,
+        certificate expiry and health, by name: what fleet-wide reads need, without building
+        whole records."""
 
     @abc.abstractmethod
     def update_labels(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, select, update
@@ -33,6 +33,7 @@ from edge_agent.errors import (
 
 T = TypeVar("T")
 _OPTIONAL_PRESENCE_FIELDS = ("agent_version", "status", "host")
+ID_CHUNK = 500  # ids per IN (...) list
 
 
 class DeviceTables(SqlBase):
@@ -59,7 +60,18 @@ class DeviceTables(SqlBase):
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.name)).all()
             return [_device(r) for r in rows if matches(r.labels, selector)]
 
-    def device_summaries(self) -> list[DeviceSummary]:
+    def device_summaries(self, ids: Collection[str] | None = None) -> list[DeviceSummary]:
+        if ids is None:
+            return self._summaries(None)
+        wanted = sorted(ids)  # bound parameters per statement stay well under SQLite's limit
+        found = [
+            d
+            for i in range(0, len(wanted), ID_CHUNK)
+            for d in self._summaries(wanted[i : i + ID_CHUNK])
+        ]
+        return sorted(found, key=lambda d: d.name) if len(wanted) > ID_CHUNK else found
+
+    def _summaries(self, ids: list[str] | None) -> list[DeviceSummary]:
         query = select(
             DeviceRow.id,
             DeviceRow.name,
@@ -70,6 +82,8 @@ class DeviceTables(SqlBase):
             DeviceRow.cert_not_after,
             DeviceRow.status,
         ).order_by(DeviceRow.name)
+        if ids is not None:
+            query = query.where(DeviceRow.id.in_(ids))
         with self._tx() as s:
             rows = s.execute(query).all()
         return [
