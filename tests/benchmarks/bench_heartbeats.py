@@ -436,7 +436,8 @@ def main() -> int:
     parser.add_argument(
         "--profile-plane",
         action="store_true",
-        help="steady-state scenarios: sample the plane with py-spy over the window",
+        help="steady-state scenarios: sample the plane (with --workers, worker 0) with py-spy "
+        "over the window",
     )
     parser.add_argument(
         "--ramp-per-s",

@@ -138,7 +138,7 @@ def spawn(args: list[str], ports_file: Path, log: Path) -> subprocess.Popen[byte
     }
     with log.open("w") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a plane's workers start on a busy machine too
     while not ports_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{args[0]} did not start; see {log}")
@@ -212,11 +212,11 @@ class PlaneProcess:
         change."""
         t0 = time.monotonic()
         workers = [pid for pid in self.pids() if pid != self.proc.pid]
-        self.proc.kill()
-        self.proc.wait()
-        for pid in workers:
+        for pid in workers:  # first: a supervisor's death would stop them gracefully
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
         while any(map(running, workers)):
             time.sleep(0.01)
         died = time.monotonic() - t0
