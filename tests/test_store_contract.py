@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ from edge_agent.errors import (
 )
 
 NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _event(
@@ -590,6 +593,25 @@ class TestPostgresStore(StoreContract):
     def store(self, pg_url: str) -> Iterator[Store]:
         store = open_store(pg_url)
         yield store
+        store.close()
+
+    def test_stores_opened_together_on_an_empty_database_migrate_it_once(self, pg_url: str) -> None:
+        """Replicas and `cloud serve --workers N` start together: every process opens the
+        store, and each upgrade would run the same DDL (the later ones failing on what the
+        first made) but for the advisory lock."""
+        opening = "import sys; from cloud.store import open_store; open_store(sys.argv[1]).close()"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", opening, pg_url], stderr=subprocess.PIPE, cwd=ROOT
+            )
+            for _ in range(4)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.decode()
+        store = open_store(pg_url)
+        store.create_device("p", {}, "", NOW)
+        assert store.get_device("p").name == "p"
         store.close()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.domain import (
@@ -52,11 +52,18 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
 
 
+MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": PostgreSQL's advisory lock key for migrations
+
+
 def migrate(engine: Engine) -> None:
-    """Brings the schema to the newest migration."""
+    """Brings the schema to the newest migration. On PostgreSQL one process at a time:
+    replicas and `--workers` start together, and a second upgrade running the same DDL
+    beside the first fails; after waiting, it finds the schema new and does nothing."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # held until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
