@@ -133,6 +133,22 @@ def test_workers_refuse_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code != 0 and f"cannot listen on 127.0.0.1:{port}" in err, err
 
 
+def test_a_port_left_in_time_wait_is_free_for_workers() -> None:
+    """The server side closed first: its end of the connection waits out TIME_WAIT, and a
+    plane started again on the port must not take that for another program listening."""
+    from cloud.service.workers import check_free
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()
+    assert client.recv(1) == b""  # its FIN arrived
+    client.close()
+    listener.close()
+    check_free(f"127.0.0.1:{port}")
+
+
 def test_serve_without_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert autoglm(["cloud", "serve", "--state-dir", str(tmp_path)]) == 2
     assert "autoglm cloud init" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,25 +152,29 @@ def test_workers_share_the_ports_and_each_serves_part_of_the_connections(
 def test_a_pool_on_fixed_ports_starts_again_on_them_after_serving(
     tmp_path: Path, pg_url: str
 ) -> None:
-    """Connections the last run closed wait out TIME_WAIT on the ports: not "in use"."""
+    """Every worker starts at once on fixed ports. Connections the plane closed as it
+    stopped wait out TIME_WAIT on its ports: not "in use" for the next start."""
     state = tmp_path / "cloud"
     init_plane(state, pg_url)
-    listen = ["--api-listen", f"127.0.0.1:{free_port()}",
-              "--device-listen", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    api_port, device_port = free_port(), free_port()
+    listen = ["--api-listen", f"127.0.0.1:{api_port}",
+              "--device-listen", f"127.0.0.1:{device_port}"]  # fmt: skip
     ca = load_secrets(state).ca.cert_pem
     for _ in range(2):
         pool = start_pool(state, tmp_path, *listen)
         try:
-            api = f"localhost:{pool.ports()['api_port']}"
+            api = f"localhost:{api_port}"
             health_checks(api, grpc.ssl_channel_credentials(root_certificates=ca), "")
+            held = socket.create_connection(("127.0.0.1", api_port))  # the plane closes it
         finally:
             assert stop(pool) == 0, pool.log.read_text()
+        held.close()
 
 
 def test_a_killed_worker_is_started_again_and_sigterm_stops_them_all(pool: Pool) -> None:
     killed = pool.workers()[1]["pid"]
     os.kill(killed, signal.SIGKILL)
-    wait_for(lambda: pool.workers()[1]["pid"] != killed, timeout=120)
+    wait_for(lambda: pool.workers()[1]["pid"] not in (0, killed), timeout=120)
     # The API answers throughout, and the new worker serves on the shared port.
     with pool.client() as client:
         assert client.list_devices() == []

@@ -183,7 +183,7 @@ def _supervise(args: argparse.Namespace, config: CloudConfig) -> int:
     from cloud.service.workers import WorkerPool
 
     def command(index: int, api: str, device: str, ports_file: Path) -> list[str]:
-        # -P: not the working directory's `cloud` package (PYTHONPATH below names this one).
+        # -P: not some other `cloud` package in the working directory.
         argv = [sys.executable, "-P", "-m", "cloud.cli.main", "cloud", "serve"]
         argv += ["--state-dir", str(config.state_dir), "--worker", str(index)]
         argv += ["--supervisor", str(os.getpid())]
@@ -199,15 +199,14 @@ def _supervise(args: argparse.Namespace, config: CloudConfig) -> int:
                 argv += [flag, str(value)]
         return argv
 
-    root = str(Path(cloud.__file__).resolve().parent.parent)
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))
+    # Workers import `cloud` as this process did, except through the script's directory or
+    # the working directory (sys.path[0], which -P leaves out): then name it.
+    env = dict(os.environ)
+    root = Path(cloud.__file__).resolve().parent.parent
+    if root == Path(sys.path[0] or os.getcwd()).resolve():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     pool = WorkerPool(
-        config.workers,
-        command,
-        config.api_listen,
-        config.device_listen,
-        args.ports_file,
-        env={**os.environ, "PYTHONPATH": path},
+        config.workers, command, config.api_listen, config.device_listen, args.ports_file, env
     )
     return pool.run()
 

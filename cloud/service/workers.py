@@ -8,7 +8,8 @@ like any other (one PostgreSQL, leader election, change notifications), and this
 starts and watches them:
 
 - on fixed ports every worker starts at once; on port 0 (the kernel's choice) worker 0 starts
-  first and the others then on the ports it got;
+  first and the others then on the ports it got; the ports file lists them once all serve,
+  and a dead worker without a pid (0) until its successor serves;
 - worker k serves its own health and metrics ports, the configured port + k (port 0 stays 0),
   so that each can be probed and scraped on its own; only worker 0 serves the web console;
 - a worker that dies is started again, after 1 s, doubling to 30 s while it keeps dying
@@ -203,15 +204,14 @@ class WorkerPool:
         fixed = _port(self.api_listen) and _port(self.device_listen)
         self.workers.append(self._spawn(0))
         if not fixed:  # the others bind the ports the kernel gave worker 0
-            if not self._wait_ready(self.workers[0]):
+            if not self._wait_ready(self.workers):
                 return
             first = self.workers[0].ports
             self.api_listen = _with_port(self.api_listen, first["api_port"])
             self.device_listen = _with_port(self.device_listen, first["device_port"])
         self.workers += [self._spawn(index) for index in range(1, self.count)]
-        for worker in self.workers:
-            if not self._wait_ready(worker):
-                return
+        if not self._wait_ready(self.workers):
+            return
         self._write_ports()
         pids = " ".join(str(w.proc.pid) for w in self.workers)
         print(
@@ -227,15 +227,16 @@ class WorkerPool:
         argv = self.command(index, self.api_listen, self.device_listen, ports_file)
         return Worker(index, subprocess.Popen(argv, env=self.env), ports_file, time.monotonic())
 
-    def _wait_ready(self, worker: Worker) -> bool:
-        """Until the worker wrote its ports (True), or a stop was asked for (False);
-        WorkerFailed if it exited first."""
-        while not self._ready(worker):
+    def _wait_ready(self, workers: list[Worker]) -> bool:
+        """Until every one of `workers` wrote its ports (True), or a stop was asked for
+        (False); WorkerFailed as soon as one exits first."""
+        while not all(self._ready(worker) for worker in workers):
             if self.stopping:
                 return False
-            code = worker.proc.poll()
-            if code is not None:
-                raise WorkerFailed(worker.index, code)
+            for worker in workers:
+                code = worker.proc.poll()
+                if code is not None and not self._ready(worker):
+                    raise WorkerFailed(worker.index, code)
             time.sleep(0.05)
         return True
 
@@ -274,6 +275,7 @@ class WorkerPool:
                 delay,
             )
             worker.failures, worker.restart_at = failures, now + delay
+            self._write_ports()  # listed without a pid until one serves again
 
     def _write_ports(self) -> None:
         if self.ports_file is None:
@@ -287,7 +289,7 @@ class WorkerPool:
         ports["workers"] = [
             {
                 "index": w.index,
-                "pid": w.proc.pid,
+                "pid": w.proc.pid if w.ports and w.restart_at is None else 0,
                 "health_port": self._known.get(w.index, {}).get("health_port", 0),
                 "metrics_port": self._known.get(w.index, {}).get("metrics_port", 0),
             }

@@ -63,13 +63,15 @@ class DeviceTables(SqlBase):
     def device_summaries(self, ids: Collection[str] | None = None) -> list[DeviceSummary]:
         if ids is None:
             return self._summaries(None)
-        wanted = sorted(ids)  # bound parameters per statement stay well under SQLite's limit
-        found = [
+        if isinstance(ids, str):
+            raise TypeError("device_summaries takes a collection of ids, not one id")
+        wanted = sorted(set(ids))
+        found = [  # in chunks: bound parameters per statement stay under SQLite's limit
             d
             for i in range(0, len(wanted), ID_CHUNK)
             for d in self._summaries(wanted[i : i + ID_CHUNK])
         ]
-        return sorted(found, key=lambda d: d.name) if len(wanted) > ID_CHUNK else found
+        return sorted(found, key=lambda d: d.name)  # one order, however many chunks
 
     def _summaries(self, ids: list[str] | None) -> list[DeviceSummary]:
         query = select(

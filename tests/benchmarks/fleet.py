@@ -186,7 +186,8 @@ class PlaneProcess:
 
     def pids(self) -> list[int]:
         """The processes that serve: the workers of `cloud serve --workers N`, else the one."""
-        return [int(w["pid"]) for w in self._ports().get("workers", [])] or [self.proc.pid]
+        workers = self._ports().get("workers", [])
+        return [int(w["pid"]) for w in workers if w["pid"]] or [self.proc.pid]
 
     def histograms(self) -> dict[str, list[tuple[float, float]]]:
         """The plane's loop-lag and session-setup histograms now, by series name and labels:
