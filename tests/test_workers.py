@@ -34,6 +34,7 @@ from edge_agent.identity import load_identity
 from protos.autoglm.v1 import operator_pb2
 from tests.support.agents import wait_for
 from tests.support.cloud import init_plane
+from tests.support.processes import running
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 BIN = Path(sys.executable).parent
@@ -89,12 +90,12 @@ def pool(tmp_path: Path, pg_url: str) -> Iterator[Pool]:
     config = state / CONFIG_FILE
     settings = yaml.safe_load(config.read_text())
     config.write_text(yaml.safe_dump({**settings, "metrics_listen": "127.0.0.1:0"}))
-    running = start_pool(state, tmp_path)
-    running.token = token
+    serving = start_pool(state, tmp_path)
+    serving.token = token
     try:
-        yield running
+        yield serving
     finally:
-        stop(running)
+        stop(serving)
 
 
 def health_checks(address: str, credentials: grpc.ChannelCredentials, server_name: str) -> None:
@@ -182,7 +183,7 @@ def test_a_killed_worker_is_started_again_and_sigterm_stops_them_all(pool: Pool)
     pool.proc.send_signal(signal.SIGTERM)
     assert pool.proc.wait(120) == 0, pool.log.read_text()
     for pid in pids:
-        assert not _alive(pid), f"worker {pid} outlived its supervisor"
+        assert not running(pid), f"worker {pid} outlived its supervisor"
     log = pool.log.read_text()
     assert f"worker 1 (pid {killed}) exited" in log and "started again" in log, log
 
@@ -192,16 +193,7 @@ def test_workers_stop_when_their_supervisor_is_killed(pool: Pool) -> None:
     pool.proc.kill()
     pool.proc.wait(30)
     for pid in pids:
-        wait_for(lambda pid=pid: not _alive(pid), timeout=120)  # type: ignore[misc]
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie that nobody reaped yet has ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+        wait_for(lambda pid=pid: not running(pid), timeout=120)  # type: ignore[misc]
 
 
 def test_a_workers_probe_and_metrics_ports_are_moved_up_by_its_index() -> None:

@@ -29,21 +29,13 @@ from cloud.state_dir import init_state_dir  # noqa: E402
 from edge_agent.enroll import enroll  # noqa: E402
 from edge_agent.identity import DeviceIdentity, load_identity  # noqa: E402
 from protos.autoglm.v1 import operator_pb2  # noqa: E402
+from tests.support.processes import running  # noqa: E402
 
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def running(pid: int) -> bool:
-    """Not ended (a zombie that nobody reaped yet has ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def run_queue(pid: int, tid: int | None = None) -> tuple[float, float, int]:
