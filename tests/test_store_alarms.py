@@ -14,7 +14,8 @@ from cloud.domain import AlertFilter, AlertState
 from cloud.store import Store, open_store
 from cloud.webhook_records import Delivery
 from edge_agent.errors import FailedPrecondition, InvalidInput
-from tests.test_store_contract import NOW, _event
+from tests.support.stores import NOW
+from tests.test_store_contract_fleet import _event
 
 LEASE = dt.timedelta(seconds=30)
 

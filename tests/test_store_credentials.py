@@ -13,7 +13,9 @@ import pytest
 from cloud.domain import AuditEntry
 from cloud.store import Store, open_store
 from edge_agent.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
-from tests.test_store_contract import NOT_AFTER, NOW, _activate, _issue
+from tests.support.stores import NOT_AFTER, NOW
+from tests.support.stores import activate_cert as _activate
+from tests.support.stores import issue_cert as _issue
 
 
 class CredentialsContract:
