@@ -149,9 +149,10 @@ async def run_sessions(
     probes: Probes,
     ramp_per_s: float = RAMP_PER_S,
     profile: str = "",
+    fleet_nice: int = 0,
 ) -> dict[str, Any]:
     """M agents with the agent's default reconnect policy, connected, then measured."""
-    groups = await _start_groups(identities, interval, "new", plane.work, processes)
+    groups = await _start_groups(identities, interval, "new", plane.work, processes, fleet_nice)
     probe = await probes.start()
     setups_before = await asyncio.to_thread(plane.histograms)  # this scenario's setups only
     try:
@@ -185,6 +186,7 @@ async def run_storm(
     policy: str,
     processes: int,
     probes: Probes,
+    fleet_nice: int = 0,
 ) -> dict[str, object]:
     """M agents with the agent's default reconnect policy connected; the control plane is
     killed (SIGKILL) and started again on the same ports; how long until every agent has a
@@ -193,7 +195,7 @@ async def run_storm(
     # This round's admission bound, from the start (the plane restarts with it too).
     setups = POLICIES[policy][1]
     await asyncio.to_thread(plane.crash_and_restart, {"max_session_setups": setups})
-    groups = await _start_groups(identities, interval, policy, plane.work, processes)
+    groups = await _start_groups(identities, interval, policy, plane.work, processes, fleet_nice)
     probe = await probes.start()  # they go through the storm too, and are measured after it
     try:
         return await _storm(groups, interval, seconds, plane, converge_timeout_s, policy, probe)
@@ -202,7 +204,12 @@ async def run_storm(
 
 
 async def _start_groups(
-    identities: list[DeviceIdentity], interval: float, policy: str, work: Path, processes: int
+    identities: list[DeviceIdentity],
+    interval: float,
+    policy: str,
+    work: Path,
+    processes: int,
+    nice: int = 0,
 ) -> list[GroupHandle]:
     if not processes:
         return [LocalGroup(identities, interval, policy)]
@@ -212,7 +219,9 @@ async def _start_groups(
     return list(
         await asyncio.gather(
             *(
-                WorkerGroup.start(work, a, b - a, interval, policy, work / f"storm-worker-{k}.log")
+                WorkerGroup.start(
+                    work, a, b - a, interval, policy, work / f"storm-worker-{k}.log", nice
+                )
                 for k, (a, b) in enumerate(itertools.pairwise(cuts))
             )
         )
@@ -457,12 +466,22 @@ def main() -> int:
     )
     parser.add_argument("--ping-concurrency", type=int, default=100)
     parser.add_argument(
+        "--fleet-nice",
+        type=int,
+        default=0,
+        help="run the fleet's agent processes at this nice value (positive: behind the plane, "
+        "the probes and the database; with --agent-processes): how much of the tail is the "
+        "plane sharing two cores with the simulated fleet",
+    )
+    parser.add_argument(
         "--ping-server", nargs=2, metavar=("STATE", "PORTS"), help=argparse.SUPPRESS
     )
     parser.add_argument("--storm-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ramp_per_s <= 0:
         parser.error(f"--ramp-per-s: {args.ramp_per_s:g}; give a positive rate")
+    if args.fleet_nice and not args.agent_processes:
+        parser.error(f"--fleet-nice {args.fleet_nice}: needs --agent-processes N (N > 0)")
     if args.workers < 1 or (args.workers > 1 and not args.database_url):
         parser.error(f"--workers {args.workers}: give 1, or more with --database-url")
     spy = (py_spy() or "") if args.profile_plane else ""
@@ -491,7 +510,8 @@ def main() -> int:
     )
     served = f"{args.workers} processes" if args.workers > 1 else "own process"
     database = "PostgreSQL" if args.database_url else "SQLite"
-    env_note = f"{os.cpu_count()} cores; agents: {agents_at}; server: {served}, {database}"
+    niced = f", nice {args.fleet_nice}" if args.fleet_nice else ""
+    env_note = f"{os.cpu_count()} cores; agents: {agents_at}{niced}; server: {served}, {database}"
     print(f"heartbeat benchmark ({env_note})")
     settings = {"workers": args.workers} if args.workers > 1 else {}
     plane = start_plane_process(work, settings, args.database_url)  # idle during the baseline
@@ -533,6 +553,7 @@ def main() -> int:
                     probes,
                     args.ramp_per_s,
                     spy,
+                    args.fleet_nice,
                 )
             )
             res["enroll_s"] = enroll_s
@@ -554,6 +575,7 @@ def main() -> int:
                         policy,
                         args.agent_processes,
                         probes,
+                        args.fleet_nice,
                     )
                 )
                 storms_out.append(storm)

@@ -277,10 +277,20 @@ class WorkerGroup:
 
     @classmethod
     async def start(
-        cls, work: Path, first: int, count: int, interval: float, policy: str, log: Path
+        cls,
+        work: Path,
+        first: int,
+        count: int,
+        interval: float,
+        policy: str,
+        log: Path,
+        nice: int = 0,
     ) -> WorkerGroup:
+        """`nice`: the worker's nice value (`nice -n`); positive runs it behind the plane."""
+        niced = ["nice", "-n", str(nice)] if nice else []
         with log.open("w") as err:
             proc = await asyncio.create_subprocess_exec(
+                *niced,
                 *[sys.executable, str(Path(__file__).with_name("bench_heartbeats.py"))],
                 *["--storm-worker", str(work), str(first), str(count), str(interval), policy],
                 stdin=asyncio.subprocess.PIPE,
