@@ -157,6 +157,18 @@ _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
 
+# A call the peer ended without an answer (gRPC CANCELLED, details "CANCELLED"). A server whose
+# Python side is too busy to pick up new calls drops those that waited past gRPC core's limit
+# (`grpc.server_max_unrequested_time_in_server`, 30 s; `cloud/service/server.py`); one
+# shutting down ends its calls the same way. (A call this process cancels raises
+# asyncio.CancelledError in grpc.aio, "Locally cancelled by application!" in sync gRPC.)
+DROPPED_UNSERVED = (
+    "the server dropped the call without answering it: it is shutting down, or too busy to "
+    "take new calls within gRPC's 30 s (many agents connecting at once: retry later, or run "
+    "more control-plane workers)"
+)
+
+
 def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
     """Turns a failed call into the matching error, naming the peer it came from."""
     # Sync calls raise grpc.Call instances; grpc.aio raises AioRpcError: both have code/details.
@@ -164,6 +176,8 @@ def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
     details = (details_of() if callable(details_of) else None) or str(error)
     cls = _BY_CODE.get(code, AutoglmError)
+    if code == grpc.StatusCode.CANCELLED and "locally cancelled" not in details.lower():
+        cls, details = Unavailable, f"{DROPPED_UNSERVED}: {details}"
     if cls is Unavailable:
         details = f"cannot reach {peer}: {_explain_unavailable(details)}"
     if cls is RateLimited:

@@ -80,6 +80,12 @@ SERVER_OPTIONS = [
     # too, and the kernel splits connections between them (a device seen online and offline
     # on alternate calls). Off: the second one fails to start, saying so.
     ("grpc.so_reuseport", 0),
+    # The aio server takes new calls from gRPC core one at a time, a turn of its event loop
+    # each; core drops a call that waited longer than this for it, and the agent sees
+    # CANCELLED (`edge_agent/errors.py` says what it means). gRPC's default, named here: a
+    # longer wait would spend the plane's turns on calls their agents gave up (an agent
+    # abandons its setup after 60 s; calls it cancelled while queued are still handed over).
+    ("grpc.server_max_unrequested_time_in_server", 30),
 ]
 
 

@@ -173,6 +173,7 @@ async def run_sessions(
         "connect_failed_attempts": sum(c["failed_attempts"] for c in connected),
         "connect_last_errors": [c["last_errors"] for c in connected],
         "connect_attempt_errors": _merged([c["attempt_errors"] for c in connected]),
+        "connect_attempt_error_ages": _merged_ages([c["attempt_error_ages"] for c in connected]),
         **res,
     }
 
@@ -280,6 +281,8 @@ async def _storm(
         "server_peak_rss_mib": server_rss,
         **res,
         "last_errors": errors,
+        # Since the agents started (the first connect included), by how long each took.
+        "attempt_error_ages": _merged_ages([b["attempt_error_ages"] for b in backs]),
         "back_per_second": _histogram(done),
     }
 
@@ -594,6 +597,12 @@ def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
         for kind, n in c.items():
             merged[kind] = merged.get(kind, 0) + n
     return dict(sorted(merged.items(), key=lambda kv: -kv[1]))
+
+
+def _merged_ages(ages: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """Failed attempts by error kind and duration bucket, summed over the agent processes."""
+    kinds = {kind for a in ages for kind in a}
+    return {kind: _merged([a.get(kind, {}) for a in ages]) for kind in sorted(kinds)}
 
 
 def _pairs(text: str) -> list[tuple[int, float]]:

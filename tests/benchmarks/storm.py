@@ -57,13 +57,22 @@ def error_kind(error: str, address: str) -> str:
     return error.replace(address, "<plane>").split(" (")[0][:70]
 
 
+# How long a failed attempt took, from opening its channel (before the TLS handshake) to its
+# error: upper bounds in seconds. gRPC core drops a call that waited 30 s for the server's
+# Python side to pick it up (`grpc.server_max_unrequested_time_in_server`); the agents' own
+# setup timeout is 60 s.
+AGE_BOUNDS_S = (1.0, 5.0, 15.0, 28.0, 35.0, 58.0, 65.0, float("inf"))
+
+
 class CountedStats(SessionStats):
     """A session's counters that also count every failed attempt's error by kind (the
-    session keeps only the last one)."""
+    session keeps only the last one), and by how long the attempt took (`TimedSession`)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.error_kinds: dict[str, int] = {}
+        self.error_ages: dict[str, dict[str, int]] = {}
+        self.attempt_started = time.monotonic()
         super().__init__()
 
     @property
@@ -76,6 +85,19 @@ class CountedStats(SessionStats):
         kind = error_kind(error, self.address) if error else "(no message)"
         if error or self.attempts_failed:  # the dataclass's first "" is not a failure
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+            age = time.monotonic() - self.attempt_started
+            bound = next(b for b in AGE_BOUNDS_S if age <= b)
+            ages = self.error_ages.setdefault(kind, {})
+            ages[f"<={bound:g}s"] = ages.get(f"<={bound:g}s", 0) + 1
+
+
+class TimedSession(CloudSession):
+    """The agent's session, noting when each attempt starts (for `CountedStats`)."""
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        if isinstance(self.stats, CountedStats):
+            self.stats.attempt_started = time.monotonic()
+        await super()._session(stop)
 
 
 def make_sessions(
@@ -86,8 +108,8 @@ def make_sessions(
 ) -> list[CloudSession]:
     """The agents' sessions, dialling 127.0.0.1: `localhost` tries ::1 as well, and the
     second socket per agent ran 10,000 agents out of file descriptors (limit 20,000)."""
-    sessions = [
-        CloudSession(
+    sessions: list[CloudSession] = [
+        TimedSession(
             ident,
             status=lambda: STATUS,
             host=lambda: HOST,
@@ -112,6 +134,18 @@ def attempt_errors(sessions: list[CloudSession]) -> dict[str, int]:
             for kind, n in s.stats.error_kinds.items():
                 kinds[kind] = kinds.get(kind, 0) + n
     return kinds
+
+
+def attempt_error_ages(sessions: list[CloudSession]) -> dict[str, dict[str, int]]:
+    """Every failed attempt so far by the kind of its error and how long it took."""
+    ages: dict[str, dict[str, int]] = {}
+    for s in sessions:
+        if isinstance(s.stats, CountedStats):
+            for kind, counts in s.stats.error_ages.items():
+                merged = ages.setdefault(kind, {})
+                for bound, n in counts.items():
+                    merged[bound] = merged.get(bound, 0) + n
+    return ages
 
 
 async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
@@ -164,6 +198,7 @@ class AgentGroup:
             "connected": connected,
             "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions),
             "attempt_errors": attempt_errors(self.sessions),
+            "attempt_error_ages": attempt_error_ages(self.sessions),
             "last_errors": self.last_errors() if connected < len(self.sessions) else {},
         }
 
@@ -187,6 +222,7 @@ class AgentGroup:
             await asyncio.sleep(0.05)
         return {
             "last_errors": self.last_errors(),
+            "attempt_error_ages": attempt_error_ages(self.sessions),
             "back_at": back_at,
             "waiting": len(waiting),
             "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions) - failed,
