@@ -157,15 +157,27 @@ _BY_CODE: dict[grpc.StatusCode, type[AutoglmError]] = {
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
 
-# A call the peer ended without an answer (gRPC CANCELLED, details "CANCELLED"). A server whose
-# Python side is too busy to pick up new calls drops those that waited past gRPC core's limit
-# (`grpc.server_max_unrequested_time_in_server`, 30 s; `cloud/service/server.py`); one
-# shutting down ends its calls the same way. (A call this process cancels raises
-# asyncio.CancelledError in grpc.aio, "Locally cancelled by application!" in sync gRPC.)
-DROPPED_UNSERVED = (
-    "the server dropped the call without answering it: it is shutting down, or too busy to "
-    "take new calls within gRPC's 30 s (many agents connecting at once: retry later, or run "
-    "more control-plane workers)"
+# gRPC core drops a call that waited longer than this for the server's Python side to take it
+# (`grpc.server_max_unrequested_time_in_server`; grpc.aio takes calls one at a time, a turn of
+# its event loop each), and refuses new calls at once while too many wait
+# (`grpc.server.max_pending_requests`): either way the caller sees a bare CANCELLED. The
+# control plane sets both (`cloud/service/server.py`).
+UNREQUESTED_LIMIT_S = 30
+# What a caller that did not cancel its own call is told about a CANCELLED: its peer ended it
+# without an answer. Opening a call, that is a server shutting down or too busy to take it;
+# on a stream open for a while, the server or a proxy between ended it.
+ENDED_UNANSWERED = (
+    "the server ended the call without an answer (gRPC CANCELLED): it is shutting down, or, "
+    "when this is a new call, too busy to take it (too many new calls waiting, or one "
+    f"waiting over {UNREQUESTED_LIMIT_S} s: many agents connecting at once; this agent "
+    "retries)"
+)
+# CANCELLED with these details is this process's own doing (sync gRPC; grpc.aio raises
+# asyncio.CancelledError instead): not the peer's.
+_LOCAL_CANCELS = (
+    "locally cancelled by application",
+    "channel closed",
+    "cancelled upon garbage collection",
 )
 
 
@@ -176,8 +188,10 @@ def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
     details = (details_of() if callable(details_of) else None) or str(error)
     cls = _BY_CODE.get(code, AutoglmError)
-    if code == grpc.StatusCode.CANCELLED and "locally cancelled" not in details.lower():
-        cls, details = Unavailable, f"{DROPPED_UNSERVED}: {details}"
+    if code == grpc.StatusCode.CANCELLED and not any(
+        local in details.lower() for local in _LOCAL_CANCELS
+    ):
+        return Unavailable(f"{peer}: {ENDED_UNANSWERED}: {details}")
     if cls is Unavailable:
         details = f"cannot reach {peer}: {_explain_unavailable(details)}"
     if cls is RateLimited:

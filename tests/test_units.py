@@ -261,6 +261,24 @@ def test_transport_failures_name_their_real_cause(details: str, cause: str) -> N
     assert cause in str(error), str(error)
 
 
+@pytest.mark.parametrize(
+    ("details", "peers"),
+    [
+        ("CANCELLED", True),  # core dropped a call the busy server never took (test_dropped_calls)
+        ("Locally cancelled by application!", False),
+        ("Channel closed!", False),
+        ("Cancelled upon garbage collection!", False),
+    ],
+)
+def test_a_cancelled_call_is_the_peers_doing_only_when_this_process_did_not_cancel_it(
+    details: str, peers: bool
+) -> None:
+    error = from_rpc_error(_FakeRpcError(grpc.StatusCode.CANCELLED, details), "cp:1")
+    assert isinstance(error, Unavailable) is peers, repr(error)
+    assert ("ended the call without an answer" in str(error)) is peers, str(error)
+    assert details in str(error) and (not peers or "cp:1" in str(error)), str(error)
+
+
 def test_json_output_uses_the_tables_words_and_real_numbers() -> None:
     from cloud.cli.output import json_view
     from protos.autoglm.v1 import operator_pb2

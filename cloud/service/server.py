@@ -43,7 +43,7 @@ from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
 from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener
 from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
-from edge_agent.errors import LocalStateError, PermissionDenied
+from edge_agent.errors import UNREQUESTED_LIMIT_S, LocalStateError, PermissionDenied
 from protos.autoglm.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -64,6 +64,7 @@ SERVICE_NAMES = (
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 FEED_BATCH = 500  # desired-state changes read per query of the change feed
 AUDIT_PRUNE_S = 3600.0  # how often the leader deletes audit entries past retention
+PENDING_CALLS = 20_000  # calls waiting for the server to take them; see SERVER_OPTIONS
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -80,12 +81,19 @@ SERVER_OPTIONS = [
     # too, and the kernel splits connections between them (a device seen online and offline
     # on alternate calls). Off: the second one fails to start, saying so.
     ("grpc.so_reuseport", 0),
-    # The aio server takes new calls from gRPC core one at a time, a turn of its event loop
-    # each; core drops a call that waited longer than this for it, and the agent sees
-    # CANCELLED (`edge_agent/errors.py` says what it means). gRPC's default, named here: a
-    # longer wait would spend the plane's turns on calls their agents gave up (an agent
-    # abandons its setup after 60 s; calls it cancelled while queued are still handed over).
-    ("grpc.server_max_unrequested_time_in_server", 30),
+    # New calls wait in gRPC core until our Python side takes them, one per turn of its event
+    # loop. Core refuses new ones at random once this many wait, and all of them at three
+    # times as many, with a bare CANCELLED at once; a refused agent opens a new TLS
+    # connection to retry. Core's 1,000 / 3,000 refused 9,897 and 10,004 attempts when 6,000
+    # agents connected at once to one plane, and they took 128 and 127 s; with 20,000 they
+    # took 30 s and core refused none (tests/benchmarks/bench_heartbeats.py, README).
+    ("grpc.server.max_pending_requests", PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", 3 * PENDING_CALLS),
+    # How long a call may wait there: core drops older ones (CANCELLED, explained by
+    # `edge_agent/errors.py`). gRPC's default, named: longer would spend the plane's turns on
+    # calls their agents gave up (a setup is abandoned after 60 s; a call its agent cancelled
+    # while it waited is still handed over).
+    ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_LIMIT_S),
 ]
 
 

@@ -54,6 +54,7 @@ from tests.benchmarks.fleet import (  # noqa: E402
 )
 from tests.benchmarks.heartbeat_report import scenario_lines, storm_line  # noqa: E402
 from tests.benchmarks.storm import (  # noqa: E402
+    AGE_LABELS,
     POLICIES,
     GroupHandle,
     LocalGroup,
@@ -174,6 +175,7 @@ async def run_sessions(
         "connect_last_errors": [c["last_errors"] for c in connected],
         "connect_attempt_errors": _merged([c["attempt_errors"] for c in connected]),
         "connect_attempt_error_ages": _merged_ages([c["attempt_error_ages"] for c in connected]),
+        "connect_attempt_error_samples": _samples([c["attempt_error_samples"] for c in connected]),
         **res,
     }
 
@@ -281,8 +283,9 @@ async def _storm(
         "server_peak_rss_mib": server_rss,
         **res,
         "last_errors": errors,
-        # Since the agents started (the first connect included), by how long each took.
+        # Failed setups since the agents started (the first connect's too), by duration.
         "attempt_error_ages": _merged_ages([b["attempt_error_ages"] for b in backs]),
+        "attempt_error_samples": _samples([b["attempt_error_samples"] for b in backs]),
         "back_per_second": _histogram(done),
     }
 
@@ -483,8 +486,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.ramp_per_s <= 0:
         parser.error(f"--ramp-per-s: {args.ramp_per_s:g}; give a positive rate")
-    if args.fleet_nice and not args.agent_processes:
-        parser.error(f"--fleet-nice {args.fleet_nice}: needs --agent-processes N (N > 0)")
+    if args.fleet_nice and not (1 <= args.fleet_nice <= 19 and args.agent_processes):
+        parser.error(
+            f"--fleet-nice {args.fleet_nice}: give 1 to 19 (behind the plane; 0: off), "
+            "with --agent-processes N (N > 0)"
+        )
     if args.workers < 1 or (args.workers > 1 and not args.database_url):
         parser.error(f"--workers {args.workers}: give 1, or more with --database-url")
     spy = (py_spy() or "") if args.profile_plane else ""
@@ -600,9 +606,18 @@ def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
 
 
 def _merged_ages(ages: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
-    """Failed attempts by error kind and duration bucket, summed over the agent processes."""
-    kinds = {kind for a in ages for kind in a}
-    return {kind: _merged([a.get(kind, {}) for a in ages]) for kind in sorted(kinds)}
+    """Failed setups by error kind and how long they took (shortest first), summed over the
+    agent processes."""
+    merged: dict[str, dict[str, int]] = {}
+    for kind in sorted({kind for a in ages for kind in a}):
+        counts = _merged([a.get(kind, {}) for a in ages])
+        merged[kind] = {label: counts[label] for label in AGE_LABELS if label in counts}
+    return merged
+
+
+def _samples(samples: list[dict[str, str]]) -> dict[str, str]:
+    """A whole message for each kind of failed attempt, from whichever process had one."""
+    return {kind: text for s in reversed(samples) for kind, text in s.items()}
 
 
 def _pairs(text: str) -> list[tuple[int, float]]:

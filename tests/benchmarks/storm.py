@@ -57,11 +57,16 @@ def error_kind(error: str, address: str) -> str:
     return error.replace(address, "<plane>").split(" (")[0][:70]
 
 
-# How long a failed attempt took, from opening its channel (before the TLS handshake) to its
-# error: upper bounds in seconds. gRPC core drops a call that waited 30 s for the server's
-# Python side to pick it up (`grpc.server_max_unrequested_time_in_server`); the agents' own
-# setup timeout is 60 s.
-AGE_BOUNDS_S = (1.0, 5.0, 15.0, 28.0, 35.0, 58.0, 65.0, float("inf"))
+# How long a failed session setup took, from opening its channel (before the TLS handshake) to
+# its error: upper bounds in seconds. gRPC core drops a call that waited 30 s or more for the
+# server's Python side to take it (at the server's next take, so the drop comes at 30 s or
+# later; `grpc.server_max_unrequested_time_in_server`); the agents' own setup timeout is 60 s.
+AGE_BOUNDS_S = (1.0, 5.0, 15.0, 28.0, 35.0, 58.0, 65.0)
+AGE_LABELS = [f"<={b:g}s" for b in AGE_BOUNDS_S] + [f">{AGE_BOUNDS_S[-1]:g}s"]
+
+
+def age_label(age_s: float) -> str:
+    return next((f"<={b:g}s" for b in AGE_BOUNDS_S if age_s <= b), AGE_LABELS[-1])
 
 
 class CountedStats(SessionStats):
@@ -72,7 +77,9 @@ class CountedStats(SessionStats):
         self.address = address
         self.error_kinds: dict[str, int] = {}
         self.error_ages: dict[str, dict[str, int]] = {}
+        self.error_samples: dict[str, str] = {}  # a kind's first whole message
         self.attempt_started = time.monotonic()
+        self.opened_before_attempt = 0
         super().__init__()
 
     @property
@@ -85,10 +92,11 @@ class CountedStats(SessionStats):
         kind = error_kind(error, self.address) if error else "(no message)"
         if error or self.attempts_failed:  # the dataclass's first "" is not a failure
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
-            age = time.monotonic() - self.attempt_started
-            bound = next(b for b in AGE_BOUNDS_S if age <= b)
-            ages = self.error_ages.setdefault(kind, {})
-            ages[f"<={bound:g}s"] = ages.get(f"<={bound:g}s", 0) + 1
+            self.error_samples.setdefault(kind, error.replace(self.address, "<plane>"))
+            if self.sessions_opened == self.opened_before_attempt:  # a setup that failed
+                label = age_label(time.monotonic() - self.attempt_started)
+                ages = self.error_ages.setdefault(kind, {})
+                ages[label] = ages.get(label, 0) + 1
 
 
 class TimedSession(CloudSession):
@@ -97,6 +105,7 @@ class TimedSession(CloudSession):
     async def _session(self, stop: asyncio.Event) -> None:
         if isinstance(self.stats, CountedStats):
             self.stats.attempt_started = time.monotonic()
+            self.stats.opened_before_attempt = self.stats.sessions_opened
         await super()._session(stop)
 
 
@@ -137,7 +146,7 @@ def attempt_errors(sessions: list[CloudSession]) -> dict[str, int]:
 
 
 def attempt_error_ages(sessions: list[CloudSession]) -> dict[str, dict[str, int]]:
-    """Every failed attempt so far by the kind of its error and how long it took."""
+    """Every failed session setup so far by the kind of its error and how long it took."""
     ages: dict[str, dict[str, int]] = {}
     for s in sessions:
         if isinstance(s.stats, CountedStats):
@@ -146,6 +155,16 @@ def attempt_error_ages(sessions: list[CloudSession]) -> dict[str, dict[str, int]
                 for bound, n in counts.items():
                     merged[bound] = merged.get(bound, 0) + n
     return ages
+
+
+def attempt_error_samples(sessions: list[CloudSession]) -> dict[str, str]:
+    """One whole message of each kind of failed attempt (a kind is cut at its details)."""
+    samples: dict[str, str] = {}
+    for s in sessions:
+        if isinstance(s.stats, CountedStats):
+            for kind, message in s.stats.error_samples.items():
+                samples.setdefault(kind, message)
+    return samples
 
 
 async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
@@ -199,6 +218,7 @@ class AgentGroup:
             "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions),
             "attempt_errors": attempt_errors(self.sessions),
             "attempt_error_ages": attempt_error_ages(self.sessions),
+            "attempt_error_samples": attempt_error_samples(self.sessions),
             "last_errors": self.last_errors() if connected < len(self.sessions) else {},
         }
 
@@ -223,6 +243,7 @@ class AgentGroup:
         return {
             "last_errors": self.last_errors(),
             "attempt_error_ages": attempt_error_ages(self.sessions),
+            "attempt_error_samples": attempt_error_samples(self.sessions),
             "back_at": back_at,
             "waiting": len(waiting),
             "failed_attempts": sum(s.stats.attempts_failed for s in self.sessions) - failed,
