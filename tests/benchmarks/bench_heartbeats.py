@@ -21,16 +21,12 @@ import itertools
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import grpc
-from grpc import aio
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -53,67 +49,17 @@ from tests.benchmarks.fleet import (  # noqa: E402
     stop,
 )
 from tests.benchmarks.heartbeat_report import scenario_lines, storm_line  # noqa: E402
+from tests.benchmarks.ping_baseline import ping_baseline, serve_ping  # noqa: E402
 from tests.benchmarks.storm import (  # noqa: E402
-    AGE_LABELS,
     POLICIES,
     GroupHandle,
     LocalGroup,
     WorkerGroup,
+    merged,
+    merged_ages,
+    merged_samples,
     serve_worker,
 )
-
-PING = "/bench.Ping/Ping"
-
-
-# ---- the raw baseline: a bare aio server with one unary method, same TLS certificate ----
-async def _ping_server(state: Path, ports_file: Path) -> None:
-    server = aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(_pong)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    creds = grpc.ssl_server_credentials(
-        [((state / "server.key").read_bytes(), (state / "server.crt").read_bytes())]
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    ports_file.write_text(json.dumps({"port": port}))
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(0)
-
-
-async def _pong(request: bytes, context: object) -> bytes:
-    return request
-
-
-async def ping_baseline(
-    port: int, ca_pem: bytes, concurrency: int, seconds: float
-) -> dict[str, float]:
-    """Closed loop: `concurrency` callers on one channel, each pinging as fast as it can."""
-    creds = grpc.ssl_channel_credentials(ca_pem)
-    async with aio.secure_channel(f"localhost:{port}", creds) as channel:
-        ping: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PING)
-        await ping(b"x" * 64)
-        latencies: list[float] = []
-        deadline = time.monotonic() + seconds
-
-        async def caller() -> None:
-            while time.monotonic() < deadline:
-                start = time.monotonic()
-                await ping(b"x" * 64)
-                latencies.append(time.monotonic() - start)
-
-        start = time.monotonic()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.monotonic() - start
-    return {
-        "per_s": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
-
 
 # ---- the system under test ----
 # Probe agents: a few sessions in a process of their own, a heartbeat a second each, measured
@@ -173,9 +119,11 @@ async def run_sessions(
         "connect_s": max(c["connect_s"] for c in connected),
         "connect_failed_attempts": sum(c["failed_attempts"] for c in connected),
         "connect_last_errors": [c["last_errors"] for c in connected],
-        "connect_attempt_errors": _merged([c["attempt_errors"] for c in connected]),
-        "connect_attempt_error_ages": _merged_ages([c["attempt_error_ages"] for c in connected]),
-        "connect_attempt_error_samples": _samples([c["attempt_error_samples"] for c in connected]),
+        "connect_attempt_errors": merged([c["attempt_errors"] for c in connected]),
+        "connect_attempt_error_ages": merged_ages([c["attempt_error_ages"] for c in connected]),
+        "connect_attempt_error_samples": merged_samples(
+            [c["attempt_error_samples"] for c in connected]
+        ),
         **res,
     }
 
@@ -284,8 +232,8 @@ async def _storm(
         **res,
         "last_errors": errors,
         # Failed setups since the agents started (the first connect's too), by duration.
-        "attempt_error_ages": _merged_ages([b["attempt_error_ages"] for b in backs]),
-        "attempt_error_samples": _samples([b["attempt_error_samples"] for b in backs]),
+        "attempt_error_ages": merged_ages([b["attempt_error_ages"] for b in backs]),
+        "attempt_error_samples": merged_samples([b["attempt_error_samples"] for b in backs]),
         "back_per_second": _histogram(done),
     }
 
@@ -499,7 +447,7 @@ def main() -> int:
     # Thousands of agents each saying "reconnecting" would drown the result lines.
     logging.getLogger("edge_agent.session").setLevel(logging.ERROR)
     if args.ping_server:
-        asyncio.run(_ping_server(Path(args.ping_server[0]), Path(args.ping_server[1])))
+        asyncio.run(serve_ping(Path(args.ping_server[0]), Path(args.ping_server[1])))
         return 0
     if args.storm_worker:
         work, first, count, interval, policy = args.storm_worker
@@ -595,29 +543,6 @@ def main() -> int:
         json.dumps({"baseline_ping": base, "heartbeats": results, "storms": storms_out}, indent=1)
     )
     return 0
-
-
-def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for c in counts:
-        for kind, n in c.items():
-            merged[kind] = merged.get(kind, 0) + n
-    return dict(sorted(merged.items(), key=lambda kv: -kv[1]))
-
-
-def _merged_ages(ages: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
-    """Failed setups by error kind and how long they took (shortest first), summed over the
-    agent processes."""
-    merged: dict[str, dict[str, int]] = {}
-    for kind in sorted({kind for a in ages for kind in a}):
-        counts = _merged([a.get(kind, {}) for a in ages])
-        merged[kind] = {label: counts[label] for label in AGE_LABELS if label in counts}
-    return merged
-
-
-def _samples(samples: list[dict[str, str]]) -> dict[str, str]:
-    """A whole message for each kind of failed attempt, from whichever process had one."""
-    return {kind: text for s in reversed(samples) for kind, text in s.items()}
 
 
 def _pairs(text: str) -> list[tuple[int, float]]:

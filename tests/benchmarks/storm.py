@@ -411,3 +411,27 @@ async def serve_worker(work: Path, first: int, count: int, interval: float, poli
         sys.stdout.flush()
         if msg["command"] == "stop":
             return
+
+
+def merged(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Counts by kind summed over the agent processes, the largest first."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for kind, n in c.items():
+            total[kind] = total.get(kind, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def merged_ages(ages: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """Failed setups by error kind and how long they took (shortest first), summed over the
+    agent processes."""
+    total: dict[str, dict[str, int]] = {}
+    for kind in sorted({kind for a in ages for kind in a}):
+        counts = merged([a.get(kind, {}) for a in ages])
+        total[kind] = {label: counts[label] for label in AGE_LABELS if label in counts}
+    return total
+
+
+def merged_samples(samples: list[dict[str, str]]) -> dict[str, str]:
+    """A whole message for each kind of failed attempt, from whichever process had one."""
+    return {kind: text for s in reversed(samples) for kind, text in s.items()}
