@@ -169,8 +169,7 @@ UNREQUESTED_LIMIT_S = 30
 ENDED_UNANSWERED = (
     "the server ended the call without an answer (gRPC CANCELLED): it is shutting down, or, "
     "when this is a new call, too busy to take it (too many new calls waiting, or one "
-    f"waiting over {UNREQUESTED_LIMIT_S} s: many agents connecting at once; this agent "
-    "retries)"
+    f"waiting over {UNREQUESTED_LIMIT_S} s: many clients connecting at once; try again)"
 )
 # CANCELLED with these details is this process's own doing (sync gRPC; grpc.aio raises
 # asyncio.CancelledError instead): not the peer's.

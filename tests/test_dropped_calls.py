@@ -18,7 +18,7 @@ from grpc import aio
 from cloud.service.server import PENDING_CALLS, SERVER_OPTIONS
 from edge_agent.errors import Unavailable, from_rpc_error
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 METHOD = "/test.Echo/Echo"
 
 
@@ -101,8 +101,9 @@ def test_a_call_the_busy_server_never_picked_up_is_explained() -> None:
             # One was already matched to the server's outstanding request; core drops the rest.
             assert grpc.StatusCode.CANCELLED in codes, codes
             dropped = next(c for c in calls if c.code() == grpc.StatusCode.CANCELLED)
-            assert dropped.details() == "CANCELLED", dropped.details()  # all core says
-            error = from_rpc_error(dropped, "cp:1")  # type: ignore[arg-type]
+            failure = dropped.exception()
+            assert isinstance(failure, grpc.RpcError), repr(failure)
+            error = from_rpc_error(failure, "cp:1")
             assert isinstance(error, Unavailable), repr(error)
             assert "ended the call without an answer" in str(error), str(error)
             assert "too busy to take it" in str(error), str(error)
@@ -113,10 +114,7 @@ def test_a_call_the_busy_server_never_picked_up_is_explained() -> None:
 def _burst(server: BusyServer, count: int, wait_s: float) -> tuple[list[grpc.StatusCode], float]:
     """`count` calls sent while the server is held; released once one of them has ended
     (core refused it) or after `wait_s`. Their codes, and how long until the release."""
-    streams = [("grpc.max_concurrent_streams", 100_000)]
-    channels = [
-        grpc.insecure_channel(f"127.0.0.1:{server.port}", options=streams) for _ in range(4)
-    ]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(4)]
     try:
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=60)
@@ -150,11 +148,14 @@ def test_a_burst_of_new_calls_waits_for_the_busy_plane_instead_of_being_refused(
         server.close()
     refused = codes.count(grpc.StatusCode.CANCELLED)
     assert refused > 0, f"core's defaults refused none of {count} calls held {held_s:.1f} s"
-    server = BusyServer(SERVER_OPTIONS)
+    # The plane's options, but calls may wait 10 minutes: this is about how many may wait,
+    # not how long (a slow machine takes the 3,000 slowly once released).
+    unrequested = "grpc.server_max_unrequested_time_in_server"
+    options = [o for o in SERVER_OPTIONS if o[0] != unrequested] + [(unrequested, 600)]
+    server = BusyServer(options)
     try:
-        # Twice as long as the defaults took to refuse one, at least 5 s, and under the 30 s
-        # after which core drops a waiting call.
-        codes, _ = _burst(server, count, wait_s=min(25.0, max(5.0, 2 * held_s)))
+        # Twice as long as the defaults took to refuse one, and at least 5 s.
+        codes, _ = _burst(server, count, wait_s=max(5.0, 2 * held_s))
     finally:
         server.close()
     assert codes.count(grpc.StatusCode.OK) == count, (

@@ -18,6 +18,7 @@ PING = "/bench.Ping/Ping"
 
 
 async def serve_ping(state: Path, ports_file: Path) -> None:
+    """The baseline's server (server-side TLS only) until SIGTERM; its port to `ports_file`."""
     server = aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(_pong)}

@@ -66,6 +66,7 @@ AGE_LABELS = [f"<={b:g}s" for b in AGE_BOUNDS_S] + [f">{AGE_BOUNDS_S[-1]:g}s"]
 
 
 def age_label(age_s: float) -> str:
+    """The `AGE_LABELS` bucket a failed setup of `age_s` seconds falls in."""
     return next((f"<={b:g}s" for b in AGE_BOUNDS_S if age_s <= b), AGE_LABELS[-1])
 
 
@@ -135,36 +136,23 @@ def make_sessions(
     return sessions
 
 
+def _counted(sessions: list[CloudSession]) -> list[CountedStats]:
+    return [s.stats for s in sessions if isinstance(s.stats, CountedStats)]
+
+
 def attempt_errors(sessions: list[CloudSession]) -> dict[str, int]:
     """Every failed attempt so far by the kind of its error, all sessions together."""
-    kinds: dict[str, int] = {}
-    for s in sessions:
-        if isinstance(s.stats, CountedStats):
-            for kind, n in s.stats.error_kinds.items():
-                kinds[kind] = kinds.get(kind, 0) + n
-    return kinds
+    return merged([c.error_kinds for c in _counted(sessions)])
 
 
 def attempt_error_ages(sessions: list[CloudSession]) -> dict[str, dict[str, int]]:
     """Every failed session setup so far by the kind of its error and how long it took."""
-    ages: dict[str, dict[str, int]] = {}
-    for s in sessions:
-        if isinstance(s.stats, CountedStats):
-            for kind, counts in s.stats.error_ages.items():
-                merged = ages.setdefault(kind, {})
-                for bound, n in counts.items():
-                    merged[bound] = merged.get(bound, 0) + n
-    return ages
+    return merged_ages([c.error_ages for c in _counted(sessions)])
 
 
 def attempt_error_samples(sessions: list[CloudSession]) -> dict[str, str]:
     """One whole message of each kind of failed attempt (a kind is cut at its details)."""
-    samples: dict[str, str] = {}
-    for s in sessions:
-        if isinstance(s.stats, CountedStats):
-            for kind, message in s.stats.error_samples.items():
-                samples.setdefault(kind, message)
-    return samples
+    return merged_samples([c.error_samples for c in _counted(sessions)])
 
 
 async def wait_connected(sessions: list[CloudSession], timeout_s: float) -> float:
@@ -414,7 +402,7 @@ async def serve_worker(work: Path, first: int, count: int, interval: float, poli
 
 
 def merged(counts: list[dict[str, int]]) -> dict[str, int]:
-    """Counts by kind summed over the agent processes, the largest first."""
+    """Counts by kind summed over the dicts given (sessions, processes), the largest first."""
     total: dict[str, int] = {}
     for c in counts:
         for kind, n in c.items():
