@@ -312,9 +312,12 @@ def enroll_fleet(
         return list(pool.map(one, range(first, first + count)))
 
 
-async def serve_raw_until_sigterm(state: Path, ports_file: Path, handler: Any) -> None:
-    """A bare gRPC server (the raw baselines) with the control plane's certificate and mutual
-    TLS; its port goes to `ports_file`; it serves `handler` until SIGTERM."""
+async def serve_raw_until_sigterm(
+    state: Path, ports_file: Path, handler: Any, client_auth: bool = True
+) -> None:
+    """A bare gRPC server (the raw baselines) with the control plane's certificate, mutual
+    TLS unless `client_auth` is off; its port goes to `ports_file`; it serves `handler` until
+    SIGTERM."""
     import asyncio
 
     import grpc
@@ -324,8 +327,8 @@ async def serve_raw_until_sigterm(state: Path, ports_file: Path, handler: Any) -
     server.add_generic_rpc_handlers((handler,))
     creds = grpc.ssl_server_credentials(
         [((state / "server.key").read_bytes(), (state / "server.crt").read_bytes())],
-        root_certificates=(state / "ca.crt").read_bytes(),
-        require_client_auth=True,
+        root_certificates=(state / "ca.crt").read_bytes() if client_auth else None,
+        require_client_auth=client_auth,
     )
     port = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()

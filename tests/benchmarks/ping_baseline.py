@@ -4,36 +4,23 @@ the control plane's TLS certificate (its own process), and a closed-loop client 
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
 import time
 from pathlib import Path
 
 import grpc
 from grpc import aio
 
-from tests.benchmarks.fleet import percentile
+from tests.benchmarks.fleet import percentile, serve_raw_until_sigterm
 
 PING = "/bench.Ping/Ping"
 
 
 async def serve_ping(state: Path, ports_file: Path) -> None:
     """The baseline's server (server-side TLS only) until SIGTERM; its port to `ports_file`."""
-    server = aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(_pong)}
     )
-    server.add_generic_rpc_handlers((handler,))
-    creds = grpc.ssl_server_credentials(
-        [((state / "server.key").read_bytes(), (state / "server.crt").read_bytes())]
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    ports_file.write_text(json.dumps({"port": port}))
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_raw_until_sigterm(state, ports_file, handler, client_auth=False)
 
 
 async def _pong(request: bytes, context: object) -> bytes:
