@@ -93,7 +93,7 @@ def test_a_call_the_busy_server_never_picked_up_is_explained() -> None:
             assert echo(b"warm", timeout=60) == b"warm"  # connected: the calls below go at once
             server.hold()
             calls = [echo.future(b"x", timeout=120) for _ in range(3)]
-            time.sleep(3.0)  # they wait unrequested 3 s, three times core's limit of 1 s
+            time.sleep(6.0)  # they wait unrequested 6 s, six times core's limit of 1 s
             server.release()
             for call in calls:
                 call.exception(timeout=120)  # its end, whichever it is
