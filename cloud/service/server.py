@@ -86,7 +86,7 @@ SERVER_OPTIONS = [
     # times as many, with a bare CANCELLED at once; a refused agent opens a new TLS
     # connection to retry. With core's 1,000 / 3,000, 9,897 and 10,004 setups failed when
     # 6,000 agents connected at once to one plane, and they took 128 and 127 s; with 20,000
-    # they took 30 s and core refused none (tests/benchmarks/bench_heartbeats.py, README).
+    # they took 30 s and core refused none (tests/benchmarks/bench_heartbeats.py and its README).
     # A waiting call is a few KiB in core; arrivals over 30 s, not the fleet, bound them.
     ("grpc.server.max_pending_requests", PENDING_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", 3 * PENDING_CALLS),

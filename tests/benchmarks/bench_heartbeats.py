@@ -443,7 +443,7 @@ def main() -> int:
         parser.error(f"--workers {args.workers}: give 1, or more with --database-url")
     spy = (py_spy() or "") if args.profile_plane else ""
     if args.profile_plane and not spy:
-        parser.error("--profile-plane needs py-spy: .venv/bin/pip install py-spy")
+        parser.error("--profile-plane needs py-spy (a dev dependency: make setup)")
     # Thousands of agents each saying "reconnecting" would drown the result lines.
     logging.getLogger("edge_agent.session").setLevel(logging.ERROR)
     if args.ping_server:
