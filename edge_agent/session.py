@@ -295,7 +295,9 @@ class CloudSession:
     async def _hello(
         call: aio.StreamStreamCall[Outgoing, agent_pb2.ControlMessage], hello: agent_pb2.Hello
     ) -> object:
-        await call.write(agent_pb2.AgentMessage(hello=hello))
+        # The plane may have ended the call first (refused it): then read raises its status.
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await call.write(agent_pb2.AgentMessage(hello=hello))
         return await call.read()
 
     async def _heartbeats(

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
+from grpc import aio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +23,7 @@ from edge_agent.config import ReconnectPolicy
 from edge_agent.errors import RETRY_AFTER_KEY, RateLimited, from_rpc_error
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
+from edge_agent.session import CloudSession
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import register
 from tests.support.agents import enroll_identity, start_session, wait_for
@@ -164,6 +168,58 @@ def test_a_busy_plane_refuses_a_session_with_a_hint_the_agent_follows(
         agent.stop()
 
 
+@pytest.mark.integration
+def test_a_refusal_reaches_the_agent_intact_however_its_hello_write_is_timed(
+    narrow_plane: RunningPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plane answers a refused setup once the hello has arrived: a refusal that ended
+    the call while the hello was being written reached the agent as grpc.aio's INTERNAL
+    "Internal error from Core", without the retry hint (37 of 400 calls before). And an
+    agent whose hello comes after the call ended (a plane without that) reads the refusal
+    instead of failing on the write."""
+    plane = narrow_plane
+    identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
+    release = _hold_the_only_place(plane)
+    hello = agent_pb2.AgentMessage(hello=agent_pb2.Hello(agent_version="t"))
+
+    async def attempts(calls: int) -> list[str]:
+        outcomes = []
+        async with aio.secure_channel(plane.device_address, identity.credentials()) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            for i in range(calls):
+                call = stub.Session(timeout=30)
+                await asyncio.sleep((i % 20) * 0.0005)  # the hello 0-10 ms after the call
+                try:
+                    await call.write(hello)
+                    await call.read()
+                    outcomes.append("answered")
+                except asyncio.InvalidStateError:
+                    outcomes.append("the write found the call ended")
+                except grpc.aio.AioRpcError as error:
+                    hinted = any(k == RETRY_AFTER_KEY for k, _ in error.trailing_metadata())
+                    outcomes.append(f"{error.code().name}{' with a hint' if hinted else ''}")
+        return outcomes
+
+    outcomes = asyncio.run(attempts(200))
+    assert Counter(outcomes) == {"RESOURCE_EXHAUSTED with a hint": 200}, Counter(outcomes)
+
+    async def late_hello() -> BaseException | None:
+        async with aio.secure_channel(plane.device_address, identity.credentials()) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Session(timeout=30)
+            await call.code()  # ended before any hello: refused without waiting for one
+            try:
+                await CloudSession._hello(cast(Any, call), hello.hello)  # its own stub's call
+            except (grpc.RpcError, asyncio.InvalidStateError) as error:
+                return error
+        return None
+
+    monkeypatch.setattr(agent_service, "REFUSAL_HELLO_WAIT_S", 0.0)
+    error = asyncio.run(late_hello())
+    assert isinstance(error, grpc.RpcError), repr(error)
+    assert isinstance(from_rpc_error(error, plane.device_address), RateLimited), error
+    plane.loop.call_soon_threadsafe(release.set)
+
+
 def _silent_session(plane: RunningPlane, identity: DeviceIdentity) -> grpc.RpcError:
     """Opens a session and sends nothing; returns how the plane ended it."""
     quiet = threading.Event()
@@ -187,7 +243,8 @@ def test_a_session_that_never_says_hello_is_dropped_and_a_revoked_peer_is_refuse
     narrow_plane: RunningPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A peer holds nothing for long: a stream without a hello ends after the bound, and a
-    revoked device is refused before the plane reads anything from it."""
+    revoked device is refused without a setup place or a query for its state, after at most
+    the short wait for its hello that keeps the refusal intact."""
     monkeypatch.setattr(agent_service, "HELLO_TIMEOUT_S", 0.5)
     plane = narrow_plane
     identity = enroll_identity(register(plane, "pump-1"), tmp_path / "a")
@@ -198,6 +255,7 @@ def test_a_session_that_never_says_hello_is_dropped_and_a_revoked_peer_is_refuse
 
     plane.plane.registry.revoke("pump-1", "stolen")
     monkeypatch.setattr(agent_service, "HELLO_TIMEOUT_S", 25.0)  # refused long before that
+    monkeypatch.setattr(agent_service, "REFUSAL_HELLO_WAIT_S", 0.5)
     refused = _silent_session(plane, identity)
     assert refused.code() in (
         grpc.StatusCode.PERMISSION_DENIED,
