@@ -50,16 +50,22 @@ STORE_AHEAD = 2  # record batches of a session read while the one before is stor
 HELLO_TIMEOUT_S = 30.0  # an agent sends its hello at once; a silent stream is dropped
 
 
-# A session refused before its hello was read (busy, revoked, unknown) is answered once the
-# hello has arrived, or after this long. An agent writes its hello as soon as the call starts;
-# a refusal that ends the call while that write is under way reaches it as grpc.aio's
-# "Internal error from Core" (the failed write is marked INTERNAL, the refusal's status and
-# its retry hint are dropped): 37 of 400 refused calls did, hellos written 0-10 ms after the
-# call began. Read first, the hello's write has finished before the refusal is sent.
+# A session refused before its hello was read (busy, revoked, unknown, the store failing) is
+# answered once the hello has arrived, or after this long. An agent writes its hello as soon
+# as the call starts; a refusal that ends the call while that write is under way reaches it as
+# grpc.aio's "Internal error from Core" (the failed write is marked INTERNAL, the refusal's
+# status and its retry hint are dropped): 37 of 400 refused calls did on this project's
+# machine, hellos written 0-10 ms after the call began. Read first, the hello's write has
+# finished before the refusal is sent. At most REFUSALS_WAITING calls wait so at once (an
+# admitted call waits up to HELLO_TIMEOUT_S for its hello); beyond that, refused at once.
+# Refused calls' durations in the call metrics include this wait.
 REFUSAL_HELLO_WAIT_S = 5.0
+REFUSALS_WAITING = 1_000
 
 
-async def _hello_or_none(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+async def _await_hello(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+    """Lets the hello arrive, at most REFUSAL_HELLO_WAIT_S; what came, or an error, is
+    ignored: the call is being refused."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(anext(aiter(request_iterator), None), REFUSAL_HELLO_WAIT_S)
 
@@ -96,6 +102,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
+        self._refusals_waiting = 0  # see REFUSALS_WAITING
         self.signing_root = signing_root  # sent before desired state: it may need the new key
         # After a CA change, devices whose certificate another CA issued renew at once.
         self.issuing_ca_pem = issuing_ca.cert_pem if issuing_ca is not None else b""
@@ -178,12 +185,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         device_id, fingerprint = device_identity(context)
         setup = self.metrics.session_setup
         started = time.monotonic()
+        # (A peer without a device certificate is refused above, before any wait: the device
+        # port's TLS asks for one, so only a broken client gets there.)
         try:
             with self.admission.setup():  # RateLimited, with a retry hint, when too many open
                 # Who it is first: a revoked or unknown peer is refused before its state is read.
                 device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
-        except AutoglmError:
-            await _hello_or_none(request_iterator)  # see REFUSAL_HELLO_WAIT_S
+        except Exception:
+            if self._refusals_waiting < REFUSALS_WAITING:
+                self._refusals_waiting += 1
+                try:
+                    await _await_hello(request_iterator)  # see REFUSAL_HELLO_WAIT_S
+                finally:
+                    self._refusals_waiting -= 1
             raise
         setup.labels("lookup").observe(time.monotonic() - started)
         started = time.monotonic()
