@@ -171,6 +171,14 @@ ENDED_UNANSWERED = (
     "when this is a new call, too busy to take it (too many new calls waiting, or one "
     f"waiting over {UNREQUESTED_LIMIT_S} s: many clients connecting at once; try again)"
 )
+# grpc.aio's status for a client's write that failed because the call had ended meanwhile (the
+# connection dropped, or the server answered: a plane killed mid-session, a refusal racing
+# the hello); the call's real status is lost.
+_ENDED_UNDER_WRITE = "internal error from core"
+ENDED_UNDER_WRITE = (
+    "the call ended while this side was sending on it (gRPC's 'Internal error from Core': the "
+    "connection dropped or the server ended the call meanwhile; its answer is lost)"
+)
 # CANCELLED with these details is this process's own doing (sync gRPC; grpc.aio raises
 # asyncio.CancelledError instead): not the peer's.
 _LOCAL_CANCELS = (
@@ -191,6 +199,8 @@ def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
         local in details.lower() for local in _LOCAL_CANCELS
     ):
         return Unavailable(f"{peer}: {ENDED_UNANSWERED}: {details}")
+    if code == grpc.StatusCode.INTERNAL and details.strip().lower() == _ENDED_UNDER_WRITE:
+        return Unavailable(f"{peer}: {ENDED_UNDER_WRITE}")
     if cls is Unavailable:
         details = f"cannot reach {peer}: {_explain_unavailable(details)}"
     if cls is RateLimited:

@@ -279,6 +279,16 @@ def test_a_cancelled_call_is_the_peers_doing_only_when_this_process_did_not_canc
     assert details in str(error) and (not peers or "cp:1" in str(error)), str(error)
 
 
+def test_a_write_on_a_call_that_ended_is_explained_other_internal_errors_are_not() -> None:
+    ended = from_rpc_error(
+        _FakeRpcError(grpc.StatusCode.INTERNAL, "Internal error from Core"), "cp:1"
+    )
+    assert isinstance(ended, Unavailable), repr(ended)
+    assert "cp:1" in str(ended) and "ended while this side was sending" in str(ended), str(ended)
+    other = from_rpc_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "incident 7f3a"), "cp:1")
+    assert not isinstance(other, Unavailable) and str(other) == "incident 7f3a", repr(other)
+
+
 def test_json_output_uses_the_tables_words_and_real_numbers() -> None:
     from cloud.cli.output import json_view
     from protos.autoglm.v1 import operator_pb2
