@@ -16,7 +16,9 @@ import pytest
 from grpc import aio
 
 from cloud.service.server import PENDING_CALLS, SERVER_OPTIONS
-from edge_agent.errors import Unavailable, from_rpc_error
+from edge_agent.config import CloudLink
+from edge_agent.errors import UNREQUESTED_LIMIT_S, Unavailable, from_rpc_error
+from edge_agent.session import SETUP_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 METHOD = "/test.Echo/Echo"
@@ -134,6 +136,16 @@ def _burst(server: BusyServer, count: int, wait_s: float) -> tuple[list[grpc.Sta
     finally:
         for channel in channels:
             channel.close()
+
+
+@pytest.mark.unit
+def test_core_drops_a_waiting_call_before_its_agent_abandons_the_setup() -> None:
+    """A call core has not handed over by then is dropped just before its agent would give it
+    up: dropped later, the plane would take calls no one waits for any more."""
+    limit = dict(SERVER_OPTIONS)["grpc.server_max_unrequested_time_in_server"]
+    assert limit == UNREQUESTED_LIMIT_S
+    configured = CloudLink.model_fields["setup_timeout_s"].default
+    assert 30 < limit < min(SETUP_TIMEOUT_S, configured), limit
 
 
 def test_a_burst_of_new_calls_waits_for_the_busy_plane_instead_of_being_refused() -> None:
