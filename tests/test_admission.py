@@ -258,23 +258,17 @@ def test_a_session_that_never_says_hello_is_dropped_and_a_revoked_peer_is_refuse
 
     plane.plane.registry.revoke("pump-1", "stolen")
     monkeypatch.setattr(agent_service, "HELLO_TIMEOUT_S", 25.0)  # refused long before that
-    monkeypatch.setattr(agent_service, "REFUSAL_HELLO_WAIT_S", 0.5)
-    refused = _silent_session(plane, identity)
-    assert refused.code() in (
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-    ), refused
-    assert plane.plane.admission.in_setup == 0
-
-    # With as many refusals already waiting as allowed, the next is refused at once: it
-    # would otherwise wait past the call's 30 s deadline for a hello that never comes.
-    monkeypatch.setattr(agent_service, "REFUSAL_HELLO_WAIT_S", 60.0)
-    monkeypatch.setattr(agent_service, "REFUSALS_WAITING", 0)
-    refused = _silent_session(plane, identity)
-    assert refused.code() in (
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-    ), refused
+    # Refused after the short wait for its hello; then, with as many refusals already
+    # waiting as allowed (none), at once: waiting, it would run past the call's 30 s deadline.
+    for wait_s, waiting in ((0.5, agent_service.REFUSALS_WAITING), (60.0, 0)):
+        monkeypatch.setattr(agent_service, "REFUSAL_HELLO_WAIT_S", wait_s)
+        monkeypatch.setattr(agent_service, "REFUSALS_WAITING", waiting)
+        refused = _silent_session(plane, identity)
+        assert refused.code() in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ), (wait_s, waiting, refused)
+        assert plane.plane.admission.in_setup == 0
 
 
 @pytest.mark.unit
