@@ -22,7 +22,7 @@ class DecisionParams:
     residual_quantile: float = 0.99
     # Raw window scores averaged into the score a row is flagged on (causal mean). 1 (none)
     # since EXP14j (scripts/experiments/issue14/README.md: rule written first, training seeds
-    # 17 / 18): injected faults' F1 +0.016 on valve1's background, FAR -1.6 / -1.7 points,
+    # 17 / 18): injected faults' F1 +0.017 / +0.016 on valve1's background, FAR -1.6 / -1.7 points,
     # unseen valve1 even; the fitted `alert_windows` debounce still steadies alerts. Bundles
     # made before it keep the 5 in their manifest.
     smoothing: int = 1

@@ -164,7 +164,8 @@ _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 # control plane sets both (`cloud/service/server.py`).
 # 55 s, not gRPC's 30: just under an agent's default setup timeout (60 s, connect and TLS
 # included). In 10,000-agent restart storms it brought every agent back sooner with fewer
-# failed attempts in both alternated pairs (tests/benchmarks/README.md, "E17a").
+# failed attempts in both alternated pairs, by less than runs of one setting differ
+# (tests/benchmarks/README.md, "E17a").
 UNREQUESTED_LIMIT_S = 55
 # What a caller that did not cancel its own call is told about a CANCELLED: its peer ended it
 # without an answer. Opening a call, that is a server shutting down or too busy to take it;
@@ -202,13 +203,27 @@ def from_rpc_error(error: grpc.RpcError, peer: str) -> AutoglmError:
         local in details.lower() for local in _LOCAL_CANCELS
     ):
         return Unavailable(f"{peer}: {ENDED_UNANSWERED}: {details}")
-    if code == grpc.StatusCode.INTERNAL and details.strip().lower() == _ENDED_UNDER_WRITE:
+    if (
+        code == grpc.StatusCode.INTERNAL
+        and details.strip().lower() == _ENDED_UNDER_WRITE
+        and not _received_from_peer(error)
+    ):
         return Unavailable(f"{peer}: {ENDED_UNDER_WRITE}")
     if cls is Unavailable:
         details = f"cannot reach {peer}: {_explain_unavailable(details)}"
     if cls is RateLimited:
         return RateLimited(details, retry_after_s=_retry_after_s(error))
     return cls(details)
+
+
+def _received_from_peer(error: grpc.RpcError) -> bool:
+    """Whether an INTERNAL status came over the wire rather than being set by grpc.aio here,
+    by gRPC's debug string: sync gRPC's says "received from peer", grpc.aio's is
+    "INTERNAL:<details>" for a received status and the failed operation's for its own
+    ('Failed "execute_batch": ...')."""
+    debug = getattr(error, "debug_error_string", None)
+    text = str(debug() if callable(debug) else "")
+    return "received from peer" in text.lower() or text.startswith("INTERNAL:")
 
 
 def _retry_after_s(error: grpc.RpcError) -> float:

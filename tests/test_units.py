@@ -287,6 +287,17 @@ def test_a_write_on_a_call_that_ended_is_explained_other_internal_errors_are_not
     assert "cp:1" in str(ended) and "ended while this side was sending" in str(ended), str(ended)
     other = from_rpc_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "incident 7f3a"), "cp:1")
     assert not isinstance(other, Unavailable) and str(other) == "incident 7f3a", repr(other)
+    # The same words sent by a server (a proxy passing on its own failure) are its answer;
+    # gRPC's debug string tells them apart (sync gRPC's, grpc.aio's, grpc.aio's own write).
+    for debug, received in (
+        ("UNKNOWN:Error received from peer ipv4:10.0.0.1:7443 {grpc_status:13}", True),
+        ("INTERNAL:Internal error from Core", True),
+        ('Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation>,)', False),
+    ):
+        error = _FakeRpcError(grpc.StatusCode.INTERNAL, "Internal error from Core")
+        error.debug_error_string = lambda debug=debug: debug  # type: ignore[attr-defined]
+        mapped = from_rpc_error(error, "cp:1")
+        assert isinstance(mapped, Unavailable) is not received, (debug, repr(mapped))
 
 
 def test_json_output_uses_the_tables_words_and_real_numbers() -> None:

@@ -58,9 +58,10 @@ def error_kind(error: str, address: str) -> str:
 
 
 # How long a failed session setup took, from opening its channel (before the TLS handshake) to
-# its error: upper bounds in seconds. gRPC core drops a call that waited 30 s or more for the
-# server's Python side to take it (at the server's next take, so the drop comes at 30 s or
-# later; `grpc.server_max_unrequested_time_in_server`); the agents' own setup timeout is 60 s.
+# its error: upper bounds in seconds. gRPC core drops a call that waited too long for the
+# server's Python side to take it (`grpc.server_max_unrequested_time_in_server`: gRPC's 30 s,
+# the plane's 55 s; at the server's next take, so the drop comes at that time or later); the
+# agents' own setup timeout is 60 s.
 AGE_BOUNDS_S = (1.0, 5.0, 15.0, 28.0, 35.0, 58.0, 65.0)
 AGE_LABELS = [f"<={b:g}s" for b in AGE_BOUNDS_S] + [f">{AGE_BOUNDS_S[-1]:g}s"]
 

@@ -12,7 +12,8 @@ variant's `level_window`): every variant is compared at its fitted budget, not a
 thresholds. All three knobs are plain `DecisionParams` fields, fixed (not fitted) by training;
 no product code is patched besides the caches.
 
-Variants (one change from the defaults each; defaults level_window 30, smoothing 5, alone 1.15
+Variants (one change from the defaults each; defaults then level_window 30, smoothing 5 (1 since
+EXP14j: a rerun's `base` is its smoothing-1 variant), alone 1.15
 with combine `top2`): level_window 15, 20, 45, 60; smoothing 1, 3, 8; alone 1.0 (with `top2`
 this is the `max` rule: one kind alone at its threshold raises the score), 1.3. Then one
 combination: for each knob, its best variant is the one with the largest unseen valve1 F1 among
