@@ -73,8 +73,10 @@ def test_a_calibration_past_its_bound_fails_loudly_and_holds_no_other_asset(
         caplog.set_level(logging.ERROR, "edge_agent.runtime")
         feed(runtime, 0, rows[:130], 0)  # pump-1 reaches its 120 calibration rows
         counters = runtime.counters
-        wait_for(lambda: counters.calibration_timeouts == 1, timeout=60)
-        assert "the calibration of pump-1 did not finish within" in caplog.text, caplog.text
+        # The count comes just before the log line (pipeline thread): wait for both.
+        failed = "the calibration of pump-1 did not finish within"
+        wait_for(lambda: counters.calibration_timeouts == 1 and failed in caplog.text, timeout=60)
+        assert failed in caplog.text, caplog.text
         # The pipeline goes on with the other asset while inference is still stuck.
         other = runtime.runners[1]
         feed(runtime, 1, rows[:50], 0)
