@@ -15,7 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cloud.model.backtest import evaluate, load_model
 from cloud.model.faults import KINDS, Stretch, inject
 from cloud.model.pipeline import train_bundle
-from cloud.model.protocol import normal_stretches, score_injected, unseen_kind
+from cloud.model.protocol import (
+    normal_stretches,
+    other_sites_far,
+    prefix_stretches,
+    score_injected,
+    unseen_kind,
+)
 from cloud.model.train import TrainParams
 from edge_agent.calibration import DecisionParams
 from edge_agent.errors import InvalidInput
@@ -76,6 +82,26 @@ def test_injected_faults_are_detected_and_clean_stretches_stay_quiet(
     assert results["none"].far < 0.15, results["none"].summary()
     for kind in ("step", "leak"):
         assert results[kind].mar < 0.6, (kind, results[kind].summary())
+
+
+def test_other_sites_are_cut_before_their_fault_and_count_only_false_alarms(
+    bundle: Path, data: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    """`prefix_stretches`: each labelled file's rows before its first fault, once per
+    calibration length with enough rows left to score; `other_sites_far` finds no fault there."""
+    files = sorted((data / "faults").glob("*.csv"))  # fault at rows 200-300 of 360
+    stretches = prefix_stretches(files, list(SENSORS), [130, 150, 170], min_scored=40)
+    assert len(stretches) == 2 * len(files)  # 200 - 170 = 30 rows: too few for K 170
+    assert {s.values.shape[0] for s in stretches} == {200}
+    assert {s.calibration_rows for s in stretches} == {130, 150}
+    with load_model(bundle, key.public_key()) as loaded:
+        per = other_sites_far(loaded, stretches)
+    assert [name for name, _ in per] == [s.name for s in stretches]
+    for name, counts in per:
+        assert counts.tp + counts.fn == 0, name
+        assert counts.fp + counts.tn == 200 - int(name.rsplit("@", 1)[1]), name
+    unlabelled = prefix_stretches([data / "normal.csv"], list(SENSORS), [120])
+    assert [s.values.shape[0] for s in unlabelled] == [360 * 4]  # no fault: every row
 
 
 def test_training_is_deterministic_with_a_seed(

@@ -157,9 +157,11 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         f"{d.level_window})",
     )
     parser.add_argument(
-        "--no-supervised",
-        action="store_true",
-        help="leave the fault head out of the decision even where labels exist",
+        "--supervised",
+        action=argparse.BooleanOptionalAction,
+        default=d.supervised,
+        help="let the fault head (trained where labels exist) take part in the decision "
+        f"(default {'on' if d.supervised else 'off'})",
     )
     parser.add_argument(
         "--subspace",
@@ -239,7 +241,7 @@ def cmd_train(args: argparse.Namespace, client: OperatorClient | None = None) ->
             smoothing=args.smoothing,
             scale_floor=args.scale_floor,
             level_window=args.level_window,
-            supervised=not args.no_supervised,
+            supervised=args.supervised,
             target_far=args.target_far,
             subspace=args.subspace,
         ),

@@ -5,6 +5,10 @@
   the SKAB protocol.
 - *Injected faults*: faults of several kinds (`cloud.model.faults`) written into real normal
   stretches at random times, scored per kind, on seeds the choice never saw.
+- *Other sites under labels* (`other_sites_far`): train as `model train` does, with every
+  label, then count false alarms on the normal rows of sites of the other kinds, calibrated on
+  several stretch lengths. The unseen-kind training has (nearly) no labels, so it cannot see
+  what a head trained on one kind's labels does at sites of other kinds.
 
 `scripts/evaluate_unseen.py` runs both; the test suite runs a small version.
 """
@@ -97,6 +101,39 @@ def score_injected(
                 runs += 1
         results.append(KindResult(kind, total, runs))
     return results
+
+
+def prefix_stretches(
+    files: Iterable[Path],
+    sensors: Sequence[str],
+    calibration_rows: Sequence[int],
+    label_column: str = "anomaly",
+    min_scored: int = 50,
+) -> list[Stretch]:
+    """Each file's rows before its first labelled fault (all of them without one), once per
+    calibration length in `calibration_rows`: calibrated on the first K rows, scored on the
+    rest (at least `min_scored` rows, else that K is skipped for the file)."""
+    out = []
+    for path in files:
+        names, _ = read_header(path)
+        label = label_column if label_column in names else None
+        table = read_table(path, list(sensors), None, label)
+        end = table.rows
+        if table.labels is not None and (table.labels > 0.5).any():
+            end = int(np.argmax(table.labels > 0.5))
+        for k in calibration_rows:
+            if end - k >= min_scored:
+                out.append(Stretch(f"{path.name}[0:{end}]@{k}", table.values[:end], k))
+    return out
+
+
+def other_sites_far(loaded: LoadedModel, stretches: Sequence[Stretch]) -> list[tuple[str, Counts]]:
+    """Per stretch (`prefix_stretches`, `normal_stretches`): the counts of its scored rows,
+    all normal, so every flag is a false alarm."""
+    return [
+        (stretch.name, score_injected(loaded, [stretch], [0], kinds=("none",))[0].counts)
+        for stretch in stretches
+    ]
 
 
 def train_without(
