@@ -1,4 +1,5 @@
-# EXP14k record: runs at commit ebc1a33 only (TrainOptions.fault_exposure was removed after it).
+# EXP14k record: runs where TrainOptions.fault_exposure exists (commit ebc1a33; the labelling
+# with IGNORE: the commit after it).
 import sys
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def spy(evidence, base):
     ]
     per.sort(key=lambda x: -x[1])
     print("worst episodes q95", per[:8])
+    # by position: the first, second, ... fifth of each held-out episode's scored windows
+    fifths: list[list[float]] = [[] for _ in range(5)]
+    for ep in evidence:
+        prob = ep.values["supervised"]
+        for i, part in enumerate(np.array_split(np.arange(prob.size), 5)):
+            kept = part[ep.normal[part]]
+            fifths[i].extend(prob[kept].tolist())
+    print(
+        "mean prob on normal windows by fifth of the episode",
+        [round(float(np.mean(f)), 3) for f in fifths],
+    )
     out = orig(evidence, base)
     print("decision supervised", out.decision.supervised, out.decision.prob_threshold)
     return out
