@@ -87,15 +87,6 @@ def main() -> None:
         "--subspace", action=argparse.BooleanOptionalAction, default=DecisionParams().subspace
     )
     parser.add_argument("--segments", type=int, default=TrainOptions().segments)
-    parser.add_argument(
-        "--fault-exposure",
-        type=int,
-        default=TrainOptions().fault_exposure,
-        help="fault-injected copies of each normal episode the head learns from",
-    )
-    parser.add_argument(
-        "--exposure-kinds", default="", help="comma-separated kinds to expose (default: all)"
-    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, help="copy the trained bundle here")
     args = parser.parse_args()
@@ -106,8 +97,6 @@ def main() -> None:
         version="1",
         calibration_rows=args.calibration_rows,
         segments=args.segments,
-        fault_exposure=args.fault_exposure,
-        exposure_kinds=tuple(k for k in args.exposure_kinds.split(",") if k),
         train=TrainParams(
             epochs=args.epochs, seed=args.seed, threads=args.threads, device=args.device
         ),

@@ -23,10 +23,6 @@ from edge_agent.windowing import (
     windows_ending_at,
 )
 
-# A window label the fault head neither learns from nor counts as normal (exposure: a fault
-# injected but not yet visible); windows ending inside a fault never enter the forecast loss.
-IGNORE = -2.0
-
 
 @dataclass(frozen=True)
 class Episode:
@@ -39,8 +35,7 @@ class Episode:
 
 @dataclass(frozen=True)
 class WindowSet:
-    """Windows in site-normalised units: z [W, T, N], mask, label (-1 = unknown, counted as
-    normal; `IGNORE`: left out of both losses)."""
+    """Windows in site-normalised units: z [W, T, N], mask, label (-1 = unknown)."""
 
     z: FloatArray
     mask: FloatArray

@@ -31,7 +31,6 @@ from cloud.model.dataset import (
     windows_from_episodes,
 )
 from cloud.model.export import OPSET, export_onnx, parity
-from cloud.model.exposure import exposed_episodes
 from cloud.model.net import INPUT_NAMES, OUTPUT_NAMES, NetConfig, SensorGraphNet
 from cloud.model.thresholds import EpisodeEvidence, episode_evidence, fit_thresholds
 from cloud.model.train import (
@@ -95,10 +94,6 @@ class TrainOptions:
     calibration_rows: int = 400
     train: TrainParams = field(default_factory=TrainParams)
     decision: DecisionParams = field(default_factory=DecisionParams)
-    # Fault-injected copies of each normal episode the fault head also learns from
-    # (`cloud/model/exposure.py`); 0: none.
-    fault_exposure: int = 0
-    exposure_kinds: tuple[str, ...] = ()  # of `cloud.model.faults.KINDS`; empty: all
     # Files under these paths are read only up to `calibration_rows`, without labels: what a
     # site of a fault kind nobody labelled offers (`scripts/evaluate_unseen.py`).
     context_only: tuple[Path, ...] = ()
@@ -298,18 +293,8 @@ def train_bundle(
     )
 
     def fit_network(part: Sequence[SensorTable], bar: ProgressFn | None) -> Fitted:
-        real = episodes_from_tables(part, spec, options.calibration_rows)
-        exposed = exposed_episodes(
-            real,
-            schema.names,
-            options.calibration_rows,
-            options.window,
-            options.fault_exposure,
-            options.train.seed,
-            options.exposure_kinds,
-        )
         windows = windows_from_episodes(
-            [*real, *exposed],
+            episodes_from_tables(part, spec, options.calibration_rows),
             spec,
             options.calibration_rows,
             scale,

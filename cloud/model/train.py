@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cloud.model.dataset import IGNORE, WindowSet
+from cloud.model.dataset import WindowSet
 from cloud.model.net import NetConfig, SensorGraphNet
 from edge_agent.inference.threads import compute_threads
 from edge_agent.windowing import FloatArray
@@ -92,8 +92,7 @@ def train_net(
     x_all = torch.from_numpy(data.z * scale + center)
     m_all = torch.from_numpy(data.mask)
     y_all = torch.from_numpy(np.where(data.label < 0, 0.0, data.label).astype(np.float32))
-    ignored = torch.from_numpy(data.label == IGNORE)
-    normal = (y_all < 0.5) & ~ignored
+    normal = y_all < 0.5
     positives = float(y_all.sum())
     pos_weight = torch.tensor(max(1.0, (len(y_all) - positives) / max(positives, 1.0)))
     optimiser = torch.optim.AdamW(
@@ -118,12 +117,11 @@ def train_net(
             noise = torch.randn(len(idx), *x_all.shape[1:], generator=generator) * noise_scale
             x = (x_all[idx] + noise).to(device)
             m, y, ok = m_all[idx].to(device), y_all[idx].to(device), normal[idx].to(device)
-            learn = (~ignored[idx]).to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 prob, residual, _ = net(x, m)
             prob = prob.float().clamp(1e-6, 1 - 1e-6)
             forecast = (residual.float().mean(dim=1) * ok).sum() / ok.sum().clamp(min=1)
-            weights = torch.where(y > 0.5, pos_weight.to(device), torch.ones_like(y)) * learn
+            weights = torch.where(y > 0.5, pos_weight.to(device), torch.ones_like(y))
             fault = nn.functional.binary_cross_entropy(prob, y, weight=weights)
             loss = forecast + params.fault_weight * fault
             optimiser.zero_grad(set_to_none=True)
