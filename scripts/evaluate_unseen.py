@@ -1,9 +1,9 @@
 """The unseen-fault protocol: how the detector does on fault kinds it has no labels for.
 
     python scripts/evaluate_unseen.py [--data ../shared/datasets/skab] [--unseen valve1]
-        [--seeds 100,101,102] [--json] [train flags: --epochs, --segments, --level-window,
-        --target-far, --smoothing, --combine, --alone, --[no-]subspace, --[no-]supervised,
-        --seed, --threads]
+        [--seeds 100,101,102] [--json] [--[no-]labelled-far] [--prefix-calibration 250,300,350]
+        [train flags: --epochs, --segments, --level-window, --target-far, --smoothing,
+        --combine, --alone, --[no-]subspace, --[no-]supervised, --seed, --threads]
 
 1. *Unseen kind*: trains a bundle (`train_bundle`, default options unless given) with the
    files under `--unseen` reduced to their first `--calibration-rows` rows and no labels, then
@@ -78,7 +78,12 @@ def main() -> None:
         default=True,
         help="also train with every label and count false alarms at the other sites",
     )
-    parser.add_argument("--prefix-calibration", default="250,300,350")
+    parser.add_argument(
+        "--prefix-calibration",
+        type=row_counts,
+        default=row_counts("250,300,350"),
+        help="calibration lengths for the other sites' rows before their fault (section 3)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
     parser.add_argument("--device", default=TrainParams().device, help="auto, cpu or cuda")
     parser.add_argument("--combine", default=DecisionParams().combine)
@@ -111,7 +116,9 @@ def main() -> None:
         ),
     )
     key = ed25519.Ed25519PrivateKey.generate()
-    report: dict[str, object] = {}
+    report: dict[str, object] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    }
     with tempfile.TemporaryDirectory(prefix="autoglm-unseen-") as tmp:
         bundle = Path(tmp) / "bundle"
         started, cpu = time.monotonic(), time.process_time()
@@ -185,8 +192,23 @@ def main() -> None:
         print("\n## Trained with every label: false alarms at the other sites\n")
         print("| normal rows | rows | FAR |\n|---|---:|---:|")
         for name, block in labelled["far"].items():
-            print(f"| {name} | {block['rows']} | {block['far']:.1%} |")
+            far = f"{block['far']:.1%}" if block["rows"] else "n/a (no rows)"
+            print(f"| {name} | {block['rows']} | {far} |")
+        skipped = labelled["files_without_a_stretch"]
+        if skipped:
+            print(f"\nlabelled files with too few rows before their fault: {', '.join(skipped)}")
     print(f"\ndecision: {report['decision']}")
+
+
+def row_counts(text: str) -> list[int]:
+    """`--prefix-calibration`: comma-separated positive row counts."""
+    try:
+        counts = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not comma-separated whole numbers") from exc
+    if not counts or any(k < 2 for k in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: each calibration length must be >= 2 rows")
+    return counts
 
 
 def labelled_far(
@@ -207,7 +229,7 @@ def labelled_far(
         labelled = [f for f in others if "anomaly" in read_header(f)[0]]
         groups = {
             "other kinds' sites before their fault": prefix_stretches(
-                labelled, sensors, [int(k) for k in args.prefix_calibration.split(",") if k]
+                labelled, sensors, args.prefix_calibration
             ),
             "unlabelled files": normal_stretches(
                 [f for f in others if f not in labelled],
@@ -224,6 +246,10 @@ def labelled_far(
                 "rows": total.fp + total.tn,
                 "stretches": {n: round(c.far, 4) for n, c in per},
             }
+        cut = {s.name.split("[", 1)[0] for s in groups["other kinds' sites before their fault"]}
+        out["files_without_a_stretch"] = sorted(
+            f"{f.parent.name}/{f.name}" for f in labelled if f"{f.parent.name}/{f.name}" not in cut
+        )
         out["far"] = far
         out["supervised"] = loaded.manifest.decision.supervised
     return out

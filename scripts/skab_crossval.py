@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,12 +37,15 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: up to 2)")
-    parser.add_argument("--json", action="store_true", help="print the counts as JSON at the end")
+    parser.add_argument(
+        "--json", action="store_true", help="print the counts as JSON (the text goes to stderr)"
+    )
     args = parser.parse_args()
     key = ed25519.Ed25519PrivateKey.generate()
     valve1 = sorted((args.data / "valve1").glob("*.csv"), key=lambda p: int(p.stem))
     held_back_starts = sorted(p for d in ("valve2", "other") for p in (args.data / d).glob("*.csv"))
     others = [args.data / "anomaly-free.csv", *held_back_starts]
+    text = sys.stderr if args.json else sys.stdout  # --json: stdout holds only the JSON
     total = Counts()
     folds: list[dict[str, float | int]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,8 +73,12 @@ def main() -> None:
                 f"fold {fold} (valve1 {names}): F1 {counts.f1:.3f} FAR {100 * counts.far:.1f}% "
                 f"MAR {100 * counts.mar:.1f}%",
                 flush=True,
+                file=text,
             )
-    print(f"TOTAL: F1 {total.f1:.3f} FAR {100 * total.far:.1f}% MAR {100 * total.mar:.1f}%")
+    print(
+        f"TOTAL: F1 {total.f1:.3f} FAR {100 * total.far:.1f}% MAR {100 * total.mar:.1f}%",
+        file=text,
+    )
     if args.json:
         print(json.dumps({"folds": folds, "total": total.summary(), "seed": args.seed}))
 

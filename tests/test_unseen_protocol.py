@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.model.backtest import evaluate, load_model
 from cloud.model.faults import KINDS, Stretch, inject
+from cloud.model.metrics import Counts
 from cloud.model.pipeline import train_bundle
 from cloud.model.protocol import (
     normal_stretches,
@@ -85,23 +86,38 @@ def test_injected_faults_are_detected_and_clean_stretches_stay_quiet(
 
 
 def test_other_sites_are_cut_before_their_fault_and_count_only_false_alarms(
-    bundle: Path, data: Path, key: ed25519.Ed25519PrivateKey
+    bundle: Path, data: Path, key: ed25519.Ed25519PrivateKey, tmp_path: Path
 ) -> None:
     """`prefix_stretches`: each labelled file's rows before its first fault, once per
-    calibration length with enough rows left to score; `other_sites_far` finds no fault there."""
+    calibration length with enough rows left to score; `other_sites_far` scores them as the
+    background alone, so every flag is a false alarm."""
     files = sorted((data / "faults").glob("*.csv"))  # fault at rows 200-300 of 360
-    stretches = prefix_stretches(files, list(SENSORS), [130, 150, 170], min_scored=40)
-    assert len(stretches) == 2 * len(files)  # 200 - 170 = 30 rows: too few for K 170
+    stretches = prefix_stretches(files, list(SENSORS), [130, 160, 170], min_scored=40)
+    # 200 - 160 = 40 rows: just enough; 200 - 170 = 30: too few
+    assert len(stretches) == 2 * len(files)
     assert {s.values.shape[0] for s in stretches} == {200}
-    assert {s.calibration_rows for s in stretches} == {130, 150}
+    assert {s.calibration_rows for s in stretches} == {130, 160}
+    assert all(s.name.startswith("faults/") for s in stretches), [s.name for s in stretches]
     with load_model(bundle, key.public_key()) as loaded:
         per = other_sites_far(loaded, stretches)
-    assert [name for name, _ in per] == [s.name for s in stretches]
+        whole = score_injected(loaded, stretches, [0], ("none",))[0].counts
+    total = sum((c for _, c in per), Counts())
+    assert total == whole  # the same scoring, stretch by stretch
     for name, counts in per:
         assert counts.tp + counts.fn == 0, name
         assert counts.fp + counts.tn == 200 - int(name.rsplit("@", 1)[1]), name
     unlabelled = prefix_stretches([data / "normal.csv"], list(SENSORS), [120])
     assert [s.values.shape[0] for s in unlabelled] == [360 * 4]  # no fault: every row
+    # a fault from the first row leaves nothing; two files of one name stay apart
+    for folder in ("a", "b"):
+        write_experiment(tmp_path / folder / "0.csv", seed=7, rows=300, fault=(0, 100))
+    assert prefix_stretches([tmp_path / "a" / "0.csv"], list(SENSORS), [120]) == []
+    for folder in ("a", "b"):
+        write_experiment(tmp_path / folder / "1.csv", seed=8, rows=300, fault=(250, 280))
+    twins = prefix_stretches(
+        [tmp_path / "a" / "1.csv", tmp_path / "b" / "1.csv"], list(SENSORS), [120]
+    )
+    assert [s.name for s in twins] == ["a/1.csv[0:250]@120", "b/1.csv[0:250]@120"]
 
 
 def test_training_is_deterministic_with_a_seed(

@@ -10,7 +10,7 @@
   several stretch lengths. The unseen-kind training has (nearly) no labels, so it cannot see
   what a head trained on one kind's labels does at sites of other kinds.
 
-`scripts/evaluate_unseen.py` runs both; the test suite runs a small version.
+`scripts/evaluate_unseen.py` runs all three; the test suite runs a small version.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def prefix_stretches(
 ) -> list[Stretch]:
     """Each file's rows before its first labelled fault (all of them without one), once per
     calibration length in `calibration_rows`: calibrated on the first K rows, scored on the
-    rest (at least `min_scored` rows, else that K is skipped for the file)."""
+    rest (at least `min_scored` rows, else that K is skipped for the file). Named
+    `folder/file[0:end]@K`: files of one name in several folders stay apart."""
     out = []
     for path in files:
         names, _ = read_header(path)
@@ -123,7 +124,8 @@ def prefix_stretches(
             end = int(np.argmax(table.labels > 0.5))
         for k in calibration_rows:
             if end - k >= min_scored:
-                out.append(Stretch(f"{path.name}[0:{end}]@{k}", table.values[:end], k))
+                name = f"{path.parent.name}/{path.name}[0:{end}]@{k}"
+                out.append(Stretch(name, table.values[:end], k))
     return out
 
 
