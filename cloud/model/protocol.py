@@ -52,20 +52,13 @@ def normal_stretches(
     the rows before its first labelled fault."""
     out = []
     for path in files:
-        names, _ = read_header(path)
-        label = label_column if label_column in names else None
-        table = read_table(path, list(sensors), None, label)
-        end = table.rows
-        if table.labels is not None and (table.labels > 0.5).any():
-            end = int(np.argmax(table.labels > 0.5))
+        values, end = _rows_before_fault(path, sensors, label_column)
         span = calibration_rows + scored_rows
         for start in range(0, max(1, end - calibration_rows - min_scored + 1), span):
             stop = min(end, start + span)
             if stop - start - calibration_rows >= min_scored:
                 out.append(
-                    Stretch(
-                        f"{path.name}[{start}:{stop}]", table.values[start:stop], calibration_rows
-                    )
+                    Stretch(f"{path.name}[{start}:{stop}]", values[start:stop], calibration_rows)
                 )
     return out
 
@@ -116,17 +109,26 @@ def prefix_stretches(
     `folder/file[0:end]@K`: files of one name in several folders stay apart."""
     out = []
     for path in files:
-        names, _ = read_header(path)
-        label = label_column if label_column in names else None
-        table = read_table(path, list(sensors), None, label)
-        end = table.rows
-        if table.labels is not None and (table.labels > 0.5).any():
-            end = int(np.argmax(table.labels > 0.5))
+        values, end = _rows_before_fault(path, sensors, label_column)
         for k in calibration_rows:
             if end - k >= min_scored:
                 name = f"{path.parent.name}/{path.name}[0:{end}]@{k}"
-                out.append(Stretch(name, table.values[:end], k))
+                out.append(Stretch(name, values[:end], k))
     return out
+
+
+def _rows_before_fault(
+    path: Path, sensors: Sequence[str], label_column: str
+) -> tuple[np.ndarray, int]:
+    """A file's sensor values and the row its first labelled fault starts at (its length
+    where it has no label column or no fault)."""
+    names, _ = read_header(path)
+    label = label_column if label_column in names else None
+    table = read_table(path, list(sensors), None, label)
+    end = table.rows
+    if table.labels is not None and (table.labels > 0.5).any():
+        end = int(np.argmax(table.labels > 0.5))
+    return table.values, end
 
 
 def other_sites_far(loaded: LoadedModel, stretches: Sequence[Stretch]) -> list[tuple[str, Counts]]:
