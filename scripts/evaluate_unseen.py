@@ -43,6 +43,7 @@ from cloud.model.protocol import (
     other_sites_far,
     prefix_stretches,
     score_injected,
+    site_name,
     train_without,
     unseen_kind,
 )
@@ -246,9 +247,11 @@ def labelled_far(
                 "rows": total.fp + total.tn,
                 "stretches": {n: round(c.far, 4) for n, c in per},
             }
-        cut = {s.name.split("[", 1)[0] for s in groups["other kinds' sites before their fault"]}
+        prefixes = groups["other kinds' sites before their fault"]
         out["files_without_a_stretch"] = sorted(
-            f"{f.parent.name}/{f.name}" for f in labelled if f"{f.parent.name}/{f.name}" not in cut
+            site
+            for site in map(site_name, labelled)
+            if not any(s.name.startswith(f"{site}[") for s in prefixes)
         )
         out["far"] = far
         out["supervised"] = loaded.manifest.decision.supervised

@@ -112,9 +112,13 @@ def prefix_stretches(
         values, end = _rows_before_fault(path, sensors, label_column)
         for k in calibration_rows:
             if end - k >= min_scored:
-                name = f"{path.parent.name}/{path.name}[0:{end}]@{k}"
-                out.append(Stretch(name, values[:end], k))
+                out.append(Stretch(f"{site_name(path)}[0:{end}]@{k}", values[:end], k))
     return out
+
+
+def site_name(path: Path) -> str:
+    """`folder/file`: what `prefix_stretches` names a file's stretches after."""
+    return f"{path.parent.name}/{path.name}"
 
 
 def _rows_before_fault(
