@@ -297,8 +297,8 @@ class EdgeRuntime:
             decider = decisions.deciders[runner.index]
             if decider is not None:
                 decider.restore(state)
-        except (ValueError, KeyError) as exc:
-            log.warning("stream state of %s not resumed (%s)", runner.name, exc)
+        except Exception as exc:  # noqa: BLE001 - a state file is disk input: never fatal
+            log.warning("stream state of %s not resumed (%r)", runner.name, exc)
             runner.reset_stream()
             return
         log.info(

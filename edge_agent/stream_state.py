@@ -100,15 +100,14 @@ class StreamStates:
         try:
             with np.load(path, allow_pickle=False) as doc:
                 state = {k: doc[k] for k in doc.files}
+            made_for = str(state.pop("model_version")), tuple(str(s) for s in state.pop("sensors"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("%s: unreadable stream state (%s); the stream starts afresh", path, exc)
+        except Exception as exc:  # noqa: BLE001 - any damage (a bad zip, a cut file, no keys)
+            log.warning("%s: unreadable stream state (%r); the stream starts afresh", path, exc)
             self._remove(path)
             return None
-        if str(state.pop("model_version")) != version or tuple(
-            str(s) for s in state.pop("sensors")
-        ) != tuple(sensors):
+        if made_for != (version, tuple(sensors)):
             log.info("%s: stream state of another model or sensors; not resumed", path)
             self._remove(path)
             return None
