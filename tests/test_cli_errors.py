@@ -444,3 +444,41 @@ def test_a_context_file_of_one_flat_context_still_reads(tmp_path: Path) -> None:
     path = tmp_path / "context.yaml"
     path.write_text("server: cp:7443\nca_cert: /ca.crt\ntoken: t\n")
     assert load_context(path).server == "cp:7443"
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["alerts", "list", "--since", "1000000d"], "--since"),
+        (["audit", "list", "--since", "1000000d"], "--since"),
+        (["data", "export", "--since", "1000000d", "--out", "x"], "--since"),
+        (
+            ["maintenance", "add", "--selector", "a=b", "--reason", "r", "--from", "3000000d"],
+            "--from",
+        ),
+        (["maintenance", "add", "--selector", "a=b", "--reason", "r", "--to", "3000000d"], "--to"),
+        (["rollout", "create", "m:1", "--soak", "100000d"], "--soak"),
+        (["device", "token", "p1", "--token-ttl", "100000d"], "--token-ttl"),
+        (["device", "register", "p2", "--token-ttl", "100000d"], "--token-ttl"),
+        (["device", "group", "create", "g", "--uses", "2", "--expires", "100000d"], "--expires"),
+        (["webhook", "rotate-secret", "w1", "--overlap", "1e30d"], "--overlap"),
+        (["alerts", "shelve", "a1", "--for", "1e30d", "--reason", "r"], "--for"),
+    ],
+)
+def test_a_duration_past_the_range_is_named_not_a_traceback(
+    plane: RunningPlane, capsys: pytest.CaptureFixture[str], command: list[str], flag: str
+) -> None:
+    conn = ["--server", plane.api_address, "--ca-cert", str(plane.config.state_dir / "ca.crt")]
+    assert autoglm([*conn, "--token", plane.token, *command]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "at most" in err and "Traceback" not in err
+
+
+def test_a_trust_validity_past_the_range_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for kind in ("signing-key", "ca"):
+        args = ["cloud", kind, "rotate", "--state-dir", str(tmp_path), "--valid-for", "1e30d"]
+        assert autoglm(args) == 2
+        err = capsys.readouterr().err
+        assert "--valid-for" in err and "at most" in err

@@ -216,9 +216,10 @@ def test_durations() -> None:
     assert parse_duration("90") == 90
     assert parse_duration("15m") == 900
     assert parse_duration("24h") == 86_400
-    for bad in ("", "-5m", "soon"):
+    for bad in ("", "-5m", "soon", "49711d", "1e30d", "4294967296"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+    assert parse_duration("4294967295") == 2**32 - 1  # the API's uint32 seconds
 
 
 class _FakeRpcError(grpc.RpcError):

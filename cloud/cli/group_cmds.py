@@ -50,9 +50,12 @@ def cmd_create(args: argparse.Namespace, client: OperatorClient) -> int:
 
     try:
         labels = parse_labels(args.label)
-        ttl = int(parse_duration(args.expires))
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+    try:
+        ttl = int(parse_duration(args.expires))
+    except ValueError as exc:
+        raise InvalidInput(f"--expires: {exc}") from None
     if not 1 <= args.uses <= 2**32 - 1:
         raise InvalidInput(f"--uses {args.uses}: give the number of devices, at least 1")
     response = client.create_enrollment_group(

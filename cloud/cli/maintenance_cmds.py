@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
-from cloud.cli.output import json_view, parse_duration, print_json, print_table
+from cloud.cli.output import (
+    DurationTooLong,
+    json_view,
+    parse_duration,
+    print_json,
+    print_table,
+)
 from cloud.client import OperatorClient
 from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import operator_pb2
@@ -44,6 +50,8 @@ def parse_time(text: str, flag: str, now: dt.datetime) -> dt.datetime | None:
         return None
     try:
         return now + dt.timedelta(seconds=parse_duration(text))
+    except DurationTooLong as exc:  # a duration, only too long: not an ISO time either
+        raise InvalidInput(f"{flag}: {exc}") from None
     except ValueError:
         pass
     try:

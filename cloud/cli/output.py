@@ -60,8 +60,18 @@ def ago(when: dt.datetime | None, now: dt.datetime) -> str:
     return f"{seconds}s ago"
 
 
+# The longest duration a flag takes: the API carries durations as uint32 seconds, and a time
+# this far from now still fits a datetime (about 136 years; datetime ends at year 9999).
+MAX_DURATION_S = 2**32 - 1
+
+
+class DurationTooLong(ValueError):
+    """A well-formed duration past the longest one allowed."""
+
+
 def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '24h', '7d' as seconds; ValueError with the reason otherwise."""
+    """'90', '90s', '15m', '24h', '7d' as seconds, at most MAX_DURATION_S; ValueError with the
+    reason otherwise."""
     units = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
     text = text.strip().lower()
     number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
@@ -71,7 +81,13 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"'{text}' is not a duration like 90s, 15m, 24h or 7d") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"duration '{text}' must be a positive number")
-    return value * units[unit]
+    seconds = value * units[unit]
+    if seconds > MAX_DURATION_S:
+        raise DurationTooLong(
+            f"duration '{text}' is too long: at most {MAX_DURATION_S} s "
+            f"({MAX_DURATION_S // 86_400}d)"
+        )
+    return seconds
 
 
 def parse_labels(items: Sequence[str]) -> dict[str, str]:
