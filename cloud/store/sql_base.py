@@ -12,6 +12,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.domain import (
@@ -22,7 +23,10 @@ from cloud.store.tables import (
     DeviceRow,
 )
 from edge_agent.errors import (
+    AutoglmError,
+    Conflict,
     NotFound,
+    Unavailable,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -75,8 +79,12 @@ class SqlBase:
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+        """One transaction; the database failing under it is an error of the hierarchy."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except (OperationalError, InterfaceError, DisconnectionError) as exc:
+            raise database_error(exc) from exc
 
     def _device_row(self, s: Session, id_or_name: str, for_update: bool = False) -> DeviceRow:
         # By id first: what certificates and the agents' calls name (a primary-key read,
@@ -91,6 +99,24 @@ class SqlBase:
         if row is None:
             raise NotFound(f"no device with id or name '{id_or_name}'")
         return row
+
+
+# PostgreSQL's SQLSTATEs for a transaction it aborted to let another go on: a deadlock and a
+# serialization failure. The same transaction run again may succeed.
+_ABORTED = {"40P01": "a deadlock", "40001": "a serialization failure"}
+
+
+def database_error(exc: Exception) -> AutoglmError:
+    """What a failed database call means to a caller: Conflict for a transaction the database
+    aborted for another's sake, Unavailable for one it cannot reach or could not lock in time
+    (a restart, a failover, SQLite's busy timeout); both are worth retrying. The driver's
+    message only: the statement and its parameters stay out of what callers are told."""
+    orig = getattr(exc, "orig", None) or exc
+    reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    aborted = _ABORTED.get(getattr(orig, "sqlstate", None) or "")
+    if aborted:
+        return Conflict(f"the database aborted this transaction ({aborted}); try again: {reason}")
+    return Unavailable(f"the database cannot be used now; try again: {reason}")
 
 
 def new_device_row(

@@ -1,0 +1,143 @@
+"""The database locked, gone or aborting a transaction while the control plane runs: the store
+says Unavailable (or Conflict for a deadlock), which the API maps to UNAVAILABLE (ABORTED), and
+never lets a raw driver error through as INTERNAL."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from sqlalchemy import event, text
+
+from cloud.service.records import store_batch
+from cloud.store import Store, open_store
+from cloud.store.sql import SqlStore
+from edge_agent.errors import Conflict, Unavailable
+from protos.autoglm.v1 import agent_pb2, operator_pb2
+from tests.conftest import PG_ADMIN_DSN
+from tests.support.cloud import RunningPlane
+from tests.support.stores import NOW
+from tests.test_hostile_callers import DeviceStream, _device, _hello
+
+pytestmark = pytest.mark.integration
+
+
+def _short_busy_timeout(store: Store, ms: int = 200) -> None:
+    """The store's SQLite connections wait `ms` for a lock, not 30 s (a test's patience)."""
+    assert isinstance(store, SqlStore)
+
+    def busy(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {ms}")
+
+    event.listen(store.engine, "connect", busy)
+    store.engine.dispose()  # connections made before the listener go
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Another process's writer holding the database's write lock."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def _one_prediction() -> agent_pb2.RecordBatch:
+    batch = agent_pb2.RecordBatch()
+    record = batch.records.add()
+    record.sequence = 1
+    record.prediction.asset, record.prediction.model_version = "pump", "1"
+    record.prediction.window_end.seconds = 1_790_000_000
+    return batch
+
+
+def test_a_locked_sqlite_database_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "autoglm.db"
+    store = open_store(f"sqlite:///{path}")
+    device = store.create_device("p", {}, "", NOW)
+    _short_busy_timeout(store)
+    with _locked(path):
+        with pytest.raises(Unavailable, match="locked"):
+            store.create_device("q", {}, "", NOW)
+        with pytest.raises(Unavailable, match="locked"):  # what a session's storer meets
+            store_batch(store, device.id, _one_prediction(), NOW)
+    assert store.create_device("q", {}, "", NOW).name == "q"
+    assert store_batch(store, device.id, _one_prediction(), NOW)[0].stored == 1
+    store.close()
+
+
+def test_a_locked_database_is_unavailable_to_operators_and_sessions(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    stream = DeviceStream(plane, _device(plane, tmp_path, "p1"))
+    stream.send(_hello())
+    stream.next("accepted")
+    _short_busy_timeout(plane.plane.store)
+    path = Path(plane.config.resolved_database_url.removeprefix("sqlite:///"))
+    with _locked(path), plane.client() as client:
+        with pytest.raises(Unavailable, match="locked"):  # was INTERNAL
+            client.register_device(operator_pb2.RegisterDeviceRequest(name="p2"))
+        # A batch the store cannot take ends the session UNAVAILABLE (the agent sends it
+        # again), not OK as if the agent had finished.
+        stream.send(agent_pb2.AgentMessage(records=_one_prediction()))
+        ending = stream.ending()
+    stream.close()
+    assert ending is not None and ending.code() == grpc.StatusCode.UNAVAILABLE, ending
+    assert "locked" in str(ending.details())
+
+
+@pytest.mark.postgres
+def test_a_database_that_goes_away_is_unavailable_then_recovers(pg_url: str) -> None:
+    store = open_store(pg_url)
+    store.create_device("p", {}, "", NOW)
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        try:
+            with pytest.raises(Unavailable, match="database"):
+                store.get_device("p")
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert store.get_device("p").name == "p"
+    store.close()
+
+
+@pytest.mark.postgres
+def test_a_deadlock_is_a_conflict(pg_url: str) -> None:
+    """Two transactions locking two rows in opposite orders: PostgreSQL aborts one (40P01)."""
+    store = open_store(pg_url)
+    assert isinstance(store, SqlStore)
+    a, b = (store.create_device(n, {}, "", NOW).id for n in ("a", "b"))
+    both_hold_one = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def lock(first: str, second: str) -> None:
+        lock_row = text("SELECT id FROM devices WHERE id = :id FOR UPDATE")
+        try:
+            with store._tx() as s:
+                s.execute(lock_row, {"id": first})
+                both_hold_one.wait()
+                s.execute(lock_row, {"id": second})
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lock, args=p) for p in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], Conflict), errors
+    store.close()
