@@ -225,6 +225,31 @@ class StoreContract:
         with pytest.raises(AlreadyExists):
             store.add_operator("admin", "hash-c", NOW)
 
+    def test_concurrent_read_modify_writes_of_one_row_lose_nothing(self, store: Store) -> None:
+        """Label changes read the row, merge and write it back: two threads doing that to one
+        device at once must each see the other's writes (SQLite too, where a read starts no
+        transaction and FOR UPDATE is ignored unless every transaction takes the lock)."""
+        store.create_device("p", {}, "", NOW)
+        start = threading.Barrier(2, timeout=10)
+        errors: list[BaseException] = []
+
+        def add_labels(thread: int) -> None:
+            try:
+                start.wait()
+                for i in range(40):
+                    store.update_labels("p", {f"t{thread}-{i}": "x"}, [])
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=add_labels, args=(t,)) for t in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        expected = {f"t{t}-{i}" for t in (1, 2) for i in range(40)}
+        assert set(store.get_device("p").labels) == expected
+
     # ---- alerts ----
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):

@@ -46,11 +46,23 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # pysqlite's own transaction handling off: it starts none before a SELECT, so a
+            # read-modify-write read outside any transaction (and FOR UPDATE means nothing
+            # to SQLite): two writers overwrote each other. `_begin_immediate` instead.
+            dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            # Every transaction takes the write lock when it starts (waiting up to the busy
+            # timeout): one writer at a time, each reading what the last one committed.
+            # SQLAlchemy's recipe for pysqlite; reads wait too, a price SQLite's single
+            # writer makes small.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
