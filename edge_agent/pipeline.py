@@ -101,13 +101,24 @@ class Pipeline:
                     self.counters.errors += 1
                     log.exception("pipeline failed on a decoded message; dropped")
             for index in touched:
-                runner = self.runners[index]
-                self.follow_clock(runner)
-                now = time.time() + max(0.0, self.decoder.clock_offset(index))
-                while (rows := runner.aligner.close_ready(now)) is not None:
-                    runner.feed(rows, self.emit, self.start_calibration)
+                try:
+                    self._advance(index)
+                except Exception:
+                    # One asset's stream must not stop the others': it starts afresh.
+                    self.counters.errors += 1
+                    name = self.runners[index].name
+                    log.exception("pipeline failed on %s's rows; its stream restarts", name)
+                    self.runners[index].reset_stream()
             if len(items) < _DRAIN:
                 time.sleep(_GATHER_S)
+
+    def _advance(self, index: int) -> None:
+        """Closes the asset's grid slots that are ready and feeds their rows on."""
+        runner = self.runners[index]
+        self.follow_clock(runner)
+        now = time.time() + max(0.0, self.decoder.clock_offset(index))
+        while (rows := runner.aligner.close_ready(now)) is not None:
+            runner.feed(rows, self.emit, self.start_calibration)
 
     def _add(self, item: Decoded, touched: set[int]) -> None:
         if isinstance(item, tuple):

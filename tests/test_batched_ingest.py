@@ -79,3 +79,47 @@ def test_behind_inference_scores_every_kth_window_and_says_so(
         assert health.dropped_by_reason["behind_skipped"] == skipped
     finally:
         site.stop()
+
+
+def test_an_asset_whose_rows_fail_restarts_its_stream_and_the_pipeline_thread_lives_on(
+    tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything raised while an asset's closed rows are fed on (once a hostile timestamp
+    overflowed the grid's slot numbers there) used to end the pipeline thread, and with it
+    scoring for every asset. Now it is counted, that asset's stream starts afresh, and the
+    readings after it are scored."""
+    bundle, key = trained
+    site = Site(site_config(tmp_path, bundle), bundle, key.public_key(), tmp_path / "run")
+    runtime = site.runtime
+    try:
+        site.feed(pump(200, faulty=False, seed=1), 0)  # calibrated, scoring
+        runner = runtime.runners[0]
+        feed, failures = runner.feed, []
+
+        def fails_once(*args: object, **kwargs: object) -> None:
+            if not failures:
+                failures.append(1)
+                raise OverflowError("Python int too large to convert to C long")
+            feed(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(runner, "feed", fails_once)
+        runtime.pipeline.start()
+        errors = runtime.counters.errors
+        rows = pump(300, faulty=False, seed=2)
+
+        def put(first: int, last: int) -> None:
+            for i in range(first, last):
+                for j in range(rows.shape[1]):
+                    runtime.pipeline.queue.put((0, j, START + 200 + i, float(rows[i, j])))
+
+        put(0, 20)  # what the failure loses: the rows it was feeding and the open slots
+        wait_for(lambda: runtime.counters.errors > errors, timeout=120)
+        assert runtime.pipeline.running
+        scored = len(site.verdicts)
+        put(20, 300)
+        wait_for(lambda: len(site.verdicts) > scored, timeout=120)
+        assert failures and runtime.counters.errors == errors + 1, runtime.counters.errors
+        assert runtime.pipeline.running
+    finally:
+        runtime.pipeline.stop()
+        site.stop()

@@ -86,6 +86,12 @@ def test_accepted_forms() -> None:
         ("plant/pump-1/flow", b'{"ts": "yesterday", "value": 3}', "bad_timestamp"),
         ("plant/pump-1/flow", b'{"ts": 1800000000, "value": 3}', "ts_future"),
         ("plant/pump-1/flow", b'{"ts": 1000000000, "value": 3}', "ts_past"),
+        ("plant/pump-1/flow", b'{"ts": 1e22, "value": 3}', "bad_timestamp"),  # 1e19 s
+        ("plant/pump-1/flow", b'{"ts": -5, "value": 3}', "bad_timestamp"),
+        ("plant/pump-1/flow", b'{"ts": "2200-01-01T00:00:00Z", "value": 3}', "bad_timestamp"),
+        ("plant/pump-1/flow", b'{"ts": [1e22], "values": [1]}', "bad_timestamp"),
+        ("plant/pump-1/flow", b'{"ts": 1700000000, "value": 1e39}', "out_of_range"),
+        ("plant/pump-1/flow", b'{"ts": 1700000000, "value": -3.4028235e38}', "out_of_range"),
         ("plant/pump-1/vibration", b'{"ts": 1700000000, "value": 3}', "unknown_sensor"),
         ("plant/pump-9/flow", b'{"ts": 1700000000, "value": 3}', "unknown_topic"),
         ("plant/pump-1/flow", b'{"ts": [1700000000], "values": [1, 2]}', "bad_shape"),
@@ -98,6 +104,30 @@ def test_each_bad_input_is_dropped_and_counted(topic: str, payload: bytes, reaso
     d = decoder()
     assert d.decode(topic, payload) is None
     assert d.drops == {reason: 1}
+
+
+def test_hostile_timestamps_cannot_move_the_stream_clock() -> None:
+    """A flood of timestamps no clock gives (1e22 read as ms: 1e19 s) used to move the asset's
+    stream clock there after 8 messages; readings were then accepted at slot numbers that
+    overflowed the grid and stopped the pipeline for every asset. They are bad timestamps:
+    not observed, and the asset's real readings keep being accepted."""
+    d = decoder()
+    for _ in range(4 * CLOCK_MIN_MESSAGES):
+        assert d.decode("plant/pump-1/flow", b'{"ts": 1e22, "value": 1}') is None
+        assert d.decode("plant/pump-1/flow", b'{"ts": [1e22, 1e22], "values": [1, 2]}') is None
+    assert d.drops == {"bad_timestamp": 12 * CLOCK_MIN_MESSAGES}, d.drops
+    assert d.clock_offset(0) == 0.0
+    assert d.decode("plant/pump-1/flow", b'{"ts": 1700000000, "value": 1}') == (0, 0, NOW, 1.0)
+
+
+def test_values_beyond_the_reading_limit_are_counted_apart_from_non_finite_ones() -> None:
+    """An arrays block with NaN (only from non-JSON sources) and a float32 'no data' sentinel:
+    each counted under its own reason, the rest kept."""
+    d = decoder()
+    message = {"ts": [NOW, NOW + 1, NOW + 2], "values": {"flow": [1.0, 3.4028235e38, 2.0]}}
+    chunks = d.decode("plant/pump-2/batch", orjson.dumps(message))
+    assert isinstance(chunks, list) and chunks[0].values.tolist() == [1.0, 2.0]
+    assert d.drops == {"out_of_range": 1}
 
 
 def test_without_a_model_everything_is_counted_as_no_model() -> None:

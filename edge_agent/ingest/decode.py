@@ -41,7 +41,8 @@ DROP_REASONS = (
     "bad_shape",  # JSON, but none of the accepted forms (or arrays of unequal length)
     "bad_type",  # a value that is not a number
     "non_finite",  # NaN or infinity
-    "bad_timestamp",  # a timestamp that is neither a number nor ISO 8601 text
+    "out_of_range",  # a value beyond MAX_READING in magnitude (no measurement: a sentinel)
+    "bad_timestamp",  # neither a number nor ISO 8601 text, or outside [0, MAX_TIMESTAMP_S)
     "ts_future",  # further ahead of the asset's stream clock than ingest.max_future_s
     "ts_past",  # older than ingest.max_past_s
     "unknown_topic",  # no asset subscribes to it (a broker-side wildcard overlap)
@@ -52,6 +53,14 @@ DROP_REASONS = (
     "backlog_full",  # the asset had ingest.max_backlog_readings waiting too long (a flood)
 )
 MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
+# Timestamps a reading may carry, in epoch seconds: from 1970 to 2100. Beyond, a number is no
+# clock's; the stream clock followed a hostile 1e22 there and the grid's slot numbers overflowed,
+# which stopped the pipeline for every asset.
+MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01T00:00:00Z
+# A reading's magnitude limit: beyond it a value is no measurement (a float32 "no data" sentinel
+# such as 3.4e38, a hostile 1e39) and overflows the float32 grid: the site's calibration came
+# out NaN and the asset could then neither raise nor clear an alert.
+MAX_READING = 1e15
 _CACHE_LIMIT = 65_536
 _LOG_EVERY_S = 60.0
 _NUMBER = (int, float)
@@ -259,15 +268,20 @@ class Decoder:
             return None
         # The whole values block at once: [columns, rows].
         block = np.array(columns, dtype=np.float64)
-        keep = time_ok & np.isfinite(block)
+        finite = np.isfinite(block)
+        in_range = np.abs(block) <= MAX_READING  # NaN: False
+        keep = time_ok & in_range
         if keep.all():
             self.accepted += block.size
             return [Chunk(route.asset, s, ts, block[i]) for i, s in enumerate(sensors)]
-        bad_values = (time_ok & ~keep).sum(axis=1).tolist()
+        non_finite = (time_ok & ~finite).sum(axis=1).tolist()
+        too_large = (time_ok & finite & ~in_range).sum(axis=1).tolist()
         chunks: list[Chunk] = []
         for i, sensor in enumerate(sensors):
-            if bad_values[i]:
-                self.drop("non_finite", topic, payload, bad_values[i])
+            if non_finite[i]:
+                self.drop("non_finite", topic, payload, non_finite[i])
+            if too_large[i]:
+                self.drop("out_of_range", topic, payload, too_large[i])
             kept = int(keep[i].sum())
             if kept:
                 self.accepted += kept
@@ -324,8 +338,9 @@ class Decoder:
         if type(raw_value) not in _NUMBER:  # bool is not a reading
             return "bad_type", nan, 0.0
         value = float(raw_value)  # type: ignore[arg-type]
-        if not math.isfinite(value):
-            return "non_finite", nan, 0.0
+        reason = value_reason(value)
+        if reason:
+            return reason, nan, 0.0
         ts = parse_timestamp(raw_ts)
         if ts is None:
             return "bad_timestamp", nan, 0.0
@@ -346,7 +361,7 @@ class Decoder:
             if any(t is None for t in parsed):
                 return None
             ts = np.asarray(parsed, dtype=np.float64)
-        return ts if np.isfinite(ts).all() else None
+        return ts if ((ts >= 0.0) & (ts < MAX_TIMESTAMP_S)).all() else None  # NaN: False
 
     def time_reasons(
         self, ts: TimeArray, bounds: tuple[float, float], topic: str, payload: bytes
@@ -377,19 +392,36 @@ def median(xs: list[float]) -> float:
     return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
 
 
+def value_reason(value: float) -> str:
+    """Why a reading's value is dropped ("non_finite", "out_of_range"), or "" to keep it."""
+    if not math.isfinite(value):
+        return "non_finite"
+    if abs(value) > MAX_READING:
+        return "out_of_range"
+    return ""
+
+
+def plausible_time(ts: float) -> bool:
+    """Whether epoch seconds `ts` can be a reading's time (1970 to 2100; NaN: no)."""
+    return 0.0 <= ts < MAX_TIMESTAMP_S
+
+
 def parse_timestamp(raw: object) -> float | None:
-    """Epoch seconds from a number (ms above 1e11) or ISO 8601 text; None if neither."""
+    """Epoch seconds from a number (ms above 1e11) or ISO 8601 text; None if neither, or if
+    the time is not `plausible_time`."""
+    ts: float
     if type(raw) in _NUMBER:
         ts = float(raw)  # type: ignore[arg-type]
-        if not math.isfinite(ts):
-            return None
-        return ts / 1000.0 if ts > MS_THRESHOLD else ts
-    if isinstance(raw, str) and 0 < len(raw) <= 40:
+        if ts > MS_THRESHOLD:
+            ts /= 1000.0
+    elif isinstance(raw, str) and 0 < len(raw) <= 40:
         try:
             parsed = dt.datetime.fromisoformat(raw)
         except ValueError:
             return None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=dt.UTC)
-        return parsed.timestamp()
-    return None
+        ts = parsed.timestamp()
+    else:
+        return None
+    return ts if plausible_time(ts) else None

@@ -13,7 +13,6 @@ backoff; it never stops the agent.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from edge_agent.config import ModbusRegister, ModbusSource
-from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
+from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes, value_reason
 from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -184,8 +183,9 @@ class ModbusPoller:
                 self.base.drop("unknown_sensor", self._where(), r.sensor.encode())
                 continue
             value = decode_register(raw, r)
-            if not math.isfinite(value):
-                self.base.drop("non_finite", self._where(), r.sensor.encode())
+            reason = value_reason(value)
+            if reason:
+                self.base.drop(reason, self._where(), r.sensor.encode())
                 continue
             chunks.append(Chunk(s.asset, s.sensor, stamp, np.asarray([value], dtype=np.float64)))
             self.base.accepted += 1

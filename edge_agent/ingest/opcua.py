@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from typing import Any
 
 from edge_agent.config import OpcUaSource
 from edge_agent.errors import ConfigError
-from edge_agent.ingest.decode import Decoded, Decoder, TopicRoutes
+from edge_agent.ingest.decode import Decoded, Decoder, TopicRoutes, plausible_time, value_reason
 from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -189,12 +188,16 @@ class OpcUaSession:
         else:
             self.base.drop("bad_type", where, repr(val)[:120].encode())
             return
-        if not math.isfinite(reading):
-            self.base.drop("non_finite", where, target.node_id.encode())
+        reason = value_reason(reading)
+        if reason:
+            self.base.drop(reason, where, target.node_id.encode())
             return
         stamp = value.SourceTimestamp or value.ServerTimestamp
         now = self.clock()
         ts = stamp.replace(tzinfo=dt.UTC).timestamp() if stamp is not None else now
+        if not plausible_time(ts):
+            self.base.drop("bad_timestamp", where, target.node_id.encode())
+            return
         latest, earliest = self.base.bounds(target.asset, now)
         if ts > latest or ts < earliest:
             self.base.drop("ts_future" if ts > latest else "ts_past", where, b"")

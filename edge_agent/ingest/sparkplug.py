@@ -27,7 +27,14 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from edge_agent.config import AssetConfig
-from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes, median
+from edge_agent.ingest.decode import (
+    Chunk,
+    Decoder,
+    TopicRoutes,
+    median,
+    plausible_time,
+    value_reason,
+)
 from protos.sparkplug import sparkplug_b_pb2 as spb
 
 log = logging.getLogger(__name__)
@@ -291,10 +298,14 @@ class SparkplugDecoder:
             if value is None:
                 self.base.drop("bad_type", topic, payload)
                 continue
-            if not math.isfinite(value):
-                self.base.drop("non_finite", topic, payload)
+            reason = value_reason(value)
+            if reason:
+                self.base.drop(reason, topic, payload)
                 continue
             ms = m.timestamp if m.HasField("timestamp") else default_ms
+            if not plausible_time(ms / 1000.0):
+                self.base.drop("bad_timestamp", topic, payload)
+                continue
             times, values = by_sensor.setdefault(sensor, ([], []))
             times.append(ms / 1000.0)
             values.append(value)
