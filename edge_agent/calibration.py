@@ -60,6 +60,9 @@ SPREAD_EPS = 0.05  # site units: a log ratio of spreads near zero stays finite
 # multiple of the median one (the noise floor): EXP14f, after the 90 %-of-variance rule of
 # EXP14e dropped random-walk factors that barely moved during calibration.
 SUBSPACE_NOISE_MULTIPLE = 10.0
+# Site-normalised network inputs are clipped here: far beyond any fault (a few tens of
+# spreads), far below what overflows the network's float32 arithmetic.
+Z_LIMIT = 1e4
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,16 @@ def fit_input_normalisation(
     center = np.zeros(n, dtype=np.float32)
     scale = np.ones(n, dtype=np.float32)
     for j in range(n):
-        valid = values[mask[:, j] > 0, j]
+        valid = values[mask[:, j] > 0, j].astype(np.float64)  # float32 squares overflow
         if valid.size < 2:
             raise InvalidInput(
                 f"calibration: sensor {j} has {valid.size} valid readings in the calibration "
                 "stretch; it needs at least 2"
+            )
+        if not np.isfinite(valid).all():
+            raise InvalidInput(
+                f"calibration: sensor {j} has readings beyond float32's range in the "
+                "calibration stretch"
             )
         center[j] = float(np.median(valid))
         scale[j] = max(float(valid.std()), floor * float(training_scale[j]), SCALE_EPS)
@@ -139,9 +147,11 @@ def to_network_space(
     net_center: FloatArray,
     net_scale: FloatArray,
 ) -> FloatArray:
-    """Map raw site readings so the network's baked normalisation yields site-normalised values."""
-    z = (window - site_center) / site_scale
-    return (z * net_scale + net_center).astype(np.float32)
+    """Map raw site readings so the network's baked normalisation yields site-normalised values
+    (clipped to +-Z_LIMIT site spreads: a reading no site produces cannot overflow the network)."""
+    with np.errstate(over="ignore"):  # beyond float32: infinite, then clipped
+        z: FloatArray = np.clip((window - site_center) / site_scale, -Z_LIMIT, Z_LIMIT)
+    return (z * net_scale + net_center).astype(np.float32)  # NaN (missing) stays NaN
 
 
 def recent_stats(
