@@ -250,6 +250,34 @@ class StoreContract:
         expected = {f"t{t}-{i}" for t in (1, 2) for i in range(40)}
         assert set(store.get_device("p").labels) == expected
 
+    def test_two_admins_revoking_each_other_at_once_leave_one(self, store: Store) -> None:
+        """Each round the two active admins are revoked at once: one revocation must be
+        refused as the last admin's, whichever runs first (not a deadlock, not two)."""
+
+        def revoke(name: str, start: threading.Barrier, ended: dict[str, Exception]) -> None:
+            start.wait()
+            try:
+                store.revoke_operator(name, NOW)
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                ended[name] = exc
+
+        survivor = store.add_operator("admin-0", "hash-0", NOW).name
+        for round_ in range(1, 11):
+            new = store.add_operator(f"admin-{round_}", f"hash-{round_}", NOW).name
+            start, refused = threading.Barrier(2, timeout=10), dict[str, Exception]()
+            threads = [
+                threading.Thread(target=revoke, args=(n, start, refused)) for n in (survivor, new)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(refused) == 1, refused
+            assert all(isinstance(e, FailedPrecondition) for e in refused.values()), refused
+            active = [o.name for o in store.list_operators() if o.revoked_at is None]
+            assert active == list(refused)
+            survivor = active[0]
+
     # ---- alerts ----
     def test_naive_datetimes_are_refused(self, store: Store) -> None:
         with pytest.raises(Exception, match="naive"):

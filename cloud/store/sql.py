@@ -119,22 +119,24 @@ class SqlStore(
 
     def revoke_operator(self, name: str, now: dt.datetime) -> OperatorRecord:
         with self._tx() as s:
+            # Every active admin locked, in one order, before the operator itself: two
+            # revocations at once can neither leave no admin nor lock each other's rows in
+            # opposite orders (a deadlock PostgreSQL would end by aborting one).
+            admins = s.scalars(
+                select(OperatorRow.id)
+                .where(OperatorRow.role == "admin", OperatorRow.revoked_at.is_(None))
+                .order_by(OperatorRow.id)
+                .with_for_update()
+            ).all()
             row = s.scalars(
                 select(OperatorRow).where(OperatorRow.name == name).with_for_update()
             ).first()
             if row is None:
                 raise NotFound(f"no operator named '{name}'")
-            if row.revoked_at is None and row.role == "admin":
-                # Every active admin locked: two revocations at once cannot leave none.
-                admins = s.scalars(
-                    select(OperatorRow.id)
-                    .where(OperatorRow.role == "admin", OperatorRow.revoked_at.is_(None))
-                    .with_for_update()
-                ).all()
-                if len(admins) <= 1:
-                    raise FailedPrecondition(
-                        f"'{name}' is the last admin: add another admin before revoking it"
-                    )
+            if row.revoked_at is None and row.role == "admin" and len(admins) <= 1:
+                raise FailedPrecondition(
+                    f"'{name}' is the last admin: add another admin before revoking it"
+                )
             if row.revoked_at is None:
                 row.revoked_at = now
             return _operator(row)
