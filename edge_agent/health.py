@@ -83,6 +83,7 @@ def health_of(
     for r in runtime.runners:
         drops["late"] += r.aligner.counts["late"] + r.carried["late"]
         drops["duplicate"] += r.aligner.counts["duplicate"] + r.carried["duplicate"]
+        drops["backlog_full"] += r.aligner.counts["backlog_full"] + r.carried["backlog_full"]
     stats = runtime.outbox.stats()
     worker, sink = runtime.worker, runtime.sink
     latencies = worker.latencies_ms if worker is not None else []

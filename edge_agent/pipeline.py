@@ -28,6 +28,7 @@ _DRAIN = 5000
 # wake-up per few milliseconds of messages instead of one per message (the thread switch cost
 # more than the message); a reading waits at most this much longer.
 _GATHER_S = 0.002
+_TRIM_LOG_S = 60.0  # an asset trimmed of readings waiting for their time: logged this often
 CATCH_UP_FROM = 8  # batches' worth of windows waiting: inference is behind
 
 StartCalibration = Callable[[AssetRunner, AlignedSeries], None]
@@ -49,6 +50,7 @@ class Pipeline:
         checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.assets = assets
+        self.ingest = ingest
         self.decoder = decoder
         self.runners = runners
         self.worker = worker
@@ -63,6 +65,7 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self._cut_count: Counter[int] = Counter()  # windows cut per asset while behind
         self._behind_logged_at = -math.inf
+        self._trim_logged_at = -math.inf
 
     def start(self) -> None:
         self._thread.start()
@@ -119,6 +122,21 @@ class Pipeline:
         now = time.time() + max(0.0, self.decoder.clock_offset(index))
         while (rows := runner.aligner.close_ready(now)) is not None:
             runner.feed(rows, self.emit, self.start_calibration)
+        aligner = runner.aligner
+        ahead = (self.ingest.max_future_s + aligner.lateness) / aligner.period
+        if aligner.trim(max(self.ingest.max_backlog_readings, 2 * int(ahead))):
+            self._trimmed(runner.name)
+
+    def _trimmed(self, name: str) -> None:
+        now = time.monotonic()
+        if now - self._trim_logged_at >= _TRIM_LOG_S:
+            self._trim_logged_at = now
+            log.warning(
+                "%s: more readings of a sensor wait for their time (stamped ahead, or "
+                "repeated) than ingest.max_backlog_readings or twice the slots of "
+                "ingest.max_future_s; the newest are dropped (backlog_full)",
+                name,
+            )
 
     def _add(self, item: Decoded, touched: set[int]) -> None:
         if isinstance(item, tuple):

@@ -509,3 +509,23 @@ def test_a_silence_is_not_taken_for_a_sampling_interval(before: str) -> None:
             aligner.add(j, float(t), 2.0)
             aligner.close_ready(now=t + 0.1)
     assert aligner.counts["late"] == 0, aligner.counts
+
+
+def test_readings_waiting_for_their_time_are_trimmed_duplicates_first_then_the_newest() -> None:
+    """A flood stamped ahead of now (within ingest.max_future_s) waits in the aligner until
+    its slots close: without a bound it held ~74 bytes a reading and every close re-sorted
+    it. `trim` keeps the oldest `limit` per sensor and counts the rest."""
+    aligner = StreamAligner(2, 1.0, 2.0, lateness_s=3.0, max_gap_slots=60)
+    ahead = NOW + 10.0 + np.arange(3000, dtype=np.float64) * 0.1  # 300 s, 10 per slot
+    aligner.add_many(0, ahead[::-1].copy(), np.ones(3000))  # out of order
+    aligner.add_many(0, ahead[:500], np.full(500, 2.0))  # repeated timestamps
+    aligner.add_many(1, ahead[:50], np.ones(50))
+    assert aligner.close_ready(NOW) is None  # nothing is due yet
+    assert aligner.trim(1000) == 2000
+    assert aligner.counts["duplicate"] == 500 and aligner.counts["backlog_full"] == 2000
+    assert aligner.pending_readings == 1000 + 50
+    assert aligner.trim(1000) == 0  # under the limit: nothing more goes
+    rows = aligner.close_ready(NOW + 400.0)
+    assert rows is not None and rows.first_slot == int(NOW + 10.0)
+    kept = rows.mask[:, 0] > 0  # the oldest 1,000 readings: 100 s of slots (+ 2 s stale)
+    assert kept[:100].all() and not kept[103:].any(), np.flatnonzero(kept)

@@ -335,6 +335,26 @@ class StreamAligner:
         kept.extend(step for step in steps if step <= reach)
         self._step[sensor] = min(kept) if len(kept) >= MIN_STEPS else 0.0
 
+    def trim(self, limit: int) -> int:
+        """Keeps at most `limit` readings waiting per sensor: duplicates go first, then the
+        newest (readings stamped ahead wait for their time; a flood of them must not hold
+        memory, or make every slot close re-sort it, without bound). Returns how many went
+        (counted `backlog_full`)."""
+        dropped = 0
+        for j in range(self.n):
+            if len(self._t[j]) <= limit:
+                continue
+            if self._unsorted[j]:
+                self._sort(j)  # counts the duplicates
+            extra = len(self._t[j]) - limit
+            if extra > 0:
+                del self._t[j][limit:]
+                del self._v[j][limit:]
+                dropped += extra
+        if dropped:
+            self.counts["backlog_full"] += dropped
+        return dropped
+
     @property
     def pending_readings(self) -> int:
         return sum(len(times) for times in self._t)
