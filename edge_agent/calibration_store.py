@@ -58,8 +58,8 @@ class CalibrationStore:
             return cal, [float(x) for x in doc["seed"]]
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: unreadable calibration (%s); calibrating again", path, exc)
+        except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as exc:
+            log.warning("%s: unreadable calibration (%r); calibrating again", path, exc)
             return None
 
     def save(

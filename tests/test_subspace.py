@@ -166,6 +166,8 @@ def test_manifests_without_the_field_keep_the_kind_off() -> None:
         {"input_scale": [1.0] * 5 + [0.0]},  # a zero scale
         {"residual_scale": [1.0] * 5 + [float("nan")]},
         {"level_precision": [[1.0] * 6] * 5},
+        {"rows": float("inf")},  # int(inf): OverflowError escaped the load, and the start
+        {"seed": [[[[]]]]},
     ],
 )
 def test_a_damaged_stored_calibration_is_refused_and_redone(
