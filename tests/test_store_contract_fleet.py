@@ -24,7 +24,8 @@ from cloud.domain import (
     TargetState,
     Wave,
 )
-from cloud.store import Store, sql_alerts
+from cloud.store import Store, open_store, sql_alerts
+from cloud.store.sql import SqlStore
 from edge_agent.errors import (
     Conflict,
     FailedPrecondition,
@@ -296,6 +297,48 @@ class FleetStateContract:
             target, revision=0
         )
         assert store.get_desired(device.id) is None
+
+    def test_two_replicas_creating_overlapping_rollouts_at_once_start_one(
+        self, store: Store
+    ) -> None:
+        """Two control-plane replicas (two stores on one database) create rollouts over the
+        same devices at the same moment: one starts, the other is refused by name."""
+        assert isinstance(store, SqlStore)
+        other = open_store(store.url)
+
+        def create(
+            replica: Store, ids: list[str], start: threading.Barrier, ended: list[object]
+        ) -> None:
+            rollout, _ = _rollout(ids[0])
+            targets = [
+                RolloutTarget(rollout.id, d, wave=0, state=TargetState.WAITING, updated_at=NOW)
+                for d in ids
+            ]
+            start.wait()
+            try:
+                replica.create_rollout(rollout, targets)
+                ended.append("created")
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                ended.append(exc)
+
+        try:
+            for round_ in range(10):
+                ids = [store.create_device(f"r{round_}-{i}", {}, "", NOW).id for i in range(50)]
+                start, ended = threading.Barrier(2, timeout=10), list[object]()
+                threads = [
+                    threading.Thread(target=create, args=(replica, ids, start, ended))
+                    for replica in (store, other)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(30)
+                assert ended.count("created") == 1, ended
+                refused = [e for e in ended if e != "created"]
+                assert isinstance(refused[0], FailedPrecondition), refused
+                assert "active rollout" in str(refused[0])
+        finally:
+            other.close()
 
     def test_shadow_reports_never_fail_the_leaders_compare_and_set(self, store: Store) -> None:
         device = store.create_device("pump-a", {}, "", NOW)

@@ -69,6 +69,7 @@ def make_engine(url: str) -> Engine:
 
 
 MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": PostgreSQL's advisory lock key for migrations
+ROLLOUT_LOCK = 0x726F6C6C6F7574  # "rollout": one rollout created at a time across replicas
 
 
 def migrate(engine: Engine) -> None:

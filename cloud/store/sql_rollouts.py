@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from cloud.domain import (
@@ -21,7 +21,7 @@ from cloud.domain import (
     Wave,
 )
 from cloud.store.notify import DESIRED, notify
-from cloud.store.sql_base import SqlBase
+from cloud.store.sql_base import ROLLOUT_LOCK, SqlBase
 from cloud.store.tables import (
     DesiredModelRow,
     DesiredRevisionRow,
@@ -148,6 +148,11 @@ class RolloutTables(SqlBase):
     def create_rollout(self, rollout: RolloutRecord, targets: Sequence[RolloutTarget]) -> None:
         ids = [t.device_id for t in targets]
         with self._tx() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                # Two replicas' checks below would each find no active target and both insert
+                # (READ COMMITTED; nothing to lock yet): one creation at a time, held until
+                # commit. SQLite's BEGIN IMMEDIATE serialises it already.
+                s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROLLOUT_LOCK})
             busy = s.execute(
                 select(RolloutTargetRow.device_id, RolloutTargetRow.rollout_id).where(
                     RolloutTargetRow.active.is_(True), RolloutTargetRow.device_id.in_(ids)
