@@ -132,8 +132,8 @@ class Pipeline:
         if now - self._trim_logged_at >= _TRIM_LOG_S:
             self._trim_logged_at = now
             log.warning(
-                "%s: more readings of a sensor wait for their time (stamped ahead, or "
-                "repeated) than ingest.max_backlog_readings or twice the slots of "
+                "%s: a sensor's readings waiting for their time (stamped ahead) span more "
+                "slots than ingest.max_backlog_readings or twice those of "
                 "ingest.max_future_s; the newest are dropped (backlog_full)",
                 name,
             )

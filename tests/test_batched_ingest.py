@@ -130,24 +130,24 @@ def test_a_flood_stamped_ahead_is_trimmed_and_counted_by_the_pipeline(
     tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey]
 ) -> None:
     """Readings stamped ahead of now wait in the aligner for their time; past the per-sensor
-    bound (here 2 x (max_future_s + lateness) / period = 600 or so) the newest are dropped and
-    counted as backlog_full in health, and what waits stays under the bound."""
+    bound (here 2 x (max_future_s + lateness) / period slots, 600 or so) the newest are
+    dropped and counted as backlog_full in health, and what waits stays under the bound."""
     bundle, key = trained
     config = site_config(tmp_path, bundle, ingest={"max_backlog_readings": 100})
     site = Site(config, bundle, key.public_key(), tmp_path / "run")
     runtime = site.runtime
     try:
         runtime.pipeline.start()
-        ahead = time.time() + 60.0
-        for i in range(3000):
-            runtime.pipeline.queue.put((0, 0, ahead + i * 0.05, 1.0))
         aligner = runtime.runners[0].aligner
+        ahead = time.time() + 600.0  # no slot of them closes while the test runs
+        for i in range(3000):  # one a slot: trimming cannot merge them
+            runtime.pipeline.queue.put((0, 0, ahead + i * aligner.period, 1.0))
 
         def dropped() -> int:
             return runtime.health(disk_free=0).dropped_by_reason.get("backlog_full", 0)
 
         wait_for(lambda: dropped() + aligner.pending_readings == 3000)  # all drained
-        limit = 2 * int((config.ingest.max_future_s + aligner.lateness) / 1.0)
+        limit = 2 * int((config.ingest.max_future_s + aligner.lateness) / aligner.period)
         waiting = aligner.pending_readings
         assert 0 < waiting <= limit < 3000, (waiting, limit)
     finally:

@@ -120,6 +120,20 @@ def test_hostile_timestamps_cannot_move_the_stream_clock() -> None:
     assert d.decode("plant/pump-1/flow", b'{"ts": 1700000000, "value": 1}') == (0, 0, NOW, 1.0)
 
 
+def test_an_arrays_row_with_a_time_no_clock_gives_goes_alone() -> None:
+    """One row stamped 4294967295 (a uint32 'invalid' time, in 2106) among good ones: that row
+    is a bad timestamp, the others are kept, and the clock sees only the good ones."""
+    d = decoder()
+    message = {
+        "ts": [NOW, NOW + 1, 4294967295],
+        "values": {"flow": [1, 2, 3], "current": [4, 5, 6]},
+    }
+    chunks = d.decode("plant/pump-2/batch", orjson.dumps(message))
+    assert isinstance(chunks, list) and [c.values.tolist() for c in chunks] == [[1, 2], [4, 5]]
+    assert [c.ts.tolist() for c in chunks] == [[NOW, NOW + 1]] * 2
+    assert d.drops == {"bad_timestamp": 1}, d.drops
+
+
 def test_values_beyond_the_reading_limit_are_counted_apart_from_non_finite_ones() -> None:
     """An arrays block with NaN (only from non-JSON sources) and a float32 'no data' sentinel:
     each counted under its own reason, the rest kept."""
@@ -514,9 +528,9 @@ def test_a_silence_is_not_taken_for_a_sampling_interval(before: str) -> None:
 def test_readings_waiting_for_their_time_are_trimmed_duplicates_first_then_the_newest() -> None:
     """A flood stamped ahead of now (within ingest.max_future_s) waits in the aligner until
     its slots close: without a bound it held ~74 bytes a reading and every close re-sorted
-    it. `trim` keeps the oldest `limit` per sensor and counts the rest."""
+    it. `trim` keeps the oldest `limit` slots' worth per sensor and counts the rest."""
     aligner = StreamAligner(2, 1.0, 2.0, lateness_s=3.0, max_gap_slots=60)
-    ahead = NOW + 10.0 + np.arange(3000, dtype=np.float64) * 0.1  # 300 s, 10 per slot
+    ahead = NOW + 10.0 + np.arange(3000, dtype=np.float64)  # one a slot, 50 minutes ahead
     aligner.add_many(0, ahead[::-1].copy(), np.ones(3000))  # out of order
     aligner.add_many(0, ahead[:500], np.full(500, 2.0))  # repeated timestamps
     aligner.add_many(1, ahead[:50], np.ones(50))
@@ -525,7 +539,27 @@ def test_readings_waiting_for_their_time_are_trimmed_duplicates_first_then_the_n
     assert aligner.counts["duplicate"] == 500 and aligner.counts["backlog_full"] == 2000
     assert aligner.pending_readings == 1000 + 50
     assert aligner.trim(1000) == 0  # under the limit: nothing more goes
-    rows = aligner.close_ready(NOW + 400.0)
+    rows = aligner.close_ready(NOW + 4000.0)
     assert rows is not None and rows.first_slot == int(NOW + 10.0)
-    kept = rows.mask[:, 0] > 0  # the oldest 1,000 readings: 100 s of slots (+ 2 s stale)
-    assert kept[:100].all() and not kept[103:].any(), np.flatnonzero(kept)
+    kept = rows.mask[:, 0] > 0  # the oldest 1,000 slots (and 2 s stale after them)
+    assert kept[:1000].all() and not kept[1003:].any(), np.flatnonzero(kept)
+
+
+def test_trimming_a_sensor_faster_than_the_grid_loses_nothing() -> None:
+    """100 readings a slot, 50 slots waiting: 5,000 readings over a limit of 1,000, but only
+    the last of each slot can ever be used, so trimming keeps those and the rows closed are
+    exactly those of an aligner never trimmed."""
+    rng = np.random.default_rng(3)
+    times = NOW + 10.0 + np.arange(5000, dtype=np.float64) * 0.01
+    values = rng.normal(size=5000)
+    trimmed, whole = (
+        StreamAligner(1, 1.0, 2.0, lateness_s=3.0, max_gap_slots=60) for _ in range(2)
+    )
+    for aligner in (trimmed, whole):
+        aligner.add_many(0, times, values)
+    assert trimmed.trim(1000) == 0 and trimmed.pending_readings <= 51
+    assert not trimmed.counts["backlog_full"]
+    a, b = trimmed.close_ready(NOW + 100.0), whole.close_ready(NOW + 100.0)
+    assert a is not None and b is not None and a.first_slot == b.first_slot
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.mask, b.mask)

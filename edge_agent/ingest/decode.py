@@ -59,8 +59,9 @@ MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
 MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01T00:00:00Z
 # A reading's magnitude limit: beyond it a value is no measurement (a float32 "no data" sentinel
 # such as 3.4e38, a hostile 1e39) and overflows the float32 grid: the site's calibration came
-# out NaN and the asset could then neither raise nor clear an alert.
-MAX_READING = 1e15
+# out NaN and the asset could then neither raise nor clear an alert. Counters (a 64-bit
+# nanosecond uptime) stay well under it.
+MAX_READING = 1e37
 _CACHE_LIMIT = 65_536
 _LOG_EVERY_S = 60.0
 _NUMBER = (int, float)
@@ -247,13 +248,20 @@ class Decoder:
             self.drop("bad_shape", topic, payload)
             return None
         ts = self._times(raw_ts)
-        if ts is None:
+        plausible = (ts >= 0.0) & (ts < MAX_TIMESTAMP_S) if ts is not None else None  # NaN: no
+        if ts is None or plausible is None or not plausible.any():
             self.drop("bad_timestamp", topic, payload, len(raw_ts))
             return None
         judged = self.bounds(route.asset, now)
         single = series[0][0] if len(series) == 1 else -1
-        self.observe(route.asset, median(ts.tolist()), now, single)
-        time_ok = self.time_reasons(ts, judged, topic, payload)
+        if plausible.all():
+            self.observe(route.asset, median(ts.tolist()), now, single)
+            time_ok = self.time_reasons(ts, judged, topic, payload)
+        else:  # the rows with a time no clock gives are counted; the others go on
+            self.drop("bad_timestamp", topic, payload, int((~plausible).sum()))
+            self.observe(route.asset, median(ts[plausible].tolist()), now, single)
+            time_ok = plausible.copy()
+            time_ok[plausible] = self.time_reasons(ts[plausible], judged, topic, payload)
         sensors: list[int] = []
         columns: list[list[object]] = []
         for sensor, column in series:
@@ -361,7 +369,7 @@ class Decoder:
             if any(t is None for t in parsed):
                 return None
             ts = np.asarray(parsed, dtype=np.float64)
-        return ts if ((ts >= 0.0) & (ts < MAX_TIMESTAMP_S)).all() else None  # NaN: False
+        return ts  # numbers outside `plausible_time` are the caller's to count
 
     def time_reasons(
         self, ts: TimeArray, bounds: tuple[float, float], topic: str, payload: bytes

@@ -336,23 +336,34 @@ class StreamAligner:
         self._step[sensor] = min(kept) if len(kept) >= MIN_STEPS else 0.0
 
     def trim(self, limit: int) -> int:
-        """Keeps at most `limit` readings waiting per sensor: duplicates go first, then the
-        newest (readings stamped ahead wait for their time; a flood of them must not hold
-        memory, or make every slot close re-sort it, without bound). Returns how many went
-        (counted `backlog_full`)."""
+        """Keeps at most `limit` slots' worth of readings waiting per sensor. A slot takes the
+        last reading at or before its time, so of the readings in one slot's interval only the
+        last can ever be used: the others go first, losing nothing (a sensor sampled faster
+        than the grid), with repeated timestamps; past `limit` slots the newest go (readings
+        stamped ahead wait for their time, and a flood of them must not hold memory, or make
+        each close re-sort it, without bound). Returns how many of those went (counted
+        `backlog_full`)."""
         dropped = 0
         for j in range(self.n):
             if len(self._t[j]) <= limit:
                 continue
             if self._unsorted[j]:
-                self._sort(j)  # counts the duplicates
-            extra = len(self._t[j]) - limit
+                self._sort(j)  # counts the repeated timestamps
+            times, values = self._t[j], self._v[j]
+            slot = np.ceil((np.asarray(times) - EPS) / self.period)  # the slot each one is for
+            last = np.flatnonzero(np.append(slot[1:] != slot[:-1], True))
+            if last.size < len(times):
+                times = self._t[j] = [times[k] for k in last.tolist()]
+                values = self._v[j] = [values[k] for k in last.tolist()]
+            extra = len(times) - limit
             if extra > 0:
-                del self._t[j][limit:]
-                del self._v[j][limit:]
+                del times[limit:], values[limit:]
                 dropped += extra
+                self._newest[j] = times[-1]
         if dropped:
             self.counts["backlog_full"] += dropped
+            kept = [times[-1] for times in self._t if times]
+            self.watermark = max([self._closed_time(), *kept])
         return dropped
 
     @property
