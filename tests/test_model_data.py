@@ -151,3 +151,14 @@ def test_a_cycle_count_is_the_time_only_where_no_clock_column_is(tmp_path: Path)
     assert only.times[1] - only.times[0] == 1.0
     with pytest.raises(InvalidInput, match=r"looked for datetime.*cycle"):
         find_time_column(both, ["unit", "a"], None)
+
+
+def test_a_no_data_sentinel_is_a_missing_reading_as_on_the_agent(tmp_path: Path) -> None:
+    """A historian's float32 'no data' value (3.4e38) is missing, as the agent drops it
+    (out_of_range), so `predict` and the agent calibrate on the same readings."""
+    path = write(
+        tmp_path, HEADER + "2024-01-01 00:00:00;3.4028235e38;2;0\n2024-01-01 00:00:01;1;-1e38;0\n"
+    )
+    table = read_table(path, ["a", "b"])
+    assert np.isnan(table.values[0, 0]) and np.isnan(table.values[1, 1])
+    assert table.values[1, 0] == 1.0 and table.values[0, 1] == 2.0

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import InvalidInput
+from edge_agent.ingest.decode import MAX_READING
 from edge_agent.windowing import FloatArray, TimeArray
 
 TIME_COLUMN_NAMES = ("datetime", "timestamp", "time", "date", "ts")
@@ -209,6 +210,8 @@ def _parse_number(path: Path, line: int, column: str, text: str) -> float:
         raise InvalidInput(f"{path}:{line}: column {column!r}: {text!r} is not a number") from exc
     if math.isinf(value):
         raise InvalidInput(f"{path}:{line}: column {column!r}: {text!r} is not finite")
+    if abs(value) > MAX_READING:  # a "no data" sentinel (3.4e38): missing, as on the agent
+        return math.nan
     return value
 
 
