@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.calibration import SiteCalibration
-from edge_agent.files import replace_atomically
+from edge_agent.files import UNREADABLE, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class CalibrationStore:
             return cal, [float(x) for x in doc["seed"]]
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as exc:
+        except UNREADABLE as exc:
             log.warning("%s: unreadable calibration (%r); calibrating again", path, exc)
             return None
 

@@ -34,7 +34,7 @@ from edge_agent.batching import WindowJob
 from edge_agent.calibration import SiteCalibration
 from edge_agent.config import CapturePolicy
 from edge_agent.decisions import Verdict
-from edge_agent.files import replace_atomically
+from edge_agent.files import UNREADABLE, replace_atomically
 from edge_agent.serving import ServingModel
 from edge_agent.windowing import FloatArray
 
@@ -111,7 +111,7 @@ class CaptureSampler:
             )
         except FileNotFoundError:
             return CaptureDay()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except UNREADABLE as exc:
             log.warning("%s: capture counts not read (%s); the day's budget starts over",
                         self.path, exc)  # fmt: skip
             return CaptureDay()

@@ -12,6 +12,20 @@ from pathlib import Path
 
 from edge_agent.errors import LocalStateError
 
+# What reading a damaged JSON state file can raise, beyond FileNotFoundError: bytes that are
+# not JSON or not UTF-8 (ValueError), a document of the wrong shape (KeyError, TypeError,
+# AttributeError), Infinity where a count belongs (int(): OverflowError), nesting too deep
+# to parse (RecursionError). Every loader of such a file treats them alike.
+UNREADABLE: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    ArithmeticError,
+    RecursionError,
+)
+
 
 def write_new(path: Path, data: bytes, mode: int) -> None:
     """Creates `path` (never overwrites) with `mode`, and fsyncs it."""

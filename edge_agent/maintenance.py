@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.files import replace_atomically
+from edge_agent.files import UNREADABLE, replace_atomically
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class SiteMaintenance:
             return tuple(Period(**p) for p in doc["periods"][:MAX_PERIODS])
         except FileNotFoundError:
             return ()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except UNREADABLE as exc:
             # Unreadable: publish everything (a missed alert is worse than one too many).
             log.error("maintenance periods in %s cannot be read (%s); none apply", self.path, exc)
             return ()

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edge_agent.decisions import RAISED, AlertEvent
-from edge_agent.files import replace_atomically
+from edge_agent.files import UNREADABLE, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class OpenAlerts:
             )
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except UNREADABLE as exc:
             log.warning("%s: unreadable open alert (%s); starting without it", path, exc)
             return None
         if event.kind != RAISED or event.asset != asset:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_agent.errors import LocalStateError
-from edge_agent.files import fsync_dir, replace_atomically
+from edge_agent.files import UNREADABLE, fsync_dir, replace_atomically
 
 log = logging.getLogger(__name__)
 POINTER = "active.json"
@@ -71,7 +71,7 @@ class ModelSlots:
             )
         except FileNotFoundError:
             return Pointer()
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except UNREADABLE as exc:
             raise LocalStateError(
                 f"{path}: unreadable ({exc}); move it away to start without a model"
             ) from None
