@@ -89,11 +89,14 @@ class AssetDecider:
         }
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
+        """The recent scores of `snapshot`, all or none (a damaged state raises first)."""
         if "decider_raw" in state:
+            raw = [float(x) for x in state["decider_raw"]]
+            recent = [float(x) for x in state["decider_recent"]]
             self._raw.clear()
-            self._raw.extend(float(x) for x in state["decider_raw"])
+            self._raw.extend(raw)
             self._recent.clear()
-            self._recent.extend(float(x) for x in state["decider_recent"])
+            self._recent.extend(recent)
 
     def step(
         self, raw: float, evidence: FloatArray, window_start: float, window_end: float
