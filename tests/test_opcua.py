@@ -28,6 +28,7 @@ from tests.support.site_agent import SiteAgent
 from tests.support.sparkplug_peers import read_fault, start_host
 
 APP_URI = "urn:autoglm:edge-agent"
+NOW = 1_700_000_000.0
 
 
 def _source(server: OpcServer, **extra: Any) -> dict[str, Any]:
@@ -82,6 +83,38 @@ def test_an_unreachable_server_is_counted_and_tried_again(tmp_path: Path) -> Non
     fresh.start()
     fresh.stop()  # at once after starting (a model swap): the stop is not lost
     assert not fresh._thread.is_alive()
+
+
+def test_a_stamp_that_is_no_time_falls_back_and_a_sentinel_value_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """asyncua DataValues as a server sends them: a SourceTimestamp of 1601-01-01 (OPC UA's
+    minimum, "not set") falls back to the ServerTimestamp; with no usable stamp at all the
+    reading is a bad timestamp; a float32 'no data' value (3.4e38) is out of range."""
+    import datetime as dt
+
+    from asyncua import ua
+
+    config = _config(tmp_path, _source(OpcServer(SENSORS)))
+    routes = TopicRoutes(config.assets, SENSORS)
+    base = Decoder(routes, IngestLimits(), clock=lambda: NOW)
+    delivered: list[object] = []
+    (session,) = sessions(config.assets, routes, base, delivered.append)
+    assert isinstance(session, OpcUaSession)
+    session.clock = lambda: NOW
+    target = next(iter(session.targets.values()))[0]
+    unset = dt.datetime(1601, 1, 1)
+    server_time = dt.datetime.fromtimestamp(NOW - 1, dt.UTC).replace(tzinfo=None)
+
+    def value(v: float, source: dt.datetime | None, server: dt.datetime | None) -> Any:
+        return ua.DataValue(ua.Variant(v), SourceTimestamp=source, ServerTimestamp=server)
+
+    session._take(target, 1.5, value(1.5, unset, server_time))
+    assert delivered == [(target.asset, target.sensor, NOW - 1, 1.5)]
+    session._take(target, 2.5, value(2.5, unset, unset))
+    session._take(target, 3.4028235e38, value(3.4028235e38, server_time, None))
+    assert len(delivered) == 1
+    assert {k: v for k, v in base.drops.items() if v} == {"bad_timestamp": 1, "out_of_range": 1}
 
 
 @pytest.mark.integration

@@ -192,12 +192,19 @@ class OpcUaSession:
         if reason:
             self.base.drop(reason, where, target.node_id.encode())
             return
-        stamp = value.SourceTimestamp or value.ServerTimestamp
         now = self.clock()
-        ts = stamp.replace(tzinfo=dt.UTC).timestamp() if stamp is not None else now
-        if not plausible_time(ts):
+        # The source's time, else the server's, else now. A stamp outside 1970-2100 is no
+        # time (servers send 1601-01-01, OPC UA's minimum, for "not set"): the next one counts.
+        stamps = [
+            stamp.replace(tzinfo=dt.UTC).timestamp()
+            for stamp in (value.SourceTimestamp, value.ServerTimestamp)
+            if stamp is not None
+        ]
+        usable = [t for t in stamps if plausible_time(t)]
+        if stamps and not usable:
             self.base.drop("bad_timestamp", where, target.node_id.encode())
             return
+        ts = usable[0] if usable else now
         latest, earliest = self.base.bounds(target.asset, now)
         if ts > latest or ts < earliest:
             self.base.drop("ts_future" if ts > latest else "ts_past", where, b"")
