@@ -292,6 +292,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         storer = asyncio.create_task(self._store_batches(live, batches))
         try:
             async for message in request_iterator:
+                if live.ending is not None:  # its answers would not be sent: read no more
+                    return
                 kind = message.WhichOneof("body")
                 if kind == "heartbeat":
                     self.metrics.heartbeats.inc()

@@ -8,11 +8,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.errors import AutoglmError
+from edge_agent.errors import AutoglmError, Conflict, RateLimited
 
 log = logging.getLogger(__name__)
 # Jobs over every open session give the event loop a turn after this many devices.
 FLEET_SLICE = 1000
+# Control messages waiting to be written down one session. An agent's gRPC transport takes
+# what arrives into its own buffers whether or not the agent has read it yet (400,000
+# heartbeats sent in a tight loop by a client that never read left at most 22 waiting here),
+# so only a client that withholds HTTP/2 window updates fills this: it would otherwise grow
+# by one answer per message it sends. Full, the session ends (RESOURCE_EXHAUSTED).
+OUTBOUND_LIMIT = 1024
 
 
 @dataclass(eq=False)
@@ -21,15 +27,35 @@ class LiveSession:
 
     device_id: str
     fingerprint: str = ""  # of the certificate the session was opened with
-    outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    outbound: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(OUTBOUND_LIMIT))
+    ending: AutoglmError | None = None  # why the session ends, once it does
     desired_revision: int = 0  # of the newest desired state sent down this session
     maintenance: bytes | None = None  # the maintenance periods last sent down it
     opened_at: float = field(default_factory=time.monotonic)
 
     def send(self, message: object) -> None:
-        self.outbound.put_nowait(message)
+        if self.ending is not None:
+            return  # nothing after the error that ends the session is written
+        try:
+            self.outbound.put_nowait(message)
+        except asyncio.QueueFull:
+            error = RateLimited(
+                f"{OUTBOUND_LIMIT} control messages wait to be sent down the session of "
+                f"device {self.device_id}: it does not read its stream; the session ends "
+                "(reconnect and read the stream)"
+            )
+            log.warning("%s", error)
+            self.end(error)
 
     def end(self, error: AutoglmError) -> None:
+        """Ends the session with `error` after what is queued; when the queue is full, what
+        is queued is dropped. The first reason given stands."""
+        if self.ending is not None:
+            return
+        self.ending = error
+        if self.outbound.full():
+            while not self.outbound.empty():
+                self.outbound.get_nowait()
         self.outbound.put_nowait(error)
 
 
@@ -40,8 +66,15 @@ class SessionHub:
         self._by_device: dict[str, set[LiveSession]] = {}
 
     def open(self, device_id: str, fingerprint: str = "") -> LiveSession:
+        """Registers a new session of the device; its older sessions here end (ABORTED): a
+        device holds one session, and one that reconnects in a loop holds no more."""
         live = LiveSession(device_id, fingerprint)
-        self._by_device.setdefault(device_id, set()).add(live)
+        older = self._by_device.get(device_id, ())
+        for old in older:
+            old.end(Conflict(f"a newer session of device {device_id} opened; this one ends"))
+        if older:
+            log.info("device %s opened a new session; %d older ended", device_id, len(older))
+        self._by_device[device_id] = {live}
         return live
 
     def remove(self, live: LiveSession) -> None:
@@ -91,6 +124,10 @@ class SessionHub:
                 live.send(message)
                 sent += 1
         return sent
+
+    def sessions(self, device_id: str) -> list[LiveSession]:
+        """The device's open session here, if any (a newer one replaces it)."""
+        return list(self._by_device.get(device_id, ()))
 
     def device_ids(self) -> list[str]:
         return list(self._by_device)

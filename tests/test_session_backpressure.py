@@ -1,0 +1,167 @@
+"""A device that sends without reading its session stream: the plane's queue for that session
+stays bounded and the session ends with RESOURCE_EXHAUSTED saying why, while other devices'
+sessions go on; a device holds one session, a newer one ends the older."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cloud.service.sessions import OUTBOUND_LIMIT, LiveSession, SessionHub
+from edge_agent.errors import Conflict, PermissionDenied, RateLimited
+from edge_agent.identity import DeviceIdentity
+from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
+from tests.support.cloud import RunningPlane
+from tests.test_hostile_callers import DeviceStream, _device, _hello
+
+pytestmark = [pytest.mark.integration]
+
+
+def _heartbeat(seq: int) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq))
+
+
+class Flood:
+    """A device sending heartbeats in a tight loop and reading nothing until `drain`. Its
+    channel probes no bandwidth, so its transport grants the plane no more than HTTP/2's
+    initial window until the stream is read: what the plane answers piles up there."""
+
+    def __init__(self, plane: RunningPlane, identity: DeviceIdentity) -> None:
+        self.channel = grpc.secure_channel(
+            plane.device_address, identity.credentials(), options=[("grpc.http2.bdp_probe", 0)]
+        )
+        self.stop = threading.Event()
+        self.sent = 0
+        self.call = agent_pb2_grpc.AgentServiceStub(self.channel).Session(
+            self._messages(), timeout=120
+        )
+
+    def _messages(self) -> Iterator[agent_pb2.AgentMessage]:
+        yield _hello()
+        while not self.stop.is_set():
+            self.sent += 1
+            yield _heartbeat(self.sent)
+
+    def drain(self) -> tuple[int, grpc.RpcError | None]:
+        """Reads the stream to its end: (messages read, the error it ended with)."""
+        self.stop.set()
+        read = 0
+        try:
+            for _ in self.call:
+                read += 1
+        except grpc.RpcError as exc:
+            return read, exc
+        finally:
+            self.channel.close()
+        return read, None
+
+
+async def _watch(hub: SessionHub, device_id: str, within_s: float) -> tuple[int, object]:
+    """(the largest queue seen for the device's session, why it ended or None) once it
+    ends, once the queue is far past any bound, or after `within_s`."""
+    loop = asyncio.get_running_loop()
+    peak, until = 0, loop.time() + within_s
+    while loop.time() < until and peak <= 10 * OUTBOUND_LIMIT:
+        for live in hub.sessions(device_id):
+            peak = max(peak, live.outbound.qsize())
+            if live.ending is not None:
+                return peak, live.ending
+        await asyncio.sleep(0.005)
+    return peak, None
+
+
+async def _closed(hub: SessionHub, device_id: str, within_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    until = loop.time() + within_s
+    while hub.is_open(device_id) and loop.time() < until:
+        await asyncio.sleep(0.01)
+    return not hub.is_open(device_id)
+
+
+def test_a_device_that_never_reads_its_stream_is_ended_with_a_bounded_queue(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    good = DeviceStream(plane, _device(plane, tmp_path, "good"))
+    good.send(_hello())
+    good.next("accepted")
+    identity = _device(plane, tmp_path, "hostile")
+    device_id = identity.info.device_id
+    flood = Flood(plane, identity)
+    hub = plane.plane.hub
+    peak, ending = plane.call(_watch(hub, device_id, within_s=90), timeout=120)
+    assert isinstance(ending, RateLimited), (
+        f"after {flood.sent} heartbeats: ending {ending!r}, queue peaked at {peak} messages"
+    )
+    assert peak <= OUTBOUND_LIMIT, f"queue peaked at {peak} > {OUTBOUND_LIMIT}"
+    # While the hostile stream sits unread, the other device is answered.
+    good.send(_heartbeat(7))
+    assert good.next("heartbeat_ack").heartbeat_ack.seq == 7
+    read, error = flood.drain()
+    assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (
+        f"read {read} messages, then {error}"
+    )
+    assert "does not read its stream" in (error.details() or ""), error.details()
+    assert plane.call(_closed(hub, device_id, within_s=30), timeout=60)
+    # It may come back, and its new session is served.
+    again = DeviceStream(plane, identity)
+    again.send(_hello())
+    again.next("accepted")
+    again.send(_heartbeat(1))
+    assert again.next("heartbeat_ack").heartbeat_ack.seq == 1
+    again.close()
+    good.close()
+
+
+def test_a_new_session_of_a_device_ends_its_older_one(plane: RunningPlane, tmp_path: Path) -> None:
+    identity = _device(plane, tmp_path, "twin")
+    first = DeviceStream(plane, identity)
+    first.send(_hello())
+    first.next("accepted")
+    second = DeviceStream(plane, identity)
+    second.send(_hello())
+    second.next("accepted")
+    ended = first.ending()
+    assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
+    assert "newer session" in (ended.details() or ""), ended.details()
+    second.send(_heartbeat(3))
+    assert second.next("heartbeat_ack").heartbeat_ack.seq == 3
+    sessions = plane.call(_sessions(plane.plane.hub, identity.info.device_id))
+    assert len(sessions) == 1, sessions
+    first.close()
+    second.close()
+
+
+async def _sessions(hub: SessionHub, device_id: str) -> list[LiveSession]:
+    return hub.sessions(device_id)
+
+
+def test_a_full_queue_is_dropped_for_the_error_and_the_first_reason_stands() -> None:
+    async def scenario() -> tuple[int, list[object]]:
+        live = SessionHub().open("d1")
+        for seq in range(OUTBOUND_LIMIT + 1):
+            live.send(seq)
+        live.end(PermissionDenied("revoked meanwhile"))  # too late: it has ended already
+        live.send("after the end")
+        size = live.outbound.qsize()
+        return size, [live.outbound.get_nowait() for _ in range(size)]
+
+    size, queued = asyncio.run(scenario())
+    assert size == 1 and isinstance(queued[0], RateLimited), queued
+    assert "does not read its stream" in str(queued[0])
+
+
+def test_an_ending_with_room_comes_after_what_is_queued() -> None:
+    async def scenario() -> list[object]:
+        hub = SessionHub()
+        old = hub.open("d1")
+        old.send("queued")
+        hub.open("d1")
+        return [old.outbound.get_nowait() for _ in range(old.outbound.qsize())]
+
+    queued = asyncio.run(scenario())
+    assert queued[0] == "queued" and isinstance(queued[1], Conflict), queued
