@@ -16,6 +16,7 @@ from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
 T = TypeVar("T")
 PUSH_CHUNK = 1 << 20
+DEFAULT_PREDICTIONS = 1000  # what QueryPredictions answers for a limit of 0 (operator.proto)
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,15 @@ class OperatorClient:
     def query_predictions(
         self, request: operator_pb2.QueryPredictionsRequest
     ) -> list[agent_pb2.Prediction]:
-        return list(self._call(self._stub.QueryPredictions, request).predictions)
+        """Every prediction the request asks for, oldest first: an answer the server cut to
+        its size budget is followed by calls for the older parts."""
+        parts: list[list[agent_pb2.Prediction]] = []
+        following: operator_pb2.QueryPredictionsRequest | None = request
+        while following is not None:
+            response = self._call(self._stub.QueryPredictions, following)
+            parts.append(list(response.predictions))
+            following = older_predictions(request, response, sum(map(len, parts)))
+        return [p for part in reversed(parts) for p in part]
 
     # ---- webhooks ----
     def add_webhook(
@@ -368,3 +377,20 @@ class OperatorClient:
         return self._call(
             self._stub.RemoveWebhook, operator_pb2.RemoveWebhookRequest(id=webhook_id)
         )
+
+
+def older_predictions(
+    request: operator_pb2.QueryPredictionsRequest,
+    response: operator_pb2.QueryPredictionsResponse,
+    got: int,
+) -> operator_pb2.QueryPredictionsRequest | None:
+    """The call for the next older part of what `request` asks for, after `response` and
+    `got` predictions in all; None when the answers are complete."""
+    left = (request.limit or DEFAULT_PREDICTIONS) - got
+    if not response.next_before_sequence or left <= 0:
+        return None
+    older = operator_pb2.QueryPredictionsRequest()
+    older.CopyFrom(request)
+    older.before_sequence = response.next_before_sequence
+    older.limit = left
+    return older

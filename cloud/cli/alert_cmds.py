@@ -186,12 +186,9 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         device=alert.device_id, asset=alert.asset, limit=100_000
     )
     request.since.FromDatetime(alert.first_seen.ToDatetime(tzinfo=dt.UTC) - TIMELINE_BEFORE)
-    end = alert.resolved_at if alert.HasField("resolved_at") else None
-    timeline = [
-        p
-        for p in client.query_predictions(request)
-        if end is None or p.window_end.ToDatetime() <= end.ToDatetime() + TIMELINE_BEFORE
-    ]
+    if alert.HasField("resolved_at"):  # the newest windows asked for are the alert's
+        request.until.FromDatetime(alert.resolved_at.ToDatetime(tzinfo=dt.UTC) + TIMELINE_BEFORE)
+    timeline = client.query_predictions(request)
     if args.json:
         doc = json_view(alert)
         doc["timeline"] = [

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from cloud.client import older_predictions
 from edge_agent.errors import from_rpc_error
 from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 
@@ -65,7 +66,14 @@ class OperatorCalls:
     async def predictions(
         self, request: operator_pb2.QueryPredictionsRequest
     ) -> list[agent_pb2.Prediction]:
-        return list((await self._call(self._stub.QueryPredictions, request)).predictions)
+        """Oldest first, the older parts of an answer cut to the server's size budget too."""
+        parts: list[list[agent_pb2.Prediction]] = []
+        following: operator_pb2.QueryPredictionsRequest | None = request
+        while following is not None:
+            response = await self._call(self._stub.QueryPredictions, following)
+            parts.append(list(response.predictions))
+            following = older_predictions(request, response, sum(map(len, parts)))
+        return [p for part in reversed(parts) for p in part]
 
     async def list_rollouts(self, active_only: bool = False) -> list[operator_pb2.Rollout]:
         request = operator_pb2.ListRolloutsRequest(active_only=active_only)

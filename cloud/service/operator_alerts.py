@@ -13,16 +13,20 @@ from grpc import aio
 from cloud.alerts import AlertFeed
 from cloud.clock import Clock
 from cloud.devices import DeviceRegistry
-from cloud.domain import VERDICTS, AlertFilter, AlertRecord, DeviceRecord
+from cloud.domain import VERDICTS, AlertFilter, AlertRecord, DeviceRecord, PredictionRecord
 from cloud.service.guard import current_operator
 from cloud.service.serde import ALERT_STATE_OF, alert_to_proto, prediction_to_proto
 from cloud.severity import SeverityRule, severity
 from edge_agent.errors import InvalidInput
-from protos.autoglm.v1 import operator_pb2
+from protos.autoglm.v1 import agent_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
 MAX_LIST = 10_000
 MAX_PREDICTIONS = 100_000
+# A QueryPredictions answer stops before this many bytes: clients receive at most 4 MiB a
+# message by default (gRPC's default), and one window of a device with 256 sensors is ~36 KB.
+PREDICTIONS_BUDGET = 3 << 20
+MAX_SEQUENCE = 2**63 - 1  # the store's sequences are signed 64-bit
 
 
 class AlertCalls:
@@ -170,11 +174,28 @@ class AlertCalls:
             if since is not None and until is not None and until < since:
                 raise InvalidInput("QueryPredictions: until is before since")
             limit = min(request.limit or 1000, MAX_PREDICTIONS)
+            before = min(request.before_sequence, MAX_SEQUENCE)
             rows = self.registry.store.list_predictions(
-                device.id, request.asset, since, limit, until
+                device.id, request.asset, since, limit, until, before
             )
-            return operator_pb2.QueryPredictionsResponse(
-                predictions=[prediction_to_proto(p) for p in rows]
-            )
+            return _fitting(rows, PREDICTIONS_BUDGET)
 
         return await asyncio.to_thread(run)
+
+
+def _fitting(rows: list[PredictionRecord], budget: int) -> operator_pb2.QueryPredictionsResponse:
+    """The newest of `rows` (oldest first, as stored) whose message stays under `budget`
+    bytes, at least one; when older ones are left out, where the next older part starts."""
+    kept: list[agent_pb2.Prediction] = []
+    size = 0
+    for index in range(len(rows) - 1, -1, -1):
+        message = prediction_to_proto(rows[index])
+        size += message.ByteSize() + 6  # with the field's tag and length
+        if size > budget and kept:
+            kept.reverse()
+            return operator_pb2.QueryPredictionsResponse(
+                predictions=kept, next_before_sequence=rows[index + 1].sequence
+            )
+        kept.append(message)
+    kept.reverse()
+    return operator_pb2.QueryPredictionsResponse(predictions=kept)

@@ -203,8 +203,10 @@ class RecordStore(abc.ABC):
         since: dt.datetime | None = None,
         limit: int = 1000,
         until: dt.datetime | None = None,
+        before_sequence: int = 0,
     ) -> list[PredictionRecord]:
-        """The newest `limit` whose window ends in [since, until], newest last, by sequence."""
+        """The newest `limit` whose window ends in [since, until] (and whose sequence is
+        below `before_sequence`, when that is above 0), newest last, by sequence."""
 
     @abc.abstractmethod
     def list_alert_events(

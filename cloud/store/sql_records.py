@@ -86,8 +86,11 @@ class RecordTables(SqlBase):
         since: dt.datetime | None = None,
         limit: int = 1000,
         until: dt.datetime | None = None,
+        before_sequence: int = 0,
     ) -> list[PredictionRecord]:
         query = select(PredictionTable).where(PredictionTable.device_id == device_id)
+        if before_sequence > 0:
+            query = query.where(PredictionTable.sequence < before_sequence)
         if asset:
             query = query.where(PredictionTable.asset == asset)
         if since is not None:

@@ -610,10 +610,15 @@ class QueryPredictionsRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
+    BEFORE_SEQUENCE_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     asset: _builtins.str
     limit: _builtins.int
     """the newest this many (0: 1000; at most 100000), oldest first"""
+    before_sequence: _builtins.int
+    """Only windows stored before this one (by the device's sequence; 0: no bound): the older
+    part of a cut answer, from its next_before_sequence.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """windows ending at or after it"""
@@ -630,10 +635,11 @@ class QueryPredictionsRequest(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         limit: _builtins.int = ...,
         until: _timestamp_pb2.Timestamp | None = ...,
+        before_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "device", b"device", "limit", b"limit", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "before_sequence", b"before_sequence", "device", b"device", "limit", b"limit", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -644,16 +650,23 @@ class QueryPredictionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_BEFORE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    next_before_sequence: _builtins.int
+    """Nonzero when the answer was cut to stay well under gRPC's message size: older windows
+    that match were left out (the newest are answered). Ask again with this as
+    before_sequence, and the limit less what came, for the next older part.
+    """
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Prediction]: ...
     def __init__(
         self,
         *,
         predictions: _abc.Iterable[_agent_pb2.Prediction] | None = ...,
+        next_before_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_before_sequence", b"next_before_sequence", "predictions", b"predictions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
