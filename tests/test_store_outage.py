@@ -4,6 +4,7 @@ never lets a raw driver error through as INTERNAL."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -16,12 +17,14 @@ import psycopg
 import pytest
 from sqlalchemy import event, text
 
+from cloud.outage_log import OutageLog
 from cloud.service.records import store_batch
 from cloud.store import Store, open_store
 from cloud.store.sql import SqlStore
 from edge_agent.errors import Conflict, Unavailable
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 from tests.conftest import PG_ADMIN_DSN
+from tests.support.agents import wait_for
 from tests.support.cloud import RunningPlane
 from tests.support.stores import NOW
 from tests.test_hostile_callers import DeviceStream, _device, _hello
@@ -141,3 +144,66 @@ def test_a_deadlock_is_a_conflict(pg_url: str) -> None:
         t.join(30)
     assert len(errors) == 1 and isinstance(errors[0], Conflict), errors
     store.close()
+
+
+def test_background_jobs_report_a_locked_database_in_a_line_not_a_traceback_per_retry(
+    plane: RunningPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The presence flush, the desired-state feed (every 0.2 s) and the session recheck
+    (0.5 s) meet the lock at each retry: one warning each, no traceback, and a line when
+    each works again."""
+    caplog.set_level(logging.INFO, "cloud.service.server")
+    stream = DeviceStream(plane, _device(plane, tmp_path, "p1"))
+    stream.send(_hello())
+    stream.next("accepted")
+    _short_busy_timeout(plane.plane.store)
+    failed = threading.Semaphore(0)
+    event.listen(plane.plane.store.engine, "handle_error", lambda _context: failed.release())
+    path = Path(plane.config.resolved_database_url.removeprefix("sqlite:///"))
+    jobs = ("background job flush:", "background job recheck sessions:")
+
+    def server_lines(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "cloud.service.server" and r.levelno == level
+        ]
+
+    with _locked(path):
+        stream.send(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1)))
+        stream.next("heartbeat_ack")  # presence has news to write
+        wait_for(lambda: all(any(j in w for w in server_lines(logging.WARNING)) for j in jobs), 60)
+        for _ in range(12):  # then more retries
+            assert failed.acquire(timeout=60), "the jobs stopped meeting the lock"
+    warned = sorted(line.split(":")[0] for line in server_lines(logging.WARNING))
+    assert len(warned) == len(set(warned)), warned  # one line per job, not one per retry
+    assert all("locked" in line for line in server_lines(logging.WARNING))
+
+    def back() -> list[str]:
+        lines = server_lines(logging.INFO)
+        return sorted(line.split(" works again")[0] for line in lines if "works again" in line)
+
+    wait_for(lambda: len(back()) >= len(warned), timeout=60)
+    stream.close()
+    assert back() == warned, back()
+    assert not [r for r in caplog.records if r.name == "cloud.service.server" and r.exc_info], [
+        r.getMessage() for r in caplog.records if r.name == "cloud.service.server"
+    ]
+
+
+def test_an_outage_is_reported_once_a_period_with_what_was_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    outage = OutageLog(logging.getLogger("test.outage"), "job x", every_s=60, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "test.outage")
+    for at in (0.0, 1.0, 30.0, 59.0, 61.0, 62.0):
+        now[0] = at
+        outage.failed(Unavailable("database is locked"), 1.0)
+    outage.worked()
+    outage.worked()
+    assert [r.getMessage() for r in caplog.records] == [
+        "job x: database is locked; retrying every 1.0s",
+        "job x: database is locked; retrying every 1.0s (3 more failure(s) since the last line)",
+        "job x works again after 6 failure(s)",
+    ]

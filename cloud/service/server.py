@@ -25,6 +25,7 @@ from cloud.config import CloudConfig
 from cloud.devices import DeviceRegistry
 from cloud.domain import DesiredModel
 from cloud.leader import make_elector
+from cloud.outage_log import OutageLog
 from cloud.presence import PresenceTracker
 from cloud.profiles import DEFAULT_DIR as DEFAULT_PROFILES
 from cloud.profiles import load_profiles
@@ -43,7 +44,7 @@ from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
 from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener
 from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
-from edge_agent.errors import UNREQUESTED_LIMIT_S, LocalStateError, PermissionDenied
+from edge_agent.errors import UNREQUESTED_LIMIT_S, LocalStateError, PermissionDenied, Unavailable
 from protos.autoglm.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -396,7 +397,7 @@ class ControlPlane:
         operator's abort through another replica)."""
         cursor = start
 
-        async def follow() -> None:
+        async def desired_feed() -> None:
             nonlocal cursor
             while True:
                 changes = await asyncio.to_thread(self.store.desired_after, cursor, FEED_BATCH)
@@ -407,7 +408,7 @@ class ControlPlane:
                 if len(changes) < FEED_BATCH:
                     return
 
-        return follow
+        return desired_feed
 
     async def _prune_audit(self) -> None:
         days = self.config.audit_retention_days
@@ -450,6 +451,8 @@ class ControlPlane:
         interval_s: float, job: Callable[[], Awaitable[None]], wake: asyncio.Event | None = None
     ) -> None:
         """`job` every `interval_s`, and at once when `wake` is set."""
+        name = getattr(job, "__name__", repr(job)).strip("_").replace("_", " ")
+        outage = OutageLog(log, f"background job {name}")
         while True:
             if wake is None:
                 await asyncio.sleep(interval_s)
@@ -461,8 +464,12 @@ class ControlPlane:
                 await job()
             except asyncio.CancelledError:
                 raise
+            except Unavailable as exc:  # the database away: a line now and then, no traceback
+                outage.failed(exc, interval_s)
             except Exception:
-                log.exception("background job failed; retrying in %.1fs", interval_s)
+                log.exception("background job %s failed; retrying in %.1fs", name, interval_s)
+            else:
+                outage.worked()
 
 
 def _known_profiles(directory: Path | None) -> frozenset[str] | None:
