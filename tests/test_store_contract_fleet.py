@@ -24,7 +24,7 @@ from cloud.domain import (
     TargetState,
     Wave,
 )
-from cloud.store import Store, open_store, sql_alerts
+from cloud.store import Store, open_store, sql_alerts, sql_base
 from cloud.store.sql import SqlStore
 from edge_agent.errors import (
     Conflict,
@@ -37,6 +37,7 @@ from tests.support.stores import (
     PostgresBackend,
     SqliteBackend,
     activate_cert,
+    bound_parameters_at_most,
     issue_cert,
 )
 
@@ -339,6 +340,33 @@ class FleetStateContract:
                 assert "active rollout" in str(refused[0])
         finally:
             other.close()
+
+    def test_a_rollout_over_more_devices_than_one_in_list_takes_is_created(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The active-rollout check names the targets in IN lists of ID_CHUNK: a fleet past
+        the database's bound parameters per statement (SQLite 32,766, psycopg 65,535), here
+        made small, is one rollout, and a device in its last chunk is still found busy."""
+        assert isinstance(store, SqlStore)
+        ids = [store.create_device(f"p{i:02}", {}, "", NOW).id for i in range(50)]
+        free = [store.create_device(f"q{i:02}", {}, "", NOW).id for i in range(20)]
+        monkeypatch.setattr(sql_base, "ID_CHUNK", 8)
+        if store.engine.dialect.name == "sqlite":
+            bound_parameters_at_most(store, 20)  # a statement naming all 50 fails
+        rollout, _ = _rollout(ids[0])
+        targets = [
+            RolloutTarget(rollout.id, d, wave=0, state=TargetState.WAITING, updated_at=NOW)
+            for d in ids
+        ]
+        store.create_rollout(rollout, targets)
+        assert {t.device_id for t in store.rollout_targets(rollout.id)} == set(ids)
+        again, _ = _rollout(free[0])
+        busy_last = [  # the busy one in the third chunk
+            RolloutTarget(again.id, d, wave=0, state=TargetState.WAITING, updated_at=NOW)
+            for d in [*free, ids[-1]]
+        ]
+        with pytest.raises(FailedPrecondition, match="'p49' is in active rollout"):
+            store.create_rollout(again, busy_last)
 
     def test_shadow_reports_never_fail_the_leaders_compare_and_set(self, store: Store) -> None:
         device = store.create_device("pump-a", {}, "", NOW)

@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, literal, select, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from cloud.outage_log import OutageLog
 from cloud.service.records import store_batch
@@ -26,7 +27,7 @@ from protos.autoglm.v1 import agent_pb2, operator_pb2
 from tests.conftest import PG_ADMIN_DSN
 from tests.support.agents import wait_for
 from tests.support.cloud import RunningPlane
-from tests.support.stores import NOW
+from tests.support.stores import NOW, bound_parameters_at_most
 from tests.test_hostile_callers import DeviceStream, _device, _hello
 
 pytestmark = pytest.mark.integration
@@ -79,6 +80,30 @@ def test_a_locked_sqlite_database_is_unavailable_then_recovers(tmp_path: Path) -
     store.close()
 
 
+def test_a_statement_sqlite_can_never_run_is_not_unavailable(tmp_path: Path) -> None:
+    """SQLite's OperationalError covers a missing table and too many SQL variables as well
+    as a lock: those fail the same way every time, so they stay the driver's error (INTERNAL
+    with a traceback, a bug to fix), not Unavailable's 'try again'."""
+    path = tmp_path / "autoglm.db"
+    store = open_store(f"sqlite:///{path}")
+    assert isinstance(store, SqlStore)
+    store.create_device("p", {}, "", NOW)
+    with sqlite3.connect(path) as other:
+        other.execute("DROP TABLE operators")  # a store whose schema lost a table
+    with pytest.raises(OperationalError, match="no such table"):
+        store.list_operators()
+    bound_parameters_at_most(store, 20)
+    with pytest.raises(OperationalError, match="too many SQL variables"), store._tx() as s:
+        s.execute(_in_list(50))
+    assert store.get_device("p").name == "p"  # the rest works on
+    store.close()
+
+
+def _in_list(count: int) -> Any:
+    """A statement with `count` bound parameters."""
+    return select(literal(1)).where(literal(0).in_(list(range(1, count + 1))))
+
+
 def test_a_locked_database_is_unavailable_to_operators_and_sessions(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
@@ -115,6 +140,24 @@ def test_a_database_that_goes_away_is_unavailable_then_recovers(pg_url: str) -> 
         finally:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     assert store.get_device("p").name == "p"
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_errors_are_classified_by_sqlstate(pg_url: str) -> None:
+    """A statement cancelled by its timeout (57014) is Unavailable; psycopg refusing a
+    statement of more than 65,535 parameters (an OperationalError without SQLSTATE, the
+    connection fine) stays the driver's error, as a missing table does."""
+    store = open_store(pg_url)
+    assert isinstance(store, SqlStore)
+    with pytest.raises(Unavailable, match="statement timeout"), store._tx() as s:
+        s.execute(text("SET LOCAL statement_timeout = 10"))
+        s.execute(text("SELECT pg_sleep(5)"))
+    with pytest.raises(OperationalError, match="65535"), store._tx() as s:
+        s.execute(_in_list(70_000))
+    with pytest.raises(ProgrammingError, match="does not exist"), store._tx() as s:
+        s.execute(text("SELECT * FROM no_such_table"))
+    assert store.create_device("p", {}, "", NOW).name == "p"
     store.close()
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, select, text
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.domain import (
@@ -30,6 +31,7 @@ from edge_agent.errors import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
 
 
 def normalise_url(url: str) -> str:
@@ -70,6 +72,15 @@ def make_engine(url: str) -> Engine:
 
 MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": PostgreSQL's advisory lock key for migrations
 ROLLOUT_LOCK = 0x726F6C6C6F7574  # "rollout": one rollout created at a time across replicas
+# Ids per IN (...) list: a statement's bound parameters stay far under SQLite's limit (32,766)
+# and psycopg's (65,535) however many devices a call names.
+ID_CHUNK = 500
+
+
+def id_chunks(ids: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`ids` in slices of at most ID_CHUNK, for one IN (...) list each."""
+    for start in range(0, len(ids), ID_CHUNK):
+        yield ids[start : start + ID_CHUNK]
 
 
 def migrate(engine: Engine) -> None:
@@ -97,7 +108,10 @@ class SqlBase:
             with self._sessions.begin() as session:
                 yield session
         except (OperationalError, InterfaceError, DisconnectionError) as exc:
-            raise database_error(exc) from exc
+            error = database_error(exc)
+            if error is None:
+                raise  # a bug or a request the database can never take: INTERNAL, traced
+            raise error from exc
 
     def _device_row(self, s: Session, id_or_name: str, for_update: bool = False) -> DeviceRow:
         # By id first: what certificates and the agents' calls name (a primary-key read,
@@ -117,19 +131,58 @@ class SqlBase:
 # PostgreSQL's SQLSTATEs for a transaction it aborted to let another go on: a deadlock and a
 # serialization failure. The same transaction run again may succeed.
 _ABORTED = {"40P01": "a deadlock", "40001": "a serialization failure"}
+# PostgreSQL's SQLSTATEs of a database that cannot serve now but may soon: a connection
+# exception (class 08), insufficient resources (53: disk full, out of memory, too many
+# connections), a shutdown or restart under way (57P01-57P03), a statement cancelled by its
+# timeout (57014) and a lock not had in time (55P03).
+_PG_TRANSIENT_CLASSES = ("08", "53")
+_PG_TRANSIENT = {"57P01", "57P02", "57P03", "57014", "55P03"}
+# SQLite's primary result codes of the same kind: busy and locked (another writer past the busy
+# timeout), an I/O error, a full disk, a file it cannot open. The rest (SQLITE_ERROR: no such
+# table or column, a syntax error, too many SQL variables) come back the same every time.
+_SQLITE_TRANSIENT = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+}
 
 
-def database_error(exc: Exception) -> AutoglmError:
+def database_error(exc: DBAPIError | DisconnectionError) -> AutoglmError | None:
     """What a failed database call means to a caller: Conflict for a transaction the database
     aborted for another's sake, Unavailable for one it cannot reach or could not lock in time
-    (a restart, a failover, SQLite's busy timeout); both are worth retrying. The driver's
-    message only: the statement and its parameters stay out of what callers are told."""
+    (a restart, a failover, SQLite's busy timeout); both are worth retrying. None for the
+    rest (a missing table, a syntax error, too many parameters): the same call fails the same
+    way again, a bug to report with its traceback, not a retry. The driver's message only:
+    the statement and its parameters stay out of what callers are told."""
     orig = getattr(exc, "orig", None) or exc
     reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     aborted = _ABORTED.get(getattr(orig, "sqlstate", None) or "")
     if aborted:
         return Conflict(f"the database aborted this transaction ({aborted}); try again: {reason}")
-    return Unavailable(f"the database cannot be used now; try again: {reason}")
+    if _transient(exc, orig):
+        return Unavailable(f"the database cannot be used now; try again: {reason}")
+    return None
+
+
+def _transient(exc: DBAPIError | DisconnectionError, orig: BaseException) -> bool:
+    """Whether the failure is the database's state, not the statement's."""
+    if isinstance(exc, DisconnectionError):  # the pool's own: a connection found dead
+        return True
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _SQLITE_TRANSIENT  # extended codes too
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith(_PG_TRANSIENT_CLASSES) or sqlstate in _PG_TRANSIENT
+    # No SQLSTATE: the server sent no answer. Transient where the connection was lost (the
+    # dialect saw it broken) or never made (no statement yet: connecting failed); not where
+    # the client library refused the statement (psycopg's "number of parameters must be
+    # between 0 and 65535", an OperationalError too, on a connection that stays fine).
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, DBAPIError) and exc.statement is None
 
 
 def new_device_row(

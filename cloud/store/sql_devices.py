@@ -17,7 +17,7 @@ from cloud.domain import (
 )
 from cloud.selectors import Selector, matches
 from cloud.store.notify import DEVICES, notify
-from cloud.store.sql_base import SqlBase, _device, new_device_row
+from cloud.store.sql_base import SqlBase, _device, id_chunks, new_device_row
 from cloud.store.tables import (
     DeviceRow,
     EnrollmentTokenRow,
@@ -33,7 +33,6 @@ from edge_agent.errors import (
 
 T = TypeVar("T")
 _OPTIONAL_PRESENCE_FIELDS = ("agent_version", "status", "host")
-ID_CHUNK = 500  # ids per IN (...) list
 
 
 class DeviceTables(SqlBase):
@@ -67,13 +66,11 @@ class DeviceTables(SqlBase):
             raise TypeError("device_summaries takes a collection of ids, not one id")
         wanted = sorted(set(ids))
         found = [  # in chunks: bound parameters per statement stay under SQLite's limit
-            d
-            for i in range(0, len(wanted), ID_CHUNK)
-            for d in self._summaries(wanted[i : i + ID_CHUNK])
+            d for chunk in id_chunks(wanted) for d in self._summaries(chunk)
         ]
         return sorted(found, key=lambda d: d.name)  # one order, however many chunks
 
-    def _summaries(self, ids: list[str] | None) -> list[DeviceSummary]:
+    def _summaries(self, ids: Sequence[str] | None) -> list[DeviceSummary]:
         query = select(
             DeviceRow.id,
             DeviceRow.name,
@@ -315,14 +312,14 @@ class DeviceTables(SqlBase):
     ) -> dict[str, tuple[bool, frozenset[str]]]:
         found: dict[str, tuple[bool, frozenset[str]]] = {}
         with self._tx() as s:
-            for start in range(0, len(device_ids), 500):
+            for chunk in id_chunks(device_ids):
                 query = select(
                     DeviceRow.id,
                     DeviceRow.state,
                     DeviceRow.cert_fingerprint,
                     DeviceRow.previous_fingerprint,
                     DeviceRow.previous_valid_until,
-                ).where(DeviceRow.id.in_(device_ids[start : start + 500]))
+                ).where(DeviceRow.id.in_(chunk))
                 for device_id, state, current, previous, until in s.execute(query).all():
                     valid = {current}
                     if previous and until is not None and now < until:

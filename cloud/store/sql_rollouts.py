@@ -21,7 +21,7 @@ from cloud.domain import (
     Wave,
 )
 from cloud.store.notify import DESIRED, notify
-from cloud.store.sql_base import ROLLOUT_LOCK, SqlBase
+from cloud.store.sql_base import ROLLOUT_LOCK, SqlBase, id_chunks
 from cloud.store.tables import (
     DesiredModelRow,
     DesiredRevisionRow,
@@ -122,10 +122,8 @@ class RolloutTables(SqlBase):
         with self._tx() as s:
             # In slices, as `device_credentials`: a large fleet's ids would pass the
             # databases' bounds on bound parameters.
-            for start in range(0, len(device_ids), 500):
-                query = select(DesiredModelRow).where(
-                    DesiredModelRow.device_id.in_(device_ids[start : start + 500])
-                )
+            for chunk in id_chunks(device_ids):
+                query = select(DesiredModelRow).where(DesiredModelRow.device_id.in_(chunk))
                 found.update((r.device_id, _desired(r)) for r in s.scalars(query).all())
         return found
 
@@ -153,11 +151,7 @@ class RolloutTables(SqlBase):
                 # (READ COMMITTED; nothing to lock yet): one creation at a time, held until
                 # commit. SQLite's BEGIN IMMEDIATE serialises it already.
                 s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROLLOUT_LOCK})
-            busy = s.execute(
-                select(RolloutTargetRow.device_id, RolloutTargetRow.rollout_id).where(
-                    RolloutTargetRow.active.is_(True), RolloutTargetRow.device_id.in_(ids)
-                )
-            ).first()
+            busy = _first_in_active_rollout(s, ids)
             if busy is not None:
                 name = self._device_row(s, busy[0]).name
                 raise FailedPrecondition(
@@ -423,3 +417,17 @@ def _target(r: RolloutTargetRow) -> RolloutTarget:
         updated_at=r.updated_at,
         revision=r.revision,
     )
+
+
+def _first_in_active_rollout(s: Session, ids: Sequence[str]) -> tuple[str, str] | None:
+    """(device id, rollout id) of one of the devices in an active rollout, if any; the ids
+    in chunks, however many the rollout targets."""
+    for chunk in id_chunks(ids):
+        busy = s.execute(
+            select(RolloutTargetRow.device_id, RolloutTargetRow.rollout_id).where(
+                RolloutTargetRow.active.is_(True), RolloutTargetRow.device_id.in_(chunk)
+            )
+        ).first()
+        if busy is not None:
+            return busy[0], busy[1]
+    return None
