@@ -18,6 +18,8 @@ import pytest
 from sqlalchemy import event, literal, select, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from cloud.captures import CaptureFilter
+from cloud.domain import AlertFilter, AuditEntry
 from cloud.outage_log import OutageLog
 from cloud.service.records import store_batch
 from cloud.store import Store, open_store
@@ -77,6 +79,28 @@ def test_a_locked_sqlite_database_is_unavailable_then_recovers(tmp_path: Path) -
             store_batch(store, device.id, _one_prediction(), NOW)
     assert store.create_device("q", {}, "", NOW).name == "q"
     assert store_batch(store, device.id, _one_prediction(), NOW)[0].stored == 1
+    store.close()
+
+
+def test_listings_read_beside_a_held_sqlite_write_lock(tmp_path: Path) -> None:
+    """The pure reads that can be long begin deferred, not IMMEDIATE: while another
+    connection holds the write lock they answer at once (they waited for it, and past the
+    busy timeout were Unavailable), and a write still waits for its turn."""
+    path = tmp_path / "autoglm.db"
+    store = open_store(f"sqlite:///{path}")
+    device = store.create_device("p", {}, "", NOW)
+    store_batch(store, device.id, _one_prediction(), NOW)
+    store.add_audit(AuditEntry(NOW, "admin", "admin", "M", "p", "OK"))
+    _short_busy_timeout(store)
+    with _locked(path):
+        assert [p.sequence for p in store.list_predictions(device.id)] == [1]
+        assert store.list_alert_events(device.id) == []
+        assert store.list_alerts(AlertFilter()) == []
+        assert [d.name for d in store.list_devices({})] == ["p"]
+        assert [a.method for a in store.list_audit(None, "", 10)] == ["M"]
+        assert store.list_captures(CaptureFilter(since=NOW)) == []
+        with pytest.raises(Unavailable, match="locked"):
+            store.create_device("q", {}, "", NOW)
     store.close()
 
 

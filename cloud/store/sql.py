@@ -19,7 +19,7 @@ from cloud.domain import (
 from cloud.store.base import Store
 from cloud.store.notify import ChangeListener
 from cloud.store.sql_alerts import AlertTables
-from cloud.store.sql_base import SqlBase, make_engine, migrate, normalise_url
+from cloud.store.sql_base import READ_ONLY, SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_captures import CaptureTables
 from cloud.store.sql_devices import DeviceTables
 from cloud.store.sql_groups import GroupTables
@@ -80,6 +80,8 @@ class SqlStore(
             self.engine.dispose()
             raise Unavailable(f"cannot open the database {_redact(self.url)}: {exc.orig}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        reading = self.engine.execution_options(**{READ_ONLY: True})
+        self._read_sessions = sessionmaker(reading, expire_on_commit=False)
 
     def state_counts(self) -> dict[str, dict[str, int]]:
         tables: dict[str, Any] = {
@@ -165,7 +167,7 @@ class SqlStore(
             query = query.where(AuditRow.at >= since)
         if operator:
             query = query.where(AuditRow.operator == operator)
-        with self._tx() as s:
+        with self._read_tx() as s:
             return [
                 AuditEntry(
                     id=r.id,

@@ -194,7 +194,7 @@ class AlertTables(SqlBase):
             else:
                 query = query.where(or_(verdict.is_(None), verdict == ""))
         query = query.order_by(AlertRow.last_seen.desc(), AlertRow.revision.desc()).limit(limit)
-        with self._tx() as s:
+        with self._read_tx() as s:
             return [_alert(r) for r in s.scalars(query).all()]
 
     def get_alert(self, alert_id: str) -> AlertRecord:

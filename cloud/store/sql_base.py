@@ -41,6 +41,10 @@ def normalise_url(url: str) -> str:
     return url
 
 
+# The execution option of the engine `SqlBase._read_tx`'s sessions use (see make_engine).
+READ_ONLY = "autoglm_read_only"
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
@@ -60,11 +64,15 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn: Any) -> None:
-            # Every transaction takes the write lock when it starts (waiting up to the busy
+            # A transaction takes the write lock when it starts (waiting up to the busy
             # timeout): one writer at a time, each reading what the last one committed.
-            # SQLAlchemy's recipe for pysqlite; reads wait too, a price SQLite's single
-            # writer makes small.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # SQLAlchemy's recipe for pysqlite. One that only reads (SqlBase._read_tx) begins
+            # deferred instead: under WAL it reads a snapshot beside the writer, holding no
+            # lock, so a long listing neither waits for nor delays batches and session setups.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
@@ -100,18 +108,21 @@ class SqlBase:
     """What the table groups share: the session factory and the device lookup."""
 
     _sessions: sessionmaker[Session]
+    _read_sessions: sessionmaker[Session]  # bound to the engine with READ_ONLY set
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         """One transaction; the database failing under it is an error of the hierarchy."""
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except (OperationalError, InterfaceError, DisconnectionError) as exc:
-            error = database_error(exc)
-            if error is None:
-                raise  # a bug or a request the database can never take: INTERNAL, traced
-            raise error from exc
+        with _mapped_errors(), self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read_tx(self) -> Iterator[Session]:
+        """One transaction that only reads: on SQLite it takes no write lock (a write in it
+        would take the lock mid-way, without waiting its turn: use `_tx` for those). The
+        same as `_tx` on PostgreSQL."""
+        with _mapped_errors(), self._read_sessions.begin() as session:
+            yield session
 
     def _device_row(self, s: Session, id_or_name: str, for_update: bool = False) -> DeviceRow:
         # By id first: what certificates and the agents' calls name (a primary-key read,
@@ -147,6 +158,18 @@ _SQLITE_TRANSIENT = {
     sqlite3.SQLITE_FULL,
     sqlite3.SQLITE_CANTOPEN,
 }
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """The database failing under the block as an error of the hierarchy, where it is one."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, DisconnectionError) as exc:
+        error = database_error(exc)
+        if error is None:
+            raise  # a bug or a request the database can never take: INTERNAL, traced
+        raise error from exc
 
 
 def database_error(exc: DBAPIError | DisconnectionError) -> AutoglmError | None:

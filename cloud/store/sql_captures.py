@@ -31,7 +31,7 @@ class CaptureTables(SqlBase):
                 return []
             query = query.where(CaptureRow.device_id.in_(where.device_ids))
         query = query.order_by(CaptureRow.device_id, CaptureRow.sequence).limit(limit)
-        with self._tx() as s:
+        with self._read_tx() as s:
             return [_capture(r) for r in s.scalars(query).all()]
 
     def capture_labels(

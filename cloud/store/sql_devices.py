@@ -55,7 +55,7 @@ class DeviceTables(SqlBase):
             return _device(self._device_row(s, id_or_name))
 
     def list_devices(self, selector: Selector | Mapping[str, str]) -> list[DeviceRecord]:
-        with self._tx() as s:
+        with self._read_tx() as s:
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.name)).all()
             return [_device(r) for r in rows if matches(r.labels, selector)]
 

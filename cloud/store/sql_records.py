@@ -98,7 +98,7 @@ class RecordTables(SqlBase):
         if until is not None:
             query = query.where(PredictionTable.window_end <= until)
         query = query.order_by(PredictionTable.sequence.desc()).limit(limit)
-        with self._tx() as s:
+        with self._read_tx() as s:
             rows = list(s.scalars(query).all())
         return [_prediction(r) for r in reversed(rows)]
 
@@ -111,7 +111,7 @@ class RecordTables(SqlBase):
         if since is not None:
             query = query.where(AlertEventRow.received_at >= since)
         query = query.order_by(AlertEventRow.device_id, AlertEventRow.sequence).limit(limit)
-        with self._tx() as s:
+        with self._read_tx() as s:
             return [_alert(r) for r in s.scalars(query).all()]
 
 
