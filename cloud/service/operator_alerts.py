@@ -26,6 +26,10 @@ MAX_PREDICTIONS = 100_000
 # A QueryPredictions answer stops before this many bytes: clients receive at most 4 MiB a
 # message by default (gRPC's default), and one window of a device with 256 sensors is ~36 KB.
 PREDICTIONS_BUDGET = 3 << 20
+# Predictions read at once for an answer: first this many (windows of 20 sensors fill the
+# budget at ~4,300, of 256 sensors at ~87), then as many as seem to fit, at most the second.
+PREDICTIONS_CHUNK = 100
+MAX_PREDICTIONS_CHUNK = 5000
 MAX_SEQUENCE = 2**63 - 1  # the store's sequences are signed 64-bit
 
 
@@ -175,27 +179,49 @@ class AlertCalls:
                 raise InvalidInput("QueryPredictions: until is before since")
             limit = min(request.limit or 1000, MAX_PREDICTIONS)
             before = min(request.before_sequence, MAX_SEQUENCE)
-            rows = self.registry.store.list_predictions(
-                device.id, request.asset, since, limit, until, before
-            )
-            return _fitting(rows, PREDICTIONS_BUDGET)
+
+            def older(count: int, below: int) -> list[PredictionRecord]:
+                return self.registry.store.list_predictions(
+                    device.id, request.asset, since, count, until, below
+                )
+
+            return _fitting(older, limit, before, PREDICTIONS_BUDGET)
 
         return await asyncio.to_thread(run)
 
 
-def _fitting(rows: list[PredictionRecord], budget: int) -> operator_pb2.QueryPredictionsResponse:
-    """The newest of `rows` (oldest first, as stored) whose message stays under `budget`
-    bytes, at least one; when older ones are left out, where the next older part starts."""
+def _fitting(
+    older: Callable[[int, int], list[PredictionRecord]], limit: int, before: int, budget: int
+) -> operator_pb2.QueryPredictionsResponse:
+    """The newest `limit` predictions below sequence `before` (0: any) that fit a message of
+    `budget` bytes, at least one, oldest first; when older ones are left out, where the next
+    older part starts. Read newest first in chunks (`older(count, below)` answers the newest
+    `count` below `below`, oldest first) sized by what still fits, so a page costs about its
+    own rows, not the `limit` (up to MAX_PREDICTIONS) the store would otherwise build."""
     kept: list[agent_pb2.Prediction] = []
     size = 0
-    for index in range(len(rows) - 1, -1, -1):
-        message = prediction_to_proto(rows[index])
-        size += message.ByteSize() + 6  # with the field's tag and length
-        if size > budget and kept:
-            kept.reverse()
-            return operator_pb2.QueryPredictionsResponse(
-                predictions=kept, next_before_sequence=rows[index + 1].sequence
-            )
-        kept.append(message)
+    while len(kept) < limit:
+        count = min(limit - len(kept), _chunk(len(kept), size, budget))
+        rows = older(count, before)
+        for row in reversed(rows):
+            message = prediction_to_proto(row)
+            size += message.ByteSize() + 6  # with the field's tag and length
+            if size > budget and kept:
+                kept.reverse()
+                return operator_pb2.QueryPredictionsResponse(
+                    predictions=kept, next_before_sequence=before
+                )
+            kept.append(message)
+            before = row.sequence
+        if len(rows) < count:  # no older ones
+            break
     kept.reverse()
     return operator_pb2.QueryPredictionsResponse(predictions=kept)
+
+
+def _chunk(kept: int, size: int, budget: int) -> int:
+    """Rows to read next: PREDICTIONS_CHUNK first, then about as many as the room left holds
+    at the size seen so far, and one more to learn whether the page is full."""
+    if not kept:
+        return PREDICTIONS_CHUNK
+    return min(MAX_PREDICTIONS_CHUNK, (budget - size) * kept // max(size, 1) + 1)
