@@ -17,6 +17,7 @@ from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 T = TypeVar("T")
 PUSH_CHUNK = 1 << 20
 DEFAULT_PREDICTIONS = 1000  # what QueryPredictions answers for a limit of 0 (operator.proto)
+MAX_PREDICTIONS = 100_000  # the most QueryPredictions answers over all parts (operator.proto)
 
 
 @dataclass(frozen=True)
@@ -386,7 +387,7 @@ def older_predictions(
 ) -> operator_pb2.QueryPredictionsRequest | None:
     """The call for the next older part of what `request` asks for, after `response` and
     `got` predictions in all; None when the answers are complete."""
-    left = (request.limit or DEFAULT_PREDICTIONS) - got
+    left = min(request.limit or DEFAULT_PREDICTIONS, MAX_PREDICTIONS) - got
     if not response.next_before_sequence or left <= 0:
         return None
     older = operator_pb2.QueryPredictionsRequest()

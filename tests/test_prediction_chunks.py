@@ -1,6 +1,6 @@
 """What one QueryPredictions page costs: the server reads the newest predictions in chunks
 sized by its byte budget, not the whole limit (up to 100,000) at each page; the pages hold the
-same predictions as before."""
+same predictions as before; a client's paging stops at the server's cap."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud.client import older_predictions
 from cloud.domain import PredictionRecord
 from cloud.service import operator_alerts
 from cloud.service.records import store_batch
@@ -105,3 +106,14 @@ def test_paging_through_a_device_reads_each_prediction_about_once(
         len(read),
         sum(read),
     )
+
+
+def test_a_client_stops_paging_at_the_servers_cap() -> None:
+    """A limit above the server's 100,000 is answered as 100,000 over all parts: the client
+    used to go on asking until its own limit."""
+    request = operator_pb2.QueryPredictionsRequest(device="wide", limit=150_000)
+    cut = operator_pb2.QueryPredictionsResponse(next_before_sequence=50_001)
+    assert older_predictions(request, cut, 100_000) is None
+    following = older_predictions(request, cut, 99_000)
+    assert following is not None and following.limit == 1_000
+    assert following.before_sequence == 50_001
