@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud.service.sessions import OUTBOUND_LIMIT, LiveSession, SessionHub
+from cloud.service.sessions import END_OF_STREAM, OUTBOUND_LIMIT, LiveSession, SessionHub
 from edge_agent.errors import Conflict, PermissionDenied, RateLimited
 from edge_agent.identity import DeviceIdentity
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
@@ -153,6 +153,27 @@ def test_a_full_queue_is_dropped_for_the_error_and_the_first_reason_stands() -> 
     size, queued = asyncio.run(scenario())
     assert size == 1 and isinstance(queued[0], RateLimited), queued
     assert "does not read its stream" in str(queued[0])
+    # An agent counts RESOURCE_EXHAUSTED as "busy"; the detail it logs says otherwise.
+    assert "ended this session; it is not busy" in str(queued[0])
+
+
+def test_the_clean_end_of_a_stream_goes_past_a_full_queue() -> None:
+    """The client half-closed while the queue held OUTBOUND_LIMIT answers (its last batch
+    acks among them): they are sent, then the stream ends OK. The end marker went through
+    the bounded send and ended the session RESOURCE_EXHAUSTED, dropping the acks."""
+
+    async def scenario() -> tuple[object, list[object]]:
+        live = SessionHub().open("d1")
+        for seq in range(OUTBOUND_LIMIT):
+            live.send(seq)
+        live.finish()
+        live.send("a push after the end")  # not written: dropped, not ending the session
+        live.end(PermissionDenied("revoked meanwhile"))
+        return live.ending, [live.outbound.get_nowait() for _ in range(live.outbound.qsize())]
+
+    ending, queued = asyncio.run(scenario())
+    assert ending is None
+    assert queued == [*range(OUTBOUND_LIMIT), END_OF_STREAM], queued[-3:]
 
 
 def test_an_ending_with_room_comes_after_what_is_queued() -> None:

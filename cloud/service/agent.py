@@ -34,13 +34,12 @@ from cloud.service.serde import (
     install_report_from_proto,
     shadow_report_from_proto,
 )
-from cloud.service.sessions import LiveSession, SessionHub
+from cloud.service.sessions import END_OF_STREAM, LiveSession, SessionHub
 from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 RENEWALS_PER_HOUR = 12
-_CLIENT_DONE = object()
 DOWNLOAD_CHUNK = 1 << 20
 MAX_DOWNLOAD_CHUNK = (4 << 20) - (64 << 10)  # a chunk and its header fit the 4 MiB default cap
 MIN_DOWNLOAD_CHUNK = 16 << 10  # smaller chunks cost the server a message per few bytes
@@ -257,7 +256,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             yield maintenance
             while True:
                 item = await live.outbound.get()
-                if item is _CLIENT_DONE:
+                if item is END_OF_STREAM:
                     return
                 if isinstance(item, AutoglmError):
                     raise item
@@ -331,7 +330,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     )
             await batches.put(None)
             if await storer:
-                live.send(_CLIENT_DONE)
+                live.finish()
         except asyncio.CancelledError:
             raise
         except AutoglmError as exc:  # a bad batch, the store unavailable: the agent retries
@@ -339,10 +338,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             live.end(exc)
         except (grpc.RpcError, aio.AbortError, ConnectionError) as exc:  # the agent went away
             log.debug("session reader of %s ended: %s", live.device_id, exc)
-            live.send(_CLIENT_DONE)
+            live.finish()
         except Exception:  # a bug: say so loudly, end this session only
             log.exception("internal error in the session of %s; ending it", live.device_id)
-            live.send(_CLIENT_DONE)
+            live.finish()
         finally:
             storer.cancel()
 
@@ -369,6 +368,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             return False
         except Exception:  # a bug: say so loudly, end this session only
             log.exception("internal error in the session of %s; ending it", live.device_id)
-            live.send(_CLIENT_DONE)
+            live.finish()
             return False
         return True

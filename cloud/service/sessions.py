@@ -17,8 +17,11 @@ FLEET_SLICE = 1000
 # what arrives into its own buffers whether or not the agent has read it yet (400,000
 # heartbeats sent in a tight loop by a client that never read left at most 22 waiting here),
 # so only a client that withholds HTTP/2 window updates fills this: it would otherwise grow
-# by one answer per message it sends. Full, the session ends (RESOURCE_EXHAUSTED).
+# by one answer per message it sends. Full, the session ends (RESOURCE_EXHAUSTED). The end of
+# the stream (`finish`) and the error that ends it go past the bound: one each at most.
 OUTBOUND_LIMIT = 1024
+# What `finish` queues: the client half-closed and everything before it has been answered.
+END_OF_STREAM = object()
 
 
 @dataclass(eq=False)
@@ -27,33 +30,43 @@ class LiveSession:
 
     device_id: str
     fingerprint: str = ""  # of the certificate the session was opened with
-    outbound: asyncio.Queue[object] = field(default_factory=lambda: asyncio.Queue(OUTBOUND_LIMIT))
+    outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)  # see OUTBOUND_LIMIT
     ending: AutoglmError | None = None  # why the session ends, once it does
+    finished: bool = False  # its clean end is queued (`finish`)
     desired_revision: int = 0  # of the newest desired state sent down this session
     maintenance: bytes | None = None  # the maintenance periods last sent down it
     opened_at: float = field(default_factory=time.monotonic)
 
     def send(self, message: object) -> None:
-        if self.ending is not None:
-            return  # nothing after the error that ends the session is written
-        try:
+        """Queues a control message; past OUTBOUND_LIMIT waiting, the session ends instead."""
+        if self.ending is not None or self.finished:
+            return  # nothing after the end of the session is written
+        if self.outbound.qsize() < OUTBOUND_LIMIT:
             self.outbound.put_nowait(message)
-        except asyncio.QueueFull:
-            error = RateLimited(
-                f"{OUTBOUND_LIMIT} control messages wait to be sent down the session of "
-                f"device {self.device_id}: it does not read its stream; the session ends "
-                "(reconnect and read the stream)"
-            )
-            log.warning("%s", error)
-            self.end(error)
+            return
+        error = RateLimited(
+            "the control plane ended this session; it is not busy: "
+            f"{OUTBOUND_LIMIT} control messages wait to be sent down the session of device "
+            f"{self.device_id}: it does not read its stream (reconnect and read the stream)"
+        )
+        log.warning("%s", error)
+        self.end(error)
+
+    def finish(self) -> None:
+        """Queues the stream's clean end after what waits, whatever the bound: the client
+        half-closed, and the answers queued before (its last batch acks) are its to read.
+        Nothing after it is queued, an error that would end the session included."""
+        if self.ending is None and not self.finished:
+            self.finished = True
+            self.outbound.put_nowait(END_OF_STREAM)
 
     def end(self, error: AutoglmError) -> None:
         """Ends the session with `error` after what is queued; when the queue is full, what
-        is queued is dropped. The first reason given stands."""
-        if self.ending is not None:
+        is queued is dropped. The first reason given stands; after `finish`, none is needed."""
+        if self.ending is not None or self.finished:
             return
         self.ending = error
-        if self.outbound.full():
+        if self.outbound.qsize() >= OUTBOUND_LIMIT:
             while not self.outbound.empty():
                 self.outbound.get_nowait()
         self.outbound.put_nowait(error)
