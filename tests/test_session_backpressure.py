@@ -1,10 +1,12 @@
 """A device that sends without reading its session stream: the plane's queue for that session
 stays bounded and the session ends with RESOURCE_EXHAUSTED saying why, while other devices'
-sessions go on; a device holds one session, a newer one ends the older."""
+sessions go on; a device holds one session, a newer one ends the older, and sessions that keep
+replacing one another are told to come back later."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud.service.sessions import END_OF_STREAM, OUTBOUND_LIMIT, LiveSession, SessionHub
-from edge_agent.errors import Conflict, PermissionDenied, RateLimited
+from cloud.service.sessions import (
+    END_OF_STREAM,
+    FLAP_FORGET_S,
+    FLAP_REPLACEMENTS,
+    FLAP_RETRY_S,
+    OUTBOUND_LIMIT,
+    LiveSession,
+    SessionHub,
+)
+from edge_agent.errors import RETRY_AFTER_KEY, Conflict, PermissionDenied, RateLimited
 from edge_agent.identity import DeviceIdentity
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 from tests.support.cloud import RunningPlane
@@ -186,3 +196,69 @@ def test_an_ending_with_room_comes_after_what_is_queued() -> None:
 
     queued = asyncio.run(scenario())
     assert queued[0] == "queued" and isinstance(queued[1], Conflict), queued
+
+
+def test_sessions_that_keep_replacing_one_another_are_told_to_come_back_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two agents with one certificate end each other's session at each reconnect: past
+    FLAP_REPLACEMENTS within FLAP_WINDOW_S one warning names the device and both peers, and
+    the session replaced ends with a retry hint; after a quiet FLAP_FORGET_S, plain ABORTED."""
+    caplog.set_level(logging.INFO, "cloud.service.sessions")
+    now = [0.0]
+
+    async def scenario() -> list[LiveSession]:
+        hub = SessionHub(clock=lambda: now[0])
+        opened = [hub.open("d1", peer="ipv4:10.0.0.1:100")]
+        for i in range(1, 7):  # the two clones, one second apart
+            now[0] = float(i)
+            opened.append(hub.open("d1", peer=f"ipv4:10.0.0.{1 + i % 2}:{100 + i}"))
+        now[0] = 6 + FLAP_FORGET_S + 1
+        opened.append(hub.open("d1", peer="ipv4:10.0.0.1:200"))
+        return opened
+
+    endings = [live.ending for live in asyncio.run(scenario())]
+    assert [type(e) for e in endings] == [
+        *[Conflict] * FLAP_REPLACEMENTS,
+        *[RateLimited] * (6 - FLAP_REPLACEMENTS),
+        Conflict,  # quiet long enough: forgotten
+        type(None),  # the newest is open
+    ], endings
+    hinted = [e for e in endings if isinstance(e, RateLimited)]
+    assert all(e.retry_after_s == FLAP_RETRY_S for e in hinted)
+    assert "not busy" in str(hinted[0]) and "one certificate" in str(hinted[0])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert (
+        "d1" in warnings[0]
+        and "from ipv4:10.0.0.1:104 ending one from ipv4:10.0.0.2:103" in (warnings[0])
+    )
+
+
+def test_two_streams_with_one_identity_that_keep_reconnecting_are_given_a_retry_hint(
+    plane: RunningPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "cloud.service.sessions")
+    plane.plane.hub.clock = lambda: 0.0  # every replacement within FLAP_WINDOW_S
+    identity = _device(plane, tmp_path, "clone")
+    streams: list[DeviceStream] = []
+    for _ in range(FLAP_REPLACEMENTS + 2):  # agents "a" and "b" in turns
+        stream = DeviceStream(plane, identity)
+        stream.send(_hello())
+        stream.next("accepted")
+        streams.append(stream)
+    endings = [s.ending() for s in streams[:-1]]
+    codes = [e.code() if e is not None else None for e in endings]
+    assert codes == [grpc.StatusCode.ABORTED] * FLAP_REPLACEMENTS + [
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    ], codes
+    hinted = endings[-1]
+    assert hinted is not None and "keep replacing one another" in (hinted.details() or "")
+    assert (RETRY_AFTER_KEY, str(round(FLAP_RETRY_S * 1000))) in (hinted.trailing_metadata() or ())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cloud.service.sessions"]
+    assert len(warnings) == 1 and identity.info.device_id in warnings[0], warnings
+    assert warnings[0].count("ipv4:127.0.0.1:") == 2, warnings  # the newest peer, the older
+    streams[-1].send(_heartbeat(1))  # the newest is served
+    assert streams[-1].next("heartbeat_ack").heartbeat_ack.seq == 1
+    for stream in streams:
+        stream.close()

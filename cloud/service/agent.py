@@ -216,7 +216,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 host=hello.host,
             )
             # Open before the desired state is read: a change made meanwhile is pushed to it.
-            live = self.hub.open(device.id, fingerprint)
+            live = self.hub.open(device.id, fingerprint, context.peer())
             try:
                 desired, windows = await asyncio.to_thread(self._to_send, device.id)
             except BaseException:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,16 @@ FLEET_SLICE = 1000
 OUTBOUND_LIMIT = 1024
 # What `finish` queues: the client half-closed and everything before it has been answered.
 END_OF_STREAM = object()
+# A device whose sessions replace one another more than FLAP_REPLACEMENTS times within
+# FLAP_WINDOW_S is flapping: most likely two agents share its certificate (a cloned image),
+# each reconnecting at once when the other's session ends it. One warning says so; from then
+# until FLAP_FORGET_S pass without a replacement, the session replaced is told to come back
+# in FLAP_RETRY_S (RateLimited's hint, as a busy plane's refusal is), so the two take turns
+# instead of reconnecting every second forever.
+FLAP_REPLACEMENTS = 3
+FLAP_WINDOW_S = 60.0
+FLAP_FORGET_S = 600.0
+FLAP_RETRY_S = 60.0
 
 
 @dataclass(eq=False)
@@ -30,6 +42,7 @@ class LiveSession:
 
     device_id: str
     fingerprint: str = ""  # of the certificate the session was opened with
+    peer: str = ""  # the client's address, as gRPC gives it
     outbound: asyncio.Queue[object] = field(default_factory=asyncio.Queue)  # see OUTBOUND_LIMIT
     ending: AutoglmError | None = None  # why the session ends, once it does
     finished: bool = False  # its clean end is queued (`finish`)
@@ -75,20 +88,55 @@ class LiveSession:
 class SessionHub:
     """Registry of live sessions by device id; only touched from the server's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._by_device: dict[str, set[LiveSession]] = {}
+        self.clock = clock  # for the replacements' times only
+        self._replaced: dict[str, deque[float]] = {}  # within FLAP_WINDOW_S, by device
+        self._flapping: dict[str, float] = {}  # device -> its latest replacement, while flapping
 
-    def open(self, device_id: str, fingerprint: str = "") -> LiveSession:
-        """Registers a new session of the device; its older sessions here end (ABORTED): a
-        device holds one session, and one that reconnects in a loop holds no more."""
-        live = LiveSession(device_id, fingerprint)
+    def open(self, device_id: str, fingerprint: str = "", peer: str = "") -> LiveSession:
+        """Registers a new session of the device; its older sessions here end (ABORTED, or
+        RESOURCE_EXHAUSTED with a retry hint while the device flaps: see FLAP_REPLACEMENTS):
+        a device holds one session, and one that reconnects in a loop holds no more."""
+        live = LiveSession(device_id, fingerprint, peer)
         older = self._by_device.get(device_id, ())
-        for old in older:
-            old.end(Conflict(f"a newer session of device {device_id} opened; this one ends"))
         if older:
+            error = self._replacement(device_id, peer, [o.peer for o in older])
+            for old in older:
+                old.end(error)
             log.info("device %s opened a new session; %d older ended", device_id, len(older))
         self._by_device[device_id] = {live}
         return live
+
+    def _replacement(self, device_id: str, peer: str, older: list[str]) -> AutoglmError:
+        """Why the device's older sessions end, its replacements counted."""
+        now = self.clock()
+        times = self._replaced.setdefault(device_id, deque())
+        times.append(now)
+        while now - times[0] > FLAP_WINDOW_S:
+            times.popleft()
+        last = self._flapping.get(device_id)
+        flapping = last is not None and now - last <= FLAP_FORGET_S
+        if not flapping and len(times) > FLAP_REPLACEMENTS:
+            flapping = True
+            log.warning(
+                "device %s: its sessions replaced one another %d times within %.0f s, the "
+                "newest from %s ending one from %s: two agents may share its certificate (a "
+                "cloned image; enroll each device on its own); the session replaced is told "
+                "to come back in %.0f s",
+                device_id, len(times), FLAP_WINDOW_S, peer or "?", ", ".join(older) or "?",
+                FLAP_RETRY_S,
+            )  # fmt: skip
+        ends = f"a newer session of device {device_id} opened (from {peer or '?'}); this one ends"
+        if not flapping:
+            self._flapping.pop(device_id, None)
+            return Conflict(ends)
+        self._flapping[device_id] = now
+        return RateLimited(
+            f"{ends}: the device's sessions keep replacing one another (two agents with one "
+            f"certificate?); the control plane is not busy; come back in {FLAP_RETRY_S:.0f} s",
+            retry_after_s=FLAP_RETRY_S,
+        )
 
     def remove(self, live: LiveSession) -> None:
         sessions = self._by_device.get(live.device_id)
