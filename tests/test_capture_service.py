@@ -19,21 +19,15 @@ from edge_agent.capture import SAMPLE
 from edge_agent.errors import InvalidInput, NotFound, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 from tests.support.captures import T0, capture_proto, window
-from tests.support.cloud import RunningPlane, init_plane, start_plane
+from tests.support.cloud import BACKENDS, RunningPlane, plane_on_backend
 from tests.test_hostile_callers import DeviceStream, _device, _hello
 
 pytestmark = [pytest.mark.integration]
 
 
-@pytest.fixture(
-    params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=BACKENDS)
 def plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningPlane]:
-    database = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
-    cloud_dir = tmp_path / "cloud"
-    running = start_plane(cloud_dir, init_plane(cloud_dir, database).operator_token)
-    yield running
-    running.stop()
+    yield from plane_on_backend(request, tmp_path)
 
 
 def hostile_batch() -> tuple[agent_pb2.RecordBatch, dict[int, str]]:

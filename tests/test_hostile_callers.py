@@ -26,24 +26,16 @@ from edge_agent.identity import DeviceIdentity
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc, common_pb2, operator_pb2
 from tests.conftest import register
 from tests.support.agents import enroll_identity
-from tests.support.cloud import RunningPlane, init_plane, start_plane
+from tests.support.cloud import BACKENDS, RunningPlane, plane_on_backend
 
 pytestmark = [pytest.mark.integration]
 OPERATOR = operator_pb2.DESCRIPTOR.services_by_name["OperatorService"]
 FUZZ_CALLS_PER_METHOD = 12
 
 
-@pytest.fixture(
-    params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=BACKENDS)
 def plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningPlane]:
-    database = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
-    cloud_dir = tmp_path / "cloud"
-    running = start_plane(
-        cloud_dir, init_plane(cloud_dir, database).operator_token, presence_flush_interval_s=0.1
-    )
-    yield running
-    running.stop()
+    yield from plane_on_backend(request, tmp_path, presence_flush_interval_s=0.1)
 
 
 class DeviceStream:

@@ -18,7 +18,7 @@ from cloud.service.operator_alerts import PREDICTIONS_BUDGET
 from cloud.service.records import store_batch
 from protos.autoglm.v1 import agent_pb2, operator_pb2, operator_pb2_grpc
 from tests.conftest import register
-from tests.support.cloud import RunningPlane, init_plane, start_plane
+from tests.support.cloud import BACKENDS, RunningPlane, plane_on_backend
 from tests.test_cli_e2e import autoglm
 
 pytestmark = [pytest.mark.integration]
@@ -27,15 +27,9 @@ WINDOWS = 1200
 SENSORS = 200  # ~9 KB a window: 1,200 of them are ~11 MB, past any gRPC default
 
 
-@pytest.fixture(
-    params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=BACKENDS)
 def plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningPlane]:
-    database = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
-    cloud_dir = tmp_path / "cloud"
-    running = start_plane(cloud_dir, init_plane(cloud_dir, database).operator_token)
-    yield running
-    running.stop()
+    yield from plane_on_backend(request, tmp_path)
 
 
 def _store_wide_device(plane: RunningPlane) -> str:

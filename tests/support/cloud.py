@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from cloud.client import Connection, OperatorClient
 from cloud.config import CloudConfig, load_cloud_config
@@ -78,3 +80,18 @@ def start_plane(state_dir: Path, token: str, **overrides: Any) -> RunningPlane:
     running = RunningPlane(plane=plane, config=config, token=token, loop=loop, thread=thread)
     running.call(plane.start())
     return running
+
+
+# The backends a plane fixture runs on: `@pytest.fixture(params=BACKENDS)`.
+BACKENDS = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def plane_on_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, **overrides: Any
+) -> Iterator[RunningPlane]:
+    """A running plane on the backend `request.param` names (BACKENDS), stopped after."""
+    database = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
+    cloud_dir = tmp_path / "cloud"
+    running = start_plane(cloud_dir, init_plane(cloud_dir, database).operator_token, **overrides)
+    yield running
+    running.stop()
