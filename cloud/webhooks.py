@@ -28,10 +28,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloud.alert_targets import Request, build
 from cloud.clock import Clock, utc_now
+from cloud.outage_log import OutageLog
 from cloud.severity import SeverityRule
 from cloud.store import Store
 from cloud.webhook_records import Delivery
-from edge_agent.errors import IntegrityError, InvalidInput
+from edge_agent.errors import IntegrityError, InvalidInput, Unavailable
 from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,20 @@ class WebhookSender:
             timeout=self.settings.timeout_s, limits=limits, follow_redirects=False
         ) as http:
             self._http = http
+            outage = OutageLog(log, "webhook delivery")
             while not stop.is_set():
                 self._wake.clear()
                 try:
                     await self.sweep()
                     sent = await self.send_due()
+                except Unavailable as exc:  # the database away: a line now and then
+                    outage.failed(exc, self.settings.poll_s)
+                    sent = 0
                 except Exception:
                     log.exception("webhook round failed")
                     sent = 0
+                else:
+                    outage.worked()
                 if sent == BATCH:
                     continue
                 with contextlib.suppress(TimeoutError):

@@ -13,9 +13,11 @@ from collections.abc import Mapping, Sequence
 
 from cloud.clock import Clock, utc_now
 from cloud.maintenance import MaintenanceWindow
+from cloud.outage_log import OutageLog
 from cloud.selectors import parse_selector
 from cloud.service.sessions import FLEET_SLICE, SessionHub
 from cloud.store import Store
+from edge_agent.errors import Unavailable
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,17 @@ class MaintenancePush:
         return windows
 
     async def run(self, stop: asyncio.Event) -> None:
+        outage = OutageLog(log, "sending maintenance periods")
         while not stop.is_set():
             self._wake.clear()
             try:
                 await self.refresh()
+            except Unavailable as exc:  # the database away: a line now and then
+                outage.failed(exc, self.interval_s)
             except Exception:
                 log.exception("sending maintenance periods failed")
+            else:
+                outage.worked()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
 
