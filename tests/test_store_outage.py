@@ -299,3 +299,20 @@ def test_an_outage_is_reported_once_a_period_with_what_was_left_out(
         "job x: database is locked; retrying every 1.0s (3 more failure(s) since the last line)",
         "job x works again after 6 failure(s)",
     ]
+
+
+def test_a_pool_with_no_connection_free_in_time_is_unavailable(tmp_path: Path) -> None:
+    """Callers waiting out a lock can hold every pooled connection; the next one's wait for
+    the pool ends in SQLAlchemy's pool TimeoutError, which was INTERNAL with a traceback."""
+    from sqlalchemy import create_engine
+
+    from cloud.store.sql_base import _mapped_errors
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'x.db'}", pool_size=1, max_overflow=0, pool_timeout=0.05
+    )
+    held = engine.connect()
+    with pytest.raises(Unavailable, match="no connection came free"), _mapped_errors():
+        engine.connect()
+    held.close()
+    engine.dispose()

@@ -14,6 +14,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.domain import (
@@ -170,6 +171,10 @@ def _mapped_errors() -> Iterator[None]:
         if error is None:
             raise  # a bug or a request the database can never take: INTERNAL, traced
         raise error from exc
+    except PoolTimeout as exc:  # every connection held (by callers waiting out a lock)
+        raise Unavailable(
+            "the database cannot be used now: no connection came free in time; try again"
+        ) from exc
 
 
 def database_error(exc: DBAPIError | DisconnectionError) -> AutoglmError | None:
