@@ -19,6 +19,7 @@ from cloud.service.sessions import (
     FLAP_FORGET_S,
     FLAP_REPLACEMENTS,
     FLAP_RETRY_S,
+    FLAP_WINDOW_S,
     OUTBOUND_LIMIT,
     LiveSession,
     SessionHub,
@@ -262,3 +263,29 @@ def test_two_streams_with_one_identity_that_keep_reconnecting_are_given_a_retry_
     assert streams[-1].next("heartbeat_ack").heartbeat_ack.seq == 1
     for stream in streams:
         stream.close()
+
+
+def test_the_replacement_history_forgets_devices_that_stopped_replacing() -> None:
+    """After a network blip every device reconnects while its old session is registered, so
+    each gets a replacement history; it kept one per device that ever replaced a session.
+    Devices quiet past FLAP_WINDOW_S (and not flapping) are forgotten once it doubles."""
+
+    async def scenario() -> tuple[int, int]:
+        now = [0.0]
+        hub = SessionHub(clock=lambda: now[0])
+        for i in range(1500):  # the blip: each device replaced once
+            hub.open(f"d{i}")
+            hub.open(f"d{i}")
+        hub.open("flapper")
+        for _ in range(FLAP_REPLACEMENTS + 1):
+            hub.open("flapper")
+        at_blip = len(hub._replaced)
+        now[0] = FLAP_WINDOW_S + 1  # later, other devices reconnect once each
+        for i in range(600):
+            hub.open(f"e{i}")
+            hub.open(f"e{i}")
+        return at_blip, len(hub._replaced)
+
+    at_blip, later = asyncio.run(scenario())
+    assert at_blip == 1501, at_blip
+    assert later <= 600 + 1, later  # the blip's 1,500 forgotten; the flapper is still watched

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,7 @@ FLAP_REPLACEMENTS = 3
 FLAP_WINDOW_S = 60.0
 FLAP_FORGET_S = 600.0
 FLAP_RETRY_S = 60.0
+FLAP_SWEEP_FROM = 1024  # devices with a replacement history before stale ones are forgotten
 
 
 @dataclass(eq=False)
@@ -93,6 +95,7 @@ class SessionHub:
         self.clock = clock  # for the replacements' times only
         self._replaced: dict[str, deque[float]] = {}  # within FLAP_WINDOW_S, by device
         self._flapping: dict[str, float] = {}  # device -> its latest replacement, while flapping
+        self._sweep_at = FLAP_SWEEP_FROM  # devices tracked when stale ones are next forgotten
 
     def open(self, device_id: str, fingerprint: str = "", peer: str = "") -> LiveSession:
         """Registers a new session of the device; its older sessions here end (ABORTED, or
@@ -111,6 +114,8 @@ class SessionHub:
     def _replacement(self, device_id: str, peer: str, older: list[str]) -> AutoglmError:
         """Why the device's older sessions end, its replacements counted."""
         now = self.clock()
+        if len(self._replaced) >= self._sweep_at:
+            self._forget_stale(now)
         times = self._replaced.setdefault(device_id, deque())
         times.append(now)
         while now - times[0] > FLAP_WINDOW_S:
@@ -137,6 +142,21 @@ class SessionHub:
             f"certificate?); the control plane is not busy; come back in {FLAP_RETRY_S:.0f} s",
             retry_after_s=FLAP_RETRY_S,
         )
+
+    def _forget_stale(self, now: float) -> None:
+        """Drops the replacement history of devices that are not flapping and have not been
+        replaced within FLAP_WINDOW_S (after a network blip every device has one): bounded by
+        the devices replacing sessions now, not by every device that ever did. Amortised: the
+        next sweep waits until the history has doubled."""
+        for device_id in [
+            d
+            for d, times in self._replaced.items()
+            if now - times[-1] > FLAP_WINDOW_S
+            and now - self._flapping.get(d, -math.inf) > FLAP_FORGET_S
+        ]:
+            del self._replaced[device_id]
+            self._flapping.pop(device_id, None)
+        self._sweep_at = max(FLAP_SWEEP_FROM, 2 * len(self._replaced))
 
     def remove(self, live: LiveSession) -> None:
         sessions = self._by_device.get(live.device_id)
