@@ -20,7 +20,7 @@ from edge_agent.errors import InvalidInput, NotFound, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 from tests.support.captures import T0, capture_proto, window
 from tests.support.cloud import BACKENDS, RunningPlane, plane_on_backend
-from tests.test_hostile_callers import DeviceStream, _device, _hello
+from tests.test_hostile_callers import DeviceStream, _device
 
 pytestmark = [pytest.mark.integration]
 
@@ -76,9 +76,7 @@ def test_hostile_captures_are_refused_by_name_and_stored_ones_stay(
 ) -> None:
     identity = _device(plane, tmp_path, "edge")
     device_id = identity.info.device_id
-    stream = DeviceStream(plane, identity)
-    stream.send(_hello())
-    stream.next("accepted")
+    stream = DeviceStream.accepted(plane, identity)
     batch, expected = hostile_batch()
     stream.send(agent_pb2.AgentMessage(records=batch))
     ack = stream.next("batch_ack").batch_ack

@@ -54,6 +54,14 @@ class DeviceStream:
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
+    @classmethod
+    def accepted(cls, plane: RunningPlane, identity: DeviceIdentity) -> DeviceStream:
+        """A stream that said hello and whose session the plane accepted."""
+        stream = cls(plane, identity)
+        stream.send(_hello())
+        stream.next("accepted")
+        return stream
+
     def _read(self) -> None:
         try:
             for message in self.call:
@@ -119,9 +127,7 @@ def test_a_long_agent_version_is_refused_and_presence_goes_on_for_the_others(
     assert ended is not None and ended.code() == grpc.StatusCode.INVALID_ARGUMENT, ended
     assert "hello.agent_version" in (ended.details() or "")
     hostile.close()
-    good = DeviceStream(plane, _device(plane, tmp_path, "good"))
-    good.send(_hello())
-    good.next("accepted")
+    good = DeviceStream.accepted(plane, _device(plane, tmp_path, "good"))
     plane.flush_presence()
     with plane.client() as client:
         devices = {d.name: d for d in client.list_devices()}
@@ -170,9 +176,7 @@ def test_bad_records_are_rejected_by_name_and_the_rest_of_the_batch_is_stored(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
     identity = _device(plane, tmp_path, "edge")
-    stream = DeviceStream(plane, identity)
-    stream.send(_hello())
-    stream.next("accepted")
+    stream = DeviceStream.accepted(plane, identity)
     alert = agent_pb2.Record(sequence=5)
     alert.alert.kind = agent_pb2.AlertEvent.KIND_RAISED
     alert.alert.asset = "pump-1"

@@ -97,9 +97,7 @@ async def _closed(hub: SessionHub, device_id: str, within_s: float) -> bool:
 def test_a_device_that_never_reads_its_stream_is_ended_with_a_bounded_queue(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
-    good = DeviceStream(plane, _device(plane, tmp_path, "good"))
-    good.send(_hello())
-    good.next("accepted")
+    good = DeviceStream.accepted(plane, _device(plane, tmp_path, "good"))
     identity = _device(plane, tmp_path, "hostile")
     device_id = identity.info.device_id
     flood = Flood(plane, identity)
@@ -119,9 +117,7 @@ def test_a_device_that_never_reads_its_stream_is_ended_with_a_bounded_queue(
     assert "does not read its stream" in (error.details() or ""), error.details()
     assert plane.call(_closed(hub, device_id, within_s=30), timeout=60)
     # It may come back, and its new session is served.
-    again = DeviceStream(plane, identity)
-    again.send(_hello())
-    again.next("accepted")
+    again = DeviceStream.accepted(plane, identity)
     again.send(_heartbeat(1))
     assert again.next("heartbeat_ack").heartbeat_ack.seq == 1
     again.close()
@@ -130,12 +126,8 @@ def test_a_device_that_never_reads_its_stream_is_ended_with_a_bounded_queue(
 
 def test_a_new_session_of_a_device_ends_its_older_one(plane: RunningPlane, tmp_path: Path) -> None:
     identity = _device(plane, tmp_path, "twin")
-    first = DeviceStream(plane, identity)
-    first.send(_hello())
-    first.next("accepted")
-    second = DeviceStream(plane, identity)
-    second.send(_hello())
-    second.next("accepted")
+    first = DeviceStream.accepted(plane, identity)
+    second = DeviceStream.accepted(plane, identity)
     ended = first.ending()
     assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
     assert "newer session" in (ended.details() or ""), ended.details()
@@ -244,9 +236,7 @@ def test_two_streams_with_one_identity_that_keep_reconnecting_are_given_a_retry_
     identity = _device(plane, tmp_path, "clone")
     streams: list[DeviceStream] = []
     for _ in range(FLAP_REPLACEMENTS + 2):  # agents "a" and "b" in turns
-        stream = DeviceStream(plane, identity)
-        stream.send(_hello())
-        stream.next("accepted")
+        stream = DeviceStream.accepted(plane, identity)
         streams.append(stream)
     endings = [s.ending() for s in streams[:-1]]
     codes = [e.code() if e is not None else None for e in endings]

@@ -33,7 +33,7 @@ from tests.conftest import PG_ADMIN_DSN
 from tests.support.agents import wait_for
 from tests.support.cloud import RunningPlane
 from tests.support.stores import NOW, bound_parameters_at_most
-from tests.test_hostile_callers import DeviceStream, _device, _hello
+from tests.test_hostile_callers import DeviceStream, _device
 
 pytestmark = pytest.mark.integration
 
@@ -134,9 +134,7 @@ def _in_list(count: int) -> Any:
 def test_a_locked_database_is_unavailable_to_operators_and_sessions(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
-    stream = DeviceStream(plane, _device(plane, tmp_path, "p1"))
-    stream.send(_hello())
-    stream.next("accepted")
+    stream = DeviceStream.accepted(plane, _device(plane, tmp_path, "p1"))
     _short_busy_timeout(plane.plane.store)
     path = Path(plane.config.resolved_database_url.removeprefix("sqlite:///"))
     with _locked(path), plane.client() as client:
@@ -242,9 +240,7 @@ def test_background_jobs_report_a_locked_database_in_a_line_not_a_traceback_per_
     caplog.set_level(logging.INFO, "cloud.service.server")
     caplog.set_level(logging.INFO, "cloud.webhooks")  # its delivery round: a line too
     caplog.set_level(logging.INFO, "cloud.service.maintenance_push")
-    stream = DeviceStream(plane, _device(plane, tmp_path, "p1"))
-    stream.send(_hello())
-    stream.next("accepted")
+    stream = DeviceStream.accepted(plane, _device(plane, tmp_path, "p1"))
     _short_busy_timeout(plane.plane.store)
     failed = threading.Semaphore(0)
     event.listen(plane.plane.store.engine, "handle_error", lambda _context: failed.release())
