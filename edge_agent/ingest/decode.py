@@ -248,8 +248,7 @@ class Decoder:
             self.drop("bad_shape", topic, payload)
             return None
         ts = self._times(raw_ts)
-        plausible = (ts >= 0.0) & (ts < MAX_TIMESTAMP_S) if ts is not None else None  # NaN: no
-        if ts is None or plausible is None or not plausible.any():
+        if ts is None or not (plausible := (ts >= 0.0) & (ts < MAX_TIMESTAMP_S)).any():  # NaN: no
             self.drop("bad_timestamp", topic, payload, len(raw_ts))
             return None
         judged = self.bounds(route.asset, now)
