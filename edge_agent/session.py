@@ -19,14 +19,14 @@ from edge_agent.enroll import channel_options
 from edge_agent.errors import (
     AutoglmError,
     InvalidInput,
-    PermissionDenied,
     RateLimited,
-    Unauthenticated,
     Unavailable,
     from_rpc_error,
 )
 from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
+from edge_agent.session_end import SessionEnd
+from edge_agent.session_end import classify as classify_end
 from edge_agent.sync import Outgoing, RecordSync
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
@@ -49,6 +49,8 @@ class SessionStats:
     sessions_opened: int = 0
     attempts_failed: int = 0  # session attempts that ended before or after opening
     busy_refusals: int = 0  # attempts the control plane refused as too busy (with a hint)
+    not_reading_ends: int = 0  # sessions the plane ended: this agent did not read its stream
+    replaced: int = 0  # sessions ended by a newer session of this device
     heartbeats_sent: int = 0
     heartbeats_acked: int = 0
     refused: bool = False  # the control plane refused this device (revoked, stale certificate)
@@ -98,7 +100,7 @@ class CloudSession:
         self._last_heard = 0.0
         # Why the control plane refused this device, when that ended the sessions for good.
         self.refusal: AutoglmError | None = None
-        self.refusal_hint: RateLimited | None = None  # the last "too busy", with its hint
+        self.retry_hint_s = 0.0  # when the control plane said to come back, for the next wait
         self.stats = SessionStats()
         self.connected = False
         self._sent_at: dict[int, float] = {}
@@ -132,20 +134,11 @@ class CloudSession:
                         exc = Unavailable(f"{clock} ({exc})")
                 self.stats.attempts_failed += 1
                 self.stats.last_error = str(exc)
-                if isinstance(exc, RateLimited):
-                    self.stats.busy_refusals += 1
-                    self.refusal_hint = exc
-                if isinstance(exc, PermissionDenied | Unauthenticated):
-                    self.stats.refused = True
-                    self.backoff.exhaust()
-                    log.error("the control plane refused this device: %s", exc)
-                    if self.stop_when_refused:
-                        self.refusal = exc
-                        return
-                elif isinstance(exc, RateLimited):  # expected in a reconnect storm
-                    log.info("session to %s refused for now: %s", self.address, exc)
-                else:
-                    log.warning("session to %s ended: %s", self.address, exc)
+                if isinstance(exc, RateLimited) and exc.retry_after_s > 0:
+                    self.retry_hint_s = exc.retry_after_s  # whatever the reason, it is followed
+                if self._ended(exc) and self.stop_when_refused:
+                    self.refusal = exc
+                    return
             except Exception as exc:  # a bug must not end the agent's sessions
                 self.stats.attempts_failed += 1
                 self.stats.last_error = str(exc)
@@ -161,14 +154,52 @@ class CloudSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
+    def _ended(self, exc: AutoglmError) -> bool:
+        """Counts and logs why the session ended or was refused; True when the control
+        plane refused this device (retrying soon cannot help)."""
+        kind = classify_end(exc)
+        if kind is SessionEnd.REFUSED:
+            self.stats.refused = True
+            self.backoff.exhaust()
+            log.error("the control plane refused this device: %s", exc)
+            return True
+        if kind is SessionEnd.BUSY:  # expected in a reconnect storm
+            self.stats.busy_refusals += 1
+            log.info(
+                "session to %s refused for now (the control plane is busy): %s", self.address, exc
+            )
+        elif kind is SessionEnd.NOT_READING:
+            # Not the plane's load: this agent fell behind reading what the plane sent.
+            self.stats.not_reading_ends += 1
+            log.warning(
+                "the control plane at %s ended this session because this agent did not read "
+                "its stream (the plane's queue for this device filled): this agent is too "
+                "slow (a blocked event loop, a starved host), the plane is not overloaded; "
+                "reconnecting: %s",
+                self.address,
+                exc,
+            )
+        elif kind is SessionEnd.REPLACED:
+            self.stats.replaced += 1
+            log.warning(
+                "session to %s ended: a newer session of this device opened; if this repeats, "
+                "another agent runs with this device's identity (a cloned image: enroll each "
+                "device on its own): %s",
+                self.address,
+                exc,
+            )
+        else:
+            log.warning("session to %s ended: %s", self.address, exc)
+        return False
+
     def _retry_delay(self) -> float:
-        """The wait before the next attempt: the control plane's hint when it was too busy
-        to open the session (spread +-50 % so the refused agents do not return together),
-        the backoff otherwise."""
-        error = self.refusal_hint
-        self.refusal_hint = None
-        if error is not None and error.retry_after_s > 0:
-            return self.backoff.after_hint(error.retry_after_s)
+        """The wait before the next attempt: the control plane's retry hint when it sent one
+        (too busy to open the session, or this device's sessions keep replacing one
+        another; spread +-50 % so the agents it told do not return together), the backoff
+        otherwise."""
+        hint, self.retry_hint_s = self.retry_hint_s, 0.0
+        if hint > 0:
+            return self.backoff.after_hint(hint)
         return self.backoff.next_delay()
 
     def credentials(self) -> grpc.ChannelCredentials:
