@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
 from cloud.service.admission import DEFAULT_SETUP_LIMIT, SessionAdmission
 from cloud.service.enrollment import AttemptLimiter
+from cloud.service.guard import status_of
 from cloud.service.maintenance_push import maintenance_message
 from cloud.service.metrics import PlaneMetrics
 from cloud.service.peer import certificate_not_after, device_identity, issued_by
@@ -61,12 +63,32 @@ HELLO_TIMEOUT_S = 30.0  # an agent sends its hello at once; a silent stream is d
 REFUSAL_HELLO_WAIT_S = 5.0
 REFUSALS_WAITING = 1_000
 
+# A session the plane ended (replaced by a newer one, its queue full, revoked) has this long
+# to write what was queued before its end and then its status. A device that does not read
+# its stream leaves gRPC's write of an earlier message waiting for HTTP/2 window it never
+# grants, and the error never reached that write: the session stayed registered, with its
+# reader, until the connection dropped. Past this, the status is handed to gRPC (it goes out
+# behind what the device has not read, once it reads, or goes with the call when the device
+# leaves or its deadline passes) and the call's task is cancelled: the session is released.
+ENDED_DRAIN_S = 5.0
+
 
 async def _await_hello(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> None:
     """Lets the hello arrive, at most REFUSAL_HELLO_WAIT_S; what came, or an error, is
     ignored: the call is being refused."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(anext(aiter(request_iterator), None), REFUSAL_HELLO_WAIT_S)
+
+
+async def _send_status(context: aio.ServicerContext[Any, Any], error: AutoglmError) -> None:
+    """Hands an ended session's status to gRPC and waits for it to go out (the device reads
+    what was queued before it) or for the call to end (it left, or its deadline passed)."""
+    try:
+        await context.abort(*status_of(error))
+    except (aio.AbortError, aio.UsageError):
+        return  # sent; or the session's own end got there first (an abort under way)
+    except Exception as exc:  # noqa: BLE001 - the call ended without it: nobody to tell
+        log.debug("the status of an ended session was not sent: %r", exc)
 
 
 async def _hello(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> agent_pb2.Hello:
@@ -122,6 +144,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         self.artifacts = artifacts
         self.rollouts = rollouts
+        self._background: set[asyncio.Task[None]] = set()  # see ENDED_DRAIN_S
 
     async def RenewCertificate(
         self,
@@ -226,7 +249,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 raise
         setup.labels("state").observe(time.monotonic() - started)
         log.info("session opened: %s (%s) agent %s", device.name, device.id, hello.agent_version)
-        reader = asyncio.create_task(self._read(live, request_iterator))
+        live.reader = asyncio.create_task(self._read(live, request_iterator))
+        release = functools.partial(self._release, live, device)
+        live.on_end = functools.partial(
+            self._watch_end, live, context, asyncio.current_task(), release
+        )
+        if live.ending is not None:  # replaced or revoked while it was set up
+            live.on_end()
         try:
             yield agent_pb2.ControlMessage(
                 accepted=agent_pb2.SessionAccepted(
@@ -263,11 +292,60 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 assert isinstance(item, agent_pb2.ControlMessage)
                 yield item
         finally:
-            reader.cancel()
-            self.hub.remove(live)
-            if not self.hub.is_open(device.id):
-                self.presence.closed(device.id)
-            log.info("session closed: %s (%s)", device.name, device.id)
+            release()
+
+    def _release(self, live: LiveSession, device: DeviceRecord) -> None:
+        """Forgets a session whose stream ended or was cut (once): its reader stops and the
+        hub drops it."""
+        if live.released.is_set():
+            return
+        live.released.set()
+        if live.reader is not None:
+            live.reader.cancel()
+        self.hub.remove(live)
+        if not self.hub.is_open(device.id):
+            self.presence.closed(device.id)
+        log.info("session closed: %s (%s)", device.name, device.id)
+
+    def _watch_end(
+        self,
+        live: LiveSession,
+        context: aio.ServicerContext[Any, Any],
+        call: asyncio.Task[Any] | None,
+        release: Callable[[], None],
+    ) -> None:
+        """The plane ended the session: its call is watched (see ENDED_DRAIN_S)."""
+        if call is None:  # not run by gRPC's server: nothing to cut
+            return
+        watch = asyncio.create_task(self._cut_when_stalled(live, context, call, release))
+        self._background.add(watch)
+        watch.add_done_callback(self._background.discard)
+
+    async def _cut_when_stalled(
+        self,
+        live: LiveSession,
+        context: aio.ServicerContext[Any, Any],
+        call: asyncio.Task[Any],
+        release: Callable[[], None],
+    ) -> None:
+        """Gives an ended session's call ENDED_DRAIN_S to finish; one still writing then
+        (what was queued before the end, or its status) is cut."""
+        done, _ = await asyncio.wait({call}, timeout=ENDED_DRAIN_S)
+        if done:
+            return
+        error = live.ending
+        assert error is not None  # watched once it is set
+        log.warning(
+            "session of device %s ended (%s) but has not taken what was sent for %g s: it "
+            "does not read its stream; the session is released and its status waits for the "
+            "device to read",
+            live.device_id, error.grpc_code.name, ENDED_DRAIN_S,
+        )  # fmt: skip
+        status = asyncio.create_task(_send_status(context, error))
+        self._background.add(status)
+        status.add_done_callback(self._background.discard)
+        call.cancel()  # its pending write is dropped; the generator is closed when collected
+        release()
 
     def _known(self, device_id: str, fingerprint: str) -> tuple[DeviceRecord, int]:
         """The device, if it may act, and its last stored record (one trip to a thread)."""

@@ -247,11 +247,8 @@ async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseE
         aio.AbortError | asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit,
     ):
         raise exc
-    if isinstance(exc, RateLimited) and exc.retry_after_s > 0:
-        hint = ((RETRY_AFTER_KEY, str(round(exc.retry_after_s * 1000))),)
-        await context.abort(exc.grpc_code, _bounded(str(exc)), trailing_metadata=hint)
     if isinstance(exc, AutoglmError):
-        await context.abort(exc.grpc_code, _bounded(str(exc)))
+        await context.abort(*status_of(exc))
     if isinstance(exc, NotImplementedError):
         name = method.rsplit("/", 1)[-1]
         await context.abort(
@@ -262,6 +259,15 @@ async def _abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseE
     await context.abort(
         grpc.StatusCode.INTERNAL, f"internal error (incident {incident}, see the control-plane log)"
     )
+
+
+def status_of(error: AutoglmError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status a domain error ends a call with: code, details, trailing metadata (a
+    retry hint where it has one)."""
+    hint: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, RateLimited) and error.retry_after_s > 0:
+        hint = ((RETRY_AFTER_KEY, str(round(error.retry_after_s * 1000))),)
+    return error.grpc_code, _bounded(str(error)), hint
 
 
 def _bounded(details: str) -> str:

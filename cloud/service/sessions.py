@@ -51,6 +51,9 @@ class LiveSession:
     desired_revision: int = 0  # of the newest desired state sent down this session
     maintenance: bytes | None = None  # the maintenance periods last sent down it
     opened_at: float = field(default_factory=time.monotonic)
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # forgotten by the plane
+    reader: asyncio.Task[None] | None = None  # reads what the device sends, while open
+    on_end: Callable[[], None] | None = None  # called once `ending` is set
 
     def send(self, message: object) -> None:
         """Queues a control message; past OUTBOUND_LIMIT waiting, the session ends instead."""
@@ -85,6 +88,8 @@ class LiveSession:
             while not self.outbound.empty():
                 self.outbound.get_nowait()
         self.outbound.put_nowait(error)
+        if self.on_end is not None:
+            self.on_end()
 
 
 class SessionHub:
