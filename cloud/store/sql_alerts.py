@@ -29,7 +29,7 @@ from cloud.domain import (
     AlertState,
 )
 from cloud.maintenance import covering
-from cloud.store.sql_base import SqlBase
+from cloud.store.sql_base import SqlBase, id_chunks
 from cloud.store.sql_maintenance import windows_in_force
 from cloud.store.sql_webhooks import enqueue_deliveries
 from cloud.store.tables import AlertRevisionRow, AlertRow, DeviceRow
@@ -125,9 +125,13 @@ def apply_alert_events(
 
 
 def _labels(s: Session, rows: Sequence[AlertRow]) -> dict[str, dict[str, str]]:
-    ids = {r.device_id for r in rows}
-    query = select(DeviceRow.id, DeviceRow.labels).where(DeviceRow.id.in_(ids))
-    return {device_id: dict(lb or {}) for device_id, lb in s.execute(query).all()}
+    """The labels of the rows' devices, read in IN lists of ID_CHUNK (the fleet's alerts
+    may name more devices than one statement's bound parameters allow)."""
+    labels: dict[str, dict[str, str]] = {}
+    for chunk in id_chunks(sorted({r.device_id for r in rows})):
+        query = select(DeviceRow.id, DeviceRow.labels).where(DeviceRow.id.in_(chunk))
+        labels.update((device_id, dict(lb or {})) for device_id, lb in s.execute(query).all())
+    return labels
 
 
 def announce(

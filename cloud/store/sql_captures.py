@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import and_, or_, select
 
 from cloud.captures import CaptureCalibration, CaptureFilter, CaptureLabel, CaptureRecord
-from cloud.store.sql_base import SqlBase
+from cloud.store.sql_base import SqlBase, id_chunks
 from cloud.store.tables import AlertRow, CaptureRow
 
 
@@ -26,13 +26,21 @@ class CaptureTables(SqlBase):
                 and_(CaptureRow.device_id == device, CaptureRow.sequence > sequence),
             ),
         )
-        if where.device_ids is not None:
-            if not where.device_ids:
-                return []
-            query = query.where(CaptureRow.device_id.in_(where.device_ids))
-        query = query.order_by(CaptureRow.device_id, CaptureRow.sequence).limit(limit)
+        query = query.order_by(CaptureRow.device_id, CaptureRow.sequence)
+        if where.device_ids is None:
+            with self._read_tx() as s:
+                return [_capture(r) for r in s.scalars(query.limit(limit)).all()]
+        # In IN lists of ID_CHUNK, in id order: the chunks' pages, one after another, are
+        # the page in (device id, sequence) order. Devices before the cursor have none left.
+        wanted = sorted({d for d in where.device_ids if d >= device})
+        found: list[CaptureRecord] = []
         with self._read_tx() as s:
-            return [_capture(r) for r in s.scalars(query).all()]
+            for chunk in id_chunks(wanted):
+                if len(found) >= limit:
+                    break
+                page = query.where(CaptureRow.device_id.in_(chunk)).limit(limit - len(found))
+                found += [_capture(r) for r in s.scalars(page).all()]
+        return found
 
     def capture_labels(
         self, device_id: str, alert_keys: Sequence[str], since: dt.datetime

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, aliased
 
 from cloud.domain import AlertRecord, AlertState
-from cloud.store.sql_base import SqlBase
+from cloud.store.sql_base import SqlBase, id_chunks
 from cloud.store.tables import AlertRow, DeliveryRow, DeviceRow, WebhookRow
 from cloud.webhook_records import Delivery, WebhookFilter, WebhookRecord
 from edge_agent.errors import NotFound
@@ -33,11 +33,14 @@ def enqueue_deliveries(s: Session, alerts: Sequence[AlertRecord], now: dt.dateti
     hooks = list(s.scalars(select(WebhookRow)).all())
     if not hooks:
         return 0
-    ids = {a.device_id for a in alerts}
-    query = select(DeviceRow.id, DeviceRow.name, DeviceRow.labels).where(DeviceRow.id.in_(ids))
-    devices = {
-        device_id: (name, dict(labels or {})) for device_id, name, labels in s.execute(query)
-    }
+    devices: dict[str, tuple[str, dict[str, str]]] = {}
+    for chunk in id_chunks(sorted({a.device_id for a in alerts})):  # see ID_CHUNK
+        query = select(DeviceRow.id, DeviceRow.name, DeviceRow.labels).where(
+            DeviceRow.id.in_(chunk)
+        )
+        devices.update(
+            (device_id, (name, dict(labels or {}))) for device_id, name, labels in s.execute(query)
+        )
     filters = {h.id: WebhookFilter.parse(h.filter) for h in hooks}
     queued = 0
     for alert in alerts:
