@@ -237,6 +237,10 @@ class Outbox:
                 self._rollback()
                 if not isinstance(exc, sqlite3.Error):
                     raise
+                # Kept or not, the control plane knows numbers up to `up_to`: the next append
+                # (which keeps next_seq) must not reuse them, or this acknowledgement, written
+                # later, would delete its records unsent.
+                self._next = max(self._next, up_to + 1)
                 raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
             self._acked = up_to
             self._quarantined += moved

@@ -40,6 +40,16 @@ class DiskFullConnection:
         return getattr(self.real, name)
 
 
+class FullAtWrite(DiskFullConnection):
+    """A full disk found at the first statement that writes (the WAL must grow), not only at
+    COMMIT."""
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.lstrip().split(" ", 1)[0] in ("INSERT", "DELETE", "UPDATE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().execute(sql, *args)
+
+
 def test_the_outbox_reports_a_full_disk_and_stays_whole(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "outbox.sqlite3", 1 << 20)
     assert box.append([(PREDICTION, b"a")]) == [1]
@@ -50,6 +60,27 @@ def test_the_outbox_reports_a_full_disk_and_stays_whole(tmp_path: Path) -> None:
     box._db = real
     assert box.stats().depth == 1 and box.stats().next_sequence == 2
     assert box.append([(ALERT, b"d")]) == [2]  # space again: numbering goes on, no gap
+    box.close()
+
+
+def test_numbers_the_plane_knows_are_not_reused_after_an_ack_that_could_not_be_written(
+    tmp_path: Path,
+) -> None:
+    """An outbox behind the control plane (a state directory restored from a backup) learns
+    its position from an acknowledgement. When that cannot be written, the next append must
+    still number past it: the acknowledgement, written later, would delete those records
+    unsent. A failure at COMMIT kept the number; one at an earlier statement did not."""
+    box = Outbox(tmp_path / "outbox.sqlite3", 1 << 20)
+    assert box.append([(PREDICTION, b"a"), (PREDICTION, b"b")]) == [1, 2]
+    real = box._db
+    box._db = FullAtWrite(real)  # type: ignore[assignment]
+    with pytest.raises(LocalStateError, match="disk is full"):
+        box.ack(50)
+    box._db = real
+    assert box.stats().depth == 2 and box.acked == 0
+    assert box.append([(PREDICTION, b"c")]) == [51]
+    assert box.ack(50) == 2
+    assert [seq for seq, _, _ in box.pending(0, 10)] == [51]
     box.close()
 
 
