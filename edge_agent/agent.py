@@ -102,8 +102,16 @@ class Agent:
             signing_root_version=self.key.version,
             certificate_issuer=self.issuer,
             uptime_seconds=time.monotonic() - self.started,
-            health=self.runtime.health(hostfacts.disk_free_bytes(self.config.state_dir)),
+            health=self.health(),
         )
+
+    def health(self, rates_since_last: bool = True) -> agent_pb2.AgentHealth:
+        """The data path's health report (`EdgeRuntime.health`), with the sync's errors: each
+        failed write of an acknowledgement the control plane sent (disk full) counts."""
+        disk_free = hostfacts.disk_free_bytes(self.config.state_dir)
+        health = self.runtime.health(disk_free, rates_since_last)
+        health.errors += self.sync.stats.ack_write_failures
+        return health
 
     def slot(self) -> str:
         active = self.slots.read().active

@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from edge_agent import hostfacts
 from edge_agent.errors import LocalStateError
 from protos.autoglm.v1 import agent_pb2
 
@@ -74,9 +73,7 @@ class AgentCollector(Collector):
         agent = self.agent
         runtime = agent.runtime
         # Counters only: the heartbeat's ingest-rate mark is not the scrape's to move.
-        health = runtime.health(
-            hostfacts.disk_free_bytes(agent.config.state_dir), rates_since_last=False
-        )
+        health = agent.health(rates_since_last=False)
         readings = CounterMetricFamily(
             "autoglm_agent_readings", "Readings accepted per asset.", labels=("asset",)
         )
@@ -108,6 +105,12 @@ class AgentCollector(Collector):
             "autoglm_agent_outbox_bytes", "Bytes of records waiting to sync.",
             value=health.outbox_bytes,
         )  # fmt: skip
+        unsaved = agent.sync.stats.unsaved_ack
+        yield GaugeMetricFamily(
+            "autoglm_agent_outbox_unsaved_acks",
+            "Sequences the control plane acknowledged that the outbox could not mark (disk full).",
+            value=max(0, unsaved - agent.outbox.acked) if unsaved else 0,
+        )
         yield GaugeMetricFamily(
             "autoglm_agent_disk_free_bytes", "Free bytes on the state directory's disk.",
             value=health.disk_free_bytes,

@@ -243,7 +243,7 @@ class CloudSession:
                     agent_version=__version__,
                     status=self.status(),
                     host=self.host(),
-                    last_acked_sequence=self.sync.outbox.acked if self.sync else 0,
+                    last_acked_sequence=self.sync.acked if self.sync else 0,
                 )
                 first = await self._open(call, hello, stop)
                 if first is None:

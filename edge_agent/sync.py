@@ -8,11 +8,15 @@ flight when the link dropped are sent again and the control plane counts them as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
+from edge_agent.errors import LocalStateError
 from edge_agent.outbox import Outbox
+from edge_agent.retry import Backoff
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -31,27 +35,66 @@ class SyncStats:
     acked_up_to: int = 0
     stored: int = 0
     duplicates: int = 0
+    # The outbox could not record an acknowledgement (disk full): failed writes so far, and
+    # the highest sequence the control plane acknowledged that it has not recorded (0: none).
+    ack_write_failures: int = 0
+    unsaved_ack: int = 0
+
+
+@dataclass
+class _Unsaved:
+    """An acknowledgement the outbox could not record yet, those after it merged in."""
+
+    up_to: int
+    rejected: dict[int, str] = field(default_factory=dict)
 
 
 class RecordSync:
-    """One per agent; `run` is started by the session for each open stream."""
+    """One per agent; `run` is started by the session for each open stream.
 
-    def __init__(self, outbox: Outbox, batch_records: int, max_in_flight: int) -> None:
+    An acknowledgement the outbox cannot record (a full disk) does not end the session: the
+    control plane has the records, so they are not sent again; the acknowledgement is kept
+    here and written at the next one, at the next session's start, or at a retry
+    (`ack_retry`) while batches are sent. Should the agent stop first, the next session's
+    `last_stored_sequence` says the same."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        batch_records: int,
+        max_in_flight: int,
+        ack_retry: Backoff | None = None,
+    ) -> None:
         self.outbox = outbox
         self.batch_records = batch_records
         self.max_in_flight = max_in_flight
+        self.ack_retry = ack_retry or Backoff(1.0, 30.0)
         self.stats = SyncStats(acked_up_to=outbox.acked)
         self._sent = outbox.acked
         self._in_flight: list[int] = []
         self._acked = asyncio.Event()
+        self._unsaved: _Unsaved | None = None
+        self._retry_at = 0.0
+        self._failed_writes = 0  # of the acknowledgement waiting now
+
+    @property
+    def acked(self) -> int:
+        """Everything up to this sequence is stored by the control plane (recorded or not)."""
+        return max(self.outbox.acked, self._unsaved.up_to if self._unsaved else 0)
 
     async def on_accepted(self, last_stored: int) -> None:
         """A new session: everything up to `last_stored` is safe; resend from there."""
-        if last_stored > self.outbox.acked:
-            await asyncio.to_thread(self.outbox.ack, last_stored)
-        self._sent = self.outbox.acked
+        if last_stored > self.acked or self._unsaved is not None:
+            pending = self._merged(last_stored, {})
+            try:
+                await asyncio.to_thread(self.outbox.ack, pending.up_to, pending.rejected)
+            except LocalStateError as exc:
+                self._not_saved(pending, exc)
+            else:
+                self._saved(pending)
+        self._sent = self.acked
         self._in_flight.clear()
-        self.stats.acked_up_to = self.outbox.acked
+        self.stats.acked_up_to = self.acked
 
     def on_ack(self, ack: agent_pb2.BatchAck) -> None:
         rejected = {r.sequence: r.reason for r in ack.rejected}
@@ -64,19 +107,77 @@ class RecordSync:
                 first.sequence,
                 first.reason,
             )
-        self.outbox.ack(ack.up_to_sequence, rejected)
-        self.stats.acked_up_to = self.outbox.acked
         self.stats.stored += ack.stored
         self.stats.duplicates += ack.duplicates
         self._in_flight = [s for s in self._in_flight if s > ack.up_to_sequence]
         self._acked.set()
+        pending = self._merged(ack.up_to_sequence, rejected)
+        try:
+            self.outbox.ack(pending.up_to, pending.rejected)
+        except LocalStateError as exc:  # the control plane has them: the session goes on
+            self._not_saved(pending, exc)
+        else:
+            self._saved(pending)
+        self.stats.acked_up_to = self.acked
+
+    def _merged(self, up_to: int, rejected: Mapping[int, str]) -> _Unsaved:
+        """The acknowledgement to write: this one and any that could not be written."""
+        if self._unsaved is None:
+            return _Unsaved(up_to, dict(rejected))
+        return _Unsaved(max(up_to, self._unsaved.up_to), {**self._unsaved.rejected, **rejected})
+
+    def _not_saved(self, pending: _Unsaved, error: LocalStateError) -> None:
+        first = self._unsaved is None
+        self._unsaved = pending
+        self._retry_at = time.monotonic() + self.ack_retry.next_delay()
+        self._failed_writes += 1
+        self.stats.ack_write_failures += 1
+        self.stats.unsaved_ack = pending.up_to
+        if first:
+            log.error(
+                "the control plane stored the records up to %d, but the outbox cannot record "
+                "that (%s): they stay in the outbox, are not sent again, and the session goes "
+                "on; retried until it can be written (free disk space)",
+                pending.up_to,
+                error,
+            )
+
+    def _saved(self, pending: _Unsaved) -> None:
+        if self._unsaved is not None:
+            log.warning(
+                "the outbox recorded the acknowledgement up to %d after %d failed write(s)",
+                pending.up_to,
+                self._failed_writes,
+            )
+        self._unsaved = None
+        self._failed_writes = 0
+        self.stats.unsaved_ack = 0
+        self.ack_retry.reset()
+
+    async def retry_unsaved(self, force: bool = False) -> None:
+        """Writes the acknowledgement that could not be written, when its retry is due (or
+        at once: `force`). Writes on a thread; acknowledgements arriving meanwhile merge."""
+        pending = self._unsaved
+        if pending is None or (not force and time.monotonic() < self._retry_at):
+            return
+        try:
+            await asyncio.to_thread(self.outbox.ack, pending.up_to, pending.rejected)
+        except LocalStateError as exc:
+            if self._unsaved is pending:
+                self._not_saved(pending, exc)
+            return
+        if self._unsaved is pending:  # else a newer one, covering it, was written or waits
+            self._saved(pending)
+        self.stats.acked_up_to = self.acked
 
     async def run(self, send: Callable[[Outgoing], Awaitable[None]]) -> None:
         """Sends batches until cancelled (the session ends)."""
         while True:
+            await self.retry_unsaved()
             if len(self._in_flight) >= self.max_in_flight:
                 self._acked.clear()
-                await self._acked.wait()
+                with contextlib.suppress(TimeoutError):  # a retry may come due meanwhile
+                    await asyncio.wait_for(self._acked.wait(), _IDLE_WAIT_S)
                 continue
             rows = await asyncio.to_thread(self.outbox.pending, self._sent, self.batch_records)
             if not rows:
