@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from cloud.domain import (
@@ -41,7 +40,6 @@ from edge_agent.errors import (
     FailedPrecondition,
     NotFound,
     Unauthenticated,
-    Unavailable,
 )
 
 __all__ = ["SqlStore", "make_engine", "migrate", "normalise_url"]
@@ -75,10 +73,10 @@ class SqlStore(
         self.engine = make_engine(self.url)
         try:
             if run_migrations:
-                migrate(self.engine)
-        except OperationalError as exc:
+                migrate(self.engine)  # its errors say which step failed and why
+        except BaseException:
             self.engine.dispose()
-            raise Unavailable(f"cannot open the database {_redact(self.url)}: {exc.orig}") from None
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         reading = self.engine.execution_options(**{READ_ONLY: True})
         self._read_sessions = sessionmaker(reading, expire_on_commit=False)
@@ -201,12 +199,3 @@ def _operator(row: OperatorRow) -> OperatorRecord:
         revoked_at=row.revoked_at,
         role=row.role or "admin",
     )
-
-
-def _redact(url: str) -> str:
-    """Hides a password in a database URL before it goes into a message."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest and ":" in rest.split("@", 1)[0]:
-        user = rest.split("@", 1)[0].split(":", 1)[0]
-        rest = f"{user}:***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,6 +13,10 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -27,10 +32,12 @@ from cloud.store.tables import (
 from edge_agent.errors import (
     AutoglmError,
     Conflict,
+    FailedPrecondition,
     NotFound,
     Unavailable,
 )
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
 
@@ -46,10 +53,20 @@ def normalise_url(url: str) -> str:
 READ_ONLY = "autoglm_read_only"
 
 
+# Seconds a SQLite connection waits for another's write lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Journal modes SQLite may answer `PRAGMA journal_mode=WAL` with that are as asked: WAL, and
+# an in-memory database's own (it has no file to keep a log beside).
+_WAL_OR_MEMORY = {"wal", "memory"}
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+        )
+        refused: list[str] = []  # the journal mode SQLite kept instead of WAL, once warned
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -58,7 +75,19 @@ def make_engine(url: str) -> Engine:
             # to SQLite): two writers overwrote each other. `_begin_immediate` instead.
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            # SQLite answers with the mode it is in: WAL is refused where the file system
+            # cannot share memory between connections (a network mount, some VFSes). The
+            # store still works, with readers and the writer waiting for one another.
+            mode = str(cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+            if mode not in _WAL_OR_MEMORY and not refused:
+                refused.append(mode)
+                log.warning(
+                    "SQLite database %s: journal mode '%s', not WAL (the file system refuses "
+                    "it: a network or read-only mount?): listings wait for writers and writers "
+                    "for listings, so 'database is locked' comes sooner; keep the database on "
+                    "a local disk",
+                    engine.url.database, mode,
+                )  # fmt: skip
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -92,17 +121,82 @@ def id_chunks(ids: Sequence[T]) -> Iterator[Sequence[T]]:
         yield ids[start : start + ID_CHUNK]
 
 
-def migrate(engine: Engine) -> None:
-    """Brings the schema to the newest migration. On PostgreSQL one process at a time:
-    replicas and `--workers` start together, and a second upgrade running the same DDL
-    beside the first fails; after waiting, it finds the schema new and does nothing."""
+def migrate(engine: Engine, target: str = "head") -> None:
+    """Brings the schema to the newest migration (or `target`), all in one transaction. On
+    PostgreSQL one process at a time: replicas and `--workers` start together, and a second
+    upgrade running the same DDL beside the first fails; after waiting, it finds the schema
+    new and does nothing. A failure says which step failed and the database's message
+    (`migration_error`)."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":  # held until this transaction ends
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    script = ScriptDirectory.from_config(cfg)
+    applied: list[str] = []
+    cfg.attributes["on_version_apply"] = lambda step, **_: applied.append(step.up_revision_id)
+    pending: list[str] = []
+    step = "connecting"
+    try:
+        with engine.connect() as conn:
+            step = "beginning the schema check"
+            with conn.begin():
+                if conn.dialect.name == "postgresql":  # held until this transaction ends
+                    step = "waiting for the other processes' migrations"
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                    )
+                step = "reading the schema version"
+                current = MigrationContext.configure(conn).get_current_heads()
+                pending = [r.revision for r in script.iterate_revisions(target, current or "base")]
+                pending.reverse()  # in the order they run
+                step = ""  # the migrations: which one, from `applied`
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, target)
+                step = "committing the migrations"
+    except (DBAPIError, DisconnectionError) as exc:
+        if not step:
+            failing = pending[len(applied)] if len(applied) < len(pending) else "?"
+            rev = script.get_revision(failing) if failing != "?" else None
+            step = f"migration {failing}" + (f" ({Path(rev.path).name})" if rev else "")
+        raise migration_error(engine, step, exc) from exc
+    except (RevisionError, CommandError) as exc:  # a schema version this code does not know
+        where = engine.url.render_as_string(hide_password=True)
+        raise FailedPrecondition(
+            f"the database {where} cannot be brought to this version's schema: {exc} (was it "
+            "migrated by a newer control plane? run that version, or restore a backup)"
+        ) from None
+
+
+def migration_error(
+    engine: Engine, step: str, exc: DBAPIError | DisconnectionError
+) -> AutoglmError:
+    """What a failure while migrating means: the database could not be reached (opened);
+    it was locked past the wait; it failed for now; or a statement failed that will fail
+    again (a migration the database refuses), each naming the step and the database's
+    message."""
+    where = engine.url.render_as_string(hide_password=True)
+    orig = getattr(exc, "orig", None) or exc
+    reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    if _locked(orig):  # connecting too: SQLite's first connection sets the journal mode
+        wait = f" {SQLITE_BUSY_TIMEOUT_S:g} s" if isinstance(orig, sqlite3.Error) else ""
+        return Unavailable(
+            f"the database {where} is locked by another connection: {step} waited{wait} "
+            f"and gave up: {reason}; try again once it lets go"
+        )
+    if step == "connecting":
+        return Unavailable(f"cannot open the database {where}: {reason}")
+    if database_error(exc) is not None:
+        return Unavailable(f"the database {where} failed while {step}: {reason}; try again")
+    return FailedPrecondition(
+        f"the database {where} cannot be brought to this version's schema: {step} failed: "
+        f"{reason} (the migrations were rolled back)"
+    )
+
+
+def _locked(orig: BaseException) -> bool:
+    """Whether the database refused for a lock another connection holds."""
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return getattr(orig, "sqlstate", None) in ("55P03", "57014")  # lock_timeout, statement_timeout
 
 
 class SqlBase:
