@@ -24,6 +24,7 @@ from cloud.console.context import (
     form_of,
     html,
     http_status,
+    moved,
     notice_of,
     query,
     refused,
@@ -186,14 +187,6 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _moved(at: dt.datetime, by: dt.timedelta) -> dt.datetime:
-    """`at + by`, held inside the calendar (a device may stamp year 1 or 9999)."""
-    try:
-        return at + by
-    except OverflowError:
-        return at
-
-
 def _timeline(
     alert: operator_pb2.Alert, predictions: list[agent_pb2.Prediction]
 ) -> tuple[Markup, Markup]:
@@ -236,9 +229,9 @@ async def render_alert(
     wanted = operator_pb2.QueryPredictionsRequest(
         device=alert.device_id, asset=alert.asset, limit=TIMELINE_LIMIT
     )
-    wanted.since.FromDatetime(_moved(alert.first_seen.ToDatetime(tzinfo=dt.UTC), -AROUND))
+    wanted.since.FromDatetime(moved(alert.first_seen.ToDatetime(tzinfo=dt.UTC), -AROUND))
     if alert.HasField("resolved_at"):
-        wanted.until.FromDatetime(_moved(alert.resolved_at.ToDatetime(tzinfo=dt.UTC), AROUND))
+        wanted.until.FromDatetime(moved(alert.resolved_at.ToDatetime(tzinfo=dt.UTC), AROUND))
     score_chart, sensor_chart = _timeline(alert, await calls.predictions(wanted))
     captured = window_chart(alert, await alert_window(calls, alert))
     facts: list[tuple[str, Markup | str]] = [

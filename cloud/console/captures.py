@@ -10,6 +10,7 @@ import numpy as np
 from cloud.captures import CaptureRecord
 from cloud.console.api import OperatorCalls
 from cloud.console.charts import Series, line_chart
+from cloud.console.context import moved
 from cloud.console.markup import Markup, tag
 from cloud.service.records import capture_from_proto
 from edge_agent.errors import InvalidInput
@@ -26,7 +27,7 @@ async def alert_window(calls: OperatorCalls, alert: operator_pb2.Alert) -> Captu
     captured none (capture off, or not synced yet)."""
     first = alert.first_seen.ToDatetime(tzinfo=dt.UTC)
     request = operator_pb2.ListCapturesRequest(device=alert.device_id, page_size=200)
-    request.since.FromDatetime(first - LOOK_BACK)
+    request.since.FromDatetime(moved(first, -LOOK_BACK))
     scanned = 0
     async for window in calls.captures(request):
         scanned += 1
@@ -36,7 +37,7 @@ async def alert_window(calls: OperatorCalls, alert: operator_pb2.Alert) -> Captu
             except InvalidInput:
                 return None  # stored before today's checks; nothing to draw
         start = window.capture.window_start.ToDatetime(tzinfo=dt.UTC)
-        if start > first + LOOK_AHEAD or scanned >= MAX_SCANNED:
+        if start > moved(first, LOOK_AHEAD) or scanned >= MAX_SCANNED:
             break
     return None
 

@@ -3,6 +3,7 @@ of each project error, bounded form fields, HTML responses."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -90,6 +91,14 @@ def error_text(error: AutoglmError) -> str:
 
 def html(body: Markup, status: int = 200) -> web.Response:
     return web.Response(text=str(body), status=status, content_type="text/html", charset="utf-8")
+
+
+def moved(at: dt.datetime, by: dt.timedelta) -> dt.datetime:
+    """`at + by`, held inside the calendar (a device may stamp year 1 or 9999)."""
+    try:
+        return at + by
+    except OverflowError:
+        return at
 
 
 def field(form: dict[str, str], name: str, limit: int = MAX_FIELD) -> str:
