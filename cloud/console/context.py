@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from cloud.console.api import OperatorCalls
 from cloud.console.markup import Markup, page, tag
@@ -113,8 +114,16 @@ async def form_of(request: web.Request) -> dict[str, str]:
     """The posted form's text fields (files are ignored)."""
     try:
         data = await request.post()
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidInput("the form is not valid UTF-8 text") from None
+    except UnicodeError:
+        raise InvalidInput(
+            "the form is not valid text in its charset (UTF-8 unless named)"
+        ) from None
+    except LookupError as exc:  # charset=bogus, in the request's or a part's Content-Type
+        raise InvalidInput(f"the form's charset is not one this console reads ({exc})") from None
+    except (ValueError, RuntimeError, BadHttpMessage) as exc:
+        # aiohttp's multipart reader: no or a wrong boundary, a part's unknown Content-Encoding
+        # or Content-Transfer-Encoding (RuntimeError), too many headers in a part.
+        raise InvalidInput(f"the form cannot be read: {exc}") from None
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
