@@ -125,13 +125,14 @@ def test_console_listen_is_checked_like_the_other_ports(tmp_path: Path) -> None:
 def test_a_timeline_around_the_calendar_ends_does_not_overflow() -> None:
     import datetime as dt
 
-    from cloud.console.alerts import AROUND, _moved
+    from cloud.console.alerts import AROUND
+    from cloud.console.context import moved
 
     first = dt.datetime(1, 1, 1, 0, 0, 30, tzinfo=dt.UTC)
-    assert _moved(first, -AROUND) == first
+    assert moved(first, -AROUND) == first
     last = dt.datetime(9999, 12, 31, 23, 59, 0, tzinfo=dt.UTC)
-    assert _moved(last, AROUND) == last
-    assert _moved(last, -AROUND) == last - AROUND
+    assert moved(last, AROUND) == last
+    assert moved(last, -AROUND) == last - AROUND
     # A chart whose points all sit at the calendar's end draws (its padding is unlabelled).
     end = last.timestamp()
     chart = line_chart("score", [Series("s", [(end, 1.0), (end, 2.0)])], threshold=1.0)
