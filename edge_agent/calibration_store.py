@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.calibration import SiteCalibration
-from edge_agent.files import UNREADABLE, replace_atomically
+from edge_agent.files import UNREADABLE, make_dir_durably, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class CalibrationStore:
             "seed": seed,
         }
         path = self._path(version, asset)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir_durably(path.parent)
         replace_atomically(path, json.dumps(doc, indent=1).encode(), 0o644)
 
 

@@ -1,11 +1,14 @@
-"""Durable file writes for keys, identities and secrets (explicit modes, fsync, atomic
-rename), and the lock that keeps one process per state directory."""
+"""Durable file writes for keys, identities, secrets and state (explicit modes, fsync, atomic
+rename, the folder fsynced after every rename, unlink and mkdir), and the lock that keeps one
+process per state directory."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,8 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
 
 
 def replace_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Writes a sibling temporary file with `mode`, then renames it over `path`.
+    """Writes a sibling temporary file with `mode`, renames it over `path` and fsyncs the
+    folder, so the new content is what a power cut leaves once this returns.
 
     A reader sees the old content or the new, never a part; raises OSError on failure and
     leaves no temporary file behind.
@@ -51,18 +55,94 @@ def replace_atomically(path: Path, data: bytes, mode: int) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # O_CREAT's mode does not apply to a file that already existed
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
 
 
 def fsync_dir(path: Path) -> None:
-    """Makes a rename inside `path` durable."""
+    """Makes a rename, unlink or mkdir inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_durably(path: Path) -> bool:
+    """Unlinks the file `path` and fsyncs its folder, so it stays gone after a power cut;
+    False when there was nothing to remove."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def make_dir_durably(path: Path, mode: int = 0o777) -> None:
+    """Creates the folder `path` and any missing parents (an existing one is fine), fsyncing
+    the folder each new one was made in: a file written and fsynced in it afterwards is not
+    lost with an unsynced directory entry."""
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue  # made meanwhile by someone else, who syncs it
+        fsync_dir(directory.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """Fsyncs every file and folder under `root` (itself included), deepest first: what an
+    extraction wrote without syncing is on disk once this returns."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                fsync_file(path)
+        fsync_dir(Path(folder))
+
+
+def fsync_file(path: Path) -> None:
+    """Flushes a file another writer left unsynced (an extraction, a library's save)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the disk holding `path` (its nearest
+    existing parent); 0 when that cannot be read."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return 0
+    return 0
+
+
+def write_failure(path: Path, exc: OSError, doing: str = "write") -> LocalStateError:
+    """A `LocalStateError` for a failed write at `path` that says why in words: a full disk
+    (with the bytes free), a read-only file system, or the system's own message."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"disk full: {free_bytes(path)} bytes free at {path}"
+    elif exc.errno == errno.EROFS:
+        why = f"read-only file system at {path}"
+    else:
+        why = f"cannot {doing} {path}"
+    return LocalStateError(f"{why} ({exc.strerror or exc})")
 
 
 @contextlib.contextmanager

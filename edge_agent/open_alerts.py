@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edge_agent.decisions import RAISED, AlertEvent
-from edge_agent.files import UNREADABLE, replace_atomically
+from edge_agent.files import UNREADABLE, make_dir_durably, remove_durably, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ class OpenAlerts:
         path = self._path(event.asset)
         try:
             if event.kind == RAISED:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_dir_durably(path.parent)
                 replace_atomically(path, json.dumps(asdict(event)).encode(), 0o644)
-            else:
-                path.unlink(missing_ok=True)
-                self._held_path(event.asset).unlink(missing_ok=True)
+            else:  # gone for good: a power cut must not bring the alert back
+                remove_durably(path)
+                remove_durably(self._held_path(event.asset))
         except OSError as exc:
             log.error("cannot keep the open alert of %s in %s: %s", event.asset, path, exc)
 
@@ -64,13 +64,13 @@ class OpenAlerts:
 
     def hold(self, asset: str) -> None:
         try:
-            self._held_path(asset).touch()
+            replace_atomically(self._held_path(asset), b"", 0o644)
         except OSError as exc:
             log.error("cannot mark the open alert of %s as held back: %s", asset, exc)
 
     def release(self, asset: str) -> None:
         try:
-            self._held_path(asset).unlink(missing_ok=True)
+            remove_durably(self._held_path(asset))
         except OSError as exc:
             log.error("cannot unmark the open alert of %s: %s", asset, exc)
 

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.errors import IntegrityError, LocalStateError
-from edge_agent.files import fsync_dir, replace_atomically
+from edge_agent.files import make_dir_durably, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,8 @@ class DeviceTrust:
             self.refused += 1
             raise
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            replace_atomically(self.path, document, 0o644)
-            fsync_dir(self.path.parent)
+            make_dir_durably(self.path.parent)
+            replace_atomically(self.path, document, 0o644)  # the folder synced too
         except OSError as exc:
             raise LocalStateError(f"{self.path}: cannot keep the signing root: {exc}") from None
         self.root, self.keys = root, root.trusted()

@@ -1,0 +1,97 @@
+"""A state file renamed into place, deleted, or written into a folder made for it survives a
+power cut: the folder holding the change is fsynced after it (the file's own fsync does not
+make its directory entry durable). Checked by recording which inodes `os.fsync` is given."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.calibration import SiteCalibration
+from edge_agent.calibration_store import CalibrationStore
+from edge_agent.decisions import AlertEvent
+from edge_agent.files import make_dir_durably, remove_durably, replace_atomically
+from edge_agent.open_alerts import OpenAlerts
+
+pytestmark = pytest.mark.unit
+
+
+class Syncs:
+    """The (device, inode) of every descriptor fsynced since the last `clear`."""
+
+    def __init__(self) -> None:
+        self.inodes: list[tuple[int, int]] = []
+
+    def clear(self) -> None:
+        self.inodes.clear()
+
+    def synced(self, path: Path) -> bool:
+        st = path.stat()
+        return (st.st_dev, st.st_ino) in self.inodes
+
+
+@pytest.fixture
+def syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Syncs]:
+    recorded = Syncs()
+    real: Callable[[int], None] = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        recorded.inodes.append((st.st_dev, st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    yield recorded
+
+
+def test_a_replaced_file_has_its_folder_synced(tmp_path: Path, syncs: Syncs) -> None:
+    replace_atomically(tmp_path / "state.json", b"{}", 0o644)
+    assert syncs.synced(tmp_path), "the folder of the rename was not fsynced"
+    assert syncs.synced(tmp_path / "state.json")
+
+
+def test_a_removal_has_its_folder_synced(tmp_path: Path, syncs: Syncs) -> None:
+    (tmp_path / "gone").write_bytes(b"x")
+    syncs.clear()
+    assert remove_durably(tmp_path / "gone")
+    assert syncs.synced(tmp_path)
+    syncs.clear()
+    assert not remove_durably(tmp_path / "gone")  # nothing there: nothing to sync
+    assert syncs.inodes == []
+
+
+def test_new_folders_have_their_parents_synced(tmp_path: Path, syncs: Syncs) -> None:
+    make_dir_durably(tmp_path / "a" / "b")
+    assert syncs.synced(tmp_path) and syncs.synced(tmp_path / "a")
+    syncs.clear()
+    make_dir_durably(tmp_path / "a" / "b")  # there already: nothing to sync
+    assert syncs.inodes == []
+
+
+def _event(kind: str) -> AlertEvent:
+    return AlertEvent(kind, "k", "pump-1", 2.0, (("a", 1.0),), 0.0, 1.0, 1.0, "1")
+
+
+def test_an_open_alert_cleared_stays_cleared(tmp_path: Path, syncs: Syncs) -> None:
+    alerts = OpenAlerts(tmp_path / "alerts")
+    alerts.update(_event("raised"))
+    assert syncs.synced(tmp_path), "the new alerts folder's entry was not fsynced"
+    assert syncs.synced(tmp_path / "alerts")
+    alerts.hold("pump-1")
+    syncs.clear()
+    alerts.update(_event("cleared"))
+    assert not (tmp_path / "alerts" / "pump-1.json").exists()
+    assert not alerts.is_held("pump-1")
+    assert syncs.synced(tmp_path / "alerts"), "the unlink of the open alert was not fsynced"
+
+
+def test_a_first_calibration_has_its_new_folder_synced(tmp_path: Path, syncs: Syncs) -> None:
+    z = np.ones(2, dtype=np.float32)
+    store = CalibrationStore(tmp_path / "calibration")
+    store.save("1", "pump-1", ("a", "b"), SiteCalibration(z, z, z, 10), [])
+    for folder in (tmp_path, tmp_path / "calibration", tmp_path / "calibration" / "1"):
+        assert syncs.synced(folder), folder
