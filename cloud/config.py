@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cloud.console.peers import trusted_networks
 from cloud.severity import SeverityRule
 from edge_agent.errors import ConfigError
 from edge_agent.settings import check_listen, load_settings
@@ -33,6 +34,10 @@ class CloudConfig(BaseSettings):
     # The web console (plain HTTP: for localhost, or behind a proxy that terminates TLS): it
     # calls the operator API with each signed-in operator's own token; empty: none.
     console_listen: str = ""
+    # Proxies in front of the console (addresses or networks, e.g. 10.0.0.5 or 10.1.0.0/16):
+    # for requests from them the client is the rightmost X-Forwarded-For address that is not
+    # one of them, so wrong sign-ins lock out that client, not everyone behind the proxy.
+    console_trusted_proxies: list[str] = Field(default_factory=list)
     hosts: list[str] = Field(default_factory=lambda: ["localhost"])  # names in the server cert
     advertise_host: str = ""  # host agents and operators dial; empty: hosts[0]
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
@@ -90,6 +95,12 @@ class CloudConfig(BaseSettings):
     def _host_port(cls, value: str, info: ValidationInfo) -> str:
         # No probe, metrics or console port when empty; the API and device ports are required.
         return check_listen(value, optional=info.field_name not in ("api_listen", "device_listen"))
+
+    @field_validator("console_trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        trusted_networks(value)
+        return value
 
     @field_validator("hosts")
     @classmethod

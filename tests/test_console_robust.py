@@ -1,5 +1,5 @@
 """The console's own handling of what browsers and devices send, over a fake operator API:
-dates at the calendar's ends, malformed forms."""
+dates at the calendar's ends, malformed forms, sign-in limits behind a proxy."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import datetime as dt
 import logging
 import re
+from pathlib import Path
 
 import pytest
 
 from protos.autoglm.v1 import operator_pb2
-from tests.support.fake_console import FakeApi, fake_app, signed_in
+from tests.support.fake_console import GOOD, FakeApi, fake_app, signed_in
 
 pytestmark = pytest.mark.unit
 
@@ -110,3 +111,86 @@ def test_a_malformed_form_is_refused_with_400_and_no_traceback(
         assert _banner(page).startswith("Refused: the form"), _banner(page)
         assert words in _banner(page), _banner(page)
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def test_behind_a_trusted_proxy_wrong_tokens_lock_out_only_their_client() -> None:
+    from cloud.console.app import LOGIN_FAILURES
+
+    async def run() -> dict[str, int]:
+        # The test client connects from 127.0.0.1: the proxy.
+        app, _ = fake_app(trusted_proxies=["127.0.0.1", "10.1.0.0/16"])
+        client = await signed_in(app)
+        client.session.cookie_jar.clear()
+
+        async def sign_in(token: str, forwarded: str) -> int:
+            response = await client.post(
+                "/login",
+                data={"token": token},
+                headers={"X-Forwarded-For": forwarded},
+                allow_redirects=False,
+            )
+            client.session.cookie_jar.clear()
+            return response.status
+
+        try:
+            for i in range(LOGIN_FAILURES):
+                # What the guesser writes into the header itself (left) is not believed; the
+                # address the proxies appended (a second, trusted hop in between) is.
+                assert await sign_in(f"agt_op_guess{i}", f"1.2.3.{i}, 203.0.113.5, 10.1.2.3") == 401
+            return {
+                "guesser": await sign_in(GOOD, "203.0.113.5"),
+                "guesser, another forged left part": await sign_in(GOOD, "9.9.9.9, 203.0.113.5"),
+                "another operator": await sign_in(GOOD, "198.51.100.7"),
+                "another operator, through both proxies": await sign_in(
+                    GOOD, "198.51.100.8, 10.1.0.9"
+                ),
+            }
+        finally:
+            await client.close()
+
+    assert asyncio.run(run()) == {
+        "guesser": 429,
+        "guesser, another forged left part": 429,
+        "another operator": 303,
+        "another operator, through both proxies": 303,
+    }
+
+
+def test_without_trusted_proxies_x_forwarded_for_is_ignored() -> None:
+    from cloud.console.app import LOGIN_FAILURES
+
+    async def run() -> int:
+        app, _ = fake_app()
+        client = await signed_in(app)
+        client.session.cookie_jar.clear()
+        try:
+            for i in range(LOGIN_FAILURES):
+                await client.post(
+                    "/login",
+                    data={"token": f"agt_op_guess{i}"},
+                    headers={"X-Forwarded-For": f"203.0.113.{i}"},
+                )
+            response = await client.post(
+                "/login",
+                data={"token": GOOD},
+                headers={"X-Forwarded-For": "198.51.100.7"},
+                allow_redirects=False,
+            )
+            assert "from 127.0.0.1" in await response.text()
+            return response.status
+        finally:
+            await client.close()
+
+    assert asyncio.run(run()) == 429
+
+
+def test_trusted_proxies_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from cloud.config import CloudConfig
+
+    assert CloudConfig(state_dir=tmp_path).console_trusted_proxies == []
+    config = CloudConfig(state_dir=tmp_path, console_trusted_proxies=["10.0.0.5", "fd00::/8"])
+    assert config.console_trusted_proxies == ["10.0.0.5", "fd00::/8"]
+    with pytest.raises(ValidationError, match=r"'proxy\.local' is not an IP address or network"):
+        CloudConfig(state_dir=tmp_path, console_trusted_proxies=["10.0.0.5", "proxy.local"])

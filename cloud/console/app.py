@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -26,6 +26,7 @@ from cloud.console.context import (
     http_status,
 )
 from cloud.console.markup import join, page, tag
+from cloud.console.peers import Network, client_address, trusted_networks
 from cloud.console.sessions import COOKIE, SESSION_TTL_S, SessionSeal, clean_token
 from cloud.service.enrollment import AttemptLimiter
 from edge_agent.errors import AutoglmError, LocalStateError, Unauthenticated
@@ -37,7 +38,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SEAL: web.AppKey[SessionSeal] = web.AppKey("seal", SessionSeal)
 API: web.AppKey[OperatorApi] = web.AppKey("api", OperatorApi)
 ATTEMPTS: web.AppKey[AttemptLimiter] = web.AppKey("attempts", AttemptLimiter)
-LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 300.0  # wrong tokens per address, then a pause
+PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies", tuple)
+LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 300.0  # wrong tokens per client address, then a pause
 
 
 def _live(request: web.Request) -> bool:
@@ -202,10 +204,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     token = clean_token(form.get("token", ""))
     if not token:
         return _login_page("Paste an operator token (agt_op_...).", target, 400)
-    peer = request.remote or "unknown"
+    peer = client_address(request, request.app[PROXIES])
     attempts = request.app[ATTEMPTS]
     try:
-        attempts.check(peer)  # failed sign-ins per address are bounded
+        attempts.check(peer)  # failed sign-ins per client address are bounded
     except AutoglmError as exc:
         return _login_page(error_text(exc), target, http_status(exc))
     # Counted before the answer, so concurrent guesses cannot all pass the check; taken back
@@ -248,11 +250,16 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps({"status": "serving"}), content_type="application/json")
 
 
-def make_app(api: OperatorApi, seal: SessionSeal) -> web.Application:
+def make_app(
+    api: OperatorApi, seal: SessionSeal, trusted_proxies: Iterable[str] = ()
+) -> web.Application:
+    """The console's routes; `trusted_proxies` (addresses or networks) are the proxies whose
+    X-Forwarded-For names the client that sign-in limits count against."""
     app = web.Application(middlewares=[errors, signed_in], client_max_size=MAX_FORM_BYTES)
     app.on_response_prepare.append(security_headers)
     app[API] = api
     app[SEAL] = seal
+    app[PROXIES] = trusted_networks(trusted_proxies)
     app[ATTEMPTS] = AttemptLimiter(
         max_failures=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, what="failed sign-ins"
     )
@@ -282,10 +289,16 @@ class ConsoleServer:
     """The console on its own port, in the control plane's event loop; it reaches the
     operator API over TLS like any client."""
 
-    def __init__(self, listen: str, api: OperatorApi, seal: SessionSeal) -> None:
+    def __init__(
+        self,
+        listen: str,
+        api: OperatorApi,
+        seal: SessionSeal,
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
         self.listen = listen
         self.api = api
-        self.app = make_app(api, seal)
+        self.app = make_app(api, seal, trusted_proxies)
         self.port = 0
         self._runner: web.AppRunner | None = None
 

@@ -363,7 +363,10 @@ class ControlPlane:
         target = f"[{host}]:{self.api_port}" if ":" in host else f"{host}:{self.api_port}"
         api = OperatorApi(target, self.secrets.trusted_ca_pem, self.config.hosts[0])
         console = ConsoleServer(
-            self.config.console_listen, api, SessionSeal(self.secrets.key_material)
+            self.config.console_listen,
+            api,
+            SessionSeal(self.secrets.key_material),
+            self.config.console_trusted_proxies,
         )
         await console.start()
         self._console = console
