@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,107 @@ def test_trusted_proxies_are_checked_when_the_config_loads(tmp_path: Path) -> No
     assert config.console_trusted_proxies == ["10.0.0.5", "fd00::/8"]
     with pytest.raises(ValidationError, match=r"'proxy\.local' is not an IP address or network"):
         CloudConfig(state_dir=tmp_path, console_trusted_proxies=["10.0.0.5", "proxy.local"])
+
+
+def test_a_connection_without_a_complete_request_is_closed_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import aiohttp
+
+    from cloud.console import alerts
+    from cloud.console.app import ConsoleServer
+    from cloud.console.sessions import SessionSeal
+    from tests.support.fake_console import FakeApi
+
+    timeout_s = 0.5
+
+    async def run() -> dict[str, float]:
+        server = ConsoleServer(
+            "127.0.0.1:0", FakeApi(), SessionSeal(b"k" * 32), request_timeout_s=timeout_s
+        )  # type: ignore[arg-type]
+        await server.start()
+        try:
+
+            async def held(first: bytes, trickle: bytes = b"") -> float:
+                """Seconds until the console closed a connection that sent `first`, then
+                `trickle` a byte every 50 ms."""
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                started = time.monotonic()
+                writer.write(first)
+                for byte in trickle:
+                    if reader.at_eof():
+                        break
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.05)
+                try:
+                    await asyncio.wait_for(reader.read(), 20)
+                finally:
+                    writer.close()
+                return time.monotonic() - started
+
+            held_for = dict(
+                zip(
+                    [
+                        "nothing",
+                        "half a request line",
+                        "headers, no blank line",
+                        "trickled",
+                        "one request, then idle",
+                    ],
+                    await asyncio.gather(
+                        held(b""),
+                        held(b"GET /login HT"),
+                        held(b"GET /login HTTP/1.1\r\nHost: x\r\n"),
+                        held(b"GET /login HTTP/1.1\r\n", b"X-Slow: " + b"a" * 200),
+                        held(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+                    ),
+                    strict=True,
+                )
+            )
+            # An event stream is a request being answered: it stays open past the timeout.
+            jar = aiohttp.CookieJar(unsafe=True)  # keeps cookies of an IP address's site
+            async with aiohttp.ClientSession(
+                f"http://127.0.0.1:{server.port}", cookie_jar=jar
+            ) as browser:
+                await browser.post("/login", data={"token": GOOD})
+                async with browser.get("/live/alerts/watch") as stream:
+                    assert await stream.content.readuntil(b"\n\n") == b"event: ready\ndata: {}\n\n"
+                    started = time.monotonic()
+                    while time.monotonic() - started < 4 * timeout_s:
+                        assert await stream.content.readuntil(b"\n\n") == b": keepalive\n\n"
+            return held_for
+        finally:
+            await server.stop()
+
+    monkeypatch.setattr(alerts, "KEEPALIVE_S", timeout_s / 5)
+    held_for = asyncio.run(run())
+    for what, seconds in held_for.items():
+        # Closed after about the timeout, not kept (aiohttp's default keeps them an hour).
+        assert seconds < timeout_s + 10, (what, seconds)
+
+
+def test_a_form_sent_too_slowly_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud.console import context
+
+    monkeypatch.setattr(context, "FORM_READ_S", 0.5)
+
+    async def run() -> tuple[bytes, float]:
+        app, _ = fake_app()
+        client = await signed_in(app)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+            started = time.monotonic()
+            writer.write(
+                b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken="
+            )
+            answer = await asyncio.wait_for(reader.read(4096), 20)
+            writer.close()
+            return answer, time.monotonic() - started
+        finally:
+            await client.close()
+
+    answer, seconds = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"the form did not arrive within 0.5 s" in answer, answer[-500:]
+    assert seconds < 10, seconds

@@ -40,6 +40,10 @@ API: web.AppKey[OperatorApi] = web.AppKey("api", OperatorApi)
 ATTEMPTS: web.AppKey[AttemptLimiter] = web.AppKey("attempts", AttemptLimiter)
 PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies", tuple)
 LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 300.0  # wrong tokens per client address, then a pause
+# A connection is closed when no complete request (line and headers) has arrived this long
+# after it opened or after its last answer: one that sends half a request, or nothing, is
+# not held forever. Pages are answered, and event streams kept, for however long they take.
+REQUEST_TIMEOUT_S = 15.0
 
 
 def _live(request: web.Request) -> bool:
@@ -295,10 +299,12 @@ class ConsoleServer:
         api: OperatorApi,
         seal: SessionSeal,
         trusted_proxies: Iterable[str] = (),
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.listen = listen
         self.api = api
         self.app = make_app(api, seal, trusted_proxies)
+        self.request_timeout_s = request_timeout_s
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -314,7 +320,13 @@ class ConsoleServer:
             ) from None
         self.port = sock.getsockname()[1]
         runner = web.AppRunner(
-            self.app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
+            # aiohttp's keep-alive timer runs from the connection's start too, and closes it
+            # when no complete request has arrived by then (its default is an hour).
+            keepalive_timeout=self.request_timeout_s,
         )
         await runner.setup()
         await web.SockSite(runner, sock).start()

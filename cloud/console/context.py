@@ -3,6 +3,7 @@ of each project error, bounded form fields, HTML responses."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +30,7 @@ SESSION: web.RequestKey[ConsoleSession] = web.RequestKey("console_session", Cons
 CALLS: web.RequestKey[OperatorCalls] = web.RequestKey("console_calls", OperatorCalls)
 MAX_FIELD = 500
 MAX_FORM_BYTES = 64 * 1024
+FORM_READ_S = 30.0  # a body sent slower than this (64 KiB at most) is refused, not waited on
 HEADERS = {
     # Nothing inline runs: scripts and styles come from /static only, so markup that slipped
     # through escaping still could not execute.
@@ -113,7 +115,10 @@ def field(form: dict[str, str], name: str, limit: int = MAX_FIELD) -> str:
 async def form_of(request: web.Request) -> dict[str, str]:
     """The posted form's text fields (files are ignored)."""
     try:
-        data = await request.post()
+        async with asyncio.timeout(FORM_READ_S):
+            data = await request.post()
+    except TimeoutError:
+        raise InvalidInput(f"the form did not arrive within {FORM_READ_S:g} s") from None
     except UnicodeError:
         raise InvalidInput(
             "the form is not valid text in its charset (UTF-8 unless named)"
