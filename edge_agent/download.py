@@ -3,7 +3,9 @@
 A file arrives as `<name>.part`; every retry asks the control plane for the bytes from the
 part's current size on. The part is hashed as it is written and only renamed to its name,
 after an fsync, when the sha256 matches the digest asked for; a mismatch deletes it (the
-next attempt starts over).
+next attempt starts over). A disk that does not take the bytes (full, read-only) is not
+retried here: the part is deleted, so it does not keep the disk full, and the caller gets a
+`LocalStateError` that says so; a file the disk has no room for is not started.
 """
 
 from __future__ import annotations
@@ -12,18 +14,29 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from edge_agent.errors import AutoglmError, IntegrityError, Unavailable, from_rpc_error
+from edge_agent.errors import (
+    AutoglmError,
+    IntegrityError,
+    LocalStateError,
+    Unavailable,
+    from_rpc_error,
+)
+from edge_agent.files import free_bytes, fsync_dir, make_dir_durably, remove_durably, write_failure
 from edge_agent.retry import Backoff
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+# Left free on the state directory's disk after a download: the outbox, open alerts and
+# calibrations must still be written while a model arrives.
+DISK_RESERVE = 64 << 20
 # Bulk transfers want big flow-control windows; the session channel turns BDP probing off
 # (these replace the same keys in the options a Downloader is given).
 DOWNLOAD_OPTIONS: list[tuple[str, Any]] = [
@@ -89,15 +102,33 @@ class PartFile:
         return "sha256:" + self.hasher.hexdigest()
 
 
+def check_room(path: Path, needed: int, free: Callable[[Path], int] = free_bytes) -> None:
+    """`LocalStateError` unless `needed` more bytes fit beside `DISK_RESERVE` at `path`."""
+    available = free(path.parent)
+    if needed + DISK_RESERVE > available:
+        raise LocalStateError(
+            f"disk full: {available} bytes free at {path.parent}, "
+            f"{path.name.removesuffix('.part')} needs {needed} "
+            f"more and {DISK_RESERVE} stay free for the data path"
+        )
+
+
 async def fetch_once(
-    stub: agent_pb2_grpc.AgentServiceStub, digest: str, part: PartFile, chunk_size: int = CHUNK
+    stub: agent_pb2_grpc.AgentServiceStub,
+    digest: str,
+    part: PartFile,
+    chunk_size: int = CHUNK,
+    free: Callable[[Path], int] = free_bytes,
 ) -> None:
-    """Appends the artifact's missing bytes to `part`, asking for them from its size on."""
-    offset = part.size
+    """Appends the artifact's missing bytes to `part`, asking for them from its size on;
+    nothing is written when the size the first chunk announces does not fit on the disk."""
+    offset = start = part.size
     request = agent_pb2.DownloadArtifactRequest(digest=digest, offset=offset, chunk_size=chunk_size)
     async for chunk in stub.DownloadArtifact(request):  # type: ignore[attr-defined]
         if chunk.offset != offset:
             raise IntegrityError(f"{digest}: chunk at offset {chunk.offset}, expected {offset}")
+        if offset == start and chunk.total_size > start:
+            await asyncio.to_thread(check_room, part.path, chunk.total_size - start, free)
         await part.append(chunk.data)
         offset += len(chunk.data)
 
@@ -112,6 +143,7 @@ class Downloader:
         options: list[tuple[str, Any]],
         backoff: Backoff,
         attempts: int = 6,
+        free: Callable[[Path], int] = free_bytes,
     ) -> None:
         self.address = address
         self.credentials = credentials
@@ -119,22 +151,37 @@ class Downloader:
         self.options = [o for o in options if o[0] not in ours] + DOWNLOAD_OPTIONS
         self.backoff = backoff
         self.attempts = attempts
+        self.free = free  # the free bytes at a folder (a stand-in in tests)
         self.received_bytes = 0  # over the downloader's life, resumed attempts included
 
     async def fetch(self, files: list[tuple[str, Path]]) -> None:
-        """Downloads (digest, destination) pairs that are not there yet, verifying each."""
+        """Downloads (digest, destination) pairs that are not there yet, verifying each.
+
+        Raises `LocalStateError` when the disk does not take them (the part deleted)."""
         async with aio.secure_channel(self.address, self.credentials, options=self.options) as ch:
-            stub = agent_pb2_grpc.AgentServiceStub(ch)
-            for digest, dest in files:
-                if dest.is_file():
-                    continue
+            await self.fetch_from(agent_pb2_grpc.AgentServiceStub(ch), files)
+
+    async def fetch_from(
+        self, stub: agent_pb2_grpc.AgentServiceStub, files: list[tuple[str, Path]]
+    ) -> None:
+        """`fetch` over a stub already connected."""
+        for digest, dest in files:
+            if dest.is_file():
+                continue
+            try:
                 await self._fetch_one(stub, digest, dest)
+            except OSError as exc:
+                await asyncio.to_thread(_drop_part, dest)
+                raise write_failure(dest.parent, exc, "download into") from None
+            except LocalStateError:
+                await asyncio.to_thread(_drop_part, dest)
+                raise
 
     async def _fetch_one(
         self, stub: agent_pb2_grpc.AgentServiceStub, digest: str, dest: Path
     ) -> None:
         part = dest.with_name(dest.name + ".part")
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(make_dir_durably, dest.parent)
         last: AutoglmError | None = None
         self.backoff.reset()
         for attempt in range(1, self.attempts + 1):
@@ -142,7 +189,7 @@ class Downloader:
                 writer = await asyncio.to_thread(PartFile, part)
                 before = writer.size
                 try:
-                    await fetch_once(stub, digest, writer)
+                    await fetch_once(stub, digest, writer, free=self.free)
                 finally:  # counted also when the stream breaks half way
                     await writer.close()
                     self.received_bytes += writer.size - before
@@ -154,6 +201,7 @@ class Downloader:
                         f"{digest[:23]}…; deleted"
                     )
                 os.replace(part, dest)
+                await asyncio.to_thread(fsync_dir, dest.parent)
                 return
             except grpc.RpcError as exc:
                 last = from_rpc_error(exc, self.address)
@@ -173,3 +221,12 @@ class Downloader:
             await asyncio.sleep(delay)
         assert last is not None
         raise last
+
+
+def _drop_part(dest: Path) -> None:
+    """Deletes `dest`'s partial download: bytes a full disk stopped must not keep it full."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        remove_durably(part)
+    except OSError as exc:
+        log.warning("%s: cannot delete this partial download: %s", part, exc)

@@ -12,6 +12,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -19,11 +20,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_agent.errors import LocalStateError
-from edge_agent.files import UNREADABLE, fsync_dir, replace_atomically
+from edge_agent.files import (
+    UNREADABLE,
+    make_dir_durably,
+    remove_durably,
+    replace_atomically,
+    write_failure,
+)
 
 log = logging.getLogger(__name__)
 POINTER = "active.json"
 TARGET = ".target"  # in a slot: the manifest digest being installed there
+PART = ".part"  # a download's bytes so far (edge_agent.download)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class Pointer:
 class ModelSlots:
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        make_dir_durably(root)
 
     def slot_dir(self, slot: str) -> Path:
         return self.root / f"slot-{slot}"
@@ -77,8 +85,13 @@ class ModelSlots:
             ) from None
 
     def _write(self, pointer: Pointer) -> None:
-        replace_atomically(self.root / POINTER, pointer.to_json(), 0o644)
-        fsync_dir(self.root)
+        """Replaces the pointer durably; `LocalStateError` (the old one stays) when the disk
+        does not take it."""
+        path = self.root / POINTER
+        try:
+            replace_atomically(path, pointer.to_json(), 0o644)
+        except OSError as exc:
+            raise write_failure(path, exc) from None
 
     def idle(self) -> str:
         active = self.read().active
@@ -98,7 +111,8 @@ class ModelSlots:
 
     def prepare(self, slot: str, manifest_digest: str) -> Path:
         """The idle slot's directory, ready to receive `manifest_digest`: files of an
-        interrupted install of the same digest stay (downloads resume), anything else goes."""
+        interrupted install of the same digest stay (downloads resume), anything else goes.
+        `LocalStateError` when the disk does not take it (full, read-only)."""
         pointer = self.read()
         if pointer.active is not None and pointer.active.slot == slot:
             raise LocalStateError(f"slot {slot} is serving; install into the idle slot")
@@ -106,11 +120,30 @@ class ModelSlots:
             self._write(Pointer(pointer.active, None, pointer.failed))
         directory = self.slot_dir(slot)
         marker = directory / TARGET
-        if not (marker.is_file() and marker.read_text() == manifest_digest):
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(parents=True)
-            replace_atomically(marker, manifest_digest.encode(), 0o644)
+        try:
+            if not (marker.is_file() and marker.read_text() == manifest_digest):
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(directory)
+                make_dir_durably(directory)  # also makes the removal durable
+                replace_atomically(marker, manifest_digest.encode(), 0o644)
+        except OSError as exc:
+            raise write_failure(directory, exc, "prepare the install slot") from None
         return directory
+
+    def drop_parts(self, slot: str) -> int:
+        """Deletes the partial downloads in the idle `slot` (an install that stopped on a
+        full disk must not keep it full); returns the bytes freed. Never raises: a part
+        that cannot go is logged."""
+        freed = 0
+        for part in sorted(self.slot_dir(slot).glob(f"*{PART}")):
+            try:
+                size = part.stat().st_size
+                remove_durably(part)
+            except OSError as exc:
+                log.warning("%s: cannot delete this partial download: %s", part, exc)
+                continue
+            freed += size
+        return freed
 
     def activate(self, info: SlotInfo) -> None:
         """Makes `info.slot` the serving slot; the one serving before becomes previous."""
@@ -121,11 +154,13 @@ class ModelSlots:
         self._write(Pointer(info, previous, failed))
         log.info("slot %s now serves %s:%s", info.slot, info.name, info.version)
 
-    def fall_back(self, reason: str) -> SlotInfo | None:
-        """The active slot failed at start: serve the previous one; remember the failure."""
+    def fall_back(self, reason: str, lasting: bool = True) -> SlotInfo | None:
+        """The active slot failed at start: serve the previous one; remember the failure,
+        unless it is not `lasting` (a full disk, a broken engine cache: not the model's
+        fault), so the version is installed again when asked."""
         pointer = self.read()
         failed = dict(pointer.failed or {})
-        if pointer.active is not None:
+        if pointer.active is not None and lasting:
             failed[pointer.active.manifest_digest] = reason[:300]
         self._write(Pointer(pointer.previous, None, failed))
         return pointer.previous

@@ -6,7 +6,9 @@ download only the files that variant needs (resuming), check every digest, open 
 self-test it. Then, in shadow, compare it with the serving model on the same recent rows
 and report; or serve it: switch the slot pointer atomically and restart the data path on it.
 A version that is in the other slot already (a rollback) is served from there without a
-download. Every outcome is reported; the serving model keeps serving whatever fails.
+download. Every outcome is reported; the serving model keeps serving whatever fails. A disk
+that does not take the install (full, read-only) is reported once and tried again, its partial
+downloads deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, read_signed_manifes
 from edge_agent.config import ModelChoice
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
-from edge_agent.errors import AutoglmError, IntegrityError, Unavailable
+from edge_agent.errors import AutoglmError, IntegrityError, LocalStateError, Unavailable
 from edge_agent.retry import Backoff
 from edge_agent.serving import Hardware, ServingModel, choose
 from edge_agent.slots import SlotInfo
@@ -69,6 +71,11 @@ class InstallDeferred(Exception):
     the device's failure. The parts kept resume when it is back."""
 
 
+class InstallBlocked(InstallDeferred):
+    """This device's disk did not take the install (full, read-only): reported, since only
+    someone on site can free it, and tried again like a deferred one."""
+
+
 RETRY_DEFERRED_S = 30.0  # an install deferred is tried again after this (or at session open)
 
 
@@ -96,6 +103,8 @@ async def fetch_verified(
         raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
     except Unavailable as exc:
         raise InstallDeferred(str(exc)) from None
+    except LocalStateError as exc:
+        raise InstallBlocked(str(exc)) from None
     except AutoglmError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
     if (manifest.name, manifest.version) != (d.model_name, d.model_version):
@@ -119,6 +128,8 @@ async def fetch_verified(
         raise InstallFailed(OUTCOME.OUTCOME_VERIFY_FAILED, str(exc)) from None
     except Unavailable as exc:
         raise InstallDeferred(str(exc)) from None
+    except LocalStateError as exc:
+        raise InstallBlocked(str(exc)) from None
     except AutoglmError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_DOWNLOAD_FAILED, str(exc)) from None
     return manifest
@@ -142,6 +153,7 @@ class ModelUpdater:
         self._wanted: agent_pb2.DesiredState | None = None
         self._ready = asyncio.Event()
         self._before: ServingModel | None = None  # serving when the current apply began
+        self._blocked: agent_pb2.DesiredState | None = None  # reported blocked, retrying
 
     def want(self, desired: agent_pb2.DesiredState) -> None:
         self._wanted = desired
@@ -204,6 +216,7 @@ class ModelUpdater:
             return
         if serving is not None and serving.version == d.model_version:
             self._drop_shadow()
+            await asyncio.to_thread(agent.slots.drop_parts, agent.slots.idle())
             self._report(d, OUTCOME.OUTCOME_INSTALLED, "serving", serving.choice.label)
             return
         failure = agent.slots.failure(d.manifest_digest) if d.manifest_digest else None
@@ -228,16 +241,17 @@ class ModelUpdater:
                 self._drop_shadow()
                 info = found
                 directory = agent.slots.slot_dir(found.slot)
-                try:
-                    model = await asyncio.to_thread(agent._open, directory, True)
-                except AutoglmError as exc:
-                    raise InstallFailed(OUTCOME.OUTCOME_SELF_TEST_FAILED, str(exc)) from None
+                model = await _open_checked(agent, directory)
             else:
                 self._drop_shadow()
                 model, info = await self._install(d)
         except InstallFailed as exc:
             log.error("install of %s failed: %s", d.model_version, exc)
+            await asyncio.to_thread(agent.slots.drop_parts, agent.slots.idle())
             self._report(d, exc.outcome, str(exc))
+            return
+        except InstallBlocked as exc:
+            await self._install_blocked(d, exc)
             return
         except InstallDeferred as exc:
             # Not reported as a failure: the control plane resends the desired state when
@@ -249,19 +263,44 @@ class ModelUpdater:
             asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
             return
         previous = agent.slots.read().active
-        agent.slots.activate(dataclasses.replace(info, rollout_id=d.rollout_id))
+        try:
+            await asyncio.to_thread(
+                agent.slots.activate, dataclasses.replace(info, rollout_id=d.rollout_id)
+            )
+        except LocalStateError as exc:  # the pointer stays on what serves
+            model.close()
+            await self._install_blocked(d, InstallBlocked(str(exc)))
+            return
         try:
             await agent.swap(model)
         except Exception as exc:  # noqa: BLE001 - back to what served before, and say so
-            agent.slots.fall_back(str(exc))
             model.close()
+            try:
+                agent.slots.fall_back(str(exc))
+            except LocalStateError as why:  # a restart tries the slot again, then falls back
+                log.error("cannot point the model slots back at %s: %s", previous, why)
             log.error("model %s failed at start (%s); back to %s", info.version, exc, previous)
             self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, str(exc))
             return
+        self._blocked = None
         log.info("now serving %s from slot %s", info.version, info.slot)
         self._report(
             d, OUTCOME.OUTCOME_INSTALLED, f"serving from slot {info.slot}", model.choice.label
         )
+
+    async def _install_blocked(self, d: agent_pb2.DesiredState, exc: InstallBlocked) -> None:
+        """Frees what the install took (its partial downloads), reports once per desired
+        state, and tries again after `RETRY_DEFERRED_S`."""
+        slots = self.agent.slots
+        freed = await asyncio.to_thread(slots.drop_parts, slots.idle())
+        detail = f"{exc}; tried again every {RETRY_DEFERRED_S:.0f}s"
+        if freed:
+            detail += f" ({freed} bytes of partial downloads deleted)"
+        log.error("install of %s cannot go on: %s", d.model_version, detail)
+        if self._blocked is not d:
+            self._blocked = d
+            self._report(d, OUTCOME.OUTCOME_DOWNLOAD_FAILED, detail)
+        asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
 
     def _revert_target(self, d: agent_pb2.DesiredState) -> agent_pb2.DesiredState:
         """What to go back to: the version asked for when a slot holds it (or it can be
@@ -289,13 +328,13 @@ class ModelUpdater:
                 f"{d.model_version} is not on this device and the control plane gave no digests",
             )
         slot = agent.slots.idle()
-        directory = await asyncio.to_thread(agent.slots.prepare, slot, d.manifest_digest)
+        try:
+            directory = await asyncio.to_thread(agent.slots.prepare, slot, d.manifest_digest)
+        except LocalStateError as exc:
+            raise InstallBlocked(str(exc)) from None
         choice = agent.config.model
         manifest = await fetch_verified(self.downloader, directory, d, agent.key, choice)
-        try:
-            model = await asyncio.to_thread(agent._open, directory, True)
-        except AutoglmError as exc:
-            raise InstallFailed(OUTCOME.OUTCOME_SELF_TEST_FAILED, str(exc)) from None
+        model = await _open_checked(agent, directory)
         info = SlotInfo(slot, manifest.name, manifest.version, d.manifest_digest, d.rollout_id)
         return model, info
 
@@ -344,6 +383,17 @@ class ModelUpdater:
         return shadow_eval.report(
             current.info.rollout_id, current.info.version, incumbent.version, merged, why
         )
+
+
+async def _open_checked(agent: Agent, directory: Path) -> ServingModel:
+    """Opens and self-tests an install slot; a disk that does not take what opening writes
+    (a TensorRT engine) blocks the install, anything else fails it."""
+    try:
+        return await asyncio.to_thread(agent._open, directory, True)
+    except LocalStateError as exc:
+        raise InstallBlocked(str(exc)) from None
+    except AutoglmError as exc:
+        raise InstallFailed(OUTCOME.OUTCOME_SELF_TEST_FAILED, str(exc)) from None
 
 
 def _version(model: ServingModel | None) -> str:
