@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 FLEET_CACHE_S = 5.0
 LOOP_LAG_EVERY_S = 0.1
 SETUP_PHASES = ("lookup", "hello", "state")  # of `autoglm_session_setup_seconds`
+# A device names the assets of its drift series: at most this many per device, each named as
+# an agent's config allows (edge_agent/config.py), so a device cannot grow the scrape.
+MAX_DRIFT_ASSETS = 32
+ASSET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -151,6 +156,7 @@ FLEET_FAMILIES = (
     "autoglm_device_sync_lag_seconds",
     "autoglm_device_drift_input_shift",
     "autoglm_device_drift_score_median",
+    "autoglm_device_drift_assets_omitted",
     "autoglm_device_cert_expiry_timestamp_seconds",
 )
 
@@ -251,6 +257,12 @@ class FleetCollector(Collector):
             "Per device and asset: the median recent window score (1.0 is the alert threshold).",
             labels=("device", "asset"),
         )
+        omitted = GaugeMetricFamily(
+            "autoglm_device_drift_assets_omitted",
+            f"Per device: assets it reported drift for that have no series (beyond the first "
+            f"{MAX_DRIFT_ASSETS} by name, or a name no asset can have).",
+            labels=("device",),
+        )
         expiry = GaugeMetricFamily(
             "autoglm_device_cert_expiry_timestamp_seconds",
             "When each enrolled device's certificate expires (agents renew it before).",
@@ -266,15 +278,29 @@ class FleetCollector(Collector):
             # What an agent reported: a value of the wrong shape costs only its own series.
             if (outbox := _number(d.health.get("outbox_depth", 0))) is not None:
                 depth.add_metric([d.name], outbox)
-            drift = d.health.get("drift")
-            for asset, report in sorted(drift.items() if isinstance(drift, dict) else ()):
-                if not isinstance(report, dict):
-                    continue
+            reports, left_out = _drift_reports(d.health.get("drift"))
+            for asset, report in reports:
                 if (value := _number(report.get("input_shift", 0.0))) is not None:
-                    shift.add_metric([d.name, str(asset)], value)
+                    shift.add_metric([d.name, asset], value)
                 if (value := _number(report.get("score_median", 0.0))) is not None:
-                    scores.add_metric([d.name, str(asset)], value)
-        yield from (seen, depth, lag, expiry, shift, scores)
+                    scores.add_metric([d.name, asset], value)
+            if left_out:
+                omitted.add_metric([d.name], left_out)
+        yield from (seen, depth, lag, expiry, shift, scores, omitted)
+
+
+def _drift_reports(drift: object) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """The per-asset drift reports a device's series are made of, and how many assets it
+    reported that are left out. The device chooses the asset names, i.e. label values: at
+    most MAX_DRIFT_ASSETS of them, by name, each a valid asset name (rather than truncated,
+    which could make two of them one series). A report of the wrong shape costs only its own
+    series, as any other malformed value."""
+    if not isinstance(drift, dict):
+        return [], 0
+    named = sorted(a for a in drift if isinstance(a, str) and ASSET_NAME.fullmatch(a))
+    kept = named[:MAX_DRIFT_ASSETS]
+    reports = [(a, r) for a in kept if isinstance(r := drift[a], dict)]
+    return reports, len(drift) - len(kept)
 
 
 def _number(value: object) -> float | None:
