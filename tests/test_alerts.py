@@ -1,18 +1,23 @@
 """Alerts end to end over the agent's real sync path (outbox → session → store) and the
 operator API: grouped, once per episode, through watch streams and lists, with the agent
-and the control plane restarted in between; the CLI on top."""
+and the control plane restarted in between; the CLI on top; watch streams per operator
+capped."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cloud.client import OperatorClient
+from edge_agent.errors import RateLimited
 from protos.autoglm.v1 import operator_pb2
 from tests.support.agents import wait_for
 from tests.support.alerting import T0, Site, Watcher, cleared, open_site, prediction, raised
+from tests.support.cloud import RunningPlane
 from tests.test_cli_e2e import autoglm
 
 pytestmark = pytest.mark.integration
@@ -174,3 +179,34 @@ def test_alerts_and_predictions_from_the_cli(site: Site, tmp_path: Path) -> None
         result = autoglm(tmp_path, *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_watch_streams_per_operator_are_capped_with_resource_exhausted(
+    plane: RunningPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+
+    from cloud.service import operator_alerts
+
+    monkeypatch.setattr(operator_alerts, "MAX_WATCHES_PER_OPERATOR", 2)
+    with plane.client() as admin:
+        viewer = admin.add_operator("viewer-1", "viewer").token
+    with plane.client() as client, plane.client(token=viewer) as other:
+
+        def open_stream(c: OperatorClient) -> Any:
+            call = c._stub.WatchAlerts(operator_pb2.WatchAlertsRequest(), metadata=c._metadata)
+            assert not next(call).id  # the stream's marker: it is open
+            return call
+
+        held = [open_stream(client), open_stream(client)]
+        with pytest.raises(RateLimited, match=r"admin has 2 alert watch streams open.*MAX_WATCHES"):
+            next(iter(client.watch_alerts(operator_pb2.WatchAlertsRequest(), resume=False)))
+        with pytest.raises(grpc.RpcError) as refused:
+            open_stream(client)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        held.append(open_stream(other))  # another operator is not affected
+        held.pop(0).cancel()
+        wait_for(lambda: plane.plane.alerts.watchers <= 2, timeout=10)
+        held.append(open_stream(client))  # a closed stream frees its place
+        for call in held:
+            call.cancel()

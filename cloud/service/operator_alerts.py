@@ -31,6 +31,9 @@ PREDICTIONS_BUDGET = 3 << 20
 PREDICTIONS_CHUNK = 100
 MAX_PREDICTIONS_CHUNK = 5000
 MAX_SEQUENCE = 2**63 - 1  # the store's sequences are signed 64-bit
+# WatchAlerts streams one operator may hold open on one replica at once (the console's own
+# limits per browser session and per operator are lower).
+MAX_WATCHES_PER_OPERATOR = 32
 
 
 class AlertCalls:
@@ -151,17 +154,21 @@ class AlertCalls:
     async def WatchAlerts(
         self, request: operator_pb2.WatchAlertsRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[operator_pb2.Alert]:
-        where = await asyncio.to_thread(self._filter, request.state, request.device, None, False)
-        devices = await asyncio.to_thread(self._devices)
-        if request.HasField("after_revision"):
-            after = request.after_revision
-        else:
-            after = await asyncio.to_thread(self.registry.store.alert_revision)
-        yield operator_pb2.Alert(revision=after)  # the marker: where this stream starts
-        async for alert in self.alerts.follow(where, after):
-            if alert.device_id not in devices:  # registered since the watch began
-                devices = await asyncio.to_thread(self._devices)
-            yield self._proto(alert, devices.get(alert.device_id))
+        who = current_operator.get() or "operator"
+        with self.alerts.watching(who, MAX_WATCHES_PER_OPERATOR, "MAX_WATCHES_PER_OPERATOR"):
+            where = await asyncio.to_thread(
+                self._filter, request.state, request.device, None, False
+            )
+            devices = await asyncio.to_thread(self._devices)
+            if request.HasField("after_revision"):
+                after = request.after_revision
+            else:
+                after = await asyncio.to_thread(self.registry.store.alert_revision)
+            yield operator_pb2.Alert(revision=after)  # the marker: where this stream starts
+            async for alert in self.alerts.follow(where, after):
+                if alert.device_id not in devices:  # registered since the watch began
+                    devices = await asyncio.to_thread(self._devices)
+                yield self._proto(alert, devices.get(alert.device_id))
 
     async def QueryPredictions(
         self,
