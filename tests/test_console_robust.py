@@ -1,5 +1,6 @@
 """The console's own handling of what browsers and devices send, over a fake operator API:
-dates at the calendar's ends, malformed forms, sign-in limits behind a proxy."""
+dates at the calendar's ends, malformed forms, sign-in limits behind a proxy,
+slow connections, live streams per session and operator."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from protos.autoglm.v1 import operator_pb2
-from tests.support.fake_console import GOOD, FakeApi, fake_app, signed_in
+from tests.support.fake_console import GOOD, OTHER, FakeApi, fake_app, signed_in
 
 pytestmark = pytest.mark.unit
 
@@ -299,3 +300,58 @@ def test_a_form_sent_too_slowly_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"the form did not arrive within 0.5 s" in answer, answer[-500:]
     assert seconds < 10, seconds
+
+
+def test_live_alert_streams_are_capped_per_session_and_per_operator() -> None:
+    from cloud.console.alerts import MAX_STREAMS_PER_OPERATOR, MAX_STREAMS_PER_SESSION
+
+    async def run() -> dict[str, object]:
+        app, api = fake_app()
+        sessions = [await signed_in(app)]
+        opened: list[object] = []
+
+        async def open_stream(client: object) -> tuple[int, str]:
+            response = await client.get("/live/alerts/watch")  # type: ignore[attr-defined]
+            if response.status != 200:
+                return response.status, (await response.json())["error"]
+            assert await response.content.readuntil(b"\n\n") == b"event: ready\ndata: {}\n\n"
+            opened.append(response)
+            return 200, ""
+
+        try:
+            results: dict[str, object] = {}
+            for _ in range(MAX_STREAMS_PER_SESSION):
+                assert await open_stream(sessions[0]) == (200, "")
+            results["session full"] = await open_stream(sessions[0])
+            while len(opened) < MAX_STREAMS_PER_OPERATOR:
+                if len(opened) % MAX_STREAMS_PER_SESSION == 0:
+                    sessions.append(await signed_in(app))
+                assert await open_stream(sessions[-1]) == (200, "")
+            sessions.append(await signed_in(app))
+            results["operator full"] = await open_stream(sessions[-1])
+            other = await signed_in(app, OTHER)
+            sessions.append(other)
+            results["another operator"] = await open_stream(other)
+            results["API streams"] = api.watchers
+            # A closed stream frees its place.
+            opened.pop(0).close()  # type: ignore[attr-defined]
+            await asyncio.sleep(0.2)
+            results["after one closed"] = await open_stream(sessions[0])
+            return results
+        finally:
+            for response in opened:
+                response.close()  # type: ignore[attr-defined]
+            for client in sessions:
+                await client.close()
+
+    results = asyncio.run(run())
+    assert results["session full"] == (
+        429,
+        f"Refused: this browser session has {MAX_STREAMS_PER_SESSION} live alert pages open, "
+        "the most allowed; close one and reload",
+    )
+    status, words = results["operator full"]  # type: ignore[misc]
+    assert status == 429 and f"this operator has {MAX_STREAMS_PER_OPERATOR}" in words, words
+    assert results["another operator"] == (200, "")
+    assert results["API streams"] == MAX_STREAMS_PER_OPERATOR + 1
+    assert results["after one closed"] == (200, "")

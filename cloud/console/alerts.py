@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
+from collections import Counter
+from collections.abc import Iterator
 from urllib.parse import quote
 
 from aiohttp import web
@@ -41,8 +44,15 @@ from cloud.console.markup import (
     text_input,
     when,
 )
+from cloud.console.sessions import ConsoleSession
 from cloud.domain import VERDICTS
-from edge_agent.errors import AutoglmError, InvalidInput, Unauthenticated, Unavailable
+from edge_agent.errors import (
+    AutoglmError,
+    InvalidInput,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
@@ -54,6 +64,54 @@ TIMELINE_LIMIT = 3000
 TOP_SENSORS = 5
 ACTIONS = ("ack", "resolve", "shelve", "unshelve")
 VERDICT_CHOICES = [("", "no verdict yet"), *((v, f"verdict: {v}") for v in VERDICTS)]
+# Live alert streams (each a WatchAlerts stream on the API) one signed-in browser, and one
+# operator over all their sign-ins, may hold open on this console; more are refused (429).
+MAX_STREAMS_PER_SESSION = 4
+MAX_STREAMS_PER_OPERATOR = 16
+
+
+class StreamSlots:
+    """The live alert streams open now, per console session and per operator token."""
+
+    def __init__(
+        self,
+        per_session: int = MAX_STREAMS_PER_SESSION,
+        per_operator: int = MAX_STREAMS_PER_OPERATOR,
+    ) -> None:
+        self.per_session = per_session
+        self.per_operator = per_operator
+        self._open: Counter[tuple[str, str]] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, session: ConsoleSession) -> Iterator[None]:
+        """One stream of `session` while the block runs; RateLimited past either limit."""
+        # Keyed by digests: the counts keep no token or CSRF secret in memory of their own.
+        keys = [
+            ("session", hashlib.sha256(session.csrf.encode()).hexdigest()),
+            ("operator", hashlib.sha256(session.token.encode()).hexdigest()),
+        ]
+        if self._open[keys[0]] >= self.per_session:
+            raise RateLimited(
+                f"this browser session has {self.per_session} live alert pages open, the most "
+                "allowed; close one and reload"
+            )
+        if self._open[keys[1]] >= self.per_operator:
+            raise RateLimited(
+                f"this operator has {self.per_operator} live alert pages open over all sign-ins, "
+                "the most allowed; close one and reload"
+            )
+        for key in keys:
+            self._open[key] += 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._open[key] -= 1
+                if not self._open[key]:
+                    del self._open[key]
+
+
+STREAMS: web.AppKey[StreamSlots] = web.AppKey("alert_streams", StreamSlots)
 
 
 def alert_row(alert: operator_pb2.Alert, now: dt.datetime) -> Markup:
@@ -142,6 +200,11 @@ async def alerts_watch(request: web.Request) -> web.StreamResponse:
     """The watch stream as server-sent events: `ready` once the API's stream has started
     (no change after it is missed), then one `alert` per change, each with its row rendered
     as on the list page."""
+    with request.app[STREAMS].hold(session_of(request)):
+        return await _watch(request)
+
+
+async def _watch(request: web.Request) -> web.StreamResponse:
     calls = calls_of(request)
     queue: asyncio.Queue[operator_pb2.Alert | AutoglmError] = asyncio.Queue(maxsize=1000)
 

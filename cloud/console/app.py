@@ -264,6 +264,7 @@ def make_app(
     app[API] = api
     app[SEAL] = seal
     app[PROXIES] = trusted_networks(trusted_proxies)
+    app[alerts.STREAMS] = alerts.StreamSlots()
     app[ATTEMPTS] = AttemptLimiter(
         max_failures=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, what="failed sign-ins"
     )

@@ -65,9 +65,23 @@ function watch(listing) {
     if (doc.status === 401) return signIn();
     if (status) status.textContent = doc.error;
   });
-  source.onerror = () => {
+  source.onerror = async () => {
     listing.dataset.live = "0";
-    if (status) status.textContent = "Live updates interrupted; reconnecting ...";
+    if (source.readyState !== EventSource.CLOSED) {
+      if (status) status.textContent = "Live updates interrupted; reconnecting ...";
+      return;
+    }
+    // Refused, and the browser does not retry: signed out (401), or too many live alert
+    // pages open (429).
+    const response = await fetch(rows.dataset.refresh || "/live/alerts", {
+      credentials: "same-origin",
+    }).catch(() => null);
+    if (response && response.status === 401) return signIn();
+    if (status) {
+      status.textContent =
+        "Live updates off: too many live alert pages are open in this browser or for " +
+        "this operator; close some and reload this page.";
+    }
   };
 }
 
