@@ -1,17 +1,32 @@
 """Opening a verified bundle for serving: pick the variant and backend for this hardware,
-build and cache a TensorRT engine where the bundle has none for this profile, self-test."""
+build and cache a TensorRT engine where the bundle has none for this profile, self-test.
+
+What this writes is synced before it is trusted: a `.tar` bundle is unpacked into a staging
+folder, synced, marked with the archive's sha256 and renamed into place; an unpacked bundle
+is used again only while that mark matches the archive and it verifies, else the archive is
+unpacked again. Staging left by a kill is swept.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.bundle import Manifest, Variant, unpack_tar, verify_bundle
+from edge_agent.bundle import Manifest, Variant, sha256_file, unpack_tar, verify_bundle
 from edge_agent.config import ModelChoice
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
+from edge_agent.files import (
+    fsync_dir,
+    make_dir_durably,
+    remove_durably,
+    sync_tree,
+    write_failure,
+    write_new,
+)
 from edge_agent.inference.base import InferenceBackend, open_backend
 from edge_agent.scoring import ModelFrame, frame_of
 from edge_agent.selftest import check_golden
@@ -19,6 +34,8 @@ from edge_agent.trust import Verifier
 from edge_agent.windowing import SensorSchema, WindowSpec
 
 log = logging.getLogger(__name__)
+SOURCE = ".source-sha256"  # in a bundle unpacked from a .tar: "sha256:<hex>" of that .tar
+STAGING = ".tmp"  # the suffix of what is being written (a kill leaves it: swept)
 
 
 @dataclass(frozen=True)
@@ -112,19 +129,96 @@ class ServingModel:
         self.backend.close()
 
 
-def unpacked(bundle: Path, models_dir: Path) -> Path:
-    """The bundle's directory: as given, or a `.tar` unpacked under `models_dir`."""
+def verified(
+    bundle: Path, key: Verifier, models_dir: Path, partial: bool = False
+) -> tuple[Path, Manifest]:
+    """The bundle's directory and its verified manifest: a directory as given, or a `.tar`
+    unpacked under `models_dir` (again when the archive changed or the unpacked copy does
+    not verify: a power cut may have torn it)."""
     if bundle.is_dir():
-        return bundle
+        return bundle, verify_bundle(bundle, key, partial=partial)
     if not bundle.is_file():
         raise NotFound(f"model.bundle {bundle}: no such bundle (directory or .tar)")
+    try:
+        digest = "sha256:" + sha256_file(bundle)
+    except OSError as exc:
+        raise IntegrityError(f"model.bundle {bundle}: cannot read it: {exc}") from None
     target = models_dir / bundle.name.removesuffix(".tar")
-    if not (target / "manifest.json").is_file():
-        staging = models_dir / f".{target.name}.{os.getpid()}.tmp"
-        staging.mkdir(parents=True, exist_ok=True)
-        directory = unpack_tar(bundle, staging)
+    if models_dir.is_dir():
+        sweep_staging(models_dir, folders=True)
+    if _source_of(target) == digest:
+        try:
+            return target, verify_bundle(target, key)
+        except IntegrityError as exc:
+            log.warning("%s does not verify (%s); unpacking %s again", target, exc, bundle)
+    elif target.exists():
+        log.info("%s changed since %s was unpacked from it; unpacking it again", bundle, target)
+    _unpack(bundle, digest, target)
+    return target, verify_bundle(target, key)
+
+
+def _source_of(target: Path) -> str | None:
+    """The sha256 of the archive `target` was unpacked from; None when not marked (an
+    unpack that did not finish, or one made before the mark existed)."""
+    try:
+        return (target / SOURCE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _unpack(archive: Path, digest: str, target: Path) -> None:
+    """Unpacks `archive` into `target` (replacing what is there): extracted into a staging
+    folder, synced, marked with `digest`, then renamed into place and the folder synced."""
+    models_dir = target.parent
+    staging = models_dir / f".{target.name}.{os.getpid()}{STAGING}"
+    old = models_dir / f".{target.name}.{os.getpid()}.old{STAGING}"
+    try:
+        make_dir_durably(models_dir)
+        staging.mkdir()
+        directory = unpack_tar(archive, staging)
+        write_new(directory / SOURCE, digest.encode(), 0o644)
+        sync_tree(staging)
+        if target.exists():
+            target.rename(old)
         directory.rename(target)
-    return target
+        fsync_dir(models_dir)
+    except OSError as exc:
+        raise write_failure(models_dir, exc, f"unpack {archive.name} into") from None
+    finally:
+        for leftover in (staging, old):
+            _remove_tree(leftover)
+    log.info("unpacked %s into %s", archive, target)
+
+
+def sweep_staging(directory: Path, folders: bool) -> None:
+    """Removes the staging `folders` (else files) named `.*.tmp` that a killed process left
+    in `directory`. One agent runs per state directory (the lock), so none of them is being
+    written; the other kind is left alone (the model slots keep their pointer's temporary
+    file beside the unpacked bundles)."""
+    try:
+        stale = sorted(p for p in directory.glob(f".*{STAGING}") if p.is_dir() == folders)
+    except OSError as exc:
+        log.warning("%s: cannot look for staging left by a kill: %s", directory, exc)
+        return
+    for path in stale:
+        log.info("removing %s, left by an unpack or engine build that did not finish", path)
+        if folders:
+            _remove_tree(path)
+            continue
+        try:
+            remove_durably(path)
+        except OSError as exc:
+            log.warning("%s: cannot remove it: %s", path, exc)
+
+
+def _remove_tree(path: Path) -> None:
+    """Deletes the folder `path` if there; what cannot go is logged (swept next time)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("%s: cannot remove it: %s", path, exc)
 
 
 def open_serving(
@@ -139,8 +233,7 @@ def open_serving(
     """Verify (signature, digests), choose, open and self-test; nothing runs before all pass.
 
     `partial`: an install slot, holding only the variant chosen for this device."""
-    directory = unpacked(bundle, models_dir)
-    manifest = verify_bundle(directory, key, partial=partial)
+    directory, manifest = verified(bundle, key, models_dir, partial)
     picked = choose(manifest, choice, hw or Hardware.detect())
     if not (directory / picked.variant.file).is_file():
         raise IntegrityError(f"{directory}: variant file {picked.variant.file} is missing")
