@@ -4,7 +4,8 @@ build and cache a TensorRT engine where the bundle has none for this profile, se
 What this writes is synced before it is trusted: a `.tar` bundle is unpacked into a staging
 folder, synced, marked with the archive's sha256 and renamed into place; an unpacked bundle
 is used again only while that mark matches the archive and it verifies, else the archive is
-unpacked again. Staging left by a kill is swept.
+unpacked again. A cached engine is synced before its rename; one that does not load is
+deleted and built again once. Staging left by a kill is swept before the next write.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edge_agent.config import ModelChoice
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 from edge_agent.files import (
     fsync_dir,
+    fsync_file,
     make_dir_durably,
     remove_durably,
     sync_tree,
@@ -238,10 +240,7 @@ def open_serving(
     if not (directory / picked.variant.file).is_file():
         raise IntegrityError(f"{directory}: variant file {picked.variant.file} is missing")
     if picked.backend == "tensorrt":
-        engine = _engine_path(directory, manifest, picked, engine_cache)
-        from edge_agent.inference.tensorrt import TensorRtBackend
-
-        backend: InferenceBackend = TensorRtBackend(engine)
+        backend: InferenceBackend = _tensorrt(directory, manifest, picked, engine_cache)
     else:
         backend = open_backend(
             "onnxruntime", directory, manifest, picked.variant.name, threads=choice.threads
@@ -271,32 +270,62 @@ def open_serving(
     return ServingModel(directory, manifest, backend, picked, frame_of(manifest), schema, spec)
 
 
-def _engine_path(directory: Path, manifest: Manifest, picked: Choice, cache: Path) -> Path:
-    """The bundle's engine for this profile, or one built from ONNX here and cached by the
-    ONNX file's digest, precision and TensorRT version."""
+def _tensorrt(directory: Path, manifest: Manifest, picked: Choice, cache: Path) -> InferenceBackend:
+    """The TensorRT backend: the bundle's engine for this profile, or one built from ONNX
+    here and cached. A cached engine that does not load (torn by a power cut, damaged) is a
+    cache problem, not the model's: it is deleted and built again, once."""
+    from edge_agent.inference import tensorrt as trt
+
     if not picked.build_engine:
-        return directory / picked.variant.file
-    import tensorrt
+        return trt.TensorRtBackend(directory / picked.variant.file)
+    engine = _cached_engine(directory, manifest, picked, cache)
+    try:
+        return trt.TensorRtBackend(engine)
+    except IntegrityError as exc:
+        log.warning("the cached engine does not load (%s); building it again", exc)
+        try:
+            remove_durably(engine)
+        except OSError as gone:
+            raise write_failure(engine, gone, "delete") from None
+    return trt.TensorRtBackend(_cached_engine(directory, manifest, picked, cache))
 
-    from edge_agent.inference.tensorrt import build_engine
 
-    cache.mkdir(parents=True, exist_ok=True)
-    name = f"{picked.variant.sha256[:24]}-{picked.precision}-trt{tensorrt.__version__}.plan"
+def _cached_engine(directory: Path, manifest: Manifest, picked: Choice, cache: Path) -> Path:
+    """The engine built from the ONNX variant, cached by its digest, precision and TensorRT
+    version: built (synced, then renamed into the cache) when not there. `LocalStateError`
+    when the cache does not take it (a full disk)."""
+    from edge_agent.inference import tensorrt as trt
+
+    name = f"{picked.variant.sha256[:24]}-{picked.precision}-trt{trt.tensorrt_version()}.plan"
     engine = cache / name
-    if not engine.is_file():
-        log.info(
-            "building a TensorRT %s engine for %s (cached as %s)",
-            picked.precision,
-            manifest.version,
-            engine,
-        )
-        staging = engine.with_suffix(f".{os.getpid()}.tmp")
-        build_engine(
+    if engine.is_file():
+        return engine
+    log.info(
+        "building a TensorRT %s engine for %s (cached as %s)",
+        picked.precision,
+        manifest.version,
+        engine,
+    )
+    staging = cache / f".{name}.{os.getpid()}{STAGING}"
+    try:
+        make_dir_durably(cache)
+        sweep_staging(cache, folders=False)
+        trt.build_engine(
             directory / picked.variant.file,
             staging,
             manifest.window.length,
             len(manifest.sensors),
             picked.precision,
         )
+        fsync_file(staging)
         staging.replace(engine)
+        fsync_dir(cache)
+    except OSError as exc:
+        raise write_failure(cache, exc, "cache a TensorRT engine in") from None
+    finally:
+        if staging.exists():
+            try:
+                remove_durably(staging)
+            except OSError as exc:
+                log.warning("%s: cannot remove it: %s", staging, exc)
     return engine

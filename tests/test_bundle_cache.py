@@ -1,23 +1,35 @@
 """What the agent writes to serve a model is synced before it is trusted, and what a power
 cut or a kill leaves behind is repaired, not served or kept forever: a `.tar` bundle's unpacked
-copy (torn, stale after the archive changed, staging of a killed unpack)."""
+copy (torn, stale after the archive changed, staging of a killed unpack) and the TensorRT
+engine cache (a torn engine is built again; TensorRT's own errors become this project's).
+
+TensorRT is not installed here: its module is a stand-in whose "engine" names the ONNX file
+it was built from and runs it with ONNX Runtime, so the self-test is the real one."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.model.bundle_writer import pack
 from edge_agent.config import ModelChoice
-from edge_agent.serving import SOURCE, open_serving
+from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
+from edge_agent.inference import tensorrt as trt
+from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
+from edge_agent.serving import SOURCE, Hardware, open_serving
+from edge_agent.slots import ModelSlots, SlotInfo
 from tests.support.bundles import make_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+GPU = Hardware(tensorrt=True, cuda=False)
 
 
 @pytest.fixture
@@ -100,3 +112,176 @@ def test_staging_a_killed_unpack_left_is_swept(
     (models / ".active.json.tmp").write_bytes(b"{}")  # a file: the slots' own, not swept
     open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e").close()
     assert sorted(p.name for p in models.iterdir()) == [".active.json.tmp", "pump-1"]
+
+
+# ---- the TensorRT engine cache ----
+
+
+class FakeTensorRt:
+    """Stands in for TensorRT: a built "engine" is the ONNX file's path; loading one runs
+    that file with ONNX Runtime, and refuses bytes that are not a path (a torn engine)."""
+
+    def __init__(self) -> None:
+        self.builds: list[Path] = []
+        self.fail_build: OSError | None = None
+        self.torn = False  # every build writes bytes that do not load
+
+    def build_engine(self, onnx: Path, engine: Path, *_: Any) -> None:
+        self.builds.append(onnx)
+        if self.fail_build is not None:
+            engine.write_bytes(b"half")
+            raise self.fail_build
+        engine.write_bytes(b"torn" if self.torn else str(onnx).encode())
+
+    def backend(self, engine: Path) -> OnnxRuntimeBackend:
+        data = engine.read_bytes()
+        if not data.endswith(b".onnx"):
+            raise IntegrityError(f"{engine}: TensorRT cannot load this engine (torn)")
+        return OnnxRuntimeBackend(Path(data.decode()))
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRt:
+    fake = FakeTensorRt()
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: "10.0")
+    monkeypatch.setattr(trt, "build_engine", fake.build_engine)
+    monkeypatch.setattr(trt, "TensorRtBackend", fake.backend)
+    return fake
+
+
+def _open_on_gpu(bundle: Path, key: Ed25519PrivateKey, root: Path) -> Any:
+    return open_serving(bundle, key.public_key(), ModelChoice(), root / "m", root / "e", hw=GPU)
+
+
+def test_a_built_engine_is_synced_before_it_is_cached(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    fake_trt: FakeTensorRt,
+    fsynced: set[int],
+) -> None:
+    bundle, key = trained
+    model = _open_on_gpu(bundle, key, tmp_path)
+    model.close()
+    assert model.choice.label == "tensorrt-fp16" and len(fake_trt.builds) == 1
+    (engine,) = (tmp_path / "e").iterdir()
+    assert engine.name.endswith("-fp16-trt10.0.plan")
+    assert engine.stat().st_ino in fsynced, "the engine was renamed into the cache unsynced"
+    assert (tmp_path / "e").stat().st_ino in fsynced, "the cache folder was not synced"
+    _open_on_gpu(bundle, key, tmp_path).close()
+    assert len(fake_trt.builds) == 1, "a cached engine is used, not built again"
+
+
+def test_a_torn_cached_engine_is_built_again_once(
+    tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey], fake_trt: FakeTensorRt
+) -> None:
+    bundle, key = trained
+    _open_on_gpu(bundle, key, tmp_path).close()
+    (engine,) = (tmp_path / "e").iterdir()
+    engine.write_bytes(b"")  # what a power cut leaves of an unsynced save
+    model = _open_on_gpu(bundle, key, tmp_path)
+    model.close()
+    assert model.choice.backend == "tensorrt" and len(fake_trt.builds) == 2
+    assert engine.read_bytes().endswith(b".onnx")
+
+
+def test_an_engine_that_does_not_load_even_when_rebuilt_is_an_integrity_error(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    fake_trt: FakeTensorRt,
+) -> None:
+    bundle, key = trained
+    fake_trt.torn = True
+    with pytest.raises(IntegrityError, match="cannot load this engine"):
+        _open_on_gpu(bundle, key, tmp_path)
+    assert len(fake_trt.builds) == 2, "built again once, not more"
+
+
+def test_an_engine_cache_on_a_full_disk_is_a_local_state_error(
+    tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey], fake_trt: FakeTensorRt
+) -> None:
+    bundle, key = trained
+    fake_trt.fail_build = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(LocalStateError, match=r"disk full: [0-9]+ bytes free at .*/e "):
+        _open_on_gpu(bundle, key, tmp_path)
+    assert list((tmp_path / "e").iterdir()) == [], "the half-written engine stayed"
+
+
+def test_a_failure_that_is_not_the_models_does_not_mark_the_version_failed(
+    tmp_path: Path,
+) -> None:
+    slots = ModelSlots(tmp_path / "models")
+    slots.activate(SlotInfo("a", "pump", "1", "sha256:one"))
+    slots.activate(SlotInfo("b", "pump", "2", "sha256:two"))
+    back = slots.fall_back("disk full: 0 bytes free at /state/engines", lasting=False)
+    assert back is not None and back.version == "1"
+    assert slots.failure("sha256:two") is None
+    slots.activate(SlotInfo("b", "pump", "2", "sha256:two"))
+    slots.fall_back("self-test failed")
+    assert slots.failure("sha256:two") == "self-test failed"
+
+
+# ---- TensorRT's own errors, mapped ----
+
+
+class Polygraphy:
+    """Polygraphy's trt backend as far as the agent uses it, failing where told."""
+
+    def __init__(self, fail: str) -> None:
+        self.fail = fail
+
+    def _raise(self, where: str) -> None:
+        if self.fail == where:
+            raise RuntimeError(f"[TRT] {where} failed")
+
+    def engine_from_bytes(self, data: bytes) -> object:
+        self._raise("deserialize")
+        return None if self.fail == "none" else object()
+
+    def TrtRunner(self, engine: object) -> Any:
+        return SimpleNamespace(activate=lambda: self._raise("activate"))
+
+    def NetworkFromOnnxPath(self, path: str) -> object:
+        self._raise("parse")
+        return object()
+
+    def Profile(self) -> Any:
+        return SimpleNamespace(add=lambda *a, **k: None)
+
+    def CreateConfig(self, **_: Any) -> object:
+        return object()
+
+    def EngineFromNetwork(self, *_: Any, **__: Any) -> object:
+        return object()
+
+    def SaveEngine(self, _: object, path: str) -> Any:
+        def save() -> None:
+            if self.fail == "save":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            Path(path).write_bytes(b"plan")
+
+        return save
+
+
+@pytest.mark.parametrize("fail", ["deserialize", "none", "activate"])
+def test_an_engine_tensorrt_cannot_load_is_an_integrity_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str
+) -> None:
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy(fail))
+    engine = tmp_path / "x.plan"
+    engine.write_bytes(b"plan")
+    with pytest.raises(IntegrityError, match=f"{engine}: TensorRT cannot load this engine"):
+        trt.TensorRtBackend(engine)
+    with pytest.raises(IntegrityError, match="cannot read the TensorRT engine"):
+        trt.TensorRtBackend(tmp_path / "missing.plan")
+
+
+def test_an_engine_tensorrt_cannot_build_is_a_failed_precondition_and_a_full_disk_an_oserror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    onnx = tmp_path / "model.onnx"
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("parse"))
+    with pytest.raises(FailedPrecondition, match=f"{onnx}: TensorRT cannot build a fp16 engine"):
+        trt.build_engine(onnx, tmp_path / "x.plan", 24, 4, "fp16")
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("save"))
+    with pytest.raises(OSError, match="No space left"):
+        trt.build_engine(onnx, tmp_path / "x.plan", 24, 4, "fp16")

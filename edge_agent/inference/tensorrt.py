@@ -1,7 +1,10 @@
 """TensorRT backend through Polygraphy, imported lazily: only Jetson/GPU images have it.
 
 Engines are built per device profile (`build_engine`), in the cloud where a matching GPU
-exists, else on the device at first load; either way from the verified ONNX variant.
+exists, else on the device at first load; either way from the verified ONNX variant. What
+Polygraphy and TensorRT raise (their own exception kinds) is mapped here, once: an engine that
+does not load is an `IntegrityError`, one that cannot be built a `FailedPrecondition`, both
+naming the file.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import FailedPrecondition
+from edge_agent.errors import FailedPrecondition, IntegrityError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.windowing import FloatArray
 
@@ -33,6 +36,14 @@ def require_tensorrt() -> Any:
     return poly_trt
 
 
+def tensorrt_version() -> str:
+    """The installed TensorRT's version (engines are valid for that version only)."""
+    require_tensorrt()
+    import tensorrt
+
+    return str(tensorrt.__version__)
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -42,8 +53,32 @@ def build_engine(
     max_batch: int = 256,
     opt_batch: int = 32,
 ) -> None:
-    """Build a serialized TensorRT plan for `onnx_path` with a dynamic batch profile."""
+    """Build a serialized TensorRT plan for `onnx_path` with a dynamic batch profile.
+
+    OSError when the plan cannot be written (a full disk); `FailedPrecondition` when TensorRT
+    cannot build it."""
     poly_trt = require_tensorrt()
+    try:
+        _build(poly_trt, onnx_path, engine_path, window, sensors, precision, max_batch, opt_batch)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Polygraphy and TensorRT raise their own kinds
+        raise FailedPrecondition(
+            f"{onnx_path}: TensorRT cannot build a {precision} engine from it "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _build(
+    poly_trt: Any,
+    onnx_path: Path,
+    engine_path: Path,
+    window: int,
+    sensors: int,
+    precision: str,
+    max_batch: int,
+    opt_batch: int,
+) -> None:
     profile = poly_trt.Profile()
     for name in ("window", "mask"):
         profile.add(
@@ -69,10 +104,24 @@ class TensorRtBackend(InferenceBackend):
     name = "tensorrt"
 
     def __init__(self, engine_path: Path) -> None:
+        """`IntegrityError` naming the file when TensorRT cannot load it (torn, truncated, or
+        built for another TensorRT or GPU)."""
         poly_trt = require_tensorrt()
-        engine = poly_trt.engine_from_bytes(engine_path.read_bytes())
-        self._runner = poly_trt.TrtRunner(engine)
-        self._runner.activate()
+        try:
+            data = engine_path.read_bytes()
+        except OSError as exc:
+            raise IntegrityError(f"{engine_path}: cannot read the TensorRT engine: {exc}") from None
+        try:
+            engine = poly_trt.engine_from_bytes(data)
+            if engine is None:
+                raise ValueError("the engine did not deserialize")
+            runner = poly_trt.TrtRunner(engine)
+            runner.activate()
+        except Exception as exc:  # noqa: BLE001 - Polygraphy and TensorRT raise their own kinds
+            raise IntegrityError(
+                f"{engine_path}: TensorRT cannot load this engine ({type(exc).__name__}: {exc})"
+            ) from None
+        self._runner = runner
 
     def run(self, window: FloatArray, mask: FloatArray) -> Outputs:
         feed = {
