@@ -1,9 +1,14 @@
 """What a device or a client of the metrics port can make the control plane hold: the drift
-series a device's reports name (bounded per device)."""
+series a device's reports name (bounded per device), and the threads of connections to the
+metrics port that never finish their request (closed after a timeout, and few at a time)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +17,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cloud.domain import PresenceUpdate
-from cloud.service.metrics import MAX_DRIFT_ASSETS, FleetCollector
+from cloud.service import metrics as metrics_module
+from cloud.service.metrics import MAX_DRIFT_ASSETS, FleetCollector, PlaneMetrics
 from cloud.store import open_store
 from cloud.store.base import Store
+from tests.support.agents import wait_for
 
 pytestmark = pytest.mark.integration
 NOW = dt.datetime.now(dt.UTC)
@@ -65,3 +72,53 @@ def test_a_device_cannot_grow_the_scrape_with_the_asset_names_it_reports(store: 
     assert registry.get_sample_value(omitted, {"device": "honest"}) is None  # nothing left out
     labels = {"device": "honest", "asset": "pump-1"}
     assert registry.get_sample_value("autoglm_device_drift_input_shift", labels) == 2.0
+
+
+def _threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("metrics-"))
+
+
+def _closed(s: socket.socket) -> bool:
+    """Whether the server closed `s` (one it refused at once may be reset: it left the
+    request unread)."""
+    try:
+        return s.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _scrape(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body: bytes = response.read()
+    return body
+
+
+def test_connections_that_never_finish_a_request_are_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half-sent requests used to hold a thread each for ever. Now each is closed after the
+    port's I/O timeout, and past MAX_CONNECTIONS a new one is closed at once, so a client of
+    the metrics port holds a bounded number of threads, for a bounded time."""
+    monkeypatch.setattr(metrics_module, "METRICS_IO_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(metrics_module, "METRICS_CONNECTIONS", 8)
+    server, port = PlaneMetrics().serve("127.0.0.1:0")
+    socks: list[socket.socket] = []
+    try:
+        assert b"autoglm_heartbeats_total" in _scrape(port)
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+            socks.append(s)
+        # The server closes every one of them: the first 8 at their timeout, the rest at once.
+        started = time.monotonic()
+        for s in socks:
+            assert _closed(s)
+        closed_after = time.monotonic() - started
+        assert closed_after < 8, f"half-sent requests still open {closed_after:.1f} s later"
+        wait_for(lambda: _threads() <= 1, timeout=10)  # the serving thread only
+        assert b"autoglm_heartbeats_total" in _scrape(port)  # and it still serves
+    finally:
+        for s in socks:
+            s.close()
+        server.shutdown()
+        server.server_close()

@@ -16,14 +16,17 @@ import datetime as dt
 import logging
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
 from grpc import aio
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 FLEET_CACHE_S = 5.0
 LOOP_LAG_EVERY_S = 0.1
 SETUP_PHASES = ("lookup", "hello", "state")  # of `autoglm_session_setup_seconds`
+METRICS_IO_TIMEOUT_S = 10.0  # a metrics connection that sends or reads nothing this long
+METRICS_CONNECTIONS = 64  # open at once on the metrics port; more are closed at once
 # A device names the assets of its drift series: at most this many per device, each named as
 # an agent's config allows (edge_agent/config.py), so a device cannot grow the scrape.
 MAX_DRIFT_ASSETS = 32
@@ -133,13 +138,70 @@ class PlaneMetrics:
 
     def serve(self, listen: str) -> tuple[Any, int]:
         """Serves /metrics on `listen` (host:port, port 0: any free one) in a thread; returns
-        the server (to `shutdown()`) and the port."""
+        the server (to `shutdown()` and `server_close()`) and the port."""
         host, _, port = listen.rpartition(":")
         try:
-            server, _thread = start_http_server(int(port), host or "0.0.0.0", self.registry)
-        except OSError as exc:
+            server = MetricsServer(host or "0.0.0.0", int(port), make_wsgi_app(self.registry))
+        except (OSError, ValueError) as exc:
             raise LocalStateError(f"cannot serve metrics on {listen}: {exc}") from None
+        threading.Thread(target=server.serve_forever, name="metrics-serve", daemon=True).start()
         return server, int(server.server_port)
+
+
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's server (a thread per connection), except that a connection that
+    sends or reads nothing for METRICS_IO_TIMEOUT_S is closed, and one past
+    METRICS_CONNECTIONS open at once is closed at once: anyone who reaches the port could
+    otherwise hold a thread each for ever with requests they never finish."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, host: str, port: int, app: Any) -> None:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__((str(address[0]), port), _MetricsHandler)
+        self.set_app(app)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: %d connections open, one from %s closed", METRICS_CONNECTIONS,
+                      client_address)  # fmt: skip
+            self.shutdown_request(request)
+            return
+        threading.Thread(
+            target=self._serve_one, args=(request, client_address), name="metrics-connection",
+            daemon=True,
+        ).start()  # fmt: skip
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: a connection from %s failed", client_address, exc_info=True)
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    """One connection of the metrics port, logging nothing per request."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(METRICS_IO_TIMEOUT_S)  # reads and writes alike
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (TimeoutError, ConnectionError):  # a client that stalled or left: close it
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 FLEET_FAMILIES = (
