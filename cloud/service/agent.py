@@ -120,7 +120,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         issuing_ca: CertificateAuthority | None = None,
         admission: SessionAdmission | None = None,
         maintenance_windows: Callable[[], list[MaintenanceWindow]] | None = None,
+        replica: str = "",
     ) -> None:
+        self.replica = replica  # this replica's id, in the claims of the sessions it opens
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
         self._refusals_waiting = 0  # see REFUSALS_WAITING
@@ -238,8 +240,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 status=hello.status,
                 host=hello.host,
             )
+            # The device's next generation fleet-wide: a replica holding an older session of
+            # it ends that one (`cloud.session_claims`); one held here ends now.
+            peer = context.peer()
+            claim, replacement = await asyncio.to_thread(
+                self.store.claim_session,
+                device.id,
+                self.replica,
+                peer,
+                self.hub.clock(),
+                self.hub.is_open(device.id),
+            )
             # Open before the desired state is read: a change made meanwhile is pushed to it.
-            live = self.hub.open(device.id, fingerprint, context.peer())
+            live = self.hub.open(device.id, fingerprint, peer, claim.generation, replacement)
             try:
                 desired, windows = await asyncio.to_thread(self._to_send, device.id)
             except BaseException:

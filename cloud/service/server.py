@@ -24,7 +24,7 @@ from cloud.clock import utc_now
 from cloud.config import CloudConfig
 from cloud.devices import DeviceRegistry
 from cloud.domain import DesiredModel
-from cloud.leader import make_elector
+from cloud.leader import default_replica_id, make_elector
 from cloud.outage_log import OutageLog
 from cloud.presence import PresenceTracker
 from cloud.profiles import DEFAULT_DIR as DEFAULT_PROFILES
@@ -38,11 +38,12 @@ from cloud.service.guard import CallGuard, OperatorTokens
 from cloud.service.maintenance_push import MaintenancePush
 from cloud.service.metrics import CallMetrics, PlaneMetrics
 from cloud.service.operator import OperatorServicer
+from cloud.service.replacements import ReplacedSessions
 from cloud.service.serde import desired_to_proto, message_to_dict
 from cloud.service.sessions import FLEET_SLICE, SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
-from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener
+from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener, parse_session_topic
 from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
 from edge_agent.errors import UNREQUESTED_LIMIT_S, LocalStateError, PermissionDenied, Unavailable
 from protos.autoglm.v1 import (
@@ -120,6 +121,8 @@ class ControlPlane:
         self.secrets = secrets
         self.store = store
         self.hub = SessionHub()
+        self.replica = config.replica_id or default_replica_id()  # named in session claims
+        self.replaced = ReplacedSessions(store, self.hub, self.replica)  # by other replicas
         self.presence = PresenceTracker(store, encode=message_to_dict)
         self.registry = DeviceRegistry(
             store,
@@ -227,6 +230,7 @@ class ControlPlane:
                 issuing_ca=self.secrets.ca,
                 admission=self.admission,
                 maintenance_windows=self.maintenance.windows_in_force,
+                replica=self.replica,
             ),
             server,
         )
@@ -428,11 +432,13 @@ class ControlPlane:
     async def _recheck_sessions(self) -> None:
         """Ends the sessions held here of devices revoked, deleted or re-enrolled through any
         replica (this replica ends its own revocations at once): each session's certificate
-        is compared with the device's current one in the store."""
+        is compared with the device's current one in the store. And those a newer session of
+        their device replaced on another replica (at once when its notification came)."""
         since = time.monotonic()
         ids = self.hub.device_ids()
         if not ids:
             return
+        await self.replaced.check(ids)
         current = await asyncio.to_thread(self.store.device_credentials, ids, utc_now())
         stale = PermissionDenied("this device was revoked or re-enrolled; its certificate is stale")
         ended = 0
@@ -445,6 +451,9 @@ class ControlPlane:
 
     def _woken(self, topic: str) -> None:
         """Another replica changed `topic` (event loop only)."""
+        if (session := parse_session_topic(topic)) is not None:
+            self.replaced.heard(*session)
+            return
         for name, event in self._wake.items():
             if topic in (name, ANY):
                 event.set()

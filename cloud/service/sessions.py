@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud.session_claims import (
+    FLAP_RETRY_S,
+    FLAP_WINDOW_S,
+    Replacement,
+    SessionClaim,
+)
 from edge_agent.errors import AutoglmError, Conflict, RateLimited
 
 log = logging.getLogger(__name__)
@@ -25,17 +29,6 @@ FLEET_SLICE = 1000
 OUTBOUND_LIMIT = 1024
 # What `finish` queues: the client half-closed and everything before it has been answered.
 END_OF_STREAM = object()
-# A device whose sessions replace one another more than FLAP_REPLACEMENTS times within
-# FLAP_WINDOW_S is flapping: most likely two agents share its certificate (a cloned image),
-# each reconnecting at once when the other's session ends it. One warning says so; from then
-# until FLAP_FORGET_S pass without a replacement, the session replaced is told to come back
-# in FLAP_RETRY_S (RateLimited's hint, as a busy plane's refusal is), so the two take turns
-# instead of reconnecting every second forever.
-FLAP_REPLACEMENTS = 3
-FLAP_WINDOW_S = 60.0
-FLAP_FORGET_S = 600.0
-FLAP_RETRY_S = 60.0
-FLAP_SWEEP_FROM = 1024  # devices with a replacement history before stale ones are forgotten
 
 
 @dataclass(eq=False)
@@ -51,6 +44,7 @@ class LiveSession:
     desired_revision: int = 0  # of the newest desired state sent down this session
     maintenance: bytes | None = None  # the maintenance periods last sent down it
     opened_at: float = field(default_factory=time.monotonic)
+    generation: int = 0  # its claim among the device's sessions fleet-wide (0: none)
     released: asyncio.Event = field(default_factory=asyncio.Event)  # forgotten by the plane
     reader: asyncio.Task[None] | None = None  # reads what the device sends, while open
     on_end: Callable[[], None] | None = None  # called once `ending` is set
@@ -93,75 +87,67 @@ class LiveSession:
 
 
 class SessionHub:
-    """Registry of live sessions by device id; only touched from the server's event loop."""
+    """Registry of live sessions by device id; only touched from the server's event loop.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    A device holds one session fleet-wide (`cloud.session_claims`): a new one ends the older
+    here at once, and the replica holding an older one elsewhere ends it (`end_replaced`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._by_device: dict[str, set[LiveSession]] = {}
-        self.clock = clock  # for the replacements' times only
-        self._replaced: dict[str, deque[float]] = {}  # within FLAP_WINDOW_S, by device
-        self._flapping: dict[str, float] = {}  # device -> its latest replacement, while flapping
-        self._sweep_at = FLAP_SWEEP_FROM  # devices tracked when stale ones are next forgotten
+        self.clock = clock  # wall-clock seconds, for counting replacements across replicas
 
-    def open(self, device_id: str, fingerprint: str = "", peer: str = "") -> LiveSession:
+    def open(
+        self,
+        device_id: str,
+        fingerprint: str = "",
+        peer: str = "",
+        generation: int = 0,
+        replacement: Replacement | None = None,
+    ) -> LiveSession:
         """Registers a new session of the device; its older sessions here end (ABORTED, or
-        RESOURCE_EXHAUSTED with a retry hint while the device flaps: see FLAP_REPLACEMENTS):
-        a device holds one session, and one that reconnects in a loop holds no more."""
-        live = LiveSession(device_id, fingerprint, peer)
+        RESOURCE_EXHAUSTED with a retry hint when `replacement`, the store's count of this
+        replacement, says the device flaps): a device holds one session, and one that
+        reconnects in a loop holds no more."""
+        live = LiveSession(device_id, fingerprint, peer, generation=generation)
         older = self._by_device.get(device_id, ())
         if older:
-            error = self._replacement(device_id, peer, [o.peer for o in older])
+            error = replaced_error(device_id, peer, "", replacement)
+            if replacement is not None and replacement.started:
+                _warn_flapping(device_id, replacement, peer, [o.peer for o in older])
             for old in older:
                 old.end(error)
             log.info("device %s opened a new session; %d older ended", device_id, len(older))
         self._by_device[device_id] = {live}
         return live
 
-    def _replacement(self, device_id: str, peer: str, older: list[str]) -> AutoglmError:
-        """Why the device's older sessions end, its replacements counted."""
-        now = self.clock()
-        if len(self._replaced) >= self._sweep_at:
-            self._forget_stale(now)
-        times = self._replaced.setdefault(device_id, deque())
-        times.append(now)
-        while now - times[0] > FLAP_WINDOW_S:
-            times.popleft()
-        last = self._flapping.get(device_id)
-        flapping = last is not None and now - last <= FLAP_FORGET_S
-        if not flapping and len(times) > FLAP_REPLACEMENTS:
-            flapping = True
-            log.warning(
-                "device %s: its sessions replaced one another %d times within %.0f s, the "
-                "newest from %s ending one from %s: two agents may share its certificate (a "
-                "cloned image; enroll each device on its own); the session replaced is told "
-                "to come back in %.0f s",
-                device_id, len(times), FLAP_WINDOW_S, peer or "?", ", ".join(older) or "?",
-                FLAP_RETRY_S,
-            )  # fmt: skip
-        ends = f"a newer session of device {device_id} opened (from {peer or '?'}); this one ends"
-        if not flapping:
-            self._flapping.pop(device_id, None)
-            return Conflict(ends)
-        self._flapping[device_id] = now
-        return RateLimited(
-            f"{ends}: the device's sessions keep replacing one another (two agents with one "
-            f"certificate?); the control plane is not busy; come back in {FLAP_RETRY_S:.0f} s",
-            retry_after_s=FLAP_RETRY_S,
-        )
+    def superseded(self, newest: dict[str, tuple[int, str]], replica: str) -> list[LiveSession]:
+        """Sessions here, not ending yet, of a generation older than their device's newest
+        (`newest`: device id -> (generation, replica), as the store has them) when another
+        replica opened that one (`open` ends those this `replica` replaces)."""
+        return [
+            live
+            for device_id, (generation, opened_on) in newest.items()
+            if opened_on != replica
+            for live in self._by_device.get(device_id, ())
+            if 0 < live.generation < generation and live.ending is None
+        ]
 
-    def _forget_stale(self, now: float) -> None:
-        """Drops the replacement history of devices that are not flapping and have not been
-        replaced within FLAP_WINDOW_S (after a network blip every device has one): bounded by
-        the devices replacing sessions now, not by every device that ever did. Amortised: the
-        next sweep waits until the history has doubled."""
-        for device_id in [
-            d
-            for d, times in self._replaced.items()
-            if now - times[-1] > FLAP_WINDOW_S
-            and now - self._flapping.get(d, -math.inf) > FLAP_FORGET_S
-        ]:
-            del self._replaced[device_id]
-            self._flapping.pop(device_id, None)
-        self._sweep_at = max(FLAP_SWEEP_FROM, 2 * len(self._replaced))
+    def end_replaced(
+        self, sessions: list[LiveSession], claim: SessionClaim, replacement: Replacement
+    ) -> None:
+        """Ends sessions of one device that a newer one, on another replica, replaced."""
+        if not sessions:
+            return
+        device_id = sessions[0].device_id
+        if replacement.started:
+            _warn_flapping(device_id, replacement, claim.peer, [o.peer for o in sessions])
+        error = replaced_error(device_id, claim.peer, claim.replica, replacement)
+        for live in sessions:
+            live.end(error)
+        log.info(
+            "device %s opened a new session on replica %s; %d older here ended",
+            device_id, claim.replica or "?", len(sessions),
+        )  # fmt: skip
 
     def remove(self, live: LiveSession) -> None:
         sessions = self._by_device.get(live.device_id)
@@ -244,3 +230,29 @@ class SessionHub:
 
     def is_open(self, device_id: str) -> bool:
         return device_id in self._by_device
+
+
+def replaced_error(
+    device_id: str, peer: str, replica: str, replacement: Replacement | None
+) -> AutoglmError:
+    """Why a replaced session ends: ABORTED, or RESOURCE_EXHAUSTED with a retry hint of
+    FLAP_RETRY_S while the device flaps."""
+    where = f"from {peer or '?'}" + (f", on replica {replica}" if replica else "")
+    ends = f"a newer session of device {device_id} opened ({where}); this one ends"
+    if replacement is None or not replacement.flapping:
+        return Conflict(ends)
+    return RateLimited(
+        f"{ends}: the device's sessions keep replacing one another (two agents with one "
+        f"certificate?); the control plane is not busy; come back in {FLAP_RETRY_S:.0f} s",
+        retry_after_s=FLAP_RETRY_S,
+    )
+
+
+def _warn_flapping(device_id: str, replacement: Replacement, peer: str, older: list[str]) -> None:
+    log.warning(
+        "device %s: its sessions replaced one another %d times within %.0f s, the newest from "
+        "%s ending one from %s: two agents may share its certificate (a cloned image; enroll "
+        "each device on its own); the session replaced is told to come back in %.0f s",
+        device_id, replacement.recent, FLAP_WINDOW_S, peer or "?", ", ".join(older) or "?",
+        FLAP_RETRY_S,
+    )  # fmt: skip

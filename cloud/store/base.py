@@ -29,6 +29,7 @@ from cloud.domain import (
 )
 from cloud.maintenance import MaintenanceWindow
 from cloud.selectors import Selector
+from cloud.session_claims import Replacement, SessionClaim
 from cloud.webhook_records import Delivery, WebhookRecord
 
 if TYPE_CHECKING:
@@ -340,6 +341,28 @@ class LeaseStore(abc.ABC):
     def get_lease(self, name: str) -> Lease | None: ...
 
 
+class SessionClaimStore(abc.ABC):
+    """The newest session of each device across replicas (`cloud.session_claims`)."""
+
+    @abc.abstractmethod
+    def claim_session(
+        self, device_id: str, replica: str, peer: str, now: float, replacing: bool
+    ) -> tuple[SessionClaim, Replacement | None]:
+        """The device's next generation, for a session opening now on `replica`; every
+        replica is told (the one holding an older session ends it). With `replacing` (this
+        replica holds one itself, which the new one ends) the replacement is counted, and
+        what it means returned. NotFound when the device is gone."""
+
+    @abc.abstractmethod
+    def count_replacement(self, device_id: str, now: float) -> tuple[SessionClaim, Replacement]:
+        """Counts a replacement found by the replica holding an older session: the newest
+        session's claim, and what the replacement means. NotFound when there is no claim."""
+
+    @abc.abstractmethod
+    def newest_sessions(self, device_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """(generation, replica) of the newest session of each device that has one."""
+
+
 class ModelStore(abc.ABC):
     """The model catalog: pushed versions."""
 
@@ -469,6 +492,7 @@ class Store(
     MaintenanceStore,
     WebhookOutbox,
     LeaseStore,
+    SessionClaimStore,
     ModelStore,
     RolloutStore,
     OperatorStore,

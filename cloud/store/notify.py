@@ -26,6 +26,20 @@ CHANNEL = "autoglm_changes"
 DESIRED = "desired"  # a device's desired model changed
 DEVICES = "devices"  # a device was revoked, deleted, re-enrolled or renewed
 ANY = "*"  # told to the follower when listening (re)starts: anything may have changed
+SESSION = "session"  # "session:<device id>:<generation>:<replica>": a session opened
+
+
+def session_topic(device_id: str, generation: int, replica: str) -> str:
+    """The topic telling replicas that the device's session `generation` opened on `replica`."""
+    return f"{SESSION}:{device_id}:{generation}:{replica}"
+
+
+def parse_session_topic(topic: str) -> tuple[str, int, str] | None:
+    """(device id, generation, replica) of a session topic; None for other topics."""
+    kind, device_id, generation, replica = (*topic.split(":", 3), "", "", "")[:4]
+    if kind != SESSION or not device_id or not generation.isdigit():
+        return None
+    return device_id, int(generation), replica
 
 
 def notify(s: Session, topic: str) -> None:

@@ -26,6 +26,7 @@ from cloud.store.sql_leases import LeaseTables
 from cloud.store.sql_maintenance import MaintenanceTables
 from cloud.store.sql_records import RecordTables
 from cloud.store.sql_rollouts import RolloutTables
+from cloud.store.sql_sessions import SessionTables
 from cloud.store.sql_webhooks import WebhookTables
 from cloud.store.tables import (
     AlertRow,
@@ -54,6 +55,7 @@ class SqlStore(
     WebhookTables,
     MaintenanceTables,
     LeaseTables,
+    SessionTables,
     GroupTables,
     SqlBase,
     Store,

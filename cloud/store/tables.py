@@ -367,3 +367,19 @@ class LeaseRow(Base):
     holder: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     acquired_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class DeviceSessionRow(Base):
+    """A device's newest session across replicas and its recent replacements
+    (`cloud.session_claims`); times are wall-clock seconds."""
+
+    __tablename__ = "device_sessions"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    generation: Mapped[int] = mapped_column(BigInteger)
+    replica: Mapped[str] = mapped_column(String(200))
+    peer: Mapped[str] = mapped_column(String(300))
+    replaced_at: Mapped[list[float]] = mapped_column(JSON, default=list)
+    flapping_at: Mapped[float | None] = mapped_column(Float, nullable=True)
