@@ -3,17 +3,21 @@ one device's health and recent predictions."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import defaultdict
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from cloud.console.charts import Series, line_chart
 from cloud.console.context import calls_of, html, query, session_of
 from cloud.console.markup import Markup, esc, join, labels, page, table, tag, when
+from edge_agent.errors import InvalidInput
 from protos.autoglm.v1 import agent_pb2, operator_pb2
 
 DEVICE_PREDICTIONS = 600  # the newest windows on the device page's chart
+PAGE_SIZE = 500  # devices on one page of the fleet list
 # When an asset's model health counts as drifting (the console's flag; `autoglm model health`
 # ranks the same figures): its inputs moved by this many calibration deviations, their spread
 # changed by this factor either way, this share of inputs is missing, or the median score sits
@@ -82,14 +86,43 @@ def shadows(rollouts: list[operator_pb2.Rollout]) -> dict[str, str]:
     return out
 
 
+def page_number(request: web.Request) -> int:
+    """The ?page= asked for, from 1; InvalidInput when it is not a page number."""
+    text = query(request, "page", 9) or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInput(f"page {text!r} is not a page number (1, 2, ...)")
+    return int(text)
+
+
 async def fleet_page(request: web.Request) -> web.Response:
     selector = query(request, "selector", 1000)
+    wanted = page_number(request)
     calls = calls_of(request)
     devices = await calls.list_devices(selector)
-    shadow = shadows(await calls.list_rollouts(active_only=True))
+    active = await calls.list_rollouts(active_only=True)
+    csrf = session_of(request).csrf
+    # Rendered in a worker thread: a large fleet takes a while, and this event loop also
+    # serves the devices' sessions.
+    body = await asyncio.to_thread(render_fleet, devices, active, selector, wanted, csrf)
+    return html(body)
+
+
+def render_fleet(
+    devices: list[operator_pb2.Device],
+    rollouts: list[operator_pb2.Rollout],
+    selector: str,
+    wanted: int,
+    csrf: str,
+) -> Markup:
+    """The fleet page: page `wanted` (the last when past it) of PAGE_SIZE devices by name."""
+    shadow = shadows(rollouts)
     now = dt.datetime.now(dt.UTC)
+    pages = max(1, -(-len(devices) // PAGE_SIZE))
+    number = min(wanted, pages)
+    ordered = sorted(devices, key=lambda d: (d.name, d.id))
+    shown = ordered[(number - 1) * PAGE_SIZE : number * PAGE_SIZE]
     rows = []
-    for d in sorted(devices, key=lambda d: d.name):
+    for d in shown:
         drift = [r for a, x in sorted(d.status.health.drift.items()) for r in drift_reasons(a, x)]
         rows.append(
             [
@@ -122,9 +155,15 @@ async def fleet_page(request: web.Request) -> web.Response:
         action="/fleet",
         class_="filter",
     )
+    showing = (
+        f"; showing {(number - 1) * PAGE_SIZE + 1}-{(number - 1) * PAGE_SIZE + len(shown)}"
+        f" (page {number} of {pages})"
+        if pages > 1
+        else ""
+    )
     summary = tag(
         "p",
-        f"{len(devices)} device(s)" + (f" matching {selector}" if selector else ""),
+        f"{len(devices)} device(s)" + (f" matching {selector}" if selector else "") + showing,
         class_="summary",
     )
     headers = [
@@ -139,8 +178,28 @@ async def fleet_page(request: web.Request) -> web.Response:
         "Cert expires",
         "Drift",
     ]
-    body = join([search, summary, table(headers, rows, id="devices")])
-    return html(page("Fleet", body, session_of(request).csrf, "/fleet"))
+    pager = _pager(selector, number, pages)
+    body = join([search, summary, pager, table(headers, rows, id="devices"), pager])
+    return page("Fleet", body, csrf, "/fleet")
+
+
+def _pager(selector: str, number: int, pages: int) -> Markup:
+    """Previous and next page links (nothing when one page holds every device)."""
+    if pages == 1:
+        return Markup("")
+
+    def link(to: int, text: str, rel: str) -> Markup:
+        target = "/fleet?" + urlencode({**({"selector": selector} if selector else {}), "page": to})
+        return tag("a", text, href=target, rel=rel)
+
+    return tag(
+        "nav",
+        link(number - 1, "Previous page", "prev") if number > 1 else "",
+        f" page {number} of {pages} ",
+        link(number + 1, "Next page", "next") if number < pages else "",
+        class_="pager",
+        aria_label="fleet pages",
+    )
 
 
 async def device_page(request: web.Request) -> web.Response:

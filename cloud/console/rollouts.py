@@ -3,7 +3,10 @@ resume and abort through the operator API."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import hashlib
+import time
 from urllib.parse import quote
 
 from aiohttp import web
@@ -90,9 +93,11 @@ def _rollouts_inner(rollouts: list[operator_pb2.Rollout]) -> Markup:
 
 async def rollouts_page(request: web.Request) -> web.Response:
     rollouts = await calls_of(request).list_rollouts()
+    # Rendered in a worker thread, as all pages over many devices: this event loop also
+    # serves the devices' sessions.
     body = tag(
         "div",
-        _rollouts_inner(rollouts),
+        await asyncio.to_thread(_rollouts_inner, rollouts),
         id="rollouts-live",
         data_refresh="/live/rollouts",
         data_interval=2 * REFRESH_MS,
@@ -101,7 +106,8 @@ async def rollouts_page(request: web.Request) -> web.Response:
 
 
 async def rollouts_live(request: web.Request) -> web.Response:
-    return html(_rollouts_inner(await calls_of(request).list_rollouts()))
+    rollouts = await calls_of(request).list_rollouts()
+    return html(await asyncio.to_thread(_rollouts_inner, rollouts))
 
 
 def _detail(rollout: operator_pb2.Rollout) -> Markup:
@@ -232,10 +238,11 @@ async def render_rollout(
     csrf = session_of(request).csrf
     live = tag(
         "div",
-        _detail(rollout),
+        await asyncio.to_thread(_detail, rollout),
         id="rollout-live",
         data_refresh=f"/live/rollouts/{quote(rollout.id)}",
         data_interval=REFRESH_MS,
+        data_version=await asyncio.to_thread(version_of, rollout, time.time()),
     )
     reason = text_input("reason", "reason (optional)")
     actions = tag(
@@ -267,9 +274,30 @@ async def rollout_page(request: web.Request) -> web.Response:
     return await render_rollout(request, request.match_info["rollout"])
 
 
-async def rollout_live(request: web.Request) -> web.Response:
+def version_of(rollout: operator_pb2.Rollout, now: float) -> str:
+    """The ETag of the live part: it changes with the rollout, and every minute (the times'
+    "ago" titles), not otherwise."""
+    digest = hashlib.sha256(rollout.SerializeToString(deterministic=True))
+    digest.update(str(int(now // 60)).encode())
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def _unchanged(request: web.Request, etag: str) -> bool:
+    sent = request.headers.get("If-None-Match", "")
+    return etag in (t.strip().removeprefix("W/") for t in sent.split(","))
+
+
+async def rollout_live(request: web.Request) -> web.StreamResponse:
+    """The live part of a rollout's page, refreshed by the page every REFRESH_MS: answered
+    304 when nothing changed since the version the page holds, else rendered in a worker
+    thread (thousands of devices take a while; this loop also serves device sessions)."""
     rollout = await calls_of(request).get_rollout(request.match_info["rollout"])
-    return html(_detail(rollout))
+    etag = await asyncio.to_thread(version_of, rollout, time.time())
+    if _unchanged(request, etag):
+        return web.Response(status=304, headers={"ETag": etag})
+    response = html(await asyncio.to_thread(_detail, rollout))
+    response.headers["ETag"] = etag
+    return response
 
 
 async def rollout_action(request: web.Request) -> web.StreamResponse:

@@ -7,25 +7,38 @@ function signIn() {
 }
 
 // <div data-refresh="/live/..." data-interval="1000">: replaced from the server until the
-// fragment carries data-final-marker="1" (a finished rollout changes no more).
+// fragment carries data-final-marker="1" (a finished rollout changes no more). The version
+// held (ETag) goes with each request: the server answers 304 when nothing changed, and the
+// page then asks less often (up to 8 times the interval) until something does.
 function refresh(box) {
   const every = Number(box.dataset.interval || 2000);
   let stopped = false;
+  let delay = every;
+  let version = box.dataset.version || "";
   async function tick() {
     if (stopped) return;
     try {
-      const response = await fetch(box.dataset.refresh, { credentials: "same-origin" });
+      const headers = version ? { "If-None-Match": version } : {};
+      const response = await fetch(box.dataset.refresh, {
+        credentials: "same-origin",
+        cache: "no-store",
+        headers,
+      });
       if (response.status === 401) return signIn();
-      if (response.ok) {
+      if (response.status === 304) {
+        delay = Math.min(delay * 2, 8 * every);
+      } else if (response.ok) {
         box.innerHTML = await response.text();
         box.dataset.updated = String(Date.now());
+        version = response.headers.get("ETag") || "";
+        delay = every;
         const marker = box.querySelector("[data-final-marker]");
         if (marker && marker.dataset.finalMarker === "1") stopped = true;
       }
     } catch (err) {
       // the control plane restarting: try again at the next tick
     }
-    if (!stopped) setTimeout(tick, every);
+    if (!stopped) setTimeout(tick, delay);
   }
   const marker = box.querySelector("[data-final-marker]");
   if (!marker || marker.dataset.finalMarker !== "1") setTimeout(tick, every);
