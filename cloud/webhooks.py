@@ -42,7 +42,17 @@ PRUNE_EVERY_S = 3600.0
 
 def check_url(url: str) -> str:
     """The URL if a webhook can POST to it; InvalidInput says what is wrong otherwise."""
-    parts = urllib.parse.urlsplit(url.strip())
+    url = url.strip()
+    for i, char in enumerate(url):
+        if char.isspace() or not char.isprintable():  # CR/LF, NUL, spaces: httpx refuses them
+            raise InvalidInput(
+                f"webhook URL: character {char!r} at position {i} cannot be in a URL "
+                "(control and white-space characters: percent-encode them, e.g. %20)"
+            )
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "http://[::1/x": an IPv6 host without its "]"
+        raise InvalidInput(f"webhook URL is not a URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidInput(f"webhook URL {redacted(url)!r}: the scheme must be http or https")
     if parts.username is not None or parts.password is not None:
@@ -56,14 +66,22 @@ def check_url(url: str) -> str:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise InvalidInput(f"webhook URL {redacted(url)!r} has a bad port") from None
-    return url.strip()
+    try:  # what will send it: a URL it refuses would make every delivery dead
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:  # its messages name the host or port, never the path
+        raise InvalidInput(f"webhook URL {redacted(url)!r} cannot be sent to: {exc}") from None
+    return url
 
 
 def redacted(url: str) -> str:
     """What logs and errors show of a webhook URL: scheme, host and port. Paths and queries
     often hold the receiver's own token (chat and incident-tool hooks)."""
-    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+    except ValueError:
+        return "(not a URL)"
     host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:

@@ -11,11 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from cloud.webhook_kinds import new_secret
-from cloud.webhooks import SecretBox, redacted
+from cloud.webhooks import SecretBox, check_url, redacted
 from edge_agent.errors import IntegrityError, InvalidInput
 from tests.support.agents import wait_for
 from tests.support.alerting import T0, Site, cleared, open_site, raised
@@ -193,6 +194,25 @@ def test_logs_and_errors_show_no_path_or_credentials_of_a_webhook_url() -> None:
         "https://hooks.example.com/…"
     )
     assert redacted("http://u:p@example.com:8080/") == "http://example.com:8080"
+    assert redacted("http://[::1]:8080/x") == "http://[::1]:8080/…"
+    assert redacted("http://[::1/x") == "(not a URL)"  # a log line, never an error
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://example.com/\x00", r"'\\x00' at position 19"),  # the API refuses it before
+        ("http://example.com/a\u2028b", r"'\\u2028' at position 20"),
+        ("http://example.com/a\tb", r"'\\t' at position 20"),
+        ("http://[::1/x", "not a URL"),
+    ],
+)
+def test_urls_the_sender_cannot_send_to_are_refused_when_added(url: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        check_url(url)
+    # What the sender accepts, it can send to: httpx parses it.
+    for good in ("http://[::1]:8080/x", "https://hooks.example.com/a%20b?k=1", " http://h/ "):
+        assert str(httpx.URL(check_url(good))) == good.strip()
 
 
 def test_secrets_stored_before_encryption_still_sign() -> None:
@@ -210,6 +230,10 @@ def test_secrets_stored_before_encryption_still_sign() -> None:
         ("http:///no-host", SECRET, "", "no host"),
         ("http://example.com:99999/", SECRET, "", "bad port"),
         ("https://ops:hunter2@example.com/", SECRET, "", "carries credentials"),
+        ("http://[::1/x", SECRET, "", "is not a URL: Invalid IPv6 URL"),
+        ("http://example.com/a\r\nX-Injected: 1", SECRET, "", r"'\\r' at position 20"),
+        ("http://example.com/a b", SECRET, "", "' ' at position 20"),
+        ("http://[::1]x/", SECRET, "", r"'http://\[::1\]' cannot be sent to: Invalid port"),
         ("http://example.com/", "short-and-plain", "", "is 'whsec_' and base64"),
         ("http://example.com/", "whsec_c2hvcnQ=", "", "at least 24"),
         ("http://example.com/", SECRET, "colour=red", "unknown key 'colour'"),
