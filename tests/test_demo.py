@@ -59,7 +59,7 @@ def test_the_demo_runs_on_the_embedded_broker(tmp_path: Path) -> None:
 def test_bad_demo_arguments_are_clear_errors(tmp_path: Path) -> None:
     for args, message in (
         (["--duration", "5"], "at least 20 seconds"),
-        (["--agents", "9"], "1, 2 or 3"),
+        (["--agents", "9"], "argument --agents: must be from 1 to 3"),
         (["--data", str(tmp_path / "nope")], "no such file"),
         (["--console", "--console-port", "70000"], "--console-port"),
     ):

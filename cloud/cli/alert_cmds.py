@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import sys
 
+from cloud.cli.numbers import UINT32_MAX, whole
 from cloud.cli.output import ago, json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.domain import VERDICTS
@@ -35,7 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     listing.add_argument(
         "--verdict", choices=[*VERDICTS, "none"], help="only alerts with this verdict (none: yet)"
     )
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=whole(1, UINT32_MAX), default=100)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list, needs_client=True)
     watch = asub.add_parser("watch", help="print alerts as they open, change and resolve")
@@ -78,7 +79,7 @@ def add_device_parsers(dsub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("device", help="id or name")
     p.add_argument("--asset", default="")
     p.add_argument("--since", default="", help="windows ending in the last 90s, 15m, 24h, 7d")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=whole(1, UINT32_MAX), default=1000)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--csv", action="store_true")

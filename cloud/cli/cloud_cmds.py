@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from cloud.cli import trust_cmds
 from cloud.cli.context import CliContext, default_context_path, save_context
+from cloud.cli.numbers import INT32_MAX, MAX_WORKERS, whole
 from edge_agent.errors import ConfigError, LocalStateError
 from edge_agent.files import exclusive_lock
 from edge_agent.logs import setup_logging
@@ -70,13 +71,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     serve.add_argument(
         "--workers",
-        type=int,
+        type=whole(1, MAX_WORKERS),
         help="processes sharing the API and device ports (default from config: 1; more than "
         "one needs PostgreSQL)",
     )
     # Set by `--workers N`'s supervisor for each worker it starts.
-    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker", type=whole(0, MAX_WORKERS - 1), help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor", type=whole(1, INT32_MAX), help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)
 
     trust_cmds.add_parsers(cloud_sub)

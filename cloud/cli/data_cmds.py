@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud.cli.numbers import whole
 from cloud.cli.output import parse_duration
 from cloud.client import OperatorClient
 from cloud.domain import VERDICTS
@@ -36,7 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="only alert windows with this verdict; none: windows nobody judged (sampled "
         "normal ones too); default: every window",
     )
-    export.add_argument("--page-size", type=int, default=200, help="windows per page (<= 1000)")
+    export.add_argument(
+        "--page-size", type=whole(1, 1000), default=200, help="windows per page (<= 1000)"
+    )
     export.add_argument("--out", type=Path, required=True, metavar="DIR")
     export.set_defaults(handler=cmd_export, needs_client=True)
 

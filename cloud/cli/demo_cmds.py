@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+from cloud.cli.numbers import MAX_EPOCHS, decimal, whole
+
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
@@ -16,9 +18,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="run the whole system here: control plane, broker, training, rollout, alerts",
     )
     demo.add_argument(
-        "--duration", type=float, default=60.0, help="seconds of live streaming (default 60)"
+        "--duration",
+        type=decimal(0, 7 * 86_400),
+        default=60.0,
+        help="seconds of live streaming (default 60)",
     )
-    demo.add_argument("--agents", type=int, default=2, help="edge agents, 1 to 3 (default 2)")
+    demo.add_argument(
+        "--agents", type=whole(1, 3), default=2, help="edge agents, 1 to 3 (default 2)"
+    )
     demo.add_argument("--data", type=Path, help="train on these CSV/Parquet files instead")
     demo.add_argument(
         "--broker",
@@ -26,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default="auto",
         help="auto: Mosquitto when installed, else the embedded Python broker (amqtt)",
     )
-    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--epochs", type=whole(1, MAX_EPOCHS), default=6)
     demo.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     demo.add_argument(
@@ -36,7 +43,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "scenario until Ctrl-C",
     )
     demo.add_argument(
-        "--console-port", type=int, default=0, help="the console's port (default: any free one)"
+        "--console-port",
+        type=whole(0, 65_535),
+        default=0,
+        help="the console's port (default: any free one)",
     )
     demo.set_defaults(handler=cmd_demo, needs_client=False)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, cast
 
+from cloud.cli.numbers import MAX_BATCH, MAX_EPOCHS, MAX_THREADS, SEED_MAX, decimal, whole
 from edge_agent.errors import InvalidInput
 
 KEY_HELP = "Ed25519 signing key (PEM); default $AUTOGLM_SIGNING_KEY"
@@ -21,12 +22,17 @@ def add_model_parsers(msub: argparse._SubParsersAction[argparse.ArgumentParser])
     local.add_argument("--out", type=Path, required=True, metavar="UPDATE_FILE")
     local.add_argument("--public-key", type=Path, help="default $AUTOGLM_SIGNING_PUB")
     local.add_argument("--signing-key", type=Path, help="verify with this key's public half")
-    local.add_argument("--epochs", type=int, default=20)
-    local.add_argument("--batch-size", type=int, default=64)
-    local.add_argument("--learning-rate", type=float, default=2e-3)
-    local.add_argument("--seed", type=int, default=0)
+    local.add_argument("--epochs", type=whole(1, MAX_EPOCHS), default=20)
+    local.add_argument("--batch-size", type=whole(1, MAX_BATCH), default=64)
+    local.add_argument("--learning-rate", type=decimal(0, 10, above=True), default=2e-3)
+    local.add_argument("--seed", type=whole(0, SEED_MAX), default=0)
     local.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    local.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
+    local.add_argument(
+        "--threads",
+        type=whole(0, MAX_THREADS),
+        default=0,
+        help="torch threads (default: free cores)",
+    )
     local.set_defaults(handler=cmd_train_local)
 
     federate = msub.add_parser(

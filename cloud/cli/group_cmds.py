@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cloud.cli.numbers import UINT32_MAX, whole
 from cloud.cli.output import (
     json_view,
     parse_duration,
@@ -31,7 +32,9 @@ def add_parsers(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     create.add_argument("name")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--profile", default="", help="device profile, e.g. jetson-orin-nx")
-    create.add_argument("--uses", type=int, required=True, help="devices it may enroll")
+    create.add_argument(
+        "--uses", type=whole(1, UINT32_MAX), required=True, help="devices it may enroll"
+    )
     create.add_argument("--expires", default="30d", help="token lifetime (default 30d)")
     create.add_argument("--bootstrap-out", type=Path, help="the bootstrap file for the image")
     create.add_argument("--json", action="store_true")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cloud.cli.numbers import decimal, whole
 from cloud.cli.output import parse_labels
 from edge_agent.errors import ConfigError, FailedPrecondition, InvalidInput
 
@@ -35,7 +36,9 @@ def add_executor_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--executor", choices=("local", "kubernetes"), default="local")
     group.add_argument("--image", help="the autoglm image (pinned tag or digest)")
     group.add_argument("--namespace", default="default")
-    group.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu per Job (default 1)")
+    group.add_argument(
+        "--gpus", type=whole(0, 64), default=1, help="nvidia.com/gpu per Job (default 1)"
+    )
     group.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     group.add_argument("--data-claim", default="", help="PVC with the data, mounted at /data")
     group.add_argument("--artifacts-claim", default="", help="PVC mounted at /artifacts")
@@ -46,7 +49,12 @@ def add_executor_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--kubeconfig", type=Path, help="default: in-cluster, else ~/.kube/config")
     group.add_argument("--job-name", default="", help="default: autoglm-<command>-<time>")
-    group.add_argument("--job-timeout", type=float, default=6 * 3600.0)
+    group.add_argument(
+        "--job-timeout",
+        type=decimal(0, 30 * 86_400, above=True),
+        default=6 * 3600.0,
+        help="seconds (default 6 h)",
+    )
     group.add_argument("--keep-job", action="store_true", help="leave the Job and its pod")
 
 

@@ -29,9 +29,10 @@ from cloud.cli.context import (
     save_context,
     save_contexts,
 )
+from cloud.cli.numbers import MAX_TIMEOUT_S, decimal
 from cloud.cli.output import FORMATS, set_structured_format
 from cloud.client import Connection, OperatorClient
-from edge_agent.errors import AutoglmError, ConfigError, report
+from edge_agent.errors import AutoglmError, ConfigError, InvalidInput, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument(
         "--context-name", help="which saved context (else AUTOGLM_CONTEXT_NAME, else the current)"
     )
-    conn.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    conn.add_argument(
+        "--timeout",
+        type=decimal(0.1, MAX_TIMEOUT_S),
+        default=30.0,
+        help="seconds per call (default 30)",
+    )
     parser.add_argument(
         "-o",
         "--output",
@@ -159,7 +165,33 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_argument(argv: Sequence[str]) -> None:
+    """InvalidInput naming the first argument that is not UTF-8 text (Python hands its bytes
+    over as lone surrogates, which no request, file or log line can carry). The value itself
+    is not repeated: it may be a token."""
+    for index, arg in enumerate(argv):
+        bad = next((i for i, c in enumerate(arg) if "\ud800" <= c <= "\udfff"), None)
+        if bad is None:
+            continue
+        flag = arg.partition("=")[0] if arg.startswith("--") and "=" in arg else ""
+        if not flag and index and argv[index - 1].startswith("-"):
+            flag = argv[index - 1]
+        clean = flag and not any("\ud800" <= c <= "\udfff" for c in flag)
+        what = f"the value of {flag}" if clean else f"argument {index + 1}"
+        code = ord(arg[bad])
+        found = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 else f"U+{code:04X}"
+        raise InvalidInput(
+            f"{what} is not UTF-8 text ({found} at character {bad + 1}); "
+            "pass it in UTF-8 (check the terminal's or script's encoding)"
+        )
+
+
 def run(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        _text_argument(argv)
+    except InvalidInput as exc:
+        return report("autoglm", exc)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.output in ("json", "yaml"):

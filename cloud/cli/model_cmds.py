@@ -7,6 +7,16 @@ import sys
 from pathlib import Path
 
 from cloud.cli import federated_cmds, health_cmds, job_cmds, rollout_cmds
+from cloud.cli.numbers import (
+    INT32_MAX,
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_STEPS,
+    MAX_THREADS,
+    SEED_MAX,
+    decimal,
+    whole,
+)
 from cloud.cli.output import print_json, print_table
 from cloud.client import OperatorClient
 from edge_agent.decision_params import DecisionParams
@@ -42,7 +52,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="the model to fine-tune: a version pushed to the control plane (NAME defaults "
         "to --name), or a bundle directory",
     )
-    train.add_argument("--learning-rate", type=float, help="fine-tuning only (default 2e-3)")
+    train.add_argument(
+        "--learning-rate",
+        type=decimal(0, 10, above=True),
+        help="fine-tuning only (default 2e-3)",
+    )
     train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
     train.add_argument("--signing-key", type=Path, help=KEY_HELP)
     train.add_argument("--name", default="sensor-graph")
@@ -54,23 +68,30 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     train.add_argument("--schema", type=Path, help="YAML with `sensors: [{name, unit}]`")
     train.add_argument("--ignore-column", action="append", default=[])
     train.add_argument(
-        "--period", type=float, help="sampling period in seconds (default: inferred)"
+        "--period",
+        type=decimal(0, 86_400, above=True),
+        help="sampling period in seconds (default: inferred)",
     )
     train.add_argument(
         "--window",
-        type=int,
+        type=whole(0, MAX_STEPS),
         default=0,
         help="steps per window (default: 120, or 64/32/16 where recordings are short)",
     )
     train.add_argument(
-        "--segments", type=int, default=8, help="forecast segments per window (default 8)"
+        "--segments",
+        type=whole(1, MAX_STEPS),
+        default=8,
+        help="forecast segments per window (default 8)",
     )
-    train.add_argument("--stride", type=int, default=2, help="training window stride")
-    train.add_argument("--hidden", type=int, default=32)
-    train.add_argument("--calibration-rows", type=int, default=400)
-    train.add_argument("--epochs", type=int, default=12)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--stride", type=whole(1, MAX_STEPS), default=2, help="training window stride"
+    )
+    train.add_argument("--hidden", type=whole(1, 4096), default=32)
+    train.add_argument("--calibration-rows", type=whole(1, INT32_MAX), default=400)
+    train.add_argument("--epochs", type=whole(1, MAX_EPOCHS), default=12)
+    train.add_argument("--batch-size", type=whole(1, MAX_BATCH), default=128)
+    train.add_argument("--seed", type=whole(0, SEED_MAX), default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _decision_flags(train)
     train.add_argument("--no-progress", action="store_true")
@@ -82,7 +103,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     _bundle_args(evaluate)
     evaluate.add_argument("--data", type=Path, required=True)
-    evaluate.add_argument("--calibration-rows", type=int, required=True, metavar="K")
+    evaluate.add_argument(
+        "--calibration-rows", type=whole(1, INT32_MAX), required=True, metavar="K"
+    )
     evaluate.add_argument("--label-column", default="anomaly")
     evaluate.add_argument("--variant", default="fp32")
     evaluate.add_argument("--json", action="store_true")
@@ -91,7 +114,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     predict = msub.add_parser("predict", help="datetime,score,anomaly per row from row K on")
     _bundle_args(predict)
     predict.add_argument("--data", type=Path, required=True)
-    predict.add_argument("--calibration-rows", type=int, required=True, metavar="K")
+    predict.add_argument("--calibration-rows", type=whole(1, INT32_MAX), required=True, metavar="K")
     predict.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
     predict.add_argument("--variant", default="fp32")
     predict.set_defaults(handler=cmd_predict)
@@ -100,8 +123,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     quantize.add_argument("bundle", type=Path)
     quantize.add_argument("--precision", required=True, choices=["int8", "fp16"])
     quantize.add_argument("--calibration-data", type=Path, required=True)
-    quantize.add_argument("--calibration-rows", type=int, default=400)
-    quantize.add_argument("--max-drop", type=float, default=0.01)
+    quantize.add_argument("--calibration-rows", type=whole(1, INT32_MAX), default=400)
+    quantize.add_argument("--max-drop", type=decimal(0, 1), default=0.01)
     quantize.add_argument("--label-column", default="anomaly")
     quantize.add_argument("--signing-key", type=Path, help=KEY_HELP)
     quantize.set_defaults(handler=cmd_quantize)
@@ -144,14 +167,14 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
     d = DecisionParams()
     parser.add_argument(
         "--target-far",
-        type=float,
+        type=decimal(0, 1, above=True),
         default=d.target_far,
         help="false-alarm budget: the share of normal windows the thresholds may flag on "
         f"held-out normal data (default {d.target_far})",
     )
     parser.add_argument(
         "--level-window",
-        type=int,
+        type=whole(0, MAX_STEPS),
         default=d.level_window,
         help=f"rows in a sensor's recent level; 0 turns level evidence off (default "
         f"{d.level_window})",
@@ -170,10 +193,13 @@ def _decision_flags(parser: argparse.ArgumentParser) -> None:
         help="evidence from the levels' residual off the site's principal directions "
         f"(default {'on' if d.subspace else 'off'})",
     )
-    parser.add_argument("--smoothing", type=int, default=d.smoothing)
-    parser.add_argument("--scale-floor", type=float, default=d.scale_floor)
+    parser.add_argument("--smoothing", type=whole(1, MAX_STEPS), default=d.smoothing)
+    parser.add_argument("--scale-floor", type=decimal(0, 1e6, above=True), default=d.scale_floor)
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (default: free cores, at most 2)"
+        "--threads",
+        type=whole(0, MAX_THREADS),
+        default=0,
+        help="torch threads (default: free cores, at most 2)",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
+from cloud.cli.numbers import UINT32_MAX, whole
 from cloud.cli.output import json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.clock import utc_now
@@ -38,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     alist = asub.add_parser("list", help="newest first")
     alist.add_argument("--since", default="", help="e.g. 1h, 7d (default: all)")
     alist.add_argument("--operator", default="", help="only this operator's calls")
-    alist.add_argument("--limit", type=int, default=100)
+    alist.add_argument("--limit", type=whole(1, UINT32_MAX), default=100)
     alist.add_argument("--json", action="store_true")
     alist.set_defaults(handler=cmd_audit, needs_client=True)
 

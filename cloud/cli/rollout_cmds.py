@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cloud.cli.numbers import UINT32_MAX, decimal, whole
 from cloud.cli.output import json_view, parse_duration, print_json, print_table
 from cloud.client import OperatorClient
 from cloud.model.progress import ProgressBar
@@ -51,10 +52,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     create.add_argument("--waves", default="1,10%,50%,100%", help="default 1,10%%,50%%,100%%")
     create.add_argument("--soak", default="10m", help="shadow soak per wave, e.g. 10m; 0: none")
     create.add_argument("--max-failures", default="5%", help="abort past this share of devices")
-    create.add_argument("--min-agreement", type=float, default=0.9, help="shadow gate (0-1)")
-    create.add_argument("--max-alert-rate-diff", type=float, default=0.1, help="shadow gate")
-    create.add_argument("--max-latency-ratio", type=float, default=2.0, help="p99 vs incumbent")
-    create.add_argument("--min-shadow-windows", type=int, default=20)
+    create.add_argument(
+        "--min-agreement", type=decimal(0, 1), default=0.9, help="shadow gate (0-1)"
+    )
+    create.add_argument(
+        "--max-alert-rate-diff", type=decimal(0, 1), default=0.1, help="shadow gate (0-1)"
+    )
+    create.add_argument(
+        "--max-latency-ratio", type=decimal(0, 1e6), default=2.0, help="p99 vs incumbent"
+    )
+    create.add_argument("--min-shadow-windows", type=whole(0, UINT32_MAX), default=20)
     create.add_argument("--json", action="store_true")
     create.set_defaults(handler=cmd_create, needs_client=True)
     status = rsub.add_parser(
@@ -66,7 +73,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     status.add_argument("id")
     status.add_argument("--watch", action="store_true", help="refresh until it ends")
-    status.add_argument("--interval", type=float, default=2.0)
+    status.add_argument(
+        "--interval", type=decimal(0.1, 3600), default=2.0, help="seconds (default 2)"
+    )
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status, needs_client=True)
     listing = rsub.add_parser("list", help="rollouts, newest first")
