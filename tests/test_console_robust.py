@@ -482,7 +482,12 @@ def test_the_fleet_pages_show_every_device_exactly_once() -> None:
     assert summaries[2].endswith(f"showing {2 * PAGE_SIZE + 1}-{2 * PAGE_SIZE + 7} (page 3 of 3)")
 
 
-def test_the_live_rollout_is_answered_304_until_it_changes() -> None:
+def test_the_live_rollout_is_answered_304_until_it_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cloud.console import rollouts
+
+    monkeypatch.setattr(rollouts, "clock", lambda: 1_700_000_000.0)  # no minute turns over
     api = _fleet(50)
     path = "/live/rollouts/" + "r" * 36
 

@@ -25,6 +25,7 @@ from edge_agent.errors import AutoglmError, Unauthenticated
 from protos.autoglm.v1 import operator_pb2
 
 REFRESH_MS = 1000
+clock = time.time  # the live part's version changes every minute of it (tests fix it)
 STATES = {
     operator_pb2.Rollout.STATE_RUNNING: "running",
     operator_pb2.Rollout.STATE_PAUSED: "paused",
@@ -242,7 +243,7 @@ async def render_rollout(
         id="rollout-live",
         data_refresh=f"/live/rollouts/{quote(rollout.id)}",
         data_interval=REFRESH_MS,
-        data_version=await asyncio.to_thread(version_of, rollout, time.time()),
+        data_version=await asyncio.to_thread(version_of, rollout, clock()),
     )
     reason = text_input("reason", "reason (optional)")
     actions = tag(
@@ -292,7 +293,7 @@ async def rollout_live(request: web.Request) -> web.StreamResponse:
     304 when nothing changed since the version the page holds, else rendered in a worker
     thread (thousands of devices take a while; this loop also serves device sessions)."""
     rollout = await calls_of(request).get_rollout(request.match_info["rollout"])
-    etag = await asyncio.to_thread(version_of, rollout, time.time())
+    etag = await asyncio.to_thread(version_of, rollout, clock())
     if _unchanged(request, etag):
         return web.Response(status=304, headers={"ETag": etag})
     response = html(await asyncio.to_thread(_detail, rollout))
