@@ -2,10 +2,18 @@
 Alertmanager targets (their formats: `cloud.alert_targets`), over one HTTP client that keeps
 connections.
 
-A 2xx answer delivers a change; no answer in `timeout_s`, a 5xx, 408 or 429 is retried with
-the project's jittered exponential backoff until `max_attempts`; any other 4xx (the receiver
+A 2xx answer delivers a change; no answer in `timeout_s` (one deadline for the whole
+exchange, however slowly the receiver trickles), a 5xx, 408 or 429 is retried with the
+project's jittered exponential backoff until `max_attempts`; any other 4xx (the receiver
 refuses it) and the last failed attempt make the delivery dead (`webhook list` shows the
-count and the last error).
+count and the last error). Of an answer, at most ANSWER_BYTES are read.
+
+Deliveries are claimed into SLOTS as slots free, not in batches waited for as a whole, and a
+webhook takes at most PER_WEBHOOK_CLAIMED of them (PER_WEBHOOK_SENDING in flight, the rest
+waiting for those): one slow or dead receiver holds up neither the others' deliveries nor
+more than its share. A claim is leased (`lease_s`) well past the time its delivery can take,
+so no other replica claims it while in flight; one this replica cannot send in time is given
+back to be tried again later, the attempt counted (at least once, never lost).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterable
+from typing import cast
 
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
@@ -36,8 +46,12 @@ from edge_agent.errors import IntegrityError, InvalidInput, Unavailable
 from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
-BATCH = 32
 PRUNE_EVERY_S = 3600.0
+SLOTS = 32  # deliveries one replica holds claimed at once: in flight or waiting for a slot
+PER_WEBHOOK_SENDING = 8  # in flight to one webhook at once
+PER_WEBHOOK_CLAIMED = 24  # claimed for one webhook (in flight or waiting): 8 stay for others
+ANSWER_BYTES = 1024  # read of a receiver's answer (its first 200 characters are kept)
+LEASE_MARGIN_S = 30.0  # of a claim's lease, beyond the longest its delivery can take
 
 
 def check_url(url: str) -> str:
@@ -132,6 +146,13 @@ class SenderSettings:
     delivery_retention_days: float = 30.0  # delivered changes of closed alerts, then pruned
 
 
+def lease_s(deadline_s: float) -> float:
+    """How long a claim keeps a delivery this replica's. Its wait for a slot of its webhook
+    takes at most two deadlines (PER_WEBHOOK_CLAIMED / PER_WEBHOOK_SENDING - 1 rounds of
+    exchanges), its exchange one; a delivery not started within three is given back."""
+    return 4 * deadline_s + LEASE_MARGIN_S
+
+
 class WebhookSender:
     def __init__(
         self,
@@ -153,8 +174,14 @@ class WebhookSender:
         self._http: httpx.AsyncClient | None = None
         self._swept = -math.inf
         self._pruned = -math.inf
-        # Told each attempt's kind, outcome (delivered, retry, dead) and, when delivered, the
-        # seconds since it was queued (the control plane's metrics).
+        # The pool: per webhook, deliveries in flight and those claimed waiting for a slot.
+        self._sending: dict[str, int] = {}
+        self._waiting: dict[str, deque[tuple[Delivery, float]]] = {}
+        self._claimed = 0  # in flight and waiting, all webhooks
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        # Told each attempt's kind, outcome (delivered, retry, dead; deferred: claimed, not
+        # sent, tried again later) and, when delivered, the seconds since it was queued.
         self.on_result: Callable[[str, str, float | None], None] | None = None
 
     def wake(self, sweep: bool = False) -> None:
@@ -166,30 +193,37 @@ class WebhookSender:
 
     async def run(self, stop: asyncio.Event) -> None:
         # One client: connections to each receiver are kept and reused.
-        limits = httpx.Limits(max_connections=BATCH, max_keepalive_connections=BATCH)
+        limits = httpx.Limits(max_connections=SLOTS, max_keepalive_connections=SLOTS)
         async with httpx.AsyncClient(
             timeout=self.settings.timeout_s, limits=limits, follow_redirects=False
         ) as http:
             self._http = http
+            self._closing = False
             outage = OutageLog(log, "webhook delivery")
-            while not stop.is_set():
-                self._wake.clear()
-                try:
-                    await self.sweep()
-                    sent = await self.send_due()
-                except Unavailable as exc:  # the database away: a line now and then
-                    outage.failed(exc, self.settings.poll_s)
-                    sent = 0
-                except Exception:
-                    log.exception("webhook round failed")
-                    sent = 0
-                else:
-                    outage.worked()
-                if sent == BATCH:
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
-        self._http = None
+            try:
+                while not stop.is_set():
+                    self._wake.clear()
+                    try:
+                        await self.sweep()
+                        more = await self.send_due()
+                    except Unavailable as exc:  # the database away: a line now and then
+                        outage.failed(exc, self.settings.poll_s)
+                        more = False
+                    except Exception:
+                        log.exception("webhook round failed")
+                        more = False
+                    else:
+                        outage.worked()
+                    if more:
+                        continue
+                    # A delivery that ends frees a slot and wakes this loop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+                self._closing = True  # asked to stop: what is in flight ends in its deadline
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            finally:
+                await self._close()
+                self._http = None
 
     async def sweep(self, force: bool = False) -> None:
         """Every `sweep_s`: delivers alerts whose shelving or maintenance window ended, and
@@ -214,12 +248,108 @@ class WebhookSender:
         if released or rearmed:
             self.wake()
 
-    async def send_due(self) -> int:
-        """Claims and sends due deliveries, concurrently; how many were attempted."""
-        lease = dt.timedelta(seconds=self.settings.timeout_s * 3)
-        due = await asyncio.to_thread(self.store.claim_deliveries, self.clock(), lease, BATCH)
-        await asyncio.gather(*(self._send(d) for d in due))
-        return len(due)
+    async def send_due(self) -> bool:
+        """Claims due deliveries into the free slots and starts them, at most
+        PER_WEBHOOK_SENDING per webhook at once (the rest of a webhook's wait for those);
+        past PER_WEBHOOK_CLAIMED for one webhook, they are given back. True when more may be
+        due and a slot is free for them."""
+        free = SLOTS - self._claimed
+        if free <= 0 or self._closing:
+            return False
+        lease = dt.timedelta(seconds=lease_s(self.settings.timeout_s))
+        due = await asyncio.to_thread(self.store.claim_deliveries, self.clock(), lease, free)
+        claimed_at = time.monotonic()
+        over: list[Delivery] = []
+        for d in due:
+            waiting = self._waiting.get(d.webhook_id, ())
+            if self._sending.get(d.webhook_id, 0) + len(waiting) >= PER_WEBHOOK_CLAIMED:
+                over.append(d)
+                continue
+            self._waiting.setdefault(d.webhook_id, deque()).append((d, claimed_at))
+            self._claimed += 1
+            self._start_waiting(d.webhook_id)
+        if over:
+            await self._give_back(
+                over, f"{PER_WEBHOOK_CLAIMED} deliveries to this webhook were already under way"
+            )
+        return len(due) == free and self._claimed < SLOTS
+
+    def _start_waiting(self, webhook_id: str) -> None:
+        """Starts the waiting deliveries of a webhook its free slots allow, oldest first."""
+        waiting = self._waiting.get(webhook_id)
+        while waiting and not self._closing:
+            sending = self._sending.get(webhook_id, 0)
+            if sending >= PER_WEBHOOK_SENDING:
+                break
+            d, claimed_at = waiting.popleft()
+            self._sending[webhook_id] = sending + 1
+            task = asyncio.create_task(self._deliver(d, claimed_at))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if waiting is not None and not waiting:
+            del self._waiting[webhook_id]
+
+    async def _deliver(self, d: Delivery, claimed_at: float) -> None:
+        """One claimed delivery in its slot: sent, or given back when it waited so long that
+        its lease could lapse before its deadline (another replica may then claim it)."""
+        deadline = self.settings.timeout_s
+        try:
+            waited = time.monotonic() - claimed_at
+            if waited > lease_s(deadline) - deadline - LEASE_MARGIN_S:
+                await self._give_back([d], f"it waited {waited:.0f} s for a slot")
+            else:
+                await self._send(d)
+        except Unavailable as exc:  # its outcome not stored: the claim lapses, it is resent
+            log.warning("webhook delivery %d: cannot store its outcome (%s)", d.id, exc)
+        except Exception:
+            log.exception("webhook delivery %d failed", d.id)
+        finally:
+            left = self._sending.pop(d.webhook_id, 1) - 1
+            if left:
+                self._sending[d.webhook_id] = left
+            self._claimed -= 1
+            self._start_waiting(d.webhook_id)
+            self._wake.set()
+
+    async def _give_back(
+        self, deliveries: Iterable[Delivery], why: str, at_once: bool = False
+    ) -> None:
+        """Deliveries claimed but not sent: due again after the backoff of their attempt (the
+        claim counted it) or, `at_once`, now (to any replica); never dead for it."""
+        now = self.clock()
+        back = [
+            (d, now if at_once else now + dt.timedelta(seconds=self.backoff.delay(d.attempts)))
+            for d in deliveries
+        ]
+
+        def store() -> None:
+            for d, retry_at in back:
+                self.store.finish_delivery(d.id, f"not sent: {why}", now, retry_at)
+
+        await asyncio.to_thread(store)
+        for d, _ in back:
+            if self.on_result is not None:
+                self.on_result(d.kind, "deferred", None)
+        hooks = sorted({redacted(d.url) for d, _ in back})
+        log.info("%d webhook delivery(ies) to %s not sent (%s); tried again later",
+                 len(back), ", ".join(hooks), why)  # fmt: skip
+
+    async def _close(self) -> None:
+        """Leaving: deliveries in flight are cancelled (their claims lapse, then any replica
+        sends them), those waiting are given back at once."""
+        self._closing = True
+        waiting = [d for queue in self._waiting.values() for d, _ in queue]
+        self._waiting.clear()
+        self._claimed -= len(waiting)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if waiting:
+            try:
+                async with asyncio.timeout(LEASE_MARGIN_S / 3):
+                    await self._give_back(waiting, "this control plane stopped", at_once=True)
+            except Exception as exc:  # noqa: BLE001 - their claims lapse instead
+                log.warning("%d waiting webhook deliveries not given back (%s)", len(waiting), exc)
 
     async def _send(self, d: Delivery) -> None:
         try:
@@ -265,22 +395,53 @@ class WebhookSender:
             return str(exc), False
         except (KeyError, TypeError, ValueError) as exc:  # a payload this version cannot read
             return f"cannot build the {d.kind} request: {exc!r}", True
+        deadline = self.settings.timeout_s
         http = self._http
         if http is None:
-            async with httpx.AsyncClient(timeout=self.settings.timeout_s) as once:
-                return await _exchange(once, request, d)
-        return await _exchange(http, request, d)
+            async with httpx.AsyncClient(timeout=deadline) as once:
+                return await _exchange(once, request, d, deadline)
+        return await _exchange(http, request, d, deadline)
 
 
-async def _exchange(http: httpx.AsyncClient, request: Request, d: Delivery) -> tuple[str, bool]:
-    headers = {"user-agent": "autoglm-edge-cloud", **request.headers}
+async def _exchange(
+    http: httpx.AsyncClient, request: Request, d: Delivery, deadline_s: float
+) -> tuple[str, bool]:
+    """One POST and its answer within `deadline_s` in all (httpx's timeout is per read: a
+    receiver sending a byte a second would never trip it), reading at most ANSWER_BYTES."""
+    # Uncompressed answers: what is read of one is then at most what is kept of it.
+    headers = {"user-agent": "autoglm-edge-cloud", "accept-encoding": "identity",
+               **request.headers}  # fmt: skip
+    status, head = 0, b""
     try:
-        response = await http.post(request.url, content=request.body, headers=headers)
-    except httpx.HTTPError as exc:
-        return f"cannot reach {redacted(d.url)}: {exc!r}", False
-    status = response.status_code
+        async with (
+            asyncio.timeout(deadline_s),
+            http.stream("POST", request.url, content=request.body, headers=headers) as response,
+        ):
+            status = response.status_code
+            # Even a 2xx's: an answer read to its end leaves the connection open for the next.
+            head = await _head(response, ANSWER_BYTES)
+    except (TimeoutError, httpx.HTTPError) as exc:
+        if status:
+            pass  # the answer's status came: the rest of it is not needed
+        elif isinstance(exc, TimeoutError):
+            return f"no answer from {redacted(d.url)} in {deadline_s:g} s", False
+        else:
+            return f"cannot reach {redacted(d.url)}: {exc!r}", False
     if 200 <= status < 300:
         return "", False
-    detail = response.text[:200].strip()
+    text = head.decode("utf-8", "replace")[:200]
+    detail = "".join(c if c.isprintable() else " " for c in text).strip()
     error = f"HTTP {status}" + (f": {detail}" if detail else "")
     return error, 400 <= status < 500 and status not in (408, 429)
+
+
+async def _head(response: httpx.Response, limit: int) -> bytes:
+    """Up to `limit` bytes of an answer's body (as sent), the rest left unread."""
+    head = b""
+    raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())  # closed when left early
+    async with contextlib.aclosing(raw) as chunks:
+        async for chunk in chunks:
+            head += chunk[: limit - len(head)]
+            if len(head) >= limit:
+                break
+    return head

@@ -82,7 +82,9 @@ class PlaneMetrics:
         )
         self.delivery_attempts = Counter(
             "autoglm_webhook_attempts",
-            "Alert delivery attempts by target kind and outcome: delivered, retry, dead.",
+            "Alert delivery attempts by target kind and outcome: delivered, retry, dead, "
+            "deferred (claimed but not sent: its webhook had its share of the sender's slots, "
+            "or the replica stopped; tried again later).",
             ("kind", "outcome"),
             registry=self.registry,
         )
