@@ -234,12 +234,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 await asyncio.to_thread(
                     self.store.record_cert_expiry, device.id, fingerprint, expiry
                 )
-            self.presence.seen(
-                device.id,
-                agent_version=hello.agent_version,
-                status=hello.status,
-                host=hello.host,
-            )
             # The device's next generation fleet-wide: a replica holding an older session of
             # it ends that one (`cloud.session_claims`); one held here ends now.
             peer = context.peer()
@@ -253,6 +247,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
             # Open before the desired state is read: a change made meanwhile is pushed to it.
             live = self.hub.open(device.id, fingerprint, peer, claim.generation, replacement)
+            # Online once it holds a session (no await since): a claim that failed (the store
+            # away, the device deleted meanwhile) leaves it as it was.
+            self.presence.seen(
+                device.id,
+                agent_version=hello.agent_version,
+                status=hello.status,
+                host=hello.host,
+            )
             try:
                 desired, windows = await asyncio.to_thread(self._to_send, device.id)
             except BaseException:

@@ -1,0 +1,55 @@
+"""Session claims at their edges: a setup whose claim fails records no session, and the
+sessions a newer claim replaced end once, counted once, whatever order the claims, their
+notifications and the periodic recheck arrive in (`cloud.service.replacements`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cloud.store import Store
+from edge_agent.errors import NotFound, Unavailable
+from tests.support.cloud import RunningPlane
+from tests.test_hostile_callers import DeviceStream, _device, _hello
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (Unavailable("the database cannot be used now; try again: down"), "UNAVAILABLE"),
+        (NotFound("no device with id 'x'"), "NOT_FOUND"),  # deleted while it was set up
+    ],
+)
+def test_a_setup_whose_claim_fails_leaves_the_device_offline(
+    plane: RunningPlane,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    code: str,
+) -> None:
+    identity = _device(plane, tmp_path, "pump")
+    store: Store = plane.plane.store
+
+    def claim_fails(*args: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(store, "claim_session", claim_fails)
+    stream = DeviceStream(plane, identity)
+    stream.send(_hello())
+    ended = stream.ending()
+    stream.close()
+    assert ended is not None and ended.code() == getattr(grpc.StatusCode, code), ended
+    device_id = identity.info.device_id
+    plane.flush_presence()
+    record = store.get_device(device_id)
+    assert not record.session_open, record
+    assert not plane.call(_is_open(plane, device_id))
+
+
+async def _is_open(running: RunningPlane, device_id: str) -> bool:
+    return running.plane.hub.is_open(device_id)
