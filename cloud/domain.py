@@ -269,6 +269,8 @@ class InstallReport:
     backend: str = ""
     serving_name: str = ""  # what the device served when it applied the desired state
     serving_version: str = ""
+    # Not the model's failure: the device's disk did not take it and the agent tries again.
+    retrying: bool = False
 
 
 @dataclass(frozen=True)

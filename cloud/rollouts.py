@@ -12,8 +12,11 @@ tick looks at the running rollouts in the store and moves each one on:
   back) -> next wave.
 
 Past `max_failure_fraction` of the targets started so far the rollout aborts by itself:
-every target that received the new version is sent back to its previous one. All state is
-in the store, so a restarted control plane carries on where it stopped.
+every target that received the new version is sent back to its previous one. A device whose
+disk does not take the install (its agent says it tries again) is no failure: it waits as
+deferred. An install reported later counts, also after a failure (not after a gate's verdict
+or an abort). All state is in the store, so a restarted control plane carries on where it
+stopped.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from edge_agent.logs import ids
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRIES = 5  # an operator action or a report against concurrent writers
+GATE = "gate: "  # begins the detail of a target the gates judged (a verdict reports never undo)
 _T = TypeVar("_T")
 
 
@@ -242,35 +246,14 @@ class RolloutController:
         rollout, target = found
         if report.model_version != rollout.model_version:
             return  # a report about a rollback or an older version
-        if report.outcome is InstallOutcome.INSTALLED:
-            desired = self.store.get_desired(device_id)
-            shadow = desired is not None and desired.shadow
-            state = TargetState.SHADOWING if shadow else TargetState.UPDATED
-            if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED):
-                return  # a report resent after a reconnect, or after the gate judged
-            device = self.store.get_device(device_id)
-            if report.serving_version and report.serving_version != rollout.model_version:
-                # What it really served: the status read at creation may be stale.
-                target = dataclasses.replace(
-                    target,
-                    previous_name=report.serving_name,
-                    previous_version=report.serving_version,
-                )
-            target = dataclasses.replace(
-                target,
-                state=state,
-                detail=f"installed ({report.backend})",
-                errors_at_install=_agent_errors(device.status.get("health")),
-                updated_at=self.clock(),
-            )
+        if rollout.state is RolloutState.ABORTED or target.state is TargetState.ROLLED_BACK:
+            self._after_abort(target, report)
+        elif report.outcome is InstallOutcome.INSTALLED:
+            self._installed(rollout, target, report)
+        elif report.retrying:
+            self._retrying(rollout, target, report)
         else:
-            name = report.outcome.value
-            target = dataclasses.replace(
-                target,
-                state=TargetState.FAILED,
-                detail=f"{name}: {report.detail}"[:500],
-                updated_at=self.clock(),
-            )
+            target = _moved(target, TargetState.FAILED, _summary(report), self.clock())
             log.warning(
                 "rollout %s: device %s failed: %s",
                 rollout.id,
@@ -278,7 +261,105 @@ class RolloutController:
                 target.detail,
                 extra=ids(rollout=rollout.id, device=device_id),
             )
+            self.store.save_target(target)
+
+    def _installed(
+        self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport
+    ) -> None:
+        """The device installed the version: the target moves on from waiting for it, and
+        from an install failure (a timeout, a download that failed and later worked); a
+        gate's verdict on it stands."""
+        if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED, TargetState.FAILED):
+            return  # a report resent after a reconnect
+        if target.state is TargetState.FAILED and target.detail.startswith(GATE):
+            return  # resent after the gate judged it
+        device_id, now = target.device_id, self.clock()
+        desired = self.store.get_desired(device_id)
+        shadow = desired is not None and desired.shadow
+        wave = rollout.waves[target.wave]
+        if shadow and wave.installed_at is not None:  # its wave's soak began without it
+            if wave.promoted_at is None:  # served when the wave is, like an offline device
+                late = "installed in shadow after its wave's soak began; serves it at promotion"
+                if (target.state, target.detail) != (TargetState.DEFERRED, late):
+                    self.store.save_target(_moved(target, TargetState.DEFERRED, late, now))
+                return
+            if rollout.state.active and desired is not None and desired.rollout_id == rollout.id:
+                # Its wave was promoted meanwhile: serve it now, as a deferred device would.
+                # (Only while the rollout is active: no other rollout can take the device.)
+                model = self.store.get_model(rollout.model_name, rollout.model_version)
+                self.store.save_rollout(
+                    rollout,
+                    [_moved(target, TargetState.INSTALLING, "promoted late; swapping", now)],
+                    [self._desired(model, rollout.id, device_id, False)],
+                )
+                return
+        device = self.store.get_device(device_id)
+        if report.serving_version and report.serving_version != rollout.model_version:
+            # What it really served: the status read at creation may be stale.
+            target = dataclasses.replace(
+                target,
+                previous_name=report.serving_name,
+                previous_version=report.serving_version,
+            )
+        if target.state is TargetState.FAILED:
+            log.info(
+                "rollout %s: device %s installed the version after failing (%s)",
+                rollout.id,
+                device_id,
+                target.detail,
+                extra=ids(rollout=rollout.id, device=device_id),
+            )
+        target = dataclasses.replace(
+            target,
+            state=TargetState.SHADOWING if shadow else TargetState.UPDATED,
+            detail=f"installed ({report.backend})",
+            errors_at_install=_agent_errors(device.status.get("health")),
+            updated_at=now,
+        )
+        if rollout.state is RolloutState.PARTIAL:  # ended with failures: one fewer now
+            targets = [
+                target if t.device_id == device_id else t
+                for t in self.store.rollout_targets(rollout.id)
+            ]
+            reason = self._failures(targets)
+            state = RolloutState.PARTIAL if reason else RolloutState.SUCCEEDED
+            self.store.save_rollout(self._with(rollout, state=state, reason=reason), [target])
+            return
         self.store.save_target(target)
+
+    def _retrying(
+        self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport
+    ) -> None:
+        """The device's disk did not take the install and the agent tries again: no verdict
+        on the version, so not a failure against the budget. The target waits as deferred
+        (the wave goes on without it; it gets the version when the wave is promoted) and
+        says why."""
+        if target.state is TargetState.WAITING or (
+            target.state is TargetState.FAILED and target.detail.startswith(GATE)
+        ):
+            return
+        detail = _summary(report)
+        if (target.state, target.detail) == (TargetState.DEFERRED, detail):
+            return  # resent after a reconnect
+        log.warning(
+            "rollout %s: device %s cannot install yet and tries again: %s",
+            rollout.id,
+            target.device_id,
+            detail,
+            extra=ids(rollout=rollout.id, device=target.device_id),
+        )
+        self.store.save_target(_moved(target, TargetState.DEFERRED, detail, self.clock()))
+
+    def _after_abort(self, target: RolloutTarget, report: InstallReport) -> None:
+        """A report that came after the rollout was aborted (or the device sent back): kept
+        in the target's detail; the target stays where the abort left it."""
+        if report.outcome is InstallOutcome.INSTALLED:
+            what = f"installed ({report.backend})"
+        else:
+            what = _summary(report)
+        detail = f"reported after the abort: {what}"[:500]
+        if target.detail != detail:
+            self.store.save_target(_moved(target, target.state, detail, self.clock()))
 
     def on_shadow(self, device_id: str, report: ShadowReport) -> None:
         self._retried(lambda: self._on_shadow(device_id, report))
@@ -392,16 +473,7 @@ class RolloutController:
         if any(t.state is TargetState.INSTALLING for t in in_wave):
             return rollout, []
         if wave.promoted_at is not None:  # the last wave, every swap reported
-            failed = [t for t in targets if t.state is TargetState.FAILED]
-            if failed:  # within --max-failures, but not a success either
-                devices = self._devices(t.device_id for t in failed[:5])
-                names = ", ".join(
-                    f"{devices[t.device_id].name if t.device_id in devices else t.device_id}"
-                    f" ({t.detail})"
-                    for t in failed[:5]
-                )
-                more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
-                reason = f"{len(failed)} of {len(targets)} device(s) failed: {names}{more}"
+            if reason := self._failures(targets):  # within --max-failures, not a success
                 rollout = self._with(rollout, state=RolloutState.PARTIAL, reason=reason)
                 log.warning(
                     "rollout %s finished with failures: %s",
@@ -449,6 +521,19 @@ class RolloutController:
         )
         return rollout, desired
 
+    def _failures(self, targets: list[RolloutTarget]) -> str:
+        """The failed targets in words (the reason a rollout ended partial); "" for none."""
+        failed = [t for t in targets if t.state is TargetState.FAILED]
+        if not failed:
+            return ""
+        devices = self._devices(t.device_id for t in failed[:5])
+        names = ", ".join(
+            f"{devices[t.device_id].name if t.device_id in devices else t.device_id} ({t.detail})"
+            for t in failed[:5]
+        )
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        return f"{len(failed)} of {len(targets)} device(s) failed: {names}{more}"
+
     def _judge(
         self,
         rollout: RolloutRecord,
@@ -468,9 +553,8 @@ class RolloutController:
                 if now - soak_until < self.settings.shadow_grace:
                     waiting = True
                     continue
-                failed.append(
-                    _moved(t, TargetState.FAILED, f"only {windows} shadow window(s) reported", now)
-                )
+                short = f"{GATE}only {windows} shadow window(s) reported"
+                failed.append(_moved(t, TargetState.FAILED, short, now))
                 continue
             agreement = t.shadow_agreement
             difference = t.shadow_alert_rate_difference
@@ -491,7 +575,7 @@ class RolloutController:
             if t.errors_at_install >= 0 and errors > gates.max_agent_errors:
                 why.append(f"{errors} agent errors during the soak > {gates.max_agent_errors}")
             if why:
-                failed.append(_moved(t, TargetState.FAILED, "gate: " + "; ".join(why), now))
+                failed.append(_moved(t, TargetState.FAILED, GATE + "; ".join(why), now))
         if waiting:
             return None
         return failed
@@ -561,6 +645,11 @@ class RolloutController:
 
 def _moved(t: RolloutTarget, state: TargetState, detail: str, now: dt.datetime) -> RolloutTarget:
     return dataclasses.replace(t, state=state, detail=detail, updated_at=now)
+
+
+def _summary(report: InstallReport) -> str:
+    """What a report that is not an install says, for a target's detail."""
+    return f"{report.outcome.value}: {report.detail}"[:500]
 
 
 def _agent_errors(health: object) -> int:

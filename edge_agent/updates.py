@@ -46,7 +46,10 @@ def install_report(
     detail: str = "",
     backend: str = "",
     serving: ServingModel | None = None,
+    retrying: bool = False,
 ) -> agent_pb2.AgentMessage:
+    """An install report; `retrying`: the disk, not the model, stopped it, and the agent
+    tries again by itself (the control plane waits instead of counting a failure)."""
     return agent_pb2.AgentMessage(
         install=agent_pb2.InstallReport(
             model_version=version,
@@ -56,6 +59,7 @@ def install_report(
             backend=backend,
             serving_name=serving.manifest.name if serving else "",
             serving_version=serving.version if serving else "",
+            retrying=retrying,
         )
     )
 
@@ -187,11 +191,18 @@ class ModelUpdater:
         self._drop_shadow()
 
     def _report(
-        self, d: agent_pb2.DesiredState, outcome: int, detail: str = "", backend: str = ""
+        self,
+        d: agent_pb2.DesiredState,
+        outcome: int,
+        detail: str = "",
+        backend: str = "",
+        retrying: bool = False,
     ) -> None:
         """Reports on `d`, naming the model served when it was applied (`self._before`)."""
         self.agent.session.post(
-            install_report(d.model_version, d.rollout_id, outcome, detail, backend, self._before)
+            install_report(
+                d.model_version, d.rollout_id, outcome, detail, backend, self._before, retrying
+            )
         )
 
     def _drop_shadow(self) -> None:
@@ -299,7 +310,7 @@ class ModelUpdater:
         log.error("install of %s cannot go on: %s", d.model_version, detail)
         if self._blocked is not d:
             self._blocked = d
-            self._report(d, OUTCOME.OUTCOME_DOWNLOAD_FAILED, detail)
+            self._report(d, OUTCOME.OUTCOME_DOWNLOAD_FAILED, detail, retrying=True)
         asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
 
     def _revert_target(self, d: agent_pb2.DesiredState) -> agent_pb2.DesiredState:

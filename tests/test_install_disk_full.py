@@ -295,7 +295,9 @@ def test_an_install_on_a_full_disk_is_reported_and_done_once_space_returns(
     assert first.model_version == "1" and first.rollout_id == "r1"
     assert first.detail.startswith("disk full: "), first.detail
     assert "bytes free at" in first.detail and "tried again every" in first.detail
+    assert first.retrying, "the control plane must see the disk, not the model, failed"
     assert second.outcome == OUTCOME.OUTCOME_INSTALLED, second
+    assert not second.retrying
     assert reports == 2, "a blocked install is reported once, not at every retry"
     assert agent.model is not None and agent.model.version == "1"
     assert agent.slots.read().active is not None

@@ -59,9 +59,12 @@ def test_domain_modules_do_not_reach_into_the_service_layer() -> None:
         assert not any(n.startswith("cloud.service") for n in _imports(path)), relative
 
 
+@pytest.mark.parametrize("retrying", [False, True])
 @pytest.mark.parametrize("outcome", list(InstallOutcome))
-def test_install_reports_round_trip(outcome: InstallOutcome) -> None:
-    report = InstallReport("r-1", "2", outcome, "golden mismatch", "onnxruntime", "pump", "1")
+def test_install_reports_round_trip(outcome: InstallOutcome, retrying: bool) -> None:
+    report = InstallReport(
+        "r-1", "2", outcome, "golden mismatch", "onnxruntime", "pump", "1", retrying
+    )
     assert install_report_from_proto(install_report_to_proto(report)) == report
 
 

@@ -24,6 +24,7 @@ from cloud.domain import (
     ModelRecord,
     PresenceUpdate,
     RolloutState,
+    RolloutTarget,
     ShadowReport,
 )
 from cloud.rollout_rules import LATENCY_FLOOR_MS, RolloutSettings, parse_waves, waiting_for
@@ -70,8 +71,9 @@ class Fleet:
         )  # fmt: skip
 
     def installed(self, name: str, rollout_id: str, outcome: InstallOutcome, version: str = "2",
-                  detail: str = "") -> None:  # fmt: skip
-        report = InstallReport(rollout_id, version, outcome, detail, "onnxruntime", "pump", "1")
+                  detail: str = "", retrying: bool = False) -> None:  # fmt: skip
+        report = InstallReport(rollout_id, version, outcome, detail, "onnxruntime", "pump", "1",
+                               retrying)  # fmt: skip
         self.controller.on_install(self.ids[name], report)
 
     def shadow(self, name: str, rollout_id: str, windows: int = 40, agreement: float = 1.0,
@@ -416,6 +418,143 @@ def test_reports_on_other_versions_change_nothing_and_an_unknown_outcome_fails(
     assert states["edge-0"] == "failed" and states["edge-1"] == "installing", states
     target = fleet.store.rollout_target(rollout_id, fleet.ids["edge-0"])
     assert target is not None and target.detail.startswith("unknown")
+
+
+DISK_FULL = "disk full: 0 bytes free at /var/lib/agent/models/b; tried again every 30s"
+
+
+def _blocked(f: Fleet, name: str, rollout_id: str) -> None:
+    """What an agent reports when its disk does not take the install (it tries again)."""
+    f.installed(name, rollout_id, InstallOutcome.DOWNLOAD_FAILED, detail=DISK_FULL, retrying=True)
+
+
+def _target(f: Fleet, rollout_id: str, name: str) -> RolloutTarget:
+    target = f.store.rollout_target(rollout_id, f.ids[name])
+    assert target is not None
+    return target
+
+
+def test_a_device_whose_disk_does_not_take_the_install_waits_and_is_no_failure(
+    fleet: Fleet,
+) -> None:
+    """A full disk is no verdict on the version: the agent tries again by itself. The device
+    waits as deferred, saying why, the waves go on, and the failure budget (5% of 4 devices:
+    none may fail) is not spent on it; once it installs, it is updated."""
+    rollout_id = _create(fleet, ("1", "100%"))
+    _blocked(fleet, "edge-0", rollout_id)
+    target = _target(fleet, rollout_id, "edge-0")
+    assert target.state.value == "deferred" and target.detail == f"download_failed: {DISK_FULL}"
+    _blocked(fleet, "edge-0", rollout_id)  # reported again after a reconnect: nothing changes
+    assert _target(fleet, rollout_id, "edge-0").revision == target.revision
+    fleet.controller.tick()
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.RUNNING, rollout.reason
+    assert rollout.current_wave == 1  # wave 0 promoted without waiting for the disk
+    for name in ("edge-1", "edge-2", "edge-3"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)  # space freed on site
+    fleet.controller.tick()
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.SUCCEEDED, rollout.reason
+    assert set(fleet.states(rollout_id).values()) == {"updated"}, fleet.states(rollout_id)
+
+
+def test_an_install_that_failed_and_later_worked_counts_as_installed(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), max_failure_fraction=0.5)
+    fleet.installed("edge-0", rollout_id, InstallOutcome.DOWNLOAD_FAILED, detail="reset")
+    for name in ("edge-2", "edge-3"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.clock.advance(SETTINGS.install_timeout.total_seconds() + 1)
+    fleet.controller.tick()  # edge-1 sent nothing in time
+    states = fleet.states(rollout_id)
+    assert states["edge-0"] == "failed" and states["edge-1"] == "failed", states
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.PARTIAL
+    # The desired state resent at their next session: both install it this time.
+    for name in ("edge-0", "edge-1"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert set(fleet.states(rollout_id).values()) == {"updated"}, fleet.states(rollout_id)
+    assert rollout.state is RolloutState.SUCCEEDED, rollout.reason  # none failed in the end
+
+
+def test_a_partial_rollout_names_only_the_devices_still_failed(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), max_failure_fraction=0.5)
+    for name in ("edge-0", "edge-1"):
+        fleet.installed(name, rollout_id, InstallOutcome.SELF_TEST_FAILED, detail="golden")
+    for name in ("edge-2", "edge-3"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert fleet.store.get_rollout(rollout_id).reason.startswith("2 of 4 device(s) failed")
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.PARTIAL
+    assert rollout.reason == "1 of 4 device(s) failed: edge-1 (self_test_failed: golden)"
+
+
+def test_a_gate_verdict_stands_against_an_install_report_resent(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=60, max_failure_fraction=1.0)
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+        fleet.shadow(name, rollout_id, agreement=0.5 if name == "edge-1" else 1.0)
+    fleet.controller.tick()
+    fleet.clock.advance(61)
+    fleet.controller.tick()
+    assert fleet.states(rollout_id)["edge-1"] == "failed"
+    fleet.installed("edge-1", rollout_id, InstallOutcome.INSTALLED)  # after a reconnect
+    _blocked(fleet, "edge-1", rollout_id)
+    target = _target(fleet, rollout_id, "edge-1")
+    assert target.state.value == "failed" and target.detail.startswith("gate: agreement")
+
+
+def test_a_device_that_installs_after_its_waves_soak_began_is_served_at_promotion(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("100%",), soak_s=600, max_failure_fraction=0.5)
+    _blocked(fleet, "edge-0", rollout_id)
+    fleet.installed("edge-3", rollout_id, InstallOutcome.VERIFY_FAILED, detail="torn download")
+    for name in ("edge-1", "edge-2"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+        fleet.shadow(name, rollout_id)
+    fleet.controller.tick()  # the soak starts without edge-0
+    # Space freed: it installs in shadow, too late for this soak; it waits for promotion.
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    target = _target(fleet, rollout_id, "edge-0")
+    assert target.state.value == "deferred" and "serves it at promotion" in target.detail
+    fleet.clock.advance(601)
+    fleet.controller.tick()
+    states = fleet.states(rollout_id)
+    assert states == {"edge-0": "deferred", "edge-1": "installing", "edge-2": "installing",
+                      "edge-3": "failed"}, states  # fmt: skip
+    promoted = fleet.desired("edge-0")
+    assert promoted is not None and not promoted.shadow  # serve it, as the others do
+    # edge-3 tried again at its next session and installed in shadow after the promotion:
+    # it is sent the version to serve, not left running it in shadow for good.
+    fleet.installed("edge-3", rollout_id, InstallOutcome.INSTALLED)
+    assert fleet.states(rollout_id)["edge-3"] == "installing"
+    late = fleet.desired("edge-3")
+    assert late is not None and not late.shadow and late.rollout_id == rollout_id
+    for name in fleet.ids:
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.controller.tick()
+    assert set(fleet.states(rollout_id).values()) == {"updated"}, fleet.states(rollout_id)
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.SUCCEEDED
+
+
+def test_a_report_after_an_abort_is_recorded_and_revives_nothing(fleet: Fleet) -> None:
+    rollout_id = _create(fleet, ("1", "100%"))
+    _blocked(fleet, "edge-0", rollout_id)
+    fleet.controller.abort(rollout_id, "wrong model")
+    assert fleet.states(rollout_id)["edge-0"] == "rolled_back"
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)  # freed just then
+    target = _target(fleet, rollout_id, "edge-0")
+    assert target.state.value == "rolled_back", target
+    assert target.detail == "reported after the abort: installed (onnxruntime)"
+    fleet.installed("edge-0", rollout_id, InstallOutcome.SELF_TEST_FAILED, detail="golden")
+    assert fleet.states(rollout_id)["edge-0"] == "rolled_back"
+    assert fleet.controller.tick() == []
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.ABORTED
+    desired = fleet.desired("edge-0")
+    assert desired is not None and desired.revert_version == "2"  # still sent back
 
 
 def test_one_active_rollout_per_device(fleet: Fleet) -> None:

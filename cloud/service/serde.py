@@ -351,6 +351,7 @@ def install_report_from_proto(m: agent_pb2.InstallReport) -> InstallReport:
         backend=m.backend,
         serving_name=m.serving_name,
         serving_version=m.serving_version,
+        retrying=m.retrying,
     )
 
 
@@ -364,6 +365,7 @@ def install_report_to_proto(r: InstallReport) -> agent_pb2.InstallReport:
         backend=r.backend,
         serving_name=r.serving_name,
         serving_version=r.serving_version,
+        retrying=r.retrying,
     )
 
 

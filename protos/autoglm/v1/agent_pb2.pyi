@@ -1171,6 +1171,7 @@ class InstallReport(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     SERVING_NAME_FIELD_NUMBER: _builtins.int
     SERVING_VERSION_FIELD_NUMBER: _builtins.int
+    RETRYING_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     rollout_id: _builtins.str
     outcome: Global___InstallReport.Outcome.ValueType
@@ -1181,6 +1182,12 @@ class InstallReport(_message.Message):
     version an abort sends it back to.
     """
     serving_version: _builtins.str
+    retrying: _builtins.bool
+    """The install did not fail on the model: this device's disk did not take it (full,
+    read-only, an I/O error) and the agent tries again by itself until it does. The outcome
+    says where it stopped (OUTCOME_DOWNLOAD_FAILED). Not a verdict on the version: a
+    control plane waits for the device rather than counting it failed.
+    """
     def __init__(
         self,
         *,
@@ -1191,10 +1198,11 @@ class InstallReport(_message.Message):
         backend: _builtins.str = ...,
         serving_name: _builtins.str = ...,
         serving_version: _builtins.str = ...,
+        retrying: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "detail", b"detail", "model_version", b"model_version", "outcome", b"outcome", "rollout_id", b"rollout_id", "serving_name", b"serving_name", "serving_version", b"serving_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "detail", b"detail", "model_version", b"model_version", "outcome", b"outcome", "retrying", b"retrying", "rollout_id", b"rollout_id", "serving_name", b"serving_name", "serving_version", b"serving_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
