@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
+from cloud.clock import utc_now
 from cloud.store import Store
 from edge_agent.errors import NotFound, Unavailable
 from tests.support.cloud import RunningPlane
@@ -53,3 +54,24 @@ def test_a_setup_whose_claim_fails_leaves_the_device_offline(
 
 async def _is_open(running: RunningPlane, device_id: str) -> bool:
     return running.plane.hub.is_open(device_id)
+
+
+def test_a_failing_check_of_replaced_sessions_does_not_skip_the_revocations(
+    plane: RunningPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic recheck ends sessions of devices revoked through another replica even
+    when finding replaced sessions fails that round (its error still reaches the job's log)."""
+    identity = _device(plane, tmp_path, "pump")
+    stream = DeviceStream.accepted(plane, identity)
+
+    async def check_fails(device_ids: Any) -> int:
+        raise RuntimeError("a bug in the check")
+
+    monkeypatch.setattr(plane.plane.replaced, "check", check_fails)
+    # Revoked in the store only, as another replica does: this one learns it at its recheck.
+    plane.plane.store.revoke_device(identity.info.device_id, "stolen", utc_now())
+    with pytest.raises(RuntimeError, match="a bug in the check"):
+        plane.call(plane.plane._recheck_sessions())
+    ended = stream.ending()
+    stream.close()
+    assert ended is not None and ended.code() == grpc.StatusCode.PERMISSION_DENIED, ended

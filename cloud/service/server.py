@@ -438,7 +438,6 @@ class ControlPlane:
         ids = self.hub.device_ids()
         if not ids:
             return
-        await self.replaced.check(ids)
         current = await asyncio.to_thread(self.store.device_credentials, ids, utc_now())
         stale = PermissionDenied("this device was revoked or re-enrolled; its certificate is stale")
         ended = 0
@@ -448,6 +447,8 @@ class ControlPlane:
             ended += self.hub.end_stale(ids[start : start + FLEET_SLICE], current, stale, since)
         if ended:
             log.info("ended %d session(s) of revoked or re-enrolled devices", ended)
+        # Last: its failure (logged by `_every`) must not skip the revocations above.
+        await self.replaced.check(ids)
 
     def _woken(self, topic: str) -> None:
         """Another replica changed `topic` (event loop only)."""
