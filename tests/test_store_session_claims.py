@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from sqlalchemy.orm import Session
 
 from cloud.session_claims import (
     FLAP_FORGET_S,
@@ -16,7 +17,8 @@ from cloud.session_claims import (
     SessionClaim,
     replaced,
 )
-from cloud.store import Store, sql_base
+from cloud.store import Store, sql_base, sql_sessions
+from cloud.store.tables import DeviceSessionRow
 from edge_agent.errors import NotFound
 from tests.support.stores import NOW, PostgresBackend, SqliteBackend
 
@@ -93,6 +95,25 @@ class SessionClaimContract:
             store.count_replacement(d.id, 1.0)
         with pytest.raises(NotFound):
             store.claim_session(d.id, "r-1", "", 1.0, False)
+
+    def test_a_device_deleted_while_its_claim_is_taken_is_not_found(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The claim row made (or found) and then gone before it is locked, as when the device
+        is deleted between the two statements: NotFound naming the device."""
+        d = store.create_device("gone", {}, "", NOW).id
+        locked = sql_sessions._locked
+
+        def deleted_meanwhile(s: Session, device_id: str, create: bool) -> DeviceSessionRow | None:
+            row = locked(s, device_id, create)
+            if row is not None:
+                s.delete(row)  # what the device's delete cascades to
+                s.flush()
+            return locked(s, device_id, False)
+
+        monkeypatch.setattr(sql_sessions, "_locked", deleted_meanwhile)
+        with pytest.raises(NotFound, match=d):
+            store.claim_session(d, "r-1", "", 0.0, False)
 
     def test_newest_sessions_of_more_devices_than_one_in_list(
         self, store: Store, monkeypatch: pytest.MonkeyPatch

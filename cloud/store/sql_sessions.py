@@ -31,7 +31,8 @@ class SessionTables(SqlBase):
         try:
             with self._tx() as s:
                 row = _locked(s, device_id, create=True)
-                assert row is not None
+                if row is None:  # the device deleted between the row's insert and its lock
+                    raise NotFound(f"no device with id '{device_id}'")
                 claim = opened(_claim(row), device_id, replica[:REPLICA_CHARS], peer[:PEER_CHARS])
                 replacement = None
                 if replacing:
