@@ -4,6 +4,8 @@ notifications and the periodic recheck arrive in (`cloud.service.replacements`).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import grpc
 import pytest
 
 from cloud.clock import utc_now
+from cloud.service.sessions import LiveSession, SessionHub
+from cloud.session_claims import FLAP_REPLACEMENTS, Replacement
 from cloud.store import Store
 from edge_agent.errors import NotFound, Unavailable
 from tests.support.cloud import RunningPlane
@@ -75,3 +79,22 @@ def test_a_failing_check_of_replaced_sessions_does_not_skip_the_revocations(
     ended = stream.ending()
     stream.close()
     assert ended is not None and ended.code() == grpc.StatusCode.PERMISSION_DENIED, ended
+
+
+def test_a_claim_that_starts_the_flapping_warns_even_with_nothing_left_here_to_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store counted the replacement that made the device flapping, but the session it
+    replaced ended meanwhile: the one warning fleet-wide is still given."""
+    caplog.set_level(logging.WARNING, "cloud.service.sessions")
+
+    async def scenario() -> LiveSession:
+        hub = SessionHub()
+        started = Replacement(flapping=True, started=True, recent=FLAP_REPLACEMENTS + 1)
+        return hub.open("d1", peer="ipv4:10.0.0.2:7", generation=5, replacement=started)
+
+    live = asyncio.run(scenario())
+    assert live.ending is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "d1" in warnings[0], warnings
+    assert "ipv4:10.0.0.2:7" in warnings[0], warnings

@@ -110,10 +110,12 @@ class SessionHub:
         reconnects in a loop holds no more."""
         live = LiveSession(device_id, fingerprint, peer, generation=generation)
         older = self._by_device.get(device_id, ())
+        if replacement is not None and replacement.started:
+            # The store counted it: warned once fleet-wide, even when the session it replaced
+            # ended here (or was ended by another check) while the claim was taken.
+            _warn_flapping(device_id, replacement, peer, [o.peer for o in older])
         if older:
             error = replaced_error(device_id, peer, "", replacement)
-            if replacement is not None and replacement.started:
-                _warn_flapping(device_id, replacement, peer, [o.peer for o in older])
             for old in older:
                 old.end(error)
             log.info("device %s opened a new session; %d older ended", device_id, len(older))
