@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ import grpc
 import pytest
 
 from cloud.clock import utc_now
+from cloud.service.replacements import ReplacedSessions
 from cloud.service.sessions import LiveSession, SessionHub
-from cloud.session_claims import FLAP_REPLACEMENTS, Replacement
+from cloud.session_claims import FLAP_REPLACEMENTS, Replacement, SessionClaim, opened, replaced
 from cloud.store import Store
 from edge_agent.errors import NotFound, Unavailable
 from tests.support.cloud import RunningPlane
@@ -98,3 +101,73 @@ def test_a_claim_that_starts_the_flapping_warns_even_with_nothing_left_here_to_e
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "d1" in warnings[0], warnings
     assert "ipv4:10.0.0.2:7" in warnings[0], warnings
+
+
+class ClaimsStub:
+    """The store's session claims, kept in memory as the SQL store keeps them; `counting`
+    makes count_replacement fail, or wait for an event (a busy database)."""
+
+    def __init__(self) -> None:
+        self.claims: dict[str, SessionClaim] = {}
+        self.counted: dict[str, int] = {}
+        self.fails: Exception | None = None
+        self.busy: dict[str, threading.Event] = {}  # device id -> set to let its count go on
+        self.counting: dict[str, threading.Event] = {}  # device id -> set when its count began
+
+    def claim(self, device_id: str, replica: str, peer: str = "") -> SessionClaim:
+        self.claims[device_id] = opened(self.claims.get(device_id), device_id, replica, peer)
+        return self.claims[device_id]
+
+    def newest_sessions(self, device_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        return {
+            d: (self.claims[d].generation, self.claims[d].replica)
+            for d in device_ids
+            if d in self.claims
+        }
+
+    def count_replacement(self, device_id: str, now: float) -> tuple[SessionClaim, Any]:
+        self.counting.setdefault(device_id, threading.Event()).set()
+        if (gate := self.busy.get(device_id)) is not None:
+            assert gate.wait(30), "the test never let the count go on"
+        if self.fails is not None:
+            raise self.fails
+        self.counted[device_id] = self.counted.get(device_id, 0) + 1
+        self.claims[device_id], counted = replaced(self.claims[device_id], now)
+        return self.claims[device_id], counted
+
+
+async def _settled(replacements: ReplacedSessions) -> None:
+    """Waits for the ends `heard` started (their done callbacks run first)."""
+    while replacements._tasks:
+        await asyncio.gather(*replacements._tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("error", "level", "traceback"),
+    [
+        (Unavailable("the database cannot be used now; try again: down"), logging.WARNING, False),
+        (RuntimeError("a bug"), logging.ERROR, True),
+    ],
+)
+def test_ending_a_replaced_session_that_fails_is_logged_by_what_failed(
+    caplog: pytest.LogCaptureFixture, error: Exception, level: int, traceback: bool
+) -> None:
+    """The store away is one line (the recheck tries again); anything else is a bug, logged
+    with its traceback."""
+    caplog.set_level(logging.WARNING, "cloud.service.replacements")
+
+    async def scenario() -> None:
+        store, hub = ClaimsStub(), SessionHub(clock=lambda: 0.0)
+        replacements = ReplacedSessions(store, hub, "r-1")  # type: ignore[arg-type]
+        hub.open("d1", generation=store.claim("d1", "r-1").generation)
+        newer = store.claim("d1", "r-2")
+        store.fails = error
+        replacements.heard("d1", newer.generation, newer.replica)
+        await _settled(replacements)
+
+    asyncio.run(scenario())
+    records = [r for r in caplog.records if r.name == "cloud.service.replacements"]
+    assert [(r.levelno, r.exc_info is not None) for r in records] == [(level, traceback)], [
+        (r.levelname, r.getMessage()) for r in records
+    ]
+    assert str(error) in records[0].getMessage() or traceback, records[0].getMessage()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from cloud.service.sessions import FLEET_SLICE, LiveSession, SessionHub
 from cloud.store.base import SessionClaimStore
-from edge_agent.errors import NotFound
+from edge_agent.errors import Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,12 @@ class ReplacedSessions:
 
     def _done(self, task: asyncio.Task[int]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            # The store away: the periodic recheck tries again.
-            log.warning("ending a replaced session failed: %s", error)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, (Unavailable, Conflict)):  # the store away or busy: the
+            log.warning("ending a replaced session failed: %s", error)  # recheck tries again
+        else:
+            log.error("ending a replaced session failed", exc_info=error)
 
     async def _end(self, sessions: list[LiveSession]) -> int:
         """Counts the replacement of one device's sessions and ends them."""
