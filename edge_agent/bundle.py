@@ -9,9 +9,12 @@ writes bundles with these types.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import lzma
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -21,13 +24,23 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent import __version__
-from edge_agent.errors import IntegrityError, InvalidInput, NotFound
+from edge_agent.errors import (
+    AutoglmError,
+    IntegrityError,
+    InvalidInput,
+    LocalStateError,
+    NotFound,
+)
+from edge_agent.files import write_failure
 from edge_agent.trust import Verifier
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT_VERSION = 1
 BUILD_ON_DEVICE = "build-on-device"
+# What a damaged archive raises while it is read: tarfile's own errors, and those of the
+# decompressors beneath it (a truncated stream, a bad CRC: gzip's is an OSError without errno).
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 
 class _Strict(BaseModel):
@@ -208,11 +221,12 @@ def read_signed_manifest(directory: Path, public_key: Verifier) -> Manifest:
     manifest_path = directory / MANIFEST
     signature_path = directory / SIGNATURE
     for needed in (manifest_path, signature_path):
-        if not needed.is_file():
+        if not _is_file(needed):
             raise IntegrityError(f"{directory}: not a bundle ({needed.name} missing)")
-    raw = manifest_path.read_bytes()
+    raw = _read(manifest_path)
+    signature = _read(signature_path)
     try:
-        public_key.verify(signature_path.read_bytes(), raw)
+        public_key.verify(signature, raw)
     except InvalidSignature:
         raise IntegrityError(
             f"{manifest_path}: signature does not verify with a trusted signing key"
@@ -227,17 +241,25 @@ def verify_bundle(directory: Path, public_key: Verifier, partial: bool = False) 
     """Check the signature, then every listed file's digest; return the manifest.
 
     `partial`: a device downloads only the variant it runs, so variant files may be absent
-    (whoever opens a variant checks its file is there); every file present must match."""
+    (whoever opens a variant checks its file is there); every file present must match.
+    A file the disk cannot read (EIO, EACCES) is a LocalStateError naming it: the disk's
+    fault, not the bundle's."""
     manifest = read_signed_manifest(directory, public_key)
     listed = bundle_paths(manifest)
     optional = {v.file for v in manifest.variants} if partial else set()
     for name, digest in sorted(listed.items()):
         path = _inside(directory, name)
-        if not path.is_file():
+        missing = IntegrityError(f"{directory}: {name} is listed in the manifest but missing")
+        if not _is_file(path):
             if name in optional:
                 continue
-            raise IntegrityError(f"{directory}: {name} is listed in the manifest but missing")
-        actual = sha256_file(path)
+            raise missing
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            raise missing from None
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
         if actual != digest:
             raise IntegrityError(
                 f"{path}: sha256 {actual[:16]}… does not match the manifest's {digest[:16]}…"
@@ -246,20 +268,72 @@ def verify_bundle(directory: Path, public_key: Verifier, partial: bool = False) 
 
 
 def unpack_tar(archive: Path, destination: Path) -> Path:
-    """Extract a bundle archive safely (no links, no paths outside) and return its directory."""
+    """Extract a bundle archive safely (no links, no paths outside) and return its directory.
+
+    A damaged archive is an IntegrityError; a disk that does not take the extraction (full,
+    read-only) or cannot read the archive is a LocalStateError saying so: not the bundle's
+    fault, so nothing calls the bundle bad for it."""
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(destination, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+        candidates = [p.parent for p in destination.rglob(MANIFEST)]
+    except FileNotFoundError as exc:
+        if Path(exc.filename or archive) == archive:
+            raise NotFound(f"{archive}: no such bundle archive") from None
+        raise _unpack_failure(archive, destination, exc) from None
+    except _DAMAGED as exc:
         raise IntegrityError(f"{archive}: not a readable bundle archive: {exc}") from None
-    candidates = [p.parent for p in destination.rglob(MANIFEST)]
+    except OSError as exc:
+        raise _unpack_failure(archive, destination, exc) from None
     if len(candidates) != 1:
         raise IntegrityError(f"{archive}: expected one {MANIFEST}, found {len(candidates)}")
     return candidates[0]
 
 
+def _unpack_failure(archive: Path, destination: Path, exc: OSError) -> AutoglmError:
+    """Why extracting `archive` into `destination` failed: a damaged compressed stream (an
+    OSError without errno, such as gzip's bad CRC) is the archive's fault; a full or read-only
+    disk, or any other error of the system, is the disk's."""
+    if exc.errno is None:
+        return IntegrityError(f"{archive}: not a readable bundle archive: {exc}")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return write_failure(destination, exc, f"extract {archive.name} into")
+    where = f" at {exc.filename}" if exc.filename else ""
+    return LocalStateError(
+        f"cannot extract {archive} into {destination}{where} ({exc.strerror or exc})"
+    )
+
+
+def _unreadable(path: Path, exc: OSError) -> LocalStateError:
+    return LocalStateError(f"cannot read {path} ({exc.strerror or exc}): the disk, not the bundle")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError as exc:  # EIO, EACCES (a missing file is False)
+        raise _unreadable(path, exc) from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path.parent}: not a bundle ({path.name} missing)") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
 def _inside(directory: Path, name: str) -> Path:
-    path = (directory / name).resolve()
-    if directory.resolve() not in path.parents:
+    try:
+        path = (directory / name).resolve()
+        inside = directory.resolve() in path.parents
+    except RuntimeError as exc:  # a symbolic link loop (an OSError, ELOOP, from 3.13)
+        raise IntegrityError(f"{directory}: cannot resolve {name}: {exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IntegrityError(f"{directory}: cannot resolve {name}: {exc}") from None
+        raise _unreadable(directory / name, exc) from None
+    if not inside:
         raise IntegrityError(f"{directory}: manifest names a file outside the bundle: {name}")
     return path
