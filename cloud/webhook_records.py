@@ -98,3 +98,4 @@ class Delivery:
     previous_secret: str = ""
     previous_until: dt.datetime | None = None
     created_at: dt.datetime | None = None  # queued (or queued again, for a repeat)
+    leased_until: dt.datetime | None = None  # its claim's lease: names the claim to release

@@ -218,6 +218,68 @@ class FleetStateContract:
         with pytest.raises(InvalidInput, match="unknown key"):
             store.add_webhook("http://h/z", "secret-secret-secret", "colour=red", NOW)
 
+    def test_webhook_claims_take_only_each_webhooks_share(self, store: Store) -> None:
+        """A sender holding some of a webhook's deliveries claims no more of it than its
+        share: before, it claimed them, gave the extra back and each claim cost an attempt."""
+        d = store.create_device("p", {}, "", NOW).id
+        a = store.add_webhook("http://h/a", "secret-secret-secret", "", NOW).id
+        b = store.add_webhook("http://h/b", "secret-secret-secret", "", NOW).id
+        store.store_records(d, [], [_event(d, i, "raised", asset=f"p{i}") for i in range(6)], NOW)
+        lease = dt.timedelta(seconds=30)
+        got = store.claim_deliveries(NOW, lease, 10, per_webhook=3, busy={a: 1, "gone": 2})
+        assert [x.webhook_id for x in got] == [a, b, a, b, b]  # oldest first, a's 2, b's 3
+        assert all(x.attempts == 1 and x.leased_until == NOW + lease for x in got)
+        assert store.claim_deliveries(NOW, lease, 10, per_webhook=3, busy={a: 3, b: 5}) == []
+        (one,) = store.claim_deliveries(NOW, lease, 1, per_webhook=4, busy={a: 3, b: 3})
+        assert one.webhook_id == a and one.id > max(x.id for x in got if x.webhook_id == a)
+        rest = store.claim_deliveries(NOW, lease, 10, per_webhook=10)
+        assert len(rest) == 12 - 6 and not {x.id for x in rest} & {x.id for x in [*got, one]}
+
+    def test_a_released_delivery_costs_no_attempt_and_keeps_its_error(self, store: Store) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        hook = store.add_webhook("http://h/a", "secret-secret-secret", "", NOW).id
+        store.store_records(d, [], [_event(d, 1, "raised")], NOW)
+        lease = dt.timedelta(seconds=30)
+        (first,) = store.claim_deliveries(NOW, lease, 10)
+        store.finish_delivery(first.id, "HTTP 503: down", NOW, NOW + dt.timedelta(seconds=5))
+        later = NOW + dt.timedelta(seconds=5)
+        (claimed,) = store.claim_deliveries(later, lease, 10, per_webhook=8)
+        assert claimed.attempts == 2 and claimed.leased_until is not None
+        # Another claim's lease names another claim: nothing changes.
+        assert not store.release_delivery(claimed.id, claimed.leased_until - lease, later)
+        assert store.release_delivery(claimed.id, claimed.leased_until, later)
+        assert not store.release_delivery(claimed.id, claimed.leased_until, later)  # over
+        (listed,) = store.list_webhooks()
+        assert listed.id == hook and listed.pending == 1 and listed.last_error == "HTTP 503: down"
+        (again,) = store.claim_deliveries(later, lease, 10, per_webhook=8)
+        assert again.id == first.id and again.attempts == 2  # the release did not count
+        store.finish_delivery(again.id, "", later, None)
+        assert not store.release_delivery(again.id, again.leased_until or NOW, later)
+        (listed,) = store.list_webhooks()
+        assert (listed.delivered, listed.pending) == (1, 0)
+
+    def test_concurrent_webhook_claims_take_each_delivery_once(self, store: Store) -> None:
+        d = store.create_device("p", {}, "", NOW).id
+        store.add_webhook("http://h/a", "secret-secret-secret", "", NOW)
+        store.add_webhook("http://h/b", "secret-secret-secret", "", NOW)
+        store.store_records(d, [], [_event(d, i, "raised", asset=f"p{i}") for i in range(20)], NOW)
+        claims: list[list[int]] = []
+        barrier = threading.Barrier(4)
+
+        def claim() -> None:
+            barrier.wait()
+            got = store.claim_deliveries(NOW, dt.timedelta(seconds=30), 8, per_webhook=3)
+            claims.append([x.id for x in got])
+
+        threads = [threading.Thread(target=claim) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        ids = [i for got in claims for i in got]
+        assert len(claims) == 4 and len(ids) == len(set(ids)), claims
+        assert all(len(got) <= 6 for got in claims), claims
+
     def test_leases_have_one_holder_until_they_expire(self, store: Store) -> None:
         ttl = dt.timedelta(seconds=15)
         assert store.try_lease("ctl", "a", NOW, ttl).held_by("a", NOW)

@@ -318,8 +318,27 @@ class WebhookOutbox(abc.ABC):
 
     @abc.abstractmethod
     def claim_deliveries(
-        self, now: dt.datetime, lease: dt.timedelta, limit: int
-    ) -> list[Delivery]: ...
+        self,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        limit: int,
+        per_webhook: int | None = None,
+        busy: Mapping[str, int] | None = None,
+    ) -> list[Delivery]:
+        """Up to `limit` due deliveries, oldest first, each the oldest pending one of its
+        webhook and alert, leased until `now + lease` (`Delivery.leased_until`: no other
+        claim takes them meanwhile) and counted as attempted. With `per_webhook`, at most
+        that many of one webhook less those the caller already holds of it (`busy`, by
+        webhook id): a webhook's deliveries past its share are left for later, not claimed."""
+
+    @abc.abstractmethod
+    def release_delivery(
+        self, delivery_id: int, leased_until: dt.datetime, due: dt.datetime
+    ) -> bool:
+        """A claimed delivery the claimer did not send: pending again from `due`, its claim's
+        attempt not counted and its last error (the receiver's) kept. False, changing
+        nothing, when that claim is over (its lease lapsed and it was claimed again, it was
+        finished, or its webhook removed)."""
 
     @abc.abstractmethod
     def finish_delivery(

@@ -5,16 +5,18 @@ a change is queued exactly when it is committed (a transactional outbox). A send
 due deliveries with a lease (SKIP LOCKED where the database has it), so two control-plane
 replicas do not send the same one at once; it is marked delivered after a 2xx. A crash
 between the POST and the mark sends it again with the same delivery id, which receivers
-use to drop the repeat. Per webhook and alert, changes are sent in order.
+use to drop the repeat. Per webhook and alert, changes are sent in order. A claim can take
+at most a share of each webhook's due deliveries (the rest stay unclaimed, their attempts
+uncounted), and a claimed delivery not sent is released without its attempt counted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, Select, case, delete, func, literal, select
 from sqlalchemy.orm import Session, aliased
 
 from cloud.domain import AlertRecord, AlertState
@@ -187,9 +189,19 @@ class WebhookTables(SqlBase):
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
-    def claim_deliveries(self, now: dt.datetime, lease: dt.timedelta, limit: int) -> list[Delivery]:
-        """Due deliveries, each the oldest pending one of its webhook and alert; leased
-        until `now + lease` (another sender skips them meanwhile) and counted as attempted."""
+    def claim_deliveries(
+        self,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        limit: int,
+        per_webhook: int | None = None,
+        busy: Mapping[str, int] | None = None,
+    ) -> list[Delivery]:
+        """Due deliveries, each the oldest pending one of its webhook and alert, at most
+        `per_webhook` of one webhook less its `busy` ones; leased until `now + lease`
+        (another sender skips them meanwhile) and counted as attempted."""
+        if limit <= 0:
+            return []
         earlier = aliased(DeliveryRow)
         older_pending = (
             select(earlier.id)
@@ -201,11 +213,20 @@ class WebhookTables(SqlBase):
             )
             .exists()
         )
+        due = (DeliveryRow.state == PENDING, DeliveryRow.next_attempt_at <= now)
+        query = select(DeliveryRow, WebhookRow).join(
+            WebhookRow, WebhookRow.id == DeliveryRow.webhook_id
+        )
+        if per_webhook is None:
+            query = query.where(*due, ~older_pending)
+        else:
+            shares = _shares(due, older_pending, per_webhook, busy or {})
+            query = query.where(*due, DeliveryRow.id.in_(shares))
+        # The window function is in a subquery: PostgreSQL locks no rows of a query level that
+        # has one. The lease is what keeps a claim; SKIP LOCKED keeps two claims running at
+        # once from taking the same row (the due test above is checked again on the row locked).
         query = (
-            select(DeliveryRow, WebhookRow)
-            .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
-            .where(DeliveryRow.state == PENDING, DeliveryRow.next_attempt_at <= now, ~older_pending)
-            .order_by(DeliveryRow.id)
+            query.order_by(DeliveryRow.id)
             .limit(limit)
             .with_for_update(skip_locked=True, of=DeliveryRow)
         )
@@ -228,9 +249,23 @@ class WebhookTables(SqlBase):
                         previous_secret=hook.previous_secret,
                         previous_until=hook.previous_until,
                         created_at=row.created_at,
+                        leased_until=row.next_attempt_at,
                     )
                 )
             return claimed
+
+    def release_delivery(
+        self, delivery_id: int, leased_until: dt.datetime, due: dt.datetime
+    ) -> bool:
+        """Undoes a claim not sent: pending from `due`, the attempt not counted, the last
+        error kept; only while the row is still under that claim (its lease end unchanged)."""
+        with self._tx() as s:
+            row = s.get(DeliveryRow, delivery_id, with_for_update=True)
+            if row is None or row.state != PENDING or row.next_attempt_at != leased_until:
+                return False
+            row.attempts = max(row.attempts - 1, 0)
+            row.next_attempt_at = due
+            return True
 
     def finish_delivery(
         self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
@@ -246,6 +281,30 @@ class WebhookTables(SqlBase):
                 row.state, row.last_error = DEAD, error[:500]
             else:
                 row.next_attempt_at, row.last_error = retry_at, error[:500]
+
+
+def _shares(
+    due: tuple[ColumnElement[bool], ...],
+    older_pending: ColumnElement[bool],
+    per_webhook: int,
+    busy: Mapping[str, int],
+) -> Select[tuple[int]]:
+    """The ids of the due deliveries within their webhook's share: the oldest `per_webhook`
+    of each, less the `busy` ones the claimer holds of it (webhooks with no room left are not
+    even ranked)."""
+    room = {hook: per_webhook - n for hook, n in busy.items()}
+    full = sorted(hook for hook, left in room.items() if left <= 0)
+    partly = {hook: left for hook, left in room.items() if left > 0}
+    cap: ColumnElement[int] = literal(per_webhook)
+    if partly:
+        cap = case(partly, value=DeliveryRow.webhook_id, else_=per_webhook)
+    rank = func.row_number().over(partition_by=DeliveryRow.webhook_id, order_by=DeliveryRow.id)
+    ranked = (
+        select(DeliveryRow.id, rank.label("rank"), cap.label("cap"))
+        .where(*due, ~older_pending, DeliveryRow.webhook_id.not_in(full))
+        .subquery()
+    )
+    return select(ranked.c.id).where(ranked.c.rank <= ranked.c.cap)
 
 
 def _webhook(
