@@ -11,9 +11,12 @@ count and the last error). Of an answer, at most ANSWER_BYTES are read.
 Deliveries are claimed into SLOTS as slots free, not in batches waited for as a whole, and a
 webhook takes at most PER_WEBHOOK_CLAIMED of them (PER_WEBHOOK_SENDING in flight, the rest
 waiting for those): one slow or dead receiver holds up neither the others' deliveries nor
-more than its share. A claim is leased (`lease_s`) well past the time its delivery can take,
-so no other replica claims it while in flight; one this replica cannot send in time is given
-back to be tried again later, the attempt counted (at least once, never lost).
+more than its share. The store's claim leaves a webhook's deliveries past its share unclaimed
+(a claim counts an attempt: claiming them only to give them back made a backlog go dead
+before it was tried `max_attempts` times). A claim is leased (`lease_s`) well past the time
+its delivery can take, so no other replica claims it while in flight; one this replica cannot
+send in time is released, due again later with neither its attempt counted nor its last error
+replaced (at least once, never lost).
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ class SenderSettings:
 def lease_s(deadline_s: float) -> float:
     """How long a claim keeps a delivery this replica's. Its wait for a slot of its webhook
     takes at most two deadlines (PER_WEBHOOK_CLAIMED / PER_WEBHOOK_SENDING - 1 rounds of
-    exchanges), its exchange one; a delivery not started within three is given back."""
+    exchanges), its exchange one; a delivery not started within three is released."""
     return 4 * deadline_s + LEASE_MARGIN_S
 
 
@@ -181,7 +184,8 @@ class WebhookSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Told each attempt's kind, outcome (delivered, retry, dead; deferred: claimed, not
-        # sent, tried again later) and, when delivered, the seconds since it was queued.
+        # sent, released to be tried later) and, when delivered, the seconds since it was
+        # queued.
         self.on_result: Callable[[str, str, float | None], None] | None = None
 
     def wake(self, sweep: bool = False) -> None:
@@ -249,29 +253,31 @@ class WebhookSender:
             self.wake()
 
     async def send_due(self) -> bool:
-        """Claims due deliveries into the free slots and starts them, at most
-        PER_WEBHOOK_SENDING per webhook at once (the rest of a webhook's wait for those);
-        past PER_WEBHOOK_CLAIMED for one webhook, they are given back. True when more may be
-        due and a slot is free for them."""
+        """Claims due deliveries into the free slots, no webhook's past PER_WEBHOOK_CLAIMED
+        (those it holds counted), and starts them, at most PER_WEBHOOK_SENDING per webhook at
+        once (the rest of a webhook's wait for those). True when more may be due and a slot
+        is free for them."""
         free = SLOTS - self._claimed
         if free <= 0 or self._closing:
             return False
         lease = dt.timedelta(seconds=lease_s(self.settings.timeout_s))
-        due = await asyncio.to_thread(self.store.claim_deliveries, self.clock(), lease, free)
+        busy = {
+            hook: self._sending.get(hook, 0) + len(self._waiting.get(hook, ()))
+            for hook in self._sending.keys() | self._waiting.keys()
+        }
+        due = await asyncio.to_thread(
+            self.store.claim_deliveries,
+            self.clock(),
+            lease,
+            free,
+            per_webhook=PER_WEBHOOK_CLAIMED,
+            busy=busy,
+        )
         claimed_at = time.monotonic()
-        over: list[Delivery] = []
         for d in due:
-            waiting = self._waiting.get(d.webhook_id, ())
-            if self._sending.get(d.webhook_id, 0) + len(waiting) >= PER_WEBHOOK_CLAIMED:
-                over.append(d)
-                continue
             self._waiting.setdefault(d.webhook_id, deque()).append((d, claimed_at))
             self._claimed += 1
             self._start_waiting(d.webhook_id)
-        if over:
-            await self._give_back(
-                over, f"{PER_WEBHOOK_CLAIMED} deliveries to this webhook were already under way"
-            )
         return len(due) == free and self._claimed < SLOTS
 
     def _start_waiting(self, webhook_id: str) -> None:
@@ -290,13 +296,13 @@ class WebhookSender:
             del self._waiting[webhook_id]
 
     async def _deliver(self, d: Delivery, claimed_at: float) -> None:
-        """One claimed delivery in its slot: sent, or given back when it waited so long that
+        """One claimed delivery in its slot: sent, or released when it waited so long that
         its lease could lapse before its deadline (another replica may then claim it)."""
         deadline = self.settings.timeout_s
         try:
             waited = time.monotonic() - claimed_at
             if waited > lease_s(deadline) - deadline - LEASE_MARGIN_S:
-                await self._give_back([d], f"it waited {waited:.0f} s for a slot")
+                await self._release([d], f"it waited {waited:.0f} s for a slot")
             else:
                 await self._send(d)
         except Unavailable as exc:  # its outcome not stored: the claim lapses, it is resent
@@ -311,32 +317,31 @@ class WebhookSender:
             self._start_waiting(d.webhook_id)
             self._wake.set()
 
-    async def _give_back(
+    async def _release(
         self, deliveries: Iterable[Delivery], why: str, at_once: bool = False
     ) -> None:
-        """Deliveries claimed but not sent: due again after the backoff of their attempt (the
-        claim counted it) or, `at_once`, now (to any replica); never dead for it."""
+        """Deliveries claimed but not sent: released to the store, their claims' attempts
+        not counted and their last errors kept, due again in one deadline (a slot of their
+        webhook is likely free by then) or, `at_once`, now (to any replica). One whose claim
+        is over (its lease lapsed) is left as it is: whoever holds it now sends it."""
         now = self.clock()
-        back = [
-            (d, now if at_once else now + dt.timedelta(seconds=self.backoff.delay(d.attempts)))
-            for d in deliveries
-        ]
+        due = now if at_once else now + dt.timedelta(seconds=self.settings.timeout_s)
+        back = [(d, d.leased_until) for d in deliveries if d.leased_until is not None]
 
-        def store() -> None:
-            for d, retry_at in back:
-                self.store.finish_delivery(d.id, f"not sent: {why}", now, retry_at)
+        def store() -> int:
+            return sum(self.store.release_delivery(d.id, lease, due) for d, lease in back)
 
-        await asyncio.to_thread(store)
+        released = await asyncio.to_thread(store)
         for d, _ in back:
             if self.on_result is not None:
                 self.on_result(d.kind, "deferred", None)
         hooks = sorted({redacted(d.url) for d, _ in back})
-        log.info("%d webhook delivery(ies) to %s not sent (%s); tried again later",
-                 len(back), ", ".join(hooks), why)  # fmt: skip
+        log.info("%d webhook delivery(ies) to %s not sent (%s); %d released to be tried again",
+                 len(back), ", ".join(hooks), why, released)  # fmt: skip
 
     async def _close(self) -> None:
         """Leaving: deliveries in flight are cancelled (their claims lapse, then any replica
-        sends them), those waiting are given back at once."""
+        sends them), those waiting are released at once."""
         self._closing = True
         waiting = [d for queue in self._waiting.values() for d, _ in queue]
         self._waiting.clear()
@@ -347,9 +352,9 @@ class WebhookSender:
         if waiting:
             try:
                 async with asyncio.timeout(LEASE_MARGIN_S / 3):
-                    await self._give_back(waiting, "this control plane stopped", at_once=True)
+                    await self._release(waiting, "this control plane stopped", at_once=True)
             except Exception as exc:  # noqa: BLE001 - their claims lapse instead
-                log.warning("%d waiting webhook deliveries not given back (%s)", len(waiting), exc)
+                log.warning("%d waiting webhook deliveries not released (%s)", len(waiting), exc)
 
     async def _send(self, d: Delivery) -> None:
         try:

@@ -3,9 +3,10 @@ trickles its answer, one that never answers, one that answers with a huge body. 
 webhooks' deliveries still arrive promptly, what is read of an answer is bounded, and no
 delivery is lost or sent while another replica could claim it.
 
-The store is an in-memory outbox with the store's claim contract (due, oldest first, leased,
-the attempt counted): these tests are about the sender's time and memory, and a database
-would only make them slower."""
+The store is an in-memory outbox with the store's claim contract (due, oldest first, a share
+per webhook, leased, the attempt counted; a release undoes a claim): these tests are about the
+sender's time and memory, and a database would only make them slower. The one about attempts
+runs on the real stores."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ import dataclasses
 import datetime as dt
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from cloud.domain import AlertEventRecord
+from cloud.store import Store, open_store
+from cloud.store.sql import SqlStore
+from cloud.store.tables import DeliveryRow
 from cloud.webhook_kinds import new_secret
 from cloud.webhook_records import Delivery
 from cloud.webhooks import (
@@ -57,6 +64,7 @@ class Outbox:
         self.rows: dict[int, Row] = {}
         self.finished: list[Finish] = []
         self.leases: list[dt.timedelta] = []
+        self.released: list[tuple[int, dt.datetime]] = []
         self._lock = threading.Lock()
 
     def add(self, webhook: str, url: str, n: int = 1, after_s: float = 0.0) -> list[int]:
@@ -76,19 +84,46 @@ class Outbox:
                 ids.append(i)
             return ids
 
-    def claim_deliveries(self, now: dt.datetime, lease: dt.timedelta, limit: int) -> list[Delivery]:
+    def claim_deliveries(
+        self,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        limit: int,
+        per_webhook: int | None = None,
+        busy: dict[str, int] | None = None,
+    ) -> list[Delivery]:
         with self._lock:
             self.leases.append(lease)
+            taken = dict(busy or {})
             claimed = []
             for row in sorted(self.rows.values(), key=lambda r: r.delivery.id):
                 if len(claimed) == limit:
                     break
+                hook = row.delivery.webhook_id
+                if per_webhook is not None and taken.get(hook, 0) >= per_webhook:
+                    continue
                 if row.state == "pending" and row.due <= now:
                     attempts = row.delivery.attempts + 1
-                    row.delivery = dataclasses.replace(row.delivery, attempts=attempts)
                     row.due = now + lease
+                    row.delivery = dataclasses.replace(
+                        row.delivery, attempts=attempts, leased_until=row.due
+                    )
+                    taken[hook] = taken.get(hook, 0) + 1
                     claimed.append(row.delivery)
             return claimed
+
+    def release_delivery(
+        self, delivery_id: int, leased_until: dt.datetime, due: dt.datetime
+    ) -> bool:
+        with self._lock:
+            row = self.rows[delivery_id]
+            if row.state != "pending" or row.due != leased_until:
+                return False
+            self.released.append((delivery_id, due))
+            attempts = row.delivery.attempts - 1
+            row.delivery = dataclasses.replace(row.delivery, attempts=attempts)
+            row.due = due
+            return True
 
     def finish_delivery(
         self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
@@ -259,15 +294,13 @@ def test_a_receiver_that_never_answers_takes_only_its_share_of_the_slots() -> No
             hung.set()
             receivers.close()
         assert most_open[0] == PER_WEBHOOK_SENDING, most_open
-        # Those past its share were given back, and at stop those waiting: never dead, due
-        # again (at once for those the stop gave back), the attempt counted.
-        given_back = [f for i in dead_ids for f in outbox.finishes(i)]
-        assert len(given_back) == 40 - PER_WEBHOOK_SENDING, given_back
-        assert all(f.error.startswith("not sent: ") and f.retry_at for f in given_back)
-        stopped = [f for f in given_back if "stopped" in f.error]
-        assert len(stopped) == PER_WEBHOOK_CLAIMED - PER_WEBHOOK_SENDING, given_back
-        in_flight = [i for i in dead_ids if not outbox.finishes(i)]
-        assert len(in_flight) == PER_WEBHOOK_SENDING  # their leases lapse: sent again later
+        # Those past its share were never claimed (no attempt counted); at stop, those waiting
+        # for a slot were released, due again at once, their attempts not counted either.
+        assert not [f for i in dead_ids for f in outbox.finishes(i)], outbox.finished
+        attempts = [outbox.rows[i].delivery.attempts for i in dead_ids]
+        assert attempts.count(1) == PER_WEBHOOK_SENDING, attempts  # in flight: their leases
+        assert attempts.count(0) == 40 - PER_WEBHOOK_SENDING, attempts  # lapse, then resent
+        assert len(outbox.released) == PER_WEBHOOK_CLAIMED - PER_WEBHOOK_SENDING, outbox.released
         assert all(outbox.state(i) == "pending" for i in dead_ids)
 
     asyncio.run(main())
@@ -359,3 +392,129 @@ def test_of_a_huge_answer_only_its_first_bytes_are_read() -> None:
         assert ANSWER_BYTES <= 4096
 
     asyncio.run(main())
+
+
+def test_a_delivery_that_waited_too_long_for_a_slot_is_released_at_no_cost() -> None:
+    """One claimed so long ago that its lease could lapse mid-exchange is not sent: it is
+    released, its attempt not counted and the receiver's last error kept (before: the attempt
+    counted and its error became "not sent: it waited ..."). One whose claim is already
+    over (claimed again meanwhile) is left to its new holder."""
+    outbox = Outbox()
+    first, other = outbox.add("slow", "http://127.0.0.1:9/hook", n=2)
+    for i in (first, other):  # a failed attempt each, the receiver's error recorded
+        outbox.rows[i].error = "HTTP 503: down"
+        outbox.rows[i].delivery = dataclasses.replace(outbox.rows[i].delivery, attempts=1)
+    now = dt.datetime.now(dt.UTC)
+    settings = SenderSettings(timeout_s=5.0)
+    sender = WebhookSender(outbox, settings)  # type: ignore[arg-type]
+    claimed = outbox.claim_deliveries(now, dt.timedelta(seconds=50), 10)
+    assert [d.attempts for d in claimed] == [2, 2]
+    outbox.rows[other].due = now + dt.timedelta(hours=1)  # lapsed and claimed by another
+    long_ago = time.monotonic() - 3600
+
+    async def deliver() -> None:
+        for d in claimed:
+            sender._claimed, sender._sending = 1, {d.webhook_id: 1}
+            await sender._deliver(d, long_ago)
+
+    asyncio.run(deliver())
+    assert outbox.finished == []  # nothing sent, nothing recorded as an attempt's outcome
+    ((released, due),) = outbox.released
+    assert released == first and due >= now + dt.timedelta(seconds=settings.timeout_s), due
+    assert outbox.rows[first].delivery.attempts == 1
+    assert outbox.rows[first].error == "HTTP 503: down"
+    assert outbox.rows[other].delivery.attempts == 2  # its new holder's claim
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def real_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = (
+        f"sqlite:///{tmp_path / 'autoglm.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    store = open_store(url)
+    yield store
+    store.close()
+
+
+def _backlog(store: Store, url: str, n: int) -> None:
+    """`n` alerts raised on one device, each queued to the one webhook at `url`."""
+    now = dt.datetime.now(dt.UTC)
+    device = store.create_device("pump-station", {}, "", now).id
+    store.add_webhook(url, SECRET, "", now)
+    events = [
+        AlertEventRecord(
+            device_id=device,
+            sequence=i,
+            alert_key=f"pump-{i}:anomaly:{i}",
+            kind="raised",
+            asset=f"pump-{i}",
+            fault="anomaly",
+            score=2.0,
+            top_sensors=[("flow", 0.7)],
+            window_start=now,
+            window_end=now,
+            raised_at=now,
+            model_version="1",
+        )
+        for i in range(1, n + 1)
+    ]
+    store.store_records(device, [], events, now)
+
+
+def test_a_dead_receivers_backlog_is_tried_max_attempts_times_each(real_store: Store) -> None:
+    """100 deliveries queued to a receiver that answers 503: each goes dead only after it was
+    sent max_attempts times, with the receiver's answer as its last error. Before, the sender
+    claimed more of them than the webhook's share and gave the extra back; each claim counted
+    an attempt, so deliveries went dead after fewer sends, and a give-back's "not sent: ..."
+    replaced the receiver's error."""
+    backlog, max_attempts = 100, 3
+    sends: dict[str, int] = {}
+
+    async def down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # keep-alive: one connection serves several deliveries
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            fields = dict(
+                line.decode().lower().split(":", 1) for line in head.split(b"\r\n")[1:] if line
+            )
+            await reader.readexactly(int(fields["content-length"]))
+            delivery = fields["webhook-id"].strip()
+            sends[delivery] = sends.get(delivery, 0) + 1
+            writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\ndown")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        receivers = Receivers()
+        _backlog(real_store, await receivers.start(down), backlog)
+        settings = SenderSettings(timeout_s=5.0, poll_s=0.05, retry_initial_s=0.05,
+                                  retry_max_s=0.2, max_attempts=max_attempts)  # fmt: skip
+        sender = WebhookSender(real_store, settings)
+        task = asyncio.create_task(sender.run(asyncio.Event()))
+
+        def all_dead() -> bool:
+            return real_store.list_webhooks()[0].dead == backlog
+
+        try:
+            await _eventually(all_dead, 120, "every delivery dead")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            receivers.close()
+
+    asyncio.run(main())
+    assert isinstance(real_store, SqlStore)
+    with real_store.engine.connect() as c:
+        rows = c.execute(select(DeliveryRow.id, DeliveryRow.attempts, DeliveryRow.last_error)).all()
+    assert len(rows) == backlog
+    # Recorded attempts are real sends (at least once: never fewer sends than attempts).
+    wrong = {i: (attempts, sends.get(f"dlv_{i}", 0)) for i, attempts, _ in rows
+             if attempts != sends.get(f"dlv_{i}", 0) or attempts != max_attempts}  # fmt: skip
+    assert not wrong, f"(attempts recorded, times sent) of {len(wrong)}: {wrong}"
+    errors = {error for _, _, error in rows}
+    assert errors == {"HTTP 503: down"}, errors
+    assert real_store.list_webhooks()[0].last_error == "HTTP 503: down"
