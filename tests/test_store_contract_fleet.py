@@ -235,6 +235,22 @@ class FleetStateContract:
         rest = store.claim_deliveries(NOW, lease, 10, per_webhook=10)
         assert len(rest) == 12 - 6 and not {x.id for x in rest} & {x.id for x in [*got, one]}
 
+    def test_a_late_failure_never_undoes_a_delivery(self, store: Store) -> None:
+        """Replica A's lease lapses mid-send, B claims the delivery again and delivers it;
+        A's failure arriving afterwards must not make the delivered delivery dead."""
+        d = store.create_device("p", {}, "", NOW).id
+        store.add_webhook("http://h/a", "secret-secret-secret", "", NOW)
+        store.store_records(d, [], [_event(d, 1, "raised")], NOW)
+        lease = dt.timedelta(seconds=30)
+        (by_a,) = store.claim_deliveries(NOW, lease, 10)
+        (by_b,) = store.claim_deliveries(NOW + 2 * lease, lease, 10)
+        assert by_b.id == by_a.id
+        store.finish_delivery(by_b.id, "", NOW + 2 * lease, None)
+        store.finish_delivery(by_a.id, "HTTP 500: late", NOW + 3 * lease, None)  # out of tries
+        (listed,) = store.list_webhooks()
+        assert (listed.delivered, listed.dead, listed.pending) == (1, 0, 0)
+        assert listed.last_error == "", listed.last_error
+
     def test_a_released_delivery_costs_no_attempt_and_keeps_its_error(self, store: Store) -> None:
         d = store.create_device("p", {}, "", NOW).id
         hook = store.add_webhook("http://h/a", "secret-secret-secret", "", NOW).id

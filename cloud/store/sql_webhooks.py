@@ -270,11 +270,17 @@ class WebhookTables(SqlBase):
     def finish_delivery(
         self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
     ) -> None:
-        """Delivered when `error` is empty; else retried at `retry_at`, or dead without one."""
+        """Delivered when `error` is empty; else retried at `retry_at`, or dead without one.
+        A delivery no longer pending (finished by another claim) is left as it is."""
         with self._tx() as s:
             row = s.get(DeliveryRow, delivery_id, with_for_update=True)
             if row is None:
                 return  # its webhook was removed meanwhile
+            if row.state != PENDING:
+                # A sender whose lease lapsed finishes after another replica did: a delivery
+                # already delivered (or given up) keeps that outcome; a late failure must not
+                # make a delivered one dead or give it an error it no longer has.
+                return
             if not error:
                 row.state, row.delivered_at, row.last_error = DELIVERED, now, ""
             elif retry_at is None:
