@@ -83,8 +83,8 @@ class PlaneMetrics:
         self.delivery_attempts = Counter(
             "autoglm_webhook_attempts",
             "Alert delivery attempts by target kind and outcome: delivered, retry, dead, "
-            "deferred (claimed but not sent: its webhook had its share of the sender's slots, "
-            "or the replica stopped; tried again later).",
+            "deferred (claimed but not sent: it waited too long for a sender slot, or the "
+            "replica stopped; released at no attempt's cost and tried again later).",
             ("kind", "outcome"),
             registry=self.registry,
         )
