@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edge_agent.bundle import Manifest, Variant, sha256_file, unpack_tar, verify_bundle
 from edge_agent.config import ModelChoice
-from edge_agent.errors import IntegrityError, InvalidInput, NotFound
+from edge_agent.errors import IntegrityError, InvalidInput, LocalStateError, NotFound
 from edge_agent.files import (
     fsync_dir,
     fsync_file,
@@ -143,8 +143,11 @@ def verified(
         raise NotFound(f"model.bundle {bundle}: no such bundle (directory or .tar)")
     try:
         digest = "sha256:" + sha256_file(bundle)
-    except OSError as exc:
-        raise IntegrityError(f"model.bundle {bundle}: cannot read it: {exc}") from None
+    except OSError as exc:  # the disk's fault, not the bundle's: never mark the model bad
+        raise LocalStateError(
+            f"model.bundle {bundle}: cannot read it ({exc.strerror or exc}): the disk, "
+            "not the bundle"
+        ) from None
     target = models_dir / bundle.name.removesuffix(".tar")
     if models_dir.is_dir():
         sweep_staging(models_dir, folders=True)

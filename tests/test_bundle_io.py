@@ -269,6 +269,24 @@ def test_the_configured_bundle_on_a_full_disk_says_so_and_leaves_no_staging(
     assert manifest.version == "2" and directory.parent == models
 
 
+def test_the_configured_bundle_unreadable_blames_the_disk_not_the_bundle(
+    bundle: Path,
+    key: ed25519.Ed25519PrivateKey,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An I/O error hashing the configured archive is a local state error (the version is
+    not marked failed for it), not an integrity error."""
+    archive = pack(bundle, tmp_path / "pump-2.tar")
+
+    def unreadable(path: Path) -> str:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(serving, "sha256_file", unreadable)
+    with pytest.raises(LocalStateError, match=r"cannot read it \(Input/output error\)"):
+        serving.verified(archive, key.public_key(), tmp_path / "models")
+
+
 def _gzipped(bundle: Path, tmp_path: Path) -> bytes:
     plain = pack(bundle, tmp_path / "plain.tar").read_bytes()
     return gzip.compress(plain)
