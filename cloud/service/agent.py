@@ -31,6 +31,7 @@ from cloud.service.maintenance_push import maintenance_message
 from cloud.service.metrics import PlaneMetrics
 from cloud.service.peer import certificate_not_after, device_identity, issued_by
 from cloud.service.records import store_batch
+from cloud.service.replacements import ReplacedSessions
 from cloud.service.serde import (
     desired_to_proto,
     install_report_from_proto,
@@ -121,8 +122,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         admission: SessionAdmission | None = None,
         maintenance_windows: Callable[[], list[MaintenanceWindow]] | None = None,
         replica: str = "",
+        replaced: ReplacedSessions | None = None,
     ) -> None:
-        self.replica = replica  # this replica's id, in the claims of the sessions it opens
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
         self._refusals_waiting = 0  # see REFUSALS_WAITING
@@ -140,6 +141,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.hub = hub
         self.heartbeat_interval_s = heartbeat_interval_s
         self.store = registry.store
+        # Claims each session opened (`replica`: this replica's id, named in the claims).
+        self.replaced = replaced or ReplacedSessions(self.store, hub, replica)
         # The maintenance windows in force (any thread): the plane's shared recent read.
         self.maintenance_windows = maintenance_windows or (
             lambda: self.store.list_maintenance(utc_now(), False)
@@ -235,18 +238,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     self.store.record_cert_expiry, device.id, fingerprint, expiry
                 )
             # The device's next generation fleet-wide: a replica holding an older session of
-            # it ends that one (`cloud.session_claims`); one held here ends now.
-            peer = context.peer()
-            claim, replacement = await asyncio.to_thread(
-                self.store.claim_session,
-                device.id,
-                self.replica,
-                peer,
-                self.hub.clock(),
-                self.hub.is_open(device.id),
-            )
-            # Open before the desired state is read: a change made meanwhile is pushed to it.
-            live = self.hub.open(device.id, fingerprint, peer, claim.generation, replacement)
+            # it ends that one (`cloud.session_claims`); one held here ends now. Open before
+            # the desired state is read: a change made meanwhile is pushed to it.
+            live = await self.replaced.open(device.id, fingerprint, context.peer())
             # Online once it holds a session (no await since): a claim that failed (the store
             # away, the device deleted meanwhile) leaves it as it was.
             self.presence.seen(

@@ -122,7 +122,7 @@ class ControlPlane:
         self.store = store
         self.hub = SessionHub()
         self.replica = config.replica_id or default_replica_id()  # named in session claims
-        self.replaced = ReplacedSessions(store, self.hub, self.replica)  # by other replicas
+        self.replaced = ReplacedSessions(store, self.hub, self.replica)  # claims, replacements
         self.presence = PresenceTracker(store, encode=message_to_dict)
         self.registry = DeviceRegistry(
             store,
@@ -230,7 +230,7 @@ class ControlPlane:
                 issuing_ca=self.secrets.ca,
                 admission=self.admission,
                 maintenance_windows=self.maintenance.windows_in_force,
-                replica=self.replica,
+                replaced=self.replaced,
             ),
             server,
         )

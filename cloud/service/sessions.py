@@ -45,6 +45,7 @@ class LiveSession:
     maintenance: bytes | None = None  # the maintenance periods last sent down it
     opened_at: float = field(default_factory=time.monotonic)
     generation: int = 0  # its claim among the device's sessions fleet-wide (0: none)
+    replica: str = ""  # the replica its claim names (this one, as the store keeps its name)
     released: asyncio.Event = field(default_factory=asyncio.Event)  # forgotten by the plane
     reader: asyncio.Task[None] | None = None  # reads what the device sends, while open
     on_end: Callable[[], None] | None = None  # called once `ending` is set
@@ -103,17 +104,25 @@ class SessionHub:
         peer: str = "",
         generation: int = 0,
         replacement: Replacement | None = None,
+        replica: str = "",
     ) -> LiveSession:
         """Registers a new session of the device; its older sessions here end (ABORTED, or
         RESOURCE_EXHAUSTED with a retry hint when `replacement`, the store's count of this
         replacement, says the device flaps): a device holds one session, and one that
-        reconnects in a loop holds no more."""
-        live = LiveSession(device_id, fingerprint, peer, generation=generation)
+        reconnects in a loop holds no more. When a session of a newer `generation` is here
+        already (two setups whose claims returned out of order), the new one ends instead,
+        unregistered."""
+        live = LiveSession(device_id, fingerprint, peer, generation=generation, replica=replica)
         older = self._by_device.get(device_id, ())
         if replacement is not None and replacement.started:
             # The store counted it: warned once fleet-wide, even when the session it replaced
             # ended here (or was ended by another check) while the claim was taken.
             _warn_flapping(device_id, replacement, peer, [o.peer for o in older])
+        newer = [o for o in older if generation and o.generation > generation]
+        if newer:
+            live.end(replaced_error(device_id, newer[0].peer, newer[0].replica, None))
+            log.info("device %s: a session older than the one here ended as it opened", device_id)
+            return live
         if older:
             error = replaced_error(device_id, peer, "", replacement)
             for old in older:
@@ -122,16 +131,19 @@ class SessionHub:
         self._by_device[device_id] = {live}
         return live
 
-    def superseded(self, newest: dict[str, tuple[int, str]], replica: str) -> list[LiveSession]:
-        """Sessions here, not ending yet, of a generation older than their device's newest
-        (`newest`: device id -> (generation, replica), as the store has them) when another
-        replica opened that one (`open` ends those this `replica` replaces)."""
+    def replaced_by(self, newest: dict[str, tuple[int, str]], since: float) -> list[LiveSession]:
+        """Sessions here, not ending yet, opened before `since` (when `newest` was read)
+        under a claim other than their device's newest (`newest`: device id -> (generation,
+        replica), as the store has them). Identity, not order: a store restored from an
+        older backup hands out lower generations again."""
         return [
             live
-            for device_id, (generation, opened_on) in newest.items()
-            if opened_on != replica
+            for device_id, claim in newest.items()
             for live in self._by_device.get(device_id, ())
-            if 0 < live.generation < generation and live.ending is None
+            if live.generation
+            and (live.generation, live.replica) != claim
+            and live.opened_at < since
+            and live.ending is None
         ]
 
     def end_replaced(
