@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from cloud.service.admission import SessionAdmission
-from cloud.service.sessions import FLAP_REPLACEMENTS, FLAP_RETRY_S, OUTBOUND_LIMIT, SessionHub
+from cloud.service.sessions import OUTBOUND_LIMIT, SessionHub
+from cloud.session_claims import FLAP_REPLACEMENTS, FLAP_RETRY_S, SessionClaim, replaced
 from edge_agent.errors import (
     RETRY_AFTER_KEY,
     AutoglmError,
@@ -68,12 +69,14 @@ def _plane_endings() -> dict[str, AutoglmError]:
         for seq in range(OUTBOUND_LIMIT + 1):
             live.send(seq)
         slow = live.ending
-        replaced = hub.open("d2")
+        ended = hub.open("d2")
         hub.open("d2")
-        flapping = replaced
+        # The store's count (`cloud.session_claims`): past FLAP_REPLACEMENTS, flapping.
+        claim = SessionClaim("d2", 1)
         for _ in range(FLAP_REPLACEMENTS + 1):
-            flapping = hub.open("d2")
-        hub.open("d2")
+            claim, counted = replaced(claim, 0.0)
+        flapping = hub.open("d2")
+        hub.open("d2", replacement=counted)
         admission = SessionAdmission(1)
         with admission.setup():
             try:
@@ -81,10 +84,10 @@ def _plane_endings() -> dict[str, AutoglmError]:
                     pass
             except RateLimited as exc:
                 busy = exc
-        assert slow is not None and replaced.ending is not None and flapping.ending is not None
+        assert slow is not None and ended.ending is not None and flapping.ending is not None
         return {
             "slow": slow,
-            "replaced": replaced.ending,
+            "replaced": ended.ending,
             "flapping": flapping.ending,
             "busy": busy,
         }
