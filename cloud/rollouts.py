@@ -12,11 +12,9 @@ tick looks at the running rollouts in the store and moves each one on:
   back) -> next wave.
 
 Past `max_failure_fraction` of the targets started so far the rollout aborts by itself:
-every target that received the new version is sent back to its previous one. A device whose
-disk does not take the install (its agent says it tries again) is no failure: it waits as
-deferred. An install reported later counts, also after a failure (not after a gate's verdict
-or an abort). All state is in the store, so a restarted control plane carries on where it
-stopped.
+every target that received the new version is sent back to its previous one. Devices'
+install and shadow reports move their targets in `cloud/rollout_reports.py`. All state is in
+the store, so a restarted control plane carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import datetime as dt
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from cloud.clock import Clock, utc_now
@@ -36,7 +34,6 @@ from cloud.domain import (
     DeviceState,
     DeviceSummary,
     Gates,
-    InstallOutcome,
     InstallReport,
     ModelRecord,
     RolloutRecord,
@@ -46,6 +43,7 @@ from cloud.domain import (
     TargetState,
     Wave,
 )
+from cloud.rollout_reports import RolloutReports
 from cloud.rollout_rules import (
     DEFAULT_WAVES,
     RolloutSettings,
@@ -53,6 +51,14 @@ from cloud.rollout_rules import (
     check_gates,
     latency_regression,
     parse_waves,
+)
+from cloud.rollout_targets import (
+    GATE,
+    agent_errors,
+    desired_state,
+    failures,
+    moved,
+    summaries,
 )
 from cloud.selectors import parse_selector
 from cloud.store import Store
@@ -62,7 +68,6 @@ from edge_agent.logs import ids
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRIES = 5  # an operator action or a report against concurrent writers
-GATE = "gate: "  # begins the detail of a target the gates judged (a verdict reports never undo)
 _T = TypeVar("_T")
 
 
@@ -76,6 +81,7 @@ class RolloutController:
         self.clock = clock
         self._lock = threading.Lock()  # ticks and reports read-modify-write the same targets
         self.ticks = 0  # reconciliation passes so far
+        self.reports = RolloutReports(store, clock)  # devices' reports, under the same lock
 
     # ---- operator actions ----
     def create(
@@ -237,192 +243,15 @@ class RolloutController:
 
     def on_install(self, device_id: str, report: InstallReport) -> None:
         """Records what a device says about installing a rollout's version."""
-        self._retried(lambda: self._on_install(device_id, report))
-
-    def _on_install(self, device_id: str, report: InstallReport) -> None:
-        found = self._target(report.rollout_id, device_id)
-        if found is None:
-            return
-        rollout, target = found
-        if report.model_version != rollout.model_version:
-            return  # a report about a rollback or an older version
-        if rollout.state is RolloutState.ABORTED or target.state is TargetState.ROLLED_BACK:
-            self._after_abort(target, report)
-        elif report.outcome is InstallOutcome.INSTALLED:
-            self._installed(rollout, target, report)
-        elif report.retrying:
-            self._retrying(rollout, target, report)
-        else:
-            target = _moved(target, TargetState.FAILED, _summary(report), self.clock())
-            log.warning(
-                "rollout %s: device %s failed: %s",
-                rollout.id,
-                device_id,
-                target.detail,
-                extra=ids(rollout=rollout.id, device=device_id),
-            )
-            self.store.save_target(target)
-
-    def _installed(
-        self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport
-    ) -> None:
-        """The device installed the version: the target moves on from waiting for it, and
-        from an install failure (a timeout, a download that failed and later worked); a
-        gate's verdict on it stands."""
-        if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED, TargetState.FAILED):
-            return  # a report resent after a reconnect
-        if target.state is TargetState.FAILED and target.detail.startswith(GATE):
-            return  # resent after the gate judged it
-        device_id, now = target.device_id, self.clock()
-        desired = self.store.get_desired(device_id)
-        shadow = desired is not None and desired.shadow
-        wave = rollout.waves[target.wave]
-        if shadow and wave.installed_at is not None:  # its wave's soak began without it
-            if wave.promoted_at is None:  # served when the wave is, like an offline device
-                late = "installed in shadow after its wave's soak began; serves it at promotion"
-                if (target.state, target.detail) != (TargetState.DEFERRED, late):
-                    self.store.save_target(_moved(target, TargetState.DEFERRED, late, now))
-                return
-            if rollout.state.active and desired is not None and desired.rollout_id == rollout.id:
-                # Its wave was promoted meanwhile: serve it now, as a deferred device would.
-                # (Only while the rollout is active: no other rollout can take the device.)
-                model = self.store.get_model(rollout.model_name, rollout.model_version)
-                self.store.save_rollout(
-                    rollout,
-                    [_moved(target, TargetState.INSTALLING, "promoted late; swapping", now)],
-                    [self._desired(model, rollout.id, device_id, False)],
-                )
-                return
-        device = self.store.get_device(device_id)
-        if report.serving_version and report.serving_version != rollout.model_version:
-            # What it really served: the status read at creation may be stale.
-            target = dataclasses.replace(
-                target,
-                previous_name=report.serving_name,
-                previous_version=report.serving_version,
-            )
-        if target.state is TargetState.FAILED:
-            log.info(
-                "rollout %s: device %s installed the version after failing (%s)",
-                rollout.id,
-                device_id,
-                target.detail,
-                extra=ids(rollout=rollout.id, device=device_id),
-            )
-        target = dataclasses.replace(
-            target,
-            state=TargetState.SHADOWING if shadow else TargetState.UPDATED,
-            detail=f"installed ({report.backend})",
-            errors_at_install=_agent_errors(device.status.get("health")),
-            updated_at=now,
-        )
-        if rollout.state is RolloutState.PARTIAL:  # ended with failures: one fewer now
-            targets = [
-                target if t.device_id == device_id else t
-                for t in self.store.rollout_targets(rollout.id)
-            ]
-            reason = self._failures(targets)
-            state = RolloutState.PARTIAL if reason else RolloutState.SUCCEEDED
-            self.store.save_rollout(self._with(rollout, state=state, reason=reason), [target])
-            return
-        self.store.save_target(target)
-
-    def _retrying(
-        self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport
-    ) -> None:
-        """The device's disk did not take the install and the agent tries again: no verdict
-        on the version, so not a failure against the budget. The target waits as deferred
-        (the wave goes on without it; it gets the version when the wave is promoted) and
-        says why."""
-        if target.state is TargetState.WAITING or (
-            target.state is TargetState.FAILED and target.detail.startswith(GATE)
-        ):
-            return
-        detail = _summary(report)
-        if (target.state, target.detail) == (TargetState.DEFERRED, detail):
-            return  # resent after a reconnect
-        log.warning(
-            "rollout %s: device %s cannot install yet and tries again: %s",
-            rollout.id,
-            target.device_id,
-            detail,
-            extra=ids(rollout=rollout.id, device=target.device_id),
-        )
-        self.store.save_target(_moved(target, TargetState.DEFERRED, detail, self.clock()))
-
-    def _after_abort(self, target: RolloutTarget, report: InstallReport) -> None:
-        """A report that came after the rollout was aborted (or the device sent back): kept
-        in the target's detail; the target stays where the abort left it."""
-        if report.outcome is InstallOutcome.INSTALLED:
-            what = f"installed ({report.backend})"
-        else:
-            what = _summary(report)
-        detail = f"reported after the abort: {what}"[:500]
-        if target.detail != detail:
-            self.store.save_target(_moved(target, target.state, detail, self.clock()))
+        self._retried(lambda: self.reports.on_install(device_id, report))
 
     def on_shadow(self, device_id: str, report: ShadowReport) -> None:
-        self._retried(lambda: self._on_shadow(device_id, report))
-
-    def _on_shadow(self, device_id: str, report: ShadowReport) -> None:
-        found = self._target(report.rollout_id, device_id)
-        if found is None:
-            return
-        rollout, _ = found
-        if report.candidate_version != rollout.model_version:
-            return
-        shadow = {
-            "windows": report.windows,
-            "agreement": report.agreement,
-            "alert_rate_candidate": report.alert_rate_candidate,
-            "alert_rate_incumbent": report.alert_rate_incumbent,
-            "latency_p99_ms": report.latency_p99_ms,
-            "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
-            "latency_p50_ms": report.latency_p50_ms,
-            "incumbent_latency_p50_ms": report.incumbent_latency_p50_ms,
-            "latency_samples": report.latency_samples,
-            "detail": report.detail,
-            "self_agreement": report.self_agreement,
-            "self_rate_difference": report.self_rate_difference,
-        }
-        self.store.record_shadow(rollout.id, device_id, shadow)
+        """Records a device's shadow statistics on a rollout's version."""
+        self._retried(lambda: self.reports.on_shadow(device_id, report))
 
     # ---- internals (called with the lock held) ----
-    def _target(
-        self, rollout_id: str, device_id: str
-    ) -> tuple[RolloutRecord, RolloutTarget] | None:
-        if not rollout_id:
-            return None
-        try:
-            rollout = self.store.get_rollout(rollout_id)
-        except Exception:  # noqa: BLE001 - an unknown rollout id from a device: ignore it
-            log.warning("device %s reported on unknown rollout %s", device_id, rollout_id)
-            return None
-        target = self.store.rollout_target(rollout_id, device_id)
-        return (rollout, target) if target is not None else None
-
     def _online(self, device: DeviceRecord | DeviceSummary, now: dt.datetime) -> bool:
         return device.is_online(now, self.settings.offline_after)
-
-    def _devices(self, device_ids: Iterable[str]) -> dict[str, DeviceSummary]:
-        """The few columns a step needs of these devices only (a tick reads no device when
-        nothing waits on one: whole-fleet reads cost most of a CPU-second at 10,000)."""
-        wanted = set(device_ids)
-        return {d.id: d for d in self.store.device_summaries(wanted)} if wanted else {}
-
-    def _desired(
-        self, model: ModelRecord, rollout_id: str, device_id: str, shadow: bool
-    ) -> DesiredModel:
-        return DesiredModel(
-            device_id=device_id,
-            model_name=model.name,
-            model_version=model.version,
-            manifest_digest=model.manifest_digest,
-            signature_digest=model.signature_digest,
-            rollout_id=rollout_id,
-            shadow=shadow,
-            updated_at=self.clock(),
-        )
 
     def _advance(self, rollout: RolloutRecord) -> tuple[RolloutRecord, list[DesiredModel]]:
         """Moves a running rollout as far as it can go now."""
@@ -443,15 +272,17 @@ class RolloutController:
         shadow = rollout.soak_s > 0
         if wave.started_at is None:
             model = self.store.get_model(rollout.model_name, rollout.model_version)
-            devices = self._devices(t.device_id for t in in_wave)
+            devices = summaries(self.store, (t.device_id for t in in_wave))
             updated, desired = [], []
             for t in in_wave:
                 device = devices.get(t.device_id)
                 if device is not None and self._online(device, now):
-                    desired.append(self._desired(model, rollout.id, t.device_id, shadow))
-                    updated.append(_moved(t, TargetState.INSTALLING, "desired state sent", now))
+                    desired.append(
+                        desired_state(model, rollout.id, t.device_id, shadow, self.clock())
+                    )
+                    updated.append(moved(t, TargetState.INSTALLING, "desired state sent", now))
                 else:
-                    updated.append(_moved(t, TargetState.DEFERRED, "offline; installs later", now))
+                    updated.append(moved(t, TargetState.DEFERRED, "offline; installs later", now))
             rollout = self._with_wave(rollout, wave, started_at=now)
             rollout, desired = self.store.save_rollout(rollout, updated, desired)
             log.info(
@@ -460,7 +291,7 @@ class RolloutController:
             return rollout, desired
 
         timed_out = [
-            _moved(t, TargetState.FAILED, "no install report in time", now)
+            moved(t, TargetState.FAILED, "no install report in time", now)
             for t in in_wave
             if t.state is TargetState.INSTALLING
             and t.updated_at is not None
@@ -473,7 +304,7 @@ class RolloutController:
         if any(t.state is TargetState.INSTALLING for t in in_wave):
             return rollout, []
         if wave.promoted_at is not None:  # the last wave, every swap reported
-            if reason := self._failures(targets):  # within --max-failures, not a success
+            if reason := failures(self.store, targets):  # within --max-failures, not a success
                 rollout = self._with(rollout, state=RolloutState.PARTIAL, reason=reason)
                 log.warning(
                     "rollout %s finished with failures: %s",
@@ -507,10 +338,10 @@ class RolloutController:
             if t.wave != wave.index:
                 continue
             if t.state is TargetState.SHADOWING:
-                desired.append(self._desired(model, rollout.id, t.device_id, False))
-                updated.append(_moved(t, TargetState.INSTALLING, "promoted; swapping", now))
+                desired.append(desired_state(model, rollout.id, t.device_id, False, self.clock()))
+                updated.append(moved(t, TargetState.INSTALLING, "promoted; swapping", now))
             elif t.state is TargetState.DEFERRED:
-                desired.append(self._desired(model, rollout.id, t.device_id, False))
+                desired.append(desired_state(model, rollout.id, t.device_id, False, self.clock()))
         last = rollout.current_wave == len(rollout.waves) - 1
         rollout = self._with_wave(rollout, wave, promoted_at=now)
         if not last:
@@ -520,19 +351,6 @@ class RolloutController:
             "rollout %s: wave %d promoted", rollout.id, wave.index, extra=ids(rollout=rollout.id)
         )
         return rollout, desired
-
-    def _failures(self, targets: list[RolloutTarget]) -> str:
-        """The failed targets in words (the reason a rollout ended partial); "" for none."""
-        failed = [t for t in targets if t.state is TargetState.FAILED]
-        if not failed:
-            return ""
-        devices = self._devices(t.device_id for t in failed[:5])
-        names = ", ".join(
-            f"{devices[t.device_id].name if t.device_id in devices else t.device_id} ({t.detail})"
-            for t in failed[:5]
-        )
-        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
-        return f"{len(failed)} of {len(targets)} device(s) failed: {names}{more}"
 
     def _judge(
         self,
@@ -544,7 +362,7 @@ class RolloutController:
         """Gate verdicts for the wave's shadowing targets; None while data is missing."""
         gates = rollout.gates
         shadowing = [t for t in in_wave if t.state is TargetState.SHADOWING]
-        devices = self._devices(t.device_id for t in shadowing)
+        devices = summaries(self.store, (t.device_id for t in shadowing))
         failed: list[RolloutTarget] = []
         waiting = False
         for t in shadowing:
@@ -554,7 +372,7 @@ class RolloutController:
                     waiting = True
                     continue
                 short = f"{GATE}only {windows} shadow window(s) reported"
-                failed.append(_moved(t, TargetState.FAILED, short, now))
+                failed.append(moved(t, TargetState.FAILED, short, now))
                 continue
             agreement = t.shadow_agreement
             difference = t.shadow_alert_rate_difference
@@ -565,7 +383,7 @@ class RolloutController:
             device = devices.get(t.device_id)
             errors = 0
             if device is not None:
-                errors = _agent_errors(device.health) - t.errors_at_install
+                errors = agent_errors(device.health) - t.errors_at_install
             why = behaviour_gate(
                 gates, agreement, difference, t.shadow_self_agreement,
                 t.shadow_self_rate_difference,
@@ -575,7 +393,7 @@ class RolloutController:
             if t.errors_at_install >= 0 and errors > gates.max_agent_errors:
                 why.append(f"{errors} agent errors during the soak > {gates.max_agent_errors}")
             if why:
-                failed.append(_moved(t, TargetState.FAILED, GATE + "; ".join(why), now))
+                failed.append(moved(t, TargetState.FAILED, GATE + "; ".join(why), now))
         if waiting:
             return None
         return failed
@@ -628,7 +446,7 @@ class RolloutController:
                     revert_version=rollout.model_version,
                 )
             )
-            updated.append(_moved(t, TargetState.ROLLED_BACK, t.detail or "rolled back", now))
+            updated.append(moved(t, TargetState.ROLLED_BACK, t.detail or "rolled back", now))
         rollout = self._with(rollout, state=RolloutState.ABORTED, reason=reason)
         rollout, desired = self.store.save_rollout(rollout, updated, desired)
         log.warning("rollout %s aborted: %s", rollout.id, reason, extra=ids(rollout=rollout.id))
@@ -641,20 +459,3 @@ class RolloutController:
         waves = list(rollout.waves)
         waves[wave.index] = dataclasses.replace(wave, **changes)  # type: ignore[arg-type]
         return self._with(rollout, waves=tuple(waves))
-
-
-def _moved(t: RolloutTarget, state: TargetState, detail: str, now: dt.datetime) -> RolloutTarget:
-    return dataclasses.replace(t, state=state, detail=detail, updated_at=now)
-
-
-def _summary(report: InstallReport) -> str:
-    """What a report that is not an install says, for a target's detail."""
-    return f"{report.outcome.value}: {report.detail}"[:500]
-
-
-def _agent_errors(health: object) -> int:
-    """The error count in the health a device last reported; 0 where it is not one."""
-    try:
-        return int(health.get("errors", 0)) if isinstance(health, dict) else 0
-    except (TypeError, ValueError, OverflowError):
-        return 0

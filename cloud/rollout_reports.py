@@ -1,0 +1,206 @@
+"""Devices' reports on a rollout: install outcomes and shadow statistics move their targets.
+
+An install reported later counts, also after a failure (not after a gate's verdict or an
+abort). A device whose disk does not take the install (its agent says it tries again) is no
+failure: it waits as deferred. A report after an abort is kept in the target's detail only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from cloud.clock import Clock
+from cloud.domain import (
+    InstallOutcome,
+    InstallReport,
+    RolloutRecord,
+    RolloutState,
+    RolloutTarget,
+    ShadowReport,
+    TargetState,
+)
+from cloud.rollout_targets import GATE, agent_errors, desired_state, failures, moved
+from cloud.store import Store
+from edge_agent.logs import ids
+
+log = logging.getLogger(__name__)
+
+
+class RolloutReports:
+    """Applies what devices report about a rollout's version to their targets in the store.
+    Not locked itself: the controller calls it with its lock held and retries on conflict."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    def on_install(self, device_id: str, report: InstallReport) -> None:
+        """Records what a device says about installing a rollout's version."""
+        found = self._target(report.rollout_id, device_id)
+        if found is None:
+            return
+        rollout, target = found
+        if report.model_version != rollout.model_version:
+            return  # a report about a rollback or an older version
+        if rollout.state is RolloutState.ABORTED or target.state is TargetState.ROLLED_BACK:
+            self._after_abort(target, report)
+        elif report.outcome is InstallOutcome.INSTALLED:
+            self._installed(rollout, target, report)
+        elif report.retrying:
+            self._retrying(rollout, target, report)
+        else:
+            target = moved(target, TargetState.FAILED, _summary(report), self.clock())
+            log.warning(
+                "rollout %s: device %s failed: %s",
+                rollout.id,
+                device_id,
+                target.detail,
+                extra=ids(rollout=rollout.id, device=device_id),
+            )
+            self.store.save_target(target)
+
+    def _installed(
+        self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport
+    ) -> None:
+        """The device installed the version: the target moves on from waiting for it, and
+        from an install failure (a timeout, a download that failed and later worked); a
+        gate's verdict on it stands."""
+        if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED, TargetState.FAILED):
+            return  # a report resent after a reconnect
+        if target.state is TargetState.FAILED and target.detail.startswith(GATE):
+            return  # resent after the gate judged it
+        device_id, now = target.device_id, self.clock()
+        desired = self.store.get_desired(device_id)
+        shadow = desired is not None and desired.shadow
+        wave = rollout.waves[target.wave]
+        if shadow and wave.installed_at is not None:  # its wave's soak began without it
+            if wave.promoted_at is None:  # served when the wave is, like an offline device
+                late = "installed in shadow after its wave's soak began; serves it at promotion"
+                if (target.state, target.detail) != (TargetState.DEFERRED, late):
+                    self.store.save_target(moved(target, TargetState.DEFERRED, late, now))
+                return
+            if rollout.state.active and desired is not None and desired.rollout_id == rollout.id:
+                # Its wave was promoted meanwhile: serve it now, as a deferred device would.
+                # (Only while the rollout is active: no other rollout can take the device.)
+                model = self.store.get_model(rollout.model_name, rollout.model_version)
+                self.store.save_rollout(
+                    rollout,
+                    [moved(target, TargetState.INSTALLING, "promoted late; swapping", now)],
+                    [desired_state(model, rollout.id, device_id, False, self.clock())],
+                )
+                return
+        device = self.store.get_device(device_id)
+        if report.serving_version and report.serving_version != rollout.model_version:
+            # What it really served: the status read at creation may be stale.
+            target = dataclasses.replace(
+                target,
+                previous_name=report.serving_name,
+                previous_version=report.serving_version,
+            )
+        if target.state is TargetState.FAILED:
+            log.info(
+                "rollout %s: device %s installed the version after failing (%s)",
+                rollout.id,
+                device_id,
+                target.detail,
+                extra=ids(rollout=rollout.id, device=device_id),
+            )
+        target = dataclasses.replace(
+            target,
+            state=TargetState.SHADOWING if shadow else TargetState.UPDATED,
+            detail=f"installed ({report.backend})",
+            errors_at_install=agent_errors(device.status.get("health")),
+            updated_at=now,
+        )
+        if rollout.state is RolloutState.PARTIAL:  # ended with failures: one fewer now
+            targets = [
+                target if t.device_id == device_id else t
+                for t in self.store.rollout_targets(rollout.id)
+            ]
+            reason = failures(self.store, targets)
+            state = RolloutState.PARTIAL if reason else RolloutState.SUCCEEDED
+            ended = dataclasses.replace(
+                rollout, state=state, reason=reason, updated_at=self.clock()
+            )
+            self.store.save_rollout(ended, [target])
+            return
+        self.store.save_target(target)
+
+    def _retrying(
+        self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport
+    ) -> None:
+        """The device's disk did not take the install and the agent tries again: no verdict
+        on the version, so not a failure against the budget. The target waits as deferred
+        (the wave goes on without it; it gets the version when the wave is promoted) and
+        says why."""
+        if target.state is TargetState.WAITING or (
+            target.state is TargetState.FAILED and target.detail.startswith(GATE)
+        ):
+            return
+        detail = _summary(report)
+        if (target.state, target.detail) == (TargetState.DEFERRED, detail):
+            return  # resent after a reconnect
+        log.warning(
+            "rollout %s: device %s cannot install yet and tries again: %s",
+            rollout.id,
+            target.device_id,
+            detail,
+            extra=ids(rollout=rollout.id, device=target.device_id),
+        )
+        self.store.save_target(moved(target, TargetState.DEFERRED, detail, self.clock()))
+
+    def _after_abort(self, target: RolloutTarget, report: InstallReport) -> None:
+        """A report that came after the rollout was aborted (or the device sent back): kept
+        in the target's detail; the target stays where the abort left it."""
+        if report.outcome is InstallOutcome.INSTALLED:
+            what = f"installed ({report.backend})"
+        else:
+            what = _summary(report)
+        detail = f"reported after the abort: {what}"[:500]
+        if target.detail != detail:
+            self.store.save_target(moved(target, target.state, detail, self.clock()))
+
+    def on_shadow(self, device_id: str, report: ShadowReport) -> None:
+        """Records a device's shadow statistics on a rollout's version."""
+        found = self._target(report.rollout_id, device_id)
+        if found is None:
+            return
+        rollout, _ = found
+        if report.candidate_version != rollout.model_version:
+            return
+        shadow = {
+            "windows": report.windows,
+            "agreement": report.agreement,
+            "alert_rate_candidate": report.alert_rate_candidate,
+            "alert_rate_incumbent": report.alert_rate_incumbent,
+            "latency_p99_ms": report.latency_p99_ms,
+            "incumbent_latency_p99_ms": report.incumbent_latency_p99_ms,
+            "latency_p50_ms": report.latency_p50_ms,
+            "incumbent_latency_p50_ms": report.incumbent_latency_p50_ms,
+            "latency_samples": report.latency_samples,
+            "detail": report.detail,
+            "self_agreement": report.self_agreement,
+            "self_rate_difference": report.self_rate_difference,
+        }
+        self.store.record_shadow(rollout.id, device_id, shadow)
+
+    def _target(
+        self, rollout_id: str, device_id: str
+    ) -> tuple[RolloutRecord, RolloutTarget] | None:
+        """The rollout and the device's target in it; None for no rollout or an unknown one,
+        or a device that is no target of it."""
+        if not rollout_id:
+            return None
+        try:
+            rollout = self.store.get_rollout(rollout_id)
+        except Exception:  # noqa: BLE001 - an unknown rollout id from a device: ignore it
+            log.warning("device %s reported on unknown rollout %s", device_id, rollout_id)
+            return None
+        target = self.store.rollout_target(rollout_id, device_id)
+        return (rollout, target) if target is not None else None
+
+
+def _summary(report: InstallReport) -> str:
+    """What a report that is not an install says, for a target's detail."""
+    return f"{report.outcome.value}: {report.detail}"[:500]
