@@ -1,11 +1,15 @@
 """The outbox: predictions, alert events and window captures waiting for the control plane,
-in SQLite (WAL).
+in SQLite (WAL), with the alerts open on site committed in the same transactions.
 
 Every record gets the next sequence number when it is written; the control plane stores each
 (device, sequence) once and acknowledges "everything up to N", after which those rows go.
 The outbox is bounded in bytes: past the bound the oldest window captures are evicted first,
 then the oldest predictions (counted); alert events never are. Writes are committed with
 synchronous=FULL, so a record that was appended survives kill -9 and power loss.
+
+The alerts open on each asset (`open_alerts`) and where scoring got to (`scored`) are kept
+with the records that changed them, so after a kill the three always agree: an alert event
+the control plane will get is open here, and one it will never get is not.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS scored (asset TEXT PRIMARY KEY, window_end REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS open_alerts (asset TEXT PRIMARY KEY, event TEXT NOT NULL);
 """
 QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
 _EVICT_CHUNK = 256
@@ -81,6 +87,33 @@ class Outbox:
         self._depth, self._bytes = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
+        self._open: dict[str, str] = {  # by asset: the open alert as kept
+            str(a): str(e) for a, e in self._db.execute("SELECT asset, event FROM open_alerts")
+        }
+
+    def adopt_open_alerts(self, directory: Path) -> None:
+        """Takes over the alerts an older agent kept open as `directory/<asset>.json`, once
+        (the files are deleted afterwards; their state is kept here from then on)."""
+        with self._lock:
+            if self._meta(outbox_files.MIGRATED, 0):
+                return
+            found = outbox_files.legacy_files(directory)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
+                self._db.executemany(sql, found.items())
+                self._set_meta(outbox_files.MIGRATED, 1)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                log.error("%s: cannot take the open alerts in %s (%s); read again at the next "
+                          "start", self.path, directory, exc)  # fmt: skip
+                self._open = found | self._open
+                return
+            self._open = found | self._open
+        outbox_files.remove_files(directory, found)
+        if found:
+            log.info("took over %d open alert(s) from %s", len(found), directory)
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -100,24 +133,29 @@ class Outbox:
         self,
         records: Sequence[tuple[int, bytes]],
         scored: Mapping[str, float | None] | None = None,
+        open_alerts: Mapping[str, str | None] | None = None,
     ) -> list[int]:
         """Appends (kind, body) records in one transaction; returns their sequence numbers.
 
         `body` must not contain the sequence; the caller's encoder adds it when sending.
         `scored`: by asset, the end of the last window decided up to these records, kept in
-        the same transaction (`scored_through`); None: none since its stream restarted."""
+        the same transaction (`scored_through`); None: none since its stream restarted.
+        `open_alerts`: by asset, its open alert (as `open_alert_events` gives it back) or None
+        (none open), after these records; assets left out keep theirs."""
         if not records:
             return []
         with self._lock:
             first = self._next
             rows = [(first + i, kind, body) for i, (kind, body) in enumerate(records)]
             added = sum(len(body) for _, body in records)
+            changed = {a: e for a, e in (open_alerts or {}).items() if self._open.get(a) != e}
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
                     self._keep_scored(scored)
+                self._keep_open(changed)
                 evicted, freed = self._evict_locked(self._bytes + added)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -130,6 +168,11 @@ class Outbox:
             self._depth += len(rows) - evicted
             self._bytes += added - freed
             self._evicted += evicted
+            for asset, event in changed.items():
+                if event is None:
+                    self._open.pop(asset, None)
+                else:
+                    self._open[asset] = event
             self._changed.notify_all()
             return [seq for seq, _, _ in rows]
 
@@ -138,6 +181,15 @@ class Outbox:
         # raised "no transaction is active" and hid the real cause.
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
+
+    def _keep_open(self, changed: Mapping[str, str | None]) -> None:
+        self._db.executemany(
+            "INSERT INTO open_alerts (asset, event) VALUES (?, ?) "
+            "ON CONFLICT (asset) DO UPDATE SET event = excluded.event",
+            [(a, e) for a, e in changed.items() if e is not None],
+        )
+        gone = [(a,) for a, e in changed.items() if e is None]
+        self._db.executemany("DELETE FROM open_alerts WHERE asset = ?", gone)
 
     def _keep_scored(self, scored: Mapping[str, float | None]) -> None:
         """The marks follow the stream, back too (its clock stepped back and it restarted at
@@ -254,6 +306,11 @@ class Outbox:
         with self._lock:
             rows = self._db.execute("SELECT asset, window_end FROM scored").fetchall()
         return {str(asset): float(end) for asset, end in rows}
+
+    def open_alert_events(self) -> dict[str, str]:
+        """By asset, the alert kept open with the records written so far (its JSON)."""
+        with self._lock:
+            return dict(self._open)
 
     @property
     def acked(self) -> int:

@@ -24,7 +24,7 @@ from edge_agent.calibration import SiteCalibration
 from edge_agent.calibration_store import CalibrationStore
 from edge_agent.capture import CaptureSampler
 from edge_agent.config import AgentConfig, AssetConfig
-from edge_agent.decisions import Verdict
+from edge_agent.decisions import AlertEvent, Verdict
 from edge_agent.errors import AutoglmError
 from edge_agent.health import IngestRates, RuntimeCounters, drift_of, health_of
 from edge_agent.inference.base import InferenceBackend
@@ -33,6 +33,7 @@ from edge_agent.losses import LossLog
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import Outbox
+from edge_agent.outbox_files import decode_alert
 from edge_agent.pipeline import Pipeline
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel
@@ -84,7 +85,10 @@ class EdgeRuntime:
         self.routes = TopicRoutes(self.assets, schema)
         self.decoder = Decoder(self.routes, config.ingest)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
+        # Raises held back by maintenance are marked there; alerts open are kept by the outbox
+        # (it takes over those an older agent kept there as files).
         self.open_alerts = OpenAlerts(config.state_dir / "alerts")
+        outbox.adopt_open_alerts(config.state_dir / "alerts")
         self.maintenance = SiteMaintenance(config.state_dir)
         # On site: MQTT alert and state topics, SCADA; raises a maintenance period covers held.
         self.site = SiteAlerts(
@@ -124,7 +128,11 @@ class EdgeRuntime:
             self.start_calibration,
             self.checkpoint_streams,
         )
-        published = [self.open_alerts.load(a.name) for a in self.assets]
+        published = [self.kept_open(a.name) for a in self.assets]
+        for event in published:
+            if event is not None:
+                log.info("alert %s on %s is open (raised before this start)", event.key,
+                         event.asset)  # fmt: skip
         self.sources = Sources(
             config,
             self.assets,
@@ -167,6 +175,7 @@ class EdgeRuntime:
             self.capture,
             self.counters,
             self.losses,
+            self.kept_open,
         )
         self.decisions = decisions
         sink = ResultSink(
@@ -176,6 +185,8 @@ class EdgeRuntime:
             self.losses,
             on_verdict,
             scored=decisions.marks,
+            open_alerts=decisions.open_state,
+            after_keep=decisions.publish_site,
         )
         self.sink = sink
         for runner in self.runners:
@@ -200,6 +211,11 @@ class EdgeRuntime:
             config.batching.max_wait_ms / 1000.0,
             observe_batch,
         )
+
+    def kept_open(self, asset: str) -> AlertEvent | None:
+        """The alert the outbox keeps open on `asset` (raised, its clear not written yet)."""
+        text = self.outbox.open_alert_events().get(asset)
+        return decode_alert(text, asset) if text is not None else None
 
     # ---- lifecycle ----
     def start(self) -> None:

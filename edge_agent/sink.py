@@ -6,7 +6,9 @@ while it is full: a sink that falls behind slows inference down, and then the pi
 the windows it cuts (`pipeline.CATCH_UP_FROM`); nothing inferred is dropped. The sink takes
 every batch waiting, decides them in order (`site_decisions.py`) and writes all their records
 in one outbox transaction (group commit: one fsync for the lot instead of one per batch),
-then reports their verdicts. What the decisions hold belongs to this thread; a site
+with the alerts then open on each asset, then publishes their alert events on site
+(`after_keep`: only what was written, or failed to be, is told), then reports their verdicts.
+What the decisions hold belongs to this thread; a site
 calibration installs its decider here too (`call`), in order with the results around it.
 A failure part-way (a decision, the write itself) never drops alert events silently: those
 made before it are kept, or wait in memory for the next write; predictions that cannot be
@@ -56,10 +58,15 @@ class ResultSink:
         on_verdict: Callable[[Verdict], None] | None = None,
         backlog: int = SINK_BACKLOG,
         scored: Callable[[], Mapping[str, float | None]] | None = None,
+        open_alerts: Callable[[], Mapping[str, str | None]] | None = None,
+        after_keep: Callable[[], None] | None = None,
     ) -> None:
         self.decide = decide  # `SiteDecisions.decide`
-        # By asset, the end of the last window decided: kept with the records it led to.
+        # By asset, the end of the last window decided, and the alert open (`open_state`):
+        # kept with the records they led to.
         self.scored = scored
+        self.open_alerts = open_alerts
+        self.after_keep = after_keep  # `SiteDecisions.publish_site`
         self.outbox = outbox
         self.counters = counters
         self.losses = losses  # when records were lost, for the heartbeat
@@ -148,6 +155,12 @@ class ResultSink:
                 log.exception("decisions on a batch of %d windows failed", len(item[0]))
         if records or self._waiting_alerts:
             self._keep(records)
+        if self.after_keep is not None:  # the site hears only of what was kept (or failed)
+            try:
+                self.after_keep()
+            except Exception:
+                self.errors += 1
+                log.exception("publishing alert events on site failed")
         if self.on_verdict is not None:  # once their records are kept
             for verdict in verdicts:
                 self.on_verdict(verdict)
@@ -170,7 +183,11 @@ class ResultSink:
         if waiting:
             records = [*self._waiting_alerts, *records]
         try:
-            self.outbox.append(records, self.scored() if self.scored is not None else None)
+            scored = self.scored() if self.scored is not None else None
+            if self.open_alerts is None:
+                self.outbox.append(records, scored)
+            else:
+                self.outbox.append(records, scored, self.open_alerts())
         except LocalStateError as exc:
             self._not_kept(records, str(exc))
             return

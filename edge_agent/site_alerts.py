@@ -11,6 +11,7 @@ from typing import Protocol
 import orjson
 
 from edge_agent.decisions import AlertEvent
+from edge_agent.files import make_dir_durably
 from edge_agent.logs import ids
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
@@ -51,13 +52,24 @@ class SiteAlerts:
             if period is not None:
                 self.counters.alerts_held_back += 1
                 self.held[event.asset] = event
-                self.open_alerts.hold(event.asset)
+                self._mark_held(event.asset)
                 log.info("fault on %s not published on site: maintenance %s (%s)",
                          event.asset, period.id[:8], period.reason)  # fmt: skip
                 return
-        elif self.held.pop(event.asset, None) is not None:
-            return  # raised and cleared within maintenance: the site never saw it
+        else:
+            self.open_alerts.release(event.asset)  # its held mark, if any, goes with it
+            if self.held.pop(event.asset, None) is not None:
+                return  # raised and cleared within maintenance: the site never saw it
         self.publish(event)
+
+    def _mark_held(self, asset: str) -> None:
+        """Kept for a restart (the open alert itself is kept by the outbox)."""
+        try:  # the folder no longer holds the open alerts: it may not exist yet
+            make_dir_durably(self.open_alerts.directory)
+        except OSError as exc:
+            log.error("cannot mark the open alert of %s as held back: %s", asset, exc)
+            return
+        self.open_alerts.hold(asset)
 
     def release_held(self, asset: str, at: float) -> None:
         """A fault still open when its maintenance period ended is published then."""

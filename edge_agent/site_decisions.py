@@ -5,13 +5,18 @@ Runs on the sink thread (`sink.py`), which owns everything here: the deciders, t
 trails drift is measured on, the capture sampler's budget and the site's held alerts. After an
 unclean stop it also skips the windows the killed agent had already kept and counts those it
 never scored (`resume`).
+
+The alerts open on each asset are kept by the outbox in the transaction that keeps their
+events (`open_state`), and the site hears of an event only after that write (`publish_site`):
+a kill at any point leaves the outbox's events, its open alerts and what the site saw in
+agreement, so the control plane gets a raise exactly when it will get the clear.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -26,13 +31,14 @@ from edge_agent.calibration import (
 )
 from edge_agent.capture import CaptureSampler, captured
 from edge_agent.config import AgentConfig
-from edge_agent.decisions import AssetDecider, Verdict
+from edge_agent.decisions import AlertEvent, AssetDecider, Verdict
 from edge_agent.drift import ScoreTrail
 from edge_agent.health import RuntimeCounters
 from edge_agent.inference.base import Outputs
 from edge_agent.losses import UNCLEAN_STOP, LossLog
 from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, CAPTURE, PREDICTION
+from edge_agent.outbox_files import encode_alert
 from edge_agent.scoring import window_statistics
 from edge_agent.serving import ServingModel
 from edge_agent.site_alerts import SiteAlerts
@@ -40,6 +46,9 @@ from edge_agent.wire import alert_record, capture_record, prediction_record
 
 log = logging.getLogger(__name__)
 Records = list[tuple[int, bytes]]
+# What the site hears once the records are kept: an alert event, or a window decided (a held
+# raise whose maintenance period ended is published then).
+SiteAction = tuple[AlertEvent, None] | tuple[str, float]
 
 
 class SiteDecisions:
@@ -55,12 +64,16 @@ class SiteDecisions:
         capture: CaptureSampler,
         counters: RuntimeCounters,
         losses: LossLog,
+        kept_open: Callable[[str], AlertEvent | None] = lambda _: None,
     ) -> None:
         self.config = config
         self.model = model
         self.runners = runners
         self.site = site
-        self.open_alerts = open_alerts
+        self.open_alerts = open_alerts  # the marks of raises held back (maintenance)
+        self.kept_open = kept_open  # by asset: the alert the outbox keeps open
+        self._site_actions: list[SiteAction] = []
+        self._encoded: dict[str, tuple[AlertEvent, str]] = {}
         self.capture = capture
         self.counters = counters
         self.deciders: list[AssetDecider | None] = [None] * len(runners)
@@ -98,9 +111,13 @@ class SiteDecisions:
     def install(self, runner: AssetRunner, cal: SiteCalibration, seed: list[float]) -> None:
         """The asset's decider on `cal` (before the sink thread runs, or on it)."""
         model = self.model
-        still_open = self.open_alerts.load(runner.name)
-        if still_open is not None and self.open_alerts.is_held(runner.name):
-            self.site.held[runner.name] = still_open  # not published yet: a period covered it
+        prior = self.deciders[runner.index]
+        if prior is not None:  # calibrated again: the alert open stays open
+            still_open = prior.open
+        else:
+            still_open = self.kept_open(runner.name)
+            if still_open is not None and self.open_alerts.is_held(runner.name):
+                self.site.held[runner.name] = still_open  # not published yet: a period covered it
         self.deciders[runner.index] = AssetDecider(
             runner.name,
             model.schema.names,
@@ -154,11 +171,9 @@ class SiteDecisions:
             records.append((ALERT, alert_record(verdict.event)))
         raised = verdict.event is not None and verdict.event.kind == "raised"
         self.trails[job.asset].add(verdict.score, job.window_end, raised)
-        if self.site.held:
-            self.site.release_held(verdict.asset, job.window_end)
+        self._site_actions.append((verdict.asset, job.window_end))
         if verdict.event is not None:
-            self.open_alerts.update(verdict.event)
-            self.site.announce(verdict.event)
+            self._site_actions.append((verdict.event, None))
         self._kept_every[job.asset] += 1
         if (
             verdict.score >= policy.clear_at
@@ -174,6 +189,39 @@ class SiteDecisions:
             if self.capture.admit(reason, len(body), verdict.score, job.window_end):
                 records.append((CAPTURE, body))  # after its alert event: a verdict finds it
         verdicts.append(verdict)
+
+    def open_state(self) -> dict[str, str | None]:
+        """By asset with a decider, its open alert as the outbox keeps it (None: none), kept
+        with the records of the decisions so far."""
+        state: dict[str, str | None] = {}
+        for decider in self.deciders:
+            if decider is None:
+                continue
+            event = decider.open
+            if event is None:
+                state[decider.asset] = None
+                continue
+            cached = self._encoded.get(decider.asset)
+            if cached is None or cached[0] is not event:
+                cached = self._encoded[decider.asset] = (event, encode_alert(event))
+            state[decider.asset] = cached[1]
+        return state
+
+    def publish_site(self) -> None:
+        """After the records of the decisions so far were written (or failed to be): their
+        alert events on site, in order, and the held raises whose period ended."""
+        actions, self._site_actions = self._site_actions, []
+        for first, second in actions:
+            try:
+                if isinstance(first, AlertEvent):
+                    self.site.announce(first)
+                elif self.site.held:
+                    assert second is not None
+                    self.site.release_held(first, second)
+            except Exception:
+                self.errors += 1
+                log.exception("publishing an alert event of %s on site failed",
+                              first.asset if isinstance(first, AlertEvent) else first)  # fmt: skip
 
     def _resumed(self, job: WindowJob) -> bool:
         """After an unclean stop: False for a window the killed agent already kept; for the

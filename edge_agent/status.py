@@ -74,17 +74,19 @@ def _models(state_dir: Path) -> dict[str, Any]:
 
 
 def _open_alerts(state_dir: Path) -> list[dict[str, Any]]:
+    """Kept in the outbox; those an older agent kept as files until the outbox takes them."""
+    from edge_agent.outbox_files import decode_alert, legacy_files, read_only
+
+    view = read_only(state_dir / "outbox.sqlite3")
+    kept = dict(view.open_alerts) if view is not None else {}
+    if view is None or not view.migrated:
+        kept = legacy_files(state_dir / "alerts") | kept
     alerts = []
-    for path in sorted((state_dir / "alerts").glob("*.json")):
-        doc = json.loads(path.read_text())
-        alerts.append(
-            {
-                "asset": doc.get("asset"),
-                "key": doc.get("key"),
-                "score": doc.get("score"),
-                "raised_at": _when(doc.get("raised_at")),
-            }
-        )
+    for asset, text in sorted(kept.items()):
+        event = decode_alert(text, asset)
+        if event is not None:
+            alerts.append({"asset": asset, "key": event.key, "score": event.score,
+                           "raised_at": _when(event.raised_at)})  # fmt: skip
     return alerts
 
 

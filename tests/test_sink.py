@@ -33,10 +33,13 @@ class CountingOutbox(Outbox):
         self.appends: list[int] = []  # records per append
 
     def append(
-        self, records: Sequence[tuple[int, bytes]], scored: Mapping[str, float] | None = None
+        self,
+        records: Sequence[tuple[int, bytes]],
+        scored: Mapping[str, float | None] | None = None,
+        open_alerts: Mapping[str, str | None] | None = None,
     ) -> list[int]:
         self.appends.append(len(records))
-        return super().append(records, scored)
+        return super().append(records, scored, open_alerts)
 
 
 def decide(

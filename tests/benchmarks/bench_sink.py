@@ -42,9 +42,10 @@ class CountingOutbox(Outbox):
         self,
         records: Sequence[tuple[int, bytes]],
         scored: Mapping[str, float | None] | None = None,
+        open_alerts: Mapping[str, str | None] | None = None,
     ) -> list[int]:
         self.appends.append(len(records))
-        return super().append(records, scored)
+        return super().append(records, scored, open_alerts)
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""The outbox seen from outside its writer: a read-only look at the database (`autoglm-edge
+status`), and the open alerts older agents kept as `alerts/<asset>.json` (taken over once)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_agent.decisions import RAISED, AlertEvent
+from edge_agent.files import UNREADABLE
+from edge_agent.open_alerts import OpenAlerts
+
+log = logging.getLogger(__name__)
+
+MIGRATED = "open_alerts_from_files"  # meta key: the alert files were taken over
+
+
+@dataclass
+class ReadOnlyView:
+    """What a database says when read without writing."""
+
+    open_alerts: dict[str, str] = field(default_factory=dict)
+    scored: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, int] = field(default_factory=dict)
+    depth: int = 0
+    bytes: int = 0
+
+    @property
+    def next_seq(self) -> int:
+        return self.meta.get("next_seq", 1)
+
+    @property
+    def acked(self) -> int:
+        return self.meta.get("acked", 0)
+
+    @property
+    def migrated(self) -> bool:
+        return bool(self.meta.get(MIGRATED, 0))
+
+
+def read_only(path: Path) -> ReadOnlyView | None:
+    """`path` read without writing anything; None when it cannot be read (logged)."""
+    if not path.exists():
+        return None
+    uris = [f"file:{path}?mode=ro"]
+    if not _size(path.with_name(path.name + "-wal")):  # nothing past the file itself
+        uris.append(f"file:{path}?immutable=1")
+    for uri in uris:
+        try:
+            with sqlite3.connect(uri, uri=True) as db:
+                return _view(db)
+        except sqlite3.Error as exc:
+            error = exc
+    log.warning("%s: the outbox cannot be read either (%s)", path, error)
+    return None
+
+
+def _view(db: sqlite3.Connection) -> ReadOnlyView:
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    view = ReadOnlyView()
+    if "meta" in tables:
+        view.meta = {str(k): int(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    if "records" in tables:
+        view.depth, view.bytes = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
+        ).fetchone()
+        top = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
+        view.meta["next_seq"] = max(view.next_seq, int(top) + 1)
+    if "scored" in tables:
+        view.scored = {str(a): float(e) for a, e in db.execute("SELECT * FROM scored")}
+    if "open_alerts" in tables:
+        view.open_alerts = {str(a): str(e) for a, e in db.execute("SELECT * FROM open_alerts")}
+    return view
+
+
+def encode_alert(event: AlertEvent) -> str:
+    """An open alert as the outbox keeps it (the JSON `alerts/<asset>.json` held)."""
+    return json.dumps(asdict(event))
+
+
+def decode_alert(text: str, asset: str) -> AlertEvent | None:
+    """The open alert of `asset` kept as `text`; None (logged) when it is not one."""
+    try:
+        doc = json.loads(text)
+        event = AlertEvent(
+            **{k: v for k, v in doc.items() if k != "top_sensors"},
+            top_sensors=tuple((str(s), float(c)) for s, c in doc["top_sensors"]),
+        )
+    except UNREADABLE as exc:
+        log.warning("the open alert of %s kept in the outbox is unreadable (%s); ignored",
+                    asset, exc)  # fmt: skip
+        return None
+    if event.kind != RAISED or event.asset != asset:
+        log.warning("the open alert kept for %s is not an open alert of it; ignored", asset)
+        return None
+    return event
+
+
+def legacy_files(directory: Path) -> dict[str, str]:
+    """By asset, the open alerts an older agent kept in `directory` (the readable ones)."""
+    found: dict[str, str] = {}
+    files = OpenAlerts(directory)
+    try:
+        paths = sorted(directory.glob("*.json"))
+    except OSError as exc:
+        log.warning("%s: cannot list the open alerts (%s)", directory, exc)
+        return found
+    for path in paths:
+        event = files.load(path.stem)
+        if event is not None:
+            found[path.stem] = encode_alert(event)
+    return found
+
+
+def remove_files(directory: Path, assets: list[str] | dict[str, str]) -> None:
+    """Deletes the files of open alerts taken over (their held marks stay)."""
+    for asset in assets:
+        path = directory / f"{asset}.json"
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: taken over by the outbox but not deleted (%s)", path, exc)
+
+
+def _size(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return path.stat().st_size
+    return 0
