@@ -56,7 +56,11 @@ class Agent:
         self.slots = ModelSlots(config.state_dir / "models")
         self.pending_reports: list[agent_pb2.AgentMessage] = []
         self.model = self._open_at_start()
-        self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.outbox.max_bytes)
+        self.outbox = Outbox(
+            config.state_dir / OUTBOX_FILE,
+            config.outbox.max_bytes,
+            reserve_bytes=config.outbox.reserve_bytes,
+        )
         self.device = self.identity.info.device_name
         self.client_id = config.mqtt.client_id or f"autoglm-edge-{self.device}"
         self.metrics = AgentMetrics()

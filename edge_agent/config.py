@@ -405,7 +405,11 @@ class OutboxPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_bytes: int = Field(default=256 << 20, ge=1 << 16)
+    max_bytes: int = Field(default=256 << 20, ge=1 << 16)  # records and the pages they take
+    # Free space the outbox leaves on its file system: under it, new records displace the
+    # oldest captures and predictions instead of growing it (None: 2 % of the file system,
+    # 64 MiB to 1 GiB, at most a quarter of it).
+    reserve_bytes: int | None = Field(default=None, ge=0)
     # Keep every n-th prediction per asset (1: all); windows at or above the decision's
     # clear threshold are always kept. Alert events are always kept.
     prediction_every: int = Field(default=10, ge=1)

@@ -3,9 +3,12 @@ in SQLite (WAL), with the alerts open on site committed in the same transactions
 
 Every record gets the next sequence number when it is written; the control plane stores each
 (device, sequence) once and acknowledges "everything up to N", after which those rows go.
-The outbox is bounded in bytes: past the bound the oldest window captures are evicted first,
-then the oldest predictions (counted); alert events never are. Writes are committed with
-synchronous=FULL, so a record that was appended survives kill -9 and power loss.
+The outbox is bounded in bytes (its records' and the pages they really take): past the bound
+the oldest window captures are evicted first, then the oldest predictions (counted); alert
+events never are. Under the free-space reserve of its file system it does not grow: new
+records displace the oldest captures and predictions the same way (`outbox_space.py`).
+Writes are committed with synchronous=FULL, so a record that was appended survives kill -9
+and power loss.
 
 The alerts open on each asset (`open_alerts`) and where scoring got to (`scored`) are kept
 with the records that changed them, so after a kill the three always agree: an alert event
@@ -17,12 +20,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
+from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, is_full
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +34,9 @@ PREDICTION = 1
 ALERT = 2
 CAPTURE = 3
 EVICTION_ORDER = (CAPTURE, PREDICTION)  # what goes first under disk pressure; alerts never
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
-    kind INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_kind_seq ON records (kind, seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS quarantine (
-    seq INTEGER PRIMARY KEY,
-    kind INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS scored (asset TEXT PRIMARY KEY, window_end REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS open_alerts (asset TEXT PRIMARY KEY, event TEXT NOT NULL);
-"""
 QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
-_EVICT_CHUNK = 256
+ACK_CHUNK_BYTES = 2 << 20  # records deleted per acknowledging transaction, about
+ACK_CHUNK_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -59,37 +47,81 @@ class OutboxStats:
     acked: int
     evicted: int
     quarantined: int = 0  # records the control plane refused, ever (the newest are kept)
+    disk_bytes: int = 0  # the database and its WAL on disk
 
 
 class Outbox:
     """Thread-safe: the inference thread appends, the session's sync reads and acknowledges."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        *,
+        reserve_bytes: int | None = None,
+        ballast_bytes: int = BALLAST_BYTES,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.space = DiskSpace(path, reserve_bytes, ballast_bytes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise LocalStateError(f"{path}: the outbox database cannot be opened: {exc}") from None
-        if check != "ok":
-            raise LocalStateError(f"{path}: the outbox database is damaged: {check}")
-        self._next = max(self._meta("next_seq", 1), self._max_seq() + 1)
+        self._db: sqlite3.Connection | None = None
+        self._open: dict[str, str] = {}  # by asset: the open alert as kept
+        self._next, self._acked, self._evicted, self._quarantined = 1, 0, 0, 0
+        self._depth = self._bytes = self._baseline = 0
+        self._connect()
+
+    # ---- opening ----
+    def _connect(self) -> None:
+        """Opens the database (or raises LocalStateError saying why, the disk's state too);
+        on a full disk, once more after giving up the ballast."""
+        for attempt in (0, 1):
+            try:
+                self._db = outbox_files.open_database(self.path)
+                self._load()
+            except (sqlite3.Error, OSError) as exc:
+                self._close_db()
+                if attempt == 0 and is_full(exc) and self.space.release_ballast():
+                    continue
+                raise LocalStateError(self._cannot("be opened", exc)) from None
+            except BaseException:
+                self._close_db()
+                raise
+            break
+        self.space.restore_ballast()
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _load(self) -> None:
+        db = self._conn()
+        # Never below a number an acknowledgement that could not be written made known.
+        self._next = max(self._next, self._meta("next_seq", 1), self._max_seq() + 1)
         self._acked = self._meta("acked", 0)
         self._evicted = self._meta("evicted", 0)
         self._quarantined = self._meta("quarantined", 0)
-        self._depth, self._bytes = self._db.execute(
+        self._depth, self._bytes = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
-        self._open: dict[str, str] = {  # by asset: the open alert as kept
-            str(a): str(e) for a, e in self._db.execute("SELECT asset, event FROM open_alerts")
-        }
+        # The pages of the empty schema: not the records' (the bound counts the rest).
+        self._baseline = (
+            1 + db.execute("SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0").fetchone()[0]
+        )
+        self._open = {str(a): str(e) for a, e in db.execute("SELECT asset, event FROM open_alerts")}
+
+    def _cannot(self, what: str, exc: BaseException) -> str:
+        disk = self.space.describe(exc)
+        return f"{self.path}: the outbox database cannot {what}: {exc}" + (
+            f" ({disk})" if disk else ""
+        )
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise LocalStateError(f"{self.path}: the outbox is closed")
+        return self._db
 
     def adopt_open_alerts(self, directory: Path) -> None:
         """Takes over the alerts an older agent kept open as `directory/<asset>.json`, once
@@ -98,37 +130,73 @@ class Outbox:
             if self._meta(outbox_files.MIGRATED, 0):
                 return
             found = outbox_files.legacy_files(directory)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
-                self._db.executemany(sql, found.items())
-                self._set_meta(outbox_files.MIGRATED, 1)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                log.error("%s: cannot take the open alerts in %s (%s); read again at the next "
-                          "start", self.path, directory, exc)  # fmt: skip
-                self._open = found | self._open
-                return
             self._open = found | self._open
+
+            def write(db: sqlite3.Connection) -> None:
+                sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
+                db.executemany(sql, found.items())
+                self._set_meta(outbox_files.MIGRATED, 1)
+
+            try:
+                self._transaction(write, "take the open alerts")
+            except LocalStateError as exc:
+                log.error("%s; the open alerts in %s are read again at the next start", exc,
+                          directory)  # fmt: skip
+                return
         outbox_files.remove_files(directory, found)
         if found:
             log.info("took over %d open alert(s) from %s", len(found), directory)
 
+    # ---- small helpers (under the lock, connection open) ----
     def _meta(self, key: str, default: int) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else default
 
     def _set_meta(self, key: str, value: int) -> None:
-        self._db.execute(
+        self._conn().execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
 
     def _max_seq(self) -> int:
-        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
+        return int(self._conn().execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
 
+    def _rollback(self) -> None:
+        # A failed COMMIT (disk full) may have ended the transaction already: a ROLLBACK then
+        # raised "no transaction is active" and hid the real cause.
+        if self._db is not None and self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], None], what: str) -> None:
+        """`body` in one transaction. A full disk gives up the ballast and tries once more
+        (then cuts the WAL back); still failing, LocalStateError says why."""
+        for attempt in (0, 1):
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                body(db)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                if attempt == 0 and is_full(exc) and self.space.release_ballast():
+                    continue
+                raise LocalStateError(self._cannot(what, exc)) from None
+            except BaseException:
+                self._rollback()  # left open, every later write would fail until a restart
+                raise
+            if attempt:
+                self._checkpoint()
+            return
+
+    def _checkpoint(self) -> None:
+        """Cuts the WAL back to nothing (after a full disk: its pages are the space left)."""
+        try:
+            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("%s: the WAL could not be checkpointed: %s", self.path, exc)
+
+    # ---- writing ----
     def append(
         self,
         records: Sequence[tuple[int, bytes]],
@@ -148,22 +216,26 @@ class Outbox:
             first = self._next
             rows = [(first + i, kind, body) for i, (kind, body) in enumerate(records)]
             added = sum(len(body) for _, body in records)
-            changed = {a: e for a, e in (open_alerts or {}).items() if self._open.get(a) != e}
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
+            changed = self._changed_alerts(open_alerts or {})
+            outcome: list[tuple[int, int]] = []
+
+            def write(db: sqlite3.Connection) -> None:
+                outcome.clear()
+                if self.space.short():  # under the reserve: displace, do not grow
+                    outcome.append(self._evict_locked(self._bytes, self._bytes - added, False))
+                db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
                     self._keep_scored(scored)
                 self._keep_open(changed)
-                evicted, freed = self._evict_locked(self._bytes + added)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise LocalStateError(f"{self.path}: cannot write the outbox: {exc}") from None
-            except BaseException:
-                self._rollback()  # left open, every later write would fail until a restart
-                raise
+                freed = sum(f for _, f in outcome)
+                outcome.append(self._evict_locked(self._bytes + added - freed, self.max_bytes))
+                evicted = sum(n for n, _ in outcome)
+                if evicted:
+                    self._set_meta("evicted", self._evicted + evicted)
+
+            self._transaction(write, "write the outbox")
+            evicted, freed = sum(n for n, _ in outcome), sum(f for _, f in outcome)
             self._next = first + len(rows)
             self._depth += len(rows) - evicted
             self._bytes += added - freed
@@ -173,138 +245,145 @@ class Outbox:
                     self._open.pop(asset, None)
                 else:
                     self._open[asset] = event
+            self.space.restore_ballast()
             self._changed.notify_all()
             return [seq for seq, _, _ in rows]
 
-    def _rollback(self) -> None:
-        # A failed COMMIT (disk full) may have ended the transaction already: a ROLLBACK then
-        # raised "no transaction is active" and hid the real cause.
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
+    def _changed_alerts(self, open_alerts: Mapping[str, str | None]) -> dict[str, str | None]:
+        return {a: e for a, e in open_alerts.items() if self._open.get(a) != e}
 
     def _keep_open(self, changed: Mapping[str, str | None]) -> None:
-        self._db.executemany(
+        db = self._conn()
+        db.executemany(
             "INSERT INTO open_alerts (asset, event) VALUES (?, ?) "
             "ON CONFLICT (asset) DO UPDATE SET event = excluded.event",
             [(a, e) for a, e in changed.items() if e is not None],
         )
-        gone = [(a,) for a, e in changed.items() if e is None]
-        self._db.executemany("DELETE FROM open_alerts WHERE asset = ?", gone)
+        db.executemany(
+            "DELETE FROM open_alerts WHERE asset = ?",
+            [(a,) for a, e in changed.items() if e is None],
+        )
 
     def _keep_scored(self, scored: Mapping[str, float | None]) -> None:
         """The marks follow the stream, back too (its clock stepped back and it restarted at
         the new time): a mark kept at the highest end would skip everything up to it after a
         kill -9."""
-        self._db.executemany(
+        db = self._conn()
+        db.executemany(
             "INSERT INTO scored (asset, window_end) VALUES (?, ?) "
             "ON CONFLICT (asset) DO UPDATE SET window_end = excluded.window_end",
             [(a, end) for a, end in scored.items() if end is not None],
         )
-        self._db.executemany(
+        db.executemany(
             "DELETE FROM scored WHERE asset = ?", [(a,) for a, end in scored.items() if end is None]
         )
 
-    def _evict_locked(self, total: int) -> tuple[int, int]:
-        """Deletes the oldest captures, then the oldest predictions, until `total` bytes fit
-        (inside the transaction)."""
-        evicted = freed = 0
-        while total - freed > self.max_bytes:
-            victims = []
-            for kind in EVICTION_ORDER:
-                victims = self._db.execute(
-                    "SELECT seq, LENGTH(body) FROM records WHERE kind = ? ORDER BY seq LIMIT ?",
-                    (kind, _EVICT_CHUNK),
-                ).fetchall()
-                if victims:
-                    break
-            if not victims:
-                log.warning(
-                    "outbox %s holds %d bytes of alert events, over its %d-byte bound; alert "
-                    "events are never evicted",
-                    self.path,
-                    total - freed,
-                    self.max_bytes,
-                )
-                break
-            take = []
-            for seq, size in victims:
-                take.append((seq,))
-                freed += size
-                evicted += 1
-                if total - freed <= self.max_bytes:
-                    break
-            self._db.executemany("DELETE FROM records WHERE seq = ?", take)
-        if evicted:
-            self._set_meta("evicted", self._evicted + evicted)
-        return evicted, freed
+    def _evict_locked(self, total: int, limit: int, pages: bool = True) -> tuple[int, int]:
+        """`evict_oldest` in the transaction: `total` record bytes into `limit` and (`pages`)
+        the pages they take into `max_bytes`."""
+        bound = (self.max_bytes, self._baseline) if pages else None
+        return evict_oldest(self._conn(), EVICTION_ORDER, total, limit, bound, self.path)
 
+    def ack(self, up_to: int, rejected: Mapping[int, str] | None = None) -> int:
+        """The control plane stored everything up to `up_to`: delete it. Returns rows deleted.
+
+        `rejected` (sequence -> the control plane's reason) are records it refused: they move
+        to the quarantine table in the transaction that deletes them, to be looked at, never
+        resent. A long stretch goes in transactions of about ACK_CHUNK_BYTES, each its own
+        WAL's worth (deleting acknowledged records early is safe: the plane has them), so an
+        acknowledgement fits in the space the ballast gives back on a full disk."""
+        with self._lock:
+            deleted = 0
+            try:
+                while self._acked < up_to:
+                    deleted += self._ack_through(self._chunk_end(up_to), up_to, rejected or {})
+            finally:
+                # Kept or not, the control plane knows numbers up to `up_to`: the next append
+                # (which keeps next_seq) must not reuse them, or this acknowledgement, written
+                # later, would delete its records unsent.
+                self._next = max(self._next, up_to + 1)
+            self.space.restore_ballast()
+            return deleted
+
+    def _chunk_end(self, up_to: int) -> int:
+        """The sequence the next acknowledging transaction goes to (at most `up_to`)."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT seq, LENGTH(body) FROM records WHERE seq > ? AND seq <= ? ORDER BY seq "
+                "LIMIT ?",
+                (self._acked, up_to, ACK_CHUNK_ROWS),
+            )
+            .fetchall()
+        )
+        size = 0
+        for seq, length in rows:
+            size += length
+            if size >= ACK_CHUNK_BYTES:
+                return int(seq)
+        return up_to if len(rows) < ACK_CHUNK_ROWS else int(rows[-1][0])
+
+    def _ack_through(self, end: int, up_to: int, rejected: Mapping[int, str]) -> int:
+        done: list[int] = []
+
+        def write(db: sqlite3.Connection) -> None:
+            done.clear()
+            moved = 0
+            for seq, reason in sorted(rejected.items()):
+                if self._acked < seq <= end:
+                    moved += db.execute(
+                        "INSERT OR REPLACE INTO quarantine (seq, kind, body, reason) "
+                        "SELECT seq, kind, body, ? FROM records WHERE seq = ?",
+                        (reason, seq),
+                    ).rowcount
+            if moved:
+                db.execute(
+                    "DELETE FROM quarantine WHERE seq NOT IN "
+                    "(SELECT seq FROM quarantine ORDER BY seq DESC LIMIT ?)",
+                    (QUARANTINE_KEEP,),
+                )
+                self._set_meta("quarantined", self._quarantined + moved)
+            freed, deleted = db.execute(
+                "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM records WHERE seq <= ?",
+                (end,),
+            ).fetchone()
+            db.execute("DELETE FROM records WHERE seq <= ?", (end,))
+            self._set_meta("acked", end)
+            if end == up_to and up_to >= self._next:  # the plane knows higher numbers
+                self._set_meta("next_seq", up_to + 1)
+            done.extend((moved, freed, deleted))
+
+        self._transaction(write, "update the outbox")
+        moved, freed, deleted = done
+        self._acked = end
+        self._quarantined += moved
+        self._depth -= deleted
+        self._bytes -= freed
+        return deleted
+
+    # ---- reading ----
     def pending(self, after: int, limit: int) -> list[tuple[int, int, bytes]]:
         """Up to `limit` (seq, kind, body) records with seq > after, oldest first."""
         with self._lock:
-            return self._db.execute(
-                "SELECT seq, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
-            ).fetchall()
+            return (
+                self._conn()
+                .execute(
+                    "SELECT seq, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, limit),
+                )
+                .fetchall()
+            )
 
     def wait_for_records(self, after: int, timeout: float) -> bool:
         """Blocks until a record with seq > after exists (True) or `timeout` passes."""
         with self._changed:
             return self._changed.wait_for(lambda: self._next - 1 > after, timeout)
 
-    def ack(self, up_to: int, rejected: Mapping[int, str] | None = None) -> int:
-        """The control plane stored everything up to `up_to`: delete it. Returns rows deleted.
-
-        `rejected` (sequence -> the control plane's reason) are records it refused: they move
-        to the quarantine table in the same transaction, to be looked at, never resent."""
-        with self._lock:
-            if up_to <= self._acked:
-                return 0
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                moved = 0
-                for seq, reason in sorted((rejected or {}).items()):
-                    moved += self._db.execute(
-                        "INSERT OR REPLACE INTO quarantine (seq, kind, body, reason) "
-                        "SELECT seq, kind, body, ? FROM records WHERE seq = ? AND seq > ?",
-                        (reason, seq, self._acked),
-                    ).rowcount
-                if moved:
-                    self._db.execute(
-                        "DELETE FROM quarantine WHERE seq NOT IN "
-                        "(SELECT seq FROM quarantine ORDER BY seq DESC LIMIT ?)",
-                        (QUARANTINE_KEEP,),
-                    )
-                    self._set_meta("quarantined", self._quarantined + moved)
-                freed, deleted = self._db.execute(
-                    "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM records WHERE seq <= ?",
-                    (up_to,),
-                ).fetchone()
-                self._db.execute("DELETE FROM records WHERE seq <= ?", (up_to,))
-                self._set_meta("acked", up_to)
-                if up_to >= self._next:  # the control plane knows higher numbers: never reuse
-                    self._next = up_to + 1
-                    self._set_meta("next_seq", self._next)
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                self._rollback()
-                if not isinstance(exc, sqlite3.Error):
-                    raise
-                # Kept or not, the control plane knows numbers up to `up_to`: the next append
-                # (which keeps next_seq) must not reuse them, or this acknowledgement, written
-                # later, would delete its records unsent.
-                self._next = max(self._next, up_to + 1)
-                raise LocalStateError(f"{self.path}: cannot update the outbox: {exc}") from None
-            self._acked = up_to
-            self._quarantined += moved
-            self._depth -= deleted
-            self._bytes -= freed
-            return int(deleted)
-
     def scored_through(self) -> dict[str, float]:
         """By asset, the end of the last window whose records (and those before) were kept:
         after a kill -9, where scoring must resume without scoring a window twice."""
         with self._lock:
-            rows = self._db.execute("SELECT asset, window_end FROM scored").fetchall()
+            rows = self._conn().execute("SELECT asset, window_end FROM scored").fetchall()
         return {str(asset): float(end) for asset, end in rows}
 
     def open_alert_events(self) -> dict[str, str]:
@@ -325,16 +404,21 @@ class Outbox:
                 self._acked,
                 self._evicted,
                 self._quarantined,
+                outbox_files.disk_bytes(self.path),
             )
 
     def quarantined(self, limit: int = 100) -> list[tuple[int, int, bytes, str]]:
         """The newest refused records: (seq, kind, body, reason)."""
         with self._lock:
-            return self._db.execute(
-                "SELECT seq, kind, body, reason FROM quarantine ORDER BY seq DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+            return (
+                self._conn()
+                .execute(
+                    "SELECT seq, kind, body, reason FROM quarantine ORDER BY seq DESC LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._close_db()

@@ -1,5 +1,6 @@
-"""The outbox seen from outside its writer: a read-only look at the database (`autoglm-edge
-status`), and the open alerts older agents kept as `alerts/<asset>.json` (taken over once)."""
+"""The outbox's files: its database opened (schema, checks), a read-only look at it (an agent
+starting on a disk it cannot write, `autoglm-edge status`), the open alerts older agents kept
+as `alerts/<asset>.json` (taken over once), and the bytes it takes on disk."""
 
 from __future__ import annotations
 
@@ -11,12 +12,51 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_agent.decisions import RAISED, AlertEvent
+from edge_agent.errors import LocalStateError
 from edge_agent.files import UNREADABLE
 from edge_agent.open_alerts import OpenAlerts
 
 log = logging.getLogger(__name__)
 
 MIGRATED = "open_alerts_from_files"  # meta key: the alert files were taken over
+WAL_KEEP_BYTES = 4 << 20  # the WAL is cut back to this after a checkpoint
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_kind_seq ON records (kind, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scored (asset TEXT PRIMARY KEY, window_end REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS open_alerts (asset TEXT PRIMARY KEY, event TEXT NOT NULL);
+"""
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """The outbox database at `path` (made when missing), WAL, synchronous=FULL, checked.
+    Raises sqlite3.Error or OSError when it cannot be opened, LocalStateError when damaged."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+        db.executescript(_SCHEMA)
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+    except BaseException:
+        db.close()
+        raise
+    if check != "ok":
+        db.close()
+        raise LocalStateError(f"{path}: the outbox database is damaged: {check}")
+    return db
 
 
 @dataclass
@@ -124,6 +164,11 @@ def remove_files(directory: Path, assets: list[str] | dict[str, str]) -> None:
             path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("%s: taken over by the outbox but not deleted (%s)", path, exc)
+
+
+def disk_bytes(path: Path) -> int:
+    """The database and its WAL on disk."""
+    return _size(path) + _size(path.with_name(path.name + "-wal"))
 
 
 def _size(path: Path) -> int:
