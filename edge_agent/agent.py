@@ -56,10 +56,13 @@ class Agent:
         self.slots = ModelSlots(config.state_dir / "models")
         self.pending_reports: list[agent_pb2.AgentMessage] = []
         self.model = self._open_at_start()
+        # A disk that is full or read-only must not keep site alerting down: the outbox then
+        # starts degraded, says why (health, heartbeat) and is opened again when it can be.
         self.outbox = Outbox(
             config.state_dir / OUTBOX_FILE,
             config.outbox.max_bytes,
             reserve_bytes=config.outbox.reserve_bytes,
+            degraded_ok=True,
         )
         self.device = self.identity.info.device_name
         self.client_id = config.mqtt.client_id or f"autoglm-edge-{self.device}"
@@ -111,10 +114,12 @@ class Agent:
 
     def health(self, rates_since_last: bool = True) -> agent_pb2.AgentHealth:
         """The data path's health report (`EdgeRuntime.health`), with the sync's errors: each
-        failed write of an acknowledgement the control plane sent (disk full) counts."""
+        failed write of an acknowledgement the control plane sent (disk full) counts; and why
+        the outbox cannot be written, while it cannot."""
         disk_free = hostfacts.disk_free_bytes(self.config.state_dir)
         health = self.runtime.health(disk_free, rates_since_last)
         health.errors += self.sync.stats.ack_write_failures
+        health.outbox_unavailable = self.outbox.problem or ""
         return health
 
     def slot(self) -> str:

@@ -163,6 +163,8 @@ def health_problems(agent: Agent) -> tuple[list[str], list[str]]:
         unready.append("no model serving")
     if not runtime.mqtt.connected.is_set():
         unready.append(f"broker {agent.config.mqtt.host}:{agent.config.mqtt.port} not connected")
+    if agent.outbox.problem is not None:
+        unready.append(f"outbox unavailable: {agent.outbox.problem}")
     return [f"thread {name} not running" for name in dead], unready
 
 

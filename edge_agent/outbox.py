@@ -13,6 +13,10 @@ and power loss.
 The alerts open on each asset (`open_alerts`) and where scoring got to (`scored`) are kept
 with the records that changed them, so after a kill the three always agree: an alert event
 the control plane will get is open here, and one it will never get is not.
+
+An outbox that cannot be opened at start (a full or read-only disk, a damaged file) can run
+degraded (`degraded_ok`): it takes nothing (writes raise LocalStateError, which the sink
+handles as a full disk), says why in `problem`, and tries to open again every `retry_s`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,7 @@ ALERT = 2
 CAPTURE = 3
 EVICTION_ORDER = (CAPTURE, PREDICTION)  # what goes first under disk pressure; alerts never
 QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
+RETRY_OPEN_S = 30.0
 ACK_CHUNK_BYTES = 2 << 20  # records deleted per acknowledging transaction, about
 ACK_CHUNK_ROWS = 20_000
 
@@ -60,17 +66,33 @@ class Outbox:
         *,
         reserve_bytes: int | None = None,
         ballast_bytes: int = BALLAST_BYTES,
+        degraded_ok: bool = False,
+        retry_s: float = RETRY_OPEN_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.space = DiskSpace(path, reserve_bytes, ballast_bytes)
+        self.retry_s = retry_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._db: sqlite3.Connection | None = None
+        self.problem: str | None = None  # why the outbox takes nothing now (degraded)
+        self._retry_at = 0.0
+        self._legacy_alerts: Path | None = None
+        self._view_migrated = False  # degraded: the files were taken over already
         self._open: dict[str, str] = {}  # by asset: the open alert as kept
+        self._scored: dict[str, float] = {}  # read at start when degraded
         self._next, self._acked, self._evicted, self._quarantined = 1, 0, 0, 0
         self._depth = self._bytes = self._baseline = 0
-        self._connect()
+        try:
+            self._connect()
+        except LocalStateError as exc:
+            if not degraded_ok:
+                raise
+            self._degrade(str(exc))
+            self._read_degraded()
 
     # ---- opening ----
     def _connect(self) -> None:
@@ -111,6 +133,9 @@ class Outbox:
             1 + db.execute("SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0").fetchone()[0]
         )
         self._open = {str(a): str(e) for a, e in db.execute("SELECT asset, event FROM open_alerts")}
+        self._scored = {}
+        if self._legacy_alerts is not None:
+            self._adopt_locked(self._legacy_alerts)
 
     def _cannot(self, what: str, exc: BaseException) -> str:
         disk = self.space.describe(exc)
@@ -118,31 +143,79 @@ class Outbox:
             f" ({disk})" if disk else ""
         )
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise LocalStateError(f"{self.path}: the outbox is closed")
+    def _degrade(self, problem: str) -> None:
+        self.problem = problem
+        self._retry_at = self._clock() + self.retry_s
+        log.error(
+            "%s; the agent runs without its outbox: alerts are published on site and wait in "
+            "memory, predictions are counted as lost; opening it is retried every %.0f s",
+            problem,
+            self.retry_s,
+        )
+
+    def _read_degraded(self) -> None:
+        """What a database that cannot be opened for writing still says (read-only): the
+        open alerts, the scoring marks, the numbering; best effort."""
+        view = outbox_files.read_only(self.path)
+        if view is None:
+            return
+        self._open, self._scored = view.open_alerts, view.scored
+        self._next, self._acked = view.next_seq, view.acked
+        self._depth, self._bytes = view.depth, view.bytes
+        self._view_migrated = view.migrated
+
+    def _available(self) -> sqlite3.Connection | None:
+        """The connection; when degraded, one more try to open it once `retry_s` passed
+        (under the lock)."""
+        if self._db is not None:
+            return self._db
+        if self._clock() < self._retry_at:
+            return None
+        try:
+            self._connect()
+        except LocalStateError as exc:
+            self.problem = str(exc)
+            self._retry_at = self._clock() + self.retry_s
+            return None
+        log.warning("%s: the outbox is open again (it could not be: %s)", self.path, self.problem)
+        self.problem = None
+        self._changed.notify_all()
         return self._db
+
+    def _conn(self) -> sqlite3.Connection:
+        db = self._available()
+        if db is None:
+            raise LocalStateError(self.problem or f"{self.path}: the outbox is closed")
+        return db
 
     def adopt_open_alerts(self, directory: Path) -> None:
         """Takes over the alerts an older agent kept open as `directory/<asset>.json`, once
-        (the files are deleted afterwards; their state is kept here from then on)."""
+        (the files are deleted afterwards; their state is kept here from then on). When the
+        outbox is degraded, they count as open until it opens and takes them."""
         with self._lock:
-            if self._meta(outbox_files.MIGRATED, 0):
+            self._legacy_alerts = directory
+            if self._db is None:
+                if not self._view_migrated:
+                    self._open = outbox_files.legacy_files(directory) | self._open
                 return
-            found = outbox_files.legacy_files(directory)
-            self._open = found | self._open
+            self._adopt_locked(directory)
 
-            def write(db: sqlite3.Connection) -> None:
-                sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
-                db.executemany(sql, found.items())
-                self._set_meta(outbox_files.MIGRATED, 1)
+    def _adopt_locked(self, directory: Path) -> None:
+        if self._meta(outbox_files.MIGRATED, 0):
+            return
+        found = outbox_files.legacy_files(directory)
+        self._open = found | self._open
 
-            try:
-                self._transaction(write, "take the open alerts")
-            except LocalStateError as exc:
-                log.error("%s; the open alerts in %s are read again at the next start", exc,
-                          directory)  # fmt: skip
-                return
+        def write(db: sqlite3.Connection) -> None:
+            sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
+            db.executemany(sql, found.items())
+            self._set_meta(outbox_files.MIGRATED, 1)
+
+        try:
+            self._transaction(write, "take the open alerts")
+        except LocalStateError as exc:
+            log.error("%s; the open alerts in %s are read again at the next start", exc, directory)
+            return
         outbox_files.remove_files(directory, found)
         if found:
             log.info("took over %d open alert(s) from %s", len(found), directory)
@@ -213,6 +286,7 @@ class Outbox:
         if not records:
             return []
         with self._lock:
+            self._conn()  # first: opening it again (degraded) reads the numbering
             first = self._next
             rows = [(first + i, kind, body) for i, (kind, body) in enumerate(records)]
             added = sum(len(body) for _, body in records)
@@ -295,6 +369,7 @@ class Outbox:
         with self._lock:
             deleted = 0
             try:
+                self._conn()  # first: opening it again (degraded) reads the numbering
                 while self._acked < up_to:
                     deleted += self._ack_through(self._chunk_end(up_to), up_to, rejected or {})
             finally:
@@ -363,16 +438,16 @@ class Outbox:
 
     # ---- reading ----
     def pending(self, after: int, limit: int) -> list[tuple[int, int, bytes]]:
-        """Up to `limit` (seq, kind, body) records with seq > after, oldest first."""
+        """Up to `limit` (seq, kind, body) records with seq > after, oldest first (none
+        while degraded)."""
         with self._lock:
-            return (
-                self._conn()
-                .execute(
-                    "SELECT seq, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (after, limit),
-                )
-                .fetchall()
-            )
+            db = self._available()
+            if db is None:
+                return []
+            return db.execute(
+                "SELECT seq, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
 
     def wait_for_records(self, after: int, timeout: float) -> bool:
         """Blocks until a record with seq > after exists (True) or `timeout` passes."""
@@ -383,7 +458,9 @@ class Outbox:
         """By asset, the end of the last window whose records (and those before) were kept:
         after a kill -9, where scoring must resume without scoring a window twice."""
         with self._lock:
-            rows = self._conn().execute("SELECT asset, window_end FROM scored").fetchall()
+            if self._db is None:
+                return dict(self._scored)
+            rows = self._db.execute("SELECT asset, window_end FROM scored").fetchall()
         return {str(asset): float(end) for asset, end in rows}
 
     def open_alert_events(self) -> dict[str, str]:
@@ -410,15 +487,15 @@ class Outbox:
     def quarantined(self, limit: int = 100) -> list[tuple[int, int, bytes, str]]:
         """The newest refused records: (seq, kind, body, reason)."""
         with self._lock:
-            return (
-                self._conn()
-                .execute(
-                    "SELECT seq, kind, body, reason FROM quarantine ORDER BY seq DESC LIMIT ?",
-                    (limit,),
-                )
-                .fetchall()
-            )
+            if self._db is None:
+                return []
+            return self._db.execute(
+                "SELECT seq, kind, body, reason FROM quarantine ORDER BY seq DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
 
     def close(self) -> None:
         with self._lock:
             self._close_db()
+            self.problem = self.problem or f"{self.path}: the outbox is closed"
+            self._retry_at = float("inf")

@@ -184,6 +184,8 @@ def test_failed_acknowledgement_writes_are_errors_in_the_heartbeats_health(tmp_p
     runtime = SimpleNamespace(
         health=lambda disk_free, rates: agent_pb2.AgentHealth(errors=2, disk_free_bytes=disk_free)
     )
-    agent = SimpleNamespace(runtime=runtime, sync=sync, config=SimpleNamespace(state_dir=tmp_path))
+    agent = SimpleNamespace(
+        runtime=runtime, sync=sync, outbox=box, config=SimpleNamespace(state_dir=tmp_path)
+    )
     health = Agent.health(agent)  # type: ignore[arg-type]
     assert health.errors == 3 and health.disk_free_bytes > 0, health

@@ -245,6 +245,8 @@ def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
         print(f"signing:     {held}")
     for asset, drift in sorted(msg.status.health.drift.items()):
         print(f"drift:       {drift_line(asset, drift)}")
+    if msg.status.health.outbox_unavailable:
+        print(f"outbox:      unavailable: {msg.status.health.outbox_unavailable}")
     for gap in msg.status.health.lost_records:
         until = "ongoing" if gap.ongoing else f"to {_when(gap.last)}"
         cause = "killed: windows not scored" if gap.reason == "unclean_stop" else "disk full"

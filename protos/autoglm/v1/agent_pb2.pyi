@@ -425,6 +425,7 @@ class AgentHealth(_message.Message):
     DRIFT_FIELD_NUMBER: _builtins.int
     LOST_RECORDS_FIELD_NUMBER: _builtins.int
     SENSOR_CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
+    OUTBOX_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     inference_latency_p50_ms: _builtins.float
     inference_latency_p99_ms: _builtins.float
     outbox_depth: _builtins.int
@@ -433,6 +434,11 @@ class AgentHealth(_message.Message):
     windows_scored: _builtins.int
     alerts_raised: _builtins.int
     errors: _builtins.int
+    outbox_unavailable: _builtins.str
+    """Why the outbox cannot be written at all (it could not be opened: a full or read-only
+    disk, a damaged file; the agent retries): alerts go on on site and wait in memory,
+    predictions are lost. Empty while it works.
+    """
     @_builtins.property
     def ingest_rate_per_s(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """by asset"""
@@ -479,10 +485,11 @@ class AgentHealth(_message.Message):
         drift: _abc.Mapping[_builtins.str, Global___AssetDrift] | None = ...,
         lost_records: _abc.Iterable[Global___LostRecords] | None = ...,
         sensor_clock_offset_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        outbox_unavailable: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "lost_records", b"lost_records", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "sensor_clock_offset_s", b"sensor_clock_offset_s", "windows_scored", b"windows_scored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_raised", b"alerts_raised", "clock_offset_s", b"clock_offset_s", "disk_free_bytes", b"disk_free_bytes", "drift", b"drift", "dropped_by_reason", b"dropped_by_reason", "errors", b"errors", "inference_latency_p50_ms", b"inference_latency_p50_ms", "inference_latency_p99_ms", b"inference_latency_p99_ms", "ingest_rate_per_s", b"ingest_rate_per_s", "lost_records", b"lost_records", "outbox_bytes", b"outbox_bytes", "outbox_depth", b"outbox_depth", "outbox_unavailable", b"outbox_unavailable", "sensor_clock_offset_s", b"sensor_clock_offset_s", "windows_scored", b"windows_scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
