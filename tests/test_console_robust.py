@@ -469,6 +469,9 @@ def test_the_fleet_pages_show_every_device_exactly_once() -> None:
             assert (
                 bad.status == 400 and "page &#x27;x&#x27; is not a page number" in await bad.text()
             )
+            superscript = await client.get("/fleet?page=%C2%B2")  # "\u00b2".isdigit() is True
+            said = await superscript.text()
+            assert superscript.status == 400 and "is not a page number" in said, said[:300]
             return shown, summaries
         finally:
             await client.close()

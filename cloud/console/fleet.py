@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from collections import defaultdict
 from urllib.parse import urlencode
 
@@ -89,7 +90,8 @@ def shadows(rollouts: list[operator_pb2.Rollout]) -> dict[str, str]:
 def page_number(request: web.Request) -> int:
     """The ?page= asked for, from 1; InvalidInput when it is not a page number."""
     text = query(request, "page", 9) or "1"
-    if not text.isdigit() or int(text) < 1:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if re.fullmatch(r"[0-9]{1,9}", text) is None or int(text) < 1:
         raise InvalidInput(f"page {text!r} is not a page number (1, 2, ...)")
     return int(text)
 
