@@ -265,6 +265,7 @@ class WebhookSender:
             hook: self._sending.get(hook, 0) + len(self._waiting.get(hook, ()))
             for hook in self._sending.keys() | self._waiting.keys()
         }
+        claimed_at = time.monotonic()  # the lease runs from here, queued claim included
         due = await asyncio.to_thread(
             self.store.claim_deliveries,
             self.clock(),
@@ -273,7 +274,6 @@ class WebhookSender:
             per_webhook=PER_WEBHOOK_CLAIMED,
             busy=busy,
         )
-        claimed_at = time.monotonic()
         for d in due:
             self._waiting.setdefault(d.webhook_id, deque()).append((d, claimed_at))
             self._claimed += 1
@@ -376,7 +376,9 @@ class WebhookSender:
                 "webhook delivery %d to %s failed (attempt %d/%d: %s); %s",
                 d.id, redacted(d.url), d.attempts, self.settings.max_attempts, error, what,
             )  # fmt: skip
-        await asyncio.to_thread(self.store.finish_delivery, d.id, error, now, retry_at)
+        await asyncio.to_thread(
+            self.store.finish_delivery, d.id, error, now, retry_at, d.leased_until
+        )
 
     def _secrets(self, d: Delivery, now: dt.datetime) -> list[str]:
         stored = [d.secret]

@@ -251,6 +251,24 @@ class FleetStateContract:
         assert (listed.delivered, listed.dead, listed.pending) == (1, 0, 0)
         assert listed.last_error == "", listed.last_error
 
+    def test_a_lapsed_claims_failure_leaves_the_new_claim_alone(self, store: Store) -> None:
+        """A's lease lapses, B claims again; A's failure (retry or its last attempt) must
+        neither move B's lease (a third claim would then send it a third time) nor kill the
+        delivery B is about to deliver."""
+        d = store.create_device("p", {}, "", NOW).id
+        store.add_webhook("http://h/a", "secret-secret-secret", "", NOW)
+        store.store_records(d, [], [_event(d, 1, "raised")], NOW)
+        lease = dt.timedelta(seconds=30)
+        (by_a,) = store.claim_deliveries(NOW, lease, 10)
+        (by_b,) = store.claim_deliveries(NOW + 2 * lease, lease, 10)
+        late = NOW + 2 * lease + dt.timedelta(seconds=1)
+        store.finish_delivery(by_a.id, "HTTP 503", late, late, by_a.leased_until)
+        assert store.claim_deliveries(late, lease, 10) == [], "B's claim was taken over"
+        store.finish_delivery(by_a.id, "HTTP 500", late, None, by_a.leased_until)  # last try
+        store.finish_delivery(by_b.id, "", late, None, by_b.leased_until)
+        (listed,) = store.list_webhooks()
+        assert (listed.delivered, listed.dead, listed.pending) == (1, 0, 0)
+
     def test_a_released_delivery_costs_no_attempt_and_keeps_its_error(self, store: Store) -> None:
         d = store.create_device("p", {}, "", NOW).id
         hook = store.add_webhook("http://h/a", "secret-secret-secret", "", NOW).id

@@ -126,7 +126,12 @@ class Outbox:
             return True
 
     def finish_delivery(
-        self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
+        self,
+        delivery_id: int,
+        error: str,
+        now: dt.datetime,
+        retry_at: dt.datetime | None,
+        leased_until: dt.datetime | None = None,
     ) -> None:
         with self._lock:
             self.finished.append(Finish(delivery_id, error, retry_at, time.monotonic()))

@@ -342,7 +342,12 @@ class WebhookOutbox(abc.ABC):
 
     @abc.abstractmethod
     def finish_delivery(
-        self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
+        self,
+        delivery_id: int,
+        error: str,
+        now: dt.datetime,
+        retry_at: dt.datetime | None,
+        leased_until: dt.datetime | None = None,
     ) -> None: ...
 
 

@@ -268,10 +268,17 @@ class WebhookTables(SqlBase):
             return True
 
     def finish_delivery(
-        self, delivery_id: int, error: str, now: dt.datetime, retry_at: dt.datetime | None
+        self,
+        delivery_id: int,
+        error: str,
+        now: dt.datetime,
+        retry_at: dt.datetime | None,
+        leased_until: dt.datetime | None = None,
     ) -> None:
         """Delivered when `error` is empty; else retried at `retry_at`, or dead without one.
-        A delivery no longer pending (finished by another claim) is left as it is."""
+        A delivery no longer pending (finished by another claim) is left as it is; with the
+        claim's `leased_until`, a failure counts only while that claim still holds the row
+        (a sender whose lease lapsed must not fail, or kill, another replica's claim)."""
         with self._tx() as s:
             row = s.get(DeliveryRow, delivery_id, with_for_update=True)
             if row is None:
@@ -281,6 +288,8 @@ class WebhookTables(SqlBase):
                 # already delivered (or given up) keeps that outcome; a late failure must not
                 # make a delivered one dead or give it an error it no longer has.
                 return
+            if error and leased_until is not None and row.next_attempt_at != leased_until:
+                return  # claimed again elsewhere since: that claim's outcome decides
             if not error:
                 row.state, row.delivered_at, row.last_error = DELIVERED, now, ""
             elif retry_at is None:
