@@ -122,3 +122,54 @@ def test_connections_that_never_finish_a_request_are_closed(
             s.close()
         server.shutdown()
         server.server_close()
+
+
+def _trickle(port: int, every_s: float, give_up_at: float, closed: list[float]) -> None:
+    """Sends a request a byte every `every_s` (never finishing its headers) until the server
+    closes the connection (its time goes to `closed`) or `give_up_at` (monotonic) passes."""
+    request = b"GET /metrics HTTP/1.1\r\nX-Trickle: " + b"a" * 10_000
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(every_s)
+        for byte in request:
+            if time.monotonic() > give_up_at:
+                return
+            try:
+                s.send(bytes([byte]))
+                if s.recv(1024) == b"":
+                    closed.append(time.monotonic())
+                    return
+            except TimeoutError:
+                continue  # nothing from the server yet: the next byte
+            except OSError:  # reset or broken pipe: closed by the server too
+                closed.append(time.monotonic())
+                return
+
+
+def test_connections_that_trickle_a_request_are_closed_at_their_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The I/O timeout is per read: a client sending a byte more often than that used to hold
+    its connection, and with METRICS_CONNECTIONS of them no scrape got through. Now each
+    connection is closed METRICS_CONNECTION_DEADLINE_S after it was accepted."""
+    monkeypatch.setattr(metrics_module, "METRICS_IO_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(metrics_module, "METRICS_CONNECTION_DEADLINE_S", 1.0)
+    monkeypatch.setattr(metrics_module, "METRICS_CONNECTIONS", 2)
+    server, port = PlaneMetrics().serve("127.0.0.1:0")
+    closed: list[float] = []
+    started = time.monotonic()
+    give_up_at = started + 15  # well past the 1 s deadline
+    tricklers = [
+        threading.Thread(target=_trickle, args=(port, 0.2, give_up_at, closed)) for _ in range(2)
+    ]
+    try:
+        for t in tricklers:
+            t.start()
+        for t in tricklers:
+            t.join(timeout=30)
+        took = [round(at - started, 1) for at in closed]
+        assert len(closed) == 2, f"trickling connections not closed by the server: {took}"
+        assert max(took) < 12, f"trickling connections closed only after {took} s"
+        assert b"autoglm_heartbeats_total" in _scrape(port)  # the slots are free again
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -42,6 +42,9 @@ LOOP_LAG_EVERY_S = 0.1
 SETUP_PHASES = ("lookup", "hello", "state")  # of `autoglm_session_setup_seconds`
 METRICS_IO_TIMEOUT_S = 10.0  # a metrics connection that sends or reads nothing this long
 METRICS_CONNECTIONS = 64  # open at once on the metrics port; more are closed at once
+# A metrics connection still open this long after it was accepted is closed, however it trickles
+# (the I/O timeout is per read or write: a byte every few seconds would keep a slot for ever).
+METRICS_CONNECTION_DEADLINE_S = 30.0
 # A device names the assets of its drift series: at most this many per device, each named as
 # an agent's config allows (edge_agent/config.py), so a device cannot grow the scrape.
 MAX_DRIFT_ASSETS = 32
@@ -152,7 +155,8 @@ class PlaneMetrics:
 
 class MetricsServer(ThreadingMixIn, WSGIServer):
     """prometheus_client's server (a thread per connection), except that a connection that
-    sends or reads nothing for METRICS_IO_TIMEOUT_S is closed, and one past
+    sends or reads nothing for METRICS_IO_TIMEOUT_S, or is still open
+    METRICS_CONNECTION_DEADLINE_S after it was accepted, is closed, and one past
     METRICS_CONNECTIONS open at once is closed at once: anyone who reaches the port could
     otherwise hold a thread each for ever with requests they never finish."""
 
@@ -195,11 +199,27 @@ class _MetricsHandler(WSGIRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(METRICS_IO_TIMEOUT_S)  # reads and writes alike
+        # And a deadline for the whole connection: shutting the socket down ends the read or
+        # write the handler is blocked in, which then sees the connection closed.
+        self._deadline = threading.Timer(METRICS_CONNECTION_DEADLINE_S, self._past_deadline)
+        self._deadline.name = "metrics-deadline"
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _past_deadline(self) -> None:
+        log.debug("metrics: a connection from %s still open after %.0f s, closed",
+                  self.client_address, METRICS_CONNECTION_DEADLINE_S)  # fmt: skip
+        with contextlib.suppress(OSError):  # it may have closed meanwhile
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def handle(self) -> None:
         try:
             super().handle()
-        except (TimeoutError, ConnectionError):  # a client that stalled or left: close it
+        except OSError:  # a client that stalled (TimeoutError) or left, or past its deadline
             self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
