@@ -52,9 +52,14 @@ class _Unsaved:
 class RecordSync:
     """One per agent; `run` is started by the session for each open stream.
 
-    An acknowledgement the outbox cannot record (a full disk) does not end the session: the
-    control plane has the records, so they are not sent again; the acknowledgement is kept
-    here and written at the next one, at the next session's start, or at a retry
+    Acknowledgements are written by a task of their own, off the session's reader, one write
+    at a time in a worker thread, those arriving meanwhile merged into the next: a slow disk
+    (each write is fsynced) must not stall reading the stream, or the control plane ends the
+    session for not reading. Until written, an acknowledgement is kept here (`acked` counts
+    it: the control plane has the records, so they are not sent again).
+
+    An acknowledgement the outbox cannot record (a full disk) does not end the session
+    either: it is written at the next one, at the next session's start, or at a retry
     (`ack_retry`) while batches are sent. Should the agent stop first, the next session's
     `last_stored_sequence` says the same."""
 
@@ -73,9 +78,13 @@ class RecordSync:
         self._sent = outbox.acked
         self._in_flight: list[int] = []
         self._acked = asyncio.Event()
+        # Acknowledged by the control plane, not recorded by the outbox yet (being written,
+        # waiting for the writer, or failed), later ones merged in.
         self._unsaved: _Unsaved | None = None
         self._retry_at = 0.0
         self._failed_writes = 0  # of the acknowledgement waiting now
+        self._write_lock = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def acked(self) -> int:
@@ -85,13 +94,8 @@ class RecordSync:
     async def on_accepted(self, last_stored: int) -> None:
         """A new session: everything up to `last_stored` is safe; resend from there."""
         if last_stored > self.acked or self._unsaved is not None:
-            pending = self._merged(last_stored, {})
-            try:
-                await asyncio.to_thread(self.outbox.ack, pending.up_to, pending.rejected)
-            except LocalStateError as exc:
-                self._not_saved(pending, exc)
-            else:
-                self._saved(pending)
+            self._unsaved = self._merged(last_stored, {})
+            await self._write()
         self._sent = self.acked
         self._in_flight.clear()
         self.stats.acked_up_to = self.acked
@@ -111,24 +115,40 @@ class RecordSync:
         self.stats.duplicates += ack.duplicates
         self._in_flight = [s for s in self._in_flight if s > ack.up_to_sequence]
         self._acked.set()
-        pending = self._merged(ack.up_to_sequence, rejected)
-        try:
-            self.outbox.ack(pending.up_to, pending.rejected)
-        except LocalStateError as exc:  # the control plane has them: the session goes on
-            self._not_saved(pending, exc)
-        else:
-            self._saved(pending)
+        self._unsaved = self._merged(ack.up_to_sequence, rejected)
         self.stats.acked_up_to = self.acked
+        if self._writer is None or self._writer.done():  # else the running one takes it
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def drain(self) -> None:
+        """Until the acknowledgements received so far were written or failed to be."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def _write(self) -> None:
+        """Writes the acknowledgement waiting, and then any merged in meanwhile, in a worker
+        thread, one at a time; stops at a failure (retried by `retry_unsaved`)."""
+        async with self._write_lock:
+            while (pending := self._unsaved) is not None:
+                try:
+                    await asyncio.to_thread(self.outbox.ack, pending.up_to, pending.rejected)
+                except LocalStateError as exc:  # the control plane has them: the session goes on
+                    self._not_saved(exc)
+                    return
+                if self._unsaved is pending:  # else a newer one, covering it, is written next
+                    self._saved()
+                self.stats.acked_up_to = self.acked
 
     def _merged(self, up_to: int, rejected: Mapping[int, str]) -> _Unsaved:
-        """The acknowledgement to write: this one and any that could not be written."""
+        """The acknowledgement to write: this one and any not written yet."""
         if self._unsaved is None:
             return _Unsaved(up_to, dict(rejected))
         return _Unsaved(max(up_to, self._unsaved.up_to), {**self._unsaved.rejected, **rejected})
 
-    def _not_saved(self, pending: _Unsaved, error: LocalStateError) -> None:
-        first = self._unsaved is None
-        self._unsaved = pending
+    def _not_saved(self, error: LocalStateError) -> None:
+        pending = self._unsaved
+        assert pending is not None
+        first = not self._failed_writes
         self._retry_at = time.monotonic() + self.ack_retry.next_delay()
         self._failed_writes += 1
         self.stats.ack_write_failures += 1
@@ -142,8 +162,10 @@ class RecordSync:
                 error,
             )
 
-    def _saved(self, pending: _Unsaved) -> None:
-        if self._unsaved is not None:
+    def _saved(self) -> None:
+        pending = self._unsaved
+        assert pending is not None
+        if self._failed_writes:
             log.warning(
                 "the outbox recorded the acknowledgement up to %d after %d failed write(s)",
                 pending.up_to,
@@ -157,18 +179,9 @@ class RecordSync:
     async def retry_unsaved(self, force: bool = False) -> None:
         """Writes the acknowledgement that could not be written, when its retry is due (or
         at once: `force`). Writes on a thread; acknowledgements arriving meanwhile merge."""
-        pending = self._unsaved
-        if pending is None or (not force and time.monotonic() < self._retry_at):
+        if not self._failed_writes or (not force and time.monotonic() < self._retry_at):
             return
-        try:
-            await asyncio.to_thread(self.outbox.ack, pending.up_to, pending.rejected)
-        except LocalStateError as exc:
-            if self._unsaved is pending:
-                self._not_saved(pending, exc)
-            return
-        if self._unsaved is pending:  # else a newer one, covering it, was written or waits
-            self._saved(pending)
-        self.stats.acked_up_to = self.acked
+        await self._write()
 
     async def run(self, send: Callable[[Outgoing], Awaitable[None]]) -> None:
         """Sends batches until cancelled (the session ends)."""

@@ -103,8 +103,14 @@ def test_acknowledgements_that_cannot_be_written_wait_together_and_lose_no_refus
     real = box._db
     box._db = DiskFullConnection(real)  # type: ignore[assignment]
     sync = RecordSync(box, 5, 2, ack_retry=Backoff(0.01, 0.01))
-    sync.on_ack(_ack(4, 3, {2: "score out of range"}))  # raised out of the session's reader
-    sync.on_ack(_ack(8, 4, {7: "asset name too long"}))
+
+    async def acks() -> None:
+        sync.on_ack(_ack(4, 3, {2: "score out of range"}))  # raised out of the session's reader
+        await sync.drain()
+        sync.on_ack(_ack(8, 4, {7: "asset name too long"}))
+        await sync.drain()
+
+    asyncio.run(acks())
     assert (box.acked, box.stats().depth, sync.stats.unsaved_ack) == (0, 10, 8), sync.stats
     assert sync.stats.ack_write_failures == 2 and sync.stats.stored == 7
     box._db = real
@@ -179,7 +185,12 @@ def test_failed_acknowledgement_writes_are_errors_in_the_heartbeats_health(tmp_p
     real = box._db
     box._db = DiskFullConnection(real)  # type: ignore[assignment]
     sync = RecordSync(box, 100, 2)
-    sync.on_ack(_ack(3, 3))
+
+    async def ack() -> None:
+        sync.on_ack(_ack(3, 3))
+        await sync.drain()
+
+    asyncio.run(ack())
     box._db = real
     runtime = SimpleNamespace(
         health=lambda disk_free, rates: agent_pb2.AgentHealth(errors=2, disk_free_bytes=disk_free)
