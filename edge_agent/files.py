@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.errors import LocalStateError
+
+log = logging.getLogger(__name__)
 
 # What reading a damaged JSON state file can raise, beyond FileNotFoundError: bytes that are
 # not JSON or not UTF-8 (ValueError), a document of the wrong shape (KeyError, TypeError,
@@ -61,11 +64,31 @@ def replace_atomically(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+# What fsync on a directory raises on file systems that cannot sync one (some FUSE file
+# systems, 9p, vboxsf, CIFS): the change is in place, only its durability is not promised.
+# SQLite (unixSync) and PostgreSQL (fsync_fname) ignore these for directories too.
+_DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+_dir_fsync_unsupported_logged = False
+
+
 def fsync_dir(path: Path) -> None:
-    """Makes a rename, unlink or mkdir inside `path` durable."""
+    """Makes a rename, unlink or mkdir inside `path` durable; a file system that cannot
+    fsync a directory is logged once per process and otherwise left alone."""
+    global _dir_fsync_unsupported_logged
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+        if not _dir_fsync_unsupported_logged:
+            _dir_fsync_unsupported_logged = True
+            log.warning(
+                "the file system holding %s cannot fsync a directory (%s): renames, removals "
+                "and new folders there are made but may not survive a power cut",
+                path,
+                exc.strerror or exc,
+            )
     finally:
         os.close(fd)
 

@@ -4,13 +4,16 @@ make its directory entry durable). Checked by recording which inodes `os.fsync` 
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edge_agent import files
 from edge_agent.calibration import SiteCalibration
 from edge_agent.calibration_store import CalibrationStore
 from edge_agent.decisions import AlertEvent
@@ -95,3 +98,45 @@ def test_a_first_calibration_has_its_new_folder_synced(tmp_path: Path, syncs: Sy
     store.save("1", "pump-1", ("a", "b"), SiteCalibration(z, z, z, 10), [])
     for folder in (tmp_path, tmp_path / "calibration", tmp_path / "calibration" / "1"):
         assert syncs.synced(folder), folder
+
+
+@pytest.fixture
+def no_dir_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that refuses fsync on a directory with EINVAL (some FUSE, 9p, vboxsf)."""
+    real: Callable[[int], None] = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(files, "_dir_fsync_unsupported_logged", False, raising=False)
+
+
+@pytest.mark.usefixtures("no_dir_fsync")
+def test_writes_succeed_where_directories_cannot_be_fsynced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state.json"
+    replace_atomically(state, b"old", 0o600)
+    replace_atomically(state, b"new", 0o600)
+    make_dir_durably(tmp_path / "a" / "b")
+    assert remove_durably(state)
+    assert not state.exists()
+    assert (tmp_path / "a" / "b").is_dir()
+    warnings = [r for r in caplog.records if "cannot fsync a directory" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert str(tmp_path) in warnings[0].getMessage()
+
+
+def test_other_directory_fsync_failures_still_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as caught:
+        files.fsync_dir(tmp_path)
+    assert caught.value.errno == errno.EIO
