@@ -20,7 +20,7 @@ from cloud.domain import (
     ShadowReport,
     TargetState,
 )
-from cloud.rollout_targets import GATE, agent_errors, desired_state, failures, moved
+from cloud.rollout_targets import agent_errors, desired_state, failures, judged, moved
 from cloud.store import Store
 from edge_agent.logs import ids
 
@@ -68,7 +68,7 @@ class RolloutReports:
         gate's verdict on it stands."""
         if target.state not in (TargetState.INSTALLING, TargetState.DEFERRED, TargetState.FAILED):
             return  # a report resent after a reconnect
-        if target.state is TargetState.FAILED and target.detail.startswith(GATE):
+        if judged(target):
             return  # resent after the gate judged it
         device_id, now = target.device_id, self.clock()
         desired = self.store.get_desired(device_id)
@@ -134,9 +134,7 @@ class RolloutReports:
         on the version, so not a failure against the budget. The target waits as deferred
         (the wave goes on without it; it gets the version when the wave is promoted) and
         says why."""
-        if target.state is TargetState.WAITING or (
-            target.state is TargetState.FAILED and target.detail.startswith(GATE)
-        ):
+        if target.state is TargetState.WAITING or judged(target):
             return
         detail = _summary(report)
         if (target.state, target.detail) == (TargetState.DEFERRED, detail):

@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 from collections.abc import Iterable
 
 from cloud.domain import DesiredModel, DeviceSummary, ModelRecord, RolloutTarget, TargetState
 from cloud.store import Store
 
 GATE = "gate: "  # begins the detail of a target the gates judged (a verdict reports never undo)
+# The too-few-windows verdict as control planes before the GATE prefix stored it.
+_UNPREFIXED_VERDICT = re.compile(r"only \d+ shadow window\(s\) reported")
+
+
+def judged(t: RolloutTarget) -> bool:
+    """Whether the gates failed the target: a verdict no install report undoes (also the
+    too-few-windows one stored without the prefix before an upgrade)."""
+    return t.state is TargetState.FAILED and (
+        t.detail.startswith(GATE) or _UNPREFIXED_VERDICT.fullmatch(t.detail) is not None
+    )
 
 
 def moved(t: RolloutTarget, state: TargetState, detail: str, now: dt.datetime) -> RolloutTarget:

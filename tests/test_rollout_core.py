@@ -624,3 +624,42 @@ def test_a_waiting_rollout_says_what_it_waits_for(fleet: Fleet) -> None:
     assert waits(rollout_id) == "an operator's resume (paused: night shift)"
     fleet.controller.abort(rollout_id, "done")
     assert waits(rollout_id) == ""
+
+
+def _partial_with_edge0_timed_out(f: Fleet) -> str:
+    """One wave with a soak: edge-0 never reports its shadow install, times out (failed, its
+    desired state still shadow), the others are judged, promoted and serve it: partial."""
+    rollout_id = _create(f, ("100%",), soak_s=60, max_failure_fraction=0.5)
+    for name in ("edge-1", "edge-2", "edge-3"):
+        f.installed(name, rollout_id, InstallOutcome.INSTALLED)
+        f.shadow(name, rollout_id)
+    f.clock.advance(SETTINGS.install_timeout.total_seconds() + 1)
+    f.controller.tick()
+    f.clock.advance(61)
+    f.controller.tick()
+    for name in ("edge-1", "edge-2", "edge-3"):
+        f.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    f.controller.tick()
+    rollout = f.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.PARTIAL, (rollout.state, rollout.reason)
+    assert f.states(rollout_id)["edge-0"] == "failed", f.states(rollout_id)
+    late = f.desired("edge-0")
+    assert late is not None and late.shadow
+    return rollout_id
+
+
+def test_a_gate_verdict_stored_before_the_gate_prefix_stands_against_a_resent_install(
+    fleet: Fleet,
+) -> None:
+    """A control plane before the 'gate: ' prefix stored the too-few-windows verdict as
+    'only N shadow window(s) reported': still a verdict after an upgrade."""
+    rollout_id = _partial_with_edge0_timed_out(fleet)
+    old = dataclasses.replace(
+        _target(fleet, rollout_id, "edge-0"), detail="only 0 shadow window(s) reported"
+    )
+    fleet.store.save_target(old)
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)  # resent after upgrade
+    _blocked(fleet, "edge-0", rollout_id)
+    target = _target(fleet, rollout_id, "edge-0")
+    assert (target.state.value, target.detail) == ("failed", old.detail), target
+    assert fleet.store.get_rollout(rollout_id).state is RolloutState.PARTIAL
