@@ -13,8 +13,10 @@ import errno
 import hashlib
 import json
 import lzma
+import os
 import tarfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -38,6 +40,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT_VERSION = 1
 BUILD_ON_DEVICE = "build-on-device"
+NAME_MAX = 255  # bytes in one path component (ext4, XFS, btrfs, tmpfs all stop there)
 # What a damaged archive raises while it is read: tarfile's own errors, and those of the
 # decompressors beneath it (a truncated stream, a bad CRC: gzip's is an OSError without errno).
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
@@ -164,6 +167,17 @@ class Manifest(_Strict):
                 or "\x00" in name
             ):
                 raise ValueError(f"file {name!r} is not a plain relative path inside the bundle")
+            for part in parts:
+                try:
+                    size = len(os.fsencode(part))
+                except UnicodeError:
+                    raise ValueError(f"file {name!r} is not a valid file name") from None
+                if size > NAME_MAX:
+                    raise ValueError(
+                        f"file {name!r}: the name {part[:40]!r}… is {size} bytes, over the "
+                        f"{NAME_MAX} a file system takes"
+                    )
+        _no_file_is_a_folder(bundle_paths(self))
         return self
 
     def variant(self, name: str) -> Variant:
@@ -171,6 +185,19 @@ class Manifest(_Strict):
             if variant.name == name:
                 return variant
         raise NotFound(f"bundle {self.name}:{self.version} has no variant {name!r}")
+
+
+def _no_file_is_a_folder(names: Iterable[str]) -> None:
+    """ValueError when one listed file is also a folder above another (`a` and `a/b`): both
+    cannot be written."""
+    listed = {PurePosixPath(name).parts: name for name in names}
+    for parts, name in sorted(listed.items()):
+        for depth in range(1, len(parts)):
+            above = listed.get(parts[:depth])
+            if above is not None:
+                raise ValueError(
+                    f"file {above!r} is also the folder holding {name!r}: both cannot be written"
+                )
 
 
 def bundle_paths(manifest: Manifest) -> dict[str, str]:
@@ -213,7 +240,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
                 f"{where}: manifest field {field!r} is unknown to this agent ({__version__}): "
                 "the bundle was made for a newer agent; upgrade the agent to serve it"
             ) from None
-        raise IntegrityError(f"{where}: manifest field {field!r}: {first['msg']}") from None
+        what = f"manifest field {field!r}" if field else "manifest"  # "": the whole model's
+        raise IntegrityError(f"{where}: {what}: {first['msg']}") from None
 
 
 def read_signed_manifest(directory: Path, public_key: Verifier) -> Manifest:

@@ -11,6 +11,7 @@ retried here: the part is deleted, so it does not keep the disk full, and the ca
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -166,13 +167,13 @@ class Downloader:
     ) -> None:
         """`fetch` over a stub already connected."""
         for digest, dest in files:
-            if dest.is_file():
-                continue
             try:
+                if dest.is_file():
+                    continue
                 await self._fetch_one(stub, digest, dest)
             except OSError as exc:
                 await asyncio.to_thread(_drop_part, dest)
-                raise write_failure(dest.parent, exc, "download into") from None
+                raise _download_failure(dest, exc) from None
             except LocalStateError:
                 await asyncio.to_thread(_drop_part, dest)
                 raise
@@ -221,6 +222,23 @@ class Downloader:
             await asyncio.sleep(delay)
         assert last is not None
         raise last
+
+
+# What the bundle's own names cause where they cannot be written (a name too long, a file
+# listed where another's folder goes): retrying cannot help.
+_NAME_FAULTS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
+
+
+def _download_failure(dest: Path, exc: OSError) -> AutoglmError:
+    """Whose fault a failed write of `dest` is: a name the file system cannot hold is the
+    bundle's (IntegrityError); a full, read-only or failing disk, or anything else of the
+    system's (permissions, ...), is the disk's (LocalStateError)."""
+    if exc.errno in _NAME_FAULTS:
+        return IntegrityError(
+            f"{dest}: the bundle names a file this device cannot write "
+            f"({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})"
+        )
+    return write_failure(dest.parent, exc, "download into")
 
 
 def _drop_part(dest: Path) -> None:

@@ -14,6 +14,7 @@ import errno
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -29,6 +30,7 @@ from edge_agent.bundle import (
     MANIFEST,
     SIGNATURE,
     Manifest,
+    parse_manifest,
     read_signed_manifest,
     unpack_tar,
     verify_bundle,
@@ -326,3 +328,38 @@ def test_gzip_stand_in_is_what_tarfile_reads(bundle: Path, tmp_path: Path) -> No
     """The damaged archives above are damaged gzip around a sound tar."""
     with tarfile.open(fileobj=io.BytesIO(_gzipped(bundle, tmp_path))) as tar:
         assert any(m.name.endswith(MANIFEST) for m in tar.getmembers())
+
+
+def _listing(extra: dict[str, str]) -> bytes:
+    doc = _manifest({"model.onnx": b"m", "golden.npz": b"g"}).model_dump(mode="json")
+    doc["files"] = extra
+    return json.dumps(doc).encode()
+
+
+def test_a_manifest_naming_a_file_too_long_for_a_file_system_is_refused() -> None:
+    """Refused when read, before anything is downloaded (a write would fail ENAMETOOLONG)."""
+    name = "data/" + "é" * 126 + ".bin"  # 256 bytes in UTF-8, 130 characters
+    with pytest.raises(IntegrityError, match=r"256 bytes, over the 255") as raised:
+        parse_manifest(_listing({name: "0" * 64}), "m.json")
+    assert "data/" in str(raised.value)
+    parse_manifest(_listing({"data/" + "e" * 255: "0" * 64}), "m.json")  # 255 is fine
+
+
+@pytest.mark.parametrize(
+    ("listed", "file", "inner"),
+    [
+        (["a", "a/b"], "a", "a/b"),
+        (["x/a", "x/a/b/c"], "x/a", "x/a/b/c"),
+        (["model.onnx/w"], "model.onnx", "model.onnx/w"),  # a variant's file is a folder
+    ],
+)
+def test_a_manifest_listing_a_file_that_is_also_a_folder_is_refused(
+    listed: list[str], file: str, inner: str
+) -> None:
+    with pytest.raises(IntegrityError) as raised:
+        parse_manifest(_listing(dict.fromkeys(listed, "0" * 64)), "m.json")
+    assert f"{file!r} is also the folder holding {inner!r}" in str(raised.value)
+
+
+def test_sibling_files_and_shared_folders_are_fine() -> None:
+    parse_manifest(_listing(dict.fromkeys(["a/b", "a/c", "ab", "a.b/c"], "0" * 64)), "m.json")
