@@ -603,6 +603,29 @@ def test_an_argument_that_is_not_utf8_is_named(
     assert "agt_op_" not in err  # a token's value is not repeated
 
 
+def test_a_path_that_is_not_utf8_is_opened_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file's name may be any bytes: a Path argument naming one is passed on as it is
+    (it used to be refused as "not UTF-8 text" before it was parsed); text sent on, like
+    --variant, is still refused."""
+    odd = tmp_path / b"caf\xe9".decode("utf-8", "surrogateescape")
+    odd.mkdir()
+    verify = ["model", "verify", str(odd), "--public-key", str(odd / "key.pub")]
+    # Through the real entry point: its stderr writes the path's bytes as \x escapes.
+    result = subprocess.run(
+        [sys.executable, "-m", "cloud.cli.main", *verify], capture_output=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr[-500:]
+    assert b"not UTF-8" not in result.stderr, result.stderr[-500:]
+    assert b"caf\\udce9/key.pub: No such file" in result.stderr, result.stderr[-500:]
+    assert b"Traceback" not in result.stderr, result.stderr[-500:]
+    argv = ["model", "evaluate", str(odd), "--data", str(odd), "--calibration-rows", "1"]
+    assert autoglm([*argv, "--variant", "fp\udcff"]) == 2
+    err = capsys.readouterr().err
+    assert "the value of --variant is not UTF-8 text (byte 0xff at character 3)" in err, err
+
+
 def test_a_non_utf8_argument_through_the_real_entry_point() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cloud.cli.main", "device", "show", b"edge-\xff".decode(

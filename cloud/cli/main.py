@@ -165,35 +165,49 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text_argument(argv: Sequence[str]) -> None:
-    """InvalidInput naming the first argument that is not UTF-8 text (Python hands its bytes
-    over as lone surrogates, which no request, file or log line can carry). The value itself
-    is not repeated: it may be a token."""
+def _surrogate(text: str) -> int | None:
+    """Where `text` holds bytes that were not UTF-8 (Python hands them over as lone
+    surrogates), or None."""
+    return next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+
+
+def _text_argument(argv: Sequence[str], args: argparse.Namespace) -> None:
+    """InvalidInput naming the first argument that is not UTF-8 text and was parsed as text
+    (no request, file or log line can carry it). Paths are exempt: a file's name may be any
+    bytes, and the command opens it as given. The value itself is not repeated: it may be a
+    token."""
+    texts: set[str] = set()
+    for value in vars(args).values():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str) and _surrogate(item) is not None:
+                texts.add(item)
     for index, arg in enumerate(argv):
-        bad = next((i for i, c in enumerate(arg) if "\ud800" <= c <= "\udfff"), None)
-        if bad is None:
-            continue
         flag = arg.partition("=")[0] if arg.startswith("--") and "=" in arg else ""
+        value = arg.partition("=")[2] if flag else arg
+        bad = _surrogate(value)
+        if bad is None or value not in texts:
+            continue  # text, or a path
         if not flag and index and argv[index - 1].startswith("-"):
             flag = argv[index - 1]
-        clean = flag and not any("\ud800" <= c <= "\udfff" for c in flag)
+        clean = flag and _surrogate(flag) is None
         what = f"the value of {flag}" if clean else f"argument {index + 1}"
-        code = ord(arg[bad])
+        code = ord(value[bad])
         found = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 else f"U+{code:04X}"
+        at = bad + 1 + (len(arg) - len(value))
         raise InvalidInput(
-            f"{what} is not UTF-8 text ({found} at character {bad + 1}); "
+            f"{what} is not UTF-8 text ({found} at character {at}); "
             "pass it in UTF-8 (check the terminal's or script's encoding)"
         )
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        _text_argument(argv)
-    except InvalidInput as exc:
-        return report("autoglm", exc)
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        _text_argument(argv, args)
+    except InvalidInput as exc:
+        return report("autoglm", exc)
     if args.output in ("json", "yaml"):
         if not hasattr(args, "json"):
             parser.error(f"-o {args.output}: this command prints no records; drop -o")
