@@ -2,7 +2,9 @@
 
 An install reported later counts, also after a failure (not after a gate's verdict or an
 abort). A device whose disk does not take the install (its agent says it tries again) is no
-failure: it waits as deferred. A report after an abort is kept in the target's detail only.
+failure: it waits as deferred. A device that installs in shadow after its wave was promoted,
+also after the rollout ended, is sent the version to serve. A report after an abort is kept in
+the target's detail only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from cloud.domain import (
     ShadowReport,
     TargetState,
 )
-from cloud.rollout_targets import agent_errors, desired_state, failures, judged, moved
+from cloud.rollout_targets import (
+    SWAPPING_LATE,
+    agent_errors,
+    desired_state,
+    ended,
+    judged,
+    moved,
+)
 from cloud.store import Store
 from edge_agent.logs import ids
 
@@ -74,22 +83,17 @@ class RolloutReports:
         desired = self.store.get_desired(device_id)
         shadow = desired is not None and desired.shadow
         wave = rollout.waves[target.wave]
-        if shadow and wave.installed_at is not None:  # its wave's soak began without it
+        # Its wave's soak began without it (an ended rollout promoted every wave).
+        if shadow and (wave.installed_at is not None or not rollout.state.active):
             if wave.promoted_at is None:  # served when the wave is, like an offline device
                 late = "installed in shadow after its wave's soak began; serves it at promotion"
                 if (target.state, target.detail) != (TargetState.DEFERRED, late):
                     self.store.save_target(moved(target, TargetState.DEFERRED, late, now))
                 return
-            if rollout.state.active and desired is not None and desired.rollout_id == rollout.id:
-                # Its wave was promoted meanwhile: serve it now, as a deferred device would.
-                # (Only while the rollout is active: no other rollout can take the device.)
-                model = self.store.get_model(rollout.model_name, rollout.model_version)
-                self.store.save_rollout(
-                    rollout,
-                    [moved(target, TargetState.INSTALLING, "promoted late; swapping", now)],
-                    [desired_state(model, rollout.id, device_id, False, self.clock())],
-                )
-                return
+            if desired is None or desired.rollout_id != rollout.id:
+                return  # a later rollout took the device after this one ended: a stale report
+            self._serve_late(rollout, moved(target, TargetState.INSTALLING, SWAPPING_LATE, now))
+            return
         device = self.store.get_device(device_id)
         if report.serving_version and report.serving_version != rollout.model_version:
             # What it really served: the status read at creation may be stale.
@@ -114,18 +118,30 @@ class RolloutReports:
             updated_at=now,
         )
         if rollout.state is RolloutState.PARTIAL:  # ended with failures: one fewer now
-            targets = [
-                target if t.device_id == device_id else t
-                for t in self.store.rollout_targets(rollout.id)
-            ]
-            reason = failures(self.store, targets)
-            state = RolloutState.PARTIAL if reason else RolloutState.SUCCEEDED
-            ended = dataclasses.replace(
-                rollout, state=state, reason=reason, updated_at=self.clock()
-            )
-            self.store.save_rollout(ended, [target])
+            self.store.save_rollout(self._recounted(rollout, target), [target])
             return
         self.store.save_target(target)
+
+    def _serve_late(self, rollout: RolloutRecord, target: RolloutTarget) -> None:
+        """Its wave was promoted without it: the device is sent the version to serve, as a
+        deferred one was at promotion (no other rollout can have taken it: its desired state
+        is still this rollout's). A partial rollout says it waits for the device."""
+        model = self.store.get_model(rollout.model_name, rollout.model_version)
+        desired = desired_state(model, rollout.id, target.device_id, False, self.clock())
+        if rollout.state is RolloutState.PARTIAL:
+            rollout = self._recounted(rollout, target)
+        self.store.save_rollout(rollout, [target], [desired])
+
+    def _recounted(self, rollout: RolloutRecord, target: RolloutTarget) -> RolloutRecord:
+        """An ended rollout's state and reason with one target moved."""
+        targets = [
+            target if t.device_id == target.device_id else t
+            for t in self.store.rollout_targets(rollout.id)
+        ]
+        state, reason = ended(self.store, targets)
+        if (state, reason) == (rollout.state, rollout.reason):
+            return rollout
+        return dataclasses.replace(rollout, state=state, reason=reason, updated_at=self.clock())
 
     def _retrying(
         self, rollout: RolloutRecord, target: RolloutTarget, report: InstallReport

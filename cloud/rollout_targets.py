@@ -9,12 +9,20 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 
-from cloud.domain import DesiredModel, DeviceSummary, ModelRecord, RolloutTarget, TargetState
+from cloud.domain import (
+    DesiredModel,
+    DeviceSummary,
+    ModelRecord,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+)
 from cloud.store import Store
 
 GATE = "gate: "  # begins the detail of a target the gates judged (a verdict reports never undo)
 # The too-few-windows verdict as control planes before the GATE prefix stored it.
 _UNPREFIXED_VERDICT = re.compile(r"only \d+ shadow window\(s\) reported")
+SWAPPING_LATE = "promoted late; swapping"  # sent the version to serve after its wave's promotion
 
 
 def judged(t: RolloutTarget) -> bool:
@@ -65,6 +73,27 @@ def failures(store: Store, targets: list[RolloutTarget]) -> str:
     )
     more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
     return f"{len(failed)} of {len(targets)} device(s) failed: {names}{more}"
+
+
+def ended(store: Store, targets: list[RolloutTarget]) -> tuple[RolloutState, str]:
+    """How a rollout that went through every wave stands, with its reason: partial while a
+    device failed or still swaps to the version it was sent to serve after the rollout
+    ended; succeeded otherwise."""
+    reasons = [failures(store, targets)]
+    swapping = [t for t in targets if t.state is TargetState.INSTALLING]
+    if swapping:
+        devices = summaries(store, (t.device_id for t in swapping[:5]))
+        names = ", ".join(
+            devices[t.device_id].name if t.device_id in devices else t.device_id
+            for t in swapping[:5]
+        )
+        more = f" and {len(swapping) - 5} more" if len(swapping) > 5 else ""
+        reasons.append(
+            f"{len(swapping)} of {len(targets)} device(s) sent the version to serve, "
+            f"not serving it yet: {names}{more}"
+        )
+    reason = "; ".join(r for r in reasons if r)
+    return (RolloutState.PARTIAL if reason else RolloutState.SUCCEEDED), reason
 
 
 def agent_errors(health: object) -> int:

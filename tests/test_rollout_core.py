@@ -648,6 +648,29 @@ def _partial_with_edge0_timed_out(f: Fleet) -> str:
     return rollout_id
 
 
+def test_a_shadow_install_after_a_partial_rollout_ended_is_sent_the_version_to_serve(
+    fleet: Fleet,
+) -> None:
+    """The rollout promoted the version: a device that installs it in shadow afterwards is
+    sent it to serve, never left in shadow for good, and the rollout counts as succeeded only
+    once the device serves it."""
+    rollout_id = _partial_with_edge0_timed_out(fleet)
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)  # back, in shadow
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert fleet.states(rollout_id)["edge-0"] == "installing", fleet.states(rollout_id)
+    served = fleet.desired("edge-0")
+    assert served is not None and not served.shadow and served.rollout_id == rollout_id
+    assert rollout.state is RolloutState.PARTIAL, (rollout.state, rollout.reason)
+    assert rollout.reason == (
+        "1 of 4 device(s) sent the version to serve, not serving it yet: edge-0"
+    ), rollout.reason
+    # It installs what it was sent: now it serves the version.
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert set(fleet.states(rollout_id).values()) == {"updated"}, fleet.states(rollout_id)
+    assert (rollout.state, rollout.reason) == (RolloutState.SUCCEEDED, "")
+
+
 def test_a_gate_verdict_stored_before_the_gate_prefix_stands_against_a_resent_install(
     fleet: Fleet,
 ) -> None:
