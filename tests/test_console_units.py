@@ -125,14 +125,20 @@ def test_console_listen_is_checked_like_the_other_ports(tmp_path: Path) -> None:
 def test_a_timeline_around_the_calendar_ends_does_not_overflow() -> None:
     import datetime as dt
 
+    from google.protobuf.timestamp_pb2 import Timestamp
+
     from cloud.console.alerts import AROUND
     from cloud.console.context import moved
 
     first = dt.datetime(1, 1, 1, 0, 0, 30, tzinfo=dt.UTC)
-    assert moved(first, -AROUND) == first
+    # Past an end of the calendar: that end (it used to be `at` itself, not moved at all).
+    assert moved(first, -AROUND) == dt.datetime.min.replace(tzinfo=dt.UTC)
+    assert moved(first, AROUND) == first + AROUND
     last = dt.datetime(9999, 12, 31, 23, 59, 0, tzinfo=dt.UTC)
-    assert moved(last, AROUND) == last
+    assert moved(last, AROUND) == dt.datetime.max.replace(tzinfo=dt.UTC)
     assert moved(last, -AROUND) == last - AROUND
+    for end in (moved(first, -AROUND), moved(last, AROUND)):
+        Timestamp().FromDatetime(end)  # what the console asks the API with
     # A chart whose points all sit at the calendar's end draws (its padding is unlabelled).
     end = last.timestamp()
     chart = line_chart("score", [Series("s", [(end, 1.0), (end, 2.0)])], threshold=1.0)

@@ -97,11 +97,13 @@ def html(body: Markup, status: int = 200) -> web.Response:
 
 
 def moved(at: dt.datetime, by: dt.timedelta) -> dt.datetime:
-    """`at + by`, held inside the calendar (a device may stamp year 1 or 9999)."""
+    """`at + by`, held inside the calendar (a device may stamp year 1 or 9999): past either
+    end, the calendar's first or last instant (in `at`'s zone, UTC for the console)."""
     try:
         return at + by
     except OverflowError:
-        return at
+        end = dt.datetime.min if by < dt.timedelta(0) else dt.datetime.max
+        return end.replace(tzinfo=at.tzinfo)
 
 
 def field(form: dict[str, str], name: str, limit: int = MAX_FIELD) -> str:
