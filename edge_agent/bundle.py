@@ -320,10 +320,16 @@ def unpack_tar(archive: Path, destination: Path) -> Path:
 
 def _unpack_failure(archive: Path, destination: Path, exc: OSError) -> AutoglmError:
     """Why extracting `archive` into `destination` failed: a damaged compressed stream (an
-    OSError without errno, such as gzip's bad CRC) is the archive's fault; a full or read-only
-    disk, or any other error of the system, is the disk's."""
+    OSError without errno, such as gzip's bad CRC) or members that clash (a file `x` and a
+    member `x/y` under it) are the archive's fault; a full or read-only disk, or any other
+    error of the system, is the disk's."""
     if exc.errno is None:
         return IntegrityError(f"{archive}: not a readable bundle archive: {exc}")
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):  # `x` then `x/y`, or back
+        where = f" at {exc.filename}" if exc.filename else ""
+        return IntegrityError(
+            f"{archive}: a member is both a file and a folder{where} ({exc.strerror or exc})"
+        )
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return write_failure(destination, exc, f"extract {archive.name} into")
     where = f" at {exc.filename}" if exc.filename else ""

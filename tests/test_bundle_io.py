@@ -363,3 +363,30 @@ def test_a_manifest_listing_a_file_that_is_also_a_folder_is_refused(
 
 def test_sibling_files_and_shared_folders_are_fine() -> None:
     parse_manifest(_listing(dict.fromkeys(["a/b", "a/c", "ab", "a.b/c"], "0" * 64)), "m.json")
+
+
+def _tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar of the files (name, bytes) in this order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [("b/x", b"file"), ("b/x/y", b"under a file")],
+        [("b/x/y", b"in a folder"), ("b/x", b"over the folder")],
+    ],
+    ids=["file then under it", "folder then a file over it"],
+)
+def test_an_archive_whose_members_clash_is_the_archives_fault(
+    tmp_path: Path, members: list[tuple[str, bytes]]
+) -> None:
+    archive = _tar_of(tmp_path / "clash.tar", [("b/manifest.json", b"{}"), *members])
+    with pytest.raises(IntegrityError, match="both a file and a folder") as raised:
+        unpack_tar(archive, tmp_path / "out")
+    assert str(archive) in str(raised.value)
