@@ -162,7 +162,20 @@ class RolloutReports:
             detail,
             extra=ids(rollout=rollout.id, device=target.device_id),
         )
-        self.store.save_target(moved(target, TargetState.DEFERRED, detail, self.clock()))
+        target = moved(target, TargetState.DEFERRED, detail, self.clock())
+        if rollout.state.active:
+            self.store.save_target(target)
+            return
+        # Ended: every wave was promoted, so it waits to serve the version, as a device
+        # deferred at promotion does; a partial rollout has one failure fewer.
+        desired = self.store.get_desired(target.device_id)
+        served = []
+        if desired is not None and desired.rollout_id == rollout.id and desired.shadow:
+            model = self.store.get_model(rollout.model_name, rollout.model_version)
+            served.append(desired_state(model, rollout.id, target.device_id, False, self.clock()))
+        if rollout.state is RolloutState.PARTIAL:
+            rollout = self._recounted(rollout, target)
+        self.store.save_rollout(rollout, [target], served)
 
     def _after_abort(self, target: RolloutTarget, report: InstallReport) -> None:
         """A report that came after the rollout was aborted (or the device sent back): kept

@@ -686,3 +686,36 @@ def test_a_gate_verdict_stored_before_the_gate_prefix_stands_against_a_resent_in
     target = _target(fleet, rollout_id, "edge-0")
     assert (target.state.value, target.detail) == ("failed", old.detail), target
     assert fleet.store.get_rollout(rollout_id).state is RolloutState.PARTIAL
+
+
+def test_a_failed_device_that_turns_out_disk_full_leaves_the_partial_reason(
+    fleet: Fleet,
+) -> None:
+    rollout_id = _create(fleet, ("100%",), max_failure_fraction=0.5)
+    fleet.installed("edge-1", rollout_id, InstallOutcome.SELF_TEST_FAILED, detail="golden")
+    for name in ("edge-2", "edge-3"):
+        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    fleet.clock.advance(SETTINGS.install_timeout.total_seconds() + 1)
+    fleet.controller.tick()  # edge-0 sent nothing in time
+    assert "edge-0" in fleet.store.get_rollout(rollout_id).reason
+    _blocked(fleet, "edge-0", rollout_id)  # its next session: the disk is full
+    assert fleet.states(rollout_id)["edge-0"] == "deferred"
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.PARTIAL
+    assert rollout.reason == "1 of 4 device(s) failed: edge-1 (self_test_failed: golden)"
+
+
+def test_a_partial_rollouts_only_failure_turning_out_disk_full_is_sent_the_served_version(
+    fleet: Fleet,
+) -> None:
+    """No failure is left: like a device deferred at promotion, it is sent the version to
+    serve (not the shadow one its wave had) and installs it once its disk takes it."""
+    rollout_id = _partial_with_edge0_timed_out(fleet)
+    _blocked(fleet, "edge-0", rollout_id)
+    assert fleet.states(rollout_id)["edge-0"] == "deferred"
+    served = fleet.desired("edge-0")
+    assert served is not None and not served.shadow and served.rollout_id == rollout_id
+    rollout = fleet.store.get_rollout(rollout_id)
+    assert (rollout.state, rollout.reason) == (RolloutState.SUCCEEDED, "")
+    fleet.installed("edge-0", rollout_id, InstallOutcome.INSTALLED)
+    assert fleet.states(rollout_id)["edge-0"] == "updated"
