@@ -262,7 +262,7 @@ class Polygraphy:
         return save
 
 
-@pytest.mark.parametrize("fail", ["deserialize", "none", "activate"])
+@pytest.mark.parametrize("fail", ["deserialize", "none"])
 def test_an_engine_tensorrt_cannot_load_is_an_integrity_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str
 ) -> None:
@@ -273,6 +273,57 @@ def test_an_engine_tensorrt_cannot_load_is_an_integrity_error_naming_it(
         trt.TensorRtBackend(engine)
     with pytest.raises(IntegrityError, match="cannot read the TensorRT engine"):
         trt.TensorRtBackend(tmp_path / "missing.plan")
+
+
+def test_an_engine_the_gpu_cannot_take_now_is_a_local_state_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of GPU memory (no execution context): this device's state, not the engine's."""
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("activate"))
+    engine = tmp_path / "x.plan"
+    engine.write_bytes(b"plan")
+    with pytest.raises(LocalStateError, match=f"{engine}: .*cannot make it ready to run"):
+        trt.TensorRtBackend(engine)
+
+
+def test_an_engine_the_disk_cannot_read_is_a_local_state_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("never"))
+    engine = tmp_path / "x.plan"
+    engine.write_bytes(b"plan")
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == engine:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(LocalStateError, match=r"Input/output error\): the disk, not the engine"):
+        trt.TensorRtBackend(engine)
+
+
+def test_a_cached_engine_the_gpu_cannot_take_now_is_kept_not_rebuilt(
+    tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting and rebuilding the cache would not free GPU memory; the engine stays for the
+    next try, and the error is a local state error (the install is blocked, not failed)."""
+    bundle, key = trained
+    builds: list[Path] = []
+
+    def build_engine(onnx: Path, engine: Path, *_: Any) -> None:
+        builds.append(onnx)
+        engine.write_bytes(b"plan")
+
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("activate"))
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: "10.0")
+    monkeypatch.setattr(trt, "build_engine", build_engine)
+    with pytest.raises(LocalStateError, match="cannot make it ready to run"):
+        _open_on_gpu(bundle, key, tmp_path)
+    assert len(builds) == 1, "the cached engine was deleted and built again"
+    (engine,) = (tmp_path / "e").iterdir()
+    assert engine.read_bytes() == b"plan"
 
 
 def test_an_engine_tensorrt_cannot_build_is_a_failed_precondition_and_a_full_disk_an_oserror(

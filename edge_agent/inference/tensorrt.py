@@ -3,7 +3,8 @@
 Engines are built per device profile (`build_engine`), in the cloud where a matching GPU
 exists, else on the device at first load; either way from the verified ONNX variant. What
 Polygraphy and TensorRT raise (their own exception kinds) is mapped here, once: an engine that
-does not load is an `IntegrityError`, one that cannot be built a `FailedPrecondition`, both
+does not deserialize is an `IntegrityError`, one that cannot be built a `FailedPrecondition`,
+one that cannot be read from disk or made ready to run (GPU memory) a `LocalStateError`, all
 naming the file.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import FailedPrecondition, IntegrityError
+from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
 from edge_agent.inference.base import InferenceBackend, Outputs
 from edge_agent.windowing import FloatArray
 
@@ -104,22 +105,41 @@ class TensorRtBackend(InferenceBackend):
     name = "tensorrt"
 
     def __init__(self, engine_path: Path) -> None:
-        """`IntegrityError` naming the file when TensorRT cannot load it (torn, truncated, or
-        built for another TensorRT or GPU)."""
+        """`IntegrityError` naming the file when TensorRT cannot deserialize it (torn,
+        truncated, or built for another TensorRT or GPU: a cached one is built again);
+        `LocalStateError` when the file cannot be read (EIO) or the engine deserialized but
+        cannot be made ready to run (GPU memory, the execution context): this device's
+        state now, not the engine's fault, so neither rebuilt nor marked failed."""
         poly_trt = require_tensorrt()
         try:
             data = engine_path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{engine_path}: cannot read the TensorRT engine: it is missing"
+            ) from None
         except OSError as exc:
-            raise IntegrityError(f"{engine_path}: cannot read the TensorRT engine: {exc}") from None
+            raise LocalStateError(
+                f"cannot read the TensorRT engine {engine_path} ({exc.strerror or exc}): "
+                "the disk, not the engine"
+            ) from None
         try:
             engine = poly_trt.engine_from_bytes(data)
-            if engine is None:
-                raise ValueError("the engine did not deserialize")
-            runner = poly_trt.TrtRunner(engine)
-            runner.activate()
         except Exception as exc:  # noqa: BLE001 - Polygraphy and TensorRT raise their own kinds
             raise IntegrityError(
                 f"{engine_path}: TensorRT cannot load this engine ({type(exc).__name__}: {exc})"
+            ) from None
+        if engine is None:
+            raise IntegrityError(
+                f"{engine_path}: TensorRT cannot load this engine (it did not deserialize)"
+            )
+        try:
+            runner = poly_trt.TrtRunner(engine)
+            runner.activate()
+        except Exception as exc:  # noqa: BLE001 - Polygraphy and TensorRT raise their own kinds
+            raise LocalStateError(
+                f"{engine_path}: TensorRT loaded this engine but cannot make it ready to run "
+                f"({type(exc).__name__}: {exc}): GPU memory or the execution context, not the "
+                "engine; tried again later"
             ) from None
         self._runner = runner
 
