@@ -199,9 +199,33 @@ async def alerts_live(request: web.Request) -> web.Response:
 async def alerts_watch(request: web.Request) -> web.StreamResponse:
     """The watch stream as server-sent events: `ready` once the API's stream has started
     (no change after it is missed), then one `alert` per change, each with its row rendered
-    as on the list page."""
-    with request.app[STREAMS].hold(session_of(request)):
+    as on the list page. A browser past its cap of live pages (429) is answered with a stream
+    of one `failed` event that says so: an EventSource learns nothing of a refused response
+    but that it closed, as it does when a proxy answers 502 during a restart."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(request.app[STREAMS].hold(session_of(request)))
+        except RateLimited as exc:
+            return await _refused(request, exc)
         return await _watch(request)
+
+
+def _event(name: str, doc: object) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode()
+
+
+def _failed(error: AutoglmError) -> bytes:
+    return _event("failed", {"error": error_text(error), "status": http_status(error)})
+
+
+async def _refused(request: web.Request, error: RateLimited) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+    )
+    await response.prepare(request)
+    # A page whose script ignores `failed` (one loaded before this) tries again only slowly.
+    await response.write(b"retry: 60000\n\n" + _failed(error))
+    return response
 
 
 async def _watch(request: web.Request) -> web.StreamResponse:
@@ -232,15 +256,13 @@ async def _watch(request: web.Request) -> web.StreamResponse:
                 await response.write(b": keepalive\n\n")
                 continue
             if isinstance(item, AutoglmError):
-                doc = {"error": error_text(item), "status": http_status(item)}
-                await response.write(f"event: failed\ndata: {json.dumps(doc)}\n\n".encode())
+                await response.write(_failed(item))
                 break
             if not item.id:  # the API's marker: watching from here on
                 await response.write(b"event: ready\ndata: {}\n\n")
                 continue
             row = alert_row(item, dt.datetime.now(dt.UTC))
-            doc = {"id": item.id, "row": str(row)}
-            await response.write(f"event: alert\ndata: {json.dumps(doc)}\n\n".encode())
+            await response.write(_event("alert", {"id": item.id, "row": str(row)}))
     except ConnectionResetError:
         pass  # the browser went away (a cancellation, when it does, ends the stream too)
     finally:

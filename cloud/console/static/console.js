@@ -50,52 +50,58 @@ function watch(listing) {
   const rows = listing.querySelector("tbody");
   const status = document.getElementById("watch-status");
   let opened = 0;
-  const source = new EventSource(listing.dataset.watch);
-  source.addEventListener("ready", async () => {
-    opened += 1;
-    if (status) status.textContent = "Live: changes appear as they happen.";
-    listing.dataset.live = "1";
-    if (opened > 1 && rows.dataset.refresh) {
-      // Reconnected: what changed meanwhile comes from the list.
-      const response = await fetch(rows.dataset.refresh, { credentials: "same-origin" });
-      if (response.ok) rows.innerHTML = await response.text();
-    }
-  });
-  source.addEventListener("alert", (event) => {
-    const doc = JSON.parse(event.data);
-    const holder = document.createElement("tbody");
-    holder.innerHTML = doc.row;
-    const row = holder.firstElementChild;
-    if (!row) return;
-    const shown = Array.from(rows.children).find((r) => r.dataset.alertId === doc.id);
-    if (shown) shown.replaceWith(row);
-    else rows.prepend(row);
-    row.classList.add("changed");
-  });
-  source.addEventListener("failed", (event) => {
-    const doc = JSON.parse(event.data);
-    source.close();
-    if (doc.status === 401) return signIn();
-    if (status) status.textContent = doc.error;
-  });
-  source.onerror = async () => {
-    listing.dataset.live = "0";
-    if (source.readyState !== EventSource.CLOSED) {
-      if (status) status.textContent = "Live updates interrupted; reconnecting ...";
-      return;
-    }
-    // Refused, and the browser does not retry: signed out (401), or too many live alert
-    // pages open (429).
-    const response = await fetch(rows.dataset.refresh || "/live/alerts", {
-      credentials: "same-origin",
-    }).catch(() => null);
-    if (response && response.status === 401) return signIn();
-    if (status) {
-      status.textContent =
-        "Live updates off: too many live alert pages are open in this browser or for " +
-        "this operator; close some and reload this page.";
-    }
+  let backoff = 1000; // the wait before opening a stream the browser gave up on, doubling
+  const connect = () => {
+    const source = new EventSource(listing.dataset.watch);
+    source.addEventListener("ready", async () => {
+      opened += 1;
+      backoff = 1000;
+      if (status) status.textContent = "Live: changes appear as they happen.";
+      listing.dataset.live = "1";
+      if (opened > 1 && rows.dataset.refresh) {
+        // Reconnected: what changed meanwhile comes from the list.
+        const response = await fetch(rows.dataset.refresh, { credentials: "same-origin" });
+        if (response.ok) rows.innerHTML = await response.text();
+      }
+    });
+    source.addEventListener("alert", (event) => {
+      const doc = JSON.parse(event.data);
+      const holder = document.createElement("tbody");
+      holder.innerHTML = doc.row;
+      const row = holder.firstElementChild;
+      if (!row) return;
+      const shown = Array.from(rows.children).find((r) => r.dataset.alertId === doc.id);
+      if (shown) shown.replaceWith(row);
+      else rows.prepend(row);
+      row.classList.add("changed");
+    });
+    // The server's own word, e.g. too many live alert pages open (429): no retry.
+    source.addEventListener("failed", (event) => {
+      const doc = JSON.parse(event.data);
+      source.close();
+      listing.dataset.live = "0";
+      if (doc.status === 401) return signIn();
+      if (status) status.textContent = doc.error;
+    });
+    source.onerror = async () => {
+      listing.dataset.live = "0";
+      if (source.readyState !== EventSource.CLOSED) {
+        if (status) status.textContent = "Live updates interrupted; reconnecting ...";
+        return;
+      }
+      // The browser gave up (signed out, or e.g. a proxy's 502 while the console restarts):
+      // sign in again, or open the stream again later.
+      const response = await fetch(rows.dataset.refresh || "/live/alerts", {
+        credentials: "same-origin",
+      }).catch(() => null);
+      if (response && response.status === 401) return signIn();
+      const seconds = Math.round(backoff / 1000);
+      if (status) status.textContent = `Live updates interrupted; retrying in ${seconds} s ...`;
+      setTimeout(connect, backoff);
+      backoff = Math.min(backoff * 2, 60000);
+    };
   };
+  connect();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
