@@ -148,14 +148,18 @@ class Agent:
 
     def _open_at_start(self) -> ServingModel | None:
         """The active slot's model; when it fails at start, the previous slot's (and a report
-        saying so); the configured bundle when no slot was ever installed."""
+        saying so); the configured bundle when no slot was ever installed. A failure of the
+        device (`LocalStateError`: a full or read-only disk, an I/O error, no GPU memory for
+        the engine) is not held against the version: it is installed again when asked, and
+        the report says the agent retries."""
         pointer = self.slots.read()
         while pointer.active is not None:
             active = pointer.active
             try:
                 return self._open(self.slots.slot_dir(active.slot), partial=True)
             except AutoglmError as exc:
-                back = self.slots.fall_back(str(exc))
+                local = isinstance(exc, LocalStateError)
+                back = self.slots.fall_back(str(exc), lasting=not local)
                 log.error(
                     "model %s in slot %s failed at start (%s); back to %s",
                     active.version,
@@ -169,6 +173,7 @@ class Agent:
                         active.rollout_id,
                         OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK,
                         f"{exc}; serving {back.version if back else 'no model'}",
+                        retrying=local,
                     )
                 )
                 pointer = self.slots.read()

@@ -286,12 +286,22 @@ class ModelUpdater:
             await agent.swap(model)
         except Exception as exc:  # noqa: BLE001 - back to what served before, and say so
             model.close()
+            # The device's failure (disk, I/O, GPU memory) is not the version's: not
+            # remembered as failed, reported as retrying, and tried again.
+            local = isinstance(exc, LocalStateError)
             try:
-                agent.slots.fall_back(str(exc))
+                agent.slots.fall_back(str(exc), lasting=not local)
             except LocalStateError as why:  # a restart tries the slot again, then falls back
                 log.error("cannot point the model slots back at %s: %s", previous, why)
             log.error("model %s failed at start (%s); back to %s", info.version, exc, previous)
-            self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, str(exc))
+            if not local:
+                self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, str(exc))
+                return
+            if self._blocked is not d:
+                self._blocked = d
+                detail = f"{exc}; tried again every {RETRY_DEFERRED_S:.0f}s"
+                self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, detail, retrying=True)
+            asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
             return
         self._blocked = None
         log.info("now serving %s from slot %s", info.version, info.slot)

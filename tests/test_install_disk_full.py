@@ -328,3 +328,95 @@ def test_an_install_slot_is_made_durably_and_its_parts_dropped(
     assert models.drop_parts("a") == 5
     assert sorted(p.name for p in directory.iterdir()) == [".target", "golden.npz"]
     assert directory.stat().st_ino in inodes, "the parts' removal is not synced"
+
+
+# ---- a model that cannot start for the device's reason, not its own ----
+
+DISK_FULL = "disk full: 0 bytes free at /state/engines (No space left on device)"
+
+
+def test_a_full_disk_at_start_does_not_fail_the_versions_for_good(tmp_path: Path) -> None:
+    """Both slots fail to open on a full disk: no version is remembered as failed, the
+    report says the agent retries, and once space returns the version is installed again
+    instead of being refused as "failed before"."""
+    from edge_agent.agent import Agent
+    from edge_agent.slots import SlotInfo
+
+    agent = FakeAgent(tmp_path / "state", None)
+    agent.slots.activate(SlotInfo("a", "pump", "1", "sha256:aaa"))
+    agent.slots.activate(SlotInfo("b", "pump", "2", "sha256:bbb", "r1"))
+
+    def full(directory: Path, partial: bool) -> FakeModel:
+        raise LocalStateError(DISK_FULL)
+
+    starting = SimpleNamespace(
+        slots=agent.slots,
+        _open=full,
+        pending_reports=[],
+        config=SimpleNamespace(model=SimpleNamespace(bundle=None)),
+    )
+    assert Agent._open_at_start(starting) is None  # type: ignore[arg-type]
+    assert agent.slots.read().failed == {}, "the disk's failure is held against the versions"
+    reports = [m.install for m in starting.pending_reports]
+    assert [(r.model_version, r.retrying) for r in reports] == [("2", True), ("1", True)]
+    assert all(r.outcome == OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK for r in reports)
+
+    updater = ModelUpdater(agent)  # type: ignore[arg-type]
+    installed: list[str] = []
+
+    async def install(d: agent_pb2.DesiredState) -> tuple[FakeModel, SlotInfo]:
+        installed.append(d.model_version)
+        return FakeModel(d.model_version), SlotInfo("b", "pump", "2", d.manifest_digest)
+
+    updater._install = install  # type: ignore[method-assign]
+    desired = agent_pb2.DesiredState(
+        model_name="pump", model_version="2", manifest_digest="sha256:bbb", rollout_id="r1"
+    )
+    asyncio.run(updater.apply(desired))
+    assert installed == ["2"], f"not installed again: {agent.reports}"
+    assert agent.reports[-1].outcome == OUTCOME.OUTCOME_INSTALLED, agent.reports[-1]
+    assert agent.model is not None and agent.model.version == "2"
+
+
+def test_a_swap_that_fails_on_the_device_is_retried_not_failed(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The data path cannot start the new model for lack of disk (or GPU memory): the
+    version is not remembered as failed, the report says the agent retries, and it does."""
+    bundle, key = trained
+    monkeypatch.setattr(updates, "RETRY_DEFERRED_S", 0.05)
+    blobs, desired = _served(bundle)
+    agent = FakeAgent(tmp_path / "state", key.public_key())
+    swaps: list[FakeModel] = []
+    real_swap = agent.swap
+
+    async def swap(model: FakeModel) -> None:
+        swaps.append(model)
+        if len(swaps) == 1:
+            raise LocalStateError(DISK_FULL)
+        await real_swap(model)
+
+    agent.swap = swap  # type: ignore[method-assign]
+
+    async def run() -> None:
+        updater = ModelUpdater(agent)  # type: ignore[arg-type]
+        updater.downloader = StubDownloader(Stub(blobs), Disk())
+        stop = asyncio.Event()
+        task = asyncio.create_task(updater.run(stop))
+        try:
+            updater.want(desired)
+            await agent.report(2)
+        finally:
+            stop.set()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    first, second = agent.reports[:2]
+    assert first.outcome == OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, first
+    assert first.retrying and first.detail.startswith(DISK_FULL), first
+    assert agent.slots.failure(desired.manifest_digest) is None
+    assert second.outcome == OUTCOME.OUTCOME_INSTALLED, second
+    assert agent.model is not None and len(swaps) == 2
