@@ -35,6 +35,8 @@ from edge_agent.updates import OUTCOME, ModelUpdater, install_report
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
+# Health's dropped_by_reason key: acknowledgements the outbox could not record (disk full).
+ACK_WRITE_FAILED = "ack_write_failed"
 OUTBOX_FILE = "outbox.sqlite3"
 
 
@@ -113,12 +115,15 @@ class Agent:
         )
 
     def health(self, rates_since_last: bool = True) -> agent_pb2.AgentHealth:
-        """The data path's health report (`EdgeRuntime.health`), with the sync's errors: each
-        failed write of an acknowledgement the control plane sent (disk full) counts; and why
-        the outbox cannot be written, while it cannot."""
+        """The data path's health report (`EdgeRuntime.health`), with the acknowledgements
+        the outbox could not record (disk full) as `dropped_by_reason[ACK_WRITE_FAILED]`,
+        beside the outbox's other disk failures (outbox_write_failed): a local disk problem,
+        not an error of the agent or its model (`errors` is what a rollout's shadow gate holds
+        against a model); and why the outbox cannot be written, while it cannot."""
         disk_free = hostfacts.disk_free_bytes(self.config.state_dir)
         health = self.runtime.health(disk_free, rates_since_last)
-        health.errors += self.sync.stats.ack_write_failures
+        if failures := self.sync.stats.ack_write_failures:
+            health.dropped_by_reason[ACK_WRITE_FAILED] = failures
         health.outbox_unavailable = self.outbox.problem or ""
         return health
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from google.protobuf.json_format import MessageToDict
 
-from edge_agent.agent import Agent
+from cloud.rollout_targets import agent_errors
+from edge_agent.agent import ACK_WRITE_FAILED, Agent
 from edge_agent.decisions import Verdict
 from edge_agent.outbox import PREDICTION, Outbox
 from edge_agent.retry import Backoff
@@ -179,24 +181,35 @@ def test_sequences_the_plane_knows_are_not_reused_while_its_ack_cannot_be_writte
 
 
 @pytest.mark.unit
-def test_failed_acknowledgement_writes_are_errors_in_the_heartbeats_health(tmp_path: Path) -> None:
+def test_a_full_disk_during_a_soak_is_not_counted_as_agent_errors(tmp_path: Path) -> None:
+    """Acknowledgements the full disk refuses are reported as a local disk problem
+    (dropped_by_reason ack_write_failed), not as `errors`, which a rollout's shadow gate
+    holds against the model soaking (max_agent_errors, 10 by default)."""
     box = Outbox(tmp_path / "outbox.sqlite3", 1 << 24)
-    box.append(_predictions(3))
+    box.append(_predictions(12))
     real = box._db
-    box._db = DiskFullConnection(real)  # type: ignore[assignment]
     sync = RecordSync(box, 100, 2)
-
-    async def ack() -> None:
-        sync.on_ack(_ack(3, 3))
-        await sync.drain()
-
-    asyncio.run(ack())
-    box._db = real
     runtime = SimpleNamespace(
         health=lambda disk_free, rates: agent_pb2.AgentHealth(errors=2, disk_free_bytes=disk_free)
     )
     agent = SimpleNamespace(
         runtime=runtime, sync=sync, outbox=box, config=SimpleNamespace(state_dir=tmp_path)
     )
+    before = Agent.health(agent)  # type: ignore[arg-type]
+    at_install = agent_errors(MessageToDict(before, preserving_proto_field_name=True))
+    box._db = DiskFullConnection(real)  # type: ignore[assignment]
+
+    async def acks() -> None:
+        for up_to in range(1, 13):  # one failed write each
+            sync.on_ack(_ack(up_to, 1))
+            await sync.drain()
+
+    asyncio.run(acks())
+    box._db = real
+    assert sync.stats.ack_write_failures == 12, sync.stats
     health = Agent.health(agent)  # type: ignore[arg-type]
-    assert health.errors == 3 and health.disk_free_bytes > 0, health
+    assert health.errors == 2, health
+    assert health.dropped_by_reason[ACK_WRITE_FAILED] == 12, health
+    assert health.disk_free_bytes > 0, health
+    soaked = agent_errors(MessageToDict(health, preserving_proto_field_name=True))
+    assert soaked - at_install == 0, "the soaking model would be blamed for the disk"
