@@ -1,12 +1,11 @@
-"""Alerts raised on site and not cleared yet, kept on disk (one file per asset), so an agent
-that restarts mid-fault clears the same alert afterwards instead of leaving it firing in the
-cloud and `fault` in the site's retained state forever, or raising it a second time."""
+"""Alerts raised on site and not cleared yet, as older agents kept them on disk (one file per
+asset; the outbox keeps them now and takes these over), and the marks of raises a
+maintenance period held back, kept for a restart."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from edge_agent.decisions import RAISED, AlertEvent
@@ -16,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class OpenAlerts:
-    """`STATE_DIR/alerts/<asset>.json` while an alert is open on that asset."""
+    """`STATE_DIR/alerts/`: `<asset>.json`, an alert an older agent kept open on that asset;
+    `<asset>.held`, while a maintenance period holds its raise off the site."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -43,27 +43,16 @@ class OpenAlerts:
         log.info("alert %s on %s is still open from before the restart", event.key, asset)
         return event
 
-    def update(self, event: AlertEvent) -> None:
-        """Keeps a raised alert, forgets a cleared one. A failure is logged: the alert path
-        itself (site topic, outbox) must go on."""
-        path = self._path(event.asset)
-        try:
-            if event.kind == RAISED:
-                make_dir_durably(path.parent)
-                replace_atomically(path, json.dumps(asdict(event)).encode(), 0o644)
-            else:  # gone for good: a power cut must not bring the alert back
-                remove_durably(path)
-                remove_durably(self._held_path(event.asset))
-        except OSError as exc:
-            log.error("cannot keep the open alert of %s in %s: %s", event.asset, path, exc)
-
     # An open alert a maintenance period kept off the site: published when the period ends,
     # after a restart too.
     def _held_path(self, asset: str) -> Path:
         return self.directory / f"{asset}.held"
 
     def hold(self, asset: str) -> None:
+        """Marks the open alert of `asset` as held back, making the folder (durably) when it
+        is not there yet: the open alerts themselves are kept by the outbox now."""
         try:
+            make_dir_durably(self.directory)
             replace_atomically(self._held_path(asset), b"", 0o644)
         except OSError as exc:
             log.error("cannot mark the open alert of %s as held back: %s", asset, exc)

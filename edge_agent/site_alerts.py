@@ -11,7 +11,6 @@ from typing import Protocol
 import orjson
 
 from edge_agent.decisions import AlertEvent
-from edge_agent.files import make_dir_durably
 from edge_agent.logs import ids
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts
@@ -64,11 +63,6 @@ class SiteAlerts:
 
     def _mark_held(self, asset: str) -> None:
         """Kept for a restart (the open alert itself is kept by the outbox)."""
-        try:  # the folder no longer holds the open alerts: it may not exist yet
-            make_dir_durably(self.open_alerts.directory)
-        except OSError as exc:
-            log.error("cannot mark the open alert of %s as held back: %s", asset, exc)
-            return
         self.open_alerts.hold(asset)
 
     def release_held(self, asset: str, at: float) -> None:

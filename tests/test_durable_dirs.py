@@ -16,7 +16,6 @@ import pytest
 from edge_agent import files
 from edge_agent.calibration import SiteCalibration
 from edge_agent.calibration_store import CalibrationStore
-from edge_agent.decisions import AlertEvent
 from edge_agent.files import make_dir_durably, remove_durably, replace_atomically
 from edge_agent.open_alerts import OpenAlerts
 
@@ -75,21 +74,20 @@ def test_new_folders_have_their_parents_synced(tmp_path: Path, syncs: Syncs) -> 
     assert syncs.inodes == []
 
 
-def _event(kind: str) -> AlertEvent:
-    return AlertEvent(kind, "k", "pump-1", 2.0, (("a", 1.0),), 0.0, 1.0, 1.0, "1")
-
-
-def test_an_open_alert_cleared_stays_cleared(tmp_path: Path, syncs: Syncs) -> None:
+def test_a_held_mark_makes_its_folder_durably_and_its_release_is_synced(
+    tmp_path: Path, syncs: Syncs
+) -> None:
+    """The outbox keeps the open alerts, so the alerts folder may not exist when a
+    maintenance period holds a raise back: `hold` makes it."""
     alerts = OpenAlerts(tmp_path / "alerts")
-    alerts.update(_event("raised"))
+    alerts.hold("pump-1")
+    assert alerts.is_held("pump-1"), "the held mark was not kept"
     assert syncs.synced(tmp_path), "the new alerts folder's entry was not fsynced"
     assert syncs.synced(tmp_path / "alerts")
-    alerts.hold("pump-1")
     syncs.clear()
-    alerts.update(_event("cleared"))
-    assert not (tmp_path / "alerts" / "pump-1.json").exists()
+    alerts.release("pump-1")
     assert not alerts.is_held("pump-1")
-    assert syncs.synced(tmp_path / "alerts"), "the unlink of the open alert was not fsynced"
+    assert syncs.synced(tmp_path / "alerts"), "the unlink of the held mark was not fsynced"
 
 
 def test_a_first_calibration_has_its_new_folder_synced(tmp_path: Path, syncs: Syncs) -> None:

@@ -4,6 +4,7 @@ reading a state directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -12,7 +13,6 @@ import pytest
 
 from edge_agent.cli import run as autoglm_edge
 from edge_agent.decisions import AlertEvent
-from edge_agent.open_alerts import OpenAlerts
 from edge_agent.outbox import ALERT, PREDICTION, Outbox
 from tests.conftest import register
 from tests.support.agents import enroll_identity
@@ -107,7 +107,8 @@ def test_status_reads_the_state_directory_without_the_agent(
     box.ack(2, {2: "records[1]: alert.asset: 65 characters > 64"})
     box.close()
     event = AlertEvent("raised", "pump-1-1", "pump-1", 3.5, (("flow", 0.9),), 1.0, 25.0, 25.0, "1")
-    OpenAlerts(state / "alerts").update(event)
+    (state / "alerts").mkdir()  # as an older agent kept it
+    (state / "alerts" / "pump-1.json").write_text(json.dumps(dataclasses.asdict(event)))
     assert autoglm_edge(["status", "--state-dir", str(state)]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["identity"]["device"] == "pump-7"

@@ -4,19 +4,26 @@ outbox, with its event; one an older agent kept as `alerts/<asset>.json` is take
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from edge_agent.decisions import CLEARED, RAISED
-from edge_agent.open_alerts import OpenAlerts
+from edge_agent.decisions import CLEARED, RAISED, AlertEvent
 from edge_agent.outbox import Outbox
 from edge_agent.outbox_files import MIGRATED
 from tests.support.bundles import train_small
 from tests.support.datapath import Site, pump, site_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _legacy_file(alerts: Path, event: AlertEvent) -> None:
+    """The open alert as an older agent kept it: `alerts/<asset>.json`."""
+    alerts.mkdir(exist_ok=True)
+    (alerts / f"{event.asset}.json").write_text(json.dumps(dataclasses.asdict(event)))
 
 
 def test_an_alert_open_at_restart_is_cleared_afterwards_and_not_raised_twice(
@@ -64,7 +71,7 @@ def test_an_alert_an_older_agent_kept_as_a_file_is_taken_over_once(tmp_path: Pat
         db.execute("DROP TABLE open_alerts")
         db.execute("DELETE FROM meta WHERE key = ?", (MIGRATED,))
     alerts = config.state_dir / "alerts"
-    OpenAlerts(alerts).update(raised)
+    _legacy_file(alerts, raised)
 
     second = Site(config, bundle, key.public_key(), tmp_path / "2")
     assert not (alerts / "pump-1.json").exists()
@@ -74,7 +81,7 @@ def test_an_alert_an_older_agent_kept_as_a_file_is_taken_over_once(tmp_path: Pat
     second.stop()
     assert (cleared.kind, cleared.key) == (CLEARED, raised.key)
     # A file left behind (deleting it failed) is not taken over a second time.
-    OpenAlerts(alerts).update(raised)
+    _legacy_file(alerts, raised)
     third = Outbox(config.state_dir / "outbox.sqlite3", 1 << 24)
     third.adopt_open_alerts(alerts)
     assert third.open_alert_events() == {}
