@@ -31,7 +31,7 @@ from pathlib import Path
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
-from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, is_full
+from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, has_dbstat, is_full
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ ALERT = 2
 CAPTURE = 3
 EVICTION_ORDER = (CAPTURE, PREDICTION)  # what goes first under disk pressure; alerts never
 QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
+QUARANTINE_SHARE = 8  # and in at most max_bytes / this of their bodies
 RETRY_OPEN_S = 30.0
 ACK_CHUNK_BYTES = 2 << 20  # records deleted per acknowledging transaction, about
 ACK_CHUNK_ROWS = 20_000
@@ -128,9 +129,12 @@ class Outbox:
         self._depth, self._bytes = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
-        # The pages of the empty schema: not the records' (the bound counts the rest).
+        # The pages of the empty schema: all pages past them bound the records' from above
+        # (exact figures come from dbstat; without it, -1: the bound counts record bytes).
         self._baseline = (
             1 + db.execute("SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0").fetchone()[0]
+            if has_dbstat(db)
+            else -1
         )
         self._open = {str(a): str(e) for a, e in db.execute("SELECT asset, event FROM open_alerts")}
         self._scored = {}
@@ -303,7 +307,9 @@ class Outbox:
                     self._keep_scored(scored)
                 self._keep_open(changed)
                 freed = sum(f for _, f in outcome)
-                outcome.append(self._evict_locked(self._bytes + added - freed, self.max_bytes))
+                outcome.append(
+                    self._evict_locked(self._bytes + added - freed, self.max_bytes, below=first)
+                )
                 evicted = sum(n for n, _ in outcome)
                 if evicted:
                     self._set_meta("evicted", self._evicted + evicted)
@@ -352,11 +358,13 @@ class Outbox:
             "DELETE FROM scored WHERE asset = ?", [(a,) for a, end in scored.items() if end is None]
         )
 
-    def _evict_locked(self, total: int, limit: int, pages: bool = True) -> tuple[int, int]:
+    def _evict_locked(
+        self, total: int, limit: int, pages: bool = True, below: int | None = None
+    ) -> tuple[int, int]:
         """`evict_oldest` in the transaction: `total` record bytes into `limit` and (`pages`)
-        the pages they take into `max_bytes`."""
+        the pages they take into `max_bytes`; never the records numbered `below` or higher."""
         bound = (self.max_bytes, self._baseline) if pages else None
-        return evict_oldest(self._conn(), EVICTION_ORDER, total, limit, bound, self.path)
+        return evict_oldest(self._conn(), EVICTION_ORDER, total, limit, bound, self.path, below)
 
     def ack(self, up_to: int, rejected: Mapping[int, str] | None = None) -> int:
         """The control plane stored everything up to `up_to`: delete it. Returns rows deleted.
@@ -412,11 +420,7 @@ class Outbox:
                         (reason, seq),
                     ).rowcount
             if moved:
-                db.execute(
-                    "DELETE FROM quarantine WHERE seq NOT IN "
-                    "(SELECT seq FROM quarantine ORDER BY seq DESC LIMIT ?)",
-                    (QUARANTINE_KEEP,),
-                )
+                self._trim_quarantine(db)
                 self._set_meta("quarantined", self._quarantined + moved)
             freed, deleted = db.execute(
                 "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM records WHERE seq <= ?",
@@ -435,6 +439,23 @@ class Outbox:
         self._depth -= deleted
         self._bytes -= freed
         return deleted
+
+    def _trim_quarantine(self, db: sqlite3.Connection) -> None:
+        """Keeps the newest QUARANTINE_KEEP refused records within max_bytes/QUARANTINE_SHARE
+        of bodies: the quarantine's pages are not the records' (nothing evicts them), so a
+        plane refusing everything would otherwise keep megabytes the disk needs."""
+        db.execute(
+            "DELETE FROM quarantine WHERE seq NOT IN "
+            "(SELECT seq FROM quarantine ORDER BY seq DESC LIMIT ?)",
+            (QUARANTINE_KEEP,),
+        )
+        over = db.execute(
+            "SELECT MAX(seq) FROM (SELECT seq, SUM(LENGTH(body)) OVER (ORDER BY seq DESC) AS kept "
+            "FROM quarantine) WHERE kept > ?",
+            (self.max_bytes // QUARANTINE_SHARE,),
+        ).fetchone()[0]
+        if over is not None:
+            db.execute("DELETE FROM quarantine WHERE seq <= ?", (over,))
 
     # ---- reading ----
     def pending(self, after: int, limit: int) -> list[tuple[int, int, bytes]]:

@@ -141,13 +141,37 @@ class DiskSpace:
         return ""
 
 
-def used_bytes(db: sqlite3.Connection, baseline: int) -> int:
-    """The pages the records take past the `baseline` pages of the empty schema (inside a
-    transaction: as it would leave them)."""
+def has_dbstat(db: sqlite3.Connection) -> bool:
+    """Whether this SQLite has the dbstat table (the pages each table takes)."""
+    try:
+        db.execute("SELECT 1 FROM dbstat LIMIT 0")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _pages(db: sqlite3.Connection) -> tuple[int, int]:
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     free = db.execute("PRAGMA freelist_count").fetchone()[0]
     size = db.execute("PRAGMA page_size").fetchone()[0]
-    return int(max(0, pages - free - baseline) * size)
+    return int(pages - free), int(size)
+
+
+def _other_pages(db: sqlite3.Connection, evictable: Sequence[str]) -> int:
+    """The pages of every table and index but the `evictable` ones (the schema's too); by
+    name, so dbstat walks only those (the quarantine, the marks, the open alerts, meta)."""
+    names = ["sqlite_schema"] + [
+        str(n)
+        for (n,) in db.execute("SELECT name FROM sqlite_master WHERE rootpage > 0")
+        if n not in evictable
+    ]
+    return sum(
+        int(db.execute("SELECT COUNT(*) FROM dbstat WHERE name = ?", (name,)).fetchone()[0])
+        for name in names
+    )
+
+
+EVICTABLE = ("records", "records_kind_seq")  # what eviction frees: the records and their index
 
 
 def evict_oldest(
@@ -157,30 +181,41 @@ def evict_oldest(
     limit: int,
     bound: tuple[int, int] | None,
     path: Path,
+    below: int | None = None,
 ) -> tuple[int, int]:
     """Deletes the oldest records of the kinds in `order` (all of the first kind first)
-    until `total` record bytes fit in `limit` and, with `bound` (max_bytes, baseline pages),
-    the pages they take fit in max_bytes. Returns (records, bytes) deleted."""
+    until `total` record bytes fit in `limit` and, with `bound` (max_bytes, baseline pages
+    or -1 where dbstat is missing), the pages the records and their index take fit in
+    max_bytes. Only what eviction can free counts: the quarantine, the scoring marks and
+    the open alerts take pages too, and counting them evicted every new record unsent.
+    Records numbered `below` or higher (this transaction's) are never evicted.
+    Returns (records, bytes) deleted."""
     evicted = freed = 0
+    other: int | None = None
     while True:
         excess = total - freed - limit
-        if bound is not None:
-            excess = max(excess, used_bytes(db, bound[1]) - bound[0])
+        if bound is not None and bound[1] >= 0:
+            used, size = _pages(db)
+            if (used - bound[1]) * size > bound[0]:  # all pages past the schema: an upper bound
+                if other is None:  # eviction deletes records only: the rest stays as it is
+                    other = _other_pages(db, EVICTABLE)
+                excess = max(excess, (used - other) * size - bound[0])
         if excess <= 0:
             break
         victims = []
         for kind in order:
             victims = db.execute(
-                "SELECT seq, LENGTH(body) FROM records WHERE kind = ? ORDER BY seq LIMIT ?",
-                (kind, _EVICT_CHUNK),
+                "SELECT seq, LENGTH(body) FROM records WHERE kind = ? AND seq < ? "
+                "ORDER BY seq LIMIT ?",
+                (kind, below if below is not None else 1 << 62, _EVICT_CHUNK),
             ).fetchall()
             if victims:
                 break
         if not victims:
             if bound is not None:
                 log.warning(
-                    "outbox %s holds %d bytes of alert events, over its %d-byte bound; alert "
-                    "events are never evicted",
+                    "outbox %s holds %d bytes of alert events and records being written, over "
+                    "its %d-byte bound; alert events are never evicted",
                     path,
                     total - freed,
                     bound[0],
