@@ -6,7 +6,8 @@ Every record gets the next sequence number when it is written; the control plane
 The outbox is bounded in bytes (its records' and the pages they really take): past the bound
 the oldest window captures are evicted first, then the oldest predictions (counted); alert
 events never are. Under the free-space reserve of its file system it does not grow: new
-records displace the oldest captures and predictions the same way (`outbox_space.py`).
+records go into its free pages, and what would grow the file displaces the oldest captures
+and predictions the same way (`outbox_space.py`).
 Writes are committed with synchronous=FULL, so a record that was appended survives kill -9
 and power loss.
 
@@ -44,6 +45,8 @@ QUARANTINE_SHARE = 8  # and in at most max_bytes / this of their bodies
 RETRY_OPEN_S = 30.0
 ACK_CHUNK_BYTES = 2 << 20  # records deleted per acknowledging transaction, about
 ACK_CHUNK_ROWS = 20_000
+_DISPLACE_TRIES = 4  # evictions tried before an insert under the reserve grows the file anyway
+_INSERT = "INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Outbox:
         self._scored: dict[str, float] = {}  # read at start when degraded
         self._next, self._acked, self._evicted, self._quarantined = 1, 0, 0, 0
         self._depth = self._bytes = self._baseline = 0
+        self._known = 0  # the highest number the plane acknowledged, written or not
         try:
             self._connect()
         except LocalStateError as exc:
@@ -295,31 +299,32 @@ class Outbox:
             rows = [(first + i, kind, body) for i, (kind, body) in enumerate(records)]
             added = sum(len(body) for _, body in records)
             changed = self._changed_alerts(open_alerts or {})
-            outcome: list[tuple[int, int]] = []
+            outcome: list[tuple[int, int, int]] = []
 
             def write(db: sqlite3.Connection) -> None:
                 outcome.clear()
                 if self.space.short():  # under the reserve: displace, do not grow
-                    outcome.append(self._evict_locked(self._bytes, self._bytes - added, False))
-                db.executemany("INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)", rows)
+                    self._insert_displacing(db, rows, outcome)
+                else:
+                    db.executemany(_INSERT, rows)
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
                     self._keep_scored(scored)
                 self._keep_open(changed)
-                freed = sum(f for _, f in outcome)
+                freed = sum(o[1] for o in outcome)
                 outcome.append(
                     self._evict_locked(self._bytes + added - freed, self.max_bytes, below=first)
                 )
-                evicted = sum(n for n, _ in outcome)
-                if evicted:
-                    self._set_meta("evicted", self._evicted + evicted)
+                lost = sum(o[2] for o in outcome)
+                if lost:
+                    self._set_meta("evicted", self._evicted + lost)
 
             self._transaction(write, "write the outbox")
-            evicted, freed = sum(n for n, _ in outcome), sum(f for _, f in outcome)
+            deleted, freed = sum(o[0] for o in outcome), sum(o[1] for o in outcome)
             self._next = first + len(rows)
-            self._depth += len(rows) - evicted
+            self._depth += len(rows) - deleted
             self._bytes += added - freed
-            self._evicted += evicted
+            self._evicted += sum(o[2] for o in outcome)
             for asset, event in changed.items():
                 if event is None:
                     self._open.pop(asset, None)
@@ -328,6 +333,35 @@ class Outbox:
             self.space.restore_ballast()
             self._changed.notify_all()
             return [seq for seq, _, _ in rows]
+
+    def _insert_displacing(
+        self,
+        db: sqlite3.Connection,
+        rows: Sequence[tuple[int, int, bytes]],
+        outcome: list[tuple[int, int, int]],
+    ) -> None:
+        """Inserts `rows` without growing the file: where they would (no free pages and no
+        room in the last ones), the insert is undone, the oldest records take the room they
+        would have grown by, and it is tried again. Evicting whatever they weigh, always,
+        deleted records the free pages would have held, and emptied a waiting outbox one
+        record per append."""
+        size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        before = int(db.execute("PRAGMA page_count").fetchone()[0])
+        for _ in range(_DISPLACE_TRIES):
+            db.execute("SAVEPOINT displace")
+            db.executemany(_INSERT, rows)
+            grown = int(db.execute("PRAGMA page_count").fetchone()[0]) - before
+            if grown <= 0:
+                db.execute("RELEASE displace")
+                return
+            db.execute("ROLLBACK TO displace")
+            db.execute("RELEASE displace")
+            kept = self._bytes - sum(o[1] for o in outcome)
+            done = self._evict_locked(kept, kept - grown * size, False)
+            outcome.append(done)
+            if not done[0]:  # alert events only: they are written anyway
+                break
+        db.executemany(_INSERT, rows)
 
     def _changed_alerts(self, open_alerts: Mapping[str, str | None]) -> dict[str, str | None]:
         return {a: e for a, e in open_alerts.items() if self._open.get(a) != e}
@@ -360,11 +394,12 @@ class Outbox:
 
     def _evict_locked(
         self, total: int, limit: int, pages: bool = True, below: int | None = None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """`evict_oldest` in the transaction: `total` record bytes into `limit` and (`pages`)
         the pages they take into `max_bytes`; never the records numbered `below` or higher."""
         bound = (self.max_bytes, self._baseline) if pages else None
-        return evict_oldest(self._conn(), EVICTION_ORDER, total, limit, bound, self.path, below)
+        db = self._conn()
+        return evict_oldest(db, EVICTION_ORDER, total, limit, bound, self.path, below, self._known)
 
     def ack(self, up_to: int, rejected: Mapping[int, str] | None = None) -> int:
         """The control plane stored everything up to `up_to`: delete it. Returns rows deleted.
@@ -376,6 +411,7 @@ class Outbox:
         acknowledgement fits in the space the ballast gives back on a full disk."""
         with self._lock:
             deleted = 0
+            self._known = max(self._known, up_to)
             try:
                 self._conn()  # first: opening it again (degraded) reads the numbering
                 while self._acked < up_to:

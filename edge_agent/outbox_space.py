@@ -182,15 +182,17 @@ def evict_oldest(
     bound: tuple[int, int] | None,
     path: Path,
     below: int | None = None,
-) -> tuple[int, int]:
+    known: int = 0,
+) -> tuple[int, int, int]:
     """Deletes the oldest records of the kinds in `order` (all of the first kind first)
     until `total` record bytes fit in `limit` and, with `bound` (max_bytes, baseline pages
     or -1 where dbstat is missing), the pages the records and their index take fit in
     max_bytes. Only what eviction can free counts: the quarantine, the scoring marks and
     the open alerts take pages too, and counting them evicted every new record unsent.
-    Records numbered `below` or higher (this transaction's) are never evicted.
-    Returns (records, bytes) deleted."""
-    evicted = freed = 0
+    Records numbered `below` or higher (this transaction's) are never evicted. Returns
+    (records, bytes) deleted and the records lost: those numbered past `known`, the highest
+    number the control plane acknowledged (it has the others)."""
+    evicted = freed = lost = 0
     other: int | None = None
     while True:
         excess = total - freed - limit
@@ -226,8 +228,9 @@ def evict_oldest(
             take.append((seq,))
             freed += size
             evicted += 1
+            lost += seq > known
             excess -= size
             if excess <= 0:
                 break
         db.executemany("DELETE FROM records WHERE seq = ?", take)
-    return evicted, freed
+    return evicted, freed, lost
