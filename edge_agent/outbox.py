@@ -87,6 +87,8 @@ class Outbox:
         self._legacy_alerts: Path | None = None
         self._view_migrated = False  # degraded: the files were taken over already
         self._open: dict[str, str] = {}  # by asset: the open alert as kept
+        # The alert files found and not written yet: (their folder, by asset the alert).
+        self._adopting: tuple[Path, dict[str, str]] | None = None
         self._scored: dict[str, float] = {}  # read at start when degraded
         self._next, self._acked, self._evicted, self._quarantined = 1, 0, 0, 0
         self._depth = self._bytes = self._baseline = 0
@@ -142,6 +144,7 @@ class Outbox:
         )
         self._open = {str(a): str(e) for a, e in db.execute("SELECT asset, event FROM open_alerts")}
         self._scored = {}
+        self._adopting = None
         if self._legacy_alerts is not None:
             self._adopt_locked(self._legacy_alerts)
 
@@ -213,17 +216,32 @@ class Outbox:
             return
         found = outbox_files.legacy_files(directory)
         self._open = found | self._open
-
-        def write(db: sqlite3.Connection) -> None:
-            sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
-            db.executemany(sql, found.items())
-            self._set_meta(outbox_files.MIGRATED, 1)
-
+        # Kept until a write commits them: the next append or acknowledgement takes them over
+        # (before its own open alerts, so a clear of one of them deletes it). Before, a failed
+        # take-over left the files to be read again at the next start, after their alerts
+        # might have been cleared here, and they came back open.
+        self._adopting = (directory, found)
         try:
-            self._transaction(write, "take the open alerts")
+            self._transaction(self._write_adopted, "take the open alerts")
         except LocalStateError as exc:
-            log.error("%s; the open alerts in %s are read again at the next start", exc, directory)
+            log.error("%s; the open alerts in %s are taken over at the next write", exc, directory)
             return
+        self._adopted()
+
+    def _write_adopted(self, db: sqlite3.Connection) -> None:
+        """In a write transaction: the alert files found, when not written yet."""
+        if self._adopting is None:
+            return
+        sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
+        db.executemany(sql, self._adopting[1].items())
+        self._set_meta(outbox_files.MIGRATED, 1)
+
+    def _adopted(self) -> None:
+        """After the commit that wrote them: the files go."""
+        if self._adopting is None:
+            return
+        directory, found = self._adopting
+        self._adopting = None
         outbox_files.remove_files(directory, found)
         if found:
             log.info("took over %d open alert(s) from %s", len(found), directory)
@@ -310,6 +328,7 @@ class Outbox:
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
                     self._keep_scored(scored)
+                self._write_adopted(db)
                 self._keep_open(changed)
                 freed = sum(o[1] for o in outcome)
                 outcome.append(
@@ -320,6 +339,7 @@ class Outbox:
                     self._set_meta("evicted", self._evicted + lost)
 
             self._transaction(write, "write the outbox")
+            self._adopted()
             deleted, freed = sum(o[0] for o in outcome), sum(o[1] for o in outcome)
             self._next = first + len(rows)
             self._depth += len(rows) - deleted
@@ -466,9 +486,11 @@ class Outbox:
             self._set_meta("acked", end)
             if end == up_to and up_to >= self._next:  # the plane knows higher numbers
                 self._set_meta("next_seq", up_to + 1)
+            self._write_adopted(db)
             done.extend((moved, freed, deleted))
 
         self._transaction(write, "update the outbox")
+        self._adopted()
         moved, freed, deleted = done
         self._acked = end
         self._quarantined += moved
