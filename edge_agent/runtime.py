@@ -228,6 +228,9 @@ class EdgeRuntime:
         side themselves start only these)."""
         if self.model is not None:
             self.streams.running()  # removed once a stop keeps the stream
+        # The retained states of the assets installed so far, as the outbox keeps them (MQTT
+        # queues them until it connects); those installed later go out on the sink thread.
+        self.site.publish_restored()
         if self.sink is not None:
             self.sink.start()
         if self.worker is not None:

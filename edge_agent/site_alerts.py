@@ -43,6 +43,9 @@ class SiteAlerts:
         self._publish = publish
         self._to_scada = to_scada
         self.held: dict[str, AlertEvent] = {}  # by asset: raises a period kept off the site
+        # By asset: its retained state to publish again (its open alert, None: normal), see
+        # `restore_state`.
+        self._restoring: dict[str, AlertEvent | None] = {}
 
     def announce(self, event: AlertEvent) -> None:
         """Publishes an alert event on site, unless a maintenance period covers the raise."""
@@ -73,6 +76,57 @@ class SiteAlerts:
             self.open_alerts.release(asset)
             self.publish(held)
 
+    def restore_state(self, asset: str, open_alert: AlertEvent | None) -> None:
+        """The retained state of `asset` is published again (`publish_restored`) as the outbox
+        keeps it: `open_alert` raised, or normal. A kill after the outbox kept an alert event
+        and before the site was told left that topic behind; the alerts topic is not
+        published again (its listeners would take it for a new event), nor is the state of
+        a raise a maintenance period holds back (published when the period ends)."""
+        if asset not in self.held:
+            self._restoring[asset] = open_alert
+
+    def publish_restored(self) -> None:
+        """Publishes the retained states `restore_state` asked for (once MQTT can take them:
+        at start, then on the sink thread before the alert events it publishes)."""
+        restoring, self._restoring = self._restoring, {}
+        for asset, open_alert in restoring.items():
+            if asset in self.held:  # held since it was asked: the period decides
+                continue
+            self._publish(self._state_topic(asset), self.state_payload(asset, open_alert), True)
+            log.info("retained state of %s published again: %s", asset,
+                     f"alert {open_alert.key} open" if open_alert else "normal")  # fmt: skip
+
+    def _state_topic(self, asset: str) -> str:
+        return f"{self.prefix}/state/{self.device}/{asset}"
+
+    def state_payload(self, asset: str, event: AlertEvent | None) -> bytes:
+        """The retained state of `asset` after `event`, the last alert event published on it.
+        None: no alert open and its last event not known (as at a start after a kill), so
+        normal with nothing said of that event."""
+        if event is None:
+            state: dict[str, object] = {
+                "device": self.device,
+                "asset": asset,
+                "state": "normal",
+                "since": None,
+                "alert_key": None,
+                "score": None,
+                "top_sensors": [],
+                "model_version": None,
+            }
+        else:
+            state = {
+                "device": self.device,
+                "asset": event.asset,
+                "state": "fault" if event.kind == "raised" else "normal",
+                "since": event.window_end,
+                "alert_key": event.key,
+                "score": round(event.score, 4),
+                "top_sensors": [s for s, _ in event.top_sensors],
+                "model_version": event.model_version,
+            }
+        return orjson.dumps(state)
+
     def publish(self, event: AlertEvent) -> None:
         raised = event.kind == "raised"
         if raised:
@@ -81,18 +135,9 @@ class SiteAlerts:
             self.counters.alerts_cleared += 1
         doc = {"device": self.device} | event.to_json()
         self._publish(f"{self.prefix}/alerts/{self.device}/{event.asset}", orjson.dumps(doc), False)
-        state = {
-            "device": self.device,
-            "asset": event.asset,
-            "state": "fault" if raised else "normal",
-            "since": event.window_end,
-            "alert_key": event.key,
-            "score": round(event.score, 4),
-            "top_sensors": [s for s, _ in event.top_sensors],
-            "model_version": event.model_version,
-        }
-        topic = f"{self.prefix}/state/{self.device}/{event.asset}"
-        self._publish(topic, orjson.dumps(state), True)
+        self._restoring.pop(event.asset, None)  # this event's state is newer
+        state = self.state_payload(event.asset, event)
+        self._publish(self._state_topic(event.asset), state, True)
         self._to_scada(event)
         log.warning(
             "%s on %s: score %.2f, top sensors %s",

@@ -118,6 +118,9 @@ class SiteDecisions:
             still_open = self.kept_open(runner.name)
             if still_open is not None and self.open_alerts.is_held(runner.name):
                 self.site.held[runner.name] = still_open  # not published yet: a period covered it
+            # The site may not have heard of the last alert event the outbox kept (killed in
+            # between): its retained state is published again as the outbox has it.
+            self.site.restore_state(runner.name, still_open)
         self.deciders[runner.index] = AssetDecider(
             runner.name,
             model.schema.names,
@@ -210,6 +213,11 @@ class SiteDecisions:
     def publish_site(self) -> None:
         """After the records of the decisions so far were written (or failed to be): their
         alert events on site, in order, and the held raises whose period ended."""
+        try:  # first: the states of before these decisions
+            self.site.publish_restored()
+        except Exception:
+            self.errors += 1
+            log.exception("publishing the assets' retained states again on site failed")
         actions, self._site_actions = self._site_actions, []
         for first, second in actions:
             try:
