@@ -32,7 +32,7 @@ from pathlib import Path
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
-from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, has_dbstat, is_full
+from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, has_dbstat
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Outbox:
                 self._load()
             except (sqlite3.Error, OSError) as exc:
                 self._close_db()
-                if attempt == 0 and is_full(exc) and self.space.release_ballast():
+                if attempt == 0 and self.space.is_full(exc) and self.space.release_ballast():
                     continue
                 raise LocalStateError(self._cannot("be opened", exc)) from None
             except BaseException:
@@ -278,7 +278,7 @@ class Outbox:
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
-                if attempt == 0 and is_full(exc) and self.space.release_ballast():
+                if attempt == 0 and self.space.is_full(exc) and self.space.release_ballast():
                     continue
                 raise LocalStateError(self._cannot(what, exc)) from None
             except BaseException:

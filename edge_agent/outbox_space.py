@@ -24,8 +24,11 @@ RESERVE_SHARE = 0.02
 RESERVE_MAX_SHARE = 0.25  # never more of a small file system than this
 BALLAST_BYTES = 8 * MIB
 _SQLITE_FULL = 13
-_SQLITE_IOERR = 10
 _SQLITE_READONLY = 8
+# The I/O errors a full disk gives where SQLite grows its WAL, syncs or maps its shared
+# memory (IOERR_WRITE, _FSYNC, _TRUNCATE, _SHMSIZE); a failing card gives them too (EIO).
+_SQLITE_IOERR_SPACE = (778, 1034, 1546, 4874)
+NEARLY_FULL = MIB  # free bytes under which those I/O errors are taken as a full disk
 _EVICT_CHUNK = 256
 
 
@@ -36,14 +39,19 @@ def default_reserve(total_bytes: int) -> int:
     return min(share, int(total_bytes * RESERVE_MAX_SHARE))
 
 
-def is_full(exc: sqlite3.Error | OSError) -> bool:
-    """SQLite's "database or disk is full" (and the I/O errors a full disk gives where
-    SQLite grows its WAL or shared memory), or ENOSPC."""
+def is_full(exc: sqlite3.Error | OSError, free: int | None = None) -> bool:
+    """SQLite's "database or disk is full", or ENOSPC; with `free` (the bytes free on the
+    disk), also the I/O errors a full disk gives where SQLite grows its WAL or shared memory,
+    when the disk is nearly full. Not every I/O error: one from a failing card (EIO) is no
+    reason to give up the ballast, and did so at every write."""
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
     code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int) and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR):
-        return True
+    if isinstance(code, int):
+        if code & 0xFF == _SQLITE_FULL:
+            return True
+        if code in _SQLITE_IOERR_SPACE and free is not None and free < NEARLY_FULL:
+            return True
     return "disk is full" in str(exc)
 
 
@@ -85,6 +93,10 @@ class DiskSpace:
         the oldest captures and predictions)."""
         return self.free() < self.reserve
 
+    def is_full(self, exc: sqlite3.Error | OSError) -> bool:
+        """`is_full`, asking this disk for its free space."""
+        return is_full(exc, self.free())
+
     def release_ballast(self) -> bool:
         """Deletes the ballast (SQLite found the disk full): True when there was one."""
         try:
@@ -103,12 +115,14 @@ class DiskSpace:
         return True
 
     def restore_ballast(self) -> None:
-        """Puts the ballast (back) when it is missing and the disk has room for it and half
-        the reserve (an outbox that stopped growing at the reserve gets it back); a failure
-        leaves it missing (tried again later)."""
+        """Puts the ballast (back) when it is missing and the disk has room for it twice and
+        half the reserve (an outbox that stopped growing at the reserve gets it back); a
+        failure leaves it missing (tried again later). Twice: given up on a full disk, it
+        had freed just its own size, and putting it back at once filled the disk again (with
+        no reserve, 14 times in 20 writes)."""
         if not self.ballast_bytes or self.ballast.exists():
             return
-        if self.free() < self.ballast_bytes + self.reserve // 2:
+        if self.free() < 2 * self.ballast_bytes + self.reserve // 2:
             return
         partial = self.ballast.with_name(self.ballast.name + ".part")
         try:
@@ -134,7 +148,7 @@ class DiskSpace:
             readonly = readonly or not os.access(self.path.parent, os.W_OK)
         if readonly:
             return f"the file system of {self.path.parent} is read-only (EROFS)"
-        full = code == errno.ENOSPC or (isinstance(exc, sqlite3.Error) and is_full(exc))
+        full = code == errno.ENOSPC or (isinstance(exc, sqlite3.Error) and is_full(exc, free))
         if full or free < self.ballast_bytes:
             of = f" of {self._total}" if self._total else ""
             return f"the disk of {self.path.parent} is full (ENOSPC): {free} bytes free{of}"
