@@ -29,12 +29,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
 from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, has_dbstat
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 PREDICTION = 1
 ALERT = 2
@@ -212,7 +214,12 @@ class Outbox:
             self._adopt_locked(directory)
 
     def _adopt_locked(self, directory: Path) -> None:
-        if self._meta(outbox_files.MIGRATED, 0):
+        try:
+            migrated = self._read(lambda: self._meta(outbox_files.MIGRATED, 0))
+        except LocalStateError as exc:
+            log.error("%s; the open alerts in %s are taken over at the next start", exc, directory)
+            return
+        if migrated:
             return
         found = outbox_files.legacy_files(directory)
         self._open = found | self._open
@@ -287,6 +294,14 @@ class Outbox:
             if attempt:
                 self._checkpoint()
             return
+
+    def _read(self, query: Callable[[], _T]) -> _T:
+        """`query` (a read outside a transaction), its failure a LocalStateError as a write's:
+        a raw sqlite3.Error escaped the acknowledging task unhandled and uncounted."""
+        try:
+            return query()
+        except sqlite3.Error as exc:
+            raise LocalStateError(self._cannot("be read", exc)) from None
 
     def _checkpoint(self) -> None:
         """Cuts the WAL back to nothing (after a full disk: its pages are the space left)."""
@@ -446,14 +461,16 @@ class Outbox:
 
     def _chunk_end(self, up_to: int) -> int:
         """The sequence the next acknowledging transaction goes to (at most `up_to`)."""
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT seq, LENGTH(body) FROM records WHERE seq > ? AND seq <= ? ORDER BY seq "
-                "LIMIT ?",
-                (self._acked, up_to, ACK_CHUNK_ROWS),
+        rows = self._read(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT seq, LENGTH(body) FROM records WHERE seq > ? AND seq <= ? ORDER BY seq "
+                    "LIMIT ?",
+                    (self._acked, up_to, ACK_CHUNK_ROWS),
+                )
+                .fetchall()
             )
-            .fetchall()
         )
         size = 0
         for seq, length in rows:
