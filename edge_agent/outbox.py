@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
-from edge_agent.outbox_space import BALLAST_BYTES, DiskSpace, evict_oldest, has_dbstat
+from edge_agent.outbox_space import BALLAST_BYTES, EVICTABLE, DiskSpace, evict_oldest, has_dbstat
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -137,13 +137,11 @@ class Outbox:
         self._depth, self._bytes = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
-        # The pages of the empty schema: all pages past them bound the records' from above
+        # The pages of the empty schema but the records': all pages past them bound the
+        # records' and their index's from above
         # (exact figures come from dbstat; without it, -1: the bound counts record bytes).
-        self._baseline = (
-            1 + db.execute("SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0").fetchone()[0]
-            if has_dbstat(db)
-            else -1
-        )
+        others = "SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0 AND name NOT IN (?, ?)"
+        self._baseline = 1 + db.execute(others, EVICTABLE).fetchone()[0] if has_dbstat(db) else -1
         self._open = {str(a): str(e) for a, e in db.execute("SELECT asset, event FROM open_alerts")}
         self._scored = {}
         self._adopting = None

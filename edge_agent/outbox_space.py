@@ -199,10 +199,11 @@ def evict_oldest(
     known: int = 0,
 ) -> tuple[int, int, int]:
     """Deletes the oldest records of the kinds in `order` (all of the first kind first)
-    until `total` record bytes fit in `limit` and, with `bound` (max_bytes, baseline pages
-    or -1 where dbstat is missing), the pages the records and their index take fit in
-    max_bytes. Only what eviction can free counts: the quarantine, the scoring marks and
-    the open alerts take pages too, and counting them evicted every new record unsent.
+    until `total` record bytes fit in `limit` and, with `bound` (max_bytes, the pages every
+    other table and index takes when empty, or -1 where dbstat is missing), the pages the
+    records and their index take fit in max_bytes. Only what eviction can free counts: the
+    quarantine, the scoring marks and the open alerts take pages too, and counting them
+    evicted every new record unsent.
     Records numbered `below` or higher (this transaction's) are never evicted. Returns
     (records, bytes) deleted and the records lost: those numbered past `known`, the highest
     number the control plane acknowledged (it has the others)."""
