@@ -11,9 +11,9 @@ and predictions the same way (`outbox_space.py`).
 Writes are committed with synchronous=FULL, so a record that was appended survives kill -9
 and power loss.
 
-The alerts open on each asset (`open_alerts`) and where scoring got to (`scored`) are kept
-with the records that changed them, so after a kill the three always agree: an alert event
-the control plane will get is open here, and one it will never get is not.
+The alerts open on each asset (`open_alerts`, `outbox_alerts.py`) and where scoring got to
+(`scored`) are kept with the records that changed them, so after a kill the three always
+agree: an alert event the control plane will get is open here, and one it will never get is not.
 
 An outbox that cannot be opened at start (a full or read-only disk, a damaged file) can run
 degraded (`degraded_ok`): it takes nothing (writes raise LocalStateError, which the sink
@@ -33,6 +33,7 @@ from typing import TypeVar
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
+from edge_agent.outbox_alerts import OpenAlertTable
 from edge_agent.outbox_space import BALLAST_BYTES, EVICTABLE, DiskSpace, evict_oldest, has_dbstat
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,7 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self.problem: str | None = None  # why the outbox takes nothing now (degraded)
         self._retry_at = 0.0
-        self._legacy_alerts: Path | None = None
-        self._view_migrated = False  # degraded: the files were taken over already
-        self._open: dict[str, str] = {}  # by asset: the open alert as kept
-        # The alert files found and not written yet: (their folder, by asset the alert).
-        self._adopting: tuple[Path, dict[str, str]] | None = None
+        self._alerts = OpenAlertTable()
         self._scored: dict[str, float] = {}  # read at start when degraded
         self._next, self._acked, self._evicted, self._quarantined = 1, 0, 0, 0
         self._depth = self._bytes = self._baseline = 0
@@ -142,11 +139,10 @@ class Outbox:
         # (exact figures come from dbstat; without it, -1: the bound counts record bytes).
         others = "SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0 AND name NOT IN (?, ?)"
         self._baseline = 1 + db.execute(others, EVICTABLE).fetchone()[0] if has_dbstat(db) else -1
-        self._open = {str(a): str(e) for a, e in db.execute("SELECT asset, event FROM open_alerts")}
+        self._alerts.load(db)
         self._scored = {}
-        self._adopting = None
-        if self._legacy_alerts is not None:
-            self._adopt_locked(self._legacy_alerts)
+        if self._alerts.directory is not None:
+            self._adopt_locked(self._alerts.directory)
 
     def _cannot(self, what: str, exc: BaseException) -> str:
         disk = self.space.describe(exc)
@@ -170,10 +166,10 @@ class Outbox:
         view = outbox_files.read_only(self.path)
         if view is None:
             return
-        self._open, self._scored = view.open_alerts, view.scored
+        self._alerts.load_view(view)
+        self._scored = view.scored
         self._next, self._acked = view.next_seq, view.acked
         self._depth, self._bytes = view.depth, view.bytes
-        self._view_migrated = view.migrated
 
     def _available(self) -> sqlite3.Connection | None:
         """The connection; when degraded, one more try to open it once `retry_s` passed
@@ -204,10 +200,9 @@ class Outbox:
         (the files are deleted afterwards; their state is kept here from then on). When the
         outbox is degraded, they count as open until it opens and takes them."""
         with self._lock:
-            self._legacy_alerts = directory
+            self._alerts.directory = directory
             if self._db is None:
-                if not self._view_migrated:
-                    self._open = outbox_files.legacy_files(directory) | self._open
+                self._alerts.assume_files(directory)
                 return
             self._adopt_locked(directory)
 
@@ -219,49 +214,20 @@ class Outbox:
             return
         if migrated:
             return
-        found = outbox_files.legacy_files(directory)
-        self._open = found | self._open
-        # Kept until a write commits them: the next append or acknowledgement takes them over
-        # (before its own open alerts, so a clear of one of them deletes it). Before, a failed
-        # take-over left the files to be read again at the next start, after their alerts
-        # might have been cleared here, and they came back open.
-        self._adopting = (directory, found)
+        self._alerts.take_over(directory)
         try:
-            self._transaction(self._write_adopted, "take the open alerts")
+            self._transaction(self._alerts.write_taken_over, "take the open alerts")
         except LocalStateError as exc:
             log.error("%s; the open alerts in %s are taken over at the next write", exc, directory)
             return
-        self._adopted()
-
-    def _write_adopted(self, db: sqlite3.Connection) -> None:
-        """In a write transaction: the alert files found, when not written yet."""
-        if self._adopting is None:
-            return
-        sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
-        db.executemany(sql, self._adopting[1].items())
-        self._set_meta(outbox_files.MIGRATED, 1)
-
-    def _adopted(self) -> None:
-        """After the commit that wrote them: the files go."""
-        if self._adopting is None:
-            return
-        directory, found = self._adopting
-        self._adopting = None
-        outbox_files.remove_files(directory, found)
-        if found:
-            log.info("took over %d open alert(s) from %s", len(found), directory)
+        self._alerts.committed()
 
     # ---- small helpers (under the lock, connection open) ----
     def _meta(self, key: str, default: int) -> int:
-        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return int(row[0]) if row else default
+        return outbox_files.meta(self._conn(), key, default)
 
     def _set_meta(self, key: str, value: int) -> None:
-        self._conn().execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        outbox_files.set_meta(self._conn(), key, value)
 
     def _max_seq(self) -> int:
         return int(self._conn().execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
@@ -329,7 +295,7 @@ class Outbox:
             first = self._next
             rows = [(first + i, kind, body) for i, (kind, body) in enumerate(records)]
             added = sum(len(body) for _, body in records)
-            changed = self._changed_alerts(open_alerts or {})
+            changed = self._alerts.changes(open_alerts or {})
             outcome: list[tuple[int, int, int]] = []
 
             def write(db: sqlite3.Connection) -> None:
@@ -341,8 +307,7 @@ class Outbox:
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
                     self._keep_scored(scored)
-                self._write_adopted(db)
-                self._keep_open(changed)
+                self._alerts.write(db, changed)
                 freed = sum(o[1] for o in outcome)
                 outcome.append(
                     self._evict_locked(self._bytes + added - freed, self.max_bytes, below=first)
@@ -352,17 +317,12 @@ class Outbox:
                     self._set_meta("evicted", self._evicted + lost)
 
             self._transaction(write, "write the outbox")
-            self._adopted()
             deleted, freed = sum(o[0] for o in outcome), sum(o[1] for o in outcome)
             self._next = first + len(rows)
             self._depth += len(rows) - deleted
             self._bytes += added - freed
             self._evicted += sum(o[2] for o in outcome)
-            for asset, event in changed.items():
-                if event is None:
-                    self._open.pop(asset, None)
-                else:
-                    self._open[asset] = event
+            self._alerts.committed(changed)
             self.space.restore_ballast()
             self._changed.notify_all()
             return [seq for seq, _, _ in rows]
@@ -395,21 +355,6 @@ class Outbox:
             if not done[0]:  # alert events only: they are written anyway
                 break
         db.executemany(_INSERT, rows)
-
-    def _changed_alerts(self, open_alerts: Mapping[str, str | None]) -> dict[str, str | None]:
-        return {a: e for a, e in open_alerts.items() if self._open.get(a) != e}
-
-    def _keep_open(self, changed: Mapping[str, str | None]) -> None:
-        db = self._conn()
-        db.executemany(
-            "INSERT INTO open_alerts (asset, event) VALUES (?, ?) "
-            "ON CONFLICT (asset) DO UPDATE SET event = excluded.event",
-            [(a, e) for a, e in changed.items() if e is not None],
-        )
-        db.executemany(
-            "DELETE FROM open_alerts WHERE asset = ?",
-            [(a,) for a, e in changed.items() if e is None],
-        )
 
     def _keep_scored(self, scored: Mapping[str, float | None]) -> None:
         """The marks follow the stream, back too (its clock stepped back and it restarted at
@@ -501,11 +446,11 @@ class Outbox:
             self._set_meta("acked", end)
             if end == up_to and up_to >= self._next:  # the plane knows higher numbers
                 self._set_meta("next_seq", up_to + 1)
-            self._write_adopted(db)
+            self._alerts.write_taken_over(db)
             done.extend((moved, freed, deleted))
 
         self._transaction(write, "update the outbox")
-        self._adopted()
+        self._alerts.committed()
         moved, freed, deleted = done
         self._acked = end
         self._quarantined += moved
@@ -560,7 +505,7 @@ class Outbox:
     def open_alert_events(self) -> dict[str, str]:
         """By asset, the alert kept open with the records written so far (its JSON)."""
         with self._lock:
-            return dict(self._open)
+            return self._alerts.events()
 
     @property
     def acked(self) -> int:

@@ -1,6 +1,6 @@
-"""The outbox's files: its database opened (schema, checks), a read-only look at it (an agent
-starting on a disk it cannot write, `autoglm-edge status`), the open alerts older agents kept
-as `alerts/<asset>.json` (taken over once), and the bytes it takes on disk."""
+"""The outbox's files: its database opened (schema, checks, its meta numbers), a read-only look
+at it (an agent starting on a disk it cannot write, `autoglm-edge status`), the open alerts
+older agents kept as `alerts/<asset>.json` (taken over once), and the bytes it takes on disk."""
 
 from __future__ import annotations
 
@@ -57,6 +57,21 @@ def open_database(path: Path) -> sqlite3.Connection:
         db.close()
         raise LocalStateError(f"{path}: the outbox database is damaged: {check}")
     return db
+
+
+def meta(db: sqlite3.Connection, key: str, default: int) -> int:
+    """The number kept under `key` in the meta table; `default` when none is."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else default
+
+
+def set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
+    """Keeps `value` under `key` in the meta table (in the caller's transaction)."""
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
 
 
 @dataclass
