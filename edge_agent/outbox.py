@@ -34,7 +34,14 @@ from typing import TypeVar
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
 from edge_agent.outbox_alerts import OpenAlertTable
-from edge_agent.outbox_space import BALLAST_BYTES, EVICTABLE, DiskSpace, evict_oldest, has_dbstat
+from edge_agent.outbox_space import (
+    BALLAST_BYTES,
+    EVICTABLE,
+    DiskSpace,
+    evict_oldest,
+    has_dbstat,
+    other_pages,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -91,6 +98,7 @@ class Outbox:
         self._scored: dict[str, float] = {}  # read at start when degraded
         self._next, self._acked, self._evicted, self._quarantined = 1, 0, 0, 0
         self._depth = self._bytes = self._baseline = 0
+        self._dbstat = False  # whether this SQLite has dbstat (the pages each table takes)
         self._known = 0  # the highest number the plane acknowledged, written or not
         try:
             self._connect()
@@ -135,10 +143,11 @@ class Outbox:
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
         # The pages of the empty schema but the records': all pages past them bound the
-        # records' and their index's from above
-        # (exact figures come from dbstat; without it, -1: the bound counts record bytes).
+        # records' and their index's from above (exact figures come from dbstat; without it,
+        # the quarantine's bodies are taken off: the bound holds, a little under).
         others = "SELECT COUNT(*) FROM sqlite_master WHERE rootpage > 0 AND name NOT IN (?, ?)"
-        self._baseline = 1 + db.execute(others, EVICTABLE).fetchone()[0] if has_dbstat(db) else -1
+        self._baseline = 1 + db.execute(others, EVICTABLE).fetchone()[0]
+        self._dbstat = has_dbstat(db)
         self._alerts.load(db)
         self._scored = {}
         if self._alerts.directory is not None:
@@ -377,7 +386,14 @@ class Outbox:
         the pages they take into `max_bytes`; never the records numbered `below` or higher."""
         bound = (self.max_bytes, self._baseline) if pages else None
         db = self._conn()
-        return evict_oldest(db, EVICTION_ORDER, total, limit, bound, self.path, below, self._known)
+        baseline = None if self._dbstat else self._baseline
+
+        def others() -> int:
+            return other_pages(db, EVICTABLE, baseline)
+
+        return evict_oldest(
+            db, EVICTION_ORDER, total, limit, bound, self.path, below, self._known, others
+        )
 
     def ack(self, up_to: int, rejected: Mapping[int, str] | None = None) -> int:
         """The control plane stored everything up to `up_to`: delete it. Returns rows deleted.

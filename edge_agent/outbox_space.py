@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,16 @@ def _pages(db: sqlite3.Connection) -> tuple[int, int]:
     return int(pages - free), int(size)
 
 
-def _other_pages(db: sqlite3.Connection, evictable: Sequence[str]) -> int:
-    """The pages of every table and index but the `evictable` ones (the schema's too); by
-    name, so dbstat walks only those (the quarantine, the marks, the open alerts, meta)."""
+def other_pages(db: sqlite3.Connection, evictable: Sequence[str], baseline: int | None) -> int:
+    """The pages of every table and index but the `evictable` ones (the schema's too).
+    With dbstat (`baseline` None): exact, by name, so dbstat walks only those (the quarantine,
+    the marks, the open alerts, meta). Without it (embedded SQLite builds may lack it): a
+    lower bound, the `baseline` pages of the empty schema and the pages the quarantine's
+    bodies fill at least, so that the pages past it still bound the records' from above."""
+    size = int(db.execute("PRAGMA page_size").fetchone()[0])
+    if baseline is not None:
+        held = db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM quarantine").fetchone()[0]
+        return baseline + int(held) // size
     names = ["sqlite_schema"] + [
         str(n)
         for (n,) in db.execute("SELECT name FROM sqlite_master WHERE rootpage > 0")
@@ -197,13 +204,14 @@ def evict_oldest(
     path: Path,
     below: int | None = None,
     known: int = 0,
+    others: Callable[[], int] | None = None,
 ) -> tuple[int, int, int]:
     """Deletes the oldest records of the kinds in `order` (all of the first kind first)
     until `total` record bytes fit in `limit` and, with `bound` (max_bytes, the pages every
-    other table and index takes when empty, or -1 where dbstat is missing), the pages the
-    records and their index take fit in max_bytes. Only what eviction can free counts: the
-    quarantine, the scoring marks and the open alerts take pages too, and counting them
-    evicted every new record unsent.
+    other table and index takes when empty), the pages the records and their index take fit
+    in max_bytes: all the pages past `others()` (`other_pages`: exact with dbstat, a lower
+    bound without). Only what eviction can free counts: the quarantine, the scoring marks and
+    the open alerts take pages too, and counting them evicted every new record unsent.
     Records numbered `below` or higher (this transaction's) are never evicted. Returns
     (records, bytes) deleted and the records lost: those numbered past `known`, the highest
     number the control plane acknowledged (it has the others)."""
@@ -211,11 +219,11 @@ def evict_oldest(
     other: int | None = None
     while True:
         excess = total - freed - limit
-        if bound is not None and bound[1] >= 0:
+        if bound is not None:
             used, size = _pages(db)
             if (used - bound[1]) * size > bound[0]:  # all pages past the schema: an upper bound
                 if other is None:  # eviction deletes records only: the rest stays as it is
-                    other = _other_pages(db, EVICTABLE)
+                    other = others() if others is not None else bound[1]
                 excess = max(excess, (used - other) * size - bound[0])
         if excess <= 0:
             break
