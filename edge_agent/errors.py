@@ -275,6 +275,8 @@ def _explain_unavailable(details: str) -> str:
 
 
 def report(program: str, error: AutoglmError) -> int:
-    """Prints one readable line for a person and returns the command's exit code."""
-    print(f"{program}: {error.label}: {error}", file=sys.stderr)
+    """Prints one readable line for a person and returns the command's exit code. A file
+    name that is not UTF-8 is written with \\x escapes, whatever stderr's error handler."""
+    line = f"{program}: {error.label}: {error}"
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     return error.exit_code

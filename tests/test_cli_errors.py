@@ -626,6 +626,20 @@ def test_a_path_that_is_not_utf8_is_opened_as_given(
     assert "the value of --variant is not UTF-8 text (byte 0xff at character 3)" in err, err
 
 
+@pytest.mark.parametrize("flag", ["--ca-cert", "--context"])
+def test_a_connection_file_that_is_not_utf8_is_opened_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """--ca-cert and --context name files too: refused as missing, not as "not UTF-8"."""
+    odd = str(tmp_path / b"caf\xe9".decode("utf-8", "surrogateescape"))
+    argv = ["--server", "127.0.0.1:1", "--token", "agt_op_x", flag, odd, "device", "list"]
+    assert autoglm(argv) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8" not in err and "Traceback" not in err, err
+    if flag == "--ca-cert":  # a context file that is not there is no context: nothing named
+        assert "caf\\udce9: No such file" in err, err
+
+
 def test_a_non_utf8_argument_through_the_real_entry_point() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cloud.cli.main", "device", "show", b"edge-\xff".decode(

@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         "connection (else AUTOGLM_* variables, else the saved context)"
     )
     conn.add_argument("--server", help="control-plane API address HOST:PORT")
-    conn.add_argument("--ca-cert", help="CA certificate file of the control plane")
+    conn.add_argument("--ca-cert", type=Path, help="CA certificate file of the control plane")
     conn.add_argument("--token", help="operator token")
     conn.add_argument("--tls-server-name", help="name to check in the server certificate")
-    conn.add_argument("--context", help="CLI context file (default ~/.config/autoglm/context.yaml)")
+    conn.add_argument(
+        "--context", type=Path, help="CLI context file (default ~/.config/autoglm/context.yaml)"
+    )
     conn.add_argument(
         "--context-name", help="which saved context (else AUTOGLM_CONTEXT_NAME, else the current)"
     )
@@ -220,10 +222,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if needs_client:
             flags = {
                 "server": args.server,
-                "ca_cert": args.ca_cert,
+                "ca_cert": str(args.ca_cert) if args.ca_cert else None,
                 "token": args.token,
                 "tls_server_name": args.tls_server_name,
-                "context": args.context,
+                "context": str(args.context) if args.context else None,
                 "context_name": args.context_name,
             }
             connection = resolve_connection(flags, os.environ, args.timeout)
