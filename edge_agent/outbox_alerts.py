@@ -57,6 +57,11 @@ class OpenAlertTable:
         table."""
         return {a: e for a, e in open_alerts.items() if self._open.get(a) != e}
 
+    @property
+    def pending(self) -> bool:
+        """Whether alert files were found and not written yet (the next write takes them)."""
+        return self._adopting is not None
+
     def write_taken_over(self, db: sqlite3.Connection) -> None:
         """In a write transaction: the alert files found, when not written yet."""
         if self._adopting is None:
