@@ -226,7 +226,11 @@ class Outbox:
         try:
             migrated = self._read(lambda: self._meta(outbox_files.MIGRATED, 0))
         except LocalStateError as exc:
-            log.error("%s; the open alerts in %s are taken over at the next start", exc, directory)
+            # Open from now on and written by the next write that commits (unless the
+            # database says then that it took them already): dropped, this run raised their
+            # alerts a second time.
+            self._alerts.take_over(directory)
+            log.error("%s; the open alerts in %s are taken over at the next write", exc, directory)
             return
         if migrated:
             return

@@ -26,6 +26,8 @@ class OpenAlertTable:
         self._view_migrated = False  # degraded: the files were taken over already
         # The alert files found and not written yet: (their folder, by asset the alert).
         self._adopting: tuple[Path, dict[str, str]] | None = None
+        self._added: set[str] = set()  # the assets those files added to the table's
+        self._stale = False  # the write found them taken over already (files left behind)
 
     def load(self, db: sqlite3.Connection) -> None:
         """The table as committed (the database just opened); nothing is pending."""
@@ -49,6 +51,7 @@ class OpenAlertTable:
         the files to be read again at the next start, after their alerts might have been
         cleared here, and they came back open."""
         found = outbox_files.legacy_files(directory)
+        self._added = set(found) - set(self._open)
         self._open = found | self._open
         self._adopting = (directory, found)
 
@@ -65,6 +68,11 @@ class OpenAlertTable:
     def write_taken_over(self, db: sqlite3.Connection) -> None:
         """In a write transaction: the alert files found, when not written yet."""
         if self._adopting is None:
+            return
+        # Taken over before (whether they were could not be read then): files left behind
+        # whose alerts may have been cleared since; they are deleted, not taken.
+        self._stale = bool(outbox_files.meta(db, outbox_files.MIGRATED, 0))
+        if self._stale:
             return
         sql = "INSERT OR IGNORE INTO open_alerts (asset, event) VALUES (?, ?)"
         db.executemany(sql, self._adopting[1].items())
@@ -89,7 +97,10 @@ class OpenAlertTable:
             directory, found = self._adopting
             self._adopting = None
             outbox_files.remove_files(directory, found)
-            if found:
+            if self._stale:
+                for asset in self._added - set(changed or {}):
+                    self._open.pop(asset, None)
+            elif found:
                 log.info("took over %d open alert(s) from %s", len(found), directory)
         for asset, event in (changed or {}).items():
             if event is None:
