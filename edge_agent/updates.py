@@ -26,6 +26,7 @@ from edge_agent.config import ModelChoice
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
 from edge_agent.errors import AutoglmError, IntegrityError, LocalStateError, Unavailable
+from edge_agent.inference.tensorrt import GpuOutOfMemory
 from edge_agent.retry import Backoff
 from edge_agent.serving import Hardware, ServingModel, choose
 from edge_agent.slots import SlotInfo
@@ -76,11 +77,22 @@ class InstallDeferred(Exception):
 
 
 class InstallBlocked(InstallDeferred):
-    """This device's disk did not take the install (full, read-only): reported, since only
-    someone on site can free it, and tried again like a deferred one."""
+    """This device's disk did not take the install (full, read-only), or its GPU has not the
+    memory for the engine now (`gpu`): reported, since only someone on site can free it, and
+    tried again with a growing delay."""
+
+    def __init__(self, detail: str, gpu: bool = False) -> None:
+        super().__init__(detail)
+        self.gpu = gpu
 
 
 RETRY_DEFERRED_S = 30.0  # an install deferred is tried again after this (or at session open)
+# A version the device could not take for its own reason (disk, GPU memory) is tried again
+# after RETRY_DEFERRED_S, the delay doubling at each failure up to this.
+RETRY_LOCAL_MAX_S = 1800.0
+# Tries of a version whose engine the GPU has not the memory for (beside the serving model);
+# then it is failed for good, and the rollout counts it.
+GPU_MEMORY_TRIES = 5
 
 
 @dataclasses.dataclass
@@ -158,10 +170,30 @@ class ModelUpdater:
         self._ready = asyncio.Event()
         self._before: ServingModel | None = None  # serving when the current apply began
         self._blocked: agent_pb2.DesiredState | None = None  # reported blocked, retrying
+        # The version failing for the device's reason, and its consecutive failures: all of
+        # them, and those for lack of GPU memory.
+        self._failing: tuple[str, str] | None = None
+        self._local_failures = 0
+        self._gpu_failures = 0
 
     def want(self, desired: agent_pb2.DesiredState) -> None:
         self._wanted = desired
         self._ready.set()
+
+    def _local_failure(self, d: agent_pb2.DesiredState, gpu: bool) -> tuple[float, bool]:
+        """Counts a failure of `d` for the device's reason: the delay before its next try
+        (doubling from RETRY_DEFERRED_S up to RETRY_LOCAL_MAX_S), and whether to give up (the
+        GPU had not the memory GPU_MEMORY_TRIES times)."""
+        key = (d.model_version, d.manifest_digest)
+        if self._failing != key:
+            self._failing, self._local_failures, self._gpu_failures = key, 0, 0
+        self._local_failures += 1
+        self._gpu_failures = self._gpu_failures + 1 if gpu else 0
+        delay = min(RETRY_DEFERRED_S * 2 ** (self._local_failures - 1), RETRY_LOCAL_MAX_S)
+        return delay, self._gpu_failures >= GPU_MEMORY_TRIES
+
+    def _local_done(self) -> None:
+        self._failing, self._local_failures, self._gpu_failures = None, 0, 0
 
     def _retry(self, deferred: agent_pb2.DesiredState) -> None:
         """Applies a deferred desired state again, unless a newer one came meanwhile."""
@@ -287,23 +319,30 @@ class ModelUpdater:
         except Exception as exc:  # noqa: BLE001 - back to what served before, and say so
             model.close()
             # The device's failure (disk, I/O, GPU memory) is not the version's: not
-            # remembered as failed, reported as retrying, and tried again.
+            # remembered as failed, reported as retrying, and tried again, less and less
+            # often; a GPU that had not the memory for it GPU_MEMORY_TRIES times is failed.
             local = isinstance(exc, LocalStateError)
+            delay, give_up = self._local_failure(d, isinstance(exc, GpuOutOfMemory))
+            detail = str(exc)
+            if give_up:
+                detail = f"{exc}; {_NO_FIT} ({GPU_MEMORY_TRIES} tries)"
             try:
-                agent.slots.fall_back(str(exc), lasting=not local)
+                agent.slots.fall_back(detail, lasting=not local or give_up)
             except LocalStateError as why:  # a restart tries the slot again, then falls back
                 log.error("cannot point the model slots back at %s: %s", previous, why)
-            log.error("model %s failed at start (%s); back to %s", info.version, exc, previous)
-            if not local:
-                self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, str(exc))
+            log.error("model %s failed at start (%s); back to %s", info.version, detail, previous)
+            if not local or give_up:
+                self._local_done()
+                self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, detail)
                 return
             if self._blocked is not d:
                 self._blocked = d
-                detail = f"{exc}; tried again every {RETRY_DEFERRED_S:.0f}s"
+                detail = f"{exc}; tried again in {delay:.0f}s, then less often"
                 self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, detail, retrying=True)
-            asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
+            asyncio.get_running_loop().call_later(delay, self._retry, d)
             return
         self._blocked = None
+        self._local_done()
         log.info("now serving %s from slot %s", info.version, info.slot)
         self._report(
             d, OUTCOME.OUTCOME_INSTALLED, f"serving from slot {info.slot}", model.choice.label
@@ -311,17 +350,28 @@ class ModelUpdater:
 
     async def _install_blocked(self, d: agent_pb2.DesiredState, exc: InstallBlocked) -> None:
         """Frees what the install took (its partial downloads), reports once per desired
-        state, and tries again after `RETRY_DEFERRED_S`."""
+        state, and tries again later (`_local_failure`); a version the GPU had not the memory
+        for GPU_MEMORY_TRIES times is reported failed instead."""
         slots = self.agent.slots
         freed = await asyncio.to_thread(slots.drop_parts, slots.idle())
-        detail = f"{exc}; tried again every {RETRY_DEFERRED_S:.0f}s"
+        delay, give_up = self._local_failure(d, exc.gpu)
+        if give_up:  # the GPU had not the memory for it, each time: the version's failure
+            self._local_done()
+            detail = f"{exc}; {_NO_FIT} ({GPU_MEMORY_TRIES} tries)"
+            log.error("install of %s failed: %s", d.model_version, detail)
+            self._report(d, OUTCOME.OUTCOME_SELF_TEST_FAILED, detail)
+            return
+        detail = f"{exc}; tried again in {delay:.0f}s, then less often"
         if freed:
             detail += f" ({freed} bytes of partial downloads deleted)"
         log.error("install of %s cannot go on: %s", d.model_version, detail)
         if self._blocked is not d:
             self._blocked = d
-            self._report(d, OUTCOME.OUTCOME_DOWNLOAD_FAILED, detail, retrying=True)
-        asyncio.get_running_loop().call_later(RETRY_DEFERRED_S, self._retry, d)
+            outcome = OUTCOME.OUTCOME_DOWNLOAD_FAILED
+            if exc.gpu:
+                outcome = OUTCOME.OUTCOME_SELF_TEST_FAILED
+            self._report(d, outcome, detail, retrying=True)
+        asyncio.get_running_loop().call_later(delay, self._retry, d)
 
     def _revert_target(self, d: agent_pb2.DesiredState) -> agent_pb2.DesiredState:
         """What to go back to: the version asked for when a slot holds it (or it can be
@@ -412,9 +462,12 @@ async def _open_checked(agent: Agent, directory: Path) -> ServingModel:
     try:
         return await asyncio.to_thread(agent._open, directory, True)
     except LocalStateError as exc:
-        raise InstallBlocked(str(exc)) from None
+        raise InstallBlocked(str(exc), gpu=isinstance(exc, GpuOutOfMemory)) from None
     except AutoglmError as exc:
         raise InstallFailed(OUTCOME.OUTCOME_SELF_TEST_FAILED, str(exc)) from None
+
+
+_NO_FIT = "it does not fit in GPU memory beside the serving model"
 
 
 def _version(model: ServingModel | None) -> str:

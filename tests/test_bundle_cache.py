@@ -232,10 +232,17 @@ class Polygraphy:
     def _raise(self, where: str) -> None:
         if self.fail == where:
             raise RuntimeError(f"[TRT] {where} failed")
+        if where == "activate" and self.fail == "oom":
+            raise RuntimeError(
+                "[TRT] [E] 2: [executionContext.cpp::ExecutionContext::470] Error Code 2: "
+                "OutOfMemory (no further information)"
+            )
+        if where == "activate" and self.fail == "context":  # Polygraphy's own words
+            raise RuntimeError("Invalid Context. See error log for details.")
 
     def engine_from_bytes(self, data: bytes) -> object:
         self._raise("deserialize")
-        return None if self.fail == "none" else object()
+        return None if self.fail == "none" else SimpleNamespace(device_memory_size=1 << 30)
 
     def TrtRunner(self, engine: object) -> Any:
         return SimpleNamespace(activate=lambda: self._raise("activate"))
@@ -279,11 +286,43 @@ def test_an_engine_the_gpu_cannot_take_now_is_a_local_state_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Out of GPU memory (no execution context): this device's state, not the engine's."""
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("oom"))
+    engine = tmp_path / "x.plan"
+    engine.write_bytes(b"plan")
+    with pytest.raises(trt.GpuOutOfMemory, match=f"{engine}: .*OutOfMemory.*GPU memory"):
+        trt.TensorRtBackend(engine)
+
+
+def test_an_invalid_context_is_out_of_memory_only_when_the_engine_needs_more_than_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polygraphy says only "Invalid Context": the engine's device memory against the GPU's
+    free memory decides; unknown free memory is the engine's fault."""
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("context"))
+    engine = tmp_path / "x.plan"
+    engine.write_bytes(b"plan")
+    monkeypatch.setattr(trt, "gpu_free_bytes", lambda: 1 << 20)
+    with pytest.raises(trt.GpuOutOfMemory, match=f"needs {1 << 30} bytes .* {1 << 20} are free"):
+        trt.TensorRtBackend(engine)
+    for free in (None, 2 << 30):
+        monkeypatch.setattr(trt, "gpu_free_bytes", lambda free=free: free)
+        with pytest.raises(IntegrityError, match="cannot make it ready to run on this device"):
+            trt.TensorRtBackend(engine)
+
+
+def test_an_engine_that_cannot_run_on_this_device_is_the_engines_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing plugin or no kernel for this GPU will not get better by waiting: an
+    IntegrityError (the install fails and the rollout counts it), not a LocalStateError
+    tried again forever."""
     monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("activate"))
     engine = tmp_path / "x.plan"
     engine.write_bytes(b"plan")
-    with pytest.raises(LocalStateError, match=f"{engine}: .*cannot make it ready to run"):
+    monkeypatch.setattr(trt, "gpu_free_bytes", lambda: None)
+    with pytest.raises(IntegrityError, match=f"{engine}: .*cannot make it ready to run") as err:
         trt.TensorRtBackend(engine)
+    assert not isinstance(err.value, LocalStateError)
 
 
 def test_an_engine_the_disk_cannot_read_is_a_local_state_error_naming_it(
@@ -316,10 +355,10 @@ def test_a_cached_engine_the_gpu_cannot_take_now_is_kept_not_rebuilt(
         builds.append(onnx)
         engine.write_bytes(b"plan")
 
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("activate"))
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("oom"))
     monkeypatch.setattr(trt, "tensorrt_version", lambda: "10.0")
     monkeypatch.setattr(trt, "build_engine", build_engine)
-    with pytest.raises(LocalStateError, match="cannot make it ready to run"):
+    with pytest.raises(LocalStateError, match="the GPU has not the memory to run it"):
         _open_on_gpu(bundle, key, tmp_path)
     assert len(builds) == 1, "the cached engine was deleted and built again"
     (engine,) = (tmp_path / "e").iterdir()

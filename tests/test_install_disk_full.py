@@ -294,7 +294,7 @@ def test_an_install_on_a_full_disk_is_reported_and_done_once_space_returns(
     assert first.outcome == OUTCOME.OUTCOME_DOWNLOAD_FAILED, first
     assert first.model_version == "1" and first.rollout_id == "r1"
     assert first.detail.startswith("disk full: "), first.detail
-    assert "bytes free at" in first.detail and "tried again every" in first.detail
+    assert "bytes free at" in first.detail and "tried again in" in first.detail
     assert first.retrying, "the control plane must see the disk, not the model, failed"
     assert second.outcome == OUTCOME.OUTCOME_INSTALLED, second
     assert not second.retrying
@@ -420,3 +420,94 @@ def test_a_swap_that_fails_on_the_device_is_retried_not_failed(
     assert agent.slots.failure(desired.manifest_digest) is None
     assert second.outcome == OUTCOME.OUTCOME_INSTALLED, second
     assert agent.model is not None and len(swaps) == 2
+
+
+def _swap_failing(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    monkeypatch: pytest.MonkeyPatch,
+    error: Callable[[], Exception],
+    reports: int,
+    tries: int = 0,
+) -> tuple[FakeAgent, list[FakeModel], list[float]]:
+    """The desired version served, its every swap failing with `error()`; returns the agent,
+    the swaps tried, and the delays the updater asked for before each next try."""
+    bundle, key = trained
+    monkeypatch.setattr(updates, "RETRY_DEFERRED_S", 0.001)
+    monkeypatch.setattr(updates, "RETRY_LOCAL_MAX_S", 0.004)
+    blobs, desired = _served(bundle)
+    agent = FakeAgent(tmp_path / "state", key.public_key())
+    swaps: list[FakeModel] = []
+    delays: list[float] = []
+    tried = asyncio.Event()
+
+    async def swap(model: FakeModel) -> None:
+        swaps.append(model)
+        if len(swaps) >= tries:
+            tried.set()
+        raise error()
+
+    agent.swap = swap  # type: ignore[method-assign]
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        real_later = loop.call_later
+
+        def call_later(delay: float, callback: Any, *args: Any) -> Any:
+            if callback.__name__ == "_retry":
+                delays.append(delay)
+            return real_later(delay, callback, *args)
+
+        loop.call_later = call_later  # type: ignore[method-assign]
+        updater = ModelUpdater(agent)  # type: ignore[arg-type]
+        updater.downloader = StubDownloader(Stub(blobs), Disk())
+        stop = asyncio.Event()
+        task = asyncio.create_task(updater.run(stop))
+        try:
+            updater.want(desired)
+            await agent.report(reports)
+            await asyncio.wait_for(tried.wait(), WAIT_S)
+        finally:
+            stop.set()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    return agent, swaps, delays
+
+
+def test_a_swap_the_gpu_has_no_memory_for_fails_the_version_after_a_few_tries(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine that never fits beside the serving model is not tried forever as the
+    device's fault: after GPU_MEMORY_TRIES it is failed (not retrying) and remembered, so
+    the rollout counts it; the delays between tries double up to the cap."""
+    from edge_agent.inference.tensorrt import GpuOutOfMemory
+
+    agent, swaps, delays = _swap_failing(
+        tmp_path, trained, monkeypatch, lambda: GpuOutOfMemory("x.plan: out of memory"), 2
+    )
+    first, last = agent.reports[:2]
+    assert first.retrying and first.outcome == OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, first
+    assert not last.retrying and last.outcome == OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, last
+    assert "does not fit in GPU memory beside the serving model" in last.detail, last
+    assert len(swaps) == updates.GPU_MEMORY_TRIES, swaps
+    assert delays[: updates.GPU_MEMORY_TRIES - 1] == [0.001, 0.002, 0.004, 0.004], delays
+    assert agent.slots.read().failed, "the version is not remembered as failed"
+
+
+def test_a_swap_on_a_full_disk_is_tried_again_less_and_less_often(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk's fault keeps being tried (never failed), with a doubling delay up to the
+    cap instead of every RETRY_DEFERRED_S."""
+    agent, _, delays = _swap_failing(
+        tmp_path, trained, monkeypatch, lambda: LocalStateError("cannot write x (EIO)"), 1, 5
+    )
+    assert agent.reports[0].retrying, agent.reports[0]
+    assert agent.slots.read().failed == {}
+    assert delays[:4] == [0.001, 0.002, 0.004, 0.004], delays

@@ -4,13 +4,16 @@ Engines are built per device profile (`build_engine`), in the cloud where a matc
 exists, else on the device at first load; either way from the verified ONNX variant. What
 Polygraphy and TensorRT raise (their own exception kinds) is mapped here, once: an engine that
 does not deserialize is an `IntegrityError`, one that cannot be built a `FailedPrecondition`,
-one that cannot be read from disk or made ready to run (GPU memory) a `LocalStateError`, all
-naming the file.
+one that cannot be read from disk a `LocalStateError`, one that cannot be made ready to run
+for lack of GPU memory a `GpuOutOfMemory` (a `LocalStateError`), and one that cannot be made
+ready to run for any other reason (a missing plugin, code for another GPU) an
+`IntegrityError`, all naming the file.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,21 @@ MISSING = (
     "Polygraphy (JetPack on Jetson, or `pip install tensorrt polygraphy` on x86 with CUDA). "
     "The bundle stays marked build-on-device; the ONNX Runtime backend runs it meanwhile."
 )
+
+
+# How CUDA, TensorRT and Polygraphy say the GPU has no memory for what was asked:
+# cudaErrorMemoryAllocation (CUDA error 2, "out of memory"), CUDA_ERROR_OUT_OF_MEMORY,
+# TensorRT's "Error Code 2: OutOfMemory", Polygraphy's "CUDA Error: 2." from its CUDA wrapper.
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|outofmemory|cudaErrorMemoryAllocation|CUDA_ERROR_OUT_OF_MEMORY"
+    r"|CUDA Error: 2\b",
+    re.IGNORECASE,
+)
+
+
+class GpuOutOfMemory(LocalStateError):
+    """The engine deserialized but the GPU has not the memory to run it now (beside what
+    serves): this device's state, tried again a bounded number of times."""
 
 
 def require_tensorrt() -> Any:
@@ -99,6 +117,31 @@ def _build(
     poly_trt.SaveEngine(build, path=str(engine_path))()
 
 
+def _gpu_memory_short(exc: BaseException, engine: Any) -> str | None:
+    """Whether `exc`, raised making `engine` ready to run, is the GPU's lack of memory: None
+    when not; else what to add to the message. Polygraphy says only "Invalid Context" when
+    TensorRT cannot make the execution context (TensorRT logs why), so besides the message
+    the engine's device memory is compared with the GPU's free memory where both are known."""
+    if _OUT_OF_MEMORY.search(f"{type(exc).__name__}: {exc}"):
+        return ""
+    needed = getattr(engine, "device_memory_size", None)
+    free = gpu_free_bytes()
+    if isinstance(needed, int) and free is not None and needed > free:
+        return f"; it needs {needed} bytes of GPU memory, {free} are free"
+    return None
+
+
+def gpu_free_bytes() -> int | None:
+    """The GPU's free memory in bytes (cuda-python's cudaMemGetInfo), None when unknown."""
+    try:
+        from cuda import cudart  # type: ignore[import-not-found, unused-ignore]
+
+        status, free, _total = cudart.cudaMemGetInfo()
+    except Exception:  # noqa: BLE001 - not installed, or no CUDA context: unknown
+        return None
+    return int(free) if int(status) == 0 else None
+
+
 class TensorRtBackend(InferenceBackend):
     """Runs a serialized TensorRT plan with Polygraphy's runner (it manages device buffers)."""
 
@@ -107,9 +150,11 @@ class TensorRtBackend(InferenceBackend):
     def __init__(self, engine_path: Path) -> None:
         """`IntegrityError` naming the file when TensorRT cannot deserialize it (torn,
         truncated, or built for another TensorRT or GPU: a cached one is built again);
-        `LocalStateError` when the file cannot be read (EIO) or the engine deserialized but
-        cannot be made ready to run (GPU memory, the execution context): this device's
-        state now, not the engine's fault, so neither rebuilt nor marked failed."""
+        `LocalStateError` when the file cannot be read (EIO), `GpuOutOfMemory` when the engine
+        deserialized but the GPU has no memory to run it: this device's state now, not the
+        engine's fault, so neither rebuilt nor marked failed. Any other failure to make it
+        ready to run (a plugin missing, no kernel for this GPU) is the engine's: an
+        `IntegrityError`."""
         poly_trt = require_tensorrt()
         try:
             data = engine_path.read_bytes()
@@ -136,10 +181,16 @@ class TensorRtBackend(InferenceBackend):
             runner = poly_trt.TrtRunner(engine)
             runner.activate()
         except Exception as exc:  # noqa: BLE001 - Polygraphy and TensorRT raise their own kinds
-            raise LocalStateError(
+            why = f"{type(exc).__name__}: {exc}"
+            short = _gpu_memory_short(exc, engine)
+            if short is not None:
+                raise GpuOutOfMemory(
+                    f"{engine_path}: TensorRT loaded this engine but the GPU has not the memory "
+                    f"to run it ({why}{short}): GPU memory, not the engine; tried again later"
+                ) from None
+            raise IntegrityError(
                 f"{engine_path}: TensorRT loaded this engine but cannot make it ready to run "
-                f"({type(exc).__name__}: {exc}): GPU memory or the execution context, not the "
-                "engine; tried again later"
+                f"on this device ({why})"
             ) from None
         self._runner = runner
 
