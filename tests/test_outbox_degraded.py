@@ -9,7 +9,6 @@ alerting (which needs no disk) was down too, and the message did not say why."""
 from __future__ import annotations
 
 import errno
-import os
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from edge_agent.sink import ResultSink
 from tests.conftest import register
 from tests.support.agents import enroll_identity, wait_for
 from tests.support.cloud import RunningPlane
+from tests.support.mounts import mounted_tmpfs
 
 MIB = 1 << 20
 
@@ -121,19 +121,8 @@ def test_an_outbox_that_cannot_be_opened_runs_degraded_and_opens_again(
 @pytest.fixture
 def read_only_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs remounted read-only, where this process may (root); skipped elsewhere."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a file system needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "16m", "mounting a file system needs root") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.integration

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import pytest
 from edge_agent.errors import LocalStateError
 from edge_agent.outbox import ALERT, CAPTURE, PREDICTION, Outbox
 from edge_agent.outbox_space import DiskSpace, default_reserve
+from tests.support.mounts import mounted_tmpfs
 
 pytestmark = pytest.mark.unit
 MIB = 1 << 20
@@ -191,21 +191,8 @@ def test_an_acknowledgement_cut_short_keeps_what_it_did(tmp_path: Path) -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs, where this process may mount one (root); skipped elsewhere."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "48m", "mounting a small file system needs root") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(path: Path) -> None:
