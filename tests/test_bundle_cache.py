@@ -24,7 +24,7 @@ from edge_agent.config import ModelChoice
 from edge_agent.errors import FailedPrecondition, IntegrityError, LocalStateError
 from edge_agent.inference import tensorrt as trt
 from edge_agent.inference.onnxruntime import OnnxRuntimeBackend
-from edge_agent.serving import SOURCE, Hardware, open_serving
+from edge_agent.serving import SOURCE, Hardware, ServingModel, open_serving
 from edge_agent.slots import ModelSlots, SlotInfo
 from tests.support.bundles import make_version
 
@@ -56,13 +56,17 @@ def _archive(trained: tuple[Path, Ed25519PrivateKey], root: Path, version: str) 
     return pack(bundle, root / "pump-1.tar")
 
 
+def _serve(trained: tuple[Path, Ed25519PrivateKey], root: Path, archive: Path) -> ServingModel:
+    """`archive` opened for serving, unpacked under `root/models`."""
+    _, key = trained
+    return open_serving(archive, key.public_key(), ModelChoice(), root / "models", root / "e")
+
+
 def test_an_unpacked_bundle_is_synced_and_marked_with_its_archive(
     tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey], fsynced: set[int]
 ) -> None:
-    _, key = trained
-    archive = _archive(trained, tmp_path, "1")
     models = tmp_path / "models"
-    open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e").close()
+    _serve(trained, tmp_path, _archive(trained, tmp_path, "1")).close()
     target = models / "pump-1"
     unsynced = [p.name for p in (target, *target.iterdir()) if p.stat().st_ino not in fsynced]
     assert unsynced == [], f"written without fsync: {unsynced}"
@@ -74,14 +78,12 @@ def test_an_unpacked_bundle_is_synced_and_marked_with_its_archive(
 def test_a_torn_file_in_an_unpacked_bundle_is_unpacked_again(
     tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey]
 ) -> None:
-    _, key = trained
     archive = _archive(trained, tmp_path, "1")
-    models = tmp_path / "models"
-    open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e").close()
-    victim = models / "pump-1" / "model.fp32.onnx"
+    _serve(trained, tmp_path, archive).close()
+    victim = tmp_path / "models" / "pump-1" / "model.fp32.onnx"
     size = victim.stat().st_size
     victim.write_bytes(b"")  # what a power cut leaves of an unsynced extraction
-    model = open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e")
+    model = _serve(trained, tmp_path, archive)
     model.close()
     assert victim.stat().st_size == size and model.version == "1"
 
@@ -89,28 +91,24 @@ def test_a_torn_file_in_an_unpacked_bundle_is_unpacked_again(
 def test_a_new_archive_under_the_same_name_is_unpacked_and_served(
     tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey]
 ) -> None:
-    _, key = trained
-    models = tmp_path / "models"
-    archive = _archive(trained, tmp_path, "1")
-    open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e").close()
-    archive = _archive(trained, tmp_path, "2")
-    model = open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e")
+    _serve(trained, tmp_path, _archive(trained, tmp_path, "1")).close()
+    model = _serve(trained, tmp_path, _archive(trained, tmp_path, "2"))
     model.close()
     assert model.version == "2"
+    models = tmp_path / "models"
     assert sorted(p.name for p in models.iterdir()) == ["pump-1"], "the old copy left behind"
 
 
 def test_staging_a_killed_unpack_left_is_swept(
     tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey]
 ) -> None:
-    _, key = trained
     archive = _archive(trained, tmp_path, "1")
     models = tmp_path / "models"
-    open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e").close()
+    _serve(trained, tmp_path, archive).close()
     stale = models / ".pump-1.99999.tmp" / "bundle"
     shutil.copytree(models / "pump-1", stale)
     (models / ".active.json.tmp").write_bytes(b"{}")  # a file: the slots' own, not swept
-    open_serving(archive, key.public_key(), ModelChoice(), models, tmp_path / "e").close()
+    _serve(trained, tmp_path, archive).close()
     assert sorted(p.name for p in models.iterdir()) == [".active.json.tmp", "pump-1"]
 
 
@@ -269,13 +267,19 @@ class Polygraphy:
         return save
 
 
+def _engine_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail: str) -> Path:
+    """An engine file, `tmp_path/x.plan`, for a stand-in TensorRT that fails at `fail`."""
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy(fail))
+    engine = tmp_path / "x.plan"
+    engine.write_bytes(b"plan")
+    return engine
+
+
 @pytest.mark.parametrize("fail", ["deserialize", "none"])
 def test_an_engine_tensorrt_cannot_load_is_an_integrity_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str
 ) -> None:
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy(fail))
-    engine = tmp_path / "x.plan"
-    engine.write_bytes(b"plan")
+    engine = _engine_for(monkeypatch, tmp_path, fail=fail)
     with pytest.raises(IntegrityError, match=f"{engine}: TensorRT cannot load this engine"):
         trt.TensorRtBackend(engine)
     with pytest.raises(IntegrityError, match="cannot read the TensorRT engine"):
@@ -286,9 +290,7 @@ def test_an_engine_the_gpu_cannot_take_now_is_a_local_state_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Out of GPU memory (no execution context): this device's state, not the engine's."""
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("oom"))
-    engine = tmp_path / "x.plan"
-    engine.write_bytes(b"plan")
+    engine = _engine_for(monkeypatch, tmp_path, fail="oom")
     with pytest.raises(trt.GpuOutOfMemory, match=f"{engine}: .*OutOfMemory.*GPU memory"):
         trt.TensorRtBackend(engine)
 
@@ -298,9 +300,7 @@ def test_an_invalid_context_is_out_of_memory_only_when_the_engine_needs_more_tha
 ) -> None:
     """Polygraphy says only "Invalid Context": the engine's device memory against the GPU's
     free memory decides; unknown free memory is the engine's fault."""
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("context"))
-    engine = tmp_path / "x.plan"
-    engine.write_bytes(b"plan")
+    engine = _engine_for(monkeypatch, tmp_path, fail="context")
     monkeypatch.setattr(trt, "gpu_free_bytes", lambda: 1 << 20)
     with pytest.raises(trt.GpuOutOfMemory, match=f"needs {1 << 30} bytes .* {1 << 20} are free"):
         trt.TensorRtBackend(engine)
@@ -316,9 +316,7 @@ def test_an_engine_that_cannot_run_on_this_device_is_the_engines_fault(
     """A missing plugin or no kernel for this GPU will not get better by waiting: an
     IntegrityError (the install fails and the rollout counts it), not a LocalStateError
     tried again forever."""
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("activate"))
-    engine = tmp_path / "x.plan"
-    engine.write_bytes(b"plan")
+    engine = _engine_for(monkeypatch, tmp_path, fail="activate")
     monkeypatch.setattr(trt, "gpu_free_bytes", lambda: None)
     with pytest.raises(IntegrityError, match=f"{engine}: .*cannot make it ready to run") as err:
         trt.TensorRtBackend(engine)
@@ -328,9 +326,7 @@ def test_an_engine_that_cannot_run_on_this_device_is_the_engines_fault(
 def test_an_engine_the_disk_cannot_read_is_a_local_state_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: Polygraphy("never"))
-    engine = tmp_path / "x.plan"
-    engine.write_bytes(b"plan")
+    engine = _engine_for(monkeypatch, tmp_path, fail="never")
     real = Path.read_bytes
 
     def read_bytes(self: Path) -> bytes:

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -19,9 +20,10 @@ from edge_agent.identity import DeviceIdentity
 from protos.autoglm.v1 import agent_pb2
 from tests.support.cloud import RunningPlane
 from tests.test_hostile_callers import DeviceStream, _device, _hello
-from tests.test_session_backpressure import Flood, _heartbeat
+from tests.test_session_backpressure import Flood, _assert_served, _heartbeat
 
-pytestmark = [pytest.mark.integration]
+F = TypeVar("F", bound=Flood)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quick_cut")]
 
 
 class PausingFlood(Flood):
@@ -60,53 +62,66 @@ async def _released(hub: SessionHub, live: LiveSession) -> tuple[bool, bool]:
     return live in hub.sessions(live.device_id), not live.reader.done()
 
 
+def _flooding(
+    plane: RunningPlane, tmp_path: Path, name: str, kind: type[F]
+) -> tuple[DeviceIdentity, F]:
+    """A device `name`, enrolled, whose stream `kind` floods the plane and reads nothing."""
+    identity = _device(plane, tmp_path, name)
+    return identity, kind(plane, identity)
+
+
+def _stalled_session(plane: RunningPlane, identity: DeviceIdentity, at_least: int) -> LiveSession:
+    """The device's session once at least `at_least` answers wait in its queue."""
+    device_id = identity.info.device_id
+    return plane.call(_session_with_queue(plane.plane.hub, device_id, at_least), timeout=100)
+
+
+def _assert_released(plane: RunningPlane, live: LiveSession) -> None:
+    """The session is released, no longer registered, and its reader stops within 30 s."""
+    registered, readers = plane.call(_released(plane.plane.hub, live), timeout=60)
+    assert not registered and not readers, (registered, readers)
+
+
+def _assert_drained_to(flood: Flood, code: grpc.StatusCode, phrase: str) -> None:
+    """The device reads at last: its stream ends with `code`, its details saying `phrase`."""
+    read, error = flood.drain()
+    assert error is not None and error.code() == code, (read, error)
+    assert phrase in (error.details() or ""), error.details()
+
+
 @pytest.fixture
-def quick_cut(monkeypatch: pytest.MonkeyPatch, plane: RunningPlane) -> RunningPlane:
+def quick_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session ended is released 0.2 s after, not ENDED_DRAIN_S (every test here)."""
     monkeypatch.setattr(agent, "ENDED_DRAIN_S", 0.2)
-    return plane
 
 
 def test_a_session_ended_for_not_reading_is_released_while_the_device_still_does_not_read(
-    quick_cut: RunningPlane, tmp_path: Path
+    plane: RunningPlane, tmp_path: Path
 ) -> None:
-    plane = quick_cut
-    identity = _device(plane, tmp_path, "hostile")
-    flood = Flood(plane, identity)
-    hub = plane.plane.hub
-    live = plane.call(_session_with_queue(hub, identity.info.device_id, 10**9), timeout=100)
+    identity, flood = _flooding(plane, tmp_path, "hostile", Flood)
+    live = _stalled_session(plane, identity, 10**9)
     assert isinstance(live.ending, RateLimited), live.ending
-    registered, readers = plane.call(_released(hub, live), timeout=60)
-    assert not registered and not readers, (registered, readers)
-    assert not hub.is_open(identity.info.device_id)
+    _assert_released(plane, live)
+    assert not plane.plane.hub.is_open(identity.info.device_id)
     # The device reads at last: what was written before, then the status.
-    read, error = flood.drain()
-    assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (read, error)
-    assert "does not read its stream" in (error.details() or ""), error.details()
+    _assert_drained_to(flood, grpc.StatusCode.RESOURCE_EXHAUSTED, "does not read its stream")
     # It may come back, and its new session is served.
     again = DeviceStream.accepted(plane, identity)
-    again.send(_heartbeat(1))
-    assert again.next("heartbeat_ack").heartbeat_ack.seq == 1
+    _assert_served(again, 1)
     again.close()
 
 
 def test_a_replaced_session_whose_device_does_not_read_is_released(
-    quick_cut: RunningPlane, tmp_path: Path
+    plane: RunningPlane, tmp_path: Path
 ) -> None:
-    plane = quick_cut
-    identity = _device(plane, tmp_path, "stuck")
-    flood = PausingFlood(plane, identity)
-    hub = plane.plane.hub
-    old = plane.call(_session_with_queue(hub, identity.info.device_id, 64), timeout=100)
+    identity, flood = _flooding(plane, tmp_path, "stuck", PausingFlood)
+    old = _stalled_session(plane, identity, 64)
     flood.pause.set()
     assert old.ending is None, f"ended before it was replaced: {old.ending}"
     newer = DeviceStream.accepted(plane, identity)
     assert isinstance(old.ending, Conflict), old.ending
-    registered, readers = plane.call(_released(hub, old), timeout=60)
-    assert not registered and not readers, (registered, readers)
-    assert len(hub.sessions(identity.info.device_id)) == 1  # the newer one, served
-    newer.send(_heartbeat(5))
-    assert newer.next("heartbeat_ack").heartbeat_ack.seq == 5
-    read, error = flood.drain()
-    assert error is not None and error.code() == grpc.StatusCode.ABORTED, (read, error)
-    assert "newer session" in (error.details() or ""), error.details()
+    _assert_released(plane, old)
+    assert len(plane.plane.hub.sessions(identity.info.device_id)) == 1  # the newer one, served
+    _assert_served(newer, 5)
+    _assert_drained_to(flood, grpc.StatusCode.ABORTED, "newer session")
     newer.close()

@@ -18,7 +18,7 @@ from cloud.session_claims import FLAP_REPLACEMENTS, FLAP_RETRY_S
 from edge_agent.errors import RETRY_AFTER_KEY
 from tests.support.cloud import RunningPlane, init_plane, start_plane
 from tests.test_hostile_callers import DeviceStream, _device
-from tests.test_session_backpressure import _heartbeat
+from tests.test_session_backpressure import _assert_replaced, _assert_served
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -55,12 +55,8 @@ def test_a_session_opened_on_another_replica_ends_the_older_one_at_once(
     identity = _device(a, tmp_path, "pump")
     older = DeviceStream.accepted(a, identity)
     newer = DeviceStream.accepted(b, identity)
-    ended = older.ending()
-    assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
-    details = ended.details() or ""
-    assert "newer session" in details and "on replica r-2" in details, details
-    newer.send(_heartbeat(4))
-    assert newer.next("heartbeat_ack").heartbeat_ack.seq == 4
+    _assert_replaced(older, "newer session", "on replica r-2")
+    _assert_served(newer, 4)
     device_id = identity.info.device_id
     assert a.call(_hub_sessions(a, device_id)) == 0
     assert b.call(_hub_sessions(b, device_id)) == 1
@@ -79,11 +75,8 @@ def test_without_notifications_the_recheck_ends_the_older_session(
         identity = _device(a, tmp_path, "pump")
         older = DeviceStream.accepted(a, identity)
         newer = DeviceStream.accepted(b, identity)
-        ended = older.ending()
-        assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
-        assert "on replica r-2" in (ended.details() or ""), ended.details()
-        newer.send(_heartbeat(1))
-        assert newer.next("heartbeat_ack").heartbeat_ack.seq == 1
+        _assert_replaced(older, "on replica r-2")
+        _assert_served(newer, 1)
         older.close()
         newer.close()
     finally:
@@ -114,7 +107,6 @@ def test_sessions_replacing_one_another_across_replicas_are_told_to_come_back_la
     assert (RETRY_AFTER_KEY, str(round(FLAP_RETRY_S * 1000))) in (hinted.trailing_metadata() or ())
     warnings = [r.getMessage() for r in caplog.records if r.name == "cloud.service.sessions"]
     assert len(warnings) == 1 and identity.info.device_id in warnings[0], warnings
-    streams[-1].send(_heartbeat(1))
-    assert streams[-1].next("heartbeat_ack").heartbeat_ack.seq == 1
+    _assert_served(streams[-1], 1)
     for stream in streams:
         stream.close()

@@ -459,13 +459,20 @@ def test_a_device_whose_disk_does_not_take_the_install_waits_and_is_no_failure(
     assert set(fleet.states(rollout_id).values()) == {"updated"}, fleet.states(rollout_id)
 
 
-def test_an_install_that_failed_and_later_worked_counts_as_installed(fleet: Fleet) -> None:
-    rollout_id = _create(fleet, ("100%",), max_failure_fraction=0.5)
-    fleet.installed("edge-0", rollout_id, InstallOutcome.DOWNLOAD_FAILED, detail="reset")
+def _one_failed_one_silent(f: Fleet, failed: str, outcome: InstallOutcome, detail: str) -> str:
+    """A one-wave rollout: `failed` reports `outcome`, edge-2 and edge-3 install, and the
+    other of edge-0/edge-1 sends nothing before the install timeout (ticked past)."""
+    rollout_id = _create(f, ("100%",), max_failure_fraction=0.5)
+    f.installed(failed, rollout_id, outcome, detail=detail)
     for name in ("edge-2", "edge-3"):
-        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
-    fleet.clock.advance(SETTINGS.install_timeout.total_seconds() + 1)
-    fleet.controller.tick()  # edge-1 sent nothing in time
+        f.installed(name, rollout_id, InstallOutcome.INSTALLED)
+    f.clock.advance(SETTINGS.install_timeout.total_seconds() + 1)
+    f.controller.tick()
+    return rollout_id
+
+
+def test_an_install_that_failed_and_later_worked_counts_as_installed(fleet: Fleet) -> None:
+    rollout_id = _one_failed_one_silent(fleet, "edge-0", InstallOutcome.DOWNLOAD_FAILED, "reset")
     states = fleet.states(rollout_id)
     assert states["edge-0"] == "failed" and states["edge-1"] == "failed", states
     assert fleet.store.get_rollout(rollout_id).state is RolloutState.PARTIAL
@@ -691,12 +698,7 @@ def test_a_gate_verdict_stored_before_the_gate_prefix_stands_against_a_resent_in
 def test_a_failed_device_that_turns_out_disk_full_leaves_the_partial_reason(
     fleet: Fleet,
 ) -> None:
-    rollout_id = _create(fleet, ("100%",), max_failure_fraction=0.5)
-    fleet.installed("edge-1", rollout_id, InstallOutcome.SELF_TEST_FAILED, detail="golden")
-    for name in ("edge-2", "edge-3"):
-        fleet.installed(name, rollout_id, InstallOutcome.INSTALLED)
-    fleet.clock.advance(SETTINGS.install_timeout.total_seconds() + 1)
-    fleet.controller.tick()  # edge-0 sent nothing in time
+    rollout_id = _one_failed_one_silent(fleet, "edge-1", InstallOutcome.SELF_TEST_FAILED, "golden")
     assert "edge-0" in fleet.store.get_rollout(rollout_id).reason
     _blocked(fleet, "edge-0", rollout_id)  # its next session: the disk is full
     assert fleet.states(rollout_id)["edge-0"] == "deferred"

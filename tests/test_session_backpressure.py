@@ -36,6 +36,21 @@ def _heartbeat(seq: int) -> agent_pb2.AgentMessage:
     return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq))
 
 
+def _assert_served(stream: DeviceStream, seq: int) -> None:
+    """The stream's session is served: its heartbeat `seq` is answered."""
+    stream.send(_heartbeat(seq))
+    assert stream.next("heartbeat_ack").heartbeat_ack.seq == seq
+
+
+def _assert_replaced(older: DeviceStream, *phrases: str) -> None:
+    """The older stream ended ABORTED (a newer session replaced it), its details saying each
+    of `phrases`."""
+    ended = older.ending()
+    assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
+    details = ended.details() or ""
+    assert all(phrase in details for phrase in phrases), details
+
+
 class Flood:
     """A device sending heartbeats in a tight loop and reading nothing until `drain`. Its
     channel probes no bandwidth, so its transport grants the plane no more than HTTP/2's
@@ -107,8 +122,7 @@ def test_a_device_that_never_reads_its_stream_is_ended_with_a_bounded_queue(
     )
     assert peak <= OUTBOUND_LIMIT, f"queue peaked at {peak} > {OUTBOUND_LIMIT}"
     # While the hostile stream sits unread, the other device is answered.
-    good.send(_heartbeat(7))
-    assert good.next("heartbeat_ack").heartbeat_ack.seq == 7
+    _assert_served(good, 7)
     read, error = flood.drain()
     assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (
         f"read {read} messages, then {error}"
@@ -117,8 +131,7 @@ def test_a_device_that_never_reads_its_stream_is_ended_with_a_bounded_queue(
     assert plane.call(_closed(hub, device_id, within_s=30), timeout=60)
     # It may come back, and its new session is served.
     again = DeviceStream.accepted(plane, identity)
-    again.send(_heartbeat(1))
-    assert again.next("heartbeat_ack").heartbeat_ack.seq == 1
+    _assert_served(again, 1)
     again.close()
     good.close()
 
@@ -127,11 +140,8 @@ def test_a_new_session_of_a_device_ends_its_older_one(plane: RunningPlane, tmp_p
     identity = _device(plane, tmp_path, "twin")
     first = DeviceStream.accepted(plane, identity)
     second = DeviceStream.accepted(plane, identity)
-    ended = first.ending()
-    assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
-    assert "newer session" in (ended.details() or ""), ended.details()
-    second.send(_heartbeat(3))
-    assert second.next("heartbeat_ack").heartbeat_ack.seq == 3
+    _assert_replaced(first, "newer session")
+    _assert_served(second, 3)
     sessions = plane.call(_sessions(plane.plane.hub, identity.info.device_id))
     assert len(sessions) == 1, sessions
     first.close()
@@ -258,7 +268,6 @@ def test_two_streams_with_one_identity_that_keep_reconnecting_are_given_a_retry_
     warnings = [r.getMessage() for r in caplog.records if r.name == "cloud.service.sessions"]
     assert len(warnings) == 1 and identity.info.device_id in warnings[0], warnings
     assert warnings[0].count("ipv4:127.0.0.1:") == 2, warnings  # the newest peer, the older
-    streams[-1].send(_heartbeat(1))  # the newest is served
-    assert streams[-1].next("heartbeat_ack").heartbeat_ack.seq == 1
+    _assert_served(streams[-1], 1)  # the newest is served
     for stream in streams:
         stream.close()

@@ -6,8 +6,9 @@ three but the last plain one come as RESOURCE_EXHAUSTED, and all were counted as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ from edge_agent.errors import (
     Unavailable,
     from_rpc_error,
 )
+from edge_agent.identity import DeviceIdentity
 from edge_agent.retry import Backoff
 from edge_agent.session import CloudSession
 from edge_agent.session_end import SessionEnd, classify
 from protos.autoglm.v1 import agent_pb2, common_pb2
 from tests.conftest import register
-from tests.support.agents import enroll_identity, start_session, wait_for
+from tests.support.agents import SessionThread, enroll_identity, start_session, wait_for
 from tests.support.cloud import RunningPlane
 from tests.test_hostile_callers import DeviceStream
 
@@ -236,6 +238,21 @@ def _enrolled(plane: RunningPlane, tmp_path: Path, name: str) -> Any:
     return enroll_identity(register(plane, name), tmp_path / name)
 
 
+@contextlib.contextmanager
+def _in_session(
+    plane: RunningPlane, tmp_path: Path, name: str
+) -> Iterator[tuple[DeviceIdentity, SessionThread]]:
+    """An enrolled agent `name` whose first session is open: (its identity, the agent),
+    stopped after the block. Heartbeats every 5 s (backoff 0.1 s .. 0.5 s)."""
+    identity = _enrolled(plane, tmp_path, name)
+    agent = start_session(identity, heartbeat_interval_s=5.0)
+    try:
+        wait_for(lambda: agent.session.stats.sessions_opened == 1, timeout=30)
+        yield identity, agent
+    finally:
+        agent.stop()
+
+
 async def _overfill(plane: RunningPlane, device_id: str) -> int:
     """Queues more than OUTBOUND_LIMIT messages for the device's session in one turn of the
     plane's loop, as for an agent that does not read: the plane ends the session."""
@@ -252,10 +269,7 @@ def test_over_grpc_a_session_the_plane_ends_for_not_reading_reconnects_promptly(
     plane: RunningPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, SESSION_LOG)
-    identity = _enrolled(plane, tmp_path, "slow-1")
-    agent = start_session(identity, heartbeat_interval_s=5.0)  # backoff 0.1 s .. 0.5 s
-    try:
-        wait_for(lambda: agent.session.stats.sessions_opened == 1, timeout=30)
+    with _in_session(plane, tmp_path, "slow-1") as (identity, agent):
         assert plane.call(_overfill(plane, identity.info.device_id)) == 1
         took = wait_for(lambda: agent.session.stats.sessions_opened == 2, timeout=30)
         stats = agent.session.stats
@@ -266,8 +280,6 @@ def test_over_grpc_a_session_the_plane_ends_for_not_reading_reconnects_promptly(
         assert any("did not read its stream" in w for w in warnings), warnings
         waits = [r.getMessage() for r in caplog.records if "reconnecting in" in r.getMessage()]
         assert waits == ["reconnecting in 0.1s"], (waits, f"reconnected after {took:.1f}s")
-    finally:
-        agent.stop()
 
 
 @pytest.mark.integration
@@ -275,18 +287,15 @@ def test_over_grpc_a_replaced_session_is_logged_as_replaced(
     plane: RunningPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, SESSION_LOG)
-    identity = _enrolled(plane, tmp_path, "twin-1")
-    agent = start_session(identity, heartbeat_interval_s=5.0)
     other: DeviceStream | None = None
     try:
-        wait_for(lambda: agent.session.stats.sessions_opened == 1, timeout=30)
-        other = DeviceStream.accepted(plane, identity)  # the same device, a newer session
-        wait_for(lambda: "newer session" in agent.session.stats.last_error, timeout=30)
-        assert agent.session.stats.busy_refusals == 0, agent.session.stats
-        assert agent.session.stats.replaced == 1, agent.session.stats
-        warnings = _logged(caplog, logging.WARNING)
-        assert any("a newer session of this device opened" in w for w in warnings), warnings
+        with _in_session(plane, tmp_path, "twin-1") as (identity, agent):
+            other = DeviceStream.accepted(plane, identity)  # the same device, a newer session
+            wait_for(lambda: "newer session" in agent.session.stats.last_error, timeout=30)
+            assert agent.session.stats.busy_refusals == 0, agent.session.stats
+            assert agent.session.stats.replaced == 1, agent.session.stats
+            warnings = _logged(caplog, logging.WARNING)
+            assert any("a newer session of this device opened" in w for w in warnings), warnings
     finally:
-        agent.stop()
         if other is not None:
             other.close()

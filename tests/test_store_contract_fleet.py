@@ -26,6 +26,7 @@ from cloud.domain import (
 )
 from cloud.store import Store, open_store, sql_alerts, sql_base
 from cloud.store.sql import SqlStore
+from cloud.webhook_records import Delivery
 from edge_agent.errors import (
     Conflict,
     FailedPrecondition,
@@ -104,6 +105,18 @@ def _rollout(device_id: str) -> tuple[RolloutRecord, RolloutTarget]:
         updated_at=NOW,
     )
     return rollout, target
+
+
+def _claimed_again_after_its_lease(store: Store) -> tuple[Delivery, Delivery, dt.timedelta]:
+    """One delivery claimed by replica A, then again by B once A's lease lapsed: (A's claim,
+    B's claim, the lease)."""
+    d = store.create_device("p", {}, "", NOW).id
+    store.add_webhook("http://h/a", "secret-secret-secret", "", NOW)
+    store.store_records(d, [], [_event(d, 1, "raised")], NOW)
+    lease = dt.timedelta(seconds=30)
+    (by_a,) = store.claim_deliveries(NOW, lease, 10)
+    (by_b,) = store.claim_deliveries(NOW + 2 * lease, lease, 10)
+    return by_a, by_b, lease
 
 
 class FleetStateContract:
@@ -238,12 +251,7 @@ class FleetStateContract:
     def test_a_late_failure_never_undoes_a_delivery(self, store: Store) -> None:
         """Replica A's lease lapses mid-send, B claims the delivery again and delivers it;
         A's failure arriving afterwards must not make the delivered delivery dead."""
-        d = store.create_device("p", {}, "", NOW).id
-        store.add_webhook("http://h/a", "secret-secret-secret", "", NOW)
-        store.store_records(d, [], [_event(d, 1, "raised")], NOW)
-        lease = dt.timedelta(seconds=30)
-        (by_a,) = store.claim_deliveries(NOW, lease, 10)
-        (by_b,) = store.claim_deliveries(NOW + 2 * lease, lease, 10)
+        by_a, by_b, lease = _claimed_again_after_its_lease(store)
         assert by_b.id == by_a.id
         store.finish_delivery(by_b.id, "", NOW + 2 * lease, None)
         store.finish_delivery(by_a.id, "HTTP 500: late", NOW + 3 * lease, None)  # out of tries
@@ -255,12 +263,7 @@ class FleetStateContract:
         """A's lease lapses, B claims again; A's failure (retry or its last attempt) must
         neither move B's lease (a third claim would then send it a third time) nor kill the
         delivery B is about to deliver."""
-        d = store.create_device("p", {}, "", NOW).id
-        store.add_webhook("http://h/a", "secret-secret-secret", "", NOW)
-        store.store_records(d, [], [_event(d, 1, "raised")], NOW)
-        lease = dt.timedelta(seconds=30)
-        (by_a,) = store.claim_deliveries(NOW, lease, 10)
-        (by_b,) = store.claim_deliveries(NOW + 2 * lease, lease, 10)
+        by_a, by_b, lease = _claimed_again_after_its_lease(store)
         late = NOW + 2 * lease + dt.timedelta(seconds=1)
         store.finish_delivery(by_a.id, "HTTP 503", late, late, by_a.leased_until)
         assert store.claim_deliveries(late, lease, 10) == [], "B's claim was taken over"

@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,31 @@ async def _answer(writer: asyncio.StreamWriter, head: bytes) -> None:
     writer.close()
 
 
+def _noting_arrivals(arrived: list[float], head: bytes) -> Handler:
+    """A receiver that notes when (monotonic) each delivery arrived and answers with `head`."""
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.append(time.monotonic())
+        await _answer(writer, head)
+
+    return receive
+
+
+async def _requests(reader: asyncio.StreamReader) -> AsyncIterator[tuple[dict[str, str], bytes]]:
+    """Each request on a keep-alive connection (one connection serves several deliveries):
+    its header fields, names lowercased, and its body; until the sender hangs up."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        fields = dict(
+            line.decode().lower().split(":", 1) for line in head.split(b"\r\n")[1:] if line
+        )
+        yield fields, await reader.readexactly(int(fields["content-length"]))
+
+
 async def _eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
     """Waits (on the loop) until `check()`; returns how long it took."""
     started = time.monotonic()
@@ -223,10 +248,7 @@ def test_a_receiver_that_trickles_its_answer_holds_up_no_other_webhook() -> None
                 return
             await asyncio.sleep(0.3)
 
-    async def fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        got_fast.append(time.monotonic())
-        await _answer(writer, b"HTTP/1.1 204 No Content\r\n\r\n")
+    fast = _noting_arrivals(got_fast, b"HTTP/1.1 204 No Content\r\n\r\n")
 
     async def main() -> None:
         receivers = Receivers()
@@ -273,10 +295,7 @@ def test_a_receiver_that_never_answers_takes_only_its_share_of_the_slots() -> No
             open_now[0] -= 1
             writer.close()
 
-    async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        got.append(time.monotonic())
-        await _answer(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    healthy = _noting_arrivals(got, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     async def main() -> None:
         receivers = Receivers()
@@ -317,16 +336,8 @@ def test_a_burst_to_one_webhook_is_delivered_whole() -> None:
     seen: list[bytes] = []
 
     async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:  # keep-alive: one connection serves several deliveries
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            length = next(
-                int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )  # fmt: skip
-            seen.append(await reader.readexactly(length))
+        async for _, body in _requests(reader):
+            seen.append(body)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             await writer.drain()
         writer.close()
@@ -478,15 +489,7 @@ def test_a_dead_receivers_backlog_is_tried_max_attempts_times_each(real_store: S
     sends: dict[str, int] = {}
 
     async def down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:  # keep-alive: one connection serves several deliveries
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            fields = dict(
-                line.decode().lower().split(":", 1) for line in head.split(b"\r\n")[1:] if line
-            )
-            await reader.readexactly(int(fields["content-length"]))
+        async for fields, _ in _requests(reader):
             delivery = fields["webhook-id"].strip()
             sends[delivery] = sends.get(delivery, 0) + 1
             writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\ndown")
