@@ -35,6 +35,14 @@ from edge_agent.updates import OUTCOME, ModelUpdater, install_report
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
+RESTART_RETRY_S = 30.0  # the data path tried again on the old model after both failed
+RESTART_RETRY_MAX_S = 1800.0
+
+
+def _name(model: ServingModel | None) -> str:
+    return f"model {model.version}" if model is not None else "no model"
+
+
 # Health's dropped_by_reason key: acknowledgements the outbox could not record (disk full).
 ACK_WRITE_FAILED = "ack_write_failed"
 OUTBOX_FILE = "outbox.sqlite3"
@@ -100,6 +108,7 @@ class Agent:
             config.cloud.renew_check_s,
         )
         self.metrics_server: MetricsServer | None = None
+        self._restarting: set[asyncio.Task[None]] = set()  # the data path's restarts pending
 
     def status(self) -> agent_pb2.AgentStatus:
         model = self.model
@@ -196,12 +205,62 @@ class Agent:
             runtime = self._runtime(model)
             runtime.start()
         except Exception:
-            self.runtime = self._runtime(old_model)
-            self.runtime.start()
+            self._restart(old_model)
             raise
         self.model, self.runtime = model, runtime
         if old_model is not None and old_model is not model:
             old_model.close()
+
+    def _restart(self, model: ServingModel | None) -> None:
+        """The data path again on `model` after a failed swap. When that fails too, said as
+        such, the data path runs without a model (readings still kept) and `model` is tried
+        again (RESTART_RETRY_S, doubling) until it serves or another swap comes."""
+        try:
+            self.runtime = self._runtime(model)
+            self.runtime.start()
+        except Exception as exc:  # noqa: BLE001 - never serve nothing silently
+            log.error(
+                "the data path cannot start again on %s after a failed swap (%s: %s): NOTHING "
+                "IS SCORED; it runs without a model and tries %s again in %.0fs",
+                _name(model), type(exc).__name__, exc, _name(model), RESTART_RETRY_S,
+            )  # fmt: skip
+            self.runtime = self._runtime(None)
+            try:
+                self.runtime.start()
+            except Exception:
+                log.exception("the data path cannot start even without a model")
+            self._restart_later(model, RESTART_RETRY_S)
+            return
+        self.model = model
+
+    def _restart_later(self, model: ServingModel | None, delay: float) -> None:
+        runtime = self.runtime
+
+        async def again() -> None:
+            if self.runtime is not runtime or model is None:  # swapped meanwhile
+                return
+            await asyncio.to_thread(self.runtime.stop)
+            try:
+                self.runtime = self._runtime(model)
+                self.runtime.start()
+            except Exception as exc:  # noqa: BLE001 - tried again, less often
+                log.error("the data path still cannot start on %s (%s); nothing is scored",
+                          model.version, exc)  # fmt: skip
+                self.runtime = self._runtime(None)
+                with contextlib.suppress(Exception):
+                    self.runtime.start()
+                self._restart_later(model, min(delay * 2, RESTART_RETRY_MAX_S))
+                return
+            self.model = model
+            log.info("the data path serves %s again", model.version)
+
+        with contextlib.suppress(RuntimeError):  # no loop: the next swap or start serves
+            loop = asyncio.get_running_loop()
+            loop.call_later(delay, lambda: self._track(loop.create_task(again())))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
 
     def _serve_metrics(self) -> None:
         """Metrics and health on `metrics.listen`; a port in use is said, not fatal (the data

@@ -17,9 +17,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_agent import hostfacts
 from edge_agent import shadow as shadow_eval
 from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, read_signed_manifest, verify_bundle
 from edge_agent.config import ModelChoice
@@ -175,6 +178,9 @@ class ModelUpdater:
         self._failing: tuple[str, str] | None = None
         self._local_failures = 0
         self._gpu_failures = 0
+        # Why the disk fault that failed the last swap still holds (None: gone, try again),
+        # asked before trying a swap again, which stops the serving data path.
+        self._holds: Callable[[], str | None] | None = None
 
     def want(self, desired: agent_pb2.DesiredState) -> None:
         self._wanted = desired
@@ -194,11 +200,24 @@ class ModelUpdater:
 
     def _local_done(self) -> None:
         self._failing, self._local_failures, self._gpu_failures = None, 0, 0
+        self._holds = None
 
     def _retry(self, deferred: agent_pb2.DesiredState) -> None:
-        """Applies a deferred desired state again, unless a newer one came meanwhile."""
-        if self._wanted is deferred:
-            self._ready.set()
+        """Applies a deferred desired state again, unless a newer one came meanwhile; while
+        the disk fault that failed its swap still holds, only later (a swap stops the data
+        path to fail again)."""
+        if self._wanted is not deferred:
+            return
+        why = self._holds() if self._holds is not None else None
+        if why is not None:
+            delay, _ = self._local_failure(deferred, gpu=False)
+            log.warning(
+                "model %s not tried again yet: %s; checked again in %.0fs",
+                deferred.model_version, why, delay,
+            )  # fmt: skip
+            asyncio.get_running_loop().call_later(delay, self._retry, deferred)
+            return
+        self._ready.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         evaluations = asyncio.create_task(self._shadow_loop())
@@ -339,6 +358,7 @@ class ModelUpdater:
                 self._blocked = d
                 detail = f"{exc}; tried again in {delay:.0f}s, then less often"
                 self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, detail, retrying=True)
+            self._holds = _disk_fault_check(str(exc), agent.config.state_dir)
             asyncio.get_running_loop().call_later(delay, self._retry, d)
             return
         self._blocked = None
@@ -468,6 +488,35 @@ async def _open_checked(agent: Agent, directory: Path) -> ServingModel:
 
 
 _NO_FIT = "it does not fit in GPU memory beside the serving model"
+
+
+def _disk_fault_check(error: str, state_dir: Path) -> Callable[[], str | None] | None:
+    """For a full or read-only disk (`files.write_failure`'s words), a cheap check of
+    whether it still is: a full one while the free space at `state_dir` is no more than at
+    the failure, a read-only one while `state_dir` cannot be written. None for other faults."""
+    if error.startswith("disk full:"):
+        free_then = hostfacts.disk_free_bytes(state_dir)
+
+        def full() -> str | None:
+            free = hostfacts.disk_free_bytes(state_dir)
+            if free > free_then:
+                return None
+            return f"the disk is still full ({free} bytes free at {state_dir})"
+
+        return full
+    if error.startswith("read-only file system"):
+
+        def read_only() -> str | None:
+            try:
+                flags = os.statvfs(state_dir).f_flag
+            except OSError:
+                flags = 0
+            if flags & os.ST_RDONLY or not os.access(state_dir, os.W_OK):
+                return f"{state_dir} is still read-only"
+            return None
+
+        return read_only
+    return None
 
 
 def _version(model: ServingModel | None) -> str:

@@ -166,6 +166,7 @@ class FakeAgent:
         self.slots = ModelSlots(root / "models")
         self.key = key
         self.config = SimpleNamespace(
+            state_dir=root,
             model=ModelChoice(),
             shadow=SimpleNamespace(interval_s=3600.0),
             updates=SimpleNamespace(retry_initial_s=0.01, retry_max_s=0.02, download_attempts=2),
@@ -387,6 +388,8 @@ def test_a_swap_that_fails_on_the_device_is_retried_not_failed(
     version is not remembered as failed, the report says the agent retries, and it does."""
     bundle, key = trained
     monkeypatch.setattr(updates, "RETRY_DEFERRED_S", 0.05)
+    freed = iter(range(0, 1 << 40, 4096))  # space is freed on site meanwhile
+    monkeypatch.setattr(updates.hostfacts, "disk_free_bytes", lambda _: next(freed))
     blobs, desired = _served(bundle)
     agent = FakeAgent(tmp_path / "state", key.public_key())
     swaps: list[FakeModel] = []
@@ -511,3 +514,33 @@ def test_a_swap_on_a_full_disk_is_tried_again_less_and_less_often(
     assert agent.reports[0].retrying, agent.reports[0]
     assert agent.slots.read().failed == {}
     assert delays[:4] == [0.001, 0.002, 0.004, 0.004], delays
+
+
+def test_a_swap_is_not_tried_again_while_the_disk_is_still_full(
+    tmp_path: Path,
+    trained: tuple[Path, Ed25519PrivateKey],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each swap stops the serving data path: while the free space is no more than at the
+    failure, the retry only reschedules; once space returns the swap is tried again."""
+    free = [1000]
+    monkeypatch.setattr(updates.hostfacts, "disk_free_bytes", lambda _: free[0])
+    checks: list[int] = []
+    real_retry = ModelUpdater._retry
+
+    def retry(self: ModelUpdater, d: agent_pb2.DesiredState) -> None:
+        checks.append(len(swaps))
+        if len(checks) == 4:
+            free[0] = 5000  # space freed on site
+        real_retry(self, d)
+
+    monkeypatch.setattr(ModelUpdater, "_retry", retry)
+    swaps: list[int] = []
+
+    def error() -> Exception:
+        swaps.append(1)
+        return LocalStateError(DISK_FULL)
+
+    _, tried, _ = _swap_failing(tmp_path, trained, monkeypatch, error, 1, 2)
+    assert checks[:4] == [1, 1, 1, 1], f"swapped again while the disk was full: {checks}"
+    assert len(tried) >= 2, tried
