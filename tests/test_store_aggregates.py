@@ -12,7 +12,8 @@ from cloud.store import base
 pytestmark = pytest.mark.unit
 AGGREGATES = (
     base.DeviceStore, base.RecordStore, base.AlertStore, base.MaintenanceStore,
-    base.WebhookOutbox, base.LeaseStore, base.ModelStore, base.RolloutStore, base.OperatorStore,
+    base.WebhookOutbox, base.LeaseStore, base.SessionClaimStore, base.ModelStore, base.RolloutStore,
+    base.OperatorStore,
 )  # fmt: skip
 OWN = {"shared", "change_listener", "state_counts", "close"}  # the store as a whole
 
@@ -39,6 +40,7 @@ def test_every_store_method_belongs_to_one_aggregate() -> None:
         ("cloud.alerts", "AlertStore"),
         ("cloud.service.guard", "OperatorStore"),
         ("cloud.service.records", "RecordStore"),
+        ("cloud.service.replacements", "SessionClaimStore"),
     ],
 )
 def test_components_depend_on_their_aggregate(module: str, aggregate: str) -> None:
