@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from cloud.domain import AlertFilter, AlertRecord
 from cloud.store.base import AlertStore
 from edge_agent.errors import RateLimited
+from edge_agent.waits import event_or_timeout
 
 BATCH = 500
 MAX_BACKLOG = 20  # batches a watcher may have waiting before it reads the store on its own
@@ -144,8 +145,7 @@ class AlertFeed:
                     self._hand(subscriber, changed)
             if len(changed) == BATCH:
                 continue  # more waiting
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            await event_or_timeout(self._wake, self.poll_s)
 
     def _hand(self, subscriber: _Subscriber, batch: list[AlertRecord]) -> None:
         if subscriber.batches.qsize() >= self.max_backlog:

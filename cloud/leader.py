@@ -24,6 +24,7 @@ from typing import Any
 from cloud.clock import Clock, utc_now
 from cloud.store.base import LeaseStore, Store
 from edge_agent.errors import ConfigError
+from edge_agent.waits import event_or_timeout
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "autoglm-rollout-controller"
@@ -72,8 +73,7 @@ class Elector:
                     for callback in self.on_change:
                         callback(now)
                     was = now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.duration_s / 3)
+                await event_or_timeout(stop, self.duration_s / 3)
         finally:
             if self.is_leader:
                 self._valid_until = 0.0

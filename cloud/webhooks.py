@@ -47,6 +47,7 @@ from cloud.store import Store
 from cloud.webhook_records import Delivery
 from edge_agent.errors import IntegrityError, InvalidInput, Unavailable
 from edge_agent.retry import Backoff
+from edge_agent.waits import event_or_timeout
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_S = 3600.0
@@ -221,8 +222,7 @@ class WebhookSender:
                     if more:
                         continue
                     # A delivery that ends frees a slot and wakes this loop.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+                    await event_or_timeout(self._wake, self.settings.poll_s)
                 self._closing = True  # asked to stop: what is in flight ends in its deadline
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             finally:

@@ -28,6 +28,7 @@ from edge_agent.retry import Backoff
 from edge_agent.session_end import SessionEnd
 from edge_agent.session_end import classify as classify_end
 from edge_agent.sync import Outgoing, RecordSync
+from edge_agent.waits import event_or_timeout
 from protos.autoglm.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,7 @@ class CloudSession:
                 continue
             delay = self._retry_delay()
             log.info("reconnecting in %.1fs", delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await event_or_timeout(stop, delay)
 
     def _ended(self, exc: AutoglmError) -> bool:
         """Counts and logs why the session ended or was refused; True when the control

@@ -8,7 +8,6 @@ flight when the link dropped are sent again and the control plane counts them as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from edge_agent.errors import LocalStateError
 from edge_agent.outbox import Outbox
 from edge_agent.retry import Backoff
+from edge_agent.waits import event_or_timeout
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,7 @@ class RecordSync:
             await self.retry_unsaved()
             if len(self._in_flight) >= self.max_in_flight:
                 self._acked.clear()
-                with contextlib.suppress(TimeoutError):  # a retry may come due meanwhile
-                    await asyncio.wait_for(self._acked.wait(), _IDLE_WAIT_S)
+                await event_or_timeout(self._acked, _IDLE_WAIT_S)  # a retry may come due
                 continue
             rows = await asyncio.to_thread(self.outbox.pending, self._sent, self.batch_records)
             if not rows:

@@ -8,11 +8,12 @@ hung even though the process lives on. Outside systemd (no `NOTIFY_SOCKET`) noth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
+
+from edge_agent.waits import event_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -52,5 +53,4 @@ class Notifier:
                 self.notify("WATCHDOG=1")
             else:
                 log.error("the data path is not running: the systemd watchdog is not fed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.watchdog_s / 2)
+            await event_or_timeout(stop, self.watchdog_s / 2)

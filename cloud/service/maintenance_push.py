@@ -5,7 +5,6 @@ replica, within `interval_s` for changes made through another or for relabelled 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from cloud.selectors import parse_selector
 from cloud.service.sessions import FLEET_SLICE, SessionHub
 from cloud.store import Store
 from edge_agent.errors import Unavailable
+from edge_agent.waits import event_or_timeout
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ class MaintenancePush:
                 log.exception("sending maintenance periods failed")
             else:
                 outage.worked()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            await event_or_timeout(self._wake, self.interval_s)
 
     async def refresh(self) -> int:
         """Sends each open session's periods where they changed; how many sessions got them.

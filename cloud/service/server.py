@@ -46,6 +46,7 @@ from cloud.store import Store
 from cloud.store.notify import ANY, DESIRED, DEVICES, ChangeListener, parse_session_topic
 from cloud.webhooks import SecretBox, SenderSettings, WebhookSender
 from edge_agent.errors import UNREQUESTED_LIMIT_S, LocalStateError, PermissionDenied, Unavailable
+from edge_agent.waits import event_or_timeout
 from protos.autoglm.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -470,8 +471,7 @@ class ControlPlane:
             if wake is None:
                 await asyncio.sleep(interval_s)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), interval_s)
+                await event_or_timeout(wake, interval_s)
                 wake.clear()
             try:
                 await job()
