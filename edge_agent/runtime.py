@@ -99,6 +99,7 @@ class EdgeRuntime:
             self.counters,
             lambda topic, payload, retain: self.mqtt.publish(topic, payload, qos=1, retain=retain),
             lambda event: self.sources.alert(event),
+            lambda: self.outbox.problem is None,
         )
         self.streams = StreamStates(config.state_dir / "stream")
         # The previous data path here never stopped cleanly (kill -9): count what it lost.

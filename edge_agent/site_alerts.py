@@ -34,6 +34,7 @@ class SiteAlerts:
         counters: AlertCounters,
         publish: Callable[[str, bytes, bool], None],  # (topic, payload, retain), QoS 1
         to_scada: Callable[[AlertEvent], None],
+        state_known: Callable[[], bool] = lambda: True,  # the outbox's open alerts are current
     ) -> None:
         self.device = device
         self.prefix = prefix
@@ -42,6 +43,7 @@ class SiteAlerts:
         self.counters = counters
         self._publish = publish
         self._to_scada = to_scada
+        self._state_known = state_known
         self.held: dict[str, AlertEvent] = {}  # by asset: raises a period kept off the site
         # By asset: its retained state to publish again (its open alert, None: normal), see
         # `restore_state`.
@@ -89,6 +91,11 @@ class SiteAlerts:
         """Publishes the retained states `restore_state` asked for (once MQTT can take them:
         at start, then on the sink thread before the alert events it publishes)."""
         restoring, self._restoring = self._restoring, {}
+        if restoring and not self._state_known():
+            # The outbox takes nothing now (degraded): events went to the site but not to its
+            # open alerts, so what it keeps may be older than what the site was told.
+            log.info("retained states not published again: the outbox's open alerts may be old")
+            return
         for asset, open_alert in restoring.items():
             if asset in self.held:  # held since it was asked: the period decides
                 continue

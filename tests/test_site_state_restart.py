@@ -77,6 +77,28 @@ def test_the_state_published_again_is_the_one_the_event_published(tmp_path: Path
     assert published == []
 
 
+@pytest.mark.unit
+def test_nothing_is_published_again_while_the_outbox_takes_nothing(tmp_path: Path) -> None:
+    """A degraded outbox (full or read-only disk) kept none of the events the site was told
+    since: publishing its open alerts again could show a fault cleared, or normal over one."""
+    published: Published = []
+    counters = SimpleNamespace(alerts_raised=0, alerts_cleared=0, alerts_held_back=0)
+    site = SiteAlerts(
+        "t",
+        "autoglm",
+        SiteMaintenance(tmp_path),
+        OpenAlerts(tmp_path / "alerts"),
+        counters,
+        lambda topic, payload, retain: published.append((topic, payload, retain)),
+        lambda _event: None,
+        lambda: False,
+    )
+    site.restore_state("pump-1", None)
+    site.restore_state("pump-2", _event(RAISED))
+    site.publish_restored()
+    assert published == []
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_kill_between_the_outbox_write_and_the_site_is_made_good_at_start(
