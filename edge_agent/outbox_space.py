@@ -177,8 +177,8 @@ def other_pages(db: sqlite3.Connection, evictable: Sequence[str], baseline: int 
     the marks, the open alerts, meta). Without it (embedded SQLite builds may lack it): a
     lower bound, the `baseline` pages of the empty schema and the pages the quarantine's
     bodies fill at least, so that the pages past it still bound the records' from above."""
-    size = int(db.execute("PRAGMA page_size").fetchone()[0])
     if baseline is not None:
+        size = int(db.execute("PRAGMA page_size").fetchone()[0])
         held = db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM quarantine").fetchone()[0]
         return baseline + int(held) // size
     names = ["sqlite_schema"] + [
