@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import socket
 from pathlib import Path
 
+from edge_agent.files import free_bytes
 from protos.autoglm.v1 import common_pb2
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
@@ -15,10 +15,8 @@ NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
 def disk_free_bytes(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
+    """Free bytes on the disk holding `path` (`files.free_bytes`); 0 when unreadable."""
+    return free_bytes(path)
 
 
 def _memory_bytes() -> int:
