@@ -6,12 +6,36 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from edge_agent.decisions import RAISED, AlertEvent
 from edge_agent.files import UNREADABLE, make_dir_durably, remove_durably, replace_atomically
 
 log = logging.getLogger(__name__)
+
+
+def encode_alert(event: AlertEvent) -> str:
+    """An open alert as the outbox keeps it (the JSON `alerts/<asset>.json` held)."""
+    return json.dumps(asdict(event))
+
+
+def decode_alert(text: str, asset: str, where: str = "the outbox") -> AlertEvent | None:
+    """The open alert of `asset` kept as `text` (in the outbox's table or an older agent's
+    file, named by `where` in the log); None (logged) when it is not one."""
+    try:
+        doc = json.loads(text)
+        event = AlertEvent(
+            **{k: v for k, v in doc.items() if k != "top_sensors"},
+            top_sensors=tuple((str(s), float(c)) for s, c in doc["top_sensors"]),
+        )
+    except UNREADABLE as exc:
+        log.warning("%s: the open alert of %s is unreadable (%s); ignored", where, asset, exc)
+        return None
+    if event.kind != RAISED or event.asset != asset:
+        log.warning("%s: not an open alert of %s; ignored", where, asset)
+        return None
+    return event
 
 
 class OpenAlerts:
@@ -27,20 +51,15 @@ class OpenAlerts:
     def load(self, asset: str) -> AlertEvent | None:
         path = self._path(asset)
         try:
-            doc = json.loads(path.read_text())
-            event = AlertEvent(
-                **{k: v for k, v in doc.items() if k != "top_sensors"},
-                top_sensors=tuple((str(s), float(c)) for s, c in doc["top_sensors"]),
-            )
+            text = path.read_text()
         except FileNotFoundError:
             return None
         except UNREADABLE as exc:
             log.warning("%s: unreadable open alert (%s); starting without it", path, exc)
             return None
-        if event.kind != RAISED or event.asset != asset:
-            log.warning("%s: not an open alert of %s; ignored", path, asset)
-            return None
-        log.info("alert %s on %s is still open from before the restart", event.key, asset)
+        event = decode_alert(text, asset, where=str(path))
+        if event is not None:
+            log.info("alert %s on %s is still open from before the restart", event.key, asset)
         return event
 
     # An open alert a maintenance period kept off the site: published when the period ends,

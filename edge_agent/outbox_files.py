@@ -5,16 +5,13 @@ older agents kept as `alerts/<asset>.json` (taken over once), and the bytes it t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_agent.decisions import RAISED, AlertEvent
 from edge_agent.errors import LocalStateError
-from edge_agent.files import UNREADABLE
-from edge_agent.open_alerts import OpenAlerts
+from edge_agent.open_alerts import OpenAlerts, encode_alert
 
 log = logging.getLogger(__name__)
 
@@ -130,29 +127,6 @@ def _view(db: sqlite3.Connection) -> ReadOnlyView:
     if "open_alerts" in tables:
         view.open_alerts = {str(a): str(e) for a, e in db.execute("SELECT * FROM open_alerts")}
     return view
-
-
-def encode_alert(event: AlertEvent) -> str:
-    """An open alert as the outbox keeps it (the JSON `alerts/<asset>.json` held)."""
-    return json.dumps(asdict(event))
-
-
-def decode_alert(text: str, asset: str) -> AlertEvent | None:
-    """The open alert of `asset` kept as `text`; None (logged) when it is not one."""
-    try:
-        doc = json.loads(text)
-        event = AlertEvent(
-            **{k: v for k, v in doc.items() if k != "top_sensors"},
-            top_sensors=tuple((str(s), float(c)) for s, c in doc["top_sensors"]),
-        )
-    except UNREADABLE as exc:
-        log.warning("the open alert of %s kept in the outbox is unreadable (%s); ignored",
-                    asset, exc)  # fmt: skip
-        return None
-    if event.kind != RAISED or event.asset != asset:
-        log.warning("the open alert kept for %s is not an open alert of it; ignored", asset)
-        return None
-    return event
 
 
 def legacy_files(directory: Path) -> dict[str, str]:

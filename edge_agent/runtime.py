@@ -31,9 +31,8 @@ from edge_agent.inference.base import InferenceBackend
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.losses import LossLog
 from edge_agent.maintenance import SiteMaintenance
-from edge_agent.open_alerts import OpenAlerts
+from edge_agent.open_alerts import OpenAlerts, decode_alert
 from edge_agent.outbox import Outbox
-from edge_agent.outbox_files import decode_alert
 from edge_agent.pipeline import Pipeline
 from edge_agent.scoring import calibrate
 from edge_agent.serving import ServingModel

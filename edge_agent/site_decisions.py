@@ -36,9 +36,8 @@ from edge_agent.drift import ScoreTrail
 from edge_agent.health import RuntimeCounters
 from edge_agent.inference.base import Outputs
 from edge_agent.losses import UNCLEAN_STOP, LossLog
-from edge_agent.open_alerts import OpenAlerts
+from edge_agent.open_alerts import OpenAlerts, encode_alert
 from edge_agent.outbox import ALERT, CAPTURE, PREDICTION
-from edge_agent.outbox_files import encode_alert
 from edge_agent.scoring import window_statistics
 from edge_agent.serving import ServingModel
 from edge_agent.site_alerts import SiteAlerts

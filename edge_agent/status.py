@@ -75,7 +75,8 @@ def _models(state_dir: Path) -> dict[str, Any]:
 
 def _open_alerts(state_dir: Path) -> list[dict[str, Any]]:
     """Kept in the outbox; those an older agent kept as files until the outbox takes them."""
-    from edge_agent.outbox_files import decode_alert, legacy_files, read_only
+    from edge_agent.open_alerts import decode_alert
+    from edge_agent.outbox_files import legacy_files, read_only
 
     view = read_only(state_dir / "outbox.sqlite3")
     kept = dict(view.open_alerts) if view is not None else {}
