@@ -96,6 +96,14 @@ class LocalStateError(AutoglmError):
     label = "local state error"
 
 
+class DiskFull(LocalStateError):
+    """A write failed for lack of space (ENOSPC, EDQUOT) on the local disk."""
+
+
+class ReadOnlyDisk(LocalStateError):
+    """A write failed because the local file system is read-only (EROFS)."""
+
+
 class IntegrityError(AutoglmError):
     """A signature, digest or certificate does not verify."""
 

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from edge_agent.errors import LocalStateError
+from edge_agent.errors import DiskFull, LocalStateError, ReadOnlyDisk
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,14 @@ def free_bytes(path: Path) -> int:
 
 def write_failure(path: Path, exc: OSError, doing: str = "write") -> LocalStateError:
     """A `LocalStateError` for a failed write at `path` that says why in words: a full disk
-    (with the bytes free), a read-only file system, or the system's own message."""
+    (`DiskFull`, with the bytes free), a read-only file system (`ReadOnlyDisk`), or the
+    system's own message."""
+    cause = f"({exc.strerror or exc})"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        why = f"disk full: {free_bytes(path)} bytes free at {path}"
-    elif exc.errno == errno.EROFS:
-        why = f"read-only file system at {path}"
-    else:
-        why = f"cannot {doing} {path}"
-    return LocalStateError(f"{why} ({exc.strerror or exc})")
+        return DiskFull(f"disk full: {free_bytes(path)} bytes free at {path} {cause}")
+    if exc.errno == errno.EROFS:
+        return ReadOnlyDisk(f"read-only file system at {path} {cause}")
+    return LocalStateError(f"cannot {doing} {path} {cause}")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,14 @@ from edge_agent.bundle import MANIFEST, SIGNATURE, Manifest, read_signed_manifes
 from edge_agent.config import ModelChoice
 from edge_agent.download import Downloader
 from edge_agent.enroll import channel_options
-from edge_agent.errors import AutoglmError, IntegrityError, LocalStateError, Unavailable
+from edge_agent.errors import (
+    AutoglmError,
+    DiskFull,
+    IntegrityError,
+    LocalStateError,
+    ReadOnlyDisk,
+    Unavailable,
+)
 from edge_agent.inference.tensorrt import GpuOutOfMemory
 from edge_agent.retry import Backoff
 from edge_agent.serving import Hardware, ServingModel, choose
@@ -358,7 +365,7 @@ class ModelUpdater:
                 self._blocked = d
                 detail = f"{exc}; tried again in {delay:.0f}s, then less often"
                 self._report(d, OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, detail, retrying=True)
-            self._holds = _disk_fault_check(str(exc), agent.config.state_dir)
+            self._holds = _disk_fault_check(exc, agent.config.state_dir)
             asyncio.get_running_loop().call_later(delay, self._retry, d)
             return
         self._blocked = None
@@ -490,11 +497,11 @@ async def _open_checked(agent: Agent, directory: Path) -> ServingModel:
 _NO_FIT = "it does not fit in GPU memory beside the serving model"
 
 
-def _disk_fault_check(error: str, state_dir: Path) -> Callable[[], str | None] | None:
-    """For a full or read-only disk (`files.write_failure`'s words), a cheap check of
+def _disk_fault_check(error: Exception, state_dir: Path) -> Callable[[], str | None] | None:
+    """For a full or read-only disk (`DiskFull`, `ReadOnlyDisk`), a cheap check of
     whether it still is: a full one while the free space at `state_dir` is no more than at
     the failure, a read-only one while `state_dir` cannot be written. None for other faults."""
-    if error.startswith("disk full:"):
+    if isinstance(error, DiskFull):
         free_then = hostfacts.disk_free_bytes(state_dir)
 
         def full() -> str | None:
@@ -504,7 +511,7 @@ def _disk_fault_check(error: str, state_dir: Path) -> Callable[[], str | None] |
             return f"the disk is still full ({free} bytes free at {state_dir})"
 
         return full
-    if error.startswith("read-only file system"):
+    if isinstance(error, ReadOnlyDisk):
 
         def read_only() -> str | None:
             try:

@@ -24,7 +24,7 @@ from edge_agent import slots, updates
 from edge_agent.bundle import MANIFEST, SIGNATURE
 from edge_agent.config import ModelChoice
 from edge_agent.download import CHUNK, DISK_RESERVE, Downloader, PartFile
-from edge_agent.errors import LocalStateError
+from edge_agent.errors import DiskFull, LocalStateError, ReadOnlyDisk
 from edge_agent.files import write_failure
 from edge_agent.retry import Backoff
 from edge_agent.slots import ModelSlots
@@ -142,6 +142,20 @@ def test_write_failures_say_what_in_words(tmp_path: Path) -> None:
     assert str(read_only) == f"read-only file system at {tmp_path} (Read-only file system)"
     other = write_failure(tmp_path / "x", OSError(errno.EACCES, "Permission denied"), "open")
     assert str(other) == f"cannot open {tmp_path / 'x'} (Permission denied)"
+
+
+def test_write_failures_carry_the_cause_as_their_type(tmp_path: Path) -> None:
+    """The retry's disk check branches on the error's type, not on its words."""
+    full = write_failure(tmp_path, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    read_only = write_failure(tmp_path, OSError(errno.EROFS, "Read-only file system"))
+    other = write_failure(tmp_path, OSError(errno.EIO, "Input/output error"))
+    assert isinstance(full, DiskFull) and isinstance(read_only, ReadOnlyDisk), (full, read_only)
+    assert type(other) is LocalStateError, type(other)
+    for error in (full, read_only):
+        assert (error.label, error.exit_code) == ("local state error", 9), error
+    assert updates._disk_fault_check(other, tmp_path) is None
+    assert updates._disk_fault_check(LocalStateError(str(full)), tmp_path) is None
+    assert updates._disk_fault_check(full, tmp_path) is not None
 
 
 # ---- the whole install ----
@@ -348,7 +362,7 @@ def test_a_full_disk_at_start_does_not_fail_the_versions_for_good(tmp_path: Path
     agent.slots.activate(SlotInfo("b", "pump", "2", "sha256:bbb", "r1"))
 
     def full(directory: Path, partial: bool) -> FakeModel:
-        raise LocalStateError(DISK_FULL)
+        raise DiskFull(DISK_FULL)
 
     starting = SimpleNamespace(
         slots=agent.slots,
@@ -398,7 +412,7 @@ def test_a_swap_that_fails_on_the_device_is_retried_not_failed(
     async def swap(model: FakeModel) -> None:
         swaps.append(model)
         if len(swaps) == 1:
-            raise LocalStateError(DISK_FULL)
+            raise DiskFull(DISK_FULL)
         await real_swap(model)
 
     agent.swap = swap  # type: ignore[method-assign]
@@ -539,7 +553,7 @@ def test_a_swap_is_not_tried_again_while_the_disk_is_still_full(
 
     def error() -> Exception:
         swaps.append(1)
-        return LocalStateError(DISK_FULL)
+        return DiskFull(DISK_FULL)
 
     _, tried, _ = _swap_failing(tmp_path, trained, monkeypatch, error, 1, 2)
     assert checks[:4] == [1, 1, 1, 1], f"swapped again while the disk was full: {checks}"
