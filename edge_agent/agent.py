@@ -205,16 +205,17 @@ class Agent:
             runtime = self._runtime(model)
             runtime.start()
         except Exception:
-            self._restart(old_model)
+            self._restart(old_model, RESTART_RETRY_S)
             raise
         self.model, self.runtime = model, runtime
         if old_model is not None and old_model is not model:
             old_model.close()
 
-    def _restart(self, model: ServingModel | None) -> None:
+    def _restart(self, model: ServingModel | None, delay: float) -> None:
         """The data path again on `model` after a failed swap. When that fails too, said as
         such, the data path runs without a model (readings still kept) and `model` is tried
-        again (RESTART_RETRY_S, doubling) until it serves or another swap comes."""
+        again in `delay`, then doubling up to RESTART_RETRY_MAX_S, until it serves or
+        another swap comes."""
         try:
             self.runtime = self._runtime(model)
             self.runtime.start()
@@ -222,37 +223,28 @@ class Agent:
             log.error(
                 "the data path cannot start again on %s after a failed swap (%s: %s): NOTHING "
                 "IS SCORED; it runs without a model and tries %s again in %.0fs",
-                _name(model), type(exc).__name__, exc, _name(model), RESTART_RETRY_S,
+                _name(model), type(exc).__name__, exc, _name(model), delay,
             )  # fmt: skip
             self.runtime = self._runtime(None)
             try:
                 self.runtime.start()
             except Exception:
                 log.exception("the data path cannot start even without a model")
-            self._restart_later(model, RESTART_RETRY_S)
+            self._restart_later(model, delay)
             return
         self.model = model
+        log.info("the data path serves %s again", _name(model))
 
     def _restart_later(self, model: ServingModel | None, delay: float) -> None:
+        """`_restart(model)` in `delay`, with the delay after it doubled, unless a swap
+        came meanwhile."""
         runtime = self.runtime
 
         async def again() -> None:
             if self.runtime is not runtime or model is None:  # swapped meanwhile
                 return
             await asyncio.to_thread(self.runtime.stop)
-            try:
-                self.runtime = self._runtime(model)
-                self.runtime.start()
-            except Exception as exc:  # noqa: BLE001 - tried again, less often
-                log.error("the data path still cannot start on %s (%s); nothing is scored",
-                          model.version, exc)  # fmt: skip
-                self.runtime = self._runtime(None)
-                with contextlib.suppress(Exception):
-                    self.runtime.start()
-                self._restart_later(model, min(delay * 2, RESTART_RETRY_MAX_S))
-                return
-            self.model = model
-            log.info("the data path serves %s again", model.version)
+            self._restart(model, min(delay * 2, RESTART_RETRY_MAX_S))
 
         with contextlib.suppress(RuntimeError):  # no loop: the next swap or start serves
             loop = asyncio.get_running_loop()
