@@ -23,7 +23,7 @@ STATE = "autoglm/state/t/pump-1"
 Published = list[tuple[str, bytes, bool]]
 
 
-def _site_alerts(tmp_path: Path, published: Published) -> SiteAlerts:
+def _site_alerts(tmp_path: Path, published: Published, known: bool = True) -> SiteAlerts:
     counters = SimpleNamespace(alerts_raised=0, alerts_cleared=0, alerts_held_back=0)
     return SiteAlerts(
         "t",
@@ -33,6 +33,7 @@ def _site_alerts(tmp_path: Path, published: Published) -> SiteAlerts:
         counters,
         lambda topic, payload, retain: published.append((topic, payload, retain)),
         lambda _event: None,
+        lambda: known,
     )
 
 
@@ -82,17 +83,7 @@ def test_nothing_is_published_again_while_the_outbox_takes_nothing(tmp_path: Pat
     """A degraded outbox (full or read-only disk) kept none of the events the site was told
     since: publishing its open alerts again could show a fault cleared, or normal over one."""
     published: Published = []
-    counters = SimpleNamespace(alerts_raised=0, alerts_cleared=0, alerts_held_back=0)
-    site = SiteAlerts(
-        "t",
-        "autoglm",
-        SiteMaintenance(tmp_path),
-        OpenAlerts(tmp_path / "alerts"),
-        counters,
-        lambda topic, payload, retain: published.append((topic, payload, retain)),
-        lambda _event: None,
-        lambda: False,
-    )
+    site = _site_alerts(tmp_path, published, known=False)
     site.restore_state("pump-1", None)
     site.restore_state("pump-2", _event(RAISED))
     site.publish_restored()
