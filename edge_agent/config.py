@@ -108,7 +108,7 @@ class MqttLink(BaseModel):
         return value
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ASSET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # also the plane's bound on drift series
 
 
 _SPARKPLUG_ID = re.compile(r"^[^/+#]{1,128}$")
@@ -279,7 +279,7 @@ class AssetConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not ASSET_NAME.fullmatch(value):
             raise ValueError(f"asset name {value!r}: use 1-64 of A-Z a-z 0-9 _ . -")
         return value
 

@@ -15,7 +15,6 @@ import contextlib
 import datetime as dt
 import logging
 import math
-import re
 import socket
 import threading
 import time
@@ -34,6 +33,7 @@ from cloud.clock import utc_now
 from cloud.domain import DeviceState
 from cloud.service.guard import behavior_and_factory
 from cloud.store.base import Store
+from edge_agent.config import ASSET_NAME
 from edge_agent.errors import LocalStateError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ METRICS_CONNECTION_DEADLINE_S = 30.0
 # A device names the assets of its drift series: at most this many per device, each named as
 # an agent's config allows (edge_agent/config.py), so a device cannot grow the scrape.
 MAX_DRIFT_ASSETS = 32
-ASSET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
