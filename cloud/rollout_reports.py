@@ -122,15 +122,18 @@ class RolloutReports:
             return
         self.store.save_target(target)
 
-    def _serve_late(self, rollout: RolloutRecord, target: RolloutTarget) -> None:
-        """Its wave was promoted without it: the device is sent the version to serve, as a
-        deferred one was at promotion (no other rollout can have taken it: its desired state
-        is still this rollout's). A partial rollout says it waits for the device."""
-        model = self.store.get_model(rollout.model_name, rollout.model_version)
-        desired = desired_state(model, rollout.id, target.device_id, False, self.clock())
+    def _serve_late(self, rollout: RolloutRecord, target: RolloutTarget, send: bool = True) -> None:
+        """Its wave was promoted without it: with `send`, the device is sent the version to
+        serve, as a deferred one was at promotion (no other rollout can have taken it: its
+        desired state is still this rollout's). A partial rollout is recounted with `target`
+        (it says it waits for the device, or has one failure fewer)."""
+        served = []
+        if send:
+            model = self.store.get_model(rollout.model_name, rollout.model_version)
+            served.append(desired_state(model, rollout.id, target.device_id, False, self.clock()))
         if rollout.state is RolloutState.PARTIAL:
             rollout = self._recounted(rollout, target)
-        self.store.save_rollout(rollout, [target], [desired])
+        self.store.save_rollout(rollout, [target], served)
 
     def _recounted(self, rollout: RolloutRecord, target: RolloutTarget) -> RolloutRecord:
         """An ended rollout's state and reason with one target moved."""
@@ -169,13 +172,8 @@ class RolloutReports:
         # Ended: every wave was promoted, so it waits to serve the version, as a device
         # deferred at promotion does; a partial rollout has one failure fewer.
         desired = self.store.get_desired(target.device_id)
-        served = []
-        if desired is not None and desired.rollout_id == rollout.id and desired.shadow:
-            model = self.store.get_model(rollout.model_name, rollout.model_version)
-            served.append(desired_state(model, rollout.id, target.device_id, False, self.clock()))
-        if rollout.state is RolloutState.PARTIAL:
-            rollout = self._recounted(rollout, target)
-        self.store.save_rollout(rollout, [target], served)
+        in_shadow = desired is not None and desired.rollout_id == rollout.id and desired.shadow
+        self._serve_late(rollout, target, send=in_shadow)
 
     def _after_abort(self, target: RolloutTarget, report: InstallReport) -> None:
         """A report that came after the rollout was aborted (or the device sent back): kept
