@@ -201,7 +201,8 @@ def test_strings_nulls_and_unknown_sensors_are_dropped_by_reason(
 
 def test_config_subscribes_to_the_nodes_and_refuses_bad_ids(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    assert topics_for(config.assets) == ["spBv1.0/plant/+/gw-1", "spBv1.0/plant/+/gw-1/pump-1"]
+    # The node and all its devices: seq counts across them all.
+    assert topics_for(config.assets) == ["spBv1.0/plant/+/gw-1", "spBv1.0/plant/+/gw-1/+"]
     with pytest.raises(Exception, match="edge_node"):
         _config(tmp_path, assets=[{"name": "p", "sparkplug": {**SOURCE, "edge_node": "a/b"}}])
     with pytest.raises(Exception, match="topics, sparkplug, modbus or opcua"):

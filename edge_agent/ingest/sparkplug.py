@@ -10,7 +10,9 @@ certificate with another one belongs to an older session and is ignored) and the
 unknown alias or data from a node that has not been born since the agent connected makes
 it ask for a rebirth (NCMD `Node Control/Rebirth`, at most once per `REBIRTH_EVERY_S` per
 node). A death forgets the node's (or device's) births: its sensors get no readings until
-it is born again, so their slots are masked like any missing reading.
+it is born again, so their slots are masked like any missing reading. The messages of a
+configured node's devices that no asset maps are subscribed to for their `seq` only: they
+are parsed, nothing else, and leave no state behind.
 
 Runs in the MQTT network thread; nothing here raises on input.
 """
@@ -61,14 +63,15 @@ _NUMERIC = {INT8, INT16, INT32, INT64, UINT8, UINT16, UINT32, UINT64, FLOAT, DOU
 
 
 def topics_for(assets: Sequence[AssetConfig]) -> list[str]:
-    """The subscriptions that carry the configured edge nodes' messages."""
+    """The subscriptions that carry the configured edge nodes' messages: the node's own and
+    those of all its devices, mapped or not, since `seq` counts them all (one device's
+    messages alone would look like a gap each time another device spoke)."""
     topics: list[str] = []
     for a in assets:
         if a.sparkplug is not None:
-            group, node, device = a.sparkplug.group, a.sparkplug.edge_node, a.sparkplug.device
-            topics.append(f"{NAMESPACE}/{group}/+/{node}")  # births, deaths: always
-            if device:
-                topics.append(f"{NAMESPACE}/{group}/+/{node}/{device}")
+            group, node = a.sparkplug.group, a.sparkplug.edge_node
+            topics.append(f"{NAMESPACE}/{group}/+/{node}")
+            topics.append(f"{NAMESPACE}/{group}/+/{node}/+")
     return list(dict.fromkeys(topics))
 
 
@@ -131,8 +134,6 @@ class SparkplugDecoder:
         if (group, node) not in self._configured:
             self.base.drop("unknown_topic", topic, payload)
             return None
-        if device and (group, node, device) not in self._devices:
-            return None  # another device of the node: not subscribed to, nothing learnt
         if kind in ("NCMD", "DCMD"):
             return None  # commands to the node (ours among them): neither data nor state
         if len(payload) > self.base.limits.max_payload_bytes:
@@ -148,13 +149,19 @@ class SparkplugDecoder:
         if kind == "NDEATH":
             self._node_death(state, message, group, node)
             return None
+        # Another device of the node (no asset maps it): its seq counts, nothing else; no
+        # state is kept per such device, so any number of them costs no memory.
+        other = bool(device) and (group, node, device) not in self._devices
         if kind == "NBIRTH":
             self._node_birth(state, message)
         elif not state.born:
-            self.base.drop("not_born", topic, payload, max(1, len(message.metrics)))
+            if not other:  # its readings are lost; another device's were not wanted
+                self.base.drop("not_born", topic, payload, max(1, len(message.metrics)))
             self._ask_rebirth(state, group, node, "data before its birth")
             return None
         self._check_seq(state, message, topic, payload, group, node)
+        if other:
+            return None
         if kind == "DBIRTH":
             self._device_birth(state, device, message)
         elif kind == "DDEATH":
