@@ -124,16 +124,18 @@ class RolloutReports:
 
     def _serve_late(self, rollout: RolloutRecord, target: RolloutTarget, send: bool = True) -> None:
         """Its wave was promoted without it: with `send`, the device is sent the version to
-        serve, as a deferred one was at promotion (no other rollout can have taken it: its
-        desired state is still this rollout's). A partial rollout is recounted with `target`
-        (it says it waits for the device, or has one failure fewer)."""
+        serve, as a deferred one was at promotion. Its desired state was this rollout's
+        shadow one when read; the store writes it only if it still is (Conflict otherwise:
+        a rollout created since, on any replica, took the device, and the report is judged
+        again on what is stored). A partial rollout is recounted with `target` (it says it
+        waits for the device, or has one failure fewer)."""
         served = []
         if send:
             model = self.store.get_model(rollout.model_name, rollout.model_version)
             served.append(desired_state(model, rollout.id, target.device_id, False, self.clock()))
         if rollout.state is RolloutState.PARTIAL:
             rollout = self._recounted(rollout, target)
-        self.store.save_rollout(rollout, [target], served)
+        self.store.save_rollout(rollout, [target], served, from_shadow=send)
 
     def _recounted(self, rollout: RolloutRecord, target: RolloutTarget) -> RolloutRecord:
         """An ended rollout's state and reason with one target moved."""

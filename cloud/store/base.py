@@ -452,11 +452,16 @@ class RolloutStore(abc.ABC):
         rollout: RolloutRecord,
         targets: Sequence[RolloutTarget] = (),
         desired: Sequence[DesiredModel] = (),
+        *,
+        from_shadow: bool = False,
     ) -> tuple[RolloutRecord, list[DesiredModel]]:
         """Updates the rollout, the given targets and desired states in one transaction, by
         compare-and-set: Conflict (nothing written) when the rollout or a target changed
-        since the revision it was read at. Returns the rollout at its new revision and the
-        desired states with their feed revisions."""
+        since the revision it was read at. With `from_shadow` (an ended rollout serving its
+        version to a device that installed it in shadow late) also when a device's desired
+        state is no longer this rollout's shadow one: another rollout may have taken it.
+        Returns the rollout at its new revision and the desired states with their feed
+        revisions."""
 
     @abc.abstractmethod
     def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:

@@ -187,6 +187,8 @@ class RolloutTables(SqlBase):
         rollout: RolloutRecord,
         targets: Sequence[RolloutTarget] = (),
         desired: Sequence[DesiredModel] = (),
+        *,
+        from_shadow: bool = False,
     ) -> tuple[RolloutRecord, list[DesiredModel]]:
         with self._tx() as s:
             row = s.get(RolloutRow, rollout.id, with_for_update=True)
@@ -201,7 +203,7 @@ class RolloutTables(SqlBase):
                 setattr(row, key, value)
             row.revision = rollout.revision + 1
             active = rollout.state.active
-            written = _write_desired(s, desired)
+            written = _write_desired(s, desired, from_shadow)
             # A device sent back (abort, undo) that another rollout took since it was read
             # keeps what that rollout gave it, and its target here stays as it was.
             taken = {d.device_id for d in desired} - {d.device_id for d in written}
@@ -340,10 +342,14 @@ def _update_target(s: Session, t: RolloutTarget, active: bool | None) -> Rollout
     return row
 
 
-def _write_desired(s: Session, desired: Sequence[DesiredModel]) -> list[DesiredModel]:
+def _write_desired(
+    s: Session, desired: Sequence[DesiredModel], from_shadow: bool = False
+) -> list[DesiredModel]:
     """Replaces each device's desired state, each taking the next feed revision. The counter
     row stays locked until commit, so revisions become visible in the order they are taken
-    and a reader following them never skips one."""
+    and a reader following them never skips one. With `from_shadow`, each replaces only its
+    device's shadow state of the same rollout (compare-and-set on the locked row): Conflict
+    otherwise."""
     if not desired:
         return []
     counter = s.get(DesiredRevisionRow, 1, with_for_update=True)
@@ -353,6 +359,12 @@ def _write_desired(s: Session, desired: Sequence[DesiredModel]) -> list[DesiredM
         row = s.get(DesiredModelRow, d.device_id, with_for_update=True)
         if d.revert_version and row is not None and row.rollout_id != d.rollout_id:
             continue  # a send-back, but another rollout owns the device now
+        if from_shadow and (row is None or row.rollout_id != d.rollout_id or not row.shadow):
+            found = f"{row.model_version} of rollout {row.rollout_id}" if row else "none"
+            raise Conflict(
+                f"device {d.device_id}'s desired state changed since it was read (now {found}, "
+                f"not rollout {d.rollout_id}'s shadow one)"
+            )
         counter.value += 1
         if row is None:
             row = DesiredModelRow(device_id=d.device_id)
