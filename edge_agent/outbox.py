@@ -2,7 +2,8 @@
 in SQLite (WAL), with the alerts open on site committed in the same transactions.
 
 Every record gets the next sequence number when it is written; the control plane stores each
-(device, sequence) once and acknowledges "everything up to N", after which those rows go.
+(device, sequence) once and acknowledges "everything up to N", after which those rows go
+(the refused ones into a bounded quarantine: `outbox_acks.py`).
 The outbox is bounded in bytes (its records' and the pages they really take): past the bound
 the oldest window captures are evicted first, then the oldest predictions (counted); alert
 events never are. Under the free-space reserve of its file system it does not grow: new
@@ -31,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from edge_agent import outbox_files
+from edge_agent import outbox_acks, outbox_files
 from edge_agent.errors import LocalStateError
+from edge_agent.outbox_acks import QUARANTINE_SHARE as QUARANTINE_SHARE  # re-exported
 from edge_agent.outbox_alerts import OpenAlertTable
 from edge_agent.outbox_space import (
     BALLAST_BYTES,
@@ -50,11 +52,7 @@ PREDICTION = 1
 ALERT = 2
 CAPTURE = 3
 EVICTION_ORDER = (CAPTURE, PREDICTION)  # what goes first under disk pressure; alerts never
-QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
-QUARANTINE_SHARE = 8  # and in at most max_bytes / this of their bodies
 RETRY_OPEN_S = 30.0
-ACK_CHUNK_BYTES = 2 << 20  # records deleted per acknowledging transaction, about
-ACK_CHUNK_ROWS = 20_000
 _DISPLACE_TRIES = 4  # evictions tried before an insert under the reserve grows the file anyway
 _INSERT = "INSERT INTO records (seq, kind, body) VALUES (?, ?, ?)"
 
@@ -443,79 +441,31 @@ class Outbox:
 
     def _chunk_end(self, up_to: int) -> int:
         """The sequence the next acknowledging transaction goes to (at most `up_to`)."""
-        rows = self._read(
-            lambda: (
-                self._conn()
-                .execute(
-                    "SELECT seq, LENGTH(body) FROM records WHERE seq > ? AND seq <= ? ORDER BY seq "
-                    "LIMIT ?",
-                    (self._acked, up_to, ACK_CHUNK_ROWS),
-                )
-                .fetchall()
-            )
-        )
-        size = 0
-        for seq, length in rows:
-            size += length
-            if size >= ACK_CHUNK_BYTES:
-                return int(seq)
-        return up_to if len(rows) < ACK_CHUNK_ROWS else int(rows[-1][0])
+        return self._read(lambda: outbox_acks.chunk_end(self._conn(), self._acked, up_to))
 
     def _ack_through(self, end: int, up_to: int, rejected: Mapping[int, str]) -> int:
-        done: list[int] = []
+        done: list[outbox_acks.Acknowledged] = []
 
         def write(db: sqlite3.Connection) -> None:
             done.clear()
-            moved = 0
-            for seq, reason in sorted(rejected.items()):
-                if self._acked < seq <= end:
-                    moved += db.execute(
-                        "INSERT OR REPLACE INTO quarantine (seq, kind, body, reason) "
-                        "SELECT seq, kind, body, ? FROM records WHERE seq = ?",
-                        (reason, seq),
-                    ).rowcount
-            if moved:
-                self._trim_quarantine(db)
-                self._set_meta("quarantined", self._quarantined + moved)
+            done.append(outbox_acks.acknowledge(db, self._acked, end, rejected, self.max_bytes))
+            if done[0].quarantined:
+                self._set_meta("quarantined", self._quarantined + done[0].quarantined)
                 self._others = None
             if self._alerts.pending:
                 self._others = None
-            freed, deleted = db.execute(
-                "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM records WHERE seq <= ?",
-                (end,),
-            ).fetchone()
-            db.execute("DELETE FROM records WHERE seq <= ?", (end,))
             self._set_meta("acked", end)
             if end == up_to and up_to >= self._next:  # the plane knows higher numbers
                 self._set_meta("next_seq", up_to + 1)
             self._alerts.write_taken_over(db)
-            done.extend((moved, freed, deleted))
 
         self._transaction(write, "update the outbox")
         self._alerts.committed()
-        moved, freed, deleted = done
         self._acked = end
-        self._quarantined += moved
-        self._depth -= deleted
-        self._bytes -= freed
-        return deleted
-
-    def _trim_quarantine(self, db: sqlite3.Connection) -> None:
-        """Keeps the newest QUARANTINE_KEEP refused records within max_bytes/QUARANTINE_SHARE
-        of bodies: the quarantine's pages are not the records' (nothing evicts them), so a
-        plane refusing everything would otherwise keep megabytes the disk needs."""
-        db.execute(
-            "DELETE FROM quarantine WHERE seq NOT IN "
-            "(SELECT seq FROM quarantine ORDER BY seq DESC LIMIT ?)",
-            (QUARANTINE_KEEP,),
-        )
-        over = db.execute(
-            "SELECT MAX(seq) FROM (SELECT seq, SUM(LENGTH(body)) OVER (ORDER BY seq DESC) AS kept "
-            "FROM quarantine) WHERE kept > ?",
-            (self.max_bytes // QUARANTINE_SHARE,),
-        ).fetchone()[0]
-        if over is not None:
-            db.execute("DELETE FROM quarantine WHERE seq <= ?", (over,))
+        self._quarantined += done[0].quarantined
+        self._depth -= done[0].deleted
+        self._bytes -= done[0].freed
+        return done[0].deleted
 
     # ---- reading ----
     def pending(self, after: int, limit: int) -> list[tuple[int, int, bytes]]:
@@ -570,10 +520,7 @@ class Outbox:
         with self._lock:
             if self._db is None:
                 return []
-            return self._db.execute(
-                "SELECT seq, kind, body, reason FROM quarantine ORDER BY seq DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+            return outbox_acks.quarantined(self._db, limit)
 
     def close(self) -> None:
         with self._lock:
