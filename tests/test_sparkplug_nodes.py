@@ -143,3 +143,34 @@ def test_a_node_with_devices_the_agent_does_not_map_over_mosquitto(
         sources.stop()
         node_client.loop_stop()
         node_client.disconnect()
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "spBv1.0/plant/NBIRTH/gw-1/pump-1",  # would reset the whole node
+        "spBv1.0/plant/NDEATH/gw-1/pump-1",  # would kill it
+        "spBv1.0/plant/NDATA/gw-1/pump-1",
+        "spBv1.0/plant/DBIRTH/gw-1",  # would replace the node's own aliases
+        "spBv1.0/plant/DDEATH/gw-1",  # would forget them
+        "spBv1.0/plant/DDATA/gw-1",
+        "spBv1.0/plant/DBIRTH/gw-1/",  # a device with no id
+    ],
+)
+def test_a_kind_on_the_wrong_topic_level_is_refused_and_changes_nothing(
+    decoder: tuple[SparkplugDecoder, list[str]], topic: str
+) -> None:
+    d, asked = decoder
+    node = Node()
+    level = {"name": "level", "alias": 50, "datatype": DOUBLE, "double_value": 0.0}
+    d.decode(*node.message("NBIRTH", "", level))
+    d.decode(*node.message("DBIRTH", "pump-1", {**level, "name": SENSORS[0], "alias": 1}))
+    state = d.nodes[("plant", "gw-1")]
+    before = (state.born, state.bd_seq, state.seq, dict(state.aliases), set(state.devices))
+    _, payload = node.message("NBIRTH", "", {"name": "bdSeq", "datatype": INT64, "long_value": 9},
+                              {"name": "x", "alias": 1, "datatype": DOUBLE})  # fmt: skip
+    assert d.decode(topic, payload) is None
+    assert {k: v for k, v in d.base.drops.items() if v} == {"unknown_topic": 1}
+    after = (state.born, state.bd_seq, state.seq, dict(state.aliases), set(state.devices))
+    assert after == before and state is d.nodes[("plant", "gw-1")] and asked == []
+    assert state.aliases[""][50][0] == "level"  # the node-level alias outlives it

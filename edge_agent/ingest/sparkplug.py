@@ -126,7 +126,13 @@ class SparkplugDecoder:
 
     def _decode(self, topic: str, payload: bytes) -> list[Chunk] | None:
         parts = topic.split("/")
-        if len(parts) not in (4, 5) or parts[2] not in _KINDS:
+        # Node kinds on spBv1.0/<group>/<kind>/<node>, device kinds one level further: an
+        # NBIRTH on a device topic would reset the whole node, a DBIRTH on a node topic its
+        # node-level aliases.
+        if not (
+            (len(parts) == 4 and parts[2] in _NODE_KINDS)
+            or (len(parts) == 5 and parts[2] in _DEVICE_KINDS and parts[4])
+        ):
             self.base.drop("unknown_topic", topic, payload)
             return None
         group, kind, node = parts[1], parts[2], parts[3]
@@ -332,7 +338,8 @@ class SparkplugDecoder:
         return chunks or None
 
 
-_KINDS = {"NBIRTH", "NDEATH", "NDATA", "NCMD", "DBIRTH", "DDEATH", "DDATA", "DCMD"}
+_NODE_KINDS = {"NBIRTH", "NDEATH", "NDATA", "NCMD"}
+_DEVICE_KINDS = {"DBIRTH", "DDEATH", "DDATA", "DCMD"}
 
 
 def _text(value: object) -> str | None:
