@@ -118,3 +118,21 @@ def test_a_late_install_report_never_serves_an_ended_rollout_over_a_newer_one(
     on_a.tick()
     done = a.get_rollout(r2.id)
     assert done.state is RolloutState.SUCCEEDED, done.reason
+
+
+def test_a_target_written_after_a_shadow_report_on_another_replica_keeps_the_report(
+    replicas: tuple[Store, Store],
+) -> None:
+    """Replica A reads a target and saves it moved; replica B stored the device's shadow
+    report in between (no revision bump, so A's compare-and-set passes): the report stays."""
+    a, b = replicas
+    a.add_model(_model("2222"))
+    device_id = _enrolled_online(a, "d1")
+    r1 = _ended_with_a_shadow_install_pending(a, device_id)
+    read = a.rollout_target(r1.id, device_id)
+    assert read is not None and read.shadow == {}
+    b.record_shadow(r1.id, device_id, {"windows": 40, "agreement": 0.99})
+    a.save_target(dataclasses.replace(read, state=TargetState.SHADOWING, detail="installed"))
+    stored = b.rollout_target(r1.id, device_id)
+    assert stored is not None and stored.state is TargetState.SHADOWING
+    assert stored.shadow == {"windows": 40, "agreement": 0.99}, stored.shadow

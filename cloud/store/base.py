@@ -466,7 +466,8 @@ class RolloutStore(abc.ABC):
     @abc.abstractmethod
     def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:
         """Replaces a target's latest shadow report only: no revision bump, so the frequent
-        reports of a large wave never make the leader's compare-and-set fail."""
+        reports of a large wave never make the leader's compare-and-set fail (a target's
+        other writes keep the stored report, whatever they read)."""
 
     @abc.abstractmethod
     def save_target(self, target: RolloutTarget) -> RolloutTarget:

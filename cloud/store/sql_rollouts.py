@@ -327,7 +327,9 @@ def _rollout(r: RolloutRow) -> RolloutRecord:
 
 
 def _update_target(s: Session, t: RolloutTarget, active: bool | None) -> RolloutTargetRow:
-    """Compare-and-set of one target; `active` None keeps the row's."""
+    """Compare-and-set of one target; `active` None keeps the row's. The shadow report stays
+    the row's: `record_shadow` replaces it without a revision bump, so the one `t` was read
+    with may be older than the stored one."""
     row = s.get(RolloutTargetRow, (t.rollout_id, t.device_id), with_for_update=True)
     if row is None:
         raise NotFound(f"device {t.device_id} is not a target of rollout {t.rollout_id}")
@@ -336,7 +338,9 @@ def _update_target(s: Session, t: RolloutTarget, active: bool | None) -> Rollout
             f"target {t.device_id} of rollout {t.rollout_id} changed since it was read "
             f"(now {row.state}, revision {row.revision}; read at {t.revision})"
         )
-    for key, value in _target_values(t, row.active if active is None else active).items():
+    values = _target_values(t, row.active if active is None else active)
+    values["doc"]["shadow"] = dict(row.doc.get("shadow", {}))
+    for key, value in values.items():
         setattr(row, key, value)
     row.revision = t.revision + 1
     return row
