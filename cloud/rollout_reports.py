@@ -189,7 +189,11 @@ class RolloutReports:
             self.store.save_target(moved(target, target.state, detail, self.clock()))
 
     def on_shadow(self, device_id: str, report: ShadowReport) -> None:
-        """Records a device's shadow statistics on a rollout's version."""
+        """Records a device's shadow statistics on a rollout's version. The agent compares the
+        two models on the newest unbroken run of rows it holds, so its count starts again
+        from 0 after a restart or a gap in the data: a report of too few windows for the gate
+        does not replace one that measured more (a report of enough windows does: it is the
+        newer measure)."""
         found = self._target(report.rollout_id, device_id)
         if found is None:
             return
@@ -210,7 +214,19 @@ class RolloutReports:
             "self_agreement": report.self_agreement,
             "self_rate_difference": report.self_rate_difference,
         }
-        self.store.record_shadow(rollout.id, device_id, shadow)
+        enough = max(rollout.gates.min_shadow_windows, 1)
+        if not self.store.record_shadow(rollout.id, device_id, shadow, enough):
+            log.info(
+                "rollout %s: device %s reported %d shadow window(s) (%r), fewer than before "
+                "and than the gate needs (%d), as after an agent restart: the earlier "
+                "report stands",
+                rollout.id,
+                device_id,
+                report.windows,
+                report.detail,
+                enough,
+                extra=ids(rollout=rollout.id, device=device_id),
+            )
 
     def _target(
         self, rollout_id: str, device_id: str

@@ -464,10 +464,15 @@ class RolloutStore(abc.ABC):
         revisions."""
 
     @abc.abstractmethod
-    def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:
+    def record_shadow(
+        self, rollout_id: str, device_id: str, shadow: dict[str, Any], enough: int = 1
+    ) -> bool:
         """Replaces a target's latest shadow report only: no revision bump, so the frequent
         reports of a large wave never make the leader's compare-and-set fail (a target's
-        other writes keep the stored report, whatever they read)."""
+        other writes keep the stored report, whatever they read). A report of fewer windows
+        than the stored one and fewer than `enough` (what the gate needs) replaces nothing:
+        an agent that restarted, or lost its rows to a gap, counts again from 0. Returns
+        whether it was stored."""
 
     @abc.abstractmethod
     def save_target(self, target: RolloutTarget) -> RolloutTarget:

@@ -218,12 +218,19 @@ class RolloutTables(SqlBase):
                 )
             return dataclasses.replace(rollout, revision=row.revision), written
 
-    def record_shadow(self, rollout_id: str, device_id: str, shadow: dict[str, Any]) -> None:
+    def record_shadow(
+        self, rollout_id: str, device_id: str, shadow: dict[str, Any], enough: int = 1
+    ) -> bool:
         with self._tx() as s:
             row = s.get(RolloutTargetRow, (rollout_id, device_id), with_for_update=True)
             if row is None:
                 raise NotFound(f"device {device_id} is not a target of rollout {rollout_id}")
+            stored = int(row.doc.get("shadow", {}).get("windows", 0))
+            windows = int(shadow.get("windows", 0))
+            if windows < stored and windows < enough:
+                return False
             row.doc = {**row.doc, "shadow": dict(shadow)}
+            return True
 
     def save_target(self, target: RolloutTarget) -> RolloutTarget:
         with self._tx() as s:
