@@ -9,9 +9,11 @@ like any PLC tag:
 
 NBIRTH (with `bdSeq` and `Node Control/Rebirth`) and a DBIRTH per asset are published on
 every connection, DDATA on every raise and clear, NDEATH is the MQTT will; a
-`Node Control/Rebirth` command publishes the births again. `bdSeq` grows by one per agent
-start (kept in the state directory), so a host can tell this session's death from an older
-one's.
+`Node Control/Rebirth` command publishes the births again: at once, then at most once per
+`REBIRTH_MIN_S` (later commands within it are answered by one birth when it ends, from a
+timer thread, so a flood of commands costs the network thread nothing). `bdSeq` grows by
+one per agent start (kept in the state directory), so a host can tell this session's death
+from an older one's.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ FAULT, SCORE, TOP, KEY = (
     "autoglm/alert_key",
 )
 _ALIASES = {FAULT: 1, SCORE: 2, TOP: 3, KEY: 4}
+REBIRTH_MIN_S = 1.0  # between two births answering commands (one birth is 1 + assets messages)
+LOG_EVERY_S = 60.0
+
+
+def _after(delay: float, action: Callable[[], None]) -> None:
+    """Runs `action` in a daemon thread `delay` seconds from now."""
+    timer = threading.Timer(delay, action)
+    timer.daemon = True
+    timer.name = "sparkplug rebirth"
+    timer.start()
 
 
 class SparkplugAlerts:
@@ -56,6 +68,8 @@ class SparkplugAlerts:
         state_dir: Path,
         publish: Callable[[str, bytes], None],
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        schedule: Callable[[float, Callable[[], None]], None] = _after,
     ) -> None:
         self.group = group
         self.edge_node = edge_node
@@ -68,6 +82,13 @@ class SparkplugAlerts:
         self._current: dict[str, AlertEvent] = {}  # the last event per asset, for rebirths
         self.bad_commands = 0
         self._warned_at = -math.inf
+        self._monotonic = monotonic
+        self._schedule = schedule
+        self._born_at = -math.inf  # monotonic time of the last birth
+        self._rebirth_pending = False  # a command came within REBIRTH_MIN_S of it
+        self.rebirths_asked = 0
+        self._asked_logged_at = -math.inf
+        self._asked_unlogged = 0
 
     def _topic(self, kind: str, device: str = "") -> str:
         base = f"{NAMESPACE}/{self.group}/{kind}/{self.edge_node}"
@@ -94,6 +115,8 @@ class SparkplugAlerts:
     def birth(self) -> None:
         """NBIRTH and a DBIRTH per asset (on connect, and when a host asks for a rebirth)."""
         with self._lock:
+            self._born_at = self._monotonic()
+            self._rebirth_pending = False  # answered by this one
             self._seq = 0
             now = self._now()
             node = spb.Payload(timestamp=now)
@@ -136,8 +159,35 @@ class SparkplugAlerts:
                             self.command_topic, self.bad_commands)  # fmt: skip
             return
         if any(m.name == REBIRTH_METRIC and m.boolean_value for m in command.metrics):
-            log.info("sparkplug: a host asked for a rebirth")
+            self._rebirth_asked()
+
+    def _rebirth_asked(self) -> None:
+        now = self._monotonic()
+        self.rebirths_asked += 1
+        self._asked_unlogged += 1
+        if now - self._asked_logged_at >= LOG_EVERY_S:
+            log.info("sparkplug: a host asked for a rebirth (%d request(s) since the last such "
+                     "line; births at most once per %.0f s)", self._asked_unlogged,
+                     REBIRTH_MIN_S)  # fmt: skip
+            self._asked_logged_at, self._asked_unlogged = now, 0
+        with self._lock:
+            wait = self._born_at + REBIRTH_MIN_S - now
+            if wait > 0:  # born a moment ago: one more birth when the interval ends
+                if not self._rebirth_pending:
+                    self._rebirth_pending = True
+                    self._schedule(wait, self._pending_birth)
+                return
+        self.birth()
+
+    def _pending_birth(self) -> None:
+        """The birth owed to commands that came too soon after the last (timer thread)."""
+        with self._lock:
+            if not self._rebirth_pending:
+                return  # a birth since (a reconnection) answered them
+        try:
             self.birth()
+        except Exception:  # a thread of its own: said, not lost silently
+            log.exception("sparkplug: the rebirth asked for could not be published")
 
     @staticmethod
     def _fill(message: spb.Payload, event: AlertEvent | None, at: int) -> None:

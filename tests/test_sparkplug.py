@@ -211,7 +211,9 @@ def test_config_subscribes_to_the_nodes_and_refuses_bad_ids(tmp_path: Path) -> N
 
 def test_alert_metrics_are_born_then_sent_by_alias(tmp_path: Path) -> None:
     sent = Sent()
-    out = SparkplugAlerts("plant", "autoglm-1", ["pump-1"], tmp_path, sent, clock=lambda: NOW)
+    mono = [0.0]
+    out = SparkplugAlerts("plant", "autoglm-1", ["pump-1"], tmp_path, sent, clock=lambda: NOW,
+                          monotonic=lambda: mono[0])  # fmt: skip
     again = SparkplugAlerts("plant", "autoglm-1", ["pump-1"], tmp_path, sent)
     assert (out.bd_seq, again.bd_seq) == (0, 1)  # one more per start
     out.birth()
@@ -226,6 +228,7 @@ def test_alert_metrics_are_born_then_sent_by_alias(tmp_path: Path) -> None:
                                                               (2, "autoglm/score")]  # fmt: skip
     assert data.metrics[0].boolean_value and data.metrics[1].double_value == 1.7
     command = _payload(None, {"name": REBIRTH_METRIC, "datatype": BOOLEAN, "boolean_value": True})
+    mono[0] = 10.0  # long after the birth: answered at once
     out.on_command(command)
     assert [t.split("/")[2] for t, _ in sent.messages[3:]] == ["NBIRTH", "DBIRTH"]
     assert sent.messages[4][1].metrics[0].boolean_value  # the rebirth carries the open alert
