@@ -62,7 +62,13 @@ MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01T00:00:00Z
 # out NaN and the asset could then neither raise nor clear an alert. Counters (a 64-bit
 # nanosecond uptime) stay well under it.
 MAX_READING = 1e37
+# The topic cache holds at most this many topics and this much topic text: a topic may be
+# 65,535 bytes long, and 65,536 of those took about 4.4 GB. Longer topics than _CACHED_TOPIC_CHARS
+# (no sensor's) are matched each time instead.
 _CACHE_LIMIT = 65_536
+_CACHE_CHARS = 8 << 20
+_CACHED_TOPIC_CHARS = 1_024
+_SHOWN_TOPIC_CHARS = 200  # of a topic in a log line
 _LOG_EVERY_S = 60.0
 _NUMBER = (int, float)
 _NUMBER_TYPES = frozenset(_NUMBER)
@@ -105,6 +111,7 @@ class TopicRoutes:
                 names[wire] = index.get(model_name, -1)
             self._sensor.append(names)
         self._cache: dict[str, Route | None] = {}
+        self._cached_chars = 0  # the cache's topic text, bounded by _CACHE_CHARS
 
     def sensor(self, asset: int, wire_name: str) -> int:
         """The schema slot of a sensor name as it appears on the wire; -1 if unknown."""
@@ -119,8 +126,15 @@ class TopicRoutes:
             if any(topic_matches_sub(pattern, topic) for pattern in asset.topics):
                 found = Route(i, self.sensor(i, topic.rsplit("/", 1)[-1]))
                 break
-        if len(self._cache) < _CACHE_LIMIT:  # a flood of random topics must not grow memory
+        # A flood of random or long topics must not grow memory.
+        chars = len(topic)
+        if (
+            chars <= _CACHED_TOPIC_CHARS
+            and len(self._cache) < _CACHE_LIMIT
+            and self._cached_chars + chars <= _CACHE_CHARS
+        ):
             self._cache[topic] = found
+            self._cached_chars += chars
         return found
 
 
@@ -173,10 +187,10 @@ class Decoder:
             self._last_logged[reason] = now
             sample = payload[:120]
             log.warning(
-                "dropped input (%s) on %r, e.g. %r; further drops of this kind are counted "
+                "dropped input (%s) on %s, e.g. %r; further drops of this kind are counted "
                 "in the health report",
                 reason,
-                topic,
+                shown_topic(topic),
                 sample,
             )
 
@@ -390,6 +404,14 @@ class Decoder:
             return True
         self.drop("bad_type", topic, payload, len(column))
         return False
+
+
+def shown_topic(topic: str) -> str:
+    """A topic for a log line: quoted, and cut to its first 200 characters and its length
+    when longer (a topic may be 65,535 bytes)."""
+    if len(topic) <= _SHOWN_TOPIC_CHARS:
+        return repr(topic)
+    return f"{topic[:_SHOWN_TOPIC_CHARS]!r}... ({len(topic)} characters)"
 
 
 def median(xs: list[float]) -> float:

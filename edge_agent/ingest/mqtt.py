@@ -20,7 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import MqttLink
 from edge_agent.errors import ConfigError
-from edge_agent.ingest.decode import Decoded
+from edge_agent.ingest.decode import Decoded, shown_topic
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class MqttConnection:
         try:
             decoded = self._decode(msg.topic, bytes(msg.payload))
         except Exception:
-            log.exception("decoder failed on a message on %r; dropped", msg.topic)
+            log.exception("decoder failed on a message on %s; dropped", shown_topic(msg.topic))
             return
         if decoded is not None:
             self._deliver(decoded)
