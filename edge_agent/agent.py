@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edge_agent import hostfacts
-from edge_agent.bundle import load_public_key
+from edge_agent.bundle import Manifest, load_public_key
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.identity import (
@@ -25,9 +25,9 @@ from edge_agent.metrics import AgentMetrics, MetricsServer, health_problems
 from edge_agent.outbox import Outbox
 from edge_agent.renewal import CertificateRenewer, finish_interrupted
 from edge_agent.runtime import EdgeRuntime
-from edge_agent.serving import ServingModel, open_serving
+from edge_agent.serving import Hardware, ServingModel, choose, open_serving
 from edge_agent.session import CloudSession
-from edge_agent.slots import ModelSlots
+from edge_agent.slots import ModelSlots, SlotInfo
 from edge_agent.sync import RecordSync
 from edge_agent.systemd import Notifier
 from edge_agent.trust import DeviceTrust
@@ -41,6 +41,21 @@ RESTART_RETRY_MAX_S = 1800.0
 
 def _name(model: ServingModel | None) -> str:
     return f"model {model.version}" if model is not None else "no model"
+
+
+def _keys_unread(trust: DeviceTrust) -> str | None:
+    """Why the keys trusted now may lack the one that signed an installed bundle: a signing
+    root is kept here but could not be read at start (then only the key pinned at enrollment
+    is trusted, until the control plane sends the root again)."""
+    if trust.root is not None:
+        return None
+    try:
+        kept = trust.path.exists()
+    except OSError:
+        kept = True
+    if not kept:
+        return None
+    return f"{trust.path} could not be read, so only the key pinned at enrollment is trusted"
 
 
 # Health's dropped_by_reason key: acknowledgements the outbox could not record (disk full).
@@ -163,22 +178,27 @@ class Agent:
     def _open_at_start(self) -> ServingModel | None:
         """The active slot's model; when it fails at start, the previous slot's (and a report
         saying so); the configured bundle when no slot was ever installed. A failure of the
-        device (`LocalStateError`: a full or read-only disk, an I/O error, no GPU memory for
-        the engine) is not held against the version: it is installed again when asked, and
-        the report says the agent retries."""
+        device is not held against the version: it is installed again when asked, and the
+        report says the agent retries. The device's are `LocalStateError` (a full or
+        read-only disk, an I/O error, no GPU memory for the engine) and a slot no longer as
+        it was verified at install (`ModelSlots.damage`: a file damaged on disk, or keys
+        that could not be read)."""
         pointer = self.slots.read()
         while pointer.active is not None:
             active = pointer.active
             try:
                 return self._open(self.slots.slot_dir(active.slot), partial=True)
             except AutoglmError as exc:
+                why = str(exc)
                 local = isinstance(exc, LocalStateError)
-                back = self.slots.fall_back(str(exc), lasting=not local)
+                if not local and (damage := self._slot_damage(active)) is not None:
+                    local, why = True, f"{exc} ({damage})"
+                back = self.slots.fall_back(why, lasting=not local)
                 log.error(
                     "model %s in slot %s failed at start (%s); back to %s",
                     active.version,
                     active.slot,
-                    exc,
+                    why,
                     f"{back.version} in slot {back.slot}" if back else "no model",
                 )
                 self.pending_reports.append(
@@ -186,7 +206,7 @@ class Agent:
                         active.version,
                         active.rollout_id,
                         OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK,
-                        f"{exc}; serving {back.version if back else 'no model'}",
+                        f"{why}; serving {back.version if back else 'no model'}",
                         retrying=local,
                     )
                 )
@@ -194,6 +214,14 @@ class Agent:
         if self.config.model.bundle is not None:
             return self._open(self.config.model.bundle, partial=False)
         return None
+
+    def _slot_damage(self, info: SlotInfo) -> str | None:
+        """`ModelSlots.damage` for the slot of `info`, which failed to open at start."""
+
+        def runs(manifest: Manifest) -> str:
+            return choose(manifest, self.config.model, Hardware.detect()).variant.file
+
+        return self.slots.damage(info, self.key, runs, _keys_unread(self.key))
 
     async def swap(self, model: ServingModel) -> None:
         """Serves `model` from now on: the data path restarts on it (the broker keeps the

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from edge_agent.bundle import sha256_file
 from edge_agent.errors import (
     AutoglmError,
     IntegrityError,
@@ -156,7 +157,8 @@ class Downloader:
         self.received_bytes = 0  # over the downloader's life, resumed attempts included
 
     async def fetch(self, files: list[tuple[str, Path]]) -> None:
-        """Downloads (digest, destination) pairs that are not there yet, verifying each.
+        """Downloads (digest, destination) pairs that are not there yet, verifying each; one
+        that is there with other bytes (damaged since) is downloaded again.
 
         Raises `LocalStateError` when the disk does not take them (the part deleted)."""
         async with aio.secure_channel(self.address, self.credentials, options=self.options) as ch:
@@ -168,7 +170,7 @@ class Downloader:
         """`fetch` over a stub already connected."""
         for digest, dest in files:
             try:
-                if dest.is_file():
+                if await asyncio.to_thread(_kept, dest, digest):
                     continue
                 await self._fetch_one(stub, digest, dest)
             except OSError as exc:
@@ -239,6 +241,24 @@ def _download_failure(dest: Path, exc: OSError) -> AutoglmError:
             f"({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})"
         )
     return write_failure(dest.parent, exc, "download into")
+
+
+def _kept(dest: Path, digest: str) -> bool:
+    """Whether `dest` is there already with the bytes of `digest` (an install that resumes).
+    One whose bytes changed since it was downloaded (a damaged disk, a foreign edit) is
+    deleted, so it is downloaded again instead of failing every later verification."""
+    if not dest.is_file():
+        return False
+    actual = "sha256:" + sha256_file(dest)
+    if actual == digest:
+        return True
+    log.warning(
+        "%s: its bytes hash to %s…, not %s… as when it was downloaded (damaged on this "
+        "device); deleted and downloaded again",
+        dest, actual[:23], digest[:23],
+    )  # fmt: skip
+    remove_durably(dest)
+    return False
 
 
 def _drop_part(dest: Path) -> None:

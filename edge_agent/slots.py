@@ -13,13 +13,23 @@ written.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_agent.errors import LocalStateError
+from edge_agent.bundle import (
+    MANIFEST,
+    Manifest,
+    bundle_paths,
+    parse_manifest,
+    read_signed_manifest,
+    sha256_file,
+)
+from edge_agent.errors import AutoglmError, LocalStateError
 from edge_agent.files import (
     UNREADABLE,
     make_dir_durably,
@@ -27,6 +37,7 @@ from edge_agent.files import (
     replace_atomically,
     write_failure,
 )
+from edge_agent.trust import Verifier
 
 log = logging.getLogger(__name__)
 POINTER = "active.json"
@@ -175,3 +186,67 @@ class ModelSlots:
 
     def failure(self, manifest_digest: str) -> str | None:
         return (self.read().failed or {}).get(manifest_digest)
+
+    def damage(
+        self,
+        info: SlotInfo,
+        key: Verifier,
+        runs: Callable[[Manifest], str | None],
+        keys_incomplete: str | None = None,
+    ) -> str | None:
+        """Why the slot of `info`, verified when it was installed, no longer opens for a
+        reason of this device, not of its bundle: its manifest or a listed file changed (bit
+        rot, a foreign edit: deleted here, so the next install downloads it again) or went
+        missing (`runs`: the variant file this device runs), or its signature does not verify
+        while `keys_incomplete` (why the trusted keys may lack the one that signed it). None
+        when its files are as installed: the failure is then the bundle's."""
+        directory = self.slot_dir(info.slot)
+        path = directory / MANIFEST
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except OSError as exc:
+            return f"cannot read {path} ({exc.strerror or exc})"
+        if "sha256:" + hashlib.sha256(raw).hexdigest() != info.manifest_digest:
+            return self._drop_damaged(directory, [MANIFEST])
+        try:
+            manifest = parse_manifest(raw, str(path))
+            variant = runs(manifest)
+        except AutoglmError:
+            return None
+        needed = {manifest.golden.file, *manifest.files, *([variant] if variant else [])}
+        changed, missing = [], []
+        for name, digest in sorted(bundle_paths(manifest).items()):
+            try:
+                if sha256_file(directory / name) != digest:
+                    changed.append(name)
+            except FileNotFoundError:
+                if name in needed:
+                    missing.append(name)
+            except OSError as exc:
+                return f"cannot read {directory / name} ({exc.strerror or exc})"
+        if changed:
+            return self._drop_damaged(directory, changed)
+        if missing:
+            return f"{directory}: {', '.join(missing)} missing"
+        if keys_incomplete is None:
+            return None
+        try:
+            read_signed_manifest(directory, key)
+        except AutoglmError as exc:
+            return f"{exc}, while {keys_incomplete}"
+        return None
+
+    def _drop_damaged(self, directory: Path, names: list[str]) -> str:
+        """Deletes the files `names` of `directory`, whose bytes are no longer those
+        installed; says what was done."""
+        for name in names:
+            try:
+                remove_durably(directory / name)
+            except OSError as exc:  # the install's download checks it again
+                log.warning("%s: cannot delete this damaged file: %s", directory / name, exc)
+        return (
+            f"{directory}: {', '.join(names)} changed since it was installed (damaged on this "
+            "device); deleted, downloaded again at the next install"
+        )
