@@ -25,8 +25,9 @@ from cloud.pki import CertificateAuthority
 from cloud.presence import PresenceTracker
 from cloud.rollouts import RolloutController
 from cloud.service.admission import DEFAULT_SETUP_LIMIT, SessionAdmission
+from cloud.service.downloads import DownloadSlots, read_chunk
+from cloud.service.ended_calls import cut
 from cloud.service.enrollment import AttemptLimiter
-from cloud.service.guard import status_of
 from cloud.service.maintenance_push import maintenance_message
 from cloud.service.metrics import PlaneMetrics
 from cloud.service.peer import certificate_not_after, device_identity, issued_by
@@ -81,17 +82,6 @@ async def _await_hello(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) 
         await asyncio.wait_for(anext(aiter(request_iterator), None), REFUSAL_HELLO_WAIT_S)
 
 
-async def _send_status(context: aio.ServicerContext[Any, Any], error: AutoglmError) -> None:
-    """Hands an ended session's status to gRPC and waits for it to go out (the device reads
-    what was queued before it) or for the call to end (it left, or its deadline passed)."""
-    try:
-        await context.abort(*status_of(error))
-    except (aio.AbortError, aio.UsageError):
-        return  # sent; or the session's own end got there first (an abort under way)
-    except Exception as exc:  # noqa: BLE001 - the call ended without it: nobody to tell
-        log.debug("the status of an ended session was not sent: %r", exc)
-
-
 async def _hello(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> agent_pb2.Hello:
     """The session's first message, which must be a hello, within HELLO_TIMEOUT_S."""
     try:
@@ -123,6 +113,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         maintenance_windows: Callable[[], list[MaintenanceWindow]] | None = None,
         replica: str = "",
         replaced: ReplacedSessions | None = None,
+        downloads: DownloadSlots | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
@@ -148,6 +139,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             lambda: self.store.list_maintenance(utc_now(), False)
         )
         self.artifacts = artifacts
+        self.downloads = downloads or DownloadSlots()
         self.rollouts = rollouts
         self._background: set[asyncio.Task[None]] = set()  # see ENDED_DRAIN_S
 
@@ -178,31 +170,52 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
         device_id, fingerprint = device_identity(context)
-        device = await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
-        assigned = await asyncio.to_thread(assigned_artifacts, self.store, device)
-        if request.digest not in assigned:
-            raise PermissionDenied(
-                f"artifact {request.digest[:23]}… is not part of a model version assigned to "
-                f"device '{device.name}'"
-            )
-        if request.chunk_size and not request.chunk_size >= MIN_DOWNLOAD_CHUNK:
-            raise InvalidInput(
-                f"chunk_size: {request.chunk_size} bytes; ask for 0 (the default, "
-                f"{DOWNLOAD_CHUNK}) or at least {MIN_DOWNLOAD_CHUNK}"
-            )
-        total = self.artifacts.size(request.digest)
-        if request.offset > total:
-            raise InvalidInput(f"offset {request.offset} is past the end ({total} bytes)")
-        chunk = min(request.chunk_size or DOWNLOAD_CHUNK, MAX_DOWNLOAD_CHUNK)
-        offset = request.offset
-        checked = time.monotonic()
-        for block in self.artifacts.read(request.digest, offset, chunk):
-            if time.monotonic() - checked > self.auth_recheck_interval_s:
-                # Revoked or re-enrolled since the download began: it stops here.
-                await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
-                checked = time.monotonic()
-            yield agent_pb2.ArtifactChunk(offset=offset, data=block, total_size=total)
-            offset += len(block)
+        # RateLimited past a few at once, before any query (see `cloud.service.downloads`);
+        # counted until the call ends, cancelled or not: its done callback gives it back.
+        download = self.downloads.open_for(device_id)
+        done = lambda _: self.downloads.release(download)  # noqa: E731
+        context.add_done_callback(done)  # type: ignore[arg-type]  # (the stubs want a class)
+        try:
+            device = await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+            assigned = await asyncio.to_thread(assigned_artifacts, self.store, device)
+            if request.digest not in assigned:
+                raise PermissionDenied(
+                    f"artifact {request.digest[:23]}… is not part of a model version assigned "
+                    f"to device '{device.name}'"
+                )
+            if request.chunk_size and not request.chunk_size >= MIN_DOWNLOAD_CHUNK:
+                raise InvalidInput(
+                    f"chunk_size: {request.chunk_size} bytes; ask for 0 (the default, "
+                    f"{DOWNLOAD_CHUNK}) or at least {MIN_DOWNLOAD_CHUNK}"
+                )
+            total = self.artifacts.size(request.digest)
+            if request.offset > total:
+                raise InvalidInput(f"offset {request.offset} is past the end ({total} bytes)")
+            chunk = min(request.chunk_size or DOWNLOAD_CHUNK, MAX_DOWNLOAD_CHUNK)
+            await self.downloads.admit(download, chunk)  # waits for room across the plane
+            self.downloads.progressed(download)
+            # Sent apart from the first chunk: a stalled download's status can then go out
+            # behind that chunk (with it, its batch would still hold the metadata op).
+            await context.send_initial_metadata(())
+            if (task := asyncio.current_task()) is not None:
+                self.downloads.watch(download, context, task)
+            offset = request.offset
+            checked = time.monotonic()
+            while offset < total:
+                if time.monotonic() - checked > self.auth_recheck_interval_s:
+                    # Revoked or re-enrolled since the download began: it stops here.
+                    await asyncio.to_thread(self.registry.authenticate, device_id, fingerprint)
+                    checked = time.monotonic()
+                size = min(chunk, total - offset)
+                # Read in a thread, the file open only meanwhile; the chunk is not kept here
+                # while gRPC writes it.
+                yield await asyncio.to_thread(
+                    read_chunk, self.artifacts, request.digest, offset, size, total
+                )
+                self.downloads.progressed(download)
+                offset += size
+        finally:
+            self.downloads.release(download)
 
     async def Session(
         self,
@@ -350,10 +363,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             "device to read",
             live.device_id, error.grpc_code.name, ENDED_DRAIN_S,
         )  # fmt: skip
-        status = asyncio.create_task(_send_status(context, error))
-        self._background.add(status)
-        status.add_done_callback(self._background.discard)
-        call.cancel()  # its pending write is dropped; the generator is closed when collected
+        cut(context, call, error, self._background)
         release()
 
     def _known(self, device_id: str, fingerprint: str) -> tuple[DeviceRecord, int]:

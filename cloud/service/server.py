@@ -33,6 +33,7 @@ from cloud.rollout_rules import RolloutSettings
 from cloud.rollouts import RolloutController
 from cloud.service.admission import SessionAdmission
 from cloud.service.agent import AgentServicer
+from cloud.service.downloads import DownloadSlots
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
 from cloud.service.maintenance_push import MaintenancePush
@@ -67,6 +68,7 @@ SERVICE_NAMES = (
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 FEED_BATCH = 500  # desired-state changes read per query of the change feed
 AUDIT_PRUNE_S = 3600.0  # how often the leader deletes audit entries past retention
+MAX_STREAMS_PER_CONNECTION = 1_000
 PENDING_CALLS = 20_000  # calls waiting for the server to take them; see SERVER_OPTIONS
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -74,7 +76,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_concurrent_streams", 100_000),
+    # Calls open at once on one connection. A device needs two (its session, one download);
+    # the console multiplexes every signed-in browser over one connection (alert streams: 16
+    # per operator at most). Each costs core memory; 100,000 let one device hold as many
+    # downloads (`cloud.service.downloads` bounds those now; this bounds the rest per
+    # connection). Both ports share the server's setting.
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     # BDP probing sends an HTTP/2 PING per burst on every connection to tune windows for bulk
     # transfers; for thousands of sessions of small messages it cost ~23% of the CPU per
     # heartbeat (tests/benchmarks/bench_heartbeats.py). Bulk artifact downloads may want
@@ -181,6 +188,7 @@ class ControlPlane:
         self._probe_server: aio.Server | None = None
         self.health_port = 0
         self.metrics = PlaneMetrics()
+        self.downloads = DownloadSlots(registry=self.metrics.registry)  # artifact downloads
         self.webhooks.on_result = self.metrics.delivery
         self.metrics.watch_fleet(
             store,
@@ -232,6 +240,7 @@ class ControlPlane:
                 admission=self.admission,
                 maintenance_windows=self.maintenance.windows_in_force,
                 replaced=self.replaced,
+                downloads=self.downloads,
             ),
             server,
         )
