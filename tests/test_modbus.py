@@ -4,6 +4,7 @@ and an alert on an injected fault, through a device restart (counted, resumed)."
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,80 @@ def test_the_simulator_serves_the_stream_as_a_plc(tmp_path: Path) -> None:
     assert len(values) == len(stream.sensors) and said and "float32 @ 0" in said[0]
     expected = [float(np.float32(v)) for v in stream.values[0]]
     assert [v for _, v in values] == pytest.approx(expected, rel=1e-6), values
+
+
+class ShortDevice:
+    """pymodbus's own server whose register answers carry only the first `keep` registers
+    asked (no exception code: a device or gateway that answers short)."""
+
+    def __init__(self, keep: int) -> None:
+        import asyncio
+        import threading
+
+        from pymodbus.pdu import ModbusPDU
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        from cloud.local_broker import free_port
+
+        self.port = free_port()
+        self.answers = 0
+
+        def short(sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+            if sending and pdu.registers:
+                self.answers += 1
+                pdu.registers = [7, *pdu.registers[1:keep]]
+            return pdu
+
+        device = SimDevice(id=1, simdata=[SimData(0, count=16, datatype=DataType.REGISTERS)])
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def serve() -> None:  # the server is made in its loop
+            address = ("127.0.0.1", self.port)
+            self.server = ModbusTcpServer(device, address=address, trace_pdu=short)
+            await self.server.serve_forever(background=True)
+            ready.set()
+            await self.server.serving
+
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(serve(),), daemon=True
+        )
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(10)
+        self.thread.join(10)
+
+
+def test_a_short_answer_counts_the_sensors_it_leaves_without_a_reading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = ShortDevice(keep=1)
+    registers = [
+        {"sensor": SENSORS[0], "address": 0, "type": "int16"},
+        {"sensor": SENSORS[1], "address": 1, "type": "int16"},
+        {"sensor": SENSORS[2], "address": 2, "type": "float32"},
+    ]  # one read of 4 registers, answered with 1
+    source = {"host": "127.0.0.1", "port": device.port, "registers": registers}
+    config = load_agent_config(
+        None, {"state_dir": tmp_path, "assets": [{"name": "pump-1", "modbus": source}]}
+    )
+    routes = TopicRoutes(config.assets, SENSORS)
+    base = Decoder(routes, config.ingest)
+    got: list[list[Chunk]] = []
+    (poller,) = pollers(config.assets, routes, base, got.append)
+    caplog.set_level(logging.WARNING, logger="edge_agent.ingest.modbus")
+    try:
+        for _ in range(3):
+            assert poller.poll_once() is True  # the device answered: not a failed poll
+    finally:
+        device.stop()
+    readings = [(c.sensor, float(c.values[0])) for batch in got for c in batch]
+    assert device.answers == 3 and readings == [(0, 7.0)] * 3, readings
+    assert {k: v for k, v in base.drops.items() if v} == {"modbus_exception": 2 * 3}
+    lines = [r.getMessage() for r in caplog.records if "answered 1 of the 4" in r.getMessage()]
+    assert len(lines) == 1 and poller.short_answers == 3, lines

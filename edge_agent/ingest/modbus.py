@@ -7,12 +7,15 @@ registers each, through holes of at most 8); a value is `raw * scale + offset`, 
 as int16, uint16, int32, uint32 or float32 in the configured word order. An unreachable
 device (refused, timed out) or an exception answer is counted per register
 (`modbus_unreachable`, `modbus_exception`) and polled again after the project's jittered
-backoff; it never stops the agent.
+backoff; it never stops the agent. An answer with fewer registers than asked (pymodbus
+takes it as it comes) leaves the sensors past its end without a reading: counted as
+`modbus_exception` too, and logged once a minute.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +35,9 @@ log = logging.getLogger(__name__)
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
 MODBUS_DROPS = (
     "modbus_unreachable",  # no connection or no answer: every register of the poll counts
-    "modbus_exception",  # the device answered with a Modbus exception (bad address, busy)
+    "modbus_exception",  # a Modbus exception answer (bad address, busy), or a short one
 )
+SHORT_LOG_EVERY_S = 60.0
 MAX_REGISTERS = 125  # per read request (the protocol's limit)
 MAX_GAP = 8  # unmapped registers read through between two maps (more: a separate read, as
 # many devices answer "illegal data address" for holes in their map)
@@ -94,6 +98,8 @@ class ModbusPoller:
         self.backoff = Backoff(min(1.0, source.period_s), 30.0)
         self.polls = 0
         self.failures = 0
+        self.short_answers = 0
+        self._short_logged_at = -math.inf
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._client = ModbusTcpClient(
@@ -138,7 +144,7 @@ class ModbusPoller:
 
     def _poll(self) -> bool:
         words: dict[tuple[str, int], int] = {}
-        exceptions = 0
+        exceptions = shorts = 0
         try:
             if not self._client.connected and not self._client.connect():  # type: ignore[no-untyped-call]
                 raise ConnectionError(f"cannot connect to {self.source.host}:{self.source.port}")
@@ -153,7 +159,11 @@ class ModbusPoller:
                     if answer.isError():
                         exceptions += 1
                         continue
-                    for i, word in enumerate(answer.registers):
+                    registers = list(answer.registers)
+                    if len(registers) < count:
+                        shorts += 1
+                        self._short(table, first, count, len(registers))
+                    for i, word in enumerate(registers[:count]):
                         words[(table, first + i)] = int(word)
         except (ModbusException, OSError, ConnectionError) as exc:
             self.failures += 1
@@ -162,10 +172,10 @@ class ModbusPoller:
             return False
         at = self.clock()
         chunks = self._chunks(words, at)
-        if exceptions:
-            missing = sum(1 for s in self.slots if (s.register.table, s.register.address)
-                          not in words)  # fmt: skip
-            self.base.drop("modbus_exception", self._where(), b"exception answer", missing)
+        if exceptions or shorts:
+            missing = sum(1 for s in self.slots if not self._read(s.register, words))
+            what = b"exception answer" if exceptions else b"short answer"
+            self.base.drop("modbus_exception", self._where(), what, missing)
         if chunks:
             self.deliver(chunks)
         return True
@@ -175,10 +185,9 @@ class ModbusPoller:
         stamp = np.asarray([at], dtype=np.float64)
         for s in self.slots:
             r = s.register
-            try:
-                raw = [words[(r.table, r.address + i)] for i in range(WIDTH[r.type])]
-            except KeyError:
-                continue  # its read failed: counted above
+            if not self._read(r, words):
+                continue  # its read failed or fell short: counted in _poll
+            raw = [words[(r.table, r.address + i)] for i in range(WIDTH[r.type])]
             if s.sensor < 0:
                 self.base.drop("unknown_sensor", self._where(), r.sensor.encode())
                 continue
@@ -190,6 +199,28 @@ class ModbusPoller:
             chunks.append(Chunk(s.asset, s.sensor, stamp, np.asarray([value], dtype=np.float64)))
             self.base.accepted += 1
         return chunks
+
+    @staticmethod
+    def _read(r: ModbusRegister, words: dict[tuple[str, int], int]) -> bool:
+        """Whether every word of the register came back."""
+        return all((r.table, r.address + i) in words for i in range(WIDTH[r.type]))
+
+    def _short(self, table: str, first: int, count: int, got: int) -> None:
+        self.short_answers += 1
+        now = time.monotonic()
+        if now - self._short_logged_at >= SHORT_LOG_EVERY_S:
+            self._short_logged_at = now
+            log.warning(
+                "modbus: %s answered %d of the %d %s registers asked from %d; the sensors "
+                "past its end get no reading (counted as modbus_exception; %d short answer(s)"
+                " so far)",
+                self._where(),
+                got,
+                count,
+                table,
+                first,
+                self.short_answers,
+            )
 
     def _where(self) -> str:
         return f"modbus://{self.source.host}:{self.source.port}/{self.source.device_id}"
