@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert, text
 
 from cloud.domain import (
     DesiredModel,
@@ -27,6 +30,9 @@ from cloud.domain import (
 from cloud.rollout_rules import RolloutSettings
 from cloud.rollouts import RolloutController
 from cloud.store import Store, open_store
+from cloud.store.sql import SqlStore
+from cloud.store.tables import ModelRow
+from edge_agent.errors import AlreadyExists
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +142,51 @@ def test_a_target_written_after_a_shadow_report_on_another_replica_keeps_the_rep
     stored = b.rollout_target(r1.id, device_id)
     assert stored is not None and stored.state is TargetState.SHADOWING
     assert stored.shadow == {"windows": 40, "agreement": 0.99}, stored.shadow
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("digest", ["same", "other"])
+def test_two_replicas_registering_one_bundle_at_once(pg_url: str, digest: str) -> None:
+    """Replica A's registration of pump:2222 is inserted, not yet committed, when replica B
+    registers it too (B waits on A's row): once A commits, B gets the stored record for the
+    same bundle and AlreadyExists for another one, never the database's IntegrityError."""
+    a, b = open_store(pg_url), open_store(pg_url)
+    assert isinstance(a, SqlStore)
+    try:
+        pushed = _model("2222")
+        mine = pushed if digest == "same" else dataclasses.replace(pushed, manifest_digest="x")
+        outcome: list[object] = []
+        with a.engine.connect() as held:
+            held.execute(insert(ModelRow).values(**dataclasses.asdict(pushed)))
+            thread = threading.Thread(target=lambda: outcome.append(_added(b, mine)))
+            thread.start()
+            _wait_for_a_lock_wait(a)
+            held.commit()
+        thread.join(timeout=60)
+        assert outcome, "B's registration never returned"
+        if digest == "same":
+            assert outcome[0] == pushed, outcome
+        else:
+            assert isinstance(outcome[0], AlreadyExists), outcome
+            assert "pushed before with another manifest" in str(outcome[0])
+    finally:
+        b.close()
+        a.close()
+
+
+def _added(store: Store, model: ModelRecord) -> object:
+    try:
+        return store.add_model(model)
+    except Exception as exc:  # noqa: BLE001 - what the caller would get, for the test to judge
+        return exc
+
+
+def _wait_for_a_lock_wait(store: SqlStore) -> None:
+    """Until a statement on the database waits for a lock (B's, on A's uncommitted row)."""
+    query = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+    deadline = time.monotonic() + 60
+    with store.engine.connect() as conn:
+        while conn.execute(query).scalar_one() == 0:
+            assert time.monotonic() < deadline, "B never waited on A's row"
+            time.sleep(0.05)
+            conn.rollback()  # a fresh snapshot each look

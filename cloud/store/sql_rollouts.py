@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from cloud.domain import (
@@ -42,16 +44,14 @@ class RolloutTables(SqlBase):
 
     def add_model(self, model: ModelRecord) -> ModelRecord:
         with self._tx() as s:
-            row = s.get(ModelRow, (model.name, model.version))
-            if row is not None:
-                if row.manifest_digest == model.manifest_digest:
-                    return _model(row)
-                raise AlreadyExists(
-                    f"model {model.name}:{model.version} was pushed before with another "
-                    f"manifest ({row.manifest_digest[:19]}…); give the new bundle a new version"
-                )
-            s.add(
-                ModelRow(
+            # Inserted unless there: two replicas registering one bundle at once both end
+            # here, one inserts and the other reads the row (no IntegrityError between them).
+            insert = (
+                postgresql_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+            )
+            inserted = s.execute(
+                insert(ModelRow)
+                .values(
                     name=model.name,
                     version=model.version,
                     manifest_digest=model.manifest_digest,
@@ -60,8 +60,19 @@ class RolloutTables(SqlBase):
                     pushed_at=model.pushed_at,
                     manifest=model.manifest,
                 )
+                .on_conflict_do_nothing(index_elements=["name", "version"])
             )
-        return model
+            if inserted.rowcount == 1:  # type: ignore[attr-defined]
+                return model
+            row = s.get(ModelRow, (model.name, model.version))
+            if row is None:  # deleted since the insert found it
+                raise Conflict(f"model {model.name}:{model.version} changed meanwhile; try again")
+            if row.manifest_digest == model.manifest_digest:
+                return _model(row)
+            raise AlreadyExists(
+                f"model {model.name}:{model.version} was pushed before with another "
+                f"manifest ({row.manifest_digest[:19]}…); give the new bundle a new version"
+            )
 
     def get_model(self, name: str, version: str) -> ModelRecord:
         with self._tx() as s:
