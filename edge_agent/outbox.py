@@ -3,7 +3,9 @@ in SQLite (WAL), with the alerts open on site committed in the same transactions
 
 Every record gets the next sequence number when it is written; the control plane stores each
 (device, sequence) once and acknowledges "everything up to N", after which those rows go
-(the refused ones into a bounded quarantine: `outbox_acks.py`).
+(the refused ones into a bounded quarantine: `outbox_acks.py`). An outbox the plane is ahead
+of (a new file, a backup) renumbers its unsent records after the plane's numbers
+(`follow_plane`) rather than acknowledge them away.
 The outbox is bounded in bytes (its records' and the pages they really take): past the bound
 the oldest window captures are evicted first, then the oldest predictions (counted); alert
 events never are. Under the free-space reserve of its file system it does not grow: new
@@ -103,6 +105,7 @@ class Outbox:
         self._others: int | None = None
         self._marked: set[str] = set()  # the assets with a scoring mark in the table
         self._known = 0  # the highest number the plane acknowledged, written or not
+        self._renumbering = False  # a renumbering (`follow_plane`) that could not be written
         try:
             self._connect()
         except LocalStateError as exc:
@@ -438,6 +441,62 @@ class Outbox:
                 self._next = max(self._next, up_to + 1)
             self.space.restore_ballast()
             return deleted
+
+    def follow_plane(self, last_stored: int) -> int:
+        """A session's start: the control plane stored this device's records up to
+        `last_stored`. At or past every number this outbox gave out, the outbox is not the one
+        the plane heard from (a new file after a damaged one was moved aside, or a backup):
+        its unsent records carry numbers the plane has, so they would be dropped as
+        duplicates or deleted by acknowledging `last_stored`. They are renumbered after it
+        (in order, in one transaction that also records `last_stored` as acknowledged);
+        returns how many were. Not written (LocalStateError), it is tried again at the next
+        call whatever the numbers then (appends meanwhile may have passed `last_stored`).
+        Degraded, LocalStateError too when its view does not show numbers past `last_stored`
+        (it may be a new file once it opens)."""
+        with self._lock:
+            if self._available() is None:  # degraded: its numbering is what its view said
+                if last_stored < self._next:
+                    return 0  # the plane is not ahead of it
+                raise LocalStateError(
+                    f"{self.problem}; whether the plane's numbers are past this outbox's is "
+                    "known once it opens"
+                )
+            if last_stored < self._next and not self._renumbering:
+                return 0
+            self._renumbering = True
+            self._known = max(self._known, last_stored)
+            numbered = self._next - 1
+            # New numbers above both the plane's and this outbox's: never one in use.
+            shift = max(last_stored, numbered) - self._acked
+            done: list[outbox_acks.Renumbered] = []
+
+            def write(db: sqlite3.Connection) -> None:
+                if self._alerts.pending:
+                    self._others = None
+                done[:] = [outbox_acks.renumber(db, self._acked, shift)]
+                self._set_meta("acked", max(self._acked, last_stored))
+                self._set_meta("next_seq", self._next + shift)
+                self._alerts.write_taken_over(db)
+
+            self._transaction(write, "renumber its unsent records")
+            self._alerts.committed()
+            log.warning(
+                "%s: the control plane stored this device's records up to %d, and this outbox "
+                "(numbered up to %d, acknowledged up to %d) was replaced or restored from a "
+                "backup: %s, to be sent (from a backup, those the plane stored already are "
+                "stored twice: it tells records apart by number only)",
+                self.path,
+                last_stored,
+                numbered,
+                self._acked,
+                done[0],
+            )
+            self._acked = max(self._acked, last_stored)
+            self._next += shift
+            self._renumbering = False
+            self.space.restore_ballast()
+            self._changed.notify_all()
+            return done[0].count
 
     def _chunk_end(self, up_to: int) -> int:
         """The sequence the next acknowledging transaction goes to (at most `up_to`)."""

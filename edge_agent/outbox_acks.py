@@ -1,7 +1,8 @@
 """The outbox's acknowledgement path in SQL: where the next acknowledging transaction ends,
-deleting what the control plane stored and moving what it refused into the quarantine, and
-keeping the quarantine bounded. Functions on the caller's connection, in its transaction;
-the counters and the meta table stay with `Outbox`."""
+deleting what the control plane stored and moving what it refused into the quarantine,
+keeping the quarantine bounded, and renumbering the unsent records of an outbox the control
+plane is ahead of. Functions on the caller's connection, in its transaction; the counters
+and the meta table stay with `Outbox`."""
 
 from __future__ import annotations
 
@@ -77,6 +78,34 @@ def trim_quarantine(db: sqlite3.Connection, max_bytes: int) -> None:
     ).fetchone()[0]
     if over is not None:
         db.execute("DELETE FROM quarantine WHERE seq <= ?", (over,))
+
+
+@dataclass(frozen=True)
+class Renumbered:
+    """The unsent records `renumber` moved: how many, their first and last old numbers."""
+
+    count: int
+    first: int
+    last: int
+    shift: int
+
+    def __str__(self) -> str:
+        if not self.count:
+            return "no unsent record to renumber"
+        new = f"{self.first + self.shift}..{self.last + self.shift}"
+        return f"{self.count} unsent record(s) {self.first}..{self.last} renumbered {new}"
+
+
+def renumber(db: sqlite3.Connection, acked: int, shift: int) -> Renumbered:
+    """Adds `shift` to the numbers of the records after `acked`, keeping their order. One
+    UPDATE: the caller's `shift` puts every new number above every old one, so none meets a
+    number still in use while it runs."""
+    count, first, last = db.execute(
+        "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM records WHERE seq > ?",
+        (acked,),
+    ).fetchone()
+    db.execute("UPDATE records SET seq = seq + ? WHERE seq > ?", (shift, acked))
+    return Renumbered(int(count), int(first), int(last), shift)
 
 
 def quarantined(db: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, str]]:

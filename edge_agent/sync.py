@@ -37,6 +37,7 @@ class SyncStats:
     duplicates: int = 0
     # The outbox could not record an acknowledgement (disk full): failed writes so far, and
     # the highest sequence the control plane acknowledged that it has not recorded (0: none).
+    # Failed writes include the renumbering of an outbox behind the plane (`on_accepted`).
     ack_write_failures: int = 0
     unsaved_ack: int = 0
 
@@ -85,6 +86,10 @@ class RecordSync:
         self._failed_writes = 0  # of the acknowledgement waiting now
         self._write_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
+        # The control plane's position at the session's start, while the outbox could not
+        # take it (`_follow_plane`), and the failed tries.
+        self._behind: int | None = None
+        self._failed_follows = 0
 
     @property
     def acked(self) -> int:
@@ -92,12 +97,50 @@ class RecordSync:
         return max(self.outbox.acked, self._unsaved.up_to if self._unsaved else 0)
 
     async def on_accepted(self, last_stored: int) -> None:
-        """A new session: everything up to `last_stored` is safe; resend from there."""
+        """A new session: everything up to `last_stored` is safe; resend from there.
+
+        A `last_stored` at or past every number the outbox gave out means the outbox was
+        replaced or restored: its unsent records are renumbered after it first
+        (`Outbox.follow_plane`), never acknowledged away. Until that is written (a full disk,
+        an outbox that cannot be opened), nothing is sent or acknowledged; it is retried
+        while the session goes on (`ack_retry`)."""
+        self._in_flight.clear()
+        self._behind = last_stored
+        await self._follow_plane()
+
+    async def _follow_plane(self) -> None:
+        """Takes the control plane's position (`_behind`): renumbers the outbox if it is
+        behind it, then acknowledges up to it (kept in `_behind` when it cannot be written)."""
+        last_stored = self._behind
+        assert last_stored is not None
+        try:
+            await asyncio.to_thread(self.outbox.follow_plane, last_stored)
+        except LocalStateError as exc:
+            self._retry_at = time.monotonic() + self.ack_retry.next_delay()
+            self.stats.ack_write_failures += 1
+            if not self._failed_follows:
+                log.error(
+                    "the control plane stored this device's records up to %d, and the outbox "
+                    "cannot take that position (%s): nothing is sent or acknowledged until it "
+                    "can (unsent records are not acknowledged away); retried",
+                    last_stored,
+                    exc,
+                )
+            self._failed_follows += 1
+            return
+        if self._failed_follows:
+            log.warning(
+                "the outbox took the control plane's position (%d) after %d failed try(s)",
+                last_stored,
+                self._failed_follows,
+            )
+            self._failed_follows = 0
+            self.ack_retry.reset()
+        self._behind = None
         if last_stored > self.acked or self._unsaved is not None:
             self._unsaved = self._merged(last_stored, {})
             await self._write()
         self._sent = self.acked
-        self._in_flight.clear()
         self.stats.acked_up_to = self.acked
 
     def on_ack(self, ack: agent_pb2.BatchAck) -> None:
@@ -178,15 +221,23 @@ class RecordSync:
 
     async def retry_unsaved(self, force: bool = False) -> None:
         """Writes the acknowledgement that could not be written, when its retry is due (or
-        at once: `force`). Writes on a thread; acknowledgements arriving meanwhile merge."""
-        if not self._failed_writes or (not force and time.monotonic() < self._retry_at):
+        at once: `force`), or the control plane's position the outbox could not take at the
+        session's start. Writes on a thread; acknowledgements arriving meanwhile merge."""
+        waiting = self._behind is not None or self._failed_writes
+        if not waiting or (not force and time.monotonic() < self._retry_at):
             return
-        await self._write()
+        if self._behind is not None:
+            await self._follow_plane()
+        else:
+            await self._write()
 
     async def run(self, send: Callable[[Outgoing], Awaitable[None]]) -> None:
         """Sends batches until cancelled (the session ends)."""
         while True:
             await self.retry_unsaved()
+            if self._behind is not None:  # the outbox did not take the plane's position yet
+                await asyncio.sleep(_IDLE_WAIT_S)
+                continue
             if len(self._in_flight) >= self.max_in_flight:
                 self._acked.clear()
                 await event_or_timeout(self._acked, _IDLE_WAIT_S)  # a retry may come due

@@ -164,20 +164,21 @@ def test_sequences_the_plane_knows_are_not_reused_while_its_ack_cannot_be_writte
     tmp_path: Path,
 ) -> None:
     """An outbox behind the plane (a state directory restored from a backup) learns the
-    plane's position from the acknowledgement; when that cannot be written, appends made once
-    there is space must still number past it, or the acknowledgement written later would
-    delete them unsent."""
+    plane's position at the session's start and renumbers its unsent records after it
+    (tests/test_outbox_renumber.py); when that cannot be written, nothing is acknowledged,
+    and appends made once there is space are renumbered with them: none is deleted unsent
+    (before, the two it had were, by the acknowledgement written later)."""
     box = Outbox(tmp_path / "outbox.sqlite3", 1 << 24)
     box.append(_predictions(2))
     real = box._db
     box._db = FullAtWrite(real)  # type: ignore[assignment]
     sync = RecordSync(box, 100, 2)
     asyncio.run(sync.on_accepted(50))
-    assert sync.stats.unsaved_ack == 50 and box.acked == 0
+    assert sync.stats.ack_write_failures == 1 and box.acked == 0
     box._db = real
-    assert box.append(_predictions(1, first=2)) == [51]
+    assert box.append(_predictions(1, first=2)) == [3]
     asyncio.run(sync.retry_unsaved(force=True))
-    assert box.acked == 50 and [seq for seq, _, _ in box.pending(0, 10)] == [51]
+    assert box.acked == 50 and [seq for seq, _, _ in box.pending(0, 10)] == [51, 52, 53]
 
 
 @pytest.mark.unit
