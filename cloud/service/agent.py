@@ -38,6 +38,7 @@ from cloud.service.serde import (
     install_report_from_proto,
     shadow_report_from_proto,
 )
+from cloud.service.session_rate import SessionRate
 from cloud.service.sessions import END_OF_STREAM, LiveSession, SessionHub
 from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
@@ -114,10 +115,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         replica: str = "",
         replaced: ReplacedSessions | None = None,
         downloads: DownloadSlots | None = None,
+        session_rate: SessionRate | None = None,
     ) -> None:
         self.metrics = metrics or PlaneMetrics()
         self.admission = admission or SessionAdmission(DEFAULT_SETUP_LIMIT)
         self._refusals_waiting = 0  # see REFUSALS_WAITING
+        self.session_rate = session_rate or SessionRate()  # sessions per device and minute
         self.signing_root = signing_root  # sent before desired state: it may need the new key
         # After a CA change, devices whose certificate another CA issued renew at once.
         self.issuing_ca_pem = issuing_ca.cert_pem if issuing_ca is not None else b""
@@ -229,6 +232,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         # port's TLS asks for one, so only a broken client gets there.)
         try:
             with self.admission.setup():  # RateLimited, with a retry hint, when too many open
+                # RateLimited too when this device opened too many lately (no query, no log).
+                self.session_rate.take(device_id)
                 # Who it is first: a revoked or unknown peer is refused before its state is read.
                 device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
         except Exception:

@@ -41,6 +41,7 @@ from cloud.service.metrics import CallMetrics, PlaneMetrics
 from cloud.service.operator import OperatorServicer
 from cloud.service.replacements import ReplacedSessions
 from cloud.service.serde import desired_to_proto, message_to_dict
+from cloud.service.session_rate import SessionRate
 from cloud.service.sessions import FLEET_SLICE, SessionHub
 from cloud.state_dir import ControlPlaneSecrets
 from cloud.store import Store
@@ -189,6 +190,7 @@ class ControlPlane:
         self.health_port = 0
         self.metrics = PlaneMetrics()
         self.downloads = DownloadSlots(registry=self.metrics.registry)  # artifact downloads
+        self.session_rate = SessionRate(registry=self.metrics.registry)  # per device
         self.webhooks.on_result = self.metrics.delivery
         self.metrics.watch_fleet(
             store,
@@ -241,6 +243,7 @@ class ControlPlane:
                 maintenance_windows=self.maintenance.windows_in_force,
                 replaced=self.replaced,
                 downloads=self.downloads,
+                session_rate=self.session_rate,
             ),
             server,
         )
