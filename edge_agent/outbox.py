@@ -329,7 +329,7 @@ class Outbox:
                     db.executemany(_INSERT, rows)
                 self._set_meta("next_seq", first + len(rows))
                 if scored:
-                    self._keep_scored(scored)
+                    outbox_files.keep_scored(db, scored)
                 if changed or self._alerts.pending or self._marks_change(scored):
                     self._others = None  # before the eviction that counts them
                 self._alerts.write(db, changed)
@@ -386,20 +386,6 @@ class Outbox:
     def _marks_change(self, scored: Mapping[str, float | None] | None) -> bool:
         """Whether `scored` adds or deletes a mark (a new value in place keeps the pages)."""
         return any((end is None) == (a in self._marked) for a, end in (scored or {}).items())
-
-    def _keep_scored(self, scored: Mapping[str, float | None]) -> None:
-        """The marks follow the stream, back too (its clock stepped back and it restarted at
-        the new time): a mark kept at the highest end would skip everything up to it after a
-        kill -9."""
-        db = self._conn()
-        db.executemany(
-            "INSERT INTO scored (asset, window_end) VALUES (?, ?) "
-            "ON CONFLICT (asset) DO UPDATE SET window_end = excluded.window_end",
-            [(a, end) for a, end in scored.items() if end is not None],
-        )
-        db.executemany(
-            "DELETE FROM scored WHERE asset = ?", [(a,) for a, end in scored.items() if end is None]
-        )
 
     def _evict_locked(
         self, total: int, limit: int, pages: bool = True, below: int | None = None

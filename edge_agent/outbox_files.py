@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
         "INSERT INTO meta (key, value) VALUES (?, ?) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
+    )
+
+
+def keep_scored(db: sqlite3.Connection, scored: Mapping[str, float | None]) -> None:
+    """The scoring marks of `scored` (by asset, the end of the last window decided; None:
+    none) written over the table's (in the caller's transaction). The marks follow the stream,
+    back too (its clock stepped back and it restarted at the new time): a mark kept at the
+    highest end would skip everything up to it after a kill -9."""
+    db.executemany(
+        "INSERT INTO scored (asset, window_end) VALUES (?, ?) "
+        "ON CONFLICT (asset) DO UPDATE SET window_end = excluded.window_end",
+        [(a, end) for a, end in scored.items() if end is not None],
+    )
+    db.executemany(
+        "DELETE FROM scored WHERE asset = ?", [(a,) for a, end in scored.items() if end is None]
     )
 
 
