@@ -13,9 +13,10 @@ import pytest
 
 from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.ingest.clocks import (
-    CLOCK_MESSAGES,
     CLOCK_MIN_MESSAGES,
-    SENSOR_CLOCK_AGE,
+    SENSOR_FORGET_SPANS,
+    SENSOR_LIVE_MIN_S,
+    SensorClocks,
     middle,
 )
 from edge_agent.ingest.decode import Decoder, TopicRoutes
@@ -30,9 +31,22 @@ NOW = 1_700_000_000.0
 SENSORS = ("flow", "pressure", "current", "vibration")
 
 
-def decoder() -> Decoder:
+class Clock:
+    """The receiving clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def decoder(clock: Clock | None = None) -> Decoder:
+    clock = clock or Clock()
     assets = [AssetConfig(name="pump-1", topics=["plant/pump-1/+"])]
-    return Decoder(TopicRoutes(assets, SENSORS), IngestLimits(), clock=lambda: NOW)
+    d = Decoder(TopicRoutes(assets, SENSORS), IngestLimits(), clock=clock)
+    d.sensor_clocks.clock = clock  # which sensors are live: by the same receiving clock
+    return d
 
 
 def reading(d: Decoder, sensor: str, ts: float) -> bool:
@@ -128,22 +142,75 @@ def test_one_single_sensor_message_does_not_take_the_clock_from_a_multi_sensor_a
 
 
 def test_a_lone_sensor_left_of_its_asset_is_followed_like_the_asset() -> None:
-    d = decoder()
-    for i in range(20):  # three sensors agree ...
+    clock = Clock()
+    d = decoder(clock)
+    for _ in range(20):  # three sensors agree ...
         for sensor in ("flow", "pressure", "current"):
-            reading(d, sensor, NOW + i * 0.1)
-    # ... two go silent, the survivor's clock steps an hour ahead: it is all the asset has.
-    kept = sum(reading(d, "flow", NOW + 3600 + i) for i in range(200))
-    assert kept >= 200 - 2 * CLOCK_MESSAGES, (kept, d.clock_offset(0), dict(d.drops))
-    assert abs(d.clock_offset(0) - 3600) < 200, d.clock_offset(0)
+            reading(d, sensor, clock.now)
+        clock.now += 0.1
+    # ... two go silent, the survivor's clock steps an hour ahead: it is all the asset has,
+    # once the others were not seen for SENSOR_LIVE_MIN_S (a few of their own intervals).
+    kept = 0
+    for _ in range(300):
+        clock.now += 1.0
+        kept += reading(d, "flow", clock.now + 3600)
+    assert kept >= 300 - SENSOR_LIVE_MIN_S - CLOCK_MIN_MESSAGES, (kept, dict(d.drops))
+    assert abs(d.clock_offset(0) - 3600) < 60, d.clock_offset(0)
     assert d.sensor_clocks.skews == {}
 
 
 def test_sensors_not_seen_for_a_while_are_forgotten() -> None:
-    d = decoder()
-    for i in range(20):
+    clock = Clock()
+    d = decoder(clock)
+    for _ in range(20):
         for sensor in SENSORS:
-            reading(d, sensor, NOW + i * 0.1)
-    for i in range(SENSOR_CLOCK_AGE + CLOCK_MIN_MESSAGES):  # (looked at every few)
-        reading(d, "flow", NOW + 2 + i * 0.1)
+            reading(d, sensor, clock.now)
+        clock.now += 0.1
+    forgotten_after = SENSOR_FORGET_SPANS * SENSOR_LIVE_MIN_S  # (their interval: 0.1 s)
+    for _ in range(int(forgotten_after) + 2 * CLOCK_MIN_MESSAGES):  # (looked at every few)
+        clock.now += 1.0
+        reading(d, "flow", clock.now)
     assert list(d.sensor_clocks._clocks[0]) == [0], d.sensor_clocks._clocks[0]
+
+
+@pytest.mark.parametrize("slow_s", [1, 5, 10, 30])
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["ahead", "behind"])
+def test_a_fast_skewed_sensor_cannot_take_the_clock_from_slow_ones(
+    slow_s: int, skew: float
+) -> None:
+    """Ten messages a second from the skewed sensor, one every `slow_s` from each of the
+    three right ones: they stay live between their messages (by time, not by how many of
+    the asset's last messages they sent), so the skewed one is outvoted throughout."""
+    clock = Clock()
+    d = decoder(clock)
+    right_kept = right_sent = 0
+    for tick in range(300 * 10):
+        clock.now = NOW + tick / 10
+        if tick % (10 * slow_s) == 0:
+            for sensor in ("flow", "pressure", "current"):
+                right_sent += 1
+                right_kept += reading(d, sensor, clock.now)
+        reading(d, "vibration", clock.now + skew)
+        agreed = d.sensor_clocks.offset(0)
+        assert agreed is not None and abs(d.clock_offset(0)) < 10, (
+            f"{clock.now - NOW:.1f} s in: agreed {agreed}, asset clock {d.clock_offset(0):+.0f}"
+        )
+    assert right_kept == right_sent
+    assert d.sensor_clocks.skews == {"pump-1/vibration": pytest.approx(skew, abs=60)}
+
+
+def test_sensor_clocks_go_by_the_receiving_time_each_message_is_given() -> None:
+    """`observe(..., now)`: the decoder's own clock, not `clock` (which is then not read)."""
+
+    def unused() -> float:
+        raise AssertionError("clock read although `now` was given")
+
+    clocks = SensorClocks(["pump-1"], ["flow", "vibration"], clock=unused)
+    for tick in range(600):  # vibration ten a second, an hour ahead; flow every 10 s
+        if tick % 100 == 0:
+            clocks.observe(0, 0, 0.0, NOW + tick / 10)
+        clocks.observe(0, 1, 3600.0, NOW + tick / 10)
+        assert clocks.offset(0) == 0.0, (tick, clocks.offset(0))
+    clocks.observe(0, 1, 3600.0, NOW + 3600)  # flow silent an hour: vibration is alone
+    assert clocks.offset(0) is None
+    assert list(clocks._clocks[0]) == [1]  # ... and flow forgotten
