@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cloud.clock import Clock, utc_now
 from cloud.store.base import LeaseStore, Store
 from edge_agent.errors import ConfigError
 from edge_agent.waits import event_or_timeout
@@ -99,22 +98,22 @@ class AlwaysLeader(Elector):
 
 
 class DatabaseLease(Elector):
-    def __init__(
-        self, store: LeaseStore, holder: str, duration_s: float, clock: Clock = utc_now
-    ) -> None:
+    """The lease as a row in the store, timed on the database's clock: replicas' own clocks
+    may disagree (a skew of two thirds of the lease would let one take a healthy leader's
+    lease), the database's is one. Whether this replica leads is still its own monotonic
+    clock's call (`Elector`)."""
+
+    def __init__(self, store: LeaseStore, holder: str, duration_s: float) -> None:
         super().__init__(holder, duration_s)
         self.store = store
-        self.clock = clock
 
     def _attempt(self) -> bool:
-        now = self.clock()
-        lease = self.store.try_lease(
-            LEASE_NAME, self.holder, now, dt.timedelta(seconds=self.duration_s)
-        )
-        return lease.held_by(self.holder, now)
+        duration = dt.timedelta(seconds=self.duration_s)
+        # Ours afterwards means taken or renewed just now, until the database's now + duration.
+        return self.store.try_lease(LEASE_NAME, self.holder, None, duration).holder == self.holder
 
     def _release(self) -> None:
-        self.store.release_lease(LEASE_NAME, self.holder, self.clock())
+        self.store.release_lease(LEASE_NAME, self.holder, None)
 
 
 class KubernetesLease(Elector):

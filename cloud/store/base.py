@@ -355,11 +355,15 @@ class LeaseStore(abc.ABC):
     """Leases: leader election without Kubernetes."""
 
     @abc.abstractmethod
-    def try_lease(self, name: str, holder: str, now: dt.datetime, duration: dt.timedelta) -> Lease:
-        """Takes or renews the lease when free, expired or `holder`'s; returns it as it is."""
+    def try_lease(
+        self, name: str, holder: str, now: dt.datetime | None, duration: dt.timedelta
+    ) -> Lease:
+        """Takes or renews the lease when free, expired or `holder`'s; returns it as it is.
+        `now` None: the database's clock, the one every replica shares."""
 
     @abc.abstractmethod
-    def release_lease(self, name: str, holder: str, now: dt.datetime) -> None: ...
+    def release_lease(self, name: str, holder: str, now: dt.datetime | None) -> None:
+        """Lets `holder`'s lease expire at `now` (None: the database's clock)."""
 
     @abc.abstractmethod
     def get_lease(self, name: str) -> Lease | None: ...
