@@ -79,6 +79,7 @@ class Agent:
             log.error("the CAs of the signing root could not be kept: %s", exc)
         self.issuer = certificate_issuer(self.identity)
         self.slots = ModelSlots(config.state_dir / "models")
+        self.slots.recover(self.key)  # a damaged pointer: rebuilt from the slots
         self.pending_reports: list[agent_pb2.AgentMessage] = []
         self.model = self._open_at_start()
         # A disk that is full or read-only must not keep site alerting down: the outbox then

@@ -7,7 +7,8 @@ A new version goes into the idle slot (never the serving one); `activate` then r
 `active.json` atomically (write, fsync, rename, fsync the directory), so a power cut leaves
 either the old pointer or the new one, and both name a slot that was verified. Before the
 idle slot is overwritten it stops being "previous", so the pointer never names a slot being
-written.
+written. A pointer damaged all the same (bit rot, a foreign edit) is rebuilt at start from
+the slots' `.target` markers and signed manifests (`ModelSlots.recover`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +31,9 @@ from edge_agent.bundle import (
     parse_manifest,
     read_signed_manifest,
     sha256_file,
+    verify_bundle,
 )
-from edge_agent.errors import AutoglmError, LocalStateError
+from edge_agent.errors import AutoglmError, IntegrityError, LocalStateError
 from edge_agent.files import (
     UNREADABLE,
     make_dir_durably,
@@ -92,8 +96,68 @@ class ModelSlots:
             return Pointer()
         except UNREADABLE as exc:
             raise LocalStateError(
-                f"{path}: unreadable ({exc}); move it away to start without a model"
+                f"{path}: unreadable ({exc}); rebuilt from the slots at the next start"
             ) from None
+
+    def recover(self, key: Verifier) -> None:
+        """At start: a pointer that cannot be read (damaged) is kept aside, named in the log,
+        and rebuilt from the slots that verify as at install (`_installed`). The one installed
+        first serves: the other may be a candidate only ever run in shadow, so it serves only
+        when the control plane asks for it again (its files are kept: no download then).
+        `LocalStateError` when the disk does not take the rebuilt pointer."""
+        path = self.root / POINTER
+        try:
+            self.read()
+            return
+        except LocalStateError as exc:
+            damaged = exc
+        installed = [self._installed(slot, key) for slot in ("a", "b")]
+        found = sorted((i for i in installed if i is not None), key=lambda i: i[0])
+        pointer = Pointer(active=found[0][1] if found else None)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{POINTER}.damaged-{stamp}")
+        try:
+            try:  # a link keeps a pointer in place until the rebuilt one replaces it
+                os.link(path, aside)
+            except OSError:
+                os.replace(path, aside)
+        except OSError as exc:
+            raise LocalStateError(f"{damaged}; cannot move it aside to rebuild it: {exc}") from None
+        self._write(pointer)
+        served = "no slot verifies: no model serves"
+        if pointer.active is not None:
+            served = f"slot {pointer.active.slot} ({pointer.active.name}:"
+            served += f"{pointer.active.version}) serves"
+        later = ", ".join(f"slot {i.slot} ({i.name}:{i.version})" for _, i in found[1:])
+        if later:
+            served += f"; {later}, installed after it, serves when the control plane asks again"
+        log.error(
+            "%s; kept as %s and rebuilt from the slots that verify: %s (the record of versions "
+            "that failed here is lost)",
+            damaged, aside.name, served,
+        )  # fmt: skip
+
+    def _installed(self, slot: str, key: Verifier) -> tuple[float, SlotInfo] | None:
+        """The install in `slot`, checked as at install (its marker names the manifest there,
+        whose signature verifies, every file present matches it, a variant among them), with
+        when it began (its marker's time); None when it has none or does not verify."""
+        directory = self.slot_dir(slot)
+        marker = directory / TARGET
+        try:
+            digest = marker.read_text().strip()
+            began = marker.stat().st_mtime
+            raw = (directory / MANIFEST).read_bytes()
+            if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+                raise IntegrityError(f"{directory / MANIFEST} is not the one {marker} names")
+            manifest = verify_bundle(directory, key, partial=True)
+            if not any((directory / v.file).is_file() for v in manifest.variants):
+                raise IntegrityError(f"{directory}: no variant downloaded")
+        except FileNotFoundError:
+            return None  # never installed, or an install that had not begun
+        except (OSError, UnicodeDecodeError, AutoglmError) as exc:
+            log.warning("slot %s cannot serve after the pointer was lost: %s", slot, exc)
+            return None
+        return began, SlotInfo(slot, manifest.name, manifest.version, digest)
 
     def _write(self, pointer: Pointer) -> None:
         """Replaces the pointer durably; `LocalStateError` (the old one stays) when the disk

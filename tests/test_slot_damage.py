@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.domain import DesiredModel
 from edge_agent.agent import Agent
-from edge_agent.bundle import MANIFEST, SIGNATURE
-from edge_agent.config import AgentConfig, load_agent_config
+from edge_agent.bundle import MANIFEST
 from edge_agent.download import CHUNK, Downloader
 from edge_agent.retry import Backoff
-from edge_agent.serving import ServingModel
-from edge_agent.slots import TARGET, ModelSlots, SlotInfo
+from edge_agent.slots import ModelSlots
 from edge_agent.trust import ROOT_FILE, sign_root
 from edge_agent.updates import OUTCOME
 from protos.autoglm.v1 import agent_pb2
@@ -36,55 +32,19 @@ from tests.conftest import register
 from tests.support.agents import enroll_identity
 from tests.support.bundles import make_version
 from tests.support.cloud import RunningPlane
+from tests.support.slot_installs import (
+    MODEL_FILE,
+    agent_config,
+    apply,
+    close,
+    desired,
+    digest,
+    flip_a_bit,
+    install,
+)
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-MODEL_FILE = "model.fp32.onnx"  # the variant a device without a GPU runs
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _desired(bundle: Path, version: str) -> agent_pb2.DesiredState:
-    return agent_pb2.DesiredState(
-        model_name="pump",
-        model_version=version,
-        manifest_digest=_digest((bundle / MANIFEST).read_bytes()),
-        signature_digest=_digest((bundle / SIGNATURE).read_bytes()),
-        rollout_id="r2",
-    )
-
-
-def _install_as_updater_does(slots: ModelSlots, slot: str, bundle: Path, version: str) -> None:
-    """`bundle` in `slot` with its marker, then served (what a verified install leaves)."""
-    shutil.copytree(bundle, slots.slot_dir(slot))
-    digest = _digest((bundle / MANIFEST).read_bytes())
-    (slots.slot_dir(slot) / TARGET).write_text(digest)
-    slots.activate(SlotInfo(slot, "pump", version, digest, f"r{version}"))
-
-
-def _flip_a_bit(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def _config(state: Path) -> AgentConfig:
-    return load_agent_config(
-        None,
-        {
-            "state_dir": state,
-            "assets": [{"name": "pump-1", "topics": ["p/+"]}],
-            "metrics": {"listen": ""},
-        },
-    )
-
-
-def _close(agent: Agent) -> None:
-    agent.updater.close()
-    agent.outbox.close()
-    if agent.model is not None:
-        agent.model.close()
+# The module trains the small model first: minutes on a busy machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
@@ -105,16 +65,16 @@ def test_a_bit_flipped_in_the_serving_slot_is_downloaded_again_not_failed_for_go
     with plane.client() as client:
         for bundle in bundles.values():
             client.push_bundle(bundle)
-    _install_as_updater_does(slots, "a", bundles["1"], "1")
-    _install_as_updater_does(slots, "b", bundles["2"], "2")
-    desired = _desired(bundles["2"], "2")
+    install(slots, "a", bundles["1"], "1")
+    install(slots, "b", bundles["2"], "2")
+    wanted = desired(bundles["2"], "2")
     device, now = identity.info.device_id, dt.datetime.now(dt.UTC)
-    digests = desired.manifest_digest, desired.signature_digest
+    digests = wanted.manifest_digest, wanted.signature_digest
     plane.plane.store.set_desired([DesiredModel(device, "pump", "2", *digests, "r2", False, now)])
     damaged = slots.slot_dir("b") / MODEL_FILE
-    _flip_a_bit(damaged)
+    flip_a_bit(damaged)
 
-    agent = Agent(_config(state))
+    agent = Agent(agent_config(state))
     try:
         assert agent.model is not None and agent.model.version == "1"
         pointer = agent.slots.read()
@@ -125,17 +85,8 @@ def test_a_bit_flipped_in_the_serving_slot_is_downloaded_again_not_failed_for_go
         assert report.outcome == OUTCOME.OUTCOME_START_FAILED_ROLLED_BACK, report
         assert "damaged on this device" in report.detail, report.detail
 
-        # The next desired state installs it again, downloading the damaged file anew
-        # (the data path's restart on it is not what this test is about).
-        async def swap(model: ServingModel) -> None:
-            old, agent.model = agent.model, model
-            if old is not None:
-                old.close()
-
-        agent.swap = swap  # type: ignore[method-assign]
-        posted: list[agent_pb2.InstallReport] = []
-        agent.session.post = lambda m: posted.append(m.install)  # type: ignore[method-assign]
-        asyncio.run(agent.updater.apply(desired))
+        # The next desired state installs it again, downloading the damaged file anew.
+        posted = apply(agent, wanted)
         assert [r.outcome for r in posted] == [OUTCOME.OUTCOME_INSTALLED], posted
         assert agent.model is not None and agent.model.version == "2"
         active = agent.slots.read().active
@@ -143,7 +94,7 @@ def test_a_bit_flipped_in_the_serving_slot_is_downloaded_again_not_failed_for_go
         served = agent.slots.slot_dir(active.slot) / MODEL_FILE
         assert served.read_bytes() == (bundles["2"] / MODEL_FILE).read_bytes()
     finally:
-        _close(agent)
+        close(agent)
 
 
 def test_slots_signed_by_a_rotated_key_are_not_failed_when_the_root_cannot_be_read(
@@ -171,10 +122,10 @@ def test_slots_signed_by_a_rotated_key_are_not_failed_when_the_root_cannot_be_re
     slots = ModelSlots(state / "models")
     for slot, version in (("a", "1"), ("b", "2")):
         bundle = make_version(trained, tmp_path / f"v{version}", version, new_key)
-        _install_as_updater_does(slots, slot, bundle, version)
+        install(slots, slot, bundle, version)
     files = sorted(p.relative_to(state) for p in (state / "models").rglob("*") if p.is_file())
 
-    agent = Agent(_config(state))
+    agent = Agent(agent_config(state))
     try:
         assert agent.model is None
         assert agent.slots.read().failed == {}, agent.slots.read()
@@ -187,7 +138,7 @@ def test_slots_signed_by_a_rotated_key_are_not_failed_when_the_root_cannot_be_re
         for slot in ("a", "b"):
             agent._open(agent.slots.slot_dir(slot), partial=True).close()
     finally:
-        _close(agent)
+        close(agent)
 
 
 def test_a_bundle_that_fails_its_self_test_at_start_is_still_failed(
@@ -206,22 +157,22 @@ def test_a_bundle_that_fails_its_self_test_at_start_is_still_failed(
     enroll_identity(register(plane, "pump-1"), state)
     slots = ModelSlots(state / "models")
     bundle = make_version(trained, tmp_path / "v2", "2", fleet_key)
-    _install_as_updater_does(slots, "b", bundle, "2")
+    install(slots, "b", bundle, "2")
 
     def fails(*args: Any, **kwargs: Any) -> str:
         raise IntegrityError("variant fp32 fails the self-test")
 
     monkeypatch.setattr(serving, "check_golden", fails)
-    agent = Agent(_config(state))
+    agent = Agent(agent_config(state))
     try:
         assert agent.model is None
-        digest = _digest((bundle / MANIFEST).read_bytes())
-        assert agent.slots.failure(digest) == "variant fp32 fails the self-test"
+        failed = agent.slots.failure(digest((bundle / MANIFEST).read_bytes()))
+        assert failed == "variant fp32 fails the self-test"
         assert (slots.slot_dir("b") / MODEL_FILE).is_file()
         [report] = [m.install for m in agent.pending_reports]
         assert not report.retrying, report
     finally:
-        _close(agent)
+        close(agent)
 
 
 # ---- the download step ----
@@ -231,7 +182,7 @@ class Artifacts:
     """DownloadArtifact over the given blobs; the digests asked for are kept."""
 
     def __init__(self, blobs: list[bytes]) -> None:
-        self.blobs = {_digest(b): b for b in blobs}
+        self.blobs = {digest(b): b for b in blobs}
         self.asked: list[str] = []
 
     def DownloadArtifact(self, request: Any) -> AsyncIterator[agent_pb2.ArtifactChunk]:
@@ -261,8 +212,8 @@ def test_a_file_already_there_is_kept_only_when_its_bytes_match(
     kept, damaged = tmp_path / "golden.npz", tmp_path / MODEL_FILE
     kept.write_bytes(other)
     damaged.write_bytes(good[:-1] + b"X")
-    files = [(_digest(good), damaged), (_digest(other), kept)]
+    files = [(digest(good), damaged), (digest(other), kept)]
     asyncio.run(downloader.fetch_from(artifacts, files))  # type: ignore[arg-type]
     assert damaged.read_bytes() == good, "a damaged file was kept instead of downloaded again"
-    assert artifacts.asked == [_digest(good)], "an intact file was downloaded again"
+    assert artifacts.asked == [digest(good)], "an intact file was downloaded again"
     assert not list(tmp_path.glob("*.part"))
