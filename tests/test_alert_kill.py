@@ -25,7 +25,7 @@ from protos.autoglm.v1 import agent_pb2
 from tests.support.bundles import train_small
 from tests.support.datapath import Site, pump, site_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]
 
 # The first run: killed (SIGKILL, by itself) just before or just after the outbox write that

@@ -16,7 +16,7 @@ from cloud.console import alerts
 from tests.support.console import chromium
 from tests.support.fake_console import GOOD, fake_app
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 WAIT_MS = 30_000
 
 

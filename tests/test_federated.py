@@ -29,7 +29,7 @@ from tests.support.learning_site import CALIBRATION, site_stream
 from tests.support.sensordata import SENSORS
 from tests.support.site_exports import T0, export_of, site_captures, stream_scores
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 DEVICES = ("edge-a", "edge-b")
 # As tests/support/learning_site.py's fine_tune: 40 epochs of batch 32, one torch thread.
 TRAINING = ["--epochs", "40", "--batch-size", "32", "--threads", "1", "--seed", "0"]
