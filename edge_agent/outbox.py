@@ -18,9 +18,10 @@ The alerts open on each asset (`open_alerts`, `outbox_alerts.py`) and where scor
 (`scored`) are kept with the records that changed them, so after a kill the three always
 agree: an alert event the control plane will get is open here, and one it will never get is not.
 
-An outbox that cannot be opened at start (a full or read-only disk, a damaged file) can run
-degraded (`degraded_ok`): it takes nothing (writes raise LocalStateError, which the sink
-handles as a full disk), says why in `problem`, and tries to open again every `retry_s`.
+A damaged database is moved aside (kept) and a new one started with what it still says
+(`outbox_salvage.py`). An outbox that cannot be opened at start (a full or read-only disk)
+can run degraded (`degraded_ok`): it takes nothing (writes raise LocalStateError, which the
+sink handles as a full disk), says why in `problem`, and tries to open again every `retry_s`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from edge_agent import outbox_acks, outbox_files
+from edge_agent import outbox_acks, outbox_files, outbox_salvage
 from edge_agent.errors import LocalStateError
 from edge_agent.outbox_acks import QUARANTINE_SHARE as QUARANTINE_SHARE  # re-exported
 from edge_agent.outbox_alerts import OpenAlertTable
@@ -106,6 +107,7 @@ class Outbox:
         self._marked: set[str] = set()  # the assets with a scoring mark in the table
         self._known = 0  # the highest number the plane acknowledged, written or not
         self._renumbering = False  # a renumbering (`follow_plane`) that could not be written
+        self._started_over = False  # a damaged database was moved aside (`_connect`)
         try:
             self._connect()
         except LocalStateError as exc:
@@ -116,6 +118,19 @@ class Outbox:
 
     # ---- opening ----
     def _connect(self) -> None:
+        """Opens the database; a damaged one is moved aside and a new one started with what
+        it still says (`outbox_salvage`), once per outbox (a disk that damages every file
+        must not fill up with copies)."""
+        try:
+            self._open()
+        except outbox_files.DamagedDatabase as exc:
+            if self._started_over:
+                raise
+            outbox_salvage.start_over(self.path, str(exc))
+            self._started_over = True
+            self._open()
+
+    def _open(self) -> None:
         """Opens the database (or raises LocalStateError saying why, the disk's state too);
         on a full disk, once more after giving up the ballast."""
         for attempt in (0, 1):

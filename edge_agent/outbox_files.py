@@ -37,9 +37,16 @@ CREATE TABLE IF NOT EXISTS open_alerts (asset TEXT PRIMARY KEY, event TEXT NOT N
 """
 
 
+class DamagedDatabase(LocalStateError):
+    """The outbox database is damaged: SQLite's quick_check fails, or it is not a database."""
+
+
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """The outbox database at `path` (made when missing), WAL, synchronous=FULL, checked.
-    Raises sqlite3.Error or OSError when it cannot be opened, LocalStateError when damaged."""
+    Raises sqlite3.Error or OSError when it cannot be opened, DamagedDatabase when damaged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
@@ -48,12 +55,17 @@ def open_database(path: Path) -> sqlite3.Connection:
         db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         db.executescript(_SCHEMA)
         check = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
+            raise DamagedDatabase(f"{path}: the outbox database is damaged: {exc}") from None
+        raise
     except BaseException:
         db.close()
         raise
     if check != "ok":
         db.close()
-        raise LocalStateError(f"{path}: the outbox database is damaged: {check}")
+        raise DamagedDatabase(f"{path}: the outbox database is damaged: {check}")
     return db
 
 
