@@ -16,6 +16,7 @@ import pytest
 from cloud.local_broker import free_port
 from edge_agent.config import IngestLimits, load_agent_config
 from edge_agent.errors import ConfigError
+from edge_agent.ingest.clocks import CLOCK_MIN_MESSAGES
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.ingest.opcua import OpcUaSession, sessions
 from tests.support.agents import wait_for
@@ -115,6 +116,43 @@ def test_a_stamp_that_is_no_time_falls_back_and_a_sentinel_value_is_dropped(
     session._take(target, 3.4028235e38, value(3.4028235e38, server_time, None))
     assert len(delivered) == 1
     assert {k: v for k, v in base.drops.items() if v} == {"bad_timestamp": 1, "out_of_range": 1}
+
+
+@pytest.mark.parametrize("skewed", [SENSORS, SENSORS[-1:]], ids=["server", "one-node"])
+def test_a_server_clock_ahead_is_followed_and_one_skewed_node_is_outvoted(
+    tmp_path: Path, skewed: tuple[str, ...]
+) -> None:
+    """Source timestamps 10 min ahead on every node (a PLC's clock): the asset's clock follows
+    after a few values, as it does for MQTT, instead of every value dropped as future. Ahead
+    on one node of four: that node is reported and its values dropped, the others kept."""
+    import datetime as dt
+
+    from asyncua import ua
+
+    config = _config(tmp_path, _source(OpcServer(SENSORS)))
+    routes = TopicRoutes(config.assets, SENSORS)
+    base = Decoder(routes, IngestLimits(), clock=lambda: NOW)
+    base.sensor_clocks.clock = lambda: NOW
+    delivered: list[tuple[int, int, float, float]] = []
+    (session,) = sessions(config.assets, routes, base, delivered.append)
+    assert isinstance(session, OpcUaSession)
+    session.clock = lambda: NOW
+    targets = [t for ts in session.targets.values() for t in ts]
+    assert sorted(SENSORS[t.sensor] for t in targets) == sorted(SENSORS)
+    for i in range(50):
+        for target in targets:
+            ahead = 600.0 if SENSORS[target.sensor] in skewed else 0.0
+            stamp = dt.datetime.fromtimestamp(NOW + ahead + i * 0.1, dt.UTC).replace(tzinfo=None)
+            session._take(target, 1.0, ua.DataValue(ua.Variant(1.0), SourceTimestamp=stamp))
+    kept = len(delivered)
+    if len(skewed) == len(SENSORS):
+        assert kept >= 200 - CLOCK_MIN_MESSAGES, (kept, dict(base.drops))
+        assert abs(base.clock_offset(0) - 600) < 10, base.clock_offset(0)
+        assert base.sensor_clocks.skews == {}
+    else:
+        assert kept == 150 and base.drops["ts_future"] == 50, (kept, dict(base.drops))
+        assert abs(base.clock_offset(0)) < 10, base.clock_offset(0)
+        assert base.sensor_clocks.skews == {f"pump-1/{skewed[0]}": pytest.approx(600, abs=10)}
 
 
 @pytest.mark.integration

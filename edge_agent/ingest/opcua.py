@@ -206,10 +206,12 @@ class OpcUaSession:
             return
         ts = usable[0] if usable else now
         latest, earliest = self.base.bounds(target.asset, now)
+        # Its offset counts, kept or not (as MQTT's and Sparkplug's): a server clock running
+        # ahead is followed after a few values instead of every value dropped as future.
+        self.base.observe(target.asset, ts, now, target.sensor)
         if ts > latest or ts < earliest:
             self.base.drop("ts_future" if ts > latest else "ts_past", where, b"")
             return
-        self.base.observe(target.asset, ts, now)
         self.base.accepted += 1
         self.deliver((target.asset, target.sensor, ts, reading))
 
