@@ -13,8 +13,10 @@ negatives.
 Everything counts against `max_bytes_per_day` (encoded record bytes, per UTC day of the
 windows' stream time); samples may use only `sample_share` of it, so they never crowd out
 alert windows. Past the budget a window is not captured and counted (`capture_over_budget`).
-The day's counts are kept in `capture.json` in the state directory: a restart does not reset
-the budget. Only the inference thread calls it.
+The day's counts are kept in `capture.json` in the state directory, and with them how far each
+open alert is in its windows (only the alerts open: an entry goes when its alert clears): a
+restart, or a model swap, neither resets the budget nor captures an alert's windows again.
+Only the inference thread calls it.
 """
 
 from __future__ import annotations
@@ -97,13 +99,14 @@ class CaptureSampler:
         self.captured = {ALERT: 0, SAMPLE: 0}
         self.over_budget = 0
         self.quota = math.ceil(policy.samples_per_day / (HOUR_BANDS * SCORE_BANDS))
+        # By asset: its open alert and the windows since it was raised (kept with the day).
+        self._episodes: dict[str, tuple[str, int]] = {}
         self.today = self._load()
-        self._episodes: dict[str, tuple[str, int]] = {}  # by asset: open alert, windows since
 
     def _load(self) -> CaptureDay:
         try:
             doc = json.loads(self.path.read_bytes())
-            return CaptureDay(
+            today = CaptureDay(
                 int(doc["day"]),
                 int(doc["bytes"]),
                 int(doc["sample_bytes"]),
@@ -115,6 +118,15 @@ class CaptureSampler:
             log.warning("%s: capture counts not read (%s); the day's budget starts over",
                         self.path, exc)  # fmt: skip
             return CaptureDay()
+        try:  # absent in files written before it was kept
+            self._episodes = {
+                str(asset): (str(key), int(seen))
+                for asset, (key, seen) in doc.get("episodes", {}).items()
+            }
+        except UNREADABLE as exc:
+            log.warning("%s: open alerts' capture counts not read (%s); their windows are "
+                        "counted from now", self.path, exc)  # fmt: skip
+        return today
 
     def _day(self) -> CaptureDay:
         """The budget's day: a UTC day of this device's clock, never of the windows' stamps
@@ -138,6 +150,8 @@ class CaptureSampler:
             self._episodes[asset] = (open_key, seen)
             taken, off_beat = divmod(seen, policy.alert_spacing)
             return ALERT if not off_beat and taken < policy.windows_per_alert else ""
+        if self._episodes.pop(asset, None) is not None:  # cleared: kept no longer
+            self._save()
         if self.quota == 0 or self.rng.random() >= policy.sample_probability:
             return ""
         today = self._day()
@@ -164,7 +178,13 @@ class CaptureSampler:
 
     def _save(self) -> None:
         t = self.today
-        doc = {"day": t.day, "bytes": t.bytes, "sample_bytes": t.sample_bytes, "strata": t.strata}
+        doc = {
+            "day": t.day,
+            "bytes": t.bytes,
+            "sample_bytes": t.sample_bytes,
+            "strata": t.strata,
+            "episodes": self._episodes,
+        }
         try:
             replace_atomically(self.path, json.dumps(doc).encode(), 0o600)
         except OSError as exc:  # disk full: the budget is still kept in memory
