@@ -1,6 +1,7 @@
-"""What a hostile or broken publisher can make the decoder hold or log: the topic cache is
-bounded by its topics' text too (a topic may be 65,535 bytes), and log lines show a topic's
-first characters and its length, not all of it."""
+"""What a hostile or broken publisher can make the decoder hold, log or spend: the topic
+cache is bounded by its topics' text too (a topic may be 65,535 bytes), log lines show a
+topic's first characters and its length, and an asset's messages past its rate are dropped
+undecoded and counted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.ingest.decode import Decoder, TopicRoutes
+from edge_agent.ingest.rates import MessageRates
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +55,42 @@ def test_a_long_topic_is_cut_short_in_log_lines(caplog: pytest.LogCaptureFixture
     line = record.getMessage()
     assert len(line) < 600, f"a log line of {len(line)} characters"
     assert "plant/pump-1/xxx" in line and f"({len(topic)} characters)" in line, line
+
+
+def test_a_bucket_lets_a_burst_through_then_its_rate() -> None:
+    rates = MessageRates(2, per_s=10.0, burst_s=2.0)  # 20 at once, then 10 a second
+    assert sum(rates.admit(0, 100.0) for _ in range(50)) == 20
+    assert sum(rates.admit(0, 101.0) for _ in range(50)) == 10  # a second later: 10 more
+    assert sum(rates.admit(1, 101.0) for _ in range(50)) == 20  # each asset its own
+    assert sum(rates.admit(0, 1_000.0) for _ in range(50)) == 20  # idle: a burst, no more
+
+
+def test_messages_over_the_rate_are_counted_undecoded_and_logged_once_per_asset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assets = [
+        AssetConfig(name="pump-1", topics=["plant/pump-1/+"]),
+        AssetConfig(name="pump-2", topics=["plant/pump-2/+"]),
+    ]
+    limits = IngestLimits(max_messages_per_s=0.001, message_burst_s=1.0)  # one, then none
+    dec = Decoder(TopicRoutes(assets, ["flow"]), limits, clock=lambda: NOW)
+    with caplog.at_level(logging.WARNING, logger="edge_agent.ingest.decode"):
+        for _ in range(1_000):
+            dec.decode("plant/pump-1/flow", b"not even json")
+        for _ in range(3):
+            dec.decode("plant/pump-2/flow", READING)
+    assert dec.drops == {"not_json": 1, "rate_limited": 999 + 2}, dec.drops
+    assert dec.rate_limited == [999, 2]
+    assert dec.accepted == 1
+    lines = [r.getMessage() for r in caplog.records if "max_messages_per_s" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("asset pump-1 ") and "rate_limited, 1 so far" in lines[0]
+
+
+def test_no_limit_when_the_rate_is_zero() -> None:
+    assets = [AssetConfig(name="pump-1", topics=["plant/pump-1/+"])]
+    limits = IngestLimits(max_messages_per_s=0)
+    dec = Decoder(TopicRoutes(assets, ["flow"]), limits, clock=lambda: NOW)
+    for _ in range(50_000):
+        dec.decode("plant/pump-1/flow", READING)
+    assert dec.accepted == 50_000 and not dec.drops

@@ -31,6 +31,7 @@ from edge_agent.config import AssetConfig, IngestLimits
 from edge_agent.ingest.clocks import CLOCK_MESSAGES as CLOCK_MESSAGES  # re-exported
 from edge_agent.ingest.clocks import CLOCK_MIN_MESSAGES as CLOCK_MIN_MESSAGES
 from edge_agent.ingest.clocks import SensorClocks, StreamClock
+from edge_agent.ingest.rates import MessageRates
 from edge_agent.windowing import TimeArray
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ DROP_REASONS = (
     "late",  # older than a grid slot that already closed
     "duplicate",  # same sensor and timestamp again
     "backlog_full",  # the asset had ingest.max_backlog_readings waiting too long (a flood)
+    "rate_limited",  # MQTT messages of an asset past ingest.max_messages_per_s (a flood)
 )
 MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138
 # Timestamps a reading may carry, in epoch seconds: from 1970 to 2100. Beyond, a number is no
@@ -153,6 +155,12 @@ class Decoder:
         self.clocks: dict[int, StreamClock] = {}  # by asset index
         # ... and by sensor, where a message is one sensor's: the asset's is theirs agreed.
         self.sensor_clocks = SensorClocks([a.name for a in routes.assets], routes.schema or ())
+        assets = len(routes.assets)
+        self.rates: MessageRates | None = None  # None: no limit
+        if limits.max_messages_per_s > 0:
+            self.rates = MessageRates(assets, limits.max_messages_per_s, limits.message_burst_s)
+        self.rate_limited = [0] * assets  # messages dropped as over the rate, by asset
+        self._rate_logged = [-_LOG_EVERY_S] * assets
 
     def clock_offset(self, asset: int) -> float:
         """Seconds the asset's stream runs ahead of this device's clock (negative: behind)."""
@@ -194,6 +202,22 @@ class Decoder:
                 sample,
             )
 
+    def _over_rate(self, asset: int, topic: str, now: float) -> None:
+        self.drops["rate_limited"] += 1
+        self.rate_limited[asset] += 1
+        if now - self._rate_logged[asset] >= _LOG_EVERY_S:
+            self._rate_logged[asset] = now
+            log.warning(
+                "asset %s sends more than ingest.max_messages_per_s (%g messages a second, "
+                "bursts of %g s); the excess is dropped undecoded and counted (rate_limited, "
+                "%d so far), e.g. on %s; logged at most once a minute",
+                self.routes.assets[asset].name,
+                self.limits.max_messages_per_s,
+                self.limits.message_burst_s,
+                self.rate_limited[asset],
+                shown_topic(topic),
+            )
+
     def decode(self, topic: str, payload: bytes) -> Decoded | None:
         """Readings of one message, or None when all of it was dropped (and counted)."""
         if len(payload) > self.limits.max_payload_bytes:
@@ -203,6 +227,12 @@ class Decoder:
         if route is None:
             self.drop("unknown_topic", topic, payload)
             return None
+        rates = self.rates
+        if rates is not None:  # before any decoding: a flood's message costs next to nothing
+            now_s = time.monotonic()
+            if not rates.admit(route.asset, now_s):
+                self._over_rate(route.asset, topic, now_s)
+                return None
         if self.routes.schema is None:
             self.drop("no_model", topic, payload)
             return None

@@ -133,6 +133,8 @@ def agent_round(
                 else {"name": "pump-1", "topics": ["plant/pump-1/+"]}
             ],
             "model": {"bundle": bundle},
+            # The publisher floods one asset on purpose: the path's throughput is measured.
+            "ingest": {"max_messages_per_s": 0},
         },
     )
     serving = open_serving(bundle, key.public_key(), config.model, state / "m", state / "e")
