@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 MIN_WINDOW_VALID = 0.5  # share of a window's readings that must be present to score it
 CLOCK_LOG_FROM_S = 60.0  # and logged (once per CLOCK_LOG_S) from this far
 CLOCK_LOG_S = 600.0
-LATE_STREAK = 8  # drains in a row with nothing but late readings: the clock stepped back
+# Drains in a row with nothing but readings far behind the closed slots, the least before the
+# stream restarts at the new time (`follow_clock` says when).
+LATE_STREAK = 8
+STEP_LOG_S = 600.0  # stream restarts at a clock step: said at once, then at most this often
 
 
 class AssetRunner:
@@ -40,8 +43,10 @@ class AssetRunner:
         lateness_s: float,
         history_rows: int,
         close_complete: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         spec = model.spec
+        self.clock = clock  # this device's time, for how long a stream has been late
         self.index = index
         self.name = name
         self.model = model
@@ -69,9 +74,13 @@ class AssetRunner:
         self.gaps = 0  # stream restarts after more than a window without readings
         self.clock_logged = -math.inf
         self.late_streak = 0  # drains in a row whose readings were all late
+        self.late_since = 0.0  # `clock` at the first of them
+        self.added_offset: float | None = None  # the stream clock when readings last came in
         self.seen_readings = 0
         self.seen_late = 0
         self.clock_steps = 0  # stream restarts after the asset's clock stepped back
+        self.steps_logged_at = -math.inf
+        self.steps_unlogged = 0  # restarts since the last line about them
         self.carried: Counter[str] = Counter()  # counts of aligners replaced by a restart
         self.carried_readings = 0  # and their readings
         # Written by the inference thread when calibration ends; read here.
@@ -91,6 +100,7 @@ class AssetRunner:
             self.carried.update(self.aligner.counts)  # health counts stay cumulative
             self.carried_readings += self.aligner.readings
             self.seen_readings = self.seen_late = self.late_streak = 0
+            self.added_offset = None
             self.aligner = StreamAligner(
                 self.model.schema.size,
                 spec.period_s,
@@ -252,28 +262,47 @@ class AssetRunner:
         )
 
     def follow_clock(self, offset: float) -> None:
-        """Readings that all land far behind the slots already closed (`late_far`), message
-        after message, mean the asset's clock stepped back: the stream restarts at the new
-        time instead of dropping everything as late until the clock catches up. A stream
-        clock `offset` s away from this device's is said once per CLOCK_LOG_S (and in
-        health, `clock_offset_s`)."""
+        """After each drain: restarts the stream where the asset's clock stepped back, and says
+        a stream clock `offset` s away from this device's (once per CLOCK_LOG_S; in health,
+        `clock_offset_s`).
+
+        A drain that added nothing and whose readings landed far behind the slots already
+        closed (`late_far`) is late. At least LATE_STREAK late drains in a row restart the
+        stream at the new time (instead of dropping everything as late until the clock
+        catches up) once this device's time (`clock`) and the stream's say the asset's time
+        went back, not one sensor's:
+        - its stream clock (`offset`, the decoder's median, the middle of its sensors' where
+          they send apart) is more than `late_far` behind what it was when readings last
+          came in, and none came in for LATE_STREAK periods: the whole asset stepped back
+          (a gateway rebooted to an old time);
+        - or none came in for longer than a window while late ones kept coming (a stream
+          stamped by this device, whose clock stepped back, moves no offset); a window
+          without readings cannot be scored anyway.
+        One sensor whose clock runs behind sends late readings only: the others still add
+        theirs every period or so, and the stream clock stays where they agree (where an
+        estimate of it sways with that sensor's messages, the periods still hold). Counting
+        drains alone, a fast one (10 messages between the others') restarted the stream
+        every second."""
         aligner = self.aligner
         added, late = aligner.readings, aligner.counts["late_far"]
+        now = self.clock()
+        if added != self.seen_readings or self.added_offset is None:
+            self.added_offset = offset
         if added == self.seen_readings and late > self.seen_late:
+            if not self.late_streak:
+                self.late_since = now
             self.late_streak += 1
         else:
             self.late_streak = 0
         self.seen_readings, self.seen_late = added, late
         if self.late_streak >= LATE_STREAK:
-            log.warning(
-                "every reading of %s in its last %d messages fell behind the slots already "
-                "closed (its clock stepped back?); its stream restarts at the new time",
-                self.name,
-                self.late_streak,
-            )
-            self.reset_stream()
-            self.clock_steps += 1
-        now = time.monotonic()
+            back = self.added_offset - offset
+            silent = now - self.late_since
+            period = aligner.period
+            if (back > aligner.far_s and silent >= LATE_STREAK * period) or (
+                silent > aligner.max_gap_slots * period
+            ):
+                self._clock_stepped(back, silent, now)
         if abs(offset) >= CLOCK_LOG_FROM_S and now - self.clock_logged >= CLOCK_LOG_S:
             self.clock_logged = now
             log.warning(
@@ -283,6 +312,28 @@ class AssetRunner:
                 self.name,
                 offset,
             )
+
+    def _clock_stepped(self, back: float, silent: float, now: float) -> None:
+        """The stream restarts at the new time; said at once, then once per STEP_LOG_S."""
+        streak = self.late_streak
+        self.reset_stream()
+        self.clock_steps += 1
+        self.steps_unlogged += 1
+        if now - self.steps_logged_at < STEP_LOG_S:
+            return
+        log.warning(
+            "every reading of %s in its last %d messages fell behind the slots already "
+            "closed, and %s: its clock stepped back; its stream restarts at the new time "
+            "(%d restart(s) since the last such line, %d in all)",
+            self.name,
+            streak,
+            f"its stream clock went back {back:.0f} s"
+            if back > self.aligner.far_s
+            else f"none of its sensors added a reading for {silent:.0f} s",
+            self.steps_unlogged,
+            self.clock_steps,
+        )
+        self.steps_logged_at, self.steps_unlogged = now, 0
 
 
 def sliding(rows: np.ndarray, length: int) -> np.ndarray:
