@@ -132,7 +132,6 @@ def test_a_server_clock_ahead_is_followed_and_one_skewed_node_is_outvoted(
     config = _config(tmp_path, _source(OpcServer(SENSORS)))
     routes = TopicRoutes(config.assets, SENSORS)
     base = Decoder(routes, IngestLimits(), clock=lambda: NOW)
-    base.sensor_clocks.clock = lambda: NOW
     delivered: list[tuple[int, int, float, float]] = []
     (session,) = sessions(config.assets, routes, base, delivered.append)
     assert isinstance(session, OpcUaSession)

@@ -45,7 +45,6 @@ def decoder(clock: Clock | None = None) -> Decoder:
     clock = clock or Clock()
     assets = [AssetConfig(name="pump-1", topics=["plant/pump-1/+"])]
     d = Decoder(TopicRoutes(assets, SENSORS), IngestLimits(), clock=clock)
-    d.sensor_clocks.clock = clock  # which sensors are live: by the same receiving clock
     return d
 
 

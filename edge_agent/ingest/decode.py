@@ -186,7 +186,7 @@ class Decoder:
         if clock is None:
             clock = self.clocks[asset] = StreamClock()
         clock.observe(ts - now)
-        self.sensor_clocks.observe(asset, sensor, ts - now)
+        self.sensor_clocks.observe(asset, sensor, ts - now, now)
 
     def drop(self, reason: str, topic: str, payload: bytes | str, n: int = 1) -> None:
         self.drops[reason] += n
