@@ -36,6 +36,7 @@ from cloud.service.agent import AgentServicer
 from cloud.service.downloads import DownloadSlots
 from cloud.service.enrollment import EnrollmentServicer
 from cloud.service.guard import CallGuard, OperatorTokens
+from cloud.service.heartbeat_limit import HeartbeatLimit
 from cloud.service.maintenance_push import MaintenancePush
 from cloud.service.metrics import CallMetrics, PlaneMetrics
 from cloud.service.operator import OperatorServicer
@@ -191,6 +192,9 @@ class ControlPlane:
         self.metrics = PlaneMetrics()
         self.downloads = DownloadSlots(registry=self.metrics.registry)  # artifact downloads
         self.session_rate = SessionRate(registry=self.metrics.registry)  # per device
+        self.heartbeat_limit = HeartbeatLimit(  # per session, ahead of the guard's checks
+            config.heartbeat_interval_s, registry=self.metrics.registry
+        )
         self.webhooks.on_result = self.metrics.delivery
         self.metrics.watch_fleet(
             store,
@@ -213,7 +217,11 @@ class ControlPlane:
 
     async def start(self) -> None:
         server = aio.server(
-            interceptors=[CallMetrics(self.metrics), CallGuard(OperatorTokens(self.store))],
+            interceptors=[
+                CallMetrics(self.metrics),
+                self.heartbeat_limit,
+                CallGuard(OperatorTokens(self.store)),
+            ],
             options=[
                 *(o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"),
                 ("grpc.so_reuseport", int(self.share_ports)),
