@@ -109,6 +109,7 @@ GPU_MEMORY_TRIES = 5
 class ShadowModel:
     model: ServingModel
     info: SlotInfo
+    waiting: bool = False  # said in the log that nothing could be compared yet
 
 
 async def fetch_verified(
@@ -448,10 +449,15 @@ class ModelUpdater:
             except Exception:
                 log.exception("shadow evaluation of %s failed", current.info.version)
                 continue
-            if self.shadow is current:
+            if report is not None and self.shadow is current:
                 self.agent.session.post(agent_pb2.AgentMessage(shadow=report))
 
-    def _evaluate(self, current: ShadowModel) -> agent_pb2.ShadowReport:
+    def _evaluate(self, current: ShadowModel) -> agent_pb2.ShadowReport | None:
+        """The comparison of `current` with the serving model on the recent rows. None when
+        it measured nothing only because the rows are too few yet (the rows are kept in
+        memory: after a restart there are none): a report of 0 windows moves nothing on the
+        control plane. A candidate that cannot be compared with the serving model
+        (`shadow.compatible`) is reported with why, though it measured nothing."""
         incumbent = self.agent.model
         runtime = self.agent.runtime
         assert incumbent is not None
@@ -468,6 +474,17 @@ class ModelUpdater:
                 if result is not None:
                     parts.append(result)
         merged = shadow_eval.merge(parts)
+        if merged is None and not why:
+            if not current.waiting:
+                current.waiting = True
+                log.info(
+                    "shadow %s: too few recent rows to compare it with %s yet; reported once "
+                    "there are",
+                    current.info.version,
+                    incumbent.version,
+                )
+            return None
+        current.waiting = False
         if merged is not None:
             log.info(
                 "shadow %s vs %s: %d windows, agreement %.3f, alert rate %.3f vs %.3f",
