@@ -4,8 +4,11 @@ The cookie holds the token and a CSRF secret, encrypted and authenticated (Ferne
 key derived from the control plane's key material (its first CA's key, kept across a CA change
 in `box.key`), which every replica holds: a session works on any replica and across restarts,
 and nothing about it is stored. It expires after
-`SESSION_TTL_S`; the token itself is checked by the operator API on every call, so a revoked
-operator is out at once."""
+`SESSION_TTL_S`; the token itself is checked by the operator API on every call, and an open
+live page's stream again every few seconds and before each change it sends. A revoked
+operator is out at once on the replica that revoked it and within `TOKEN_CACHE_S` (5 s,
+cloud/service/guard.py) on every other; an open live page within twice that at most (it ends
+with a `failed` event saying so)."""
 
 from __future__ import annotations
 

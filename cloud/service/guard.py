@@ -20,6 +20,7 @@ from cloud.domain import AuditEntry
 from cloud.service.bounds import check_message, check_request_message
 from cloud.service.roles import audited, authorize, target_of
 from cloud.store.base import OperatorStore
+from cloud.store.notify import ANY, OPERATORS
 from cloud.tokens import hash_token
 from edge_agent.errors import RETRY_AFTER_KEY, AutoglmError, RateLimited, Unauthenticated
 
@@ -29,6 +30,9 @@ OPERATOR_SERVICE = "/autoglm.v1.OperatorService/"
 TOKEN_CACHE_S = 5.0
 MAX_DETAILS = 1000  # characters of an error's details sent back
 REFUSED_AUDITS_PER_MINUTE = 60  # refused calls of one operator recorded per minute
+# Calls after which the caller cache is dropped, whatever their outcome (one that committed
+# and then failed to answer still counts).
+REVOKES = frozenset({"RevokeOperator"})
 
 
 # The operator making the current call (set by the guard; read by handlers that record who
@@ -39,14 +43,40 @@ current_operator: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 
 class OperatorTokens:
-    """Checks bearer tokens against the store, caching good ones for a few seconds."""
+    """Checks bearer tokens against the store, caching good ones for `cache_s` seconds.
 
-    def __init__(self, store: OperatorStore) -> None:
+    A revocation drops the whole cache (`forget`): at once on the replica that made it (the
+    guard calls `forget` after RevokeOperator), and on the others when they are told of it
+    (`heard`, given PostgreSQL's change notifications); a replica that is not told sees the
+    revocation when the entry expires. Open streams check their caller again every `cache_s`
+    and before each message (see `_rechecked`)."""
+
+    def __init__(
+        self,
+        store: OperatorStore,
+        cache_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
+        self.cache_s = TOKEN_CACHE_S if cache_s is None else cache_s
+        self.clock = clock
         self._cache: dict[str, tuple[float, Caller]] = {}
+        # Bumped by `forget`: a lookup under way across it (it may have read the operator
+        # before the revocation committed) answers its call but is not cached.
+        self._generation = 0
+
+    def forget(self) -> None:
+        """Drops every cached token: the next call of each looks its operator up again."""
+        self._generation += 1
+        self._cache.clear()
+
+    def heard(self, topic: str) -> None:
+        """A change notification (event loop): operators changed, or anything may have."""
+        if topic in (OPERATORS, ANY):
+            self.forget()
 
     async def check(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Caller:
-        """The operator; Unauthenticated when the token is missing or unknown."""
+        """The operator; Unauthenticated when the token is missing, unknown or revoked."""
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             raise Unauthenticated(
@@ -58,13 +88,14 @@ class OperatorTokens:
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("the authorization header must be 'Bearer <operator token>'")
         digest = hash_token(token.strip())
-        now = time.monotonic()
         expires, caller = self._cache.get(digest, (0.0, Caller("", "")))
-        if expires > now:
+        if expires > self.clock():
             return caller
+        generation = self._generation
         operator = await asyncio.to_thread(self.store.operator_by_token_hash, digest)
         caller = Caller(operator.name, operator.role)
-        self._cache[digest] = (now + TOKEN_CACHE_S, caller)
+        if generation == self._generation:
+            self._cache[digest] = (self.clock() + self.cache_s, caller)
         return caller
 
 
@@ -157,6 +188,8 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
             caller = None
             await _abort(context, method, exc)
         finally:
+            if tokens is not None and name in REVOKES:
+                tokens.forget()
             await record(caller, request, outcome)
 
     async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -166,6 +199,10 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
             if caller is not None:
                 authorize(caller.role, name)
             result = behavior(checked(request), context)
+            if tokens is not None:
+                # Its caller checked again before each message and every cache_s while idle:
+                # a stream does not outlive a revocation by more than a few seconds.
+                result = _rechecked(result, lambda: tokens.check(metadata), tokens.cache_s)
             async for item in result:
                 yield item
         except BaseException as exc:  # noqa: BLE001 - mapped, never swallowed
@@ -182,6 +219,43 @@ def _wrap(handler: Any, method: str, tokens: OperatorTokens | None, metadata: An
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+_END = object()
+
+
+async def _rechecked(
+    items: AsyncIterator[Any], check: Callable[[], Awaitable[object]], every_s: float
+) -> AsyncIterator[Any]:
+    """`items`, with the caller checked again (`check` raises when it may no longer call)
+    before each one and every `every_s` while none comes: an idle watch ends too."""
+    iterator = aiter(items)
+
+    async def following() -> Any:
+        try:
+            return await anext(iterator)
+        except StopAsyncIteration:
+            return _END
+
+    try:
+        while True:
+            pending = asyncio.ensure_future(following())
+            try:
+                while not (await asyncio.wait((pending,), timeout=every_s))[0]:
+                    await check()
+            except BaseException:
+                pending.cancel()
+                await asyncio.wait((pending,))  # the handler unwinds before the call ends
+                raise
+            item = pending.result()
+            if item is _END:
+                return
+            await check()
+            yield item
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _outcome(exc: BaseException) -> tuple[str, str]:

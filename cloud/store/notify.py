@@ -26,6 +26,7 @@ CHANNEL = "autoglm_changes"
 DESIRED = "desired"  # a device's desired model changed
 DEVICES = "devices"  # a device was revoked, deleted, re-enrolled or renewed
 ANY = "*"  # told to the follower when listening (re)starts: anything may have changed
+OPERATORS = "operators"  # an operator was revoked
 SESSION = "session"  # "session:<device id>:<generation>:<replica>": a session opened
 
 

@@ -16,7 +16,7 @@ from cloud.domain import (
     OperatorRecord,
 )
 from cloud.store.base import Store
-from cloud.store.notify import ChangeListener
+from cloud.store.notify import OPERATORS, ChangeListener, notify
 from cloud.store.sql_alerts import AlertTables
 from cloud.store.sql_base import READ_ONLY, SqlBase, make_engine, migrate, normalise_url
 from cloud.store.sql_captures import CaptureTables
@@ -141,6 +141,7 @@ class SqlStore(
                 )
             if row.revoked_at is None:
                 row.revoked_at = now
+                notify(s, OPERATORS)  # every replica drops its cached tokens at once
             return _operator(row)
 
     def add_audit(self, entry: AuditEntry) -> None:
@@ -183,7 +184,7 @@ class SqlStore(
             ]
 
     def operator_by_token_hash(self, token_hash: str) -> OperatorRecord:
-        with self._tx() as s:
+        with self._read_tx() as s:  # on every call's cache miss: no write lock on SQLite
             row = s.scalars(select(OperatorRow).where(OperatorRow.token_hash == token_hash)).first()
             if row is None or row.revoked_at is not None:
                 raise Unauthenticated("the operator token is not valid")
