@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from cloud.service.server import PENDING_CALLS, SERVER_OPTIONS
+from cloud.service.server import MAX_STREAMS_PER_CONNECTION, PENDING_CALLS, SERVER_OPTIONS
 from edge_agent.config import CloudLink
 from edge_agent.errors import UNREQUESTED_LIMIT_S, Unavailable, from_rpc_error
 from edge_agent.session import SETUP_TIMEOUT_S
@@ -116,7 +116,14 @@ def test_a_call_the_busy_server_never_picked_up_is_explained() -> None:
 def _burst(server: BusyServer, count: int, wait_s: float) -> tuple[list[grpc.StatusCode], float]:
     """`count` calls sent while the server is held; released once one of them has ended
     (core refused it) or after `wait_s`. Their codes, and how long until the release."""
-    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(4)]
+    # Four connections (channels alike share one otherwise), each under the plane's streams
+    # per connection (`MAX_STREAMS_PER_CONNECTION`): agents connect one by one.
+    channels = [
+        grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(4)
+    ]
     try:
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=60)
@@ -153,6 +160,7 @@ def test_a_burst_of_new_calls_waits_for_the_busy_plane_instead_of_being_refused(
     plane: 9,897 refused attempts, 128 s to connect); the plane's options let them wait."""
     assert PENDING_CALLS > 3_000
     count = 3_000
+    assert count // 4 < MAX_STREAMS_PER_CONNECTION  # spread over _burst's four connections
     server = BusyServer([])  # gRPC's defaults
     try:
         codes, held_s = _burst(server, count, wait_s=120)
