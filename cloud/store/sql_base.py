@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,8 +18,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, create_engine, event, select, text
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy import Engine, create_engine, event, make_url, select, text
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -105,7 +112,43 @@ def make_engine(url: str) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=8, max_overflow=8, connect_args=pg_connect_args(url)
+    )
+
+
+# What every PostgreSQL session starts with. Fleet-wide rows (the alert and desired-state
+# counters, the rollout lock) stay locked until their transaction ends; a replica frozen in
+# one (SIGSTOP, a paused VM, a host cut off) kept them for hours, and every other replica's
+# callers waited on them until their pools ran dry, lease renewals and plain reads included.
+# Now a wait for a lock gives up after PG_LOCK_TIMEOUT_MS (the caller gets Unavailable and
+# retries: the agent its batch, the elector its lease) and the server ends a session left
+# idle inside a transaction after PG_IDLE_IN_TRANSACTION_MS, letting its locks go. No
+# statement_timeout: a statement that runs is not a frozen one (migrations and listings may
+# be long); one set in the URL's `options` is kept.
+PG_LOCK_TIMEOUT_MS = 5_000
+PG_IDLE_IN_TRANSACTION_MS = 60_000
+# libpq's TCP keepalives: a database server gone (a failover, a cut network) is noticed
+# within about 25 s, not the system's default two hours.
+PG_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+                 "keepalives_count": "3"}  # fmt: skip
+
+
+def pg_connect_args(url: str) -> dict[str, str]:
+    """libpq connection parameters for a PostgreSQL URL: the session settings above, then
+    the URL's own `options` (or PGOPTIONS, as libpq reads it when the URL has none), which
+    win where they set the same thing; the keepalives where the URL names none of its own."""
+    query = make_url(url).query
+    given = query.get("options") or os.environ.get("PGOPTIONS", "")
+    if not isinstance(given, str):  # `options` named twice in the URL: libpq takes the last
+        given = given[-1]
+    ours = (
+        f"-c lock_timeout={PG_LOCK_TIMEOUT_MS} "
+        f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS}"
+    )
+    args = {"options": f"{ours} {given}".strip()}
+    args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in query})
+    return args
 
 
 MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": PostgreSQL's advisory lock key for migrations
@@ -139,6 +182,9 @@ def migrate(engine: Engine, target: str = "head") -> None:
             step = "beginning the schema check"
             with conn.begin():
                 if conn.dialect.name == "postgresql":  # held until this transaction ends
+                    # Waiting out another process's migrations, and the tables' locks for
+                    # the DDL, as long as they take: not the sessions' PG_LOCK_TIMEOUT_MS.
+                    conn.execute(text("SET LOCAL lock_timeout = 0"))
                     step = "waiting for the other processes' migrations"
                     conn.execute(
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
@@ -240,9 +286,10 @@ _ABORTED = {"40P01": "a deadlock", "40001": "a serialization failure"}
 # PostgreSQL's SQLSTATEs of a database that cannot serve now but may soon: a connection
 # exception (class 08), insufficient resources (53: disk full, out of memory, too many
 # connections), a shutdown or restart under way (57P01-57P03), a statement cancelled by its
-# timeout (57014) and a lock not had in time (55P03).
+# timeout (57014), a lock not had in time (55P03) and a session the server ended for idling
+# inside its transaction (25P03: this process stopped past PG_IDLE_IN_TRANSACTION_MS).
 _PG_TRANSIENT_CLASSES = ("08", "53")
-_PG_TRANSIENT = {"57P01", "57P02", "57P03", "57014", "55P03"}
+_PG_TRANSIENT = {"57P01", "57P02", "57P03", "57014", "55P03", "25P03"}
 # SQLite's primary result codes of the same kind: busy and locked (another writer past the busy
 # timeout), an I/O error, a full disk, a file it cannot open. The rest (SQLITE_ERROR: no such
 # table or column, a syntax error, too many SQL variables) come back the same every time.
@@ -260,7 +307,7 @@ def _mapped_errors() -> Iterator[None]:
     """The database failing under the block as an error of the hierarchy, where it is one."""
     try:
         yield
-    except (OperationalError, InterfaceError, DisconnectionError) as exc:
+    except (OperationalError, InterfaceError, InternalError, DisconnectionError) as exc:
         error = database_error(exc)
         if error is None:
             raise  # a bug or a request the database can never take: INTERNAL, traced
@@ -280,9 +327,16 @@ def database_error(exc: DBAPIError | DisconnectionError) -> AutoglmError | None:
     the statement and its parameters stay out of what callers are told."""
     orig = getattr(exc, "orig", None) or exc
     reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-    aborted = _ABORTED.get(getattr(orig, "sqlstate", None) or "")
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    aborted = _ABORTED.get(sqlstate)
     if aborted:
         return Conflict(f"the database aborted this transaction ({aborted}); try again: {reason}")
+    if sqlstate == "55P03":
+        return Unavailable(
+            "the database cannot be used now: a row or lock this needs is held by another "
+            "connection past the lock timeout (another replica busy, or stopped inside a "
+            f"transaction until the database ends it); try again: {reason}"
+        )
     if _transient(exc, orig):
         return Unavailable(f"the database cannot be used now; try again: {reason}")
     return None
