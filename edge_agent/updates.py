@@ -6,9 +6,10 @@ download only the files that variant needs (resuming), check every digest, open 
 self-test it. Then, in shadow, compare it with the serving model on the same recent rows
 and report; or serve it: switch the slot pointer atomically and restart the data path on it.
 A version that is in the other slot already (a rollback) is served from there without a
-download. Every outcome is reported; the serving model keeps serving whatever fails. A disk
-that does not take the install (full, read-only) is reported once and tried again, its partial
-downloads deleted meanwhile.
+download, unless that slot was damaged on this device since: then it is installed again, its
+damaged files downloaded. Every outcome is reported; the serving model keeps serving whatever
+fails. A disk that does not take the install (full, read-only) is reported once and tried
+again, its partial downloads deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -309,9 +310,7 @@ class ModelUpdater:
                 self.shadow = None
             elif (found := agent.slots.find(d.model_version, d.manifest_digest)) is not None:
                 self._drop_shadow()
-                info = found
-                directory = agent.slots.slot_dir(found.slot)
-                model = await _open_checked(agent, directory)
+                model, info = await self._from_slot(d, found)
             else:
                 self._drop_shadow()
                 model, info = await self._install(d)
@@ -417,6 +416,31 @@ class ModelUpdater:
         back.model_name, back.model_version = previous.name, previous.version
         back.manifest_digest = previous.manifest_digest
         return back
+
+    async def _from_slot(
+        self, d: agent_pb2.DesiredState, found: SlotInfo
+    ) -> tuple[ServingModel, SlotInfo]:
+        """`d`, which the slot of `found` holds already (a rollback): opened there. A slot
+        damaged on this device (`Agent._slot_damage`: a file changed since its install, now
+        deleted, or missing) is installed again, which keeps its intact files and downloads
+        the others; without the digests to download them, the install fails saying why."""
+        agent = self.agent
+        try:
+            return await _open_checked(agent, agent.slots.slot_dir(found.slot)), found
+        except InstallFailed as exc:
+            damage = await asyncio.to_thread(agent._slot_damage, found)
+            if damage is None:
+                raise
+            if not d.manifest_digest or not d.signature_digest:
+                raise InstallFailed(
+                    exc.outcome,
+                    f"{exc} ({damage}); the control plane gave no digests to download it again",
+                ) from None
+            log.warning(
+                "model %s in slot %s does not open (%s: %s); installed again",
+                d.model_version, found.slot, exc, damage,
+            )  # fmt: skip
+        return await self._install(d)
 
     async def _install(self, d: agent_pb2.DesiredState) -> tuple[ServingModel, SlotInfo]:
         """Download, verify and self-test `d` in the idle slot (the serving one is untouched)."""
