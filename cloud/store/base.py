@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cloud.capture_budget import CaptureBudget
 from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
@@ -184,6 +185,18 @@ class RecordStore(abc.ABC):
     ) -> list[CaptureRecord]:
         """Captures whose window ends at or after `where.since`, of `where.device_ids`, by
         (device id, sequence) after the cursor `after` (the verdict is not filtered here)."""
+
+    @abc.abstractmethod
+    def charge_captures(
+        self,
+        device_id: str,
+        captures: Sequence[CaptureRecord],
+        now: dt.datetime,
+        budget: CaptureBudget | None = None,
+    ) -> dict[int, str]:
+        """Charges the captures not stored yet to the device's budget for the UTC day of
+        `now` (`cloud.capture_budget`, DAY_BUDGET when None), in sequence order; the reasons
+        of those past it by sequence (refuse them; store the rest). NotFound: no such device."""
 
     @abc.abstractmethod
     def capture_labels(

@@ -1,4 +1,5 @@
-"""Captured windows in SQL: listing for export, and the verdicts that label them."""
+"""Captured windows in SQL: each device's daily budget, listing for export, and the verdicts
+that label them."""
 
 from __future__ import annotations
 
@@ -6,14 +7,56 @@ import datetime as dt
 from collections.abc import Sequence
 
 from sqlalchemy import and_, or_, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
+from cloud import capture_budget
+from cloud.capture_budget import CaptureBudget, CaptureUsage, capture_bytes, utc_day
 from cloud.captures import CaptureCalibration, CaptureFilter, CaptureLabel, CaptureRecord
 from cloud.store.sql_base import SqlBase, id_chunks
-from cloud.store.tables import AlertRow, CaptureRow
+from cloud.store.tables import AlertRow, CaptureDayRow, CaptureRow, DeviceRow
+from edge_agent.errors import NotFound
 
 
 class CaptureTables(SqlBase):
     """The captured-windows part of `Store` (stored by `RecordTables.store_records`)."""
+
+    def charge_captures(
+        self,
+        device_id: str,
+        captures: Sequence[CaptureRecord],
+        now: dt.datetime,
+        budget: CaptureBudget | None = None,
+    ) -> dict[int, str]:
+        if not captures:
+            return {}
+        budget = budget or capture_budget.DAY_BUDGET
+        day = utc_day(now)
+        with self._tx() as s:
+            row = _day_row(s, device_id, day)  # locked: a device's batches charge one by one
+            stored: set[int] = set()
+            for chunk in id_chunks(sorted({c.sequence for c in captures})):
+                query = select(CaptureRow.sequence).where(
+                    CaptureRow.device_id == device_id, CaptureRow.sequence.in_(chunk)
+                )
+                stored.update(s.scalars(query).all())
+            usage = CaptureUsage(day)
+            if row.day == day:
+                usage = CaptureUsage(day, row.captures, row.bytes, row.refused)
+            wanted = [
+                (c.sequence, capture_bytes(c))
+                for c in sorted(captures, key=lambda c: c.sequence)
+                if c.sequence not in stored
+            ]
+            usage, refused = capture_budget.charge(device_id, usage, wanted, budget)
+            row.day, row.captures, row.bytes, row.refused = (
+                usage.day,
+                usage.captures,
+                usage.bytes,
+                usage.refused,
+            )
+            return refused
 
     def list_captures(
         self, where: CaptureFilter, after: tuple[str, int] = ("", 0), limit: int = 200
@@ -84,3 +127,18 @@ def _capture(r: CaptureRow) -> CaptureRecord:
         received_at=r.received_at,
         calibration=None if r.calibration is None else CaptureCalibration.from_doc(r.calibration),
     )
+
+
+def _day_row(s: Session, device_id: str, day: int) -> CaptureDayRow:
+    """The device's budget row, locked for this transaction (made for `day` if it has none)."""
+    row = s.get(CaptureDayRow, device_id, with_for_update=True)
+    if row is not None:
+        return row
+    if s.get(DeviceRow, device_id) is None:
+        raise NotFound(f"no device with id '{device_id}'")
+    insert = postgresql_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+    first = {"device_id": device_id, "day": day, "captures": 0, "bytes": 0, "refused": 0}
+    s.execute(insert(CaptureDayRow).values(first).on_conflict_do_nothing())
+    row = s.get(CaptureDayRow, device_id, with_for_update=True, populate_existing=True)
+    assert row is not None  # inserted above, or by a transaction that committed first
+    return row

@@ -193,6 +193,20 @@ class CaptureRow(Base):
     calibration: Mapped[dict[str, list[float]] | None] = mapped_column(JSON, nullable=True)
 
 
+class CaptureDayRow(Base):
+    """What a device's captures took of its day's budget (`cloud.capture_budget`)."""
+
+    __tablename__ = "capture_days"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[int] = mapped_column(Integer)  # days since 1970-01-01, UTC
+    captures: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    refused: Mapped[int] = mapped_column(BigInteger)
+
+
 class DeviceSyncRow(Base):
     """Highest record sequence stored per device (what a reconnecting agent resumes after)."""
 
