@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from cloud.domain import (
     AlertState,
 )
 from cloud.maintenance import covering
+from cloud.store.alert_fold import EventFold, open_key
 from cloud.store.sql_base import SqlBase, id_chunks
 from cloud.store.sql_maintenance import windows_in_force
 from cloud.store.sql_webhooks import enqueue_deliveries
@@ -47,81 +47,46 @@ def _lock_alerts(s: Session) -> None:
 
 
 def _next_revision(s: Session) -> int:
+    return _next_revisions(s, 1)
+
+
+def _next_revisions(s: Session, n: int) -> int:
+    """Takes `n` revisions from the counter (one update however many); the first of them."""
     counter = s.get(AlertRevisionRow, 1, with_for_update=True)
     assert counter is not None, "migration 0004 creates the counter row"
-    counter.value += 1
-    return counter.value
-
-
-def _open_key(device_id: str, asset: str, fault: str) -> str:
-    return f"{device_id}/{asset}/{fault}"
+    counter.value += n
+    return counter.value - n + 1
 
 
 def apply_alert_events(
     s: Session, events: Sequence[AlertEventRecord], now: dt.datetime
 ) -> list[AlertRecord]:
-    """Folds newly stored edge events into alerts (in `s`'s transaction); the changed alerts."""
+    """Folds newly stored edge events into alerts (in `s`'s transaction); the changed alerts.
+
+    In sets, so a batch of thousands holds the alert lock for a few statements, not a few per
+    event: one read of the batch's open alerts, the events folded in memory (`alert_fold`),
+    one revision range for the changed alerts, then one flush of them and their deliveries."""
     if not events:
         return []
     _lock_alerts(s)
-    changed: dict[str, AlertRow] = {}
+    keys = sorted({open_key(e.device_id, e.asset, e.fault) for e in events})
+    open_rows: list[AlertRow] = []
+    for chunk in id_chunks(keys):
+        open_rows += s.scalars(select(AlertRow).where(AlertRow.open_key.in_(chunk))).all()
+    fold = EventFold(open_rows)
     for event in sorted(events, key=lambda e: e.sequence):
-        key = _open_key(event.device_id, event.asset, event.fault)
-        row = s.scalars(select(AlertRow).where(AlertRow.open_key == key)).first()
-        if event.kind != "raised" and row is None:
-            continue  # cleared, but an operator resolved it first
-        revision = _next_revision(s)  # before the new row exists: autoflush must not see it
-        if event.kind == "raised":
-            if row is None:
-                row = AlertRow(
-                    id=str(uuid.uuid4()),
-                    device_id=event.device_id,
-                    asset=event.asset,
-                    fault=event.fault,
-                    state=AlertState.FIRING.value,
-                    open_key=key,
-                    revision=revision,
-                    first_seen=event.raised_at,
-                    last_seen=event.window_end,
-                    resolved_at=None,
-                    doc={
-                        "peak_score": event.score,
-                        "top_sensors": [[n, v] for n, v in event.top_sensors],
-                        "notes": [],
-                        "model_version": event.model_version,
-                        "raised_events": 1,
-                        "resolved_by": "",
-                        "edge_keys": [event.alert_key],
-                        "announced": False,
-                        "opening_score": event.score,
-                        "opening_model_version": event.model_version,
-                    },
-                )
-                s.add(row)
-            else:
-                doc = dict(row.doc)
-                doc["raised_events"] = int(doc.get("raised_events", 0)) + 1
-                if event.score > float(doc.get("peak_score", 0.0)):
-                    doc["peak_score"] = event.score
-                    doc["top_sensors"] = [[n, v] for n, v in event.top_sensors]
-                if event.alert_key not in doc.get("edge_keys", []):
-                    doc["edge_keys"] = [*doc.get("edge_keys", []), event.alert_key][-20:]
-                doc["model_version"] = event.model_version
-                row.doc = doc
-                row.last_seen = max(row.last_seen, event.window_end)
-        else:
-            assert row is not None
-            # Cleared before anyone acknowledged it: returned to normal, unacknowledged.
-            acked = row.state == AlertState.ACKNOWLEDGED.value
-            row.state = (AlertState.RESOLVED if acked else AlertState.RETURNED).value
-            row.open_key = None
-            row.resolved_at = event.window_end
-            row.last_seen = max(row.last_seen, event.window_end)
-            row.doc = {**row.doc, "resolved_by": "edge"}
-        row.revision = revision
-        s.flush()
-        changed[row.id] = row
-    return announce(s, list(changed.values()), now, edge_time=True)
+        fold.apply(event, now)
+    rows = list(fold.changed.values())
+    if not rows:
+        return []
+    with s.no_autoflush:  # the rows are written once, as announce leaves them
+        first = _next_revisions(s, len(rows))
+        for i, row in enumerate(rows):
+            row.revision = first + i
+        s.add_all(fold.added)
+        changed = announce(s, rows, now, edge_time=True)
+    s.flush()
+    return changed
 
 
 def _labels(s: Session, rows: Sequence[AlertRow]) -> dict[str, dict[str, str]]:

@@ -137,7 +137,13 @@ PG_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interva
 def pg_connect_args(url: str) -> dict[str, str]:
     """libpq connection parameters for a PostgreSQL URL: the session settings above, then
     the URL's own `options` (or PGOPTIONS, as libpq reads it when the URL has none), which
-    win where they set the same thing; the keepalives where the URL names none of its own."""
+    win where they set the same thing, then the time zone, UTC whatever they say; the
+    keepalives where the URL names none of its own.
+
+    UTC: the server's time zone (its own, the database's or the role's) is how it turns a
+    timestamptz into text for the driver. In another zone a time near the calendar's ends
+    (9999-12-31, from a device) came out as year 10000 or year 0, which Python cannot hold:
+    every listing that included it failed with a DataError."""
     query = make_url(url).query
     given = query.get("options") or os.environ.get("PGOPTIONS", "")
     if not isinstance(given, str):  # `options` named twice in the URL: libpq takes the last
@@ -146,7 +152,7 @@ def pg_connect_args(url: str) -> dict[str, str]:
         f"-c lock_timeout={PG_LOCK_TIMEOUT_MS} "
         f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS}"
     )
-    args = {"options": f"{ours} {given}".strip()}
+    args = {"options": " ".join(part for part in (ours, given, "-c TimeZone=UTC") if part)}
     args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in query})
     return args
 

@@ -16,7 +16,7 @@ import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy import ColumnElement, Select, case, delete, func, literal, select
+from sqlalchemy import ColumnElement, Select, case, delete, func, insert, literal, select
 from sqlalchemy.orm import Session, aliased
 
 from cloud.domain import AlertRecord, AlertState
@@ -44,7 +44,7 @@ def enqueue_deliveries(s: Session, alerts: Sequence[AlertRecord], now: dt.dateti
             (device_id, (name, dict(labels or {}))) for device_id, name, labels in s.execute(query)
         )
     filters = {h.id: WebhookFilter.parse(h.filter) for h in hooks}
-    queued = 0
+    rows: list[dict[str, object]] = []
     for alert in alerts:
         name, labels = devices.get(alert.device_id, (alert.device_id, {}))
         # The device's labels ride along: severity rules and Alertmanager labels use them.
@@ -53,24 +53,25 @@ def enqueue_deliveries(s: Session, alerts: Sequence[AlertRecord], now: dt.dateti
             "alert": alert.to_json(name),
             "device_labels": labels,
         }
-        for hook in hooks:
-            if filters[hook.id].matches(alert, name):
-                s.add(
-                    DeliveryRow(
-                        webhook_id=hook.id,
-                        alert_id=alert.id,
-                        revision=alert.revision,
-                        payload=payload,
-                        state=PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        last_error="",
-                        created_at=now,
-                        delivered_at=None,
-                    )
-                )
-                queued += 1
-    return queued
+        rows += [
+            {
+                "webhook_id": hook.id,
+                "alert_id": alert.id,
+                "revision": alert.revision,
+                "payload": payload,
+                "state": PENDING,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "last_error": "",
+                "created_at": now,
+                "delivered_at": None,
+            }
+            for hook in hooks
+            if filters[hook.id].matches(alert, name)
+        ]
+    if rows:  # one statement (an executemany): a batch's thousands of changes at once
+        s.execute(insert(DeliveryRow), rows)
+    return len(rows)
 
 
 class WebhookTables(SqlBase):
