@@ -181,14 +181,26 @@ def cmd_watch(args: argparse.Namespace, client: OperatorClient) -> int:
     return 0
 
 
+def _moved(when: dt.datetime, by: dt.timedelta) -> dt.datetime:
+    """`when` moved by `by`, held at the calendar's ends: an alert's times are a device's,
+    and one stored before the control plane bounded them may be at 0001-01-01 or 9999-12-31."""
+    try:
+        return when + by
+    except OverflowError:
+        end = dt.datetime.min if by < dt.timedelta(0) else dt.datetime.max
+        return end.replace(tzinfo=dt.UTC)
+
+
 def cmd_show(args: argparse.Namespace, client: OperatorClient) -> int:
     alert = client.get_alert(args.id)
     request = operator_pb2.QueryPredictionsRequest(
         device=alert.device_id, asset=alert.asset, limit=100_000
     )
-    request.since.FromDatetime(alert.first_seen.ToDatetime(tzinfo=dt.UTC) - TIMELINE_BEFORE)
+    request.since.FromDatetime(_moved(alert.first_seen.ToDatetime(tzinfo=dt.UTC), -TIMELINE_BEFORE))
     if alert.HasField("resolved_at"):  # the newest windows asked for are the alert's
-        request.until.FromDatetime(alert.resolved_at.ToDatetime(tzinfo=dt.UTC) + TIMELINE_BEFORE)
+        request.until.FromDatetime(
+            _moved(alert.resolved_at.ToDatetime(tzinfo=dt.UTC), TIMELINE_BEFORE)
+        )
     timeline = client.query_predictions(request)
     if args.json:
         doc = json_view(alert)
