@@ -10,7 +10,6 @@ yet (or judged `unsure`) -> -1 (unknown: left out of fine-tuning).
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +72,7 @@ CALIBRATION_FIELDS = (
 )
 LEVEL_FIELDS = ("level_center", "level_scale", "spread_center", "level_precision")
 SUBSPACE_FIELDS = ("subspace_center", "subspace_basis", "subspace_scale")
+SCALE_FIELDS = ("residual_scale", "level_scale", "subspace_scale")
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,8 @@ def check_capture(c: CaptureRecord, where: str) -> None:
 def check_calibration(cal: CaptureCalibration, n: int, where: str) -> None:
     """InvalidInput unless every vector has N values (the level ones N or none, the
     precision N*N with them; the subspace ones N or none, the basis N*k with them, 1 <= k
-    < N, and only with the level fields) and every scale is positive."""
+    < N, and only with the level fields), every value is finite and every scale positive.
+    The values are checked as arrays (up to 2 x 65,536 of them), naming the first bad one."""
     levels = any(getattr(cal, name) for name in LEVEL_FIELDS)
     subspace = any(getattr(cal, name) for name in SUBSPACE_FIELDS)
     if subspace and not levels:
@@ -192,11 +193,15 @@ def check_calibration(cal: CaptureCalibration, n: int, where: str) -> None:
                 f"{where}.{name}: {len(vector)} values; {n} sensors take {want}"
                 + ("" if name == "residual_scale" else f" (or none of the {group} fields)")
             )
-        if not all(math.isfinite(x) for x in vector):
-            raise InvalidInput(f"{where}.{name}: not every value is a finite number")
-    for name in ("residual_scale", "level_scale", "subspace_scale"):
-        if min(getattr(cal, name), default=1.0) <= 0:
-            raise InvalidInput(f"{where}.{name}: every scale must be positive")
+        values = np.fromiter(vector, dtype=np.float64, count=len(vector))
+        if not np.isfinite(values).all():
+            bad = int(np.argmin(np.isfinite(values)))
+            raise InvalidInput(f"{where}.{name}[{bad}]: {values[bad]} is not a finite number")
+        if name in SCALE_FIELDS and values.size and values.min() <= 0:
+            bad = int(np.argmin(values))
+            raise InvalidInput(
+                f"{where}.{name}[{bad}]: {values[bad]}; every scale must be positive"
+            )
 
 
 @dataclass(frozen=True)
