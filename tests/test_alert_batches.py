@@ -6,13 +6,15 @@ a raise of one group within the batch)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
 from cloud.domain import AlertFilter, AlertState
-from cloud.store import Store
+from cloud.store import Store, alert_fold, sql_alerts
+from cloud.store.alert_fold import LIMIT_ASSET, LIMIT_FAULT
 from cloud.store.sql import SqlStore
 from tests.support.stores import NOW, PostgresBackend, SqliteBackend
 from tests.test_store_contract_fleet import _event
@@ -93,6 +95,60 @@ class AlertBatchContract:
         order = sorted([closed, *firing.values()], key=lambda a: a.revision)
         assert [a.asset for a in order] == ["pump-1", "pump-2", "pump-1"]
         assert order[0].id == old.id
+
+    def test_a_device_opens_at_most_max_open_alerts(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Raises beyond the limit are stored and counted on one open-alert-limit alert of
+        the device, which opens no more alerts (nor queues more deliveries) for them."""
+        monkeypatch.setattr(alert_fold, "MAX_OPEN_ALERTS", 3)
+        clock = [0.0]
+        warnings = alert_fold.LimitWarnings(lambda: clock[0])
+        monkeypatch.setattr(sql_alerts, "_limit_warnings", warnings)
+        d = store.create_device("flood", {}, "", NOW).id
+        other = store.create_device("other", {}, "", NOW).id
+        store.add_webhook("http://example.com/h", "s", "", NOW)
+        assets = ["pump-0", "pump-1", "pump-2", "pump-3", "pump-4", "pump-5", "pump-4"]
+        raises = [_event(d, i + 1, "raised", asset=a, score=1 + i) for i, a in enumerate(assets)]
+        with caplog.at_level(logging.WARNING, "cloud.store.alert_fold"):
+            counted = store.store_records(d, [], raises, NOW)
+        assert (counted.stored, counted.alerts_changed) == (7, 4)
+        assert len(store.list_alert_events(d)) == 7, "every raise is stored"
+        by_asset = {a.asset: a for a in store.list_alerts(AlertFilter(device_id=d))}
+        assert sorted(by_asset) == [LIMIT_ASSET, "pump-0", "pump-1", "pump-2"]
+        limit = by_asset[LIMIT_ASSET]
+        assert (limit.fault, limit.state, limit.raised_events) == (
+            LIMIT_FAULT, AlertState.FIRING, 4,
+        )  # fmt: skip
+        assert limit.peak_score == 7.0 and "3 open alerts, the most allowed" in limit.notes[0].text
+        assert store.list_webhooks()[0].pending == 4
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert "4 raise(s) opened no alert" in line and d in line
+        # Another device is not limited by this one.
+        assert store.store_records(other, [], [_event(other, 1, "raised")], NOW).alerts_changed
+        # One of the device's alerts closes: the next raise opens its own alert again.
+        back = [_event(d, 8, "cleared", asset="pump-0"), _event(d, 9, "raised", asset="pump-3")]
+        store.store_records(d, [], back, NOW)
+        assert store.get_alert(limit.id).raised_events == 4
+        firing = store.list_alerts(AlertFilter(device_id=d, state=AlertState.FIRING))
+        assert sorted(a.asset for a in firing) == [LIMIT_ASSET, "pump-1", "pump-2", "pump-3"]
+        # At the limit again: counted on the same limit alert; within a minute of the last
+        # warning no line, then one counting what came since.
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "cloud.store.alert_fold"):
+            clock[0] = alert_fold.LIMIT_WARN_EVERY_S - 1
+            store.store_records(d, [], [_event(d, 10, "raised", asset="pump-6")], NOW)
+            assert store.get_alert(limit.id).raised_events == 5 and not caplog.records
+            clock[0] = alert_fold.LIMIT_WARN_EVERY_S
+            store.store_records(d, [], [_event(d, 11, "raised", asset="pump-6")], NOW)
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert "2 raise(s) opened no alert" in line, line
+        # The operator resolves it: the next raise beyond the limit opens a new one.
+        store.update_alert(limit.id, "resolve", "", "alice", NOW)
+        store.store_records(d, [], [_event(d, 12, "raised", asset="pump-7")], NOW)
+        firing = store.list_alerts(AlertFilter(device_id=d, state=AlertState.FIRING))
+        (again,) = [a for a in firing if a.asset == LIMIT_ASSET]
+        assert again.asset == LIMIT_ASSET and again.id != limit.id and again.raised_events == 1
 
 
 class TestSqliteAlertBatches(SqliteBackend, AlertBatchContract):

@@ -1,7 +1,8 @@
 """Alerts in SQL: edge raise/clear events grouped into alerts, and the operator lifecycle.
 
 A raise opens an alert for its (device, asset, fault) group, or folds into the open one
-(peak score, last seen, top sensors of the peak); a clear resolves the open one. Events
+(peak score, last seen, top sensors of the peak); a clear resolves the open one; a device
+has at most MAX_OPEN_ALERTS open (`alert_fold` says what happens to raises beyond). Events
 arrive at most once (the record sync is idempotent per device and sequence) and are applied
 in the transaction that stores them, so a crash cannot apply an event twice or lose it.
 Every change takes the next revision from a one-row counter, locked in the transaction:
@@ -28,7 +29,7 @@ from cloud.domain import (
     AlertState,
 )
 from cloud.maintenance import covering
-from cloud.store.alert_fold import EventFold, open_key
+from cloud.store.alert_fold import EventFold, LimitWarnings, limit_key, open_key
 from cloud.store.sql_base import SqlBase, id_chunks
 from cloud.store.sql_maintenance import windows_in_force
 from cloud.store.sql_webhooks import enqueue_deliveries
@@ -58,22 +59,39 @@ def _next_revisions(s: Session, n: int) -> int:
     return counter.value - n + 1
 
 
+_limit_warnings = LimitWarnings()
+
+
 def apply_alert_events(
     s: Session, events: Sequence[AlertEventRecord], now: dt.datetime
 ) -> list[AlertRecord]:
     """Folds newly stored edge events into alerts (in `s`'s transaction); the changed alerts.
 
     In sets, so a batch of thousands holds the alert lock for a few statements, not a few per
-    event: one read of the batch's open alerts, the events folded in memory (`alert_fold`),
-    one revision range for the changed alerts, then one flush of them and their deliveries."""
+    event: one read of the batch's open alerts and the open counts of its devices, the events
+    folded in memory (`alert_fold`), one revision range for the changed alerts, then one
+    flush of them and their deliveries."""
     if not events:
         return []
     _lock_alerts(s)
+    devices = sorted({e.device_id for e in events})
     keys = sorted({open_key(e.device_id, e.asset, e.fault) for e in events})
+    keys += [limit_key(d) for d in devices]
     open_rows: list[AlertRow] = []
     for chunk in id_chunks(keys):
         open_rows += s.scalars(select(AlertRow).where(AlertRow.open_key.in_(chunk))).all()
-    fold = EventFold(open_rows)
+    counts: dict[str, int] = {}
+    for chunk in id_chunks(devices):
+        query = (
+            select(AlertRow.device_id, func.count())
+            .where(AlertRow.device_id.in_(chunk), AlertRow.open_key.is_not(None))
+            .group_by(AlertRow.device_id)
+        )
+        counts.update((device_id, int(n)) for device_id, n in s.execute(query).all())
+    for row in open_rows:  # the limit alert is not one of the alerts it limits
+        if row.open_key == limit_key(row.device_id):
+            counts[row.device_id] -= 1
+    fold = EventFold(open_rows, counts)
     for event in sorted(events, key=lambda e: e.sequence):
         fold.apply(event, now)
     rows = list(fold.changed.values())
@@ -86,6 +104,8 @@ def apply_alert_events(
         s.add_all(fold.added)
         changed = announce(s, rows, now, edge_time=True)
     s.flush()
+    if fold.not_opened:
+        _limit_warnings.add(fold.not_opened)
     return changed
 
 
