@@ -16,6 +16,7 @@ from cloud.domain import AlertFilter, AlertState
 from cloud.store import Store, alert_fold, sql_alerts
 from cloud.store.alert_fold import LIMIT_ASSET, LIMIT_FAULT
 from cloud.store.sql import SqlStore
+from cloud.webhook_records import Delivery
 from tests.support.stores import NOW, PostgresBackend, SqliteBackend
 from tests.test_store_contract_fleet import _event
 
@@ -149,6 +150,40 @@ class AlertBatchContract:
         firing = store.list_alerts(AlertFilter(device_id=d, state=AlertState.FIRING))
         (again,) = [a for a in firing if a.asset == LIMIT_ASSET]
         assert again.asset == LIMIT_ASSET and again.id != limit.id and again.raised_events == 1
+
+    def test_claims_take_each_devices_first_delivery_before_anyones_second(
+        self, store: Store
+    ) -> None:
+        """Before, claims went strictly oldest first: a device's backlog of 5,000 changes
+        was sent before any other device's alert queued after it."""
+        bad = store.create_device("bad", {}, "", NOW).id
+        good = store.create_device("good", {}, "", NOW).id
+        a = store.add_webhook("http://example.com/a", "s", "", NOW).id
+        b = store.add_webhook("http://example.com/b", "s", "", NOW).id
+        store.store_records(
+            bad, [], [_event(bad, i + 1, "raised", asset=f"p{i}") for i in range(30)], NOW
+        )
+        store.store_records(bad, [], [_event(bad, 31, "cleared", asset="p0")], NOW)
+        store.store_records(good, [], [_event(good, 1, "raised")], NOW)
+
+        def who(claimed: list[Delivery]) -> list[tuple[str, str]]:
+            names = {bad: "bad", good: "good", a: "a", b: "b"}
+            return [(names[d.payload["alert"]["device_id"]], names[d.webhook_id]) for d in claimed]
+
+        first = store.claim_deliveries(NOW, LEASE, 4, per_webhook=24)
+        assert who(first) == [("bad", "a"), ("bad", "b"), ("good", "a"), ("good", "b")]
+        store.store_records(good, [], [_event(good, 2, "raised", asset="pump-2")], NOW)
+        second = store.claim_deliveries(NOW, LEASE, 4)  # no shares: the same turns
+        assert who(second) == [("bad", "a"), ("bad", "b"), ("good", "a"), ("good", "b")]
+        # Per alert, changes still go in order: p0's close waits for its opening.
+        rest = store.claim_deliveries(NOW, LEASE, 1000, per_webhook=1000)
+        assert len(rest) == 2 * 28 and all(d.payload["event"] == "alert.firing" for d in rest)
+        for d in first:
+            store.finish_delivery(d.id, "", NOW, None)
+        closes = store.claim_deliveries(NOW, LEASE, 1000)
+        assert [(d.payload["event"], d.payload["alert"]["asset"]) for d in closes] == [
+            ("alert.returned", "p0")
+        ] * 2
 
 
 class TestSqliteAlertBatches(SqliteBackend, AlertBatchContract):

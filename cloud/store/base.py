@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.capture_budget import CaptureBudget
-from cloud.captures import CaptureFilter, CaptureLabel, CaptureRecord
+from cloud.captures import PAGE_BYTES, CaptureFilter, CaptureLabel, CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
     AlertFilter,
@@ -181,10 +181,16 @@ class RecordStore(abc.ABC):
 
     @abc.abstractmethod
     def list_captures(
-        self, where: CaptureFilter, after: tuple[str, int] = ("", 0), limit: int = 200
+        self,
+        where: CaptureFilter,
+        after: tuple[str, int] = ("", 0),
+        limit: int = 200,
+        max_bytes: int = PAGE_BYTES,
     ) -> list[CaptureRecord]:
         """Captures whose window ends at or after `where.since`, of `where.device_ids`, by
-        (device id, sequence) after the cursor `after` (the verdict is not filtered here)."""
+        (device id, sequence) after the cursor `after` (the verdict is not filtered here):
+        at most `limit`, and no more than `max_bytes` of them in memory (`held_bytes`; the
+        first is returned whatever its size)."""
 
     @abc.abstractmethod
     def charge_captures(
@@ -338,9 +344,11 @@ class WebhookOutbox(abc.ABC):
         per_webhook: int | None = None,
         busy: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
-        """Up to `limit` due deliveries, oldest first, each the oldest pending one of its
-        webhook and alert, leased until `now + lease` (`Delivery.leased_until`: no other
-        claim takes them meanwhile) and counted as attempted. With `per_webhook`, at most
+        """Up to `limit` due deliveries, each the oldest pending one of its webhook and
+        alert, taken in turns by device (every device's oldest before any device's second:
+        one device's backlog delays no other's alerts), oldest first within a turn; leased
+        until `now + lease` (`Delivery.leased_until`: no other claim takes them meanwhile)
+        and counted as attempted. With `per_webhook`, at most
         that many of one webhook less those the caller already holds of it (`busy`, by
         webhook id): a webhook's deliveries past its share are left for later, not claimed."""
 

@@ -5,9 +5,11 @@ a change is queued exactly when it is committed (a transactional outbox). A send
 due deliveries with a lease (SKIP LOCKED where the database has it), so two control-plane
 replicas do not send the same one at once; it is marked delivered after a 2xx. A crash
 between the POST and the mark sends it again with the same delivery id, which receivers
-use to drop the repeat. Per webhook and alert, changes are sent in order. A claim can take
-at most a share of each webhook's due deliveries (the rest stay unclaimed, their attempts
-uncounted), and a claimed delivery not sent is released without its attempt counted.
+use to drop the repeat. Per webhook and alert, changes are sent in order; across devices a
+claim takes turns (each device's oldest due delivery before any device's second), so one
+device's backlog does not hold up another's alerts. A claim can take at most a share of each
+webhook's due deliveries (the rest stay unclaimed, their attempts uncounted), and a claimed
+delivery not sent is released without its attempt counted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy import ColumnElement, Select, case, delete, func, insert, literal, select
+from sqlalchemy import ColumnElement, Subquery, case, delete, func, insert, literal, select
 from sqlalchemy.orm import Session, aliased
 
 from cloud.domain import AlertRecord, AlertState
@@ -198,9 +200,9 @@ class WebhookTables(SqlBase):
         per_webhook: int | None = None,
         busy: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
-        """Due deliveries, each the oldest pending one of its webhook and alert, at most
-        `per_webhook` of one webhook less its `busy` ones; leased until `now + lease`
-        (another sender skips them meanwhile) and counted as attempted."""
+        """Due deliveries, each the oldest pending one of its webhook and alert, in turns by
+        device (`_turns`), at most `per_webhook` of one webhook less its `busy` ones; leased
+        until `now + lease` (another sender skips them meanwhile) and counted as attempted."""
         if limit <= 0:
             return []
         earlier = aliased(DeliveryRow)
@@ -215,19 +217,16 @@ class WebhookTables(SqlBase):
             .exists()
         )
         due = (DeliveryRow.state == PENDING, DeliveryRow.next_attempt_at <= now)
-        query = select(DeliveryRow, WebhookRow).join(
-            WebhookRow, WebhookRow.id == DeliveryRow.webhook_id
-        )
-        if per_webhook is None:
-            query = query.where(*due, ~older_pending)
-        else:
-            shares = _shares(due, older_pending, per_webhook, busy or {})
-            query = query.where(*due, DeliveryRow.id.in_(shares))
-        # The window function is in a subquery: PostgreSQL locks no rows of a query level that
-        # has one. The lease is what keeps a claim; SKIP LOCKED keeps two claims running at
-        # once from taking the same row (the due test above is checked again on the row locked).
+        turns = _turns(due, older_pending, per_webhook, busy or {})
+        # The window functions are in a subquery: PostgreSQL locks no rows of a query level
+        # that has one. The lease is what keeps a claim; SKIP LOCKED keeps two claims running
+        # at once from taking the same row (the due test is checked again on the row locked).
         query = (
-            query.order_by(DeliveryRow.id)
+            select(DeliveryRow, WebhookRow)
+            .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+            .join(turns, turns.c.id == DeliveryRow.id)
+            .where(*due)
+            .order_by(turns.c.turn, DeliveryRow.id)
             .limit(limit)
             .with_for_update(skip_locked=True, of=DeliveryRow)
         )
@@ -299,28 +298,42 @@ class WebhookTables(SqlBase):
                 row.next_attempt_at, row.last_error = retry_at, error[:500]
 
 
-def _shares(
+def _turns(
     due: tuple[ColumnElement[bool], ...],
     older_pending: ColumnElement[bool],
-    per_webhook: int,
+    per_webhook: int | None,
     busy: Mapping[str, int],
-) -> Select[tuple[int]]:
-    """The ids of the due deliveries within their webhook's share: the oldest `per_webhook`
-    of each, less the `busy` ones the claimer holds of it (webhooks with no room left are not
-    even ranked)."""
-    room = {hook: per_webhook - n for hook, n in busy.items()}
-    full = sorted(hook for hook, left in room.items() if left <= 0)
-    partly = {hook: left for hook, left in room.items() if left > 0}
-    cap: ColumnElement[int] = literal(per_webhook)
-    if partly:
-        cap = case(partly, value=DeliveryRow.webhook_id, else_=per_webhook)
-    rank = func.row_number().over(partition_by=DeliveryRow.webhook_id, order_by=DeliveryRow.id)
-    ranked = (
-        select(DeliveryRow.id, rank.label("rank"), cap.label("cap"))
+) -> Subquery:
+    """The due deliveries a claim may take (id) and their device's turn: the device's
+    first waiting delivery to a webhook has turn 1, its second turn 2, ... A claim takes
+    turn 1 of every device before turn 2 of any, so a device with thousands queued delays
+    no other device's alerts by more than one delivery of its own per device.
+
+    With `per_webhook`, of each webhook only the first `per_webhook` in that order less the
+    `busy` ones the claimer holds of it (webhooks with no room left are not even ranked)."""
+    room = {hook: (per_webhook or 0) - n for hook, n in busy.items()}
+    full = sorted(hook for hook, left in room.items() if left <= 0) if per_webhook else []
+    device = func.coalesce(AlertRow.device_id, DeliveryRow.alert_id)  # its alert deleted
+    turn = func.row_number().over(
+        partition_by=(DeliveryRow.webhook_id, device), order_by=DeliveryRow.id
+    )
+    waiting = (
+        select(DeliveryRow.id, DeliveryRow.webhook_id, turn.label("turn"))
+        .outerjoin(AlertRow, AlertRow.id == DeliveryRow.alert_id)
         .where(*due, ~older_pending, DeliveryRow.webhook_id.not_in(full))
         .subquery()
     )
-    return select(ranked.c.id).where(ranked.c.rank <= ranked.c.cap)
+    if per_webhook is None:
+        return select(waiting.c.id, waiting.c.turn).subquery()
+    partly = {hook: left for hook, left in room.items() if left > 0}
+    cap: ColumnElement[int] = literal(per_webhook)
+    if partly:
+        cap = case(partly, value=waiting.c.webhook_id, else_=per_webhook)
+    rank = func.row_number().over(
+        partition_by=waiting.c.webhook_id, order_by=(waiting.c.turn, waiting.c.id)
+    )
+    ranked = select(waiting.c.id, waiting.c.turn, rank.label("rank"), cap.label("cap")).subquery()
+    return select(ranked.c.id, ranked.c.turn).where(ranked.c.rank <= ranked.c.cap).subquery()
 
 
 def _webhook(
