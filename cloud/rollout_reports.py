@@ -30,7 +30,9 @@ from cloud.rollout_targets import (
     judged,
     moved,
 )
+from cloud.sparse_log import SparseLog
 from cloud.store import Store
+from edge_agent.errors import NotFound
 from edge_agent.logs import ids
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,22 @@ log = logging.getLogger(__name__)
 
 class RolloutReports:
     """Applies what devices report about a rollout's version to their targets in the store.
-    Not locked itself: the controller calls it with its lock held and retries on conflict."""
+    Not locked itself: the controller asks `concerns` first, unlocked, then calls the rest with
+    its lock held and retries on conflict. What a report makes it log is logged sparsely
+    (`SparseLog`): a device repeating one cannot flood the log."""
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock, sparse: SparseLog | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.sparse = sparse or SparseLog(log)
+
+    def concerns(self, device_id: str, rollout_id: str, version: str) -> bool:
+        """Whether a report of `device_id` on `rollout_id` about `version` may move its
+        target: the rollout exists, targets the device and rolls out that version. Only reads
+        (no write transaction, no lock): a report on an unknown rollout, or one the device is
+        not in, costs a read or two."""
+        found = self._target(rollout_id, device_id)
+        return found is not None and found[0].model_version == version
 
     def on_install(self, device_id: str, report: InstallReport) -> None:
         """Records what a device says about installing a rollout's version."""
@@ -60,7 +73,9 @@ class RolloutReports:
             self._retrying(rollout, target, report)
         else:
             target = moved(target, TargetState.FAILED, _summary(report), self.clock())
-            log.warning(
+            self.sparse.warning(
+                device_id,
+                "install failed",
                 "rollout %s: device %s failed: %s",
                 rollout.id,
                 device_id,
@@ -160,7 +175,9 @@ class RolloutReports:
         detail = _summary(report)
         if (target.state, target.detail) == (TargetState.DEFERRED, detail):
             return  # resent after a reconnect
-        log.warning(
+        self.sparse.warning(
+            target.device_id,
+            "install deferred",
             "rollout %s: device %s cannot install yet and tries again: %s",
             rollout.id,
             target.device_id,
@@ -216,7 +233,9 @@ class RolloutReports:
         }
         enough = max(rollout.gates.min_shadow_windows, 1)
         if not self.store.record_shadow(rollout.id, device_id, shadow, enough):
-            log.info(
+            self.sparse.info(
+                device_id,
+                "fewer shadow windows",
                 "rollout %s: device %s reported %d shadow window(s) (%r), fewer than before "
                 "and than the gate needs (%d), as after an agent restart: the earlier "
                 "report stands",
@@ -237,8 +256,15 @@ class RolloutReports:
             return None
         try:
             rollout = self.store.get_rollout(rollout_id)
-        except Exception:  # noqa: BLE001 - an unknown rollout id from a device: ignore it
-            log.warning("device %s reported on unknown rollout %s", device_id, rollout_id)
+        except NotFound:  # an unknown rollout id from a device: ignored
+            self.sparse.warning(
+                device_id,
+                "unknown rollout",
+                "device %s reported on unknown rollout %s",
+                device_id,
+                rollout_id[:64],
+                extra=ids(device=device_id),
+            )
             return None
         target = self.store.rollout_target(rollout_id, device_id)
         return (rollout, target) if target is not None else None

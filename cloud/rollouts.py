@@ -242,12 +242,17 @@ class RolloutController:
         return changed
 
     def on_install(self, device_id: str, report: InstallReport) -> None:
-        """Records what a device says about installing a rollout's version."""
-        self._retried(lambda: self.reports.on_install(device_id, report))
+        """Records what a device says about installing a rollout's version. A report on a
+        rollout that is unknown, not the device's or of another version is dropped after a
+        read, without the lock (a device repeating one holds up no tick or operator)."""
+        if self.reports.concerns(device_id, report.rollout_id, report.model_version):
+            self._retried(lambda: self.reports.on_install(device_id, report))
 
     def on_shadow(self, device_id: str, report: ShadowReport) -> None:
-        """Records a device's shadow statistics on a rollout's version."""
-        self._retried(lambda: self.reports.on_shadow(device_id, report))
+        """Records a device's shadow statistics on a rollout's version (dropped unlocked,
+        as an install report is, when it cannot concern a target)."""
+        if self.reports.concerns(device_id, report.rollout_id, report.candidate_version):
+            self._retried(lambda: self.reports.on_shadow(device_id, report))
 
     # ---- internals (called with the lock held) ----
     def _online(self, device: DeviceRecord | DeviceSummary, now: dt.datetime) -> bool:

@@ -178,7 +178,7 @@ class RolloutTables(SqlBase):
             )
 
     def get_rollout(self, rollout_id: str) -> RolloutRecord:
-        with self._tx() as s:
+        with self._read_tx() as s:  # also a device's report on any id: no write lock
             row = s.get(RolloutRow, rollout_id)
             if row is None:
                 raise NotFound(f"no rollout with id '{rollout_id}'")
@@ -258,7 +258,7 @@ class RolloutTables(SqlBase):
             return [_target(r) for r in s.scalars(query).all()]
 
     def rollout_target(self, rollout_id: str, device_id: str) -> RolloutTarget | None:
-        with self._tx() as s:
+        with self._read_tx() as s:
             row = s.get(RolloutTargetRow, (rollout_id, device_id))
             return _target(row) if row is not None else None
 
