@@ -6,9 +6,10 @@ in `box.key`), which every replica holds: a session works on any replica and acr
 and nothing about it is stored. It expires after
 `SESSION_TTL_S`; the token itself is checked by the operator API on every call, and an open
 live page's stream again every few seconds and before each change it sends. A revoked
-operator is out at once on the replica that revoked it and within `TOKEN_CACHE_S` (5 s,
-cloud/service/guard.py) on every other; an open live page within twice that at most (it ends
-with a `failed` event saying so)."""
+operator is out at once on the replica that revoked it, on the others as soon as the store's
+change notification reaches them (PostgreSQL) and within `TOKEN_CACHE_S` (5 s,
+cloud/service/guard.py) at most; an open live page within twice that at most (it ends with a
+`failed` event saying so)."""
 
 from __future__ import annotations
 

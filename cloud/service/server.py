@@ -186,6 +186,7 @@ class ControlPlane:
         # Woken by other replicas' changes (PostgreSQL NOTIFY) before their next poll.
         self._wake = {DESIRED: asyncio.Event(), DEVICES: asyncio.Event()}
         self._listener: ChangeListener | None = None
+        self.tokens = OperatorTokens(store)  # operator tokens, cached; told of revocations
         self._health = HealthServicer()
         self._probe_server: aio.Server | None = None
         self.health_port = 0
@@ -220,7 +221,7 @@ class ControlPlane:
             interceptors=[
                 CallMetrics(self.metrics),
                 self.heartbeat_limit,
-                CallGuard(OperatorTokens(self.store)),
+                CallGuard(self.tokens),
             ],
             options=[
                 *(o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"),
@@ -476,6 +477,7 @@ class ControlPlane:
         if (session := parse_session_topic(topic)) is not None:
             self.replaced.heard(*session)
             return
+        self.tokens.heard(topic)  # an operator revoked (or anything): its cached token goes
         for name, event in self._wake.items():
             if topic in (name, ANY):
                 event.set()
