@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from cloud.captures import CALIBRATION_FIELDS, CaptureRecord
+from cloud.captures import CaptureRecord
 
 log = logging.getLogger(__name__)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -53,12 +53,9 @@ def utc_day(now: dt.datetime) -> int:
 def capture_bytes(c: CaptureRecord) -> int:
     """About the capture's encoded size on the wire (what an agent's budget counts): its
     values and mask, 4 bytes a calibration number, its names, and a few bytes of framing."""
-    floats = len(c.input_center) + len(c.input_scale)
-    if c.calibration is not None:
-        floats += sum(len(getattr(c.calibration, name)) for name in CALIBRATION_FIELDS)
     texts = sum(len(s.encode()) + 2 for s in c.sensors)
     texts += len(c.asset.encode()) + len(c.model_version.encode()) + len(c.alert_key.encode())
-    return len(c.values) + len(c.mask) + 4 * floats + texts + 64
+    return len(c.values) + len(c.mask) + 4 * c.numbers() + texts + 64
 
 
 def charge(

@@ -28,6 +28,10 @@ MAX_ROWS = 4096  # T of one window
 MAX_SENSORS = 256  # N
 MAX_CELLS = 65_536  # T * N: 256 KiB of float32 values
 PAGE_SIZE, MAX_PAGE_SIZE = 200, 1000
+# What one page of a listing may hold in memory (`held_bytes`): a largest capture read back
+# holds about 4.2 MiB (its calibration's numbers as Python floats), so 1,000 of them would
+# be 4 GiB. A page ends before the capture that would pass it.
+PAGE_BYTES = 64 << 20
 VERDICT_FILTERS = ("", "none", *VERDICTS)  # "": any; "none": no verdict yet
 
 
@@ -97,6 +101,13 @@ class CaptureRecord:
     input_scale: tuple[float, ...]
     received_at: dt.datetime | None = None
     calibration: CaptureCalibration | None = None  # None: an agent from before it was sent
+
+    def numbers(self) -> int:
+        """How many numbers its input normalisation and site calibration hold."""
+        count = len(self.input_center) + len(self.input_scale)
+        if self.calibration is not None:
+            count += sum(len(getattr(self.calibration, name)) for name in CALIBRATION_FIELDS)
+        return count
 
     @property
     def window_end(self) -> dt.datetime:
@@ -236,23 +247,40 @@ def training_label(reason: str, verdict: str) -> int:
     return {"true": 1, "false": 0}.get(verdict, -1)
 
 
+def held_bytes(c: CaptureRecord) -> int:
+    """About the memory a capture read back holds: its values and mask, 32 bytes a number
+    of its calibration (a Python float and its place in a tuple), its names, and the rest."""
+    names = sum(64 + len(s) for s in c.sensors)
+    return len(c.values) + len(c.mask) + 32 * c.numbers() + names + 1024
+
+
 def labelled_pages(
-    store: Store, where: CaptureFilter, page_size: int
+    store: Store, where: CaptureFilter, page_size: int, page_bytes: int = PAGE_BYTES
 ) -> Iterator[list[tuple[CaptureRecord, CaptureLabel]]]:
-    """Every matching capture with its label, in pages of at most `page_size` (read that
-    many at a time, so memory stays bounded however much is stored)."""
+    """Every matching capture with its label, in pages of at most `page_size` captures and
+    `page_bytes` of them in memory (`held_bytes`; read that much at a time, so memory stays
+    bounded however much is stored and however large the windows are)."""
     cursor = ("", 0)
     while True:
-        batch = store.list_captures(where, cursor, page_size)
+        batch = store.list_captures(where, cursor, page_size, page_bytes)
         if not batch:
             return
         cursor = (batch[-1].device_id, batch[-1].sequence)
-        labels: dict[tuple[str, str], CaptureLabel] = {}
-        for device_id in sorted({c.device_id for c in batch}):
-            keys = [c.alert_key for c in batch if c.device_id == device_id and c.alert_key]
-            found = store.capture_labels(device_id, keys, where.since)
-            labels.update({(device_id, k): v for k, v in found.items()})
-        page = [(c, labels.get((c.device_id, c.alert_key), CaptureLabel())) for c in batch]
-        page = [(c, lab) for c, lab in page if lab.matches(where.verdict)]
+        page = _labelled(store, batch, where)
+        del batch  # one page held at a time: none kept while the next is read
         if page:
             yield page
+        del page
+
+
+def _labelled(
+    store: Store, batch: list[CaptureRecord], where: CaptureFilter
+) -> list[tuple[CaptureRecord, CaptureLabel]]:
+    """The captures of `batch` with their labels, those whose verdict `where` takes."""
+    labels: dict[tuple[str, str], CaptureLabel] = {}
+    for device_id in sorted({c.device_id for c in batch}):
+        keys = [c.alert_key for c in batch if c.device_id == device_id and c.alert_key]
+        found = store.capture_labels(device_id, keys, where.since)
+        labels.update({(device_id, k): v for k, v in found.items()})
+    page = [(c, labels.get((c.device_id, c.alert_key), CaptureLabel())) for c in batch]
+    return [(c, lab) for c, lab in page if lab.matches(where.verdict)]

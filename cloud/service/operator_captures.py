@@ -74,6 +74,7 @@ class CaptureCalls:
                 size += window.ByteSize()
             if message.windows:
                 yield message
+            del page, message  # neither held while the next page is read
 
     async def PullBundle(
         self, request: operator_pb2.GetModelRequest, context: aio.ServicerContext[Any, Any]

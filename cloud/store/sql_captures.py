@@ -4,7 +4,7 @@ that label them."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -13,10 +13,19 @@ from sqlalchemy.orm import Session
 
 from cloud import capture_budget
 from cloud.capture_budget import CaptureBudget, CaptureUsage, capture_bytes, utc_day
-from cloud.captures import CaptureCalibration, CaptureFilter, CaptureLabel, CaptureRecord
+from cloud.captures import (
+    PAGE_BYTES,
+    CaptureCalibration,
+    CaptureFilter,
+    CaptureLabel,
+    CaptureRecord,
+    held_bytes,
+)
 from cloud.store.sql_base import SqlBase, id_chunks
 from cloud.store.tables import AlertRow, CaptureDayRow, CaptureRow, DeviceRow
 from edge_agent.errors import NotFound
+
+_STREAMED = {"yield_per": 4}  # rows decoded at a time: a largest holds 4 MiB
 
 
 class CaptureTables(SqlBase):
@@ -59,7 +68,11 @@ class CaptureTables(SqlBase):
             return refused
 
     def list_captures(
-        self, where: CaptureFilter, after: tuple[str, int] = ("", 0), limit: int = 200
+        self,
+        where: CaptureFilter,
+        after: tuple[str, int] = ("", 0),
+        limit: int = 200,
+        max_bytes: int = PAGE_BYTES,
     ) -> list[CaptureRecord]:
         device, sequence = after
         query = select(CaptureRow).where(
@@ -70,19 +83,28 @@ class CaptureTables(SqlBase):
             ),
         )
         query = query.order_by(CaptureRow.device_id, CaptureRow.sequence)
-        if where.device_ids is None:
-            with self._read_tx() as s:
-                return [_capture(r) for r in s.scalars(query.limit(limit)).all()]
         # In IN lists of ID_CHUNK, in id order: the chunks' pages, one after another, are
         # the page in (device id, sequence) order. Devices before the cursor have none left.
-        wanted = sorted({d for d in where.device_ids if d >= device})
+        chunks: Iterable[Sequence[str] | None] = [None]
+        if where.device_ids is not None:
+            chunks = id_chunks(sorted({d for d in where.device_ids if d >= device}))
         found: list[CaptureRecord] = []
+        held = 0
         with self._read_tx() as s:
-            for chunk in id_chunks(wanted):
+            for chunk in chunks:
+                page = query if chunk is None else query.where(CaptureRow.device_id.in_(chunk))
+                # Rows a few at a time (a server-side cursor on PostgreSQL), so the page
+                # ends at max_bytes without the rows after it read.
+                rows = s.scalars(page.limit(limit - len(found)), execution_options=_STREAMED)
+                for row in rows:
+                    capture = _capture(row)
+                    size = held_bytes(capture)
+                    if found and held + size > max_bytes:
+                        return found  # it starts the next page
+                    found.append(capture)
+                    held += size
                 if len(found) >= limit:
                     break
-                page = query.where(CaptureRow.device_id.in_(chunk)).limit(limit - len(found))
-                found += [_capture(r) for r in s.scalars(page).all()]
         return found
 
     def capture_labels(
