@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -109,7 +109,7 @@ def apply_alert_events(
     return changed
 
 
-def _labels(s: Session, rows: Sequence[AlertRow]) -> dict[str, dict[str, str]]:
+def _labels(s: Session, rows: Sequence[AlertRow | _Hold]) -> dict[str, dict[str, str]]:
     """The labels of the rows' devices, read in IN lists of ID_CHUNK (the fleet's alerts
     may name more devices than one statement's bound parameters allow)."""
     labels: dict[str, dict[str, str]] = {}
@@ -140,18 +140,20 @@ def announce(
     for row in rows:
         doc = dict(row.doc)
         reason = ""
+        active = AlertState(row.state).active
         until = doc.get("shelved_until")
         if until and dt.datetime.fromisoformat(until) > now:
             reason = "shelved"
-        elif window := (
+        elif active and (window := (
             covering(windows, labels.get(row.device_id, {}), row.asset, at[row.id])
-            # An active alert also while a window is in force now (a device clock hours off).
-            or (AlertState(row.state).active
-                and covering(windows, labels.get(row.device_id, {}), row.asset, now))
-        ):  # fmt: skip
+            # Also while a window is in force now (a device clock hours off).
+            or covering(windows, labels.get(row.device_id, {}), row.asset, now)
+        )):  # fmt: skip
+            # Only an active alert: a closed one's close is delivered exactly when its
+            # opening was, whatever window is in force, so no window holds it back (nor
+            # keeps it among the alerts every sweep looks at for as long as the window lasts).
             reason = window.label
         doc["suppressed_by"] = reason
-        active = AlertState(row.state).active
         # Alerts from before this flag existed were all delivered when they opened.
         announced = bool(doc.get("announced", True))
         if active and not reason:
@@ -287,38 +289,51 @@ class AlertTables(SqlBase):
 
     def release_suppressed(self, now: dt.datetime) -> list[AlertRecord]:
         """Alerts held back by a shelving or window that has ended: delivered again when still
-        active (ISA-18.2: an alarm that comes back from shelving is annunciated)."""
-        held_back = or_(
-            func.coalesce(AlertRow.doc["suppressed_by"].as_string(), "") != "",
-            AlertRow.doc["shelved_until"].as_string().is_not(None),
+        active (ISA-18.2: an alarm that comes back from shelving is annunciated).
+
+        Which ones is judged first without any lock (most sweeps release nothing, however
+        many alerts a window holds back); only those are then locked, under the alert lock,
+        and judged again as they are now."""
+        suppressed_by = AlertRow.doc["suppressed_by"].as_string()
+        shelved_until = AlertRow.doc["shelved_until"].as_string()
+        held_back = or_(func.coalesce(suppressed_by, "") != "", shelved_until.is_not(None))
+        # Of each alert only what the judgement needs: not its whole doc.
+        columns = (AlertRow.id, AlertRow.device_id, AlertRow.asset, AlertRow.state)
+        query = select(*columns, suppressed_by, shelved_until).where(
+            AlertRow.state != AlertState.RESOLVED.value, held_back
         )
-        query = select(AlertRow).where(AlertRow.state != AlertState.RESOLVED.value, held_back)
+        with self._read_tx() as s:
+            due = sorted(_releasable(s, [_Hold(*r) for r in s.execute(query).all()], now))
+        if not due:
+            return []
         with self._tx() as s:
-            candidates = list(s.scalars(query).all())
-            if not candidates:
-                return []
             _lock_alerts(s)
-            windows = [w for w in windows_in_force(s, now) if w.active(now)]
-            labels = _labels(s, candidates) if windows else {}
-            released, quiet = [], []
-            for row in candidates:
-                s.refresh(row, with_for_update=True)  # changed meanwhile? look again, locked
-                covered = covering(windows, labels.get(row.device_id, {}), row.asset, now)
-                if not _released(row.doc, covered is not None, now):
-                    continue
-                doc = dict(row.doc)
-                until = doc.get("shelved_until")
-                if until and dt.datetime.fromisoformat(until) <= now:
-                    doc = _unshelved(doc, "", now)
-                row.revision = _next_revision(s)
-                if AlertState(row.state).active:
-                    row.doc = doc
-                    released.append(row)
-                else:  # closed meanwhile: nothing to annunciate
-                    row.doc = {**doc, "suppressed_by": ""}
-                    quiet.append(_alert(row))
-                s.flush()
-            return [*announce(s, released, now), *quiet]
+            rows: list[AlertRow] = []
+            for chunk in id_chunks(due):
+                locked = select(AlertRow).where(AlertRow.id.in_(chunk)).with_for_update()
+                rows += s.scalars(locked).all()
+            # Changed meanwhile? Judged again, locked.
+            still = _releasable(s, [_Hold.of(r) for r in rows], now)
+            rows = sorted((r for r in rows if r.id in still), key=lambda r: r.revision)
+            if not rows:
+                return []
+            with s.no_autoflush:  # the rows are written once, as announce leaves them
+                first = _next_revisions(s, len(rows))
+                released, quiet = [], []
+                for i, row in enumerate(rows):
+                    doc = dict(row.doc)
+                    until = doc.get("shelved_until")
+                    if until and dt.datetime.fromisoformat(until) <= now:
+                        doc = _unshelved(doc, "", now)
+                    row.revision = first + i
+                    if AlertState(row.state).active:
+                        row.doc = doc
+                        released.append(row)
+                    else:  # closed: nothing to annunciate
+                        row.doc = {**doc, "suppressed_by": ""}
+                        quiet.append(_alert(row))
+                announced = announce(s, released, now)
+            return [*announced, *quiet]
 
     def _locked(self, s: Session, alert_id: str) -> AlertRow:
         _lock_alerts(s)
@@ -350,13 +365,38 @@ def check_verdict(verdict: str, fault_type: str) -> None:
         )
 
 
-def _released(doc: dict[str, Any], covered: bool, now: dt.datetime) -> bool:
+class _Hold(NamedTuple):
+    """What the sweep judges of a held-back alert (`_released`)."""
+
+    id: str
+    device_id: str
+    asset: str
+    state: str
+    suppressed_by: str | None
+    shelved_until: str | None
+
+    @classmethod
+    def of(cls, r: AlertRow) -> _Hold:
+        doc = r.doc
+        return cls(r.id, r.device_id, r.asset, r.state, doc.get("suppressed_by"),
+                   doc.get("shelved_until"))  # fmt: skip
+
+
+def _releasable(s: Session, holds: Sequence[_Hold], now: dt.datetime) -> set[str]:
+    """The ids of the alerts whose hold has ended (`_released`)."""
+    windows = [w for w in windows_in_force(s, now) if w.active(now)]
+    labels = _labels(s, holds) if windows and holds else {}
+    covered = {h.id for h in holds if covering(windows, labels.get(h.device_id, {}), h.asset, now)}
+    return {h.id for h in holds if _released(h, h.id in covered, now)}
+
+
+def _released(hold: _Hold, covered: bool, now: dt.datetime) -> bool:
     """Whether what held this alert back has ended: its shelving, or (the device relabelled,
-    a window ended or removed) every window that covered it."""
-    until = doc.get("shelved_until")
-    if until:
-        return dt.datetime.fromisoformat(until) <= now
-    return bool(doc.get("suppressed_by", "")) and not covered
+    a window ended or removed) every window that covered it. No window holds a closed alert
+    back (`announce`); the mark one kept from an older version goes at the next sweep."""
+    if hold.shelved_until:
+        return dt.datetime.fromisoformat(hold.shelved_until) <= now
+    return bool(hold.suppressed_by) and not (AlertState(hold.state).active and covered)
 
 
 def _unshelved(doc: dict[str, Any], by: str, now: dt.datetime) -> dict[str, Any]:
