@@ -3,14 +3,18 @@
 Whatever reaches the domain and the database has passed here: strings without NUL bytes and
 within their column's length, timestamps inside the years 1-9999, integers that fit a signed
 64-bit column, finite floating-point values, bounded repeated fields and maps, and bounded
-nested messages (a device's status). A violation is an `InvalidInput` naming the field by
-its path in the request (`records[3].alert.top_sensors[70]`), never a database error and never
-an INTERNAL answer. The limits are documented in README.md ("Limits on what callers send").
+nested messages (a device's status); the times on a device's records, besides, within a
+plausible range of when they arrived (`RecordTimes`). A violation is an `InvalidInput` naming
+the field by its path in the request (`records[3].alert.top_sensors[70]`), never a database
+error and never an INTERNAL answer. The limits are documented in README.md ("Limits on what
+callers send").
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+from dataclasses import dataclass
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -218,6 +222,88 @@ def _check_timestamp(stamp: Message, where: str) -> None:
         raise InvalidInput(
             f"{where}: timestamp {seconds}s {nanos}ns is outside 0001-01-01..9999-12-31"
         )
+
+
+# The times on a device's records (a prediction's or an alert's window, when the alert was
+# raised, a capture's window start) are the device's clock or its sensors'. Taken from
+# EARLIEST_RECORD_TIME to RECORD_TIME_AHEAD past the batch's arrival: a time at the calendar's
+# ends kept the alert at the top of every listing and inside every "since" filter for good.
+EARLIEST_RECORD_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+RECORD_TIME_AHEAD = dt.timedelta(days=1)
+_RECORD_TIME_FIELDS = ("window_start", "window_end", "raised_at")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class RecordTimes:
+    """The times the records of a batch received at one moment may carry, in seconds since
+    the epoch (whole seconds: the nanoseconds of a time at either bound do not matter)."""
+
+    earliest_s: int
+    latest_s: int
+    received: dt.datetime
+
+    @classmethod
+    def received_at(cls, received: dt.datetime) -> RecordTimes:
+        return cls(
+            int(EARLIEST_RECORD_TIME.timestamp()),
+            int((received + RECORD_TIME_AHEAD).timestamp()),
+            received,
+        )
+
+    def fits(self, start: tuple[int, int], end: tuple[int, int]) -> bool:
+        """Whether a window from `start` to `end` (each seconds and a fraction, in the same
+        unit) passes `check`: the prediction fast path's test, on the numbers it read."""
+        return self.earliest_s <= start[0] and start <= end and end[0] <= self.latest_s
+
+    def check(self, record: Message, where: str) -> None:
+        """Raises InvalidInput naming the first time of a synced record (its prediction,
+        alert event or capture; `check_message` passed) out of range, or a window that ends
+        before it starts."""
+        body_name = record.WhichOneof("body")
+        if body_name is None:
+            return
+        body = getattr(record, body_name)
+        stamps = {
+            name: getattr(body, name)
+            for name in _RECORD_TIME_FIELDS
+            if name in body.DESCRIPTOR.fields_by_name
+        }
+        for name, stamp in stamps.items():
+            at = f"{where}.{body_name}.{name}"
+            if stamp.seconds < self.earliest_s:
+                raise InvalidInput(
+                    f"{at}: {_iso(stamp)} is before {EARLIEST_RECORD_TIME:%Y-%m-%d} (unset, or "
+                    "the device's or its sensors' clock is wrong)"
+                )
+            if stamp.seconds > self.latest_s:
+                raise InvalidInput(
+                    f"{at}: {_iso(stamp)} is more than a day after the batch arrived "
+                    f"({_utc_text(self.received)}): the device's or its sensors' clock "
+                    "is ahead"
+                )
+        start, end = stamps.get("window_start"), stamps.get("window_end")
+        if start is not None and end is not None and _key(end) < _key(start):
+            raise InvalidInput(
+                f"{where}.{body_name}.window_end: {_iso(end)} is before its window_start "
+                f"{_iso(start)}"
+            )
+
+
+def _utc_text(when: dt.datetime) -> str:
+    """2026-11-01T12:00:00Z; years before 1000 with their four digits (strftime drops them)."""
+    return when.astimezone(dt.UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
+def _key(stamp: Message) -> tuple[int, int]:
+    return stamp.seconds, stamp.nanos  # type: ignore[attr-defined]
+
+
+def _iso(stamp: Message) -> str:
+    seconds = stamp.seconds  # type: ignore[attr-defined]
+    if MIN_SECONDS <= seconds <= MAX_SECONDS:
+        return _utc_text(_EPOCH + dt.timedelta(seconds=seconds))
+    return f"{seconds}s since the epoch"
 
 
 def _is_map(field: FieldDescriptor) -> bool:
