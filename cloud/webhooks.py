@@ -30,6 +30,7 @@ import logging
 import math
 import time
 import urllib.parse
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import cast
@@ -56,6 +57,7 @@ PER_WEBHOOK_SENDING = 8  # in flight to one webhook at once
 PER_WEBHOOK_CLAIMED = 24  # claimed for one webhook (in flight or waiting): 8 stay for others
 ANSWER_BYTES = 1024  # read of a receiver's answer (its first 200 characters are kept)
 LEASE_MARGIN_S = 30.0  # of a claim's lease, beyond the longest its delivery can take
+SWEEP_LEASE = "webhook-sweep"  # the store lease of the replica that sweeps for the fleet
 
 
 def check_url(url: str) -> str:
@@ -178,6 +180,7 @@ class WebhookSender:
         self._http: httpx.AsyncClient | None = None
         self._swept = -math.inf
         self._pruned = -math.inf
+        self._holder = f"webhooks-{uuid.uuid4()}"  # this sender, as the sweep lease names it
         # The pool: per webhook, deliveries in flight and those claimed waiting for a slot.
         self._sending: dict[str, int] = {}
         self._waiting: dict[str, deque[tuple[Delivery, float]]] = {}
@@ -231,10 +234,17 @@ class WebhookSender:
 
     async def sweep(self, force: bool = False) -> None:
         """Every `sweep_s`: delivers alerts whose shelving or maintenance window ended, and
-        repeats open alerts to Alertmanager targets before their endsAt passes."""
+        repeats open alerts to Alertmanager targets before their endsAt passes.
+
+        Once per interval for the whole fleet, not once per replica: the replica holding the
+        SWEEP_LEASE sweeps (renewing it), the others only take it over when it lapses (its
+        holder stopped). A `force`d sweep (windows changed through this replica) runs here
+        at once whoever holds it."""
         if not force and time.monotonic() - self._swept < self.settings.sweep_s:
             return
         self._swept = time.monotonic()
+        if not force and not await asyncio.to_thread(self._holds_sweep):
+            return
         now = self.clock()
         released = await asyncio.to_thread(self.store.release_suppressed, now)
         repeat = dt.timedelta(seconds=self.settings.alertmanager_hold_s / 3)
@@ -251,6 +261,13 @@ class WebhookSender:
             log.info("%d alert(s) released from shelving or maintenance", len(released))
         if released or rearmed:
             self.wake()
+
+    def _holds_sweep(self) -> bool:
+        """Takes or renews the fleet's sweep lease; whether this sender holds it. It lasts
+        two intervals: its holder renews it each, another replica takes it a missed one on."""
+        duration = dt.timedelta(seconds=2 * self.settings.sweep_s)
+        lease = self.store.try_lease(SWEEP_LEASE, self._holder, None, duration)
+        return lease.holder == self._holder
 
     async def send_due(self) -> bool:
         """Claims due deliveries into the free slots, no webhook's past PER_WEBHOOK_CLAIMED

@@ -1,16 +1,22 @@
 """The sweep that releases alerts from ended shelvings and maintenance windows, on SQLite and
 PostgreSQL: a sweep that releases nothing takes no lock however many alerts are held back;
-one that releases some locks only those; closed alerts are never held back by a window."""
+one that releases some locks only those; closed alerts are never held back by a window; and
+the replicas' senders sweep once per interval for the fleet, not once each."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cloud.domain import AlertFilter, AlertState
-from cloud.store import Store
+from cloud.domain import AlertFilter, AlertRecord, AlertState
+from cloud.store import Store, open_store
 from cloud.store.tables import AlertRow
+from cloud.webhooks import SenderSettings, WebhookSender
 from tests.support.stores import NOW, PostgresBackend, SqliteBackend
 from tests.test_alert_batches import Statements
 from tests.test_store_contract_fleet import _event
@@ -84,3 +90,49 @@ class TestSqliteSweep(SqliteBackend, SweepContract):
 @pytest.mark.postgres
 class TestPostgresSweep(PostgresBackend, SweepContract):
     pass
+
+
+class CountingStore:
+    """A store that counts the sweeps (`release_suppressed`) made through it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sweeps = 0
+
+    def release_suppressed(self, now: dt.datetime) -> list[AlertRecord]:
+        self.sweeps += 1
+        return self.store.release_suppressed(now)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_replicas_sweep_once_per_interval_for_the_fleet(tmp_path: Path) -> None:
+    """Before, each replica's sender swept every `sweep_s`: three replicas, three sweeps."""
+    store = open_store(f"sqlite:///{tmp_path / 'autoglm.db'}")
+    settings = SenderSettings(sweep_s=2.0)  # the lease lasts two: 4 s
+    a, b = CountingStore(store), CountingStore(store)
+    first = WebhookSender(a, settings)  # type: ignore[arg-type]
+    second = WebhookSender(b, settings)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        await first.sweep()
+        await second.sweep()
+        assert (a.sweeps, b.sweeps) == (1, 0), "the second replica swept beside the first"
+        await second.sweep(force=True)  # windows changed through it: at once, lease or not
+        assert b.sweeps == 1
+        # The first replica stops sweeping: its lease lapses and the second takes over.
+        started = time.monotonic()
+        while b.sweeps < 2:
+            assert time.monotonic() - started < 60, "the second replica never took over"
+            await asyncio.sleep(0.1)
+            await second.sweep()
+        took = time.monotonic() - started
+        assert took >= settings.sweep_s, f"taken over after {took:.1f} s, before the lapse"
+        await first.sweep()  # back, its interval long over: the lease is the second's now
+        assert a.sweeps == 1, "the first replica swept beside the one holding the lease"
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from cloud.domain import AlertEventRecord
+from cloud.domain import AlertEventRecord, Lease
 from cloud.store import Store, open_store
 from cloud.store.sql import SqlStore
 from cloud.store.tables import DeliveryRow
@@ -146,6 +146,12 @@ class Outbox:
 
     def release_suppressed(self, now: dt.datetime) -> list[Any]:
         return []
+
+    def try_lease(
+        self, name: str, holder: str, now: dt.datetime | None, duration: dt.timedelta
+    ) -> Lease:
+        at = now or dt.datetime.now(dt.UTC)
+        return Lease(name, holder, at + duration, at)  # one sender: always its own
 
     def rearm_deliveries(self, *args: Any) -> list[Any]:
         return []
