@@ -1,6 +1,7 @@
 """Maintenance windows in SQL. Windows that ended stay listed (`include_ended`) for the
-record; the webhook senders' sweep (every replica; the release is idempotent under the alert
-lock) releases the alerts they held back (`release_suppressed`)."""
+record; the webhook senders' sweep (once per interval for the fleet, by the replica holding
+the sweep lease; any replica at once when windows change through it) releases the alerts
+they held back (`release_suppressed`)."""
 
 from __future__ import annotations
 
