@@ -30,6 +30,101 @@ CLOCK_LOG_S = 600.0
 # stream restarts at the new time (`follow_clock` says when).
 LATE_STREAK = 8
 STEP_LOG_S = 600.0  # stream restarts at a clock step: said at once, then at most this often
+# Failed site calibrations in a row double the rows before the next try (from the second
+# failure), up to 2**CAL_RETRY_DOUBLINGS times calibration_rows (64 min at 1 Hz and 120 rows).
+CAL_RETRY_DOUBLINGS = 5
+CAL_LOG_S = 600.0  # a calibration not done: said when its kind changes, else this often
+
+
+class CalibrationRows:
+    """The rows an uncalibrated asset collects towards its site calibration, and when it
+    tries: after `rows` rows; after a failure `rows` more, then twice as many after each
+    further failure in a row, at most 2**CAL_RETRY_DOUBLINGS times (a dead sensor fails every
+    calibration: it was tried, and said, every `rows` rows; a 7-day backlog tried 5,039
+    times). A try takes the last `rows` rows. One not started (an earlier one still stuck on
+    the inference thread) is no failure: the next comes after as many rows again."""
+
+    def __init__(
+        self, name: str, rows: int, sensors: int, period_s: float, clock: Callable[[], float]
+    ) -> None:
+        self.name, self.rows, self.period_s, self.clock = name, rows, period_s, clock
+        self.values = np.zeros((0, sensors), np.float32)  # the last `rows` collected
+        self.mask = np.zeros((0, sensors), np.float32)
+        self.first_slot = 0  # of the oldest of them
+        self.new = 0  # rows collected since the last try
+        self.due = rows  # ... before the next
+        self.failures = 0  # tries in a row that failed
+        self.misses = 0  # ... or were not started
+        self._note: tuple[str, bool] | None = None
+        self._said_at = -math.inf
+        self._said_tried: bool | None = None
+        self._unsaid = 0
+
+    @property
+    def wanted(self) -> int:
+        """Rows still to collect before the next try."""
+        return max(0, self.due - self.new)
+
+    def add(self, first_slot: int, values: np.ndarray, mask: np.ndarray) -> None:
+        """Rows of consecutive slots `first_slot ...` (rows across a gap are collected as if
+        there were none, as before)."""
+        count, kept = values.shape[0], self.values.shape[0]
+        drop = max(0, kept + count - self.rows)  # the oldest, no longer kept
+        self.first_slot = self.first_slot + drop if drop < kept else first_slot + drop - kept
+        self.values = last_rows(self.values, values, self.rows)
+        self.mask = last_rows(self.mask, mask, self.rows)
+        self.new += count
+
+    def restore(self, first_slot: int, values: np.ndarray, mask: np.ndarray) -> None:
+        """Those a stopped run had collected, in place of any."""
+        self.values, self.mask, self.new = self.values[:0], self.mask[:0], 0
+        self.add(first_slot, values, mask)
+
+    def take(self) -> AlignedSeries:
+        """The series a try runs on; the rows are taken: a failed try collects new ones."""
+        series = AlignedSeries(
+            start=self.first_slot * self.period_s,
+            period_s=self.period_s,
+            values=self.values,
+            mask=self.mask,
+            row_slot=np.arange(self.values.shape[0], dtype=np.int64),
+        )
+        self.values, self.mask = self.values[:0], self.mask[:0]
+        self.new = 0
+        return series
+
+    def not_done(self, why: str, tried: bool) -> None:
+        """What the try just taken came to, where it did not calibrate (`start_calibration`
+        says; `tried`: False when it was not started)."""
+        self._note = (why, tried)
+
+    def ended(self, calibrated: bool) -> None:
+        """After a try: calibrated, or when the next comes and, now and then, why not."""
+        note, self._note = self._note, None
+        if calibrated:
+            self.failures = self.misses = 0
+            self.due = self.rows
+            return
+        why, tried = note or ("was not installed", True)
+        self.misses += 1
+        if tried:
+            self.failures += 1
+            self.due = self.rows << min(self.failures - 1, CAL_RETRY_DOUBLINGS)
+        self._unsaid += 1
+        now = self.clock()
+        if tried == self._said_tried and now - self._said_at < CAL_LOG_S:
+            return
+        log.warning(
+            "the calibration of %s %s; attempts in a row that did not calibrate it: %d (%d "
+            "since the last such line); the next comes after %d more rows (%.0f s of readings)",
+            self.name,
+            why,
+            self.misses,
+            self._unsaid,
+            self.due,
+            self.due * self.period_s,
+        )
+        self._said_at, self._said_tried, self._unsaid = now, tried, 0
 
 
 class AssetRunner:
@@ -85,9 +180,9 @@ class AssetRunner:
         self.carried_readings = 0  # and their readings
         # Written by the inference thread when calibration ends; read here.
         self.calibration: SiteCalibration | None = None
-        self._cal_v: list[np.ndarray] = []
-        self._cal_m: list[np.ndarray] = []
-        self._cal_first_slot = 0
+        self.cal_rows = CalibrationRows(
+            name, self.calibration_rows, n, spec.period_s, lambda: self.clock()
+        )
         self.history = RowHistory(history_rows, n)  # for shadow evaluations of a candidate
 
     def reset_stream(self, aligner: bool = True) -> None:
@@ -112,15 +207,14 @@ class AssetRunner:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """The unscored part of the stream: open slots, the window ring, calibration rows."""
-        n = self.model.schema.size
         return {
             **self.aligner.snapshot(),
             "ring_v": self.ring_v,
             "ring_m": self.ring_m,
             "ring": np.array([self.pos, self.filled, self.valid_cells], dtype=np.float64),
-            "cal_v": np.stack(self._cal_v) if self._cal_v else np.zeros((0, n), np.float32),
-            "cal_m": np.stack(self._cal_m) if self._cal_m else np.zeros((0, n), np.float32),
-            "cal_first_slot": np.array(self._cal_first_slot, dtype=np.int64),
+            "cal_v": self.cal_rows.values,
+            "cal_m": self.cal_rows.mask,
+            "cal_first_slot": np.array(self.cal_rows.first_slot, dtype=np.int64),
         }
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
@@ -134,9 +228,11 @@ class AssetRunner:
         self.pos, self._ring_net = 0, None
         self.filled, self.valid_cells = int(filled), float(valid)
         if self.calibration is None:
-            self._cal_v = list(state["cal_v"])
-            self._cal_m = list(state["cal_m"])
-            self._cal_first_slot = int(state["cal_first_slot"])
+            cal_v, cal_m = state["cal_v"], state["cal_m"]
+            if cal_v.shape[1:] != self.ring_v.shape[1:] or cal_m.shape != cal_v.shape:
+                raise ValueError(f"calibration rows of {cal_v.shape}, {cal_m.shape}")
+            first = int(state["cal_first_slot"])
+            self.cal_rows.restore(first, cal_v.astype(np.float32), cal_m.astype(np.float32))
 
     def feed(
         self,
@@ -149,40 +245,31 @@ class AssetRunner:
             self.gaps += 1
         self.history.extend(rows.first_slot, rows.values, rows.mask)
         values, mask, first = rows.values, rows.mask, rows.first_slot
-        while self.calibration is None and values.shape[0]:  # one row at a time until then
-            self._collect(first, values[0], mask[0], start_calibration)
-            values, mask, first = values[1:], mask[1:], first + 1
+        cal_rows = self.cal_rows
+        while self.calibration is None and values.shape[0]:
+            take = min(values.shape[0], cal_rows.wanted)
+            if take:
+                self._collect(first, values[:take], mask[:take])
+                values, mask, first = values[take:], mask[take:], first + take
+            if not cal_rows.wanted:
+                start_calibration(self, cal_rows.take())
+                cal_rows.ended(self.calibration is not None)
         if values.shape[0]:
             self._cut(first, values, mask, emit)
 
-    def _collect(
-        self,
-        slot: int,
-        values: np.ndarray,
-        mask: np.ndarray,
-        start_calibration: Callable[[AssetRunner, AlignedSeries], None],
-    ) -> None:
-        """One row before the site is calibrated: into the ring and the calibration rows."""
-        self.valid_cells += float(mask.sum() - self.ring_m[0].sum())
-        self.ring_v = np.concatenate([self.ring_v[1:], values[None]])
-        self.ring_m = np.concatenate([self.ring_m[1:], mask[None]])
+    def calibration_not_done(self, why: str, tried: bool) -> None:
+        """From `start_calibration`, on this thread: why the calibration it was handed did
+        not calibrate the asset (`tried`: False when it was not started)."""
+        self.cal_rows.not_done(why, tried)
+
+    def _collect(self, first: int, values: np.ndarray, mask: np.ndarray) -> None:
+        """Rows before the site is calibrated: into the ring and the calibration rows."""
+        self.ring_v = last_rows(self.ring_v, values, self.length)
+        self.ring_m = last_rows(self.ring_m, mask, self.length)
+        self.valid_cells = float(self.ring_m.sum(dtype=np.float64))
         self._ring_net = None
-        self.filled += 1
-        if not self._cal_v:
-            self._cal_first_slot = slot
-        self._cal_v.append(values)
-        self._cal_m.append(mask)
-        if len(self._cal_v) == self.calibration_rows:
-            spec = self.model.spec
-            series = AlignedSeries(
-                start=self._cal_first_slot * spec.period_s,
-                period_s=spec.period_s,
-                values=np.stack(self._cal_v),
-                mask=np.stack(self._cal_m),
-                row_slot=np.arange(self.calibration_rows, dtype=np.int64),
-            )
-            self._cal_v, self._cal_m = [], []  # a failed calibration collects again
-            start_calibration(self, series)
+        self.filled += values.shape[0]
+        self.cal_rows.add(first, values, mask)
 
     def _cut(
         self, first: int, values: np.ndarray, mask: np.ndarray, emit: Callable[[WindowBatch], None]
@@ -334,6 +421,14 @@ class AssetRunner:
             self.clock_steps,
         )
         self.steps_logged_at, self.steps_unlogged = now, 0
+
+
+def last_rows(kept: np.ndarray, new: np.ndarray, count: int) -> np.ndarray:
+    """The last `count` rows of `kept` then `new`, as a new C-contiguous array (never a view
+    of either: windows handed on may view the old one, and `new` may be a large block)."""
+    if new.shape[0] >= count:
+        return new[new.shape[0] - count :].copy()
+    return np.concatenate([kept[max(0, kept.shape[0] + new.shape[0] - count) :], new])
 
 
 def sliding(rows: np.ndarray, length: int) -> np.ndarray:

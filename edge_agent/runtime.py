@@ -56,6 +56,7 @@ class CalibrationOutcome:
     installed: bool = False
     given_up: bool = False
     ended: bool = False
+    error: str = ""  # why it failed, where it raised (written before `done` is set)
 
 
 class EdgeRuntime:
@@ -366,7 +367,9 @@ class EdgeRuntime:
         both, so the rows after the calibration stretch are all scored. Waits at most
         `decisions.calibration_timeout_s`: past it the calibration fails (logged, counted),
         a late result is discarded, and the asset collects its rows again; while one given up
-        is still pending (inference stuck) none is started: it would wait behind it."""
+        is still pending (inference stuck) none is started: it would wait behind it. Where
+        it does not calibrate, the runner is told why (it says so now and then, and backs
+        off after failures: `CalibrationRows`)."""
         model, worker, sink = self.model, self.worker, self.sink
         assert model is not None and worker is not None and sink is not None
         decisions = self.decisions
@@ -374,11 +377,10 @@ class EdgeRuntime:
         with self._given_up_lock:
             pending = self._calibrations_given_up
         if pending:
-            log.warning(
-                "the calibration of %s is not started: %d given up is still pending on the "
-                "inference thread (stuck?); its rows are collected again",
-                runner.name,
-                pending,
+            runner.calibration_not_done(
+                f"is not started: {pending} given up is still pending on the inference "
+                "thread (stuck?)",
+                tried=False,
             )
             return
         bound = self.config.decisions.calibration_timeout_s
@@ -412,8 +414,8 @@ class EdgeRuntime:
                 log.info("calibrated %s on %d rows", runner.name, series.slots)
                 sink.call(lambda: install(cal, seed))
                 handed = True
-            except AutoglmError as exc:
-                log.warning("calibration of %s failed (%s); collecting again", runner.name, exc)
+            except AutoglmError as exc:  # said by the runner, now and then
+                outcome.error = str(exc)
             finally:
                 if not handed:
                     done.set()
@@ -422,6 +424,8 @@ class EdgeRuntime:
         started = time.monotonic()
         worker.submit(task)
         if done.wait(bound):
+            if outcome.error:
+                runner.calibration_not_done(f"failed ({outcome.error})", tried=True)
             return
         with outcome.lock:
             if outcome.installed or outcome.ended:
@@ -438,6 +442,7 @@ class EdgeRuntime:
             time.monotonic() - started,
             series.slots,
         )
+        runner.calibration_not_done(f"did not finish within {bound:.0f} s", tried=True)
 
     def _ended(self, outcome: CalibrationOutcome) -> None:
         """A calibration's task or install is over: one given up no longer holds others."""
