@@ -179,6 +179,7 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         self._swept = -math.inf
+        self._sweep_now = False  # the next sweep at once, lease or not (`wake`)
         self._pruned = -math.inf
         self._holder = f"webhooks-{uuid.uuid4()}"  # this sender, as the sweep lease names it
         # The pool: per webhook, deliveries in flight and those claimed waiting for a slot.
@@ -194,9 +195,10 @@ class WebhookSender:
 
     def wake(self, sweep: bool = False) -> None:
         """Alerts changed in this process: look for deliveries now (call on the loop); with
-        `sweep`, for alerts released from maintenance or shelving too."""
+        `sweep`, for alerts released from maintenance or shelving too (here, at once,
+        whichever replica holds the sweep lease)."""
         if sweep:
-            self._swept = -math.inf
+            self._sweep_now = True
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -238,8 +240,9 @@ class WebhookSender:
 
         Once per interval for the whole fleet, not once per replica: the replica holding the
         SWEEP_LEASE sweeps (renewing it), the others only take it over when it lapses (its
-        holder stopped). A `force`d sweep (windows changed through this replica) runs here
-        at once whoever holds it."""
+        holder stopped). A `force`d sweep, or the next after `wake(sweep=True)` (windows
+        changed through this replica), runs here at once whoever holds it."""
+        force, self._sweep_now = force or self._sweep_now, False
         if not force and time.monotonic() - self._swept < self.settings.sweep_s:
             return
         self._swept = time.monotonic()
