@@ -27,6 +27,7 @@ from edge_agent.errors import (
     AutoglmError,
     IntegrityError,
     LocalStateError,
+    RateLimited,
     Unavailable,
     from_rpc_error,
 )
@@ -36,6 +37,9 @@ from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+# A download the plane refused (this device has too many open: calls a dropped link left
+# behind) is tried again after the plane's hint, waited at most this long.
+MAX_REFUSED_WAIT_S = 60.0
 # Left free on the state directory's disk after a download: the outbox, open alerts and
 # calibrations must still be written while a model arrives.
 DISK_RESERVE = 64 << 20
@@ -208,11 +212,13 @@ class Downloader:
                 return
             except grpc.RpcError as exc:
                 last = from_rpc_error(exc, self.address)
-                if not isinstance(last, Unavailable):
+                if not isinstance(last, Unavailable | RateLimited):
                     raise last from None
             except IntegrityError as exc:
                 last = exc
             delay = self.backoff.next_delay()
+            if isinstance(last, RateLimited):  # the plane holds this device's downloads open
+                delay = max(delay, min(last.retry_after_s, MAX_REFUSED_WAIT_S))
             log.warning(
                 "download of %s failed (attempt %d/%d: %s); resuming in %.1fs",
                 dest.name,

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud.service.downloads import DOWNLOADS_PER_DEVICE
+from cloud.service.downloads import DOWNLOADS_PER_DEVICE, DownloadSlots
 from edge_agent.errors import RateLimited, from_rpc_error
 from edge_agent.identity import DeviceIdentity
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
@@ -150,3 +150,34 @@ def test_a_download_whose_device_takes_nothing_is_ended_and_its_room_given_back(
                 pass
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
     assert "took no data" in (ended.value.details() or ""), ended.value.details()
+
+
+def test_an_agent_refused_for_downloads_left_open_waits_and_downloads(
+    plane: RunningPlane, tmp_path: Path
+) -> None:
+    """Downloads a dropped link left open on the plane make it refuse the agent's next one
+    (RESOURCE_EXHAUSTED with a retry hint): the agent waits the hint and tries again instead
+    of failing the install."""
+    identity = _device(plane, tmp_path, "pump-dl")
+    data = os.urandom(2 * MIB)
+    digest = stored(plane, data, identity)
+    slots = plane.plane.downloads
+    dest = tmp_path / "files" / "model.onnx"
+    with (
+        _channel(plane, identity) as channel,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        held = _unread(channel, digest, DOWNLOADS_PER_DEVICE)
+        wait_for(lambda: slots.by_device.get(identity.info.device_id) == DOWNLOADS_PER_DEVICE)
+        refused_before = _refused(slots)
+        fetching = pool.submit(_fetch, identity, plane.device_address, digest, dest)
+        wait_for(lambda: _refused(slots) > refused_before, timeout=60)
+        assert not fetching.done(), fetching.exception()
+        for call in held:  # the dropped link's calls end at last
+            call.cancel()
+        fetching.result(timeout=300)
+    assert dest.read_bytes() == data
+
+
+def _refused(slots: DownloadSlots) -> float:
+    return slots.refused._value.get()  # type: ignore[attr-defined]  # prometheus_client's own
