@@ -369,11 +369,25 @@ class EdgeRuntime:
         a late result is discarded, and the asset collects its rows again; while one given up
         is still pending (inference stuck) none is started: it would wait behind it. Where
         it does not calibrate, the runner is told why (it says so now and then, and backs
-        off after failures: `CalibrationRows`)."""
+        off after failures: `CalibrationRows`). While the outbox keeps an alert open on the
+        asset (raised before a restart onto a new version, or one whose calibration is lost),
+        it does not calibrate: its rows may be the fault's, and a decider fitted on them would
+        clear the alert; the alert stays open, the rows are dropped, and the log says so."""
         model, worker, sink = self.model, self.worker, self.sink
         assert model is not None and worker is not None and sink is not None
         decisions = self.decisions
         assert decisions is not None
+        kept = self.kept_open(runner.name)
+        if kept is not None:
+            # Its rows are the fault's (or may be): fitted on them, the fault would be the
+            # asset's normal and the alert cleared by it. The alert stays open.
+            runner.calibration_not_done(
+                f"waits: alert {kept.key} is open on it (raised at {kept.raised_at:.0f}); "
+                "it is not fitted on rows taken while a fault may go on: the alert stays "
+                "open and the asset is not scored",
+                tried=False,
+            )
+            return
         with self._given_up_lock:
             pending = self._calibrations_given_up
         if pending:
