@@ -9,15 +9,22 @@ thread also writes its part (not the deciders') every `ingest.checkpoint_s`, so 
 resumes from at most that long ago. The next start takes them back when the model version
 and sensors are the same, and leaves the file until the first checkpoint replaces it (an agent
 crash-looping faster than `checkpoint_s` resumes from it each time); without checkpoints it
-deletes it, so a later kill -9 never resumes from a stale stop. A `running` marker, written at
-start and removed once a stop kept everything, tells the next start that the previous one
-ended uncleanly (`unclean`). Each replace and removal is made durable (the directory fsynced).
+deletes it, so a later kill -9 never resumes from a stale stop. A state of another model or
+sensors is left in place (a swap builds the new model's data path before knowing it starts:
+removing the old model's state then left a failed swap's restart on the old model nothing to
+resume); the new data path's first checkpoint or stop replaces it, and `started` removes it
+once that data path has started. A `running` marker, written at start and removed once a stop
+kept everything, tells the next start that the previous one ended uncleanly (`unclean`). Each
+replace and removal is made durable (the directory fsynced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,10 @@ class StreamStates:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # By asset, the file of another model or sensors `take` left in place, as it was then
+        # (`_identity`): `started` removes it unless a write has replaced it since.
+        self._foreign: dict[str, tuple[int, int, int]] = {}
+        self._lock = threading.Lock()  # `write` (pipeline thread) against `started`
 
     def _path(self, asset: str) -> Path:
         return self.directory / f"{asset}.npz"
@@ -58,9 +69,11 @@ class StreamStates:
             **state,
         }
         np.savez(buffer, **arrays)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        replace_atomically(self._path(asset), buffer.getvalue(), 0o600)
-        fsync_dir(self.directory)
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            replace_atomically(self._path(asset), buffer.getvalue(), 0o600)
+            fsync_dir(self.directory)
+            self._foreign.pop(asset, None)
 
     @property
     def _marker(self) -> Path:
@@ -91,11 +104,27 @@ class StreamStates:
         except OSError as exc:
             log.error("cannot remove %s (%s)", path, exc)
 
+    def started(self) -> None:
+        """The data path that took the states has started: the states of another model or
+        sensors it left in place (`take`) go, unless a checkpoint or stop replaced them."""
+        with self._lock:
+            foreign, self._foreign = self._foreign, {}
+            for asset, seen in foreign.items():
+                path = self._path(asset)
+                try:
+                    same = _identity(path) == seen
+                except OSError:  # already gone
+                    continue
+                if same:
+                    self._remove(path)
+
     def take(
         self, asset: str, version: str, sensors: tuple[str, ...], keep: bool = False
     ) -> Snapshot | None:
         """The state kept for `asset` under this model and sensors; `keep`: left on disk for
-        the next checkpoint to replace (else removed). A state of no use is removed."""
+        the next checkpoint to replace (else removed). An unreadable state is removed; one of
+        another model or sensors is left for `started` to remove (the data path taking it may
+        fail to start, and the one before start again on it)."""
         path = self._path(asset)
         try:
             with np.load(path, allow_pickle=False) as doc:
@@ -109,8 +138,15 @@ class StreamStates:
             return None
         if made_for != (version, tuple(sensors)):
             log.info("%s: stream state of another model or sensors; not resumed", path)
-            self._remove(path)
+            with self._lock, contextlib.suppress(OSError):  # gone: nothing to remove later
+                self._foreign[asset] = _identity(path)
             return None
         if not keep:
             self._remove(path)
         return state
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """The file at `path` as it is now: a replace (a new inode) or a rewrite changes it."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
