@@ -164,8 +164,15 @@ def store_batch(
 ) -> tuple[agent_pb2.BatchAck, int]:
     """Stores a batch (alert events fold into alerts in the same transaction); the ack for
     the device and how many alerts changed. Rejected records are acknowledged with the rest
-    (the agent quarantines them), and the stored position moves past them."""
+    (the agent quarantines them), and the stored position moves past them; so are captures
+    past the device's daily budget (`cloud.capture_budget`)."""
     split = split_batch(device_id, batch)
+    if split.captures:
+        refused = store.charge_captures(device_id, split.captures, now)
+        split.captures = [c for c in split.captures if c.sequence not in refused]
+        split.rejected += [
+            agent_pb2.RejectedRecord(sequence=q, reason=r) for q, r in refused.items()
+        ]
     up_to = split.up_to
     counted: StoredCount = store.store_records(
         device_id,
