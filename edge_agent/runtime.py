@@ -141,7 +141,9 @@ class EdgeRuntime:
             self.routes,
             self.decoder,
             self.pipeline.queue.put,
-            [e for e in published if e is not None and e.asset not in self.site.held],
+            # Held back by maintenance: marked on disk whether or not the asset has a
+            # calibration for this model yet (`site.held` is filled only where it does).
+            [e for e in published if e is not None and not self.open_alerts.is_held(e.asset)],
         )
         self.mqtt = self.sources.mqtt
         self.sparkplug_in, self.modbus = self.sources.sparkplug_in, self.sources.modbus
