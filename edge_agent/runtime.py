@@ -104,7 +104,8 @@ class EdgeRuntime:
         self.streams = StreamStates(config.state_dir / "stream")
         # The previous data path here never stopped cleanly (kill -9): count what it lost.
         self.unclean = model is not None and self.streams.unclean()
-        self._checkpointed_at = time.monotonic()
+        self.clock: Callable[[], float] = time.monotonic  # when checkpoints are due (tests)
+        self._checkpointed_at = self.clock()
         self._checkpointed: dict[int, tuple[int, int]] = {}  # by asset: aligner, readings
         self._checkpoint_failed_at = -math.inf
         # Calibrations given up on but still queued or running on the inference thread: a new
@@ -283,7 +284,7 @@ class EdgeRuntime:
         since (open slots, window ring, calibration rows; not the deciders', which the sink
         thread owns), so a kill -9 resumes from at most that long ago."""
         every, model = self.config.ingest.checkpoint_s, self.model
-        now = time.monotonic()
+        now = self.clock()
         if model is None or not every or now - self._checkpointed_at < every:
             return
         self._checkpointed_at = now

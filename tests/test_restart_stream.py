@@ -6,7 +6,6 @@ stale file never resumes."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +89,13 @@ def test_after_a_kill_no_window_is_scored_twice_and_those_never_scored_are_count
     config = site_config(tmp_path / "b", bundle, ingest={"checkpoint_s": checkpoint_s})
     killed = Site(config, bundle, key.public_key(), tmp_path / "b1")
     killed.feed(rows[:300], 0)
-    time.sleep(0.05)  # past checkpoint_s: the pipeline thread would keep the stream now
+    # checkpoint_s later by the runtime's clock (no sleep): the pipeline thread would keep
+    # the stream now.
+    now = killed.runtime.clock() + 2 * checkpoint_s
+    killed.runtime.clock = lambda: now
     killed.runtime.checkpoint_streams()
+    if checkpoint_s:
+        assert (config.state_dir / "stream" / "pump-1.npz").exists(), "no checkpoint kept"
     killed.feed(rows[300:310], 300)
     before = _ends(killed)
     killed.stop()  # as a kill -9 leaves it
