@@ -15,6 +15,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,9 @@ from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 # A download the plane refused (this device has too many open: calls a dropped link left
-# behind) is tried again after the plane's hint, waited at most this long.
-MAX_REFUSED_WAIT_S = 60.0
+# behind) is tried again after the plane's hints for this long, past the plane's limit on a
+# download whose device takes nothing (cloud.service.downloads.DOWNLOAD_STALL_S, 300 s).
+REFUSED_FOR_S = 330.0
 # Left free on the state directory's disk after a download: the outbox, open alerts and
 # calibrations must still be written while a model arrives.
 DISK_RESERVE = 64 << 20
@@ -191,7 +193,9 @@ class Downloader:
         await asyncio.to_thread(make_dir_durably, dest.parent)
         last: AutoglmError | None = None
         self.backoff.reset()
-        for attempt in range(1, self.attempts + 1):
+        attempt = 0
+        refused_until: float | None = None  # while refused, tried again until then
+        while attempt < self.attempts:
             try:
                 writer = await asyncio.to_thread(PartFile, part)
                 before = writer.size
@@ -216,9 +220,21 @@ class Downloader:
                     raise last from None
             except IntegrityError as exc:
                 last = exc
+            if isinstance(last, RateLimited):
+                # The plane holds downloads of this device open (a dropped link's calls,
+                # until its keepalive or stall limit ends them): not an attempt of this one.
+                now = time.monotonic()
+                if refused_until is None:
+                    refused_until = now + REFUSED_FOR_S
+                if now >= refused_until:
+                    raise last
+                delay = self.backoff.after_hint(last.retry_after_s or 1.0)
+                log.warning("download of %s refused (%s); trying again in %.1fs",
+                            dest.name, last, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            attempt += 1
             delay = self.backoff.next_delay()
-            if isinstance(last, RateLimited):  # the plane holds this device's downloads open
-                delay = max(delay, min(last.retry_after_s, MAX_REFUSED_WAIT_S))
             log.warning(
                 "download of %s failed (attempt %d/%d: %s); resuming in %.1fs",
                 dest.name,
