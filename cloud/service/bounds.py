@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -44,6 +46,9 @@ STRING_LIMITS: dict[str, int] = {
     "autoglm.v1.AgentHealth.IngestRatePerSEntry.key": _NAME,
     "autoglm.v1.AgentHealth.DroppedByReasonEntry.key": _NAME,
     "autoglm.v1.AgentHealth.ClockOffsetSEntry.key": _NAME,
+    "autoglm.v1.AgentHealth.DriftEntry.key": _NAME,
+    "autoglm.v1.AssetDrift.input_shift_sensor": _NAME,
+    "autoglm.v1.AgentHealth.SensorClockOffsetSEntry.key": 2 * _NAME + 1,  # "asset/sensor"
     "autoglm.v1.HostFacts.hostname": 255,
     "autoglm.v1.HostFacts.os": 255,
     "autoglm.v1.HostFacts.arch": 64,
@@ -125,9 +130,15 @@ REPEATED_LIMITS: dict[str, int] = {
     "autoglm.v1.DecisionCalibration.subspace_center": 256,
     "autoglm.v1.DecisionCalibration.subspace_basis": 256 * 256,  # N x k, k < N
     "autoglm.v1.DecisionCalibration.subspace_scale": 256,
+    # An agent's health, by asset: at most 256 assets (each of these maps has an entry per
+    # asset at most); drop reasons: the agent reports 34 (edge_agent/health.py _REPORTED),
+    # room left for newer agents'; lost stretches: the agent keeps the latest 20
+    # (edge_agent/losses.py KEPT). Each entry costs checking time on the event loop.
     "autoglm.v1.AgentHealth.ingest_rate_per_s": 256,
     "autoglm.v1.AgentHealth.dropped_by_reason": 64,
     "autoglm.v1.AgentHealth.clock_offset_s": 256,
+    "autoglm.v1.AgentHealth.drift": 256,
+    "autoglm.v1.AgentHealth.lost_records": 20,
     "autoglm.v1.RegisterDeviceRequest.labels": 64,
     "autoglm.v1.LabelDeviceRequest.set": 64,
     "autoglm.v1.LabelDeviceRequest.remove": 64,
@@ -168,20 +179,49 @@ def check_message(message: Message, path: str = "") -> None:
     if limit is not None and message.ByteSize() > limit:
         raise InvalidInput(f"{path or descriptor.name}: {message.ByteSize()} bytes > {limit}")
     for field, value in message.ListFields():
+        if not field.is_repeated and field.type != FieldDescriptor.TYPE_MESSAGE:
+            if not _scalars_fit(field, (value,)):  # the path is built for a failure only
+                _check_scalar(field, value, f"{path}.{field.name}" if path else field.name)
+            continue
         where = f"{path}.{field.name}" if path else field.name
         if _is_map(field):
             _check_count(field, len(value), where)
             entry = field.message_type
             assert entry is not None
+            key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
+            keys_fit = _scalars_fit(key_field, value.keys())
+            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                values_fit = False
+            else:
+                values_fit = _scalars_fit(value_field, value.values())
+            if keys_fit and values_fit:
+                continue  # all within bounds: no per-entry paths to build
             for key, item in value.items():
-                _check_scalar(entry.fields_by_name["key"], key, f"{where}[{_show(key)}]")
-                _check_value(entry.fields_by_name["value"], item, f"{where}[{_show(key)}]")
+                at = f"{where}[{_show(key)}]"
+                if not keys_fit:
+                    _check_scalar(key_field, key, at)
+                _check_value(value_field, item, at)
         elif field.is_repeated:
             _check_count(field, len(value), where)
+            if field.type != FieldDescriptor.TYPE_MESSAGE and _scalars_fit(field, value):
+                continue
             for i, item in enumerate(value):
                 _check_value(field, item, f"{where}[{i}]")
         else:
             _check_value(field, value, where)
+
+
+def _scalars_fit(field: FieldDescriptor, values: Iterable[Any]) -> bool:
+    """Whether every one of `values` passes `_check_scalar` for `field`: the quick test of a
+    whole map or list, which names nothing (the per-entry check words a failure)."""
+    if field.type == FieldDescriptor.TYPE_STRING:
+        limit = STRING_LIMITS.get(field.full_name, DEFAULT_STRING)
+        return all(len(v) <= limit and "\x00" not in v for v in values)
+    if field.type in _INTEGERS:
+        return all(v <= MAX_INT64 for v in values)
+    if field.type in _FLOATS:
+        return all(map(math.isfinite, values))
+    return True  # bools, enums, bytes: nothing to bound per value
 
 
 def _check_value(field: FieldDescriptor, value: object, where: str) -> None:
