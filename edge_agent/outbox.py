@@ -465,7 +465,6 @@ class Outbox:
             if last_stored < self._next and not self._renumbering:
                 return 0
             self._renumbering = True
-            self._known = max(self._known, last_stored)
             numbered = self._next - 1
             # New numbers above both the plane's and this outbox's: never one in use.
             shift = max(last_stored, numbered) - self._acked
@@ -493,6 +492,9 @@ class Outbox:
                 done[0],
             )
             self._acked = max(self._acked, last_stored)
+            # Only now: while the renumbering is not written, the unsent records carry numbers
+            # the plane has for others, and one evicted meanwhile is lost (`evict_oldest`).
+            self._known = max(self._known, last_stored)
             self._next += shift
             self._renumbering = False
             self.space.restore_ballast()
