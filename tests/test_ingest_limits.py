@@ -94,3 +94,27 @@ def test_no_limit_when_the_rate_is_zero() -> None:
     for _ in range(50_000):
         dec.decode("plant/pump-1/flow", READING)
     assert dec.accepted == 50_000 and not dec.drops
+
+
+def test_the_rate_is_measured_on_the_injected_monotonic_clock() -> None:
+    assets = [AssetConfig(name="pump-1", topics=["plant/pump-1/+"])]
+    limits = IngestLimits(max_messages_per_s=10.0, message_burst_s=1.0)  # 10 at once, 10/s
+    mono = [500.0]
+    wall = [NOW]  # steps back an hour mid-way: the rate must not notice
+    dec = Decoder(
+        TopicRoutes(assets, ["flow"]), limits, clock=lambda: wall[0], monotonic=lambda: mono[0]
+    )
+
+    def admitted() -> int:
+        before = dec.rate_limited[0]
+        for _ in range(50):
+            dec.decode("plant/pump-1/flow", READING)
+        return 50 - (dec.rate_limited[0] - before)
+
+    assert admitted() == 10  # the burst
+    assert admitted() == 0  # no monotonic time passed: nothing more
+    wall[0] = NOW - 3_600.0
+    mono[0] += 0.5
+    assert admitted() == 5  # half a second's worth, whatever the wall clock did
+    mono[0] += 100.0
+    assert admitted() == 10  # a long idle: a full burst again, no more

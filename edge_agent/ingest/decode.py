@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,11 +144,18 @@ class Decoder:
     """Decodes payloads and counts every drop by reason (`drops`, read by the health report)."""
 
     def __init__(
-        self, routes: TopicRoutes, limits: IngestLimits, clock: object = time.time
+        self,
+        routes: TopicRoutes,
+        limits: IngestLimits,
+        clock: object = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.routes = routes
         self.limits = limits
-        self.clock = clock
+        self.clock = clock  # wall time: readings' timestamps are judged against it
+        # Message rates are measured on a clock that never steps (a wall clock set back an
+        # hour would stop refilling the buckets for that hour); tests inject one.
+        self.monotonic = monotonic
         self.drops: Counter[str] = Counter()
         self.accepted = 0
         self._last_logged: dict[str, float] = {}
@@ -229,7 +236,7 @@ class Decoder:
             return None
         rates = self.rates
         if rates is not None:  # before any decoding: a flood's message costs next to nothing
-            now_s = time.monotonic()
+            now_s = self.monotonic()
             if not rates.admit(route.asset, now_s):
                 self._over_rate(route.asset, topic, now_s)
                 return None
