@@ -13,6 +13,11 @@ calibration installs its decider here too (`call`), in order with the results ar
 A failure part-way (a decision, the write itself) never drops alert events silently: those
 made before it are kept, or wait in memory for the next write; predictions that cannot be
 written are counted as lost.
+Where scoring got to (`scored`) is kept with the records; windows decided without records
+(`outbox.prediction_every` keeps one in N) have it written on its own once it is
+`mark_every_s` old, also when no result follows: a kill -9 then decides again at most that
+long of windows (on the rows it lost) and counts the windows never scored right. At most one
+such write every `mark_every_s`, whatever the rate.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SINK_BACKLOG = 16  # batches of results waiting for the sink; past it inference waits
 WAITING_ALERTS = 10_000  # alert events held in memory while the outbox cannot be written
+MARK_EVERY_S = 5.0  # scoring marks unwritten at most this long (`ingest.checkpoint_s`'s default)
 _STOP = None
 
 Records = list[tuple[int, bytes]]
@@ -60,6 +66,8 @@ class ResultSink:
         scored: Callable[[], Mapping[str, float | None]] | None = None,
         open_alerts: Callable[[], Mapping[str, str | None]] | None = None,
         after_keep: Callable[[], None] | None = None,
+        mark_every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.decide = decide  # `SiteDecisions.decide`
         # By asset, the end of the last window decided, and the alert open (`open_state`):
@@ -79,6 +87,12 @@ class ResultSink:
         # when it can again. Bounded: past it the oldest are counted as lost.
         self._waiting_alerts: deque[tuple[int, bytes]] = deque(maxlen=WAITING_ALERTS)
         self._lost_logged_at = -math.inf
+        self.mark_every_s = MARK_EVERY_S if mark_every_s is None else mark_every_s
+        self._clock = clock
+        self._marks_kept: dict[str, float | None] | None = None  # as last written
+        self._marks_at = clock()  # when they were last written (or tried)
+        self._unmarked = False  # windows decided since, their marks not written
+        self._marks_logged_at = -math.inf
 
     # ---- any thread ----
     def start(self) -> None:
@@ -117,7 +131,12 @@ class ResultSink:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            group = [self._queue.get()]
+            try:
+                group = [self._queue.get(timeout=self._marks_due_in())]
+            except queue.Empty:  # idle, with windows decided since the marks were written
+                if self._marks_due_in() == 0.0:
+                    self._keep_marks()
+                continue
             while len(group) < self.backlog:  # everything waiting: one transaction
                 try:
                     group.append(self._queue.get_nowait())
@@ -138,6 +157,12 @@ class ResultSink:
                     len(self._waiting_alerts),
                 )
 
+    def _marks_due_in(self) -> float | None:
+        """How long the sink may wait for results before writing the marks (None: forever)."""
+        if not self._unmarked:
+            return None
+        return max(0.0, self._marks_at + self.mark_every_s - self._clock())
+
     def _handle(self, group: list[Results | SinkTask | None]) -> None:
         records: Records = []
         verdicts: list[Verdict] = []
@@ -148,6 +173,7 @@ class ResultSink:
                 self._task(item)
                 continue
             assert isinstance(item, tuple)
+            self._unmarked = True
             try:  # what it appended before failing (alert events first) is kept
                 self.decide(*item, verdicts, records)
             except Exception:
@@ -155,6 +181,8 @@ class ResultSink:
                 log.exception("decisions on a batch of %d windows failed", len(item[0]))
         if records or self._waiting_alerts:
             self._keep(records)
+        elif self._marks_due_in() == 0.0:
+            self._keep_marks()
         if self.after_keep is not None:  # the site hears only of what was kept (or failed)
             try:
                 self.after_keep()
@@ -197,9 +225,40 @@ class ResultSink:
             self._not_kept(records, f"the outbox write failed ({exc!r})")
             return
         self.losses.written()
+        self._marks_written(scored)
         if waiting:
             log.info("%d alert event(s) kept in memory are in the outbox now", waiting)
             self._waiting_alerts.clear()
+
+    def _marks_written(self, scored: Mapping[str, float | None] | None) -> None:
+        self._marks_kept = None if scored is None else dict(scored)
+        self._marks_at = self._clock()
+        self._unmarked = False
+
+    def _keep_marks(self) -> None:
+        """The scoring marks on their own (windows decided without records). A failure
+        (disk full) is said once a minute and tried again `mark_every_s` later."""
+        self._marks_at = self._clock()
+        if self._waiting_alerts:  # never ahead of alert events of the windows they mark
+            self._keep([])
+            return
+        if self.scored is None:
+            self._unmarked = False
+            return
+        try:
+            scored = self.scored()
+            if scored != self._marks_kept:
+                self.outbox.append([], scored)
+        except Exception as exc:  # noqa: BLE001 - storage or not: the data path goes on
+            if not isinstance(exc, LocalStateError):
+                self.errors += 1
+            now = time.monotonic()
+            if now - self._marks_logged_at >= 60.0:
+                self._marks_logged_at = now
+                log.error("the scoring marks could not be written (%s); a kill -9 now would "
+                          "decide windows again", exc)  # fmt: skip
+            return
+        self._marks_written(scored)
 
     def _not_kept(self, records: Records, cause: str) -> None:
         alerts = [r for r in records if r[0] == ALERT]
