@@ -106,7 +106,9 @@ class Outbox:
         self._others: int | None = None
         self._marked: set[str] = set()  # the assets with a scoring mark in the table
         self._known = 0  # the highest number the plane acknowledged, written or not
-        self._renumbering = False  # a renumbering (`follow_plane`) that could not be written
+        # The plane's position a renumbering (`follow_plane`) that could not be written yet
+        # is to follow (0: none), kept in the file too (`PLANE_AHEAD`).
+        self._renumbering = 0
         self._started_over = False  # a damaged database was moved aside (`_connect`)
         try:
             self._connect()
@@ -160,6 +162,7 @@ class Outbox:
         self._acked = self._meta("acked", 0)
         self._evicted = self._meta("evicted", 0)
         self._quarantined = self._meta("quarantined", 0)
+        self._renumbering = max(self._renumbering, self._meta(outbox_acks.PLANE_AHEAD, 0))
         self._depth, self._bytes = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records"
         ).fetchone()
@@ -201,6 +204,7 @@ class Outbox:
         self._alerts.load_view(view)
         self._scored = view.scored
         self._next, self._acked = view.next_seq, view.acked
+        self._renumbering = view.meta.get(outbox_acks.PLANE_AHEAD, 0)
         self._depth, self._bytes = view.depth, view.bytes
 
     def _available(self) -> sqlite3.Connection | None:
@@ -431,9 +435,13 @@ class Outbox:
         acknowledgement fits in the space the ballast gives back on a full disk."""
         with self._lock:
             deleted = 0
-            self._known = max(self._known, up_to)
+            if not self._renumbering:
+                self._known = max(self._known, up_to)
             try:
                 self._conn()  # first: opening it again (degraded) reads the numbering
+                if self._renumbering:  # first: unsent records still carry the plane's numbers
+                    self._renumber_locked(self._renumbering)
+                    self._known = max(self._known, up_to)
                 while self._acked < up_to:
                     deleted += self._ack_through(self._chunk_end(up_to), up_to, rejected or {})
             finally:
@@ -451,13 +459,17 @@ class Outbox:
         its unsent records carry numbers the plane has, so they would be dropped as
         duplicates or deleted by acknowledging `last_stored`. They are renumbered after it
         (in order, in one transaction that also records `last_stored` as acknowledged);
-        returns how many were. Not written (LocalStateError), it is tried again at the next
-        call whatever the numbers then (appends meanwhile may have passed `last_stored`).
-        Degraded, LocalStateError too when its view does not show numbers past `last_stored`
-        (it may be a new file once it opens)."""
+        returns how many were. Not written (LocalStateError), it is done at the next call or
+        acknowledgement whatever the numbers then (appends may pass `last_stored`), after a
+        restart too: the position is kept in the file first (`PLANE_AHEAD`, its own small
+        transaction). Degraded, LocalStateError when its view shows no number past
+        `last_stored` (it may be a new file once it opens) or a renumbering pending.
+        Not detected: a restored outbox that appended past the plane's position before its
+        first session (`last_stored` < next sequence, none pending) is taken for the one the
+        plane heard from: its unsent records up to `last_stored` are acknowledged away."""
         with self._lock:
             if self._available() is None:  # degraded: its numbering is what its view said
-                if last_stored < self._next:
+                if last_stored < self._next and not self._renumbering:
                     return 0  # the plane is not ahead of it
                 raise LocalStateError(
                     f"{self.problem}; whether the plane's numbers are past this outbox's is "
@@ -465,42 +477,36 @@ class Outbox:
                 )
             if last_stored < self._next and not self._renumbering:
                 return 0
-            self._renumbering = True
-            numbered = self._next - 1
-            # New numbers above both the plane's and this outbox's: never one in use.
-            shift = max(last_stored, numbered) - self._acked
-            done: list[outbox_acks.Renumbered] = []
+            return self._renumber_locked(last_stored)
 
-            def write(db: sqlite3.Connection) -> None:
-                if self._alerts.pending:
-                    self._others = None
-                done[:] = [outbox_acks.renumber(db, self._acked, shift)]
-                self._set_meta("acked", max(self._acked, last_stored))
-                self._set_meta("next_seq", self._next + shift)
-                self._alerts.write_taken_over(db)
+    def _renumber_locked(self, last_stored: int) -> int:
+        self._renumbering = last_stored = max(last_stored, self._renumbering)
+        keep = lambda db: self._set_meta(outbox_acks.PLANE_AHEAD, last_stored)  # noqa: E731
+        self._transaction(keep, "keep the plane's position to renumber after")
+        numbered = self._next - 1
+        # New numbers above both the plane's and this outbox's: never one in use.
+        shift = max(last_stored, numbered) - self._acked
+        done: list[outbox_acks.Renumbered] = []
 
-            self._transaction(write, "renumber its unsent records")
-            self._alerts.committed()
-            log.warning(
-                "%s: the control plane stored this device's records up to %d, and this outbox "
-                "(numbered up to %d, acknowledged up to %d) was replaced or restored from a "
-                "backup: %s, to be sent (from a backup, those the plane stored already are "
-                "stored twice: it tells records apart by number only)",
-                self.path,
-                last_stored,
-                numbered,
-                self._acked,
-                done[0],
-            )
-            self._acked = max(self._acked, last_stored)
-            # Only now: while the renumbering is not written, the unsent records carry numbers
-            # the plane has for others, and one evicted meanwhile is lost (`evict_oldest`).
-            self._known = max(self._known, last_stored)
-            self._next += shift
-            self._renumbering = False
-            self.space.restore_ballast()
-            self._changed.notify_all()
-            return done[0].count
+        def write(db: sqlite3.Connection) -> None:
+            if self._alerts.pending:
+                self._others = None
+            done[:] = [outbox_acks.renumber(db, self._acked, shift)]  # PLANE_AHEAD goes too
+            self._set_meta("acked", max(self._acked, last_stored))
+            self._set_meta("next_seq", self._next + shift)
+            self._alerts.write_taken_over(db)
+
+        self._transaction(write, "renumber its unsent records")
+        self._alerts.committed()
+        outbox_acks.log_renumbered(self.path, last_stored, numbered, self._acked, done[0])
+        self._acked = max(self._acked, last_stored)
+        # Only now: until it is written, an unsent record evicted is lost (`evict_oldest`).
+        self._known = max(self._known, last_stored)
+        self._next += shift
+        self._renumbering = 0
+        self.space.restore_ballast()
+        self._changed.notify_all()
+        return done[0].count
 
     def _chunk_end(self, up_to: int) -> int:
         """The sequence the next acknowledging transaction goes to (at most `up_to`)."""

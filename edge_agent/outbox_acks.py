@@ -6,14 +6,20 @@ and the meta table stay with `Outbox`."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 QUARANTINE_KEEP = 10_000  # newest refused records kept for inspection
 QUARANTINE_SHARE = 8  # and in at most max_bytes / this of their bodies
 ACK_CHUNK_BYTES = 2 << 20  # records deleted per acknowledging transaction, about
 ACK_CHUNK_ROWS = 20_000
+log = logging.getLogger("edge_agent.outbox")  # its warnings are the outbox's
+# meta key: the plane's position a renumbering (`Outbox.follow_plane`) is to follow, kept
+# until the renumbering is written, so a restart meanwhile finishes it
+PLANE_AHEAD = "plane_ahead"
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,24 @@ def renumber(db: sqlite3.Connection, acked: int, shift: int) -> Renumbered:
         (acked,),
     ).fetchone()
     db.execute("UPDATE records SET seq = seq + ? WHERE seq > ?", (shift, acked))
+    db.execute("DELETE FROM meta WHERE key = ?", (PLANE_AHEAD,))
     return Renumbered(int(count), int(first), int(last), shift)
+
+
+def log_renumbered(
+    path: Path, last_stored: int, numbered: int, acked: int, done: Renumbered
+) -> None:
+    log.warning(
+        "%s: the control plane stored this device's records up to %d, and this outbox "
+        "(numbered up to %d, acknowledged up to %d) was replaced or restored from a "
+        "backup: %s, to be sent (from a backup, those the plane stored already are "
+        "stored twice: it tells records apart by number only)",
+        path,
+        last_stored,
+        numbered,
+        acked,
+        done,
+    )
 
 
 def quarantined(db: sqlite3.Connection, limit: int) -> list[tuple[int, int, bytes, str]]:
