@@ -34,6 +34,11 @@ from protos.autoglm.v1 import agent_pb2, common_pb2
 log = logging.getLogger(__name__)
 DEAD_AFTER_S = 15.0
 SETUP_TIMEOUT_S = 60.0
+# A session that lasted this long resets the reconnect backoff: one the plane (or a flapping
+# link) ends within seconds is a failure like any other, and the next waits longer. Reset at
+# acceptance, a plane ending each session at once had the agent back every ~1 s, 10 a minute,
+# and then refused as reconnecting too often (`cloud.service.session_rate`).
+STABLE_AFTER_S = 30.0
 LATENCY_SAMPLES = 4096
 SESSION_METHOD = "/autoglm.v1.AgentService/Session"
 
@@ -77,6 +82,7 @@ class CloudSession:
         stop_when_refused: bool = False,
         dead_after_s: float = DEAD_AFTER_S,
         setup_timeout_s: float = SETUP_TIMEOUT_S,
+        stable_after_s: float = STABLE_AFTER_S,
     ) -> None:
         self.identity = identity
         self.status = status
@@ -98,6 +104,7 @@ class CloudSession:
         # again, and at 5,000 agents on one plane that fed on itself until none got in
         # (tests/benchmarks/bench_heartbeats.py --storm).
         self.setup_timeout_s = setup_timeout_s
+        self.stable_after_s = stable_after_s
         self._last_heard = 0.0
         # Why the control plane refused this device, when that ended the sessions for good.
         self.refusal: AutoglmError | None = None
@@ -225,6 +232,7 @@ class CloudSession:
             reader: asyncio.Task[None] | None = None
             sender: asyncio.Task[None] | None = None
             poster: asyncio.Task[None] | None = None
+            opened_at: float | None = None
             lock = asyncio.Lock()  # one write at a time on the stream
 
             async def send(message: Outgoing) -> None:
@@ -256,7 +264,7 @@ class CloudSession:
                 self._last_heard = time.monotonic()
                 self.connected = True
                 self.stats.sessions_opened += 1
-                self.backoff.reset()
+                opened_at = self._last_heard  # the backoff resets once it has lasted
                 interval = self.heartbeat_interval_s or accepted.heartbeat_interval_seconds or 10.0
                 log.info(
                     "session open as %s; heartbeat every %.1fs", accepted.device_name, interval
@@ -276,6 +284,8 @@ class CloudSession:
             finally:
                 self.connected = False
                 self._sent_at.clear()
+                if opened_at is not None and time.monotonic() - opened_at >= self.stable_after_s:
+                    self.backoff.reset()
                 if poster is not None:
                     poster.cancel()
                     with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):

@@ -76,3 +76,36 @@ def test_a_device_opening_sessions_too_often_is_refused_cheaply_with_a_hint(
         assert _session(plane, channel) is None
     generation = store.newest_sessions([looping.info.device_id])[looping.info.device_id][0]
     assert generation == SESSIONS_PER_WINDOW + 1
+
+
+def test_sessions_the_plane_ended_for_its_store_are_not_counted_against_the_device(
+    plane: RunningPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store failing every batch ends each session with UNAVAILABLE; the agent reconnects a
+    second later. Those sessions are the plane's failure: the device is not refused for them."""
+    from cloud.service import agent as agent_service
+    from edge_agent.errors import Unavailable
+    from protos.autoglm.v1 import agent_pb2
+    from tests.test_hostile_callers import _prediction
+
+    def failing(*_: object) -> None:
+        raise Unavailable("the store is away (injected)")
+
+    clock = FakeClock()
+    plane.plane.session_rate.clock = clock
+    identity = _device(plane, tmp_path, "victim")
+    batch = agent_pb2.AgentMessage(records=agent_pb2.RecordBatch(records=[_prediction(1)]))
+    with grpc.secure_channel(plane.device_address, identity.credentials()) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        monkeypatch.setattr(agent_service, "store_batch", failing)
+        codes = []
+        for _ in range(SESSIONS_PER_WINDOW + 5):
+            try:
+                list(stub.Session(iter([_hello(), batch]), timeout=30))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * (SESSIONS_PER_WINDOW + 5), codes
+        monkeypatch.undo()
+        # Still served: none of those counted.
+        assert _session(plane, channel) is None

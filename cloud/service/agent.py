@@ -40,7 +40,7 @@ from cloud.service.serde import (
 )
 from cloud.service.session_rate import SessionRate
 from cloud.service.sessions import END_OF_STREAM, LiveSession, SessionHub
-from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied
+from edge_agent.errors import AutoglmError, InvalidInput, PermissionDenied, Unavailable
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -228,15 +228,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         device_id, fingerprint = device_identity(context)
         setup = self.metrics.session_setup
         started = time.monotonic()
+        counted = False
         # (A peer without a device certificate is refused above, before any wait: the device
         # port's TLS asks for one, so only a broken client gets there.)
         try:
             with self.admission.setup():  # RateLimited, with a retry hint, when too many open
                 # RateLimited too when this device opened too many lately (no query, no log).
                 self.session_rate.take(device_id)
+                counted = True
                 # Who it is first: a revoked or unknown peer is refused before its state is read.
                 device, last_stored = await asyncio.to_thread(self._known, device_id, fingerprint)
-        except Exception:
+        except Exception as exc:
+            if counted and isinstance(exc, Unavailable):  # the plane's store, not the device
+                self.session_rate.refund(device_id)
             if self._refusals_waiting < REFUSALS_WAITING:
                 self._refusals_waiting += 1
                 try:
@@ -269,7 +273,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
             try:
                 desired, windows = await asyncio.to_thread(self._to_send, device.id)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, Unavailable):  # the plane's store: not counted
+                    self.session_rate.refund(device_id)
                 self.hub.remove(live)
                 if not self.hub.is_open(device.id):
                     self.presence.closed(device.id)
@@ -315,6 +321,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 if item is END_OF_STREAM:
                     return
                 if isinstance(item, AutoglmError):
+                    if isinstance(item, Unavailable):  # the plane's store failed: not counted
+                        self.session_rate.refund(device_id)
                     raise item
                 assert isinstance(item, agent_pb2.ControlMessage)
                 yield item

@@ -11,7 +11,9 @@ Counted in memory, per process: a refusal costs no query and is not logged one b
 most once per REFUSAL_LOG_S per device). A device spread over R replicas (or `--workers`
 processes) may open R times as many; the store's row of the device's claim could count them
 fleet-wide, at the price of a query per refusal. A refused attempt is not counted: the hint
-is when the device may come back, whatever it did meanwhile."""
+is when the device may come back, whatever it did meanwhile. Nor is a session the plane
+itself ended for want of its store (`refund`): an agent reconnects a second after such an
+end, and a store failing each batch must not get the device refused as "too often"."""
 
 from __future__ import annotations
 
@@ -76,6 +78,13 @@ class SessionRate:
             f"this device reconnects too often); try again in {hint:.0f} s",
             retry_after_s=hint,
         )
+
+    def refund(self, device_id: str) -> None:
+        """Uncounts the session `device_id` opened last: the plane ended it (or refused it
+        after counting) for a failure of its own, not the device's reconnecting."""
+        opened = self._opened.get(device_id)
+        if opened:
+            opened.pop()
 
     def _log_refusal(self, device_id: str, now: float) -> None:
         refused = self._unlogged.get(device_id, 0) + 1
