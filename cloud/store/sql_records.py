@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from cloud.capture_budget import CaptureBudget
 from cloud.captures import CaptureRecord
 from cloud.domain import (
     AlertEventRecord,
@@ -21,6 +22,7 @@ from cloud.domain import (
 )
 from cloud.store.sql_alerts import apply_alert_events
 from cloud.store.sql_base import SqlBase
+from cloud.store.sql_captures import charge_in
 from cloud.store.tables import (
     AlertEventRow,
     Base,
@@ -47,6 +49,7 @@ class RecordTables(SqlBase):
         through: int = 0,
         captures: Sequence[CaptureRecord] = (),
         prediction_rows: Sequence[PredictionRow] = (),
+        budget: CaptureBudget | None = None,
     ) -> StoredCount:
         rows = [prediction_row(p) for p in predictions]
         rows += prediction_rows
@@ -55,13 +58,12 @@ class RecordTables(SqlBase):
         if len(set(sequences)) != len(sequences):
             raise InvalidInput("a record batch repeats a sequence number")
         with self._tx() as s:
-            sync = s.get(DeviceSyncRow, device_id, with_for_update=True)
-            if sync is None:
-                if s.get(DeviceRow, device_id) is None:
-                    raise NotFound(f"no device with id '{device_id}'")
-                sync = DeviceSyncRow(device_id=device_id, last_sequence=0)
-                s.add(sync)
-                s.flush()
+            sync = _locked_sync(s, device_id)
+            # Charged in this transaction: if the batch fails to store, the charge is rolled
+            # back with it, and the agent's resend is charged once.
+            refused = charge_in(s, device_id, captures, now, budget)
+            if refused:
+                captures = [c for c in captures if c.sequence not in refused]
             # One INSERT ... ON CONFLICT DO NOTHING per table, the rows built as plain values
             # (no ORM objects): RETURNING says which sequences were new, so records resent
             # after a reconnect count as duplicates and alert events fold exactly once.
@@ -72,7 +74,10 @@ class RecordTables(SqlBase):
             changed = apply_alert_events(s, new_alerts, now)  # same transaction: exactly once
             sync.last_sequence = max(sync.last_sequence, through, *sequences)
             stored = stored_predictions + len(stored_alerts) + len(stored_captures)
-            return StoredCount(stored, len(sequences) - stored, sync.last_sequence, len(changed))
+            duplicates = len(sequences) - len(refused) - stored
+            return StoredCount(
+                stored, duplicates, sync.last_sequence, len(changed), refused=refused
+            )
 
     def last_record_sequence(self, device_id: str) -> int:
         with self._tx() as s:
@@ -113,6 +118,32 @@ class RecordTables(SqlBase):
         query = query.order_by(AlertEventRow.device_id, AlertEventRow.sequence).limit(limit)
         with self._read_tx() as s:
             return [_alert(r) for r in s.scalars(query).all()]
+
+
+def _locked_sync(s: Session, device_id: str) -> DeviceSyncRow:
+    """The device's sync row, locked to the end of the transaction; made on its first batch
+    with INSERT ... ON CONFLICT DO NOTHING, then locked and read. The first batch may be
+    stored by two sessions at once (its old one on one replica, its new one on another), and
+    FOR UPDATE on a row not there yet locks nothing: both inserted it, and one failed on the
+    primary key (an internal error, the batch unacknowledged)."""
+    sync = s.get(DeviceSyncRow, device_id, with_for_update=True)
+    if sync is not None:
+        return sync
+    # FOR KEY SHARE: the device is not deleted (its rows with it) before this commits; its
+    # other updates (presence) go on beside.
+    if s.get(DeviceRow, device_id, with_for_update={"key_share": True}) is None:
+        raise NotFound(f"no device with id '{device_id}'")
+    dialect = s.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    s.execute(
+        insert(DeviceSyncRow)
+        .values(device_id=device_id, last_sequence=0)
+        .on_conflict_do_nothing(index_elements=["device_id"])
+    )  # waits for another transaction inserting it, then leaves its row
+    sync = s.get(DeviceSyncRow, device_id, with_for_update=True)
+    if sync is None:  # cannot be, the device locked: said as what it would mean
+        raise NotFound(f"no device with id '{device_id}'")
+    return sync
 
 
 def _insert_new(s: Session, table: type[Base], rows: list[dict[str, Any]]) -> set[int]:
