@@ -11,6 +11,7 @@ import tracemalloc
 import pytest
 
 from edge_agent.config import AssetConfig, IngestLimits
+from edge_agent.ingest import decode as decode_module
 from edge_agent.ingest.decode import Decoder, TopicRoutes
 from edge_agent.ingest.rates import MessageRates
 
@@ -44,6 +45,34 @@ def test_the_topic_cache_is_bounded_by_its_text_not_only_its_entries() -> None:
     assert dec.decode("plant/pump-1/flow", READING) is not None
     assert dec.decode("plant/pump-2/flow", READING) is None
     assert dec.drops["unknown_topic"] == 1
+
+
+@pytest.mark.parametrize(
+    ("junk", "chars"),
+    [(8_200, 1_024), (66_000, 20)],  # past the cache's 8 MiB of text; past its 65,536 topics
+    ids=["text", "entries"],
+)
+def test_a_full_topic_cache_starts_over_so_later_topics_are_cached_again(
+    monkeypatch: pytest.MonkeyPatch, junk: int, chars: int
+) -> None:
+    assets = [AssetConfig(name="pump-1", topics=["plant/pump-1/+"])]
+    limits = IngestLimits(max_messages_per_s=0)  # every message routed, none rate limited
+    dec = Decoder(TopicRoutes(assets, ["flow"]), limits, clock=lambda: NOW)
+    for i in range(junk):  # a flood of random topics on the asset's wildcard
+        topic = f"plant/pump-1/{i:05d}"
+        dec.decode(topic + "z" * (chars - len(topic)), READING)
+    matched = [0]
+    real = decode_module.topic_matches_sub
+
+    def counting(pattern: str, topic: str) -> bool:
+        matched[0] += 1
+        return real(pattern, topic)
+
+    monkeypatch.setattr(decode_module, "topic_matches_sub", counting)
+    for _ in range(100):
+        assert dec.decode("plant/pump-1/flow", READING) is not None
+    # The first message is matched against the patterns, the other 99 found in the cache.
+    assert matched[0] == 1, f"{matched[0]} pattern matches for 100 messages on one topic"
 
 
 def test_a_long_topic_is_cut_short_in_log_lines(caplog: pytest.LogCaptureFixture) -> None:

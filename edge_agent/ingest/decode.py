@@ -128,13 +128,14 @@ class TopicRoutes:
             if any(topic_matches_sub(pattern, topic) for pattern in asset.topics):
                 found = Route(i, self.sensor(i, topic.rsplit("/", 1)[-1]))
                 break
-        # A flood of random or long topics must not grow memory.
+        # A flood of random or long topics must not grow memory; nor may it keep the topics
+        # that come after it out: a full cache starts over (a flood of random topics filled
+        # it once for good, and a wildcard asset's every message then scanned every pattern).
         chars = len(topic)
-        if (
-            chars <= _CACHED_TOPIC_CHARS
-            and len(self._cache) < _CACHE_LIMIT
-            and self._cached_chars + chars <= _CACHE_CHARS
-        ):
+        if chars <= _CACHED_TOPIC_CHARS:
+            if len(self._cache) >= _CACHE_LIMIT or self._cached_chars + chars > _CACHE_CHARS:
+                self._cache.clear()
+                self._cached_chars = 0
             self._cache[topic] = found
             self._cached_chars += chars
         return found
