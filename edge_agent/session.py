@@ -111,7 +111,11 @@ class CloudSession:
         self.retry_hint_s = 0.0  # when the control plane said to come back, for the next wait
         self.stats = SessionStats()
         self.connected = False
-        self._sent_at: dict[int, float] = {}
+        # Heartbeats sent and not answered yet, (seq, sent at) oldest first. The plane answers
+        # in order: an answer to one means those before it were dropped, and they go; so do
+        # those older than `dead_after_s` (the path is judged by then). Bounded, and the
+        # oldest is the heartbeat that waits for its answer now.
+        self._sent_at: deque[tuple[int, float]] = deque()
         # Reports (install, shadow) wait here until a session is open to carry them.
         self._outgoing: deque[agent_pb2.AgentMessage] = deque(maxlen=256)
         self._outgoing_ready = asyncio.Event()
@@ -369,7 +373,9 @@ class CloudSession:
                 silent = now - self._last_heard
                 # Dead: silent past the bound while a heartbeat has waited a while for its
                 # answer (a slow but living control plane is not a dead path).
-                waited = now - min(self._sent_at.values(), default=now)
+                while self._sent_at and now - self._sent_at[0][1] > self.dead_after_s:
+                    self._sent_at.popleft()
+                waited = now - self._sent_at[0][1] if self._sent_at else 0.0
                 if silent > self.dead_after_s and waited >= self.dead_after_s / 3:
                     raise Unavailable(
                         f"{self.address}: nothing heard for {silent:.0f}s "
@@ -383,7 +389,7 @@ class CloudSession:
                     continue
                 seq += 1
                 last_beat = now
-                self._sent_at[seq] = now
+                self._sent_at.append((seq, now))
                 beat = agent_pb2.Heartbeat(seq=seq, status=self.status())
                 beat.sent_at.GetCurrentTime()
                 try:  # a write stuck on a dead path must not stall the watchdog
@@ -407,8 +413,11 @@ class CloudSession:
                 return  # EOF: the control plane closed the stream cleanly
             self._last_heard = time.monotonic()
             if message.WhichOneof("body") == "heartbeat_ack":
-                sent = self._sent_at.pop(message.heartbeat_ack.seq, None)
-                if sent is not None:
+                acked = message.heartbeat_ack.seq
+                while self._sent_at and self._sent_at[0][0] < acked:  # dropped: never answered
+                    self._sent_at.popleft()
+                if self._sent_at and self._sent_at[0][0] == acked:
+                    sent = self._sent_at.popleft()[1]
                     self.stats.heartbeats_acked += 1
                     self.stats.ack_latencies_s.append(time.monotonic() - sent)
             elif message.WhichOneof("body") == "batch_ack" and self.sync is not None:
