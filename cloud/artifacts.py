@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import os
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from edge_agent.errors import IntegrityError, InvalidInput, NotFound
 from edge_agent.files import fsync_dir
 
+log = logging.getLogger(__name__)
 PREFIX = "sha256:"
 DEFAULT_CHUNK = 1 << 20
+# A push streams into incoming/<uuid>.part; a process killed mid-push (SIGKILL, a crash, a
+# power cut) leaves its file there. At start, part files untouched this long are removed;
+# younger ones may be another replica's push in progress (the directory may be shared).
+STALE_PART_S = 6 * 3600
+_NAMES_LOGGED = 20
 
 
 def parse_digest(digest: str) -> str:
@@ -118,10 +126,40 @@ class _LocalWriter(ArtifactWriter):
 class LocalArtifactStore(ArtifactStore):
     """Artifacts in a local directory (the embedded default: STATE_DIR/artifacts)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
         (root / "sha256").mkdir(parents=True, exist_ok=True)
         (root / "incoming").mkdir(parents=True, exist_ok=True)
+        self._remove_stale_parts(clock())
+
+    def _remove_stale_parts(self, now: float) -> None:
+        """Removes the partial pushes (`incoming/*.part`) not written for STALE_PART_S,
+        saying which; a file that cannot be removed is said and left."""
+        removed: list[str] = []
+        freed = 0
+        for part in sorted((self.root / "incoming").glob("*.part")):
+            try:
+                info = part.stat()
+                if now - info.st_mtime < STALE_PART_S:
+                    continue
+                part.unlink()
+            except FileNotFoundError:  # its push ended, or another replica removed it
+                continue
+            except OSError as exc:
+                log.warning("artifacts: cannot remove the partial push %s: %s", part, exc)
+                continue
+            removed.append(part.name)
+            freed += info.st_size
+        if removed:
+            shown = ", ".join(removed[:_NAMES_LOGGED])
+            more = (
+                f" and {len(removed) - _NAMES_LOGGED} more" if len(removed) > _NAMES_LOGGED else ""
+            )
+            log.warning(
+                "artifacts: removed %d partial push file(s) of %d bytes in %s, untouched for "
+                "over %d h (a process stopped mid-push): %s%s",
+                len(removed), freed, self.root / "incoming", STALE_PART_S // 3600, shown, more,
+            )  # fmt: skip
 
     def path(self, digest: str) -> Path:
         hexpart = parse_digest(digest)
