@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ from pathlib import Path
 
 from edge_agent import outbox_files
 from edge_agent.errors import LocalStateError
+from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 _SUFFIXES = ("", "-wal", "-shm")  # the database, its WAL and its shared memory
 _ROWS = 1000  # records read and written at a time
 _COUNTERS = ("acked", "evicted", "quarantined", outbox_files.MIGRATED)
+_PREDICTION, _ALERT = 1, 2  # outbox.PREDICTION, outbox.ALERT (record kinds)
 
 
 def start_over(path: Path, problem: str) -> Path:
@@ -81,12 +84,17 @@ def _seed(path: Path, kept: Path, view: outbox_files.ReadOnlyView | None) -> int
         db.execute("BEGIN IMMEDIATE")
         top = salvaged = 0
         if view is not None:
-            for rows in _readable(kept, view.acked):
+            stopped: list[str] = []  # why the records could not be read to the end
+            seen = _Seen()  # what the records read say of alerts and windows
+            for rows in _readable(kept, view.acked, stopped):
                 db.executemany(
                     "INSERT OR IGNORE INTO records (seq, kind, body) VALUES (?, ?, ?)", rows
                 )
                 salvaged += len(rows)
                 top = max(top, rows[-1][0])
+                seen.read(rows)
+            if stopped:
+                view.open_alerts = _sent_or_salvaged(kept, view.open_alerts, seen)
             for key in _COUNTERS:
                 if key in view.meta:
                     outbox_files.set_meta(db, key, view.meta[key])
@@ -101,9 +109,64 @@ def _seed(path: Path, kept: Path, view: outbox_files.ReadOnlyView | None) -> int
         db.close()
 
 
-def _readable(kept: Path, acked: int) -> Iterator[list[tuple[int, int, bytes]]]:
+class _Seen:
+    """Of the records read: the alert keys they raise, and by asset the end of the latest
+    window they were decided on (predictions and alert events)."""
+
+    def __init__(self) -> None:
+        self.raised: set[str] = set()
+        self.latest: dict[str, float] = {}
+
+    def read(self, rows: list[tuple[int, int, bytes]]) -> None:
+        for _, kind, body in rows:
+            if kind not in (_PREDICTION, _ALERT):
+                continue
+            try:
+                record = agent_pb2.Record.FromString(body)
+            except Exception:  # noqa: BLE001 - a damaged body tells nothing
+                continue
+            item = record.prediction if kind == _PREDICTION else record.alert
+            if kind == _ALERT and record.alert.kind == agent_pb2.AlertEvent.KIND_RAISED:
+                self.raised.add(record.alert.alert_key)
+            end = item.window_end.seconds + item.window_end.nanos / 1e9
+            self.latest[item.asset] = max(self.latest.get(item.asset, end), end)
+
+
+def _sent_or_salvaged(kept: Path, open_alerts: dict[str, str], seen: _Seen) -> dict[str, str]:
+    """Of the alerts `open_alerts` says are open (by asset, its JSON), those whose raise is
+    known to be with the plane or among the records read: read itself, or written before a
+    record read (one of that asset decided on a later window: its raise was then at or
+    before the acknowledged mark). The records were not read to the end: an alert raised by
+    one of those lost would stay open here while the plane never gets it (its clear, later,
+    clearing nothing there). Dropped (logged), it is raised again if the fault goes on. An
+    alert acknowledged with no later record of its asset read is dropped too (nothing says
+    where its raise was): the plane's alert is then not cleared from here."""
+    kept_open = {}
+    for asset, text in open_alerts.items():
+        try:
+            doc = json.loads(text)
+            key, end = str(doc["key"]), float(doc["window_end"])
+        except (ValueError, TypeError, KeyError):
+            kept_open[asset] = text  # not an alert's JSON: loading it says so
+            continue
+        if key in seen.raised or seen.latest.get(asset, end) > end:
+            kept_open[asset] = text
+            continue
+        log.warning(
+            "%s: the alert %s open on %s is not kept open: its raise is not among the records "
+            "that could be read, nor known to be acknowledged (it may have been lost with the "
+            "rest); it is raised again if the fault goes on",
+            kept,
+            key,
+            asset,
+        )
+    return kept_open
+
+
+def _readable(kept: Path, acked: int, stopped: list[str]) -> Iterator[list[tuple[int, int, bytes]]]:
     """The records after `acked` in the damaged database, in batches, up to the first that
-    cannot be read (logged); rows that are not (number, kind, bytes) are left out."""
+    cannot be read (logged, the reason added to `stopped`); rows that are not (number,
+    kind, bytes) are left out."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{kept}?mode=ro", uri=True)) as old:
             cursor = old.execute(
@@ -119,3 +182,4 @@ def _readable(kept: Path, acked: int) -> Iterator[list[tuple[int, int, bytes]]]:
                     yield whole
     except sqlite3.Error as exc:
         log.warning("%s: its records cannot be read past this point (%s)", kept, exc)
+        stopped.append(str(exc))
