@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from cloud.domain import (
@@ -62,6 +62,15 @@ def _next_revisions(s: Session, n: int) -> int:
 _limit_warnings = LimitWarnings()
 
 
+def open_counts(device_ids: Sequence[str]) -> Select[str, int]:
+    """The open alerts of each of `device_ids` (ix_alerts_open_device: the open ones only)."""
+    return (
+        select(AlertRow.device_id, func.count())
+        .where(AlertRow.device_id.in_(device_ids), AlertRow.open_key.is_not(None))
+        .group_by(AlertRow.device_id)
+    )
+
+
 def apply_alert_events(
     s: Session, events: Sequence[AlertEventRecord], now: dt.datetime
 ) -> list[AlertRecord]:
@@ -82,12 +91,7 @@ def apply_alert_events(
         open_rows += s.scalars(select(AlertRow).where(AlertRow.open_key.in_(chunk))).all()
     counts: dict[str, int] = {}
     for chunk in id_chunks(devices):
-        query = (
-            select(AlertRow.device_id, func.count())
-            .where(AlertRow.device_id.in_(chunk), AlertRow.open_key.is_not(None))
-            .group_by(AlertRow.device_id)
-        )
-        counts.update((device_id, int(n)) for device_id, n in s.execute(query).all())
+        counts.update((device_id, int(n)) for device_id, n in s.execute(open_counts(chunk)))
     for row in open_rows:  # the limit alert is not one of the alerts it limits
         if row.open_key == limit_key(row.device_id):
             counts[row.device_id] -= 1

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -293,6 +294,14 @@ class AlertRow(Base):
     alert is open, so a group has at most one open alert (NULLs do not collide)."""
 
     __tablename__ = "alerts"
+    __table_args__ = (  # the open alerts per device, counted for each batch (migration 0017)
+        Index(
+            "ix_alerts_open_device",
+            "device_id",
+            postgresql_where=text("open_key IS NOT NULL"),
+            sqlite_where=text("open_key IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
