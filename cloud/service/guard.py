@@ -22,12 +22,22 @@ from cloud.service.roles import audited, authorize, target_of
 from cloud.store.base import OperatorStore
 from cloud.store.notify import ANY, OPERATORS
 from cloud.tokens import hash_token
-from edge_agent.errors import RETRY_AFTER_KEY, AutoglmError, RateLimited, Unauthenticated
+from edge_agent.errors import (
+    RETRY_AFTER_KEY,
+    AutoglmError,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 OPERATOR_SERVICE = "/autoglm.v1.OperatorService/"
 TOKEN_CACHE_S = 5.0
+# An open stream's caller is checked again every TOKEN_CACHE_S; a check the store cannot
+# answer (Unavailable: a brief database error) keeps the last good answer this long before
+# the stream ends. A revoked or unknown token (Unauthenticated, PermissionDenied) ends it now.
+RECHECK_GRACE_S = 60.0
 MAX_DETAILS = 1000  # characters of an error's details sent back
 REFUSED_AUDITS_PER_MINUTE = 60  # refused calls of one operator recorded per minute
 # Calls after which the caller cache is dropped, whatever their outcome (one that committed
@@ -225,11 +235,29 @@ _END = object()
 
 
 async def _rechecked(
-    items: AsyncIterator[Any], check: Callable[[], Awaitable[object]], every_s: float
+    items: AsyncIterator[Any],
+    check: Callable[[], Awaitable[object]],
+    every_s: float,
+    grace_s: float = RECHECK_GRACE_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[Any]:
     """`items`, with the caller checked again (`check` raises when it may no longer call)
-    before each one and every `every_s` while none comes: an idle watch ends too."""
+    before each one and every `every_s` while none comes: an idle watch ends too. A check
+    that fails with Unavailable (the store, not the caller) keeps the last good answer for up
+    to `grace_s` after it; any other failure ends the stream at once."""
     iterator = aiter(items)
+    good_at = clock()
+
+    async def recheck() -> None:
+        nonlocal good_at
+        try:
+            await check()
+        except Unavailable as exc:
+            if clock() - good_at > grace_s:
+                raise
+            log.warning("an operator stream's caller could not be checked again: %s", exc)
+            return
+        good_at = clock()
 
     async def following() -> Any:
         try:
@@ -242,7 +270,7 @@ async def _rechecked(
             pending = asyncio.ensure_future(following())
             try:
                 while not (await asyncio.wait((pending,), timeout=every_s))[0]:
-                    await check()
+                    await recheck()
             except BaseException:
                 pending.cancel()
                 await asyncio.wait((pending,))  # the handler unwinds before the call ends
@@ -250,7 +278,7 @@ async def _rechecked(
             item = pending.result()
             if item is _END:
                 return
-            await check()
+            await recheck()
             yield item
     finally:
         aclose = getattr(iterator, "aclose", None)
