@@ -216,6 +216,8 @@ class StoredCount:
     duplicates: int
     last_sequence: int
     alerts_changed: int = 0  # alerts opened, updated or resolved by its edge events
+    # Captures past the device's daily budget, not stored: the reason by sequence.
+    refused: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -165,14 +165,9 @@ def store_batch(
     """Stores a batch (alert events fold into alerts in the same transaction); the ack for
     the device and how many alerts changed. Rejected records are acknowledged with the rest
     (the agent quarantines them), and the stored position moves past them; so are captures
-    past the device's daily budget (`cloud.capture_budget`)."""
+    past the device's daily budget (`cloud.capture_budget`), charged in the transaction that
+    stores them: a batch that fails to store is not charged, and its resend is charged once."""
     split = split_batch(device_id, batch)
-    if split.captures:
-        refused = store.charge_captures(device_id, split.captures, now)
-        split.captures = [c for c in split.captures if c.sequence not in refused]
-        split.rejected += [
-            agent_pb2.RejectedRecord(sequence=q, reason=r) for q, r in refused.items()
-        ]
     up_to = split.up_to
     counted: StoredCount = store.store_records(
         device_id,
@@ -183,6 +178,9 @@ def store_batch(
         captures=split.captures,
         prediction_rows=split.prediction_rows,
     )
+    split.rejected += [
+        agent_pb2.RejectedRecord(sequence=q, reason=r) for q, r in sorted(counted.refused.items())
+    ]
     if split.rejected:
         log.warning(
             "device %s: %d record(s) rejected; first: %s",

@@ -173,11 +173,15 @@ class RecordStore(abc.ABC):
         through: int = 0,
         captures: Sequence[CaptureRecord] = (),
         prediction_rows: Sequence[PredictionRow] = (),
+        budget: CaptureBudget | None = None,
     ) -> StoredCount:
         """Stores each (device, sequence) once, in one transaction: records stored before
         are counted as duplicates and left as they were. The stored position moves to at
         least `through` (past records of the batch that were rejected). `prediction_rows`
-        are more predictions, as the sync path builds them (`cloud.domain.PredictionRow`)."""
+        are more predictions, as the sync path builds them (`cloud.domain.PredictionRow`).
+        Captures not stored yet are charged to the device's daily budget in the same
+        transaction (`charge_captures`): those past it are not stored (`StoredCount.refused`
+        says why), and a batch that fails to store is not charged."""
 
     @abc.abstractmethod
     def list_captures(

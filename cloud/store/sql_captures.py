@@ -40,32 +40,8 @@ class CaptureTables(SqlBase):
     ) -> dict[int, str]:
         if not captures:
             return {}
-        budget = budget or capture_budget.DAY_BUDGET
-        day = utc_day(now)
         with self._tx() as s:
-            row = _day_row(s, device_id, day)  # locked: a device's batches charge one by one
-            stored: set[int] = set()
-            for chunk in id_chunks(sorted({c.sequence for c in captures})):
-                query = select(CaptureRow.sequence).where(
-                    CaptureRow.device_id == device_id, CaptureRow.sequence.in_(chunk)
-                )
-                stored.update(s.scalars(query).all())
-            usage = CaptureUsage(day)
-            if row.day == day:
-                usage = CaptureUsage(day, row.captures, row.bytes, row.refused)
-            wanted = [
-                (c.sequence, capture_bytes(c))
-                for c in sorted(captures, key=lambda c: c.sequence)
-                if c.sequence not in stored
-            ]
-            usage, refused = capture_budget.charge(device_id, usage, wanted, budget)
-            row.day, row.captures, row.bytes, row.refused = (
-                usage.day,
-                usage.captures,
-                usage.bytes,
-                usage.refused,
-            )
-            return refused
+            return charge_in(s, device_id, captures, now, budget)
 
     def list_captures(
         self,
@@ -127,6 +103,44 @@ class CaptureTables(SqlBase):
                         str(doc.get("fault_type", "")),
                     )
         return found
+
+
+def charge_in(
+    s: Session,
+    device_id: str,
+    captures: Sequence[CaptureRecord],
+    now: dt.datetime,
+    budget: CaptureBudget | None = None,
+) -> dict[int, str]:
+    """`charge_captures` in the transaction of `s`: the day row stays locked until it ends,
+    and a rollback (the captures not stored after all) undoes the charge with it."""
+    if not captures:
+        return {}
+    budget = budget or capture_budget.DAY_BUDGET
+    day = utc_day(now)
+    row = _day_row(s, device_id, day)  # locked: a device's batches charge one by one
+    stored: set[int] = set()
+    for chunk in id_chunks(sorted({c.sequence for c in captures})):
+        query = select(CaptureRow.sequence).where(
+            CaptureRow.device_id == device_id, CaptureRow.sequence.in_(chunk)
+        )
+        stored.update(s.scalars(query).all())
+    usage = CaptureUsage(day)
+    if row.day == day:
+        usage = CaptureUsage(day, row.captures, row.bytes, row.refused)
+    wanted = [
+        (c.sequence, capture_bytes(c))
+        for c in sorted(captures, key=lambda c: c.sequence)
+        if c.sequence not in stored
+    ]
+    usage, refused = capture_budget.charge(device_id, usage, wanted, budget)
+    row.day, row.captures, row.bytes, row.refused = (
+        usage.day,
+        usage.captures,
+        usage.bytes,
+        usage.refused,
+    )
+    return refused
 
 
 def _capture(r: CaptureRow) -> CaptureRecord:
