@@ -29,6 +29,7 @@ from edge_agent.errors import AutoglmError
 from edge_agent.health import IngestRates, RuntimeCounters, drift_of, health_of
 from edge_agent.inference.base import InferenceBackend
 from edge_agent.ingest.decode import Decoder, TopicRoutes
+from edge_agent.logs import ids
 from edge_agent.losses import LossLog
 from edge_agent.maintenance import SiteMaintenance
 from edge_agent.open_alerts import OpenAlerts, decode_alert
@@ -45,6 +46,10 @@ from edge_agent.windowing import AlignedSeries
 from protos.autoglm.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
+# An asset whose calibration waits for an alert open on it (raised before a restart onto a new
+# version, or with its calibration lost) waits at most this long, then calibrates on what it
+# sees: nothing on the agent closes that alert otherwise.
+OPEN_ALERT_CALIBRATION_WAIT_S = 6 * 3600.0
 
 
 @dataclass
@@ -104,7 +109,9 @@ class EdgeRuntime:
         self.streams = StreamStates(config.state_dir / "stream")
         # The previous data path here never stopped cleanly (kill -9): count what it lost.
         self.unclean = model is not None and self.streams.unclean()
-        self.clock: Callable[[], float] = time.monotonic  # when checkpoints are due (tests)
+        self.clock: Callable[[], float] = time.monotonic  # checkpoints and waits (tests)
+        # By asset: since when its calibration waits for an alert open on it to close.
+        self._calibration_waits: dict[str, float] = {}
         self._checkpointed_at = self.clock()
         self._checkpointed: dict[int, tuple[int, int]] = {}  # by asset: aligner, readings
         self._checkpoint_failed_at = -math.inf
@@ -191,6 +198,9 @@ class EdgeRuntime:
             scored=decisions.marks,
             open_alerts=decisions.open_state,
             after_keep=decisions.publish_site,
+            # Scoring marks without records kept as often as the stream checkpoints (0: the
+            # sink's default), so a kill decides again only that much.
+            mark_every_s=config.ingest.checkpoint_s or None,
         )
         self.sink = sink
         for runner in self.runners:
@@ -226,6 +236,9 @@ class EdgeRuntime:
         self.start_inference()
         self.pipeline.start()
         self.sources.start()
+        # Started: another model's stream states that `take` left in place (a swap that
+        # might have failed back to it) go now, unless a checkpoint replaced them.
+        self.streams.started()
 
     def start_inference(self) -> None:
         """The sink and inference threads (`start` starts them; tests feeding the pipeline's
@@ -383,14 +396,30 @@ class EdgeRuntime:
         kept = self.kept_open(runner.name)
         if kept is not None:
             # Its rows are the fault's (or may be): fitted on them, the fault would be the
-            # asset's normal and the alert cleared by it. The alert stays open.
-            runner.calibration_not_done(
-                f"waits: alert {kept.key} is open on it (raised at {kept.raised_at:.0f}); "
-                "it is not fitted on rows taken while a fault may go on: the alert stays "
-                "open and the asset is not scored",
-                tried=False,
+            # asset's normal and the alert cleared by it. The alert stays open, for at most
+            # OPEN_ALERT_CALIBRATION_WAIT_S: nothing on the agent closes it otherwise, and an
+            # asset never scored again (the fault repaired meanwhile) is worse.
+            now = self.clock()
+            since = self._calibration_waits.setdefault(runner.name, now)
+            if now - since < OPEN_ALERT_CALIBRATION_WAIT_S:
+                runner.calibration_not_done(
+                    f"waits: alert {kept.key} is open on it (raised at {kept.raised_at:.0f}); "
+                    "it is not fitted on rows taken while a fault may go on: the alert stays "
+                    "open and the asset is not scored, for at most "
+                    f"{OPEN_ALERT_CALIBRATION_WAIT_S / 3600:.0f} h",
+                    tried=False,
+                )
+                return
+            log.warning(
+                "calibrating %s although alert %s is still open on it after %.0f h: the rows "
+                "may be the fault's, and the alert is cleared if the new calibration takes "
+                "them for normal",
+                runner.name,
+                kept.key,
+                (now - since) / 3600,
+                extra=ids(asset=runner.name, alert=kept.key),
             )
-            return
+        self._calibration_waits.pop(runner.name, None)
         with self._given_up_lock:
             pending = self._calibrations_given_up
         if pending:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_agent.runtime import OPEN_ALERT_CALIBRATION_WAIT_S
 from tests.support.bundles import make_version
 from tests.support.datapath import Site, pump, site_config
 
@@ -52,3 +53,30 @@ def test_an_open_alert_is_not_cleared_by_a_calibration_on_the_fault(
         assert third.runtime.kept_open("pump-1") is not None
     finally:
         third.stop()
+
+
+def test_a_calibration_waits_for_an_open_alert_only_so_long(
+    tmp_path: Path, trained: tuple[Path, Ed25519PrivateKey]
+) -> None:
+    """Nothing on the agent closes an alert its asset cannot decide on: past
+    OPEN_ALERT_CALIBRATION_WAIT_S the asset calibrates on what it sees, so it is scored again
+    (an asset never scored again is worse than an alert cleared by a calibration)."""
+    bundle, key = trained
+    normal, fault = pump(300, faulty=False, seed=1), pump(900, faulty=True, seed=2)
+    config = site_config(tmp_path, bundle)
+    first = Site(config, bundle, key.public_key(), tmp_path / "1")
+    first.feed(np.concatenate([normal, fault[:300]]), 0)
+    first.stop(graceful=True)
+    for path in (config.state_dir / "calibration").rglob("*.json"):
+        path.unlink()
+    second = Site(site_config(tmp_path, bundle), bundle, key.public_key(), tmp_path / "2")
+    now = [1000.0]
+    second.runtime.clock = lambda: now[0]
+    try:
+        second.feed(fault[300:600], 600)
+        assert second.runtime.runners[0].calibration is None, "calibrated at once"
+        now[0] += OPEN_ALERT_CALIBRATION_WAIT_S + 1
+        second.feed(fault[600:], 900)
+        assert second.runtime.runners[0].calibration is not None, "never calibrated"
+    finally:
+        second.stop()
