@@ -75,7 +75,7 @@ class RolloutReports:
             target = moved(target, TargetState.FAILED, _summary(report), self.clock())
             self.sparse.warning(
                 device_id,
-                "install failed",
+                f"install failed ({rollout.id})",
                 "rollout %s: device %s failed: %s",
                 rollout.id,
                 device_id,
@@ -177,7 +177,7 @@ class RolloutReports:
             return  # resent after a reconnect
         self.sparse.warning(
             target.device_id,
-            "install deferred",
+            f"install deferred ({rollout.id})",
             "rollout %s: device %s cannot install yet and tries again: %s",
             rollout.id,
             target.device_id,
@@ -235,7 +235,7 @@ class RolloutReports:
         if not self.store.record_shadow(rollout.id, device_id, shadow, enough):
             self.sparse.info(
                 device_id,
-                "fewer shadow windows",
+                f"fewer shadow windows ({rollout.id})",
                 "rollout %s: device %s reported %d shadow window(s) (%r), fewer than before "
                 "and than the gate needs (%d), as after an agent restart: the earlier "
                 "report stands",

@@ -1,7 +1,10 @@
 """Log lines that a device's messages cause, at most one a period per device and reason: a
 device repeating a bad report (thousands a second, each a line) cannot flood the control
-plane's log. The next line of the same device and reason says how many were left out; one
-left pending is said when the entries are swept."""
+plane's log. The next line of the same device and reason says how many were left out; a
+count left pending (no later line of that pair) is said when the pair is swept: the first
+line of any pair logged once `every_s` has passed since the last sweep sweeps the pairs idle
+that long (and a full table sweeps too). There is no timer: with nothing logged at all, a
+pending count waits for the next line."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class SparseLog:
         self._lock = threading.Lock()
         # (device, reason) -> [when its last line was logged, lines left out since]
         self._keys: dict[tuple[str, str], list[float | int]] = {}
+        self._swept_at = clock()
 
     def warning(self, device: str, reason: str, msg: str, *args: Any, **kwargs: Any) -> None:
         self.emit(logging.WARNING, device, reason, msg, *args, **kwargs)
@@ -54,7 +58,8 @@ class SparseLog:
                 return
             left_out = int(entry[1]) if entry is not None else 0
             full = entry is None and len(self._keys) >= self.max_keys
-            swept = self._sweep(now) if full else []
+            due = now - self._swept_at >= self.every_s
+            swept = self._sweep(now, full) if full or due else []
             self._keys[(device, reason)] = [now, 0]
         for (other, why), count in swept:
             self.log.log(level, "device %s: %d more %r line(s) not logged", other, count, why)
@@ -63,11 +68,12 @@ class SparseLog:
             args = (*args, left_out, self.every_s)
         self.log.log(level, msg, *args, **kwargs)
 
-    def _sweep(self, now: float) -> list[tuple[tuple[str, str], int]]:
-        """Forgets the pairs with no line for `every_s` (all of them if none is that old):
-        the counts some of them still held, to be logged."""
+    def _sweep(self, now: float, full: bool) -> list[tuple[tuple[str, str], int]]:
+        """Forgets the pairs with no line for `every_s` (when `full`, all of them if none is
+        that old): the counts some of them still held, to be logged."""
+        self._swept_at = now
         idle = [k for k, (at, _) in self._keys.items() if now - at >= self.every_s]
-        pending = [(k, int(self._keys[k][1])) for k in idle or list(self._keys)]
+        pending = [(k, int(self._keys[k][1])) for k in idle or (list(self._keys) if full else [])]
         for key, _ in pending:
             del self._keys[key]
         return [(k, n) for k, n in pending if n]
