@@ -50,6 +50,7 @@ def _store_wide_device(plane: RunningPlane) -> str:
             alert = batch.records.add(sequence=sequence).alert
             alert.kind, alert.alert_key = agent_pb2.AlertEvent.KIND_RAISED, "press-1:anomaly:1"
             alert.asset, alert.score, alert.model_version = "press-1", 1.4, "3"
+            alert.window_start.seconds = T0 - 10
             alert.window_end.seconds = alert.raised_at.seconds = T0
             alert.top_sensors.add(sensor="line-4/press-1/bearing-199-temp", contribution=0.9)
         store_batch(plane.plane.store, device_id, batch, dt.datetime.now(dt.UTC))

@@ -85,6 +85,11 @@ def test_records_out_of_bounds_are_refused_in_the_general_words(store: Store) ->
         r = batch.records.add()
         r.sequence = seq
         setattr(r.prediction, field, value)
+    fine = batch.records[3].prediction  # its window within RecordTimes' range
+    fine.window_start.seconds, fine.window_end.seconds = (
+        int(NOW.timestamp()) - 10,
+        int(NOW.timestamp()),
+    )
     r = batch.records.add()
     r.sequence, r.prediction.window_end.seconds = 9, 253_402_300_800
     r = batch.records.add()

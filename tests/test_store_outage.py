@@ -66,6 +66,7 @@ def _one_prediction() -> agent_pb2.RecordBatch:
     record = batch.records.add()
     record.sequence = 1
     record.prediction.asset, record.prediction.model_version = "pump", "1"
+    record.prediction.window_start.seconds = 1_790_000_000 - 10
     record.prediction.window_end.seconds = 1_790_000_000
     return batch
 

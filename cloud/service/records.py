@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cloud.captures import CALIBRATION_FIELDS, CaptureCalibration, CaptureRecord, check_capture
 from cloud.domain import AlertEventRecord, PredictionRecord, PredictionRow, StoredCount
-from cloud.service.bounds import MAX_INT64, check_message
+from cloud.service.bounds import MAX_INT64, RecordTimes, check_message
 from cloud.service.record_rows import prediction_row
 from cloud.store.base import RecordStore
 from edge_agent.errors import InvalidInput
@@ -120,22 +120,32 @@ class SplitBatch:
     up_to: int = 0  # the highest sequence number of the batch that fits a store column
 
 
-def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
-    """Domain records of a batch, and the records refused with the reason (a field out of
-    its bounds, a repeated sequence number): one bad record never holds up the others.
+def split_batch(
+    device_id: str, batch: agent_pb2.RecordBatch, now: dt.datetime | None = None
+) -> SplitBatch:
+    """Domain records of a batch received at `now`, and the records refused with the reason
+    (a field out of its bounds, a time out of `RecordTimes`' range, a repeated sequence
+    number): one bad record never holds up the others. `now` None: the times are not
+    checked (for tests of the conversion alone).
 
     Predictions within their bounds become store rows straight from the wire
-    (`prediction_row`); anything else, or a prediction a quick check does not pass, goes
-    the general way (`check_message`, a domain record), which also words the refusal."""
+    (`prediction_row`, `RecordTimes.fits`); anything else, or a prediction a quick check does
+    not pass, goes the general way (`check_message`, a domain record, `RecordTimes.check`),
+    which also words the refusal."""
     split = SplitBatch()
     seen: set[int] = set()
     rows = split.prediction_rows
+    times = None if now is None else RecordTimes.received_at(now)
     for i, record in enumerate(batch.records):
         sequence = record.sequence
         if 0 < sequence <= MAX_INT64:
             if sequence > split.up_to:
                 split.up_to = sequence
-            if sequence not in seen and (row := prediction_row(device_id, record)) is not None:
+            if (
+                sequence not in seen
+                and (row := prediction_row(device_id, record)) is not None
+                and (times is None or _window_fits(times, record.prediction))
+            ):
                 seen.add(sequence)
                 rows.append(row)
                 continue
@@ -144,6 +154,8 @@ def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
             if sequence in seen:
                 raise InvalidInput(f"{where}: the sequence number repeats in the batch")
             domain = _record(device_id, record, where)
+            if times is not None:
+                times.check(record, where)
         except InvalidInput as exc:
             split.rejected.append(
                 agent_pb2.RejectedRecord(sequence=record.sequence, reason=str(exc)[:500])
@@ -159,6 +171,11 @@ def split_batch(device_id: str, batch: agent_pb2.RecordBatch) -> SplitBatch:
     return split
 
 
+def _window_fits(times: RecordTimes, p: agent_pb2.Prediction) -> bool:
+    start, end = p.window_start, p.window_end
+    return times.fits((start.seconds, start.nanos), (end.seconds, end.nanos))
+
+
 def store_batch(
     store: RecordStore, device_id: str, batch: agent_pb2.RecordBatch, now: dt.datetime
 ) -> tuple[agent_pb2.BatchAck, int]:
@@ -167,7 +184,7 @@ def store_batch(
     (the agent quarantines them), and the stored position moves past them; so are captures
     past the device's daily budget (`cloud.capture_budget`), charged in the transaction that
     stores them: a batch that fails to store is not charged, and its resend is charged once."""
-    split = split_batch(device_id, batch)
+    split = split_batch(device_id, batch, now)
     up_to = split.up_to
     counted: StoredCount = store.store_records(
         device_id,
