@@ -290,6 +290,7 @@ def _event(kind: str, asset: str, at: float) -> bytes:
 
 def _prediction(at: float) -> bytes:
     record = agent_pb2.Record(prediction=agent_pb2.Prediction(asset="pump-1", score=0.3))
+    record.prediction.window_start.FromNanoseconds(int((at - 32) * 1e9))
     record.prediction.window_end.FromNanoseconds(int(at * 1e9))
     return record.SerializeToString()
 
