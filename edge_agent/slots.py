@@ -49,6 +49,11 @@ TARGET = ".target"  # in a slot: the manifest digest being installed there
 PART = ".part"  # a download's bytes so far (edge_agent.download)
 
 
+class DamagedPointer(LocalStateError):
+    """The slot pointer's content is not a pointer (torn, bad JSON, wrong shape): `recover`
+    rebuilds it. An error reading the file (the disk's) is a plain LocalStateError."""
+
+
 @dataclass(frozen=True)
 class SlotInfo:
     slot: str  # "a" | "b"
@@ -94,8 +99,10 @@ class ModelSlots:
             )
         except FileNotFoundError:
             return Pointer()
+        except OSError as exc:  # the disk, not the file's content: nothing to rebuild
+            raise LocalStateError(f"{path}: cannot be read now ({exc})") from None
         except UNREADABLE as exc:
-            raise LocalStateError(
+            raise DamagedPointer(
                 f"{path}: unreadable ({exc}); rebuilt from the slots at the next start"
             ) from None
 
@@ -109,7 +116,7 @@ class ModelSlots:
         try:
             self.read()
             return
-        except LocalStateError as exc:
+        except DamagedPointer as exc:  # an error reading it (EIO, EMFILE...) is raised as is
             damaged = exc
         installed = [self._installed(slot, key) for slot in ("a", "b")]
         found = sorted((i for i in installed if i is not None), key=lambda i: i[0])

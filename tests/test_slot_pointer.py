@@ -10,14 +10,17 @@ only run in shadow: it serves once the control plane asks for it, without a down
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent.agent import Agent
+from edge_agent.errors import LocalStateError
 from edge_agent.slots import POINTER, TARGET, ModelSlots
 from edge_agent.updates import OUTCOME
 from tests.conftest import register
@@ -121,3 +124,17 @@ def test_without_a_slot_that_verifies_the_agent_starts_without_a_model(
         assert (slots.slot_dir("a") / MODEL_FILE).is_file(), "a slot's files were deleted"
     finally:
         close(agent)
+
+
+def test_a_pointer_the_disk_cannot_read_now_is_not_rebuilt(tmp_path: Path) -> None:
+    """EIO, EMFILE, EACCES: the disk's fault, not the pointer's content. It is raised as is;
+    moving a good pointer aside would serve the first-installed slot (a silent rollback) and
+    lose the record of failed versions."""
+    slots = ModelSlots(tmp_path / "models")
+    (slots.root / "active.json").write_text('{"active": null, "previous": null, "failed": {}}')
+    with (
+        mock.patch.object(Path, "read_text", side_effect=OSError(errno.EIO, "I/O error")),
+        pytest.raises(LocalStateError, match="cannot be read now"),
+    ):
+        slots.recover(key=None)  # type: ignore[arg-type]  # never reached: nothing verifies
+    assert not list(slots.root.glob("active.json.damaged-*"))
