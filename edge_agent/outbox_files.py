@@ -57,7 +57,7 @@ def open_database(path: Path) -> sqlite3.Connection:
         check = db.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         db.close()
-        if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
+        if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in _DAMAGE_CODES:
             raise DamagedDatabase(f"{path}: the outbox database is damaged: {exc}") from None
         raise
     except BaseException:
