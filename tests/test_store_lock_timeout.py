@@ -130,3 +130,19 @@ def _alive(store: SqlStore, pid: Any) -> bool:
     with store._tx() as s:
         found = s.execute(text("SELECT 1 FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
         return found.first() is not None
+
+
+def test_the_session_settings_go_only_to_psycopg_and_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libpq's parameters only for the psycopg driver; `AUTOGLM_PG_SESSION_SETTINGS=off`
+    leaves out the `options` startup parameter a pooler such as PgBouncer refuses (the
+    keepalives are the client's own and stay)."""
+    from cloud.store.sql_base import PG_SESSION_SETTINGS_ENV, pg_connect_args
+
+    monkeypatch.delenv(PG_SESSION_SETTINGS_ENV, raising=False)
+    assert "TimeZone=UTC" in pg_connect_args("postgresql+psycopg://u@h/db")["options"]
+    assert pg_connect_args("postgresql+pg8000://u@h/db") == {}
+    monkeypatch.setenv(PG_SESSION_SETTINGS_ENV, "off")
+    args = pg_connect_args("postgresql+psycopg://u@h/db")
+    assert "options" not in args and args["keepalives"] == "1", args

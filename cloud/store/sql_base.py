@@ -134,6 +134,11 @@ PG_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interva
                  "keepalives_count": "3"}  # fmt: skip
 
 
+# "off": no `options` startup parameter (the settings above and UTC are then the role's or
+# the server's to set), for a connection pooler that refuses it.
+PG_SESSION_SETTINGS_ENV = "AUTOGLM_PG_SESSION_SETTINGS"
+
+
 def pg_connect_args(url: str) -> dict[str, str]:
     """libpq connection parameters for a PostgreSQL URL: the session settings above, then
     the URL's own `options` (or PGOPTIONS, as libpq reads it when the URL has none), which
@@ -144,7 +149,13 @@ def pg_connect_args(url: str) -> dict[str, str]:
     timestamptz into text for the driver. In another zone a time near the calendar's ends
     (9999-12-31, from a device) came out as year 10000 or year 0, which Python cannot hold:
     every listing that included it failed with a DataError."""
-    query = make_url(url).query
+    parsed = make_url(url)
+    if parsed.get_driver_name() != "psycopg":  # libpq's parameters: another driver refuses them
+        return {}
+    query = parsed.query
+    keepalives = {k: v for k, v in PG_KEEPALIVES.items() if k not in query}
+    if os.environ.get(PG_SESSION_SETTINGS_ENV, "").lower() in ("off", "0", "no", "false"):
+        return keepalives  # a pooler that refuses `options` (PgBouncer): set them on the role
     given = query.get("options") or os.environ.get("PGOPTIONS", "")
     if not isinstance(given, str):  # `options` named twice in the URL: libpq takes the last
         given = given[-1]
@@ -153,7 +164,7 @@ def pg_connect_args(url: str) -> dict[str, str]:
         f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS}"
     )
     args = {"options": " ".join(part for part in (ours, given, "-c TimeZone=UTC") if part)}
-    args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in query})
+    args.update(keepalives)
     return args
 
 
