@@ -15,7 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud.service.downloads import DOWNLOADS_PER_DEVICE, DownloadSlots
+from cloud.service.downloads import (
+    DOWNLOAD_STALL_S,
+    DOWNLOADS_PER_DEVICE,
+    SLOWEST_LINK_BYTES_S,
+    Download,
+    DownloadSlots,
+)
 from edge_agent.errors import RateLimited, from_rpc_error
 from edge_agent.identity import DeviceIdentity
 from protos.autoglm.v1 import agent_pb2, agent_pb2_grpc
@@ -138,6 +144,7 @@ def test_a_download_whose_device_takes_nothing_is_ended_and_its_room_given_back(
 ) -> None:
     slots = plane.plane.downloads
     slots.stall_s = 0.5
+    slots.slowest_link_bytes_s = 4 * MIB  # a 1 MiB chunk: 0.25 s, under stall_s
     identity = _device(plane, tmp_path, "pump-dl")
     digest = stored(plane, os.urandom(4 * MIB), identity)
     with _channel(plane, identity) as channel:
@@ -186,3 +193,12 @@ def test_an_agent_refused_for_downloads_left_open_waits_and_downloads(
 
 def _refused(slots: DownloadSlots) -> float:
     return slots.refused._value.get()  # type: ignore[attr-defined]  # prometheus_client's own
+
+
+def test_a_chunk_a_slow_link_takes_longer_over_is_not_a_stall() -> None:
+    """A chunk counts as progress only once handed over whole: the stall limit is at least
+    the chunk's time at the slowest link served (1 MiB at 1 KiB/s: 1,024 s), so a download
+    over a 28 kbit/s link is not cut before its first chunk, again and again."""
+    slots = DownloadSlots()
+    assert slots.stall_limit(Download("pump-1", reserved=MIB)) == MIB / SLOWEST_LINK_BYTES_S
+    assert slots.stall_limit(Download("pump-1", reserved=16 << 10)) == DOWNLOAD_STALL_S

@@ -11,7 +11,8 @@ cancelled handler's generator. Now:
   time); one more is refused, before any query, with RESOURCE_EXHAUSTED;
 - each download reserves its chunk size of DOWNLOAD_BYTES_IN_FLIGHT before its first chunk
   is read; one that finds no room waits its turn (first come, first served);
-- a download whose device took nothing for DOWNLOAD_STALL_S is ended (UNAVAILABLE: the agent
+- a download whose device took nothing for DOWNLOAD_STALL_S (longer for a chunk a slow link
+  takes longer over, SLOWEST_LINK_BYTES_S) is ended (UNAVAILABLE: the agent
   resumes from what it has), so unread downloads cannot keep the room from the others;
 - each chunk is read in a thread from a file opened and closed for it, and what a download
   holds is given back by the call's done callback, the moment the call ends, cancelled or
@@ -40,7 +41,10 @@ log = logging.getLogger(__name__)
 
 DOWNLOADS_PER_DEVICE = 4
 DOWNLOAD_BYTES_IN_FLIGHT = 128 << 20  # reserved: chunk sizes; held: about 2-3 times as much
-DOWNLOAD_STALL_S = 300.0  # a chunk of 1 MiB in 5 min: 3.5 KB/s, slower than any link we serve
+DOWNLOAD_STALL_S = 300.0  # the least a download may take nothing for before it is ended
+# ... or as long as its chunk takes at this rate, whichever is longer: a chunk is progress only
+# once handed over whole, and a 1 MiB chunk over a 28 kbit/s link takes over 300 s.
+SLOWEST_LINK_BYTES_S = 1024.0
 PER_DEVICE_RETRY_S = 10.0
 
 
@@ -69,6 +73,7 @@ class DownloadSlots:
         self.per_device = per_device
         self.bytes_in_flight = bytes_in_flight
         self.stall_s = stall_s
+        self.slowest_link_bytes_s = SLOWEST_LINK_BYTES_S
         self.clock = clock
         self.by_device: dict[str, int] = {}
         self.reserved = 0
@@ -146,6 +151,11 @@ class DownloadSlots:
         """`download` handed a chunk over (or is about to start)."""
         download.progress_at = self.clock()
 
+    def stall_limit(self, download: Download) -> float:
+        """How long `download` may hand nothing over: `stall_s`, or its chunk's time at the
+        slowest link served, whichever is longer."""
+        return max(self.stall_s, download.reserved / self.slowest_link_bytes_s)
+
     def watch(
         self, download: Download, context: aio.ServicerContext[Any, Any], call: asyncio.Task[Any]
     ) -> None:
@@ -156,8 +166,9 @@ class DownloadSlots:
             if download.released or download.progress_at is None:
                 return
             idle = self.clock() - download.progress_at
-            if idle < self.stall_s:
-                loop.call_later(self.stall_s - idle, check)
+            limit = self.stall_limit(download)
+            if idle < limit:
+                loop.call_later(limit - idle, check)
                 return
             self.stalled.inc()
             log.info(
