@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # version, or with its calibration lost) waits at most this long, then calibrates on what it
 # sees: nothing on the agent closes that alert otherwise.
 OPEN_ALERT_CALIBRATION_WAIT_S = 6 * 3600.0
+# The message rate limit is kept this many times above what a model's assets send normally.
+RATE_HEADROOM = 4.0
 
 
 @dataclass
@@ -89,6 +91,8 @@ class EdgeRuntime:
         schema = model.schema.names if model is not None else None
         self.routes = TopicRoutes(self.assets, schema)
         self.decoder = Decoder(self.routes, config.ingest)
+        if model is not None and self.decoder.rates is not None:
+            self._rate_floor(model)
         self.calibrations = CalibrationStore(config.state_dir / "calibration")
         # Raises held back by maintenance are marked there; alerts open are kept by the outbox
         # (it takes over those an older agent kept there as files).
@@ -225,6 +229,21 @@ class EdgeRuntime:
             config.batching.max_wait_ms / 1000.0,
             observe_batch,
         )
+
+    def _rate_floor(self, model: ServingModel) -> None:
+        """Keeps `ingest.max_messages_per_s` above what the model's assets send normally: each
+        sensor on a topic of its own every period, RATE_HEADROOM times over (a high-rate asset
+        under a limit meant for floods lost its readings, counted only as rate_limited)."""
+        rates = self.decoder.rates
+        assert rates is not None
+        floor = RATE_HEADROOM * len(model.schema.names) / model.spec.period_s
+        if rates.per_s < floor:
+            log.warning(
+                "ingest.max_messages_per_s %g is below what model %s's assets may send (%d "
+                "sensors every %g s, one message each): %g a second used",
+                rates.per_s, model.version, len(model.schema.names), model.spec.period_s, floor,
+            )  # fmt: skip
+            rates.raise_to(floor)
 
     def kept_open(self, asset: str) -> AlertEvent | None:
         """The alert the outbox keeps open on `asset` (raised, its clear not written yet)."""

@@ -147,3 +147,16 @@ def test_the_rate_is_measured_on_the_injected_monotonic_clock() -> None:
     assert admitted() == 5  # half a second's worth, whatever the wall clock did
     mono[0] += 100.0
     assert admitted() == 10  # a long idle: a full burst again, no more
+
+
+def test_a_rate_limit_raised_keeps_its_burst_in_proportion() -> None:
+    """The runtime raises `ingest.max_messages_per_s` to what the model's assets send
+    normally (RATE_HEADROOM x sensors / period): rate and burst scale together."""
+    from edge_agent.ingest.rates import MessageRates
+
+    rates = MessageRates(1, per_s=10.0, burst_s=2.0)
+    rates.raise_to(5.0)  # never lowered
+    assert (rates.per_s, rates.capacity) == (10.0, 20.0)
+    rates.raise_to(100.0)
+    assert (rates.per_s, rates.capacity) == (100.0, 200.0)
+    assert sum(rates.admit(0, 0.0) for _ in range(300)) == 200

@@ -33,3 +33,13 @@ class MessageRates:
             return True
         self._tokens[asset] = tokens
         return False
+
+    def raise_to(self, per_s: float) -> None:
+        """At least `per_s` messages a second (and bursts to match): what the model's assets
+        may send in normal operation is never a flood."""
+        if per_s <= self.per_s:
+            return
+        scale = per_s / self.per_s
+        self.per_s = per_s
+        self.capacity *= scale
+        self._tokens = [tokens * scale for tokens in self._tokens]
