@@ -254,15 +254,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         setup.labels("hello").observe(time.monotonic() - started)
         started = time.monotonic()
         with self.admission.setup():
-            if device.cert_not_after is None and (expiry := certificate_not_after(context)):
-                # Enrolled before expiry was recorded: learnt from the certificate it presents.
-                await asyncio.to_thread(
-                    self.store.record_cert_expiry, device.id, fingerprint, expiry
-                )
-            # The device's next generation fleet-wide: a replica holding an older session of
-            # it ends that one (`cloud.session_claims`); one held here ends now. Open before
-            # the desired state is read: a change made meanwhile is pushed to it.
-            live = await self.replaced.open(device.id, fingerprint, context.peer())
+            try:
+                if device.cert_not_after is None and (expiry := certificate_not_after(context)):
+                    # Enrolled before expiry was recorded: learnt from the certificate it shows.
+                    await asyncio.to_thread(
+                        self.store.record_cert_expiry, device.id, fingerprint, expiry
+                    )
+                # The device's next generation fleet-wide: a replica holding an older session
+                # of it ends that one (`cloud.session_claims`); one held here ends now. Open
+                # before the desired state is read: a change made meanwhile is pushed to it.
+                live = await self.replaced.open(device.id, fingerprint, context.peer())
+            except Unavailable:  # the plane's store: not counted against the device
+                self.session_rate.refund(device_id)
+                raise
             # Online once it holds a session (no await since): a claim that failed (the store
             # away, the device deleted meanwhile) leaves it as it was.
             self.presence.seen(
