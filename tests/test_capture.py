@@ -109,7 +109,7 @@ def test_a_capture_without_a_subspace_crosses_with_the_kind_off() -> None:
         ({"subspace_basis": np.ones(6, np.float32)}, "subspace_basis: 6 values; 4 sensors"),
         ({"subspace_scale": None}, "subspace_scale: 0 values; 4 sensors take 4"),
         ({"subspace_center": np.ones(3, np.float32)}, "subspace_center: 3 values"),
-        ({"subspace_scale": np.zeros(4, np.float32)}, "subspace_scale: every scale"),
+        ({"subspace_scale": np.zeros(4, np.float32)}, "subspace_scale[0]: 0.0; every scale"),
         ({"subspace_center": np.ones(257, np.float32)}, "subspace_center: 257 entries > 256"),
         (
             {"subspace_basis": np.ones(256 * 256 + 1, np.float32)},
