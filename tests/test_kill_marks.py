@@ -32,6 +32,9 @@ def test_windows_decided_without_records_are_not_decided_again_after_a_kill(
 
     config = site_config(tmp_path / "b", bundle)
     assert config.outbox.prediction_every == 10
+    # No periodic checkpoints (the test writes one itself): the sink then keeps its default
+    # marks interval, MARK_EVERY_S, set to 0 above.
+    config.ingest.checkpoint_s = 0
     killed = Site(config, bundle, key.public_key(), tmp_path / "b1")
     killed.feed(rows[: KILL - 30], 0)
     for i in range(KILL - 30, KILL):  # one row a period: a window a transaction, as live
