@@ -290,7 +290,7 @@ def test_a_third_party_edge_node_drives_the_agent_to_an_alert_read_back_over_spa
     reader, lines = start_host(broker.port, "autoglm-1")
     try:
         runtime.start()
-        wait_for(lambda: runtime.mqtt.connected.is_set(), timeout=30)
+        wait_for(lambda: runtime.mqtt.connected.is_set(), timeout=180)
         peer = Peer(broker)
         spb_in = runtime.sparkplug_in
         assert spb_in is not None

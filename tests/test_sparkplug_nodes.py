@@ -112,7 +112,7 @@ def test_a_node_with_devices_the_agent_does_not_map_over_mosquitto(
         def send(message: tuple[str, bytes]) -> None:
             node_client.publish(*message, qos=1).wait_for_publish(10)
 
-        wait_for(sources.mqtt.connected.is_set, timeout=30)
+        wait_for(sources.mqtt.connected.is_set, timeout=180)
         # Subscribed once a command to the node (neither data nor state) comes through.
         wait_for(lambda: send(("spBv1.0/plant/NCMD/gw-1", b"")) or sources.mqtt.stats.messages,
                  timeout=30, interval=0.2)  # fmt: skip
