@@ -22,14 +22,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pymodbus.client.tcp
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from edge_agent.config import ModbusRegister, ModbusSource
+from edge_agent.ingest import wide_select
 from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes, value_reason
 from edge_agent.retry import Backoff
 
 log = logging.getLogger(__name__)
+wide_select.install(pymodbus.client.tcp)  # its reads wait with select(): any descriptor
 # pymodbus logs every refused connection as an error; the poller counts and logs them itself
 # (once a minute per reason, with backoff between attempts).
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)

@@ -20,9 +20,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import MqttLink
 from edge_agent.errors import ConfigError
+from edge_agent.ingest import wide_select
 from edge_agent.ingest.decode import Decoded, shown_topic
 
 log = logging.getLogger(__name__)
+wide_select.install(mqtt)  # paho's loop waits with select(): any descriptor number
 
 
 def new_client(
