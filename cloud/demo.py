@@ -34,6 +34,7 @@ from cloud.demo_data import (
     write_training_data,
 )
 from cloud.local_broker import LocalBroker, MosquittoBroker, start_local_broker
+from cloud.loop_thread import LoopThread
 from cloud.model.pipeline import TrainOptions, train_bundle
 from cloud.model.progress import ProgressBar
 from cloud.model.quantize import quantize_bundle
@@ -88,25 +89,6 @@ class DemoSummary:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _LoopThread:
-    """An event loop in a daemon thread, for the control plane and each agent."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def spawn(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 class Demo:
@@ -180,7 +162,7 @@ class Demo:
             overrides["console_listen"] = f"127.0.0.1:{self.o.console_port}"
         config = init.config.model_copy(update=overrides)
         plane = ControlPlane(config, load_secrets(state), open_store(config.resolved_database_url))
-        runner = _LoopThread("control-plane")
+        runner = LoopThread("control-plane")
         runner.run(plane.start())
         self.cleanups.append(runner.close)
         self.cleanups.append(lambda: runner.run(plane.stop(0.5)))
@@ -271,7 +253,7 @@ class Demo:
                 },
             )
             agent = Agent(config)
-            runner = _LoopThread(name)
+            runner = LoopThread(name)
             stop = asyncio.Event()
             task = runner.spawn(agent.run(stop))
             self.cleanups.append(runner.close)
@@ -380,7 +362,7 @@ class Demo:
             return  # the control plane stopped at the end of the demo
 
 
-def _stop(runner: _LoopThread, stop: asyncio.Event, task: Any) -> None:
+def _stop(runner: LoopThread, stop: asyncio.Event, task: Any) -> None:
     runner.loop.call_soon_threadsafe(stop.set)
     with contextlib.suppress(Exception):
         task.result(20)

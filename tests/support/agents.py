@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud.loop_thread import end_loop
 from edge_agent.agent import Agent
 from edge_agent.bootstrap import Bootstrap
 from edge_agent.config import AgentConfig
@@ -37,6 +38,8 @@ class SessionThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(15)
+        if not self.thread.is_alive():
+            end_loop(self.loop, self.thread)
 
 
 def start_session(
@@ -97,6 +100,7 @@ class AgentThread:
         self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(30)
         assert not self.thread.is_alive(), "the agent did not stop"
+        end_loop(self.loop, self.thread)
 
 
 def start_agent(config: AgentConfig) -> AgentThread:

@@ -13,6 +13,7 @@ import pytest
 
 from cloud.client import Connection, OperatorClient
 from cloud.config import CloudConfig, load_cloud_config
+from cloud.loop_thread import end_loop
 from cloud.service.server import ControlPlane
 from cloud.state_dir import InitResult, init_state_dir, load_secrets
 from cloud.store import open_store
@@ -56,8 +57,7 @@ class RunningPlane:
 
     def stop(self) -> None:
         self.call(self.plane.stop(0.5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        end_loop(self.loop, self.thread)
         self.plane.store.close()
 
 
