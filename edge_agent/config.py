@@ -332,8 +332,9 @@ class IngestLimits(BaseModel):
     # (`backlog_full`). Other assets are drained in turn meanwhile (edge_agent/ingest/fair_queue).
     max_backlog_readings: int = Field(default=20_000, ge=100)
     backlog_block_s: float = Field(default=5.0, ge=0)
-    # MQTT messages (JSON topics) one asset may send a second on average, in bursts of up to
-    # message_burst_s seconds of them; past it they are dropped before decoding and counted
+    # MQTT messages (JSON topics, Sparkplug data) one asset may send a second on average, in
+    # bursts of up to message_burst_s seconds of them; past it they are dropped before their
+    # readings are decoded (a Sparkplug message's seq is still followed) and counted
     # (`rate_limited`): a flood costs the agent's network thread little besides paho's own
     # work, and is seen (edge_agent/ingest/rates). 0: no limit.
     max_messages_per_s: float = Field(default=2_000.0, ge=0)

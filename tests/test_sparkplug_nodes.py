@@ -90,6 +90,30 @@ def test_unmapped_devices_count_for_seq_and_leave_no_state(
     assert d.births == 2  # the node's and pump-1's; the others' are not learnt
 
 
+def test_a_flooding_device_is_rate_limited_after_its_seq_is_checked(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    routes = TopicRoutes(config.assets, SENSORS)
+    asked: list[str] = []
+    limits = IngestLimits(max_messages_per_s=10, message_burst_s=2)
+    mono = [100.0]
+    base = Decoder(routes, limits, clock=lambda: NOW, monotonic=lambda: mono[0])
+    d = SparkplugDecoder(config.assets, routes, base, lambda t, _: asked.append(t),
+                         clock=lambda: NOW)  # fmt: skip
+    node = Node()
+    for topic, payload in node.births(["pump-1"]):
+        assert d.decode(topic, payload) is None
+    kept = 0
+    for _ in range(500):  # all at one instant: a burst of 20 messages, then nothing
+        topic, payload = node.message("DDATA", "pump-1", {"alias": 1, "double_value": 1.0})
+        kept += len(d.decode(topic, payload) or [])
+    assert (kept, base.rate_limited[0], base.drops["rate_limited"]) == (20, 480, 480)
+    mono[0] += 1.0  # ten more a second later; the seq was followed throughout: no gap
+    for _ in range(15):
+        topic, payload = node.message("DDATA", "pump-1", {"alias": 1, "double_value": 1.0})
+        kept += len(d.decode(topic, payload) or [])
+    assert kept == 30 and base.drops["sequence_gap"] == 0 and asked == [], base.drops
+
+
 @pytest.mark.integration
 def test_a_node_with_devices_the_agent_does_not_map_over_mosquitto(
     tmp_path: Path, broker: Broker

@@ -210,6 +210,18 @@ class Decoder:
                 sample,
             )
 
+    def admit(self, asset: int, topic: str) -> bool:
+        """Whether a message of `asset` on `topic` is within ingest.max_messages_per_s; one
+        past it is counted (rate_limited) and its caller drops it."""
+        rates = self.rates
+        if rates is None:
+            return True
+        now = self.monotonic()
+        if rates.admit(asset, now):
+            return True
+        self._over_rate(asset, topic, now)
+        return False
+
     def _over_rate(self, asset: int, topic: str, now: float) -> None:
         self.drops["rate_limited"] += 1
         self.rate_limited[asset] += 1
@@ -235,12 +247,8 @@ class Decoder:
         if route is None:
             self.drop("unknown_topic", topic, payload)
             return None
-        rates = self.rates
-        if rates is not None:  # before any decoding: a flood's message costs next to nothing
-            now_s = self.monotonic()
-            if not rates.admit(route.asset, now_s):
-                self._over_rate(route.asset, topic, now_s)
-                return None
+        if not self.admit(route.asset, topic):  # before any decoding: a flood costs little
+            return None
         if self.routes.schema is None:
             self.drop("no_model", topic, payload)
             return None

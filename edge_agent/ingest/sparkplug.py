@@ -185,6 +185,8 @@ class SparkplugDecoder:
         asset = self._assets.get((group, node, device))
         if asset is None:
             return None  # a node or device of a configured edge node that no asset maps
+        if not self.base.admit(asset, topic):  # a flood: its seq kept, its metrics not read
+            return None
         return self._readings(state, asset, device, message, topic, payload, group, node)
 
     # ---- births and deaths ----
