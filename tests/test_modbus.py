@@ -21,7 +21,7 @@ from tests.support.agents import wait_for
 from tests.support.broker import Broker
 from tests.support.bundles import train_small
 from tests.support.datapath import pump
-from tests.support.plc import Plc
+from tests.support.plc import Plc, modbus_poller
 from tests.support.sensordata import SENSORS
 from tests.support.site_agent import SiteAgent
 from tests.support.sparkplug_peers import read_fault, start_host
@@ -236,14 +236,7 @@ def test_a_short_answer_counts_the_sensors_it_leaves_without_a_reading(
         {"sensor": SENSORS[1], "address": 1, "type": "int16"},
         {"sensor": SENSORS[2], "address": 2, "type": "float32"},
     ]  # one read of 4 registers, answered with 1
-    source = {"host": "127.0.0.1", "port": device.port, "registers": registers}
-    config = load_agent_config(
-        None, {"state_dir": tmp_path, "assets": [{"name": "pump-1", "modbus": source}]}
-    )
-    routes = TopicRoutes(config.assets, SENSORS)
-    base = Decoder(routes, config.ingest)
-    got: list[list[Chunk]] = []
-    (poller,) = pollers(config.assets, routes, base, got.append)
+    poller, base, got = modbus_poller(tmp_path, device.port, registers, SENSORS)
     caplog.set_level(logging.WARNING, logger="edge_agent.ingest.modbus")
     try:
         for _ in range(3):

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import load_agent_config
-from edge_agent.ingest.decode import Chunk, Decoded, Decoder, TopicRoutes
-from edge_agent.ingest.modbus import pollers
+from edge_agent.ingest.decode import Decoded
 from edge_agent.ingest.mqtt import MqttConnection, new_client
 from edge_agent.ingest.wide_select import poll_select
 from tests.support.agents import wait_for
 from tests.support.broker import Broker
-from tests.support.plc import Plc
+from tests.support.plc import Plc, modbus_poller
 from tests.support.sensordata import SENSORS
 
 ABOVE = 1100  # descriptors held, so that the next socket's number is past FD_SETSIZE (1024)
@@ -101,14 +100,7 @@ def test_a_modbus_device_is_read_past_1024_descriptors(tmp_path: Path) -> None:
         registers = [
             {"sensor": s, "address": 2 * j, "type": "float32"} for j, s in enumerate(SENSORS)
         ]
-        source = {"host": "127.0.0.1", "port": plc.port, "registers": registers}
-        config = load_agent_config(
-            None, {"state_dir": tmp_path, "assets": [{"name": "pump-1", "modbus": source}]}
-        )
-        routes = TopicRoutes(config.assets, SENSORS)
-        base = Decoder(routes, config.ingest)
-        got: list[list[Chunk]] = []
-        (poller,) = pollers(config.assets, routes, base, got.append)
+        poller, base, got = modbus_poller(tmp_path, plc.port, registers, SENSORS)
         with descriptors_held():
             wait_for(poller.poll_once, timeout=60)
         values = {c.sensor: float(c.values[0]) for c in got[-1]}

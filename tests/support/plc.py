@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pymodbus.client import ModbusTcpClient
@@ -14,6 +15,9 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from cloud.local_broker import free_port
+from edge_agent.config import load_agent_config
+from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
+from edge_agent.ingest.modbus import ModbusPoller, pollers
 
 
 class Plc:
@@ -79,3 +83,19 @@ class Plc:
         assert self._loop is not None and self._server is not None and self._thread is not None
         asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
         self._thread.join(10)
+
+
+def modbus_poller(
+    state_dir: Path, port: int, registers: list[dict[str, Any]], sensors: Sequence[str]
+) -> tuple[ModbusPoller, Decoder, list[list[Chunk]]]:
+    """The agent's poller of one asset, pump-1, reading `registers` from 127.0.0.1:`port`;
+    its decoder and the chunks it delivers."""
+    source = {"host": "127.0.0.1", "port": port, "registers": registers}
+    config = load_agent_config(
+        None, {"state_dir": state_dir, "assets": [{"name": "pump-1", "modbus": source}]}
+    )
+    routes = TopicRoutes(config.assets, list(sensors))
+    base = Decoder(routes, config.ingest)
+    got: list[list[Chunk]] = []
+    (poller,) = pollers(config.assets, routes, base, got.append)
+    return poller, base, got
