@@ -23,9 +23,10 @@ async def _wind_down(loop: asyncio.AbstractEventLoop) -> None:
 def end_loop(
     loop: asyncio.AbstractEventLoop, thread: threading.Thread, timeout: float = 10
 ) -> None:
-    """Ends `loop`, run by `thread` (run_forever, or run_until_complete that has returned or
-    will): its executor's threads joined, the loop closed once the thread is gone. A step
-    that does not finish within `timeout` is logged and the rest still done."""
+    """Ends `loop`, run by `thread` (with run_forever, or a run_until_complete that has
+    returned: a running one would be stopped before its future is done): its executor's
+    threads joined, the loop closed once the thread is gone. A step that does not finish
+    within `timeout` is logged and the rest still done."""
     if loop.is_closed():
         return
     if loop.is_running():
