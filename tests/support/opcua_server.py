@@ -17,6 +17,7 @@ from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cloud.local_broker import free_port
+from cloud.loop_thread import end_loop
 
 
 def make_certificate(directory: Path, name: str, app_uri: str, server: bool) -> tuple[Path, Path]:
@@ -108,6 +109,8 @@ class OpcServer:
         for task in asyncio.all_tasks(loop):
             loop.call_soon_threadsafe(task.cancel)
         self._thread.join(10)
+        if not self._thread.is_alive():  # its executor and selector go too
+            end_loop(self._loop, self._thread)
 
 
 def _value(value: float, at: float) -> ua.DataValue:

@@ -15,6 +15,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from cloud.local_broker import free_port
+from cloud.loop_thread import end_loop
 from edge_agent.config import load_agent_config
 from edge_agent.ingest.decode import Chunk, Decoder, TopicRoutes
 from edge_agent.ingest.modbus import ModbusPoller, pollers
@@ -83,6 +84,8 @@ class Plc:
         assert self._loop is not None and self._server is not None and self._thread is not None
         asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
         self._thread.join(10)
+        if not self._thread.is_alive():  # its executor and selector go too
+            end_loop(self._loop, self._thread)
 
 
 def modbus_poller(
