@@ -48,8 +48,12 @@ def poll_select(
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be non-negative")
     masks: dict[int, int] = {}
-    wanted = ((rlist, select.POLLIN | select.POLLPRI), (wlist, select.POLLOUT))
-    for items, mask in (*wanted, (xlist, select.POLLPRI)):
+    wanted = (
+        (rlist, select.POLLIN | select.POLLPRI),
+        (wlist, select.POLLOUT),
+        (xlist, select.POLLPRI),
+    )
+    for items, mask in wanted:
         for item in items:
             fd = _descriptor(item)
             masks[fd] = masks.get(fd, 0) | mask
@@ -88,10 +92,9 @@ def install(library: types.ModuleType) -> bool:
         return True
     if held is not select:
         log.warning(
-            "%s does not wait with select.select any more; descriptors above %d may not "
+            "%s does not wait with select.select any more; descriptors above 1023 may not "
             "work with it (check the library version against constraints.txt)",
             library.__name__,
-            1023,
         )
         return False
     library.select = _WIDE  # type: ignore[attr-defined]
